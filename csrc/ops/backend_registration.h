@@ -1,0 +1,34 @@
+// Registers every miss op for one backend, given that backend's two kernels. The op wrappers
+// (validation, shaping, allocation) and the linear/merge compositions are device-generic, so
+// CPU and CUDA differ only in the kernels passed here.
+#pragma once
+
+#include <torch/library.h>
+
+#include "fold.h"
+#include "linear.h"
+#include "merge.h"
+
+namespace miss_ext {
+
+template <FoldKernel kernel>
+at::Tensor fold_on(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
+                   std::optional<at::ScalarType> dtype) {
+  return fold_with(kernel, x, r, p, key, dtype);
+}
+
+template <TileAddKernel kernel>
+void tile_add_on(at::Tensor& out, const at::Tensor& src, double alpha, double p, const std::optional<at::Tensor>& key) {
+  tile_add_with(kernel, out, src, alpha, p, key);
+}
+
+template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel>
+void register_backend(torch::Library& m) {
+  m.impl("fold", &fold_on<fold_kernel>);
+  m.impl("tile_add_", &tile_add_on<tile_add_kernel>);
+  m.impl("linear", &linear_kernel);
+  m.impl("merge", &merge_kernel);
+  m.impl("merge_", &merge_inplace_kernel);
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,141 @@
+#include "checks.h"
+
+#include <cmath>
+#include <limits>
+
+namespace miss_ext {
+namespace {
+
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "miss: ", name,
+                   " must be a floating-point tensor (float32, float64, float16 or bfloat16), got dtype ",
+                   t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "miss: ", a_name, " and ", b_name,
+                    " must be on the same device, got ", a_name, " on ", a.device(), " and ",
+                    b_name, " on ", b.device());
+}
+
+void check_p(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "miss: dropout probability p must be in [0, 1], got p=", p);
+}
+
+void check_key(double p, const std::optional<at::Tensor>& key) {
+  if (p == 0.0) return;  // no dropout: the key is not read and may be anything or None
+  TORCH_CHECK_VALUE(key.has_value() && key->defined(),
+                    "miss: dropout p=", p, " > 0 needs a key: a CPU int64 tensor [seed, offset]");
+  TORCH_CHECK_TYPE(key->scalar_type() == at::kLong, "miss: the dropout key must be int64, got dtype ",
+                   key->scalar_type());
+  // Meta kernels see every tensor on the meta device; real kernels need the key on the CPU.
+  TORCH_CHECK_VALUE(key->device().is_cpu() || key->device().is_meta(), "miss: the dropout key must be a CPU tensor (reading it from ",
+                    key->device(), " would synchronise the device with the host)");
+  TORCH_CHECK_VALUE(key->sym_numel() == 2, "miss: the dropout key must hold 2 values [seed, offset], got shape ",
+                    key->sym_sizes());
+}
+
+void check_block_2d(const at::Tensor& block, const c10::SymInt& out_features) {
+  check_floating(block, "miss_block");
+  TORCH_CHECK_VALUE(block.dim() == 2,
+                    "miss: miss_block must be 2-D (r, out_features) or (r, mini_r) for the default and "
+                    "mini modes, got shape ",
+                    block.sym_sizes());
+  const c10::SymInt& r = block.sym_size(0);
+  const c10::SymInt& mini_r = block.sym_size(1);
+  TORCH_CHECK_VALUE(r >= 1, "miss: r must be a positive integer, got r=", r, " (miss_block shape ",
+                    block.sym_sizes(), ")");
+  TORCH_CHECK_VALUE(mini_r >= 1 && out_features % mini_r == 0,
+                    "miss: miss_block.shape[1] must be out_features or a mini_r dividing it, got mini_r=",
+                    mini_r, " for out_features=", out_features);
+}
+
+}  // namespace
+
+void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key) {
+  check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "miss: x must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(r >= 1, "miss: r must be a positive integer, got r=", r);
+  check_p(p);
+  check_key(p, key);
+}
+
+void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
+                         const std::optional<at::Tensor>& key) {
+  check_floating(out, "out");
+  check_floating(src, "src");
+  check_same_device(out, "out", src, "src");
+  TORCH_CHECK_VALUE(out.dim() >= 1 && src.dim() >= 1, "miss: tile_add_ needs tensors with a last dimension, got ",
+                    "out shape ", out.sym_sizes(), " and src shape ", src.sym_sizes());
+  const bool per_row = out.dim() == src.dim() &&
+                       out.sym_sizes().slice(0, out.dim() - 1) == src.sym_sizes().slice(0, src.dim() - 1);
+  const bool matrices = out.dim() == 2 && src.dim() == 2;
+  TORCH_CHECK_VALUE(per_row || matrices, "miss: tile_add_ needs src with out's leading sizes, or two matrices; got out shape ",
+                    out.sym_sizes(), " and src shape ", src.sym_sizes());
+  TORCH_CHECK_VALUE(src.sym_size(-1) >= 1 || out.sym_size(-1) == 0,
+                    "miss: tile_add_ src has an empty last dimension: shape ", src.sym_sizes());
+  if (matrices && !per_row) {
+    TORCH_CHECK_VALUE(src.sym_size(0) >= 1 || out.sym_size(0) == 0,
+                      "miss: tile_add_ src has no rows to tile: shape ", src.sym_sizes());
+  }
+  check_p(p);
+  check_key(p, key);
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
+                       const std::optional<at::Tensor>& key) {
+  check_floating(x, "x");
+  check_floating(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "miss: x must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(x.sym_size(-1) == weight.sym_size(1), "miss: x.shape[-1]=", x.sym_size(-1),
+                    " does not match in_features=", weight.sym_size(1), " (x shape ", x.sym_sizes(),
+                    ", weight shape ", weight.sym_sizes(), ")");
+  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "miss: x dtype ", x.scalar_type(),
+                   " must match the base weight dtype ", weight.scalar_type());
+  check_same_device(x, "x", weight, "weight");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "miss: bias dtype ", bias->scalar_type(),
+                     " must match the weight dtype ", weight.scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0),
+                      "miss: bias must have shape (out_features,) = (", weight.sym_size(0), ",), got shape ",
+                      bias->sym_sizes());
+    check_same_device(x, "x", *bias, "bias");
+  }
+  check_block_2d(block, weight.sym_size(0));
+  check_same_device(x, "x", block, "miss_block");
+  check_p(p);
+  check_key(p, key);
+}
+
+void check_merge_args(const at::Tensor& weight, const at::Tensor& block) {
+  check_floating(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sym_sizes());
+  check_block_2d(block, weight.sym_size(0));
+  check_same_device(weight, "weight", block, "miss_block");
+}
+
+DropoutKey make_dropout_key(double p, const std::optional<at::Tensor>& key) {
+  DropoutKey k{0, 0, 0, 1.0};
+  if (p == 0.0) return k;
+  const at::Tensor cpu_key = key->contiguous();
+  const int64_t* v = cpu_key.const_data_ptr<int64_t>();
+  k.seed = static_cast<uint64_t>(v[0]);
+  k.offset = static_cast<uint64_t>(v[1]);
+  // threshold = round(p * 2^32) as a 64-bit integer; p == 1 gives 2^32 (drop every element).
+  k.threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
+  k.scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  return k;
+}
+
+void check_dropout_extent(int64_t rows, int64_t cols, double p) {
+  if (p == 0.0) return;
+  TORCH_CHECK_VALUE(rows <= (int64_t{1} << 32), "miss: dropout supports at most 2^32 rows, got ", rows);
+  TORCH_CHECK_VALUE(cols <= (int64_t{1} << 34), "miss: dropout supports at most 2^34 features, got ", cols);
+}
+
+}  // namespace miss_ext

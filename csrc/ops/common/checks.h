@@ -1,0 +1,41 @@
+// Argument validation shared by every backend (CPU, CUDA, Meta).
+//
+// Each op's kernels start with the same check function, so eager, torch.compile (which runs the
+// Meta kernels on fake tensors) and TorchScript raise the same error. Checks read symbolic sizes,
+// so they work on fake tensors with dynamic shapes. Errors map to Python exceptions:
+// TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError; every message names the
+// offending value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "dropout_mask.h"
+
+namespace miss_ext {
+
+// x: floating tensor with at least one dimension; r >= 1; 0 <= p <= 1; key valid when p > 0.
+void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key);
+
+// out (..., C) and src (..., Q): floating, same device; src either has out's leading sizes
+// (one src row per out row) or both are matrices (src rows tile out rows).
+void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
+                         const std::optional<at::Tensor>& key);
+
+// The MiSS shard linear: x (..., in), weight (out, in), bias (out) or none, block (r, mini_r)
+// with mini_r dividing out (mini_r == out is the default mode).
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
+                       const std::optional<at::Tensor>& key);
+
+// Merge of a default/mini block into weight (out, in).
+void check_merge_args(const at::Tensor& weight, const at::Tensor& block);
+
+// Reads the dropout key on the host. The key is a CPU int64 tensor [seed, offset], so this is
+// never a device-host synchronisation. p == 0 gives a key that keeps everything.
+DropoutKey make_dropout_key(double p, const std::optional<at::Tensor>& key);
+
+// The dropout counter holds the row in 32 bits and the column group in 32 bits.
+void check_dropout_extent(int64_t rows, int64_t cols, double p);
+
+}  // namespace miss_ext

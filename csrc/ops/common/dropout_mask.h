@@ -1,0 +1,86 @@
+// The dropout mask of the adapter branch, as a pure function of (key, row, column).
+//
+// Why a counter-based generator: the mask is never stored. The forward fold and the backward
+// broadcast each regenerate it from the same key, so no T x in tensor lives between them, and
+// CPU and CUDA produce the same mask for the same key.
+//
+// Generator: Philox4x32-10 (Salmon et al., SC'11; the generator ATen uses on CUDA). One call
+// maps a 128-bit counter and a 64-bit key to four independent 32-bit words. We use one call per
+// group of four consecutive columns of a row:
+//   key     = the 64-bit seed
+//   counter = (column / 4, row low 32 bits, offset low 32 bits, offset high 32 bits)
+// and word (column % 4) decides the element. Rows are limited to 2^32 and columns to 2^34;
+// the ops check both (check_dropout_extent in checks.h).
+//
+// Keep decision: an element is dropped when its word is below `threshold` = round(p * 2^32)
+// (a 64-bit integer so that p = 1 drops everything). Integer comparison is exact, so the CPU and
+// the GPU agree bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace miss_ext {
+
+struct DropoutKey {
+  uint64_t seed;
+  uint64_t offset;
+  uint64_t threshold;  // drop iff word < threshold; 0 means "no dropout"
+  double scale;        // 1 / (1 - p), or 0 when p == 1 (everything dropped, as nn.Dropout);
+                       // kernels convert it once to their accumulation type
+};
+
+struct Words4 {
+  uint32_t w[4];
+};
+
+MISS_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t prod = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(prod >> 32);
+  return static_cast<uint32_t>(prod);
+}
+
+MISS_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                             uint32_t k1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kMul0, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(kMul1, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Words4{{c0, c1, c2, c3}};
+}
+
+// The four words that decide columns [4*group, 4*group + 4) of `row`.
+MISS_HD Words4 dropout_words(const DropoutKey& key, int64_t row, int64_t group) {
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(row),
+                       static_cast<uint32_t>(key.offset), static_cast<uint32_t>(key.offset >> 32),
+                       static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));
+}
+
+// Whether an element with this word is kept.
+MISS_HD bool dropout_keep(const DropoutKey& key, uint32_t word) {
+  return static_cast<uint64_t>(word) >= key.threshold;
+}
+
+// Whether element (row, col) is kept: the scalar path, for columns not visited in aligned
+// groups of four.
+MISS_HD bool dropout_keep_at(const DropoutKey& key, int64_t row, int64_t col) {
+  const Words4 words = dropout_words(key, row, col >> 2);
+  return dropout_keep(key, words.w[col & 3]);
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,42 @@
+// Index arithmetic of MiSS shards, shared by the CPU and CUDA kernels.
+//
+// fold:      S[t, j] = sum over i < in with i mod r == j of x[t, i]  (implicit zero padding:
+//            the last, partial shard simply has fewer terms; columns j >= in get no term)
+// tile add:  out[t, c] += alpha * src[t mod P, c mod Q]
+//            (P == rows: the adjoint of fold, and mini's tiling of S*M along out;
+//             P <  rows: merge, where rows are also periodic)
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace miss_ext {
+
+// Number of terms summed into shard column j (0 when j >= in).
+MISS_HD int64_t fold_terms(int64_t in, int64_t r, int64_t j) {
+  return j < in ? (in - 1 - j) / r + 1 : 0;
+}
+
+// Number of column vectors of width `vec` a fold thread handles per row.
+MISS_HD int64_t vec_groups(int64_t n, int64_t vec) { return n / vec; }
+
+// Maps a flat index over (rows x groups) to (row, group).
+struct RowGroup {
+  int64_t row;
+  int64_t group;
+};
+
+MISS_HD RowGroup split_row_group(int64_t flat, int64_t groups_per_row) {
+  return RowGroup{flat / groups_per_row, flat % groups_per_row};
+}
+
+// Source row of a tile add.
+MISS_HD int64_t tile_row(int64_t row, int64_t period_rows) {
+  return period_rows == 0 ? 0 : row % period_rows;
+}
+
+// Advances a column position modulo q by one, without a division in the loop.
+MISS_HD int64_t next_mod(int64_t j, int64_t q) { return j + 1 == q ? 0 : j + 1; }
+
+}  // namespace miss_ext

@@ -1,0 +1,8 @@
+// The CPU kernels of every miss op.
+#include "../backend_registration.h"
+
+namespace miss_ext {
+
+TORCH_LIBRARY_IMPL(miss, CPU, m) { register_backend<&fold_kernel_cpu, &tile_add_kernel_cpu>(m); }
+
+}  // namespace miss_ext

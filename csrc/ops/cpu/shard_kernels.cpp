@@ -1,0 +1,126 @@
+// CPU kernels for fold and tile_add (see kernels.h for the contract).
+//
+// Both are parallel over rows. Within a row the loops run shard by shard: the inner loop walks
+// r (or Q) contiguous elements with a fixed accumulator or source offset, which the compiler
+// vectorises. The dropout mask of a row is generated into a per-thread buffer of `in` factors
+// first (one Philox call per four columns), so the fold loop itself stays a plain multiply-add.
+// No temporary of the size of x is ever made.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../common/shard_index.h"
+#include "../kernels.h"
+
+namespace miss_ext {
+namespace {
+
+// float64 when either side is float64, else float32.
+template <typename A, typename B>
+using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
+
+// Rows per parallel task: about 64 K elements of work each.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
+
+// factors[c] = scale if column c of `row` is kept, else 0.
+template <typename acc>
+void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, acc* factors) {
+  const acc scale = static_cast<acc>(key.scale);
+  for (int64_t g = 0; 4 * g < cols; ++g) {
+    const Words4 words = dropout_words(key, row, g);
+    const int64_t n = std::min<int64_t>(4, cols - 4 * g);
+    for (int64_t l = 0; l < n; ++l) factors[4 * g + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
+  }
+}
+
+template <typename in_t, typename out_t>
+void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, const DropoutKey& key) {
+  using acc = acc_t<in_t, out_t>;
+  const bool dropout = key.threshold != 0;
+  at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
+    std::vector<acc> sums(r);
+    std::vector<acc> factors(dropout ? in : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(sums.begin(), sums.end(), acc(0));
+      const in_t* xr = x + t * in;
+      acc* sum = sums.data();
+      if (dropout) {
+        dropout_factors(key, t, in, factors.data());
+        const acc* f = factors.data();
+        for (int64_t c0 = 0; c0 < in; c0 += r) {
+          const int64_t len = std::min(r, in - c0);
+          for (int64_t j = 0; j < len; ++j) sum[j] += static_cast<acc>(xr[c0 + j]) * f[c0 + j];
+        }
+      } else {
+        for (int64_t c0 = 0; c0 < in; c0 += r) {
+          const int64_t len = std::min(r, in - c0);
+          for (int64_t j = 0; j < len; ++j) sum[j] += static_cast<acc>(xr[c0 + j]);
+        }
+      }
+      out_t* sr = s + t * r;
+      for (int64_t j = 0; j < r; ++j) sr[j] = static_cast<out_t>(sum[j]);
+    }
+  });
+}
+
+template <typename out_t, typename src_t>
+void tile_add_rows(out_t* out, const src_t* src, int64_t rows, int64_t cols, int64_t period_rows, int64_t q,
+                   double alpha_d, const DropoutKey& key) {
+  using acc = acc_t<out_t, src_t>;
+  const acc alpha = static_cast<acc>(alpha_d);
+  const bool dropout = key.threshold != 0;
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    std::vector<acc> factors(dropout ? cols : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      out_t* o = out + t * cols;
+      const src_t* sr = src + tile_row(t, period_rows) * q;
+      if (dropout) {
+        dropout_factors(key, t, cols, factors.data());
+        const acc* f = factors.data();
+        for (int64_t c0 = 0; c0 < cols; c0 += q) {
+          const int64_t len = std::min(q, cols - c0);
+          for (int64_t j = 0; j < len; ++j)
+            o[c0 + j] = static_cast<out_t>(static_cast<acc>(o[c0 + j]) + alpha * f[c0 + j] * static_cast<acc>(sr[j]));
+        }
+      } else {
+        for (int64_t c0 = 0; c0 < cols; c0 += q) {
+          const int64_t len = std::min(q, cols - c0);
+          for (int64_t j = 0; j < len; ++j)
+            o[c0 + j] = static_cast<out_t>(static_cast<acc>(o[c0 + j]) + alpha * static_cast<acc>(sr[j]));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_fold_cpu", [&] {
+    if (s.scalar_type() == x.scalar_type()) {
+      fold_rows<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(), x.size(0),
+                                    x.size(1), s.size(1), key);
+    } else {
+      fold_rows<scalar_t, float>(x.const_data_ptr<scalar_t>(), s.mutable_data_ptr<float>(), x.size(0), x.size(1),
+                                 s.size(1), key);
+    }
+  });
+}
+
+void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "miss_tile_add_cpu", [&] {
+    if (src.scalar_type() == out.scalar_type()) {
+      tile_add_rows<scalar_t, scalar_t>(out.mutable_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), out.size(0),
+                                        out.size(1), src.size(0), src.size(1), alpha, key);
+    } else {
+      tile_add_rows<scalar_t, float>(out.mutable_data_ptr<scalar_t>(), src.const_data_ptr<float>(), out.size(0),
+                                     out.size(1), src.size(0), src.size(1), alpha, key);
+    }
+  });
+}
+
+}  // namespace miss_ext

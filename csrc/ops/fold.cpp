@@ -1,0 +1,83 @@
+#include "fold.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "common/checks.h"
+
+namespace miss_ext {
+namespace ops {
+
+at::Tensor fold(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
+                std::optional<at::ScalarType> dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::fold", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, double, const std::optional<at::Tensor>&,
+                                         std::optional<at::ScalarType>)>();
+  return op.call(x, r, p, key, dtype);
+}
+
+void tile_add_(at::Tensor& out, const at::Tensor& src, double alpha, double p,
+               const std::optional<at::Tensor>& key) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::tile_add_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, double, double, const std::optional<at::Tensor>&)>();
+  op.call(out, src, alpha, p, key);
+}
+
+}  // namespace ops
+
+int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
+at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p,
+                     const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
+  check_fold_args(x, r, p, key);
+  const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "miss: fold dtype must be a floating type, got ", out_dtype);
+  const int64_t in = x.size(-1);
+  const int64_t rows = leading_rows(x);
+  check_dropout_extent(rows, in, p);
+
+  // Kernels write x.dtype or float32 (kernels.h); any other output dtype is a cast of a
+  // kernel result, which only touches the small (rows, r) tensor.
+  const bool native = out_dtype == x.scalar_type() || out_dtype == at::kFloat;
+  at::Tensor s = at::empty({rows, r}, x.options().dtype(native ? out_dtype : x.scalar_type()));
+  if (rows > 0) {
+    const at::Tensor x2 = x.reshape({rows, in}).contiguous();
+    kernel(x2, s, make_dropout_key(p, key));
+  }
+  if (!native) s = s.to(out_dtype);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = r;
+  return s.view(shape);
+}
+
+void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                   const std::optional<at::Tensor>& key) {
+  check_tile_add_args(out, src, p, key);
+  TORCH_CHECK_VALUE(!out.is_alias_of(src), "miss: tile_add_ src must not share memory with out");
+  const int64_t rows = leading_rows(out);
+  const int64_t cols = out.size(-1);
+  if (rows == 0 || cols == 0) return;
+  check_dropout_extent(rows, cols, p);
+
+  at::Tensor src2 = src.reshape({leading_rows(src), src.size(-1)});
+  if (src2.scalar_type() != out.scalar_type() && src2.scalar_type() != at::kFloat) src2 = src2.to(at::kFloat);
+  src2 = src2.contiguous();
+  const DropoutKey dkey = make_dropout_key(p, key);
+  if (out.is_contiguous()) {
+    at::Tensor out2 = out.view({rows, cols});
+    kernel(out2, src2, alpha, dkey);
+  } else {
+    // Strided output: update a contiguous copy, then write it back, so the op stays in place.
+    at::Tensor out2 = out.contiguous().view({rows, cols});
+    kernel(out2, src2, alpha, dkey);
+    out.copy_(out2.view(out.sizes()));
+  }
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,30 @@
+// miss::fold and miss::tile_add_: the shard sum and its adjoint.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "kernels.h"
+
+namespace miss_ext {
+namespace ops {
+
+// C++ API: calls through the dispatcher, so autograd, tracing and every backend apply.
+at::Tensor fold(const at::Tensor& x, int64_t r, double p = 0.0,
+                const std::optional<at::Tensor>& key = std::nullopt,
+                std::optional<at::ScalarType> dtype = std::nullopt);
+void tile_add_(at::Tensor& out, const at::Tensor& src, double alpha = 1.0, double p = 0.0,
+               const std::optional<at::Tensor>& key = std::nullopt);
+
+}  // namespace ops
+
+// Backend wrappers: validate, flatten to 2-D, allocate, then run `kernel`. Registered at the CPU
+// and CUDA keys with that backend's kernel.
+at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p,
+                     const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype);
+void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                   const std::optional<at::Tensor>& key);
+
+// Product of all sizes but the last: the number of rows a kernel sees.
+int64_t leading_rows(const at::Tensor& t);
+
+}  // namespace miss_ext

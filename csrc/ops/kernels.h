@@ -1,0 +1,29 @@
+// The hand-written kernels, one pair per backend. They take contiguous 2-D tensors that the op
+// wrappers (fold.cpp) have validated, shaped and allocated, so a kernel only computes.
+//
+// Dtype contract (enforced by the wrappers, so each kernel is instantiated for few pairs):
+//   fold:     s.dtype is x.dtype or float32
+//   tile_add: src.dtype is out.dtype or float32
+// Accumulation is float32 for fp16/bf16/fp32 data and float64 when either side is float64.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/dropout_mask.h"
+
+namespace miss_ext {
+
+// s (rows, r) = fold(dropout(x)) for x (rows, in).
+using FoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
+// out (rows, cols) += alpha * dropout(src[row mod P, col mod Q]) for src (P, Q).
+using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+
+void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
+void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+
+#ifdef MISS_EXT_WITH_CUDA
+void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
+void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+#endif
+
+}  // namespace miss_ext

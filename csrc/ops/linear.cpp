@@ -1,0 +1,99 @@
+#include "linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "common/checks.h"
+#include "fold.h"
+
+namespace miss_ext {
+namespace ops {
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, double, const std::optional<at::Tensor>&)>();
+  return op.call(x, weight, bias, block, p, key);
+}
+
+}  // namespace ops
+
+namespace {
+
+c10::SymInt sym_leading_rows(const at::Tensor& t) {
+  c10::SymInt rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
+  return rows;
+}
+
+// `t`'s leading sizes followed by `last`.
+std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
+  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+// r, mini_r as plain integers. Under torch.compile they come from parameter shapes, which are
+// static; if they are symbolic this specialises on them (a guard), which is still correct.
+int64_t static_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
+
+}  // namespace
+
+LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  check_linear_args(x, weight, bias, block, p, key);
+  const int64_t r = static_size(block, 0);
+  const bool tiled = block.sym_size(1) != weight.sym_size(0);  // mini: block (r, mini_r) with mini_r < out
+  const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
+
+  // PEFT's precision: the base GEMM runs and rounds in the base dtype; the adapter branch folds
+  // x in the block's dtype (fp32 for half bases by default); the sum is rounded once to x's dtype.
+  at::Tensor s = ops::fold(x2, r, p, key, block.scalar_type());
+  at::Tensor y = at::linear(x2, weight, bias);
+  if (!tiled && y.scalar_type() == block.scalar_type()) {
+    y.addmm_(s, block);  // in place: no (rows, out) temporary
+  } else {
+    // (rows, mini_r) or, for a half base in the default mode, (rows, out) in the block dtype;
+    // tile_add_ broadcasts it along out and adds with one rounding.
+    ops::tile_add_(y, at::mm(s, block));
+  }
+  return LinearForward{y.view_symint(with_last(x, weight.sym_size(0))), s};
+}
+
+LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& block, const at::Tensor& s, double p,
+                            const std::optional<at::Tensor>& key, LinearNeeds needs) {
+  LinearGrads grads;
+  const c10::SymInt& out = weight.sym_size(0);
+  const c10::SymInt& in = weight.sym_size(1);
+  const int64_t mini_r = static_size(block, 1);
+  const bool tiled = block.sym_size(1) != out;
+  const at::Tensor g = grad_y.reshape_symint({s.sym_size(0), out});
+
+  if (needs[0] || needs[3]) {
+    // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.
+    const at::Tensor gf = tiled ? ops::fold(g, mini_r, 0.0, std::nullopt, block.scalar_type())
+                                : g.to(block.scalar_type());
+    if (needs[3]) grads.block = at::mm(s.t(), gf);
+    if (needs[0]) {
+      at::Tensor gx = at::mm(g, weight);                        // base part, x's dtype
+      ops::tile_add_(gx, at::mm(gf, block.t()), 1.0, p, key);   // + period-r broadcast of G D^T, masked
+      grads.x = gx.view_symint(with_last(grad_y, in));
+    }
+  }
+  if (needs[1]) {
+    TORCH_CHECK(x.defined(), "miss: internal error: x was not saved for the weight gradient");
+    grads.weight = at::mm(g.t(), x.reshape_symint({s.sym_size(0), in}));
+  }
+  if (needs[2]) grads.bias = g.sum(0);
+  return grads;
+}
+
+at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  return linear_forward(x, weight, bias, block, p, key).y;
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,43 @@
+// miss::linear: y = x W^T + b + fold(dropout(x)) * tile(block), for the default and mini modes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+
+namespace miss_ext {
+namespace ops {
+
+// C++ API: calls through the dispatcher (autograd included).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& block, double p = 0.0, const std::optional<at::Tensor>& key = std::nullopt);
+
+}  // namespace ops
+
+struct LinearForward {
+  at::Tensor y;  // (..., out), x's dtype
+  at::Tensor s;  // (rows, r), block's dtype: all the adapter branch keeps for backward
+};
+
+struct LinearGrads {
+  at::Tensor x, weight, bias, block;  // undefined where not requested
+};
+
+// Which gradients to compute, in the order of LinearGrads.
+using LinearNeeds = std::array<bool, 4>;
+
+// Forward and backward built from dispatcher calls only (miss::fold, miss::tile_add_, aten), so
+// that autograd tracing (torch.compile, export) records each step. Sizes are read symbolically.
+LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& block, double p, const std::optional<at::Tensor>& key);
+
+// x is needed only for the weight gradient and may be undefined otherwise.
+LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& block, const at::Tensor& s, double p,
+                            const std::optional<at::Tensor>& key, LinearNeeds needs);
+
+// The backend kernel registered at CPU and CUDA: the forward without keeping S.
+at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& block, double p, const std::optional<at::Tensor>& key);
+
+}  // namespace miss_ext

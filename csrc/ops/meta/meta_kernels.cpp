@@ -1,0 +1,53 @@
+// Meta kernels: shapes and dtypes only, from symbolic sizes, so torch.compile and torch.export
+// trace the ops with dynamic shapes. They validate exactly as the real kernels do.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+
+namespace miss_ext {
+namespace {
+
+std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
+  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+at::Tensor fold_meta(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
+                     std::optional<at::ScalarType> dtype) {
+  check_fold_args(x, r, p, key);
+  return at::empty_symint(with_last(x, r), x.options().dtype(dtype.value_or(x.scalar_type())));
+}
+
+void tile_add_meta(at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                   const std::optional<at::Tensor>& key) {
+  check_tile_add_args(out, src, p, key);
+}
+
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  check_linear_args(x, weight, bias, block, p, key);
+  return at::empty_symint(with_last(x, weight.sym_size(0)), x.options());
+}
+
+at::Tensor merge_meta(const at::Tensor& weight, const at::Tensor& block, bool reverse) {
+  check_merge_args(weight, block);
+  return at::empty_symint(weight.sym_sizes(), weight.options());
+}
+
+void merge_inplace_meta(at::Tensor& weight, const at::Tensor& block, bool reverse) {
+  check_merge_args(weight, block);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(miss, Meta, m) {
+  m.impl("fold", &fold_meta);
+  m.impl("tile_add_", &tile_add_meta);
+  m.impl("linear", &linear_meta);
+  m.impl("merge", &merge_meta);
+  m.impl("merge_", &merge_inplace_meta);
+}
+
+}  // namespace miss_ext

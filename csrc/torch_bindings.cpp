@@ -1,0 +1,63 @@
+// Every schema of the `miss` op library, in one place. Kernels are registered per backend in
+// ops/cpu, ops/cuda, ops/meta and ops/autograd.
+//
+// Conventions
+//   x (..., in), weight (out, in), bias (out), block = miss_block.
+//   Default mode: block (r, out). Mini mode: block (r, mini_r), mini_r dividing out; the ops tell
+//   the two apart by block.shape[1], so no op takes a mode argument.
+//   Dropout (adapter branch only): probability p and key = CPU int64 tensor [seed, offset]. The
+//   mask is a pure function of (key, row, column) (ops/common/dropout_mask.h): never stored, the
+//   same on CPU and CUDA. With p == 0 the key is ignored and may be None.
+#include <torch/library.h>
+
+#include <string>
+
+#ifdef MISS_EXT_SETUP_PY
+#include "setup_build_config.h"  // written by setup.py: versions and CUDA archs of this build
+#endif
+#ifndef MISS_EXT_CUDA_ARCHS
+#define MISS_EXT_CUDA_ARCHS ""
+#endif
+#ifndef MISS_EXT_CUDA_VERSION
+#define MISS_EXT_CUDA_VERSION ""
+#endif
+#ifndef MISS_EXT_TORCH_VERSION
+#define MISS_EXT_TORCH_VERSION ""
+#endif
+
+namespace {
+
+// "key=value;..." describing this build; miss_ext.info parses it.
+std::string build_info() {
+  std::string info = "backends=CPU";
+#ifdef MISS_EXT_WITH_CUDA
+  info += ",CUDA;cuda_version=" MISS_EXT_CUDA_VERSION ";cuda_archs=" MISS_EXT_CUDA_ARCHS;
+#endif
+  info += ";built_with_torch=" MISS_EXT_TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(miss, m) {
+  // S[..., j] = sum over i with i mod r == j of dropout(x)[..., i]: shape (..., r), implicit zero
+  // padding when in % r != 0, columns j >= in are zero when r > in. dtype: of S (default x's);
+  // accumulation is float32 (float64 for float64 data).
+  m.def("fold(Tensor x, int r, float p=0., Tensor? key=None, ScalarType? dtype=None) -> Tensor");
+
+  // out[t, c] += alpha * dropout(src)[t mod P, c mod Q], out viewed (rows, C), src (P, Q).
+  // src has out's leading sizes (the adjoint of fold, and mini's tiling along out), or both are
+  // matrices and src's rows tile out's rows too (merge). One rounding to out's dtype.
+  m.def("tile_add_(Tensor(a!) out, Tensor src, float alpha=1., float p=0., Tensor? key=None) -> ()");
+
+  // y = x weight^T + bias + fold(dropout(x)) @ tile(block), PEFT's precision semantics: the base
+  // GEMM rounds in x's dtype, the adapter branch computes in block's dtype, one final rounding.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p=0., Tensor? key=None) -> Tensor");
+
+  // weight + dW (reverse: - dW), dW[o, i] = block[i mod r, o mod mini_r].
+  m.def("merge(Tensor weight, Tensor block, bool reverse=False) -> Tensor");
+  m.def("merge_(Tensor(a!) weight, Tensor block, bool reverse=False) -> ()");
+
+  // Backends and CUDA architectures compiled into this library.
+  m.def("build_info() -> str", &build_info);
+}

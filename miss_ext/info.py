@@ -1,0 +1,26 @@
+"""`python -m miss_ext.info`: torch version, compiled backends and CUDA architectures, and the
+registered `miss` ops with the dispatch keys each has a kernel for."""
+import torch
+
+from ._library import DISPATCH_KEYS, build_info, registered_ops
+
+
+def report() -> str:
+    info = build_info()
+    lines = [
+        f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"built with torch {info.get('built_with_torch', '?')}",
+        f"backends         {', '.join(info['backends'])}",
+    ]
+    if "CUDA" in info["backends"]:
+        lines.append(f"CUDA             {info.get('cuda_version')} for sm {', '.join(info['cuda_archs']) or 'visible GPU'}")
+        lines.append(f"GPU visible      {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    lines.append("")
+    lines.append(f"{'op':<18}" + "".join(f"{k:<10}" for k in DISPATCH_KEYS))
+    for name, keys in registered_ops().items():
+        lines.append(f"{name:<18}" + "".join(f"{('yes' if k in keys else '-'):<10}" for k in DISPATCH_KEYS))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

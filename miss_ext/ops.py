@@ -1,0 +1,43 @@
+"""Python entry points of the `miss` ops; each is a direct call of `torch.ops.miss.<op>`.
+
+They stay scriptable and traceable: TorchScript and torch.compile see the op itself. Shapes:
+x (..., in), weight (out, in), block = miss_block, (r, out) in the default mode or (r, mini_r)
+in the mini mode. Dropout needs `p` and a key from `new_dropout_key()`.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+def new_dropout_key() -> Tensor:
+    """A fresh dropout key [seed, offset]: a CPU int64 tensor drawn from torch's default generator,
+    so `torch.manual_seed` makes masks reproducible. Kept on the CPU: reading it never syncs a GPU."""
+    # 2**62 as a literal: TorchScript cannot read module globals, and its ** gives a float.
+    return torch.randint(0, 4611686018427387904, [2], dtype=torch.int64)
+
+
+def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
+         dtype: Optional[torch.dtype] = None) -> Tensor:
+    """S[..., j] = sum of dropout(x)[..., i] over i mod r == j: shape (..., r)."""
+    return torch.ops.miss.fold(x, r, p, key, dtype)
+
+
+def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> None:
+    """out[t, c] += alpha * dropout(src)[t mod P, c mod Q], in place (the adjoint of fold)."""
+    torch.ops.miss.tile_add_(out, src, alpha, p, key)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: float = 0.0,
+           key: Optional[Tensor] = None) -> Tensor:
+    """y = x weight^T + bias + fold(dropout(x)) @ tile(block)."""
+    return torch.ops.miss.linear(x, weight, bias, block, p, key)
+
+
+def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
+    """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor."""
+    return torch.ops.miss.merge(weight, block, reverse)
+
+
+def merge_(weight: Tensor, block: Tensor, reverse: bool = False) -> None:
+    """In-place merge (unmerge with reverse=True)."""
+    torch.ops.miss.merge_(weight, block, reverse)

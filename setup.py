@@ -1,0 +1,137 @@
+"""Build of miss_ext: `pip install --no-build-isolation .`
+
+Build knobs (environment variables):
+  MISS_EXT_CUDA=1      force the CUDA kernels; fail if torch is a CPU build or no toolkit is found
+  MISS_EXT_CUDA=0      CPU-only build
+  (unset)              CUDA kernels when torch is a CUDA build and a CUDA toolkit is found.
+                       Never decided by a visible GPU: a GPU-less build machine builds them too.
+  CUDA_HOME            the toolkit root; otherwise found from `nvcc` on PATH (wrappers allowed)
+  TORCH_CUDA_ARCH_LIST architectures, e.g. "8.0;9.0"; default "8.0;9.0" when no GPU is visible
+  MAX_JOBS             parallel compile jobs (ninja)
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _toolkit_from_nvcc(nvcc):
+    """The real toolkit root behind an `nvcc` that may be a wrapper script.
+
+    nvcc's dry run prints the directory it runs from (`#$ TOP=<root>/bin/..`), which is right
+    even when PATH holds a wrapper; torch's own guess (dirname of the wrapper) is not.
+    """
+    try:
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+        if match:
+            return os.path.realpath(match.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."))
+
+
+def _is_toolkit(root):
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root:
+            return root if _is_toolkit(root) else None
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = _toolkit_from_nvcc(nvcc)
+        if _is_toolkit(root):
+            return root
+    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
+
+
+def decide_cuda(torch):
+    """(build CUDA kernels?, toolkit root)."""
+    flag = os.environ.get("MISS_EXT_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"MISS_EXT_CUDA must be 0, 1 or unset, got {flag!r}")
+    if flag == "0":
+        return False, None
+    home = find_cuda_home()
+    if flag == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError(f"MISS_EXT_CUDA=1 but torch {torch.__version__} is a CPU-only build")
+        if home is None:
+            raise RuntimeError("MISS_EXT_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to its root")
+        return True, home
+    return torch.version.cuda is not None and home is not None, home
+
+
+def write_build_config(path, with_cuda, torch):
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    archs = ",".join(a for a in re.split(r"[;\s]+", archs) if a)
+    with open(path, "w") as f:
+        f.write("// Written by setup.py; describes this build (see torch_bindings.cpp).\n#pragma once\n")
+        f.write(f'#define MISS_EXT_TORCH_VERSION "{torch.__version__}"\n')
+        f.write(f'#define MISS_EXT_CUDA_VERSION "{torch.version.cuda or ""}"\n')
+        f.write(f'#define MISS_EXT_CUDA_ARCHS "{archs}"\n')
+
+
+def extensions():
+    import torch
+
+    with_cuda, cuda_home = decide_cuda(torch)
+    if with_cuda:
+        # cpp_extension reads CUDA_HOME when it is imported: set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
+
+    csrc = os.path.join("csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+    cuda_dir = os.path.join(csrc, "ops", "cuda") + os.sep
+    if not with_cuda:
+        sources = [s for s in sources if not s.startswith(cuda_dir)]
+    write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch)
+
+    defines = ["-DMISS_EXT_SETUP_PY"] + (["-DMISS_EXT_WITH_CUDA"] if with_cuda else [])
+    cxx = ["-O3"] + defines
+    print(f"miss_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
+          + (f" (toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})"
+             if with_cuda else ""))
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+        ext = cpp_extension.CUDAExtension(
+            "miss_ext._C", sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + defines},
+        )
+    else:
+        ext = cpp_extension.CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="miss_ext",
+    version="0.1.0",
+    description="Fast MiSS (Matrix Shard Sharing) fine-tuning: CUDA/CPU kernels as torch.ops.miss",
+    packages=find_packages(include=["miss_ext", "miss_ext.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch>=2.11"],
+    extras_require={"peft": ["peft", "safetensors"]},
+)
