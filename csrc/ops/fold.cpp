@@ -42,10 +42,12 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
   const int64_t rows = leading_rows(x);
   check_dropout_extent(rows, in, p);
 
-  // Kernels write x.dtype or float32 (kernels.h); any other output dtype is a cast of a
-  // kernel result, which only touches the small (rows, r) tensor.
+  // Kernels write x.dtype or float32 (kernels.h). Any other output dtype is one cast of the
+  // kernel's float32 (float64 for float64 x) result, so the sum is rounded once, and the cast
+  // only touches the small (rows, r) tensor.
   const bool native = out_dtype == x.scalar_type() || out_dtype == at::kFloat;
-  at::Tensor s = at::empty({rows, r}, x.options().dtype(native ? out_dtype : x.scalar_type()));
+  const at::ScalarType kernel_dtype = native ? out_dtype : (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor s = at::empty({rows, r}, x.options().dtype(kernel_dtype));
   if (rows > 0) {
     const at::Tensor x2 = x.reshape({rows, in}).contiguous();
     kernel(x2, s, make_dropout_key(p, key));

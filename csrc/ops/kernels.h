@@ -4,6 +4,8 @@
 // Dtype contract (enforced by the wrappers, so each kernel is instantiated for few pairs):
 //   fold:     s.dtype is x.dtype or float32
 //   tile_add: src.dtype is out.dtype or float32
+//   bat:      m and p share one dtype, float32 or float64 (the compute type); w any floating
+//             type; out has w's dtype or m's dtype; out may be w itself (in place)
 // Accumulation is float32 for fp16/bf16/fp32 data and float64 when either side is float64.
 #pragma once
 
@@ -17,13 +19,17 @@ namespace miss_ext {
 using FoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
 // out (rows, cols) += alpha * dropout(src[row mod P, col mod Q]) for src (P, Q).
 using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+// out (out, in) = bat transform of w (common/bat_index.h) with m, p of shape (out/r, r, r).
+using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 
 #ifdef MISS_EXT_WITH_CUDA
 void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
 void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 #endif
 
 }  // namespace miss_ext

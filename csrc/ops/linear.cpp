@@ -44,6 +44,7 @@ int64_t static_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).g
 LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
   check_linear_args(x, weight, bias, block, p, key);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see autocast/
   const int64_t r = static_size(block, 0);
   const bool tiled = block.sym_size(1) != weight.sym_size(0);  // mini: block (r, mini_r) with mini_r < out
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
@@ -66,6 +67,7 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
                             const at::Tensor& block, const at::Tensor& s, double p,
                             const std::optional<at::Tensor>& key, LinearNeeds needs) {
   LinearGrads grads;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const c10::SymInt& out = weight.sym_size(0);
   const c10::SymInt& in = weight.sym_size(1);
   const int64_t mini_r = static_size(block, 1);

@@ -1,12 +1,14 @@
-// Autograd for miss::fold (its adjoint is miss::tile_add_ into zeros), and the not-implemented
-// fallbacks for the in-place ops, which also bump version counters so that autograd notices a
-// saved tensor modified by them.
+// Autograd for miss::fold (its adjoint is miss::tile_add_ into zeros), and the autograd kernels of
+// the in-place ops tile_add_ and merge_: they are not differentiable, so with grad mode on they
+// refuse tensors that require grad (rather than silently dropping a gradient), and they bump the
+// version counter of the tensor they modify, so autograd detects a saved tensor changed by them.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "../fold.h"
+#include "../merge.h"
+#include "once_differentiable.h"
 
 namespace miss_ext {
 namespace {
@@ -29,9 +31,12 @@ class FoldFunction : public torch::autograd::Function<FoldFunction> {
     const std::optional<at::Tensor> key = key_t.defined() ? std::optional<at::Tensor>(key_t) : std::nullopt;
     const auto sizes = ctx->saved_data["x_sizes"].toSymIntList().vec();
     const auto dtype = ctx->saved_data["x_dtype"].toScalarType();
-    at::Tensor grad_x = at::zeros_symint(sizes, grad_outputs[0].options().dtype(dtype));
-    ops::tile_add_(grad_x, grad_outputs[0], 1.0, ctx->saved_data["p"].toDouble(), key);
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const double p = ctx->saved_data["p"].toDouble();
+    return once_differentiable("miss::fold", grad_outputs, [&]() -> torch::autograd::variable_list {
+      at::Tensor grad_x = at::zeros_symint(sizes, grad_outputs[0].options().dtype(dtype));
+      ops::tile_add_(grad_x, grad_outputs[0], 1.0, p, key);
+      return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    });
   }
 };
 
@@ -40,17 +45,37 @@ at::Tensor fold_autograd(const at::Tensor& x, int64_t r, double p, const std::op
   return FoldFunction::apply(x, r, p, key, dtype);
 }
 
+void check_not_differentiated(const char* op, const at::Tensor& target, const at::Tensor& source) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(target.requires_grad() || source.requires_grad()), "miss::", op,
+              " is an in-place op without autograd support and got a tensor that requires grad; call it "
+              "under torch.no_grad() (use the functional miss::merge / miss::fold for differentiable code)");
+}
+
+void tile_add_autograd(at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                       const std::optional<at::Tensor>& key) {
+  check_not_differentiated("tile_add_", out, src);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::tile_add_(out, src, alpha, p, key);
+  }
+  torch::autograd::impl::bump_version(out);
+}
+
+void merge_inplace_autograd(at::Tensor& weight, const at::Tensor& block, bool reverse) {
+  check_not_differentiated("merge_", weight, block);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::merge_(weight, block, reverse);
+  }
+  torch::autograd::impl::bump_version(weight);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Autograd, m) {
   m.impl("fold", &fold_autograd);
-  m.impl("tile_add_", torch::autograd::autogradNotImplementedFallback());
-  m.impl("merge_", torch::autograd::autogradNotImplementedFallback());
-}
-
-TORCH_LIBRARY_IMPL(miss, ADInplaceOrView, m) {
-  m.impl("tile_add_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("merge_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("tile_add_", &tile_add_autograd);
+  m.impl("merge_", &merge_inplace_autograd);
 }
 
 }  // namespace miss_ext

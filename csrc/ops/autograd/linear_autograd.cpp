@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../linear.h"
+#include "once_differentiable.h"
 
 namespace miss_ext {
 namespace {
@@ -38,8 +39,12 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const LinearNeeds needs{needs_list[0], needs_list[1], needs_list[2], needs_list[3]};
     const double p = ctx->saved_data["p"].toDouble();
     const std::optional<at::Tensor> key = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], p, key, needs);
-    return {g.x, g.weight, g.bias, g.block, at::Tensor(), at::Tensor()};
+    torch::autograd::variable_list depends_on(saved.begin(), saved.end());
+    depends_on.push_back(grad_outputs[0]);
+    return once_differentiable("miss::linear", depends_on, [&]() -> torch::autograd::variable_list {
+      const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], p, key, needs);
+      return {g.x, g.weight, g.bias, g.block, at::Tensor(), at::Tensor()};
+    });
   }
 };
 

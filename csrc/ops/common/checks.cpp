@@ -23,14 +23,15 @@ void check_p(double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "miss: dropout probability p must be in [0, 1], got p=", p);
 }
 
-void check_key(double p, const std::optional<at::Tensor>& key) {
+// `data` is the tensor the mask applies to: a meta key is accepted only with meta data (fake
+// tensors under torch.compile), never as a stand-in for a real CPU key.
+void check_key(double p, const std::optional<at::Tensor>& key, const at::Tensor& data) {
   if (p == 0.0) return;  // no dropout: the key is not read and may be anything or None
   TORCH_CHECK_VALUE(key.has_value() && key->defined(),
                     "miss: dropout p=", p, " > 0 needs a key: a CPU int64 tensor [seed, offset]");
   TORCH_CHECK_TYPE(key->scalar_type() == at::kLong, "miss: the dropout key must be int64, got dtype ",
                    key->scalar_type());
-  // Meta kernels see every tensor on the meta device; real kernels need the key on the CPU.
-  TORCH_CHECK_VALUE(key->device().is_cpu() || key->device().is_meta(), "miss: the dropout key must be a CPU tensor (reading it from ",
+  TORCH_CHECK_VALUE(key->device().is_cpu() || (key->device().is_meta() && data.is_meta()), "miss: the dropout key must be a CPU tensor (reading it from ",
                     key->device(), " would synchronise the device with the host)");
   TORCH_CHECK_VALUE(key->sym_numel() == 2, "miss: the dropout key must hold 2 values [seed, offset], got shape ",
                     key->sym_sizes());
@@ -58,7 +59,7 @@ void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::option
   TORCH_CHECK_VALUE(x.dim() >= 1, "miss: x must have at least one dimension, got a scalar");
   TORCH_CHECK_VALUE(r >= 1, "miss: r must be a positive integer, got r=", r);
   check_p(p);
-  check_key(p, key);
+  check_key(p, key, x);
 }
 
 void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
@@ -80,7 +81,7 @@ void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
                       "miss: tile_add_ src has no rows to tile: shape ", src.sym_sizes());
   }
   check_p(p);
-  check_key(p, key);
+  check_key(p, key, out);
 }
 
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
@@ -108,7 +109,7 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
   check_block_2d(block, weight.sym_size(0));
   check_same_device(x, "x", block, "miss_block");
   check_p(p);
-  check_key(p, key);
+  check_key(p, key, x);
 }
 
 void check_merge_args(const at::Tensor& weight, const at::Tensor& block) {

@@ -1,0 +1,33 @@
+// Autocast for miss::linear. Without it, autocast would reach the GEMMs inside the op and leave
+// the autograd kernel with fp32 saved tensors and a bf16 gradient.
+//
+// Policy (as PEFT under autocast): the base branch (x, weight, bias) runs in the autocast dtype,
+// the adapter block keeps its own dtype (fp32), and the output is cast back to x's dtype, as
+// PEFT's `result.to(previous_dtype)` does. The casts happen here, above autograd, so gradients
+// flow through them; inside the op autocast is off.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include "../linear.h"
+
+namespace miss_ext {
+namespace {
+
+template <c10::DeviceType device_type>
+at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
+  const at::Tensor y = ops::linear(at::autocast::cached_cast(dtype, x, device_type),
+                                   at::autocast::cached_cast(dtype, weight, device_type),
+                                   at::autocast::cached_cast(dtype, bias, device_type), block, p, key);
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(miss, AutocastCPU, m) { m.impl("linear", &linear_autocast<c10::DeviceType::CPU>); }
+TORCH_LIBRARY_IMPL(miss, AutocastCUDA, m) { m.impl("linear", &linear_autocast<c10::DeviceType::CUDA>); }
+
+}  // namespace miss_ext

@@ -1,0 +1,32 @@
+// Index arithmetic of bat (block-affine) MiSS, shared by the CPU and CUDA kernels.
+//
+// W (out, in) is cut into r x r tiles W_ij; row o = i*r + a lies in row block i. A "segment" is the
+// r consecutive elements W[o, s*r .. s*r + r) of one row within one column block s. The bat
+// transform maps every segment independently:
+//   out[o, s*r + b] = sum_k w[o, s*r + k] * M[i][k][b] + P[i][a][b]
+// With M = I + B, P = B this is W' = W + W_ij B_i + B_i (forward and merge); with M = (I+B)^-1,
+// P = -B (I+B)^-1 it is unmerge; with M = (I+B)^T, P = 0 it maps dL/dW' to dL/dW.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace miss_ext {
+
+struct BatSegment {
+  int64_t row;      // o
+  int64_t segment;  // s, the column block
+};
+
+MISS_HD BatSegment split_segment(int64_t flat, int64_t segments_per_row) {
+  return BatSegment{flat / segments_per_row, flat % segments_per_row};
+}
+
+// Offset of the r x r matrix of row block i (for M and P, stored (out/r, r, r)).
+MISS_HD int64_t bat_block_offset(int64_t row, int64_t r) { return (row / r) * r * r; }
+
+// Offset of row a = row mod r inside P's matrix of that block.
+MISS_HD int64_t bat_row_offset(int64_t row, int64_t r) { return (row % r) * r; }
+
+}  // namespace miss_ext

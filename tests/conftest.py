@@ -1,0 +1,71 @@
+"""Shared fixtures of the miss_ext test suite.
+
+- `device` (fixture) / `DEVICES` (params): "cpu" always; "cuda" marked to skip only when no GPU
+  is visible. Nothing here ever skips on the CPU.
+- `poison(t)`: fill a tensor with NaN so an element a kernel forgets to write shows up.
+- `poison_heap(numel, dtype, device)`: allocate NaN-filled blocks and free them, so that the next
+  uninitialised allocation of that size (at::empty in a kernel wrapper) very likely starts as NaN
+  rather than as lucky zeros.
+- Every test starts from its own reproducible torch seed (derived from the test id).
+- The TorchScript deprecation warnings of recent torch releases are silenced.
+"""
+import zlib
+
+import pytest
+import torch
+
+import miss_ext  # noqa: F401  (registers torch.ops.miss)
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+]
+
+
+def pytest_configure(config):
+    for line in (
+        r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning",
+        r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning",
+        r"ignore:.*TorchScript.*deprecated:FutureWarning",
+        r"ignore:.*TorchScript.*deprecated:DeprecationWarning",
+    ):
+        config.addinivalue_line("filterwarnings", line)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch(request):
+    """A distinct, reproducible seed per test (stable across runs and test orders)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill `t` in place with a value no kernel should produce (NaN for floating tensors)."""
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
+def poison_heap(numel: int, dtype: torch.dtype = torch.float32, device="cpu", copies: int = 4) -> None:
+    """Leave freed NaN-filled blocks of `numel` elements behind for the allocator to reuse."""
+    blocks = [poison(torch.empty(max(numel, 1), dtype=dtype, device=device)) for _ in range(copies)]
+    del blocks
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", low=0.25, high=1.5, requires_grad=False):
+    """Random data that is never zero: magnitudes in [low, high) with random signs."""
+    mag = torch.empty(shape, dtype=torch.float64).uniform_(low, high)
+    sign = torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
+    return (mag * sign).to(dtype=dtype, device=device).requires_grad_(requires_grad)

@@ -1,0 +1,180 @@
+"""Independent float64 reference of the MiSS ops, written from docs/miss-spec.md (not from csrc/).
+
+Everything here is plain PyTorch on float64 copies of the inputs, built from explicit index
+math, so a bug in a kernel cannot hide in a shared helper:
+
+- fold:  the 0/1 fold matrix A (r x in) with A[j, i] = 1 iff i mod r == j; S = x A^T.
+- tile:  D_full[j, o] = block[j, o mod mini_r] and dW[o, i] = block[i mod r, o mod mini_r], both
+         by advanced indexing with arange(.) % period.
+- dropout: a (T x in) 0/1 keep mask is an explicit argument; the references never generate it.
+
+The functions are differentiable (plain autograd on float64), which is how the tests get
+reference gradients.
+
+Dropout masks
+-------------
+The ops draw the mask from a counter-based generator; a test needs the mask the op used:
+
+- `recover_mask` asks the ops for it through a *different* op from the one under test:
+  tile_add_(zeros(T, C), ones(T, 1), p=p, key=key) adds keep(t, c) / (1 - p) to each element,
+  so multiplying by (1 - p) gives the 0/1 mask. This relies only on the documented contract
+  that the mask is a pure function of (key, row, column), the same for every op.
+- `philox_mask` recomputes it from scratch with a pure-Python Philox4x32-10 (checked against the
+  Random123 known-answer vectors in test_dropout.py) and the counter layout documented in
+  csrc/ops/common/dropout_mask.h: counter = (col // 4, row, offset_lo, offset_hi),
+  key = (seed_lo, seed_hi), word col % 4, dropped iff word < round(p * 2^32).
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# index math
+# --------------------------------------------------------------------------------------------
+def fold_matrix(in_features: int, r: int, dtype: torch.dtype = F64, device=None) -> Tensor:
+    """A (r, in) with A[j, i] = 1 iff i mod r == j (MiSS as a rank-r LoRA: this is LoRA's A)."""
+    a = torch.zeros(r, in_features, dtype=dtype, device=device)
+    i = torch.arange(in_features, device=device)
+    a[i % r, i] = 1.0
+    return a
+
+
+def tile_block(block: Tensor, out_features: int) -> Tensor:
+    """D_full (r, out) with D_full[j, o] = block[j, o mod mini_r] (mini_r == out: block itself)."""
+    mini_r = block.shape[1]
+    assert out_features % mini_r == 0
+    cols = torch.arange(out_features, device=block.device) % mini_r
+    return block[:, cols]
+
+
+def delta_weight_ref(block: Tensor, out_features: int, in_features: int) -> Tensor:
+    """dW (out, in) with dW[o, i] = block[i mod r, o mod mini_r], in float64."""
+    r, mini_r = block.shape
+    o = (torch.arange(out_features, device=block.device) % mini_r)[:, None]
+    i = (torch.arange(in_features, device=block.device) % r)[None, :]
+    return block.to(F64)[i, o]
+
+
+# --------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------
+def _dropped(x: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
+    """x * mask / (1 - p) in float64; `mask` is (T, in) 0/1 over the flattened leading index."""
+    x = x.to(F64)
+    if mask is None:
+        return x
+    m = mask.to(F64, copy=False).reshape(x.shape)
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return x * m * scale
+
+
+def fold_ref(x: Tensor, r: int, mask: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
+    """S[..., j] = sum_{i < in, i mod r == j} m_i x_i / (1 - p); shape (..., r), float64."""
+    xd = _dropped(x, mask, p)
+    return xd @ fold_matrix(x.shape[-1], r, device=x.device).t()
+
+
+def fold_scatter_ref(x: Tensor, r: int) -> Tensor:
+    """The same fold by scatter_add (a second, structurally different formulation)."""
+    x = x.to(F64)
+    idx = (torch.arange(x.shape[-1], device=x.device) % r).expand(x.shape)
+    return torch.zeros(*x.shape[:-1], r, dtype=F64, device=x.device).scatter_add(-1, idx, x)
+
+
+def tile_add_ref(out: Tensor, src: Tensor, alpha: float = 1.0, mask: Optional[Tensor] = None,
+                 p: float = 0.0) -> Tensor:
+    """out[t, c] + alpha * m(t, c) / (1 - p) * src[t mod P, c mod Q], float64, out's shape.
+
+    out is viewed (rows, C); src is (rows, Q) (same leading sizes as out) or (P, Q)."""
+    C = out.shape[-1]
+    o = out.to(F64).reshape(-1, C)
+    s = src.to(F64).reshape(-1, src.shape[-1])
+    rows = o.shape[0]
+    P, Q = s.shape
+    t = (torch.arange(rows, device=out.device) % max(P, 1))[:, None]
+    c = (torch.arange(C, device=out.device) % max(Q, 1))[None, :]
+    tiled = s[t, c] if rows and C else torch.zeros_like(o)
+    tiled = _dropped(tiled, mask, p) if mask is not None else tiled
+    return (o + alpha * tiled).reshape(out.shape)
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+               mask: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
+    """y = x W^T + b + fold(dropout(x)) D_full, all in float64 (no intermediate rounding)."""
+    out_features = weight.shape[0]
+    r = block.shape[0]
+    y = x.to(F64) @ weight.to(F64).t()
+    if bias is not None:
+        y = y + bias.to(F64)
+    return y + fold_ref(x, r, mask, p) @ tile_block(block.to(F64), out_features)
+
+
+def linear_lora_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> Tensor:
+    """The same linear through the merged weight W + dW (the spec's LoRA equivalence)."""
+    w = weight.to(F64) + delta_weight_ref(block, weight.shape[0], weight.shape[1])
+    y = x.to(F64) @ w.t()
+    return y if bias is None else y + bias.to(F64)
+
+
+def merge_ref(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
+    """W +/- dW in float64."""
+    dw = delta_weight_ref(block, weight.shape[0], weight.shape[1])
+    return weight.to(F64) - dw if reverse else weight.to(F64) + dw
+
+
+def peft_precision_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+                              mask: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
+    """PEFT's rounding: base GEMM rounded in x's dtype (torch's own F.linear), adapter branch
+    exact (float64 here, the block dtype in PEFT), one final rounding to x's dtype."""
+    base = torch.nn.functional.linear(x, weight, bias)
+    adapter = fold_ref(x, block.shape[0], mask, p) @ tile_block(block.to(F64), weight.shape[0])
+    return (base.to(F64) + adapter).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# dropout masks
+# --------------------------------------------------------------------------------------------
+def recover_mask(rows: int, cols: int, p: float, key: Optional[Tensor], device="cpu") -> Tensor:
+    """The (rows, cols) 0/1 keep mask the ops use for `key`, read through tile_add_ (see top)."""
+    out = torch.zeros(rows, cols, dtype=F64, device=device)
+    src = torch.ones(rows, 1, dtype=F64, device=device)
+    torch.ops.miss.tile_add_(out, src, 1.0, p, key)
+    if p >= 1.0:
+        return out  # everything dropped: the op adds 0 everywhere
+    return (out * (1.0 - p)).round()
+
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> Tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al., SC'11) on Python ints: four 32-bit counter words and two
+    32-bit key words in, four 32-bit words out."""
+    c0, c1, c2, c3 = (int(v) & _M32 for v in counter)
+    k0, k1 = (int(v) & _M32 for v in key)
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _M32, p1 & _M32, ((p0 >> 32) ^ c3 ^ k1) & _M32, p0 & _M32
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_mask(seed: int, offset: int, rows: int, cols: int, p: float) -> Tensor:
+    """The documented keep mask: element (t, c) is dropped iff word (c % 4) of
+    Philox(counter=(c // 4, t, offset_lo, offset_hi), key=(seed_lo, seed_hi)) < round(p * 2^32)."""
+    seed &= (1 << 64) - 1
+    offset &= (1 << 64) - 1
+    threshold = round(p * 2.0**32)
+    mask = torch.empty(rows, cols, dtype=F64)
+    for t in range(rows):
+        for g in range((cols + 3) // 4):
+            words = philox4x32_10((g, t, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
+            for lane in range(min(4, cols - 4 * g)):
+                mask[t, 4 * g + lane] = 0.0 if words[lane] < threshold else 1.0
+    return mask

@@ -1,0 +1,253 @@
+"""Bad inputs raise a clear Python exception that names the bad value, and leave every tensor the
+caller owns exactly as it was (in particular `out` of tile_add_ and `weight` of merge_).
+
+Errors map to Python types as documented in csrc/ops/common/checks.h: bad values -> ValueError,
+bad dtypes -> TypeError. A tensor on another device is played by the meta device when there is
+no GPU (it must raise, not crash or silently compute).
+"""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import miss_ext
+from conftest import CUDA_AVAILABLE, rand
+
+ops = torch.ops.miss
+IN, OUT, R = 10, 20, 3
+
+
+def K(*v):
+    return torch.tensor(list(v) if v else [12, 34], dtype=torch.int64)
+
+
+def _inputs():
+    return dict(x=rand(4, IN), w=rand(OUT, IN), b=rand(OUT), blk=rand(R, OUT), out=rand(4, IN), src=rand(4, R))
+
+
+# (id, builder(t) -> callable, exception type, regex the message must match)
+# `t` holds fresh random tensors; every CPU tensor in it is checked unchanged afterwards.
+CASES = [
+    # ---- fold
+    ("fold-r0", lambda t: lambda: ops.fold(t["x"], 0), ValueError, r"r=0\b"),
+    ("fold-r-neg", lambda t: lambda: ops.fold(t["x"], -3), ValueError, r"r=-3\b"),
+    ("fold-int-x", lambda t: lambda: ops.fold(t["x"].long(), 2), TypeError, r"x must be a floating.*Long"),
+    ("fold-bool-x", lambda t: lambda: ops.fold(t["x"] > 0, 2), TypeError, r"x must be a floating.*Bool"),
+    ("fold-scalar-x", lambda t: lambda: ops.fold(t["x"][0, 0], 2), ValueError, r"scalar"),
+    ("fold-int-dtype", lambda t: lambda: ops.fold(t["x"], 2, dtype=torch.int32), TypeError, r"dtype.*Int"),
+    ("fold-p-neg", lambda t: lambda: ops.fold(t["x"], 2, -0.1, K()), ValueError, r"p=-0\.1"),
+    ("fold-p-gt1", lambda t: lambda: ops.fold(t["x"], 2, 1.5, K()), ValueError, r"p=1\.5"),
+    ("fold-p-nan", lambda t: lambda: ops.fold(t["x"], 2, float("nan"), K()), ValueError, r"p=nan"),
+    ("fold-no-key", lambda t: lambda: ops.fold(t["x"], 2, 0.5), ValueError, r"p=0\.5.*needs a key"),
+    ("fold-key-float", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K().float()), TypeError, r"key must be int64.*Float"),
+    ("fold-key-int32", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K().int()), TypeError, r"key must be int64.*Int"),
+    ("fold-key-size3", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K(1, 2, 3)), ValueError, r"2 values.*\[3\]"),
+    ("fold-key-size1", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K(1)), ValueError, r"2 values.*\[1\]"),
+    ("fold-too-many-rows", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(2**32 + 1, 1), 1, 0.5, K()),
+     ValueError, r"2\^32 rows, got 4294967297"),
+    ("fold-too-many-cols", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(1, 2**34 + 1), 1, 0.5, K()),
+     ValueError, r"2\^34 features, got 17179869185"),
+    # ---- tile_add_
+    ("tile-int-out", lambda t: lambda: ops.tile_add_(t["out"].int(), t["src"]), TypeError, r"out must be a floating.*Int"),
+    ("tile-int-src", lambda t: lambda: ops.tile_add_(t["out"], t["src"].long()), TypeError, r"src must be a floating.*Long"),
+    ("tile-bool-src", lambda t: lambda: ops.tile_add_(t["out"], t["src"] > 0), TypeError, r"src must be a floating.*Bool"),
+    ("tile-leading-mismatch", lambda t: lambda: ops.tile_add_(t["out"].view(2, 2, IN), t["src"][:2]), ValueError,
+     r"out shape \[2, 2, 10\] and src shape \[2, 3\]"),
+    ("tile-3d-vs-3d", lambda t: lambda: ops.tile_add_(t["out"].view(2, 2, IN), t["src"].view(4, 1, R)), ValueError,
+     r"out shape \[2, 2, 10\] and src shape \[4, 1, 3\]"),
+    ("tile-scalar-out", lambda t: lambda: ops.tile_add_(t["out"][0, 0], t["src"][0]), ValueError, r"out shape \[\]"),
+    ("tile-empty-src-cols", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:, :0]), ValueError, r"shape \[4, 0\]"),
+    ("tile-empty-src-rows", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:0]), ValueError, r"shape \[0, 3\]"),
+    ("tile-alias", lambda t: lambda: ops.tile_add_(t["out"], t["out"][:, :2]), ValueError, r"share memory"),
+    ("tile-p-gt1", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 2.0, K()), ValueError, r"p=2\b"),
+    ("tile-p-neg", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, -1e-3, K()), ValueError, r"p=-0\.001"),
+    ("tile-no-key", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3), ValueError, r"p=0\.3.*needs a key"),
+    ("tile-key-float", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, K().double()), TypeError,
+     r"key must be int64.*Double"),
+    ("tile-key-size", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, K(1, 2, 3, 4)), ValueError,
+     r"2 values.*\[4\]"),
+    # ---- linear
+    ("linear-in-mismatch", lambda t: lambda: ops.linear(t["x"][:, :9], t["w"], t["b"], t["blk"]), ValueError,
+     r"x\.shape\[-1\]=9 does not match in_features=10"),
+    ("linear-int-x", lambda t: lambda: ops.linear(t["x"].long(), t["w"], t["b"], t["blk"]), TypeError,
+     r"x must be a floating.*Long"),
+    ("linear-bool-x", lambda t: lambda: ops.linear(t["x"] > 0, t["w"], t["b"], t["blk"]), TypeError,
+     r"x must be a floating.*Bool"),
+    ("linear-int-weight", lambda t: lambda: ops.linear(t["x"], t["w"].int(), t["b"], t["blk"]), TypeError,
+     r"weight must be a floating.*Int"),
+    ("linear-int-block", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"].long()), TypeError,
+     r"miss_block must be a floating.*Long"),
+    ("linear-dtype-mismatch", lambda t: lambda: ops.linear(t["x"].double(), t["w"], t["b"], t["blk"]), TypeError,
+     r"x dtype Double.*weight dtype Float"),
+    ("linear-bias-dtype", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"].half(), t["blk"]), TypeError,
+     r"bias dtype Half"),
+    ("linear-bias-shape", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"][:7], t["blk"]), ValueError,
+     r"bias must have shape \(out_features,\) = \(20,\), got shape \[7\]"),
+    ("linear-weight-1d", lambda t: lambda: ops.linear(t["x"], t["w"][0], t["b"], t["blk"]), ValueError,
+     r"weight must be 2-D.*\[10\]"),
+    ("linear-block-3d", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"].view(R, 2, 10)), ValueError,
+     r"miss_block must be 2-D.*\[3, 2, 10\]"),
+    ("linear-block-1d", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][0]), ValueError,
+     r"miss_block must be 2-D.*\[20\]"),
+    ("linear-block-wrong-out", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], rand(R, 40)), ValueError,
+     r"mini_r=40 for out_features=20"),
+    ("linear-mini-not-dividing", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][:, :7]), ValueError,
+     r"mini_r=7 for out_features=20"),
+    ("linear-block-r0", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][:0]), ValueError, r"r=0\b"),
+    ("linear-block-width0", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][:, :0]), ValueError,
+     r"mini_r=0\b"),
+    ("linear-scalar-x", lambda t: lambda: ops.linear(t["x"][0, 0], t["w"], t["b"], t["blk"]), ValueError, r"scalar"),
+    ("linear-p-gt1", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 1.01, K()), ValueError, r"p=1\.01"),
+    ("linear-p-neg", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], -0.5, K()), ValueError, r"p=-0\.5"),
+    ("linear-no-key", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1), ValueError,
+     r"p=0\.1.*needs a key"),
+    ("linear-key-float", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, K().float()), TypeError,
+     r"key must be int64.*Float"),
+    ("linear-key-2x2", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, K(1, 2, 3, 4).view(2, 2)),
+     ValueError, r"2 values.*\[2, 2\]"),
+    # ---- merge / merge_
+    ("merge-mini-not-dividing", lambda t: lambda: ops.merge(t["w"], t["blk"][:, :7]), ValueError, r"mini_r=7"),
+    ("merge-int-weight", lambda t: lambda: ops.merge(t["w"].long(), t["blk"]), TypeError, r"weight must be a floating"),
+    ("merge-int-block", lambda t: lambda: ops.merge(t["w"], t["blk"].int()), TypeError, r"miss_block must be a floating"),
+    ("merge-weight-1d", lambda t: lambda: ops.merge(t["w"][0], t["blk"]), ValueError, r"weight must be 2-D.*\[10\]"),
+    ("merge-block-3d", lambda t: lambda: ops.merge(t["w"], t["blk"].view(R, 2, 10)), ValueError,
+     r"miss_block must be 2-D.*\[3, 2, 10\]"),
+    ("merge_-mini-not-dividing", lambda t: lambda: ops.merge_(t["w"], t["blk"][:, :7]), ValueError, r"mini_r=7"),
+    ("merge_-wrong-out", lambda t: lambda: ops.merge_(t["w"], rand(R, 40)), ValueError, r"mini_r=40"),
+    ("merge_-block-3d", lambda t: lambda: ops.merge_(t["w"], t["blk"].view(R, 2, 10)), ValueError, r"must be 2-D"),
+    ("merge_-int-block", lambda t: lambda: ops.merge_(t["w"], t["blk"].long()), TypeError, r"miss_block.*Long"),
+    ("merge_-int-weight", lambda t: lambda: ops.merge_(t["w"].int(), t["blk"]), TypeError, r"weight.*Int"),
+    ("merge_-block-r0", lambda t: lambda: ops.merge_(t["w"], t["blk"][:0]), ValueError, r"r=0\b"),
+]
+
+
+@pytest.mark.parametrize("builder,exc,pattern", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_op_errors(builder, exc, pattern):
+    t = _inputs()
+    before = {k: v.clone() for k, v in t.items()}
+    fn = builder(t)
+    with pytest.raises(exc, match=pattern):
+        fn()
+    for name, v in t.items():
+        assert torch.equal(v, before[name]), f"{name} was modified by a call that raised"
+
+
+# ---- tensors on two devices -------------------------------------------------------------------
+OTHER_DEVICES = [
+    pytest.param("meta", id="meta"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+]
+
+
+@pytest.mark.parametrize("other", OTHER_DEVICES)
+@pytest.mark.parametrize(
+    "what",
+    ["linear-block", "linear-weight", "linear-bias", "linear-x", "merge-block", "merge_-block", "tile-src",
+     "tile-out"],
+)
+def test_mixed_devices_raise(other, what):
+    t = _inputs()
+    before = {k: v.clone() for k, v in t.items()}
+    o = lambda name: t[name].to(other)  # noqa: E731
+    calls = {
+        "linear-block": lambda: ops.linear(t["x"], t["w"], t["b"], o("blk")),
+        "linear-weight": lambda: ops.linear(t["x"], o("w"), t["b"], t["blk"]),
+        "linear-bias": lambda: ops.linear(t["x"], t["w"], o("b"), t["blk"]),
+        "linear-x": lambda: ops.linear(o("x"), t["w"], t["b"], t["blk"]),
+        "merge-block": lambda: ops.merge(t["w"], o("blk")),
+        "merge_-block": lambda: ops.merge_(t["w"], o("blk")),
+        "tile-src": lambda: ops.tile_add_(t["out"], o("src")),
+        "tile-out": lambda: ops.tile_add_(o("out"), t["src"]),
+    }
+    with pytest.raises(ValueError, match=rf"must be on the same device, got .*{other}"):
+        calls[what]()
+    for name, v in t.items():
+        assert torch.equal(v, before[name]), f"{name} modified"
+
+
+@pytest.mark.parametrize("other", OTHER_DEVICES)
+@pytest.mark.parametrize("op", ["fold", "linear", "tile_add_"])
+def test_dropout_key_on_another_device_raises(other, op):
+    """The key must be a CPU tensor. A key elsewhere must raise, not be read from device memory
+    nor silently return an unwritten result."""
+    t = _inputs()
+    out0 = t["out"].clone()
+    k = K().to(other)
+    calls = {
+        "fold": lambda: ops.fold(t["x"], 3, 0.5, k),
+        "linear": lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.5, k),
+        "tile_add_": lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.5, k),
+    }
+    with pytest.raises((ValueError, RuntimeError), match=r"(?i)key.*(cpu|device)"):
+        calls[op]()
+    assert torch.equal(t["out"], out0)
+
+
+@pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, float("nan")])
+def test_linear_errors_do_not_touch_requires_grad_inputs(p):
+    """A raising call on tensors that require grad leaves no partial autograd state behind."""
+    x = rand(3, IN, requires_grad=True)
+    blk = rand(R, OUT, requires_grad=True)
+    w = rand(OUT, IN)
+    if p == 1.0:
+        with pytest.raises(ValueError, match="needs a key"):
+            ops.linear(x, w, None, blk, p)
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"p={p}") if p == p else "p=nan"):
+            ops.linear(x, w, None, blk, p, K())
+    assert x.grad is None and blk.grad is None and x.is_leaf and blk.is_leaf
+
+
+# ---- MissLinear -------------------------------------------------------------------------------
+MODULE_CASES = [
+    ("mode-foo", dict(r=2, mode="foo"), ValueError, r"unknown MiSS mode 'foo'"),
+    ("mode-bat", dict(r=2, mode="bat"), ValueError, r"unknown MiSS mode 'bat'"),
+    ("mode-None", dict(r=2, mode=None), ValueError, r"unknown MiSS mode None"),
+    ("r0", dict(r=0), ValueError, r"r=0\b"),
+    ("r-neg", dict(r=-4), ValueError, r"r=-4\b"),
+    ("r-True", dict(r=True), TypeError, r"r must be an int, got True"),
+    ("r-float", dict(r=2.0), TypeError, r"r must be an int, got 2\.0"),
+    ("r-tensor", dict(r=torch.tensor(2)), TypeError, r"r must be an int"),
+    ("mini_r-not-dividing", dict(r=2, mode="mini", mini_r=7), ValueError, r"mini_r=7.*out_features=20"),
+    ("mini_r-0", dict(r=2, mode="mini", mini_r=0), ValueError, r"mini_r=0\b"),
+    ("mini_r-40", dict(r=2, mode="mini", mini_r=40), ValueError, r"mini_r=40\b"),
+    ("mini_r-True", dict(r=2, mode="mini", mini_r=True), TypeError, r"mini_r must be an int, got True"),
+    ("dropout-1", dict(r=2, dropout=1.0), ValueError, r"dropout=1\.0"),
+    ("dropout-neg", dict(r=2, dropout=-0.1), ValueError, r"dropout=-0\.1"),
+    ("dropout-1.5", dict(r=2, dropout=1.5), ValueError, r"dropout=1\.5"),
+    ("dropout-nan", dict(r=2, dropout=float("nan")), ValueError, r"dropout=nan"),
+    ("dropout-True", dict(r=2, dropout=True), ValueError, r"dropout=True"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [pytest.param(*c[1:], id=c[0]) for c in MODULE_CASES])
+def test_miss_linear_errors(kwargs, exc, pattern):
+    base = nn.Linear(IN, OUT)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(exc, match=pattern):
+        miss_ext.MissLinear(base, **kwargs)
+    # the user's layer is untouched: same values, still trainable
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert all(p.requires_grad for p in base.parameters()), "a failed MissLinear froze the base layer"
+
+
+@pytest.mark.parametrize(
+    "base", [nn.Conv1d(3, 4, 1), nn.Embedding(5, 4), nn.Bilinear(3, 3, 4), nn.Identity()],
+    ids=["Conv1d", "Embedding", "Bilinear", "Identity"],
+)
+def test_miss_linear_rejects_non_linear_bases(base):
+    with pytest.raises(TypeError, match=type(base).__name__):
+        miss_ext.MissLinear(base, 2)
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_miss_linear_forward_errors_name_the_value():
+    m = miss_ext.MissLinear(nn.Linear(IN, OUT), 2)
+    with pytest.raises(ValueError, match=r"x\.shape\[-1\]=7 does not match in_features=10"):
+        m(rand(3, 7))
+    with pytest.raises(TypeError, match=r"Long"):
+        m(torch.ones(3, IN, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"x dtype Double"):
+        m(rand(3, IN, dtype=torch.float64))

@@ -1,0 +1,526 @@
+"""MissLinear module behaviour: zero init, frozen base, merge / unmerge, safe_merge, warnings,
+TorchScript (script, save, load, backward) and torch.compile (fullgraph, dynamic shapes)."""
+import contextlib
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch._dynamo
+import torch._dynamo.config
+from torch._dynamo.utils import counters
+
+import miss_ext
+from miss_ext import MissLinear
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+# (in_features, out_features, r, mode, mini_r)
+CONFIGS = [
+    (10, 20, 2, "default", 1),
+    (10, 20, 3, "default", 1),  # remainder
+    (7, 5, 3, "default", 1),  # remainder, out < in
+    (8, 6, 16, "default", 1),  # r > in
+    (10, 20, 3, "mini", 5),  # mini with remainder
+    (12, 6, 4, "mini", 2),
+    (8, 6, 16, "mini", 3),  # mini, r > in
+]
+CONFIG_IDS = [f"in{i}-out{o}-r{r}-{m}{mr if m == 'mini' else ''}" for i, o, r, m, mr in CONFIGS]
+
+
+def make(in_f, out_f, r, mode="default", mini_r=1, dtype=torch.float32, device="cpu", dropout=0.0,
+         random_block=True, bias=True, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=bias).to(device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dead weight")  # r > in
+        m = MissLinear(base, r, mode=mode, mini_r=mini_r, dropout=dropout)
+    if random_block:
+        with torch.no_grad():
+            m.miss_block.copy_(torch.randn_like(m.miss_block))
+    return m
+
+
+def delta_formula(block, in_f, out_f):
+    """dW (out, in), dW[o, i] = D[i % r, o % mini_r]."""
+    dev = block.device
+    return block[torch.arange(in_f, device=dev) % block.shape[0]][:, torch.arange(out_f, device=dev) % block.shape[1]].t()
+
+
+def ulp_bound(dtype, *magnitudes):
+    """Rounding-error bound: eps(dtype) * sum of the magnitudes involved (elementwise)."""
+    eps = torch.finfo(dtype).eps
+    total = sum(m.detach().double().abs() for m in magnitudes)
+    return eps * total + torch.finfo(dtype).tiny
+
+
+def assert_within(actual, expected, bound, what=""):
+    assert actual.shape == expected.shape, what
+    err = (actual.detach().double() - expected.detach().double()).abs()
+    assert torch.isfinite(actual).all(), what
+    bad = err > bound
+    assert not bad.any(), f"{what}: {bad.sum().item()} elements off; worst {err.max().item():.3g}"
+
+
+def fwd_bwd(module, x, g=None):
+    x = x.detach().clone().requires_grad_(True)
+    module.miss_block.grad = None
+    y = module(x)
+    if g is None:
+        g = torch.randn_like(y)
+    y.backward(g)
+    return y.detach(), x.grad, module.miss_block.grad.clone(), g
+
+
+# ---------------------------------------------------------------------------------------------
+# construction, zero init, frozen base
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=DTYPE_IDS + ["fp64"])
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 5)])
+def test_zero_init_is_exact_identity_with_nonzero_block_grad(mode, mini_r, dtype, device):
+    m = make(10, 20, 3, mode, mini_r, dtype, device, random_block=False)
+    assert m.miss_block.shape == ((3, 20) if mode == "default" else (3, mini_r))
+    assert m.miss_block.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    assert not m.miss_block.any()
+    x = torch.randn(2, 3, 10, dtype=dtype, device=device)
+
+    xb = x.clone().requires_grad_(True)
+    y_base = m.base_layer(xb)
+    y, gx, gb, g = fwd_bwd(m, x)
+    assert y.dtype == dtype
+    assert torch.equal(y, y_base.detach()), "zero-initialised MiSS must be an exact identity"
+
+    # x.grad is the base layer's input grad (plus an exactly-zero adapter term)
+    y_base.backward(g)
+    assert_within(gx, xb.grad, ulp_bound(dtype, g.abs() @ m.base_layer.weight.abs()), "x.grad")
+    # the block gets the non-zero gradient dD = S^T G (mini: G folded along out), S = fold(x)
+    x64, g64 = x.double().reshape(-1, 10), g.double().reshape(-1, 20)
+    s = torch.zeros(6, 3, dtype=torch.float64, device=device).index_add_(1, torch.arange(10, device=device) % 3, x64)
+    g_fold = torch.zeros(6, m.miss_block.shape[1], dtype=torch.float64, device=device).index_add_(
+        1, torch.arange(20, device=device) % m.miss_block.shape[1], g64)
+    expected = s.t() @ g_fold
+    assert gb.abs().sum() > 0
+    assert_within(gb, expected, ulp_bound(m.miss_block.dtype, s.abs().t() @ g_fold.abs()) * 4, "miss_block.grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_base_is_frozen_and_reachable(device):
+    base = nn.Linear(10, 20).to(device)
+    assert base.weight.requires_grad
+    m = MissLinear(base, 3, init_weights=False)
+    assert m.base_layer is base
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["miss_block"]
+    assert m.miss_block.requires_grad and m.miss_block.abs().sum() > 0
+    assert set(m.state_dict()) == {"miss_block", "base_layer.weight", "base_layer.bias"}
+    assert (m.in_features, m.out_features, m.r, m.mode, m.merged) == (10, 20, 3, "default", False)
+
+    x = torch.randn(4, 10, device=device, requires_grad=True)
+    m(x).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+    assert m.miss_block.grad is not None and m.miss_block.grad.abs().sum() > 0
+    assert x.grad is not None
+
+    # a user who unfreezes the base gets its usual gradients (dW = G^T x, db = sum G)
+    base.requires_grad_(True)
+    x = torch.randn(4, 10, device=device)
+    g = torch.randn(4, 20, device=device)
+    m(x).backward(g)
+    torch.testing.assert_close(base.weight.grad, g.t() @ x)
+    torch.testing.assert_close(base.bias.grad, g.sum(0))
+
+
+def test_r_greater_than_in_warns_once_at_construction():
+    with pytest.warns(UserWarning, match="dead weight"):
+        m = MissLinear(nn.Linear(8, 6), 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no further warnings from forward/backward
+        m(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r <= in: silent
+        MissLinear(nn.Linear(8, 6), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge / unmerge
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_merge_unmerge_round_trip(config, dtype, device):
+    in_f, out_f, r, mode, mini_r = config
+    m = make(in_f, out_f, r, mode, mini_r, dtype, device)
+    w0 = m.base_layer.weight.detach().clone()
+    b0 = m.base_layer.bias.detach().clone()
+    dw = delta_formula(m.miss_block.detach(), in_f, out_f)
+    x = torch.randn(3, 4, in_f, dtype=dtype, device=device)
+    with torch.no_grad():
+        y0 = m(x)
+
+    delta = m.delta_weight()
+    assert delta.dtype == m.miss_block.dtype and torch.equal(delta, dw)
+
+    param, ptr = m.base_layer.weight, m.base_layer.weight.data_ptr()
+    m.merge()
+    assert m.merged
+    w1 = m.base_layer.weight
+    # in place: the same Parameter and storage (optimizers and tied weights keep pointing at it)
+    assert w1 is param and w1.data_ptr() == ptr and w1.dtype == dtype and not w1.requires_grad
+    exact = w0.double() + dw.double()
+    assert_within(w1, exact, ulp_bound(dtype, exact) / 2 * 1.01, "merged weight")
+    assert not torch.equal(w1, w0)
+    assert torch.equal(m.base_layer.bias, b0)
+
+    # merged forward == unmerged forward up to the rounding of W + dW and the GEMM's rounding
+    with torch.no_grad():
+        y1 = m(x)
+        y_exact = x.double() @ exact.t() + b0.double()
+    bound = ulp_bound(dtype, x.double().abs() @ exact.abs().t(), b0.double()) * 3
+    assert_within(y1, y_exact, bound, "merged forward")
+    assert_within(y0, y_exact, bound, "unmerged forward")
+    assert_within(y1, y0, 2 * bound, "merged vs unmerged forward")
+
+    m.unmerge()
+    assert not m.merged
+    # two roundings: W0 + dW, then - dW
+    assert_within(m.base_layer.weight, w0, ulp_bound(dtype, w0, dw) * 1.01, "unmerged weight")
+    with torch.no_grad():
+        y2 = m(x)
+    assert_within(y2, y0, 2 * bound, "forward after unmerge")
+    # training works again after unmerge
+    _, _, gb, _ = fwd_bwd(m, x)
+    assert gb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_module_has_no_adapter_in_forward(device):
+    """Merged: the forward is the base layer's (with the merged weight); the block is untouched."""
+    m = make(10, 20, 3, device=device)
+    blk = m.miss_block.detach().clone()
+    m.merge()
+    x = torch.randn(5, 10, device=device)
+    with torch.no_grad():
+        assert torch.equal(m(x), m.base_layer(x))
+    assert torch.equal(m.miss_block, blk)
+    assert "merged" in repr(m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 5)])
+def test_safe_merge_rejects_non_finite(mode, mini_r, bad, device):
+    m = make(10, 20, 3, mode, mini_r, device=device)
+    w0 = m.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        m.miss_block[1, 2] = bad
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        m.merge(safe_merge=True)
+    assert not m.merged
+    assert torch.equal(m.base_layer.weight, w0), "safe_merge must leave the weight untouched"
+    # the unsafe merge does write the non-finite values
+    m.merge()
+    assert m.merged and not torch.isfinite(m.base_layer.weight).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_safe_merge_rejects_half_overflow(device):
+    """fp16 base, in % r == 0: W + dW is finite in fp32 but overflows fp16. The check must run on
+    the weight as it will be stored (PEFT checks the fp32 sum and then writes inf)."""
+    m = make(10, 20, 2, dtype=torch.float16, device=device)
+    w0 = m.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        m.miss_block[0, 0] = 1e5
+    with pytest.raises(ValueError, match="NaNs detected"):
+        m.merge(safe_merge=True)
+    assert not m.merged and torch.equal(m.base_layer.weight, w0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_safe_merge_success_equals_merge(config, dtype, device):
+    in_f, out_f, r, mode, mini_r = config
+    m1 = make(in_f, out_f, r, mode, mini_r, dtype, device)
+    m2 = make(in_f, out_f, r, mode, mini_r, dtype, device)
+    assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
+    ptr = m1.base_layer.weight.data_ptr()
+    expected = torch.ops.miss.merge(m1.base_layer.weight, m1.miss_block.detach())
+    m1.merge(safe_merge=True)
+    m2.merge()
+    assert m1.merged
+    assert m1.base_layer.weight.data_ptr() == ptr, "merge writes into the existing parameter"
+    assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
+    assert torch.equal(m1.base_layer.weight, expected)
+    m1.unmerge()
+    m2.unmerge()
+    assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_merge_and_unmerge_warn_and_do_nothing(device):
+    m = make(10, 20, 3, "mini", 5, device=device)
+    w0 = m.base_layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="not merged"):
+        m.unmerge()
+    assert torch.equal(m.base_layer.weight, w0) and not m.merged
+
+    m.merge()
+    w1 = m.base_layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="already merged"):
+        m.merge()
+    assert m.merged and torch.equal(m.base_layer.weight, w1)
+    with pytest.warns(UserWarning, match="already merged"):
+        m.merge(safe_merge=True)
+    assert torch.equal(m.base_layer.weight, w1)
+
+    m.unmerge()
+    w2 = m.base_layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="not merged"):
+        m.unmerge()
+    assert not m.merged and torch.equal(m.base_layer.weight, w2)
+    torch.testing.assert_close(w2, w0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,mini_r,dropout", [("default", 1, 0.0), ("mini", 5, 0.0), ("default", 1, 0.4)],
+                         ids=["default", "mini", "dropout"])
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
+def test_torchscript_save_load_forward_backward(mode, mini_r, dropout, device):
+    m = make(10, 20, 3, mode, mini_r, device=device, dropout=dropout)
+    scripted = torch.jit.script(m)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf, map_location=device)
+    assert torch.equal(loaded.miss_block, m.miss_block)
+    assert loaded.miss_block.device == m.miss_block.device
+
+    x = torch.randn(2, 5, 10, device=device)
+    for train in (False, True):
+        m.train(train)
+        loaded.train(train)
+        torch.manual_seed(11)
+        y_e, gx_e, gb_e, g = fwd_bwd(m, x)
+        torch.manual_seed(11)
+        xs = x.clone().requires_grad_(True)
+        loaded.miss_block.grad = None
+        y_s = loaded(xs)
+        y_s.backward(g)
+        # the same op runs in both, and the dropout key comes from the same generator state
+        assert torch.equal(y_s, y_e), f"train={train}"
+        assert torch.equal(xs.grad, gx_e), f"train={train}"
+        assert loaded.miss_block.grad is not None, "gradients must reach miss_block through the script"
+        assert torch.equal(loaded.miss_block.grad, gb_e), f"train={train}"
+        assert loaded.miss_block.grad.abs().sum() > 0
+        assert loaded.base_layer.weight.grad is None
+    if dropout:
+        # in train mode dropout really changes the output
+        m.eval()
+        with torch.no_grad():
+            assert not torch.equal(m(x), y_e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
+def test_torchscript_functions_call_ops_directly(device):
+    def direct(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blk: torch.Tensor):
+        y = torch.ops.miss.linear(x, w, b, blk)
+        s = torch.ops.miss.fold(x, 3)
+        merged = torch.ops.miss.merge(w, blk)
+        return y, s, merged
+
+    def via_wrappers(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blk: torch.Tensor):
+        return miss_ext.linear(x, w, b, blk), miss_ext.fold(x, 3), miss_ext.merge(w, blk)
+
+    s_direct = torch.jit.script(direct)
+    s_wrap = torch.jit.script(via_wrappers)
+    assert "miss::linear" in str(s_direct.graph) and "miss::fold" in str(s_direct.graph)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, device=device)
+    w = torch.randn(20, 10, device=device)
+    b = torch.randn(20, device=device)
+    blk = torch.randn(3, 20, device=device)
+    eager = direct(x, w, b, blk)
+    expected_y = x @ (w + delta_formula(blk, 10, 20)).t() + b
+    torch.testing.assert_close(eager[0], expected_y, rtol=1e-5, atol=1e-5)
+    for fn in (s_direct, s_wrap):
+        xs = x.clone().requires_grad_(True)
+        bs = blk.clone().requires_grad_(True)
+        out = fn(xs, w, b, bs)
+        for o, e in zip(out, eager):
+            assert torch.equal(o, e)
+        out[0].sum().backward()
+        assert bs.grad is not None and bs.grad.abs().sum() > 0
+        torch.testing.assert_close(xs.grad, (w + delta_formula(blk, 10, 20)).sum(0).expand(4, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _compiled_fwd_bwd(compiled, eager, x, g, seed=5):
+    """(compiled outputs, eager outputs) of y, x.grad, block.grad; same RNG seed for both."""
+    res = []
+    for fn in (compiled, eager):
+        xx = x.clone().requires_grad_(True)
+        eager.miss_block.grad = None
+        torch.manual_seed(seed)
+        y = fn(xx)
+        y.backward(g)
+        res.append((y.detach(), xx.grad, eager.miss_block.grad.clone()))
+    return res
+
+
+def _check_compile(backend, m, in_f, sizes, device, exact):
+    compiled = torch.compile(m, backend=backend, fullgraph=True, dynamic=True)
+    for k, lead in enumerate(sizes):
+        x = torch.randn(*lead, in_f, device=device)
+        g = torch.randn(*lead, m.out_features, device=device)
+        if k == 0:
+            (yc, gxc, gbc), (ye, gxe, gbe) = _compiled_fwd_bwd(compiled, m, x, g)
+        else:
+            # a second batch size must reuse the dynamic graph
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                (yc, gxc, gbc), (ye, gxe, gbe) = _compiled_fwd_bwd(compiled, m, x, g)
+        for a, e, name in ((yc, ye, "y"), (gxc, gxe, "x.grad"), (gbc, gbe, "miss_block.grad")):
+            if exact:
+                assert torch.equal(a, e), f"{backend} {name} sizes={lead}"
+            else:
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=f"{backend} {name}")
+        assert gbc.abs().sum() > 0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    return compiled
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,mini_r,dropout", [("default", 1, 0.0), ("mini", 5, 0.0), ("default", 1, 0.3)],
+                         ids=["default", "mini", "dropout"])
+def test_compile_aot_eager_matches_eager(mode, mini_r, dropout, device, dynamo_reset):
+    """aot_eager runs the same kernels and eager's RNG: outputs and gradients are identical, also
+    with dropout in train mode (same seed)."""
+    m = make(10, 20, 3, mode, mini_r, device=device, dropout=dropout)
+    m.train()
+    _check_compile("aot_eager", m, 10, [(5,), (9,)], device, exact=True)
+    if dropout:
+        m.eval()
+        x = torch.randn(64, 10, device=device)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            y_eval = m(x)
+        m.train()
+        torch.manual_seed(5)
+        with torch.no_grad():
+            assert not torch.equal(m(x), y_eval)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_aot_eager_3d_dynamic(device, dynamo_reset):
+    m = make(7, 5, 3, "default", device=device)  # remainder
+    _check_compile("aot_eager", m, 7, [(2, 5), (3, 7)], device, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor_matches_eager(device, dynamo_reset):
+    m = make(10, 20, 3, "mini", 4, device=device)
+    _check_compile("inductor", m, 10, [(5,), (9,)], device, exact=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor_dropout_consistent(device, dynamo_reset):
+    """Inductor generates the dropout key with its own RNG, so compare structurally: with r == in
+    the fold is the identity, S = mask * x / (1-p) can be read back from the output, and the mask
+    the backward applies (read from x.grad) must be the same one, dropping about p of the entries."""
+    in_f, out_f, p, T = 6, 12, 0.5, 256
+    m = make(in_f, out_f, in_f, device=device, dropout=p)
+    m.train()
+    compiled = torch.compile(m, backend="inductor", fullgraph=True, dynamic=True)
+    w, b, d = m.base_layer.weight, m.base_layer.bias, m.miss_block.detach()
+    for k, rows in enumerate((T, T + 37)):
+        # |x| >= 0.5 so that mask * x / (1-p) can be divided by x
+        x = (torch.rand(rows, in_f, device=device) + 0.5) * (torch.randint(0, 2, (rows, in_f), device=device) * 2 - 1)
+        x.requires_grad_(True)
+        g = torch.randn(rows, out_f, device=device)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if k else contextlib.nullcontext()
+        with ctx:
+            y = compiled(x)
+        y.backward(g)
+        with torch.no_grad():
+            s = torch.linalg.lstsq(d.t().double(), (y - x @ w.t() - b).t().double()).solution.t()
+            fwd_scale = s / x.double()  # m / (1 - p) in {0, 2}
+        fwd_mask = (fwd_scale - 1 / (1 - p)).abs() < 1e-3
+        assert (fwd_mask | (fwd_scale.abs() < 1e-3)).all()
+        # the backward must apply the same mask: dx = G W + m / (1-p) * (G D^T)   (r == in)
+        expected_gx = g @ w + fwd_mask.float() / (1 - p) * (g @ d.t())
+        torch.testing.assert_close(x.grad, expected_gx, rtol=1e-4, atol=1e-4,
+                                   msg="forward and backward must use the same dropout mask")
+        rate = 1 - fwd_mask.double().mean().item()
+        assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / fwd_mask.numel()), rate
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_function_calling_ops_directly(device, dynamo_reset):
+    def fn(x, w, blk):
+        s = torch.ops.miss.fold(x, 3)
+        fwd = torch.ops.miss.merge(w, blk)
+        back = torch.ops.miss.merge(fwd, blk, True)
+        w2 = w.clone()
+        torch.ops.miss.merge_(w2, blk.detach())
+        return s, fwd, back, w2
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.manual_seed(0)
+    w = torch.randn(20, 10, device=device)
+    for k, rows in enumerate((6, 11)):
+        x = torch.randn(rows, 10, device=device)
+        blk = torch.randn(3, 20, device=device)
+        ctx = torch._dynamo.config.patch(error_on_recompile=True) if k else contextlib.nullcontext()
+        results = []
+        for f in (compiled, fn):
+            xx = x.clone().requires_grad_(True)
+            bb = blk.clone().requires_grad_(True)
+            with ctx:
+                out = f(xx, w, bb)
+            (out[0].square().sum() + out[1].square().sum()).backward()
+            results.append((out, xx.grad, bb.grad))
+        (oc, gxc, gbc), (oe, gxe, gbe) = results
+        for a, e in zip(oc, oe):
+            assert torch.equal(a, e)
+        assert torch.equal(gxc, gxe) and torch.equal(gbc, gbe)
+        # against the formulas
+        dw = delta_formula(blk, 10, 20)
+        torch.testing.assert_close(oe[1], w + dw)
+        torch.testing.assert_close(oe[2], w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(oe[3], oe[1])
+        s_ref = torch.zeros(rows, 3, device=device).index_add_(1, torch.arange(10, device=device) % 3, x)
+        torch.testing.assert_close(oe[0], s_ref)
+        assert gbc.abs().sum() > 0
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]

@@ -1,0 +1,178 @@
+"""torch.library.opcheck on every `miss` op, and torch.autograd.gradcheck in float64.
+
+opcheck runs its default test_utils: test_schema, test_autograd_registration, test_faketensor
+and test_aot_dispatch_dynamic (the op through the Meta kernels with dynamic shapes, and through
+AOTAutograd's functionalisation of the in-place ops).
+"""
+import pytest
+import torch
+from torch.library import opcheck
+
+from conftest import rand
+
+ops = torch.ops.miss
+F64 = torch.float64
+
+
+def key(seed=1234, offset=5678):
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# samples (built lazily so that each test's seed applies)
+# ---------------------------------------------------------------------------------------------
+def fold_samples(device):
+    return [
+        ("2d-r3", (rand(5, 10, device=device), 3), {}),
+        ("3d-r3-remainder-grad", (rand(2, 3, 7, device=device, requires_grad=True), 3), {}),
+        ("r_gt_in", (rand(4, 8, device=device), 16), {}),
+        ("1d", (rand(10, device=device, requires_grad=True), 4), {}),
+        ("empty", (rand(0, 10, device=device), 2), {}),
+        ("dropout", (rand(6, 10, device=device), 4), {"p": 0.3, "key": key()}),
+        ("dropout-grad", (rand(3, 2, 9, device=device, requires_grad=True), 2), {"p": 0.5, "key": key(7, 9)}),
+        ("half-to-fp32", (rand(5, 12, dtype=torch.float16, device=device), 4), {"dtype": torch.float32}),
+        ("fp64-grad", (rand(4, 11, dtype=F64, device=device, requires_grad=True), 3), {}),
+    ]
+
+
+def tile_add_samples(device):
+    return [
+        ("per-row", (rand(5, 10, device=device), rand(5, 3, device=device)), {}),
+        ("per-row-3d-alpha", (rand(2, 3, 20, device=device), rand(2, 3, 4, device=device)), {"alpha": -0.5}),
+        ("matrices", (rand(7, 10, device=device), rand(3, 4, device=device)), {}),
+        ("dropout", (rand(6, 13, device=device), rand(6, 4, device=device)), {"p": 0.25, "key": key()}),
+        ("half-out-fp32-src", (rand(4, 12, dtype=torch.float16, device=device), rand(4, 5, device=device)), {}),
+        ("empty", (rand(0, 10, device=device), rand(0, 3, device=device)), {}),
+    ]
+
+
+def linear_samples(device):
+    def case(in_f, out_f, r, mini_r, lead, grad=False, bias=True, dtype=torch.float32, block_dtype=None, **kw):
+        x = rand(*lead, in_f, dtype=dtype, device=device, requires_grad=grad)
+        w = rand(out_f, in_f, dtype=dtype, device=device)
+        b = rand(out_f, dtype=dtype, device=device) if bias else None
+        blk = rand(r, out_f if mini_r is None else mini_r, dtype=block_dtype or dtype, device=device,
+                   requires_grad=grad)
+        return (x, w, b, blk), kw
+
+    samples = [
+        ("default", *case(10, 20, 2, None, (5,))),
+        ("default-grad", *case(10, 20, 3, None, (2, 3), grad=True)),
+        ("remainder-grad-nobias", *case(7, 5, 3, None, (4,), grad=True, bias=False)),
+        ("r_gt_in-grad", *case(8, 6, 16, None, (3,), grad=True)),
+        ("mini", *case(10, 20, 2, 4, (5,))),
+        ("mini-grad", *case(10, 20, 3, 5, (2, 2), grad=True)),
+        ("mini1-grad", *case(12, 6, 4, 1, (3,), grad=True)),
+        ("1d-grad", *case(10, 20, 4, None, (), grad=True)),
+        ("empty", *case(10, 20, 2, None, (0,))),
+        ("dropout", *case(10, 20, 3, None, (6,), p=0.2, key=key())),
+        ("dropout-grad-mini", *case(10, 20, 2, 4, (2, 3), grad=True, p=0.4, key=key(3, 4))),
+        ("half-fp32-block-grad", *case(10, 20, 3, None, (4,), grad=True, dtype=torch.float16,
+                                       block_dtype=torch.float32)),
+    ]
+    # weight and bias that require grad too
+    x, w, b, blk = (rand(4, 10, device=device, requires_grad=True), rand(20, 10, device=device, requires_grad=True),
+                    rand(20, device=device, requires_grad=True), rand(3, 20, device=device, requires_grad=True))
+    samples.append(("all-grad", (x, w, b, blk), {}))
+    return [(n, a, k) for n, a, k in samples]
+
+
+def merge_samples(device, grad):
+    def case(in_f, out_f, r, mini_r, dtype=torch.float32, block_dtype=None):
+        w = rand(out_f, in_f, dtype=dtype, device=device, requires_grad=grad)
+        blk = rand(r, out_f if mini_r is None else mini_r, dtype=block_dtype or dtype, device=device,
+                   requires_grad=grad)
+        return (w, blk)
+
+    return [
+        ("default", case(10, 20, 2, None), {}),
+        ("default-reverse", case(10, 20, 3, None), {"reverse": True}),
+        ("remainder", case(7, 5, 3, None), {}),
+        ("r_gt_in", case(8, 6, 16, None), {}),
+        ("mini", case(10, 20, 3, 5), {}),
+        ("mini1-reverse", case(12, 6, 4, 1), {"reverse": True}),
+        ("half-weight-fp32-block", case(10, 20, 2, 4, dtype=torch.float16, block_dtype=torch.float32), {}),
+    ]
+
+
+def _run_opcheck(op, samples):
+    for name, args, kwargs in samples:
+        try:
+            opcheck(op, args, kwargs)
+        except Exception as exc:  # name the sample that failed
+            raise AssertionError(f"opcheck({op}) failed on sample {name!r}: {exc}") from exc
+
+
+def test_opcheck_fold(device):
+    _run_opcheck(ops.fold.default, fold_samples(device))
+
+
+def test_opcheck_tile_add_(device):
+    _run_opcheck(ops.tile_add_.default, tile_add_samples(device))
+
+
+def test_opcheck_linear(device):
+    _run_opcheck(ops.linear.default, linear_samples(device))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_merge(device, grad):
+    _run_opcheck(ops.merge.default, merge_samples(device, grad))
+
+
+def test_opcheck_merge_(device):
+    _run_opcheck(ops.merge_.default, merge_samples(device, grad=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck (float64)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,r", [((4, 10), 3), ((2, 3, 7), 3), ((3, 8), 16), ((9,), 9)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_fold(device, shape, r, p):
+    x = rand(*shape, dtype=F64, device=device, requires_grad=True)
+    k = key(11, 22) if p else None
+    assert torch.autograd.gradcheck(lambda t: ops.fold(t, r, p, k), (x,))
+
+
+LINEAR_GC = [
+    pytest.param(10, 20, 2, None, id="10x20-r2"),
+    pytest.param(7, 5, 3, None, id="7x5-r3"),
+    pytest.param(8, 6, 16, None, id="8x6-r16"),
+    pytest.param(10, 20, 3, 5, id="mini-r3-m5"),
+    pytest.param(12, 6, 4, 1, id="mini-r4-m1"),
+]
+
+
+@pytest.mark.parametrize("in_f,out_f,r,mini_r", LINEAR_GC)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "train-base"])
+def test_gradcheck_linear(device, in_f, out_f, r, mini_r, p, train_base):
+    x = rand(2, 2, in_f, dtype=F64, device=device, requires_grad=True)
+    w = rand(out_f, in_f, dtype=F64, device=device, requires_grad=train_base)
+    b = rand(out_f, dtype=F64, device=device, requires_grad=train_base)
+    blk = rand(r, out_f if mini_r is None else mini_r, dtype=F64, device=device, requires_grad=True)
+    k = key(99, 1) if p else None
+    inputs = (x, w, b, blk) if train_base else (x, blk)
+
+    def fn(*args):
+        if train_base:
+            return ops.linear(*args, p, k)
+        return ops.linear(args[0], w, b, args[1], p, k)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_linear_no_bias(device):
+    x = rand(3, 10, dtype=F64, device=device, requires_grad=True)
+    w = rand(20, 10, dtype=F64, device=device, requires_grad=True)
+    blk = rand(3, 4, dtype=F64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: ops.linear(a, c, None, d, 0.25, key(5, 6)), (x, w, blk))
+
+
+@pytest.mark.parametrize("in_f,out_f,r,mini_r", LINEAR_GC)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_merge(device, in_f, out_f, r, mini_r, reverse):
+    w = rand(out_f, in_f, dtype=F64, device=device, requires_grad=True)
+    blk = rand(r, out_f if mini_r is None else mini_r, dtype=F64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: ops.merge(a, c, reverse), (w, blk))

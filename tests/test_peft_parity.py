@@ -1,0 +1,549 @@
+"""MissLinear against PEFT's own MiSS implementation (peft.tuners.miss), the reference users have.
+
+Every case builds PEFT's test model (an MLP Linear(in, hid) -> ReLU -> Linear(hid, 2)), wraps it
+with `peft.get_peft_model(..., MissConfig(...))`, fills PEFT's miss_block with random values and
+builds our `MissLinear` on a deep copy of the same base Linear with the same block. Forward
+outputs, x.grad and miss_block.grad, merged weights and dropout behaviour are compared.
+
+r > in_features: PEFT 0.21 rejects it, so that case is checked against the float64 formula
+dW[o, i] = D[i % r, o % mini_r] instead (forward, backward, merge, unmerge, one-time warning).
+"""
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+from peft import MissConfig, get_peft_model  # noqa: E402
+from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
+
+from miss_ext import MissLinear  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+# Relative tolerance per dtype, applied to the largest magnitude of the reference (a few ulps).
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (in_features, out_features, r, mode, mini_r)
+CASES = [
+    (10, 20, 2, "default", 1),  # PEFT's own test shape
+    (10, 20, 3, "default", 1),  # in % r != 0
+    (10, 20, 4, "default", 1),  # in % r != 0
+    (7, 5, 3, "default", 1),  # remainder, out < in
+    (10, 20, 10, "default", 1),  # r == in
+    (10, 20, 1, "default", 1),  # r == 1: every input column folds into one
+    (10, 20, 2, "mini", 4),
+    (10, 20, 3, "mini", 5),  # mini with a remainder
+    (12, 6, 4, "mini", 1),
+    (12, 6, 4, "mini", 2),
+    (12, 6, 4, "mini", 3),
+    (12, 6, 5, "mini", 6),  # mini_r == out, remainder
+    (7, 5, 7, "mini", 5),  # r == in, mini_r == out
+    (257, 130, 16, "default", 1),  # larger: vector loops with tails, remainder 1
+    (300, 96, 64, "mini", 32),  # larger mini, remainder 44
+]
+CASE_IDS = [f"in{i}-out{o}-r{r}-{m}{mr if m == 'mini' else ''}" for i, o, r, m, mr in CASES]
+
+INPUT_SHAPES = {"1d": (), "2d": (6,), "3d": (2, 3)}
+
+
+class MLP(nn.Module):
+    """PEFT's test model for MiSS: Linear(10, 20) -> ReLU -> Linear(20, 2) by default."""
+
+    def __init__(self, in_features=10, hidden=20, out=2, bias=True):
+        super().__init__()
+        self.lin0 = nn.Linear(in_features, hidden, bias=bias)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(hidden, out, bias=bias)
+
+    def forward(self, x):
+        return self.lin1(self.relu(self.lin0(x)))
+
+
+def _peft_init(mode):
+    return "mini" if mode == "mini" else True
+
+
+def assert_near(actual, expected, dtype=None, what=""):
+    """|actual - expected| <= RTOL[dtype] * max(1, max|expected|), elementwise."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    dtype = dtype or expected.dtype
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), what
+    tol = RTOL[dtype] * max(1.0, e.abs().max().item())
+    err = (a - e).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g} ({dtype})"
+
+
+def make_pair(in_f, out_f, r, mode, mini_r, dtype, device, dropout=0.0, bias=True, seed=0):
+    """(peft_model, peft_layer, ours): PEFT's MiSS on MLP.lin0 and our MissLinear on a deep copy of
+    the same base Linear, both with the same random miss_block."""
+    torch.manual_seed(seed)
+    model = MLP(in_f, out_f, bias=bias).to(device=device, dtype=dtype)
+    base_copy = copy.deepcopy(model.lin0)
+    config = MissConfig(r=r, init_weights=_peft_init(mode), mini_r=mini_r, miss_dropout=dropout,
+                        target_modules=["lin0"])
+    peft_model = get_peft_model(model, config)
+    peft_layer = peft_model.base_model.model.lin0
+    assert isinstance(peft_layer, PeftMissLinear)
+    peft_block = peft_layer.miss_block["default"]
+
+    ours = MissLinear(base_copy, r, mode=mode, mini_r=mini_r, dropout=dropout)
+    # PEFT keeps the block in fp32 for half-precision bases (autocast_adapter_dtype=True); so do we.
+    assert ours.miss_block.dtype == peft_block.dtype
+    assert ours.miss_block.shape == peft_block.shape
+    assert ours.miss_block.device == peft_block.device
+    with torch.no_grad():
+        peft_block.copy_(torch.randn(peft_block.shape, dtype=peft_block.dtype, device=device))
+        ours.miss_block.copy_(peft_block)
+    # The two base layers are equal and distinct objects.
+    assert ours.base_layer is not peft_layer.base_layer
+    assert torch.equal(ours.base_layer.weight, peft_layer.base_layer.weight)
+    return peft_model, peft_layer, ours
+
+
+def run_fwd_bwd(layer, block, x, grad_out=None):
+    """Forward and backward of one layer; returns (y, x.grad, block.grad, grad_out)."""
+    x = x.detach().clone().requires_grad_(True)
+    block.grad = None
+    y = layer(x)
+    if grad_out is None:
+        grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    return y.detach(), x.grad, block.grad.clone(), grad_out
+
+
+# ---------------------------------------------------------------------------------------------
+# forward / backward parity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", list(INPUT_SHAPES), ids=list(INPUT_SHAPES))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_backward_matches_peft(case, shape, dtype, device):
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, dtype, device)
+    x = torch.randn(*INPUT_SHAPES[shape], in_f, dtype=dtype, device=device)
+
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+
+    assert y.shape == x.shape[:-1] + (out_f,)
+    assert_near(y, y_ref, dtype, "output")
+    assert_near(gx, gx_ref, dtype, "x.grad")
+    # The block is fp32 for every base dtype; its gradient is accumulated from rounded inputs, so
+    # judge it with the base dtype's tolerance too (it is in fact fp32-close).
+    assert_near(gb, gb_ref, torch.float32 if dtype == torch.float32 else dtype, "miss_block.grad")
+    # The frozen base gets no gradient in either implementation.
+    assert ours.base_layer.weight.grad is None and peft_layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
+def test_no_bias_matches_peft(case, device):
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device, bias=False)
+    assert ours.base_layer.bias is None
+    x = torch.randn(4, in_f, device=device)
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+    assert_near(y, y_ref, what="output")
+    assert_near(gx, gx_ref, what="x.grad")
+    assert_near(gb, gb_ref, what="miss_block.grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_base_matches_peft(device):
+    """A float64 base keeps a float64 block in both; agreement to float64 precision."""
+    _, peft_layer, ours = make_pair(10, 20, 3, "default", 1, torch.float64, device)
+    assert ours.miss_block.dtype == torch.float64
+    x = torch.randn(2, 5, 10, dtype=torch.float64, device=device)
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+    assert_near(y, y_ref, what="output")
+    assert_near(gx, gx_ref, what="x.grad")
+    assert_near(gb, gb_ref, what="miss_block.grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_whole_model_matches_peft(dtype, device):
+    """Both linears of the MLP adapted (lin1: in=20, r=3 -> remainder; out=2): model output and
+    every gradient agree; then PEFT's merge_and_unload equals our merged layers."""
+    torch.manual_seed(1)
+    model = MLP(10, 20).to(device=device, dtype=dtype)
+    ours_model = copy.deepcopy(model)
+    peft_model = get_peft_model(model, MissConfig(r=3, target_modules=["lin0", "lin1"]))
+    inner = peft_model.base_model.model
+    ours_model.lin0 = MissLinear(ours_model.lin0, 3)
+    ours_model.lin1 = MissLinear(ours_model.lin1, 3)
+    with torch.no_grad():
+        for name in ("lin0", "lin1"):
+            blk = getattr(inner, name).miss_block["default"]
+            blk.copy_(torch.randn_like(blk))
+            getattr(ours_model, name).miss_block.copy_(blk)
+    trainable = [n for n, p in ours_model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == ["lin0.miss_block", "lin1.miss_block"]
+
+    x = torch.randn(3, 4, 10, dtype=dtype, device=device)
+    xr = x.clone().requires_grad_(True)
+    xo = x.clone().requires_grad_(True)
+    y_ref = peft_model(xr)
+    y = ours_model(xo)
+    assert_near(y, y_ref, dtype, "model output")
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g)
+    assert_near(xo.grad, xr.grad, dtype, "x.grad")
+    for name in ("lin0", "lin1"):
+        ref = getattr(inner, name).miss_block["default"].grad
+        got = getattr(ours_model, name).miss_block.grad
+        assert_near(got, ref, dtype, f"{name}.miss_block.grad")
+
+    merged_ref = peft_model.merge_and_unload()
+    for name in ("lin0", "lin1"):
+        ours_layer = getattr(ours_model, name)
+        ours_layer.merge()
+        assert ours_layer.merged
+        assert torch.equal(ours_layer.base_layer.weight, getattr(merged_ref, name).weight), name
+    with torch.no_grad():
+        assert_near(ours_model(x), merged_ref(x), dtype, "merged model output")
+
+
+# ---------------------------------------------------------------------------------------------
+# init parity
+
+
+def test_zero_init_block_matches_peft():
+    for in_f, out_f, r, mode, mini_r in CASES:
+        peft_layer = PeftMissLinear(nn.Linear(in_f, out_f), "default",
+                                    MissConfig(r=r, init_weights=_peft_init(mode), mini_r=mini_r), r=r)
+        ours = MissLinear(nn.Linear(in_f, out_f), r, mode=mode, mini_r=mini_r)
+        ref = peft_layer.miss_block["default"]
+        assert ours.miss_block.shape == ref.shape and ours.miss_block.dtype == ref.dtype
+        assert torch.equal(ours.miss_block, ref) and not ours.miss_block.any()
+
+
+@pytest.mark.parametrize("r", [2, 3, 10])
+def test_random_init_matches_peft(r):
+    """init_weights=False: PEFT's kaiming-uniform init on the (r, out) block, same RNG stream."""
+    base = nn.Linear(10, 20)
+    torch.manual_seed(123)
+    peft_layer = PeftMissLinear(copy.deepcopy(base), "default", MissConfig(r=r, init_weights=False), r=r)
+    torch.manual_seed(123)
+    ours = MissLinear(copy.deepcopy(base), r, init_weights=False)
+    ref = peft_layer.miss_block["default"]
+    assert ours.miss_block.abs().max() <= 1 / math.sqrt(20)
+    assert ours.miss_block.std() > 0.1 / math.sqrt(20)
+    assert torch.equal(ours.miss_block.detach(), ref.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# merge parity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_merge_unmerge_matches_peft(case, dtype, safe_merge, device):
+    """W + dW is one addition per element (rounded once to the base dtype in both), so the merged
+    weight equals PEFT's bit for bit, remainders included; so does the unmerged weight."""
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, dtype, device)
+    w0 = ours.base_layer.weight.detach().clone()
+    x = torch.randn(5, in_f, dtype=dtype, device=device)
+    with torch.no_grad():
+        y_unmerged = ours(x)
+
+    peft_layer.merge(safe_merge=safe_merge)
+    ours.merge(safe_merge=safe_merge)
+    assert ours.merged and peft_layer.merged
+    w_ref = peft_layer.base_layer.weight
+    w = ours.base_layer.weight
+    assert w.dtype == dtype and w.shape == (out_f, in_f)
+    assert torch.equal(w, w_ref)
+    assert not torch.equal(w, w0)
+    assert torch.equal(ours.base_layer.bias, peft_layer.base_layer.bias)
+    with torch.no_grad():
+        y_ref = peft_layer(x)
+        y = ours(x)
+    assert_near(y, y_ref, dtype, "merged output")
+    # merged forward ~ unmerged forward (one more rounding of W + dW in the base dtype)
+    assert_near(y, y_unmerged, dtype, "merged vs unmerged output")
+
+    peft_layer.unmerge()
+    ours.unmerge()
+    assert not ours.merged and not peft_layer.merged
+    assert torch.equal(ours.base_layer.weight, peft_layer.base_layer.weight)
+    assert_near(ours.base_layer.weight, w0, dtype, "unmerged weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[3], CASE_IDS[7]])
+def test_dropout_eval_matches_peft(case, dtype, device):
+    """In eval mode the adapter dropout is off in both: outputs and gradients agree, and in train
+    mode it is really on (outputs change)."""
+    in_f, out_f, r, mode, mini_r = case
+    peft_model, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, dtype, device, dropout=0.5)
+    assert ours.dropout == 0.5
+    peft_model.eval()
+    ours.eval()
+    x = torch.randn(3, 4, in_f, dtype=dtype, device=device)
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+    assert_near(y, y_ref, dtype, "eval output")
+    assert_near(gx, gx_ref, dtype, "eval x.grad")
+    assert_near(gb, gb_ref, torch.float32 if dtype == torch.float32 else dtype, "eval miss_block.grad")
+    # eval is deterministic
+    with torch.no_grad():
+        assert torch.equal(ours(x), y)
+
+    ours.train()
+    with torch.no_grad():
+        y_train = ours(x)
+    assert y_train.shape == y.shape
+    assert not torch.equal(y_train, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 5)])
+def test_dropout_train_statistics_match_peft(mode, mini_r, device):
+    """Train mode, p = 0.3, one random row repeated T times: both implementations are unbiased
+    (row mean -> eval output), have the same per-output variance, and the adapter part of x.grad
+    is masked per element with keep-scale 1/(1-p) and drop rate p."""
+    in_f, out_f, r, p, T = 10, 20, 3, 0.3, 20000
+    peft_model, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device, dropout=p)
+    row = torch.randn(in_f, device=device)
+    x = row.expand(T, in_f).contiguous()
+    g_row = torch.randn(out_f, device=device)
+    g = g_row.expand(T, out_f).contiguous()
+
+    peft_model.eval()
+    ours.eval()
+    y_eval, gx_eval, gb_eval, _ = run_fwd_bwd(ours, ours.miss_block, x[:1], g[:1])
+    peft_model.train()
+    ours.train()
+    torch.manual_seed(7)
+    y_ref, _, _, _ = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x, g)
+    torch.manual_seed(7)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+
+    # unbiased forward: mean over T rows within 5 standard errors of the eval output
+    for name, yy in (("ours", y), ("peft", y_ref)):
+        mean, std = yy.mean(0), yy.std(0)
+        assert (std > 0).all(), name
+        assert ((mean - y_eval[0]).abs() <= 5 * std / math.sqrt(T) + 1e-5).all(), name
+    # same spread: per-output variance within 10 % (standard error of a variance at T=2e4 is ~1 %)
+    ratio = y.var(0) / y_ref.var(0)
+    assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
+
+    # x.grad = G W + m/(1-p) * (G D_full^T)[i mod r]; recover m/(1-p) elementwise
+    w = ours.base_layer.weight
+    base_part = g_row @ w
+    d_full = ours.miss_block.detach()
+    if mode == "mini":
+        d_full = d_full.repeat(1, out_f // mini_r)
+    adapter_part = (g_row @ d_full.t())[torch.arange(in_f, device=device) % r]
+    assert (adapter_part.abs() > 1e-3).all()
+    scale = (gx - base_part) / adapter_part
+    dropped = scale.abs() < 1e-3
+    kept = (scale - 1 / (1 - p)).abs() < 1e-3
+    assert (dropped | kept).all()
+    rate = dropped.double().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / (T * in_f)), rate
+    # block gradient is unbiased: dD[j, c] = (sum_t S_t[j]) * gfold[c], E[S_t] = S_eval and
+    # Var(S_t[j]) = sum_{i mod r = j} x_i^2 p / (1-p)
+    cols = torch.arange(out_f, device=device) % ours.miss_block.shape[1]
+    gfold = torch.zeros(ours.miss_block.shape[1], device=device).index_add_(0, cols, g_row)
+    var_s = torch.zeros(r, device=device).index_add_(0, torch.arange(in_f, device=device) % r, row * row) * p / (1 - p)
+    sigma = (var_s / T).sqrt()[:, None] * gfold.abs()[None, :]
+    assert ((gb / T - gb_eval).abs() <= 5 * sigma + 1e-5).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# r > in_features: PEFT 0.21 rejects it; check against the float64 formula
+
+
+def delta_weight_formula(block, in_f, out_f):
+    """dW (out, in) with dW[o, i] = D[i % r, o % mini_r], in the block's dtype (autograd-friendly)."""
+    r = block.shape[0]
+    dev = block.device
+    return block[torch.arange(in_f, device=dev) % r][:, torch.arange(out_f, device=dev) % block.shape[1]].t()
+
+
+R_GT_IN_CASES = [
+    (8, 6, 16, "default", 1),  # the spec's case
+    (3, 4, 5, "default", 1),
+    (8, 6, 16, "mini", 3),
+    (5, 6, 9, "mini", 2),
+]
+R_GT_IN_IDS = [f"in{i}-out{o}-r{r}-{m}{mr if m == 'mini' else ''}" for i, o, r, m, mr in R_GT_IN_CASES]
+
+
+def test_peft_rejects_r_greater_than_in():
+    """Documents why r > in is checked against the formula: PEFT 0.21 refuses to build it."""
+    with pytest.raises(ValueError):
+        PeftMissLinear(nn.Linear(8, 6), "default", MissConfig(r=16), r=16)
+
+
+def _make_r_gt_in(in_f, out_f, r, mode, mini_r, dtype, device):
+    torch.manual_seed(3)
+    base = nn.Linear(in_f, out_f).to(device=device, dtype=dtype)
+    with pytest.warns(UserWarning, match=rf"r={r} > in_features={in_f}"):
+        ours = MissLinear(base, r, mode=mode, mini_r=mini_r)
+    with torch.no_grad():
+        ours.miss_block.copy_(torch.randn_like(ours.miss_block))
+    return ours
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=DTYPE_IDS + ["fp64"])
+@pytest.mark.parametrize("case", R_GT_IN_CASES, ids=R_GT_IN_IDS)
+def test_r_greater_than_in_forward_backward_formula(case, dtype, device):
+    in_f, out_f, r, mode, mini_r = case
+    ours = _make_r_gt_in(in_f, out_f, r, mode, mini_r, dtype, device)
+    x = torch.randn(2, 5, in_f, dtype=dtype, device=device)
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y, gx, gb, g = run_fwd_bwd(ours, ours.miss_block, x)
+    assert not [w for w in rec if "MiSS" in str(w.message)], "the r > in warning is one-time (construction)"
+
+    # float64 reference with autograd
+    w64 = ours.base_layer.weight.detach().double()
+    b64 = ours.base_layer.bias.detach().double()
+    d64 = ours.miss_block.detach().double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    y64 = x64 @ (w64 + delta_weight_formula(d64, in_f, out_f)).t() + b64
+    y64.backward(g.double())
+
+    assert_near(y, y64.to(dtype), dtype, "output")
+    assert_near(gx, x64.grad.to(dtype), dtype, "x.grad")
+    assert gb.dtype == ours.miss_block.dtype
+    assert_near(gb, d64.grad.to(gb.dtype), torch.float32 if dtype in (torch.float32, torch.float64) else dtype,
+                "miss_block.grad")
+    # block rows j >= in never get a gradient: exactly zero
+    assert torch.equal(gb[in_f:], torch.zeros_like(gb[in_f:]))
+    assert gb[:in_f].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=DTYPE_IDS + ["fp64"])
+@pytest.mark.parametrize("case", R_GT_IN_CASES, ids=R_GT_IN_IDS)
+def test_r_greater_than_in_merge_unmerge_formula(case, dtype, device):
+    in_f, out_f, r, mode, mini_r = case
+    ours = _make_r_gt_in(in_f, out_f, r, mode, mini_r, dtype, device)
+    w0 = ours.base_layer.weight.detach().clone()
+    dw = delta_weight_formula(ours.miss_block.detach(), in_f, out_f)
+    x = torch.randn(4, in_f, dtype=dtype, device=device)
+    with torch.no_grad():
+        y_unmerged = ours(x)
+
+    assert torch.equal(ours.delta_weight(), dw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ours.merge()
+        assert ours.merged
+        # PEFT semantics: W + dW in the block's dtype, rounded once to the base dtype
+        expected = (w0.to(dw.dtype) + dw).to(dtype)
+        assert torch.equal(ours.base_layer.weight, expected)
+        with torch.no_grad():
+            y_merged = ours(x)
+        assert_near(y_merged, y_unmerged, dtype, "merged vs unmerged output")
+        ours.unmerge()
+        assert not ours.merged
+        expected_back = (expected.to(dw.dtype) - dw).to(dtype)
+        assert torch.equal(ours.base_layer.weight, expected_back)
+        assert_near(ours.base_layer.weight, w0, dtype, "unmerged weight")
+        ours.merge(safe_merge=True)
+        assert torch.equal(ours.base_layer.weight, expected)
+        ours.unmerge()
+    assert not [w for w in rec if "MiSS" in str(w.message)], "the r > in warning is one-time (construction)"
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision (torch.autocast) and higher-order gradients: what PEFT users do with the layer
+
+AUTOCAST = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=CUDA),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=CUDA),
+]
+
+
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
+def test_autocast_forward_matches_peft(case, device, amp_dtype):
+    """fp32 base under autocast: same values as PEFT, and PEFT's output dtype (x's dtype: the
+    spec's "the result is cast back to x's dtype once")."""
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device)
+    x = torch.randn(3, 4, in_f, device=device)
+    with torch.no_grad(), torch.autocast(device, dtype=amp_dtype):
+        y_ref = peft_layer(x)
+        y = ours(x)
+    assert_near(y.float(), y_ref.float(), amp_dtype, "autocast output")
+    assert y.dtype == y_ref.dtype, f"output dtype {y.dtype}, PEFT gives {y_ref.dtype}"
+
+
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
+def test_autocast_backward_matches_peft(case, device, amp_dtype):
+    """The usual mixed-precision training step: forward under autocast, backward outside it."""
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device)
+    x = torch.randn(3, 4, in_f, device=device)
+    g = torch.randn(3, 4, out_f, device=device)
+    results = []
+    for layer, block in ((peft_layer, peft_layer.miss_block["default"]), (ours, ours.miss_block)):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=amp_dtype):
+            y = layer(xx)
+        (y.float() * g).sum().backward()
+        results.append((xx.grad, block.grad))
+    (gx_ref, gb_ref), (gx, gb) = results
+    assert gx.dtype == gx_ref.dtype and gb.dtype == gb_ref.dtype
+    assert_near(gx, gx_ref, amp_dtype, "autocast x.grad")
+    assert_near(gb, gb_ref, amp_dtype, "autocast miss_block.grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
+def test_double_backward_matches_peft_or_refuses(case, device):
+    """Gradient penalty (create_graph=True). PEFT's plain torch ops give exact second-order
+    gradients; ours must match them or refuse loudly. Silently wrong values are the bug."""
+    in_f, out_f, r, mode, mini_r = case
+    _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device)
+    x = torch.randn(4, in_f, device=device)
+
+    def penalty_grads(layer, block):
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        (gx,) = torch.autograd.grad(y.square().sum(), xx, create_graph=True)
+        loss = gx.square().sum() + y.sum()
+        return torch.autograd.grad(loss, (block, xx))
+
+    gb_ref, gx_ref = penalty_grads(peft_layer, peft_layer.miss_block["default"])
+    try:
+        gb, gx = penalty_grads(ours, ours.miss_block)
+    except RuntimeError as err:
+        if re.search(r"double backward|higher.order|twice|create_graph|not (implemented|supported)", str(err), re.I):
+            return  # refusing second-order gradients with a clear error is acceptable
+        raise
+    assert_near(gx, gx_ref, what="second-order x grad")
+    assert_near(gb, gb_ref, what="second-order miss_block grad")
