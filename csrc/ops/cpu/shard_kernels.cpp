@@ -26,15 +26,33 @@ using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, 
 // Rows per parallel task: about 64 K elements of work each.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
 
-// factors[c] = scale if column c of `row` is kept, else 0.
-template <typename acc>
-void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, acc* factors) {
-  const acc scale = static_cast<acc>(key.scale);
-  for (int64_t g = 0; 4 * g < cols; ++g) {
+// Compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU (GCC
+// function multi-versioning): the Philox rounds vectorise across column groups, which is most of
+// the cost of dropout on the CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MISS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MISS_CPU_CLONES
+#endif
+
+// keep[c] = 1 if column c of `row` is kept, else 0, for c < 4 * groups.
+MISS_CPU_CLONES
+void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint8_t* __restrict keep) {
+  for (int64_t g = 0; g < groups; ++g) {
     const Words4 words = dropout_words(key, row, g);
-    const int64_t n = std::min<int64_t>(4, cols - 4 * g);
-    for (int64_t l = 0; l < n; ++l) factors[4 * g + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
+    keep[4 * g + 0] = dropout_keep(key, words.w[0]);
+    keep[4 * g + 1] = dropout_keep(key, words.w[1]);
+    keep[4 * g + 2] = dropout_keep(key, words.w[2]);
+    keep[4 * g + 3] = dropout_keep(key, words.w[3]);
   }
+}
+
+// factors[c] = scale if column c of `row` is kept, else 0. `keep` is scratch of >= cols + 3 bytes.
+template <typename acc>
+void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, uint8_t* keep, acc* factors) {
+  dropout_keep_groups(key, row, (cols + 3) / 4, keep);
+  const acc scale = static_cast<acc>(key.scale);
+  for (int64_t c = 0; c < cols; ++c) factors[c] = keep[c] ? scale : acc(0);
 }
 
 template <typename in_t, typename out_t>
@@ -44,12 +62,13 @@ void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, con
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
     std::vector<acc> sums(r);
     std::vector<acc> factors(dropout ? in : 0);
+    std::vector<uint8_t> keep(dropout ? in + 4 : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(sums.begin(), sums.end(), acc(0));
       const in_t* xr = x + t * in;
       acc* sum = sums.data();
       if (dropout) {
-        dropout_factors(key, t, in, factors.data());
+        dropout_factors(key, t, in, keep.data(), factors.data());
         const acc* f = factors.data();
         for (int64_t c0 = 0; c0 < in; c0 += r) {
           const int64_t len = std::min(r, in - c0);
@@ -75,11 +94,12 @@ void tile_add_rows(out_t* out, const src_t* src, int64_t rows, int64_t cols, int
   const bool dropout = key.threshold != 0;
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     std::vector<acc> factors(dropout ? cols : 0);
+    std::vector<uint8_t> keep(dropout ? cols + 4 : 0);
     for (int64_t t = begin; t < end; ++t) {
       out_t* o = out + t * cols;
       const src_t* sr = src + tile_row(t, period_rows) * q;
       if (dropout) {
-        dropout_factors(key, t, cols, factors.data());
+        dropout_factors(key, t, cols, keep.data(), factors.data());
         const acc* f = factors.data();
         for (int64_t c0 = 0; c0 < cols; c0 += q) {
           const int64_t len = std::min(q, cols - c0);
