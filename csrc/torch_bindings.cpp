@@ -54,9 +54,25 @@ TORCH_LIBRARY(miss, m) {
   // GEMM rounds in x's dtype, the adapter branch computes in block's dtype, one final rounding.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, float p=0., Tensor? key=None) -> Tensor");
 
-  // weight + dW (reverse: - dW), dW[o, i] = block[i mod r, o mod mini_r].
+  // weight + dW (reverse: - dW), dW[o, i] = block[i mod r, o mod mini_r]. A 3-D (bat) block merges
+  // W <- W(I + B) + B per tile; reverse restores W exactly by a float64 solve and first checks that
+  // every I + B_i is well conditioned (ValueError naming the block otherwise, weight untouched).
   m.def("merge(Tensor weight, Tensor block, bool reverse=False) -> Tensor");
   m.def("merge_(Tensor(a!) weight, Tensor block, bool reverse=False) -> ()");
+
+  // Bat (block-affine): block (out/r, r, r), r dividing in and out; W' = W + W_ij B_i + B_i per
+  // r x r tile W_ij (row block i, column block j). PEFT's precision: W' and the GEMM in the
+  // block's dtype, x and bias cast to it, output cast back to x's dtype. compute_dtype overrides
+  // the GEMM dtype (opt-in lower precision; autocast uses it). The autograd saves x, W and B,
+  // never W'. Several bat adapters compose as bat_weight(bat_weight(W, B1), B2).
+  m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, ScalarType? compute_dtype=None) -> Tensor");
+  m.def("bat_weight(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
+
+  // The per-tile affine map behind bat: out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] +
+  // p[o/r][o%r][b], m and p (rows/r, r, r) in float32 or float64. Not differentiable (a building
+  // block: bat_weight, merge and unmerge are made of it).
+  m.def("bat_transform(Tensor w, Tensor m, Tensor p, ScalarType? dtype=None) -> Tensor");
+  m.def("bat_transform_(Tensor(a!) w, Tensor m, Tensor p) -> ()");
 
   // Backends and CUDA architectures compiled into this library.
   m.def("build_info() -> str", &build_info);

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .ops import new_dropout_key
 
-MODES = ("default", "mini")
+MODES = ("default", "mini", "bat")
 
 
 def _check_int(name: str, value: object) -> int:
@@ -29,6 +29,11 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
         if mini_r <= 0 or out_features % mini_r != 0:
             raise ValueError(f"mini_r={mini_r} must be a positive divisor of out_features={out_features}")
         return (r, mini_r)
+    if mode == "bat":
+        if in_features % r != 0 or out_features % r != 0:
+            raise ValueError(f"bat mode needs in_features and out_features divisible by r; got "
+                             f"in_features={in_features}, out_features={out_features}, r={r}")
+        return (out_features // r, r, r)
     raise ValueError(f"unknown MiSS mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
@@ -43,9 +48,12 @@ class MissLinear(nn.Module):
     Args:
         base_layer: the layer to adapt; it is frozen and stays reachable as `.base_layer`.
         r: shard size ("rank"); any r >= 1, also r > in_features (see the warning it gives).
-        mode: "default" (miss_block (r, out)) or "mini" (miss_block (r, mini_r), tiled along out).
+        mode: "default" (miss_block (r, out)), "mini" (miss_block (r, mini_r), tiled along out) or
+            "bat" (miss_block (out/r, r, r): W' = W + W_ij B_i + B_i per r x r tile; r must divide
+            in_features and out_features).
         mini_r: the mini mode's block width; must divide out_features.
-        dropout: dropout probability of the adapter branch's input, in training only.
+        dropout: dropout probability of the adapter branch's input, in training only. Ignored
+            in bat mode (as PEFT), with a warning.
         init_weights: True gives PEFT's zero init (the adapter starts as an exact identity);
             False gives PEFT's random init (kaiming-uniform), useful in tests.
     """
@@ -69,12 +77,14 @@ class MissLinear(nn.Module):
         self.out_features = out_features
         self.r = r
         self.mode = mode
-        self.mini_r = shape[1]
+        self.mini_r = shape[1] if mode == "mini" else out_features
         self.dropout = float(dropout)
         self.merged = False
         self.miss_block = nn.Parameter(torch.zeros(shape, dtype=adapter_dtype(weight.dtype), device=weight.device))
         if not init_weights:
             nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
+        if mode == "bat" and dropout > 0.0:
+            warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
         if r > in_features:
             warnings.warn(
                 f"MiSS r={r} > in_features={in_features}: miss_block rows {in_features}..{r - 1} never "
@@ -85,6 +95,8 @@ class MissLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.mode == "bat":
+            return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if p > 0.0:
@@ -112,7 +124,9 @@ class MissLinear(nn.Module):
 
     @torch.jit.unused
     def unmerge(self) -> None:
-        """W <- W - dW: restores the base weight up to rounding."""
+        """W <- W - dW (bat: W <- (W - B)(I + B)^-1 per tile, after checking every I + B_i is well
+        conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
+        rounding."""
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")
             return
@@ -122,14 +136,17 @@ class MissLinear(nn.Module):
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
-        """dW (out, in) as a new tensor, in the block's dtype."""
-        zeros = self.base_layer.weight.new_zeros(self.base_layer.weight.shape, dtype=self.miss_block.dtype)
+        """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile)."""
+        weight = self.base_layer.weight
+        if self.mode == "bat":
+            return torch.ops.miss.bat_weight(weight, self.miss_block, None) - weight.to(self.miss_block.dtype)
+        zeros = weight.new_zeros(weight.shape, dtype=self.miss_block.dtype)
         return torch.ops.miss.merge(zeros, self.miss_block)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"
         if self.mode == "mini":
             text += f", mini_r={self.mini_r}"
-        if self.dropout:
+        if self.dropout and self.mode != "bat":
             text += f", dropout={self.dropout}"
         return text + (", merged" if self.merged else "")

@@ -34,10 +34,23 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: 
 
 
 def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
-    """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor."""
+    """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor.
+    A 3-D (bat) block gives W(I + B) + B per r x r tile, and reverse its exact inverse."""
     return torch.ops.miss.merge(weight, block, reverse)
 
 
 def merge_(weight: Tensor, block: Tensor, reverse: bool = False) -> None:
     """In-place merge (unmerge with reverse=True)."""
     torch.ops.miss.merge_(weight, block, reverse)
+
+
+def bat_weight(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Bat effective weight W' = W + W_ij B_i + B_i per r x r tile (default dtype: the block's).
+    Differentiable; several bat adapters compose as bat_weight(bat_weight(W, B1), B2)."""
+    return torch.ops.miss.bat_weight(weight, block, dtype)
+
+
+def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+               compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """y = x W'^T + bias with PEFT's precision (GEMM in the block's dtype unless compute_dtype)."""
+    return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)

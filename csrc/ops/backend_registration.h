@@ -1,10 +1,11 @@
-// Registers every miss op for one backend, given that backend's two kernels. The op wrappers
+// Registers every miss op for one backend, given that backend's three kernels. The op wrappers
 // (validation, shaping, allocation) and the linear/merge compositions are device-generic, so
 // CPU and CUDA differ only in the kernels passed here.
 #pragma once
 
 #include <torch/library.h>
 
+#include "bat.h"
 #include "fold.h"
 #include "linear.h"
 #include "merge.h"
@@ -22,13 +23,28 @@ void tile_add_on(at::Tensor& out, const at::Tensor& src, double alpha, double p,
   tile_add_with(kernel, out, src, alpha, p, key);
 }
 
-template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel>
+template <BatKernel kernel>
+at::Tensor bat_transform_on(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                            std::optional<at::ScalarType> dtype) {
+  return bat_transform_with(kernel, w, m, p, dtype);
+}
+
+template <BatKernel kernel>
+void bat_transform_inplace_on(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+  bat_transform_inplace_with(kernel, w, m, p);
+}
+
+template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_kernel>
 void register_backend(torch::Library& m) {
   m.impl("fold", &fold_on<fold_kernel>);
   m.impl("tile_add_", &tile_add_on<tile_add_kernel>);
   m.impl("linear", &linear_kernel);
   m.impl("merge", &merge_kernel);
   m.impl("merge_", &merge_inplace_kernel);
+  m.impl("bat_transform", &bat_transform_on<bat_kernel>);
+  m.impl("bat_transform_", &bat_transform_inplace_on<bat_kernel>);
+  m.impl("bat_weight", &bat_weight_kernel);
+  m.impl("bat_linear", &bat_linear_kernel);
 }
 
 }  // namespace miss_ext

@@ -36,8 +36,8 @@ int64_t leading_rows(const at::Tensor& t) {
 at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p,
                      const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
   check_fold_args(x, r, p, key);
+  check_out_dtype("fold dtype", dtype);
   const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(out_dtype), "miss: fold dtype must be a floating type, got ", out_dtype);
   const int64_t in = x.size(-1);
   const int64_t rows = leading_rows(x);
   check_dropout_extent(rows, in, p);

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
+#include "bat.h"
 #include "fold.h"
 
 namespace miss_ext {
@@ -27,6 +28,7 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool reverse) {
 
 void merge_inplace_kernel(at::Tensor& weight, const at::Tensor& block, bool reverse) {
   check_merge_args(weight, block);
+  if (block.dim() == 3) return bat_merge_inplace(weight, block, reverse);
   // dW = block^T tiled over (out, in): src (mini_r, r) repeats along both axes.
   ops::tile_add_(weight, block.t().contiguous(), reverse ? -1.0 : 1.0);
 }
@@ -38,12 +40,18 @@ at::Tensor merge_kernel(const at::Tensor& weight, const at::Tensor& block, bool 
   return merged;
 }
 
-at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& block, bool reverse) {
+at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block,
+                            bool reverse) {
+  if (block.dim() == 3) return bat_block_grad(grad_weight, weight, block);
   const int64_t r = block.sym_size(0).guard_int(__FILE__, __LINE__);
   const int64_t mini_r = block.sym_size(1).guard_int(__FILE__, __LINE__);
   const at::Tensor by_in = ops::fold(grad_weight, r, 0.0, std::nullopt, block.scalar_type());  // (out, r)
   at::Tensor grad = ops::fold(by_in.t(), mini_r, 0.0, std::nullopt, block.scalar_type());       // (r, mini_r)
   return reverse ? grad.neg() : grad;
+}
+
+at::Tensor merge_weight_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block) {
+  return block.dim() == 3 ? bat_weight_grad(grad_weight, weight, block) : grad_weight;
 }
 
 }  // namespace miss_ext

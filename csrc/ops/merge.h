@@ -1,6 +1,7 @@
-// miss::merge / miss::merge_: W <- W + tile(block)^T (reverse: minus), default and mini modes.
-//   dW[o, i] = block[i mod r, o mod mini_r]; columns past a multiple of r get the first
-//   in mod r block rows, and r > in uses only the first `in` rows.
+// miss::merge / miss::merge_, for every mode:
+//   default/mini (2-D block): W <- W + dW (reverse: minus), dW[o, i] = block[i mod r, o mod mini_r];
+//     columns past a multiple of r get the first in mod r block rows, r > in uses rows < in.
+//   bat (3-D block): W <- W(I + B) + B per r x r tile; reverse inverts it exactly (bat.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,8 +18,11 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool reverse = false);
 at::Tensor merge_kernel(const at::Tensor& weight, const at::Tensor& block, bool reverse);
 void merge_inplace_kernel(at::Tensor& weight, const at::Tensor& block, bool reverse);
 
-// d(merged W)/d(block) applied to a weight-shaped gradient: the gradient folded along in (period
-// r) and along out (period mini_r), negated for reverse.
-at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& block, bool reverse);
+// Gradients of the functional merge w.r.t. the block and the weight, from the merged weight's
+// gradient. Default/mini: the gradient folded along in (period r) and out (period mini_r),
+// negated for reverse; the weight's is the identity. Bat (forward only): bat.h.
+at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block,
+                            bool reverse);
+at::Tensor merge_weight_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block);
 
 }  // namespace miss_ext

@@ -1,4 +1,4 @@
-// Autocast for miss::linear. Without it, autocast would reach the GEMMs inside the op and leave
+// Autocast for miss::linear and miss::bat_linear. Without it, autocast would reach the GEMMs inside the op and leave
 // the autograd kernel with fp32 saved tensors and a bf16 gradient.
 //
 // Policy (as PEFT under autocast): the base branch (x, weight, bias) runs in the autocast dtype,
@@ -9,6 +9,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
+#include "../bat.h"
 #include "../linear.h"
 
 namespace miss_ext {
@@ -25,9 +26,24 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   return y.to(x.scalar_type());
 }
 
+// Bat under autocast (as PEFT, whose F.linear autocasts): W' is still built from the fp32 block,
+// but rounded to the autocast dtype, and the GEMM runs in that dtype.
+template <c10::DeviceType device_type>
+at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return ops::bat_linear(x, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(miss, AutocastCPU, m) { m.impl("linear", &linear_autocast<c10::DeviceType::CPU>); }
-TORCH_LIBRARY_IMPL(miss, AutocastCUDA, m) { m.impl("linear", &linear_autocast<c10::DeviceType::CUDA>); }
+TORCH_LIBRARY_IMPL(miss, AutocastCPU, m) {
+  m.impl("linear", &linear_autocast<c10::DeviceType::CPU>);
+  m.impl("bat_linear", &bat_linear_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(miss, AutocastCUDA, m) {
+  m.impl("linear", &linear_autocast<c10::DeviceType::CUDA>);
+  m.impl("bat_linear", &bat_linear_autocast<c10::DeviceType::CUDA>);
+}
 
 }  // namespace miss_ext

@@ -1,13 +1,12 @@
-// Autograd for miss::fold (its adjoint is miss::tile_add_ into zeros), and the autograd kernels of
-// the in-place ops tile_add_ and merge_: they are not differentiable, so with grad mode on they
-// refuse tensors that require grad (rather than silently dropping a gradient), and they bump the
-// version counter of the tensor they modify, so autograd detects a saved tensor changed by them.
+// Autograd for miss::fold (its adjoint is miss::tile_add_ into zeros), and the guards of the
+// in-place ops tile_add_ and merge_ (not_differentiable.h).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../fold.h"
 #include "../merge.h"
+#include "not_differentiable.h"
 #include "once_differentiable.h"
 
 namespace miss_ext {
@@ -45,29 +44,13 @@ at::Tensor fold_autograd(const at::Tensor& x, int64_t r, double p, const std::op
   return FoldFunction::apply(x, r, p, key, dtype);
 }
 
-void check_not_differentiated(const char* op, const at::Tensor& target, const at::Tensor& source) {
-  TORCH_CHECK(!at::GradMode::is_enabled() || !(target.requires_grad() || source.requires_grad()), "miss::", op,
-              " is an in-place op without autograd support and got a tensor that requires grad; call it "
-              "under torch.no_grad() (use the functional miss::merge / miss::fold for differentiable code)");
-}
-
 void tile_add_autograd(at::Tensor& out, const at::Tensor& src, double alpha, double p,
                        const std::optional<at::Tensor>& key) {
-  check_not_differentiated("tile_add_", out, src);
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ops::tile_add_(out, src, alpha, p, key);
-  }
-  torch::autograd::impl::bump_version(out);
+  run_not_differentiable("tile_add_", {out, src}, out, [&] { ops::tile_add_(out, src, alpha, p, key); });
 }
 
 void merge_inplace_autograd(at::Tensor& weight, const at::Tensor& block, bool reverse) {
-  check_not_differentiated("merge_", weight, block);
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ops::merge_(weight, block, reverse);
-  }
-  torch::autograd::impl::bump_version(weight);
+  run_not_differentiable("merge_", {weight, block}, weight, [&] { ops::merge_(weight, block, reverse); });
 }
 
 }  // namespace

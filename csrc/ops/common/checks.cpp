@@ -6,8 +6,14 @@
 namespace miss_ext {
 namespace {
 
+// float32, float64, float16 and bfloat16: the dtypes every kernel is compiled for (isFloatingType
+// would also admit the float8/float4 types, which no kernel handles).
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "miss: ", name,
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "miss: ", name,
                    " must be a floating-point tensor (float32, float64, float16 or bfloat16), got dtype ",
                    t.scalar_type());
 }
@@ -84,9 +90,7 @@ void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
   check_key(p, key, out);
 }
 
-void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
-                       const std::optional<at::Tensor>& key) {
+static void check_base_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_floating(x, "x");
   check_floating(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
@@ -106,6 +110,12 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                       bias->sym_sizes());
     check_same_device(x, "x", *bias, "bias");
   }
+}
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
+                       const std::optional<at::Tensor>& key) {
+  check_base_args(x, weight, bias);
   check_block_2d(block, weight.sym_size(0));
   check_same_device(x, "x", block, "miss_block");
   check_p(p);
@@ -113,11 +123,57 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
 }
 
 void check_merge_args(const at::Tensor& weight, const at::Tensor& block) {
+  if (block.dim() == 3) return check_bat_args(weight, block);
   check_floating(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
                     weight.sym_sizes());
   check_block_2d(block, weight.sym_size(0));
   check_same_device(weight, "weight", block, "miss_block");
+}
+
+void check_bat_args(const at::Tensor& weight, const at::Tensor& block) {
+  check_floating(weight, "weight");
+  check_floating(block, "miss_block");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sym_sizes());
+  TORCH_CHECK_VALUE(block.dim() == 3 && block.sym_size(1) == block.sym_size(2) && block.sym_size(1) >= 1,
+                    "miss: a bat miss_block must have shape (out_features/r, r, r), got shape ", block.sym_sizes());
+  const c10::SymInt& r = block.sym_size(1);
+  const c10::SymInt& out = weight.sym_size(0);
+  const c10::SymInt& in = weight.sym_size(1);
+  TORCH_CHECK_VALUE(in % r == 0 && out % r == 0, "miss: bat needs in_features and out_features divisible by r; got in_features=",
+                    in, ", out_features=", out, ", r=", r);
+  TORCH_CHECK_VALUE(block.sym_size(0) * r == out, "miss: a bat miss_block for out_features=", out, " and r=", r,
+                    " must have shape (", out / r, ", ", r, ", ", r, "), got ", block.sym_sizes());
+  check_same_device(weight, "weight", block, "miss_block");
+}
+
+void check_bat_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
+  check_base_args(x, weight, bias);
+  check_bat_args(weight, block);
+  check_out_dtype("bat_linear compute_dtype", compute_dtype);
+}
+
+void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+  check_floating(w, "w");
+  TORCH_CHECK_TYPE(m.scalar_type() == p.scalar_type() && (m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble),
+                   "miss: bat_transform m and p must both be float32 or both float64, got ", m.scalar_type(), " and ",
+                   p.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2 && m.dim() == 3 && m.sym_sizes() == p.sym_sizes() && m.sym_size(1) == m.sym_size(2) &&
+                        m.sym_size(1) >= 1,
+                    "miss: bat_transform needs w (rows, cols), m and p (rows/r, r, r); got w ", w.sym_sizes(), ", m ",
+                    m.sym_sizes(), ", p ", p.sym_sizes());
+  const c10::SymInt& r = m.sym_size(1);
+  TORCH_CHECK_VALUE(m.sym_size(0) * r == w.sym_size(0) && w.sym_size(1) % r == 0, "miss: bat_transform: w shape ",
+                    w.sym_sizes(), " does not tile into ", r, " x ", r, " blocks matching m shape ", m.sym_sizes());
+  check_same_device(w, "w", m, "m");
+  check_same_device(w, "w", p, "p");
+}
+
+void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_TYPE(!dtype.has_value() || is_supported_float(*dtype), "miss: ", what,
+                   " must be a floating type, got ", *dtype);
 }
 
 DropoutKey make_dropout_key(double p, const std::optional<at::Tensor>& key) {

@@ -28,8 +28,21 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
                        const std::optional<at::Tensor>& key);
 
-// Merge of a default/mini block into weight (out, in).
+// Merge of a block into weight (out, in): default/mini (2-D block) or bat (3-D block).
 void check_merge_args(const at::Tensor& weight, const at::Tensor& block);
+
+// Bat: weight (out, in), block (out/r, r, r) with r dividing in and out.
+void check_bat_args(const at::Tensor& weight, const at::Tensor& block);
+
+// bat_linear: x (..., in) of the weight's dtype, bias (out) or none, plus check_bat_args.
+void check_bat_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& block, std::optional<at::ScalarType> compute_dtype);
+
+// bat_transform: w (rows, cols), m and p (rows/r, r, r) of one dtype, float32 or float64.
+void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
+
+// An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
+void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);
 
 // Reads the dropout key on the host. The key is a CPU int64 tensor [seed, offset], so this is
 // never a device-host synchronisation. p == 0 gives a key that keeps everything.

@@ -15,6 +15,7 @@
 
 #include "../common/shard_index.h"
 #include "../kernels.h"
+#include "cpu_clones.h"
 
 namespace miss_ext {
 namespace {
@@ -26,15 +27,8 @@ using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, 
 // Rows per parallel task: about 64 K elements of work each.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
 
-// Compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU (GCC
-// function multi-versioning): the Philox rounds vectorise across column groups, which is most of
-// the cost of dropout on the CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MISS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MISS_CPU_CLONES
-#endif
-
+// Multi-versioned (cpu_clones.h): the Philox rounds vectorise across column groups, which is
+// most of the cost of dropout on the CPU.
 // keep[c] = 1 if column c of `row` is kept, else 0, for c < 4 * groups.
 MISS_CPU_CLONES
 void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint8_t* __restrict keep) {

@@ -17,6 +17,7 @@ std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last)
 at::Tensor fold_meta(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
                      std::optional<at::ScalarType> dtype) {
   check_fold_args(x, r, p, key);
+  check_out_dtype("fold dtype", dtype);
   return at::empty_symint(with_last(x, r), x.options().dtype(dtype.value_or(x.scalar_type())));
 }
 
@@ -40,6 +41,29 @@ void merge_inplace_meta(at::Tensor& weight, const at::Tensor& block, bool revers
   check_merge_args(weight, block);
 }
 
+at::Tensor bat_transform_meta(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                              std::optional<at::ScalarType> dtype) {
+  check_bat_transform_args(w, m, p);
+  check_out_dtype("bat_transform dtype", dtype);
+  return at::empty_symint(w.sym_sizes(), w.options().dtype(dtype.value_or(w.scalar_type())));
+}
+
+void bat_transform_inplace_meta(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+  check_bat_transform_args(w, m, p);
+}
+
+at::Tensor bat_weight_meta(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
+  check_bat_args(weight, block);
+  check_out_dtype("bat_weight dtype", dtype);
+  return at::empty_symint(weight.sym_sizes(), weight.options().dtype(dtype.value_or(block.scalar_type())));
+}
+
+at::Tensor bat_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
+  check_bat_linear_args(x, weight, bias, block, compute_dtype);
+  return at::empty_symint(with_last(x, weight.sym_size(0)), x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
@@ -48,6 +72,10 @@ TORCH_LIBRARY_IMPL(miss, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("merge", &merge_meta);
   m.impl("merge_", &merge_inplace_meta);
+  m.impl("bat_transform", &bat_transform_meta);
+  m.impl("bat_transform_", &bat_transform_inplace_meta);
+  m.impl("bat_weight", &bat_weight_meta);
+  m.impl("bat_linear", &bat_linear_meta);
 }
 
 }  // namespace miss_ext

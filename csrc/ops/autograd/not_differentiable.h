@@ -1,0 +1,36 @@
+// Autograd kernels of ops that have no derivative (the in-place ops and bat_transform, an
+// internal building block): with grad mode on they refuse tensors that require grad, rather
+// than silently dropping a gradient; in-place ones then bump the version counter of the tensor
+// they modify, so autograd detects a saved tensor changed by them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <initializer_list>
+
+namespace miss_ext {
+
+inline void check_not_differentiated(const char* op, std::initializer_list<at::Tensor> tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.requires_grad(), "miss::", op,
+                " is an op without autograd support and got a tensor that requires grad; call it "
+                "under torch.no_grad() (use the functional miss::merge / miss::fold / miss::bat_weight for "
+                "differentiable code)");
+  }
+}
+
+// Runs `call` below autograd, after the check; bumps the version of `modified` if defined.
+template <typename Call>
+void run_not_differentiable(const char* op, std::initializer_list<at::Tensor> tensors, const at::Tensor& modified,
+                            Call call) {
+  check_not_differentiated(op, tensors);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    call();
+  }
+  if (modified.defined()) torch::autograd::impl::bump_version(modified);
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,215 @@
+#include "bat.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "fold.h"
+
+namespace miss_ext {
+namespace ops {
+
+at::Tensor bat_transform(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                         std::optional<at::ScalarType> dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bat_transform", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         std::optional<at::ScalarType>)>();
+  return op.call(w, m, p, dtype);
+}
+
+void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bat_transform_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(w, m, p);
+}
+
+at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bat_weight", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, std::optional<at::ScalarType>)>();
+  return op.call(weight, block, dtype);
+}
+
+at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bat_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, std::optional<at::ScalarType>)>();
+  return op.call(x, weight, bias, block, compute_dtype);
+}
+
+}  // namespace ops
+
+namespace {
+
+int64_t static_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
+
+c10::SymInt sym_leading_rows(const at::Tensor& t) {
+  c10::SymInt rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
+  return rows;
+}
+
+std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
+  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+// Row blocks per chunk of G' in the backward: about 1 MiB of float32 on the CPU, where a chunk
+// then stays in cache between its GEMM and its reduction and the allocator reuses it; 64 MiB
+// elsewhere (GPU GEMMs want large tiles, and memory is not the constraint there).
+int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
+  const int64_t budget = x.device().is_cpu() ? (int64_t{1} << 18) : (int64_t{1} << 24);
+  return std::max<int64_t>(1, budget / std::max<int64_t>(r * in, 1));
+}
+
+}  // namespace
+
+at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block) {
+  return weight.scalar_type() == at::kDouble || block.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                              std::optional<at::ScalarType> dtype) {
+  check_bat_transform_args(w, m, p);
+  check_out_dtype("bat_transform dtype", dtype);
+  const at::ScalarType out_dtype = dtype.value_or(w.scalar_type());
+  // Kernels write w's dtype or the compute dtype (kernels.h); anything else is one cast after.
+  const bool native = out_dtype == w.scalar_type() || out_dtype == m.scalar_type();
+  const at::Tensor w2 = w.contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(native ? out_dtype : m.scalar_type()));
+  if (w.numel() > 0) kernel(w2, out, m.contiguous(), p.contiguous());
+  return native ? out : out.to(out_dtype);
+}
+
+void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+  check_bat_transform_args(w, m, p);
+  TORCH_CHECK_VALUE(!w.is_alias_of(m) && !w.is_alias_of(p), "miss: bat_transform_ m and p must not share memory with w");
+  if (w.numel() == 0) return;
+  if (w.is_contiguous()) {
+    kernel(w, w, m.contiguous(), p.contiguous());
+  } else {
+    at::Tensor w2 = w.contiguous();
+    kernel(w2, w2, m.contiguous(), p.contiguous());
+    w.copy_(w2);
+  }
+}
+
+std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype) {
+  const int64_t r = static_size(block, 1);
+  const at::Tensor b64 = block.to(at::kDouble);
+  const at::Tensor eye = at::eye(r, b64.options());
+  const at::Tensor a = b64 + eye;  // I + B_i, batched
+  if (!reverse) return {a.to(dtype), block.to(dtype)};
+  // Before anything is computed from it: every I + B_i must be finite and safely invertible.
+  // This reads values on the host (a sync), which unmerge can afford.
+  const at::Tensor finite = at::isfinite(b64).flatten(1).all(1);
+  if (!finite.all().item<bool>()) {
+    const int64_t index = at::logical_not(finite).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: miss_block[", index,
+                      "] holds non-finite values. The weight was left unchanged.");
+  }
+  const at::Tensor cond = at::linalg_cond(a);
+  const at::Tensor bad = at::logical_not(cond <= kBatMaxCondition);  // also catches inf and nan
+  if (bad.any().item<bool>()) {
+    const int64_t index = bad.nonzero()[0][0].item<int64_t>();
+    const double value = cond[index].item<double>();
+    TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: I + miss_block[", index,
+                      "] is singular or ill-conditioned (condition number ",
+                      std::isfinite(value) ? std::to_string(value) : std::string("inf: singular"), " > ",
+                      kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would not restore the weight. "
+                      "The weight was left unchanged.");
+  }
+  const at::Tensor inv = at::linalg_solve(a, eye.expand_as(a));
+  return {inv.to(dtype), at::neg(at::bmm(b64, inv)).to(dtype)};
+}
+
+at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
+  check_bat_args(weight, block);
+  check_out_dtype("bat_weight dtype", dtype);
+  const auto mp = bat_affine(block, /*reverse=*/false, bat_compute_dtype(weight, block));
+  return ops::bat_transform(weight, mp[0], mp[1], dtype.value_or(block.scalar_type()));
+}
+
+void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse) {
+  check_bat_args(weight, block);
+  // Everything that can fail (the conditioning check) happens before the weight is touched.
+  const auto mp = bat_affine(block, reverse, bat_compute_dtype(weight, block));
+  ops::bat_transform_(weight, mp[0], mp[1]);
+}
+
+at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
+  check_bat_linear_args(x, weight, bias, block, compute_dtype);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // PEFT's precision: W' is built in (and the GEMM runs in) the block's dtype, x and bias are
+  // cast to it, and the result is cast back to x's dtype.
+  const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
+  const at::Tensor wprime = ops::bat_weight(weight, block, cd);
+  const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)}).to(cd);
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->to(cd);
+  const at::Tensor y = at::linear(x2, wprime, b).to(x.scalar_type());
+  return y.view_symint(with_last(x, weight.sym_size(0)));
+}
+
+at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
+  const int64_t r = static_size(block, 1);
+  const int64_t blocks = static_size(block, 0);
+  const int64_t in = static_size(weight, 1);
+  const at::ScalarType bd = block.scalar_type();
+  const at::Tensor gp = grad_wprime.to(bd);
+  // sum_j G'_ij (the "+ I" part), folded over column blocks in one pass ...
+  const at::Tensor gsum = ops::fold(grad_wprime, r, 0.0, std::nullopt, bd).view({blocks, r, r});
+  // ... plus sum_j W_ij^T G'_ij as one batched GEMM over the (row, column-block) pairs of a block.
+  return at::baddbmm(gsum, weight.to(bd).reshape({blocks, in, r}).transpose(1, 2), gp.reshape({blocks, in, r}));
+}
+
+at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
+  const at::ScalarType ct = bat_compute_dtype(weight, block);
+  const at::Tensor m = bat_affine(block, false, ct)[0].transpose(1, 2).contiguous();  // (I + B_i)^T
+  return ops::bat_transform(grad_wprime, m, at::zeros_like(m), weight.scalar_type());
+}
+
+BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, at::ScalarType x_dtype,
+                                   const at::Tensor& weight, at::ScalarType bias_dtype, const at::Tensor& block,
+                                   std::optional<at::ScalarType> compute_dtype, BatNeeds needs) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  BatLinearGrads grads;
+  const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
+  const c10::SymInt rows = sym_leading_rows(grad_y);
+  const at::Tensor g = grad_y.reshape_symint({rows, weight.sym_size(0)}).to(cd);
+  if (needs[0]) {
+    const at::Tensor wprime = ops::bat_weight(weight, block, cd);  // rebuilt, not saved
+    grads.x = at::mm(g, wprime).to(x_dtype).view_symint(with_last(grad_y, weight.sym_size(1)));
+  }
+  if (needs[2]) grads.bias = g.sum(0).to(bias_dtype);
+  if (needs[1] || needs[3]) {
+    const int64_t r = static_size(block, 1), blocks = static_size(block, 0), in = static_size(weight, 1);
+    const at::Tensor x2 = x.reshape_symint({rows, weight.sym_size(1)}).to(cd);
+    const int64_t step = blocks_per_chunk(x, r, in);
+    std::vector<at::Tensor> block_parts, weight_parts;
+    for (int64_t i0 = 0; i0 < blocks; i0 += step) {
+      const int64_t n = std::min(step, blocks - i0);
+      // G' for row blocks [i0, i0 + n): (n*r, in), reduced right away.
+      const at::Tensor gp = at::mm(g.narrow(1, i0 * r, n * r).t(), x2);
+      const at::Tensor w_part = weight.narrow(0, i0 * r, n * r);
+      const at::Tensor b_part = block.narrow(0, i0, n);
+      if (needs[3]) block_parts.push_back(bat_block_grad(gp, w_part, b_part));
+      if (needs[1]) weight_parts.push_back(bat_weight_grad(gp, w_part, b_part));
+    }
+    if (needs[3]) grads.block = block_parts.size() == 1 ? block_parts[0] : at::cat(block_parts);
+    if (needs[1]) grads.weight = weight_parts.size() == 1 ? weight_parts[0] : at::cat(weight_parts);
+  }
+  return grads;
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,66 @@
+// Bat (block-affine) MiSS: W' = W + W_ij B_i + B_i for r x r tiles W_ij of W (out, in) and the
+// block B (out/r, r, r); y = x W'^T + b. Index math in common/bat_index.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+
+#include "kernels.h"
+
+namespace miss_ext {
+namespace ops {
+
+// C++ API (dispatcher calls).
+at::Tensor bat_transform(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                         std::optional<at::ScalarType> dtype = std::nullopt);
+void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
+at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block,
+                      std::optional<at::ScalarType> dtype = std::nullopt);
+at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& block, std::optional<at::ScalarType> compute_dtype = std::nullopt);
+
+}  // namespace ops
+
+// Backend wrappers of bat_transform / bat_transform_ around one backend's kernel.
+at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                              std::optional<at::ScalarType> dtype);
+void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
+
+// Float64 when the weight or the block is float64, else float32: the dtype of M, P and of the
+// kernels' accumulation.
+at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block);
+
+// (M, P) of the bat transform: merge M = I + B, P = B; unmerge M = (I+B)^-1, P = -B (I+B)^-1 from
+// a batched float64 solve, after checking every I + B_i is well conditioned (ValueError naming
+// the block and its condition number otherwise). In `dtype`.
+std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype);
+
+// Largest accepted condition number of I + B_i for unmerge. The restored weight's relative
+// error grows like cond * eps(float32) ~ 1e4 * 6e-8 < 1e-3.
+constexpr double kBatMaxCondition = 1e4;
+
+// Composite kernels (device-generic, dispatcher calls only).
+at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype);
+at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& block, std::optional<at::ScalarType> compute_dtype);
+void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse);
+
+// dL/dB from dL/dW' (G', weight-shaped): dB_i = sum_j (W_ij + I)^T G'_ij, in the block's dtype.
+at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block);
+// dL/dW from dL/dW': dW_ij = G'_ij (I + B_i)^T, in the weight's dtype.
+at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block);
+
+struct BatLinearGrads {
+  at::Tensor x, weight, bias, block;
+};
+using BatNeeds = std::array<bool, 4>;  // x, weight, bias, block
+
+// Backward of bat_linear: W' is rebuilt from (weight, block), never saved. G' = G^T x is
+// computed in chunks of row blocks, each reduced to its slice of dB (and dW) at once. x is
+// needed (and may only be defined) when the weight or block gradient is.
+BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, at::ScalarType x_dtype,
+                                   const at::Tensor& weight, at::ScalarType bias_dtype, const at::Tensor& block,
+                                   std::optional<at::ScalarType> compute_dtype, BatNeeds needs);
+
+}  // namespace miss_ext
