@@ -107,7 +107,10 @@ def extensions():
     write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch)
 
     defines = ["-DMISS_EXT_SETUP_PY"] + (["-DMISS_EXT_WITH_CUDA"] if with_cuda else [])
-    cxx = ["-O3"] + defines
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # extension itself is compiled with OpenMP (torch's CPU backend is OpenMP; the runtime is
+    # the libgomp torch already loads). Without it every CPU kernel ran on one thread.
+    cxx = ["-O3", "-fopenmp"] + defines
     print(f"miss_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
           + (f" (toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})"
              if with_cuda else ""))
@@ -116,9 +119,11 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "miss_ext._C", sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + defines},
+            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

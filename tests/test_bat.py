@@ -267,10 +267,10 @@ def test_bat_linear_no_bias(device, in_f, out_f, r, dtype, train_base):
     _check_bat_linear(x, w, None, blk)
 
 
-@pytest.mark.parametrize("in_f,out_f,r", [(1024, 576, 64), (2048, 384, 128)], ids=["9-blocks-chunks-4+4+1",
+@pytest.mark.parametrize("in_f,out_f,r", [(4096, 1152, 128), (2048, 384, 128)], ids=["9-blocks-chunks-4+4+1",
                                                                                      "3-blocks-chunk-1"])
 def test_bat_linear_chunked_backward(device, in_f, out_f, r):
-    """The backward builds G' in chunks of row blocks (about 1 MiB on the CPU): several chunks and a
+    """The backward builds G' in chunks of row blocks (2^21 elements on the CPU, bat.cpp): several chunks and a
     short last one must give the same gradients as one piece."""
     x, w, b, blk = _bat_linear_inputs(in_f, out_f, r, (4,), torch.float32, device, train_base=True, scale=0.05)
     _check_bat_linear(x, w, b, blk, c=32.0)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/sym_shape.h"
 #include "fold.h"
 
 namespace miss_ext {
@@ -49,25 +50,12 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const std::
 
 namespace {
 
-int64_t static_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
-
-c10::SymInt sym_leading_rows(const at::Tensor& t) {
-  c10::SymInt rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
-  return rows;
-}
-
-std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
-  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
-  shape.back() = last;
-  return shape;
-}
-
-// Row blocks per chunk of G' in the backward: about 1 MiB of float32 on the CPU, where a chunk
-// then stays in cache between its GEMM and its reduction and the allocator reuses it; 64 MiB
-// elsewhere (GPU GEMMs want large tiles, and memory is not the constraint there).
+// Row blocks per chunk of G' in the backward. Chunks bound the G' temporary (it is reduced to
+// dB chunk by chunk), but a GEMM with few output rows runs slower: on the CPU (MKL, 2 threads,
+// T=4096, 2048 x 2048) 128-row chunks took 1.7x the time of one full GEMM, 1024-row chunks
+// 1.03x. So about 8 MiB of float32 per chunk on the CPU, 64 MiB elsewhere.
 int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
-  const int64_t budget = x.device().is_cpu() ? (int64_t{1} << 18) : (int64_t{1} << 24);
+  const int64_t budget = x.device().is_cpu() ? (int64_t{1} << 21) : (int64_t{1} << 24);
   return std::max<int64_t>(1, budget / std::max<int64_t>(r * in, 1));
 }
 

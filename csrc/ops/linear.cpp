@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
+#include "common/sym_shape.h"
 #include "fold.h"
 
 namespace miss_ext {
@@ -19,27 +20,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }
 
 }  // namespace ops
-
-namespace {
-
-c10::SymInt sym_leading_rows(const at::Tensor& t) {
-  c10::SymInt rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
-  return rows;
-}
-
-// `t`'s leading sizes followed by `last`.
-std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
-  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
-  shape.back() = last;
-  return shape;
-}
-
-// r, mini_r as plain integers. Under torch.compile they come from parameter shapes, which are
-// static; if they are symbolic this specialises on them (a guard), which is still correct.
-int64_t static_size(const at::Tensor& t, int64_t dim) { return t.sym_size(dim).guard_int(__FILE__, __LINE__); }
-
-}  // namespace
 
 LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
+#include "common/sym_shape.h"
 #include "bat.h"
 #include "fold.h"
 
@@ -43,8 +44,8 @@ at::Tensor merge_kernel(const at::Tensor& weight, const at::Tensor& block, bool 
 at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block,
                             bool reverse) {
   if (block.dim() == 3) return bat_block_grad(grad_weight, weight, block);
-  const int64_t r = block.sym_size(0).guard_int(__FILE__, __LINE__);
-  const int64_t mini_r = block.sym_size(1).guard_int(__FILE__, __LINE__);
+  const int64_t r = static_size(block, 0);
+  const int64_t mini_r = static_size(block, 1);
   const at::Tensor by_in = ops::fold(grad_weight, r, 0.0, std::nullopt, block.scalar_type());  // (out, r)
   at::Tensor grad = ops::fold(by_in.t(), mini_r, 0.0, std::nullopt, block.scalar_type());       // (r, mini_r)
   return reverse ? grad.neg() : grad;

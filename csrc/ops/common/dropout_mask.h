@@ -76,11 +76,17 @@ MISS_HD bool dropout_keep(const DropoutKey& key, uint32_t word) {
   return static_cast<uint64_t>(word) >= key.threshold;
 }
 
+// Word `lane` (0..3) of a group. A select chain rather than words.w[lane]: on the GPU a
+// run-time index into the array would put the four words in local memory.
+MISS_HD uint32_t dropout_word(const Words4& words, int64_t lane) {
+  return lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
+}
+
 // Whether element (row, col) is kept: the scalar path, for columns not visited in aligned
 // groups of four.
 MISS_HD bool dropout_keep_at(const DropoutKey& key, int64_t row, int64_t col) {
   const Words4 words = dropout_words(key, row, col >> 2);
-  return dropout_keep(key, words.w[col & 3]);
+  return dropout_keep(key, dropout_word(words, col & 3));
 }
 
 }  // namespace miss_ext

@@ -1,8 +1,13 @@
 // CUDA kernels for fold and tile_add (see kernels.h for the contract).
 //
-// fold:     one thread per (row, VEC consecutive shard columns). It walks the row with stride r,
-//           loading VEC elements (16 bytes) at a time. Neighbouring threads load neighbouring
-//           16-byte chunks, so the loads coalesce.
+// fold:     two kernels (launch_fold picks one):
+//           - fold_kernel: one thread per (row, VEC consecutive shard columns). It walks the row
+//             with stride r, loading VEC elements (16 bytes) at a time. Neighbouring threads load
+//             neighbouring 16-byte chunks, so the loads coalesce (when r / VEC >= 32).
+//           - fold_rows_kernel: one block per row, for small power-of-two r or few rows. The block
+//             streams the row with coalesced loads and reduces 256 * VEC partial sums to the r
+//             shard columns with a fixed tree in shared memory (deterministic, but summed in a
+//             different order than the CPU kernel).
 // tile_add: one thread per 16 bytes of out (read, add, write back). The src rows are small and
 //           stay in cache.
 // Both fall back to a scalar variant (VEC = 1) when sizes or alignment forbid vectors. Indexing is
@@ -15,9 +20,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -32,6 +34,8 @@ template <typename A, typename B>
 using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
 
 constexpr int kThreads = 256;
+// Grid cap of the grid-stride loops.
+constexpr int64_t kMaxBlocks = 65536;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -42,15 +46,18 @@ struct alignas(sizeof(T) * N) Vec {
 // large tensors reuse threads instead of launching millions of blocks.
 unsigned int grid_for(int64_t total) {
   const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65536));
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Per-element keep factors for VEC consecutive columns starting at col (col % VEC == 0).
+// One Philox call per group of four columns (one per pair for VEC == 2); word indices are
+// compile-time constants or selects, never a run-time array index (which would use local memory).
 template <typename acc, int VEC>
 __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, int64_t row, int64_t col,
                                              acc (&f)[VEC]) {
+  static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "keep_factors: VEC must be 1, 2 or a multiple of 4");
   if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int q = 0; q < VEC; q += 4) {
@@ -58,9 +65,14 @@ __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, i
 #pragma unroll
       for (int l = 0; l < 4; ++l) f[q + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
     }
+  } else if constexpr (VEC == 2) {
+    // col is even: the pair is lanes (0, 1) or (2, 3) of one group.
+    const Words4 words = dropout_words(key, row, col >> 2);
+    const bool upper = (col & 2) != 0;
+    f[0] = dropout_keep(key, upper ? words.w[2] : words.w[0]) ? scale : acc(0);
+    f[1] = dropout_keep(key, upper ? words.w[3] : words.w[1]) ? scale : acc(0);
   } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) f[k] = dropout_keep_at(key, row, col + k) ? scale : acc(0);
+    f[0] = dropout_keep_at(key, row, col) ? scale : acc(0);
   }
 }
 
@@ -100,6 +112,59 @@ __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, i
   }
 }
 
+// fold with one block of kThreads threads per row (grid-stride over rows). Preconditions: r is a
+// power of two with r <= kThreads * VEC; for VEC > 1, in % VEC == 0 and x is 16-byte aligned.
+// Thread t loads the vectors c = t, t + kThreads, ... of the row (columns c*VEC .. c*VEC+VEC-1;
+// neighbouring threads, neighbouring 16 bytes) and sums lane k into sum[k]. Every column it adds
+// to sum[k] is congruent to p = t*VEC + k modulo kSlots = kThreads * VEC, and r divides kSlots, so
+// slot p of the partial sums in shared memory belongs to shard column p mod r. Halving the slots
+// (part[p] += part[p + half] for p < half, half = kSlots/2 .. r) keeps those classes and leaves
+// shard column j in part[j]. The order of every addition is fixed: results are deterministic.
+// Columns j >= in get no term and come out 0; a vector is wholly inside the row (in % VEC == 0).
+template <typename in_t, typename out_t, int VEC, bool DROPOUT>
+__global__ void fold_rows_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
+                                 int64_t r, DropoutKey key) {
+  using acc = acc_t<in_t, out_t>;
+  constexpr int kSlots = kThreads * VEC;
+  __shared__ Vec<acc, VEC> part_v[kThreads];
+  acc* part = reinterpret_cast<acc*>(part_v);
+  const acc scale = static_cast<acc>(key.scale);
+  const int t = threadIdx.x;
+  const int nr = static_cast<int>(r);
+  const int64_t chunks = in / VEC;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const in_t* xr = x + row * in;
+    Vec<acc, VEC> sum;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum.v[k] = acc(0);
+#pragma unroll 4
+    for (int64_t c = t; c < chunks; c += kThreads) {
+      const Vec<in_t, VEC> v = *reinterpret_cast<const Vec<in_t, VEC>*>(xr + c * VEC);
+      if constexpr (DROPOUT) {
+        acc f[VEC];
+        keep_factors<acc, VEC>(key, scale, row, c * VEC, f);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum.v[k] += static_cast<acc>(v.v[k]) * f[k];
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum.v[k] += static_cast<acc>(v.v[k]);
+      }
+    }
+    part_v[t] = sum;  // slots t*VEC .. t*VEC+VEC-1, one vector store
+    __syncthreads();
+    // Slot p < kThreads is only ever written by thread p during the tree. Once half <= 32, the
+    // next step reads slots < 32 only, all written by warp 0: a warp barrier is enough there.
+    for (int half = kSlots / 2; half >= nr; half >>= 1) {
+      for (int p = t; p < half; p += kThreads) part[p] += part[p + half];
+      if (half > 32) __syncthreads();
+      else __syncwarp();
+    }
+    out_t* sr = s + row * r;
+    for (int j = t; j < nr; j += kThreads) sr[j] = static_cast<out_t>(part[j]);
+    __syncthreads();  // the next row overwrites part
+  }
+}
+
 template <typename out_t, typename src_t, int VEC, bool DROPOUT>
 __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict__ src, int64_t rows, int64_t cols,
                                 int64_t period_rows, int64_t q, double alpha_d, DropoutKey key) {
@@ -133,13 +198,47 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
 }
 
 // at::Half / at::BFloat16 convert to and from float on the device, so kernels use them directly.
+template <typename in_t, typename out_t, int VEC>
+void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutKey& key,
+                      cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(rows, kMaxBlocks));  // rows >= 1
+  if (key.threshold != 0) fold_rows_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
+  else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
+}
+
+// Which fold kernel. fold_kernel runs rows * r / VEC threads, each summing in / r vectors one
+// after another. That is the right shape for many rows and wide shards, but it starves when
+//   - r / VEC < 32: a warp spans several rows with a stride of r elements, so its loads no
+//     longer coalesce into whole 512-byte runs, and there are few threads (mini mode's backward
+//     folds G (T x out) with r = mini_r, 1 by default: T threads each walking a whole row);
+//   - rows * r / VEC < 65536: too few threads to cover the memory latency of the device (a
+//     quarter of an H100/H200's resident threads), e.g. decode with T = 1..16.
+// fold_rows_kernel instead puts a block of 256 threads on each row (coalesced 16-byte loads,
+// in / (256 * VEC) vectors per thread) and pays a shared-memory tree of log2(256 * VEC / r)
+// steps per row. It needs r to be a power of two dividing 256 * VEC (256 for the scalar variant,
+// used when in % VEC != 0 or x is not 16-byte aligned). With many rows and r / VEC >= 32,
+// fold_kernel already has coalesced loads and enough threads, and needs no reduction.
+constexpr int64_t kFewThreads = 65536;
+
 template <typename in_t, typename out_t>
 void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutKey& key, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(in_t);
   const int64_t rows = x.size(0), in = x.size(1), r = s.size(1);
   const in_t* xp = x.const_data_ptr<in_t>();
   out_t* sp = s.mutable_data_ptr<out_t>();
-  const bool vec = r % kVec == 0 && in % kVec == 0 && aligned16(xp);
+  const bool vec_in = in % kVec == 0 && aligned16(xp);
+  const bool pow2 = (r & (r - 1)) == 0;  // r >= 1
+  if (pow2 && vec_in && r <= kThreads * kVec && (r / kVec < 32 || rows * (r / kVec) < kFewThreads)) {
+    launch_fold_rows<in_t, out_t, kVec>(xp, sp, rows, in, r, key, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (pow2 && !vec_in && r <= kThreads && (r < 32 || rows * r < kFewThreads)) {
+    launch_fold_rows<in_t, out_t, 1>(xp, sp, rows, in, r, key, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const bool vec = r % kVec == 0 && vec_in;
   const bool dropout = key.threshold != 0;
   const int64_t total = rows * (vec ? r / kVec : r);
   const unsigned int grid = grid_for(total);

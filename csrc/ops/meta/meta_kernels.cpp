@@ -4,15 +4,10 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "../common/sym_shape.h"
 
 namespace miss_ext {
 namespace {
-
-std::vector<c10::SymInt> with_last(const at::Tensor& t, const c10::SymInt& last) {
-  std::vector<c10::SymInt> shape(t.sym_sizes().begin(), t.sym_sizes().end());
-  shape.back() = last;
-  return shape;
-}
 
 at::Tensor fold_meta(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
                      std::optional<at::ScalarType> dtype) {
