@@ -201,7 +201,7 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
 template <typename in_t, typename out_t, int VEC>
 void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutKey& key,
                       cudaStream_t stream) {
-  const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(rows, kMaxBlocks));  // rows >= 1
+  const unsigned int grid = static_cast<unsigned int>(std::clamp<int64_t>(rows, 1, kMaxBlocks));
   if (key.threshold != 0) fold_rows_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
   else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
 }
