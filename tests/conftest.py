@@ -69,3 +69,25 @@ def rand(*shape, dtype=torch.float32, device="cpu", low=0.25, high=1.5, requires
     mag = torch.empty(shape, dtype=torch.float64).uniform_(low, high)
     sign = torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
     return (mag * sign).to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def run_fwd_bwd(layer, block, x, grad_out=None):
+    """Forward and backward of one layer; returns (y, x.grad, block.grad, grad_out)."""
+    x = x.detach().clone().requires_grad_(True)
+    block.grad = None
+    y = layer(x)
+    if grad_out is None:
+        grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    return y.detach(), x.grad, block.grad.clone(), grad_out
+
+
+def run_opcheck(op, samples):
+    """torch.library.opcheck on each (name, args, kwargs) sample, naming the one that fails."""
+    from torch.library import opcheck
+
+    for name, args, kwargs in samples:
+        try:
+            opcheck(op, args, kwargs)
+        except Exception as exc:  # name the sample that failed
+            raise AssertionError(f"opcheck({op}) failed on sample {name!r}: {exc}") from exc

@@ -35,7 +35,7 @@ from torch._dynamo.utils import counters
 
 import miss_ext
 from miss_ext import MissLinear
-from conftest import CUDA_AVAILABLE, poison_heap, rand
+from conftest import CUDA_AVAILABLE, poison_heap, rand, run_fwd_bwd, run_opcheck
 
 ops = torch.ops.miss
 F64 = torch.float64
@@ -267,10 +267,10 @@ def test_bat_linear_no_bias(device, in_f, out_f, r, dtype, train_base):
     _check_bat_linear(x, w, None, blk)
 
 
-@pytest.mark.parametrize("in_f,out_f,r", [(4096, 1152, 128), (2048, 384, 128)], ids=["9-blocks-chunks-4+4+1",
+@pytest.mark.parametrize("in_f,out_f,r", [(8192, 1152, 128), (2048, 384, 128)], ids=["9-blocks-chunks-4+4+1",
                                                                                      "3-blocks-chunk-1"])
 def test_bat_linear_chunked_backward(device, in_f, out_f, r):
-    """The backward builds G' in chunks of row blocks (2^21 elements on the CPU, bat.cpp): several chunks and a
+    """The backward builds G' in chunks of row blocks (2^22 elements on the CPU, bat.cpp): several chunks and a
     short last one must give the same gradients as one piece."""
     x, w, b, blk = _bat_linear_inputs(in_f, out_f, r, (4,), torch.float32, device, train_base=True, scale=0.05)
     _check_bat_linear(x, w, b, blk, c=32.0)
@@ -471,12 +471,6 @@ def test_gradcheck_bat_weight_and_merge(device, in_f, out_f, r):
     assert torch.autograd.gradcheck(lambda a, c, d: ops.bat_weight(ops.bat_weight(a, c), d), (w, blk, b2))
 
 
-def _run_opcheck(op, samples):
-    for name, args, kwargs in samples:
-        try:
-            opcheck(op, args, kwargs)
-        except Exception as exc:  # name the sample that failed
-            raise AssertionError(f"opcheck({op}) failed on sample {name!r}: {exc}") from exc
 
 
 def test_opcheck_bat_linear(device):
@@ -487,7 +481,7 @@ def test_opcheck_bat_linear(device):
         blk = rand(out_f // r, r, r, dtype=block_dtype_for(dtype), device=device, requires_grad=grad)
         return (x, w, b, blk), kw
 
-    _run_opcheck(ops.bat_linear.default, [
+    run_opcheck(ops.bat_linear.default, [
         ("2d", *case(8, 12, 4, (5,))),
         ("3d-grad", *case(10, 20, 2, (2, 3), grad=True)),
         ("1d-grad", *case(12, 6, 3, (), grad=True)),
@@ -508,7 +502,7 @@ def test_opcheck_bat_weight(device):
         blk = rand(out_f // r, r, r, dtype=b_dtype, device=device, requires_grad=grad)
         return (w, blk), kw
 
-    _run_opcheck(ops.bat_weight.default, [
+    run_opcheck(ops.bat_weight.default, [
         ("fp32", *case(8, 12, 4, False)),
         ("fp32-grad", *case(10, 20, 2, True)),
         ("r1-grad", *case(6, 9, 1, True)),
@@ -538,11 +532,11 @@ def test_opcheck_bat_transform(device):
     samples = _transform_samples(device)
     samples += [(n + "-to-bf16", a, {"dtype": torch.bfloat16}) for n, a, _ in samples[:2]]
     samples += [(n + "-to-fp64", a, {"dtype": F64}) for n, a, _ in samples[2:4]]
-    _run_opcheck(ops.bat_transform.default, samples)
+    run_opcheck(ops.bat_transform.default, samples)
 
 
 def test_opcheck_bat_transform_(device):
-    _run_opcheck(ops.bat_transform_.default, _transform_samples(device))
+    run_opcheck(ops.bat_transform_.default, _transform_samples(device))
 
 
 def _merge_samples(device, grad):
@@ -566,11 +560,11 @@ def _merge_samples(device, grad):
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_opcheck_merge_3d_block(device, grad):
-    _run_opcheck(ops.merge.default, _merge_samples(device, grad))
+    run_opcheck(ops.merge.default, _merge_samples(device, grad))
 
 
 def test_opcheck_merge__3d_block(device):
-    _run_opcheck(ops.merge_.default, _merge_samples(device, grad=False))
+    run_opcheck(ops.merge_.default, _merge_samples(device, grad=False))
 
 
 # =============================================================================================
@@ -1178,14 +1172,6 @@ def assert_near(actual, expected, dtype, what=""):
     assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g} ({dtype})"
 
 
-def _fwd_bwd(layer, block, x, g=None):
-    x = x.detach().clone().requires_grad_(True)
-    block.grad = None
-    y = layer(x)
-    if g is None:
-        g = torch.randn_like(y)
-    y.backward(g)
-    return y.detach(), x.grad, block.grad.clone(), g
 
 
 PEFT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[5]]
@@ -1202,8 +1188,8 @@ def test_forward_backward_matches_peft(device, in_f, out_f, r, lead, dtype):
     pytest.importorskip("peft")
     _, peft_layer, ours = make_peft_pair(in_f, out_f, r, dtype, device)
     x = torch.randn(*lead, in_f, dtype=dtype, device=device)
-    y_ref, gx_ref, gb_ref, g = _fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = _fwd_bwd(ours, ours.miss_block, x, g)
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
     assert y.shape == (*lead, out_f)
     assert_near(y, y_ref, dtype, "output")
     assert_near(gx, gx_ref, dtype, "x.grad")
@@ -1218,8 +1204,8 @@ def test_no_bias_matches_peft(device):
     _, peft_layer, ours = make_peft_pair(10, 20, 2, torch.float32, device, bias=False)
     assert ours.base_layer.bias is None
     x = torch.randn(3, 4, 10, device=device)
-    y_ref, gx_ref, gb_ref, g = _fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = _fwd_bwd(ours, ours.miss_block, x, g)
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
     assert_near(y, y_ref, torch.float32, "output")
     assert_near(gx, gx_ref, torch.float32, "x.grad")
     assert_near(gb, gb_ref, torch.float32, "miss_block.grad")
@@ -1362,7 +1348,7 @@ def test_torchscript_save_load_forward_backward(device):
     loaded = torch.jit.load(buf, map_location=device)
     assert torch.equal(loaded.miss_block, m.miss_block) and loaded.miss_block.shape == (3, 4, 4)
     x = torch.randn(2, 5, 8, device=device)
-    y_e, gx_e, gb_e, g = _fwd_bwd(m, m.miss_block, x)
+    y_e, gx_e, gb_e, g = run_fwd_bwd(m, m.miss_block, x)
     xs = x.clone().requires_grad_(True)
     y_s = loaded(xs)
     y_s.backward(g)

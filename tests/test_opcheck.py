@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from conftest import rand
+from conftest import rand, run_opcheck
 
 ops = torch.ops.miss
 F64 = torch.float64
@@ -95,33 +95,27 @@ def merge_samples(device, grad):
     ]
 
 
-def _run_opcheck(op, samples):
-    for name, args, kwargs in samples:
-        try:
-            opcheck(op, args, kwargs)
-        except Exception as exc:  # name the sample that failed
-            raise AssertionError(f"opcheck({op}) failed on sample {name!r}: {exc}") from exc
 
 
 def test_opcheck_fold(device):
-    _run_opcheck(ops.fold.default, fold_samples(device))
+    run_opcheck(ops.fold.default, fold_samples(device))
 
 
 def test_opcheck_tile_add_(device):
-    _run_opcheck(ops.tile_add_.default, tile_add_samples(device))
+    run_opcheck(ops.tile_add_.default, tile_add_samples(device))
 
 
 def test_opcheck_linear(device):
-    _run_opcheck(ops.linear.default, linear_samples(device))
+    run_opcheck(ops.linear.default, linear_samples(device))
 
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_opcheck_merge(device, grad):
-    _run_opcheck(ops.merge.default, merge_samples(device, grad))
+    run_opcheck(ops.merge.default, merge_samples(device, grad))
 
 
 def test_opcheck_merge_(device):
-    _run_opcheck(ops.merge_.default, merge_samples(device, grad=False))
+    run_opcheck(ops.merge_.default, merge_samples(device, grad=False))
 
 
 # ---------------------------------------------------------------------------------------------

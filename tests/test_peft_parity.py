@@ -22,6 +22,7 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
 from miss_ext import MissLinear  # noqa: E402
+from conftest import run_fwd_bwd  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -110,15 +111,6 @@ def make_pair(in_f, out_f, r, mode, mini_r, dtype, device, dropout=0.0, bias=Tru
     return peft_model, peft_layer, ours
 
 
-def run_fwd_bwd(layer, block, x, grad_out=None):
-    """Forward and backward of one layer; returns (y, x.grad, block.grad, grad_out)."""
-    x = x.detach().clone().requires_grad_(True)
-    block.grad = None
-    y = layer(x)
-    if grad_out is None:
-        grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    return y.detach(), x.grad, block.grad.clone(), grad_out
 
 
 # ---------------------------------------------------------------------------------------------

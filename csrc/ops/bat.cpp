@@ -52,10 +52,11 @@ namespace {
 
 // Row blocks per chunk of G' in the backward. Chunks bound the G' temporary (it is reduced to
 // dB chunk by chunk), but a GEMM with few output rows runs slower: on the CPU (MKL, 2 threads,
-// T=4096, 2048 x 2048) 128-row chunks took 1.7x the time of one full GEMM, 1024-row chunks
-// 1.03x. So about 8 MiB of float32 per chunk on the CPU, 64 MiB elsewhere.
+// T=4096, 2048 x 2048) 128-row chunks took 1.7x the time of one full GEMM and 1024-row chunks
+// about 1.03x. So up to 16 MiB of float32 per chunk on the CPU (one chunk for a 2048 x 2048
+// layer), 64 MiB elsewhere.
 int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
-  const int64_t budget = x.device().is_cpu() ? (int64_t{1} << 21) : (int64_t{1} << 24);
+  const int64_t budget = x.device().is_cpu() ? (int64_t{1} << 22) : (int64_t{1} << 24);
   return std::max<int64_t>(1, budget / std::max<int64_t>(r * in, 1));
 }
 
