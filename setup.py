@@ -127,16 +127,19 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+# Guarded so tests can import the build decisions (tests/test_build_config.py); pip and
+# `python setup.py` run this file as __main__.
+if __name__ == "__main__":
+    ext_modules, cmdclass = extensions()
 
-setup(
-    name="miss_ext",
-    version="0.1.0",
-    description="Fast MiSS (Matrix Shard Sharing) fine-tuning: CUDA/CPU kernels as torch.ops.miss",
-    packages=find_packages(include=["miss_ext", "miss_ext.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.11"],
-    extras_require={"peft": ["peft", "safetensors"]},
-)
+    setup(
+        name="miss_ext",
+        version="0.1.0",
+        description="Fast MiSS (Matrix Shard Sharing) fine-tuning: CUDA/CPU kernels as torch.ops.miss",
+        packages=find_packages(include=["miss_ext", "miss_ext.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        python_requires=">=3.9",
+        install_requires=["torch>=2.11"],
+        extras_require={"peft": ["peft", "safetensors"]},
+    )

@@ -1,0 +1,68 @@
+"""The build decisions of setup.py: CUDA on/off from MISS_EXT_CUDA, torch and the toolkit."""
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def setup_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("miss_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the functions; setup() only runs as __main__
+    monkeypatch.delenv("MISS_EXT_CUDA", raising=False)
+    return module
+
+
+class CpuTorch:
+    __version__ = "2.13.0+cpu"
+
+    class version:
+        cuda = None
+
+
+class CudaTorch:
+    __version__ = "2.14.1+cu130"
+
+    class version:
+        cuda = "13.0"
+
+
+def test_forced_cuda_with_cpu_torch_fails_loudly(setup_module, monkeypatch):
+    monkeypatch.setenv("MISS_EXT_CUDA", "1")
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        setup_module.decide_cuda(CpuTorch)
+
+
+def test_forced_cuda_without_toolkit_fails_loudly(setup_module, monkeypatch, tmp_path):
+    monkeypatch.setenv("MISS_EXT_CUDA", "1")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # not a toolkit
+    with pytest.raises(RuntimeError, match="no CUDA toolkit"):
+        setup_module.decide_cuda(CudaTorch)
+
+
+def test_forced_off_and_bad_values(setup_module, monkeypatch):
+    monkeypatch.setenv("MISS_EXT_CUDA", "0")
+    assert setup_module.decide_cuda(CudaTorch) == (False, None)
+    monkeypatch.setenv("MISS_EXT_CUDA", "yes")
+    with pytest.raises(RuntimeError, match="must be 0, 1 or unset"):
+        setup_module.decide_cuda(CudaTorch)
+
+
+def test_auto_never_builds_cuda_for_cpu_torch(setup_module):
+    assert setup_module.decide_cuda(CpuTorch)[0] is False
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_toolkit_found_behind_an_nvcc_wrapper(setup_module, monkeypatch):
+    """nvcc on PATH may be a wrapper script (it is on the CI machine): the real root is found."""
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    root = setup_module.find_cuda_home()
+    assert root is not None and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+    assert os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+    assert setup_module.decide_cuda(CudaTorch) == (True, root)
