@@ -91,3 +91,16 @@ def run_opcheck(op, samples):
             opcheck(op, args, kwargs)
         except Exception as exc:  # name the sample that failed
             raise AssertionError(f"opcheck({op}) failed on sample {name!r}: {exc}") from exc
+
+
+@pytest.fixture
+def dynamo_reset():
+    """A clean torch.compile state (caches and counters) before and after a test."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()

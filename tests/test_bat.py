@@ -1381,13 +1381,6 @@ def test_torchscript_functions_call_bat_ops(device):
         assert bs.grad is not None and bs.grad.abs().sum() > 0
 
 
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
 
 
 def _check_compile(backend, m, sizes, device, exact):

@@ -374,13 +374,6 @@ def test_torchscript_functions_call_ops_directly(device):
 # torch.compile
 
 
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
 
 
 def _compiled_fwd_bwd(compiled, eager, x, g, seed=5):
