@@ -94,10 +94,13 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
 
 std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype) {
   const int64_t r = static_size(block, 1);
+  if (!reverse) {  // the forward path (every bat forward and backward): no float64 detour
+    const at::Tensor b = block.to(dtype);
+    return {b + at::eye(r, b.options()), b};
+  }
   const at::Tensor b64 = block.to(at::kDouble);
   const at::Tensor eye = at::eye(r, b64.options());
   const at::Tensor a = b64 + eye;  // I + B_i, batched
-  if (!reverse) return {a.to(dtype), block.to(dtype)};
   // Before anything is computed from it: every I + B_i must be finite and safely invertible.
   // This reads values on the host (a sync), which unmerge can afford.
   const at::Tensor finite = at::isfinite(b64).flatten(1).all(1);

@@ -8,10 +8,16 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "host_device.h"
 
 namespace miss_ext {
+
+// Accumulation type of a kernel reading A and writing B: float64 when either is float64, else
+// float32 (also for fp16/bf16 data). Shared so both backends accumulate alike.
+template <typename A, typename B>
+using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
 
 // Number of terms summed into shard column j (0 when j >= in).
 MISS_HD int64_t fold_terms(int64_t in, int64_t r, int64_t j) {

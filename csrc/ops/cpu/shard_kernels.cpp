@@ -20,10 +20,6 @@
 namespace miss_ext {
 namespace {
 
-// float64 when either side is float64, else float32.
-template <typename A, typename B>
-using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
-
 // Rows per parallel task: about 64 K elements of work each.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
 

@@ -30,9 +30,6 @@
 namespace miss_ext {
 namespace {
 
-template <typename A, typename B>
-using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
-
 constexpr int kThreads = 256;
 // Grid cap of the grid-stride loops.
 constexpr int64_t kMaxBlocks = 65536;
