@@ -2,13 +2,32 @@
 
 Importing the package loads the compiled op library, which registers `torch.ops.miss.*` with
 the dispatcher (CPU always; CUDA when built with it). See README.md.
+
+- layers and ops: `MissLinear`, `miss_ext.ops` (also re-exported here);
+- models without PEFT: `apply_miss`, `merge_and_unload`, `save_adapter` / `load_adapter` (PEFT's
+  file format), `export_lora`;
+- PEFT models: `miss_ext.peft.accelerate(peft_model)` / `restore` (imported on first use, so
+  `import miss_ext` does not import PEFT).
 """
+import importlib
+
 from ._library import build_info
+from .adapter_files import load_adapter, save_adapter
+from .lora import export_lora
+from .model import apply_miss, merge_and_unload, miss_layers
 from .modules import MissLinear
 from .ops import bat_linear, bat_weight, fold, linear, merge, merge_, new_dropout_key, tile_add_
 
 __all__ = [
-    "MissLinear", "bat_linear", "bat_weight", "build_info", "fold", "linear", "merge", "merge_", "new_dropout_key",
+    "MissLinear", "apply_miss", "bat_linear", "bat_weight", "build_info", "export_lora", "fold", "linear",
+    "load_adapter", "merge", "merge_", "merge_and_unload", "miss_layers", "new_dropout_key", "save_adapter",
     "tile_add_",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `miss_ext.peft` needs PEFT installed; load it only when asked for.
+    if name == "peft":
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module 'miss_ext' has no attribute {name!r}")

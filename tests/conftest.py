@@ -30,6 +30,8 @@ def pytest_configure(config):
         r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning",
         r"ignore:.*TorchScript.*deprecated:FutureWarning",
         r"ignore:.*TorchScript.*deprecated:DeprecationWarning",
+        # transformers' own deprecation notice, raised by its training forward on tiny models
+        r"ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
     ):
         config.addinivalue_line("filterwarnings", line)
 

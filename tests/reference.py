@@ -126,6 +126,17 @@ def merge_ref(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
     return weight.to(F64) - dw if reverse else weight.to(F64) + dw
 
 
+def bat_weight_ref(w, blk):
+    """W' (out, in) in float64: tiles[i, a, j, k] = W[i r + a, j r + k];
+    W'[i r + a, j r + b] = W[..] + sum_k tiles[i, a, j, k] B[i, k, b] + B[i, a, b]. Differentiable."""
+    w, b = w.to(F64), blk.to(F64)
+    out_f, in_f = w.shape
+    r = b.shape[-1]
+    tiles = w.reshape(out_f // r, r, in_f // r, r)
+    wp = tiles + torch.einsum("iajk,ikb->iajb", tiles, b) + b[:, :, None, :]
+    return wp.reshape(out_f, in_f)
+
+
 def peft_precision_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                               mask: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
     """PEFT's rounding: base GEMM rounded in x's dtype (torch's own F.linear), adapter branch

@@ -36,6 +36,7 @@ from torch._dynamo.utils import counters
 import miss_ext
 from miss_ext import MissLinear
 from conftest import CUDA_AVAILABLE, poison_heap, rand, run_fwd_bwd, run_opcheck
+from reference import bat_weight_ref
 
 ops = torch.ops.miss
 F64 = torch.float64
@@ -47,17 +48,6 @@ HALF = (torch.float16, torch.bfloat16)
 # =============================================================================================
 # independent float64 reference (written from the formula, not from csrc/)
 # =============================================================================================
-def bat_weight_ref(w, blk):
-    """W' (out, in) in float64: tiles[i, a, j, k] = W[i r + a, j r + k];
-    W'[i r + a, j r + b] = W[..] + sum_k tiles[i, a, j, k] B[i, k, b] + B[i, a, b]. Differentiable."""
-    w, b = w.to(F64), blk.to(F64)
-    out_f, in_f = w.shape
-    r = b.shape[-1]
-    tiles = w.reshape(out_f // r, r, in_f // r, r)
-    wp = tiles + torch.einsum("iajk,ikb->iajb", tiles, b) + b[:, :, None, :]
-    return wp.reshape(out_f, in_f)
-
-
 def bat_weight_loop_ref(w, blk):
     """The same W' by explicit loops over tiles and elements (checks bat_weight_ref itself)."""
     w, b = w.to(F64), blk.to(F64)

@@ -1,0 +1,208 @@
+"""PEFT's MiSS adapter files, read and written without PEFT.
+
+A PEFT adapter directory holds `adapter_config.json` (`"peft_type": "MISS"`, r, mini_r,
+init_weights, miss_dropout, target_modules, ...) and `adapter_model.safetensors`, whose keys are
+`base_model.model.<module path>.miss_block` (adapter name stripped). Old Bone checkpoints say
+`"peft_type": "BONE"` and `.bone_block`; the math is the same. (Older PEFT releases wrote
+`adapter_model.bin` instead of safetensors; it is read too, with `torch.load(weights_only=True)`.)
+"""
+import json
+import os
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .model import miss_layers
+from .modules import MissLinear, block_shape
+from .targets import get_module, set_module
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+# peft_type -> the parameter name in its keys.
+BLOCK_NAMES = {"MISS": "miss_block", "BONE": "bone_block"}
+# PEFT's init_weights value <-> our mode.
+_INIT_OF_MODE = {"default": True, "mini": "mini", "bat": "bat"}
+
+
+def mode_of_init_weights(init_weights: object) -> str:
+    """PEFT's init_weights ("bat", "mini", True, False) -> "bat", "mini" or "default"."""
+    return init_weights if init_weights in ("bat", "mini") else "default"
+
+
+def _layer_settings(layer: MissLinear) -> Tuple[int, str, int, float]:
+    return layer.r, layer.mode, (layer.mini_r if layer.mode == "mini" else 1), layer.dropout
+
+
+def _uniform_settings(layers) -> Tuple[int, str, int, float]:
+    """One MissConfig describes every layer of a PEFT adapter, so the layers must agree."""
+    groups: Dict[Tuple, List[str]] = {}
+    for name, layer in layers:
+        groups.setdefault(_layer_settings(layer), []).append(name)
+    if len(groups) > 1:
+        text = "; ".join(f"r={s[0]}, mode={s[1]!r}, mini_r={s[2]}, dropout={s[3]}: {', '.join(n)}"
+                         for s, n in groups.items())
+        raise ValueError(f"a PEFT MiSS adapter has one r, mode, mini_r and dropout for all layers; this model "
+                         f"mixes {text}")
+    return next(iter(groups))
+
+
+def base_model_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
+    """Writes a PEFT adapter directory: the safetensors file, then the config."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
+                 base_model_name_or_path: Optional[str] = None) -> None:
+    """Writes the model's MissLinear adapters in PEFT's format into the directory `path`, so
+    `peft.PeftModel.from_pretrained(base_model, path)` loads them. task_type (e.g. "CAUSAL_LM")
+    is written into the config; PEFT then builds the matching PeftModel subclass."""
+    layers = miss_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
+    r, mode, mini_r, dropout = _uniform_settings(layers)
+    tensors = {f"{KEY_PREFIX}{name}.miss_block": layer.miss_block.detach().cpu().contiguous()
+               for name, layer in layers}
+    config = {
+        "peft_type": "MISS",
+        "r": r,
+        "mini_r": mini_r,
+        "init_weights": _INIT_OF_MODE[mode],
+        "miss_dropout": dropout,
+        # Full paths: PEFT matches a target equal to the module path exactly, so nothing else is hit.
+        "target_modules": [name for name, _ in layers],
+        "exclude_modules": None,
+        "bias": "none",
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
+        "inference_mode": True,
+        "revision": None,
+    }
+    write_adapter(path, tensors, config)
+
+
+def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(config, {module path: block}) of a PEFT MiSS or Bone adapter directory."""
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+    with open(config_file) as f:
+        config = json.load(f)
+    peft_type = config.get("peft_type")
+    if peft_type not in BLOCK_NAMES:
+        raise ValueError(f"{config_file}: peft_type={peft_type!r} is not a MiSS adapter (expected 'MISS' or 'BONE')")
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(weights_file):
+        from safetensors.torch import load_file
+        raw = load_file(weights_file)
+    elif os.path.isfile(os.path.join(path, LEGACY_WEIGHTS_NAME)):
+        raw = torch.load(os.path.join(path, LEGACY_WEIGHTS_NAME), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path!r}")
+    suffix = "." + BLOCK_NAMES[peft_type]
+    blocks, unexpected = {}, []
+    for key, value in raw.items():
+        if key.startswith(KEY_PREFIX) and key.endswith(suffix):
+            blocks[key[len(KEY_PREFIX):-len(suffix)]] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"{path}: keys that are not {peft_type} blocks ({KEY_PREFIX}<module path>{suffix}): "
+                         + ", ".join(unexpected))
+    return config, blocks
+
+
+def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[List[str], list]:
+    """Checks every block against the model; returns (problems, [(path, module, block)])."""
+    mode = mode_of_init_weights(config.get("init_weights", True))
+    r, mini_r = config.get("r"), config.get("mini_r", 1)
+    problems, plan = [], []
+    for path, block in blocks.items():
+        module = get_module(model, path)
+        if module is None:
+            problems.append(f"{path}: no such module in the model")
+            continue
+        linear = module.base_layer if isinstance(module, MissLinear) else module
+        if not isinstance(linear, nn.Linear):
+            problems.append(f"{path}: is a {type(module).__name__}, not an nn.Linear")
+            continue
+        out_features, in_features = linear.weight.shape
+        try:
+            expected = block_shape(mode, r, mini_r, in_features, out_features)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if tuple(block.shape) != expected:
+            problems.append(f"{path}: block shape {tuple(block.shape)} in the file, the model needs {expected} "
+                            f"(mode={mode!r}, r={r}, in={in_features}, out={out_features})")
+            continue
+        if isinstance(module, MissLinear):
+            if module.mode != mode or tuple(module.miss_block.shape) != expected:
+                problems.append(f"{path}: the model's MissLinear has mode={module.mode!r}, block shape "
+                                f"{tuple(module.miss_block.shape)}; the file has mode={mode!r}, shape {expected}")
+                continue
+            if module.merged:
+                problems.append(f"{path}: the model's MissLinear is merged; unmerge it before loading")
+                continue
+        if not block.is_floating_point():
+            problems.append(f"{path}: block dtype {block.dtype} is not floating point")
+            continue
+        plan.append((path, module, block))
+    missing = [name for name, _ in miss_layers(model) if name not in blocks]
+    problems += [f"{name}: the model has a MissLinear here, the file has no block for it" for name in missing]
+    return problems, plan
+
+
+def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.Module:
+    """Loads a PEFT MiSS (or old Bone) adapter directory into the model, in place, and returns it.
+
+    Plain nn.Linear layers at the file's paths become MissLinear layers; existing MissLinear
+    layers get the file's values in their own miss_block parameters (same objects, so optimizers
+    keep working). Every check runs first: a key, module or shape that does not fit raises
+    ValueError listing every difference, and the model is left as it was. With freeze_others
+    (the default, as PEFT), parameters other than miss_block stop requiring grad.
+    """
+    config, blocks = read_adapter(path)
+    if not blocks:
+        raise ValueError(f"{path}: the adapter file has no blocks")
+    problems, plan = _plan(model, config, blocks)
+    if problems:
+        raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
+    mode = mode_of_init_weights(config.get("init_weights", True))
+    r, mini_r = config["r"], config.get("mini_r", 1)
+    dropout = float(config.get("miss_dropout", 0.0) or 0.0)
+    if freeze_others:
+        model.requires_grad_(False)
+    dead = []
+    for name, module, block in plan:
+        if not isinstance(module, MissLinear):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # reported once below
+                module = MissLinear(module, r, mode, mini_r, dropout)
+            set_module(model, name, module)
+        with torch.no_grad():
+            module.miss_block.copy_(block)
+        module.miss_block.requires_grad_(True)
+        if r > module.in_features:
+            dead.append(name)
+    if dead:
+        warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
+                      stacklevel=2)
+    return model

@@ -1,0 +1,294 @@
+"""`miss_ext.peft.accelerate`: PEFT MiSS models on tiny Llama and Qwen2 models, accelerated in
+place, against the same models run by PEFT's own code (and against a float64 formula where PEFT
+itself is wrong: layers mixing modes)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+from peft import MissConfig, PeftModel  # noqa: E402
+from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
+
+import miss_ext  # noqa: E402
+from miss_ext.peft import AcceleratedMissLinear, accelerate, is_accelerated, restore  # noqa: E402
+from reference import bat_weight_ref, fold_ref, tile_block  # noqa: E402
+from tiny_models import ARCHS, MINI_R, PEFT_INIT, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402,E501
+
+MODES = ["default", "mini", "bat"]
+TOL = dict(rtol=1e-9, atol=1e-10)  # float64 models
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request):
+    return tiny_causal_lm(request.param)
+
+
+def pair(base, mode, **kwargs):
+    """(PEFT model, accelerated deep copy of it): same values, independent modules."""
+    plain = peft_model(base, mode, **kwargs).eval()  # PEFT's new dropout modules start in training mode
+    return plain, accelerate(copy.deepcopy(plain))
+
+
+def block_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "miss_block" in n}
+
+
+def test_accelerate_swaps_every_layer_and_restore_undoes_it(base):
+    plain = peft_model(base, "default")
+    params = {n: p for n, p in plain.named_parameters()}
+    keys = list(plain.state_dict())
+    assert accelerate(plain) is plain and is_accelerated(plain)
+    layers = [m for m in plain.modules() if isinstance(m, PeftMissLinear)]
+    assert len(layers) == 2 * len(TARGETS) and all(type(m) is AcceleratedMissLinear for m in layers)
+    # Same parameter objects and state-dict keys: optimizers and checkpoints survive.
+    assert all(p is params[n] for n, p in plain.named_parameters()) and list(plain.state_dict()) == keys
+    assert restore(plain) is plain and not is_accelerated(plain)
+    assert all(type(m) is PeftMissLinear for m in layers)
+
+
+def test_accelerate_without_miss_layers_raises(base):
+    with pytest.raises(ValueError, match="no peft.tuners.miss.MissLinear"):
+        accelerate(copy.deepcopy(base))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_and_gradients_match_peft(base, mode):
+    plain, fast = pair(base, mode)
+    ids = tokens()
+    for model in (plain, fast):
+        model(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+    grads, expected = block_grads(fast), block_grads(plain)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * len(TARGETS)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], **TOL, msg=name)
+    # The adapters matter: the output is not the base model's.
+    assert not torch.allclose(fast(ids).logits, base(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_three_optimizer_steps_match_peft(base, mode):
+    plain, fast = pair(base, mode)
+    ids = tokens(batch=3, length=11)
+    initial = {n: p.clone() for n, p in fast.named_parameters() if p.requires_grad}
+    for model in (plain, fast):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            model.losses.append(loss.item())
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-9)
+    assert all(not torch.equal(p, initial[n]) for n, p in fast.named_parameters() if p.requires_grad)
+    fast_state, plain_state = fast.state_dict(), plain.state_dict()
+    for name in fast_state:
+        torch.testing.assert_close(fast_state[name], plain_state[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_matches_peft(base, mode):
+    plain, fast = pair(base, mode)
+    ids = tokens(batch=2, length=5)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(fast.generate(input_ids=ids, **kwargs), plain.generate(input_ids=ids, **kwargs))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_unmerge_and_merge_and_unload_match_peft(base, mode):
+    plain, fast = pair(base, mode)
+    ids = tokens()
+    unmerged = fast(ids).logits
+    weights = {n: p.clone() for n, p in fast.named_parameters() if "base_layer" in n}
+    fast.merge_adapter()
+    plain.merge_adapter()
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+    fast.unmerge_adapter()
+    for name, p in fast.named_parameters():
+        if "base_layer" in name:
+            torch.testing.assert_close(p, weights[name], **TOL, msg=name)
+    merged = fast.merge_and_unload()
+    assert not any(isinstance(m, PeftMissLinear) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, unmerged, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disable_adapter_gives_the_base_model(base, mode):
+    plain, fast = pair(base, mode)
+    ids = tokens()
+    expected = base(ids).logits
+    with fast.disable_adapter():
+        torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+    fast.merge_adapter()
+    with fast.disable_adapter():  # PEFT unmerges a merged layer when adapters are disabled
+        torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_and_load_in_both_directions(base, mode, tmp_path):
+    plain, fast = pair(base, mode)
+    ids = tokens()
+    expected = plain(ids).logits
+    fast.save_pretrained(tmp_path / "from_fast")
+    plain.save_pretrained(tmp_path / "from_plain")
+    loaded_plain = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_fast")
+    loaded_fast = accelerate(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from_plain"))
+    torch.testing.assert_close(loaded_plain(ids).logits, expected, **TOL)
+    torch.testing.assert_close(loaded_fast(ids).logits, expected, **TOL)
+    # Loading a second adapter into an accelerated model goes through PEFT's update_layer.
+    loaded_fast.load_adapter(tmp_path / "from_fast", adapter_name="second")
+    loaded_fast.set_adapter("second")
+    torch.testing.assert_close(loaded_fast(ids).logits, expected, **TOL)
+
+
+def test_set_adapter_and_two_default_adapters_of_different_r_match_peft(base):
+    plain, fast = pair(base, "default")
+    config = MissConfig(r=2 * R, target_modules=TARGETS, init_weights=False)
+    for model in (plain, fast):
+        model.add_adapter("other", config)
+        randomize_blocks(model, seed=5)
+    ids = tokens()
+    for active in ("other", ["default", "other"], "default"):
+        for model in (plain, fast):
+            model.base_model.set_adapter(active)
+        torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL, msg=str(active))
+    assert all(type(m) is AcceleratedMissLinear for m in fast.modules() if isinstance(m, PeftMissLinear))
+
+
+def test_two_bat_adapters_compose_in_order_like_peft(base):
+    plain, fast = pair(base, "bat")
+    config = MissConfig(r=R, target_modules=TARGETS, init_weights="bat")
+    for model in (plain, fast):
+        model.add_adapter("second", config)
+        randomize_blocks(model, seed=7)
+        model.base_model.set_adapter(["default", "second"])
+    ids = tokens()
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+    unmerged = fast(ids).logits
+    fast.merge_adapter()
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers mixing modes. PEFT 0.21 applies the first adapter's mode to all of them (wrong), so
+# these compare one layer against the spec's formula in float64.
+# ---------------------------------------------------------------------------------------------
+def mixed_layer(base, modes):
+    """An accelerated PEFT layer (layer 0's q_proj) with one active adapter per mode in `modes`."""
+    model = peft_model(base, modes[0], adapter_name="a0")
+    for k, mode in enumerate(modes[1:], start=1):
+        model.add_adapter(f"a{k}", MissConfig(r=R, mini_r=MINI_R, target_modules=TARGETS, init_weights=PEFT_INIT[mode]))
+    randomize_blocks(model, seed=11)
+    model.base_model.set_adapter([f"a{k}" for k in range(len(modes))])
+    accelerate(model)
+    return model, model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def mixed_formula(layer, x):
+    """Bat adapters on the weight in order, then every default/mini term added (float64)."""
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    for name in layer.active_adapters:
+        if layer.miss_block[name].dim() == 3:
+            weight = bat_weight_ref(weight, layer.miss_block[name])
+    y = x.to(torch.float64) @ weight.to(torch.float64).t()
+    if bias is not None:
+        y = y + bias
+    for name in layer.active_adapters:
+        block = layer.miss_block[name]
+        if block.dim() == 2:
+            y = y + fold_ref(x, block.shape[0]) @ tile_block(block.to(torch.float64), layer.out_features)
+    return y
+
+
+@pytest.mark.parametrize("modes", [["default", "mini"], ["mini", "bat"], ["bat", "default", "mini", "bat"]],
+                         ids=lambda m: "+".join(m))
+def test_mixed_modes_on_one_layer_follow_the_spec(base, modes):
+    model, layer = mixed_layer(base, modes)
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), mixed_formula(layer, x), **TOL)
+    # Merge (bat first, then the rest) gives the same outputs, unmerge restores the weight.
+    weight = layer.base_layer.weight.clone()
+    ids = tokens()
+    unmerged = model(ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, unmerged, **TOL)
+    model.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+
+
+def test_merging_bat_over_merged_default_adapters_is_refused(base):
+    model, layer = mixed_layer(base, ["default", "bat"])
+    layer.merge(adapter_names=["a0"])
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="cannot merge bat adapter 'a1'"):
+        layer.merge(adapter_names=["a1"])
+    assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == ["a0"]
+
+
+def test_safe_merge_with_a_broken_adapter_changes_nothing(base):
+    _, fast = pair(base, "default")
+    layer = fast.base_model.model.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        layer.miss_block["default"][0, 0] = float("nan")
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == []
+
+
+def test_ill_conditioned_bat_unmerge_is_refused(base):
+    _, fast = pair(base, "bat")
+    layer = fast.base_model.model.model.layers[0].self_attn.o_proj
+    layer.merge()
+    with torch.no_grad():  # make I + B_0 singular after the merge
+        layer.miss_block["default"][0] = -torch.eye(R, dtype=torch.float64)
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == ["default"]
+
+
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_dropout_uses_the_fused_kernel_in_training_only(base, mode):
+    plain, fast = pair(base, mode, dropout=0.3)
+    ids = tokens()
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)  # eval: no dropout
+    layer = fast.base_model.model.model.layers[0].mlp.up_proj
+    fast.train()
+    x = torch.randn(4, layer.in_features, dtype=torch.float64)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    key = miss_ext.new_dropout_key()
+    expected = miss_ext.linear(x, layer.base_layer.weight, None, layer.miss_block["default"], 0.3, key)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert not torch.allclose(y, miss_ext.linear(x, layer.base_layer.weight, None, layer.miss_block["default"]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_model_matches_peft(mode):
+    base = tiny_causal_lm("llama", dtype=torch.bfloat16)
+    plain, fast = pair(base, mode)
+    assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if "miss_block" in n)
+    ids = tokens()
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_layers_with_forward_hooks_keep_peft_code(base):
+    plain, fast = pair(base, "default")
+    layer = fast.base_model.model.model.layers[0].self_attn.v_proj
+    calls = []
+    layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    ids = tokens()
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+    assert calls == [1]  # the hook ran: PEFT's path called base_layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert is_accelerated(fast)

@@ -1,0 +1,60 @@
+"""Tiny transformers models built from configs (no downloads), and PEFT MiSS models on them.
+
+Dimensions are chosen so that every mode fits every projection: r = 4 divides all in/out
+features (bat) and MINI_R = 4 divides all outputs (mini). Llama has bias-free projections,
+Qwen2 has biased q/k/v, so both bias paths are exercised.
+"""
+import copy
+
+import torch
+
+R = 4
+MINI_R = 4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_INIT = {"default": False, "mini": "mini", "bat": "bat"}  # PEFT's init_weights per mode
+ARCHS = ["llama", "qwen2"]
+
+
+def tiny_causal_lm(arch: str, dtype=torch.float64, seed: int = 0):
+    """A randomly initialised 2-layer causal LM (vocab 64, hidden 32, 4 heads, 2 kv heads)."""
+    import transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**sizes)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**sizes)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def randomize_blocks(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Non-zero adapter blocks, so every adapter path changes the output. Small enough that bat's
+    I + B_i stays well conditioned (unmerge must invert it)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+
+
+def peft_model(base, mode: str, adapter_name: str = "default", dropout: float = 0.0, seed: int = 1):
+    """get_peft_model on a deep copy of `base` with random blocks."""
+    from peft import MissConfig, get_peft_model
+
+    config = MissConfig(r=R, mini_r=MINI_R, target_modules=TARGETS, init_weights=PEFT_INIT[mode],
+                        miss_dropout=dropout)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name=adapter_name)
+    randomize_blocks(model, seed=seed)
+    return model
+
+
+def tokens(batch: int = 2, length: int = 9, seed: int = 3) -> torch.Tensor:
+    return torch.randint(1, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
