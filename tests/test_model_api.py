@@ -1,0 +1,310 @@
+"""MiSS without PEFT: `apply_miss`, `merge_and_unload`, `save_adapter` / `load_adapter` (PEFT's
+files, both directions, and old Bone files) and `export_lora`, on tiny transformers models. Every
+error case checks that the model was left exactly as it was."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import miss_ext  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+from reference import delta_weight_ref  # noqa: E402
+from tiny_models import ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402
+
+MODES = ["default", "mini", "bat"]
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request):
+    return tiny_causal_lm(request.param)
+
+
+def ours(base, mode, targets=TARGETS, **kwargs):
+    model = miss_ext.apply_miss(copy.deepcopy(base), targets, r=R, mode=mode, mini_r=MINI_R, **kwargs)
+    randomize_blocks(model)
+    return model
+
+
+def snapshot(model):
+    """Everything a failed call must leave alone: module types, values, requires_grad flags."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: t.clone() for n, t in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, snap):
+    types, state, flags = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[n], state[n]) for n in state)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def miss_paths(model):
+    return [name for name, _ in miss_ext.miss_layers(model)]
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_miss: PEFT's matching rules
+# ---------------------------------------------------------------------------------------------
+def test_apply_miss_matches_name_suffixes_like_peft(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj", "mlp.down_proj"], r=R)
+    assert miss_paths(model) == [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")]
+    # Only the new blocks train (PEFT's default); the wrapped base layers are frozen.
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"{p}.miss_block" for p in miss_paths(model)}
+
+
+def test_apply_miss_takes_a_regex_for_the_whole_path(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), r"model\.layers\.0\..*_proj", r=R)
+    assert miss_paths(model) == [f"model.layers.0.{p}" for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def test_apply_miss_all_linear_skips_the_output_head(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), "all-linear", r=R)
+    assert len(miss_paths(model)) == 2 * len(TARGETS) and isinstance(model.lm_head, nn.Linear)
+
+
+def test_apply_miss_keeps_other_parameters_trainable_when_asked(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, freeze_others=False)
+    assert model.lm_head.weight.requires_grad and not model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_apply_miss_gives_peft_outputs_and_gradients(base, mode):
+    model = ours(base, mode)
+    reference = peft_model(base, mode).eval()
+    with torch.no_grad():  # PEFT's blocks take our values
+        for name, layer in miss_ext.miss_layers(model):
+            reference.get_submodule("base_model.model." + name).miss_block["default"].copy_(layer.miss_block)
+    ids = tokens()
+    for m in (model, reference):
+        m(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+    for name, layer in miss_ext.miss_layers(model):
+        expected = reference.get_submodule("base_model.model." + name).miss_block["default"].grad
+        torch.testing.assert_close(layer.miss_block.grad, expected, **TOL, msg=name)
+
+
+def test_apply_miss_rejects_non_linear_targets_and_changes_nothing(base):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"model\.embed_tokens \(Embedding\)"):
+        miss_ext.apply_miss(model, ["q_proj", "embed_tokens"], r=R)
+    assert_unchanged(model, snap)
+
+
+def test_apply_miss_rejects_gpt2_conv1d(tmp_path):
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    snap = snapshot(gpt2)
+    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn \(Conv1D\)"):
+        miss_ext.apply_miss(gpt2, ["c_attn"], r=2)
+    assert_unchanged(gpt2, snap)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(target_modules=["proj"], r=R), ValueError, "matches no module"),  # suffixes match whole names
+    (dict(target_modules=r"q_proj", r=R), ValueError, "matches no module"),  # a regex matches whole paths
+    (dict(target_modules=["q_proj"], r=5, mode="bat"), ValueError, r"q_proj: bat mode needs .* r=5"),
+    (dict(target_modules=["q_proj"], r=R, mode="mini", mini_r=5), ValueError, "mini_r=5"),
+    (dict(target_modules=["q_proj"], r=0), ValueError, "r=0"),
+    (dict(target_modules=["q_proj"], r=R, dropout=1.5), ValueError, "dropout=1.5"),
+    (dict(target_modules=["q_proj"], r=R, mode="lora"), ValueError, "'lora'"),
+    (dict(target_modules=[], r=R), TypeError, "target_modules"),
+    (dict(target_modules="(", r=R), ValueError, "not a valid regex"),
+])
+def test_apply_miss_errors_change_nothing(base, kwargs, error, match):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        miss_ext.apply_miss(model, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_apply_miss_twice_on_the_same_layer_is_refused(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="already have a MiSS adapter"):
+        miss_ext.apply_miss(model, ["q_proj", "v_proj"], r=R)
+    assert_unchanged(model, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_and_unload
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_and_unload_gives_plain_linears_with_the_same_outputs(base, mode):
+    model = ours(base, mode)
+    ids = tokens()
+    expected = model(ids).logits
+    merged = miss_ext.merge_and_unload(model, safe_merge=True)
+    assert not miss_ext.miss_layers(merged)
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(merged(ids).logits, expected, **TOL)
+
+
+def test_safe_merge_and_unload_with_a_broken_block_changes_nothing(base):
+    model = ours(base, "default")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.miss_block[0, 0] = float("inf")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        miss_ext.merge_and_unload(model, safe_merge=True)
+    assert_unchanged(model, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter files: ours in PEFT, PEFT's in ours, Bone
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_our_adapter_files_load_in_peft(base, mode, tmp_path):
+    model = ours(base, mode)
+    miss_ext.save_adapter(model, tmp_path, task_type="CAUSAL_LM")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MISS" and config["r"] == R
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert sorted(keys) == sorted(f"base_model.model.{p}.miss_block" for p in miss_paths(model))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = tokens()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_peft_adapter_files_load_in_ours(base, mode, tmp_path):
+    reference = peft_model(base, mode).eval()
+    reference.save_pretrained(tmp_path)
+    ids = tokens()
+    expected = reference(ids).logits
+    plain = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    assert len(miss_ext.miss_layers(plain)) == 2 * len(TARGETS)
+    torch.testing.assert_close(plain(ids).logits, expected, **TOL)
+    # Into a model that already has MissLinear layers there: the same parameter objects get the values.
+    model = miss_ext.apply_miss(copy.deepcopy(base), TARGETS, r=R, mode=mode, mini_r=MINI_R)
+    blocks = {name: layer.miss_block for name, layer in miss_ext.miss_layers(model)}
+    assert miss_ext.load_adapter(model, tmp_path) is model
+    assert all(layer.miss_block is blocks[name] for name, layer in miss_ext.miss_layers(model))
+    torch.testing.assert_close(model(ids).logits, expected, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+def test_old_bone_adapter_files_load(base, mode, tmp_path):
+    reference = peft_model(base, mode).eval()
+    reference.save_pretrained(tmp_path / "miss")
+    config = json.loads((tmp_path / "miss" / "adapter_config.json").read_text())
+    bone = {k: v for k, v in config.items() if k not in ("mini_r", "miss_dropout")}
+    bone["peft_type"] = "BONE"
+    os.makedirs(tmp_path / "bone")
+    (tmp_path / "bone" / "adapter_config.json").write_text(json.dumps(bone))
+    tensors = load_file(tmp_path / "miss" / "adapter_model.safetensors")
+    save_file({k.replace(".miss_block", ".bone_block"): v for k, v in tensors.items()},
+              tmp_path / "bone" / "adapter_model.safetensors")
+    model = miss_ext.load_adapter(copy.deepcopy(base), tmp_path / "bone")
+    ids = tokens()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+
+
+def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(base, tmp_path):
+    reference = peft_model(base, "default").eval()
+    reference.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.7.self_attn.q_proj.miss_block"] = torch.zeros(R, 32)
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.miss_block"] = torch.zeros(R, 99)
+    tensors["base_model.model.model.norm.miss_block"] = torch.zeros(R, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj", "o_proj", "lm_head"], r=R)
+    snap = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        miss_ext.load_adapter(model, tmp_path)
+    message = str(info.value)
+    for expected in ("model.layers.7.self_attn.q_proj: no such module",
+                     "model.layers.0.self_attn.k_proj: block shape (4, 99) in the file, the model needs (4, 16)",
+                     "model.norm: is a LlamaRMSNorm" if "Llama" in type(base).__name__ else "model.norm: is a Qwen2RMSNorm",
+                     "lm_head: the model has a MissLinear here, the file has no block"):
+        assert expected in message
+    assert_unchanged(model, snap)
+
+
+def test_adapter_of_another_mode_is_refused_by_an_adapted_model(base, tmp_path):
+    peft_model(base, "mini").save_pretrained(tmp_path)
+    model = miss_ext.apply_miss(copy.deepcopy(base), TARGETS, r=R, mode="default")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="mode='default'.*the file has mode='mini'"):
+        miss_ext.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_non_miss_adapter_files_are_refused(base, tmp_path):
+    model = ours(base, "default")
+    miss_ext.export_lora(model, tmp_path)
+    target = copy.deepcopy(base)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match="peft_type='LORA' is not a MiSS adapter"):
+        miss_ext.load_adapter(target, tmp_path)
+    assert_unchanged(target, snap)
+
+
+def test_save_adapter_refuses_layers_with_different_settings(base, tmp_path):
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R)
+    miss_ext.apply_miss(model, ["v_proj"], r=2 * R, freeze_others=False)
+    with pytest.raises(ValueError, match="one r, mode, mini_r and dropout"):
+        miss_ext.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA export
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_lora_export_is_exact(base, mode, tmp_path):
+    model = ours(base, mode)
+    miss_ext.export_lora(model, tmp_path)
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = tokens()
+    torch.testing.assert_close(lora(ids).logits, model(ids).logits, **TOL)
+    for name, layer in miss_ext.miss_layers(model):
+        lora_layer = lora.get_submodule("base_model.model." + name)
+        assert lora_layer.scaling["default"] == 1.0
+        delta = lora_layer.lora_B["default"].weight @ lora_layer.lora_A["default"].weight
+        assert torch.equal(delta, delta_weight_ref(layer.miss_block, layer.out_features, layer.in_features)), name
+
+
+@pytest.mark.parametrize("in_f, out_f, r", [(7, 5, 3), (8, 6, 16), (10, 20, 2)], ids=["remainder", "r>in", "even"])
+def test_lora_factors_are_exact_for_odd_sizes(in_f, out_f, r):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = MissLinear(nn.Linear(in_f, out_f, dtype=torch.float64), r, init_weights=False)
+    a, b = miss_ext.lora.lora_factors(layer)
+    assert a.shape == (r, in_f) and b.shape == (out_f, r)
+    assert torch.equal(b @ a, delta_weight_ref(layer.miss_block, out_f, in_f))
+    x = torch.randn(3, in_f, dtype=torch.float64)
+    torch.testing.assert_close(layer.base_layer(x) + x @ a.t() @ b.t(), layer(x), **TOL)
+
+
+def test_lora_export_of_bat_is_refused_with_the_reason(base, tmp_path):
+    model = ours(base, "bat")
+    with pytest.raises(ValueError, match="depends on the frozen weight and has rank up to"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_lora_export_of_a_merged_layer_is_refused(base, tmp_path):
+    model = ours(base, "default")
+    model.model.layers[0].mlp.up_proj.merge()
+    with pytest.raises(ValueError, match=r"merged.*model\.layers\.0\.mlp\.up_proj"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
