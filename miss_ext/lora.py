@@ -7,55 +7,98 @@ non-zero term per sum), so the LoRA delta weight equals MiSS's bit for bit. Drop
 input is LoRA's lora_dropout. Bat has no such form: its update W_ij B_i + B_i depends on the
 frozen weight and has rank up to min(in, out), not r, so no rank-r LoRA reproduces it.
 """
-from typing import Dict
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
 from .model import miss_layers
-from .modules import MissLinear
 from .targets import describe
 
 
-def lora_factors(layer: MissLinear):
-    """(A (r, in), B (out, r)) in the block's dtype with B @ A == the layer's delta weight."""
-    block = layer.miss_block.detach()
-    r, in_features, out_features = layer.r, layer.in_features, layer.out_features
+def lora_factors(block: Tensor, in_features: int, out_features: int):
+    """(A (r, in), B (out, r)) in the block's dtype with B @ A == the delta weight of a default
+    (r, out) or mini (r, mini_r) block."""
+    block = block.detach()
+    r = block.shape[0]
     cols = torch.arange(in_features, device=block.device)
     a = (cols.unsqueeze(0) % r == torch.arange(r, device=block.device).unsqueeze(1)).to(block.dtype)
     b = block.repeat(1, out_features // block.shape[1]).t().contiguous()
     return a, b
 
 
-def export_lora(model: nn.Module, path: str, task_type=None) -> None:
-    """Writes the model's default/mini MissLinear adapters as an exactly equivalent PEFT LoRA
-    adapter (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. Raises
-    ValueError, writing nothing, for bat layers, merged layers, or layers of different r or
-    dropout (one LoRA config holds one r and one dropout)."""
-    layers = miss_layers(model)
-    if not layers:
-        raise ValueError("export_lora: the model has no miss_ext.MissLinear layer")
-    bat = [name for name, layer in layers if layer.mode == "bat"]
+class _Adapter(NamedTuple):
+    """One layer's adapter, wherever it lives (miss_ext.MissLinear or a PEFT MissLinear)."""
+    path: str  # module path in the base model
+    block: Tensor
+    in_features: int
+    out_features: int
+    dropout: float
+    merged: bool
+
+
+def _peft_root(model: nn.Module):
+    """The base model inside a PeftModel / MissModel (LoRA keys are relative to it), else None."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:
+        return None
+    if isinstance(model, PeftModel):
+        return model.base_model.model
+    if isinstance(model, BaseTuner):
+        return model.model
+    return None
+
+
+def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
+    root = _peft_root(model)
+    if root is None:
+        return [_Adapter(name, layer.miss_block, layer.in_features, layer.out_features,
+                         layer.dropout, layer.merged) for name, layer in miss_layers(model)]
+    from peft.tuners.miss import MissLinear as PeftMissLinear
+
+    found = []
+    for name, layer in root.named_modules():
+        if isinstance(layer, PeftMissLinear) and adapter_name in layer.miss_block:
+            drop = layer.miss_dropout[adapter_name]
+            found.append(_Adapter(name, layer.miss_block[adapter_name], layer.in_features, layer.out_features,
+                                  float(getattr(drop, "p", 0.0)), adapter_name in layer.merged_adapters))
+    return found
+
+
+def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, adapter_name: str = "default") -> None:
+    """Writes the model's default/mini MiSS adapters as an exactly equivalent PEFT LoRA adapter
+    (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
+    miss_ext.MissLinear layers, or is a PEFT model (PeftModel or MissModel, accelerated or not),
+    whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for bat
+    adapters, merged layers, or layers of different r or dropout (one LoRA config holds one r
+    and one dropout)."""
+    adapters = _adapters(model, adapter_name)
+    if not adapters:
+        raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
+                         f"with adapter {adapter_name!r})")
+    bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:
         raise ValueError(
             f"bat-mode layers cannot be exported as LoRA exactly: {describe(bat)}. Bat's update W_ij B_i + B_i "
             "depends on the frozen weight and has rank up to min(in, out), not r. Merge them into the weights "
             "(miss_ext.merge_and_unload) to serve them instead.")
-    merged = [name for name, layer in layers if layer.merged]
+    merged = [a.path for a in adapters if a.merged]
     if merged:
         raise ValueError(f"these layers are merged, so a LoRA on their weight would apply the adapter twice; "
                          f"unmerge first: {describe(merged)}")
-    settings = {(layer.r, layer.dropout) for _, layer in layers}
+    settings = {(a.block.shape[0], a.dropout) for a in adapters}
     if len(settings) > 1:
         raise ValueError(f"one LoRA config has one r and one dropout; the model's layers have (r, dropout) in "
                          f"{sorted(settings)}")
     r, dropout = settings.pop()
     tensors: Dict[str, Tensor] = {}
-    for name, layer in layers:
-        a, b = lora_factors(layer)
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.cpu()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.cpu()
+    for adapter in adapters:
+        a, b = lora_factors(adapter.block, adapter.in_features, adapter.out_features)
+        tensors[f"{KEY_PREFIX}{adapter.path}.lora_A.weight"] = a.cpu()
+        tensors[f"{KEY_PREFIX}{adapter.path}.lora_B.weight"] = b.cpu()
     config = {
         "peft_type": "LORA",
         "r": r,
@@ -63,7 +106,7 @@ def export_lora(model: nn.Module, path: str, task_type=None) -> None:
         "use_rslora": False,
         "use_dora": False,
         "lora_dropout": dropout,
-        "target_modules": [name for name, _ in layers],
+        "target_modules": [a.path for a in adapters],
         "fan_in_fan_out": False,
         "bias": "none",
         "init_lora_weights": True,
@@ -71,7 +114,7 @@ def export_lora(model: nn.Module, path: str, task_type=None) -> None:
         "rank_pattern": {},
         "alpha_pattern": {},
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name(model),
+        "base_model_name_or_path": base_model_name(_peft_root(model) or model),
         "inference_mode": True,
     }
     write_adapter(path, tensors, config)

@@ -288,11 +288,22 @@ def test_lora_factors_are_exact_for_odd_sizes(in_f, out_f, r):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = MissLinear(nn.Linear(in_f, out_f, dtype=torch.float64), r, init_weights=False)
-    a, b = miss_ext.lora.lora_factors(layer)
+    a, b = miss_ext.lora.lora_factors(layer.miss_block, in_f, out_f)
     assert a.shape == (r, in_f) and b.shape == (out_f, r)
     assert torch.equal(b @ a, delta_weight_ref(layer.miss_block, out_f, in_f))
     x = torch.randn(3, in_f, dtype=torch.float64)
     torch.testing.assert_close(layer.base_layer(x) + x @ a.t() @ b.t(), layer(x), **TOL)
+
+
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_lora_export_of_peft_models_is_exact(base, mode, tmp_path):
+    model = miss_ext.peft.accelerate(peft_model(base, mode).eval())
+    miss_ext.export_lora(model, tmp_path)
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = tokens()
+    torch.testing.assert_close(lora(ids).logits, model(ids).logits, **TOL)
+    with pytest.raises(ValueError, match="adapter 'other'"):
+        miss_ext.export_lora(model, tmp_path / "other", adapter_name="other")
 
 
 def test_lora_export_of_bat_is_refused_with_the_reason(base, tmp_path):
