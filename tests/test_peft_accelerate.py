@@ -292,3 +292,17 @@ def test_layers_with_forward_hooks_keep_peft_code(base):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert is_accelerated(fast)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accelerated_layer_compiles_with_fullgraph(mode, dynamo_reset):
+    base = tiny_causal_lm("llama", dtype=torch.float32)
+    model = accelerate(peft_model(base, mode, dropout=0.1))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    x = torch.randn(3, 7, layer.in_features, requires_grad=True)
+    layer.train()  # dropout: a fresh key per call is traced, no graph break
+    compiled(x).sum().backward()
+    assert layer.miss_block["default"].grad.abs().sum() > 0
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
