@@ -1,0 +1,199 @@
+"""The demo, `python -m miss_ext.demo`, run end to end with tiny settings on the CPU.
+
+In-process runs go through `main(argv)` (exit code, printed table, files) or `run_demo` (when the
+trained model's logits are needed); one run goes through the module entry point in a subprocess.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+import miss_ext  # noqa: E402
+from miss_ext import demo  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# One CPU thread: on a machine shared with other busy processes, two OpenMP threads spend most
+# of a tiny step waiting for each other (steps measured 100x slower); one thread does not.
+TINY = ["--size", "tiny", "--device", "cpu", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_peft = pytest.mark.skipif(not has_peft(), reason="peft not installed")
+
+
+def table_rows(text: str) -> dict:
+    """{variant: [cells]} from the printed table (rows start with the variant's name)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if len(cells) == 6 and cells[0] in ("miss_ext", "peft"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    # IHDR: width and height, big-endian, right after the magic and the chunk header.
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 300 and height >= 200, (width, height)
+
+
+@needs_peft
+def test_main_compares_with_peft_and_writes_everything(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(TINY + ["--steps", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    rows = table_rows(printed)
+    assert set(rows) == {"miss_ext", "peft"}, printed
+    for variant, cells in rows.items():
+        ms_per_step, tokens_per_s, saved_mib, first_loss, final_loss = (float(c.replace(",", "")) for c in cells)
+        assert ms_per_step > 0 and tokens_per_s > 0 and saved_mib > 0, (variant, cells)
+        # Zero-initialised adapters: step 1 sees the random base, so about ln(vocab).
+        assert abs(first_loss - math.log(demo.VOCAB)) < 1.0, (variant, first_loss)
+    assert "median ms/step" in printed and "saved for backward" in printed
+    # Same base, init and data, no dropout: PEFT and miss_ext compute the same losses.
+    diff = re.search(r"max over steps ([0-9.e+-]+)", printed)
+    assert diff and float(diff.group(1)) < 1e-4, printed
+    assert re.search(r"merge check .* PASS", printed), printed
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MISS" and config["r"] == 8 and config["init_weights"] is True
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "base_model" / "config.json").is_file()
+    assert_png(out / "loss_curve.png")
+    assert f"PeftModel.from_pretrained(base, {str(out.resolve())!r})" in printed
+
+
+@needs_peft
+def test_peft_loads_the_saved_adapter_with_the_trained_logits(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    args = demo.parse_args(TINY + ["--steps", "6", "--no-peft", "--out", str(tmp_path)])
+    result = demo.run_demo(args)
+    assert result.merge.passed
+
+    blocks = load_file(str(tmp_path / "adapter_model.safetensors"))
+    layers = demo.model_dims(args).layers
+    assert len(blocks) == 7 * layers
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith(".miss_block") for k in blocks)
+    assert all(b.abs().max() > 0 for b in blocks.values()), "some saved blocks are still zero"
+
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base_model")
+    base_logits = demo.logits_of(base, result.heldout)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path))
+    peft_logits = demo.logits_of(peft_model, result.heldout)
+    scale = result.unmerged_logits.abs().max().item()
+    torch.testing.assert_close(peft_logits, result.unmerged_logits, rtol=0, atol=1e-5 * scale)
+    # The adapter matters: without it the logits are far from the trained ones.
+    assert (base_logits - result.unmerged_logits).abs().max() > 1e3 * 1e-5 * scale
+    # The demo's merged model is a plain Llama with the same logits.
+    assert not any(isinstance(m, miss_ext.MissLinear) for m in result.merged_model.modules())
+    torch.testing.assert_close(demo.logits_of(result.merged_model, result.heldout), result.unmerged_logits,
+                               rtol=0, atol=1e-4 * scale)
+
+
+def test_loss_falls_with_only_miss_blocks_training(tmp_path):
+    args = demo.parse_args(TINY + ["--steps", "80", "--no-peft", "--out", str(tmp_path)])
+    result = demo.run_demo(args)
+    (run,) = result.runs
+    assert len(run.losses) == 80
+    first, last = run.losses[0], sum(run.losses[-5:]) / 5
+    # Seeded and deterministic; measured 4.63 -> 2.15 (mean of the last 5) with 1 and 2 threads.
+    # The frozen random base alone stays near ln(64) = 4.16: this fall is the adapters learning.
+    assert last < 0.6 * first, run.losses
+
+
+@needs_peft
+@pytest.mark.parametrize("extra", [["--mode", "mini", "--mini-r", "16"], ["--mode", "bat", "--r", "8"],
+                                   ["--dtype", "bf16"]], ids=["mini", "bat", "bf16"])
+def test_other_modes_and_bf16_match_peft_and_merge(tmp_path, capsys, extra):
+    assert demo.main(TINY + ["--steps", "3", "--out", str(tmp_path)] + extra) == 0
+    printed = capsys.readouterr().out
+    assert set(table_rows(printed)) == {"miss_ext", "peft"}
+    diff = float(re.search(r"max over steps ([0-9.e+-]+)", printed).group(1))
+    assert diff < (2e-2 if "bf16" in extra else 1e-4), printed
+    assert re.search(r"merge check .* PASS", printed), printed
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["init_weights"] == {"mini": "mini", "bat": "bat"}.get(extra[1], True)
+
+
+def test_a_wrong_merge_fails_the_check_and_the_exit_code(tmp_path, capsys, monkeypatch):
+    def unload_without_merging(model):
+        # What a broken merge would do: drop the adapters, keep the base weights unchanged.
+        for name, layer in miss_ext.miss_layers(model):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.base_layer)
+        return model
+
+    monkeypatch.setattr(miss_ext, "merge_and_unload", unload_without_merging)
+    assert demo.main(TINY + ["--steps", "6", "--no-peft", "--out", str(tmp_path)]) == 1
+    assert re.search(r"merge check .* FAIL", capsys.readouterr().out)
+
+
+def test_module_entry_point_runs_and_exits_zero(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "miss_ext.demo", *TINY, "--steps", "3", "--no-peft",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "miss_ext" in table_rows(proc.stdout) and "PASS" in proc.stdout, proc.stdout
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert_png(tmp_path / "loss_curve.png")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "bat", "--r", "12"], "--r 12 does not divide"),
+    (["--mode", "mini", "--mini-r", "7"], "--mini-r 7 must divide"),
+    (["--r", "0"], "must be a positive integer, got 0"),
+    (["--r", "200", "--size", "tiny"], "--r 200 is larger than the smallest projection input (64)"),
+    (["--heads", "5"], "--heads 5 must divide the hidden size 128"),
+    (["--seq-len", "2"], "--seq-len must be at least 3"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--mode", "lora"], "invalid choice: 'lora'"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--size", "--hidden", "--layers", "--steps", "--mode", "--r", "--mini-r", "--device", "--dtype",
+                 "--batch-size", "--seq-len", "--lr", "--seed", "--out", "--no-peft"):
+        assert re.search(rf"\s{re.escape(flag)}\b", text), flag
