@@ -2,33 +2,18 @@
 //
 //   serve_torchscript <miss_model.pt> <miss_expected.pt>
 //
-// Both files come from make_torchscript.py. The program runs forward and backward, checks the
+// Both files come from make_models.py. The program runs forward and backward, checks the
 // output and the gradients of x and of every miss_block against Python's, checks inference mode,
 // and calls the C++ API (miss_ext.h) once. Linking miss_ext::miss_ext is all it takes to make
 // torch.ops.miss available to the TorchScript interpreter. Exit status 0 on success.
 #include <torch/script.h>
 
 #include <cstdio>
-#include <string>
 
+#include "check_close.h"
 #include "miss_ext.h"
 
-namespace {
-
-int failures = 0;
-
-void check_close(const std::string& what, const at::Tensor& got, const at::Tensor& want) {
-  // Same kernels and the same data as in Python, so only summation order may differ.
-  const bool same_shape = got.sizes() == want.sizes();
-  const bool close = same_shape && at::allclose(got, want, /*rtol=*/1e-5, /*atol=*/1e-6);
-  const double err = same_shape ? (got - want).abs().max().item<double>() : -1.0;
-  std::printf("%-28s %s (max abs diff %.3g)\n", what.c_str(), close ? "ok" : "MISMATCH", err);
-  if (!close) {
-    ++failures;
-  }
-}
-
-}  // namespace
+using miss_example::check_close;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
@@ -53,15 +38,15 @@ int main(int argc, char** argv) {
     }
     ++trainable;
     if (!param.value.grad().defined() || !grads.contains(param.name)) {
-      std::printf("%-28s MISSING gradient or expected value\n", param.name.c_str());
-      ++failures;
+      std::printf("%-32s MISSING gradient or expected value\n", param.name.c_str());
+      ++miss_example::failures();
       continue;
     }
     check_close("grad " + param.name, param.value.grad(), grads.at(param.name).toTensor());
   }
   if (trainable != 3 || grads.size() != 3) {
     std::printf("expected 3 trainable miss_block parameters, found %d\n", trainable);
-    ++failures;
+    ++miss_example::failures();
   }
 
   {  // Serving: no autograd bookkeeping, same numbers.
@@ -77,6 +62,5 @@ int main(int argc, char** argv) {
                                                layer.attr("miss_block").toTensor());
   check_close("C++ API miss_ext::ops::linear", api, layer.forward({x0}).toTensor());
 
-  std::printf("%s\n", failures == 0 ? "OK" : "FAILED");
-  return failures == 0 ? 0 : 1;
+  return miss_example::report();
 }

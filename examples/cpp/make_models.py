@@ -1,12 +1,15 @@
-"""Writes the inputs of the C++ serving example (serve_torchscript.cpp):
+"""Writes the inputs of the C++ serving examples (serve_torchscript.cpp, serve_aoti.cpp):
 
   <out>/miss_model.pt     TorchScript of a small model with MissLinear layers in all three modes
+  <out>/miss_model.pt2    the same model exported with a dynamic batch and compiled by
+                          AOTInductor for CPU (skipped with --no-aoti)
   <out>/miss_expected.pt  TorchScript container of the test data: input x, output y, upstream
-                          gradient grad_y, and the gradients Python's autograd computed for x and
-                          for every miss_block (dict `grads`, keyed by parameter name)
+                          gradient grad_y, the gradients Python's autograd computed for x and for
+                          every miss_block (dict `grads`, keyed by parameter name), and a second
+                          input x2 / output y2 at another batch size
 
-Usage: python examples/cpp/make_torchscript.py <out dir>
-Runs with the setup.py-built miss_ext; the C++ program then loads the CMake-built library (a
+Usage: python examples/cpp/make_models.py <out dir> [--no-aoti]
+Runs with the setup.py-built miss_ext; the C++ programs then link the CMake-built library (a
 separate process: one process must never register the `miss` namespace twice).
 """
 import os
@@ -55,7 +58,7 @@ class Expected(nn.Module):
         return self.x
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, aoti: bool = True) -> None:
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(2409)
     model = ThreeModes().eval()
@@ -66,13 +69,24 @@ def main(out_dir: str) -> None:
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert sorted(grads) == ["l_bat.miss_block", "l_default.miss_block", "l_mini.miss_block"], sorted(grads)
 
+    x2 = torch.randn(9, 3, 32)
+    with torch.no_grad():
+        y2 = model(x2)
+
     torch.jit.save(torch.jit.script(model), os.path.join(out_dir, "miss_model.pt"))
-    expected = Expected({"x": x.detach(), "y": y.detach(), "grad_y": grad_y, "grad_x": x.grad.detach()}, grads)
-    torch.jit.save(torch.jit.script(expected), os.path.join(out_dir, "miss_expected.pt"))
-    print(f"wrote miss_model.pt and miss_expected.pt to {out_dir} (miss_ext from {miss_ext.__file__})")
+    tensors = {"x": x.detach(), "y": y.detach(), "grad_y": grad_y, "grad_x": x.grad.detach(), "x2": x2, "y2": y2}
+    torch.jit.save(torch.jit.script(Expected(tensors, grads)), os.path.join(out_dir, "miss_expected.pt"))
+    written = ["miss_model.pt", "miss_expected.pt"]
+    if aoti:
+        batch = torch.export.Dim("batch", min=2, max=64)  # x has batch 4, x2 batch 9
+        ep = torch.export.export(model, (x.detach(),), dynamic_shapes={"x": {0: batch}})
+        torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(out_dir, "miss_model.pt2"))
+        written.append("miss_model.pt2")
+    print(f"wrote {', '.join(written)} to {out_dir} (miss_ext from {miss_ext.__file__})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] != "--no-aoti"):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(args[0], aoti="--no-aoti" not in args)
