@@ -12,8 +12,12 @@
 
 #include <string>
 
-#ifdef MISS_EXT_SETUP_PY
+#if defined(MISS_EXT_SETUP_PY)
 #include "setup_build_config.h"  // written by setup.py: versions and CUDA archs of this build
+#elif defined(MISS_EXT_CMAKE)
+// Written by CMake into its build tree. A different name from setup.py's header on purpose: a
+// quoted include looks in csrc/ first, where an in-place setup.py build leaves its own.
+#include "miss_ext_build_config.h"
 #endif
 #ifndef MISS_EXT_CUDA_ARCHS
 #define MISS_EXT_CUDA_ARCHS ""

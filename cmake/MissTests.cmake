@@ -1,0 +1,47 @@
+# ctest checks (MISS_EXT_BUILD_TESTS):
+#   python_models     fixture: make_models.py writes the TorchScript model, its AOTInductor
+#                     package and Python's outputs/gradients, using the setup.py-built miss_ext
+#                     (a separate process)
+#   serve_torchscript, serve_aoti
+#                     the in-tree C++ examples against them
+#   install           fixture: cmake --install into <build>/test-install
+#   consumer_build    fixture: examples/cpp configured and built on its own with
+#                     find_package(miss_ext) against that install (headers, package config)
+#   consumer_run, consumer_run_aoti
+#                     the installed-library builds of the examples against the same files
+#
+# The Python fixture runs ${MISS_EXT_PYTHON} with ${MISS_PYTHON_ENV} (cmake/MissPythonProbe.cmake).
+set(_models "${CMAKE_CURRENT_BINARY_DIR}/test-models")
+add_test(NAME python_models
+  COMMAND ${CMAKE_COMMAND} -E env ${MISS_PYTHON_ENV}
+          "${MISS_EXT_PYTHON}" "${PROJECT_SOURCE_DIR}/examples/cpp/make_models.py" "${_models}")
+# AOTInductor compiles the package with the host C++ compiler: about a minute on two cores.
+set_tests_properties(python_models PROPERTIES FIXTURES_SETUP models TIMEOUT 900)
+
+add_test(NAME serve_torchscript COMMAND serve_torchscript "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
+set_tests_properties(serve_torchscript PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
+
+add_test(NAME serve_aoti COMMAND serve_aoti "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
+set_tests_properties(serve_aoti PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
+
+set(_prefix "${CMAKE_CURRENT_BINARY_DIR}/test-install")
+set(_consumer "${CMAKE_CURRENT_BINARY_DIR}/test-consumer")
+add_test(NAME install COMMAND ${CMAKE_COMMAND} --install "${CMAKE_CURRENT_BINARY_DIR}" --prefix "${_prefix}")
+set_tests_properties(install PROPERTIES FIXTURES_SETUP installed)
+
+# Only the install prefix and torch's CMake dir: everything else must come from the package.
+add_test(NAME consumer_build
+  COMMAND ${CMAKE_COMMAND}
+          -DSOURCE_DIR=${PROJECT_SOURCE_DIR}/examples/cpp -DBINARY_DIR=${_consumer}
+          "-DPREFIX_PATH=${_prefix}|${Torch_DIR}/.." -DGENERATOR=${CMAKE_GENERATOR}
+          -DBUILD_TYPE=${CMAKE_BUILD_TYPE} -DCUDA_ARCHS=${TORCH_CUDA_ARCH_LIST}
+          -P "${PROJECT_SOURCE_DIR}/cmake/build_consumer.cmake")
+set_tests_properties(consumer_build PROPERTIES FIXTURES_REQUIRED installed FIXTURES_SETUP consumer TIMEOUT 1200)
+
+add_test(NAME consumer_run
+  COMMAND "${_consumer}/serve_torchscript" "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
+set_tests_properties(consumer_run PROPERTIES FIXTURES_REQUIRED "consumer;models" TIMEOUT 300)
+
+add_test(NAME consumer_run_aoti
+  COMMAND "${_consumer}/serve_aoti" "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
+set_tests_properties(consumer_run_aoti PROPERTIES FIXTURES_REQUIRED "consumer;models" TIMEOUT 300)

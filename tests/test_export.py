@@ -1,0 +1,54 @@
+"""torch.export of models with MissLinear layers: strict and non-strict, dynamic batch, the miss
+ops kept as single nodes of the graph (not traced into aten), and merged models as plain linear."""
+import pytest
+import torch
+from torch.export import Dim
+
+from deploy_models import IN_FEATURES, ThreeModes, call_targets
+
+MISS_LINEAR = torch.ops.miss.linear.default
+MISS_BAT_LINEAR = torch.ops.miss.bat_linear.default
+TANH = torch.ops.aten.tanh.default
+
+
+def export_model(model, strict, batch=5):
+    x = torch.randn(batch, 3, IN_FEATURES)
+    # min=2: torch.export specialises sizes 0 and 1, so a dynamic dimension starts at 2.
+    dynamic_shapes = {"x": {0: Dim("batch", min=2, max=64)}}
+    return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_export_keeps_miss_ops_with_dynamic_batch(strict):
+    model = ThreeModes().eval()
+    ep = export_model(model, strict)
+
+    # Exactly the three layers as three custom-op calls (default and mini share miss.linear), in
+    # order, with nothing else but the activations: the ops are not decomposed into Python/aten.
+    assert call_targets(ep.graph_module) == [MISS_LINEAR, TANH, MISS_LINEAR, TANH, MISS_BAT_LINEAR]
+
+    x_node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "x")
+    assert isinstance(x_node.meta["val"].shape[0], torch.SymInt), "batch dimension was specialised"
+
+    module = ep.module()
+    for batch in (2, 7, 64):  # none of them the traced batch size (5)
+        x = torch.randn(batch, 3, IN_FEATURES)
+        torch.testing.assert_close(module(x), model(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(AssertionError, match="Guard failed"):  # the declared range is enforced
+        module(torch.randn(65, 3, IN_FEATURES))
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_export_merged_model_is_plain_linear(strict):
+    model = ThreeModes().eval()
+    x = torch.randn(6, 3, IN_FEATURES)
+    expected = model(x)
+    for layer in model.miss_layers():
+        layer.merge()
+    ep = export_model(model, strict)
+
+    targets = call_targets(ep.graph_module)
+    assert not [t for t in targets if "miss" in str(t)], targets
+    assert targets.count(torch.ops.aten.linear.default) == 3, targets
+    # Merging rounds W + dW once in float32 (bat: W(I + B) + B), hence the tolerance.
+    torch.testing.assert_close(ep.module()(x), expected, rtol=1e-4, atol=1e-5)
