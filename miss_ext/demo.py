@@ -95,6 +95,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0.0 or not math.isfinite(value):
@@ -143,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the base model's init, the data and torch")
     train.add_argument("--device", default="auto",
                        help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
-    train.add_argument("--threads", type=_positive_int, default=None,
-                       help="CPU threads for torch (default: torch's choice, one per core). On a machine "
-                            "shared with other busy processes, 1 avoids threads waiting on each other")
+    train.add_argument("--threads", type=_nonnegative_int, default=1,
+                       help="torch CPU threads; 0 = torch's choice (one per core). One by default: on a "
+                            "machine shared with other busy processes, several OpenMP threads spend most of "
+                            "these small steps waiting for each other (steps measured up to 100x slower), "
+                            "while one thread loses little when the machine is quiet")
     train.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison run")
     train.add_argument("--out", type=Path, default=Path("miss_demo_out"),
                        help="output directory: adapter (PEFT format), base model, loss plot")
@@ -536,8 +545,8 @@ def peft_available() -> bool:
 
 @contextlib.contextmanager
 def torch_threads(count: Optional[int]):
-    """torch.set_num_threads(count) for the block, then back: the demo may run inside a larger
-    program (the tests)."""
+    """torch.set_num_threads(count) for the block (count 0: leave torch's choice), then back: the
+    demo may run inside a larger program (the tests)."""
     previous = torch.get_num_threads()
     if count:
         torch.set_num_threads(count)

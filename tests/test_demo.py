@@ -22,8 +22,8 @@ import miss_ext  # noqa: E402
 from miss_ext import demo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# One CPU thread: on a machine shared with other busy processes, two OpenMP threads spend most
-# of a tiny step waiting for each other (steps measured 100x slower); one thread does not.
+# One CPU thread (also the demo's default), said explicitly: on a machine shared with other busy
+# processes, two OpenMP threads spend most of a tiny step waiting for each other.
 TINY = ["--size", "tiny", "--device", "cpu", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,8 +60,11 @@ def assert_png(path: Path) -> None:
 @needs_peft
 def test_main_compares_with_peft_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "out"
+    threads = torch.get_num_threads()
     assert demo.main(TINY + ["--steps", "6", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads, "the demo must give the thread count back"
     printed = capsys.readouterr().out
+    assert "torch CPU threads: 1" in printed
 
     rows = table_rows(printed)
     assert set(rows) == {"miss_ext", "peft"}, printed
@@ -173,6 +176,7 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
     (["--mode", "lora"], "invalid choice: 'lora'"),
     (["--device", "tpu"], "--device tpu"),
+    (["--threads", "-1"], "must be 0 or a positive integer, got -1"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
