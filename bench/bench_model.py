@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import torch
 
@@ -173,6 +174,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    # transformers' deprecation notice from its own training forward; not ours to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     torch.manual_seed(a.seed)
     base = build_base(a)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything (scripts/setup_env.sh) and runs the main job: python -m miss_ext.demo
-# (fine-tunes a tiny Llama with MiSS, PEFT side by side, merge check, adapter + loss PNG saved).
+# (fine-tunes a small random-init Llama with MiSS, PEFT side by side, merge check, adapter + loss PNG saved).
 # Extra arguments go to the demo (see python -m miss_ext.demo --help).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
