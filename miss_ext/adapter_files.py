@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import miss_layers
+from .model import freeze_all_but_blocks, miss_layers
 from .modules import MissLinear, block_shape
-from .targets import get_module, set_module
+from .targets import exact_paths_regex, get_module, set_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,8 +83,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         "mini_r": mini_r,
         "init_weights": _INIT_OF_MODE[mode],
         "miss_dropout": dropout,
-        # Full paths: PEFT matches a target equal to the module path exactly, so nothing else is hit.
-        "target_modules": [name for name, _ in layers],
+        "target_modules": exact_paths_regex([name for name, _ in layers]),
         "exclude_modules": None,
         "bias": "none",
         "modules_to_save": None,
@@ -98,8 +97,11 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     write_adapter(path, tensors, config)
 
 
-def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor]]:
-    """(config, {module path: block}) of a PEFT MiSS or Bone adapter directory."""
+def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]:
+    """(config, {module path: block}, {parameter path: tensor}) of a PEFT MiSS or Bone adapter
+    directory. The last holds what PEFT saves beside the blocks: `modules_to_save` copies (e.g. a
+    classifier head, `<path>.weight`) and trained biases (`bias="all"`/`"MiSS_only"`,
+    `<layer>.base_layer.bias`)."""
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
@@ -117,16 +119,41 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path!r}")
     suffix = "." + BLOCK_NAMES[peft_type]
-    blocks, unexpected = {}, []
+    blocks, extras, unexpected = {}, {}, []
     for key, value in raw.items():
-        if key.startswith(KEY_PREFIX) and key.endswith(suffix):
+        if not key.startswith(KEY_PREFIX):
+            unexpected.append(key)
+        elif key.endswith(suffix):
             blocks[key[len(KEY_PREFIX):-len(suffix)]] = value
         else:
-            unexpected.append(key)
+            extras[key[len(KEY_PREFIX):]] = value
     if unexpected:
-        raise ValueError(f"{path}: keys that are not {peft_type} blocks ({KEY_PREFIX}<module path>{suffix}): "
-                         + ", ".join(unexpected))
-    return config, blocks
+        raise ValueError(f"{path}: keys outside the base model ({KEY_PREFIX}...): " + ", ".join(unexpected))
+    return config, blocks, extras
+
+
+def _find_parameter(model: nn.Module, path: str) -> Optional[nn.Parameter]:
+    """The model parameter a saved `<path>` names; `<layer>.base_layer.<name>` also resolves to
+    `<layer>.<name>` of a plain layer about to be wrapped (it becomes the wrapper's base_layer)."""
+    for candidate in (path, path.replace(".base_layer.", ".")):
+        try:
+            return model.get_parameter(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str], list]:
+    problems, plan = [], []
+    for path, value in extras.items():
+        param = _find_parameter(model, path)
+        if param is None:
+            problems.append(f"{path}: no such parameter in the model")
+        elif tuple(param.shape) != tuple(value.shape):
+            problems.append(f"{path}: shape {tuple(value.shape)} in the file, the model's is {tuple(param.shape)}")
+        else:
+            plan.append((param, value))
+    return problems, plan
 
 
 def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[List[str], list]:
@@ -134,6 +161,9 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
     mode = mode_of_init_weights(config.get("init_weights", True))
     r, mini_r = config.get("r"), config.get("mini_r", 1)
     problems, plan = [], []
+    dropout = config.get("miss_dropout", 0.0) or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
     for path, block in blocks.items():
         module = get_module(model, path)
         if module is None:
@@ -175,21 +205,23 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
 
     Plain nn.Linear layers at the file's paths become MissLinear layers; existing MissLinear
     layers get the file's values in their own miss_block parameters (same objects, so optimizers
-    keep working). Every check runs first: a key, module or shape that does not fit raises
-    ValueError listing every difference, and the model is left as it was. With freeze_others
-    (the default, as PEFT), parameters other than miss_block stop requiring grad.
+    keep working). Other tensors PEFT saves with the blocks (`modules_to_save` copies, trained
+    biases) are copied into the model's parameters of those names and stay trainable. Every check
+    runs first: a key, module or shape that does not fit raises ValueError listing every
+    difference, and the model is left as it was. With freeze_others (the default, as PEFT), the
+    remaining parameters stop requiring grad.
     """
-    config, blocks = read_adapter(path)
+    config, blocks, extras = read_adapter(path)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
     problems, plan = _plan(model, config, blocks)
+    extra_problems, extra_plan = _plan_extras(model, extras)
+    problems += extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
     mode = mode_of_init_weights(config.get("init_weights", True))
     r, mini_r = config["r"], config.get("mini_r", 1)
     dropout = float(config.get("miss_dropout", 0.0) or 0.0)
-    if freeze_others:
-        model.requires_grad_(False)
     dead = []
     for name, module, block in plan:
         if not isinstance(module, MissLinear):
@@ -199,9 +231,15 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             set_module(model, name, module)
         with torch.no_grad():
             module.miss_block.copy_(block)
-        module.miss_block.requires_grad_(True)
         if r > module.in_features:
             dead.append(name)
+    with torch.no_grad():
+        for param, value in extra_plan:
+            param.copy_(value)
+    if freeze_others:
+        freeze_all_but_blocks(model)
+        for param, _ in extra_plan:
+            param.requires_grad_(True)
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
                       stacklevel=2)

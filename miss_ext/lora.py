@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
 from .model import miss_layers
-from .targets import describe
+from .targets import describe, exact_paths_regex
 
 
 def lora_factors(block: Tensor, in_features: int, out_features: int):
@@ -68,6 +68,22 @@ def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
     return found
 
 
+def _check_peft_extras(model: nn.Module, adapter_name: str) -> None:
+    """A PEFT adapter may carry more than blocks (modules_to_save copies, trained biases). A LoRA
+    file of the blocks alone would not be equivalent, so such adapters are refused."""
+    config = getattr(model, "peft_config", {}).get(adapter_name) if _peft_root(model) is not None else None
+    if config is None:
+        return
+    extras = []
+    if getattr(config, "modules_to_save", None):
+        extras.append(f"modules_to_save={config.modules_to_save}")
+    if getattr(config, "bias", "none") != "none":
+        extras.append(f"bias={config.bias!r}")
+    if extras:
+        raise ValueError(f"adapter {adapter_name!r} also trains {', '.join(extras)}; a LoRA export of its MiSS "
+                         "blocks alone would not be equivalent, so nothing was written")
+
+
 def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, adapter_name: str = "default") -> None:
     """Writes the model's default/mini MiSS adapters as an exactly equivalent PEFT LoRA adapter
     (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
@@ -79,6 +95,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     if not adapters:
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
                          f"with adapter {adapter_name!r})")
+    _check_peft_extras(model, adapter_name)
     bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:
         raise ValueError(
@@ -106,7 +123,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         "use_rslora": False,
         "use_dora": False,
         "lora_dropout": dropout,
-        "target_modules": [a.path for a in adapters],
+        "target_modules": exact_paths_regex([a.path for a in adapters]),
         "fan_in_fan_out": False,
         "bias": "none",
         "init_lora_weights": True,

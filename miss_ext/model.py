@@ -14,6 +14,15 @@ def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MissLinear)]
 
 
+def freeze_all_but_blocks(model: nn.Module) -> None:
+    """Every parameter stops requiring grad except the miss_block of each MissLinear (PEFT's
+    get_peft_model freezes the same way); blocks from earlier calls stay trainable."""
+    blocks = {id(layer.miss_block) for _, layer in miss_layers(model)}
+    for p in model.parameters():
+        if id(p) not in blocks:
+            p.requires_grad_(False)
+
+
 def _check_targets(found, target_modules) -> None:
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matches no module of the model")
@@ -34,7 +43,8 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
     target_modules follows PEFT: a list of names matching a module path exactly or as its last
     dotted components ("q_proj", "self_attn.q_proj"), a regex string matching the whole path, or
     "all-linear" (every nn.Linear except the output head). With freeze_others (the default, as
-    PEFT's get_peft_model), every parameter except the new miss_block ones stops requiring grad.
+    PEFT's get_peft_model), every parameter except the miss_block ones (new and earlier) stops
+    requiring grad.
 
     Every check runs before anything changes: a target that is not an nn.Linear raises TypeError,
     no match, a layer that already has an adapter, or bad r / mini_r / dropout for any layer
@@ -53,8 +63,6 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got dropout={dropout!r}")
 
-    if freeze_others:
-        model.requires_grad_(False)
     with warnings.catch_warnings():
         # One warning per model rather than one per layer for the r > in case.
         warnings.simplefilter("ignore")
@@ -67,6 +75,8 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     for name, layer in layers:
         set_module(model, name, layer)
+    if freeze_others:
+        freeze_all_but_blocks(model)
     return model
 
 
@@ -87,5 +97,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     for name, layer in layers:
         if not layer.merged:
             layer.merge()
+        if not name:  # the model is the MissLinear itself
+            return layer.base_layer
         set_module(model, name, layer.base_layer)
     return model

@@ -28,7 +28,9 @@ def check_target_modules(target_modules: object) -> TargetModules:
             except re.error as exc:
                 raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
         return target_modules
-    if isinstance(target_modules, (list, tuple, set, frozenset)) and target_modules:
+    if isinstance(target_modules, (list, tuple, set, frozenset)) and not target_modules:
+        raise ValueError("target_modules is empty, so it matches no module of the model")
+    if isinstance(target_modules, (list, tuple, set, frozenset)):
         bad = [t for t in target_modules if not isinstance(t, str)]
         if bad:
             raise TypeError(f"target_modules entries must be strings, got {bad!r}")
@@ -62,12 +64,20 @@ def find_targets(model: nn.Module, target_modules: TargetModules,
         if skip_inside and isinstance(module, skip_inside):
             skip_prefixes.append(name + ".")
         if target_modules == ALL_LINEAR:
-            selected = isinstance(module, (nn.Linear,) + skip_inside) and module is not head
+            # As PEFT: transformers' Conv1D counts as linear here (and is then refused by name).
+            selected = (isinstance(module, (nn.Linear,) + skip_inside) or type(module).__name__ == "Conv1D") \
+                and module is not head
         else:
             selected = matches(target_modules, name)
         if selected:
             found.append((name, module))
     return found
+
+
+def exact_paths_regex(paths: Sequence[str]) -> str:
+    """A target_modules regex selecting exactly these module paths. (A list would not: PEFT also
+    matches its entries as suffixes, so "fc" would adapt "sub.fc" too.)"""
+    return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
 
 
 def get_module(model: nn.Module, path: str) -> Optional[nn.Module]:

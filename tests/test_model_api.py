@@ -123,7 +123,8 @@ def test_apply_miss_rejects_gpt2_conv1d(tmp_path):
     (dict(target_modules=["q_proj"], r=0), ValueError, "r=0"),
     (dict(target_modules=["q_proj"], r=R, dropout=1.5), ValueError, "dropout=1.5"),
     (dict(target_modules=["q_proj"], r=R, mode="lora"), ValueError, "'lora'"),
-    (dict(target_modules=[], r=R), TypeError, "target_modules"),
+    (dict(target_modules=[], r=R), ValueError, "target_modules is empty"),
+    (dict(target_modules=[1], r=R), TypeError, "target_modules entries must be strings"),
     (dict(target_modules="(", r=R), ValueError, "not a valid regex"),
 ])
 def test_apply_miss_errors_change_nothing(base, kwargs, error, match):
@@ -132,6 +133,32 @@ def test_apply_miss_errors_change_nothing(base, kwargs, error, match):
     with pytest.raises(error, match=match):
         miss_ext.apply_miss(model, **kwargs)
     assert_unchanged(model, snap)
+
+
+def test_second_apply_miss_keeps_earlier_blocks_trainable(base):
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R)
+    miss_ext.apply_miss(model, ["v_proj"], r=2 * R)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{p}.miss_block" for p in miss_paths(model)} and len(trainable) == 4
+
+
+def test_all_linear_on_gpt2_names_conv1d_like_peft():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    snap = snapshot(gpt2)
+    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn \(Conv1D\)"):
+        miss_ext.apply_miss(gpt2, "all-linear", r=2)
+    assert_unchanged(gpt2, snap)
+
+
+def test_merge_and_unload_of_a_bare_layer_returns_the_linear():
+    layer = MissLinear(nn.Linear(8, 6, dtype=torch.float64), 2, init_weights=False)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = layer(x)
+    merged = miss_ext.merge_and_unload(layer)
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), expected, **TOL)
 
 
 def test_apply_miss_twice_on_the_same_layer_is_refused(base):
@@ -199,6 +226,59 @@ def test_peft_adapter_files_load_in_ours(base, mode, tmp_path):
     torch.testing.assert_close(model(ids).logits, expected, **TOL)
 
 
+class Nested(nn.Module):
+    """Two linears whose names share a suffix: "fc" and "sub.fc"."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8, dtype=torch.float64)
+        self.sub = nn.Module()
+        self.sub.fc = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.sub.fc(self.fc(x))
+
+
+def test_saved_target_modules_select_exactly_the_adapted_layers(tmp_path):
+    model = miss_ext.apply_miss(Nested(), r"fc", r=2)  # the whole-path regex: only the top "fc"
+    assert miss_paths(model) == ["fc"]
+    miss_ext.save_adapter(model, tmp_path)
+    loaded = PeftModel.from_pretrained(Nested(), tmp_path)
+    adapted = [n for n, m in loaded.named_modules() if hasattr(m, "miss_block")]
+    assert adapted == ["base_model.model.fc"]
+
+
+def test_peft_modules_to_save_and_biases_load_too(base, tmp_path):
+    from peft import MissConfig, get_peft_model
+
+    config = MissConfig(r=R, target_modules=TARGETS, init_weights=False, modules_to_save=["lm_head"], bias="all")
+    reference = get_peft_model(copy.deepcopy(base), config).eval()
+    with torch.no_grad():  # a trained head and trained biases that differ from the base model's
+        for name, p in reference.named_parameters():
+            if p.requires_grad and "miss_block" not in name:
+                p.add_(torch.randn_like(p))
+    reference.save_pretrained(tmp_path)
+    ids = tokens()
+    model = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+    assert model.lm_head.weight.requires_grad
+    with pytest.raises(ValueError, match="also trains modules_to_save"):
+        miss_ext.export_lora(reference, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_unsupported_dropout_in_a_file_changes_nothing(base, tmp_path):
+    peft_model(base, "default").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["miss_dropout"] = 1.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = copy.deepcopy(base).requires_grad_(True)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="miss_dropout=1.0"):
+        miss_ext.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
 @pytest.mark.parametrize("mode", ["default", "bat"])
 def test_old_bone_adapter_files_load(base, mode, tmp_path):
     reference = peft_model(base, mode).eval()
@@ -223,6 +303,8 @@ def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(ba
     tensors["base_model.model.model.layers.7.self_attn.q_proj.miss_block"] = torch.zeros(R, 32)
     tensors["base_model.model.model.layers.0.self_attn.k_proj.miss_block"] = torch.zeros(R, 99)
     tensors["base_model.model.model.norm.miss_block"] = torch.zeros(R, 32)
+    tensors["base_model.model.model.norm.weight"] = torch.zeros(31)  # a saved parameter of the wrong shape
+    tensors["base_model.model.model.nothing.weight"] = torch.zeros(3)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj", "o_proj", "lm_head"], r=R)
     snap = snapshot(model)
@@ -232,7 +314,9 @@ def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(ba
     for expected in ("model.layers.7.self_attn.q_proj: no such module",
                      "model.layers.0.self_attn.k_proj: block shape (4, 99) in the file, the model needs (4, 16)",
                      "model.norm: is a LlamaRMSNorm" if "Llama" in type(base).__name__ else "model.norm: is a Qwen2RMSNorm",
-                     "lm_head: the model has a MissLinear here, the file has no block"):
+                     "lm_head: the model has a MissLinear here, the file has no block",
+                     "model.norm.weight: shape (31,) in the file, the model's is (32,)",
+                     "model.nothing.weight: no such parameter"):
         assert expected in message
     assert_unchanged(model, snap)
 

@@ -27,12 +27,20 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 // Bat under autocast (as PEFT, whose F.linear autocasts): W' is still built from the fp32 block,
-// but rounded to the autocast dtype, and the GEMM runs in that dtype.
+// but rounded to the autocast dtype, and the GEMM runs in that dtype. Under autocast a layer's
+// input is often already in the autocast dtype while its weight is fp32 (the output of an earlier
+// autocast GEMM): x is brought to the weight's dtype first, which the op requires (exact when
+// upcasting; the GEMM rounds it to the compute dtype anyway), and the output gets x's dtype back.
 template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  return ops::bat_linear(x, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)));
+  // Only floating x is cast: anything else reaches the op's dtype check and its error message.
+  const bool cast_x = x.is_floating_point() && weight.is_floating_point() && x.scalar_type() != weight.scalar_type();
+  const at::Tensor x_w = cast_x ? x.to(weight.scalar_type()) : x;
+  const at::Tensor y =
+      ops::bat_linear(x_w, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)));
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
