@@ -1297,14 +1297,16 @@ AUTOCAST = [
 ]
 
 
+@pytest.mark.parametrize("x_in_amp_dtype", [False, True], ids=["x-fp32", "x-amp"])
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
 @pytest.mark.parametrize("in_f,out_f,r", [SHAPES[0], SHAPES[1], SHAPES[5]])
-def test_autocast_matches_peft(in_f, out_f, r, device, amp_dtype):
+def test_autocast_matches_peft(in_f, out_f, r, device, amp_dtype, x_in_amp_dtype):
     """fp32 base under autocast: PEFT's output dtype (x's) and values (to the autocast precision),
-    forward under autocast and backward outside it."""
+    forward under autocast and backward outside it. x in the autocast dtype is what a layer gets
+    inside a network (the output of an earlier autocast GEMM) while its weight stays fp32."""
     pytest.importorskip("peft")
     _, peft_layer, ours = make_peft_pair(in_f, out_f, r, torch.float32, device, block_scale=0.5)
-    x = torch.randn(3, 4, in_f, device=device)
+    x = torch.randn(3, 4, in_f, device=device, dtype=amp_dtype if x_in_amp_dtype else torch.float32)
     g = torch.randn(3, 4, out_f, device=device)
     results = []
     for layer, block in ((peft_layer, peft_layer.miss_block["default"]), (ours, ours.miss_block)):
@@ -1322,7 +1324,7 @@ def test_autocast_matches_peft(in_f, out_f, r, device, amp_dtype):
     assert_near(gb, gb_ref, amp_dtype, "autocast miss_block.grad")
     # and it really ran in the autocast precision (not silently in fp32)
     with torch.no_grad():
-        assert not torch.equal(y, ours(x))
+        assert not torch.equal(y.float(), ours(x.float()))
 
 
 # =============================================================================================
