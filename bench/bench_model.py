@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_linear import cpu_name, quantile  # noqa: E402
+from miss_ext.demo import saved_activation_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_INIT = {"default": True, "mini": "mini", "bat": "bat"}
@@ -91,24 +92,8 @@ def step(model, ids):
 
 
 def saved_mib(model, ids):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[(st.data_ptr(), str(t.device))] = st.nbytes()
-        except Exception:
-            pass
-        return t
-
     clear(model)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    clear(model)
-    return sum(seen.values()) / 2**20
+    return saved_activation_bytes(model, ids) / 2**20
 
 
 def peak_mib(model, ids):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import freeze_all_but_blocks, miss_layers
-from .modules import MissLinear, block_shape
+from .modules import MissLinear, block_shape, check_dropout
 from .targets import exact_paths_regex, get_module, set_module
 
 CONFIG_NAME = "adapter_config.json"
@@ -31,6 +31,13 @@ _INIT_OF_MODE = {"default": True, "mini": "mini", "bat": "bat"}
 def mode_of_init_weights(init_weights: object) -> str:
     """PEFT's init_weights ("bat", "mini", True, False) -> "bat", "mini" or "default"."""
     return init_weights if init_weights in ("bat", "mini") else "default"
+
+
+def _config_settings(config: dict) -> Tuple[str, object, object, object]:
+    """(mode, r, mini_r, dropout) as the config states them (Bone configs have no mini_r or
+    dropout); checked against the model by _plan."""
+    mode = mode_of_init_weights(config.get("init_weights", True))
+    return mode, config.get("r"), config.get("mini_r", 1), config.get("miss_dropout", 0.0) or 0.0
 
 
 def _layer_settings(layer: MissLinear) -> Tuple[int, str, int, float]:
@@ -158,11 +165,11 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
 
 def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[List[str], list]:
     """Checks every block against the model; returns (problems, [(path, module, block)])."""
-    mode = mode_of_init_weights(config.get("init_weights", True))
-    r, mini_r = config.get("r"), config.get("mini_r", 1)
+    mode, r, mini_r, dropout = _config_settings(config)
     problems, plan = [], []
-    dropout = config.get("miss_dropout", 0.0) or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    try:
+        check_dropout(dropout)
+    except ValueError:
         problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
     for path, block in blocks.items():
         module = get_module(model, path)
@@ -219,9 +226,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     problems += extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
-    mode = mode_of_init_weights(config.get("init_weights", True))
-    r, mini_r = config["r"], config.get("mini_r", 1)
-    dropout = float(config.get("miss_dropout", 0.0) or 0.0)
+    mode, r, mini_r, dropout = _config_settings(config)
     dead = []
     for name, module, block in plan:
         if not isinstance(module, MissLinear):

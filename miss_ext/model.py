@@ -5,7 +5,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .modules import MissLinear, block_shape
+from .modules import MissLinear, block_shape, check_dropout
 from .targets import TargetModules, describe, find_targets, set_module
 
 
@@ -60,8 +60,7 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
             raise type(exc)(f"{name}: {exc}") from None
         if not linear.weight.is_floating_point():
             raise TypeError(f"{name}: the weight must be floating point, got dtype {linear.weight.dtype}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got dropout={dropout!r}")
+    check_dropout(dropout)
 
     with warnings.catch_warnings():
         # One warning per model rather than one per layer for the r > in case.
@@ -89,6 +88,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
         return model
     if safe_merge:
+        # All or nothing: check every layer's merged weight before writing any. Keeping them all
+        # for the write would hold a second copy of every adapted weight; recomputing costs one
+        # elementwise pass per layer instead.
         with torch.no_grad():
             for name, layer in layers:
                 if not layer.merged and not torch.isfinite(

@@ -37,6 +37,13 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     raise ValueError(f"unknown MiSS mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
+def check_dropout(dropout: object) -> float:
+    """The adapter dropout probability as a float; ValueError unless it is a number in [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got dropout={dropout!r}")
+    return float(dropout)
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """PEFT's default (autocast_adapter_dtype=True): half-precision bases get a float32 block."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
@@ -63,8 +70,7 @@ class MissLinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"MissLinear adapts nn.Linear layers, got {type(base_layer).__name__}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got dropout={dropout!r}")
+        check_dropout(dropout)
         weight = base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"the base layer's weight must be floating point, got dtype {weight.dtype}")

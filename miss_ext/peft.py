@@ -68,8 +68,13 @@ class AcceleratedMissLinear(PeftMissLinear):
         if not active:
             return self.base_layer(x).to(previous_dtype)
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        bats = [self.miss_block[a] for a in active if _is_bat(self.miss_block[a])]
-        shards = [(self.miss_block[a], self._dropout_p(a)) for a in active if not _is_bat(self.miss_block[a])]
+        bats, shards = [], []
+        for name in active:
+            block = self.miss_block[name]
+            if _is_bat(block):
+                bats.append(block)
+            else:
+                shards.append((block, self._dropout_p(name)))
         # The common cases are one fused op each.
         if not bats and len(shards) == 1:
             block, p = shards[0]

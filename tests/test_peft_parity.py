@@ -84,6 +84,18 @@ def assert_near(actual, expected, dtype=None, what=""):
     assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g} ({dtype})"
 
 
+def assert_fwd_bwd_match_peft(peft_layer, ours, x, dtype=None, prefix=""):
+    """Forward and backward of both layers with the same x and output gradient; output, x.grad and
+    miss_block.grad compared with the base dtype's tolerance (the block is fp32 for every base
+    dtype, but its gradient is accumulated from rounded inputs). Returns our output."""
+    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
+    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
+    assert_near(y, y_ref, dtype, prefix + "output")
+    assert_near(gx, gx_ref, dtype, prefix + "x.grad")
+    assert_near(gb, gb_ref, dtype, prefix + "miss_block.grad")
+    return y
+
+
 def make_pair(in_f, out_f, r, mode, mini_r, dtype, device, dropout=0.0, bias=True, seed=0):
     """(peft_model, peft_layer, ours): PEFT's MiSS on MLP.lin0 and our MissLinear on a deep copy of
     the same base Linear, both with the same random miss_block."""
@@ -126,15 +138,8 @@ def test_forward_backward_matches_peft(case, shape, dtype, device):
     _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, dtype, device)
     x = torch.randn(*INPUT_SHAPES[shape], in_f, dtype=dtype, device=device)
 
-    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
-
+    y = assert_fwd_bwd_match_peft(peft_layer, ours, x, dtype)
     assert y.shape == x.shape[:-1] + (out_f,)
-    assert_near(y, y_ref, dtype, "output")
-    assert_near(gx, gx_ref, dtype, "x.grad")
-    # The block is fp32 for every base dtype; its gradient is accumulated from rounded inputs, so
-    # judge it with the base dtype's tolerance too (it is in fact fp32-close).
-    assert_near(gb, gb_ref, torch.float32 if dtype == torch.float32 else dtype, "miss_block.grad")
     # The frozen base gets no gradient in either implementation.
     assert ours.base_layer.weight.grad is None and peft_layer.base_layer.weight.grad is None
 
@@ -146,11 +151,7 @@ def test_no_bias_matches_peft(case, device):
     _, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device, bias=False)
     assert ours.base_layer.bias is None
     x = torch.randn(4, in_f, device=device)
-    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
-    assert_near(y, y_ref, what="output")
-    assert_near(gx, gx_ref, what="x.grad")
-    assert_near(gb, gb_ref, what="miss_block.grad")
+    assert_fwd_bwd_match_peft(peft_layer, ours, x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -159,11 +160,7 @@ def test_float64_base_matches_peft(device):
     _, peft_layer, ours = make_pair(10, 20, 3, "default", 1, torch.float64, device)
     assert ours.miss_block.dtype == torch.float64
     x = torch.randn(2, 5, 10, dtype=torch.float64, device=device)
-    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
-    assert_near(y, y_ref, what="output")
-    assert_near(gx, gx_ref, what="x.grad")
-    assert_near(gb, gb_ref, what="miss_block.grad")
+    assert_fwd_bwd_match_peft(peft_layer, ours, x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -296,11 +293,7 @@ def test_dropout_eval_matches_peft(case, dtype, device):
     peft_model.eval()
     ours.eval()
     x = torch.randn(3, 4, in_f, dtype=dtype, device=device)
-    y_ref, gx_ref, gb_ref, g = run_fwd_bwd(peft_layer, peft_layer.miss_block["default"], x)
-    y, gx, gb, _ = run_fwd_bwd(ours, ours.miss_block, x, g)
-    assert_near(y, y_ref, dtype, "eval output")
-    assert_near(gx, gx_ref, dtype, "eval x.grad")
-    assert_near(gb, gb_ref, torch.float32 if dtype == torch.float32 else dtype, "eval miss_block.grad")
+    y = assert_fwd_bwd_match_peft(peft_layer, ours, x, dtype, "eval ")
     # eval is deterministic
     with torch.no_grad():
         assert torch.equal(ours(x), y)

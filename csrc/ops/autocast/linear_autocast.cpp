@@ -36,11 +36,9 @@ at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // Only floating x is cast: anything else reaches the op's dtype check and its error message.
-  const bool cast_x = x.is_floating_point() && weight.is_floating_point() && x.scalar_type() != weight.scalar_type();
-  const at::Tensor x_w = cast_x ? x.to(weight.scalar_type()) : x;
-  const at::Tensor y =
-      ops::bat_linear(x_w, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)));
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  const at::Tensor x_w = x.is_floating_point() && weight.is_floating_point() ? x.to(weight.scalar_type()) : x;
+  return ops::bat_linear(x_w, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)))
+      .to(x.scalar_type());
 }
 
 }  // namespace
