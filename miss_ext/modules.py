@@ -106,7 +106,7 @@ class MissLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if p > 0.0:
-            key = new_dropout_key()
+            key = new_dropout_key(x.device)
         return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
 
     @torch.jit.unused

@@ -2,34 +2,43 @@
 
 They stay scriptable and traceable: TorchScript and torch.compile see the op itself. Shapes:
 x (..., in), weight (out, in), block = miss_block, (r, out) in the default mode or (r, mini_r)
-in the mini mode. Dropout needs `p` and a key from `new_dropout_key()`.
+in the mini mode. Dropout needs `p` and a key from `new_dropout_key(x.device)`.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-def new_dropout_key() -> Tensor:
-    """A fresh dropout key [seed, offset]: a CPU int64 tensor drawn from torch's default generator,
-    so `torch.manual_seed` makes masks reproducible. Kept on the CPU: reading it never syncs a GPU."""
+def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
+    """A fresh dropout key for the miss ops: int64 tensor [seed, offset] of shape (2,) on `device`
+    (default: the CPU), which must be the device of the data it masks (`new_dropout_key(x.device)`;
+    the ops raise ValueError for a key on another device).
+
+    Drawn with `torch.randint` from that device's default generator, so `torch.manual_seed`
+    reproduces it. The kernels read it where it lives, so the host never waits for the GPU, and
+    inside a captured CUDA graph every replay draws a new key and hence a new mask (torch's
+    generator is graph-safe). The same key values give the same mask on the CPU and on CUDA
+    (csrc/ops/common/dropout_mask.h). C++: `miss_ext::ops::new_dropout_key(device)`."""
     # 2**62 as a literal: TorchScript cannot read module globals, and its ** gives a float.
-    return torch.randint(0, 4611686018427387904, [2], dtype=torch.int64)
+    return torch.randint(0, 4611686018427387904, [2], dtype=torch.int64, device=device)
 
 
 def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
          dtype: Optional[torch.dtype] = None) -> Tensor:
-    """S[..., j] = sum of dropout(x)[..., i] over i mod r == j: shape (..., r)."""
+    """S[..., j] = sum of dropout(x)[..., i] over i mod r == j: shape (..., r).
+    With p > 0, key = new_dropout_key(x.device)."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
 def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> None:
-    """out[t, c] += alpha * dropout(src)[t mod P, c mod Q], in place (the adjoint of fold)."""
+    """out[t, c] += alpha * dropout(src)[t mod P, c mod Q], in place (the adjoint of fold).
+    With p > 0, key = new_dropout_key(out.device); the mask is indexed by out's (row, column)."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: float = 0.0,
            key: Optional[Tensor] = None) -> Tensor:
-    """y = x weight^T + bias + fold(dropout(x)) @ tile(block)."""
+    """y = x weight^T + bias + fold(dropout(x)) @ tile(block). With p > 0, key = new_dropout_key(x.device)."""
     return torch.ops.miss.linear(x, weight, bias, block, p, key)
 
 

@@ -78,7 +78,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         # The common cases are one fused op each.
         if not bats and len(shards) == 1:
             block, p = shards[0]
-            return torch.ops.miss.linear(x, weight, bias, block, p, new_dropout_key() if p > 0.0 else None)
+            return torch.ops.miss.linear(x, weight, bias, block, p, new_dropout_key(x.device) if p > 0.0 else None)
         if not shards:
             for block in bats[:-1]:
                 weight = torch.ops.miss.bat_weight(weight, block, None)
@@ -92,7 +92,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         else:
             result = self.base_layer(x)
         for block, p in shards:
-            folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key() if p > 0.0 else None, block.dtype)
+            folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
             term = folded @ block
             if block.shape[1] != self.out_features:  # mini: tile (r, mini_r) along the output axis
                 term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])

@@ -21,8 +21,9 @@ from reference import F64, fold_ref, linear_ref, philox4x32_10, philox_mask, rec
 ops = torch.ops.miss
 
 
-def key(seed, offset):
-    return torch.tensor([seed, offset], dtype=torch.int64)
+def key(seed, offset, device="cpu"):
+    """A dropout key with fixed values on `device` (the data's device, where the ops read it)."""
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
 
 
 KEYS = [
@@ -71,7 +72,7 @@ def _linear_mask(rows, cols, p, k, device="cpu"):
 def test_every_op_draws_the_documented_philox_mask(device, seed, offset, p):
     rows, cols = 6, 23  # a partial group of four at the end of each row
     expected = philox_mask(seed, offset, rows, cols, p)
-    k = key(seed, offset)
+    k = key(seed, offset, device)
     k0 = k.clone()
     assert torch.equal(recover_mask(rows, cols, p, k, device).cpu(), expected), "tile_add_ mask"
     assert torch.equal(_fold_mask(rows, cols, p, k, device), expected), "fold mask"
@@ -80,7 +81,7 @@ def test_every_op_draws_the_documented_philox_mask(device, seed, offset, p):
 
 
 def test_mask_is_a_function_of_key_row_and_column_only(device):
-    p, k = 0.4, key(31, 41)
+    p, k = 0.4, key(31, 41, device)
     full = recover_mask(12, 40, p, k, device)
     # the same for any dtype of the data
     for dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -92,7 +93,7 @@ def test_mask_is_a_function_of_key_row_and_column_only(device):
     for r in (1, 3, 16, 64):
         torch.testing.assert_close(ops.fold(x, r, p, k), fold_ref(x, r, full, p))
     # a non-contiguous key tensor is read by value
-    strided = torch.tensor([31, 0, 41], dtype=torch.int64)[::2]
+    strided = torch.tensor([31, 0, 41], dtype=torch.int64, device=device)[::2]
     assert torch.equal(recover_mask(12, 40, p, strided, device), full)
 
 
@@ -111,15 +112,36 @@ def test_same_key_same_mask_other_key_other_mask():
     assert not torch.allclose(y, ops.linear(x, w, b, blk, p, key(2, 1)))
 
 
-def test_new_dropout_key_follows_the_torch_seed():
+def test_new_dropout_key_follows_the_torch_seed(device):
     torch.manual_seed(3)
-    a = miss_ext.new_dropout_key()
+    a = miss_ext.new_dropout_key(torch.device(device))
     torch.manual_seed(3)
-    b = miss_ext.new_dropout_key()
-    c = miss_ext.new_dropout_key()
-    assert a.dtype == torch.int64 and a.shape == (2,) and a.device.type == "cpu"
+    b = miss_ext.new_dropout_key(torch.device(device))
+    c = miss_ext.new_dropout_key(torch.device(device))
+    assert a.dtype == torch.int64 and a.shape == (2,) and a.device.type == device
     assert torch.equal(a, b) and not torch.equal(b, c)
     assert bool((a >= 0).all())
+    assert miss_ext.new_dropout_key().device.type == "cpu"  # the default
+
+
+def test_new_dropout_key_draws_on_the_requested_device_without_reading_it():
+    k = miss_ext.new_dropout_key(torch.device("meta"))  # no values exist on meta: nothing is read
+    assert k.device.type == "meta" and k.shape == (2,) and k.dtype == torch.int64
+    x = torch.empty(4, 8, device="meta")
+    assert ops.fold(x, 4, 0.5, k).shape == (4, 4)
+
+
+def test_a_key_on_another_device_is_refused():
+    x = rand(4, 8)
+    for bad in (key(1, 2, "meta"),):
+        with pytest.raises(ValueError, match=r"key must be on the data's device cpu, got a key on meta"):
+            ops.fold(x, 4, 0.5, bad)
+        with pytest.raises(ValueError, match=r"key must be on the data's device"):
+            ops.tile_add_(x.clone(), rand(4, 2), 1.0, 0.5, bad)
+        with pytest.raises(ValueError, match=r"key must be on the data's device"):
+            ops.linear(x, rand(6, 8), None, rand(4, 6), 0.5, bad)
+    with pytest.raises(ValueError, match=r"key must be on the data's device meta, got a key on cpu"):
+        ops.fold(torch.empty(4, 8, device="meta"), 4, 0.5, key(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +211,9 @@ def test_fold_with_dropout_is_unbiased():
 def test_p_zero_is_no_dropout_and_ignores_the_key(device):
     x = rand(2, 5, 10, device=device)
     w, b, blk = rand(20, 10, device=device), rand(20, device=device), rand(3, 4, device=device)
-    garbage = [None, key(1, 2), torch.tensor([1.5, 2.5]), torch.tensor([1, 2, 3]), torch.tensor([[7]])]
+    # p == 0 reads no key: wrong dtypes and shapes are ignored (on the data's device)
+    garbage = [None, key(1, 2, device), torch.tensor([1.5, 2.5], device=device), torch.tensor([1, 2, 3], device=device),
+               torch.tensor([[7]], device=device)]
     s0 = ops.fold(x, 3)
     y0 = ops.linear(x, w, b, blk)
     for k in garbage:
@@ -201,10 +225,16 @@ def test_p_zero_is_no_dropout_and_ignores_the_key(device):
         ops.tile_add_(ref, src)
         ops.tile_add_(out, src, 1.0, 0.0, k)
         assert torch.equal(out, ref)
+    # ... but a key on another device is refused even then: it would select that device's kernel
+    # (a meta key beside CPU data once ran the Meta kernel and returned uninitialised memory)
+    with pytest.raises(ValueError, match="key must be on the data's device"):
+        ops.fold(x, 3, 0.0, key(1, 2, "meta"))
+    with pytest.raises(ValueError, match="key must be on the data's device"):
+        ops.linear(x, w, b, blk, 0.0, key(1, 2, "meta"))
 
 
 def test_p_one_drops_everything(device):
-    k = key(4, 4)
+    k = key(4, 4, device)
     x = rand(6, 10, device=device, requires_grad=True)
     s = ops.fold(x, 3, 1.0, k)
     assert torch.equal(s, torch.zeros_like(s))
@@ -272,7 +302,7 @@ def test_miss_linear_training_backward_uses_the_forward_mask(mode, mini_r):
 )
 @pytest.mark.parametrize("p", [0.2, 0.6])
 def test_linear_dropout_forward_and_grads_use_one_mask(device, in_f, out_f, r, mini_r, lead, p):
-    k = key(2024, 11)
+    k = key(2024, 11, device)
     x = rand(*lead, in_f, dtype=F64, device=device, requires_grad=True)
     w = rand(out_f, in_f, dtype=F64, device=device, requires_grad=True)
     b = rand(out_f, dtype=F64, device=device, requires_grad=True)
@@ -297,7 +327,7 @@ def test_linear_dropout_forward_and_grads_use_one_mask(device, in_f, out_f, r, m
 
 
 def test_fold_backward_uses_the_forward_mask(device):
-    p, k = 0.45, key(6, 7)
+    p, k = 0.45, key(6, 7, device)
     x = rand(3, 4, 11, dtype=F64, device=device, requires_grad=True)
     g = rand(3, 4, 5, dtype=F64, device=device)
     (gx,) = torch.autograd.grad(ops.fold(x, 5, p, k), x, g)

@@ -18,16 +18,26 @@ ops = torch.ops.miss
 IN, OUT, R = 10, 20, 3
 
 
-def K(*v):
-    return torch.tensor(list(v) if v else [12, 34], dtype=torch.int64)
+def K(*v, device="cpu"):
+    """A dropout key (int64 [seed, offset] unless other values are given) on `device`."""
+    return torch.tensor(list(v) if v else [12, 34], dtype=torch.int64, device=device)
 
 
-def _inputs():
-    return dict(x=rand(4, IN), w=rand(OUT, IN), b=rand(OUT), blk=rand(R, OUT), out=rand(4, IN), src=rand(4, R))
+def _inputs(device="cpu"):
+    """Fresh random tensors on `device`, plus `rand` and `K` making more there."""
+    r = lambda *shape: rand(*shape, device=device)  # noqa: E731
+    return dict(x=r(4, IN), w=r(OUT, IN), b=r(OUT), blk=r(R, OUT), out=r(4, IN), src=r(4, R), rand=r,
+                K=lambda *v: K(*v, device=device))
+
+
+def _tensors(t):
+    return {k: v for k, v in t.items() if isinstance(v, torch.Tensor)}
 
 
 # (id, builder(t) -> callable, exception type, regex the message must match)
-# `t` holds fresh random tensors; every CPU tensor in it is checked unchanged afterwards.
+# `t` holds fresh random tensors on the test's device (and `rand`/`K` to make more there); every
+# tensor in it is checked unchanged afterwards. Every case runs on every device: on CUDA, a
+# message that formats a number once crashed the process (issue 9), so each one is checked there.
 CASES = [
     # ---- fold
     ("fold-r0", lambda t: lambda: ops.fold(t["x"], 0), ValueError, r"r=0\b"),
@@ -36,17 +46,17 @@ CASES = [
     ("fold-bool-x", lambda t: lambda: ops.fold(t["x"] > 0, 2), TypeError, r"x must be a floating.*Bool"),
     ("fold-scalar-x", lambda t: lambda: ops.fold(t["x"][0, 0], 2), ValueError, r"scalar"),
     ("fold-int-dtype", lambda t: lambda: ops.fold(t["x"], 2, dtype=torch.int32), TypeError, r"dtype.*Int"),
-    ("fold-p-neg", lambda t: lambda: ops.fold(t["x"], 2, -0.1, K()), ValueError, r"p=-0\.1"),
-    ("fold-p-gt1", lambda t: lambda: ops.fold(t["x"], 2, 1.5, K()), ValueError, r"p=1\.5"),
-    ("fold-p-nan", lambda t: lambda: ops.fold(t["x"], 2, float("nan"), K()), ValueError, r"p=nan"),
+    ("fold-p-neg", lambda t: lambda: ops.fold(t["x"], 2, -0.1, t["K"]()), ValueError, r"p=-0\.1"),
+    ("fold-p-gt1", lambda t: lambda: ops.fold(t["x"], 2, 1.5, t["K"]()), ValueError, r"p=1\.5"),
+    ("fold-p-nan", lambda t: lambda: ops.fold(t["x"], 2, float("nan"), t["K"]()), ValueError, r"p=nan"),
     ("fold-no-key", lambda t: lambda: ops.fold(t["x"], 2, 0.5), ValueError, r"p=0\.5.*needs a key"),
-    ("fold-key-float", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K().float()), TypeError, r"key must be int64.*Float"),
-    ("fold-key-int32", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K().int()), TypeError, r"key must be int64.*Int"),
-    ("fold-key-size3", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K(1, 2, 3)), ValueError, r"2 values.*\[3\]"),
-    ("fold-key-size1", lambda t: lambda: ops.fold(t["x"], 2, 0.5, K(1)), ValueError, r"2 values.*\[1\]"),
-    ("fold-too-many-rows", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(2**32 + 1, 1), 1, 0.5, K()),
+    ("fold-key-float", lambda t: lambda: ops.fold(t["x"], 2, 0.5, t["K"]().float()), TypeError, r"key must be int64.*Float"),
+    ("fold-key-int32", lambda t: lambda: ops.fold(t["x"], 2, 0.5, t["K"]().int()), TypeError, r"key must be int64.*Int"),
+    ("fold-key-size3", lambda t: lambda: ops.fold(t["x"], 2, 0.5, t["K"](1, 2, 3)), ValueError, r"2 values.*\[3\]"),
+    ("fold-key-size1", lambda t: lambda: ops.fold(t["x"], 2, 0.5, t["K"](1)), ValueError, r"2 values.*\[1\]"),
+    ("fold-too-many-rows", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(2**32 + 1, 1), 1, 0.5, t["K"]()),
      ValueError, r"2\^32 rows, got 4294967297"),
-    ("fold-too-many-cols", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(1, 2**34 + 1), 1, 0.5, K()),
+    ("fold-too-many-cols", lambda t: lambda: ops.fold(t["x"][:1, :1].expand(1, 2**34 + 1), 1, 0.5, t["K"]()),
      ValueError, r"2\^34 features, got 17179869185"),
     # ---- tile_add_
     ("tile-int-out", lambda t: lambda: ops.tile_add_(t["out"].int(), t["src"]), TypeError, r"out must be a floating.*Int"),
@@ -60,12 +70,12 @@ CASES = [
     ("tile-empty-src-cols", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:, :0]), ValueError, r"shape \[4, 0\]"),
     ("tile-empty-src-rows", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:0]), ValueError, r"shape \[0, 3\]"),
     ("tile-alias", lambda t: lambda: ops.tile_add_(t["out"], t["out"][:, :2]), ValueError, r"share memory"),
-    ("tile-p-gt1", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 2.0, K()), ValueError, r"p=2\b"),
-    ("tile-p-neg", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, -1e-3, K()), ValueError, r"p=-0\.001"),
+    ("tile-p-gt1", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 2.0, t["K"]()), ValueError, r"p=2\b"),
+    ("tile-p-neg", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, -1e-3, t["K"]()), ValueError, r"p=-0\.001"),
     ("tile-no-key", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3), ValueError, r"p=0\.3.*needs a key"),
-    ("tile-key-float", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, K().double()), TypeError,
+    ("tile-key-float", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, t["K"]().double()), TypeError,
      r"key must be int64.*Double"),
-    ("tile-key-size", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, K(1, 2, 3, 4)), ValueError,
+    ("tile-key-size", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3, t["K"](1, 2, 3, 4)), ValueError,
      r"2 values.*\[4\]"),
     # ---- linear
     ("linear-in-mismatch", lambda t: lambda: ops.linear(t["x"][:, :9], t["w"], t["b"], t["blk"]), ValueError,
@@ -90,7 +100,7 @@ CASES = [
      r"miss_block must be 2-D.*\[3, 2, 10\]"),
     ("linear-block-1d", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][0]), ValueError,
      r"miss_block must be 2-D.*\[20\]"),
-    ("linear-block-wrong-out", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], rand(R, 40)), ValueError,
+    ("linear-block-wrong-out", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["rand"](R, 40)), ValueError,
      r"mini_r=40 for out_features=20"),
     ("linear-mini-not-dividing", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][:, :7]), ValueError,
      r"mini_r=7 for out_features=20"),
@@ -98,13 +108,13 @@ CASES = [
     ("linear-block-width0", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"][:, :0]), ValueError,
      r"mini_r=0\b"),
     ("linear-scalar-x", lambda t: lambda: ops.linear(t["x"][0, 0], t["w"], t["b"], t["blk"]), ValueError, r"scalar"),
-    ("linear-p-gt1", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 1.01, K()), ValueError, r"p=1\.01"),
-    ("linear-p-neg", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], -0.5, K()), ValueError, r"p=-0\.5"),
+    ("linear-p-gt1", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 1.01, t["K"]()), ValueError, r"p=1\.01"),
+    ("linear-p-neg", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], -0.5, t["K"]()), ValueError, r"p=-0\.5"),
     ("linear-no-key", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1), ValueError,
      r"p=0\.1.*needs a key"),
-    ("linear-key-float", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, K().float()), TypeError,
+    ("linear-key-float", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, t["K"]().float()), TypeError,
      r"key must be int64.*Float"),
-    ("linear-key-2x2", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, K(1, 2, 3, 4).view(2, 2)),
+    ("linear-key-2x2", lambda t: lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.1, t["K"](1, 2, 3, 4).view(2, 2)),
      ValueError, r"2 values.*\[2, 2\]"),
     # ---- merge / merge_
     ("merge-mini-not-dividing", lambda t: lambda: ops.merge(t["w"], t["blk"][:, :7]), ValueError, r"mini_r=7"),
@@ -115,79 +125,79 @@ CASES = [
     ("merge-block-3d", lambda t: lambda: ops.merge(t["w"], t["blk"].view(R, 2, 10)), ValueError,
      r"bat miss_block must have shape \(out_features/r, r, r\), got shape \[3, 2, 10\]"),
     ("merge_-mini-not-dividing", lambda t: lambda: ops.merge_(t["w"], t["blk"][:, :7]), ValueError, r"mini_r=7"),
-    ("merge_-wrong-out", lambda t: lambda: ops.merge_(t["w"], rand(R, 40)), ValueError, r"mini_r=40"),
+    ("merge_-wrong-out", lambda t: lambda: ops.merge_(t["w"], t["rand"](R, 40)), ValueError, r"mini_r=40"),
     ("merge_-block-3d", lambda t: lambda: ops.merge_(t["w"], t["blk"].view(R, 2, 10)), ValueError,
      r"bat miss_block must have shape \(out_features/r, r, r\), got shape \[3, 2, 10\]"),
     ("merge_-int-block", lambda t: lambda: ops.merge_(t["w"], t["blk"].long()), TypeError, r"miss_block.*Long"),
     ("merge_-int-weight", lambda t: lambda: ops.merge_(t["w"].int(), t["blk"]), TypeError, r"weight.*Int"),
     ("merge_-block-r0", lambda t: lambda: ops.merge_(t["w"], t["blk"][:0]), ValueError, r"r=0\b"),
     # ---- bat (block-affine): weight (20, 10), block (out/r, r, r) with r dividing 10 and 20
-    ("merge-bat-r3", lambda t: lambda: ops.merge(t["w"], rand(6, 3, 3)), ValueError,
+    ("merge-bat-r3", lambda t: lambda: ops.merge(t["w"], t["rand"](6, 3, 3)), ValueError,
      r"divisible by r; got in_features=10, out_features=20, r=3"),
-    ("merge_-bat-r4", lambda t: lambda: ops.merge_(t["w"], rand(5, 4, 4)), ValueError,
+    ("merge_-bat-r4", lambda t: lambda: ops.merge_(t["w"], t["rand"](5, 4, 4)), ValueError,
      r"divisible by r; got in_features=10, out_features=20, r=4"),
-    ("merge_-bat-reverse-count", lambda t: lambda: ops.merge_(t["w"], rand(5, 2, 2), True), ValueError,
+    ("merge_-bat-reverse-count", lambda t: lambda: ops.merge_(t["w"], t["rand"](5, 2, 2), True), ValueError,
      r"must have shape \(10, 2, 2\), got \[5, 2, 2\]"),
-    ("merge-bat-not-square", lambda t: lambda: ops.merge(t["w"], rand(10, 2, 1)), ValueError,
+    ("merge-bat-not-square", lambda t: lambda: ops.merge(t["w"], t["rand"](10, 2, 1)), ValueError,
      r"bat miss_block must have shape \(out_features/r, r, r\), got shape \[10, 2, 1\]"),
-    ("bat_linear-block-count", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(5, 2, 2)), ValueError,
+    ("bat_linear-block-count", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](5, 2, 2)), ValueError,
      r"for out_features=20 and r=2 must have shape \(10, 2, 2\), got \[5, 2, 2\]"),
-    ("bat_linear-not-square", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(10, 2, 3)), ValueError,
+    ("bat_linear-not-square", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](10, 2, 3)), ValueError,
      r"shape \(out_features/r, r, r\), got shape \[10, 2, 3\]"),
-    ("bat_linear-r3", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(6, 3, 3)), ValueError,
+    ("bat_linear-r3", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](6, 3, 3)), ValueError,
      r"in_features=10, out_features=20, r=3"),
-    ("bat_linear-r0", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(10, 0, 0)), ValueError,
+    ("bat_linear-r0", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](10, 0, 0)), ValueError,
      r"got shape \[10, 0, 0\]"),
     ("bat_linear-block-2d", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["blk"]), ValueError,
      r"got shape \[3, 20\]"),
-    ("bat_linear-block-4d", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(1, 10, 2, 2)), ValueError,
+    ("bat_linear-block-4d", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](1, 10, 2, 2)), ValueError,
      r"got shape \[1, 10, 2, 2\]"),
-    ("bat_linear-in-mismatch", lambda t: lambda: ops.bat_linear(t["x"][:, :8], t["w"], t["b"], rand(10, 2, 2)),
+    ("bat_linear-in-mismatch", lambda t: lambda: ops.bat_linear(t["x"][:, :8], t["w"], t["b"], t["rand"](10, 2, 2)),
      ValueError, r"x\.shape\[-1\]=8 does not match in_features=10"),
-    ("bat_linear-int-block", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(10, 2, 2).long()),
+    ("bat_linear-int-block", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](10, 2, 2).long()),
      TypeError, r"miss_block must be a floating.*Long"),
-    ("bat_linear-int-x", lambda t: lambda: ops.bat_linear(t["x"].long(), t["w"], t["b"], rand(10, 2, 2)),
+    ("bat_linear-int-x", lambda t: lambda: ops.bat_linear(t["x"].long(), t["w"], t["b"], t["rand"](10, 2, 2)),
      TypeError, r"x must be a floating.*Long"),
-    ("bat_linear-dtype-mismatch", lambda t: lambda: ops.bat_linear(t["x"].double(), t["w"], t["b"], rand(10, 2, 2)),
+    ("bat_linear-dtype-mismatch", lambda t: lambda: ops.bat_linear(t["x"].double(), t["w"], t["b"], t["rand"](10, 2, 2)),
      TypeError, r"x dtype Double.*weight dtype Float"),
-    ("bat_linear-bias-shape", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"][:7], rand(10, 2, 2)),
+    ("bat_linear-bias-shape", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"][:7], t["rand"](10, 2, 2)),
      ValueError, r"bias must have shape \(out_features,\) = \(20,\), got shape \[7\]"),
-    ("bat_linear-compute-int", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], rand(10, 2, 2), torch.int32),
+    ("bat_linear-compute-int", lambda t: lambda: ops.bat_linear(t["x"], t["w"], t["b"], t["rand"](10, 2, 2), torch.int32),
      TypeError, r"compute_dtype must be a floating type, got Int"),
-    ("bat_weight-r4", lambda t: lambda: ops.bat_weight(t["w"], rand(5, 4, 4)), ValueError,
+    ("bat_weight-r4", lambda t: lambda: ops.bat_weight(t["w"], t["rand"](5, 4, 4)), ValueError,
      r"in_features=10, out_features=20, r=4"),
-    ("bat_weight-int-weight", lambda t: lambda: ops.bat_weight(t["w"].int(), rand(10, 2, 2)), TypeError,
+    ("bat_weight-int-weight", lambda t: lambda: ops.bat_weight(t["w"].int(), t["rand"](10, 2, 2)), TypeError,
      r"weight must be a floating.*Int"),
-    ("bat_weight-int-dtype", lambda t: lambda: ops.bat_weight(t["w"], rand(10, 2, 2), torch.int64), TypeError,
+    ("bat_weight-int-dtype", lambda t: lambda: ops.bat_weight(t["w"], t["rand"](10, 2, 2), torch.int64), TypeError,
      r"bat_weight dtype must be a floating type, got Long"),
-    ("bat_transform-mp-dtypes", lambda t: lambda: ops.bat_transform(t["w"], rand(10, 2, 2), rand(10, 2, 2).double()),
+    ("bat_transform-mp-dtypes", lambda t: lambda: ops.bat_transform(t["w"], t["rand"](10, 2, 2), t["rand"](10, 2, 2).double()),
      TypeError, r"m and p must both be float32 or both float64, got Float and Double"),
-    ("bat_transform-half-mp", lambda t: lambda: ops.bat_transform(t["w"], rand(10, 2, 2).half(), rand(10, 2, 2).half()),
+    ("bat_transform-half-mp", lambda t: lambda: ops.bat_transform(t["w"], t["rand"](10, 2, 2).half(), t["rand"](10, 2, 2).half()),
      TypeError, r"got Half and Half"),
-    ("bat_transform-int-w", lambda t: lambda: ops.bat_transform(t["w"].int(), rand(10, 2, 2), rand(10, 2, 2)),
+    ("bat_transform-int-w", lambda t: lambda: ops.bat_transform(t["w"].int(), t["rand"](10, 2, 2), t["rand"](10, 2, 2)),
      TypeError, r"w must be a floating.*Int"),
-    ("bat_transform-tiles", lambda t: lambda: ops.bat_transform(t["w"], rand(5, 2, 2), rand(5, 2, 2)), ValueError,
+    ("bat_transform-tiles", lambda t: lambda: ops.bat_transform(t["w"], t["rand"](5, 2, 2), t["rand"](5, 2, 2)), ValueError,
      r"w shape \[20, 10\] does not tile into 2 x 2 blocks matching m shape \[5, 2, 2\]"),
-    ("bat_transform-p-shape", lambda t: lambda: ops.bat_transform(t["w"], rand(10, 2, 2), rand(10, 2, 3)), ValueError,
+    ("bat_transform-p-shape", lambda t: lambda: ops.bat_transform(t["w"], t["rand"](10, 2, 2), t["rand"](10, 2, 3)), ValueError,
      r"m \[10, 2, 2\], p \[10, 2, 3\]"),
-    ("bat_transform-int-dtype", lambda t: lambda: ops.bat_transform(t["w"], rand(10, 2, 2), rand(10, 2, 2), torch.int32),
+    ("bat_transform-int-dtype", lambda t: lambda: ops.bat_transform(t["w"], t["rand"](10, 2, 2), t["rand"](10, 2, 2), torch.int32),
      TypeError, r"bat_transform dtype must be a floating type, got Int"),
     ("bat_transform_-alias", lambda t: lambda: ops.bat_transform_(t["w"], t["w"].view(10, 2, 10)[:, :, :2],
-                                                                  rand(10, 2, 2)),
+                                                                  t["rand"](10, 2, 2)),
      ValueError, r"must not share memory"),
-    ("bat_transform_-tiles", lambda t: lambda: ops.bat_transform_(t["w"], rand(6, 3, 3), rand(6, 3, 3)), ValueError,
+    ("bat_transform_-tiles", lambda t: lambda: ops.bat_transform_(t["w"], t["rand"](6, 3, 3), t["rand"](6, 3, 3)), ValueError,
      r"does not tile into 3 x 3 blocks"),
 ]
 
 
 @pytest.mark.parametrize("builder,exc,pattern", [pytest.param(*c[1:], id=c[0]) for c in CASES])
-def test_op_errors(builder, exc, pattern):
-    t = _inputs()
-    before = {k: v.clone() for k, v in t.items()}
+def test_op_errors(builder, exc, pattern, device):
+    t = _inputs(device)
+    before = {k: v.clone() for k, v in _tensors(t).items()}
     fn = builder(t)
     with pytest.raises(exc, match=pattern):
         fn()
-    for name, v in t.items():
+    for name, v in _tensors(t).items():
         assert torch.equal(v, before[name]), f"{name} was modified by a call that raised"
 
 
@@ -206,7 +216,7 @@ OTHER_DEVICES = [
 )
 def test_mixed_devices_raise(other, what):
     t = _inputs()
-    before = {k: v.clone() for k, v in t.items()}
+    before = {k: v.clone() for k, v in _tensors(t).items()}
     o = lambda name: t[name].to(other)  # noqa: E731
     calls = {
         "linear-block": lambda: ops.linear(t["x"], t["w"], t["b"], o("blk")),
@@ -220,26 +230,39 @@ def test_mixed_devices_raise(other, what):
     }
     with pytest.raises(ValueError, match=rf"must be on the same device, got .*{other}"):
         calls[what]()
-    for name, v in t.items():
+    for name, v in _tensors(t).items():
         assert torch.equal(v, before[name]), f"{name} modified"
 
 
-@pytest.mark.parametrize("other", OTHER_DEVICES)
+KEY_DEVICE_PAIRS = [
+    pytest.param("cpu", "meta", id="cpu-data-meta-key"),
+    pytest.param("meta", "cpu", id="meta-data-cpu-key"),
+    pytest.param("cpu", "cuda", id="cpu-data-cuda-key",
+                 marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+    pytest.param("cuda", "cpu", id="cuda-data-cpu-key",
+                 marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+]
+
+
+@pytest.mark.parametrize("data_device,key_device", KEY_DEVICE_PAIRS)
 @pytest.mark.parametrize("op", ["fold", "linear", "tile_add_"])
-def test_dropout_key_on_another_device_raises(other, op):
-    """The key must be a CPU tensor. A key elsewhere must raise, not be read from device memory
-    nor silently return an unwritten result."""
-    t = _inputs()
+@pytest.mark.parametrize("p", [0.5, 0.0])
+def test_dropout_key_on_another_device_raises(data_device, key_device, op, p):
+    """The key must live on the data's device, where the kernels read it. A key elsewhere must
+    raise (naming both devices), never be read across devices nor leave an unwritten result;
+    also with p == 0, where its values are ignored but it still selects the kernel."""
+    t = _inputs(data_device)
     out0 = t["out"].clone()
-    k = K().to(other)
+    k = K(device=key_device)
     calls = {
-        "fold": lambda: ops.fold(t["x"], 3, 0.5, k),
-        "linear": lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], 0.5, k),
-        "tile_add_": lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.5, k),
+        "fold": lambda: ops.fold(t["x"], 3, p, k),
+        "linear": lambda: ops.linear(t["x"], t["w"], t["b"], t["blk"], p, k),
+        "tile_add_": lambda: ops.tile_add_(t["out"], t["src"], 1.0, p, k),
     }
-    with pytest.raises((ValueError, RuntimeError), match=r"(?i)key.*(cpu|device)"):
+    with pytest.raises(ValueError, match=rf"key must be on the data's device {data_device}.*got a key on {key_device}"):
         calls[op]()
-    assert torch.equal(t["out"], out0)
+    if data_device != "meta":
+        assert torch.equal(t["out"], out0)
 
 
 @pytest.mark.parametrize("p", [-0.5, 1.0, 1.5, float("nan")])
@@ -311,11 +334,72 @@ def test_miss_linear_rejects_non_linear_bases(base):
     assert all(p.requires_grad for p in base.parameters())
 
 
-def test_miss_linear_forward_errors_name_the_value():
-    m = miss_ext.MissLinear(nn.Linear(IN, OUT), 2)
+def test_miss_linear_forward_errors_name_the_value(device):
+    m = miss_ext.MissLinear(nn.Linear(IN, OUT, device=device), 2)
     with pytest.raises(ValueError, match=r"x\.shape\[-1\]=7 does not match in_features=10"):
-        m(rand(3, 7))
+        m(rand(3, 7, device=device))
     with pytest.raises(TypeError, match=r"Long"):
-        m(torch.ones(3, IN, dtype=torch.long))
+        m(torch.ones(3, IN, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match=r"x dtype Double"):
-        m(rand(3, IN, dtype=torch.float64))
+        m(rand(3, IN, dtype=torch.float64, device=device))
+
+
+# ---- a crash is not an error message ------------------------------------------------------------
+# Issue 9: built with g++ 13 against pip's torch, every error message that formats a number
+# (c10::str -> std::ostream::operator<<(long)) killed the process with SIGSEGV. In a pytest
+# process that crash would end the whole run, so the same messages are also raised in a child
+# process: a crash there is a failing test with the signal named, not a lost run.
+ERROR_PROBE = r"""
+import signal, sys
+import torch, miss_ext
+ops = torch.ops.miss
+dev = sys.argv[1]
+x = torch.randn(24, 8, device=dev)
+w = torch.randn(24, 8, device=dev)
+singular = torch.zeros(6, 4, 4, device=dev)
+singular[2] = -torch.eye(4, device=dev)                      # I + B_2 = 0
+nonfinite = torch.zeros(6, 4, 4, device=dev)
+nonfinite[4, 1, 1] = float("nan")
+key = miss_ext.new_dropout_key(x.device)
+cases = [
+    ("int64", lambda: ops.fold(x, 0, 0.0, None, None), ValueError, "got r=0"),
+    ("negative int64", lambda: ops.fold(x, -3, 0.0, None, None), ValueError, "got r=-3"),
+    ("double", lambda: ops.fold(x, 2, 1.5, key, None), ValueError, "got p=1.5"),
+    ("sizes", lambda: ops.linear(x[:, :7], w, None, torch.zeros(2, 24, device=dev)), ValueError, "x.shape[-1]=7"),
+    ("SymInt sizes", lambda: ops.linear(x, w, None, torch.zeros(2, 7, device=dev)), ValueError, "mini_r=7"),
+    ("dtype", lambda: ops.fold(x.long(), 2, 0.0, None, None), TypeError, "Long"),
+    ("device", lambda: ops.fold(x, 2, 0.5, torch.zeros(2, dtype=torch.int64, device="meta"), None), ValueError,
+     "got a key on meta"),
+    ("2^32 rows", lambda: ops.fold(x[:1, :1].expand(2**32 + 1, 1), 1, 0.5, key, None), ValueError, "4294967297"),
+    ("bat block index", lambda: ops.merge_(w.clone(), singular, True), ValueError, "miss_block[2] is singular"),
+    ("bat non-finite index", lambda: ops.merge(w, nonfinite, True), ValueError, "miss_block[4] holds non-finite"),
+    ("bat shapes", lambda: ops.bat_weight(w, torch.zeros(5, 3, 3, device=dev)), ValueError, "r=3"),
+]
+for name, call, exc, text in cases:
+    try:
+        call()
+    except exc as e:
+        if text not in str(e):
+            sys.exit(f"{name}: message {str(e)!r} lacks {text!r}")
+        print("ok", name, flush=True)
+    else:
+        sys.exit(f"{name}: no {exc.__name__} raised")
+print("all raised", flush=True)
+"""
+
+
+def test_error_messages_with_numbers_raise_in_a_fresh_process(device):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", ERROR_PROBE, device], capture_output=True, text=True, timeout=300,
+                          env=env)
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        pytest.fail(f"the process crashed with {sig} while raising an error (last lines: {proc.stdout[-400:]!r}, "
+                    f"stderr {proc.stderr[-1200:]!r})")
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("all raised"), proc.stdout

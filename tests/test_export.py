@@ -11,17 +11,17 @@ MISS_BAT_LINEAR = torch.ops.miss.bat_linear.default
 TANH = torch.ops.aten.tanh.default
 
 
-def export_model(model, strict, batch=5):
-    x = torch.randn(batch, 3, IN_FEATURES)
+def export_model(model, strict, batch=5, device="cpu"):
+    x = torch.randn(batch, 3, IN_FEATURES, device=device)
     # min=2: torch.export specialises sizes 0 and 1, so a dynamic dimension starts at 2.
     dynamic_shapes = {"x": {0: Dim("batch", min=2, max=64)}}
     return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes, strict=strict)
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
-def test_export_keeps_miss_ops_with_dynamic_batch(strict):
-    model = ThreeModes().eval()
-    ep = export_model(model, strict)
+def test_export_keeps_miss_ops_with_dynamic_batch(strict, device):
+    model = ThreeModes().to(device).eval()
+    ep = export_model(model, strict, device=device)
 
     # Exactly the three layers as three custom-op calls (default and mini share miss.linear), in
     # order, with nothing else but the activations: the ops are not decomposed into Python/aten.
@@ -32,10 +32,10 @@ def test_export_keeps_miss_ops_with_dynamic_batch(strict):
 
     module = ep.module()
     for batch in (2, 7, 64):  # none of them the traced batch size (5)
-        x = torch.randn(batch, 3, IN_FEATURES)
+        x = torch.randn(batch, 3, IN_FEATURES, device=device)
         torch.testing.assert_close(module(x), model(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(AssertionError, match="Guard failed"):  # the declared range is enforced
-        module(torch.randn(65, 3, IN_FEATURES))
+        module(torch.randn(65, 3, IN_FEATURES, device=device))
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])

@@ -14,8 +14,9 @@ ops = torch.ops.miss
 F64 = torch.float64
 
 
-def key(seed=1234, offset=5678):
-    return torch.tensor([seed, offset], dtype=torch.int64)
+def key(seed=1234, offset=5678, device="cpu"):
+    """A dropout key with fixed values, on the data's device (where the ops read it)."""
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,8 +29,8 @@ def fold_samples(device):
         ("r_gt_in", (rand(4, 8, device=device), 16), {}),
         ("1d", (rand(10, device=device, requires_grad=True), 4), {}),
         ("empty", (rand(0, 10, device=device), 2), {}),
-        ("dropout", (rand(6, 10, device=device), 4), {"p": 0.3, "key": key()}),
-        ("dropout-grad", (rand(3, 2, 9, device=device, requires_grad=True), 2), {"p": 0.5, "key": key(7, 9)}),
+        ("dropout", (rand(6, 10, device=device), 4), {"p": 0.3, "key": key(device=device)}),
+        ("dropout-grad", (rand(3, 2, 9, device=device, requires_grad=True), 2), {"p": 0.5, "key": key(7, 9, device)}),
         ("half-to-fp32", (rand(5, 12, dtype=torch.float16, device=device), 4), {"dtype": torch.float32}),
         ("fp64-grad", (rand(4, 11, dtype=F64, device=device, requires_grad=True), 3), {}),
     ]
@@ -40,7 +41,7 @@ def tile_add_samples(device):
         ("per-row", (rand(5, 10, device=device), rand(5, 3, device=device)), {}),
         ("per-row-3d-alpha", (rand(2, 3, 20, device=device), rand(2, 3, 4, device=device)), {"alpha": -0.5}),
         ("matrices", (rand(7, 10, device=device), rand(3, 4, device=device)), {}),
-        ("dropout", (rand(6, 13, device=device), rand(6, 4, device=device)), {"p": 0.25, "key": key()}),
+        ("dropout", (rand(6, 13, device=device), rand(6, 4, device=device)), {"p": 0.25, "key": key(device=device)}),
         ("half-out-fp32-src", (rand(4, 12, dtype=torch.float16, device=device), rand(4, 5, device=device)), {}),
         ("empty", (rand(0, 10, device=device), rand(0, 3, device=device)), {}),
     ]
@@ -65,8 +66,8 @@ def linear_samples(device):
         ("mini1-grad", *case(12, 6, 4, 1, (3,), grad=True)),
         ("1d-grad", *case(10, 20, 4, None, (), grad=True)),
         ("empty", *case(10, 20, 2, None, (0,))),
-        ("dropout", *case(10, 20, 3, None, (6,), p=0.2, key=key())),
-        ("dropout-grad-mini", *case(10, 20, 2, 4, (2, 3), grad=True, p=0.4, key=key(3, 4))),
+        ("dropout", *case(10, 20, 3, None, (6,), p=0.2, key=key(device=device))),
+        ("dropout-grad-mini", *case(10, 20, 2, 4, (2, 3), grad=True, p=0.4, key=key(3, 4, device))),
         ("half-fp32-block-grad", *case(10, 20, 3, None, (4,), grad=True, dtype=torch.float16,
                                        block_dtype=torch.float32)),
     ]
@@ -125,7 +126,7 @@ def test_opcheck_merge_(device):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_gradcheck_fold(device, shape, r, p):
     x = rand(*shape, dtype=F64, device=device, requires_grad=True)
-    k = key(11, 22) if p else None
+    k = key(11, 22, device) if p else None
     assert torch.autograd.gradcheck(lambda t: ops.fold(t, r, p, k), (x,))
 
 
@@ -146,7 +147,7 @@ def test_gradcheck_linear(device, in_f, out_f, r, mini_r, p, train_base):
     w = rand(out_f, in_f, dtype=F64, device=device, requires_grad=train_base)
     b = rand(out_f, dtype=F64, device=device, requires_grad=train_base)
     blk = rand(r, out_f if mini_r is None else mini_r, dtype=F64, device=device, requires_grad=True)
-    k = key(99, 1) if p else None
+    k = key(99, 1, device) if p else None
     inputs = (x, w, b, blk) if train_base else (x, blk)
 
     def fn(*args):
@@ -161,7 +162,7 @@ def test_gradcheck_linear_no_bias(device):
     x = rand(3, 10, dtype=F64, device=device, requires_grad=True)
     w = rand(20, 10, dtype=F64, device=device, requires_grad=True)
     blk = rand(3, 4, dtype=F64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, c, d: ops.linear(a, c, None, d, 0.25, key(5, 6)), (x, w, blk))
+    assert torch.autograd.gradcheck(lambda a, c, d: ops.linear(a, c, None, d, 0.25, key(5, 6, device)), (x, w, blk))
 
 
 @pytest.mark.parametrize("in_f,out_f,r,mini_r", LINEAR_GC)

@@ -8,6 +8,11 @@
 namespace miss_ext {
 namespace ops {
 
+at::Tensor new_dropout_key(const at::Device& device) {
+  // Seeds and offsets in [0, 2^62), as the Python helper draws them.
+  return at::randint(0, int64_t{1} << 62, {2}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
 at::Tensor fold(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key,
                 std::optional<at::ScalarType> dtype) {
   static auto op = c10::Dispatcher::singleton()
@@ -50,7 +55,8 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
   at::Tensor s = at::empty({rows, r}, x.options().dtype(kernel_dtype));
   if (rows > 0) {
     const at::Tensor x2 = x.reshape({rows, in}).contiguous();
-    kernel(x2, s, make_dropout_key(p, key));
+    const DropoutArgs dropout = make_dropout_args(p, key);
+    kernel(x2, s, dropout.params);
   }
   if (!native) s = s.to(out_dtype);
   std::vector<int64_t> shape = x.sizes().vec();
@@ -70,14 +76,14 @@ void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src,
   at::Tensor src2 = src.reshape({leading_rows(src), src.size(-1)});
   if (src2.scalar_type() != out.scalar_type() && src2.scalar_type() != at::kFloat) src2 = src2.to(at::kFloat);
   src2 = src2.contiguous();
-  const DropoutKey dkey = make_dropout_key(p, key);
+  const DropoutArgs dropout = make_dropout_args(p, key);
   if (out.is_contiguous()) {
     at::Tensor out2 = out.view({rows, cols});
-    kernel(out2, src2, alpha, dkey);
+    kernel(out2, src2, alpha, dropout.params);
   } else {
     // Strided output: update a contiguous copy, then write it back, so the op stays in place.
     at::Tensor out2 = out.contiguous().view({rows, cols});
-    kernel(out2, src2, alpha, dkey);
+    kernel(out2, src2, alpha, dropout.params);
     out.copy_(out2.view(out.sizes()));
   }
 }

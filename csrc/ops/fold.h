@@ -8,7 +8,14 @@
 namespace miss_ext {
 namespace ops {
 
+// A fresh dropout key for the miss ops: int64 [seed, offset], shape (2,), on `device` (that of the
+// data it will mask), drawn with at::randint from the device's default generator (so
+// torch::manual_seed reproduces it, and a CUDA graph replay draws a new one). The C++ twin of
+// miss_ext.new_dropout_key.
+at::Tensor new_dropout_key(const at::Device& device = at::kCPU);
+
 // C++ API: calls through the dispatcher, so autograd, tracing and every backend apply.
+// `key`: from new_dropout_key(x.device()); needed when p > 0.
 at::Tensor fold(const at::Tensor& x, int64_t r, double p = 0.0,
                 const std::optional<at::Tensor>& key = std::nullopt,
                 std::optional<at::ScalarType> dtype = std::nullopt);

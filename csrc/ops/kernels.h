@@ -7,6 +7,8 @@
 //   bat:      m and p share one dtype, float32 or float64 (the compute type); w any floating
 //             type; out has w's dtype or m's dtype; out may be w itself (in place)
 // Accumulation is float32 for fp16/bf16/fp32 data and float64 when either side is float64.
+// Dropout: `dropout.key` points to [seed, offset] in the data's memory; kernels read it there
+// (load_dropout_key), so a CUDA kernel never needs the host to look at it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,19 +18,19 @@
 namespace miss_ext {
 
 // s (rows, r) = fold(dropout(x)) for x (rows, in).
-using FoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
+using FoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 // out (rows, cols) += alpha * dropout(src[row mod P, col mod Q]) for src (P, Q).
-using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 // out (out, in) = bat transform of w (common/bat_index.h) with m, p of shape (out/r, r, r).
 using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 
-void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
-void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
+void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 
 #ifdef MISS_EXT_WITH_CUDA
-void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutKey& key);
-void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key);
+void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
+void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 #endif
 

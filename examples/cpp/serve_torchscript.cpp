@@ -62,5 +62,10 @@ int main(int argc, char** argv) {
                                                layer.attr("miss_block").toTensor());
   check_close("C++ API miss_ext::ops::linear", api, layer.forward({x0}).toTensor());
 
+  // Dropout from C++: a key drawn on the data's device; the same key gives the same mask.
+  const at::Tensor key = miss_ext::ops::new_dropout_key(x0.device());
+  check_close("C++ API fold with dropout (same key twice)", miss_ext::ops::fold(x0, 4, 0.25, key),
+              miss_ext::ops::fold(x0, 4, 0.25, key));
+
   return miss_example::report();
 }

@@ -29,16 +29,26 @@ void check_p(double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "miss: dropout probability p must be in [0, 1], got p=", p);
 }
 
-// `data` is the tensor the mask applies to: a meta key is accepted only with meta data (fake
-// tensors under torch.compile), never as a stand-in for a real CPU key.
+// `data` is the tensor the mask applies to; the key must live on its device (dropout_mask.h says
+// why). Meta keys go with meta data, fake CUDA keys with fake CUDA data, as any other input.
+//
+// The device is checked even when p == 0, where the key's values are ignored: a tensor argument
+// takes part in choosing the kernel, so a key on another device would send the call to that
+// device's kernel (a meta key beside CPU data ran the Meta kernel and returned uninitialised
+// memory). Its dtype and shape are only checked when it is read.
 void check_key(double p, const std::optional<at::Tensor>& key, const at::Tensor& data) {
-  if (p == 0.0) return;  // no dropout: the key is not read and may be anything or None
-  TORCH_CHECK_VALUE(key.has_value() && key->defined(),
-                    "miss: dropout p=", p, " > 0 needs a key: a CPU int64 tensor [seed, offset]");
+  if (key.has_value() && key->defined()) {
+    TORCH_CHECK_VALUE(key->device() == data.device(), "miss: the dropout key must be on the data's device ",
+                      data.device(), ", got a key on ", key->device(),
+                      " (draw it there with miss_ext.new_dropout_key(device); the kernels read it in place, "
+                      "so the host never waits for the device)");
+  }
+  if (p == 0.0) return;  // no dropout: the key's values are not read
+  TORCH_CHECK_VALUE(key.has_value() && key->defined(), "miss: dropout p=", p,
+                    " > 0 needs a key: an int64 tensor [seed, offset] on the data's device, from "
+                    "miss_ext.new_dropout_key(device)");
   TORCH_CHECK_TYPE(key->scalar_type() == at::kLong, "miss: the dropout key must be int64, got dtype ",
                    key->scalar_type());
-  TORCH_CHECK_VALUE(key->device().is_cpu() || (key->device().is_meta() && data.is_meta()), "miss: the dropout key must be a CPU tensor (reading it from ",
-                    key->device(), " would synchronise the device with the host)");
   TORCH_CHECK_VALUE(key->sym_numel() == 2, "miss: the dropout key must hold 2 values [seed, offset], got shape ",
                     key->sym_sizes());
 }
@@ -176,17 +186,16 @@ void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype) {
                    " must be a floating type, got ", *dtype);
 }
 
-DropoutKey make_dropout_key(double p, const std::optional<at::Tensor>& key) {
-  DropoutKey k{0, 0, 0, 1.0};
-  if (p == 0.0) return k;
-  const at::Tensor cpu_key = key->contiguous();
-  const int64_t* v = cpu_key.const_data_ptr<int64_t>();
-  k.seed = static_cast<uint64_t>(v[0]);
-  k.offset = static_cast<uint64_t>(v[1]);
+DropoutArgs make_dropout_args(double p, const std::optional<at::Tensor>& key) {
+  DropoutArgs args{at::Tensor(), DropoutParams{nullptr, 0, 1.0}};
+  if (p == 0.0) return args;
+  // A strided key (e.g. a view) becomes a two-element copy on its own device: no host access.
+  args.words = key->contiguous();
+  args.params.key = args.words.const_data_ptr<int64_t>();
   // threshold = round(p * 2^32) as a 64-bit integer; p == 1 gives 2^32 (drop every element).
-  k.threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
-  k.scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
-  return k;
+  args.params.threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
+  args.params.scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  return args;
 }
 
 void check_dropout_extent(int64_t rows, int64_t cols, double p) {

@@ -14,7 +14,8 @@
 
 namespace miss_ext {
 
-// x: floating tensor with at least one dimension; r >= 1; 0 <= p <= 1; key valid when p > 0.
+// x: floating tensor with at least one dimension; r >= 1; 0 <= p <= 1; when p > 0, key is an int64
+// tensor of 2 values [seed, offset] on x's device (miss_ext.new_dropout_key(device)).
 void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key);
 
 // out (..., C) and src (..., Q): floating, same device; src either has out's leading sizes
@@ -44,9 +45,14 @@ void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at
 // An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);
 
-// Reads the dropout key on the host. The key is a CPU int64 tensor [seed, offset], so this is
-// never a device-host synchronisation. p == 0 gives a key that keeps everything.
-DropoutKey make_dropout_key(double p, const std::optional<at::Tensor>& key);
+// The dropout arguments of a kernel launch: the key made contiguous (`words`, which the caller
+// keeps alive until the kernel is enqueued) and the parameters pointing into it. The host never
+// reads the key's values. p == 0 gives parameters that keep everything (and no key).
+struct DropoutArgs {
+  at::Tensor words;
+  DropoutParams params;
+};
+DropoutArgs make_dropout_args(double p, const std::optional<at::Tensor>& key);
 
 // The dropout counter holds the row in 32 bits and the column group in 32 bits.
 void check_dropout_extent(int64_t rows, int64_t cols, double p);

@@ -1,5 +1,17 @@
 // The dropout mask of the adapter branch, as a pure function of (key, row, column).
 //
+// The key is an int64 tensor [seed, offset] on the data's device (miss_ext.new_dropout_key(device)
+// draws it with torch.randint there). The host never reads it: the op wrappers pass a pointer
+// (DropoutParams) and every kernel loads the two words itself (load_dropout_key). Why:
+//   - no host-device synchronisation, ever (reading a CUDA key on the host would be one);
+//   - CUDA graphs: a key drawn by torch.randint inside a captured region is regenerated on every
+//     replay (torch's Philox state is graph-safe), and a kernel that reads the key from device
+//     memory then draws a fresh mask per replay. A key read on the host at capture time would be
+//     baked into the graph, freezing the mask (what this project did before, and what Inductor's
+//     device-side seeds avoid too);
+//   - FakeTensor / torch.compile / torch.export: a key on the data's device traces like any other
+//     input (a 2-element CPU tensor beside CUDA tensors is a device mismatch for FakeTensor).
+//
 // Why a counter-based generator: the mask is never stored. The forward fold and the backward
 // broadcast each regenerate it from the same key, so no T x in tensor lives between them, and
 // CPU and CUDA produce the same mask for the same key.
@@ -23,6 +35,15 @@
 
 namespace miss_ext {
 
+// What the host passes to a kernel. `key` points to the two int64 words [seed, offset] in the
+// memory of the data's device; it is null when threshold == 0 (no dropout: nothing to read).
+struct DropoutParams {
+  const int64_t* key;
+  uint64_t threshold;  // drop iff word < threshold; 0 means "no dropout"
+  double scale;        // 1 / (1 - p), or 0 when p == 1
+};
+
+// The resolved key that the mask functions below take; built inside a kernel by load_dropout_key.
 struct DropoutKey {
   uint64_t seed;
   uint64_t offset;
@@ -30,6 +51,13 @@ struct DropoutKey {
   double scale;        // 1 / (1 - p), or 0 when p == 1 (everything dropped, as nn.Dropout);
                        // kernels convert it once to their accumulation type
 };
+
+// Reads the key words where the kernel runs (device memory in a CUDA kernel, host memory on the CPU).
+MISS_HD DropoutKey load_dropout_key(const DropoutParams& params) {
+  if (params.threshold == 0) return DropoutKey{0, 0, 0, params.scale};
+  return DropoutKey{static_cast<uint64_t>(params.key[0]), static_cast<uint64_t>(params.key[1]), params.threshold,
+                    params.scale};
+}
 
 struct Words4 {
   uint32_t w[4];

@@ -109,7 +109,8 @@ void tile_add_rows(out_t* out, const src_t* src, int64_t rows, int64_t cols, int
 
 }  // namespace
 
-void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key) {
+void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout) {
+  const DropoutKey key = load_dropout_key(dropout);  // a CPU key: host memory
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_fold_cpu", [&] {
     if (s.scalar_type() == x.scalar_type()) {
       fold_rows<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), s.mutable_data_ptr<scalar_t>(), x.size(0),
@@ -121,7 +122,8 @@ void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutKey& key) 
   });
 }
 
-void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key) {
+void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout) {
+  const DropoutKey key = load_dropout_key(dropout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "miss_tile_add_cpu", [&] {
     if (src.scalar_type() == out.scalar_type()) {
       tile_add_rows<scalar_t, scalar_t>(out.mutable_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), out.size(0),

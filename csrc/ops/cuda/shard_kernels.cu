@@ -75,8 +75,9 @@ __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, i
 
 template <typename in_t, typename out_t, int VEC, bool DROPOUT>
 __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
-                            int64_t r, DropoutKey key) {
+                            int64_t r, DropoutParams dropout) {
   using acc = acc_t<in_t, out_t>;
+  const DropoutKey key = load_dropout_key(dropout);  // two words from device memory
   const acc scale = static_cast<acc>(key.scale);
   const int64_t groups = vec_groups(r, VEC);
   const int64_t total = rows * groups;
@@ -120,8 +121,9 @@ __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, i
 // Columns j >= in get no term and come out 0; a vector is wholly inside the row (in % VEC == 0).
 template <typename in_t, typename out_t, int VEC, bool DROPOUT>
 __global__ void fold_rows_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
-                                 int64_t r, DropoutKey key) {
+                                 int64_t r, DropoutParams dropout) {
   using acc = acc_t<in_t, out_t>;
+  const DropoutKey key = load_dropout_key(dropout);
   constexpr int kSlots = kThreads * VEC;
   __shared__ Vec<acc, VEC> part_v[kThreads];
   acc* part = reinterpret_cast<acc*>(part_v);
@@ -164,8 +166,9 @@ __global__ void fold_rows_kernel(const in_t* __restrict__ x, out_t* __restrict__
 
 template <typename out_t, typename src_t, int VEC, bool DROPOUT>
 __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict__ src, int64_t rows, int64_t cols,
-                                int64_t period_rows, int64_t q, double alpha_d, DropoutKey key) {
+                                int64_t period_rows, int64_t q, double alpha_d, DropoutParams dropout) {
   using acc = acc_t<out_t, src_t>;
+  const DropoutKey key = load_dropout_key(dropout);
   const acc alpha = static_cast<acc>(alpha_d);
   const acc scale = static_cast<acc>(key.scale);
   const int64_t groups = vec_groups(cols, VEC);
@@ -196,11 +199,11 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
 
 // at::Half / at::BFloat16 convert to and from float on the device, so kernels use them directly.
 template <typename in_t, typename out_t, int VEC>
-void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutKey& key,
+void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
                       cudaStream_t stream) {
   const unsigned int grid = static_cast<unsigned int>(std::clamp<int64_t>(rows, 1, kMaxBlocks));
-  if (key.threshold != 0) fold_rows_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
-  else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
+  if (dropout.threshold != 0) fold_rows_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
 }
 
 // Which fold kernel. fold_kernel runs rows * r / VEC threads, each summing in / r vectors one
@@ -218,7 +221,7 @@ void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64
 constexpr int64_t kFewThreads = 65536;
 
 template <typename in_t, typename out_t>
-void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutKey& key, cudaStream_t stream) {
+void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(in_t);
   const int64_t rows = x.size(0), in = x.size(1), r = s.size(1);
   const in_t* xp = x.const_data_ptr<in_t>();
@@ -226,71 +229,71 @@ void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutKey& key, cuda
   const bool vec_in = in % kVec == 0 && aligned16(xp);
   const bool pow2 = (r & (r - 1)) == 0;  // r >= 1
   if (pow2 && vec_in && r <= kThreads * kVec && (r / kVec < 32 || rows * (r / kVec) < kFewThreads)) {
-    launch_fold_rows<in_t, out_t, kVec>(xp, sp, rows, in, r, key, stream);
+    launch_fold_rows<in_t, out_t, kVec>(xp, sp, rows, in, r, dropout, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   if (pow2 && !vec_in && r <= kThreads && (r < 32 || rows * r < kFewThreads)) {
-    launch_fold_rows<in_t, out_t, 1>(xp, sp, rows, in, r, key, stream);
+    launch_fold_rows<in_t, out_t, 1>(xp, sp, rows, in, r, dropout, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const bool vec = r % kVec == 0 && vec_in;
-  const bool dropout = key.threshold != 0;
+  const bool use_dropout = dropout.threshold != 0;
   const int64_t total = rows * (vec ? r / kVec : r);
   const unsigned int grid = grid_for(total);
   if (vec) {
-    if (dropout) fold_kernel<in_t, out_t, kVec, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
-    else fold_kernel<in_t, out_t, kVec, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
+    if (use_dropout) fold_kernel<in_t, out_t, kVec, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+    else fold_kernel<in_t, out_t, kVec, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
   } else {
-    if (dropout) fold_kernel<in_t, out_t, 1, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
-    else fold_kernel<in_t, out_t, 1, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, key);
+    if (use_dropout) fold_kernel<in_t, out_t, 1, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+    else fold_kernel<in_t, out_t, 1, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename out_t, typename src_t>
-void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key,
+void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout,
                      cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(out_t);
   const int64_t rows = out.size(0), cols = out.size(1), period_rows = src.size(0), q = src.size(1);
   out_t* op = out.mutable_data_ptr<out_t>();
   const src_t* sp = src.const_data_ptr<src_t>();
   const bool vec = cols % kVec == 0 && aligned16(op);
-  const bool dropout = key.threshold != 0;
+  const bool use_dropout = dropout.threshold != 0;
   const int64_t total = rows * (vec ? cols / kVec : cols);
   const unsigned int grid = grid_for(total);
   if (vec) {
-    if (dropout)
-      tile_add_kernel<out_t, src_t, kVec, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, key);
+    if (use_dropout)
+      tile_add_kernel<out_t, src_t, kVec, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
     else
-      tile_add_kernel<out_t, src_t, kVec, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, key);
+      tile_add_kernel<out_t, src_t, kVec, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
   } else {
-    if (dropout)
-      tile_add_kernel<out_t, src_t, 1, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, key);
+    if (use_dropout)
+      tile_add_kernel<out_t, src_t, 1, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
     else
-      tile_add_kernel<out_t, src_t, 1, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, key);
+      tile_add_kernel<out_t, src_t, 1, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutKey& key) {
+void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_fold_cuda", [&] {
-    if (s.scalar_type() == x.scalar_type()) launch_fold<scalar_t, scalar_t>(x, s, key, stream);
-    else launch_fold<scalar_t, float>(x, s, key, stream);
+    if (s.scalar_type() == x.scalar_type()) launch_fold<scalar_t, scalar_t>(x, s, dropout, stream);
+    else launch_fold<scalar_t, float>(x, s, dropout, stream);
   });
 }
 
-void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutKey& key) {
+void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout) {
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "miss_tile_add_cuda", [&] {
-    if (src.scalar_type() == out.scalar_type()) launch_tile_add<scalar_t, scalar_t>(out, src, alpha, key, stream);
-    else launch_tile_add<scalar_t, float>(out, src, alpha, key, stream);
+    if (src.scalar_type() == out.scalar_type()) launch_tile_add<scalar_t, scalar_t>(out, src, alpha, dropout, stream);
+    else launch_tile_add<scalar_t, float>(out, src, alpha, dropout, stream);
   });
 }
 
