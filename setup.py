@@ -8,6 +8,8 @@ Build knobs (environment variables):
   CUDA_HOME            the toolkit root; otherwise found from `nvcc` on PATH (wrappers allowed)
   TORCH_CUDA_ARCH_LIST architectures, e.g. "8.0;9.0"; default "8.0;9.0" when no GPU is visible
   MAX_JOBS             parallel compile jobs (ninja)
+  MISS_EXT_PRIVATE_CXXRT=0  link the C++ runtime as torch does (shared libstdc++) instead of a
+                       private, hidden copy (the default, see private_cxx_runtime)
 """
 import glob
 import os
@@ -75,7 +77,42 @@ def decide_cuda(torch):
     return torch.version.cuda is not None and home is not None, home
 
 
-def write_build_config(path, with_cuda, torch):
+def private_cxx_runtime():
+    """Link flags that give the module its own copy of libstdc++, linked in and hidden.
+
+    Why (issue 9): with g++ 13 and pip's torch, every error message that formats a number
+    crashed the process in std::ostream::operator<<(long), while messages with strings only
+    worked. That is the crash of pytorch/pytorch#109923 and #133437: a second C++ runtime whose
+    std:: symbols are exported into the process's global scope (a library linked with
+    -static-libstdc++ and no version script, loaded with RTLD_GLOBAL) serves our ostream and
+    locale calls, because the dynamic linker searches the global scope before our own
+    dependencies; its num_put facet ids then index the locale built by the other runtime. The
+    integer path builds an ostringstream (c10::str); string-only messages never do. Reproduced
+    with such a library (tests/test_cxx_runtime.py builds one): SIGSEGV on the first number with
+    g++ 13, the number silently dropped with g++ 12. With our own copy, linked statically and
+    hidden by --exclude-libs, no other object in the process can serve these calls. Exceptions
+    still cross into torch normally: their types (c10::Error) live in libc10, and unwinding is
+    libgcc_s's. MISS_EXT_PRIVATE_CXXRT=0 turns it off; it is also off, with a message, when
+    the compiler has no libstdc++.a (clang with libc++).
+    """
+    flag = os.environ.get("MISS_EXT_PRIVATE_CXXRT", "1").strip()
+    if flag not in ("0", "1"):
+        raise RuntimeError(f"MISS_EXT_PRIVATE_CXXRT must be 0 or 1, got {flag!r}")
+    if flag == "0":
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        archive = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        archive = ""
+    if not (os.path.isabs(archive) and os.path.isfile(archive)):
+        print(f"miss_ext: {cxx} has no libstdc++.a; linking the shared C++ runtime (see private_cxx_runtime)")
+        return []
+    return ["-static-libstdc++", "-Wl,--exclude-libs,ALL"]
+
+
+def write_build_config(path, with_cuda, torch, private_cxxrt=False):
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     archs = ",".join(a for a in re.split(r"[;\s]+", archs) if a)
     with open(path, "w") as f:
@@ -83,6 +120,7 @@ def write_build_config(path, with_cuda, torch):
         f.write(f'#define MISS_EXT_TORCH_VERSION "{torch.__version__}"\n')
         f.write(f'#define MISS_EXT_CUDA_VERSION "{torch.version.cuda or ""}"\n')
         f.write(f'#define MISS_EXT_CUDA_ARCHS "{archs}"\n')
+        f.write(f'#define MISS_EXT_CXX_RUNTIME "{"private" if private_cxxrt else "shared"}"\n')
 
 
 def extensions():
@@ -104,7 +142,8 @@ def extensions():
     cuda_dir = os.path.join(csrc, "ops", "cuda") + os.sep
     if not with_cuda:
         sources = [s for s in sources if not s.startswith(cuda_dir)]
-    write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch)
+    link = ["-fopenmp"] + private_cxx_runtime()
+    write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch, len(link) > 1)
 
     defines = ["-DMISS_EXT_SETUP_PY"] + (["-DMISS_EXT_WITH_CUDA"] if with_cuda else [])
     # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
@@ -119,11 +158,11 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "miss_ext._C", sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + defines},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+                                         extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -28,6 +28,9 @@
 #ifndef MISS_EXT_TORCH_VERSION
 #define MISS_EXT_TORCH_VERSION ""
 #endif
+#ifndef MISS_EXT_CXX_RUNTIME
+#define MISS_EXT_CXX_RUNTIME "shared"
+#endif
 
 namespace {
 
@@ -38,6 +41,7 @@ std::string build_info() {
   info += ",CUDA;cuda_version=" MISS_EXT_CUDA_VERSION ";cuda_archs=" MISS_EXT_CUDA_ARCHS;
 #endif
   info += ";built_with_torch=" MISS_EXT_TORCH_VERSION;
+  info += ";cxx_runtime=" MISS_EXT_CXX_RUNTIME;  // "private": libstdc++ linked in and hidden (setup.py)
   return info;
 }
 
@@ -53,6 +57,10 @@ TORCH_LIBRARY(miss, m) {
   // src has out's leading sizes (the adjoint of fold, and mini's tiling along out), or both are
   // matrices and src's rows tile out's rows too (merge). One rounding to out's dtype.
   m.def("tile_add_(Tensor(a!) out, Tensor src, float alpha=1., float p=0., Tensor? key=None) -> ()");
+  // The functional tile_add_: returns out + alpha * dropout(tile(src)) in out's dtype, differentiable
+  // in out and src to any order (its adjoint in src is fold; fold's adjoint is this op), so the
+  // backward formulas built from it can be differentiated again.
+  m.def("tile_add(Tensor out, Tensor src, float alpha=1., float p=0., Tensor? key=None) -> Tensor");
 
   // y = x weight^T + bias + fold(dropout(x)) @ tile(block), PEFT's precision semantics: the base
   // GEMM rounds in x's dtype, the adapter branch computes in block's dtype, one final rounding.

@@ -12,6 +12,7 @@ the dispatcher (CPU always; CUDA when built with it). See README.md.
 import importlib
 
 from ._library import build_info
+from . import _functorch
 from .adapter_files import load_adapter, save_adapter
 from .lora import export_lora
 from .model import apply_miss, merge_and_unload, miss_layers
@@ -24,6 +25,8 @@ __all__ = [
     "tile_add_",
 ]
 __version__ = "0.1.0"
+
+_functorch.register()  # torch.func transforms of the miss ops (see miss_ext/_functorch.py)
 
 
 def __getattr__(name: str):

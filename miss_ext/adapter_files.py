@@ -14,9 +14,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import freeze_all_but_blocks, miss_layers
+from .model import freeze_all_but_blocks, miss_layers, record_shared_weights, warn_shared
 from .modules import MissLinear, block_shape, check_dropout
-from .targets import exact_paths_regex, get_module, set_module
+from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, other_holders,
+                      parameter_paths, peft_selects, set_module)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,6 +27,21 @@ KEY_PREFIX = "base_model.model."
 BLOCK_NAMES = {"MISS": "miss_block", "BONE": "bone_block"}
 # PEFT's init_weights value <-> our mode.
 _INIT_OF_MODE = {"default": True, "mini": "mini", "bat": "bat"}
+# Every adapter_config.json field of PEFT 0.21's MissConfig (and BoneConfig). Each is either
+# acted on here as PEFT acts on it, or cannot change what is loaded (task_type picks a PeftModel
+# subclass, inference_mode freezes for training, the rest are provenance). A field outside this
+# list (rank_pattern, alpha_pattern, a newer PEFT's option, ...) with a non-empty value is refused
+# rather than ignored, as PEFT might load something else because of it.
+_CONFIG_FIELDS = {
+    "peft_type", "r", "mini_r", "init_weights", "miss_dropout", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "bias", "modules_to_save", "task_type", "base_model_name_or_path",
+    "revision", "inference_mode", "auto_mapping", "peft_version",
+}
+_INIT_WEIGHTS = {"MISS": (True, False, "bat", "mini"), "BONE": (True, False, "bat")}
+# bias: which biases PEFT trained (and saved beside the blocks, loaded here as extras).
+_BIAS = {"MISS": ("none", "all", "MiSS_only"), "BONE": ("none", "all", "Bone_only")}
+# The fields that decide which modules PEFT gives an adapter when it loads the file.
+_SELECTION_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 
 
 def mode_of_init_weights(init_weights: object) -> str:
@@ -139,28 +155,96 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]
     return config, blocks, extras
 
 
-def _find_parameter(model: nn.Module, path: str) -> Optional[nn.Parameter]:
-    """The model parameter a saved `<path>` names; `<layer>.base_layer.<name>` also resolves to
-    `<layer>.<name>` of a plain layer about to be wrapped (it becomes the wrapper's base_layer)."""
+def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optional[nn.Parameter]]:
+    """(its path in the model, the parameter) a saved `<path>` names, or (None, None);
+    `<layer>.base_layer.<name>` also resolves to `<layer>.<name>` of a plain layer about to be
+    wrapped (it becomes the wrapper's base_layer)."""
     for candidate in (path, path.replace(".base_layer.", ".")):
         try:
-            return model.get_parameter(candidate)
+            return candidate, model.get_parameter(candidate)
         except AttributeError:
             continue
-    return None
+    return None, None
 
 
 def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str], list]:
+    """Checks the non-block tensors against the model; returns (problems, [(param, value,
+    trainable)]). A base weight PEFT saved beside the blocks (`<layer>.base_layer.weight`, its
+    save_embedding_layers for targets named like embeddings, e.g. lm_head) is loaded frozen, as
+    PEFT does not train it; modules_to_save copies and biases stay trainable."""
     problems, plan = [], []
+    params = parameter_paths(model) if extras else {}
     for path, value in extras.items():
-        param = _find_parameter(model, path)
+        resolved, param = _find_parameter(model, path)
         if param is None:
             problems.append(f"{path}: no such parameter in the model")
-        elif tuple(param.shape) != tuple(value.shape):
+            continue
+        if tuple(param.shape) != tuple(value.shape):
             problems.append(f"{path}: shape {tuple(value.shape)} in the file, the model's is {tuple(param.shape)}")
-        else:
-            plan.append((param, value))
+            continue
+        # Writing a tied parameter (e.g. a modules_to_save lm_head tied to the input embeddings)
+        # would silently change its other holders; PEFT trains a separate copy of such a module.
+        # The same values (PEFT saves a tied lm_head's unchanged base weight) change nothing.
+        shared = other_holders(params, [param], [resolved.rpartition(".")[0]])
+        if shared and torch.equal(value.to(param.device, param.dtype), param.detach()):
+            continue
+        if shared:
+            problems.append(f"{path}: this parameter is shared with {describe(shared)}, so loading the file's "
+                            "(different) value would change those modules too; untie it first (give the module its "
+                            "own torch.nn.Parameter)")
+            continue
+        plan.append((param, value, not path.endswith(".base_layer.weight")))
     return problems, plan
+
+
+def _check_config_fields(config: dict) -> List[str]:
+    """Problems with config fields that would make PEFT load something other than what this
+    loader loads: unknown non-empty fields, unknown init_weights / bias values, no target_modules."""
+    peft_type = config["peft_type"]
+    problems = [f"{key}={value!r}: not a field of PEFT 0.21's {peft_type} config; refusing rather than ignoring it"
+                for key, value in config.items() if key not in _CONFIG_FIELDS and value not in (None, "", [], {})]
+    init_weights, allowed = config.get("init_weights", True), _INIT_WEIGHTS[peft_type]
+    # `is` for the bools: 1 == True in Python, but 1 is not one of PEFT's documented values.
+    if not any(init_weights is v or (isinstance(v, str) and init_weights == v) for v in allowed):
+        problems.append(f"init_weights={init_weights!r}: expected one of {', '.join(map(repr, allowed))}")
+    bias = config.get("bias", "none")
+    if bias not in _BIAS[peft_type]:
+        problems.append(f"bias={bias!r}: expected one of {', '.join(map(repr, _BIAS[peft_type]))}")
+    if config.get("target_modules") is None:
+        problems.append("target_modules=None: PEFT would pick its default modules for the model type; "
+                        "not implemented here")
+    return problems
+
+
+def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> List[str]:
+    """PEFT puts adapters on the modules its config selects (target_modules, exclude_modules,
+    layers_to_transform, layers_pattern, modules_to_save) and loads the file's blocks into those
+    only. This loader goes by the file's keys, so the two must agree: a block the config does not
+    select (PEFT would ignore it) or a selected module without a block (PEFT would give it a
+    freshly initialised adapter) is a problem."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return []  # reported by _check_config_fields
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        # PEFT expands the shorthand to the linear layers' names (head excluded), then filters.
+        linear = sorted(name for name, _ in find_targets(model, ALL_LINEAR, skip_inside=(MissLinear,)))
+        selected = {name for name in linear if peft_selects(dict(config, target_modules=linear), name)}
+    else:
+        selected = set()
+        skip: List[str] = []
+        for name, module in model.named_modules():
+            if not name or name.startswith(tuple(skip)):
+                continue
+            if isinstance(module, MissLinear):  # its base_layer is not a separate target
+                skip.append(name + ".")
+            if peft_selects(config, name):
+                selected.add(name)
+    fields = ", ".join(f"{k}={config.get(k)!r}" for k in _SELECTION_FIELDS if config.get(k) not in (None, [], ""))
+    problems = [f"{path}: the file has a block here, but the config ({fields}) does not select this module, so PEFT "
+                "would not load it" for path in blocks if path not in selected and get_module(model, path) is not None]
+    problems += [f"{path}: the config ({fields}) selects this module, so PEFT would give it a new adapter, but the "
+                 "file has no block for it" for path in sorted(selected - set(blocks))]
+    return problems
 
 
 def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[List[str], list]:
@@ -213,39 +297,52 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     Plain nn.Linear layers at the file's paths become MissLinear layers; existing MissLinear
     layers get the file's values in their own miss_block parameters (same objects, so optimizers
     keep working). Other tensors PEFT saves with the blocks (`modules_to_save` copies, trained
-    biases) are copied into the model's parameters of those names and stay trainable. Every check
-    runs first: a key, module or shape that does not fit raises ValueError listing every
-    difference, and the model is left as it was. With freeze_others (the default, as PEFT), the
-    remaining parameters stop requiring grad.
+    biases) are copied into the model's parameters of those names and stay trainable.
+
+    The config is checked too: the modules it selects (target_modules, exclude_modules,
+    layers_to_transform, layers_pattern, modules_to_save) must be exactly the file's blocks, as
+    PEFT would load only those; a field this loader does not know (rank_pattern, ...) with a
+    non-empty value, or an unknown init_weights / bias value, is refused rather than ignored. A
+    value for a parameter shared with another module (a tied lm_head in modules_to_save) is
+    refused, as writing it would change the other module; a new adapter on a shared weight
+    warns (merging it will be refused).
+
+    Every check runs first: a key, field, module or shape that does not fit raises ValueError
+    listing every difference, and the model is left as it was. With freeze_others (the
+    default, as PEFT), the remaining parameters stop requiring grad.
     """
     config, blocks, extras = read_adapter(path)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
-    problems, plan = _plan(model, config, blocks)
+    problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
+    block_problems, plan = _plan(model, config, blocks)
     extra_problems, extra_plan = _plan_extras(model, extras)
-    problems += extra_problems
+    problems += block_problems + extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
     mode, r, mini_r, dropout = _config_settings(config)
-    dead = []
+    dead, new = [], []
     for name, module, block in plan:
         if not isinstance(module, MissLinear):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # reported once below
                 module = MissLinear(module, r, mode, mini_r, dropout)
             set_module(model, name, module)
+            new.append(name)
         with torch.no_grad():
             module.miss_block.copy_(block)
         if r > module.in_features:
             dead.append(name)
     with torch.no_grad():
-        for param, value in extra_plan:
+        for param, value, _ in extra_plan:
             param.copy_(value)
     if freeze_others:
         freeze_all_but_blocks(model)
-        for param, _ in extra_plan:
-            param.requires_grad_(True)
+        for param, _, trainable in extra_plan:
+            param.requires_grad_(trainable)
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
                       stacklevel=2)
+    shared = record_shared_weights(model)
+    warn_shared({name: shared[name] for name in new if name in shared})
     return model

@@ -1,12 +1,13 @@
 """Model-level MiSS without PEFT: put `MissLinear` layers into a model, merge them back out."""
 import warnings
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from .modules import MissLinear, block_shape, check_dropout
-from .targets import TargetModules, describe, find_targets, set_module
+from .modules import MissLinear, block_shape, check_dropout, merge_refusal
+from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, module_paths, other_holders,
+                      parameter_paths, set_module, shared_weight_message)
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
@@ -21,6 +22,60 @@ def freeze_all_but_blocks(model: nn.Module) -> None:
     for p in model.parameters():
         if id(p) not in blocks:
             p.requires_grad_(False)
+
+
+def record_shared_weights(model: nn.Module) -> Dict[str, List[str]]:
+    """Finds, by parameter identity, which MissLinear layers share a base weight or bias with
+    other modules (tied embeddings, a linear also registered under another path, ...).
+
+    Sets `layer._shared_with` on every MissLinear of the model (the other holders' parameter
+    paths, [] when not shared; MissLinear.merge reads it, as a layer cannot see its model) and
+    returns {layer path: other holders} for the shared ones. Call it again after untying by
+    hand so that a layer's own merge() sees the change (merge_and_unload always re-checks)."""
+    params, modules = parameter_paths(model), module_paths(model)
+    shared = {}
+    for name, layer in miss_layers(model):
+        base = layer.base_layer
+        holders = other_holders(params, (base.weight, base.bias), modules[id(layer)])
+        layer._shared_with = holders
+        layer._layer_path = name or "the model"  # for the layer's own merge() message
+        if holders:
+            shared[name] = holders
+    return shared
+
+
+def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:
+    """One warning at setup for new adapters on shared weights (PEFT warns there too)."""
+    if shared:
+        where = "; ".join(f"{name} (shared with {describe(holders)})" for name, holders in shared.items())
+        warnings.warn(f"MiSS adapter on layers whose base parameters are shared with other modules: {where}. "
+                      "Unmerged this is correct (only these layers' outputs change), but merging would also change "
+                      "the other modules, so merge and merge_and_unload will refuse until the weight is untied",
+                      stacklevel=stacklevel)
+
+
+def _drop_shared_linears(model: nn.Module, found):
+    """"all-linear" must not pick layers that could never be merged: drops the nn.Linear layers
+    whose weight or bias is also held elsewhere. Returns (kept, {path: other holders})."""
+    params = parameter_paths(model)
+    kept, skipped = [], {}
+    for name, module in found:
+        # Only plain linears: Conv1D and existing MissLinear layers go on to their own errors.
+        holders = other_holders(params, (module.weight, module.bias), [name]) if isinstance(module, nn.Linear) else []
+        if holders:
+            skipped[name] = holders
+        else:
+            kept.append((name, module))
+    return kept, skipped
+
+
+def _check_init_weights(init_weights: object) -> None:
+    """init_weights is a bool here; PEFT's string values select a mode, which is `mode` here, so a
+    string (truthy) would otherwise silently give a zero-initialised default-mode adapter."""
+    if not isinstance(init_weights, bool):
+        hint = f"; PEFT's init_weights={init_weights!r} is mode={init_weights!r} here" \
+            if init_weights in ("bat", "mini") else ""
+        raise TypeError(f"init_weights must be True (zeros) or False (random), got init_weights={init_weights!r}{hint}")
 
 
 def _check_targets(found, target_modules) -> None:
@@ -46,11 +101,27 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
     PEFT's get_peft_model), every parameter except the miss_block ones (new and earlier) stops
     requiring grad.
 
-    Every check runs before anything changes: a target that is not an nn.Linear raises TypeError,
-    no match, a layer that already has an adapter, or bad r / mini_r / dropout for any layer
-    raises ValueError, and the model is left as it was.
+    A layer whose weight or bias is also held by another module (tied embeddings, one linear
+    under two paths) is adapted if named, with a warning: the unmerged forward is right, but a
+    merge would change the other module, so merging it is refused later. "all-linear" skips
+    such layers (with a warning naming them).
+
+    Every check runs before anything changes: a target that is not an nn.Linear, or a non-bool
+    init_weights, raises TypeError; no match, a layer that already has an adapter, bad r /
+    mini_r / dropout for any layer raises ValueError; and the model is left as it was. (mini_r
+    outside mode="mini" is ignored, as PEFT ignores it.)
     """
     found = find_targets(model, target_modules, skip_inside=(MissLinear,))
+    if target_modules == ALL_LINEAR:
+        found, skipped = _drop_shared_linears(model, found)
+        if skipped:
+            where = "; ".join(f"{name} (shared with {describe(h)})" for name, h in skipped.items())
+            if not found:
+                raise ValueError(f"target_modules='all-linear': every nn.Linear of the model shares its parameters "
+                                 f"with other modules ({where}); name them explicitly to adapt them anyway")
+            warnings.warn(f"target_modules='all-linear' skips layers whose parameters are shared with other modules, "
+                          f"as their adapters could never be merged: {where}. Name them explicitly to adapt them "
+                          "anyway", stacklevel=2)
     _check_targets(found, target_modules)
     for name, linear in found:
         out_features, in_features = linear.weight.shape
@@ -61,6 +132,7 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
         if not linear.weight.is_floating_point():
             raise TypeError(f"{name}: the weight must be floating point, got dtype {linear.weight.dtype}")
     check_dropout(dropout)
+    _check_init_weights(init_weights)
 
     with warnings.catch_warnings():
         # One warning per model rather than one per layer for the r > in case.
@@ -74,6 +146,8 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     for name, layer in layers:
         set_module(model, name, layer)
+    shared = record_shared_weights(model)
+    warn_shared({name: shared[name] for name, _ in layers if name in shared})
     if freeze_others:
         freeze_all_but_blocks(model)
     return model
@@ -82,11 +156,26 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merges every `MissLinear` into its base weight and puts the plain `nn.Linear` back, in
     place; returns the model. With safe_merge, every merged weight is computed and checked first:
-    a non-finite value raises ValueError naming the layer, and nothing is changed."""
+    a non-finite value raises ValueError naming the layer, and nothing is changed.
+
+    A layer whose base weight or bias is shared with another module (tied embeddings, ...) is
+    refused with ValueError before anything changes: writing the merged weight would change
+    the other module too. The message shows how to untie it first."""
     layers = miss_layers(model)
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
         return model
+    # Re-checked here rather than trusted from setup: the user may have tied or untied since.
+    shared = record_shared_weights(model)
+    blocked = [name for name, layer in layers if name in shared and not layer.merged]
+    if blocked:
+        raise ValueError("\n".join(shared_weight_message(name, shared[name]) for name in blocked))
+    # Bases a merge cannot go into (hooks, subclass forwards, parametrized, sharded or quantized
+    # weights: modules.merge_refusal), all checked before any layer changes.
+    refused = [f"{name or 'the model'}: {why}" for name, layer in layers
+               if not layer.merged and (why := merge_refusal(layer.base_layer)) is not None]
+    if refused:
+        raise ValueError("merge_and_unload: nothing was merged; these layers cannot be merged:\n" + "\n".join(refused))
     if safe_merge:
         # All or nothing: check every layer's merged weight before writing any. Keeping them all
         # for the write would hold a second copy of every adapted weight; recomputing costs one

@@ -1,12 +1,15 @@
 """`MissLinear`: a frozen nn.Linear plus one trainable MiSS block, run on `torch.ops.miss`."""
 import math
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .ops import new_dropout_key
+from .targets import shared_weight_message
 
 MODES = ("default", "mini", "bat")
 
@@ -45,15 +48,84 @@ def check_dropout(dropout: object) -> float:
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT's default (autocast_adapter_dtype=True): half-precision bases get a float32 block."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    """PEFT's default (autocast_adapter_dtype=True): half-precision bases get a float32 block, and
+    so do quantized (non-floating) weights."""
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+        return torch.float32
+    return base_dtype
+
+
+def _plain_tensor(t: Optional[Tensor]) -> bool:
+    """A plain tensor, or the stand-in that tracing puts in its place (torch.export and
+    torch.compile swap parameters for fake or functional tensors). A DTensor or a quantized
+    tensor subclass is not plain, traced or not."""
+    if t is None or type(t) in (Tensor, nn.Parameter):
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return type(t) in (FakeTensor, FunctionalTensor)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """True when calling `module(x)` is exactly F.linear(x, module.weight, module.bias): an
+    instance of nn.Linear itself (not a subclass: QAT, quantized, FSDP-wrapped and parametrized
+    linears are subclasses with their own forward), no per-instance forward, no hooks of its own
+    or global ones (forward, pre-forward, backward), no parametrization, and weight and bias that
+    are plain tensors (not DTensors or quantized tensor subclasses) in a floating dtype.
+
+    Only then may the fused miss.linear kernel replace the module's own forward; otherwise the
+    adapter runs the module and adds its term to the output (MissLinear.forward)."""
+    return (type(module) is nn.Linear and "forward" not in vars(module)
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks)
+            and not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+                     or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+            and not parametrize.is_parametrized(module)
+            and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
+
+
+def merge_refusal(module: nn.Module, unmerge: bool = False) -> Optional[str]:
+    """Why an adapter cannot be merged into `module` (unmerged from it, with `unmerge`), or None.
+
+    The weight must be a plain floating tensor that the module reads as is (not parametrized,
+    not a DTensor or other tensor subclass, not quantized), or a merge would write into a
+    temporary or a shard. A merge also needs the module to compute exactly F.linear(x, W, b)
+    (is_plain_linear): through a subclass's forward (fake quantisation, ...) or a hook, the merged
+    layer's output base(x; W + dW) would differ from the unmerged base(x; W) + dW x. An unmerge
+    only needs the weight condition (it restores the weight the base had)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return ("its weight is parametrized (torch.nn.utils.parametrize), so the merged value would have to go "
+                "through the parametrization's inverse; remove it first with "
+                "parametrize.remove_parametrizations(layer.base_layer, 'weight') or keep the adapter unmerged")
+    weight = module.weight
+    if not _plain_tensor(weight):
+        return (f"its weight is a {type(weight).__name__}, not a plain tensor (a sharded, quantized or other tensor "
+                "subclass), so it cannot be updated in place; keep the adapter unmerged, or gather/dequantize the "
+                "weight into a plain nn.Linear first")
+    if not weight.is_floating_point():
+        return f"its weight has dtype {weight.dtype} (quantized): keep the adapter unmerged"
+    if not unmerge and not is_plain_linear(module):
+        return ("it does not compute exactly F.linear(x, weight, bias) (a subclass with its own forward, such as QAT "
+                "or quantized linears, or forward/backward hooks), so the merged output would differ from the "
+                "unmerged one; keep the adapter unmerged, or remove the hooks / convert the module to a plain "
+                "nn.Linear first")
+    return None
 
 
 class MissLinear(nn.Module):
     """MiSS adapter on a frozen `nn.Linear`: y = base(x) + fold(dropout(x)) @ tile(miss_block).
 
+    The base module computes what it computes. For a plain nn.Linear (is_plain_linear: no
+    subclass, hooks, parametrization or tensor-subclass weight) the fused `miss.linear` op
+    computes base and adapter together; for anything else (QAT or quantized linears, hooks,
+    parametrizations, FSDP-sharded weights, ...) the layer calls `base_layer(x)` itself and adds
+    the adapter term with `miss.fold` and `miss.tile_add` (PEFT's precision either way). The
+    choice is made at every call, so hooks added later are honoured.
+
     Args:
-        base_layer: the layer to adapt; it is frozen and stays reachable as `.base_layer`.
+        base_layer: the layer to adapt (nn.Linear or a subclass); it is frozen and stays
+            reachable as `.base_layer`. Its `in_features` / `out_features` give the shapes.
         r: shard size ("rank"); any r >= 1, also r > in_features (see the warning it gives).
         mode: "default" (miss_block (r, out)), "mini" (miss_block (r, mini_r), tiled along out) or
             "bat" (miss_block (out/r, r, r): W' = W + W_ij B_i + B_i per r x r tile; r must divide
@@ -65,17 +137,26 @@ class MissLinear(nn.Module):
             False gives PEFT's random init (kaiming-uniform), useful in tests.
     """
 
+    _shared_with: List[str]  # class-level, as TorchScript wants for a list that starts empty
+
     def __init__(self, base_layer: nn.Linear, r: int, mode: str = "default", mini_r: int = 1,
                  dropout: float = 0.0, init_weights: bool = True) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"MissLinear adapts nn.Linear layers, got {type(base_layer).__name__}")
         check_dropout(dropout)
+        if not isinstance(init_weights, bool):
+            raise TypeError(f"init_weights must be True (zero init) or False (random init), got {init_weights!r}; "
+                            "PEFT's init_weights='mini'/'bat' are mode='mini'/'bat' here")
         weight = base_layer.weight
-        if not weight.is_floating_point():
-            raise TypeError(f"the base layer's weight must be floating point, got dtype {weight.dtype}")
-        out_features, in_features = weight.shape
+        # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
+        out_features, in_features = base_layer.out_features, base_layer.in_features
         shape = block_shape(mode, r, mini_r, in_features, out_features)
+        if mode == "bat" and not is_plain_linear(base_layer):
+            raise TypeError(f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it "
+                            f"needs a plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/"
+                            f"sharded weight); got {type(base_layer).__name__}. Use the default or mini mode, which add "
+                            "their term to the base module's own output")
 
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
@@ -86,6 +167,12 @@ class MissLinear(nn.Module):
         self.mini_r = shape[1] if mode == "mini" else out_features
         self.dropout = float(dropout)
         self.merged = False
+        # Paths of other holders of the base's weight/bias (tied weights), set by apply_miss and
+        # load_adapter: a merge would change them too, so merge refuses while it is non-empty.
+        self._shared_with = []
+        # What TorchScript's compiled forward uses (no Python introspection there): set when the
+        # module is scripted (__prepare_scriptable__).
+        self._script_fused = True
         self.miss_block = nn.Parameter(torch.zeros(shape, dtype=adapter_dtype(weight.dtype), device=weight.device))
         if not init_weights:
             nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
@@ -98,16 +185,62 @@ class MissLinear(nn.Module):
                 stacklevel=2,
             )
 
+    @torch.jit.unused
+    def _fused(self) -> bool:
+        return is_plain_linear(self.base_layer)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling it: record the path the
+        # compiled forward takes (it cannot inspect hooks or classes itself).
+        self._script_fused = is_plain_linear(self.base_layer)
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
+        fused = self._script_fused
+        if not torch.jit.is_scripting():
+            fused = self._fused()
         if self.mode == "bat":
+            if not fused:
+                raise RuntimeError("bat mode needs a plain nn.Linear base, and the base layer now has hooks, a "
+                                   "parametrization or a non-plain weight (see MissLinear)")
             return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if p > 0.0:
             key = new_dropout_key(x.device)
-        return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
+        if fused:
+            return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
+        # The base module computes its own output (its forward, hooks, parametrizations,
+        # quantized or sharded weights); the adapter term is added to it. PEFT's precision: the
+        # term in the block's dtype, the sum rounded once to x's dtype.
+        y = self.base_layer(x)
+        term = torch.ops.miss.fold(x, self.r, p, key, self.miss_block.dtype) @ self.miss_block
+        if y.dtype != x.dtype:
+            y = y.to(torch.promote_types(y.dtype, term.dtype))
+        return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                raise AttributeError(
+                    f"MissLinear has no {name!r}: code that reads .{name} of an adapted layer instead of calling it "
+                    f"would bypass the adapter; read .base_layer.{name} for the frozen base's tensor, or call "
+                    "the layer") from None
+            raise
+
+    def _check_mergeable(self, unmerge: bool = False) -> None:
+        # A shared (tied) weight: a merge would change the other holders too. An unmerge restores
+        # them, so it is allowed (refusing it would leave the user stuck with a merged layer).
+        if self._shared_with and not unmerge:
+            raise ValueError(shared_weight_message(getattr(self, "_layer_path", "this layer"), self._shared_with))
+        why = merge_refusal(self.base_layer, unmerge)
+        if why is not None:
+            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} "
+                             f"{type(self.base_layer).__name__}: {why}")
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:
@@ -116,6 +249,7 @@ class MissLinear(nn.Module):
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return
+        self._check_mergeable()
         weight = self.base_layer.weight
         with torch.no_grad():
             if safe_merge:
@@ -136,6 +270,7 @@ class MissLinear(nn.Module):
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")
             return
+        self._check_mergeable(unmerge=True)
         with torch.no_grad():
             torch.ops.miss.merge_(self.base_layer.weight, self.miss_block, True)
         self.merged = False
@@ -146,7 +281,8 @@ class MissLinear(nn.Module):
         weight = self.base_layer.weight
         if self.mode == "bat":
             return torch.ops.miss.bat_weight(weight, self.miss_block, None) - weight.to(self.miss_block.dtype)
-        zeros = weight.new_zeros(weight.shape, dtype=self.miss_block.dtype)
+        zeros = torch.zeros(self.out_features, self.in_features, dtype=self.miss_block.dtype,
+                            device=self.miss_block.device)
         return torch.ops.miss.merge(zeros, self.miss_block)
 
     def extra_repr(self) -> str:

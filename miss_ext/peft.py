@@ -21,19 +21,63 @@ the spec's intent instead:
 - safe_merge checks every adapter before writing anything.
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
 arguments) keep PEFT's own code path, so accelerating never breaks a model.
+
+Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
+- `adapter_names=` (mixed-adapter batches) and `alora_offsets=` (a LoRA feature): PEFT's
+  `PeftModel.forward`/`generate` strip them for MiSS and every row uses the active adapters; here
+  they raise TypeError before anything runs (model.forward, model.generate and direct layer
+  calls alike). The tuner (`MissModel`) is swapped to `AcceleratedMissModel` for this;
+- merging an adapter whose base weight is shared with another module (tied embeddings): PEFT
+  warns and merges, changing the other module; here merge, merge_adapter and merge_and_unload
+  raise ValueError before anything changes (see `miss_ext.targets.shared_weight_message`);
+- `merge_adapter`/`merge_and_unload(adapter_names=[...])` naming no adapter of the model: PEFT
+  merges nothing; here ValueError.
 """
+import inspect
 import warnings
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.miss import MissLinear as PeftMissLinear
+from peft.tuners.miss import MissModel
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
+from .modules import is_plain_linear, merge_refusal
 from .ops import new_dropout_key
+from .targets import module_paths, other_holders, parameter_paths, shared_weight_message
 
-__all__ = ["AcceleratedMissLinear", "accelerate", "restore", "is_accelerated"]
+__all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
+
+# PEFT's per-row forward arguments (PeftModel.special_peft_forward_args) and why MiSS refuses them.
+_PER_ROW_ARGUMENTS = {
+    "adapter_names": "mixed-adapter batches (one adapter per row) are not implemented for MiSS yet, and PEFT 0.21 "
+                     "silently applies the active adapter(s) to every row; run one batch per adapter (set_adapter)",
+    "alora_offsets": "activated LoRA (aLoRA) offsets are a LoRA feature; MiSS has no use for them and PEFT 0.21 "
+                     "silently ignores them",
+}
+
+
+def refuse_per_row_arguments(kwargs: Dict[str, object], where: str) -> None:
+    """TypeError naming each of PEFT's per-row arguments that is given (not None) in kwargs."""
+    given = [name for name in _PER_ROW_ARGUMENTS if kwargs.get(name) is not None]
+    if given:
+        raise TypeError(f"{where}: " + "; ".join(f"{name}={kwargs[name]!r} is refused: {_PER_ROW_ARGUMENTS[name]}"
+                                                 for name in given))
+
+
+def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
+    """The adapters a merge of this layer would write (check_adapters_to_merge without warnings)."""
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [a for a in names if a in layer.miss_block and a not in layer.merged_adapters]
+
+
+def _refuse_shared_merge(layer: PeftMissLinear, names: List[str]) -> None:
+    shared = getattr(layer, "_shared_with", None)
+    if names and shared:
+        raise ValueError(shared_weight_message(getattr(layer, "_layer_path", "this layer"), shared))
 
 
 def _is_bat(block: Tensor) -> bool:
@@ -45,11 +89,23 @@ class AcceleratedMissLinear(PeftMissLinear):
     `accelerate` converts existing PEFT layers by swapping their class."""
 
     def _fast_path(self) -> bool:
-        """The miss ops replace `base_layer(x)` only when that is exactly F.linear(x, W, b)."""
-        base = self.base_layer
-        return (self.quantization_backend is None and type(base).forward is nn.Linear.forward
-                and isinstance(base, nn.Linear) and "forward" not in vars(base)
-                and not base._forward_hooks and not base._forward_pre_hooks)
+        """The miss ops replace `base_layer(x)` only when that is exactly F.linear(x, W, b)
+        (miss_ext.modules.is_plain_linear: no subclass, hooks, parametrization or tensor-subclass
+        weight)."""
+        return self.quantization_backend is None and is_plain_linear(self.base_layer)
+
+    def _check_slow_path_merge(self, unmerge: bool) -> None:
+        """PEFT's own merge code writes `base_layer.weight` in place. For a parametrized,
+        sharded or otherwise non-plain weight that is a temporary (the merge would silently do
+        nothing while reporting merged), and through hooks or a subclass forward the merged layer
+        would not compute the unmerged output: refuse, as MissLinear does. Quantized backends keep
+        PEFT's code, which dequantizes and requantizes."""
+        if self.quantization_backend is not None:
+            return
+        why = merge_refusal(self.base_layer, unmerge)
+        if why is not None:
+            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} "
+                             f"{type(self.base_layer).__name__}: {why}")
 
     def _dropout_p(self, adapter: str) -> float:
         dropout = self.miss_dropout[adapter]
@@ -59,6 +115,11 @@ class AcceleratedMissLinear(PeftMissLinear):
         return [a for a in self.active_adapters if a in self.miss_block]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        refuse_per_row_arguments(kwargs, f"{type(self).__name__}.forward")
+        if (args or kwargs) and self._fast_path():
+            # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
+            raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
+                            f"only; got extra arguments {args!r} {kwargs!r}")
         if args or kwargs or not self._fast_path():
             return super().forward(x, *args, **kwargs)
         previous_dtype = x.dtype
@@ -100,7 +161,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         return result.to(previous_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        # A shared base weight (tied embeddings): merging would change the other holders too.
+        _refuse_shared_merge(self, _to_merge(self, adapter_names))
         if not self._fast_path():
+            self._check_slow_path_merge(unmerge=False)
             return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.miss_block]
         # Bat adapters act on the weight before the default/mini terms, as in the forward.
@@ -128,6 +192,7 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def unmerge(self) -> None:
         if not self._fast_path():
+            self._check_slow_path_merge(unmerge=True)
             return super().unmerge()
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
@@ -145,21 +210,82 @@ def _miss_layers(model: nn.Module, cls: type) -> list:
     return [m for m in model.modules() if type(m) is cls]
 
 
+def record_shared_weights(root: nn.Module) -> Dict[str, List[str]]:
+    """Sets `_shared_with` (the other holders' parameter paths, [] if none) and `_layer_path` on
+    every accelerated layer under `root`, paths relative to root; returns {path: holders} for the
+    shared ones. Merging those layers is refused."""
+    params, modules = parameter_paths(root), module_paths(root)
+    shared = {}
+    for layer in _miss_layers(root, AcceleratedMissLinear):
+        base = layer.get_base_layer()
+        own = modules[id(layer)]
+        layer._layer_path = own[0]
+        layer._shared_with = other_holders(params, (getattr(base, "weight", None), getattr(base, "bias", None)), own)
+        if layer._shared_with:
+            shared[own[0]] = layer._shared_with
+    return shared
+
+
+class AcceleratedMissModel(MissModel):
+    """PEFT's MissModel (the tuner inside a PeftModel) that refuses what PEFT 0.21 would accept
+    and ignore or get wrong: per-row arguments, merges into shared weights (checked for the
+    whole model before any layer changes), and merges naming no adapter of the model. Never
+    constructed: `accelerate` swaps the class."""
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel.forward/generate enter this with their keyword arguments before running.
+        refuse_per_row_arguments(kwargs, "PEFT MiSS model forward/generate")
+        yield
+
+    def _check_merge(self, adapter_names: Optional[List[str]]) -> None:
+        if adapter_names is not None:
+            unknown = [a for a in adapter_names if a not in self.peft_config]
+            if unknown:
+                raise ValueError(f"adapter_names={adapter_names!r}: {unknown} name no adapter of this model "
+                                 f"(it has {list(self.peft_config)}); nothing was merged")
+        record_shared_weights(self.model)  # re-checked: the user may have untied since accelerate()
+        for layer in _miss_layers(self.model, AcceleratedMissLinear):
+            _refuse_shared_merge(layer, _to_merge(layer, adapter_names))
+
+    def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
+        self._check_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("merge"):
+            self._check_merge(bound.arguments.get("adapter_names"))
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Makes every PEFT MiSS layer of the model run on the miss ops, in place; returns the model.
-    Raises ValueError if the model has no PEFT MissLinear layer."""
+    Raises ValueError if the model has no PEFT MissLinear layer. Also swaps PEFT's MissModel
+    tuner (if the model holds one) to AcceleratedMissModel, and records which layers' base
+    weights are shared with other modules (their merge is refused); calling it again refreshes
+    that record."""
     layers = _miss_layers(model, PeftMissLinear)
     if not layers and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
     for layer in layers:
         layer.__class__ = AcceleratedMissLinear
+    for tuner in _miss_layers(model, MissModel):
+        tuner.__class__ = AcceleratedMissModel
+    # Paths as in the base model ("lm_head", "model.embed_tokens.weight") where there is a tuner.
+    record_shared_weights(model)
+    for tuner in _miss_layers(model, AcceleratedMissModel):
+        record_shared_weights(tuner.model)
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undoes `accelerate`: the layers run PEFT's own code again. Returns the model."""
+    """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model."""
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
+    for tuner in _miss_layers(model, AcceleratedMissModel):
+        tuner.__class__ = MissModel
     return model
 
 

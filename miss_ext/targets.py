@@ -1,6 +1,6 @@
 """Which modules of a model an adapter targets: PEFT's matching rules, and module lookup by path."""
 import re
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -74,6 +74,48 @@ def find_targets(model: nn.Module, target_modules: TargetModules,
     return found
 
 
+def _layer_index(path: str, layers_pattern: object) -> Optional[int]:
+    """The layer index PEFT reads from a module path for layers_to_transform: the first number
+    after a `<pattern>.` component (any component when layers_pattern is empty)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    return None if match is None else int(match.group("idx"))
+
+
+def peft_selects(config: Mapping, path: str) -> bool:
+    """Whether PEFT (0.21, `check_target_module_exists`) puts an adapter on the module at `path`
+    for a saved config (a dict with target_modules not None and not "all-linear"):
+    exclude_modules (regex or names) and modules_to_save exclude first; a string target_modules
+    is a whole-path regex; a list matches names or suffixes and then layers_to_transform (an int
+    or a list of layer indices, found with layers_pattern) keeps only those layers."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, path):
+            return False
+        if not isinstance(exclude, str) and matches(list(exclude), path):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in config.get("modules_to_save") or []):
+        return False
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    if not matches(list(targets), path):
+        return False
+    indexes = config.get("layers_to_transform")
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    index = _layer_index(path, config.get("layers_pattern"))
+    if index is None:
+        return False
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
 def exact_paths_regex(paths: Sequence[str]) -> str:
     """A target_modules regex selecting exactly these module paths. (A list would not: PEFT also
     matches its entries as suffixes, so "fc" would adapt "sub.fc" too.)"""
@@ -100,3 +142,62 @@ def describe(names: Iterable[str], limit: int = 20) -> str:
     names = list(names)
     text = ", ".join(names[:limit])
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parameters. A weight can be held by several modules (tied input/output embeddings, one
+# nn.Linear registered under two paths, ...). An adapter on one of them is fine unmerged (only
+# that call site's output changes), but merging writes the shared tensor and so changes every
+# other holder too. These helpers find the other holders by parameter identity.
+# ---------------------------------------------------------------------------------------------
+def parameter_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter) -> every dotted path under which the model holds it, duplicates included
+    (a tied weight, or a module reachable by two paths, has several)."""
+    paths: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(param), []).append(name)
+    return paths
+
+
+def module_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every path under which the model holds that module object ("" for the
+    model itself), duplicates included."""
+    paths: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def other_holders(paths: Dict[int, List[str]], params: Iterable[Optional[nn.Parameter]],
+                  own: Sequence[str]) -> List[str]:
+    """Paths of `params` (e.g. a linear's weight and bias; None entries are skipped) that lie
+    outside the module paths `own`: the places that would also see a write into them.
+
+    `own` is where the adapted call site lives: [path] for a plain nn.Linear about to be wrapped
+    (the same linear also registered elsewhere is then another holder, as it would stay
+    unadapted), or every path of the adapter layer once it is in the model."""
+    if "" in own:  # the model is the layer itself: nothing lies outside it
+        return []
+    prefixes = tuple(p + "." for p in own)
+    found: List[str] = []
+    for param in params:
+        if param is None:
+            continue
+        found += [p for p in paths.get(id(param), []) if not p.startswith(prefixes) and p not in found]
+    return found
+
+
+def shared_weight_message(layer: str, shared_with: Sequence[str]) -> str:
+    """The error for a merge into a shared base weight: what is shared, with whom, why it is
+    refused and the way out. `layer` names the adapter layer (its module path)."""
+    return (
+        f"cannot merge the MiSS adapter of {layer}: its base layer's parameters are shared with "
+        f"{describe(shared_with)} (e.g. tied input/output embeddings), so writing the merged weight would "
+        "change those modules too and the merged model would not compute what the unmerged one does. "
+        "Nothing was merged. Untie it explicitly first, e.g. "
+        f"`base = model.get_submodule({layer!r}).base_layer; base.weight = torch.nn.Parameter("
+        "base.weight.detach().clone(), requires_grad=False)` (the same for .bias if it is listed), and for a "
+        "transformers model with tied embeddings also set `model.config.tie_word_embeddings = False` "
+        "(otherwise transformers ties them again, e.g. in tie_weights() or resize_token_embeddings(), and the "
+        "merged head is silently lost; that is also why it is not untied here behind your back); then merge."
+    )

@@ -41,8 +41,13 @@ echo "build: $(( $(date +%s) - start )) s"
 "$PY" -m miss_ext.info | tee "$OUT/info.txt"
 
 # The error probe first, alone (seconds): with a C++ runtime mix-up (issue 9) every error message
-# with a number crashed the process. Its verdict is on screen even if the suite takes long.
-"$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py -k "fresh_process" 2>&1 | tee "$OUT/probe.log" | tail -3
+# with a number crashed the process. Its verdict is on screen even if the suite takes long. The
+# runtime probe names the objects that serve libstdc++'s ostream/locale calls, before and after
+# CUDA is initialised (the driver's libraries load then).
+{ "$PY" scripts/cxx_runtime_probe.py; "$PY" scripts/cxx_runtime_probe.py --cuda; } >"$OUT/cxx_runtime.txt" 2>&1
+grep -E "FOREIGN|cxx_runtime" "$OUT/cxx_runtime.txt" | head -4
+"$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py -k "fresh_process or foreign or private" \
+  2>&1 | tee "$OUT/probe.log" | tail -3
 
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then

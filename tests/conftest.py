@@ -2,6 +2,7 @@
 
 - `device` (fixture) / `DEVICES` (params): "cpu" always; "cuda" marked to skip only when no GPU
   is visible. Nothing here ever skips on the CPU.
+- `snapshot(model)` / `assert_unchanged(model, snap)`: a refused call changed nothing.
 - `poison(t)`: fill a tensor with NaN so an element a kernel forgets to write shows up.
 - `poison_heap(numel, dtype, device)`: allocate NaN-filled blocks and free them, so that the next
   uninitialised allocation of that size (at::empty in a kernel wrapper) very likely starts as NaN
@@ -71,6 +72,23 @@ def rand(*shape, dtype=torch.float32, device="cpu", low=0.25, high=1.5, requires
     mag = torch.empty(shape, dtype=torch.float64).uniform_(low, high)
     sign = torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
     return (mag * sign).to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def snapshot(model):
+    """Everything a failed call must leave alone: module types, values, requires_grad flags."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: t.clone() for n, t in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, snap):
+    """`model` is as `snapshot` saw it."""
+    types, state, flags = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[n], state[n]) for n in state)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def run_fwd_bwd(layer, block, x, grad_out=None):

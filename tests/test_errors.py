@@ -5,7 +5,12 @@ Errors map to Python types as documented in csrc/ops/common/checks.h: bad values
 bad dtypes -> TypeError. A tensor on another device is played by the meta device when there is
 no GPU (it must raise, not crash or silently compute).
 """
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,57 +354,26 @@ def test_miss_linear_forward_errors_name_the_value(device):
 # (c10::str -> std::ostream::operator<<(long)) killed the process with SIGSEGV. In a pytest
 # process that crash would end the whole run, so the same messages are also raised in a child
 # process: a crash there is a failing test with the signal named, not a lost run.
-ERROR_PROBE = r"""
-import signal, sys
-import torch, miss_ext
-ops = torch.ops.miss
-dev = sys.argv[1]
-x = torch.randn(24, 8, device=dev)
-w = torch.randn(24, 8, device=dev)
-singular = torch.zeros(6, 4, 4, device=dev)
-singular[2] = -torch.eye(4, device=dev)                      # I + B_2 = 0
-nonfinite = torch.zeros(6, 4, 4, device=dev)
-nonfinite[4, 1, 1] = float("nan")
-key = miss_ext.new_dropout_key(x.device)
-cases = [
-    ("int64", lambda: ops.fold(x, 0, 0.0, None, None), ValueError, "got r=0"),
-    ("negative int64", lambda: ops.fold(x, -3, 0.0, None, None), ValueError, "got r=-3"),
-    ("double", lambda: ops.fold(x, 2, 1.5, key, None), ValueError, "got p=1.5"),
-    ("sizes", lambda: ops.linear(x[:, :7], w, None, torch.zeros(2, 24, device=dev)), ValueError, "x.shape[-1]=7"),
-    ("SymInt sizes", lambda: ops.linear(x, w, None, torch.zeros(2, 7, device=dev)), ValueError, "mini_r=7"),
-    ("dtype", lambda: ops.fold(x.long(), 2, 0.0, None, None), TypeError, "Long"),
-    ("device", lambda: ops.fold(x, 2, 0.5, torch.zeros(2, dtype=torch.int64, device="meta"), None), ValueError,
-     "got a key on meta"),
-    ("2^32 rows", lambda: ops.fold(x[:1, :1].expand(2**32 + 1, 1), 1, 0.5, key, None), ValueError, "4294967297"),
-    ("bat block index", lambda: ops.merge_(w.clone(), singular, True), ValueError, "miss_block[2] is singular"),
-    ("bat non-finite index", lambda: ops.merge(w, nonfinite, True), ValueError, "miss_block[4] holds non-finite"),
-    ("bat shapes", lambda: ops.bat_weight(w, torch.zeros(5, 3, 3, device=dev)), ValueError, "r=3"),
-]
-for name, call, exc, text in cases:
-    try:
-        call()
-    except exc as e:
-        if text not in str(e):
-            sys.exit(f"{name}: message {str(e)!r} lacks {text!r}")
-        print("ok", name, flush=True)
-    else:
-        sys.exit(f"{name}: no {exc.__name__} raised")
-print("all raised", flush=True)
-"""
+PROBE = Path(__file__).with_name("error_probe.py")
 
 
-def test_error_messages_with_numbers_raise_in_a_fresh_process(device):
-    import os
-    import signal
-    import subprocess
-    import sys
-
+def run_error_probe(device: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """Runs tests/error_probe.py for `device` in a fresh Python, after `prelude` (code run before
+    miss_ext is imported)."""
+    code = prelude + f"\nimport runpy, sys\nsys.argv = ['error_probe.py', {device!r}]\n" \
+        f"runpy.run_path({str(PROBE)!r}, run_name='__main__')\n"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.run([sys.executable, "-c", ERROR_PROBE, device], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def assert_probe_passed(proc: subprocess.CompletedProcess) -> None:
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
         pytest.fail(f"the process crashed with {sig} while raising an error (last lines: {proc.stdout[-400:]!r}, "
                     f"stderr {proc.stderr[-1200:]!r})")
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("all raised"), proc.stdout
+
+
+def test_error_messages_with_numbers_raise_in_a_fresh_process(device):
+    assert_probe_passed(run_error_probe(device))

@@ -15,6 +15,7 @@ from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import miss_ext  # noqa: E402
+from conftest import assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
 from tiny_models import ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402
@@ -32,22 +33,6 @@ def ours(base, mode, targets=TARGETS, **kwargs):
     model = miss_ext.apply_miss(copy.deepcopy(base), targets, r=R, mode=mode, mini_r=MINI_R, **kwargs)
     randomize_blocks(model)
     return model
-
-
-def snapshot(model):
-    """Everything a failed call must leave alone: module types, values, requires_grad flags."""
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {n: t.clone() for n, t in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model, snap):
-    types, state, flags = snap
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[n], state[n]) for n in state)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def miss_paths(model):

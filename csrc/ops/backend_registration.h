@@ -38,6 +38,7 @@ template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_k
 void register_backend(torch::Library& m) {
   m.impl("fold", &fold_on<fold_kernel>);
   m.impl("tile_add_", &tile_add_on<tile_add_kernel>);
+  m.impl("tile_add", &tile_add_functional_kernel);
   m.impl("linear", &linear_kernel);
   m.impl("merge", &merge_kernel);
   m.impl("merge_", &merge_inplace_kernel);

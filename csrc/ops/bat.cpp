@@ -167,7 +167,15 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
 
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
   const at::ScalarType ct = bat_compute_dtype(weight, block);
-  const at::Tensor m = bat_affine(block, false, ct)[0].transpose(1, 2).contiguous();  // (I + B_i)^T
+  const at::Tensor a = bat_affine(block, false, ct)[0];  // I + B_i, (out/r, r, r)
+  if (at::GradMode::is_enabled()) {
+    // Being recorded (create_graph=True): the same product with differentiable ATen ops, as
+    // bat_transform has no derivative. dW[i, a, j, b] = sum_c G'[i, a, j, c] (I + B_i)[b, c].
+    const int64_t r = static_size(block, 1);
+    const at::Tensor g = grad_wprime.to(ct).reshape_symint({block.sym_size(0), r, weight.sym_size(1) / r, r});
+    return at::einsum("iajc,ibc->iajb", {g, a}).reshape_symint(weight.sym_sizes()).to(weight.scalar_type());
+  }
+  const at::Tensor m = a.transpose(1, 2).contiguous();  // (I + B_i)^T
   return ops::bat_transform(grad_wprime, m, at::zeros_like(m), weight.scalar_type());
 }
 

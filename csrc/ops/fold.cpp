@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
+#include "common/sym_shape.h"
 
 namespace miss_ext {
 namespace ops {
@@ -30,7 +31,36 @@ void tile_add_(at::Tensor& out, const at::Tensor& src, double alpha, double p,
   op.call(out, src, alpha, p, key);
 }
 
+at::Tensor tile_add(const at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                    const std::optional<at::Tensor>& key) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::tile_add", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, double,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(out, src, alpha, p, key);
+}
+
 }  // namespace ops
+
+at::Tensor tile_add_functional_kernel(const at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                           const std::optional<at::Tensor>& key) {
+  check_tile_add_args(out, src, p, key);
+  at::Tensor result = out.clone(at::MemoryFormat::Contiguous);
+  ops::tile_add_(result, src, alpha, p, key);
+  return result;
+}
+
+at::Tensor tile_add_src_grad(const at::Tensor& grad, c10::SymIntArrayRef src_sizes, at::ScalarType src_dtype,
+                             double alpha, double p, const std::optional<at::Tensor>& key) {
+  const int64_t dims = static_cast<int64_t>(src_sizes.size());
+  const int64_t q = src_sizes[dims - 1].guard_int(__FILE__, __LINE__);
+  const bool per_row = grad.dim() == dims && grad.sym_sizes().slice(0, dims - 1) == src_sizes.slice(0, dims - 1);
+  at::Tensor g = ops::fold(grad, q, p, key, src_dtype);  // (..., Q), the mask at grad's (row, col)
+  if (!per_row) {  // matrices: src (P, Q) also tiles out's rows
+    g = ops::fold(g.t(), src_sizes[0].guard_int(__FILE__, __LINE__), 0.0, std::nullopt, src_dtype).t();
+  }
+  return alpha == 1.0 ? g : g * alpha;
+}
 
 int64_t leading_rows(const at::Tensor& t) {
   int64_t rows = 1;

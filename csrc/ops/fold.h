@@ -21,8 +21,20 @@ at::Tensor fold(const at::Tensor& x, int64_t r, double p = 0.0,
                 std::optional<at::ScalarType> dtype = std::nullopt);
 void tile_add_(at::Tensor& out, const at::Tensor& src, double alpha = 1.0, double p = 0.0,
                const std::optional<at::Tensor>& key = std::nullopt);
+at::Tensor tile_add(const at::Tensor& out, const at::Tensor& src, double alpha = 1.0, double p = 0.0,
+                    const std::optional<at::Tensor>& key = std::nullopt);
 
 }  // namespace ops
+
+// The functional tile_add, device-generic: a contiguous copy of out, then miss::tile_add_ on it.
+at::Tensor tile_add_functional_kernel(const at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                           const std::optional<at::Tensor>& key);
+
+// The adjoint of tile_add in src: dL/dsrc from dL/dout (grad, out's shape), in `dtype`. Per-row
+// tiling: fold(grad, Q, p, key); matrices (src rows tile out rows): that, then folded along rows
+// with period P. Built from miss::fold, so it is differentiable again.
+at::Tensor tile_add_src_grad(const at::Tensor& grad, c10::SymIntArrayRef src_sizes, at::ScalarType src_dtype,
+                             double alpha, double p, const std::optional<at::Tensor>& key);
 
 // Backend wrappers: validate, flatten to 2-D, allocate, then run `kernel`. Registered at the CPU
 // and CUDA keys with that backend's kernel.

@@ -21,17 +21,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
 }  // namespace ops
 
-LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+at::Tensor linear_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
   check_linear_args(x, weight, bias, block, p, key);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see autocast/
-  const int64_t r = static_size(block, 0);
+  const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
+  // PEFT's precision: the adapter branch folds x in the block's dtype (fp32 for half bases by default).
+  return ops::fold(x2, static_size(block, 0), p, key, block.scalar_type());
+}
+
+at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& block, const at::Tensor& s) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool tiled = block.sym_size(1) != weight.sym_size(0);  // mini: block (r, mini_r) with mini_r < out
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
-
-  // PEFT's precision: the base GEMM runs and rounds in the base dtype; the adapter branch folds
-  // x in the block's dtype (fp32 for half bases by default); the sum is rounded once to x's dtype.
-  at::Tensor s = ops::fold(x2, r, p, key, block.scalar_type());
+  // The base GEMM runs and rounds in the base dtype; the sum is rounded once to x's dtype.
   at::Tensor y = at::linear(x2, weight, bias);
   if (!tiled && y.scalar_type() == block.scalar_type()) {
     y.addmm_(s, block);  // in place: no (rows, out) temporary
@@ -40,7 +44,13 @@ LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, cons
     // tile_add_ broadcasts it along out and adds with one rounding.
     ops::tile_add_(y, at::mm(s, block));
   }
-  return LinearForward{y.view_symint(with_last(x, weight.sym_size(0))), s};
+  return y.view_symint(with_last(x, weight.sym_size(0)));
+}
+
+LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
+  const at::Tensor s = linear_fold(x, weight, bias, block, p, key);
+  return LinearForward{linear_with_fold(x, weight, bias, block, s), s};
 }
 
 LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -62,8 +72,15 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
     // faster than S^T Gf and Gf D^T on the CPU (MKL; bench/RESULTS.md has the setting).
     if (needs[3]) grads.block = at::mm(gf.t(), s).t();
     if (needs[0]) {
-      at::Tensor gx = at::mm(g, weight);                                      // base part, x's dtype
-      ops::tile_add_(gx, at::mm(gf, block.t().contiguous()), 1.0, p, key);    // + period-r broadcast of G D^T, masked
+      at::Tensor gx = at::mm(g, weight);                 // base part, x's dtype
+      const at::Tensor adj = at::mm(gf, block.t().contiguous());
+      // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
+      // backward is being recorded (create_graph=True), which an in-place op could not be.
+      if (at::GradMode::is_enabled()) {
+        gx = ops::tile_add(gx, adj, 1.0, p, key);
+      } else {
+        ops::tile_add_(gx, adj, 1.0, p, key);
+      }
       grads.x = gx.view_symint(with_last(grad_y, in));
     }
   }

@@ -26,12 +26,24 @@ struct LinearGrads {
 // Which gradients to compute, in the order of LinearGrads.
 using LinearNeeds = std::array<bool, 4>;
 
-// Forward and backward built from dispatcher calls only (miss::fold, miss::tile_add_, aten), so
+// Forward and backward built from dispatcher calls only (miss::fold, miss::tile_add(_), aten), so
 // that autograd tracing (torch.compile, export) records each step. Sizes are read symbolically.
+
+// S = fold(dropout(x)) (rows, r) in the block's dtype: the adapter branch's input. Arguments
+// are checked first (check_linear_args).
+at::Tensor linear_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& block, double p, const std::optional<at::Tensor>& key);
+
+// y = x W^T + b + S tile(block) from a precomputed S, with PEFT's precision.
+at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& block, const at::Tensor& s);
+
 LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& block, double p, const std::optional<at::Tensor>& key);
 
-// x is needed only for the weight gradient and may be undefined otherwise.
+// x is needed only for the weight gradient and may be undefined otherwise. Differentiable: with
+// grad mode on (create_graph=True) every step is recorded (miss::fold, miss::tile_add, GEMMs), so
+// second derivatives exist; S then carries its history to x (linear_autograd.cpp).
 LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& block, const at::Tensor& s, double p,
                             const std::optional<at::Tensor>& key, LinearNeeds needs);

@@ -1,11 +1,12 @@
 // Autograd for the bat ops. bat_linear saves x, the weight and the block, never W': its backward
 // rebuilds W' (bat.h), so after the forward nothing weight-sized is kept besides the frozen W.
+// The backwards are differentiable (miss::bat_weight, miss::fold, GEMMs, and ATen in place of
+// bat_transform when recorded), so second derivatives exist.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../bat.h"
 #include "not_differentiable.h"
-#include "once_differentiable.h"
 
 namespace miss_ext {
 namespace {
@@ -23,15 +24,10 @@ class BatWeightFunction : public torch::autograd::Function<BatWeightFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    torch::autograd::variable_list depends_on(saved.begin(), saved.end());
-    depends_on.push_back(grad_outputs[0]);
     const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
-    const bool need_w = needs[0], need_b = needs[1];
-    return once_differentiable("miss::bat_weight", depends_on, [&]() -> torch::autograd::variable_list {
-      const at::Tensor& g = grad_outputs[0];
-      return {need_w ? bat_weight_grad(g, saved[0], saved[1]) : at::Tensor(),
-              need_b ? bat_block_grad(g, saved[0], saved[1]) : at::Tensor(), at::Tensor()};
-    });
+    const at::Tensor& g = grad_outputs[0];
+    return {needs[0] ? bat_weight_grad(g, saved[0], saved[1]) : at::Tensor(),
+            needs[1] ? bat_block_grad(g, saved[0], saved[1]) : at::Tensor(), at::Tensor()};
   }
 };
 
@@ -61,14 +57,9 @@ class BatLinearFunction : public torch::autograd::Function<BatLinearFunction> {
     std::optional<at::ScalarType> cd;
     if (ctx->saved_data.count("compute_dtype")) cd = ctx->saved_data["compute_dtype"].toScalarType();
     const at::ScalarType bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
-    torch::autograd::variable_list depends_on(saved.begin(), saved.end());
-    depends_on.push_back(grad_outputs[0]);
-    return once_differentiable("miss::bat_linear", depends_on, [&]() -> torch::autograd::variable_list {
-      const BatLinearGrads g =
-          bat_linear_backward(grad_outputs[0], saved[0], ctx->saved_data["x_dtype"].toScalarType(),
-                              saved[1], bias_dtype, saved[2], cd, needs);
-      return {g.x, g.weight, g.bias, g.block, at::Tensor()};
-    });
+    const BatLinearGrads g = bat_linear_backward(grad_outputs[0], saved[0], ctx->saved_data["x_dtype"].toScalarType(),
+                                                 saved[1], bias_dtype, saved[2], cd, needs);
+    return {g.x, g.weight, g.bias, g.block, at::Tensor()};
   }
 };
 

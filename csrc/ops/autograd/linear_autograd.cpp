@@ -3,12 +3,11 @@
 // Saved for backward: the weight and block (parameters, no copies), the folded S (rows x r) and
 // the dropout key (two integers). x is saved only when the weight itself requires grad. No
 // rows x in tensor is kept for the adapter branch: the backward regenerates the dropout mask
-// from the key.
+// from the key. The backward is itself differentiable (double backward, Hessian-vector products).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../linear.h"
-#include "once_differentiable.h"
 
 namespace miss_ext {
 namespace {
@@ -22,16 +21,26 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["needs"] = std::vector<bool>{x.requires_grad(), weight.requires_grad(), bias_grad,
                                                  block.requires_grad()};
     ctx->saved_data["p"] = p;
-    LinearForward fwd;
+    // S is computed through miss::fold's autograd when x requires grad (grad mode is off inside a
+    // Function's forward; it is turned on for this call only): the saved S then carries its
+    // history to x, so a second differentiation of the backward (which uses S) reaches x. It
+    // costs one graph node holding the key, no memory.
+    at::Tensor s;
+    {
+      const at::AutoGradMode record(x.requires_grad());
+      s = linear_fold(x, weight, bias, block, p, key);
+    }
+    at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      fwd = linear_forward(x, weight, bias, block, p, key);
+      y = linear_with_fold(x, weight, bias, block, s);
     }
-    const at::Tensor dropout_key = p > 0.0 ? *key : at::Tensor();
-    ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(), weight, block, fwd.s, dropout_key});
-    return fwd.y;
+    const at::Tensor dropout_key = p > 0.0 && key.has_value() ? *key : at::Tensor();
+    ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(), weight, block, s, dropout_key});
+    return y;
   }
 
+  // Differentiable (linear.h): with create_graph=True the steps are recorded.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
@@ -39,12 +48,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const LinearNeeds needs{needs_list[0], needs_list[1], needs_list[2], needs_list[3]};
     const double p = ctx->saved_data["p"].toDouble();
     const std::optional<at::Tensor> key = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    torch::autograd::variable_list depends_on(saved.begin(), saved.end());
-    depends_on.push_back(grad_outputs[0]);
-    return once_differentiable("miss::linear", depends_on, [&]() -> torch::autograd::variable_list {
-      const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], p, key, needs);
-      return {g.x, g.weight, g.bias, g.block, at::Tensor(), at::Tensor()};
-    });
+    const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], p, key, needs);
+    return {g.x, g.weight, g.bias, g.block, at::Tensor(), at::Tensor()};
   }
 };
 

@@ -21,6 +21,12 @@ void tile_add_meta(at::Tensor& out, const at::Tensor& src, double alpha, double 
   check_tile_add_args(out, src, p, key);
 }
 
+at::Tensor tile_add_functional_meta(const at::Tensor& out, const at::Tensor& src, double alpha, double p,
+                                   const std::optional<at::Tensor>& key) {
+  check_tile_add_args(out, src, p, key);
+  return at::empty_symint(out.sym_sizes(), out.options());
+}
+
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
   check_linear_args(x, weight, bias, block, p, key);
@@ -64,6 +70,7 @@ at::Tensor bat_linear_meta(const at::Tensor& x, const at::Tensor& weight, const 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
   m.impl("fold", &fold_meta);
   m.impl("tile_add_", &tile_add_meta);
+  m.impl("tile_add", &tile_add_functional_meta);
   m.impl("linear", &linear_meta);
   m.impl("merge", &merge_meta);
   m.impl("merge_", &merge_inplace_meta);

@@ -1,0 +1,215 @@
+"""torch.func support for the miss ops: grad, vjp, jvp, vmap, jacrev/jacfwd, hessian, functional_call.
+
+Why this exists: torch.func transforms cannot run a C++ `torch::autograd::Function` ("cannot use
+C++ torch::autograd::Function with functorch transforms"), and the ops' autograd is C++ so that
+TorchScript and libtorch users have it without Python. So, in a Python process, each
+differentiable miss op also gets a kernel at the dispatch key `FuncTorchDynamicLayerFrontMode`,
+which the dispatcher only visits while a torch.func transform is active. That kernel computes
+the op as a composite of ATen operations (fold = zero-pad, reshape, sum; tile = index along the
+period; bat = an einsum over r x r tiles), which every transform supports natively, forward and
+reverse mode, batched and to any order. Outside transforms nothing changes: the fused kernels
+and the C++ autograd run as before.
+
+The dropout mask stays the kernels' own (Philox, csrc/ops/common/dropout_mask.h): it is drawn by
+the miss kernel itself, with the transforms switched off, into a (rows, in) tensor of keep
+factors m / (1 - p), which the composite multiplies in. So a transform sees the same mask as the
+fused op for the same key. The price under a transform: that mask is materialised (as PEFT does
+every step) and the composites are plain ATen, so they are slower than the fused ops; this is
+the path for per-sample gradients, Jacobians and Hessians, not for training throughput.
+
+Rows and the mask under vmap: inside vmap each call sees one sample's shape, so the mask is
+indexed by the sample's own rows, exactly as a separate call per sample would draw it.
+
+Not supported under transforms (clear errors): the bat unmerge (merge with a 3-D block and
+reverse=True: its conditioning check reads values on the host), a dropout key that is itself
+transformed (batched over, or differentiated), and the in-place ops with tensors that require
+grad (as outside transforms).
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ops = torch.ops.miss
+
+# The ops given a composite here; every other miss op is in-place or a non-differentiable
+# building block and keeps its kernels (functorch's fallbacks run them on unwrapped tensors).
+DIFFERENTIABLE_OPS = ("fold", "tile_add", "linear", "merge", "bat_weight", "bat_linear")
+
+
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation type: float64 if any side is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _plain(t: Optional[Tensor], what: str) -> Optional[Tensor]:
+    """`t` unwrapped from grad-transform wrappers; refuses a tensor that is batched by vmap."""
+    if t is None:
+        return None
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            raise NotImplementedError(f"miss: vmap over the {what} is not supported: pass one {what} for the "
+                                      "whole batch (each sample's mask is then indexed by its own rows)")
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def _validate(op, *args) -> None:
+    """The op's own argument checks (its Meta kernel, on meta twins of the tensors), so a transform
+    raises the same ValueError / TypeError, naming the same value, as a plain call."""
+    # Below autograd: the C++ autograd kernels refuse to run while a transform is active.
+    with torch._C._DisableFuncTorch(), torch._C._AutoDispatchBelowAutograd():
+        twins = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, Tensor) else a for a in args]
+        op(*twins)
+
+
+def _check_key_device(key: Optional[Tensor], data: Tensor) -> None:
+    if key is not None and key.device != data.device:
+        raise ValueError(f"miss: the dropout key must be on the data's device {data.device}, got a key on "
+                         f"{key.device} (draw it there with miss_ext.new_dropout_key(device))")
+
+
+def keep_factors(rows: int, cols: int, p: float, key: Optional[Tensor], dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """(rows, cols) keep factors m / (1 - p) of the kernels' dropout mask for `key` (0 or
+    1 / (1 - p), all zeros for p == 1), drawn by the miss kernel itself."""
+    key = _plain(key, "dropout key")
+    with torch._C._DisableFuncTorch(), torch._C._AutoDispatchBelowAutograd():
+        factors = torch.zeros(rows, cols, dtype=dtype, device=device)
+        torch.ops.miss.tile_add_(factors, torch.ones(rows, 1, dtype=dtype, device=device), 1.0, p, key)
+    return factors
+
+
+def _rows(t: Tensor) -> int:
+    n = 1
+    for size in t.shape[:-1]:
+        n *= size
+    return n
+
+
+def _dropout(x: Tensor, p: float, key: Optional[Tensor]) -> Tensor:
+    """x * mask / (1 - p) with the kernels' mask, indexed by x's (flattened row, column)."""
+    if p == 0.0:
+        return x
+    return x * keep_factors(_rows(x), x.shape[-1], p, key, x.dtype, x.device).view(x.shape)
+
+
+def fold_composite(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> Tensor:
+    out_dtype = dtype or x.dtype
+    xs = _dropout(x.to(_acc_dtype(x.dtype, out_dtype)), p, key)
+    in_features = x.shape[-1]
+    padded = F.pad(xs, (0, (-in_features) % r))  # zero columns: PEFT's padding, r > in included
+    return padded.unflatten(-1, (padded.shape[-1] // r, r)).sum(-2).to(out_dtype)
+
+
+def _tiled(src: Tensor, out_shape, per_row: bool) -> Tensor:
+    """src repeated to out_shape: per row along the last axis, or (matrices) along both axes."""
+    cols = torch.arange(out_shape[-1], device=src.device) % src.shape[-1]
+    if per_row:
+        return src.index_select(-1, cols)
+    rows = torch.arange(out_shape[0], device=src.device) % src.shape[0]
+    return src.index_select(0, rows).index_select(1, cols)
+
+
+def tile_add_composite(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0,
+                       key: Optional[Tensor] = None) -> Tensor:
+    per_row = out.dim() == src.dim() and out.shape[:-1] == src.shape[:-1]
+    acc = _acc_dtype(out.dtype, src.dtype)
+    term = _dropout(_tiled(src.to(acc), out.shape, per_row), p, key)
+    return (out.to(acc) + alpha * term).to(out.dtype)
+
+
+def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: float = 0.0,
+                     key: Optional[Tensor] = None) -> Tensor:
+    # PEFT's precision: base in the base dtype, adapter branch in the block's dtype, one rounding.
+    y = F.linear(x, weight, bias)
+    term = fold_composite(x, block.shape[0], p, key, block.dtype) @ block
+    if block.shape[1] != weight.shape[0]:  # mini: tile (.., mini_r) along out
+        term = _tiled(term, y.shape, per_row=True)
+    return (y.to(torch.promote_types(y.dtype, term.dtype)) + term).to(x.dtype)
+
+
+def bat_weight_composite(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W'_ij = W_ij (I + B_i) + B_i per r x r tile, computed in float32 (float64 if either is)."""
+    out_features, in_features = weight.shape
+    r = block.shape[1]
+    cd = _acc_dtype(weight.dtype, block.dtype)
+    b = block.to(cd)
+    tiles = weight.to(cd).reshape(out_features // r, r, in_features // r, r)  # [i, a, j, b]
+    eye = torch.eye(r, dtype=cd, device=weight.device)
+    merged = torch.einsum("iajb,ibc->iajc", tiles, b + eye) + b.unsqueeze(2)
+    return merged.reshape(out_features, in_features).to(dtype or block.dtype)
+
+
+def bat_linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+                         compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    cd = compute_dtype or block.dtype
+    wprime = bat_weight_composite(weight, block, cd)
+    return F.linear(x.to(cd), wprime, None if bias is None else bias.to(cd)).to(x.dtype)
+
+
+def merge_composite(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
+    if block.dim() == 3:
+        if reverse:
+            raise NotImplementedError("miss::merge: the bat unmerge (reverse=True) is not supported under torch.func "
+                                      "transforms (its conditioning check reads values on the host); call it outside")
+        return bat_weight_composite(weight, block, weight.dtype)
+    out_features, in_features = weight.shape
+    rows = torch.arange(out_features, device=weight.device) % block.shape[1]
+    cols = torch.arange(in_features, device=weight.device) % block.shape[0]
+    delta = block.t().index_select(0, rows).index_select(1, cols)  # dW[o, i] = block[i mod r, o mod mini_r]
+    acc = _acc_dtype(weight.dtype, block.dtype)
+    return (weight.to(acc) + (-delta if reverse else delta).to(acc)).to(weight.dtype)
+
+
+# ---- the kernels registered at FuncTorchDynamicLayerFrontMode ----------------------------------
+def _fold(x, r, p=0.0, key=None, dtype=None):
+    _validate(ops.fold.default, x, r, p, key, dtype)
+    _check_key_device(key, x)
+    return fold_composite(x, r, p, key, dtype)
+
+
+def _tile_add(out, src, alpha=1.0, p=0.0, key=None):
+    _validate(ops.tile_add.default, out, src, alpha, p, key)
+    _check_key_device(key, out)
+    return tile_add_composite(out, src, alpha, p, key)
+
+
+def _linear(x, weight, bias, block, p=0.0, key=None):
+    _validate(ops.linear.default, x, weight, bias, block, p, key)
+    _check_key_device(key, x)
+    return linear_composite(x, weight, bias, block, p, key)
+
+
+def _merge(weight, block, reverse=False):
+    if not (block.dim() == 3 and reverse):
+        _validate(ops.merge.default, weight, block, reverse)
+    return merge_composite(weight, block, reverse)
+
+
+def _bat_weight(weight, block, dtype=None):
+    _validate(ops.bat_weight.default, weight, block, dtype)
+    return bat_weight_composite(weight, block, dtype)
+
+
+def _bat_linear(x, weight, bias, block, compute_dtype=None):
+    _validate(ops.bat_linear.default, x, weight, bias, block, compute_dtype)
+    return bat_linear_composite(x, weight, bias, block, compute_dtype)
+
+
+_KERNELS = {"fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge, "bat_weight": _bat_weight,
+            "bat_linear": _bat_linear}
+_LIBRARY: List[torch.library.Library] = []
+
+
+def register() -> None:
+    """Registers the composites at FuncTorchDynamicLayerFrontMode (once per process)."""
+    if _LIBRARY:
+        return
+    lib = torch.library.Library("miss", "IMPL")
+    for name in DIFFERENTIABLE_OPS:
+        lib.impl(name, _KERNELS[name], "FuncTorchDynamicLayerFrontMode")
+    _LIBRARY.append(lib)

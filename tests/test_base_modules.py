@@ -1,0 +1,366 @@
+"""MissLinear on base layers that are more than a plain nn.Linear (issue 10, kind 1).
+
+The adapted layer must compute exactly what the base module computes plus the adapter term:
+subclasses with their own forward (QAT fake quantisation, quantized weights), forward and
+backward hooks (before or after apply_miss, global ones too), parametrizations and tensor-subclass
+weights (FSDP2's DTensor shards). Only a plain nn.Linear takes the fused miss.linear path.
+Expected values: the base module itself, plus the float64 formula of the adapter term
+(tests/reference.py), and PEFT's own MissLinear on the same base where PEFT accepts it.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import miss_ext
+from conftest import rand
+from miss_ext.modules import is_plain_linear
+from reference import F64, fold_ref, tile_block
+
+IN, OUT, R = 16, 8, 4
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket._qualified_op_name))
+        return func(*args, **(kwargs or {}))
+
+
+def adapter_term(x, block, out_features):
+    """fold(x) @ tile(block) in float64 (dropout off)."""
+    x64 = x.detach().to(F64)
+    s = fold_ref(x64.reshape(-1, x.shape[-1]), block.shape[0]).reshape(*x.shape[:-1], block.shape[0])
+    return s @ tile_block(block.detach().to(F64), out_features)
+
+
+def adapt(base, mode="default", mini_r=1, r=R):
+    """MissLinear on `base` with a random non-zero block."""
+    layer = miss_ext.MissLinear(base, r, mode=mode, mini_r=mini_r, init_weights=False)
+    with torch.no_grad():
+        layer.miss_block.uniform_(-0.5, 0.5)
+    return layer
+
+
+# ---- the variants of "not exactly nn.Linear.forward" ------------------------------------------
+class ScaledLinear(nn.Linear):
+    """A subclass with its own forward."""
+
+    def forward(self, x):
+        return 2.0 * F.linear(x, self.weight, self.bias) - 0.25
+
+
+class Int8Linear(nn.Linear):
+    """A quantized linear: int8 weight and a per-row scale, dequantized in forward (the shape of
+    bitsandbytes' / torchao's weight-only int8 layers)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=True)
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        del self.weight
+        self.register_buffer("weight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        with torch.no_grad():
+            self.bias.copy_(linear.bias)
+
+    def forward(self, x):
+        return F.linear(x, (self.weight.to(x.dtype) * self.scale.to(x.dtype)), self.bias.to(x.dtype))
+
+
+class Doubling(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def qat_linear():
+    import torch.ao.nn.qat as nnqat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    lin = nnqat.Linear(IN, OUT, qconfig=get_default_qat_qconfig("x86"))
+    with torch.no_grad():
+        lin(torch.randn(32, IN))  # let the observers see data, then freeze them
+    lin.apply(torch.ao.quantization.disable_observer)
+    return lin
+
+
+def hooked(kind):
+    """nn.Linear with a hook of `kind`; returns (base, list that records hook calls)."""
+    base = nn.Linear(IN, OUT)
+    calls = []
+    if kind == "forward":
+        base.register_forward_hook(lambda m, args, out: (calls.append("f"), out * 1.5 + 0.1)[1])
+    elif kind == "pre":
+        base.register_forward_pre_hook(lambda m, args: (calls.append("p"), (args[0] * 0.5,))[1])
+    elif kind == "parametrize":
+        parametrize.register_parametrization(base, "weight", Doubling())
+    return base, calls
+
+
+BASES = {
+    "subclass-forward": lambda: (ScaledLinear(IN, OUT), None),
+    "qat": lambda: (qat_linear(), None),
+    "int8": lambda: (Int8Linear(nn.Linear(IN, OUT)), None),
+    "forward-hook": lambda: hooked("forward"),
+    "pre-hook": lambda: hooked("pre"),
+    "parametrize": lambda: hooked("parametrize"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 4)])
+def test_adapted_layer_is_the_base_module_plus_the_adapter_term(kind, mode, mini_r, device):
+    base, calls = BASES[kind]()
+    base = base.to(device)
+    reference = copy.deepcopy(base).eval()
+    layer = adapt(base, mode, mini_r).eval()
+    assert not is_plain_linear(layer.base_layer)
+    x = rand(3, 5, IN, device=device)
+    with torch.no_grad():
+        expected = reference(x).to(F64) + adapter_term(x, layer.miss_block, OUT)
+        n_before = len(calls) if calls is not None else 0
+        with OpNames() as log:
+            y = layer(x)
+    torch.testing.assert_close(y.to(F64), expected, rtol=1e-5, atol=1e-5)
+    assert "miss::linear" not in log.names and "miss::fold" in log.names, log.names
+    if calls is not None and kind != "parametrize":
+        assert len(calls) == n_before + 1, "the base layer's hook did not fire"
+    # gradients reach the block (and x) through the base module's own backward
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert layer.miss_block.grad is not None and layer.miss_block.grad.abs().sum() > 0
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_qat_zero_init_is_an_exact_identity_as_in_the_issue():
+    lin = qat_linear()
+    net = nn.Sequential(lin).eval()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        y_base = net(x)
+    m = copy.deepcopy(net)
+    miss_ext.apply_miss(m, ["0"], r=4)
+    with torch.no_grad():
+        assert torch.equal(m(x), y_base)  # was 6.1e-3 off: the fused path skipped fake quantisation
+
+
+def test_qat_matches_peft():
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+
+    lin = qat_linear()
+    ours = adapt(copy.deepcopy(lin)).eval()
+    net = nn.Sequential()
+    net.add_module("lin", copy.deepcopy(lin))
+    model = get_peft_model(net, MissConfig(r=R, init_weights=False, target_modules=["lin"])).eval()
+    theirs = model.base_model.model.lin
+    with torch.no_grad():
+        theirs.miss_block["default"].copy_(ours.miss_block)
+    x = torch.randn(6, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("hook", ["forward", "pre", "global-forward", "backward"])
+def test_hooks_on_the_base_fire_before_or_after_apply_miss(hook, when):
+    net = nn.Sequential(nn.Linear(IN, OUT))
+    calls = []
+    handles = []
+
+    def install():
+        base = net[0].base_layer if isinstance(net[0], miss_ext.MissLinear) else net[0]
+        if hook == "forward":
+            handles.append(base.register_forward_hook(lambda m, a, out: (calls.append("f"), out + 1.0)[1]))
+        elif hook == "pre":
+            handles.append(base.register_forward_pre_hook(lambda m, a: (calls.append("p"), (a[0] * 3.0,))[1]))
+        elif hook == "global-forward":
+            handles.append(nn.modules.module.register_module_forward_hook(
+                lambda m, a, out: (calls.append(type(m).__name__), out)[1]))
+        else:
+            handles.append(base.register_full_backward_hook(lambda m, gin, gout: calls.append("b")))
+
+    try:
+        if when == "before":
+            install()
+        miss_ext.apply_miss(net, ["0"], r=R, init_weights=False)
+        if when == "after":
+            install()
+        layer = net[0]
+        x = rand(4, IN, requires_grad=True)
+        y = net(x)
+        w, b = layer.base_layer.weight, layer.base_layer.bias
+        base_out = {"forward": F.linear(x, w, b) + 1.0, "pre": F.linear(3.0 * x, w, b)}.get(hook, F.linear(x, w, b))
+        expected = base_out.detach().to(F64) + adapter_term(x, layer.miss_block, OUT)
+        torch.testing.assert_close(y.detach().to(F64), expected, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        fired = {"forward": "f", "pre": "p", "global-forward": "Linear", "backward": "b"}[hook]
+        assert fired in calls, f"{hook} hook registered {when} apply_miss did not fire: {calls}"
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_plain_linear_keeps_the_fused_path_and_hooks_switch_it_off():
+    layer = adapt(nn.Linear(IN, OUT))
+    x = rand(4, IN)
+    with OpNames() as log:
+        layer(x)
+    assert "miss::tile_add" not in log.names and any(n == "miss::linear" or n == "miss::fold" for n in log.names)
+    fused = layer(x)
+    handle = layer.base_layer.register_forward_hook(lambda m, a, out: out)
+    with OpNames() as log:
+        unfused = layer(x)
+    assert "miss::tile_add" in log.names, log.names
+    torch.testing.assert_close(unfused, fused, rtol=1e-6, atol=1e-6)
+    handle.remove()
+    assert is_plain_linear(layer.base_layer)
+
+
+def test_quantized_base_gets_a_float32_block_and_refuses_merge():
+    base = Int8Linear(nn.Linear(IN, OUT))
+    layer = adapt(base)
+    assert layer.miss_block.dtype == torch.float32 and layer.miss_block.shape == (R, OUT)
+    weight = base.weight.clone()
+    with pytest.raises(ValueError, match=r"cannot merge into Int8Linear: its weight has dtype torch\.int8"):
+        layer.merge()
+    assert torch.equal(base.weight, weight) and not layer.merged
+
+
+@pytest.mark.parametrize("kind,pattern", [
+    ("subclass-forward", r"does not compute exactly F\.linear"),
+    ("qat", r"does not compute exactly F\.linear"),
+    ("forward-hook", r"does not compute exactly F\.linear"),
+    ("parametrize", r"its weight is parametrized"),
+])
+def test_merge_refuses_where_it_could_not_equal_the_unmerged_layer(kind, pattern):
+    base, _ = BASES[kind]()
+    layer = adapt(base)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=pattern):
+        layer.merge()
+    with pytest.raises(ValueError, match=pattern):
+        layer.merge(safe_merge=True)
+    assert not layer.merged
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_bat_needs_a_plain_linear():
+    with pytest.raises(TypeError, match="bat mode .* needs a plain nn.Linear base"):
+        miss_ext.MissLinear(ScaledLinear(IN, OUT), 4, mode="bat")
+    layer = miss_ext.MissLinear(nn.Linear(IN, OUT), 4, mode="bat")
+    layer.base_layer.register_forward_hook(lambda m, a, out: out)
+    with pytest.raises(RuntimeError, match="bat mode needs a plain nn.Linear base"):
+        layer(rand(2, IN))
+
+
+def test_reading_weight_of_an_adapted_layer_is_a_clear_error():
+    layer = adapt(nn.Linear(IN, OUT))
+    with pytest.raises(AttributeError, match=r"MissLinear has no 'weight'.*bypass the adapter.*base_layer\.weight"):
+        layer.weight  # noqa: B018
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
+def test_torchscript_takes_the_path_of_the_base_it_was_scripted_with():
+    for base in (ScaledLinear(IN, OUT), nn.Linear(IN, OUT)):
+        layer = adapt(base).eval()
+        scripted = torch.jit.script(layer)
+        x = rand(3, IN)
+        torch.testing.assert_close(scripted(x), layer(x), rtol=0, atol=0)
+
+
+def test_load_adapter_into_a_qat_model_behaves_the_same(tmp_path):
+    net = nn.Sequential(nn.Linear(IN, OUT))
+    miss_ext.apply_miss(net, ["0"], r=R, init_weights=False)
+    miss_ext.save_adapter(net, tmp_path)
+    qat = nn.Sequential(qat_linear()).eval()
+    expected_base = copy.deepcopy(qat)
+    miss_ext.load_adapter(qat, tmp_path)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        expected = expected_base(x).to(F64) + adapter_term(x, net[0].miss_block, OUT)
+        torch.testing.assert_close(qat(x).to(F64), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- FSDP2: a DTensor-sharded base -----------------------------------------------------------
+@pytest.fixture
+def gloo_world(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():  # pragma: no cover - CI's torch has it
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_base_before_apply_miss(gloo_world):
+    """The issue's case: fully_shard(net.proj); fully_shard(net) before apply_miss raised
+    'aten.linear.default got mixed torch.Tensor and DTensor'. The base module (FSDP's own
+    forward, which all-gathers the weight) now runs, and the adapter is added to its output."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("proj", nn.Linear(IN, OUT))
+    plain = copy.deepcopy(net)
+    fully_shard(net.proj)
+    fully_shard(net)
+    miss_ext.apply_miss(net, ["proj"], r=R, init_weights=False)
+    miss_ext.apply_miss(plain, ["proj"], r=R, init_weights=False)
+    with torch.no_grad():
+        plain.proj.miss_block.copy_(net.proj.miss_block)
+    x = rand(6, IN)
+    y = net(x)
+    torch.testing.assert_close(y, plain(x), rtol=1e-6, atol=1e-6)
+    y.square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(net.proj.miss_block.grad, plain.proj.miss_block.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not a plain tensor"):
+        net.proj.merge()
+    assert math.isfinite(y.sum().item())
+
+
+def test_merge_and_unload_refuses_before_changing_any_layer():
+    net = nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, OUT))
+    miss_ext.apply_miss(net, ["0", "1"], r=R, init_weights=False)
+    net[1].base_layer.register_forward_hook(lambda m, a, out: out * 2)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing was merged.*\n1: it does not compute exactly F\.linear"):
+        miss_ext.merge_and_unload(net)
+    assert isinstance(net[0], miss_ext.MissLinear) and not net[0].merged
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_accelerated_peft_layer_on_a_parametrized_base():
+    """PEFT's merge writes `base_layer.weight` in place, which for a parametrized weight is a
+    temporary: the accelerated layer refuses instead of reporting a merge that did not happen;
+    its forward (PEFT's code for such a base) equals PEFT's."""
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+
+    from miss_ext.peft import accelerate
+
+    net = nn.Sequential()
+    net.add_module("lin", nn.Linear(IN, OUT))
+    parametrize.register_parametrization(net.lin, "weight", Doubling())
+    model = get_peft_model(net, MissConfig(r=R, init_weights=False, target_modules=["lin"])).eval()
+    fast = accelerate(copy.deepcopy(model))
+    x = rand(3, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    layer = fast.base_model.model.lin
+    original = layer.base_layer.parametrizations.weight.original.clone()
+    with pytest.raises(ValueError, match="its weight is parametrized"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.parametrizations.weight.original, original)

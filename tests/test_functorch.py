@@ -1,0 +1,320 @@
+"""torch.func transforms (grad, vjp, jvp, vmap, per-sample gradients, functional_call, hessian)
+and double backward through every differentiable miss op, in float64 against the independent
+reference (tests/reference.py, differentiated by plain autograd / torch.func) and against PEFT.
+
+Two paths are covered:
+- under a transform, the ops run as ATen composites with the kernels' own dropout mask
+  (miss_ext/_functorch.py);
+- plain autograd with create_graph=True (double backward, Hessian-vector products) runs the C++
+  autograd, whose backwards are themselves differentiable; TorchScript and libtorch use it too.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+import miss_ext
+from conftest import DEVICES, rand
+from reference import F64, bat_weight_ref, fold_ref, linear_ref, merge_ref, recover_mask, tile_add_ref
+
+ops = torch.ops.miss
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def key(seed, offset, device):
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# each op: (name, builder(device) -> (fn(*diff_inputs), diff_inputs, reference fn))
+# ---------------------------------------------------------------------------------------------
+def _fold_case(shape, r, p):
+    def build(device):
+        k = key(3, 4, device) if p else None
+        x = rand(*shape, dtype=F64, device=device)
+        rows = x.numel() // shape[-1]
+        mask = recover_mask(rows, shape[-1], p, k, device).view(shape) if p else None
+        return (lambda t: ops.fold(t, r, p, k), (x,),
+                lambda t: fold_ref(t.reshape(rows, -1), r, None if mask is None else mask.reshape(rows, -1), p)
+                .reshape(*shape[:-1], r))
+    return build
+
+
+def _tile_add_case(out_shape, src_shape, alpha, p):
+    def build(device):
+        k = key(5, 6, device) if p else None
+        out, src = rand(*out_shape, dtype=F64, device=device), rand(*src_shape, dtype=F64, device=device)
+        rows = out.numel() // out_shape[-1]
+        mask = recover_mask(rows, out_shape[-1], p, k, device).view(out_shape) if p else None
+        return (lambda o, s: ops.tile_add(o, s, alpha, p, k), (out, src),
+                lambda o, s: tile_add_ref(o, s, alpha, mask, p))
+    return build
+
+
+def _linear_case(in_f, out_f, r, mini_r, lead, p, bias=True):
+    def build(device):
+        k = key(7, 8, device) if p else None
+        x = rand(*lead, in_f, dtype=F64, device=device)
+        w, b = rand(out_f, in_f, dtype=F64, device=device), rand(out_f, dtype=F64, device=device)
+        blk = rand(r, mini_r or out_f, dtype=F64, device=device)
+        rows = x.numel() // in_f
+        mask = recover_mask(rows, in_f, p, k, device).view(*lead, in_f) if p else None
+        bb = b if bias else None
+        return (lambda xx, ww, bl: ops.linear(xx, ww, bb, bl, p, k), (x, w, blk),
+                lambda xx, ww, bl: linear_ref(xx, ww, bb, bl, mask, p))
+    return build
+
+
+def _merge_case(in_f, out_f, block_shape, reverse):
+    def build(device):
+        w, blk = rand(out_f, in_f, dtype=F64, device=device), rand(*block_shape, dtype=F64, device=device) * 0.2
+        if len(block_shape) == 3:
+            return (lambda ww, bl: ops.merge(ww, bl, reverse), (w, blk), lambda ww, bl: bat_weight_ref(ww, bl))
+        return (lambda ww, bl: ops.merge(ww, bl, reverse), (w, blk), lambda ww, bl: merge_ref(ww, bl, reverse))
+    return build
+
+
+def _bat_weight_case():
+    def build(device):
+        w, blk = rand(12, 8, dtype=F64, device=device), rand(3, 4, 4, dtype=F64, device=device) * 0.2
+        return (lambda ww, bl: ops.bat_weight(ww, bl, None), (w, blk), bat_weight_ref)
+    return build
+
+
+def _bat_linear_case():
+    def build(device):
+        x = rand(5, 8, dtype=F64, device=device)
+        w, b = rand(12, 8, dtype=F64, device=device), rand(12, dtype=F64, device=device)
+        blk = rand(3, 4, 4, dtype=F64, device=device) * 0.2
+        return (lambda xx, ww, bl: ops.bat_linear(xx, ww, b, bl, None), (x, w, blk),
+                lambda xx, ww, bl: xx @ bat_weight_ref(ww, bl).t() + b)
+    return build
+
+
+CASES = [
+    pytest.param(_fold_case((4, 10), 3, 0.0), id="fold-remainder"),
+    pytest.param(_fold_case((2, 3, 7), 3, 0.4), id="fold-3d-dropout"),
+    pytest.param(_fold_case((3, 8), 16, 0.0), id="fold-r_gt_in"),
+    pytest.param(_tile_add_case((4, 10), (4, 3), 1.0, 0.0), id="tile_add-per-row"),
+    pytest.param(_tile_add_case((2, 3, 9), (2, 3, 2), -0.5, 0.3), id="tile_add-3d-dropout"),
+    pytest.param(_tile_add_case((7, 10), (3, 4), 1.0, 0.0), id="tile_add-matrices"),
+    pytest.param(_linear_case(10, 20, 3, None, (4,), 0.0), id="linear-default"),
+    pytest.param(_linear_case(7, 5, 3, None, (2, 3), 0.3), id="linear-remainder-dropout"),
+    pytest.param(_linear_case(8, 6, 16, None, (3,), 0.0, bias=False), id="linear-r_gt_in-nobias"),
+    pytest.param(_linear_case(10, 20, 3, 5, (4,), 0.25), id="linear-mini-dropout"),
+    pytest.param(_merge_case(10, 20, (3, 20), False), id="merge-default"),
+    pytest.param(_merge_case(10, 20, (2, 4), True), id="merge-mini-reverse"),
+    pytest.param(_merge_case(8, 12, (3, 4, 4), False), id="merge-bat"),
+    pytest.param(_bat_weight_case(), id="bat_weight"),
+    pytest.param(_bat_linear_case(), id="bat_linear"),
+]
+
+
+def _cotangent(y):
+    return torch.linspace(-1.0, 1.5, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("build", CASES)
+def test_grad_vjp_jvp_match_the_reference(build, device):
+    fn, inputs, ref = build(device)
+    y = fn(*inputs)
+    torch.testing.assert_close(y, ref(*inputs), **TOL)
+    g = _cotangent(y)
+    argnums = tuple(range(len(inputs)))
+    got = grad(lambda *a: (fn(*a) * g).sum(), argnums=argnums)(*inputs)
+    want = grad(lambda *a: (ref(*a) * g).sum(), argnums=argnums)(*inputs)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **TOL)
+    # the same gradients as plain autograd through the C++ kernels
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    plain = torch.autograd.grad(fn(*leaves), leaves, g)
+    for a, e in zip(got, plain):
+        torch.testing.assert_close(a, e, **TOL)
+    y_vjp, pullback = vjp(fn, *inputs)
+    torch.testing.assert_close(y_vjp, y, **TOL)
+    for a, e in zip(pullback(g), want):
+        torch.testing.assert_close(a, e, **TOL)
+    tangents = tuple(rand(*t.shape, dtype=F64, device=device) for t in inputs)
+    y_jvp, t_out = jvp(fn, inputs, tangents)
+    y_ref, t_ref = jvp(ref, inputs, tangents)
+    torch.testing.assert_close(y_jvp, y_ref, **TOL)
+    torch.testing.assert_close(t_out, t_ref, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("build", CASES)
+def test_vmap_equals_a_loop_of_calls(build, device):
+    fn, inputs, _ = build(device)
+    batched = tuple(torch.stack([t, t * 0.5 + 0.1, -t]) for t in inputs)
+    got = vmap(fn)(*batched)
+    want = torch.stack([fn(*(b[i] for b in batched)) for i in range(3)])
+    torch.testing.assert_close(got, want, **TOL)
+    # only the first input batched (e.g. a batch of samples through one weight)
+    got = vmap(fn, in_dims=(0,) + (None,) * (len(inputs) - 1))(batched[0], *inputs[1:])
+    want = torch.stack([fn(batched[0][i], *inputs[1:]) for i in range(3)])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("build", CASES)
+def test_double_backward_and_hessian_vector_products(build, device):
+    """Second derivatives of <fn(inputs), g>^2 by plain autograd (C++ backwards recorded with
+    create_graph=True) and by torch.func (jacfwd of jacrev on the composites), against the
+    reference's."""
+    fn, inputs, ref = build(device)
+    g = _cotangent(fn(*inputs))
+    vs = tuple(rand(*t.shape, dtype=F64, device=device) for t in inputs)
+
+    def hvp_autograd(f):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        loss = ((f(*leaves) * g).sum()) ** 2
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        dot = sum((gr * v).sum() for gr, v in zip(grads, vs))
+        return torch.autograd.grad(dot, leaves)
+
+    want = hvp_autograd(ref)
+    for a, e in zip(hvp_autograd(fn), want):
+        torch.testing.assert_close(a, e, **TOL)
+
+    def hvp_func(f):
+        loss = lambda *a: ((f(*a) * g).sum()) ** 2  # noqa: E731
+        return jvp(grad(loss, argnums=tuple(range(len(inputs)))), inputs, vs)[1]
+
+    for a, e in zip(hvp_func(fn), want):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers: MissLinear and the accelerated PEFT layer, against PEFT's own layer
+# ---------------------------------------------------------------------------------------------
+MODES = [pytest.param("default", 1, id="default"), pytest.param("mini", 4, id="mini"), pytest.param("bat", 1, id="bat")]
+
+
+def _layers(mode, mini_r, device):
+    """(our MissLinear, PEFT's MissLinear, the accelerated copy of PEFT's) on one float64 base
+    (10 -> 20, r = 2), all with the same random non-zero block."""
+    pytest.importorskip("peft")
+    import copy
+
+    from peft import MissConfig, get_peft_model
+
+    from miss_ext.peft import accelerate
+
+    net = nn.Sequential()
+    net.add_module("lin", nn.Linear(10, 20, dtype=F64, device=device))
+    ours = miss_ext.MissLinear(copy.deepcopy(net.lin), 2, mode=mode, mini_r=mini_r)
+    init = {"default": False, "mini": "mini", "bat": "bat"}[mode]
+    model = get_peft_model(net, MissConfig(r=2, mini_r=mini_r, init_weights=init, target_modules=["lin"])).eval()
+    theirs = model.base_model.model.lin
+    with torch.no_grad():
+        block = rand(*ours.miss_block.shape, dtype=F64, device=device) * 0.2
+        ours.miss_block.copy_(block)
+        theirs.miss_block["default"].copy_(block)
+    fast = accelerate(copy.deepcopy(model)).base_model.model.lin
+    return ours, theirs, fast
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,mini_r", MODES)
+def test_layers_functional_call_grad_jvp_and_per_sample_grads_match_peft(mode, mini_r, device):
+    ours, theirs, fast = _layers(mode, mini_r, device)
+    X = rand(6, 10, dtype=F64, device=device)
+    Y = rand(6, 20, dtype=F64, device=device)
+    block = ours.miss_block.detach()
+
+    def loss(layer, name, b, x, y):
+        return ((functional_call(layer, {name: b}, (x,)) - y) ** 2).sum()
+
+    results = {}
+    for tag, layer, name in (("ours", ours, "miss_block"), ("peft", theirs, "miss_block.default"),
+                             ("fast", fast, "miss_block.default")):
+        g = grad(loss, argnums=2)(layer, name, block, X, Y)
+        per_sample = vmap(grad(loss, argnums=2), in_dims=(None, None, None, 0, 0))(layer, name, block, X, Y)
+        _, tangent = jvp(lambda x: layer(x), (X,), (torch.ones_like(X),))  # noqa: B023
+        results[tag] = (g, per_sample, tangent)
+    for tag in ("ours", "fast"):
+        for a, e, what in zip(results[tag], results["peft"], ("grad", "per-sample grads", "jvp")):
+            torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"{tag} {what}: {m}")  # noqa: B023
+    # per-sample gradients sum to the batch gradient, and equal a loop of single-sample grads
+    g, per_sample, _ = results["ours"]
+    torch.testing.assert_close(per_sample.sum(0), g, **TOL)
+    loop = torch.stack([grad(loss, argnums=2)(ours, "miss_block", block, X[i:i + 1], Y[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(per_sample, loop, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,mini_r", MODES)
+def test_hessian_of_the_loss_in_the_block_matches_peft(mode, mini_r, device):
+    ours, theirs, fast = _layers(mode, mini_r, device)
+    X = rand(5, 10, dtype=F64, device=device)
+
+    def loss(layer, name, b):
+        return functional_call(layer, {name: b}, (X,)).tanh().sum()
+
+    block = ours.miss_block.detach()
+    want = hessian(loss, argnums=2)(theirs, "miss_block.default", block)
+    torch.testing.assert_close(hessian(loss, argnums=2)(ours, "miss_block", block), want, **TOL)
+    torch.testing.assert_close(hessian(loss, argnums=2)(fast, "miss_block.default", block), want, **TOL)
+    torch.testing.assert_close(jacrev(jacrev(loss, argnums=2), argnums=2)(ours, "miss_block", block), want, **TOL)
+    # a Hessian-vector product by plain autograd (the C++ backward, recorded) gives the same
+    v = rand(*block.shape, dtype=F64, device=device)
+    b = ours.miss_block
+    (gb,) = torch.autograd.grad(ours(X).tanh().sum(), b, create_graph=True)
+    (hv,) = torch.autograd.grad((gb * v).sum(), b)
+    torch.testing.assert_close(hv, (want.reshape(block.numel(), -1) @ v.reshape(-1)).view(block.shape), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
+def test_torchscript_keeps_double_backward_without_the_python_transforms():
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=F64), 3, init_weights=False)
+    scripted = torch.jit.script(layer)
+    x = rand(4, 10, dtype=F64, requires_grad=True)
+    results = []
+    for m in (layer, scripted):
+        y = m(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), (x, m.miss_block)))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, **TOL)
+    w, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    xr, br = x.detach().clone().requires_grad_(True), layer.miss_block.detach().clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(linear_ref(xr, w, b, br).square().sum(), xr, create_graph=True)
+    want = torch.autograd.grad(gx.square().sum(), (xr, br))
+    for a, e in zip(results[0], want):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+def test_dropout_under_transforms_uses_the_kernels_mask():
+    """MissLinear in training mode under grad: the composite multiplies in the mask the kernel
+    draws for the key the layer drew, so gradients equal plain autograd with the same seed."""
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=F64), 3, dropout=0.4, init_weights=False).train()
+    X = rand(6, 10, dtype=F64)
+    block = layer.miss_block.detach()
+    torch.manual_seed(9)
+    g = grad(lambda b: functional_call(layer, {"miss_block": b}, (X,)).square().sum())(block)
+    torch.manual_seed(9)
+    layer.miss_block.grad = None
+    layer(X).square().sum().backward()
+    torch.testing.assert_close(g, layer.miss_block.grad, **TOL)
+
+
+def test_errors_under_transforms_are_the_ops_errors():
+    x = rand(4, 10, dtype=F64)
+    with pytest.raises(ValueError, match=r"r=0\b"):
+        grad(lambda t: ops.fold(t, 0).sum())(x)
+    w9, blk = rand(5, 9, dtype=F64), rand(2, 5, dtype=F64)
+    with pytest.raises(ValueError, match=r"x\.shape\[-1\]=10 does not match in_features=9"):
+        grad(lambda t: ops.linear(t, w9, None, blk).sum())(x)
+    meta_key = key(1, 2, "meta")
+    with pytest.raises(ValueError, match="key must be on the data's device"):
+        grad(lambda t: ops.fold(t, 2, 0.5, meta_key).sum())(x)
+    keys = torch.stack([key(1, 2, "cpu"), key(3, 4, "cpu")])
+    with pytest.raises(NotImplementedError, match="vmap over the dropout key"):
+        vmap(lambda k: ops.fold(x, 2, 0.5, k))(keys)
+    w, blk = rand(8, 8, dtype=F64), torch.zeros(2, 4, 4, dtype=F64)
+    with pytest.raises(NotImplementedError, match="bat unmerge"):
+        grad(lambda ww: ops.merge(ww, blk, True).sum())(w)
+    src = rand(4, 2, dtype=F64)
+    with pytest.raises(RuntimeError, match="without autograd support"):
+        grad(lambda t: (ops.tile_add_(t, src), t)[1].sum())(x.clone())

@@ -1,0 +1,326 @@
+"""Adapters on shared weights (issue 10, kind 2): a tied lm_head (Llama with
+tie_word_embeddings=True), one nn.Linear registered under two paths, and parents that read
+`.weight` directly. Unmerged adapters there are correct and warn at setup; merging would change
+the other holders, so every merge path refuses before changing anything, naming the way out
+(untie explicitly). Float64 throughout; every refused call is checked to change nothing."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import MissConfig, get_peft_model  # noqa: E402
+
+import miss_ext  # noqa: E402
+import miss_ext.peft  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+from tiny_models import R, TARGETS, randomize_blocks, tokens  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+SHARED = r"shared with model\.embed_tokens\.weight"
+
+
+def tied_llama():
+    """The tiny Llama of tiny_models.py with lm_head.weight tied to model.embed_tokens.weight."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tied_llama()
+
+
+def snapshot(model):
+    """Module types, every parameter value (tied ones under each name), requires_grad flags,
+    and which parameters are the same object."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: p.detach().clone() for n, p in params},
+            {n: p.requires_grad for n, p in params},
+            [(n, id(p)) for n, p in params])
+
+
+def assert_unchanged(model, snap):
+    types, values, flags, ids = snap
+    params = list(model.named_parameters(remove_duplicate=False))
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert [(n, id(p)) for n, p in params] == ids
+    assert all(torch.equal(p, values[n]) for n, p in params)
+    assert {n: p.requires_grad for n, p in params} == flags
+
+
+def adapted_head(base):
+    """apply_miss on the tied lm_head (and q_proj), random blocks; returns (model, warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = miss_ext.apply_miss(copy.deepcopy(base), ["lm_head", "q_proj"], r=R)
+    randomize_blocks(model)
+    return model, [str(w.message) for w in caught]
+
+
+def untied_reference(model):
+    """A deep copy whose lm_head has its own copy of the weight (same values, same blocks)."""
+    ref = copy.deepcopy(model)
+    head = ref.lm_head.base_layer
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------
+# miss_ext without PEFT
+# ---------------------------------------------------------------------------------------------
+def test_adapter_on_a_tied_head_warns_once_and_its_forward_is_right(base):
+    model, messages = adapted_head(base)
+    shared = [m for m in messages if "shared" in m]
+    assert len(shared) == 1 and "lm_head (shared with model.embed_tokens.weight)" in shared[0]
+    assert model.lm_head._shared_with == ["model.embed_tokens.weight"]
+    assert model.model.layers[0].self_attn.q_proj._shared_with == []
+    # Still tied, and the unmerged forward equals that of an untied copy: only lm_head's output changes.
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    ids = tokens()
+    torch.testing.assert_close(model(ids).logits, untied_reference(model)(ids).logits, **TOL)
+    assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_and_unload_of_a_tied_head_is_refused_and_changes_nothing(base, safe_merge):
+    model, _ = adapted_head(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        miss_ext.merge_and_unload(model, safe_merge=safe_merge)
+    message = str(info.value)
+    for part in ("cannot merge the MiSS adapter of lm_head", "model.embed_tokens.weight", "Nothing was merged",
+                 "get_submodule('lm_head').base_layer", "tie_word_embeddings = False"):
+        assert part in message
+    assert_unchanged(model, snap)
+    assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
+
+
+def test_untying_as_the_message_says_then_merging_gives_the_unmerged_logits(base, tmp_path):
+    model, _ = adapted_head(base)
+    ids = tokens()
+    unmerged = model(ids).logits
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    # The way out the error names.
+    head = model.get_submodule("lm_head").base_layer
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    merged = miss_ext.merge_and_unload(model)
+    assert type(merged.lm_head) is nn.Linear and not miss_ext.miss_layers(merged)
+    torch.testing.assert_close(merged(ids).logits, unmerged, **TOL)
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+    # It stays that way through transformers' own re-tying and a save/load round trip.
+    merged.tie_weights()
+    merged.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    torch.testing.assert_close(loaded(ids).logits, unmerged, **TOL)
+
+
+def test_why_merging_does_not_untie_silently(base):
+    """Untied without changing the config, transformers ties the weights again on tie_weights()
+    (also called by resize_token_embeddings), silently dropping the merged head."""
+    model, _ = adapted_head(base)
+    head = model.lm_head.base_layer
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    merged = miss_ext.merge_and_unload(model)  # allowed: no longer shared
+    merged_head = merged.lm_head.weight.detach().clone()
+    merged.tie_weights()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert not torch.equal(merged.lm_head.weight, merged_head)
+
+
+def test_merge_and_unload_sees_a_tie_made_after_apply_miss():
+    model = miss_ext.apply_miss(tied_llama(), ["q_proj"], r=R)
+    randomize_blocks(model)
+    # Tie q_proj of layer 1 to that of layer 0 after the adapters exist.
+    layers = model.model.layers
+    layers[1].self_attn.q_proj.base_layer.weight = layers[0].self_attn.q_proj.base_layer.weight
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj\.base_layer\.weight"):
+        miss_ext.merge_and_unload(model)
+    assert_unchanged(model, snap)
+
+
+class TwoPaths(nn.Module):
+    """One nn.Linear registered under two paths ("a" and "b"), another sharing its weight with
+    "c", and an independent one: every way a linear's parameters can be shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8, dtype=torch.float64)
+        self.b = self.a
+        self.c = nn.Linear(8, 8, dtype=torch.float64)
+        self.d = nn.Linear(8, 8, dtype=torch.float64)
+        self.d.weight = self.c.weight
+        self.e = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.e(self.d(self.c(self.b(self.a(x)))))
+
+
+def test_all_linear_skips_layers_whose_parameters_are_shared():
+    model = TwoPaths()
+    with pytest.warns(UserWarning, match=r"'all-linear' skips .*a \(shared with b\.weight, b\.bias\); "
+                                         r"c \(shared with d\.weight\); d \(shared with c\.weight\)"):
+        miss_ext.apply_miss(model, "all-linear", r=2)
+    assert [name for name, _ in miss_ext.miss_layers(model)] == ["e"]
+    assert model.e._shared_with == []
+
+
+def test_a_linear_under_two_paths_adapted_on_one_warns_and_refuses_to_merge():
+    model = TwoPaths()
+    with pytest.warns(UserWarning, match=r"a \(shared with b\.weight, b\.bias\)"):
+        miss_ext.apply_miss(model, ["a"], r=2, init_weights=False)
+    assert type(model.b) is nn.Linear  # the second path keeps the plain layer
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = model(x)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter of a: .*shared with b\.weight, b\.bias"):
+        miss_ext.merge_and_unload(model)
+    assert_unchanged(model, snap)
+    torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_all_linear_on_the_tied_llama_needs_no_skip(base):
+    """The tied head is not an all-linear target anyway (it is the output head)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = miss_ext.apply_miss(copy.deepcopy(base), "all-linear", r=R)
+    assert len(miss_ext.miss_layers(model)) == 2 * len(TARGETS) and type(model.lm_head) is nn.Linear
+
+
+# ---------------------------------------------------------------------------------------------
+# load_adapter
+# ---------------------------------------------------------------------------------------------
+def peft_tied_head(base, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own tied-weights warning
+        model = get_peft_model(copy.deepcopy(base), MissConfig(r=R, init_weights=False, **config)).eval()
+    randomize_blocks(model)
+    return model
+
+
+def test_load_adapter_on_a_tied_head_warns_and_matches_peft_unmerged(base, tmp_path):
+    reference = peft_tied_head(base, target_modules=["lm_head", "q_proj"])
+    reference.save_pretrained(tmp_path)
+    ids = tokens()
+    with pytest.warns(UserWarning, match=r"lm_head \(" + SHARED):
+        model = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="cannot merge the MiSS adapter of lm_head"):
+        miss_ext.merge_and_unload(model)
+    assert_unchanged(model, snap)
+
+
+def test_load_adapter_refuses_a_saved_copy_of_a_tied_module(base, tmp_path):
+    """PEFT trains a separate copy of a modules_to_save lm_head; writing its value into the tied
+    parameter would also change the input embeddings."""
+    reference = peft_tied_head(base, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        reference.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    reference.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"lm_head\.weight: this parameter is shared with model\.embed_tokens\.weight"):
+        miss_ext.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT models: PEFT's own merge for comparison, then the accelerated one
+# ---------------------------------------------------------------------------------------------
+def test_peft_itself_warns_and_then_merges_into_the_embeddings(base):
+    """For comparison (PEFT 0.21): a warning at setup and at merge, then the merge changes
+    embed_tokens and the merged logits differ from the unmerged ones."""
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        plain = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["lm_head"], init_weights=False))
+    plain.eval()
+    randomize_blocks(plain)
+    ids = tokens()
+    unmerged = plain(ids).logits
+    embeddings = plain.base_model.model.model.embed_tokens.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        merged = plain.merge_and_unload()
+    assert not torch.equal(merged.model.embed_tokens.weight, embeddings)
+    assert not torch.allclose(merged(ids).logits, unmerged, atol=1e-3)
+
+
+def accelerated_tied(base):
+    model = miss_ext.peft.accelerate(peft_tied_head(base, target_modules=["lm_head", "q_proj"]))
+    assert type(model.base_model) is miss_ext.peft.AcceleratedMissModel
+    return model
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload", "layer.merge", "layer.merge(safe)"])
+def test_accelerated_merges_into_a_tied_head_are_refused_before_anything_changes(base, how):
+    model = accelerated_tied(base)
+    head = model.base_model.model.lm_head
+    assert head._shared_with == ["model.embed_tokens.weight"] and head._layer_path == "lm_head"
+    snap = snapshot(model)
+    call = {"merge_adapter": model.merge_adapter, "merge_and_unload": model.merge_and_unload,
+            "layer.merge": head.merge, "layer.merge(safe)": lambda: head.merge(safe_merge=True)}[how]
+    with pytest.raises(ValueError, match=r"cannot merge the MiSS adapter of lm_head: .*model\.embed_tokens\.weight"):
+        call()
+    assert_unchanged(model, snap)
+    assert not any(getattr(m, "merged_adapters", []) for m in model.modules())
+
+
+def test_accelerated_merge_of_other_layers_and_after_untying_works(base):
+    model = accelerated_tied(base)
+    ids = tokens()
+    unmerged = model(ids).logits
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj.merge()  # not shared: fine
+    torch.testing.assert_close(model(ids).logits, unmerged, **TOL)
+    q_proj.unmerge()
+    head = model.base_model.model.lm_head.base_layer
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.base_model.model.config.tie_word_embeddings = False
+    embeddings = model.base_model.model.model.embed_tokens.weight.detach().clone()
+    merged = model.merge_and_unload()  # re-checks the sharing: now allowed
+    torch.testing.assert_close(merged(ids).logits, unmerged, **TOL)
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parents that read .weight instead of calling the layer
+# ---------------------------------------------------------------------------------------------
+class ReadsWeight(nn.Module):
+    """A parent that uses its child's parameters directly (as some attention and head
+    implementations do) instead of calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6, dtype=torch.float64)
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight, self.proj.bias)
+
+
+def test_a_parent_reading_weight_fails_clearly_on_ours_and_bypasses_peft():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    ours = miss_ext.apply_miss(ReadsWeight(), ["proj"], r=2, init_weights=False)
+    assert isinstance(ours.proj, MissLinear)
+    with pytest.raises(AttributeError, match="weight"):
+        ours(x)  # ours: an error, never a silent bypass
+    # PEFT's layer exposes the base weight, so such a parent silently bypasses the adapter; the
+    # accelerated layer is a PEFT layer and does the same as PEFT.
+    base = ReadsWeight()
+    expected = base(x)
+    plain = get_peft_model(copy.deepcopy(base), MissConfig(r=2, target_modules=["proj"], init_weights=False))
+    fast = miss_ext.peft.accelerate(copy.deepcopy(plain))
+    for model in (plain, fast):
+        torch.testing.assert_close(model(x), expected, **TOL)
+        layer = model.base_model.model.proj
+        assert not torch.allclose(layer(x), expected, atol=1e-3)  # the adapter itself is not a no-op
