@@ -372,6 +372,8 @@ def make_inputs(a, fin, fout, device, dtype):
     gen = torch.Generator().manual_seed(a.seed + 1)
     x = torch.randn(a.T, fin, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     g = torch.randn(a.T, fout, generator=gen).to(device=device, dtype=dtype)
+    if a.grad == "expanded":  # what y.sum().backward() delivers: one value, stride 0
+        g = torch.ones((), device=device, dtype=dtype).expand(a.T, fout)
     return x, g
 
 
@@ -632,6 +634,9 @@ def parse_args(argv=None):
     ap.add_argument("--list-cases", action="store_true")
     ap.add_argument("--no-peak", action="store_true", help="skip peak-memory measurement")
     ap.add_argument("--peak-timeout", type=float, default=600, help="seconds per CPU peak subprocess")
+    ap.add_argument("--grad", choices=["dense", "expanded"], default="dense",
+                    help="the output gradient: random dense (default) or expanded from one value, as "
+                         "y.sum().backward() gives")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="PATH", help="also write all results (incl. raw times) here")
     ap.add_argument("--progress", action="store_true", help="print per-rep progress to stderr")

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import freeze_all_but_blocks, miss_layers, record_shared_weights, warn_shared
-from .modules import MissLinear, block_shape, check_dropout
+from .model import freeze_all_but_blocks, miss_layers, parent_module, record_shared_weights, warn_shared
+from .modules import MissLinear, base_refusal, block_shape, check_dropout
 from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, other_holders,
                       parameter_paths, peft_selects, set_module)
 
@@ -264,7 +264,13 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         if not isinstance(linear, nn.Linear):
             problems.append(f"{path}: is a {type(module).__name__}, not an nn.Linear")
             continue
-        out_features, in_features = linear.weight.shape
+        if not isinstance(module, MissLinear):
+            why = base_refusal(module, mode, parent_module(model, path))
+            if why is not None:
+                problems.append(f"{path}: {why}")
+                continue
+        # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
+        out_features, in_features = linear.out_features, linear.in_features
         try:
             expected = block_shape(mode, r, mini_r, in_features, out_features)
         except (ValueError, TypeError) as exc:

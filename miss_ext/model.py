@@ -1,13 +1,20 @@
 """Model-level MiSS without PEFT: put `MissLinear` layers into a model, merge them back out."""
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .modules import MissLinear, block_shape, check_dropout, merge_refusal
+from .modules import WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal
 from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, module_paths, other_holders,
                       parameter_paths, set_module, shared_weight_message)
+
+
+def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The module holding the submodule at `path` (None for the model itself)."""
+    if not path:
+        return None
+    return model.get_submodule(path.rpartition(".")[0])
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
@@ -113,6 +120,13 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
     """
     found = find_targets(model, target_modules, skip_inside=(MissLinear,))
     if target_modules == ALL_LINEAR:
+        # Linears whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
+        # could not run an adapter: skipped, as the shared ones below.
+        unusable = [name for name, _ in found if isinstance(parent_module(model, name), WEIGHT_READING_PARENTS)]
+        if unusable:
+            found = [(name, m) for name, m in found if name not in unusable]
+            warnings.warn(f"target_modules='all-linear' skips {describe(unusable)}: their parent reads the weight "
+                          "directly (nn.MultiheadAttention), so an adapter there would never run", stacklevel=2)
         found, skipped = _drop_shared_linears(model, found)
         if skipped:
             where = "; ".join(f"{name} (shared with {describe(h)})" for name, h in skipped.items())
@@ -124,13 +138,14 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
                           "anyway", stacklevel=2)
     _check_targets(found, target_modules)
     for name, linear in found:
-        out_features, in_features = linear.weight.shape
+        # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
         try:
-            block_shape(mode, r, mini_r, in_features, out_features)
+            block_shape(mode, r, mini_r, linear.in_features, linear.out_features)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
-        if not linear.weight.is_floating_point():
-            raise TypeError(f"{name}: the weight must be floating point, got dtype {linear.weight.dtype}")
+        why = base_refusal(linear, mode, parent_module(model, name))
+        if why is not None:
+            raise TypeError(f"{name}: {why}")
     check_dropout(dropout)
     _check_init_weights(init_weights)
 

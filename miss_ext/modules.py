@@ -85,6 +85,28 @@ def is_plain_linear(module: nn.Module) -> bool:
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
 
 
+# Modules that read a child linear's .weight/.bias themselves instead of calling it: an adapter
+# on such a child would never run (PEFT's layer exposes the base weight there and is bypassed).
+WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+
+
+def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None) -> Optional[str]:
+    """Why `base` cannot take a MissLinear of `mode`, or None: the constructor's checks, so that
+    apply_miss and load_adapter can run them for every layer before changing anything. `parent`
+    (the module holding `base`, when known) is checked for reading the weight directly."""
+    if not isinstance(base, nn.Linear):
+        return f"MissLinear adapts nn.Linear layers, got {type(base).__name__}"
+    if isinstance(parent, WEIGHT_READING_PARENTS):
+        return (f"its parent {type(parent).__name__} reads the layer's weight directly instead of calling it, so an "
+                "adapter there would never run")
+    if mode == "bat" and not is_plain_linear(base):
+        return (f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it needs a "
+                f"plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/sharded weight); got "
+                f"{type(base).__name__}. Use the default or mini mode, which add their term to the base module's own "
+                "output")
+    return None
+
+
 def merge_refusal(module: nn.Module, unmerge: bool = False) -> Optional[str]:
     """Why an adapter cannot be merged into `module` (unmerged from it, with `unmerge`), or None.
 
@@ -142,8 +164,9 @@ class MissLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, mode: str = "default", mini_r: int = 1,
                  dropout: float = 0.0, init_weights: bool = True) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MissLinear adapts nn.Linear layers, got {type(base_layer).__name__}")
+        why = base_refusal(base_layer, mode)
+        if why is not None:
+            raise TypeError(why)
         check_dropout(dropout)
         if not isinstance(init_weights, bool):
             raise TypeError(f"init_weights must be True (zero init) or False (random init), got {init_weights!r}; "
@@ -152,11 +175,6 @@ class MissLinear(nn.Module):
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
         out_features, in_features = base_layer.out_features, base_layer.in_features
         shape = block_shape(mode, r, mini_r, in_features, out_features)
-        if mode == "bat" and not is_plain_linear(base_layer):
-            raise TypeError(f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it "
-                            f"needs a plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/"
-                            f"sharded weight); got {type(base_layer).__name__}. Use the default or mini mode, which add "
-                            "their term to the base module's own output")
 
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
@@ -226,10 +244,11 @@ class MissLinear(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name in ("weight", "bias"):
+                where = self.__dict__.get("_layer_path")
                 raise AttributeError(
-                    f"MissLinear has no {name!r}: code that reads .{name} of an adapted layer instead of calling it "
-                    f"would bypass the adapter; read .base_layer.{name} for the frozen base's tensor, or call "
-                    "the layer") from None
+                    f"MissLinear{f' at {where!r}' if where else ''} has no {name!r}: code that reads .{name} of an "
+                    f"adapted layer instead of calling it would bypass the adapter; read .base_layer.{name} for the "
+                    "frozen base's tensor, or call the layer") from None
             raise
 
     def _check_mergeable(self, unmerge: bool = False) -> None:

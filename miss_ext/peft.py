@@ -116,6 +116,9 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         refuse_per_row_arguments(kwargs, f"{type(self).__name__}.forward")
+        for name in _PER_ROW_ARGUMENTS:  # None means "not given", as at model level
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
         if (args or kwargs) and self._fast_path():
             # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
@@ -210,7 +213,7 @@ def _miss_layers(model: nn.Module, cls: type) -> list:
     return [m for m in model.modules() if type(m) is cls]
 
 
-def record_shared_weights(root: nn.Module) -> Dict[str, List[str]]:
+def record_accelerated_sharing(root: nn.Module) -> Dict[str, List[str]]:
     """Sets `_shared_with` (the other holders' parameter paths, [] if none) and `_layer_path` on
     every accelerated layer under `root`, paths relative to root; returns {path: holders} for the
     shared ones. Merging those layers is refused."""
@@ -244,7 +247,7 @@ class AcceleratedMissModel(MissModel):
             if unknown:
                 raise ValueError(f"adapter_names={adapter_names!r}: {unknown} name no adapter of this model "
                                  f"(it has {list(self.peft_config)}); nothing was merged")
-        record_shared_weights(self.model)  # re-checked: the user may have untied since accelerate()
+        record_accelerated_sharing(self.model)  # re-checked: the user may have untied since accelerate()
         for layer in _miss_layers(self.model, AcceleratedMissLinear):
             _refuse_shared_merge(layer, _to_merge(layer, adapter_names))
 
@@ -274,9 +277,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     for tuner in _miss_layers(model, MissModel):
         tuner.__class__ = AcceleratedMissModel
     # Paths as in the base model ("lm_head", "model.embed_tokens.weight") where there is a tuner.
-    record_shared_weights(model)
+    record_accelerated_sharing(model)
     for tuner in _miss_layers(model, AcceleratedMissModel):
-        record_shared_weights(tuner.model)
+        record_accelerated_sharing(tuner.model)
     return model
 
 

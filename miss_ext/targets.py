@@ -2,6 +2,7 @@
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 TargetModules = Union[str, Sequence[str]]
@@ -146,17 +147,49 @@ def describe(names: Iterable[str], limit: int = 20) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Shared parameters. A weight can be held by several modules (tied input/output embeddings, one
-# nn.Linear registered under two paths, ...). An adapter on one of them is fine unmerged (only
-# that call site's output changes), but merging writes the shared tensor and so changes every
-# other holder too. These helpers find the other holders by parameter identity.
+# nn.Linear registered under two paths, ...) or share memory with another parameter
+# (nn.Parameter(other.weight.data), views of one buffer). An adapter on one of them is fine
+# unmerged (only that call site's output changes), but merging writes the shared memory and so
+# changes every other holder too. These helpers find the other holders by parameter identity
+# and by overlapping memory.
 # ---------------------------------------------------------------------------------------------
-def parameter_paths(model: nn.Module) -> Dict[int, List[str]]:
-    """id(parameter) -> every dotted path under which the model holds it, duplicates included
-    (a tied weight, or a module reachable by two paths, has several)."""
-    paths: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        paths.setdefault(id(param), []).append(name)
-    return paths
+class ParameterPaths:
+    """Every parameter of a model with every dotted path it is held under (duplicates included)."""
+
+    def __init__(self, model: Optional[nn.Module] = None) -> None:
+        self.by_id: Dict[int, List[str]] = {}
+        self.tensors: List[Tuple[str, torch.Tensor]] = []
+        if model is not None:
+            for name, param in model.named_parameters(remove_duplicate=False):
+                self.by_id.setdefault(id(param), []).append(name)
+                self.tensors.append((name, param))
+
+
+def _memory_range(t: torch.Tensor) -> Optional[Tuple[object, int, int]]:
+    """(storage identity, first byte, end byte) of the memory `t` can address, or None for
+    tensors without real memory (meta, fake, tensor subclasses)."""
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if storage.data_ptr() == 0:
+        return None
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return (t.device, storage.data_ptr()), start, start + extent * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors can address a common byte (same storage, overlapping ranges)."""
+    ra, rb = _memory_range(a), _memory_range(b)
+    return ra is not None and rb is not None and ra[0] == rb[0] and ra[1] < rb[2] and rb[1] < ra[2]
+
+
+def parameter_paths(model: nn.Module) -> ParameterPaths:
+    """The model's parameters and the paths they are held under (see other_holders)."""
+    return ParameterPaths(model)
 
 
 def module_paths(model: nn.Module) -> Dict[int, List[str]]:
@@ -168,22 +201,28 @@ def module_paths(model: nn.Module) -> Dict[int, List[str]]:
     return paths
 
 
-def other_holders(paths: Dict[int, List[str]], params: Iterable[Optional[nn.Parameter]],
+def other_holders(paths: "ParameterPaths", params: Iterable[Optional[nn.Parameter]],
                   own: Sequence[str]) -> List[str]:
-    """Paths of `params` (e.g. a linear's weight and bias; None entries are skipped) that lie
-    outside the module paths `own`: the places that would also see a write into them.
+    """Paths of `params` (e.g. a linear's weight and bias; None entries are skipped), and of
+    every other parameter sharing memory with them, that lie outside the module paths `own`:
+    the places that would also see a write into them.
 
     `own` is where the adapted call site lives: [path] for a plain nn.Linear about to be wrapped
     (the same linear also registered elsewhere is then another holder, as it would stay
     unadapted), or every path of the adapter layer once it is in the model."""
-    if "" in own:  # the model is the layer itself: nothing lies outside it
+    if "" in own or not isinstance(paths, ParameterPaths):  # the model is the layer itself / nothing to look in
         return []
     prefixes = tuple(p + "." for p in own)
     found: List[str] = []
+
+    def add(names: Iterable[str]) -> None:
+        found.extend(p for p in names if not p.startswith(prefixes) and p not in found)
+
     for param in params:
         if param is None:
             continue
-        found += [p for p in paths.get(id(param), []) if not p.startswith(prefixes) and p not in found]
+        add(paths.by_id.get(id(param), []))
+        add(name for name, other in paths.tensors if other is not param and shares_memory(param, other))
     return found
 
 

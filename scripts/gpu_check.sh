@@ -58,7 +58,7 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then
   TIMEOUT=(--timeout=900)
 fi
 start=$(date +%s)
-"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/junit.xml" -rf tests \
+"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/junit.xml" -rfE tests \
   >"$OUT/pytest.log" 2>&1
 tests_rc=$?
 echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"

@@ -364,3 +364,68 @@ def test_accelerated_peft_layer_on_a_parametrized_base():
     with pytest.raises(ValueError, match="its weight is parametrized"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.base_layer.parametrizations.weight.original, original)
+
+
+# ---- every check before any change, in apply_miss and load_adapter -----------------------------
+def _hooked_pair():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    net[1].register_forward_hook(lambda m, a, out: out)
+    return net
+
+
+def test_apply_miss_bat_on_a_hooked_base_changes_nothing():
+    from conftest import assert_unchanged, snapshot
+
+    net = _hooked_pair()
+    snap = snapshot(net)
+    with pytest.raises(TypeError, match=r"^1: bat mode .* needs a plain nn\.Linear base"):
+        miss_ext.apply_miss(net, ["0", "1"], r=4, mode="bat")
+    assert_unchanged(net, snap)
+
+
+def test_load_adapter_bat_into_a_hooked_base_changes_nothing(tmp_path):
+    from conftest import assert_unchanged, snapshot
+
+    source = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    miss_ext.apply_miss(source, ["0", "1"], r=4, mode="bat", init_weights=False)
+    miss_ext.save_adapter(source, tmp_path)
+    net = _hooked_pair()
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match=r"nothing was loaded:\n  1: bat mode .* needs a plain nn\.Linear base"):
+        miss_ext.load_adapter(net, tmp_path)
+    assert_unchanged(net, snap)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(IN, 2, batch_first=True)
+        self.proj = nn.Linear(IN, OUT)
+
+    def forward(self, x):
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_linears_whose_parent_reads_the_weight_are_skipped_or_refused():
+    """nn.MultiheadAttention reads out_proj.weight itself: an adapter there would never run."""
+    model = Attention()
+    with pytest.warns(UserWarning, match=r"'all-linear' skips attn\.out_proj"):
+        miss_ext.apply_miss(model, "all-linear", r=R, init_weights=False)
+    assert [name for name, _ in miss_ext.miss_layers(model)] == ["proj"]
+    model(rand(2, 3, IN))  # runs
+    with pytest.raises(TypeError, match=r"attn\.out_proj: its parent MultiheadAttention reads the layer's weight"):
+        miss_ext.apply_miss(Attention(), ["out_proj"], r=R)
+
+
+def test_apply_miss_accepts_a_quantized_base_and_uses_its_own_sizes():
+    net = nn.Sequential(Int8Linear(nn.Linear(IN, OUT)))
+    reference = copy.deepcopy(net)
+    miss_ext.apply_miss(net, ["0"], r=R, init_weights=False)
+    layer = net[0]
+    assert layer.miss_block.shape == (R, OUT) and layer.miss_block.dtype == torch.float32
+    x = rand(4, IN)
+    with torch.no_grad():
+        expected = reference(x).to(F64) + adapter_term(x, layer.miss_block, OUT)
+        torch.testing.assert_close(net(x).to(F64), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nothing was merged"):
+        miss_ext.merge_and_unload(net)

@@ -66,6 +66,8 @@ def test_accelerated_layer_refuses_adapter_names_and_extra_arguments(base, mode)
     # PEFT's bat path drops extra arguments silently; an nn.Linear base takes none.
     with pytest.raises(TypeError, match="takes the input only"):
         layer(x, "extra")
+    # None means "not given", as at model level
+    torch.testing.assert_close(layer(x, adapter_names=None), layer(x), rtol=0, atol=0)
 
 
 def test_our_layer_refuses_adapter_names():

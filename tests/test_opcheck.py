@@ -115,6 +115,46 @@ def test_opcheck_merge(device, grad):
     run_opcheck(ops.merge.default, merge_samples(device, grad))
 
 
+def test_opcheck_tile_add(device):
+    """The functional tile_add (differentiable in out and src)."""
+    samples = tile_add_samples(device) + [
+        ("grad-dropout", (rand(2, 3, 9, device=device, requires_grad=True),
+                          rand(2, 3, 4, device=device, requires_grad=True)), {"p": 0.3, "key": key(2, 3, device)}),
+        ("grad-matrices", (rand(7, 10, device=device, requires_grad=True), rand(3, 4, device=device, requires_grad=True)),
+         {"alpha": 0.5}),
+    ]
+    run_opcheck(ops.tile_add.default, samples)
+
+
+def bat_samples(device, grad):
+    def w(out_f, in_f, dtype=torch.float32):
+        return rand(out_f, in_f, dtype=dtype, device=device, requires_grad=grad)
+
+    def blk(n, r, dtype=torch.float32):
+        return (rand(n, r, r, dtype=dtype, device=device) * 0.2).requires_grad_(grad)
+
+    return w, blk
+
+
+def test_opcheck_bat_weight(device):
+    for grad in (False, True):
+        w, blk = bat_samples(device, grad)
+        run_opcheck(ops.bat_weight.default, [
+            ("12x8-r4", (w(12, 8), blk(3, 4)), {}),
+            ("half-weight", (w(8, 8, torch.float16), blk(2, 4)), {"dtype": torch.float32}),
+        ])
+
+
+def test_opcheck_bat_linear(device):
+    for grad in (False, True):
+        w, blk = bat_samples(device, grad)
+        x = rand(2, 3, 8, device=device, requires_grad=grad)
+        run_opcheck(ops.bat_linear.default, [
+            ("bias", (x, w(12, 8), rand(12, device=device), blk(3, 4)), {}),
+            ("no-bias-bf16-compute", (x, w(12, 8), None, blk(3, 4)), {"compute_dtype": torch.bfloat16}),
+        ])
+
+
 def test_opcheck_merge_(device):
     run_opcheck(ops.merge_.default, merge_samples(device, grad=False))
 

@@ -324,3 +324,32 @@ def test_a_parent_reading_weight_fails_clearly_on_ours_and_bypasses_peft():
         torch.testing.assert_close(model(x), expected, **TOL)
         layer = model.base_model.model.proj
         assert not torch.allclose(layer(x), expected, atol=1e-3)  # the adapter itself is not a no-op
+
+
+def test_weights_that_only_share_memory_are_shared_too():
+    """Not the same Parameter object, the same memory: nn.Parameter(other.weight.data). A merge
+    would write into both, so it is refused like a tied weight (found by overlapping storage)."""
+    class Twins(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.b.weight = nn.Parameter(self.a.weight.data)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twins()
+    x = torch.randn(3, 6)
+    with pytest.warns(UserWarning, match=r"a \(shared with b\.weight\)"):
+        miss_ext.apply_miss(model, ["a"], r=2, init_weights=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shared with b\.weight"):
+        miss_ext.merge_and_unload(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # views of one buffer that do not overlap are not shared
+    fused = nn.Parameter(torch.randn(12, 6))
+    q, k = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)
+    q.weight, k.weight = nn.Parameter(fused.data[:6]), nn.Parameter(fused.data[6:])
+    pair = nn.Sequential(q, k)
+    miss_ext.apply_miss(pair, ["0"], r=2)
+    assert pair[0]._shared_with == []

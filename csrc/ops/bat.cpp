@@ -186,7 +186,8 @@ BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
   BatLinearGrads grads;
   const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
   const c10::SymInt rows = sym_leading_rows(grad_y);
-  const at::Tensor g = grad_y.reshape_symint({rows, weight.sym_size(0)}).to(cd);
+  // Dense once (an expanded gradient would be copied by each GEMM below; see linear_backward).
+  const at::Tensor g = grad_y.reshape_symint({rows, weight.sym_size(0)}).to(cd).contiguous();
   if (needs[0]) {
     const at::Tensor wprime = ops::bat_weight(weight, block, cd);  // rebuilt, not saved
     grads.x = at::mm(g, wprime).to(x_dtype).view_symint(with_last(grad_y, weight.sym_size(1)));

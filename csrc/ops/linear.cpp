@@ -62,7 +62,11 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   const c10::SymInt& in = weight.sym_size(1);
   const int64_t mini_r = static_size(block, 1);
   const bool tiled = block.sym_size(1) != out;
-  const at::Tensor g = grad_y.reshape_symint({s.sym_size(0), out});
+  at::Tensor g = grad_y.reshape_symint({s.sym_size(0), out});
+  // One materialisation of an expanded or strided gradient (y.sum().backward() gives a stride-0
+  // one): each GEMM below would otherwise copy it again. The base GEMM needs it dense anyway
+  // (issue 11: 1.117x a frozen layer's step with an expanded gradient on the CPU, 1.064x dense).
+  if (!g.is_contiguous()) g = g.contiguous();
 
   if (needs[0] || needs[3]) {
     // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.

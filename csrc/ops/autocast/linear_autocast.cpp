@@ -2,9 +2,12 @@
 // the autograd kernel with fp32 saved tensors and a bf16 gradient.
 //
 // Policy (as PEFT under autocast): the base branch (x, weight, bias) runs in the autocast dtype,
-// the adapter block keeps its own dtype (fp32), and the output is cast back to x's dtype, as
-// PEFT's `result.to(previous_dtype)` does. The casts happen here, above autograd, so gradients
-// flow through them; inside the op autocast is off.
+// and so does the adapter's S @ D: PEFT's `fold(x) @ miss_block` is a matmul, on autocast's
+// lower-precision list, so its operands (S, computed in fp32 by a sum, and the fp32 block) are
+// rounded to the autocast dtype and the product accumulates in fp32 (issue 11: match PEFT, and
+// run on tensor cores). The block is cast here, above autograd, so its gradient flows back to the
+// fp32 parameter; the output is cast back to x's dtype, as PEFT's `result.to(previous_dtype)`.
+// Inside the op autocast is off.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
@@ -22,7 +25,8 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   const at::Tensor y = ops::linear(at::autocast::cached_cast(dtype, x, device_type),
                                    at::autocast::cached_cast(dtype, weight, device_type),
-                                   at::autocast::cached_cast(dtype, bias, device_type), block, p, key);
+                                   at::autocast::cached_cast(dtype, bias, device_type),
+                                   at::autocast::cached_cast(dtype, block, device_type), p, key);
   return y.to(x.scalar_type());
 }
 
