@@ -429,3 +429,20 @@ def test_apply_miss_accepts_a_quantized_base_and_uses_its_own_sizes():
         torch.testing.assert_close(net(x).to(F64), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="nothing was merged"):
         miss_ext.merge_and_unload(net)
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm"])
+def test_a_parametrization_added_after_apply_miss_is_honoured(kind):
+    net = nn.Sequential(nn.Linear(IN, OUT))
+    miss_ext.apply_miss(net, ["0"], r=R, init_weights=False)
+    base = net[0].base_layer
+    if kind == "parametrize":
+        parametrize.register_parametrization(base, "weight", Doubling())
+    else:
+        torch.nn.utils.parametrizations.weight_norm(base)
+    x = rand(4, IN)
+    with torch.no_grad():
+        expected = F.linear(x, base.weight, base.bias).to(F64) + adapter_term(x, net[0].miss_block, OUT)
+        torch.testing.assert_close(net(x).to(F64), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="its weight is parametrized"):
+        net[0].merge()
