@@ -7,7 +7,9 @@ the dispatcher (CPU always; CUDA when built with it). See README.md.
 - models without PEFT: `apply_miss`, `merge_and_unload`, `save_adapter` / `load_adapter` (PEFT's
   file format), `export_lora`;
 - PEFT models: `miss_ext.peft.accelerate(peft_model)` / `restore` (imported on first use, so
-  `import miss_ext` does not import PEFT).
+  `import miss_ext` does not import PEFT);
+- tensor parallelism: `miss_ext.tensor_parallel` (MissColwiseParallel / MissRowwiseParallel;
+  importing it registers the ops' DTensor sharding strategies).
 """
 import importlib
 
@@ -33,4 +35,8 @@ def __getattr__(name: str):
     # `miss_ext.peft` needs PEFT installed; load it only when asked for.
     if name == "peft":
         return importlib.import_module(".peft", __name__)
+    # `miss_ext.tensor_parallel` imports torch.distributed.tensor (half a second) and registers
+    # the miss ops' DTensor sharding strategies: loaded when first used.
+    if name == "tensor_parallel":
+        return importlib.import_module(".tensor_parallel", __name__)
     raise AttributeError(f"module 'miss_ext' has no attribute {name!r}")

@@ -89,17 +89,72 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         f.write("\n")
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _fsdp_modules(model: nn.Module) -> list:
+    """The modules of `model` that FSDP2's `fully_shard` manages."""
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _full_block(block: Tensor) -> Tensor:
+    """The whole block as a plain contiguous CPU tensor. A DTensor (FSDP2 `fully_shard`, tensor
+    parallel) holds only this rank's shard: it is gathered with `full_tensor()`, a collective over
+    its device mesh that every rank of the mesh must join."""
+    block = block.detach()
+    if _is_dtensor(block):
+        block = block.full_tensor()
+    return block.cpu().contiguous()
+
+
 def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
-                 base_model_name_or_path: Optional[str] = None) -> None:
+                 base_model_name_or_path: Optional[str] = None, is_main_process: Optional[bool] = None) -> None:
     """Writes the model's MissLinear adapters in PEFT's format into the directory `path`, so
     `peft.PeftModel.from_pretrained(base_model, path)` loads them. task_type (e.g. "CAUSAL_LM")
-    is written into the config; PEFT then builds the matching PeftModel subclass."""
+    is written into the config; PEFT then builds the matching PeftModel subclass.
+
+    Sharded models (FSDP2 `fully_shard`: each miss_block is a DTensor holding one shard): every
+    rank must call save_adapter, as the whole blocks are gathered collectively
+    (`DTensor.full_tensor()` over the blocks' device mesh); the file then holds the whole adapter,
+    the same as one process writes for the unsharded model. FSDP2 modules are resharded first
+    (`reshard()`, local), so a model left unsharded by a forward without backward also saves
+    its float32 master blocks, not the bf16 copies of a mixed-precision policy. By default only
+    rank 0 of the default process group writes (the ranks would otherwise write the same files
+    at once); `is_main_process=True` on every rank makes each write, e.g. to its own path, False
+    skips writing. The other ranks return when their part of the gather is done: synchronise
+    (`dist.barrier()`) before another rank reads the files. A model without DTensor blocks or
+    FSDP2 modules is saved as before, nothing collective, by every caller unless
+    `is_main_process=False` (under DDP, call it on one rank)."""
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
     r, mode, mini_r, dropout = _uniform_settings(layers)
-    tensors = {f"{KEY_PREFIX}{name}.miss_block": layer.miss_block.detach().cpu().contiguous()
-               for name, layer in layers}
+    # FSDP2 leaves a module's parameters unsharded after a forward that no backward followed when
+    # it does not reshard after forward (the root module, or reshard_after_forward=False): the
+    # registered miss_block is then the gathered copy, in the mixed-precision param_dtype (bf16)
+    # rather than the float32 master. reshard() (local, no communication) puts the sharded
+    # parameters back; the next forward gathers them again.
+    fsdp = _fsdp_modules(model)
+    for module in fsdp:
+        module.reshard()
+    # Every rank gathers, in model order (the same collectives in the same order on each rank).
+    sharded = bool(fsdp) or any(_is_dtensor(layer.miss_block) for _, layer in layers)
+    tensors = {f"{KEY_PREFIX}{name}.miss_block": _full_block(layer.miss_block) for name, layer in layers}
+    if is_main_process is None:
+        is_main_process = not sharded or torch.distributed.get_rank() == 0
+    if not is_main_process:
+        return
     config = {
         "peft_type": "MISS",
         "r": r,
@@ -336,7 +391,15 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             set_module(model, name, module)
             new.append(name)
         with torch.no_grad():
-            module.miss_block.copy_(block)
+            value = block
+            if _is_dtensor(module.miss_block):
+                # A sharded model (FSDP2, TP): every rank holds the whole file and keeps its own
+                # shard of it (distribute_tensor with src_data_rank=None: no communication).
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(block.to(module.miss_block.dtype), module.miss_block.device_mesh,
+                                          module.miss_block.placements, src_data_rank=None)
+            module.miss_block.copy_(value)
         if r > module.in_features:
             dead.append(name)
     with torch.no_grad():

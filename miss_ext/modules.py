@@ -207,6 +207,16 @@ class MissLinear(nn.Module):
     def _fused(self) -> bool:
         return is_plain_linear(self.base_layer)
 
+    @torch.jit.unused
+    def _tensor_parallel(self) -> bool:
+        # Set by miss_ext.tensor_parallel's styles when they shard this layer (issue 12).
+        return "_tp_style" in self.__dict__
+
+    @torch.jit.unused
+    def _tp_forward(self, x: Tensor) -> Tensor:
+        from .tensor_parallel import tp_forward  # issue 12: the forward of a tensor-parallel layer
+        return tp_forward(self, x)
+
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module before compiling it: record the path the
         # compiled forward takes (it cannot inspect hooks or classes itself).
@@ -216,6 +226,11 @@ class MissLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
+        if not torch.jit.is_scripting():
+            # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
+            # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
+            if self._tensor_parallel():
+                return self._tp_forward(x)
         fused = self._script_fused
         if not torch.jit.is_scripting():
             fused = self._fused()

@@ -1,0 +1,465 @@
+"""Tensor parallelism (torch DTensor / `parallelize_module`) for MiSS layers.
+
+    import miss_ext
+    from miss_ext.tensor_parallel import MissColwiseParallel, MissRowwiseParallel
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = miss_ext.apply_miss(model, targets, r=64)        # MiSS first, on the full model
+    mesh = init_device_mesh("cuda", (world_size,))
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, {"self_attn.q_proj": MissColwiseParallel(), ...,
+                                         "self_attn.o_proj": MissRowwiseParallel(), ...})
+
+Two parts:
+
+1. DTensor sharding strategies for every `torch.ops.miss` op (`register_strategies()`, run when
+   this module is imported: `import miss_ext.tensor_parallel`, or `miss_ext.tensor_parallel`). DTensor calls them to decide, from the
+   placements and global shapes of the arguments, which placements the op can run on locally and
+   what the output's placement is; it redistributes the inputs when none fits (for example it
+   all-gathers x when a row-wise fold cannot be split). The rules follow from the index maps of the
+   ops (`i mod r` for the fold, `o mod mini_r` for mini, r x r tiles for bat):
+
+   - a fold over a column shard is a partial sum of the full fold iff every shard starts at a
+     multiple of r, and there is no dropout (the mask is indexed by the global column; a local fold
+     would index local columns): output Partial;
+   - a tiling along a sharded last dim (mini's period mini_r, default's period out) is the local
+     tiling iff every shard starts at a multiple of the period (and no dropout);
+   - bat tiles: sharding W on out needs shard starts at multiples of r (block sharded on dim 0 to
+     match), on in the same with the block replicated;
+   - sharding leading (row) dims of x is always fine without dropout (the mask is indexed by the
+     global row too);
+   - everything linear in its inputs (tile_add in (out, src), linear's base term) carries Partial.
+
+   They are registered with DTensor's `register_op_strategy` directly rather than with
+   `register_sharding`: the latter keys its cache on the int arguments only, so ops without an int
+   argument (tile_add, linear) would reuse a decision made for p == 0 when called with p > 0.
+
+2. `MissColwiseParallel` / `MissRowwiseParallel`: torch's `ColwiseParallel` / `RowwiseParallel`
+   (same arguments, same input/output layouts, so a plan can mix them with torch's styles) that also
+   accept a `miss_ext.MissLinear`. torch's styles only take nn.Linear/nn.Embedding, and a MissLinear
+   sharded from outside (parallelizing the nn.Linear and then applying MiSS) cannot work: the
+   adapter would see the local x but the full block. So MiSS is applied first, on the full model
+   (what save/load_adapter, PEFT and merges see), and the styles shard base and block together:
+
+   | style | base weight | bias | miss_block default | mini | bat |
+   |---|---|---|---|---|---|
+   | colwise | Shard(0) | Shard(0) | Shard(1) | Replicate (out/world % mini_r == 0) | Shard(0) (out % (r*world) == 0) |
+   | rowwise | Shard(1) | Replicate | Replicate | Replicate | Replicate (in % (r*world) == 0) |
+
+   The block is a DTensor Parameter, so optimizers update the shards in place and
+   `miss_block.full_tensor()` gives the whole block. Gradients of replicated blocks are
+   reduced to Replicate in the backward (a small all-reduce of r x out values), so they are
+   identical on every rank and an optimizer step keeps the replicas equal. The layer's forward runs
+   `torch.ops.miss.linear` (or `bat_linear`) on the DTensors (modules.MissLinear routes there).
+   Row-wise default/mini layers whose shards of in do not start at multiples of r, or that have
+   dropout, fold the all-gathered x instead (exact; warned at parallelize time). Sizes that would
+   make DTensor all-gather the weight or the block every step (mini and bat in parentheses above)
+   are refused at `parallelize_module` time with a ValueError saying why.
+
+Dropout: column-wise layers support it (x is replicated, so the fold and its mask are computed on
+the full x; the key must be the same on every rank: it is drawn from each rank's own generator, so
+seed every rank the same, as TP needs for any replicated randomness; `MissLinear` checks nothing,
+`check_keys=True` on the style compares it across ranks at every call, a debugging aid that
+costs two tiny collectives and a host sync per layer). Row-wise layers with dropout:
+x is all-gathered for the fold (tp_forward's _rowwise_gathered), which is
+correct but costs a (tokens x in) all-gather per layer and step; the style warns.
+"""
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, RuntimeSchemaInfo, TupleStrategy
+from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor.parallel.style import distribute_module
+
+from .modules import MissLinear
+
+__all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward"]
+
+ops = torch.ops.miss
+R, P = Replicate(), Partial()
+
+
+# ---- alignment of shard boundaries -----------------------------------------------------------
+def shards_aligned(size: int, period: int, mesh: DeviceMesh) -> bool:
+    """True when every shard of a dim of `size`, split over the whole mesh, starts at a multiple
+    of `period` (torch.chunk-style shards: ceil(size / n) each, the last one shorter). For a mesh of
+    more than one dim the conservative condition size % (period * mesh.size()) == 0."""
+    n = mesh.size()
+    if n == 1 or period == 1:
+        return True
+    if mesh.ndim > 1:
+        return size % (period * n) == 0
+    chunk = -(-size // n)
+    return chunk % period == 0 or chunk >= size
+
+
+def _last(ndim: int) -> Shard:
+    return Shard(ndim - 1)
+
+
+# ---- strategies: each returns [output placements..., placements of the DTensor inputs in order] -
+def _fold_rules(mesh, x, r, p=0.0, key=None, dtype=None):
+    keyp = [R] if key is not None else []
+    rules = [[R, R] + keyp]
+    if p == 0.0:
+        for d in range(x.ndim - 1):  # rows
+            rules.append([Shard(d), Shard(d)] + keyp)
+        if shards_aligned(x.shape[-1], r, mesh):
+            rules.append([P, _last(x.ndim)] + keyp)
+    return rules
+
+
+def _per_row(out, src) -> bool:
+    return len(out.shape) == len(src.shape) and tuple(out.shape[:-1]) == tuple(src.shape[:-1])
+
+
+def _tile_add_rules(mesh, out, src, alpha=1.0, p=0.0, key=None, inplace=False):
+    keyp = [R] if key is not None else []
+
+    def rule(o, s):  # tile_add_ returns nothing: no output placement
+        return ([] if inplace else [o]) + [o, s] + keyp
+
+    rules = [rule(R, R), rule(P, P)]  # linear in (out, src) jointly, any mask (same on every rank)
+    if p == 0.0:
+        nd = out.ndim
+        if shards_aligned(out.shape[-1], src.shape[-1], mesh):
+            rules.append(rule(_last(nd), R))
+        if src.shape[-1] == out.shape[-1]:
+            rules.append(rule(_last(nd), _last(src.ndim)))
+        if _per_row(out, src):
+            for d in range(nd - 1):
+                rules.append(rule(Shard(d), Shard(d)))
+    return rules
+
+
+def _linear_rules(mesh, x, weight, bias, block, p=0.0, key=None):
+    out_f, in_f = weight.shape
+    r = block.shape[0]
+    keyp = [R] if key is not None else []
+
+    def rule(y, xp, wp, bp, blk):
+        return [y, xp, wp] + ([] if bias is None else [bp]) + [blk] + keyp
+
+    rules = [rule(R, R, R, R, R)]
+    nd = x.ndim
+    # column-wise: x replicated, out sharded (the fold sees the full x: dropout is fine)
+    if block.shape[1] == out_f:
+        rules.append(rule(_last(nd), R, Shard(0), Shard(0), Shard(1)))
+    elif shards_aligned(out_f, block.shape[1], mesh):  # mini: each shard's tile is the whole block
+        rules.append(rule(_last(nd), R, Shard(0), Shard(0), R))
+    if p == 0.0:
+        # row-wise: x and W sharded on in; the base term and the fold are partial sums
+        if shards_aligned(in_f, r, mesh):
+            rules.append(rule(P, _last(nd), Shard(1), P, R))
+        for d in range(nd - 1):  # rows (sequence / data parallel)
+            rules.append(rule(Shard(d), Shard(d), R, R, R))
+    return rules
+
+
+def _bat_out_aligned(out_f: int, r: int, mesh: DeviceMesh) -> bool:
+    # W sharded on out and the block on its dim 0 must split at the same tile boundaries
+    n = mesh.size()
+    return out_f % (r * n) == 0
+
+
+def _merge_rules(mesh, weight, block, reverse=False, inplace=False):
+    out_f, in_f = weight.shape
+
+    def rule(w, blk):
+        return ([] if inplace else [w]) + [w, blk]
+
+    rules = [rule(R, R)]
+    if block.ndim == 3:  # bat: W'_ij = W_ij (I + B_i) + B_i
+        r = block.shape[1]
+        if _bat_out_aligned(out_f, r, mesh):
+            rules.append(rule(Shard(0), Shard(0)))
+        if shards_aligned(in_f, r, mesh):
+            rules.append(rule(Shard(1), R))
+        return rules
+    r, q = block.shape
+    if q == out_f:
+        rules.append(rule(Shard(0), Shard(1)))
+    elif shards_aligned(out_f, q, mesh):
+        rules.append(rule(Shard(0), R))
+    if shards_aligned(in_f, r, mesh):
+        rules.append(rule(Shard(1), R))
+    return rules
+
+
+def _bat_weight_rules(mesh, weight, block, dtype=None):
+    return _merge_rules(mesh, weight, block)
+
+
+def _bat_linear_rules(mesh, x, weight, bias, block, compute_dtype=None):
+    out_f, in_f = weight.shape
+    r = block.shape[1]
+
+    def rule(y, xp, wp, bp, blk):
+        return [y, xp, wp] + ([] if bias is None else [bp]) + [blk]
+
+    nd = x.ndim
+    rules = [rule(R, R, R, R, R)]
+    if _bat_out_aligned(out_f, r, mesh):
+        rules.append(rule(_last(nd), R, Shard(0), Shard(0), Shard(0)))
+    if shards_aligned(in_f, r, mesh):
+        rules.append(rule(P, _last(nd), Shard(1), P, R))
+    for d in range(nd - 1):
+        rules.append(rule(Shard(d), Shard(d), R, R, R))
+    return rules
+
+
+def _bat_transform_rules(mesh, w, m, p, dtype=None, inplace=False):
+    # out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b]
+    out_f, in_f = w.shape
+    r = m.shape[1]
+
+    def rule(o, wp, mp, pp):
+        return ([] if inplace else [o]) + [wp, mp, pp]
+
+    rules = [rule(R, R, R, R), rule(P, P, R, P)]
+    if _bat_out_aligned(out_f, r, mesh):
+        rules.append(rule(Shard(0), Shard(0), Shard(0), Shard(0)))
+    if shards_aligned(in_f, r, mesh):
+        rules.append(rule(Shard(1), Shard(1), R, R))
+    return rules
+
+
+def _spec(arg):
+    if isinstance(arg, OpStrategy):
+        return arg.strategies[0].output_spec
+    if isinstance(arg, TupleStrategy):
+        return tuple(_spec(a) for a in arg.children)
+    return arg
+
+
+def _register(op, rules_fn, static_argnum: int, outputs: int = 1, **fixed) -> None:
+    def strategy(op_schema: OpSchema):
+        mesh = op_schema.get_mesh_from_args()
+        args = [_spec(a) for a in op_schema.args_schema]
+        kwargs = {k: _spec(v) for k, v in op_schema.kwargs_schema.items()}
+        rules = rules_fn(mesh, *args, **kwargs, **fixed)
+        return expand_to_full_mesh_op_strategy(mesh, op_schema, rules, input_index=outputs,
+                                               inplace_op=op_schema.is_inplace_op())
+
+    # static_argnum: the first argument that is not a tensor; every argument from there on (r, p,
+    # alpha, reverse, dtypes) is part of DTensor's cache key, so p > 0 and p == 0 are decided apart.
+    DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
+        op, strategy, RuntimeSchemaInfo(static_argnum, needs_pytree=True))
+
+
+_REGISTERED = False
+
+
+def register_strategies() -> None:
+    """Registers the DTensor sharding strategies of every miss op (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _register(ops.fold.default, _fold_rules, 1)
+    _register(ops.tile_add.default, _tile_add_rules, 2)
+    _register(ops.tile_add_.default, _tile_add_rules, 2, outputs=0, inplace=True)
+    _register(ops.linear.default, _linear_rules, 4)
+    _register(ops.merge.default, _merge_rules, 2)
+    _register(ops.merge_.default, _merge_rules, 2, outputs=0, inplace=True)
+    _register(ops.bat_weight.default, _bat_weight_rules, 2)
+    _register(ops.bat_linear.default, _bat_linear_rules, 4)
+    _register(ops.bat_transform.default, _bat_transform_rules, 3)
+    _register(ops.bat_transform_.default, _bat_transform_rules, 3, outputs=0, inplace=True)
+    _REGISTERED = True
+
+
+# ---- the layer's forward on DTensors ---------------------------------------------------------
+def tp_forward(layer: MissLinear, x: Tensor) -> Tensor:
+    """MissLinear.forward for a layer sharded by MissColwiseParallel / MissRowwiseParallel: x,
+    the base weight/bias and the block are DTensors, and the miss op runs on them (DTensor picks
+    the local computation from the strategies above; the C++ autograd's inner ops do too)."""
+    base = layer.base_layer
+    if layer.mode == "bat":
+        return ops.bat_linear(x, base.weight, base.bias, layer.miss_block, None)
+    p = layer.dropout if layer.training else 0.0
+    key: Optional[Tensor] = None
+    if p > 0.0:
+        from .ops import new_dropout_key
+        mesh = layer.miss_block.device_mesh
+        # Drawn from this rank's generator: the same on every rank when every rank is seeded the same.
+        local_key = new_dropout_key(x.device)
+        if layer.__dict__.get("_tp_check_keys", False):
+            group = mesh.get_group()
+            check = local_key.clone()
+            dist.broadcast(check, group=group, group_src=0)
+            differs = torch.tensor([0 if torch.equal(check, local_key) else 1], device=local_key.device)
+            dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group)  # every rank raises, none hangs
+            if differs.item():
+                raise RuntimeError("miss_ext tensor parallelism: the dropout key differs between ranks; seed every "
+                                   "rank the same (torch.manual_seed) so that the replicated fold sees one mask")
+        key = DTensor.from_local(local_key, mesh, [R] * mesh.ndim, run_check=False)
+    if layer._tp_style == "rowwise" and (p > 0.0 or not shards_aligned(layer.in_features, layer.r, x.device_mesh)):
+        return _rowwise_gathered(layer, x, p, key)
+    return ops.linear(x, base.weight, base.bias, layer.miss_block, p, key)
+
+
+class _ReplicatedFold(torch.autograd.Function):
+    """miss.fold of a replicated DTensor x, with a backward that builds its zeros as a DTensor
+    (the C++ fold backward makes a plain zeros tensor, which DTensor refuses to mix with the
+    DTensor gradient; see the report of issue 12 for the one-line C++ change that would remove
+    this class)."""
+
+    @staticmethod
+    def forward(ctx, x, r, p, key, dtype):
+        ctx.p, ctx.key, ctx.x_dtype, ctx.local_shape = p, key, x.dtype, x.to_local().shape
+        with torch.no_grad():
+            return ops.fold(x, r, p, key, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mesh = grad.device_mesh
+        grad = grad.redistribute(mesh, [R] * mesh.ndim)
+        zeros = DTensor.from_local(torch.zeros(ctx.local_shape, dtype=ctx.x_dtype, device=grad.device), mesh,
+                                   [R] * mesh.ndim, run_check=False)
+        return ops.tile_add(zeros, grad, 1.0, ctx.p, ctx.key), None, None, None, None
+
+
+def _rowwise_gathered(layer: MissLinear, x: Tensor, p: float, key: Optional[Tensor]) -> Tensor:
+    """A row-wise layer whose fold cannot be split (dropout, or shards of in not starting at
+    multiples of r): the base term stays a partial sum of the local shards, the adapter's fold runs
+    on the all-gathered x (so its mask and its i mod r see global columns). Same precision as
+    MissLinear's unfused path: the term in the block's dtype, one rounding to x's dtype."""
+    base, block = layer.base_layer, layer.miss_block
+    mesh = x.device_mesh
+    y = torch.nn.functional.linear(x, base.weight, base.bias)  # Partial
+    x_full = x.redistribute(mesh, [R] * mesh.ndim)  # all-gather; its backward slices the gradient back
+    term = _ReplicatedFold.apply(x_full, layer.r, p, key, block.dtype) @ block
+    if y.dtype != x.dtype:
+        y = y.to(torch.promote_types(y.dtype, term.dtype))
+    return ops.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
+
+
+# ---- the parallel styles ---------------------------------------------------------------------
+def _reduce_partial_grad(grad: Tensor) -> Tensor:
+    """A replicated block's gradient comes out of the backward as a Partial DTensor (each rank
+    holds its part of the sum); reduce it to Replicate so that every rank sees the same gradient."""
+    if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+        grad = grad.redistribute(grad.device_mesh, [R] * grad.device_mesh.ndim)
+    return grad
+
+
+def _distribute_param(module: nn.Module, name: str, mesh: DeviceMesh, placement, src_data_rank) -> None:
+    param = getattr(module, name)
+    if param is None:
+        return
+    dparam = nn.Parameter(distribute_tensor(param.detach(), mesh, [placement] * mesh.ndim,
+                                            src_data_rank=src_data_rank),
+                          requires_grad=param.requires_grad)
+    module.register_parameter(name, dparam)
+
+
+def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
+    from .modules import is_plain_linear
+    if mesh.ndim != 1:
+        raise ValueError(f"{style}: MissLinear layers are sharded over a 1-D tensor-parallel mesh; pass the TP "
+                         f"sub-mesh (mesh['tp']), got a {mesh.ndim}-D mesh")
+    if module.merged:
+        raise ValueError(f"{style}: the MissLinear is merged; unmerge it (or parallelize the merged model's "
+                         "nn.Linear layers with torch's own styles)")
+    if not is_plain_linear(module.base_layer):
+        raise TypeError(f"{style}: the MissLinear's base layer must be a plain nn.Linear (no subclass forward, hooks, "
+                        f"parametrization or DTensor/quantized weight), got {type(module.base_layer).__name__}; "
+                        "a hooked or subclassed base would be bypassed by the sharded op")
+    if "_tp_style" in module.__dict__:
+        raise ValueError(f"{style}: this MissLinear is already tensor-parallel ({module._tp_style})")
+
+
+class MissColwiseParallel(ColwiseParallel):
+    """torch's ColwiseParallel, also for `miss_ext.MissLinear`: base weight and bias Shard(0),
+    miss_block Shard(1) (default mode, any out), Replicate (mini: every shard of out must start at
+    a multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0). x is replicated, so dropout
+    works (same seed on every rank). Other modules go to torch's style."""
+
+    def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check_keys = check_keys
+
+    def _partition_miss_fn(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:  # distribute_module visits every submodule; the MissLinear ("") handles its base
+            return
+        base = module.base_layer
+        _distribute_param(base, "weight", mesh, Shard(0), self.src_data_rank)
+        _distribute_param(base, "bias", mesh, Shard(0), self.src_data_rank)
+        placement = {"default": Shard(1), "mini": R, "bat": Shard(0)}[module.mode]
+        _distribute_param(module, "miss_block", mesh, placement, self.src_data_rank)
+        if placement == R:
+            module.miss_block.register_hook(_reduce_partial_grad)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MissLinear):
+            return super()._apply(module, device_mesh)
+        _check_miss_layer(type(self).__name__, module, device_mesh)
+        n, out_f = device_mesh.size(), module.out_features
+        if module.mode == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
+            raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
+                             f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "
+                             "otherwise each shard would need its own phase of the tiled block")
+        if module.mode == "bat" and out_f % (module.r * n) != 0:
+            raise ValueError(f"{type(self).__name__}: bat mode shards out_features={out_f} over {n} ranks in whole "
+                             f"r x r tiles, so out_features must be a multiple of r * world = {module.r * n}")
+        module._tp_style = "colwise"
+        module._tp_check_keys = self.check_keys
+        return distribute_module(
+            module, device_mesh, self._partition_miss_fn,
+            functools.partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            functools.partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class MissRowwiseParallel(RowwiseParallel):
+    """torch's RowwiseParallel, also for `miss_ext.MissLinear`: base weight Shard(1), bias and
+    miss_block Replicate. The block's term is computed from the local fold of the local x shard,
+    a Partial sum, reduced with the base output by the one all-reduce the layer does anyway; that
+    needs every shard of in to start at a multiple of r and no dropout. Otherwise the fold's
+    strategy all-gathers x (correct, costs tokens x in per layer and step; warned here).
+    Bat needs in % (r * world) == 0 (ValueError otherwise)."""
+
+    def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check_keys = check_keys
+
+    def _partition_miss_fn(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:
+            return
+        base = module.base_layer
+        _distribute_param(base, "weight", mesh, Shard(1), self.src_data_rank)
+        _distribute_param(base, "bias", mesh, R, self.src_data_rank)
+        _distribute_param(module, "miss_block", mesh, R, self.src_data_rank)
+        module.miss_block.register_hook(_reduce_partial_grad)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MissLinear):
+            return super()._apply(module, device_mesh)
+        style = type(self).__name__
+        _check_miss_layer(style, module, device_mesh)
+        n, in_f, r = device_mesh.size(), module.in_features, module.r
+        if module.mode == "bat":
+            if in_f % (r * n) != 0:
+                raise ValueError(f"{style}: bat mode shards in_features={in_f} over {n} ranks in whole r x r tiles, so "
+                                 f"in_features must be a multiple of r * world = {r * n}")
+        elif not shards_aligned(in_f, r, device_mesh) or module.dropout > 0.0:
+            why = (f"dropout={module.dropout} (its mask is indexed by the global column)" if module.dropout > 0.0
+                   else f"in_features={in_f} over {n} ranks gives shards that do not start at multiples of r={r}")
+            warnings.warn(f"{style}: {why}, so the fold of a local x shard is not a part of the full fold; x is "
+                          "all-gathered for the adapter's fold (correct, but a tokens x in_features all-gather per "
+                          "step in training)", stacklevel=3)
+        self.desired_input_layouts = (Shard(-1),)
+        module._tp_style = "rowwise"
+        module._tp_check_keys = self.check_keys
+        return distribute_module(
+            module, device_mesh, self._partition_miss_fn,
+            functools.partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            functools.partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+register_strategies()  # on import: the styles above and any DTensor call of a miss op need them

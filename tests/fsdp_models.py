@@ -1,0 +1,351 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) training of a tiny Llama with MiSS adapters, and its
+single-process references, for tests/test_fsdp.py. The rank functions run in processes spawned
+by `dist_util.run_ranks`, so they live here, in an importable module without pytest.
+
+Sharding: `fully_shard` on every decoder layer, then on the root (embeddings, final norm, head).
+The frozen base weights and the trainable `miss_block`s are parameters of the decoder layers,
+so both are sharded along dim 0 (DTensor, `Shard(0)`), and FSDP all-gathers them in the layer's
+pre-forward hook: inside the layer every MissLinear sees a plain nn.Linear with plain
+(unsharded) tensors and takes the fused path (recorded by `_PathProbe`).
+
+Data: step s uses the global batch `tokens(WORLD * LOCAL_BATCH, SEQ_LEN, seed=100 + s)`; rank r
+takes rows r * LOCAL_BATCH ..; every sequence has the same length (no padding), so the mean of
+the ranks' mean losses (FSDP averages the gradients over ranks) is the global batch's mean loss.
+
+Dropout keys on rank r: torch's default generator is seeded with BASE_SEED + r after sharding,
+before the first step (accelerate's `set_seed(device_specific=True)` convention), as in
+tests/dist_models.py; the reference runs each rank's micro-batch as its own forward from that
+rank's generator state.
+
+Mixed precision (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`) on a float32
+model: FSDP keeps the float32 shards (the optimizer's master weights), all-gathers them cast to
+bf16 (the blocks too), computes forward and backward in bf16, casts each rank's gradient to
+float32 and averages them in float32. `reference_train(..., precision="bf16", chunked=True)` does
+the same in one process.
+"""
+import copy
+import os
+
+import torch
+
+import miss_ext
+from tiny_models import MINI_R, R, TARGETS, tiny_causal_lm, tokens
+
+# name: (mode, r, dropout, precision). "fp64": float64 model, no mixed precision; "bf16": float32
+# model under MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). r = 3 gives blocks of 3
+# rows, which FSDP shards unevenly (2 + 1 rows), and in % r != 0.
+CONFIGS = {
+    "default": ("default", R, 0.0, "fp64"),
+    "mini": ("mini", R, 0.0, "fp64"),
+    "bat": ("bat", R, 0.0, "fp64"),
+    "default-r3": ("default", 3, 0.0, "fp64"),
+    "default-dropout": ("default", R, 0.2, "fp64"),
+    "default-bf16": ("default", R, 0.0, "bf16"),
+    "mini-bf16": ("mini", R, 0.0, "bf16"),
+    "bat-bf16": ("bat", R, 0.0, "bf16"),
+}
+DCP_MODES = ("default", "bat")
+STEPS = 3
+DCP_SAVE_AFTER = 2  # DCP test: train 2 steps, checkpoint, train 1 more
+LOCAL_BATCH = 2
+SEQ_LEN = 9
+LR = 1e-2
+BASE_SEED = 1234
+BLOCK_SEED = 1  # initial blocks (randomize_blocks-like, identical in every process)
+OTHER_BLOCK_SEED = 99  # the DCP test's fresh model starts elsewhere, so a load that does nothing shows
+
+
+def rank_seed(rank: int) -> int:
+    return BASE_SEED + rank
+
+
+def make_model(mode: str, r: int, dropout: float, precision: str, block_seed: int = BLOCK_SEED):
+    """Tiny Llama with MiSS on every projection and random non-zero blocks (N(0, 0.05^2), drawn
+    from their own generator in model order, so every process builds the same model)."""
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    model = tiny_causal_lm("llama", dtype=dtype)
+    miss_ext.apply_miss(model, TARGETS, r=r, mode=mode, mini_r=MINI_R, dropout=dropout)
+    gen = torch.Generator().manual_seed(block_seed)
+    with torch.no_grad():
+        for _, layer in miss_ext.miss_layers(model):
+            block = layer.miss_block
+            block.copy_(torch.randn(block.shape, generator=gen, dtype=torch.float64) * 0.05)
+    return model.train()
+
+
+def shard(model, world_size: int, precision: str):
+    """fully_shard on every decoder layer and on the root, over a 1-D CPU mesh of all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": init_device_mesh("cpu", (world_size,))}
+    if precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def global_batch(world_size: int, step: int):
+    return tokens(batch=world_size * LOCAL_BATCH, length=SEQ_LEN, seed=100 + step)
+
+
+def local_batch(batch, rank: int):
+    return batch[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+
+
+def optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def _full(t):
+    """A plain CPU copy of a (possibly DTensor) tensor; collective for a DTensor."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.clone()
+
+
+def blocks(model):
+    """{parameter path: whole block}; collective on a sharded model (call on every rank)."""
+    return {n: _full(p) for n, p in model.named_parameters() if "miss_block" in n}
+
+
+def block_grads(model):
+    return {n: _full(p.grad) for n, p in model.named_parameters() if "miss_block" in n}
+
+
+class _PathProbe:
+    """Records, at each MissLinear call, whether the fused path runs and the types the layer sees
+    (a forward pre-hook on the MissLinear itself, which does not change its base's plainness)."""
+
+    def __init__(self, model):
+        self.seen = set()
+        self.handles = [layer.register_forward_pre_hook(self._hook) for _, layer in miss_ext.miss_layers(model)]
+
+    def _hook(self, layer, args):
+        self.seen.add((layer._fused(), type(layer.base_layer.weight).__name__, type(layer.miss_block).__name__,
+                       layer.miss_block.dtype))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _train_step(model, opt, batch, rank):
+    ids = local_batch(batch, rank)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # FSDP reduce-scatters: each block shard's grad is the mean over ranks
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def fsdp_train(rank: int, world_size: int, names, folder: str):
+    """Runs on each rank: for each config, a sharded model trained STEPS AdamW steps on this
+    rank's micro-batches. Adapters are saved with miss_ext.save_adapter (default: rank 0 writes)
+    into <folder>/<name>/init (before training), <folder>/<name>/trained and
+    <folder>/<name>/default<rank>, and with is_main_process=True into <folder>/<name>/own<rank>
+    (every rank writes its own copy).
+
+    Returns {name: {"init", "blocks": whole blocks before / after training, "grads": the first
+    step's averaged block gradients, "losses": (STEPS,) this rank's losses, "local": {path: (local
+    shard shape, placements, is DTensor)} before training, "paths": what the layers saw in the
+    first forward (fused?, weight type, block type, block dtype)}}."""
+    out = {}
+    for name in names:
+        mode, r, p, precision = CONFIGS[name]
+        model = shard(make_model(mode, r, p, precision), world_size, precision)
+        local = {n: (tuple(q.to_local().shape) if hasattr(q, "to_local") else tuple(q.shape),
+                     str(getattr(q, "placements", None)), hasattr(q, "to_local"))
+                 for n, q in model.named_parameters() if "miss_block" in n}
+        init = blocks(model)
+        miss_ext.save_adapter(model, os.path.join(folder, name, "init"))
+        opt = optimizer(model)
+        torch.manual_seed(rank_seed(rank))
+        probe = _PathProbe(model)
+        losses, first_grads = [], None
+        for step in range(STEPS):
+            batch = global_batch(world_size, step)
+            ids = local_batch(batch, rank)
+            loss = model(input_ids=ids, labels=ids).loss
+            probe.remove()
+            loss.backward()
+            if first_grads is None:
+                first_grads = block_grads(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        miss_ext.save_adapter(model, os.path.join(folder, name, "trained"))
+        # The default (rank 0 writes) and every rank writing, each to a path of its own.
+        miss_ext.save_adapter(model, os.path.join(folder, name, f"default{rank}"))
+        miss_ext.save_adapter(model, os.path.join(folder, name, f"own{rank}"), is_main_process=True)
+        out[name] = {"init": init, "blocks": blocks(model), "grads": first_grads, "losses": torch.stack(losses),
+                     "local": local, "paths": sorted(probe.seen, key=str)}
+    return out
+
+
+def reference_train(name: str, world_size: int, precision=None, chunked: bool = False, steps: int = STEPS):
+    """The same training in one process on the same global batches. Without `chunked`: one
+    forward/backward on the whole global batch. With `chunked`: rank r's micro-batch is its own
+    forward, from rank r's generator state (dropout keys), and the gradients are averaged as FSDP
+    does (in float32 for bf16: each rank's bf16 gradient is cast to float32, then the mean is
+    taken). `precision` overrides the config's ("fp32" runs a bf16 config's float32 model without
+    mixed precision). Under "bf16" the model computes in a bf16 copy whose parameters are the
+    float32 master parameters cast to bf16 at every step, as FSDP's MixedPrecisionPolicy does.
+    Returns {"init", "blocks", "grads" (first step), "losses" ((STEPS,) or (STEPS, world))}.
+    The caller's generator state is left as it was."""
+    mode, r, p, config_precision = CONFIGS[name]
+    precision = precision or config_precision
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on the ranks: the same GEMM reduction order
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _reference_train(mode, r, p, precision, world_size, chunked, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_train(mode, r, p, precision, world_size, chunked, steps):
+    master = make_model(mode, r, p, "fp64" if precision == "fp64" else "fp32")
+    params = [(n, q) for n, q in master.named_parameters() if q.requires_grad]
+    init = {n: q.detach().clone() for n, q in params}
+    opt = optimizer(master)
+    compute = master
+    if precision == "bf16":  # parameters only: FSDP's param_dtype leaves buffers (rotary inv_freq) alone
+        compute = copy.deepcopy(master)
+        for q in compute.parameters():
+            q.data = q.data.to(torch.bfloat16)
+    compute_params = dict(compute.named_parameters())
+    states = []
+    for rank in range(world_size):
+        torch.manual_seed(rank_seed(rank))
+        states.append(torch.get_rng_state())
+    losses, first_grads = [], None
+    for step in range(steps):
+        batch = global_batch(world_size, step)
+        if compute is not master:
+            with torch.no_grad():
+                for n, q in params:
+                    compute_params[n].copy_(q)
+        parts = [local_batch(batch, rank) for rank in range(world_size)] if chunked else [batch]
+        step_losses, total = [], None
+        for rank, ids in enumerate(parts):
+            torch.set_rng_state(states[rank])
+            loss = compute(input_ids=ids, labels=ids).loss
+            grads = torch.autograd.grad(loss, [compute_params[n] for n, _ in params])
+            states[rank] = torch.get_rng_state()
+            step_losses.append(loss.detach().float())
+            grads = [g.to(q.dtype) / len(parts) for g, (_, q) in zip(grads, params)]
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        for (_, q), g in zip(params, total):
+            q.grad = g
+        if first_grads is None:
+            first_grads = {n: q.grad.clone() for n, q in params}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(torch.stack(step_losses) if chunked else step_losses[0])
+    return {"init": init, "blocks": {n: q.detach().clone() for n, q in params}, "grads": first_grads,
+            "losses": torch.stack(losses)}
+
+
+def dcp_resume(rank: int, world_size: int, modes, folder: str):
+    """Runs on each rank, per mode: train DCP_SAVE_AFTER steps, save the adapter-only state (the
+    miss_block parameters and their AdamW state; `ignore_frozen_params=True`) with
+    torch.distributed.checkpoint, train one more step -> "A". A fresh sharded model (other initial
+    blocks) and optimizer load the checkpoint and train the same step -> "B". A control model
+    loads only the model state (fresh optimizer) and trains that step -> "C" (must differ from A,
+    or A == B would not show that the optimizer state was restored).
+
+    Returns {mode: {"saved", "loaded", "fresh", "A", "B", "C": whole blocks; "model_keys",
+    "optim_state_keys": the checkpoint's keys}}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                           set_model_state_dict, set_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    # The checkpoint has no frozen base weights, so loading it is not strict; the test checks that
+    # every block was loaded (the fresh model starts from other blocks).
+    load_options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    out = {}
+    for mode in modes:
+        path = os.path.join(folder, f"dcp-{mode}")
+        resume_step = global_batch(world_size, DCP_SAVE_AFTER)
+
+        model = shard(make_model(mode, R, 0.0, "fp64"), world_size, "fp64")
+        opt = optimizer(model)
+        for step in range(DCP_SAVE_AFTER):
+            _train_step(model, opt, global_batch(world_size, step), rank)
+        msd, osd = get_state_dict(model, opt, options=options)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        saved = blocks(model)
+        _train_step(model, opt, resume_step, rank)
+        result = {"saved": saved, "A": blocks(model), "model_keys": sorted(msd),
+                  "optim_state_keys": sorted(osd["state"])}
+
+        for label, with_optim in (("B", True), ("C", False)):
+            fresh = shard(make_model(mode, R, 0.0, "fp64", block_seed=OTHER_BLOCK_SEED), world_size,
+                          "fp64")
+            fresh_opt = optimizer(fresh)
+            if with_optim:
+                result["fresh"] = blocks(fresh)
+            if with_optim:
+                msd, osd = get_state_dict(fresh, fresh_opt, options=options)
+                state = {"model": msd, "optim": osd}
+                dcp.load(state, checkpoint_id=path)
+                set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=load_options)
+                result["loaded"] = blocks(fresh)
+            else:  # the model's state only; the optimizer starts empty
+                state = {"model": get_model_state_dict(fresh, options=options)}
+                dcp.load(state, checkpoint_id=path)
+                set_model_state_dict(fresh, state["model"], options=load_options)
+            _train_step(fresh, fresh_opt, resume_step, rank)
+            result[label] = blocks(fresh)
+        out[mode] = result
+    return out
+
+
+def save_after_eval_forward(rank: int, world_size: int, folder: str):
+    """fully_shard on the root only, bf16 MixedPrecisionPolicy, one forward under no_grad: FSDP2
+    does not reshard the root after forward, so the blocks are left as plain bf16 gathered copies.
+    save_adapter into <folder>/eval-save/default<rank> (default writer) must still write the whole
+    float32 master blocks. Returns what the first block was just before saving: (type name, dtype,
+    shape)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = make_model("default", R, 0.0, "fp32")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)),
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    with torch.no_grad():
+        model(input_ids=local_batch(global_batch(world_size, 0), rank))
+    block = miss_ext.miss_layers(model)[0][1].miss_block
+    before = (type(block).__name__, block.dtype, tuple(block.shape))
+    miss_ext.save_adapter(model, os.path.join(folder, "eval-save", f"default{rank}"))
+    return before
+
+
+def load_into_sharded(rank: int, world_size: int, folder: str):
+    """load_adapter into an FSDP2-sharded model: the adapter saved from one sharded model (block
+    seed 1) is loaded into another (block seed 2); returns (gathered blocks of the source, of the
+    target before loading, of the target after)."""
+    source = make_model("default", R, 0.0, "fp64", block_seed=1)
+    shard(source, world_size, "fp64")
+    path = os.path.join(folder, "load-sharded")
+    miss_ext.save_adapter(source, path)
+    torch.distributed.barrier()  # rank 0 wrote the files
+    target = make_model("default", R, 0.0, "fp64", block_seed=2)
+    shard(target, world_size, "fp64")
+    before = blocks(target)
+    miss_ext.load_adapter(target, path)
+    return blocks(source), before, blocks(target)
+
+
+def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
+    """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward and
+    load_into_sharded."""
+    return {"dcp": dcp_resume(rank, world_size, modes, folder),
+            "eval_save": save_after_eval_forward(rank, world_size, folder),
+            "load_sharded": load_into_sharded(rank, world_size, folder)}
