@@ -11,6 +11,7 @@ def report() -> str:
         f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"built with torch {info.get('built_with_torch', '?')}",
         f"backends         {', '.join(info['backends'])}",
+        f"C++ runtime      {info.get('cxx_runtime', '?')} (private: libstdc++ linked in and hidden, see setup.py)",
     ]
     if "CUDA" in info["backends"]:
         lines.append(f"CUDA             {info.get('cuda_version')} for sm {', '.join(info['cuda_archs']) or 'visible GPU'}")
