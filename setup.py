@@ -21,6 +21,20 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
+# The torch releases this extension is built and tested against: 2.11 (the GPU machines) to 2.15.
+TORCH_MIN, TORCH_END = "2.11", "2.16"
+
+
+def check_torch_version(version: str) -> None:
+    """RuntimeError unless `version` (torch.__version__) is in [TORCH_MIN, TORCH_END): a custom op
+    library is compiled against one torch's C++ API, and releases outside the range are untested."""
+    major_minor = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    low = tuple(int(p) for p in TORCH_MIN.split("."))
+    high = tuple(int(p) for p in TORCH_END.split("."))
+    if not low <= major_minor < high:
+        raise RuntimeError(f"miss_ext supports torch {TORCH_MIN} to {high[0]}.{high[1] - 1}, but the installed torch "
+                           f"is {version}; install a supported torch first (pip install 'torch>={TORCH_MIN},<{TORCH_END}') "
+                           "and build with --no-build-isolation")
 
 
 def _toolkit_from_nvcc(nvcc):
@@ -126,6 +140,8 @@ def write_build_config(path, with_cuda, torch, private_cxxrt=False):
 def extensions():
     import torch
 
+    check_torch_version(torch.__version__)
+
     with_cuda, cuda_home = decide_cuda(torch)
     if with_cuda:
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
@@ -178,7 +194,13 @@ if __name__ == "__main__":
         packages=find_packages(include=["miss_ext", "miss_ext.*"]),
         ext_modules=ext_modules,
         cmdclass=cmdclass,
-        python_requires=">=3.9",
-        install_requires=["torch>=2.11"],
-        extras_require={"peft": ["peft", "safetensors"]},
+        # torch 2.14 (the pinned default) needs Python 3.10; the test dependencies need 3.11.
+        python_requires=">=3.10",
+        # safetensors: the adapter files of save_adapter / load_adapter (the model API).
+        install_requires=[f"torch>={TORCH_MIN},<{TORCH_END}", "safetensors"],
+        extras_require={
+            "peft": ["peft"],
+            "demo": ["peft", "transformers", "matplotlib", "tqdm"],
+            "test": ["pytest", "hypothesis", "expecttest", "peft", "accelerate", "transformers", "matplotlib", "tqdm"],
+        },
     )

@@ -17,9 +17,11 @@ def report() -> str:
         lines.append(f"CUDA             {info.get('cuda_version')} for sm {', '.join(info['cuda_archs']) or 'visible GPU'}")
         lines.append(f"GPU visible      {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     lines.append("")
-    lines.append(f"{'op':<18}" + "".join(f"{k:<10}" for k in DISPATCH_KEYS))
-    for name, keys in registered_ops().items():
-        lines.append(f"{name:<18}" + "".join(f"{('yes' if k in keys else '-'):<10}" for k in DISPATCH_KEYS))
+    ops = registered_ops()
+    width = max([len("op")] + [len(name) for name in ops]) + 2  # long op names must not run into the keys
+    lines.append(f"{'op':<{width}}" + "".join(f"{k:<10}" for k in DISPATCH_KEYS))
+    for name, keys in ops.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{('yes' if k in keys else '-'):<10}" for k in DISPATCH_KEYS))
     return "\n".join(lines)
 
 

@@ -63,3 +63,20 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """y = x W'^T + bias with PEFT's precision (GEMM in the block's dtype unless compute_dtype)."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
+
+
+def bat_transform(w: Tensor, m: Tensor, p: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The per-tile affine map behind bat: out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] +
+    p[o/r][o%r][b]; m, p (rows/r, r, r) float32 or float64. Not differentiable."""
+    return torch.ops.miss.bat_transform(w, m, p, dtype)
+
+
+def bat_transform_(w: Tensor, m: Tensor, p: Tensor) -> None:
+    """In-place bat_transform of w."""
+    torch.ops.miss.bat_transform_(w, m, p)
+
+
+def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> Tensor:
+    """The functional tile_add_: out + alpha * dropout(tile(src)), differentiable in out and src."""
+    return torch.ops.miss.tile_add(out, src, alpha, p, key)
+

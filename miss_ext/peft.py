@@ -6,7 +6,7 @@ module objects, parameter objects, state-dict keys, adapter dictionaries and PEF
 optimizers, checkpoints, `save_pretrained`, `set_adapter`, `disable_adapter()`,
 `merge_and_unload()` and `generate()` keep working, and `restore` swaps the class back.
 
-Where PEFT's own behaviour is a bug (miss-spec.md, last section) the accelerated layer follows
+Where PEFT's own behaviour is a bug (docs/miss.md, last section) the accelerated layer follows
 the spec's intent instead:
 - each adapter keeps its own mode, read from its block's shape (3-D: bat; (r, out): default;
   (r, mini_r): mini). PEFT 0.21 uses the mode of the layer's first adapter for all of them, so a
@@ -40,13 +40,17 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.miss import MissLinear as PeftMissLinear
-from peft.tuners.miss import MissModel
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from .modules import is_plain_linear, merge_refusal
-from .ops import new_dropout_key
+from ._optional import require
+
+require("peft", "peft", "miss_ext.peft")
+from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
+from peft.tuners.miss import MissModel  # noqa: E402
+from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
+
+from .modules import is_plain_linear, merge_refusal  # noqa: E402
+from .ops import new_dropout_key  # noqa: E402
 from .targets import module_paths, other_holders, parameter_paths, shared_weight_message
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]

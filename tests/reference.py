@@ -1,4 +1,4 @@
-"""Independent float64 reference of the MiSS ops, written from docs/miss-spec.md (not from csrc/).
+"""Independent float64 reference of the MiSS ops, written from docs/miss.md (not from csrc/).
 
 Everything here is plain PyTorch on float64 copies of the inputs, built from explicit index
 math, so a bug in a kernel cannot hide in a shared helper:

@@ -1,7 +1,7 @@
 """Bat (block-affine) MiSS: `bat_linear`, `bat_weight`, `bat_transform(_)`, `merge(_)` with a 3-D
 block, and `MissLinear(mode="bat")`, against an independent float64 reference and against PEFT.
 
-Semantics (docs/miss-spec.md, "bat"): block B (out/r, r, r), r dividing in and out; for the r x r
+Semantics (docs/miss.md, "Bat"): block B (out/r, r, r), r dividing in and out; for the r x r
 tile W_ij of W (row block i, column block j)
 
     W'_ij = W_ij + W_ij B_i + B_i,   i.e.

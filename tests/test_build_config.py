@@ -1,6 +1,7 @@
 """The build decisions of setup.py: CUDA on/off from MISS_EXT_CUDA, torch and the toolkit."""
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,22 @@ def test_toolkit_found_behind_an_nvcc_wrapper(setup_module, monkeypatch):
     assert root is not None and os.path.isfile(os.path.join(root, "bin", "nvcc"))
     assert os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
     assert setup_module.decide_cuda(CudaTorch) == (True, root)
+
+
+@pytest.mark.parametrize("version", ["2.11.0", "2.13.0+cpu", "2.14.1+cu130", "2.15.0"])
+def test_supported_torch_releases_build(setup_module, version):
+    setup_module.check_torch_version(version)
+
+
+@pytest.mark.parametrize("version", ["2.10.2", "2.9.1+cu128", "2.16.0", "3.0.0"])
+def test_torch_outside_the_range_is_refused_by_name(setup_module, version):
+    with pytest.raises(RuntimeError, match=r"supports torch 2\.11 to 2\.15, but the installed torch is " + re.escape(version)):
+        setup_module.check_torch_version(version)
+
+
+def test_missing_optional_package_names_the_extra():
+    from miss_ext._optional import require
+
+    with pytest.raises(ImportError, match=r"miss_ext\.peft needs the 'no_such_pkg' package.*pip install 'miss_ext\[peft\]'"):
+        require("no_such_pkg.sub", "peft", "miss_ext.peft")
+    assert require("json", "peft", "x").__name__ == "json"

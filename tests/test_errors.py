@@ -377,3 +377,22 @@ def assert_probe_passed(proc: subprocess.CompletedProcess) -> None:
 
 def test_error_messages_with_numbers_raise_in_a_fresh_process(device):
     assert_probe_passed(run_error_probe(device))
+
+
+# ---- the same errors through TorchScript and torch.compile ----------------------------------------
+def _fold_r0(x: torch.Tensor):
+    return torch.ops.miss.fold(x, 0)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
+def test_torchscript_and_compile_raise_the_ops_messages(dynamo_reset):
+    """What holds (README, "The ops"): eager raises ValueError/TypeError; TorchScript re-raises
+    the op's error as torch.jit.Error (a RuntimeError) and torch.compile as Dynamo's
+    TorchRuntimeError (a RuntimeError), each with the op's message, which names the value."""
+    x = rand(4, 8)
+    with pytest.raises(ValueError, match=r"got r=0"):
+        _fold_r0(x)
+    with pytest.raises(RuntimeError, match=r"got r=0"):
+        torch.jit.script(_fold_r0)(x)
+    with pytest.raises(RuntimeError, match=r"got r=0"):
+        torch.compile(_fold_r0, fullgraph=True, backend="aot_eager")(x)

@@ -1,6 +1,6 @@
 """Forward values and every gradient of the `miss` ops against the float64 reference (reference.py).
 
-Shapes follow docs/miss-spec.md ("Sizes worth testing"): in=10/out=20 with r in {2, 3, 4};
+Shapes: the edge cases of docs/miss.md: in=10/out=20 with r in {2, 3, 4};
 the remainder case in=7/out=5/r=3; r > in (8, 6, r=16); r == in; the mini shapes; 1-D, 2-D,
 3-D and empty x; float32/float64 and half-precision bases with a float32 block.
 """
