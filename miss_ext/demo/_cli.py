@@ -1,0 +1,267 @@
+"""The demo's command line: flags, their checks, the model dimensions and the device."""
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+import miss_ext
+from miss_ext.targets import ALL_LINEAR, TargetModules
+
+# The projections the random Llama adapts by default (every linear layer of a decoder layer).
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Model presets: hidden size, layers, attention heads, MLP width (about 8/3 hidden, a multiple of 64).
+SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, intermediate=192),
+    "small": dict(hidden=128, layers=4, heads=4, intermediate=384),
+    "base": dict(hidden=512, layers=8, heads=8, intermediate=1408),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# Share of the packed sequences of --data held out for evaluation (the last ones; at least one).
+HELDOUT_FRACTION = 0.1
+
+# Characters that make a --target-modules value a regex rather than a comma list of names.
+_REGEX_CHARS = set("*+?()[]{}|^$\\")
+
+
+@dataclass
+class ModelDims:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def projection_shapes(self) -> Dict[str, tuple]:
+        """(in_features, out_features) of every adapted projection, by name."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def parse_target_modules(text: str) -> TargetModules:
+    """--target-modules as apply_miss takes it: "all-linear"; a regex (any of * + ? ( ) [ ] { } | ^ $ \\
+    in it) that must match a whole module path; else a comma list of names, each matching a path
+    equal to it or ending in "." + it (one name is a list of one)."""
+    text = text.strip()
+    if text == ALL_LINEAR:
+        return ALL_LINEAR
+    if _REGEX_CHARS & set(text):
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex: {exc}") from None
+        return text
+    names = [name.strip() for name in text.split(",")]
+    if not text or any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of module names (no empty entries), "
+                                         "a regex or 'all-linear'")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m miss_ext.demo",
+        description="Fine-tune a causal LM with MiSS adapters from miss_ext: by default a small random-init "
+                    "Llama (built from a config, no downloads) on a synthetic counting task; with --model and "
+                    "--data your own local Hugging Face model on your own text. Compares step time and memory "
+                    "with PEFT's MiSS, reports held-out loss and perplexity before and after, checks merging, "
+                    "saves the adapter in PEFT's format and a loss plot.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    own = parser.add_argument_group("your own model and text (both flags together; no network)")
+    own.add_argument("--model", type=Path, default=None, metavar="DIR",
+                     help="a local Hugging Face causal-LM folder (config.json, weights, tokenizer files), loaded "
+                          "with AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR, local_files_only=True); "
+                          "the --size/--hidden/--layers/--heads flags do not apply")
+    own.add_argument("--data", type=Path, default=None, metavar="FILE",
+                     help="training text: a .jsonl file (one {\"text\": ...} object per line) or any other file as "
+                          "plain UTF-8 text; tokenised with the model's tokenizer (documents separated by its EOS "
+                          "token), packed into sequences of --seq-len tokens (the incomplete tail dropped), the last "
+                          "--heldout share of them (at least one) held out for evaluation")
+    own.add_argument("--heldout", type=_fraction, default=HELDOUT_FRACTION,
+                     help="share of the packed --data sequences held out (the last ones, at least one)")
+
+    model = parser.add_argument_group("random model (without --model)")
+    model.add_argument("--size", choices=sorted(SIZES), default="small",
+                       help="preset dimensions: " + "; ".join(
+                           f"{k}: hidden {v['hidden']}, {v['layers']} layers, {v['heads']} heads, "
+                           f"MLP {v['intermediate']}" for k, v in SIZES.items()))
+    model.add_argument("--hidden", type=_positive_int, default=None,
+                       help="hidden size, overriding the preset (the MLP width becomes ~8/3 of it, a multiple of 64)")
+    model.add_argument("--layers", type=_positive_int, default=None, help="number of layers, overriding the preset")
+    model.add_argument("--heads", type=_positive_int, default=None,
+                       help="attention heads, overriding the preset (must divide the hidden size; "
+                            "key/value heads are half of them when even)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                       help="dtype of the frozen base model; MiSS blocks stay float32 (as in PEFT)")
+
+    miss = parser.add_argument_group("MiSS adapter")
+    miss.add_argument("--target-modules", type=parse_target_modules, default=None,
+                      help="layers to adapt, as apply_miss/PEFT take them: a comma list of names (each matching a "
+                           "module path equal to it or ending in '.name'), a regex matching whole module paths (a "
+                           "value with any of *+?()[]{}|^$\\), or 'all-linear' (every linear layer but the output "
+                           "head). Default: " + ",".join(TARGET_MODULES) + " on the random Llama, all-linear with "
+                           "--model")
+    miss.add_argument("--mode", choices=["default", "mini", "bat"], default="default",
+                      help="MiSS variant: default (block r x out), mini (block r x mini_r, tiled), "
+                           "bat (block out/r x r x r; r must divide every projection size)")
+    miss.add_argument("--r", type=_positive_int, default=8,
+                      help="MiSS shard size (rank); at most the hidden size")
+    miss.add_argument("--mini-r", type=_positive_int, default=16,
+                      help="mini mode's block width; must divide every projection's output size (mini mode only)")
+    miss.add_argument("--dropout", type=float, default=0.0,
+                      help="MiSS dropout; above 0 the two variants draw different masks and their losses drift apart")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps per variant")
+    train.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step")
+    train.add_argument("--seq-len", type=_positive_int, default=64,
+                       help="tokens per sequence (at least 3 on the synthetic task, 2 with --data)")
+    train.add_argument("--lr", type=_positive_float, default=1e-2, help="AdamW learning rate")
+    train.add_argument("--seed", type=int, default=0, help="seed of the base model's init, the data and torch")
+    train.add_argument("--device", default="auto",
+                       help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    train.add_argument("--threads", type=_nonnegative_int, default=1,
+                       help="torch CPU threads; 0 = torch's choice (one per core). One by default: on a "
+                            "machine shared with other busy processes, several OpenMP threads spend most of "
+                            "these small steps waiting for each other (steps measured up to 100x slower), "
+                            "while one thread loses little when the machine is quiet")
+    train.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison run")
+    train.add_argument("--out", type=Path, default=Path("miss_demo_out"),
+                       help="output directory: adapter (PEFT format), base model (random model only), loss plot")
+    return parser
+
+
+def user_mode(args: argparse.Namespace) -> bool:
+    """True when the demo fine-tunes a model folder (--model) on a text file (--data)."""
+    return args.model is not None
+
+
+def target_modules(args: argparse.Namespace) -> TargetModules:
+    if args.target_modules is not None:
+        return args.target_modules
+    return ALL_LINEAR if user_mode(args) else list(TARGET_MODULES)
+
+
+def model_dims(args: argparse.Namespace) -> ModelDims:
+    preset = SIZES[args.size]
+    hidden = args.hidden or preset["hidden"]
+    heads = args.heads or preset["heads"]
+    if args.hidden is None:
+        intermediate = preset["intermediate"]
+    else:
+        intermediate = 64 * math.ceil(8 * hidden / 3 / 64)
+    return ModelDims(hidden=hidden, layers=args.layers or preset["layers"], heads=heads,
+                     kv_heads=heads // 2 if heads % 2 == 0 else heads, intermediate=intermediate)
+
+
+def cuda_kernels_built() -> bool:
+    return "CUDA" in miss_ext.build_info()["backends"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        # A CPU-only build of the op library cannot run on a GPU, even where torch sees one.
+        return torch.device("cuda" if torch.cuda.is_available() and cuda_kernels_built() else "cpu")
+    return torch.device(name)
+
+
+def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks against the random Llama's known shapes (a --model folder is checked by apply_miss)."""
+    dims = model_dims(args)
+    if dims.hidden % dims.heads != 0:
+        parser.error(f"--heads {dims.heads} must divide the hidden size {dims.hidden}")
+    if args.seq_len < 3:
+        parser.error(f"--seq-len must be at least 3 (two tokens to infer the step, one to predict), got {args.seq_len}")
+    shapes = dims.projection_shapes()
+    smallest_in = min(i for i, _ in shapes.values())
+    if args.r > smallest_in:
+        parser.error(f"--r {args.r} is larger than the smallest projection input ({smallest_in}); "
+                     "PEFT rejects that and the extra block rows would never train")
+    if args.mode == "bat":
+        for name, (fan_in, fan_out) in shapes.items():
+            for what, size in (("in", fan_in), ("out", fan_out)):
+                if size % args.r != 0:
+                    parser.error(f"--mode bat needs --r to divide every projection size, but --r {args.r} does "
+                                 f"not divide {name}'s {what}_features {size}")
+    if args.mode == "mini":
+        for name, (_, fan_out) in shapes.items():
+            if fan_out % args.mini_r != 0:
+                parser.error(f"--mini-r {args.mini_r} must divide every projection's out_features, but not "
+                             f"{name}'s {fan_out}")
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reject settings that cannot run, naming the offending value (parser.error exits with 2)."""
+    if (args.model is None) != (args.data is None):
+        given, missing = ("--model", "--data") if args.data is None else ("--data", "--model")
+        parser.error(f"{given} needs {missing}: the demo fine-tunes a model folder on a text file, both yours "
+                     "(without either it runs its random model on the synthetic task)")
+    if user_mode(args):
+        for flag in ("hidden", "layers", "heads"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} describes the random model; with --model {args.model} the folder's "
+                             "config.json decides the dimensions")
+        if args.seq_len < 2:
+            parser.error(f"--seq-len must be at least 2 (one token to predict the next), got {args.seq_len}")
+    else:
+        _validate_random_model(args, parser)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for CUDA, but torch sees no CUDA device")
+    if device.type == "cuda" and not cuda_kernels_built():
+        parser.error(f"--device {args.device}: this miss_ext build has no CUDA kernels (see python -m miss_ext.info); "
+                     "rebuild with MISS_EXT_CUDA=1 or use --device cpu")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+    return args

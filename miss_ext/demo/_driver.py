@@ -1,0 +1,193 @@
+"""The demo's driver: prepare the base model and data (random Llama + synthetic task, or your
+--model and --data), train the variants side by side, report, check the merge, save."""
+import argparse
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import miss_ext
+
+from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
+from ._merge import MergeCheck, check_merge
+from ._report import (format_heldout, format_table, plot_losses, print_where, synthetic_notes,
+                      synthetic_references)
+from ._synthetic import build_base_model, make_batches
+from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, heldout_loss, save_base_model,
+                        saved_activation_bytes, train, trainable_parameters)
+from ._user import (DemoInputError, check_fits, check_model_dir, describe_model, load_model, load_text_data,
+                    load_tokenizer, training_batches)
+
+
+@dataclass
+class Prepared:
+    """What a run needs, from either source."""
+    base: nn.Module  # frozen
+    base_path: Path  # where the base's files are (saved by the demo for the random model)
+    batches: torch.Tensor  # (steps, batch, seq) training token ids, CPU
+    heldout: torch.Tensor  # (n, seq) held-out token ids, CPU
+    model_desc: str  # for the table ("Llama hidden 128, 4 layers")
+    model_class: str  # transformers class to load the base with
+    title: str  # the plot's title, without the variants' settings
+    notes: List[str] = field(default_factory=list)  # lines under the table
+    references: List[Tuple[float, str, str]] = field(default_factory=list)  # plot lines (y, label, style)
+
+
+@dataclass
+class DemoResult:
+    runs: List[RunResult]
+    merge: MergeCheck
+    heldout: torch.Tensor  # CPU token ids of the held-out batch the merge check ran on
+    unmerged_logits: torch.Tensor  # the trained miss_ext model's logits on it, before merging
+    merged_model: nn.Module
+    table: str
+    out: Path
+    heldout_before: Optional[HeldoutLoss] = None  # the base model's held-out loss
+    heldout_after: Dict[str, HeldoutLoss] = field(default_factory=dict)  # each trained variant's
+    base_path: Optional[Path] = None
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def torch_threads(count: Optional[int]):
+    """torch.set_num_threads(count) for the block (count 0: leave torch's choice), then back: the
+    demo may run inside a larger program (the tests)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prepare_synthetic(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path) -> Prepared:
+    dims = model_dims(args)
+    base = build_base_model(dims, args.seq_len, args.seed, dtype, device)
+    # The base is random, so nobody can download it: save it so the adapter can be loaded later.
+    out.mkdir(parents=True, exist_ok=True)
+    save_base_model(base, out / "base_model")
+    # The held-out batch uses a seed the training batches never use.
+    return Prepared(
+        base=base, base_path=out / "base_model",
+        batches=make_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed + 1),
+        heldout=make_batches(1, args.batch_size, args.seq_len, seed=args.seed + 2)[0],
+        model_desc=f"Llama hidden {dims.hidden}, {dims.layers} layers", model_class="LlamaForCausalLM",
+        title=f"a random frozen Llama (hidden {dims.hidden}, {dims.layers} layers)",
+        notes=synthetic_notes(args.seq_len), references=synthetic_references(args.seq_len))
+
+
+def prepare_user(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Prepared:
+    """Loads --model and --data; raises DemoInputError before anything is written."""
+    model_dir = check_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    data = load_text_data(args.data, tokenizer, args.seq_len, args.heldout)
+    base = load_model(model_dir, dtype, device)
+    check_fits(base, data, model_dir, args.seq_len)
+    desc, model_class = describe_model(base, model_dir)
+    print(f"data: {args.data} -> {data.tokens:,} tokens, {data.train.shape[0] + data.heldout.shape[0]} sequences of "
+          f"{args.seq_len} ({data.dropped} tail tokens dropped): {data.train.shape[0]} for training, the last "
+          f"{data.heldout.shape[0]} held out")
+    epochs = args.steps * args.batch_size / data.train.shape[0]
+    print(f"training: {args.steps} steps x {args.batch_size} sequences = {epochs:.1f} passes over the training "
+          "sequences (reshuffled each pass)")
+    vocab = base.get_input_embeddings().num_embeddings
+    return Prepared(
+        base=base, base_path=model_dir,
+        batches=training_batches(data.train, args.steps, args.batch_size, seed=args.seed + 1),
+        heldout=data.heldout, model_desc=desc, model_class=model_class, title=desc,
+        notes=[f"loss of a uniform guess over the model's {vocab:,} tokens: ln {vocab} = {math.log(vocab):.3f}."])
+
+
+def run_demo(args: argparse.Namespace) -> DemoResult:
+    with torch_threads(args.threads):
+        return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> DemoResult:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    out = args.out.resolve()
+    if user_mode(args):
+        prepared = prepare_user(args, device, dtype)  # refused inputs raise before anything is written
+    else:
+        prepared = prepare_synthetic(args, device, dtype, out)
+    base, batches = prepared.base, prepared.batches
+    before = heldout_loss(base, prepared.heldout, args.batch_size, device)
+
+    variants = [("miss_ext", apply_miss_ext)]
+    if not args.no_peft:
+        if peft_available():
+            variants.append(("peft", apply_peft))
+        else:
+            print("peft is not importable: skipping the PEFT comparison (pip install peft)")
+    models = {}
+    for name, apply in variants:
+        try:
+            models[name] = apply(copy.deepcopy(base), args)
+        except (ValueError, TypeError) as exc:
+            if not user_mode(args):
+                raise
+            # apply_miss checks --target-modules, --r, --mini-r against the folder's layers.
+            raise DemoInputError(f"--model {prepared.base_path}: cannot adapt it with --target-modules / --r / "
+                                 f"--mini-r as given ({name}: {exc})") from exc
+    del base, prepared.base
+    counts = {name: sum(p.numel() for p in trainable_parameters(m)) for name, m in models.items()}
+    print("trainable parameters (MiSS blocks only): " + ", ".join(f"{n} {c:,}" for n, c in counts.items()))
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"the variants train different numbers of parameters: {counts}")
+
+    torch.manual_seed(args.seed)  # reproducible dropout masks
+    runs = train(models, batches, args.lr, device)
+    for run in runs:
+        run.saved_bytes = saved_activation_bytes(models[run.name], batches[0].to(device))
+    table = format_table(runs, device, dtype, prepared.model_desc, args, prepared.notes)
+    print()
+    print(table)
+    after = {name: heldout_loss(model, prepared.heldout, args.batch_size, device) for name, model in models.items()}
+    print(format_heldout(before, after, prepared.heldout.shape[0]))
+
+    miss_model = models.pop("miss_ext")
+    models.clear()  # frees the PEFT model before merging
+    out.mkdir(parents=True, exist_ok=True)
+    # task_type makes PEFT build a PeftModelForCausalLM; the base path lets it find the base.
+    miss_ext.save_adapter(miss_model, out, task_type="CAUSAL_LM", base_model_name_or_path=str(prepared.base_path))
+    merge_tokens = prepared.heldout[:args.batch_size]
+    merge, merged_model, unmerged_logits = check_merge(miss_model, merge_tokens.to(device), dtype)
+    print(f"\nmerge check on a held-out batch: max |merged - unmerged logits| = {merge.max_abs_diff:.3e} "
+          f"(tolerance {merge.tolerance:.1e}: {merge.rule}) {'PASS' if merge.passed else 'FAIL'}")
+
+    title = f"MiSS {args.mode} r={args.r} on {prepared.title}, {device.type}, {args.dtype}"
+    references = list(prepared.references)
+    if user_mode(args):
+        references += [(before.loss, f"held-out loss before ({before.loss:.3f})", ":"),
+                       (after["miss_ext"].loss, f"held-out loss after, miss_ext ({after['miss_ext'].loss:.3f})", "-.")]
+    plot_losses(runs, out / "loss_curve.png", title, references)
+    return DemoResult(runs=runs, merge=merge, heldout=merge_tokens, unmerged_logits=unmerged_logits.cpu(),
+                      merged_model=merged_model, table=table, out=out, heldout_before=before,
+                      heldout_after=after, base_path=prepared.base_path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    validate(args, parser)
+    try:
+        result = run_demo(args)
+    except DemoInputError as exc:
+        parser.error(str(exc))  # exit code 2, as for a bad flag
+    model_class = "AutoModelForCausalLM" if user_mode(args) else "LlamaForCausalLM"
+    print_where(result.out, result.base_path, model_class)
+    return 0 if result.merge.passed else 1

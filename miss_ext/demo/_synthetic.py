@@ -1,0 +1,49 @@
+"""The default task: a random-init Llama built from a config and a synthetic counting task."""
+import math
+
+import torch
+from torch import nn
+
+from ._cli import ModelDims
+
+# The task's alphabet: tokens are residues modulo VOCAB, so the vocabulary is exactly that size.
+VOCAB = 64
+# Steps of the counting sequences are drawn from 1..MAX_STRIDE; the model must infer each
+# sequence's step from its first two tokens (attention), then continue the count (MLP).
+MAX_STRIDE = 7
+
+
+def build_base_model(dims: ModelDims, seq_len: int, seed: int, dtype: torch.dtype = torch.float32,
+                     device="cpu") -> nn.Module:
+    """A random-init LlamaForCausalLM, identical for identical arguments, fully frozen."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=dims.hidden, intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers, num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
+        max_position_embeddings=seq_len, tie_word_embeddings=False,
+        # Fan-in scaled init instead of HF's 0.02: the output head is frozen and sits behind an
+        # RMSNorm, so its row norms cap the logits; with std 0.02 they stay below ~1 and no
+        # adapter could make a confident prediction.
+        initializer_range=dims.hidden ** -0.5,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype)
+
+
+def make_batches(count: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(count, batch, seq) token ids: x[t] = (start + stride * t) mod VOCAB per sequence, with a
+    random start and a random stride in 1..MAX_STRIDE. Built on the CPU from its own generator,
+    so every variant and device sees the same tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (count, batch_size, 1), generator=gen)
+    stride = torch.randint(1, MAX_STRIDE + 1, (count, batch_size, 1), generator=gen)
+    return (start + stride * torch.arange(seq_len)) % VOCAB
+
+
+def loss_floor(seq_len: int) -> float:
+    """The lowest mean loss possible on make_batches data: the second token is one of MAX_STRIDE
+    equally likely values, every later one is determined (the first is never predicted)."""
+    return math.log(MAX_STRIDE) / (seq_len - 1)
