@@ -9,15 +9,17 @@ init_weights, miss_dropout, target_modules, ...) and `adapter_model.safetensors`
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .model import freeze_all_but_blocks, miss_layers, parent_module, record_shared_weights, warn_shared
+from .model import (EXTRAS_ATTR, check_bias, extra_parameters, freeze_all_but_blocks, mark_extras_trainable,
+                    miss_layers, parent_module, record_shared_weights, trainable_extras, warn_shared)
 from .modules import MissLinear, base_refusal, block_shape, check_dropout
-from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, other_holders,
-                      parameter_paths, peft_selects, set_module)
+from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
+                      other_holders, parameter_paths, peft_selects, set_module)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,6 +56,45 @@ def _config_settings(config: dict) -> Tuple[str, object, object, object]:
     dropout); checked against the model by _plan."""
     mode = mode_of_init_weights(config.get("init_weights", True))
     return mode, config.get("r"), config.get("mini_r", 1), config.get("miss_dropout", 0.0) or 0.0
+
+
+def config_dict(config: object) -> dict:
+    """A PEFT config object (MissConfig, BoneConfig: `to_dict()`) or an adapter_config.json dict as
+    a plain dict: peft_type as its string ("MISS"), sets as sorted lists."""
+    if isinstance(config, Mapping):
+        out = dict(config)
+    else:
+        out = dict(config.to_dict())
+    out.setdefault("peft_type", "MISS")
+    peft_type = out["peft_type"]
+    out["peft_type"] = str(getattr(peft_type, "value", peft_type))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(out.get(key), (set, frozenset)):
+            out[key] = sorted(out[key])
+    return out
+
+
+def apply_miss_settings(config: object) -> dict:
+    """apply_miss's keyword arguments for a PEFT MissConfig / BoneConfig or adapter_config.json
+    dict (PEFT's defaults for missing fields). A field PEFT 0.21's config does not have, an
+    unknown init_weights or bias value, or target_modules None raises ValueError naming it."""
+    config = config_dict(config)
+    if config["peft_type"] not in BLOCK_NAMES:
+        raise ValueError(f"peft_type={config['peft_type']!r} is not a MiSS config (expected 'MISS' or 'BONE')")
+    problems = _check_config_fields(config)
+    if problems:
+        raise ValueError("this config cannot be applied as PEFT would apply it:\n  " + "\n  ".join(problems))
+    init_weights = config.get("init_weights", True)
+    mode = mode_of_init_weights(init_weights)
+    return {
+        "target_modules": config["target_modules"], "r": config.get("r", 64), "mode": mode,
+        "mini_r": config.get("mini_r", 1) if mode == "mini" else 1,
+        "dropout": config.get("miss_dropout", 0.0) or 0.0,
+        "init_weights": init_weights if isinstance(init_weights, bool) else True,
+        "exclude_modules": config.get("exclude_modules"), "layers_to_transform": config.get("layers_to_transform"),
+        "layers_pattern": config.get("layers_pattern"), "modules_to_save": config.get("modules_to_save"),
+        "bias": config.get("bias", "none"),
+    }
 
 
 def _layer_settings(layer: MissLinear) -> Tuple[int, str, int, float]:
@@ -151,6 +192,17 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     # Every rank gathers, in model order (the same collectives in the same order on each rank).
     sharded = bool(fsdp) or any(_is_dtensor(layer.miss_block) for _, layer in layers)
     tensors = {f"{KEY_PREFIX}{name}.miss_block": _full_block(layer.miss_block) for name, layer in layers}
+    # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):
+    # modules_to_save under their own parameter names, and the biases of bias="all"/"MiSS_only".
+    extras = trainable_extras(model)
+    save_paths = extras["modules_to_save"]
+    if save_paths:
+        # PEFT finds them again by its suffix rule on the base model; it must find exactly these.
+        again, _ = modules_to_save_paths(model, save_paths, skip_inside=(MissLinear,))
+        if sorted(again) != sorted(save_paths):
+            raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
+                             f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
+    tensors.update({f"{KEY_PREFIX}{key}": _full_block(p) for key, p in extra_parameters(model, extras).items()})
     if is_main_process is None:
         is_main_process = not sharded or torch.distributed.get_rank() == 0
     if not is_main_process:
@@ -163,8 +215,11 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         "miss_dropout": dropout,
         "target_modules": exact_paths_regex([name for name, _ in layers]),
         "exclude_modules": None,
-        "bias": "none",
-        "modules_to_save": None,
+        # target_modules already states exactly the adapted paths (what target_modules,
+        # exclude_modules and layers_to_transform selected), and PEFT refuses layers_* beside a
+        # regex, so those stay None.
+        "bias": extras["bias"],
+        "modules_to_save": list(save_paths) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "task_type": task_type,
@@ -346,6 +401,10 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         if not block.is_floating_point():
             problems.append(f"{path}: block dtype {block.dtype} is not floating point")
             continue
+        if not bool(torch.isfinite(block).all()):
+            # A NaN or inf block makes every output of the layer non-finite: a broken file.
+            problems.append(f"{path}: the block holds non-finite values (NaN or inf)")
+            continue
         plan.append((path, module, block))
     missing = [name for name, _ in miss_layers(model) if name not in blocks]
     problems += [f"{name}: the model has a MissLinear here, the file has no block for it" for name in missing]
@@ -405,10 +464,21 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     with torch.no_grad():
         for param, value, _ in extra_plan:
             param.copy_(value)
+    # Record what the file trains beside the blocks, so later freezes keep it trainable and
+    # save_adapter writes it again.
+    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
+    recorded = trainable_extras(model)
+    bias = check_bias(config.get("bias", "none"))
+    extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
+                                                                if p not in recorded["modules_to_save"]],
+              "bias": bias if bias != "none" else recorded["bias"]}
+    if extras != {"modules_to_save": [], "bias": "none"}:
+        setattr(model, EXTRAS_ATTR, extras)
     if freeze_others:
         freeze_all_but_blocks(model)
         for param, _, trainable in extra_plan:
             param.requires_grad_(trainable)
+        mark_extras_trainable(model)
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
                       stacklevel=2)

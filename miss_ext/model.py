@@ -1,13 +1,16 @@
 """Model-level MiSS without PEFT: put `MissLinear` layers into a model, merge them back out."""
+import re
 import warnings
-from typing import Dict, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .modules import WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal
-from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, module_paths, other_holders,
-                      parameter_paths, set_module, shared_weight_message)
+from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches, module_paths,
+                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module,
+                      shared_weight_message)
 
 
 def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
@@ -24,11 +27,55 @@ def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
 
 def freeze_all_but_blocks(model: nn.Module) -> None:
     """Every parameter stops requiring grad except the miss_block of each MissLinear (PEFT's
-    get_peft_model freezes the same way); blocks from earlier calls stay trainable."""
+    get_peft_model freezes the same way); blocks from earlier calls stay trainable, and so do the
+    modules_to_save and biases an earlier apply_miss / load_adapter recorded (`trainable_extras`)."""
     blocks = {id(layer.miss_block) for _, layer in miss_layers(model)}
     for p in model.parameters():
         if id(p) not in blocks:
             p.requires_grad_(False)
+    mark_extras_trainable(model)
+
+
+# What a PEFT config trains beside the blocks, recorded on the model by apply_miss / load_adapter so
+# that later freezes keep it trainable and save_adapter writes it: {"modules_to_save": [module
+# paths], "bias": "none" | "all" | "MiSS_only"}.
+EXTRAS_ATTR = "_miss_ext_trainable"
+# PEFT's bias values (MissConfig: "MiSS_only"; BoneConfig: "Bone_only"; the same semantic).
+BIAS_VALUES = ("none", "all", "MiSS_only")
+_BIAS_ALIASES = {"miss_only": "MiSS_only", "bone_only": "MiSS_only"}
+
+
+def trainable_extras(model: nn.Module) -> dict:
+    """{"modules_to_save": [paths], "bias": ...} recorded on the model (PEFT's defaults if none)."""
+    recorded = getattr(model, EXTRAS_ATTR, None) or {}
+    return {"modules_to_save": list(recorded.get("modules_to_save", [])), "bias": recorded.get("bias", "none")}
+
+
+def extra_parameters(model: nn.Module, extras: Optional[dict] = None) -> Dict[str, nn.Parameter]:
+    """{PEFT file key without "base_model.model.": parameter} of what PEFT trains and saves beside
+    the blocks: every parameter of each modules_to_save module, and the biases `bias` names
+    ("all": every `.bias` of the model; "MiSS_only": the base biases of the MissLinear layers)."""
+    extras = trainable_extras(model) if extras is None else extras
+    out: Dict[str, nn.Parameter] = {}
+    for path in extras["modules_to_save"]:
+        for name, p in model.get_submodule(path).named_parameters():
+            out[f"{path}.{name}"] = p
+    if extras["bias"] == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                out.setdefault(name, p)
+    elif extras["bias"] == "MiSS_only":
+        for name, layer in miss_layers(model):
+            if layer.base_layer.bias is not None:
+                out.setdefault(f"{name}.base_layer.bias" if name else "base_layer.bias", layer.base_layer.bias)
+    return out
+
+
+def mark_extras_trainable(model: nn.Module) -> None:
+    """The recorded modules_to_save parameters and biases require grad (PEFT's
+    _mark_only_adapters_as_trainable and ModulesToSaveWrapper do the same)."""
+    for p in extra_parameters(model).values():
+        p.requires_grad_(True)
 
 
 def record_shared_weights(model: nn.Module) -> Dict[str, List[str]]:
@@ -98,8 +145,95 @@ def _check_targets(found, target_modules) -> None:
                         f"matches {describe(wrong)}")
 
 
-def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: str = "default", mini_r: int = 1,
-               dropout: float = 0.0, init_weights: bool = True, freeze_others: bool = True) -> nn.Module:
+def _is_config(value: object) -> bool:
+    """A PEFT config object (MissConfig, BoneConfig) or an adapter_config.json dict."""
+    return isinstance(value, Mapping) or (hasattr(value, "peft_type") and callable(getattr(value, "to_dict", None)))
+
+
+def check_bias(bias: object) -> str:
+    """PEFT's bias value, normalised ("miss_only"/"Bone_only" -> "MiSS_only"); ValueError otherwise."""
+    if isinstance(bias, str) and bias in BIAS_VALUES:
+        return bias
+    if isinstance(bias, str) and bias.lower() in _BIAS_ALIASES:
+        return _BIAS_ALIASES[bias.lower()]
+    raise ValueError(f"bias={bias!r}: expected 'none', 'all' (every bias of the model is trained and saved) or "
+                     "'MiSS_only' (the biases of the adapted layers), as PEFT's MissConfig")
+
+
+def _check_selection_fields(target_modules, exclude_modules, layers_to_transform, layers_pattern,
+                            modules_to_save) -> None:
+    """Types and combinations of PEFT's selection fields (MissConfig.__post_init__ refuses the same)."""
+    if exclude_modules is not None:
+        if isinstance(exclude_modules, str):
+            try:
+                re.compile(exclude_modules)
+            except re.error as exc:
+                raise ValueError(f"exclude_modules={exclude_modules!r} is not a valid regex: {exc}") from None
+        elif not (isinstance(exclude_modules, (list, tuple, set, frozenset))
+                  and all(isinstance(e, str) for e in exclude_modules)):
+            raise TypeError(f"exclude_modules must be a regex string or a list of module names, "
+                            f"got {exclude_modules!r}")
+    if layers_to_transform is not None:
+        ints = list(layers_to_transform) if isinstance(layers_to_transform, (list, tuple)) else [layers_to_transform]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
+            raise TypeError(f"layers_to_transform must be an int or a list of ints, got {layers_to_transform!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_to_transform={layers_to_transform!r} cannot be used with a string "
+                             f"target_modules={target_modules!r} (a regex or 'all-linear'), as in PEFT's MissConfig; "
+                             "give a list of names, or put the layer numbers into the regex")
+    if layers_pattern is not None:
+        if not (isinstance(layers_pattern, str) or (isinstance(layers_pattern, (list, tuple))
+                                                    and all(isinstance(p, str) for p in layers_pattern))):
+            raise TypeError(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_pattern={layers_pattern!r} cannot be used with a string "
+                             f"target_modules={target_modules!r}, as in PEFT's MissConfig")
+        if layers_to_transform is None and layers_pattern:
+            raise ValueError(f"layers_pattern={layers_pattern!r} only takes effect with layers_to_transform, which "
+                             "is None; refusing rather than ignoring it")
+    if modules_to_save is not None and not (isinstance(modules_to_save, (list, tuple, set, frozenset))
+                                            and all(isinstance(m, str) and m for m in modules_to_save)):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+
+
+def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]:
+    """The module paths PEFT would wrap as modules_to_save, checked: none may be or hold an adapter
+    layer, be nested in another, or share parameters with other modules (PEFT trains a separate
+    copy; training it in place would change the other holder too)."""
+    paths, unused = modules_to_save_paths(model, list(modules_to_save or []), skip_inside=(MissLinear,))
+    if unused:
+        warnings.warn(f"modules_to_save entries {unused!r} match no module of the model (PEFT ignores them too)",
+                      stacklevel=3)
+    targets = {name for name, _ in found}
+    problems = []
+    params = parameter_paths(model) if paths else None
+    for path in paths:
+        module = model.get_submodule(path)
+        inner = [f"{path}.{n}" if n else path for n, m in module.named_modules() if isinstance(m, MissLinear)]
+        if inner or path in targets:
+            problems.append(f"{path}: it is (or holds) a MiSS adapter layer ({describe(inner or [path])}); a module "
+                            "cannot be both adapted and saved whole")
+            continue
+        nested = [p for p in paths if p != path and path.startswith(p + ".")]
+        if nested:
+            problems.append(f"{path}: nested inside {describe(nested)}, which is saved whole already")
+            continue
+        holders = other_holders(params, list(module.parameters()), [path])
+        if holders:
+            problems.append(f"{path}: its parameters are shared with {describe(holders)} (e.g. tied embeddings); "
+                            "PEFT trains a separate copy, training it here would change those too. Untie it first")
+    if problems:
+        raise ValueError(f"modules_to_save={list(modules_to_save)!r}:\n  " + "\n  ".join(problems))
+    return paths
+
+
+def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, object, None] = None,
+               r: Optional[int] = None, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
+               init_weights: bool = True, freeze_others: bool = True, *,
+               exclude_modules: Optional[Union[str, Sequence[str]]] = None,
+               layers_to_transform: Optional[Union[int, Sequence[int]]] = None,
+               layers_pattern: Optional[Union[str, Sequence[str]]] = None,
+               modules_to_save: Optional[Sequence[str]] = None, bias: str = "none") -> nn.Module:
     """Replaces the matching `nn.Linear` layers with `MissLinear` in place and returns the model.
 
     target_modules follows PEFT: a list of names matching a module path exactly or as its last
@@ -117,8 +251,68 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
     init_weights, raises TypeError; no match, a layer that already has an adapter, bad r /
     mini_r / dropout for any layer raises ValueError; and the model is left as it was. (mini_r
     outside mode="mini" is ignored, as PEFT ignores it.)
+
+    PEFT's other MissConfig fields, as keywords: exclude_modules (a regex for the whole path or a
+    list of names/suffixes), layers_to_transform (an int or a list of layer indices, read from
+    the path after `layers_pattern`, or after any component when it is None), modules_to_save
+    (modules trained and saved whole: PEFT's suffix rule, "score" matches every path ending in
+    "score") and bias ("none", "all": every bias of the model, "MiSS_only": the adapted layers'
+    biases, trained and saved). The adapted modules are exactly those get_peft_model adapts.
+
+    Instead of target_modules and the keywords, `apply_miss(model, config)` takes a
+    `peft.MissConfig` / `BoneConfig` or the dict of an adapter_config.json: init_weights True /
+    False / "mini" / "bat" become init_weights=True / init_weights=False / mode="mini" /
+    mode="bat"; miss_dropout is dropout. Only freeze_others may be given with a config.
     """
+    if _is_config(target_modules):
+        given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
+                                         ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
+                                         ("exclude_modules", exclude_modules, None),
+                                         ("layers_to_transform", layers_to_transform, None),
+                                         ("layers_pattern", layers_pattern, None),
+                                         ("modules_to_save", modules_to_save, None), ("bias", bias, "none"))
+                 if not (v is default or v == default)]
+        if given:
+            raise TypeError(f"apply_miss(model, config) takes every setting from the config; also given: "
+                            f"{', '.join(given)} (only freeze_others may be given with a config)")
+        from .adapter_files import apply_miss_settings
+
+        settings = apply_miss_settings(target_modules)
+        (target_modules, r, mode, mini_r, dropout, init_weights, exclude_modules, layers_to_transform,
+         layers_pattern, modules_to_save, bias) = (settings[k] for k in (
+            "target_modules", "r", "mode", "mini_r", "dropout", "init_weights", "exclude_modules",
+            "layers_to_transform", "layers_pattern", "modules_to_save", "bias"))
+    elif r is None:
+        raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
+                        "target_modules)")
+    if target_modules is None:
+        raise ValueError("target_modules=None: PEFT would pick its default modules for the model type; not "
+                         "implemented here, name the modules")
+    bias = check_bias(bias)
+    _check_selection_fields(target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)
     found = find_targets(model, target_modules, skip_inside=(MissLinear,))
+    selection = {"exclude_modules": (sorted(exclude_modules) if isinstance(exclude_modules, (set, frozenset))
+                                     else exclude_modules),
+                 "layers_to_transform": (list(layers_to_transform) if isinstance(layers_to_transform, tuple)
+                                         else layers_to_transform),
+                 "layers_pattern": layers_pattern, "modules_to_save": list(modules_to_save or [])}
+    if any(v not in (None, []) for v in selection.values()) and found:
+        # PEFT's matching (check_target_module_exists) for the other fields; "all-linear" is
+        # expanded to the linear layers' full paths first, as PEFT does.
+        rule = sorted(n for n, _ in found) if target_modules == ALL_LINEAR else target_modules
+        rule = sorted(rule) if isinstance(rule, (set, frozenset)) else rule
+        kept = [(n, m) for n, m in found if peft_selects(dict(selection, target_modules=rule), n)]
+        if not kept:
+            raise ValueError(f"target_modules={target_modules!r} matches {describe(n for n, _ in found)}, but "
+                             f"exclude_modules / layers_to_transform / layers_pattern / modules_to_save "
+                             f"({', '.join(f'{k}={v!r}' for k, v in selection.items() if v not in (None, []))}) "
+                             "leave no module to adapt")
+        found = kept
+    if exclude_modules:
+        excluded = [n for n, _ in model.named_modules() if n and (re.fullmatch(exclude_modules, n) if isinstance(
+            exclude_modules, str) else matches(list(exclude_modules), n))]
+        if not excluded:
+            warnings.warn(f"exclude_modules={exclude_modules!r} matches no module of the model", stacklevel=2)
     if target_modules == ALL_LINEAR:
         # Linears whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
         # could not run an adapter: skipped, as the shared ones below.
@@ -148,6 +342,11 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
             raise TypeError(f"{name}: {why}")
     check_dropout(dropout)
     _check_init_weights(init_weights)
+    save_paths = _plan_modules_to_save(model, modules_to_save, found)
+    recorded = trainable_extras(model)
+    if bias != "none" and recorded["bias"] not in ("none", bias):
+        raise ValueError(f"bias={bias!r}, but an earlier call on this model set bias={recorded['bias']!r}; one PEFT "
+                         "adapter config has one bias value")
 
     with warnings.catch_warnings():
         # One warning per model rather than one per layer for the r > in case.
@@ -163,8 +362,14 @@ def apply_miss(model: nn.Module, target_modules: TargetModules, r: int, mode: st
         set_module(model, name, layer)
     shared = record_shared_weights(model)
     warn_shared({name: shared[name] for name, _ in layers if name in shared})
+    extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
+                                                                if p not in recorded["modules_to_save"]],
+              "bias": bias if bias != "none" else recorded["bias"]}
+    if extras != {"modules_to_save": [], "bias": "none"}:
+        setattr(model, EXTRAS_ATTR, extras)
     if freeze_others:
         freeze_all_but_blocks(model)
+    mark_extras_trainable(model)
     return model
 
 

@@ -106,6 +106,10 @@ def peft_selects(config: Mapping, path: str) -> bool:
     targets = config["target_modules"]
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
+    if path in targets:
+        # PEFT: a list entry equal to the whole path selects it without the layer filter (so the
+        # full paths "all-linear" expands to are never filtered by layers_to_transform).
+        return True
     if not matches(list(targets), path):
         return False
     indexes = config.get("layers_to_transform")
@@ -115,6 +119,30 @@ def peft_selects(config: Mapping, path: str) -> bool:
     if index is None:
         return False
     return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]],
+                          skip_inside: Tuple[type, ...] = ()) -> Tuple[List[str], List[str]]:
+    """PEFT 0.21's `_set_trainable` rule for `modules_to_save`: every module whose path ends with
+    one of the entries (a plain string suffix, so "norm" also picks "input_layernorm"). Modules
+    nested inside an instance of `skip_inside` (an adapter layer's base_layer) are not looked at.
+    Returns (the matched paths in model order, the entries that matched nothing)."""
+    if not entries:
+        return [], []
+    found: List[str] = []
+    used = set()
+    skip_prefixes: List[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if skip_inside and isinstance(module, skip_inside):
+            skip_prefixes.append(name + ".")
+        hits = [e for e in entries if name.endswith(e)]
+        if hits:
+            used.update(hits)
+            if name not in found:
+                found.append(name)
+    return found, [e for e in entries if e not in used]
 
 
 def exact_paths_regex(paths: Sequence[str]) -> str:

@@ -177,6 +177,14 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--mode", "lora"], "invalid choice: 'lora'"),
     (["--device", "tpu"], "--device tpu"),
     (["--threads", "-1"], "must be 0 or a positive integer, got -1"),
+    # the user-model flags (tests/test_demo_user_model.py)
+    (["--model", "x"], "--model needs --data"),
+    (["--data", "x.txt"], "--data needs --model"),
+    (["--model", "x", "--data", "y", "--hidden", "64"], "--hidden describes the random model"),
+    (["--model", "x", "--data", "y", "--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--target-modules", "a,,b"], "expected a comma list of module names"),
+    (["--target-modules", "q_proj("], "is not a valid regex"),
+    (["--heldout", "1.5"], "must be between 0 and 1"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -255,22 +255,6 @@ def test_bad_inputs_exit_2_naming_the_path(model_dir, text_file, tmp_path, capsy
     assert not out.exists(), "nothing is written when the inputs are refused"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "x"], "--model needs --data"),
-    (["--data", "x.txt"], "--data needs --model"),
-    (["--model", "x", "--data", "y", "--hidden", "64"], "--hidden describes the random model"),
-    (["--model", "x", "--data", "y", "--seq-len", "1"], "--seq-len must be at least 2"),
-    (["--target-modules", "a,,b"], "expected a comma list of module names"),
-    (["--target-modules", "q_proj("], "is not a valid regex"),
-    (["--heldout", "1.5"], "must be between 0 and 1"),
-])
-def test_bad_flag_combinations_exit_2(capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        demo.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def test_module_entry_point_with_a_model_folder(model_dir, text_file, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),

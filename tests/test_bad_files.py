@@ -1,0 +1,73 @@
+"""Adapter files that are broken or lie (issue 13, "Bad files"): load_adapter raises a clear
+error naming the problem, and the model is left exactly as it was."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import miss_ext
+from conftest import assert_unchanged, snapshot
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 6))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model()
+    miss_ext.apply_miss(model, ["0", "2"], r=4, init_weights=False)
+    miss_ext.save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def _expect_refused(path, pattern, exc=ValueError):
+    model = _model()
+    snap = snapshot(model)
+    with pytest.raises(exc, match=pattern):
+        miss_ext.load_adapter(model, path)
+    assert_unchanged(model, snap)
+
+
+def test_truncated_weights_file(saved):
+    data = (saved / WEIGHTS).read_bytes()
+    (saved / WEIGHTS).write_bytes(data[: len(data) // 2])
+    _expect_refused(saved, r"(?i)adapter_model\.safetensors|safetensors|truncat|incomplete", Exception)
+
+
+def test_corrupted_header(saved):
+    data = bytearray((saved / WEIGHTS).read_bytes())
+    data[8:16] = b"\xff" * 8  # inside the JSON header
+    (saved / WEIGHTS).write_bytes(bytes(data))
+    _expect_refused(saved, r"(?i)safetensors|header|invalid|corrupt", Exception)
+
+
+def test_config_that_lies_about_r(saved):
+    config = json.loads((saved / CONFIG).read_text())
+    config["r"] = 2
+    (saved / CONFIG).write_text(json.dumps(config))
+    _expect_refused(saved, r"block shape \(4, 8\) in the file, the model needs \(2, 8\)")
+
+
+def test_integer_blocks(saved):
+    blocks = load_file(saved / WEIGHTS)
+    save_file({k: v.to(torch.int32) for k, v in blocks.items()}, saved / WEIGHTS)
+    _expect_refused(saved, r"block dtype torch\.int32 is not floating point")
+
+
+def test_non_finite_blocks(saved):
+    blocks = load_file(saved / WEIGHTS)
+    key = sorted(blocks)[0]
+    blocks[key][0, 0] = float("nan")
+    save_file(blocks, saved / WEIGHTS)
+    _expect_refused(saved, r"(?i)non-finite|nan")
+
+
+def test_missing_config(saved):
+    (saved / CONFIG).unlink()
+    _expect_refused(saved, r"adapter_config\.json", Exception)

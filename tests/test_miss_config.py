@@ -1,0 +1,239 @@
+"""apply_miss takes all of PEFT's MissConfig (issue 13): exclude_modules, layers_to_transform,
+layers_pattern, modules_to_save and bias as keywords, or a `peft.MissConfig` / adapter_config.json
+dict instead of target_modules. It adapts exactly the modules get_peft_model adapts and trains
+the same parameters; save_adapter writes modules_to_save and biases so that PEFT loads the same
+model, and PEFT's files load into ours the same way. Refusals change nothing."""
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
+
+import miss_ext  # noqa: E402
+from conftest import assert_unchanged, snapshot  # noqa: E402
+from tiny_models import R, TARGETS, tiny_causal_lm, tokens  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+PREFIX = "base_model.model."
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return {arch: tiny_causal_lm(arch) for arch in ("llama", "qwen2")}
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
+                                                                n_positions=64)).double()
+
+
+def peft_adapted(model):
+    return sorted(n[len(PREFIX):] for n, m in model.named_modules() if hasattr(m, "miss_block"))
+
+
+def peft_trainable(model):
+    """PEFT's trainable parameter names in our naming (no prefix, adapter name or wrapper)."""
+    names = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            n = n[len(PREFIX):].replace(".modules_to_save.default.", ".")
+            names.add(n[:-len(".default")] if n.endswith(".miss_block.default") else n)
+    return names
+
+
+def ours_adapted(model):
+    return sorted(n for n, _ in miss_ext.miss_layers(model))
+
+
+def ours_trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# Each: MissConfig keyword arguments. Together they cover list / regex / "all-linear" targets,
+# exclude_modules as a list and as a regex, layers_to_transform as an int and a list, with and
+# without layers_pattern, a full path in the list (PEFT skips the layer filter for it),
+# modules_to_save (PEFT's suffix rule, excluded from the targets) and every bias value.
+CONFIGS = {
+    "list": dict(target_modules=TARGETS),
+    "regex": dict(target_modules=r"model\.layers\.1\.(self_attn|mlp)\.(q|k|down)_proj"),
+    "all-linear": dict(target_modules="all-linear"),
+    "exclude-list": dict(target_modules=TARGETS, exclude_modules=["k_proj", "mlp.up_proj"]),
+    "exclude-regex": dict(target_modules="all-linear", exclude_modules=r".*\.0\.self_attn\..*"),
+    "layers-int": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1),
+    "layers-list-pattern": dict(target_modules=TARGETS, layers_to_transform=[0], layers_pattern="layers"),
+    "layers-pattern-list": dict(target_modules=["o_proj"], layers_to_transform=[1], layers_pattern=["nope", "layers"]),
+    "layers-full-path": dict(target_modules=["q_proj", "model.layers.0.self_attn.k_proj"], layers_to_transform=[1]),
+    "layers-exclude": dict(target_modules=TARGETS, layers_to_transform=[0, 1], exclude_modules=["gate_proj"]),
+    "modules_to_save": dict(target_modules=TARGETS, modules_to_save=["lm_head", "o_proj"]),
+    "modules_to_save-suffix": dict(target_modules=["q_proj"], modules_to_save=["norm"]),
+    "bias-all": dict(target_modules=TARGETS, bias="all"),
+    "bias-miss-only": dict(target_modules=["q_proj", "o_proj"], bias="MiSS_only"),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_apply_miss_selects_and_trains_what_get_peft_model_does(bases, arch, name):
+    kwargs = CONFIGS[name]
+    reference = get_peft_model(copy.deepcopy(bases[arch]), MissConfig(r=R, **kwargs))
+    expected = peft_adapted(reference)
+    # A MissConfig, the dict of its adapter_config.json, and the same as keywords.
+    from_config = miss_ext.apply_miss(copy.deepcopy(bases[arch]), MissConfig(r=R, **kwargs))
+    from_dict = miss_ext.apply_miss(copy.deepcopy(bases[arch]), json.loads(json.dumps(
+        {k: (sorted(v) if isinstance(v, set) else v) for k, v in
+         MissConfig(r=R, **kwargs).to_dict().items() if k != "peft_type"} | {"peft_type": "MISS"})))
+    keywords = miss_ext.apply_miss(copy.deepcopy(bases[arch]), r=R, **kwargs)
+    for model in (from_config, from_dict, keywords):
+        assert ours_adapted(model) == expected
+        assert ours_trainable(model) == peft_trainable(reference)
+
+
+def test_gpt2_conv1d_is_refused_by_both(recwarn):
+    for config in (MissConfig(r=2, target_modules=["c_attn"]),
+                   MissConfig(r=2, target_modules="all-linear", exclude_modules=["c_proj"]),
+                   MissConfig(r=2, target_modules=["c_fc"], layers_to_transform=1)):
+        with pytest.raises(TypeError, match="not supported"):  # PEFT's MiSS refuses Conv1D too
+            get_peft_model(gpt2(), copy.deepcopy(config))
+        model = gpt2()
+        snap = snapshot(model)
+        with pytest.raises(TypeError, match=r"transformer\.h\.\d\.(attn|mlp)\.c_(attn|fc) \(Conv1D\)"):
+            miss_ext.apply_miss(model, config)
+        assert_unchanged(model, snap)
+    # Excluding every Conv1D leaves nothing: both refuse (ValueError).
+    config = MissConfig(r=2, target_modules="all-linear", exclude_modules=r".*c_(attn|proj|fc)")
+    with pytest.raises(ValueError):
+        get_peft_model(gpt2(), copy.deepcopy(config))
+    model = gpt2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="leave no module to adapt"):
+        miss_ext.apply_miss(model, config)
+    assert_unchanged(model, snap)
+
+
+def train_one_step(model, lr=0.5):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(tokens(), labels=tokens()).loss
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("qwen2", dict(target_modules=TARGETS, modules_to_save=["lm_head"], bias="all", init_weights=False,
+                   exclude_modules=["k_proj"])),
+    ("qwen2", dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
+                   layers_pattern="layers", bias="MiSS_only", init_weights="mini", mini_r=4)),
+    ("llama", dict(target_modules="all-linear", modules_to_save=["norm"], init_weights="bat")),
+])
+def test_round_trips_with_peft(bases, tmp_path, arch, kwargs):
+    base, ids = bases[arch], tokens()
+    # Ours -> PEFT: apply_miss(config), one training step, save_adapter, PeftModel.from_pretrained.
+    ours = train_one_step(miss_ext.apply_miss(copy.deepcopy(base), MissConfig(r=R, **kwargs)))
+    miss_ext.save_adapter(ours, tmp_path / "ours", task_type="CAUSAL_LM")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["bias"] == kwargs.get("bias", "none")
+    assert (written["modules_to_save"] or []) == sorted(
+        n for n, _ in ours.named_modules() if any(n.endswith(m) for m in kwargs.get("modules_to_save", [])))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert peft_adapted(loaded) == ours_adapted(ours)
+    torch.testing.assert_close(loaded(ids).logits, ours(ids).logits, **TOL)
+    assert not torch.allclose(ours(ids).logits, base(ids).logits)
+
+    # PEFT -> ours: get_peft_model(config), one training step, save_pretrained, load_adapter.
+    reference = train_one_step(get_peft_model(copy.deepcopy(base), MissConfig(r=R, **kwargs)))
+    reference.save_pretrained(tmp_path / "peft")
+    mine = miss_ext.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(mine(ids).logits, reference(ids).logits, **TOL)
+    assert ours_trainable(mine) == peft_trainable(reference)
+    # ... and ours saves it again so that PEFT loads the same model.
+    miss_ext.save_adapter(mine, tmp_path / "again")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    torch.testing.assert_close(again(ids).logits, reference(ids).logits, **TOL)
+
+
+def test_keyword_signature_is_unchanged(bases):
+    model = miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], R, "mini", 4, 0.0, False, True)
+    assert all(layer.mode == "mini" for _, layer in miss_ext.miss_layers(model))
+    assert not hasattr(model, "_miss_ext_trainable")
+
+
+def test_a_later_call_keeps_modules_to_save_and_biases_trainable(bases):
+    model = miss_ext.apply_miss(copy.deepcopy(bases["qwen2"]), ["q_proj"], r=R, modules_to_save=["lm_head"],
+                                bias="MiSS_only")
+    miss_ext.apply_miss(model, ["v_proj"], r=R)
+    trainable = ours_trainable(model)
+    assert "lm_head.weight" in trainable
+    assert {f"model.layers.{i}.self_attn.{p}.base_layer.bias" for i in (0, 1) for p in ("q_proj", "v_proj")} \
+        <= trainable
+
+
+def tied_llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).double()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (dict(target_modules=["q_proj"], r=R, bias="lora_only"), ValueError, r"bias='lora_only'"),
+    (dict(target_modules=["q_proj"], r=R, bias=True), ValueError, r"bias=True"),
+    (dict(target_modules="all-linear", r=R, layers_to_transform=[0]), ValueError, r"layers_to_transform=\[0\]"),
+    (dict(target_modules=r".*q_proj", r=R, layers_pattern="layers"), ValueError, r"layers_pattern='layers'"),
+    (dict(target_modules=["q_proj"], r=R, layers_pattern="layers"), ValueError, "only takes effect"),
+    (dict(target_modules=["q_proj"], r=R, layers_to_transform="1"), TypeError, "layers_to_transform"),
+    (dict(target_modules=["q_proj"], r=R, exclude_modules="("), ValueError, "exclude_modules"),
+    (dict(target_modules=["q_proj"], r=R, modules_to_save="lm_head"), TypeError, "modules_to_save"),
+    (dict(target_modules=["q_proj"], r=R, exclude_modules=["q_proj"]), ValueError, "leave no module"),
+    (dict(target_modules=["q_proj"], r=R, layers_to_transform=[7]), ValueError, "leave no module"),
+    (dict(target_modules=["q_proj"], r=R, modules_to_save=["self_attn"]), ValueError, "leave no module"),
+    (dict(target_modules=["gate_proj"], r=R, modules_to_save=["self_attn", "layers.0"]), ValueError,
+     r"model\.layers\.0\.self_attn: nested inside model\.layers\.0"),
+    (dict(target_modules=["q_proj"]), TypeError, "needs r"),
+    (dict(target_modules=None, r=R), ValueError, "target_modules=None"),
+    (dict(target_modules=MissConfig(r=R, target_modules=["q_proj"]), r=R), TypeError, "also given: r"),
+    (dict(target_modules=MissConfig(r=R, target_modules=["q_proj"]), bias="all"), TypeError, "also given: bias"),
+    (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": ["q_proj"], "rank_pattern": {"q": 2}}),
+     ValueError, "rank_pattern"),
+    (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": ["q_proj"], "init_weights": "lora"}),
+     ValueError, "init_weights='lora'"),
+    (dict(target_modules={"peft_type": "LORA", "r": R, "target_modules": ["q_proj"]}), ValueError, "'LORA'"),
+    (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": None}), ValueError, "target_modules=None"),
+])
+def test_refusals_change_nothing(bases, call, error, match):
+    model = copy.deepcopy(bases["llama"])
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        miss_ext.apply_miss(model, **call)
+    assert_unchanged(model, snap)
+    assert not hasattr(model, "_miss_ext_trainable")
+
+
+def test_modules_to_save_refusals_on_shared_or_adapted_modules(bases):
+    tied = tied_llama()
+    snap = snapshot(tied)
+    with pytest.raises(ValueError, match=r"lm_head: its parameters are shared with model\.embed_tokens"):
+        miss_ext.apply_miss(tied, ["q_proj"], r=R, modules_to_save=["lm_head"])
+    assert_unchanged(tied, snap)
+
+    model = miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], r=R, bias="all")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"self_attn: it is \(or holds\) a MiSS adapter layer"):
+        miss_ext.apply_miss(model, ["gate_proj"], r=R, modules_to_save=["self_attn"])
+    with pytest.raises(ValueError, match=r"bias='MiSS_only', but an earlier call .* bias='all'"):
+        miss_ext.apply_miss(model, ["gate_proj"], r=R, bias="MiSS_only")
+    assert_unchanged(model, snap)
+
+
+def test_unmatched_exclude_and_modules_to_save_warn(bases):
+    with pytest.warns(UserWarning, match=r"exclude_modules=\['nothing'\] matches no module"):
+        miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], r=R, exclude_modules=["nothing"])
+    with pytest.warns(UserWarning, match=r"modules_to_save entries \['score'\] match no module"):
+        model = miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], r=R,
+                                    modules_to_save=["lm_head", "score"])
+    assert "lm_head.weight" in ours_trainable(model)
