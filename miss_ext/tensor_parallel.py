@@ -375,6 +375,21 @@ def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
         raise ValueError(f"{style}: this MissLinear is already tensor-parallel ({module._tp_style})")
 
 
+# The oldest torch the styles were run on. On torch 2.11 (the GPU machines', 2026-11-29) the
+# backward of a sharded layer failed in DTensor's view propagation ("Attempted to flatten multiple
+# dimensions, with dimension 1 being sharded"); 2.12 and 2.13 were not tried.
+MIN_TORCH = (2, 14)
+
+
+def check_torch_version(style: str) -> None:
+    """RuntimeError naming the installed torch when it is older than MIN_TORCH."""
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    if version < MIN_TORCH:
+        raise RuntimeError(f"{style}: tensor parallelism of MiSS layers needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+                           f"(tested there); torch {torch.__version__}'s DTensor fails in the backward of a sharded "
+                           "layer. Use DDP or FSDP2 with this torch, or a newer torch")
+
+
 class MissColwiseParallel(ColwiseParallel):
     """torch's ColwiseParallel, also for `miss_ext.MissLinear`: base weight and bias Shard(0),
     miss_block Shard(1) (default mode, any out), Replicate (mini: every shard of out must start at
@@ -399,6 +414,7 @@ class MissColwiseParallel(ColwiseParallel):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):
             return super()._apply(module, device_mesh)
+        check_torch_version(type(self).__name__)
         _check_miss_layer(type(self).__name__, module, device_mesh)
         n, out_f = device_mesh.size(), module.out_features
         if module.mode == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
@@ -440,6 +456,7 @@ class MissRowwiseParallel(RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):
             return super()._apply(module, device_mesh)
+        check_torch_version(type(self).__name__)
         style = type(self).__name__
         _check_miss_layer(style, module, device_mesh)
         n, in_f, r = device_mesh.size(), module.in_features, module.r

@@ -313,8 +313,11 @@ def test_fsdp2_sharded_base_before_apply_miss(gloo_world):
     net = nn.Sequential()
     net.add_module("proj", nn.Linear(IN, OUT))
     plain = copy.deepcopy(net)
-    fully_shard(net.proj)
-    fully_shard(net)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))  # the default mesh is CUDA's where a GPU is visible
+    fully_shard(net.proj, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     miss_ext.apply_miss(net, ["proj"], r=R, init_weights=False)
     miss_ext.apply_miss(plain, ["proj"], r=R, init_weights=False)
     with torch.no_grad():

@@ -36,7 +36,8 @@ PRELUDE = """
 import ctypes, os
 import torch
 lib = ctypes.CDLL({path!r}, mode=ctypes.RTLD_GLOBAL)
-lib.foreign_format(7)  # (its own output is already broken: torch's libstdc++ came first)
+# (foreign_format is not called: the foreign library's own streams are broken beside torch's
+# libstdc++, dropping numbers with g++ 12 and crashing with g++ 13, seen on the GPU machine.)
 # The hazard is real: the global scope's std::ostream::_M_insert<long> is the foreign copy.
 dl = ctypes.CDLL(None)
 dl.dlsym.restype = ctypes.c_void_p

@@ -162,6 +162,9 @@ def max_grad_diff(a, b):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("flavour", ["apply_miss", "peft"])
 def test_transformers_checkpointing_matches_plain_gradients(base, device, flavour, mode, entry, reentrant):
+    if not hasattr(base, entry):  # activation_checkpointing_enable is transformers 5.2x's new name
+        import transformers
+        pytest.skip(f"transformers {transformers.__version__} has no {entry}")
     model = adapted(base, flavour, mode, device)
     ids = tokens(batch=2, length=9).to(device)
     loss, grads, calls = model_run(model, ids, seed=21)

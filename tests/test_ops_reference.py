@@ -667,12 +667,12 @@ def test_linear_every_subset_of_inputs_requiring_grad(device, mask):
     needs = [bool(mask >> i & 1) for i in range(4)]
     shapes = [(2, 3, 7), (5, 7), (5,), (3, 5)]
     ts = [rand(*s, dtype=F64, device=device, requires_grad=n) for s, n in zip(shapes, needs)]
-    y = ops.linear(*ts, 0.3, torch.tensor([3, 4]))
+    y = ops.linear(*ts, 0.3, torch.tensor([3, 4], device=device))
     wanted = [t for t, n in zip(ts, needs) if n]
     g = rand(*y.shape, dtype=F64, device=device)
     got = torch.autograd.grad(y, wanted, g)
     refs = [t.detach().clone().requires_grad_(n) for t, n in zip(ts, needs)]
-    m = recover_mask(6, 7, 0.3, torch.tensor([3, 4]), device)
+    m = recover_mask(6, 7, 0.3, torch.tensor([3, 4], device=device), device)
     want = torch.autograd.grad(linear_ref(*refs, mask=m, p=0.3), [r for r, n in zip(refs, needs) if n], g)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)

@@ -6,6 +6,7 @@ block gradients (gathered with full_tensor) and the blocks after one SGD step.
 All configurations run in one spawn of the 2 ranks (a module fixture: spawning costs seconds);
 each test checks its own part of the result.
 """
+import re
 import warnings
 
 import pytest
@@ -17,6 +18,11 @@ if not dist.is_available():
 pytest.importorskip("transformers")
 
 from dist_util import run_ranks  # noqa: E402
+
+# The styles refuse torch < 2.14 (miss_ext.tensor_parallel.MIN_TORCH: torch 2.11's DTensor failed
+# in the backward there); on such a torch only the refusal is tested.
+OLD_TORCH = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 14)
+
 from tiny_models import MINI_R, R, TARGETS, tiny_causal_lm, tokens  # noqa: E402
 
 # name: (mode, r, mini_r, dropout). "gathered": r=3 does not divide o_proj's row-wise shards of in
@@ -142,6 +148,8 @@ def rank_main(rank, world_size, folder):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    if OLD_TORCH:
+        pytest.skip(f"tensor parallelism needs torch >= 2.14, not {torch.__version__}")
     return run_ranks(rank_main, world_size=2, args=(str(tmp_path_factory.mktemp("tp")),), timeout=300)
 
 
@@ -237,3 +245,24 @@ def test_import_without_distributed_guard():
 
     assert tensor_parallel._REGISTERED
     assert miss_ext.MissLinear is not None
+
+
+@pytest.mark.skipif(not OLD_TORCH, reason="checks the refusal on torch < 2.14")
+def test_old_torch_is_refused_by_name():  # runs where torch < 2.14 (the GPU machines' 2.11)
+    import miss_ext.tensor_parallel as tp
+
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.14"):
+        tp.check_torch_version("MissColwiseParallel")
+
+
+def test_the_version_gate_compares_major_minor(monkeypatch):
+    import miss_ext.tensor_parallel as tp
+
+    for version, refused in (("2.11.0+cu130", True), ("2.13.1", True), ("2.14.1+cu130", False), ("2.15.0", False)):
+        monkeypatch.setattr(tp.torch, "__version__", version)
+        if refused:
+            with pytest.raises(RuntimeError, match=rf"torch {re.escape(version)}'s DTensor"):
+                tp.check_torch_version("S")
+        else:
+            tp.check_torch_version("S")
+
