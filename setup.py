@@ -103,7 +103,9 @@ def private_cxx_runtime():
     dependencies; its num_put facet ids then index the locale built by the other runtime. The
     integer path builds an ostringstream (c10::str); string-only messages never do. Reproduced
     with such a library (tests/test_cxx_runtime.py builds one): SIGSEGV on the first number with
-    g++ 13, the number silently dropped with g++ 12. With our own copy, linked statically and
+    g++ 13, the number silently dropped with g++ 12. On the GPU machines themselves (g++ 13.3,
+    Ubuntu 24.04, torch 2.11; 2026-11-29) no foreign runtime was loaded, yet a shared-runtime
+    build segfaulted on every numeric error and this private one did not (tests/GPU.md). With our own copy, linked statically and
     hidden by --exclude-libs, no other object in the process can serve these calls. Exceptions
     still cross into torch normally: their types (c10::Error) live in libc10, and unwinding is
     libgcc_s's. MISS_EXT_PRIVATE_CXXRT=0 turns it off; it is also off, with a message, when
