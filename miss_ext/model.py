@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .modules import WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal
-from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches, module_paths,
-                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module,
-                      shared_weight_message)
+from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches,
+                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
+                      set_module, shared_weight_message)
 
 
 def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
@@ -86,16 +86,7 @@ def record_shared_weights(model: nn.Module) -> Dict[str, List[str]]:
     paths, [] when not shared; MissLinear.merge reads it, as a layer cannot see its model) and
     returns {layer path: other holders} for the shared ones. Call it again after untying by
     hand so that a layer's own merge() sees the change (merge_and_unload always re-checks)."""
-    params, modules = parameter_paths(model), module_paths(model)
-    shared = {}
-    for name, layer in miss_layers(model):
-        base = layer.base_layer
-        holders = other_holders(params, (base.weight, base.bias), modules[id(layer)])
-        layer._shared_with = holders
-        layer._layer_path = name or "the model"  # for the layer's own merge() message
-        if holders:
-            shared[name] = holders
-    return shared
+    return record_sharing(model, [(layer, layer.base_layer) for _, layer in miss_layers(model)])
 
 
 def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:

@@ -6,6 +6,8 @@ from typing import List, Optional
 import torch
 import torch.nn.modules.module as _module_globals
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.utils import parametrize
 
 from .ops import new_dropout_key
@@ -55,16 +57,14 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter, FakeTensor, FunctionalTensor)
+
+
 def _plain_tensor(t: Optional[Tensor]) -> bool:
     """A plain tensor, or the stand-in that tracing puts in its place (torch.export and
     torch.compile swap parameters for fake or functional tensors). A DTensor or a quantized
     tensor subclass is not plain, traced or not."""
-    if t is None or type(t) in (Tensor, nn.Parameter):
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return type(t) in (FakeTensor, FunctionalTensor)
+    return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -83,6 +83,14 @@ def is_plain_linear(module: nn.Module) -> bool:
                      or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
             and not parametrize.is_parametrized(module)
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
+
+
+def check_merge(module: nn.Module, unmerge: bool = False) -> None:
+    """ValueError with merge_refusal's reason when an adapter cannot be merged into (unmerged from)
+    `module`; shared by MissLinear and the accelerated PEFT layer."""
+    why = merge_refusal(module, unmerge)
+    if why is not None:
+        raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type(module).__name__}: {why}")
 
 
 # Modules that read a child linear's .weight/.bias themselves instead of calling it: an adapter
@@ -271,10 +279,7 @@ class MissLinear(nn.Module):
         # them, so it is allowed (refusing it would leave the user stuck with a merged layer).
         if self._shared_with and not unmerge:
             raise ValueError(shared_weight_message(getattr(self, "_layer_path", "this layer"), self._shared_with))
-        why = merge_refusal(self.base_layer, unmerge)
-        if why is not None:
-            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} "
-                             f"{type(self.base_layer).__name__}: {why}")
+        check_merge(self.base_layer, unmerge)
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:

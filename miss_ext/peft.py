@@ -49,9 +49,9 @@ from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 
-from .modules import is_plain_linear, merge_refusal  # noqa: E402
+from .modules import check_merge, is_plain_linear  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
-from .targets import module_paths, other_holders, parameter_paths, shared_weight_message
+from .targets import record_sharing, shared_weight_message  # noqa: E402
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
 
@@ -104,12 +104,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         nothing while reporting merged), and through hooks or a subclass forward the merged layer
         would not compute the unmerged output: refuse, as MissLinear does. Quantized backends keep
         PEFT's code, which dequantizes and requantizes."""
-        if self.quantization_backend is not None:
-            return
-        why = merge_refusal(self.base_layer, unmerge)
-        if why is not None:
-            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} "
-                             f"{type(self.base_layer).__name__}: {why}")
+        if self.quantization_backend is None:
+            check_merge(self.base_layer, unmerge)
 
     def _dropout_p(self, adapter: str) -> float:
         dropout = self.miss_dropout[adapter]
@@ -221,16 +217,7 @@ def record_accelerated_sharing(root: nn.Module) -> Dict[str, List[str]]:
     """Sets `_shared_with` (the other holders' parameter paths, [] if none) and `_layer_path` on
     every accelerated layer under `root`, paths relative to root; returns {path: holders} for the
     shared ones. Merging those layers is refused."""
-    params, modules = parameter_paths(root), module_paths(root)
-    shared = {}
-    for layer in _miss_layers(root, AcceleratedMissLinear):
-        base = layer.get_base_layer()
-        own = modules[id(layer)]
-        layer._layer_path = own[0]
-        layer._shared_with = other_holders(params, (getattr(base, "weight", None), getattr(base, "bias", None)), own)
-        if layer._shared_with:
-            shared[own[0]] = layer._shared_with
-    return shared
+    return record_sharing(root, [(layer, layer.get_base_layer()) for layer in _miss_layers(root, AcceleratedMissLinear)])
 
 
 class AcceleratedMissModel(MissModel):

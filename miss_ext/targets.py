@@ -254,6 +254,22 @@ def other_holders(paths: "ParameterPaths", params: Iterable[Optional[nn.Paramete
     return found
 
 
+def record_sharing(root: nn.Module, layers: Iterable[Tuple[nn.Module, nn.Module]]) -> Dict[str, List[str]]:
+    """For each (adapter layer, its base module) under `root`: sets `layer._shared_with` (the other
+    holders of the base's weight and bias, [] when not shared; a layer's merge reads it, as it
+    cannot see its model) and `layer._layer_path` (for messages). Returns {layer path: holders}
+    for the shared ones."""
+    params, modules = parameter_paths(root), module_paths(root)
+    shared: Dict[str, List[str]] = {}
+    for layer, base in layers:
+        own = modules[id(layer)]
+        layer._layer_path = own[0] or "the model"
+        layer._shared_with = other_holders(params, (getattr(base, "weight", None), getattr(base, "bias", None)), own)
+        if layer._shared_with:
+            shared[own[0]] = layer._shared_with
+    return shared
+
+
 def shared_weight_message(layer: str, shared_with: Sequence[str]) -> str:
     """The error for a merge into a shared base weight: what is shared, with whom, why it is
     refused and the way out. `layer` names the adapter layer (its module path)."""

@@ -304,27 +304,6 @@ def tp_forward(layer: MissLinear, x: Tensor) -> Tensor:
     return ops.linear(x, base.weight, base.bias, layer.miss_block, p, key)
 
 
-class _ReplicatedFold(torch.autograd.Function):
-    """miss.fold of a replicated DTensor x, with a backward that builds its zeros as a DTensor
-    (the C++ fold backward makes a plain zeros tensor, which DTensor refuses to mix with the
-    DTensor gradient; see the report of issue 12 for the one-line C++ change that would remove
-    this class)."""
-
-    @staticmethod
-    def forward(ctx, x, r, p, key, dtype):
-        ctx.p, ctx.key, ctx.x_dtype, ctx.local_shape = p, key, x.dtype, x.to_local().shape
-        with torch.no_grad():
-            return ops.fold(x, r, p, key, dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        mesh = grad.device_mesh
-        grad = grad.redistribute(mesh, [R] * mesh.ndim)
-        zeros = DTensor.from_local(torch.zeros(ctx.local_shape, dtype=ctx.x_dtype, device=grad.device), mesh,
-                                   [R] * mesh.ndim, run_check=False)
-        return ops.tile_add(zeros, grad, 1.0, ctx.p, ctx.key), None, None, None, None
-
-
 def _rowwise_gathered(layer: MissLinear, x: Tensor, p: float, key: Optional[Tensor]) -> Tensor:
     """A row-wise layer whose fold cannot be split (dropout, or shards of in not starting at
     multiples of r): the base term stays a partial sum of the local shards, the adapter's fold runs
@@ -334,7 +313,7 @@ def _rowwise_gathered(layer: MissLinear, x: Tensor, p: float, key: Optional[Tens
     mesh = x.device_mesh
     y = torch.nn.functional.linear(x, base.weight, base.bias)  # Partial
     x_full = x.redistribute(mesh, [R] * mesh.ndim)  # all-gather; its backward slices the gradient back
-    term = _ReplicatedFold.apply(x_full, layer.r, p, key, block.dtype) @ block
+    term = ops.fold(x_full, layer.r, p, key, block.dtype) @ block
     if y.dtype != x.dtype:
         y = y.to(torch.promote_types(y.dtype, term.dtype))
     return ops.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)

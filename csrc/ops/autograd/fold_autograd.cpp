@@ -39,7 +39,9 @@ class FoldFunction : public torch::autograd::Function<FoldFunction> {
     const auto sizes = ctx->saved_data["x_sizes"].toSymIntList().vec();
     const auto dtype = ctx->saved_data["x_dtype"].toScalarType();
     const double p = ctx->saved_data["p"].toDouble();
-    const at::Tensor zeros = at::zeros_symint(sizes, grad_outputs[0].options().dtype(dtype));
+    // new_zeros of the gradient, not at::zeros: a tensor subclass gradient (a DTensor under
+    // tensor parallelism) then gets zeros of its own kind, which tile_add can combine with it.
+    const at::Tensor zeros = grad_outputs[0].new_zeros_symint(sizes, grad_outputs[0].options().dtype(dtype));
     return {ops::tile_add(zeros, grad_outputs[0], 1.0, p, key), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
