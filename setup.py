@@ -128,7 +128,24 @@ def private_cxx_runtime():
     return ["-static-libstdc++", "-Wl,--exclude-libs,ALL"]
 
 
-def write_build_config(path, with_cuda, torch, private_cxxrt=False):
+def sanitizer_flags():
+    """(compile flags, link flags) of MISS_EXT_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer
+    on the C++ sources (host code; the .cu files are compiled as usual). Every UBSan report aborts
+    (-fno-sanitize-recover), so a test run with no abort had no report. Python and torch are not
+    instrumented, so the ASan runtime must be loaded first: run with
+    LD_PRELOAD=$(c++ -print-file-name=libasan.so) (scripts/sanitize_test.sh does all of it).
+    The private C++ runtime is off in this build: a static libstdc++ would hide its allocations'
+    operator new/delete from ASan's interceptors."""
+    flag = os.environ.get("MISS_EXT_SANITIZE", "0").strip()
+    if flag not in ("0", "1"):
+        raise RuntimeError(f"MISS_EXT_SANITIZE must be 0 or 1, got {flag!r}")
+    if flag == "0":
+        return [], []
+    checks = "-fsanitize=address,undefined"
+    return [checks, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"], [checks]
+
+
+def write_build_config(path, with_cuda, torch, private_cxxrt=False, sanitize=False):
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     archs = ",".join(a for a in re.split(r"[;\s]+", archs) if a)
     with open(path, "w") as f:
@@ -137,6 +154,7 @@ def write_build_config(path, with_cuda, torch, private_cxxrt=False):
         f.write(f'#define MISS_EXT_CUDA_VERSION "{torch.version.cuda or ""}"\n')
         f.write(f'#define MISS_EXT_CUDA_ARCHS "{archs}"\n')
         f.write(f'#define MISS_EXT_CXX_RUNTIME "{"private" if private_cxxrt else "shared"}"\n')
+        f.write(f'#define MISS_EXT_SANITIZE "{"address,undefined" if sanitize else ""}"\n')
 
 
 def extensions():
@@ -160,14 +178,16 @@ def extensions():
     cuda_dir = os.path.join(csrc, "ops", "cuda") + os.sep
     if not with_cuda:
         sources = [s for s in sources if not s.startswith(cuda_dir)]
-    link = ["-fopenmp"] + private_cxx_runtime()
-    write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch, len(link) > 1)
+    sanitize_cxx, sanitize_link = sanitizer_flags()
+    link = ["-fopenmp"] + (sanitize_link or private_cxx_runtime())
+    write_build_config(os.path.join(ROOT, csrc, "setup_build_config.h"), with_cuda, torch,
+                       private_cxxrt="-static-libstdc++" in link, sanitize=bool(sanitize_cxx))
 
     defines = ["-DMISS_EXT_SETUP_PY"] + (["-DMISS_EXT_WITH_CUDA"] if with_cuda else [])
     # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
     # extension itself is compiled with OpenMP (torch's CPU backend is OpenMP; the runtime is
     # the libgomp torch already loads). Without it every CPU kernel ran on one thread.
-    cxx = ["-O3", "-fopenmp"] + defines
+    cxx = ["-O3", "-fopenmp"] + defines + sanitize_cxx
     print(f"miss_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
           + (f" (toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})"
              if with_cuda else ""))
@@ -181,7 +201,19 @@ def extensions():
     else:
         ext = cpp_extension.CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=link)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    config = f"torch{torch.__version__.split('+')[0]}-{'cuda' if with_cuda else 'cpu'}" + ("-sanitize" if sanitize_cxx else "")
+
+    class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Compiles into build/temp-<torch>-<backends>/ in the checkout. pip's editable and wheel
+        builds would otherwise compile in a fresh temporary folder each time, so every
+        `pip install -e .` (scripts/setup_env.sh runs one on each call) recompiled everything:
+        minutes on a small machine. Here ninja rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{config}")
+
+    return [ext], {"build_ext": BuildExtension}
 
 
 # Guarded so tests can import the build decisions (tests/test_build_config.py); pip and

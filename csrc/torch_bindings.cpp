@@ -31,6 +31,9 @@
 #ifndef MISS_EXT_CXX_RUNTIME
 #define MISS_EXT_CXX_RUNTIME "shared"
 #endif
+#ifndef MISS_EXT_SANITIZE
+#define MISS_EXT_SANITIZE ""
+#endif
 
 namespace {
 
@@ -42,6 +45,7 @@ std::string build_info() {
 #endif
   info += ";built_with_torch=" MISS_EXT_TORCH_VERSION;
   info += ";cxx_runtime=" MISS_EXT_CXX_RUNTIME;  // "private": libstdc++ linked in and hidden (setup.py)
+  info += ";sanitize=" MISS_EXT_SANITIZE;        // "address,undefined": MISS_EXT_SANITIZE=1 (setup.py)
   return info;
 }
 

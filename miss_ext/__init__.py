@@ -14,7 +14,7 @@ the dispatcher (CPU always; CUDA when built with it). See README.md.
 import importlib
 
 from ._library import build_info
-from . import _functorch
+from . import _aoti_guard, _functorch
 from .adapter_files import load_adapter, save_adapter
 from .lora import export_lora
 from .model import apply_miss, merge_and_unload, miss_layers
@@ -30,6 +30,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _functorch.register()  # torch.func transforms of the miss ops (see miss_ext/_functorch.py)
+_aoti_guard.install()  # torch < 2.12: refuse AOTInductor packages with miss ops (see miss_ext/_aoti_guard.py)
 
 
 def __getattr__(name: str):

@@ -12,6 +12,7 @@ def report() -> str:
         f"built with torch {info.get('built_with_torch', '?')}",
         f"backends         {', '.join(info['backends'])}",
         f"C++ runtime      {info.get('cxx_runtime', '?')} (private: libstdc++ linked in and hidden, see setup.py)",
+        f"sanitizers       {info.get('sanitize') or 'none'}",
     ]
     if "CUDA" in info["backends"]:
         lines.append(f"CUDA             {info.get('cuda_version')} for sm {', '.join(info['cuda_archs']) or 'visible GPU'}")

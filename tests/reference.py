@@ -176,16 +176,17 @@ def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> Tuple[int, int,
     return c0, c1, c2, c3
 
 
-def philox_mask(seed: int, offset: int, rows: int, cols: int, p: float) -> Tensor:
+def philox_mask(seed: int, offset: int, rows: int, cols: int, p: float, first_row: int = 0) -> Tensor:
     """The documented keep mask: element (t, c) is dropped iff word (c % 4) of
-    Philox(counter=(c // 4, t, offset_lo, offset_hi), key=(seed_lo, seed_hi)) < round(p * 2^32)."""
+    Philox(counter=(c // 4, t, offset_lo, offset_hi), key=(seed_lo, seed_hi)) < round(p * 2^32).
+    Rows first_row .. first_row + rows - 1 of it."""
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     threshold = round(p * 2.0**32)
     mask = torch.empty(rows, cols, dtype=F64)
     for t in range(rows):
         for g in range((cols + 3) // 4):
-            words = philox4x32_10((g, t, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
+            words = philox4x32_10((g, first_row + t, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
             for lane in range(min(4, cols - 4 * g)):
                 mask[t, 4 * g + lane] = 0.0 if words[lane] < threshold else 1.0
     return mask

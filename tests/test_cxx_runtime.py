@@ -34,8 +34,12 @@ FOREIGN_RUNTIME = textwrap.dedent("""
 
 PRELUDE = """
 import ctypes, os
-import torch
+# Loaded before torch: torch 2.15 puts libstdc++ into the global scope when imported, so a
+# library loaded after it no longer takes over (it did up to 2.14). Loaded first (as an
+# application that loads a plugin before torch would), it serves every later library's std::
+# references on every release.
 lib = ctypes.CDLL({path!r}, mode=ctypes.RTLD_GLOBAL)
+import torch
 # (foreign_format is not called: the foreign library's own streams are broken beside torch's
 # libstdc++, dropping numbers with g++ 12 and crashing with g++ 13, seen on the GPU machine.)
 # The hazard is real: the global scope's std::ostream::_M_insert<long> is the foreign copy.

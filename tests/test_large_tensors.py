@@ -1,0 +1,151 @@
+"""Tensors of more than 2^31 elements on the CPU (issue 13, "Reliability"; checked on CUDA in
+issue 9's GPU run): fold, tile_add_, linear, bat_weight and bat_linear give, on the rows or
+columns of a huge tensor around element 2^31 and at its end, exactly what they give on that slice
+alone. A kernel that indexed with 32-bit integers would wrap there and read or write the wrong
+elements. With dropout the mask is position dependent, so the huge fold is compared with the
+float64 reference and the documented Philox mask of those rows instead.
+
+bf16 keeps each big tensor at 4 GiB. Each test needs up to about 10 GiB and is skipped, saying
+so, on a machine with less available memory (this project's CI machines have 24 GiB); a test
+takes a few seconds on two cores.
+"""
+import gc
+
+import pytest
+import torch
+
+from reference import F64, fold_ref, philox_mask
+
+ops = torch.ops.miss
+BIG = 2**31
+GIB = 2**30
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def needs(gib: float):
+    gc.collect()
+    have = available_bytes()
+    if have < gib * GIB:
+        pytest.skip(f"needs {gib} GiB of free memory, {have / GIB:.1f} GiB available")
+
+
+def big_rows(cols: int) -> int:
+    """Rows so that rows * cols > 2^31, with a few to spare."""
+    return BIG // cols + 5
+
+
+def row_windows(rows: int, cols: int, width: int = 6):
+    """Row ranges around element 2^31 and at the end."""
+    cross = BIG // cols
+    return [(0, width), (cross - width // 2, cross + width // 2), (rows - width, rows)]
+
+
+def random_rows(x: torch.Tensor, windows) -> None:
+    """Random values in the windows (the rest stays constant: filling 4 GiB with randn is slow)."""
+    for a, b in windows:
+        x[a:b] = torch.randn(b - a, x.shape[1], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("cols,r", [(64, 16), (37, 5)])
+def test_fold_over_2_31_elements(cols, r):
+    needs(6)
+    rows = big_rows(cols)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    windows = row_windows(rows, cols)
+    random_rows(x, windows)
+    assert x.numel() > BIG
+    s = ops.fold(x, r, 0.0, None, None)
+    for a, b in windows:
+        assert torch.equal(s[a:b], ops.fold(x[a:b], r, 0.0, None, None)), (a, b)
+
+
+def test_fold_one_row_over_2_31_elements():
+    # Zeros but around element 2^31 and at both ends: the sums are then exact enough in fp32
+    # that only an indexing error could change them (a long row of non-zeros would measure fp32
+    # accumulation instead, which is the op's documented precision).
+    needs(6)
+    n = BIG + 100_003
+    x = torch.zeros(1, n, dtype=torch.bfloat16)
+    spots = [torch.arange(0, 1000), torch.arange(BIG - 500, BIG + 500), torch.arange(n - 1000, n)]   # disjoint
+    for idx in spots:
+        x[0, idx] = torch.randn(len(idx), dtype=torch.bfloat16)
+    s = ops.fold(x, 7, 0.0, None, torch.float32)
+    idx = torch.cat(spots)
+    expected = torch.zeros(7, dtype=F64).index_add_(0, idx % 7, x[0, idx].to(F64))
+    torch.testing.assert_close(s[0].to(F64), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_with_dropout_over_2_31_elements():
+    needs(6)
+    cols, r, p, seed, offset = 64, 16, 0.3, 12345, 678
+    rows = big_rows(cols)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    windows = row_windows(rows, cols, width=4)
+    random_rows(x, windows)
+    key = torch.tensor([seed, offset], dtype=torch.int64)
+    s = ops.fold(x, r, p, key, torch.float32)
+    for a, b in windows:
+        mask = philox_mask(seed, offset, b - a, cols, p, first_row=a)
+        expected = fold_ref(x[a:b].to(F64), r, mask=mask, p=p)
+        torch.testing.assert_close(s[a:b].to(F64), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_add_over_2_31_elements():
+    needs(6)
+    cols, period = 64, 5
+    rows = big_rows(cols)
+    out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16)
+    starts = [0, BIG // cols - period, rows - 2 * period]
+    windows = [(a - a % period, a - a % period + 2 * period) for a in starts]   # start at multiples of the period
+    random_rows(out, windows)
+    before = {w: out[w[0]:w[1]].clone() for w in windows}
+    src = torch.randn(period, 16, dtype=torch.bfloat16)
+    ops.tile_add_(out, src, 0.5, 0.0, None)
+    for (a, b), old in before.items():
+        expected = old.clone()
+        ops.tile_add_(expected, src, 0.5, 0.0, None)
+        assert torch.equal(out[a:b], expected), (a, b)
+
+
+def test_linear_over_2_31_elements():
+    needs(10)
+    cols, out_features, r = 64, 48, 8
+    rows = big_rows(cols)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    windows = row_windows(rows, cols)
+    random_rows(x, windows)
+    w = torch.randn(out_features, cols, dtype=torch.bfloat16)
+    b = torch.randn(out_features, dtype=torch.bfloat16)
+    block = torch.randn(r, out_features)
+    y = ops.linear(x, w, b, block, 0.0, None)
+    for a, bb in windows:
+        assert torch.equal(y[a:bb], ops.linear(x[a:bb], w, b, block, 0.0, None)), (a, bb)
+
+
+def test_bat_over_2_31_elements():
+    needs(10)
+    r, in_features = 2, 65536
+    out_features = (BIG // in_features + 64) // r * r
+    w = torch.full((out_features, in_features), 0.5, dtype=torch.bfloat16)
+    assert w.numel() > BIG
+    windows = [(a - a % r, bb - bb % r) for a, bb in row_windows(out_features, in_features, width=8)]
+    random_rows(w, windows)
+    block = 0.1 * torch.randn(out_features // r, r, r, dtype=torch.bfloat16)
+    w2 = ops.bat_weight(w, block, None)
+    for a, bb in windows:
+        assert torch.equal(w2[a:bb], ops.bat_weight(w[a:bb], block[a // r:bb // r], None)), (a, bb)
+    del w2
+    gc.collect()
+    x = torch.randn(3, in_features, dtype=torch.bfloat16)
+    bias = torch.randn(out_features, dtype=torch.bfloat16)
+    y = ops.bat_linear(x, w, bias, block, torch.bfloat16)
+    for a, bb in windows:
+        expected = ops.bat_linear(x, w[a:bb], bias[a:bb], block[a // r:bb // r], torch.bfloat16)
+        torch.testing.assert_close(y[:, a:bb], expected)     # the GEMM may block differently
