@@ -90,6 +90,25 @@ TORCH_LIBRARY(miss, m) {
   m.def("bat_transform(Tensor w, Tensor m, Tensor p, ScalarType? dtype=None) -> Tensor");
   m.def("bat_transform_(Tensor(a!) w, Tensor m, Tensor p) -> ()");
 
+  // A bank of MiSS adapters, one adapter per row (mixed-adapter batches, issue 14):
+  //   out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]],  a = index[t]
+  // for rows with index[t] >= 0; rows with a negative index keep y (the base model's output).
+  // s (..., R): miss.fold of the rows at rank R (one fold serves every adapter whose r divides R,
+  // since fold_r(x)[j] = sum_m fold_R(x)[m r + j]), in bank's dtype. bank (N, r_cap, q_cap): slot a
+  // holds an adapter's block in [:ranks[a], :periods[a]] (default mode: periods[a] = out; mini:
+  // mini_r), zeros elsewhere; only the slots rows use must be valid (empty slots may have rank 0). ranks, periods: int64 (N,), index: int64 with y's leading sizes, all
+  // on the data's device; as tensors, not ints, so that changing which adapters fill the bank never
+  // recompiles a torch.compile graph. y: any floating dtype; the sum is computed in float32
+  // (float64 for float64 data) and rounded once to y's dtype. Differentiable in y, s and bank: the
+  // gradient of slot a comes from its rows only.
+  m.def("bank_add(Tensor y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> Tensor");
+  m.def("bank_add_(Tensor(a!) y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> ()");
+  // Its adjoint in s and bank, from the gradient of the output (y's shape): (grad_s in s's dtype,
+  // grad_bank in bank's dtype, zero outside each slot's [:ranks[a], :periods[a]]). Not
+  // differentiable again.
+  m.def("bank_add_backward(Tensor grad, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> "
+        "(Tensor, Tensor)");
+
   // Backends and CUDA architectures compiled into this library.
   m.def("build_info() -> str", &build_info);
 }

@@ -80,3 +80,21 @@ def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: 
     """The functional tile_add_: out + alpha * dropout(tile(src)), differentiable in out and src."""
     return torch.ops.miss.tile_add(out, src, alpha, p, key)
 
+
+
+def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
+    """A bank of MiSS adapters, one per row: y + the adapter term of slot index[t] for each row t.
+
+    out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]], a = index[t];
+    rows with a negative index keep y. Shapes: y (..., out), any floating dtype; s (..., R) =
+    fold(x, R, dtype=bank.dtype) (every ranks[a] divides R); bank (N, r_cap, q_cap), float32 or y's
+    dtype, slot a's block in [:ranks[a], :periods[a]] (periods[a] = out in the default mode,
+    mini_r in the mini mode); ranks, periods int64 (N,); index int64 with y's leading sizes.
+    Differentiable in y, s and bank (once). ValueError/TypeError name a bad argument; on CUDA a
+    bad value in ranks, periods or index trips a device-side assertion."""
+    return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index)
+
+
+def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> None:
+    """bank_add in place into y (not differentiable)."""
+    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index)

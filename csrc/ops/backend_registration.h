@@ -1,10 +1,11 @@
-// Registers every miss op for one backend, given that backend's three kernels. The op wrappers
+// Registers every miss op for one backend, given that backend's kernels. The op wrappers
 // (validation, shaping, allocation) and the linear/merge compositions are device-generic, so
 // CPU and CUDA differ only in the kernels passed here.
 #pragma once
 
 #include <torch/library.h>
 
+#include "bank.h"
 #include "bat.h"
 #include "fold.h"
 #include "linear.h"
@@ -34,8 +35,25 @@ void bat_transform_inplace_on(at::Tensor& w, const at::Tensor& m, const at::Tens
   bat_transform_inplace_with(kernel, w, m, p);
 }
 
-template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_kernel>
+template <BankAddKernel kernel>
+void bank_add_on(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                 const at::Tensor& periods, const at::Tensor& index) {
+  bank_add_with(kernel, y, s, bank, ranks, periods, index);
+}
+
+template <BankGradKernel kernel>
+std::tuple<at::Tensor, at::Tensor> bank_add_backward_on(const at::Tensor& grad, const at::Tensor& s,
+                                                        const at::Tensor& bank, const at::Tensor& ranks,
+                                                        const at::Tensor& periods, const at::Tensor& index) {
+  return bank_add_backward_with(kernel, grad, s, bank, ranks, periods, index);
+}
+
+template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_kernel, BankAddKernel bank_add_kernel,
+          BankGradKernel bank_grad_kernel>
 void register_backend(torch::Library& m) {
+  m.impl("bank_add", &bank_add_functional_kernel);
+  m.impl("bank_add_", &bank_add_on<bank_add_kernel>);
+  m.impl("bank_add_backward", &bank_add_backward_on<bank_grad_kernel>);
   m.impl("fold", &fold_on<fold_kernel>);
   m.impl("tile_add_", &tile_add_on<tile_add_kernel>);
   m.impl("tile_add", &tile_add_functional_kernel);

@@ -24,14 +24,34 @@ using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double al
 // out (out, in) = bat transform of w (common/bat_index.h) with m, p of shape (out/r, r, r).
 using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 
+// bank_add: y (rows, out) += the bank term (torch_bindings.cpp) for s (rows, R), bank (N, r_cap,
+// q_cap), ranks and periods (N,), index (rows,), all contiguous; s and bank share one dtype,
+// float32 or y's. Kernels check the values of ranks, periods and index (the CPU kernel on the
+// host; the CUDA kernel with device-side assertions).
+using BankAddKernel = void (*)(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                               const at::Tensor& periods, const at::Tensor& index);
+// Its adjoint: grad_s (rows, R) and grad_bank (N, r_cap, q_cap), zero-filled, receive the
+// gradients from grad (rows, out).
+using BankGradKernel = void (*)(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank,
+                                const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index,
+                                at::Tensor& grad_s, at::Tensor& grad_bank);
+
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                         const at::Tensor& periods, const at::Tensor& index);
+void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                          const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
 
 #ifdef MISS_EXT_WITH_CUDA
 void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                          const at::Tensor& periods, const at::Tensor& index);
+void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                           const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
 #endif
 
 }  // namespace miss_ext

@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace miss_ext {
 namespace {
@@ -202,6 +204,57 @@ void check_dropout_extent(int64_t rows, int64_t cols, double p) {
   if (p == 0.0) return;
   TORCH_CHECK_VALUE(rows <= (int64_t{1} << 32), "miss: dropout supports at most 2^32 rows, got ", rows);
   TORCH_CHECK_VALUE(cols <= (int64_t{1} << 34), "miss: dropout supports at most 2^34 features, got ", cols);
+}
+
+void check_bank_args(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                     const at::Tensor& periods, const at::Tensor& index) {
+  check_floating(y, "y");
+  check_floating(s, "s");
+  check_floating(bank, "bank");
+  TORCH_CHECK_VALUE(y.dim() >= 1, "miss: bank_add needs y with a last dimension (out_features), got a scalar");
+  TORCH_CHECK_VALUE(bank.dim() == 3, "miss: bank must have shape (slots, r_cap, q_cap), got shape ",
+                    bank.sym_sizes());
+  TORCH_CHECK_VALUE(s.dim() == y.dim() && s.sym_sizes().slice(0, s.dim() - 1) == y.sym_sizes().slice(0, y.dim() - 1),
+                    "miss: bank_add needs s with y's leading sizes, got s shape ", s.sym_sizes(), " and y shape ",
+                    y.sym_sizes());
+  TORCH_CHECK_TYPE(s.scalar_type() == bank.scalar_type(), "miss: bank_add s dtype ", s.scalar_type(),
+                   " must match the bank dtype ", bank.scalar_type(), " (fold with dtype=bank.dtype)");
+  TORCH_CHECK_TYPE(bank.scalar_type() == at::kFloat || bank.scalar_type() == y.scalar_type(),
+                   "miss: the bank must be float32 or of y's dtype ", y.scalar_type(), ", got ", bank.scalar_type());
+  const c10::SymInt& slots = bank.sym_size(0);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{ranks, "ranks"}, {periods, "periods"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "miss: bank_add ", name, " must be int64, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == slots, "miss: bank_add ", name,
+                      " must have shape (slots,) = (", slots, ",), got shape ", t.sym_sizes());
+    check_same_device(y, "y", t, name);
+  }
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "miss: bank_add index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.sym_sizes() == y.sym_sizes().slice(0, y.dim() - 1),
+                    "miss: bank_add index must have y's leading sizes ", y.sym_sizes().slice(0, y.dim() - 1),
+                    ", got shape ", index.sym_sizes());
+  check_same_device(y, "y", s, "s");
+  check_same_device(y, "y", bank, "bank");
+  check_same_device(y, "y", index, "index");
+}
+
+void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
+                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap) {
+  // Only the slots some row uses: a bank may hold empty slots (rank 0) and slots of adapters
+  // that need another fold rank, which a call with this s never reads.
+  std::vector<bool> seen(static_cast<size_t>(slots), false);
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t a = index[t];
+    if (a < 0) continue;
+    TORCH_CHECK_VALUE(a < slots, "miss: bank_add index[", t, "]=", a, " names no slot of a bank with ", slots,
+                      " slots (a negative index means no adapter)");
+    if (seen[a]) continue;
+    seen[a] = true;
+    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= r_cap && R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=",
+                      ranks[a], " (used by row ", t, ") must be in [1, r_cap=", r_cap, "] and divide s.shape[-1]=", R);
+    TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
+                      "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
+                      "] and divide out_features=", out);
+  }
 }
 
 }  // namespace miss_ext

@@ -42,6 +42,18 @@ void check_bat_linear_args(const at::Tensor& x, const at::Tensor& weight, const 
 // bat_transform: w (rows, cols), m and p (rows/r, r, r) of one dtype, float32 or float64.
 void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
 
+// bank_add: y (..., out) floating; s (..., R) with y's leading sizes, of bank's dtype; bank
+// (N, r_cap, q_cap) float32 or y's dtype; ranks, periods (N,) and index (y's leading sizes) int64;
+// all on one device. The values of ranks, periods and index are checked by the kernels
+// (check_bank_values on the CPU), as reading them on the host would synchronise a GPU.
+void check_bank_args(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                     const at::Tensor& periods, const at::Tensor& index);
+
+// The values behind bank_add's int64 arguments, read in host memory: every index[t] < N, and for
+// every slot a row uses, ranks[a] in [1, r_cap] dividing R and periods[a] in [1, q_cap] dividing out.
+void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
+                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap);
+
 // An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);
 

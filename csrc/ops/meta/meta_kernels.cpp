@@ -65,9 +65,30 @@ at::Tensor bat_linear_meta(const at::Tensor& x, const at::Tensor& weight, const 
   return at::empty_symint(with_last(x, weight.sym_size(0)), x.options());
 }
 
+at::Tensor bank_add_meta(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                         const at::Tensor& periods, const at::Tensor& index) {
+  check_bank_args(y, s, bank, ranks, periods, index);
+  return at::empty_symint(y.sym_sizes(), y.options());
+}
+
+void bank_add_inplace_meta(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                           const at::Tensor& periods, const at::Tensor& index) {
+  check_bank_args(y, s, bank, ranks, periods, index);
+}
+
+std::tuple<at::Tensor, at::Tensor> bank_add_backward_meta(const at::Tensor& grad, const at::Tensor& s,
+                                                          const at::Tensor& bank, const at::Tensor& ranks,
+                                                          const at::Tensor& periods, const at::Tensor& index) {
+  check_bank_args(grad, s, bank, ranks, periods, index);
+  return {at::empty_symint(s.sym_sizes(), s.options()), at::empty_symint(bank.sym_sizes(), bank.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
+  m.impl("bank_add", &bank_add_meta);
+  m.impl("bank_add_", &bank_add_inplace_meta);
+  m.impl("bank_add_backward", &bank_add_backward_meta);
   m.impl("fold", &fold_meta);
   m.impl("tile_add_", &tile_add_meta);
   m.impl("tile_add", &tile_add_functional_meta);

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Mixed-adapter batches on ONE layer (issue 14): inference time of four ways to serve a batch
+whose rows use different MiSS adapters of one base nn.Linear.
+
+    python bench/bench_bank.py                      # CPU: T=4096, 2048x2048, r=64, 16 adapters, fp32
+    python bench/bench_bank.py --reps 20 --adapters 4 --device cuda --dtype bf16
+
+Cases (same base weight, same 16 random non-zero blocks of shape (r, out), each row assigned an
+adapter uniformly at random, seeded):
+
+    single   (d) miss.linear of ONE adapter on the whole batch: the lower bound
+    mixed    (a) the base GEMM once, one shared fold at rank r, then miss.bank_add_ adds each
+             row's own adapter term in place (the ops of issue 14)
+    split    (b) the rows split per adapter, each part through miss.linear (base GEMM per part),
+             scattered back
+    gathered (c) PEFT's mixed-batch loop for LoRA (`_mixed_batch_forward`), done for MiSS: the
+             base GEMM once, then per adapter gather its rows, fold @ block, index_add the term back
+    masked   (c') the literal boolean-mask loop: the base GEMM once, then per adapter its term on
+             the whole batch, masked to its rows (torch.where)
+
+Timing: torch.inference_mode, interleaved reps with the case order reshuffled per rep; the
+report gives each case's median time and the median over reps of (case / single) in the same
+rep (the machine is shared and noisy). CUDA: events around each call. Memory: the bank's size,
+and the largest temporaries each case makes are listed in the docstring of each case function.
+"""
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import miss_ext  # noqa: F401  (registers torch.ops.miss)
+
+ops = torch.ops.miss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--features", type=int, default=2048)
+    ap.add_argument("--r", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    T, n, r, N = args.tokens, args.features, args.r, args.adapters
+    W, b = torch.randn(n, n, device=dev, dtype=dtype) / n**0.5, torch.randn(n, device=dev, dtype=dtype)
+    blocks = [torch.randn(r, n, device=dev) * 0.01 for _ in range(N)]          # fp32 blocks, as PEFT keeps them
+    bank = torch.stack(blocks)                                                    # (N, r, out): N * r * out values
+    ranks = torch.full((N,), r, dtype=torch.int64, device=dev)
+    periods = torch.full((N,), n, dtype=torch.int64, device=dev)
+    x = torch.randn(T, n, device=dev, dtype=dtype)
+    index = torch.randint(0, N, (T,), device=dev)
+    rows = [(index == a).nonzero().squeeze(1) for a in range(N)]                  # precomputed, not timed
+
+    def single():
+        """(d): y (T, out) and miss.linear's own temporaries."""
+        return ops.linear(x, W, b, blocks[0])
+
+    def mixed():
+        """(a): y (T, out) from the base GEMM, s (T, r); no (T, in) or per-adapter temporary."""
+        y = F.linear(x, W, b)
+        ops.bank_add_(y, ops.fold(x, r, 0.0, None, torch.float32), bank, ranks, periods, index)
+        return y
+
+    def split():
+        """(b): per adapter, a copy of its rows of x and their output."""
+        y = torch.empty(T, n, device=dev, dtype=dtype)
+        for a in range(N):
+            y.index_copy_(0, rows[a], ops.linear(x.index_select(0, rows[a]), W, b, blocks[a]))
+        return y
+
+    def gathered():
+        """(c): per adapter, a copy of its rows of x and of their adapter term."""
+        y = F.linear(x, W, b)
+        for a in range(N):
+            xa = x.index_select(0, rows[a])
+            y.index_add_(0, rows[a], (ops.fold(xa, r, 0.0, None, torch.float32) @ blocks[a]).to(dtype))
+        return y
+
+    def masked():
+        """(c'): per adapter, a (T, out) term of the whole batch."""
+        y = F.linear(x, W, b)
+        s = ops.fold(x, r, 0.0, None, torch.float32)
+        for a in range(N):
+            y = torch.where((index == a)[:, None], y + (s @ blocks[a]).to(dtype), y)
+        return y
+
+    cases = {"single": single, "mixed": mixed, "split": split, "gathered": gathered, "masked": masked}
+    with torch.inference_mode():
+        # The three mixed-batch cases compute the same thing.
+        ref = mixed()
+        for name in ("split", "gathered", "masked"):
+            torch.testing.assert_close(cases[name](), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+        times = {k: [] for k in cases}
+        ratios = {k: [] for k in cases}
+        order = list(cases)
+        rng = random.Random(0)
+        for rep in range(args.reps + 1):
+            rng.shuffle(order)
+            this = {}
+            for name in order:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    cases[name]()
+                    end.record()
+                    torch.cuda.synchronize()
+                    this[name] = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    cases[name]()
+                    this[name] = (time.perf_counter() - t0) * 1e3
+            if rep == 0:
+                continue                                                       # warm-up
+            for name in cases:
+                times[name].append(this[name])
+                ratios[name].append(this[name] / this["single"])
+    result = {
+        "config": dict(vars(args), threads=torch.get_num_threads(), torch=torch.__version__),
+        "bank_values": bank.numel(), "bank_mib": bank.numel() * bank.element_size() / 2**20,
+        "median_ms": {k: statistics.median(v) for k, v in times.items()},
+        "median_ratio_vs_single": {k: statistics.median(v) for k, v in ratios.items()},
+    }
+    print(f"T={T}, {n}x{n}, r={r}, {N} adapters, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.reps} reps; bank {result['bank_values']} values ({result['bank_mib']:.1f} MiB)")
+    print(f"{'case':<8} {'median ms':>10} {'x single':>9}")
+    for k in cases:
+        print(f"{k:<8} {result['median_ms'][k]:>10.2f} {result['median_ratio_vs_single'][k]:>9.3f}")
+    m = result["median_ratio_vs_single"]
+    print(f"mixed is {m['gathered'] / m['mixed']:.2f}x faster than gathered (c), {m['masked'] / m['mixed']:.2f}x "
+          f"faster than masked (c'), {m['split'] / m['mixed']:.2f}x faster than split (b)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+#include "bank.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "common/checks.h"
+#include "fold.h"
+
+namespace miss_ext {
+namespace ops {
+
+at::Tensor bank_add(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                    const at::Tensor& periods, const at::Tensor& index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bank_add", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&)>();
+  return op.call(y, s, bank, ranks, periods, index);
+}
+
+void bank_add_(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+               const at::Tensor& periods, const at::Tensor& index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bank_add_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&)>();
+  op.call(y, s, bank, ranks, periods, index);
+}
+
+std::tuple<at::Tensor, at::Tensor> bank_add_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank,
+                                                     const at::Tensor& ranks, const at::Tensor& periods,
+                                                     const at::Tensor& index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::bank_add_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, s, bank, ranks, periods, index);
+}
+
+}  // namespace ops
+
+at::Tensor bank_add_functional_kernel(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
+                                      const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index) {
+  check_bank_args(y, s, bank, ranks, periods, index);
+  at::Tensor result = y.clone(at::MemoryFormat::Contiguous);
+  ops::bank_add_(result, s, bank, ranks, periods, index);
+  return result;
+}
+
+namespace {
+
+// The kernels' view of the arguments: 2-D rows, contiguous. y is written through `y2`, which is
+// y itself when y is contiguous and a copy (written back afterwards) otherwise.
+struct BankArgs {
+  at::Tensor s, bank, ranks, periods, index;
+};
+
+BankArgs bank_args(const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks, const at::Tensor& periods,
+                   const at::Tensor& index) {
+  const int64_t rows = index.numel();
+  return BankArgs{s.reshape({rows, s.size(-1)}).contiguous(), bank.contiguous(), ranks.contiguous(),
+                  periods.contiguous(), index.reshape({rows}).contiguous()};
+}
+
+}  // namespace
+
+void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
+                   const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index) {
+  check_bank_args(y, s, bank, ranks, periods, index);
+  if (y.numel() == 0 || bank.size(0) == 0) return;  // nothing to add (an empty bank: every index is negative)
+  const BankArgs a = bank_args(s, bank, ranks, periods, index);
+  const int64_t rows = a.index.numel();
+  if (y.is_contiguous()) {
+    at::Tensor y2 = y.view({rows, y.size(-1)});
+    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index);
+  } else {
+    at::Tensor y2 = y.reshape({rows, y.size(-1)}).contiguous();
+    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index);
+    y.copy_(y2.view(y.sizes()));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bank_add_backward_with(BankGradKernel kernel, const at::Tensor& grad,
+                                                          const at::Tensor& s, const at::Tensor& bank,
+                                                          const at::Tensor& ranks, const at::Tensor& periods,
+                                                          const at::Tensor& index) {
+  check_bank_args(grad, s, bank, ranks, periods, index);
+  at::Tensor grad_s = at::zeros(s.sizes(), s.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_bank = at::zeros(bank.sizes(), bank.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad.numel() == 0 || bank.size(0) == 0 || s.size(-1) == 0) return {grad_s, grad_bank};
+  const BankArgs a = bank_args(s, bank, ranks, periods, index);
+  const int64_t rows = a.index.numel();
+  const at::Tensor g = grad.reshape({rows, grad.size(-1)}).contiguous();
+  at::Tensor grad_s2 = grad_s.view({rows, s.size(-1)});
+  kernel(g, a.s, a.bank, a.ranks, a.periods, a.index, grad_s2, grad_bank);
+  return {grad_s, grad_bank};
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,38 @@
+// Index arithmetic of the adapter bank (miss::bank_add), shared by the CPU and CUDA kernels.
+//
+// Row t uses slot a = index[t] (none when negative). Slot a holds a block of r_a x q_a values at
+// bank[a, :r_a, :q_a] inside the (r_cap, q_cap) slot. The row's fold s[t] has R >= r_a columns
+// with r_a | R, and folding it again to r_a columns gives the adapter's own fold:
+//   s_a[j] = sum_{m < R / r_a} s[t, m r_a + j]
+// so out[t, o] += sum_j s_a[j] * bank[a, j, o mod q_a]; the gradients follow from the same
+// indices: grad_s[t, k] = sum_c gq[c] bank[a, k mod r_a, c] with gq[c] = sum_{o mod q_a = c}
+// grad[t, o], and grad_bank[a, j, c] = sum over the rows of a of s_a[j] gq[c].
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace miss_ext {
+
+MISS_HD int64_t bank_offset(int64_t slot, int64_t j, int64_t c, int64_t r_cap, int64_t q_cap) {
+  return (slot * r_cap + j) * q_cap + c;
+}
+
+// s_a[j] of one row (see above), accumulated in `acc`.
+template <typename acc, typename T>
+MISS_HD acc bank_fold_column(const T* s_row, int64_t R, int64_t r, int64_t j) {
+  acc sum = acc(0);
+  for (int64_t k = j; k < R; k += r) sum += static_cast<acc>(s_row[k]);
+  return sum;
+}
+
+// gq[c] of one row of the output gradient: the sum of its columns o with o mod q == c.
+template <typename acc, typename T>
+MISS_HD acc bank_fold_grad(const T* grad_row, int64_t out, int64_t q, int64_t c) {
+  acc sum = acc(0);
+  for (int64_t o = c; o < out; o += q) sum += static_cast<acc>(grad_row[o]);
+  return sum;
+}
+
+}  // namespace miss_ext

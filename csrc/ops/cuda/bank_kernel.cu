@@ -1,0 +1,193 @@
+// CUDA kernels of the adapter bank (common/bank_index.h has the index arithmetic).
+//
+// - bank_add_kernel: one block per row (grid-stride). The block folds the row's s to the slot's
+//   rank in shared memory, then each thread computes whole output elements: y[t, o] += sum_j
+//   s_a[j] bank[a, j, o mod q]. Neighbouring threads read neighbouring block columns (coalesced).
+// - bank_grad_s_kernel: one block per row; each warp reduces d[j] = sum_o grad[t, o]
+//   bank[a, j, o mod q] for its j's with a fixed shuffle tree, then grad_s[t, k] = d[k mod r].
+// - bank_grad_bank_kernel: one thread per (slot, block column, 8 block rows); it walks the
+//   slot's rows in row order (rows sorted by slot on the device: a stable sort and a
+//   searchsorted, no host synchronisation) and accumulates s_a[j] gq[c].
+// No atomics anywhere, so results are deterministic. Invalid ranks, periods or index values
+// trip device-side assertions (the host would have to synchronise to read them).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+
+#include "../common/bank_index.h"
+#include "../common/shard_index.h"
+#include "../kernels.h"
+
+namespace miss_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65536;
+constexpr int kRowsPerThread = 8;  // block rows per thread in the bank gradient
+
+__device__ inline void check_slot(int64_t a, int64_t slots, int64_t r, int64_t q, int64_t R, int64_t out,
+                                  int64_t r_cap, int64_t q_cap) {
+  CUDA_KERNEL_ASSERT(a < slots);
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && R % r == 0);
+  CUDA_KERNEL_ASSERT(q >= 1 && q <= q_cap && out % q == 0);
+}
+
+template <typename y_t, typename a_t>
+__global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, const a_t* __restrict__ bank,
+                                const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
+                                const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R, int64_t slots,
+                                int64_t r_cap, int64_t q_cap) {
+  using acc = acc_t<y_t, a_t>;
+  extern __shared__ unsigned char shared[];
+  acc* sa = reinterpret_cast<acc*>(shared);
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    const int64_t a = index[t];
+    if (a < 0) continue;  // the same for the whole block
+    const int64_t r = ranks[a], q = periods[a];
+    check_slot(a, slots, r, q, R, out, r_cap, q_cap);
+    for (int64_t j = threadIdx.x; j < r; j += blockDim.x) sa[j] = bank_fold_column<acc>(s + t * R, R, r, j);
+    __syncthreads();
+    const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
+    y_t* yr = y + t * out;
+    for (int64_t o = threadIdx.x; o < out; o += blockDim.x) {
+      const int64_t c = o % q;
+      acc v = acc(0);
+      for (int64_t j = 0; j < r; ++j) v += sa[j] * static_cast<acc>(block[j * q_cap + c]);
+      yr[o] = static_cast<y_t>(static_cast<acc>(yr[o]) + v);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename g_t, typename a_t>
+__global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ bank,
+                                   const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
+                                   const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R,
+                                   int64_t slots, int64_t r_cap, int64_t q_cap, a_t* __restrict__ grad_s) {
+  using acc = acc_t<g_t, a_t>;
+  extern __shared__ unsigned char shared[];
+  acc* d = reinterpret_cast<acc*>(shared);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    const int64_t a = index[t];
+    if (a < 0) continue;  // grad_s stays zero
+    const int64_t r = ranks[a], q = periods[a];
+    check_slot(a, slots, r, q, R, out, r_cap, q_cap);
+    const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
+    const g_t* gr = grad + t * out;
+    for (int64_t j = warp; j < r; j += warps) {
+      acc partial = acc(0);
+      for (int64_t o = lane; o < out; o += 32) partial += static_cast<acc>(gr[o]) * static_cast<acc>(block[j * q_cap + o % q]);
+      for (int offset = 16; offset > 0; offset /= 2) partial += __shfl_down_sync(0xffffffffu, partial, offset);
+      if (lane == 0) d[j] = partial;
+    }
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < R; k += blockDim.x) grad_s[t * R + k] = static_cast<a_t>(d[k % r]);
+    __syncthreads();
+  }
+}
+
+// grid (slots, column tiles, row tiles of kRowsPerThread).
+template <typename g_t, typename a_t>
+__global__ void bank_grad_bank_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ s,
+                                      const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
+                                      const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                                      int64_t out, int64_t R, int64_t r_cap, int64_t q_cap, a_t* __restrict__ grad_bank) {
+  using acc = acc_t<g_t, a_t>;
+  const int64_t a = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kRowsPerThread;
+  if (offsets[a] == offsets[a + 1]) return;  // no row uses this slot: its values need not be valid
+  const int64_t r = ranks[a], q = periods[a];
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && R % r == 0 && q >= 1 && q <= q_cap && out % q == 0);
+  if (c >= q || j0 >= r) return;
+  acc sums[kRowsPerThread];
+#pragma unroll
+  for (int u = 0; u < kRowsPerThread; ++u) sums[u] = acc(0);
+  for (int64_t i = offsets[a]; i < offsets[a + 1]; ++i) {
+    const int64_t t = order[i];
+    const acc gq = bank_fold_grad<acc>(grad + t * out, out, q, c);
+#pragma unroll
+    for (int u = 0; u < kRowsPerThread; ++u)
+      if (j0 + u < r) sums[u] += bank_fold_column<acc>(s + t * R, R, r, j0 + u) * gq;
+  }
+#pragma unroll
+  for (int u = 0; u < kRowsPerThread; ++u)
+    if (j0 + u < r) grad_bank[bank_offset(a, j0 + u, c, r_cap, q_cap)] = static_cast<a_t>(sums[u]);
+}
+
+template <typename F>
+void dispatch_bank(at::ScalarType data, at::ScalarType adapter, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data, "miss_bank", [&] {
+    if (adapter == data) f(scalar_t(), scalar_t());
+    else f(scalar_t(), float());
+  });
+}
+
+int blocks_for(int64_t rows) { return static_cast<int>(std::max<int64_t>(1, std::min(rows, kMaxBlocks))); }
+
+size_t shared_bytes(int64_t r_cap, size_t acc_size) {
+  const size_t bytes = static_cast<size_t>(r_cap) * acc_size;
+  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "miss: bank_add on CUDA supports r_cap up to ", 48 * 1024 / acc_size,
+                    " for this dtype, got a bank with r_cap=", r_cap);
+  return bytes;
+}
+
+}  // namespace
+
+void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                          const at::Tensor& periods, const at::Tensor& index) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  const int64_t rows = y.size(0);
+  dispatch_bank(y.scalar_type(), bank.scalar_type(), [&](auto y0, auto a0) {
+    using y_t = decltype(y0);
+    using a_t = decltype(a0);
+    using acc = acc_t<y_t, a_t>;
+    bank_add_kernel<y_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(bank.size(1), sizeof(acc)), stream>>>(
+        y.mutable_data_ptr<y_t>(), s.const_data_ptr<a_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
+        periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, y.size(1), s.size(1), bank.size(0),
+        bank.size(1), bank.size(2));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                           const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s,
+                           at::Tensor& grad_bank) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
+  const int64_t rows = grad.size(0), slots = bank.size(0), r_cap = bank.size(1), q_cap = bank.size(2);
+  // Rows by slot, on the device: a stable sort keeps row order within each slot (deterministic
+  // sums), and offsets[a] is where slot a's rows start (negative indices sort first).
+  const auto sorted = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor order = std::get<1>(sorted).contiguous();
+  const at::Tensor offsets =
+      at::searchsorted(std::get<0>(sorted), at::arange(slots + 1, index.options())).contiguous();
+  dispatch_bank(grad.scalar_type(), bank.scalar_type(), [&](auto g0, auto a0) {
+    using g_t = decltype(g0);
+    using a_t = decltype(a0);
+    using acc = acc_t<g_t, a_t>;
+    bank_grad_s_kernel<g_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(r_cap, sizeof(acc)), stream>>>(
+        grad.const_data_ptr<g_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
+        periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, grad.size(1), s.size(1), slots,
+        r_cap, q_cap, grad_s.mutable_data_ptr<a_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>((q_cap + kThreads - 1) / kThreads),
+                    static_cast<unsigned>((r_cap + kRowsPerThread - 1) / kRowsPerThread));
+    TORCH_CHECK_VALUE(grid.y <= 65535 && grid.z <= 65535, "miss: bank_add on CUDA: bank shape (", slots, ", ", r_cap,
+                      ", ", q_cap, ") is too large for one launch");
+    bank_grad_bank_kernel<g_t, a_t><<<grid, kThreads, 0, stream>>>(
+        grad.const_data_ptr<g_t>(), s.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
+        periods.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+        grad.size(1), s.size(1), r_cap, q_cap, grad_bank.mutable_data_ptr<a_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace miss_ext

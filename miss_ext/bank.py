@@ -1,0 +1,213 @@
+"""Many MiSS adapters on one frozen linear layer, each row of a batch using its own (issue 14).
+
+`MissBankLinear` keeps a bank of adapter blocks in one parameter and computes
+
+    y[t] = base_layer(x)[t] + fold_{r_a}(dropout_a(x[t])) @ tile(block_a),   a = adapter of row t
+
+for a whole mixed batch with one base call and one shared fold: `fold_r(x)[j] = sum_m
+fold_R(x)[m r + j]` for every r dividing R, so the fold at the bank's largest rank R serves every
+adapter whose r divides it, and `miss.bank_add` adds each row's own term (see its schema in
+csrc/torch_bindings.cpp). Adapters whose r does not divide R get a second fold at their own r;
+adapters with their own dropout p get their own fold in training (the mask differs). Rows whose
+index is negative get the base output only.
+
+Why not merge: a merged weight serves one adapter. For a batch whose rows all use ONE adapter,
+merging it (MissLinear.merge) and calling the plain layer is the fastest inference; the bank is
+for batches that mix adapters (or mix adapters with the base model), where no single merged
+weight is right.
+
+Bat adapters change the base weight itself (W' = W + W_ij B_i + B_i), so rows of different bat
+adapters cannot share one base GEMM: they are refused with a TypeError naming them.
+
+Recompilation: the bank's contents, ranks and modes are tensors, so under torch.compile adding,
+replacing or removing adapters within the capacity does not recompile, as long as the set of
+fold groups (distinct fold ranks, and in training distinct dropout p) stays the same.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .modules import MissLinear, adapter_dtype, block_shape, check_dropout
+from .ops import new_dropout_key
+
+BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
+
+
+class MissBankLinear(nn.Module):
+    """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
+
+    Args:
+        base_layer: the frozen layer (nn.Linear or any module with in_features/out_features that
+            computes its own output; it is called as a module). It is frozen.
+        capacity: number of adapter slots (N).
+        max_r: the largest r an adapter may have (r_cap); the shared fold is taken at this rank.
+
+    Attributes:
+        bank: Parameter (capacity, max_r, out_features) in PEFT's adapter dtype (float32 for
+            fp16/bf16 bases). Slot a holds its adapter's block in [:r_a, :q_a] (q_a = out_features
+            in the default mode, mini_r in the mini mode), zeros elsewhere.
+        ranks, periods: int64 buffers (capacity,), r_a and q_a of each slot (0 when empty).
+        adapter_names: the slot names, None for an empty slot.
+
+    forward(x, adapter_index): x (..., in_features); adapter_index int64 with x's leading sizes
+    (slot ids from `index_of(names)`; negative = base only). Returns (..., out_features) in the
+    base output's dtype. Errors: ValueError/TypeError naming the bad argument.
+    """
+
+    def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
+        super().__init__()
+        for name, value in (("capacity", capacity), ("max_r", max_r)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
+        weight = getattr(base_layer, "weight", None)
+        if weight is None or not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
+            raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.max_r = max_r
+        self.bank = nn.Parameter(torch.zeros(capacity, max_r, self.out_features,
+                                             dtype=adapter_dtype(weight.dtype), device=weight.device))
+        self.register_buffer("ranks", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
+        self.register_buffer("periods", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
+        # Slot -> fold group (see _fold_groups), one table for training and one for eval.
+        self.register_buffer("_group_train", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
+                             persistent=False)
+        self.register_buffer("_group_eval", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
+                             persistent=False)
+        self.adapter_names: List[Optional[str]] = [None] * capacity
+        self.dropouts: List[float] = [0.0] * capacity
+        self.modes: List[str] = [""] * capacity
+        self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
+
+    @property
+    def capacity(self) -> int:
+        return self.bank.shape[0]
+
+    # ---- the bank -------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
+                    block: Optional[Tensor] = None) -> int:
+        """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
+        (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
+        a full bank, r > max_r or bad sizes; TypeError for bat."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
+        if name in self.adapter_names:
+            raise ValueError(f"the bank already has an adapter named {name!r} (slot {self.adapter_names.index(name)})")
+        if mode == "bat":
+            raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
+                            "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
+                            "or merge it")
+        shape = block_shape(mode, r, mini_r, self.in_features, self.out_features)
+        if r > self.max_r:
+            raise ValueError(f"adapter {name!r} has r={r} > max_r={self.max_r} of this bank")
+        check_dropout(dropout)
+        if block is not None and tuple(block.shape) != tuple(shape):
+            raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
+                             f"(expected {tuple(shape)})")
+        if None not in self.adapter_names:
+            raise ValueError(f"the bank is full ({self.capacity} slots: {self.adapter_names}); remove an adapter "
+                             "or build a larger bank")
+        slot = self.adapter_names.index(None)
+        with torch.no_grad():
+            self.bank[slot].zero_()
+            if block is not None:
+                self.bank[slot, :shape[0], :shape[1]].copy_(block)
+            self.ranks[slot] = r
+            self.periods[slot] = shape[1]
+        self.adapter_names[slot] = name
+        self.dropouts[slot] = float(dropout)
+        self.modes[slot] = mode
+        self._regroup()
+        return slot
+
+    def add_from(self, name: str, layer: MissLinear) -> int:
+        """Copies a MissLinear's adapter (block, r, mode, mini_r, dropout) into a free slot."""
+        if not isinstance(layer, MissLinear):
+            raise TypeError(f"add_from takes a miss_ext.MissLinear, got {type(layer).__name__}")
+        if layer.merged:
+            raise ValueError(f"adapter {name!r}: the MissLinear is merged; unmerge it first")
+        return self.add_adapter(name, layer.r, layer.mode, layer.mini_r, layer.dropout, layer.miss_block.detach())
+
+    def remove_adapter(self, name: str) -> None:
+        slot = self._slot(name)
+        with torch.no_grad():
+            self.bank[slot].zero_()
+            self.ranks[slot] = 0
+            self.periods[slot] = 0
+        self.adapter_names[slot] = None
+        self.dropouts[slot] = 0.0
+        self.modes[slot] = ""
+        self._regroup()
+
+    def block(self, name: str) -> Tensor:
+        """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r)."""
+        slot = self._slot(name)
+        return self.bank[slot, :int(self.ranks[slot]), :int(self.periods[slot])]
+
+    def index_of(self, names: Sequence[Optional[str]]) -> Tensor:
+        """Slot ids (int64, on the bank's device) for per-row adapter names; None or "__base__"
+        gives -1 (base only). ValueError names an unknown adapter."""
+        ids = []
+        for name in names:
+            ids.append(-1 if name is None or name == BASE else self._slot(name))
+        return torch.tensor(ids, dtype=torch.int64, device=self.bank.device)
+
+    def _slot(self, name: str) -> int:
+        if name not in self.adapter_names:
+            known = [n for n in self.adapter_names if n is not None]
+            raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
+        return self.adapter_names.index(name)
+
+    def _fold_rank(self, r: int) -> int:
+        return self.max_r if self.max_r % r == 0 else r
+
+    def _regroup(self) -> None:
+        """Fold groups: (fold rank, dropout p). One fold per group and forward; the shared fold at
+        max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups."""
+        for training in (True, False):
+            groups: List[Tuple[int, float]] = []
+            table = []
+            for slot, name in enumerate(self.adapter_names):
+                if name is None:
+                    table.append(0)
+                    continue
+                key = (self._fold_rank(int(self.ranks[slot])), self.dropouts[slot] if training else 0.0)
+                if key not in groups:
+                    groups.append(key)
+                table.append(groups.index(key))
+            self._groups[training] = groups
+            buffer = self._group_train if training else self._group_eval
+            buffer.copy_(torch.tensor(table, dtype=torch.int64))
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, adapter_index: Tensor) -> Tensor:
+        if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
+            raise TypeError("adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got "
+                            f"{type(adapter_index).__name__}{'' if not isinstance(adapter_index, Tensor) else ' ' + str(adapter_index.dtype)}")
+        if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"adapter_index must have x's leading sizes {tuple(x.shape[:-1])}, got shape "
+                             f"{tuple(adapter_index.shape)}")
+        y = self.base_layer(x)
+        groups = self._groups[self.training]
+        if not groups:
+            return y
+        table = self._group_train if self.training else self._group_eval
+        row_group = torch.where(adapter_index >= 0, table[adapter_index.clamp(min=0)], -1) if len(groups) > 1 else None
+        differentiable = torch.is_grad_enabled() and (self.bank.requires_grad or x.requires_grad)
+        for g, (fold_rank, p) in enumerate(groups):
+            key = new_dropout_key(x.device) if p > 0.0 else None
+            s = torch.ops.miss.fold(x, fold_rank, p, key, self.bank.dtype)
+            index = adapter_index if row_group is None else torch.where(row_group == g, adapter_index, -1)
+            if differentiable:
+                y = torch.ops.miss.bank_add(y, s, self.bank, self.ranks, self.periods, index)
+            else:
+                torch.ops.miss.bank_add_(y, s, self.bank, self.ranks, self.periods, index)
+        return y
+
+    def extra_repr(self) -> str:
+        used = [f"{n}(r={int(self.ranks[i])}, {self.modes[i]})" for i, n in enumerate(self.adapter_names) if n]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
+                f"max_r={self.max_r}, adapters=[{', '.join(used)}]")

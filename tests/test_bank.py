@@ -1,0 +1,270 @@
+"""miss.bank_add: a bank of MiSS adapters applied one adapter per row (issue 14, the op layer).
+
+Checked against an independent float64 reference that runs every row with its own adapter from
+x itself (fold at the adapter's own r, tile of its own block: tests/reference.py), so the op's
+refolding of one shared fold at rank R (r | R) is tested too, not assumed. Covered: 1 to 16
+adapters, mixed r dividing R, default and mini mixed, rows without an adapter, an empty batch,
+3-D inputs, strided inputs, float32/float64 and a bf16 output with an fp32 bank, gradients per
+adapter (each slot's gradient from its rows only, zero padding), opcheck, gradcheck, errors, and
+torch.compile without recompilation when the bank's contents change.
+"""
+import pytest
+import torch
+
+from conftest import DEVICES, poison
+from reference import F64, fold_ref, tile_block
+
+ops = torch.ops.miss
+
+
+def make_bank(blocks, r_cap, q_cap, dtype=torch.float32, device="cpu"):
+    """(bank (N, r_cap, q_cap), ranks, periods) holding `blocks` (each (r_a, q_a)) zero-padded."""
+    bank = torch.zeros(len(blocks), r_cap, q_cap, dtype=dtype, device=device)
+    for a, b in enumerate(blocks):
+        bank[a, :b.shape[0], :b.shape[1]] = b
+    ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64, device=device)
+    periods = torch.tensor([b.shape[1] for b in blocks], dtype=torch.int64, device=device)
+    return bank, ranks, periods
+
+
+def bank_ref(y, x, blocks, index):
+    """Row t: y[t] + fold_ref(x[t], r_a) @ tile(block_a, out) with a = index[t]; y for a < 0. float64."""
+    out = y.shape[-1]
+    y2, x2, idx = y.reshape(-1, out).to(F64), x.reshape(-1, x.shape[-1]).to(F64), index.reshape(-1)
+    rows = []
+    for t in range(y2.shape[0]):
+        a = int(idx[t])
+        if a < 0:
+            rows.append(y2[t])
+        else:
+            b = blocks[a].to(F64)
+            rows.append(y2[t] + fold_ref(x2[t:t + 1], b.shape[0])[0] @ tile_block(b, out))
+    return (torch.stack(rows) if rows else y2.clone()).reshape(y.shape)
+
+
+def random_blocks(n, R, out, seed=0, device="cpu"):
+    """n blocks cycling through ranks R, R/2, R/4 and modes default/mini (mini_r: divisors of out)."""
+    gen = torch.Generator().manual_seed(seed)
+    minis = [d for d in range(2, out) if out % d == 0] or [1]
+    blocks = []
+    for a in range(n):
+        r = [R, R // 2, R // 4][a % 3]
+        q = out if a % 2 == 0 else minis[(a // 2) % len(minis)]
+        blocks.append(torch.randn(r, q, generator=gen).to(device))
+    return blocks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("shape", [(37,), (0,), (3, 5)], ids=["rows", "empty", "3d"])
+def test_bank_add_matches_per_row_reference(device, n, shape):
+    R, in_f, out = 8, 29, 12                      # in % R != 0: a partial last shard
+    blocks = random_blocks(n, R, out, device=device)
+    bank, ranks, periods = make_bank(blocks, R, out, device=device)
+    x = torch.randn(*shape, in_f, device=device)
+    y = torch.randn(*shape, out, device=device)
+    index = torch.randint(-1, n, shape, device=device)
+    s = ops.fold(x, R, 0.0, None, torch.float32)
+    got = ops.bank_add(y, s, bank, ranks, periods, index)
+    torch.testing.assert_close(got.to(F64), bank_ref(y, x, blocks, index), rtol=1e-5, atol=1e-5)
+    inplace = y.clone()
+    ops.bank_add_(inplace, s, bank, ranks, periods, index)
+    assert torch.equal(inplace, got)
+    assert torch.equal(got[index < 0], y[index < 0])          # rows without an adapter: the base only
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_dtypes(device):
+    R, in_f, out, n = 16, 64, 40, 4                    # out = 2 * 16 + 8: vector columns and a tail
+    blocks = random_blocks(n, R, out, device=device)
+    x = torch.randn(50, in_f, device=device)
+    index = torch.randint(-1, n, (50,), device=device)
+    for y_dtype, bank_dtype in [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16)]:
+        bank, ranks, periods = make_bank(blocks, R, out, dtype=bank_dtype, device=device)
+        y = torch.randn(50, out, device=device).to(y_dtype)
+        s = ops.fold(x.to(y_dtype), R, 0.0, None, bank_dtype)
+        got = ops.bank_add(y, s, bank, ranks, periods, index)
+        assert got.dtype == y_dtype
+        ref = bank_ref(y, x.to(y_dtype), [b.to(bank_dtype) for b in blocks], index)
+        tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(y_dtype, 2e-2)
+        torch.testing.assert_close(got.to(F64), ref, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_strided_inputs_and_poisoned_padding(device):
+    """Non-contiguous y, s and index; NaN in every slot's padding must never be read."""
+    R, out, n = 8, 12, 5
+    blocks = random_blocks(n, R, out, device=device)
+    bank, ranks, periods = make_bank(blocks, R + 3, out + 5, device=device)
+    for a, b in enumerate(blocks):                     # poison the padding
+        bank[a, b.shape[0]:, :] = float("nan")
+        bank[a, :, b.shape[1]:] = float("nan")
+    x = torch.randn(40, 2 * 20, device=device)[:, ::2]
+    y = torch.randn(12, 40, device=device).t()       # (40, 12), not contiguous
+    index = torch.randint(-1, n, (80,), device=device)[::2]
+    s = ops.fold(x, R, 0.0, None, torch.float32)
+    got = ops.bank_add(y, s, bank, ranks, periods, index)
+    torch.testing.assert_close(got.to(F64), bank_ref(y, x, blocks, index), rtol=1e-5, atol=1e-5)
+    inplace = y.clone().t().contiguous().t()
+    ops.bank_add_(inplace, s, bank, ranks, periods, index)
+    torch.testing.assert_close(inplace, got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_gradients_per_adapter(device):
+    """Gradients in x (through fold) and in every block equal the float64 reference's; a slot's
+    gradient comes from its rows only (a slot without rows gets zero), and its padding gets zero."""
+    R, in_f, out, n = 8, 21, 12, 6
+    blocks = [b.to(F64).requires_grad_(True) for b in random_blocks(n, R, out, device=device)]
+    bank, ranks, periods = make_bank([b.detach() for b in blocks], R, out, dtype=F64, device=device)
+    bank.requires_grad_(True)
+    x = torch.randn(30, in_f, dtype=F64, device=device, requires_grad=True)
+    y = torch.randn(30, out, dtype=F64, device=device, requires_grad=True)
+    index = torch.randint(-1, n - 1, (30,), device=device)   # slot n - 1 has no rows
+    g = torch.randn(30, out, dtype=F64, device=device)
+    got = ops.bank_add(y, ops.fold(x, R, 0.0, None, None), bank, ranks, periods, index)
+    gx, gy, gbank = torch.autograd.grad(got, (x, y, bank), g)
+    xr, yr = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    ref = bank_ref(yr, xr, blocks, index)
+    rx, ry, *rblocks = torch.autograd.grad(ref, [xr, yr] + blocks, g, allow_unused=True)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gy, ry)
+    for a, b in enumerate(blocks):
+        r, q = b.shape
+        expected = rblocks[a] if rblocks[a] is not None else torch.zeros_like(b)
+        torch.testing.assert_close(gbank[a, :r, :q], expected)
+        assert not gbank[a, r:].any() and not gbank[a, :, q:].any()
+    assert not gbank[n - 1].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_gradcheck(device):
+    R, out, n = 4, 6, 3
+    blocks = random_blocks(n, R, out, device=device)
+    bank, ranks, periods = make_bank(blocks, R, out, dtype=F64, device=device)
+    s = torch.randn(7, R, dtype=F64, device=device, requires_grad=True)
+    y = torch.randn(7, out, dtype=F64, device=device, requires_grad=True)
+    bank.requires_grad_(True)
+    index = torch.tensor([0, 1, -1, 2, 1, 0, 2], device=device)
+    assert torch.autograd.gradcheck(lambda y, s, b: ops.bank_add(y, s, b, ranks, periods, index), (y, s, bank))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_opcheck(device):
+    R, out, n = 8, 12, 4
+    blocks = random_blocks(n, R, out, device=device)
+    bank, ranks, periods = make_bank(blocks, R, out, device=device)
+    s = torch.randn(9, R, device=device, requires_grad=True)
+    y = torch.randn(9, out, device=device)
+    index = torch.tensor([0, 1, -1, 2, 3, 0, -1, 2, 1], device=device)
+    torch.library.opcheck(ops.bank_add, (y, s, bank.requires_grad_(True), ranks, periods, index))
+    torch.library.opcheck(ops.bank_add_, (y.clone(), s.detach(), bank.detach(), ranks, periods, index))
+    torch.library.opcheck(ops.bank_add_backward, (torch.randn(9, out, device=device), s.detach(), bank.detach(),
+                                                  ranks, periods, index))
+
+
+def test_bank_add_double_backward_is_refused():
+    R, out = 4, 6
+    bank, ranks, periods = make_bank(random_blocks(2, R, out), R, out, dtype=F64)
+    s = torch.randn(5, R, dtype=F64, requires_grad=True)
+    y = torch.randn(5, out, dtype=F64)
+    index = torch.tensor([0, 1, 1, -1, 0])
+    out = ops.bank_add(y, s, bank, ranks, periods, index).sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out, s, create_graph=True)
+    (g,) = torch.autograd.grad(ops.bank_add(y, s, bank, ranks, periods, index).sum(), s)   # once is fine
+    assert g.shape == s.shape
+
+
+def test_bank_add_bad_input_raises_and_changes_nothing():
+    R, out = 8, 12
+    bank, ranks, periods = make_bank(random_blocks(3, R, out), R, out)
+    y, s, index = torch.randn(4, out), torch.randn(4, R), torch.tensor([0, 1, 2, -1])
+    before = y.clone()
+    cases = [
+        (dict(ranks=torch.tensor([8, 3, 2])), ValueError, "ranks[1]=3"),
+        (dict(ranks=torch.tensor([8, 16, 2])), ValueError, "ranks[1]=16"),
+        (dict(periods=torch.tensor([12, 5, 12])), ValueError, "periods[1]=5"),
+        (dict(index=torch.tensor([0, 3, 2, -1])), ValueError, "index[1]=3"),
+        (dict(index=torch.tensor([0, 1, 2])), ValueError, "index must have y's leading sizes"),
+        (dict(s=torch.randn(4, R, dtype=torch.float64)), TypeError, "s dtype"),
+        (dict(ranks=torch.tensor([8, 4, 2], dtype=torch.int32)), TypeError, "ranks must be int64"),
+        (dict(bank=bank[0]), ValueError, "bank must have shape"),
+        (dict(s=torch.randn(5, R)), ValueError, "s with y's leading sizes"),
+    ]
+    for change, exc, text in cases:
+        args = dict(y=y, s=s, bank=bank, ranks=ranks, periods=periods, index=index)
+        args.update(change)
+        with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]")):
+            ops.bank_add_(args["y"], args["s"], args["bank"], args["ranks"], args["periods"], args["index"])
+        assert torch.equal(y, before)
+
+
+def test_bank_add_compiles_once_while_the_bank_changes():
+    """fullgraph, and no recompilation when slots are filled, emptied or change r/mode within the
+    bank's capacity: ranks, periods and index are tensors, not ints."""
+    torch._dynamo.reset()
+    calls = {"n": 0}
+
+    def backend(gm, example_inputs):
+        calls["n"] += 1
+        return gm
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def f(y, x, bank, ranks, periods, index):
+        return ops.bank_add(y, ops.fold(x, 8, 0.0, None, torch.float32), bank, ranks, periods, index)
+
+    out = 12
+    for seed, n_used in [(0, 2), (1, 4), (2, 1)]:
+        blocks = random_blocks(n_used, 8, out, seed=seed)
+        bank, ranks, periods = make_bank(blocks + [torch.zeros(1, 1)] * (4 - n_used), 8, out)
+        x, y = torch.randn(10, 20), torch.randn(10, out)
+        index = torch.randint(-1, n_used, (10,))
+        got = f(y, x, bank, ranks, periods, index)
+        torch.testing.assert_close(got.to(F64), bank_ref(y, x, blocks, index), rtol=1e-5, atol=1e-5)
+    assert calls["n"] == 1
+    torch._dynamo.reset()
+
+
+def test_bank_add_poisoned_output_is_fully_written():
+    """The functional op writes every element (rows without an adapter are copies of y)."""
+    R, out = 8, 12
+    bank, ranks, periods = make_bank(random_blocks(2, R, out), R, out)
+    y, s = torch.randn(6, out), torch.randn(6, R)
+    index = torch.tensor([-1, 0, 1, -1, 1, 0])
+    got = ops.bank_add(y, s, bank, ranks, periods, index)
+    assert torch.isfinite(got).all()
+    poisoned = poison(torch.empty(6, out))
+    poisoned.copy_(y)
+    ops.bank_add_(poisoned, s, bank, ranks, periods, index)
+    assert torch.equal(poisoned, got)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only build of torch: no fake CUDA")
+def test_bank_add_traces_on_fake_cuda():
+    """Without a GPU: the meta kernels give the CUDA results' shapes, dtypes and devices, and
+    torch.export traces the op on (fake) CUDA inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.empty(3, 6, 12, device="cuda", dtype=torch.bfloat16)
+        s = torch.empty(3, 6, 8, device="cuda")
+        bank = torch.empty(4, 8, 12, device="cuda")
+        ranks = torch.empty(4, dtype=torch.int64, device="cuda")
+        index = torch.empty(3, 6, dtype=torch.int64, device="cuda")
+        out = ops.bank_add(y, s, bank, ranks, ranks, index)
+        assert (out.shape, out.dtype, out.device.type) == (y.shape, torch.bfloat16, "cuda")
+        gs, gb = ops.bank_add_backward(y, s, bank, ranks, ranks, index)
+        assert (gs.shape, gs.dtype, gb.shape, gb.dtype) == (s.shape, torch.float32, bank.shape, torch.float32)
+
+    class Mixed(torch.nn.Module):
+        def forward(self, y, x, bank, ranks, periods, index):
+            return ops.bank_add(y, ops.fold(x, 8, 0.0, None, torch.float32), bank, ranks, periods, index)
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        args = (torch.empty(5, 12, device="cuda"), torch.empty(5, 20, device="cuda"), torch.empty(4, 8, 12, device="cuda"),
+                torch.empty(4, dtype=torch.int64, device="cuda"), torch.empty(4, dtype=torch.int64, device="cuda"),
+                torch.empty(5, dtype=torch.int64, device="cuda"))
+        ep = torch.export.export(Mixed(), args, strict=False)
+    assert any(str(n.target) == "miss.bank_add.default" for n in ep.graph.nodes)

@@ -1,0 +1,143 @@
+"""MissBankLinear (issue 14): one frozen layer, a bank of MiSS adapters, one adapter per row.
+
+Every row's output must equal what a MissLinear with that row's adapter alone gives (the base
+layer alone for rows without an adapter), and in training each adapter's block gradient must
+equal the gradient that adapter gets from its own rows alone. Covered: default and mini mixed,
+r dividing max_r and r that does not (a second fold), rows without an adapter, an empty batch,
+3-D inputs, bf16 bases, per-adapter dropout, a bank that changes between calls, and errors.
+"""
+import pytest
+import torch
+from torch import nn
+
+from miss_ext import MissLinear
+from miss_ext.bank import MissBankLinear
+
+from conftest import DEVICES
+
+IN, OUT, MAX_R = 24, 36, 8
+# name: (r, mode, mini_r); r=3 does not divide MAX_R (second fold), mini_r 6 and 4 divide OUT.
+ADAPTERS = {"a": (8, "default", 1), "b": (4, "mini", 6), "c": (3, "default", 1), "d": (2, "mini", 4)}
+
+
+def make(device, dtype=torch.float32, capacity=6, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(IN, OUT).to(device=device, dtype=dtype)
+    bank = MissBankLinear(base, capacity=capacity, max_r=MAX_R)
+    singles = {}
+    for name, (r, mode, mini_r) in ADAPTERS.items():
+        single = MissLinear(base, r=r, mode=mode, mini_r=mini_r, init_weights=False).to(device)
+        singles[name] = single
+        bank.add_from(name, single)
+    return base, bank, singles
+
+
+def expected_rows(base, singles, x, names):
+    rows = []
+    for t, name in enumerate(names):
+        layer = base if name is None else singles[name]
+        rows.append(layer(x[t:t + 1])[0])
+    return torch.stack(rows) if rows else base(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_row_equals_its_adapter_alone(device):
+    base, bank, singles = make(device)
+    bank.eval()
+    names = ["a", None, "b", "c", "d", "a", "c", None, "b", "d", "c", "a"]
+    x = torch.randn(len(names), IN, device=device)
+    with torch.no_grad():
+        got = bank(x, bank.index_of(names))
+        torch.testing.assert_close(got, expected_rows(base, singles, x, names), rtol=1e-5, atol=1e-5)
+        # 3-D input, empty batch
+        x3 = x.reshape(3, 4, IN)
+        got3 = bank(x3, bank.index_of(names).reshape(3, 4))
+        torch.testing.assert_close(got3, got.reshape(3, 4, OUT))
+        empty = bank(x[:0], bank.index_of([]))
+        assert empty.shape == (0, OUT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_base(device):
+    base, bank, singles = make(device, dtype=torch.bfloat16)
+    assert bank.bank.dtype == torch.float32                # PEFT keeps half-precision bases' blocks in fp32
+    names = ["a", "b", None, "c", "d"]
+    x = torch.randn(5, IN, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = bank.eval()(x, bank.index_of(names))
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected_rows(base, singles, x, names), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_gradients_reach_each_adapter_from_its_rows_only(device):
+    base, bank, singles = make(device, dtype=torch.float64)
+    bank.train()
+    names = ["a", "b", "a", None, "c", "b", "d", "c", "a"]
+    x = torch.randn(len(names), IN, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(len(names), OUT, device=device, dtype=torch.float64)
+    (bank(x, bank.index_of(names)) * g).sum().backward()
+    xs = x.detach().clone().requires_grad_(True)
+    (expected_rows(base, singles, xs, names) * g).sum().backward()
+    torch.testing.assert_close(x.grad, xs.grad)
+    for name, single in singles.items():
+        torch.testing.assert_close(bank.bank.grad[bank.adapter_names.index(name), :single.r, :single.mini_r],
+                                   single.miss_block.grad)
+    # Slots without rows and the padding of every slot get zero.
+    used = bank.bank.grad.clone()
+    for name, single in singles.items():
+        used[bank.adapter_names.index(name), :single.r, :single.mini_r] = 0
+    assert not used.any()
+
+
+def test_dropout_per_adapter_in_training_only():
+    base, bank, singles = make("cpu")
+    bank.remove_adapter("b")
+    bank.add_adapter("b", 4, "mini", 6, dropout=0.5, block=singles["b"].miss_block.detach())
+    names = ["a", "b"] * 6
+    x = torch.randn(len(names), IN)
+    index = bank.index_of(names)
+    with torch.no_grad():
+        eval_out = bank.eval()(x, index)
+        train_out = bank.train()(x, index)
+    rows_a = torch.tensor([n == "a" for n in names])
+    assert torch.equal(train_out[rows_a], eval_out[rows_a])          # p = 0 for "a": untouched
+    assert not torch.allclose(train_out[~rows_a], eval_out[~rows_a])  # p = 0.5 for "b": masked
+    torch.testing.assert_close(eval_out, expected_rows(base, singles, x, names), rtol=1e-5, atol=1e-5)
+
+
+def test_bank_changes_between_calls():
+    base, bank, singles = make("cpu", capacity=5)
+    bank.eval()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        first = bank(x, bank.index_of(["a", "b", "c", "d"]))
+        bank.remove_adapter("b")
+        extra = MissLinear(base, r=8, init_weights=False)
+        bank.add_from("e", extra)
+        singles["e"] = extra
+        second = bank(x, bank.index_of(["a", "e", "c", "d"]))
+        bank.add_from("b", singles["b"])
+        third = bank(x, bank.index_of(["b", "e", None, "d"]))
+    torch.testing.assert_close(first, expected_rows(base, singles, x, ["a", "b", "c", "d"]))
+    torch.testing.assert_close(second, expected_rows(base, singles, x, ["a", "e", "c", "d"]))
+    torch.testing.assert_close(third, expected_rows(base, singles, x, ["b", "e", None, "d"]))
+
+
+def test_refusals_name_the_problem():
+    base, bank, singles = make("cpu", capacity=4)
+    with pytest.raises(TypeError, match="'z' is a bat adapter"):
+        bank.add_adapter("z", 4, "bat")
+    with pytest.raises(ValueError, match="bank is full"):
+        bank.add_adapter("z", 4)
+    bank.remove_adapter("a")
+    with pytest.raises(ValueError, match="r=16 > max_r=8"):
+        bank.add_adapter("z", 16)
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        bank.add_adapter("b", 4)
+    with pytest.raises(ValueError, match="no adapter named 'a'"):
+        bank.index_of(["b", "a"])
+    with pytest.raises(ValueError, match="leading sizes"):
+        bank(torch.randn(3, IN), bank.index_of(["b", "c"]))
+    with pytest.raises(TypeError, match="int64"):
+        bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
