@@ -146,15 +146,22 @@ def sanitizer_flags():
 
 
 def write_build_config(path, with_cuda, torch, private_cxxrt=False, sanitize=False):
+    """Writes csrc/setup_build_config.h, only when its text changes: rewriting it on every build
+    would recompile torch_bindings.cpp and relink each time."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     archs = ",".join(a for a in re.split(r"[;\s]+", archs) if a)
+    text = ("// Written by setup.py; describes this build (see torch_bindings.cpp).\n#pragma once\n"
+            f'#define MISS_EXT_TORCH_VERSION "{torch.__version__}"\n'
+            f'#define MISS_EXT_CUDA_VERSION "{torch.version.cuda or ""}"\n'
+            f'#define MISS_EXT_CUDA_ARCHS "{archs}"\n'
+            f'#define MISS_EXT_CXX_RUNTIME "{"private" if private_cxxrt else "shared"}"\n'
+            f'#define MISS_EXT_SANITIZE "{"address,undefined" if sanitize else ""}"\n')
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
     with open(path, "w") as f:
-        f.write("// Written by setup.py; describes this build (see torch_bindings.cpp).\n#pragma once\n")
-        f.write(f'#define MISS_EXT_TORCH_VERSION "{torch.__version__}"\n')
-        f.write(f'#define MISS_EXT_CUDA_VERSION "{torch.version.cuda or ""}"\n')
-        f.write(f'#define MISS_EXT_CUDA_ARCHS "{archs}"\n')
-        f.write(f'#define MISS_EXT_CXX_RUNTIME "{"private" if private_cxxrt else "shared"}"\n')
-        f.write(f'#define MISS_EXT_SANITIZE "{"address,undefined" if sanitize else ""}"\n')
+        f.write(text)
 
 
 def extensions():

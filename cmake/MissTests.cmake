@@ -11,18 +11,31 @@
 #                     the installed-library builds of the examples against the same files
 #
 # The Python fixture runs ${MISS_EXT_PYTHON} with ${MISS_PYTHON_ENV} (cmake/MissPythonProbe.cmake).
+#
+# AOTInductor needs torch 2.12+: up to 2.11 its package runtime hands custom ops wrong dtype
+# arguments (pytorch/pytorch#169157), and miss_ext refuses to compile such packages there
+# (miss_ext/_aoti_guard.py). On older torch the AOTInductor fixture and tests are left out.
 set(_models "${CMAKE_CURRENT_BINARY_DIR}/test-models")
+set(_aoti_args "")
+set(MISS_EXT_TEST_AOTI ON)
+if(Torch_VERSION VERSION_LESS 2.12)
+  set(MISS_EXT_TEST_AOTI OFF)
+  set(_aoti_args "--no-aoti")
+  message(STATUS "miss_ext: torch ${Torch_VERSION} < 2.12: the AOTInductor tests are left out (pytorch/pytorch#169157)")
+endif()
 add_test(NAME python_models
   COMMAND ${CMAKE_COMMAND} -E env ${MISS_PYTHON_ENV}
-          "${MISS_EXT_PYTHON}" "${PROJECT_SOURCE_DIR}/examples/cpp/make_models.py" "${_models}")
+          "${MISS_EXT_PYTHON}" "${PROJECT_SOURCE_DIR}/examples/cpp/make_models.py" "${_models}" ${_aoti_args})
 # AOTInductor compiles the package with the host C++ compiler: about a minute on two cores.
 set_tests_properties(python_models PROPERTIES FIXTURES_SETUP models TIMEOUT 900)
 
 add_test(NAME serve_torchscript COMMAND serve_torchscript "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
 set_tests_properties(serve_torchscript PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
 
-add_test(NAME serve_aoti COMMAND serve_aoti "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
-set_tests_properties(serve_aoti PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
+if(MISS_EXT_TEST_AOTI)
+  add_test(NAME serve_aoti COMMAND serve_aoti "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
+  set_tests_properties(serve_aoti PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
+endif()
 
 set(_prefix "${CMAKE_CURRENT_BINARY_DIR}/test-install")
 set(_consumer "${CMAKE_CURRENT_BINARY_DIR}/test-consumer")
@@ -42,6 +55,8 @@ add_test(NAME consumer_run
   COMMAND "${_consumer}/serve_torchscript" "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
 set_tests_properties(consumer_run PROPERTIES FIXTURES_REQUIRED "consumer;models" TIMEOUT 300)
 
-add_test(NAME consumer_run_aoti
-  COMMAND "${_consumer}/serve_aoti" "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
-set_tests_properties(consumer_run_aoti PROPERTIES FIXTURES_REQUIRED "consumer;models" TIMEOUT 300)
+if(MISS_EXT_TEST_AOTI)
+  add_test(NAME consumer_run_aoti
+    COMMAND "${_consumer}/serve_aoti" "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")
+  set_tests_properties(consumer_run_aoti PROPERTIES FIXTURES_REQUIRED "consumer;models" TIMEOUT 300)
+endif()

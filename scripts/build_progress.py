@@ -23,6 +23,7 @@ def source_of(command: str) -> str:
 
 
 def main() -> None:
+    sys.stdin.reconfigure(errors="replace")       # compiler output need not be valid UTF-8
     start = time.monotonic()
     for line in sys.stdin:
         line = line.rstrip("\n")

@@ -17,15 +17,22 @@ def main() -> None:
                           check=True).stdout.strip()
     listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                              capture_output=True, check=True).stdout.decode()
-    copied = 0
-    for path in listing.split("\0"):
-        source = os.path.join(root, path)
-        if path and os.path.isfile(source):          # a tracked file deleted in the work tree is skipped
-            target = os.path.join(dest, path)
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            shutil.copy2(source, target)
-            copied += 1
-    print(f"copied {copied} files into {dest}")
+    paths = sorted(p for p in listing.split("\0") if p and os.path.isfile(os.path.join(root, p)))
+    for path in paths:                               # a tracked file deleted in the work tree is skipped
+        target = os.path.join(dest, path)
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        shutil.copy2(os.path.join(root, path), target)
+    # Files an earlier copy brought that the checkout no longer has (a deleted or renamed source
+    # would otherwise still be globbed by setup.py, or a stale test still run).
+    manifest = os.path.join(dest, ".copied-sources")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            for stale in set(f.read().splitlines()) - set(paths):
+                if os.path.isfile(os.path.join(dest, stale)):
+                    os.remove(os.path.join(dest, stale))
+    with open(manifest, "w") as f:
+        f.write("\n".join(paths) + "\n")
+    print(f"copied {len(paths)} files into {dest}")
 
 
 if __name__ == "__main__":

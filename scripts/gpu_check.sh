@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # Build for the visible GPU only (sm_90 on an H200), all cores.
 start=$(date +%s)
 if ! MISS_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-    "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    "$PY" setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | "$PY" scripts/build_progress.py; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"

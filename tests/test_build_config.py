@@ -86,3 +86,17 @@ def test_missing_optional_package_names_the_extra():
     with pytest.raises(ImportError, match=r"miss_ext\.peft needs the 'no_such_pkg' package.*pip install 'miss_ext\[peft\]'"):
         require("no_such_pkg.sub", "peft", "miss_ext.peft")
     assert require("json", "peft", "x").__name__ == "json"
+
+
+@pytest.mark.parametrize("missing", ["transformers", "tqdm", "matplotlib", "peft"])
+def test_demo_without_an_optional_package_names_the_extra(missing, monkeypatch):
+    """The demo checks its packages before any work; a missing one names miss_ext[demo]."""
+    import sys
+
+    from miss_ext.demo._cli import build_parser
+    from miss_ext.demo._driver import require_demo_packages
+
+    monkeypatch.setitem(sys.modules, missing, None)     # `import missing` now raises ModuleNotFoundError
+    args = build_parser().parse_args([])
+    with pytest.raises(ImportError, match=r"miss_ext\[demo\]"):
+        require_demo_packages(args)

@@ -512,6 +512,39 @@ def test_bat_weight_matches_reference(device, shape, seed, dtypes, out_dtype, w_
     assert_within(wp, ref, bound(ref, mag, store, acc), f"bat_weight(W {tuple(w.shape)}, r={r}, dtype={out_dtype})")
 
 
+def bat_transform_ref(w, m, p):
+    """out[o, s r + b] = sum_k w[o, s r + k] m[o / r][k][b] + p[o / r][o mod r][b], float64."""
+    w, m, p = w.to(F64), m.to(F64), p.to(F64)
+    rows, cols = w.shape
+    r = m.shape[-1]
+    tiles = w.reshape(rows // r, r, cols // r, r)
+    return (torch.einsum("iask,ikb->iasb", tiles, m) + p[:, :, None, :]).reshape(rows, cols)
+
+
+@device_params()
+@PROFILE
+@given(shape=bat_shapes(), seed=seeds, w_dtype=st.sampled_from([F64, torch.float32, torch.float16, torch.bfloat16]),
+       mp_dtype=st.sampled_from([F64, torch.float32]), out_dtype=st.sampled_from([None, F64, torch.float32]),
+       w_layout=layouts, m_layout=layouts)
+def test_bat_transform_matches_reference(device, shape, seed, w_dtype, mp_dtype, out_dtype, w_layout, m_layout):
+    """bat_transform and bat_transform_ (the per-tile affine map behind bat, merge and unmerge)."""
+    _, cols, rows, r = shape
+    torch.manual_seed(seed)
+    w, _, _ = place(rnd((rows, cols), w_dtype, device), w_layout)
+    m, _, _ = place(rnd((rows // r, r, r), mp_dtype, device, scale=0.5), m_layout)
+    p = rnd((rows // r, r, r), mp_dtype, device)
+    got = ops.bat_transform(w, m, p, out_dtype)
+    store = out_dtype or w_dtype
+    assert got.dtype == store and got.shape == w.shape
+    ref = bat_transform_ref(w, m, p)
+    mag = bat_transform_ref(abs_(w), abs_(m), abs_(p))
+    assert_within(got, ref, bound(ref, mag, store, acc_dtype(w_dtype, mp_dtype)),
+                  f"bat_transform(w {tuple(w.shape)}, r={r}, dtype={out_dtype})")
+    inplace = w.clone()
+    ops.bat_transform_(inplace, m, p)
+    assert torch.equal(inplace, ops.bat_transform(w, m, p, None))
+
+
 @device_params()
 @PROFILE
 @given(shape=bat_shapes(), seed=seeds, dtype=st.sampled_from([F64, torch.float32]), bias=st.booleans(),

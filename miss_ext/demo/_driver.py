@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import miss_ext
+from miss_ext._optional import require
 
 from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
 from ._merge import MergeCheck, check_merge
@@ -111,7 +112,15 @@ def prepare_user(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         notes=[f"loss of a uniform guess over the model's {vocab:,} tokens: ln {vocab} = {math.log(vocab):.3f}."])
 
 
+def require_demo_packages(args: argparse.Namespace) -> None:
+    """The demo's optional packages, checked before any work: a missing one raises ImportError
+    naming the extra that installs it (pip install 'miss_ext[demo]')."""
+    for module in ["transformers", "tqdm", "matplotlib"] + ([] if args.no_peft else ["peft"]):
+        require(module, "demo", "python -m miss_ext.demo")
+
+
 def run_demo(args: argparse.Namespace) -> DemoResult:
+    require_demo_packages(args)
     with torch_threads(args.threads):
         return _run_demo(args)
 
