@@ -2,7 +2,7 @@
 # Builds the C++ of miss_ext with AddressSanitizer + UndefinedBehaviorSanitizer (MISS_EXT_SANITIZE=1,
 # CPU kernels) in a copy of this checkout (build/sanitize/), and runs a representative part of the
 # test suite against it: every op against the float64 reference, bad input, bat, dropout, the
-# module, and the hypothesis properties. Any ASan or UBSan report aborts the process (UBSan is
+# module, the adapter bank, and the hypothesis properties. Any ASan or UBSan report aborts the process (UBSan is
 # built with -fno-sanitize-recover), so a green run had none.
 #
 #   bash scripts/sanitize_test.sh [pytest args...]     # with the project's venv active (setup_env.sh)
@@ -31,5 +31,5 @@ symbols=$(nm -D --undefined-only miss_ext/_C*.so)
 case "$symbols" in *__asan_report_load*) ;; *) echo "miss_ext/_C is not instrumented by ASan" >&2; exit 1 ;; esac
 case "$symbols" in *__ubsan_handle_*) ;; *) echo "miss_ext/_C is not instrumented by UBSan" >&2; exit 1 ;; esac
 python -m pytest -q -p no:cacheprovider tests/test_ops_reference.py tests/test_errors.py tests/test_bat.py \
-  tests/test_dropout.py tests/test_module.py tests/test_properties.py "$@"
+  tests/test_dropout.py tests/test_module.py tests/test_properties.py tests/test_bank.py tests/test_bank_layer.py "$@"
 echo "sanitize: no report; $((SECONDS - start)) s in all"
