@@ -79,7 +79,6 @@ class MissBankLinear(nn.Module):
                              persistent=False)
         self.adapter_names: List[Optional[str]] = [None] * capacity
         self.dropouts: List[float] = [0.0] * capacity
-        self.modes: List[str] = [""] * capacity
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
 
     @property
@@ -119,7 +118,6 @@ class MissBankLinear(nn.Module):
             self.periods[slot] = shape[1]
         self.adapter_names[slot] = name
         self.dropouts[slot] = float(dropout)
-        self.modes[slot] = mode
         self._regroup()
         return slot
 
@@ -139,7 +137,6 @@ class MissBankLinear(nn.Module):
             self.periods[slot] = 0
         self.adapter_names[slot] = None
         self.dropouts[slot] = 0.0
-        self.modes[slot] = ""
         self._regroup()
 
     def block(self, name: str) -> Tensor:
@@ -208,6 +205,8 @@ class MissBankLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        used = [f"{n}(r={int(self.ranks[i])}, {self.modes[i]})" for i, n in enumerate(self.adapter_names) if n]
+        # The mode is the block's width: out_features in the default mode, mini_r in the mini mode.
+        used = [f"{n}(r={int(self.ranks[i])}, {'default' if int(self.periods[i]) == self.out_features else 'mini'})"
+                for i, n in enumerate(self.adapter_names) if n]
         return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
                 f"max_r={self.max_r}, adapters=[{', '.join(used)}]")

@@ -18,6 +18,7 @@
 #include "../common/bank_index.h"
 #include "../common/checks.h"
 #include "../common/shard_index.h"
+#include "../bank_dispatch.h"
 #include "../kernels.h"
 #include "cpu_clones.h"
 
@@ -229,19 +230,6 @@ void bank_grad_rows(const g_t* grad, const a_t* s, const a_t* bank, const int64_
         for (int64_t c = 0; c < width; ++c)
           grad_bank[bank_offset(task.slot, j, task.begin + c, r_cap, q_cap)] =
               static_cast<a_t>(sums[j * kColumnsPerTask + c]);
-    }
-  });
-}
-
-// Calls f.template operator()<y_t, a_t>() for the (data, adapter) dtype pair of the arguments:
-// a_t is y_t or float (checks.cpp).
-template <typename F>
-void dispatch_bank(at::ScalarType data, at::ScalarType adapter, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data, "miss_bank", [&] {
-    if (adapter == data) {
-      f(scalar_t(), scalar_t());
-    } else {
-      f(scalar_t(), float());
     }
   });
 }

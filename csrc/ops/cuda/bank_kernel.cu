@@ -21,6 +21,7 @@
 
 #include "../common/bank_index.h"
 #include "../common/shard_index.h"
+#include "../bank_dispatch.h"
 #include "../kernels.h"
 
 namespace miss_ext {
@@ -119,14 +120,6 @@ __global__ void bank_grad_bank_kernel(const g_t* __restrict__ grad, const a_t* _
 #pragma unroll
   for (int u = 0; u < kRowsPerThread; ++u)
     if (j0 + u < r) grad_bank[bank_offset(a, j0 + u, c, r_cap, q_cap)] = static_cast<a_t>(sums[u]);
-}
-
-template <typename F>
-void dispatch_bank(at::ScalarType data, at::ScalarType adapter, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data, "miss_bank", [&] {
-    if (adapter == data) f(scalar_t(), scalar_t());
-    else f(scalar_t(), float());
-  });
 }
 
 int blocks_for(int64_t rows) { return static_cast<int>(std::max<int64_t>(1, std::min(rows, kMaxBlocks))); }
