@@ -6,6 +6,10 @@ the dispatcher (CPU always; CUDA when built with it). See README.md.
 - layers and ops: `MissLinear`, `miss_ext.ops` (also re-exported here);
 - models without PEFT: `apply_miss`, `merge_and_unload`, `save_adapter` / `load_adapter` (PEFT's
   file format), `export_lora`;
+- many adapters in one batch (one per sequence): `MissBankLinear`, `load_bank` /
+  `apply_bank` / `load_bank_adapter` / `add_bank_adapter` / `save_bank_adapter` and the
+  `mixed_batch(model, adapter_names)` context (miss_ext.bank_model); PEFT's `adapter_names=` on
+  an accelerated PEFT model;
 - PEFT models: `miss_ext.peft.accelerate(peft_model)` / `restore` (imported on first use, so
   `import miss_ext` does not import PEFT);
 - tensor parallelism: `miss_ext.tensor_parallel` (MissColwiseParallel / MissRowwiseParallel;
@@ -16,6 +20,9 @@ import importlib
 from ._library import build_info
 from . import _aoti_guard, _functorch
 from .adapter_files import load_adapter, save_adapter
+from .bank import MissBankLinear
+from .bank_model import (add_bank_adapter, apply_bank, bank_adapter_names, load_bank, load_bank_adapter, mixed_batch,
+                         remove_bank_adapter, save_bank_adapter)
 from .lora import export_lora
 from .model import apply_miss, merge_and_unload, miss_layers
 from .modules import MissLinear
@@ -26,6 +33,8 @@ __all__ = [
     "MissLinear", "apply_miss", "bat_linear", "bat_weight", "build_info", "export_lora", "fold", "linear",
     "load_adapter", "merge", "merge_", "merge_and_unload", "miss_layers", "new_dropout_key", "save_adapter",
     "tile_add", "tile_add_", "bat_transform", "bat_transform_", "bank_add", "bank_add_",
+    "MissBankLinear", "add_bank_adapter", "apply_bank", "bank_adapter_names", "load_bank", "load_bank_adapter",
+    "mixed_batch", "remove_bank_adapter", "save_bank_adapter",
 ]
 __version__ = "0.1.0"
 

@@ -159,6 +159,32 @@ def _full_block(block: Tensor) -> Tensor:
     return block.cpu().contiguous()
 
 
+def adapter_config(r: int, mode: str, mini_r: int, dropout: float, paths: List[str], bias: str = "none",
+                   modules_to_save: Optional[List[str]] = None, task_type: Optional[str] = None,
+                   base_model_name_or_path: Optional[str] = None) -> dict:
+    """PEFT's adapter_config.json for a MiSS adapter on exactly the modules at `paths`."""
+    return {
+        "peft_type": "MISS",
+        "r": r,
+        "mini_r": mini_r,
+        "init_weights": _INIT_OF_MODE[mode],
+        "miss_dropout": dropout,
+        "target_modules": exact_paths_regex(paths),
+        "exclude_modules": None,
+        # target_modules already states exactly the adapted paths (what target_modules,
+        # exclude_modules and layers_to_transform selected), and PEFT refuses layers_* beside a
+        # regex, so those stay None.
+        "bias": bias,
+        "modules_to_save": modules_to_save,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
 def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                  base_model_name_or_path: Optional[str] = None, is_main_process: Optional[bool] = None) -> None:
     """Writes the model's MissLinear adapters in PEFT's format into the directory `path`, so
@@ -207,26 +233,9 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         is_main_process = not sharded or torch.distributed.get_rank() == 0
     if not is_main_process:
         return
-    config = {
-        "peft_type": "MISS",
-        "r": r,
-        "mini_r": mini_r,
-        "init_weights": _INIT_OF_MODE[mode],
-        "miss_dropout": dropout,
-        "target_modules": exact_paths_regex([name for name, _ in layers]),
-        "exclude_modules": None,
-        # target_modules already states exactly the adapted paths (what target_modules,
-        # exclude_modules and layers_to_transform selected), and PEFT refuses layers_* beside a
-        # regex, so those stay None.
-        "bias": extras["bias"],
-        "modules_to_save": list(save_paths) or None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
-        "inference_mode": True,
-        "revision": None,
-    }
+    config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
+                            modules_to_save=list(save_paths) or None, task_type=task_type,
+                            base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
 
 
@@ -326,7 +335,8 @@ def _check_config_fields(config: dict) -> List[str]:
     return problems
 
 
-def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> List[str]:
+def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor],
+                        adapter_layers: Tuple[type, ...] = (MissLinear,)) -> List[str]:
     """PEFT puts adapters on the modules its config selects (target_modules, exclude_modules,
     layers_to_transform, layers_pattern, modules_to_save) and loads the file's blocks into those
     only. This loader goes by the file's keys, so the two must agree: a block the config does not
@@ -337,7 +347,7 @@ def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor
         return []  # reported by _check_config_fields
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         # PEFT expands the shorthand to the linear layers' names (head excluded), then filters.
-        linear = sorted(name for name, _ in find_targets(model, ALL_LINEAR, skip_inside=(MissLinear,)))
+        linear = sorted(name for name, _ in find_targets(model, ALL_LINEAR, skip_inside=adapter_layers))
         selected = {name for name in linear if peft_selects(dict(config, target_modules=linear), name)}
     else:
         selected = set()
@@ -345,7 +355,7 @@ def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor
         for name, module in model.named_modules():
             if not name or name.startswith(tuple(skip)):
                 continue
-            if isinstance(module, MissLinear):  # its base_layer is not a separate target
+            if isinstance(module, adapter_layers):  # its base_layer is not a separate target
                 skip.append(name + ".")
             if peft_selects(config, name):
                 selected.add(name)

@@ -33,6 +33,60 @@ from .modules import MissLinear, adapter_dtype, block_shape, check_dropout
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
+# A slot's group in the routing table when its adapter does not adapt this layer (add_absent):
+# its rows get the base output here.
+ABSENT = -1
+
+
+def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
+                   groups: Sequence[Tuple[int, float]], slot_group: Optional[Tensor]) -> Tensor:
+    """y plus, for every row t with index[t] >= 0, the MiSS term of the adapter in slot index[t].
+
+    The one place that turns a bank into fold + miss.bank_add calls (MissBankLinear and the
+    accelerated PEFT layer's adapter_names= both call it).
+
+    Args:
+        y: the base output (..., out); x: the input (..., in), same leading sizes.
+        bank, ranks, periods: as miss.bank_add. index: int64 slot per row, y's leading sizes.
+        groups: [(fold rank, dropout p)], one fold of x per group; every slot of group g has a
+            rank dividing groups[g][0].
+        slot_group: int64 (N,), the group of each slot (ABSENT: rows get y). None: a single
+            group holding every slot the rows use (no routing needed).
+    Returns y with the terms added, in y's dtype: a new tensor when autograd records (y, x or
+    bank requires grad), else y itself, written in place.
+    """
+    if not groups:
+        return y
+    row_group = None
+    if slot_group is not None:
+        # An id past the bank goes to group 0, whose bank_add call refuses it with a clear error.
+        last = slot_group.shape[0] - 1
+        row_group = torch.where((index >= 0) & (index <= last), slot_group[index.clamp(0, last)],
+                                torch.where(index < 0, ABSENT, 0))
+    differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)
+    for g, (fold_rank, p) in enumerate(groups):
+        key = new_dropout_key(x.device) if p > 0.0 else None
+        s = torch.ops.miss.fold(x, fold_rank, p, key, bank.dtype)
+        rows = index if row_group is None else torch.where(row_group == g, index, -1)
+        if differentiable:
+            y = torch.ops.miss.bank_add(y, s, bank, ranks, periods, rows)
+        else:
+            torch.ops.miss.bank_add_(y, s, bank, ranks, periods, rows)
+    return y
+
+
+def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
+    """The per-row slot ids for x (..., in): `index` with x's leading sizes as is, or one id per
+    sequence (1-D, x.shape[0] long) broadcast over the other leading sizes (a (batch, seq, in)
+    activation of a model run with one adapter name per sequence). ValueError otherwise."""
+    lead = tuple(x.shape[:-1])
+    if tuple(index.shape) == lead:
+        return index
+    if index.dim() == 1 and len(lead) >= 2 and index.shape[0] == lead[0]:
+        return index.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
+    raise ValueError(f"{where}: the adapter index has shape {tuple(index.shape)}; it needs x's leading sizes {lead} "
+                     f"or one entry per sequence ({lead[0] if lead else 0},). For beam search or "
+                     "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
 
 
 class MissBankLinear(nn.Module):
@@ -51,8 +105,10 @@ class MissBankLinear(nn.Module):
         ranks, periods: int64 buffers (capacity,), r_a and q_a of each slot (0 when empty).
         adapter_names: the slot names, None for an empty slot.
 
-    forward(x, adapter_index): x (..., in_features); adapter_index int64 with x's leading sizes
-    (slot ids from `index_of(names)`; negative = base only). Returns (..., out_features) in the
+    forward(x, adapter_index=None): x (..., in_features); adapter_index int64 slot ids (from
+    `index_of(names)`; negative = base only) with x's leading sizes, or one per sequence
+    (x.shape[0],) broadcast over the rest; None takes the ids `miss_ext.mixed_batch` set for the
+    whole model (`rows`), and raises ValueError outside it. Returns (..., out_features) in the
     base output's dtype. Errors: ValueError/TypeError naming the bad argument.
     """
 
@@ -79,7 +135,12 @@ class MissBankLinear(nn.Module):
                              persistent=False)
         self.adapter_names: List[Optional[str]] = [None] * capacity
         self.dropouts: List[float] = [0.0] * capacity
+        # Slots whose adapter (of the whole model) does not adapt this layer: add_absent.
+        self.absent: List[bool] = [False] * capacity
+        # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears it).
+        self.rows: Optional[Tensor] = None
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
+        self._routed = False  # some slot is absent: rows must go through the routing table
 
     @property
     def capacity(self) -> int:
@@ -129,6 +190,23 @@ class MissBankLinear(nn.Module):
             raise ValueError(f"adapter {name!r}: the MissLinear is merged; unmerge it first")
         return self.add_adapter(name, layer.r, layer.mode, layer.mini_r, layer.dropout, layer.miss_block.detach())
 
+    def add_absent(self, name: str) -> int:
+        """Registers an adapter of the model that does not adapt this layer (its PEFT config does
+        not target it), so that slot ids stay the same in every layer of a model; rows naming it
+        get the base output here. Returns the slot id."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
+        if name in self.adapter_names:
+            raise ValueError(f"the bank already has an adapter named {name!r} (slot {self.adapter_names.index(name)})")
+        if None not in self.adapter_names:
+            raise ValueError(f"the bank is full ({self.capacity} slots: {self.adapter_names}); remove an adapter "
+                             "or build a larger bank")
+        slot = self.adapter_names.index(None)
+        self.adapter_names[slot] = name
+        self.absent[slot] = True
+        self._regroup()
+        return slot
+
     def remove_adapter(self, name: str) -> None:
         slot = self._slot(name)
         with torch.no_grad():
@@ -137,11 +215,14 @@ class MissBankLinear(nn.Module):
             self.periods[slot] = 0
         self.adapter_names[slot] = None
         self.dropouts[slot] = 0.0
+        self.absent[slot] = False
         self._regroup()
 
     def block(self, name: str) -> Tensor:
         """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r)."""
         slot = self._slot(name)
+        if self.absent[slot]:
+            raise ValueError(f"adapter {name!r} does not adapt this layer (add_absent): it has no block here")
         return self.bank[slot, :int(self.ranks[slot]), :int(self.periods[slot])]
 
     def index_of(self, names: Sequence[Optional[str]]) -> Tensor:
@@ -164,12 +245,16 @@ class MissBankLinear(nn.Module):
     def _regroup(self) -> None:
         """Fold groups: (fold rank, dropout p). One fold per group and forward; the shared fold at
         max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups."""
+        self._routed = any(self.absent)
         for training in (True, False):
             groups: List[Tuple[int, float]] = []
             table = []
             for slot, name in enumerate(self.adapter_names):
                 if name is None:
-                    table.append(0)
+                    table.append(0)  # a row naming an empty slot reaches bank_add, which refuses rank 0
+                    continue
+                if self.absent[slot]:
+                    table.append(ABSENT)
                     continue
                 key = (self._fold_rank(int(self.ranks[slot])), self.dropouts[slot] if training else 0.0)
                 if key not in groups:
@@ -180,33 +265,27 @@ class MissBankLinear(nn.Module):
             buffer.copy_(torch.tensor(table, dtype=torch.int64))
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, adapter_index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, adapter_index: Optional[Tensor] = None) -> Tensor:
+        if adapter_index is None:
+            adapter_index = self.rows
+            if adapter_index is None:
+                raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
+                                 "adapter_names) is active; every row must name its adapter (or '__base__')")
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             raise TypeError("adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got "
                             f"{type(adapter_index).__name__}{'' if not isinstance(adapter_index, Tensor) else ' ' + str(adapter_index.dtype)}")
-        if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"adapter_index must have x's leading sizes {tuple(x.shape[:-1])}, got shape "
-                             f"{tuple(adapter_index.shape)}")
+        index = row_index(adapter_index, x, "MissBankLinear")
         y = self.base_layer(x)
         groups = self._groups[self.training]
-        if not groups:
-            return y
-        table = self._group_train if self.training else self._group_eval
-        row_group = torch.where(adapter_index >= 0, table[adapter_index.clamp(min=0)], -1) if len(groups) > 1 else None
-        differentiable = torch.is_grad_enabled() and (self.bank.requires_grad or x.requires_grad)
-        for g, (fold_rank, p) in enumerate(groups):
-            key = new_dropout_key(x.device) if p > 0.0 else None
-            s = torch.ops.miss.fold(x, fold_rank, p, key, self.bank.dtype)
-            index = adapter_index if row_group is None else torch.where(row_group == g, adapter_index, -1)
-            if differentiable:
-                y = torch.ops.miss.bank_add(y, s, self.bank, self.ranks, self.periods, index)
-            else:
-                torch.ops.miss.bank_add_(y, s, self.bank, self.ranks, self.periods, index)
-        return y
+        table = None
+        if len(groups) > 1 or self._routed:
+            table = self._group_train if self.training else self._group_eval
+        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table)
 
     def extra_repr(self) -> str:
         # The mode is the block's width: out_features in the default mode, mini_r in the mini mode.
-        used = [f"{n}(r={int(self.ranks[i])}, {'default' if int(self.periods[i]) == self.out_features else 'mini'})"
+        used = [f"{n}(absent)" if self.absent[i] else
+                f"{n}(r={int(self.ranks[i])}, {'default' if int(self.periods[i]) == self.out_features else 'mini'})"
                 for i, n in enumerate(self.adapter_names) if n]
         return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
                 f"max_r={self.max_r}, adapters=[{', '.join(used)}]")

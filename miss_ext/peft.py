@@ -22,10 +22,22 @@ the spec's intent instead:
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
 arguments) keep PEFT's own code path, so accelerating never breaks a model.
 
+Mixed-adapter batches: PEFT's `adapter_names=` (one adapter name per sequence, "__base__" for the
+base model) works in `model(...)`, `model.generate(...)` (num_beams / num_return_sequences repeat
+the names as generate repeats the sequences) and direct layer calls. PEFT 0.21 accepts the
+keyword for MiSS and silently applies the active adapter to every row; here each row gets its
+own adapter, with its own mode (default and mini may mix on one layer, which PEFT cannot do
+even for one adapter at a time) and dropout, through miss.fold + miss.bank_add (see
+miss_ext/bank.py). It also works in training (each block gets the gradient of its own rows;
+PEFT's LoRA refuses training there). Rows of a layer that lacks the named adapter get that
+layer's base output (as PEFT's LoRA); a name no layer has raises ValueError; a bat adapter named
+by a row raises TypeError (bat changes the base weight, so rows cannot share one base GEMM); so
+do merged adapters (ValueError, as PEFT's LoRA). Each call stacks the named adapters' blocks of
+a layer into a small bank (their r x out values: no weight- or activation-sized copy).
+
 Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
-- `adapter_names=` (mixed-adapter batches) and `alora_offsets=` (a LoRA feature): PEFT's
-  `PeftModel.forward`/`generate` strip them for MiSS and every row uses the active adapters; here
-  they raise TypeError before anything runs (model.forward, model.generate and direct layer
+- `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
+  here it raises TypeError before anything runs (model.forward, model.generate and direct layer
   calls alike). The tuner (`MissModel`) is swapped to `AcceleratedMissModel` for this;
 - merging an adapter whose base weight is shared with another module (tied embeddings): PEFT
   warns and merges, changing the other module; here merge, merge_adapter and merge_and_unload
@@ -36,6 +48,7 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
 import inspect
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -48,28 +61,58 @@ require("peft", "peft", "miss_ext.peft")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
+from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .modules import check_merge, is_plain_linear  # noqa: E402
+from .bank import BASE, add_bank_terms, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
 
-# PEFT's per-row forward arguments (PeftModel.special_peft_forward_args) and why MiSS refuses them.
+# PEFT's per-row forward arguments (PeftModel.special_peft_forward_args) that MiSS refuses, and why.
 _PER_ROW_ARGUMENTS = {
-    "adapter_names": "mixed-adapter batches (one adapter per row) are not implemented for MiSS yet, and PEFT 0.21 "
-                     "silently applies the active adapter(s) to every row; run one batch per adapter (set_adapter)",
     "alora_offsets": "activated LoRA (aLoRA) offsets are a LoRA feature; MiSS has no use for them and PEFT 0.21 "
                      "silently ignores them",
 }
 
 
 def refuse_per_row_arguments(kwargs: Dict[str, object], where: str) -> None:
-    """TypeError naming each of PEFT's per-row arguments that is given (not None) in kwargs."""
+    """TypeError naming each of PEFT's refused per-row arguments that is given (not None) in kwargs."""
     given = [name for name in _PER_ROW_ARGUMENTS if kwargs.get(name) is not None]
     if given:
         raise TypeError(f"{where}: " + "; ".join(f"{name}={kwargs[name]!r} is refused: {_PER_ROW_ARGUMENTS[name]}"
                                                  for name in given))
+
+
+def check_adapter_names(adapter_names: object, where: str) -> List[str]:
+    """PEFT's adapter_names: a list or tuple of adapter names (str), one per sequence."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
+            not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"{where}: adapter_names must be a list of adapter names (str, '{BASE}' for the base "
+                        f"model), one per sequence; got {adapter_names!r}")
+    return list(adapter_names)
+
+
+def _expand_size(kwargs: Dict[str, object]) -> int:
+    """How many times generate() repeats each input sequence: num_beams for beam search, else
+    num_return_sequences (transformers' _expand_inputs_for_generation), from the keyword
+    arguments or a generation_config given there."""
+    config = kwargs.get("generation_config")
+
+    def get(name):
+        value = kwargs.get(name)
+        return getattr(config, name, None) if value is None else value
+
+    beams, returned = get("num_beams"), get("num_return_sequences")
+    if isinstance(beams, int) and beams > 1:
+        return beams
+    return returned if isinstance(returned, int) and returned > 1 else 1
+
+
+def _adapter_names_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
@@ -119,6 +162,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         for name in _PER_ROW_ARGUMENTS:  # None means "not given", as at model level
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if (args or kwargs) and self._fast_path():
             # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
@@ -162,6 +208,56 @@ class AcceleratedMissLinear(PeftMissLinear):
                 term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])
             result = result + term
         return result.to(previous_dtype)
+
+    def _mixed_batch_forward(self, x: Tensor, adapter_names: object, *args, **kwargs) -> Tensor:
+        """Each sequence i of x with adapter adapter_names[i] (see the module docstring)."""
+        where = f"{type(self).__name__}.forward"
+        names = check_adapter_names(adapter_names, where)
+        if x.dim() < 2 or len(names) != x.shape[0]:
+            raise ValueError(f"{where}: adapter_names has {len(names)} entries but the input has "
+                             f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
+        if self.merged:
+            raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
+                             "unmerge_adapter() first")
+        if (args or kwargs) and self._fast_path():
+            raise TypeError(f"{where}: the base layer is an nn.Linear, which takes the input only; got extra "
+                            f"arguments {args!r} {kwargs!r}")
+        used = list(dict.fromkeys(n for n in names if n in self.miss_block))  # others: base output here
+        bats = [n for n in used if _is_bat(self.miss_block[n])]
+        if bats:
+            raise TypeError(f"{where}: adapter_names uses bat adapter(s) {bats}: bat changes the base weight itself, "
+                            "so rows of different adapters cannot share one base GEMM; run them in their own batch "
+                            "(set_adapter)")
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        if not used:
+            return result.to(previous_dtype)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        # A bank of the named adapters' blocks, zero-padded to the largest r and width; stacked
+        # (differentiably) on every call, as the blocks may be trained in place between calls.
+        blocks = [self.miss_block[n] for n in used]
+        max_r = max(b.shape[0] for b in blocks)
+        max_q = max(b.shape[1] for b in blocks)
+        dtype = blocks[0].dtype
+        for b in blocks[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        bank = torch.stack([F.pad(b.to(dtype), (0, max_q - b.shape[1], 0, max_r - b.shape[0])) for b in blocks])
+        ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64, device=bank.device)
+        periods = torch.tensor([b.shape[1] for b in blocks], dtype=torch.int64, device=bank.device)
+        # One fold per (fold rank, dropout p): r dividing max_r shares the fold at max_r.
+        groups: List[tuple] = []
+        slot_group = []
+        for n, b in zip(used, blocks):
+            key = (max_r if max_r % b.shape[0] == 0 else b.shape[0], self._dropout_p(n))
+            if key not in groups:
+                groups.append(key)
+            slot_group.append(groups.index(key))
+        slot_of = {n: i for i, n in enumerate(used)}
+        index = torch.tensor([slot_of.get(n, -1) for n in names], dtype=torch.int64, device=bank.device)
+        index = row_index(index, x, where)
+        table = torch.tensor(slot_group, dtype=torch.int64, device=bank.device) if len(groups) > 1 else None
+        return add_bank_terms(result, x, bank, ranks, periods, index, groups, table).to(previous_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
         # A shared base weight (tied embeddings): merging would change the other holders too.
@@ -228,9 +324,47 @@ class AcceleratedMissModel(MissModel):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        # PeftModel.forward/generate enter this with their keyword arguments before running.
-        refuse_per_row_arguments(kwargs, "PEFT MiSS model forward/generate")
-        yield
+        # PeftModel.forward/generate enter this with their keyword arguments before running (and
+        # strip adapter_names from what reaches the base model): as PEFT's LoRA, hand the names to
+        # every adapter layer through forward pre-hooks for the duration of the call.
+        where = "PEFT MiSS model forward/generate"
+        refuse_per_row_arguments(kwargs, where)
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        names = check_adapter_names(adapter_names, where)
+        known = set()
+        for layer in self.model.modules():
+            if isinstance(layer, PeftMissLinear):
+                known |= set(layer.miss_block.keys())
+        unknown = sorted({n for n in names if n != BASE} - known)
+        if unknown:
+            raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
+                             f"{sorted(known)})")
+        not_accelerated = [n for n, m in self.model.named_modules() if type(m) is PeftMissLinear]
+        if not_accelerated:
+            raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
+                            "are not (call miss_ext.peft.accelerate(model) again)")
+        expand = _expand_size(kwargs)
+        repeated = [n for n in names for _ in range(expand)]
+        handles = []
+        try:
+            for module in self.model.modules():
+                if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
+                    handles.append(module.register_forward_pre_hook(
+                        partial(_adapter_names_hook, adapter_names=repeated), with_kwargs=True))
+            encoder = self.model.get_encoder() if expand > 1 and hasattr(self.model, "get_encoder") else None
+            if encoder is not None and encoder is not self.model:
+                # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
+                for module in encoder.modules():
+                    if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
+                        handles.append(module.register_forward_pre_hook(
+                            partial(_adapter_names_hook, adapter_names=names), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _check_merge(self, adapter_names: Optional[List[str]]) -> None:
         if adapter_names is not None:

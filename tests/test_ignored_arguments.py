@@ -1,5 +1,6 @@
 """Arguments that would be accepted and silently ignored (issue 10, kind 4): PEFT's per-row
-`adapter_names=` on accelerated PEFT MiSS models (forward, generate, layers), merges naming no
+`alora_offsets=` on accelerated PEFT MiSS models (forward, generate, layers; `adapter_names=` is
+implemented since issue 14, tests/test_peft_mixed_batch.py, except for bat adapters), merges naming no
 adapter, adapter_config.json fields PEFT acts on, and apply_miss options. Each is refused with
 an error naming the argument, before anything runs or changes; where PEFT's config fields are
 implemented, the result equals PEFT's."""
@@ -39,30 +40,48 @@ def test_peft_itself_ignores_adapter_names_for_miss(base):
 
 
 @pytest.mark.parametrize("mode", ["default", "bat"])
-@pytest.mark.parametrize("argument", ["adapter_names", "alora_offsets"])
-def test_accelerated_model_refuses_per_row_arguments(base, mode, argument):
+def test_accelerated_model_refuses_alora_offsets(base, mode):
     model = miss_ext.peft.accelerate(peft_model(base, mode).eval())
     ids = tokens()
-    value = ["default", "default"] if argument == "adapter_names" else [3, 3]
     snap = snapshot(model)
-    with pytest.raises(TypeError, match=rf"{argument}=.* is refused"):
-        model(ids, **{argument: value})
-    with pytest.raises(TypeError, match=rf"{argument}=.* is refused"):
-        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **{argument: value})
+    with pytest.raises(TypeError, match=r"alora_offsets=.* is refused"):
+        model(ids, alora_offsets=[3, 3])
+    with pytest.raises(TypeError, match=r"alora_offsets=.* is refused"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, alora_offsets=[3, 3])
     assert_unchanged(model, snap)
     # None means "not used", as in PEFT; and restore() gives PEFT's own behaviour back.
-    torch.testing.assert_close(model(ids, **{argument: None}).logits, model(ids).logits, **TOL)
+    for argument in ("alora_offsets", "adapter_names"):
+        torch.testing.assert_close(model(ids, **{argument: None}).logits, model(ids).logits, **TOL)
     miss_ext.peft.restore(model)
     assert type(model.base_model).__name__ == "MissModel"
 
 
+def test_accelerated_model_refuses_bat_adapters_in_mixed_batches(base):
+    """Bat adapters change the base weight: no shared base GEMM, so no mixed batch (issue 14)."""
+    model = miss_ext.peft.accelerate(peft_model(base, "bat").eval())
+    ids = tokens()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"bat adapter\(s\) \['default'\]"):
+        model(ids, adapter_names=["default", "default"])
+    with pytest.raises(TypeError, match=r"bat adapter\(s\) \['default'\]"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, adapter_names=["default", "__base__"])
+    assert_unchanged(model, snap)
+    # Rows that all ask for the base model never touch the bat adapter.
+    torch.testing.assert_close(model(ids, adapter_names=["__base__"] * 2).logits, base(ids).logits, **TOL)
+
+
 @pytest.mark.parametrize("mode", ["default", "bat"])
-def test_accelerated_layer_refuses_adapter_names_and_extra_arguments(base, mode):
+def test_accelerated_layer_per_row_arguments_and_extra_arguments(base, mode):
     model = miss_ext.peft.accelerate(peft_model(base, mode).eval())
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
-    with pytest.raises(TypeError, match="adapter_names=.* is refused"):
-        layer(x, adapter_names=["default", "default"])
+    with pytest.raises(TypeError, match="alora_offsets=.* is refused"):
+        layer(x, alora_offsets=[1, 1])
+    if mode == "bat":
+        with pytest.raises(TypeError, match="bat adapter"):
+            layer(x, adapter_names=["default", "default"])
+    else:
+        torch.testing.assert_close(layer(x, adapter_names=["default", "default"]), layer(x), **TOL)
     # PEFT's bat path drops extra arguments silently; an nn.Linear base takes none.
     with pytest.raises(TypeError, match="takes the input only"):
         layer(x, "extra")

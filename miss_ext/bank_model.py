@@ -1,0 +1,269 @@
+"""A bank of MiSS adapters on a whole model: every targeted linear becomes a `MissBankLinear`, and
+one forward (or `generate()`) runs a batch whose sequences each name their own adapter (issue 14).
+
+    model = miss_ext.load_bank(model, {"sql": "adapters/sql", "chat": "adapters/chat"})
+    with miss_ext.mixed_batch(model, ["sql", "chat", None]):      # None / "__base__": base model
+        out = model.generate(input_ids, max_new_tokens=20)
+
+Slot ids are model-wide: an adapter has the same slot in every bank layer, and a layer its
+config does not target holds it as absent (`MissBankLinear.add_absent`, base output there), so
+one per-sequence index serves every layer. The names follow PEFT's `adapter_names=` convention
+(one entry per sequence, "__base__" for the base model). Adapters come from PEFT adapter
+folders, `miss_ext.save_adapter` folders and old Bone folders (`load_bank_adapter`), or are
+created fresh and trained (`add_bank_adapter`; a mixed batch trains several at once, each block
+getting the gradient of its own rows only) and written back in PEFT's format
+(`save_bank_adapter`).
+
+What a bank cannot hold: bat adapters (they change the base weight, so rows of different bat
+adapters cannot share one base GEMM: TypeError naming them), and files that train something
+beside the blocks (modules_to_save, biases): those would have to differ per row (ValueError).
+"""
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
+                            adapter_config, read_adapter, write_adapter, KEY_PREFIX)
+from .bank import BASE, MissBankLinear
+from .modules import MissLinear, block_shape, check_dropout
+from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
+
+__all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
+           "load_bank", "save_bank_adapter", "remove_bank_adapter", "mixed_batch"]
+
+
+def bank_layers(model: nn.Module) -> List[Tuple[str, MissBankLinear]]:
+    """(path, layer) of every MissBankLinear of the model, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MissBankLinear)]
+
+
+def _layers(model: nn.Module, where: str) -> List[Tuple[str, MissBankLinear]]:
+    layers = bank_layers(model)
+    if not layers:
+        raise ValueError(f"{where}: the model has no MissBankLinear layer (miss_ext.apply_bank or load_bank first)")
+    names = layers[0][1].adapter_names
+    for path, layer in layers[1:]:
+        if layer.adapter_names != names:
+            raise ValueError(f"{where}: the bank layers disagree on their slots ({layers[0][0]}: {names}, {path}: "
+                             f"{layer.adapter_names}); change a model's adapters through the miss_ext.bank_model "
+                             "functions, not layer by layer")
+    return layers
+
+
+def bank_adapter_names(model: nn.Module) -> List[str]:
+    """The adapters in the model's bank, in slot order."""
+    return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
+
+
+def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, max_r: int,
+               freeze_others: bool = True) -> nn.Module:
+    """Replaces every linear layer `target_modules` selects (PEFT's rule: a name suffix, a list of
+    them, a regex, or "all-linear") by a MissBankLinear with `capacity` slots of rank up to
+    `max_r`, in place; returns the model. The bank starts empty. With freeze_others (as PEFT),
+    every other parameter stops requiring grad. ValueError when nothing is selected or a
+    selected module is not an nn.Linear."""
+    found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
+    if not found:
+        raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
+    wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
+    if wrong:
+        raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
+    existing = bank_adapter_names(model) if bank_layers(model) else []
+    if existing:
+        raise ValueError(f"apply_bank: the model's bank already holds {existing}; new bank layers would not have "
+                         "them. Apply every bank layer before adding adapters")
+    if freeze_others:
+        model.requires_grad_(False)
+    for name, module in found:
+        set_module(model, name, MissBankLinear(module, capacity, max_r))
+    return model
+
+
+def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default", mini_r: int = 1,
+                     dropout: float = 0.0, target_modules: Optional[TargetModules] = None) -> int:
+    """A fresh adapter (PEFT's zero init) on the bank layers `target_modules` selects (None: all),
+    absent in the others; returns its slot id. Every check runs before any layer changes."""
+    layers = _layers(model, "add_bank_adapter")
+    paths = [p for p, _ in layers]
+    if target_modules is not None:
+        chosen = {p for p, _ in find_targets(model, target_modules, skip_inside=(MissBankLinear,))}
+        paths = [p for p in paths if p in chosen]
+        if not paths:
+            raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects no bank layer")
+    check_dropout(dropout)
+    for path in paths:
+        layer = get_module(model, path)
+        _check_new(layer, path, name, r, mode, mini_r)
+    return _add(layers, name, {p: None for p in paths}, r, mode, mini_r, dropout)
+
+
+def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, mini_r: int) -> None:
+    if mode == "bat":
+        raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
+                        "different bat adapters cannot share one base GEMM; serve it with its own MissLinear or merge it")
+    block_shape(mode, r, mini_r, layer.in_features, layer.out_features)
+    if r > layer.max_r:
+        raise ValueError(f"adapter {name!r}: r={r} > max_r={layer.max_r} of the bank layer {path}")
+
+
+def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: str, mini_r: int,
+         dropout: float) -> int:
+    """Adds the adapter to every bank layer (absent where `blocks` has no entry), at one slot."""
+    first = layers[0][1]
+    if not isinstance(name, str) or not name or name == BASE:
+        raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
+    if name in first.adapter_names:
+        raise ValueError(f"the model's bank already has an adapter named {name!r}")
+    if None not in first.adapter_names:
+        raise ValueError(f"the model's bank is full ({first.capacity} slots: {first.adapter_names}); "
+                         "remove_bank_adapter one, or apply a larger bank")
+    slot = None
+    for path, layer in layers:
+        if path in blocks:
+            got = layer.add_adapter(name, r, mode, mini_r, dropout, blocks[path])
+        else:
+            got = layer.add_absent(name)
+        assert slot is None or got == slot, "bank layers out of step"  # _layers checked they agree
+        slot = got
+    return slot
+
+
+def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Dict[str, Tensor],
+                   extras: Dict[str, Tensor]) -> List[str]:
+    problems = _check_config_fields(config) + _selection_problems(model, config, blocks,
+                                                                  (MissBankLinear, MissLinear))
+    mode, r, mini_r, dropout = _config_settings(config)
+    if mode == "bat":
+        raise TypeError(f"adapter {name!r} is a bat adapter (init_weights='bat'): bat changes the base weight "
+                        "itself, so rows of different bat adapters cannot share one base GEMM; serve it with its "
+                        "own model (miss_ext.load_adapter) or merge it")
+    try:
+        check_dropout(dropout)
+    except ValueError:
+        problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
+    for path, block in blocks.items():
+        layer = get_module(model, path)
+        if not isinstance(layer, MissBankLinear):
+            problems.append(f"{path}: " + ("no such module in the model" if layer is None else
+                                           f"is a {type(layer).__name__}, not a bank layer (apply_bank there first)"))
+            continue
+        try:
+            _check_new(layer, path, name, r, mode, mini_r)
+            expected = block_shape(mode, r, mini_r, layer.in_features, layer.out_features)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if tuple(block.shape) != expected:
+            problems.append(f"{path}: block shape {tuple(block.shape)} in the file, the layer needs {expected} "
+                            f"(mode={mode!r}, r={r}, out={layer.out_features})")
+        elif not block.is_floating_point() or not bool(torch.isfinite(block).all()):
+            problems.append(f"{path}: the block is not floating point or holds NaN/inf")
+    # A bank shares everything but the blocks between rows: per-adapter extras cannot differ per row.
+    for key, value in extras.items():
+        _, param = _find_parameter(model, key)
+        if param is None or tuple(param.shape) != tuple(value.shape) or \
+                not torch.equal(value.to(param.device, param.dtype), param.detach()):
+            problems.append(f"{key}: the file trains this beside the blocks (modules_to_save or bias), which "
+                            "every row of a mixed batch shares; load it with miss_ext.load_adapter instead")
+    return problems
+
+
+def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
+    """Loads a PEFT MiSS adapter folder (PEFT's save_pretrained, `miss_ext.save_adapter`, or an old
+    Bone folder) into the model's bank under `name`; returns its slot id. Its blocks go into the
+    bank layers at the file's module paths (each keeps the file's r, mode, mini_r and dropout);
+    the other bank layers hold it as absent. Every check runs first, and a problem raises
+    ValueError listing all of them (bat: TypeError) with the model unchanged."""
+    layers = _layers(model, "load_bank_adapter")
+    config, blocks, extras = read_adapter(path)
+    if not blocks:
+        raise ValueError(f"{path}: the adapter file has no blocks")
+    problems = _file_problems(model, layers, name, config, blocks, extras)
+    if problems:
+        raise ValueError(f"adapter {path!r} does not fit the model's bank; nothing was loaded:\n  " +
+                         "\n  ".join(problems))
+    mode, r, mini_r, dropout = _config_settings(config)
+    return _add(layers, name, blocks, r, mode, mini_r if mode == "mini" else 1, float(dropout))
+
+
+def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[int] = None,
+              max_r: Optional[int] = None) -> nn.Module:
+    """apply_bank on every module any of the adapter folders `{name: path}` adapts (capacity:
+    len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
+    Returns the model, changed in place."""
+    if not adapters:
+        raise ValueError("load_bank: no adapters given")
+    read = {name: read_adapter(path) for name, path in adapters.items()}
+    paths = sorted({p for _, blocks, _ in read.values() for p in blocks})
+    ranks = [config.get("r") for config, _, _ in read.values()]
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f"load_bank: adapter configs with r={bad[0]!r}; r must be a positive int")
+    apply_bank(model, exact_paths_regex(paths), capacity or len(adapters), max_r or max(ranks))
+    for name, path in adapters.items():
+        load_bank_adapter(model, name, path)
+    return model
+
+
+def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optional[str] = None) -> None:
+    """Writes one adapter of the bank as a PEFT MiSS adapter folder (loadable by
+    `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter)."""
+    layers = _layers(model, "save_bank_adapter")
+    slot = layers[0][1]._slot(name)
+    present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
+    _, first = present[0]
+    r, q = int(first.ranks[slot]), int(first.periods[slot])
+    mode = "default" if q == first.out_features else "mini"
+    tensors = {f"{KEY_PREFIX}{p}.miss_block": layer.block(name).detach().cpu().contiguous() for p, layer in present}
+    config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
+                            task_type=task_type)
+    write_adapter(path, tensors, config)
+
+
+def remove_bank_adapter(model: nn.Module, name: str) -> None:
+    """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
+    torch.compile this does not recompile while the fold groups stay the same)."""
+    layers = _layers(model, "remove_bank_adapter")
+    layers[0][1]._slot(name)  # ValueError naming the known adapters
+    for _, layer in layers:
+        layer.remove_adapter(name)
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand: int = 1) -> Iterator[None]:
+    """Inside, every bank layer of the model runs sequence i of its input with adapter
+    adapter_names[i] (None or "__base__": the base model), e.g. for `model(...)` or
+    `model.generate(...)`. `expand` repeats each name for generate's num_beams or
+    num_return_sequences (which repeat each input sequence that many times). Run backward inside
+    too when training with gradient checkpointing (its recomputation calls the layers again).
+
+    ValueError names an adapter not in the bank; a layer whose input has another number of
+    sequences raises ValueError when called."""
+    layers = _layers(model, "mixed_batch")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per sequence), got {adapter_names!r}")
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise ValueError(f"expand must be a positive int, got {expand!r}")
+    first = layers[0][1]
+    unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
+                     key=str)
+    if unknown:
+        raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
+                         f"{[n for n in first.adapter_names if n is not None]})")
+    ids = first.index_of(list(adapter_names)).cpu()
+    if expand > 1:
+        ids = ids.repeat_interleave(expand)
+    per_device: Dict[torch.device, Tensor] = {}
+    previous = [layer.rows for _, layer in layers]
+    try:
+        for _, layer in layers:
+            device = layer.bank.device
+            if device not in per_device:
+                per_device[device] = ids.to(device)
+            layer.rows = per_device[device]
+        yield
+    finally:
+        for (_, layer), rows in zip(layers, previous):
+            layer.rows = rows

@@ -1,0 +1,239 @@
+"""An adapter bank on a whole model (issue 14): `load_bank` / `apply_bank` / `load_bank_adapter` /
+`add_bank_adapter` / `save_bank_adapter` / `remove_bank_adapter` and `mixed_batch`.
+
+Adapters come from a PEFT folder (save_pretrained), a `miss_ext.save_adapter` folder and an old
+Bone folder; they mix modes, ranks dividing the largest and not, and target different modules.
+Reference: PEFT with one single-adapter model per adapter, run on that adapter's rows only (the
+base model for rows without an adapter), in forward and in generate.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import miss_ext  # noqa: E402
+from conftest import assert_unchanged, snapshot  # noqa: E402
+from miss_ext import MissBankLinear  # noqa: E402
+from tiny_models import tiny_causal_lm, tokens  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+CONFIGS = {
+    "peft_default": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "peft_mini": dict(r=8, mini_r=4, target_modules=["q_proj", "up_proj"], init_weights="mini"),
+    "odd_rank": dict(r=3, target_modules=["q_proj", "o_proj"], init_weights=False),  # 3 does not divide 8
+}
+NAMES = ["peft_default", None, "peft_mini", "odd_rank", "peft_default", "ours", "bone", "__base__"]
+
+
+def no_eos(model):
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    return model
+
+
+def random_blocks(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "miss_block" in key:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{name: (folder, reference model)}: three PEFT folders, a miss_ext.save_adapter folder and a
+    Bone folder (a PEFT folder rewritten as PEFT's old Bone format)."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = no_eos(tiny_causal_lm("llama"))
+    out = {}
+    for seed, (name, config) in enumerate(CONFIGS.items()):
+        model = get_peft_model(copy.deepcopy(base), MissConfig(**config)).eval()
+        random_blocks(model, seed)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, model)
+    ours = miss_ext.apply_miss(copy.deepcopy(base), ["k_proj", "gate_proj"], r=2, init_weights=False)
+    random_blocks(ours, 7)
+    miss_ext.save_adapter(ours, root / "ours")
+    out["ours"] = (root / "ours", ours.eval())
+    config = json.loads((root / "peft_default" / "adapter_config.json").read_text())
+    bone = {k: v for k, v in config.items() if k not in ("mini_r", "miss_dropout")}
+    bone["peft_type"] = "BONE"
+    os.makedirs(root / "bone")
+    (root / "bone" / "adapter_config.json").write_text(json.dumps(bone))
+    tensors = load_file(root / "peft_default" / "adapter_model.safetensors")
+    save_file({k.replace(".miss_block", ".bone_block"): v * 2 for k, v in tensors.items()},
+              root / "bone" / "adapter_model.safetensors")
+    # PEFT 0.21.2 no longer reads Bone folders; miss_ext.load_adapter does (checked against PEFT's
+    # MiSS in tests/test_model_api.py).
+    bone_ref = miss_ext.load_adapter(copy.deepcopy(base), root / "bone").eval()
+    out["bone"] = (root / "bone", bone_ref)
+    return base, out
+
+
+def bank_model(folders, **kwargs):
+    base, adapters = folders
+    return miss_ext.load_bank(copy.deepcopy(base), {n: str(f) for n, (f, _) in adapters.items()}, **kwargs).eval()
+
+
+def reference(folders, name):
+    base, adapters = folders
+    return base if name in (None, "__base__") else adapters[name][1]
+
+
+def test_forward_each_row_equals_its_adapter_alone(folders):
+    model = bank_model(folders)
+    assert miss_ext.bank_adapter_names(model) == ["peft_default", "peft_mini", "odd_rank", "ours", "bone"]
+    layers = miss_ext.bank_model.bank_layers(model)
+    # Every module some adapter adapts, and only those, is a bank layer; max_r is the largest r.
+    assert {p.rsplit(".", 1)[-1] for p, _ in layers} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"}
+    assert all(layer.max_r == 8 and layer.capacity == 5 for _, layer in layers)
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad(), miss_ext.mixed_batch(model, NAMES):
+        got = model(ids).logits
+    for i, name in enumerate(NAMES):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i], reference(folders, name)(ids[i:i + 1]).logits[0], **TOL)
+    # Outside the context every bank layer refuses to guess.
+    with pytest.raises(ValueError, match="mixed_batch"):
+        model(ids)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_each_row_equals_its_adapter_alone(folders, num_beams):
+    model = bank_model(folders)
+    ids = tokens(len(NAMES), 5, seed=2)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    with torch.no_grad(), miss_ext.mixed_batch(model, NAMES, expand=num_beams):
+        got = model.generate(input_ids=ids, **kwargs)
+    for i, name in enumerate(NAMES):
+        with torch.no_grad():
+            want = reference(folders, name).generate(input_ids=ids[i:i + 1], **kwargs)[0]
+        assert torch.equal(got[i], want), name
+
+
+def test_left_padded_prompts_of_different_lengths(folders):
+    model = bank_model(folders)
+    names = ["peft_mini", "odd_rank", None]
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 6, 4)]
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 6 - len(p):] = p
+        mask[i, 6 - len(p):] = 1
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            want = reference(folders, name).generate(input_ids=prompts[i][None], max_new_tokens=5, do_sample=False)
+        assert torch.equal(got[i, 6:], want[0, len(prompts[i]):]), name
+
+
+def test_train_fresh_adapters_in_one_batch_then_save_for_peft(folders, tmp_path):
+    """Multi-tenant fine-tuning: two fresh adapters trained in one mixed batch. Each block's
+    gradient equals the one its own rows give alone; saved, PEFT loads each and computes the same."""
+    base, _ = folders
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "v_proj", "up_proj"], capacity=3, max_r=4)
+    assert miss_ext.add_bank_adapter(model, "x", r=4) == 0
+    assert miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4, target_modules=["v_proj"]) == 1
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".bank") for n in trainable)
+    random_blocks_bank(model)
+    names = ["x", "y", None, "y"]
+    ids = tokens(4, 5, seed=9)
+    model.train()
+    with miss_ext.mixed_batch(model, names):
+        model(ids).logits.pow(2).mean(dim=(1, 2)).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("x", "y"):
+        model.zero_grad()
+        rows = [i for i, n in enumerate(names) if n == name]
+        with miss_ext.mixed_batch(model, [name] * len(rows)):
+            model(ids[rows]).logits.pow(2).mean(dim=(1, 2)).sum().backward()
+        slot = 0 if name == "x" else 1
+        for key, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(mixed[key][slot], p.grad[slot], **TOL)
+    model.eval()
+    for name in ("x", "y"):
+        miss_ext.save_bank_adapter(model, name, str(tmp_path / name))
+        peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
+        with torch.no_grad(), miss_ext.mixed_batch(model, [name] * 4):
+            torch.testing.assert_close(model(ids).logits, peft(ids).logits, **TOL)
+
+
+def random_blocks_bank(model):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in miss_ext.bank_model.bank_layers(model):
+            for slot, name in enumerate(layer.adapter_names):
+                if name is not None and not layer.absent[slot]:
+                    block = layer.block(name)
+                    block.copy_(torch.randn(block.shape, generator=gen, dtype=block.dtype) * 0.1)
+
+
+def test_bank_changes_between_calls(folders):
+    model = bank_model(folders, capacity=6)
+    ids = tokens(3, 5)
+    names = ["odd_rank", "bone", None]
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        before = model(ids).logits
+    miss_ext.remove_bank_adapter(model, "peft_mini")
+    assert miss_ext.bank_adapter_names(model) == ["peft_default", "odd_rank", "ours", "bone"]
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        torch.testing.assert_close(model(ids).logits, before, **TOL)
+    with pytest.raises(ValueError, match="not in the model's bank: \\['peft_mini'\\]"):
+        with miss_ext.mixed_batch(model, ["peft_mini"]):
+            pass
+    _, adapters = folders
+    assert miss_ext.load_bank_adapter(model, "again", str(adapters["peft_mini"][0])) == 1  # the freed slot
+    with torch.no_grad(), miss_ext.mixed_batch(model, ["again", "odd_rank"]):
+        got = model(ids[:2]).logits
+    torch.testing.assert_close(got[0], reference(folders, "peft_mini")(ids[:1]).logits[0], **TOL)
+
+
+def test_refusals_name_the_problem(folders, tmp_path):
+    base, adapters = folders
+    model = bank_model(folders, capacity=6)
+    snap = snapshot(model)
+    ids = tokens(2, 4)
+    with pytest.raises(ValueError, match="not in the model's bank: \\['typo'\\]"):
+        with miss_ext.mixed_batch(model, ["typo", None]):
+            pass
+    with pytest.raises(TypeError, match="one per sequence"):
+        with miss_ext.mixed_batch(model, "ours"):
+            pass
+    with miss_ext.mixed_batch(model, ["ours"]), pytest.raises(ValueError, match="expand=k"):
+        model(ids)
+    with pytest.raises(ValueError, match="already has an adapter named 'ours'"):
+        miss_ext.load_bank_adapter(model, "ours", str(adapters["ours"][0]))
+    with pytest.raises(ValueError, match="r=16 > max_r=8"):
+        miss_ext.add_bank_adapter(model, "big", r=16)
+    # bat: TypeError naming it; a file with modules_to_save: ValueError; a module that is no bank layer
+    bat = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
+    bat.save_pretrained(tmp_path / "bat")
+    with pytest.raises(TypeError, match="'b' is a bat adapter"):
+        miss_ext.load_bank_adapter(model, "b", str(tmp_path / "bat"))
+    extra = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                           modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        extra.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    extra.save_pretrained(tmp_path / "extra")
+    with pytest.raises(ValueError, match="modules_to_save or bias"):
+        miss_ext.load_bank_adapter(model, "e", str(tmp_path / "extra"))
+    narrow = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=2, max_r=8)
+    with pytest.raises(ValueError, match="not a bank layer"):
+        miss_ext.load_bank_adapter(narrow, "d", str(adapters["peft_default"][0]))
+    with pytest.raises(ValueError, match="bank is full"):
+        miss_ext.add_bank_adapter(narrow, "one", r=2)
+        miss_ext.add_bank_adapter(narrow, "two", r=2)
+        miss_ext.add_bank_adapter(narrow, "three", r=2)
+    assert_unchanged(model, snap)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, MissBankLinear)

@@ -1,0 +1,185 @@
+"""PEFT's `adapter_names=` on an accelerated PEFT MiSS model (issue 14): one batch, one adapter per
+sequence, in forward, generate (greedy and beam search), direct layer calls and training.
+
+Reference: PEFT itself, one single-adapter PEFT model per adapter (PEFT 0.21 ignores
+adapter_names for MiSS, and cannot mix modes on one layer), run on that adapter's rows only; the
+base model for "__base__". The adapters mix modes (default, mini), ranks that divide the largest
+(4 | 8) and one that does not (3: a second fold), and target different modules, so some layers
+lack some adapters (their rows get that layer's base output).
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+from peft import MissConfig, get_peft_model  # noqa: E402
+
+import miss_ext.peft  # noqa: E402
+from conftest import assert_unchanged, snapshot  # noqa: E402
+from tiny_models import tiny_causal_lm, tokens  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+CONFIGS = {
+    "a": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+    "b": dict(r=8, mini_r=4, target_modules=["q_proj", "up_proj"], init_weights="mini"),
+    "c": dict(r=3, target_modules=["q_proj", "o_proj"], init_weights=False),
+}
+NAMES = ["a", "__base__", "b", "c", "a", "b"]
+
+
+def no_eos(model):
+    # Rows must not stop early at a random model's EOS, so sequences compare token for token.
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    return model
+
+
+def build(dtype=torch.float64, dropout=0.0):
+    base = no_eos(tiny_causal_lm("llama", dtype=dtype))
+    model = None
+    for name, config in CONFIGS.items():
+        config = MissConfig(**config, miss_dropout=dropout if name == "a" else 0.0)
+        if model is None:
+            model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "miss_block" in key:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
+    singles = {}
+    for name, config in CONFIGS.items():
+        single = get_peft_model(copy.deepcopy(base), MissConfig(**config), adapter_name=name)
+        state = {k: v for k, v in model.state_dict().items() if k.endswith(f"miss_block.{name}")}
+        assert state and not single.load_state_dict(state, strict=False).unexpected_keys
+        singles[name] = single.eval()
+    singles["__base__"] = base
+    miss_ext.peft.accelerate(model)
+    return model.eval(), singles
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build()
+
+
+def test_forward_each_row_equals_its_adapter_alone(models):
+    model, singles = models
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        got = model(ids, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            torch.testing.assert_close(got[i], singles[name](ids[i:i + 1]).logits[0], **TOL)
+        # The active adapter is untouched by the keyword, and a single-name batch equals set_adapter.
+        assert model.active_adapters == ["a"]
+        torch.testing.assert_close(model(ids, adapter_names=["a"] * len(NAMES)).logits, model(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_each_row_equals_its_adapter_alone(models, num_beams):
+    model, singles = models
+    ids = tokens(len(NAMES), 5, seed=4)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, adapter_names=NAMES, **kwargs)
+        for i, name in enumerate(NAMES):
+            assert torch.equal(got[i], singles[name].generate(input_ids=ids[i:i + 1], **kwargs)[0]), name
+        # num_return_sequences repeats each sequence too
+        got = model.generate(input_ids=ids[:3], adapter_names=NAMES[:3], max_new_tokens=4, do_sample=False,
+                             num_beams=2, num_return_sequences=2)
+        assert got.shape[0] == 6
+        for i, name in enumerate(NAMES[:3]):
+            ref = singles[name].generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2,
+                                         num_return_sequences=2)
+            assert torch.equal(got[2 * i:2 * i + 2], ref), name
+
+
+def test_layer_call_with_adapter_names(models):
+    """A direct layer call, 2-D and 3-D inputs; a layer that lacks an adapter gives its rows the base."""
+    model, singles = models
+    layer = model.base_model.model.model.layers[0].mlp.up_proj  # has "b" only
+    x = torch.randn(4, 3, layer.in_features, dtype=torch.float64)
+    names = ["b", "a", "__base__", "b"]
+    with torch.no_grad():
+        got = layer(x, adapter_names=names)
+        single_b = singles["b"].base_model.model.model.layers[0].mlp.up_proj
+        base = layer.base_layer
+        for i, name in enumerate(names):
+            torch.testing.assert_close(got[i], (single_b if name == "b" else base)(x[i]), **TOL)
+        torch.testing.assert_close(layer(x[:, 0], adapter_names=names), got[:, 0], **TOL)
+        assert layer(x[:0], adapter_names=[]).shape == (0, 3, layer.out_features)
+
+
+def test_training_gradients_reach_each_adapter_from_its_rows_only():
+    model, singles = build()
+    model.train()
+    for key, p in model.named_parameters():  # PEFT trains only the active adapter by default
+        p.requires_grad_("miss_block" in key)
+    ids = tokens(len(NAMES), 6, seed=5)
+    loss = model(ids, adapter_names=NAMES).logits.pow(2).mean(dim=(1, 2)).sum()
+    loss.backward()
+    for name in CONFIGS:
+        single = singles[name].train()
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        single(ids[rows]).logits.pow(2).mean(dim=(1, 2)).sum().backward()
+        want = {k: p.grad for k, p in single.named_parameters() if k.endswith(f"miss_block.{name}")}
+        got = {k: p.grad for k, p in model.named_parameters() if k.endswith(f"miss_block.{name}")}
+        assert want.keys() == got.keys() and want
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], **TOL)
+
+
+def test_dropout_applies_to_its_adapter_rows_only():
+    model, _ = build(dropout=0.5)
+    ids = tokens(len(NAMES), 6, seed=6)
+    with torch.no_grad():
+        eval_out = model.eval()(ids, adapter_names=NAMES).logits
+        train_out = model.train()(ids, adapter_names=NAMES).logits
+    for i, name in enumerate(NAMES):
+        if name == "a":
+            assert not torch.allclose(train_out[i], eval_out[i])
+        else:
+            torch.testing.assert_close(train_out[i], eval_out[i], **TOL)
+
+
+def test_bf16_model_matches_peft_per_adapter():
+    model, singles = build(dtype=torch.bfloat16)
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        got = model(ids, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            torch.testing.assert_close(got[i].float(), singles[name](ids[i:i + 1]).logits[0].float(),
+                                       rtol=2e-2, atol=2e-2)
+
+
+def test_disabled_adapters_give_the_base_model(models):
+    model, singles = models
+    ids = tokens(3, 5)
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(ids, adapter_names=["a", "b", "c"]).logits, singles["__base__"](ids).logits,
+                                   **TOL)
+
+
+def test_refusals_name_the_problem():
+    model, _ = build()
+    ids = tokens(2, 4)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"no layer has: \['typo'\]"):
+        model(ids, adapter_names=["a", "typo"])
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the input has 2 sequences"):
+        model(ids, adapter_names=["a", "b", "c"])
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        model(ids, adapter_names="a")
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        model(ids, adapter_names=["a", 3])
+    # beam search without the keyword at model level (names not repeated) is caught per layer
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="adapter_names has 1 entries but the input has 2"):
+        layer(torch.randn(2, 3, layer.in_features, dtype=torch.float64), adapter_names=["a"])
+    assert_unchanged(model, snap)
+    model.merge_adapter(["a"])
+    with pytest.raises(ValueError, match="merged"):
+        model(ids, adapter_names=["a", "b"])
