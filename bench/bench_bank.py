@@ -21,18 +21,18 @@ adapter uniformly at random, seeded):
 Timing: torch.inference_mode, interleaved reps with the case order reshuffled per rep; the
 report gives each case's median time and the median over reps of (case / single) in the same
 rep (the machine is shared and noisy). CUDA: events around each call. Memory: the bank's size,
-and the largest temporaries each case makes are listed in the docstring of each case function.
+and the peak each case allocates, its output included (bench/measure.py: the CPU profiler's
+memory timeline, or CUDA's allocator), in one more untimed call; each case function's docstring
+names its largest temporaries.
 """
 import argparse
 import json
-import random
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import miss_ext  # noqa: F401  (registers torch.ops.miss)
+from measure import interleaved_medians, peak_mib
 
 ops = torch.ops.miss
 
@@ -100,42 +100,20 @@ def main() -> None:
         ref = mixed()
         for name in ("split", "gathered", "masked"):
             torch.testing.assert_close(cases[name](), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
-        times = {k: [] for k in cases}
-        ratios = {k: [] for k in cases}
-        order = list(cases)
-        rng = random.Random(0)
-        for rep in range(args.reps + 1):
-            rng.shuffle(order)
-            this = {}
-            for name in order:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    cases[name]()
-                    end.record()
-                    torch.cuda.synchronize()
-                    this[name] = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    cases[name]()
-                    this[name] = (time.perf_counter() - t0) * 1e3
-            if rep == 0:
-                continue                                                       # warm-up
-            for name in cases:
-                times[name].append(this[name])
-                ratios[name].append(this[name] / this["single"])
+        median_ms, median_ratio = interleaved_medians(cases, args.reps, dev, "single")
+        peaks = {name: peak_mib(fn, dev) for name, fn in cases.items()}  # untimed runs
     result = {
         "config": dict(vars(args), threads=torch.get_num_threads(), torch=torch.__version__),
         "bank_values": bank.numel(), "bank_mib": bank.numel() * bank.element_size() / 2**20,
-        "median_ms": {k: statistics.median(v) for k, v in times.items()},
-        "median_ratio_vs_single": {k: statistics.median(v) for k, v in ratios.items()},
+        "median_ms": median_ms,
+        "median_ratio_vs_single": median_ratio,
+        "peak_mib_allocated": peaks,
     }
     print(f"T={T}, {n}x{n}, r={r}, {N} adapters, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"{args.reps} reps; bank {result['bank_values']} values ({result['bank_mib']:.1f} MiB)")
-    print(f"{'case':<8} {'median ms':>10} {'x single':>9}")
+    print(f"{'case':<8} {'median ms':>10} {'x single':>9} {'peak MiB':>9}")
     for k in cases:
-        print(f"{k:<8} {result['median_ms'][k]:>10.2f} {result['median_ratio_vs_single'][k]:>9.3f}")
+        print(f"{k:<8} {result['median_ms'][k]:>10.2f} {result['median_ratio_vs_single'][k]:>9.3f} {peaks[k]:>9.1f}")
     m = result["median_ratio_vs_single"]
     print(f"mixed is {m['gathered'] / m['mixed']:.2f}x faster than gathered (c), {m['masked'] / m['mixed']:.2f}x "
           f"faster than masked (c'), {m['split'] / m['mixed']:.2f}x faster than split (b)")

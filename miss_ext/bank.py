@@ -23,7 +23,6 @@ Recompilation: the bank's contents, ranks and modes are tensors, so under torch.
 replacing or removing adapters within the capacity does not recompile, as long as the set of
 fold groups (distinct fold ranks, and in training distinct dropout p) stays the same.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +35,18 @@ BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
 # A slot's group in the routing table when its adapter does not adapt this layer (add_absent):
 # its rows get the base output here.
 ABSENT = -1
+
+
+def check_new_adapter(names: List[Optional[str]], name: object, where: str = "the bank") -> int:
+    """The free slot a new adapter `name` takes among the slot names `names` (None: free).
+    ValueError for a bad or taken name, or a full bank."""
+    if not isinstance(name, str) or not name or name == BASE:
+        raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
+    if name in names:
+        raise ValueError(f"{where} already has an adapter named {name!r} (slot {names.index(name)})")
+    if None not in names:
+        raise ValueError(f"{where} is full ({len(names)} slots: {names}); remove an adapter or build a larger bank")
+    return names.index(None)
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
@@ -152,10 +163,6 @@ class MissBankLinear(nn.Module):
         """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
         (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
         a full bank, r > max_r or bad sizes; TypeError for bat."""
-        if not isinstance(name, str) or not name or name == BASE:
-            raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
-        if name in self.adapter_names:
-            raise ValueError(f"the bank already has an adapter named {name!r} (slot {self.adapter_names.index(name)})")
         if mode == "bat":
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
@@ -167,10 +174,7 @@ class MissBankLinear(nn.Module):
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
                              f"(expected {tuple(shape)})")
-        if None not in self.adapter_names:
-            raise ValueError(f"the bank is full ({self.capacity} slots: {self.adapter_names}); remove an adapter "
-                             "or build a larger bank")
-        slot = self.adapter_names.index(None)
+        slot = check_new_adapter(self.adapter_names, name)
         with torch.no_grad():
             self.bank[slot].zero_()
             if block is not None:
@@ -194,14 +198,7 @@ class MissBankLinear(nn.Module):
         """Registers an adapter of the model that does not adapt this layer (its PEFT config does
         not target it), so that slot ids stay the same in every layer of a model; rows naming it
         get the base output here. Returns the slot id."""
-        if not isinstance(name, str) or not name or name == BASE:
-            raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
-        if name in self.adapter_names:
-            raise ValueError(f"the bank already has an adapter named {name!r} (slot {self.adapter_names.index(name)})")
-        if None not in self.adapter_names:
-            raise ValueError(f"the bank is full ({self.capacity} slots: {self.adapter_names}); remove an adapter "
-                             "or build a larger bank")
-        slot = self.adapter_names.index(None)
+        slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
         self.absent[slot] = True
         self._regroup()

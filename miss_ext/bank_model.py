@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
-from .bank import BASE, MissBankLinear
+from .bank import BASE, MissBankLinear, check_new_adapter
 from .modules import MissLinear, block_shape, check_dropout
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
@@ -111,14 +111,7 @@ def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, m
 def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: str, mini_r: int,
          dropout: float) -> int:
     """Adds the adapter to every bank layer (absent where `blocks` has no entry), at one slot."""
-    first = layers[0][1]
-    if not isinstance(name, str) or not name or name == BASE:
-        raise ValueError(f"an adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
-    if name in first.adapter_names:
-        raise ValueError(f"the model's bank already has an adapter named {name!r}")
-    if None not in first.adapter_names:
-        raise ValueError(f"the model's bank is full ({first.capacity} slots: {first.adapter_names}); "
-                         "remove_bank_adapter one, or apply a larger bank")
+    check_new_adapter(layers[0][1].adapter_names, name, "the model's bank")
     slot = None
     for path, layer in layers:
         if path in blocks:

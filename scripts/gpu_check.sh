@@ -3,7 +3,7 @@
 # machine's torch (2.11 there), runs the error probe, then the WHOLE test suite (CPU and CUDA tests
 # together, the CMake library's test included) and, unless --tests-only, the GPU benchmarks.
 # Everything it writes goes to ${OUT:-gpu_out}/: build.log, info.txt, probe.log, pytest.log,
-# junit.xml, summary.txt, bench.md/json, bench_model.md/json.
+# junit.xml, summary.txt, bench.md/json, bench_model.md/json, bench_bank.md/json, bench_bank_model.md/json.
 #
 #   bash scripts/gpu_wheels.sh          # HERE, before the call: wheels the GPU machine lacks -> .whl/
 #   run(command="bash scripts/gpu_check.sh --tests-only", carry=[".whl"])      # on the GPU machine
@@ -71,8 +71,13 @@ echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"
 
 if [ "$BENCH" = 1 ]; then
   "$PY" bench/bench_linear.py --preset gpu --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.md" | grep -E "^\||^##|^- " | head -60
+  # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
+  "$PY" bench/bench_bank.py --device cuda --dtype bf16 --reps 30 --json "$OUT/bench_bank.json" 2>&1 \
+    | tee "$OUT/bench_bank.md" | tail -8
   if "$PY" -c "import transformers, peft" 2>/dev/null; then
     "$PY" bench/bench_model.py --preset gpu --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.md" | grep -E "^\|" | head -20
+    "$PY" bench/bench_bank_model.py --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10 \
+      --json "$OUT/bench_bank_model.json" 2>&1 | tee "$OUT/bench_bank_model.md" | tail -8
   else
     echo "bench_model: skipped (transformers/peft not installed on this machine)"
   fi

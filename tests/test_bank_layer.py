@@ -141,3 +141,34 @@ def test_refusals_name_the_problem():
         bank(torch.randn(3, IN), bank.index_of(["b", "c"]))
     with pytest.raises(TypeError, match="int64"):
         bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
+    """torch.compile(fullgraph=True) of the layer; replacing, removing and re-adding adapters that
+    keep the fold groups (here: every r divides max_r, no dropout) does not recompile; the
+    compiled layer follows the bank's new contents."""
+    torch._dynamo.reset()
+    calls = {"n": 0}
+
+    def backend(gm, example_inputs):
+        calls["n"] += 1
+        return gm
+
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT)
+    bank = MissBankLinear(base, capacity=4, max_r=MAX_R).eval()
+    compiled = torch.compile(bank, fullgraph=True, backend=backend)
+    x = torch.randn(6, IN)
+    names = ["a", None, "b", "a", "b", None]
+    for step, (r_a, r_b, mode_b) in enumerate([(8, 4, "mini"), (2, 8, "default"), (4, 1, "mini")]):
+        for name in ("a", "b"):
+            if name in bank.adapter_names:
+                bank.remove_adapter(name)
+        bank.add_adapter("a", r_a, block=torch.randn(r_a, OUT))
+        bank.add_adapter("b", r_b, mode=mode_b, mini_r=6, block=torch.randn(r_b, 6 if mode_b == "mini" else OUT))
+        with torch.no_grad():
+            want = bank(x, bank.index_of(names))
+            got = compiled(x, bank.index_of(names))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls["n"] == 1
+    torch._dynamo.reset()

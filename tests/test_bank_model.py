@@ -7,8 +7,6 @@ Reference: PEFT with one single-adapter model per adapter, run on that adapter's
 base model for rows without an adapter), in forward and in generate.
 """
 import copy
-import json
-import os
 
 import pytest
 import torch
@@ -16,12 +14,11 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 import miss_ext  # noqa: E402
-from conftest import assert_unchanged, snapshot  # noqa: E402
+from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissBankLinear  # noqa: E402
-from tiny_models import tiny_causal_lm, tokens  # noqa: E402
+from tiny_models import no_eos, tiny_causal_lm, tokens, write_bone_copy  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -30,12 +27,6 @@ CONFIGS = {
     "odd_rank": dict(r=3, target_modules=["q_proj", "o_proj"], init_weights=False),  # 3 does not divide 8
 }
 NAMES = ["peft_default", None, "peft_mini", "odd_rank", "peft_default", "ours", "bone", "__base__"]
-
-
-def no_eos(model):
-    model.generation_config.eos_token_id = None
-    model.config.eos_token_id = None
-    return model
 
 
 def random_blocks(model, seed):
@@ -62,14 +53,7 @@ def folders(tmp_path_factory):
     random_blocks(ours, 7)
     miss_ext.save_adapter(ours, root / "ours")
     out["ours"] = (root / "ours", ours.eval())
-    config = json.loads((root / "peft_default" / "adapter_config.json").read_text())
-    bone = {k: v for k, v in config.items() if k not in ("mini_r", "miss_dropout")}
-    bone["peft_type"] = "BONE"
-    os.makedirs(root / "bone")
-    (root / "bone" / "adapter_config.json").write_text(json.dumps(bone))
-    tensors = load_file(root / "peft_default" / "adapter_model.safetensors")
-    save_file({k.replace(".miss_block", ".bone_block"): v * 2 for k, v in tensors.items()},
-              root / "bone" / "adapter_model.safetensors")
+    write_bone_copy(root / "peft_default", root / "bone", scale=2.0)
     # PEFT 0.21.2 no longer reads Bone folders; miss_ext.load_adapter does (checked against PEFT's
     # MiSS in tests/test_model_api.py).
     bone_ref = miss_ext.load_adapter(copy.deepcopy(base), root / "bone").eval()
@@ -104,6 +88,22 @@ def test_forward_each_row_equals_its_adapter_alone(folders):
     # Outside the context every bank layer refuses to guess.
     with pytest.raises(ValueError, match="mixed_batch"):
         model(ids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_on_each_device(folders, device):
+    """Mixed-batch generate on the device (CUDA: the bank_add CUDA kernel) equals the CPU
+    single-adapter references, float64."""
+    model = bank_model(folders).to(device)
+    ids = tokens(len(NAMES), 5, seed=2)
+    with torch.no_grad(), miss_ext.mixed_batch(model, NAMES):
+        logits = model(ids.to(device)).logits.cpu()
+        got = model.generate(input_ids=ids.to(device), max_new_tokens=6, do_sample=False).cpu()
+    for i, name in enumerate(NAMES):
+        with torch.no_grad():
+            ref = reference(folders, name)
+            torch.testing.assert_close(logits[i], ref(ids[i:i + 1]).logits[0], **TOL)
+            assert torch.equal(got[i], ref.generate(input_ids=ids[i:i + 1], max_new_tokens=6, do_sample=False)[0])
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

@@ -3,7 +3,6 @@ files, both directions, and old Bone files) and `export_lora`, on tiny transform
 error case checks that the model was left exactly as it was."""
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ import miss_ext  # noqa: E402
 from conftest import assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
-from tiny_models import ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402
+from tiny_models import (ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens,  # noqa: E402
+                         write_bone_copy)
 
 MODES = ["default", "mini", "bat"]
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -268,14 +268,7 @@ def test_unsupported_dropout_in_a_file_changes_nothing(base, tmp_path):
 def test_old_bone_adapter_files_load(base, mode, tmp_path):
     reference = peft_model(base, mode).eval()
     reference.save_pretrained(tmp_path / "miss")
-    config = json.loads((tmp_path / "miss" / "adapter_config.json").read_text())
-    bone = {k: v for k, v in config.items() if k not in ("mini_r", "miss_dropout")}
-    bone["peft_type"] = "BONE"
-    os.makedirs(tmp_path / "bone")
-    (tmp_path / "bone" / "adapter_config.json").write_text(json.dumps(bone))
-    tensors = load_file(tmp_path / "miss" / "adapter_model.safetensors")
-    save_file({k.replace(".miss_block", ".bone_block"): v for k, v in tensors.items()},
-              tmp_path / "bone" / "adapter_model.safetensors")
+    write_bone_copy(tmp_path / "miss", tmp_path / "bone")
     model = miss_ext.load_adapter(copy.deepcopy(base), tmp_path / "bone")
     ids = tokens()
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)

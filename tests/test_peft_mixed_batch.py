@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 from peft import MissConfig, get_peft_model  # noqa: E402
 
 import miss_ext.peft  # noqa: E402
-from conftest import assert_unchanged, snapshot  # noqa: E402
-from tiny_models import tiny_causal_lm, tokens  # noqa: E402
+from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
+from tiny_models import no_eos, tiny_causal_lm, tokens  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -27,13 +27,6 @@ CONFIGS = {
     "c": dict(r=3, target_modules=["q_proj", "o_proj"], init_weights=False),
 }
 NAMES = ["a", "__base__", "b", "c", "a", "b"]
-
-
-def no_eos(model):
-    # Rows must not stop early at a random model's EOS, so sequences compare token for token.
-    model.generation_config.eos_token_id = None
-    model.config.eos_token_id = None
-    return model
 
 
 def build(dtype=torch.float64, dropout=0.0):
@@ -95,6 +88,27 @@ def test_generate_each_row_equals_its_adapter_alone(models, num_beams):
             ref = singles[name].generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2,
                                          num_return_sequences=2)
             assert torch.equal(got[2 * i:2 * i + 2], ref), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_on_each_device(device):
+    """Forward and backward of a mixed batch on the device (CUDA: the bank_add CUDA kernels)
+    equal the CPU run, float64."""
+    grads = {}
+    for where in ("cpu", device):
+        model, _ = build()
+        model.to(where).train()
+        for key, p in model.named_parameters():
+            p.requires_grad_("miss_block" in key)
+        ids = tokens(len(NAMES), 6, seed=5).to(where)
+        loss = model(ids, adapter_names=NAMES).logits.pow(2).mean()
+        loss.backward()
+        grads[where] = (loss.detach().cpu(),
+                        {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads[device][0], grads["cpu"][0], **TOL)
+    assert grads[device][1].keys() == grads["cpu"][1].keys()
+    for key, grad in grads["cpu"][1].items():
+        torch.testing.assert_close(grads[device][1][key], grad, **TOL)
 
 
 def test_layer_call_with_adapter_names(models):
@@ -183,3 +197,33 @@ def test_refusals_name_the_problem():
     model.merge_adapter(["a"])
     with pytest.raises(ValueError, match="merged"):
         model(ids, adapter_names=["a", "b"])
+
+
+def test_modules_to_save_follow_each_row():
+    """PEFT's modules_to_save wrapper takes adapter_names too (its own mixed-batch forward): each
+    row uses its adapter's copy of lm_head as well as its blocks."""
+    base = no_eos(tiny_causal_lm("llama"))
+    configs = {name: MissConfig(r=4, target_modules=["q_proj"], init_weights=False, modules_to_save=["lm_head"])
+               for name in ("a", "b")}
+    model = get_peft_model(copy.deepcopy(base), configs["a"], adapter_name="a")
+    model.add_adapter("b", configs["b"])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "miss_block" in key or "modules_to_save" in key:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    singles = {}
+    for name in ("a", "b"):
+        single = get_peft_model(copy.deepcopy(base), configs[name], adapter_name=name)
+        state = {k: v for k, v in model.state_dict().items() if k.endswith(f".{name}.weight") or
+                 k.endswith(f"miss_block.{name}")}
+        assert not single.load_state_dict(state, strict=False).unexpected_keys
+        singles[name] = single.eval()
+    miss_ext.peft.accelerate(model).eval()
+    ids = tokens(3, 5)
+    names = ["b", "a", "__base__"]
+    with torch.no_grad():
+        got = model(ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            want = (base if name == "__base__" else singles[name])(ids[i:i + 1]).logits[0]
+            torch.testing.assert_close(got[i], want, **TOL)

@@ -81,6 +81,10 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     if not refused_aoti:
         torch.testing.assert_close(ns["runner"](ns["x"]), ns["model"](ns["x"]))
     assert not miss_ext.peft.is_accelerated(ns["peft_model"])
+    # Mixed-adapter batches (issue 14): three rows, one per name; the bank changed as the comments say.
+    assert ns["mixed_tokens"].shape == (3, 16) and ns["beams"].shape == (3, 16)
+    assert miss_ext.bank_adapter_names(ns["server"]) == ["support", "fresh"]
+    assert (tmp_path / "out" / "support_again" / "adapter_config.json").is_file()
 
 
 def test_python_blocks_parser():

@@ -5,6 +5,8 @@ features (bat) and MINI_R = 4 divides all outputs (mini). Llama has bias-free pr
 Qwen2 has biased q/k/v, so both bias paths are exercised.
 """
 import copy
+import json
+import os
 
 import torch
 
@@ -58,3 +60,25 @@ def peft_model(base, mode: str, adapter_name: str = "default", dropout: float = 
 
 def tokens(batch: int = 2, length: int = 9, seed: int = 3) -> torch.Tensor:
     return torch.randint(1, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def no_eos(model):
+    """Generation never stops at a random model's EOS, so sequences compare token for token."""
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    return model
+
+
+def write_bone_copy(miss_dir, bone_dir, scale: float = 1.0) -> None:
+    """A PEFT MiSS folder rewritten in PEFT's old Bone format (peft_type BONE, `.bone_block` keys,
+    no mini_r / miss_dropout), its blocks times `scale`."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((miss_dir / "adapter_config.json").read_text())
+    bone = {k: v for k, v in config.items() if k not in ("mini_r", "miss_dropout")}
+    bone["peft_type"] = "BONE"
+    os.makedirs(bone_dir)
+    (bone_dir / "adapter_config.json").write_text(json.dumps(bone))
+    tensors = load_file(miss_dir / "adapter_model.safetensors")
+    save_file({k.replace(".miss_block", ".bone_block"): v * scale for k, v in tensors.items()},
+              bone_dir / "adapter_model.safetensors")

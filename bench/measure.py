@@ -1,0 +1,76 @@
+"""Measurements shared by the mixed-adapter benchmarks: interleaved timing, and the peak memory
+a call allocates beyond what exists before it.
+
+Timing: every rep runs each case once, in an order reshuffled per rep (seeded), after one
+warm-up rep; per case the median time, and the median over reps of (case / baseline) within the
+same rep (the machine is shared and noisy, so ratios from one rep beat ratios of medians). CUDA:
+events around each call.
+
+Memory:
+CPU: PyTorch's profiler memory timeline (`profile_memory=True`), which sees every allocation and
+free of PyTorch's CPU allocator, including those inside the miss kernels; the peak is the highest
+running sum of created minus destroyed bytes. CUDA: torch.cuda.max_memory_allocated around the
+call. The result the call returns counts (it is alive at the end).
+"""
+import random
+import statistics
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+
+
+def interleaved_medians(cases: Dict[str, Callable], reps: int, device: torch.device,
+                        baseline: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """({case: median ms}, {case: median of case / baseline per rep})."""
+    times = {k: [] for k in cases}
+    ratios = {k: [] for k in cases}
+    order = list(cases)
+    rng = random.Random(0)
+    for rep in range(reps + 1):
+        rng.shuffle(order)
+        this = {}
+        for name in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                cases[name]()
+                end.record()
+                torch.cuda.synchronize()
+                this[name] = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                cases[name]()
+                this[name] = (time.perf_counter() - t0) * 1e3
+        if rep == 0:
+            continue  # warm-up
+        for name in cases:
+            times[name].append(this[name])
+            ratios[name].append(this[name] / this[baseline])
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: statistics.median(v) for k, v in ratios.items()})
+
+
+def peak_mib(fn, device: torch.device) -> float:
+    """MiB: the largest amount of `device` memory alive at once that `fn()` allocated."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    now = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            now += size
+        elif action == Action.DESTROY:
+            now -= size
+        peak = max(peak, now)
+    return peak / 2**20
