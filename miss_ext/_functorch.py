@@ -20,6 +20,12 @@ the path for per-sample gradients, Jacobians and Hessians, not for training thro
 Rows and the mask under vmap: inside vmap each call sees one sample's shape, so the mask is
 indexed by the sample's own rows, exactly as a separate call per sample would draw it.
 
+bank_add (mixed-adapter batches) becomes one GEMM of the fold with each row's slot one-hot,
+(rows, N*R) @ (N*R, out), against every slot's block expanded to (R, out): memory N*R*(rows +
+out), fine for the per-sample-gradient sizes transforms are for. Its integer arguments (ranks,
+periods, index) are read on the host under a transform to check them as the kernel does (all
+samples' values when vmap batches them, e.g. per-sample gradients with one adapter per sample).
+
 Not supported under transforms (clear errors): the bat unmerge (merge with a 3-D block and
 reverse=True: its conditioning check reads values on the host), a dropout key that is itself
 transformed (batched over, or differentiated), and the in-place ops with tensors that require
@@ -35,7 +41,7 @@ ops = torch.ops.miss
 
 # The ops given a composite here; every other miss op is in-place or a non-differentiable
 # building block and keeps its kernels (functorch's fallbacks run them on unwrapped tensors).
-DIFFERENTIABLE_OPS = ("fold", "tile_add", "linear", "merge", "bat_weight", "bat_linear")
+DIFFERENTIABLE_OPS = ("fold", "tile_add", "linear", "merge", "bat_weight", "bat_linear", "bank_add")
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -165,6 +171,44 @@ def merge_composite(weight: Tensor, block: Tensor, reverse: bool = False) -> Ten
     return (weight.to(acc) + (-delta if reverse else delta).to(acc)).to(weight.dtype)
 
 
+def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int) -> None:
+    """check_bank_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
+    slots rows use have ranks in [1, r_cap] dividing R and periods in [1, q_cap] dividing out."""
+    n, r_cap, q_cap = bank.shape
+    idx = index.reshape(-1).cpu()
+    if idx.numel() and int(idx.max()) >= n:
+        t = int((idx >= n).nonzero()[0])
+        raise ValueError(f"miss: bank_add index[{t}]={int(idx[t])} names no slot of a bank with {n} slots "
+                         "(a negative index means no adapter)")
+    ranks_h, periods_h = ranks.cpu(), periods.cpu()
+    for a in sorted(set(idx[idx >= 0].tolist())):
+        r, q = int(ranks_h[a]), int(periods_h[a])
+        if not (1 <= r <= r_cap and R % r == 0):
+            raise ValueError(f"miss: bank_add ranks[{a}]={r} must be in [1, r_cap={r_cap}] and divide "
+                             f"s.shape[-1]={R}")
+        if not (1 <= q <= q_cap and out % q == 0):
+            raise ValueError(f"miss: bank_add periods[{a}]={q} must be in [1, q_cap={q_cap}] and divide "
+                             f"out_features={out}")
+
+
+def bank_add_composite(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
+    """y[t] + sum_k s[t, k] bank[a, k mod r_a, o mod q_a] for a = index[t] >= 0, summed in float32
+    (float64 if any side is) and rounded once to y's dtype."""
+    acc = _acc_dtype(y.dtype, s.dtype, bank.dtype)
+    n, R, out = bank.shape[0], s.shape[-1], y.shape[-1]
+    device = y.device
+    # Every slot's block expanded to (R, out): D[a, k, o] = bank[a, k mod r_a, o mod q_a].
+    k_rows = torch.arange(R, device=device)[None, :] % ranks.clamp(min=1)[:, None]           # (N, R)
+    o_cols = torch.arange(out, device=device)[None, :] % periods.clamp(min=1)[:, None]       # (N, out)
+    slots = torch.arange(n, device=device)
+    expanded = bank.to(acc)[slots[:, None, None], k_rows[:, :, None], o_cols[:, None, :]]   # (N, R, out)
+    idx = index.reshape(-1)
+    onehot = (idx[:, None] == slots[None, :]).to(acc)                                        # (rows, N); 0 for idx < 0
+    s2 = s.reshape(-1, R).to(acc)
+    term = (onehot[:, :, None] * s2[:, None, :]).reshape(-1, n * R) @ expanded.reshape(n * R, out)
+    return (y.to(acc) + term.view(y.shape)).to(y.dtype)
+
+
 # ---- the kernels registered at FuncTorchDynamicLayerFrontMode ----------------------------------
 def _fold(x, r, p=0.0, key=None, dtype=None):
     _validate(ops.fold.default, x, r, p, key, dtype)
@@ -200,8 +244,25 @@ def _bat_linear(x, weight, bias, block, compute_dtype=None):
     return bat_linear_composite(x, weight, bias, block, compute_dtype)
 
 
-_KERNELS = {"fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge, "bat_weight": _bat_weight,
-            "bat_linear": _bat_linear}
+def _all_values(t: Tensor) -> Tensor:
+    """The plain tensor under every transform wrapper, vmap's batching included (for checks only:
+    a batched tensor's values for all samples)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def _bank_add(y, s, bank, ranks, periods, index):
+    _validate(ops.bank_add.default, y, s, bank, ranks, periods, index)
+    # Values checked on all samples at once: a batched (per-sample) index or bank must hold valid
+    # ids and ranks in every sample.
+    _check_bank_values(_all_values(ranks), _all_values(periods), _all_values(index), bank, s.shape[-1], y.shape[-1])
+    return bank_add_composite(y, s, bank, ranks, periods, index)
+
+
+_KERNELS = {"bank_add": _bank_add, "fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge,
+            "bat_weight": _bat_weight, "bat_linear": _bat_linear}
 _LIBRARY: List[torch.library.Library] = []
 
 

@@ -318,3 +318,101 @@ def test_errors_under_transforms_are_the_ops_errors():
     src = rand(4, 2, dtype=F64)
     with pytest.raises(RuntimeError, match="without autograd support"):
         grad(lambda t: (ops.tile_add_(t, src), t)[1].sum())(x.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# bank_add (mixed-adapter batches, issue 14): once differentiable in plain autograd (create_graph
+# raises there), any order under the transforms' composite
+# ---------------------------------------------------------------------------------------------
+def _bank_case(device, shape=(7,)):
+    from test_bank import bank_ref, make_bank, random_blocks
+
+    R, in_f, out = 8, 13, 12
+    blocks = [b.to(F64) for b in random_blocks(3, R, out, seed=4, device=device)]
+    bank, ranks, periods = make_bank(blocks, R, out, dtype=F64, device=device)
+    x = rand(*shape, in_f, dtype=F64, device=device)
+    index = torch.randint(-1, 3, shape, generator=torch.Generator().manual_seed(2)).to(device)
+    y = rand(*shape, out, dtype=F64, device=device)
+
+    def fn(yy, xx, bk):
+        return ops.bank_add(yy, ops.fold(xx, R, 0.0, None, F64), bk, ranks, periods, index)
+
+    def ref(yy, xx, bk):
+        return bank_ref(yy, xx, [bk[a, :b.shape[0], :b.shape[1]] for a, b in enumerate(blocks)], index)
+
+    return fn, (y, x, bank), ref, (ranks, periods, index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_under_transforms_matches_the_reference(device):
+    fn, inputs, ref, _ = _bank_case(device, (2, 5))
+    y = fn(*inputs)
+    torch.testing.assert_close(y, ref(*inputs), **TOL)
+    g = _cotangent(y)
+    got = grad(lambda *a: (fn(*a) * g).sum(), argnums=(0, 1, 2))(*inputs)
+    want = grad(lambda *a: (ref(*a) * g).sum(), argnums=(0, 1, 2))(*inputs)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    plain = torch.autograd.grad(fn(*leaves), leaves, g)
+    for a, e, p in zip(got, want, plain):
+        torch.testing.assert_close(a, e, **TOL)
+        torch.testing.assert_close(p, e, **TOL)
+    tangents = tuple(rand(*t.shape, dtype=F64, device=device) for t in inputs)
+    torch.testing.assert_close(jvp(fn, inputs, tangents)[1], jvp(ref, inputs, tangents)[1], **TOL)
+    # second order under the transforms (the composite is plain ATen)
+    loss = lambda bk: (fn(inputs[0], inputs[1], bk) ** 2).sum()  # noqa: E731
+    loss_ref = lambda bk: (ref(inputs[0], inputs[1], bk) ** 2).sum()  # noqa: E731
+    v = rand(*inputs[2].shape, dtype=F64, device=device)
+    torch.testing.assert_close(jvp(grad(loss), (inputs[2],), (v,))[1], jvp(grad(loss_ref), (inputs[2],), (v,))[1],
+                               **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_per_sample_gradients_with_one_adapter_per_sample(device):
+    """vmap over samples, each with its own adapter index (batched index): per-sample gradients of
+    the bank equal a loop of single-sample autograd calls."""
+    fn, (y, x, bank), _, (ranks, periods, index) = _bank_case(device, (6,))
+    R = 8
+
+    def loss(bk, yy, xx, idx):
+        return (ops.bank_add(yy, ops.fold(xx, R, 0.0, None, F64), bk, ranks, periods, idx) ** 2).sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0, 0, 0))(bank, y[:, None], x[:, None], index[:, None])
+    for i in range(6):
+        leaf = bank.detach().clone().requires_grad_(True)
+        want, = torch.autograd.grad(loss(leaf, y[i:i + 1], x[i:i + 1], index[i:i + 1]), leaf)
+        torch.testing.assert_close(got[i], want, **TOL)
+
+
+def test_bank_add_errors_under_transforms_are_the_ops_errors():
+    fn, (y, x, bank), _, (ranks, periods, index) = _bank_case("cpu")
+    bad = index.clone()
+    bad[2] = 3
+    s = ops.fold(x, 8, 0.0, None, F64)
+    with pytest.raises(ValueError, match=r"index\[2\]=3 names no slot"):
+        grad(lambda bk: ops.bank_add(y, s, bk, ranks, periods, bad).sum())(bank)
+    wrong = ranks.clone()
+    wrong[int(index[index >= 0][0])] = 3
+    with pytest.raises(ValueError, match="must be in \\[1, r_cap=8\\] and divide"):
+        grad(lambda bk: ops.bank_add(y, s, bk, wrong, periods, index).sum())(bank)
+
+
+def test_bank_layer_per_sample_gradients():
+    """MissBankLinear (default, mini, and r=3 needing a second fold) with functional_call +
+    vmap(grad): each sample's bank gradient equals its own autograd call."""
+    from miss_ext import MissBankLinear
+
+    torch.manual_seed(0)
+    layer = MissBankLinear(nn.Linear(16, 12).double(), capacity=3, max_r=8)
+    layer.add_adapter("a", 8, block=torch.randn(8, 12, dtype=F64))
+    layer.add_adapter("b", 4, mode="mini", mini_r=6, block=torch.randn(4, 6, dtype=F64))
+    layer.add_adapter("c", 3, block=torch.randn(3, 12, dtype=F64))
+    x, idx = torch.randn(5, 16, dtype=F64), torch.tensor([0, 1, 2, -1, 1])
+
+    def loss(params, xx, ii):
+        return functional_call(layer, params, (xx[None], ii[None])).pow(2).sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0, 0))({"bank": layer.bank.detach()}, x, idx)["bank"]
+    for i in range(5):
+        layer.zero_grad()
+        layer(x[i:i + 1], idx[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
