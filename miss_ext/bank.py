@@ -23,12 +23,13 @@ Recompilation: the bank's contents, ranks and modes are tensors, so under torch.
 replacing or removing adapters within the capacity does not recompile, as long as the set of
 fold groups (distinct fold ranks, and in training distinct dropout p) stays the same.
 """
+import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .modules import MissLinear, adapter_dtype, block_shape, check_dropout
+from .modules import MissLinear, adapter_dtype, block_shape, check_dropout, is_plain_linear
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
@@ -50,7 +51,7 @@ def check_new_adapter(names: List[Optional[str]], name: object, where: str = "th
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
-                   groups: Sequence[Tuple[int, float]], slot_group: Optional[Tensor]) -> Tensor:
+                   groups: Sequence[Tuple[int, float]], slot_group: Optional[Tensor], inplace: bool) -> Tensor:
     """y plus, for every row t with index[t] >= 0, the MiSS term of the adapter in slot index[t].
 
     The one place that turns a bank into fold + miss.bank_add calls (MissBankLinear and the
@@ -63,11 +64,17 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
             rank dividing groups[g][0].
         slot_group: int64 (N,), the group of each slot (ABSENT: rows get y). None: a single
             group holding every slot the rows use (no routing needed).
-    Returns y with the terms added, in y's dtype: a new tensor when autograd records (y, x or
-    bank requires grad), else y itself, written in place.
+        inplace: y may be written in place when autograd does not record (y is the output of a
+            plain nn.Linear, which nothing else holds; a hooked or custom base module's output
+            might be kept by someone, e.g. an activation cache).
+    Returns y with the terms added, in y's dtype. A half-precision bank (a model cast to bf16)
+    is used in float32, so that rows sharing the fold at the largest rank get what their adapter
+    alone computes, not one more rounding of the shared fold.
     """
     if not groups:
         return y
+    if bank.dtype in (torch.float16, torch.bfloat16):
+        bank = bank.float()
     row_group = None
     if slot_group is not None:
         # An id past the bank goes to group 0, whose bank_add call refuses it with a clear error.
@@ -79,8 +86,9 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
         key = new_dropout_key(x.device) if p > 0.0 else None
         s = torch.ops.miss.fold(x, fold_rank, p, key, bank.dtype)
         rows = index if row_group is None else torch.where(row_group == g, index, -1)
-        if differentiable:
+        if differentiable or not inplace:
             y = torch.ops.miss.bank_add(y, s, bank, ranks, periods, rows)
+            inplace = True  # y is now our own tensor
         else:
             torch.ops.miss.bank_add_(y, s, bank, ranks, periods, rows)
     return y
@@ -146,6 +154,9 @@ class MissBankLinear(nn.Module):
                              persistent=False)
         self.adapter_names: List[Optional[str]] = [None] * capacity
         self.dropouts: List[float] = [0.0] * capacity
+        # Each slot's mode ("default" / "mini", None when empty): the block's width alone cannot
+        # tell a mini adapter whose mini_r equals out_features from a default one.
+        self.modes: List[Optional[str]] = [None] * capacity
         # Slots whose adapter (of the whole model) does not adapt this layer: add_absent.
         self.absent: List[bool] = [False] * capacity
         # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears it).
@@ -183,6 +194,7 @@ class MissBankLinear(nn.Module):
             self.periods[slot] = shape[1]
         self.adapter_names[slot] = name
         self.dropouts[slot] = float(dropout)
+        self.modes[slot] = mode
         self._regroup()
         return slot
 
@@ -212,6 +224,7 @@ class MissBankLinear(nn.Module):
             self.periods[slot] = 0
         self.adapter_names[slot] = None
         self.dropouts[slot] = 0.0
+        self.modes[slot] = None
         self.absent[slot] = False
         self._regroup()
 
@@ -277,12 +290,31 @@ class MissBankLinear(nn.Module):
         table = None
         if len(groups) > 1 or self._routed:
             table = self._group_train if self.training else self._group_eval
-        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table)
+        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table,
+                              inplace=is_plain_linear(self.base_layer))
+
+    # The slots' names, modes, dropout rates and absent flags travel in the state_dict (as
+    # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter
+    # each slot holds; without them a loaded bank would route every row to the base output. The
+    # entry is a uint8 tensor of JSON, so the state_dict stays all tensors (safetensors, clone()).
+    def get_extra_state(self) -> Tensor:
+        state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
+                 "absent": self.absent}
+        return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, encoded: Tensor) -> None:
+        state = json.loads(bytes(encoded.cpu().tolist()).decode())
+        names = list(state["adapter_names"])
+        if len(names) != self.capacity:
+            raise ValueError(f"MissBankLinear.load_state_dict: the saved bank has {len(names)} slots, this one "
+                             f"{self.capacity}")
+        self.adapter_names, self.modes = names, list(state["modes"])
+        self.dropouts, self.absent = [float(p) for p in state["dropouts"]], [bool(a) for a in state["absent"]]
+        self._regroup()
 
     def extra_repr(self) -> str:
         # The mode is the block's width: out_features in the default mode, mini_r in the mini mode.
-        used = [f"{n}(absent)" if self.absent[i] else
-                f"{n}(r={int(self.ranks[i])}, {'default' if int(self.periods[i]) == self.out_features else 'mini'})"
+        used = [f"{n}(absent)" if self.absent[i] else f"{n}(r={int(self.ranks[i])}, {self.modes[i]})"
                 for i, n in enumerate(self.adapter_names) if n]
         return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
                 f"max_r={self.max_r}, adapters=[{', '.join(used)}]")

@@ -12,7 +12,11 @@ one per-sequence index serves every layer. The names follow PEFT's `adapter_name
 folders, `miss_ext.save_adapter` folders and old Bone folders (`load_bank_adapter`), or are
 created fresh and trained (`add_bank_adapter`; a mixed batch trains several at once, each block
 getting the gradient of its own rows only) and written back in PEFT's format
-(`save_bank_adapter`).
+(`save_bank_adapter`). The whole bank of a layer is one parameter: an optimizer with momentum or
+Adam moments keeps moving the slots a batch does not use, and a slot freed by
+remove_bank_adapter keeps its optimizer state for the next adapter there, so train with batches
+that hold every trained adapter, and make a fresh optimizer after changing the bank (weight
+decay would shrink unused slots too: use none).
 
 What a bank cannot hold: bat adapters (they change the base weight, so rows of different bat
 adapters cannot share one base GEMM: TypeError naming them), and files that train something
@@ -194,9 +198,22 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
     if bad:
         raise ValueError(f"load_bank: adapter configs with r={bad[0]!r}; r must be a positive int")
-    apply_bank(model, exact_paths_regex(paths), capacity or len(adapters), max_r or max(ranks))
-    for name, path in adapters.items():
-        load_bank_adapter(model, name, path)
+    # All or nothing: if any adapter does not fit, the replaced layers go back and every
+    # parameter gets its requires_grad flag back.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    before = {path for path, _ in bank_layers(model)}
+    try:
+        apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
+                   max(ranks) if max_r is None else max_r)
+        for name, path in adapters.items():
+            load_bank_adapter(model, name, path)
+    except BaseException:
+        for path, layer in bank_layers(model):
+            if path not in before:
+                set_module(model, path, layer.base_layer)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
     return model
 
 
@@ -207,8 +224,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
     _, first = present[0]
-    r, q = int(first.ranks[slot]), int(first.periods[slot])
-    mode = "default" if q == first.out_features else "mini"
+    r, q, mode = int(first.ranks[slot]), int(first.periods[slot]), first.modes[slot]
     tensors = {f"{KEY_PREFIX}{p}.miss_block": layer.block(name).detach().cpu().contiguous() for p, layer in present}
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
                             task_type=task_type)
@@ -229,8 +245,14 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     """Inside, every bank layer of the model runs sequence i of its input with adapter
     adapter_names[i] (None or "__base__": the base model), e.g. for `model(...)` or
     `model.generate(...)`. `expand` repeats each name for generate's num_beams or
-    num_return_sequences (which repeat each input sequence that many times). Run backward inside
-    too when training with gradient checkpointing (its recomputation calls the layers again).
+    num_return_sequences (which repeat each input sequence that many times; an encoder-decoder's
+    encoder keeps the unrepeated names). Run backward inside too when training with gradient
+    checkpointing (its recomputation calls the layers again). Do not add or remove adapters
+    inside: the ids are taken when the context starts.
+
+    Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
+    too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
+    use it.
 
     ValueError names an adapter not in the bank; a layer whose input has another number of
     sequences raises ValueError when called."""
@@ -245,17 +267,20 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     if unknown:
         raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
                          f"{[n for n in first.adapter_names if n is not None]})")
-    ids = first.index_of(list(adapter_names)).cpu()
-    if expand > 1:
-        ids = ids.repeat_interleave(expand)
-    per_device: Dict[torch.device, Tensor] = {}
+    unrepeated = first.index_of(list(adapter_names)).cpu()
+    ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
+    # An encoder runs once on the unrepeated sequences (generate repeats them for the decoder).
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
+    in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
+    per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
     previous = [layer.rows for _, layer in layers]
     try:
         for _, layer in layers:
-            device = layer.bank.device
-            if device not in per_device:
-                per_device[device] = ids.to(device)
-            layer.rows = per_device[device]
+            where = (layer.bank.device, id(layer) in in_encoder)
+            if where not in per_device:
+                per_device[where] = (unrepeated if where[1] else ids).to(where[0])
+            layer.rows = per_device[where]
         yield
     finally:
         for (_, layer), rows in zip(layers, previous):

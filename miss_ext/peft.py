@@ -94,15 +94,18 @@ def check_adapter_names(adapter_names: object, where: str) -> List[str]:
     return list(adapter_names)
 
 
-def _expand_size(kwargs: Dict[str, object]) -> int:
+def _expand_size(kwargs: Dict[str, object], default_config: object = None) -> int:
     """How many times generate() repeats each input sequence: num_beams for beam search, else
     num_return_sequences (transformers' _expand_inputs_for_generation), from the keyword
-    arguments or a generation_config given there."""
-    config = kwargs.get("generation_config")
+    arguments, else a generation_config given there, else `default_config` (the model's own)."""
+    configs = [kwargs.get("generation_config"), default_config]
 
     def get(name):
         value = kwargs.get(name)
-        return getattr(config, name, None) if value is None else value
+        for config in configs:
+            if value is None:
+                value = getattr(config, name, None)
+        return value
 
     beams, returned = get("num_beams"), get("num_return_sequences")
     if isinstance(beams, int) and beams > 1:
@@ -110,9 +113,22 @@ def _expand_size(kwargs: Dict[str, object]) -> int:
     return returned if isinstance(returned, int) and returned > 1 else 1
 
 
-def _adapter_names_hook(module, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
+_NOTHING = object()
+
+
+def _repeat(names: List[str], times: int) -> List[str]:
+    return [n for n in names for _ in range(times)]
+
+
+def _adapter_names_hook(module, args, kwargs, holder):
+    kwargs["adapter_names"] = holder["names"]
     return args, kwargs
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a training forward of `model` would recompute layers in backward (transformers'
+    gradient checkpointing: a module with gradient_checkpointing=True in training mode)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 
 def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
@@ -232,8 +248,6 @@ class AcceleratedMissLinear(PeftMissLinear):
         result = self.base_layer(x, *args, **kwargs)
         if not used:
             return result.to(previous_dtype)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
         # A bank of the named adapters' blocks, zero-padded to the largest r and width; stacked
         # (differentiably) on every call, as the blocks may be trained in place between calls.
         blocks = [self.miss_block[n] for n in used]
@@ -257,7 +271,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         index = torch.tensor([slot_of.get(n, -1) for n in names], dtype=torch.int64, device=bank.device)
         index = row_index(index, x, where)
         table = torch.tensor(slot_group, dtype=torch.int64, device=bank.device) if len(groups) > 1 else None
-        return add_bank_terms(result, x, bank, ranks, periods, index, groups, table).to(previous_dtype)
+        # In place only into a plain nn.Linear's fresh output (a hooked or quantized base's output
+        # may be held elsewhere).
+        return add_bank_terms(result, x, bank, ranks, periods, index, groups, table,
+                              inplace=self._fast_path()).to(previous_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
         # A shared base weight (tied embeddings): merging would change the other holders too.
@@ -346,23 +363,49 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
-        expand = _expand_size(kwargs)
-        repeated = [n for n in names for _ in range(expand)]
+        if torch.is_grad_enabled() and _checkpointing(self.model):
+            # The names reach the layers through hooks that live for this call only, but gradient
+            # checkpointing runs the layers again inside backward(), after the call has returned:
+            # those rows would silently use the active adapter there.
+            raise ValueError(f"{where}: adapter_names= cannot be combined with gradient checkpointing in training "
+                             "(its recomputation in backward() runs after this call, without the names); call "
+                             "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
+                             "backward() inside mixed_batch")
+        # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
+        # model's own generation_config is consulted by generate() below).
+        holder = {"names": _repeat(names, _expand_size(kwargs))}
+        # PeftModel.generate calls the base model's generate inside this context; only there is
+        # the model's own generation_config (num_beams / num_return_sequences shipped with a
+        # checkpoint) in force, so the names are repeated for it there, not for a forward call.
+        inner = self.model
+        saved = inner.__dict__.get("generate", _NOTHING)
+        original = getattr(inner, "generate", None)
+
+        def generate(*gen_args, **gen_kwargs):
+            holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
+            return original(*gen_args, **gen_kwargs)
+
         handles = []
         try:
             for module in self.model.modules():
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(
-                        partial(_adapter_names_hook, adapter_names=repeated), with_kwargs=True))
-            encoder = self.model.get_encoder() if expand > 1 and hasattr(self.model, "get_encoder") else None
+                        partial(_adapter_names_hook, holder=holder), with_kwargs=True))
+            encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
-                            partial(_adapter_names_hook, adapter_names=names), with_kwargs=True))
+                            partial(_adapter_names_hook, holder={"names": names}), with_kwargs=True))
+            if callable(original):
+                inner.__dict__["generate"] = generate
             yield
         finally:
+            if saved is _NOTHING:
+                inner.__dict__.pop("generate", None)
+            else:
+                inner.__dict__["generate"] = saved
             for handle in handles:
                 handle.remove()
 

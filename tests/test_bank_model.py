@@ -237,3 +237,141 @@ def test_refusals_name_the_problem(folders, tmp_path):
         miss_ext.add_bank_adapter(narrow, "three", r=2)
     assert_unchanged(model, snap)
     assert isinstance(model.model.layers[0].self_attn.q_proj, MissBankLinear)
+
+
+def test_load_bank_is_all_or_nothing(folders, tmp_path):
+    base, adapters = folders
+    bat = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
+    bat.save_pretrained(tmp_path / "bat")
+    model = copy.deepcopy(base).requires_grad_(True)
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match="bat adapter"):
+        miss_ext.load_bank(model, {"good": str(adapters["peft_default"][0]), "bat": str(tmp_path / "bat")})
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="r=8 > max_r=2"):
+        miss_ext.load_bank(model, {"mini": str(adapters["peft_mini"][0])}, max_r=2)
+    assert_unchanged(model, snap)
+    assert not miss_ext.bank_model.bank_layers(model)
+
+
+def test_state_dict_round_trip_keeps_the_slots(folders):
+    """The slots' names, modes and dropout travel in the state_dict (extra state, a uint8 tensor),
+    so a fresh bank of the same shape computes the same after load_state_dict."""
+    base, _ = folders
+    model = bank_model(folders, capacity=6)
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    fresh = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"], capacity=6, max_r=8).eval()
+    fresh.load_state_dict(state)
+    assert miss_ext.bank_adapter_names(fresh) == miss_ext.bank_adapter_names(model)
+    ids = tokens(len(NAMES), 5)
+    with torch.no_grad(), miss_ext.mixed_batch(model, NAMES), miss_ext.mixed_batch(fresh, NAMES):
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, **TOL)
+
+
+def test_mini_adapter_whose_mini_r_equals_a_layers_out_saves_as_mini(folders, tmp_path):
+    """k_proj has out = 16: a mini adapter with mini_r = 16 has a block as wide as a default one
+    there; the saved config must still say mini (the mode is kept per slot, not guessed)."""
+    base, _ = folders
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["k_proj", "gate_proj"], capacity=2, max_r=4).eval()
+    miss_ext.add_bank_adapter(model, "m", r=2, mode="mini", mini_r=16)
+    random_blocks_bank(model)
+    assert "m(r=2, mini)" in repr(model.model.layers[0].self_attn.k_proj)
+    miss_ext.save_bank_adapter(model, "m", str(tmp_path / "m"))
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "m").eval()
+    ids = tokens(2, 5)
+    with torch.no_grad(), miss_ext.mixed_batch(model, ["m", "m"]):
+        torch.testing.assert_close(model(ids).logits, peft(ids).logits, **TOL)
+
+
+def test_hooked_base_output_is_not_written_in_place():
+    """A forward hook that keeps the base layer's output (an activation cache) must see the base
+    output, not the adapted one."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    saved = []
+    base.register_forward_hook(lambda m, i, o: saved.append(o))
+    layer = MissBankLinear(base, capacity=1, max_r=2)
+    layer.add_adapter("a", 2, block=torch.randn(2, 6))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = layer(x, layer.index_of(["a", "a", "a"]))
+    assert saved[0] is not y
+    torch.testing.assert_close(saved[0], torch.nn.functional.linear(x, base.weight, base.bias), rtol=0, atol=0)
+
+
+def test_sixteen_adapters_and_per_adapter_dropout(folders, tmp_path):
+    """16 fresh adapters (ranks 1..8, default and mini), one sequence each plus a base row, equal
+    each adapter saved and loaded alone (miss_ext.load_adapter); in training, only the rows of the
+    adapter with dropout change."""
+    base, _ = folders
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "o_proj", "up_proj"], capacity=16, max_r=8).eval()
+    for a in range(16):
+        r = [8, 4, 2, 1, 3, 6][a % 6]
+        mode = "mini" if a % 3 == 1 else "default"
+        miss_ext.add_bank_adapter(model, f"a{a}", r=r, mode=mode, mini_r=4 if mode == "mini" else 1,
+                                  dropout=0.5 if a == 5 else 0.0)
+    random_blocks_bank(model)
+    names = [f"a{a}" for a in range(16)] + [None]
+    ids = tokens(17, 5, seed=11)
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        got = model(ids).logits
+        model.train()
+        trained = model(ids).logits
+        model.eval()
+    for a in range(16):
+        miss_ext.save_bank_adapter(model, f"a{a}", str(tmp_path / f"a{a}"))
+        single = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / f"a{a}")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got[a], single(ids[a:a + 1]).logits[0], **TOL)
+    for i in range(17):
+        if i == 5:
+            assert not torch.allclose(trained[i], got[i])
+        else:
+            torch.testing.assert_close(trained[i], got[i], **TOL)
+
+
+def test_gradient_checkpointing_with_backward_inside_the_context(folders):
+    base, _ = folders
+    grads = {}
+    for checkpointing in (False, True):
+        model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "down_proj"], capacity=2, max_r=4)
+        miss_ext.add_bank_adapter(model, "x", r=4)
+        miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4)
+        random_blocks_bank(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = tokens(3, 5, seed=12)
+        with miss_ext.mixed_batch(model, ["y", "x", None]):
+            model(ids).logits.pow(2).mean().backward()
+        grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_encoder_decoder_beam_search(tmp_path):
+    """T5: the encoder runs on the unrepeated sequences, the decoder on num_beams copies."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(config).double().eval()
+    base.generation_config.eos_token_id = None
+    folders = {}
+    for seed, (name, targets) in enumerate({"qv": ["q", "v"], "o": ["o", "wi"]}.items()):
+        peft = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=targets, init_weights=False))
+        random_blocks(peft, seed)
+        peft.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    model = miss_ext.load_bank(copy.deepcopy(base), folders).eval()
+    names = ["o", None, "qv"]
+    ids = tokens(3, 6, seed=13)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2)
+    with torch.no_grad(), miss_ext.mixed_batch(model, names, expand=2):
+        got = model.generate(input_ids=ids, **kwargs)
+    for i, name in enumerate(names):
+        ref = base if name is None else miss_ext.load_adapter(copy.deepcopy(base), folders[name]).eval()
+        with torch.no_grad():
+            assert torch.equal(got[i], ref.generate(input_ids=ids[i:i + 1], **kwargs)[0]), name

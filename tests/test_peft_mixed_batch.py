@@ -227,3 +227,38 @@ def test_modules_to_save_follow_each_row():
         for i, name in enumerate(names):
             want = (base if name == "__base__" else singles[name])(ids[i:i + 1]).logits[0]
             torch.testing.assert_close(got[i], want, **TOL)
+
+
+def test_gradient_checkpointing_in_training_is_refused():
+    """Checkpointing recomputes the layers inside backward(), after the hooks that carry the names
+    are gone: those rows would silently use the active adapter. Refused; eval and no_grad work."""
+    model, singles = build()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = tokens(len(NAMES), 5)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(ids, adapter_names=NAMES)
+    model.eval()
+    with torch.no_grad():
+        got = model(ids, adapter_names=NAMES).logits
+    for i, name in enumerate(NAMES):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i], singles[name](ids[i:i + 1]).logits[0], **TOL)
+
+
+def test_generate_follows_the_models_own_num_beams(models):
+    """A checkpoint whose generation_config sets num_beams > 1: generate() repeats each sequence
+    without a num_beams keyword, and the names are repeated with it."""
+    model, singles = models
+    config = model.base_model.model.generation_config
+    ids = tokens(3, 5, seed=8)
+    config.num_beams = 2
+    try:
+        with torch.no_grad():
+            got = model.generate(input_ids=ids, adapter_names=NAMES[:3], max_new_tokens=4, do_sample=False)
+    finally:
+        config.num_beams = 1
+    for i, name in enumerate(NAMES[:3]):
+        with torch.no_grad():
+            want = singles[name].generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2)
+        assert torch.equal(got[i], want[0]), name
