@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import miss_ext  # noqa: F401  (registers torch.ops.miss)
-from measure import interleaved_medians, peak_mib
+from measure import add_common_arguments, interleaved_medians, peak_mib
 
 ops = torch.ops.miss
 
@@ -41,12 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--features", type=int, default=2048)
-    ap.add_argument("--r", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--json", help="also write the figures here")
+    add_common_arguments(ap, reps=15)
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16

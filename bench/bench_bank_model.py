@@ -32,7 +32,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext.bank_model import bank_layers
-from measure import interleaved_medians, peak_mib
+from measure import add_common_arguments, interleaved_medians, peak_mib
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,12 +71,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--r", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--json", help="also write the figures here")
+    add_common_arguments(ap, reps=7)
     args = ap.parse_args()
     import transformers
 

@@ -20,6 +20,16 @@ from typing import Callable, Dict, Tuple
 import torch
 
 
+def add_common_arguments(ap, reps: int) -> None:
+    """The flags both mixed-adapter benchmarks take: --r, --adapters, --reps, --device, --dtype, --json."""
+    ap.add_argument("--r", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--json", help="also write the figures here")
+
+
 def interleaved_medians(cases: Dict[str, Callable], reps: int, device: torch.device,
                         baseline: str) -> Tuple[Dict[str, float], Dict[str, float]]:
     """({case: median ms}, {case: median of case / baseline per rep})."""
