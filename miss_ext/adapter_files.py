@@ -454,9 +454,11 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     dead, new = [], []
     for name, module, block in plan:
         if not isinstance(module, MissLinear):
+            training = module.training
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # reported once below
                 module = MissLinear(module, r, mode, mini_r, dropout)
+            module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
             set_module(model, name, module)
             new.append(name)
         with torch.no_grad():

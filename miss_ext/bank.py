@@ -159,8 +159,10 @@ class MissBankLinear(nn.Module):
         self.modes: List[Optional[str]] = [None] * capacity
         # Slots whose adapter (of the whole model) does not adapt this layer: add_absent.
         self.absent: List[bool] = [False] * capacity
-        # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears it).
+        # The per-row slot ids of the current model call, and the names their slots held then
+        # (miss_ext.mixed_batch sets and clears both; never copied or pickled).
         self.rows: Optional[Tensor] = None
+        self.rows_names: Dict[int, str] = {}
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
         self._routed = False  # some slot is absent: rows must go through the routing table
 
@@ -204,6 +206,9 @@ class MissBankLinear(nn.Module):
             raise TypeError(f"add_from takes a miss_ext.MissLinear, got {type(layer).__name__}")
         if layer.merged:
             raise ValueError(f"adapter {name!r}: the MissLinear is merged; unmerge it first")
+        if (layer.in_features, layer.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"adapter {name!r}: the MissLinear is {layer.in_features} -> {layer.out_features}, this "
+                             f"bank's layer {self.in_features} -> {self.out_features}")
         return self.add_adapter(name, layer.r, layer.mode, layer.mini_r, layer.dropout, layer.miss_block.detach())
 
     def add_absent(self, name: str) -> int:
@@ -281,12 +286,24 @@ class MissBankLinear(nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
+            changed = {slot: name for slot, name in self.rows_names.items() if self.adapter_names[slot] != name}
+            if changed:
+                raise ValueError(f"MissBankLinear: the bank changed inside miss_ext.mixed_batch: slots "
+                                 f"{sorted(changed)} held {list(changed.values())} when the context started and now "
+                                 f"hold {[self.adapter_names[s] for s in sorted(changed)]}; change adapters outside it")
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
-            raise TypeError("adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got "
-                            f"{type(adapter_index).__name__}{'' if not isinstance(adapter_index, Tensor) else ' ' + str(adapter_index.dtype)}")
+            got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
+            raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
         index = row_index(adapter_index, x, "MissBankLinear")
         y = self.base_layer(x)
         groups = self._groups[self.training]
+        if not groups and index.device.type == "cpu" and index.numel():
+            # No fold runs, so bank_add would not check the ids: check them here (on the CPU only,
+            # as reading a GPU tensor would synchronise).
+            bad = [a for a in index[index >= 0].unique().tolist() if a >= self.capacity or self.adapter_names[a] is None]
+            if bad:
+                raise ValueError(f"MissBankLinear: adapter_index names slots {bad} that hold no adapter "
+                                 f"(slots: {self.adapter_names})")
         table = None
         if len(groups) > 1 or self._routed:
             table = self._group_train if self.training else self._group_eval
@@ -297,6 +314,25 @@ class MissBankLinear(nn.Module):
     # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter
     # each slot holds; without them a loaded bank would route every row to the base output. The
     # entry is a uint8 tensor of JSON, so the state_dict stays all tensors (safetensors, clone()).
+    def __getstate__(self):
+        # A copy or pickle taken inside mixed_batch must not keep that call's row ids.
+        state = super().__getstate__()
+        state["rows"], state["rows_names"] = None, {}
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bank of another shape loads nothing here (not even the slot names), so a failed load
+        # cannot leave slots that claim adapters whose blocks were not loaded.
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and tuple(saved.shape) != tuple(self.bank.shape):
+            error_msgs.append(f"MissBankLinear {prefix.rstrip('.') or '(root)'}: the saved bank has shape "
+                              f"{tuple(saved.shape)} (slots, max_r, out), this one {tuple(self.bank.shape)}; "
+                              "nothing of this layer was loaded")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def get_extra_state(self) -> Tensor:
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}

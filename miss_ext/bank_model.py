@@ -74,14 +74,20 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
-    existing = bank_adapter_names(model) if bank_layers(model) else []
+    present = bank_layers(model)
+    existing = bank_adapter_names(model) if present else []
     if existing:
         raise ValueError(f"apply_bank: the model's bank already holds {existing}; new bank layers would not have "
                          "them. Apply every bank layer before adding adapters")
+    if present and (present[0][1].capacity, present[0][1].max_r) != (capacity, max_r):
+        raise ValueError(f"apply_bank: the model's bank layers have capacity={present[0][1].capacity}, "
+                         f"max_r={present[0][1].max_r}; new ones must match (got capacity={capacity}, max_r={max_r})")
     if freeze_others:
         model.requires_grad_(False)
     for name, module in found:
-        set_module(model, name, MissBankLinear(module, capacity, max_r))
+        layer = MissBankLinear(module, capacity, max_r)
+        layer.train(module.training)  # an eval model stays in eval mode (no adapter dropout)
+        set_module(model, name, layer)
     return model
 
 
@@ -93,6 +99,10 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
     paths = [p for p, _ in layers]
     if target_modules is not None:
         chosen = {p for p, _ in find_targets(model, target_modules, skip_inside=(MissBankLinear,))}
+        outside = sorted(chosen - set(paths))
+        if outside:
+            raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects modules that are not bank "
+                             f"layers: {outside} (apply_bank them first)")
         paths = [p for p in paths if p in chosen]
         if not paths:
             raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects no bank layer")
@@ -190,8 +200,12 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     """apply_bank on every module any of the adapter folders `{name: path}` adapts (capacity:
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
     Returns the model, changed in place."""
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:
         raise ValueError("load_bank: no adapters given")
+    if bank_layers(model):
+        raise ValueError("load_bank: the model already has bank layers; add adapters with load_bank_adapter")
     read = {name: read_adapter(path) for name, path in adapters.items()}
     paths = sorted({p for _, blocks, _ in read.values() for p in blocks})
     ranks = [config.get("r") for config, _, _ in read.values()]
@@ -247,8 +261,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     `model.generate(...)`. `expand` repeats each name for generate's num_beams or
     num_return_sequences (which repeat each input sequence that many times; an encoder-decoder's
     encoder keeps the unrepeated names). Run backward inside too when training with gradient
-    checkpointing (its recomputation calls the layers again). Do not add or remove adapters
-    inside: the ids are taken when the context starts.
+    checkpointing (its recomputation calls the layers again), each batch's backward inside its
+    own context (a batch recomputed inside another batch's context would use that context's
+    names). Changing the adapters the rows use inside raises ValueError at the next layer call.
+    Not thread-safe: the ids live on the layers (as PEFT's LoRA hooks do), so two threads must not
+    run mixed batches on one model at once.
 
     Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
     too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
@@ -257,8 +274,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     ValueError names an adapter not in the bank; a layer whose input has another number of
     sequences raises ValueError when called."""
     layers = _layers(model, "mixed_batch")
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-        raise TypeError(f"adapter_names must be a list of adapter names (one per sequence), got {adapter_names!r}")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
+            not all(n is None or isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str or None), one per sequence, got "
+                        f"{adapter_names!r}")
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"expand must be a positive int, got {expand!r}")
     first = layers[0][1]
@@ -274,14 +293,16 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
-    previous = [layer.rows for _, layer in layers]
+    # The names the used slots hold now: a layer refuses to run if they change inside.
+    used = {int(a): first.adapter_names[int(a)] for a in unrepeated.unique().tolist() if a >= 0}
+    previous = [(layer.rows, layer.rows_names) for _, layer in layers]
     try:
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
             if where not in per_device:
                 per_device[where] = (unrepeated if where[1] else ids).to(where[0])
-            layer.rows = per_device[where]
+            layer.rows, layer.rows_names = per_device[where], used
         yield
     finally:
-        for (_, layer), rows in zip(layers, previous):
-            layer.rows = rows
+        for (_, layer), (rows, names) in zip(layers, previous):
+            layer.rows, layer.rows_names = rows, names

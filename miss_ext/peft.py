@@ -355,6 +355,9 @@ class AcceleratedMissModel(MissModel):
         for layer in self.model.modules():
             if isinstance(layer, PeftMissLinear):
                 known |= set(layer.miss_block.keys())
+        if BASE in known:
+            raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
+                             "model; rename that adapter")
         unknown = sorted({n for n in names if n != BASE} - known)
         if unknown:
             raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
@@ -363,6 +366,14 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
+        for path, wrapper in self.model.named_modules():
+            if isinstance(wrapper, AuxiliaryTrainingWrapper) and hasattr(wrapper, "modules_to_save"):
+                lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
+                if lacking:
+                    # PEFT's wrapper would fail with a bare KeyError for them.
+                    raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
+                                     f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
+                                     "PEFT cannot mix those in one batch")
         if torch.is_grad_enabled() and _checkpointing(self.model):
             # The names reach the layers through hooks that live for this call only, but gradient
             # checkpointing runs the layers again inside backward(), after the call has returned:
@@ -442,8 +453,14 @@ def accelerate(model: nn.Module) -> nn.Module:
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
     for layer in layers:
         layer.__class__ = AcceleratedMissLinear
-    for tuner in _miss_layers(model, MissModel):
+    tuners = _miss_layers(model, MissModel)
+    for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
+    if layers and not tuners and not _miss_layers(model, AcceleratedMissModel):
+        warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
+                      "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
+                      "them (PEFT 0.21 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
+                      stacklevel=2)
     # Paths as in the base model ("lm_head", "model.embed_tokens.weight") where there is a tuner.
     record_accelerated_sharing(model)
     for tuner in _miss_layers(model, AcceleratedMissModel):

@@ -375,3 +375,66 @@ def test_encoder_decoder_beam_search(tmp_path):
         ref = base if name is None else miss_ext.load_adapter(copy.deepcopy(base), folders[name]).eval()
         with torch.no_grad():
             assert torch.equal(got[i], ref.generate(input_ids=ids[i:i + 1], **kwargs)[0]), name
+
+
+def test_loaded_into_an_eval_model_the_bank_is_in_eval_mode(tmp_path):
+    """A folder with adapter dropout, loaded into an eval model (as from_pretrained gives): no
+    dropout at inference, as PEFT's from_pretrained."""
+    base = no_eos(tiny_causal_lm("llama"))
+    peft = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                          miss_dropout=0.3))
+    random_blocks(peft, 0)
+    peft.save_pretrained(tmp_path / "x")
+    server = miss_ext.load_bank(copy.deepcopy(base).eval(), {"x": str(tmp_path / "x")})
+    assert not any(m.training for m in server.modules())
+    ids = tokens(2, 5)
+    with torch.no_grad(), miss_ext.mixed_batch(server, ["x", "x"]):
+        first, second = server(ids).logits, server(ids).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(first, reference(ids).logits, **TOL)
+
+
+def test_state_of_a_call_does_not_leak(folders):
+    """Changing a used slot inside mixed_batch raises at the next call; a copy taken inside does
+    not keep the call's ids; a bank of another shape loads nothing of its slots."""
+    base, adapters = folders
+    model = bank_model(folders, capacity=6)
+    ids = tokens(2, 4)
+    with miss_ext.mixed_batch(model, ["peft_default", None]):
+        copied = copy.deepcopy(model)
+        miss_ext.remove_bank_adapter(model, "peft_default")
+        miss_ext.load_bank_adapter(model, "other", str(adapters["odd_rank"][0]))
+        with pytest.raises(ValueError, match="changed inside miss_ext.mixed_batch"):
+            model(ids)
+    with pytest.raises(ValueError, match="no miss_ext.mixed_batch"):
+        copied(ids)
+    small = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"], capacity=6, max_r=4)
+    with pytest.raises(RuntimeError, match="nothing of this layer was loaded"):
+        small.load_state_dict(model.state_dict())
+    assert all(n is None for _, layer in miss_ext.bank_model.bank_layers(small) for n in layer.adapter_names)
+
+
+def test_more_refusals(folders, tmp_path):
+    base, adapters = folders
+    model = bank_model(folders, capacity=6)
+    with pytest.raises(TypeError, match="str or None"):
+        with miss_ext.mixed_batch(model, [["ours"], None]):
+            pass
+    with pytest.raises(TypeError, match="mapping"):
+        miss_ext.load_bank(copy.deepcopy(base), [str(adapters["ours"][0])])
+    with pytest.raises(ValueError, match="already has bank layers"):
+        miss_ext.load_bank(model, {"again": str(adapters["ours"][0])})
+    narrow = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=2, max_r=4)
+    with pytest.raises(ValueError, match="not bank layers"):
+        miss_ext.add_bank_adapter(narrow, "x", r=2, target_modules=["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match="must match"):
+        miss_ext.apply_bank(narrow, ["k_proj"], capacity=3, max_r=4)
+    layer = narrow.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="32 -> 32"):
+        layer.add_from("x", miss_ext.MissLinear(torch.nn.Linear(8, 32, dtype=torch.float64), 2))
+    # a layer with no adapter still checks the ids it is given (CPU)
+    with pytest.raises(ValueError, match=r"slots \[1\] that hold no adapter"):
+        layer(torch.randn(2, 32, dtype=torch.float64), torch.tensor([-1, 1]))

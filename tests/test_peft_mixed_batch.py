@@ -262,3 +262,25 @@ def test_generate_follows_the_models_own_num_beams(models):
         with torch.no_grad():
             want = singles[name].generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False, num_beams=2)
         assert torch.equal(got[i], want[0]), name
+
+
+def test_peft_corner_cases_are_refused():
+    base = no_eos(tiny_causal_lm("llama"))
+    ids = tokens(2, 4)
+    # an adapter literally named "__base__"
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False),
+                           adapter_name="__base__")
+    miss_ext.peft.accelerate(model.eval())
+    with pytest.raises(ValueError, match="named '__base__'"):
+        model(ids, adapter_names=["__base__", "__base__"])
+    # modules_to_save trained by "a" only: rows of "b" have no copy (PEFT: bare KeyError)
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                           modules_to_save=["lm_head"]), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    miss_ext.peft.accelerate(model.eval())
+    with pytest.raises(ValueError, match=r"\['b'\], which have no copy of the modules_to_save module"):
+        model(ids, adapter_names=["a", "b"])
+    # accelerating only the inner model leaves PEFT's tuner, which drops adapter_names: warned
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        miss_ext.peft.accelerate(model.get_base_model())
