@@ -21,6 +21,9 @@ packed into --seq-len sequences, the last --heldout share (at least one) held ou
 base_model_name_or_path is DIR (see _user.py). --target-modules chooses the layers (all-linear by
 default there).
 
+A second demo, `python -m miss_ext.demo.mixed` (mixed.py), trains two adapters on two tasks in
+the same batches and generates for both in one mixed batch (miss_ext.load_bank, mixed_batch).
+
 Modules: _cli (flags and their checks), _synthetic (random Llama, counting task), _user (model
 folder and text file), _training (variants, steps, held-out loss, memory), _report (table, plot),
 _merge (merge check), _driver (run_demo, main).
