@@ -26,13 +26,12 @@ memory timeline, or CUDA's allocator), in one more untimed call; each case funct
 names its largest temporaries.
 """
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 import miss_ext  # noqa: F401  (registers torch.ops.miss)
-from measure import add_common_arguments, interleaved_medians, peak_mib
+from measure import add_common_arguments, interleaved_medians, peak_mib, report
 
 ops = torch.ops.miss
 
@@ -106,15 +105,7 @@ def main() -> None:
     }
     print(f"T={T}, {n}x{n}, r={r}, {N} adapters, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
           f"{args.reps} reps; bank {result['bank_values']} values ({result['bank_mib']:.1f} MiB)")
-    print(f"{'case':<8} {'median ms':>10} {'x single':>9} {'peak MiB':>9}")
-    for k in cases:
-        print(f"{k:<8} {result['median_ms'][k]:>10.2f} {result['median_ratio_vs_single'][k]:>9.3f} {peaks[k]:>9.1f}")
-    m = result["median_ratio_vs_single"]
-    print(f"mixed is {m['gathered'] / m['mixed']:.2f}x faster than gathered (c), {m['masked'] / m['mixed']:.2f}x "
-          f"faster than masked (c'), {m['split'] / m['mixed']:.2f}x faster than split (b)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, digits=2, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ case allocates beyond the inputs (torch.cuda.max_memory_allocated).
 """
 import argparse
 import copy
-import json
 import random
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext.bank_model import bank_layers
-from measure import add_common_arguments, interleaved_medians, peak_mib
+from measure import add_common_arguments, interleaved_medians, peak_mib, report
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -161,16 +160,7 @@ def main() -> None:
     print(f"Llama {args.layers} layers, hidden {args.hidden}, {args.seqs}x{args.seq_len} tokens, r={r}, {N} adapters "
           f"({len(groups)} used), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, {args.reps} reps; "
           f"banks {bank_values} values ({result['bank_mib']:.1f} MiB)")
-    print(f"{'case':<8} {'median ms':>10} {'x single':>9} {'peak MiB':>9}")
-    for k in cases:
-        print(f"{k:<8} {result['median_ms'][k]:>10.1f} {result['median_ratio_vs_single'][k]:>9.3f}"
-              + f" {peaks[k]:>9.1f}")
-    m = result["median_ratio_vs_single"]
-    print(f"mixed is {m['gathered'] / m['mixed']:.2f}x faster than gathered (c), {m['masked'] / m['mixed']:.2f}x "
-          f"faster than masked (c'), {m['split'] / m['mixed']:.2f}x faster than split (b)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, digits=1, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ free of PyTorch's CPU allocator, including those inside the miss kernels; the pe
 running sum of created minus destroyed bytes. CUDA: torch.cuda.max_memory_allocated around the
 call. The result the call returns counts (it is alive at the end).
 """
+import json
 import random
 import statistics
 import time
@@ -84,3 +85,18 @@ def peak_mib(fn, device: torch.device) -> float:
             now -= size
         peak = max(peak, now)
     return peak / 2**20
+
+
+def report(result: dict, digits: int, json_path=None) -> None:
+    """Prints the per-case table (median ms, ratio to single, peak MiB) and how much faster the
+    mixed batch is than the other mixed-batch cases; writes `result` as JSON if asked."""
+    ms, ratio, peaks = result["median_ms"], result["median_ratio_vs_single"], result["peak_mib_allocated"]
+    print(f"{'case':<8} {'median ms':>10} {'x single':>9} {'peak MiB':>9}")
+    for k in ms:
+        print(f"{k:<8} {ms[k]:>10.{digits}f} {ratio[k]:>9.3f} {peaks[k]:>9.1f}")
+    print(f"mixed is {ratio['gathered'] / ratio['mixed']:.2f}x faster than gathered (c), "
+          f"{ratio['masked'] / ratio['mixed']:.2f}x faster than masked (c'), "
+          f"{ratio['split'] / ratio['mixed']:.2f}x faster than split (b)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)

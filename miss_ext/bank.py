@@ -147,7 +147,7 @@ class MissBankLinear(nn.Module):
                                              dtype=adapter_dtype(weight.dtype), device=weight.device))
         self.register_buffer("ranks", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
         self.register_buffer("periods", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
-        # Slot -> fold group (see _fold_groups), one table for training and one for eval.
+        # Slot -> fold group (see _regroup), one table for training and one for eval.
         self.register_buffer("_group_train", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
                              persistent=False)
         self.register_buffer("_group_eval", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
@@ -164,18 +164,17 @@ class MissBankLinear(nn.Module):
         self.rows: Optional[Tensor] = None
         self.rows_names: Dict[int, str] = {}
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
-        self._routed = False  # some slot is absent: rows must go through the routing table
 
     @property
     def capacity(self) -> int:
         return self.bank.shape[0]
 
     # ---- the bank -------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
-                    block: Optional[Tensor] = None) -> int:
-        """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
-        (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
-        a full bank, r > max_r or bad sizes; TypeError for bat."""
+    def adapter_shape(self, name: str, r: int, mode: str = "default", mini_r: int = 1,
+                      dropout: float = 0.0) -> Tuple[int, int]:
+        """The block shape an adapter with these settings has in this bank; TypeError for bat,
+        ValueError for r > max_r, bad sizes or a bad dropout. Changes nothing (the model-level
+        functions check every layer with it before any layer changes)."""
         if mode == "bat":
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
@@ -184,6 +183,14 @@ class MissBankLinear(nn.Module):
         if r > self.max_r:
             raise ValueError(f"adapter {name!r} has r={r} > max_r={self.max_r} of this bank")
         check_dropout(dropout)
+        return shape
+
+    def add_adapter(self, name: str, r: int, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
+                    block: Optional[Tensor] = None) -> int:
+        """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
+        (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
+        a full bank, r > max_r or bad sizes; TypeError for bat."""
+        shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
                              f"(expected {tuple(shape)})")
@@ -240,13 +247,11 @@ class MissBankLinear(nn.Module):
             raise ValueError(f"adapter {name!r} does not adapt this layer (add_absent): it has no block here")
         return self.bank[slot, :int(self.ranks[slot]), :int(self.periods[slot])]
 
-    def index_of(self, names: Sequence[Optional[str]]) -> Tensor:
-        """Slot ids (int64, on the bank's device) for per-row adapter names; None or "__base__"
-        gives -1 (base only). ValueError names an unknown adapter."""
-        ids = []
-        for name in names:
-            ids.append(-1 if name is None or name == BASE else self._slot(name))
-        return torch.tensor(ids, dtype=torch.int64, device=self.bank.device)
+    def index_of(self, names: Sequence[Optional[str]], device: Optional[torch.device] = None) -> Tensor:
+        """Slot ids (int64, on `device`, by default the bank's) for per-row adapter names; None or
+        "__base__" gives -1 (base only). ValueError names an unknown adapter."""
+        ids = [-1 if name is None or name == BASE else self._slot(name) for name in names]
+        return torch.tensor(ids, dtype=torch.int64, device=self.bank.device if device is None else device)
 
     def _slot(self, name: str) -> int:
         if name not in self.adapter_names:
@@ -260,7 +265,6 @@ class MissBankLinear(nn.Module):
     def _regroup(self) -> None:
         """Fold groups: (fold rank, dropout p). One fold per group and forward; the shared fold at
         max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups."""
-        self._routed = any(self.absent)
         for training in (True, False):
             groups: List[Tuple[int, float]] = []
             table = []
@@ -305,15 +309,11 @@ class MissBankLinear(nn.Module):
                 raise ValueError(f"MissBankLinear: adapter_index names slots {bad} that hold no adapter "
                                  f"(slots: {self.adapter_names})")
         table = None
-        if len(groups) > 1 or self._routed:
+        if len(groups) > 1 or any(self.absent):  # absent slots route their rows to the base output
             table = self._group_train if self.training else self._group_eval
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table,
                               inplace=is_plain_linear(self.base_layer))
 
-    # The slots' names, modes, dropout rates and absent flags travel in the state_dict (as
-    # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter
-    # each slot holds; without them a loaded bank would route every row to the base output. The
-    # entry is a uint8 tensor of JSON, so the state_dict stays all tensors (safetensors, clone()).
     def __getstate__(self):
         # A copy or pickle taken inside mixed_batch must not keep that call's row ids.
         state = super().__getstate__()
@@ -333,6 +333,10 @@ class MissBankLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    # The slots' names, modes, dropout rates and absent flags travel in the state_dict (as
+    # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter
+    # each slot holds; without them a loaded bank would route every row to the base output. The
+    # entry is a uint8 tensor of JSON, so the state_dict stays all tensors (safetensors, clone()).
     def get_extra_state(self) -> Tensor:
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}
@@ -349,7 +353,6 @@ class MissBankLinear(nn.Module):
         self._regroup()
 
     def extra_repr(self) -> str:
-        # The mode is the block's width: out_features in the default mode, mini_r in the mini mode.
         used = [f"{n}(absent)" if self.absent[i] else f"{n}(r={int(self.ranks[i])}, {self.modes[i]})"
                 for i, n in enumerate(self.adapter_names) if n]
         return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter
-from .modules import MissLinear, block_shape, check_dropout
+from .modules import MissLinear, check_dropout
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
@@ -106,20 +106,18 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
         paths = [p for p in paths if p in chosen]
         if not paths:
             raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects no bank layer")
-    check_dropout(dropout)
     for path in paths:
-        layer = get_module(model, path)
-        _check_new(layer, path, name, r, mode, mini_r)
+        _check_new(get_module(model, path), path, name, r, mode, mini_r, dropout)
     return _add(layers, name, {p: None for p in paths}, r, mode, mini_r, dropout)
 
 
-def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, mini_r: int) -> None:
-    if mode == "bat":
-        raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
-                        "different bat adapters cannot share one base GEMM; serve it with its own MissLinear or merge it")
-    block_shape(mode, r, mini_r, layer.in_features, layer.out_features)
-    if r > layer.max_r:
-        raise ValueError(f"adapter {name!r}: r={r} > max_r={layer.max_r} of the bank layer {path}")
+def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, mini_r: int,
+               dropout: float) -> Tuple[int, int]:
+    """layer.adapter_shape, its ValueError naming the layer's path."""
+    try:
+        return layer.adapter_shape(name, r, mode, mini_r, dropout)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: str, mini_r: int,
@@ -147,9 +145,10 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
                         "itself, so rows of different bat adapters cannot share one base GEMM; serve it with its "
                         "own model (miss_ext.load_adapter) or merge it")
     try:
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
     except ValueError:
         problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
+        dropout = 0.0  # reported; the per-layer checks below go on
     for path, block in blocks.items():
         layer = get_module(model, path)
         if not isinstance(layer, MissBankLinear):
@@ -157,10 +156,9 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
                                            f"is a {type(layer).__name__}, not a bank layer (apply_bank there first)"))
             continue
         try:
-            _check_new(layer, path, name, r, mode, mini_r)
-            expected = block_shape(mode, r, mini_r, layer.in_features, layer.out_features)
+            expected = _check_new(layer, path, name, r, mode, mini_r, dropout)
         except (ValueError, TypeError) as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(str(exc))
             continue
         if tuple(block.shape) != expected:
             problems.append(f"{path}: block shape {tuple(block.shape)} in the file, the layer needs {expected} "
@@ -183,8 +181,13 @@ def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
     bank layers at the file's module paths (each keeps the file's r, mode, mini_r and dropout);
     the other bank layers hold it as absent. Every check runs first, and a problem raises
     ValueError listing all of them (bat: TypeError) with the model unchanged."""
+    return _load_read(model, name, path, read_adapter(path))
+
+
+def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]) -> int:
+    """load_bank_adapter with the folder already read (read_adapter's result)."""
     layers = _layers(model, "load_bank_adapter")
-    config, blocks, extras = read_adapter(path)
+    config, blocks, extras = read
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
     problems = _file_problems(model, layers, name, config, blocks, extras)
@@ -215,16 +218,14 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     # All or nothing: if any adapter does not fit, the replaced layers go back and every
     # parameter gets its requires_grad flag back.
     flags = {p: p.requires_grad for p in model.parameters()}
-    before = {path for path, _ in bank_layers(model)}
     try:
         apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
                    max(ranks) if max_r is None else max_r)
         for name, path in adapters.items():
-            load_bank_adapter(model, name, path)
+            _load_read(model, name, path, read[name])
     except BaseException:
-        for path, layer in bank_layers(model):
-            if path not in before:
-                set_module(model, path, layer.base_layer)
+        for path, layer in bank_layers(model):  # all of them are this call's (checked above)
+            set_module(model, path, layer.base_layer)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
@@ -286,7 +287,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     if unknown:
         raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
                          f"{[n for n in first.adapter_names if n is not None]})")
-    unrepeated = first.index_of(list(adapter_names)).cpu()
+    unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
     ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
     # An encoder runs once on the unrepeated sequences (generate repeats them for the decoder).
     get_encoder = getattr(model, "get_encoder", None)
@@ -294,7 +295,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
     # The names the used slots hold now: a layer refuses to run if they change inside.
-    used = {int(a): first.adapter_names[int(a)] for a in unrepeated.unique().tolist() if a >= 0}
+    used = {a: first.adapter_names[a] for a in set(unrepeated.tolist()) if a >= 0}
     previous = [(layer.rows, layer.rows_names) for _, layer in layers]
     try:
         for _, layer in layers:

@@ -257,8 +257,6 @@ class AcceleratedMissLinear(PeftMissLinear):
         for b in blocks[1:]:
             dtype = torch.promote_types(dtype, b.dtype)
         bank = torch.stack([F.pad(b.to(dtype), (0, max_q - b.shape[1], 0, max_r - b.shape[0])) for b in blocks])
-        ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64, device=bank.device)
-        periods = torch.tensor([b.shape[1] for b in blocks], dtype=torch.int64, device=bank.device)
         # One fold per (fold rank, dropout p): r dividing max_r shares the fold at max_r.
         groups: List[tuple] = []
         slot_group = []
@@ -268,9 +266,12 @@ class AcceleratedMissLinear(PeftMissLinear):
                 groups.append(key)
             slot_group.append(groups.index(key))
         slot_of = {n: i for i, n in enumerate(used)}
-        index = torch.tensor([slot_of.get(n, -1) for n in names], dtype=torch.int64, device=bank.device)
-        index = row_index(index, x, where)
-        table = torch.tensor(slot_group, dtype=torch.int64, device=bank.device) if len(groups) > 1 else None
+        # ranks, periods, the slot -> group table and the per-row index in one host-to-device copy.
+        k = len(used)
+        ints = torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] + slot_group +
+                            [slot_of.get(n, -1) for n in names], dtype=torch.int64).to(bank.device)
+        ranks, periods, table = ints[:k], ints[k:2 * k], ints[2 * k:3 * k] if len(groups) > 1 else None
+        index = row_index(ints[3 * k:], x, where)
         # In place only into a plain nn.Linear's fresh output (a hooked or quantized base's output
         # may be held elsewhere).
         return add_bank_terms(result, x, bank, ranks, periods, index, groups, table,
@@ -351,10 +352,16 @@ class AcceleratedMissModel(MissModel):
             yield
             return
         names = check_adapter_names(adapter_names, where)
-        known = set()
-        for layer in self.model.modules():
-            if isinstance(layer, PeftMissLinear):
-                known |= set(layer.miss_block.keys())
+        # One pass over the model: the adapters its layers hold, layers left unaccelerated, and
+        # PEFT's modules_to_save wrappers.
+        known, not_accelerated, wrappers = set(), [], []
+        for path, module in self.model.named_modules():
+            if isinstance(module, PeftMissLinear):
+                known |= set(module.miss_block.keys())
+                if type(module) is PeftMissLinear:
+                    not_accelerated.append(path)
+            elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+                wrappers.append((path, module))
         if BASE in known:
             raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
                              "model; rename that adapter")
@@ -362,18 +369,16 @@ class AcceleratedMissModel(MissModel):
         if unknown:
             raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
                              f"{sorted(known)})")
-        not_accelerated = [n for n, m in self.model.named_modules() if type(m) is PeftMissLinear]
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
-        for path, wrapper in self.model.named_modules():
-            if isinstance(wrapper, AuxiliaryTrainingWrapper) and hasattr(wrapper, "modules_to_save"):
-                lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
-                if lacking:
-                    # PEFT's wrapper would fail with a bare KeyError for them.
-                    raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
-                                     f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
-                                     "PEFT cannot mix those in one batch")
+        for path, wrapper in wrappers:
+            lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
+            if lacking:
+                # PEFT's wrapper would fail with a bare KeyError for them.
+                raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
+                                 f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
+                                 "PEFT cannot mix those in one batch")
         if torch.is_grad_enabled() and _checkpointing(self.model):
             # The names reach the layers through hooks that live for this call only, but gradient
             # checkpointing runs the layers again inside backward(), after the call has returned:
