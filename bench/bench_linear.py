@@ -22,6 +22,11 @@ so dx is computed as inside a network; every module is in train mode):
                      (bat ignores it, as PEFT); skipped when r does not divide in and out
     peft_miss*       PEFT's MiSS for the same four configs (get_peft_model on a wrapper module;
                      peft_miss_bat = MissConfig(init_weights="bat", r=r))
+    case@variant     the case with one step forced onto another implementation (csrc/ops/impl_choice.h):
+                     miss@fp32, miss_drop@fp32 (adapter GEMMs in fp32 instead of the split-bf16
+                     tensor-core path that "auto" takes on CUDA for a bf16 layer), miss_mini@split
+                     (mini on the split path), miss_bat@kernel (W' by the hand-written kernel instead
+                     of the batched GEMM); included by default with --device cuda only
     lora*            PEFT's LoRA with the same trainable-parameter count: default r*out params ->
                      rank round(r*out/(in+out)); mini r*mini_r params -> rank max(1, round(r*mini_r/(in+out)));
                      lora_drop uses lora_dropout p.  lora_alpha = rank (scaling 1).
@@ -131,7 +136,13 @@ CASES = [
     "miss", "miss_drop", "miss_mini", "miss_bat",
     "peft_miss", "peft_miss_drop", "peft_miss_mini", "peft_miss_bat",
     "lora", "lora_drop", "lora_mini",
+    # The same layer forced onto the other implementation of a step (csrc/ops/impl_choice.h), to
+    # compare both in one run: by default only with --device cuda, where "auto" differs from them.
+    "miss@fp32", "miss_drop@fp32", "miss_mini@split", "miss_bat@kernel",
 ]
+# case suffix -> environment set around its forward and backward (read by the ops at each call)
+VARIANT_ENV = {"fp32": {"MISS_EXT_GEMM": "fp32"}, "split": {"MISS_EXT_GEMM": "split"},
+               "kernel": {"MISS_EXT_BAT_TRANSFORM": "kernel"}}
 # (family, config) per case; config in {"default", "drop", "mini", "bat"}
 CASE_KIND = {
     "frozen": ("frozen", None),
@@ -141,6 +152,7 @@ CASE_KIND = {
     "peft_miss_mini": ("peft_miss", "mini"), "peft_miss_bat": ("peft_miss", "bat"),
     "lora": ("lora", "default"), "lora_drop": ("lora", "drop"), "lora_mini": ("lora", "mini"),
 }
+CASE_KIND.update({n: CASE_KIND[n.split("@")[0]] for n in CASES if "@" in n})
 # the issue's targets: ratio vs frozen, and the PEFT case it must beat
 TARGETS = {"miss": (1.06, "peft_miss"), "miss_mini": (1.04, "peft_miss_mini"), "miss_drop": (1.12, "peft_miss_drop"),
            "miss_bat": (1.53, "peft_miss_bat")}
@@ -216,6 +228,7 @@ def build_case(name, proto, a, fin, fout):
         with torch.no_grad():
             mod.miss_block.copy_(block_values(mod.miss_block, cfg, seed))
         what = f"miss_ext {mode}" + (f" mini_r={a.mini_r}" if mode == "mini" else "") + (f" p={p}" if p else "")
+        what += f" [{name.split('@')[1]}]" if "@" in name else ""
     elif family == "peft_miss":
         if peft is None:
             raise RuntimeError(f"peft not importable: {PEFT_ERR}")
@@ -248,6 +261,7 @@ def build_case(name, proto, a, fin, fout):
     else:  # pragma: no cover
         raise ValueError(name)
     mod.train()
+    mod._bench_env = VARIANT_ENV[name.split("@")[1]] if "@" in name else {}
     params = list(mod.parameters())
     trainable = sum(q.numel() for q in params if q.requires_grad)
     return {"module": mod, "params": params, "trainable": trainable, "what": what}
@@ -262,9 +276,28 @@ def clear_grads(case, x):
         q.grad = None
 
 
+class case_env:
+    """The case's environment (VARIANT_ENV) around a forward and its backward."""
+
+    def __init__(self, mod):
+        self.env = getattr(mod, "_bench_env", {})
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def fwd_bwd(mod, x, g):
-    y = mod(x)
-    y.backward(g)
+    with case_env(mod):
+        y = mod(x)
+        y.backward(g)
 
 
 def saved_activation_bytes(case, x, g):
@@ -287,9 +320,10 @@ def saved_activation_bytes(case, x, g):
         return t
 
     clear_grads(case, x)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = case["module"](x)
-    y.backward(g)
+    with case_env(case["module"]):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = case["module"](x)
+        y.backward(g)
     del y
     clear_grads(case, x)
     return sum(v["nbytes"] for v in seen.values()), list(seen.values())
@@ -630,7 +664,9 @@ def parse_args(argv=None):
     ap.add_argument("--paired", action="store_true",
                     help="run the frozen layer between every two cases; ratio = case / mean of its neighbours "
                          "(more robust on a machine with bursty load; about 1.9x the time)")
-    ap.add_argument("--cases", default="*", help="comma list of names/globs; 'frozen' is always added")
+    ap.add_argument("--cases", default=None,
+                    help="comma list of names/globs; 'frozen' is always added (default: all; the @ variants "
+                         "only on cuda)")
     ap.add_argument("--list-cases", action="store_true")
     ap.add_argument("--no-peak", action="store_true", help="skip peak-memory measurement")
     ap.add_argument("--peak-timeout", type=float, default=600, help="seconds per CPU peak subprocess")
@@ -697,7 +733,9 @@ def main():
             raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
         if device.index is not None:
             torch.cuda.set_device(device)
-    wanted = select_cases(a.cases)
+    wanted = select_cases(a.cases or "*")
+    if a.cases is None and not a.device.startswith("cuda"):
+        wanted = [n for n in wanted if "@" not in n]
 
     now = datetime.datetime.now().astimezone()
     print("# miss_ext linear benchmark (fwd+bwd of one adapted nn.Linear)\n")

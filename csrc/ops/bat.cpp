@@ -10,6 +10,8 @@
 #include "common/checks.h"
 #include "common/sym_shape.h"
 #include "fold.h"
+#include "impl_choice.h"
+#include "split_gemm.h"
 
 namespace miss_ext {
 namespace ops {
@@ -60,6 +62,15 @@ int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
   return std::max<int64_t>(1, budget / std::max<int64_t>(r * in, 1));
 }
 
+// The hand-written backend kernel or the batched GEMM (bat_gemm.cpp). Under "auto" the GEMM on
+// CUDA, where issue 11 measured the kernel at 0.04 of copy bandwidth and the GEMM 1.5x faster;
+// the kernel on the CPU, where it is the faster one.
+BatKernel pick_bat_kernel(BatKernel backend_kernel, const at::Tensor& w) {
+  const int picked = bat_transform_choice();
+  const bool gemm = picked == choice::kAuto ? w.is_cuda() : picked == choice::kGemm;
+  return gemm ? &bat_kernel_gemm : backend_kernel;
+}
+
 }  // namespace
 
 at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block) {
@@ -75,7 +86,7 @@ at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::T
   const bool native = out_dtype == w.scalar_type() || out_dtype == m.scalar_type();
   const at::Tensor w2 = w.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(native ? out_dtype : m.scalar_type()));
-  if (w.numel() > 0) kernel(w2, out, m.contiguous(), p.contiguous());
+  if (w.numel() > 0) pick_bat_kernel(kernel, w)(w2, out, m.contiguous(), p.contiguous());
   return native ? out : out.to(out_dtype);
 }
 
@@ -83,6 +94,7 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
   check_bat_transform_args(w, m, p);
   TORCH_CHECK_VALUE(!w.is_alias_of(m) && !w.is_alias_of(p), "miss: bat_transform_ m and p must not share memory with w");
   if (w.numel() == 0) return;
+  kernel = pick_bat_kernel(kernel, w);
   if (w.is_contiguous()) {
     kernel(w, w, m.contiguous(), p.contiguous());
   } else {
@@ -146,11 +158,19 @@ at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, cons
   // cast to it, and the result is cast back to x's dtype.
   const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
   const at::Tensor wprime = ops::bat_weight(weight, block, cd);
-  const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)}).to(cd);
+  const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->to(cd);
-  const at::Tensor y = at::linear(x2, wprime, b).to(x.scalar_type());
-  return y.view_symint(with_last(x, weight.sym_size(0)));
+  at::Tensor y;
+  if (use_split_gemm(x, cd, x.is_cuda())) {
+    // A bf16 layer at PEFT's fp32 precision: x is exact in bf16, so x W'^T runs on bf16 tensor
+    // cores with W' split into parts (split_gemm.h), as accurate as the fp32 GEMM (issue 11).
+    y = mm_split_right(x2, wprime.t());
+    if (b) y.add_(*b);
+  } else {
+    y = at::linear(x2.to(cd), wprime, b);
+  }
+  return y.to(x.scalar_type()).view_symint(with_last(x, weight.sym_size(0)));
 }
 
 at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
@@ -186,22 +206,28 @@ BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
   BatLinearGrads grads;
   const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
   const c10::SymInt rows = sym_leading_rows(grad_y);
+  // bf16 data at an fp32 compute dtype (PEFT's precision): G and x are exact in bf16, so every
+  // product below runs on bf16 tensor cores at fp32 accuracy (split_gemm.h). Not when the
+  // backward is recorded (create_graph=True): those products have no derivative.
+  const bool split = !at::GradMode::is_enabled() && use_split_gemm(grad_y, cd, grad_y.is_cuda());
   // Dense once (an expanded gradient would be copied by each GEMM below; see linear_backward).
-  const at::Tensor g = grad_y.reshape_symint({rows, weight.sym_size(0)}).to(cd).contiguous();
+  const at::Tensor g = grad_y.reshape_symint({rows, weight.sym_size(0)}).to(split ? grad_y.scalar_type() : cd).contiguous();
   if (needs[0]) {
     const at::Tensor wprime = ops::bat_weight(weight, block, cd);  // rebuilt, not saved
-    grads.x = at::mm(g, wprime).to(x_dtype).view_symint(with_last(grad_y, weight.sym_size(1)));
+    const at::Tensor gx = split ? mm_split_right(g, wprime) : at::mm(g, wprime);
+    grads.x = gx.to(x_dtype).view_symint(with_last(grad_y, weight.sym_size(1)));
   }
-  if (needs[2]) grads.bias = g.sum(0).to(bias_dtype);
+  if (needs[2]) grads.bias = at::sum(g, {0}, false, cd).to(bias_dtype);
   if (needs[1] || needs[3]) {
     const int64_t r = static_size(block, 1), blocks = static_size(block, 0), in = static_size(weight, 1);
-    const at::Tensor x2 = x.reshape_symint({rows, weight.sym_size(1)}).to(cd);
+    const at::Tensor x2 = x.reshape_symint({rows, weight.sym_size(1)}).to(split ? x.scalar_type() : cd);
     const int64_t step = blocks_per_chunk(x, r, in);
     std::vector<at::Tensor> block_parts, weight_parts;
     for (int64_t i0 = 0; i0 < blocks; i0 += step) {
       const int64_t n = std::min(step, blocks - i0);
       // G' for row blocks [i0, i0 + n): (n*r, in), reduced right away.
-      const at::Tensor gp = at::mm(g.narrow(1, i0 * r, n * r).t(), x2);
+      const at::Tensor gt = g.narrow(1, i0 * r, n * r).t();
+      const at::Tensor gp = split ? mm_bf16_float(gt, x2) : at::mm(gt, x2);
       const at::Tensor w_part = weight.narrow(0, i0 * r, n * r);
       const at::Tensor b_part = block.narrow(0, i0, n);
       if (needs[3]) block_parts.push_back(bat_block_grad(gp, w_part, b_part));

@@ -39,6 +39,9 @@ using BankGradKernel = void (*)(const at::Tensor& grad, const at::Tensor& s, con
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+// The bat transform as a batched GEMM through ATen (bat_gemm.cpp): any device; bat.cpp picks it
+// or the backend's kernel (impl_choice.h).
+void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                          const at::Tensor& periods, const at::Tensor& index);
 void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,

@@ -6,6 +6,8 @@
 #include "common/checks.h"
 #include "common/sym_shape.h"
 #include "fold.h"
+#include "impl_choice.h"
+#include "split_gemm.h"
 
 namespace miss_ext {
 namespace ops {
@@ -20,6 +22,28 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }
 
 }  // namespace ops
+
+namespace {
+
+// Whether the adapter's products take bf16 tensor cores at fp32 accuracy (split_gemm.h). That
+// path serves a bf16 layer with an fp32 block (PEFT's default precision: S and D are fp32). Under
+// "auto" it is taken on CUDA in the default mode, where the fp32 path costs fp32 (rows, out)
+// temporaries (S @ D before the add, G widened in the backward) and fp32 GEMMs (issue 11). Mini
+// mode's products are small ((rows, mini_r)); it keeps the fp32 path unless the split one is
+// asked for (MISS_EXT_GEMM=split, impl_choice.h). The CPU keeps the fp32 path: torch has no
+// bf16 GEMM with an fp32 result there, so the parts are widened back to fp32 and the products
+// only grow (measured 2.17x a frozen bf16 layer's step against 1.43x, T=2048, 1024 x 1024, r=64).
+bool use_split(const at::Tensor& data, const at::Tensor& block, bool tiled) {
+  return use_split_gemm(data, block.scalar_type(), data.is_cuda() && !tiled);
+}
+
+// The block as (r, out): mini's (r, mini_r) repeated along out (small).
+at::Tensor full_block(const at::Tensor& block, const at::Tensor& weight) {
+  const int64_t repeats = static_size(weight, 0) / static_size(block, 1);
+  return repeats == 1 ? block : block.repeat({1, repeats});
+}
+
+}  // namespace
 
 at::Tensor linear_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
@@ -37,7 +61,9 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   // The base GEMM runs and rounds in the base dtype; the sum is rounded once to x's dtype.
   at::Tensor y = at::linear(x2, weight, bias);
-  if (!tiled && y.scalar_type() == block.scalar_type()) {
+  if (use_split(y, block, tiled)) {
+    addmm_split_(y, s, full_block(block, weight));  // in place, one rounding
+  } else if (!tiled && y.scalar_type() == block.scalar_type()) {
     y.addmm_(s, block);  // in place: no (rows, out) temporary
   } else {
     // (rows, mini_r) or, for a half base in the default mode, (rows, out) in the block dtype;
@@ -69,23 +95,38 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   if (!g.is_contiguous()) g = g.contiguous();
 
   if (needs[0] || needs[3]) {
-    // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.
-    const at::Tensor gf = tiled ? ops::fold(g, mini_r, 0.0, std::nullopt, block.scalar_type())
-                                : g.to(block.scalar_type());
-    // Operand layouts chosen for BLAS: (Gf^T S)^T and Gf (D^T contiguous) measured 20% and 10%
-    // faster than S^T Gf and Gf D^T on the CPU (MKL; bench/RESULTS.md has the setting).
-    if (needs[3]) grads.block = at::mm(gf.t(), s).t();
-    if (needs[0]) {
-      at::Tensor gx = at::mm(g, weight);                 // base part, x's dtype
-      const at::Tensor adj = at::mm(gf, block.t().contiguous());
-      // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
-      // backward is being recorded (create_graph=True), which an in-place op could not be.
-      if (at::GradMode::is_enabled()) {
-        gx = ops::tile_add(gx, adj, 1.0, p, key);
-      } else {
-        ops::tile_add_(gx, adj, 1.0, p, key);
+    // The split products have no derivative: a recorded backward (create_graph=True) takes the
+    // fp32 path.
+    if (!at::GradMode::is_enabled() && use_split(g, block, tiled)) {
+      // G is read by two bf16 GEMMs with fp32 results; no (rows, out) fp32 copy of it exists.
+      if (needs[3]) {
+        const at::Tensor gd = mm_split_left(s.t(), g);  // S^T G, (r, out)
+        grads.block = tiled ? ops::fold(gd, mini_r, 0.0, std::nullopt, block.scalar_type()) : gd;
       }
-      grads.x = gx.view_symint(with_last(grad_y, in));
+      if (needs[0]) {
+        at::Tensor gx = at::mm(g, weight);
+        ops::tile_add_(gx, mm_split_right(g, full_block(block, weight).t()), 1.0, p, key);  // + tile(G D^T)
+        grads.x = gx.view_symint(with_last(grad_y, in));
+      }
+    } else {
+      // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.
+      const at::Tensor gf = tiled ? ops::fold(g, mini_r, 0.0, std::nullopt, block.scalar_type())
+                                  : g.to(block.scalar_type());
+      // Operand layouts chosen for BLAS: (Gf^T S)^T and Gf (D^T contiguous) measured 20% and 10%
+      // faster than S^T Gf and Gf D^T on the CPU (MKL; bench/RESULTS.md has the setting).
+      if (needs[3]) grads.block = at::mm(gf.t(), s).t();
+      if (needs[0]) {
+        at::Tensor gx = at::mm(g, weight);                 // base part, x's dtype
+        const at::Tensor adj = at::mm(gf, block.t().contiguous());
+        // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
+        // backward is being recorded (create_graph=True), which an in-place op could not be.
+        if (at::GradMode::is_enabled()) {
+          gx = ops::tile_add(gx, adj, 1.0, p, key);
+        } else {
+          ops::tile_add_(gx, adj, 1.0, p, key);
+        }
+        grads.x = gx.view_symint(with_last(grad_y, in));
+      }
     }
   }
   if (needs[1]) {

@@ -1,6 +1,6 @@
 // CUDA kernels for fold and tile_add (see kernels.h for the contract).
 //
-// fold:     two kernels (launch_fold picks one):
+// fold:     three kernels (launch_fold picks one):
 //           - fold_kernel: one thread per (row, VEC consecutive shard columns). It walks the row
 //             with stride r, loading VEC elements (16 bytes) at a time. Neighbouring threads load
 //             neighbouring 16-byte chunks, so the loads coalesce (when r / VEC >= 32).
@@ -8,6 +8,8 @@
 //             streams the row with coalesced loads and reduces 256 * VEC partial sums to the r
 //             shard columns with a fixed tree in shared memory (deterministic, but summed in a
 //             different order than the CPU kernel).
+//           - fold_warp_kernel: one warp per row for r up to 32 * VEC, reduced by warp shuffles
+//             (taken only when asked for, until a GPU has timed it).
 // tile_add: one thread per 16 bytes of out (read, add, write back). The src rows are small and
 //           stay in cache.
 // Both fall back to a scalar variant (VEC = 1) when sizes or alignment forbid vectors. Indexing is
@@ -25,6 +27,7 @@
 #include <type_traits>
 
 #include "../common/shard_index.h"
+#include "../impl_choice.h"
 #include "../kernels.h"
 
 namespace miss_ext {
@@ -164,6 +167,81 @@ __global__ void fold_rows_kernel(const in_t* __restrict__ x, out_t* __restrict__
   }
 }
 
+// fold with one warp per row (grid-stride over rows), no shared memory and no barriers.
+// Preconditions: r is a power of two with r <= kWarpSlots = 32 * VEC; for VEC > 1, in % VEC == 0
+// and x is 16-byte aligned. Lane l loads the vectors c = l, l + 32, ... of the row (a warp reads
+// 32 * 16 contiguous bytes per step) and sums lane k into sum[k]. Every column it adds to sum[k]
+// is congruent to the slot q = l*VEC + k modulo kWarpSlots, and r divides kWarpSlots, so sum[k]
+// belongs to shard column q mod r. Reduction, in a fixed order (deterministic):
+//   - r < VEC: sum[k] += sum[k + half] within the thread down to r values, then across all 32
+//     lanes (xor shuffles 16 .. 1);
+//   - r >= VEC: lanes l and l ^ m hold the same columns for every m >= r / VEC: xor shuffles
+//     16 .. r / VEC leave column l*VEC + k complete in lanes l < r / VEC.
+// Written as an alternative to fold_rows_kernel for small r (issue 11: that kernel's shared-memory
+// tree, barriered per row, reached 0.33 of copy bandwidth for bf16 at r = 64); which one is faster
+// is for a GPU to measure (bench/bench_kernels.py), so launch_fold takes it only when asked
+// (MISS_EXT_FOLD_KERNEL=warp) until then.
+template <typename in_t, typename out_t, int VEC, bool DROPOUT>
+__global__ void fold_warp_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
+                                 int64_t r, DropoutParams dropout) {
+  using acc = acc_t<in_t, out_t>;
+  const DropoutKey key = load_dropout_key(dropout);
+  const acc scale = static_cast<acc>(key.scale);
+  const int lane = threadIdx.x % 32;
+  const int nr = static_cast<int>(r);
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  const int64_t chunks = in / VEC;
+  for (int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; row < rows; row += warps) {
+    const in_t* xr = x + row * in;
+    acc sum[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum[k] = acc(0);
+#pragma unroll 4
+    for (int64_t c = lane; c < chunks; c += 32) {
+      const Vec<in_t, VEC> v = *reinterpret_cast<const Vec<in_t, VEC>*>(xr + c * VEC);
+      if constexpr (DROPOUT) {
+        acc f[VEC];
+        keep_factors<acc, VEC>(key, scale, row, c * VEC, f);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]) * f[k];
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]);
+      }
+    }
+    out_t* sr = s + row * r;
+    if (nr < VEC) {
+      // Within the thread: slot k and k + half share a column while half >= r.
+#pragma unroll
+      for (int half = VEC / 2; half >= 1; half >>= 1) {
+        if (half < nr) break;
+#pragma unroll
+        for (int k = 0; k < half; ++k) sum[k] += sum[k + half];
+      }
+      for (int m = 16; m >= 1; m >>= 1) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += __shfl_xor_sync(0xffffffffu, sum[k], m);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (k < nr) sr[k] = static_cast<out_t>(sum[k]);
+        }
+      }
+    } else {
+      const int owners = nr / VEC;  // lanes holding distinct columns
+      for (int m = 16; m >= owners; m >>= 1) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += __shfl_xor_sync(0xffffffffu, sum[k], m);
+      }
+      if (lane < owners) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sr[lane * VEC + k] = static_cast<out_t>(sum[k]);
+      }
+    }
+  }
+}
+
 template <typename out_t, typename src_t, int VEC, bool DROPOUT>
 __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict__ src, int64_t rows, int64_t cols,
                                 int64_t period_rows, int64_t q, double alpha_d, DropoutParams dropout) {
@@ -206,18 +284,39 @@ void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64
   else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
 }
 
-// Which fold kernel. fold_kernel runs rows * r / VEC threads, each summing in / r vectors one
-// after another. That is the right shape for many rows and wide shards, but it starves when
+template <typename in_t, typename out_t, int VEC>
+void launch_fold_warp(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
+                      cudaStream_t stream) {
+  constexpr int64_t kWarpsPerBlock = kThreads / 32;
+  const unsigned int grid = static_cast<unsigned int>(std::clamp<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, kMaxBlocks));
+  if (dropout.threshold != 0) fold_warp_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  else fold_warp_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+}
+
+template <typename in_t, typename out_t, int VEC>
+void launch_fold_columns(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
+                         cudaStream_t stream) {
+  const unsigned int grid = grid_for(rows * (r / VEC));
+  if (dropout.threshold != 0) fold_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  else fold_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+}
+
+// Which fold kernel. fold_kernel ("columns") runs rows * r / VEC threads, each summing in / r
+// vectors one after another. That is the right shape for many rows and wide shards, but it
+// starves when
 //   - r / VEC < 32: a warp spans several rows with a stride of r elements, so its loads no
 //     longer coalesce into whole 512-byte runs, and there are few threads (mini mode's backward
 //     folds G (T x out) with r = mini_r, 1 by default: T threads each walking a whole row);
 //   - rows * r / VEC < 65536: too few threads to cover the memory latency of the device (a
 //     quarter of an H100/H200's resident threads), e.g. decode with T = 1..16.
-// fold_rows_kernel instead puts a block of 256 threads on each row (coalesced 16-byte loads,
-// in / (256 * VEC) vectors per thread) and pays a shared-memory tree of log2(256 * VEC / r)
+// fold_rows_kernel ("rows") instead puts a block of 256 threads on each row (coalesced 16-byte
+// loads, in / (256 * VEC) vectors per thread) and pays a shared-memory tree of log2(256 * VEC / r)
 // steps per row. It needs r to be a power of two dividing 256 * VEC (256 for the scalar variant,
 // used when in % VEC != 0 or x is not 16-byte aligned). With many rows and r / VEC >= 32,
 // fold_kernel already has coalesced loads and enough threads, and needs no reduction.
+// fold_warp_kernel ("warp", r a power of two up to 32 * VEC) is taken only when
+// MISS_EXT_FOLD_KERNEL asks for it (impl_choice.h); so is any kernel whose preconditions hold.
+// A forced kernel whose preconditions do not hold falls back to this rule.
 constexpr int64_t kFewThreads = 65536;
 
 template <typename in_t, typename out_t>
@@ -228,26 +327,27 @@ void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropou
   out_t* sp = s.mutable_data_ptr<out_t>();
   const bool vec_in = in % kVec == 0 && aligned16(xp);
   const bool pow2 = (r & (r - 1)) == 0;  // r >= 1
-  if (pow2 && vec_in && r <= kThreads * kVec && (r / kVec < 32 || rows * (r / kVec) < kFewThreads)) {
-    launch_fold_rows<in_t, out_t, kVec>(xp, sp, rows, in, r, dropout, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  const int64_t width = vec_in ? kVec : 1;  // elements per load
+  const int picked = fold_kernel_choice();
+  int kind = choice::kColumns;
+  if (picked == choice::kWarp && pow2 && r <= 32 * width) {
+    kind = choice::kWarp;
+  } else if (picked == choice::kRows && pow2 && r <= kThreads * width) {
+    kind = choice::kRows;
+  } else if (picked != choice::kColumns && pow2 && r <= kThreads * width &&
+             (r / width < 32 || rows * (r / width) < kFewThreads)) {
+    kind = choice::kRows;
   }
-  if (pow2 && !vec_in && r <= kThreads && (r < 32 || rows * r < kFewThreads)) {
-    launch_fold_rows<in_t, out_t, 1>(xp, sp, rows, in, r, dropout, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const bool vec = r % kVec == 0 && vec_in;
-  const bool use_dropout = dropout.threshold != 0;
-  const int64_t total = rows * (vec ? r / kVec : r);
-  const unsigned int grid = grid_for(total);
-  if (vec) {
-    if (use_dropout) fold_kernel<in_t, out_t, kVec, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
-    else fold_kernel<in_t, out_t, kVec, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  if (kind == choice::kWarp) {
+    if (vec_in) launch_fold_warp<in_t, out_t, kVec>(xp, sp, rows, in, r, dropout, stream);
+    else launch_fold_warp<in_t, out_t, 1>(xp, sp, rows, in, r, dropout, stream);
+  } else if (kind == choice::kRows) {
+    if (vec_in) launch_fold_rows<in_t, out_t, kVec>(xp, sp, rows, in, r, dropout, stream);
+    else launch_fold_rows<in_t, out_t, 1>(xp, sp, rows, in, r, dropout, stream);
+  } else if (r % kVec == 0 && vec_in) {
+    launch_fold_columns<in_t, out_t, kVec>(xp, sp, rows, in, r, dropout, stream);
   } else {
-    if (use_dropout) fold_kernel<in_t, out_t, 1, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
-    else fold_kernel<in_t, out_t, 1, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+    launch_fold_columns<in_t, out_t, 1>(xp, sp, rows, in, r, dropout, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

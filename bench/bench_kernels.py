@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Bandwidth of the hand-written kernels and of their alternatives, as a fraction of a device copy.
+
+    python bench/bench_kernels.py --device cuda                 # T=8192, in=4096, r=64 (issue 11's sizes)
+    python bench/bench_kernels.py --device cpu -T 1024 --reps 5 # a quick run of the script itself
+
+Each case runs one op; "copy" copies a 256 MiB tensor (read + write). Every rep runs all cases
+in a reshuffled order (bench/measure.py); a case's fraction of copy bandwidth is
+(its bytes / its time) / (copy bytes / copy time), the median over reps of the ratio within a rep.
+A case's bytes are what it must move at least: x read and S written for fold, out read and
+written plus src read for tile_add_, W read and W' written for bat_weight.
+
+Cases, each under every implementation that MISS_EXT_* can force (csrc/ops/impl_choice.h):
+    fold/<dtype>/p=<p>[<kernel>]   miss.fold of x (T, in) at r into fp32 S (the linear's fold),
+                                   kernel auto | columns | rows | warp (MISS_EXT_FOLD_KERNEL)
+    tile_add_/bf16                 dx (T, in) += tile(dS (T, r) fp32), the linear's backward step
+    bat_weight/<dtype>[<impl>]     W' of a bat adapter (out = in = --in-features, block fp32), in the
+                                   block's dtype (fp32) and in bf16; impl kernel | gemm
+                                   (MISS_EXT_BAT_TRANSFORM)
+Issue 11's targets: fold >= 0.80 of copy for bf16 and fp32 at r=64, >= 0.60 with dropout.
+"""
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import interleaved_medians  # noqa: E402
+
+import miss_ext  # noqa: E402,F401  (registers torch.ops.miss)
+
+ops = torch.ops.miss
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def with_env(variable, value, fn):
+    """fn, run with os.environ[variable] = value (auto: unset)."""
+    def run():
+        old = os.environ.pop(variable, None)
+        if value != "auto":
+            os.environ[variable] = value
+        try:
+            fn()
+        finally:
+            os.environ.pop(variable, None)
+            if old is not None:
+                os.environ[variable] = old
+    return run
+
+
+def build_cases(a, device):
+    cases, nbytes = {}, {}
+    copy_src = torch.empty(128 << 20, dtype=torch.float16, device=device).normal_()
+    copy_dst = torch.empty_like(copy_src)
+    cases["copy"] = lambda: copy_dst.copy_(copy_src)
+    nbytes["copy"] = 2 * copy_src.nbytes
+    for dname in ("bf16", "fp32"):
+        x = torch.randn(a.T, a.in_features, device=device).to(DTYPES[dname])
+        for p in (0.0, 0.1):
+            if dname == "fp32" and p:
+                continue
+            key = miss_ext.new_dropout_key(device) if p else None
+            for kernel in ("auto", "columns", "rows", "warp"):
+                if device.type != "cuda" and kernel != "auto":
+                    continue  # the choice is a CUDA one
+                name = f"fold/{dname}/p={p}[{kernel}]"
+                cases[name] = with_env("MISS_EXT_FOLD_KERNEL", kernel,
+                                       lambda x=x, p=p, key=key: ops.fold(x, a.r, p, key, torch.float32))
+                nbytes[name] = x.nbytes + a.T * a.r * 4
+    dx = torch.randn(a.T, a.in_features, device=device, dtype=torch.bfloat16)
+    ds = torch.randn(a.T, a.r, device=device)
+    cases["tile_add_/bf16"] = lambda: ops.tile_add_(dx, ds, 1.0, 0.0, None)
+    nbytes["tile_add_/bf16"] = 2 * dx.nbytes + ds.nbytes
+    n = a.in_features
+    w = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    block = torch.randn(n // a.r, a.r, a.r, device=device) * 0.01
+    for out_name, out_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for impl in ("kernel", "gemm"):
+            name = f"bat_weight/{out_name}[{impl}]"
+            cases[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl,
+                                   lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype))
+            nbytes[name] = w.nbytes + w.numel() * out_dtype.itemsize
+    return cases, nbytes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("-T", type=int, default=8192)
+    ap.add_argument("--in-features", type=int, default=4096)
+    ap.add_argument("-r", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--json", help="also write the figures here")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    cases, nbytes = build_cases(a, device)
+    ms, ratio = interleaved_medians(cases, a.reps, device, baseline="copy")
+    copy_gbs = nbytes["copy"] / ms["copy"] / 1e6
+    print("# miss_ext kernel bandwidth\n")
+    print(f"- command: `{shlex.join([sys.executable] + sys.argv)}`")
+    print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"- device: {name}, torch {torch.__version__}; T={a.T}, in={a.in_features}, r={a.r}, reps={a.reps}")
+    print(f"- copy: {copy_gbs:.0f} GB/s (read + write, median)\n")
+    print("| case | median ms | GB/s | of copy |")
+    print("|---|---:|---:|---:|")
+    fractions = {}
+    for k in cases:
+        # (bytes_k / t_k) / (bytes_copy / t_copy), with t_k / t_copy the median per-rep ratio
+        fractions[k] = nbytes[k] / nbytes["copy"] / ratio[k]
+        print(f"| {k} | {ms[k]:.3f} | {nbytes[k] / ms[k] / 1e6:.0f} | {fractions[k]:.2f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "median_ms": ms, "bytes": nbytes, "fraction_of_copy": fractions}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+// The bat transform (common/bat_index.h) as one batched GEMM through ATen, for any device.
+//
+// Row o = i*r + a and column s*r + k of w (out, in) is element (i, a*(in/r) + s, k) of w viewed
+// (out/r, in, r): every r-element segment of row block i is a row of batch i. So
+//   out = bmm(w viewed (out/r, in, r), M) + P_i[a] broadcast over the segments s.
+// The GEMM runs in M's dtype (fp32 or fp64, as the hand-written kernels accumulate), so torch's
+// float32 matmul precision (TF32) applies to it as it does to PEFT's fp32 bat matmul. Issue 11
+// measured this composition on an H200 at 0.26 ms (fp32) against the CUDA kernel's 0.40 ms for a
+// 4096 x 4096 weight; on the CPU the hand-written kernel is faster (bench/RESULTS.md), so
+// bat.cpp picks this one on CUDA only (impl_choice.h).
+#include <ATen/ATen.h>
+
+#include "kernels.h"
+
+namespace miss_ext {
+
+void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+  const int64_t in = w.size(1), blocks = m.size(0), r = m.size(1);
+  // A new tensor, so `out` may be `w` (in-place merge): w is not read after this line.
+  const at::Tensor prod = at::bmm(w.to(m.scalar_type()).view({blocks, in, r}), m);
+  at::Tensor out4 = out.view({blocks, r, in / r, r});
+  // + P, and one rounding to out's dtype (add_out computes in the inputs' dtype and casts).
+  at::add_out(out4, prod.view({blocks, r, in / r, r}), p.view({blocks, r, 1, r}));
+}
+
+}  // namespace miss_ext

@@ -1,0 +1,28 @@
+// Run-time choice between equivalent implementations of one computation (issue 11).
+//
+// "auto" (the default) picks by device, sizes and dtypes, as documented where each choice is
+// used. An environment variable forces one implementation, so that a benchmark can time them all
+// in one process, the CPU tests can run the arithmetic a GPU would take, and the GPU tests can
+// check every kernel:
+//   MISS_EXT_GEMM          = auto | fp32 | split          the fp32 GEMMs of bf16 layers (split_gemm.h)
+//   MISS_EXT_BAT_TRANSFORM = auto | kernel | gemm         the bat transform (bat.cpp)
+//   MISS_EXT_FOLD_KERNEL   = auto | columns | rows | warp the CUDA fold kernel (cuda/shard_kernels.cu)
+// The variable is read each time an op runs (eager) or is traced (torch.compile, export: the
+// choice is then part of the graph). An unknown value raises ValueError naming it.
+#pragma once
+
+namespace miss_ext {
+
+// Index of the chosen option: 0 for "auto" (or unset), i for options[i - 1].
+int gemm_choice();  // 1 fp32, 2 split
+int bat_transform_choice();  // 1 kernel, 2 gemm
+int fold_kernel_choice();  // 1 columns, 2 rows, 3 warp
+
+namespace choice {
+constexpr int kAuto = 0;
+constexpr int kFp32 = 1, kSplit = 2;                     // gemm_choice
+constexpr int kKernel = 1, kGemm = 2;                    // bat_transform_choice
+constexpr int kColumns = 1, kRows = 2, kWarp = 3;        // fold_kernel_choice
+}  // namespace choice
+
+}  // namespace miss_ext

@@ -1,0 +1,92 @@
+#include "split_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <vector>
+
+#include "common/sym_shape.h"
+#include "impl_choice.h"
+
+namespace miss_ext {
+namespace {
+
+// The bf16 parts of fp32 t, largest first.
+std::vector<at::Tensor> split_bf16(const at::Tensor& t, int parts) {
+  std::vector<at::Tensor> out;
+  at::Tensor rest = t;
+  for (int i = 0; i < parts; ++i) {
+    out.push_back(rest.to(at::kBFloat16));
+    if (i + 1 < parts) rest = rest - out.back().to(at::kFloat);  // exact in fp32
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor mm_bf16_float(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_cuda()) return at::mm(a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+int split_parts() {
+  switch (at::globalContext().float32MatmulPrecision()) {
+    case at::Float32MatmulPrecision::HIGHEST:
+      return 3;
+    case at::Float32MatmulPrecision::HIGH:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_rule) {
+  if (data.scalar_type() != at::kBFloat16 || compute != at::kFloat) return false;
+  const int picked = gemm_choice();
+  return picked == choice::kAuto ? auto_rule : picked == choice::kSplit;
+}
+
+void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  const int parts = split_parts();
+  const std::vector<at::Tensor> ap = split_bf16(a, parts), bp = split_bf16(b, parts);
+  // The pairs (i, j) with i + j < parts, as one GEMM with k * pairs inner columns.
+  std::vector<at::Tensor> left, right;
+  for (int i = 0; i < parts; ++i) {
+    for (int j = 0; i + j < parts; ++j) {
+      left.push_back(ap[i]);
+      right.push_back(bp[j]);
+    }
+  }
+  const at::Tensor l = left.size() == 1 ? left[0] : at::cat(left, 1);
+  const at::Tensor r = right.size() == 1 ? right[0] : at::cat(right, 0);
+  if (y.is_cuda()) {
+    y.addmm_(l, r);  // bf16 operands, fp32 accumulation and epilogue, one rounding
+  } else {
+    y.copy_(at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)));
+  }
+}
+
+at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {
+  const int parts = split_parts();
+  if (parts == 1) return mm_bf16_float(a.to(at::kBFloat16), b);
+  const c10::SymInt& m = a.sym_size(0);
+  // (parts * m, k) @ (k, n), then the parts' rows summed.
+  const at::Tensor prod = mm_bf16_float(at::cat(split_bf16(a, parts), 0), b);
+  return prod.view_symint({parts, m, b.sym_size(1)}).sum(0);
+}
+
+at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b) {
+  const int parts = split_parts();
+  if (parts == 1) return mm_bf16_float(a, b.to(at::kBFloat16));
+  const std::vector<at::Tensor> bp = split_bf16(b, parts);
+  const int64_t k = static_size(b, 0), n = static_size(b, 1);
+  if (2 * k <= 4 * n) {
+    // Along k: [a | a | a] (m, parts * k) @ [b_0; b_1; b_2]: the GEMM sums the parts itself.
+    return mm_bf16_float(at::cat(std::vector<at::Tensor>(parts, a), 1), at::cat(bp, 0));
+  }
+  // Along n: (m, k) @ (k, parts * n), then the parts' columns summed.
+  const at::Tensor prod = mm_bf16_float(a, at::cat(bp, 1));
+  return prod.view_symint({a.sym_size(0), parts, n}).sum(1);
+}
+
+}  // namespace miss_ext

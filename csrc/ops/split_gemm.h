@@ -1,0 +1,53 @@
+// fp32-accurate matrix products on bf16 tensor cores (issue 11). PEFT computes a bf16 layer's
+// adapter in fp32 (its block is fp32): the products S @ D, S^T G, G D^T of default/mini, and the
+// whole bat GEMM x W'^T with its gradients. Run as fp32 GEMMs these are SIMT (or TF32) and, for
+// default mode, need fp32 (rows, out) temporaries.
+//
+// An fp32 matrix A splits into bf16 parts A = A_0 + A_1 + ... : A_0 = bf16(A), A_1 = bf16(A - A_0),
+// ... Each subtraction is exact in fp32 and each part carries the next 8 significant bits (9 with
+// the sign of the rounding), so three parts hold all 24 bits of an fp32 value. The products of
+// the parts are exact in the tensor cores and accumulate in fp32. Hence:
+//   - bf16 G times an fp32 operand split into 3 parts is an fp32 GEMM (up to summation order);
+//   - two fp32 operands: the products A_i B_j with i + j < 3 (six) leave out terms below
+//     2^-24 |A||B|, an fp32 GEMM's own rounding.
+// The number of parts follows torch's float32 matmul precision, which a user sets for exactly
+// this trade: "highest" 3 (fp32), "high" 2 (relative error ~2^-16, better than TF32's 2^-11),
+// "medium" 1 (bf16 operands, fp32 accumulation).
+// Limits: a value whose bf16 rounding overflows (|v| > 3.39e38) or an infinite one gives NaN
+// where fp32 would give inf; parts below bf16's normal range (1e-38) may be flushed. Neither
+// occurs in finite, unscaled activations.
+//
+// Every step is an ATen call (dispatcher, so torch.compile records it). On CUDA the bf16 GEMMs
+// write fp32 directly (aten::mm.dtype); elsewhere the bf16 operands are widened to fp32 first:
+// the same arithmetic (bf16 values are exact in fp32), which lets the CPU tests check this path.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace miss_ext {
+
+// 3, 2 or 1 from torch's float32 matmul precision (highest, high, medium).
+int split_parts();
+
+// Whether fp32 products with bf16 data take this path: data bf16, the compute dtype fp32, and
+// MISS_EXT_GEMM=split, or under "auto" the caller's rule (impl_choice.h). The caller must not be
+// recording a backward (create_graph=True): the bf16-to-fp32 GEMM has no derivative.
+bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_rule);
+
+// y (rows, n), bf16, += a (rows, k) @ b (k, n), a and b fp32: the sum is formed in fp32 and
+// rounded once to bf16 (the GEMM's epilogue). In place.
+void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+
+// bf16 a (m, k) @ bf16 b (k, n), accumulated and returned in fp32: exact products, so as
+// accurate as an fp32 GEMM of the same values.
+at::Tensor mm_bf16_float(const at::Tensor& a, const at::Tensor& b);
+
+// a (m, k) @ b (k, n) in fp32, where a is fp32 and b is bf16 (exact): a is split.
+at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b);
+
+// a (m, k) @ b (k, n) in fp32, where a is bf16 (exact) and b is fp32: b is split. The parts are
+// stacked along n (an fp32 (m, parts * n) product, summed) when n is small, else along k (a
+// bf16 (m, parts * k) copy of a), whichever writes fewer bytes.
+at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace miss_ext

@@ -1,0 +1,367 @@
+"""The implementation choices of issue 11 (csrc/ops/impl_choice.h), checked on the CPU.
+
+- MISS_EXT_GEMM=split forces the fp32 products of a bf16 layer with an fp32 block (PEFT's default
+  precision) onto bf16 parts of the fp32 operands (csrc/ops/split_gemm.h): the adapter products
+  of miss::linear, and bat_linear's GEMMs. "auto" takes this path on CUDA (linear: default mode).
+- MISS_EXT_BAT_TRANSFORM=gemm forces the bat transform onto one batched GEMM
+  (csrc/ops/bat_gemm.cpp), the path "auto" takes on CUDA.
+
+On the CPU both run the same ATen arithmetic as on a GPU (there the bf16 GEMMs write fp32
+themselves; here the bf16 operands are widened first, which is exact), so these tests check what
+a GPU computes except cuBLAS itself. Every test also checks, from the profiler's op names, that the
+path it asked for was the one taken, so it cannot pass on the other path. The GPU tests at the end
+check "auto" on CUDA against the CPU.
+"""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import miss_ext
+from conftest import CUDA_AVAILABLE
+from reference import bat_weight_ref, fold_ref, linear_ref, peft_precision_linear_ref, recover_mask
+
+ops = torch.ops.miss
+F64 = torch.float64
+BF16_ULP = 2.0 ** -7  # one unit in the last place of bf16, relative (at most; 7 stored bits)
+
+
+@pytest.fixture
+def matmul_precision():
+    """Set torch's float32 matmul precision for one test; restored afterwards."""
+    old = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(old)
+
+
+def op_names(fn):
+    """The names of the ops that fn() runs (nested calls included)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def rel_err(a, b):
+    a, b = a.to(F64), b.to(F64)
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return (a - b).abs().max().item() / scale if scale else 0.0
+
+
+def assert_within_ulp(got, want, what=""):
+    """|got - want| <= one bf16 ulp of want, elementwise (a rounding flipped by a tiny difference),
+    plus fp32-sized noise for elements near zero (2^-20 of the largest)."""
+    got, want = got.to(F64), want.to(F64)
+    noise = 2.0 ** -20 * want.abs().max().item() if want.numel() else 0.0
+    excess = (got - want).abs() - BF16_ULP * want.abs() - noise
+    assert excess.numel() == 0 or excess.max().item() <= 1e-30, f"{what}: {excess.max().item():.3g} beyond one ulp"
+
+
+def run_linear(x, w, b, block, p, key, grad):
+    """y and (dx, dblock) of miss.linear, with the op names seen in the forward and the backward."""
+    x = x.detach().requires_grad_()
+    block = block.detach().requires_grad_()
+    out = {}
+
+    def forward():
+        out["y"] = ops.linear(x, w, b, block, p, key)
+
+    fw = op_names(forward)
+    bw = op_names(lambda: out["y"].backward(grad))
+    return out["y"].detach(), x.grad, block.grad, fw, bw
+
+
+# (leading shape of x, in, out, r, mini_r or None, p): remainders (in % r != 0), r > in, an empty
+# batch, a 3-D input, mini mode, dropout.
+CASES = [
+    ((37,), 96, 80, 16, None, 0.0),
+    ((37,), 96, 80, 16, 20, 0.0),
+    ((5,), 10, 24, 16, None, 0.3),
+    ((0,), 12, 8, 4, None, 0.0),
+    ((2, 7), 33, 18, 5, None, 0.2),
+    ((9,), 40, 60, 8, 12, 0.5),
+]
+
+
+def make_linear_inputs(lead, fin, fout, r, mini_r, p):
+    x = torch.randn(*lead, fin).bfloat16()
+    w = (torch.randn(fout, fin) / fin ** 0.5).bfloat16()
+    b = torch.randn(fout).bfloat16()
+    block = torch.randn(r, mini_r or fout)  # fp32, as PEFT keeps it
+    key = miss_ext.new_dropout_key("cpu") if p else None
+    grad = torch.randn(*lead, fout).bfloat16()
+    return x, w, b, block, key, grad
+
+
+@pytest.mark.parametrize("lead,fin,fout,r,mini_r,p", CASES)
+def test_split_products_match_the_float64_reference(lead, fin, fout, r, mini_r, p, monkeypatch, matmul_precision):
+    matmul_precision("highest")
+    x, w, b, block, key, grad = make_linear_inputs(lead, fin, fout, r, mini_r, p)
+    monkeypatch.setenv("MISS_EXT_GEMM", "split")
+    y, dx, dblock, fw, bw = run_linear(x, w, b, block, p, key, grad)
+    monkeypatch.setenv("MISS_EXT_GEMM", "fp32")
+    y32, dx32, dblock32, fw32, bw32 = run_linear(x, w, b, block, p, key, grad)
+    rows = x.numel() // fin
+    if rows:  # the path taken: split builds its operands with cat, fp32 adds (rows, out) by tile_add_
+        assert "aten::cat" in fw and "miss::tile_add_" not in fw, sorted(fw)
+        assert "aten::cat" in bw, sorted(bw)
+        assert "miss::tile_add_" in fw32 and "aten::cat" not in fw32 | bw32
+
+    # float64 reference with the same dropout mask; the forward with PEFT's rounding (base GEMM
+    # rounded to bf16, adapter term exact, one final rounding): one bf16 ulp at most.
+    x2 = x.reshape(rows, fin)
+    mask = recover_mask(rows, fin, p, key) if p else None
+    y_peft = peft_precision_linear_ref(x2, w, b, block, mask, p).reshape(y.shape)
+    assert_within_ulp(y, y_peft, "y vs PEFT's rounding")
+    # dblock = S^T G (folded along out for mini), S and G exact inputs: fp32 accuracy, as the fp32 path.
+    s_ref = fold_ref(x2, r, mask, p)
+    g = grad.reshape(rows, fout).to(F64)
+    gfull = s_ref.t() @ g
+    dblock_ref = gfull if mini_r is None else gfull.reshape(r, fout // mini_r, mini_r).sum(1)
+    assert rel_err(dblock, dblock_ref) <= max(4 * rel_err(dblock32, dblock_ref), 1e-6)
+    # dx: the base part is the same bf16 GEMM; the adapter part differs by fp32 rounding only.
+    xr = x2.to(F64).requires_grad_()
+    linear_ref(xr, w, b, block, mask, p).backward(g)
+    assert rel_err(dx, xr.grad.reshape(dx.shape)) <= 2 * BF16_ULP
+    if rows:
+        assert_within_ulp(dx, dx32, "dx split vs fp32")
+        assert_within_ulp(y, y32, "y split vs fp32")
+
+
+def test_split_follows_the_float32_matmul_precision(monkeypatch, matmul_precision):
+    """highest: fp32-accurate (three bf16 parts); medium: one bf16 part, a bf16-sized error. The
+    block gradient shows it: S^T G with S exact in fp32 and G exact in bf16."""
+    x, w, b, block, key, grad = make_linear_inputs((64,), 96, 80, 16, None, 0.0)
+    monkeypatch.setenv("MISS_EXT_GEMM", "split")
+    dblock_ref = fold_ref(x, 16).t() @ grad.to(F64)
+    errors = {}
+    for precision in ("highest", "high", "medium"):
+        matmul_precision(precision)
+        errors[precision] = rel_err(run_linear(x, w, b, block, 0.0, None, grad)[2], dblock_ref)
+    assert errors["highest"] < 1e-6, errors
+    assert errors["high"] < 1e-4, errors
+    assert errors["medium"] > 1e-4, errors  # bf16 operands: the setting was honoured
+
+
+def test_split_is_not_used_for_a_recorded_backward(monkeypatch):
+    """create_graph=True records the backward, and the split products have no derivative: the
+    fp32 path is taken there, and second derivatives equal the fp32 path's."""
+    x, w, b, block, key, grad = make_linear_inputs((6,), 12, 10, 4, None, 0.0)
+    results = []
+    for choice in ("split", "fp32"):
+        monkeypatch.setenv("MISS_EXT_GEMM", choice)
+        xr = x.detach().requires_grad_()
+        br = block.detach().requires_grad_()
+        y = ops.linear(xr, w, b, br, 0.0, None)
+        (gx,) = torch.autograd.grad(y, xr, grad, create_graph=True)
+        (gb,) = torch.autograd.grad(gx.float().square().sum(), br)
+        results.append((gx.detach(), gb))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_auto_keeps_the_fp32_path_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("MISS_EXT_GEMM", raising=False)
+    x, w, b, block, key, grad = make_linear_inputs((8,), 16, 24, 4, None, 0.0)
+    fw = run_linear(x, w, b, block, 0.0, None, grad)[3]
+    assert "miss::tile_add_" in fw and "aten::cat" not in fw
+
+
+def test_other_dtypes_never_take_the_split_path(monkeypatch):
+    """fp32 and fp16 layers, and a bf16 block, keep their own GEMMs even when split is asked for."""
+    monkeypatch.setenv("MISS_EXT_GEMM", "split")
+    for xdt, bdt in ((torch.float32, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        x = torch.randn(8, 16, dtype=xdt)
+        w = torch.randn(24, 16, dtype=xdt)
+        block = torch.randn(4, 24, dtype=bdt)
+        fw = op_names(lambda: ops.linear(x, w, None, block, 0.0, None))
+        assert "aten::cat" not in fw, (xdt, bdt)
+
+
+@pytest.mark.parametrize("variable,value,call", [
+    ("MISS_EXT_GEMM", "fast",
+     lambda: ops.linear(torch.randn(4, 8).bfloat16(), torch.randn(6, 8).bfloat16(), None, torch.randn(2, 6), 0.0, None)),
+    ("MISS_EXT_BAT_TRANSFORM", "gpu", lambda: ops.bat_weight(torch.randn(8, 8), torch.zeros(4, 2, 2), None)),
+])
+def test_an_unknown_choice_raises_naming_it(variable, value, call, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=rf"{variable}.*'{value}'"):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
+# bat: the batched GEMM against the kernel and the float64 reference
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bat_gemm_matches_the_kernel_and_the_reference(dtype, monkeypatch):
+    r, fout, fin = 4, 12, 20
+    w = torch.randn(fout, fin, dtype=dtype)
+    block = torch.randn(fout // r, r, r) * 0.1
+    results = {}
+    for choice in ("kernel", "gemm"):
+        monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", choice)
+        out = {}
+        names = op_names(lambda: out.update(w=ops.bat_weight(w, block, None)))
+        assert ("aten::bmm" in names) == (choice == "gemm"), sorted(names)
+        results[choice] = out["w"]
+    ref = bat_weight_ref(w, block)
+    for choice, wp in results.items():
+        assert wp.dtype == torch.float32  # the block's dtype (computed in float64 for a float64 weight)
+        assert rel_err(wp, ref) <= 2e-6, choice
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "gemm")
+    if dtype == torch.float64:  # float64 throughout
+        assert rel_err(ops.bat_weight(w, block.double(), None), ref) <= 1e-13
+    # the GEMM's output rounded once to a half-precision compute dtype
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "gemm")
+    wp16 = ops.bat_weight(w, block, torch.bfloat16)
+    assert wp16.dtype == torch.bfloat16
+    assert_within_ulp(wp16, ref, "bf16 W'")
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bat_gemm_merges_and_unmerges_in_place(contiguous, monkeypatch):
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "gemm")
+    r = 4
+    w0 = torch.randn(16, 24) if contiguous else torch.randn(24, 16).t()
+    block = torch.randn(4, r, r) * 0.1
+    w = w0.clone()
+    ops.merge_(w, block, False)
+    assert rel_err(w, bat_weight_ref(w0, block)) <= 2e-6
+    ops.merge_(w, block, True)
+    assert rel_err(w, w0) <= 1e-5
+    assert w.stride() == w0.stride()
+
+
+def test_bat_linear_gradients_with_the_gemm(monkeypatch):
+    x = torch.randn(7, 12, dtype=F64, requires_grad=True)
+    w = torch.randn(8, 12, dtype=F64, requires_grad=True)
+    block = (torch.randn(2, 4, 4, dtype=F64) * 0.1).requires_grad_()
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "gemm")
+    names = op_names(lambda: torch.autograd.gradcheck(lambda *a: ops.bat_linear(*a, None), (x, w, None, block)))
+    assert "aten::bmm" in names
+
+
+@pytest.mark.parametrize("lead,bias", [((11,), True), ((2, 5), False), ((0,), True)])
+def test_bat_linear_split_matches_the_float64_reference(lead, bias, monkeypatch, matmul_precision):
+    """A bf16 bat layer at PEFT's precision (fp32 block, so W' and the GEMM in fp32): with
+    MISS_EXT_GEMM=split, x W'^T and every gradient product run on bf16 parts; as accurate as the
+    fp32 path."""
+    matmul_precision("highest")
+    r, fout, fin = 4, 16, 24
+    x = torch.randn(*lead, fin).bfloat16()
+    w = (torch.randn(fout, fin) / fin ** 0.5).bfloat16()
+    b = torch.randn(fout).bfloat16() if bias else None
+    block = torch.randn(fout // r, r, r) * 0.1
+    grad = torch.randn(*lead, fout).bfloat16()
+    results = {}
+    for choice in ("split", "fp32"):
+        monkeypatch.setenv("MISS_EXT_GEMM", choice)
+        xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), block.clone().requires_grad_()
+        out = {}
+        fw = op_names(lambda: out.update(y=ops.bat_linear(xr, wr, b, br, None)))
+        bw = op_names(lambda: out["y"].backward(grad))
+        if x.numel():
+            assert ("aten::cat" in fw and "aten::cat" in bw) == (choice == "split"), (choice, sorted(fw), sorted(bw))
+        results[choice] = (out["y"], xr.grad, wr.grad, br.grad)
+    # float64 reference: y = x W'^T + b, gradients by autograd
+    x64, w64, b64 = x.to(F64).requires_grad_(), w.to(F64).requires_grad_(), block.to(F64).requires_grad_()
+    y64 = x64 @ bat_weight_ref(w64, b64).t() + (b.to(F64) if bias else 0)
+    y64.backward(grad.to(F64))
+    for name, got, fp32, want in zip(("y", "dx", "dW", "dblock"), results["split"], results["fp32"],
+                                     (y64.detach(), x64.grad, w64.grad, b64.grad)):
+        if name in ("y", "dx", "dW"):  # rounded once to bf16
+            assert_within_ulp(got, want, name)
+            assert_within_ulp(got, fp32, name + " split vs fp32")
+        else:
+            assert rel_err(got, want) <= max(4 * rel_err(fp32, want), 1e-6), name
+
+
+# ----------------------------------------------------------------------------------------------
+# a GPU: "auto" takes the split and GEMM paths there, and agrees with the CPU
+# ----------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+
+
+@needs_gpu
+@pytest.mark.parametrize("lead,fin,fout,r,mini_r,p", CASES)
+def test_cuda_auto_linear_matches_the_cpu(lead, fin, fout, r, mini_r, p, monkeypatch, matmul_precision):
+    matmul_precision("highest")
+    monkeypatch.delenv("MISS_EXT_GEMM", raising=False)
+    x, w, b, block, key, grad = make_linear_inputs(lead, fin, fout, r, mini_r, p)
+    y, dx, dblock, fw, _ = run_linear(x, w, b, block, p, key, grad)
+    cuda = [t.cuda() if t is not None else None for t in (x, w, b, block, key, grad)]
+    yc, dxc, dblockc, fwc, _ = run_linear(*cuda[:4], p, cuda[4], cuda[5])
+    if x.numel():
+        assert ("aten::cat" in fwc) == (mini_r is None), sorted(fwc)  # split for the default mode
+    assert_within_ulp(yc.cpu(), y, "y cuda vs cpu")
+    assert_within_ulp(dxc.cpu(), dx, "dx cuda vs cpu")
+    assert rel_err(dblockc.cpu(), dblock) <= 1e-5
+
+
+@needs_gpu
+def test_cuda_auto_bat_uses_the_gemm_and_matches_the_cpu(monkeypatch):
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM", raising=False)
+    w = torch.randn(64, 96)
+    block = torch.randn(8, 8, 8) * 0.1
+    out = {}
+    names = op_names(lambda: out.update(w=ops.bat_weight(w.cuda(), block.cuda(), None)))
+    assert "aten::bmm" in names
+    assert rel_err(out["w"].cpu(), bat_weight_ref(w, block)) <= 1e-5  # TF32 off by default
+
+
+# (rows, in, r): r below, at and above a vector's width, r = 32 and 256 vectors' worth, r > in,
+# in not a multiple of the vector width (scalar loads), a single row, many rows.
+FOLD_SHAPES = [(5, 64, 1), (7, 96, 2), (9, 200, 4), (33, 256, 8), (12, 4096, 64), (3, 512, 256), (4, 8, 64),
+               (6, 100, 16), (1, 4096, 32), (4000, 128, 64)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_cuda_fold_kernels_match_the_cpu(kernel, dtype, p, misaligned, monkeypatch):
+    """Every CUDA fold kernel that MISS_EXT_FOLD_KERNEL can force, against the CPU kernel with the
+    same dropout key; the kernel that ran is read from the profiler's CUDA kernel names."""
+    monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+    ran = set()
+    for rows, fin, r in FOLD_SHAPES:
+        buf = torch.randn(rows * fin + 1, dtype=torch.float64).to(dtype)
+        x = (buf[1:] if misaligned else buf[:-1]).view(rows, fin)
+        key = miss_ext.new_dropout_key("cpu") if p else None
+        out_dtype = torch.float32 if dtype != torch.float64 else dtype
+        want = ops.fold(x, r, p, key, out_dtype)
+        xc = (buf.cuda()[1:] if misaligned else buf.cuda()[:-1]).view(rows, fin)
+        got = {}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got["s"] = ops.fold(xc, r, p, key.cuda() if key is not None else None, out_dtype)
+            torch.cuda.synchronize()
+        ran |= {e.name for e in prof.events() if "fold" in e.name}
+        scale = x.abs().to(F64).sum(1, keepdim=True).max().item() / max(1, fin // r)
+        assert torch.allclose(got["s"].cpu().to(F64), want.to(F64), rtol=1e-5, atol=1e-6 * scale + 1e-30), (rows, fin, r)
+    expected = {"columns": "fold_kernel", "rows": "fold_rows_kernel", "warp": "fold_warp_kernel"}[kernel]
+    assert any(f"::{expected}<" in name for name in ran), ran  # demangled: "void miss_ext::(...)::fold_kernel<...>(...)"
+
+
+@needs_gpu
+def test_cuda_auto_bat_linear_matches_the_cpu(monkeypatch, matmul_precision):
+    """bf16 bat layer, fp32 block: CUDA's "auto" (W' by the batched GEMM, products on bf16 parts)
+    against the CPU's (kernel, fp32 GEMMs)."""
+    matmul_precision("highest")
+    monkeypatch.delenv("MISS_EXT_GEMM", raising=False)
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM", raising=False)
+    x = torch.randn(37, 96).bfloat16()
+    w = (torch.randn(64, 96) / 10).bfloat16()
+    b = torch.randn(64).bfloat16()
+    block = torch.randn(8, 8, 8) * 0.1
+    grad = torch.randn(37, 64).bfloat16()
+    results = []
+    for device in ("cpu", "cuda"):
+        xr, wr, br = (t.to(device).requires_grad_() for t in (x, w, block))
+        out = {}
+        names = op_names(lambda: out.update(y=ops.bat_linear(xr, wr, b.to(device), br, None)))
+        out["y"].backward(grad.to(device))
+        if device == "cuda":
+            assert "aten::cat" in names and "aten::bmm" in names, sorted(names)
+        results.append([t.detach().cpu() for t in (out["y"], xr.grad, wr.grad, br.grad)])
+    for name, got, want in zip(("y", "dx", "dW"), results[1][:3], results[0][:3]):
+        assert_within_ulp(got, want, name)
+    assert rel_err(results[1][3], results[0][3]) <= 1e-5
