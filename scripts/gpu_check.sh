@@ -8,6 +8,7 @@
 #
 #   bash scripts/gpu_wheels.sh          # HERE, before the call: wheels the GPU machine lacks -> .whl/
 #   run(command="bash scripts/gpu_check.sh --tests-only", carry=[".whl"])      # on the GPU machine
+#   run(command="bash scripts/gpu_check.sh --bench-only", carry=[".whl"])      # then the benchmarks
 #
 # Crashes: the suite runs under pytest-xdist (installed there), whose workers are processes. A test
 # that kills its worker (a segfault, an abort) is reported as a failure naming the test, a new
@@ -20,7 +21,9 @@ OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BENCH=1
+TESTS=1
 [ "${1:-}" = "--tests-only" ] && BENCH=0
+[ "${1:-}" = "--bench-only" ] && TESTS=0   # a second call on a warm machine: the build is kept
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="$(nproc)"   # the CMake library test builds with it too
 
@@ -50,25 +53,34 @@ grep -E "FOREIGN|cxx_runtime" "$OUT/cxx_runtime.txt" | head -4
 "$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py -k "fresh_process or foreign or private" \
   2>&1 | tee "$OUT/probe.log" | tail -3
 
-XDIST=()
-if "$PY" -c "import xdist" 2>/dev/null; then
-  XDIST=(-n 8 --max-worker-restart=1000)
+tests_rc=0
+if [ "$TESTS" = 1 ]; then
+  XDIST=()
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n 8 --max-worker-restart=1000)
+  fi
+  TIMEOUT=()
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    TIMEOUT=(--timeout=900)
+  fi
+  start=$(date +%s)
+  "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/junit.xml" -rfE tests \
+    >"$OUT/pytest.log" 2>&1
+  tests_rc=$?
+  echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"
+  # Crashed tests (xdist: "worker 'gwN' crashed while running 'tests/...'") and failures, by name.
+  {
+    echo "pytest rc=$tests_rc; $(tail -1 "$OUT/pytest.log")"
+    grep -E "crashed while running|^FAILED|^ERROR" "$OUT/pytest.log" | sort -u | head -200
+    if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
+  } | tee "$OUT/summary.txt"
+  # The warp-per-row fold kernel (issue 11) has never run anywhere before a GPU session: memcheck it.
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_impl_choice.py -k "fold_kernels and warp" >"$OUT/memcheck_fold_warp.log" 2>&1
+    echo "memcheck fold_warp_kernel: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fold_warp.log" | tail -2 | tr '\n' ' '))"
+  fi
 fi
-TIMEOUT=()
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-  TIMEOUT=(--timeout=900)
-fi
-start=$(date +%s)
-"$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/junit.xml" -rfE tests \
-  >"$OUT/pytest.log" 2>&1
-tests_rc=$?
-echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"
-# Crashed tests (xdist: "worker 'gwN' crashed while running 'tests/...'") and failures, by name.
-{
-  echo "pytest rc=$tests_rc; $(tail -1 "$OUT/pytest.log")"
-  grep -E "crashed while running|^FAILED|^ERROR" "$OUT/pytest.log" | sort -u | head -200
-  if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
-} | tee "$OUT/summary.txt"
 
 if [ "$BENCH" = 1 ]; then
   "$PY" bench/bench_linear.py --preset gpu --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.md" | grep -E "^\||^##|^- " | head -60
@@ -87,5 +99,5 @@ if [ "$BENCH" = 1 ]; then
 fi
 
 echo
-echo "summary: tests rc=$tests_rc ($(tail -1 "$OUT/pytest.log"))"
+[ "$TESTS" = 1 ] && echo "summary: tests rc=$tests_rc ($(tail -1 "$OUT/pytest.log"))"
 exit "$tests_rc"

@@ -63,11 +63,13 @@ int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
 }
 
 // The hand-written backend kernel or the batched GEMM (bat_gemm.cpp). Under "auto" the GEMM on
-// CUDA, where issue 11 measured the kernel at 0.04 of copy bandwidth and the GEMM 1.5x faster;
-// the kernel on the CPU, where it is the faster one.
-BatKernel pick_bat_kernel(BatKernel backend_kernel, const at::Tensor& w) {
+// CUDA for a new W' (bat_weight, forward and backward), where issue 11 measured the kernel at 0.04
+// of copy bandwidth and the GEMM 1.5x faster; the kernel for the in-place merge and unmerge, whose
+// fp32 round trip it keeps exact where a GEMM would follow torch's TF32 setting; the kernel on
+// the CPU, where it is the faster one.
+BatKernel pick_bat_kernel(BatKernel backend_kernel, const at::Tensor& w, bool in_place) {
   const int picked = bat_transform_choice();
-  const bool gemm = picked == choice::kAuto ? w.is_cuda() : picked == choice::kGemm;
+  const bool gemm = picked == choice::kAuto ? w.is_cuda() && !in_place : picked == choice::kGemm;
   return gemm ? &bat_kernel_gemm : backend_kernel;
 }
 
@@ -86,7 +88,7 @@ at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::T
   const bool native = out_dtype == w.scalar_type() || out_dtype == m.scalar_type();
   const at::Tensor w2 = w.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(native ? out_dtype : m.scalar_type()));
-  if (w.numel() > 0) pick_bat_kernel(kernel, w)(w2, out, m.contiguous(), p.contiguous());
+  if (w.numel() > 0) pick_bat_kernel(kernel, w, /*in_place=*/false)(w2, out, m.contiguous(), p.contiguous());
   return native ? out : out.to(out_dtype);
 }
 
@@ -94,7 +96,7 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
   check_bat_transform_args(w, m, p);
   TORCH_CHECK_VALUE(!w.is_alias_of(m) && !w.is_alias_of(p), "miss: bat_transform_ m and p must not share memory with w");
   if (w.numel() == 0) return;
-  kernel = pick_bat_kernel(kernel, w);
+  kernel = pick_bat_kernel(kernel, w, /*in_place=*/true);
   if (w.is_contiguous()) {
     kernel(w, w, m.contiguous(), p.contiguous());
   } else {

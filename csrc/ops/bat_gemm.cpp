@@ -6,8 +6,9 @@
 // The GEMM runs in M's dtype (fp32 or fp64, as the hand-written kernels accumulate), so torch's
 // float32 matmul precision (TF32) applies to it as it does to PEFT's fp32 bat matmul. Issue 11
 // measured this composition on an H200 at 0.26 ms (fp32) against the CUDA kernel's 0.40 ms for a
-// 4096 x 4096 weight; on the CPU the hand-written kernel is faster (bench/RESULTS.md), so
-// bat.cpp picks this one on CUDA only (impl_choice.h).
+// 4096 x 4096 weight; on the CPU the hand-written kernel is faster (issue 11's CPU measurement:
+// 3.99 ms against 4.31 ms at 2048 x 2048, r = 64), so bat.cpp picks this one on CUDA only, and
+// only for a new W' (impl_choice.h).
 #include <ATen/ATen.h>
 
 #include "kernels.h"
@@ -16,9 +17,16 @@ namespace miss_ext {
 
 void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
   const int64_t in = w.size(1), blocks = m.size(0), r = m.size(1);
-  // A new tensor, so `out` may be `w` (in-place merge): w is not read after this line.
-  const at::Tensor prod = at::bmm(w.to(m.scalar_type()).view({blocks, in, r}), m);
+  const at::Tensor w3 = w.to(m.scalar_type()).view({blocks, in, r});
   at::Tensor out4 = out.view({blocks, r, in / r, r});
+  if (out.scalar_type() == m.scalar_type() && !out.is_alias_of(w)) {
+    at::Tensor out3 = out.view({blocks, in, r});
+    at::bmm_out(out3, w3, m);  // straight into out
+    out4.add_(p.view({blocks, r, 1, r}));
+    return;
+  }
+  // A new tensor, so `out` may be `w` (in-place merge): w is not read after this line.
+  const at::Tensor prod = at::bmm(w3, m);
   // + P, and one rounding to out's dtype (add_out computes in the inputs' dtype and casts).
   at::add_out(out4, prod.view({blocks, r, in / r, r}), p.view({blocks, r, 1, r}));
 }

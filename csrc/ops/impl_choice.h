@@ -7,8 +7,12 @@
 //   MISS_EXT_GEMM          = auto | fp32 | split          the fp32 GEMMs of bf16 layers (split_gemm.h)
 //   MISS_EXT_BAT_TRANSFORM = auto | kernel | gemm         the bat transform (bat.cpp)
 //   MISS_EXT_FOLD_KERNEL   = auto | columns | rows | warp the CUDA fold kernel (cuda/shard_kernels.cu)
-// The variable is read each time an op runs (eager) or is traced (torch.compile, export: the
-// choice is then part of the graph). An unknown value raises ValueError naming it.
+// The variable is read each time an op runs eagerly or is traced (torch.compile, export). A traced
+// graph keeps the choice it was traced with, and torch's compile caches (in memory and on disk)
+// do not key on these variables: set them before the process compiles anything, and clear the
+// caches to compare choices under torch.compile. They are tuning and testing knobs, read with
+// std::getenv (not safe against another thread writing os.environ at the same moment). An unknown
+// value raises ValueError naming it.
 #pragma once
 
 namespace miss_ext {

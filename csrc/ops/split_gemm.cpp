@@ -11,14 +11,24 @@
 namespace miss_ext {
 namespace {
 
-// The bf16 parts of fp32 t, largest first.
+// t with the low 16 bits of every fp32 value cleared: sign, exponent and the top 7 mantissa bits,
+// a value bf16 holds exactly. By bit masking, not by rounding through bf16: torch.compile
+// (Inductor) keeps bf16 intermediates in fp32 and would fold t - float(bf16(t)) to zero.
+at::Tensor bf16_head(const at::Tensor& t) {
+  return at::bitwise_and(t.view(at::kInt), static_cast<int64_t>(static_cast<int32_t>(0xFFFF0000u))).view(at::kFloat);
+}
+
+// The bf16 parts of fp32 t, largest first. Each but the last is the head of what is left, so each
+// subtraction is exact; the last is rounded. Three parts hold all 24 bits of t.
 std::vector<at::Tensor> split_bf16(const at::Tensor& t, int parts) {
   std::vector<at::Tensor> out;
   at::Tensor rest = t;
-  for (int i = 0; i < parts; ++i) {
-    out.push_back(rest.to(at::kBFloat16));
-    if (i + 1 < parts) rest = rest - out.back().to(at::kFloat);  // exact in fp32
+  for (int i = 0; i + 1 < parts; ++i) {
+    const at::Tensor head = bf16_head(rest);
+    out.push_back(head.to(at::kBFloat16));  // exact
+    rest = rest - head;                      // exact
   }
+  out.push_back(rest.to(at::kBFloat16));
   return out;
 }
 
@@ -30,13 +40,17 @@ at::Tensor mm_bf16_float(const at::Tensor& a, const at::Tensor& b) {
 }
 
 int split_parts() {
-  switch (at::globalContext().float32MatmulPrecision()) {
-    case at::Float32MatmulPrecision::HIGHEST:
-      return 3;
-    case at::Float32MatmulPrecision::HIGH:
+  // torch's setting for fp32 matmuls on CUDA, the device this path is for (read on the CPU too, by
+  // the tests that run it there). set_float32_matmul_precision("high") and ("medium") both map to
+  // TF32 on CUDA, and the newer torch.backends.cuda.matmul.fp32_precision sets it directly; the
+  // legacy float32MatmulPrecision() getter raises once the two APIs are mixed, so it is not used.
+  switch (at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
+    case at::Float32Precision::TF32:
       return 2;
-    default:
+    case at::Float32Precision::BF16:
       return 1;
+    default:
+      return 3;  // IEEE (torch's default)
   }
 }
 

@@ -3,23 +3,28 @@
 // whole bat GEMM x W'^T with its gradients. Run as fp32 GEMMs these are SIMT (or TF32) and, for
 // default mode, need fp32 (rows, out) temporaries.
 //
-// An fp32 matrix A splits into bf16 parts A = A_0 + A_1 + ... : A_0 = bf16(A), A_1 = bf16(A - A_0),
-// ... Each subtraction is exact in fp32 and each part carries the next 8 significant bits (9 with
-// the sign of the rounding), so three parts hold all 24 bits of an fp32 value. The products of
-// the parts are exact in the tensor cores and accumulate in fp32. Hence:
+// An fp32 matrix A splits into bf16 parts A = A_0 + A_1 + ...: A_0 is A with the low 16 bits of
+// each value cleared (exact in bf16), A_1 the same of A - A_0, and so on; the last part is rounded
+// to bf16. Each subtraction is exact in fp32, and each part carries the next 8 significant bits, so
+// three parts hold all 24 bits of an fp32 value. The products of the parts are exact in the tensor
+// cores and accumulate in fp32. Hence:
 //   - bf16 G times an fp32 operand split into 3 parts is an fp32 GEMM (up to summation order);
 //   - two fp32 operands: the products A_i B_j with i + j < 3 (six) leave out terms below
 //     2^-24 |A||B|, an fp32 GEMM's own rounding.
-// The number of parts follows torch's float32 matmul precision, which a user sets for exactly
-// this trade: "highest" 3 (fp32), "high" 2 (relative error ~2^-16, better than TF32's 2^-11),
-// "medium" 1 (bf16 operands, fp32 accumulation).
-// Limits: a value whose bf16 rounding overflows (|v| > 3.39e38) or an infinite one gives NaN
-// where fp32 would give inf; parts below bf16's normal range (1e-38) may be flushed. Neither
-// occurs in finite, unscaled activations.
+// The number of parts follows torch's fp32 matmul precision on CUDA, the setting a user changes
+// for exactly this trade: "ieee" (set_float32_matmul_precision("highest"), the default) 3, as
+// accurate as fp32; "tf32" ("high" or "medium") 2 (relative error below 2^-16, better than TF32's
+// 2^-11); "bf16" 1 (bf16 operands, fp32 accumulation).
+// Limits: an infinite value gives NaN where fp32 would give inf (inf - inf); parts below bf16's
+// normal range (below about 7.7e-34 for the third part) may be flushed to zero by the tensor
+// cores, an absolute error below 2^-134. y += a b is rounded once in the GEMM's epilogue unless
+// cuBLAS splits K and reduces in bf16 (torch.backends.cuda.matmul.allow_bf16_reduced_precision_
+// reduction), which a K of 6 r does not call for.
 //
-// Every step is an ATen call (dispatcher, so torch.compile records it). On CUDA the bf16 GEMMs
-// write fp32 directly (aten::mm.dtype); elsewhere the bf16 operands are widened to fp32 first:
-// the same arithmetic (bf16 values are exact in fp32), which lets the CPU tests check this path.
+// Every step is an ATen call (dispatcher, so torch.compile records it; the parts are cut by bit
+// masks, which Inductor keeps exact). On CUDA the bf16 GEMMs write fp32 directly
+// (aten::mm.dtype); elsewhere the bf16 operands are widened to fp32 first: the same arithmetic
+// (bf16 values are exact in fp32), which lets the CPU tests check this path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
