@@ -74,11 +74,13 @@ if [ "$TESTS" = 1 ]; then
     grep -E "crashed while running|^FAILED|^ERROR" "$OUT/pytest.log" | sort -u | head -200
     if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
   } | tee "$OUT/summary.txt"
-  # The warp-per-row fold kernel (issue 11) has never run anywhere before a GPU session: memcheck it.
+  # The warp-per-row fold and 2-D tile_add kernels (issue 11) never ran before a GPU session:
+  # memcheck them (no shared memory, so no racecheck).
   if command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_impl_choice.py -k "fold_kernels and warp" >"$OUT/memcheck_fold_warp.log" 2>&1
-    echo "memcheck fold_warp_kernel: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_fold_warp.log" | tail -2 | tr '\n' ' '))"
+      tests/test_impl_choice.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d)" \
+      >"$OUT/memcheck_new_kernels.log" 2>&1
+    echo "memcheck new kernels: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
   fi
 fi
 

@@ -423,6 +423,46 @@ def _fold_on_both(rows, fin, r, dtype, p, misaligned):
     return got, want, scale
 
 
+# (rows, cols, src rows, src cols): the linear's dx (src per row, q = r), mini's forward (q = mini_r
+# not a multiple of a vector), merge (src rows tile out's rows), odd columns (scalar loads), rows
+# beyond one grid's 65535 * 8 (the 2-D kernel's row loop), one row.
+TILE_SHAPES = [(37, 96, 37, 16), (33, 120, 33, 20), (64, 48, 8, 12), (9, 27, 9, 5), (600_000, 8, 600_000, 4),
+               (1, 4096, 1, 64)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["flat", "grid2d"])
+@pytest.mark.parametrize("dtype,src_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, misaligned, monkeypatch):
+    """Every CUDA tile_add kernel that MISS_EXT_TILE_ADD_KERNEL can force, against the CPU kernel
+    with the same key and alpha; the kernel that ran is read from the profiler."""
+    monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+    checks = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for rows, cols, prow, q in TILE_SHAPES:
+            buf = torch.randn(rows * cols + 1, dtype=torch.float64).to(dtype)
+            src = torch.randn(prow, q, dtype=torch.float64).to(src_dtype)
+            key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
+            pp = p if key is not None else 0.0  # dropout is for per-row sources (tile_add's contract)
+            want = (buf[1:] if misaligned else buf[:-1]).view(rows, cols).clone()
+            ops.tile_add_(want, src, -0.5, pp, key)
+            cbuf = buf.cuda()
+            got = (cbuf[1:] if misaligned else cbuf[:-1]).view(rows, cols)
+            ops.tile_add_(got, src.cuda(), -0.5, pp, key.cuda() if key is not None else None)
+            checks.append((got, want))
+        torch.cuda.synchronize()
+    # One sum in fp32 (fp64) and one rounding on both; nvcc may contract it into an FMA, so allow
+    # a last-bit difference (operands are of order 1).
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    for (rows, cols, prow, q), (got, want) in zip(TILE_SHAPES, checks):
+        assert torch.allclose(got.cpu(), want, rtol=tol, atol=4 * tol), (rows, cols, prow, q)
+    expected = {"flat": "tile_add_kernel", "grid2d": "tile_add_2d_kernel"}[kernel]
+    assert any(f"::{expected}<" in e.name for e in prof.events()), {e.name for e in prof.events()}
+
+
 @needs_gpu
 def test_cuda_auto_bat_linear_matches_the_cpu(monkeypatch, matmul_precision):
     """bf16 bat layer, fp32 block: CUDA's "auto" (W' by the batched GEMM, products on bf16 parts)

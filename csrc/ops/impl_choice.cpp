@@ -33,4 +33,6 @@ int bat_transform_choice() { return read_choice("MISS_EXT_BAT_TRANSFORM", {"kern
 
 int fold_kernel_choice() { return read_choice("MISS_EXT_FOLD_KERNEL", {"columns", "rows", "warp"}); }
 
+int tile_add_kernel_choice() { return read_choice("MISS_EXT_TILE_ADD_KERNEL", {"flat", "grid2d"}); }
+
 }  // namespace miss_ext

@@ -7,6 +7,7 @@
 //   MISS_EXT_GEMM          = auto | fp32 | split          the fp32 GEMMs of bf16 layers (split_gemm.h)
 //   MISS_EXT_BAT_TRANSFORM = auto | kernel | gemm         the bat transform (bat.cpp)
 //   MISS_EXT_FOLD_KERNEL   = auto | columns | rows | warp the CUDA fold kernel (cuda/shard_kernels.cu)
+//   MISS_EXT_TILE_ADD_KERNEL = auto | flat | grid2d       the CUDA tile_add kernel (cuda/shard_kernels.cu)
 // The variable is read each time an op runs eagerly or is traced (torch.compile, export). A traced
 // graph keeps the choice it was traced with, and torch's compile caches (in memory and on disk)
 // do not key on these variables: set them before the process compiles anything, and clear the
@@ -21,12 +22,14 @@ namespace miss_ext {
 int gemm_choice();  // 1 fp32, 2 split
 int bat_transform_choice();  // 1 kernel, 2 gemm
 int fold_kernel_choice();  // 1 columns, 2 rows, 3 warp
+int tile_add_kernel_choice();  // 1 flat, 2 grid2d
 
 namespace choice {
 constexpr int kAuto = 0;
 constexpr int kFp32 = 1, kSplit = 2;                     // gemm_choice
 constexpr int kKernel = 1, kGemm = 2;                    // bat_transform_choice
 constexpr int kColumns = 1, kRows = 2, kWarp = 3;        // fold_kernel_choice
+constexpr int kFlat = 1, kGrid2d = 2;                    // tile_add_kernel_choice
 }  // namespace choice
 
 }  // namespace miss_ext

@@ -11,7 +11,8 @@
 //           - fold_warp_kernel: one warp per row for r up to 32 * VEC, reduced by warp shuffles
 //             (taken only when asked for, until a GPU has timed it).
 // tile_add: one thread per 16 bytes of out (read, add, write back). The src rows are small and
-//           stay in cache.
+//           stay in cache. tile_add_2d_kernel: threads own column vectors and walk rows, with no
+//           division per element (taken only when asked for, until a GPU has timed it).
 // Both fall back to a scalar variant (VEC = 1) when sizes or alignment forbid vectors. Indexing is
 // int64, accumulation is float32 (float64 for float64 data), and kernels launch on the current
 // stream under a device guard. Nothing here synchronises with the host.
@@ -275,6 +276,53 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
   }
 }
 
+// tile_add with a 2-D grid: each thread owns column vectors g (blockIdx.x * 256 + threadIdx.x,
+// then + gridDim.x * 256) and walks the rows blockIdx.y, + gridDim.y, ... of each. The vector's
+// offset in a source row (c0 mod q) is computed once per column vector and the source row moves
+// by additions, so no division runs per element. tile_add_kernel above does three 64-bit
+// divisions per 16 bytes (row and group of the flat index, source row, c0 mod q), which fits
+// issue 11's measurement of it at 0.59 of copy bandwidth. Taken only when asked for
+// (MISS_EXT_TILE_ADD_KERNEL=grid2d, impl_choice.h) until a GPU has timed it.
+template <typename out_t, typename src_t, int VEC, bool DROPOUT>
+__global__ void tile_add_2d_kernel(out_t* __restrict__ out, const src_t* __restrict__ src, int64_t rows,
+                                   int64_t cols, int64_t period_rows, int64_t q, double alpha_d,
+                                   DropoutParams dropout) {
+  using acc = acc_t<out_t, src_t>;
+  const DropoutKey key = load_dropout_key(dropout);
+  const acc alpha = static_cast<acc>(alpha_d);
+  const acc scale = static_cast<acc>(key.scale);
+  const int64_t groups = vec_groups(cols, VEC);
+  const int64_t row_step = gridDim.y;
+  const int64_t src_step = tile_row(row_step, period_rows);  // row_step mod period_rows
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c0 = g * VEC;
+    const int64_t j0 = c0 % q;
+    int64_t src_row = tile_row(blockIdx.y, period_rows);
+    for (int64_t row = blockIdx.y; row < rows; row += row_step) {
+      const src_t* sr = src + src_row * q;
+      Vec<out_t, VEC>* op = reinterpret_cast<Vec<out_t, VEC>*>(out + row * cols + c0);
+      Vec<out_t, VEC> v = *op;
+      acc f[VEC];
+      if constexpr (DROPOUT) {
+        keep_factors<acc, VEC>(key, scale, row, c0, f);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) f[k] = acc(1);
+      }
+      int64_t j = j0;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v.v[k] = static_cast<out_t>(static_cast<acc>(v.v[k]) + alpha * f[k] * static_cast<acc>(sr[j]));
+        j = next_mod(j, q);
+      }
+      *op = v;
+      // (row + row_step) mod P from row mod P: both terms are below P, so one subtraction.
+      src_row += src_step;
+      if (src_row >= period_rows) src_row -= period_rows;
+    }
+  }
+}
+
 // at::Half / at::BFloat16 convert to and from float on the device, so kernels use them directly.
 template <typename in_t, typename out_t, int VEC>
 void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
@@ -352,6 +400,28 @@ void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropou
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Rows each thread of tile_add_2d_kernel walks (when there are that many): enough threads to
+// cover the device's memory latency (8192 x 4096 bf16 gives 2 x 1024 blocks of 256 threads), and
+// few enough divisions per element.
+constexpr int64_t kTileRowsPerThread = 8;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename out_t, typename src_t, int VEC, bool DROPOUT>
+void launch_tile_add_as(bool grid2d, out_t* op, const src_t* sp, int64_t rows, int64_t cols, int64_t period_rows,
+                        int64_t q, double alpha, const DropoutParams& dropout, cudaStream_t stream) {
+  const int64_t groups = cols / VEC;
+  if (grid2d) {
+    const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks)),
+                    static_cast<unsigned int>(std::clamp<int64_t>((rows + kTileRowsPerThread - 1) / kTileRowsPerThread, 1,
+                                                                  kMaxGridY)));
+    tile_add_2d_kernel<out_t, src_t, VEC, DROPOUT><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q,
+                                                                                   alpha, dropout);
+  } else {
+    tile_add_kernel<out_t, src_t, VEC, DROPOUT><<<grid_for(rows * groups), kThreads, 0, stream>>>(
+        op, sp, rows, cols, period_rows, q, alpha, dropout);
+  }
+}
+
 template <typename out_t, typename src_t>
 void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout,
                      cudaStream_t stream) {
@@ -361,18 +431,13 @@ void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const
   const src_t* sp = src.const_data_ptr<src_t>();
   const bool vec = cols % kVec == 0 && aligned16(op);
   const bool use_dropout = dropout.threshold != 0;
-  const int64_t total = rows * (vec ? cols / kVec : cols);
-  const unsigned int grid = grid_for(total);
+  const bool grid2d = tile_add_kernel_choice() == choice::kGrid2d;  // "auto": the flat kernel
   if (vec) {
-    if (use_dropout)
-      tile_add_kernel<out_t, src_t, kVec, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
-    else
-      tile_add_kernel<out_t, src_t, kVec, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
+    if (use_dropout) launch_tile_add_as<out_t, src_t, kVec, true>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);
+    else launch_tile_add_as<out_t, src_t, kVec, false>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);
   } else {
-    if (use_dropout)
-      tile_add_kernel<out_t, src_t, 1, true><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
-    else
-      tile_add_kernel<out_t, src_t, 1, false><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q, alpha, dropout);
+    if (use_dropout) launch_tile_add_as<out_t, src_t, 1, true>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);
+    else launch_tile_add_as<out_t, src_t, 1, false>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
