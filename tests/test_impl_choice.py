@@ -12,6 +12,8 @@ a GPU computes except cuBLAS itself. Every test also checks, from the profiler's
 path it asked for was the one taken, so it cannot pass on the other path. The GPU tests at the end
 check "auto" on CUDA against the CPU.
 """
+import os
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -220,7 +222,23 @@ def test_split_stays_exact_under_torch_compile(monkeypatch, matmul_precision, dy
         y.backward(grad)
         return y
 
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        # The split path is what AOTAutograd traced (the bit masks in the forward and backward graphs) ...
+        torch.compile(step, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
+            x, w, b, block.clone().requires_grad_(), grad)
+        targets = [{str(n.target) for n in g.graph.nodes} for g in graphs]
+        assert len(targets) == 2 and all(any("bitwise_and" in t for t in ts) for ts in targets), targets
+        # ... and Inductor keeps its arithmetic exact.
+        torch._dynamo.reset()
         compiled = torch.compile(step, backend="inductor", fullgraph=False)
         br = block.clone().requires_grad_()
         y = compiled(x, w, b, br, grad)
@@ -385,6 +403,33 @@ def test_cuda_auto_bat_uses_the_gemm_and_matches_the_cpu(monkeypatch, matmul_pre
     assert rel_err(out["w"].cpu(), bat_weight_ref(w, block)) <= 1e-5
 
 
+# compute-sanitizer and the profiler's CUPTI do not mix: gpu_check.sh sets this for its memcheck run.
+PROFILE_KERNELS = not os.environ.get("MISS_EXT_TEST_NO_PROFILER")
+
+
+class CudaKernels:
+    """The CUDA kernels launched inside the block, from the profiler (demangled names such as
+    "void miss_ext::(anonymous namespace)::fold_kernel<c10::BFloat16, float, 8, false>(...)")."""
+
+    def __enter__(self):
+        self.prof = profile(activities=[ProfilerActivity.CUDA]) if PROFILE_KERNELS else None
+        if self.prof is not None:
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(*exc)
+
+    def ran(self, kernel):
+        """Whether `kernel` ran (always true when not profiling)."""
+        return self.prof is None or any(f"::{kernel}<" in e.name for e in self.prof.events())
+
+    def names(self):
+        return set() if self.prof is None else {e.name for e in self.prof.events()}
+
+
 # (rows, in, r): r below, at and above a vector's width, r = 32 and 256 vectors' worth, r > in,
 # in not a multiple of the vector width (scalar loads), a single row, many rows.
 FOLD_SHAPES = [(5, 64, 1), (7, 96, 2), (9, 200, 4), (33, 256, 8), (12, 4096, 64), (3, 512, 256), (4, 8, 64),
@@ -400,14 +445,12 @@ def test_cuda_fold_kernels_match_the_cpu(kernel, dtype, p, misaligned, monkeypat
     """Every CUDA fold kernel that MISS_EXT_FOLD_KERNEL can force, against the CPU kernel with the
     same dropout key; the kernel that ran is read from the profiler's CUDA kernel names."""
     monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # one session: each costs time
+    with CudaKernels() as kernels:  # one profiler session: each costs time
         checks = [_fold_on_both(rows, fin, r, dtype, p, misaligned) for rows, fin, r in FOLD_SHAPES]
-        torch.cuda.synchronize()
-    ran = {e.name for e in prof.events() if "fold" in e.name}
     for (rows, fin, r), (got, want, scale) in zip(FOLD_SHAPES, checks):
         assert torch.allclose(got.cpu().to(F64), want.to(F64), rtol=1e-5, atol=1e-6 * scale + 1e-30), (rows, fin, r)
     expected = {"columns": "fold_kernel", "rows": "fold_rows_kernel", "warp": "fold_warp_kernel"}[kernel]
-    assert any(f"::{expected}<" in name for name in ran), ran  # demangled: "void miss_ext::(...)::fold_kernel<...>(...)"
+    assert kernels.ran(expected), kernels.names()
 
 
 def _fold_on_both(rows, fin, r, dtype, p, misaligned):
@@ -425,9 +468,11 @@ def _fold_on_both(rows, fin, r, dtype, p, misaligned):
 
 # (rows, cols, src rows, src cols): the linear's dx (src per row, q = r), mini's forward (q = mini_r
 # not a multiple of a vector), merge (src rows tile out's rows), odd columns (scalar loads), rows
-# beyond one grid's 65535 * 8 (the 2-D kernel's row loop), one row.
+# beyond one grid's reach (the 2-D kernel's row loop), one row; and for the 2-D kernel's source row,
+# kept by additions: 7 source rows wrapping under a row step of 16, 3 under a step that is a
+# multiple of 3, and 1.
 TILE_SHAPES = [(37, 96, 37, 16), (33, 120, 33, 20), (64, 48, 8, 12), (9, 27, 9, 5), (600_000, 8, 600_000, 4),
-               (1, 4096, 1, 64)]
+               (1, 4096, 1, 64), (100, 48, 7, 12), (600_000, 8, 3, 4), (50, 16, 1, 4)]
 
 
 @needs_gpu
@@ -441,7 +486,7 @@ def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, misali
     with the same key and alpha; the kernel that ran is read from the profiler."""
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
     checks = []
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with CudaKernels() as kernels:
         for rows, cols, prow, q in TILE_SHAPES:
             buf = torch.randn(rows * cols + 1, dtype=torch.float64).to(dtype)
             src = torch.randn(prow, q, dtype=torch.float64).to(src_dtype)
@@ -453,14 +498,12 @@ def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, misali
             got = (cbuf[1:] if misaligned else cbuf[:-1]).view(rows, cols)
             ops.tile_add_(got, src.cuda(), -0.5, pp, key.cuda() if key is not None else None)
             checks.append((got, want))
-        torch.cuda.synchronize()
     # One sum in fp32 (fp64) and one rounding on both; nvcc may contract it into an FMA, so allow
     # a last-bit difference (operands are of order 1).
     tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
     for (rows, cols, prow, q), (got, want) in zip(TILE_SHAPES, checks):
         assert torch.allclose(got.cpu(), want, rtol=tol, atol=4 * tol), (rows, cols, prow, q)
-    expected = {"flat": "tile_add_kernel", "grid2d": "tile_add_2d_kernel"}[kernel]
-    assert any(f"::{expected}<" in e.name for e in prof.events()), {e.name for e in prof.events()}
+    assert kernels.ran({"flat": "tile_add_kernel", "grid2d": "tile_add_2d_kernel"}[kernel]), kernels.names()
 
 
 @needs_gpu

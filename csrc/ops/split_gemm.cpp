@@ -44,14 +44,11 @@ int split_parts() {
   // the tests that run it there). set_float32_matmul_precision("high") and ("medium") both map to
   // TF32 on CUDA, and the newer torch.backends.cuda.matmul.fp32_precision sets it directly; the
   // legacy float32MatmulPrecision() getter raises once the two APIs are mixed, so it is not used.
-  switch (at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)) {
-    case at::Float32Precision::TF32:
-      return 2;
-    case at::Float32Precision::BF16:
-      return 1;
-    default:
-      return 3;  // IEEE (torch's default)
-  }
+  // Everything but TF32 (IEEE, or NONE when unset) means no reduced precision: three parts.
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                 at::Float32Precision::TF32
+             ? 2
+             : 3;
 }
 
 bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_rule) {
@@ -71,8 +68,8 @@ void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
       right.push_back(bp[j]);
     }
   }
-  const at::Tensor l = left.size() == 1 ? left[0] : at::cat(left, 1);
-  const at::Tensor r = right.size() == 1 ? right[0] : at::cat(right, 0);
+  const at::Tensor l = at::cat(left, 1);
+  const at::Tensor r = at::cat(right, 0);
   if (y.is_cuda()) {
     y.addmm_(l, r);  // bf16 operands, fp32 accumulation and epilogue, one rounding
   } else {
@@ -82,7 +79,6 @@ void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
-  if (parts == 1) return mm_bf16_float(a.to(at::kBFloat16), b);
   const c10::SymInt& m = a.sym_size(0);
   // (parts * m, k) @ (k, n), then the parts' rows summed.
   const at::Tensor prod = mm_bf16_float(at::cat(split_bf16(a, parts), 0), b);
@@ -91,7 +87,6 @@ at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
-  if (parts == 1) return mm_bf16_float(a, b.to(at::kBFloat16));
   const std::vector<at::Tensor> bp = split_bf16(b, parts);
   const int64_t k = static_size(b, 0), n = static_size(b, 1);
   if (2 * k <= 4 * n) {

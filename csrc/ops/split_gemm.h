@@ -9,17 +9,18 @@
 // three parts hold all 24 bits of an fp32 value. The products of the parts are exact in the tensor
 // cores and accumulate in fp32. Hence:
 //   - bf16 G times an fp32 operand split into 3 parts is an fp32 GEMM (up to summation order);
-//   - two fp32 operands: the products A_i B_j with i + j < 3 (six) leave out terms below
-//     2^-24 |A||B|, an fp32 GEMM's own rounding.
+//     with 2 parts the operand's relative error is below 2^-16;
+//   - two fp32 operands (the forward y += S D): the products A_i B_j with i + j < parts are kept.
+//     The dropped ones are below 2^-21 |A||B| for 3 parts and 2^-14 for 2 (|A_1| < 2^-7 |A|,
+//     |A_2| < 2^-15 |A|), far below the rounding of the bf16 output (2^-9).
 // The number of parts follows torch's fp32 matmul precision on CUDA, the setting a user changes
 // for exactly this trade: "ieee" (set_float32_matmul_precision("highest"), the default) 3, as
-// accurate as fp32; "tf32" ("high" or "medium") 2 (relative error below 2^-16, better than TF32's
-// 2^-11); "bf16" 1 (bf16 operands, fp32 accumulation).
-// Limits: an infinite value gives NaN where fp32 would give inf (inf - inf); parts below bf16's
-// normal range (below about 7.7e-34 for the third part) may be flushed to zero by the tensor
-// cores, an absolute error below 2^-134. y += a b is rounded once in the GEMM's epilogue unless
-// cuBLAS splits K and reduces in bf16 (torch.backends.cuda.matmul.allow_bf16_reduced_precision_
-// reduction), which a K of 6 r does not call for.
+// accurate as fp32; "tf32" ("high" or "medium") 2, better than TF32's 2^-11.
+// Limits: an infinite value gives NaN where fp32 would give inf (inf - inf); a part below fp32's
+// normal range (the third part of values below about 7.7e-34) may be flushed to zero by the
+// tensor cores, an absolute error below 2^-126. y += a b is rounded once in the GEMM's epilogue
+// unless cuBLAS splits K and reduces in bf16 (torch.backends.cuda.matmul.
+// allow_bf16_reduced_precision_reduction), which a K of 6 r does not call for.
 //
 // Every step is an ATen call (dispatcher, so torch.compile records it; the parts are cut by bit
 // masks, which Inductor keeps exact). On CUDA the bf16 GEMMs write fp32 directly
@@ -31,7 +32,7 @@
 
 namespace miss_ext {
 
-// 3, 2 or 1 from torch's float32 matmul precision (highest, high, medium).
+// 3, or 2 when torch allows TF32 for fp32 matmuls on CUDA ("high", "medium", fp32_precision "tf32").
 int split_parts();
 
 // Whether fp32 products with bf16 data take this path: data bf16, the compute dtype fp32, and

@@ -276,8 +276,10 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
   }
 }
 
-// tile_add with a 2-D grid: each thread owns column vectors g (blockIdx.x * 256 + threadIdx.x,
-// then + gridDim.x * 256) and walks the rows blockIdx.y, + gridDim.y, ... of each. The vector's
+// tile_add with 2-D blocks and grid: each thread owns column vectors g (blockIdx.x * blockDim.x +
+// threadIdx.x, then + gridDim.x * blockDim.x) and walks the rows blockIdx.y * blockDim.y +
+// threadIdx.y, then + gridDim.y * blockDim.y, of each. The block is 256 threads, at most as wide as
+// the rows' vectors rounded up to a warp, so narrow rows do not leave threads idle. The vector's
 // offset in a source row (c0 mod q) is computed once per column vector and the source row moves
 // by additions, so no division runs per element. tile_add_kernel above does three 64-bit
 // divisions per 16 bytes (row and group of the flat index, source row, c0 mod q), which fits
@@ -292,13 +294,14 @@ __global__ void tile_add_2d_kernel(out_t* __restrict__ out, const src_t* __restr
   const acc alpha = static_cast<acc>(alpha_d);
   const acc scale = static_cast<acc>(key.scale);
   const int64_t groups = vec_groups(cols, VEC);
-  const int64_t row_step = gridDim.y;
+  const int64_t first_row = blockIdx.y * int64_t(blockDim.y) + threadIdx.y;
+  const int64_t row_step = int64_t(gridDim.y) * blockDim.y;
   const int64_t src_step = tile_row(row_step, period_rows);  // row_step mod period_rows
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c0 = g * VEC;
     const int64_t j0 = c0 % q;
-    int64_t src_row = tile_row(blockIdx.y, period_rows);
-    for (int64_t row = blockIdx.y; row < rows; row += row_step) {
+    int64_t src_row = tile_row(first_row, period_rows);
+    for (int64_t row = first_row; row < rows; row += row_step) {
       const src_t* sr = src + src_row * q;
       Vec<out_t, VEC>* op = reinterpret_cast<Vec<out_t, VEC>*>(out + row * cols + c0);
       Vec<out_t, VEC> v = *op;
@@ -411,11 +414,16 @@ void launch_tile_add_as(bool grid2d, out_t* op, const src_t* sp, int64_t rows, i
                         int64_t q, double alpha, const DropoutParams& dropout, cudaStream_t stream) {
   const int64_t groups = cols / VEC;
   if (grid2d) {
-    const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((groups + kThreads - 1) / kThreads, 1, kMaxBlocks)),
-                    static_cast<unsigned int>(std::clamp<int64_t>((rows + kTileRowsPerThread - 1) / kTileRowsPerThread, 1,
+    int64_t width = 32;  // threads along a row: the vectors of a row, rounded up to a warp, at most 256
+    while (width < groups && width < kThreads) width *= 2;
+    const int64_t height = kThreads / width;
+    const dim3 block(static_cast<unsigned int>(width), static_cast<unsigned int>(height));
+    const int64_t rows_per_block = height * kTileRowsPerThread;
+    const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>((groups + width - 1) / width, 1, kMaxBlocks)),
+                    static_cast<unsigned int>(std::clamp<int64_t>((rows + rows_per_block - 1) / rows_per_block, 1,
                                                                   kMaxGridY)));
-    tile_add_2d_kernel<out_t, src_t, VEC, DROPOUT><<<grid, kThreads, 0, stream>>>(op, sp, rows, cols, period_rows, q,
-                                                                                   alpha, dropout);
+    tile_add_2d_kernel<out_t, src_t, VEC, DROPOUT><<<grid, block, 0, stream>>>(op, sp, rows, cols, period_rows, q,
+                                                                                alpha, dropout);
   } else {
     tile_add_kernel<out_t, src_t, VEC, DROPOUT><<<grid_for(rows * groups), kThreads, 0, stream>>>(
         op, sp, rows, cols, period_rows, q, alpha, dropout);
