@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import interleaved_medians  # noqa: E402
+from measure import environment, interleaved_medians  # noqa: E402
 
 import miss_ext  # noqa: E402,F401  (registers torch.ops.miss)
 
@@ -41,15 +41,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def with_env(variable, value, fn):
     """fn, run with os.environ[variable] = value (auto: unset)."""
     def run():
-        old = os.environ.pop(variable, None)
-        if value != "auto":
-            os.environ[variable] = value
-        try:
+        with environment({variable: None if value == "auto" else value}):
             fn()
-        finally:
-            os.environ.pop(variable, None)
-            if old is not None:
-                os.environ[variable] = old
     return run
 
 

@@ -111,6 +111,8 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import environment  # noqa: E402
 
 MISS_ERR = None
 try:
@@ -276,22 +278,9 @@ def clear_grads(case, x):
         q.grad = None
 
 
-class case_env:
+def case_env(mod):
     """The case's environment (VARIANT_ENV) around a forward and its backward."""
-
-    def __init__(self, mod):
-        self.env = getattr(mod, "_bench_env", {})
-
-    def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environment(getattr(mod, "_bench_env", {}))
 
 
 def fwd_bwd(mod, x, g):

@@ -12,11 +12,13 @@ free of PyTorch's CPU allocator, including those inside the miss kernels; the pe
 running sum of created minus destroyed bytes. CUDA: torch.cuda.max_memory_allocated around the
 call. The result the call returns counts (it is alive at the end).
 """
+import contextlib
 import json
+import os
 import random
 import statistics
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -100,3 +102,23 @@ def report(result: dict, digits: int, json_path=None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _set_environment(values: Dict[str, Optional[str]]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@contextlib.contextmanager
+def environment(overrides: Dict[str, Optional[str]]):
+    """os.environ with `overrides` applied (None: unset) inside the block, restored after: the
+    MISS_EXT_* implementation choices are read by the ops at each call (csrc/ops/impl_choice.h)."""
+    old = {k: os.environ.get(k) for k in overrides}
+    try:
+        _set_environment(overrides)
+        yield
+    finally:
+        _set_environment(old)

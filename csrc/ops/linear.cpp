@@ -95,6 +95,8 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   if (!g.is_contiguous()) g = g.contiguous();
 
   if (needs[0] || needs[3]) {
+    // dD (block's shape) and dS = G D^T (rows, r), the latter broadcast into dx below.
+    at::Tensor adj;
     // The split products have no derivative: a recorded backward (create_graph=True) takes the
     // fp32 path.
     if (!at::GradMode::is_enabled() && use_split(g, block, tiled)) {
@@ -103,11 +105,7 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
         const at::Tensor gd = mm_split_left(s.t(), g);  // S^T G, (r, out)
         grads.block = tiled ? ops::fold(gd, mini_r, 0.0, std::nullopt, block.scalar_type()) : gd;
       }
-      if (needs[0]) {
-        at::Tensor gx = at::mm(g, weight);
-        ops::tile_add_(gx, mm_split_right(g, full_block(block, weight).t()), 1.0, p, key);  // + tile(G D^T)
-        grads.x = gx.view_symint(with_last(grad_y, in));
-      }
+      if (needs[0]) adj = mm_split_right(g, full_block(block, weight).t());
     } else {
       // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.
       const at::Tensor gf = tiled ? ops::fold(g, mini_r, 0.0, std::nullopt, block.scalar_type())
@@ -115,18 +113,18 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
       // Operand layouts chosen for BLAS: (Gf^T S)^T and Gf (D^T contiguous) measured 20% and 10%
       // faster than S^T Gf and Gf D^T on the CPU (MKL; bench/RESULTS.md has the setting).
       if (needs[3]) grads.block = at::mm(gf.t(), s).t();
-      if (needs[0]) {
-        at::Tensor gx = at::mm(g, weight);                 // base part, x's dtype
-        const at::Tensor adj = at::mm(gf, block.t().contiguous());
-        // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
-        // backward is being recorded (create_graph=True), which an in-place op could not be.
-        if (at::GradMode::is_enabled()) {
-          gx = ops::tile_add(gx, adj, 1.0, p, key);
-        } else {
-          ops::tile_add_(gx, adj, 1.0, p, key);
-        }
-        grads.x = gx.view_symint(with_last(grad_y, in));
+      if (needs[0]) adj = at::mm(gf, block.t().contiguous());
+    }
+    if (needs[0]) {
+      at::Tensor gx = at::mm(g, weight);  // base part, x's dtype
+      // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
+      // backward is being recorded (create_graph=True), which an in-place op could not be.
+      if (at::GradMode::is_enabled()) {
+        gx = ops::tile_add(gx, adj, 1.0, p, key);
+      } else {
+        ops::tile_add_(gx, adj, 1.0, p, key);
       }
+      grads.x = gx.view_symint(with_last(grad_y, in));
     }
   }
   if (needs[1]) {

@@ -114,6 +114,27 @@ __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, i
   }
 }
 
+// sum[k] += dropout(x)[row, c*VEC + k] over the vectors c = first, first + step, ... below chunks
+// of the row starting at xr (16-byte loads). The loop of fold_rows_kernel and fold_warp_kernel.
+template <typename in_t, typename acc, int VEC, bool DROPOUT>
+__device__ __forceinline__ void accumulate_vectors(const in_t* __restrict__ xr, int64_t row, int64_t first,
+                                                   int64_t step, int64_t chunks, const DropoutKey& key, acc scale,
+                                                   acc (&sum)[VEC]) {
+#pragma unroll 4
+  for (int64_t c = first; c < chunks; c += step) {
+    const Vec<in_t, VEC> v = *reinterpret_cast<const Vec<in_t, VEC>*>(xr + c * VEC);
+    if constexpr (DROPOUT) {
+      acc f[VEC];
+      keep_factors<acc, VEC>(key, scale, row, c * VEC, f);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]) * f[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]);
+    }
+  }
+}
+
 // fold with one block of kThreads threads per row (grid-stride over rows). Preconditions: r is a
 // power of two with r <= kThreads * VEC; for VEC > 1, in % VEC == 0 and x is 16-byte aligned.
 // Thread t loads the vectors c = t, t + kThreads, ... of the row (columns c*VEC .. c*VEC+VEC-1;
@@ -140,19 +161,7 @@ __global__ void fold_rows_kernel(const in_t* __restrict__ x, out_t* __restrict__
     Vec<acc, VEC> sum;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sum.v[k] = acc(0);
-#pragma unroll 4
-    for (int64_t c = t; c < chunks; c += kThreads) {
-      const Vec<in_t, VEC> v = *reinterpret_cast<const Vec<in_t, VEC>*>(xr + c * VEC);
-      if constexpr (DROPOUT) {
-        acc f[VEC];
-        keep_factors<acc, VEC>(key, scale, row, c * VEC, f);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum.v[k] += static_cast<acc>(v.v[k]) * f[k];
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum.v[k] += static_cast<acc>(v.v[k]);
-      }
-    }
+    accumulate_vectors<in_t, acc, VEC, DROPOUT>(xr, row, t, kThreads, chunks, key, scale, sum.v);
     part_v[t] = sum;  // slots t*VEC .. t*VEC+VEC-1, one vector store
     __syncthreads();
     // Slot p < kThreads is only ever written by thread p during the tree. Once half <= 32, the
@@ -197,19 +206,7 @@ __global__ void fold_warp_kernel(const in_t* __restrict__ x, out_t* __restrict__
     acc sum[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sum[k] = acc(0);
-#pragma unroll 4
-    for (int64_t c = lane; c < chunks; c += 32) {
-      const Vec<in_t, VEC> v = *reinterpret_cast<const Vec<in_t, VEC>*>(xr + c * VEC);
-      if constexpr (DROPOUT) {
-        acc f[VEC];
-        keep_factors<acc, VEC>(key, scale, row, c * VEC, f);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]) * f[k];
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum[k] += static_cast<acc>(v.v[k]);
-      }
-    }
+    accumulate_vectors<in_t, acc, VEC, DROPOUT>(xr, row, lane, 32, chunks, key, scale, sum);
     out_t* sr = s + row * r;
     if (nr < VEC) {
       // Within the thread: slot k and k + half share a column while half >= r.
@@ -302,6 +299,8 @@ __global__ void tile_add_2d_kernel(out_t* __restrict__ out, const src_t* __restr
     const int64_t j0 = c0 % q;
     int64_t src_row = tile_row(first_row, period_rows);
     for (int64_t row = first_row; row < rows; row += row_step) {
+      // The same update as tile_add_kernel's (kept apart from it: that kernel is the measured default,
+      // and sharing the body changed its generated code; one of the two goes once a GPU has timed them).
       const src_t* sr = src + src_row * q;
       Vec<out_t, VEC>* op = reinterpret_cast<Vec<out_t, VEC>*>(out + row * cols + c0);
       Vec<out_t, VEC> v = *op;
@@ -331,8 +330,8 @@ template <typename in_t, typename out_t, int VEC>
 void launch_fold_rows(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
                       cudaStream_t stream) {
   const unsigned int grid = static_cast<unsigned int>(std::clamp<int64_t>(rows, 1, kMaxBlocks));
-  if (dropout.threshold != 0) fold_rows_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
-  else fold_rows_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  const auto kernel = dropout.threshold != 0 ? fold_rows_kernel<in_t, out_t, VEC, true> : fold_rows_kernel<in_t, out_t, VEC, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
 }
 
 template <typename in_t, typename out_t, int VEC>
@@ -340,16 +339,16 @@ void launch_fold_warp(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64
                       cudaStream_t stream) {
   constexpr int64_t kWarpsPerBlock = kThreads / 32;
   const unsigned int grid = static_cast<unsigned int>(std::clamp<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, kMaxBlocks));
-  if (dropout.threshold != 0) fold_warp_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
-  else fold_warp_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  const auto kernel = dropout.threshold != 0 ? fold_warp_kernel<in_t, out_t, VEC, true> : fold_warp_kernel<in_t, out_t, VEC, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
 }
 
 template <typename in_t, typename out_t, int VEC>
 void launch_fold_columns(const in_t* xp, out_t* sp, int64_t rows, int64_t in, int64_t r, const DropoutParams& dropout,
                          cudaStream_t stream) {
   const unsigned int grid = grid_for(rows * (r / VEC));
-  if (dropout.threshold != 0) fold_kernel<in_t, out_t, VEC, true><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
-  else fold_kernel<in_t, out_t, VEC, false><<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
+  const auto kernel = dropout.threshold != 0 ? fold_kernel<in_t, out_t, VEC, true> : fold_kernel<in_t, out_t, VEC, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(xp, sp, rows, in, r, dropout);
 }
 
 // Which fold kernel. fold_kernel ("columns") runs rows * r / VEC threads, each summing in / r
