@@ -5,7 +5,8 @@
 //   x (..., in), weight (out, in), bias (out), block = miss_block.
 //   Default mode: block (r, out). Mini mode: block (r, mini_r), mini_r dividing out; the ops tell
 //   the two apart by block.shape[1], so no op takes a mode argument.
-//   Dropout (adapter branch only): probability p and key = CPU int64 tensor [seed, offset]. The
+//   Dropout (adapter branch only): probability p and key = int64 tensor [seed, offset] of shape
+//   (2,) on the data's device (new_dropout_key; the kernels read it there, never the host). The
 //   mask is a pure function of (key, row, column) (ops/common/dropout_mask.h): never stored, the
 //   same on CPU and CUDA. With p == 0 the key is ignored and may be None.
 #include <torch/library.h>

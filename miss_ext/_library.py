@@ -16,7 +16,11 @@ DISPATCH_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
 
 def build_info() -> Dict[str, object]:
-    """Backends, CUDA version and architectures compiled into the op library."""
+    """How the op library was built, as a dict: "backends" (list, "CPU" and "CUDA" when the CUDA
+    kernels are in), "cuda_version" (str, "" without CUDA), "cuda_archs" (list such as ["8.0",
+    "9.0"]), "built_with_torch" (the torch version it was compiled against), "cxx_runtime"
+    ("private": libstdc++ linked in and hidden; "shared") and "sanitize" ("address,undefined"
+    in a sanitizer build, else "")."""
     info: Dict[str, object] = {}
     for item in torch.ops.miss.build_info().split(";"):
         name, _, value = item.partition("=")

@@ -202,7 +202,10 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     skips writing. The other ranks return when their part of the gather is done: synchronise
     (`dist.barrier()`) before another rank reads the files. A model without DTensor blocks or
     FSDP2 modules is saved as before, nothing collective, by every caller unless
-    `is_main_process=False` (under DDP, call it on one rank)."""
+    `is_main_process=False` (under DDP, call it on one rank).
+
+    ValueError, writing nothing, for a model without MissLinear layers or with layers of
+    different r, mode, mini_r or dropout (one PEFT config holds one of each)."""
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
@@ -426,7 +429,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
 
     Plain nn.Linear layers at the file's paths become MissLinear layers; existing MissLinear
     layers get the file's values in their own miss_block parameters (same objects, so optimizers
-    keep working). Other tensors PEFT saves with the blocks (`modules_to_save` copies, trained
+    keep working) and the file's miss_dropout (mode, r and mini_r must match). Other tensors PEFT saves with the blocks (`modules_to_save` copies, trained
     biases) are copied into the model's parameters of those names and stay trainable.
 
     The config is checked too: the modules it selects (target_modules, exclude_modules,
@@ -461,6 +464,10 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
             set_module(model, name, module)
             new.append(name)
+        else:
+            # The file's dropout is part of the adapter it describes, as for a new layer: a layer
+            # that kept its own would train the loaded adapter with another dropout, silently.
+            module.dropout = dropout
         with torch.no_grad():
             value = block
             if _is_dtensor(module.miss_block):

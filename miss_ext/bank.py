@@ -229,6 +229,8 @@ class MissBankLinear(nn.Module):
         return slot
 
     def remove_adapter(self, name: str) -> None:
+        """Empties the slot of adapter `name` (zeros, rank 0) for another adapter to take; rows
+        must not name it afterwards. ValueError naming the bank's adapters for an unknown name."""
         slot = self._slot(name)
         with torch.no_grad():
             self.bank[slot].zero_()
@@ -285,6 +287,7 @@ class MissBankLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, adapter_index: Optional[Tensor] = None) -> Tensor:
+        """Each row of x with its own adapter: see the class docstring, "forward"."""
         if adapter_index is None:
             adapter_index = self.rows
             if adapter_index is None:

@@ -94,7 +94,10 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
 def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default", mini_r: int = 1,
                      dropout: float = 0.0, target_modules: Optional[TargetModules] = None) -> int:
     """A fresh adapter (PEFT's zero init) on the bank layers `target_modules` selects (None: all),
-    absent in the others; returns its slot id. Every check runs before any layer changes."""
+    absent in the others; returns its slot id. Every check runs before any layer changes:
+    ValueError for a model without bank layers, a name already in the bank, a full bank, r,
+    mode, mini_r or dropout the layers cannot take (r above the bank's max_r, mini_r not
+    dividing out_features, ...), or target_modules selecting no bank layer."""
     layers = _layers(model, "add_bank_adapter")
     paths = [p for p, _ in layers]
     if target_modules is not None:
@@ -202,7 +205,10 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
               max_r: Optional[int] = None) -> nn.Module:
     """apply_bank on every module any of the adapter folders `{name: path}` adapts (capacity:
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
-    Returns the model, changed in place."""
+    Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
+    mapping, ValueError for none given, a model that already has bank layers, a config with a
+    bad r, or any adapter load_bank_adapter refuses (bat adapters, capacity or max_r too small,
+    a file that does not fit), and the model is then as it was."""
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:
@@ -234,7 +240,9 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
 
 def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optional[str] = None) -> None:
     """Writes one adapter of the bank as a PEFT MiSS adapter folder (loadable by
-    `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter)."""
+    `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter): the blocks
+    of the layers that hold it, with its r, mode, mini_r and dropout. ValueError for a model
+    without bank layers or a name not in the bank (the message lists the bank's adapters)."""
     layers = _layers(model, "save_bank_adapter")
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
@@ -248,7 +256,8 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 
 def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
-    torch.compile this does not recompile while the fold groups stay the same)."""
+    torch.compile this does not recompile while the fold groups stay the same). ValueError,
+    changing nothing, for a model without bank layers or a name not in the bank."""
     layers = _layers(model, "remove_bank_adapter")
     layers[0][1]._slot(name)  # ValueError naming the known adapters
     for _, layer in layers:

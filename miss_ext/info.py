@@ -6,6 +6,8 @@ from ._library import DISPATCH_KEYS, build_info, registered_ops
 
 
 def report() -> str:
+    """The text `python -m miss_ext.info` prints: torch's version, the build (build_info) and
+    each registered miss op with the dispatch keys it has kernels for."""
     info = build_info()
     lines = [
         f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
-from .model import miss_layers
+from .model import miss_layers, trainable_extras
 from .targets import describe, exact_paths_regex
 
 
@@ -68,17 +68,24 @@ def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
     return found
 
 
-def _check_peft_extras(model: nn.Module, adapter_name: str) -> None:
-    """A PEFT adapter may carry more than blocks (modules_to_save copies, trained biases). A LoRA
-    file of the blocks alone would not be equivalent, so such adapters are refused."""
-    config = getattr(model, "peft_config", {}).get(adapter_name) if _peft_root(model) is not None else None
-    if config is None:
-        return
+def _check_extras(model: nn.Module, adapter_name: str) -> None:
+    """An adapter may carry more than blocks (modules_to_save copies, trained biases): on a PEFT
+    model its config says so, on a model adapted by miss_ext.apply_miss the settings it recorded
+    (model.trainable_extras). A LoRA file of the blocks alone would not be equivalent, so such
+    adapters are refused."""
+    if _peft_root(model) is not None:
+        config = getattr(model, "peft_config", {}).get(adapter_name)
+        if config is None:
+            return
+        modules, bias = getattr(config, "modules_to_save", None), getattr(config, "bias", "none")
+    else:
+        recorded = trainable_extras(model)
+        modules, bias = recorded["modules_to_save"], recorded["bias"]
     extras = []
-    if getattr(config, "modules_to_save", None):
-        extras.append(f"modules_to_save={config.modules_to_save}")
-    if getattr(config, "bias", "none") != "none":
-        extras.append(f"bias={config.bias!r}")
+    if modules:
+        extras.append(f"modules_to_save={list(modules)}")
+    if bias != "none":
+        extras.append(f"bias={bias!r}")
     if extras:
         raise ValueError(f"adapter {adapter_name!r} also trains {', '.join(extras)}; a LoRA export of its MiSS "
                          "blocks alone would not be equivalent, so nothing was written")
@@ -89,13 +96,14 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
     miss_ext.MissLinear layers, or is a PEFT model (PeftModel or MissModel, accelerated or not),
     whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for bat
-    adapters, merged layers, or layers of different r or dropout (one LoRA config holds one r
-    and one dropout)."""
+    adapters, merged layers, layers of different r or dropout (one LoRA config holds one r
+    and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
+    or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce."""
     adapters = _adapters(model, adapter_name)
     if not adapters:
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
                          f"with adapter {adapter_name!r})")
-    _check_peft_extras(model, adapter_name)
+    _check_extras(model, adapter_name)
     bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:
         raise ValueError(

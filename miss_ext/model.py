@@ -371,7 +371,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     A layer whose base weight or bias is shared with another module (tied embeddings, ...) is
     refused with ValueError before anything changes: writing the merged weight would change
-    the other module too. The message shows how to untie it first."""
+    the other module too. The message shows how to untie it first.
+
+    Every layer is merged before any is unloaded; an error inside a merge after those checks (out
+    of memory, say) unmerges the layers merged so far and is raised as is, the model still
+    holding its MissLinear layers (weights equal to the originals up to one rounding)."""
     layers = miss_layers(model)
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
@@ -396,9 +400,20 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
                 if not layer.merged and not torch.isfinite(
                         torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)).all():
                     raise ValueError(f"NaNs detected in the merged weights of {name}; nothing was merged")
+    # Every layer is merged before any is unloaded. Should a merge still fail (out of memory, a bad
+    # MISS_EXT_* value read only by the kernel), the layers merged so far are unmerged again, so
+    # the model keeps its structure and its outputs (weights up to one rounding).
+    merged_now = []
+    try:
+        for name, layer in layers:
+            if not layer.merged:
+                layer.merge()
+                merged_now.append(layer)
+    except BaseException:
+        for layer in reversed(merged_now):
+            layer.unmerge()
+        raise
     for name, layer in layers:
-        if not layer.merged:
-            layer.merge()
         if not name:  # the model is the MissLinear itself
             return layer.base_layer
         set_module(model, name, layer.base_layer)

@@ -232,6 +232,12 @@ class MissLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = base(x) + fold(dropout(x), r) @ tile(miss_block) (bat: x W'^T + b).
+
+        x (..., in_features) in the base weight's dtype; returns (..., out_features) in x's dtype
+        (PEFT's precision: the adapter term in the block's dtype, one final rounding). Dropout
+        only in training, with a fresh key per call. A merged layer returns base(x). ValueError /
+        TypeError name a bad shape or dtype (from the miss ops)."""
         if self.merged:
             return self.base_layer(x)
         if not torch.jit.is_scripting():
@@ -316,13 +322,27 @@ class MissLinear(nn.Module):
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
-        """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile)."""
+        """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile).
+
+        Differentiable with respect to the block. Bat computes W_ij B_i + B_i directly, as PEFT's
+        get_delta_weight does, rather than W' - W: with TF32 allowed, W' = W (I + B) + B carries
+        a rounding error of the size of W, which would swamp a small W B. A merged bat layer holds
+        W' in place of W: W is first restored from it (the unmerge formula, out of place), so the
+        result is W B + B up to that rounding; ValueError as for unmerge where I + B_i is
+        ill-conditioned."""
         weight = self.base_layer.weight
+        block = self.miss_block
         if self.mode == "bat":
-            return torch.ops.miss.bat_weight(weight, self.miss_block, None) - weight.to(self.miss_block.dtype)
-        zeros = torch.zeros(self.out_features, self.in_features, dtype=self.miss_block.dtype,
-                            device=self.miss_block.device)
-        return torch.ops.miss.merge(zeros, self.miss_block)
+            if self.merged:
+                with torch.no_grad():
+                    weight = torch.ops.miss.merge(weight, block, True)
+            # Row block i of W viewed (in, r): each row is one r-wide segment W_ij[a, :].
+            blocks, r = block.shape[0], block.shape[1]
+            w3 = weight.to(block.dtype).reshape(blocks, self.in_features, r)
+            tiles = torch.bmm(w3, block).view(blocks, r, self.in_features // r, r)
+            return (tiles + block.view(blocks, r, 1, r)).reshape(self.out_features, self.in_features)
+        zeros = torch.zeros(self.out_features, self.in_features, dtype=block.dtype, device=block.device)
+        return torch.ops.miss.merge(zeros, block)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"

@@ -1,8 +1,19 @@
 """Python entry points of the `miss` ops; each is a direct call of `torch.ops.miss.<op>`.
 
-They stay scriptable and traceable: TorchScript and torch.compile see the op itself. Shapes:
-x (..., in), weight (out, in), block = miss_block, (r, out) in the default mode or (r, mini_r)
-in the mini mode. Dropout needs `p` and a key from `new_dropout_key(x.device)`.
+They stay scriptable and traceable: TorchScript and torch.compile see the op itself. Schemas and
+the exact formulas: csrc/torch_bindings.cpp; the math and PEFT's semantics: docs/miss.md.
+
+Conventions shared by every op below:
+- Shapes: x (..., in), weight (out, in), bias (out,), block = miss_block: (r, out) in the default
+  mode, (r, mini_r) in the mini mode (mini_r divides out), (out/r, r, r) in the bat mode.
+- Dtypes: data tensors are float32, float64, float16 or bfloat16 (x, weight and bias alike);
+  the block may differ (PEFT keeps it float32); arithmetic accumulates in float32 (float64 for
+  float64 data) and rounds once to the output dtype.
+- Dropout (adapter branch only): probability p in [0, 1] and an int64 key [seed, offset] of
+  shape (2,) on the data's device, from `new_dropout_key(x.device)`; with p == 0 the key may be
+  None. The mask is a pure function of (key, row, column), the same on CPU and CUDA.
+- Errors: ValueError for bad shapes, r, mini_r, p, keys and devices, TypeError for bad dtypes,
+  each naming the value; nothing is written on error.
 """
 from typing import Optional
 
@@ -25,61 +36,99 @@ def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
 
 def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
          dtype: Optional[torch.dtype] = None) -> Tensor:
-    """S[..., j] = sum of dropout(x)[..., i] over i mod r == j: shape (..., r).
-    With p > 0, key = new_dropout_key(x.device)."""
+    """S[..., j] = sum of dropout(x)[..., i] over i mod r == j, shape (..., r): MiSS's input fold.
+
+    x (..., in), any supported float dtype; r >= 1 (r > in and in % r != 0 are allowed: the
+    missing columns count as zeros). dtype: of S (default x's); the sums accumulate in float32
+    (float64 for float64). With p > 0, key = new_dropout_key(x.device). Differentiable (its
+    adjoint is tile_add). ValueError for r < 1, a bad p or key; TypeError for a non-float x."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
 def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> None:
-    """out[t, c] += alpha * dropout(src)[t mod P, c mod Q], in place (the adjoint of fold).
-    With p > 0, key = new_dropout_key(out.device); the mask is indexed by out's (row, column)."""
+    """out[t, c] += alpha * dropout(src)[t mod P, c mod Q] in place (the adjoint of fold), with
+    out viewed as (rows, C) and src as (P, Q).
+
+    src has out's leading sizes (P = rows: fold's adjoint, mini's tiling along out), or both are
+    matrices and src's P rows tile out's rows too (merge). Any supported float dtypes; one
+    rounding to out's dtype. With p > 0, key = new_dropout_key(out.device); the mask is indexed
+    by out's (row, column). Not differentiable (see tile_add). ValueError for shapes that do
+    not tile, a bad p or key; TypeError for non-float tensors."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: float = 0.0,
            key: Optional[Tensor] = None) -> Tensor:
-    """y = x weight^T + bias + fold(dropout(x)) @ tile(block). With p > 0, key = new_dropout_key(x.device)."""
+    """y = x weight^T + bias + fold(dropout(x), r) @ tile(block): a default or mini MiSS layer.
+
+    x (..., in) and weight (out, in), bias (out,) or None, all of one float dtype; block (r, out)
+    or (r, mini_r). Returns y (..., out) in x's dtype: the base GEMM rounds in x's dtype, the
+    adapter term is computed in the block's dtype, and the sum is rounded once (PEFT's
+    precision). With p > 0, key = new_dropout_key(x.device). Differentiable in x, weight, bias
+    and block. ValueError for mismatched shapes, mini_r not dividing out, a bad p or key;
+    TypeError for mixed or non-float dtypes."""
     return torch.ops.miss.linear(x, weight, bias, block, p, key)
 
 
 def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
-    """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor.
-    A 3-D (bat) block gives W(I + B) + B per r x r tile, and reverse its exact inverse."""
+    """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor
+    (out, in) in weight's dtype, differentiable.
+
+    A 3-D (bat) block (out/r, r, r) gives W(I + B) + B per r x r tile, and reverse its inverse
+    (W' - B)(I + B)^-1, computed in float64. ValueError for a block that does not fit weight."""
     return torch.ops.miss.merge(weight, block, reverse)
 
 
 def merge_(weight: Tensor, block: Tensor, reverse: bool = False) -> None:
-    """In-place merge (unmerge with reverse=True)."""
+    """merge in place into weight (unmerge with reverse=True); not differentiable.
+
+    Bat unmerge first checks that every I + B_i is finite and well conditioned (ValueError naming
+    the block, weight unchanged); this check reads values on the host. Other errors as merge."""
     torch.ops.miss.merge_(weight, block, reverse)
 
 
 def bat_weight(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Bat effective weight W' = W + W_ij B_i + B_i per r x r tile (default dtype: the block's).
-    Differentiable; several bat adapters compose as bat_weight(bat_weight(W, B1), B2)."""
+    """Bat effective weight W' = W + W_ij B_i + B_i per r x r tile W_ij (row block i, column
+    block j): shape (out, in), dtype `dtype` (default: the block's).
+
+    weight (out, in), block (out/r, r, r), r dividing in and out; computed in float32 (float64
+    if either is float64). Differentiable in weight and block; several bat adapters compose as
+    bat_weight(bat_weight(W, B1), B2). ValueError for a block that does not fit weight."""
     return torch.ops.miss.bat_weight(weight, block, dtype)
 
 
 def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """y = x W'^T + bias with PEFT's precision (GEMM in the block's dtype unless compute_dtype)."""
+    """y = x W'^T + bias with W' = bat_weight(weight, block): a bat MiSS layer.
+
+    x (..., in), weight (out, in), bias (out,) or None, one float dtype; block (out/r, r, r).
+    Returns y (..., out) in x's dtype. PEFT's precision: W' is built and the GEMM runs in the
+    block's dtype (x and bias cast to it) unless compute_dtype names another (opt-in lower
+    precision; autocast uses it). Differentiable in x, weight, bias and block; W' is never
+    saved for the backward. ValueError / TypeError as linear."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
 
 
 def bat_transform(w: Tensor, m: Tensor, p: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The per-tile affine map behind bat: out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] +
-    p[o/r][o%r][b]; m, p (rows/r, r, r) float32 or float64. Not differentiable."""
+    """The per-tile affine map behind bat, merge and unmerge:
+    out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b].
+
+    w (rows, cols), r dividing both; m, p (rows/r, r, r), both float32 or both float64 (the
+    compute dtype). Returns (rows, cols) in `dtype` (default w's). Not differentiable.
+    ValueError for mismatched shapes; TypeError for other m, p dtypes."""
     return torch.ops.miss.bat_transform(w, m, p, dtype)
 
 
 def bat_transform_(w: Tensor, m: Tensor, p: Tensor) -> None:
-    """In-place bat_transform of w."""
+    """bat_transform in place into w (same arguments, no dtype); m and p must not share memory
+    with w (ValueError)."""
     torch.ops.miss.bat_transform_(w, m, p)
 
 
 def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> Tensor:
-    """The functional tile_add_: out + alpha * dropout(tile(src)), differentiable in out and src."""
+    """The functional tile_add_: returns out + alpha * dropout(tile(src)) as a new tensor in out's
+    dtype, differentiable in out and src to any order. Shapes, dropout and errors as tile_add_."""
     return torch.ops.miss.tile_add(out, src, alpha, p, key)
-
 
 
 def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
@@ -96,5 +145,5 @@ def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor,
 
 
 def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> None:
-    """bank_add in place into y (not differentiable)."""
+    """bank_add in place into y (not differentiable); arguments and errors as bank_add."""
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index)

@@ -277,35 +277,75 @@ class AcceleratedMissLinear(PeftMissLinear):
         return add_bank_terms(result, x, bank, ranks, periods, index, groups, table,
                               inplace=self._fast_path()).to(previous_dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+    def _merge_plan(self, adapter_names: Optional[List[str]]) -> List[str]:
+        """The adapters merge() writes, in the order it writes them, after every check that can
+        refuse the merge; ValueError, writing nothing, otherwise. The order is the forward's: bat
+        adapters act on the weight first, in the active order (bat updates do not commute), then
+        the default/mini terms. A merge that cannot keep that order (a bat on top of a merged
+        default/mini adapter, or before an already merged bat that the forward applies after it)
+        is refused rather than giving a merged layer that differs from the unmerged one."""
         # A shared base weight (tied embeddings): merging would change the other holders too.
-        _refuse_shared_merge(self, _to_merge(self, adapter_names))
+        names = _to_merge(self, adapter_names)
+        _refuse_shared_merge(self, names)
         if not self._fast_path():
             self._check_slow_path_merge(unmerge=False)
+            return names
+        position = {a: i for i, a in enumerate(self.active_adapters)}
+        # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
+        bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))
+        names = bats + [a for a in names if not _is_bat(self.miss_block[a])]
+        merged = [a for a in self.merged_adapters if a in self.miss_block]
+        merged_shards = [a for a in merged if not _is_bat(self.miss_block[a])]
+        if bats and merged_shards:
+            raise ValueError(f"cannot merge bat adapter {bats[0]!r} on top of merged default/mini adapters "
+                             f"{merged_shards}: unmerge them first (bat acts on the weight before them)")
+        for bat in bats:
+            later = [a for a in merged if _is_bat(self.miss_block[a]) and position.get(a, -1) > position.get(bat, -1) >= 0]
+            if later:
+                raise ValueError(f"cannot merge bat adapter {bat!r} on top of merged bat adapter(s) {later}: the forward "
+                                 f"applies {bat!r} first (active adapters {list(self.active_adapters)}) and bat updates "
+                                 "do not commute; unmerge first, then merge them together")
+        return names
+
+    def _merged_weight(self, names: List[str]) -> Tensor:
+        """The weight with `names` merged, in a new tensor; ValueError if a value is not finite."""
+        merged = self.base_layer.weight
+        for name in names:
+            merged = torch.ops.miss.merge(merged, self.miss_block[name], False)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
+                                 "the weight was left unchanged")
+        return merged
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        names = self._merge_plan(adapter_names)
+        if not self._fast_path():
             return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.miss_block]
-        # Bat adapters act on the weight before the default/mini terms, as in the forward.
-        names = [a for a in names if _is_bat(self.miss_block[a])] + [a for a in names if not _is_bat(self.miss_block[a])]
+        check_adapters_to_merge(self, adapter_names)  # PEFT's warning for adapters merged already
         if not names:
             return
-        already_shard = [a for a in self.merged_adapters if a in self.miss_block and not _is_bat(self.miss_block[a])]
-        if already_shard and _is_bat(self.miss_block[names[0]]):
-            raise ValueError(f"cannot merge bat adapter {names[0]!r} on top of merged default/mini adapters "
-                             f"{already_shard}: unmerge them first (bat acts on the weight before them)")
         weight = self.base_layer.weight
         with torch.no_grad():
             if safe_merge:
-                merged = weight
-                for name in names:
-                    merged = torch.ops.miss.merge(merged, self.miss_block[name], False)
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
-                                         "broken; the weight was left unchanged")
-                weight.copy_(merged)
+                weight.copy_(self._merged_weight(names))
             else:
                 for name in names:
                     torch.ops.miss.merge_(weight, self.miss_block[name], False)
         self.merged_adapters.extend(names)
+
+    def _check_unmerge(self) -> None:
+        """Every check unmerge() makes, before it writes: ValueError if a merged bat block's
+        I + B_i is singular, ill-conditioned or not finite (the conditioning check of
+        miss.merge_(reverse=True), run on an (out, r) stand-in weight so that nothing is written)."""
+        if not self._fast_path():
+            self._check_slow_path_merge(unmerge=True)
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in self.merged_adapters:
+                block = self.miss_block[name] if name in self.miss_block else None
+                if block is not None and _is_bat(block):
+                    torch.ops.miss.merge(weight.new_zeros(weight.shape[0], block.shape[1]), block, True)
 
     def unmerge(self) -> None:
         if not self._fast_path():
@@ -314,11 +354,13 @@ class AcceleratedMissLinear(PeftMissLinear):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        # All or nothing: with a bat adapter that cannot be unmerged under a default/mini one, the
+        # loop below would otherwise unmerge the latter and stop half way.
+        self._check_unmerge()
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
                 if name in self.miss_block:
-                    # Raises (weight untouched, adapter still listed as merged) for an ill-conditioned bat block.
                     torch.ops.miss.merge_(self.base_layer.weight, self.miss_block[name], True)
                 self.merged_adapters.pop()
 
@@ -425,25 +467,48 @@ class AcceleratedMissModel(MissModel):
             for handle in handles:
                 handle.remove()
 
-    def _check_merge(self, adapter_names: Optional[List[str]]) -> None:
+    def _check_merge(self, adapter_names: Optional[List[str]], safe_merge: bool) -> None:
+        """Every layer's merge checks (AcceleratedMissLinear._merge_plan) and, with safe_merge,
+        its merged weight, before PEFT's loop writes any layer: a model-level merge is all or
+        nothing. ValueError naming the layer otherwise. The safe_merge check computes each merged
+        weight twice (here, then in the layer's merge) rather than holding a copy of every
+        adapted weight."""
         if adapter_names is not None:
             unknown = [a for a in adapter_names if a not in self.peft_config]
             if unknown:
                 raise ValueError(f"adapter_names={adapter_names!r}: {unknown} name no adapter of this model "
                                  f"(it has {list(self.peft_config)}); nothing was merged")
         record_accelerated_sharing(self.model)  # re-checked: the user may have untied since accelerate()
-        for layer in _miss_layers(self.model, AcceleratedMissLinear):
-            _refuse_shared_merge(layer, _to_merge(layer, adapter_names))
+        for path, layer in self.model.named_modules():
+            if type(layer) is not AcceleratedMissLinear:
+                continue
+            try:
+                names = [a for a in layer._merge_plan(adapter_names) if a in layer.miss_block]
+                if safe_merge and names and layer._fast_path():
+                    with torch.no_grad():
+                        layer._merged_weight(names)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}; no layer was merged") from exc
 
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
-        self._check_merge(adapter_names)
+        self._check_merge(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes.
+        for path, layer in self.model.named_modules():
+            if type(layer) is AcceleratedMissLinear and layer.merged:
+                try:
+                    layer._check_unmerge()
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc} No layer was unmerged.") from exc
+        super().unmerge_adapter()
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
         bound.apply_defaults()
         if bound.arguments.get("merge"):
-            self._check_merge(bound.arguments.get("adapter_names"))
+            self._check_merge(bound.arguments.get("adapter_names"), bool(bound.arguments.get("safe_merge")))
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
 
@@ -474,7 +539,8 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model."""
+    """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model
+    (a model without accelerated layers is returned unchanged)."""
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
     for tuner in _miss_layers(model, AcceleratedMissModel):

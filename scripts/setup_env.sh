@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing), installs torch and the test/bench dependencies, and builds miss_ext
-# in place. Sourced by test.sh and bench.sh; safe to run again (it only rebuilds what changed).
+# in place. Run by test.sh, bench.sh and demo.sh; safe to run again (it only rebuilds what changed).
 #
 # Knobs: MISS_EXT_TORCH (pip spec of torch, default torch==2.14.1), PYTHON (default python3), and
 # the build knobs of setup.py (MISS_EXT_CUDA, CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS).
@@ -16,8 +16,8 @@ python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "${MISS_EXT_TORCH:-torch==2.14.1}" -r requirements-dev.txt
 export MAX_JOBS="${MAX_JOBS:-2}"
 # The build prints one line per compiler step (scripts/build_progress.py); the full log is
-# build/build.log. Measured on this project's 2-core machines (2026-11-29): CPU + CUDA kernels
-# (arch 8.0;9.0) about 3 min, CPU-only about 1 min 30 s; a rerun with nothing changed, seconds.
+# build/build.log. Measured on this project's 2-core machines (2026-11-29/30, bench/RESULTS.md):
+# CPU + CUDA kernels (arch 8.0;9.0) 140-300 s, CPU-only 110-175 s; a rerun with nothing changed, seconds.
 mkdir -p build
 start=$SECONDS
 echo "building miss_ext in place (MAX_JOBS=$MAX_JOBS; full log: build/build.log)"

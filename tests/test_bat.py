@@ -963,6 +963,40 @@ def test_module_merge_unmerge(device, in_f, out_f, r, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_module_delta_weight_direct_differentiable_and_merged(device, dtype):
+    """delta_weight is W B + B computed directly (not W' - W, whose rounding is of the size of W),
+    has the block's gradient, and a merged layer gives the same delta (W restored first)."""
+    torch.manual_seed(0)
+    m = make_bat(8, 12, 4, dtype, device)
+    with torch.no_grad():
+        m.base_layer.weight.mul_(1e4)      # |W| ~ 1e4: W' - W in fp32 keeps ~3 digits of W B + B
+        m.miss_block.copy_(1e-4 * torch.randn_like(m.miss_block))
+    w0 = m.base_layer.weight.detach().clone()
+    blk = f64_leaf(m.miss_block)
+    # W_ij B_i + B_i per tile, by einsum (bat_weight_ref(W, B) - W would itself lose digits here)
+    ref = (torch.einsum("iajk,ikb->iajb", w0.to(F64).view(3, 4, 2, 4), blk) + blk[:, :, None, :]).reshape(12, 8)
+    assert torch.allclose(ref, bat_weight_ref(w0, blk) - w0.to(F64), rtol=0, atol=1e-9)
+    delta = m.delta_weight()
+    assert delta.dtype == m.miss_block.dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(delta.to(F64), ref.detach(), rtol=tol, atol=tol * ref.abs().max().item())
+    g = rand(12, 8, dtype=m.miss_block.dtype, device=device)
+    (gb,) = torch.autograd.grad(delta, m.miss_block, g)
+    (gb_ref,) = torch.autograd.grad(ref, blk, g.to(F64))
+    torch.testing.assert_close(gb.to(F64), gb_ref, rtol=tol, atol=tol * gb_ref.abs().max().item())
+    with torch.no_grad():
+        m.base_layer.weight.div_(1e4)   # a well-scaled W for the merged round trip
+        w0 = m.base_layer.weight.detach().clone()
+        m.miss_block.mul_(1e3)
+        unmerged = m.delta_weight()
+        m.merge()
+        merged = m.delta_weight()
+    assert m.merged and not torch.equal(m.base_layer.weight, w0)
+    torch.testing.assert_close(merged, unmerged, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_module_frozen_adapter_still_passes_gradients_to_its_input(device):
     """A frozen bat adapter (miss_block.requires_grad_(False)) behind a trainable layer: only x
     requires grad at the bat op. Backward must give the earlier layer its gradient

@@ -178,6 +178,26 @@ def test_safe_merge_and_unload_with_a_broken_block_changes_nothing(base):
     assert_unchanged(model, snap)
 
 
+def test_merge_and_unload_undoes_its_merges_when_a_later_merge_fails(base, monkeypatch):
+    """An error inside a merge after every check (here a bad MISS_EXT_BAT_TRANSFORM value, read
+    only by the bat kernel; out of memory would do the same): the layers merged before it are
+    unmerged again and none is unloaded."""
+    model = ours(base, "default", targets=["q_proj"])
+    miss_ext.apply_miss(model, ["o_proj"], r=R, mode="bat")
+    types, state, flags = snapshot(model)
+    ids = tokens()
+    expected = model(ids).logits
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "bogus")
+    with pytest.raises(ValueError, match="MISS_EXT_BAT_TRANSFORM"):
+        miss_ext.merge_and_unload(model)
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM")
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
+    for name, value in model.state_dict().items():  # W + dW - dW: equal up to one rounding
+        torch.testing.assert_close(value, state[name], **TOL)
+    torch.testing.assert_close(model(ids).logits, expected, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapter files: ours in PEFT, PEFT's in ours, Bone
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +270,19 @@ def test_peft_modules_to_save_and_biases_load_too(base, tmp_path):
     with pytest.raises(ValueError, match="also trains modules_to_save"):
         miss_ext.export_lora(reference, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+    # the same adapter loaded by miss_ext (no PEFT model): its recorded extras are refused too
+    with pytest.raises(ValueError, match=r"also trains modules_to_save=\['lm_head'\], bias='all'"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("extras", [dict(modules_to_save=["lm_head"]), dict(bias="all"), dict(bias="MiSS_only")],
+                         ids=["modules_to_save", "bias-all", "bias-MiSS_only"])
+def test_lora_export_refuses_extras_recorded_by_apply_miss(base, extras, tmp_path):
+    model = miss_ext.apply_miss(copy.deepcopy(base), TARGETS, r=R, init_weights=False, **extras)
+    with pytest.raises(ValueError, match="also trains .*nothing was written"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
 
 
 def test_unsupported_dropout_in_a_file_changes_nothing(base, tmp_path):
@@ -297,6 +330,17 @@ def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(ba
                      "model.nothing.weight: no such parameter"):
         assert expected in message
     assert_unchanged(model, snap)
+
+
+def test_existing_layers_take_the_files_dropout(base, tmp_path):
+    """A file trained with dropout, loaded into layers made without: they take the file's dropout
+    (as new layers do), so further training and save_adapter keep it."""
+    miss_ext.save_adapter(ours(base, "default", dropout=0.25), tmp_path / "a")
+    model = miss_ext.apply_miss(copy.deepcopy(base), TARGETS, r=R, mode="default")
+    miss_ext.load_adapter(model, tmp_path / "a")
+    assert {layer.dropout for _, layer in miss_ext.miss_layers(model)} == {0.25}
+    miss_ext.save_adapter(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["miss_dropout"] == 0.25
 
 
 def test_adapter_of_another_mode_is_refused_by_an_adapted_model(base, tmp_path):

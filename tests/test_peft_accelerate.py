@@ -280,6 +280,78 @@ def test_ill_conditioned_bat_unmerge_is_refused(base):
     assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == ["default"]
 
 
+def test_bat_merges_follow_the_forwards_order(base):
+    """Bat updates do not commute: whatever order merge_adapter is given, the bats go in the
+    active order (the forward's), and a merge that cannot (an earlier bat on top of a merged
+    later one) is refused (PEFT 0.21 merges in the given order, silently changing the outputs)."""
+    _, fast = pair(base, "bat")
+    fast.add_adapter("second", MissConfig(r=R, target_modules=TARGETS, init_weights="bat"))
+    randomize_blocks(fast, seed=7)
+    fast.base_model.set_adapter(["default", "second"])
+    ids = tokens()
+    unmerged = fast(ids).logits
+    fast.merge_adapter(["second", "default"])
+    layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.merged_adapters == ["default", "second"]
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+    fast.unmerge_adapter()
+    fast.merge_adapter(["default"])  # in order: the later one may follow
+    fast.merge_adapter(["second"])
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+    fast.unmerge_adapter()
+    fast.merge_adapter(["second"])
+    weights = {n: p.clone() for n, p in fast.named_parameters() if "base_layer.weight" in n}
+    with pytest.raises(ValueError, match=r"cannot merge bat adapter 'default' on top of merged bat adapter\(s\) "
+                                         r"\['second'\].*no layer was merged"):
+        fast.merge_adapter(["default"])
+    assert all(torch.equal(p, weights[n]) for n, p in fast.named_parameters() if n in weights)
+    assert layer.merged_adapters == ["second"]
+
+
+def test_unmerge_of_a_layer_is_all_or_nothing(base):
+    """A default adapter merged over a bat one whose I + B_i became singular: unmerge refuses
+    before it touches the weight (it used to unmerge the default one, then stop half way)."""
+    model, layer = mixed_layer(base, ["bat", "default"])
+    layer.merge()
+    with torch.no_grad():
+        layer.miss_block["a0"][0] = -torch.eye(R, dtype=torch.float64)
+    weight = layer.base_layer.weight.clone()
+    x = torch.randn(2, layer.in_features, dtype=torch.float64)
+    y = layer(x)
+    with pytest.raises(ValueError, match="singular or ill-conditioned"):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == ["a0", "a1"]
+    assert torch.equal(layer(x), y)
+
+
+def test_model_level_merge_and_unmerge_are_all_or_nothing(base):
+    """merge_adapter / merge_and_unload with safe_merge and unmerge_adapter check every layer
+    before writing any (PEFT's loop would leave the layers before the bad one changed)."""
+    _, fast = pair(base, "default")
+    bad = fast.base_model.model.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        bad.miss_block["default"][0, 0] = float("inf")
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    types = [type(m) for m in fast.modules()]
+    for call in (lambda: fast.merge_adapter(safe_merge=True), lambda: fast.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: NaNs detected.*no layer was merged"):
+            call()
+        assert [type(m) for m in fast.modules()] == types
+        assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+        assert not any(m.merged for m in fast.modules() if isinstance(m, PeftMissLinear))
+
+    _, fast = pair(base, "bat")
+    fast.merge_adapter()
+    bad = fast.base_model.model.model.layers[1].self_attn.o_proj
+    with torch.no_grad():
+        bad.miss_block["default"][0] = -torch.eye(R, dtype=torch.float64)
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj: .*singular.*No layer was unmerged"):
+        fast.unmerge_adapter()
+    assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+    assert all(m.merged for m in fast.modules() if isinstance(m, PeftMissLinear))
+
+
 @pytest.mark.parametrize("mode", ["default", "mini"])
 def test_dropout_uses_the_fused_kernel_in_training_only(base, mode):
     plain, fast = pair(base, mode, dropout=0.3)

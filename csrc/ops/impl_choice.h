@@ -13,7 +13,10 @@
 // do not key on these variables: set them before the process compiles anything, and clear the
 // caches to compare choices under torch.compile. They are tuning and testing knobs, read with
 // std::getenv (not safe against another thread writing os.environ at the same moment). An unknown
-// value raises ValueError naming it.
+// value raises ValueError naming it when the variable is read, which is only where the choice
+// exists: MISS_EXT_GEMM for bf16 data with a float32 block, MISS_EXT_BAT_TRANSFORM wherever a bat
+// transform runs, MISS_EXT_FOLD_KERNEL and MISS_EXT_TILE_ADD_KERNEL where a CUDA kernel launches
+// (a CPU run never reads them, so a typo there shows on the first CUDA fold or tile_add).
 #pragma once
 
 namespace miss_ext {
