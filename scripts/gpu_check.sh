@@ -3,7 +3,7 @@
 # machine's torch (2.11 there), runs the error probe, then the WHOLE test suite (CPU and CUDA tests
 # together, the CMake library's test included) and, unless --tests-only, the GPU benchmarks.
 # Everything it writes goes to ${OUT:-gpu_out}/: build.log, info.txt, probe.log, pytest.log,
-# junit.xml, summary.txt, bench.md/json, bench_kernels.md/json, bench_model.md/json, bench_bank.md/json,
+# junit.xml, summary.txt, bench.md/json, bench_kernels.md/json, bench_fusion.md/json, bench_model.md/json, bench_bank.md/json,
 # bench_bank_model.md/json.
 #
 #   bash scripts/gpu_wheels.sh          # HERE, before the call: wheels the GPU machine lacks -> .whl/
@@ -89,6 +89,8 @@ if [ "$BENCH" = 1 ]; then
   "$PY" bench/bench_linear.py --preset gpu --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.md" | grep -E "^\||^##|^- " | head -60
   # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
   "$PY" bench/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.md" | grep -E "^\||^- "
+  # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss (issue 11).
+  "$PY" bench/bench_fusion.py --device cuda --json "$OUT/bench_fusion.json" 2>&1 | tee "$OUT/bench_fusion.md" | grep -E "^\||^- "
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
   "$PY" bench/bench_bank.py --device cuda --dtype bf16 --reps 30 --json "$OUT/bench_bank.json" 2>&1 \
     | tee "$OUT/bench_bank.md" | tail -8
