@@ -429,8 +429,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
 
     Plain nn.Linear layers at the file's paths become MissLinear layers; existing MissLinear
     layers get the file's values in their own miss_block parameters (same objects, so optimizers
-    keep working) and the file's miss_dropout (mode, r and mini_r must match). Other tensors PEFT saves with the blocks (`modules_to_save` copies, trained
-    biases) are copied into the model's parameters of those names and stay trainable.
+    keep working) and the file's miss_dropout (mode, r and mini_r must match). Other tensors
+    PEFT saves with the blocks (`modules_to_save` copies, trained biases) are copied into the
+    model's parameters of those names and stay trainable.
 
     The config is checked too: the modules it selects (target_modules, exclude_modules,
     layers_to_transform, layers_pattern, modules_to_save) must be exactly the file's blocks, as

@@ -127,8 +127,9 @@ class MissBankLinear(nn.Module):
     forward(x, adapter_index=None): x (..., in_features); adapter_index int64 slot ids (from
     `index_of(names)`; negative = base only) with x's leading sizes, or one per sequence
     (x.shape[0],) broadcast over the rest; None takes the ids `miss_ext.mixed_batch` set for the
-    whole model (`rows`), and raises ValueError outside it. Returns (..., out_features) in the
-    base output's dtype. Errors: ValueError/TypeError naming the bad argument.
+    whole model (`rows`), and raises ValueError outside it. Returns (..., out_features) in x's
+    dtype (the base output's, but under autocast, as MissLinear and PEFT). Errors:
+    ValueError/TypeError naming the bad argument.
     """
 
     def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
@@ -159,10 +160,9 @@ class MissBankLinear(nn.Module):
         self.modes: List[Optional[str]] = [None] * capacity
         # Slots whose adapter (of the whole model) does not adapt this layer: add_absent.
         self.absent: List[bool] = [False] * capacity
-        # The per-row slot ids of the current model call, and the names their slots held then
-        # (miss_ext.mixed_batch sets and clears both; never copied or pickled).
+        # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears
+        # them; never copied or pickled). While they are set the slots cannot change.
         self.rows: Optional[Tensor] = None
-        self.rows_names: Dict[int, str] = {}
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
 
     @property
@@ -170,6 +170,14 @@ class MissBankLinear(nn.Module):
         return self.bank.shape[0]
 
     # ---- the bank -------------------------------------------------------------------------------
+    def _check_no_mixed_batch(self, what: str) -> None:
+        # The row ids of a mixed_batch name slots: changing a slot inside it would silently give
+        # those rows another adapter. Refused where the change is asked for, so that forward need
+        # not compare names (which, under torch.compile, would guard on them and recompile).
+        if self.rows is not None:
+            raise ValueError(f"MissBankLinear: cannot {what} inside miss_ext.mixed_batch (its rows name the bank's "
+                             "slots); change adapters outside it")
+
     def adapter_shape(self, name: str, r: int, mode: str = "default", mini_r: int = 1,
                       dropout: float = 0.0) -> Tuple[int, int]:
         """The block shape an adapter with these settings has in this bank; TypeError for bat,
@@ -189,7 +197,8 @@ class MissBankLinear(nn.Module):
                     block: Optional[Tensor] = None) -> int:
         """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
         (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
-        a full bank, r > max_r or bad sizes; TypeError for bat."""
+        a full bank, r > max_r or bad sizes, or inside miss_ext.mixed_batch; TypeError for bat."""
+        self._check_no_mixed_batch(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
@@ -222,6 +231,7 @@ class MissBankLinear(nn.Module):
         """Registers an adapter of the model that does not adapt this layer (its PEFT config does
         not target it), so that slot ids stay the same in every layer of a model; rows naming it
         get the base output here. Returns the slot id."""
+        self._check_no_mixed_batch(f"add adapter {name!r}")
         slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
         self.absent[slot] = True
@@ -230,7 +240,9 @@ class MissBankLinear(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         """Empties the slot of adapter `name` (zeros, rank 0) for another adapter to take; rows
-        must not name it afterwards. ValueError naming the bank's adapters for an unknown name."""
+        must not name it afterwards. ValueError naming the bank's adapters for an unknown name, or
+        inside miss_ext.mixed_batch."""
+        self._check_no_mixed_batch(f"remove adapter {name!r}")
         slot = self._slot(name)
         with torch.no_grad():
             self.bank[slot].zero_()
@@ -293,20 +305,17 @@ class MissBankLinear(nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
-            changed = {slot: name for slot, name in self.rows_names.items() if self.adapter_names[slot] != name}
-            if changed:
-                raise ValueError(f"MissBankLinear: the bank changed inside miss_ext.mixed_batch: slots "
-                                 f"{sorted(changed)} held {list(changed.values())} when the context started and now "
-                                 f"hold {[self.adapter_names[s] for s in sorted(changed)]}; change adapters outside it")
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
         index = row_index(adapter_index, x, "MissBankLinear")
         y = self.base_layer(x)
         groups = self._groups[self.training]
-        if not groups and index.device.type == "cpu" and index.numel():
+        if not groups and index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
             # No fold runs, so bank_add would not check the ids: check them here (on the CPU only,
-            # as reading a GPU tensor would synchronise).
+            # as reading a GPU tensor would synchronise; not while torch.compile traces, where it
+            # would be data dependent: mixed_batch has resolved the names then, and only ids
+            # passed by hand can name an empty slot).
             bad = [a for a in index[index >= 0].unique().tolist() if a >= self.capacity or self.adapter_names[a] is None]
             if bad:
                 raise ValueError(f"MissBankLinear: adapter_index names slots {bad} that hold no adapter "
@@ -314,19 +323,24 @@ class MissBankLinear(nn.Module):
         table = None
         if len(groups) > 1 or any(self.absent):  # absent slots route their rows to the base output
             table = self._group_train if self.training else self._group_eval
+        # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table,
-                              inplace=is_plain_linear(self.base_layer))
+                              inplace=is_plain_linear(self.base_layer)).to(x.dtype)
 
     def __getstate__(self):
         # A copy or pickle taken inside mixed_batch must not keep that call's row ids.
         state = super().__getstate__()
-        state["rows"], state["rows_names"] = None, {}
+        state["rows"] = None
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A bank of another shape loads nothing here (not even the slot names), so a failed load
         # cannot leave slots that claim adapters whose blocks were not loaded.
+        if self.rows is not None:
+            error_msgs.append(f"MissBankLinear {prefix.rstrip('.') or '(root)'}: cannot load a state_dict inside "
+                              "miss_ext.mixed_batch (its rows name the bank's slots); nothing of this layer was loaded")
+            return
         saved = state_dict.get(prefix + "bank")
         if saved is not None and tuple(saved.shape) != tuple(self.bank.shape):
             error_msgs.append(f"MissBankLinear {prefix.rstrip('.') or '(root)'}: the saved bank has shape "

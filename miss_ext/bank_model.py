@@ -303,16 +303,15 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
-    # The names the used slots hold now: a layer refuses to run if they change inside.
-    used = {a: first.adapter_names[a] for a in set(unrepeated.tolist()) if a >= 0}
-    previous = [(layer.rows, layer.rows_names) for _, layer in layers]
+    # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
+    previous = [layer.rows for _, layer in layers]
     try:
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
             if where not in per_device:
                 per_device[where] = (unrepeated if where[1] else ids).to(where[0])
-            layer.rows, layer.rows_names = per_device[where], used
+            layer.rows = per_device[where]
         yield
     finally:
-        for (_, layer), (rows, names) in zip(layers, previous):
-            layer.rows, layer.rows_names = rows, names
+        for (_, layer), rows in zip(layers, previous):
+            layer.rows = rows

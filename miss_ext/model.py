@@ -375,7 +375,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     Every layer is merged before any is unloaded; an error inside a merge after those checks (out
     of memory, say) unmerges the layers merged so far and is raised as is, the model still
-    holding its MissLinear layers (weights equal to the originals up to one rounding)."""
+    holding its MissLinear layers (weights equal to the originals up to the unmerge's rounding:
+    one rounding for default/mini, more for bat, growing with the condition number of I + B_i;
+    a layer that cannot be unmerged is named in a warning and stays merged)."""
     layers = miss_layers(model)
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
@@ -410,8 +412,14 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
                 layer.merge()
                 merged_now.append(layer)
     except BaseException:
+        failed = []
         for layer in reversed(merged_now):
-            layer.unmerge()
+            try:
+                layer.unmerge()
+            except Exception as exc:  # keep undoing the others; the original error propagates
+                failed.append(f"{getattr(layer, '_layer_path', type(layer).__name__)} ({exc})")
+        if failed:
+            warnings.warn("merge_and_unload: could not undo the merges of " + "; ".join(failed), stacklevel=2)
         raise
     for name, layer in layers:
         if not name:  # the model is the MissLinear itself

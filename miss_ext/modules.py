@@ -325,8 +325,8 @@ class MissLinear(nn.Module):
         """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile).
 
         Differentiable with respect to the block. Bat computes W_ij B_i + B_i directly, as PEFT's
-        get_delta_weight does, rather than W' - W: with TF32 allowed, W' = W (I + B) + B carries
-        a rounding error of the size of W, which would swamp a small W B. A merged bat layer holds
+        get_delta_weight does, rather than W' - W: W' = W (I + B) + B carries a rounding error of
+        the size of W (float32 rounding, more with TF32), which would swamp a small W B. A merged bat layer holds
         W' in place of W: W is first restored from it (the unmerge formula, out of place), so the
         result is W B + B up to that rounding; ValueError as for unmerge where I + B_i is
         ill-conditioned."""

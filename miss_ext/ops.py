@@ -72,10 +72,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: 
 
 def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
     """weight + dW (minus with reverse), dW[o, i] = block[i mod r, o mod mini_r]; a new tensor
-    (out, in) in weight's dtype, differentiable.
+    (out, in) in weight's dtype, differentiable (but the bat reverse).
 
     A 3-D (bat) block (out/r, r, r) gives W(I + B) + B per r x r tile, and reverse its inverse
-    (W' - B)(I + B)^-1, computed in float64. ValueError for a block that does not fit weight."""
+    (W' - B)(I + B)^-1, whose (I + B_i)^-1 is computed in float64 and applied in float32 (float64
+    for float64 data); the bat reverse is not differentiable (RuntimeError if a gradient is
+    needed) and raises ValueError, naming the block, where I + B_i is not finite or is
+    ill-conditioned. ValueError for a block that does not fit weight."""
     return torch.ops.miss.merge(weight, block, reverse)
 
 

@@ -132,9 +132,11 @@ def _checkpointing(model: nn.Module) -> bool:
 
 
 def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
-    """The adapters a merge of this layer would write (check_adapters_to_merge without warnings)."""
+    """The adapters a merge of this layer would write (check_adapters_to_merge without warnings),
+    each once: a name given twice is merged once (PEFT would add it twice, while the forward
+    applies it once)."""
     names = layer.active_adapters if adapter_names is None else adapter_names
-    return [a for a in names if a in layer.miss_block and a not in layer.merged_adapters]
+    return [a for a in dict.fromkeys(names) if a in layer.miss_block and a not in layer.merged_adapters]
 
 
 def _refuse_shared_merge(layer: PeftMissLinear, names: List[str]) -> None:
@@ -179,6 +181,8 @@ class AcceleratedMissLinear(PeftMissLinear):
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
         adapter_names = kwargs.pop("adapter_names", None)
+        if not torch.compiler.is_compiling():
+            self._refuse_recompute_without_names(adapter_names)
         if adapter_names is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if (args or kwargs) and self._fast_path():
@@ -224,6 +228,22 @@ class AcceleratedMissLinear(PeftMissLinear):
                 term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])
             result = result + term
         return result.to(previous_dtype)
+
+    def _refuse_recompute_without_names(self, adapter_names: object) -> None:
+        """Activation checkpointing recomputes a layer inside backward(), after the model call
+        whose adapter_names reached the layers through hooks has returned: the recompute would
+        silently run every row with the active adapter, and train it. The model-level check
+        (_checkpointing) sees transformers' flag only; torch.utils.checkpoint and its wrappers
+        show here, as a forward without names run by the autograd engine right after forwards
+        with names."""
+        recompute = adapter_names is None and torch._C._current_graph_task_id() != -1
+        if recompute and self.__dict__.get("_rows_had_names", False):
+            raise ValueError(f"{type(self).__name__}: this layer is being recomputed inside backward() (activation "
+                             "checkpointing) without the adapter_names= of its forward, so its rows would silently "
+                             "use the active adapter: adapter_names= cannot be combined with activation checkpointing "
+                             "in training; disable the checkpointing, or use miss_ext.load_bank / mixed_batch and call "
+                             "backward() inside mixed_batch")
+        self.__dict__["_rows_had_names"] = adapter_names is not None
 
     def _mixed_batch_forward(self, x: Tensor, adapter_names: object, *args, **kwargs) -> Tensor:
         """Each sequence i of x with adapter adapter_names[i] (see the module docstring)."""
@@ -284,12 +304,13 @@ class AcceleratedMissLinear(PeftMissLinear):
         the default/mini terms. A merge that cannot keep that order (a bat on top of a merged
         default/mini adapter, or before an already merged bat that the forward applies after it)
         is refused rather than giving a merged layer that differs from the unmerged one."""
-        # A shared base weight (tied embeddings): merging would change the other holders too.
         names = _to_merge(self, adapter_names)
+        if not names:
+            return names
+        # A shared base weight (tied embeddings): merging would change the other holders too.
         _refuse_shared_merge(self, names)
         if not self._fast_path():
-            self._check_slow_path_merge(unmerge=False)
-            return names
+            self._check_slow_path_merge(unmerge=False)  # quantized bases pass: PEFT's merge code, in this order
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
         bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))
@@ -320,7 +341,7 @@ class AcceleratedMissLinear(PeftMissLinear):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
         names = self._merge_plan(adapter_names)
         if not self._fast_path():
-            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return super().merge(safe_merge=safe_merge, adapter_names=names)
         check_adapters_to_merge(self, adapter_names)  # PEFT's warning for adapters merged already
         if not names:
             return
@@ -336,10 +357,11 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _check_unmerge(self) -> None:
         """Every check unmerge() makes, before it writes: ValueError if a merged bat block's
         I + B_i is singular, ill-conditioned or not finite (the conditioning check of
-        miss.merge_(reverse=True), run on an (out, r) stand-in weight so that nothing is written)."""
-        if not self._fast_path():
-            self._check_slow_path_merge(unmerge=True)
+        miss.merge_(reverse=True), run on an (out, r) stand-in weight so that nothing is written).
+        Layers on quantized bases keep PEFT's unmerge code and are not checked here."""
+        if self.quantization_backend is not None:
             return
+        check_merge(self.base_layer, unmerge=True)  # a plain weight to write (hooks may have come since the merge)
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in self.merged_adapters:
@@ -348,8 +370,10 @@ class AcceleratedMissLinear(PeftMissLinear):
                     torch.ops.miss.merge(weight.new_zeros(weight.shape[0], block.shape[1]), block, True)
 
     def unmerge(self) -> None:
-        if not self._fast_path():
-            self._check_slow_path_merge(unmerge=True)
+        # An unmerge only needs a plain weight to write (not a plain forward, as a merge does), so
+        # a layer merged while plain and hooked since is unmerged here too: PEFT's code would
+        # apply one adapter's mode to all and pop merged_adapters before it computes.
+        if self.quantization_backend is not None:
             return super().unmerge()
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
@@ -363,6 +387,20 @@ class AcceleratedMissLinear(PeftMissLinear):
                 if name in self.miss_block:
                     torch.ops.miss.merge_(self.base_layer.weight, self.miss_block[name], True)
                 self.merged_adapters.pop()
+
+
+def _undo_last_merges(layer: AcceleratedMissLinear, count: int) -> None:
+    """Unmerges the layer's last `count` merged adapters (the fast path's arithmetic)."""
+    if count <= 0:
+        return
+    if layer.quantization_backend is not None:
+        raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
+    with torch.no_grad():
+        for _ in range(count):
+            name = layer.merged_adapters[-1]
+            if name in layer.miss_block:
+                torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
+            layer.merged_adapters.pop()
 
 
 def _miss_layers(model: nn.Module, cls: type) -> list:
@@ -490,9 +528,31 @@ class AcceleratedMissModel(MissModel):
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}; no layer was merged") from exc
 
+    @contextmanager
+    def _undo_merges_on_error(self):
+        """Should a layer's merge fail after every check passed (out of memory, a bad MISS_EXT_*
+        value read only by a kernel), the merges this call made are undone before the error
+        propagates (weights equal to the originals up to the unmerge's rounding); a layer that
+        cannot be undone (a quantized base, an ill-conditioned bat block) is named in a warning."""
+        layers = [(path, layer) for path, layer in self.model.named_modules() if type(layer) is AcceleratedMissLinear]
+        before = {id(layer): len(layer.merged_adapters) for _, layer in layers}
+        try:
+            yield
+        except BaseException:
+            failed = []
+            for path, layer in reversed(layers):
+                try:
+                    _undo_last_merges(layer, len(layer.merged_adapters) - before[id(layer)])
+                except Exception as exc:  # keep undoing the others; the original error propagates
+                    failed.append(f"{path} ({exc})")
+            if failed:
+                warnings.warn("could not undo the merges of " + "; ".join(failed), stacklevel=3)
+            raise
+
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
         self._check_merge(adapter_names, safe_merge)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._undo_merges_on_error():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes.
@@ -508,7 +568,13 @@ class AcceleratedMissModel(MissModel):
         bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
         bound.apply_defaults()
         if bound.arguments.get("merge"):
-            self._check_merge(bound.arguments.get("adapter_names"), bool(bound.arguments.get("safe_merge")))
+            # Every layer is merged (all or nothing, see merge_adapter) before any is unloaded;
+            # PEFT's loop would merge and unload layer by layer. Its own merge calls then find
+            # the adapters merged already.
+            self.merge_adapter(bound.arguments.get("adapter_names"), bool(bound.arguments.get("safe_merge")))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already following adapters were merged")
+                return super()._unload_and_optionally_merge(*args, **kwargs)
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
 

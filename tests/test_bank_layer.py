@@ -6,6 +6,8 @@ equal the gradient that adapter gets from its own rows alone. Covered: default a
 r dividing max_r and r that does not (a second fold), rows without an adapter, an empty batch,
 3-D inputs, bf16 bases, per-adapter dropout, a bank that changes between calls, and errors.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +174,21 @@ def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert calls["n"] == 1
     torch._dynamo.reset()
+
+
+def test_under_autocast_the_output_has_x_dtype_as_miss_linear():
+    """bf16 autocast on the CPU: the base output is bf16; the bank returns x's dtype (float32) as
+    MissLinear and PEFT do, with the same values as MissLinear up to its one bf16 rounding."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT)
+    single = MissLinear(copy.deepcopy(base), 4, init_weights=False)
+    bank = MissBankLinear(base, capacity=2, max_r=MAX_R)
+    bank.add_from("a", single)
+    x = torch.randn(3, IN)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got = bank(x, bank.index_of(["a", None, "a"]))
+        want = single(x)
+        plain = base(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-2, atol=1e-2)
+    assert torch.equal(got[1], plain[1].float())

@@ -397,17 +397,24 @@ def test_loaded_into_an_eval_model_the_bank_is_in_eval_mode(tmp_path):
 
 
 def test_state_of_a_call_does_not_leak(folders):
-    """Changing a used slot inside mixed_batch raises at the next call; a copy taken inside does
-    not keep the call's ids; a bank of another shape loads nothing of its slots."""
+    """Changing the slots inside mixed_batch (whose rows name them) is refused, changing nothing;
+    a copy taken inside does not keep the call's ids; a bank of another shape loads nothing of
+    its slots."""
     base, adapters = folders
     model = bank_model(folders, capacity=6)
     ids = tokens(2, 4)
     with miss_ext.mixed_batch(model, ["peft_default", None]):
         copied = copy.deepcopy(model)
-        miss_ext.remove_bank_adapter(model, "peft_default")
-        miss_ext.load_bank_adapter(model, "other", str(adapters["odd_rank"][0]))
-        with pytest.raises(ValueError, match="changed inside miss_ext.mixed_batch"):
-            model(ids)
+        state = snapshot(model)
+        with pytest.raises(ValueError, match="cannot remove adapter 'peft_default' inside miss_ext.mixed_batch"):
+            miss_ext.remove_bank_adapter(model, "peft_default")
+        with pytest.raises(ValueError, match="cannot add adapter 'other' inside miss_ext.mixed_batch"):
+            miss_ext.load_bank_adapter(model, "other", str(adapters["odd_rank"][0]))
+        with pytest.raises(ValueError, match="cannot add adapter 'fresh' inside miss_ext.mixed_batch"):
+            miss_ext.add_bank_adapter(model, "fresh", r=2)
+        with pytest.raises(RuntimeError, match="cannot load a state_dict inside miss_ext.mixed_batch"):
+            model.load_state_dict(copied.state_dict())
+        assert_unchanged(model, state)
     with pytest.raises(ValueError, match="no miss_ext.mixed_batch"):
         copied(ids)
     small = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -438,3 +445,32 @@ def test_more_refusals(folders, tmp_path):
     # a layer with no adapter still checks the ids it is given (CPU)
     with pytest.raises(ValueError, match=r"slots \[1\] that hold no adapter"):
         layer(torch.randn(2, 32, dtype=torch.float64), torch.tensor([-1, 1]))
+
+
+def test_compiled_model_under_mixed_batch_compiles_once():
+    """torch.compile(fullgraph=True) of a bank model called under mixed_batch: other names per
+    call, replacing an adapter in a slot, and a layer holding only absent adapters give one graph
+    (the rows are a tensor; the slot names are not read in forward) and follow the bank."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    miss_ext.apply_bank(model, ["0", "1"], capacity=4, max_r=2)
+    for name in "abc":
+        miss_ext.add_bank_adapter(model, name, r=2, target_modules=["0"])  # layer "1": absent only
+        with torch.no_grad():
+            model[0].block(name).normal_()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 8)
+    for step, names in enumerate([["a", "b"], ["b", "c"], ["c", None], ["a", "a"], ["d", "b"]]):
+        if step == 4:  # replace "a" by "d" in the same slot
+            miss_ext.remove_bank_adapter(model, "a")
+            miss_ext.add_bank_adapter(model, "d", r=2, target_modules=["0"])
+            with torch.no_grad():
+                model[0].block("d").normal_()
+        with torch.no_grad(), miss_ext.mixed_batch(model, names):
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -387,7 +387,7 @@ def _fold_r0(x: torch.Tensor):
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
 def test_torchscript_and_compile_raise_the_ops_messages(dynamo_reset):
     """What holds (README, "The ops"): eager raises ValueError/TypeError; TorchScript re-raises
-    the op's error as torch.jit.Error (a RuntimeError) and torch.compile as Dynamo's
+    the op's error as a plain RuntimeError and torch.compile as Dynamo's
     TorchRuntimeError (a RuntimeError), each with the op's message, which names the value."""
     x = rand(4, 8)
     with pytest.raises(ValueError, match=r"got r=0"):

@@ -7,7 +7,7 @@ float64 reference and the documented Philox mask of those rows instead.
 
 bf16 keeps each big tensor at 4 GiB. Each test peaks at about 8-9 GiB (checked: it asks for 6 or
 10 GiB of available memory and is skipped, saying so, with less; this project's CI machines have
-24 GiB); the file takes about a minute on two cores.
+24 GiB); the file takes one to two minutes on two cores.
 """
 import gc
 

@@ -352,6 +352,79 @@ def test_model_level_merge_and_unmerge_are_all_or_nothing(base):
     assert all(m.merged for m in fast.modules() if isinstance(m, PeftMissLinear))
 
 
+def test_a_name_given_twice_is_merged_once(base):
+    _, fast = pair(base, "default")
+    ids = tokens()
+    unmerged = fast(ids).logits
+    fast.merge_adapter(["default", "default"])
+    assert all(m.merged_adapters == ["default"] for m in fast.modules() if isinstance(m, PeftMissLinear))
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+
+
+def test_unmerge_after_a_hook_came_uses_the_checked_path(base):
+    """A layer merged while plain and hooked since: unmerge only needs a plain weight, so it runs
+    here (checks first, each adapter's own mode) rather than in PEFT's code, which applies one
+    mode to all and drops the bookkeeping before it computes."""
+    model, layer = mixed_layer(base, ["bat", "default"])
+    weight = layer.base_layer.weight.clone()
+    layer.merge()
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    merged = layer.base_layer.weight.clone()
+    saved = layer.miss_block["a0"][0].clone()
+    with torch.no_grad():
+        layer.miss_block["a0"][0] = -torch.eye(R, dtype=torch.float64)
+    with pytest.raises(ValueError, match="singular or ill-conditioned"):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, merged) and layer.merged_adapters == ["a0", "a1"]
+    with torch.no_grad():
+        layer.miss_block["a0"][0] = saved
+    layer.unmerge()
+    assert layer.merged_adapters == []
+    torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+    handle.remove()
+
+
+def test_a_layer_with_nothing_to_merge_does_not_block_the_others(base):
+    """Adapter "b" only on a hooked layer (whose merge is refused): merging "a" elsewhere works."""
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["q_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=R, target_modules=["v_proj"], init_weights=False))
+    accelerate(model)
+    hooked = model.base_model.model.model.layers[0].self_attn.v_proj
+    hooked.base_layer.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.v_proj"):
+        model.merge_adapter(["b"])
+    model.merge_adapter(["a"])
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
+
+
+def test_model_level_merges_are_undone_when_a_later_layer_fails(base, monkeypatch):
+    """A merge that fails after every check passed (a bad MISS_EXT_BAT_TRANSFORM value, read by the
+    bat kernel only; out of memory would do the same): the layers merged before it are unmerged
+    again, and merge_and_unload unloads nothing (PEFT's loop merges and unloads layer by layer)."""
+    model = peft_model(base, "default")
+    model.add_adapter("b", MissConfig(r=R, target_modules=["o_proj"], init_weights="bat"))
+    randomize_blocks(model, seed=5)
+    model.base_model.set_adapter(["default", "b"])
+    fast = accelerate(model.eval())
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    types = [type(m) for m in fast.modules()]
+    ids = tokens()
+    expected = fast(ids).logits
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "bogus")
+    for call in (fast.merge_adapter, fast.merge_and_unload):
+        with pytest.raises(ValueError, match="MISS_EXT_BAT_TRANSFORM"):
+            call()
+        assert [type(m) for m in fast.modules()] == types
+        assert not any(m.merged for m in fast.modules() if isinstance(m, PeftMissLinear))
+        for name, value in fast.state_dict().items():
+            torch.testing.assert_close(value, state[name], **TOL)
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM")
+    torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+
+
 @pytest.mark.parametrize("mode", ["default", "mini"])
 def test_dropout_uses_the_fused_kernel_in_training_only(base, mode):
     plain, fast = pair(base, mode, dropout=0.3)

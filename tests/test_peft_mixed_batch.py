@@ -284,3 +284,37 @@ def test_peft_corner_cases_are_refused():
     model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False))
     with pytest.warns(UserWarning, match="not their PEFT tuner"):
         miss_ext.peft.accelerate(model.get_base_model())
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
+    """torch.utils.checkpoint (and the wrappers built on it) recompute the layer inside backward(),
+    after the names' hooks are gone: refused there rather than training the active adapter (the
+    reentrant form used to send every row's gradient to "a" silently)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return checkpoint(self.lin, x, use_reentrant=reentrant)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), MissConfig(r=4, target_modules=["lin"], init_weights=False), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["lin"], init_weights=False))
+    miss_ext.peft.accelerate(model).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("miss_block" in name)
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="recomputed inside backward"):
+        model(x, adapter_names=["b", "b"]).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for name, p in model.named_parameters() if name.endswith(".a"))
+    # Without names the checkpointed model trains as before (the flag does not stick).
+    model.zero_grad()
+    model(x).sum().backward()
+    model.zero_grad()
+    with torch.no_grad():  # inference with names and checkpointing: nothing is recomputed
+        model(x, adapter_names=["b", "__base__"])
+    model(x).sum().backward()

@@ -68,7 +68,9 @@ BankArgs bank_args(const at::Tensor& s, const at::Tensor& bank, const at::Tensor
 void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
                    const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index) {
   check_bank_args(y, s, bank, ranks, periods, index);
-  if (y.numel() == 0 || bank.size(0) == 0) return;  // nothing to add (an empty bank: every index is negative)
+  // An empty bank still goes to the kernel, which checks the ids: a row naming a slot of an empty
+  // bank is an error, not a row that silently keeps y.
+  if (y.numel() == 0) return;
   const BankArgs a = bank_args(s, bank, ranks, periods, index);
   const int64_t rows = a.index.numel();
   if (y.is_contiguous()) {
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_with(BankGradKernel kernel,
   check_bank_args(grad, s, bank, ranks, periods, index);
   at::Tensor grad_s = at::zeros(s.sizes(), s.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_bank = at::zeros(bank.sizes(), bank.options().memory_format(at::MemoryFormat::Contiguous));
-  if (grad.numel() == 0 || bank.size(0) == 0 || s.size(-1) == 0) return {grad_s, grad_bank};
+  if (grad.numel() == 0 || s.size(-1) == 0) return {grad_s, grad_bank};
   const BankArgs a = bank_args(s, bank, ranks, periods, index);
   const int64_t rows = a.index.numel();
   const at::Tensor g = grad.reshape({rows, grad.size(-1)}).contiguous();
