@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, freeze_all_but_blocks, mark_extras_trainable,
-                    miss_layers, parent_module, record_shared_weights, trainable_extras, warn_shared)
-from .modules import MissLinear, base_refusal, block_shape, check_dropout
+                    miss_layers, parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
+                    unwrap_data_parallel, warn_shared)
+from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, reshard_fsdp
 from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, set_module)
 
@@ -130,23 +131,16 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         f.write("\n")
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+def _copy_whole(param: Tensor, value: Tensor) -> None:
+    """param <- value, the whole tensor from a file. A DTensor parameter (FSDP2, tensor parallel)
+    keeps this rank's shard of it: every rank holds the whole file, so distribute_tensor with
+    src_data_rank=None takes the shard locally, with no communication."""
+    with torch.no_grad():
+        if is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
 
-    return isinstance(t, DTensor)
-
-
-def _fsdp_modules(model: nn.Module) -> list:
-    """The modules of `model` that FSDP2's `fully_shard` manages."""
-    if not torch.distributed.is_available():
-        return []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+            value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.copy_(value)
 
 
 def _full_block(block: Tensor) -> Tensor:
@@ -154,7 +148,7 @@ def _full_block(block: Tensor) -> Tensor:
     parallel) holds only this rank's shard: it is gathered with `full_tensor()`, a collective over
     its device mesh that every rank of the mesh must join."""
     block = block.detach()
-    if _is_dtensor(block):
+    if is_dtensor(block):
         block = block.full_tensor()
     return block.cpu().contiguous()
 
@@ -205,21 +199,20 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     `is_main_process=False` (under DDP, call it on one rank).
 
     ValueError, writing nothing, for a model without MissLinear layers or with layers of
-    different r, mode, mini_r or dropout (one PEFT config holds one of each)."""
+    different r, mode, mini_r or dropout (one PEFT config holds one of each). A model in a
+    DistributedDataParallel / DataParallel wrapper is saved as the model inside it (paths without
+    the wrapper's "module."); under DistributedDataParallel only rank 0 writes by default, as for
+    a sharded model (every rank holds the same blocks)."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    model = unwrap_data_parallel(model)
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
     r, mode, mini_r, dropout = _uniform_settings(layers)
-    # FSDP2 leaves a module's parameters unsharded after a forward that no backward followed when
-    # it does not reshard after forward (the root module, or reshard_after_forward=False): the
-    # registered miss_block is then the gathered copy, in the mixed-precision param_dtype (bf16)
-    # rather than the float32 master. reshard() (local, no communication) puts the sharded
-    # parameters back; the next forward gathers them again.
-    fsdp = _fsdp_modules(model)
-    for module in fsdp:
-        module.reshard()
+    # The float32 master blocks, not the gathered bf16 copies a forward may have left (reshard_fsdp).
+    fsdp = reshard_fsdp(model)
     # Every rank gathers, in model order (the same collectives in the same order on each rank).
-    sharded = bool(fsdp) or any(_is_dtensor(layer.miss_block) for _, layer in layers)
+    sharded = bool(fsdp) or any(is_dtensor(layer.miss_block) for _, layer in layers)
     tensors = {f"{KEY_PREFIX}{name}.miss_block": _full_block(layer.miss_block) for name, layer in layers}
     # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):
     # modules_to_save under their own parameter names, and the biases of bias="all"/"MiSS_only".
@@ -233,7 +226,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                              f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
     tensors.update({f"{KEY_PREFIX}{key}": _full_block(p) for key, p in extra_parameters(model, extras).items()})
     if is_main_process is None:
-        is_main_process = not sharded or torch.distributed.get_rank() == 0
+        is_main_process = not (sharded or ddp) or torch.distributed.get_rank() == 0
     if not is_main_process:
         return
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
@@ -444,13 +437,21 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     Every check runs first: a key, field, module or shape that does not fit raises ValueError
     listing every difference, and the model is left as it was. With freeze_others (the
     default, as PEFT), the remaining parameters stop requiring grad.
+
+    A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
+    inner model's); into a DDP-wrapped model only existing MissLinear layers can be loaded
+    (ValueError otherwise: DDP would not reduce new blocks' gradients).
     """
+    wrapped, model = model, unwrap_data_parallel(model)
     config, blocks, extras = read_adapter(path)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
+    reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)
     extra_problems, extra_plan = _plan_extras(model, extras)
+    if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
+        refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
     problems += block_problems + extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
@@ -469,21 +470,11 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             # The file's dropout is part of the adapter it describes, as for a new layer: a layer
             # that kept its own would train the loaded adapter with another dropout, silently.
             module.dropout = dropout
-        with torch.no_grad():
-            value = block
-            if _is_dtensor(module.miss_block):
-                # A sharded model (FSDP2, TP): every rank holds the whole file and keeps its own
-                # shard of it (distribute_tensor with src_data_rank=None: no communication).
-                from torch.distributed.tensor import distribute_tensor
-
-                value = distribute_tensor(block.to(module.miss_block.dtype), module.miss_block.device_mesh,
-                                          module.miss_block.placements, src_data_rank=None)
-            module.miss_block.copy_(value)
+        _copy_whole(module.miss_block, block)
         if r > module.in_features:
             dead.append(name)
-    with torch.no_grad():
-        for param, value, _ in extra_plan:
-            param.copy_(value)
+    for param, value, _ in extra_plan:
+        _copy_whole(param, value)
     # Record what the file trains beside the blocks, so later freezes keep it trainable and
     # save_adapter writes it again.
     save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
@@ -504,4 +495,4 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
                       stacklevel=2)
     shared = record_shared_weights(model)
     warn_shared({name: shared[name] for name in new if name in shared})
-    return model
+    return wrapped

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .modules import MissLinear, adapter_dtype, block_shape, check_dropout, is_plain_linear
+from .modules import MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
@@ -170,13 +170,18 @@ class MissBankLinear(nn.Module):
         return self.bank.shape[0]
 
     # ---- the bank -------------------------------------------------------------------------------
-    def _check_no_mixed_batch(self, what: str) -> None:
+    def _check_mutable(self, what: str) -> None:
         # The row ids of a mixed_batch name slots: changing a slot inside it would silently give
         # those rows another adapter. Refused where the change is asked for, so that forward need
         # not compare names (which, under torch.compile, would guard on them and recompile).
         if self.rows is not None:
             raise ValueError(f"MissBankLinear: cannot {what} inside miss_ext.mixed_batch (its rows name the bank's "
                              "slots); change adapters outside it")
+        # A sharded bank (FSDP2 shards its slots): indexing a slot of a DTensor gives a new
+        # tensor, so writes into it would be lost.
+        if is_dtensor(self.bank):
+            raise ValueError(f"MissBankLinear: cannot {what} in a sharded bank (a DTensor: FSDP2 or tensor "
+                             "parallelism); add and remove adapters before sharding the model")
 
     def adapter_shape(self, name: str, r: int, mode: str = "default", mini_r: int = 1,
                       dropout: float = 0.0) -> Tuple[int, int]:
@@ -198,7 +203,7 @@ class MissBankLinear(nn.Module):
         """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
         (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
         a full bank, r > max_r or bad sizes, or inside miss_ext.mixed_batch; TypeError for bat."""
-        self._check_no_mixed_batch(f"add adapter {name!r}")
+        self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
@@ -231,7 +236,7 @@ class MissBankLinear(nn.Module):
         """Registers an adapter of the model that does not adapt this layer (its PEFT config does
         not target it), so that slot ids stay the same in every layer of a model; rows naming it
         get the base output here. Returns the slot id."""
-        self._check_no_mixed_batch(f"add adapter {name!r}")
+        self._check_mutable(f"add adapter {name!r}")
         slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
         self.absent[slot] = True
@@ -242,7 +247,7 @@ class MissBankLinear(nn.Module):
         """Empties the slot of adapter `name` (zeros, rank 0) for another adapter to take; rows
         must not name it afterwards. ValueError naming the bank's adapters for an unknown name, or
         inside miss_ext.mixed_batch."""
-        self._check_no_mixed_batch(f"remove adapter {name!r}")
+        self._check_mutable(f"remove adapter {name!r}")
         slot = self._slot(name)
         with torch.no_grad():
             self.bank[slot].zero_()
@@ -255,7 +260,8 @@ class MissBankLinear(nn.Module):
         self._regroup()
 
     def block(self, name: str) -> Tensor:
-        """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r)."""
+        """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r). (Of a
+        sharded bank, a DTensor, the slice is a new tensor: writes into it do not reach the bank.)"""
         slot = self._slot(name)
         if self.absent[slot]:
             raise ValueError(f"adapter {name!r} does not adapt this layer (add_absent): it has no block here")

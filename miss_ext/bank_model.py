@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter
-from .modules import MissLinear, check_dropout
+from .model import unwrap_data_parallel
+from .modules import MissLinear, check_dropout, is_dtensor, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
@@ -242,13 +243,24 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     """Writes one adapter of the bank as a PEFT MiSS adapter folder (loadable by
     `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter): the blocks
     of the layers that hold it, with its r, mode, mini_r and dropout. ValueError for a model
-    without bank layers or a name not in the bank (the message lists the bank's adapters)."""
+    without bank layers or a name not in the bank (the message lists the bank's adapters).
+
+    A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
+    every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
+    model = unwrap_data_parallel(model)
     layers = _layers(model, "save_bank_adapter")
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
     _, first = present[0]
     r, q, mode = int(first.ranks[slot]), int(first.periods[slot]), first.modes[slot]
-    tensors = {f"{KEY_PREFIX}{p}.miss_block": layer.block(name).detach().cpu().contiguous() for p, layer in present}
+    sharded = bool(reshard_fsdp(model)) or any(is_dtensor(layer.bank) for _, layer in present)
+    tensors = {}
+    for p, layer in present:  # every rank gathers, in model order
+        bank = layer.bank.detach()
+        bank = bank.full_tensor() if is_dtensor(bank) else bank
+        tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
                             task_type=task_type)
     write_adapter(path, tensors, config)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
-from .model import miss_layers, trainable_extras
+from .model import miss_layers, trainable_extras, unwrap_data_parallel
 from .targets import describe, exact_paths_regex
 
 
@@ -99,6 +99,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     adapters, merged layers, layers of different r or dropout (one LoRA config holds one r
     and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
     or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce."""
+    model = unwrap_data_parallel(model)
     adapters = _adapters(model, adapter_name)
     if not adapters:
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "

@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal
+from .modules import (WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal,
+                      reshard_fsdp)
 from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
                       set_module, shared_weight_message)
@@ -18,6 +19,23 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     if not path:
         return None
     return model.get_submodule(path.rpartition(".")[0])
+
+
+def unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers (their `.module`): adapter
+    files name module paths of the model itself, without the wrapper's "module." prefix."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
+    """ValueError for a DistributedDataParallel model about to get new parameters: DDP registers
+    the parameters to reduce when it is built, so new blocks would train per rank, unreduced."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(f"{where}: the model is wrapped in DistributedDataParallel, which registered its parameters "
+                         "when it was built: new MiSS blocks would not have their gradients averaged over the ranks. "
+                         "Add the adapters first, then wrap the model in DDP (docs/multi_gpu.md)")
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
@@ -254,7 +272,11 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     `peft.MissConfig` / `BoneConfig` or the dict of an adapter_config.json: init_weights True /
     False / "mini" / "bat" become init_weights=True / init_weights=False / mode="mini" /
     mode="bat"; miss_dropout is dropout. Only freeze_others may be given with a config.
+
+    A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
+    first, then wrap.
     """
+    refuse_ddp_wrapped(model, "apply_miss")
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
                                          ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
@@ -382,6 +404,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
         return model
+    # FSDP2 may hold a layer unsharded (its weight then FSDP's gathered copy, which a merge would
+    # write into and FSDP drop): resharded, its weight is the DTensor that merge_refusal refuses.
+    reshard_fsdp(model)
     # Re-checked here rather than trusted from setup: the user may have tied or untied since.
     shared = record_shared_weights(model)
     blocked = [name for name, layer in layers if name in shared and not layer.merged]

@@ -98,6 +98,34 @@ def check_merge(module: nn.Module, unmerge: bool = False) -> None:
 WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
 
 
+def is_dtensor(t: Optional[Tensor]) -> bool:
+    """Whether t is a DTensor (torch.distributed.tensor: FSDP2, tensor parallelism)."""
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def reshard_fsdp(model: nn.Module) -> list:
+    """Reshards every FSDP2 (`fully_shard`) module of `model` (local, no communication) and
+    returns them. FSDP2 leaves a module's parameters unsharded after a forward that no backward
+    followed when it does not reshard after forward (the root module, reshard_after_forward=False):
+    the registered parameters are then FSDP's gathered copies (in the mixed-precision param_dtype),
+    and a write into them (loading, merging) would be lost at the next reshard. After this the
+    registered parameters are the sharded DTensors; the next forward gathers them again."""
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp:
+        module.reshard()
+    return fsdp
+
+
 def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None) -> Optional[str]:
     """Why `base` cannot take a MissLinear of `mode`, or None: the constructor's checks, so that
     apply_miss and load_adapter can run them for every layer before changing anything. `parent`
@@ -107,6 +135,16 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     if isinstance(parent, WEIGHT_READING_PARENTS):
         return (f"its parent {type(parent).__name__} reads the layer's weight directly instead of calling it, so an "
                 "adapter there would never run")
+    weight = getattr(base, "weight", None)
+    if is_dtensor(weight) and weight.device_mesh.size() > 1:
+        # A one-rank mesh holds the whole weight: nothing to get wrong (and it is how FSDP2 runs
+        # in one process).
+        return (f"its weight is a DTensor sharded over {weight.device_mesh.size()} ranks: the layer was sharded "
+                "(tensor parallelism, or FSDP2's fully_shard) before the adapter was added. Under tensor parallelism "
+                "the adapter would see the rank's local x or output beside the whole block; under FSDP2 its block "
+                "would be a plain parameter that FSDP neither shards nor reduces, so each rank would train its own "
+                "copy. Add MiSS first, then shard (docs/multi_gpu.md; tensor parallelism: MissColwiseParallel / "
+                "MissRowwiseParallel)")
     if mode == "bat" and not is_plain_linear(base):
         return (f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it needs a "
                 f"plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/sharded weight); got "
@@ -290,7 +328,12 @@ class MissLinear(nn.Module):
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:
         """W <- W + dW. With safe_merge, the merged weight is built in a copy and checked first:
-        non-finite values raise ValueError and leave the weight untouched."""
+        non-finite values raise ValueError and leave the weight untouched.
+
+        A layer whose weight is sharded (FSDP2, tensor parallelism) is refused (ValueError). Under
+        FSDP2 merge through miss_ext.merge_and_unload(model), which reshards first: a layer that a
+        forward left unsharded holds FSDP's gathered copy of the weight, which this layer alone
+        cannot tell from its own, and a merge into it would be lost at the next reshard."""
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return

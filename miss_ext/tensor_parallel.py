@@ -396,6 +396,10 @@ class MissColwiseParallel(ColwiseParallel):
         check_torch_version(type(self).__name__)
         _check_miss_layer(type(self).__name__, module, device_mesh)
         n, out_f = device_mesh.size(), module.out_features
+        if out_f < n:
+            # DTensor cannot view a 3-D input's flattened rows back with an empty shard of out.
+            raise ValueError(f"{type(self).__name__}: out_features={out_f} over {n} ranks leaves a rank without an "
+                             "output column; shard a layer with out_features >= world")
         if module.mode == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
             raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
                              f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "
@@ -417,7 +421,7 @@ class MissRowwiseParallel(RowwiseParallel):
     a Partial sum, reduced with the base output by the one all-reduce the layer does anyway; that
     needs every shard of in to start at a multiple of r and no dropout. Otherwise the fold's
     strategy all-gathers x (correct, costs tokens x in per layer and step; warned here).
-    Bat needs in % (r * world) == 0 (ValueError otherwise)."""
+    Bat needs in % (r * world) == 0 and (out / r) % world == 0 (ValueError otherwise)."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -443,6 +447,12 @@ class MissRowwiseParallel(RowwiseParallel):
             if in_f % (r * n) != 0:
                 raise ValueError(f"{style}: bat mode shards in_features={in_f} over {n} ranks in whole r x r tiles, so "
                                  f"in_features must be a multiple of r * world = {r * n}")
+            if (module.out_features // r) % n != 0:
+                # The backward views the in-sharded weight as (out/r, in, r); DTensor's view rules
+                # need that first dimension to split evenly over the ranks (found on 2 ranks: out/r
+                # odd fails in backward, even works).
+                raise ValueError(f"{style}: bat mode needs out_features/r = {module.out_features // r} divisible by "
+                                 f"the {n} ranks (its backward views the sharded weight as (out/r, in, r))")
         elif not shards_aligned(in_f, r, device_mesh) or module.dropout > 0.0:
             why = (f"dropout={module.dropout} (its mask is indexed by the global column)" if module.dropout > 0.0
                    else f"in_features={in_f} over {n} ranks gives shards that do not start at multiples of r={r}")

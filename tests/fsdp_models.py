@@ -343,9 +343,109 @@ def load_into_sharded(rank: int, world_size: int, folder: str):
     return blocks(source), before, blocks(target)
 
 
+def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
+    """What a forward without backward leaves unsharded (the root, no reshard after forward), and
+    models in wrappers (run after load_into_sharded, whose adapter folder it reuses):
+    - load_adapter into the unsharded root, then a training forward and backward: the gathered
+      blocks are still the file's (a load into FSDP's gathered copies was lost at the reshard);
+    - merge_and_unload after an eval forward: refused (ValueError), nothing unloaded;
+    - apply_miss on an FSDP-sharded base: refused (TypeError);
+    - an adapter with modules_to_save (lm_head) loaded into a sharded model: blocks and head;
+    - a bank: adding/removing adapters in the sharded bank refused, save_bank_adapter gathers it;
+    - DDP: save_adapter(DDP(model)) writes the inner model's paths; apply_miss on it is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    path = os.path.join(folder, "load-sharded")
+    source = blocks(make_model("default", R, 0.0, "fp64", block_seed=1))
+    target = fully_shard(make_model("default", R, 0.0, "fp64", block_seed=2), mesh=mesh)
+    batch = local_batch(global_batch(world_size, 0), rank)
+    with torch.no_grad():
+        target(input_ids=batch)  # the root stays unsharded
+    out["unsharded_type"] = type(miss_ext.miss_layers(target)[0][1].miss_block).__name__
+    miss_ext.load_adapter(target, path)
+    target(input_ids=batch, labels=batch).loss.backward()
+    out["load_gap"] = max((blocks(target)[n] - source[n]).abs().max().item() for n in source)
+    with torch.no_grad():
+        target(input_ids=batch)
+    try:
+        miss_ext.merge_and_unload(target)
+        out["merge_error"] = None
+    except ValueError as e:
+        out["merge_error"] = str(e)
+    out["still_adapted"] = len(miss_ext.miss_layers(target))
+    plain = tiny_causal_lm("llama", dtype=torch.float64)
+    fully_shard(plain.model.layers[0].self_attn.q_proj, mesh=mesh)
+    try:
+        miss_ext.apply_miss(plain, ["q_proj"], r=R)
+        out["apply_error"] = None
+    except TypeError as e:
+        out["apply_error"] = str(e)
+
+    # modules_to_save: the head's value in the file goes to each rank's shard of it.
+    extras_source = tiny_causal_lm("llama", dtype=torch.float64)
+    miss_ext.apply_miss(extras_source, TARGETS, r=R, modules_to_save=["lm_head"], init_weights=False)
+    with torch.no_grad():
+        extras_source.lm_head.weight.add_(1.0)  # a trained head, different from the target's
+    extras_path = os.path.join(folder, "extras")
+    miss_ext.save_adapter(extras_source, extras_path)
+    torch.distributed.barrier()
+    extras_target = make_model("default", R, 0.0, "fp64", block_seed=2)
+    for layer in extras_target.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(extras_target, mesh=mesh)
+    miss_ext.load_adapter(extras_target, extras_path)
+    got, want = blocks(extras_target), blocks(extras_source)
+    out["extras_gap"] = max([(got[n] - want[n]).abs().max().item() for n in want] +
+                            [(_full(extras_target.lm_head.weight) - extras_source.lm_head.weight).abs().max().item()])
+
+    # A sharded bank.
+    bank_model = tiny_causal_lm("llama", dtype=torch.float64)
+    miss_ext.apply_bank(bank_model, ["q_proj"], capacity=2, max_r=R)
+    miss_ext.add_bank_adapter(bank_model, "a", r=R)
+    with torch.no_grad():
+        for _, layer in miss_ext.bank_model.bank_layers(bank_model):
+            layer.block("a").normal_(generator=torch.Generator().manual_seed(4))
+    expected = {p: layer.block("a").detach().clone() for p, layer in miss_ext.bank_model.bank_layers(bank_model)}
+    for layer in bank_model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(bank_model, mesh=mesh)
+    try:
+        miss_ext.remove_bank_adapter(bank_model, "a")
+        out["bank_error"] = None
+    except ValueError as e:
+        out["bank_error"] = str(e)
+    bank_path = os.path.join(folder, "bank-a")
+    miss_ext.save_bank_adapter(bank_model, "a", bank_path)
+    torch.distributed.barrier()
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(bank_path, "adapter_model.safetensors"))
+    out["bank_gap"] = max((saved[f"base_model.model.{p}.miss_block"] - v).abs().max().item() for p, v in expected.items())
+
+    # DDP.
+    wrapped = DDP(make_model("default", R, 0.0, "fp64"))
+    miss_ext.save_adapter(wrapped, os.path.join(folder, f"ddp{rank}"))  # by default rank 0 writes
+    torch.distributed.barrier()
+    out["ddp_wrote"] = os.path.exists(os.path.join(folder, f"ddp{rank}"))
+    out["ddp_keys"] = sorted(load_file(os.path.join(folder, "ddp0", "adapter_model.safetensors")))[:1]
+    try:
+        miss_ext.apply_miss(wrapped, ["lm_head"], r=R)
+        out["ddp_apply_error"] = None
+    except ValueError as e:
+        out["ddp_apply_error"] = str(e)
+    miss_ext.load_adapter(wrapped, path)  # existing layers only: allowed
+    out["ddp_load_gap"] = max((blocks(wrapped.module)[n] - source[n]).abs().max().item() for n in source)
+    return out
+
+
 def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
-    """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward and
-    load_into_sharded."""
+    """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward,
+    load_into_sharded and unsharded_and_wrapped."""
     return {"dcp": dcp_resume(rank, world_size, modes, folder),
             "eval_save": save_after_eval_forward(rank, world_size, folder),
-            "load_sharded": load_into_sharded(rank, world_size, folder)}
+            "load_sharded": load_into_sharded(rank, world_size, folder),
+            "unsharded": unsharded_and_wrapped(rank, world_size, folder)}

@@ -285,3 +285,24 @@ def test_load_adapter_into_a_sharded_model(checkpoint_runs):
         for name in source:
             assert not torch.equal(before[name], source[name]), f"rank {rank} {name}: nothing to load"
             assert torch.equal(after[name], source[name]), f"rank {rank} {name}"
+
+
+def test_unsharded_models_and_wrappers(checkpoint_runs):
+    """fsdp_models.unsharded_and_wrapped: loads reach the sharded parameters even when a forward
+    left the root unsharded, merge_and_unload and apply_miss refuse sharded layers, modules_to_save
+    values reach a sharded head, a sharded bank refuses slot changes and saves whole blocks, and
+    DDP wrappers are looked through (and refuse new adapters)."""
+    for rank, run in enumerate(checkpoint_runs):
+        u = run["unsharded"]
+        assert u["unsharded_type"] == "Parameter", u  # the state under test: FSDP's gathered copy
+        assert u["load_gap"] == 0.0, (rank, u["load_gap"])
+        assert u["merge_error"] is not None and "not a plain tensor" in u["merge_error"], u
+        assert u["still_adapted"] == N_BLOCKS
+        assert u["apply_error"] is not None and "sharded over 2 ranks" in u["apply_error"], u
+        assert u["extras_gap"] == 0.0, (rank, u["extras_gap"])
+        assert u["bank_error"] is not None and "sharded bank" in u["bank_error"], u
+        assert u["bank_gap"] == 0.0, (rank, u["bank_gap"])
+        assert u["ddp_keys"][0].startswith("base_model.model.model.layers."), u["ddp_keys"]
+        assert u["ddp_wrote"] == (rank == 0), (rank, u["ddp_wrote"])
+        assert u["ddp_apply_error"] is not None and "DistributedDataParallel" in u["ddp_apply_error"], u
+        assert u["ddp_load_gap"] == 0.0, (rank, u["ddp_load_gap"])

@@ -118,6 +118,16 @@ def rank_main(rank, world_size, folder):
                          gather_warnings=gather_warnings)
         if name in ("default", "bat"):  # save_adapter gathers sharded blocks (every rank calls it, rank 0 writes)
             out[name]["saved"] = save_and_read(model, folder, name, rank)
+            # load_adapter into a parallelized model: each rank takes its shard of the file's blocks.
+            import os
+
+            import miss_ext
+
+            again = build(mode, r, mini_r, dropout)
+            parallelize(again, mesh)
+            miss_ext.load_adapter(again, os.path.join(folder, name))
+            with torch.no_grad():
+                out[name]["reloaded_gap"] = (again.eval()(tokens()).logits - model.eval()(tokens()).logits).abs().max().item()
 
     # Refusals, at parallelize time. mini_r=16: k_proj's out 16 splits into shards of 8, which cannot
     # hold the (r, 16) tile; bat with r=16: o_proj's in 32 = 2 x 16 splits fine, down_proj's out 32 does
@@ -130,6 +140,28 @@ def rank_main(rank, world_size, folder):
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
+    # Single layers: a row-wise bat layer whose out/r does not split over the ranks, a column-wise
+    # layer with fewer output columns than ranks, and MiSS added after torch's own style sharded
+    # the base (the adapter would see a local x or output beside its whole block).
+    import miss_ext
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from miss_ext.tensor_parallel import MissColwiseParallel, MissRowwiseParallel
+
+    for name, (layer, style) in {"bat_out_r_odd": (miss_ext.MissLinear(torch.nn.Linear(8, 6), 2, mode="bat"),
+                                                   MissRowwiseParallel()),
+                                 "col_out_lt_world": (miss_ext.MissLinear(torch.nn.Linear(10, 1), 3),
+                                                      MissColwiseParallel())}.items():
+        try:
+            parallelize_module(layer, mesh, style)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    sharded = parallelize_module(torch.nn.Sequential(torch.nn.Linear(8, 12)), mesh, {"0": ColwiseParallel()})
+    try:
+        miss_ext.apply_miss(sharded, ["0"], r=4)
+        errors["miss_after_tp"] = None
+    except (TypeError, ValueError) as e:
+        errors["miss_after_tp"] = str(e)
     out["errors"] = errors
 
     # check_keys: ranks seeded differently draw different dropout keys, which must be refused (a
@@ -186,6 +218,12 @@ def test_save_adapter_writes_whole_blocks(ranks, name):
             torch.testing.assert_close(saved[f"base_model.model.{key}"], block, rtol=0, atol=0)
 
 
+def test_load_adapter_into_a_parallelized_model(ranks):
+    for result in ranks:
+        for name in ("default", "bat"):
+            assert result[name]["reloaded_gap"] < 1e-12, (name, result[name]["reloaded_gap"])
+
+
 def test_dropout_changes_the_output(reference):
     # the dropout configurations really drop (so their comparison checks the mask's indexing)
     assert not torch.allclose(reference["dropout"][0], reference["default"][0])
@@ -235,6 +273,9 @@ def test_refusals(ranks):
         errors = result["errors"]
         assert errors["mini_r16"] is not None and "mini_r=16" in errors["mini_r16"], errors
         assert errors["bat_r16"] is not None and "r * world = 32" in errors["bat_r16"], errors
+        assert errors["bat_out_r_odd"] is not None and "out_features/r = 3" in errors["bat_out_r_odd"], errors
+        assert errors["col_out_lt_world"] is not None and "out_features=1 over 2" in errors["col_out_lt_world"], errors
+        assert errors["miss_after_tp"] is not None and "sharded over 2 ranks" in errors["miss_after_tp"], errors
         assert result["key_error"] is not None and "dropout key differs" in result["key_error"]
 
 
