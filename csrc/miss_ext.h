@@ -7,3 +7,4 @@
 #include "ops/linear.h"
 #include "ops/merge.h"
 #include "ops/bat.h"
+#include "ops/bank.h"

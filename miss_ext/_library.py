@@ -1,7 +1,15 @@
 """Loads the compiled op library and describes how it was built."""
+import sys
 from typing import Dict, List
 
 import torch
+
+# A second registration of the `miss` namespace (the CMake-built libmiss_ext.so loaded with
+# torch.ops.load_library, then this package) aborts the whole process inside torch: refuse first.
+if "miss_ext._C" not in sys.modules and "miss::fold" in torch._C._dispatch_get_all_op_names():
+    raise ImportError("the miss ops are already registered in this process (by torch.ops.load_library of the CMake-built "
+                      "libmiss_ext.so?): importing miss_ext would register them a second time, which aborts the "
+                      "process. Use one of the two per process")
 
 try:
     from . import _C  # noqa: F401  (registers the `miss` ops as a side effect)

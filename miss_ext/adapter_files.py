@@ -439,8 +439,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     default, as PEFT), the remaining parameters stop requiring grad.
 
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
-    inner model's); into a DDP-wrapped model only existing MissLinear layers can be loaded
-    (ValueError otherwise: DDP would not reduce new blocks' gradients).
+    inner model's); into a DDP-wrapped model only existing MissLinear layers, and extras the
+    model already trains, can be loaded (ValueError otherwise: DDP would not reduce the
+    gradients of parameters that start training after it was built).
     """
     wrapped, model = model, unwrap_data_parallel(model)
     config, blocks, extras = read_adapter(path)
@@ -452,6 +453,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     extra_problems, extra_plan = _plan_extras(model, extras)
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
+    if wrapped is not model and any(trainable and not param.requires_grad for param, _, trainable in extra_plan):
+        refuse_ddp_wrapped(wrapped, "load_adapter (the file trains modules_to_save or biases the model has frozen)")
     problems += block_problems + extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter
-from .model import unwrap_data_parallel
-from .modules import MissLinear, check_dropout, is_dtensor, reshard_fsdp
+from .model import refuse_ddp_wrapped, unwrap_data_parallel
+from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
@@ -57,6 +57,20 @@ def _layers(model: nn.Module, where: str) -> List[Tuple[str, MissBankLinear]]:
     return layers
 
 
+def _model_to_change(model: nn.Module) -> nn.Module:
+    """The model whose bank a function changes: inside a DistributedDataParallel / DataParallel
+    wrapper (file paths are the inner model's), with FSDP2 modules resharded first (a forward
+    may have left FSDP's gathered copies registered, and a write into them would be lost; a
+    sharded bank then refuses slot changes)."""
+    model = unwrap_data_parallel(model)
+    reshard_fsdp(model)
+    return model
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
 def bank_adapter_names(model: nn.Module) -> List[str]:
     """The adapters in the model's bank, in slot order."""
     return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
@@ -67,14 +81,20 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     """Replaces every linear layer `target_modules` selects (PEFT's rule: a name suffix, a list of
     them, a regex, or "all-linear") by a MissBankLinear with `capacity` slots of rank up to
     `max_r`, in place; returns the model. The bank starts empty. With freeze_others (as PEFT),
-    every other parameter stops requiring grad. ValueError when nothing is selected or a
-    selected module is not an nn.Linear."""
+    every other parameter stops requiring grad. ValueError when nothing is selected, a selected
+    module is not an nn.Linear or is sharded over several ranks (tensor parallelism, FSDP2: add
+    the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
+    not reduce the new bank's gradients: apply the bank, then wrap)."""
+    refuse_ddp_wrapped(model, "apply_bank")
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
     if not found:
         raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
     wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
+    sharded = [f"{name}: {why}" for name, m in found if is_dtensor(m.weight) and (why := base_refusal(m, "default"))]
+    if sharded:
+        raise ValueError("apply_bank: " + "\n".join(sharded))
     present = bank_layers(model)
     existing = bank_adapter_names(model) if present else []
     if existing:
@@ -99,6 +119,7 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
     ValueError for a model without bank layers, a name already in the bank, a full bank, r,
     mode, mini_r or dropout the layers cannot take (r above the bank's max_r, mini_r not
     dividing out_features, ...), or target_modules selecting no bank layer."""
+    model = _model_to_change(model)
     layers = _layers(model, "add_bank_adapter")
     paths = [p for p, _ in layers]
     if target_modules is not None:
@@ -185,7 +206,7 @@ def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
     bank layers at the file's module paths (each keeps the file's r, mode, mini_r and dropout);
     the other bank layers hold it as absent. Every check runs first, and a problem raises
     ValueError listing all of them (bat: TypeError) with the model unchanged."""
-    return _load_read(model, name, path, read_adapter(path))
+    return _load_read(_model_to_change(model), name, path, read_adapter(path))
 
 
 def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]) -> int:
@@ -247,7 +268,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
     every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
-    model = unwrap_data_parallel(model)
+    ddp, model = _is_ddp(model), unwrap_data_parallel(model)
     layers = _layers(model, "save_bank_adapter")
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
@@ -259,7 +280,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         bank = layer.bank.detach()
         bank = bank.full_tensor() if is_dtensor(bank) else bank
         tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
-    if sharded and torch.distributed.get_rank() != 0:
+    if (sharded or ddp) and torch.distributed.get_rank() != 0:  # the same blocks on every rank: rank 0 writes
         return
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
                             task_type=task_type)
@@ -270,10 +291,16 @@ def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
     torch.compile this does not recompile while the fold groups stay the same). ValueError,
     changing nothing, for a model without bank layers or a name not in the bank."""
+    model = _model_to_change(model)
     layers = _layers(model, "remove_bank_adapter")
     layers[0][1]._slot(name)  # ValueError naming the known adapters
     for _, layer in layers:
         layer.remove_adapter(name)
+
+
+def _refuse_load_inside_mixed_batch(*args, **kwargs) -> None:
+    raise RuntimeError("cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots); "
+                       "nothing was loaded")
 
 
 @contextmanager
@@ -285,7 +312,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     encoder keeps the unrepeated names). Run backward inside too when training with gradient
     checkpointing (its recomputation calls the layers again), each batch's backward inside its
     own context (a batch recomputed inside another batch's context would use that context's
-    names). Changing the adapters the rows use inside raises ValueError at the next layer call.
+    names). Adding, removing or loading adapters (or a state_dict) inside raises ValueError (a
+    RuntimeError from load_state_dict) and changes nothing.
     Not thread-safe: the ids live on the layers (as PEFT's LoRA hooks do), so two threads must not
     run mixed batches on one model at once.
 
@@ -315,8 +343,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
-    # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
+    # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...),
+    # and the model refuses a state_dict before any module loads (a bank layer alone could only
+    # refuse its own part, after torch loaded the modules before it).
     previous = [layer.rows for _, layer in layers]
+    register = getattr(model, "register_load_state_dict_pre_hook", None) or model._register_load_state_dict_pre_hook
+    handle = register(_refuse_load_inside_mixed_batch)
     try:
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
@@ -325,5 +357,6 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
             layer.rows = per_device[where]
         yield
     finally:
+        handle.remove()
         for (_, layer), rows in zip(layers, previous):
             layer.rows = rows

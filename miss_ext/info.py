@@ -13,7 +13,8 @@ def report() -> str:
         f"torch            {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"built with torch {info.get('built_with_torch', '?')}",
         f"backends         {', '.join(info['backends'])}",
-        f"C++ runtime      {info.get('cxx_runtime', '?')} (private: libstdc++ linked in and hidden, see setup.py)",
+        f"C++ runtime      {info.get('cxx_runtime', '?')}"
+        + (" (libstdc++ linked in and hidden, see setup.py)" if info.get("cxx_runtime") == "private" else ""),
         f"sanitizers       {info.get('sanitize') or 'none'}",
     ]
     if "CUDA" in info["backends"]:

@@ -98,7 +98,9 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for bat
     adapters, merged layers, layers of different r or dropout (one LoRA config holds one r
     and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
-    or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce."""
+    or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce. A
+    DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     model = unwrap_data_parallel(model)
     adapters = _adapters(model, adapter_name)
     if not adapters:
@@ -143,4 +145,6 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         "base_model_name_or_path": base_model_name(_peft_root(model) or model),
         "inference_mode": True,
     }
+    if ddp and torch.distributed.get_rank() != 0:  # every rank holds the same blocks: rank 0 writes
+        return
     write_adapter(path, tensors, config)

@@ -47,6 +47,7 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
 """
 import inspect
 import warnings
+import weakref
 from contextlib import contextmanager
 from functools import partial
 from typing import Dict, List, Optional
@@ -145,6 +146,13 @@ def _refuse_shared_merge(layer: PeftMissLinear, names: List[str]) -> None:
         raise ValueError(shared_weight_message(getattr(layer, "_layer_path", "this layer"), shared))
 
 
+def _same_view(a: Optional[Tensor], b: Tensor) -> bool:
+    """a and b view the same memory the same way (a checkpoint recomputes on its saved input, or
+    on a detached alias of it)."""
+    return (a is not None and a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
 def _is_bat(block: Tensor) -> bool:
     return block.dim() == 3
 
@@ -182,7 +190,7 @@ class AcceleratedMissLinear(PeftMissLinear):
                 del kwargs[name]
         adapter_names = kwargs.pop("adapter_names", None)
         if not torch.compiler.is_compiling():
-            self._refuse_recompute_without_names(adapter_names)
+            self._refuse_recompute_without_names(x, adapter_names)
         if adapter_names is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if (args or kwargs) and self._fast_path():
@@ -229,21 +237,24 @@ class AcceleratedMissLinear(PeftMissLinear):
             result = result + term
         return result.to(previous_dtype)
 
-    def _refuse_recompute_without_names(self, adapter_names: object) -> None:
+    def _refuse_recompute_without_names(self, x: Tensor, adapter_names: object) -> None:
         """Activation checkpointing recomputes a layer inside backward(), after the model call
         whose adapter_names reached the layers through hooks has returned: the recompute would
         silently run every row with the active adapter, and train it. The model-level check
         (_checkpointing) sees transformers' flag only; torch.utils.checkpoint and its wrappers
-        show here, as a forward without names run by the autograd engine right after forwards
-        with names."""
-        recompute = adapter_names is None and torch._C._current_graph_task_id() != -1
-        if recompute and self.__dict__.get("_rows_had_names", False):
+        show here: a forward without names, run by the autograd engine, on an input that a
+        forward with names saw. Inputs are remembered by weak reference, so only while
+        something (a checkpoint) keeps them alive: their memory cannot be another tensor's then."""
+        seen = [ref for ref in self.__dict__.get("_inputs_with_names", ()) if ref() is not None]
+        if adapter_names is not None:
+            seen.append(weakref.ref(x))
+        elif seen and torch._C._current_graph_task_id() != -1 and any(_same_view(ref(), x) for ref in seen):
             raise ValueError(f"{type(self).__name__}: this layer is being recomputed inside backward() (activation "
                              "checkpointing) without the adapter_names= of its forward, so its rows would silently "
                              "use the active adapter: adapter_names= cannot be combined with activation checkpointing "
                              "in training; disable the checkpointing, or use miss_ext.load_bank / mixed_batch and call "
                              "backward() inside mixed_batch")
-        self.__dict__["_rows_had_names"] = adapter_names is not None
+        self.__dict__["_inputs_with_names"] = seen
 
     def _mixed_batch_forward(self, x: Tensor, adapter_names: object, *args, **kwargs) -> Tensor:
         """Each sequence i of x with adapter adapter_names[i] (see the module docstring)."""
@@ -349,10 +360,11 @@ class AcceleratedMissLinear(PeftMissLinear):
         with torch.no_grad():
             if safe_merge:
                 weight.copy_(self._merged_weight(names))
+                self.merged_adapters.extend(names)
             else:
-                for name in names:
+                for name in names:  # recorded one by one: a failure half way leaves the record true
                     torch.ops.miss.merge_(weight, self.miss_block[name], False)
-        self.merged_adapters.extend(names)
+                    self.merged_adapters.append(name)
 
     def _check_unmerge(self) -> None:
         """Every check unmerge() makes, before it writes: ValueError if a merged bat block's

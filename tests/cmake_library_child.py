@@ -3,7 +3,8 @@ torch.ops.load_library, never importing miss_ext (one process must not register 
 namespace twice), and checks that the library alone gives the ops with autograd and meta kernels.
 
 Usage: python cmake_library_child.py <libmiss_ext.so>
-Prints the registered dispatch keys as one JSON line, then OK; any failure raises.
+Prints the registered dispatch keys as one JSON line, then OK; any failure raises. Last, it checks
+that `import miss_ext` then refuses (ImportError) rather than registering the namespace twice.
 """
 import json
 import os
@@ -90,8 +91,16 @@ def main(library):
     check_meta()
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("miss::"))
     keys = {n: [k for k in KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(n, k)] for n in names}
-    print(json.dumps({"build_info": info, "keys": keys}))
     assert "miss_ext" not in sys.modules
+    # Importing the package now would register the namespace a second time (which aborts the
+    # process inside torch): it refuses with an ImportError instead.
+    try:
+        import miss_ext  # noqa: F401
+        refused = None
+    except ImportError as exc:
+        refused = str(exc)
+    assert refused is not None and "already registered" in refused, refused
+    print(json.dumps({"build_info": info, "keys": keys}))
     print("OK")
 
 

@@ -410,9 +410,9 @@ def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
         for _, layer in miss_ext.bank_model.bank_layers(bank_model):
             layer.block("a").normal_(generator=torch.Generator().manual_seed(4))
     expected = {p: layer.block("a").detach().clone() for p, layer in miss_ext.bank_model.bank_layers(bank_model)}
-    for layer in bank_model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(bank_model, mesh=mesh)
+    fully_shard(bank_model, mesh=mesh)  # the root only: a forward leaves the bank unsharded
+    with torch.no_grad(), miss_ext.mixed_batch(bank_model, ["a"] * batch.shape[0]):
+        bank_model(input_ids=batch)
     try:
         miss_ext.remove_bank_adapter(bank_model, "a")
         out["bank_error"] = None
@@ -439,6 +439,24 @@ def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
         out["ddp_apply_error"] = str(e)
     miss_ext.load_adapter(wrapped, path)  # existing layers only: allowed
     out["ddp_load_gap"] = max((blocks(wrapped.module)[n] - source[n]).abs().max().item() for n in source)
+    try:  # the file trains lm_head, frozen when DDP was built
+        miss_ext.load_adapter(wrapped, extras_path)
+        out["ddp_extras_error"] = None
+    except ValueError as e:
+        out["ddp_extras_error"] = str(e)
+    miss_ext.export_lora(wrapped, os.path.join(folder, f"ddp-lora{rank}"))
+    try:
+        miss_ext.apply_bank(DDP(tiny_causal_lm("llama", dtype=torch.float64)), ["q_proj"], capacity=2, max_r=R)
+        out["ddp_bank_error"] = None
+    except ValueError as e:
+        out["ddp_bank_error"] = str(e)
+    bank_plain = tiny_causal_lm("llama", dtype=torch.float64)
+    miss_ext.apply_bank(bank_plain, TARGETS, capacity=2, max_r=R)
+    wrapped_bank = DDP(bank_plain)
+    miss_ext.load_bank_adapter(wrapped_bank, "a", path)  # looked through: the file's paths are the inner model's
+    miss_ext.save_bank_adapter(wrapped_bank, "a", os.path.join(folder, f"ddp-bank{rank}"))
+    torch.distributed.barrier()
+    out["ddp_written"] = [os.path.exists(os.path.join(folder, f"{what}{rank}")) for what in ("ddp-lora", "ddp-bank")]
     return out
 
 

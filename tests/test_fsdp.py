@@ -306,3 +306,6 @@ def test_unsharded_models_and_wrappers(checkpoint_runs):
         assert u["ddp_wrote"] == (rank == 0), (rank, u["ddp_wrote"])
         assert u["ddp_apply_error"] is not None and "DistributedDataParallel" in u["ddp_apply_error"], u
         assert u["ddp_load_gap"] == 0.0, (rank, u["ddp_load_gap"])
+        assert u["ddp_extras_error"] is not None and "modules_to_save or biases" in u["ddp_extras_error"], u
+        assert u["ddp_bank_error"] is not None and "DistributedDataParallel" in u["ddp_bank_error"], u
+        assert u["ddp_written"] == [rank == 0, rank == 0], (rank, u["ddp_written"])

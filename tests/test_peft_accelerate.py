@@ -400,6 +400,34 @@ def test_a_layer_with_nothing_to_merge_does_not_block_the_others(base):
     assert model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
 
 
+def test_a_merge_failing_half_way_through_a_layer_keeps_its_record_true(base, monkeypatch):
+    """A layer with two adapters whose second merge_ fails (out of memory, simulated): the first is
+    recorded as merged, so the model-level undo removes it and the model is as before (it used
+    to stay in the weight unrecorded, applied a second time by the forward)."""
+    import types
+
+    import miss_ext.peft as accelerated
+
+    model, layer = mixed_layer(base, ["default", "mini"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = torch.ops.miss.merge_, []
+
+    def merge_(weight, block, reverse):
+        calls.append(reverse)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(weight, block, reverse)
+
+    ops = types.SimpleNamespace(miss=types.SimpleNamespace(merge_=merge_, merge=torch.ops.miss.merge))
+    monkeypatch.setattr(accelerated, "torch", types.SimpleNamespace(ops=ops, no_grad=torch.no_grad))
+    with pytest.raises(torch.OutOfMemoryError):
+        model.merge_adapter()
+    monkeypatch.undo()
+    assert calls == [False, False, True] and layer.merged_adapters == [] and not layer.merged
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], **TOL)
+
+
 def test_model_level_merges_are_undone_when_a_later_layer_fails(base, monkeypatch):
     """A merge that fails after every check passed (a bad MISS_EXT_BAT_TRANSFORM value, read by the
     bat kernel only; out of memory would do the same): the layers merged before it are unmerged

@@ -311,10 +311,19 @@ def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
     with pytest.raises(ValueError, match="recomputed inside backward"):
         model(x, adapter_names=["b", "b"]).sum().backward()
     assert all(p.grad is None or not p.grad.any() for name, p in model.named_parameters() if name.endswith(".a"))
-    # Without names the checkpointed model trains as before (the flag does not stick).
+    # A forward without names between the mixed forward and its backward does not hide it (the
+    # refusal follows the recomputed input, not the last call).
+    loss = model(x, adapter_names=["b", "b"]).sum()
+    with torch.no_grad(), model.disable_adapter():
+        model(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="recomputed inside backward"):
+        loss.backward()
+    # Other inputs train as before: a plain step, and a plain step with an inference call with
+    # names in between (nothing of that call is recomputed).
     model.zero_grad()
-    model(x).sum().backward()
-    model.zero_grad()
-    with torch.no_grad():  # inference with names and checkpointing: nothing is recomputed
-        model(x, adapter_names=["b", "__base__"])
-    model(x).sum().backward()
+    model(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    loss = model(torch.randn(2, 8, requires_grad=True)).sum()
+    with torch.no_grad():
+        model(torch.randn(2, 8), adapter_names=["b", "__base__"])
+    loss.backward()
+    assert model.base_model.model.lin.miss_block["a"].grad.any()

@@ -4,7 +4,7 @@
 //
 // Both files come from make_models.py. The program runs forward and backward, checks the
 // output and the gradients of x and of every miss_block against Python's, checks inference mode,
-// and calls the C++ API (miss_ext.h) once. Linking miss_ext::miss_ext is all it takes to make
+// and calls the C++ API (miss_ext.h): linear, fold, bank_add. Linking miss_ext::miss_ext is all it takes to make
 // torch.ops.miss available to the TorchScript interpreter. Exit status 0 on success.
 #include <torch/script.h>
 
@@ -66,6 +66,17 @@ int main(int argc, char** argv) {
   const at::Tensor key = miss_ext::ops::new_dropout_key(x0.device());
   check_close("C++ API fold with dropout (same key twice)", miss_ext::ops::fold(x0, 4, 0.25, key),
               miss_ext::ops::fold(x0, 4, 0.25, key));
+
+  // The bank op (ops/bank.h): one slot holding the same block, every row naming it.
+  const at::Tensor block = layer.attr("miss_block").toTensor().detach();
+  const at::Tensor weight = base.attr("weight").toTensor().detach();
+  const at::Tensor y_base = at::linear(x0, weight, base.attr("bias").toTensor().detach());
+  const at::Tensor one = at::ones({1}, x0.options().dtype(at::kLong));
+  const at::Tensor rows = at::zeros(y_base.sizes().slice(0, y_base.dim() - 1), x0.options().dtype(at::kLong));
+  check_close("C++ API miss_ext::ops::bank_add",
+              miss_ext::ops::bank_add(y_base, miss_ext::ops::fold(x0, block.size(0), 0.0, std::nullopt, block.scalar_type()),
+                                      block.unsqueeze(0), one * block.size(0), one * block.size(1), rows),
+              layer.forward({x0}).toTensor());
 
   return miss_example::report();
 }

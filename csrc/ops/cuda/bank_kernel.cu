@@ -171,6 +171,7 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, grad.size(1), s.size(1), slots,
         r_cap, q_cap, grad_s.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (slots == 0) return;  // an empty bank (every index negative): no block gradient; a 0-block grid is invalid
     const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>((q_cap + kThreads - 1) / kThreads),
                     static_cast<unsigned>((r_cap + kRowsPerThread - 1) / kRowsPerThread));
     TORCH_CHECK_VALUE(grid.y <= 65535 && grid.z <= 65535, "miss: bank_add on CUDA: bank shape (", slots, ", ", r_cap,
