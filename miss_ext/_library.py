@@ -33,6 +33,7 @@ def build_info() -> Dict[str, object]:
     for item in torch.ops.miss.build_info().split(";"):
         name, _, value = item.partition("=")
         info[name] = value
+    info.setdefault("cuda_version", "")  # a CPU-only build does not write the key
     info["backends"] = str(info.get("backends", "")).split(",")
     info["cuda_archs"] = [a for a in str(info.get("cuda_archs", "")).split(",") if a]
     return info

@@ -196,7 +196,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     skips writing. The other ranks return when their part of the gather is done: synchronise
     (`dist.barrier()`) before another rank reads the files. A model without DTensor blocks or
     FSDP2 modules is saved as before, nothing collective, by every caller unless
-    `is_main_process=False` (under DDP, call it on one rank).
+    `is_main_process=False` (a model passed in its DDP wrapper: rank 0 only, see below; the
+    unwrapped model under DDP: call it on one rank).
 
     ValueError, writing nothing, for a model without MissLinear layers or with layers of
     different r, mode, mini_r or dropout (one PEFT config holds one of each). A model in a

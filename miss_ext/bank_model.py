@@ -117,8 +117,8 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
     """A fresh adapter (PEFT's zero init) on the bank layers `target_modules` selects (None: all),
     absent in the others; returns its slot id. Every check runs before any layer changes:
     ValueError for a model without bank layers, a name already in the bank, a full bank, r,
-    mode, mini_r or dropout the layers cannot take (r above the bank's max_r, mini_r not
-    dividing out_features, ...), or target_modules selecting no bank layer."""
+    mini_r or dropout the layers cannot take (r above the bank's max_r, mini_r not dividing
+    out_features, ...), or target_modules selecting no bank layer; TypeError for mode="bat"."""
     model = _model_to_change(model)
     layers = _layers(model, "add_bank_adapter")
     paths = [p for p, _ in layers]
@@ -229,8 +229,8 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
     Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
     mapping, ValueError for none given, a model that already has bank layers, a config with a
-    bad r, or any adapter load_bank_adapter refuses (bat adapters, capacity or max_r too small,
-    a file that does not fit), and the model is then as it was."""
+    bad r, or any adapter load_bank_adapter refuses (capacity or max_r too small, a file that
+    does not fit; TypeError for a bat adapter), and the model is then as it was."""
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:

@@ -275,7 +275,8 @@ class MissLinear(nn.Module):
         x (..., in_features) in the base weight's dtype; returns (..., out_features) in x's dtype
         (PEFT's precision: the adapter term in the block's dtype, one final rounding). Dropout
         only in training, with a fresh key per call. A merged layer returns base(x). ValueError /
-        TypeError name a bad shape or dtype (from the miss ops)."""
+        TypeError name a bad shape or dtype (from the miss ops); RuntimeError for a bat layer
+        whose base has since gained hooks, a parametrization or a non-plain weight."""
         if self.merged:
             return self.base_layer(x)
         if not torch.jit.is_scripting():

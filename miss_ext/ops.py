@@ -41,7 +41,8 @@ def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
     x (..., in), any supported float dtype; r >= 1 (r > in and in % r != 0 are allowed: the
     missing columns count as zeros). dtype: of S (default x's); the sums accumulate in float32
     (float64 for float64). With p > 0, key = new_dropout_key(x.device). Differentiable (its
-    adjoint is tile_add). ValueError for r < 1, a bad p or key; TypeError for a non-float x."""
+    adjoint is tile_add). ValueError for r < 1, a scalar x, a bad p, or a key on another device
+    or of another size; TypeError for a non-float x or dtype, or a non-int64 key."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
@@ -50,10 +51,12 @@ def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key:
     out viewed as (rows, C) and src as (P, Q).
 
     src has out's leading sizes (P = rows: fold's adjoint, mini's tiling along out), or both are
-    matrices and src's P rows tile out's rows too (merge). Any supported float dtypes; one
-    rounding to out's dtype. With p > 0, key = new_dropout_key(out.device); the mask is indexed
-    by out's (row, column). Not differentiable (see tile_add). ValueError for shapes that do
-    not tile, a bad p or key; TypeError for non-float tensors."""
+    matrices and src's P rows tile out's rows too (merge); sizes need not divide (the last tile
+    is partial). Any supported float dtypes; one rounding to out's dtype. With p > 0, key =
+    new_dropout_key(out.device); the mask is indexed by out's (row, column). Not differentiable
+    (see tile_add). ValueError for a src without out's leading sizes (unless both are
+    matrices), an empty src for a non-empty out, src sharing memory with out, or a bad p or
+    key; TypeError for non-float tensors or a non-int64 key."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)
 
 

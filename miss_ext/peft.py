@@ -12,15 +12,20 @@ the spec's intent instead:
   (r, mini_r): mini). PEFT 0.21 uses the mode of the layer's first adapter for all of them, so a
   layer mixing bat and default/mini adapters computes garbage or crashes there;
 - active bat adapters are applied to the weight first, in order, then the default/mini terms are
-  added; merge does the same (bat adapters first), so merged and unmerged outputs agree; merging
-  a bat adapter on top of already merged default/mini ones is refused (ValueError), as the result
-  could not equal the unmerged forward;
+  added; merge does the same (bat adapters first, in the active order whatever order it is
+  given; an adapter named twice merges once), so merged and unmerged outputs agree; a merge that
+  cannot keep that order (a bat adapter on top of merged default/mini ones, or on top of a merged
+  bat adapter the forward applies after it) is refused (ValueError);
 - mini merge never rewrites the block (PEFT replaces a half-precision CPU block by its tiled
   (r, out) copy, after which unmerge crashes);
 - bat unmerge checks that every I + B_i is well conditioned (ValueError, weight untouched);
-- safe_merge checks every adapter before writing anything.
+- merges and unmerges are all or nothing: every layer's checks (with safe_merge, every merged
+  weight) run before any layer changes, a failure after them undoes the call's merges, and
+  merge_and_unload merges every layer before it unloads any.
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
-arguments) keep PEFT's own code path, so accelerating never breaks a model.
+arguments) keep PEFT's forward; merging into them is refused, but for quantized backends, which
+keep PEFT's merge and unmerge code; an unmerge only needs a plain weight, so a layer hooked
+after its merge is unmerged here.
 
 Mixed-adapter batches: PEFT's `adapter_names=` (one adapter name per sequence, "__base__" for the
 base model) works in `model(...)`, `model.generate(...)` (num_beams / num_return_sequences repeat

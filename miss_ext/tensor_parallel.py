@@ -42,8 +42,8 @@ Two parts:
 
    | style | base weight | bias | miss_block default | mini | bat |
    |---|---|---|---|---|---|
-   | colwise | Shard(0) | Shard(0) | Shard(1) | Replicate (out/world % mini_r == 0) | Shard(0) (out % (r*world) == 0) |
-   | rowwise | Shard(1) | Replicate | Replicate | Replicate | Replicate (in % (r*world) == 0) |
+   | colwise | Shard(0) | Shard(0) | Shard(1) (out >= world) | Replicate (out/world % mini_r == 0) | Shard(0) (out % (r*world) == 0) |
+   | rowwise | Shard(1) | Replicate | Replicate | Replicate | Replicate (in % (r*world) == 0, (out/r) % world == 0) |
 
    The block is a DTensor Parameter, so optimizers update the shards in place and
    `miss_block.full_tensor()` gives the whole block. Gradients of replicated blocks are
@@ -371,9 +371,10 @@ def check_torch_version(style: str) -> None:
 
 class MissColwiseParallel(ColwiseParallel):
     """torch's ColwiseParallel, also for `miss_ext.MissLinear`: base weight and bias Shard(0),
-    miss_block Shard(1) (default mode, any out), Replicate (mini: every shard of out must start at
-    a multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0). x is replicated, so dropout
-    works (same seed on every rank). Other modules go to torch's style."""
+    miss_block Shard(1) (default mode), Replicate (mini: every shard of out must start at a
+    multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world
+    (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
+    modules go to torch's style."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
