@@ -57,7 +57,9 @@ def _plain(t: Optional[Tensor], what: str) -> Optional[Tensor]:
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
             raise NotImplementedError(f"miss: vmap over the {what} is not supported: pass one {what} for the "
-                                      "whole batch (each sample's mask is then indexed by its own rows)")
+                                      "whole batch (each sample's mask is then indexed by its own rows); a module "
+                                      "that draws its own key (MissLinear with dropout) needs "
+                                      "vmap(..., randomness='same')")
         t = functorch.get_unwrapped(t)
     return t
 

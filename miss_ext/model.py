@@ -364,7 +364,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     with warnings.catch_warnings():
         # One warning per model rather than one per layer for the r > in case.
         warnings.simplefilter("ignore")
-        layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights)) for name, linear in found]
+        layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
+                  for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
     dead = [name for name, layer in layers if r > layer.in_features]
     if dead:
         warnings.warn(f"MiSS r={r} exceeds in_features of {describe(dead)}: block rows beyond in_features never "

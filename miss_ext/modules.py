@@ -67,20 +67,24 @@ def _plain_tensor(t: Optional[Tensor]) -> bool:
     return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
-def is_plain_linear(module: nn.Module) -> bool:
+def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     """True when calling `module(x)` is exactly F.linear(x, module.weight, module.bias): an
     instance of nn.Linear itself (not a subclass: QAT, quantized, FSDP-wrapped and parametrized
     linears are subclasses with their own forward), no per-instance forward, no hooks of its own
-    or global ones (forward, pre-forward, backward), no parametrization, and weight and bias that
-    are plain tensors (not DTensors or quantized tensor subclasses) in a floating dtype.
+    or (with global_hooks) global ones (forward, pre-forward, backward), no parametrization, and
+    weight and bias that are plain tensors (not DTensors or quantized tensor subclasses) in a
+    floating dtype.
 
     Only then may the fused miss.linear kernel replace the module's own forward; otherwise the
-    adapter runs the module and adds its term to the output (MissLinear.forward)."""
+    adapter runs the module and adds its term to the output (MissLinear.forward). Bat never runs
+    the base module (as PEFT's bat), so global hooks (profilers, FlopCounterMode) do not concern
+    it: it asks with global_hooks=False."""
     return (type(module) is nn.Linear and "forward" not in vars(module)
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks)
-            and not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
-                     or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+            and not (global_hooks and (
+                _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks))
             and not parametrize.is_parametrized(module)
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
 
@@ -145,7 +149,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
                 "would be a plain parameter that FSDP neither shards nor reduces, so each rank would train its own "
                 "copy. Add MiSS first, then shard (docs/multi_gpu.md; tensor parallelism: MissColwiseParallel / "
                 "MissRowwiseParallel)")
-    if mode == "bat" and not is_plain_linear(base):
+    if mode == "bat" and not is_plain_linear(base, global_hooks=False):
         return (f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it needs a "
                 f"plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/sharded weight); got "
                 f"{type(base).__name__}. Use the default or mini mode, which add their term to the base module's own "
@@ -251,7 +255,7 @@ class MissLinear(nn.Module):
 
     @torch.jit.unused
     def _fused(self) -> bool:
-        return is_plain_linear(self.base_layer)
+        return is_plain_linear(self.base_layer, global_hooks=self.mode != "bat")
 
     @torch.jit.unused
     def _tensor_parallel(self) -> bool:
@@ -266,7 +270,7 @@ class MissLinear(nn.Module):
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module before compiling it: record the path the
         # compiled forward takes (it cannot inspect hooks or classes itself).
-        self._script_fused = is_plain_linear(self.base_layer)
+        self._script_fused = self._fused()
         return self
 
     def forward(self, x: Tensor) -> Tensor:

@@ -517,3 +517,32 @@ def test_compile_function_calling_ops_directly(device, dynamo_reset):
         assert gbc.abs().sum() > 0
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+def test_bat_runs_under_global_hooks_and_flop_counter():
+    """Bat never calls the base module (as PEFT's bat): a global module hook (a profiler, torch's
+    FlopCounterMode) must not make it refuse, as it did ("the base layer now has hooks")."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = miss_ext.MissLinear(nn.Linear(8, 8), r=4, mode="bat")
+    x = torch.randn(2, 8)
+    expected = layer(x)
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    finally:
+        handle.remove()
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() > 0
+
+
+def test_apply_miss_keeps_an_eval_model_in_eval_mode():
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2)).eval()
+    miss_ext.apply_miss(model, ["0"], r=2, dropout=0.5, init_weights=False)
+    assert not model[0].training
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no adapter dropout in eval mode
+    model.train()
+    assert model[0].training
