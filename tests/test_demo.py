@@ -185,6 +185,10 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--target-modules", "a,,b"], "expected a comma list of module names"),
     (["--target-modules", "q_proj("], "is not a valid regex"),
     (["--heldout", "1.5"], "must be between 0 and 1"),
+    (["--hidden", "96", "--heads", "32"], "needs an even head dimension"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+    (["--steps", str(10**12)], "is more than this demo runs"),
+    (["--out", __file__], "is a file; give a folder"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -209,3 +213,47 @@ def test_help_lists_the_flags(capsys):
     for flag in ("--size", "--hidden", "--layers", "--steps", "--mode", "--r", "--mini-r", "--device", "--dtype",
                  "--batch-size", "--seq-len", "--lr", "--seed", "--out", "--no-peft"):
         assert re.search(rf"\s{re.escape(flag)}\b", text), flag
+
+
+def test_refused_runs_write_nothing(tmp_path, capsys):
+    """Inputs the model refuses, and a diverged training run, exit 2 before anything is written
+    (the random base used to be saved first, beside an older adapter of the folder)."""
+    fast = ["--size", "tiny", "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--no-peft"]
+    for extra, message in ((["--target-modules", "nothing_here"], "cannot adapt it with --target-modules"),
+                           (["--lr", "1e30"], "training diverged")):
+        out = tmp_path / extra[0].strip("-")
+        with pytest.raises(SystemExit) as exc:
+            demo.main(fast + extra + ["--out", str(out)])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists(), extra
+
+
+def test_heldout_sequences_are_not_trained_on():
+    """The synthetic task has only 64 x 7 sequences: the held-out batch is kept out of the
+    training batches explicitly (a different seed alone left all of them in)."""
+    from miss_ext.demo._synthetic import make_batches
+
+    heldout = make_batches(1, 16, 12, seed=2)[0]
+    train = make_batches(200, 16, 12, seed=1, exclude=heldout).view(-1, 12)
+    assert not (train.unsqueeze(1) == heldout.unsqueeze(0)).all(-1).any()
+    assert (make_batches(200, 16, 12, seed=1).view(-1, 12).unsqueeze(1) == heldout.unsqueeze(0)).all(-1).any()
+
+
+def test_bf16_base_keeps_float32_rotary_buffers_as_from_pretrained(tmp_path):
+    """The demo's bf16 model is the model a user reloads from its saved base: weights in bf16,
+    rotary frequencies in float32 (model.to(bf16) rounded them, and the logits moved by 0.06)."""
+    from transformers import LlamaForCausalLM
+
+    from miss_ext.demo._cli import ModelDims
+    from miss_ext.demo._synthetic import build_base_model
+    from miss_ext.demo._training import save_base_model
+
+    model = build_base_model(ModelDims(64, 2, 4, 2, 192), 16, 0, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "inv_freq" in n)
+    save_base_model(model, tmp_path)
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)

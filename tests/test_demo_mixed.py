@@ -36,3 +36,16 @@ def test_module_entry_point_and_bad_flags():
     run = subprocess.run([sys.executable, "-m", "miss_ext.demo.mixed", "--batch-size", "3"], capture_output=True,
                          text=True)
     assert run.returncode == 2 and "--batch-size must be even" in run.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-accuracy", "0"], "--min-accuracy must be in (0, 1]"),  # 0 passed rows that follow nothing
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+    (["--out", __file__], "is a file; give a folder"),
+])
+def test_bad_values_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        mixed.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

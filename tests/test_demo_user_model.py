@@ -265,3 +265,46 @@ def test_module_entry_point_with_a_model_folder(model_dir, text_file, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "before training (base model)" in proc.stdout and "PASS" in proc.stdout, proc.stdout
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "loss_curve.png").is_file()
+
+
+def test_an_adapter_folder_or_out_in_the_model_folder_is_refused(model_dir, text_file, tmp_path, capsys):
+    """A --model folder holding an adapter_config.json would load with that adapter applied and be
+    reported as the base; --out equal to --model would create that situation."""
+    import shutil
+
+    folder = tmp_path / "with_adapter"
+    shutil.copytree(model_dir, folder)
+    (folder / "adapter_config.json").write_text("{}")
+    for model, out, message in ((folder, tmp_path / "out", "holds an adapter"),
+                                (model_dir, model_dir, "is the --model folder")):
+        with pytest.raises(SystemExit) as exc:
+            demo.main(["--model", str(model), "--data", str(text_file), "--out", str(out), "--no-peft"] + FAST)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (model_dir / "adapter_config.json").exists()
+
+
+def test_a_model_that_is_not_causal_is_refused():
+    """BERT loaded as a causal LM sees later tokens, so its next-token loss is meaningless."""
+    from transformers import BertConfig, BertLMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from miss_ext.demo._user import DemoInputError, check_causal
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32)).eval()
+    with pytest.raises(DemoInputError, match="is not a causal language model"):
+        check_causal(bert, Path("bert"), torch.device("cpu"))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    check_causal(llama, Path("llama"), torch.device("cpu"))
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 or U+0085 raw (json.dumps(ensure_ascii=False) writes them):
+    str.splitlines would cut the line there and report valid JSON as broken."""
+    from miss_ext.demo._user import read_documents
+
+    path = tmp_path / "sep.jsonl"
+    texts = ["a\\u2028b", "c\\u0085d", "plain"]
+    path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
+    assert read_documents(path) == texts

@@ -210,6 +210,9 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
     dims = model_dims(args)
     if dims.hidden % dims.heads != 0:
         parser.error(f"--heads {dims.heads} must divide the hidden size {dims.hidden}")
+    if (dims.hidden // dims.heads) % 2 != 0:
+        parser.error(f"--hidden {dims.hidden} / --heads {dims.heads} = {dims.hidden // dims.heads} per head: Llama's "
+                     "rotary embedding needs an even head dimension")
     if args.seq_len < 3:
         parser.error(f"--seq-len must be at least 3 (two tokens to infer the step, one to predict), got {args.seq_len}")
     shapes = dims.projection_shapes()
@@ -230,6 +233,30 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
                              f"{name}'s {fan_out}")
 
 
+# The demo builds its batches up front: more steps would only fill memory.
+MAX_STEPS = 1_000_000
+
+
+def _validate_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--out must be (or become) a writable folder that is not the --model folder; checked before
+    any work, without creating anything."""
+    import os
+
+    out = Path(args.out)
+    if str(args.out) == "":
+        parser.error("--out is empty; give a folder")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder")
+    ancestor = out.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: cannot create or write it ({ancestor} is not a writable folder)")
+    if user_mode(args) and out.resolve() == Path(args.model).resolve():
+        parser.error(f"--out {out} is the --model folder: the adapter's adapter_config.json there would make "
+                     "from_pretrained load the adapter into the base next time; give another folder")
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject settings that cannot run, naming the offending value (parser.error exits with 2)."""
     if (args.model is None) != (args.data is None):
@@ -247,6 +274,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         _validate_random_model(args, parser)
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.steps > MAX_STEPS:
+        parser.error(f"--steps {args.steps} is more than this demo runs ({MAX_STEPS:,}); use a training script")
+    _validate_out(args, parser)
     try:
         device = resolve_device(args.device)
     except RuntimeError:

@@ -13,6 +13,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext._optional import require
+from miss_ext.model import record_shared_weights
 
 from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
 from ._merge import MergeCheck, check_merge
@@ -21,8 +22,8 @@ from ._report import (format_heldout, format_table, plot_losses, print_where, sy
 from ._synthetic import build_base_model, make_batches
 from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, heldout_loss, save_base_model,
                         saved_activation_bytes, train, trainable_parameters)
-from ._user import (DemoInputError, check_fits, check_model_dir, describe_model, load_model, load_text_data,
-                    load_tokenizer, training_batches)
+from ._user import (DemoInputError, check_causal, check_fits, check_model_dir, describe_model, load_model,
+                    load_text_data, load_tokenizer, training_batches)
 
 
 @dataclass
@@ -77,14 +78,12 @@ def torch_threads(count: Optional[int]):
 def prepare_synthetic(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path) -> Prepared:
     dims = model_dims(args)
     base = build_base_model(dims, args.seq_len, args.seed, dtype, device)
-    # The base is random, so nobody can download it: save it so the adapter can be loaded later.
-    out.mkdir(parents=True, exist_ok=True)
-    save_base_model(base, out / "base_model")
-    # The held-out batch uses a seed the training batches never use.
+    # The held-out sequences are kept out of the training batches (the task has only 448).
+    heldout = make_batches(1, args.batch_size, args.seq_len, seed=args.seed + 2)[0]
     return Prepared(
-        base=base, base_path=out / "base_model",
-        batches=make_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed + 1),
-        heldout=make_batches(1, args.batch_size, args.seq_len, seed=args.seed + 2)[0],
+        base=base, base_path=out / "base_model",  # saved with the adapter, once training succeeded
+        batches=make_batches(args.steps, args.batch_size, args.seq_len, seed=args.seed + 1, exclude=heldout),
+        heldout=heldout,
         model_desc=f"Llama hidden {dims.hidden}, {dims.layers} layers", model_class="LlamaForCausalLM",
         title=f"a random frozen Llama (hidden {dims.hidden}, {dims.layers} layers)",
         notes=synthetic_notes(args.seq_len), references=synthetic_references(args.seq_len))
@@ -96,6 +95,7 @@ def prepare_user(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     tokenizer = load_tokenizer(model_dir)
     data = load_text_data(args.data, tokenizer, args.seq_len, args.heldout)
     base = load_model(model_dir, dtype, device)
+    check_causal(base, model_dir, device)
     check_fits(base, data, model_dir, args.seq_len)
     desc, model_class = describe_model(base, model_dir)
     print(f"data: {args.data} -> {data.tokens:,} tokens, {data.train.shape[0] + data.heldout.shape[0]} sequences of "
@@ -147,11 +147,16 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
         try:
             models[name] = apply(copy.deepcopy(base), args)
         except (ValueError, TypeError) as exc:
-            if not user_mode(args):
-                raise
-            # apply_miss checks --target-modules, --r, --mini-r against the folder's layers.
-            raise DemoInputError(f"--model {prepared.base_path}: cannot adapt it with --target-modules / --r / "
-                                 f"--mini-r as given ({name}: {exc})") from exc
+            # apply_miss checks --target-modules, --r, --mini-r against the model's layers.
+            what = f"--model {prepared.base_path}" if user_mode(args) else "the random model"
+            raise DemoInputError(f"{what}: cannot adapt it with --target-modules / --r / --mini-r as given "
+                                 f"({name}: {exc})") from exc
+    shared = sorted(record_shared_weights(models["miss_ext"]))
+    if shared:
+        raise DemoInputError(f"--target-modules adapts {shared}, whose weight is shared with another module (tied "
+                             "embeddings): the demo's merge check cannot merge it; leave it out of --target-modules")
+    # The random base is saved with the adapter at the end; the user's base is their folder.
+    synthetic_base = None if user_mode(args) else base
     del base, prepared.base
     counts = {name: sum(p.numel() for p in trainable_parameters(m)) for name, m in models.items()}
     print("trainable parameters (MiSS blocks only): " + ", ".join(f"{n} {c:,}" for n, c in counts.items()))
@@ -160,6 +165,10 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
 
     torch.manual_seed(args.seed)  # reproducible dropout masks
     runs = train(models, batches, args.lr, device)
+    diverged = [run.name for run in runs if not all(math.isfinite(loss) for loss in run.losses)]
+    if diverged:
+        raise DemoInputError(f"--lr {args.lr}: training diverged ({', '.join(diverged)}: the loss became NaN or inf); "
+                             "nothing was saved; lower --lr")
     for run in runs:
         run.saved_bytes = saved_activation_bytes(models[run.name], batches[0].to(device))
     table = format_table(runs, device, dtype, prepared.model_desc, args, prepared.notes)
@@ -171,6 +180,10 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     miss_model = models.pop("miss_ext")
     models.clear()  # frees the PEFT model before merging
     out.mkdir(parents=True, exist_ok=True)
+    if synthetic_base is not None:
+        # The base is random, so nobody can download it: saved so the adapter can be loaded later.
+        save_base_model(synthetic_base, prepared.base_path)
+        del synthetic_base
     # task_type makes PEFT build a PeftModelForCausalLM; the base path lets it find the base.
     miss_ext.save_adapter(miss_model, out, task_type="CAUSAL_LM", base_model_name_or_path=str(prepared.base_path))
     merge_tokens = prepared.heldout[:args.batch_size]
@@ -197,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_demo(args)
     except DemoInputError as exc:
         parser.error(str(exc))  # exit code 2, as for a bad flag
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was saved, or only what the lines above say", flush=True)
+        return 130
     model_class = "AutoModelForCausalLM" if user_mode(args) else "LlamaForCausalLM"
     print_where(result.out, result.base_path, model_class)
     return 0 if result.merge.passed else 1

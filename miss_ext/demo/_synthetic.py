@@ -30,16 +30,33 @@ def build_base_model(dims: ModelDims, seq_len: int, seed: int, dtype: torch.dtyp
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype)
+    # The weights in dtype, the buffers (rotary frequencies) kept float32, as
+    # from_pretrained(dtype=...) loads the saved base later: the reloaded model is this one.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    return model.to(device=device)
 
 
-def make_batches(count: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+def make_batches(count: int, batch_size: int, seq_len: int, seed: int,
+                 exclude: torch.Tensor = None) -> torch.Tensor:
     """(count, batch, seq) token ids: x[t] = (start + stride * t) mod VOCAB per sequence, with a
     random start and a random stride in 1..MAX_STRIDE. Built on the CPU from its own generator,
-    so every variant and device sees the same tokens."""
+    so every variant and device sees the same tokens. Sequences of `exclude` (token ids, (n, seq))
+    are drawn again: the task has only VOCAB * MAX_STRIDE sequences, so a held-out batch must be
+    kept out of the training batches explicitly."""
     gen = torch.Generator().manual_seed(seed)
     start = torch.randint(0, VOCAB, (count, batch_size, 1), generator=gen)
     stride = torch.randint(1, MAX_STRIDE + 1, (count, batch_size, 1), generator=gen)
+    if exclude is not None:
+        banned = set(zip(exclude[:, 0].tolist(), ((exclude[:, 1] - exclude[:, 0]) % VOCAB).tolist()))
+        while True:
+            hit = torch.tensor([[(a, b) in banned for a, b in zip(s.flatten().tolist(), d.flatten().tolist())]
+                                for s, d in zip(start, stride)]).view(start.shape)
+            if not hit.any():
+                break
+            start[hit] = torch.randint(0, VOCAB, (int(hit.sum()),), generator=gen)
+            stride[hit] = torch.randint(1, MAX_STRIDE + 1, (int(hit.sum()),), generator=gen)
     return (start + stride * torch.arange(seq_len)) % VOCAB
 
 

@@ -35,6 +35,9 @@ def check_model_dir(path: Path) -> Path:
                              "(save_pretrained writes config.json, the weights and, for a tokenizer, its files)")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise DemoInputError(f"--model {path} has a config.json but no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    if (path / "adapter_config.json").is_file():
+        raise DemoInputError(f"--model {path} holds an adapter (adapter_config.json): from_pretrained would load the "
+                             "base with that adapter applied; pass the base model's own folder")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise DemoInputError(f"--model {path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. "
                              "Save the tokenizer into the same folder (tokenizer.save_pretrained(folder))")
@@ -67,7 +70,24 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
         if was_enabled:
             hf_logging.enable_progress_bar()
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype)
+    # from_pretrained applied dtype to the weights and kept float32 buffers (rotary frequencies)
+    # float32, as a user's later from_pretrained will: only the device changes here.
+    return model.to(device=device)
+
+
+def check_causal(model: nn.Module, path: Path, device: torch.device) -> None:
+    """DemoInputError unless the model is causal: its logits at a position must not depend on
+    later tokens (a BERT loaded as a causal LM sees them, and its next-token loss is meaningless)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(1, 6, device=device).remainder(vocab).unsqueeze(0)
+    other = ids.clone()
+    other[0, -1] = (other[0, -1] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits[0, :-1].float(), model(input_ids=other).logits[0, :-1].float()
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-6):
+        raise DemoInputError(f"--model {path} is not a causal language model: its predictions at a position change "
+                             f"with later tokens (by {float((a - b).abs().max()):.2e}), so its next-token loss would "
+                             "be meaningless (e.g. BERT loaded as a decoder)")
 
 
 def read_documents(path: Path) -> List[str]:
@@ -87,7 +107,10 @@ def read_documents(path: Path) -> List[str]:
         lines = text.splitlines(keepends=True)
         return ["".join(lines[i:i + LINES_PER_CHUNK]) for i in range(0, len(lines), LINES_PER_CHUNK)]
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: str.splitlines would also split inside a string at
+    # U+2028 or U+0085, which JSON writes raw.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

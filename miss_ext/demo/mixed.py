@@ -19,6 +19,7 @@ the generated tokens) far more than the other task.
 """
 import argparse
 import copy
+import math
 import sys
 import tempfile
 import time
@@ -66,6 +67,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size % 2 or args.seq_len < 2:
         ap.error("--batch-size must be even and --seq-len at least 2")
+    if not 0.0 < args.min_accuracy <= 1.0:  # 0 would pass rows that follow nothing
+        ap.error(f"--min-accuracy must be in (0, 1], got {args.min_accuracy}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.seed < 2**63:
+        ap.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file; give a folder")
     return args
 
 
@@ -119,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             folders[task] = str(root / task)
             miss_ext.save_bank_adapter(model, task, folders[task], task_type="CAUSAL_LM")
         served = miss_ext.load_bank(copy.deepcopy(base), folders).eval()
-        print(f"saved both in PEFT's format and loaded them into a fresh bank: {', '.join(folders.values())}")
+        where = ", ".join(folders.values()) if args.out else "a temporary folder, removed now (--out keeps them)"
+        print(f"saved both in PEFT's format and loaded them into a fresh bank: {where}")
 
     gen = torch.Generator().manual_seed(args.seed + 2)
     start = random_starts(args.prompts, gen)
