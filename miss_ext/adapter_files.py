@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, freeze_all_but_blocks, mark_extras_trainable,
-                    miss_layers, parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
-                    unwrap_data_parallel, warn_shared)
+                    is_ddp, miss_layers, parent_module, record_shared_weights, refuse_ddp_wrapped,
+                    trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
 from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, reshard_fsdp
 from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, set_module)
@@ -204,8 +204,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     DistributedDataParallel / DataParallel wrapper is saved as the model inside it (paths without
     the wrapper's "module."); under DistributedDataParallel only rank 0 writes by default, as for
     a sharded model (every rank holds the same blocks)."""
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    model = unwrap_data_parallel(model)
+    ddp, model = is_ddp(model), unwrap_data_parallel(model)
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
@@ -227,7 +226,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                              f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
     tensors.update({f"{KEY_PREFIX}{key}": _full_block(p) for key, p in extra_parameters(model, extras).items()})
     if is_main_process is None:
-        is_main_process = not (sharded or ddp) or torch.distributed.get_rank() == 0
+        is_main_process = writes_here(sharded or ddp)
     if not is_main_process:
         return
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter
-from .model import refuse_ddp_wrapped, unwrap_data_parallel
+from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
@@ -67,10 +67,6 @@ def _model_to_change(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
 def bank_adapter_names(model: nn.Module) -> List[str]:
     """The adapters in the model's bank, in slot order."""
     return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
@@ -92,9 +88,9 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
-    sharded = [f"{name}: {why}" for name, m in found if is_dtensor(m.weight) and (why := base_refusal(m, "default"))]
-    if sharded:
-        raise ValueError("apply_bank: " + "\n".join(sharded))
+    refused = [f"{name}: {why}" for name, m in found if (why := base_refusal(m, "default")) is not None]
+    if refused:  # (a base sharded over several ranks; the nn.Linear check above is its first)
+        raise ValueError("apply_bank: " + "\n".join(refused))
     present = bank_layers(model)
     existing = bank_adapter_names(model) if present else []
     if existing:
@@ -268,7 +264,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
     every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
-    ddp, model = _is_ddp(model), unwrap_data_parallel(model)
+    ddp, model = is_ddp(model), unwrap_data_parallel(model)
     layers = _layers(model, "save_bank_adapter")
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
@@ -280,7 +276,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         bank = layer.bank.detach()
         bank = bank.full_tensor() if is_dtensor(bank) else bank
         tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
-    if (sharded or ddp) and torch.distributed.get_rank() != 0:  # the same blocks on every rank: rank 0 writes
+    if not writes_here(sharded or ddp):  # the same blocks on every rank
         return
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
                             task_type=task_type)
@@ -347,8 +343,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     # and the model refuses a state_dict before any module loads (a bank layer alone could only
     # refuse its own part, after torch loaded the modules before it).
     previous = [layer.rows for _, layer in layers]
-    register = getattr(model, "register_load_state_dict_pre_hook", None) or model._register_load_state_dict_pre_hook
-    handle = register(_refuse_load_inside_mixed_batch)
+    handle = model.register_load_state_dict_pre_hook(_refuse_load_inside_mixed_batch)
     try:
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)

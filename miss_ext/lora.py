@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
-from .model import miss_layers, trainable_extras, unwrap_data_parallel
+from .model import is_ddp, miss_layers, trainable_extras, unwrap_data_parallel, writes_here
 from .targets import describe, exact_paths_regex
 
 
@@ -100,8 +100,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
     or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce. A
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes."""
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    model = unwrap_data_parallel(model)
+    ddp, model = is_ddp(model), unwrap_data_parallel(model)
     adapters = _adapters(model, adapter_name)
     if not adapters:
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
@@ -145,6 +144,6 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         "base_model_name_or_path": base_model_name(_peft_root(model) or model),
         "inference_mode": True,
     }
-    if ddp and torch.distributed.get_rank() != 0:  # every rank holds the same blocks: rank 0 writes
+    if not writes_here(ddp):  # every rank holds the same blocks
         return
     write_adapter(path, tensors, config)

@@ -2,7 +2,7 @@
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,10 +32,33 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
 def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
     """ValueError for a DistributedDataParallel model about to get new parameters: DDP registers
     the parameters to reduce when it is built, so new blocks would train per rank, unreduced."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if is_ddp(model):
         raise ValueError(f"{where}: the model is wrapped in DistributedDataParallel, which registered its parameters "
                          "when it was built: new MiSS blocks would not have their gradients averaged over the ranks. "
                          "Add the adapters first, then wrap the model in DDP (docs/multi_gpu.md)")
+
+
+def undo_each(undos: Sequence[Tuple[str, Callable[[], None]]], where: str) -> None:
+    """The rollback of a call that failed part way: runs every (name, undo) in order, going on
+    after one fails (the caller then raises its own error), and warns naming those that failed."""
+    failed = []
+    for name, undo in undos:
+        try:
+            undo()
+        except Exception as exc:
+            failed.append(f"{name or 'the model'} ({exc})")
+    if failed:
+        warnings.warn(f"{where}: could not undo the merges of " + "; ".join(failed), stacklevel=3)
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def writes_here(shared_by_ranks: bool) -> bool:
+    """Whether this process writes the files of a model that every rank holds alike (sharded,
+    gathered, or DDP-replicated): rank 0 of the default process group only; else every caller."""
+    return not shared_by_ranks or torch.distributed.get_rank() == 0
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
@@ -436,16 +459,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         for name, layer in layers:
             if not layer.merged:
                 layer.merge()
-                merged_now.append(layer)
+                merged_now.append((name, layer))
     except BaseException:
-        failed = []
-        for layer in reversed(merged_now):
-            try:
-                layer.unmerge()
-            except Exception as exc:  # keep undoing the others; the original error propagates
-                failed.append(f"{getattr(layer, '_layer_path', type(layer).__name__)} ({exc})")
-        if failed:
-            warnings.warn("merge_and_unload: could not undo the merges of " + "; ".join(failed), stacklevel=2)
+        undo_each([(name, layer.unmerge) for name, layer in reversed(merged_now)], "merge_and_unload")
         raise
     for name, layer in layers:
         if not name:  # the model is the MissLinear itself

@@ -69,6 +69,7 @@ from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
+from .model import undo_each  # noqa: E402
 from .modules import check_merge, is_plain_linear  # noqa: E402
 from .bank import BASE, add_bank_terms, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
@@ -398,22 +399,18 @@ class AcceleratedMissLinear(PeftMissLinear):
         # All or nothing: with a bat adapter that cannot be unmerged under a default/mini one, the
         # loop below would otherwise unmerge the latter and stop half way.
         self._check_unmerge()
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters[-1]
-                if name in self.miss_block:
-                    torch.ops.miss.merge_(self.base_layer.weight, self.miss_block[name], True)
-                self.merged_adapters.pop()
+        _unmerge_down_to(self, 0)
 
 
-def _undo_last_merges(layer: AcceleratedMissLinear, count: int) -> None:
-    """Unmerges the layer's last `count` merged adapters (the fast path's arithmetic)."""
-    if count <= 0:
+def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
+    """Unmerges the layer's merged adapters, the last merged first, until `keep` are left (the
+    fast path's arithmetic; unmerge() is this down to 0, after its checks)."""
+    if len(layer.merged_adapters) <= keep:
         return
     if layer.quantization_backend is not None:
         raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
     with torch.no_grad():
-        for _ in range(count):
+        while len(layer.merged_adapters) > keep:
             name = layer.merged_adapters[-1]
             if name in layer.miss_block:
                 torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
@@ -538,7 +535,7 @@ class AcceleratedMissModel(MissModel):
             if type(layer) is not AcceleratedMissLinear:
                 continue
             try:
-                names = [a for a in layer._merge_plan(adapter_names) if a in layer.miss_block]
+                names = layer._merge_plan(adapter_names)
                 if safe_merge and names and layer._fast_path():
                     with torch.no_grad():
                         layer._merged_weight(names)
@@ -551,19 +548,13 @@ class AcceleratedMissModel(MissModel):
         value read only by a kernel), the merges this call made are undone before the error
         propagates (weights equal to the originals up to the unmerge's rounding); a layer that
         cannot be undone (a quantized base, an ill-conditioned bat block) is named in a warning."""
-        layers = [(path, layer) for path, layer in self.model.named_modules() if type(layer) is AcceleratedMissLinear]
-        before = {id(layer): len(layer.merged_adapters) for _, layer in layers}
+        layers = [(path, layer, len(layer.merged_adapters)) for path, layer in self.model.named_modules()
+                  if type(layer) is AcceleratedMissLinear]
         try:
             yield
         except BaseException:
-            failed = []
-            for path, layer in reversed(layers):
-                try:
-                    _undo_last_merges(layer, len(layer.merged_adapters) - before[id(layer)])
-                except Exception as exc:  # keep undoing the others; the original error propagates
-                    failed.append(f"{path} ({exc})")
-            if failed:
-                warnings.warn("could not undo the merges of " + "; ".join(failed), stacklevel=3)
+            undo_each([(path, partial(_unmerge_down_to, layer, before)) for path, layer, before in reversed(layers)],
+                      "merge_adapter")
             raise
 
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:

@@ -49,12 +49,9 @@ def make_batches(count: int, batch_size: int, seq_len: int, seed: int,
     start = torch.randint(0, VOCAB, (count, batch_size, 1), generator=gen)
     stride = torch.randint(1, MAX_STRIDE + 1, (count, batch_size, 1), generator=gen)
     if exclude is not None:
-        banned = set(zip(exclude[:, 0].tolist(), ((exclude[:, 1] - exclude[:, 0]) % VOCAB).tolist()))
-        while True:
-            hit = torch.tensor([[(a, b) in banned for a, b in zip(s.flatten().tolist(), d.flatten().tolist())]
-                                for s, d in zip(start, stride)]).view(start.shape)
-            if not hit.any():
-                break
+        # A sequence is its (start, stride) pair, coded as one integer.
+        banned = exclude[:, 0] * (MAX_STRIDE + 1) + (exclude[:, 1] - exclude[:, 0]) % VOCAB
+        while (hit := torch.isin(start * (MAX_STRIDE + 1) + stride, banned)).any():
             start[hit] = torch.randint(0, VOCAB, (int(hit.sum()),), generator=gen)
             stride[hit] = torch.randint(1, MAX_STRIDE + 1, (int(hit.sum()),), generator=gen)
     return (start + stride * torch.arange(seq_len)) % VOCAB
