@@ -130,6 +130,25 @@ def reshard_fsdp(model: nn.Module) -> list:
     return fsdp
 
 
+def fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) manages `module`'s parameters: `module` is, or lies under, a
+    module that `fully_shard` was applied to. The module itself cannot tell: FSDP2 swaps its
+    parameters between sharded DTensors and plain gathered copies from an ancestor's hooks,
+    and a gathered copy looks like any parameter. So the FSDP2 modules are found where torch's
+    composable APIs register them (torch.distributed._composable_state, private but unchanged
+    since torch 2.0); if that registry moves in a later torch, this answers False and the
+    DTensor checks remain (merge docstrings say so)."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(owner, FSDPModule) and any(m is module for m in owner.modules())
+               for owner in list(_module_state_mapping.keys()))
+
+
 def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None) -> Optional[str]:
     """Why `base` cannot take a MissLinear of `mode`, or None: the constructor's checks, so that
     apply_miss and load_adapter can run them for every layer before changing anything. `parent`
@@ -166,6 +185,10 @@ def merge_refusal(module: nn.Module, unmerge: bool = False) -> Optional[str]:
     (is_plain_linear): through a subclass's forward (fake quantisation, ...) or a hook, the merged
     layer's output base(x; W + dW) would differ from the unmerged base(x; W) + dW x. An unmerge
     only needs the weight condition (it restores the weight the base had)."""
+    if fsdp_managed(module):
+        return ("FSDP2 (fully_shard on it or on a module holding it) manages its weight, which is then a shard or "
+                "FSDP's gathered copy that the next reshard drops: a merge would be lost or partial. Keep the adapter "
+                "unmerged, or merge in a copy of the model loaded without FSDP (e.g. from save_adapter's folder)")
     if parametrize.is_parametrized(module, "weight"):
         return ("its weight is parametrized (torch.nn.utils.parametrize), so the merged value would have to go "
                 "through the parametrization's inverse; remove it first with "
@@ -335,10 +358,10 @@ class MissLinear(nn.Module):
         """W <- W + dW. With safe_merge, the merged weight is built in a copy and checked first:
         non-finite values raise ValueError and leave the weight untouched.
 
-        A layer whose weight is sharded (FSDP2, tensor parallelism) is refused (ValueError). Under
-        FSDP2 merge through miss_ext.merge_and_unload(model), which reshards first: a layer that a
-        forward left unsharded holds FSDP's gathered copy of the weight, which this layer alone
-        cannot tell from its own, and a merge into it would be lost at the next reshard."""
+        A layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is
+        sharded (tensor parallelism) is refused (ValueError): between forwards its weight is a
+        shard, and after a forward that left it unsharded it is FSDP's gathered copy, which the
+        next reshard drops with the merge (modules.fsdp_managed)."""
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return

@@ -348,7 +348,8 @@ def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
     models in wrappers (run after load_into_sharded, whose adapter folder it reuses):
     - load_adapter into the unsharded root, then a training forward and backward: the gathered
       blocks are still the file's (a load into FSDP's gathered copies was lost at the reshard);
-    - merge_and_unload after an eval forward: refused (ValueError), nothing unloaded;
+    - a layer's merge() and merge_and_unload after an eval forward: refused (ValueError), nothing
+      merged or unloaded;
     - apply_miss on an FSDP-sharded base: refused (TypeError);
     - an adapter with modules_to_save (lm_head) loaded into a sharded model: blocks and head;
     - a bank: adding/removing adapters in the sharded bank refused, save_bank_adapter gathers it;
@@ -371,6 +372,16 @@ def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
     out["load_gap"] = max((blocks(target)[n] - source[n]).abs().max().item() for n in source)
     with torch.no_grad():
         target(input_ids=batch)
+    # A layer's own merge while the root is unsharded: its weight is FSDP's gathered copy, a plain
+    # Parameter that the next reshard drops (the merge was lost before the layer looked for FSDP).
+    layer = miss_ext.miss_layers(target)[0][1]
+    out["layer_weight_type"] = type(layer.base_layer.weight).__name__
+    try:
+        layer.merge()
+        out["layer_merge_error"] = None
+    except ValueError as e:
+        out["layer_merge_error"] = str(e)
+    out["layer_merged"] = layer.merged
     try:
         miss_ext.merge_and_unload(target)
         out["merge_error"] = None

@@ -289,14 +289,18 @@ def test_load_adapter_into_a_sharded_model(checkpoint_runs):
 
 def test_unsharded_models_and_wrappers(checkpoint_runs):
     """fsdp_models.unsharded_and_wrapped: loads reach the sharded parameters even when a forward
-    left the root unsharded, merge_and_unload and apply_miss refuse sharded layers, modules_to_save
+    left the root unsharded, a layer's merge() and merge_and_unload refuse layers under FSDP2 (even
+while a forward left them holding plain gathered copies), apply_miss refuses sharded layers, modules_to_save
     values reach a sharded head, a sharded bank refuses slot changes and saves whole blocks, and
     DDP wrappers are looked through (and refuse new adapters)."""
     for rank, run in enumerate(checkpoint_runs):
         u = run["unsharded"]
         assert u["unsharded_type"] == "Parameter", u  # the state under test: FSDP's gathered copy
         assert u["load_gap"] == 0.0, (rank, u["load_gap"])
-        assert u["merge_error"] is not None and "not a plain tensor" in u["merge_error"], u
+        assert u["layer_weight_type"] == "Parameter", u  # FSDP's gathered copy, not a DTensor
+        assert u["layer_merge_error"] is not None and "FSDP2" in u["layer_merge_error"], u
+        assert not u["layer_merged"], u
+        assert u["merge_error"] is not None and "FSDP2" in u["merge_error"], u
         assert u["still_adapted"] == N_BLOCKS
         assert u["apply_error"] is not None and "sharded over 2 ranks" in u["apply_error"], u
         assert u["extras_gap"] == 0.0, (rank, u["extras_gap"])
