@@ -415,6 +415,51 @@ class MissLinear(nn.Module):
         zeros = torch.zeros(self.out_features, self.in_features, dtype=block.dtype, device=block.device)
         return torch.ops.miss.merge(zeros, block)
 
+    # The merged flag travels in the state_dict, as a bool tensor under "merged", present only
+    # while the layer is merged. A merged layer's state_dict holds W + dW as base_layer.weight;
+    # loaded into an unmerged layer without the flag, the forward would add dW a second time
+    # (PEFT keeps its flag out of the state_dict and does exactly that). Absent from an unmerged
+    # layer's state_dict, so unmerged state_dicts, older checkpoints and PEFT-keyed files load as
+    # before; a module without this key (PEFT's, a plain model) refuses it under strict loading,
+    # where it would double-count too. TorchScript-compiled copies do not run these methods.
+    MERGED_KEY = "merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self.MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        where = prefix.rstrip(".") or "(root)"
+        key = prefix + self.MERGED_KEY
+        flag = state_dict.get(key)
+        refusal = None
+        if flag is not None and not (isinstance(flag, Tensor) and flag.dtype == torch.bool and flag.numel() == 1):
+            shape = f" {flag.dtype} of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else ""
+            refusal = f"{key!r} must be a one-element bool tensor (the merged flag), got {type(flag).__name__}{shape}"
+        loads_weight = prefix + "base_layer.weight" in state_dict
+        merged_after = self.merged
+        if refusal is None:
+            merged_after = bool(flag.item()) if flag is not None else (False if loads_weight else self.merged)
+            if merged_after and not loads_weight and prefix + "miss_block" in state_dict:
+                # The merged forward skips the block: a new block alone would change nothing.
+                refusal = ("cannot load miss_block alone into a merged layer (its weight holds the current block's "
+                           "dW, which the loaded block would not replace); unmerge() first, or load the merged "
+                           "base_layer.weight with it")
+        if refusal is not None:
+            error_msgs.append(f"MissLinear {where}: {refusal}")
+            # Nothing of this layer loads: torch loads the children (base_layer) after this method
+            # from this same dict (a copy torch made, not the caller's), so their keys go too.
+            for name in [name for name in state_dict if name.startswith(prefix)]:
+                del state_dict[name]
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        self.merged = merged_after
+
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"
         if self.mode == "mini":

@@ -265,6 +265,63 @@ def test_safe_merge_success_equals_merge(config, dtype, device):
     assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
 
 
+@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+def test_merged_flag_travels_in_the_state_dict(mode):
+    """A merged layer's state_dict holds W + dW and the flag ("merged"): loaded into a fresh
+    (unmerged) layer, the forward equals the source's instead of adding dW twice (PEFT's state_dict
+    has no flag and double-counts); an unmerged state_dict loaded into a merged layer unmerges the
+    flag. Strict loading matches every key both ways."""
+    in_f, out_f, r, mini_r = (12, 8, 4, 2) if mode != "bat" else (12, 8, 4, 8)
+    x = torch.randn(5, in_f)
+
+    def fresh():
+        m = make(in_f, out_f, r, mode, mini_r, seed=1)
+        with torch.no_grad():
+            m.miss_block.mul_(0.1)  # bat: I + B well conditioned
+        return m
+
+    source = fresh()
+    y = source(x).detach()
+    source.merge()
+    merged_state = source.state_dict()
+    assert merged_state["merged"].dtype == torch.bool and bool(merged_state["merged"])
+    target = fresh()
+    assert not target.merged
+    assert str(target.load_state_dict(merged_state)) == "<All keys matched successfully>"
+    assert target.merged
+    torch.testing.assert_close(target(x), y, rtol=1e-5, atol=1e-5)  # dW added twice: off by |dW x|
+    target.unmerge()
+    torch.testing.assert_close(target.base_layer.weight, fresh().base_layer.weight, rtol=1e-5, atol=1e-5)
+
+    unmerged_state = fresh().state_dict()
+    assert "merged" not in unmerged_state
+    assert str(source.load_state_dict(unmerged_state)) == "<All keys matched successfully>"
+    assert not source.merged
+    torch.testing.assert_close(source(x), y, rtol=1e-5, atol=1e-5)  # dW dropped: off by |dW x|
+
+
+def test_state_dict_loads_that_would_ignore_a_block_are_refused():
+    """A block alone into a merged layer would change nothing (the merged forward skips the block):
+    refused, nothing changed. A malformed flag is refused by name."""
+    m = make(12, 8, 4, seed=1)
+    m.merge()
+    weight, block = m.base_layer.weight.detach().clone(), m.miss_block.detach().clone()
+    with pytest.raises(RuntimeError, match="cannot load miss_block alone into a merged layer"):
+        m.load_state_dict({"miss_block": torch.zeros_like(block)}, strict=False)
+    assert m.merged and torch.equal(m.base_layer.weight, weight) and torch.equal(m.miss_block, block)
+    state = make(12, 8, 4, seed=2).state_dict()
+    for bad in (torch.tensor(1), torch.ones(2, dtype=torch.bool), "yes"):
+        given = {**state, "merged": bad}
+        with pytest.raises(RuntimeError, match="'merged' must be a one-element bool tensor"):
+            m.load_state_dict(given)
+        assert m.merged and torch.equal(m.base_layer.weight, weight)
+        assert sorted(given) == sorted([*state, "merged"])  # the caller's dict is not changed
+    # A model without the flag's owner (here a plain nn.Linear) refuses it under strict loading.
+    with pytest.raises(RuntimeError, match="Unexpected key.*merged"):
+        nn.Sequential(nn.Linear(12, 8)).load_state_dict({"0.weight": weight, "0.bias": m.base_layer.bias,
+                                                          "0.merged": torch.tensor(True)})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_merge_and_unmerge_warn_and_do_nothing(device):
     m = make(10, 20, 3, "mini", 5, device=device)
