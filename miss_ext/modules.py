@@ -321,14 +321,21 @@ class MissLinear(nn.Module):
             return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
-        if p > 0.0:
-            key = new_dropout_key(x.device)
         if fused:
+            if p > 0.0:
+                # The op's size check, made before the key is drawn: a refused call leaves the
+                # global RNG as it was (PEFT's base layer raises before its dropout draws).
+                if x.dim() == 0 or x.shape[-1] != self.in_features:
+                    torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, 0.0, None)
+                key = new_dropout_key(x.device)
             return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
         # The base module computes its own output (its forward, hooks, parametrizations,
         # quantized or sharded weights); the adapter term is added to it. PEFT's precision: the
-        # term in the block's dtype, the sum rounded once to x's dtype.
+        # term in the block's dtype, the sum rounded once to x's dtype. The base runs before the
+        # key is drawn, so an input it refuses leaves the global RNG as it was.
         y = self.base_layer(x)
+        if p > 0.0:
+            key = new_dropout_key(x.device)
         term = torch.ops.miss.fold(x, self.r, p, key, self.miss_block.dtype) @ self.miss_block
         if y.dtype != x.dtype:
             y = y.to(torch.promote_types(y.dtype, term.dtype))

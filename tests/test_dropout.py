@@ -131,6 +131,26 @@ def test_new_dropout_key_draws_on_the_requested_device_without_reading_it():
     assert ops.fold(x, 4, 0.5, k).shape == (4, 4)
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "base-module"])
+@pytest.mark.parametrize("bad", [(3, 15), ()], ids=["wrong-in_features", "scalar"])
+def test_a_refused_forward_leaves_the_global_rng_alone(hooked, bad):
+    """A training forward with dropout that is refused for its input's size raises before the key
+    is drawn, so the global RNG (torch.manual_seed's stream) is where it was, as with PEFT, whose
+    base layer raises before its dropout draws."""
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, dropout=0.1)
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda module, args, out: out)  # the base-module path
+    state = torch.random.get_rng_state()
+    with pytest.raises((ValueError, RuntimeError)):
+        layer(torch.randn(bad))
+    state_after_input = torch.random.get_rng_state()
+    layer.train()
+    with pytest.raises((ValueError, RuntimeError)):
+        layer(torch.zeros(bad))
+    assert torch.equal(torch.random.get_rng_state(), state_after_input)
+    assert not torch.equal(state, state_after_input)  # the check sees a draw (torch.randn's)
+
+
 def test_a_key_on_another_device_is_refused():
     x = rand(4, 8)
     for bad in (key(1, 2, "meta"),):
