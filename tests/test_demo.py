@@ -181,6 +181,7 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--model", "x"], "--model needs --data"),
     (["--data", "x.txt"], "--data needs --model"),
     (["--model", "x", "--data", "y", "--hidden", "64"], "--hidden describes the random model"),
+    (["--model", "x", "--data", "y", "--size", "tiny"], "--size describes the random model"),
     (["--model", "x", "--data", "y", "--seq-len", "1"], "--seq-len must be at least 2"),
     (["--target-modules", "a,,b"], "expected a comma list of module names"),
     (["--target-modules", "q_proj("], "is not a valid regex"),
@@ -227,6 +228,20 @@ def test_refused_runs_write_nothing(tmp_path, capsys):
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
         assert not out.exists(), extra
+
+
+def test_shape_checks_look_at_the_targeted_projections_only(tmp_path, capsys):
+    """--mini-r 192 divides the tiny model's MLP width but not its hidden size (64): with only the
+    MLP's up-projections targeted the run is valid (it was refused for q_proj's 64)."""
+    argv = ["--size", "tiny", "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--no-peft",
+            "--mode", "mini", "--r", "8", "--mini-r", "192"]
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv + ["--out", str(tmp_path / "all")])
+    assert exc.value.code == 2 and "--mini-r 192 must divide" in capsys.readouterr().err
+    for targets in ("gate_proj,up_proj", r"model\.layers\.\d+\.mlp\.(gate|up)_proj"):
+        out = tmp_path / str(len(targets))
+        demo.main(argv + ["--target-modules", targets, "--out", str(out)])
+        assert (out / "adapter_model.safetensors").is_file(), targets
 
 
 def test_heldout_sequences_are_not_trained_on():

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 import miss_ext
-from miss_ext.targets import ALL_LINEAR, TargetModules
+from miss_ext.targets import ALL_LINEAR, TargetModules, matches
 
 # The projections the random Llama adapts by default (every linear layer of a decoder layer).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -20,6 +20,7 @@ SIZES = {
     "small": dict(hidden=128, layers=4, heads=4, intermediate=384),
     "base": dict(hidden=512, layers=8, heads=8, intermediate=1408),
 }
+DEFAULT_SIZE = "small"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -47,6 +48,11 @@ class ModelDims:
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def projection_path(name: str) -> str:
+    """The path of projection `name` in the first layer of the random Llama (what target regexes match)."""
+    return f"model.layers.0.{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}"
 
 
 def _positive_int(text: str) -> int:
@@ -97,6 +103,13 @@ def parse_target_modules(text: str) -> TargetModules:
     return names
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ("(default: None)" says nothing; those helps say what applies)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m miss_ext.demo",
@@ -105,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--data your own local Hugging Face model on your own text. Compares step time and memory "
                     "with PEFT's MiSS, reports held-out loss and perplexity before and after, checks merging, "
                     "saves the adapter in PEFT's format and a loss plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     own = parser.add_argument_group("your own model and text (both flags together; no network)")
     own.add_argument("--model", type=Path, default=None, metavar="DIR",
@@ -121,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the packed --data sequences held out (the last ones, at least one)")
 
     model = parser.add_argument_group("random model (without --model)")
-    model.add_argument("--size", choices=sorted(SIZES), default="small",
-                       help="preset dimensions: " + "; ".join(
+    # No default in argparse (None means "small"), so that --size given with --model is refused
+    # instead of silently ignored.
+    model.add_argument("--size", choices=sorted(SIZES), default=None,
+                       help=f"preset dimensions (default: {DEFAULT_SIZE}): " + "; ".join(
                            f"{k}: hidden {v['hidden']}, {v['layers']} layers, {v['heads']} heads, "
                            f"MLP {v['intermediate']}" for k, v in SIZES.items()))
     model.add_argument("--hidden", type=_positive_int, default=None,
@@ -131,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--heads", type=_positive_int, default=None,
                        help="attention heads, overriding the preset (must divide the hidden size; "
                             "key/value heads are half of them when even)")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                       help="dtype of the frozen base model; MiSS blocks stay float32 (as in PEFT)")
 
     miss = parser.add_argument_group("MiSS adapter")
     miss.add_argument("--target-modules", type=parse_target_modules, default=None,
@@ -152,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MiSS dropout; above 0 the two variants draw different masks and their losses drift apart")
 
     train = parser.add_argument_group("training")
+    train.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                       help="dtype of the frozen base model (the random one or --model's); MiSS blocks stay float32 "
+                            "(as in PEFT)")
     train.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps per variant")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step")
     train.add_argument("--seq-len", type=_positive_int, default=64,
@@ -183,7 +199,7 @@ def target_modules(args: argparse.Namespace) -> TargetModules:
 
 
 def model_dims(args: argparse.Namespace) -> ModelDims:
-    preset = SIZES[args.size]
+    preset = SIZES[args.size or DEFAULT_SIZE]
     hidden = args.hidden or preset["hidden"]
     heads = args.heads or preset["heads"]
     if args.hidden is None:
@@ -215,7 +231,12 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
                      "rotary embedding needs an even head dimension")
     if args.seq_len < 3:
         parser.error(f"--seq-len must be at least 3 (two tokens to infer the step, one to predict), got {args.seq_len}")
-    shapes = dims.projection_shapes()
+    # Only the projections the adapter targets (apply_miss raises later if there is none).
+    targets = target_modules(args)
+    shapes = {name: shape for name, shape in dims.projection_shapes().items()
+              if targets == ALL_LINEAR or matches(targets, projection_path(name))}
+    if not shapes:
+        return
     smallest_in = min(i for i, _ in shapes.values())
     if args.r > smallest_in:
         parser.error(f"--r {args.r} is larger than the smallest projection input ({smallest_in}); "
@@ -264,7 +285,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"{given} needs {missing}: the demo fine-tunes a model folder on a text file, both yours "
                      "(without either it runs its random model on the synthetic task)")
     if user_mode(args):
-        for flag in ("hidden", "layers", "heads"):
+        for flag in ("size", "hidden", "layers", "heads"):
             if getattr(args, flag) is not None:
                 parser.error(f"--{flag} describes the random model; with --model {args.model} the folder's "
                              "config.json decides the dimensions")
