@@ -23,13 +23,13 @@ Recompilation: the bank's contents, ranks and modes are tensors, so under torch.
 replacing or removing adapters within the capacity does not recompile, as long as the set of
 fold groups (distinct fold ranks, and in training distinct dropout p) stays the same.
 """
-import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .modules import MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear
+from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
+                      tensor_json)
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
@@ -363,10 +363,10 @@ class MissBankLinear(nn.Module):
     def get_extra_state(self) -> Tensor:
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}
-        return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+        return json_tensor(state)
 
     def set_extra_state(self, encoded: Tensor) -> None:
-        state = json.loads(bytes(encoded.cpu().tolist()).decode())
+        state = tensor_json(encoded)
         names = list(state["adapter_names"])
         if len(names) != self.capacity:
             raise ValueError(f"MissBankLinear.load_state_dict: the saved bank has {len(names)} slots, this one "

@@ -1,4 +1,5 @@
 """`MissLinear`: a frozen nn.Linear plus one trainable MiSS block, run on `torch.ops.miss`."""
+import json
 import math
 import warnings
 from typing import List, Optional
@@ -109,6 +110,61 @@ def is_dtensor(t: Optional[Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def json_tensor(value) -> Tensor:
+    """`value` as a uint8 tensor of its JSON text: state that must travel in a state_dict, which
+    stays all tensors (safetensors, clone())."""
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def tensor_json(encoded: Tensor):
+    """The value json_tensor encoded."""
+    return json.loads(bytes(encoded.cpu().tolist()).decode())
+
+
+def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
+                      unexpected_keys: list, error_msgs: list, load) -> None:
+    """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
+    AcceleratedMissLinear's "merged_adapters"). A merged layer's state_dict holds W + dW as
+    base_layer.weight: without the record, a layer loading it would add dW a second time (PEFT's
+    state_dict has no record and does exactly that), and a layer merged before the load would
+    skip the adapters of an unmerged weight.
+
+    `current` is the module's merged adapters (a list of names; MissLinear: ["miss_block"] or
+    []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
+    the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
+    one), else unchanged. Refused (an error message, and nothing of the module loaded): a bad
+    record, or a block loaded alone into an adapter that stays merged (the merged forward skips
+    the block, so it would change nothing). `load()` runs nn.Module's own load; the record's key is
+    then not "unexpected". Returns the record after the load, or None if refused."""
+    where = prefix.rstrip(".") or "(root)"
+    refusal = None
+    after = current
+    if key in state_dict:
+        try:
+            after = decode(state_dict[key])
+        except ValueError as e:
+            refusal = f"{key!r}: {e}"
+    elif prefix + "base_layer.weight" in state_dict:
+        after = []
+    if refusal is None:
+        alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
+        if alone and prefix + "base_layer.weight" not in state_dict:
+            refusal = (f"cannot load the block of merged adapter(s) {alone} alone (the merged weight holds the current "
+                       "block's dW, which the loaded block would not replace); unmerge first, or load the merged "
+                       "base_layer.weight with it")
+    if refusal is not None:
+        error_msgs.append(f"{type(module).__name__} {where}: {refusal}")
+        # Nothing of this layer loads: torch loads the children (base_layer) after this method
+        # from this same dict (a copy torch made, not the caller's), so their keys go too.
+        for name in [name for name in state_dict if name.startswith(prefix)]:
+            del state_dict[name]
+        return None
+    load()
+    if key in unexpected_keys:
+        unexpected_keys.remove(key)
+    return after
 
 
 def reshard_fsdp(model: nn.Module) -> list:
@@ -423,12 +479,10 @@ class MissLinear(nn.Module):
         return torch.ops.miss.merge(zeros, block)
 
     # The merged flag travels in the state_dict, as a bool tensor under "merged", present only
-    # while the layer is merged. A merged layer's state_dict holds W + dW as base_layer.weight;
-    # loaded into an unmerged layer without the flag, the forward would add dW a second time
-    # (PEFT keeps its flag out of the state_dict and does exactly that). Absent from an unmerged
-    # layer's state_dict, so unmerged state_dicts, older checkpoints and PEFT-keyed files load as
-    # before; a module without this key (PEFT's, a plain model) refuses it under strict loading,
-    # where it would double-count too. TorchScript-compiled copies do not run these methods.
+    # while the layer is merged (load_merge_record says why). Absent from an unmerged layer's
+    # state_dict, so unmerged state_dicts and older checkpoints load as before; a module without
+    # this key (PEFT's, a plain model) refuses it under strict loading, where it would count dW
+    # twice. TorchScript-compiled copies do not run these methods.
     MERGED_KEY = "merged"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -438,34 +492,19 @@ class MissLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        where = prefix.rstrip(".") or "(root)"
-        key = prefix + self.MERGED_KEY
-        flag = state_dict.get(key)
-        refusal = None
-        if flag is not None and not (isinstance(flag, Tensor) and flag.dtype == torch.bool and flag.numel() == 1):
-            shape = f" {flag.dtype} of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else ""
-            refusal = f"{key!r} must be a one-element bool tensor (the merged flag), got {type(flag).__name__}{shape}"
-        loads_weight = prefix + "base_layer.weight" in state_dict
-        merged_after = self.merged
-        if refusal is None:
-            merged_after = bool(flag.item()) if flag is not None else (False if loads_weight else self.merged)
-            if merged_after and not loads_weight and prefix + "miss_block" in state_dict:
-                # The merged forward skips the block: a new block alone would change nothing.
-                refusal = ("cannot load miss_block alone into a merged layer (its weight holds the current block's "
-                           "dW, which the loaded block would not replace); unmerge() first, or load the merged "
-                           "base_layer.weight with it")
-        if refusal is not None:
-            error_msgs.append(f"MissLinear {where}: {refusal}")
-            # Nothing of this layer loads: torch loads the children (base_layer) after this method
-            # from this same dict (a copy torch made, not the caller's), so their keys go too.
-            for name in [name for name in state_dict if name.startswith(prefix)]:
-                del state_dict[name]
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        self.merged = merged_after
+        def decode(flag):
+            if not (isinstance(flag, Tensor) and flag.dtype == torch.bool and flag.numel() == 1):
+                shape = f" {flag.dtype} of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else ""
+                raise ValueError(f"must be a one-element bool tensor (the merged flag), got {type(flag).__name__}{shape}")
+            return ["miss_block"] if bool(flag.item()) else []
+
+        after = load_merge_record(
+            self, state_dict, prefix, prefix + self.MERGED_KEY, ["miss_block"] if self.merged else [], decode,
+            unexpected_keys, error_msgs,
+            lambda: super(MissLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                  missing_keys, unexpected_keys, error_msgs))
+        if after is not None:
+            self.merged = bool(after)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"

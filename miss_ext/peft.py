@@ -51,6 +51,7 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
   merges nothing; here ValueError.
 """
 import inspect
+import json
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -70,7 +71,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
-from .modules import check_merge, is_plain_linear  # noqa: E402
+from .modules import check_merge, is_plain_linear, json_tensor, load_merge_record, tensor_json  # noqa: E402
 from .bank import BASE, add_bank_terms, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
@@ -400,6 +401,42 @@ class AcceleratedMissLinear(PeftMissLinear):
         # loop below would otherwise unmerge the latter and stop half way.
         self._check_unmerge()
         _unmerge_down_to(self, 0)
+
+
+    # The names of the merged adapters, in merge order, travel in the state_dict (a uint8 tensor
+    # of JSON under "merged_adapters", present only while some adapter is merged), as MissLinear's
+    # flag does (modules.load_merge_record): a merged layer's state_dict loaded into an unmerged
+    # model no longer counts dW twice, which PEFT does. PEFT's adapter files are unchanged (its
+    # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
+    # loading.
+    MERGED_KEY = "merged_adapters"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged_adapters:
+            destination[prefix + self.MERGED_KEY] = json_tensor(list(self.merged_adapters))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        def decode(encoded):
+            try:
+                names = tensor_json(encoded) if isinstance(encoded, Tensor) and encoded.dtype == torch.uint8 else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                names = None
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ValueError("must be a uint8 tensor of a JSON list of adapter names")
+            unknown = [n for n in names if n not in self.miss_block]
+            if unknown:
+                raise ValueError(f"names adapters {unknown} that this layer does not have ({list(self.miss_block)})")
+            return names
+
+        after = load_merge_record(
+            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, unexpected_keys,
+            error_msgs,
+            lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
+        if after is not None:
+            self.merged_adapters = list(after)
 
 
 def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:

@@ -306,13 +306,13 @@ def test_state_dict_loads_that_would_ignore_a_block_are_refused():
     m = make(12, 8, 4, seed=1)
     m.merge()
     weight, block = m.base_layer.weight.detach().clone(), m.miss_block.detach().clone()
-    with pytest.raises(RuntimeError, match="cannot load miss_block alone into a merged layer"):
+    with pytest.raises(RuntimeError, match="cannot load the block of merged adapter"):
         m.load_state_dict({"miss_block": torch.zeros_like(block)}, strict=False)
     assert m.merged and torch.equal(m.base_layer.weight, weight) and torch.equal(m.miss_block, block)
     state = make(12, 8, 4, seed=2).state_dict()
     for bad in (torch.tensor(1), torch.ones(2, dtype=torch.bool), "yes"):
         given = {**state, "merged": bad}
-        with pytest.raises(RuntimeError, match="'merged' must be a one-element bool tensor"):
+        with pytest.raises(RuntimeError, match="'merged': must be a one-element bool tensor"):
             m.load_state_dict(given)
         assert m.merged and torch.equal(m.base_layer.weight, weight)
         assert sorted(given) == sorted([*state, "merged"])  # the caller's dict is not changed

@@ -141,6 +141,68 @@ def test_merge_unmerge_and_merge_and_unload_match_peft(base, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_merged_adapters_travel_in_the_state_dict(base, mode, tmp_path):
+    """A merged model's state_dict holds W + dW and the merged names ("merged_adapters"): loaded
+    into a fresh unmerged accelerated model, the logits equal the source's (PEFT, whose state_dict
+    has no record, adds dW a second time: checked, so the test shows what it guards against).
+    An unmerged state_dict loaded into a merged model clears the record. PEFT's adapter files do
+    not change: save_pretrained writes the same keys merged or not."""
+    plain, fast = pair(base, mode)
+    ids = tokens()
+    expected = fast(ids).logits
+    fast.merge_adapter()
+    merged_state = fast.state_dict()
+    keys = [k for k in merged_state if k.endswith(".merged_adapters")]
+    assert len(keys) == len(TARGETS) * 2, keys  # two decoder layers
+    target = accelerate(copy.deepcopy(plain))
+    assert str(target.load_state_dict(merged_state)) == "<All keys matched successfully>"
+    torch.testing.assert_close(target(ids).logits, expected, **TOL)
+    target.unmerge_adapter()
+    torch.testing.assert_close(target(ids).logits, expected, **TOL)
+    peft_target = copy.deepcopy(plain)
+    peft_target.load_state_dict({k: v for k, v in merged_state.items() if k not in keys})
+    assert (peft_target(ids).logits - expected).abs().max() > 1e-3  # PEFT's double count
+    with pytest.raises(RuntimeError, match="Unexpected key.*merged_adapters"):
+        copy.deepcopy(plain).load_state_dict(merged_state)  # refused rather than double-counted
+
+    fast.save_pretrained(str(tmp_path / "merged"))
+    fast.unmerge_adapter()
+    fast.save_pretrained(str(tmp_path / "unmerged"))
+    from safetensors.torch import load_file
+
+    files = [load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("merged", "unmerged")]
+    assert sorted(files[0]) == sorted(files[1]) and not any("merged" in k for k in files[0])
+
+    again = accelerate(copy.deepcopy(plain))
+    again.merge_adapter()
+    assert str(again.load_state_dict(fast.state_dict())) == "<All keys matched successfully>"
+    assert not any(m.merged_adapters for m in again.modules() if isinstance(m, AcceleratedMissLinear))
+    torch.testing.assert_close(again(ids).logits, expected, **TOL)
+
+
+def test_merged_adapters_record_refuses_bad_loads(base):
+    """Unknown names, a malformed record and a block alone into a merged adapter are refused, with
+    nothing of the layer loaded."""
+    _, fast = pair(base, "default")
+    fast.merge_adapter()
+    state = fast.state_dict()
+    key = next(k for k in state if k.endswith(".merged_adapters"))
+    prefix = key[: -len("merged_adapters")]
+    weight = dict(fast.named_parameters())[prefix + "base_layer.weight"].detach().clone()
+    from miss_ext.modules import json_tensor
+
+    for bad, message in ((json_tensor(["nope"]), "does not have"), (torch.tensor([1, 2]), "JSON list"),
+                         (json_tensor({"a": 1}), "JSON list")):
+        given = {**state, key: bad}
+        with pytest.raises(RuntimeError, match=message):
+            fast.load_state_dict(given)
+        assert torch.equal(dict(fast.named_parameters())[prefix + "base_layer.weight"], weight)
+    with pytest.raises(RuntimeError, match="cannot load the block of merged adapter"):
+        fast.load_state_dict({prefix + "miss_block.default": torch.zeros_like(state[prefix + "miss_block.default"])},
+                             strict=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_disable_adapter_gives_the_base_model(base, mode):
     plain, fast = pair(base, mode)
     ids = tokens()
