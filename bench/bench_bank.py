@@ -90,10 +90,15 @@ def main() -> None:
 
     cases = {"single": single, "mixed": mixed, "split": split, "gathered": gathered, "masked": masked}
     with torch.inference_mode():
-        # The three mixed-batch cases compute the same thing.
+        # The mixed-batch cases compute the same thing. Relative norm error, as bench_bank_model.py:
+        # in bf16, bank_add_ rounds each row's sum once and the loops round the term first, so
+        # elements near zero differ by an ulp of the term (elementwise rtol/atol failed on 0.2% of
+        # the elements at T=1024, 2048^2).
         ref = mixed()
+        limit = 1e-4 if dtype == torch.float32 else 3e-2
         for name in ("split", "gathered", "masked"):
-            torch.testing.assert_close(cases[name](), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+            error = ((cases[name]().float() - ref.float()).norm() / ref.float().norm()).item()
+            assert error < limit, f"{name} differs from mixed: relative error {error:.2e} >= {limit}"
         median_ms, median_ratio = interleaved_medians(cases, args.reps, dev, "single")
         peaks = {name: peak_mib(fn, dev) for name, fn in cases.items()}  # untimed runs
     result = {

@@ -23,6 +23,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 
+CUDA_LEAD_CYCLES = 1_000_000  # torch.cuda._sleep before a timed call: ~0.5 ms at an H200's 1.98 GHz
+
+
 def add_common_arguments(ap, reps: int) -> None:
     """The flags both mixed-adapter benchmarks take: --r, --adapters, --reps, --device, --dtype, --json."""
     ap.add_argument("--r", type=int, default=64)
@@ -47,6 +50,11 @@ def interleaved_medians(cases: Dict[str, Callable], reps: int, device: torch.dev
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                # Keep the GPU busy while the host enqueues `start` and the case's launches:
+                # after a synchronize the GPU is idle, so `start` would be stamped at once and
+                # the case's host overhead (Python, dispatch, launch: 10-30 us) timed with its
+                # kernels, a large share of a 20 us fold.
+                torch.cuda._sleep(CUDA_LEAD_CYCLES)
                 start.record()
                 cases[name]()
                 end.record()

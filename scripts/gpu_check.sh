@@ -2,9 +2,11 @@
 # One call on a lent GPU machine (README, "GPU check"): builds the extension against that
 # machine's torch (2.11 there), runs the error probe, then the WHOLE test suite (CPU and CUDA tests
 # together, the CMake library's test included) and, unless --tests-only, the GPU benchmarks.
-# Everything it writes goes to ${OUT:-gpu_out}/: build.log, info.txt, probe.log, pytest.log,
-# junit.xml, summary.txt, bench.md/json, bench_kernels.md/json, bench_fusion.md/json, bench_model.md/json, bench_bank.md/json,
-# bench_bank_model.md/json.
+# Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log, pytest.log,
+# junit.xml, summary.txt, memcheck_new_kernels.log, bench*.md/json, bench_status.txt) goes to a
+# work folder whose tarball ${OUT:-gpu_out}/results.tgz is rewritten after every step, beside
+# ${OUT}/summary.txt: the device tool returns at most 8 files from $OUT, and a call killed at its
+# time limit still returns the last tarball.
 #
 #   bash scripts/gpu_wheels.sh          # HERE, before the call: wheels the GPU machine lacks -> .whl/
 #   run(command="bash scripts/gpu_check.sh --tests-only", carry=[".whl"])      # on the GPU machine
@@ -19,11 +21,21 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
+RES="$(mktemp -d /tmp/gpu_check.XXXXXX)"   # the files; $OUT gets results.tgz and summary.txt
+pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+# The device tool kills a call at 600 s and then returns only what $OUT holds: every long step
+# below gets the time left before DEADLINE, so the summary and tarball are always written.
+DEADLINE=$((SECONDS + ${CALL_LIMIT_S:-570}))
+left() { local s=$((DEADLINE - SECONDS - $1)); [ "$s" -gt 10 ] && echo "$s" || echo 10; }
 PY="${PYTHON:-python3}"
 BENCH=1
 TESTS=1
-[ "${1:-}" = "--tests-only" ] && BENCH=0
-[ "${1:-}" = "--bench-only" ] && TESTS=0   # a second call on a warm machine: the build is kept
+case "${1:-}" in
+  "") ;;
+  --tests-only) BENCH=0 ;;
+  --bench-only) TESTS=0 ;;   # a second call on a warm machine: the build is kept
+  *) echo "usage: $0 [--tests-only|--bench-only]" >&2; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="$(nproc)"   # the CMake library test builds with it too
 
@@ -33,25 +45,31 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 "$PY" -c "import expecttest" 2>/dev/null || echo "WARNING: expecttest missing: opcheck tests will fail (run scripts/gpu_wheels.sh here and carry .whl)"
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-{ "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; c++ --version | head -1; } | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
+{ "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; c++ --version | head -1; } | tee -a "$RES/gpu.txt"
 # Build for the visible GPU only (sm_90 on an H200), all cores.
 start=$(date +%s)
 if ! MISS_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-    "$PY" setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | "$PY" scripts/build_progress.py; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+    "$PY" setup.py build_ext --inplace 2>&1 | tee "$RES/build.log" | "$PY" scripts/build_progress.py; then
+  tail -40 "$RES/build.log"; echo "BUILD FAILED" | tee "$OUT/summary.txt"; pack; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
-"$PY" -m miss_ext.info | tee "$OUT/info.txt"
+"$PY" -m miss_ext.info | tee "$RES/info.txt"
+pack
 
 # The error probe first, alone (seconds): with a C++ runtime mix-up (issue 9) every error message
 # with a number crashed the process. Its verdict is on screen even if the suite takes long. The
 # runtime probe names the objects that serve libstdc++'s ostream/locale calls, before and after
 # CUDA is initialised (the driver's libraries load then).
-{ "$PY" scripts/cxx_runtime_probe.py; "$PY" scripts/cxx_runtime_probe.py --cuda; } >"$OUT/cxx_runtime.txt" 2>&1
-grep -E "FOREIGN|cxx_runtime" "$OUT/cxx_runtime.txt" | head -4
-"$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py -k "fresh_process or foreign or private" \
-  2>&1 | tee "$OUT/probe.log" | tail -3
+# (Not repeated by --bench-only: the first call ran it on this build.)
+if [ "$TESTS" = 1 ]; then
+  { "$PY" scripts/cxx_runtime_probe.py; "$PY" scripts/cxx_runtime_probe.py --cuda; } >"$RES/cxx_runtime.txt" 2>&1
+  grep -E "FOREIGN|cxx_runtime" "$RES/cxx_runtime.txt" | head -4
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py \
+    -k "fresh_process or foreign or private" >"$RES/probe.log" 2>&1
+  tail -3 "$RES/probe.log"
+  pack
+fi
 
 tests_rc=0
 if [ "$TESTS" = 1 ]; then
@@ -61,48 +79,77 @@ if [ "$TESTS" = 1 ]; then
   fi
   TIMEOUT=()
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-    TIMEOUT=(--timeout=900)
+    TIMEOUT=(--timeout=300)   # one hung test fails alone, well inside the call's 600 s
   fi
   start=$(date +%s)
-  "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$OUT/junit.xml" -rfE tests \
-    >"$OUT/pytest.log" 2>&1
+  # SIGINT when only the memcheck's time is left: pytest still writes its summary and junit.xml.
+  suite_limit=$(left 150)
+  timeout -s INT -k 20 "$suite_limit" \
+    "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$RES/junit.xml" -rfE tests \
+    >"$RES/pytest.log" 2>&1
   tests_rc=$?
   echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"
   # Crashed tests (xdist: "worker 'gwN' crashed while running 'tests/...'") and failures, by name.
   {
-    echo "pytest rc=$tests_rc; $(tail -1 "$OUT/pytest.log")"
-    grep -E "crashed while running|^FAILED|^ERROR" "$OUT/pytest.log" | sort -u | head -200
+    echo "pytest rc=$tests_rc; $(tail -1 "$RES/pytest.log")"
+    [ "$tests_rc" = 124 ] || [ "$tests_rc" = 137 ] && echo "the suite was stopped by its $suite_limit s limit (the call's 600 s)"
+    grep -E "crashed while running|^FAILED|^ERROR" "$RES/pytest.log" | sort -u | head -200
     if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
-  } | tee "$OUT/summary.txt"
+  } | tee "$RES/summary.txt"
+  cp "$RES/summary.txt" "$OUT/summary.txt"
+  pack
   # The warp-per-row fold and 2-D tile_add kernels (issue 11) never ran before a GPU session:
   # memcheck them (no shared memory, so no racecheck).
-  if command -v compute-sanitizer >/dev/null; then
+  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  if [ -x "$SANITIZER" ]; then
     # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
-    MISS_EXT_TEST_NO_PROFILER=1 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 15)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
       tests/test_impl_choice.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d)" \
-      >"$OUT/memcheck_new_kernels.log" 2>&1
-    echo "memcheck new kernels: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
+      >"$RES/memcheck_new_kernels.log" 2>&1
+    echo "memcheck new kernels: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))" \
+      | tee -a "$OUT/summary.txt"
+  else
+    echo "memcheck new kernels: compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" | tee -a "$OUT/summary.txt"
   fi
+  pack
 fi
 
+bench_rc=0
+# One benchmark: its whole output to $RES/NAME.md (no pipe to a pager or head: a reader that
+# stops early would kill it with SIGPIPE before it writes its JSON), its exit status recorded,
+# the lines FILTER selects shown here, and the tarball refreshed.
+bench() {
+  local name="$1" filter="$2"; shift 2
+  local start=$SECONDS
+  timeout -k 10 "$(left 15)" "$PY" "$@" --json "$RES/$name.json" >"$RES/$name.md" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc, $((SECONDS - start)) s" | tee -a "$RES/bench_status.txt"
+  if [ "$rc" != 0 ]; then bench_rc=1; tail -5 "$RES/$name.md"; fi
+  grep -E "$filter" "$RES/$name.md"
+  pack
+}
 if [ "$BENCH" = 1 ]; then
-  "$PY" bench/bench_linear.py --preset gpu --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.md" | grep -E "^\||^##|^- " | head -60
+  bench bench "^\\||^##|^- " bench/bench_linear.py --preset gpu
   # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
-  "$PY" bench/bench_kernels.py --device cuda --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.md" | grep -E "^\||^- "
+  bench bench_kernels "^\\||^- " bench/bench_kernels.py --device cuda
   # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss (issue 11).
-  "$PY" bench/bench_fusion.py --device cuda --json "$OUT/bench_fusion.json" 2>&1 | tee "$OUT/bench_fusion.md" | grep -E "^\||^- "
+  bench bench_fusion "^\\||^- " bench/bench_fusion.py --device cuda
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
-  "$PY" bench/bench_bank.py --device cuda --dtype bf16 --reps 30 --json "$OUT/bench_bank.json" 2>&1 \
-    | tee "$OUT/bench_bank.md" | tail -8
+  bench bench_bank "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
   if "$PY" -c "import transformers, peft" 2>/dev/null; then
-    "$PY" bench/bench_model.py --preset gpu --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.md" | grep -E "^\|" | head -20
-    "$PY" bench/bench_bank_model.py --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10 \
-      --json "$OUT/bench_bank_model.json" 2>&1 | tee "$OUT/bench_bank_model.md" | tail -8
+    bench bench_model "^\\|" bench/bench_model.py --preset gpu
+    bench bench_bank_model "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
+      --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10
   else
-    echo "bench_model: skipped (transformers/peft not installed on this machine)"
+    echo "bench_model: skipped (transformers/peft not installed on this machine)" | tee -a "$RES/bench_status.txt"
   fi
+  cat "$RES/bench_status.txt" >>"$OUT/summary.txt"
+  pack
 fi
 
 echo
-[ "$TESTS" = 1 ] && echo "summary: tests rc=$tests_rc ($(tail -1 "$OUT/pytest.log"))"
-exit "$tests_rc"
+[ "$TESTS" = 1 ] && echo "summary: tests rc=$tests_rc ($(tail -1 "$RES/pytest.log"))"
+[ "$BENCH" = 1 ] && echo "benchmarks: $(tr '\n' ';' <"$RES/bench_status.txt")"
+pack
+[ "$tests_rc" != 0 ] && exit "$tests_rc"
+exit "$bench_rc"

@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p .whl
+# One version of each: two wheels of one package make gpu_check.sh's whole `pip install` fail.
+rm -f .whl/expecttest-*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl expecttest
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl expecttest==0.3.0
 ls -l .whl

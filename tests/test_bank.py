@@ -222,6 +222,20 @@ def test_bank_add_with_an_empty_bank_checks_the_ids(device):
             ops.bank_add_backward(torch.ones(3, 4), s, bank, none, none, index)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r_cap, q_cap", [(0, 4), (2, 0)])
+def test_bank_add_backward_with_empty_blocks(device, r_cap, q_cap):
+    """Slots whose blocks have no rows or no columns (r_cap or q_cap 0) and rows naming no slot:
+    zero gradients (on CUDA the block-gradient launch, which would have a 0-block grid, is
+    skipped; found by tests/test_cuda_emulated.py)."""
+    s = torch.randn(3, 2, device=device)
+    ranks = periods = torch.ones(2, dtype=torch.int64, device=device)
+    bank = torch.zeros(2, r_cap, q_cap, device=device)
+    index = torch.tensor([-1, -1, -1], device=device)
+    grad_s, grad_bank = ops.bank_add_backward(torch.ones(3, 4, device=device), s, bank, ranks, periods, index)
+    assert torch.equal(grad_s, torch.zeros_like(s)) and torch.equal(grad_bank, torch.zeros_like(bank))
+
+
 def test_bank_add_compiles_once_while_the_bank_changes():
     """fullgraph, and no recompilation when slots are filled, emptied or change r/mode within the
     bank's capacity: ranks, periods and index are tensors, not ints."""

@@ -49,6 +49,7 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
     const int64_t a = index[t];
     if (a < 0) continue;  // the same for the whole block
+    CUDA_KERNEL_ASSERT(a < slots);  // before ranks[a] is read (an empty bank's ranks has no memory)
     const int64_t r = ranks[a], q = periods[a];
     check_slot(a, slots, r, q, R, out, r_cap, q_cap);
     for (int64_t j = threadIdx.x; j < r; j += blockDim.x) sa[j] = bank_fold_column<acc>(s + t * R, R, r, j);
@@ -77,6 +78,7 @@ __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __re
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
     const int64_t a = index[t];
     if (a < 0) continue;  // grad_s stays zero
+    CUDA_KERNEL_ASSERT(a < slots);  // before ranks[a] is read
     const int64_t r = ranks[a], q = periods[a];
     check_slot(a, slots, r, q, R, out, r_cap, q_cap);
     const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
@@ -171,7 +173,9 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, grad.size(1), s.size(1), slots,
         r_cap, q_cap, grad_s.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (slots == 0) return;  // an empty bank (every index negative): no block gradient; a 0-block grid is invalid
+    // No block gradient to write: an empty bank (every index negative) or blocks with no rows or
+    // columns. A grid dimension of 0 is an invalid launch.
+    if (slots == 0 || r_cap == 0 || q_cap == 0) return;
     const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>((q_cap + kThreads - 1) / kThreads),
                     static_cast<unsigned>((r_cap + kRowsPerThread - 1) / kRowsPerThread));
     TORCH_CHECK_VALUE(grid.y <= 65535 && grid.z <= 65535, "miss: bank_add on CUDA: bank shape (", slots, ", ", r_cap,

@@ -1,0 +1,118 @@
+// Python bindings of the emulated CUDA launchers (module name given by build.py). Not a
+// TORCH_LIBRARY of `miss`: loading a second registration of that namespace aborts the process.
+#include <torch/extension.h>
+
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "common/checks.h"
+#include "kernels.h"
+
+namespace cuda_emu {
+void begin_call();
+std::string end_call();
+void set_schedule(int mode, uint64_t seed);
+size_t static_shared_bytes();
+std::vector<std::tuple<uintptr_t, std::string, std::string, int, std::vector<unsigned>, size_t, bool>> launch_records();
+}  // namespace cuda_emu
+
+namespace {
+
+struct EmuError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Runs one launcher call the way a GPU stream would be synchronised after it: errors recorded
+// while kernels ran (device assertions, deadlocks, divergent or invalid shuffles, UB sanitizer
+// reports) and invalid launches that no C10_CUDA_KERNEL_LAUNCH_CHECK consumed become EmuError.
+std::mutex call_lock;
+
+template <typename F>
+void guarded(F&& f) {
+  const std::lock_guard<std::mutex> lock(call_lock);  // the runtime's state is process-global
+  cuda_emu::begin_call();
+  std::exception_ptr ep;
+  try {
+    f();
+  } catch (...) {
+    ep = std::current_exception();
+  }
+  const std::string report = cuda_emu::end_call();
+  if (!report.empty()) throw EmuError(report);
+  if (ep) std::rethrow_exception(ep);
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "cuda_emu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "cuda_emu: ", name, " must be contiguous (the launchers' contract)");
+}
+
+void fold(const at::Tensor& x, at::Tensor& s, double p, const std::optional<at::Tensor>& key) {
+  check_cpu(x, "x");
+  check_cpu(s, "s");
+  TORCH_CHECK(x.dim() == 2 && s.dim() == 2 && x.size(0) == s.size(0), "cuda_emu: fold needs x (rows, in), s (rows, r)");
+  guarded([&] {
+    const miss_ext::DropoutArgs d = miss_ext::make_dropout_args(p, key);  // as fold_with does
+    miss_ext::fold_kernel_cuda(x, s, d.params);
+  });
+}
+
+void tile_add(at::Tensor& out, const at::Tensor& src, double alpha, double p, const std::optional<at::Tensor>& key) {
+  check_cpu(out, "out");
+  check_cpu(src, "src");
+  TORCH_CHECK(out.dim() == 2 && src.dim() == 2, "cuda_emu: tile_add needs 2-D out and src");
+  guarded([&] {
+    const miss_ext::DropoutArgs d = miss_ext::make_dropout_args(p, key);  // as tile_add_with does
+    miss_ext::tile_add_kernel_cuda(out, src, alpha, d.params);
+  });
+}
+
+void bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{w, "w"}, {out, "out"}, {m, "m"}, {p, "p"}}) check_cpu(t, n);
+  guarded([&] { miss_ext::bat_kernel_cuda(w, out, m, p); });
+}
+
+void bank_add(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+              const at::Tensor& periods, const at::Tensor& index) {
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{y, "y"}, {s, "s"}, {bank, "bank"}, {ranks, "ranks"},
+                      {periods, "periods"}, {index, "index"}})
+    check_cpu(t, n);
+  guarded([&] { miss_ext::bank_add_kernel_cuda(y, s, bank, ranks, periods, index); });
+}
+
+void bank_grad(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+               const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank) {
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{grad, "grad"}, {s, "s"}, {bank, "bank"}, {ranks, "ranks"},
+                      {periods, "periods"}, {index, "index"}, {grad_s, "grad_s"}, {grad_bank, "grad_bank"}})
+    check_cpu(t, n);
+  guarded([&] { miss_ext::bank_grad_kernel_cuda(grad, s, bank, ranks, periods, index, grad_s, grad_bank); });
+}
+
+}  // namespace
+
+#ifdef CUDA_EMU_SELFTEST
+void cuda_emu_selftest(const std::string& name, at::Tensor& data);  // selftest.cu
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::register_exception<EmuError>(m, "EmuError", PyExc_RuntimeError);
+  m.def("fold", &fold, "fold_kernel_cuda, emulated", py::arg("x"), py::arg("s"), py::arg("p") = 0.0, py::arg("key") = py::none());
+  m.def("tile_add", &tile_add, "tile_add_kernel_cuda, emulated", py::arg("out"), py::arg("src"), py::arg("alpha") = 1.0,
+        py::arg("p") = 0.0, py::arg("key") = py::none());
+  m.def("bat", &bat, "bat_kernel_cuda, emulated");
+  m.def("bank_add", &bank_add, "bank_add_kernel_cuda, emulated");
+  m.def("bank_grad", &bank_grad, "bank_grad_kernel_cuda, emulated");
+  m.def("set_schedule", [](const std::string& mode, uint64_t seed) {
+    const int k = mode == "forward" ? 0 : mode == "reverse" ? 1 : mode == "random" ? 2 : -1;
+    TORCH_CHECK(k >= 0, "cuda_emu: schedule must be forward, reverse or random");
+    cuda_emu::set_schedule(k, seed);
+  }, py::arg("mode"), py::arg("seed") = 0);
+  m.def("static_shared_bytes", &cuda_emu::static_shared_bytes);
+  m.def("launches", &cuda_emu::launch_records,
+        "launches of the last call: (kernel address, expression, file, line, grid+block, shared bytes, ran)");
+#ifdef CUDA_EMU_SELFTEST
+  m.def("selftest", [](const std::string& name, at::Tensor& data) { guarded([&] { cuda_emu_selftest(name, data); }); });
+#endif
+}

@@ -1,0 +1,3 @@
+// cuda_emu stub of <cuda_runtime_api.h>.
+#pragma once
+#include "cuda_emu.h"

@@ -1,0 +1,504 @@
+"""The CUDA kernels (csrc/ops/cuda/*.cu), run on the CPU by the emulator of tests/cuda_emu, against
+the CPU ops with the same inputs and dropout keys.
+
+Without a GPU the CUDA kernels are only compiled; here their source runs: every CUDA thread is a
+fiber, `__syncthreads`/`__syncwarp`/shuffles are real barriers and exchanges, dynamic and static
+shared memory start as NaN poison, and the emulator raises (EmuError) on what a GPU would refuse or
+leave undefined: invalid launches, divergent barriers and shuffles, shuffles naming exited lanes,
+deadlocks, device-side assertions, misaligned (e.g. 16-byte vector) accesses and other UB the UB
+sanitizer sees. The emulated launchers take the tensors the op wrappers would hand to
+fold_kernel_cuda & co. (contiguous, possibly at an odd storage offset), embedded between NaN (or
+sentinel) guards that must survive the call and poison any read past the ends.
+
+Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
+tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): grid-stride loops
+that wrap (more than 65536 blocks; kMaxBlocks is a constexpr the emulator cannot lower without
+editing the kernel file).
+"""
+import os
+
+import pytest
+import torch
+
+import miss_ext
+from cuda_emu import build as emu_build
+from reference import F64
+
+REASON = emu_build.unavailable()
+# Where a GPU is visible the real kernels run in the CUDA tests (tests/test_impl_choice.py,
+# test_bank.py, ...), and a GPU session's minutes are too few to spend on the emulation too.
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"CUDA kernel emulation unavailable: {REASON}"),
+              pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the CUDA tests run the real kernels")]
+
+ops = torch.ops.miss
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+GUARD = 32  # elements before and after every tensor handed to a launcher (keeps 64-byte alignment)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    module = emu_build.load()
+    module.set_schedule("forward")
+    yield module
+    module.set_schedule("forward")
+
+
+def kernels_ran(emu):
+    return emu_build.launched_kernels(emu)
+
+
+# --------------------------------------------------------------------------------------------
+# guarded tensors
+
+
+class Guarded:
+    """A contiguous copy of `t` inside a larger buffer (optionally one element off its alignment),
+    with GUARD poison elements on each side: NaN for floating tensors, a huge value for int64."""
+
+    def __init__(self, t, misaligned=False, fill=None):
+        self.dtype = t.dtype
+        self.pad = float("nan") if t.is_floating_point() else (1 << 62)
+        n = t.numel()
+        off = GUARD + (1 if misaligned else 0)
+        self.buf = torch.full((n + 2 * GUARD + 1,), self.pad, dtype=t.dtype)
+        self.off, self.n = off, n
+        self.t = self.buf[off:off + n].view(t.shape)
+        self.t.copy_(t if fill is None else torch.full_like(t, fill))
+        self.before = self.buf.clone()
+
+    def guards_intact(self):
+        same = lambda a, b: torch.equal(a, b) if not a.is_floating_point() else bool(
+            torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+        lo, hi = slice(0, self.off), slice(self.off + self.n, None)
+        return same(self.buf[lo], self.before[lo]) and same(self.buf[hi], self.before[hi])
+
+
+def guarded(t, misaligned=False, fill=None):
+    return Guarded(t.contiguous(), misaligned, fill)
+
+
+def assert_guards(*gs):
+    for g in gs:
+        assert g.guards_intact(), "a kernel wrote outside its tensor"
+
+
+# --------------------------------------------------------------------------------------------
+# emulator self-test: the harness must keep detecting what it claims to detect
+
+
+SELFTEST_ERRORS = {
+    "divergent_syncthreads": "divergent __syncthreads",
+    "deadlock": "deadlock",
+    "shfl_after_exit": "exited while lanes",
+    "divergent_shfl": "divergent warp operation",
+    "misaligned_vector": "misaligned .* 16-byte alignment",
+    "device_assert": "device-side assertion",
+    "big_block_unchecked": "not followed by C10_CUDA_KERNEL_LAUNCH_CHECK",
+}
+SELFTEST_LAUNCH_ERRORS = {
+    "zero_grid_checked": r"grid \(0,1,1\)",
+    "grid_y_too_large": r"grid \(1,65536,1\)",
+    "too_much_shared": "dynamic shared memory",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELFTEST_ERRORS))
+def test_emulator_reports_undefined_behaviour(emu, name):
+    with pytest.raises(emu.EmuError, match=SELFTEST_ERRORS[name]):
+        emu.selftest(name, torch.zeros(256))
+
+
+@pytest.mark.parametrize("name", sorted(SELFTEST_LAUNCH_ERRORS))
+def test_emulator_refuses_invalid_launches(emu, name):
+    with pytest.raises(RuntimeError, match=SELFTEST_LAUNCH_ERRORS[name]) as info:
+        emu.selftest(name, torch.zeros(256))
+    assert "invalid launch" in str(info.value)
+
+
+def test_emulator_runs_correct_code(emu):
+    out = torch.zeros(256)
+    emu.selftest("warp_sum", out)
+    assert out[:6].tolist() == [3 * 496.0] * 6
+    out.zero_()
+    emu.selftest("block_sum", out)
+    assert out[:2].tolist() == [32640.0] * 2
+    out.zero_()
+    emu.selftest("indices", out)
+    want = [((y // 5) * 3 + x // 4) * 1000 + (y % 5) * 4 + x % 4 for y in range(10) for x in range(12)]
+    assert out[:120].tolist() == want
+    emu.selftest("opt_in_shared", out)  # 64 KiB after cudaFuncSetAttribute is valid
+    assert "nothing" in kernels_ran(emu)[0]
+
+
+def test_emulator_poisons_shared_memory_and_orders_threads(emu):
+    out = torch.zeros(256)
+    emu.selftest("read_dynamic_poison", out)
+    assert out[:32].isnan().all()
+    emu.selftest("read_static_from_previous_block", out)
+    assert (out[:32] == 7).all() and out[32:64].isnan().all()
+    emu.selftest("missing_barrier", out)  # forward order: thread t + 1 has not written yet
+    assert out[:31].isnan().all()
+    try:
+        emu.set_schedule("reverse")
+        emu.selftest("missing_barrier", out)
+        assert out[:31].tolist() == [float(t + 1) for t in range(31)]
+    finally:
+        emu.set_schedule("forward")
+
+
+def test_emulated_launchers_are_not_the_real_ones(emu):
+    """The module's launchers run the emulator, never miss_ext/_C's CUDA launchers of the same name."""
+    x, s = torch.randn(3, 8), torch.empty(3, 4)
+    emu.fold(x, s)
+    assert len(emu.launches()) == 1 and "fold" in kernels_ran(emu)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# fold
+
+# (rows, in, r): test_impl_choice.py's FOLD_SHAPES (4000 rows -> 300: the rows kernel runs a block of
+# 256 fibers per row), plus r in {3, 7, 128}, r > in, in % r != 0, odd sizes, in == 0, no rows.
+FOLD_SHAPES = [(5, 64, 1), (7, 96, 2), (9, 200, 4), (33, 256, 8), (12, 4096, 64), (3, 512, 256), (4, 8, 64),
+               (6, 100, 16), (1, 4096, 32), (300, 128, 64), (5, 29, 3), (3, 50, 7), (2, 1000, 128), (3, 5, 7),
+               (2, 1024, 1), (4, 0, 8), (0, 16, 4)]
+FOLD_KERNELS = {"columns": "fold_kernel<", "rows": "fold_rows_kernel<", "warp": "fold_warp_kernel<"}
+
+
+def _fold_case(emu, rows, fin, r, dtype, s_dtype, p, misaligned):
+    x = torch.randn(rows, fin, dtype=F64).to(dtype)
+    key = miss_ext.new_dropout_key("cpu") if p else None
+    want = ops.fold(x, r, p, key, s_dtype) if rows else torch.empty(0, r, dtype=s_dtype)
+    gx = guarded(x, misaligned)
+    gs = guarded(torch.empty(rows, r, dtype=s_dtype), fill=float("nan"))  # poisoned output
+    emu.fold(gx.t, gs.t, p, key)
+    assert_guards(gx, gs)
+    assert torch.equal(gx.t, x), "fold wrote into x"
+    scale = x.abs().to(F64).sum(1, keepdim=True).max().item() / max(1, fin // r) if x.numel() else 1.0
+    if s_dtype in (torch.float32, torch.float64):
+        ok = torch.allclose(gs.t.to(F64), want.to(F64), rtol=1e-5, atol=1e-6 * scale + 1e-30)
+    else:  # one rounding to fp16/bf16 of a float32 sum (summed in another order): 1-2 ulps
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[s_dtype]
+        ok = torch.allclose(gs.t.to(F64), want.to(F64), rtol=tol, atol=tol * scale * 1e-2 + 1e-30)
+    assert ok, ((rows, fin, r), dtype, s_dtype, p, misaligned, (gs.t.to(F64) - want.to(F64)).abs().max().item())
+    return kernels_ran(emu)
+
+
+@pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fold_kernels_match_the_cpu(emu, kernel, dtype, monkeypatch):
+    """Every fold kernel MISS_EXT_FOLD_KERNEL can force, s in x's dtype and in float32, dropout off
+    and on (same key), aligned and at storage offset 1 (scalar fallbacks)."""
+    monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+    ran = set()
+    for s_dtype in sorted({dtype, torch.float32}, key=str):
+        for p in (0.0, 0.3):
+            for misaligned in (False, True):
+                for rows, fin, r in FOLD_SHAPES:
+                    ran.update(_fold_case(emu, rows, fin, r, dtype, s_dtype, p, misaligned))
+    assert any(FOLD_KERNELS[kernel] in name for name in ran), sorted(ran)
+
+
+def test_fold_drops_everything_at_p_1(emu, monkeypatch):
+    for kernel in ("columns", "rows", "warp"):
+        monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+        for dtype in (torch.float32, torch.bfloat16):
+            _fold_case(emu, 6, 64, 8, dtype, torch.float32, 1.0, False)
+
+
+# --------------------------------------------------------------------------------------------
+# tile_add
+
+# (rows, cols, src rows, src cols): test_impl_choice.py's TILE_SHAPES with the 600_000-row cases cut
+# to 70_000 (still one source row per out row and many grid rows), plus odd sizes and one row of
+# many vectors (the 2-D kernel's widest block).
+TILE_SHAPES = [(37, 96, 37, 16), (33, 120, 33, 20), (64, 48, 8, 12), (9, 27, 9, 5), (70_000, 8, 70_000, 4),
+               (1, 4096, 1, 64), (100, 48, 7, 12), (70_000, 8, 3, 4), (50, 16, 1, 4), (3, 7, 3, 7), (5, 2048, 5, 3)]
+TILE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32),
+              (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+              (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("kernel", ["flat", "grid2d"])
+@pytest.mark.parametrize("dtype,src_dtype", TILE_PAIRS, ids=str)
+def test_tile_add_kernels_match_the_cpu(emu, kernel, dtype, src_dtype, monkeypatch):
+    monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    ran = set()
+    for p in (0.0, 0.3):
+        for misaligned in (False, True):
+            for rows, cols, prow, q in TILE_SHAPES:
+                if rows > 1000 and (misaligned or p == 0.0) and dtype not in (torch.float32, torch.bfloat16):
+                    continue  # the long cases once per dtype family: they dominate the run time
+                out = torch.randn(rows, cols, dtype=F64).to(dtype)
+                src = torch.randn(prow, q, dtype=F64).to(src_dtype)
+                key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
+                pp = p if key is not None else 0.0  # dropout is for per-row sources (tile_add's contract)
+                want = out.clone()
+                ops.tile_add_(want, src, -0.5, pp, key)
+                go, gsrc = guarded(out, misaligned), guarded(src, misaligned)
+                emu.tile_add(go.t, gsrc.t, -0.5, pp, key)
+                assert_guards(go, gsrc)
+                assert torch.allclose(go.t, want, rtol=tol, atol=4 * tol), (rows, cols, prow, q, p, misaligned)
+                ran.update(kernels_ran(emu))
+    expected = {"flat": "tile_add_kernel<", "grid2d": "tile_add_2d_kernel<"}[kernel]
+    assert any(expected in name for name in ran), sorted(ran)
+
+
+def test_tile_add_p_1_and_empty(emu):
+    out = torch.randn(6, 16)
+    key = miss_ext.new_dropout_key("cpu")
+    for kernel in ("flat", "grid2d"):
+        os.environ["MISS_EXT_TILE_ADD_KERNEL"] = kernel
+        try:
+            got = out.clone()
+            emu.tile_add(got, torch.randn(6, 4), 1.0, 1.0, key)
+            assert torch.equal(got, out)
+            for rows, cols in ((0, 8), (3, 0)):  # never passed by the wrapper; the kernels must cope
+                empty = torch.empty(rows, cols)
+                emu.tile_add(empty, torch.randn(max(rows, 1), 4), 1.0, 0.0, None)
+        finally:
+            del os.environ["MISS_EXT_TILE_ADD_KERNEL"]
+
+
+# --------------------------------------------------------------------------------------------
+# bat
+
+
+def bat_ref(w, m, p):
+    w, m, p = w.to(F64), m.to(F64), p.to(F64)
+    rows, cols = w.shape
+    r = m.shape[-1]
+    seg = w.reshape(rows // r, r, cols // r, r)
+    return (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
+
+
+BAT_SHAPES = [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1), (14, 21, 7), (64, 128, 64),
+              (128, 256, 128), (256, 256, 256), (6, 2049, 3)]
+BAT_DTYPES = [(w, mp) for w in DTYPES for mp in (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("w_dtype,mp_dtype", BAT_DTYPES, ids=str)
+def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, monkeypatch):
+    """bat_kernel_cuda out of place (out in w's dtype and in the compute dtype) and in place
+    (out is w), against the CPU kernel (MISS_EXT_BAT_TRANSFORM=kernel) and a float64 reference."""
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "kernel")
+    big = w_dtype in (torch.float32, torch.bfloat16) and mp_dtype == torch.float32
+    for rows, cols, r in BAT_SHAPES:
+        if r >= 128 and not big:
+            continue  # the r^3 cases once per family of dtypes
+        w = (torch.randn(rows, cols, dtype=F64) / 4).to(w_dtype)
+        m = (torch.randn(rows // r, r, r, dtype=F64) / r ** 0.5).to(mp_dtype)
+        p = torch.randn(rows // r, r, r, dtype=F64).to(mp_dtype)
+        mag = bat_ref(w.abs(), m.abs(), p.abs())
+        eps = {torch.float32: 1.2e-7, torch.float64: 2.3e-16}[torch.float64 if mp_dtype == F64 else torch.float32]
+        for out_dtype in sorted({w_dtype, mp_dtype}, key=str):
+            want = ops.bat_transform(w, m, p, out_dtype)  # the CPU kernel
+            gw, gm, gp = guarded(w), guarded(m), guarded(p)
+            go = guarded(torch.empty(rows, cols, dtype=out_dtype), fill=float("nan"))
+            emu.bat(gw.t, go.t, gm.t, gp.t)
+            assert_guards(gw, gm, gp, go)
+            assert torch.equal(gw.t, w)
+            out_eps = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(out_dtype, 0.0)
+            bound = mag * eps * (2 * r + 4) + want.to(F64).abs() * 2 * out_eps + 1e-30
+            err = (go.t.to(F64) - want.to(F64)).abs()
+            assert (err <= bound).all(), ((rows, cols, r), out_dtype, (err / bound).max().item())
+        # in place: out is w
+        gw = guarded(w)
+        emu.bat(gw.t, gw.t, m, p)
+        assert_guards(gw)
+        assert torch.equal(gw.t, emu_out_same_dtype(emu, w, m, p)), (rows, cols, r)
+        assert "bat_kernel<" in kernels_ran(emu)[0]
+
+
+def emu_out_same_dtype(emu, w, m, p):
+    out = torch.full_like(w, float("nan"))
+    emu.bat(w.contiguous(), out, m, p)
+    return out
+
+
+def test_bat_kernel_empty_and_misaligned(emu):
+    m, p = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    emu.bat(torch.empty(8, 0), torch.empty(8, 0), m, p)  # no segments: no launch
+    assert emu.launches() == []
+    w = torch.randn(8, 12)
+    for w_dtype in (torch.float32, torch.float16):
+        gw = guarded(w.to(w_dtype), misaligned=True)
+        go = guarded(torch.empty(8, 12), misaligned=True, fill=float("nan"))
+        emu.bat(gw.t, go.t, m, p)
+        assert_guards(gw, go)
+        torch.testing.assert_close(go.t.to(F64), bat_ref(w.to(w_dtype), m, p), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# bank
+
+
+def make_bank(blocks, r_cap, q_cap, dtype):
+    bank = torch.full((len(blocks), r_cap, q_cap), float("nan"), dtype=dtype)  # padding poisoned
+    for a, b in enumerate(blocks):
+        bank[a, :b.shape[0], :b.shape[1]] = b
+    ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64)
+    periods = torch.tensor([b.shape[1] for b in blocks], dtype=torch.int64)
+    return bank, ranks, periods
+
+
+def random_blocks(n, R, out, seed=0):
+    """test_bank.py's: ranks R, R/2, R/4 cycling, default (q = out) and mini (q | out) modes."""
+    gen = torch.Generator().manual_seed(seed)
+    minis = [d for d in range(2, out) if out % d == 0] or [1]
+    blocks = []
+    for a in range(n):
+        r = [R, R // 2, R // 4][a % 3] or 1
+        q = out if a % 2 == 0 else minis[(a // 2) % len(minis)]
+        blocks.append(torch.randn(r, q, generator=gen, dtype=F64))
+    return blocks
+
+
+BANK_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32),
+              (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+              (torch.bfloat16, torch.float32)]
+# (rows, R, in, out, slots, r_cap extra, q_cap extra): test_bank.py's shapes (in % R != 0, 1 to 16
+# slots), a bank with spare capacity, r_cap and out beyond one block of 256 threads.
+BANK_SHAPES = [(37, 8, 29, 12, 1, 0, 0), (37, 8, 29, 12, 3, 0, 0), (40, 8, 29, 12, 16, 3, 5), (50, 16, 64, 40, 4, 0, 0),
+               (9, 64, 200, 600, 3, 0, 0), (5, 4, 8, 6, 3, 0, 0), (3, 512, 512, 12, 2, 0, 0)]
+
+
+def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, misaligned, seed=0):
+    blocks = random_blocks(n, R, out, seed)
+    bank, ranks, periods = make_bank([b.to(a_dtype) for b in blocks], R + r_extra, out + q_extra, a_dtype)
+    x = torch.randn(rows, fin, dtype=F64).to(y_dtype)
+    s = ops.fold(x, R, 0.0, None, a_dtype)
+    y = torch.randn(rows, out, dtype=F64).to(y_dtype)
+    index = torch.randint(-1, n, (rows,))
+    index[0] = -1
+    if rows > 1:
+        index[1] = n - 1
+    # forward
+    want = ops.bank_add(y, s, bank, ranks, periods, index)
+    gy, gs, gb = guarded(y, misaligned), guarded(s, misaligned), guarded(bank, misaligned)
+    gr, gq, gi = guarded(ranks), guarded(periods), guarded(index)
+    emu.bank_add(gy.t, gs.t, gb.t, gr.t, gq.t, gi.t)
+    assert_guards(gy, gs, gb, gr, gq, gi)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(y_dtype, 1e-2)
+    if a_dtype == torch.float32 and y_dtype == torch.float64:
+        tol = 1e-5
+    torch.testing.assert_close(gy.t.to(F64), want.to(F64), rtol=tol, atol=tol * 4)
+    assert torch.equal(gy.t[index < 0], y[index < 0])
+    assert "bank_add_kernel<" in kernels_ran(emu)[0]
+    # backward: grad_s rows with a slot and the used slots' blocks are poisoned (they must be
+    # written), the rest zero as the wrapper allocates them
+    grad = torch.randn(rows, out, dtype=F64).to(y_dtype)
+    want_s, want_b = ops.bank_add_backward(grad, s, bank, ranks, periods, index)
+    grad_s = torch.zeros(rows, R, dtype=a_dtype)
+    grad_s[index >= 0] = float("nan")
+    grad_bank = torch.zeros_like(bank)
+    for a in index[index >= 0].unique().tolist():
+        grad_bank[a, :ranks[a], :periods[a]] = float("nan")
+    gg, ggs, ggb = guarded(grad, misaligned), guarded(grad_s, misaligned), guarded(grad_bank, misaligned)
+    emu.bank_grad(gg.t, gs.t, gb.t, gr.t, gq.t, gi.t, ggs.t, ggb.t)
+    assert_guards(gg, ggs, ggb)
+    names = kernels_ran(emu)
+    assert any("bank_grad_s_kernel<" in k for k in names) and (n == 0 or any("bank_grad_bank_kernel<" in k for k in names))
+    gtol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(a_dtype, 2e-2)
+    torch.testing.assert_close(ggs.t.to(F64), want_s.to(F64), rtol=gtol, atol=gtol * 4)
+    torch.testing.assert_close(ggb.t.to(F64), want_b.to(F64), rtol=gtol, atol=gtol * 4, equal_nan=False)
+
+
+@pytest.mark.parametrize("y_dtype,a_dtype", BANK_PAIRS, ids=str)
+def test_bank_kernels_match_the_cpu(emu, y_dtype, a_dtype):
+    """bank_add_kernel, bank_grad_s_kernel and bank_grad_bank_kernel: mixed ranks r | R and periods
+    (default and mini), rows with index -1, unused slots, NaN in every slot's padding."""
+    for i, shape in enumerate(BANK_SHAPES):
+        if shape[1] >= 512 and y_dtype != torch.float32:
+            continue
+        for misaligned in (False, True):
+            _bank_case(emu, *shape, y_dtype, a_dtype, misaligned, seed=i)
+
+
+def test_bank_empty_bank(emu):
+    """0 slots, every index negative: y unchanged, grad_s zero, no block-gradient launch."""
+    y, s = torch.randn(3, 4), torch.randn(3, 2)
+    none = torch.zeros(0, dtype=torch.int64)
+    bank = torch.zeros(0, 2, 4)
+    negative = torch.tensor([-1, -1, -1])
+    got = y.clone()
+    emu.bank_add(got, s, bank, none, none, negative)
+    assert torch.equal(got, y)
+    grad_s, grad_bank = torch.zeros(3, 2), torch.zeros(0, 2, 4)
+    emu.bank_grad(torch.ones(3, 4), s, bank, none, none, negative, grad_s, grad_bank)
+    assert torch.equal(grad_s, torch.zeros(3, 2))
+    assert [k for k in kernels_ran(emu) if "grad_bank" in k] == []
+    # no rows (the wrapper never passes them; the launchers must cope)
+    bank, ranks, periods = make_bank(random_blocks(2, 4, 6), 4, 6, torch.float32)
+    emu.bank_add(torch.empty(0, 6), torch.empty(0, 4), bank, ranks, periods, torch.empty(0, dtype=torch.int64))
+    emu.bank_grad(torch.empty(0, 6), torch.empty(0, 4), bank, ranks, periods, torch.empty(0, dtype=torch.int64),
+                  torch.empty(0, 4), torch.zeros_like(bank))
+
+
+@pytest.mark.parametrize("r_cap,q_cap", [(0, 4), (2, 0)])
+def test_bank_grad_with_zero_capacity(emu, r_cap, q_cap):
+    """A bank with r_cap == 0 or q_cap == 0 has no block gradient: the launcher skips the launch
+    (found here: it launched bank_grad_bank_kernel with a 0-block grid, an invalid launch)."""
+    y, s = torch.randn(3, 4), torch.randn(3, 2)
+    ranks = periods = torch.ones(2, dtype=torch.int64)
+    bank = torch.zeros(2, r_cap, q_cap)
+    index = torch.tensor([-1, -1, -1])
+    want_s, want_b = ops.bank_add_backward(torch.ones(3, 4), s, bank, ranks, periods, index)
+    grad_s, grad_bank = torch.zeros(3, 2), torch.zeros(2, r_cap, q_cap)
+    emu.bank_grad(torch.ones(3, 4), s, bank, ranks, periods, index, grad_s, grad_bank)
+    assert torch.equal(grad_s, want_s) and torch.equal(grad_bank, want_b)
+
+
+@pytest.mark.parametrize("what", ["index", "rank", "period"])
+def test_bank_invalid_values_trip_device_assertions(emu, what):
+    """The CUDA kernels check ids, ranks and periods with CUDA_KERNEL_ASSERT (the CPU raises ValueError)."""
+    R, out = 8, 12
+    bank, ranks, periods = make_bank(random_blocks(3, R, out), R, out, torch.float32)
+    y, s = torch.randn(4, out), torch.randn(4, R)
+    index = torch.tensor([0, 1, 2, -1])
+    if what == "index":
+        index = torch.tensor([0, 3, 2, -1])
+    elif what == "rank":
+        ranks = torch.tensor([8, 3, 2])
+    else:
+        periods = torch.tensor([12, 5, 12])
+    with pytest.raises(ValueError):
+        ops.bank_add(y, s, bank, ranks, periods, index)
+    # the slot id is checked before ranks[a] is read only if the ranks tensor is long enough: pad it
+    gr, gq = guarded(ranks), guarded(periods)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_add(y.clone(), s, bank, gr.t, gq.t, index)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_grad(torch.randn(4, out), s, bank, gr.t, gq.t, index, torch.zeros(4, R), torch.zeros_like(bank))
+
+
+# --------------------------------------------------------------------------------------------
+# other schedules: threads of a block in reverse and in random order between barriers (a missing
+# barrier shows as a difference or as poison)
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random"])
+def test_kernels_under_other_thread_orders(emu, schedule, monkeypatch):
+    emu.set_schedule(schedule, 1234)
+    try:
+        for kernel in ("rows", "warp", "columns"):
+            monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+            for rows, fin, r in [(5, 64, 1), (9, 200, 4), (12, 4096, 64), (3, 512, 256), (6, 100, 16), (3, 50, 7)]:
+                for dtype in (torch.float32, torch.bfloat16):
+                    _fold_case(emu, rows, fin, r, dtype, torch.float32, 0.3, False)
+                    _fold_case(emu, rows, fin, r, dtype, torch.float32, 0.0, True)
+        for kernel in ("flat", "grid2d"):
+            monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+            out, src = torch.randn(37, 96), torch.randn(37, 16)
+            want = out.clone()
+            ops.tile_add_(want, src, 0.5, 0.0, None)
+            emu.tile_add(out, src, 0.5, 0.0, None)
+            torch.testing.assert_close(out, want)
+        _bank_case(emu, 37, 8, 29, 12, 3, 0, 0, torch.float32, torch.float32, False)
+        _bank_case(emu, 9, 64, 200, 600, 3, 0, 0, torch.bfloat16, torch.float32, True)
+        w, m, p = torch.randn(48, 80), torch.randn(3, 16, 16), torch.randn(3, 16, 16)
+        got = w.clone()
+        emu.bat(got, got, m, p)
+        torch.testing.assert_close(got.to(F64), bat_ref(w, m, p), rtol=1e-5, atol=1e-4)
+    finally:
+        emu.set_schedule("forward")
