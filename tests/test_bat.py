@@ -36,7 +36,7 @@ from torch._dynamo.utils import counters
 import miss_ext
 from miss_ext import MissLinear
 from conftest import CUDA_AVAILABLE, poison_heap, rand, run_fwd_bwd, run_opcheck
-from reference import bat_weight_ref
+from reference import bat_transform_ref, bat_weight_ref
 
 ops = torch.ops.miss
 F64 = torch.float64
@@ -79,15 +79,6 @@ def bat_unmerge_ref(wp, blk):
     a = torch.eye(r, dtype=F64, device=b.device) + b
     sol = torch.linalg.solve(a[:, None], rhs, left=False)  # X (I + B_i) = W' - B_i
     return sol.permute(0, 2, 1, 3).reshape(out_f, in_f)
-
-
-def bat_transform_ref(w, m, p):
-    """out[o, s r + c] = sum_k w[o, s r + k] m[o // r][k][c] + p[o // r][o % r][c], float64."""
-    w, m, p = w.to(F64), m.to(F64), p.to(F64)
-    rows, cols = w.shape
-    r = m.shape[-1]
-    seg = w.reshape(rows // r, r, cols // r, r)  # [i, a, s, k]
-    return (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
 
 
 def abs_grads(fn, tensors, g):

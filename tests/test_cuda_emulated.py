@@ -22,7 +22,7 @@ import torch
 
 import miss_ext
 from cuda_emu import build as emu_build
-from reference import F64
+from reference import F64, bat_transform_ref
 
 REASON = emu_build.unavailable()
 # Where a GPU is visible the real kernels run in the CUDA tests (tests/test_impl_choice.py,
@@ -264,14 +264,6 @@ def test_tile_add_p_1_and_empty(emu):
 # bat
 
 
-def bat_ref(w, m, p):
-    w, m, p = w.to(F64), m.to(F64), p.to(F64)
-    rows, cols = w.shape
-    r = m.shape[-1]
-    seg = w.reshape(rows // r, r, cols // r, r)
-    return (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
-
-
 BAT_SHAPES = [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1), (14, 21, 7), (64, 128, 64),
               (128, 256, 128), (256, 256, 256), (6, 2049, 3)]
 BAT_DTYPES = [(w, mp) for w in DTYPES for mp in (torch.float32, torch.float64)]
@@ -289,7 +281,7 @@ def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, monkeypatch):
         w = (torch.randn(rows, cols, dtype=F64) / 4).to(w_dtype)
         m = (torch.randn(rows // r, r, r, dtype=F64) / r ** 0.5).to(mp_dtype)
         p = torch.randn(rows // r, r, r, dtype=F64).to(mp_dtype)
-        mag = bat_ref(w.abs(), m.abs(), p.abs())
+        mag = bat_transform_ref(w.abs(), m.abs(), p.abs())
         eps = {torch.float32: 1.2e-7, torch.float64: 2.3e-16}[torch.float64 if mp_dtype == F64 else torch.float32]
         for out_dtype in sorted({w_dtype, mp_dtype}, key=str):
             want = ops.bat_transform(w, m, p, out_dtype)  # the CPU kernel
@@ -326,7 +318,7 @@ def test_bat_kernel_empty_and_misaligned(emu):
         go = guarded(torch.empty(8, 12), misaligned=True, fill=float("nan"))
         emu.bat(gw.t, go.t, m, p)
         assert_guards(gw, go)
-        torch.testing.assert_close(go.t.to(F64), bat_ref(w.to(w_dtype), m, p), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(go.t.to(F64), bat_transform_ref(w.to(w_dtype), m, p), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +491,6 @@ def test_kernels_under_other_thread_orders(emu, schedule, monkeypatch):
         w, m, p = torch.randn(48, 80), torch.randn(3, 16, 16), torch.randn(3, 16, 16)
         got = w.clone()
         emu.bat(got, got, m, p)
-        torch.testing.assert_close(got.to(F64), bat_ref(w, m, p), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.to(F64), bat_transform_ref(w, m, p), rtol=1e-5, atol=1e-4)
     finally:
         emu.set_schedule("forward")

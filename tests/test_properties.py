@@ -44,8 +44,8 @@ from torch import nn
 
 import miss_ext
 from conftest import DEVICES
-from reference import (F64, bat_weight_ref, fold_ref, linear_ref, merge_ref, philox_mask, recover_mask,
-                       tile_add_ref)
+from reference import (F64, bat_transform_ref, bat_weight_ref, fold_ref, linear_ref, merge_ref, philox_mask,
+                       recover_mask, tile_add_ref)
 
 ops = torch.ops.miss
 
@@ -510,15 +510,6 @@ def test_bat_weight_matches_reference(device, shape, seed, dtypes, out_dtype, w_
     mag = bat_weight_ref(abs_(w), abs_(blk))
     acc = acc_dtype(w_dtype, b_dtype)
     assert_within(wp, ref, bound(ref, mag, store, acc), f"bat_weight(W {tuple(w.shape)}, r={r}, dtype={out_dtype})")
-
-
-def bat_transform_ref(w, m, p):
-    """out[o, s r + b] = sum_k w[o, s r + k] m[o / r][k][b] + p[o / r][o mod r][b], float64."""
-    w, m, p = w.to(F64), m.to(F64), p.to(F64)
-    rows, cols = w.shape
-    r = m.shape[-1]
-    tiles = w.reshape(rows // r, r, cols // r, r)
-    return (torch.einsum("iask,ikb->iasb", tiles, m) + p[:, :, None, :]).reshape(rows, cols)
 
 
 @device_params()
