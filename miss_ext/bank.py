@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
                       tensor_json)
@@ -92,6 +93,19 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
         else:
             torch.ops.miss.bank_add_(y, s, bank, ranks, periods, rows)
     return y
+
+
+def host_to_device(values: Tensor, device) -> Tensor:
+    """A small CPU tensor (row ids, ranks) copied to `device`. To a CUDA device through pinned
+    memory with non_blocking=True: a copy from pageable memory is followed by a
+    cudaStreamSynchronize, so the host would wait for all the GPU work queued so far, once per
+    layer and forward. The pinned block is not reused before the copy has run (torch's caching
+    host allocator records the copy on the stream). Fake tensors (torch.compile, export) and other
+    devices take a plain copy."""
+    device = torch.device(device)
+    if device.type == "cuda" and not is_fake(values) and not torch.compiler.is_compiling():
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
@@ -271,7 +285,7 @@ class MissBankLinear(nn.Module):
         """Slot ids (int64, on `device`, by default the bank's) for per-row adapter names; None or
         "__base__" gives -1 (base only). ValueError names an unknown adapter."""
         ids = [-1 if name is None or name == BASE else self._slot(name) for name in names]
-        return torch.tensor(ids, dtype=torch.int64, device=self.bank.device if device is None else device)
+        return host_to_device(torch.tensor(ids, dtype=torch.int64), self.bank.device if device is None else device)
 
     def _slot(self, name: str) -> int:
         if name not in self.adapter_names:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, read_adapter, write_adapter, KEY_PREFIX)
-from .bank import BASE, MissBankLinear, check_new_adapter
+from .bank import BASE, MissBankLinear, check_new_adapter, host_to_device
 from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
@@ -348,7 +348,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
             if where not in per_device:
-                per_device[where] = (unrepeated if where[1] else ids).to(where[0])
+                per_device[where] = host_to_device(unrepeated if where[1] else ids, where[0])
             layer.rows = per_device[where]
         yield
     finally:

@@ -72,7 +72,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
 from .modules import check_merge, is_plain_linear, json_tensor, load_merge_record, tensor_json  # noqa: E402
-from .bank import BASE, add_bank_terms, row_index  # noqa: E402
+from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
 
@@ -306,8 +306,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         slot_of = {n: i for i, n in enumerate(used)}
         # ranks, periods, the slot -> group table and the per-row index in one host-to-device copy.
         k = len(used)
-        ints = torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] + slot_group +
-                            [slot_of.get(n, -1) for n in names], dtype=torch.int64).to(bank.device)
+        ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] + slot_group +
+                                           [slot_of.get(n, -1) for n in names], dtype=torch.int64), bank.device)
         ranks, periods, table = ints[:k], ints[k:2 * k], ints[2 * k:3 * k] if len(groups) > 1 else None
         index = row_index(ints[3 * k:], x, where)
         # In place only into a plain nn.Linear's fresh output (a hooked or quantized base's output
