@@ -142,7 +142,10 @@ CASES = [
     # compare both in one run: by default only with --device cuda, where "auto" differs from them.
     "miss@fp32", "miss_drop@fp32", "miss_mini@split", "miss_bat@kernel",
     # The forward under torch.autocast(bf16) (issue 11: "under autocast, default <= 1.15x"); by
-    # default only with --device cuda, like the variants above.
+    # default only with --device cuda, like the variants above. With --preset gpu the layer is
+    # already bf16, so autocast changes only the adapter: S @ D runs in bf16 as PEFT's does under
+    # autocast, instead of PEFT's fp32 precision. The frozen bf16 layer it is compared with is the
+    # same with or without autocast. (An fp32 model under autocast would add weight casts to both.)
     "miss@autocast", "peft_miss@autocast",
 ]
 # case suffix -> environment set around its forward and backward (read by the ops at each call)

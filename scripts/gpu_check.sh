@@ -3,7 +3,7 @@
 # machine's torch (2.11 there), runs the error probe, then the WHOLE test suite (CPU and CUDA tests
 # together, the CMake library's test included) and, unless --tests-only, the GPU benchmarks.
 # Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log, pytest.log,
-# junit.xml, summary.txt, memcheck_new_kernels.log, bench*.md/json, bench_status.txt) goes to a
+# junit.xml, summary.txt, memcheck_new_kernels.log, bench*.md/json) goes to a
 # work folder whose tarball ${OUT:-gpu_out}/results.tgz is rewritten after every step, beside
 # ${OUT}/summary.txt: the device tool returns at most 8 files from $OUT, and a call killed at its
 # time limit still returns the last tarball.
@@ -18,10 +18,14 @@
 # hang into a failure. Without xdist the suite runs in one process, and a crash ends it: the
 # summary then says so instead of reporting a pass.
 set -uo pipefail
+[ -n "${OUT:-}" ] && OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"   # a relative $OUT: the caller's cwd
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-gpu_out}"
+OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 RES="$(mktemp -d /tmp/gpu_check.XXXXXX)"   # the files; $OUT gets results.tgz and summary.txt
+: >"$RES/summary.txt"
+# summary.txt is written line by line, $OUT's copy at once: a call killed at 600 s still has it.
+note() { echo "$*" | tee -a "$RES/summary.txt"; cp "$RES/summary.txt" "$OUT/summary.txt"; }
 pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 # The device tool kills a call at 600 s and then returns only what $OUT holds: every long step
 # below gets the time left before DEADLINE, so the summary and tarball are always written.
@@ -36,6 +40,8 @@ case "${1:-}" in
   --bench-only) TESTS=0 ;;   # a second call on a warm machine: the build is kept
   *) echo "usage: $0 [--tests-only|--bench-only]" >&2; exit 2 ;;
 esac
+[ $# -le 1 ] || { echo "usage: $0 [--tests-only|--bench-only]" >&2; exit 2; }
+note "gpu_check ${1:-(tests and benchmarks)}: deadline ${CALL_LIMIT_S:-570} s"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="$(nproc)"   # the CMake library test builds with it too
 
@@ -49,11 +55,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 { "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; c++ --version | head -1; } | tee -a "$RES/gpu.txt"
 # Build for the visible GPU only (sm_90 on an H200), all cores.
 start=$(date +%s)
-if ! MISS_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+if ! MISS_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" timeout -k 10 "$(left 60)" \
     "$PY" setup.py build_ext --inplace 2>&1 | tee "$RES/build.log" | "$PY" scripts/build_progress.py; then
-  tail -40 "$RES/build.log"; echo "BUILD FAILED" | tee "$OUT/summary.txt"; pack; exit 1
+  tail -40 "$RES/build.log"; note "BUILD FAILED after $(( $(date +%s) - start )) s (build.log in results.tgz)"; pack; exit 1
 fi
-echo "build: $(( $(date +%s) - start )) s"
+note "build: $(( $(date +%s) - start )) s"
 "$PY" -m miss_ext.info | tee "$RES/info.txt"
 pack
 
@@ -65,13 +71,14 @@ pack
 if [ "$TESTS" = 1 ]; then
   { "$PY" scripts/cxx_runtime_probe.py; "$PY" scripts/cxx_runtime_probe.py --cuda; } >"$RES/cxx_runtime.txt" 2>&1
   grep -E "FOREIGN|cxx_runtime" "$RES/cxx_runtime.txt" | head -4
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py \
+  timeout -k 10 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py \
     -k "fresh_process or foreign or private" >"$RES/probe.log" 2>&1
-  tail -3 "$RES/probe.log"
+  note "error probe: rc=$?; $(tail -1 "$RES/probe.log")"
   pack
 fi
 
 tests_rc=0
+memcheck_rc=0
 if [ "$TESTS" = 1 ]; then
   XDIST=()
   if "$PY" -c "import xdist" 2>/dev/null; then
@@ -90,13 +97,16 @@ if [ "$TESTS" = 1 ]; then
   tests_rc=$?
   echo "tests: $(( $(date +%s) - start )) s, rc=$tests_rc"
   # Crashed tests (xdist: "worker 'gwN' crashed while running 'tests/...'") and failures, by name.
+  stopped=0; { [ "$tests_rc" = 124 ] || [ "$tests_rc" = 137 ]; } && stopped=1
   {
     echo "pytest rc=$tests_rc; $(tail -1 "$RES/pytest.log")"
-    [ "$tests_rc" = 124 ] || [ "$tests_rc" = 137 ] && echo "the suite was stopped by its $suite_limit s limit (the call's 600 s)"
+    if [ "$stopped" = 1 ]; then echo "the suite was stopped by its $suite_limit s limit (the call's 600 s)"; fi
     grep -E "crashed while running|^FAILED|^ERROR" "$RES/pytest.log" | sort -u | head -200
-    if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
-  } | tee "$RES/summary.txt"
+    if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ] && [ "$stopped" = 0 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
+  } | tee -a "$RES/summary.txt"
   cp "$RES/summary.txt" "$OUT/summary.txt"
+  # 124/137 would read as "the call ran past its limit" in the device tool's answer
+  [ "$stopped" = 1 ] && tests_rc=3
   pack
   # The warp-per-row fold and 2-D tile_add kernels (issue 11) never ran before a GPU session:
   # memcheck them (no shared memory, so no racecheck).
@@ -106,10 +116,10 @@ if [ "$TESTS" = 1 ]; then
     MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 15)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
       tests/test_impl_choice.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d)" \
       >"$RES/memcheck_new_kernels.log" 2>&1
-    echo "memcheck new kernels: rc=$? ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))" \
-      | tee -a "$OUT/summary.txt"
+    memcheck_rc=$?
+    note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
   else
-    echo "memcheck new kernels: compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" | tee -a "$OUT/summary.txt"
+    note "memcheck new kernels: compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
   fi
   pack
 fi
@@ -118,38 +128,42 @@ bench_rc=0
 # One benchmark: its whole output to $RES/NAME.md (no pipe to a pager or head: a reader that
 # stops early would kill it with SIGPIPE before it writes its JSON), its exit status recorded,
 # the lines FILTER selects shown here, and the tarball refreshed.
+# CAP: its own limit, so that one slow or hung benchmark leaves time to the others; none starts
+# with under 45 s before the deadline (torch + CUDA start-up alone takes a good part of that).
 bench() {
-  local name="$1" filter="$2"; shift 2
-  local start=$SECONDS
-  timeout -k 10 "$(left 15)" "$PY" "$@" --json "$RES/$name.json" >"$RES/$name.md" 2>&1
+  local name="$1" cap="$2" filter="$3"; shift 3
+  local start=$SECONDS limit
+  limit=$(left 15)
+  if [ "$limit" -lt 45 ]; then note "$name: skipped, ${limit} s left before the deadline"; bench_rc=1; return; fi
+  [ "$limit" -gt "$cap" ] && limit=$cap
+  timeout -k 10 "$limit" "$PY" "$@" --json "$RES/$name.json" >"$RES/$name.md" 2>&1
   local rc=$?
-  echo "$name: rc=$rc, $((SECONDS - start)) s" | tee -a "$RES/bench_status.txt"
+  note "$name: rc=$rc, $((SECONDS - start)) s (limit $limit s)"
   if [ "$rc" != 0 ]; then bench_rc=1; tail -5 "$RES/$name.md"; fi
   grep -E "$filter" "$RES/$name.md"
   pack
 }
 if [ "$BENCH" = 1 ]; then
-  bench bench "^\\||^##|^- " bench/bench_linear.py --preset gpu
+  bench bench 180 "^\\||^##|^- " bench/bench_linear.py --preset gpu
   # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
-  bench bench_kernels "^\\||^- " bench/bench_kernels.py --device cuda
+  bench bench_kernels 90 "^\\||^- " bench/bench_kernels.py --device cuda
   # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss (issue 11).
-  bench bench_fusion "^\\||^- " bench/bench_fusion.py --device cuda
+  bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
-  bench bench_bank "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
+  bench bench_bank 60 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
   if "$PY" -c "import transformers, peft" 2>/dev/null; then
-    bench bench_model "^\\|" bench/bench_model.py --preset gpu
-    bench bench_bank_model "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
+    bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu
+    bench bench_bank_model 90 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
       --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10
   else
-    echo "bench_model: skipped (transformers/peft not installed on this machine)" | tee -a "$RES/bench_status.txt"
+    note "bench_model, bench_bank_model: skipped (transformers/peft not installed on this machine)"
   fi
-  cat "$RES/bench_status.txt" >>"$OUT/summary.txt"
   pack
 fi
 
 echo
 [ "$TESTS" = 1 ] && echo "summary: tests rc=$tests_rc ($(tail -1 "$RES/pytest.log"))"
-[ "$BENCH" = 1 ] && echo "benchmarks: $(tr '\n' ';' <"$RES/bench_status.txt")"
 pack
 [ "$tests_rc" != 0 ] && exit "$tests_rc"
+[ "$memcheck_rc" != 0 ] && exit 4
 exit "$bench_rc"

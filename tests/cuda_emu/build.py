@@ -250,8 +250,12 @@ def _write(path, text):
         with open(path) as f:
             old = f.read()
     if old != text:  # keep the timestamp (ninja) when nothing changed
-        with open(path, "w") as f:
+        # Atomically: xdist workers call load() at the same time, and an in-place rewrite (truncate,
+        # then write) is seen half-written by another worker's read or by the compiler it runs.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(text)
+        os.replace(tmp, path)
     return path
 
 
