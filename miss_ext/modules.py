@@ -119,7 +119,9 @@ def json_tensor(value) -> Tensor:
 
 
 def tensor_json(encoded: Tensor):
-    """The value json_tensor encoded."""
+    """The value json_tensor encoded; ValueError unless a 1-D uint8 tensor of JSON text."""
+    if not (isinstance(encoded, Tensor) and encoded.dtype == torch.uint8 and encoded.dim() == 1):
+        raise ValueError("expected a 1-D uint8 tensor of JSON text")
     return json.loads(bytes(encoded.cpu().tolist()).decode())
 
 
@@ -135,7 +137,9 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. Refused (an error message, and nothing of the module loaded): a bad
-    record, or a block loaded alone into an adapter that stays merged (the merged forward skips
+    record; a record that changes without base_layer.weight, or with a tensor of the module whose
+    shape differs from the module's (torch would skip it and leave the new record on the old
+    weight); a block loaded alone into an adapter that stays merged (the merged forward skips
     the block, so it would change nothing). `load()` runs nn.Module's own load; the record's key is
     then not "unexpected". Returns the record after the load, or None if refused."""
     where = prefix.rstrip(".") or "(root)"
@@ -148,14 +152,29 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             refusal = f"{key!r}: {e}"
     elif prefix + "base_layer.weight" in state_dict:
         after = []
+    weight_key = prefix + "base_layer.weight"
+    if refusal is None and list(after) != list(current):
+        # The record changes: only together with the weight it describes, loadable as is (a
+        # size-mismatched weight is not loaded by torch, which would leave the new record on the
+        # old weight).
+        if weight_key not in state_dict:
+            refusal = (f"the record says {list(after)} but the module's is {list(current)}, and the state_dict has no "
+                       "base_layer.weight to match it")
+        else:
+            own = {prefix + name: p for name, p in module.named_parameters()}
+            mismatched = [f"{k[len(prefix):]} {tuple(state_dict[k].shape)} (this layer's: {tuple(p.shape)})"
+                          for k, p in own.items() if isinstance(state_dict.get(k), Tensor) and state_dict[k].shape != p.shape]
+            if mismatched:
+                refusal = f"size mismatch for {', '.join(mismatched)}"
     if refusal is None:
         alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
-        if alone and prefix + "base_layer.weight" not in state_dict:
+        if alone and weight_key not in state_dict:
             refusal = (f"cannot load the block of merged adapter(s) {alone} alone (the merged weight holds the current "
                        "block's dW, which the loaded block would not replace); unmerge first, or load the merged "
                        "base_layer.weight with it")
     if refusal is not None:
-        error_msgs.append(f"{type(module).__name__} {where}: {refusal}")
+        error_msgs.append(f"{type(module).__name__} {where}: {refusal}. Nothing of this layer was loaded (so "
+                          "strict loading also lists its keys as missing)")
         # Nothing of this layer loads: torch loads the children (base_layer) after this method
         # from this same dict (a copy torch made, not the caller's), so their keys go too.
         for name in [name for name in state_dict if name.startswith(prefix)]:
@@ -381,7 +400,12 @@ class MissLinear(nn.Module):
             if p > 0.0:
                 # The op's size check, made before the key is drawn: a refused call leaves the
                 # global RNG as it was (PEFT's base layer raises before its dropout draws).
-                if x.dim() == 0 or x.shape[-1] != self.in_features:
+                refused = x.dim() == 0 or x.shape[-1] != self.in_features
+                if not torch.jit.is_scripting():  # the op's dtype/device checks too (autocast casts itself)
+                    w = self.base_layer.weight
+                    refused = refused or x.device != w.device or (
+                        x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type))
+                if refused:
                     torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, 0.0, None)
                 key = new_dropout_key(x.device)
             return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)

@@ -2,7 +2,8 @@
 
 `accelerate` swaps the class of every `peft.tuners.miss.MissLinear` to `AcceleratedMissLinear`, a
 subclass whose forward, merge and unmerge call the miss ops. Nothing else changes: the same
-module objects, parameter objects, state-dict keys, adapter dictionaries and PEFT flags, so
+module objects, parameter objects, state-dict keys (plus "merged_adapters" while a layer is
+merged: AcceleratedMissLinear.MERGED_KEY), adapter dictionaries and PEFT flags, so
 optimizers, checkpoints, `save_pretrained`, `set_adapter`, `disable_adapter()`,
 `merge_and_unload()` and `generate()` keep working, and `restore` swaps the class back.
 
@@ -51,7 +52,6 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
   merges nothing; here ValueError.
 """
 import inspect
-import json
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -327,8 +327,10 @@ class AcceleratedMissLinear(PeftMissLinear):
             return names
         # A shared base weight (tied embeddings): merging would change the other holders too.
         _refuse_shared_merge(self, names)
-        if not self._fast_path():
-            self._check_slow_path_merge(unmerge=False)  # quantized bases pass: PEFT's merge code, in this order
+        # Also on the fast path: under FSDP2, after a forward that left the parameters unsharded,
+        # the base is a plain nn.Linear holding FSDP's gathered copy (modules.fsdp_managed), and a
+        # merge into it is lost at the next reshard. Quantized bases pass: PEFT's merge code.
+        self._check_slow_path_merge(unmerge=False)
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
         bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))
@@ -421,10 +423,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         def decode(encoded):
             try:
                 names = tensor_json(encoded) if isinstance(encoded, Tensor) and encoded.dtype == torch.uint8 else None
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                 names = None
-            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-                raise ValueError("must be a uint8 tensor of a JSON list of adapter names")
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+                raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
             unknown = [n for n in names if n not in self.miss_block]
             if unknown:
                 raise ValueError(f"names adapters {unknown} that this layer does not have ({list(self.miss_block)})")

@@ -333,6 +333,35 @@ def test_fsdp2_sharded_base_before_apply_miss(gloo_world):
     assert math.isfinite(y.sum().item())
 
 
+def test_fsdp2_refuses_accelerated_peft_merges(gloo_world):
+    """An accelerated PEFT model under FSDP2 (root only): an eval forward leaves the root
+    unsharded, so each base is a plain nn.Linear holding FSDP's gathered copy and takes the fast
+    path. merge_adapter and merge_and_unload used to merge into those copies, which the next
+    reshard dropped (the layers then counted as merged: logits off by 0.5, or the adapter lost);
+    now refused, with the outputs unchanged."""
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("proj", nn.Linear(IN, OUT))
+    model = miss_ext.peft.accelerate(get_peft_model(net, MissConfig(r=R, target_modules=["proj"], init_weights=False)))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    x = rand(6, IN)
+    with torch.no_grad():
+        expected = model(x)
+    layer = model.base_model.model.proj
+    assert type(layer.base_layer.weight).__name__ == "Parameter"  # FSDP's gathered copy, not a DTensor
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="FSDP2"):
+            merge()
+        assert not layer.merged_adapters
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 def test_merge_and_unload_refuses_before_changing_any_layer():
     net = nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, OUT))
     miss_ext.apply_miss(net, ["0", "1"], r=R, init_weights=False)

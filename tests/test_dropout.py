@@ -132,7 +132,8 @@ def test_new_dropout_key_draws_on_the_requested_device_without_reading_it():
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["fused", "base-module"])
-@pytest.mark.parametrize("bad", [(3, 15), ()], ids=["wrong-in_features", "scalar"])
+@pytest.mark.parametrize("bad", [(3, 15), (), torch.float64, torch.int64],
+                         ids=["wrong-in_features", "scalar", "float64", "int64"])
 def test_a_refused_forward_leaves_the_global_rng_alone(hooked, bad):
     """A training forward with dropout that is refused for its input's size raises before the key
     is drawn, so the global RNG (torch.manual_seed's stream) is where it was, as with PEFT, whose
@@ -140,13 +141,14 @@ def test_a_refused_forward_leaves_the_global_rng_alone(hooked, bad):
     layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, dropout=0.1)
     if hooked:
         layer.base_layer.register_forward_hook(lambda module, args, out: out)  # the base-module path
+    shape, dtype = (bad, torch.float32) if isinstance(bad, tuple) else ((3, 16), bad)
     state = torch.random.get_rng_state()
-    with pytest.raises((ValueError, RuntimeError)):
-        layer(torch.randn(bad))
+    with pytest.raises((ValueError, RuntimeError, TypeError)):
+        layer(torch.randn(shape).to(dtype))
     state_after_input = torch.random.get_rng_state()
     layer.train()
-    with pytest.raises((ValueError, RuntimeError)):
-        layer(torch.zeros(bad))
+    with pytest.raises((ValueError, RuntimeError, TypeError)):
+        layer(torch.zeros(shape, dtype=dtype))
     assert torch.equal(torch.random.get_rng_state(), state_after_input)
     assert not torch.equal(state, state_after_input)  # the check sees a draw (torch.randn's)
 

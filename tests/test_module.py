@@ -316,6 +316,22 @@ def test_state_dict_loads_that_would_ignore_a_block_are_refused():
             m.load_state_dict(given)
         assert m.merged and torch.equal(m.base_layer.weight, weight)
         assert sorted(given) == sorted([*state, "merged"])  # the caller's dict is not changed
+    # A record that would change without the weight it describes, or with a weight or block that
+    # torch would not load (a size mismatch): refused, the flag and the weight unchanged.
+    other_r = make(12, 8, 2, seed=3)
+    other_r.merge()
+    for bad_state, strict, merged in (({"merged": torch.tensor(False), "miss_block": block}, False, True),
+                                      ({**state, "base_layer.weight": torch.zeros(8, 11)}, True, True),
+                                      (other_r.state_dict(), True, False)):
+        fresh = make(12, 8, 4, seed=2)
+        if merged:
+            fresh.merge()
+        fresh_weight = fresh.base_layer.weight.detach().clone()
+        with pytest.raises(RuntimeError, match="Nothing of this layer was loaded"):
+            fresh.load_state_dict(bad_state, strict=strict)
+        assert fresh.merged == merged and torch.equal(fresh.base_layer.weight, fresh_weight)
+    with pytest.raises(RuntimeError, match="no base_layer.weight to match it"):
+        make(12, 8, 4, seed=2).load_state_dict({"merged": torch.tensor(True)}, strict=False)
     # A model without the flag's owner (here a plain nn.Linear) refuses it under strict loading.
     with pytest.raises(RuntimeError, match="Unexpected key.*merged"):
         nn.Sequential(nn.Linear(12, 8)).load_state_dict({"0.weight": weight, "0.bias": m.base_layer.bias,

@@ -192,7 +192,8 @@ def test_merged_adapters_record_refuses_bad_loads(base):
     from miss_ext.modules import json_tensor
 
     for bad, message in ((json_tensor(["nope"]), "does not have"), (torch.tensor([1, 2]), "JSON list"),
-                         (json_tensor({"a": 1}), "JSON list")):
+                         (json_tensor({"a": 1}), "JSON list"), (json_tensor(["default", "default"]), "distinct"),
+                         (json_tensor(["default"]).view(1, -1), "1-D uint8")):
         given = {**state, key: bad}
         with pytest.raises(RuntimeError, match=message):
             fast.load_state_dict(given)
