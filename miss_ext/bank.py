@@ -103,7 +103,10 @@ def host_to_device(values: Tensor, device) -> Tensor:
     host allocator records the copy on the stream). Fake tensors (torch.compile, export) and other
     devices take a plain copy."""
     device = torch.device(device)
-    if device.type == "cuda" and not is_fake(values) and not torch.compiler.is_compiling():
+    # Not while a CUDA graph is being captured: a replay would read the pinned block again, which
+    # the allocator may have handed out since (the plain copy fails loudly under capture instead).
+    if (device.type == "cuda" and not is_fake(values) and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()):
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device)
 

@@ -112,6 +112,23 @@ def is_dtensor(t: Optional[Tensor]) -> bool:
     return isinstance(t, DTensor)
 
 
+def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+                             in_features: int) -> None:
+    """Raises what torch.ops.miss.linear(x, weight, bias, block, ...) raises for a bad x
+    (ValueError / TypeError), before the caller draws its dropout key, so that a refused call
+    leaves the global RNG as it was (PEFT's base layer raises before its dropout draws). Only
+    cheap conditions are looked at (sizes; devices and dtypes outside TorchScript, dtypes only
+    without autocast, which casts); when one fails, the op itself, without dropout, raises its
+    own message."""
+    refused = x.dim() == 0 or x.shape[-1] != in_features
+    if not torch.jit.is_scripting():
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        refused = refused or x.device != weight.device or x.device != block.device or (
+            not autocast and (x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)))
+    if refused:
+        torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
+
+
 def json_tensor(value) -> Tensor:
     """`value` as a uint8 tensor of its JSON text: state that must travel in a state_dict, which
     stays all tensors (safetensors, clone())."""
@@ -126,7 +143,7 @@ def tensor_json(encoded: Tensor):
 
 
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
-                      unexpected_keys: list, error_msgs: list, load) -> None:
+                      strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load) -> None:
     """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
     AcceleratedMissLinear's "merged_adapters"). A merged layer's state_dict holds W + dW as
     base_layer.weight: without the record, a layer loading it would add dW a second time (PEFT's
@@ -179,6 +196,10 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
         # from this same dict (a copy torch made, not the caller's), so their keys go too.
         for name in [name for name in state_dict if name.startswith(prefix)]:
             del state_dict[name]
+        # The module's own tensors (miss_block, ...): the nn.Module load that would list them as
+        # missing does not run; the children list theirs when torch loads them from the emptied dict.
+        if strict:
+            missing_keys.extend(prefix + name for name, t in module._parameters.items() if t is not None)
         return None
     load()
     if key in unexpected_keys:
@@ -211,8 +232,8 @@ def fsdp_managed(module: nn.Module) -> bool:
     parameters between sharded DTensors and plain gathered copies from an ancestor's hooks,
     and a gathered copy looks like any parameter. So the FSDP2 modules are found where torch's
     composable APIs register them (torch.distributed._composable_state, private but unchanged
-    since torch 2.0); if that registry moves in a later torch, this answers False and the
-    DTensor checks remain (merge docstrings say so)."""
+    since torch 2.0); if that registry moves in a later torch, this answers False and only the
+    DTensor checks remain (a sharded weight is still refused; a gathered copy would not be)."""
     if not torch.distributed.is_available():
         return False
     try:
@@ -398,15 +419,8 @@ class MissLinear(nn.Module):
         key: Optional[Tensor] = None
         if fused:
             if p > 0.0:
-                # The op's size check, made before the key is drawn: a refused call leaves the
-                # global RNG as it was (PEFT's base layer raises before its dropout draws).
-                refused = x.dim() == 0 or x.shape[-1] != self.in_features
-                if not torch.jit.is_scripting():  # the op's dtype/device checks too (autocast casts itself)
-                    w = self.base_layer.weight
-                    refused = refused or x.device != w.device or (
-                        x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type))
-                if refused:
-                    torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, 0.0, None)
+                check_before_dropout_key(x, self.base_layer.weight, self.base_layer.bias, self.miss_block,
+                                         self.in_features)
                 key = new_dropout_key(x.device)
             return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
         # The base module computes its own output (its forward, hooks, parametrizations,
@@ -524,7 +538,7 @@ class MissLinear(nn.Module):
 
         after = load_merge_record(
             self, state_dict, prefix, prefix + self.MERGED_KEY, ["miss_block"] if self.merged else [], decode,
-            unexpected_keys, error_msgs,
+            strict, missing_keys, unexpected_keys, error_msgs,
             lambda: super(MissLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                                   missing_keys, unexpected_keys, error_msgs))
         if after is not None:

@@ -71,7 +71,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
-from .modules import check_merge, is_plain_linear, json_tensor, load_merge_record, tensor_json  # noqa: E402
+from .modules import (check_before_dropout_key, check_merge, fsdp_managed, is_plain_linear, json_tensor,  # noqa: E402
+                      load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
@@ -179,9 +180,14 @@ class AcceleratedMissLinear(PeftMissLinear):
         sharded or otherwise non-plain weight that is a temporary (the merge would silently do
         nothing while reporting merged), and through hooks or a subclass forward the merged layer
         would not compute the unmerged output: refuse, as MissLinear does. Quantized backends keep
-        PEFT's code, which dequantizes and requantizes."""
+        PEFT's code, which dequantizes and requantizes, but not under FSDP2, whose gathered copy
+        of the weight the next reshard drops."""
         if self.quantization_backend is None:
             check_merge(self.base_layer, unmerge)
+        elif fsdp_managed(self.base_layer):
+            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type(self.base_layer).__name__}: "
+                             "FSDP2 (fully_shard on it or on a module holding it) manages its weight, which is then a "
+                             "shard or FSDP's gathered copy that the next reshard drops")
 
     def _dropout_p(self, adapter: str) -> float:
         dropout = self.miss_dropout[adapter]
@@ -223,6 +229,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         # The common cases are one fused op each.
         if not bats and len(shards) == 1:
             block, p = shards[0]
+            if p > 0.0:
+                check_before_dropout_key(x, weight, bias, block, self.in_features)  # a refusal keeps the RNG
             return torch.ops.miss.linear(x, weight, bias, block, p, new_dropout_key(x.device) if p > 0.0 else None)
         if not shards:
             for block in bats[:-1]:
@@ -329,7 +337,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         _refuse_shared_merge(self, names)
         # Also on the fast path: under FSDP2, after a forward that left the parameters unsharded,
         # the base is a plain nn.Linear holding FSDP's gathered copy (modules.fsdp_managed), and a
-        # merge into it is lost at the next reshard. Quantized bases pass: PEFT's merge code.
+        # merge into it is lost at the next reshard. Quantized bases pass (PEFT's merge code)
+        # unless under FSDP2.
         self._check_slow_path_merge(unmerge=False)
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
@@ -433,8 +442,8 @@ class AcceleratedMissLinear(PeftMissLinear):
             return names
 
         after = load_merge_record(
-            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, unexpected_keys,
-            error_msgs,
+            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, strict,
+            missing_keys, unexpected_keys, error_msgs,
             lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
         if after is not None:

@@ -360,6 +360,10 @@ def test_fsdp2_refuses_accelerated_peft_merges(gloo_world):
         assert not layer.merged_adapters
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    layer.quantization_backend = "a quantized base"  # PEFT's merge code (dequantize, requantize): refused too
+    with pytest.raises(ValueError, match="FSDP2"):
+        model.merge_adapter()
+    assert not layer.merged_adapters
 
 
 def test_merge_and_unload_refuses_before_changing_any_layer():

@@ -238,6 +238,10 @@ def test_shape_checks_look_at_the_targeted_projections_only(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         demo.main(argv + ["--out", str(tmp_path / "all")])
     assert exc.value.code == 2 and "--mini-r 192 must divide" in capsys.readouterr().err
+    # A target in a later layer only is checked too (layer 0's paths alone matched nothing).
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv + ["--target-modules", r"model\.layers\.1\.self_attn\.q_proj", "--out", str(tmp_path / "l1")])
+    assert exc.value.code == 2 and "--mini-r 192 must divide" in capsys.readouterr().err
     for targets in ("gate_proj,up_proj", r"model\.layers\.\d+\.mlp\.(gate|up)_proj"):
         out = tmp_path / str(len(targets))
         demo.main(argv + ["--target-modules", targets, "--out", str(out)])

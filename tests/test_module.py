@@ -332,6 +332,10 @@ def test_state_dict_loads_that_would_ignore_a_block_are_refused():
         assert fresh.merged == merged and torch.equal(fresh.base_layer.weight, fresh_weight)
     with pytest.raises(RuntimeError, match="no base_layer.weight to match it"):
         make(12, 8, 4, seed=2).load_state_dict({"merged": torch.tensor(True)}, strict=False)
+    # Strict loading lists every key of the refused layer as missing, its own block included.
+    with pytest.raises(RuntimeError) as info:
+        make(12, 8, 4, seed=2).load_state_dict(other_r.state_dict())
+    assert all(f'"{k}"' in str(info.value) for k in ("miss_block", "base_layer.weight", "base_layer.bias"))
     # A model without the flag's owner (here a plain nn.Linear) refuses it under strict loading.
     with pytest.raises(RuntimeError, match="Unexpected key.*merged"):
         nn.Sequential(nn.Linear(12, 8)).load_state_dict({"0.weight": weight, "0.bias": m.base_layer.bias,

@@ -203,6 +203,22 @@ def test_merged_adapters_record_refuses_bad_loads(base):
                              strict=False)
 
 
+def test_a_refused_training_forward_leaves_the_global_rng_alone():
+    """One default adapter with dropout, training: an input the op refuses (wrong size, dtype)
+    raises before the dropout key is drawn, as PEFT's base layer raises before its dropout."""
+    from peft import get_peft_model
+
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(16, 8))
+    model = accelerate(get_peft_model(net, MissConfig(r=4, target_modules=["proj"], miss_dropout=0.1)))
+    model.train()
+    for bad in (torch.zeros(3, 15), torch.zeros(3, 16, dtype=torch.float64)):
+        state = torch.random.get_rng_state()
+        with pytest.raises((ValueError, TypeError, RuntimeError)):
+            model(bad)
+        assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_disable_adapter_gives_the_base_model(base, mode):
     plain, fast = pair(base, mode)

@@ -50,9 +50,9 @@ class ModelDims:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def projection_path(name: str) -> str:
-    """The path of projection `name` in the first layer of the random Llama (what target regexes match)."""
-    return f"model.layers.0.{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}"
+def projection_path(name: str, layer: int = 0) -> str:
+    """The path of projection `name` in decoder layer `layer` of the random Llama (what targets match)."""
+    return f"model.layers.{layer}.{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}"
 
 
 def _positive_int(text: str) -> int:
@@ -234,7 +234,7 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
     # Only the projections the adapter targets (apply_miss raises later if there is none).
     targets = target_modules(args)
     shapes = {name: shape for name, shape in dims.projection_shapes().items()
-              if targets == ALL_LINEAR or matches(targets, projection_path(name))}
+              if targets == ALL_LINEAR or any(matches(targets, projection_path(name, i)) for i in range(dims.layers))}
     if not shapes:
         return
     smallest_in = min(i for i, _ in shapes.values())

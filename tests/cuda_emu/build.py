@@ -8,8 +8,8 @@ registration of the `miss` ops: loading a second one aborts the process) into a 
 named miss_cuda_emu_<hash>. The build is cached under a directory keyed by the hash of every
 input, so an edited kernel or header is rebuilt and tested.
 
-`unavailable()` says why the emulator cannot be built here (no C++ compiler, not x86-64/Linux),
-or returns None.
+`unavailable()` says why the emulator cannot be built here (no C++ compiler or ninja, not Linux on
+x86-64 or aarch64), or returns None.
 """
 import hashlib
 import os
