@@ -90,10 +90,10 @@ def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
 
 
-def check_merge(module: nn.Module, unmerge: bool = False) -> None:
+def check_merge(module: nn.Module, unmerge: bool = False, quantized: bool = False) -> None:
     """ValueError with merge_refusal's reason when an adapter cannot be merged into (unmerged from)
     `module`; shared by MissLinear and the accelerated PEFT layer."""
-    why = merge_refusal(module, unmerge)
+    why = merge_refusal(module, unmerge, quantized)
     if why is not None:
         raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type(module).__name__}: {why}")
 
@@ -272,7 +272,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     return None
 
 
-def merge_refusal(module: nn.Module, unmerge: bool = False) -> Optional[str]:
+def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = False) -> Optional[str]:
     """Why an adapter cannot be merged into `module` (unmerged from it, with `unmerge`), or None.
 
     The weight must be a plain floating tensor that the module reads as is (not parametrized,
@@ -280,11 +280,15 @@ def merge_refusal(module: nn.Module, unmerge: bool = False) -> Optional[str]:
     temporary or a shard. A merge also needs the module to compute exactly F.linear(x, W, b)
     (is_plain_linear): through a subclass's forward (fake quantisation, ...) or a hook, the merged
     layer's output base(x; W + dW) would differ from the unmerged base(x; W) + dW x. An unmerge
-    only needs the weight condition (it restores the weight the base had)."""
+    only needs the weight condition (it restores the weight the base had). A `quantized` base
+    (PEFT's quantization backends, whose own merge code dequantizes and requantizes) is only
+    checked for FSDP2."""
     if fsdp_managed(module):
         return ("FSDP2 (fully_shard on it or on a module holding it) manages its weight, which is then a shard or "
                 "FSDP's gathered copy that the next reshard drops: a merge would be lost or partial. Keep the adapter "
                 "unmerged, or merge in a copy of the model loaded without FSDP (e.g. from save_adapter's folder)")
+    if quantized:
+        return None
     if parametrize.is_parametrized(module, "weight"):
         return ("its weight is parametrized (torch.nn.utils.parametrize), so the merged value would have to go "
                 "through the parametrization's inverse; remove it first with "

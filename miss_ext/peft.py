@@ -71,7 +71,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
-from .modules import (check_before_dropout_key, check_merge, fsdp_managed, is_plain_linear, json_tensor,  # noqa: E402
+from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
                       load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
@@ -174,20 +174,6 @@ class AcceleratedMissLinear(PeftMissLinear):
         (miss_ext.modules.is_plain_linear: no subclass, hooks, parametrization or tensor-subclass
         weight)."""
         return self.quantization_backend is None and is_plain_linear(self.base_layer)
-
-    def _check_slow_path_merge(self, unmerge: bool) -> None:
-        """PEFT's own merge code writes `base_layer.weight` in place. For a parametrized,
-        sharded or otherwise non-plain weight that is a temporary (the merge would silently do
-        nothing while reporting merged), and through hooks or a subclass forward the merged layer
-        would not compute the unmerged output: refuse, as MissLinear does. Quantized backends keep
-        PEFT's code, which dequantizes and requantizes, but not under FSDP2, whose gathered copy
-        of the weight the next reshard drops."""
-        if self.quantization_backend is None:
-            check_merge(self.base_layer, unmerge)
-        elif fsdp_managed(self.base_layer):
-            raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type(self.base_layer).__name__}: "
-                             "FSDP2 (fully_shard on it or on a module holding it) manages its weight, which is then a "
-                             "shard or FSDP's gathered copy that the next reshard drops")
 
     def _dropout_p(self, adapter: str) -> float:
         dropout = self.miss_dropout[adapter]
@@ -335,11 +321,14 @@ class AcceleratedMissLinear(PeftMissLinear):
             return names
         # A shared base weight (tied embeddings): merging would change the other holders too.
         _refuse_shared_merge(self, names)
-        # Also on the fast path: under FSDP2, after a forward that left the parameters unsharded,
-        # the base is a plain nn.Linear holding FSDP's gathered copy (modules.fsdp_managed), and a
-        # merge into it is lost at the next reshard. Quantized bases pass (PEFT's merge code)
-        # unless under FSDP2.
-        self._check_slow_path_merge(unmerge=False)
+        # The base must take a merge, as for MissLinear (modules.merge_refusal): PEFT's merge code
+        # writes base_layer.weight in place, which for a parametrized or sharded weight is a
+        # temporary, and through hooks or a subclass forward the merged layer would not compute the
+        # unmerged output. Also on the fast path: under FSDP2, after a forward that left the
+        # parameters unsharded, the base is a plain nn.Linear holding FSDP's gathered copy, which
+        # the next reshard drops. Quantized bases keep PEFT's merge code (it dequantizes and
+        # requantizes), except under FSDP2.
+        check_merge(self.base_layer, quantized=self.quantization_backend is not None)
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
         bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))
@@ -431,8 +420,8 @@ class AcceleratedMissLinear(PeftMissLinear):
                               error_msgs):
         def decode(encoded):
             try:
-                names = tensor_json(encoded) if isinstance(encoded, Tensor) and encoded.dtype == torch.uint8 else None
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                names = tensor_json(encoded)
+            except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
                 names = None
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
                 raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
