@@ -78,6 +78,21 @@ def fold_ref(x: Tensor, r: int, mask: Optional[Tensor] = None, p: float = 0.0) -
     return xd @ fold_matrix(x.shape[-1], r, device=x.device).t()
 
 
+def fold_error_scale(x: Tensor, r: int, p: float = 0.0) -> Tensor:
+    """Per output of fold(x, r) with dropout p, the sum of the magnitudes of the terms it adds,
+    sum |x_i| / (1 - p), shape (..., r), float64. Rounding errors of a floating-point sum are bounded
+    by a multiple of it in any order of summation, so two implementations of the fold are compared
+    elementwise with a tolerance c * u * fold_error_scale (u: the accumulation's unit roundoff)."""
+    return fold_ref(x.abs(), r) * (0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
+def fold_within(got: Tensor, want: Tensor, scale: Tensor, rtol: float, atol_per_scale: float = 1e-6) -> bool:
+    """|got - want| <= rtol |want| + atol_per_scale * scale elementwise (float64); 1e-6 per unit of
+    scale is about 17 float32 roundoffs, a typical-case bound for float32 sums in two orders."""
+    err = (got.to(F64) - want.to(F64)).abs()
+    return bool((err <= rtol * want.to(F64).abs() + atol_per_scale * scale.to(F64) + 1e-30).all())
+
+
 def fold_scatter_ref(x: Tensor, r: int) -> Tensor:
     """The same fold by scatter_add (a second, structurally different formulation)."""
     x = x.to(F64)

@@ -6,9 +6,11 @@ fiber, `__syncthreads`/`__syncwarp`/shuffles are real barriers and exchanges, dy
 shared memory start as NaN poison, and the emulator raises (EmuError) on what a GPU would refuse or
 leave undefined: invalid launches, divergent barriers and shuffles, shuffles naming exited lanes,
 deadlocks, device-side assertions, misaligned (e.g. 16-byte vector) accesses and other UB the UB
-sanitizer sees. The emulated launchers take the tensors the op wrappers would hand to
-fold_kernel_cuda & co. (contiguous, possibly at an odd storage offset), embedded between NaN (or
-sentinel) guards that must survive the call and poison any read past the ends.
+sanitizer sees, and accesses beyond a fenced tensor or past the dynamic shared memory. The
+emulated launchers take the tensors the op wrappers would hand to fold_kernel_cuda & co.
+(contiguous, possibly at an odd storage offset), placed (the `placement` fixture) between NaN (or
+sentinel) guards that must survive the call and poison any read past the ends, or alone against an
+inaccessible page after their end or before their start, where any access beyond them is reported.
 
 Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
 tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): grid-stride loops
@@ -22,7 +24,7 @@ import torch
 
 import miss_ext
 from cuda_emu import build as emu_build
-from reference import F64, bat_transform_ref
+from reference import F64, bat_transform_ref, fold_error_scale, fold_within
 
 REASON = emu_build.unavailable()
 # Where a GPU is visible the real kernels run in the CUDA tests (tests/test_impl_choice.py,
@@ -73,8 +75,43 @@ class Guarded:
         return same(self.buf[lo], self.before[lo]) and same(self.buf[hi], self.before[hi])
 
 
+class Fenced:
+    """A contiguous copy of `t` alone in memory whose last byte ("fence_end") or first byte
+    ("fence_start", or one element later when `misaligned`) touches an inaccessible page: the
+    emulator reports any kernel access beyond it as an out-of-bounds access (EmuError), however far
+    and whether or not the value is used, which the NaN guards of Guarded cannot see. fence_end
+    keeps only the alignment the size gives (the end is page-aligned)."""
+
+    def __init__(self, t, at_end, misaligned=False, fill=None):
+        esz = t.element_size()
+        self.shift = esz if misaligned and not at_end else 0
+        label = f"a fenced {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} tensor"
+        self.raw = emu_build.load().fenced_bytes(t.numel() * esz + self.shift, at_end, label)
+        self.raw[:self.shift] = 0xFF  # NaN bytes before a misaligned start
+        self.t = self.raw[self.shift:].view(t.dtype).view(t.shape)
+        self.t.copy_(t if fill is None else torch.full_like(t, fill))
+
+    def guards_intact(self):  # a write past a fence faults; the bytes before a shifted start must stay
+        return bool((self.raw[:self.shift] == 0xFF).all())
+
+
+# Where kernel-comparison tests put the tensors they hand to launchers: between NaN guards, or
+# against an inaccessible page after their end or before their start (the `placement` fixture).
+PLACEMENTS = ["guards", "fence_end", "fence_start"]
+_placement = ["guards"]
+
+
+@pytest.fixture(params=PLACEMENTS)
+def placement(request):
+    _placement[0] = request.param
+    yield request.param
+    _placement[0] = "guards"
+
+
 def guarded(t, misaligned=False, fill=None):
-    return Guarded(t.contiguous(), misaligned, fill)
+    if _placement[0] == "guards":
+        return Guarded(t.contiguous(), misaligned, fill)
+    return Fenced(t.contiguous(), _placement[0] == "fence_end", misaligned, fill)
 
 
 def assert_guards(*gs):
@@ -113,6 +150,23 @@ def test_emulator_refuses_invalid_launches(emu, name):
     with pytest.raises(RuntimeError, match=SELFTEST_LAUNCH_ERRORS[name]) as info:
         emu.selftest(name, torch.zeros(256))
     assert "invalid launch" in str(info.value)
+
+
+@pytest.mark.parametrize("name,at_end,match", [
+    ("read_past_end", True, r"byte 0 after the end of a fenced \(256,\) float32 tensor"),
+    ("write_before_start", False, r"byte 4 before the start of a fenced \(256,\) float32 tensor"),
+    ("shared_past_end", True, r"byte 0 after the end of the dynamic shared memory \(128 bytes"),
+])
+def test_emulator_reports_out_of_bounds_accesses(emu, name, at_end, match):
+    """Accesses beyond a fenced tensor or past the dynamic shared memory stop the launch with a
+    report naming the thread, the kernel and the distance (a GPU's memcheck / illegal address),
+    and the process goes on."""
+    data = Fenced(torch.zeros(256), at_end=at_end)
+    with pytest.raises(emu.EmuError, match=match) as info:
+        emu.selftest(name, data.t)
+    assert "out-of-bounds memory access" in str(info.value) and "thread (" in str(info.value)
+    emu.selftest("warp_sum", data.t)  # the next call runs normally
+    assert data.t[:6].tolist() == [3 * 496.0] * 6
 
 
 def test_emulator_runs_correct_code(emu):
@@ -173,19 +227,16 @@ def _fold_case(emu, rows, fin, r, dtype, s_dtype, p, misaligned):
     emu.fold(gx.t, gs.t, p, key)
     assert_guards(gx, gs)
     assert torch.equal(gx.t, x), "fold wrote into x"
-    scale = x.abs().to(F64).sum(1, keepdim=True).max().item() / max(1, fin // r) if x.numel() else 1.0
-    if s_dtype in (torch.float32, torch.float64):
-        ok = torch.allclose(gs.t.to(F64), want.to(F64), rtol=1e-5, atol=1e-6 * scale + 1e-30)
-    else:  # one rounding to fp16/bf16 of a float32 sum (summed in another order): 1-2 ulps
-        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[s_dtype]
-        ok = torch.allclose(gs.t.to(F64), want.to(F64), rtol=tol, atol=tol * scale * 1e-2 + 1e-30)
+    # float32 sums in two orders, then for fp16/bf16 one rounding each (1-2 ulps apart)
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(s_dtype, 1e-5)
+    ok = fold_within(gs.t, want, fold_error_scale(x, r, p), rtol)
     assert ok, ((rows, fin, r), dtype, s_dtype, p, misaligned, (gs.t.to(F64) - want.to(F64)).abs().max().item())
     return kernels_ran(emu)
 
 
 @pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fold_kernels_match_the_cpu(emu, kernel, dtype, monkeypatch):
+def test_fold_kernels_match_the_cpu(emu, kernel, dtype, placement, monkeypatch):
     """Every fold kernel MISS_EXT_FOLD_KERNEL can force, s in x's dtype and in float32, dropout off
     and on (same key), aligned and at storage offset 1 (scalar fallbacks)."""
     monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
@@ -220,7 +271,7 @@ TILE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (t
 
 @pytest.mark.parametrize("kernel", ["flat", "grid2d"])
 @pytest.mark.parametrize("dtype,src_dtype", TILE_PAIRS, ids=str)
-def test_tile_add_kernels_match_the_cpu(emu, kernel, dtype, src_dtype, monkeypatch):
+def test_tile_add_kernels_match_the_cpu(emu, kernel, dtype, src_dtype, placement, monkeypatch):
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
     tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
     ran = set()
@@ -270,7 +321,7 @@ BAT_DTYPES = [(w, mp) for w in DTYPES for mp in (torch.float32, torch.float64)]
 
 
 @pytest.mark.parametrize("w_dtype,mp_dtype", BAT_DTYPES, ids=str)
-def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, monkeypatch):
+def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, placement, monkeypatch):
     """bat_kernel_cuda out of place (out in w's dtype and in the compute dtype) and in place
     (out is w), against the CPU kernel (MISS_EXT_BAT_TRANSFORM=kernel) and a float64 reference."""
     monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "kernel")
@@ -295,9 +346,9 @@ def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, monkeypatch):
             err = (go.t.to(F64) - want.to(F64)).abs()
             assert (err <= bound).all(), ((rows, cols, r), out_dtype, (err / bound).max().item())
         # in place: out is w
-        gw = guarded(w)
-        emu.bat(gw.t, gw.t, m, p)
-        assert_guards(gw)
+        gw, gm, gp = guarded(w), guarded(m), guarded(p)
+        emu.bat(gw.t, gw.t, gm.t, gp.t)
+        assert_guards(gw, gm, gp)
         assert torch.equal(gw.t, emu_out_same_dtype(emu, w, m, p)), (rows, cols, r)
         assert "bat_kernel<" in kernels_ran(emu)[0]
 
@@ -308,7 +359,7 @@ def emu_out_same_dtype(emu, w, m, p):
     return out
 
 
-def test_bat_kernel_empty_and_misaligned(emu):
+def test_bat_kernel_empty_and_misaligned(emu, placement):
     m, p = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
     emu.bat(torch.empty(8, 0), torch.empty(8, 0), m, p)  # no segments: no launch
     assert emu.launches() == []
@@ -397,7 +448,7 @@ def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, mi
 
 
 @pytest.mark.parametrize("y_dtype,a_dtype", BANK_PAIRS, ids=str)
-def test_bank_kernels_match_the_cpu(emu, y_dtype, a_dtype):
+def test_bank_kernels_match_the_cpu(emu, y_dtype, a_dtype, placement):
     """bank_add_kernel, bank_grad_s_kernel and bank_grad_bank_kernel: mixed ranks r | R and periods
     (default and mini), rows with index -1, unused slots, NaN in every slot's padding."""
     for i, shape in enumerate(BANK_SHAPES):

@@ -16,6 +16,8 @@ std::string end_call();
 void set_schedule(int mode, uint64_t seed);
 size_t static_shared_bytes();
 std::vector<std::tuple<uintptr_t, std::string, std::string, int, std::vector<unsigned>, size_t, bool>> launch_records();
+void* fenced_alloc(size_t bytes, bool at_end, const std::string& label);
+void fenced_free(void* data);
 }  // namespace cuda_emu
 
 namespace {
@@ -110,6 +112,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     cuda_emu::set_schedule(k, seed);
   }, py::arg("mode"), py::arg("seed") = 0);
   m.def("static_shared_bytes", &cuda_emu::static_shared_bytes);
+  m.def("fenced_bytes", [](int64_t bytes, bool at_end, const std::string& label) {
+    TORCH_CHECK(bytes >= 0, "cuda_emu: fenced_bytes needs bytes >= 0, got ", bytes);
+    void* data = cuda_emu::fenced_alloc(static_cast<size_t>(bytes), at_end, label);
+    return torch::from_blob(data, {bytes}, [](void* d) { cuda_emu::fenced_free(d); }, torch::TensorOptions().dtype(torch::kUInt8));
+  }, "a uint8 tensor of `bytes` alone in a mapping whose last (at_end) or first byte touches an inaccessible page: "
+     "a kernel access beyond it is reported as an out-of-bounds access", py::arg("bytes"), py::arg("at_end"), py::arg("label"));
   m.def("launches", &cuda_emu::launch_records,
         "launches of the last call: (kernel address, expression, file, line, grid+block, shared bytes, ran)");
 #ifdef CUDA_EMU_SELFTEST

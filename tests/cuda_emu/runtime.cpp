@@ -2,6 +2,7 @@
 // sanitizer's handlers. See include/cuda_emu.h. Process-global state: the bindings serialise calls.
 #include "cuda_emu.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <exception>
 #include <map>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -377,6 +379,108 @@ void run_block() {
   threadIdx = uint3{0, 0, 0};
 }
 
+// ---- fenced memory: out-of-bounds accesses ----
+// A GPU reports an access outside every allocation (compute-sanitizer memcheck, an illegal-address
+// error). Here the tests put each tensor a launcher gets into a mapping of its own whose first or
+// last byte touches a PROT_NONE page (fenced_alloc), and while kernels run a SIGSEGV handler turns
+// a fault on such a page, or on the guard page after the dynamic shared memory, into a recorded
+// error that stops the thread and the launch, as a GPU's trap would.
+
+struct FencedAlloc {
+  char* map;
+  size_t map_bytes;
+  char* data;
+  size_t bytes;
+  std::string label;
+};
+std::mutex fenced_lock;  // allocations come and go from Python; the handler reads under the call lock
+std::vector<FencedAlloc> fenced;
+struct sigaction previous_segv;
+
+size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+std::string fence_text(size_t k, const char* side, const std::string& what, size_t bytes, const void* data) {
+  char buf[320];
+  std::snprintf(buf, sizeof buf, "byte %zu %s %s (%zu bytes at %p)", k, side, what.c_str(), bytes, data);
+  return buf;
+}
+
+// What a fault at `a` hit, or "" when it is not on one of our fence pages.
+std::string describe_fault(uintptr_t a) {
+  const uintptr_t page = page_bytes();
+  auto in_page = [&](const char* lo) { return a >= reinterpret_cast<uintptr_t>(lo) && a < reinterpret_cast<uintptr_t>(lo) + page; };
+  if (rt.dyn_map != nullptr && in_page(rt.dyn_map + rt.dyn_map_bytes - page))
+    return fence_text(a - reinterpret_cast<uintptr_t>(rt.dyn + rt.dyn_bytes), "after the end of", "the dynamic shared memory",
+                      rt.dyn_bytes, rt.dyn);
+  for (const FencedAlloc& f : fenced) {
+    if (in_page(f.map))
+      return fence_text(reinterpret_cast<uintptr_t>(f.data) - a, "before the start of", f.label, f.bytes, f.data);
+    if (in_page(f.map + f.map_bytes - page))
+      return fence_text(a - reinterpret_cast<uintptr_t>(f.data + f.bytes), "after the end of", f.label, f.bytes, f.data);
+  }
+  return "";
+}
+
+// Runs on the faulting fiber's stack (no SA_ONSTACK) and, for our pages, never returns: the fiber
+// is abandoned as a trapped thread, and SA_NODEFER leaves SIGSEGV unblocked for the next fault.
+// The fault is synchronous, in kernel code that does not allocate, so formatting the message
+// here is safe in practice (a test tool, not a library).
+void on_segv(int sig, siginfo_t* info, void* uc) {
+  if (rt.in_kernel && rt.current != nullptr) {
+    const std::string what = describe_fault(reinterpret_cast<uintptr_t>(info->si_addr));
+    if (!what.empty()) {
+      fail("out-of-bounds memory access: " + what);
+      rt.current->state = kTrapped;
+      yield_to_scheduler();
+    }
+  }
+  // Not ours: put the previous handler back and return; the access faults again under it.
+  sigaction(SIGSEGV, &previous_segv, nullptr);
+  (void)sig;
+  (void)uc;
+}
+
+}  // namespace
+
+void* fenced_alloc(size_t bytes, bool at_end, const std::string& label) {
+  const size_t page = page_bytes();
+  const size_t data_pages = (bytes + page - 1) / page * page;
+  const size_t map_bytes = data_pages + 2 * page;
+  void* p = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fenced memory of " + std::to_string(bytes) + " bytes");
+  char* map = static_cast<char*>(p);
+  mprotect(map, page, PROT_NONE);
+  mprotect(map + map_bytes - page, page, PROT_NONE);
+  char* data = at_end ? map + page + data_pages - bytes : map + page;
+  const std::lock_guard<std::mutex> lock(fenced_lock);
+  fenced.push_back(FencedAlloc{map, map_bytes, data, bytes, label});
+  return data;
+}
+
+void fenced_free(void* data) {
+  const std::lock_guard<std::mutex> lock(fenced_lock);
+  for (size_t i = 0; i < fenced.size(); ++i) {
+    if (fenced[i].data == data) {
+      munmap(fenced[i].map, fenced[i].map_bytes);
+      fenced.erase(fenced.begin() + static_cast<long>(i));
+      return;
+    }
+  }
+}
+
+namespace {
+
+struct SegvHandler {  // installed while a launch runs its blocks
+  SegvHandler() {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+  }
+  ~SegvHandler() { sigaction(SIGSEGV, &previous_segv, nullptr); }
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -583,6 +687,7 @@ void launch_impl(const LaunchInfo& info, void (*body)(void*), void* ctx) {
   if (s_bytes) std::memset(s_lo, 0xFF, s_bytes);
   size_t touched_lo = s_bytes, touched_hi = 0;  // static shared bytes this kernel writes
 
+  const SegvHandler segv;
   rt.in_kernel = true;
   uint64_t block_count = 0;
   for (unsigned z = 0; z < info.grid.z && !rt.abort_launch && !rt.stop_after_block; ++z) {

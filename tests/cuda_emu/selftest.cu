@@ -111,6 +111,18 @@ __global__ void missing_barrier(float* out) {
   out[threadIdx.x] = buf[threadIdx.x + 1];
 }
 
+// Out-of-bounds accesses, for fenced tensors (fenced_bytes): one element past the end, one before
+// the start, and dynamic shared memory read one float past its end.
+__global__ void read_past_end(float* data, long n) { data[0] = data[n]; }
+
+__global__ void write_before_start(float* data) { data[-1] = 1.0f; }
+
+__global__ void shared_past_end(float* out) {
+  extern __shared__ __align__(16) unsigned char raw[];
+  const float* buf = reinterpret_cast<const float*>(raw);
+  out[threadIdx.x] = buf[threadIdx.x + 1];  // 32 floats of shared memory: thread 31 reads buf[32]
+}
+
 __global__ void nothing(float*) {}
 
 }  // namespace
@@ -142,6 +154,12 @@ void cuda_emu_selftest(const std::string& name, at::Tensor& data) {
     read_static_from_previous_block<<<2, 32>>>(p);
   } else if (name == "missing_barrier") {
     missing_barrier<<<1, 32>>>(p);
+  } else if (name == "read_past_end") {
+    read_past_end<<<1, 1>>>(p, static_cast<long>(data.numel()));
+  } else if (name == "write_before_start") {
+    write_before_start<<<1, 1>>>(p);
+  } else if (name == "shared_past_end") {
+    shared_past_end<<<1, 32, 32 * sizeof(float), stream>>>(p);
   } else if (name == "zero_grid_checked") {
     nothing<<<0, 32>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
