@@ -12,7 +12,9 @@ emulated launchers take the tensors the op wrappers would hand to fold_kernel_cu
 sentinel) guards that must survive the call and poison any read past the ends, or alone against an
 inaccessible page after their end or before their start, where any access beyond them is reported.
 
-Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
+Hypothesis draws further cases for the fold, tile_add and bank kernels (40 per test in CI,
+derandomized; MISS_EXT_HYPOTHESIS_EXAMPLES / MISS_EXT_HYPOTHESIS_RANDOM as in test_properties.py):
+1,500 random ones each passed on 2026-11-30. Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
 tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): grid-stride loops
 that wrap (more than 65536 blocks; kMaxBlocks is a constexpr the emulator cannot lower without
 editing the kernel file).
@@ -21,6 +23,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import miss_ext
 from cuda_emu import build as emu_build
@@ -273,26 +276,30 @@ TILE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (t
 @pytest.mark.parametrize("dtype,src_dtype", TILE_PAIRS, ids=str)
 def test_tile_add_kernels_match_the_cpu(emu, kernel, dtype, src_dtype, placement, monkeypatch):
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
-    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
     ran = set()
     for p in (0.0, 0.3):
         for misaligned in (False, True):
             for rows, cols, prow, q in TILE_SHAPES:
                 if rows > 1000 and (misaligned or p == 0.0) and dtype not in (torch.float32, torch.bfloat16):
                     continue  # the long cases once per dtype family: they dominate the run time
-                out = torch.randn(rows, cols, dtype=F64).to(dtype)
-                src = torch.randn(prow, q, dtype=F64).to(src_dtype)
-                key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
-                pp = p if key is not None else 0.0  # dropout is for per-row sources (tile_add's contract)
-                want = out.clone()
-                ops.tile_add_(want, src, -0.5, pp, key)
-                go, gsrc = guarded(out, misaligned), guarded(src, misaligned)
-                emu.tile_add(go.t, gsrc.t, -0.5, pp, key)
-                assert_guards(go, gsrc)
-                assert torch.allclose(go.t, want, rtol=tol, atol=4 * tol), (rows, cols, prow, q, p, misaligned)
-                ran.update(kernels_ran(emu))
+                ran.update(_tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p, misaligned))
     expected = {"flat": "tile_add_kernel<", "grid2d": "tile_add_2d_kernel<"}[kernel]
     assert any(expected in name for name in ran), sorted(ran)
+
+
+def _tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p, misaligned):
+    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    out = torch.randn(rows, cols, dtype=F64).to(dtype)
+    src = torch.randn(prow, q, dtype=F64).to(src_dtype)
+    key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
+    pp = p if key is not None else 0.0  # dropout is for per-row sources (tile_add's contract)
+    want = out.clone()
+    ops.tile_add_(want, src, -0.5, pp, key)
+    go, gsrc = guarded(out, misaligned), guarded(src, misaligned)
+    emu.tile_add(go.t, gsrc.t, -0.5, pp, key)
+    assert_guards(go, gsrc)
+    assert torch.allclose(go.t, want, rtol=tol, atol=4 * tol), (rows, cols, prow, q, p, misaligned)
+    return kernels_ran(emu)
 
 
 def test_tile_add_p_1_and_empty(emu):
@@ -513,6 +520,83 @@ def test_bank_invalid_values_trip_device_assertions(emu, what):
         emu.bank_add(y.clone(), s, bank, gr.t, gq.t, index)
     with pytest.raises(emu.EmuError, match="device-side assertion"):
         emu.bank_grad(torch.randn(4, out), s, bank, gr.t, gq.t, index, torch.zeros(4, R), torch.zeros_like(bank))
+
+
+# --------------------------------------------------------------------------------------------
+# drawn cases (hypothesis): sizes, r, periods, dtypes, dropout, kernel choice and placement beyond
+# the fixed lists above. Derandomized in CI (the same examples every run);
+# MISS_EXT_HYPOTHESIS_EXAMPLES=N draws N per test, MISS_EXT_HYPOTHESIS_RANDOM=1 new ones each run.
+
+DRAWN = settings(max_examples=int(os.environ.get("MISS_EXT_HYPOTHESIS_EXAMPLES", "40")),
+                 derandomize=os.environ.get("MISS_EXT_HYPOTHESIS_RANDOM") != "1", deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# widths around the kernels' vector, warp and block sizes, and odd ones
+WIDTHS = st.one_of(st.integers(0, 40), st.sampled_from([63, 64, 65, 96, 127, 128, 129, 255, 256, 257, 1000, 1024, 2049]))
+
+
+class _Env:
+    """Kernel choice and placement for one drawn example (fixtures are per test, not per example)."""
+
+    def __init__(self, **env):
+        self.env, self.placement = env, env.pop("placement")
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        _placement[0] = self.placement
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _placement[0] = "guards"
+
+
+@DRAWN
+@given(data=st.data())
+def test_drawn_fold_cases(emu, data):
+    rows = data.draw(st.integers(0, 9), label="rows")
+    fin = data.draw(WIDTHS, label="in")
+    r = data.draw(st.one_of(st.integers(1, fin + 3), st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128, 256, 512])), label="r")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    s_dtype = data.draw(st.sampled_from(sorted({dtype, torch.float32}, key=str)), label="s dtype")
+    p = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="p")
+    env = dict(MISS_EXT_FOLD_KERNEL=data.draw(st.sampled_from(["auto", "columns", "rows", "warp"]), label="kernel"),
+               placement=data.draw(st.sampled_from(PLACEMENTS), label="placement"))
+    with _Env(**env):
+        _fold_case(emu, rows, fin, r, dtype, s_dtype, p, data.draw(st.booleans(), label="misaligned"))
+
+
+@DRAWN
+@given(data=st.data())
+def test_drawn_tile_add_cases(emu, data):
+    rows = data.draw(st.integers(0, 9), label="rows")
+    cols = data.draw(WIDTHS, label="cols")
+    per_row = data.draw(st.booleans(), label="per-row source")
+    prow = rows if per_row else data.draw(st.integers(1, 12), label="source rows")
+    q = data.draw(st.one_of(st.integers(1, max(1, cols) + 3), st.sampled_from([1, 2, 4, 8, 16, 64])), label="q")
+    dtype, src_dtype = data.draw(st.sampled_from(TILE_PAIRS), label="dtypes")
+    p = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="p")
+    env = dict(MISS_EXT_TILE_ADD_KERNEL=data.draw(st.sampled_from(["auto", "flat", "grid2d"]), label="kernel"),
+               placement=data.draw(st.sampled_from(PLACEMENTS), label="placement"))
+    with _Env(**env):
+        _tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p,
+                   data.draw(st.booleans(), label="misaligned"))
+
+
+@DRAWN
+@given(data=st.data())
+def test_drawn_bank_cases(emu, data):
+    R = data.draw(st.sampled_from([1, 2, 4, 8, 12, 16, 64, 256]), label="R")
+    fin = data.draw(st.integers(1, 300), label="in")
+    out = data.draw(st.integers(1, 300), label="out")
+    y_dtype, a_dtype = data.draw(st.sampled_from(BANK_PAIRS), label="dtypes")
+    with _Env(placement=data.draw(st.sampled_from(PLACEMENTS), label="placement")):
+        _bank_case(emu, data.draw(st.integers(2, 40), label="rows"), R, fin, out, data.draw(st.integers(1, 16), label="slots"),
+                   data.draw(st.integers(0, 3), label="r_cap extra"), data.draw(st.integers(0, 5), label="q_cap extra"),
+                   y_dtype, a_dtype, data.draw(st.booleans(), label="misaligned"), seed=data.draw(st.integers(0, 99), label="seed"))
 
 
 # --------------------------------------------------------------------------------------------
