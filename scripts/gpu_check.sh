@@ -3,7 +3,7 @@
 # machine's torch (2.11 there), runs the error probe, then the WHOLE test suite (CPU and CUDA tests
 # together, the CMake library's test included) and, unless --tests-only, the GPU benchmarks.
 # Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log, pytest.log,
-# junit.xml, summary.txt, memcheck_new_kernels.log, bench*.md/json) goes to a
+# junit.xml, summary.txt, memcheck_new_kernels.log, racecheck_bank.log, bench*.md/json) goes to a
 # work folder whose tarball ${OUT:-gpu_out}/results.tgz is rewritten after every step, beside
 # ${OUT}/summary.txt: the device tool returns at most 8 files from $OUT, and a call killed at its
 # time limit still returns the last tarball.
@@ -105,19 +105,32 @@ if [ "$TESTS" = 1 ]; then
     if [ ${#XDIST[@]} -eq 0 ] && [ "$tests_rc" -gt 5 ] && [ "$stopped" = 0 ]; then echo "the pytest process itself died (rc=$tests_rc)"; fi
   } | tee -a "$RES/summary.txt"
   cp "$RES/summary.txt" "$OUT/summary.txt"
-  # 124/137 would read as "the call ran past its limit" in the device tool's answer
-  [ "$stopped" = 1 ] && tests_rc=3
+  # This script's own exit codes (README, "GPU check"): 124/137 would read as "the call ran past
+  # its limit" in the device tool's answer, and pytest's 2-5 (interrupted, internal error, usage
+  # error, no tests) would collide with 2-4 here.
+  case "$tests_rc" in
+    0|1) ;;
+    *) if [ "$stopped" = 1 ]; then tests_rc=3; else note "pytest could not run the suite (rc=$tests_rc)"; tests_rc=5; fi ;;
+  esac
   pack
-  # The warp-per-row fold and 2-D tile_add kernels (issue 11) never ran before a GPU session:
-  # memcheck them (no shared memory, so no racecheck).
+  # Kernels that never ran before a GPU session: the warp-per-row fold and 2-D tile_add (issue
+  # 11, no shared memory) and the adapter bank's three kernels (issue 14): memcheck their tests,
+  # and racecheck the bank kernels, which share memory between threads.
   SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   if [ -x "$SANITIZER" ]; then
     # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
-    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 15)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_impl_choice.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d)" \
+    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 75)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_impl_choice.py tests/test_bank.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
       >"$RES/memcheck_new_kernels.log" 2>&1
     memcheck_rc=$?
     note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
+    pack
+    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 15)" "$SANITIZER" --tool racecheck --kernel-name kns=bank_ --error-exitcode 99 \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_bank.py -k "cuda and (matches or backward or gradients)" \
+      >"$RES/racecheck_bank.log" 2>&1
+    racecheck_rc=$?
+    note "racecheck bank kernels: rc=$racecheck_rc ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$RES/racecheck_bank.log" | tail -2 | tr '\n' ' '))"
+    [ "$memcheck_rc" = 0 ] && memcheck_rc=$racecheck_rc
   else
     note "memcheck new kernels: compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
   fi

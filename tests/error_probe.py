@@ -24,6 +24,10 @@ nonfinite = torch.zeros(6, 4, 4, device=dev)
 nonfinite[4, 1, 1] = float("nan")
 key = miss_ext.new_dropout_key(x.device)
 xg = x.clone().requires_grad_(True)
+# an adapter bank (issue 14): 3 slots of r_cap 8, q_cap 12
+bank = torch.zeros(3, 8, 12, device=dev)
+ranks, periods = torch.tensor([8, 4, 2], device=dev), torch.tensor([12, 6, 12], device=dev)
+yb, sb, ids = torch.zeros(4, 12, device=dev), torch.zeros(4, 8, device=dev), torch.tensor([0, 1, 2, -1], device=dev)
 cases = [
     ("no key, x requiring grad", lambda: ops.fold(xg, 2, 0.5, None, None), ValueError, "p=0.5 > 0 needs a key"),
     ("no key, tile_add", lambda: ops.tile_add(xg, x[:, :2], 1.0, 0.5, None), ValueError, "p=0.5 > 0 needs a key"),
@@ -40,7 +44,15 @@ cases = [
     ("bat block index", lambda: ops.merge_(w.clone(), singular, True), ValueError, "miss_block[2] is singular"),
     ("bat non-finite index", lambda: ops.merge(w, nonfinite, True), ValueError, "miss_block[4] holds non-finite"),
     ("bat shapes", lambda: ops.bat_weight(w, torch.zeros(5, 3, 3, device=dev)), ValueError, "r=3"),
+    ("bank shape", lambda: ops.bank_add(yb, sb, bank[0], ranks, periods, ids), ValueError, "got shape [8, 12]"),
+    ("bank index shape", lambda: ops.bank_add(yb, sb, bank, ranks, periods, ids[:3]), ValueError, "got shape [3]"),
 ]
+if dev == "cpu":  # value checks; CUDA checks them with device-side assertions (no host sync)
+    cases.append(("bank rank value", lambda: ops.bank_add(yb, sb, bank, torch.tensor([8, 3, 2]), periods, ids), ValueError,
+                  "ranks[1]=3"))
+else:  # the CUDA kernels' own limit: the block's row of fp32 partial sums in 48 KiB of shared memory
+    cases.append(("bank r_cap on CUDA", lambda: ops.bank_add(yb, sb, torch.zeros(3, 12289, 12, device=dev), ranks, periods,
+                                                             ids), ValueError, "r_cap=12289"))
 for name, call, exc, text in cases:
     try:
         call()

@@ -8,6 +8,8 @@ adapters, mixed r dividing R, default and mini mixed, rows without an adapter, a
 adapter (each slot's gradient from its rows only, zero padding), opcheck, gradcheck, errors, and
 torch.compile without recompilation when the bank's contents change.
 """
+import re
+
 import pytest
 import torch
 
@@ -177,26 +179,41 @@ def test_bank_add_double_backward_is_refused():
     assert g.shape == s.shape
 
 
-def test_bank_add_bad_input_raises_and_changes_nothing():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_bad_input_raises_and_changes_nothing(device):
+    """Shapes, dtypes and devices are refused on every device; the values of ranks, periods and
+    ids on the CPU (CUDA checks those with device-side assertions, which need no host sync; the
+    emulated kernels' test trips them). On CUDA a bank beyond the kernels' shared memory is refused."""
     R, out = 8, 12
-    bank, ranks, periods = make_bank(random_blocks(3, R, out), R, out)
-    y, s, index = torch.randn(4, out), torch.randn(4, R), torch.tensor([0, 1, 2, -1])
+    bank, ranks, periods = (t.to(device) for t in make_bank(random_blocks(3, R, out), R, out))
+    y, s = torch.randn(4, out, device=device), torch.randn(4, R, device=device)
+    index = torch.tensor([0, 1, 2, -1], device=device)
     before = y.clone()
+    on = dict(device=device)
     cases = [
-        (dict(ranks=torch.tensor([8, 3, 2])), ValueError, "ranks[1]=3"),
-        (dict(ranks=torch.tensor([8, 16, 2])), ValueError, "ranks[1]=16"),
-        (dict(periods=torch.tensor([12, 5, 12])), ValueError, "periods[1]=5"),
-        (dict(index=torch.tensor([0, 3, 2, -1])), ValueError, "index[1]=3"),
-        (dict(index=torch.tensor([0, 1, 2])), ValueError, "index must have y's leading sizes"),
-        (dict(s=torch.randn(4, R, dtype=torch.float64)), TypeError, "s dtype"),
-        (dict(ranks=torch.tensor([8, 4, 2], dtype=torch.int32)), TypeError, "ranks must be int64"),
+        (dict(index=torch.tensor([0, 1, 2], **on)), ValueError, "index must have y's leading sizes"),
+        (dict(s=torch.randn(4, R, dtype=torch.float64, **on)), TypeError, "s dtype"),
+        (dict(ranks=torch.tensor([8, 4, 2], dtype=torch.int32, **on)), TypeError, "ranks must be int64"),
+        (dict(ranks=torch.tensor([8, 4], **on)), ValueError, "ranks must have shape (slots,) = (3,)"),
         (dict(bank=bank[0]), ValueError, "bank must have shape"),
-        (dict(s=torch.randn(5, R)), ValueError, "s with y's leading sizes"),
+        (dict(s=torch.randn(5, R, **on)), ValueError, "s with y's leading sizes"),
     ]
+    if device == "cpu":
+        cases += [
+            (dict(ranks=torch.tensor([8, 3, 2])), ValueError, "ranks[1]=3"),
+            (dict(ranks=torch.tensor([8, 16, 2])), ValueError, "ranks[1]=16"),
+            (dict(periods=torch.tensor([12, 5, 12])), ValueError, "periods[1]=5"),
+            (dict(index=torch.tensor([0, 3, 2, -1])), ValueError, "index[1]=3"),
+        ]
+    else:
+        cases += [
+            (dict(index=index.cpu()), ValueError, "y and index must be on the same device"),
+            (dict(bank=torch.zeros(3, 12289, out, **on)), ValueError, "r_cap up to 12288 for this dtype, got a bank with r_cap=12289"),
+        ]
     for change, exc, text in cases:
         args = dict(y=y, s=s, bank=bank, ranks=ranks, periods=periods, index=index)
         args.update(change)
-        with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(exc, match=re.escape(text)):
             ops.bank_add_(args["y"], args["s"], args["bank"], args["ranks"], args["periods"], args["index"])
         assert torch.equal(y, before)
 

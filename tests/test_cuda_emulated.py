@@ -499,6 +499,28 @@ def test_bank_grad_with_zero_capacity(emu, r_cap, q_cap):
     assert torch.equal(grad_s, want_s) and torch.equal(grad_bank, want_b)
 
 
+def test_bank_launchers_refuse_banks_beyond_their_limits(emu):
+    """The CUDA launchers' own limits, with a ValueError naming the sizes before any launch: the
+    block's row of partial sums in 48 KiB of shared memory (r_cap 12288 in float32, 6144 in
+    float64), and the block-gradient grid (q_cap up to 65535 * 256)."""
+    y, s, index = torch.randn(2, 4), torch.randn(2, 8), torch.tensor([0, -1])
+    ranks, periods = torch.tensor([8]), torch.tensor([4])
+    for dtype, r_cap in ((torch.float32, 12289), (torch.float64, 6145)):
+        big = torch.zeros(1, r_cap, 4, dtype=dtype)
+        with pytest.raises(ValueError, match=f"r_cap up to {r_cap - 1} for this dtype, got a bank with r_cap={r_cap}"):
+            emu.bank_add(y.to(dtype), s.to(dtype), big, ranks, periods, index)
+        with pytest.raises(ValueError, match=f"r_cap={r_cap}"):
+            emu.bank_grad(y.to(dtype), s.to(dtype), big, ranks, periods, index, torch.zeros(2, 8, dtype=dtype),
+                          torch.zeros_like(big))
+        assert emu.launches() == []
+    emu.bank_add(y, s, torch.zeros(1, 12288, 4), ranks, periods, index)  # at the limit: runs
+    wide = torch.zeros(1, 1, 65535 * 256 + 1)
+    with pytest.raises(ValueError, match=r"bank shape \(1, 1, 16776961\) is too large for one launch"):
+        emu.bank_grad(torch.randn(2, 4), torch.randn(2, 1), wide, torch.tensor([1]), torch.tensor([4]), index,
+                      torch.zeros(2, 1), torch.zeros_like(wide))
+    assert emu.launches() == []
+
+
 @pytest.mark.parametrize("what", ["index", "rank", "period"])
 def test_bank_invalid_values_trip_device_assertions(emu, what):
     """The CUDA kernels check ids, ranks and periods with CUDA_KERNEL_ASSERT (the CPU raises ValueError)."""

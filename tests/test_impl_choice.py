@@ -431,6 +431,17 @@ class CudaKernels:
         return set() if self.prof is None else {e.name for e in self.prof.events()}
 
 
+LAYOUTS = ["contiguous", "misaligned", "strided"]
+
+
+def laid_out(buf, rows, cols, layout):
+    """A (rows, cols) view of buf (which holds 2 * rows * cols + 1 elements): contiguous, at storage
+    offset 1 (not aligned for vector loads), or every other column (not contiguous)."""
+    if layout == "strided":
+        return buf[:2 * rows * cols].view(rows, 2 * cols)[:, ::2]
+    return buf[1:rows * cols + 1].view(rows, cols) if layout == "misaligned" else buf[:rows * cols].view(rows, cols)
+
+
 # (rows, in, r): r below, at and above a vector's width, r = 32 and 256 vectors' worth, r > in,
 # in not a multiple of the vector width (scalar loads), a single row, many rows.
 FOLD_SHAPES = [(5, 64, 1), (7, 96, 2), (9, 200, 4), (33, 256, 8), (12, 4096, 64), (3, 512, 256), (4, 8, 64),
@@ -441,28 +452,28 @@ FOLD_SHAPES = [(5, 64, 1), (7, 96, 2), (9, 200, 4), (33, 256, 8), (12, 4096, 64)
 @pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("misaligned", [False, True])
-def test_cuda_fold_kernels_match_the_cpu(kernel, dtype, p, misaligned, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_fold_kernels_match_the_cpu(kernel, dtype, p, layout, monkeypatch):
     """Every CUDA fold kernel that MISS_EXT_FOLD_KERNEL can force, against the CPU kernel with the
-    same dropout key; the kernel that ran is read from the profiler's CUDA kernel names."""
+    same dropout key, on contiguous, misaligned (storage offset 1) and strided x; the kernel that
+    ran is read from the profiler's CUDA kernel names."""
     monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
     with CudaKernels() as kernels:  # one profiler session: each costs time
-        checks = [_fold_on_both(rows, fin, r, dtype, p, misaligned) for rows, fin, r in FOLD_SHAPES]
+        checks = [_fold_on_both(rows, fin, r, dtype, p, layout) for rows, fin, r in FOLD_SHAPES]
     for (rows, fin, r), (got, want, scale) in zip(FOLD_SHAPES, checks):
         assert fold_within(got.cpu(), want, scale, rtol=1e-5), (rows, fin, r)
     expected = {"columns": "fold_kernel", "rows": "fold_rows_kernel", "warp": "fold_warp_kernel"}[kernel]
     assert kernels.ran(expected), kernels.names()
 
 
-def _fold_on_both(rows, fin, r, dtype, p, misaligned):
+def _fold_on_both(rows, fin, r, dtype, p, layout):
     """(CUDA fold, CPU fold, sum of |terms| per output) of one random x, with the same key."""
-    buf = torch.randn(rows * fin + 1, dtype=torch.float64).to(dtype)
-    x = (buf[1:] if misaligned else buf[:-1]).view(rows, fin)
+    buf = torch.randn(2 * rows * fin + 1, dtype=torch.float64).to(dtype)
+    x = laid_out(buf, rows, fin, layout)
     key = miss_ext.new_dropout_key("cpu") if p else None
     out_dtype = torch.float32 if dtype != torch.float64 else dtype
     want = ops.fold(x, r, p, key, out_dtype)
-    xc = (buf.cuda()[1:] if misaligned else buf.cuda()[:-1]).view(rows, fin)
-    got = ops.fold(xc, r, p, key.cuda() if key is not None else None, out_dtype)
+    got = ops.fold(laid_out(buf.cuda(), rows, fin, layout), r, p, key.cuda() if key is not None else None, out_dtype)
     return got, want, fold_error_scale(x, r, p)
 
 
@@ -480,24 +491,25 @@ TILE_SHAPES = [(37, 96, 37, 16), (33, 120, 33, 20), (64, 48, 8, 12), (9, 27, 9, 
 @pytest.mark.parametrize("dtype,src_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
                                              (torch.float32, torch.float32), (torch.float64, torch.float64)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("misaligned", [False, True])
-def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, misaligned, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, layout, monkeypatch):
     """Every CUDA tile_add kernel that MISS_EXT_TILE_ADD_KERNEL can force, against the CPU kernel
-    with the same key and alpha; the kernel that ran is read from the profiler."""
+    with the same key and alpha, into a contiguous, misaligned or strided out (in place: the strided
+    columns in between must keep their values); the kernel that ran is read from the profiler."""
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
     checks = []
     with CudaKernels() as kernels:
         for rows, cols, prow, q in TILE_SHAPES:
-            buf = torch.randn(rows * cols + 1, dtype=torch.float64).to(dtype)
+            buf = torch.randn(2 * rows * cols + 1, dtype=torch.float64).to(dtype)
             src = torch.randn(prow, q, dtype=torch.float64).to(src_dtype)
             key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
             pp = p if key is not None else 0.0  # dropout is for per-row sources (tile_add's contract)
-            want = (buf[1:] if misaligned else buf[:-1]).view(rows, cols).clone()
-            ops.tile_add_(want, src, -0.5, pp, key)
-            cbuf = buf.cuda()
-            got = (cbuf[1:] if misaligned else cbuf[:-1]).view(rows, cols)
-            ops.tile_add_(got, src.cuda(), -0.5, pp, key.cuda() if key is not None else None)
-            checks.append((got, want))
+            want_buf = buf.clone()
+            ops.tile_add_(laid_out(want_buf, rows, cols, layout), src, -0.5, pp, key)
+            got_buf = buf.cuda()
+            ops.tile_add_(laid_out(got_buf, rows, cols, layout), src.cuda(), -0.5, pp,
+                          key.cuda() if key is not None else None)
+            checks.append((got_buf, want_buf))
     # One sum in fp32 (fp64) and one rounding on both; nvcc may contract it into an FMA, so allow
     # a last-bit difference (operands are of order 1).
     tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]

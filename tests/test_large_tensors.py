@@ -5,6 +5,10 @@ alone. A kernel that indexed with 32-bit integers would wrap there and read or w
 elements. With dropout the mask is position dependent, so the huge fold is compared with the
 float64 reference and the documented Philox mask of those rows instead.
 
+The CUDA kernels that came after issue 9's GPU run (the warp-per-row fold and 2-D tile_add, and
+the split-bf16 products of issue 11) and the other kernel choices get the same checks on the GPU
+(`test_cuda_*`, where a GPU is visible; seconds there).
+
 bf16 keeps each big tensor at 4 GiB. Each test peaks at about 8-9 GiB (checked: it asks for 6 or
 10 GiB of available memory and is skipped, saying so, with less; this project's CI machines have
 24 GiB); the file takes one to two minutes on two cores.
@@ -14,7 +18,7 @@ import gc
 import pytest
 import torch
 
-from reference import F64, fold_ref, philox_mask
+from reference import F64, fold_ref, philox_mask, tile_add_ref
 
 ops = torch.ops.miss
 BIG = 2**31
@@ -50,7 +54,7 @@ def row_windows(rows: int, cols: int, width: int = 6):
 def random_rows(x: torch.Tensor, windows) -> None:
     """Random values in the windows (the rest stays constant: filling 4 GiB with randn is slow)."""
     for a, b in windows:
-        x[a:b] = torch.randn(b - a, x.shape[1], dtype=x.dtype)
+        x[a:b] = torch.randn(b - a, x.shape[1], dtype=x.dtype, device=x.device)
 
 
 @pytest.mark.parametrize("cols,r", [(64, 16), (37, 5)])
@@ -151,3 +155,112 @@ def test_bat_over_2_31_elements():
     for a, bb in windows:
         expected = ops.bat_linear(x, w[a:bb], bias[a:bb], block[a // r:bb // r], torch.bfloat16)
         torch.testing.assert_close(y[:, a:bb], expected)     # the GEMM may block differently
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: every kernel choice (MISS_EXT_FOLD_KERNEL, MISS_EXT_TILE_ADD_KERNEL, MISS_EXT_GEMM), where a
+# GPU is visible; device memory, so the host's 24 GiB do not matter.
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+@pytest.fixture(autouse=True)
+def release_device_memory():
+    """Each test's GiBs go back to the device after it: the GPU check runs the suite in 8 xdist
+    workers sharing one GPU, and a worker's caching allocator would otherwise keep them."""
+    yield
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def needs_device(gib: float):
+    free, _ = torch.cuda.mem_get_info()
+    if free < gib * GIB:
+        pytest.skip(f"needs {gib} GiB of free GPU memory, {free / GIB:.1f} GiB free")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_fold_kernels_over_2_31_elements(kernel, p, monkeypatch):
+    """Each CUDA fold kernel on a bf16 x of more than 2^31 elements: the rows around element 2^31
+    and at the end equal that kernel on those rows alone (no dropout), or the float64 reference with
+    the documented Philox mask of those rows (dropout; the mask depends on the row)."""
+    monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+    needs_device(8)
+    cols, r, seed, offset = 64, 16, 12345, 678
+    rows = big_rows(cols)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device="cuda")
+    windows = row_windows(rows, cols, width=4)
+    random_rows(x, windows)
+    key = torch.tensor([seed, offset], dtype=torch.int64, device="cuda") if p else None
+    s = ops.fold(x, r, p, key, torch.float32)
+    for a, b in windows:
+        if p:
+            expected = fold_ref(x[a:b].cpu(), r, mask=philox_mask(seed, offset, b - a, cols, p, first_row=a), p=p)
+            torch.testing.assert_close(s[a:b].cpu().to(F64), expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(s[a:b], ops.fold(x[a:b], r, 0.0, None, torch.float32)), (kernel, a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["flat", "grid2d"])
+def test_cuda_tile_add_kernels_over_2_31_elements(kernel, monkeypatch):
+    """Each CUDA tile_add kernel on a bf16 out of more than 2^31 elements, with a source of 5 rows
+    tiled along out's rows (windows start at multiples of 5) and with a per-row source and dropout
+    (against the float64 reference with the documented mask of those rows)."""
+    monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+    needs_device(12)
+    cols, period, q, seed, offset, p = 64, 5, 16, 4321, 99, 0.25
+    rows = big_rows(cols)
+    out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16, device="cuda")
+    starts = [0, BIG // cols - period, rows - 2 * period]
+    windows = [(a - a % period, a - a % period + 2 * period) for a in starts]
+    random_rows(out, windows)
+    before = {w: out[w[0]:w[1]].clone() for w in windows}
+    src = torch.randn(period, q, dtype=torch.bfloat16, device="cuda")
+    ops.tile_add_(out, src, 0.5, 0.0, None)
+    for (a, b), old in before.items():
+        expected = old.clone()
+        ops.tile_add_(expected, src, 0.5, 0.0, None)
+        assert torch.equal(out[a:b], expected), (kernel, a, b)
+    # a source row per out row, with dropout
+    per_row = torch.full((rows, q), 0.25, dtype=torch.bfloat16, device="cuda")
+    random_rows(per_row, windows)
+    before = {w: out[w[0]:w[1]].clone() for w in windows}
+    ops.tile_add_(out, per_row, -1.5, p, torch.tensor([seed, offset], dtype=torch.int64, device="cuda"))
+    for (a, b), old in before.items():
+        mask = philox_mask(seed, offset, b - a, cols, p, first_row=a)
+        expected = tile_add_ref(old.cpu(), per_row[a:b].cpu(), -1.5, mask=mask, p=p)
+        torch.testing.assert_close(out[a:b].cpu().to(F64), expected, rtol=8e-3, atol=8e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
+def test_cuda_linear_over_2_31_elements(gemm, monkeypatch):
+    """miss.linear on CUDA with either adapter product (fp32, or issue 11's split-bf16 tensor-core
+    GEMMs) on a bf16 x of more than 2^31 elements, forward and backward: the rows around element
+    2^31 and at the end match the same call on those rows alone (GEMMs may block differently for
+    another row count, so within bf16 rounding rather than bit for bit)."""
+    monkeypatch.setenv("MISS_EXT_GEMM", gemm)
+    needs_device(24)
+    cols, out_features, r = 64, 16, 8
+    rows = big_rows(cols)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device="cuda")
+    windows = row_windows(rows, cols)
+    random_rows(x, windows)
+    w = torch.randn(out_features, cols, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(out_features, dtype=torch.bfloat16, device="cuda")
+    block = torch.randn(r, out_features, device="cuda", requires_grad=True)
+    x.requires_grad_(True)
+    y = ops.linear(x, w, b, block, 0.0, None)
+    g = torch.zeros_like(y)
+    random_rows(g, windows)
+    y.backward(g)
+    for a, bb in windows:
+        xs = x.detach()[a:bb].clone().requires_grad_(True)
+        ys = ops.linear(xs, w, b, block, 0.0, None)
+        torch.testing.assert_close(y[a:bb], ys, rtol=1.6e-2, atol=1e-2)
+        (dx,) = torch.autograd.grad(ys, xs, g[a:bb])
+        torch.testing.assert_close(x.grad[a:bb], dx, rtol=1.6e-2, atol=1e-2)
