@@ -3,6 +3,8 @@
 - `device` (fixture) / `DEVICES` (params): "cpu" always; "cuda" marked to skip only when no GPU
   is visible. Nothing here ever skips on the CPU.
 - `snapshot(model)` / `assert_unchanged(model, snap)`: a refused call changed nothing.
+- `autocast_sensitive_inputs(weight, block, rows, rounded, amp_dtype)`: a layer input whose result
+  under torch.autocast depends on which adapter operands are rounded to the autocast dtype.
 - `poison(t)`: fill a tensor with NaN so an element a kernel forgets to write shows up.
 - `poison_heap(numel, dtype, device)`: allocate NaN-filled blocks and free them, so that the next
   uninitialised allocation of that size (at::empty in a kernel wrapper) very likely starts as NaN
@@ -72,6 +74,42 @@ def rand(*shape, dtype=torch.float32, device="cpu", low=0.25, high=1.5, requires
     mag = torch.empty(shape, dtype=torch.float64).uniform_(low, high)
     sign = torch.randint(0, 2, shape, dtype=torch.float64) * 2 - 1
     return (mag * sign).to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def autocast_sensitive_inputs(weight, block, rows: int, rounded: str, amp_dtype) -> torch.Tensor:
+    """An input x (rows, in) for a default/mini layer with this base weight (out, in) and block
+    (r, out or mini_r), both float32 and overwritten here, on which the result under
+    torch.autocast(amp_dtype) depends on whether `S @ D` rounds its operands to amp_dtype (issue 11;
+    a few of amp_dtype's ulps of the output, the tolerance of a comparison, cannot tell on random
+    data). Each row's fold is S = sign * (s, -s, small integers...) with s = 16 / eps(amp_dtype),
+    and block rows 0 and 1 are (nearly) equal, so S @ D is a small difference of large products:
+    - rounded="block": block row 0 is row 1 times 1 + eps/2 + eps/32, which amp_dtype rounds up to
+      1 + eps; rows 0 and 1 then add about 16 |m| in amp_dtype, 8.5 |m| in float32 (m: row 1);
+    - rounded="fold": rows 0 and 1 are equal and S[0] is sign * (s + 6), which amp_dtype rounds to
+      sign * s (its spacing there is 16); rows 0 and 1 add 0 in amp_dtype, 6 |m| in float32.
+    Everything else is exact in amp_dtype: block entries are +-1, +-1/2 or multiples of 1/4, x is
+    integer valued, and the weight's columns 0 and 1 are zeroed so the base GEMM never sees +-s.
+    Needs r >= 3 and in > r."""
+    r, q = block.shape
+    in_features = weight.shape[1]
+    assert r >= 3 and in_features > r and rounded in ("block", "fold")
+    eps = torch.finfo(amp_dtype).eps
+    s = 16.0 / eps
+    sign = (torch.randint(0, 2, (rows, 1)) * 2 - 1).float()
+    m = (torch.randint(0, 2, (q,)) * 2 - 1).float() * torch.where(torch.rand(q) < 0.5, 1.0, 0.5)
+    new_block = torch.randint(-4, 5, (r, q)).float() / 4
+    new_block[1] = m
+    new_block[0] = m * (1 + eps / 2 + eps / 32) if rounded == "block" else m
+    x = torch.zeros(rows, in_features)
+    noise = [i for i in range(2, in_features) if i % r >= 2]
+    x[:, noise] = torch.randint(-3, 4, (rows, len(noise))).float()
+    x[:, :2] = sign * torch.tensor([s, -s])
+    if rounded == "fold":
+        x[:, r:r + 1] = sign * 6.0
+    with torch.no_grad():
+        block.copy_(new_block)
+        weight[:, :2] = 0.0
+    return x.to(weight.device)
 
 
 def snapshot(model):

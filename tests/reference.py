@@ -171,6 +171,29 @@ def peft_precision_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return (base.to(F64) + adapter).to(x.dtype)
 
 
+def autocast_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, amp_dtype: torch.dtype,
+                        adapter_in_amp: bool = True) -> Tensor:
+    """default/mini forward of float32 x, weight, bias and block under torch.autocast(amp_dtype),
+    modelling which operands autocast rounds (spec, "Precision"). The base GEMM is torch's own
+    F.linear on amp_dtype copies (what autocast runs), rounded to amp_dtype. The fold S is exact
+    (float64; PEFT's float32 sum rounds far below the amp_dtype rounding that follows).
+
+    adapter_in_amp=True is PEFT's: `S @ D` is an autocast matmul, so S and D are rounded to
+    amp_dtype, their product is exact here and rounded to amp_dtype (the matmul's output dtype),
+    and base + term is rounded to amp_dtype. False keeps the adapter term in float64 (float32 in
+    the layers) and rounds base + term once: the pre-issue-11 policy, and MissBankLinear's.
+    The result is cast to x's dtype (PEFT's `result.to(previous_dtype)`)."""
+    def amp(t):
+        return t.to(amp_dtype).to(F64)
+
+    base = torch.nn.functional.linear(x.to(amp_dtype), weight.to(amp_dtype),
+                                      None if bias is None else bias.to(amp_dtype))
+    s = fold_ref(x, block.shape[0])
+    d = tile_block(block.to(F64), weight.shape[0])
+    term = amp(amp(s) @ amp(d)) if adapter_in_amp else s @ d
+    return amp(base.to(F64) + term).to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # dropout masks
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from torch import nn
 from miss_ext import MissLinear
 from miss_ext.bank import MissBankLinear
 
-from conftest import DEVICES
+from conftest import DEVICES, autocast_sensitive_inputs
+from reference import autocast_linear_ref
 
 IN, OUT, MAX_R = 24, 36, 8
 # name: (r, mode, mini_r); r=3 does not divide MAX_R (second fold), mini_r 6 and 4 divide OUT.
@@ -192,3 +193,34 @@ def test_under_autocast_the_output_has_x_dtype_as_miss_linear():
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-2, atol=1e-2)
     assert torch.equal(got[1], plain[1].float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rounded", ["block", "fold"])
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_under_autocast_the_adapter_term_stays_float32(device, rounded, mode):
+    """The bank's documented autocast policy (README, MissBankLinear "Precision"): each row's
+    term S @ D is computed in float32 and rounded once into the bf16 base output; unlike
+    MissLinear and PEFT, S and the block are not rounded to bf16. The inputs
+    (conftest.autocast_sensitive_inputs) make the two policies differ by many tolerances, so
+    this fails if the bank's policy changes without its documentation (and this test)."""
+    q = 6 if mode == "mini" else OUT
+    base = nn.Linear(IN, OUT).to(device)
+    block = torch.zeros(MAX_R, q, device=device)
+    x = autocast_sensitive_inputs(base.weight, block, 8, rounded, torch.bfloat16)
+    bank = MissBankLinear(base, capacity=2, max_r=MAX_R)
+    bank.add_adapter("a", MAX_R, mode=mode, mini_r=q if mode == "mini" else 1, block=block)
+    names = ["a", None, "a", "a", None, "a", "a", "a"]
+    with torch.no_grad(), torch.autocast(device, torch.bfloat16):
+        got = bank(x, bank.index_of(names))
+        plain = base(x)
+    args = (x, base.weight.detach(), base.bias.detach(), block, torch.bfloat16)
+    want = autocast_linear_ref(*args, adapter_in_amp=False)
+    bf16_product = autocast_linear_ref(*args)
+    rows = [t for t, n in enumerate(names) if n is not None]
+    tol = 1.6e-2 * max(1.0, want.abs().max().item())  # a few bf16 ulps of the output
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[rows], want[rows], rtol=0, atol=tol)
+    assert torch.equal(got[[1, 4]], plain[[1, 4]].float())
+    gap = (bf16_product[rows].double() - want[rows].double()).abs().max().item()
+    assert gap > 5 * tol, f"the inputs do not tell the policies apart: {gap:.3g} vs tolerance {tol:.3g}"

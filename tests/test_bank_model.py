@@ -221,6 +221,8 @@ def test_refusals_name_the_problem(folders, tmp_path):
     bat.save_pretrained(tmp_path / "bat")
     with pytest.raises(TypeError, match="'b' is a bat adapter"):
         miss_ext.load_bank_adapter(model, "b", str(tmp_path / "bat"))
+    with pytest.raises(TypeError, match="'w' is a bat adapter"):
+        miss_ext.add_bank_adapter(model, "w", r=4, mode="bat")
     extra = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False,
                                                            modules_to_save=["lm_head"]))
     with torch.no_grad():

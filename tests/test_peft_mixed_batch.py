@@ -199,6 +199,44 @@ def test_refusals_name_the_problem():
         model(ids, adapter_names=["a", "b"])
 
 
+def test_bat_adapters_in_a_mixed_batch_are_refused_by_name():
+    """Issue 14: a bat adapter changes the base weight itself, so rows of different adapters cannot
+    share one base GEMM. A batch whose adapter_names name bat adapters is refused with a TypeError
+    naming exactly those (at model level and in a direct layer call), and nothing changes: the
+    parameters, the active adapter and later calls are as before. A batch that does not name
+    them still runs, each row with its own adapter."""
+    base = no_eos(tiny_causal_lm("llama"))
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights="bat"))
+    model.add_adapter("c", MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "miss_block" in key:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
+    miss_ext.peft.accelerate(model).eval()
+    ids = tokens(3, 4)
+    with torch.no_grad():
+        with_a = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    snap = snapshot(model)
+    for names, bats in ((["a", "b", "__base__"], r"\['b'\]"), (["c", "a", "b"], r"\['c', 'b'\]")):
+        with torch.no_grad(), pytest.raises(TypeError, match=r"adapter_names uses bat adapter\(s\) " + bats):
+            model(ids, adapter_names=names)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj  # has "b" only
+    with torch.no_grad(), pytest.raises(TypeError, match=r"bat adapter\(s\) \['b'\]"):
+        layer(torch.randn(2, 3, layer.in_features, dtype=torch.float64), adapter_names=["__base__", "b"])
+    assert_unchanged(model, snap)
+    assert model.active_adapters == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, with_a, rtol=0, atol=0)
+        got = model(ids, adapter_names=["a", "__base__", "a"]).logits
+    for i, want in enumerate((with_a, plain, with_a)):
+        torch.testing.assert_close(got[i], want[i], **TOL)
+
+
 def test_modules_to_save_follow_each_row():
     """PEFT's modules_to_save wrapper takes adapter_names too (its own mixed-batch forward): each
     row uses its adapter's copy of lm_head as well as its blocks."""

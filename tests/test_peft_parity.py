@@ -21,7 +21,9 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
 from miss_ext import MissLinear  # noqa: E402
-from conftest import run_fwd_bwd  # noqa: E402
+from miss_ext.peft import accelerate  # noqa: E402
+from conftest import autocast_sensitive_inputs, run_fwd_bwd  # noqa: E402
+from reference import autocast_linear_ref  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -483,6 +485,43 @@ def test_autocast_forward_matches_peft(case, device, amp_dtype):
         y = ours(x)
     assert_near(y.float(), y_ref.float(), amp_dtype, "autocast output")
     assert y.dtype == y_ref.dtype, f"output dtype {y.dtype}, PEFT gives {y_ref.dtype}"
+
+
+@pytest.mark.parametrize("layer", ["MissLinear", "accelerated"])
+@pytest.mark.parametrize("rounded", ["block", "fold"])
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
+def test_autocast_rounds_the_adapter_product_as_peft(case, device, amp_dtype, rounded, layer):
+    """Issue 11: under autocast PEFT's `S @ D` is an autocast matmul, so S, the block and the
+    product are rounded to the autocast dtype; ours (MissLinear, and PEFT's layer accelerated)
+    must do the same rather than keep the adapter term in float32. On random data the two
+    policies differ by less than the tolerance of test_autocast_forward_matches_peft, so the
+    inputs here (conftest.autocast_sensitive_inputs) make that rounding decide the output, for the
+    block and for the fold. Compared with PEFT's layer under the same autocast and with the float64
+    model of its rounding (reference.autocast_linear_ref); the float32-adapter result is checked
+    to be many tolerances away, so this test fails if the adapter is left in float32."""
+    in_f, out_f, r, mode, mini_r = case
+    peft_model, peft_layer, ours = make_pair(in_f, out_f, r, mode, mini_r, torch.float32, device)
+    x = autocast_sensitive_inputs(peft_layer.base_layer.weight, peft_layer.miss_block["default"], 8, rounded,
+                                  amp_dtype)
+    if layer == "accelerated":
+        ours = accelerate(copy.deepcopy(peft_model)).base_model.model.lin0
+    else:
+        with torch.no_grad():
+            ours.base_layer.weight.copy_(peft_layer.base_layer.weight)
+            ours.miss_block.copy_(peft_layer.miss_block["default"])
+    with torch.no_grad(), torch.autocast(device, dtype=amp_dtype):
+        y_ref = peft_layer(x)
+        y = ours(x)
+    args = (x, ours.base_layer.weight, ours.base_layer.bias, peft_layer.miss_block["default"].detach(), amp_dtype)
+    want = autocast_linear_ref(*args)
+    fp32_adapter = autocast_linear_ref(*args, adapter_in_amp=False)
+    assert_near(y_ref, want, amp_dtype, "PEFT vs the float64 model of autocast")  # the model is PEFT's
+    assert_near(y, y_ref, amp_dtype, "autocast output vs PEFT")
+    assert_near(y, want, amp_dtype, "autocast output vs the float64 model")
+    tol = RTOL[amp_dtype] * max(1.0, want.abs().max().item())
+    gap = (fp32_adapter.double() - want.double()).abs().max().item()
+    assert gap > 5 * tol, f"the inputs do not tell the policies apart: {gap:.3g} vs tolerance {tol:.3g}"
 
 
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
