@@ -19,9 +19,17 @@ weight is right.
 Bat adapters change the base weight itself (W' = W + W_ij B_i + B_i), so rows of different bat
 adapters cannot share one base GEMM: they are refused with a TypeError naming them.
 
-Recompilation: the bank's contents, ranks and modes are tensors, so under torch.compile adding,
-replacing or removing adapters within the capacity does not recompile, as long as the set of
-fold groups (distinct fold ranks, and in training distinct dropout p) stays the same.
+Recompilation: the blocks, ranks, modes and slot-to-group table are tensors, so under
+torch.compile changing block values and adding, replacing or removing adapters within the
+capacity do not recompile while the set of fold groups stays the same. A group is (fold rank,
+dropout p): max_r for every r dividing it, r itself otherwise, and in training the adapter's p
+(eval: 0). miss.fold takes the width as an int and p as a float, which dynamo bakes into the
+graph, so a change that gives a set of groups not compiled before compiles one more graph: adding
+an adapter whose r does not divide max_r and matches no other adapter's fold rank; in training,
+adding an adapter whose p no adapter of its fold rank has (changing a rate is a remove and
+re-add); removing the last adapter of a group. The groups are kept sorted, so a set seen before,
+in any slots, reuses its graph (up to torch._dynamo.config.recompile_limit graphs), and the folds
+run, drawing their dropout keys (new_dropout_key: torch's generator), in that order.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -61,8 +69,10 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     Args:
         y: the base output (..., out); x: the input (..., in), same leading sizes.
         bank, ranks, periods: as miss.bank_add. index: int64 slot per row, y's leading sizes.
-        groups: [(fold rank, dropout p)], one fold of x per group; every slot of group g has a
-            rank dividing groups[g][0].
+        groups: [(fold rank, dropout p)], one fold of x per group, run in this order (each fold
+            with p > 0 draws its key with new_dropout_key(x.device) then; the callers sort the
+            groups, so torch.manual_seed reproduces every group's mask); every slot of group g has
+            a rank dividing groups[g][0].
         slot_group: int64 (N,), the group of each slot (ABSENT: rows get y). None: a single
             group holding every slot the rows use (no routing needed).
         inplace: y may be written in place when autograd does not record (y is the output of a
@@ -181,6 +191,9 @@ class MissBankLinear(nn.Module):
         # them; never copied or pickled). While they are set the slots cannot change.
         self.rows: Optional[Tensor] = None
         self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
+        # Whether rows need the slot -> group table (several groups, or absent slots), per mode: one
+        # bool, so that torch.compile guards on it rather than on every slot's absent flag.
+        self._routed: Dict[bool, bool] = {True: False, False: False}
 
     @property
     def capacity(self) -> int:
@@ -301,22 +314,22 @@ class MissBankLinear(nn.Module):
 
     def _regroup(self) -> None:
         """Fold groups: (fold rank, dropout p). One fold per group and forward; the shared fold at
-        max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups."""
+        max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups.
+        Sorted, so that the list (which torch.compile guards on) depends on the set of groups only,
+        not on which slots hold them."""
         for training in (True, False):
-            groups: List[Tuple[int, float]] = []
-            table = []
+            keys = []
             for slot, name in enumerate(self.adapter_names):
-                if name is None:
-                    table.append(0)  # a row naming an empty slot reaches bank_add, which refuses rank 0
-                    continue
-                if self.absent[slot]:
-                    table.append(ABSENT)
-                    continue
-                key = (self._fold_rank(int(self.ranks[slot])), self.dropouts[slot] if training else 0.0)
-                if key not in groups:
-                    groups.append(key)
-                table.append(groups.index(key))
+                if name is None or self.absent[slot]:
+                    keys.append(None)
+                else:
+                    keys.append((self._fold_rank(int(self.ranks[slot])), self.dropouts[slot] if training else 0.0))
+            groups = sorted(set(k for k in keys if k is not None))
+            # An empty slot maps to group 0: a row naming it reaches bank_add, which refuses rank 0.
+            table = [groups.index(k) if k is not None else ABSENT if self.absent[slot] else 0
+                     for slot, k in enumerate(keys)]
             self._groups[training] = groups
+            self._routed[training] = len(groups) > 1 or any(self.absent)
             buffer = self._group_train if training else self._group_eval
             buffer.copy_(torch.tensor(table, dtype=torch.int64))
 
@@ -344,7 +357,7 @@ class MissBankLinear(nn.Module):
                 raise ValueError(f"MissBankLinear: adapter_index names slots {bad} that hold no adapter "
                                  f"(slots: {self.adapter_names})")
         table = None
-        if len(groups) > 1 or any(self.absent):  # absent slots route their rows to the base output
+        if self._routed[self.training]:  # several groups, or absent slots (their rows get the base output)
             table = self._group_train if self.training else self._group_eval
         # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table,

@@ -289,14 +289,11 @@ class AcceleratedMissLinear(PeftMissLinear):
         for b in blocks[1:]:
             dtype = torch.promote_types(dtype, b.dtype)
         bank = torch.stack([F.pad(b.to(dtype), (0, max_q - b.shape[1], 0, max_r - b.shape[0])) for b in blocks])
-        # One fold per (fold rank, dropout p): r dividing max_r shares the fold at max_r.
-        groups: List[tuple] = []
-        slot_group = []
-        for n, b in zip(used, blocks):
-            key = (max_r if max_r % b.shape[0] == 0 else b.shape[0], self._dropout_p(n))
-            if key not in groups:
-                groups.append(key)
-            slot_group.append(groups.index(key))
+        # One fold per (fold rank, dropout p): r dividing max_r shares the fold at max_r. Sorted,
+        # as MissBankLinear's: the folds draw their dropout keys in that order.
+        keys = [(max_r if max_r % b.shape[0] == 0 else b.shape[0], self._dropout_p(n)) for n, b in zip(used, blocks)]
+        groups: List[tuple] = sorted(set(keys))
+        slot_group = [groups.index(key) for key in keys]
         slot_of = {n: i for i, n in enumerate(used)}
         # ranks, periods, the slot -> group table and the per-row index in one host-to-device copy.
         k = len(used)

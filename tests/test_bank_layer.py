@@ -4,7 +4,9 @@ Every row's output must equal what a MissLinear with that row's adapter alone gi
 layer alone for rows without an adapter), and in training each adapter's block gradient must
 equal the gradient that adapter gets from its own rows alone. Covered: default and mini mixed,
 r dividing max_r and r that does not (a second fold), rows without an adapter, an empty batch,
-3-D inputs, bf16 bases, per-adapter dropout, a bank that changes between calls, and errors.
+3-D inputs, bf16 bases, per-adapter dropout (each adapter's own rate and mask, forward and
+gradients, against a float64 reference), a bank that changes between calls, torch.compile without
+recompiling while the fold groups stay the same, and errors.
 """
 import copy
 
@@ -14,9 +16,10 @@ from torch import nn
 
 from miss_ext import MissLinear
 from miss_ext.bank import MissBankLinear
+from miss_ext.ops import new_dropout_key
 
 from conftest import DEVICES, autocast_sensitive_inputs
-from reference import autocast_linear_ref
+from reference import F64, autocast_linear_ref, linear_ref, recover_mask
 
 IN, OUT, MAX_R = 24, 36, 8
 # name: (r, mode, mini_r); r=3 does not divide MAX_R (second fold), mini_r 6 and 4 divide OUT.
@@ -109,6 +112,63 @@ def test_dropout_per_adapter_in_training_only():
     torch.testing.assert_close(eval_out, expected_rows(base, singles, x, names), rtol=1e-5, atol=1e-5)
 
 
+# name: (r, mode, mini_r, dropout): each adapter its own p, 0 among them; "b" and "d" share a fold
+# group (r | MAX_R, same p), "c" (r=3) has a fold of its own, "a" and "e" differ in p only.
+DROPOUT_ADAPTERS = {"a": (8, "default", 1, 0.0), "b": (4, "mini", 6, 0.5), "c": (3, "default", 1, 0.25),
+                    "d": (2, "mini", 4, 0.5), "e": (8, "default", 1, 0.1)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_per_adapter_matches_the_float64_reference(device):
+    """Training with a different dropout p per adapter: every row's output, x's gradient and each
+    adapter's block gradient equal an independent float64 reference that runs the row with its own
+    adapter and its own mask (tests/reference.py: linear_ref; the mask from recover_mask with the
+    key of the row's fold group). The bank draws one key per group with p > 0, in the groups'
+    sorted (fold rank, p) order, from torch's generator, so reseeding gives the same keys here. A
+    rate applied to the wrong rows, a mask or keep-scale from another p, or one mask reused for
+    another group fails this; comparing training with eval output does not catch them."""
+    base = nn.Linear(IN, OUT, dtype=F64, device=device)
+    bank = MissBankLinear(base, capacity=6, max_r=MAX_R).train()
+    blocks = {}
+    for name, (r, mode, mini_r, p) in DROPOUT_ADAPTERS.items():
+        blocks[name] = torch.randn(r, OUT if mode == "default" else mini_r, dtype=F64, device=device)
+        bank.add_adapter(name, r, mode, mini_r, dropout=p, block=blocks[name])
+    names = ["a", "b", None, "c", "d", "e", "b", "c", "a", None, "d", "e", "c", "b", "e", "d"]
+    x = torch.randn(len(names), IN, dtype=F64, device=device, requires_grad=True)
+    g = torch.randn(len(names), OUT, dtype=F64, device=device)
+    index = bank.index_of(names)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    y = bank(x, index)
+    (y * g).sum().backward()
+
+    torch.manual_seed(seed)
+    group_of = {n: (MAX_R if MAX_R % r == 0 else r, p) for n, (r, _, _, p) in DROPOUT_ADAPTERS.items()}
+    masks = {group: recover_mask(len(names), IN, group[1], new_dropout_key(torch.device(device)), device)
+             for group in sorted(set(group_of.values())) if group[1] > 0}
+    for group, mask in masks.items():  # each rate really drops some of its rows' inputs, not all
+        own = [t for t, n in enumerate(names) if n is not None and group_of[n] == group]
+        assert 0 < mask[own].sum() < mask[own].numel(), group
+    xr = x.detach().clone().requires_grad_(True)
+    refs = {n: b.clone().requires_grad_(True) for n, b in blocks.items()}
+    rows = []
+    for t, name in enumerate(names):
+        if name is None:
+            rows.append(xr[t] @ base.weight.detach().t() + base.bias.detach())
+            continue
+        p = DROPOUT_ADAPTERS[name][3]
+        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
+        rows.append(linear_ref(xr[t:t + 1], base.weight.detach(), base.bias.detach(), refs[name], mask, p)[0])
+    want = torch.stack(rows)
+    torch.testing.assert_close(y, want)
+    grads = torch.autograd.grad(want, [xr] + list(refs.values()), g)
+    torch.testing.assert_close(x.grad, grads[0])
+    expected = torch.zeros_like(bank.bank)  # slots without an adapter and the padding: zero
+    for name, grad in zip(refs, grads[1:]):
+        expected[bank.adapter_names.index(name), :grad.shape[0], :grad.shape[1]] = grad
+    torch.testing.assert_close(bank.bank.grad, expected)
+
+
 def test_bank_changes_between_calls():
     base, bank, singles = make("cpu", capacity=5)
     bank.eval()
@@ -147,33 +207,94 @@ def test_refusals_name_the_problem():
 
 
 def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
-    """torch.compile(fullgraph=True) of the layer; replacing, removing and re-adding adapters that
-    keep the fold groups (here: every r divides max_r, no dropout) does not recompile; the
-    compiled layer follows the bank's new contents."""
+    """torch.compile(fullgraph=True) of the layer. Changes that keep the set of fold groups do not
+    recompile, and the compiled layer follows the bank's new contents (eval, and training with
+    dropout, same keys): replacing adapters (other r dividing max_r, other mode), changing block
+    values in place, removing an adapter, re-adding one of the same shape into the freed slot,
+    removing one of two absent adapters, and a group whose adapters move to other slots (the
+    groups are sorted; they used to follow slot order, and removing the first adapter of max_r's
+    group while r=3 had its own fold recompiled, as did flipping a guarded absent flag). A new set
+    of groups compiles once (here: r=3's own fold; training with a first dropout rate), and a set
+    seen before reuses its graph (see miss_ext/bank.py, "Recompilation")."""
+    from torch._dynamo.testing import CompileCounter
+
     torch._dynamo.reset()
-    calls = {"n": 0}
-
-    def backend(gm, example_inputs):
-        calls["n"] += 1
-        return gm
-
+    counter = CompileCounter()
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT)
-    bank = MissBankLinear(base, capacity=4, max_r=MAX_R).eval()
-    compiled = torch.compile(bank, fullgraph=True, backend=backend)
+    bank = MissBankLinear(base, capacity=6, max_r=MAX_R).eval()
+    compiled = torch.compile(bank, fullgraph=True, backend=counter)
     x = torch.randn(6, IN)
-    names = ["a", None, "b", "a", "b", None]
-    for step, (r_a, r_b, mode_b) in enumerate([(8, 4, "mini"), (2, 8, "default"), (4, 1, "mini")]):
-        for name in ("a", "b"):
-            if name in bank.adapter_names:
-                bank.remove_adapter(name)
-        bank.add_adapter("a", r_a, block=torch.randn(r_a, OUT))
-        bank.add_adapter("b", r_b, mode=mode_b, mini_r=6, block=torch.randn(r_b, 6 if mode_b == "mini" else OUT))
+
+    def put(name, r, mode="default", dropout=0.0):
+        if name in bank.adapter_names:
+            bank.remove_adapter(name)
+        bank.add_adapter(name, r, mode=mode, mini_r=6, dropout=dropout,
+                         block=torch.randn(r, 6 if mode == "mini" else OUT))
+
+    def check(names):
+        index = bank.index_of(names)
+        seed = int(torch.randint(0, 2**31, ()))
         with torch.no_grad():
-            want = bank(x, bank.index_of(names))
-            got = compiled(x, bank.index_of(names))
+            torch.manual_seed(seed)
+            want = bank(x, index)
+            torch.manual_seed(seed)
+            got = compiled(x, index)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert calls["n"] == 1
+
+    # One group (every r divides max_r), absent slots: the slot -> group table routes their rows.
+    names = ["a", None, "b", "a", "z", "w"]
+    for step, (r_a, r_b, mode_b) in enumerate([(8, 4, "mini"), (2, 8, "default"), (4, 1, "mini")]):
+        put("a", r_a)
+        put("b", r_b, mode_b)
+        if step == 0:
+            bank.add_absent("z")
+            bank.add_absent("w")
+        check(names)
+    with torch.no_grad():
+        bank.block("a").normal_()                   # block values
+    check(names)
+    bank.remove_adapter("b")                        # removal
+    check(["a", None, "a", "a", "z", "w"])
+    put("b", 1, "mini")                             # the same shape again, in the freed slot
+    check(names)
+    bank.remove_adapter("z")                        # one of two absent adapters
+    check(["a", None, "b", "a", "w", "w"])
+    assert counter.frame_count == 1
+
+    # r = 3 gets a fold of its own: a new set of groups, one more graph. Then max_r's group loses
+    # the adapter in the first slot to another slot's adapter, and regains it: the same set.
+    bank.remove_adapter("b")
+    put("c", 3)                                     # slot 1
+    put("b", 4, "mini")                             # slot 2: after c
+    names = ["a", "c", "b", None, "w", "c"]
+    check(names)
+    assert counter.frame_count == 2
+    bank.remove_adapter("a")
+    check(["b", "c", "b", None, "w", "c"])
+    put("a", 8)
+    check(names)
+    assert counter.frame_count == 2
+    bank.remove_adapter("c")                        # back to the first set: its graph is reused
+    check(["a", None, "b", "a", "w", "w"])
+    assert counter.frame_count == 2
+
+    # Training with a first dropout rate: a new set of groups, one more graph. Replacing its
+    # adapter by another with the same rate (other r dividing max_r, other mode) and changing
+    # values keep the set.
+    bank.train()
+    put("d", 2, dropout=0.1)
+    names = ["a", "d", "b", None, "d", "w"]
+    check(names)
+    assert counter.frame_count == 3
+    bank.remove_adapter("d")
+    put("e", 4, "mini", dropout=0.1)
+    names = ["a", "e", "b", None, "e", "w"]
+    check(names)
+    with torch.no_grad():
+        bank.block("e").normal_()
+    check(names)
+    assert counter.frame_count == 3
     torch._dynamo.reset()
 
 

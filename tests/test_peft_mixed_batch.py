@@ -5,7 +5,8 @@ Reference: PEFT itself, one single-adapter PEFT model per adapter (PEFT 0.21 ign
 adapter_names for MiSS, and cannot mix modes on one layer), run on that adapter's rows only; the
 base model for "__base__". The adapters mix modes (default, mini), ranks that divide the largest
 (4 | 8) and one that does not (3: a second fold), and target different modules, so some layers
-lack some adapters (their rows get that layer's base output).
+lack some adapters (their rows get that layer's base output). Per-adapter dropout in training is
+checked against a float64 reference with the masks our ops draw (PEFT's are nn.Dropout's).
 """
 import copy
 
@@ -18,6 +19,8 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 
 import miss_ext.peft  # noqa: E402
 from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
+from miss_ext.ops import new_dropout_key  # noqa: E402
+from reference import F64, linear_ref, recover_mask  # noqa: E402
 from tiny_models import no_eos, tiny_causal_lm, tokens  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -30,10 +33,13 @@ NAMES = ["a", "__base__", "b", "c", "a", "b"]
 
 
 def build(dtype=torch.float64, dropout=0.0):
+    """(accelerated PEFT model with adapters CONFIGS, {name: single-adapter PEFT model}); dropout:
+    miss_dropout of "a" (the others 0), or {name: miss_dropout}."""
     base = no_eos(tiny_causal_lm("llama", dtype=dtype))
     model = None
     for name, config in CONFIGS.items():
-        config = MissConfig(**config, miss_dropout=dropout if name == "a" else 0.0)
+        p = dropout.get(name, 0.0) if isinstance(dropout, dict) else dropout if name == "a" else 0.0
+        config = MissConfig(**config, miss_dropout=p)
         if model is None:
             model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
         else:
@@ -157,6 +163,62 @@ def test_dropout_applies_to_its_adapter_rows_only():
             assert not torch.allclose(train_out[i], eval_out[i])
         else:
             torch.testing.assert_close(train_out[i], eval_out[i], **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_per_adapter_matches_the_float64_reference(device):
+    """A layer holding a (r=4, p=0.5), b (r=8 mini, p=0.25) and c (r=3, no dropout), called with
+    adapter_names= in training: every row's output, x's gradient and each adapter's block gradient
+    equal an independent float64 reference that runs the row with its own adapter and its own mask
+    (tests/reference.py: linear_ref; the mask from recover_mask with the key of the row's fold
+    group). The layer draws one key per group with p > 0, in sorted (fold rank, p) order (here not
+    the order of first use), from torch's generator, so reseeding gives the same keys here."""
+    dropouts = {"a": 0.5, "b": 0.25}
+    model, _ = build(dropout=dropouts)
+    model.to(device).train()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert sorted(layer.miss_block) == ["a", "b", "c"]
+    for name in layer.miss_block:
+        layer.miss_block[name].requires_grad_(True)
+    names = ["a", "__base__", "b", "c", "a", "b"]
+    seq = 3
+    x = torch.randn(len(names), seq, layer.in_features, dtype=F64, device=device, requires_grad=True)
+    g = torch.randn(len(names), seq, layer.out_features, dtype=F64, device=device)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    y = layer(x, adapter_names=names)
+    (y * g).sum().backward()
+
+    rows = len(names) * seq  # the mask's rows are x's flattened leading index
+    blocks = {n: layer.miss_block[n].detach() for n in layer.miss_block}
+    max_r = max(b.shape[0] for b in blocks.values())
+    group_of = {n: (max_r if max_r % b.shape[0] == 0 else b.shape[0], dropouts.get(n, 0.0))
+                for n, b in blocks.items()}
+    torch.manual_seed(seed)
+    masks = {group: recover_mask(rows, layer.in_features, group[1], new_dropout_key(torch.device(device)), device)
+             for group in sorted(set(group_of.values())) if group[1] > 0}
+    for group, mask in masks.items():  # each rate really drops some of its rows' inputs, not all
+        own = [t for t in range(rows) if group_of.get(names[t // seq]) == group]
+        assert 0 < mask[own].sum() < mask[own].numel(), group
+    xr = x.detach().reshape(rows, -1).clone().requires_grad_(True)
+    refs = {n: b.clone().requires_grad_(True) for n, b in blocks.items()}
+    weight, bias = layer.base_layer.weight.detach(), layer.base_layer.bias
+    bias = None if bias is None else bias.detach()
+    want = []
+    for t in range(rows):
+        name = names[t // seq]
+        if name == "__base__":
+            want.append(xr[t] @ weight.t() + (0.0 if bias is None else bias))
+            continue
+        p = dropouts.get(name, 0.0)
+        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
+        want.append(linear_ref(xr[t:t + 1], weight, bias, refs[name], mask, p)[0])
+    want = torch.stack(want)
+    torch.testing.assert_close(y.reshape(rows, -1), want, **TOL)
+    grads = torch.autograd.grad(want, [xr] + list(refs.values()), g.reshape(rows, -1))
+    torch.testing.assert_close(x.grad.reshape(rows, -1), grads[0], **TOL)
+    for name, grad in zip(refs, grads[1:]):
+        torch.testing.assert_close(layer.miss_block[name].grad, grad, **TOL)
 
 
 def test_bf16_model_matches_peft_per_adapter():
