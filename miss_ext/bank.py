@@ -27,7 +27,9 @@ dropout p): max_r for every r dividing it, r itself otherwise, and in training t
 graph, so a change that gives a set of groups not compiled before compiles one more graph: adding
 an adapter whose r does not divide max_r and matches no other adapter's fold rank; in training,
 adding an adapter whose p no adapter of its fold rank has (changing a rate is a remove and
-re-add); removing the last adapter of a group. The groups are kept sorted, so a set seen before,
+re-add); removing the last adapter of a group; the first absent adapter (add_absent) in a bank
+of a single fold group, whose rows then need the slot-to-group table, and removing the last one.
+The groups are kept sorted, so a set seen before,
 in any slots, reuses its graph (up to torch._dynamo.config.recompile_limit graphs), and the folds
 run, drawing their dropout keys (new_dropout_key: torch's generator), in that order.
 """
@@ -394,6 +396,13 @@ class MissBankLinear(nn.Module):
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}
         return json_tensor(state)
+
+    def __setstate__(self, state) -> None:
+        """A whole-module pickle from before `_routed` existed: rebuild the fold groups."""
+        super().__setstate__(state)
+        if "_routed" not in self.__dict__:
+            self._routed = {True: False, False: False}
+            self._regroup()
 
     def set_extra_state(self, encoded: Tensor) -> None:
         state = tensor_json(encoded)

@@ -45,6 +45,14 @@ def big_rows(cols: int) -> int:
     return BIG // cols + 5
 
 
+def tile_rows(cols: int, period: int) -> int:
+    """Rows beyond 2^31 elements, a multiple of `period` at least 2 periods past the row that
+    crosses 2^31: windows of whole periods around 2^31 and at the very end are then distinct, and
+    the last one ends at the last row."""
+    rows = big_rows(cols) + 2 * period
+    return rows + (-rows) % period
+
+
 def row_windows(rows: int, cols: int, width: int = 6):
     """Row ranges around element 2^31 and at the end."""
     cross = BIG // cols
@@ -104,7 +112,7 @@ def test_fold_with_dropout_over_2_31_elements():
 def test_tile_add_over_2_31_elements():
     needs(6)
     cols, period = 64, 5
-    rows = big_rows(cols)
+    rows = tile_rows(cols, period)
     out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16)
     starts = [0, BIG // cols - period, rows - 2 * period]
     windows = [(a - a % period, a - a % period + 2 * period) for a in starts]   # start at multiples of the period
@@ -112,6 +120,7 @@ def test_tile_add_over_2_31_elements():
     before = {w: out[w[0]:w[1]].clone() for w in windows}
     src = torch.randn(period, 16, dtype=torch.bfloat16)
     ops.tile_add_(out, src, 0.5, 0.0, None)
+    assert len(before) == 3 and max(b for _, b in before) == rows
     for (a, b), old in before.items():
         expected = old.clone()
         ops.tile_add_(expected, src, 0.5, 0.0, None)
@@ -213,7 +222,7 @@ def test_cuda_tile_add_kernels_over_2_31_elements(kernel, monkeypatch):
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
     needs_device(12)
     cols, period, q, seed, offset, p = 64, 5, 16, 4321, 99, 0.25
-    rows = big_rows(cols)
+    rows = tile_rows(cols, period)
     out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16, device="cuda")
     starts = [0, BIG // cols - period, rows - 2 * period]
     windows = [(a - a % period, a - a % period + 2 * period) for a in starts]

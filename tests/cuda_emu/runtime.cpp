@@ -393,7 +393,9 @@ struct FencedAlloc {
   size_t bytes;
   std::string label;
 };
-std::mutex fenced_lock;  // allocations come and go from Python; the handler reads under the call lock
+// Allocations come and go from Python (a tensor's deleter); the handler reads the list without the
+// lock, which is safe because the bindings hold the GIL through a launch, so no deleter runs then.
+std::mutex fenced_lock;
 std::vector<FencedAlloc> fenced;
 struct sigaction previous_segv;
 
@@ -421,8 +423,9 @@ std::string describe_fault(uintptr_t a) {
   return "";
 }
 
-// Runs on the faulting fiber's stack (no SA_ONSTACK) and, for our pages, never returns: the fiber
-// is abandoned as a trapped thread, and SA_NODEFER leaves SIGSEGV unblocked for the next fault.
+// Runs on the alternate signal stack (or the faulting fiber's) and, for our pages, never returns:
+// the fiber is abandoned as a trapped thread, and SA_NODEFER leaves SIGSEGV unblocked for the
+// next fault.
 // The fault is synchronous, in kernel code that does not allocate, so formatting the message
 // here is safe in practice (a test tool, not a library).
 void on_segv(int sig, siginfo_t* info, void* uc) {
@@ -474,7 +477,10 @@ struct SegvHandler {  // installed while a launch runs its blocks
   SegvHandler() {
     struct sigaction sa {};
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    // SA_ONSTACK: a fiber's stack overflow (its guard page) can only be reported from the
+    // alternate stack Python's faulthandler installs; from there, a fault that is ours switches
+    // to the scheduler as it would from the fiber's stack.
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &previous_segv);
   }
