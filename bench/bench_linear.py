@@ -253,7 +253,6 @@ def build_case(name, proto, a, fin, fout):
         with torch.no_grad():
             mod.miss_block.copy_(block_values(mod.miss_block, cfg, seed))
         what = f"miss_ext {mode}" + (f" mini_r={a.mini_r}" if mode == "mini" else "") + (f" p={p}" if p else "")
-        what += f" [{name.split('@')[1]}]" if "@" in name else ""
     elif family == "peft_miss":
         if peft is None:
             raise RuntimeError(f"peft not importable: {PEFT_ERR}")
@@ -285,9 +284,9 @@ def build_case(name, proto, a, fin, fout):
         what = f"PEFT LoRA rank={rank}" + (f" p={p}" if p else "")
     else:  # pragma: no cover
         raise ValueError(name)
+    what += f" [{name.split('@')[1]}]" if "@" in name else ""
     if name.endswith("@autocast"):
         mod = AutocastForward(mod)
-        what += "" if "[autocast]" in what else " [autocast]"
     mod.train()
     mod._bench_env = VARIANT_ENV[name.split("@")[1]] if "@" in name else {}
     params = list(mod.parameters())
@@ -657,9 +656,10 @@ def print_targets(res, a, fin, fout, x):
     if x.is_cuda:
         lines += gpu_target_lines(res)
     if lines:
+        gpu = ", ".join(f"<={limit:.2f}x {n}" for n, limit in GPU_TARGETS.items())
         print("\nTargets (issue): <=1.06x default, <=1.04x mini, <=1.12x dropout, <=1.53x bat, each faster than PEFT;"
-              + (" GPU (issue 11): <=1.20x default, <=1.12x mini, <=1.25x dropout, <=1.15x autocast, bat <=0.8x "
-                 "PEFT's time, peak <= frozen + 16 MiB" if x.is_cuda else ""))
+              + (f" GPU (issue 11): {gpu}, bat <={GPU_BAT_VS_PEFT}x PEFT's time, peak <= frozen + "
+                 f"{GPU_PEAK_OVER_FROZEN_MIB} MiB" if x.is_cuda else ""))
         print("\n".join(lines))
 
 

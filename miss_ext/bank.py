@@ -29,9 +29,9 @@ an adapter whose r does not divide max_r and matches no other adapter's fold ran
 adding an adapter whose p no adapter of its fold rank has (changing a rate is a remove and
 re-add); removing the last adapter of a group; the first absent adapter (add_absent) in a bank
 of a single fold group, whose rows then need the slot-to-group table, and removing the last one.
-The groups are kept sorted, so a set seen before,
-in any slots, reuses its graph (up to torch._dynamo.config.recompile_limit graphs), and the folds
-run, drawing their dropout keys (new_dropout_key: torch's generator), in that order.
+The groups are kept sorted (fold_groups), so a set seen before, in any slots, reuses its graph (up
+to torch._dynamo.config.recompile_limit graphs), and the folds run, drawing their dropout keys
+(new_dropout_key: torch's generator), in that order.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -105,6 +105,17 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
         else:
             torch.ops.miss.bank_add_(y, s, bank, ranks, periods, rows)
     return y
+
+
+def fold_groups(ranks: Sequence[Optional[int]], dropouts: Sequence[float], max_r: int):
+    """The fold groups of a bank's slots and each slot's group: a group is (fold rank, dropout p),
+    the fold rank max_r for every r dividing it and r itself otherwise. Returns the distinct groups
+    sorted, so that the list (which torch.compile guards on) depends on the set of groups only, not
+    on which slots hold them, and the folds draw their dropout keys in that order
+    (add_bank_terms); and per slot its index in that list (None where ranks has None: no group)."""
+    keys = [None if r is None else (max_r if max_r % r == 0 else r, p) for r, p in zip(ranks, dropouts)]
+    groups = sorted({k for k in keys if k is not None})
+    return groups, [None if k is None else groups.index(k) for k in keys]
 
 
 def host_to_device(values: Tensor, device) -> Tensor:
@@ -311,25 +322,15 @@ class MissBankLinear(nn.Module):
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
 
-    def _fold_rank(self, r: int) -> int:
-        return self.max_r if self.max_r % r == 0 else r
-
     def _regroup(self) -> None:
-        """Fold groups: (fold rank, dropout p). One fold per group and forward; the shared fold at
-        max_r serves every r dividing it. In eval mode dropout is off, so p does not split groups.
-        Sorted, so that the list (which torch.compile guards on) depends on the set of groups only,
-        not on which slots hold them."""
+        """Fold groups (fold_groups): one fold per group and forward; the shared fold at max_r serves
+        every r dividing it. In eval mode dropout is off, so p does not split groups."""
+        ranks = [None if name is None or self.absent[slot] else int(self.ranks[slot])
+                 for slot, name in enumerate(self.adapter_names)]
         for training in (True, False):
-            keys = []
-            for slot, name in enumerate(self.adapter_names):
-                if name is None or self.absent[slot]:
-                    keys.append(None)
-                else:
-                    keys.append((self._fold_rank(int(self.ranks[slot])), self.dropouts[slot] if training else 0.0))
-            groups = sorted(set(k for k in keys if k is not None))
+            groups, of_slot = fold_groups(ranks, self.dropouts if training else [0.0] * len(ranks), self.max_r)
             # An empty slot maps to group 0: a row naming it reaches bank_add, which refuses rank 0.
-            table = [groups.index(k) if k is not None else ABSENT if self.absent[slot] else 0
-                     for slot, k in enumerate(keys)]
+            table = [g if g is not None else ABSENT if self.absent[slot] else 0 for slot, g in enumerate(of_slot)]
             self._groups[training] = groups
             self._routed[training] = len(groups) > 1 or any(self.absent)
             buffer = self._group_train if training else self._group_eval

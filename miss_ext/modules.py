@@ -160,6 +160,7 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     the block, so it would change nothing). `load()` runs nn.Module's own load; the record's key is
     then not "unexpected". Returns the record after the load, or None if refused."""
     where = prefix.rstrip(".") or "(root)"
+    weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
     if key in state_dict:
@@ -167,9 +168,8 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             after = decode(state_dict[key])
         except ValueError as e:
             refusal = f"{key!r}: {e}"
-    elif prefix + "base_layer.weight" in state_dict:
+    elif weight_key in state_dict:
         after = []
-    weight_key = prefix + "base_layer.weight"
     if refusal is None and list(after) != list(current):
         # The record changes: only together with the weight it describes, loadable as is (a
         # size-mismatched weight is not loaded by torch, which would leave the new record on the

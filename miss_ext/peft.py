@@ -73,7 +73,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import undo_each  # noqa: E402
 from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
                       load_merge_record, tensor_json)
-from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
+from .bank import BASE, add_bank_terms, fold_groups, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
 
@@ -289,11 +289,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         for b in blocks[1:]:
             dtype = torch.promote_types(dtype, b.dtype)
         bank = torch.stack([F.pad(b.to(dtype), (0, max_q - b.shape[1], 0, max_r - b.shape[0])) for b in blocks])
-        # One fold per (fold rank, dropout p): r dividing max_r shares the fold at max_r. Sorted,
-        # as MissBankLinear's: the folds draw their dropout keys in that order.
-        keys = [(max_r if max_r % b.shape[0] == 0 else b.shape[0], self._dropout_p(n)) for n, b in zip(used, blocks)]
-        groups: List[tuple] = sorted(set(keys))
-        slot_group = [groups.index(key) for key in keys]
+        # One fold per (fold rank, dropout p), as MissBankLinear's: r dividing max_r shares the fold at max_r.
+        groups, slot_group = fold_groups([b.shape[0] for b in blocks], [self._dropout_p(n) for n in used], max_r)
         slot_of = {n: i for i, n in enumerate(used)}
         # ranks, periods, the slot -> group table and the per-row index in one host-to-device copy.
         k = len(used)

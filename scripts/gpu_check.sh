@@ -178,7 +178,6 @@ fi
 
 echo
 [ "$TESTS" = 1 ] && echo "summary: tests rc=$tests_rc ($(tail -1 "$RES/pytest.log"))"
-pack
 [ "$tests_rc" != 0 ] && exit "$tests_rc"
 [ "$memcheck_rc" = 3 ] && exit 3
 [ "$memcheck_rc" != 0 ] && exit 4

@@ -93,6 +93,12 @@ def fold_within(got: Tensor, want: Tensor, scale: Tensor, rtol: float, atol_per_
     return bool((err <= rtol * want.to(F64).abs() + atol_per_scale * scale.to(F64) + 1e-30).all())
 
 
+# tile_add_ of one implementation against another (CUDA or emulated kernels against the CPU's), by
+# out's dtype: one sum in float32 (float64) and one rounding on both, which nvcc may contract into
+# an FMA, so a last-bit difference is allowed (operands of order 1; atol is 4x this).
+TILE_ADD_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}
+
+
 def fold_scatter_ref(x: Tensor, r: int) -> Tensor:
     """The same fold by scatter_add (a second, structurally different formulation)."""
     x = x.to(F64)
@@ -205,6 +211,40 @@ def recover_mask(rows: int, cols: int, p: float, key: Optional[Tensor], device="
     if p >= 1.0:
         return out  # everything dropped: the op adds 0 everywhere
     return (out * (1.0 - p)).round()
+
+
+def mixed_dropout_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks: dict, row_names: Sequence,
+                      dropouts: dict, seed: int):
+    """A mixed-adapter batch with per-adapter dropout in training (issue 14), float64: row t of x
+    (T, in) through the base alone (row_names[t] None) or with adapter row_names[t]'s block
+    blocks[name] and dropout p = dropouts.get(name, 0). The adapters' fold groups are (fold rank,
+    p), the fold rank max_r (the largest r) for r dividing it, else r; after torch.manual_seed(seed)
+    each group with p > 0, in sorted order, draws its key with new_dropout_key (as the bank layers
+    document), and the row's mask is recovered from its group's key.
+
+    Returns (want (T, out), x_ref, refs, masks, group_of): want has autograd history to the leaves
+    x_ref (x's copy) and refs {name: block copy}; masks {group: (T, in) mask}; group_of {name: group}."""
+    from miss_ext.ops import new_dropout_key  # the key draw the layers use (torch's generator)
+
+    rows = x.shape[0]
+    max_r = max(b.shape[0] for b in blocks.values())
+    group_of = {n: (max_r if max_r % b.shape[0] == 0 else b.shape[0], dropouts.get(n, 0.0)) for n, b in blocks.items()}
+    torch.manual_seed(seed)
+    masks = {group: recover_mask(rows, x.shape[1], group[1], new_dropout_key(x.device), x.device)
+             for group in sorted(set(group_of.values())) if group[1] > 0}
+    x_ref = x.detach().to(F64).clone().requires_grad_(True)
+    refs = {n: b.detach().to(F64).clone().requires_grad_(True) for n, b in blocks.items()}
+    weight = weight.detach().to(F64)
+    bias = None if bias is None else bias.detach().to(F64)
+    want = []
+    for t, name in enumerate(row_names):
+        if name is None:
+            want.append(x_ref[t] @ weight.t() + (0.0 if bias is None else bias))
+            continue
+        p = dropouts.get(name, 0.0)
+        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
+        want.append(linear_ref(x_ref[t:t + 1], weight, bias, refs[name], mask, p)[0])
+    return torch.stack(want), x_ref, refs, masks, group_of
 
 
 _M32 = 0xFFFFFFFF

@@ -19,9 +19,10 @@ from reference import F64, fold_ref, tile_block
 ops = torch.ops.miss
 
 
-def make_bank(blocks, r_cap, q_cap, dtype=torch.float32, device="cpu"):
-    """(bank (N, r_cap, q_cap), ranks, periods) holding `blocks` (each (r_a, q_a)) zero-padded."""
-    bank = torch.zeros(len(blocks), r_cap, q_cap, dtype=dtype, device=device)
+def make_bank(blocks, r_cap, q_cap, dtype=torch.float32, device="cpu", pad=0.0):
+    """(bank (N, r_cap, q_cap), ranks, periods) holding `blocks` (each (r_a, q_a)), padded with
+    `pad` (NaN: the kernels must not read the padding)."""
+    bank = torch.full((len(blocks), r_cap, q_cap), pad, dtype=dtype, device=device)
     for a, b in enumerate(blocks):
         bank[a, :b.shape[0], :b.shape[1]] = b
     ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64, device=device)
@@ -45,12 +46,13 @@ def bank_ref(y, x, blocks, index):
 
 
 def random_blocks(n, R, out, seed=0, device="cpu"):
-    """n blocks cycling through ranks R, R/2, R/4 and modes default/mini (mini_r: divisors of out)."""
+    """n blocks cycling through ranks R, R/2, R/4 (at least 1) and modes default/mini (mini_r:
+    divisors of out)."""
     gen = torch.Generator().manual_seed(seed)
     minis = [d for d in range(2, out) if out % d == 0] or [1]
     blocks = []
     for a in range(n):
-        r = [R, R // 2, R // 4][a % 3]
+        r = [R, R // 2, R // 4][a % 3] or 1
         q = out if a % 2 == 0 else minis[(a // 2) % len(minis)]
         blocks.append(torch.randn(r, q, generator=gen).to(device))
     return blocks

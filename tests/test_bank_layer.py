@@ -16,10 +16,9 @@ from torch import nn
 
 from miss_ext import MissLinear
 from miss_ext.bank import MissBankLinear
-from miss_ext.ops import new_dropout_key
 
 from conftest import DEVICES, autocast_sensitive_inputs
-from reference import F64, autocast_linear_ref, linear_ref, recover_mask
+from reference import F64, autocast_linear_ref, mixed_dropout_ref
 
 IN, OUT, MAX_R = 24, 36, 8
 # name: (r, mode, mini_r); r=3 does not divide MAX_R (second fold), mini_r 6 and 4 divide OUT.
@@ -142,24 +141,11 @@ def test_dropout_per_adapter_matches_the_float64_reference(device):
     y = bank(x, index)
     (y * g).sum().backward()
 
-    torch.manual_seed(seed)
-    group_of = {n: (MAX_R if MAX_R % r == 0 else r, p) for n, (r, _, _, p) in DROPOUT_ADAPTERS.items()}
-    masks = {group: recover_mask(len(names), IN, group[1], new_dropout_key(torch.device(device)), device)
-             for group in sorted(set(group_of.values())) if group[1] > 0}
+    dropouts = {n: p for n, (_, _, _, p) in DROPOUT_ADAPTERS.items()}
+    want, xr, refs, masks, group_of = mixed_dropout_ref(x, base.weight, base.bias, blocks, names, dropouts, seed)
     for group, mask in masks.items():  # each rate really drops some of its rows' inputs, not all
         own = [t for t, n in enumerate(names) if n is not None and group_of[n] == group]
         assert 0 < mask[own].sum() < mask[own].numel(), group
-    xr = x.detach().clone().requires_grad_(True)
-    refs = {n: b.clone().requires_grad_(True) for n, b in blocks.items()}
-    rows = []
-    for t, name in enumerate(names):
-        if name is None:
-            rows.append(xr[t] @ base.weight.detach().t() + base.bias.detach())
-            continue
-        p = DROPOUT_ADAPTERS[name][3]
-        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
-        rows.append(linear_ref(xr[t:t + 1], base.weight.detach(), base.bias.detach(), refs[name], mask, p)[0])
-    want = torch.stack(rows)
     torch.testing.assert_close(y, want)
     grads = torch.autograd.grad(want, [xr] + list(refs.values()), g)
     torch.testing.assert_close(x.grad, grads[0])

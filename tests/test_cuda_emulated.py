@@ -19,6 +19,7 @@ tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): gri
 that wrap (more than 65536 blocks; kMaxBlocks is a constexpr the emulator cannot lower without
 editing the kernel file).
 """
+import contextlib
 import os
 
 import pytest
@@ -27,7 +28,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import miss_ext
 from cuda_emu import build as emu_build
-from reference import F64, bat_transform_ref, fold_error_scale, fold_within
+from reference import F64, TILE_ADD_TOL, bat_transform_ref, fold_error_scale, fold_within
+from test_bank import make_bank, random_blocks
 
 REASON = emu_build.unavailable()
 # Where a GPU is visible the real kernels run in the CUDA tests (tests/test_impl_choice.py,
@@ -61,11 +63,10 @@ class Guarded:
     with GUARD poison elements on each side: NaN for floating tensors, a huge value for int64."""
 
     def __init__(self, t, misaligned=False, fill=None):
-        self.dtype = t.dtype
-        self.pad = float("nan") if t.is_floating_point() else (1 << 62)
+        pad = float("nan") if t.is_floating_point() else (1 << 62)
         n = t.numel()
         off = GUARD + (1 if misaligned else 0)
-        self.buf = torch.full((n + 2 * GUARD + 1,), self.pad, dtype=t.dtype)
+        self.buf = torch.full((n + 2 * GUARD + 1,), pad, dtype=t.dtype)
         self.off, self.n = off, n
         self.t = self.buf[off:off + n].view(t.shape)
         self.t.copy_(t if fill is None else torch.full_like(t, fill))
@@ -288,7 +289,7 @@ def test_tile_add_kernels_match_the_cpu(emu, kernel, dtype, src_dtype, placement
 
 
 def _tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p, misaligned):
-    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    tol = TILE_ADD_TOL[dtype]
     out = torch.randn(rows, cols, dtype=F64).to(dtype)
     src = torch.randn(prow, q, dtype=F64).to(src_dtype)
     key = miss_ext.new_dropout_key("cpu") if p and prow == rows else None
@@ -302,20 +303,17 @@ def _tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p, misaligned):
     return kernels_ran(emu)
 
 
-def test_tile_add_p_1_and_empty(emu):
+def test_tile_add_p_1_and_empty(emu, monkeypatch):
     out = torch.randn(6, 16)
     key = miss_ext.new_dropout_key("cpu")
     for kernel in ("flat", "grid2d"):
-        os.environ["MISS_EXT_TILE_ADD_KERNEL"] = kernel
-        try:
-            got = out.clone()
-            emu.tile_add(got, torch.randn(6, 4), 1.0, 1.0, key)
-            assert torch.equal(got, out)
-            for rows, cols in ((0, 8), (3, 0)):  # never passed by the wrapper; the kernels must cope
-                empty = torch.empty(rows, cols)
-                emu.tile_add(empty, torch.randn(max(rows, 1), 4), 1.0, 0.0, None)
-        finally:
-            del os.environ["MISS_EXT_TILE_ADD_KERNEL"]
+        monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+        got = out.clone()
+        emu.tile_add(got, torch.randn(6, 4), 1.0, 1.0, key)
+        assert torch.equal(got, out)
+        for rows, cols in ((0, 8), (3, 0)):  # never passed by the wrapper; the kernels must cope
+            empty = torch.empty(rows, cols)
+            emu.tile_add(empty, torch.randn(max(rows, 1), 4), 1.0, 0.0, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,27 +381,6 @@ def test_bat_kernel_empty_and_misaligned(emu, placement):
 # bank
 
 
-def make_bank(blocks, r_cap, q_cap, dtype):
-    bank = torch.full((len(blocks), r_cap, q_cap), float("nan"), dtype=dtype)  # padding poisoned
-    for a, b in enumerate(blocks):
-        bank[a, :b.shape[0], :b.shape[1]] = b
-    ranks = torch.tensor([b.shape[0] for b in blocks], dtype=torch.int64)
-    periods = torch.tensor([b.shape[1] for b in blocks], dtype=torch.int64)
-    return bank, ranks, periods
-
-
-def random_blocks(n, R, out, seed=0):
-    """test_bank.py's: ranks R, R/2, R/4 cycling, default (q = out) and mini (q | out) modes."""
-    gen = torch.Generator().manual_seed(seed)
-    minis = [d for d in range(2, out) if out % d == 0] or [1]
-    blocks = []
-    for a in range(n):
-        r = [R, R // 2, R // 4][a % 3] or 1
-        q = out if a % 2 == 0 else minis[(a // 2) % len(minis)]
-        blocks.append(torch.randn(r, q, generator=gen, dtype=F64))
-    return blocks
-
-
 BANK_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32),
               (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32)]
@@ -415,7 +392,7 @@ BANK_SHAPES = [(37, 8, 29, 12, 1, 0, 0), (37, 8, 29, 12, 3, 0, 0), (40, 8, 29, 1
 
 def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, misaligned, seed=0):
     blocks = random_blocks(n, R, out, seed)
-    bank, ranks, periods = make_bank([b.to(a_dtype) for b in blocks], R + r_extra, out + q_extra, a_dtype)
+    bank, ranks, periods = make_bank(blocks, R + r_extra, out + q_extra, a_dtype, pad=float("nan"))
     x = torch.randn(rows, fin, dtype=F64).to(y_dtype)
     s = ops.fold(x, R, 0.0, None, a_dtype)
     y = torch.randn(rows, out, dtype=F64).to(y_dtype)
@@ -479,7 +456,7 @@ def test_bank_empty_bank(emu):
     assert torch.equal(grad_s, torch.zeros(3, 2))
     assert [k for k in kernels_ran(emu) if "grad_bank" in k] == []
     # no rows (the wrapper never passes them; the launchers must cope)
-    bank, ranks, periods = make_bank(random_blocks(2, 4, 6), 4, 6, torch.float32)
+    bank, ranks, periods = make_bank(random_blocks(2, 4, 6), 4, 6, torch.float32, pad=float("nan"))
     emu.bank_add(torch.empty(0, 6), torch.empty(0, 4), bank, ranks, periods, torch.empty(0, dtype=torch.int64))
     emu.bank_grad(torch.empty(0, 6), torch.empty(0, 4), bank, ranks, periods, torch.empty(0, dtype=torch.int64),
                   torch.empty(0, 4), torch.zeros_like(bank))
@@ -525,7 +502,7 @@ def test_bank_launchers_refuse_banks_beyond_their_limits(emu):
 def test_bank_invalid_values_trip_device_assertions(emu, what):
     """The CUDA kernels check ids, ranks and periods with CUDA_KERNEL_ASSERT (the CPU raises ValueError)."""
     R, out = 8, 12
-    bank, ranks, periods = make_bank(random_blocks(3, R, out), R, out, torch.float32)
+    bank, ranks, periods = make_bank(random_blocks(3, R, out), R, out, torch.float32, pad=float("nan"))
     y, s = torch.randn(4, out), torch.randn(4, R)
     index = torch.tensor([0, 1, 2, -1])
     if what == "index":
@@ -556,24 +533,17 @@ DRAWN = settings(max_examples=int(os.environ.get("MISS_EXT_HYPOTHESIS_EXAMPLES",
 WIDTHS = st.one_of(st.integers(0, 40), st.sampled_from([63, 64, 65, 96, 127, 128, 129, 255, 256, 257, 1000, 1024, 2049]))
 
 
-class _Env:
+@contextlib.contextmanager
+def _drawn(placement, **env):
     """Kernel choice and placement for one drawn example (fixtures are per test, not per example)."""
-
-    def __init__(self, **env):
-        self.env, self.placement = env, env.pop("placement")
-
-    def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        _placement[0] = self.placement
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _placement[0] = "guards"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        _placement[0] = placement
+        try:
+            yield
+        finally:
+            _placement[0] = "guards"
 
 
 @DRAWN
@@ -587,7 +557,7 @@ def test_drawn_fold_cases(emu, data):
     p = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="p")
     env = dict(MISS_EXT_FOLD_KERNEL=data.draw(st.sampled_from(["auto", "columns", "rows", "warp"]), label="kernel"),
                placement=data.draw(st.sampled_from(PLACEMENTS), label="placement"))
-    with _Env(**env):
+    with _drawn(**env):
         _fold_case(emu, rows, fin, r, dtype, s_dtype, p, data.draw(st.booleans(), label="misaligned"))
 
 
@@ -603,7 +573,7 @@ def test_drawn_tile_add_cases(emu, data):
     p = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="p")
     env = dict(MISS_EXT_TILE_ADD_KERNEL=data.draw(st.sampled_from(["auto", "flat", "grid2d"]), label="kernel"),
                placement=data.draw(st.sampled_from(PLACEMENTS), label="placement"))
-    with _Env(**env):
+    with _drawn(**env):
         _tile_case(emu, rows, cols, prow, q, dtype, src_dtype, p,
                    data.draw(st.booleans(), label="misaligned"))
 
@@ -615,7 +585,7 @@ def test_drawn_bank_cases(emu, data):
     fin = data.draw(st.integers(1, 300), label="in")
     out = data.draw(st.integers(1, 300), label="out")
     y_dtype, a_dtype = data.draw(st.sampled_from(BANK_PAIRS), label="dtypes")
-    with _Env(placement=data.draw(st.sampled_from(PLACEMENTS), label="placement")):
+    with _drawn(placement=data.draw(st.sampled_from(PLACEMENTS), label="placement")):
         _bank_case(emu, data.draw(st.integers(2, 40), label="rows"), R, fin, out, data.draw(st.integers(1, 16), label="slots"),
                    data.draw(st.integers(0, 3), label="r_cap extra"), data.draw(st.integers(0, 5), label="q_cap extra"),
                    y_dtype, a_dtype, data.draw(st.booleans(), label="misaligned"), seed=data.draw(st.integers(0, 99), label="seed"))
@@ -638,11 +608,7 @@ def test_kernels_under_other_thread_orders(emu, schedule, monkeypatch):
                     _fold_case(emu, rows, fin, r, dtype, torch.float32, 0.0, True)
         for kernel in ("flat", "grid2d"):
             monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
-            out, src = torch.randn(37, 96), torch.randn(37, 16)
-            want = out.clone()
-            ops.tile_add_(want, src, 0.5, 0.0, None)
-            emu.tile_add(out, src, 0.5, 0.0, None)
-            torch.testing.assert_close(out, want)
+            _tile_case(emu, 37, 96, 37, 16, torch.float32, torch.float32, 0.0, False)
         _bank_case(emu, 37, 8, 29, 12, 3, 0, 0, torch.float32, torch.float32, False)
         _bank_case(emu, 9, 64, 200, 600, 3, 0, 0, torch.bfloat16, torch.float32, True)
         w, m, p = torch.randn(48, 80), torch.randn(3, 16, 16), torch.randn(3, 16, 16)

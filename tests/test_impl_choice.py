@@ -20,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import miss_ext
 from conftest import CUDA_AVAILABLE
-from reference import (bat_weight_ref, fold_error_scale, fold_ref, fold_within, linear_ref, peft_precision_linear_ref,
-                       recover_mask)
+from reference import (TILE_ADD_TOL, bat_weight_ref, fold_error_scale, fold_ref, fold_within, linear_ref,
+                       peft_precision_linear_ref, recover_mask)
 
 ops = torch.ops.miss
 F64 = torch.float64
@@ -510,9 +510,7 @@ def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, layout
             ops.tile_add_(laid_out(got_buf, rows, cols, layout), src.cuda(), -0.5, pp,
                           key.cuda() if key is not None else None)
             checks.append((got_buf, want_buf))
-    # One sum in fp32 (fp64) and one rounding on both; nvcc may contract it into an FMA, so allow
-    # a last-bit difference (operands are of order 1).
-    tol = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    tol = TILE_ADD_TOL[dtype]
     for (rows, cols, prow, q), (got, want) in zip(TILE_SHAPES, checks):
         assert torch.allclose(got.cpu(), want, rtol=tol, atol=4 * tol), (rows, cols, prow, q)
     assert kernels.ran({"flat": "tile_add_kernel", "grid2d": "tile_add_2d_kernel"}[kernel]), kernels.names()

@@ -33,11 +33,12 @@ def available_bytes() -> int:
     return 0
 
 
-def needs(gib: float):
+def needs(gib: float, device: str = "cpu"):
+    """Skips, saying so, unless `device` (the host's memory, or the GPU's) has gib GiB free."""
     gc.collect()
-    have = available_bytes()
+    have = available_bytes() if device == "cpu" else torch.cuda.mem_get_info()[0]
     if have < gib * GIB:
-        pytest.skip(f"needs {gib} GiB of free memory, {have / GIB:.1f} GiB available")
+        pytest.skip(f"needs {gib} GiB of free {device} memory, {have / GIB:.1f} GiB available")
 
 
 def big_rows(cols: int) -> int:
@@ -94,37 +95,50 @@ def test_fold_one_row_over_2_31_elements():
     torch.testing.assert_close(s[0].to(F64), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_with_dropout_over_2_31_elements():
-    needs(6)
+def check_fold_with_dropout(device: str) -> None:
+    """fold with dropout on a huge bf16 x: the rows around element 2^31 and at the end against the
+    float64 reference with the documented Philox mask of those rows (the mask depends on the row)."""
     cols, r, p, seed, offset = 64, 16, 0.3, 12345, 678
     rows = big_rows(cols)
-    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device=device)
     windows = row_windows(rows, cols, width=4)
     random_rows(x, windows)
-    key = torch.tensor([seed, offset], dtype=torch.int64)
+    key = torch.tensor([seed, offset], dtype=torch.int64, device=device)
     s = ops.fold(x, r, p, key, torch.float32)
     for a, b in windows:
         mask = philox_mask(seed, offset, b - a, cols, p, first_row=a)
-        expected = fold_ref(x[a:b].to(F64), r, mask=mask, p=p)
-        torch.testing.assert_close(s[a:b].to(F64), expected, rtol=1e-5, atol=1e-5)
+        expected = fold_ref(x[a:b].cpu().to(F64), r, mask=mask, p=p)
+        torch.testing.assert_close(s[a:b].cpu().to(F64), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tile_add_over_2_31_elements():
+def test_fold_with_dropout_over_2_31_elements():
     needs(6)
+    check_fold_with_dropout("cpu")
+
+
+def check_periodic_tile_add(device: str):
+    """tile_add_ of a 5-row source into a huge bf16 out: windows of whole periods around element
+    2^31 and at the end equal tile_add_ on those rows alone. Returns (out, windows)."""
     cols, period = 64, 5
     rows = tile_rows(cols, period)
-    out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16)
+    out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16, device=device)
     starts = [0, BIG // cols - period, rows - 2 * period]
     windows = [(a - a % period, a - a % period + 2 * period) for a in starts]   # start at multiples of the period
     random_rows(out, windows)
     before = {w: out[w[0]:w[1]].clone() for w in windows}
-    src = torch.randn(period, 16, dtype=torch.bfloat16)
+    src = torch.randn(period, 16, dtype=torch.bfloat16, device=device)
     ops.tile_add_(out, src, 0.5, 0.0, None)
     assert len(before) == 3 and max(b for _, b in before) == rows
     for (a, b), old in before.items():
         expected = old.clone()
         ops.tile_add_(expected, src, 0.5, 0.0, None)
         assert torch.equal(out[a:b], expected), (a, b)
+    return out, windows
+
+
+def test_tile_add_over_2_31_elements():
+    needs(6)
+    check_periodic_tile_add("cpu")
 
 
 def test_linear_over_2_31_elements():
@@ -183,12 +197,6 @@ def release_device_memory():
         torch.cuda.empty_cache()
 
 
-def needs_device(gib: float):
-    free, _ = torch.cuda.mem_get_info()
-    if free < gib * GIB:
-        pytest.skip(f"needs {gib} GiB of free GPU memory, {free / GIB:.1f} GiB free")
-
-
 @needs_gpu
 @pytest.mark.parametrize("kernel", ["columns", "rows", "warp"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -197,20 +205,18 @@ def test_cuda_fold_kernels_over_2_31_elements(kernel, p, monkeypatch):
     and at the end equal that kernel on those rows alone (no dropout), or the float64 reference with
     the documented Philox mask of those rows (dropout; the mask depends on the row)."""
     monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
-    needs_device(8)
-    cols, r, seed, offset = 64, 16, 12345, 678
+    needs(8, "cuda")
+    if p:
+        check_fold_with_dropout("cuda")
+        return
+    cols, r = 64, 16
     rows = big_rows(cols)
     x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device="cuda")
     windows = row_windows(rows, cols, width=4)
     random_rows(x, windows)
-    key = torch.tensor([seed, offset], dtype=torch.int64, device="cuda") if p else None
-    s = ops.fold(x, r, p, key, torch.float32)
+    s = ops.fold(x, r, 0.0, None, torch.float32)
     for a, b in windows:
-        if p:
-            expected = fold_ref(x[a:b].cpu(), r, mask=philox_mask(seed, offset, b - a, cols, p, first_row=a), p=p)
-            torch.testing.assert_close(s[a:b].cpu().to(F64), expected, rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(s[a:b], ops.fold(x[a:b], r, 0.0, None, torch.float32)), (kernel, a, b)
+        assert torch.equal(s[a:b], ops.fold(x[a:b], r, 0.0, None, torch.float32)), (kernel, a, b)
 
 
 @needs_gpu
@@ -220,20 +226,10 @@ def test_cuda_tile_add_kernels_over_2_31_elements(kernel, monkeypatch):
     tiled along out's rows (windows start at multiples of 5) and with a per-row source and dropout
     (against the float64 reference with the documented mask of those rows)."""
     monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
-    needs_device(12)
-    cols, period, q, seed, offset, p = 64, 5, 16, 4321, 99, 0.25
-    rows = tile_rows(cols, period)
-    out = torch.full((rows, cols), 1.0, dtype=torch.bfloat16, device="cuda")
-    starts = [0, BIG // cols - period, rows - 2 * period]
-    windows = [(a - a % period, a - a % period + 2 * period) for a in starts]
-    random_rows(out, windows)
-    before = {w: out[w[0]:w[1]].clone() for w in windows}
-    src = torch.randn(period, q, dtype=torch.bfloat16, device="cuda")
-    ops.tile_add_(out, src, 0.5, 0.0, None)
-    for (a, b), old in before.items():
-        expected = old.clone()
-        ops.tile_add_(expected, src, 0.5, 0.0, None)
-        assert torch.equal(out[a:b], expected), (kernel, a, b)
+    needs(12, "cuda")
+    out, windows = check_periodic_tile_add("cuda")
+    rows, cols = out.shape
+    q, seed, offset, p = 16, 4321, 99, 0.25
     # a source row per out row, with dropout
     per_row = torch.full((rows, q), 0.25, dtype=torch.bfloat16, device="cuda")
     random_rows(per_row, windows)
@@ -253,7 +249,7 @@ def test_cuda_linear_over_2_31_elements(gemm, monkeypatch):
     2^31 and at the end match the same call on those rows alone (GEMMs may block differently for
     another row count, so within bf16 rounding rather than bit for bit)."""
     monkeypatch.setenv("MISS_EXT_GEMM", gemm)
-    needs_device(24)
+    needs(24, "cuda")
     cols, out_features, r = 64, 16, 8
     rows = big_rows(cols)
     x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device="cuda")

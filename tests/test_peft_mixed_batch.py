@@ -19,8 +19,7 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 
 import miss_ext.peft  # noqa: E402
 from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
-from miss_ext.ops import new_dropout_key  # noqa: E402
-from reference import F64, linear_ref, recover_mask  # noqa: E402
+from reference import F64, mixed_dropout_ref  # noqa: E402
 from tiny_models import no_eos, tiny_causal_lm, tokens  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -190,30 +189,12 @@ def test_dropout_per_adapter_matches_the_float64_reference(device):
     (y * g).sum().backward()
 
     rows = len(names) * seq  # the mask's rows are x's flattened leading index
-    blocks = {n: layer.miss_block[n].detach() for n in layer.miss_block}
-    max_r = max(b.shape[0] for b in blocks.values())
-    group_of = {n: (max_r if max_r % b.shape[0] == 0 else b.shape[0], dropouts.get(n, 0.0))
-                for n, b in blocks.items()}
-    torch.manual_seed(seed)
-    masks = {group: recover_mask(rows, layer.in_features, group[1], new_dropout_key(torch.device(device)), device)
-             for group in sorted(set(group_of.values())) if group[1] > 0}
+    row_names = [None if names[t // seq] == "__base__" else names[t // seq] for t in range(rows)]
+    want, xr, refs, masks, group_of = mixed_dropout_ref(x.reshape(rows, -1), layer.base_layer.weight, layer.base_layer.bias,
+                                                        dict(layer.miss_block), row_names, dropouts, seed)
     for group, mask in masks.items():  # each rate really drops some of its rows' inputs, not all
-        own = [t for t in range(rows) if group_of.get(names[t // seq]) == group]
+        own = [t for t in range(rows) if group_of.get(row_names[t]) == group]
         assert 0 < mask[own].sum() < mask[own].numel(), group
-    xr = x.detach().reshape(rows, -1).clone().requires_grad_(True)
-    refs = {n: b.clone().requires_grad_(True) for n, b in blocks.items()}
-    weight, bias = layer.base_layer.weight.detach(), layer.base_layer.bias
-    bias = None if bias is None else bias.detach()
-    want = []
-    for t in range(rows):
-        name = names[t // seq]
-        if name == "__base__":
-            want.append(xr[t] @ weight.t() + (0.0 if bias is None else bias))
-            continue
-        p = dropouts.get(name, 0.0)
-        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
-        want.append(linear_ref(xr[t:t + 1], weight, bias, refs[name], mask, p)[0])
-    want = torch.stack(want)
     torch.testing.assert_close(y.reshape(rows, -1), want, **TOL)
     grads = torch.autograd.grad(want, [xr] + list(refs.values()), g.reshape(rows, -1))
     torch.testing.assert_close(x.grad.reshape(rows, -1), grads[0], **TOL)

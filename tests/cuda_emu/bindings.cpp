@@ -14,7 +14,6 @@ namespace cuda_emu {
 void begin_call();
 std::string end_call();
 void set_schedule(int mode, uint64_t seed);
-size_t static_shared_bytes();
 std::vector<std::tuple<uintptr_t, std::string, std::string, int, std::vector<unsigned>, size_t, bool>> launch_records();
 void* fenced_alloc(size_t bytes, bool at_end, const std::string& label);
 void fenced_free(void* data);
@@ -111,7 +110,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(k >= 0, "cuda_emu: schedule must be forward, reverse or random");
     cuda_emu::set_schedule(k, seed);
   }, py::arg("mode"), py::arg("seed") = 0);
-  m.def("static_shared_bytes", &cuda_emu::static_shared_bytes);
   m.def("fenced_bytes", [](int64_t bytes, bool at_end, const std::string& label) {
     TORCH_CHECK(bytes >= 0, "cuda_emu: fenced_bytes needs bytes >= 0, got ", bytes);
     void* data = cuda_emu::fenced_alloc(static_cast<size_t>(bytes), at_end, label);

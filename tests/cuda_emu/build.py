@@ -77,18 +77,6 @@ def _match_back_angle(src, close):
     raise ValueError("unbalanced template arguments before <<<")
 
 
-def _match_forward(src, open_index, open_c="(", close_c=")"):
-    depth = 0
-    for i in range(open_index, len(src)):
-        if src[i] == open_c:
-            depth += 1
-        elif src[i] == close_c:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_c}{close_c}")
-
-
 def _kernel_expr_start(src, end):
     """Start of the kernel expression that ends just before `end` (where <<< starts)."""
     i = end - 1
@@ -169,10 +157,10 @@ def rewrite(path, display):
     with open(path) as f:
         src = f.read()
     src, launches = rewrite_launches(src, path)
-    src, shared = rewrite_extern_shared(src)
+    src, _ = rewrite_extern_shared(src)
     if "<<<" in src or re.search(r"extern\s+__shared__", src):
         raise ValueError(f"{path}: a launch or extern __shared__ was not rewritten")
-    return f'#line 1 "{display}"\n' + src, launches, shared
+    return f'#line 1 "{display}"\n' + src, launches
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,11 +210,11 @@ def load(verbose=False):
     os.makedirs(src_dir, exist_ok=True)
     sources = []
     for name in KERNELS:
-        text, launches, _ = rewrite(os.path.join(CSRC_OPS, "cuda", name), f"csrc/ops/cuda/{name}")
+        text, launches = rewrite(os.path.join(CSRC_OPS, "cuda", name), f"csrc/ops/cuda/{name}")
         if launches == 0:
             raise ValueError(f"{name}: no kernel launch found to rewrite")
         sources.append(_write(os.path.join(src_dir, name[:-3] + ".emu.cpp"), text))
-    text, _, _ = rewrite(SELFTEST, "tests/cuda_emu/selftest.cu")
+    text, _ = rewrite(SELFTEST, "tests/cuda_emu/selftest.cu")
     sources.append(_write(os.path.join(src_dir, "selftest.emu.cpp"), text))
     sources += HOST_SOURCES + EMU_SOURCES
     includes = [os.path.join(HERE, "include"), CSRC_OPS, os.path.join(CSRC_OPS, "cuda")]

@@ -747,10 +747,6 @@ void set_schedule(int mode, uint64_t seed) {
   rt.seed = seed;
 }
 
-size_t static_shared_bytes() {
-  return __start_cuda_emu_shared != nullptr ? static_cast<size_t>(__stop_cuda_emu_shared - __start_cuda_emu_shared) : 0;
-}
-
 std::vector<std::tuple<uintptr_t, std::string, std::string, int, std::vector<unsigned>, size_t, bool>> launch_records() {
   std::vector<std::tuple<uintptr_t, std::string, std::string, int, std::vector<unsigned>, size_t, bool>> out;
   for (const auto& l : rt.launches) {

@@ -158,16 +158,13 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
   const c10::cuda::CUDAGuard guard(grad.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
   const int64_t rows = grad.size(0), slots = bank.size(0), r_cap = bank.size(1), q_cap = bank.size(2);
+  // The block-gradient grid (slots, q_cap / kThreads, r_cap / kRowsPerThread), refused before any work.
+  const int64_t grid_y = (q_cap + kThreads - 1) / kThreads, grid_z = (r_cap + kRowsPerThread - 1) / kRowsPerThread;
+  TORCH_CHECK_VALUE(slots <= 2147483647 && grid_y <= 65535 && grid_z <= 65535, "miss: bank_add on CUDA: bank shape (",
+                    slots, ", ", r_cap, ", ", q_cap, ") is too large for one launch (q_cap up to ",
+                    int64_t{65535} * kThreads, ")");
   // Rows by slot, on the device: a stable sort keeps row order within each slot (deterministic
   // sums), and offsets[a] is where slot a's rows start (negative indices sort first).
-  // Refused before any work: the block-gradient grid (slots, q_cap / kThreads, r_cap / kRowsPerThread).
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(slots, 1)),
-                  static_cast<unsigned>(std::max<int64_t>((q_cap + kThreads - 1) / kThreads, 1)),
-                  static_cast<unsigned>(std::max<int64_t>((r_cap + kRowsPerThread - 1) / kRowsPerThread, 1)));
-  TORCH_CHECK_VALUE(slots <= 2147483647 && (q_cap + kThreads - 1) / kThreads <= 65535 &&
-                        (r_cap + kRowsPerThread - 1) / kRowsPerThread <= 65535,
-                    "miss: bank_add on CUDA: bank shape (", slots, ", ", r_cap, ", ", q_cap,
-                    ") is too large for one launch (q_cap up to ", int64_t{65535} * kThreads, ")");
   const auto sorted = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor order = std::get<1>(sorted).contiguous();
   const at::Tensor offsets =
@@ -184,6 +181,7 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     // No block gradient to write: an empty bank (every index negative) or blocks with no rows or
     // columns. A grid dimension of 0 is an invalid launch.
     if (slots == 0 || r_cap == 0 || q_cap == 0) return;
+    const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z));
     bank_grad_bank_kernel<g_t, a_t><<<grid, kThreads, 0, stream>>>(
         grad.const_data_ptr<g_t>(), s.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
