@@ -9,8 +9,8 @@ Cases (same base weight, same 16 random non-zero blocks of shape (r, out), each 
 adapter uniformly at random, seeded):
 
     single   (d) miss.linear of ONE adapter on the whole batch: the lower bound
-    mixed    (a) the base GEMM once, one shared fold at rank r, then miss.bank_add_ adds each
-             row's own adapter term in place (the ops of issue 14)
+    mixed    (a) the base GEMM once, miss.bank_fold (each row at its adapter's rank), then
+             miss.bank_add_ adds each row's own adapter term in place (what MissBankLinear runs)
     split    (b) the rows split per adapter, each part through miss.linear (base GEMM per part),
              scattered back
     gathered (c) PEFT's mixed-batch loop for LoRA (`_mixed_batch_forward`), done for MiSS: the
@@ -62,7 +62,7 @@ def main() -> None:
     def mixed():
         """(a): y (T, out) from the base GEMM, s (T, r); no (T, in) or per-adapter temporary."""
         y = F.linear(x, W, b)
-        ops.bank_add_(y, ops.fold(x, r, 0.0, None, torch.float32), bank, ranks, periods, index)
+        ops.bank_add_(y, ops.bank_fold(x, index, ranks, r, None, None, torch.float32), bank, ranks, periods, index)
         return y
 
     def split():

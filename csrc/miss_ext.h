@@ -8,3 +8,4 @@
 #include "ops/merge.h"
 #include "ops/bat.h"
 #include "ops/bank.h"
+#include "ops/bank_fold.h"

@@ -91,17 +91,36 @@ TORCH_LIBRARY(miss, m) {
   m.def("bat_transform(Tensor w, Tensor m, Tensor p, ScalarType? dtype=None) -> Tensor");
   m.def("bat_transform_(Tensor(a!) w, Tensor m, Tensor p) -> ()");
 
-  // A bank of MiSS adapters, one adapter per row (mixed-adapter batches, issue 14):
-  //   out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]],  a = index[t]
+  // A bank of MiSS adapters, one adapter per row (mixed-adapter batches, issue 14): slot a of a
+  // bank holds an adapter of rank ranks[a]; row t uses slot a = index[t], or none when index[t] < 0.
+  // ranks, periods, index and dropouts are tensors on the data's device, not ints or lists, so that
+  // changing which adapters fill the bank never recompiles a torch.compile graph.
+  //
+  // bank_fold: s[t, j] = fold_{r_a}(dropout_{p_a}(x[t]))[j] for j < r_a = ranks[a], zero for
+  // r_a <= j < max_r and for rows without adapter: every row folded at its own adapter's rank, in
+  // one pass over x. x (..., in), index int64 with x's leading sizes, ranks int64 (N,): only the
+  // slots rows use must be valid (1 <= ranks[a] <= max_r). Dropout: dropouts float64 (N,), p_a =
+  // dropouts[a], with one key for the call (the mask of row t, column i is that of miss.fold with
+  // the same key and p_a); dropouts and key both given or both None (no dropout). dtype: of s
+  // (default x's); accumulation float32 (float64 for float64 data). Differentiable in x.
+  m.def("bank_fold(Tensor x, Tensor index, Tensor ranks, int max_r, Tensor? dropouts=None, Tensor? key=None, "
+        "ScalarType? dtype=None) -> Tensor");
+  // Its adjoint in x, from the gradient of s: grad_x[t, i] = dropout_{p_a}(grad[t, i mod r_a]) (the
+  // forward's mask), zero rows without adapter; (..., in_features) in dtype (default grad's). Not
+  // differentiable again.
+  m.def("bank_fold_backward(Tensor grad, Tensor index, Tensor ranks, SymInt in_features, Tensor? dropouts=None, "
+        "Tensor? key=None, ScalarType? dtype=None) -> Tensor");
+  //
+  // bank_add: out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]]
   // for rows with index[t] >= 0; rows with a negative index keep y (the base model's output).
-  // s (..., R): miss.fold of the rows at rank R (one fold serves every adapter whose r divides R,
-  // since fold_r(x)[j] = sum_m fold_R(x)[m r + j]), in bank's dtype. bank (N, r_cap, q_cap): slot a
-  // holds an adapter's block in [:ranks[a], :periods[a]] (default mode: periods[a] = out; mini:
-  // mini_r), zeros elsewhere; only the slots rows use must be valid (empty slots may have rank 0). ranks, periods: int64 (N,), index: int64 with y's leading sizes, all
-  // on the data's device; as tensors, not ints, so that changing which adapters fill the bank never
-  // recompiles a torch.compile graph. y: any floating dtype; the sum is computed in float32
-  // (float64 for float64 data) and rounded once to y's dtype. Differentiable in y, s and bank: the
-  // gradient of slot a comes from its rows only.
+  // s (..., R): bank_fold of the rows (at max_r = R), or miss.fold at R when every rank a row uses
+  // divides R (fold_r(x)[j] = sum_m fold_R(x)[m r + j]); in bank's dtype. bank (N, r_cap, q_cap):
+  // slot a holds an adapter's block in [:ranks[a], :periods[a]] (default mode: periods[a] = out;
+  // mini: mini_r), zeros elsewhere; only the slots rows use must be valid (empty slots may have rank
+  // 0; 1 <= ranks[a] <= min(r_cap, R)). ranks, periods: int64 (N,), index: int64 with y's leading
+  // sizes. y: any floating dtype; the sum is computed in float32 (float64 for float64 data) and
+  // rounded once to y's dtype. Differentiable in y, s and bank: the gradient of slot a comes from
+  // its rows only.
   m.def("bank_add(Tensor y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> Tensor");
   m.def("bank_add_(Tensor(a!) y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> ()");
   // Its adjoint in s and bank, from the gradient of the output (y's shape): (grad_s in s's dtype,

@@ -26,13 +26,13 @@ from .bank_model import (add_bank_adapter, apply_bank, bank_adapter_names, load_
 from .lora import export_lora
 from .model import apply_miss, merge_and_unload, miss_layers
 from .modules import MissLinear
-from .ops import (bank_add, bank_add_, bat_linear, bat_transform, bat_transform_, bat_weight, fold, linear, merge,
-                  merge_, new_dropout_key, tile_add, tile_add_)
+from .ops import (bank_add, bank_add_, bank_fold, bat_linear, bat_transform, bat_transform_, bat_weight, fold, linear,
+                  merge, merge_, new_dropout_key, tile_add, tile_add_)
 
 __all__ = [
     "MissLinear", "apply_miss", "bat_linear", "bat_weight", "build_info", "export_lora", "fold", "linear",
     "load_adapter", "merge", "merge_", "merge_and_unload", "miss_layers", "new_dropout_key", "save_adapter",
-    "tile_add", "tile_add_", "bat_transform", "bat_transform_", "bank_add", "bank_add_",
+    "tile_add", "tile_add_", "bat_transform", "bat_transform_", "bank_fold", "bank_add", "bank_add_",
     "MissBankLinear", "add_bank_adapter", "apply_bank", "bank_adapter_names", "load_bank", "load_bank_adapter",
     "mixed_batch", "remove_bank_adapter", "save_bank_adapter",
 ]

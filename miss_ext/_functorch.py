@@ -20,11 +20,13 @@ the path for per-sample gradients, Jacobians and Hessians, not for training thro
 Rows and the mask under vmap: inside vmap each call sees one sample's shape, so the mask is
 indexed by the sample's own rows, exactly as a separate call per sample would draw it.
 
-bank_add (mixed-adapter batches) becomes one GEMM of the fold with each row's slot one-hot,
-(rows, N*R) @ (N*R, out), against every slot's block expanded to (R, out): memory N*R*(rows +
-out), fine for the per-sample-gradient sizes transforms are for. Its integer arguments (ranks,
-periods, index) are read on the host under a transform to check them as the kernel does (all
-samples' values when vmap batches them, e.g. per-sample gradients with one adapter per sample).
+bank_fold (the per-row fold of a mixed-adapter batch) becomes x times each slot's 0/1 fold matrix,
+the row's own slot picked by a one-hot: memory N*in*R. bank_add becomes one GEMM of the fold with
+each row's slot one-hot, (rows, N*R) @ (N*R, out), against every slot's block expanded to (R,
+out): memory N*R*(rows + out). Both are fine for the per-sample-gradient sizes transforms are
+for. Their integer arguments (ranks, periods, index, the rates) are read on the host under a
+transform to check them as the kernels do (all samples' values when vmap batches them, e.g.
+per-sample gradients with one adapter per sample).
 
 Not supported under transforms (clear errors): the bat unmerge (merge with a 3-D block and
 reverse=True: its conditioning check reads values on the host), a dropout key that is itself
@@ -41,7 +43,7 @@ ops = torch.ops.miss
 
 # The ops given a composite here; every other miss op is in-place or a non-differentiable
 # building block and keeps its kernels (functorch's fallbacks run them on unwrapped tensors).
-DIFFERENTIABLE_OPS = ("fold", "tile_add", "linear", "merge", "bat_weight", "bat_linear", "bank_add")
+DIFFERENTIABLE_OPS = ("fold", "tile_add", "linear", "merge", "bat_weight", "bat_linear", "bank_fold", "bank_add")
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -175,7 +177,7 @@ def merge_composite(weight: Tensor, block: Tensor, reverse: bool = False) -> Ten
 
 def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int) -> None:
     """check_bank_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
-    slots rows use have ranks in [1, r_cap] dividing R and periods in [1, q_cap] dividing out."""
+    slots rows use have ranks in [1, min(r_cap, R)] and periods in [1, q_cap] dividing out."""
     n, r_cap, q_cap = bank.shape
     idx = index.reshape(-1).cpu()
     if idx.numel() and int(idx.max()) >= n:
@@ -185,12 +187,61 @@ def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tens
     ranks_h, periods_h = ranks.cpu(), periods.cpu()
     for a in sorted(set(idx[idx >= 0].tolist())):
         r, q = int(ranks_h[a]), int(periods_h[a])
-        if not (1 <= r <= r_cap and R % r == 0):
-            raise ValueError(f"miss: bank_add ranks[{a}]={r} must be in [1, r_cap={r_cap}] and divide "
-                             f"s.shape[-1]={R}")
+        if not 1 <= r <= min(r_cap, R):
+            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {int((idx == a).nonzero()[0])}) must be "
+                             f"in [1, min(r_cap={r_cap}, s.shape[-1]={R})]")
         if not (1 <= q <= q_cap and out % q == 0):
             raise ValueError(f"miss: bank_add periods[{a}]={q} must be in [1, q_cap={q_cap}] and divide "
                              f"out_features={out}")
+
+
+def _check_bank_fold_values(ranks: Tensor, dropouts: Optional[Tensor], index: Tensor, max_r: int) -> None:
+    """check_bank_fold_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
+    slots rows use have ranks in [1, max_r] and dropout rates in [0, 1]."""
+    n = ranks.shape[0]
+    idx = index.reshape(-1).cpu()
+    if idx.numel() and int(idx.max()) >= n:
+        t = int((idx >= n).nonzero()[0])
+        raise ValueError(f"miss: bank_fold index[{t}]={int(idx[t])} names no slot of a bank with {n} slots "
+                         "(a negative index means no adapter)")
+    ranks_h = ranks.cpu()
+    rates = None if dropouts is None else dropouts.cpu()
+    for a in sorted(set(idx[idx >= 0].tolist())):
+        t = int((idx == a).nonzero()[0])
+        if not 1 <= int(ranks_h[a]) <= max_r:
+            raise ValueError(f"miss: bank_fold ranks[{a}]={int(ranks_h[a])} (used by row {t}) must be in "
+                             f"[1, max_r={max_r}]")
+        if rates is not None and not 0.0 <= float(rates[a]) <= 1.0:
+            raise ValueError(f"miss: bank_fold dropouts[{a}]={float(rates[a])} (used by row {t}) must be a dropout "
+                             "probability in [0, 1]")
+
+
+def bank_fold_composite(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dropouts: Optional[Tensor] = None,
+                        key: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """s[t, j] = sum_i dropout(x)[t, i] [i mod r_a == j] for j < r_a, a = index[t] >= 0: x times
+    each slot's (in, max_r) 0/1 fold matrix, the row's own slot picked by a one-hot (memory
+    N * in * max_r, fine for the sizes transforms are for)."""
+    out_dtype = dtype or x.dtype
+    acc = _acc_dtype(x.dtype, out_dtype)
+    in_features, n = x.shape[-1], ranks.shape[0]
+    xs = x.to(acc).reshape(-1, in_features)
+    if dropouts is not None:
+        # The kernels' keep factors, per row with its slot's rate: the adjoint of bank_fold
+        # broadcasts a gradient of ones through the same masks.
+        plain = [_plain(t, what) for t, what in ((index, "adapter index"), (ranks, "ranks"), (dropouts, "dropouts"),
+                                                 (key, "dropout key"))]
+        with torch._C._DisableFuncTorch(), torch._C._AutoDispatchBelowAutograd():
+            ones = torch.ones(xs.shape[0], max_r, dtype=acc, device=x.device)
+            factors = torch.ops.miss.bank_fold_backward(ones, plain[0].reshape(-1), plain[1], in_features, plain[2],
+                                                        plain[3], acc)
+        xs = xs * factors
+    cols = torch.arange(in_features, device=x.device)[None, :, None]
+    j = torch.arange(max_r, device=x.device)[None, None, :]
+    r = ranks.clamp(min=1)[:, None, None]
+    fold_matrix = ((cols % r == j) & (j < r)).to(acc)                                # (N, in, max_r)
+    onehot = (index.reshape(-1)[:, None] == torch.arange(n, device=x.device)[None, :]).to(acc)  # (rows, N)
+    s = torch.einsum("tn,ti,nij->tj", onehot, xs, fold_matrix)
+    return s.reshape(*x.shape[:-1], max_r).to(out_dtype)
 
 
 def bank_add_composite(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
@@ -255,6 +306,14 @@ def _all_values(t: Tensor) -> Tensor:
     return t
 
 
+def _bank_fold(x, index, ranks, max_r, dropouts=None, key=None, dtype=None):
+    _validate(ops.bank_fold.default, x, index, ranks, max_r, dropouts, key, dtype)
+    _check_key_device(key, x)
+    _check_bank_fold_values(_all_values(ranks), None if dropouts is None else _all_values(dropouts),
+                            _all_values(index), max_r)
+    return bank_fold_composite(x, index, ranks, max_r, dropouts, key, dtype)
+
+
 def _bank_add(y, s, bank, ranks, periods, index):
     _validate(ops.bank_add.default, y, s, bank, ranks, periods, index)
     # Values checked on all samples at once: a batched (per-sample) index or bank must hold valid
@@ -263,7 +322,7 @@ def _bank_add(y, s, bank, ranks, periods, index):
     return bank_add_composite(y, s, bank, ranks, periods, index)
 
 
-_KERNELS = {"bank_add": _bank_add, "fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge,
+_KERNELS = {"bank_add": _bank_add, "bank_fold": _bank_fold, "fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge,
             "bat_weight": _bat_weight, "bat_linear": _bat_linear}
 _LIBRARY: List[torch.library.Library] = []
 

@@ -4,12 +4,10 @@
 
     y[t] = base_layer(x)[t] + fold_{r_a}(dropout_a(x[t])) @ tile(block_a),   a = adapter of row t
 
-for a whole mixed batch with one base call and one shared fold: `fold_r(x)[j] = sum_m
-fold_R(x)[m r + j]` for every r dividing R, so the fold at the bank's largest rank R serves every
-adapter whose r divides it, and `miss.bank_add` adds each row's own term (see its schema in
-csrc/torch_bindings.cpp). Adapters whose r does not divide R get a second fold at their own r;
-adapters with their own dropout p get their own fold in training (the mask differs). Rows whose
-index is negative get the base output only.
+for a whole mixed batch with one base call and one pass over x: `miss.bank_fold` folds every row at
+its own adapter's rank with its own dropout rate (zeros past that rank), and `miss.bank_add` adds
+each row's own term (see their schemas in csrc/torch_bindings.cpp). Rows whose index is negative,
+or name an adapter that does not adapt this layer (add_absent), get the base output only.
 
 Why not merge: a merged weight serves one adapter. For a batch whose rows all use ONE adapter,
 merging it (MissLinear.merge) and calling the plain layer is the fastest inference; the bank is
@@ -19,21 +17,20 @@ weight is right.
 Bat adapters change the base weight itself (W' = W + W_ij B_i + B_i), so rows of different bat
 adapters cannot share one base GEMM: they are refused with a TypeError naming them.
 
-Recompilation: the blocks, ranks, modes and slot-to-group table are tensors, so under
-torch.compile changing block values and adding, replacing or removing adapters within the
-capacity do not recompile while the set of fold groups stays the same. A group is (fold rank,
-dropout p): max_r for every r dividing it, r itself otherwise, and in training the adapter's p
-(eval: 0). miss.fold takes the width as an int and p as a float, which dynamo bakes into the
-graph, so a change that gives a set of groups not compiled before compiles one more graph: adding
-an adapter whose r does not divide max_r and matches no other adapter's fold rank; in training,
-adding an adapter whose p no adapter of its fold rank has (changing a rate is a remove and
-re-add); removing the last adapter of a group; the first absent adapter (add_absent) in a bank
-of a single fold group, whose rows then need the slot-to-group table, and removing the last one.
-The groups are kept sorted (fold_groups), so a set seen before, in any slots, reuses its graph (up
-to torch._dynamo.config.recompile_limit graphs), and the folds run, drawing their dropout keys
-(new_dropout_key: torch's generator), in that order.
+Recompilation: everything forward reads about the adapters is a tensor of fixed shape (the
+blocks, ranks, periods, dropout rates and the slot routing table), so under torch.compile adding,
+replacing and removing adapters (any r up to max_r, any mode, any dropout rate, present or absent)
+and changing block values do not recompile. The one bool forward reads is whether dropout runs:
+training with some adapter's rate > 0. So a layer has at most three graphs: eval, training
+without dropout, training with dropout; in training, the first adapter with dropout and removing
+the last one switch between the last two (each compiled once). Why the bool: with dropout a key
+is drawn (new_dropout_key: torch's generator, one per layer and forward), and drawing one when no
+rate needs it would change the random stream of a model without dropout and refuse
+torch.func.vmap's default randomness="error". This is also why the fold is per row (bank_fold)
+rather than one miss.fold per fold width and rate, whose int width and float rate dynamo would
+bake into the graph (and did, before).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +41,6 @@ from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
-# A slot's group in the routing table when its adapter does not adapt this layer (add_absent):
-# its rows get the base output here.
-ABSENT = -1
 
 
 def check_new_adapter(names: List[Optional[str]], name: object, where: str = "the bank") -> int:
@@ -62,60 +56,34 @@ def check_new_adapter(names: List[Optional[str]], name: object, where: str = "th
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
-                   groups: Sequence[Tuple[int, float]], slot_group: Optional[Tensor], inplace: bool) -> Tensor:
+                   dropouts: Optional[Tensor], inplace: bool) -> Tensor:
     """y plus, for every row t with index[t] >= 0, the MiSS term of the adapter in slot index[t].
 
-    The one place that turns a bank into fold + miss.bank_add calls (MissBankLinear and the
-    accelerated PEFT layer's adapter_names= both call it).
+    The one place that turns a bank into miss.bank_fold + miss.bank_add calls (MissBankLinear and
+    the accelerated PEFT layer's adapter_names= both call it).
 
     Args:
         y: the base output (..., out); x: the input (..., in), same leading sizes.
-        bank, ranks, periods: as miss.bank_add. index: int64 slot per row, y's leading sizes.
-        groups: [(fold rank, dropout p)], one fold of x per group, run in this order (each fold
-            with p > 0 draws its key with new_dropout_key(x.device) then; the callers sort the
-            groups, so torch.manual_seed reproduces every group's mask); every slot of group g has
-            a rank dividing groups[g][0].
-        slot_group: int64 (N,), the group of each slot (ABSENT: rows get y). None: a single
-            group holding every slot the rows use (no routing needed).
+        bank, ranks, periods: as miss.bank_add; the bank's r_cap is the fold width.
+        index: int64 slot per row, y's leading sizes.
+        dropouts: float64 (N,), each slot's dropout rate (training), or None (no dropout). With
+            rates, one key is drawn with new_dropout_key(x.device), so torch.manual_seed
+            reproduces every row's mask.
         inplace: y may be written in place when autograd does not record (y is the output of a
             plain nn.Linear, which nothing else holds; a hooked or custom base module's output
             might be kept by someone, e.g. an activation cache).
     Returns y with the terms added, in y's dtype. A half-precision bank (a model cast to bf16)
-    is used in float32, so that rows sharing the fold at the largest rank get what their adapter
-    alone computes, not one more rounding of the shared fold.
+    is used in float32, as PEFT computes a bf16 layer's adapter branch without autocast.
     """
-    if not groups:
-        return y
     if bank.dtype in (torch.float16, torch.bfloat16):
         bank = bank.float()
-    row_group = None
-    if slot_group is not None:
-        # An id past the bank goes to group 0, whose bank_add call refuses it with a clear error.
-        last = slot_group.shape[0] - 1
-        row_group = torch.where((index >= 0) & (index <= last), slot_group[index.clamp(0, last)],
-                                torch.where(index < 0, ABSENT, 0))
+    key = None if dropouts is None else new_dropout_key(x.device)
+    s = torch.ops.miss.bank_fold(x, index, ranks, bank.shape[1], dropouts, key, bank.dtype)
     differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)
-    for g, (fold_rank, p) in enumerate(groups):
-        key = new_dropout_key(x.device) if p > 0.0 else None
-        s = torch.ops.miss.fold(x, fold_rank, p, key, bank.dtype)
-        rows = index if row_group is None else torch.where(row_group == g, index, -1)
-        if differentiable or not inplace:
-            y = torch.ops.miss.bank_add(y, s, bank, ranks, periods, rows)
-            inplace = True  # y is now our own tensor
-        else:
-            torch.ops.miss.bank_add_(y, s, bank, ranks, periods, rows)
+    if differentiable or not inplace:
+        return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index)
+    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index)
     return y
-
-
-def fold_groups(ranks: Sequence[Optional[int]], dropouts: Sequence[float], max_r: int):
-    """The fold groups of a bank's slots and each slot's group: a group is (fold rank, dropout p),
-    the fold rank max_r for every r dividing it and r itself otherwise. Returns the distinct groups
-    sorted, so that the list (which torch.compile guards on) depends on the set of groups only, not
-    on which slots hold them, and the folds draw their dropout keys in that order
-    (add_bank_terms); and per slot its index in that list (None where ranks has None: no group)."""
-    keys = [None if r is None else (max_r if max_r % r == 0 else r, p) for r, p in zip(ranks, dropouts)]
-    groups = sorted({k for k in keys if k is not None})
-    return groups, [None if k is None else groups.index(k) for k in keys]
 
 
 def host_to_device(values: Tensor, device) -> Tensor:
@@ -155,7 +123,7 @@ class MissBankLinear(nn.Module):
         base_layer: the frozen layer (nn.Linear or any module with in_features/out_features that
             computes its own output; it is called as a module). It is frozen.
         capacity: number of adapter slots (N).
-        max_r: the largest r an adapter may have (r_cap); the shared fold is taken at this rank.
+        max_r: the largest r an adapter may have (r_cap), and the width of the per-row fold.
 
     Attributes:
         bank: Parameter (capacity, max_r, out_features) in PEFT's adapter dtype (float32 for
@@ -188,11 +156,14 @@ class MissBankLinear(nn.Module):
                                              dtype=adapter_dtype(weight.dtype), device=weight.device))
         self.register_buffer("ranks", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
         self.register_buffer("periods", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
-        # Slot -> fold group (see _regroup), one table for training and one for eval.
-        self.register_buffer("_group_train", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
+        # Tensors of what forward needs about each slot (_sync_slots): its dropout rate, and the slot
+        # its rows use (-1 for an absent adapter: base output only). Not saved: the slot names,
+        # rates and absent flags travel in the extra state, and these are rebuilt from them.
+        self.register_buffer("_dropouts", torch.zeros(capacity, dtype=torch.float64, device=weight.device),
                              persistent=False)
-        self.register_buffer("_group_eval", torch.zeros(capacity, dtype=torch.int64, device=weight.device),
+        self.register_buffer("_route", torch.arange(capacity, dtype=torch.int64, device=weight.device),
                              persistent=False)
+        self._any_dropout = False  # some adapter has a dropout rate > 0 (_sync_slots)
         self.adapter_names: List[Optional[str]] = [None] * capacity
         self.dropouts: List[float] = [0.0] * capacity
         # Each slot's mode ("default" / "mini", None when empty): the block's width alone cannot
@@ -203,10 +174,6 @@ class MissBankLinear(nn.Module):
         # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears
         # them; never copied or pickled). While they are set the slots cannot change.
         self.rows: Optional[Tensor] = None
-        self._groups: Dict[bool, List[Tuple[int, float]]] = {True: [], False: []}
-        # Whether rows need the slot -> group table (several groups, or absent slots), per mode: one
-        # bool, so that torch.compile guards on it rather than on every slot's absent flag.
-        self._routed: Dict[bool, bool] = {True: False, False: False}
 
     @property
     def capacity(self) -> int:
@@ -261,7 +228,7 @@ class MissBankLinear(nn.Module):
         self.adapter_names[slot] = name
         self.dropouts[slot] = float(dropout)
         self.modes[slot] = mode
-        self._regroup()
+        self._sync_slots()
         return slot
 
     def add_from(self, name: str, layer: MissLinear) -> int:
@@ -283,7 +250,7 @@ class MissBankLinear(nn.Module):
         slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
         self.absent[slot] = True
-        self._regroup()
+        self._sync_slots()
         return slot
 
     def remove_adapter(self, name: str) -> None:
@@ -300,7 +267,7 @@ class MissBankLinear(nn.Module):
         self.dropouts[slot] = 0.0
         self.modes[slot] = None
         self.absent[slot] = False
-        self._regroup()
+        self._sync_slots()
 
     def block(self, name: str) -> Tensor:
         """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r). (Of a
@@ -322,19 +289,14 @@ class MissBankLinear(nn.Module):
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
 
-    def _regroup(self) -> None:
-        """Fold groups (fold_groups): one fold per group and forward; the shared fold at max_r serves
-        every r dividing it. In eval mode dropout is off, so p does not split groups."""
-        ranks = [None if name is None or self.absent[slot] else int(self.ranks[slot])
-                 for slot, name in enumerate(self.adapter_names)]
-        for training in (True, False):
-            groups, of_slot = fold_groups(ranks, self.dropouts if training else [0.0] * len(ranks), self.max_r)
-            # An empty slot maps to group 0: a row naming it reaches bank_add, which refuses rank 0.
-            table = [g if g is not None else ABSENT if self.absent[slot] else 0 for slot, g in enumerate(of_slot)]
-            self._groups[training] = groups
-            self._routed[training] = len(groups) > 1 or any(self.absent)
-            buffer = self._group_train if training else self._group_eval
-            buffer.copy_(torch.tensor(table, dtype=torch.int64))
+    def _sync_slots(self) -> None:
+        """The _dropouts and _route buffers from the slot lists (in place: same tensors, so a
+        compiled graph reads the new values without a recompile)."""
+        self._any_dropout = any(p > 0.0 for p in self.dropouts)
+        with torch.no_grad():
+            self._dropouts.copy_(torch.tensor(self.dropouts, dtype=torch.float64))
+            self._route.copy_(torch.tensor([-1 if absent else slot for slot, absent in enumerate(self.absent)],
+                                           dtype=torch.int64))
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, adapter_index: Optional[Tensor] = None) -> Tensor:
@@ -348,22 +310,14 @@ class MissBankLinear(nn.Module):
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
         index = row_index(adapter_index, x, "MissBankLinear")
+        # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
+        # bank_fold to refuse by name.
+        last = self.capacity - 1
+        index = torch.where((index >= 0) & (index <= last), self._route[index.clamp(0, last)], index)
         y = self.base_layer(x)
-        groups = self._groups[self.training]
-        if not groups and index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
-            # No fold runs, so bank_add would not check the ids: check them here (on the CPU only,
-            # as reading a GPU tensor would synchronise; not while torch.compile traces, where it
-            # would be data dependent: mixed_batch has resolved the names then, and only ids
-            # passed by hand can name an empty slot).
-            bad = [a for a in index[index >= 0].unique().tolist() if a >= self.capacity or self.adapter_names[a] is None]
-            if bad:
-                raise ValueError(f"MissBankLinear: adapter_index names slots {bad} that hold no adapter "
-                                 f"(slots: {self.adapter_names})")
-        table = None
-        if self._routed[self.training]:  # several groups, or absent slots (their rows get the base output)
-            table = self._group_train if self.training else self._group_eval
         # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
-        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index, groups, table,
+        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
+                              self._dropouts if self.training and self._any_dropout else None,
                               inplace=is_plain_linear(self.base_layer)).to(x.dtype)
 
     def __getstate__(self):
@@ -399,11 +353,19 @@ class MissBankLinear(nn.Module):
         return json_tensor(state)
 
     def __setstate__(self, state) -> None:
-        """A whole-module pickle from before `_routed` existed: rebuild the fold groups."""
+        """A whole-module pickle from before the per-row fold (fold groups): rebuild the slot tensors."""
         super().__setstate__(state)
-        if "_routed" not in self.__dict__:
-            self._routed = {True: False, False: False}
-            self._regroup()
+        if "_route" not in self._buffers:
+            for name in ("_group_train", "_group_eval"):
+                self._buffers.pop(name, None)
+            for name in ("_groups", "_routed"):
+                self.__dict__.pop(name, None)
+            device = self.bank.device
+            self.register_buffer("_dropouts", torch.zeros(self.capacity, dtype=torch.float64, device=device),
+                                 persistent=False)
+            self.register_buffer("_route", torch.zeros(self.capacity, dtype=torch.int64, device=device),
+                                 persistent=False)
+            self._sync_slots()
 
     def set_extra_state(self, encoded: Tensor) -> None:
         state = tensor_json(encoded)
@@ -413,7 +375,7 @@ class MissBankLinear(nn.Module):
                              f"{self.capacity}")
         self.adapter_names, self.modes = names, list(state["modes"])
         self.dropouts, self.absent = [float(p) for p in state["dropouts"]], [bool(a) for a in state["absent"]]
-        self._regroup()
+        self._sync_slots()
 
     def extra_repr(self) -> str:
         used = [f"{n}(absent)" if self.absent[i] else f"{n}(r={int(self.ranks[i])}, {self.modes[i]})"

@@ -285,7 +285,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 
 def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
-    torch.compile this does not recompile while the fold groups stay the same). ValueError,
+    torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
     changing nothing, for a model without bank layers or a name not in the bank."""
     model = _model_to_change(model)
     layers = _layers(model, "remove_bank_adapter")

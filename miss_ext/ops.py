@@ -137,14 +137,30 @@ def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: 
     return torch.ops.miss.tile_add(out, src, alpha, p, key)
 
 
+def bank_fold(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dropouts: Optional[Tensor] = None,
+              key: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The fold of a mixed-adapter batch: each row at its own adapter's rank and dropout rate.
+
+    s[t, j] = fold(dropout(x[t]), r_a)[j] for j < r_a = ranks[a], a = index[t]; zero for
+    r_a <= j < max_r and for rows with a negative index. Shapes: x (..., in), any floating dtype;
+    index int64 with x's leading sizes; ranks int64 (N,), 1 <= ranks[a] <= max_r for every slot a
+    row uses. Dropout: dropouts float64 (N,) (slot a's rate in [0, 1]) and key (new_dropout_key on
+    x's device) together, or neither; row t's mask is that of fold(x, r_a, dropouts[a], key).
+    Returns (..., max_r) in dtype (default x's), summed in float32 (float64 for float64 data).
+    Differentiable in x (once). ValueError/TypeError name a bad argument; on CUDA a bad value in
+    index, ranks or dropouts trips a device-side assertion."""
+    return torch.ops.miss.bank_fold(x, index, ranks, max_r, dropouts, key, dtype)
+
+
 def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
     """A bank of MiSS adapters, one per row: y + the adapter term of slot index[t] for each row t.
 
     out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]], a = index[t];
     rows with a negative index keep y. Shapes: y (..., out), any floating dtype; s (..., R) =
-    fold(x, R, dtype=bank.dtype) (every ranks[a] divides R); bank (N, r_cap, q_cap), float32 or y's
-    dtype, slot a's block in [:ranks[a], :periods[a]] (periods[a] = out in the default mode,
-    mini_r in the mini mode); ranks, periods int64 (N,); index int64 with y's leading sizes.
+    bank_fold(x, index, ranks, R, dtype=bank.dtype), or fold(x, R, dtype=bank.dtype) when every
+    rank a row uses divides R; bank (N, r_cap, q_cap), float32 or y's dtype, slot a's block in
+    [:ranks[a], :periods[a]] (periods[a] = out in the default mode, mini_r in the mini mode);
+    ranks, periods int64 (N,); index int64 with y's leading sizes.
     Differentiable in y, s and bank (once). ValueError/TypeError name a bad argument; on CUDA a
     bad value in ranks, periods or index trips a device-side assertion."""
     return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index)

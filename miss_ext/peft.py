@@ -33,7 +33,7 @@ base model) works in `model(...)`, `model.generate(...)` (num_beams / num_return
 the names as generate repeats the sequences) and direct layer calls. PEFT 0.21 accepts the
 keyword for MiSS and silently applies the active adapter to every row; here each row gets its
 own adapter, with its own mode (default and mini may mix on one layer, which PEFT cannot do
-even for one adapter at a time) and dropout, through miss.fold + miss.bank_add (see
+even for one adapter at a time) and dropout, through miss.bank_fold + miss.bank_add (see
 miss_ext/bank.py). It also works in training (each block gets the gradient of its own rows;
 PEFT's LoRA refuses training there). Rows of a layer that lacks the named adapter get that
 layer's base output (as PEFT's LoRA); a name no layer has raises ValueError; a bat adapter named
@@ -73,7 +73,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import undo_each  # noqa: E402
 from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
                       load_merge_record, tensor_json)
-from .bank import BASE, add_bank_terms, fold_groups, host_to_device, row_index  # noqa: E402
+from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
 
@@ -289,18 +289,19 @@ class AcceleratedMissLinear(PeftMissLinear):
         for b in blocks[1:]:
             dtype = torch.promote_types(dtype, b.dtype)
         bank = torch.stack([F.pad(b.to(dtype), (0, max_q - b.shape[1], 0, max_r - b.shape[0])) for b in blocks])
-        # One fold per (fold rank, dropout p), as MissBankLinear's: r dividing max_r shares the fold at max_r.
-        groups, slot_group = fold_groups([b.shape[0] for b in blocks], [self._dropout_p(n) for n in used], max_r)
         slot_of = {n: i for i, n in enumerate(used)}
-        # ranks, periods, the slot -> group table and the per-row index in one host-to-device copy.
+        # ranks, periods and the per-row index in one host-to-device copy; the rates as float64.
         k = len(used)
-        ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] + slot_group +
+        ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] +
                                            [slot_of.get(n, -1) for n in names], dtype=torch.int64), bank.device)
-        ranks, periods, table = ints[:k], ints[k:2 * k], ints[2 * k:3 * k] if len(groups) > 1 else None
-        index = row_index(ints[3 * k:], x, where)
+        ranks, periods = ints[:k], ints[k:2 * k]
+        index = row_index(ints[2 * k:], x, where)
+        # Dropout (training with some p > 0): each adapter its own rate, one key for the call.
+        rates = [self._dropout_p(n) for n in used]
+        dropouts = host_to_device(torch.tensor(rates, dtype=torch.float64), bank.device) if any(rates) else None
         # In place only into a plain nn.Linear's fresh output (a hooked or quantized base's output
         # may be held elsewhere).
-        return add_bank_terms(result, x, bank, ranks, periods, index, groups, table,
+        return add_bank_terms(result, x, bank, ranks, periods, index, dropouts,
                               inplace=self._fast_path()).to(previous_dtype)
 
     def _merge_plan(self, adapter_names: Optional[List[str]]) -> List[str]:

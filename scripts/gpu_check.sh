@@ -114,19 +114,22 @@ if [ "$TESTS" = 1 ]; then
   esac
   pack
   # Kernels that never ran before a GPU session: the warp-per-row fold and 2-D tile_add (issue
-  # 11, no shared memory) and the adapter bank's three kernels (issue 14): memcheck their tests,
-  # and racecheck the bank kernels, which share memory between threads.
+  # 11, no shared memory) and the adapter bank's five kernels (issue 14; bank_fold's two since
+  # 2026-11-30): memcheck their tests, and racecheck the bank kernels, which share memory between
+  # threads.
   SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   if [ -x "$SANITIZER" ]; then
     # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
     MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 75)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_impl_choice.py tests/test_bank.py -k "(fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
+      tests/test_impl_choice.py tests/test_bank.py tests/test_bank_fold.py \
+      -k "(fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
       >"$RES/memcheck_new_kernels.log" 2>&1
     memcheck_rc=$?
     note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
     pack
     MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(left 15)" "$SANITIZER" --tool racecheck --kernel-name kns=bank_ --error-exitcode 99 \
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_bank.py -k "cuda and (matches or backward or gradients)" \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bank_fold.py \
+      -k "cuda and (matches or backward or gradients or rows_equal)" \
       >"$RES/racecheck_bank.log" 2>&1
     racecheck_rc=$?
     note "racecheck bank kernels: rc=$racecheck_rc ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$RES/racecheck_bank.log" | tail -2 | tr '\n' ' '))"

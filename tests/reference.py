@@ -217,21 +217,21 @@ def mixed_dropout_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks:
                       dropouts: dict, seed: int):
     """A mixed-adapter batch with per-adapter dropout in training (issue 14), float64: row t of x
     (T, in) through the base alone (row_names[t] None) or with adapter row_names[t]'s block
-    blocks[name] and dropout p = dropouts.get(name, 0). The adapters' fold groups are (fold rank,
-    p), the fold rank max_r (the largest r) for r dividing it, else r; after torch.manual_seed(seed)
-    each group with p > 0, in sorted order, draws its key with new_dropout_key (as the bank layers
-    document), and the row's mask is recovered from its group's key.
+    blocks[name] and dropout p = dropouts.get(name, 0). After torch.manual_seed(seed) the call
+    draws one key with new_dropout_key (as the bank layers document: miss.bank_fold takes one key
+    and each adapter's rate), and a row's mask is recovered from that key at its adapter's p.
 
     Returns (want (T, out), x_ref, refs, masks, group_of): want has autograd history to the leaves
-    x_ref (x's copy) and refs {name: block copy}; masks {group: (T, in) mask}; group_of {name: group}."""
+    x_ref (x's copy) and refs {name: block copy}; masks {p: (T, in) mask} for every p > 0;
+    group_of {name: its p}."""
     from miss_ext.ops import new_dropout_key  # the key draw the layers use (torch's generator)
 
     rows = x.shape[0]
-    max_r = max(b.shape[0] for b in blocks.values())
-    group_of = {n: (max_r if max_r % b.shape[0] == 0 else b.shape[0], dropouts.get(n, 0.0)) for n, b in blocks.items()}
+    group_of = {n: dropouts.get(n, 0.0) for n in blocks}
     torch.manual_seed(seed)
-    masks = {group: recover_mask(rows, x.shape[1], group[1], new_dropout_key(x.device), x.device)
-             for group in sorted(set(group_of.values())) if group[1] > 0}
+    rates = sorted({p for p in group_of.values() if p > 0})
+    key = new_dropout_key(x.device) if rates else None
+    masks = {p: recover_mask(rows, x.shape[1], p, key, x.device) for p in rates}
     x_ref = x.detach().to(F64).clone().requires_grad_(True)
     refs = {n: b.detach().to(F64).clone().requires_grad_(True) for n, b in blocks.items()}
     weight = weight.detach().to(F64)
@@ -242,7 +242,7 @@ def mixed_dropout_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], blocks:
             want.append(x_ref[t] @ weight.t() + (0.0 if bias is None else bias))
             continue
         p = dropouts.get(name, 0.0)
-        mask = masks[group_of[name]][t:t + 1] if p > 0 else None
+        mask = masks[p][t:t + 1] if p > 0 else None
         want.append(linear_ref(x_ref[t:t + 1], weight, bias, refs[name], mask, p)[0])
     return torch.stack(want), x_ref, refs, masks, group_of
 

@@ -2,7 +2,8 @@
 
 Checked against an independent float64 reference that runs every row with its own adapter from
 x itself (fold at the adapter's own r, tile of its own block: tests/reference.py), so the op's
-refolding of one shared fold at rank R (r | R) is tested too, not assumed. Covered: 1 to 16
+refolding of one fold at rank R (r | R) is tested too, not assumed (the bank layers give it
+miss.bank_fold's per-row fold instead: tests/test_bank_fold.py). Covered: 1 to 16
 adapters, mixed r dividing R, default and mini mixed, rows without an adapter, an empty batch,
 3-D inputs, strided inputs, float32/float64 and a bf16 output with an fp32 bank, gradients per
 adapter (each slot's gradient from its rows only, zero padding), opcheck, gradcheck, errors, and
@@ -202,7 +203,7 @@ def test_bank_add_bad_input_raises_and_changes_nothing(device):
     ]
     if device == "cpu":
         cases += [
-            (dict(ranks=torch.tensor([8, 3, 2])), ValueError, "ranks[1]=3"),
+            (dict(ranks=torch.tensor([8, 0, 2])), ValueError, "ranks[1]=0"),
             (dict(ranks=torch.tensor([8, 16, 2])), ValueError, "ranks[1]=16"),
             (dict(periods=torch.tensor([12, 5, 12])), ValueError, "periods[1]=5"),
             (dict(index=torch.tensor([0, 3, 2, -1])), ValueError, "index[1]=3"),

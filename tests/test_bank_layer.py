@@ -3,10 +3,10 @@
 Every row's output must equal what a MissLinear with that row's adapter alone gives (the base
 layer alone for rows without an adapter), and in training each adapter's block gradient must
 equal the gradient that adapter gets from its own rows alone. Covered: default and mini mixed,
-r dividing max_r and r that does not (a second fold), rows without an adapter, an empty batch,
-3-D inputs, bf16 bases, per-adapter dropout (each adapter's own rate and mask, forward and
-gradients, against a float64 reference), a bank that changes between calls, torch.compile without
-recompiling while the fold groups stay the same, and errors.
+r dividing max_r and r that does not, rows without an adapter, an empty batch, 3-D inputs, bf16
+bases, per-adapter dropout (each adapter's own rate and mask, forward and gradients, against a
+float64 reference), a bank that changes between calls, torch.compile without recompiling when
+adapters change, and errors.
 """
 import copy
 
@@ -21,7 +21,7 @@ from conftest import DEVICES, autocast_sensitive_inputs
 from reference import F64, autocast_linear_ref, mixed_dropout_ref
 
 IN, OUT, MAX_R = 24, 36, 8
-# name: (r, mode, mini_r); r=3 does not divide MAX_R (second fold), mini_r 6 and 4 divide OUT.
+# name: (r, mode, mini_r); r=3 does not divide MAX_R, mini_r 6 and 4 divide OUT.
 ADAPTERS = {"a": (8, "default", 1), "b": (4, "mini", 6), "c": (3, "default", 1), "d": (2, "mini", 4)}
 
 
@@ -122,10 +122,10 @@ def test_dropout_per_adapter_matches_the_float64_reference(device):
     """Training with a different dropout p per adapter: every row's output, x's gradient and each
     adapter's block gradient equal an independent float64 reference that runs the row with its own
     adapter and its own mask (tests/reference.py: linear_ref; the mask from recover_mask with the
-    key of the row's fold group). The bank draws one key per group with p > 0, in the groups'
-    sorted (fold rank, p) order, from torch's generator, so reseeding gives the same keys here. A
-    rate applied to the wrong rows, a mask or keep-scale from another p, or one mask reused for
-    another group fails this; comparing training with eval output does not catch them."""
+    call's key at the row's p). The bank draws one key per call from torch's generator, so
+    reseeding gives the same key here. A rate applied to the wrong rows, a mask or keep-scale from
+    another p, or a mask of other rows fails this; comparing training with eval output does not
+    catch them."""
     base = nn.Linear(IN, OUT, dtype=F64, device=device)
     bank = MissBankLinear(base, capacity=6, max_r=MAX_R).train()
     blocks = {}
@@ -193,15 +193,14 @@ def test_refusals_name_the_problem():
 
 
 def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
-    """torch.compile(fullgraph=True) of the layer. Changes that keep the set of fold groups do not
-    recompile, and the compiled layer follows the bank's new contents (eval, and training with
-    dropout, same keys): replacing adapters (other r dividing max_r, other mode), changing block
-    values in place, removing an adapter, re-adding one of the same shape into the freed slot,
-    removing one of two absent adapters, and a group whose adapters move to other slots (the
-    groups are sorted; they used to follow slot order, and removing the first adapter of max_r's
-    group while r=3 had its own fold recompiled, as did flipping a guarded absent flag). A new set
-    of groups compiles once (here: r=3's own fold; training with a first dropout rate), and a set
-    seen before reuses its graph (see miss_ext/bank.py, "Recompilation")."""
+    """torch.compile(fullgraph=True) of the layer compiles one graph for eval, one for training
+    without dropout and one for training with dropout, and no change of the bank's adapters
+    recompiles any: replacing adapters (other r, dividing max_r or not, other mode), changing block
+    values in place, removing adapters, adding absent adapters and removing them, new dropout rates
+    in training. The compiled layer follows the bank's new contents (training: the same key; see
+    miss_ext/bank.py, "Recompilation"). Before the per-row fold, an r not dividing max_r, a new
+    dropout rate, removing the last adapter of a fold group and the first absent adapter each
+    compiled another graph."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -228,13 +227,16 @@ def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
             got = compiled(x, index)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    # One group (every r divides max_r), absent slots: the slot -> group table routes their rows.
+    put("a", 8)
+    check(["a", None, "a", "a", None, "a"])          # first call: the eval graph
+    assert counter.frame_count == 1
     names = ["a", None, "b", "a", "z", "w"]
-    for step, (r_a, r_b, mode_b) in enumerate([(8, 4, "mini"), (2, 8, "default"), (4, 1, "mini")]):
+    for step, (r_a, r_b, mode_b) in enumerate([(8, 4, "mini"), (2, 8, "default"), (4, 1, "mini"), (5, 3, "default"),
+                                               (7, 6, "mini")]):
         put("a", r_a)
         put("b", r_b, mode_b)
         if step == 0:
-            bank.add_absent("z")
+            bank.add_absent("z")                     # the first absent adapter
             bank.add_absent("w")
         check(names)
     with torch.no_grad():
@@ -242,44 +244,38 @@ def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
     check(names)
     bank.remove_adapter("b")                        # removal
     check(["a", None, "a", "a", "z", "w"])
-    put("b", 1, "mini")                             # the same shape again, in the freed slot
-    check(names)
-    bank.remove_adapter("z")                        # one of two absent adapters
-    check(["a", None, "b", "a", "w", "w"])
+    bank.remove_adapter("z")                        # an absent adapter
+    bank.remove_adapter("w")                        # the last absent adapter
+    check(["a", None, "a", "a", None, None])
+    put("b", 3, "mini")                             # r = 3 does not divide max_r = 8
+    put("c", 1)
+    check(["a", "c", "b", None, "b", "c"])
     assert counter.frame_count == 1
 
-    # r = 3 gets a fold of its own: a new set of groups, one more graph. Then max_r's group loses
-    # the adapter in the first slot to another slot's adapter, and regains it: the same set.
-    bank.remove_adapter("b")
-    put("c", 3)                                     # slot 1
-    put("b", 4, "mini")                             # slot 2: after c
-    names = ["a", "c", "b", None, "w", "c"]
-    check(names)
-    assert counter.frame_count == 2
-    bank.remove_adapter("a")
-    check(["b", "c", "b", None, "w", "c"])
-    put("a", 8)
-    check(names)
-    assert counter.frame_count == 2
-    bank.remove_adapter("c")                        # back to the first set: its graph is reused
-    check(["a", None, "b", "a", "w", "w"])
-    assert counter.frame_count == 2
-
-    # Training with a first dropout rate: a new set of groups, one more graph. Replacing its
-    # adapter by another with the same rate (other r dividing max_r, other mode) and changing
-    # values keep the set.
+    # Training: without dropout one more graph, with dropout (the rates and a key) one more; then
+    # none for new rates, ranks or absent adapters, or for switching between the two.
     bank.train()
-    put("d", 2, dropout=0.1)
-    names = ["a", "d", "b", None, "d", "w"]
-    check(names)
+    check(["a", None, "b", None, "b", "c"])
+    assert counter.frame_count == 2
+    put("d", 2, dropout=0.1)                        # the first adapter with dropout
+    check(["a", "d", "b", None, "d", "c"])
     assert counter.frame_count == 3
-    bank.remove_adapter("d")
-    put("e", 4, "mini", dropout=0.1)
-    names = ["a", "e", "b", None, "e", "w"]
-    check(names)
+    put("e", 5, "mini", dropout=0.3)
+    put("d", 3, dropout=0.6)
+    bank.add_absent("z")
+    check(["a", "d", "e", "z", "e", "d"])
     with torch.no_grad():
         bank.block("e").normal_()
-    check(names)
+    bank.remove_adapter("a")
+    check([None, "d", "e", "z", "c", "d"])
+    bank.remove_adapter("d")
+    bank.remove_adapter("e")                        # the last adapter with dropout
+    check([None, "b", "c", "z", "c", "b"])
+    put("d", 4, dropout=0.2)
+    check(["d", "b", "c", "z", "c", "d"])
+    assert counter.frame_count == 3
+    bank.eval()                                     # back to eval: its graph again
+    check(["b", "d", "c", "z", "c", "d"])
     assert counter.frame_count == 3
     torch._dynamo.reset()
 

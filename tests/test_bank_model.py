@@ -446,20 +446,22 @@ def test_more_refusals(folders, tmp_path):
     with pytest.raises(ValueError, match="32 -> 32"):
         layer.add_from("x", miss_ext.MissLinear(torch.nn.Linear(8, 32, dtype=torch.float64), 2))
     # a layer with no adapter still checks the ids it is given (CPU)
-    with pytest.raises(ValueError, match=r"slots \[1\] that hold no adapter"):
+    with pytest.raises(ValueError, match=r"ranks\[1\]=0 \(used by row 1\).*the slot holds no adapter"):
         layer(torch.randn(2, 32, dtype=torch.float64), torch.tensor([-1, 1]))
 
 
 def test_compiled_model_under_mixed_batch_compiles_once():
     """torch.compile(fullgraph=True) of a bank model called under mixed_batch: other names per
-    call, replacing an adapter in a slot, and a layer holding only absent adapters give one graph
-    (the rows are a tensor; the slot names are not read in forward) and follow the bank."""
+    call, replacing an adapter in a slot, adding one of a rank that does not divide the other
+    ranks' (r=3 beside r=2: once a fold of its own, and a recompile) and a layer holding only
+    absent adapters give one graph (the rows are a tensor; the slot names are not read in forward)
+    and follow the bank."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
-    miss_ext.apply_bank(model, ["0", "1"], capacity=4, max_r=2)
+    miss_ext.apply_bank(model, ["0", "1"], capacity=4, max_r=3)
     for name in "abc":
         miss_ext.add_bank_adapter(model, name, r=2, target_modules=["0"])  # layer "1": absent only
         with torch.no_grad():
@@ -467,12 +469,18 @@ def test_compiled_model_under_mixed_batch_compiles_once():
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     x = torch.randn(2, 8)
-    for step, names in enumerate([["a", "b"], ["b", "c"], ["c", None], ["a", "a"], ["d", "b"]]):
+    for step, names in enumerate([["a", "b"], ["b", "c"], ["c", None], ["a", "a"], ["d", "b"], ["e", "d"]]):
         if step == 4:  # replace "a" by "d" in the same slot
             miss_ext.remove_bank_adapter(model, "a")
             miss_ext.add_bank_adapter(model, "d", r=2, target_modules=["0"])
             with torch.no_grad():
                 model[0].block("d").normal_()
+        if step == 5:  # r=3 on both layers: "1" gets its first adapter
+            miss_ext.remove_bank_adapter(model, "b")
+            miss_ext.add_bank_adapter(model, "e", r=3, target_modules=["0", "1"])
+            with torch.no_grad():
+                model[0].block("e").normal_()
+                model[1].block("e").normal_()
         with torch.no_grad(), miss_ext.mixed_batch(model, names):
             torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
     assert counter.frame_count == 1

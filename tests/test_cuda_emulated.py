@@ -508,7 +508,7 @@ def test_bank_invalid_values_trip_device_assertions(emu, what):
     if what == "index":
         index = torch.tensor([0, 3, 2, -1])
     elif what == "rank":
-        ranks = torch.tensor([8, 3, 2])
+        ranks = torch.tensor([8, 9, 2])
     else:
         periods = torch.tensor([12, 5, 12])
     with pytest.raises(ValueError):
@@ -520,6 +520,89 @@ def test_bank_invalid_values_trip_device_assertions(emu, what):
     with pytest.raises(emu.EmuError, match="device-side assertion"):
         emu.bank_grad(torch.randn(4, out), s, bank, gr.t, gq.t, index, torch.zeros(4, R), torch.zeros_like(bank))
 
+
+# bank_fold: (rows, max_r, in, slot ranks): ranks dividing max_r and not, r > in, r = 1, and ranks of
+# 256 and more (each thread sums whole columns) beside ranks below the block size (chunks of r
+# threads reduced in shared memory).
+BANK_FOLD_SHAPES = [(37, 8, 29, [8, 3, 5, 1]), (6, 16, 10, [16, 12, 11]), (9, 300, 700, [300, 257, 256, 7]),
+                    (4, 64, 2049, [64, 63, 65 - 32])]
+BANK_FOLD_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
+                   (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+
+
+def _bank_fold_case(emu, rows, max_r, fin, ranks, x_dtype, s_dtype, rates, misaligned, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, fin, generator=gen, dtype=F64).to(x_dtype)
+    ranks = torch.tensor(ranks + [0])                              # an empty slot no row names
+    index = torch.randint(-1, ranks.numel() - 1, (rows,), generator=gen)
+    index[0], index[-1] = -1, ranks.numel() - 2
+    dropouts = key = None
+    if rates is not None:
+        dropouts = torch.tensor((rates * len(ranks))[:len(ranks)], dtype=F64)
+        key = miss_ext.new_dropout_key("cpu")
+    want = ops.bank_fold(x, index, ranks, max_r, dropouts, key, s_dtype)
+    gx, gi, gr = guarded(x, misaligned), guarded(index), guarded(ranks)
+    gs = guarded(torch.empty(rows, max_r, dtype=s_dtype), misaligned, fill=float("nan"))  # every element written
+    gd = None if dropouts is None else guarded(dropouts)
+    emu.bank_fold(gx.t, gs.t, gi.t, gr.t, None if gd is None else gd.t, key)
+    assert_guards(*[g for g in (gx, gs, gi, gr, gd) if g is not None])
+    assert "bank_fold_kernel<" in kernels_ran(emu)[0]
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(s_dtype, 2e-2)
+    torch.testing.assert_close(gs.t.to(F64), want.to(F64), rtol=tol, atol=tol * fin ** 0.5)
+    assert torch.equal(gs.t[index < 0], torch.zeros_like(gs.t[index < 0]))
+    # backward: grad_x poisoned, every element written
+    grad_s = torch.randn(rows, max_r, generator=gen, dtype=F64).to(s_dtype)
+    want_x = ops.bank_fold_backward(grad_s, index, ranks, fin, dropouts, key, x_dtype)
+    gg = guarded(grad_s, misaligned)
+    ggx = guarded(torch.empty(rows, fin, dtype=x_dtype), misaligned, fill=float("nan"))
+    emu.bank_fold_grad(gg.t, ggx.t, gi.t, gr.t, None if gd is None else gd.t, key)
+    assert_guards(gg, ggx)
+    assert "bank_unfold_kernel<" in kernels_ran(emu)[0]
+    torch.testing.assert_close(ggx.t, want_x, rtol=0, atol=0)      # one product per element: exact
+
+
+@pytest.mark.parametrize("x_dtype,s_dtype", BANK_FOLD_PAIRS, ids=str)
+@pytest.mark.parametrize("rates", [None, [0.0, 0.3, 1.0, 0.5]], ids=["no_dropout", "dropout"])
+def test_bank_fold_kernels_match_the_cpu(emu, x_dtype, s_dtype, rates, placement):
+    """bank_fold_kernel and bank_unfold_kernel against the CPU op: each row at its slot's rank and
+    dropout rate (one key), rows without adapter zero, poisoned outputs fully written."""
+    for i, shape in enumerate(BANK_FOLD_SHAPES):
+        for misaligned in (False, True):
+            _bank_fold_case(emu, *shape, x_dtype, s_dtype, rates, misaligned, seed=i)
+
+
+def test_bank_fold_schedules_agree(emu):
+    """The shared-memory reduction has its barriers: the forward, reverse and random thread orders
+    give the same sums."""
+    x, index, ranks = torch.randn(5, 77), torch.tensor([0, 1, -1, 2, 0]), torch.tensor([8, 3, 70])
+    results = []
+    for mode in ("forward", "reverse", "random"):
+        emu.set_schedule(mode, 7)
+        s = torch.full((5, 70), float("nan"))
+        emu.bank_fold(x, s, index, ranks)
+        results.append(s)
+    emu.set_schedule("forward")
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    torch.testing.assert_close(results[0], ops.bank_fold(x, index, ranks, 70), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("what", ["index", "rank", "rate"])
+def test_bank_fold_invalid_values_trip_device_assertions(emu, what):
+    """Slot ids, ranks and dropout rates are checked with CUDA_KERNEL_ASSERT (the CPU raises ValueError)."""
+    x, index, ranks = torch.randn(4, 12), torch.tensor([0, 1, 2, -1]), torch.tensor([8, 3, 2])
+    dropouts, key = torch.tensor([0.1, 0.2, 0.3], dtype=F64), miss_ext.new_dropout_key("cpu")
+    if what == "index":
+        index = torch.tensor([0, 3, 2, -1])
+    elif what == "rank":
+        ranks = torch.tensor([8, 9, 2])
+    else:
+        dropouts = torch.tensor([0.1, 1.5, 0.3], dtype=F64)
+    with pytest.raises(ValueError):
+        ops.bank_fold(x, index, ranks, 8, dropouts, key)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_fold(x, torch.empty(4, 8), index, guarded(ranks).t, dropouts, key)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_fold_grad(torch.randn(4, 8), torch.empty(4, 12), index, guarded(ranks).t, dropouts, key)
 
 # --------------------------------------------------------------------------------------------
 # drawn cases (hypothesis): sizes, r, periods, dtypes, dropout, kernel choice and placement beyond

@@ -391,13 +391,13 @@ def test_bank_add_errors_under_transforms_are_the_ops_errors():
     with pytest.raises(ValueError, match=r"index\[2\]=3 names no slot"):
         grad(lambda bk: ops.bank_add(y, s, bk, ranks, periods, bad).sum())(bank)
     wrong = ranks.clone()
-    wrong[int(index[index >= 0][0])] = 3
-    with pytest.raises(ValueError, match="must be in \\[1, r_cap=8\\] and divide"):
+    wrong[int(index[index >= 0][0])] = 9
+    with pytest.raises(ValueError, match=r"must be in \[1, min\(r_cap=8, s.shape\[-1\]=8\)\]"):
         grad(lambda bk: ops.bank_add(y, s, bk, wrong, periods, index).sum())(bank)
 
 
 def test_bank_layer_per_sample_gradients():
-    """MissBankLinear (default, mini, and r=3 needing a second fold) with functional_call +
+    """MissBankLinear (default, mini, and r=3 not dividing max_r) with functional_call +
     vmap(grad): each sample's bank gradient equals its own autograd call."""
     from miss_ext import MissBankLinear
 
@@ -416,3 +416,25 @@ def test_bank_layer_per_sample_gradients():
         layer.zero_grad()
         layer(x[i:i + 1], idx[i:i + 1]).pow(2).sum().backward()
         torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
+
+
+def test_bank_fold_under_transforms_matches_the_op():
+    """bank_fold's composite (each slot's fold matrix, the row's slot by one-hot; the kernels' masks
+    per row and rate): grad with dropout equals the op's own autograd, and vmap over samples (each
+    with its own slot id) equals one call over all rows."""
+    from test_bank_fold import MAX_R, case
+
+    x, index, ranks, rates, key = case("cpu", (6,), F64, dropout=True, seed=7)
+    g = torch.randn(6, MAX_R, dtype=F64)
+
+    def f(xx):
+        return (ops.bank_fold(xx, index, ranks, MAX_R, rates, key) * g).sum()
+
+    got = grad(f)(x)
+    xr = x.clone().requires_grad_(True)
+    f(xr).backward()
+    torch.testing.assert_close(got, xr.grad, rtol=1e-12, atol=1e-12)
+    batched = vmap(lambda xx, ii: ops.bank_fold(xx[None], ii[None], ranks, MAX_R)[0])(x, index)
+    torch.testing.assert_close(batched, ops.bank_fold(x, index, ranks, MAX_R), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"bank_fold ranks\[6\]=0"):
+        grad(lambda xx: ops.bank_fold(xx, torch.full((6,), 6), ranks, MAX_R).sum())(x)

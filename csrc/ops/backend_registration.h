@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "bank.h"
+#include "bank_fold.h"
 #include "bat.h"
 #include "fold.h"
 #include "linear.h"
@@ -48,12 +49,30 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_on(const at::Tensor& grad, 
   return bank_add_backward_with(kernel, grad, s, bank, ranks, periods, index);
 }
 
+template <BankFoldKernel kernel>
+at::Tensor bank_fold_on(const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks, int64_t max_r,
+                        const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key,
+                        std::optional<at::ScalarType> dtype) {
+  return bank_fold_with(kernel, x, index, ranks, max_r, dropouts, key, dtype);
+}
+
+template <BankFoldGradKernel kernel>
+at::Tensor bank_fold_backward_on(const at::Tensor& grad, const at::Tensor& index, const at::Tensor& ranks,
+                                 c10::SymInt in_features, const std::optional<at::Tensor>& dropouts,
+                                 const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
+  return bank_fold_backward_with(kernel, grad, index, ranks, std::move(in_features), dropouts, key, dtype);
+}
+
+// The kernels of one backend. A struct of function pointers would not be a template argument, so
+// they are listed one by one.
 template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_kernel, BankAddKernel bank_add_kernel,
-          BankGradKernel bank_grad_kernel>
+          BankGradKernel bank_grad_kernel, BankFoldKernel bank_fold_kernel, BankFoldGradKernel bank_fold_grad_kernel>
 void register_backend(torch::Library& m) {
   m.impl("bank_add", &bank_add_functional_kernel);
   m.impl("bank_add_", &bank_add_on<bank_add_kernel>);
   m.impl("bank_add_backward", &bank_add_backward_on<bank_grad_kernel>);
+  m.impl("bank_fold", &bank_fold_on<bank_fold_kernel>);
+  m.impl("bank_fold_backward", &bank_fold_backward_on<bank_fold_grad_kernel>);
   m.impl("fold", &fold_on<fold_kernel>);
   m.impl("tile_add_", &tile_add_on<tile_add_kernel>);
   m.impl("tile_add", &tile_add_functional_kernel);

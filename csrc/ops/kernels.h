@@ -36,6 +36,19 @@ using BankGradKernel = void (*)(const at::Tensor& grad, const at::Tensor& s, con
                                 const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index,
                                 at::Tensor& grad_s, at::Tensor& grad_bank);
 
+// bank_fold: s (rows, R) = each row's fold at the rank of its slot a = index[t], with slot a's
+// dropout rate dropouts[a], zeros past that rank, and zero rows where index[t] < 0 (x (rows, in),
+// index (rows,), ranks (N,) int64, dropouts (N,) float64 or undefined). key: the [seed, offset]
+// words in the data's memory, or null for no dropout. s.dtype is x.dtype or float32. Kernels check
+// the values of index, ranks and dropouts (the CPU kernel on the host; the CUDA kernel with
+// device-side assertions).
+using BankFoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
+                                const at::Tensor& dropouts, const int64_t* key);
+// Its adjoint: grad_x (rows, in)[t, i] = the row's dropout factor times grad_s[t, i mod r_a], zero
+// rows where index[t] < 0; grad_s (rows, R) of grad_x's dtype or float32.
+using BankFoldGradKernel = void (*)(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
+                                    const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
+
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
@@ -46,6 +59,10 @@ void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& b
                          const at::Tensor& periods, const at::Tensor& index);
 void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                           const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
+void bank_fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
+                          const at::Tensor& dropouts, const int64_t* key);
+void bank_fold_grad_kernel_cpu(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
+                               const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
 
 #ifdef MISS_EXT_WITH_CUDA
 void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
@@ -55,6 +72,10 @@ void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& 
                           const at::Tensor& periods, const at::Tensor& index);
 void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                            const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
+void bank_fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
+                           const at::Tensor& dropouts, const int64_t* key);
+void bank_fold_grad_kernel_cuda(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
+                                const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
 #endif
 
 }  // namespace miss_ext

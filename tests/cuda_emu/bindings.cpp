@@ -91,6 +91,33 @@ void bank_grad(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& ba
   guarded([&] { miss_ext::bank_grad_kernel_cuda(grad, s, bank, ranks, periods, index, grad_s, grad_bank); });
 }
 
+void bank_fold(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
+               const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key) {
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{x, "x"}, {s, "s"}, {index, "index"}, {ranks, "ranks"}})
+    check_cpu(t, n);
+  TORCH_CHECK(dropouts.has_value() == key.has_value(), "cuda_emu: bank_fold takes dropouts and key together");
+  if (dropouts) check_cpu(*dropouts, "dropouts");
+  if (key) check_cpu(*key, "key");
+  guarded([&] {
+    miss_ext::bank_fold_kernel_cuda(x, s, index, ranks, dropouts ? *dropouts : at::Tensor(),
+                                    key ? key->const_data_ptr<int64_t>() : nullptr);
+  });
+}
+
+void bank_fold_grad(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index, const at::Tensor& ranks,
+                    const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key) {
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{grad_s, "grad_s"}, {grad_x, "grad_x"},
+                      {index, "index"}, {ranks, "ranks"}})
+    check_cpu(t, n);
+  TORCH_CHECK(dropouts.has_value() == key.has_value(), "cuda_emu: bank_fold_grad takes dropouts and key together");
+  if (dropouts) check_cpu(*dropouts, "dropouts");
+  if (key) check_cpu(*key, "key");
+  guarded([&] {
+    miss_ext::bank_fold_grad_kernel_cuda(grad_s, grad_x, index, ranks, dropouts ? *dropouts : at::Tensor(),
+                                         key ? key->const_data_ptr<int64_t>() : nullptr);
+  });
+}
+
 }  // namespace
 
 #ifdef CUDA_EMU_SELFTEST
@@ -105,6 +132,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bat", &bat, "bat_kernel_cuda, emulated");
   m.def("bank_add", &bank_add, "bank_add_kernel_cuda, emulated");
   m.def("bank_grad", &bank_grad, "bank_grad_kernel_cuda, emulated");
+  m.def("bank_fold", &bank_fold, "bank_fold_kernel_cuda, emulated", py::arg("x"), py::arg("s"), py::arg("index"),
+        py::arg("ranks"), py::arg("dropouts") = py::none(), py::arg("key") = py::none());
+  m.def("bank_fold_grad", &bank_fold_grad, "bank_fold_grad_kernel_cuda, emulated", py::arg("grad_s"),
+        py::arg("grad_x"), py::arg("index"), py::arg("ranks"), py::arg("dropouts") = py::none(),
+        py::arg("key") = py::none());
   m.def("set_schedule", [](const std::string& mode, uint64_t seed) {
     const int k = mode == "forward" ? 0 : mode == "reverse" ? 1 : mode == "random" ? 2 : -1;
     TORCH_CHECK(k >= 0, "cuda_emu: schedule must be forward, reverse or random");

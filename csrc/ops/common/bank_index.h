@@ -1,16 +1,20 @@
-// Index arithmetic of the adapter bank (miss::bank_add), shared by the CPU and CUDA kernels.
+// Index arithmetic of the adapter bank (miss::bank_fold, miss::bank_add), shared by the CPU and
+// CUDA kernels.
 //
 // Row t uses slot a = index[t] (none when negative). Slot a holds a block of r_a x q_a values at
-// bank[a, :r_a, :q_a] inside the (r_cap, q_cap) slot. The row's fold s[t] has R >= r_a columns
-// with r_a | R, and folding it again to r_a columns gives the adapter's own fold:
-//   s_a[j] = sum_{m < R / r_a} s[t, m r_a + j]
-// so out[t, o] += sum_j s_a[j] * bank[a, j, o mod q_a]; the gradients follow from the same
-// indices: grad_s[t, k] = sum_c gq[c] bank[a, k mod r_a, c] with gq[c] = sum_{o mod q_a = c}
-// grad[t, o], and grad_bank[a, j, c] = sum over the rows of a of s_a[j] gq[c].
+// bank[a, :r_a, :q_a] inside the (r_cap, q_cap) slot. The row's s[t] has R >= r_a columns, and
+// folding it again to r_a columns gives the adapter's own fold:
+//   s_a[j] = sum_{m : m r_a + j < R} s[t, m r_a + j]
+// which holds for s[t] = miss::bank_fold's row (the fold at r_a, zeros past r_a) and for the fold
+// at R when r_a divides R (fold_r(x)[j] = sum_m fold_R(x)[m r + j]). Then out[t, o] += sum_j s_a[j]
+// * bank[a, j, o mod q_a]; the gradients follow from the same indices: grad_s[t, k] = sum_c gq[c]
+// bank[a, k mod r_a, c] with gq[c] = sum_{o mod q_a = c} grad[t, o], and grad_bank[a, j, c] = sum
+// over the rows of a of s_a[j] gq[c].
 #pragma once
 
 #include <cstdint>
 
+#include "dropout_mask.h"
 #include "host_device.h"
 
 namespace miss_ext {
@@ -33,6 +37,15 @@ MISS_HD acc bank_fold_grad(const T* grad_row, int64_t out, int64_t q, int64_t c)
   acc sum = acc(0);
   for (int64_t o = c; o < out; o += q) sum += static_cast<acc>(grad_row[o]);
   return sum;
+}
+
+// The dropout key of the rows of slot a in miss::bank_fold: the call's key words (null: no dropout)
+// with slot a's rate dropouts[a], so each adapter keeps its own p under one key per call.
+MISS_HD DropoutKey bank_row_key(const int64_t* key, const double* dropouts, int64_t a) {
+  if (key == nullptr) return DropoutKey{0, 0, 0, 1.0};
+  const double p = dropouts[a];
+  return DropoutKey{static_cast<uint64_t>(key[0]), static_cast<uint64_t>(key[1]), dropout_threshold(p),
+                    dropout_scale(p)};
 }
 
 }  // namespace miss_ext

@@ -1,7 +1,9 @@
 #include "checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -194,9 +196,8 @@ DropoutArgs make_dropout_args(double p, const std::optional<at::Tensor>& key) {
   // A strided key (e.g. a view) becomes a two-element copy on its own device: no host access.
   args.words = key->contiguous();
   args.params.key = args.words.const_data_ptr<int64_t>();
-  // threshold = round(p * 2^32) as a 64-bit integer; p == 1 gives 2^32 (drop every element).
-  args.params.threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
-  args.params.scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  args.params.threshold = dropout_threshold(p);
+  args.params.scale = dropout_scale(p);
   return args;
 }
 
@@ -249,11 +250,61 @@ void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slo
                       " slots (a negative index means no adapter)");
     if (seen[a]) continue;
     seen[a] = true;
-    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= r_cap && R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=",
-                      ranks[a], " (used by row ", t, ") must be in [1, r_cap=", r_cap, "] and divide s.shape[-1]=", R);
+    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= std::min(r_cap, R), "miss: bank_add ranks[", a, "]=", ranks[a],
+                      " (used by row ", t, ") must be in [1, min(r_cap=", r_cap, ", s.shape[-1]=", R, ")]");
     TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
                       "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
                       "] and divide out_features=", out);
+  }
+}
+
+void check_bank_fold_args(const char* op, const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks,
+                          int64_t max_r, const std::optional<at::Tensor>& dropouts,
+                          const std::optional<at::Tensor>& key) {
+  check_floating(x, op == std::string("bank_fold") ? "x" : "grad");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "miss: ", op, " needs an input with a last dimension, got a scalar");
+  TORCH_CHECK_VALUE(max_r >= 1, "miss: ", op, " max_r must be a positive integer, got max_r=", max_r);
+  TORCH_CHECK_TYPE(ranks.scalar_type() == at::kLong, "miss: ", op, " ranks must be int64, got ", ranks.scalar_type());
+  TORCH_CHECK_VALUE(ranks.dim() == 1, "miss: ", op, " ranks must have shape (slots,), got shape ", ranks.sym_sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "miss: ", op, " index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.sym_sizes() == x.sym_sizes().slice(0, x.dim() - 1), "miss: ", op,
+                    " index must have the input's leading sizes ", x.sym_sizes().slice(0, x.dim() - 1),
+                    ", got shape ", index.sym_sizes());
+  check_same_device(x, "the input", index, "index");
+  check_same_device(x, "the input", ranks, "ranks");
+  const bool has_dropouts = dropouts.has_value() && dropouts->defined();
+  const bool has_key = key.has_value() && key->defined();
+  TORCH_CHECK_VALUE(has_dropouts || !has_key, "miss: ", op, " got a dropout key but no dropouts (the slots' "
+                    "dropout rates, float64 (slots,)); pass both for dropout, or neither");
+  if (has_dropouts) {
+    TORCH_CHECK_TYPE(dropouts->scalar_type() == at::kDouble, "miss: ", op, " dropouts must be float64, got ",
+                     dropouts->scalar_type());
+    TORCH_CHECK_VALUE(dropouts->dim() == 1 && dropouts->sym_size(0) == ranks.sym_size(0), "miss: ", op,
+                      " dropouts must have shape (slots,) = (", ranks.sym_size(0), ",), got shape ",
+                      dropouts->sym_sizes());
+    check_same_device(x, "the input", *dropouts, "dropouts");
+    check_key(1.0, key, x);  // a key is needed: some slot may have p > 0
+  }
+}
+
+void check_bank_fold_values(const int64_t* ranks, int64_t slots, const double* dropouts, const int64_t* index,
+                            int64_t rows, int64_t max_r) {
+  // Only the slots some row uses: a bank may hold empty slots (rank 0).
+  std::vector<bool> seen(static_cast<size_t>(slots), false);
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t a = index[t];
+    if (a < 0) continue;
+    TORCH_CHECK_VALUE(a < slots, "miss: bank_fold index[", t, "]=", a, " names no slot of a bank with ", slots,
+                      " slots (a negative index means no adapter)");
+    if (seen[a]) continue;
+    seen[a] = true;
+    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= max_r, "miss: bank_fold ranks[", a, "]=", ranks[a],
+                      " (used by row ", t, ") must be in [1, max_r=", max_r, "]",
+                      ranks[a] == 0 ? " (a rank of 0: the slot holds no adapter)" : "");
+    if (dropouts != nullptr) {
+      TORCH_CHECK_VALUE(dropouts[a] >= 0.0 && dropouts[a] <= 1.0, "miss: bank_fold dropouts[", a, "]=", dropouts[a],
+                        " (used by row ", t, ") must be a dropout probability in [0, 1]");
+    }
   }
 }
 

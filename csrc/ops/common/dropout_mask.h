@@ -29,6 +29,7 @@
 // the GPU agree bit for bit.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -42,6 +43,13 @@ struct DropoutParams {
   uint64_t threshold;  // drop iff word < threshold; 0 means "no dropout"
   double scale;        // 1 / (1 - p), or 0 when p == 1
 };
+
+// The keep decision's threshold round(p * 2^32), a 64-bit integer so that p == 1 gives 2^32 (drop
+// every element), and the keep scale 1 / (1 - p) (0 for p == 1, as nn.Dropout). One definition for
+// the host (make_dropout_args) and for kernels that read p from device memory (miss::bank_fold,
+// one rate per adapter), so both give the same mask for the same (key, p).
+MISS_HD uint64_t dropout_threshold(double p) { return static_cast<uint64_t>(llround(p * 4294967296.0)); }
+MISS_HD double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
 
 // The resolved key that the mask functions below take; built inside a kernel by load_dropout_key.
 struct DropoutKey {

@@ -16,16 +16,11 @@
 #include "../common/shard_index.h"
 #include "../kernels.h"
 #include "cpu_clones.h"
+#include "row_helpers.h"
 
 namespace miss_ext {
-namespace {
 
-// Rows per parallel task: about 64 K elements of work each.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
-
-// Multi-versioned (cpu_clones.h): the Philox rounds vectorise across column groups, which is
-// most of the cost of dropout on the CPU.
-// keep[c] = 1 if column c of `row` is kept, else 0, for c < 4 * groups.
+// Declared in row_helpers.h (bank_fold_kernel.cpp uses it too).
 MISS_CPU_CLONES
 void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint8_t* __restrict keep) {
   for (int64_t g = 0; g < groups; ++g) {
@@ -37,13 +32,7 @@ void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint
   }
 }
 
-// factors[c] = scale if column c of `row` is kept, else 0. `keep` is scratch of >= cols + 3 bytes.
-template <typename acc>
-void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, uint8_t* keep, acc* factors) {
-  dropout_keep_groups(key, row, (cols + 3) / 4, keep);
-  const acc scale = static_cast<acc>(key.scale);
-  for (int64_t c = 0; c < cols; ++c) factors[c] = keep[c] ? scale : acc(0);
-}
+namespace {
 
 template <typename in_t, typename out_t>
 void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, const DropoutKey& key) {
@@ -55,23 +44,10 @@ void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, con
     std::vector<uint8_t> keep(dropout ? in + 4 : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(sums.begin(), sums.end(), acc(0));
-      const in_t* xr = x + t * in;
-      acc* sum = sums.data();
-      if (dropout) {
-        dropout_factors(key, t, in, keep.data(), factors.data());
-        const acc* f = factors.data();
-        for (int64_t c0 = 0; c0 < in; c0 += r) {
-          const int64_t len = std::min(r, in - c0);
-          for (int64_t j = 0; j < len; ++j) sum[j] += static_cast<acc>(xr[c0 + j]) * f[c0 + j];
-        }
-      } else {
-        for (int64_t c0 = 0; c0 < in; c0 += r) {
-          const int64_t len = std::min(r, in - c0);
-          for (int64_t j = 0; j < len; ++j) sum[j] += static_cast<acc>(xr[c0 + j]);
-        }
-      }
+      if (dropout) dropout_factors(key, t, in, keep.data(), factors.data());
+      fold_row(x + t * in, in, r, dropout ? factors.data() : static_cast<const acc*>(nullptr), sums.data());
       out_t* sr = s + t * r;
-      for (int64_t j = 0; j < r; ++j) sr[j] = static_cast<out_t>(sum[j]);
+      for (int64_t j = 0; j < r; ++j) sr[j] = static_cast<out_t>(sums[j]);
     }
   });
 }

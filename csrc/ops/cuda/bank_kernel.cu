@@ -34,7 +34,7 @@ constexpr int kRowsPerThread = 8;  // block rows per thread in the bank gradient
 __device__ inline void check_slot(int64_t a, int64_t slots, int64_t r, int64_t q, int64_t R, int64_t out,
                                   int64_t r_cap, int64_t q_cap) {
   CUDA_KERNEL_ASSERT(a < slots);
-  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && R % r == 0);
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R);
   CUDA_KERNEL_ASSERT(q >= 1 && q <= q_cap && out % q == 0);
 }
 
@@ -107,7 +107,7 @@ __global__ void bank_grad_bank_kernel(const g_t* __restrict__ grad, const a_t* _
   const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kRowsPerThread;
   if (offsets[a] == offsets[a + 1]) return;  // no row uses this slot: its values need not be valid
   const int64_t r = ranks[a], q = periods[a];
-  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && R % r == 0 && q >= 1 && q <= q_cap && out % q == 0);
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R && q >= 1 && q <= q_cap && out % q == 0);
   if (c >= q || j0 >= r) return;
   acc sums[kRowsPerThread];
 #pragma unroll

@@ -83,12 +83,31 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_meta(const at::Tensor& grad
   return {at::empty_symint(s.sym_sizes(), s.options()), at::empty_symint(bank.sym_sizes(), bank.options())};
 }
 
+at::Tensor bank_fold_meta(const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks, int64_t max_r,
+                          const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key,
+                          std::optional<at::ScalarType> dtype) {
+  check_bank_fold_args("bank_fold", x, index, ranks, max_r, dropouts, key);
+  check_out_dtype("bank_fold dtype", dtype);
+  return at::empty_symint(with_last(x, max_r), x.options().dtype(dtype.value_or(x.scalar_type())));
+}
+
+at::Tensor bank_fold_backward_meta(const at::Tensor& grad, const at::Tensor& index, const at::Tensor& ranks,
+                                   c10::SymInt in_features, const std::optional<at::Tensor>& dropouts,
+                                   const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
+  check_bank_fold_args("bank_fold_backward", grad, index, ranks, grad.dim() >= 1 ? static_size(grad, -1) : 1,
+                       dropouts, key);
+  check_out_dtype("bank_fold_backward dtype", dtype);
+  return at::empty_symint(with_last(grad, in_features), grad.options().dtype(dtype.value_or(grad.scalar_type())));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
   m.impl("bank_add", &bank_add_meta);
   m.impl("bank_add_", &bank_add_inplace_meta);
   m.impl("bank_add_backward", &bank_add_backward_meta);
+  m.impl("bank_fold", &bank_fold_meta);
+  m.impl("bank_fold_backward", &bank_fold_backward_meta);
   m.impl("fold", &fold_meta);
   m.impl("tile_add_", &tile_add_meta);
   m.impl("tile_add", &tile_add_functional_meta);
