@@ -62,7 +62,8 @@ def main() -> None:
     def mixed():
         """(a): y (T, out) from the base GEMM, s (T, r); no (T, in) or per-adapter temporary."""
         y = F.linear(x, W, b)
-        ops.bank_add_(y, ops.bank_fold(x, index, ranks, r, None, None, torch.float32), bank, ranks, periods, index)
+        s = ops.bank_fold(x, index, ranks, r, None, None, torch.float32)
+        ops.bank_add_(y, s, bank, ranks, periods, index, True)
         return y
 
     def split():

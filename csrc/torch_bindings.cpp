@@ -113,21 +113,26 @@ TORCH_LIBRARY(miss, m) {
   //
   // bank_add: out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]]
   // for rows with index[t] >= 0; rows with a negative index keep y (the base model's output).
-  // s (..., R): bank_fold of the rows (at max_r = R), or miss.fold at R when every rank a row uses
-  // divides R (fold_r(x)[j] = sum_m fold_R(x)[m r + j]); in bank's dtype. bank (N, r_cap, q_cap):
-  // slot a holds an adapter's block in [:ranks[a], :periods[a]] (default mode: periods[a] = out;
-  // mini: mini_r), zeros elsewhere; only the slots rows use must be valid (empty slots may have rank
-  // 0; 1 <= ranks[a] <= min(r_cap, R)). ranks, periods: int64 (N,), index: int64 with y's leading
+  // s (..., R), in bank's dtype, says per_row_fold which of two folds it is: False (default):
+  // miss.fold at R, refolded to each rank (fold_r(x)[j] = sum_m fold_R(x)[m r + j]), so every rank
+  // a row uses must divide R; True: bank_fold's output (each row at its own rank, zeros past it,
+  // which the same sum leaves as is), so any rank up to R. A rank not dividing R is refused
+  // without the flag: a fold at R cannot give that rank's fold, and the sum would be silently
+  // wrong. bank (N, r_cap, q_cap): slot a holds an adapter's block in [:ranks[a], :periods[a]]
+  // (default mode: periods[a] = out; mini: mini_r), zeros elsewhere; only the slots rows use must
+  // be valid (empty slots may have rank 0; 1 <= ranks[a] <= min(r_cap, R)). ranks, periods: int64 (N,), index: int64 with y's leading
   // sizes. y: any floating dtype; the sum is computed in float32 (float64 for float64 data) and
   // rounded once to y's dtype. Differentiable in y, s and bank: the gradient of slot a comes from
   // its rows only.
-  m.def("bank_add(Tensor y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> Tensor");
-  m.def("bank_add_(Tensor(a!) y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> ()");
+  m.def("bank_add(Tensor y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index, "
+        "bool per_row_fold=False) -> Tensor");
+  m.def("bank_add_(Tensor(a!) y, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index, "
+        "bool per_row_fold=False) -> ()");
   // Its adjoint in s and bank, from the gradient of the output (y's shape): (grad_s in s's dtype,
   // grad_bank in bank's dtype, zero outside each slot's [:ranks[a], :periods[a]]). Not
   // differentiable again.
-  m.def("bank_add_backward(Tensor grad, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index) -> "
-        "(Tensor, Tensor)");
+  m.def("bank_add_backward(Tensor grad, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index, "
+        "bool per_row_fold=False) -> (Tensor, Tensor)");
 
   // Backends and CUDA architectures compiled into this library.
   m.def("build_info() -> str", &build_info);

@@ -175,9 +175,11 @@ def merge_composite(weight: Tensor, block: Tensor, reverse: bool = False) -> Ten
     return (weight.to(acc) + (-delta if reverse else delta).to(acc)).to(weight.dtype)
 
 
-def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int) -> None:
+def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int,
+                       per_row_fold: bool) -> None:
     """check_bank_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
-    slots rows use have ranks in [1, min(r_cap, R)] and periods in [1, q_cap] dividing out."""
+    slots rows use have ranks in [1, min(r_cap, R)] (dividing R unless per_row_fold) and periods in
+    [1, q_cap] dividing out."""
     n, r_cap, q_cap = bank.shape
     idx = index.reshape(-1).cpu()
     if idx.numel() and int(idx.max()) >= n:
@@ -190,6 +192,10 @@ def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tens
         if not 1 <= r <= min(r_cap, R):
             raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {int((idx == a).nonzero()[0])}) must be "
                              f"in [1, min(r_cap={r_cap}, s.shape[-1]={R})]")
+        if not per_row_fold and R % r:
+            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {int((idx == a).nonzero()[0])}) does not "
+                             f"divide s.shape[-1]={R}: a fold at {R} cannot give the fold at {r}; fold each row at "
+                             "its own rank with miss.bank_fold and pass per_row_fold=True")
         if not (1 <= q <= q_cap and out % q == 0):
             raise ValueError(f"miss: bank_add periods[{a}]={q} must be in [1, q_cap={q_cap}] and divide "
                              f"out_features={out}")
@@ -225,21 +231,21 @@ def bank_fold_composite(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dro
     acc = _acc_dtype(x.dtype, out_dtype)
     in_features, n = x.shape[-1], ranks.shape[0]
     xs = x.to(acc).reshape(-1, in_features)
+    onehot = (index.reshape(-1)[:, None] == torch.arange(n, device=x.device)[None, :]).to(acc)  # (rows, N)
     if dropouts is not None:
-        # The kernels' keep factors, per row with its slot's rate: the adjoint of bank_fold
-        # broadcasts a gradient of ones through the same masks.
-        plain = [_plain(t, what) for t, what in ((index, "adapter index"), (ranks, "ranks"), (dropouts, "dropouts"),
-                                                 (key, "dropout key"))]
-        with torch._C._DisableFuncTorch(), torch._C._AutoDispatchBelowAutograd():
-            ones = torch.ones(xs.shape[0], max_r, dtype=acc, device=x.device)
-            factors = torch.ops.miss.bank_fold_backward(ones, plain[0].reshape(-1), plain[1], in_features, plain[2],
-                                                        plain[3], acc)
-        xs = xs * factors
+        # The kernels' keep factors of each slot's rate for every row (keep_factors: the mask at
+        # (row, column) for the key and p), the row's own slot's picked by the one-hot; so the index
+        # may be batched (per-sample gradients with one adapter per sample). The rates are read on
+        # the host (they must not be batched).
+        rates = _plain(dropouts, "dropouts").tolist()
+        per_rate = {p: keep_factors(xs.shape[0], in_features, p, key, acc, x.device) for p in set(rates) if p > 0}
+        ones = torch.ones(xs.shape[0], in_features, dtype=acc, device=x.device)
+        per_slot = torch.stack([per_rate.get(p, ones) for p in rates])                  # (N, rows, in)
+        xs = xs * torch.einsum("tn,nti->ti", onehot, per_slot)
     cols = torch.arange(in_features, device=x.device)[None, :, None]
     j = torch.arange(max_r, device=x.device)[None, None, :]
     r = ranks.clamp(min=1)[:, None, None]
     fold_matrix = ((cols % r == j) & (j < r)).to(acc)                                # (N, in, max_r)
-    onehot = (index.reshape(-1)[:, None] == torch.arange(n, device=x.device)[None, :]).to(acc)  # (rows, N)
     s = torch.einsum("tn,ti,nij->tj", onehot, xs, fold_matrix)
     return s.reshape(*x.shape[:-1], max_r).to(out_dtype)
 
@@ -314,16 +320,17 @@ def _bank_fold(x, index, ranks, max_r, dropouts=None, key=None, dtype=None):
     return bank_fold_composite(x, index, ranks, max_r, dropouts, key, dtype)
 
 
-def _bank_add(y, s, bank, ranks, periods, index):
-    _validate(ops.bank_add.default, y, s, bank, ranks, periods, index)
+def _bank_add(y, s, bank, ranks, periods, index, per_row_fold=False):
+    _validate(ops.bank_add.default, y, s, bank, ranks, periods, index, per_row_fold)
     # Values checked on all samples at once: a batched (per-sample) index or bank must hold valid
     # ids and ranks in every sample.
-    _check_bank_values(_all_values(ranks), _all_values(periods), _all_values(index), bank, s.shape[-1], y.shape[-1])
+    _check_bank_values(_all_values(ranks), _all_values(periods), _all_values(index), bank, s.shape[-1], y.shape[-1],
+                       per_row_fold)
     return bank_add_composite(y, s, bank, ranks, periods, index)
 
 
-_KERNELS = {"bank_add": _bank_add, "bank_fold": _bank_fold, "fold": _fold, "tile_add": _tile_add, "linear": _linear, "merge": _merge,
-            "bat_weight": _bat_weight, "bat_linear": _bat_linear}
+_KERNELS = {"bank_add": _bank_add, "bank_fold": _bank_fold, "fold": _fold, "tile_add": _tile_add, "linear": _linear,
+            "merge": _merge, "bat_weight": _bat_weight, "bat_linear": _bat_linear}
 _LIBRARY: List[torch.library.Library] = []
 
 

@@ -73,7 +73,8 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
             plain nn.Linear, which nothing else holds; a hooked or custom base module's output
             might be kept by someone, e.g. an activation cache).
     Returns y with the terms added, in y's dtype. A half-precision bank (a model cast to bf16)
-    is used in float32, as PEFT computes a bf16 layer's adapter branch without autocast.
+    is used in float32: each row's fold and term are summed in float32 and rounded once (PEFT
+    computes a bf16 block's branch in bf16; README, "Precision").
     """
     if bank.dtype in (torch.float16, torch.bfloat16):
         bank = bank.float()
@@ -81,8 +82,8 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     s = torch.ops.miss.bank_fold(x, index, ranks, bank.shape[1], dropouts, key, bank.dtype)
     differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)
     if differentiable or not inplace:
-        return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index)
-    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index)
+        return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, True)
+    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, True)
     return y
 
 

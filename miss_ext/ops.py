@@ -152,20 +152,23 @@ def bank_fold(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dropouts: Opt
     return torch.ops.miss.bank_fold(x, index, ranks, max_r, dropouts, key, dtype)
 
 
-def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> Tensor:
+def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
+             per_row_fold: bool = False) -> Tensor:
     """A bank of MiSS adapters, one per row: y + the adapter term of slot index[t] for each row t.
 
     out[t, o] = y[t, o] + sum_{k<R} s[t, k] * bank[a, k mod ranks[a], o mod periods[a]], a = index[t];
-    rows with a negative index keep y. Shapes: y (..., out), any floating dtype; s (..., R) =
-    bank_fold(x, index, ranks, R, dtype=bank.dtype), or fold(x, R, dtype=bank.dtype) when every
-    rank a row uses divides R; bank (N, r_cap, q_cap), float32 or y's dtype, slot a's block in
-    [:ranks[a], :periods[a]] (periods[a] = out in the default mode, mini_r in the mini mode);
-    ranks, periods int64 (N,); index int64 with y's leading sizes.
-    Differentiable in y, s and bank (once). ValueError/TypeError name a bad argument; on CUDA a
+    rows with a negative index keep y. Shapes: y (..., out), any floating dtype; s (..., R) in the
+    bank's dtype, either fold(x, R) (per_row_fold=False: every rank a row uses must divide R) or
+    bank_fold(x, index, ranks, R) (per_row_fold=True: any rank up to R); bank (N, r_cap, q_cap),
+    float32 or y's dtype, slot a's block in [:ranks[a], :periods[a]] (periods[a] = out in the
+    default mode, mini_r in the mini mode); ranks, periods int64 (N,); index int64 with y's
+    leading sizes. Differentiable in y, s and bank (once). ValueError/TypeError name a bad
+    argument (a rank not dividing R without per_row_fold: a fold at R cannot give it); on CUDA a
     bad value in ranks, periods or index trips a device-side assertion."""
-    return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index)
+    return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, per_row_fold)
 
 
-def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor) -> None:
+def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
+              per_row_fold: bool = False) -> None:
     """bank_add in place into y (not differentiable); arguments and errors as bank_add."""
-    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index)
+    torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, per_row_fold)

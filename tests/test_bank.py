@@ -203,6 +203,7 @@ def test_bank_add_bad_input_raises_and_changes_nothing(device):
     ]
     if device == "cpu":
         cases += [
+            (dict(ranks=torch.tensor([8, 3, 2])), ValueError, "ranks[1]=3 (used by row 1) does not divide"),
             (dict(ranks=torch.tensor([8, 0, 2])), ValueError, "ranks[1]=0"),
             (dict(ranks=torch.tensor([8, 16, 2])), ValueError, "ranks[1]=16"),
             (dict(periods=torch.tensor([12, 5, 12])), ValueError, "periods[1]=5"),

@@ -12,6 +12,7 @@ tests/test_cuda_emulated.py.
 """
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import miss_ext
 from conftest import DEVICES, poison_heap
@@ -164,8 +165,10 @@ def test_bank_fold_double_backward_is_refused():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bank_fold_with_bank_add_for_ranks_not_dividing_max_r(device):
-    """The pipeline the bank layers run: bank_add(y, bank_fold(x)) equals each row through its own
-    adapter (test_bank.bank_ref), with ranks that do not divide the bank's max_r."""
+    """The pipeline the bank layers run: bank_add(y, bank_fold(x), per_row_fold=True) equals each
+    row through its own adapter (test_bank.bank_ref), with ranks that do not divide the bank's
+    max_r; without per_row_fold such a rank is refused (s would be taken for a fold at R, which
+    cannot give that rank's fold: a silent wrong result otherwise), also in place and backward."""
     out = 12
     blocks = [torch.randn(r, q, generator=torch.Generator().manual_seed(r)).to(device)
               for r, q in ((8, 12), (3, 4), (5, 12), (7, 6), (1, 3))]
@@ -173,8 +176,17 @@ def test_bank_fold_with_bank_add_for_ranks_not_dividing_max_r(device):
     x = torch.randn(30, 29, dtype=F64, device=device)
     y = torch.randn(30, out, dtype=F64, device=device)
     index = torch.randint(-1, len(blocks), (30,), device=device)
-    got = ops.bank_add(y, ops.bank_fold(x, index, ranks, MAX_R, None, None, F64), bank, ranks, periods, index)
+    index[:5] = torch.arange(5)                                          # every slot used
+    s = ops.bank_fold(x, index, ranks, MAX_R, None, None, F64)
+    got = ops.bank_add(y, s, bank, ranks, periods, index, True)
     torch.testing.assert_close(got, bank_ref(y, x, blocks, index), rtol=1e-12, atol=1e-12)
+    if device == "cpu":  # CUDA checks the values with device-side assertions (tests/test_cuda_emulated.py)
+        with pytest.raises(ValueError, match=r"ranks\[1\]=3 \(used by row 1\) does not divide s.shape\[-1\]=8"):
+            ops.bank_add(y, s, bank, ranks, periods, index)
+        with pytest.raises(ValueError, match="does not divide"):
+            ops.bank_add_(y.clone(), s, bank, ranks, periods, index)
+        with pytest.raises(ValueError, match="does not divide"):
+            ops.bank_add_backward(y, s, bank, ranks, periods, index)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,14 +198,15 @@ def test_bank_fold_bad_input_raises(device):
     ok = dict(x=x, index=index, ranks=ranks, max_r=MAX_R, dropouts=rates, key=key, dtype=None)
     cases = [
         (dict(x=x.long()), TypeError, "float32, float64, float16 or bfloat16"),
-        (dict(index=index[:3]), ValueError, "index must have the input's leading sizes"),
+        (dict(index=index[:3]), ValueError, "index must have x's leading sizes"),
         (dict(index=index.int()), TypeError, "index must be int64"),
         (dict(ranks=ranks.view(1, -1)), ValueError, "ranks must have shape (slots,)"),
-        (dict(max_r=0), ValueError, "max_r=0"),
+        (dict(max_r=0), ValueError, "max_r (the fold width) must be >= 1, got 0"),
+        (dict(x=x[0, 0]), ValueError, "bank_fold needs x with a last dimension"),
         (dict(dropouts=None), ValueError, "a dropout key but no dropouts"),
         (dict(dropouts=rates.float()), TypeError, "dropouts must be float64"),
         (dict(dropouts=rates[:3]), ValueError, "dropouts must have shape (slots,) = (7,)"),
-        (dict(key=None), ValueError, "needs a key"),
+        (dict(key=None), ValueError, "got dropouts but no dropout key"),
         (dict(dtype=torch.int32), TypeError, "bank_fold dtype"),
         (dict(index=index.cpu() if device != "cpu" else index.to("meta")), ValueError, "must be on the same device"),
     ]
@@ -211,8 +224,20 @@ def test_bank_fold_bad_input_raises(device):
             ops.bank_fold(args["x"], args["index"], args["ranks"], args["max_r"], args["dropouts"], args["key"],
                           args["dtype"])
         assert text in str(info.value), (change, str(info.value))
+    grad = torch.randn(4, MAX_R, **on)
     with pytest.raises(ValueError, match="in_features must be >= 0"):
-        ops.bank_fold_backward(torch.randn(4, MAX_R, **on), index, ranks, -1, rates, key)
+        ops.bank_fold_backward(grad, index, ranks, -1, rates, key)
+    with pytest.raises(ValueError, match=r"bank_fold_backward grad.shape\[-1\] \(the fold width\) must be >= 1"):
+        ops.bank_fold_backward(grad[:, :0], index, ranks, IN, rates, key)
+    with pytest.raises(ValueError, match="bank_fold_backward got dropouts but no dropout key"):
+        ops.bank_fold_backward(grad, index, ranks, IN, rates, None)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"bank_fold_backward ranks\[6\]=0"):
+            ops.bank_fold_backward(grad, torch.tensor([6, 0, 1, 2]), ranks, IN, rates, key)
+    with FakeTensorMode():  # the meta kernels check as the CPU ones do
+        with pytest.raises(ValueError, match="in_features must be >= 0"):
+            ops.bank_fold_backward(torch.empty(4, MAX_R, **on), torch.empty(4, dtype=torch.int64, **on),
+                                   torch.empty(7, dtype=torch.int64, **on), -1)
 
 
 def test_bank_fold_compiles_once_while_ranks_and_rates_change():
@@ -242,8 +267,6 @@ def test_bank_fold_compiles_once_while_ranks_and_rates_change():
 def test_bank_fold_traces_on_fake_cuda():
     """Without a GPU: the meta kernels give the CUDA results' shapes, dtypes and devices (the key on
     the data's device, as FakeTensor requires), and torch.export traces the op on fake CUDA inputs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode():
         x = torch.empty(3, 6, 20, device="cuda", dtype=torch.bfloat16)
         index = torch.empty(3, 6, dtype=torch.int64, device="cuda")

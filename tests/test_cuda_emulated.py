@@ -12,7 +12,7 @@ emulated launchers take the tensors the op wrappers would hand to fold_kernel_cu
 sentinel) guards that must survive the call and poison any read past the ends, or alone against an
 inaccessible page after their end or before their start, where any access beyond them is reported.
 
-Hypothesis draws further cases for the fold, tile_add and bank kernels (40 per test in CI,
+Hypothesis draws further cases for the fold, tile_add, bank and bank_fold kernels (40 per test in CI,
 derandomized; MISS_EXT_HYPOTHESIS_EXAMPLES / MISS_EXT_HYPOTHESIS_RANDOM as in test_properties.py):
 1,500 random ones each passed on 2026-11-30. Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
 tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): grid-stride loops
@@ -586,6 +586,33 @@ def test_bank_fold_schedules_agree(emu):
     torch.testing.assert_close(results[0], ops.bank_fold(x, index, ranks, 70), rtol=0, atol=0)
 
 
+def test_bank_add_per_row_fold(emu):
+    """bank_add's kernels with ranks not dividing R: with per_row_fold (s from bank_fold) they run
+    and match the CPU; without it a device-side assertion refuses them, as the CPU's ValueError."""
+    R, out = 8, 12
+    blocks = [torch.randn(r, q) for r, q in ((8, 12), (3, 4), (5, 12))]
+    bank, ranks, periods = make_bank(blocks, R, out, torch.float32, pad=float("nan"))
+    x, y = torch.randn(6, 29), torch.randn(6, out)
+    index = torch.tensor([0, 1, 2, -1, 1, 2])
+    s = ops.bank_fold(x, index, ranks, R)
+    want = ops.bank_add(y, s, bank, ranks, periods, index, True)
+    got = y.clone()
+    emu.bank_add(got, s, bank, ranks, periods, index, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(6, out)
+    want_s, want_b = ops.bank_add_backward(grad, s, bank, ranks, periods, index, True)
+    grad_s, grad_bank = torch.zeros(6, R), torch.zeros_like(bank)
+    emu.bank_grad(grad, s, bank, ranks, periods, index, grad_s, grad_bank, True)
+    torch.testing.assert_close(grad_s, want_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_bank, want_b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        ops.bank_add(y, s, bank, ranks, periods, index)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_add(y.clone(), s, bank, ranks, periods, index)
+    with pytest.raises(emu.EmuError, match="device-side assertion"):
+        emu.bank_grad(grad, s, bank, ranks, periods, index, torch.zeros(6, R), torch.zeros_like(bank))
+
+
 @pytest.mark.parametrize("what", ["index", "rank", "rate"])
 def test_bank_fold_invalid_values_trip_device_assertions(emu, what):
     """Slot ids, ranks and dropout rates are checked with CUDA_KERNEL_ASSERT (the CPU raises ValueError)."""
@@ -673,6 +700,20 @@ def test_drawn_bank_cases(emu, data):
                    data.draw(st.integers(0, 3), label="r_cap extra"), data.draw(st.integers(0, 5), label="q_cap extra"),
                    y_dtype, a_dtype, data.draw(st.booleans(), label="misaligned"), seed=data.draw(st.integers(0, 99), label="seed"))
 
+
+
+@DRAWN
+@given(data=st.data())
+def test_drawn_bank_fold_cases(emu, data):
+    max_r = data.draw(st.sampled_from([1, 2, 7, 8, 33, 64, 255, 256, 300]), label="max_r")
+    ranks = data.draw(st.lists(st.integers(1, max_r), min_size=1, max_size=6), label="ranks")
+    x_dtype, s_dtype = data.draw(st.sampled_from(BANK_FOLD_PAIRS), label="dtypes")
+    rates = data.draw(st.one_of(st.none(), st.lists(st.sampled_from([0.0, 0.1, 0.3, 0.5, 1.0]), min_size=1,
+                                                    max_size=7)), label="rates")
+    with _drawn(placement=data.draw(st.sampled_from(PLACEMENTS), label="placement")):
+        _bank_fold_case(emu, data.draw(st.integers(1, 12), label="rows"), max_r,
+                        data.draw(WIDTHS.filter(lambda n: n >= 1), label="in"), ranks, x_dtype, s_dtype, rates,
+                        data.draw(st.booleans(), label="misaligned"), seed=data.draw(st.integers(0, 99), label="seed"))
 
 # --------------------------------------------------------------------------------------------
 # other schedules: threads of a block in reverse and in random order between barriers (a missing

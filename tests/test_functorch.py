@@ -418,6 +418,32 @@ def test_bank_layer_per_sample_gradients():
         torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
 
 
+def test_bank_layer_per_sample_gradients_with_dropout():
+    """The same in training with a dropout rate per adapter (vmap(..., randomness="same"): one key
+    for all samples, each sample's mask indexed by its own rows, as a separate call with that key
+    draws it). The index is batched: the composite must not need its values per sample for the
+    masks (it did once, and refused this)."""
+    from miss_ext import MissBankLinear
+
+    torch.manual_seed(0)
+    layer = MissBankLinear(nn.Linear(16, 12).double(), capacity=3, max_r=8).train()
+    layer.add_adapter("a", 8, dropout=0.3, block=torch.randn(8, 12, dtype=F64))
+    layer.add_adapter("b", 4, mode="mini", mini_r=6, dropout=0.0, block=torch.randn(4, 6, dtype=F64))
+    layer.add_adapter("c", 3, dropout=0.5, block=torch.randn(3, 12, dtype=F64))
+    x, idx = torch.randn(5, 16, dtype=F64), torch.tensor([0, 1, 2, -1, 2])
+
+    def loss(params, xx, ii):
+        return functional_call(layer, params, (xx[None], ii[None])).pow(2).sum()
+
+    torch.manual_seed(1)
+    got = vmap(grad(loss), in_dims=(None, 0, 0), randomness="same")({"bank": layer.bank.detach()}, x, idx)["bank"]
+    for i in range(5):
+        layer.zero_grad()
+        torch.manual_seed(1)  # the same key
+        layer(x[i:i + 1], idx[i:i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
+
+
 def test_bank_fold_under_transforms_matches_the_op():
     """bank_fold's composite (each slot's fold matrix, the row's slot by one-hot; the kernels' masks
     per row and rate): grad with dropout equals the op's own autograd, and vmap over samples (each

@@ -4,7 +4,7 @@ sequence, in forward, generate (greedy and beam search), direct layer calls and 
 Reference: PEFT itself, one single-adapter PEFT model per adapter (PEFT 0.21 ignores
 adapter_names for MiSS, and cannot mix modes on one layer), run on that adapter's rows only; the
 base model for "__base__". The adapters mix modes (default, mini), ranks that divide the largest
-(4 | 8) and one that does not (3: a second fold), and target different modules, so some layers
+(4 | 8) and one that does not (3), and target different modules, so some layers
 lack some adapters (their rows get that layer's base output). Per-adapter dropout in training is
 checked against a float64 reference with the masks our ops draw (PEFT's are nn.Dropout's).
 """

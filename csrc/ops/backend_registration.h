@@ -38,15 +38,16 @@ void bat_transform_inplace_on(at::Tensor& w, const at::Tensor& m, const at::Tens
 
 template <BankAddKernel kernel>
 void bank_add_on(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                 const at::Tensor& periods, const at::Tensor& index) {
-  bank_add_with(kernel, y, s, bank, ranks, periods, index);
+                 const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
+  bank_add_with(kernel, y, s, bank, ranks, periods, index, per_row_fold);
 }
 
 template <BankGradKernel kernel>
 std::tuple<at::Tensor, at::Tensor> bank_add_backward_on(const at::Tensor& grad, const at::Tensor& s,
                                                         const at::Tensor& bank, const at::Tensor& ranks,
-                                                        const at::Tensor& periods, const at::Tensor& index) {
-  return bank_add_backward_with(kernel, grad, s, bank, ranks, periods, index);
+                                                        const at::Tensor& periods, const at::Tensor& index,
+                                                        bool per_row_fold) {
+  return bank_add_backward_with(kernel, grad, s, bank, ranks, periods, index, per_row_fold);
 }
 
 template <BankFoldKernel kernel>

@@ -10,41 +10,42 @@ namespace miss_ext {
 namespace ops {
 
 at::Tensor bank_add(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                    const at::Tensor& periods, const at::Tensor& index) {
+                    const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("miss::bank_add", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&)>();
-  return op.call(y, s, bank, ranks, periods, index);
+                                         const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(y, s, bank, ranks, periods, index, per_row_fold);
 }
 
 void bank_add_(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-               const at::Tensor& periods, const at::Tensor& index) {
+               const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("miss::bank_add_", "")
                        .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&)>();
-  op.call(y, s, bank, ranks, periods, index);
+                                   const at::Tensor&, const at::Tensor&, bool)>();
+  op.call(y, s, bank, ranks, periods, index, per_row_fold);
 }
 
 std::tuple<at::Tensor, at::Tensor> bank_add_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank,
                                                      const at::Tensor& ranks, const at::Tensor& periods,
-                                                     const at::Tensor& index) {
+                                                     const at::Tensor& index, bool per_row_fold) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("miss::bank_add_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad, s, bank, ranks, periods, index);
+                                                                 const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(grad, s, bank, ranks, periods, index, per_row_fold);
 }
 
 }  // namespace ops
 
 at::Tensor bank_add_functional_kernel(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
-                                      const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index) {
+                                      const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index,
+                                      bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
   at::Tensor result = y.clone(at::MemoryFormat::Contiguous);
-  ops::bank_add_(result, s, bank, ranks, periods, index);
+  ops::bank_add_(result, s, bank, ranks, periods, index, per_row_fold);
   return result;
 }
 
@@ -66,7 +67,7 @@ BankArgs bank_args(const at::Tensor& s, const at::Tensor& bank, const at::Tensor
 }  // namespace
 
 void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
-                   const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index) {
+                   const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
   // An empty bank still goes to the kernel, which checks the ids: a row naming a slot of an empty
   // bank is an error, not a row that silently keeps y.
@@ -75,10 +76,10 @@ void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, con
   const int64_t rows = a.index.numel();
   if (y.is_contiguous()) {
     at::Tensor y2 = y.view({rows, y.size(-1)});
-    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index);
+    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index, per_row_fold);
   } else {
     at::Tensor y2 = y.reshape({rows, y.size(-1)}).contiguous();
-    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index);
+    kernel(y2, a.s, a.bank, a.ranks, a.periods, a.index, per_row_fold);
     y.copy_(y2.view(y.sizes()));
   }
 }
@@ -86,7 +87,7 @@ void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, con
 std::tuple<at::Tensor, at::Tensor> bank_add_backward_with(BankGradKernel kernel, const at::Tensor& grad,
                                                           const at::Tensor& s, const at::Tensor& bank,
                                                           const at::Tensor& ranks, const at::Tensor& periods,
-                                                          const at::Tensor& index) {
+                                                          const at::Tensor& index, bool per_row_fold) {
   check_bank_args(grad, s, bank, ranks, periods, index);
   at::Tensor grad_s = at::zeros(s.sizes(), s.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_bank = at::zeros(bank.sizes(), bank.options().memory_format(at::MemoryFormat::Contiguous));
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_with(BankGradKernel kernel,
   const int64_t rows = a.index.numel();
   const at::Tensor g = grad.reshape({rows, grad.size(-1)}).contiguous();
   at::Tensor grad_s2 = grad_s.view({rows, s.size(-1)});
-  kernel(g, a.s, a.bank, a.ranks, a.periods, a.index, grad_s2, grad_bank);
+  kernel(g, a.s, a.bank, a.ranks, a.periods, a.index, per_row_fold, grad_s2, grad_bank);
   return {grad_s, grad_bank};
 }
 

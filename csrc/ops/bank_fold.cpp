@@ -58,7 +58,7 @@ BankFoldArgs bank_fold_args(const at::Tensor& index, const at::Tensor& ranks, co
 at::Tensor bank_fold_with(BankFoldKernel kernel, const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks,
                           int64_t max_r, const std::optional<at::Tensor>& dropouts,
                           const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
-  check_bank_fold_args("bank_fold", x, index, ranks, max_r, dropouts, key);
+  check_bank_fold_args(x, index, ranks, max_r, dropouts, key);
   check_out_dtype("bank_fold dtype", dtype);
   const at::ScalarType out_dtype = dtype.value_or(x.scalar_type());
   const int64_t in = x.size(-1);
@@ -83,10 +83,9 @@ at::Tensor bank_fold_backward_with(BankFoldGradKernel kernel, const at::Tensor& 
                                    const at::Tensor& ranks, c10::SymInt in_features,
                                    const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key,
                                    std::optional<at::ScalarType> dtype) {
-  check_bank_fold_args("bank_fold_backward", grad, index, ranks, grad.dim() >= 1 ? grad.size(-1) : 1, dropouts, key);
+  check_bank_fold_backward_args(grad, index, ranks, in_features, dropouts, key);
   check_out_dtype("bank_fold_backward dtype", dtype);
   const int64_t in = in_features.guard_int(__FILE__, __LINE__);
-  TORCH_CHECK_VALUE(in >= 0, "miss: bank_fold_backward in_features must be >= 0, got ", in);
   const at::ScalarType out_dtype = dtype.value_or(grad.scalar_type());
   const int64_t rows = leading_rows(grad);
   const bool dropout = dropouts.has_value() && dropouts->defined();

@@ -27,14 +27,15 @@ using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tenso
 // bank_add: y (rows, out) += the bank term (torch_bindings.cpp) for s (rows, R), bank (N, r_cap,
 // q_cap), ranks and periods (N,), index (rows,), all contiguous; s and bank share one dtype,
 // float32 or y's. Kernels check the values of ranks, periods and index (the CPU kernel on the
-// host; the CUDA kernel with device-side assertions).
+// host; the CUDA kernel with device-side assertions); per_row_fold: s is bank_fold's, so a rank
+// need not divide R.
 using BankAddKernel = void (*)(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                               const at::Tensor& periods, const at::Tensor& index);
+                               const at::Tensor& periods, const at::Tensor& index, bool per_row_fold);
 // Its adjoint: grad_s (rows, R) and grad_bank (N, r_cap, q_cap), zero-filled, receive the
 // gradients from grad (rows, out).
 using BankGradKernel = void (*)(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank,
                                 const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index,
-                                at::Tensor& grad_s, at::Tensor& grad_bank);
+                                bool per_row_fold, at::Tensor& grad_s, at::Tensor& grad_bank);
 
 // bank_fold: s (rows, R) = each row's fold at the rank of its slot a = index[t], with slot a's
 // dropout rate dropouts[a], zeros past that rank, and zero rows where index[t] < 0 (x (rows, in),
@@ -56,9 +57,10 @@ void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, c
 // or the backend's kernel (impl_choice.h).
 void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                         const at::Tensor& periods, const at::Tensor& index);
+                         const at::Tensor& periods, const at::Tensor& index, bool per_row_fold);
 void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                          const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
+                          const at::Tensor& periods, const at::Tensor& index, bool per_row_fold, at::Tensor& grad_s,
+                          at::Tensor& grad_bank);
 void bank_fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
                           const at::Tensor& dropouts, const int64_t* key);
 void bank_fold_grad_kernel_cpu(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
@@ -69,9 +71,10 @@ void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& d
 void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
 void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                          const at::Tensor& periods, const at::Tensor& index);
+                          const at::Tensor& periods, const at::Tensor& index, bool per_row_fold);
 void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                           const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank);
+                           const at::Tensor& periods, const at::Tensor& index, bool per_row_fold, at::Tensor& grad_s,
+                           at::Tensor& grad_bank);
 void bank_fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
                            const at::Tensor& dropouts, const int64_t* key);
 void bank_fold_grad_kernel_cuda(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,

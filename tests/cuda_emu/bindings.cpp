@@ -76,19 +76,20 @@ void bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Te
 }
 
 void bank_add(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-              const at::Tensor& periods, const at::Tensor& index) {
+              const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{y, "y"}, {s, "s"}, {bank, "bank"}, {ranks, "ranks"},
                       {periods, "periods"}, {index, "index"}})
     check_cpu(t, n);
-  guarded([&] { miss_ext::bank_add_kernel_cuda(y, s, bank, ranks, periods, index); });
+  guarded([&] { miss_ext::bank_add_kernel_cuda(y, s, bank, ranks, periods, index, per_row_fold); });
 }
 
 void bank_grad(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-               const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank) {
+               const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank,
+               bool per_row_fold) {
   for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{grad, "grad"}, {s, "s"}, {bank, "bank"}, {ranks, "ranks"},
                       {periods, "periods"}, {index, "index"}, {grad_s, "grad_s"}, {grad_bank, "grad_bank"}})
     check_cpu(t, n);
-  guarded([&] { miss_ext::bank_grad_kernel_cuda(grad, s, bank, ranks, periods, index, grad_s, grad_bank); });
+  guarded([&] { miss_ext::bank_grad_kernel_cuda(grad, s, bank, ranks, periods, index, per_row_fold, grad_s, grad_bank); });
 }
 
 void bank_fold(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
@@ -130,8 +131,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_add", &tile_add, "tile_add_kernel_cuda, emulated", py::arg("out"), py::arg("src"), py::arg("alpha") = 1.0,
         py::arg("p") = 0.0, py::arg("key") = py::none());
   m.def("bat", &bat, "bat_kernel_cuda, emulated");
-  m.def("bank_add", &bank_add, "bank_add_kernel_cuda, emulated");
-  m.def("bank_grad", &bank_grad, "bank_grad_kernel_cuda, emulated");
+  m.def("bank_add", &bank_add, "bank_add_kernel_cuda, emulated", py::arg("y"), py::arg("s"), py::arg("bank"),
+        py::arg("ranks"), py::arg("periods"), py::arg("index"), py::arg("per_row_fold") = false);
+  m.def("bank_grad", &bank_grad, "bank_grad_kernel_cuda, emulated", py::arg("grad"), py::arg("s"), py::arg("bank"),
+        py::arg("ranks"), py::arg("periods"), py::arg("index"), py::arg("grad_s"), py::arg("grad_bank"),
+        py::arg("per_row_fold") = false);
   m.def("bank_fold", &bank_fold, "bank_fold_kernel_cuda, emulated", py::arg("x"), py::arg("s"), py::arg("index"),
         py::arg("ranks"), py::arg("dropouts") = py::none(), py::arg("key") = py::none());
   m.def("bank_fold_grad", &bank_fold_grad, "bank_fold_grad_kernel_cuda, emulated", py::arg("grad_s"),

@@ -17,11 +17,12 @@ class BankAddFunction : public torch::autograd::Function<BankAddFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& s,
                             const at::Tensor& bank, const at::Tensor& ranks, const at::Tensor& periods,
-                            const at::Tensor& index) {
+                            const at::Tensor& index, bool per_row_fold) {
     ctx->saved_data["y_dtype"] = y.scalar_type();
+    ctx->saved_data["per_row_fold"] = per_row_fold;
     ctx->save_for_backward({s, bank, ranks, periods, index});
     at::AutoDispatchBelowADInplaceOrView guard;
-    return ops::bank_add(y, s, bank, ranks, periods, index);
+    return ops::bank_add(y, s, bank, ranks, periods, index, per_row_fold);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -31,10 +32,11 @@ class BankAddFunction : public torch::autograd::Function<BankAddFunction> {
     at::Tensor grad_y, grad_s, grad_bank;
     if (ctx->needs_input_grad(0)) grad_y = g.to(ctx->saved_data["y_dtype"].toScalarType());
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      std::tie(grad_s, grad_bank) = ops::bank_add_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4]);
+      std::tie(grad_s, grad_bank) = ops::bank_add_backward(g, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                           ctx->saved_data["per_row_fold"].toBool());
     }
     return {grad_y, ctx->needs_input_grad(1) ? grad_s : at::Tensor(), ctx->needs_input_grad(2) ? grad_bank : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -54,7 +56,8 @@ class BankFoldFunction : public torch::autograd::Function<BankFoldFunction> {
                             const at::Tensor& ranks, int64_t max_r, const std::optional<at::Tensor>& dropouts,
                             const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
     ctx->saved_data["x_dtype"] = x.scalar_type();
-    ctx->saved_data["in_features"] = x.sym_size(-1);
+    // A scalar x is refused by the op's checks in the call below (with a ValueError naming it).
+    ctx->saved_data["in_features"] = x.dim() > 0 ? x.sym_size(-1) : c10::SymInt(0);
     const bool dropout = dropouts.has_value() && dropouts->defined();
     // dropouts and key may be inconsistent here: the op's checks run inside the call below.
     ctx->save_for_backward({index, ranks, dropout ? *dropouts : at::Tensor(),
@@ -89,21 +92,23 @@ at::Tensor bank_fold_backward_autograd(const at::Tensor& grad, const at::Tensor&
 }
 
 at::Tensor bank_add_autograd(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                             const at::Tensor& periods, const at::Tensor& index) {
-  return BankAddFunction::apply(y, s, bank, ranks, periods, index);
+                             const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
+  return BankAddFunction::apply(y, s, bank, ranks, periods, index, per_row_fold);
 }
 
 void bank_add_inplace_autograd(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                               const at::Tensor& periods, const at::Tensor& index) {
-  run_not_differentiable("bank_add_", {y, s, bank}, y, [&] { ops::bank_add_(y, s, bank, ranks, periods, index); });
+                               const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
+  run_not_differentiable("bank_add_", {y, s, bank}, y,
+                         [&] { ops::bank_add_(y, s, bank, ranks, periods, index, per_row_fold); });
 }
 
 std::tuple<at::Tensor, at::Tensor> bank_add_backward_autograd(const at::Tensor& grad, const at::Tensor& s,
                                                               const at::Tensor& bank, const at::Tensor& ranks,
-                                                              const at::Tensor& periods, const at::Tensor& index) {
+                                                              const at::Tensor& periods, const at::Tensor& index,
+                                                              bool per_row_fold) {
   check_once_differentiable("bank_add", {grad, s, bank});
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops::bank_add_backward(grad, s, bank, ranks, periods, index);
+  return ops::bank_add_backward(grad, s, bank, ranks, periods, index, per_row_fold);
 }
 
 }  // namespace

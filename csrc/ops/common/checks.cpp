@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -239,7 +238,7 @@ void check_bank_args(const at::Tensor& y, const at::Tensor& s, const at::Tensor&
 }
 
 void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
-                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap) {
+                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap, bool per_row_fold) {
   // Only the slots some row uses: a bank may hold empty slots (rank 0) and slots of adapters
   // that need another fold rank, which a call with this s never reads.
   std::vector<bool> seen(static_cast<size_t>(slots), false);
@@ -252,57 +251,82 @@ void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slo
     seen[a] = true;
     TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= std::min(r_cap, R), "miss: bank_add ranks[", a, "]=", ranks[a],
                       " (used by row ", t, ") must be in [1, min(r_cap=", r_cap, ", s.shape[-1]=", R, ")]");
+    TORCH_CHECK_VALUE(per_row_fold || R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=", ranks[a], " (used by row ",
+                      t, ") does not divide s.shape[-1]=", R, ": a fold at ", R, " cannot give the fold at ", ranks[a],
+                      "; fold each row at its own rank with miss.bank_fold and pass per_row_fold=True");
     TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
                       "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
                       "] and divide out_features=", out);
   }
 }
 
-void check_bank_fold_args(const char* op, const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks,
-                          int64_t max_r, const std::optional<at::Tensor>& dropouts,
-                          const std::optional<at::Tensor>& key) {
-  check_floating(x, op == std::string("bank_fold") ? "x" : "grad");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "miss: ", op, " needs an input with a last dimension, got a scalar");
-  TORCH_CHECK_VALUE(max_r >= 1, "miss: ", op, " max_r must be a positive integer, got max_r=", max_r);
+namespace {
+
+// bank_fold's and its backward's shared checks: `input` (x, or the gradient) with `name`, the fold
+// width (max_r, or the gradient's last size) with `width_name`.
+void check_bank_fold_inputs(const char* op, const char* name, const at::Tensor& input, const at::Tensor& index,
+                            const at::Tensor& ranks, int64_t width, const char* width_name,
+                            const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key) {
+  check_floating(input, name);
+  TORCH_CHECK_VALUE(width >= 1, "miss: ", op, " ", width_name, " (the fold width) must be >= 1, got ", width);
   TORCH_CHECK_TYPE(ranks.scalar_type() == at::kLong, "miss: ", op, " ranks must be int64, got ", ranks.scalar_type());
   TORCH_CHECK_VALUE(ranks.dim() == 1, "miss: ", op, " ranks must have shape (slots,), got shape ", ranks.sym_sizes());
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "miss: ", op, " index must be int64, got ", index.scalar_type());
-  TORCH_CHECK_VALUE(index.sym_sizes() == x.sym_sizes().slice(0, x.dim() - 1), "miss: ", op,
-                    " index must have the input's leading sizes ", x.sym_sizes().slice(0, x.dim() - 1),
+  TORCH_CHECK_VALUE(index.sym_sizes() == input.sym_sizes().slice(0, input.dim() - 1), "miss: ", op,
+                    " index must have ", name, "'s leading sizes ", input.sym_sizes().slice(0, input.dim() - 1),
                     ", got shape ", index.sym_sizes());
-  check_same_device(x, "the input", index, "index");
-  check_same_device(x, "the input", ranks, "ranks");
+  check_same_device(input, name, index, "index");
+  check_same_device(input, name, ranks, "ranks");
   const bool has_dropouts = dropouts.has_value() && dropouts->defined();
   const bool has_key = key.has_value() && key->defined();
   TORCH_CHECK_VALUE(has_dropouts || !has_key, "miss: ", op, " got a dropout key but no dropouts (the slots' "
                     "dropout rates, float64 (slots,)); pass both for dropout, or neither");
   if (has_dropouts) {
+    TORCH_CHECK_VALUE(has_key, "miss: ", op, " got dropouts but no dropout key: an int64 tensor [seed, offset] on "
+                      "the data's device, from miss_ext.new_dropout_key(device); pass both for dropout, or neither");
     TORCH_CHECK_TYPE(dropouts->scalar_type() == at::kDouble, "miss: ", op, " dropouts must be float64, got ",
                      dropouts->scalar_type());
     TORCH_CHECK_VALUE(dropouts->dim() == 1 && dropouts->sym_size(0) == ranks.sym_size(0), "miss: ", op,
                       " dropouts must have shape (slots,) = (", ranks.sym_size(0), ",), got shape ",
                       dropouts->sym_sizes());
-    check_same_device(x, "the input", *dropouts, "dropouts");
-    check_key(1.0, key, x);  // a key is needed: some slot may have p > 0
+    check_same_device(input, name, *dropouts, "dropouts");
+    check_key(1.0, key, input);  // its dtype, shape and device
   }
 }
 
-void check_bank_fold_values(const int64_t* ranks, int64_t slots, const double* dropouts, const int64_t* index,
-                            int64_t rows, int64_t max_r) {
+}  // namespace
+
+void check_bank_fold_args(const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks, int64_t max_r,
+                          const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "miss: bank_fold needs x with a last dimension (in_features), got a scalar");
+  check_bank_fold_inputs("bank_fold", "x", x, index, ranks, max_r, "max_r", dropouts, key);
+}
+
+void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& index, const at::Tensor& ranks,
+                                   const c10::SymInt& in_features, const std::optional<at::Tensor>& dropouts,
+                                   const std::optional<at::Tensor>& key) {
+  TORCH_CHECK_VALUE(grad.dim() >= 1, "miss: bank_fold_backward needs grad with a last dimension, got a scalar");
+  check_bank_fold_inputs("bank_fold_backward", "grad", grad, index, ranks,
+                         grad.sym_size(-1).guard_int(__FILE__, __LINE__), "grad.shape[-1]", dropouts, key);
+  TORCH_CHECK_VALUE(in_features >= 0, "miss: bank_fold_backward in_features must be >= 0, got ", in_features);
+}
+
+void check_bank_fold_values(const char* op, const int64_t* ranks, int64_t slots, const double* dropouts,
+                            const int64_t* index, int64_t rows, int64_t max_r) {
   // Only the slots some row uses: a bank may hold empty slots (rank 0).
   std::vector<bool> seen(static_cast<size_t>(slots), false);
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t a = index[t];
     if (a < 0) continue;
-    TORCH_CHECK_VALUE(a < slots, "miss: bank_fold index[", t, "]=", a, " names no slot of a bank with ", slots,
+    TORCH_CHECK_VALUE(a < slots, "miss: ", op, " index[", t, "]=", a, " names no slot of a bank with ", slots,
                       " slots (a negative index means no adapter)");
     if (seen[a]) continue;
     seen[a] = true;
-    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= max_r, "miss: bank_fold ranks[", a, "]=", ranks[a],
+    TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= max_r, "miss: ", op, " ranks[", a, "]=", ranks[a],
                       " (used by row ", t, ") must be in [1, max_r=", max_r, "]",
                       ranks[a] == 0 ? " (a rank of 0: the slot holds no adapter)" : "");
     if (dropouts != nullptr) {
-      TORCH_CHECK_VALUE(dropouts[a] >= 0.0 && dropouts[a] <= 1.0, "miss: bank_fold dropouts[", a, "]=", dropouts[a],
+      TORCH_CHECK_VALUE(dropouts[a] >= 0.0 && dropouts[a] <= 1.0, "miss: ", op, " dropouts[", a, "]=", dropouts[a],
                         " (used by row ", t, ") must be a dropout probability in [0, 1]");
     }
   }

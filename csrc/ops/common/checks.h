@@ -50,22 +50,26 @@ void check_bank_args(const at::Tensor& y, const at::Tensor& s, const at::Tensor&
                      const at::Tensor& periods, const at::Tensor& index);
 
 // The values behind bank_add's int64 arguments, read in host memory: every index[t] < N, and for
-// every slot a row uses, ranks[a] in [1, r_cap] dividing R and periods[a] in [1, q_cap] dividing out.
+// every slot a row uses, ranks[a] in [1, min(r_cap, R)] (dividing R unless per_row_fold) and
+// periods[a] in [1, q_cap] dividing out.
 void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
-                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap);
+                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap, bool per_row_fold);
 
-// bank_fold (and, with grad_s for x and in_features for x's last size, its backward): x (..., in)
-// floating; index int64 with x's leading sizes; ranks int64 (N,); max_r >= 1; dropouts float64
-// (N,) and key (check_key) both given (dropout, each slot its own rate) or both None; all on x's
-// device. `op` names the op in messages.
-void check_bank_fold_args(const char* op, const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks,
-                          int64_t max_r, const std::optional<at::Tensor>& dropouts,
-                          const std::optional<at::Tensor>& key);
+// bank_fold: x (..., in) floating; index int64 with x's leading sizes; ranks int64 (N,); max_r
+// >= 1; dropouts float64 (N,) and key (check_key) both given (dropout, each slot its own rate) or
+// both None; all on x's device.
+void check_bank_fold_args(const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks, int64_t max_r,
+                          const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key);
+// bank_fold_backward: the same with grad (..., max_r) for x, and in_features >= 0.
+void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& index, const at::Tensor& ranks,
+                                   const c10::SymInt& in_features, const std::optional<at::Tensor>& dropouts,
+                                   const std::optional<at::Tensor>& key);
 
 // The values behind bank_fold's arguments, in host memory: every index[t] < N, and for every
-// slot a row uses, ranks[a] in [1, max_r] and (dropouts non-null) dropouts[a] in [0, 1].
-void check_bank_fold_values(const int64_t* ranks, int64_t slots, const double* dropouts, const int64_t* index,
-                            int64_t rows, int64_t max_r);
+// slot a row uses, ranks[a] in [1, max_r] and (dropouts non-null) dropouts[a] in [0, 1]. `op`
+// names the op in messages.
+void check_bank_fold_values(const char* op, const int64_t* ranks, int64_t slots, const double* dropouts,
+                            const int64_t* index, int64_t rows, int64_t max_r);
 
 // An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);

@@ -235,16 +235,17 @@ void bank_grad_rows(const g_t* grad, const a_t* s, const a_t* bank, const int64_
 }
 
 void check_values(const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks, const at::Tensor& periods,
-                  const at::Tensor& index, int64_t out) {
+                  const at::Tensor& index, int64_t out, bool per_row_fold) {
   check_bank_values(ranks.const_data_ptr<int64_t>(), periods.const_data_ptr<int64_t>(), bank.size(0),
-                    index.const_data_ptr<int64_t>(), index.numel(), s.size(1), out, bank.size(1), bank.size(2));
+                    index.const_data_ptr<int64_t>(), index.numel(), s.size(1), out, bank.size(1), bank.size(2),
+                    per_row_fold);
 }
 
 }  // namespace
 
 void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                         const at::Tensor& periods, const at::Tensor& index) {
-  check_values(s, bank, ranks, periods, index, y.size(1));
+                         const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
+  check_values(s, bank, ranks, periods, index, y.size(1), per_row_fold);
   dispatch_bank(y.scalar_type(), bank.scalar_type(), [&](auto y0, auto a0) {
     using y_t = decltype(y0);
     using a_t = decltype(a0);
@@ -256,8 +257,9 @@ void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& b
 }
 
 void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                          const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s, at::Tensor& grad_bank) {
-  check_values(s, bank, ranks, periods, index, grad.size(1));
+                          const at::Tensor& periods, const at::Tensor& index, bool per_row_fold, at::Tensor& grad_s,
+                          at::Tensor& grad_bank) {
+  check_values(s, bank, ranks, periods, index, grad.size(1), per_row_fold);
   dispatch_bank(grad.scalar_type(), bank.scalar_type(), [&](auto g0, auto a0) {
     using g_t = decltype(g0);
     using a_t = decltype(a0);

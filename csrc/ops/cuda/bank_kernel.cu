@@ -31,10 +31,11 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;
 constexpr int kRowsPerThread = 8;  // block rows per thread in the bank gradient
 
+// per_row_fold: s is miss.bank_fold's (a rank need not divide R; see torch_bindings.cpp).
 __device__ inline void check_slot(int64_t a, int64_t slots, int64_t r, int64_t q, int64_t R, int64_t out,
-                                  int64_t r_cap, int64_t q_cap) {
+                                  int64_t r_cap, int64_t q_cap, bool per_row_fold) {
   CUDA_KERNEL_ASSERT(a < slots);
-  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R);
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R && (per_row_fold || R % r == 0));
   CUDA_KERNEL_ASSERT(q >= 1 && q <= q_cap && out % q == 0);
 }
 
@@ -42,7 +43,7 @@ template <typename y_t, typename a_t>
 __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, const a_t* __restrict__ bank,
                                 const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                 const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R, int64_t slots,
-                                int64_t r_cap, int64_t q_cap) {
+                                int64_t r_cap, int64_t q_cap, bool per_row_fold) {
   using acc = acc_t<y_t, a_t>;
   extern __shared__ unsigned char shared[];
   acc* sa = reinterpret_cast<acc*>(shared);
@@ -51,7 +52,7 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
     if (a < 0) continue;  // the same for the whole block
     CUDA_KERNEL_ASSERT(a < slots);  // before ranks[a] is read (an empty bank's ranks has no memory)
     const int64_t r = ranks[a], q = periods[a];
-    check_slot(a, slots, r, q, R, out, r_cap, q_cap);
+    check_slot(a, slots, r, q, R, out, r_cap, q_cap, per_row_fold);
     for (int64_t j = threadIdx.x; j < r; j += blockDim.x) sa[j] = bank_fold_column<acc>(s + t * R, R, r, j);
     __syncthreads();
     const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
@@ -70,7 +71,8 @@ template <typename g_t, typename a_t>
 __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ bank,
                                    const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                    const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R,
-                                   int64_t slots, int64_t r_cap, int64_t q_cap, a_t* __restrict__ grad_s) {
+                                   int64_t slots, int64_t r_cap, int64_t q_cap, bool per_row_fold,
+                                   a_t* __restrict__ grad_s) {
   using acc = acc_t<g_t, a_t>;
   extern __shared__ unsigned char shared[];
   acc* d = reinterpret_cast<acc*>(shared);
@@ -80,7 +82,7 @@ __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __re
     if (a < 0) continue;  // grad_s stays zero
     CUDA_KERNEL_ASSERT(a < slots);  // before ranks[a] is read
     const int64_t r = ranks[a], q = periods[a];
-    check_slot(a, slots, r, q, R, out, r_cap, q_cap);
+    check_slot(a, slots, r, q, R, out, r_cap, q_cap, per_row_fold);
     const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
     const g_t* gr = grad + t * out;
     for (int64_t j = warp; j < r; j += warps) {
@@ -100,14 +102,15 @@ template <typename g_t, typename a_t>
 __global__ void bank_grad_bank_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ s,
                                       const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                       const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
-                                      int64_t out, int64_t R, int64_t r_cap, int64_t q_cap, a_t* __restrict__ grad_bank) {
+                                      int64_t out, int64_t R, int64_t r_cap, int64_t q_cap, bool per_row_fold,
+                                      a_t* __restrict__ grad_bank) {
   using acc = acc_t<g_t, a_t>;
   const int64_t a = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kRowsPerThread;
   if (offsets[a] == offsets[a + 1]) return;  // no row uses this slot: its values need not be valid
   const int64_t r = ranks[a], q = periods[a];
-  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R && q >= 1 && q <= q_cap && out % q == 0);
+  CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R && (per_row_fold || R % r == 0) && q >= 1 && q <= q_cap && out % q == 0);
   if (c >= q || j0 >= r) return;
   acc sums[kRowsPerThread];
 #pragma unroll
@@ -136,7 +139,7 @@ size_t shared_bytes(int64_t r_cap, size_t acc_size) {
 }  // namespace
 
 void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                          const at::Tensor& periods, const at::Tensor& index) {
+                          const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
   const int64_t rows = y.size(0);
@@ -147,13 +150,13 @@ void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& 
     bank_add_kernel<y_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(bank.size(1), sizeof(acc)), stream>>>(
         y.mutable_data_ptr<y_t>(), s.const_data_ptr<a_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, y.size(1), s.size(1), bank.size(0),
-        bank.size(1), bank.size(2));
+        bank.size(1), bank.size(2), per_row_fold);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                           const at::Tensor& periods, const at::Tensor& index, at::Tensor& grad_s,
+                           const at::Tensor& periods, const at::Tensor& index, bool per_row_fold, at::Tensor& grad_s,
                            at::Tensor& grad_bank) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
@@ -176,7 +179,7 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     bank_grad_s_kernel<g_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(r_cap, sizeof(acc)), stream>>>(
         grad.const_data_ptr<g_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, grad.size(1), s.size(1), slots,
-        r_cap, q_cap, grad_s.mutable_data_ptr<a_t>());
+        r_cap, q_cap, per_row_fold, grad_s.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // No block gradient to write: an empty bank (every index negative) or blocks with no rows or
     // columns. A grid dimension of 0 is an invalid launch.
@@ -185,7 +188,7 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     bank_grad_bank_kernel<g_t, a_t><<<grid, kThreads, 0, stream>>>(
         grad.const_data_ptr<g_t>(), s.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
-        grad.size(1), s.size(1), r_cap, q_cap, grad_bank.mutable_data_ptr<a_t>());
+        grad.size(1), s.size(1), r_cap, q_cap, per_row_fold, grad_bank.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -66,19 +66,20 @@ at::Tensor bat_linear_meta(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 at::Tensor bank_add_meta(const at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                         const at::Tensor& periods, const at::Tensor& index) {
+                         const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
   return at::empty_symint(y.sym_sizes(), y.options());
 }
 
 void bank_add_inplace_meta(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
-                           const at::Tensor& periods, const at::Tensor& index) {
+                           const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
 }
 
 std::tuple<at::Tensor, at::Tensor> bank_add_backward_meta(const at::Tensor& grad, const at::Tensor& s,
                                                           const at::Tensor& bank, const at::Tensor& ranks,
-                                                          const at::Tensor& periods, const at::Tensor& index) {
+                                                          const at::Tensor& periods, const at::Tensor& index,
+                                                          bool per_row_fold) {
   check_bank_args(grad, s, bank, ranks, periods, index);
   return {at::empty_symint(s.sym_sizes(), s.options()), at::empty_symint(bank.sym_sizes(), bank.options())};
 }
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_meta(const at::Tensor& grad
 at::Tensor bank_fold_meta(const at::Tensor& x, const at::Tensor& index, const at::Tensor& ranks, int64_t max_r,
                           const std::optional<at::Tensor>& dropouts, const std::optional<at::Tensor>& key,
                           std::optional<at::ScalarType> dtype) {
-  check_bank_fold_args("bank_fold", x, index, ranks, max_r, dropouts, key);
+  check_bank_fold_args(x, index, ranks, max_r, dropouts, key);
   check_out_dtype("bank_fold dtype", dtype);
   return at::empty_symint(with_last(x, max_r), x.options().dtype(dtype.value_or(x.scalar_type())));
 }
@@ -94,8 +95,7 @@ at::Tensor bank_fold_meta(const at::Tensor& x, const at::Tensor& index, const at
 at::Tensor bank_fold_backward_meta(const at::Tensor& grad, const at::Tensor& index, const at::Tensor& ranks,
                                    c10::SymInt in_features, const std::optional<at::Tensor>& dropouts,
                                    const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
-  check_bank_fold_args("bank_fold_backward", grad, index, ranks, grad.dim() >= 1 ? static_size(grad, -1) : 1,
-                       dropouts, key);
+  check_bank_fold_backward_args(grad, index, ranks, in_features, dropouts, key);
   check_out_dtype("bank_fold_backward dtype", dtype);
   return at::empty_symint(with_last(grad, in_features), grad.options().dtype(dtype.value_or(grad.scalar_type())));
 }
