@@ -230,15 +230,17 @@ def bank_fold_composite(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dro
     out_dtype = dtype or x.dtype
     acc = _acc_dtype(x.dtype, out_dtype)
     in_features, n = x.shape[-1], ranks.shape[0]
-    xs = x.to(acc).reshape(-1, in_features)
+    xs = x.to(acc).reshape(_rows(x), in_features)  # not -1: x may have no columns
     onehot = (index.reshape(-1)[:, None] == torch.arange(n, device=x.device)[None, :]).to(acc)  # (rows, N)
     if dropouts is not None:
         # The kernels' keep factors of each slot's rate for every row (keep_factors: the mask at
         # (row, column) for the key and p), the row's own slot's picked by the one-hot; so the index
         # may be batched (per-sample gradients with one adapter per sample). The rates are read on
-        # the host (they must not be batched).
+        # the host (they must not be batched); a slot no row uses may hold any value (the one-hot
+        # gives it weight 0; the rows' slots were checked by _check_bank_fold_values).
         rates = _plain(dropouts, "dropouts").tolist()
-        per_rate = {p: keep_factors(xs.shape[0], in_features, p, key, acc, x.device) for p in set(rates) if p > 0}
+        per_rate = {p: keep_factors(xs.shape[0], in_features, p, key, acc, x.device) for p in set(rates)
+                    if 0.0 < p <= 1.0}
         ones = torch.ones(xs.shape[0], in_features, dtype=acc, device=x.device)
         per_slot = torch.stack([per_rate.get(p, ones) for p in rates])                  # (N, rows, in)
         xs = xs * torch.einsum("tn,nti->ti", onehot, per_slot)
@@ -314,6 +316,7 @@ def _all_values(t: Tensor) -> Tensor:
 
 def _bank_fold(x, index, ranks, max_r, dropouts=None, key=None, dtype=None):
     _validate(ops.bank_fold.default, x, index, ranks, max_r, dropouts, key, dtype)
+    _plain(ranks, "ranks")  # a bank's slots are one for the whole batch: refuse vmap over them
     _check_key_device(key, x)
     _check_bank_fold_values(_all_values(ranks), None if dropouts is None else _all_values(dropouts),
                             _all_values(index), max_r)
@@ -322,6 +325,8 @@ def _bank_fold(x, index, ranks, max_r, dropouts=None, key=None, dtype=None):
 
 def _bank_add(y, s, bank, ranks, periods, index, per_row_fold=False):
     _validate(ops.bank_add.default, y, s, bank, ranks, periods, index, per_row_fold)
+    _plain(ranks, "ranks")  # a bank's slots are one for the whole batch: refuse vmap over them
+    _plain(periods, "periods")
     # Values checked on all samples at once: a batched (per-sample) index or bank must hold valid
     # ids and ranks in every sample.
     _check_bank_values(_all_values(ranks), _all_values(periods), _all_values(index), bank, s.shape[-1], y.shape[-1],

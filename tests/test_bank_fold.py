@@ -232,6 +232,9 @@ def test_bank_fold_bad_input_raises(device):
     with pytest.raises(ValueError, match="bank_fold_backward got dropouts but no dropout key"):
         ops.bank_fold_backward(grad, index, ranks, IN, rates, None)
     if device == "cpu":
+        with pytest.raises(ValueError, match=r"bank_fold_backward ranks\[0\]=8 \(used by row 0\) must be in \[1, "
+                                             r"grad.shape\[-1\]=4\]"):
+            ops.bank_fold_backward(grad[:, :4], torch.zeros(4, dtype=torch.int64), ranks, IN, rates, key)
         with pytest.raises(ValueError, match=r"bank_fold_backward ranks\[6\]=0"):
             ops.bank_fold_backward(grad, torch.tensor([6, 0, 1, 2]), ranks, IN, rates, key)
     with FakeTensorMode():  # the meta kernels check as the CPU ones do

@@ -464,3 +464,19 @@ def test_bank_fold_under_transforms_matches_the_op():
     torch.testing.assert_close(batched, ops.bank_fold(x, index, ranks, MAX_R), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"bank_fold ranks\[6\]=0"):
         grad(lambda xx: ops.bank_fold(xx, torch.full((6,), 6), ranks, MAX_R).sum())(x)
+
+
+def test_bank_fold_edge_cases_under_transforms():
+    """bank_fold's composite: an unused slot may hold any rate (as the op ignores it), x may have
+    no columns, and vmap over the ranks (one bank for the whole batch) is refused by name."""
+    x, index, ranks = torch.randn(5, 10, dtype=F64), torch.tensor([0, 1, -1, 1, 0]), torch.tensor([3, 9, 0])
+    rates, key = torch.tensor([0.2, 0.5, 1.5], dtype=F64), miss_ext.new_dropout_key()
+    want = torch.autograd.grad(ops.bank_fold(x.requires_grad_(True), index, ranks, 10, rates, key).sum(), x)[0]
+    torch.testing.assert_close(grad(lambda t: ops.bank_fold(t, index, ranks, 10, rates, key).sum())(x.detach()), want,
+                               **TOL)
+    empty = torch.randn(3, 0, dtype=F64)
+    got = grad(lambda t: ops.bank_fold(t, torch.zeros(3, dtype=torch.int64), ranks[:2], 10).sum())(empty)
+    assert got.shape == (3, 0)
+    with pytest.raises(NotImplementedError, match="vmap over the ranks"):
+        vmap(lambda r: ops.bank_fold(x.detach(), index, r, 10))(torch.stack([ranks, ranks]))
+

@@ -311,8 +311,8 @@ void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& ind
   TORCH_CHECK_VALUE(in_features >= 0, "miss: bank_fold_backward in_features must be >= 0, got ", in_features);
 }
 
-void check_bank_fold_values(const char* op, const int64_t* ranks, int64_t slots, const double* dropouts,
-                            const int64_t* index, int64_t rows, int64_t max_r) {
+void check_bank_fold_values(const char* op, const char* width_name, const int64_t* ranks, int64_t slots,
+                            const double* dropouts, const int64_t* index, int64_t rows, int64_t max_r) {
   // Only the slots some row uses: a bank may hold empty slots (rank 0).
   std::vector<bool> seen(static_cast<size_t>(slots), false);
   for (int64_t t = 0; t < rows; ++t) {
@@ -323,7 +323,7 @@ void check_bank_fold_values(const char* op, const int64_t* ranks, int64_t slots,
     if (seen[a]) continue;
     seen[a] = true;
     TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= max_r, "miss: ", op, " ranks[", a, "]=", ranks[a],
-                      " (used by row ", t, ") must be in [1, max_r=", max_r, "]",
+                      " (used by row ", t, ") must be in [1, ", width_name, "=", max_r, "]",
                       ranks[a] == 0 ? " (a rank of 0: the slot holds no adapter)" : "");
     if (dropouts != nullptr) {
       TORCH_CHECK_VALUE(dropouts[a] >= 0.0 && dropouts[a] <= 1.0, "miss: ", op, " dropouts[", a, "]=", dropouts[a],

@@ -67,9 +67,9 @@ void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& ind
 
 // The values behind bank_fold's arguments, in host memory: every index[t] < N, and for every
 // slot a row uses, ranks[a] in [1, max_r] and (dropouts non-null) dropouts[a] in [0, 1]. `op`
-// names the op in messages.
-void check_bank_fold_values(const char* op, const int64_t* ranks, int64_t slots, const double* dropouts,
-                            const int64_t* index, int64_t rows, int64_t max_r);
+// names the op and `width_name` the fold width max_r (the backward's is grad.shape[-1]) in messages.
+void check_bank_fold_values(const char* op, const char* width_name, const int64_t* ranks, int64_t slots,
+                            const double* dropouts, const int64_t* index, int64_t rows, int64_t max_r);
 
 // An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);

@@ -81,8 +81,8 @@ const double* dropouts_ptr(const at::Tensor& dropouts) {
 
 void bank_fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const at::Tensor& index, const at::Tensor& ranks,
                           const at::Tensor& dropouts, const int64_t* key) {
-  check_bank_fold_values("bank_fold", ranks.const_data_ptr<int64_t>(), ranks.numel(), dropouts_ptr(dropouts),
-                         index.const_data_ptr<int64_t>(), index.numel(), s.size(1));
+  check_bank_fold_values("bank_fold", "max_r", ranks.const_data_ptr<int64_t>(), ranks.numel(),
+                         dropouts_ptr(dropouts), index.const_data_ptr<int64_t>(), index.numel(), s.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_bank_fold_cpu", [&] {
     const auto run = [&](auto* out) {
       bank_fold_rows(x.const_data_ptr<scalar_t>(), out, x.size(0), x.size(1), s.size(1),
@@ -98,8 +98,8 @@ void bank_fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const at::Tensor& 
 
 void bank_fold_grad_kernel_cpu(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
                                const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key) {
-  check_bank_fold_values("bank_fold_backward", ranks.const_data_ptr<int64_t>(), ranks.numel(), dropouts_ptr(dropouts),
-                         index.const_data_ptr<int64_t>(), index.numel(), grad_s.size(1));
+  check_bank_fold_values("bank_fold_backward", "grad.shape[-1]", ranks.const_data_ptr<int64_t>(), ranks.numel(),
+                         dropouts_ptr(dropouts), index.const_data_ptr<int64_t>(), index.numel(), grad_s.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "miss_bank_fold_grad_cpu", [&] {
     const auto run = [&](const auto* g) {
       bank_unfold_rows(g, grad_x.mutable_data_ptr<scalar_t>(), grad_x.size(0), grad_x.size(1), grad_s.size(1),
