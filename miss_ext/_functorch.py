@@ -175,25 +175,30 @@ def merge_composite(weight: Tensor, block: Tensor, reverse: bool = False) -> Ten
     return (weight.to(acc) + (-delta if reverse else delta).to(acc)).to(weight.dtype)
 
 
-def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int,
-                       per_row_fold: bool) -> None:
-    """check_bank_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
-    slots rows use have ranks in [1, min(r_cap, R)] (dividing R unless per_row_fold) and periods in
-    [1, q_cap] dividing out."""
-    n, r_cap, q_cap = bank.shape
+def _used_slots(op: str, index: Tensor, n: int):
+    """(slot, first row) of every slot some row uses, after refusing an index past the bank, as
+    the kernels' checks (csrc/ops/common/checks.cpp, for_each_used_slot) on a host copy."""
     idx = index.reshape(-1).cpu()
     if idx.numel() and int(idx.max()) >= n:
         t = int((idx >= n).nonzero()[0])
-        raise ValueError(f"miss: bank_add index[{t}]={int(idx[t])} names no slot of a bank with {n} slots "
+        raise ValueError(f"miss: {op} index[{t}]={int(idx[t])} names no slot of a bank with {n} slots "
                          "(a negative index means no adapter)")
+    return [(a, int((idx == a).nonzero()[0])) for a in sorted(set(idx[idx >= 0].tolist()))]
+
+
+def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tensor, R: int, out: int,
+                       per_row_fold: bool) -> None:
+    """check_bank_values on host copies: the slots rows use have ranks in [1, min(r_cap, R)]
+    (dividing R unless per_row_fold) and periods in [1, q_cap] dividing out."""
+    n, r_cap, q_cap = bank.shape
     ranks_h, periods_h = ranks.cpu(), periods.cpu()
-    for a in sorted(set(idx[idx >= 0].tolist())):
+    for a, t in _used_slots("bank_add", index, n):
         r, q = int(ranks_h[a]), int(periods_h[a])
         if not 1 <= r <= min(r_cap, R):
-            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {int((idx == a).nonzero()[0])}) must be "
+            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {t}) must be "
                              f"in [1, min(r_cap={r_cap}, s.shape[-1]={R})]")
         if not per_row_fold and R % r:
-            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {int((idx == a).nonzero()[0])}) does not "
+            raise ValueError(f"miss: bank_add ranks[{a}]={r} (used by row {t}) does not "
                              f"divide s.shape[-1]={R}: a fold at {R} cannot give the fold at {r}; fold each row at "
                              "its own rank with miss.bank_fold and pass per_row_fold=True")
         if not (1 <= q <= q_cap and out % q == 0):
@@ -202,18 +207,11 @@ def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tens
 
 
 def _check_bank_fold_values(ranks: Tensor, dropouts: Optional[Tensor], index: Tensor, max_r: int) -> None:
-    """check_bank_fold_values (csrc/ops/common/checks.cpp) on host copies: every index < N, and the
-    slots rows use have ranks in [1, max_r] and dropout rates in [0, 1]."""
-    n = ranks.shape[0]
-    idx = index.reshape(-1).cpu()
-    if idx.numel() and int(idx.max()) >= n:
-        t = int((idx >= n).nonzero()[0])
-        raise ValueError(f"miss: bank_fold index[{t}]={int(idx[t])} names no slot of a bank with {n} slots "
-                         "(a negative index means no adapter)")
+    """check_bank_fold_values on host copies: the slots rows use have ranks in [1, max_r] and
+    dropout rates in [0, 1]."""
     ranks_h = ranks.cpu()
     rates = None if dropouts is None else dropouts.cpu()
-    for a in sorted(set(idx[idx >= 0].tolist())):
-        t = int((idx == a).nonzero()[0])
+    for a, t in _used_slots("bank_fold", index, ranks.shape[0]):
         if not 1 <= int(ranks_h[a]) <= max_r:
             raise ValueError(f"miss: bank_fold ranks[{a}]={int(ranks_h[a])} (used by row {t}) must be in "
                              f"[1, max_r={max_r}]")

@@ -65,15 +65,12 @@ at::Tensor bank_fold_with(BankFoldKernel kernel, const at::Tensor& x, const at::
   const int64_t rows = leading_rows(x);
   const bool dropout = dropouts.has_value() && dropouts->defined();
   check_dropout_extent(rows, in, dropout ? 1.0 : 0.0);
-  // As fold_with: the kernels write x.dtype or float32; any other dtype is one cast of that.
-  const bool native = out_dtype == x.scalar_type() || out_dtype == at::kFloat;
-  const at::ScalarType kernel_dtype = native ? out_dtype : (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor s = at::empty({rows, max_r}, x.options().dtype(kernel_dtype));
+  at::Tensor s = at::empty({rows, max_r}, x.options().dtype(fold_kernel_dtype(x.scalar_type(), out_dtype)));
   if (rows > 0) {
     const BankFoldArgs a = bank_fold_args(index, ranks, dropouts, key);
     kernel(x.reshape({rows, in}).contiguous(), s, a.index, a.ranks, a.dropouts, a.key);
   }
-  if (!native) s = s.to(out_dtype);
+  if (s.scalar_type() != out_dtype) s = s.to(out_dtype);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = max_r;
   return s.view(shape);

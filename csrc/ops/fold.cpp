@@ -62,6 +62,11 @@ at::Tensor tile_add_src_grad(const at::Tensor& grad, c10::SymIntArrayRef src_siz
   return alpha == 1.0 ? g : g * alpha;
 }
 
+at::ScalarType fold_kernel_dtype(at::ScalarType in, at::ScalarType out) {
+  if (out == in || out == at::kFloat) return out;
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 int64_t leading_rows(const at::Tensor& t) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
@@ -77,18 +82,13 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
   const int64_t rows = leading_rows(x);
   check_dropout_extent(rows, in, p);
 
-  // Kernels write x.dtype or float32 (kernels.h). Any other output dtype is one cast of the
-  // kernel's float32 (float64 for float64 x) result, so the sum is rounded once, and the cast
-  // only touches the small (rows, r) tensor.
-  const bool native = out_dtype == x.scalar_type() || out_dtype == at::kFloat;
-  const at::ScalarType kernel_dtype = native ? out_dtype : (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor s = at::empty({rows, r}, x.options().dtype(kernel_dtype));
+  at::Tensor s = at::empty({rows, r}, x.options().dtype(fold_kernel_dtype(x.scalar_type(), out_dtype)));
   if (rows > 0) {
     const at::Tensor x2 = x.reshape({rows, in}).contiguous();
     const DropoutArgs dropout = make_dropout_args(p, key);
     kernel(x2, s, dropout.params);
   }
-  if (!native) s = s.to(out_dtype);
+  if (s.scalar_type() != out_dtype) s = s.to(out_dtype);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = r;
   return s.view(shape);

@@ -43,6 +43,11 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
 void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src, double alpha, double p,
                    const std::optional<at::Tensor>& key);
 
+// The dtype a fold kernel writes for a requested output dtype (kernels write the input's dtype or
+// float32): `out` itself when native, else float32 (float64 for float64 input), cast to `out`
+// afterwards, so the sum is rounded once and the cast only touches the small (rows, r) result.
+at::ScalarType fold_kernel_dtype(at::ScalarType in, at::ScalarType out);
+
 // Product of all sizes but the last: the number of rows a kernel sees.
 int64_t leading_rows(const at::Tensor& t);
 

@@ -237,18 +237,29 @@ void check_bank_args(const at::Tensor& y, const at::Tensor& s, const at::Tensor&
   check_same_device(y, "y", index, "index");
 }
 
-void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
-                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap, bool per_row_fold) {
-  // Only the slots some row uses: a bank may hold empty slots (rank 0) and slots of adapters
-  // that need another fold rank, which a call with this s never reads.
+namespace {
+
+// Calls check(a, t) once per slot a that some row uses, t its first row, after refusing an index
+// past the bank. Only those slots must be valid: a bank may hold empty slots (rank 0).
+template <typename F>
+void for_each_used_slot(const char* op, const int64_t* index, int64_t rows, int64_t slots, F&& check) {
   std::vector<bool> seen(static_cast<size_t>(slots), false);
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t a = index[t];
     if (a < 0) continue;
-    TORCH_CHECK_VALUE(a < slots, "miss: bank_add index[", t, "]=", a, " names no slot of a bank with ", slots,
+    TORCH_CHECK_VALUE(a < slots, "miss: ", op, " index[", t, "]=", a, " names no slot of a bank with ", slots,
                       " slots (a negative index means no adapter)");
     if (seen[a]) continue;
     seen[a] = true;
+    check(a, t);
+  }
+}
+
+}  // namespace
+
+void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slots, const int64_t* index,
+                       int64_t rows, int64_t R, int64_t out, int64_t r_cap, int64_t q_cap, bool per_row_fold) {
+  for_each_used_slot("bank_add", index, rows, slots, [&](int64_t a, int64_t t) {
     TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= std::min(r_cap, R), "miss: bank_add ranks[", a, "]=", ranks[a],
                       " (used by row ", t, ") must be in [1, min(r_cap=", r_cap, ", s.shape[-1]=", R, ")]");
     TORCH_CHECK_VALUE(per_row_fold || R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=", ranks[a], " (used by row ",
@@ -257,7 +268,7 @@ void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slo
     TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
                       "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
                       "] and divide out_features=", out);
-  }
+  });
 }
 
 namespace {
@@ -313,15 +324,7 @@ void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& ind
 
 void check_bank_fold_values(const char* op, const char* width_name, const int64_t* ranks, int64_t slots,
                             const double* dropouts, const int64_t* index, int64_t rows, int64_t max_r) {
-  // Only the slots some row uses: a bank may hold empty slots (rank 0).
-  std::vector<bool> seen(static_cast<size_t>(slots), false);
-  for (int64_t t = 0; t < rows; ++t) {
-    const int64_t a = index[t];
-    if (a < 0) continue;
-    TORCH_CHECK_VALUE(a < slots, "miss: ", op, " index[", t, "]=", a, " names no slot of a bank with ", slots,
-                      " slots (a negative index means no adapter)");
-    if (seen[a]) continue;
-    seen[a] = true;
+  for_each_used_slot(op, index, rows, slots, [&](int64_t a, int64_t t) {
     TORCH_CHECK_VALUE(ranks[a] >= 1 && ranks[a] <= max_r, "miss: ", op, " ranks[", a, "]=", ranks[a],
                       " (used by row ", t, ") must be in [1, ", width_name, "=", max_r, "]",
                       ranks[a] == 0 ? " (a rank of 0: the slot holds no adapter)" : "");
@@ -329,7 +332,7 @@ void check_bank_fold_values(const char* op, const char* width_name, const int64_
       TORCH_CHECK_VALUE(dropouts[a] >= 0.0 && dropouts[a] <= 1.0, "miss: ", op, " dropouts[", a, "]=", dropouts[a],
                         " (used by row ", t, ") must be a dropout probability in [0, 1]");
     }
-  }
+  });
 }
 
 }  // namespace miss_ext
