@@ -104,6 +104,40 @@ def test_bank_fold_rows_equal_fold_at_their_rank(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fin", [64, 63], ids=["in64", "in63"])
+def test_bank_fold_non_finite_inputs_follow_dropout_by_multiplication(device, fin):
+    """Dropout multiplies by the keep factor (1/(1-p) or 0), as nn.Dropout and miss.fold do: an inf
+    at a dropped position makes its shard column NaN, a kept one inf, on every device and both
+    access widths of the CUDA kernels (in = 64: 16-byte loads; 63: element loads). Reference: each
+    column's strided sum in float64, with the mask recovered for the key."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, fin, generator=gen)
+    x[:, ::5] = float("inf")
+    x[1, 7] = float("nan")
+    index, ranks = torch.tensor([0, 1, 0, 1]), torch.tensor([8, 3])
+    rates = torch.tensor([0.5, 0.5], dtype=F64)
+    key = miss_ext.new_dropout_key(device)
+    factors = recover_mask(4, fin, 0.5, key, device).cpu() * 2.0
+    got = ops.bank_fold(x.to(device), index.to(device), ranks.to(device), 8, rates.to(device), key).cpu().to(F64)
+    want = torch.zeros(4, 8, dtype=F64)
+    grad_s = torch.randn(4, 8, generator=gen)
+    grad_s[:, 0] = float("inf")
+    want_x = torch.zeros(4, fin, dtype=F64)
+    for t in range(4):
+        r = int(ranks[index[t]])
+        for j in range(r):
+            want[t, j] = (x[t, j::r].to(F64) * factors[t, j::r]).sum()
+            want_x[t, j::r] = factors[t, j::r] * float(grad_s[t, j])
+    got_x = ops.bank_fold_backward(grad_s.to(device), index.to(device), ranks.to(device), fin, rates.to(device), key,
+                                   torch.float32).cpu().to(F64)
+    for g, w in ((got, want), (got_x, want_x)):
+        assert w.isnan().any() and w.isinf().any()
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
+        finite = w.isfinite()
+        torch.testing.assert_close(g[finite], w[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bank_fold_strided_and_misaligned_inputs(device):
     x, index, ranks, rates, key = case(device, (12,), torch.float32, dropout=True, seed=3)
     want = ops.bank_fold(x, index, ranks, MAX_R, rates, key)

@@ -381,6 +381,20 @@ def test_bat_kernel_empty_and_misaligned(emu, placement):
 # bank
 
 
+def _ctype(dtype):
+    """The C++ type name of a dtype in a demangled kernel name."""
+    return {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+            torch.bfloat16: "c10::BFloat16"}[dtype]
+
+
+def _vec_width(t):
+    """The elements per access the bank launchers must choose for a (rows, cols) tensor they stream
+    (bank_fold's x, bank_unfold's grad_x, bank_add's y): 16 bytes when its rows are 16-byte
+    multiples and its start 16-byte aligned, else 1."""
+    vec = 16 // t.element_size()
+    return vec if t.size(1) % vec == 0 and t.data_ptr() % 16 == 0 else 1
+
+
 BANK_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32),
               (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32)]
@@ -411,7 +425,7 @@ def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, mi
         tol = 1e-5
     torch.testing.assert_close(gy.t.to(F64), want.to(F64), rtol=tol, atol=tol * 4)
     assert torch.equal(gy.t[index < 0], y[index < 0])
-    assert "bank_add_kernel<" in kernels_ran(emu)[0]
+    assert f"bank_add_kernel<{_ctype(y_dtype)}, {_ctype(a_dtype)}, {_vec_width(gy.t)}>" in kernels_ran(emu)[0]
     # backward: grad_s rows with a slot and the used slots' blocks are poisoned (they must be
     # written), the rest zero as the wrapper allocates them
     grad = torch.randn(rows, out, dtype=F64).to(y_dtype)
@@ -523,9 +537,13 @@ def test_bank_invalid_values_trip_device_assertions(emu, what):
 
 # bank_fold: (rows, max_r, in, slot ranks): ranks dividing max_r and not, r > in, r = 1, and ranks of
 # 256 and more (each thread sums whole columns) beside ranks below the block size (chunks of r
-# threads reduced in shared memory).
+# threads reduced in shared memory). Widths that take 16-byte loads (in a multiple of 16 bytes)
+# mix, in one launch, ranks read in vectors (r a multiple of the vector width, with chunks of r /
+# width threads, one thread per shard vector, or G = r / width >= 256: whole vector columns per
+# thread) with ranks read element by element.
 BANK_FOLD_SHAPES = [(37, 8, 29, [8, 3, 5, 1]), (6, 16, 10, [16, 12, 11]), (9, 300, 700, [300, 257, 256, 7]),
-                    (4, 64, 2049, [64, 63, 65 - 32])]
+                    (4, 64, 2049, [64, 63, 65 - 32]), (7, 64, 512, [64, 32, 8, 24, 5, 2]),
+                    (5, 2048, 4096, [1024, 2048, 2040, 2047])]
 BANK_FOLD_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 
@@ -536,6 +554,8 @@ def _bank_fold_case(emu, rows, max_r, fin, ranks, x_dtype, s_dtype, rates, misal
     ranks = torch.tensor(ranks + [0])                              # an empty slot no row names
     index = torch.randint(-1, ranks.numel() - 1, (rows,), generator=gen)
     index[0], index[-1] = -1, ranks.numel() - 2
+    named = max(0, min(rows - 2, ranks.numel() - 2))               # rows between: every slot once, then random
+    index[1:1 + named] = torch.arange(named)
     dropouts = key = None
     if rates is not None:
         dropouts = torch.tensor((rates * len(ranks))[:len(ranks)], dtype=F64)
@@ -546,7 +566,7 @@ def _bank_fold_case(emu, rows, max_r, fin, ranks, x_dtype, s_dtype, rates, misal
     gd = None if dropouts is None else guarded(dropouts)
     emu.bank_fold(gx.t, gs.t, gi.t, gr.t, None if gd is None else gd.t, key)
     assert_guards(*[g for g in (gx, gs, gi, gr, gd) if g is not None])
-    assert "bank_fold_kernel<" in kernels_ran(emu)[0]
+    assert f"bank_fold_kernel<{_ctype(x_dtype)}, {_ctype(s_dtype)}, {_vec_width(gx.t)}>" in kernels_ran(emu)[0]
     tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(s_dtype, 2e-2)
     torch.testing.assert_close(gs.t.to(F64), want.to(F64), rtol=tol, atol=tol * fin ** 0.5)
     assert torch.equal(gs.t[index < 0], torch.zeros_like(gs.t[index < 0]))
@@ -557,7 +577,7 @@ def _bank_fold_case(emu, rows, max_r, fin, ranks, x_dtype, s_dtype, rates, misal
     ggx = guarded(torch.empty(rows, fin, dtype=x_dtype), misaligned, fill=float("nan"))
     emu.bank_fold_grad(gg.t, ggx.t, gi.t, gr.t, None if gd is None else gd.t, key)
     assert_guards(gg, ggx)
-    assert "bank_unfold_kernel<" in kernels_ran(emu)[0]
+    assert f"bank_unfold_kernel<{_ctype(s_dtype)}, {_ctype(x_dtype)}, {_vec_width(ggx.t)}>" in kernels_ran(emu)[0]
     torch.testing.assert_close(ggx.t, want_x, rtol=0, atol=0)      # one product per element: exact
 
 
@@ -571,19 +591,46 @@ def test_bank_fold_kernels_match_the_cpu(emu, x_dtype, s_dtype, rates, placement
             _bank_fold_case(emu, *shape, x_dtype, s_dtype, rates, misaligned, seed=i)
 
 
-def test_bank_fold_schedules_agree(emu):
+@pytest.mark.parametrize("fin,ranks", [(77, [8, 3, 70]), (128, [8, 3, 64, 12])], ids=["scalar", "vectors"])
+def test_bank_fold_schedules_agree(emu, fin, ranks):
     """The shared-memory reduction has its barriers: the forward, reverse and random thread orders
-    give the same sums."""
-    x, index, ranks = torch.randn(5, 77), torch.tensor([0, 1, -1, 2, 0]), torch.tensor([8, 3, 70])
+    give the same sums, with element loads and (in % 4 == 0) with vector loads."""
+    x, index, ranks = torch.randn(5, fin), torch.tensor([0, 1, -1, 2, len(ranks) - 1]), torch.tensor(ranks)
+    R = int(ranks.max())
     results = []
     for mode in ("forward", "reverse", "random"):
         emu.set_schedule(mode, 7)
-        s = torch.full((5, 70), float("nan"))
+        s = torch.full((5, R), float("nan"))
         emu.bank_fold(x, s, index, ranks)
         results.append(s)
     emu.set_schedule("forward")
+    assert f"bank_fold_kernel<float, float, {_vec_width(x)}>" in kernels_ran(emu)[0]
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-    torch.testing.assert_close(results[0], ops.bank_fold(x, index, ranks, 70), rtol=0, atol=0)
+    torch.testing.assert_close(results[0], ops.bank_fold(x, index, ranks, R), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fin", [64, 63], ids=["vectors", "scalar"])
+def test_bank_fold_non_finite_inputs_match_the_cpu(emu, fin):
+    """Dropout multiplies by the keep factor (scale or 0) on both backends, as nn.Dropout does: an
+    inf at a dropped position gives NaN in its shard column, on the CPU and in the kernels alike
+    (the CUDA kernel used to select 0 there)."""
+    x = torch.randn(4, fin)
+    x[:, ::5] = float("inf")
+    x[1, 7] = float("nan")
+    index, ranks = torch.tensor([0, 1, 0, 1]), torch.tensor([8, 3])
+    dropouts, key = torch.tensor([0.5, 0.5], dtype=F64), miss_ext.new_dropout_key("cpu")
+    want = ops.bank_fold(x, index, ranks, 8, dropouts, key)
+    assert want.isnan().any() and want.isinf().any()
+    s = torch.full((4, 8), 7.0)
+    emu.bank_fold(x, s, index, ranks, dropouts, key)
+    torch.testing.assert_close(s, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    grad_s = torch.randn(4, 8)
+    grad_s[:, 0] = float("inf")
+    want_x = ops.bank_fold_backward(grad_s, index, ranks, fin, dropouts, key, torch.float32)
+    assert want_x.isnan().any()
+    grad_x = torch.full((4, fin), 7.0)
+    emu.bank_fold_grad(grad_s, grad_x, index, ranks, dropouts, key)
+    torch.testing.assert_close(grad_x, want_x, rtol=0, atol=0, equal_nan=True)
 
 
 def test_bank_add_per_row_fold(emu):

@@ -1,16 +1,20 @@
 // CUDA kernels of miss::bank_fold and its adjoint (common/bank_index.h has the per-row key).
 //
-// - bank_fold_kernel: one block per row (grid-stride). For a row of rank r < the block size, the
-//   block's threads form C = blockDim / r chunks of r consecutive threads; thread (c, j) sums the
-//   row's columns j + m r for m = c, c + C, ..., so a chunk reads r consecutive elements and the
-//   block C r of them at a time (coalesced). The C partial sums of each j are then added in chunk
-//   order from shared memory: a fixed order, so results are deterministic. For r >= the block
-//   size each thread sums its own columns j whole.
-// - bank_unfold_kernel: one thread per element of grad_x (grid-stride), grad_x[t, i] = the row's
-//   dropout factor times grad_s[t, i mod r].
-// Invalid index, ranks or dropouts values trip device-side assertions (reading them on the host
-// would synchronise). Scalar loads: the bank path is not yet tuned (bench/RESULTS.md has no GPU
-// figure for it).
+// - bank_fold_kernel: one block per row (grid-stride). A row of rank r is read in vectors of W
+//   elements: W = VEC (16 bytes) when the launch is vectorised (in % VEC == 0, x 16-byte aligned)
+//   and the row's r % VEC == 0, else W = 1 (rows of other ranks in the same launch). With
+//   G = r / W vectors per shard and G < the block size, the block's threads form C = blockDim / G
+//   chunks of G consecutive threads; thread (c, g) sums the vectors at g W + m r for m = c, c + C,
+//   ..., so a chunk reads r consecutive elements and the block C r of them at a time (coalesced).
+//   The C partial sums of each column are then added in chunk order from shared memory: a fixed
+//   order, so results are deterministic. For G >= the block size each thread sums its own vector
+//   columns whole.
+// - bank_unfold_kernel: one thread per VEC elements of grad_x (grid-stride; VEC = 1 when in %
+//   VEC != 0), grad_x[t, i] = the row's dropout factor times grad_s[t, i mod r], stored as one
+//   vector.
+// Dropout multiplies by the factor (scale or 0), as the CPU kernels and fold's kernels do, and
+// draws one Philox call per four columns (keep_factors). Invalid index, ranks or dropouts values
+// trip device-side assertions (reading them on the host would synchronise).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,12 +28,11 @@
 #include "../common/bank_index.h"
 #include "../common/shard_index.h"
 #include "../kernels.h"
+#include "kernel_helpers.cuh"
 
 namespace miss_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;
 
 // The slot of row t and its rank, checked; -1 for a row without adapter.
 __device__ inline int64_t checked_slot(const int64_t* index, const int64_t* ranks, const double* dropouts,
@@ -43,74 +46,126 @@ __device__ inline int64_t checked_slot(const int64_t* index, const int64_t* rank
   return a;
 }
 
-// Column i of row t of x, with the row's dropout factor.
-template <typename acc, typename in_t>
-__device__ inline acc masked(const in_t* xr, int64_t t, int64_t i, const DropoutKey& key, acc scale) {
-  const acc v = static_cast<acc>(xr[i]);
-  if (key.threshold == 0) return v;
-  return dropout_keep_at(key, t, i) ? v * scale : acc(0);
+// sum[k] += dropout(x)[t, i + k] for the W-element vectors at i = first, first + step, ... < in
+// of row t (xr): one W-element load each (W-aligned when W > 1; in % W == 0, so a vector is
+// wholly inside the row).
+template <typename acc, typename in_t, int W>
+__device__ __forceinline__ void add_strided(const in_t* __restrict__ xr, int64_t t, int64_t first, int64_t step,
+                                            int64_t in, const DropoutKey& key, acc scale, acc (&sum)[W]) {
+  if (key.threshold != 0) {
+    for (int64_t i = first; i < in; i += step) {
+      const Vec<in_t, W> v = *reinterpret_cast<const Vec<in_t, W>*>(xr + i);
+      acc f[W];
+      keep_factors<acc, W>(key, scale, t, i, f);
+#pragma unroll
+      for (int k = 0; k < W; ++k) sum[k] += static_cast<acc>(v.v[k]) * f[k];
+    }
+  } else {
+    for (int64_t i = first; i < in; i += step) {
+      const Vec<in_t, W> v = *reinterpret_cast<const Vec<in_t, W>*>(xr + i);
+#pragma unroll
+      for (int k = 0; k < W; ++k) sum[k] += static_cast<acc>(v.v[k]);
+    }
+  }
 }
 
-template <typename in_t, typename out_t>
+// sr[0, r) = row t of x (xr) folded at r by the whole block, W elements per load (r % W == 0).
+// `partial` is shared memory of blockDim * W accumulators. Called by every thread of the block
+// (it has barriers).
+template <typename acc, typename in_t, typename out_t, int W>
+__device__ void fold_bank_row(const in_t* __restrict__ xr, out_t* __restrict__ sr, int64_t t, int64_t in, int64_t r,
+                              const DropoutKey& key, acc* partial) {
+  const acc scale = static_cast<acc>(key.scale);
+  const int64_t tid = threadIdx.x, threads = blockDim.x;
+  const int64_t groups = r / W;  // vectors per shard
+  if (groups >= threads) {
+    for (int64_t g = tid; g < groups; g += threads) {
+      acc sum[W];
+#pragma unroll
+      for (int k = 0; k < W; ++k) sum[k] = acc(0);
+      add_strided<acc, in_t, W>(xr, t, g * W, r, in, key, scale, sum);
+#pragma unroll
+      for (int k = 0; k < W; ++k) sr[g * W + k] = static_cast<out_t>(sum[k]);
+    }
+    return;
+  }
+  const int64_t chunks = threads / groups, c = tid / groups, g = tid % groups;
+  acc sum[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) sum[k] = acc(0);
+  if (c < chunks) add_strided<acc, in_t, W>(xr, t, c * r + g * W, chunks * r, in, key, scale, sum);
+#pragma unroll
+  for (int k = 0; k < W; ++k) partial[tid * W + k] = sum[k];
+  __syncthreads();
+  // Column j = g W + k of chunk m sits at partial[(m G + g) W + k] = partial[m r + j]:
+  // consecutive threads read consecutive words.
+  for (int64_t j = tid; j < r; j += threads) {
+    acc total = acc(0);
+    for (int64_t m = 0; m < chunks; ++m) total += partial[m * r + j];
+    sr[j] = static_cast<out_t>(total);
+  }
+  __syncthreads();  // partial is the next row's
+}
+
+// VEC: the vector width of the launch (1: x's rows are not 16-byte aligned, or in % 16 bytes != 0).
+template <typename in_t, typename out_t, int VEC>
 __global__ void bank_fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, const int64_t* __restrict__ index,
                                  const int64_t* __restrict__ ranks, const double* __restrict__ dropouts,
                                  const int64_t* __restrict__ key, int64_t rows, int64_t in, int64_t R, int64_t slots) {
   using acc = acc_t<in_t, out_t>;
   extern __shared__ unsigned char shared[];
   acc* partial = reinterpret_cast<acc*>(shared);
-  const int64_t tid = threadIdx.x, threads = blockDim.x;
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
     out_t* sr = s + t * R;
     int64_t r = 0;
     const int64_t a = checked_slot(index, ranks, dropouts, key, t, slots, R, &r);  // the same for the whole block
     if (a >= 0) {
       const DropoutKey row_key = bank_row_key(key, dropouts, a);
-      const acc scale = static_cast<acc>(row_key.scale);
       const in_t* xr = x + t * in;
-      if (r >= threads) {
-        for (int64_t j = tid; j < r; j += threads) {
-          acc sum = acc(0);
-          for (int64_t i = j; i < in; i += r) sum += masked<acc>(xr, t, i, row_key, scale);
-          sr[j] = static_cast<out_t>(sum);
-        }
-      } else {
-        const int64_t chunks = threads / r, c = tid / r, j = tid % r;
-        acc sum = acc(0);
-        if (c < chunks)
-          for (int64_t i = c * r + j; i < in; i += chunks * r) sum += masked<acc>(xr, t, i, row_key, scale);
-        partial[tid] = sum;
-        __syncthreads();
-        if (tid < r) {
-          acc total = acc(0);
-          for (int64_t k = 0; k < chunks; ++k) total += partial[k * r + tid];
-          sr[tid] = static_cast<out_t>(total);
-        }
-        __syncthreads();  // partial is the next row's
-      }
+      if (VEC > 1 && r % VEC == 0) fold_bank_row<acc, in_t, out_t, VEC>(xr, sr, t, in, r, row_key, partial);
+      else fold_bank_row<acc, in_t, out_t, 1>(xr, sr, t, in, r, row_key, partial);
     }
-    for (int64_t k = (a >= 0 ? r : 0) + tid; k < R; k += threads) sr[k] = out_t(0);
+    for (int64_t k = (a >= 0 ? r : 0) + threadIdx.x; k < R; k += blockDim.x) sr[k] = out_t(0);
   }
 }
 
-template <typename g_t, typename x_t>
+// VEC: elements of grad_x per thread, stored as one vector (1: grad_x not 16-byte aligned, or
+// in % VEC != 0).
+template <typename g_t, typename x_t, int VEC>
 __global__ void bank_unfold_kernel(const g_t* __restrict__ grad_s, x_t* __restrict__ grad_x,
                                    const int64_t* __restrict__ index, const int64_t* __restrict__ ranks,
                                    const double* __restrict__ dropouts, const int64_t* __restrict__ key, int64_t rows,
                                    int64_t in, int64_t R, int64_t slots) {
   using acc = acc_t<g_t, x_t>;
-  const int64_t total = rows * in;
+  const int64_t groups = in / VEC;
+  const int64_t total = rows * groups;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = e / in, i = e - t * in;
+    const int64_t t = e / groups, i0 = (e - t * groups) * VEC;
     int64_t r = 0;
     const int64_t a = checked_slot(index, ranks, dropouts, key, t, slots, R, &r);
-    acc v = acc(0);
+    Vec<x_t, VEC> v;
     if (a >= 0) {
       const DropoutKey row_key = bank_row_key(key, dropouts, a);
-      v = static_cast<acc>(grad_s[t * R + i % r]);
-      if (row_key.threshold != 0) v = dropout_keep_at(row_key, t, i) ? v * static_cast<acc>(row_key.scale) : acc(0);
+      acc f[VEC];
+      if (row_key.threshold != 0) {
+        keep_factors<acc, VEC>(row_key, static_cast<acc>(row_key.scale), t, i0, f);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) f[k] = acc(1);
+      }
+      const g_t* gr = grad_s + t * R;
+      int64_t j = i0 % r;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v.v[k] = static_cast<x_t>(f[k] * static_cast<acc>(gr[j]));
+        j = next_mod(j, r);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v.v[k] = x_t(0);
     }
-    grad_x[e] = static_cast<x_t>(v);
+    *reinterpret_cast<Vec<x_t, VEC>*>(grad_x + t * in + i0) = v;
   }
 }
 
@@ -124,15 +179,20 @@ void bank_fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const at::Tensor&
                            const at::Tensor& dropouts, const int64_t* key) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const int64_t rows = x.size(0);
+  const int64_t rows = x.size(0), in = x.size(1);
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(rows, kMaxBlocks)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_bank_fold_cuda", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const bool vec = in % kVec == 0 && aligned16(xp);
     const auto launch = [&](auto* out) {
       using out_t = std::remove_pointer_t<decltype(out)>;
       using acc = acc_t<scalar_t, out_t>;
-      bank_fold_kernel<scalar_t, out_t><<<blocks, kThreads, kThreads * sizeof(acc), stream>>>(
-          x.const_data_ptr<scalar_t>(), out, index.const_data_ptr<int64_t>(), ranks.const_data_ptr<int64_t>(),
-          dropouts_ptr(dropouts), key, rows, x.size(1), s.size(1), ranks.size(0));
+      const auto kernel = vec ? bank_fold_kernel<scalar_t, out_t, kVec> : bank_fold_kernel<scalar_t, out_t, 1>;
+      const size_t shared = kThreads * (vec ? kVec : 1) * sizeof(acc);  // at most 8 KiB
+      kernel<<<blocks, kThreads, shared, stream>>>(xp, out, index.const_data_ptr<int64_t>(),
+                                                   ranks.const_data_ptr<int64_t>(), dropouts_ptr(dropouts), key,
+                                                   rows, in, s.size(1), ranks.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (s.scalar_type() == x.scalar_type()) {
@@ -148,14 +208,19 @@ void bank_fold_grad_kernel_cuda(const at::Tensor& grad_s, at::Tensor& grad_x, co
   const c10::cuda::CUDAGuard guard(grad_x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad_x.device().index()).stream();
   const int64_t rows = grad_x.size(0), in = grad_x.size(1);
-  const int64_t total = rows * in;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min((total + kThreads - 1) / kThreads, kMaxBlocks)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "miss_bank_fold_grad_cuda", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    const bool vec = in % kVec == 0 && aligned16(gxp);
+    const int64_t per_thread = vec ? kVec : 1;
+    const int64_t threads_needed = rows * (in / per_thread);
+    const int blocks =
+        static_cast<int>(std::max<int64_t>(1, std::min((threads_needed + kThreads - 1) / kThreads, kMaxBlocks)));
     const auto launch = [&](const auto* g) {
       using g_t = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
-      bank_unfold_kernel<g_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          g, grad_x.mutable_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), ranks.const_data_ptr<int64_t>(),
-          dropouts_ptr(dropouts), key, rows, in, grad_s.size(1), ranks.size(0));
+      const auto kernel = vec ? bank_unfold_kernel<g_t, scalar_t, kVec> : bank_unfold_kernel<g_t, scalar_t, 1>;
+      kernel<<<blocks, kThreads, 0, stream>>>(g, gxp, index.const_data_ptr<int64_t>(), ranks.const_data_ptr<int64_t>(),
+                                              dropouts_ptr(dropouts), key, rows, in, grad_s.size(1), ranks.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (grad_s.scalar_type() == grad_x.scalar_type()) {

@@ -2,7 +2,8 @@
 //
 // - bank_add_kernel: one block per row (grid-stride). The block folds the row's s to the slot's
 //   rank in shared memory, then each thread computes whole output elements: y[t, o] += sum_j
-//   s_a[j] bank[a, j, o mod q]. Neighbouring threads read neighbouring block columns (coalesced).
+//   s_a[j] bank[a, j, o mod q], 16 bytes of y at a time where alignment and the row's period
+//   allow. Neighbouring threads read neighbouring block columns (coalesced).
 // - bank_grad_s_kernel: one block per row; each warp reduces d[j] = sum_o grad[t, o]
 //   bank[a, j, o mod q] for its j's with a fixed shuffle tree, then grad_s[t, k] = d[k mod r].
 // - bank_grad_bank_kernel: one thread per (slot, block column, 8 block rows); it walks the
@@ -23,12 +24,11 @@
 #include "../common/shard_index.h"
 #include "../bank_dispatch.h"
 #include "../kernels.h"
+#include "kernel_helpers.cuh"
 
 namespace miss_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;
 constexpr int kRowsPerThread = 8;  // block rows per thread in the bank gradient
 
 // per_row_fold: s is miss.bank_fold's (a rank need not divide R; see torch_bindings.cpp).
@@ -39,7 +39,35 @@ __device__ inline void check_slot(int64_t a, int64_t slots, int64_t r, int64_t q
   CUDA_KERNEL_ASSERT(q >= 1 && q <= q_cap && out % q == 0);
 }
 
-template <typename y_t, typename a_t>
+// y[t, o] += sum_j sa[j] block[j, o mod q] for the W outputs o0 .. o0 + W - 1 of each thread of
+// the block (o0 a multiple of W), y read and written as one W-element vector. With W > 1, q % W
+// == 0 and out % W == 0, so the W outputs are the block columns c .. c + W - 1 of each block row.
+// Each output sums j = 0 .. r - 1 in order and is then added to y: the same arithmetic for every W.
+template <typename acc, typename y_t, typename a_t, int W>
+__device__ void add_bank_row(y_t* __restrict__ yr, const a_t* __restrict__ block, const acc* sa, int64_t out,
+                             int64_t r, int64_t q, int64_t q_cap) {
+  for (int64_t o = threadIdx.x * int64_t{W}; o < out; o += blockDim.x * int64_t{W}) {
+    const int64_t c = o % q;
+    acc v[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = acc(0);
+    for (int64_t j = 0; j < r; ++j) {
+      const acc sj = sa[j];
+      const a_t* b = block + j * q_cap + c;
+#pragma unroll
+      for (int k = 0; k < W; ++k) v[k] += sj * static_cast<acc>(b[k]);
+    }
+    Vec<y_t, W>* yp = reinterpret_cast<Vec<y_t, W>*>(yr + o);
+    Vec<y_t, W> yv = *yp;
+#pragma unroll
+    for (int k = 0; k < W; ++k) yv.v[k] = static_cast<y_t>(static_cast<acc>(yv.v[k]) + v[k]);
+    *yp = yv;
+  }
+}
+
+// VEC: outputs per thread of the launch (16 bytes of y when out % VEC == 0 and y is 16-byte
+// aligned, else 1); a row whose period q is not a multiple of VEC takes one output per thread.
+template <typename y_t, typename a_t, int VEC>
 __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, const a_t* __restrict__ bank,
                                 const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                 const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R, int64_t slots,
@@ -57,13 +85,9 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
     __syncthreads();
     const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
     y_t* yr = y + t * out;
-    for (int64_t o = threadIdx.x; o < out; o += blockDim.x) {
-      const int64_t c = o % q;
-      acc v = acc(0);
-      for (int64_t j = 0; j < r; ++j) v += sa[j] * static_cast<acc>(block[j * q_cap + c]);
-      yr[o] = static_cast<y_t>(static_cast<acc>(yr[o]) + v);
-    }
-    __syncthreads();
+    if (VEC > 1 && q % VEC == 0) add_bank_row<acc, y_t, a_t, VEC>(yr, block, sa, out, r, q, q_cap);
+    else add_bank_row<acc, y_t, a_t, 1>(yr, block, sa, out, r, q, q_cap);
+    __syncthreads();  // sa is the next row's
   }
 }
 
@@ -147,8 +171,12 @@ void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& 
     using y_t = decltype(y0);
     using a_t = decltype(a0);
     using acc = acc_t<y_t, a_t>;
-    bank_add_kernel<y_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(bank.size(1), sizeof(acc)), stream>>>(
-        y.mutable_data_ptr<y_t>(), s.const_data_ptr<a_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
+    constexpr int kVec = 16 / sizeof(y_t);
+    y_t* yp = y.mutable_data_ptr<y_t>();
+    const bool vec = y.size(1) % kVec == 0 && aligned16(yp);
+    const auto kernel = vec ? bank_add_kernel<y_t, a_t, kVec> : bank_add_kernel<y_t, a_t, 1>;
+    kernel<<<blocks_for(rows), kThreads, shared_bytes(bank.size(1), sizeof(acc)), stream>>>(
+        yp, s.const_data_ptr<a_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, y.size(1), s.size(1), bank.size(0),
         bank.size(1), bank.size(2), per_row_fold);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

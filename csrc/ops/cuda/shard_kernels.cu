@@ -30,51 +30,16 @@
 #include "../common/shard_index.h"
 #include "../impl_choice.h"
 #include "../kernels.h"
+#include "kernel_helpers.cuh"
 
 namespace miss_ext {
 namespace {
-
-constexpr int kThreads = 256;
-// Grid cap of the grid-stride loops.
-constexpr int64_t kMaxBlocks = 65536;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // Blocks for a grid-stride loop over `total` items: enough to fill the device, capped so very
 // large tensors reuse threads instead of launching millions of blocks.
 unsigned int grid_for(int64_t total) {
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Per-element keep factors for VEC consecutive columns starting at col (col % VEC == 0).
-// One Philox call per group of four columns (one per pair for VEC == 2); word indices are
-// compile-time constants or selects, never a run-time array index (which would use local memory).
-template <typename acc, int VEC>
-__device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, int64_t row, int64_t col,
-                                             acc (&f)[VEC]) {
-  static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "keep_factors: VEC must be 1, 2 or a multiple of 4");
-  if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < VEC; q += 4) {
-      const Words4 words = dropout_words(key, row, (col + q) >> 2);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) f[q + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
-    }
-  } else if constexpr (VEC == 2) {
-    // col is even: the pair is lanes (0, 1) or (2, 3) of one group.
-    const Words4 words = dropout_words(key, row, col >> 2);
-    const bool upper = (col & 2) != 0;
-    f[0] = dropout_keep(key, upper ? words.w[2] : words.w[0]) ? scale : acc(0);
-    f[1] = dropout_keep(key, upper ? words.w[3] : words.w[1]) ? scale : acc(0);
-  } else {
-    f[0] = dropout_keep_at(key, row, col) ? scale : acc(0);
-  }
 }
 
 template <typename in_t, typename out_t, int VEC, bool DROPOUT>

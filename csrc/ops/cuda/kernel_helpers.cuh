@@ -1,0 +1,56 @@
+// What the CUDA kernel files of fold, tile_add and the bank share (shard_kernels.cu,
+// bank_kernel.cu, bank_fold_kernel.cu): the block size, the grid cap of their grid-stride loops,
+// 16-byte vector access and the dropout factors of a vector.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/dropout_mask.h"
+
+namespace miss_ext {
+
+constexpr int kThreads = 256;  // threads per block
+
+// Grid cap of the grid-stride loops: very large tensors reuse threads (and a block serves several
+// rows) instead of launching millions of blocks. The CUDA emulation of the tests
+// (tests/cuda_emu/build.py) builds with a small cap, so that its small inputs run the wrap too.
+#ifndef MISS_EXT_CUDA_MAX_BLOCKS
+#define MISS_EXT_CUDA_MAX_BLOCKS 65536
+#endif
+constexpr int64_t kMaxBlocks = MISS_EXT_CUDA_MAX_BLOCKS;
+
+// VEC elements loaded or stored as one access (16 bytes for VEC = 16 / sizeof(T)).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Per-element keep factors (scale if kept, else 0) for VEC consecutive columns starting at col
+// (col % VEC == 0). One Philox call per group of four columns (one per pair for VEC == 2); word
+// indices are compile-time constants or selects, never a run-time array index (which would use
+// local memory). The same words as dropout_keep_at's, so every kernel draws the same mask.
+template <typename acc, int VEC>
+__device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, int64_t row, int64_t col,
+                                             acc (&f)[VEC]) {
+  static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "keep_factors: VEC must be 1, 2 or a multiple of 4");
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < VEC; q += 4) {
+      const Words4 words = dropout_words(key, row, (col + q) >> 2);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) f[q + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
+    }
+  } else if constexpr (VEC == 2) {
+    // col is even: the pair is lanes (0, 1) or (2, 3) of one group.
+    const Words4 words = dropout_words(key, row, col >> 2);
+    const bool upper = (col & 2) != 0;
+    f[0] = dropout_keep(key, upper ? words.w[2] : words.w[0]) ? scale : acc(0);
+    f[1] = dropout_keep(key, upper ? words.w[3] : words.w[1]) ? scale : acc(0);
+  } else {
+    f[0] = dropout_keep_at(key, row, col) ? scale : acc(0);
+  }
+}
+
+}  // namespace miss_ext
