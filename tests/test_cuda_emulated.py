@@ -439,7 +439,8 @@ def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, mi
     emu.bank_grad(gg.t, gs.t, gb.t, gr.t, gq.t, gi.t, ggs.t, ggb.t)
     assert_guards(gg, ggs, ggb)
     names = kernels_ran(emu)
-    assert any("bank_grad_s_kernel<" in k for k in names) and (n == 0 or any("bank_grad_bank_kernel<" in k for k in names))
+    grad_s_kernel = f"bank_grad_s_kernel<{_ctype(y_dtype)}, {_ctype(a_dtype)}, {_vec_width(gg.t)}>"
+    assert any(grad_s_kernel in k for k in names) and (n == 0 or any("bank_grad_bank_kernel<" in k for k in names))
     gtol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(a_dtype, 2e-2)
     torch.testing.assert_close(ggs.t.to(F64), want_s.to(F64), rtol=gtol, atol=gtol * 4)
     torch.testing.assert_close(ggb.t.to(F64), want_b.to(F64), rtol=gtol, atol=gtol * 4, equal_nan=False)

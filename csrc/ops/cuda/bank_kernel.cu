@@ -5,7 +5,8 @@
 //   s_a[j] bank[a, j, o mod q], 16 bytes of y at a time where alignment and the row's period
 //   allow. Neighbouring threads read neighbouring block columns (coalesced).
 // - bank_grad_s_kernel: one block per row; each warp reduces d[j] = sum_o grad[t, o]
-//   bank[a, j, o mod q] for its j's with a fixed shuffle tree, then grad_s[t, k] = d[k mod r].
+//   bank[a, j, o mod q] for its j's with a fixed shuffle tree (16-byte loads of grad where
+//   alignment and the row's period allow), then grad_s[t, k] = d[k mod r].
 // - bank_grad_bank_kernel: one thread per (slot, block column, 8 block rows); it walks the
 //   slot's rows in row order (rows sorted by slot on the device: a stable sort and a
 //   searchsorted, no host synchronisation) and accumulates s_a[j] gq[c].
@@ -91,7 +92,25 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
   }
 }
 
-template <typename g_t, typename a_t>
+// One lane's part of sum_o grad[t, o] block[j, o mod q] over a row (gr) and a block row (brow):
+// the outputs o = lane W, lane W + 32 W, ..., each W of them loaded as one vector (with W > 1,
+// q % W == 0 and out % W == 0, so they are the block columns c .. c + W - 1).
+template <typename acc, typename g_t, typename a_t, int W>
+__device__ __forceinline__ acc lane_dot(const g_t* __restrict__ gr, const a_t* __restrict__ brow, int64_t out,
+                                        int64_t q, int lane) {
+  acc partial = acc(0);
+  for (int64_t o = int64_t{lane} * W; o < out; o += 32 * W) {
+    const Vec<g_t, W> g = *reinterpret_cast<const Vec<g_t, W>*>(gr + o);
+    const int64_t c = o % q;
+#pragma unroll
+    for (int k = 0; k < W; ++k) partial += static_cast<acc>(g.v[k]) * static_cast<acc>(brow[c + k]);
+  }
+  return partial;
+}
+
+// VEC: elements of grad per load (16 bytes when out % VEC == 0 and grad is 16-byte aligned, else
+// 1); a row whose period q is not a multiple of VEC is read element by element.
+template <typename g_t, typename a_t, int VEC>
 __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ bank,
                                    const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                    const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R,
@@ -110,8 +129,8 @@ __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __re
     const a_t* block = bank + bank_offset(a, 0, 0, r_cap, q_cap);
     const g_t* gr = grad + t * out;
     for (int64_t j = warp; j < r; j += warps) {
-      acc partial = acc(0);
-      for (int64_t o = lane; o < out; o += 32) partial += static_cast<acc>(gr[o]) * static_cast<acc>(block[j * q_cap + o % q]);
+      acc partial = VEC > 1 && q % VEC == 0 ? lane_dot<acc, g_t, a_t, VEC>(gr, block + j * q_cap, out, q, lane)
+                                             : lane_dot<acc, g_t, a_t, 1>(gr, block + j * q_cap, out, q, lane);
       for (int offset = 16; offset > 0; offset /= 2) partial += __shfl_down_sync(0xffffffffu, partial, offset);
       if (lane == 0) d[j] = partial;
     }
@@ -204,8 +223,12 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     using g_t = decltype(g0);
     using a_t = decltype(a0);
     using acc = acc_t<g_t, a_t>;
-    bank_grad_s_kernel<g_t, a_t><<<blocks_for(rows), kThreads, shared_bytes(r_cap, sizeof(acc)), stream>>>(
-        grad.const_data_ptr<g_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
+    constexpr int kVec = 16 / sizeof(g_t);
+    const g_t* gp = grad.const_data_ptr<g_t>();
+    const bool vec = grad.size(1) % kVec == 0 && aligned16(gp);
+    const auto grad_s_kernel = vec ? bank_grad_s_kernel<g_t, a_t, kVec> : bank_grad_s_kernel<g_t, a_t, 1>;
+    grad_s_kernel<<<blocks_for(rows), kThreads, shared_bytes(r_cap, sizeof(acc)), stream>>>(
+        gp, bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>(), rows, grad.size(1), s.size(1), slots,
         r_cap, q_cap, per_row_fold, grad_s.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
