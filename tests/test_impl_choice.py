@@ -530,7 +530,9 @@ def test_cuda_auto_bat_linear_matches_the_cpu(monkeypatch, matmul_precision):
     grad = torch.randn(37, 64).bfloat16()
     results = []
     for device in ("cpu", "cuda"):
-        xr, wr, br = (t.to(device).requires_grad_() for t in (x, w, block))
+        # detach first: t.to("cuda") of a tensor that the CPU pass made require grad is a non-leaf,
+        # whose .grad stays None
+        xr, wr, br = (t.detach().to(device).requires_grad_() for t in (x, w, block))
         out = {}
         names = op_names(lambda: out.update(y=ops.bat_linear(xr, wr, b.to(device), br, None)))
         out["y"].backward(grad.to(device))

@@ -17,6 +17,19 @@ PEFT_INIT = {"default": False, "mini": "mini", "bat": "bat"}  # PEFT's init_weig
 ARCHS = ["llama", "qwen2"]
 
 
+def cross_device_tol(want: torch.Tensor, device, tol: dict) -> dict:
+    """assert_close tolerances for a float64 tiny model's output or gradient computed on `device`
+    against `want` from the CPU: `tol` on the CPU itself; on another device rtol 1e-5 and atol
+    1e-5 max|want|. Why: transformers' Llama runs RMSNorm (mean, rsqrt) and RoPE (cos, sin) in
+    float32 even in a float64 model, and CUDA's float32 rsqrt/cos/sin and reduction orders differ
+    from the CPU's in the last bit: one ulp more in every float32 rsqrt moved the loss by 2e-7
+    and the gradients by 7e-7 of the largest one (measured on the CPU). A kernel error moves them
+    by O(1)."""
+    if torch.device(device).type == "cpu":
+        return tol
+    return dict(rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def tiny_causal_lm(arch: str, dtype=torch.float64, seed: int = 0):
     """A randomly initialised 2-layer causal LM (vocab 64, hidden 32, 4 heads, 2 kv heads)."""
     import transformers
