@@ -15,9 +15,8 @@ inaccessible page after their end or before their start, where any access beyond
 Hypothesis draws further cases for the fold, tile_add, bank and bank_fold kernels (40 per test in CI,
 derandomized; MISS_EXT_HYPOTHESIS_EXAMPLES / MISS_EXT_HYPOTHESIS_RANDOM as in test_properties.py):
 1,500 random ones each passed on 2026-11-30. Shapes, dtypes and tolerances mirror tests/test_impl_choice.py (the GPU-only kernel tests),
-tests/test_bank.py and tests/test_bat.py. Not covered (too slow to emulate): grid-stride loops
-that wrap (more than 65536 blocks; kMaxBlocks is a constexpr the emulator cannot lower without
-editing the kernel file).
+tests/test_bank.py and tests/test_bat.py. Grid-stride loops wrap: the emulator builds the kernels
+with a grid cap of 3 blocks (MISS_EXT_CUDA_MAX_BLOCKS, 65536 on a GPU; tests/cuda_emu/README.md).
 """
 import contextlib
 import os
@@ -399,9 +398,11 @@ BANK_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (t
               (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32)]
 # (rows, R, in, out, slots, r_cap extra, q_cap extra): test_bank.py's shapes (in % R != 0, 1 to 16
-# slots), a bank with spare capacity, r_cap and out beyond one block of 256 threads.
+# slots), a bank with spare capacity, r_cap and out beyond one block of 256 threads, and out beyond
+# one block of 256 vectors for every dtype (2560 = 320 x 8: the vector path's output loop wraps,
+# beside q = 2 rows in the same launch).
 BANK_SHAPES = [(37, 8, 29, 12, 1, 0, 0), (37, 8, 29, 12, 3, 0, 0), (40, 8, 29, 12, 16, 3, 5), (50, 16, 64, 40, 4, 0, 0),
-               (9, 64, 200, 600, 3, 0, 0), (5, 4, 8, 6, 3, 0, 0), (3, 512, 512, 12, 2, 0, 0)]
+               (9, 64, 200, 600, 3, 0, 0), (5, 4, 8, 6, 3, 0, 0), (3, 512, 512, 12, 2, 0, 0), (3, 8, 16, 2560, 3, 0, 0)]
 
 
 def _bank_case(emu, rows, R, fin, out, n, r_extra, q_extra, y_dtype, a_dtype, misaligned, seed=0):
@@ -632,6 +633,24 @@ def test_bank_fold_non_finite_inputs_match_the_cpu(emu, fin):
     grad_x = torch.full((4, fin), 7.0)
     emu.bank_fold_grad(grad_s, grad_x, index, ranks, dropouts, key)
     torch.testing.assert_close(grad_x, want_x, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("y_dtype,a_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], ids=str)
+def test_bank_add_does_not_depend_on_y_alignment(emu, y_dtype, a_dtype):
+    """bank_add_kernel does the same arithmetic with vector and element access of y, so an aligned y
+    (the functional op's fresh copy: vectors) and the same values at storage offset 1 (bank_add_ on
+    a user's y: elements) give the same bits; rows of period 48 (vectors) beside periods 2 and 3 (elements)."""
+    R, out = 8, 48
+    bank, ranks, periods = make_bank(random_blocks(4, R, out, seed=5), R, out, a_dtype)
+    s = torch.randn(6, R).to(a_dtype)
+    index = torch.tensor([0, 1, -1, 2, 3, 0])
+    y = torch.randn(6, out).to(y_dtype)
+    aligned, shifted = Guarded(y), Guarded(y, misaligned=True)
+    emu.bank_add(aligned.t, s, bank, ranks, periods, index)
+    assert f"bank_add_kernel<{_ctype(y_dtype)}, {_ctype(a_dtype)}, {16 // y.element_size()}>" in kernels_ran(emu)[0]
+    emu.bank_add(shifted.t, s, bank, ranks, periods, index)
+    assert f"bank_add_kernel<{_ctype(y_dtype)}, {_ctype(a_dtype)}, 1>" in kernels_ran(emu)[0]
+    assert torch.equal(aligned.t, shifted.t)
 
 
 def test_bank_add_per_row_fold(emu):

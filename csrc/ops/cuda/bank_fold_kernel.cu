@@ -12,6 +12,9 @@
 // - bank_unfold_kernel: one thread per VEC elements of grad_x (grid-stride; VEC = 1 when in %
 //   VEC != 0), grad_x[t, i] = the row's dropout factor times grad_s[t, i mod r], stored as one
 //   vector.
+// Results are deterministic for a given layout; the vector and element paths sum a row in
+// different chunks, so an aligned and a misaligned x may differ in the last bits (as with fold's
+// kernels).
 // Dropout multiplies by the factor (scale or 0), as the CPU kernels and fold's kernels do, and
 // draws one Philox call per four columns (keep_factors). Invalid index, ranks or dropouts values
 // trip device-side assertions (reading them on the host would synchronise).
