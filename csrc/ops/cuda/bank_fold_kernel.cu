@@ -36,7 +36,6 @@
 namespace miss_ext {
 namespace {
 
-
 // The slot of row t and its rank, checked; -1 for a row without adapter.
 __device__ inline int64_t checked_slot(const int64_t* index, const int64_t* ranks, const double* dropouts,
                                        const int64_t* key, int64_t t, int64_t slots, int64_t R, int64_t* r) {
