@@ -103,8 +103,16 @@ def test_generate_on_each_device(folders, device):
         with torch.no_grad():
             ref = reference(folders, name)
             want = ref(ids[i:i + 1]).logits[0]              # on the CPU
-            torch.testing.assert_close(logits[i], want, **cross_device_tol(want, device, TOL))
-            assert torch.equal(got[i], ref.generate(input_ids=ids[i:i + 1], max_new_tokens=6, do_sample=False)[0])
+            tol = cross_device_tol(want, device, TOL)
+            torch.testing.assert_close(logits[i], want, **tol)
+            out = ref.generate(input_ids=ids[i:i + 1], max_new_tokens=6, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+            assert torch.equal(got[i], out.sequences[0])
+            # Token equality across devices is only meaningful where no greedy step is a near-tie:
+            # every step's top-2 logit gap in the CPU reference is far above the cross-device
+            # tolerance (smallest gap 1.2e-4 against atol 4e-6 with these seeds).
+            gaps = torch.stack([step[0].topk(2).values for step in out.scores]).diff(dim=1).abs()
+            assert float(gaps.min()) > 10 * cross_device_tol(want, "cuda", TOL)["atol"], (name, gaps.min())
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

@@ -545,7 +545,9 @@ def test_bank_invalid_values_trip_device_assertions(emu, what):
 # thread) with ranks read element by element.
 BANK_FOLD_SHAPES = [(37, 8, 29, [8, 3, 5, 1]), (6, 16, 10, [16, 12, 11]), (9, 300, 700, [300, 257, 256, 7]),
                     (4, 64, 2049, [64, 63, 65 - 32]), (7, 64, 512, [64, 32, 8, 24, 5, 2]),
-                    (5, 2048, 4096, [1024, 2048, 2040, 2047])]
+                    (5, 2048, 4096, [1024, 2048, 2040, 2047]),
+                    # Whole-column path looping twice or more at every width (fp16/bf16 need r > 2048).
+                    (3, 4096, 8192, [4096, 4088, 4095])]
 BANK_FOLD_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32),
                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 

@@ -186,7 +186,7 @@ void bank_fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_bank_fold_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const bool vec = in % kVec == 0 && aligned16(xp);
+    const bool vec = rows_vectorizable(xp, in);
     const auto launch = [&](auto* out) {
       using out_t = std::remove_pointer_t<decltype(out)>;
       using acc = acc_t<scalar_t, out_t>;
@@ -213,7 +213,7 @@ void bank_fold_grad_kernel_cuda(const at::Tensor& grad_s, at::Tensor& grad_x, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "miss_bank_fold_grad_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    const bool vec = in % kVec == 0 && aligned16(gxp);
+    const bool vec = rows_vectorizable(gxp, in);
     const int64_t per_thread = vec ? kVec : 1;
     const int64_t threads_needed = rows * (in / per_thread);
     const int blocks =

@@ -192,7 +192,7 @@ void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& 
     using acc = acc_t<y_t, a_t>;
     constexpr int kVec = 16 / sizeof(y_t);
     y_t* yp = y.mutable_data_ptr<y_t>();
-    const bool vec = y.size(1) % kVec == 0 && aligned16(yp);
+    const bool vec = rows_vectorizable(yp, y.size(1));
     const auto kernel = vec ? bank_add_kernel<y_t, a_t, kVec> : bank_add_kernel<y_t, a_t, 1>;
     kernel<<<blocks_for(rows), kThreads, shared_bytes(bank.size(1), sizeof(acc)), stream>>>(
         yp, s.const_data_ptr<a_t>(), bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
@@ -225,7 +225,7 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     using acc = acc_t<g_t, a_t>;
     constexpr int kVec = 16 / sizeof(g_t);
     const g_t* gp = grad.const_data_ptr<g_t>();
-    const bool vec = grad.size(1) % kVec == 0 && aligned16(gp);
+    const bool vec = rows_vectorizable(gp, grad.size(1));
     const auto grad_s_kernel = vec ? bank_grad_s_kernel<g_t, a_t, kVec> : bank_grad_s_kernel<g_t, a_t, 1>;
     grad_s_kernel<<<blocks_for(rows), kThreads, shared_bytes(r_cap, sizeof(acc)), stream>>>(
         gp, bank.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),

@@ -27,6 +27,13 @@ struct alignas(sizeof(T) * N) Vec {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether every row of a contiguous (rows, cols) tensor of T at p can be read or written in
+// 16-byte vectors: each row then starts on a 16-byte boundary and holds whole vectors.
+template <typename T>
+inline bool rows_vectorizable(const T* p, int64_t cols) {
+  return cols % static_cast<int64_t>(16 / sizeof(T)) == 0 && aligned16(p);
+}
+
 // Per-element keep factors (scale if kept, else 0) for VEC consecutive columns starting at col
 // (col % VEC == 0). One Philox call per group of four columns (one per pair for VEC == 2); word
 // indices are compile-time constants or selects, never a run-time array index (which would use

@@ -340,7 +340,7 @@ void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropou
   const int64_t rows = x.size(0), in = x.size(1), r = s.size(1);
   const in_t* xp = x.const_data_ptr<in_t>();
   out_t* sp = s.mutable_data_ptr<out_t>();
-  const bool vec_in = in % kVec == 0 && aligned16(xp);
+  const bool vec_in = rows_vectorizable(xp, in);
   const bool pow2 = (r & (r - 1)) == 0;  // r >= 1
   const int64_t width = vec_in ? kVec : 1;  // elements per load
   const int picked = fold_kernel_choice();
@@ -401,7 +401,7 @@ void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const
   const int64_t rows = out.size(0), cols = out.size(1), period_rows = src.size(0), q = src.size(1);
   out_t* op = out.mutable_data_ptr<out_t>();
   const src_t* sp = src.const_data_ptr<src_t>();
-  const bool vec = cols % kVec == 0 && aligned16(op);
+  const bool vec = rows_vectorizable(op, cols);
   const bool use_dropout = dropout.threshold != 0;
   const bool grid2d = tile_add_kernel_choice() == choice::kGrid2d;  // "auto": the flat kernel
   if (vec) {
