@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
-                      tensor_json)
+                      refuse_layer_load, size_mismatches, tensor_json)
 from .ops import new_dropout_key
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
@@ -329,17 +329,18 @@ class MissBankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A bank of another shape loads nothing here (not even the slot names), so a failed load
-        # cannot leave slots that claim adapters whose blocks were not loaded.
+        # A bank of another shape loads nothing of this layer (not the slot names, not the base
+        # layer), so a failed load cannot leave slots that claim adapters whose blocks were not
+        # loaded, or one checkpoint's base weight beside another's blocks.
+        reason = None
         if self.rows is not None:
-            error_msgs.append(f"MissBankLinear {prefix.rstrip('.') or '(root)'}: cannot load a state_dict inside "
-                              "miss_ext.mixed_batch (its rows name the bank's slots); nothing of this layer was loaded")
-            return
-        saved = state_dict.get(prefix + "bank")
-        if saved is not None and tuple(saved.shape) != tuple(self.bank.shape):
-            error_msgs.append(f"MissBankLinear {prefix.rstrip('.') or '(root)'}: the saved bank has shape "
-                              f"{tuple(saved.shape)} (slots, max_r, out), this one {tuple(self.bank.shape)}; "
-                              "nothing of this layer was loaded")
+            reason = "cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots)"
+        else:
+            mismatched = size_mismatches(self, state_dict, prefix)
+            if mismatched:
+                reason = f"size mismatch for {', '.join(mismatched)} (bank: slots, max_r, out_features)"
+        if reason is not None:
+            refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -352,6 +353,17 @@ class MissBankLinear(nn.Module):
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}
         return json_tensor(state)
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (.float(), .half(), .to(torch.bfloat16)) convert every floating buffer, but
+        # bank_fold takes the rates in float64 (the exact values the user gave): rebuild them from
+        # self.dropouts after a cast, so training with dropout keeps working.
+        super()._apply(fn, recurse)
+        rates = self._buffers.get("_dropouts")
+        if rates is not None and rates.dtype != torch.float64:
+            self._buffers["_dropouts"] = torch.zeros(self.capacity, dtype=torch.float64, device=rates.device)
+            self._sync_slots()
+        return self
 
     def __setstate__(self, state) -> None:
         """A whole-module pickle from before the per-row fold (fold groups): rebuild the slot tensors."""

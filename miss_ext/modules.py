@@ -28,6 +28,10 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     _check_int("r", r)
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r}")
+    if mode in ("default", "bat") and out_features == 0:
+        # (r, 0) and (0, r, r) blocks hold nothing, and the ops refuse a 0 period; an empty layer
+        # has nothing to adapt. (Mini mode's (r, mini_r) block keeps working on an empty output.)
+        raise ValueError(f"{mode} mode needs out_features >= 1, got out_features=0")
     if mode == "default":
         return (r, out_features)
     if mode == "mini":
@@ -142,6 +146,44 @@ def tensor_json(encoded: Tensor):
     return json.loads(bytes(encoded.cpu().tolist()).decode())
 
 
+def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
+    """The tensors of `module` and its submodules that `state_dict` holds with another shape, as
+    "name (saved shape) (this layer's: shape)" relative to `prefix`. Submodules with a load of their
+    own (quantized base layers, say) decide themselves which shapes they take, and are skipped, as
+    are lazy parameters and torch's 0-dim-from-(1,) case."""
+    found = []
+
+    def visit(sub: nn.Module, sub_prefix: str) -> None:
+        persistent = [(n, b) for n, b in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
+        for name, t in [*sub._parameters.items(), *persistent]:
+            saved = state_dict.get(sub_prefix + name)
+            if t is None or not isinstance(saved, Tensor) or nn.parameter.is_lazy(t):
+                continue
+            if saved.shape != t.shape and not (t.dim() == 0 and tuple(saved.shape) == (1,)):
+                found.append(f"{sub_prefix[len(prefix):]}{name} {tuple(saved.shape)} (this layer's: {tuple(t.shape)})")
+        for name, child in sub._modules.items():
+            if child is not None and type(child)._load_from_state_dict is nn.Module._load_from_state_dict:
+                visit(child, f"{sub_prefix}{name}.")
+
+    visit(module, prefix)
+    return found
+
+
+def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: bool, missing_keys: list,
+                      error_msgs: list, reason: str) -> None:
+    """For a layer's _load_from_state_dict: records why nothing of the layer loads, and makes it so.
+    torch loads the children (base_layer) after this method from this same dict (a copy torch
+    made, not the caller's), so their keys are deleted from it; the children then list them as
+    missing under strict loading, and the layer lists its own tensors here."""
+    where = prefix.rstrip(".") or "(root)"
+    error_msgs.append(f"{type(module).__name__} {where}: {reason}. Nothing of this layer was loaded (so "
+                      "strict loading also lists its keys as missing)")
+    for name in [name for name in state_dict if name.startswith(prefix)]:
+        del state_dict[name]
+    if strict:
+        missing_keys.extend(prefix + name for name, t in module._parameters.items() if t is not None)
+
+
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
                       strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load) -> None:
     """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
@@ -154,12 +196,12 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. Refused (an error message, and nothing of the module loaded): a bad
-    record; a record that changes without base_layer.weight, or with a tensor of the module whose
-    shape differs from the module's (torch would skip it and leave the new record on the old
-    weight); a block loaded alone into an adapter that stays merged (the merged forward skips
-    the block, so it would change nothing). `load()` runs nn.Module's own load; the record's key is
-    then not "unexpected". Returns the record after the load, or None if refused."""
-    where = prefix.rstrip(".") or "(root)"
+    record; a record that changes without base_layer.weight; a tensor of the module whose shape
+    differs from the module's (torch would skip it and load the others: the layer would hold one
+    checkpoint's base weight with its own block, or the new record on the old weight); a block
+    loaded alone into an adapter that stays merged (the merged forward skips the block, so it
+    would change nothing). `load()` runs nn.Module's own load; the record's key is then not
+    "unexpected". Returns the record after the load, or None if refused."""
     weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
@@ -170,19 +212,14 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             refusal = f"{key!r}: {e}"
     elif weight_key in state_dict:
         after = []
-    if refusal is None and list(after) != list(current):
-        # The record changes: only together with the weight it describes, loadable as is (a
-        # size-mismatched weight is not loaded by torch, which would leave the new record on the
-        # old weight).
-        if weight_key not in state_dict:
-            refusal = (f"the record says {list(after)} but the module's is {list(current)}, and the state_dict has no "
-                       "base_layer.weight to match it")
-        else:
-            own = {prefix + name: p for name, p in module.named_parameters()}
-            mismatched = [f"{k[len(prefix):]} {tuple(state_dict[k].shape)} (this layer's: {tuple(p.shape)})"
-                          for k, p in own.items() if isinstance(state_dict.get(k), Tensor) and state_dict[k].shape != p.shape]
-            if mismatched:
-                refusal = f"size mismatch for {', '.join(mismatched)}"
+    if refusal is None and list(after) != list(current) and weight_key not in state_dict:
+        # The record changes: only together with the weight it describes.
+        refusal = (f"the record says {list(after)} but the module's is {list(current)}, and the state_dict has no "
+                   "base_layer.weight to match it")
+    if refusal is None:
+        mismatched = size_mismatches(module, state_dict, prefix)
+        if mismatched:
+            refusal = f"size mismatch for {', '.join(mismatched)}"
     if refusal is None:
         alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
         if alone and weight_key not in state_dict:
@@ -190,16 +227,7 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
                        "block's dW, which the loaded block would not replace); unmerge first, or load the merged "
                        "base_layer.weight with it")
     if refusal is not None:
-        error_msgs.append(f"{type(module).__name__} {where}: {refusal}. Nothing of this layer was loaded (so "
-                          "strict loading also lists its keys as missing)")
-        # Nothing of this layer loads: torch loads the children (base_layer) after this method
-        # from this same dict (a copy torch made, not the caller's), so their keys go too.
-        for name in [name for name in state_dict if name.startswith(prefix)]:
-            del state_dict[name]
-        # The module's own tensors (miss_block, ...): the nn.Module load that would list them as
-        # missing does not run; the children list theirs when torch loads them from the emptied dict.
-        if strict:
-            missing_keys.extend(prefix + name for name, t in module._parameters.items() if t is not None)
+        refuse_layer_load(module, state_dict, prefix, strict, missing_keys, error_msgs, refusal)
         return None
     load()
     if key in unexpected_keys:

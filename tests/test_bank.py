@@ -223,6 +223,26 @@ def test_bank_add_bad_input_raises_and_changes_nothing(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bank_add_refuses_inputs_in_y_memory(device):
+    """The kernels read s and the bank while they write y: an input sharing y's storage is refused
+    (y as a view of the bank was off by 3.4 before), and neither y nor the input changes."""
+    R, out = 2, 12
+    bank, ranks, periods = (t.to(device) for t in make_bank(random_blocks(2, R, out), R, out))
+    index = torch.tensor([0, 1], device=device)
+    y = torch.randn(2, out, device=device)
+    for y_, s_, bank_, name in ((bank[0], torch.randn(2, R, device=device), bank, "bank"),
+                                (y, y[:, :R], bank, "s")):
+        before_y, before_s, before_bank = y_.clone(), s_.clone(), bank_.clone()
+        with pytest.raises(ValueError, match=f"bank_add_ {name} must not share memory with y"):
+            ops.bank_add_(y_, s_, bank_, ranks, periods, index)
+        assert torch.equal(y_, before_y) and torch.equal(s_, before_s) and torch.equal(bank_, before_bank)
+    # The functional op writes a new tensor: the same inputs are fine there.
+    got = ops.bank_add(bank[0], torch.ones(2, R, device=device), bank, ranks, periods, index)
+    want = ops.bank_add(bank[0].clone(), torch.ones(2, R, device=device), bank.clone(), ranks, periods, index)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bank_add_with_an_empty_bank_checks_the_ids(device):
     """A bank of 0 slots: negative ids keep y, forward and backward (on CUDA the block-gradient
     launch, which would have a 0-block grid, is skipped); on the CPU a row naming a slot is

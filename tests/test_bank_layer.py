@@ -155,6 +155,46 @@ def test_dropout_per_adapter_matches_the_float64_reference(device):
     torch.testing.assert_close(bank.bank.grad, expected)
 
 
+@pytest.mark.parametrize("cast", ["float", "half", "bfloat16", "double"])
+def test_module_casts_keep_the_dropout_rates_exact(cast):
+    """.float() / .half() / .to(bf16) convert every floating buffer; the bank's per-slot rates stay
+    float64 and exact, so a cast bank still trains with dropout (before: every training step raised
+    "bank_fold dropouts must be float64", and adding an adapter did not repair it)."""
+    base, bank, singles = make("cpu")
+    bank.remove_adapter("b")
+    bank.add_adapter("b", 4, "mini", 6, dropout=0.1, block=singles["b"].miss_block.detach())
+    bank = bank.to(torch.bfloat16) if cast == "bfloat16" else getattr(bank, cast)()
+    dtype = bank.bank.dtype
+    assert bank._dropouts.dtype == torch.float64
+    assert bank._dropouts[bank.adapter_names.index("b")].item() == 0.1
+    names = ["a", "b"] * 8
+    x = torch.randn(len(names), IN, dtype=dtype, requires_grad=True)
+    index = bank.index_of(names)
+    bank.train()(x, index).float().sum().backward()
+    with torch.no_grad():
+        train_out, eval_out = bank.train()(x, index), bank.eval()(x, index)
+    rows_a = torch.tensor([n == "a" for n in names])
+    assert torch.equal(train_out[rows_a], eval_out[rows_a]) and not torch.equal(train_out[~rows_a], eval_out[~rows_a])
+    bank.add_adapter("e", 2, dropout=0.3)
+    assert bank._dropouts.dtype == torch.float64 and bank._dropouts[bank.adapter_names.index("e")].item() == 0.3
+
+
+def test_load_state_dict_with_another_base_shape_loads_nothing():
+    """A checkpoint whose base weight has another shape but whose bank fits: nothing of the layer
+    loads (not its bias, bank or slot names beside the refused weight)."""
+    _, bank, _ = make("cpu")
+    state = {k: v.clone() if v.is_floating_point() else v for k, v in bank.state_dict().items()}
+    _, fresh, _ = make("cpu", seed=1)
+    fresh.remove_adapter("c")
+    state["base_layer.weight"] = torch.zeros(OUT, IN + 1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    names = list(fresh.adapter_names)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"size mismatch for base_layer.weight \(36, 25\).*Nothing of this layer"):
+            fresh.load_state_dict(state, strict=strict)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and fresh.adapter_names == names
+
+
 def test_bank_changes_between_calls():
     base, bank, singles = make("cpu", capacity=5)
     bank.eval()

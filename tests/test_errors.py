@@ -329,6 +329,25 @@ def test_miss_linear_errors(kwargs, exc, pattern):
     assert all(p.requires_grad for p in base.parameters()), "a failed MissLinear froze the base layer"
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_out_features_0_is_refused_by_name_where_the_block_would_be_empty():
+    """An (r, 0) default or (0, r, r) bat block has nothing to learn: the constructor, apply_miss
+    and the op name out_features=0 (before: a message about a mini_r the user never set, or a bare
+    torch.cat error from the bat backward). Mini mode's (r, mini_r) block works on an empty output."""
+    for mode in ("default", "bat"):
+        with pytest.raises(ValueError, match=f"{mode} mode needs out_features >= 1, got out_features=0"):
+            miss_ext.MissLinear(nn.Linear(4, 0), 2, mode=mode)
+        with pytest.raises(ValueError, match="0: default mode needs out_features >= 1|0: bat mode needs"):
+            miss_ext.apply_miss(nn.Sequential(nn.Linear(4, 0)), ["0"], r=2, mode=mode)
+    with pytest.raises(ValueError, match="out_features=0: the default mode's miss_block"):
+        ops.linear(rand(3, 4), rand(0, 4), None, rand(2, 0))
+    mini = miss_ext.MissLinear(nn.Linear(4, 0), 2, mode="mini", mini_r=1)
+    x = rand(3, 4, requires_grad=True)
+    y = mini(x)
+    y.sum().backward()
+    assert y.shape == (3, 0) and torch.equal(x.grad, torch.zeros(3, 4))
+
+
 @pytest.mark.parametrize(
     "base", [nn.Conv1d(3, 4, 1), nn.Embedding(5, 4), nn.Bilinear(3, 3, 4), nn.Identity()],
     ids=["Conv1d", "Embedding", "Bilinear", "Identity"],

@@ -318,18 +318,30 @@ def test_state_dict_loads_that_would_ignore_a_block_are_refused():
         assert sorted(given) == sorted([*state, "merged"])  # the caller's dict is not changed
     # A record that would change without the weight it describes, or with a weight or block that
     # torch would not load (a size mismatch): refused, the flag and the weight unchanged.
+    # The same for a size mismatch where the record does not change (an unmerged checkpoint of
+    # another r or in_features into an unmerged layer): torch alone would load the base weight and
+    # bias beside the refused block.
     other_r = make(12, 8, 2, seed=3)
+    unmerged_other_r, other_in = other_r.state_dict(), make(11, 8, 4, seed=4).state_dict()
     other_r.merge()
     for bad_state, strict, merged in (({"merged": torch.tensor(False), "miss_block": block}, False, True),
                                       ({**state, "base_layer.weight": torch.zeros(8, 11)}, True, True),
-                                      (other_r.state_dict(), True, False)):
+                                      (other_r.state_dict(), True, False),
+                                      (unmerged_other_r, False, False), (unmerged_other_r, True, False),
+                                      (other_in, False, False)):
         fresh = make(12, 8, 4, seed=2)
         if merged:
             fresh.merge()
-        fresh_weight = fresh.base_layer.weight.detach().clone()
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
         with pytest.raises(RuntimeError, match="Nothing of this layer was loaded"):
             fresh.load_state_dict(bad_state, strict=strict)
-        assert fresh.merged == merged and torch.equal(fresh.base_layer.weight, fresh_weight)
+        assert fresh.merged == merged
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    # Inside a model: the layer loads nothing, as alone.
+    model, before = nn.Sequential(make(12, 8, 4, seed=2)), make(12, 8, 4, seed=2).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for miss_block"):
+        model.load_state_dict({"0." + k: v for k, v in unmerged_other_r.items()}, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in model[0].state_dict().items())
     with pytest.raises(RuntimeError, match="no base_layer.weight to match it"):
         make(12, 8, 4, seed=2).load_state_dict({"merged": torch.tensor(True)}, strict=False)
     # Strict loading lists every key of the refused layer as missing, its own block included.

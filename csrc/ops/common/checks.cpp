@@ -66,6 +66,9 @@ void check_block_2d(const at::Tensor& block, const c10::SymInt& out_features) {
   const c10::SymInt& mini_r = block.sym_size(1);
   TORCH_CHECK_VALUE(r >= 1, "miss: r must be a positive integer, got r=", r, " (miss_block shape ",
                     block.sym_sizes(), ")");
+  TORCH_CHECK_VALUE(mini_r >= 1 || out_features != 0,
+                    "miss: out_features=0: the default mode's miss_block (r, out_features) would have no columns; it "
+                    "needs out_features >= 1 (mini mode's (r, mini_r) block works on an empty output)");
   TORCH_CHECK_VALUE(mini_r >= 1 && out_features % mini_r == 0,
                     "miss: miss_block.shape[1] must be out_features or a mini_r dividing it, got mini_r=",
                     mini_r, " for out_features=", out_features);
