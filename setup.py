@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -165,7 +166,14 @@ def write_build_config(path, with_cuda, torch, private_cxxrt=False, sanitize=Fal
 
 
 def extensions():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        # pip's default build isolation hides the installed torch; without torch at all the user
+        # must install it first (the library is compiled against that exact torch).
+        raise RuntimeError(f"miss_ext builds against an installed torch, and none was found by {sys.executable}: "
+                           f"install a supported torch first (pip install 'torch>={TORCH_MIN},<{TORCH_END}'), then "
+                           "pip install --no-build-isolation .") from None
 
     check_torch_version(torch.__version__)
 

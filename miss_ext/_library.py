@@ -14,9 +14,18 @@ if "miss_ext._C" not in sys.modules and "miss::fold" in torch._C._dispatch_get_a
 try:
     from . import _C  # noqa: F401  (registers the `miss` ops as a side effect)
 except ImportError as exc:  # pragma: no cover - only without a build
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _source = os.path.isfile(os.path.join(os.path.dirname(_here), "setup.py"))
     raise ImportError(
-        "miss_ext's compiled op library (miss_ext._C) is missing or does not match this torch. "
-        "Build it from the repository root with `pip install --no-build-isolation -e .`"
+        f"miss_ext's compiled op library (miss_ext._C) is missing from {_here} or does not match this torch "
+        f"{torch.__version__}. "
+        + ("That folder is the source tree (setup.py sits beside it), which Python imports first when the current "
+           "directory is the repository root, hiding a `pip install .` copy: run from another directory, or build "
+           "in place with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+           if _source else
+           "Reinstall it against this torch: `pip install --no-build-isolation .` from the repository root")
     ) from exc
 
 # Dispatch keys a `miss` op may have kernels for, in the order `python -m miss_ext.info` shows.

@@ -226,7 +226,8 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
     mapping, ValueError for none given, a model that already has bank layers, a config with a
     bad r, or any adapter load_bank_adapter refuses (capacity or max_r too small, a file that
-    does not fit; TypeError for a bat adapter), and the model is then as it was."""
+    does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
+    not exist, and the model is then as it was."""
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:

@@ -280,8 +280,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     such layers (with a warning naming them).
 
     Every check runs before anything changes: a target that is not an nn.Linear, or a non-bool
-    init_weights, raises TypeError; no match, a layer that already has an adapter, bad r /
-    mini_r / dropout for any layer raises ValueError; and the model is left as it was. (mini_r
+    init_weights, or an r / mini_r that is not an int (or no r at all), raises TypeError; no
+    match, a layer that already has an adapter, a bad r / mini_r / dropout value for any layer
+    raises ValueError; and the model is left as it was. (mini_r
     outside mode="mini" is ignored, as PEFT ignores it.)
 
     PEFT's other MissConfig fields, as keywords: exclude_modules (a regex for the whole path or a

@@ -491,10 +491,15 @@ class MissLinear(nn.Module):
         """W <- W + dW. With safe_merge, the merged weight is built in a copy and checked first:
         non-finite values raise ValueError and leave the weight untouched.
 
-        A layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is
-        sharded (tensor parallelism) is refused (ValueError): between forwards its weight is a
-        shard, and after a forward that left it unsharded it is FSDP's gathered copy, which the
-        next reshard drops with the merge (modules.fsdp_managed)."""
+        Refused with ValueError, the weight untouched (modules.merge_refusal): a weight shared
+        with another module (tied weights: the merge would change that module too); a base that
+        does not compute exactly F.linear(x, W, b) (an nn.Linear subclass with its own forward, a
+        forward hook), whose merged output would differ from the unmerged one; a parametrized,
+        tensor-subclass or non-floating weight, which a merge would write into a temporary; a
+        layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is sharded
+        (tensor parallelism): between forwards its weight is a shard, and after a forward that
+        left it unsharded it is FSDP's gathered copy, which the next reshard drops with the merge
+        (modules.fsdp_managed)."""
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return

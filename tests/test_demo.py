@@ -190,6 +190,7 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
     (["--steps", str(10**12)], "is more than this demo runs"),
     (["--out", __file__], "is a file; give a folder"),
+    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -36,6 +36,7 @@ def test_module_entry_point_and_bad_flags():
     run = subprocess.run([sys.executable, "-m", "miss_ext.demo.mixed", "--batch-size", "3"], capture_output=True,
                          text=True)
     assert run.returncode == 2 and "--batch-size must be even" in run.stderr
+    assert mixed.parse_args(["--threads", "0"]).threads == 0  # torch's choice, as in the main demo
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -44,6 +45,11 @@ def test_module_entry_point_and_bad_flags():
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
     (["--out", __file__], "is a file; give a folder"),
+    # A folder that cannot be created is refused before training (root passes os.access there).
+    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
+    (["--batch-size", "5"], "--batch-size must be even (half the sequences per task), got 5"),
+    (["--seq-len", "1"], "--seq-len must be at least 2 (a token and its successor), got 1"),
+    (["--threads", "-1"], "--threads must be 0 (torch's choice) or positive, got -1"),
 ])
 def test_bad_values_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -219,6 +219,7 @@ def _no_tokenizer(tmp: Path, model_dir: Path) -> Path:
     ("jsonl text not a string", r"--data {tmp}/number.jsonl, line 1: \"text\" must be a string, got int"),
     ("seq-len too long", r"--seq-len 256 is longer than --model .* supports \(max_position_embeddings 128\)"),
     ("target matches nothing", r"cannot adapt it with --target-modules .*nothing_here"),
+    ("batch larger than the data", r"--batch-size 100000 is more than the \d+ training sequences of --data "),
 ])
 def test_bad_inputs_exit_2_naming_the_path(model_dir, text_file, tmp_path, capsys, case, message):
     tmp = tmp_path
@@ -246,6 +247,8 @@ def test_bad_inputs_exit_2_naming_the_path(model_dir, text_file, tmp_path, capsy
         extra = ["--seq-len", "256"]
     elif case == "target matches nothing":
         extra = ["--target-modules", "nothing_here"]
+    elif case == "batch larger than the data":
+        extra = ["--batch-size", "100000"]
     out = tmp / "out"
     with pytest.raises(SystemExit) as exc:
         demo.main(["--model", str(model), "--data", str(data), "--out", str(out), "--no-peft"] + FAST + extra)

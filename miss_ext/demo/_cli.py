@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MiSS variant: default (block r x out), mini (block r x mini_r, tiled), "
                            "bat (block out/r x r x r; r must divide every projection size)")
     miss.add_argument("--r", type=_positive_int, default=8,
-                      help="MiSS shard size (rank); at most the hidden size")
+                      help="MiSS shard size (rank). Above a targeted layer's in_features PEFT refuses it (exit 2); "
+                           "with --no-peft miss_ext trains it with a warning (the extra block rows never train)")
     miss.add_argument("--mini-r", type=_positive_int, default=16,
                       help="mini mode's block width; must divide every projection's output size (mini mode only)")
     miss.add_argument("--dropout", type=float, default=0.0,
@@ -238,7 +239,7 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
     if not shapes:
         return
     smallest_in = min(i for i, _ in shapes.values())
-    if args.r > smallest_in:
+    if args.r > smallest_in and not args.no_peft:  # as with --model, where PEFT itself refuses it
         parser.error(f"--r {args.r} is larger than the smallest projection input ({smallest_in}); "
                      "PEFT rejects that and the extra block rows would never train")
     if args.mode == "bat":
@@ -258,21 +259,35 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
 MAX_STEPS = 1_000_000
 
 
-def _validate_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """--out must be (or become) a writable folder that is not the --model folder; checked before
-    any work, without creating anything."""
+def out_folder_problem(out: Path) -> Optional[str]:
+    """Why --out cannot be (or become) a folder the demo writes into, or None; checked before any
+    work, leaving nothing behind. Permission bits do not tell (root passes os.access even in
+    /proc), so a folder is created and removed in the nearest existing ancestor."""
     import os
+    import tempfile
 
-    out = Path(args.out)
-    if str(args.out) == "":
-        parser.error("--out is empty; give a folder")
+    if str(out) == "":
+        return "--out is empty; give a folder"
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder")
+        return f"--out {out} is a file; give a folder"
     ancestor = out.resolve()
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: cannot create or write it ({ancestor} is not a writable folder)")
+    if not ancestor.is_dir():
+        return f"--out {out}: cannot create it ({ancestor} is not a folder)"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".miss_demo_probe_", dir=ancestor))
+    except OSError as exc:
+        return f"--out {out}: cannot create or write it ({ancestor}: {exc.strerror or exc})"
+    return None
+
+
+def _validate_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--out must be (or become) a writable folder that is not the --model folder."""
+    out = Path(args.out)
+    problem = out_folder_problem(out)
+    if problem is not None:
+        parser.error(problem)
     if user_mode(args) and out.resolve() == Path(args.model).resolve():
         parser.error(f"--out {out} is the --model folder: the adapter's adapter_config.json there would make "
                      "from_pretrained load the adapter into the base next time; give another folder")

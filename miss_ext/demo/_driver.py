@@ -94,6 +94,10 @@ def prepare_user(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     model_dir = check_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     data = load_text_data(args.data, tokenizer, args.seq_len, args.heldout)
+    if args.batch_size > data.train.shape[0]:
+        raise DemoInputError(f"--batch-size {args.batch_size} is more than the {data.train.shape[0]} training sequences "
+                             f"of --data {args.data} (--seq-len {args.seq_len}): a batch would hold sequences twice; "
+                             f"give at most {data.train.shape[0]}, or more text")
     base = load_model(model_dir, dtype, device)
     check_causal(base, model_dir, device)
     check_fits(base, data, model_dir, args.seq_len)

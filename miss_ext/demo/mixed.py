@@ -30,7 +30,8 @@ import torch
 
 import miss_ext
 
-from ._cli import SIZES, ModelDims
+from ._cli import SIZES, ModelDims, out_folder_problem
+from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,21 +61,27 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--min-accuracy", type=float, default=0.9)
     ap.add_argument("--out", type=Path, default=None, help="keep the two adapter folders here (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 by default, as the main demo; 0 = torch's choice)")
     args = ap.parse_args(argv)
-    for name in ("r", "steps", "batch_size", "new_tokens", "prompts", "threads"):
+    for name in ("r", "steps", "batch_size", "new_tokens", "prompts"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size % 2 or args.seq_len < 2:
-        ap.error("--batch-size must be even and --seq-len at least 2")
+    if args.threads < 0:
+        ap.error(f"--threads must be 0 (torch's choice) or positive, got {args.threads}")
+    if args.batch_size % 2:
+        ap.error(f"--batch-size must be even (half the sequences per task), got {args.batch_size}")
+    if args.seq_len < 2:
+        ap.error(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
     if not 0.0 < args.min_accuracy <= 1.0:  # 0 would pass rows that follow nothing
         ap.error(f"--min-accuracy must be in (0, 1], got {args.min_accuracy}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.seed < 2**63:
         ap.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out {args.out} is a file; give a folder")
+    problem = None if args.out is None else out_folder_problem(args.out)
+    if problem is not None:
+        ap.error(problem)
     return args
 
 
@@ -106,7 +113,11 @@ def follows(generated: torch.Tensor, start: torch.Tensor, task: str) -> float:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     dims = ModelDims(**SIZES[args.size], kv_heads=SIZES[args.size]["heads"] // 2)
     base = build_base_model(dims, args.seq_len + args.new_tokens, args.seed)
     base.generation_config.pad_token_id = 0
