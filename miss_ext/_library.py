@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     _source = os.path.isfile(os.path.join(os.path.dirname(_here), "setup.py"))
     raise ImportError(
         f"miss_ext's compiled op library (miss_ext._C) is missing from {_here} or does not match this torch "
-        f"{torch.__version__}. "
+        f"{torch.__version__} ({exc}). "
         + ("That folder is the source tree (setup.py sits beside it), which Python imports first when the current "
            "directory is the repository root, hiding a `pip install .` copy: run from another directory, or build "
            "in place with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"

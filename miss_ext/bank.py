@@ -203,7 +203,7 @@ class MissBankLinear(nn.Module):
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
                             "or merge it")
-        shape = block_shape(mode, r, mini_r, self.in_features, self.out_features)
+        shape = block_shape(mode, r, mini_r, self.in_features, self.out_features, empty_output=True)
         if r > self.max_r:
             raise ValueError(f"adapter {name!r} has r={r} > max_r={self.max_r} of this bank")
         check_dropout(dropout)

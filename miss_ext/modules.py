@@ -23,12 +23,14 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
-def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: int):
-    """Shape of miss_block for a mode (PEFT's shapes); raises ValueError on bad sizes."""
+def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: int, empty_output: bool = False):
+    """Shape of miss_block for a mode (PEFT's shapes); raises ValueError on bad sizes.
+    `empty_output`: out_features = 0 is allowed in every mode (the bank's ops handle it; the
+    default and bat ops of a MissLinear do not)."""
     _check_int("r", r)
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r}")
-    if mode in ("default", "bat") and out_features == 0:
+    if mode in ("default", "bat") and out_features == 0 and not empty_output:
         # (r, 0) and (0, r, r) blocks hold nothing, and the ops refuse a 0 period; an empty layer
         # has nothing to adapt. (Mini mode's (r, mini_r) block keeps working on an empty output.)
         raise ValueError(f"{mode} mode needs out_features >= 1, got out_features=0")
@@ -148,12 +150,16 @@ def tensor_json(encoded: Tensor):
 
 def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
     """The tensors of `module` and its submodules that `state_dict` holds with another shape, as
-    "name (saved shape) (this layer's: shape)" relative to `prefix`. Submodules with a load of their
-    own (quantized base layers, say) decide themselves which shapes they take, and are skipped, as
-    are lazy parameters and torch's 0-dim-from-(1,) case."""
+    "name (saved shape) (this layer's: shape)" relative to `prefix`. Skipped, as torch's own
+    per-tensor check still applies to them: submodules with a load of their own (quantized base
+    layers, say), which decide themselves which shapes they take; modules with load_state_dict
+    pre-hooks (on themselves: their subtree), which torch runs after this check and which may
+    rewrite the saved tensors (a transposing hook); lazy parameters; torch's 0-dim-from-(1,) case."""
     found = []
 
     def visit(sub: nn.Module, sub_prefix: str) -> None:
+        if sub._load_state_dict_pre_hooks:
+            return
         persistent = [(n, b) for n, b in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
         for name, t in [*sub._parameters.items(), *persistent]:
             saved = state_dict.get(sub_prefix + name)

@@ -232,6 +232,40 @@ def test_refusals_name_the_problem():
         bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
 
 
+def test_inductor_memory_planning_pools_are_not_mistaken_for_overlap():
+    """Inductor's memory planning carves a bank model's buffers from one pool, so bank_add_'s y and
+    the int64 row ids share a storage without overlapping: accepted (a storage-identity check
+    refused this compiled model), and the result is eager's."""
+    import torch._inductor.config as inductor_config
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.v(torch.relu(self.q(x))) * 2
+
+    import miss_ext
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = miss_ext.apply_bank(TwoLayers(), ["q", "v"], capacity=3, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", r=2)
+    miss_ext.add_bank_adapter(model, "b", r=4)
+    with torch.no_grad():
+        for _, layer in miss_ext.bank_model.bank_layers(model):
+            layer.bank.normal_()  # nonzero blocks
+    model.eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad(), miss_ext.mixed_batch(model, ["a", "b", None]), \
+            inductor_config.patch(memory_planning=True):
+        got = torch.compile(model)(x)
+        want = model(x)
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+
+
 def test_layer_compiles_fullgraph_and_not_again_when_adapters_change():
     """torch.compile(fullgraph=True) of the layer compiles one graph for eval, one for training
     without dropout and one for training with dropout, and no change of the bank's adapters

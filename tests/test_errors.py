@@ -74,7 +74,10 @@ CASES = [
     ("tile-scalar-out", lambda t: lambda: ops.tile_add_(t["out"][0, 0], t["src"][0]), ValueError, r"out shape \[\]"),
     ("tile-empty-src-cols", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:, :0]), ValueError, r"shape \[4, 0\]"),
     ("tile-empty-src-rows", lambda t: lambda: ops.tile_add_(t["out"], t["src"][:0]), ValueError, r"shape \[0, 3\]"),
-    ("tile-alias", lambda t: lambda: ops.tile_add_(t["out"], t["out"][:, :2]), ValueError, r"share memory"),
+    ("tile-alias", lambda t: lambda: ops.tile_add_(t["out"], t["out"][:, :2]), ValueError,
+     r"tile_add_ src is a view of out's storage whose overlap with it cannot be ruled out"),
+    ("tile-overlap", lambda t: lambda: ops.tile_add_(t["out"][1:], t["out"][:-1]), ValueError,
+     r"tile_add_ src overlaps out in memory"),
     ("tile-p-gt1", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 2.0, t["K"]()), ValueError, r"p=2\b"),
     ("tile-p-neg", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, -1e-3, t["K"]()), ValueError, r"p=-0\.001"),
     ("tile-no-key", lambda t: lambda: ops.tile_add_(t["out"], t["src"], 1.0, 0.3), ValueError, r"p=0\.3.*needs a key"),
@@ -189,7 +192,7 @@ CASES = [
      TypeError, r"bat_transform dtype must be a floating type, got Int"),
     ("bat_transform_-alias", lambda t: lambda: ops.bat_transform_(t["w"], t["w"].view(10, 2, 10)[:, :, :2],
                                                                   t["rand"](10, 2, 2)),
-     ValueError, r"must not share memory"),
+     ValueError, r"bat_transform_ m is a view of w's storage"),
     ("bat_transform_-tiles", lambda t: lambda: ops.bat_transform_(t["w"], t["rand"](6, 3, 3), t["rand"](6, 3, 3)), ValueError,
      r"does not tile into 3 x 3 blocks"),
 ]
@@ -341,6 +344,10 @@ def test_out_features_0_is_refused_by_name_where_the_block_would_be_empty():
             miss_ext.apply_miss(nn.Sequential(nn.Linear(4, 0)), ["0"], r=2, mode=mode)
     with pytest.raises(ValueError, match="out_features=0: the default mode's miss_block"):
         ops.linear(rand(3, 4), rand(0, 4), None, rand(2, 0))
+    # A bank layer handles an empty output in every mode it takes.
+    bank = miss_ext.MissBankLinear(nn.Linear(4, 0), capacity=2, max_r=2)
+    bank.add_adapter("a", r=2)
+    assert bank(rand(3, 4), bank.index_of(["a", None, "a"])).shape == (3, 0)
     mini = miss_ext.MissLinear(nn.Linear(4, 0), 2, mode="mini", mini_r=1)
     x = rand(3, 4, requires_grad=True)
     y = mini(x)

@@ -337,6 +337,18 @@ def test_state_dict_loads_that_would_ignore_a_block_are_refused():
             fresh.load_state_dict(bad_state, strict=strict)
         assert fresh.merged == merged
         assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    # A base layer whose load pre-hook rewrites its saved tensors (here: transposes the weight) is
+    # left to torch's own check, which runs after the hook: it loads as without an adapter.
+    def transpose_hook(module, state_dict, prefix, *args):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].shape == module.weight.shape[::-1]:
+            state_dict[key] = state_dict[key].t()
+
+    hooked = make(12, 8, 4, seed=2)
+    hooked.base_layer.register_load_state_dict_pre_hook(transpose_hook)
+    saved = {**state, "base_layer.weight": state["base_layer.weight"].t().contiguous()}
+    hooked.load_state_dict(saved)
+    assert torch.equal(hooked.base_layer.weight, state["base_layer.weight"])
     # Inside a model: the layer loads nothing, as alone.
     model, before = nn.Sequential(make(12, 8, 4, seed=2)), make(12, 8, 4, seed=2).state_dict()
     with pytest.raises(RuntimeError, match="size mismatch for miss_block"):

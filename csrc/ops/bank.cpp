@@ -71,12 +71,10 @@ BankArgs bank_args(const at::Tensor& s, const at::Tensor& bank, const at::Tensor
 void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, const at::Tensor& bank,
                    const at::Tensor& ranks, const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
-  // The kernels read the inputs while they write y: an input in y's memory would be read after
-  // some of its elements were overwritten (a wrong result, not an error). As tile_add_ and
-  // bat_transform_, refuse any input that shares y's storage.
+  // The kernels read the inputs while they write y (as tile_add_ and bat_transform_).
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{s, "s"}, {bank, "bank"}, {ranks, "ranks"},
                                 {periods, "periods"}, {index, "index"}}) {
-    TORCH_CHECK_VALUE(!y.is_alias_of(t), "miss: bank_add_ ", name, " must not share memory with y (y is written)");
+    check_no_overlap("bank_add_", y, "y", t, name);
   }
   // An empty bank still goes to the kernel, which checks the ids: a row naming a slot of an empty
   // bank is an error, not a row that silently keeps y.

@@ -94,7 +94,8 @@ at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::T
 
 void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
   check_bat_transform_args(w, m, p);
-  TORCH_CHECK_VALUE(!w.is_alias_of(m) && !w.is_alias_of(p), "miss: bat_transform_ m and p must not share memory with w");
+  check_no_overlap("bat_transform_", w, "w", m, "m");
+  check_no_overlap("bat_transform_", w, "w", p, "p");
   if (w.numel() == 0) return;
   kernel = pick_bat_kernel(kernel, w, /*in_place=*/true);
   if (w.is_contiguous()) {

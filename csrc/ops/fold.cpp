@@ -97,7 +97,7 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
 void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src, double alpha, double p,
                    const std::optional<at::Tensor>& key) {
   check_tile_add_args(out, src, p, key);
-  TORCH_CHECK_VALUE(!out.is_alias_of(src), "miss: tile_add_ src must not share memory with out");
+  check_no_overlap("tile_add_", out, "out", src, "src");
   const int64_t rows = leading_rows(out);
   const int64_t cols = out.size(-1);
   if (rows == 0 || cols == 0) return;

@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -75,6 +77,20 @@ void check_block_2d(const at::Tensor& block, const c10::SymInt& out_features) {
 }
 
 }  // namespace
+
+void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name, const at::Tensor& input,
+                      const char* name) {
+  // get_overlap_status says TooHard for any non-dense tensor, also in another storage: only tensors
+  // of out's storage are asked.
+  if (!out.is_alias_of(input)) return;
+  const at::MemOverlapStatus status = at::get_overlap_status(out, input);
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "miss: ", op,
+                    " ", name, " overlaps ", out_name, " in memory (", out_name, " is written while ", name,
+                    " is read); pass a copy");
+  TORCH_CHECK_VALUE(status == at::MemOverlapStatus::No, "miss: ", op, " ", name, " is a view of ", out_name,
+                    "'s storage whose overlap with it cannot be ruled out (", out_name, " is written while ", name,
+                    " is read); pass a copy");
+}
 
 void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key) {
   check_floating(x, "x");

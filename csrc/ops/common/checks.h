@@ -29,6 +29,13 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
                        const std::optional<at::Tensor>& key);
 
+// For an in-place op that writes `out` while it reads `input`: ValueError if their memory overlaps
+// (the op would read elements it already overwrote: a wrong result, not an error). Views of one
+// storage that do not overlap pass (Inductor's memory planning carves buffers from one pool);
+// where the layout cannot tell (a non-dense view of out's storage), refused.
+void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name, const at::Tensor& input,
+                      const char* name);
+
 // Merge of a block into weight (out, in): default/mini (2-D block) or bat (3-D block).
 void check_merge_args(const at::Tensor& weight, const at::Tensor& block);
 
