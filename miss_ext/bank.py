@@ -361,8 +361,7 @@ class MissBankLinear(nn.Module):
         super()._apply(fn, recurse)
         rates = self._buffers.get("_dropouts")
         if rates is not None and rates.dtype != torch.float64:
-            self._buffers["_dropouts"] = torch.zeros(self.capacity, dtype=torch.float64, device=rates.device)
-            self._sync_slots()
+            self._buffers["_dropouts"] = torch.tensor(self.dropouts, dtype=torch.float64, device=rates.device)
         return self
 
     def __setstate__(self, state) -> None:

@@ -191,6 +191,7 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--steps", str(10**12)], "is more than this demo runs"),
     (["--out", __file__], "is a file; give a folder"),
     (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
+    (["--out", ""], "--out: is empty; give a folder"),  # Path("") would be the current folder
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

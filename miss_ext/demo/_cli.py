@@ -62,6 +62,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def folder_path(text: str) -> Path:
+    """An --out folder: refuses "" (Path("") is ".", the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a folder")
+    return Path(text)
+
+
 def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "these small steps waiting for each other (steps measured up to 100x slower), "
                             "while one thread loses little when the machine is quiet")
     train.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison run")
-    train.add_argument("--out", type=Path, default=Path("miss_demo_out"),
+    train.add_argument("--out", type=folder_path, default=Path("miss_demo_out"),
                        help="output directory: adapter (PEFT format), base model (random model only), loss plot")
     return parser
 
@@ -266,8 +273,6 @@ def out_folder_problem(out: Path) -> Optional[str]:
     import os
     import tempfile
 
-    if str(out) == "":
-        return "--out is empty; give a folder"
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; give a folder"
     ancestor = out.resolve()

@@ -30,7 +30,7 @@ import torch
 
 import miss_ext
 
-from ._cli import SIZES, ModelDims, out_folder_problem
+from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
 
@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=10, help="tokens generated per prompt")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per adapter in the mixed generate batch")
     ap.add_argument("--min-accuracy", type=float, default=0.9)
-    ap.add_argument("--out", type=Path, default=None, help="keep the two adapter folders here (default: a temp dir)")
+    ap.add_argument("--out", type=folder_path, default=None, help="keep the two adapter folders here (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 by default, as the main demo; 0 = torch's choice)")
