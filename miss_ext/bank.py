@@ -310,11 +310,13 @@ class MissBankLinear(nn.Module):
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
-        index = row_index(adapter_index, x, "MissBankLinear")
         # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
-        # bank_fold to refuse by name.
+        # bank_fold to refuse by name. Routed before row_index broadcasts one id per sequence over
+        # its tokens: a (batch,) lookup instead of a (batch, seq) one on every layer of a prefill.
         last = self.capacity - 1
-        index = torch.where((index >= 0) & (index <= last), self._route[index.clamp(0, last)], index)
+        routed = torch.where((adapter_index >= 0) & (adapter_index <= last),
+                             self._route[adapter_index.clamp(0, last)], adapter_index)
+        index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
         # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,

@@ -247,6 +247,16 @@ def test_bank_add_refuses_inputs_in_y_memory(device):
     want = ops.bank_add(y_pool.clone(), s_pool.clone(), bank, ranks, periods, index_pool.clone())
     ops.bank_add_(y_pool, s_pool, bank, ranks, periods, index_pool)
     assert torch.equal(y_pool, want)
+    # Views that are not dense (ATen's overlap test gives up on them) but lie beside y in the pool:
+    # s every other column of a wider block, the index one id broadcast over the rows.
+    pool = torch.zeros(2 * out * 4 + 2 * 2 * R * 4 + 8, dtype=torch.uint8, device=device)
+    y_pool = pool[:2 * out * 4].view(torch.float32).view(2, out)
+    s_pool = pool[2 * out * 4:-8].view(torch.float32).view(2, 2 * R)[:, ::2]
+    index_pool = pool[-8:].view(torch.int64).expand(2)
+    y_pool.copy_(y), s_pool.copy_(torch.randn(2, R, device=device)), index_pool[:1].fill_(1)
+    want = ops.bank_add(y_pool.clone(), s_pool.clone(), bank, ranks, periods, index_pool.clone())
+    ops.bank_add_(y_pool, s_pool, bank, ranks, periods, index_pool)
+    assert torch.equal(y_pool, want) and not torch.equal(want, y)
     # The functional op writes a new tensor: the same inputs are fine there.
     got = ops.bank_add(bank[0], torch.ones(2, R, device=device), bank, ranks, periods, index)
     want = ops.bank_add(bank[0].clone(), torch.ones(2, R, device=device), bank.clone(), ranks, periods, index)

@@ -78,11 +78,32 @@ void check_block_2d(const at::Tensor& block, const c10::SymInt& out_features) {
 
 }  // namespace
 
+namespace {
+// [first, last] byte of t's storage that t can reach (numel > 0; torch strides are never negative).
+std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  const int64_t first = t.storage_offset() * item;
+  return {first, first + last * item + item - 1};
+}
+
+// Two views of one storage whose reachable byte ranges do not meet cannot overlap, whatever their
+// layout. get_overlap_status answers TooHard for any view that is not dense (an expanded index, a
+// strided slice), so this is asked first: Inductor's memory planning carves such views and y
+// from one pool.
+bool byte_spans_disjoint(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return true;
+  const auto sa = byte_span(a), sb = byte_span(b);
+  return sa.second < sb.first || sb.second < sa.first;
+}
+}  // namespace
+
 void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name, const at::Tensor& input,
                       const char* name) {
   // get_overlap_status says TooHard for any non-dense tensor, also in another storage: only tensors
   // of out's storage are asked.
-  if (!out.is_alias_of(input)) return;
+  if (!out.is_alias_of(input) || byte_spans_disjoint(out, input)) return;
   const at::MemOverlapStatus status = at::get_overlap_status(out, input);
   TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "miss: ", op,
                     " ", name, " overlaps ", out_name, " in memory (", out_name, " is written while ", name,
