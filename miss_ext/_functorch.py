@@ -281,7 +281,37 @@ def _tile_add(out, src, alpha=1.0, p=0.0, key=None):
     return tile_add_composite(out, src, alpha, p, key)
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype where autocast is on for x's device type, else None. This kernel runs
+    before the Autocast dispatch keys, so linear and bat_linear apply the policy of their C++
+    autocast kernels (csrc/ops/autocast/linear_autocast.cpp) here, then run with autocast off."""
+    device_type = _all_values(x).device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+# c10's names of the floating dtypes, as the C++ kernels' messages print them.
+_C10_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """at::autocast::cached_cast: floating tensors but float64 go to dtype."""
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 def _linear(x, weight, bias, block, p=0.0, key=None):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x_c, w_c = _cast(x, dtype), _cast(weight, dtype)
+        if x_c.is_floating_point() and w_c.is_floating_point() and x_c.dtype != w_c.dtype:
+            name = _C10_NAMES.get  # the C++ kernel's message, word for word
+            raise TypeError(f"miss: under autocast({name(dtype)}) x dtype {name(x.dtype)} and the base weight dtype "
+                            f"{name(weight.dtype)} differ after autocast's casts (it casts float32/float16/bfloat16 to "
+                            f"{name(dtype)} and leaves float64 as it is); give x and the layer the same dtype (PEFT "
+                            "refuses this too)")
+        with torch.autocast(_all_values(x).device.type, enabled=False):
+            return _linear(x_c, w_c, _cast(bias, dtype), _cast(block, dtype), p, key).to(x.dtype)
     _validate(ops.linear.default, x, weight, bias, block, p, key)
     _check_key_device(key, x)
     return linear_composite(x, weight, bias, block, p, key)
@@ -299,6 +329,11 @@ def _bat_weight(weight, block, dtype=None):
 
 
 def _bat_linear(x, weight, bias, block, compute_dtype=None):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # as bat_linear_autocast: x in the weight's dtype, the GEMM in autocast's
+        x_w = x.to(weight.dtype) if x.is_floating_point() and weight.is_floating_point() else x
+        with torch.autocast(_all_values(x).device.type, enabled=False):
+            return _bat_linear(x_w, weight, bias, block, compute_dtype or dtype).to(x.dtype)
     _validate(ops.bat_linear.default, x, weight, bias, block, compute_dtype)
     return bat_linear_composite(x, weight, bias, block, compute_dtype)
 

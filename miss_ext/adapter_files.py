@@ -77,7 +77,7 @@ def config_dict(config: object) -> dict:
 
 def apply_miss_settings(config: object) -> dict:
     """apply_miss's keyword arguments for a PEFT MissConfig / BoneConfig or adapter_config.json
-    dict (PEFT's defaults for missing fields). A field PEFT 0.21's config does not have, an
+    dict (PEFT's defaults for missing fields), plus its inference_mode and task_type. A field PEFT 0.21's config does not have, an
     unknown init_weights or bias value, or target_modules None raises ValueError naming it."""
     config = config_dict(config)
     if config["peft_type"] not in BLOCK_NAMES:
@@ -95,6 +95,8 @@ def apply_miss_settings(config: object) -> dict:
         "exclude_modules": config.get("exclude_modules"), "layers_to_transform": config.get("layers_to_transform"),
         "layers_pattern": config.get("layers_pattern"), "modules_to_save": config.get("modules_to_save"),
         "bias": config.get("bias", "none"),
+        "inference_mode": bool(config.get("inference_mode", False)),
+        "task_type": config.get("task_type"),
     }
 
 
@@ -270,6 +272,18 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]
     return config, blocks, extras
 
 
+def meta_problem(path: str, tensors) -> Optional[str]:
+    """A problem when any of `tensors` is on the meta device (a model built under
+    torch.device("meta"), init_empty_weights, low_cpu_mem_usage) or None. A file's values copied
+    into a meta tensor are kept nowhere (copy_ into meta does nothing), and a later to_empty()
+    would leave uninitialised memory where the adapter was expected: refused, not ignored."""
+    if any(t.is_meta for t in tensors):
+        return (f"{path}: the model's parameters here are on the meta device (not materialised), so the file's "
+                "values would be kept nowhere; materialise the model first (to_empty() and load its weights, or "
+                "from_pretrained), then load the adapter")
+    return None
+
+
 def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optional[nn.Parameter]]:
     """(its path in the model, the parameter) a saved `<path>` names, or (None, None);
     `<layer>.base_layer.<name>` also resolves to `<layer>.<name>` of a plain layer about to be
@@ -282,17 +296,37 @@ def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optiona
     return None, None
 
 
-def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str], list]:
+def _plan_extras(model: nn.Module, extras: Dict[str, Tensor], config: dict) -> Tuple[List[str], list]:
     """Checks the non-block tensors against the model; returns (problems, [(param, value,
-    trainable)]). A base weight PEFT saved beside the blocks (`<layer>.base_layer.weight`, its
-    save_embedding_layers for targets named like embeddings, e.g. lm_head) is loaded frozen, as
-    PEFT does not train it; modules_to_save copies and biases stay trainable."""
+    trainable)]). A tensor trains where PEFT's from_pretrained(is_trainable=True) trains it:
+    inside a module the config's modules_to_save selects, or a bias its `bias` names ("all":
+    every bias; "MiSS_only" / "Bone_only": an adapted layer's `<layer>.base_layer.bias`). Anything else PEFT
+    saved beside the blocks is loaded frozen, as PEFT does not train it: its
+    save_embedding_layers copies (`embed_tokens.weight`, `lm_head.weight`, after a
+    resize_token_embeddings) and a target's `<layer>.base_layer.weight`. (Training those would
+    be lost: save_adapter writes only what PEFT trains.)"""
     problems, plan = [], []
     params = parameter_paths(model) if extras else {}
+    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
+    try:
+        bias = check_bias(config.get("bias", "none"))  # Bone's "Bone_only" is "MiSS_only"
+    except ValueError:
+        bias = "none"  # reported by _check_config_fields
+
+    def trainable(path: str) -> bool:
+        if any(path.startswith(module + ".") for module in save_paths):
+            return True
+        return (bias == "all" and path.rpartition(".")[2] == "bias") or \
+            (bias == "MiSS_only" and path.endswith(".base_layer.bias"))
+
     for path, value in extras.items():
         resolved, param = _find_parameter(model, path)
         if param is None:
             problems.append(f"{path}: no such parameter in the model")
+            continue
+        problem = meta_problem(path, [param])
+        if problem is not None:
+            problems.append(problem)
             continue
         if tuple(param.shape) != tuple(value.shape):
             problems.append(f"{path}: shape {tuple(value.shape)} in the file, the model's is {tuple(param.shape)}")
@@ -308,7 +342,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
                             "(different) value would change those modules too; untie it first (give the module its "
                             "own torch.nn.Parameter)")
             continue
-        plan.append((param, value, not path.endswith(".base_layer.weight")))
+        plan.append((param, value, trainable(path)))
     return problems, plan
 
 
@@ -377,6 +411,10 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
             problems.append(f"{path}: no such module in the model")
             continue
         linear = module.base_layer if isinstance(module, MissLinear) else module
+        problem = meta_problem(path, module.parameters())
+        if problem is not None:
+            problems.append(problem)
+            continue
         if not isinstance(linear, nn.Linear):
             problems.append(f"{path}: is a {type(module).__name__}, not an nn.Linear")
             continue
@@ -424,7 +462,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     layers get the file's values in their own miss_block parameters (same objects, so optimizers
     keep working) and the file's miss_dropout (mode, r and mini_r must match). Other tensors
     PEFT saves with the blocks (`modules_to_save` copies, trained biases) are copied into the
-    model's parameters of those names and stay trainable.
+    model's parameters of those names and stay trainable; its save_embedding_layers copies
+    (embed_tokens / lm_head weights) are copied and stay frozen, as PEFT does not train them.
 
     The config is checked too: the modules it selects (target_modules, exclude_modules,
     layers_to_transform, layers_pattern, modules_to_save) must be exactly the file's blocks, as
@@ -450,7 +489,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)
-    extra_problems, extra_plan = _plan_extras(model, extras)
+    extra_problems, extra_plan = _plan_extras(model, extras, config)
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
     if wrapped is not model and any(trainable and not param.requires_grad for param, _, trainable in extra_plan):

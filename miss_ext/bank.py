@@ -55,6 +55,49 @@ def check_new_adapter(names: List[Optional[str]], name: object, where: str = "th
     return names.index(None)
 
 
+_SLOT_FIELDS = ("adapter_names", "modes", "dropouts", "absent")
+
+
+def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List[int],
+                       periods: List[int]) -> Optional[str]:
+    """Why `state` (MissBankLinear.get_extra_state's dict: each slot's name, mode, dropout rate,
+    absent flag) cannot describe a bank whose slots have these ranks and periods, or None. A slot
+    description that does not fit would route rows to another adapter, or train one with another
+    dropout, silently: every field of every slot is checked, as add_adapter / add_absent /
+    remove_adapter leave them."""
+    if not isinstance(state, dict) or sorted(state) != sorted(_SLOT_FIELDS):
+        return f"the slot description must be a dict with keys {list(_SLOT_FIELDS)}, got {state!r}"
+    capacity = len(ranks)
+    for field in _SLOT_FIELDS:
+        value = state[field]
+        if not isinstance(value, list) or len(value) != capacity:
+            return (f"its {field} must be a list of one entry per slot ({capacity}), got "
+                    f"{len(value) if isinstance(value, list) else type(value).__name__}")
+    names = [n for n in state["adapter_names"] if n is not None]
+    if len(set(names)) != len(names):
+        return f"adapter names appear twice: {state['adapter_names']}"
+    for slot, (name, mode, rate, absent) in enumerate(zip(*(state[f] for f in _SLOT_FIELDS))):
+        where = f"slot {slot} ({name!r})"
+        if not isinstance(absent, bool):
+            return f"{where}: absent flag {absent!r} is not a bool"
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            return f"{where}: dropout {rate!r} is not a rate in [0, 1)"
+        if name is None or absent:
+            if (mode, ranks[slot], rate) != (None, 0, 0) or (name is None and absent):
+                return (f"{where}: an {'absent' if absent else 'empty'} slot has mode None, rank 0 and dropout 0, got "
+                        f"mode={mode!r}, rank {ranks[slot]}, dropout {rate}{', absent' if absent else ''}")
+            continue
+        if not isinstance(name, str) or not name or name == BASE:
+            return f"{where}: an adapter name must be a non-empty string other than {BASE!r}"
+        period_ok = periods[slot] == out_features if mode == "default" else \
+            mode == "mini" and periods[slot] >= 1 and out_features % periods[slot] == 0
+        if not 1 <= ranks[slot] <= max_r or not period_ok:
+            return (f"{where}: mode={mode!r} with rank {ranks[slot]} and period {periods[slot]} does not fit a bank "
+                    f"of max_r={max_r}, out_features={out_features} (default: period = out_features; mini: a "
+                    "divisor of it)")
+    return None
+
+
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
                    dropouts: Optional[Tensor], inplace: bool) -> Tensor:
     """y plus, for every row t with index[t] >= 0, the MiSS term of the adapter in slot index[t].
@@ -307,6 +350,14 @@ class MissBankLinear(nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
+            if torch.compiler.is_exporting():
+                # torch.compile takes the ids as a graph input; torch.export makes a module
+                # attribute a constant of the program, which would route every later call's rows
+                # as this one's, silently.
+                raise ValueError("MissBankLinear: torch.export inside miss_ext.mixed_batch would record this call's "
+                                 "row ids as constants of the program (every later call routed as this one); "
+                                 "export a module that passes the ids to the bank layers as an input "
+                                 "(layer(x, adapter_index))")
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
@@ -341,6 +392,17 @@ class MissBankLinear(nn.Module):
             mismatched = size_mismatches(self, state_dict, prefix)
             if mismatched:
                 reason = f"size mismatch for {', '.join(mismatched)} (bank: slots, max_r, out_features)"
+        if reason is None and prefix + "_extra_state" in state_dict:
+            # Checked against the ranks and periods loading with it, before anything loads: torch
+            # sets the extra state after the tensors, too late to leave the layer as it was.
+            try:
+                saved = tensor_json(state_dict[prefix + "_extra_state"])
+            except ValueError as exc:
+                saved = f"not JSON text in a uint8 tensor ({exc})"
+            ranks, periods = (state_dict.get(prefix + name, getattr(self, name)) for name in ("ranks", "periods"))
+            problem = slot_state_problem(saved, self.max_r, self.out_features, ranks.tolist(), periods.tolist())
+            if problem is not None:
+                reason = f"the saved slot description (_extra_state) does not fit: {problem}"
         if reason is not None:
             refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return
@@ -382,12 +444,14 @@ class MissBankLinear(nn.Module):
             self._sync_slots()
 
     def set_extra_state(self, encoded: Tensor) -> None:
+        """The slot names, modes, dropout rates and absent flags of get_extra_state (load_state_dict
+        checks them before anything loads; here again for a direct call). ValueError, changing
+        nothing, for a description that does not fit this bank's slots."""
         state = tensor_json(encoded)
-        names = list(state["adapter_names"])
-        if len(names) != self.capacity:
-            raise ValueError(f"MissBankLinear.load_state_dict: the saved bank has {len(names)} slots, this one "
-                             f"{self.capacity}")
-        self.adapter_names, self.modes = names, list(state["modes"])
+        problem = slot_state_problem(state, self.max_r, self.out_features, self.ranks.tolist(), self.periods.tolist())
+        if problem is not None:
+            raise ValueError(f"MissBankLinear.set_extra_state: {problem}")
+        self.adapter_names, self.modes = list(state["adapter_names"]), list(state["modes"])
         self.dropouts, self.absent = [float(p) for p in state["dropouts"]], [bool(a) for a in state["absent"]]
         self._sync_slots()
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
-                            adapter_config, read_adapter, write_adapter, KEY_PREFIX)
+                            adapter_config, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter, host_to_device
 from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, reshard_fsdp
@@ -176,6 +176,10 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
             problems.append(f"{path}: " + ("no such module in the model" if layer is None else
                                            f"is a {type(layer).__name__}, not a bank layer (apply_bank there first)"))
             continue
+        problem = meta_problem(path, layer.parameters())
+        if problem is not None:
+            problems.append(problem)
+            continue
         try:
             expected = _check_new(layer, path, name, r, mode, mini_r, dropout)
         except (ValueError, TypeError) as exc:
@@ -189,7 +193,10 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
     # A bank shares everything but the blocks between rows: per-adapter extras cannot differ per row.
     for key, value in extras.items():
         _, param = _find_parameter(model, key)
-        if param is None or tuple(param.shape) != tuple(value.shape) or \
+        problem = None if param is None else meta_problem(key, [param])
+        if problem is not None:
+            problems.append(problem)
+        elif param is None or tuple(param.shape) != tuple(value.shape) or \
                 not torch.equal(value.to(param.device, param.dtype), param.detach()):
             problems.append(f"{key}: the file trains this beside the blocks (modules_to_save or bias), which "
                             "every row of a mixed batch shares; load it with miss_ext.load_adapter instead")
@@ -225,7 +232,7 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
     Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
     mapping, ValueError for none given, a model that already has bank layers, a config with a
-    bad r, or any adapter load_bank_adapter refuses (capacity or max_r too small, a file that
+    bad r, more adapters than capacity, or any adapter load_bank_adapter refuses (max_r too small, a file that
     does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
     not exist, and the model is then as it was."""
     if not isinstance(adapters, Mapping):
@@ -234,6 +241,10 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
         raise ValueError("load_bank: no adapters given")
     if bank_layers(model):
         raise ValueError("load_bank: the model already has bank layers; add adapters with load_bank_adapter")
+    if capacity is not None and not isinstance(capacity, bool) and isinstance(capacity, int) and \
+            len(adapters) > capacity:
+        raise ValueError(f"load_bank: {len(adapters)} adapters ({', '.join(map(repr, adapters))}) do not fit in "
+                         f"capacity={capacity}; give capacity >= {len(adapters)} (nothing was loaded)")
     read = {name: read_adapter(path) for name, path in adapters.items()}
     paths = sorted({p for _, blocks, _ in read.values() for p in blocks})
     ranks = [config.get("r") for config, _, _ in read.values()]

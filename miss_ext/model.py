@@ -10,7 +10,7 @@ from torch import nn
 from .modules import (WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal,
                       reshard_fsdp)
 from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches,
-                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
+                      modules_to_save_paths, second_paths, other_holders, parameter_paths, peft_selects, record_sharing,
                       set_module, shared_weight_message)
 
 
@@ -164,9 +164,18 @@ def _check_init_weights(init_weights: object) -> None:
         raise TypeError(f"init_weights must be True (zeros) or False (random), got init_weights={init_weights!r}{hint}")
 
 
-def _check_targets(found, target_modules) -> None:
+def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> None:
+    """found must be non-empty and hold no adapter layer; `seconds` (targets.second_paths) are
+    named second paths of a module: refused when they are all the rule matched, else a warning."""
+    where = "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
     if not found:
-        raise ValueError(f"target_modules={target_modules!r} matches no module of the model")
+        raise ValueError(f"target_modules={target_modules!r} matches no module of the model" + (
+            f" under the path torch lists it by: {where} (one module object under two paths); name that first "
+            "path to adapt it (the second path then keeps calling the plain layer)" if seconds else ""))
+    if seconds:
+        warnings.warn(f"target_modules={target_modules!r} names second paths of modules: {where} (one module "
+                      "object under two paths, listed once by torch); only the first path is adapted, the second "
+                      "keeps calling the plain layer", stacklevel=3)
     already = [name for name, m in found if isinstance(m, MissLinear)]
     if already:
         raise ValueError(f"these modules already have a MiSS adapter (miss_ext.MissLinear holds one): "
@@ -295,12 +304,17 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     Instead of target_modules and the keywords, `apply_miss(model, config)` takes a
     `peft.MissConfig` / `BoneConfig` or the dict of an adapter_config.json: init_weights True /
     False / "mini" / "bat" become init_weights=True / init_weights=False / mode="mini" /
-    mode="bat"; miss_dropout is dropout. Only freeze_others may be given with a config.
+    mode="bat"; miss_dropout is dropout. Only freeze_others may be given with a config. As
+    get_peft_model, a config's task_type SEQ_CLS / TOKEN_CLS adds the model's "classifier" /
+    "score" head, and QUESTION_ANS its "qa_outputs", to modules_to_save (trained and saved whole),
+    and inference_mode=True (what PEFT writes into a saved adapter_config.json) leaves the new
+    blocks and those modules frozen: set it False to train.
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
     first, then wrap.
     """
     refuse_ddp_wrapped(model, "apply_miss")
+    inference_mode = False
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
                                          ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
@@ -316,9 +330,10 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
 
         settings = apply_miss_settings(target_modules)
         (target_modules, r, mode, mini_r, dropout, init_weights, exclude_modules, layers_to_transform,
-         layers_pattern, modules_to_save, bias) = (settings[k] for k in (
+         layers_pattern, modules_to_save, bias, inference_mode) = (settings[k] for k in (
             "target_modules", "r", "mode", "mini_r", "dropout", "init_weights", "exclude_modules",
-            "layers_to_transform", "layers_pattern", "modules_to_save", "bias"))
+            "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "inference_mode"))
+        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"])
     elif r is None:
         raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
                         "target_modules)")
@@ -367,7 +382,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
             warnings.warn(f"target_modules='all-linear' skips layers whose parameters are shared with other modules, "
                           f"as their adapters could never be merged: {where}. Name them explicitly to adapt them "
                           "anyway", stacklevel=2)
-    _check_targets(found, target_modules)
+    _check_targets(found, target_modules, second_paths(model, target_modules))
     for name, linear in found:
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
         try:
@@ -408,7 +423,31 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     if freeze_others:
         freeze_all_but_blocks(model)
     mark_extras_trainable(model)
+    if inference_mode:
+        # PEFT's get_peft_model freezes the new adapter and the modules_to_save copies too.
+        for p in [layer.miss_block for _, layer in layers] + list(extra_parameters(model).values()):
+            p.requires_grad_(False)
     return model
+
+
+# The heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py, 0.21:
+# PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _with_task_heads(model: nn.Module, modules_to_save: Optional[Sequence[str]], task_type: object) -> Optional[list]:
+    """modules_to_save plus the task's heads that the model has: get_peft_model with a
+    SEQ_CLS / TOKEN_CLS / QUESTION_ANS config trains (and saves) its randomly initialised
+    classifier head, so apply_miss(model, config) must too. PEFT adds the names blindly and says
+    nothing when one matches no module ("classifier" on a Llama), so unmatched ones are dropped
+    here rather than warned about."""
+    heads = _TASK_HEADS.get(task_type, ())
+    if not heads:
+        return modules_to_save
+    present, _ = modules_to_save_paths(model, list(heads), skip_inside=(MissLinear,))
+    given = list(modules_to_save or [])
+    return given + [h for h in heads if h not in given and any(p.endswith(h) for p in present)]
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:

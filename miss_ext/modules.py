@@ -334,6 +334,9 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
                 "weight into a plain nn.Linear first")
     if not weight.is_floating_point():
         return f"its weight has dtype {weight.dtype} (quantized): keep the adapter unmerged"
+    if weight.is_meta:
+        return ("its weight is on the meta device (the model is not materialised: init_empty_weights, "
+                "torch.device('meta')), so there is no value to merge into; load the weights first")
     if not unmerge and not is_plain_linear(module):
         return ("it does not compute exactly F.linear(x, weight, bias) (a subclass with its own forward, such as QAT "
                 "or quantized linears, or forward/backward hooks), so the merged output would differ from the "

@@ -20,6 +20,9 @@ the spec's intent instead:
 - mini merge never rewrites the block (PEFT replaces a half-precision CPU block by its tiled
   (r, out) copy, after which unmerge crashes);
 - bat unmerge checks that every I + B_i is well conditioned (ValueError, weight untouched);
+- a forward of a layer whose merged adapters are not exactly its active ones (after
+  merge_adapter of a subset, or of an inactive adapter) raises ValueError: PEFT computes the
+  merged weight alone, silently dropping or adding adapters (huggingface/peft#3756);
 - merges and unmerges are all or nothing: every layer's checks (with safe_merge, every merged
   weight) run before any layer changes, a failure after them undoes the call's merges, and
   merge_and_unload merges every layer before it unloads any.
@@ -192,6 +195,8 @@ class AcceleratedMissLinear(PeftMissLinear):
             self._refuse_recompute_without_names(x, adapter_names)
         if adapter_names is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        if self.merged and not self.disable_adapters:
+            self._refuse_partial_merge()
         if (args or kwargs) and self._fast_path():
             # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
@@ -237,6 +242,20 @@ class AcceleratedMissLinear(PeftMissLinear):
                 term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])
             result = result + term
         return result.to(previous_dtype)
+
+    def _refuse_partial_merge(self) -> None:
+        """A merged layer computes with its merged weight alone (PEFT's rule), so its output is the
+        active adapters' only when exactly they are merged. After merge_adapter(adapter_names=[...])
+        naming a subset of them, or an adapter that is not active, PEFT silently drops the active
+        unmerged adapters or applies the merged inactive one (huggingface/peft#3756, documented
+        there, to change in PEFT 1.0): ValueError here instead. merge_and_unload(adapter_names=...)
+        runs no forward, so merging a subset into an unloaded model stays possible."""
+        active = self._active_blocks()
+        if sorted(active) != sorted(self.merged_adapters):
+            raise ValueError(f"{type(self).__name__}: adapters {list(self.merged_adapters)} are merged while "
+                             f"{active} are active, so the merged weight alone (PEFT's forward) would not be the "
+                             "active adapters' output (PEFT silently computes it anyway: huggingface/peft#3756); "
+                             "merge every active adapter, or unmerge_adapter() first")
 
     def _refuse_recompute_without_names(self, x: Tensor, adapter_names: object) -> None:
         """Activation checkpointing recomputes a layer inside backward(), after the model call

@@ -20,6 +20,21 @@ def matches(target_modules: TargetModules, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def second_paths(model: nn.Module, target_modules: TargetModules) -> List[Tuple[str, str]]:
+    """(path, first path) of each module the rule names under a path that is not its first. A
+    module registered under two paths (`self.b = self.a`) is listed once by named_modules, under
+    its first path, so PEFT's rule (and find_targets) sees only that one, and after an adapter
+    replaces it there the second path still calls the plain layer."""
+    if target_modules == ALL_LINEAR:
+        return []
+    first: dict = {}
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and first.setdefault(id(module), name) != name and matches(target_modules, name):
+            out.append((name, first[id(module)]))
+    return out
+
+
 def check_target_modules(target_modules: object) -> TargetModules:
     """Validates the type: a regex string or a non-empty list/tuple/set of strings."""
     if isinstance(target_modules, str):

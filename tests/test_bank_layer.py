@@ -195,6 +195,52 @@ def test_load_state_dict_with_another_base_shape_loads_nothing():
         assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and fresh.adapter_names == names
 
 
+def test_a_slot_description_that_does_not_fit_loads_nothing():
+    """The slot names, modes, rates and absent flags travel as JSON in the state_dict. One that does
+    not fit the bank used to load when only the name count matched: a short `absent` list was
+    broadcast into the route table (rows naming "b" silently got "a"'s block), a short rate list
+    gave every adapter one dropout. Now every field is checked before anything loads."""
+    from miss_ext.modules import json_tensor, tensor_json
+
+    _, bank, _ = make("cpu")
+    _, fresh, _ = make("cpu", seed=1)
+    fresh.remove_adapter("c")
+    saved = tensor_json(bank.state_dict()["_extra_state"])
+    capacity = len(saved["adapter_names"])
+    a, d = saved["adapter_names"].index("a"), saved["adapter_names"].index("d")
+    bad = {
+        "short absent list": dict(absent=[False]),
+        "short dropout list": dict(dropouts=[0.3]),
+        "rate 5.0": dict(dropouts=[5.0] * capacity),
+        "bat mode": dict(modes=[m if i != a else "bat" for i, m in enumerate(saved["modes"])]),
+        "a name twice": dict(adapter_names=[n if i != d else "a" for i, n in enumerate(saved["adapter_names"])]),
+        "__base__ as a name": dict(adapter_names=[n if i != a else "__base__" for i, n in enumerate(saved["adapter_names"])]),
+        "mini as default": dict(modes=["default" if m == "mini" else m for m in saved["modes"]]),
+        "absent slot with a rank": dict(absent=[i == a for i in range(capacity)]),
+        "empty slot with a mode": dict(modes=[m or "default" for m in saved["modes"]]),
+        "missing field": None,
+    }
+    for what, change in bad.items():
+        state = {k: v.clone() if v.is_floating_point() else v for k, v in bank.state_dict().items()}
+        broken = {k: v for k, v in saved.items() if k != "absent"} if change is None else {**saved, **change}
+        state["_extra_state"] = json_tensor(broken)
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        lists = (list(fresh.adapter_names), list(fresh.modes), list(fresh.dropouts), list(fresh.absent))
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=r"the saved slot description \(_extra_state\) does not fit"):
+                fresh.load_state_dict(state, strict=strict)
+            assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), what
+            assert (fresh.adapter_names, fresh.modes, fresh.dropouts, fresh.absent) == lists, what
+        with pytest.raises(ValueError, match="MissBankLinear.set_extra_state"):
+            fresh.set_extra_state(json_tensor(broken))
+        assert (fresh.adapter_names, fresh.modes, fresh.dropouts, fresh.absent) == lists, what
+    # The bank's own description loads, and routes as the bank does.
+    fresh.load_state_dict(bank.state_dict())
+    x = torch.randn(5, IN)
+    names = ["a", "b", None, "d", "a"]
+    torch.testing.assert_close(fresh(x, fresh.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
+
+
 def test_bank_changes_between_calls():
     base, bank, singles = make("cpu", capacity=5)
     bank.eval()

@@ -263,7 +263,34 @@ def test_load_bank_is_all_or_nothing(folders, tmp_path):
     with pytest.raises(ValueError, match="r=8 > max_r=2"):
         miss_ext.load_bank(model, {"mini": str(adapters["peft_mini"][0])}, max_r=2)
     assert_unchanged(model, snap)
+    # More adapters than slots: said as such (it used to describe a full bank the model never had).
+    three = {name: str(adapters[name][0]) for name in ("peft_default", "peft_mini", "ours")}
+    with pytest.raises(ValueError, match=r"3 adapters \('peft_default', 'peft_mini', 'ours'\) do not fit in "
+                                         r"capacity=2; give capacity >= 3 \(nothing was loaded\)"):
+        miss_ext.load_bank(model, three, capacity=2)
+    assert_unchanged(model, snap)
     assert not miss_ext.bank_model.bank_layers(model)
+
+
+def test_a_model_on_the_meta_device_is_refused(folders):
+    """A model built under torch.device("meta") (init_empty_weights) has no values: the file's
+    blocks copied into it would be kept nowhere (load_adapter returned normally and left
+    uninitialised blocks after to_empty()). Refused by name, the model as it was."""
+    base, adapters = folders
+    with torch.device("meta"):
+        model = type(base)(base.config)
+    layers = [type(m) for m in model.modules()]
+    for load in (lambda: miss_ext.load_bank(model, {"a": str(adapters["peft_default"][0])}),
+                 lambda: miss_ext.load_adapter(model, adapters["peft_default"][0])):
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: the model's parameters here "
+                                             r"are on the meta device \(not materialised\)"):
+            load()
+        assert [type(m) for m in model.modules()] == layers
+    # Into bank layers built on the meta device.
+    miss_ext.apply_bank(model, ["q_proj", "v_proj", "up_proj", "down_proj"], capacity=2, max_r=8)
+    with pytest.raises(ValueError, match="on the meta device"):
+        miss_ext.load_bank_adapter(model, "a", str(adapters["peft_default"][0]))
+    assert all(layer.adapter_names == [None, None] for _, layer in miss_ext.bank_model.bank_layers(model))
 
 
 def test_state_dict_round_trip_keeps_the_slots(folders):

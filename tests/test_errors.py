@@ -422,3 +422,19 @@ def test_torchscript_and_compile_raise_the_ops_messages(dynamo_reset):
         torch.jit.script(_fold_r0)(x)
     with pytest.raises(RuntimeError, match=r"got r=0"):
         torch.compile(_fold_r0, fullgraph=True, backend="aot_eager")(x)
+
+
+def test_in_place_ops_refusing_grad_name_their_differentiable_op():
+    """In grad mode the in-place ops refuse tensors that require grad; the message names the
+    differentiable op that computes the same (it used to name merge / fold / bat_weight for all)."""
+    w = rand(8, 8).requires_grad_(True)
+    blocks = {"tile_add_": lambda: ops.tile_add_(rand(4, 8).requires_grad_(True), rand(4, 2)),
+              "merge_": lambda: ops.merge_(w, rand(2, 8)),
+              "bat_transform_": lambda: ops.bat_transform_(w, rand(8, 8), rand(8, 8)),
+              "bank_add_": lambda: ops.bank_add_(rand(3, 8).requires_grad_(True), rand(3, 2), rand(1, 2, 8),
+                                                 torch.tensor([2]), torch.tensor([8]), torch.tensor([0, 0, -1]))}
+    functional = {"tile_add_": "tile_add", "merge_": "merge", "bat_transform_": "bat_weight", "bank_add_": "bank_add"}
+    for op, call in blocks.items():
+        with pytest.raises(RuntimeError, match=rf"miss::{op} is an op without autograd support .*use the "
+                                               rf"differentiable miss::{functional[op]} instead"):
+            call()

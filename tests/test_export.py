@@ -52,3 +52,41 @@ def test_export_merged_model_is_plain_linear(strict):
     assert targets.count(torch.ops.aten.linear.default) == 3, targets
     # Merging rounds W + dW once in float32 (bat: W(I + B) + B), hence the tolerance.
     torch.testing.assert_close(ep.module()(x), expected, rtol=1e-4, atol=1e-5)
+
+
+class _BankNet(torch.nn.Module):
+    """One bank layer; forward takes the per-row slot ids as an input, or not (then mixed_batch's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(10, 12)
+
+    def forward(self, x, ids=None):
+        return self.q(x) if ids is None else self.q(x, ids)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(strict):
+    """torch.export inside mixed_batch made that call's row ids (a module attribute) a constant of
+    the program: every later call routed rows as that one (off by 10 for base-only rows). Refused;
+    with the ids as an input the program routes each call's rows."""
+    import miss_ext
+    from miss_ext.bank_model import add_bank_adapter, apply_bank, mixed_batch
+
+    torch.manual_seed(0)
+    net = _BankNet().eval()
+    apply_bank(net, ["q"], 3, 4)
+    add_bank_adapter(net, "a", 4)
+    with torch.no_grad():
+        net.q.block("a").normal_()
+    x = torch.randn(3, 10)
+    # Strict export (dynamo) reports the ValueError inside its own exception, with the message.
+    refused = (ValueError, torch._dynamo.exc.Unsupported) if strict else ValueError
+    with mixed_batch(net, ["a", None, "a"]), pytest.raises(refused, match="torch.export inside miss_ext.mixed_batch"):
+        torch.export.export(net, (x,), strict=strict)
+    ids = net.q.index_of(["a", None, "a"])
+    program = torch.export.export(net, (x, ids), strict=strict).module()
+    for names in (["a", None, "a"], [None, None, None], ["a", "a", "a"]):
+        ids = net.q.index_of(names)
+        torch.testing.assert_close(program(x, ids), net(x, ids), rtol=0, atol=0)
+    assert miss_ext  # the package registers the ops

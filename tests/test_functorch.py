@@ -8,6 +8,8 @@ Two paths are covered:
 - plain autograd with create_graph=True (double backward, Hessian-vector products) runs the C++
   autograd, whose backwards are themselves differentiable; TorchScript and libtorch use it too.
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -241,6 +243,37 @@ def test_layers_functional_call_grad_jvp_and_per_sample_grads_match_peft(mode, m
     torch.testing.assert_close(per_sample.sum(0), g, **TOL)
     loop = torch.stack([grad(loss, argnums=2)(ours, "miss_block", block, X[i:i + 1], Y[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(per_sample, loop, **TOL)
+
+
+@pytest.mark.parametrize("mode,mini_r", MODES)
+def test_transforms_under_autocast_follow_the_autocast_kernels(mode, mini_r):
+    """Under autocast a bf16 activation meets a float32 layer (PEFT and the eager op accept it:
+    the op's autocast kernel casts both). The transforms' kernel runs before autocast's, so it
+    refused it ("x dtype BFloat16 must match the base weight dtype Float"); it now applies the
+    same casts. Values and gradients equal eager autograd under autocast to bf16 rounding."""
+    ours, _, fast = _layers(mode, mini_r, "cpu")
+    for layer in (ours, fast):
+        layer.float()
+        x = rand(6, 10, dtype=torch.bfloat16)
+        with torch.autocast("cpu", torch.bfloat16):
+            xe = x.clone().requires_grad_(True)
+            ye = layer(xe)
+            ye.float().square().sum().backward()
+            y, vjp_fn = vjp(layer, x)
+            (gx,) = vjp_fn(2 * ye.detach())
+            per_sample = vmap(grad(lambda xi: layer(xi.unsqueeze(0)).float().square().sum()))(x)  # noqa: B023
+            with pytest.raises(TypeError, match=r"under autocast\(BFloat16\) x dtype Double and the base weight "
+                                                r"dtype Float differ after autocast's casts") if mode != "bat" else \
+                    contextlib.nullcontext():
+                grad(lambda xi: layer(xi).float().sum())(x.double())  # noqa: B023
+            if mode != "bat":  # eager says the same (it named the cast weight's dtype, BFloat16)
+                with pytest.raises(TypeError, match=r"x dtype Double and the base weight dtype Float differ"):
+                    layer(x.double())
+        assert y.dtype == ye.dtype == gx.dtype == per_sample.dtype == torch.bfloat16
+        tol = dict(rtol=3e-2, atol=3e-2 * float(xe.grad.abs().max()))
+        torch.testing.assert_close(y.float(), ye.detach().float(), rtol=3e-2, atol=3e-2 * float(ye.abs().max()))
+        torch.testing.assert_close(gx.float(), xe.grad.float(), **tol)
+        torch.testing.assert_close(per_sample.float(), xe.grad.float(), **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -276,6 +276,45 @@ def test_peft_modules_to_save_and_biases_load_too(base, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
+def peft_trainable(model) -> set:
+    """PEFT's trainable parameters under miss_ext's names (no wrapper prefix, no adapter name)."""
+    names = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            names.add(name.replace(".miss_block.default", ".miss_block"))
+    return names
+
+
+@pytest.mark.parametrize("saved", [
+    dict(save_embedding_layers=True),
+    dict(save_embedding_layers=True, modules_to_save=["norm"]),
+    dict(bias="all"), dict(bias="MiSS_only"), dict(modules_to_save=["norm"])],
+    ids=["embedding-layers", "embedding-layers-and-norm", "bias-all", "bias-MiSS_only", "modules_to_save-suffix"])
+def test_load_adapter_trains_what_peft_trains(base, saved, tmp_path):
+    """load_adapter leaves trainable exactly what PEFT's from_pretrained(is_trainable=True) trains.
+    PEFT's save_embedding_layers copies (written after resize_token_embeddings) are loaded but
+    frozen: they used to load trainable, so a training run moved them and save_adapter, which
+    writes only what PEFT trains, silently lost that training (logits off by 2.7 on reload)."""
+    from peft import MissConfig, get_peft_model
+
+    resized = copy.deepcopy(base)
+    torch.manual_seed(3)
+    resized.resize_token_embeddings(72, mean_resizing=False)
+    save_embedding_layers = saved.pop("save_embedding_layers", False)
+    config = MissConfig(r=R, target_modules=TARGETS, init_weights=False, **saved)
+    reference = get_peft_model(copy.deepcopy(resized), config)
+    reference.save_pretrained(tmp_path, save_embedding_layers=save_embedding_layers)
+    file_keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert any("embed_tokens" in k for k in file_keys) == save_embedding_layers
+    want = peft_trainable(PeftModel.from_pretrained(copy.deepcopy(resized), tmp_path, is_trainable=True))
+    model = miss_ext.load_adapter(copy.deepcopy(resized), tmp_path)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == want
+    assert "model.embed_tokens.weight" not in want and "lm_head.weight" not in want
+    ids = tokens()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+
+
 @pytest.mark.parametrize("extras", [dict(modules_to_save=["lm_head"]), dict(bias="all"), dict(bias="MiSS_only")],
                          ids=["modules_to_save", "bias-all", "bias-MiSS_only"])
 def test_lora_export_refuses_extras_recorded_by_apply_miss(base, extras, tmp_path):

@@ -265,6 +265,22 @@ def test_safe_merge_success_equals_merge(config, dtype, device):
     assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
 
 
+def test_merging_into_a_model_on_the_meta_device_is_refused_by_name():
+    """A model built under torch.device("meta") has no weight values: merge_and_unload raised a
+    bare "Tensor.item() cannot be called on meta tensors" with safe_merge (and "merged" nothing
+    without it). Now ValueError naming the layer and the meta device, the layer unchanged."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    miss_ext.apply_miss(model, ["0"], r=2)
+    for safe_merge in (False, True):
+        with pytest.raises(ValueError, match=r"0: its weight is on the meta device"):
+            miss_ext.merge_and_unload(model, safe_merge=safe_merge)
+        assert type(model[0]) is MissLinear and not model[0].merged
+    with pytest.raises(ValueError, match="on the meta device"):
+        model[0].merge()
+    assert not model[0].merged
+
+
 @pytest.mark.parametrize("mode", ["default", "mini", "bat"])
 def test_merged_flag_travels_in_the_state_dict(mode):
     """A merged layer's state_dict holds W + dW and the flag ("merged"): loaded into a fresh

@@ -2,6 +2,7 @@
 place, against the same models run by PEFT's own code (and against a float64 formula where PEFT
 itself is wrong: layers mixing modes)."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -429,6 +430,44 @@ def test_model_level_merge_and_unmerge_are_all_or_nothing(base):
         fast.unmerge_adapter()
     assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
     assert all(m.merged for m in fast.modules() if isinstance(m, PeftMissLinear))
+
+
+def test_a_forward_that_merged_weights_cannot_give_is_refused(base):
+    """A merged layer computes with its weight alone. After merging a subset of the active adapters
+    (or an adapter that is not active) that is not the active adapters' output: PEFT 0.21 silently
+    drops the unmerged ones (logits off by 0.38; huggingface/peft#3756). Refused here, changing
+    nothing; merging all of them, unmerging, or merge_and_unload of a subset still work."""
+    plain, fast = pair(base, "default")
+    for model in (plain, fast):
+        model.add_adapter("other", MissConfig(r=2 * R, target_modules=TARGETS, init_weights=False))
+        randomize_blocks(model, seed=5)
+        model.base_model.set_adapter(["default", "other"])
+    ids = tokens()
+    both = fast(ids).logits
+    fast.base_model.set_adapter("default")
+    default_only = fast(ids).logits
+    fast.base_model.set_adapter(["default", "other"])
+    plain.merge_adapter(["default"])
+    assert (plain(ids).logits - both).abs().max() > 1e-3  # PEFT's silent result: "other" dropped
+    for merge, active in ((["default"], ["default", "other"]), (["other"], ["default"])):
+        fast.unmerge_adapter()
+        fast.base_model.set_adapter(active)
+        fast.merge_adapter(merge)
+        state = {k: v.clone() for k, v in fast.state_dict().items()}
+        with pytest.raises(ValueError, match=re.escape(f"adapters {merge} are merged while {active} are active")):
+            fast(ids)
+        assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+    fast.merge_adapter(["default"])  # now both merged, one of them inactive: still refused
+    with pytest.raises(ValueError, match="are merged while"):
+        fast(ids)
+    fast.unmerge_adapter()
+    fast.base_model.set_adapter(["default", "other"])
+    torch.testing.assert_close(fast(ids).logits, both, **TOL)
+    fast.merge_adapter()
+    torch.testing.assert_close(fast(ids).logits, both, **TOL)
+    fast.unmerge_adapter()
+    merged = fast.merge_and_unload(adapter_names=["default"])  # no forward in between: allowed
+    torch.testing.assert_close(merged(ids).logits, default_only, **TOL)
 
 
 def test_a_name_given_twice_is_merged_once(base):

@@ -191,6 +191,23 @@ def test_a_linear_under_two_paths_adapted_on_one_warns_and_refuses_to_merge():
     torch.testing.assert_close(model(x), expected, **TOL)
 
 
+def test_naming_the_second_path_of_a_linear_says_which_path_torch_lists():
+    """torch lists a module registered twice under its first path only, so PEFT's rule (and ours)
+    never matches "b". Naming only "b" used to say "matches no module" though model.b exists;
+    naming "a" and "b" adapted "a" and left "b" plain without saying so."""
+    model = TwoPaths()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"target_modules=\['b'\] matches no module of the model under the path "
+                                         r"torch lists it by: b is the module first registered as a"):
+        miss_ext.apply_miss(model, ["b"], r=2)
+    assert_unchanged(model, snap)
+    assert type(model.a) is nn.Linear
+    with pytest.warns(UserWarning, match=r"names second paths of modules: b is the module first registered as a"
+                                         r".*only the first path is adapted, the second keeps calling the plain layer"):
+        miss_ext.apply_miss(model, ["a", "b"], r=2)
+    assert type(model.a) is miss_ext.MissLinear and type(model.b) is nn.Linear
+
+
 def test_all_linear_on_the_tied_llama_needs_no_skip(base):
     """The tied head is not an all-linear target anyway (it is the output head)."""
     with warnings.catch_warnings():

@@ -23,9 +23,16 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& block, double p, const std::optional<at::Tensor>& key) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
-  const at::Tensor y = ops::linear(at::autocast::cached_cast(dtype, x, device_type),
-                                   at::autocast::cached_cast(dtype, weight, device_type),
-                                   at::autocast::cached_cast(dtype, bias, device_type),
+  const at::Tensor x_c = at::autocast::cached_cast(dtype, x, device_type);
+  const at::Tensor w_c = at::autocast::cached_cast(dtype, weight, device_type);
+  // Autocast leaves float64 as it is: a float64 x with a float32 weight (or the reverse) cannot
+  // meet. Said here with the user's dtypes; the op's own check would name the cast weight's.
+  // (miss_ext/_functorch.py says the same under torch.func transforms.)
+  TORCH_CHECK_TYPE(!x_c.is_floating_point() || !w_c.is_floating_point() || x_c.scalar_type() == w_c.scalar_type(),
+                   "miss: under autocast(", dtype, ") x dtype ", x.scalar_type(), " and the base weight dtype ",
+                   weight.scalar_type(), " differ after autocast's casts (it casts float32/float16/bfloat16 to ", dtype,
+                   " and leaves float64 as it is); give x and the layer the same dtype (PEFT refuses this too)");
+  const at::Tensor y = ops::linear(x_c, w_c, at::autocast::cached_cast(dtype, bias, device_type),
                                    at::autocast::cached_cast(dtype, block, device_type), p, key);
   return y.to(x.scalar_type());
 }

@@ -11,21 +11,21 @@
 
 namespace miss_ext {
 
-inline void check_not_differentiated(const char* op, std::initializer_list<at::Tensor> tensors) {
+// `functional`: the differentiable op that computes the same, named in the message.
+inline void check_not_differentiated(const char* op, const char* functional, std::initializer_list<at::Tensor> tensors) {
   if (!at::GradMode::is_enabled()) return;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(!t.requires_grad(), "miss::", op,
                 " is an op without autograd support and got a tensor that requires grad; call it "
-                "under torch.no_grad() (use the functional miss::merge / miss::fold / miss::bat_weight for "
-                "differentiable code)");
+                "under torch.no_grad(), or use the differentiable miss::", functional, " instead");
   }
 }
 
 // Runs `call` below autograd, after the check; bumps the version of `modified` if defined.
 template <typename Call>
-void run_not_differentiable(const char* op, std::initializer_list<at::Tensor> tensors, const at::Tensor& modified,
-                            Call call) {
-  check_not_differentiated(op, tensors);
+void run_not_differentiable(const char* op, const char* functional, std::initializer_list<at::Tensor> tensors,
+                            const at::Tensor& modified, Call call) {
+  check_not_differentiated(op, functional, tensors);
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     call();
