@@ -78,6 +78,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "lora" / "adapter_config.json").is_file()
     assert (tmp_path / "model.pt").is_file()
+    # TorchScript compiles every branch: a scripted merged MissLinear still names the miss ops,
+    # merge_and_unload's plain layers do not (the README says to script those).
+    assert "miss::" in str(torch.jit.script(ns["merged"]).inlined_graph)
+    assert "miss::" not in str(torch.jit.load(tmp_path / "merged.pt").inlined_graph)
+    torch.testing.assert_close(torch.jit.load(tmp_path / "merged.pt")(ns["x"]), ns["model"](ns["x"]))
     if not refused_aoti:
         torch.testing.assert_close(ns["runner"](ns["x"]), ns["model"](ns["x"]))
     assert not miss_ext.peft.is_accelerated(ns["peft_model"])
