@@ -295,6 +295,10 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 _C10_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
 
 
+def _c10_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """at::autocast::cached_cast: floating tensors but float64 go to dtype."""
     return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -305,7 +309,7 @@ def _linear(x, weight, bias, block, p=0.0, key=None):
     if dtype is not None:
         x_c, w_c = _cast(x, dtype), _cast(weight, dtype)
         if x_c.is_floating_point() and w_c.is_floating_point() and x_c.dtype != w_c.dtype:
-            name = _C10_NAMES.get  # the C++ kernel's message, word for word
+            name = _c10_name  # the C++ kernel's message, word for word
             raise TypeError(f"miss: under autocast({name(dtype)}) x dtype {name(x.dtype)} and the base weight dtype "
                             f"{name(weight.dtype)} differ after autocast's casts (it casts float32/float16/bfloat16 to "
                             f"{name(dtype)} and leaves float64 as it is); give x and the layer the same dtype (PEFT "

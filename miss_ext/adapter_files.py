@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, freeze_all_but_blocks, mark_extras_trainable,
                     is_ddp, miss_layers, parent_module, record_shared_weights, refuse_ddp_wrapped,
                     trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
-from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, reshard_fsdp
+from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, set_module)
 
@@ -77,8 +77,9 @@ def config_dict(config: object) -> dict:
 
 def apply_miss_settings(config: object) -> dict:
     """apply_miss's keyword arguments for a PEFT MissConfig / BoneConfig or adapter_config.json
-    dict (PEFT's defaults for missing fields), plus its inference_mode and task_type. A field PEFT 0.21's config does not have, an
-    unknown init_weights or bias value, or target_modules None raises ValueError naming it."""
+    dict (PEFT's defaults for missing fields), plus its inference_mode and task_type. A field
+    PEFT 0.21's config does not have, an unknown init_weights or bias value, or target_modules
+    None raises ValueError naming it."""
     config = config_dict(config)
     if config["peft_type"] not in BLOCK_NAMES:
         raise ValueError(f"peft_type={config['peft_type']!r} is not a MiSS config (expected 'MISS' or 'BONE')")
@@ -210,6 +211,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
+    refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
+                + list(extra_parameters(model).items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)
     # The float32 master blocks, not the gathered bf16 copies a forward may have left (reshard_fsdp).
     fsdp = reshard_fsdp(model)
@@ -296,29 +299,14 @@ def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optiona
     return None, None
 
 
-def _plan_extras(model: nn.Module, extras: Dict[str, Tensor], config: dict) -> Tuple[List[str], list]:
-    """Checks the non-block tensors against the model; returns (problems, [(param, value,
-    trainable)]). A tensor trains where PEFT's from_pretrained(is_trainable=True) trains it:
-    inside a module the config's modules_to_save selects, or a bias its `bias` names ("all":
-    every bias; "MiSS_only" / "Bone_only": an adapted layer's `<layer>.base_layer.bias`). Anything else PEFT
-    saved beside the blocks is loaded frozen, as PEFT does not train it: its
-    save_embedding_layers copies (`embed_tokens.weight`, `lm_head.weight`, after a
-    resize_token_embeddings) and a target's `<layer>.base_layer.weight`. (Training those would
-    be lost: save_adapter writes only what PEFT trains.)"""
+def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str], list]:
+    """Checks the non-block tensors against the model; returns (problems, [(param, value)]).
+    Which of them then train is PEFT's rule, applied by load_adapter through the recorded
+    modules_to_save and bias (model.mark_extras_trainable): PEFT's save_embedding_layers copies
+    (`embed_tokens.weight`, `lm_head.weight`, after a resize_token_embeddings) and a target's
+    `<layer>.base_layer.weight` are loaded but stay frozen, as PEFT does not train them."""
     problems, plan = [], []
     params = parameter_paths(model) if extras else {}
-    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
-    try:
-        bias = check_bias(config.get("bias", "none"))  # Bone's "Bone_only" is "MiSS_only"
-    except ValueError:
-        bias = "none"  # reported by _check_config_fields
-
-    def trainable(path: str) -> bool:
-        if any(path.startswith(module + ".") for module in save_paths):
-            return True
-        return (bias == "all" and path.rpartition(".")[2] == "bias") or \
-            (bias == "MiSS_only" and path.endswith(".base_layer.bias"))
-
     for path, value in extras.items():
         resolved, param = _find_parameter(model, path)
         if param is None:
@@ -342,7 +330,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor], config: dict) -> T
                             "(different) value would change those modules too; untie it first (give the module its "
                             "own torch.nn.Parameter)")
             continue
-        plan.append((param, value, trainable(path)))
+        plan.append((param, value))
     return problems, plan
 
 
@@ -489,14 +477,20 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)
-    extra_problems, extra_plan = _plan_extras(model, extras, config)
+    extra_problems, extra_plan = _plan_extras(model, extras)
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
-    if wrapped is not model and any(trainable and not param.requires_grad for param, _, trainable in extra_plan):
-        refuse_ddp_wrapped(wrapped, "load_adapter (the file trains modules_to_save or biases the model has frozen)")
     problems += block_problems + extra_problems
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
+    # What the file trains beside the blocks (PEFT's rule: the modules_to_save modules, the biases
+    # `bias` names), recorded below so that later freezes keep it trainable and save_adapter
+    # writes it again.
+    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
+    bias = check_bias(config.get("bias", "none"))
+    if wrapped is not model and any(not p.requires_grad for p in extra_parameters(
+            model, {"modules_to_save": save_paths, "bias": bias}).values()):
+        refuse_ddp_wrapped(wrapped, "load_adapter (the file trains modules_to_save or biases the model has frozen)")
     mode, r, mini_r, dropout = _config_settings(config)
     dead, new = [], []
     for name, module, block in plan:
@@ -515,13 +509,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         _copy_whole(module.miss_block, block)
         if r > module.in_features:
             dead.append(name)
-    for param, value, _ in extra_plan:
+    for param, value in extra_plan:
         _copy_whole(param, value)
-    # Record what the file trains beside the blocks, so later freezes keep it trainable and
-    # save_adapter writes it again.
-    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
     recorded = trainable_extras(model)
-    bias = check_bias(config.get("bias", "none"))
     extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
                                                                 if p not in recorded["modules_to_save"]],
               "bias": bias if bias != "none" else recorded["bias"]}
@@ -529,8 +519,6 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         setattr(model, EXTRAS_ATTR, extras)
     if freeze_others:
         freeze_all_but_blocks(model)
-        for param, _, trainable in extra_plan:
-            param.requires_grad_(trainable)
         mark_extras_trainable(model)
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",

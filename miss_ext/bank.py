@@ -259,6 +259,9 @@ class MissBankLinear(nn.Module):
         a full bank, r > max_r or bad sizes, or inside miss_ext.mixed_batch; TypeError for bat."""
         self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
+        if block is not None and self.bank.is_meta:
+            raise ValueError(f"adapter {name!r}: the bank is on the meta device (the model is not materialised), so "
+                             "the block's values would be kept nowhere; materialise the model first")
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
                              f"(expected {tuple(shape)})")
@@ -350,14 +353,14 @@ class MissBankLinear(nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
-            if torch.compiler.is_exporting():
-                # torch.compile takes the ids as a graph input; torch.export makes a module
-                # attribute a constant of the program, which would route every later call's rows
-                # as this one's, silently.
-                raise ValueError("MissBankLinear: torch.export inside miss_ext.mixed_batch would record this call's "
-                                 "row ids as constants of the program (every later call routed as this one); "
-                                 "export a module that passes the ids to the bank layers as an input "
-                                 "(layer(x, adapter_index))")
+            if torch.compiler.is_exporting() or torch.jit.is_tracing():
+                # torch.compile takes the ids as a graph input; torch.export and torch.jit.trace
+                # (and the ONNX exporter built on it) make a module attribute a constant of the
+                # program, which would route every later call's rows as this one's, silently.
+                raise ValueError("MissBankLinear: torch.export or torch.jit.trace inside miss_ext.mixed_batch would "
+                                 "record this call's row ids as constants of the program (every later call routed as "
+                                 "this one); export or trace a module that passes the ids to the bank layers as an "
+                                 "input (layer(x, adapter_index))")
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")

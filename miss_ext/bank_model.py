@@ -32,7 +32,7 @@ from .adapter_files import (_check_config_fields, _config_settings, _find_parame
                             adapter_config, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_new_adapter, host_to_device
 from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
-from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, reshard_fsdp
+from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
@@ -278,6 +278,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
     ddp, model = is_ddp(model), unwrap_data_parallel(model)
     layers = _layers(model, "save_bank_adapter")
+    refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
     slot = layers[0][1]._slot(name)
     present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
     _, first = present[0]

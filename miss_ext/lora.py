@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
 from .model import is_ddp, miss_layers, trainable_extras, unwrap_data_parallel, writes_here
+from .modules import refuse_meta
 from .targets import describe, exact_paths_regex
 
 
@@ -106,6 +107,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
                          f"with adapter {adapter_name!r})")
     _check_extras(model, adapter_name)
+    refuse_meta("export_lora", [(a.path, a.block) for a in adapters])
     bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:
         raise ValueError(

@@ -9,9 +9,9 @@ from torch import nn
 
 from .modules import (WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal,
                       reshard_fsdp)
-from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches,
-                      modules_to_save_paths, second_paths, other_holders, parameter_paths, peft_selects, record_sharing,
-                      set_module, shared_weight_message)
+from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, get_module, matches,
+                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
+                      second_paths, set_module, shared_weight_message)
 
 
 def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
@@ -164,18 +164,17 @@ def _check_init_weights(init_weights: object) -> None:
         raise TypeError(f"init_weights must be True (zeros) or False (random), got init_weights={init_weights!r}{hint}")
 
 
+def _where(seconds: List[Tuple[str, str]]) -> str:
+    return "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
+
+
 def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> None:
-    """found must be non-empty and hold no adapter layer; `seconds` (targets.second_paths) are
-    named second paths of a module: refused when they are all the rule matched, else a warning."""
-    where = "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
+    """found must be non-empty and hold no adapter layer. `seconds` (targets.second_paths): named
+    paths of modules torch lists under another path, named in the error when nothing else matched."""
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matches no module of the model" + (
-            f" under the path torch lists it by: {where} (one module object under two paths); name that first "
-            "path to adapt it (the second path then keeps calling the plain layer)" if seconds else ""))
-    if seconds:
-        warnings.warn(f"target_modules={target_modules!r} names second paths of modules: {where} (one module "
-                      "object under two paths, listed once by torch); only the first path is adapted, the second "
-                      "keeps calling the plain layer", stacklevel=3)
+            f" under the path torch lists it by: {_where(seconds)} (one module object under two paths); name "
+            "that first path to adapt it" if seconds else ""))
     already = [name for name, m in found if isinstance(m, MissLinear)]
     if already:
         raise ValueError(f"these modules already have a MiSS adapter (miss_ext.MissLinear holds one): "
@@ -360,10 +359,12 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                              f"({', '.join(f'{k}={v!r}' for k, v in selection.items() if v not in (None, []))}) "
                              "leave no module to adapt")
         found = kept
+    def excluded(path: str) -> bool:  # PEFT's exclude_modules rule: a whole-path regex or names/suffixes
+        return bool(exclude_modules) and bool(re.fullmatch(exclude_modules, path) if isinstance(exclude_modules, str)
+                                              else matches(list(exclude_modules), path))
+
     if exclude_modules:
-        excluded = [n for n, _ in model.named_modules() if n and (re.fullmatch(exclude_modules, n) if isinstance(
-            exclude_modules, str) else matches(list(exclude_modules), n))]
-        if not excluded:
+        if not any(n and excluded(n) for n, _ in model.named_modules(remove_duplicate=False)):
             warnings.warn(f"exclude_modules={exclude_modules!r} matches no module of the model", stacklevel=2)
     if target_modules == ALL_LINEAR:
         # Linears whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
@@ -382,7 +383,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
             warnings.warn(f"target_modules='all-linear' skips layers whose parameters are shared with other modules, "
                           f"as their adapters could never be merged: {where}. Name them explicitly to adapt them "
                           "anyway", stacklevel=2)
-    _check_targets(found, target_modules, second_paths(model, target_modules))
+    seconds = second_paths(model, target_modules)
+    _check_targets(found, target_modules, seconds)
     for name, linear in found:
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
         try:
@@ -413,6 +415,15 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     for name, layer in layers:
         set_module(model, name, layer)
+    # A named second path of a module reaches the adapter when a shared parent holds it (the
+    # child was replaced inside that parent), and keeps the plain layer when the module itself
+    # was registered twice: said then, unless exclude_modules left it out on purpose.
+    plain = [(path, first) for path, first in seconds
+             if not isinstance(get_module(model, path), MissLinear) and not excluded(path)]
+    if plain:
+        warnings.warn(f"target_modules={target_modules!r} names second paths of modules: {_where(plain)} (one "
+                      "module object under two paths, listed once by torch); only the first path is adapted, the "
+                      "second keeps calling the plain layer", stacklevel=2)
     shared = record_shared_weights(model)
     warn_shared({name: shared[name] for name, _ in layers if name in shared})
     extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
@@ -424,8 +435,11 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         freeze_all_but_blocks(model)
     mark_extras_trainable(model)
     if inference_mode:
-        # PEFT's get_peft_model freezes the new adapter and the modules_to_save copies too.
-        for p in [layer.miss_block for _, layer in layers] + list(extra_parameters(model).values()):
+        # PEFT's get_peft_model freezes the parameters named after the adapter: the new blocks
+        # and the modules_to_save copies (`...modules_to_save.default...`), not the biases that
+        # bias="all" / "MiSS_only" trains.
+        saved = extra_parameters(model, dict(trainable_extras(model), bias="none"))
+        for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
             p.requires_grad_(False)
     return model
 
@@ -441,13 +455,14 @@ def _with_task_heads(model: nn.Module, modules_to_save: Optional[Sequence[str]],
     SEQ_CLS / TOKEN_CLS / QUESTION_ANS config trains (and saves) its randomly initialised
     classifier head, so apply_miss(model, config) must too. PEFT adds the names blindly and says
     nothing when one matches no module ("classifier" on a Llama), so unmatched ones are dropped
-    here rather than warned about."""
+    here rather than warned about, also where a config PEFT saved lists them."""
     heads = _TASK_HEADS.get(task_type, ())
     if not heads:
         return modules_to_save
-    present, _ = modules_to_save_paths(model, list(heads), skip_inside=(MissLinear,))
-    given = list(modules_to_save or [])
-    return given + [h for h in heads if h not in given and any(p.endswith(h) for p in present)]
+    _, absent = modules_to_save_paths(model, list(heads), skip_inside=(MissLinear,))
+    # PEFT writes the names it added into a saved config's modules_to_save: dropped there too.
+    given = [e for e in modules_to_save or [] if e not in absent]
+    return given + [h for h in heads if h not in given and h not in absent]
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:

@@ -2,7 +2,7 @@
 import json
 import math
 import warnings
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.modules.module as _module_globals
@@ -304,6 +304,17 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
                 f"{type(base).__name__}. Use the default or mini mode, which add their term to the base module's own "
                 "output")
     return None
+
+
+def refuse_meta(what: str, named: Iterable[Tuple[str, Tensor]]) -> None:
+    """ValueError naming the tensors on the meta device (a model built under torch.device("meta")
+    or init_empty_weights and not materialised): they hold no values to save or export. Without
+    it, saving failed inside torch ("Cannot copy out of meta tensor", "item() ... meta")."""
+    meta = [name for name, t in named if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:4]) + (f" and {len(meta) - 4} more" if len(meta) > 4 else "")
+        raise ValueError(f"{what}: {shown} are on the meta device (the model is not materialised), so there are no "
+                         "values to write; load the weights first")
 
 
 def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = False) -> Optional[str]:

@@ -286,11 +286,24 @@ def test_a_model_on_the_meta_device_is_refused(folders):
                                              r"are on the meta device \(not materialised\)"):
             load()
         assert [type(m) for m in model.modules()] == layers
-    # Into bank layers built on the meta device.
+    # Into bank layers built on the meta device; values into a meta bank; saving or exporting a
+    # meta model (torch's bare "Cannot copy out of meta tensor" before).
     miss_ext.apply_bank(model, ["q_proj", "v_proj", "up_proj", "down_proj"], capacity=2, max_r=8)
     with pytest.raises(ValueError, match="on the meta device"):
         miss_ext.load_bank_adapter(model, "a", str(adapters["peft_default"][0]))
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="the bank is on the meta device"):
+        layer.add_adapter("b", 4, block=torch.ones(4, layer.out_features))
     assert all(layer.adapter_names == [None, None] for _, layer in miss_ext.bank_model.bank_layers(model))
+    miss_ext.add_bank_adapter(model, "zero", r=4, target_modules=["q_proj"])  # PEFT's zero init: no values given
+    with pytest.raises(ValueError, match=r"save_bank_adapter: .*\.bank.* are on the meta device"):
+        miss_ext.save_bank_adapter(model, "zero", "/nonexistent/never_written")
+    with torch.device("meta"):
+        plain = type(base)(base.config)
+    miss_ext.apply_miss(plain, ["q_proj"], r=4)
+    for save in (miss_ext.save_adapter, miss_ext.export_lora):
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.* are on the meta device"):
+            save(plain, "/nonexistent/never_written")
 
 
 def test_state_dict_round_trip_keeps_the_slots(folders):

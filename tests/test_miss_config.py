@@ -93,12 +93,13 @@ def test_apply_miss_selects_and_trains_what_get_peft_model_does(bases, arch, nam
 
 
 def task_model(task_type):
-    """A tiny Llama with the head a task_type's PeftModel class trains: score (SEQ_CLS, TOKEN_CLS)
-    or qa_outputs (QUESTION_ANS)."""
-    cls = {"SEQ_CLS": transformers.LlamaForSequenceClassification,
-           "TOKEN_CLS": transformers.LlamaForTokenClassification,
-           "QUESTION_ANS": transformers.LlamaForQuestionAnswering}[task_type]
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    """A tiny Qwen2 (biases on q/k/v) with the head a task_type's PeftModel class trains: score
+    (SEQ_CLS, TOKEN_CLS) or qa_outputs (QUESTION_ANS); the causal LM for CAUSAL_LM."""
+    cls = {"SEQ_CLS": transformers.Qwen2ForSequenceClassification,
+           "TOKEN_CLS": transformers.Qwen2ForTokenClassification,
+           "QUESTION_ANS": transformers.Qwen2ForQuestionAnswering,
+           "CAUSAL_LM": transformers.Qwen2ForCausalLM}[task_type]
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
     torch.manual_seed(0)
     return cls(config).double().eval()
@@ -106,23 +107,27 @@ def task_model(task_type):
 
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"])
 @pytest.mark.parametrize("inference_mode", [False, True], ids=["training", "inference_mode"])
-def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, inference_mode, tmp_path, recwarn):
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, inference_mode, bias, tmp_path,
+                                                                     recwarn):
     """get_peft_model with a SEQ_CLS / TOKEN_CLS config trains the model's new classifier head
-    (PEFT adds "classifier" and "score" to modules_to_save; QUESTION_ANS: "qa_outputs"), and with
-    inference_mode=True trains nothing. apply_miss(model, config) left the head frozen (a
-    classifier that could never learn) and trained the blocks under inference_mode."""
+    (PEFT adds "classifier" and "score" to modules_to_save; QUESTION_ANS: "qa_outputs"); with
+    inference_mode=True it freezes the blocks and those heads, not the biases bias="all" trains.
+    apply_miss(model, config) left the head frozen (a classifier that could never learn) and
+    trained the blocks under inference_mode."""
     def config():
-        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], task_type=task_type, inference_mode=inference_mode)
+        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], task_type=task_type, inference_mode=inference_mode,
+                          bias=bias)
 
-    base = tiny_causal_lm("llama") if task_type == "CAUSAL_LM" else task_model(task_type)
+    base = task_model(task_type)
     reference = get_peft_model(copy.deepcopy(base), config())
     want = peft_trainable(reference)
     model = miss_ext.apply_miss(copy.deepcopy(base), config())
     assert ours_trainable(model) == want
     head = {"SEQ_CLS": "score", "TOKEN_CLS": "score", "QUESTION_ANS": "qa_outputs"}.get(task_type)
-    heads = {n for n in want if "miss_block" not in n}
-    assert len(want) == (0 if inference_mode else 4 + len(heads))  # q/v blocks of 2 layers
-    assert {n.split(".")[0] for n in heads} == ({head} if head and not inference_mode else set())
+    assert sum("miss_block" in n for n in want) == (0 if inference_mode else 4)  # q/v blocks of 2 layers
+    assert {n.split(".")[0] for n in want} & {"score", "qa_outputs"} == ({head} if head and not inference_mode else set())
+    assert any("layers.0.self_attn.q_proj" in n and n.endswith(".bias") for n in want) == (bias == "all")
     assert not [w for w in recwarn if "modules_to_save" in str(w.message)]  # "classifier" matches nothing: silent
     if head and not inference_mode:  # the head is saved and PEFT loads the same model
         with torch.no_grad():
@@ -133,6 +138,16 @@ def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, 
         out, ref = model(ids), loaded(ids)
         key = "logits" if task_type != "QUESTION_ANS" else "start_logits"
         torch.testing.assert_close(out[key], ref[key], **TOL)
+    if head and not inference_mode and bias == "none":
+        # PEFT's own saved config (its task heads written into modules_to_save, inference_mode true)
+        # applies silently too, and as get_peft_model applies it.
+        reference.save_pretrained(tmp_path / "peft")
+        saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        assert head in saved["modules_to_save"] and saved["inference_mode"] is True
+        again = miss_ext.apply_miss(copy.deepcopy(base), saved)
+        assert ours_trainable(again) == peft_trainable(get_peft_model(copy.deepcopy(base), MissConfig(**{
+            k: v for k, v in saved.items() if k in MissConfig.__dataclass_fields__})))
+        assert not [w for w in recwarn if "modules_to_save" in str(w.message)]
 
 
 def test_gpt2_conv1d_is_refused_by_both(recwarn):

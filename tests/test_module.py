@@ -265,6 +265,18 @@ def test_safe_merge_success_equals_merge(config, dtype, device):
     assert torch.equal(m1.base_layer.weight, m2.base_layer.weight)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,r,mini_r,out", [("mini", 4, 1, 8), ("default", 1, 1, 8), ("mini", 1, 4, 8),
+                                               ("default", 4, 1, 1), ("default", 4, 1, 8), ("bat", 2, 1, 8)])
+def test_block_gradient_has_the_parameters_strides(device, mode, r, mini_r, out):
+    """A block with a size-1 dimension ((r, 1) at PEFT's default mini_r=1) got its gradient with
+    strides (1, r): torch keeps such a gradient (its layout check skips size-1 dimensions), DDP
+    does not ("Grad strides do not match bucket view strides", a copy per step)."""
+    m = miss_ext.MissLinear(torch.nn.Linear(8, out, device=device), r=r, mode=mode, mini_r=mini_r, init_weights=False)
+    m(torch.randn(5, 8, device=device)).sum().backward()
+    assert m.miss_block.grad.stride() == m.miss_block.stride()
+
+
 def test_merging_into_a_model_on_the_meta_device_is_refused_by_name():
     """A model built under torch.device("meta") has no weight values: merge_and_unload raised a
     bare "Tensor.item() cannot be called on meta tensors" with safe_merge (and "merged" nothing

@@ -206,6 +206,21 @@ def test_naming_the_second_path_of_a_linear_says_which_path_torch_lists():
                                          r".*only the first path is adapted, the second keeps calling the plain layer"):
         miss_ext.apply_miss(model, ["a", "b"], r=2)
     assert type(model.a) is miss_ext.MissLinear and type(model.b) is nn.Linear
+    # A shared PARENT: the child is replaced inside it, so both paths reach the adapter (no
+    # warning); an excluded second path is not warned about either.
+    for targets, exclude in ((["q"], None), (["enc.q", "alias.q"], None), (["a", "b"], ["b"])):
+        holder = nn.Module()
+        holder.enc = nn.Module()
+        holder.enc.q = nn.Linear(4, 4)
+        holder.alias = holder.enc
+        holder.a = nn.Linear(4, 4)
+        holder.b = holder.a
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message="MiSS adapter on layers whose base parameters are shared")
+            miss_ext.apply_miss(holder, targets, r=2, exclude_modules=exclude)
+        if targets == ["q"]:
+            assert holder.alias.q is holder.enc.q and type(holder.enc.q) is miss_ext.MissLinear
 
 
 def test_all_linear_on_the_tied_llama_needs_no_skip(base):

@@ -165,3 +165,43 @@ def test_trainer_on_accelerated_peft_model_matches_loop_and_round_trips(mode, tm
     for name, p in again.named_parameters():
         if "miss_block" in name:
             assert torch.equal(p, saved[name])  # the blocks survive both trips bit for bit
+
+
+class SaveMissAdapter(transformers.TrainerCallback):
+    """docs/multi_gpu.md's callback: each Trainer checkpoint also gets the adapter in PEFT's format."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        miss_ext.save_adapter(model, f"{args.output_dir}/checkpoint-{state.global_step}/adapter",
+                              task_type="CAUSAL_LM", is_main_process=state.is_world_process_zero)
+
+
+def test_trainer_checkpoints_hold_the_whole_model_and_the_callback_adds_the_adapter(tmp_path):
+    """What docs/multi_gpu.md says of Trainer's own files: save_model and the checkpoints hold the
+    whole model under MissLinear's names (no adapter_config.json: load_adapter and PeftModel
+    refuse them), which apply_miss + load_state_dict restores; the callback writes a PEFT folder
+    beside every checkpoint."""
+    from safetensors.torch import load_file
+
+    model = miss_ext.apply_miss(tiny_causal_lm("llama"), TARGETS, r=R, init_weights=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="steps", save_steps=2,
+        disable_tqdm=True, per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-2,
+        train_sampling_strategy="sequential", logging_strategy="no", seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=[SaveMissAdapter()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    ids = tokens(batch=2, length=9, seed=8)
+    expected = logits(model, ids)
+    for step in (2, STEPS):
+        assert (tmp_path / "out" / f"checkpoint-{step}" / "adapter" / "adapter_config.json").is_file()
+    adapter = miss_ext.load_adapter(tiny_causal_lm("llama"), str(tmp_path / "out" / f"checkpoint-{STEPS}" / "adapter"))
+    torch.testing.assert_close(logits(adapter, ids), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        miss_ext.load_adapter(tiny_causal_lm("llama"), str(tmp_path / "final"))
+    state = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.miss_block" in state
+    again = miss_ext.apply_miss(tiny_causal_lm("llama"), TARGETS, r=R)
+    again.load_state_dict(state)  # strict: every key of the adapted model, nothing else
+    torch.testing.assert_close(logits(again, ids), expected, rtol=1e-10, atol=1e-10)

@@ -112,7 +112,14 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
                                   : g.to(block.scalar_type());
       // Operand layouts chosen for BLAS: (Gf^T S)^T and Gf (D^T contiguous) measured 20% and 10%
       // faster than S^T Gf and Gf D^T on the CPU (MKL; bench/RESULTS.md has the setting).
-      if (needs[3]) grads.block = at::mm(gf.t(), s).t();
+      if (needs[3]) {
+        grads.block = at::mm(gf.t(), s).t();
+        // A block with a size-1 dimension ((r, 1) at PEFT's default mini_r=1, or r=1) comes out
+        // "contiguous" with other strides than the parameter's. Autograd keeps such a gradient as
+        // it is, DDP does not ("Grad strides do not match bucket view strides", a copy per step):
+        // given the parameter's layout, free (a view).
+        if (grads.block.is_contiguous()) grads.block = grads.block.reshape_symint({-1}).view_symint(block.sym_sizes());
+      }
       if (needs[0]) adj = at::mm(gf, block.t().contiguous());
     }
     if (needs[0]) {
