@@ -359,6 +359,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                              f"({', '.join(f'{k}={v!r}' for k, v in selection.items() if v not in (None, []))}) "
                              "leave no module to adapt")
         found = kept
+
     def excluded(path: str) -> bool:  # PEFT's exclude_modules rule: a whole-path regex or names/suffixes
         return bool(exclude_modules) and bool(re.fullmatch(exclude_modules, path) if isinstance(exclude_modules, str)
                                               else matches(list(exclude_modules), path))

@@ -245,17 +245,18 @@ def test_layers_functional_call_grad_jvp_and_per_sample_grads_match_peft(mode, m
     torch.testing.assert_close(per_sample, loop, **TOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,mini_r", MODES)
-def test_transforms_under_autocast_follow_the_autocast_kernels(mode, mini_r):
+def test_transforms_under_autocast_follow_the_autocast_kernels(mode, mini_r, device):
     """Under autocast a bf16 activation meets a float32 layer (PEFT and the eager op accept it:
     the op's autocast kernel casts both). The transforms' kernel runs before autocast's, so it
     refused it ("x dtype BFloat16 must match the base weight dtype Float"); it now applies the
     same casts. Values and gradients equal eager autograd under autocast to bf16 rounding."""
-    ours, _, fast = _layers(mode, mini_r, "cpu")
+    ours, _, fast = _layers(mode, mini_r, device)
     for layer in (ours, fast):
         layer.float()
-        x = rand(6, 10, dtype=torch.bfloat16)
-        with torch.autocast("cpu", torch.bfloat16):
+        x = rand(6, 10, dtype=torch.bfloat16, device=device)
+        with torch.autocast(torch.device(device).type, torch.bfloat16):
             xe = x.clone().requires_grad_(True)
             ye = layer(xe)
             ye.float().square().sum().backward()
