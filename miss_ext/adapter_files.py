@@ -299,6 +299,34 @@ def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optiona
     return None, None
 
 
+def _peft_wrapper_copies(extras: Dict[str, Tensor], save_paths: List[str]) -> Tuple[Dict[str, Tensor], List[str]]:
+    """(extras without them, problems): PEFT's own copies of a modules_to_save module's tensors
+    under its wrapper's names. With bias="all" (every key holding "bias") or save_embedding_layers
+    (every key of an embedding-named module) PEFT also saves `<module>.modules_to_save.[<adapter>.]
+    <name>` (the trained copy, again) and `<module>.original_module.<name>` (the untouched
+    original) beside `<module>.<name>`, and loads that file itself. The trained copy must equal
+    `<module>.<name>` (else the file is ambiguous: a problem); the original is not kept, as this
+    loader trains the module in place (there is no separate original to restore)."""
+    kept, problems = dict(extras), []
+    for key, value in extras.items():
+        found = [(module, kind, key[len(module) + len(kind) + 2:]) for module in save_paths
+                 for kind in ("modules_to_save", "original_module") if key.startswith(f"{module}.{kind}.")]
+        if not found:
+            continue
+        module, kind, rest = max(found, key=lambda f: len(f[0]))  # the innermost module
+        del kept[key]
+        if kind == "original_module":
+            continue
+        plain = f"{module}.{rest}"
+        if plain not in extras and "." in rest and f"{module}.{rest.split('.', 1)[1]}" in extras:
+            plain = f"{module}.{rest.split('.', 1)[1]}"  # the key held the adapter name
+        if plain not in extras:
+            kept[plain] = value
+        elif not torch.equal(extras[plain], value):
+            problems.append(f"{key}: PEFT's copy of {plain} differs from {plain} in the same file")
+    return kept, problems
+
+
 def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str], list]:
     """Checks the non-block tensors against the model; returns (problems, [(param, value)]).
     Which of them then train is PEFT's rule, applied by load_adapter through the recorded
@@ -477,16 +505,17 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)
-    extra_problems, extra_plan = _plan_extras(model, extras)
-    if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
-        refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
-    problems += block_problems + extra_problems
-    if problems:
-        raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
     # What the file trains beside the blocks (PEFT's rule: the modules_to_save modules, the biases
     # `bias` names), recorded below so that later freezes keep it trainable and save_adapter
     # writes it again.
     save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
+    extras, copy_problems = _peft_wrapper_copies(extras, save_paths)
+    extra_problems, extra_plan = _plan_extras(model, extras)
+    if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
+        refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
+    problems += block_problems + copy_problems + extra_problems
+    if problems:
+        raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
     bias = check_bias(config.get("bias", "none"))
     if wrapped is not model and any(not p.requires_grad for p in extra_parameters(
             model, {"modules_to_save": save_paths, "bias": bias}).values()):

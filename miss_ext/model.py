@@ -9,7 +9,7 @@ from torch import nn
 
 from .modules import (WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal,
                       reshard_fsdp)
-from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, get_module, matches,
+from .targets import (ALL_LINEAR, TargetModules, describe, find_targets, matches,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
                       second_paths, set_module, shared_weight_message)
 
@@ -166,6 +166,28 @@ def _check_init_weights(init_weights: object) -> None:
 
 def _where(seconds: List[Tuple[str, str]]) -> str:
     return "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
+
+
+def _warn_second_paths(model: nn.Module, target_modules, seconds: List[Tuple[str, str]], adapted: set,
+                       excluded: Callable[[str], bool]) -> None:
+    """Says what becomes of each named second path of a module (targets.second_paths), unless
+    exclude_modules leaves it out: its first path is not adapted, or the module was registered
+    twice (`self.b = self.a`), so only the first path gets the adapter and the second keeps the
+    plain layer. Silent where a shared parent holds it (`self.alias = self.enc`): the child is
+    replaced inside that parent, so both paths reach the adapter."""
+    notes = []
+    for path, first in seconds:
+        if excluded(path):
+            continue
+        if first not in adapted:
+            notes.append(f"{path} is the module first registered as {first}, which is not adapted (name {first})")
+        elif not (parent_module(model, path) is parent_module(model, first)
+                  and path.rpartition(".")[2] == first.rpartition(".")[2]):
+            notes.append(f"{path} is the module first registered as {first}: only {first} is adapted, {path} keeps "
+                         "calling the plain layer")
+    if notes:
+        warnings.warn(f"target_modules={target_modules!r} names second paths of modules (one module object under two "
+                      f"paths, listed once by torch): {'; '.join(notes)}", stacklevel=3)
 
 
 def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> None:
@@ -403,28 +425,21 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         raise ValueError(f"bias={bias!r}, but an earlier call on this model set bias={recorded['bias']!r}; one PEFT "
                          "adapter config has one bias value")
 
-    with warnings.catch_warnings():
-        # One warning per model rather than one per layer for the r > in case.
-        warnings.simplefilter("ignore")
-        layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
-                  for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
-    dead = [name for name, layer in layers if r > layer.in_features]
+    # The warnings come before anything changes: turned into errors, they leave the model as it was.
+    dead = [name for name, linear in found if r > linear.in_features]
     if dead:
         warnings.warn(f"MiSS r={r} exceeds in_features of {describe(dead)}: block rows beyond in_features never "
                       "receive a gradient and are dead weight", stacklevel=2)
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
+    _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
+    with warnings.catch_warnings():
+        # One warning per model (above) rather than one per layer for the r > in case.
+        warnings.simplefilter("ignore")
+        layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
+                  for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
     for name, layer in layers:
         set_module(model, name, layer)
-    # A named second path of a module reaches the adapter when a shared parent holds it (the
-    # child was replaced inside that parent), and keeps the plain layer when the module itself
-    # was registered twice: said then, unless exclude_modules left it out on purpose.
-    plain = [(path, first) for path, first in seconds
-             if not isinstance(get_module(model, path), MissLinear) and not excluded(path)]
-    if plain:
-        warnings.warn(f"target_modules={target_modules!r} names second paths of modules: {_where(plain)} (one "
-                      "module object under two paths, listed once by torch); only the first path is adapted, the "
-                      "second keeps calling the plain layer", stacklevel=2)
     shared = record_shared_weights(model)
     warn_shared({name: shared[name] for name, _ in layers if name in shared})
     extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths

@@ -289,8 +289,9 @@ def peft_trainable(model) -> set:
 @pytest.mark.parametrize("saved", [
     dict(save_embedding_layers=True),
     dict(save_embedding_layers=True, modules_to_save=["norm"]),
+    dict(save_embedding_layers=True, modules_to_save=["lm_head"]),
     dict(bias="all"), dict(bias="MiSS_only"), dict(modules_to_save=["norm"])],
-    ids=["embedding-layers", "embedding-layers-and-norm", "bias-all", "bias-MiSS_only", "modules_to_save-suffix"])
+    ids=["embedding-layers", "embedding-layers-and-norm", "embedding-layers-and-head", "bias-all", "bias-MiSS_only", "modules_to_save-suffix"])
 def test_load_adapter_trains_what_peft_trains(base, saved, tmp_path):
     """load_adapter leaves trainable exactly what PEFT's from_pretrained(is_trainable=True) trains.
     PEFT's save_embedding_layers copies (written after resize_token_embeddings) are loaded but
@@ -310,9 +311,44 @@ def test_load_adapter_trains_what_peft_trains(base, saved, tmp_path):
     want = peft_trainable(PeftModel.from_pretrained(copy.deepcopy(resized), tmp_path, is_trainable=True))
     model = miss_ext.load_adapter(copy.deepcopy(resized), tmp_path)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == want
-    assert "model.embed_tokens.weight" not in want and "lm_head.weight" not in want
+    assert "model.embed_tokens.weight" not in want
+    assert ("lm_head.weight" in want) == ("lm_head" in (saved.get("modules_to_save") or []))
     ids = tokens()
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+def test_peft_files_with_its_wrapper_copies_load(task_type, tmp_path):
+    """With bias="all" PEFT also saves a modules_to_save head's bias under its wrapper's names
+    (`classifier.modules_to_save.bias`, `classifier.original_module.bias`) and loads such a file
+    itself; load_adapter refused it ("no such parameter"). Now it loads, trains and computes as
+    PEFT's from_pretrained."""
+    import transformers
+    from peft import MissConfig, get_peft_model
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=20, num_labels=3)
+
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(config).double().eval()
+
+    reference = get_peft_model(bert(), MissConfig(r=2, target_modules=["query", "value"], bias="all",
+                                                  task_type=task_type, init_weights=False,
+                                                  modules_to_save=None if task_type else ["classifier", "pooler"]))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if p.requires_grad and "miss_block" not in name:
+                p.add_(torch.randn_like(p))
+    reference.save_pretrained(tmp_path)
+    assert "base_model.model.classifier.original_module.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(bert(), tmp_path, is_trainable=True).eval()
+    model = miss_ext.load_adapter(bert(), tmp_path).eval()
+    want = {n.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(
+        ".miss_block.default", ".miss_block") for n, p in loaded.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == want
+    ids = torch.randint(1, 50, (2, 7))
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits, **TOL)
 
 
 @pytest.mark.parametrize("extras", [dict(modules_to_save=["lm_head"]), dict(bias="all"), dict(bias="MiSS_only")],

@@ -202,8 +202,18 @@ def test_naming_the_second_path_of_a_linear_says_which_path_torch_lists():
         miss_ext.apply_miss(model, ["b"], r=2)
     assert_unchanged(model, snap)
     assert type(model.a) is nn.Linear
-    with pytest.warns(UserWarning, match=r"names second paths of modules: b is the module first registered as a"
-                                         r".*only the first path is adapted, the second keeps calling the plain layer"):
+    # Said before anything changes: as an error, the warning leaves the model as it was.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match=r"b is the module first registered as a: only a is adapted, b keeps "
+                                              r"calling the plain layer"):
+            miss_ext.apply_miss(model, ["a", "b", "e"], r=2)
+    assert_unchanged(model, snap)
+    assert type(model.a) is nn.Linear and type(model.e) is nn.Linear
+    with pytest.warns(UserWarning, match=r"b is the module first registered as a, which is not adapted \(name a\)"):
+        miss_ext.apply_miss(copy.deepcopy(model), ["b", "e"], r=2)
+    with pytest.warns(UserWarning, match=r"names second paths of modules \(one module object under two paths, listed "
+                                         r"once by torch\): b is the module first registered as a: only a is adapted"):
         miss_ext.apply_miss(model, ["a", "b"], r=2)
     assert type(model.a) is miss_ext.MissLinear and type(model.b) is nn.Linear
     # A shared PARENT: the child is replaced inside it, so both paths reach the adapter (no
