@@ -329,7 +329,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     get_peft_model, a config's task_type SEQ_CLS / TOKEN_CLS adds the model's "classifier" /
     "score" head, and QUESTION_ANS its "qa_outputs", to modules_to_save (trained and saved whole),
     and inference_mode=True (what PEFT writes into a saved adapter_config.json) leaves the new
-    blocks and those modules frozen: set it False to train.
+    blocks and those modules frozen: set it False to train. It freezes only what this call adds:
+    blocks and modules_to_save an earlier apply_miss trains stay trainable.
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
     first, then wrap.
@@ -453,8 +454,11 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     if inference_mode:
         # PEFT's get_peft_model freezes the parameters named after the adapter: the new blocks
         # and the modules_to_save copies (`...modules_to_save.default...`), not the biases that
-        # bias="all" / "MiSS_only" trains.
-        saved = extra_parameters(model, dict(trainable_extras(model), bias="none"))
+        # bias="all" / "MiSS_only" trains. Only this call's: what an earlier apply_miss made
+        # trainable stays so (PEFT's add_adapter with inference_mode freezes only the new
+        # adapter's parameters).
+        new_saves = [p for p in save_paths if p not in recorded["modules_to_save"]]
+        saved = extra_parameters(model, {"modules_to_save": new_saves, "bias": "none"})
         for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
             p.requires_grad_(False)
     return model

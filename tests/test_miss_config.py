@@ -150,6 +150,20 @@ def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, 
         assert not [w for w in recwarn if "modules_to_save" in str(w.message)]
 
 
+def test_a_later_inference_mode_call_freezes_only_what_it_adds():
+    """A second apply_miss with inference_mode=True freezes its own blocks and task head only; the
+    head and blocks an earlier training call made trainable stay so (as PEFT's add_adapter with
+    inference_mode freezes only the new adapter's parameters). It used to freeze every recorded
+    modules_to_save module, the earlier call's head included."""
+    model = task_model("SEQ_CLS")
+    miss_ext.apply_miss(model, ["q_proj"], r=R, modules_to_save=["score"])
+    before = ours_trainable(model)
+    assert any(n.startswith("score.") for n in before) and sum("miss_block" in n for n in before) == 2
+    miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["v_proj"], task_type="SEQ_CLS", inference_mode=True))
+    assert ours_trainable(model) == before  # the new v_proj blocks are frozen, score still trains
+    assert sum("v_proj.miss_block" in n for n, _ in model.named_parameters()) == 2
+
+
 def test_gpt2_conv1d_is_refused_by_both(recwarn):
     for config in (MissConfig(r=2, target_modules=["c_attn"]),
                    MissConfig(r=2, target_modules="all-linear", exclude_modules=["c_proj"]),
