@@ -172,3 +172,36 @@ def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor
               per_row_fold: bool = False) -> None:
     """bank_add in place into y (not differentiable); arguments and errors as bank_add."""
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, per_row_fold)
+
+
+# Ops registered from C++ carry no docstring (`torch.ops.miss.fold.__doc__` was None); give each
+# packet its wrapper's, with the schema, so help in a REPL or notebook says what the op does.
+# Only the instance attribute changes: dispatch, TorchScript and torch.compile never read it.
+_DOCS_WITHOUT_WRAPPER = {
+    "bank_fold_backward": "The adjoint of bank_fold in x: grad_x[t, i] = dropout_{p_a}(grad[t, i mod r_a]) with "
+                          "the forward's mask, zero for rows without adapter. Used by bank_fold's autograd; not "
+                          "differentiable again.",
+    "bank_add_backward": "The adjoint of bank_add in s and bank: (grad_s, grad_bank), slot a's gradient from its "
+                         "rows only, zero outside [:ranks[a], :periods[a]]. Used by bank_add's autograd; not "
+                         "differentiable again.",
+    "build_info": "How the op library was built, as one string of ';'-separated key=value items (backends, "
+                  "cuda_version, cuda_archs, built_with_torch, cxx_runtime, sanitize); miss_ext.build_info() "
+                  "returns it as a dict.",
+}
+
+
+def _document_ops() -> None:
+    names = sorted({n[len("miss::"):].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith("miss::")})
+    for name in names:
+        packet = getattr(torch.ops.miss, name)
+        wrapper = globals().get(name)
+        doc = wrapper.__doc__ if callable(wrapper) and wrapper.__doc__ else _DOCS_WITHOUT_WRAPPER.get(name)
+        if doc is None:
+            continue
+        schemas = "\n".join(f"    {getattr(packet, o)._schema}" for o in packet.overloads())
+        wrapper_line = f"Python wrapper: miss_ext.ops.{name}. " if callable(wrapper) else ""
+        packet.__doc__ = f"{doc}\n\n{wrapper_line}Schema:\n{schemas}"
+
+
+_document_ops()

@@ -211,3 +211,22 @@ def test_gradcheck_merge(device, in_f, out_f, r, mini_r, reverse):
     w = rand(out_f, in_f, dtype=F64, device=device, requires_grad=True)
     blk = rand(r, out_f if mini_r is None else mini_r, dtype=F64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, c: ops.merge(a, c, reverse), (w, blk))
+
+
+def test_every_op_has_a_docstring_with_its_schema():
+    """Ops registered from C++ carry no docstring; miss_ext gives each torch.ops.miss packet its
+    Python wrapper's (or a short one for the backward ops and build_info), ending with the schema
+    of every overload."""
+    import miss_ext
+    from miss_ext._library import registered_ops
+
+    names = {n[len("miss::"):].split(".")[0] for n in registered_ops()}
+    assert {"fold", "linear", "bank_add_backward", "build_info"} <= names
+    for name in sorted(names):
+        packet = getattr(ops, name)
+        assert packet.__doc__, name
+        for overload in packet.overloads():
+            assert str(getattr(packet, overload)._schema) in packet.__doc__, (name, overload)
+        wrapper = getattr(miss_ext.ops, name, None)
+        if callable(wrapper):
+            assert packet.__doc__.startswith(wrapper.__doc__), name
