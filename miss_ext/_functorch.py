@@ -133,10 +133,11 @@ def tile_add_composite(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 
 
 
 def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: float = 0.0,
-                     key: Optional[Tensor] = None) -> Tensor:
+                     key: Optional[Tensor] = None, fold_input: Optional[Tensor] = None) -> Tensor:
     # PEFT's precision: base in the base dtype, adapter branch in the block's dtype, one rounding.
+    # fold_input: the x the adapter folds, when the base GEMM reads a cast copy (autocast).
     y = F.linear(x, weight, bias)
-    term = fold_composite(x, block.shape[0], p, key, block.dtype) @ block
+    term = fold_composite(x if fold_input is None else fold_input, block.shape[0], p, key, block.dtype) @ block
     if block.shape[1] != weight.shape[0]:  # mini: tile (.., mini_r) along out
         term = _tiled(term, y.shape, per_row=True)
     return (y.to(torch.promote_types(y.dtype, term.dtype)) + term).to(x.dtype)
@@ -314,8 +315,15 @@ def _linear(x, weight, bias, block, p=0.0, key=None):
                             f"{name(weight.dtype)} differ after autocast's casts (it casts float32/float16/bfloat16 to "
                             f"{name(dtype)} and leaves float64 as it is); give x and the layer the same dtype (PEFT "
                             "refuses this too)")
+        b_c, block_c = _cast(bias, dtype), _cast(block, dtype)
         with torch.autocast(_all_values(x).device.type, enabled=False):
-            return _linear(x_c, w_c, _cast(bias, dtype), _cast(block, dtype), p, key).to(x.dtype)
+            if not x.is_floating_point() or x_c.dtype == x.dtype:
+                return _linear(x_c, w_c, b_c, block_c, p, key).to(x.dtype)
+            # As linear_autocast: the fold reads x as given (PEFT folds it in float32), never
+            # autocast's rounded copy; only S is rounded to the autocast dtype.
+            _validate(ops.linear.default, x_c, w_c, b_c, block_c, p, key)
+            _check_key_device(key, x)
+            return linear_composite(x_c, w_c, b_c, block_c, p, key, fold_input=x).to(x.dtype)
     _validate(ops.linear.default, x, weight, bias, block, p, key)
     _check_key_device(key, x)
     return linear_composite(x, weight, bias, block, p, key)

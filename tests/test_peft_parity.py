@@ -524,6 +524,55 @@ def test_autocast_rounds_the_adapter_product_as_peft(case, device, amp_dtype, ro
     assert gap > 5 * tol, f"the inputs do not tell the policies apart: {gap:.3g} vs tolerance {tol:.3g}"
 
 
+@pytest.mark.parametrize("path", ["MissLinear", "hooked_base", "accelerated", "torch_func"])
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 3)])
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+def test_autocast_folds_x_as_given_not_its_rounded_copy(device, amp_dtype, mode, mini_r, path):
+    """Under autocast PEFT folds the float32 x it is given (a sum is on no autocast list) and
+    rounds only S for `S @ D`. Our fused op used to fold autocast's bf16/fp16 copy of x: x =
+    (s + 1, -s) in one fold column (s = 8 / eps: s + 1 rounds to s) gave S = 0 instead of 1, an
+    adapter term of zero and a zero block gradient there, where PEFT is exact. Every path: the
+    fused op, a hooked base (Python composition), PEFT's layer accelerated and torch.func."""
+    peft_model, peft_layer, ours = make_pair(8, 6, 2, mode, mini_r, torch.float32, device)
+    if path == "accelerated":
+        ours = accelerate(copy.deepcopy(peft_model)).base_model.model.lin0
+    s = 8.0 / torch.finfo(amp_dtype).eps
+    x = torch.randint(-3, 4, (5, 8)).float()
+    x[:, 0], x[:, 2] = s + 1, -s  # fold column 0: exactly 1 + the small terms, in float32
+    x = x.to(device)
+    with torch.no_grad():
+        for layer in (peft_layer, ours):
+            layer.base_layer.weight[:, [0, 2]] = 0.0  # the base GEMM never sees +-s
+            layer.base_layer.weight.copy_(layer.base_layer.weight.to(amp_dtype))  # exact in amp_dtype
+            layer.base_layer.bias.copy_(layer.base_layer.bias.to(amp_dtype))
+        block = torch.randint(-4, 5, peft_layer.miss_block["default"].shape).float() / 4
+        peft_layer.miss_block["default"].copy_(block)
+        (ours.miss_block if path != "accelerated" else ours.miss_block["default"]).copy_(block)
+    if path == "hooked_base":
+        ours.base_layer.register_forward_hook(lambda module, args, out: None)
+    g = torch.randn(5, 6, device=device)
+    results = []
+    for layer in (peft_layer, ours):
+        block_param = layer.miss_block if isinstance(layer, MissLinear) else layer.miss_block["default"]
+        with torch.autocast(device, dtype=amp_dtype):
+            if path == "torch_func" and layer is ours:
+                params = dict(layer.named_parameters())
+                y, pull = torch.func.vjp(lambda b: torch.func.functional_call(layer, {**params, "miss_block": b}, (x,)),
+                                         block_param)
+                (grad_block,) = pull(g.to(y.dtype))
+            else:
+                y = layer(x)
+                (grad_block,) = torch.autograd.grad(y, block_param, g.to(y.dtype))
+        results.append((y.float(), grad_block.float()))
+    (y_ref, gb_ref), (y, gb) = results
+    want = autocast_linear_ref(x, peft_layer.base_layer.weight, peft_layer.base_layer.bias, block.to(device), amp_dtype)
+    assert_near(y_ref, want, amp_dtype, "PEFT vs the float64 model of autocast")
+    assert_near(y, y_ref, amp_dtype, f"{path} output vs PEFT")
+    assert_near(gb, gb_ref, amp_dtype, f"{path} block gradient vs PEFT")
+    # S's column 0 is exactly 1 + small terms: the x-rounding policy loses D[0] from every output.
+    assert (y - y_ref).abs().max().item() < 0.25, "the fold read autocast's rounded x"
+
+
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
 @pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=[CASE_IDS[1], CASE_IDS[7]])
 def test_autocast_backward_matches_peft(case, device, amp_dtype):

@@ -5,7 +5,7 @@
 // and so does the adapter's S @ D: PEFT's `fold(x) @ miss_block` is a matmul, on autocast's
 // lower-precision list, so its operands (S, computed in fp32 by a sum, and the fp32 block) are
 // rounded to the autocast dtype and the product accumulates in fp32 (issue 11: match PEFT, and
-// run on tensor cores). The block is cast here, above autograd, so its gradient flows back to the
+// run on tensor cores). The fold reads x as given, never autocast's rounded copy (below). The block is cast here, above autograd, so its gradient flows back to the
 // fp32 parameter; the output is cast back to x's dtype, as PEFT's `result.to(previous_dtype)`.
 // Inside the op autocast is off.
 #include <ATen/ATen.h>
@@ -13,6 +13,9 @@
 #include <torch/library.h>
 
 #include "../bat.h"
+#include "../common/checks.h"
+#include "../common/sym_shape.h"
+#include "../fold.h"
 #include "../linear.h"
 
 namespace miss_ext {
@@ -32,9 +35,29 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
                    "miss: under autocast(", dtype, ") x dtype ", x.scalar_type(), " and the base weight dtype ",
                    weight.scalar_type(), " differ after autocast's casts (it casts float32/float16/bfloat16 to ", dtype,
                    " and leaves float64 as it is); give x and the layer the same dtype (PEFT refuses this too)");
-  const at::Tensor y = ops::linear(x_c, w_c, at::autocast::cached_cast(dtype, bias, device_type),
-                                   at::autocast::cached_cast(dtype, block, device_type), p, key);
-  return y.to(x.scalar_type());
+  const std::optional<at::Tensor> b_c = at::autocast::cached_cast(dtype, bias, device_type);
+  const at::Tensor block_c = at::autocast::cached_cast(dtype, block, device_type);
+  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type()) {
+    // x already in the autocast dtype (the output of an earlier autocast GEMM) or float64: folding
+    // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once.
+    return ops::linear(x_c, w_c, b_c, block_c, p, key).to(x.scalar_type());
+  }
+  // x in another dtype (float32 activations: an fp32 model's residual stream). PEFT folds the x it
+  // is given, in float32 (a sum is on none of autocast's lists), and only S is rounded to the
+  // autocast dtype for `S @ D`. The fused op would fold x_c, values already rounded to bf16: x =
+  // [1001, -1000] gave S = 0 instead of 1, and a zero block gradient. So here: the fold of x
+  // itself, rounded once to the autocast dtype; the base GEMM on x_c; S @ D added in place with
+  // one rounding (mini: D repeated along out, as PEFT's `miss.repeat`). Differentiable ops only,
+  // so autograd sums dx's two parts in x's dtype, as PEFT's does.
+  check_linear_args(x_c, w_c, b_c, block_c, p, key);
+  const c10::SymInt rows = sym_leading_rows(x);
+  const c10::SymInt& in = weight.sym_size(1);
+  const c10::SymInt& out = weight.sym_size(0);
+  const at::Tensor s = ops::fold(x.reshape_symint({rows, in}), static_size(block, 0), p, key, dtype);
+  const int64_t repeats = block.sym_size(1) == out ? 1 : static_size(weight, 0) / static_size(block, 1);
+  at::Tensor y = at::linear(x_c.reshape_symint({rows, in}), w_c, b_c);
+  y.addmm_(s, repeats == 1 ? block_c : block_c.repeat({1, repeats}));
+  return y.view_symint(with_last(x, out)).to(x.scalar_type());
 }
 
 // Bat under autocast (as PEFT, whose F.linear autocasts): W' is still built from the fp32 block,
