@@ -144,6 +144,26 @@ def test_bank_add_gradients_per_adapter(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bank_gradient_over_many_rows_is_as_accurate_as_a_gemm(device):
+    """A slot's block gradient sums over all its rows: in one running float32 sum it was 37x less
+    accurate than the GEMM a MissLinear (and PEFT) takes at 65536 rows (4.1e-6 vs 1.1e-7). Now the
+    rows are summed in a cascade (CPU) or in two levels (CUDA)."""
+    from miss_ext.bank import MissBankLinear
+    torch.manual_seed(0)
+    rows, i, o, r = 65536, 64, 32, 16
+    bank = MissBankLinear(torch.nn.Linear(i, o), capacity=2, max_r=r).to(device)
+    bank.add_adapter("a", r=r, block=0.1 * torch.randn(r, o))
+    x = 5 + torch.randn(rows, i, device=device)
+    g = 1 + torch.randn(rows, o, device=device)
+    bank(x, bank.index_of(["a"] * rows)).backward(g)
+    s = fold_ref(x, r)
+    want = s.T @ g.double()
+    ours = (bank.bank.grad[0, :r].double() - want).norm() / want.norm()
+    gemm = (x.reshape(rows, -1, r).sum(1).T @ g - want).norm() / want.norm()
+    assert ours <= 4 * gemm + 1e-9, f"bank gradient error {ours:.3g}, a float32 GEMM's {gemm:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bank_add_gradcheck(device):
     R, out, n = 4, 6, 3
     blocks = random_blocks(n, R, out, device=device)

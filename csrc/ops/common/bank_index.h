@@ -31,12 +31,27 @@ MISS_HD acc bank_fold_column(const T* s_row, int64_t R, int64_t r, int64_t j) {
   return sum;
 }
 
-// gq[c] of one row of the output gradient: the sum of its columns o with o mod q == c.
+// Long sums in two levels: terms go into a partial sum, which is added into the total every
+// kSumBlock terms. The rounding error then grows with about kSumBlock + n / kSumBlock terms
+// instead of n (n = 65536: 320 instead of 65536), for one more register; the CPU kernels' vector
+// sums use a full cascade (cpu/row_helpers.h) instead.
+constexpr int64_t kSumBlock = 64;
+
+// gq[c] of one row of the output gradient: the sum of its columns o with o mod q == c (out / q
+// terms: 4096 for mini_r = 1 at out = 4096, hence the two levels).
 template <typename acc, typename T>
 MISS_HD acc bank_fold_grad(const T* grad_row, int64_t out, int64_t q, int64_t c) {
-  acc sum = acc(0);
-  for (int64_t o = c; o < out; o += q) sum += static_cast<acc>(grad_row[o]);
-  return sum;
+  acc total = acc(0), part = acc(0);
+  int64_t n = 0;
+  for (int64_t o = c; o < out; o += q) {
+    part += static_cast<acc>(grad_row[o]);
+    if (++n == kSumBlock) {
+      total += part;
+      part = acc(0);
+      n = 0;
+    }
+  }
+  return total + part;
 }
 
 // The dropout key of the rows of slot a in miss::bank_fold: the call's key words (null: no dropout)

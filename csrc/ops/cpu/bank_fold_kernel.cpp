@@ -21,7 +21,7 @@ void bank_fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t R
                     const int64_t* ranks, const double* dropouts, const int64_t* key) {
   using acc = acc_t<in_t, out_t>;
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
-    std::vector<acc> sums(R);
+    std::vector<acc> sums(R), upper;
     std::vector<acc> factors(key != nullptr ? in : 0);
     std::vector<uint8_t> keep(key != nullptr ? in + 4 : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -31,7 +31,10 @@ void bank_fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t R
         const DropoutKey row_key = bank_row_key(key, dropouts, a);
         const bool dropout = row_key.threshold != 0;
         if (dropout) dropout_factors(row_key, t, in, keep.data(), factors.data());
-        fold_row(x + t * in, in, ranks[a], dropout ? factors.data() : static_cast<const acc*>(nullptr), sums.data());
+        const int64_t need = fold_row_scratch(in, ranks[a]);  // ranks differ by row: grown as needed
+        if (static_cast<int64_t>(upper.size()) < need) upper.resize(need);
+        fold_row(x + t * in, in, ranks[a], dropout ? factors.data() : static_cast<const acc*>(nullptr), sums.data(),
+                 upper.data());
       }
       out_t* sr = s + t * R;
       for (int64_t j = 0; j < R; ++j) sr[j] = static_cast<out_t>(sums[j]);

@@ -39,13 +39,14 @@ void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, con
   using acc = acc_t<in_t, out_t>;
   const bool dropout = key.threshold != 0;
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
-    std::vector<acc> sums(r);
+    std::vector<acc> sums(r), upper(fold_row_scratch(in, r));
     std::vector<acc> factors(dropout ? in : 0);
     std::vector<uint8_t> keep(dropout ? in + 4 : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(sums.begin(), sums.end(), acc(0));
       if (dropout) dropout_factors(key, t, in, keep.data(), factors.data());
-      fold_row(x + t * in, in, r, dropout ? factors.data() : static_cast<const acc*>(nullptr), sums.data());
+      fold_row(x + t * in, in, r, dropout ? factors.data() : static_cast<const acc*>(nullptr), sums.data(),
+               upper.data());
       out_t* sr = s + t * r;
       for (int64_t j = 0; j < r; ++j) sr[j] = static_cast<out_t>(sums[j]);
     }
