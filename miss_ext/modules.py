@@ -135,6 +135,20 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
 
 
+def bat_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> Tensor:
+    """miss.bat_linear for any floating x, as PEFT's bat forward (which casts x to W''s dtype, the
+    block's): where x and the base weight differ in dtype, x, the weight and the bias are brought
+    to the wider of the two (exact) and the output back to x's dtype. The op itself requires one
+    dtype, and a bf16 base fed float32 x raised where PEFT computes. Scriptable."""
+    if x.is_floating_point() and weight.is_floating_point() and x.dtype != weight.dtype:
+        common = torch.promote_types(x.dtype, weight.dtype)
+        b = bias
+        if b is not None:
+            b = b.to(common)
+        return torch.ops.miss.bat_linear(x.to(common), weight.to(common), b, block, None).to(x.dtype)
+    return torch.ops.miss.bat_linear(x, weight, bias, block, None)
+
+
 def json_tensor(value) -> Tensor:
     """`value` as a uint8 tensor of its JSON text: state that must travel in a state_dict, which
     stays all tensors (safetensors, clone())."""
@@ -429,6 +443,17 @@ class MissLinear(nn.Module):
         return is_plain_linear(self.base_layer, global_hooks=self.mode != "bat")
 
     @torch.jit.unused
+    def _autocast_block(self, x: Tensor) -> Tensor:
+        """The block the unfused path multiplies: under autocast in the mini mode, PEFT's order,
+        the float32 block repeated along out before the autocast matmul, so that the repeat's
+        backward sums G's copies in float32 (a (rows, mini_r) product tiled afterwards summed them
+        in the autocast dtype: 1.2x PEFT's error in dD). Otherwise the block itself."""
+        if (self.mode == "mini" and x.device.type in ("cpu", "cuda")
+                and torch.is_autocast_enabled(x.device.type)):
+            return self.miss_block.repeat(1, self.out_features // self.mini_r)
+        return self.miss_block
+
+    @torch.jit.unused
     def _tensor_parallel(self) -> bool:
         # Set by miss_ext.tensor_parallel's styles when they shard this layer (issue 12).
         return "_tp_style" in self.__dict__
@@ -447,7 +472,8 @@ class MissLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """y = base(x) + fold(dropout(x), r) @ tile(miss_block) (bat: x W'^T + b).
 
-        x (..., in_features) in the base weight's dtype; returns (..., out_features) in x's dtype
+        x (..., in_features) in the base weight's dtype (bat: any floating dtype, as PEFT, which
+        computes in W''s dtype; modules.bat_forward); returns (..., out_features) in x's dtype
         (PEFT's precision: the adapter term in the block's dtype, one final rounding). Dropout
         only in training, with a fresh key per call. A merged layer returns base(x). ValueError /
         TypeError name a bad shape or dtype (from the miss ops); RuntimeError for a bat layer
@@ -466,7 +492,7 @@ class MissLinear(nn.Module):
             if not fused:
                 raise RuntimeError("bat mode needs a plain nn.Linear base, and the base layer now has hooks, a "
                                    "parametrization or a non-plain weight (see MissLinear)")
-            return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
+            return bat_forward(x, self.base_layer.weight, self.base_layer.bias, self.miss_block)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if fused:
@@ -482,7 +508,10 @@ class MissLinear(nn.Module):
         y = self.base_layer(x)
         if p > 0.0:
             key = new_dropout_key(x.device)
-        term = torch.ops.miss.fold(x, self.r, p, key, self.miss_block.dtype) @ self.miss_block
+        block = self.miss_block
+        if not torch.jit.is_scripting():
+            block = self._autocast_block(x)
+        term = torch.ops.miss.fold(x, self.r, p, key, self.miss_block.dtype) @ block
         if y.dtype != x.dtype:
             y = y.to(torch.promote_types(y.dtype, term.dtype))
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)

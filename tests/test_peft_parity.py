@@ -573,6 +573,78 @@ def test_autocast_folds_x_as_given_not_its_rounded_copy(device, amp_dtype, mode,
     assert (y - y_ref).abs().max().item() < 0.25, "the fold read autocast's rounded x"
 
 
+class _Wrap(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("path", ["MissLinear", "accelerated", "torch_func"])
+@pytest.mark.parametrize("autocast", [None, torch.float16, torch.bfloat16], ids=["no_autocast", "fp16", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bat_takes_x_of_another_dtype_than_a_half_base_as_peft(device, autocast, path):
+    """A bf16 bat layer fed float32 x: PEFT casts x to W''s float32 dtype (and autocast rounds
+    once). Ours raised without autocast (the op needs one dtype), and under fp16 autocast rounded x
+    to bf16 first, then to fp16: x = 1 + 2^-10 (exact in fp16) became 1. Now x and the weight meet
+    in the wider dtype, exactly; y and dx equal PEFT's."""
+    base = nn.Linear(4, 4, bias=True).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(4))
+        base.bias.zero_()
+    ours = MissLinear(copy.deepcopy(base), 2, mode="bat")
+    peft_model = get_peft_model(_Wrap(copy.deepcopy(base)), MissConfig(r=2, target_modules=["lin"], init_weights="bat"))
+    if path == "accelerated":
+        ours = accelerate(copy.deepcopy(peft_model)).base_model.model.lin
+    x = torch.full((3, 4), 1 + 2 ** -10, device=device)
+    results = []
+    for layer in (peft_model.base_model.model.lin, ours):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            if path == "torch_func" and layer is ours:
+                y, pull = torch.func.vjp(lambda t: torch.func.functional_call(layer, dict(layer.named_parameters()), (t,)), xx)
+                (gx,) = pull(torch.full_like(y, 1 + 2 ** -10))
+            else:
+                y = layer(xx)
+                (gx,) = torch.autograd.grad(y, xx, torch.full_like(y, 1 + 2 ** -10))
+        results.append((y, gx))
+    (y_ref, gx_ref), (y, gx) = results
+    assert y.dtype == y_ref.dtype == torch.float32 and gx.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    if autocast != torch.bfloat16:
+        assert y[0, 0].item() == 1 + 2 ** -10  # exact in float32 and fp16, not in bf16
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "hooked_base"])
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_dtype, hooked):
+    """PEFT repeats the float32 mini block along out and then autocasts the matmul, so the repeat's
+    backward sums the copies of G in float32. Ours cast first and repeated (fused path with float32
+    x) or tiled a (rows, mini_r) product (hooked base), summing them in the autocast dtype:
+    g = (1, eps/4, eps/4) gave dD = 1 instead of 1 + eps/2 (a tie, rounded to even)."""
+    base = nn.Linear(2, 3, bias=False).to(device)
+    with torch.no_grad():
+        base.weight.zero_()
+    ours = MissLinear(copy.deepcopy(base), 2, mode="mini", mini_r=1)
+    peft_layer = get_peft_model(_Wrap(copy.deepcopy(base)), MissConfig(r=2, mini_r=1, target_modules=["lin"],
+                                                                      init_weights="mini")).base_model.model.lin
+    if hooked:
+        ours.base_layer.register_forward_hook(lambda module, args, out: None)
+    eps = torch.finfo(amp_dtype).eps
+    x = torch.tensor([[1.0, 0.0]], device=device)
+    g = torch.tensor([[1.0, eps / 4, eps / 4]], device=device)
+    grads = []
+    for layer, block in ((peft_layer, peft_layer.miss_block["default"]), (ours, ours.miss_block)):
+        with torch.autocast(device, dtype=amp_dtype):
+            y = layer(x)
+        grads.append(torch.autograd.grad(y, block, g.to(y.dtype))[0])
+    assert grads[0][0, 0].item() == 1 + eps / 2  # PEFT: exact
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
 def test_mini_backward_under_autocast_is_at_least_as_accurate_as_peft(device, amp_dtype):
     """A bf16 layer in the mini mode under autocast: the block is cast to the autocast dtype, and

@@ -37,9 +37,10 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
                    " and leaves float64 as it is); give x and the layer the same dtype (PEFT refuses this too)");
   const std::optional<at::Tensor> b_c = at::autocast::cached_cast(dtype, bias, device_type);
   const at::Tensor block_c = at::autocast::cached_cast(dtype, block, device_type);
-  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type()) {
+  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type() || block_c.scalar_type() != dtype) {
     // x already in the autocast dtype (the output of an earlier autocast GEMM) or float64: folding
-    // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once.
+    // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once. (Also a float64
+    // block, which autocast leaves as it is: the op takes a block of another dtype than the data.)
     return ops::linear(x_c, w_c, b_c, block_c, p, key).to(x.scalar_type());
   }
   // x in another dtype (float32 activations: an fp32 model's residual stream). PEFT folds the x it
@@ -47,8 +48,9 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   // autocast dtype for `S @ D`. The fused op would fold x_c, values already rounded to bf16: x =
   // [1001, -1000] gave S = 0 instead of 1, and a zero block gradient. So here: the fold of x
   // itself, rounded once to the autocast dtype; the base GEMM on x_c; S @ D added in place with
-  // one rounding (mini: D repeated along out, as PEFT's `miss.repeat`). Differentiable ops only,
-  // so autograd sums dx's two parts in x's dtype, as PEFT's does.
+  // one rounding (mini: D repeated along out and then cast, in PEFT's order, so that the repeat's
+  // backward sums its copies in float32). Differentiable ops only, so autograd sums dx's two parts
+  // in x's dtype, as PEFT's does.
   check_linear_args(x_c, w_c, b_c, block_c, p, key);
   const c10::SymInt rows = sym_leading_rows(x);
   const c10::SymInt& in = weight.sym_size(1);
@@ -56,23 +58,31 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor s = ops::fold(x.reshape_symint({rows, in}), static_size(block, 0), p, key, dtype);
   const int64_t repeats = block.sym_size(1) == out ? 1 : static_size(weight, 0) / static_size(block, 1);
   at::Tensor y = at::linear(x_c.reshape_symint({rows, in}), w_c, b_c);
-  y.addmm_(s, repeats == 1 ? block_c : block_c.repeat({1, repeats}));
+  y.addmm_(s, repeats == 1 ? block_c : block.repeat({1, repeats}).to(dtype));
   return y.view_symint(with_last(x, out)).to(x.scalar_type());
 }
 
 // Bat under autocast (as PEFT, whose F.linear autocasts): W' is still built from the fp32 block,
 // but rounded to the autocast dtype, and the GEMM runs in that dtype. Under autocast a layer's
-// input is often already in the autocast dtype while its weight is fp32 (the output of an earlier
-// autocast GEMM): x is brought to the weight's dtype first, which the op requires (exact when
-// upcasting; the GEMM rounds it to the compute dtype anyway), and the output gets x's dtype back.
+// input is often in another dtype than its weight (bf16 activations of an earlier autocast GEMM
+// beside fp32 weights): the op needs one dtype, so x, the weight and the bias are brought to the
+// wider of the two, which is exact, and the GEMM rounds each once to the compute dtype (PEFT
+// casts x to W''s float32 dtype). Casting x to the weight's dtype, as before, rounded an fp32 x
+// to a bf16 weight's dtype first and then to fp16 under fp16 autocast (6-9x PEFT's error). The
+// output gets x's dtype back.
 template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const at::ScalarType cd = compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type));
   // Only floating x is cast: anything else reaches the op's dtype check and its error message.
-  const at::Tensor x_w = x.is_floating_point() && weight.is_floating_point() ? x.to(weight.scalar_type()) : x;
-  return ops::bat_linear(x_w, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)))
-      .to(x.scalar_type());
+  if (!x.is_floating_point() || !weight.is_floating_point() || x.scalar_type() == weight.scalar_type()) {
+    return ops::bat_linear(x, weight, bias, block, cd).to(x.scalar_type());
+  }
+  const at::ScalarType common = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+  const std::optional<at::Tensor> b_w =
+      bias.has_value() && bias->defined() && bias->is_floating_point() ? std::optional<at::Tensor>(bias->to(common)) : bias;
+  return ops::bat_linear(x.to(common), weight.to(common), b_w, block, cd).to(x.scalar_type());
 }
 
 }  // namespace
