@@ -330,7 +330,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     "score" head, and QUESTION_ANS its "qa_outputs", to modules_to_save (trained and saved whole),
     and inference_mode=True (what PEFT writes into a saved adapter_config.json) leaves the new
     blocks and those modules frozen: set it False to train. It freezes only what this call adds:
-    blocks and modules_to_save an earlier apply_miss trains stay trainable.
+    blocks and modules_to_save of earlier apply_miss calls keep their state (trainable or frozen).
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
     first, then wrap.
@@ -448,9 +448,17 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
+    # The modules_to_save an earlier call recorded keep their requires_grad state, as earlier blocks
+    # do: one frozen by an earlier inference_mode call stays frozen (PEFT's add_adapter leaves the
+    # other adapters' copies alone).
+    earlier = {id(p): p.requires_grad for p in extra_parameters(
+        model, {"modules_to_save": recorded["modules_to_save"], "bias": "none"}).values()}
     if freeze_others:
         freeze_all_but_blocks(model)
     mark_extras_trainable(model)
+    for p in extra_parameters(model, {"modules_to_save": recorded["modules_to_save"], "bias": "none"}).values():
+        if not earlier.get(id(p), True):
+            p.requires_grad_(False)
     if inference_mode:
         # PEFT's get_peft_model freezes the parameters named after the adapter: the new blocks
         # and the modules_to_save copies (`...modules_to_save.default...`), not the biases that

@@ -62,7 +62,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # Build for the visible GPU only (sm_90 on an H200), all cores. A second call on the same machine
 # (--bench-only) skips it when the sources are the ones built: the device tool copies the tree
 # again, and new modification times alone would make ninja rebuild everything (about a minute).
-src_hash() { { cat setup.py; find csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1; }
+src_hash() { { echo "${TORCH_CUDA_ARCH_LIST:-9.0}"; cat setup.py; find csrc -type f -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -d' ' -f1; }
 start=$(date +%s)
 if [ "$TESTS" = 0 ] && ls miss_ext/_C*.so >/dev/null 2>&1 && [ "$(cat build/.gpu_check_src_hash 2>/dev/null)" = "$(src_hash)" ]; then
   note "build: kept (sources unchanged since this machine built them)"

@@ -162,6 +162,14 @@ def test_a_later_inference_mode_call_freezes_only_what_it_adds():
     miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["v_proj"], task_type="SEQ_CLS", inference_mode=True))
     assert ours_trainable(model) == before  # the new v_proj blocks are frozen, score still trains
     assert sum("v_proj.miss_block" in n for n, _ in model.named_parameters()) == 2
+    # Two inference_mode calls (two saved PEFT configs): nothing trainable, as PEFT's add_adapter
+    # with inference_mode leaves it; the second call made the first one's frozen head trainable.
+    model = task_model("SEQ_CLS")
+    for targets in (["q_proj"], ["v_proj"]):
+        miss_ext.apply_miss(model, MissConfig(r=R, target_modules=targets, task_type="SEQ_CLS", inference_mode=True))
+        assert ours_trainable(model) == set()
+    miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["k_proj"], inference_mode=True))
+    assert ours_trainable(model) == set()
 
 
 def test_gpt2_conv1d_is_refused_by_both(recwarn):

@@ -573,6 +573,25 @@ def test_autocast_folds_x_as_given_not_its_rounded_copy(device, amp_dtype, mode,
     assert (y - y_ref).abs().max().item() < 0.25, "the fold read autocast's rounded x"
 
 
+@pytest.mark.parametrize("mini", [False, True], ids=["default", "mini"])
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+def test_a_float64_block_under_autocast_keeps_a_float64_term(device, amp_dtype, mini):
+    """Autocast leaves a float64 block as it is; PEFT then folds x in float64 and adds the float64
+    term to the autocast base output in float64. Ours raised a bare RuntimeError on the way to the
+    fold-of-x composition (bf16 and float64 in one addmm_)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, device=device)
+    x[:, 0], x[:, 2] = 1001.0, -1000.0
+    w = torch.randn(6, 10, device=device)
+    block = torch.randn(2, 3 if mini else 6, dtype=torch.float64, device=device)
+    with torch.autocast(device, dtype=amp_dtype):
+        y = torch.ops.miss.linear(x, w, None, block, 0.0, None)
+    base = torch.nn.functional.linear(x.to(amp_dtype), w.to(amp_dtype)).double()
+    term = x.double().reshape(3, 5, 2).sum(1) @ (block.repeat(1, 2) if mini else block)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, (base + term).float(), rtol=0, atol=0)
+
+
 class _Wrap(nn.Module):
     def __init__(self, lin):
         super().__init__()

@@ -37,10 +37,9 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
                    " and leaves float64 as it is); give x and the layer the same dtype (PEFT refuses this too)");
   const std::optional<at::Tensor> b_c = at::autocast::cached_cast(dtype, bias, device_type);
   const at::Tensor block_c = at::autocast::cached_cast(dtype, block, device_type);
-  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type() || block_c.scalar_type() != dtype) {
+  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type()) {
     // x already in the autocast dtype (the output of an earlier autocast GEMM) or float64: folding
-    // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once. (Also a float64
-    // block, which autocast leaves as it is: the op takes a block of another dtype than the data.)
+    // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once.
     return ops::linear(x_c, w_c, b_c, block_c, p, key).to(x.scalar_type());
   }
   // x in another dtype (float32 activations: an fp32 model's residual stream). PEFT folds the x it
@@ -55,10 +54,18 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   const c10::SymInt rows = sym_leading_rows(x);
   const c10::SymInt& in = weight.sym_size(1);
   const c10::SymInt& out = weight.sym_size(0);
-  const at::Tensor s = ops::fold(x.reshape_symint({rows, in}), static_size(block, 0), p, key, dtype);
+  // The adapter's dtype: the autocast dtype, or float64 for a float64 block (autocast leaves it,
+  // and PEFT's term is then float64, added to the base output in float64).
+  const at::ScalarType adapter = block_c.scalar_type();
+  const at::Tensor s = ops::fold(x.reshape_symint({rows, in}), static_size(block, 0), p, key, adapter);
   const int64_t repeats = block.sym_size(1) == out ? 1 : static_size(weight, 0) / static_size(block, 1);
+  const at::Tensor d = repeats == 1 ? block_c : block.repeat({1, repeats}).to(adapter);
   at::Tensor y = at::linear(x_c.reshape_symint({rows, in}), w_c, b_c);
-  y.addmm_(s, repeats == 1 ? block_c : block.repeat({1, repeats}).to(dtype));
+  if (y.scalar_type() == adapter) {
+    y.addmm_(s, d);
+  } else {
+    y = at::addmm(y.to(c10::promoteTypes(y.scalar_type(), adapter)), s, d);
+  }
   return y.view_symint(with_last(x, out)).to(x.scalar_type());
 }
 
