@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import (EXTRAS_ATTR, check_bias, extra_parameters, freeze_all_but_blocks, mark_extras_trainable,
-                    is_ddp, miss_layers, parent_module, record_shared_weights, refuse_ddp_wrapped,
-                    trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
+from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad, freeze_all_but_blocks, is_ddp,
+                    keep_earlier_frozen, mark_extras_trainable, miss_layers, parent_module, record_shared_weights,
+                    refuse_ddp_wrapped, trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
 from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, set_module)
@@ -547,8 +547,12 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
     if freeze_others:
+        # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
+        earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+        earlier = extras_requires_grad(model, earlier_paths)
         freeze_all_but_blocks(model)
         mark_extras_trainable(model)
+        keep_earlier_frozen(model, earlier_paths, earlier, bias)
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
                       stacklevel=2)

@@ -119,6 +119,26 @@ def mark_extras_trainable(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def extras_requires_grad(model: nn.Module, paths: Sequence[str]) -> Dict[int, bool]:
+    """{id(parameter): requires_grad} of the parameters of the modules_to_save `paths`."""
+    return {id(p): p.requires_grad
+            for p in extra_parameters(model, {"modules_to_save": list(paths), "bias": "none"}).values()}
+
+
+def keep_earlier_frozen(model: nn.Module, paths: Sequence[str], earlier: Dict[int, bool], bias: str) -> None:
+    """After a later apply_miss / load_adapter froze and marked (freeze_all_but_blocks,
+    mark_extras_trainable): the modules_to_save of earlier calls that this call does not name
+    (`paths`, their state `earlier` from extras_requires_grad) and that were frozen stay frozen,
+    as earlier blocks do (PEFT's add_adapter leaves other adapters' copies alone). Biases this
+    call's `bias` trains are trained."""
+    trained = set()
+    if bias != "none":
+        trained = {id(p) for p in extra_parameters(model, {"modules_to_save": [], "bias": bias}).values()}
+    for p in extra_parameters(model, {"modules_to_save": list(paths), "bias": "none"}).values():
+        if not earlier.get(id(p), True) and id(p) not in trained:
+            p.requires_grad_(False)
+
+
 def record_shared_weights(model: nn.Module) -> Dict[str, List[str]]:
     """Finds, by parameter identity, which MissLinear layers share a base weight or bias with
     other modules (tied embeddings, a linear also registered under another path, ...).
@@ -329,8 +349,10 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     get_peft_model, a config's task_type SEQ_CLS / TOKEN_CLS adds the model's "classifier" /
     "score" head, and QUESTION_ANS its "qa_outputs", to modules_to_save (trained and saved whole),
     and inference_mode=True (what PEFT writes into a saved adapter_config.json) leaves the new
-    blocks and those modules frozen: set it False to train. It freezes only what this call adds:
-    blocks and modules_to_save of earlier apply_miss calls keep their state (trainable or frozen).
+    blocks and those modules frozen: set it False to train. A call decides only for what it adds
+    or names: blocks of earlier calls, and modules_to_save of earlier calls that it does not
+    name, keep their state (trainable or frozen); a module it names again follows it (one model
+    holds one copy, where PEFT keeps one per adapter).
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
     first, then wrap.
@@ -448,25 +470,21 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
-    # The modules_to_save an earlier call recorded keep their requires_grad state, as earlier blocks
-    # do: one frozen by an earlier inference_mode call stays frozen (PEFT's add_adapter leaves the
-    # other adapters' copies alone).
-    earlier = {id(p): p.requires_grad for p in extra_parameters(
-        model, {"modules_to_save": recorded["modules_to_save"], "bias": "none"}).values()}
+    # An earlier call's modules_to_save that this call does not name keep a frozen state (one
+    # frozen by an earlier inference_mode call stays frozen); those it names follow this call.
+    earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+    earlier = extras_requires_grad(model, earlier_paths)
     if freeze_others:
         freeze_all_but_blocks(model)
     mark_extras_trainable(model)
-    for p in extra_parameters(model, {"modules_to_save": recorded["modules_to_save"], "bias": "none"}).values():
-        if not earlier.get(id(p), True):
-            p.requires_grad_(False)
+    keep_earlier_frozen(model, earlier_paths, earlier, bias)
     if inference_mode:
         # PEFT's get_peft_model freezes the parameters named after the adapter: the new blocks
         # and the modules_to_save copies (`...modules_to_save.default...`), not the biases that
-        # bias="all" / "MiSS_only" trains. Only this call's: what an earlier apply_miss made
-        # trainable stays so (PEFT's add_adapter with inference_mode freezes only the new
-        # adapter's parameters).
-        new_saves = [p for p in save_paths if p not in recorded["modules_to_save"]]
-        saved = extra_parameters(model, {"modules_to_save": new_saves, "bias": "none"})
+        # bias="all" / "MiSS_only" trains. Only what this call names: modules_to_save of earlier
+        # calls that it does not name keep their state (PEFT's add_adapter with inference_mode
+        # freezes only the new adapter's parameters).
+        saved = extra_parameters(model, {"modules_to_save": save_paths, "bias": "none"})
         for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
             p.requires_grad_(False)
     return model

@@ -140,12 +140,18 @@ def bat_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor
     block's): where x and the base weight differ in dtype, x, the weight and the bias are brought
     to the wider of the two (exact) and the output back to x's dtype. The op itself requires one
     dtype, and a bf16 base fed float32 x raised where PEFT computes. Scriptable."""
-    if x.is_floating_point() and weight.is_floating_point() and x.dtype != weight.dtype:
-        common = torch.promote_types(x.dtype, weight.dtype)
+    if x.is_floating_point() and weight.is_floating_point():
+        # (promote_types only where the dtypes differ: non-strict export records the call as a node)
+        common = x.dtype if x.dtype == weight.dtype else torch.promote_types(x.dtype, weight.dtype)
         b = bias
+        cast_bias = False
         if b is not None:
-            b = b.to(common)
-        return torch.ops.miss.bat_linear(x.to(common), weight.to(common), b, block, None).to(x.dtype)
+            # also where x and weight agree: a bat-merged float32 W' beside a bf16 bias
+            cast_bias = b.is_floating_point() and b.dtype != common
+            if cast_bias:
+                b = b.to(common)
+        if x.dtype != common or weight.dtype != common or cast_bias:
+            return torch.ops.miss.bat_linear(x.to(common), weight.to(common), b, block, None).to(x.dtype)
     return torch.ops.miss.bat_linear(x, weight, bias, block, None)
 
 

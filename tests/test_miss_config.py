@@ -151,17 +151,19 @@ def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, 
 
 
 def test_a_later_inference_mode_call_freezes_only_what_it_adds():
-    """A second apply_miss with inference_mode=True freezes its own blocks and task head only; the
-    head and blocks an earlier training call made trainable stay so (as PEFT's add_adapter with
-    inference_mode freezes only the new adapter's parameters). It used to freeze every recorded
-    modules_to_save module, the earlier call's head included."""
+    """A second apply_miss with inference_mode=True freezes its own blocks and what it names; the
+    head and blocks an earlier training call made trainable and it does not name stay trainable
+    (as PEFT's add_adapter with inference_mode freezes only the new adapter's parameters). It used
+    to freeze every recorded modules_to_save module. A head it names again follows it (one copy)."""
     model = task_model("SEQ_CLS")
     miss_ext.apply_miss(model, ["q_proj"], r=R, modules_to_save=["score"])
     before = ours_trainable(model)
     assert any(n.startswith("score.") for n in before) and sum("miss_block" in n for n in before) == 2
-    miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["v_proj"], task_type="SEQ_CLS", inference_mode=True))
+    miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["v_proj"], inference_mode=True))
     assert ours_trainable(model) == before  # the new v_proj blocks are frozen, score still trains
     assert sum("v_proj.miss_block" in n for n, _ in model.named_parameters()) == 2
+    miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["k_proj"], task_type="SEQ_CLS", inference_mode=True))
+    assert ours_trainable(model) == {n for n in before if not n.startswith("score.")}  # named again: frozen
     # Two inference_mode calls (two saved PEFT configs): nothing trainable, as PEFT's add_adapter
     # with inference_mode leaves it; the second call made the first one's frozen head trainable.
     model = task_model("SEQ_CLS")
@@ -170,6 +172,36 @@ def test_a_later_inference_mode_call_freezes_only_what_it_adds():
         assert ours_trainable(model) == set()
     miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["k_proj"], inference_mode=True))
     assert ours_trainable(model) == set()
+
+
+def test_earlier_frozen_heads_stay_frozen_unless_a_later_call_names_them(tmp_path):
+    """The requires_grad state of an earlier call's modules_to_save: load_adapter of a file that
+    does not list the head kept it frozen too (it made it the only trainable thing); a later
+    training call that names the head again trains it; bias="all" trains every bias, the frozen
+    head's included."""
+    def frozen_head_model():
+        model = task_model("SEQ_CLS")
+        miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["q_proj"], task_type="SEQ_CLS", inference_mode=True))
+        assert ours_trainable(model) == set()
+        return model
+
+    reference = get_peft_model(task_model("SEQ_CLS"), MissConfig(r=R, target_modules=["q_proj", "k_proj"]))
+    reference.save_pretrained(tmp_path)
+    model = frozen_head_model()
+    miss_ext.load_adapter(model, tmp_path)
+    trainable = ours_trainable(model)
+    assert not any(n.startswith("score.") for n in trainable)
+    assert any("k_proj.miss_block" in n for n in trainable)
+
+    model = frozen_head_model()
+    miss_ext.apply_miss(model, ["v_proj"], r=R, modules_to_save=["score"])
+    assert {"score.weight"} <= ours_trainable(model)
+
+    model = frozen_head_model()
+    miss_ext.apply_miss(model, ["v_proj"], r=R, bias="all")
+    trainable = ours_trainable(model)
+    assert "score.weight" not in trainable
+    assert all(n in trainable for n, _ in model.named_parameters() if n.endswith(".bias"))
 
 
 def test_gpt2_conv1d_is_refused_by_both(recwarn):

@@ -584,12 +584,18 @@ def test_a_float64_block_under_autocast_keeps_a_float64_term(device, amp_dtype, 
     x[:, 0], x[:, 2] = 1001.0, -1000.0
     w = torch.randn(6, 10, device=device)
     block = torch.randn(2, 3 if mini else 6, dtype=torch.float64, device=device)
+    block.requires_grad_(True)
     with torch.autocast(device, dtype=amp_dtype):
         y = torch.ops.miss.linear(x, w, None, block, 0.0, None)
     base = torch.nn.functional.linear(x.to(amp_dtype), w.to(amp_dtype)).double()
-    term = x.double().reshape(3, 5, 2).sum(1) @ (block.repeat(1, 2) if mini else block)
+    s = x.double().reshape(3, 5, 2).sum(1)  # PEFT: x.to(float64), then the sum
+    term = s @ (block.repeat(1, 2) if mini else block)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, (base + term).float(), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(y, block, torch.ones_like(y))
+    want = s.T @ torch.ones(3, 6, dtype=torch.float64, device=device)
+    want = want.reshape(2, 2, 3).sum(1) if mini else want
+    torch.testing.assert_close(grad, want, rtol=1e-13, atol=0)  # a float32 fold was 1.5e-7 off
 
 
 class _Wrap(nn.Module):
@@ -635,6 +641,50 @@ def test_bat_takes_x_of_another_dtype_than_a_half_base_as_peft(device, autocast,
     torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
     if autocast != torch.bfloat16:
         assert y[0, 0].item() == 1 + 2 ** -10  # exact in float32 and fp16, not in bf16
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["no_autocast", "bf16"])
+def test_several_bat_adapters_on_a_half_base_with_a_bias_take_float32_x(autocast):
+    """Two bat adapters on a bf16 base with a bias: the accelerated layer builds W' in float32 (the
+    block's dtype) and then met the bf16 bias in the op, which refused it (TypeError); PEFT
+    computes. Now the bias is brought to W''s dtype too (modules.bat_forward)."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_Wrap(nn.Linear(8, 8).bfloat16()),
+                                MissConfig(r=4, target_modules=["lin"], init_weights="bat"))
+    peft_model.add_adapter("two", MissConfig(r=2, target_modules=["lin"], init_weights="bat"))
+    peft_model.base_model.set_adapter(["default", "two"])
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "miss_block" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+    ours = accelerate(copy.deepcopy(peft_model))
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y_ref, y = peft_model(x), ours(x)
+    assert y.dtype == y_ref.dtype == torch.float32
+    # Without autocast both compute in float32; under it PEFT also rounds W @ B to bf16 (a design
+    # difference of one bf16 ulp, as for one adapter).
+    assert_near(y, y_ref, autocast or torch.float32, "two bat adapters")
+
+
+def test_bat_on_a_float64_base_under_autocast_stays_float64():
+    """Autocast leaves float64 alone, so PEFT's bat GEMM on a float64 base runs in float64; ours
+    ran it in the autocast dtype (6e-3 off)."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8).double()
+    ours = MissLinear(copy.deepcopy(base), 4, mode="bat")
+    peft_layer = get_peft_model(_Wrap(copy.deepcopy(base)), MissConfig(r=4, target_modules=["lin"],
+                                                                       init_weights="bat")).base_model.model.lin
+    with torch.no_grad():
+        block = 0.1 * torch.randn_like(ours.miss_block)
+        ours.miss_block.copy_(block)
+        peft_layer.miss_block["default"].copy_(block)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = ours(x), peft_layer(x)
+        y_func, _ = torch.func.vjp(ours, x)  # the torch.func kernels
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_func, y_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["fused", "hooked_base"])

@@ -57,7 +57,9 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   // The adapter's dtype: the autocast dtype, or float64 for a float64 block (autocast leaves it,
   // and PEFT's term is then float64, added to the base output in float64).
   const at::ScalarType adapter = block_c.scalar_type();
-  const at::Tensor s = ops::fold(x.reshape_symint({rows, in}), static_size(block, 0), p, key, adapter);
+  // (A float64 adapter folds x upcast first, as PEFT's x.to(block dtype): exact sums.)
+  const at::Tensor x_f = adapter == at::kDouble ? x.to(at::kDouble) : x;
+  const at::Tensor s = ops::fold(x_f.reshape_symint({rows, in}), static_size(block, 0), p, key, adapter);
   const int64_t repeats = block.sym_size(1) == out ? 1 : static_size(weight, 0) / static_size(block, 1);
   const at::Tensor d = repeats == 1 ? block_c : block.repeat({1, repeats}).to(adapter);
   at::Tensor y = at::linear(x_c.reshape_symint({rows, in}), w_c, b_c);
@@ -81,14 +83,19 @@ template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::ScalarType cd = compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type));
   // Only floating x is cast: anything else reaches the op's dtype check and its error message.
-  if (!x.is_floating_point() || !weight.is_floating_point() || x.scalar_type() == weight.scalar_type()) {
-    return ops::bat_linear(x, weight, bias, block, cd).to(x.scalar_type());
+  if (!x.is_floating_point() || !weight.is_floating_point()) {
+    return ops::bat_linear(x, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)))
+        .to(x.scalar_type());
   }
   const at::ScalarType common = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
-  const std::optional<at::Tensor> b_w =
-      bias.has_value() && bias->defined() && bias->is_floating_point() ? std::optional<at::Tensor>(bias->to(common)) : bias;
+  // Autocast leaves float64 alone (PEFT's F.linear then runs in float64): the GEMM in the block's
+  // dtype as without autocast, unless a compute dtype is asked for.
+  const std::optional<at::ScalarType> cd =
+      compute_dtype.has_value() || common == at::kDouble ? compute_dtype
+                                                         : std::optional<at::ScalarType>(at::autocast::get_autocast_dtype(device_type));
+  const bool bias_differs = bias.has_value() && bias->defined() && bias->is_floating_point() && bias->scalar_type() != common;
+  const std::optional<at::Tensor> b_w = bias_differs ? std::optional<at::Tensor>(bias->to(common)) : bias;
   return ops::bat_linear(x.to(common), weight.to(common), b_w, block, cd).to(x.scalar_type());
 }
 
