@@ -160,6 +160,19 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
                      "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
 
 
+def _exporting() -> bool:
+    """torch.compiler.is_exporting(), except where Dynamo answers it wrongly: torch 2.11's Dynamo
+    traces it as True under plain torch.compile (seen in CI's torch 2.11 leg), so there, inside
+    Dynamo, it is not trusted. Non-strict torch.export (the default) runs without Dynamo and is
+    still detected; a strict export inside mixed_batch on torch < 2.12 is not (README)."""
+    if _DYNAMO_IS_EXPORTING_UNRELIABLE and torch.compiler.is_dynamo_compiling():
+        return False
+    return torch.compiler.is_exporting()
+
+
+_DYNAMO_IS_EXPORTING_UNRELIABLE = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
+
 class MissBankLinear(nn.Module):
     """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
 
@@ -353,7 +366,7 @@ class MissBankLinear(nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
-            if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            if _exporting() or torch.jit.is_tracing():
                 # torch.compile takes the ids as a graph input; torch.export and torch.jit.trace
                 # (and the ONNX exporter built on it) make a module attribute a constant of the
                 # program, which would route every later call's rows as this one's, silently.

@@ -82,8 +82,12 @@ def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(stri
     x = torch.randn(3, 10)
     # Strict export (dynamo) reports the ValueError inside its own exception, with the message.
     refused = (ValueError, torch._dynamo.exc.Unsupported) if strict else ValueError
-    with mixed_batch(net, ["a", None, "a"]), pytest.raises(refused, match="torch.export or torch.jit.trace inside"):
-        torch.export.export(net, (x,), strict=strict)
+    # torch 2.11's Dynamo answers is_exporting() True under plain torch.compile too, so there the
+    # refusal does not trust it inside Dynamo: a strict export is not detected (README).
+    detected = not strict or tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
+    if detected:
+        with mixed_batch(net, ["a", None, "a"]), pytest.raises(refused, match="torch.export or torch.jit.trace inside"):
+            torch.export.export(net, (x,), strict=strict)
     if strict:  # torch.jit.trace bakes attributes in the same way
         with mixed_batch(net, ["a", None, "a"]), pytest.raises(ValueError, match="torch.jit.trace inside"):
             torch.jit.trace(net, (x,))
