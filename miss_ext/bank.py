@@ -170,7 +170,7 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting()
 
 
-_DYNAMO_IS_EXPORTING_UNRELIABLE = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+_DYNAMO_IS_EXPORTING_UNRELIABLE = torch.__version__ < (2, 12)  # torch's TorchVersion compares with tuples
 
 
 class MissBankLinear(nn.Module):
