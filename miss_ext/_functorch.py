@@ -342,17 +342,11 @@ def _bat_weight(weight, block, dtype=None):
 
 def _bat_linear(x, weight, bias, block, compute_dtype=None):
     dtype = _autocast_dtype(x)
-    if dtype is not None:  # as bat_linear_autocast: x, weight and bias in the wider of the first
-        # two dtypes (exact), the GEMM in autocast's (float64 is left alone, as autocast does)
-        x_w = x
-        if x.is_floating_point() and weight.is_floating_point():
-            common = torch.promote_types(x.dtype, weight.dtype)
-            x_w, weight = x.to(common), weight.to(common)
-            bias = bias.to(common) if bias is not None and bias.is_floating_point() else bias
-            if common == torch.float64:
-                dtype = None
+    if dtype is not None:  # as bat_linear_autocast: the GEMM in autocast's dtype, float64 left alone
+        if torch.float64 in (x.dtype, weight.dtype):
+            dtype = None
         with torch.autocast(_all_values(x).device.type, enabled=False):
-            return _bat_linear(x_w, weight, bias, block, compute_dtype or dtype).to(x.dtype)
+            return _bat_linear(x, weight, bias, block, compute_dtype or dtype)
     _validate(ops.bat_linear.default, x, weight, bias, block, compute_dtype)
     return bat_linear_composite(x, weight, bias, block, compute_dtype)
 

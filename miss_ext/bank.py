@@ -390,6 +390,16 @@ class MissBankLinear(nn.Module):
                               self._dropouts if self.training and self._any_dropout else None,
                               inplace=is_plain_linear(self.base_layer)).to(x.dtype)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles forward from its Python source, and the bank's routing (the
+        # row ids of mixed_batch, the export check, type checks that name the bad value) is
+        # Python that TorchScript cannot compile: without this, the user got a frontend error
+        # about a line of this file. torch.jit.script calls this on every submodule of a model.
+        raise NotImplementedError(
+            "MissBankLinear cannot be compiled by torch.jit.script; torch.jit.trace a module that passes the row "
+            "ids as an input (layer(x, adapter_index), under torch.no_grad()), or use torch.export or "
+            "torch.compile (README, 'Adapter bank')")
+
     def __getstate__(self):
         # A copy or pickle taken inside mixed_batch must not keep that call's row ids.
         state = super().__getstate__()

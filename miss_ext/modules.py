@@ -135,26 +135,6 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
 
 
-def bat_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> Tensor:
-    """miss.bat_linear for any floating x, as PEFT's bat forward (which casts x to W''s dtype, the
-    block's): where x and the base weight differ in dtype, x, the weight and the bias are brought
-    to the wider of the two (exact) and the output back to x's dtype. The op itself requires one
-    dtype, and a bf16 base fed float32 x raised where PEFT computes. Scriptable."""
-    if x.is_floating_point() and weight.is_floating_point():
-        # (promote_types only where the dtypes differ: non-strict export records the call as a node)
-        common = x.dtype if x.dtype == weight.dtype else torch.promote_types(x.dtype, weight.dtype)
-        b = bias
-        cast_bias = False
-        if b is not None:
-            # also where x and weight agree: a bat-merged float32 W' beside a bf16 bias
-            cast_bias = b.is_floating_point() and b.dtype != common
-            if cast_bias:
-                b = b.to(common)
-        if x.dtype != common or weight.dtype != common or cast_bias:
-            return torch.ops.miss.bat_linear(x.to(common), weight.to(common), b, block, None).to(x.dtype)
-    return torch.ops.miss.bat_linear(x, weight, bias, block, None)
-
-
 def json_tensor(value) -> Tensor:
     """`value` as a uint8 tensor of its JSON text: state that must travel in a state_dict, which
     stays all tensors (safetensors, clone())."""
@@ -479,7 +459,7 @@ class MissLinear(nn.Module):
         """y = base(x) + fold(dropout(x), r) @ tile(miss_block) (bat: x W'^T + b).
 
         x (..., in_features) in the base weight's dtype (bat: any floating dtype, as PEFT, which
-        computes in W''s dtype; modules.bat_forward); returns (..., out_features) in x's dtype
+        computes in W''s dtype; miss.bat_linear takes it); returns (..., out_features) in x's dtype
         (PEFT's precision: the adapter term in the block's dtype, one final rounding). Dropout
         only in training, with a fresh key per call. A merged layer returns base(x). ValueError /
         TypeError name a bad shape or dtype (from the miss ops); RuntimeError for a bat layer
@@ -498,7 +478,7 @@ class MissLinear(nn.Module):
             if not fused:
                 raise RuntimeError("bat mode needs a plain nn.Linear base, and the base layer now has hooks, a "
                                    "parametrization or a non-plain weight (see MissLinear)")
-            return bat_forward(x, self.base_layer.weight, self.base_layer.bias, self.miss_block)
+            return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if fused:

@@ -107,11 +107,13 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """y = x W'^T + bias with W' = bat_weight(weight, block): a bat MiSS layer.
 
-    x (..., in), weight (out, in), bias (out,) or None, one float dtype; block (out/r, r, r).
+    x (..., in), weight (out, in), bias (out,) or None, each in any floating dtype (PEFT's bat
+    forward casts x to W''s dtype, so a bf16 base fed float32 x computes); block (out/r, r, r).
     Returns y (..., out) in x's dtype. PEFT's precision: W' is built and the GEMM runs in the
-    block's dtype (x and bias cast to it) unless compute_dtype names another (opt-in lower
-    precision; autocast uses it). Differentiable in x, weight, bias and block; W' is never
-    saved for the backward. ValueError / TypeError as linear."""
+    block's dtype (x, weight and bias each rounded once to it) unless compute_dtype names
+    another (opt-in lower precision; autocast uses it). Differentiable in x, weight, bias and
+    block, each gradient in its input's dtype; W' is never saved for the backward. ValueError /
+    TypeError as linear."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
 
 

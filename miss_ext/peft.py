@@ -74,7 +74,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
-from .modules import (bat_forward, check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
+from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
                       load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
@@ -226,7 +226,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         if not shards:
             for block in bats[:-1]:
                 weight = torch.ops.miss.bat_weight(weight, block, None)
-            return bat_forward(x, weight, bias, bats[-1])
+            return torch.ops.miss.bat_linear(x, weight, bias, bats[-1], None)
         # Several default/mini adapters, possibly on top of bat ones: PEFT's precision (adapter
         # terms in the block dtype, added to the base result, one final cast).
         if bats:

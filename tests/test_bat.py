@@ -18,6 +18,7 @@ index or a missing term is an O(1) relative error and cannot hide under it.
 """
 import contextlib
 import copy
+import functools
 import io
 import math
 import re
@@ -248,6 +249,36 @@ def test_bat_linear_no_bias(device, in_f, out_f, r, dtype, train_base):
     _check_bat_linear(x, w, None, blk)
 
 
+MIXED_DTYPES = [  # (x, weight, bias, block)
+    (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),  # a bf16 base fed float32 x
+    (torch.bfloat16, torch.float32, torch.float32, torch.float32),
+    (torch.float16, torch.bfloat16, torch.float32, torch.float32),
+    (F64, torch.float32, torch.float16, torch.float32),
+    (torch.float32, torch.float16, None, torch.bfloat16),  # GEMM in bf16
+]
+
+
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: "-".join(str(t).split(".")[-1] for t in d))
+def test_bat_linear_takes_x_weight_and_bias_of_different_dtypes(device, dtypes):
+    """As PEFT's bat forward (x cast to W''s dtype): x, weight and bias may each have any floating
+    dtype; each is rounded once to the compute dtype (the block's), y and every gradient come back
+    in their own tensor's dtype. The op refused this before (a TypeError), so the modules brought
+    the three to a common dtype in Python first; the forward equals that composition exactly,
+    except where it upcast the weight to float64 (W' was then accumulated in float64: the
+    reference check above covers that case)."""
+    xd, wd, bd, kd = dtypes
+    x = rand(3, 5, 16, dtype=xd, device=device, requires_grad=True)
+    w = rand(12, 16, dtype=wd, device=device, requires_grad=True)
+    b = None if bd is None else rand(12, dtype=bd, device=device, requires_grad=True)
+    blk = (rand(3, 4, 4, dtype=F64, device=device) * 0.5).to(kd).requires_grad_(True)
+    y, _ = _check_bat_linear(x, w, b, blk)  # dtypes of y and every gradient checked there
+    common = functools.reduce(torch.promote_types, [t.dtype for t in (x, w, b) if t is not None])
+    if common != F64 or wd == F64:
+        with torch.no_grad():
+            upcast = ops.bat_linear(x.to(common), w.to(common), None if b is None else b.to(common), blk).to(xd)
+        torch.testing.assert_close(y, upcast, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("in_f,out_f,r", [(8192, 1152, 128), (2048, 384, 128)], ids=["9-blocks-chunks-4+4+1",
                                                                                      "3-blocks-chunk-1"])
 def test_bat_linear_chunked_backward(device, in_f, out_f, r):
@@ -474,6 +505,10 @@ def test_opcheck_bat_linear(device):
         ("bf16-base-grad", *case(10, 20, 2, (2, 2), grad=True, dtype=torch.bfloat16)),
         ("fp64-grad", *case(8, 12, 4, (3,), grad=True, train_base=True, dtype=F64)),
         ("compute-bf16-grad", *case(8, 12, 4, (3,), grad=True, compute_dtype=torch.bfloat16)),
+        ("fp32-x-bf16-base-grad", (rand(3, 8, device=device, requires_grad=True),
+                                   rand(12, 8, dtype=torch.bfloat16, device=device, requires_grad=True),
+                                   rand(12, dtype=torch.float16, device=device, requires_grad=True),
+                                   rand(3, 4, 4, device=device, requires_grad=True)), {}),
     ])
 
 

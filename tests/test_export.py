@@ -97,3 +97,27 @@ def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(stri
         ids = net.q.index_of(names)
         torch.testing.assert_close(program(x, ids), net(x, ids), rtol=0, atol=0)
     assert miss_ext  # the package registers the ops
+
+
+def test_scripting_a_bank_is_refused_by_name_and_tracing_it_works():
+    """torch.jit.script of a bank (or a model holding one) failed with a TorchScript frontend error
+    about a line of bank.py; now a NotImplementedError names the ways that work, and
+    torch.jit.trace with the ids as an input routes each call's rows."""
+    from miss_ext.bank_model import add_bank_adapter, apply_bank
+
+    torch.manual_seed(0)
+    net = _BankNet().eval()
+    apply_bank(net, ["q"], 3, 4)
+    add_bank_adapter(net, "a", 4)
+    with torch.no_grad():
+        net.q.block("a").normal_()
+    for target in (net, net.q):
+        with pytest.raises(NotImplementedError, match=r"MissBankLinear cannot be compiled by torch\.jit\.script.*"
+                                                      r"torch\.jit\.trace"):
+            torch.jit.script(target)
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (x, net.q.index_of(["a", None, "a"])))
+        for names in (["a", None, "a"], [None, "a", None]):
+            ids = net.q.index_of(names)
+            torch.testing.assert_close(traced(x, ids), net(x, ids), rtol=0, atol=0)

@@ -647,7 +647,7 @@ def test_bat_takes_x_of_another_dtype_than_a_half_base_as_peft(device, autocast,
 def test_several_bat_adapters_on_a_half_base_with_a_bias_take_float32_x(autocast):
     """Two bat adapters on a bf16 base with a bias: the accelerated layer builds W' in float32 (the
     block's dtype) and then met the bf16 bias in the op, which refused it (TypeError); PEFT
-    computes. Now the bias is brought to W''s dtype too (modules.bat_forward)."""
+    computes. Now miss.bat_linear takes a bias of another dtype (rounded once to W''s)."""
     torch.manual_seed(0)
     peft_model = get_peft_model(_Wrap(nn.Linear(8, 8).bfloat16()),
                                 MissConfig(r=4, target_modules=["lin"], init_weights="bat"))

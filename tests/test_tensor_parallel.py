@@ -164,6 +164,17 @@ def rank_main(rank, world_size, folder):
         errors["miss_after_tp"] = str(e)
     out["errors"] = errors
 
+    # A bat layer on a bf16 base fed float32 x computes unsharded (as PEFT), so it must sharded too
+    # (it raised a TypeError there). Column-wise: this rank's output columns.
+    torch.manual_seed(7)
+    single = miss_ext.MissLinear(torch.nn.Linear(8, 8).to(torch.bfloat16), 2, mode="bat", init_weights=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = single(x)
+        parallelize_module(single, mesh, MissColwiseParallel())
+        got = single(x)
+    out["bat_mixed_dtype"] = (expected[:, 4 * rank:4 * (rank + 1)], full(got))
+
     # check_keys: ranks seeded differently draw different dropout keys, which must be refused (a
     # replicated fold with a different mask on each rank would silently give wrong gradients).
     model = build("default", R, 1, 0.1)
@@ -277,6 +288,14 @@ def test_refusals(ranks):
         assert errors["col_out_lt_world"] is not None and "out_features=1 over 2" in errors["col_out_lt_world"], errors
         assert errors["miss_after_tp"] is not None and "sharded over 2 ranks" in errors["miss_after_tp"], errors
         assert result["key_error"] is not None and "dropout key differs" in result["key_error"]
+
+
+def test_sharded_bat_takes_x_of_another_dtype_than_its_base(ranks):
+    for result in ranks:
+        expected, got = result["bat_mixed_dtype"]
+        assert got.dtype == expected.dtype == torch.float32
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected)  # float32's tolerance: the local GEMMs' shapes differ
 
 
 def test_import_without_distributed_guard():

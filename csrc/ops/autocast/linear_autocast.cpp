@@ -72,31 +72,22 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 // Bat under autocast (as PEFT, whose F.linear autocasts): W' is still built from the fp32 block,
-// but rounded to the autocast dtype, and the GEMM runs in that dtype. Under autocast a layer's
-// input is often in another dtype than its weight (bf16 activations of an earlier autocast GEMM
-// beside fp32 weights): the op needs one dtype, so x, the weight and the bias are brought to the
-// wider of the two, which is exact, and the GEMM rounds each once to the compute dtype (PEFT
-// casts x to W''s float32 dtype). Casting x to the weight's dtype, as before, rounded an fp32 x
-// to a bf16 weight's dtype first and then to fp16 under fp16 autocast (6-9x PEFT's error). The
-// output gets x's dtype back.
+// but rounded to the autocast dtype, and the GEMM runs in that dtype. The op itself takes x, the
+// weight and the bias in any floating dtypes and rounds each once to the compute dtype (PEFT casts
+// x to W''s float32 dtype); casting x to the weight's dtype first, as an earlier version did,
+// rounded an fp32 x to a bf16 weight's dtype and then to fp16 under fp16 autocast (6-9x PEFT's
+// error). Autocast leaves float64 alone: where x or the weight is float64 (PEFT's F.linear then
+// runs in float64), the GEMM runs in the block's dtype as without autocast, unless a compute dtype
+// is asked for. The output has x's dtype.
 template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // Only floating x is cast: anything else reaches the op's dtype check and its error message.
-  if (!x.is_floating_point() || !weight.is_floating_point()) {
-    return ops::bat_linear(x, weight, bias, block, compute_dtype.value_or(at::autocast::get_autocast_dtype(device_type)))
-        .to(x.scalar_type());
-  }
-  const at::ScalarType common = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
-  // Autocast leaves float64 alone (PEFT's F.linear then runs in float64): the GEMM in the block's
-  // dtype as without autocast, unless a compute dtype is asked for.
+  const bool float64 = x.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
   const std::optional<at::ScalarType> cd =
-      compute_dtype.has_value() || common == at::kDouble ? compute_dtype
-                                                         : std::optional<at::ScalarType>(at::autocast::get_autocast_dtype(device_type));
-  const bool bias_differs = bias.has_value() && bias->defined() && bias->is_floating_point() && bias->scalar_type() != common;
-  const std::optional<at::Tensor> b_w = bias_differs ? std::optional<at::Tensor>(bias->to(common)) : bias;
-  return ops::bat_linear(x.to(common), weight.to(common), b_w, block, cd).to(x.scalar_type());
+      compute_dtype.has_value() || float64 ? compute_dtype
+                                           : std::optional<at::ScalarType>(at::autocast::get_autocast_dtype(device_type));
+  return ops::bat_linear(x, weight, bias, block, cd);
 }
 
 }  // namespace

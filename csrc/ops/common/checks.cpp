@@ -143,7 +143,11 @@ void check_tile_add_args(const at::Tensor& out, const at::Tensor& src, double p,
   check_key(p, key, out);
 }
 
-static void check_base_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// same_dtype: x and the bias must have the weight's dtype (miss::linear, whose fused kernels read
+// them together). bat_linear casts all three to its compute dtype anyway, so there any floating
+// dtypes are taken, as PEFT's bat forward (a bf16 base fed float32 x computes there).
+static void check_base_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            bool same_dtype = true) {
   check_floating(x, "x");
   check_floating(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "miss: weight must be 2-D (out_features, in_features), got shape ",
@@ -152,12 +156,16 @@ static void check_base_args(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK_VALUE(x.sym_size(-1) == weight.sym_size(1), "miss: x.shape[-1]=", x.sym_size(-1),
                     " does not match in_features=", weight.sym_size(1), " (x shape ", x.sym_sizes(),
                     ", weight shape ", weight.sym_sizes(), ")");
-  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "miss: x dtype ", x.scalar_type(),
+  TORCH_CHECK_TYPE(!same_dtype || x.scalar_type() == weight.scalar_type(), "miss: x dtype ", x.scalar_type(),
                    " must match the base weight dtype ", weight.scalar_type());
   check_same_device(x, "x", weight, "weight");
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "miss: bias dtype ", bias->scalar_type(),
-                     " must match the weight dtype ", weight.scalar_type());
+    if (same_dtype) {
+      TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), "miss: bias dtype ", bias->scalar_type(),
+                       " must match the weight dtype ", weight.scalar_type());
+    } else {
+      check_floating(*bias, "bias");
+    }
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0),
                       "miss: bias must have shape (out_features,) = (", weight.sym_size(0), ",), got shape ",
                       bias->sym_sizes());
@@ -203,7 +211,7 @@ void check_bat_args(const at::Tensor& weight, const at::Tensor& block) {
 
 void check_bat_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
-  check_base_args(x, weight, bias);
+  check_base_args(x, weight, bias, /*same_dtype=*/false);
   check_bat_args(weight, block);
   check_out_dtype("bat_linear compute_dtype", compute_dtype);
 }

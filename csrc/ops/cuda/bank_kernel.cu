@@ -98,14 +98,21 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
 template <typename acc, typename g_t, typename a_t, int W>
 __device__ __forceinline__ acc lane_dot(const g_t* __restrict__ gr, const a_t* __restrict__ brow, int64_t out,
                                         int64_t q, int lane) {
-  acc partial = acc(0);
+  // In two levels (bank_index.h, kSumBlock loads per part): at out = 65536 a lane sums 2048 terms.
+  acc total = acc(0), partial = acc(0);
+  int64_t n = 0;
   for (int64_t o = int64_t{lane} * W; o < out; o += 32 * W) {
     const Vec<g_t, W> g = *reinterpret_cast<const Vec<g_t, W>*>(gr + o);
     const int64_t c = o % q;
 #pragma unroll
     for (int k = 0; k < W; ++k) partial += static_cast<acc>(g.v[k]) * static_cast<acc>(brow[c + k]);
+    if (++n == kSumBlock) {
+      total += partial;
+      partial = acc(0);
+      n = 0;
+    }
   }
-  return partial;
+  return total + partial;
 }
 
 // VEC: elements of grad per load (16 bytes when out % VEC == 0 and grad is 16-byte aligned, else
