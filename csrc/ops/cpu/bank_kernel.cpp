@@ -179,7 +179,7 @@ void bank_grad_rows(const g_t* grad, const a_t* s, const a_t* bank, const int64_
   const RowsBySlot g = rows_by_slot(index, rows, slots);
 
   // grad_s[t, k] = d[k mod r], d[j] = sum_c gq[c] block[j][c]. Rows without a slot stay zero.
-  // gq (out / q terms per column: 4096 at mini_r = 1) sums in a cascade, as fold_row; the dot
+  // gq (out / q terms per column: 4096 at mini_r = 1) is the fold of G's row at period q (fold_row: a cascade); the dot
   // products over q (= out for a default slot) in three levels of kSumBlock (blocks of 64, of
   // 4096, then the rest), which leaves the inner loop as it was. One running sum per row was
   // 3.5e-6 off (relative) at out = 65536 where torch's sum is 4e-8 (test_bank.py).
@@ -189,19 +189,14 @@ void bank_grad_rows(const g_t* grad, const a_t* s, const a_t* bank, const int64_
     for (int64_t k = first; k < last; ++k) {
       const Task task = tasks[k];
       const int64_t r = ranks[task.slot], q = periods[task.slot];
-      const int64_t levels = cascade_levels(out / q);
-      if (static_cast<int64_t>(upper.size()) < levels * q) upper.resize(levels * q);
+      const int64_t scratch = fold_row_scratch(out, q);
+      if (static_cast<int64_t>(upper.size()) < scratch) upper.resize(scratch);
       const a_t* block = bank + bank_offset(task.slot, 0, 0, r_cap, q_cap);
       for (int64_t i = task.begin; i < task.end; ++i) {
         const int64_t t = g.order[i];
         const g_t* gr = grad + t * out;
         std::fill(gq.begin(), gq.begin() + q, acc(0));
-        std::fill(upper.begin(), upper.begin() + levels * q, acc(0));
-        for (int64_t o0 = 0, copies = 1; o0 < out; o0 += q, ++copies) {
-          for (int64_t c = 0; c < q; ++c) gq[c] += static_cast<acc>(gr[o0 + c]);
-          if (levels > 0) cascade_carry(gq.data(), upper.data(), levels, q, copies);
-        }
-        cascade_finish(gq.data(), upper.data(), levels, q);
+        fold_row(gr, out, q, static_cast<const acc*>(nullptr), gq.data(), upper.data());  // G's copies of period q
         for (int64_t j = 0; j < r; ++j) {
           const a_t* brow = block + j * q_cap;
           acc dot = acc(0);
