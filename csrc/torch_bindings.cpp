@@ -78,11 +78,12 @@ TORCH_LIBRARY(miss, m) {
   m.def("merge_(Tensor(a!) weight, Tensor block, bool reverse=False) -> ()");
 
   // Bat (block-affine): block (out/r, r, r), r dividing in and out; W' = W + W_ij B_i + B_i per
-  // r x r tile W_ij (row block i, column block j). PEFT's precision: W' and the GEMM in the
-  // block's dtype, x and bias cast to it, output cast back to x's dtype (x, weight and bias may
-  // each have any floating dtype, as PEFT's bat forward takes them). compute_dtype overrides
-  // the GEMM dtype (opt-in lower precision; autocast uses it). The autograd saves x, W and B,
-  // never W'. Several bat adapters compose as bat_weight(bat_weight(W, B1), B2).
+  // r x r tile W_ij (row block i, column block j). PEFT's precision: W' and the GEMM in
+  // promote(weight, block) (PEFT's W + delta), x and bias cast to it, output cast back to x's
+  // dtype (x, weight and bias may each have any floating dtype, as PEFT's bat forward takes
+  // them). compute_dtype overrides the GEMM dtype (opt-in lower precision; autocast uses it).
+  // The autograd saves x, W and B, never W'. Several bat adapters compose as
+  // bat_weight(bat_weight(W, B1), B2).
   m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, ScalarType? compute_dtype=None) -> Tensor");
   m.def("bat_weight(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
 

@@ -157,7 +157,7 @@ def bat_weight_composite(weight: Tensor, block: Tensor, dtype: Optional[torch.dt
 
 def bat_linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                          compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    cd = compute_dtype or block.dtype
+    cd = compute_dtype or torch.promote_types(weight.dtype, block.dtype)  # bat.h, bat_compute_dtype
     wprime = bat_weight_composite(weight, block, cd)
     return F.linear(x.to(cd), wprime, None if bias is None else bias.to(cd)).to(x.dtype)
 
@@ -342,8 +342,8 @@ def _bat_weight(weight, block, dtype=None):
 
 def _bat_linear(x, weight, bias, block, compute_dtype=None):
     dtype = _autocast_dtype(x)
-    if dtype is not None:  # as bat_linear_autocast: the GEMM in autocast's dtype, float64 left alone
-        if torch.float64 in (x.dtype, weight.dtype):
+    if dtype is not None:  # as bat_linear_autocast: the GEMM in autocast's dtype, a float64 W' left alone
+        if torch.float64 in (weight.dtype, block.dtype):
             dtype = None
         with torch.autocast(_all_values(x).device.type, enabled=False):
             return _bat_linear(x, weight, bias, block, compute_dtype or dtype)

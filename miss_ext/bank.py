@@ -394,7 +394,10 @@ class MissBankLinear(nn.Module):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the
         # row ids of mixed_batch, the export check, type checks that name the bad value) is
         # Python that TorchScript cannot compile: without this, the user got a frontend error
-        # about a line of this file. torch.jit.script calls this on every submodule of a model.
+        # about a line of this file. torch.jit.script calls this on every submodule of a model,
+        # also one its forward never calls (in __jit_ignored_attributes__, say), which is refused
+        # too: a refusal when scripting beats one at the first call of a scripted program (a
+        # stub raising there would surface in the C++ server, far from the cause).
         raise NotImplementedError(
             "MissBankLinear cannot be compiled by torch.jit.script; torch.jit.trace a module that passes the row "
             "ids as an input (layer(x, adapter_index), under torch.no_grad()), or use torch.export or "

@@ -110,8 +110,9 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
     x (..., in), weight (out, in), bias (out,) or None, each in any floating dtype (PEFT's bat
     forward casts x to W''s dtype, so a bf16 base fed float32 x computes); block (out/r, r, r).
     Returns y (..., out) in x's dtype. PEFT's precision: W' is built and the GEMM runs in the
-    block's dtype (x, weight and bias each rounded once to it) unless compute_dtype names
-    another (opt-in lower precision; autocast uses it). Differentiable in x, weight, bias and
+    dtype of PEFT's W + delta, promote(weight.dtype, block.dtype) (x, weight and bias each
+    rounded once to it) unless compute_dtype names another (opt-in lower precision; autocast
+    uses it). Differentiable in x, weight, bias and
     block, each gradient in its input's dtype; W' is never saved for the backward. ValueError /
     TypeError as linear."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)

@@ -224,14 +224,15 @@ class AcceleratedMissLinear(PeftMissLinear):
                 check_before_dropout_key(x, weight, bias, block, self.in_features)  # a refusal keeps the RNG
             return torch.ops.miss.linear(x, weight, bias, block, p, new_dropout_key(x.device) if p > 0.0 else None)
         if not shards:
+            # PEFT's W + delta: in promote(weight, block) (bat_linear's own compute dtype too).
             for block in bats[:-1]:
-                weight = torch.ops.miss.bat_weight(weight, block, None)
+                weight = torch.ops.miss.bat_weight(weight, block, torch.promote_types(weight.dtype, block.dtype))
             return torch.ops.miss.bat_linear(x, weight, bias, bats[-1], None)
         # Several default/mini adapters, possibly on top of bat ones: PEFT's precision (adapter
         # terms in the block dtype, added to the base result, one final cast).
         if bats:
             for block in bats:
-                weight = torch.ops.miss.bat_weight(weight, block, None)
+                weight = torch.ops.miss.bat_weight(weight, block, torch.promote_types(weight.dtype, block.dtype))
             result = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         else:
             result = self.base_layer(x)

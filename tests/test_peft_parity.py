@@ -687,6 +687,48 @@ def test_bat_on_a_float64_base_under_autocast_stays_float64():
     torch.testing.assert_close(y_func, y_ref, rtol=1e-12, atol=1e-12)
 
 
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+
+
+@pytest.mark.parametrize("w_dtype,block_dtype,x_dtype,amp", [
+    (F32, BF16, F32, None),  # a block narrower than its base: PEFT's W + delta is float32
+    (F64, F32, F64, None),   # a float64 base with a float32 block: PEFT's W' is float64
+    (F32, F64, F32, BF16),   # a float64 block under autocast: W' float64, which autocast leaves alone
+    (F32, F32, F64, BF16),   # float64 x beside a float32 W': PEFT casts x to it, then autocast to bf16
+], ids=["f32-base-bf16-block", "f64-base-f32-block", "f64-block-autocast", "f64-x-autocast"])
+def test_bat_computes_in_the_dtype_of_peft_w_plus_delta(w_dtype, block_dtype, x_dtype, amp):
+    """PEFT's bat forward builds W' = W + delta (delta in the block's dtype), so W' has
+    promote(weight, block) dtype and its GEMM runs there (autocast leaves a float64 W' alone).
+    Ours built W' and ran the GEMM in the block's dtype: a bf16 GEMM for a bf16 block on a float32
+    base (2.9x PEFT's error), float32 for a float32 block on a float64 base (4.4x), and under
+    autocast a bf16 GEMM for a float64 block (10^5x). Now at least as accurate as PEFT, against
+    W(I + B) + B in float64, for MissLinear, PEFT's layer accelerated and torch.func."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16).to(w_dtype)
+    peft_model = get_peft_model(_Wrap(copy.deepcopy(base)), MissConfig(r=4, target_modules=["lin"],
+                                                                       init_weights="bat"))
+    peft_layer = peft_model.base_model.model.lin
+    block = (0.1 * torch.randn(4, 4, 4, dtype=F64)).to(block_dtype)
+    peft_layer.miss_block["default"].data = block.clone()
+    ours = MissLinear(copy.deepcopy(base), 4, mode="bat")
+    ours.miss_block.data = block.clone()
+    accelerated = accelerate(copy.deepcopy(peft_model)).base_model.model.lin
+    x = torch.randn(5, 16, dtype=F64).to(x_dtype)
+    w, b = base.weight.to(F64), base.bias.to(F64)
+    tiles = w.reshape(4, 4, 4, 4)  # [i, a, j, c]: row block i, column block j
+    wprime = (torch.einsum("iajb,ibc->iajc", tiles, torch.eye(4, dtype=F64) + block.to(F64))
+              + block.to(F64).unsqueeze(2)).reshape(16, 16)
+    exact = x.to(F64) @ wprime.T + b
+    with torch.autocast("cpu", dtype=amp or BF16, enabled=amp is not None):
+        y_peft = peft_layer(x)
+        got = {"MissLinear": ours(x), "accelerated": accelerated(x), "torch.func": torch.func.vjp(ours, x)[0]}
+    peft_error = ((y_peft.to(F64) - exact).norm() / exact.norm()).item()
+    for path, y in got.items():
+        assert y.dtype == y_peft.dtype == x_dtype, (path, y.dtype, y_peft.dtype)
+        error = ((y.to(F64) - exact).norm() / exact.norm()).item()
+        assert error <= 1.25 * peft_error + 1e-15, f"{path}: error {error:.3g}, PEFT's {peft_error:.3g}"
+
+
 @pytest.mark.parametrize("hooked", [False, True], ids=["fused", "hooked_base"])
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
 def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_dtype, hooked):

@@ -157,9 +157,9 @@ at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   check_bat_linear_args(x, weight, bias, block, compute_dtype);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // PEFT's precision: W' is built in (and the GEMM runs in) the block's dtype, x and bias are
+  // PEFT's precision: W' is built in (and the GEMM runs in) bat_compute_dtype, x and bias are
   // cast to it, and the result is cast back to x's dtype.
-  const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
+  const at::ScalarType cd = bat_compute_dtype(weight, block, compute_dtype);
   const at::Tensor wprime = ops::bat_weight(weight, block, cd);
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   std::optional<at::Tensor> b;
@@ -207,7 +207,7 @@ BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
                                    std::optional<at::ScalarType> compute_dtype, BatNeeds needs) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   BatLinearGrads grads;
-  const at::ScalarType cd = compute_dtype.value_or(block.scalar_type());
+  const at::ScalarType cd = bat_compute_dtype(weight, block, compute_dtype);
   const c10::SymInt rows = sym_leading_rows(grad_y);
   // bf16 data at an fp32 compute dtype (PEFT's precision): G and x are exact in bf16, so every
   // product below runs on bf16 tensor cores at fp32 accuracy (split_gemm.h). Not when the

@@ -40,6 +40,14 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
 // error grows like cond * eps(float32) ~ 1e4 * 6e-8 < 1e-3.
 constexpr double kBatMaxCondition = 1e4;
 
+// The dtype bat_linear builds W' and runs its GEMM in: compute_dtype where given, else PEFT's,
+// the dtype of W + delta with the delta in the block's dtype, promote(weight, block) (the block's
+// for the usual float32 block beside a half or float32 base; float64 where either is).
+inline at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block,
+                                        std::optional<at::ScalarType> compute_dtype) {
+  return compute_dtype.value_or(c10::promoteTypes(weight.scalar_type(), block.scalar_type()));
+}
+
 // Composite kernels (device-generic, dispatcher calls only).
 at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype);
 at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

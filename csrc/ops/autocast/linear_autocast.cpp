@@ -76,14 +76,15 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
 // weight and the bias in any floating dtypes and rounds each once to the compute dtype (PEFT casts
 // x to W''s float32 dtype); casting x to the weight's dtype first, as an earlier version did,
 // rounded an fp32 x to a bf16 weight's dtype and then to fp16 under fp16 autocast (6-9x PEFT's
-// error). Autocast leaves float64 alone: where x or the weight is float64 (PEFT's F.linear then
-// runs in float64), the GEMM runs in the block's dtype as without autocast, unless a compute dtype
-// is asked for. The output has x's dtype.
+// error). Autocast leaves float64 alone: where W' is float64 (the weight or the block is; PEFT casts
+// x to W''s dtype, and its F.linear then runs in float64), the GEMM runs in float64 as without
+// autocast, unless a compute dtype is asked for; a float64 x beside a float32 W' is cast to the
+// autocast dtype, as PEFT's x.to(W'.dtype) followed by autocast's cast. The output has x's dtype.
 template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const bool float64 = x.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble;
+  const bool float64 = bat_compute_dtype(weight, block, std::nullopt) == at::kDouble;
   const std::optional<at::ScalarType> cd =
       compute_dtype.has_value() || float64 ? compute_dtype
                                            : std::optional<at::ScalarType>(at::autocast::get_autocast_dtype(device_type));
