@@ -83,7 +83,8 @@ TORCH_LIBRARY(miss, m) {
   // dtype (x, weight and bias may each have any floating dtype, as PEFT's bat forward takes
   // them). compute_dtype overrides the GEMM dtype (opt-in lower precision; autocast uses it).
   // The autograd saves x, W and B, never W'. Several bat adapters compose as
-  // bat_weight(bat_weight(W, B1), B2).
+  // bat_weight(bat_weight(W, B1, t), B2, t) with t = promote(W, B1, B2) (PEFT's W + delta dtype;
+  // bat_weight's default is the block's dtype).
   m.def("bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor block, ScalarType? compute_dtype=None) -> Tensor");
   m.def("bat_weight(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
 

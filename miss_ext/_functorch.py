@@ -147,7 +147,7 @@ def bat_weight_composite(weight: Tensor, block: Tensor, dtype: Optional[torch.dt
     """W'_ij = W_ij (I + B_i) + B_i per r x r tile, computed in float32 (float64 if either is)."""
     out_features, in_features = weight.shape
     r = block.shape[1]
-    cd = _acc_dtype(weight.dtype, block.dtype)
+    cd = _acc_dtype(weight.dtype, block.dtype, dtype)  # as bat_weight_kernel: float64 output, float64 sums
     b = block.to(cd)
     tiles = weight.to(cd).reshape(out_features // r, r, in_features // r, r)  # [i, a, j, b]
     eye = torch.eye(r, dtype=cd, device=weight.device)

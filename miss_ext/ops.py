@@ -98,8 +98,10 @@ def bat_weight(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = Non
     block j): shape (out, in), dtype `dtype` (default: the block's).
 
     weight (out, in), block (out/r, r, r), r dividing in and out; computed in float32 (float64
-    if either is float64). Differentiable in weight and block; several bat adapters compose as
-    bat_weight(bat_weight(W, B1), B2). ValueError for a block that does not fit weight."""
+    if either is float64, or dtype is). Differentiable in weight and block; several bat adapters
+    compose as bat_weight(bat_weight(W, B1, t), B2, t) with t = torch.promote_types of the three
+    dtypes (PEFT's W + delta dtype; the default, the block's dtype, would round a float32 base's
+    W' to a bf16 block's dtype). ValueError for a block that does not fit weight."""
     return torch.ops.miss.bat_weight(weight, block, dtype)
 
 

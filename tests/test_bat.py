@@ -318,6 +318,21 @@ def test_bat_linear_compute_dtype_opt_in(device, in_f, out_f, r, base, cd):
     assert not torch.equal(y, y_default), f"compute_dtype={cd} had no effect"
 
 
+def test_a_float64_compute_dtype_builds_w_prime_in_float64(device):
+    """compute_dtype=float64 (or bat_weight's dtype=float64) beside float32 inputs built W' with
+    float32 sums and only then cast it (5e-8 off); now the sums are float64 too, in the op and in
+    torch.func's composite."""
+    x = rand(3, 16, dtype=F64, device=device)  # y has x's dtype: float64 here, so it shows W''s accuracy
+    w, b, blk = (rand(*shape, device=device) for shape in [(12, 16), (12,), (3, 4, 4)])
+    exact = bat_linear_ref(*(t.to(F64) for t in (x, w, b, blk)))
+    for y in (ops.bat_linear(x, w, b, blk, F64).to(F64),
+              torch.func.vjp(lambda x_: ops.bat_linear(x_, w, b, blk, F64), x)[0].to(F64)):
+        assert ((y - exact).norm() / exact.norm()).item() < 1e-14
+    wprime = ops.bat_weight(w, blk, F64)
+    assert wprime.dtype == F64
+    torch.testing.assert_close(wprime, bat_weight_ref(w, blk), rtol=1e-14, atol=1e-15)
+
+
 def test_bat_linear_noncontiguous_inputs(device):
     in_f, out_f, r = 8, 12, 4
     w = rand(in_f, out_f, device=device).t()

@@ -142,7 +142,10 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
 at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
   check_bat_args(weight, block);
   check_out_dtype("bat_weight dtype", dtype);
-  const auto mp = bat_affine(block, /*reverse=*/false, bat_compute_dtype(weight, block));
+  // Accumulated in float64 also where only the output is asked for in float64 (compute_dtype=
+  // float64 of bat_linear beside float32 inputs): W' to float64 accuracy, not float32's.
+  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : bat_compute_dtype(weight, block);
+  const auto mp = bat_affine(block, /*reverse=*/false, acc);
   return ops::bat_transform(weight, mp[0], mp[1], dtype.value_or(block.scalar_type()));
 }
 
@@ -157,9 +160,9 @@ at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   check_bat_linear_args(x, weight, bias, block, compute_dtype);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // PEFT's precision: W' is built in (and the GEMM runs in) bat_compute_dtype, x and bias are
+  // PEFT's precision: W' is built in (and the GEMM runs in) bat_linear_dtype, x and bias are
   // cast to it, and the result is cast back to x's dtype.
-  const at::ScalarType cd = bat_compute_dtype(weight, block, compute_dtype);
+  const at::ScalarType cd = bat_linear_dtype(weight, block, compute_dtype);
   const at::Tensor wprime = ops::bat_weight(weight, block, cd);
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   std::optional<at::Tensor> b;
@@ -207,7 +210,7 @@ BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
                                    std::optional<at::ScalarType> compute_dtype, BatNeeds needs) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   BatLinearGrads grads;
-  const at::ScalarType cd = bat_compute_dtype(weight, block, compute_dtype);
+  const at::ScalarType cd = bat_linear_dtype(weight, block, compute_dtype);
   const c10::SymInt rows = sym_leading_rows(grad_y);
   // bf16 data at an fp32 compute dtype (PEFT's precision): G and x are exact in bf16, so every
   // product below runs on bf16 tensor cores at fp32 accuracy (split_gemm.h). Not when the

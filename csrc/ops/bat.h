@@ -43,8 +43,8 @@ constexpr double kBatMaxCondition = 1e4;
 // The dtype bat_linear builds W' and runs its GEMM in: compute_dtype where given, else PEFT's,
 // the dtype of W + delta with the delta in the block's dtype, promote(weight, block) (the block's
 // for the usual float32 block beside a half or float32 base; float64 where either is).
-inline at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block,
-                                        std::optional<at::ScalarType> compute_dtype) {
+inline at::ScalarType bat_linear_dtype(const at::Tensor& weight, const at::Tensor& block,
+                                       std::optional<at::ScalarType> compute_dtype) {
   return compute_dtype.value_or(c10::promoteTypes(weight.scalar_type(), block.scalar_type()));
 }
 

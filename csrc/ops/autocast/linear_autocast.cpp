@@ -84,7 +84,7 @@ template <c10::DeviceType device_type>
 at::Tensor bat_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& block, std::optional<at::ScalarType> compute_dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const bool float64 = bat_compute_dtype(weight, block, std::nullopt) == at::kDouble;
+  const bool float64 = bat_linear_dtype(weight, block, std::nullopt) == at::kDouble;
   const std::optional<at::ScalarType> cd =
       compute_dtype.has_value() || float64 ? compute_dtype
                                            : std::optional<at::ScalarType>(at::autocast::get_autocast_dtype(device_type));
