@@ -65,13 +65,9 @@ class _BankNet(torch.nn.Module):
         return self.q(x) if ids is None else self.q(x, ids)
 
 
-@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
-def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(strict):
-    """torch.export inside mixed_batch made that call's row ids (a module attribute) a constant of
-    the program: every later call routed rows as that one (off by 10 for base-only rows). Refused;
-    with the ids as an input the program routes each call's rows."""
-    import miss_ext
-    from miss_ext.bank_model import add_bank_adapter, apply_bank, mixed_batch
+def _bank_net():
+    """_BankNet in eval with a bank of 3 slots (max_r 4) on q holding adapter "a" (random block)."""
+    from miss_ext.bank_model import add_bank_adapter, apply_bank
 
     torch.manual_seed(0)
     net = _BankNet().eval()
@@ -79,6 +75,18 @@ def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(stri
     add_bank_adapter(net, "a", 4)
     with torch.no_grad():
         net.q.block("a").normal_()
+    return net
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(strict):
+    """torch.export inside mixed_batch made that call's row ids (a module attribute) a constant of
+    the program: every later call routed rows as that one (off by 10 for base-only rows). Refused;
+    with the ids as an input the program routes each call's rows."""
+    import miss_ext
+    from miss_ext.bank_model import mixed_batch
+
+    net = _bank_net()
     x = torch.randn(3, 10)
     # Strict export (dynamo) reports the ValueError inside its own exception, with the message.
     refused = (ValueError, torch._dynamo.exc.Unsupported) if strict else ValueError
@@ -103,14 +111,7 @@ def test_scripting_a_bank_is_refused_by_name_and_tracing_it_works():
     """torch.jit.script of a bank (or a model holding one) failed with a TorchScript frontend error
     about a line of bank.py; now a NotImplementedError names the ways that work, and
     torch.jit.trace with the ids as an input routes each call's rows."""
-    from miss_ext.bank_model import add_bank_adapter, apply_bank
-
-    torch.manual_seed(0)
-    net = _BankNet().eval()
-    apply_bank(net, ["q"], 3, 4)
-    add_bank_adapter(net, "a", 4)
-    with torch.no_grad():
-        net.q.block("a").normal_()
+    net = _bank_net()
     for target in (net, net.q):
         with pytest.raises(NotImplementedError, match=r"MissBankLinear cannot be compiled by torch\.jit\.script.*"
                                                       r"torch\.jit\.trace"):
