@@ -157,7 +157,7 @@ def bat_weight_composite(weight: Tensor, block: Tensor, dtype: Optional[torch.dt
 
 def bat_linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                          compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    cd = compute_dtype or torch.promote_types(weight.dtype, block.dtype)  # bat.h, bat_compute_dtype
+    cd = compute_dtype or torch.promote_types(weight.dtype, block.dtype)  # bat.h, bat_linear_dtype
     wprime = bat_weight_composite(weight, block, cd)
     return F.linear(x.to(cd), wprime, None if bias is None else bias.to(cd)).to(x.dtype)
 

@@ -114,9 +114,8 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
     Returns y (..., out) in x's dtype. PEFT's precision: W' is built and the GEMM runs in the
     dtype of PEFT's W + delta, promote(weight.dtype, block.dtype) (x, weight and bias each
     rounded once to it) unless compute_dtype names another (opt-in lower precision; autocast
-    uses it). Differentiable in x, weight, bias and
-    block, each gradient in its input's dtype; W' is never saved for the backward. ValueError /
-    TypeError as linear."""
+    uses it). Differentiable in x, weight, bias and block, each gradient in its input's dtype;
+    W' is never saved for the backward. ValueError / TypeError as linear."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
 
 
