@@ -54,6 +54,18 @@ def test_forced_off_and_bad_values(setup_module, monkeypatch):
         setup_module.decide_cuda(CudaTorch)
 
 
+def test_debug_information_is_off_unless_asked(setup_module, monkeypatch):
+    """-g0 by default (Python's own CFLAGS carry -g, which doubled the compile time of every C++
+    file), nothing added with MISS_EXT_DEBUG_INFO=1, a clear error naming any other value."""
+    monkeypatch.delenv("MISS_EXT_DEBUG_INFO", raising=False)
+    assert setup_module.debug_info_flags() == ["-g0"]
+    monkeypatch.setenv("MISS_EXT_DEBUG_INFO", "1")
+    assert setup_module.debug_info_flags() == []
+    monkeypatch.setenv("MISS_EXT_DEBUG_INFO", "yes")
+    with pytest.raises(RuntimeError, match="MISS_EXT_DEBUG_INFO must be 0 or 1, got 'yes'"):
+        setup_module.debug_info_flags()
+
+
 def test_auto_never_builds_cuda_for_cpu_torch(setup_module):
     assert setup_module.decide_cuda(CpuTorch)[0] is False
 

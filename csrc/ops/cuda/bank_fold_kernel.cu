@@ -18,8 +18,8 @@
 // Dropout multiplies by the factor (scale or 0), as the CPU kernels and fold's kernels do, and
 // draws one Philox call per four columns (keep_factors). Invalid index, ranks or dropouts values
 // trip device-side assertions (reading them on the host would synchronise).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -12,8 +12,11 @@
 //   searchsorted, no host synchronisation) and accumulates s_a[j] gq[c].
 // No atomics anywhere, so results are deterministic. Invalid ranks, periods or index values
 // trip device-side assertions (the host would have to synchronise to read them).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
