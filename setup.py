@@ -93,6 +93,14 @@ def decide_cuda(torch):
     return torch.version.cuda is not None and home is not None, home
 
 
+def env_switch(name: str, default: str) -> bool:
+    """The 0/1 build knob `name` (`default` when unset); RuntimeError naming any other value."""
+    flag = os.environ.get(name, default).strip()
+    if flag not in ("0", "1"):
+        raise RuntimeError(f"{name} must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
 def private_cxx_runtime():
     """Link flags that give the module its own copy of libstdc++, linked in and hidden.
 
@@ -113,10 +121,7 @@ def private_cxx_runtime():
     libgcc_s's. MISS_EXT_PRIVATE_CXXRT=0 turns it off; it is also off, with a message, when
     the compiler has no libstdc++.a (clang with libc++).
     """
-    flag = os.environ.get("MISS_EXT_PRIVATE_CXXRT", "1").strip()
-    if flag not in ("0", "1"):
-        raise RuntimeError(f"MISS_EXT_PRIVATE_CXXRT must be 0 or 1, got {flag!r}")
-    if flag == "0":
+    if not env_switch("MISS_EXT_PRIVATE_CXXRT", "1"):
         return []
     cxx = os.environ.get("CXX", "c++")
     try:
@@ -137,10 +142,7 @@ def debug_info_flags():
     file (bank_autograd.cpp 54 s -> 27 s, fold.cpp 35 s -> 15 s, g++ 12 on a 2-core machine,
     2026-12-01) and made the module 68 MB. Symbols are kept either way, so backtraces still name
     functions; MISS_EXT_SANITIZE=1 adds -g1 after this (line tables: its reports give file and line)."""
-    flag = os.environ.get("MISS_EXT_DEBUG_INFO", "0").strip()
-    if flag not in ("0", "1"):
-        raise RuntimeError(f"MISS_EXT_DEBUG_INFO must be 0 or 1, got {flag!r}")
-    return [] if flag == "1" else ["-g0"]
+    return [] if env_switch("MISS_EXT_DEBUG_INFO", "0") else ["-g0"]
 
 
 def sanitizer_flags():
@@ -151,10 +153,7 @@ def sanitizer_flags():
     LD_PRELOAD=$(c++ -print-file-name=libasan.so) (scripts/sanitize_test.sh does all of it).
     The private C++ runtime is off in this build: a static libstdc++ would hide its allocations'
     operator new/delete from ASan's interceptors."""
-    flag = os.environ.get("MISS_EXT_SANITIZE", "0").strip()
-    if flag not in ("0", "1"):
-        raise RuntimeError(f"MISS_EXT_SANITIZE must be 0 or 1, got {flag!r}")
-    if flag == "0":
+    if not env_switch("MISS_EXT_SANITIZE", "0"):
         return [], []
     checks = "-fsanitize=address,undefined"
     # -g1: line tables only, enough for file:line in every report, at a fraction of -g's compile time.

@@ -181,8 +181,9 @@ void bank_grad_rows(const g_t* grad, const a_t* s, const a_t* bank, const int64_
   // grad_s[t, k] = d[k mod r], d[j] = sum_c gq[c] block[j][c]. Rows without a slot stay zero.
   // gq (out / q terms per column: 4096 at mini_r = 1) is the fold of G's row at period q
   // (fold_row: a cascade); the dot products over q (= out for a default slot) sum in three levels
-  // of kSumBlock (blocks of 64, of 4096, then the rest), which leaves the inner loop as it was. One running sum per row was
-  // 3.5e-6 off (relative) at out = 65536 where torch's sum is 4e-8 (test_bank.py).
+  // of kSumBlock (blocks of 64, of 4096, then the rest), which leaves the inner loop as it was.
+  // One running sum per row was 3.5e-6 off (relative) at out = 65536 where torch's sum is 4e-8
+  // (test_bank.py).
   const std::vector<Task> tasks = row_tasks(g, slots);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<acc> gq(q_cap), d(r_cap), upper;
