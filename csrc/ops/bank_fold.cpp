@@ -1,7 +1,8 @@
 #include "bank_fold.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 
 #include "common/checks.h"
 #include "fold.h"

@@ -1,7 +1,22 @@
 #include "bat.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/einsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/linalg_cond.h>
+#include <ATen/ops/linalg_solve.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <cmath>
 #include <string>
@@ -111,11 +126,11 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
   const int64_t r = static_size(block, 1);
   if (!reverse) {  // the forward path (every bat forward and backward): no float64 detour
     const at::Tensor b = block.to(dtype);
-    return {b + at::eye(r, b.options()), b};
+    return {b.add(at::eye(r, b.options())), b};
   }
   const at::Tensor b64 = block.to(at::kDouble);
   const at::Tensor eye = at::eye(r, b64.options());
-  const at::Tensor a = b64 + eye;  // I + B_i, batched
+  const at::Tensor a = b64.add(eye);  // I + B_i, batched
   // Before anything is computed from it: every I + B_i must be finite and safely invertible.
   // This reads values on the host (a sync), which unmerge can afford.
   const at::Tensor finite = at::isfinite(b64).flatten(1).all(1);
@@ -125,7 +140,7 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
                       "] holds non-finite values. The weight was left unchanged.");
   }
   const at::Tensor cond = at::linalg_cond(a);
-  const at::Tensor bad = at::logical_not(cond <= kBatMaxCondition);  // also catches inf and nan
+  const at::Tensor bad = at::logical_not(cond.le(kBatMaxCondition));  // also catches inf and nan
   if (bad.any().item<bool>()) {
     const int64_t index = bad.nonzero()[0][0].item<int64_t>();
     const double value = cond[index].item<double>();

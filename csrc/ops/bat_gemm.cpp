@@ -9,7 +9,9 @@
 // 4096 x 4096 weight; on the CPU the hand-written kernel is faster (issue 11's CPU measurement:
 // 3.99 ms against 4.31 ms at 2048 x 2048, r = 64), so bat.cpp picks this one on CUDA only, and
 // only for a new W' (impl_choice.h).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/bmm.h>
 
 #include "kernels.h"
 

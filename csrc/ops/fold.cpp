@@ -1,7 +1,9 @@
 #include "fold.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/randint.h>
 
 #include "common/checks.h"
 #include "common/sym_shape.h"
@@ -59,7 +61,7 @@ at::Tensor tile_add_src_grad(const at::Tensor& grad, c10::SymIntArrayRef src_siz
   if (!per_row) {  // matrices: src (P, Q) also tiles out's rows
     g = ops::fold(g.t(), src_sizes[0].guard_int(__FILE__, __LINE__), 0.0, std::nullopt, src_dtype).t();
   }
-  return alpha == 1.0 ? g : g * alpha;
+  return alpha == 1.0 ? g : g.mul(alpha);
 }
 
 at::ScalarType fold_kernel_dtype(at::ScalarType in, at::ScalarType out) {

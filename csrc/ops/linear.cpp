@@ -1,7 +1,9 @@
 #include "linear.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 
 #include "common/checks.h"
 #include "common/sym_shape.h"

@@ -1,6 +1,6 @@
 #include "merge.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"

@@ -1,7 +1,11 @@
 #include "split_gemm.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/mm.h>
 
 #include <vector>
 
@@ -26,7 +30,7 @@ std::vector<at::Tensor> split_bf16(const at::Tensor& t, int parts) {
   for (int i = 0; i + 1 < parts; ++i) {
     const at::Tensor head = bf16_head(rest);
     out.push_back(head.to(at::kBFloat16));  // exact
-    rest = rest - head;                      // exact
+    rest = rest.sub(head);                   // exact
   }
   out.push_back(rest.to(at::kBFloat16));
   return out;

@@ -1,6 +1,7 @@
 // Meta kernels: shapes and dtypes only, from symbolic sizes, so torch.compile and torch.export
 // trace the ops with dynamic shapes. They validate exactly as the real kernels do.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
