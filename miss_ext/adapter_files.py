@@ -19,8 +19,8 @@ from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_g
                     keep_earlier_frozen, mark_extras_trainable, miss_layers, parent_module, record_shared_weights,
                     refuse_ddp_wrapped, trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
 from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
-from .targets import (ALL_LINEAR, describe, exact_paths_regex, find_targets, get_module, modules_to_save_paths,
-                      other_holders, parameter_paths, peft_selects, set_module)
+from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
+                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -378,6 +378,10 @@ def _check_config_fields(config: dict) -> List[str]:
     if config.get("target_modules") is None:
         problems.append("target_modules=None: PEFT would pick its default modules for the model type; "
                         "not implemented here")
+    try:  # as apply_miss (and PEFT's config) refuses them: a layer filter beside a regex, say
+        check_selection_fields(*(config.get(k) for k in _SELECTION_FIELDS))
+    except (TypeError, ValueError) as exc:
+        problems.append(str(exc))
     return problems
 
 
@@ -389,6 +393,10 @@ def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor
     select (PEFT would ignore it) or a selected module without a block (PEFT would give it a
     freshly initialised adapter) is a problem."""
     targets = config.get("target_modules")
+    try:
+        check_selection_fields(*(config.get(k) for k in _SELECTION_FIELDS))
+    except (TypeError, ValueError):
+        return []  # reported by _check_config_fields
     if targets is None:
         return []  # reported by _check_config_fields
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
@@ -484,7 +492,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     The config is checked too: the modules it selects (target_modules, exclude_modules,
     layers_to_transform, layers_pattern, modules_to_save) must be exactly the file's blocks, as
     PEFT would load only those; a field this loader does not know (rank_pattern, ...) with a
-    non-empty value, or an unknown init_weights / bias value, is refused rather than ignored. A
+    non-empty value, an unknown init_weights / bias value, or a combination PEFT's config refuses
+    (layers_to_transform beside a regex target_modules) is refused rather than ignored. A
     value for a parameter shared with another module (a tied lm_head in modules_to_save) is
     refused, as writing it would change the other module; a new adapter on a shared weight
     warns (merging it will be refused).

@@ -308,3 +308,40 @@ def shared_weight_message(layer: str, shared_with: Sequence[str]) -> str:
         "(otherwise transformers ties them again, e.g. in tie_weights() or resize_token_embeddings(), and the "
         "merged head is silently lost; that is also why it is not untied here behind your back); then merge."
     )
+
+
+def check_selection_fields(target_modules, exclude_modules, layers_to_transform, layers_pattern,
+                           modules_to_save) -> None:
+    """Types and combinations of PEFT's selection fields (MissConfig.__post_init__ refuses the same):
+    TypeError or ValueError naming the field. apply_miss and the adapter-file loaders share it."""
+    if exclude_modules is not None:
+        if isinstance(exclude_modules, str):
+            try:
+                re.compile(exclude_modules)
+            except re.error as exc:
+                raise ValueError(f"exclude_modules={exclude_modules!r} is not a valid regex: {exc}") from None
+        elif not (isinstance(exclude_modules, (list, tuple, set, frozenset))
+                  and all(isinstance(e, str) for e in exclude_modules)):
+            raise TypeError(f"exclude_modules must be a regex string or a list of module names, "
+                            f"got {exclude_modules!r}")
+    if layers_to_transform is not None:
+        ints = list(layers_to_transform) if isinstance(layers_to_transform, (list, tuple)) else [layers_to_transform]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
+            raise TypeError(f"layers_to_transform must be an int or a list of ints, got {layers_to_transform!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_to_transform={layers_to_transform!r} cannot be used with a string "
+                             f"target_modules={target_modules!r} (a regex or 'all-linear'), as in PEFT's MissConfig; "
+                             "give a list of names, or put the layer numbers into the regex")
+    if layers_pattern is not None:
+        if not (isinstance(layers_pattern, str) or (isinstance(layers_pattern, (list, tuple))
+                                                    and all(isinstance(p, str) for p in layers_pattern))):
+            raise TypeError(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_pattern={layers_pattern!r} cannot be used with a string "
+                             f"target_modules={target_modules!r}, as in PEFT's MissConfig")
+        if layers_to_transform is None and layers_pattern:
+            raise ValueError(f"layers_pattern={layers_pattern!r} only takes effect with layers_to_transform, which "
+                             "is None; refusing rather than ignoring it")
+    if modules_to_save is not None and not (isinstance(modules_to_save, (list, tuple, set, frozenset))
+                                            and all(isinstance(m, str) and m for m in modules_to_save)):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")

@@ -7,7 +7,9 @@ Reference: PEFT with one single-adapter model per adapter, run on that adapter's
 base model for rows without an adapter), in forward and in generate.
 """
 import copy
+import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -240,6 +242,13 @@ def test_refusals_name_the_problem(folders, tmp_path):
     extra.save_pretrained(tmp_path / "extra")
     with pytest.raises(ValueError, match="modules_to_save or bias"):
         miss_ext.load_bank_adapter(model, "e", str(tmp_path / "extra"))
+    # A layer filter beside a regex, which PEFT's config refuses (the filter would be ignored).
+    shutil.copytree(adapters["peft_default"][0], tmp_path / "regex")
+    config = json.loads((tmp_path / "regex" / "adapter_config.json").read_text())
+    config.update(target_modules=r".*\.(q_proj|v_proj|down_proj)", layers_to_transform=[0])
+    (tmp_path / "regex" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] cannot be used with a string target_modules"):
+        miss_ext.load_bank_adapter(model, "regex", str(tmp_path / "regex"))
     narrow = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=2, max_r=8)
     with pytest.raises(ValueError, match="not a bank layer"):
         miss_ext.load_bank_adapter(narrow, "d", str(adapters["peft_default"][0]))

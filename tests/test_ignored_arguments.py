@@ -131,6 +131,12 @@ def edited_adapter(base, tmp_path, **fields):
     (dict(layers_to_transform=[0]), r"model\.layers\.1\.self_attn\.q_proj: the file has a block here, but the "
                                     r"config \(.*layers_to_transform=\[0\]\) does not select"),
     (dict(layers_to_transform=0, layers_pattern="layers"), r"layers_to_transform=0, layers_pattern='layers'"),
+    # PEFT's config refuses a layer filter beside a regex (as apply_miss does); the filter would be ignored
+    (dict(target_modules=r".*_proj", layers_to_transform=[0]),
+     r"layers_to_transform=\[0\] cannot be used with a string target_modules='\.\*_proj'"),
+    (dict(target_modules=r".*_proj", layers_to_transform=[0], layers_pattern="layers"),
+     r"layers_to_transform=\[0\] cannot be used with a string target_modules"),
+    (dict(layers_to_transform="0"), r"layers_to_transform must be an int or a list of ints, got '0'"),
     (dict(exclude_modules=["k_proj"]), r"model\.layers\.0\.self_attn\.k_proj: .*exclude_modules=\['k_proj'\]"),
     (dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]),
      r"lm_head: the config .* selects this module, so PEFT would give it a new adapter, but the file has no block"),
