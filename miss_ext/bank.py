@@ -124,7 +124,12 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     key = None if dropouts is None else new_dropout_key(x.device)
     s = torch.ops.miss.bank_fold(x, index, ranks, bank.shape[1], dropouts, key, bank.dtype)
     differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)
-    if differentiable or not inplace:
+    # The functional op under torch.func transforms too (vmap, grad, ... even under no_grad): the
+    # in-place bank_add_ has no batching rule, and a sample's y may not hold a batched bank's term.
+    # (Dynamo reports an interpreter while it traces, so torch.compile takes the functional op;
+    # functionalization would turn the in-place one into it there anyway.)
+    transformed = torch._C._functorch.peek_interpreter_stack() is not None
+    if differentiable or not inplace or transformed:
         return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, True)
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, True)
     return y
@@ -432,6 +437,17 @@ class MissBankLinear(nn.Module):
             problem = slot_state_problem(saved, self.max_r, self.out_features, ranks.tolist(), periods.tolist())
             if problem is not None:
                 reason = f"the saved slot description (_extra_state) does not fit: {problem}"
+        elif reason is None:
+            # Without the description (a filtered dict, strict=False), the slots keep this bank's
+            # names and modes: refused if the loaded ranks or periods say the slots hold other
+            # adapters (rows naming an adapter would silently get another's block). Loading only
+            # `bank`, new values for the same slots, stays allowed.
+            changed = [f"{name} {state_dict[prefix + name].tolist()} (this bank's: {getattr(self, name).tolist()})"
+                       for name in ("ranks", "periods") if prefix + name in state_dict
+                       and state_dict[prefix + name].tolist() != getattr(self, name).tolist()]
+            if changed:
+                reason = (f"the state_dict's {' and '.join(changed)} describe other slots, without the slot "
+                          "description (_extra_state) that names their adapters; load the layer's whole state_dict")
         if reason is not None:
             refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return

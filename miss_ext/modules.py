@@ -497,7 +497,8 @@ class MissLinear(nn.Module):
         block = self.miss_block
         if not torch.jit.is_scripting():
             block = self._autocast_block(x)
-        term = torch.ops.miss.fold(x, self.r, p, key, self.miss_block.dtype) @ block
+        # r from the block, as the fused op reads it (an edited `self.r` cannot desync the paths).
+        term = torch.ops.miss.fold(x, self.miss_block.shape[0], p, key, self.miss_block.dtype) @ block
         if y.dtype != x.dtype:
             y = y.to(torch.promote_types(y.dtype, term.dtype))
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)

@@ -241,6 +241,28 @@ def test_a_slot_description_that_does_not_fit_loads_nothing():
     torch.testing.assert_close(fresh(x, fresh.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
 
 
+def test_slots_that_change_without_their_description_load_nothing():
+    """A filtered state_dict (strict=False) holding another bank's ranks but no _extra_state used
+    to load: the slots kept this bank's names over the other bank's blocks, so rows naming an
+    adapter silently got another's block. The same slots without the description (new values for
+    the blocks) still load."""
+    _, bank, _ = make("cpu")
+    _, fresh, _ = make("cpu", seed=1)
+    fresh.remove_adapter("c")
+    fresh.add_adapter("e", r=2)  # c's slot, another rank
+    state = {k: v.clone() for k, v in bank.state_dict().items() if k != "_extra_state"}
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    names = list(fresh.adapter_names)
+    with pytest.raises(RuntimeError, match=r"the state_dict's ranks \[8, 4, 3, 2, 0, 0\] \(this bank's: \[8, 4, 2, 2, 0, 0\]\) describe other "
+                                           r"slots, without the slot description \(_extra_state\)"):
+        fresh.load_state_dict(state, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and fresh.adapter_names == names
+    _, same, _ = make("cpu", seed=2)
+    same.load_state_dict(state, strict=False)  # same slots: loads
+    x, rows = torch.randn(5, IN), ["a", "b", None, "d", "c"]
+    torch.testing.assert_close(same(x, same.index_of(rows)), bank(x, bank.index_of(rows)), rtol=0, atol=0)
+
+
 def test_bank_changes_between_calls():
     base, bank, singles = make("cpu", capacity=5)
     bank.eval()

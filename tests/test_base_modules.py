@@ -221,6 +221,10 @@ def test_plain_linear_keeps_the_fused_path_and_hooks_switch_it_off():
         unfused = layer(x)
     assert "miss::tile_add" in log.names, log.names
     torch.testing.assert_close(unfused, fused, rtol=1e-6, atol=1e-6)
+    # Both paths take r from the block: an edited `r` attribute used to reach only the hooked one
+    # (a shape error there, while the fused path ignored it).
+    layer.r = layer.r - 1
+    torch.testing.assert_close(layer(x), fused, rtol=1e-6, atol=1e-6)
     handle.remove()
     assert is_plain_linear(layer.base_layer)
 

@@ -452,6 +452,35 @@ def test_bank_layer_per_sample_gradients():
         torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen bank", "stacked banks"])
+def test_bank_layer_under_vmap_without_autograd(mode):
+    """Inference under vmap: without autograd recording, MissBankLinear adds its terms in place
+    (miss.bank_add_, which has no batching rule); under a transform it must take the functional
+    op instead (it raised 'Batching rule not implemented for miss::bank_add_' once). Per-sample
+    loop as the reference; "stacked banks" is model ensembling, vmap over functional_call."""
+    from miss_ext import MissBankLinear
+
+    torch.manual_seed(0)
+    layer = MissBankLinear(nn.Linear(16, 12).double(), capacity=3, max_r=8)
+    layer.add_adapter("a", 8, block=torch.randn(8, 12, dtype=F64))
+    layer.add_adapter("b", 4, mode="mini", mini_r=6, block=torch.randn(4, 6, dtype=F64))
+    xs, idx = torch.randn(3, 5, 16, dtype=F64), torch.tensor([0, 1, -1, 1, 0])
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    if mode == "frozen bank":
+        layer.requires_grad_(False)
+        context = contextlib.nullcontext
+    with context():
+        if mode == "stacked banks":
+            banks = layer.bank.detach() * torch.tensor([1.0, -2.0, 0.5], dtype=F64)[:, None, None, None]
+            got = vmap(lambda bank, xx: functional_call(layer, {"bank": bank}, (xx, idx)))(banks, xs)
+            want = torch.stack([functional_call(layer, {"bank": bank}, (xx, idx)) for bank, xx in zip(banks, xs)])
+        else:
+            got = vmap(lambda xx: layer(xx, idx))(xs)
+            want = torch.stack([layer(xx, idx) for xx in xs])
+    torch.testing.assert_close(got, want, **TOL)
+    assert not torch.equal(want[0], layer.base_layer(xs[0]))  # the adapters did add a term
+
+
 def test_bank_layer_per_sample_gradients_with_dropout():
     """The same in training with a dropout rate per adapter (vmap(..., randomness="same"): one key
     for all samples, each sample's mask indexed by its own rows, as a separate call with that key
