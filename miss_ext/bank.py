@@ -178,6 +178,14 @@ def _exporting() -> bool:
 _DYNAMO_IS_EXPORTING_UNRELIABLE = torch.__version__ < (2, 12)  # torch's TorchVersion compares with tuples
 
 
+def check_bank_size(capacity: object, max_r: object) -> None:
+    """ValueError naming capacity or max_r unless each is a positive int (apply_bank checks them
+    before it changes the model, too)."""
+    for name, value in (("capacity", capacity), ("max_r", max_r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
+
+
 class MissBankLinear(nn.Module):
     """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
 
@@ -204,9 +212,7 @@ class MissBankLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
         super().__init__()
-        for name, value in (("capacity", capacity), ("max_r", max_r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
+        check_bank_size(capacity, max_r)
         weight = getattr(base_layer, "weight", None)
         if weight is None or not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
             raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer, got {type(base_layer).__name__}")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
-from .bank import BASE, MissBankLinear, check_new_adapter, host_to_device
+from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
 from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
@@ -99,6 +99,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     if present and (present[0][1].capacity, present[0][1].max_r) != (capacity, max_r):
         raise ValueError(f"apply_bank: the model's bank layers have capacity={present[0][1].capacity}, "
                          f"max_r={present[0][1].max_r}; new ones must match (got capacity={capacity}, max_r={max_r})")
+    check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
     if freeze_others:
         model.requires_grad_(False)
     for name, module in found:

@@ -260,6 +260,18 @@ def test_refusals_name_the_problem(folders, tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj, MissBankLinear)
 
 
+@pytest.mark.parametrize("name, value", [("capacity", 0), ("max_r", 0), ("capacity", True), ("max_r", "4")])
+def test_apply_bank_refuses_a_bad_size_before_freezing_the_model(folders, name, value):
+    """It froze every parameter (freeze_others) and only then let MissBankLinear refuse the size."""
+    base, _ = folders
+    model = copy.deepcopy(base).requires_grad_(True)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"MissBankLinear {name} must be a positive int, got {value!r}"):
+        miss_ext.apply_bank(model, ["q_proj"], **{"capacity": 2, "max_r": 4, name: value})
+    assert_unchanged(model, snap)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_load_bank_is_all_or_nothing(folders, tmp_path):
     base, adapters = folders
     bat = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights="bat"))
