@@ -139,6 +139,17 @@ CASES = [
     ("merge_-int-block", lambda t: lambda: ops.merge_(t["w"], t["blk"].long()), TypeError, r"miss_block.*Long"),
     ("merge_-int-weight", lambda t: lambda: ops.merge_(t["w"].int(), t["blk"]), TypeError, r"weight.*Int"),
     ("merge_-block-r0", lambda t: lambda: ops.merge_(t["w"], t["blk"][:0]), ValueError, r"r=0\b"),
+    # A block that is a view of the weight: refused under merge_'s names in every mode and direction
+    # (r=1 was refused as "tile_add_ src overlaps out", r=3 and the bat unmerge were accepted).
+    ("merge_-block-in-weight-r1", lambda t: lambda: ops.merge_(t["w"], t["w"][:1]), ValueError,
+     r"merge_ miss_block overlaps weight in memory"),
+    ("merge_-block-in-weight-r3", lambda t: lambda: ops.merge_(t["w"], t["w"][:3], True), ValueError,
+     r"merge_ miss_block overlaps weight in memory"),
+    ("merge_-bat-block-in-weight", lambda t: lambda: ops.merge_(t["w"], t["w"].view(-1)[:40].view(10, 2, 2)),
+     ValueError, r"merge_ miss_block overlaps weight in memory"),
+    ("merge_-bat-unmerge-block-in-weight", lambda t: lambda: ops.merge_(t["w"], t["w"].view(-1)[:40].view(10, 2, 2),
+                                                                       True), ValueError,
+     r"merge_ miss_block overlaps weight in memory"),
     # ---- bat (block-affine): weight (20, 10), block (out/r, r, r) with r dividing 10 and 20
     ("merge-bat-r3", lambda t: lambda: ops.merge(t["w"], t["rand"](6, 3, 3)), ValueError,
      r"divisible by r; got in_features=10, out_features=20, r=3"),

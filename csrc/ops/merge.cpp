@@ -29,6 +29,9 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool reverse) {
 
 void merge_inplace_kernel(at::Tensor& weight, const at::Tensor& block, bool reverse) {
   check_merge_args(weight, block);
+  // Checked here, with merge_'s own names, for every mode and direction: the building blocks
+  // below would refuse some overlaps under their own names and copy the block first in others.
+  check_no_overlap("merge_", weight, "weight", block, "miss_block");
   if (block.dim() == 3) return bat_merge_inplace(weight, block, reverse);
   // dW = block^T tiled over (out, in): src (mini_r, r) repeats along both axes.
   ops::tile_add_(weight, block.t().contiguous(), reverse ? -1.0 : 1.0);
