@@ -89,7 +89,8 @@ def merge_(weight: Tensor, block: Tensor, reverse: bool = False) -> None:
     """merge in place into weight (unmerge with reverse=True); not differentiable.
 
     Bat unmerge first checks that every I + B_i is finite and well conditioned (ValueError naming
-    the block, weight unchanged); this check reads values on the host. Other errors as merge."""
+    the block, weight unchanged); this check reads values on the host. A block that overlaps
+    weight in memory is refused (ValueError, weight unchanged). Other errors as merge."""
     torch.ops.miss.merge_(weight, block, reverse)
 
 
