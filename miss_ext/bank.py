@@ -412,7 +412,7 @@ class MissBankLinear(nn.Module):
         raise NotImplementedError(
             "MissBankLinear cannot be compiled by torch.jit.script; torch.jit.trace a module that passes the row "
             "ids as an input (layer(x, adapter_index), under torch.no_grad()), or use torch.export or "
-            "torch.compile (README, 'Adapter bank')")
+            "torch.compile (README, 'Many adapters in one batch')")
 
     def __getstate__(self):
         # A copy or pickle taken inside mixed_batch must not keep that call's row ids.

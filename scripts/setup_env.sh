@@ -17,7 +17,7 @@ python -m pip install -q "${MISS_EXT_TORCH:-torch==2.14.1}" -r requirements-dev.
 export MAX_JOBS="${MAX_JOBS:-2}"
 # The build prints one line per compiler step (scripts/build_progress.py); the full log is
 # build/build.log. Measured on this project's 2-core machines (2026-11-29/30, bench/RESULTS.md):
-# CPU + CUDA kernels (arch 8.0;9.0) 140-300 s, CPU-only 110-175 s; a rerun with nothing changed, seconds.
+# CPU + CUDA kernels (arch 8.0;9.0) 140-300 s, CPU-only 130-175 s; a rerun with nothing changed, seconds.
 mkdir -p build
 start=$SECONDS
 echo "building miss_ext in place (MAX_JOBS=$MAX_JOBS; full log: build/build.log)"

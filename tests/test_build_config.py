@@ -112,3 +112,14 @@ def test_demo_without_an_optional_package_names_the_extra(missing, monkeypatch):
     args = build_parser().parse_args([])
     with pytest.raises(ImportError, match=r"miss_ext\[demo\]"):
         require_demo_packages(args)
+
+
+def test_mixed_demo_without_transformers_names_the_extra(monkeypatch):
+    """The second demo checks its package too (it raised a bare ModuleNotFoundError)."""
+    import sys
+
+    from miss_ext.demo import mixed
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"miss_ext\.demo\.mixed needs the 'transformers' package.*miss_ext\[demo\]"):
+        mixed.main([])

@@ -30,6 +30,7 @@ import torch
 
 import miss_ext
 
+from .._optional import require
 from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
@@ -113,6 +114,8 @@ def follows(generated: torch.Tensor, start: torch.Tensor, task: str) -> float:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    # Its one optional package, checked before any work (ImportError naming the extra), as the demo's.
+    require("transformers", "demo", "python -m miss_ext.demo.mixed")
     with torch_threads(args.threads):
         return run(args)
 
