@@ -378,11 +378,20 @@ def _check_config_fields(config: dict) -> List[str]:
     if config.get("target_modules") is None:
         problems.append("target_modules=None: PEFT would pick its default modules for the model type; "
                         "not implemented here")
-    try:  # as apply_miss (and PEFT's config) refuses them: a layer filter beside a regex, say
+    selection = _selection_field_problem(config)
+    if selection is not None:
+        problems.append(selection)
+    return problems
+
+
+def _selection_field_problem(config: dict) -> Optional[str]:
+    """What apply_miss (and PEFT's config) refuses in the selection fields, a layer filter beside a
+    regex say (targets.check_selection_fields' message), or None."""
+    try:
         check_selection_fields(*(config.get(k) for k in _SELECTION_FIELDS))
     except (TypeError, ValueError) as exc:
-        problems.append(str(exc))
-    return problems
+        return str(exc)
+    return None
 
 
 def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor],
@@ -393,11 +402,7 @@ def _selection_problems(model: nn.Module, config: dict, blocks: Dict[str, Tensor
     select (PEFT would ignore it) or a selected module without a block (PEFT would give it a
     freshly initialised adapter) is a problem."""
     targets = config.get("target_modules")
-    try:
-        check_selection_fields(*(config.get(k) for k in _SELECTION_FIELDS))
-    except (TypeError, ValueError):
-        return []  # reported by _check_config_fields
-    if targets is None:
+    if targets is None or _selection_field_problem(config) is not None:
         return []  # reported by _check_config_fields
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         # PEFT expands the shorthand to the linear layers' names (head excluded), then filters.

@@ -448,9 +448,12 @@ class MissBankLinear(nn.Module):
             # names and modes: refused if the loaded ranks or periods say the slots hold other
             # adapters (rows naming an adapter would silently get another's block). Loading only
             # `bank`, new values for the same slots, stays allowed.
-            changed = [f"{name} {state_dict[prefix + name].tolist()} (this bank's: {getattr(self, name).tolist()})"
-                       for name in ("ranks", "periods") if prefix + name in state_dict
-                       and state_dict[prefix + name].tolist() != getattr(self, name).tolist()]
+            changed = []
+            for name in ("ranks", "periods"):
+                if prefix + name in state_dict:
+                    loaded, own = state_dict[prefix + name].tolist(), getattr(self, name).tolist()
+                    if loaded != own:
+                        changed.append(f"{name} {loaded} (this bank's: {own})")
             if changed:
                 reason = (f"the state_dict's {' and '.join(changed)} describe other slots, without the slot "
                           "description (_extra_state) that names their adapters; load the layer's whole state_dict")
