@@ -15,9 +15,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad, freeze_all_but_blocks, is_ddp,
-                    keep_earlier_frozen, mark_extras_trainable, miss_layers, parent_module, record_shared_weights,
-                    refuse_ddp_wrapped, trainable_extras, unwrap_data_parallel, warn_shared, writes_here)
+from .model import (EXTRAS_ATTR, PEFT_REFUSES_R_ABOVE_IN, check_bias, extra_parameters, extras_requires_grad,
+                    freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
+                    parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
+                    unwrap_data_parallel, warn_shared, writes_here)
 from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
@@ -146,7 +147,7 @@ def _copy_whole(param: Tensor, value: Tensor) -> None:
         param.copy_(value)
 
 
-def _full_block(block: Tensor) -> Tensor:
+def full_block(block: Tensor) -> Tensor:
     """The whole block as a plain contiguous CPU tensor. A DTensor (FSDP2 `fully_shard`, tensor
     parallel) holds only this rank's shard: it is gathered with `full_tensor()`, a collective over
     its device mesh that every rank of the mesh must join."""
@@ -218,7 +219,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     fsdp = reshard_fsdp(model)
     # Every rank gathers, in model order (the same collectives in the same order on each rank).
     sharded = bool(fsdp) or any(is_dtensor(layer.miss_block) for _, layer in layers)
-    tensors = {f"{KEY_PREFIX}{name}.miss_block": _full_block(layer.miss_block) for name, layer in layers}
+    tensors = {f"{KEY_PREFIX}{name}.miss_block": full_block(layer.miss_block) for name, layer in layers}
     # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):
     # modules_to_save under their own parameter names, and the biases of bias="all"/"MiSS_only".
     extras = trainable_extras(model)
@@ -229,15 +230,34 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         if sorted(again) != sorted(save_paths):
             raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
                              f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
-    tensors.update({f"{KEY_PREFIX}{key}": _full_block(p) for key, p in extra_parameters(model, extras).items()})
+    saved_extras = extra_parameters(model, extras)
+    tensors.update({f"{KEY_PREFIX}{key}": full_block(p) for key, p in saved_extras.items()})
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp)
     if not is_main_process:
         return
+    _warn_unsaved_trainables(model, [layer.miss_block for _, layer in layers] + list(saved_extras.values()))
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
                             modules_to_save=list(save_paths) or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
+
+
+def _warn_unsaved_trainables(model: nn.Module, saved: List[Tensor]) -> None:
+    """Warns naming the parameters that require grad but are not in the file: PEFT's format holds
+    the blocks, modules_to_save and the trained biases only, so anything else a user trains
+    (apply_miss(freeze_others=False), a requires_grad_ set by hand) would be lost without a word,
+    and the reloaded model would differ from the trained one. A warning rather than an error:
+    such parameters may be trainable without having been trained (a freshly built model under
+    freeze_others=False)."""
+    saved_ids = {id(p) for p in saved}
+    unsaved = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids]
+    if unsaved:
+        warnings.warn(f"save_adapter: {describe(unsaved)} require grad but are not saved: a MiSS adapter file "
+                      "holds the miss_blocks, the modules_to_save and the trained biases only. Name their modules "
+                      "in apply_miss(modules_to_save=...) to save them with the adapter, save them yourself "
+                      "(model.state_dict()), or freeze them (requires_grad_(False)) if they are not trained",
+                      stacklevel=3)
 
 
 def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]:
@@ -568,8 +588,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         mark_extras_trainable(model)
         keep_earlier_frozen(model, earlier_paths, earlier, bias)
     if dead:
-        warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight",
-                      stacklevel=2)
+        warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight. "
+                      f"{PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
     shared = record_shared_weights(model)
     warn_shared({name: shared[name] for name in new if name in shared})
     return wrapped

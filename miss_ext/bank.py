@@ -160,9 +160,20 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
         return index
     if index.dim() == 1 and len(lead) >= 2 and index.shape[0] == lead[0]:
         return index.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
-    raise ValueError(f"{where}: the adapter index has shape {tuple(index.shape)}; it needs x's leading sizes {lead} "
-                     f"or one entry per sequence ({lead[0] if lead else 0},). For beam search or "
-                     "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
+    message = (f"{where} (in_features={x.shape[-1]}): the adapter index has shape {tuple(index.shape)}; it needs "
+               f"x's leading sizes {lead}, or one entry per sequence when x is (batch, ..., in_features).")
+    if index.dim() == 1 and len(lead) >= 2 and lead[0] % max(index.shape[0], 1) == 0:
+        # A batch k times the names': beam search / num_return_sequences (rows grouped by sequence).
+        message += (f" x holds {lead[0]} sequences for {index.shape[0]} names: for beam search or "
+                    "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
+    elif index.dim() == 1 and len(lead) == 1:
+        # A 2-D x under a per-sequence index: the model flattened its tokens (an MoE block's
+        # experts and shared expert take hidden_states.view(-1, hidden)), rows no longer sequences.
+        message += (f" x is {tuple(x.shape)}: its {lead[0]} rows are not grouped by sequence. A model that flattens "
+                    "its tokens before a layer (an MoE block's experts or shared expert take "
+                    "hidden_states.view(-1, hidden)) cannot route that layer by sequence: leave it out of the bank's "
+                    "target_modules (README: rows are matched by the first dimension)")
+    raise ValueError(message)
 
 
 def _exporting() -> bool:

@@ -82,6 +82,9 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
     not reduce the new bank's gradients: apply the bank, then wrap)."""
     refuse_ddp_wrapped(model, "apply_bank")
+    # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
+    # resharded (local, invisible to the model's results), a sharded base is seen and refused.
+    reshard_fsdp(model)
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
     if not found:
         raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")

@@ -12,9 +12,9 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter_files import KEY_PREFIX, base_model_name, write_adapter
+from .adapter_files import KEY_PREFIX, full_block, base_model_name, write_adapter
 from .model import is_ddp, miss_layers, trainable_extras, unwrap_data_parallel, writes_here
-from .modules import refuse_meta
+from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
 
 
@@ -100,8 +100,12 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     adapters, merged layers, layers of different r or dropout (one LoRA config holds one r
     and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
     or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce. A
-    DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes."""
+    DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes.
+    Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
+    every rank must call export_lora, and rank 0 writes the whole adapter."""
     ddp, model = is_ddp(model), unwrap_data_parallel(model)
+    # The float32 master blocks, not the gathered bf16 copies a forward may have left.
+    fsdp = reshard_fsdp(model)
     adapters = _adapters(model, adapter_name)
     if not adapters:
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
@@ -124,8 +128,9 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
                          f"{sorted(settings)}")
     r, dropout = settings.pop()
     tensors: Dict[str, Tensor] = {}
-    for adapter in adapters:
-        a, b = lora_factors(adapter.block, adapter.in_features, adapter.out_features)
+    sharded = bool(fsdp) or any(is_dtensor(a.block) for a in adapters)
+    for adapter in adapters:  # every rank gathers, in model order
+        a, b = lora_factors(full_block(adapter.block), adapter.in_features, adapter.out_features)
         tensors[f"{KEY_PREFIX}{adapter.path}.lora_A.weight"] = a.cpu()
         tensors[f"{KEY_PREFIX}{adapter.path}.lora_B.weight"] = b.cpu()
     config = {
@@ -146,6 +151,6 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         "base_model_name_or_path": base_model_name(_peft_root(model) or model),
         "inference_mode": True,
     }
-    if not writes_here(ddp):  # every rank holds the same blocks
+    if not writes_here(ddp or sharded):  # every rank holds the same (gathered) blocks
         return
     write_adapter(path, tensors, config)

@@ -21,6 +21,11 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     return model.get_submodule(path.rpartition(".")[0])
 
 
+# Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
+# raises ValueError for such a layer when it builds it, so the saved files load only here.
+PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when it builds a layer, so PEFT cannot load "
+                           "such an adapter's files (save_adapter); miss_ext.load_adapter can")
+
 def unwrap_data_parallel(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel wrappers (their `.module`): adapter
     files name module paths of the model itself, without the wrapper's "module." prefix."""
@@ -322,6 +327,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     first, then wrap.
     """
     refuse_ddp_wrapped(model, "apply_miss")
+    # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
+    # resharded (local, invisible to the model's results), a sharded base is seen and refused.
+    reshard_fsdp(model)
     inference_mode = False
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
@@ -416,7 +424,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     dead = [name for name, linear in found if r > linear.in_features]
     if dead:
         warnings.warn(f"MiSS r={r} exceeds in_features of {describe(dead)}: block rows beyond in_features never "
-                      "receive a gradient and are dead weight", stacklevel=2)
+                      f"receive a gradient and are dead weight. {PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)

@@ -280,6 +280,8 @@ def tp_forward(layer: MissLinear, x: Tensor) -> Tensor:
     the base weight/bias and the block are DTensors, and the miss op runs on them (DTensor picks
     the local computation from the strategies above; the C++ autograd's inner ops do too)."""
     base = layer.base_layer
+    if all(pl.is_replicate() for pl in layer.miss_block.placements):
+        _reduce_grad_of(layer.miss_block)
     if layer.mode == "bat":
         return ops.bat_linear(x, base.weight, base.bias, layer.miss_block, None)
     p = layer.dropout if layer.training else 0.0
@@ -328,6 +330,20 @@ def _reduce_partial_grad(grad: Tensor) -> Tensor:
     return grad
 
 
+def _reduce_grad_of(block: Tensor) -> None:
+    """Registers _reduce_partial_grad on a replicated block that requires grad, unless it has it.
+    Done at each forward rather than once when the layer is sharded: a frozen block (served, or
+    inference_mode=True) takes no hook, one unfrozen later must get it, and a conversion that
+    replaces the parameter object (model.float(), model.to(dtype): DTensor parameters are swapped)
+    drops the hooks of the old one. Not under torch.compile, where Dynamo would trace the check;
+    the hook registered by an eager forward stays on the parameter and the engine still runs it."""
+    if not block.requires_grad or torch.compiler.is_compiling():
+        return
+    hooks = block._backward_hooks
+    if hooks is None or not any(h is _reduce_partial_grad for h in hooks.values()):
+        block.register_hook(_reduce_partial_grad)
+
+
 def _distribute_param(module: nn.Module, name: str, mesh: DeviceMesh, placement, src_data_rank) -> None:
     param = getattr(module, name)
     if param is None:
@@ -336,6 +352,17 @@ def _distribute_param(module: nn.Module, name: str, mesh: DeviceMesh, placement,
                                             src_data_rank=src_data_rank),
                           requires_grad=param.requires_grad)
     module.register_parameter(name, dparam)
+
+
+def _refuse_other_adapter_layers(style: str, module: nn.Module) -> None:
+    """TypeError for adapter layers the styles cannot shard (a MissBankLinear, PEFT's or an
+    accelerated PEFT MiSS layer): torch's style would refuse them as "not nn.Linear", which does not
+    say what is supported."""
+    from .bank import MissBankLinear
+    if isinstance(module, MissBankLinear) or hasattr(module, "miss_block"):
+        raise TypeError(f"{style}: cannot shard a {type(module).__module__}.{type(module).__name__}; the styles shard "
+                        "miss_ext.MissLinear layers (a model adapted by miss_ext.apply_miss or load_adapter), "
+                        "not PEFT's MiSS layers (accelerated or not) or MissBankLinear")
 
 
 def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
@@ -388,11 +415,11 @@ class MissColwiseParallel(ColwiseParallel):
         _distribute_param(base, "bias", mesh, Shard(0), self.src_data_rank)
         placement = {"default": Shard(1), "mini": R, "bat": Shard(0)}[module.mode]
         _distribute_param(module, "miss_block", mesh, placement, self.src_data_rank)
-        if placement == R:
-            module.miss_block.register_hook(_reduce_partial_grad)
+        # A replicated (mini) block's gradient is reduced by a hook that tp_forward registers.
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):
+            _refuse_other_adapter_layers(type(self).__name__, module)
             return super()._apply(module, device_mesh)
         check_torch_version(type(self).__name__)
         _check_miss_layer(type(self).__name__, module, device_mesh)
@@ -434,11 +461,11 @@ class MissRowwiseParallel(RowwiseParallel):
         base = module.base_layer
         _distribute_param(base, "weight", mesh, Shard(1), self.src_data_rank)
         _distribute_param(base, "bias", mesh, R, self.src_data_rank)
-        _distribute_param(module, "miss_block", mesh, R, self.src_data_rank)
-        module.miss_block.register_hook(_reduce_partial_grad)
+        _distribute_param(module, "miss_block", mesh, R, self.src_data_rank)  # its grad hook: tp_forward
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):
+            _refuse_other_adapter_layers(type(self).__name__, module)
             return super()._apply(module, device_mesh)
         check_torch_version(type(self).__name__)
         style = type(self).__name__

@@ -471,10 +471,106 @@ def unsharded_and_wrapped(rank: int, world_size: int, folder: str):
     return out
 
 
+class _Holder(torch.nn.Module):
+    """A module holding the model, as a user's training wrapper does: fully_shard goes on it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
+
+def _read_tensors(path: str):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def _file_gap(path_a: str, path_b: str) -> float:
+    a, b = _read_tensors(path_a), _read_tensors(path_b)
+    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def roots_above_and_exports(rank: int, world_size: int, folder: str):
+    """Found by a review (2026-12-01): FSDP2 modules a forward left unsharded, and fully_shard
+    on a module above the model passed in.
+    - apply_miss / apply_bank on a root-only-sharded model after a no_grad forward (its weights
+      then FSDP's plain gathered copies): refused like a sharded model (they were accepted, and
+      each rank trained its own block);
+    - fully_shard on a wrapper holding the model, bf16 MixedPrecisionPolicy, no_grad forward:
+      save_adapter(wrapper.lm) writes the float32 master blocks on rank 0 only (it wrote bf16
+      copies from every rank), load_adapter(wrapper.lm) reaches the sharded blocks (it was lost);
+    - export_lora of a sharded model, and of one left unsharded in bf16: rank 0 writes the same
+      file as one process (it raised inside safetensors, or wrote bf16 copies from every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    batch = local_batch(global_batch(world_size, 0), rank)
+    out = {}
+
+    plain = fully_shard(tiny_causal_lm("llama", dtype=torch.float32), mesh=mesh)
+    with torch.no_grad():
+        plain(input_ids=batch)  # the root stays unsharded: plain gathered weights
+    for what, call in (("apply_miss", lambda: miss_ext.apply_miss(plain, ["q_proj"], r=R)),
+                       ("apply_bank", lambda: miss_ext.apply_bank(plain, ["q_proj"], capacity=2, max_r=R))):
+        try:
+            call()
+            out[what] = None
+        except (TypeError, ValueError) as e:
+            out[what] = str(e)
+    out["still_plain"] = not miss_ext.miss_layers(plain) and not miss_ext.bank_model.bank_layers(plain)
+
+    # Every rank writes the single-process references to its own path (a plain model).
+    single = make_model("default", R, 0.0, "fp32", block_seed=1)
+    ref_adapter, ref_lora = os.path.join(folder, f"ref-adapter{rank}"), os.path.join(folder, f"ref-lora{rank}")
+    miss_ext.save_adapter(single, ref_adapter)
+    miss_ext.export_lora(single, ref_lora)
+
+    wrapper = fully_shard(_Holder(make_model("default", R, 0.0, "fp32", block_seed=1)), mesh=mesh, mp_policy=bf16)
+    with torch.no_grad():
+        wrapper(input_ids=batch)
+    out["above_block_dtype"] = miss_ext.miss_layers(wrapper.lm)[0][1].miss_block.dtype
+    # Each rank passes its own path: only rank 0's may exist afterwards.
+    miss_ext.save_adapter(wrapper.lm, os.path.join(folder, f"above{rank}"))
+    with torch.no_grad():
+        wrapper(input_ids=batch)
+    miss_ext.export_lora(wrapper.lm, os.path.join(folder, f"above-lora{rank}"))
+    torch.distributed.barrier()  # rank 0 wrote
+    out["above_wrote"] = [os.path.exists(os.path.join(folder, f"{what}{rank}")) for what in ("above", "above-lora")]
+    out["above_gap"] = _file_gap(os.path.join(folder, "above0"), ref_adapter)
+    out["above_dtypes"] = sorted({str(t.dtype) for t in _read_tensors(os.path.join(folder, "above0")).values()})
+    out["above_lora_gap"] = _file_gap(os.path.join(folder, "above-lora0"), ref_lora)
+
+    # load_adapter(wrapper.lm) of other blocks while the wrapper is unsharded reaches the blocks.
+    other = make_model("default", R, 0.0, "fp32", block_seed=2)
+    other_path = os.path.join(folder, f"other{rank}")
+    miss_ext.save_adapter(other, other_path)
+    with torch.no_grad():
+        wrapper(input_ids=batch)
+    miss_ext.load_adapter(wrapper.lm, other_path)
+    wrapper(input_ids=batch, labels=batch).loss.backward()
+    got, want = blocks(wrapper.lm), blocks(other)
+    out["above_load_gap"] = max((got[n] - want[n]).abs().max().item() for n in want)
+
+    sharded = make_model("default", R, 0.0, "fp32", block_seed=1)
+    shard(sharded, world_size, "fp32")
+    miss_ext.export_lora(sharded, os.path.join(folder, f"sharded-lora{rank}"))
+    torch.distributed.barrier()
+    out["sharded_lora_wrote"] = os.path.exists(os.path.join(folder, f"sharded-lora{rank}"))
+    out["sharded_lora_gap"] = _file_gap(os.path.join(folder, "sharded-lora0"), ref_lora)
+    return out
+
+
 def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
     """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward,
-    load_into_sharded and unsharded_and_wrapped."""
+    load_into_sharded, unsharded_and_wrapped and roots_above_and_exports."""
     return {"dcp": dcp_resume(rank, world_size, modes, folder),
             "eval_save": save_after_eval_forward(rank, world_size, folder),
             "load_sharded": load_into_sharded(rank, world_size, folder),
-            "unsharded": unsharded_and_wrapped(rank, world_size, folder)}
+            "unsharded": unsharded_and_wrapped(rank, world_size, folder),
+            "roots_above": roots_above_and_exports(rank, world_size, folder)}

@@ -296,6 +296,12 @@ def test_refusals_name_the_problem():
         bank.index_of(["b", "a"])
     with pytest.raises(ValueError, match="leading sizes"):
         bank(torch.randn(3, IN), bank.index_of(["b", "c"]))
+    # Flattened tokens (an MoE expert's input) under one name per sequence: said so, no beam hint.
+    with pytest.raises(ValueError, match=r"x is \(12, \d+\): its 12 rows are not grouped by sequence") as caught:
+        bank(torch.randn(12, IN), bank.index_of(["b", "c"]))
+    assert "expand=k" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"x holds 4 sequences for 2 names: .*expand=k"):  # beam search
+        bank(torch.randn(4, 3, IN), bank.index_of(["b", "c"]))
     with pytest.raises(TypeError, match="int64"):
         bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
 

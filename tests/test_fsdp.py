@@ -313,3 +313,22 @@ while a forward left them holding plain gathered copies), apply_miss refuses sha
         assert u["ddp_extras_error"] is not None and "modules_to_save or biases" in u["ddp_extras_error"], u
         assert u["ddp_bank_error"] is not None and "DistributedDataParallel" in u["ddp_bank_error"], u
         assert u["ddp_written"] == [rank == 0, rank == 0], (rank, u["ddp_written"])
+
+
+def test_unsharded_roots_and_roots_above_the_model(checkpoint_runs):
+    """fsdp_models.roots_above_and_exports: FSDP2's gathered copies are not taken for plain
+    weights (apply_miss / apply_bank refuse), a fully_shard wrapper above the model passed in is
+    resharded (save_adapter writes float32 masters on rank 0 only, load_adapter reaches the
+    blocks), and export_lora gathers sharded blocks (rank 0 writes one process's file)."""
+    for rank, run in enumerate(checkpoint_runs):
+        u = run["roots_above"]
+        assert u["apply_miss"] is not None and "sharded over 2 ranks" in u["apply_miss"], u
+        assert u["apply_bank"] is not None and "sharded over 2 ranks" in u["apply_bank"], u
+        assert u["still_plain"], u
+        assert u["above_block_dtype"] == torch.bfloat16, u  # the state under test: FSDP's bf16 copies
+        assert u["above_wrote"] == [rank == 0, rank == 0], (rank, u["above_wrote"])
+        assert u["above_gap"] == 0.0 and u["above_dtypes"] == ["torch.float32"], u
+        assert u["above_lora_gap"] == 0.0, u
+        assert u["above_load_gap"] == 0.0, u
+        assert u["sharded_lora_wrote"] == (rank == 0), (rank, u["sharded_lora_wrote"])
+        assert u["sharded_lora_gap"] == 0.0, u

@@ -3,6 +3,7 @@ files, both directions, and old Bone files) and `export_lora`, on tiny transform
 error case checks that the model was left exactly as it was."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -64,6 +65,33 @@ def test_apply_miss_all_linear_skips_the_output_head(base):
 def test_apply_miss_keeps_other_parameters_trainable_when_asked(base):
     model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, freeze_others=False)
     assert model.lm_head.weight.requires_grad and not model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+
+
+def test_save_adapter_names_trainable_parameters_it_does_not_save(base, tmp_path):
+    """A MiSS file holds blocks, modules_to_save and trained biases only: anything else that
+    requires grad (freeze_others=False) is named in a warning, not dropped without a word (found
+    by a review: a reloaded model's logits differed by 1.4 with nothing said)."""
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, freeze_others=False)
+    with pytest.warns(UserWarning, match=r"save_adapter: model\.embed_tokens\.weight, .* require grad but are not saved"):
+        miss_ext.save_adapter(model, tmp_path / "loose")
+    frozen = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, modules_to_save=["lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # blocks and modules_to_save are saved: nothing to say
+        miss_ext.save_adapter(frozen, tmp_path / "saved")
+
+
+def test_r_above_in_features_warns_that_peft_cannot_load_the_files(tmp_path):
+    """r > in_features is supported here (docs/miss-spec.md), but PEFT 0.21 refuses such a layer
+    when it builds it: the warnings of apply_miss and load_adapter say so (a review saved such an
+    adapter with "all-linear" and found PEFT could not load it, with nothing said)."""
+    model = nn.Sequential(nn.Linear(4, 8))
+    with pytest.warns(UserWarning, match=r"r=6 exceeds in_features of 0: .*PEFT .* refuses r > in_features"):
+        miss_ext.apply_miss(model, ["0"], r=6)
+    miss_ext.save_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"r=6 exceeds in_features of 0: .*miss_ext\.load_adapter can"):
+        miss_ext.load_adapter(nn.Sequential(nn.Linear(4, 8)), tmp_path)
+    with pytest.raises(ValueError, match="in_features"):  # the reason for the warning
+        PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 8)), tmp_path)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -175,6 +175,57 @@ def rank_main(rank, world_size, folder):
         got = single(x)
     out["bat_mixed_dtype"] = (expected[:, 4 * rank:4 * (rank + 1)], full(got))
 
+    # Found by a review (2026-12-01). Styles on adapter layers they cannot shard: named, not torch's
+    # "only support nn.Linear and nn.Embedding".
+    from peft import MissConfig, get_peft_model
+
+    bank = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    miss_ext.apply_bank(bank, ["0"], capacity=2, max_r=2)
+    accelerated = miss_ext.peft.accelerate(get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                                                          MissConfig(r=2, target_modules=["0"])))
+    for name, root in {"bank_style": bank, "peft_style": accelerated.base_model.model}.items():
+        try:
+            parallelize_module(root, mesh, {"0": MissColwiseParallel()})
+            errors[name] = None
+        except TypeError as e:
+            errors[name] = str(e)
+
+    # A frozen adapter (serving; a config with inference_mode=True) shards and runs (the styles
+    # registered a gradient hook on replicated blocks, which a frozen tensor refuses), and the
+    # hook is there once the blocks train, also after model.float() replaced the parameters.
+    reference = build("mini", R, MINI_R, 0.0).eval()
+    frozen = build("mini", R, MINI_R, 0.0).eval().requires_grad_(False)
+    parallelize(frozen, mesh)
+    with torch.no_grad():
+        out["frozen_gap"] = (frozen(tokens()).logits - reference(tokens()).logits).abs().max().item()
+    frozen.float()
+    for _, layer in miss_ext.miss_layers(frozen):
+        layer.miss_block.requires_grad_(True)
+    train_step(frozen, 0.0)
+    out["unfrozen_local_grads"] = {n: (tuple(p.grad.placements), p.grad.to_local().clone())
+                                   for n, p in frozen.named_parameters()
+                                   if p.requires_grad and p.placements[0].is_replicate()}
+
+    # export_lora gathers sharded blocks (it raised inside safetensors): rank 0 writes one
+    # process's file.
+    import os
+
+    from safetensors.torch import load_file
+
+    lora = {}
+    for mode, mini_r in (("default", 1), ("mini", MINI_R)):
+        single_path, tp_path = os.path.join(folder, f"lora-{mode}-single{rank}"), os.path.join(folder, f"lora-{mode}{rank}")
+        miss_ext.export_lora(build(mode, R, mini_r, 0.0), single_path)
+        sharded_model = build(mode, R, mini_r, 0.0)
+        parallelize(sharded_model, mesh)
+        miss_ext.export_lora(sharded_model, tp_path)
+        dist.barrier()
+        single_file = load_file(os.path.join(single_path, "adapter_model.safetensors"))
+        tp_file = load_file(os.path.join(folder, f"lora-{mode}0", "adapter_model.safetensors"))
+        lora[mode] = (os.path.exists(tp_path), single_file.keys() == tp_file.keys() and len(single_file) > 0
+                      and all(torch.equal(single_file[k], tp_file[k]) for k in single_file))
+    out["lora"] = lora
+
     # check_keys: ranks seeded differently draw different dropout keys, which must be refused (a
     # replicated fold with a different mask on each rank would silently give wrong gradients).
     model = build("default", R, 1, 0.1)
@@ -288,6 +339,32 @@ def test_refusals(ranks):
         assert errors["col_out_lt_world"] is not None and "out_features=1 over 2" in errors["col_out_lt_world"], errors
         assert errors["miss_after_tp"] is not None and "sharded over 2 ranks" in errors["miss_after_tp"], errors
         assert result["key_error"] is not None and "dropout key differs" in result["key_error"]
+
+
+def test_styles_refuse_adapter_layers_they_cannot_shard_by_name(ranks):
+    for result in ranks:
+        errors = result["errors"]
+        assert errors["bank_style"] is not None and "MissBankLinear" in errors["bank_style"], errors
+        assert errors["peft_style"] is not None and "AcceleratedMissLinear" in errors["peft_style"], errors
+
+
+def test_frozen_blocks_shard_and_get_their_gradient_hook_when_unfrozen(ranks):
+    from torch.distributed.tensor import Replicate
+
+    for result in ranks:
+        assert result["frozen_gap"] < 1e-12, result["frozen_gap"]
+        local = result["unfrozen_local_grads"]
+        assert len(local) == 2 * len(TARGETS), sorted(local)  # mini: every block is replicated
+        for key, (placements, grad) in local.items():
+            assert placements == (Replicate(),), key
+            assert torch.equal(grad, ranks[1]["unfrozen_local_grads"][key][1]), key
+
+
+def test_export_lora_gathers_sharded_blocks(ranks):
+    for rank, result in enumerate(ranks):
+        for mode, (wrote, equal) in result["lora"].items():
+            assert wrote == (rank == 0), (rank, mode)
+            assert equal, mode
 
 
 def test_sharded_bat_takes_x_of_another_dtype_than_its_base(ranks):
