@@ -15,11 +15,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import (EXTRAS_ATTR, PEFT_REFUSES_R_ABOVE_IN, check_bias, extra_parameters, extras_requires_grad,
+from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
-                    unwrap_data_parallel, warn_shared, writes_here)
-from .modules import MissLinear, base_refusal, block_shape, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
+                    unwrap_model, warn_shared, writes_here)
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
+                      refuse_meta, reshard_fsdp)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
@@ -204,11 +205,13 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     unwrapped model under DDP: call it on one rank).
 
     ValueError, writing nothing, for a model without MissLinear layers or with layers of
-    different r, mode, mini_r or dropout (one PEFT config holds one of each). A model in a
-    DistributedDataParallel / DataParallel wrapper is saved as the model inside it (paths without
-    the wrapper's "module."); under DistributedDataParallel only rank 0 writes by default, as for
-    a sharded model (every rank holds the same blocks)."""
-    ddp, model = is_ddp(model), unwrap_data_parallel(model)
+    different r, mode, mini_r or dropout (one PEFT config holds one of each). UserWarning naming
+    the parameters that require grad but are not saved (anything beyond the blocks,
+    modules_to_save and the trained biases: PEFT's format has no place for them). A model in a
+    DistributedDataParallel / DataParallel / torch.compile wrapper is saved as the model inside it
+    (paths without the wrapper's "module." / "_orig_mod."); under DistributedDataParallel only
+    rank 0 writes by default, as for a sharded model (every rank holds the same blocks)."""
+    ddp, model = is_ddp(model), unwrap_model(model)
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
@@ -532,7 +535,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     model already trains, can be loaded (ValueError otherwise: DDP would not reduce the
     gradients of parameters that start training after it was built).
     """
-    wrapped, model = model, unwrap_data_parallel(model)
+    wrapped, model = model, unwrap_model(model)
     config, blocks, extras = read_adapter(path)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")

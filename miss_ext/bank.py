@@ -162,17 +162,19 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
         return index.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
     message = (f"{where} (in_features={x.shape[-1]}): the adapter index has shape {tuple(index.shape)}; it needs "
                f"x's leading sizes {lead}, or one entry per sequence when x is (batch, ..., in_features).")
-    if index.dim() == 1 and len(lead) >= 2 and lead[0] % max(index.shape[0], 1) == 0:
-        # A batch k times the names': beam search / num_return_sequences (rows grouped by sequence).
-        message += (f" x holds {lead[0]} sequences for {index.shape[0]} names: for beam search or "
+    # Hints from the shapes alone, so worded as conditions: which case it is, only the caller knows.
+    names = index.shape[0] if index.dim() == 1 else 0
+    if names and len(lead) >= 2 and lead[0] > names and lead[0] % names == 0:
+        # A batch k times the names': what beam search / num_return_sequences make.
+        message += (f" x holds {lead[0]} sequences for {names} names: if that is beam search or "
                     "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
-    elif index.dim() == 1 and len(lead) == 1:
-        # A 2-D x under a per-sequence index: the model flattened its tokens (an MoE block's
-        # experts and shared expert take hidden_states.view(-1, hidden)), rows no longer sequences.
-        message += (f" x is {tuple(x.shape)}: its {lead[0]} rows are not grouped by sequence. A model that flattens "
-                    "its tokens before a layer (an MoE block's experts or shared expert take "
-                    "hidden_states.view(-1, hidden)) cannot route that layer by sequence: leave it out of the bank's "
-                    "target_modules (README: rows are matched by the first dimension)")
+    elif names and len(lead) == 1 and lead[0] > names:
+        # More rows than names in a 2-D x: what a model that flattens its tokens passes (an MoE
+        # block's experts and shared expert take hidden_states.view(-1, hidden)).
+        message += (f" x is {tuple(x.shape)}: if the model flattens its tokens before this layer (an MoE block's "
+                    "experts or shared expert take hidden_states.view(-1, hidden)), its rows are not sequences and "
+                    "cannot be routed by sequence: leave that layer out of the bank's target_modules (README: rows "
+                    "are matched by the first dimension)")
     raise ValueError(message)
 
 

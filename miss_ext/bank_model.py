@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
-from .model import is_ddp, refuse_ddp_wrapped, unwrap_data_parallel, writes_here
+from .model import is_ddp, refuse_ddp_wrapped, unwrap_model, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
 
@@ -62,7 +62,7 @@ def _model_to_change(model: nn.Module) -> nn.Module:
     wrapper (file paths are the inner model's), with FSDP2 modules resharded first (a forward
     may have left FSDP's gathered copies registered, and a write into them would be lost; a
     sharded bank then refuses slot changes)."""
-    model = unwrap_data_parallel(model)
+    model = unwrap_model(model)
     reshard_fsdp(model)
     return model
 
@@ -82,6 +82,9 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
     not reduce the new bank's gradients: apply the bank, then wrap)."""
     refuse_ddp_wrapped(model, "apply_bank")
+    # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
+    # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
+    outer, model = model, unwrap_model(model)
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
@@ -109,7 +112,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
         layer = MissBankLinear(module, capacity, max_r)
         layer.train(module.training)  # an eval model stays in eval mode (no adapter dropout)
         set_module(model, name, layer)
-    return model
+    return outer
 
 
 def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default", mini_r: int = 1,
@@ -280,7 +283,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
     every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
-    ddp, model = is_ddp(model), unwrap_data_parallel(model)
+    ddp, model = is_ddp(model), unwrap_model(model)
     layers = _layers(model, "save_bank_adapter")
     refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
     slot = layers[0][1]._slot(name)

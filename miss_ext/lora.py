@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, full_block, base_model_name, write_adapter
-from .model import is_ddp, miss_layers, trainable_extras, unwrap_data_parallel, writes_here
+from .model import is_ddp, miss_layers, trainable_extras, unwrap_model, writes_here
 from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
 
@@ -103,7 +103,7 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
     every rank must call export_lora, and rank 0 writes the whole adapter."""
-    ddp, model = is_ddp(model), unwrap_data_parallel(model)
+    ddp, model = is_ddp(model), unwrap_model(model)
     # The float32 master blocks, not the gathered bf16 copies a forward may have left.
     fsdp = reshard_fsdp(model)
     adapters = _adapters(model, adapter_name)

@@ -1,5 +1,6 @@
 """Model-level MiSS without PEFT: put `MissLinear` layers into a model, merge them back out."""
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -7,8 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import (WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape, check_dropout, merge_refusal,
-                      reshard_fsdp)
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
+                      check_dropout, merge_refusal, reshard_fsdp)
 from .targets import (ALL_LINEAR, TargetModules, check_selection_fields, describe, find_targets, matches,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
                       second_paths, set_module, shared_weight_message)
@@ -21,17 +22,26 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     return model.get_submodule(path.rpartition(".")[0])
 
 
-# Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
-# raises ValueError for such a layer when it builds it, so the saved files load only here.
-PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when it builds a layer, so PEFT cannot load "
-                           "such an adapter's files (save_adapter); miss_ext.load_adapter can")
+def compiled_inner(model: nn.Module) -> Optional[nn.Module]:
+    """The module inside a torch.compile wrapper (OptimizedModule's `_orig_mod`), else None.
+    torch._dynamo is only looked up, never imported: a compiled module means it is loaded."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return None
 
-def unwrap_data_parallel(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers (their `.module`): adapter
-    files name module paths of the model itself, without the wrapper's "module." prefix."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers (their `.module`) and
+    torch.compile wrappers (`_orig_mod`), in any nesting: adapter files name module paths of the
+    model itself, without a wrapper's "module." or "_orig_mod." prefix."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif (inner := compiled_inner(model)) is not None:
+            model = inner
+        else:
+            return model
 
 
 def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
@@ -57,7 +67,16 @@ def undo_each(undos: Sequence[Tuple[str, Callable[[], None]]], where: str) -> No
 
 
 def is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+    """Whether the model is wrapped in DistributedDataParallel, also under torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+        elif (inner := compiled_inner(model)) is not None:
+            model = inner
+        else:
+            return False
 
 
 def writes_here(shared_by_ranks: bool) -> bool:
@@ -327,6 +346,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     first, then wrap.
     """
     refuse_ddp_wrapped(model, "apply_miss")
+    # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
+    # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
+    outer, model = model, unwrap_model(model)
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
@@ -459,7 +481,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         saved = extra_parameters(model, {"modules_to_save": save_paths, "bias": "none"})
         for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
             p.requires_grad_(False)
-    return model
+    return outer
 
 
 # The heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py, 0.21:

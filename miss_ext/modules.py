@@ -14,6 +14,11 @@ from torch.nn.utils import parametrize
 from .ops import new_dropout_key
 from .targets import shared_weight_message
 
+# Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
+# raises ValueError for such a layer when it builds it, so the saved files load only here.
+PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when it builds a layer, so PEFT cannot load "
+                           "such an adapter's files (save_adapter); miss_ext.load_adapter can")
+
 MODES = ("default", "mini", "bat")
 
 
@@ -432,7 +437,8 @@ class MissLinear(nn.Module):
         if r > in_features:
             warnings.warn(
                 f"MiSS r={r} > in_features={in_features}: miss_block rows {in_features}..{r - 1} never "
-                "receive a gradient and are dead weight (supported for adapters saved that way)",
+                f"receive a gradient and are dead weight (supported for adapters saved that way). "
+                f"{PEFT_REFUSES_R_ABOVE_IN}",
                 stacklevel=2,
             )
 

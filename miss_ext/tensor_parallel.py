@@ -280,10 +280,9 @@ def tp_forward(layer: MissLinear, x: Tensor) -> Tensor:
     the base weight/bias and the block are DTensors, and the miss op runs on them (DTensor picks
     the local computation from the strategies above; the C++ autograd's inner ops do too)."""
     base = layer.base_layer
-    if all(pl.is_replicate() for pl in layer.miss_block.placements):
-        _reduce_grad_of(layer.miss_block)
+    block = _replicated_gradient(layer.miss_block)
     if layer.mode == "bat":
-        return ops.bat_linear(x, base.weight, base.bias, layer.miss_block, None)
+        return ops.bat_linear(x, base.weight, base.bias, block, None)
     p = layer.dropout if layer.training else 0.0
     key: Optional[Tensor] = None
     if p > 0.0:
@@ -302,16 +301,16 @@ def tp_forward(layer: MissLinear, x: Tensor) -> Tensor:
                                    "rank the same (torch.manual_seed) so that the replicated fold sees one mask")
         key = DTensor.from_local(local_key, mesh, [R] * mesh.ndim, run_check=False)
     if layer._tp_style == "rowwise" and (p > 0.0 or not shards_aligned(layer.in_features, layer.r, x.device_mesh)):
-        return _rowwise_gathered(layer, x, p, key)
-    return ops.linear(x, base.weight, base.bias, layer.miss_block, p, key)
+        return _rowwise_gathered(layer, block, x, p, key)
+    return ops.linear(x, base.weight, base.bias, block, p, key)
 
 
-def _rowwise_gathered(layer: MissLinear, x: Tensor, p: float, key: Optional[Tensor]) -> Tensor:
+def _rowwise_gathered(layer: MissLinear, block: Tensor, x: Tensor, p: float, key: Optional[Tensor]) -> Tensor:
     """A row-wise layer whose fold cannot be split (dropout, or shards of in not starting at
     multiples of r): the base term stays a partial sum of the local shards, the adapter's fold runs
     on the all-gathered x (so its mask and its i mod r see global columns). Same precision as
     MissLinear's unfused path: the term in the block's dtype, one rounding to x's dtype."""
-    base, block = layer.base_layer, layer.miss_block
+    base = layer.base_layer
     mesh = x.device_mesh
     y = torch.nn.functional.linear(x, base.weight, base.bias)  # Partial
     x_full = x.redistribute(mesh, [R] * mesh.ndim)  # all-gather; its backward slices the gradient back
@@ -322,26 +321,18 @@ def _rowwise_gathered(layer: MissLinear, x: Tensor, p: float, key: Optional[Tens
 
 
 # ---- the parallel styles ---------------------------------------------------------------------
-def _reduce_partial_grad(grad: Tensor) -> Tensor:
-    """A replicated block's gradient comes out of the backward as a Partial DTensor (each rank
-    holds its part of the sum); reduce it to Replicate so that every rank sees the same gradient."""
-    if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
-        grad = grad.redistribute(grad.device_mesh, [R] * grad.device_mesh.ndim)
-    return grad
-
-
-def _reduce_grad_of(block: Tensor) -> None:
-    """Registers _reduce_partial_grad on a replicated block that requires grad, unless it has it.
-    Done at each forward rather than once when the layer is sharded: a frozen block (served, or
-    inference_mode=True) takes no hook, one unfrozen later must get it, and a conversion that
-    replaces the parameter object (model.float(), model.to(dtype): DTensor parameters are swapped)
-    drops the hooks of the old one. Not under torch.compile, where Dynamo would trace the check;
-    the hook registered by an eager forward stays on the parameter and the engine still runs it."""
-    if not block.requires_grad or torch.compiler.is_compiling():
-        return
-    hooks = block._backward_hooks
-    if hooks is None or not any(h is _reduce_partial_grad for h in hooks.values()):
-        block.register_hook(_reduce_partial_grad)
+def _replicated_gradient(block: Tensor) -> Tensor:
+    """The block as the layer's ops use it. A replicated block's gradient comes out of the backward
+    as a Partial DTensor (each rank holds its part of the sum); it is reduced to Replicate, so every
+    rank holds the same gradient, by a redistribute to the block's own placements: the identity in
+    forward (the same local tensor), a Partial -> Replicate all-reduce in backward. Part of the
+    autograd graph, it holds under torch.compile, for a frozen block (nothing to reduce), for one
+    unfrozen later, and after a conversion (model.float()) replaced the parameter, where a tensor
+    hook registered on the parameter when it was sharded did not (it stopped firing, or could not
+    be registered on a frozen block)."""
+    if not block.requires_grad or not all(pl.is_replicate() for pl in block.placements):
+        return block
+    return block.redistribute(block.device_mesh, block.placements)
 
 
 def _distribute_param(module: nn.Module, name: str, mesh: DeviceMesh, placement, src_data_rank) -> None:
@@ -415,7 +406,7 @@ class MissColwiseParallel(ColwiseParallel):
         _distribute_param(base, "bias", mesh, Shard(0), self.src_data_rank)
         placement = {"default": Shard(1), "mini": R, "bat": Shard(0)}[module.mode]
         _distribute_param(module, "miss_block", mesh, placement, self.src_data_rank)
-        # A replicated (mini) block's gradient is reduced by a hook that tp_forward registers.
+        # A replicated (mini) block's gradient is reduced in tp_forward (_replicated_gradient).
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):
@@ -461,7 +452,7 @@ class MissRowwiseParallel(RowwiseParallel):
         base = module.base_layer
         _distribute_param(base, "weight", mesh, Shard(1), self.src_data_rank)
         _distribute_param(base, "bias", mesh, R, self.src_data_rank)
-        _distribute_param(module, "miss_block", mesh, R, self.src_data_rank)  # its grad hook: tp_forward
+        _distribute_param(module, "miss_block", mesh, R, self.src_data_rank)  # grad reduced: tp_forward
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MissLinear):

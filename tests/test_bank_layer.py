@@ -297,11 +297,15 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="leading sizes"):
         bank(torch.randn(3, IN), bank.index_of(["b", "c"]))
     # Flattened tokens (an MoE expert's input) under one name per sequence: said so, no beam hint.
-    with pytest.raises(ValueError, match=r"x is \(12, \d+\): its 12 rows are not grouped by sequence") as caught:
+    with pytest.raises(ValueError, match=r"x is \(12, \d+\): if the model flattens its tokens") as caught:
         bank(torch.randn(12, IN), bank.index_of(["b", "c"]))
     assert "expand=k" not in str(caught.value)
-    with pytest.raises(ValueError, match=r"x holds 4 sequences for 2 names: .*expand=k"):  # beam search
+    with pytest.raises(ValueError, match=r"x holds 4 sequences for 2 names: if that is beam search.*expand=k"):
         bank(torch.randn(4, 3, IN), bank.index_of(["b", "c"]))
+    for x in (torch.randn(0, 3, IN), torch.randn(1, IN)):  # fewer rows than names: no hint
+        with pytest.raises(ValueError, match="leading sizes") as caught:
+            bank(x, bank.index_of(["b", "c"]))
+        assert " if " not in str(caught.value), str(caught.value)
     with pytest.raises(TypeError, match="int64"):
         bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
 

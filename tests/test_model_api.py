@@ -80,6 +80,31 @@ def test_save_adapter_names_trainable_parameters_it_does_not_save(base, tmp_path
         miss_ext.save_adapter(frozen, tmp_path / "saved")
 
 
+def test_torch_compile_wrappers_are_looked_through(base, tmp_path):
+    """apply_miss, save_adapter, load_adapter and export_lora on a torch.compile wrapper act on
+    the model inside it: its paths (no "_orig_mod." prefix, which PEFT could not find), its recorded
+    modules_to_save (save_adapter raised "would make PEFT also save _orig_mod.lm_head"). Found by
+    a review. Nothing is compiled here: wrapping alone gives the prefixed paths."""
+    inner = copy.deepcopy(base)
+    compiled = torch.compile(inner)
+    assert miss_ext.apply_miss(compiled, TARGETS, r=R, modules_to_save=["lm_head"], init_weights=False) is compiled
+    assert miss_paths(inner) and miss_paths(inner)[0].startswith("model.layers.")
+    miss_ext.save_adapter(compiled, tmp_path / "adapter")
+    keys = sorted(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.") or k.startswith("base_model.model.lm_head.") for k in keys), keys
+    assert any(".lm_head." in k for k in keys)
+    ids = tokens()
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(ids).logits, inner(ids).logits, **TOL)
+    target = copy.deepcopy(base)
+    miss_ext.load_adapter(torch.compile(target), tmp_path / "adapter")
+    assert miss_paths(target) == miss_paths(inner)
+    torch.testing.assert_close(target(ids).logits, inner(ids).logits, **TOL)
+    miss_ext.export_lora(torch.compile(miss_ext.apply_miss(copy.deepcopy(base), TARGETS, r=R)), tmp_path / "lora")
+    lora_keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert lora_keys and not any("_orig_mod" in k for k in lora_keys)
+
+
 def test_r_above_in_features_warns_that_peft_cannot_load_the_files(tmp_path):
     """r > in_features is supported here (docs/miss-spec.md), but PEFT 0.21 refuses such a layer
     when it builds it: the warnings of apply_miss and load_adapter say so (a review saved such an

@@ -190,21 +190,32 @@ def rank_main(rank, world_size, folder):
         except TypeError as e:
             errors[name] = str(e)
 
-    # A frozen adapter (serving; a config with inference_mode=True) shards and runs (the styles
-    # registered a gradient hook on replicated blocks, which a frozen tensor refuses), and the
-    # hook is there once the blocks train, also after model.float() replaced the parameters.
+    # Replicated blocks' gradients are reduced to Replicate (identical on every rank) for a frozen
+    # adapter (serving; a config with inference_mode=True) unfrozen later, after model.float()
+    # replaced the parameters, and under torch.compile from the first step. The styles used to
+    # register a tensor hook at sharding time: refused on a frozen block, silent after float()
+    # (the hook stopped firing) and under compile (an attempt to register it at forward).
+    def replicated_local_grads(model):
+        return {n: (tuple(p.grad.placements), p.grad.to_local().clone()) for n, p in model.named_parameters()
+                if p.requires_grad and p.placements[0].is_replicate()}
+
     reference = build("mini", R, MINI_R, 0.0).eval()
     frozen = build("mini", R, MINI_R, 0.0).eval().requires_grad_(False)
     parallelize(frozen, mesh)
     with torch.no_grad():
         out["frozen_gap"] = (frozen(tokens()).logits - reference(tokens()).logits).abs().max().item()
-    frozen.float()
     for _, layer in miss_ext.miss_layers(frozen):
         layer.miss_block.requires_grad_(True)
     train_step(frozen, 0.0)
-    out["unfrozen_local_grads"] = {n: (tuple(p.grad.placements), p.grad.to_local().clone())
-                                   for n, p in frozen.named_parameters()
-                                   if p.requires_grad and p.placements[0].is_replicate()}
+    out["unfrozen_local_grads"] = replicated_local_grads(frozen)
+    frozen.float()
+    frozen.zero_grad(set_to_none=True)
+    train_step(frozen, 0.0)
+    out["converted_local_grads"] = replicated_local_grads(frozen)
+    compiled = build("mini", R, MINI_R, 0.0)
+    parallelize(compiled, mesh)
+    train_step(torch.compile(compiled, backend="aot_eager"), 0.0)
+    out["compiled_local_grads"] = replicated_local_grads(compiled)
 
     # export_lora gathers sharded blocks (it raised inside safetensors): rank 0 writes one
     # process's file.
@@ -348,16 +359,17 @@ def test_styles_refuse_adapter_layers_they_cannot_shard_by_name(ranks):
         assert errors["peft_style"] is not None and "AcceleratedMissLinear" in errors["peft_style"], errors
 
 
-def test_frozen_blocks_shard_and_get_their_gradient_hook_when_unfrozen(ranks):
+@pytest.mark.parametrize("case", ["unfrozen", "converted", "compiled"])
+def test_replicated_gradients_reduced_after_unfreezing_converting_and_compiling(ranks, case):
     from torch.distributed.tensor import Replicate
 
     for result in ranks:
         assert result["frozen_gap"] < 1e-12, result["frozen_gap"]
-        local = result["unfrozen_local_grads"]
+        local = result[f"{case}_local_grads"]
         assert len(local) == 2 * len(TARGETS), sorted(local)  # mini: every block is replicated
         for key, (placements, grad) in local.items():
-            assert placements == (Replicate(),), key
-            assert torch.equal(grad, ranks[1]["unfrozen_local_grads"][key][1]), key
+            assert placements == (Replicate(),), (case, key)
+            assert torch.equal(grad, ranks[1][f"{case}_local_grads"][key][1]), (case, key)
 
 
 def test_export_lora_gathers_sharded_blocks(ranks):
