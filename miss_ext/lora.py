@@ -12,7 +12,7 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter_files import KEY_PREFIX, full_block, base_model_name, write_adapter
+from .adapter_files import KEY_PREFIX, base_model_name, full_block, write_adapter
 from .model import is_ddp, miss_layers, trainable_extras, unwrap_model, writes_here
 from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
