@@ -131,8 +131,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     sharded = bool(fsdp) or any(is_dtensor(a.block) for a in adapters)
     for adapter in adapters:  # every rank gathers, in model order
         a, b = lora_factors(full_block(adapter.block), adapter.in_features, adapter.out_features)
-        tensors[f"{KEY_PREFIX}{adapter.path}.lora_A.weight"] = a.cpu()
-        tensors[f"{KEY_PREFIX}{adapter.path}.lora_B.weight"] = b.cpu()
+        tensors[f"{KEY_PREFIX}{adapter.path}.lora_A.weight"] = a  # on the CPU: full_block's copy
+        tensors[f"{KEY_PREFIX}{adapter.path}.lora_B.weight"] = b
     config = {
         "peft_type": "LORA",
         "r": r,

@@ -31,17 +31,25 @@ def compiled_inner(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers (their `.module`) and
-    torch.compile wrappers (`_orig_mod`), in any nesting: adapter files name module paths of the
-    model itself, without a wrapper's "module." or "_orig_mod." prefix."""
+def _wrapper_chain(model: nn.Module) -> List[nn.Module]:
+    """The model and every module inside its DistributedDataParallel / DataParallel (`.module`)
+    and torch.compile (`_orig_mod`) wrappers, outermost first, in any nesting."""
+    chain = [model]
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif (inner := compiled_inner(model)) is not None:
             model = inner
         else:
-            return model
+            return chain
+        chain.append(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers: adapter
+    files name module paths of the model itself, without a wrapper's "module." or "_orig_mod."
+    prefix."""
+    return _wrapper_chain(model)[-1]
 
 
 def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
@@ -68,15 +76,7 @@ def undo_each(undos: Sequence[Tuple[str, Callable[[], None]]], where: str) -> No
 
 def is_ddp(model: nn.Module) -> bool:
     """Whether the model is wrapped in DistributedDataParallel, also under torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return True
-        if isinstance(model, nn.DataParallel):
-            model = model.module
-        elif (inner := compiled_inner(model)) is not None:
-            model = inner
-        else:
-            return False
+    return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model))
 
 
 def writes_here(shared_by_ranks: bool) -> bool:

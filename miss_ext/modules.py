@@ -256,7 +256,8 @@ def reshard_fsdp(model: nn.Module) -> list:
     the next reshard, while a check of them would take them for plain parameters. After this the
     registered parameters are the sharded DTensors; the next forward gathers them again."""
     inside = _fsdp_modules(model.modules())
-    above = [owner for owner in fsdp_owners(model) if all(owner is not m for m in inside)]
+    inside_ids = {id(m) for m in inside}
+    above = [owner for owner in fsdp_owners(model) if id(owner) not in inside_ids]
     for module in inside + above:
         module.reshard()
     return inside + above
