@@ -31,15 +31,15 @@ import torch
 import torch.nn.functional as F
 
 import miss_ext  # noqa: F401  (registers torch.ops.miss)
-from measure import add_common_arguments, interleaved_medians, peak_mib, report
+from measure import add_common_arguments, interleaved_medians, peak_mib, positive_int, report
 
 ops = torch.ops.miss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--features", type=int, default=2048)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=positive_int, default=4096)
+    ap.add_argument("--features", type=positive_int, default=2048)
     add_common_arguments(ap, reps=15)
     args = ap.parse_args()
     dev = torch.device(args.device)

@@ -31,7 +31,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext.bank_model import bank_layers
-from measure import add_common_arguments, interleaved_medians, peak_mib, report
+from measure import add_common_arguments, interleaved_medians, peak_mib, positive_int, report
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,14 +64,16 @@ class LoopMiss(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--seqs", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=64)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=positive_int, default=4)
+    ap.add_argument("--hidden", type=positive_int, default=1024, help="a multiple of 128 (heads of 64, KV heads half as many)")
+    ap.add_argument("--intermediate", type=positive_int, default=2816)
+    ap.add_argument("--seqs", type=positive_int, default=16)
+    ap.add_argument("--seq-len", type=positive_int, default=64)
     add_common_arguments(ap, reps=7)
     args = ap.parse_args()
+    if args.hidden % 128:
+        ap.error(f"--hidden must be a multiple of 128 (attention heads of 64, KV heads half as many), got {args.hidden}")
     import transformers
 
     dev = torch.device(args.device)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import interleaved_medians  # noqa: E402
+from measure import device_arg, interleaved_medians, json_path_arg, positive_int, shapes_arg  # noqa: E402
 
 import miss_ext  # noqa: E402
 
@@ -117,12 +117,12 @@ def build_cases(T: int, in_f: int, out_f: int, r: int, device: torch.device) -> 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("-T", type=int, default=8192)
-    ap.add_argument("--shapes", default="4096x4096,4096x11008", help="in x out, comma-separated")
-    ap.add_argument("-r", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=40)
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("-T", type=positive_int, default=8192)
+    ap.add_argument("--shapes", type=shapes_arg, default="4096x4096,4096x11008", help="in x out, comma-separated")
+    ap.add_argument("-r", type=positive_int, default=64)
+    ap.add_argument("--reps", type=positive_int, default=40)
+    ap.add_argument("--json", type=json_path_arg, help="also write the figures here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     print("# What a fused base-GEMM epilogue could still save\n")
@@ -134,8 +134,8 @@ def main(argv=None):
     print("| shape | frozen ms | frozen_gemms | miss | fused_bound | fusion could save |")
     print("|---|---:|---:|---:|---:|---:|")
     results = {}
-    for shape in a.shapes.split(","):
-        in_f, out_f = (int(v) for v in shape.split("x"))
+    for in_f, out_f in a.shapes:
+        shape = f"{in_f}x{out_f}"
         ms, ratio = interleaved_medians(build_cases(a.T, in_f, out_f, a.r, device), a.reps, device, baseline="frozen")
         results[shape] = {"median_ms": ms, "median_ratio_vs_frozen": ratio}
         print(f"| {shape} | {ms['frozen']:.3f} | {ratio['frozen_gemms']:.3f}x | {ratio['miss']:.3f}x | "

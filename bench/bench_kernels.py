@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import environment, interleaved_medians  # noqa: E402
+from measure import device_arg, environment, interleaved_medians, json_path_arg, positive_int  # noqa: E402
 
 import miss_ext  # noqa: E402,F401  (registers torch.ops.miss)
 
@@ -87,12 +87,12 @@ def build_cases(a, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("-T", type=int, default=8192)
-    ap.add_argument("--in-features", type=int, default=4096)
-    ap.add_argument("-r", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--device", type=device_arg, default="cpu")
+    ap.add_argument("-T", type=positive_int, default=8192)
+    ap.add_argument("--in-features", type=positive_int, default=4096)
+    ap.add_argument("-r", type=positive_int, default=64)
+    ap.add_argument("--reps", type=positive_int, default=30)
+    ap.add_argument("--json", type=json_path_arg, help="also write the figures here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     cases, nbytes = build_cases(a, device)

@@ -33,7 +33,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import cpu_name, quantile  # noqa: E402
+from bench_linear import DTYPES, cpu_name, quantile  # noqa: E402
+from measure import device_arg, json_path_arg, nonnegative_int, positive_int  # noqa: E402
 from miss_ext.demo import saved_activation_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,7 +54,7 @@ def build_base(a):
                                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
                                       num_key_value_heads=a.heads, max_position_embeddings=a.seq)
     torch.manual_seed(a.seed)
-    return transformers.LlamaForCausalLM(config).to(device=a.device, dtype=getattr(torch, a.dtype)).train()
+    return transformers.LlamaForCausalLM(config).to(device=a.device, dtype=DTYPES[a.dtype]).train()
 
 
 def fill_blocks(model, seed):
@@ -80,6 +81,27 @@ def build_variants(base, mode, a):
                                dropout=a.dropout).train()
     fill_blocks(ours, a.seed + 1)
     return {"peft": peft, "peft+accelerate": accelerated, "miss_ext.apply_miss": ours}
+
+
+def eval_loss(model, ids):
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.float().item()
+    model.train(was_training)
+    return loss
+
+
+def check_agreement(variants, base, ids, mode):
+    """Before timing: every variant gives PEFT's loss in eval mode (no dropout), and the adapters
+    move it away from the base model's by more than that, so the variants train the same model."""
+    reference, base_loss = eval_loss(variants["peft"], ids), eval_loss(base, ids)
+    tol = (1e-5 if ids.device.type == "cpu" and base.dtype == torch.float32 else 2e-2) * max(1.0, abs(reference))
+    for name, model in variants.items():
+        diff = abs(eval_loss(model, ids) - reference)
+        if diff > tol or not abs(reference - base_loss) > diff:
+            raise SystemExit(f"{mode}: {name}'s loss is {diff:.3e} from PEFT's (tolerance {tol:.1e}; the adapters move "
+                             f"it {abs(reference - base_loss):.3e} from the base's): the variants differ")
 
 
 def clear(model):
@@ -147,13 +169,24 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="default,mini,bat", help="comma list of default, mini, bat")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--device", type=device_arg, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--json", type=json_path_arg, help="write the figures to this file")
     for key in PRESETS["cpu"]:
-        p.add_argument("--" + key.replace("_", "-"), type=type(PRESETS["cpu"][key]), default=None)
+        if key not in ("device", "dtype"):
+            p.add_argument("--" + key.replace("_", "-"), type=nonnegative_int if key == "warmup" else positive_int,
+                           default=None)
     a = p.parse_args(argv)
     for key, value in PRESETS[a.preset].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    unknown = [m for m in a.modes.split(",") if m not in PEFT_INIT]
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; expected a comma list of {', '.join(PEFT_INIT)}")
+    if not 0.0 <= a.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.hidden % a.heads:
+        p.error(f"--heads {a.heads} must divide --hidden {a.hidden}")
     return a
 
 
@@ -164,17 +197,19 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     base = build_base(a)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device)
-    device = torch.cuda.get_device_name() if a.device == "cuda" else cpu_name()
+    cuda = torch.device(a.device).type == "cuda"
+    device = torch.cuda.get_device_name(a.device) if cuda else cpu_name()
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}  torch {torch.__version__}  {device}  "
           f"threads {torch.get_num_threads()}")
     print(f"# Llama {a.layers} x {a.hidden} (mlp {a.intermediate}), seq {a.seq}, batch {a.batch}, {a.dtype}, "
           f"r={a.r}, mini_r={a.mini_r}, dropout={a.dropout}; {a.reps} reps (+{a.warmup} warm-up), interleaved\n")
     print("| mode | variant | median ms | vs PEFT | ratio p25-p75 | tokens/s | saved MiB |"
-          + (" peak MiB |" if a.device == "cuda" else ""))
-    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if a.device == "cuda" else ""))
+          + (" peak MiB |" if cuda else ""))
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     results = []
     for mode in a.modes.split(","):
         variants = build_variants(base, mode, a)
+        check_agreement(variants, base, ids, mode)
         times, ratios = time_variants(variants, ids, a)
         for name, model in variants.items():
             row = dict(mode=mode, variant=name, median_ms=1e3 * quantile(times[name], 0.5),
@@ -183,7 +218,7 @@ def main(argv=None):
             row["tokens_per_s"] = a.batch * a.seq / (row["median_ms"] / 1e3)
             line = (f"| {mode} | {name} | {row['median_ms']:.1f} | {row['ratio']:.3f}x | "
                     f"{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f} | {row['tokens_per_s']:.0f} | {row['saved_mib']:.1f} |")
-            if a.device == "cuda":
+            if cuda:
                 row["peak_mib"] = peak_mib(model, ids)
                 line += f" {row['peak_mib']:.1f} |"
             print(line, flush=True)

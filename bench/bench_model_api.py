@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import miss_ext  # noqa: E402
+from measure import json_path_arg, positive_int  # noqa: E402
 
 
 def one_run(layers: int) -> dict:
@@ -49,9 +51,9 @@ def one_run(layers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=560, help="adapted nn.Linear layers")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--layers", type=positive_int, default=560, help="adapted nn.Linear layers")
+    ap.add_argument("--reps", type=positive_int, default=3)
+    ap.add_argument("--json", type=json_path_arg, default=None, help="write the figures here")
     a = ap.parse_args()
     torch.set_num_threads(1)
     runs = [one_run(a.layers) for _ in range(a.reps)]

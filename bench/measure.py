@@ -12,11 +12,13 @@ free of PyTorch's CPU allocator, including those inside the miss kernels; the pe
 running sum of created minus destroyed bytes. CUDA: torch.cuda.max_memory_allocated around the
 call. The result the call returns counts (it is alive at the end).
 """
+import argparse
 import contextlib
 import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -26,14 +28,76 @@ import torch
 CUDA_LEAD_CYCLES = 1_000_000  # torch.cuda._sleep before a timed call: ~0.5 ms at an H200's 1.98 GHz
 
 
+# argparse types of the benchmarks' flags: a bad value exits 2 with a message naming it, before any
+# work (rather than a traceback from inside a measurement, or after a whole run for --json).
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """A torch device string this process can use: cpu, or cuda[:N] with such a GPU visible."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def shapes_arg(text: str) -> list:
+    """'INxOUT,INxOUT' -> [(in, out), ...], each a positive integer."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected INxOUT with positive integers (e.g. 4096x11008), got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def json_path_arg(text: str) -> str:
+    """An output path whose folder exists (or can be made) and is writable, checked up front."""
+    folder = os.path.dirname(os.path.abspath(text))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: cannot create its folder ({exc.strerror})") from None
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; give a file path")
+    try:  # a real write: os.access says yes to root even where nothing can be created (/proc)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder} ({exc.strerror})") from None
+    return text
+
+
 def add_common_arguments(ap, reps: int) -> None:
     """The flags both mixed-adapter benchmarks take: --r, --adapters, --reps, --device, --dtype, --json."""
-    ap.add_argument("--r", type=int, default=64)
-    ap.add_argument("--adapters", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=reps)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--r", type=positive_int, default=64)
+    ap.add_argument("--adapters", type=positive_int, default=16)
+    ap.add_argument("--reps", type=positive_int, default=reps)
+    ap.add_argument("--device", type=device_arg, default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--json", type=json_path_arg, help="also write the figures here")
 
 
 def interleaved_medians(cases: Dict[str, Callable], reps: int, device: torch.device,
@@ -104,9 +168,9 @@ def report(result: dict, digits: int, json_path=None) -> None:
     print(f"{'case':<8} {'median ms':>10} {'x single':>9} {'peak MiB':>9}")
     for k in ms:
         print(f"{k:<8} {ms[k]:>10.{digits}f} {ratio[k]:>9.3f} {peaks[k]:>9.1f}")
-    print(f"mixed is {ratio['gathered'] / ratio['mixed']:.2f}x faster than gathered (c), "
-          f"{ratio['masked'] / ratio['mixed']:.2f}x faster than masked (c'), "
-          f"{ratio['split'] / ratio['mixed']:.2f}x faster than split (b)")
+    print("mixed against the other mixed-batch cases (their time / mixed's: above 1 = mixed is faster): "
+          f"gathered (c) {ratio['gathered'] / ratio['mixed']:.2f}x, masked (c') {ratio['masked'] / ratio['mixed']:.2f}x, "
+          f"split (b) {ratio['split'] / ratio['mixed']:.2f}x")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)

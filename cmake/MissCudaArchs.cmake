@@ -9,13 +9,33 @@ if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND DEFINED ENV{TORCH_CUDA_ARCH_LIST}
   set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
 endif()
 if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND CMAKE_CUDA_ARCHITECTURES)
-  set(TORCH_CUDA_ARCH_LIST "")
-  foreach(_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
-    # 90 -> 9.0, 100a -> 10.0a, 90-real -> 9.0 (torch's list has no -real/-virtual suffixes)
-    string(REGEX REPLACE "-(real|virtual)$" "" _arch "${_arch}")
-    string(REGEX REPLACE "^([0-9]+)([0-9])([a-z]?)$" "\\1.\\2\\3" _arch "${_arch}")
-    list(APPEND TORCH_CUDA_ARCH_LIST "${_arch}")
-  endforeach()
+  # CMake's special values have torch counterparts: native -> Auto (torch probes the visible GPUs,
+  # and builds its common list when there are none), all -> All, all-major -> All (a superset:
+  # torch has no major-only list). Passed through unchanged, torch's config stops with "Unknown
+  # CUDA Architecture Name".
+  if(CMAKE_CUDA_ARCHITECTURES STREQUAL "native")
+    set(TORCH_CUDA_ARCH_LIST "Auto")
+  elseif(CMAKE_CUDA_ARCHITECTURES MATCHES "^all(-major)?$")
+    set(TORCH_CUDA_ARCH_LIST "All")
+  else()
+    set(TORCH_CUDA_ARCH_LIST "")
+    foreach(_miss_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+      # 90 -> 9.0, 100a -> 10.0a, 90-real -> 9.0, 90-virtual -> 9.0+PTX (torch's +PTX also keeps
+      # the machine code: a superset of PTX only; dropping -virtual would give machine code only)
+      if(NOT _miss_arch MATCHES "^([0-9]+)([0-9])([a-z]?)(-real|-virtual)?$")
+        message(FATAL_ERROR "CMAKE_CUDA_ARCHITECTURES entry '${_miss_arch}' is not understood here "
+                            "(expected e.g. 80, 90a, 90-real, 90-virtual, native, all); "
+                            "or set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") instead")
+      endif()
+      set(_miss_torch_arch "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+      if(CMAKE_MATCH_4 STREQUAL "-virtual")
+        string(APPEND _miss_torch_arch "+PTX")
+      endif()
+      list(APPEND TORCH_CUDA_ARCH_LIST "${_miss_torch_arch}")
+    endforeach()
+    unset(_miss_arch)
+    unset(_miss_torch_arch)
+  endif()
 endif()
 if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "8.0;9.0")

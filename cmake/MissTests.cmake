@@ -43,11 +43,12 @@ add_test(NAME install COMMAND ${CMAKE_COMMAND} --install "${CMAKE_CURRENT_BINARY
 set_tests_properties(install PROPERTIES FIXTURES_SETUP installed)
 
 # Only the install prefix and torch's CMake dir: everything else must come from the package.
+string(REPLACE ";" "|" _consumer_archs "${TORCH_CUDA_ARCH_LIST}")
 add_test(NAME consumer_build
   COMMAND ${CMAKE_COMMAND}
           -DSOURCE_DIR=${PROJECT_SOURCE_DIR}/examples/cpp -DBINARY_DIR=${_consumer}
           "-DPREFIX_PATH=${_prefix}|${Torch_DIR}/.." -DGENERATOR=${CMAKE_GENERATOR}
-          -DBUILD_TYPE=${CMAKE_BUILD_TYPE} -DCUDA_ARCHS=${TORCH_CUDA_ARCH_LIST}
+          -DBUILD_TYPE=${CMAKE_BUILD_TYPE} "-DCUDA_ARCHS=${_consumer_archs}"
           -P "${PROJECT_SOURCE_DIR}/cmake/build_consumer.cmake")
 set_tests_properties(consumer_build PROPERTIES FIXTURES_REQUIRED installed FIXTURES_SETUP consumer TIMEOUT 1200)
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs everything (scripts/setup_env.sh) and runs the main job: the layer benchmark.
-# Extra arguments go to bench/bench_linear.py (see --help).
+# Installs everything (scripts/setup_env.sh) and runs the layer benchmark, bench/bench_linear.py
+# (fwd+bwd of one adapted nn.Linear against a frozen one and PEFT's MiSS; figures in
+# bench/RESULTS.md). Extra arguments go to it (see --help). It runs in the caller's folder, so a
+# relative --json path means what it means there.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh
-. .venv/bin/activate
-python bench/bench_linear.py "$@"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh"
+# shellcheck disable=SC1091
+. "$root/.venv/bin/activate"
+python "$root/bench/bench_linear.py" "$@"

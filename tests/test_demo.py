@@ -142,17 +142,43 @@ def test_other_modes_and_bf16_match_peft_and_merge(tmp_path, capsys, extra):
     assert config["init_weights"] == {"mini": "mini", "bat": "bat"}.get(extra[1], True)
 
 
-def test_a_wrong_merge_fails_the_check_and_the_exit_code(tmp_path, capsys, monkeypatch):
-    def unload_without_merging(model):
-        # What a broken merge would do: drop the adapters, keep the base weights unchanged.
-        for name, layer in miss_ext.miss_layers(model):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.base_layer)
-        return model
+def unload_without_merging(model):
+    """What a broken merge would do: drop the adapters, keep the base weights unchanged."""
+    for name, layer in miss_ext.miss_layers(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    return model
 
+
+def test_a_wrong_merge_fails_the_check_and_the_exit_code(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(miss_ext, "merge_and_unload", unload_without_merging)
     assert demo.main(TINY + ["--steps", "6", "--no-peft", "--out", str(tmp_path)]) == 1
     assert re.search(r"merge check .* FAIL", capsys.readouterr().out)
+
+
+def test_a_merge_check_that_cannot_tell_does_not_pass(tmp_path, capsys, monkeypatch):
+    """One bf16 step at a tiny learning rate: the adapter moves the logits by less than the bf16
+    tolerance, so a merge that dropped it would pass; the check must say so and not pass (exit 1),
+    with a right merge or a wrong one."""
+    argv = TINY + ["--dtype", "bf16", "--steps", "1", "--lr", "1e-4", "--no-peft", "--out", str(tmp_path)]
+    assert demo.main(argv) == 1
+    assert re.search(r"merge check .* INCONCLUSIVE: the adapter moves the logits by only", capsys.readouterr().out)
+    monkeypatch.setattr(miss_ext, "merge_and_unload", unload_without_merging)
+    assert demo.main(argv) == 1
+    assert "INCONCLUSIVE" in capsys.readouterr().out
+
+
+def test_training_that_collapsed_exits_2_and_saves_nothing(tmp_path, capsys):
+    """--lr 1e6 leaves finite losses but logits that no longer depend on the input (all 0 when
+    measured); the NaN check let that through to a saved adapter and exit 0."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--size", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "8", "--lr", "1e6",
+                   "--no-peft", "--threads", "1", "--out", str(out)])
+    assert exc.value.code == 2
+    assert "--lr 1000000.0: training collapsed (miss_ext: the logits no longer depend on the input)" in \
+        capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_module_entry_point_runs_and_exits_zero(tmp_path):
@@ -189,6 +215,9 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--hidden", "96", "--heads", "32"], "needs an even head dimension"),
     (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
     (["--steps", str(10**12)], "is more than this demo runs"),
+    # the held-out batch would take most of the task's 448 sequences (5000: make_batches never ended)
+    (["--batch-size", "5000", "--no-peft"], "--batch-size 5000: the random model's task has only 448"),
+    (["--batch-size", "113", "--no-peft"], "give at most 112"),
     (["--out", __file__], "is a file; give a folder"),
     (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
     (["--out", ""], "--out: is empty; give a folder"),  # Path("") would be the current folder

@@ -1,10 +1,12 @@
 """`python -m miss_ext.demo.mixed` (issue 14): two adapters trained together on two tasks, saved in
-PEFT's format, loaded into a fresh bank, then one mixed generate() batch where each row must
-follow its own adapter's task (the demo's exit code checks it)."""
+PEFT's format, loaded into a fresh bank, then one mixed generate() batch where each row must equal
+its adapter alone and follow its own adapter's task (the demo's exit code checks it)."""
 import subprocess
 import sys
 
 import pytest
+
+import miss_ext
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -30,6 +32,22 @@ def test_an_untrained_bank_fails_the_check(capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_base_rows_served_by_an_adapter_fail_the_check(capsys, monkeypatch):
+    """A bank that serves the "__base__" rows of the generate batch with adapter "up": the base rows
+    then differ from the base model alone (and follow "up"), which the exit code must catch; it
+    checked the adapters' rows only."""
+    real = miss_ext.mixed_batch
+
+    def base_rows_to_up(model, names):
+        return real(model, ["up" if name == "__base__" else name for name in names])
+
+    monkeypatch.setattr(miss_ext, "mixed_batch", base_rows_to_up)
+    assert mixed.main([]) == 1
+    out = capsys.readouterr().out
+    assert "rows that differ from their adapter (or the base) generating alone: 16 of 48" in out
+    assert "FAILED" in out
+
+
 def test_module_entry_point_and_bad_flags():
     run = subprocess.run([sys.executable, "-m", "miss_ext.demo.mixed", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "Two MiSS adapters" in run.stdout
@@ -51,6 +69,8 @@ def test_module_entry_point_and_bad_flags():
     (["--batch-size", "5"], "--batch-size must be even (half the sequences per task), got 5"),
     (["--seq-len", "1"], "--seq-len must be at least 2 (a token and its successor), got 1"),
     (["--threads", "-1"], "--threads must be 0 (torch's choice) or positive, got -1"),
+    # PEFT refuses to load r > in_features (the tiny model's hidden size is 64)
+    (["--r", "100"], "--r 100 is larger than the smallest projection input (64); PEFT cannot load"),
 ])
 def test_bad_values_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

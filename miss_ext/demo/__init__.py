@@ -31,7 +31,7 @@ _merge (merge check), _driver (run_demo, main).
 from ._cli import (DTYPES, HELDOUT_FRACTION, SIZES, TARGET_MODULES, ModelDims, build_parser, cuda_kernels_built,
                    model_dims, parse_args, parse_target_modules, resolve_device, target_modules, user_mode,
                    validate)
-from ._driver import DemoResult, Prepared, main, peft_available, prepare_synthetic, prepare_user, run_demo, \
+from ._driver import DemoResult, Prepared, main, prepare_synthetic, prepare_user, run_demo, \
     torch_threads
 from ._merge import BF16_NOISE_FACTOR, MERGE_RTOL_FP32, MergeCheck, check_merge, logits_of, merge_tolerance
 from ._report import MIB, format_heldout, format_table, plot_losses, print_where

@@ -19,9 +19,9 @@ from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, v
 from ._merge import MergeCheck, check_merge
 from ._report import (format_heldout, format_table, plot_losses, print_where, synthetic_notes,
                       synthetic_references)
-from ._synthetic import build_base_model, make_batches
+from ._synthetic import TASK_SEQUENCES, build_base_model, make_batches
 from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, heldout_loss, save_base_model,
-                        saved_activation_bytes, train, trainable_parameters)
+                        predictions_depend_on_input, saved_activation_bytes, train, trainable_parameters)
 from ._user import (DemoInputError, check_causal, check_fits, check_model_dir, describe_model, load_model,
                     load_text_data, load_tokenizer, training_batches)
 
@@ -54,14 +54,6 @@ class DemoResult:
     base_path: Optional[Path] = None
 
 
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def torch_threads(count: Optional[int]):
     """torch.set_num_threads(count) for the block (count 0: leave torch's choice), then back: the
@@ -78,7 +70,13 @@ def torch_threads(count: Optional[int]):
 def prepare_synthetic(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path) -> Prepared:
     dims = model_dims(args)
     base = build_base_model(dims, args.seq_len, args.seed, dtype, device)
-    # The held-out sequences are kept out of the training batches (the task has only 448).
+    # The held-out sequences are kept out of the training batches (the task has only 448). A
+    # held-out batch of a quarter of them or more would leave the training batches too few
+    # sequences (and from 448 none at all: make_batches would redraw forever).
+    if args.batch_size > TASK_SEQUENCES // 4:
+        raise DemoInputError(f"--batch-size {args.batch_size}: the random model's task has only {TASK_SEQUENCES} "
+                             f"distinct sequences and the held-out batch is --batch-size of them; give at most "
+                             f"{TASK_SEQUENCES // 4} (or train on your own text with --model and --data)")
     heldout = make_batches(1, args.batch_size, args.seq_len, seed=args.seed + 2)[0]
     return Prepared(
         base=base, base_path=out / "base_model",  # saved with the adapter, once training succeeded
@@ -140,12 +138,8 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     base, batches = prepared.base, prepared.batches
     before = heldout_loss(base, prepared.heldout, args.batch_size, device)
 
-    variants = [("miss_ext", apply_miss_ext)]
-    if not args.no_peft:
-        if peft_available():
-            variants.append(("peft", apply_peft))
-        else:
-            print("peft is not importable: skipping the PEFT comparison (pip install peft)")
+    # peft is importable unless --no-peft: require_demo_packages checked it.
+    variants = [("miss_ext", apply_miss_ext)] + ([] if args.no_peft else [("peft", apply_peft)])
     models = {}
     for name, apply in variants:
         try:
@@ -173,6 +167,11 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     if diverged:
         raise DemoInputError(f"--lr {args.lr}: training diverged ({', '.join(diverged)}: the loss became NaN or inf); "
                              "nothing was saved; lower --lr")
+    collapsed = [name for name, model in models.items()
+                 if not predictions_depend_on_input(model, prepared.heldout[:args.batch_size], device)]
+    if collapsed:
+        raise DemoInputError(f"--lr {args.lr}: training collapsed ({', '.join(collapsed)}: the logits no longer depend "
+                             "on the input); nothing was saved; lower --lr")
     for run in runs:
         run.saved_bytes = saved_activation_bytes(models[run.name], batches[0].to(device))
     table = format_table(runs, device, dtype, prepared.model_desc, args, prepared.notes)
@@ -193,7 +192,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     merge_tokens = prepared.heldout[:args.batch_size]
     merge, merged_model, unmerged_logits = check_merge(miss_model, merge_tokens.to(device), dtype)
     print(f"\nmerge check on a held-out batch: max |merged - unmerged logits| = {merge.max_abs_diff:.3e} "
-          f"(tolerance {merge.tolerance:.1e}: {merge.rule}) {'PASS' if merge.passed else 'FAIL'}")
+          f"(tolerance {merge.tolerance:.1e}: {merge.rule}) {merge.verdict}")
 
     title = f"MiSS {args.mode} r={args.r} on {prepared.title}, {device.type}, {args.dtype}"
     references = list(prepared.references)
@@ -210,6 +209,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     validate(args, parser)
+    try:
+        require_demo_packages(args)
+    except ImportError as exc:  # a one-line message and exit 2, as for a flag the demo cannot run with
+        hint = "; --no-peft runs the demo without the PEFT comparison" if "'peft'" in str(exc) else ""
+        parser.error(f"{exc}{hint}")
     try:
         result = run_demo(args)
     except DemoInputError as exc:

@@ -11,6 +11,8 @@ VOCAB = 64
 # Steps of the counting sequences are drawn from 1..MAX_STRIDE; the model must infer each
 # sequence's step from its first two tokens (attention), then continue the count (MLP).
 MAX_STRIDE = 7
+# Distinct sequences of the task: a (start, stride) pair each.
+TASK_SEQUENCES = VOCAB * MAX_STRIDE
 
 
 def build_base_model(dims: ModelDims, seq_len: int, seed: int, dtype: torch.dtype = torch.float32,

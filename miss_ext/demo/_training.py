@@ -176,3 +176,17 @@ def heldout_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int, dev
             count += predicted
     model.train(was_training)
     return HeldoutLoss(loss=total / count, tokens=count)
+
+
+def predictions_depend_on_input(model: nn.Module, tokens: torch.Tensor, device: torch.device) -> bool:
+    """Whether the model's logits on the (n, seq_len) tokens vary with the input, in eval mode. A
+    run with a far too large learning rate can collapse to logits that are the same at every
+    position (measured: --lr 1e6 left them all exactly 0, a finite loss of ln(vocab)), which the
+    NaN check alone lets through."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens.to(device)).logits.float()
+    model.train(was_training)
+    spread = (logits - logits[:1, :1]).abs().amax().item()
+    return spread > 1e-6 * max(1.0, logits.abs().amax().item())

@@ -1,4 +1,4 @@
-"""Two MiSS adapters, two tasks, one batch (issue 14):  python -m miss_ext.demo.mixed [--help]
+"""Two MiSS adapters, two tasks, one batch:  python -m miss_ext.demo.mixed [--help]
 
 1. Builds the demo's random Llama (miss_ext.demo, no downloads), frozen, and puts an adapter bank
    on q/k/v/o/gate/up/down_proj (`miss_ext.apply_bank`) with two fresh adapters:
@@ -14,8 +14,10 @@
    ("__base__"), and prints some rows and, per adapter, the share of generated tokens that
    follow each task's rule.
 
-The exit code is 1 unless each adapter's rows follow its own task (at least --min-accuracy of
-the generated tokens) far more than the other task.
+The exit code is 1 unless every row of the mixed batch equals what its adapter alone generates
+(each adapter loaded by itself with `miss_ext.load_adapter` into its own copy of the base; the
+base model itself for "__base__"), each adapter's rows follow its own task (at least
+--min-accuracy of the generated tokens) and not the other's, and the base rows follow neither.
 """
 import argparse
 import copy
@@ -50,18 +52,21 @@ def random_starts(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m miss_ext.demo.mixed", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m miss_ext.demo.mixed", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the demo's model presets")
     ap.add_argument("--r", type=int, default=8, help="adapter rank of both adapters")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps (both adapters each step)")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per step, half per task")
     ap.add_argument("--seq-len", type=int, default=16, help="training sequence length")
-    ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (no weight decay: see below)")
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="Adam learning rate (no weight decay: it would also shrink the slots a batch does not use)")
     ap.add_argument("--new-tokens", type=int, default=10, help="tokens generated per prompt")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per adapter in the mixed generate batch")
-    ap.add_argument("--min-accuracy", type=float, default=0.9)
+    ap.add_argument("--min-accuracy", type=float, default=0.9,
+                    help="share of an adapter's generated tokens that must follow its task for exit code 0")
     ap.add_argument("--out", type=folder_path, default=None, help="keep the two adapter folders here (default: a temp dir)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the base model, the data and the prompts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 by default, as the main demo; 0 = torch's choice)")
     args = ap.parse_args(argv)
@@ -72,6 +77,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         ap.error(f"--threads must be 0 (torch's choice) or positive, got {args.threads}")
     if args.batch_size % 2:
         ap.error(f"--batch-size must be even (half the sequences per task), got {args.batch_size}")
+    hidden = SIZES[args.size]["hidden"]
+    if args.r > hidden:  # every target's in_features is at least the hidden size
+        ap.error(f"--r {args.r} is larger than the smallest projection input ({hidden}); PEFT cannot load such "
+                 "an adapter (it requires r <= in_features)")
     if args.seq_len < 2:
         ap.error(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
     if not 0.0 < args.min_accuracy <= 1.0:  # 0 would pass rows that follow nothing
@@ -142,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
             folders[task] = str(root / task)
             miss_ext.save_bank_adapter(model, task, folders[task], task_type="CAUSAL_LM")
         served = miss_ext.load_bank(copy.deepcopy(base), folders).eval()
+        # The reference for each row: its adapter alone, through the single-adapter layers.
+        alone = {task: miss_ext.load_adapter(copy.deepcopy(base), folders[task]).eval() for task in TASKS}
+        alone["__base__"] = base.eval()
         where = ", ".join(folders.values()) if args.out else "a temporary folder, removed now (--out keeps them)"
         print(f"saved both in PEFT's format and loaded them into a fresh bank: {where}")
 
@@ -154,12 +166,17 @@ def run(args: argparse.Namespace) -> int:
         out = served.generate(input_ids=prompt.repeat(len(rows), 1), max_new_tokens=args.new_tokens,
                               do_sample=False)[:, 1:]
     print(f"one generate() call, {len(names)} rows: the same {args.prompts} prompts under each of {rows}")
+    with torch.no_grad():
+        expected = torch.cat([alone[name].generate(input_ids=prompt, max_new_tokens=args.new_tokens,
+                                                   do_sample=False)[:, 1:] for name in rows])
+    differing = int((out != expected).any(dim=1).sum())
+    print(f"rows that differ from their adapter (or the base) generating alone: {differing} of {len(names)}")
     for i in range(2):
         for k, name in enumerate(rows):
             seq = out[k * args.prompts + i].tolist()
             print(f"  prompt {prompt[i].tolist()} {name:>8}: {seq}")
     print(f"share of generated tokens that follow each rule:\n  {'rows':>9} {'up':>6} {'down':>6}")
-    ok = True
+    ok = differing == 0
     for k, name in enumerate(rows):
         part = out[k * args.prompts:(k + 1) * args.prompts]
         shares = {task: follows(part, start, task) for task in TASKS}
@@ -167,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         if name in TASKS:
             other = TASKS[1 - TASKS.index(name)]
             ok = ok and shares[name] >= args.min_accuracy and shares[other] < 0.5
+        else:  # the base model knows neither task
+            ok = ok and max(shares.values()) < 0.5
     print("each row follows its adapter" if ok else
-          f"FAILED: an adapter's rows do not follow its task (needs >= {args.min_accuracy} and the other < 0.5)")
+          f"FAILED: a row differs from its adapter alone, an adapter's rows do not follow its task (needs >= "
+          f"{args.min_accuracy} and the other < 0.5), or the base rows follow a task (needs < 0.5)")
     return 0 if ok else 1
 
 
