@@ -83,25 +83,30 @@ def build_variants(base, mode, a):
     return {"peft": peft, "peft+accelerate": accelerated, "miss_ext.apply_miss": ours}
 
 
-def eval_loss(model, ids):
+def eval_logits(model, ids):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.float().item()
+        logits = model(input_ids=ids).logits.float()
     model.train(was_training)
-    return loss
+    return logits
 
 
 def check_agreement(variants, base, ids, mode):
-    """Before timing: every variant gives PEFT's loss in eval mode (no dropout), and the adapters
-    move it away from the base model's by more than that, so the variants train the same model."""
-    reference, base_loss = eval_loss(variants["peft"], ids), eval_loss(base, ids)
-    tol = (1e-5 if ids.device.type == "cpu" and base.dtype == torch.float32 else 2e-2) * max(1.0, abs(reference))
+    """Before timing: every variant gives PEFT's logits in eval mode (no dropout), and the adapters
+    move them away from the base model's by several times more than that, so the variants train the
+    same model. Tolerance relative to the largest logit: 1e-4 in float32, 2e-2 in half precision
+    (PEFT rounds the adapter term on its own; measured on a 4-layer 512-wide bf16 Llama: 0.016
+    apart in bat mode, 0 in the others, against adapter effects of 2.3-3.6)."""
+    reference = eval_logits(variants["peft"], ids)
+    effect = (reference - eval_logits(base, ids)).abs().max().item()
+    rtol = 1e-4 if base.dtype == torch.float32 else 2e-2
+    tol = rtol * max(1.0, reference.abs().max().item())
     for name, model in variants.items():
-        diff = abs(eval_loss(model, ids) - reference)
-        if diff > tol or not abs(reference - base_loss) > diff:
-            raise SystemExit(f"{mode}: {name}'s loss is {diff:.3e} from PEFT's (tolerance {tol:.1e}; the adapters move "
-                             f"it {abs(reference - base_loss):.3e} from the base's): the variants differ")
+        diff = (eval_logits(model, ids) - reference).abs().max().item()
+        if diff > tol or not effect > 4 * diff:
+            raise SystemExit(f"{mode}: {name}'s logits are {diff:.3e} from PEFT's (tolerance {tol:.1e}; the adapters "
+                             f"move them {effect:.3e} from the base's): the variants differ")
 
 
 def clear(model):

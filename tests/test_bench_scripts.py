@@ -94,5 +94,5 @@ def test_bench_model_refuses_to_time_variants_that_differ(monkeypatch):
     monkeypatch.setattr(bench_model, "build_variants", off_by_a_little)
     argv = ["--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128", "--seq", "16",
             "--batch", "2", "--r", "8", "--mini-r", "8", "--reps", "1", "--warmup", "0", "--modes", "default"]
-    with pytest.raises(SystemExit, match="default: miss_ext.apply_miss's loss is .* from PEFT's"):
+    with pytest.raises(SystemExit, match="default: miss_ext.apply_miss's logits are .* from PEFT's"):
         bench_model.main(argv)
