@@ -7,6 +7,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext.model import miss_layers
+from miss_ext.targets import set_module
 
 # Merge check tolerance. float32: merging only reorders the additions (a few ulps per layer), so
 # the logits must agree to MERGE_RTOL_FP32 times the largest logit. bfloat16: the merged weight
@@ -69,8 +70,7 @@ def base_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The logits of a copy of the model with every MissLinear replaced by its base layer."""
     base = copy.deepcopy(model)
     for path, layer in miss_layers(base):
-        parent, _, name = path.rpartition(".")
-        setattr(base.get_submodule(parent), name, layer.base_layer)
+        set_module(base, path, layer.base_layer)
     return logits_of(base, tokens)
 
 

@@ -1,5 +1,6 @@
 """Training and measurement: the adapted variants, their interleaved steps, held-out loss, memory."""
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -162,19 +163,29 @@ class HeldoutLoss:
         return math.exp(min(self.loss, 700.0))  # exp overflows float64 past ~709
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (no dropout) and no autograd for the block, then the model's own mode back: the
+    demo evaluates between training steps and before measuring a training step's activations."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def heldout_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int, device: torch.device) -> HeldoutLoss:
     """Mean next-token cross-entropy over every predicted token of the (n, seq_len) held-out
     sequences, in eval mode (no dropout), batch_size sequences at a time."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with evaluating(model):
         for batch in sequences.split(batch_size):
             batch = batch.to(device)
             predicted = batch.shape[0] * (batch.shape[1] - 1)
             total += causal_lm_loss(model, batch).float().item() * predicted
             count += predicted
-    model.train(was_training)
     return HeldoutLoss(loss=total / count, tokens=count)
 
 
@@ -183,10 +194,7 @@ def predictions_depend_on_input(model: nn.Module, tokens: torch.Tensor, device: 
     run with a far too large learning rate can collapse to logits that are the same at every
     position (measured: --lr 1e6 left them all exactly 0, a finite loss of ln(vocab)), which the
     NaN check alone lets through."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         logits = model(tokens.to(device)).logits.float()
-    model.train(was_training)
     spread = (logits - logits[:1, :1]).abs().amax().item()
     return spread > 1e-6 * max(1.0, logits.abs().amax().item())
