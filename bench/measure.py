@@ -30,21 +30,22 @@ CUDA_LEAD_CYCLES = 1_000_000  # torch.cuda._sleep before a timed call: ~0.5 ms a
 
 # argparse types of the benchmarks' flags: a bad value exits 2 with a message naming it, before any
 # work (rather than a traceback from inside a measurement, or after a whole run for --json).
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "0 or a positive integer")
 
 
 def device_arg(text: str) -> str:

@@ -8,6 +8,7 @@ init_weights, miss_dropout, target_modules, ...) and `adapter_model.safetensors`
 """
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
-                    unwrap_model, warn_shared, writes_here)
+                    shared_before_wrapping, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
                       refuse_meta, reshard_fsdp)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
@@ -126,14 +127,44 @@ def base_model_name(model: nn.Module) -> Optional[str]:
 
 
 def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
-    """Writes a PEFT adapter directory: the safetensors file, then the config."""
+    """Writes a PEFT adapter directory: the safetensors file, then the config. The config is
+    serialised before anything is written, and each file is written under a temporary name in the
+    folder and renamed over the old one, so a bad config value or an interruption cannot leave an
+    earlier adapter's folder with new weights beside a truncated config. TypeError naming the
+    config fields that JSON cannot hold, writing nothing."""
     from safetensors.torch import save_file
 
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as exc:
+        bad = sorted(key for key, value in config.items() if not _json_serialisable(value))
+        raise TypeError(f"adapter config fields {bad} cannot be written to {CONFIG_NAME} ({exc}); nothing was "
+                        "written") from None
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+
+    def write_config(target: str) -> None:
+        with open(target, "w") as f:
+            f.write(text)
+
+    for name, write in ((WEIGHTS_NAME, lambda target: save_file(tensors, target, metadata={"format": "pt"})),
+                        (CONFIG_NAME, write_config)):
+        # A name of its own per call (two threads saving into one folder must not share it), created
+        # by the writer itself so that the file gets the usual permissions (mkstemp's are 0600).
+        temporary = os.path.join(path, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            write(temporary)
+            os.replace(temporary, os.path.join(path, name))
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def _json_serialisable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _copy_whole(param: Tensor, value: Tensor) -> None:
@@ -178,7 +209,9 @@ def adapter_config(r: int, mode: str, mini_r: int, dropout: float, paths: List[s
         "layers_to_transform": None,
         "layers_pattern": None,
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        # A pathlib.Path is as good a name as a str (PEFT reads the folder either way).
+        "base_model_name_or_path": (os.fspath(base_model_name_or_path)
+                                    if isinstance(base_model_name_or_path, os.PathLike) else base_model_name_or_path),
         "inference_mode": True,
         "revision": None,
     }
@@ -310,6 +343,16 @@ def meta_problem(path: str, tensors) -> Optional[str]:
     return None
 
 
+def inference_problem(path: str, tensors) -> Optional[str]:
+    """A problem when any of `tensors`, which a load would write, is an inference tensor (the model
+    was built or loaded under torch.inference_mode()) and inference mode is off: torch refuses
+    that write only after making it, which would leave a half-loaded model."""
+    if torch.is_inference_mode_enabled() or not any(t.is_inference() for t in tensors):
+        return None
+    return (f"{path}: an inference tensor (made under torch.inference_mode()), which cannot be written outside "
+            "inference mode; load under torch.inference_mode(), or build the model outside it")
+
+
 def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optional[nn.Parameter]]:
     """(its path in the model, the parameter) a saved `<path>` names, or (None, None);
     `<layer>.base_layer.<name>` also resolves to `<layer>.<name>` of a plain layer about to be
@@ -363,7 +406,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
         if param is None:
             problems.append(f"{path}: no such parameter in the model")
             continue
-        problem = meta_problem(path, [param])
+        problem = meta_problem(path, [param]) or inference_problem(path, [param])
         if problem is not None:
             problems.append(problem)
             continue
@@ -494,6 +537,10 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
             if module.merged:
                 problems.append(f"{path}: the model's MissLinear is merged; unmerge it before loading")
                 continue
+            problem = inference_problem(f"{path}.miss_block", [module.miss_block])
+            if problem is not None:
+                problems.append(problem)
+                continue
         if not block.is_floating_point():
             problems.append(f"{path}: block dtype {block.dtype} is not floating point")
             continue
@@ -558,7 +605,13 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             model, {"modules_to_save": save_paths, "bias": bias}).values()):
         refuse_ddp_wrapped(wrapped, "load_adapter (the file trains modules_to_save or biases the model has frozen)")
     mode, r, mini_r, dropout = _config_settings(config)
-    dead, new = [], []
+    # The warnings come before anything changes: turned into errors, they leave the model as it was.
+    dead = [name for name, module, _ in plan if r > module.in_features]
+    if dead:
+        warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight. "
+                      f"{PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
+    warn_shared(shared_before_wrapping(model, [(name, module) for name, module, _ in plan
+                                               if not isinstance(module, MissLinear)]))
     for name, module, block in plan:
         if not isinstance(module, MissLinear):
             training = module.training
@@ -567,14 +620,11 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
                 module = MissLinear(module, r, mode, mini_r, dropout)
             module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
             set_module(model, name, module)
-            new.append(name)
         else:
             # The file's dropout is part of the adapter it describes, as for a new layer: a layer
             # that kept its own would train the loaded adapter with another dropout, silently.
             module.dropout = dropout
         _copy_whole(module.miss_block, block)
-        if r > module.in_features:
-            dead.append(name)
     for param, value in extra_plan:
         _copy_whole(param, value)
     recorded = trainable_extras(model)
@@ -590,9 +640,5 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         freeze_all_but_blocks(model)
         mark_extras_trainable(model)
         keep_earlier_frozen(model, earlier_paths, earlier, bias)
-    if dead:
-        warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight. "
-                      f"{PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
-    shared = record_shared_weights(model)
-    warn_shared({name: shared[name] for name in new if name in shared})
+    record_shared_weights(model)
     return wrapped

@@ -273,6 +273,11 @@ class MissBankLinear(nn.Module):
         if is_dtensor(self.bank):
             raise ValueError(f"MissBankLinear: cannot {what} in a sharded bank (a DTensor: FSDP2 or tensor "
                              "parallelism); add and remove adapters before sharding the model")
+        # torch refuses writing an inference tensor outside inference mode only after the write.
+        if self.bank.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"MissBankLinear: cannot {what}: the bank is an inference tensor (made under "
+                             "torch.inference_mode()), which cannot be written outside inference mode; change "
+                             "adapters under torch.inference_mode(), or build the bank outside it")
 
     def adapter_shape(self, name: str, r: int, mode: str = "default", mini_r: int = 1,
                       dropout: float = 0.0) -> Tuple[int, int]:
@@ -351,6 +356,20 @@ class MissBankLinear(nn.Module):
         self.dropouts[slot] = 0.0
         self.modes[slot] = None
         self.absent[slot] = False
+        self._sync_slots()
+
+    def _slot_state(self, slot: int) -> tuple:
+        """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback)."""
+        return (self.bank[slot].detach().clone(), int(self.ranks[slot]), int(self.periods[slot]),
+                self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot])
+
+    def _restore_slot(self, slot: int, state: tuple) -> None:
+        block, rank, period, name, dropout, mode, absent = state
+        with torch.no_grad():
+            self.bank[slot].copy_(block)
+            self.ranks[slot] = rank
+            self.periods[slot] = period
+        self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot] = name, dropout, mode, absent
         self._sync_slots()
 
     def block(self, name: str) -> Tensor:

@@ -22,6 +22,7 @@ What a bank cannot hold: bat adapters (they change the base weight, so rows of d
 adapters cannot share one base GEMM: TypeError naming them), and files that train something
 beside the blocks (modules_to_save, biases): those would have to differ per row (ValueError).
 """
+import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,14 +30,22 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
-                            adapter_config, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
+                            adapter_config, base_model_name, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
 from .model import is_ddp, refuse_ddp_wrapped, unwrap_model, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
-from .targets import TargetModules, exact_paths_regex, find_targets, get_module, set_module
+from .targets import TargetModules, describe, exact_paths_regex, find_targets, get_module, set_module
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
            "load_bank", "save_bank_adapter", "remove_bank_adapter", "mixed_batch"]
+
+
+# Slot changes (add, load, remove) and mixed_batch's row ids: one at a time, across threads. A
+# mixed_batch resolves its names to slot ids and sets them on the layers under it, and a slot
+# change checks that no layer holds row ids and changes every layer under it, so neither sees the
+# other half done (a row routed to the adapter that took a removed one's slot, or layers left
+# disagreeing on their slots). Reentrant: load_bank adds through load_bank_adapter's code.
+_BANK_LOCK = threading.RLock()
 
 
 def bank_layers(model: nn.Module) -> List[Tuple[str, MissBankLinear]]:
@@ -91,7 +100,8 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
     if not found:
         raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
-    wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
+    wrong = [f"{name} ({'already a bank layer' if isinstance(m, MissBankLinear) else type(m).__name__})"
+             for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
     refused = [f"{name}: {why}" for name, m in found if (why := base_refusal(m, "default")) is not None]
@@ -106,12 +116,22 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
         raise ValueError(f"apply_bank: the model's bank layers have capacity={present[0][1].capacity}, "
                          f"max_r={present[0][1].max_r}; new ones must match (got capacity={capacity}, max_r={max_r})")
     check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
-    if freeze_others:
-        model.requires_grad_(False)
-    for name, module in found:
-        layer = MissBankLinear(module, capacity, max_r)
-        layer.train(module.training)  # an eval model stays in eval mode (no adapter dropout)
-        set_module(model, name, layer)
+    # All or nothing: should building a layer fail (out of memory, an interrupt), the layers
+    # replaced so far go back and every parameter gets its requires_grad flag back.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        if freeze_others:
+            model.requires_grad_(False)
+        for name, module in found:
+            layer = MissBankLinear(module, capacity, max_r)
+            layer.train(module.training)  # an eval model stays in eval mode (no adapter dropout)
+            set_module(model, name, layer)
+    except BaseException:
+        for name, module in found:
+            set_module(model, name, module)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
     return outer
 
 
@@ -136,7 +156,8 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
             raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects no bank layer")
     for path in paths:
         _check_new(get_module(model, path), path, name, r, mode, mini_r, dropout)
-    return _add(layers, name, {p: None for p in paths}, r, mode, mini_r, dropout)
+    with _BANK_LOCK:
+        return _add(_layers(model, "add_bank_adapter"), name, {p: None for p in paths}, r, mode, mini_r, dropout)
 
 
 def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, mini_r: int,
@@ -150,17 +171,34 @@ def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, m
 
 def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: str, mini_r: int,
          dropout: float) -> int:
-    """Adds the adapter to every bank layer (absent where `blocks` has no entry), at one slot."""
+    """Adds the adapter to every bank layer (absent where `blocks` has no entry), at one slot.
+    Called under _BANK_LOCK, after every layer's check."""
     check_new_adapter(layers[0][1].adapter_names, name, "the model's bank")
-    slot = None
-    for path, layer in layers:
-        if path in blocks:
-            got = layer.add_adapter(name, r, mode, mini_r, dropout, blocks[path])
-        else:
-            got = layer.add_absent(name)
-        assert slot is None or got == slot, "bank layers out of step"  # _layers checked they agree
-        slot = got
+    _check_all_mutable(layers, f"add adapter {name!r}")
+    slot, added = None, []
+    try:
+        for path, layer in layers:
+            if path in blocks:
+                got = layer.add_adapter(name, r, mode, mini_r, dropout, blocks[path])
+            else:
+                got = layer.add_absent(name)
+            added.append(layer)
+            assert slot is None or got == slot, "bank layers out of step"  # _layers checked they agree
+            slot = got
+    except BaseException:  # out of memory, an interrupt: the layers that took it give it back
+        for layer in added:
+            layer.remove_adapter(name)
+        raise
     return slot
+
+
+def _check_all_mutable(layers, what: str) -> None:
+    """Every layer's refusal (inside a mixed_batch, a sharded bank) before any layer changes."""
+    for path, layer in layers:
+        try:
+            layer._check_mutable(what)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}; no layer was changed") from None
 
 
 def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Dict[str, Tensor],
@@ -230,7 +268,9 @@ def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[st
         raise ValueError(f"adapter {path!r} does not fit the model's bank; nothing was loaded:\n  " +
                          "\n  ".join(problems))
     mode, r, mini_r, dropout = _config_settings(config)
-    return _add(layers, name, blocks, r, mode, mini_r if mode == "mini" else 1, float(dropout))
+    with _BANK_LOCK:
+        return _add(_layers(model, "load_bank_adapter"), name, blocks, r, mode, mini_r if mode == "mini" else 1,
+                    float(dropout))
 
 
 def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[int] = None,
@@ -275,14 +315,19 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     return model
 
 
-def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optional[str] = None) -> None:
+def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optional[str] = None,
+                      base_model_name_or_path: Optional[str] = None, is_main_process: Optional[bool] = None) -> None:
     """Writes one adapter of the bank as a PEFT MiSS adapter folder (loadable by
     `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter): the blocks
-    of the layers that hold it, with its r, mode, mini_r and dropout. ValueError for a model
-    without bank layers or a name not in the bank (the message lists the bank's adapters).
+    of the layers that hold it, with its r, mode, mini_r and dropout. task_type and
+    base_model_name_or_path go into the config as save_adapter writes them (the latter defaults to
+    the model's `config._name_or_path`). ValueError for a model without bank layers or a name not
+    in the bank (the message lists the bank's adapters).
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
-    every rank must call this, and rank 0 of the default process group writes, as save_adapter."""
+    every rank must call this, and by default rank 0 of the default process group writes, as
+    save_adapter (also for a model in its DDP wrapper); `is_main_process` overrides that choice
+    as in save_adapter."""
     ddp, model = is_ddp(model), unwrap_model(model)
     layers = _layers(model, "save_bank_adapter")
     refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
@@ -296,10 +341,13 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         bank = layer.bank.detach()
         bank = bank.full_tensor() if is_dtensor(bank) else bank
         tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
-    if not writes_here(sharded or ddp):  # the same blocks on every rank
+    if is_main_process is None:
+        is_main_process = writes_here(sharded or ddp)  # the same blocks on every rank
+    if not is_main_process:
         return
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
-                            task_type=task_type)
+                            task_type=task_type,
+                            base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
 
 
@@ -308,10 +356,18 @@ def remove_bank_adapter(model: nn.Module, name: str) -> None:
     torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
     changing nothing, for a model without bank layers or a name not in the bank."""
     model = _model_to_change(model)
-    layers = _layers(model, "remove_bank_adapter")
-    layers[0][1]._slot(name)  # ValueError naming the known adapters
-    for _, layer in layers:
-        layer.remove_adapter(name)
+    with _BANK_LOCK:
+        layers = _layers(model, "remove_bank_adapter")
+        slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
+        _check_all_mutable(layers, f"remove adapter {name!r}")
+        saved = [(layer, layer._slot_state(slot)) for _, layer in layers]
+        try:
+            for _, layer in layers:
+                layer.remove_adapter(name)
+        except BaseException:  # an interrupt part way: every layer holds the adapter again
+            for layer, state in saved:
+                layer._restore_slot(slot, state)
+            raise
 
 
 def _refuse_load_inside_mixed_batch(model: nn.Module, *args, **kwargs) -> None:
@@ -322,6 +378,12 @@ def _refuse_load_inside_mixed_batch(model: nn.Module, *args, **kwargs) -> None:
         return
     raise RuntimeError("cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots); "
                        "nothing was loaded")
+
+
+def _holders_of(model: nn.Module, paths: List[str]) -> List[nn.Module]:
+    """The modules at `paths` and every module above them, the model included, once each."""
+    wanted = {""} | {".".join(p.split(".")[:depth]) for p in paths for depth in range(1, p.count(".") + 2)}
+    return [module for name, module in model.named_modules() if name in wanted]
 
 
 @contextmanager
@@ -335,8 +397,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     own context (a batch recomputed inside another batch's context would use that context's
     names). Adding, removing or loading adapters (or a state_dict) inside raises ValueError (a
     RuntimeError from load_state_dict) and changes nothing.
-    Not thread-safe: the ids live on the layers (as PEFT's LoRA hooks do), so two threads must not
-    run mixed batches on one model at once.
+
+    One mixed batch at a time per model: the ids live on the layers (as PEFT's LoRA hooks do), so
+    a second mixed_batch on the same layers while one is active (another thread, another
+    coroutine of an async server, or nested) would give the first call's running forward the
+    second call's rows. It raises RuntimeError instead, changing nothing; serialise the calls (a
+    lock) or give each thread its own copy of the model. A plain forward of the model in another
+    thread while a mixed batch is active would also see its rows: that cannot be detected.
 
     Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
     too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
@@ -344,39 +411,52 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
 
     ValueError names an adapter not in the bank; a layer whose input has another number of
     sequences raises ValueError when called."""
-    layers = _layers(model, "mixed_batch")
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
             not all(n is None or isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str or None), one per sequence, got "
                         f"{adapter_names!r}")
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"expand must be a positive int, got {expand!r}")
-    first = layers[0][1]
-    unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
-                     key=str)
-    if unknown:
-        raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
-                         f"{[n for n in first.adapter_names if n is not None]})")
-    unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
-    ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
     # An encoder runs once on the unrepeated sequences (generate repeats them for the decoder).
     get_encoder = getattr(model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
-    per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
-    # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...),
-    # and the model refuses a state_dict before any module loads (a bank layer alone could only
-    # refuse its own part, after torch loaded the modules before it).
-    previous = [layer.rows for _, layer in layers]
-    handle = model.register_load_state_dict_pre_hook(_refuse_load_inside_mixed_batch)
-    try:
+    # The names are resolved to slots and the ids set under the lock that slot changes take, so
+    # no slot changes in between (a removed adapter's slot taken by another would get its rows).
+    with _BANK_LOCK:
+        layers = _layers(model, "mixed_batch")
+        busy = [path for path, layer in layers if layer.rows is not None]
+        if busy:
+            raise RuntimeError(f"mixed_batch: the model's bank layers ({describe(busy, limit=2)}) are already in a "
+                               "mixed batch (another thread or coroutine on this model, or an enclosing mixed_batch), "
+                               "whose running forward would get these rows. Run one mixed batch at a time per "
+                               "model (a lock), or give each thread its own copy; nothing was changed")
+        first = layers[0][1]
+        unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
+                         key=str)
+        if unknown:
+            raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
+                             f"{[n for n in first.adapter_names if n is not None]})")
+        unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
+        ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
+        per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
             if where not in per_device:
                 per_device[where] = host_to_device(unrepeated if where[1] else ids, where[0])
-            layer.rows = per_device[where]
+        # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
+        for _, layer in layers:
+            layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
+    handles = []
+    try:
+        # A state_dict load is refused before any module loads, whichever module it is called on:
+        # the model, any module holding a bank layer, or a bank layer (a bank layer alone could only
+        # refuse its own part, after torch loaded the modules before it).
+        for module in _holders_of(model, [path for path, _ in layers]):
+            handles.append(module.register_load_state_dict_pre_hook(_refuse_load_inside_mixed_batch))
         yield
     finally:
-        handle.remove()
-        for (_, layer), rows in zip(layers, previous):
-            layer.rows = rows
+        for handle in handles:
+            handle.remove()
+        for _, layer in layers:
+            layer.rows = None

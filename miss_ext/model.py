@@ -71,7 +71,7 @@ def undo_each(undos: Sequence[Tuple[str, Callable[[], None]]], where: str) -> No
         except Exception as exc:
             failed.append(f"{name or 'the model'} ({exc})")
     if failed:
-        warnings.warn(f"{where}: could not undo the merges of " + "; ".join(failed), stacklevel=3)
+        warnings.warn(f"{where}: could not undo its changes to " + "; ".join(failed), stacklevel=3)
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -172,6 +172,19 @@ def record_shared_weights(model: nn.Module) -> Dict[str, List[str]]:
     returns {layer path: other holders} for the shared ones. Call it again after untying by
     hand so that a layer's own merge() sees the change (merge_and_unload always re-checks)."""
     return record_sharing(model, [(layer, layer.base_layer) for _, layer in miss_layers(model)])
+
+
+def shared_before_wrapping(model: nn.Module, linears: Sequence[Tuple[str, nn.Module]]) -> Dict[str, List[str]]:
+    """{path: other holders} for the base layers about to be wrapped whose weight or bias other
+    modules share, found before any change, so that its warning (warn_shared) can come first:
+    turned into an error, it then leaves the model as it was."""
+    params = parameter_paths(model)
+    shared = {}
+    for name, module in linears:
+        holders = other_holders(params, (getattr(module, "weight", None), getattr(module, "bias", None)), [name])
+        if holders:
+            shared[name] = holders
+    return shared
 
 
 def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:
@@ -450,6 +463,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
+    warn_shared(shared_before_wrapping(model, found))
     with warnings.catch_warnings():
         # One warning per model (above) rather than one per layer for the r > in case.
         warnings.simplefilter("ignore")
@@ -457,8 +471,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                   for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
     for name, layer in layers:
         set_module(model, name, layer)
-    shared = record_shared_weights(model)
-    warn_shared({name: shared[name] for name, _ in layers if name in shared})
+    record_shared_weights(model)
     extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
                                                                 if p not in recorded["modules_to_save"]],
               "bias": bias if bias != "none" else recorded["bias"]}

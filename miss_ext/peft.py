@@ -42,7 +42,11 @@ PEFT's LoRA refuses training there). Rows of a layer that lacks the named adapte
 layer's base output (as PEFT's LoRA); a name no layer has raises ValueError; a bat adapter named
 by a row raises TypeError (bat changes the base weight, so rows cannot share one base GEMM); so
 do merged adapters (ValueError, as PEFT's LoRA). Each call stacks the named adapters' blocks of
-a layer into a small bank (their r x out values: no weight- or activation-sized copy).
+a layer into a small bank (their r x out values: no weight- or activation-sized copy). The
+names reach the layers through hooks that last for the call, so a second adapter_names= call of
+the same model while one runs (another thread or coroutine, or nested) raises RuntimeError
+rather than giving the first call its names; a plain call in another thread meanwhile would
+get them too, which cannot be detected (one adapter_names= call at a time per model).
 
 Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
 - `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
@@ -54,7 +58,9 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
 - `merge_adapter`/`merge_and_unload(adapter_names=[...])` naming no adapter of the model: PEFT
   merges nothing; here ValueError.
 """
+import contextlib
 import inspect
+import threading
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -132,6 +138,23 @@ def _repeat(names: List[str], times: int) -> List[str]:
     return [n for n in names for _ in range(times)]
 
 
+# The tuner models running a call with adapter_names= now: its names reach the layers through
+# hooks on the model's modules, which any other call of the model running meanwhile would also
+# get. A WeakSet, not a flag on the model: a copy taken during a call is not in a call.
+_NAMES_LOCK = threading.Lock()
+_NAMES_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+# Merges and unmerges of accelerated layers, one at a time across threads: a forward under
+# disable_adapter() unmerges a merged layer (PEFT's rule), and two threads doing that at once
+# would both read the same merged adapter and subtract it twice. None while torch.compile
+# traces (a lock is not traceable; the compiled graph holds no merge).
+_MERGE_LOCK = threading.RLock()
+
+
+def _merging():
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _MERGE_LOCK
+
+
 def _adapter_names_hook(module, args, kwargs, holder):
     kwargs["adapter_names"] = holder["names"]
     return args, kwargs
@@ -178,6 +201,13 @@ class AcceleratedMissLinear(PeftMissLinear):
         weight)."""
         return self.quantization_backend is None and is_plain_linear(self.base_layer)
 
+    def __getstate__(self):
+        # The weak references of _refuse_recompute_without_names cannot be pickled, and a copy's
+        # inputs are not this layer's: a copy or pickle starts without them.
+        state = super().__getstate__()
+        state.pop("_inputs_with_names", None)
+        return state
+
     def _dropout_p(self, adapter: str) -> float:
         dropout = self.miss_dropout[adapter]
         return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
@@ -205,7 +235,9 @@ class AcceleratedMissLinear(PeftMissLinear):
             return super().forward(x, *args, **kwargs)
         previous_dtype = x.dtype
         if self.disable_adapters and self.merged:
-            self.unmerge()
+            with _merging():
+                if self.merged:  # another thread may have unmerged it meanwhile
+                    self.unmerge()
         active = [] if self.disable_adapters or self.merged else self._active_blocks()
         if not active:
             return self.base_layer(x).to(previous_dtype)
@@ -372,6 +404,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        with _merging():  # planned and written as one step (another thread may merge too)
+            self._merge_holding_lock(safe_merge, adapter_names)
+
+    def _merge_holding_lock(self, safe_merge: bool, adapter_names: Optional[List[str]]) -> None:
         names = self._merge_plan(adapter_names)
         if not self._fast_path():
             return super().merge(safe_merge=safe_merge, adapter_names=names)
@@ -409,13 +445,14 @@ class AcceleratedMissLinear(PeftMissLinear):
         # apply one adapter's mode to all and pop merged_adapters before it computes.
         if self.quantization_backend is not None:
             return super().unmerge()
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        # All or nothing: with a bat adapter that cannot be unmerged under a default/mini one, the
-        # loop below would otherwise unmerge the latter and stop half way.
-        self._check_unmerge()
-        _unmerge_down_to(self, 0)
+        with _merging():
+            if not self.merged:
+                warnings.warn("Already unmerged. Nothing to do.")
+                return
+            # All or nothing: with a bat adapter that cannot be unmerged under a default/mini one,
+            # the loop below would otherwise unmerge the latter and stop half way.
+            self._check_unmerge()
+            _unmerge_down_to(self, 0)
 
 
     # The names of the merged adapters, in merge order, travel in the state_dict (a uint8 tensor
@@ -461,12 +498,23 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
         return
     if layer.quantization_backend is not None:
         raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
-    with torch.no_grad():
+    with torch.no_grad(), _merging():
         while len(layer.merged_adapters) > keep:
             name = layer.merged_adapters[-1]
             if name in layer.miss_block:
                 torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
             layer.merged_adapters.pop()
+
+
+def _merge_back(layer: AcceleratedMissLinear, merged: List[str]) -> None:
+    """Merges again the adapters of `merged` (the layer's merged_adapters before an unmerge) that
+    an interrupted unmerge took off; it unmerges the last merged first, so they are a tail. One
+    at a time, in the order they were merged: bat merges do not commute, and a merge of several
+    takes the forward's order, which need not be theirs."""
+    if layer.merged_adapters != merged[:len(layer.merged_adapters)]:
+        return
+    for name in merged[len(layer.merged_adapters):]:
+        layer.merge(adapter_names=[name])
 
 
 def _miss_layers(model: nn.Module, cls: type) -> list:
@@ -547,6 +595,13 @@ class AcceleratedMissModel(MissModel):
             holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
             return original(*gen_args, **gen_kwargs)
 
+        with _NAMES_LOCK:  # checked and claimed as one step: two threads may call at once
+            if self in _NAMES_ACTIVE:
+                raise RuntimeError(f"{where}: another call with adapter_names= is running on this model (another "
+                                   "thread or coroutine, or nested), and its per-call hooks would give that call this "
+                                   "one's names. Run one adapter_names= call at a time per model (a lock), or give "
+                                   "each thread its own copy; nothing was changed")
+            _NAMES_ACTIVE.add(self)
         handles = []
         try:
             for module in self.model.modules():
@@ -570,6 +625,7 @@ class AcceleratedMissModel(MissModel):
                 inner.__dict__["generate"] = saved
             for handle in handles:
                 handle.remove()
+            _NAMES_ACTIVE.discard(self)
 
     def _check_merge(self, adapter_names: Optional[List[str]], safe_merge: bool) -> None:
         """Every layer's merge checks (AcceleratedMissLinear._merge_plan) and, with safe_merge,
@@ -609,24 +665,50 @@ class AcceleratedMissModel(MissModel):
                       "merge_adapter")
             raise
 
+    def _refuse_during_names_call(self, what: str) -> None:
+        # A call with adapter_names= checks its names and the layers' merge state when it starts:
+        # an adapter deleted, merged, unmerged or unloaded while it runs (from another thread, or
+        # a hook) would give its rows the old adapters in the layers before and others after.
+        if self in _NAMES_ACTIVE:
+            raise RuntimeError(f"{what}: a call with adapter_names= is running on this model, whose rows would use "
+                               "the old adapters in some layers and the new state in others; change the adapters "
+                               "between calls (nothing was changed)")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        with _NAMES_LOCK:  # no names call starts until the adapter is gone
+            self._refuse_during_names_call(f"delete_adapter({adapter_name!r})")
+            super().delete_adapter(adapter_name)
+
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
+        self._refuse_during_names_call("merge_adapter")
         self._check_merge(adapter_names, safe_merge)
         with self._undo_merges_on_error():
             super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes.
+        # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes,
+        # and should a layer's unmerge fail after them (out of memory, an interrupt), the layers
+        # unmerged so far are merged again before the error propagates.
+        self._refuse_during_names_call("unmerge_adapter")
+        layers = []
         for path, layer in self.model.named_modules():
             if type(layer) is AcceleratedMissLinear and layer.merged:
                 try:
                     layer._check_unmerge()
                 except ValueError as exc:
                     raise ValueError(f"{path}: {exc} No layer was unmerged.") from exc
-        super().unmerge_adapter()
+                layers.append((path, layer, list(layer.merged_adapters)))
+        try:
+            super().unmerge_adapter()
+        except BaseException:
+            undo_each([(path, partial(_merge_back, layer, before)) for path, layer, before in layers],
+                      "unmerge_adapter")
+            raise
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
         bound.apply_defaults()
+        self._refuse_during_names_call("merge_and_unload" if bound.arguments.get("merge") else "unload")
         if bound.arguments.get("merge"):
             # Every layer is merged (all or nothing, see merge_adapter) before any is unloaded;
             # PEFT's loop would merge and unload layer by layer. Its own merge calls then find

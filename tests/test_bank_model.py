@@ -10,6 +10,7 @@ import copy
 import json
 import pickle
 import shutil
+import threading
 
 import pytest
 import torch
@@ -561,3 +562,180 @@ def test_compiled_model_under_mixed_batch_compiles_once():
             torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_save_bank_adapter_writes_what_save_adapter_writes(folders, tmp_path):
+    """save_bank_adapter takes save_adapter's base_model_name_or_path and is_main_process: the
+    config records the base (the model's own name by default), is_main_process=False writes nothing."""
+    base, _ = folders
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=1, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", r=4)
+    model.config._name_or_path = "org/tiny-llama"
+    miss_ext.save_bank_adapter(model, "a", str(tmp_path / "default"), task_type="CAUSAL_LM")
+    miss_ext.save_bank_adapter(model, "a", str(tmp_path / "given"), base_model_name_or_path="/models/base")
+    miss_ext.save_bank_adapter(model, "a", str(tmp_path / "skipped"), is_main_process=False)
+    single = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=4)
+    single.config._name_or_path = "org/tiny-llama"
+    miss_ext.save_adapter(single, str(tmp_path / "single"), task_type="CAUSAL_LM")
+
+    def config(name):
+        with open(tmp_path / name / "adapter_config.json") as f:
+            return json.load(f)
+    assert config("default") == config("single")
+    assert config("default")["base_model_name_or_path"] == "org/tiny-llama"
+    assert config("given")["base_model_name_or_path"] == "/models/base"
+    assert not (tmp_path / "skipped").exists()
+
+
+def test_a_second_mixed_batch_on_the_same_model_is_refused(folders):
+    """The rows live on the layers: a second mixed_batch while one is active (another thread, an
+    async server's other coroutine, or nested) would hand the first call's running forward its
+    rows. It raises, changing nothing; the first batch keeps its rows, and the model is usable
+    again once it ends."""
+    model = bank_model(folders, capacity=6).eval()
+    ids = tokens(3, 5)
+    names, other = ["odd_rank", "bone", None], ["bone", None, "odd_rank"]
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        expected = model(ids).logits
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    def first():
+        with torch.no_grad(), miss_ext.mixed_batch(model, names):
+            entered.set()
+            release.wait(30)
+            errors.append(torch.equal(model(ids).logits, expected))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match=r"mixed_batch: the model's bank layers \(model\.layers\.0\..* are "
+                                               r"already in a mixed batch .*nothing was changed"):
+            with miss_ext.mixed_batch(model, other):
+                pass
+        with pytest.raises(RuntimeError, match="already in a mixed batch"):  # the inner model too
+            with miss_ext.mixed_batch(model.model, other):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert errors == [True]  # the first batch ran with its own rows
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        with pytest.raises(RuntimeError, match="already in a mixed batch"):  # nested, same thread
+            with miss_ext.mixed_batch(model, other):
+                pass
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    with torch.no_grad(), miss_ext.mixed_batch(model, other):  # free again
+        model(ids)
+
+
+def test_slot_changes_are_refused_whole_while_part_of_the_model_is_in_a_mixed_batch(folders, tmp_path):
+    """add / load / remove with one decoder layer inside mixed_batch: every bank layer is checked
+    before any changes (the first layers used to take the adapter, leaving the layers disagreeing
+    on their slots, which every later bank function refused)."""
+    base, adapters = folders
+    model = bank_model(folders, capacity=6)
+    miss_ext.save_bank_adapter(model, "bone", str(tmp_path / "bone"))
+    slots = [list(layer.adapter_names) for _, layer in miss_ext.bank_model.bank_layers(model)]
+    with miss_ext.mixed_batch(model.model.layers[1], [None]):
+        for call in (lambda: miss_ext.add_bank_adapter(model, "new", r=2),
+                     lambda: miss_ext.load_bank_adapter(model, "again", str(tmp_path / "bone")),
+                     lambda: miss_ext.remove_bank_adapter(model, "bone")):
+            with pytest.raises(ValueError, match=r"model\.layers\.1\..*inside miss_ext\.mixed_batch.*no layer was "
+                                                 r"changed"):
+                call()
+            assert [list(layer.adapter_names) for _, layer in miss_ext.bank_model.bank_layers(model)] == slots
+    miss_ext.add_bank_adapter(model, "new", r=2)  # usable again afterwards
+    assert "new" in miss_ext.bank_adapter_names(model)
+
+
+def test_state_dict_load_into_a_submodule_inside_mixed_batch_changes_nothing(folders):
+    """The refusal covers load_state_dict on any module holding a bank layer, not only the model
+    given to mixed_batch: a decoder layer's load used to change its other weights, then raise."""
+    model = bank_model(folders, capacity=6)
+    layer = model.model.layers[0]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    with miss_ext.mixed_batch(model, [None]):
+        for module, sd in ((layer, changed),
+                           (layer.self_attn, {k[len("self_attn."):]: v for k, v in changed.items()
+                                              if k.startswith("self_attn.")})):
+            with pytest.raises(RuntimeError, match="cannot load a state_dict inside miss_ext.mixed_batch"):
+                module.load_state_dict(sd)
+            for key, value in layer.state_dict().items():
+                assert torch.equal(value, state[key]), key
+    layer.load_state_dict(changed)  # outside, it loads
+    assert not torch.equal(layer.state_dict()["input_layernorm.weight"], state["input_layernorm.weight"])
+
+
+def test_slot_changes_of_a_bank_built_under_inference_mode_are_refused_outside_it(folders):
+    """A bank built under torch.inference_mode() holds inference tensors, which torch refuses to
+    write outside inference mode only after writing them: the slot changes refuse first."""
+    base, _ = folders
+    with torch.inference_mode():
+        model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=2, max_r=4)
+        miss_ext.add_bank_adapter(model, "a", r=4)
+    banks = [layer.bank.clone() for _, layer in miss_ext.bank_model.bank_layers(model)]
+    for call in (lambda: miss_ext.add_bank_adapter(model, "b", r=2),
+                 lambda: miss_ext.remove_bank_adapter(model, "a")):
+        with pytest.raises(ValueError, match="the bank is an inference tensor .*no layer was changed"):
+            call()
+    assert miss_ext.bank_adapter_names(model) == ["a"]
+    assert all(torch.equal(layer.bank, b) for (_, layer), b in zip(miss_ext.bank_model.bank_layers(model), banks))
+    with torch.inference_mode():
+        miss_ext.remove_bank_adapter(model, "a")
+    assert miss_ext.bank_adapter_names(model) == []
+
+
+def test_apply_bank_failing_half_way_leaves_the_model_as_it_was(folders, monkeypatch):
+    """Building the third bank layer fails (out of memory, an interrupt): the layers replaced so far
+    go back and every requires_grad flag is restored, so the call can be retried (it used to leave
+    two bank layers and a frozen model, and the retry then refused the bank layers by type)."""
+    base, _ = folders
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    real_init, calls = MissBankLinear.__init__, []
+
+    def failing_init(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MissBankLinear, "__init__", failing_init)
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.apply_bank(model, "all-linear", capacity=2, max_r=4)
+    monkeypatch.undo()
+    assert_unchanged(model, snap)
+    miss_ext.apply_bank(model, "all-linear", capacity=2, max_r=4)
+    assert len(miss_ext.bank_model.bank_layers(model)) > 3
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_slot_changes_interrupted_part_way_leave_every_layer_as_it_was(folders, monkeypatch, change):
+    """An interrupt (or out of memory) at the third layer of an add or a remove: the layers changed
+    before it are put back (they used to keep the change, and every bank function then refused
+    the model because its layers disagreed on their slots)."""
+    model = bank_model(folders, capacity=6)
+    slots = [list(layer.adapter_names) for _, layer in miss_ext.bank_model.bank_layers(model)]
+    banks = [layer.bank.detach().clone() for _, layer in miss_ext.bank_model.bank_layers(model)]
+    method = "add_adapter" if change == "add" else "remove_adapter"
+    real, calls = getattr(MissBankLinear, method), []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MissBankLinear, method, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if change == "add":
+            miss_ext.add_bank_adapter(model, "new", r=2)
+        else:
+            miss_ext.remove_bank_adapter(model, "bone")
+    monkeypatch.undo()
+    assert [list(layer.adapter_names) for _, layer in miss_ext.bank_model.bank_layers(model)] == slots
+    for (_, layer), bank in zip(miss_ext.bank_model.bank_layers(model), banks):
+        assert torch.equal(layer.bank, bank)
+    miss_ext.remove_bank_adapter(model, "bone")  # usable again

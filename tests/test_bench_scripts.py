@@ -20,7 +20,7 @@ import bench_model  # noqa: E402
 @pytest.mark.parametrize("argv, message", [
     (["-r", "0"], "argument -r: expected a positive integer, got 0"),
     (["--reps", "0"], "argument --reps: expected a positive integer, got 0"),
-    (["--warmup", "-1"], "argument --warmup: expected 0 or a positive integer, got '-1'"),
+    (["--warmup", "-1"], "argument --warmup: expected 0 or a positive integer, got -1"),
     (["--shapes", "64y64"], "expected INxOUT with positive integers (e.g. 4096x11008), got '64y64'"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--device", "tpu"], "argument --device: expected cpu or cuda[:N], got 'tpu'"),

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import miss_ext
 
@@ -14,8 +15,9 @@ pytest.importorskip("safetensors")
 from miss_ext.demo import mixed  # noqa: E402
 
 
-def test_each_row_follows_its_adapter(capsys, tmp_path):
-    assert mixed.main(["--out", str(tmp_path)]) == 0
+def test_each_row_follows_its_adapter(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    assert mixed.main(["--out", tmp_path.name]) == 0  # a relative --out: the configs name the base absolutely
     out = capsys.readouterr().out
     assert "each row follows its adapter" in out
     shares = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()
@@ -24,6 +26,18 @@ def test_each_row_follows_its_adapter(capsys, tmp_path):
     for task in ("up", "down"):
         assert (tmp_path / task / "adapter_config.json").is_file()
         assert (tmp_path / task / "adapter_model.safetensors").is_file()
+    # The folders stand alone: PEFT finds the saved random base through base_model_name_or_path
+    # (from any folder), and the reloaded adapter still follows its task.
+    peft = pytest.importorskip("peft")
+    monkeypatch.chdir("/")
+    for task in ("up", "down"):
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / task)).eval()
+        assert model.peft_config["default"].base_model_name_or_path == str((tmp_path / "base_model").resolve())
+        start = torch.arange(0, 64, 4)
+        with torch.no_grad():
+            generated = model.generate(input_ids=start[:, None], max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)[:, 1:]
+        assert mixed.follows(generated, start, task) >= 0.9, task
 
 
 def test_an_untrained_bank_fails_the_check(capsys):

@@ -450,3 +450,42 @@ def test_in_place_ops_refusing_grad_name_their_differentiable_op():
         with pytest.raises(RuntimeError, match=rf"miss::{op} is an op without autograd support .*use the "
                                                rf"differentiable miss::{functional[op]} instead"):
             call()
+
+
+def _in_place_calls(device):
+    """op -> (name of the tensor it writes, that tensor, call(written, other inputs), other inputs)."""
+    r = lambda *shape: rand(*shape, device=device)  # noqa: E731
+    i64 = lambda *v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    return {
+        "merge_": ("weight", r(8, 8), lambda w, b: ops.merge_(w, b), [r(2, 8)]),
+        "merge_-bat": ("weight", r(8, 8), lambda w, b: ops.merge_(w, b), [r(4, 2, 2)]),
+        "tile_add_": ("out", r(4, 8), lambda o, s: ops.tile_add_(o, s), [r(4, 2)]),
+        "bat_transform_": ("w", r(8, 8), lambda w, m, p: ops.bat_transform_(w, m, p), [r(4, 2, 2), r(4, 2, 2)]),
+        "bank_add_": ("y", r(3, 8), lambda y, s, bank, ranks, periods, index: ops.bank_add_(y, s, bank, ranks, periods,
+                                                                                            index),
+                      [r(3, 2), r(1, 2, 8), i64(2), i64(8), i64(0, 0, -1)]),
+    }
+
+
+@pytest.mark.parametrize("inputs_inference", [False, True], ids=["other-inputs-normal", "other-inputs-inference"])
+@pytest.mark.parametrize("op", list(_in_place_calls("cpu")))
+def test_in_place_ops_refuse_inference_tensors_before_writing(op, inputs_inference, device):
+    """An inference tensor (made under torch.inference_mode()) written in place outside inference
+    mode: torch refuses it only when it bumps the version counter, after the write, so the
+    caller's tensor changed and then the call failed. Our in-place ops refuse it first, naming
+    the tensor, and change nothing; inside inference mode they write it as for a normal tensor."""
+    name, written, call, others = _in_place_calls(device)[op]
+    with torch.inference_mode():
+        target = written.clone()
+        if inputs_inference:
+            others = [t.clone() for t in others]
+    before = target.clone()
+    with pytest.raises(RuntimeError, match=rf"miss: {op.split('-')[0]} {name} is an inference tensor .*"
+                                           r"nothing was changed"):
+        call(target, *others)
+    assert torch.equal(target, before)
+    expected = written.clone()
+    call(expected, *others)
+    with torch.inference_mode():
+        call(target, *others)
+    assert torch.equal(target, expected) and not torch.equal(target, before)

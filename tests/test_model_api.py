@@ -553,3 +553,70 @@ def test_lora_export_of_a_merged_layer_is_refused(base, tmp_path):
     with pytest.raises(ValueError, match=r"merged.*model\.layers\.0\.mlp\.up_proj"):
         miss_ext.export_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_save_adapter_over_an_earlier_folder_is_whole_or_nothing(tmp_path):
+    """A config value JSON cannot hold raises TypeError naming the field before anything is written
+    (the earlier adapter in the folder stays loadable); it used to replace the weights, then leave
+    a truncated config. A pathlib.Path base_model_name_or_path is written as its string."""
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=2), str(tmp_path))
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=4)
+    with pytest.raises(TypeError, match=r"adapter config fields \['task_type'\] cannot be written .*nothing was "
+                                        r"written"):
+        miss_ext.save_adapter(model, str(tmp_path), task_type=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    miss_ext.save_adapter(model, str(tmp_path), base_model_name_or_path=tmp_path / "base")
+    with open(tmp_path / "adapter_config.json") as f:
+        config = json.load(f)
+    assert config["base_model_name_or_path"] == str(tmp_path / "base") and config["r"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_load_adapter_into_a_model_built_under_inference_mode(tmp_path):
+    """A model built under torch.inference_mode() (a common way to load one for serving), then an
+    adapter with modules_to_save loaded outside it: torch refuses writing an inference tensor only
+    after the write, so the blocks went in and then the lm_head copy failed with torch's generic
+    message. Now refused first, naming the parameter, with the model unchanged; under inference
+    mode the load works."""
+    src = ours(tiny_causal_lm("llama"), "default", modules_to_save=["lm_head"])
+    with torch.no_grad():
+        src.lm_head.weight.add_(0.1)
+    miss_ext.save_adapter(src, str(tmp_path))
+    with torch.inference_mode():
+        model = tiny_causal_lm("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"nothing was loaded:\n  lm_head\.weight: an inference tensor"):
+        miss_ext.load_adapter(model, str(tmp_path))
+    assert_unchanged(model, snap)
+    assert not miss_ext.miss_layers(model)
+    ids = tokens(2, 5)
+    with torch.inference_mode():
+        miss_ext.load_adapter(model, str(tmp_path))
+        torch.testing.assert_close(model(ids).logits, src(ids).logits)
+
+
+def test_threads_saving_into_one_folder_do_not_collide(tmp_path):
+    """Each save writes under a temporary name of its own (a per-process name made two threads'
+    renames take each other's files: FileNotFoundError in 14 of 400 saves)."""
+    import threading
+
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8)), ["0"], r=2)
+    errors = []
+
+    def save():
+        for _ in range(40):
+            try:
+                miss_ext.save_adapter(model, str(tmp_path))
+            except Exception as exc:  # noqa: BLE001 -- reported by the assertion below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8)), str(tmp_path))

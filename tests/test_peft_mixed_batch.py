@@ -9,6 +9,7 @@ lack some adapters (their rows get that layer's base output). Per-adapter dropou
 checked against a float64 reference with the masks our ops draw (PEFT's are nn.Dropout's).
 """
 import copy
+import threading
 
 import pytest
 import torch
@@ -408,3 +409,81 @@ def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
         model(torch.randn(2, 8), adapter_names=["b", "__base__"])
     loss.backward()
     assert model.base_model.model.lin.miss_block["a"].grad.any()
+
+
+def test_a_second_adapter_names_call_during_one_is_refused(models):
+    """The names reach the layers through hooks that last for the call: a second adapter_names=
+    call of the same model while one runs (another thread here) would give the running call its
+    names. It raises, changing nothing; the first call's rows keep their own adapters."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+    other = list(reversed(NAMES))
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+    entered, release, results = threading.Event(), threading.Event(), []
+    caller = threading.get_ident()
+
+    def pause_in_first_call(module, args):
+        if threading.get_ident() != caller:
+            entered.set()
+            release.wait(30)
+
+    layer = model.base_model.model.model.layers[0]
+    handle = layer.register_forward_pre_hook(pause_in_first_call)
+
+    def first():
+        with torch.no_grad():
+            results.append(model(ids, adapter_names=NAMES).logits)
+
+    thread = threading.Thread(target=first)
+    try:
+        thread.start()
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match=r"another call with adapter_names= is running on this model .*"
+                                               r"nothing was changed"):
+            model(ids, adapter_names=other)
+    finally:
+        release.set()
+        thread.join(30)
+        handle.remove()
+    assert len(results) == 1
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
+    with torch.no_grad():  # free again
+        torch.testing.assert_close(model(ids, adapter_names=NAMES).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["delete_adapter", "merge_adapter", "unmerge_adapter", "unload",
+                                    "merge_and_unload"])
+def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change):
+    """An adapter deleted, merged or unloaded while a call with adapter_names= runs (here from a
+    hook standing for an admin thread) gave its rows the old adapters in the earlier layers and
+    the new state in the later ones, silently (0.25-0.51 in logits). Such changes now refuse
+    while the call runs."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+    calls = {"delete_adapter": lambda: model.delete_adapter("b"), "merge_adapter": model.merge_adapter,
+             "unmerge_adapter": model.unmerge_adapter, "unload": model.unload,
+             "merge_and_unload": model.merge_and_unload}
+    errors = []
+
+    def change_it(module, args):
+        if not errors:
+            try:
+                calls[change]()
+                errors.append(None)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+    types = [type(m) for m in model.modules()]
+    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(change_it)
+    try:
+        with torch.no_grad():
+            got = model(ids, adapter_names=NAMES).logits
+    finally:
+        handle.remove()
+    assert isinstance(errors[0], RuntimeError) and "a call with adapter_names= is running" in str(errors[0])
+    assert "b" in model.peft_config and [type(m) for m in model.modules()] == types
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -395,3 +395,22 @@ def test_weights_that_only_share_memory_are_shared_too():
     pair = nn.Sequential(q, k)
     miss_ext.apply_miss(pair, ["0"], r=2)
     assert pair[0]._shared_with == []
+
+
+def test_setup_warnings_turned_into_errors_leave_the_model_as_it_was(base, tmp_path):
+    """apply_miss and load_adapter warn before they change anything: with warnings as errors
+    (`-W error`, pytest's filterwarnings=error) the call raises and the model is untouched. The
+    shared-weight warning (and load_adapter's r > in_features one) used to come after the
+    layers were replaced."""
+    reference = peft_tied_head(base, target_modules=["lm_head", "q_proj"])
+    reference.save_pretrained(tmp_path)
+    for call in (lambda m: miss_ext.apply_miss(m, ["lm_head", "q_proj"], r=R),
+                 lambda m: miss_ext.load_adapter(m, tmp_path)):
+        model = copy.deepcopy(base)
+        snap = snapshot(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UserWarning, match=r"lm_head \(" + SHARED):
+                call(model)
+        assert_unchanged(model, snap)
+        assert not any(isinstance(m, MissLinear) for m in model.modules())

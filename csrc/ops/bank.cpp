@@ -77,6 +77,7 @@ void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, con
                                 {periods, "periods"}, {index, "index"}}) {
     check_no_overlap("bank_add_", y, "y", t, name);
   }
+  check_writable("bank_add_", y, "y");
   // An empty bank still goes to the kernel, which checks the ids: a row naming a slot of an empty
   // bank is an error, not a row that silently keeps y.
   if (y.numel() == 0) return;

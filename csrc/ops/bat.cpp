@@ -111,6 +111,7 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
   check_bat_transform_args(w, m, p);
   check_no_overlap("bat_transform_", w, "w", m, "m");
   check_no_overlap("bat_transform_", w, "w", p, "p");
+  check_writable("bat_transform_", w, "w");
   if (w.numel() == 0) return;
   kernel = pick_bat_kernel(kernel, w, /*in_place=*/true);
   if (w.is_contiguous()) {

@@ -100,6 +100,7 @@ void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src,
                    const std::optional<at::Tensor>& key) {
   check_tile_add_args(out, src, p, key);
   check_no_overlap("tile_add_", out, "out", src, "src");
+  check_writable("tile_add_", out, "out");
   const int64_t rows = leading_rows(out);
   const int64_t cols = out.size(-1);
   if (rows == 0 || cols == 0) return;

@@ -32,6 +32,7 @@ void merge_inplace_kernel(at::Tensor& weight, const at::Tensor& block, bool reve
   // Checked here, with merge_'s own names, for every mode and direction: the building blocks
   // below would refuse some overlaps under their own names and copy the block first in others.
   check_no_overlap("merge_", weight, "weight", block, "miss_block");
+  check_writable("merge_", weight, "weight");
   if (block.dim() == 3) return bat_merge_inplace(weight, block, reverse);
   // dW = block^T tiled over (out, in): src (mini_r, r) repeats along both axes.
   ops::tile_add_(weight, block.t().contiguous(), reverse ? -1.0 : 1.0);

@@ -9,7 +9,9 @@
    (`miss_ext.mixed_batch`), one backward per step; each block gets the gradient of its own
    rows only (multi-tenant fine-tuning).
 3. Saves each adapter in PEFT's format (`miss_ext.save_bank_adapter`) and loads both into a
-   fresh copy of the base model (`miss_ext.load_bank`), as a server would.
+   fresh copy of the base model (`miss_ext.load_bank`), as a server would. With --out, the
+   random base model is saved beside them (OUT/base_model, which each adapter's config names as
+   base_model_name_or_path), so the folders can be loaded again later.
 4. Generates for ONE mixed batch: the same prompts under "up", "down" and the base model
    ("__base__"), and prints some rows and, per adapter, the share of generated tokens that
    follow each task's rule.
@@ -36,6 +38,7 @@ from .._optional import require
 from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
+from ._training import save_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("up", "down")
@@ -65,7 +68,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=16, help="prompts per adapter in the mixed generate batch")
     ap.add_argument("--min-accuracy", type=float, default=0.9,
                     help="share of an adapter's generated tokens that must follow its task for exit code 0")
-    ap.add_argument("--out", type=folder_path, default=None, help="keep the two adapter folders here (default: a temp dir)")
+    ap.add_argument("--out", type=folder_path, default=None,
+                    help="keep the two adapter folders and the base model here (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the base model, the data and the prompts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 by default, as the main demo; 0 = torch's choice)")
@@ -147,14 +151,20 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         folders: Dict[str, str] = {}
+        base_path = None
+        if args.out:  # the base is random, so nobody can download it: kept with the adapters
+            base_path = str((root / "base_model").resolve())  # the config must name it from anywhere
+            save_base_model(base, base_path)
         for task in TASKS:
             folders[task] = str(root / task)
-            miss_ext.save_bank_adapter(model, task, folders[task], task_type="CAUSAL_LM")
+            miss_ext.save_bank_adapter(model, task, folders[task], task_type="CAUSAL_LM",
+                                       base_model_name_or_path=base_path)
         served = miss_ext.load_bank(copy.deepcopy(base), folders).eval()
         # The reference for each row: its adapter alone, through the single-adapter layers.
         alone = {task: miss_ext.load_adapter(copy.deepcopy(base), folders[task]).eval() for task in TASKS}
         alone["__base__"] = base.eval()
-        where = ", ".join(folders.values()) if args.out else "a temporary folder, removed now (--out keeps them)"
+        where = (", ".join(folders.values()) + f" (base model: {base_path})" if args.out
+                 else "a temporary folder, removed now (--out keeps them)")
         print(f"saved both in PEFT's format and loaded them into a fresh bank: {where}")
 
     gen = torch.Generator().manual_seed(args.seed + 2)

@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -111,6 +112,13 @@ void check_no_overlap(const char* op, const at::Tensor& out, const char* out_nam
   TORCH_CHECK_VALUE(status == at::MemOverlapStatus::No, "miss: ", op, " ", name, " is a view of ", out_name,
                     "'s storage whose overlap with it cannot be ruled out (", out_name, " is written while ", name,
                     " is read); pass a copy");
+}
+
+void check_writable(const char* op, const at::Tensor& out, const char* out_name) {
+  TORCH_CHECK(!out.is_inference() || c10::InferenceMode::is_enabled(), "miss: ", op, " ", out_name,
+              " is an inference tensor (made under torch.inference_mode()), which cannot be updated in place "
+              "outside inference mode; nothing was changed. Call ", op, " under torch.inference_mode(), or pass ",
+              out_name, ".clone()");
 }
 
 void check_fold_args(const at::Tensor& x, int64_t r, double p, const std::optional<at::Tensor>& key) {

@@ -36,6 +36,12 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
 void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name, const at::Tensor& input,
                       const char* name);
 
+// For an in-place op that writes `out`: RuntimeError if out is an inference tensor (made under
+// torch.inference_mode()) and inference mode is off now. torch refuses that update too, but only
+// when the version counter is bumped, after the write: the user's tensor would change and then
+// the call would fail. Checked before anything is written.
+void check_writable(const char* op, const at::Tensor& out, const char* out_name);
+
 // Merge of a block into weight (out, in): default/mini (2-D block) or bat (3-D block).
 void check_merge_args(const at::Tensor& weight, const at::Tensor& block);
 
