@@ -22,6 +22,7 @@ What a bank cannot hold: bat adapters (they change the base weight, so rows of d
 adapters cannot share one base GEMM: TypeError naming them), and files that train something
 beside the blocks (modules_to_save, biases): those would have to differ per row (ValueError).
 """
+import functools
 import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -46,6 +47,15 @@ __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter"
 # other half done (a row routed to the adapter that took a removed one's slot, or layers left
 # disagreeing on their slots). Reentrant: load_bank adds through load_bank_adapter's code.
 _BANK_LOCK = threading.RLock()
+
+
+def _holding_bank_lock(function):
+    """Runs a slot change under _BANK_LOCK, its checks included (they read the slots it changes)."""
+    @functools.wraps(function)
+    def locked(*args, **kwargs):
+        with _BANK_LOCK:
+            return function(*args, **kwargs)
+    return locked
 
 
 def bank_layers(model: nn.Module) -> List[Tuple[str, MissBankLinear]]:
@@ -135,6 +145,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     return outer
 
 
+@_holding_bank_lock
 def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default", mini_r: int = 1,
                      dropout: float = 0.0, target_modules: Optional[TargetModules] = None) -> int:
     """A fresh adapter (PEFT's zero init) on the bank layers `target_modules` selects (None: all),
@@ -156,8 +167,7 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
             raise ValueError(f"add_bank_adapter: target_modules={target_modules!r} selects no bank layer")
     for path in paths:
         _check_new(get_module(model, path), path, name, r, mode, mini_r, dropout)
-    with _BANK_LOCK:
-        return _add(_layers(model, "add_bank_adapter"), name, {p: None for p in paths}, r, mode, mini_r, dropout)
+    return _add(layers, name, {p: None for p in paths}, r, mode, mini_r, dropout)
 
 
 def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, mini_r: int,
@@ -172,7 +182,7 @@ def _check_new(layer: MissBankLinear, path: str, name: str, r: int, mode: str, m
 def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: str, mini_r: int,
          dropout: float) -> int:
     """Adds the adapter to every bank layer (absent where `blocks` has no entry), at one slot.
-    Called under _BANK_LOCK, after every layer's check."""
+    Called holding _BANK_LOCK, after every layer's check."""
     check_new_adapter(layers[0][1].adapter_names, name, "the model's bank")
     _check_all_mutable(layers, f"add adapter {name!r}")
     slot, added = None, []
@@ -257,6 +267,7 @@ def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
     return _load_read(_model_to_change(model), name, path, read_adapter(path))
 
 
+@_holding_bank_lock
 def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]) -> int:
     """load_bank_adapter with the folder already read (read_adapter's result)."""
     layers = _layers(model, "load_bank_adapter")
@@ -268,9 +279,7 @@ def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[st
         raise ValueError(f"adapter {path!r} does not fit the model's bank; nothing was loaded:\n  " +
                          "\n  ".join(problems))
     mode, r, mini_r, dropout = _config_settings(config)
-    with _BANK_LOCK:
-        return _add(_layers(model, "load_bank_adapter"), name, blocks, r, mode, mini_r if mode == "mini" else 1,
-                    float(dropout))
+    return _add(layers, name, blocks, r, mode, mini_r if mode == "mini" else 1, float(dropout))
 
 
 def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[int] = None,
@@ -351,23 +360,23 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     write_adapter(path, tensors, config)
 
 
+@_holding_bank_lock
 def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
     torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
     changing nothing, for a model without bank layers or a name not in the bank."""
     model = _model_to_change(model)
-    with _BANK_LOCK:
-        layers = _layers(model, "remove_bank_adapter")
-        slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
-        _check_all_mutable(layers, f"remove adapter {name!r}")
-        saved = [(layer, layer._slot_state(slot)) for _, layer in layers]
-        try:
-            for _, layer in layers:
-                layer.remove_adapter(name)
-        except BaseException:  # an interrupt part way: every layer holds the adapter again
-            for layer, state in saved:
-                layer._restore_slot(slot, state)
-            raise
+    layers = _layers(model, "remove_bank_adapter")
+    slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
+    _check_all_mutable(layers, f"remove adapter {name!r}")
+    saved = [(layer, layer._slot_state(slot)) for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.remove_adapter(name)
+    except BaseException:  # an interrupt part way: every layer holds the adapter again
+        for layer, state in saved:
+            layer._restore_slot(slot, state)
+        raise
 
 
 def _refuse_load_inside_mixed_batch(model: nn.Module, *args, **kwargs) -> None:
