@@ -170,30 +170,55 @@ def time_variants(variants, ids, a):
     return times, ratios
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+def print_machine(device):
+    """Prints '# date  torch version  device name  threads'; True if device is a CUDA device."""
+    cuda = torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}  torch {torch.__version__}  {name}  "
+          f"threads {torch.get_num_threads()}")
+    return cuda
+
+
+def write_json(a, results):
+    """The arguments and result rows to a.json, if given (its folder made if missing)."""
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(dict(args=vars(a), results=results), f, indent=1)
+
+
+def parse_preset_args(p, presets, argv):
+    """Adds the flags bench_model.py and bench_decode.py share (--preset, --modes, --seed, --device,
+    --dtype, --json, and one per key of a preset, e.g. --hidden), parses argv, fills what was not
+    given from the chosen preset, and checks --modes and --heads."""
+    p.add_argument("--preset", choices=sorted(presets), default="cpu")
     p.add_argument("--modes", default="default,mini,bat", help="comma list of default, mini, bat")
-    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_arg, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--json", type=json_path_arg, help="write the figures to this file")
-    for key in PRESETS["cpu"]:
+    for key in presets["cpu"]:
         if key not in ("device", "dtype"):
             p.add_argument("--" + key.replace("_", "-"), type=nonnegative_int if key == "warmup" else positive_int,
                            default=None)
     a = p.parse_args(argv)
-    for key, value in PRESETS[a.preset].items():
+    for key, value in presets[a.preset].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
     unknown = [m for m in a.modes.split(",") if m not in PEFT_INIT]
     if unknown:
         p.error(f"--modes: unknown {unknown}; expected a comma list of {', '.join(PEFT_INIT)}")
-    if not 0.0 <= a.dropout < 1.0:
-        p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.hidden % a.heads:
         p.error(f"--heads {a.heads} must divide --hidden {a.hidden}")
+    return a
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dropout", type=float, default=0.0)
+    a = parse_preset_args(p, PRESETS, argv)
+    if not 0.0 <= a.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     return a
 
 
@@ -204,10 +229,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     base = build_base(a)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device)
-    cuda = torch.device(a.device).type == "cuda"
-    device = torch.cuda.get_device_name(a.device) if cuda else cpu_name()
-    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}  torch {torch.__version__}  {device}  "
-          f"threads {torch.get_num_threads()}")
+    cuda = print_machine(a.device)
     print(f"# Llama {a.layers} x {a.hidden} (mlp {a.intermediate}), seq {a.seq}, batch {a.batch}, {a.dtype}, "
           f"r={a.r}, mini_r={a.mini_r}, dropout={a.dropout}; {a.reps} reps (+{a.warmup} warm-up), interleaved\n")
     print("| mode | variant | median ms | vs PEFT | ratio p25-p75 | tokens/s | saved MiB |"
@@ -232,10 +254,7 @@ def main(argv=None):
             results.append(row)
         del variants
         gc.collect()
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(dict(args=vars(a), results=results), f, indent=1)
+    write_json(a, results)
     return 0
 
 

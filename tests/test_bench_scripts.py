@@ -1,6 +1,7 @@
 """The benchmark scripts (bench/) as tools, not as timings: their flags refuse bad values by name
 before any work, and their agreement checks refuse to time variants that compute different
 layers. Tiny sizes only; no figure is measured or asserted here (figures: bench/RESULTS.md)."""
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import bench_decode  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_model  # noqa: E402
 
@@ -80,19 +82,47 @@ def test_bench_linear_refuses_to_time_cases_that_differ(monkeypatch):
         bench_linear.main()
 
 
-def test_bench_model_refuses_to_time_variants_that_differ(monkeypatch):
-    build = bench_model.build_variants
+TINY_MODEL = ["--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128",
+              "--r", "8", "--mini-r", "8", "--reps", "1", "--warmup", "0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--new-tokens", "1"], "--new-tokens must be at least 2 (a decode step is (t_N - t_1) / (N - 1)), got 1"),
+    (["--modes", "bat,foo"], "--modes: unknown ['foo']"),
+    (["--prompt", "0"], "argument --prompt: expected a positive integer, got 0"),
+])
+def test_bench_decode_refuses_bad_flags_by_name(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench_decode.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_decode_runs_every_variant_and_counts_tokens(capsys):
+    assert bench_decode.main(TINY_MODEL + ["--new-tokens", "3", "--batch", "2", "--modes", "default,bat"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("default", "bat"):
+        for variant in ("base (no adapter)", "peft", "peft+accelerate", "miss_ext.apply_miss", "peft merge_and_unload"):
+            assert f"| {mode} | {variant} |" in out
+        assert f"| {mode} | peft+accelerate |" in out and f"| {mode} | peft |" in out
+    assert "| default | peft+accelerate | " in out and out.count(" 2/2 |") >= 6  # adapted variants: PEFT's tokens
+
+
+@pytest.mark.parametrize("script, variant, argv", [
+    (bench_model, "miss_ext.apply_miss", ["--seq", "16", "--batch", "2"]),
+    (bench_decode, "peft+accelerate", ["--new-tokens", "2"]),
+], ids=["bench_model", "bench_decode"])
+def test_model_benchmarks_refuse_to_time_variants_that_differ(monkeypatch, script, variant, argv):
+    """A variant whose blocks differ from PEFT's by 0.01 must stop the run before any timing."""
+    build = script.build_variants
 
     def off_by_a_little(base, mode, a):
         variants = build(base, mode, a)
         with torch.no_grad():
-            for name, p in variants["miss_ext.apply_miss"].named_parameters():
+            for name, p in variants[variant].named_parameters():
                 if "miss_block" in name:
                     p.add_(0.01)
         return variants
 
-    monkeypatch.setattr(bench_model, "build_variants", off_by_a_little)
-    argv = ["--hidden", "64", "--intermediate", "128", "--layers", "1", "--heads", "4", "--vocab", "128", "--seq", "16",
-            "--batch", "2", "--r", "8", "--mini-r", "8", "--reps", "1", "--warmup", "0", "--modes", "default"]
-    with pytest.raises(SystemExit, match="default: miss_ext.apply_miss's logits are .* from PEFT's"):
-        bench_model.main(argv)
+    monkeypatch.setattr(script, "build_variants", off_by_a_little)
+    with pytest.raises(SystemExit, match=f"default: {re.escape(variant)}'s logits are .* from PEFT's"):
+        script.main(TINY_MODEL + argv + ["--modes", "default"])

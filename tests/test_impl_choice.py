@@ -271,6 +271,32 @@ def test_other_dtypes_never_take_the_split_path(monkeypatch):
         assert "aten::cat" not in fw, (xdt, bdt)
 
 
+@pytest.mark.parametrize("where", ["block", "x", "weight"])
+def test_split_products_are_non_finite_exactly_where_the_float32_ones_are(where, monkeypatch):
+    """An inf in a split operand comes out as NaN, not inf: its bf16 head is inf and the other
+    part's zero remainders multiply it (inf * 0). A documented difference (split_gemm.cpp); what
+    this pins is that the split path makes non-finite exactly the outputs and gradients the
+    float32 path (PEFT's arithmetic) makes non-finite, no more and no fewer."""
+    x, w, b, block, key, grad = make_linear_inputs((6,), 16, 24, 4, None, 0.0)
+    x = x.abs()  # positive folds: no inf - inf in the exact arithmetic either
+    if where == "block":
+        block[1, 5] = float("inf")
+    elif where == "x":
+        x[2, 3] = float("inf")
+    else:  # W' of bat: here the base weight, whose inf reaches only the base GEMM
+        w[7, 2] = float("inf")
+    monkeypatch.setenv("MISS_EXT_GEMM", "split")
+    split = run_linear(x, w, b, block, 0.0, None, grad)
+    monkeypatch.setenv("MISS_EXT_GEMM", "fp32")
+    fp32 = run_linear(x, w, b, block, 0.0, None, grad)
+    assert "aten::cat" in split[3] and "aten::cat" not in fp32[3]  # the paths asked for
+    for name, a, e in zip(["y", "dx", "dblock"], split[:3], fp32[:3]):
+        assert not torch.isfinite(e).all() or name != "y", "the case makes y non-finite"
+        assert torch.equal(torch.isfinite(a), torch.isfinite(e)), f"{where}: {name} non-finite elsewhere"
+        finite = torch.isfinite(e)
+        assert torch.allclose(a[finite].float(), e[finite].float(), rtol=1e-2, atol=1e-2), f"{where}: {name}"
+
+
 @pytest.mark.parametrize("variable,value,call", [
     ("MISS_EXT_GEMM", "fast",
      lambda: ops.linear(torch.randn(4, 8).bfloat16(), torch.randn(6, 8).bfloat16(), None, torch.randn(2, 6), 0.0, None)),

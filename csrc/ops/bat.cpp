@@ -81,7 +81,8 @@ int64_t blocks_per_chunk(const at::Tensor& x, int64_t r, int64_t in) {
 // CUDA for a new W' (bat_weight, forward and backward), where issue 11 measured the kernel at 0.04
 // of copy bandwidth and the GEMM 1.5x faster; the kernel for the in-place merge and unmerge, whose
 // fp32 round trip it keeps exact where a GEMM would follow torch's TF32 setting; the kernel on
-// the CPU, where it is the faster one.
+// the CPU, where the two are close (the kernel 8% faster on an AVX-512 CPU, the GEMM 0-17% on an
+// AVX2 one: bench/RESULTS.md) and the kernel needs no W-sized product temporary.
 BatKernel pick_bat_kernel(BatKernel backend_kernel, const at::Tensor& w, bool in_place) {
   const int picked = bat_transform_choice();
   const bool gemm = picked == choice::kAuto ? w.is_cuda() && !in_place : picked == choice::kGemm;
@@ -168,7 +169,14 @@ at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, 
 void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse) {
   check_bat_args(weight, block);
   // Everything that can fail (the conditioning check) happens before the weight is touched.
-  const auto mp = bat_affine(block, reverse, bat_compute_dtype(weight, block));
+  // The unmerge with M and P in float64 for any weight, one rounding to the weight's dtype: it
+  // computes W' (I + B)^-1 - B (I + B)^-1, two terms that cancel, and with M and P rounded to
+  // float32 first a float32 unmerge was 1.6-2.7x PEFT's error (PEFT subtracts B first) where the
+  // block is large against W (block 0.15-0.2, W at nn.Linear's scale 1/16; 2026-12-02). It costs
+  // about 5x the float32 transform on the CPU (55 ms against 7-13 ms at 2048 x 2048, r = 64,
+  // 2 cores), and unmerges are rare. The merge keeps float32 (its error is the forward's W', about
+  // 2.6x PEFT's at 1e-7 relative), so a whole model's merge stays fast.
+  const auto mp = bat_affine(block, reverse, reverse ? at::kDouble : bat_compute_dtype(weight, block));
   ops::bat_transform_(weight, mp[0], mp[1]);
 }
 

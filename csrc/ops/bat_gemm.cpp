@@ -6,9 +6,9 @@
 // The GEMM runs in M's dtype (fp32 or fp64, as the hand-written kernels accumulate), so torch's
 // float32 matmul precision (TF32) applies to it as it does to PEFT's fp32 bat matmul. Issue 11
 // measured this composition on an H200 at 0.26 ms (fp32) against the CUDA kernel's 0.40 ms for a
-// 4096 x 4096 weight; on the CPU the hand-written kernel is faster (issue 11's CPU measurement:
-// 3.99 ms against 4.31 ms at 2048 x 2048, r = 64), so bat.cpp picks this one on CUDA only, and
-// only for a new W' (impl_choice.h).
+// 4096 x 4096 weight; on the CPU the two are close (issue 11's measurement on an AVX-512 CPU:
+// the kernel 3.99 ms against 4.31 ms at 2048 x 2048, r = 64; on an AVX2 CPU the GEMM 0-17% faster),
+// so bat.cpp picks this one on CUDA only, and only for a new W' (impl_choice.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/bmm.h>

@@ -24,6 +24,14 @@ at::Tensor bf16_head(const at::Tensor& t) {
 
 // The bf16 parts of fp32 t, largest first. Each but the last is the head of what is left, so each
 // subtraction is exact; the last is rounded. Three parts hold all 24 bits of t.
+//
+// Non-finite values: an inf's head is inf and its remainder inf - inf = NaN; and even with zero
+// remainders, the GEMM would multiply the inf by the other operand's zero low parts (inf * 0).
+// So a product with an inf in it comes out NaN where the float32 GEMM gives inf. The set of
+// non-finite outputs is the same (an inf or NaN term makes its whole output row or column non-finite
+// either way; tests/test_impl_choice.py checks it), so training that diverged still sees non-finite
+// values, only their kind differs. Keeping infs apart would take extra GEMMs or a host sync to find
+// them; this path exists to be fast for the finite values every step has.
 std::vector<at::Tensor> split_bf16(const at::Tensor& t, int parts) {
   std::vector<at::Tensor> out;
   at::Tensor rest = t;

@@ -63,7 +63,7 @@ std::vector<Task> row_tasks(const RowsBySlot& g, int64_t slots) {
 // p[u][c] = sum_j sa[u][j] * block[j][c] for u < n rows, c < q (block rows q_cap apart).
 template <typename acc, typename b_t>
 #if defined(__GNUC__)
-__attribute__((always_inline))  // inlined into each clone of block_products_f32, so each is vectorised for its ISA
+__attribute__((always_inline))  // inlined into each per-ISA version of block_products_f32_for, so each is vectorised for its ISA
 #endif
 inline void block_products(const acc* sa, int64_t r, int64_t r_cap, const b_t* block, int64_t q, int64_t q_cap,
                                     int64_t n, acc* p) {
@@ -93,23 +93,19 @@ inline void block_products(const acc* sa, int64_t r, int64_t r_cap, const b_t* b
   }
 }
 
-// 16 floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2 one.
-typedef float f32x16 __attribute__((vector_size(64)));
-
-// The float32 instance, multi-versioned (cpu_clones.h): 16 block columns at a time, the four
-// rows' sums in registers across the whole j loop, so each vector load of a block row feeds four
-// multiply-adds and nothing is stored until the end (the generic loop above stores p at every j).
-MISS_CPU_CLONES
-void block_products_f32(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q, int64_t q_cap,
-                        int64_t n, float* p) {
-  if (n != kRowGroup) return block_products<float, float>(sa, r, r_cap, block, q, q_cap, n, p);
+// The float32 instance for four rows: kLanes<vec> block columns at a time, the four rows' sums in
+// registers across the whole j loop, so each vector load of a block row feeds four multiply-adds
+// and nothing is stored until the end (the generic loop above stores p at every j).
+template <typename vec>
+MISS_CPU_INLINE void block_products_4rows(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q,
+                                          int64_t q_cap, float* p) {
   const float* s0 = sa;
   const float* s1 = sa + r_cap;
   const float* s2 = sa + 2 * r_cap;
   const float* s3 = sa + 3 * r_cap;
   int64_t c0 = 0;
-  for (; c0 + 16 <= q; c0 += 16) {
-    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b;
+  for (; c0 + kLanes<vec> <= q; c0 += kLanes<vec>) {
+    vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, b;
     for (int64_t j = 0; j < r; ++j) {
       std::memcpy(&b, block + j * q_cap + c0, sizeof b);  // unaligned vector load
       a0 += s0[j] * b;
@@ -122,7 +118,7 @@ void block_products_f32(const float* sa, int64_t r, int64_t r_cap, const float* 
     std::memcpy(p + 2 * q_cap + c0, &a2, sizeof a2);
     std::memcpy(p + 3 * q_cap + c0, &a3, sizeof a3);
   }
-  for (int64_t c = c0; c < q; ++c) {  // the last q % 16 columns
+  for (int64_t c = c0; c < q; ++c) {  // the last q % kLanes columns
     float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
     for (int64_t j = 0; j < r; ++j) {
       const float b = block[j * q_cap + c];
@@ -138,6 +134,30 @@ void block_products_f32(const float* sa, int64_t r, int64_t r_cap, const float* 
   }
 }
 
+// block_products for float32, one version per ISA with its register width (cpu_clones.h says why
+// not target_clones); fewer than four rows take the generic loop, compiled for the same ISA.
+template <typename vec>
+MISS_CPU_INLINE void block_products_f32_for(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q,
+                                            int64_t q_cap, int64_t n, float* p) {
+  if (n == kRowGroup) return block_products_4rows<vec>(sa, r, r_cap, block, q, q_cap, p);
+  block_products<float, float>(sa, r, r_cap, block, q, q_cap, n, p);
+}
+using BlockProductsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+MISS_CPU_TARGET("arch=x86-64-v4")
+void block_products_avx512(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q, int64_t q_cap,
+                           int64_t n, float* p) {
+  block_products_f32_for<f32x16>(sa, r, r_cap, block, q, q_cap, n, p);
+}
+MISS_CPU_TARGET("arch=x86-64-v3")
+void block_products_avx2(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q, int64_t q_cap,
+                         int64_t n, float* p) {
+  block_products_f32_for<f32x8>(sa, r, r_cap, block, q, q_cap, n, p);
+}
+void block_products_baseline(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q,
+                             int64_t q_cap, int64_t n, float* p) {
+  block_products_f32_for<f32x8>(sa, r, r_cap, block, q, q_cap, n, p);
+}
+
 template <typename y_t, typename a_t>
 void bank_add_rows(y_t* y, const a_t* s, const a_t* bank, const int64_t* ranks, const int64_t* periods,
                    const int64_t* index, int64_t rows, int64_t out, int64_t R, int64_t slots, int64_t r_cap,
@@ -145,6 +165,8 @@ void bank_add_rows(y_t* y, const a_t* s, const a_t* bank, const int64_t* ranks, 
   using acc = acc_t<y_t, a_t>;
   const RowsBySlot g = rows_by_slot(index, rows, slots);
   const std::vector<Task> tasks = row_tasks(g, slots);
+  static const BlockProductsFn products_f32 =
+      pick_for_cpu(&block_products_avx512, &block_products_avx2, &block_products_baseline);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<acc> sa(kRowGroup * r_cap), p(kRowGroup * q_cap);
     for (int64_t k = first; k < last; ++k) {
@@ -156,7 +178,7 @@ void bank_add_rows(y_t* y, const a_t* s, const a_t* bank, const int64_t* ranks, 
         for (int64_t u = 0; u < n; ++u)
           for (int64_t j = 0; j < r; ++j) sa[u * r_cap + j] = bank_fold_column<acc>(s + g.order[i + u] * R, R, r, j);
         if constexpr (std::is_same_v<acc, float> && std::is_same_v<a_t, float>) {
-          block_products_f32(sa.data(), r, r_cap, block, q, q_cap, n, p.data());
+          products_f32(sa.data(), r, r_cap, block, q, q_cap, n, p.data());
         } else {
           block_products(sa.data(), r, r_cap, block, q, q_cap, n, p.data());
         }

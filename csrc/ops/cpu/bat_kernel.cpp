@@ -3,9 +3,9 @@
 //
 // Parallel over rows. Each row's segments are copied to a small buffer first, so `out` may be `w`
 // (in-place merge and unmerge touch the weight once). For float32 with r a multiple of 16, four
-// segments are transformed together in 16-column tiles whose accumulators stay in registers: one
-// load of a row of m feeds four multiply-adds, so the loop runs near the FMA rate (about as fast
-// as MKL's bmm for this shape, without its extra pass). The tile code is multi-versioned
+// segments are transformed together in tiles whose accumulators stay in registers: one load of a
+// row of m feeds four multiply-adds, so the loop runs near the FMA rate (about as fast as MKL's
+// bmm for this shape, without its extra pass). The tile code has one version per ISA
 // (cpu_clones.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,21 +21,19 @@
 namespace miss_ext {
 namespace {
 
-constexpr int kTile = 16;  // columns per register tile
+constexpr int kTile = 16;  // columns per register tile: a multiple of every vector width below
 constexpr int kSegs = 4;   // segments sharing each load of m
 
-// 16 floats as one GCC vector: one zmm register in the AVX-512 clone, two ymm in the AVX2 one.
-// (Plain loops here were vectorised along the wrong axis, 13x slower: measured.)
-typedef float f32x16 __attribute__((vector_size(64)));
-
-// dst[q*r + b] = sum_k seg[q*r + k] * m[k*r + b] + prow[b] for q < kSegs, r % kTile == 0.
-MISS_CPU_CLONES
-void bat_tiles_f32(const float* __restrict seg, float* __restrict dst, const float* __restrict m,
-                   const float* __restrict prow, int64_t r) {
-  for (int64_t b0 = 0; b0 < r; b0 += kTile) {
-    f32x16 p, mk;
+// dst[q*r + b] = sum_k seg[q*r + k] * m[k*r + b] + prow[b] for q < kSegs, r % kTile == 0, with
+// the accumulators of kLanes<vec> columns in registers. (Plain loops here were vectorised along
+// the wrong axis, 13x slower: measured.)
+template <typename vec>
+MISS_CPU_INLINE void bat_tiles(const float* __restrict seg, float* __restrict dst, const float* __restrict m,
+                               const float* __restrict prow, int64_t r) {
+  for (int64_t b0 = 0; b0 < r; b0 += kLanes<vec>) {
+    vec p, mk;
     std::memcpy(&p, prow + b0, sizeof p);
-    f32x16 a0 = p, a1 = p, a2 = p, a3 = p;
+    vec a0 = p, a1 = p, a2 = p, a3 = p;
     for (int64_t k = 0; k < r; ++k) {
       std::memcpy(&mk, m + k * r + b0, sizeof mk);  // unaligned vector load
       a0 += seg[k] * mk;
@@ -48,6 +46,20 @@ void bat_tiles_f32(const float* __restrict seg, float* __restrict dst, const flo
     std::memcpy(dst + 2 * r + b0, &a2, sizeof a2);
     std::memcpy(dst + 3 * r + b0, &a3, sizeof a3);
   }
+}
+
+// One version per ISA with its register width (cpu_clones.h says why not target_clones).
+using BatTilesFn = void (*)(const float*, float*, const float*, const float*, int64_t);
+MISS_CPU_TARGET("arch=x86-64-v4")
+void bat_tiles_avx512(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
+  bat_tiles<f32x16>(seg, dst, m, prow, r);
+}
+MISS_CPU_TARGET("arch=x86-64-v3")
+void bat_tiles_avx2(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
+  bat_tiles<f32x8>(seg, dst, m, prow, r);
+}
+void bat_tiles_baseline(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
+  bat_tiles<f32x8>(seg, dst, m, prow, r);
 }
 
 // The same for any r and type, `count` segments.
@@ -68,6 +80,7 @@ template <typename w_t, typename out_t, typename acc>
 void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows, int64_t cols, int64_t r) {
   const int64_t segments = cols / r;
   const bool tiled = std::is_same_v<acc, float> && r % kTile == 0;
+  static const BatTilesFn tiles_f32 = pick_for_cpu(&bat_tiles_avx512, &bat_tiles_avx2, &bat_tiles_baseline);
   at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc> seg(kSegs * r), dst(kSegs * r);
@@ -81,7 +94,7 @@ void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows
         for (int64_t e = 0; e < count * r; ++e) seg[e] = static_cast<acc>(wr[s0 * r + e]);
         if constexpr (std::is_same_v<acc, float>) {
           if (tiled && count == kSegs) {
-            bat_tiles_f32(seg.data(), dst.data(), mi, prow, r);
+            tiles_f32(seg.data(), dst.data(), mi, prow, r);
           } else {
             bat_segments_generic(seg.data(), dst.data(), mi, prow, r, count);
           }

@@ -28,11 +28,14 @@ void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, uint8_t* 
 // Cascade summation (torch's CPU sum does the same): terms are added into level 0; every
 // kCascade terms a level is added into the next one up and cleared. The rounding error then grows
 // with about kCascade per level instead of with the number of terms: a running float32 sum of
-// 65536 terms was 3.9e-4 off (relative) where PEFT's torch.sum was 1.3e-7. Sums of up to
-// kPlainSum terms stay plain running sums: the carries cost 10-25% of a short fold on the CPU
-// (measured, bf16, 4096 columns at r = 16 and 64), for an error bound of at most 256 ulps.
+// 65536 terms was 3.9e-4 off (relative) where PEFT's torch.sum was 1.3e-7. Only sums of up to
+// kCascade terms are plain running sums. Until 2026-12-02 every sum of up to 256 terms was (the
+// carries cost 10-25% of a short fold: bf16, 4096 columns at r = 16 and 64), but in float32 that
+// made the fold 2.3x torch.sum's error at in = 4096, r = 64 (64 terms) and 4.8x at r = 16 (256
+// terms), and a float32 MissLinear's output 1.2x (r = 64) to 2.5x (r = 16) PEFT's error: PEFT's
+// precision is the promise, and the fold is a few percent of a layer.
 constexpr int64_t kCascade = 16;
-constexpr int64_t kPlainSum = 256;
+constexpr int64_t kPlainSum = kCascade;
 
 // Levels above the first that a sum of `terms` terms takes (0 up to kPlainSum terms).
 inline int64_t cascade_levels(int64_t terms) {
