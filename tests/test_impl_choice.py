@@ -297,6 +297,40 @@ def test_split_products_are_non_finite_exactly_where_the_float32_ones_are(where,
         assert torch.allclose(a[finite].float(), e[finite].float(), rtol=1e-2, atol=1e-2), f"{where}: {name}"
 
 
+CPU_ISA_TESTS = "(transform or bat_weight_forward or unmerge_matches or matches_per_row or dtypes or strided) and not cuda"
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_every_cpu_instruction_set_version_matches_the_reference(isa):
+    """The hand-tiled float32 loops (bat transform tiles, bank block products) have one version per
+    instruction set with its own vector width (cpu/cpu_clones.h), picked once per process, so a
+    process only ever runs one: the bat transform and bank tests run again in a child with
+    MISS_EXT_CPU_ISA capping the choice (the AVX2 version was 4-5x slow once, the SSE one 2x: the
+    widths differ by version, and so do the tile and tail loops' steps). A cap above what the CPU
+    has runs the best it has."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MISS_EXT_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                          os.path.join(here, "test_bat.py"), os.path.join(here, "test_bank.py"), "-k", CPU_ISA_TESTS],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=here)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_an_unknown_cpu_isa_raises_naming_it():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MISS_EXT_CPU_ISA="avx3", PYTHONPATH=os.pathsep.join(sys.path))
+    code = "import torch, miss_ext; torch.ops.miss.bat_weight(torch.randn(32, 32), torch.zeros(2, 16, 16))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "ValueError: miss: environment variable MISS_EXT_CPU_ISA must be one of auto, baseline, avx2, avx512; " \
+           "got 'avx3'" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("variable,value,call", [
     ("MISS_EXT_GEMM", "fast",
      lambda: ops.linear(torch.randn(4, 8).bfloat16(), torch.randn(6, 8).bfloat16(), None, torch.randn(2, 6), 0.0, None)),

@@ -8,6 +8,10 @@
 //   MISS_EXT_BAT_TRANSFORM = auto | kernel | gemm         the bat transform (bat.cpp)
 //   MISS_EXT_FOLD_KERNEL   = auto | columns | rows | warp the CUDA fold kernel (cuda/shard_kernels.cu)
 //   MISS_EXT_TILE_ADD_KERNEL = auto | flat | grid2d       the CUDA tile_add kernel (cuda/shard_kernels.cu)
+//   MISS_EXT_CPU_ISA       = auto | baseline | avx2 | avx512  the widest instruction set the hand-tiled
+//                            CPU loops may use (cpu/cpu_clones.h); a wider one than the CPU has is
+//                            not used. Unlike the others, read once per process (at the first
+//                            float32 bat transform or bank product), so tests set it in a child.
 // The variable is read each time an op runs eagerly or is traced (torch.compile, export). A traced
 // graph keeps the choice it was traced with, and torch's compile caches (in memory and on disk)
 // do not key on these variables: set them before the process compiles anything, and clear the
@@ -26,6 +30,7 @@ int gemm_choice();  // 1 fp32, 2 split
 int bat_transform_choice();  // 1 kernel, 2 gemm
 int fold_kernel_choice();  // 1 columns, 2 rows, 3 warp
 int tile_add_kernel_choice();  // 1 flat, 2 grid2d
+int cpu_isa_choice();  // 1 baseline, 2 avx2, 3 avx512
 
 namespace choice {
 constexpr int kAuto = 0;
@@ -33,6 +38,7 @@ constexpr int kFp32 = 1, kSplit = 2;                     // gemm_choice
 constexpr int kKernel = 1, kGemm = 2;                    // bat_transform_choice
 constexpr int kColumns = 1, kRows = 2, kWarp = 3;        // fold_kernel_choice
 constexpr int kFlat = 1, kGrid2d = 2;                    // tile_add_kernel_choice
+constexpr int kBaseline = 1, kAvx2 = 2, kAvx512 = 3;     // cpu_isa_choice
 }  // namespace choice
 
 }  // namespace miss_ext

@@ -155,7 +155,7 @@ void block_products_avx2(const float* sa, int64_t r, int64_t r_cap, const float*
 }
 void block_products_baseline(const float* sa, int64_t r, int64_t r_cap, const float* block, int64_t q,
                              int64_t q_cap, int64_t n, float* p) {
-  block_products_f32_for<f32x8>(sa, r, r_cap, block, q, q_cap, n, p);
+  block_products_f32_for<f32x4>(sa, r, r_cap, block, q, q_cap, n, p);
 }
 
 template <typename y_t, typename a_t>

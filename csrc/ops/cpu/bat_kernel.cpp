@@ -59,7 +59,7 @@ void bat_tiles_avx2(const float* seg, float* dst, const float* m, const float* p
   bat_tiles<f32x8>(seg, dst, m, prow, r);
 }
 void bat_tiles_baseline(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
-  bat_tiles<f32x8>(seg, dst, m, prow, r);
+  bat_tiles<f32x4>(seg, dst, m, prow, r);
 }
 
 // The same for any r and type, `count` segments.
