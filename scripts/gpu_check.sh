@@ -214,6 +214,9 @@ if [ "$BENCH" = 1 ]; then
   if [ "$HAVE_HF" = 1 ]; then
     bench bench_bank_model 90 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
       --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10
+    # Serving: greedy decoding per token against PEFT, the base model and merged weights (last: no
+    # issue asks for it; a first GPU figure for the README's serving numbers).
+    bench bench_decode 90 "^\\|" bench/bench_decode.py --preset gpu --modes default,bat --reps 5 --new-tokens 32
   else
     note "bench_model, bench_bank_model: skipped (transformers/peft not installed on this machine)"
   fi
