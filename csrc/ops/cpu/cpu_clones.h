@@ -8,7 +8,7 @@
 // MISS_CPU_TARGET + pick_for_cpu: for loops written with GCC vector types, whose width is fixed
 // in the source and so the same in every target_clones clone. A 16-float vector is one register
 // only with AVX-512; in the AVX2 clone GCC kept 16-float accumulators on the stack, and the bat
-// tile loop ran 8x slower than with two 8-float vectors, slower even than the SSE baseline
+// tile loop ran 8x slower than with 8-float vectors, slower even than the SSE baseline
 // (measured on a 2-core AVX2-only AMD EPYC, 2026-12-02: 0.97 s against 0.12 s for the same
 // 200,000 tiles at r = 64; bench/RESULTS.md "AVX2"). So those loops are templates on the vector
 // type, instantiated per target with its register width (16, 8 or 4 floats), and called through
