@@ -78,6 +78,15 @@ def fold_ref(x: Tensor, r: int, mask: Optional[Tensor] = None, p: float = 0.0) -
     return xd @ fold_matrix(x.shape[-1], r, device=x.device).t()
 
 
+def fold_errors_vs_torch_sum(s: Tensor, x: Tensor, r: int) -> Tuple[float, float]:
+    """(relative error of the fold s of x at rank r, that of PEFT's torch.sum fold of x), both in the
+    Frobenius norm against float64 (fold_ref). in must be a multiple of r."""
+    want = fold_ref(x, r)
+    torch_sum = x.reshape(*x.shape[:-1], -1, r).sum(-2)
+    return (((s.double() - want).norm() / want.norm()).item(),
+            ((torch_sum.double() - want).norm() / want.norm()).item())
+
+
 def fold_error_scale(x: Tensor, r: int, p: float = 0.0) -> Tensor:
     """Per output of fold(x, r) with dropout p, the sum of the magnitudes of the terms it adds,
     sum |x_i| / (1 - p), shape (..., r), float64. Rounding errors of a floating-point sum are bounded

@@ -13,6 +13,8 @@ path it asked for was the one taken, so it cannot pass on the other path. The GP
 check "auto" on CUDA against the CPU.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,10 +182,6 @@ def test_split_follows_the_newer_precision_api():
     """torch.backends.cuda.matmul.fp32_precision ("ieee", "tf32") sets the parts too, and mixing
     it with the legacy API raises nothing (torch's legacy getter would). In a child process: the
     mix would leave this one's legacy getters raising."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, MISS_EXT_GEMM="split", PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", NEW_PRECISION_API], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -308,9 +306,6 @@ def test_every_cpu_instruction_set_version_matches_the_reference(isa):
     MISS_EXT_CPU_ISA capping the choice (the AVX2 version was 4-5x slow once, the SSE one 2x: the
     widths differ by version, and so do the tile and tail loops' steps). A cap above what the CPU
     has runs the best it has."""
-    import subprocess
-    import sys
-
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, MISS_EXT_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
@@ -320,9 +315,6 @@ def test_every_cpu_instruction_set_version_matches_the_reference(isa):
 
 
 def test_an_unknown_cpu_isa_raises_naming_it():
-    import subprocess
-    import sys
-
     env = dict(os.environ, MISS_EXT_CPU_ISA="avx3", PYTHONPATH=os.pathsep.join(sys.path))
     code = "import torch, miss_ext; torch.ops.miss.bat_weight(torch.randn(32, 32), torch.zeros(2, 16, 16))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bat_index.h"
 #include "common/checks.h"
 #include "common/sym_shape.h"
 #include "fold.h"
@@ -175,11 +176,11 @@ void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse
   // block is large against W (block 0.15-0.2, W at nn.Linear's scale 1/16; 2026-12-02). It costs
   // about 5x the float32 transform on the CPU (55 ms against 7-13 ms at 2048 x 2048, r = 64,
   // 2 cores), and unmerges are rare. The merge keeps float32 (its error is the forward's W', about
-  // 2.6x PEFT's at 1e-7 relative), so a whole model's merge stays fast. The CUDA kernel stages
-  // one row of M per segment in 48 KiB of shared memory (cuda/bat_kernel.cu): float64 M fits up to
-  // r = 6144, float32 up to 12288, so a larger r unmerges with float32 M rather than refusing
-  // an unmerge of what merge accepted.
-  const bool fits_float64 = !weight.is_cuda() || static_size(block, 1) <= kBatCudaFloat64MaxR;
+  // 2.6x PEFT's at 1e-7 relative), so a whole model's merge stays fast. Where float64 M does not
+  // fit the CUDA kernel's shared memory (common/bat_index.h) but float32 does, float32 M: an
+  // unmerge of what merge accepted is never refused for its r.
+  const bool fits_float64 =
+      !weight.is_cuda() || static_size(block, 1) * static_cast<int64_t>(sizeof(double)) <= kBatSharedMemoryBytes;
   const auto mp =
       bat_affine(block, reverse, reverse && fits_float64 ? at::kDouble : bat_compute_dtype(weight, block));
   ops::bat_transform_(weight, mp[0], mp[1]);

@@ -40,10 +40,6 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
 // error grows like cond * eps(float32) ~ 1e4 * 6e-8 < 1e-3.
 constexpr double kBatMaxCondition = 1e4;
 
-// The largest r whose float64 M row fits the CUDA bat kernel's 48 KiB of shared memory
-// (cuda/bat_kernel.cu, launch_bat): the in-place unmerge uses float64 M up to it.
-constexpr int64_t kBatCudaFloat64MaxR = 48 * 1024 / 8;
-
 // The dtype bat_linear builds W' and runs its GEMM in: compute_dtype where given, else PEFT's,
 // the dtype of W + delta with the delta in the block's dtype, promote(weight, block) (the block's
 // for the usual float32 block beside a half or float32 base; float64 where either is).

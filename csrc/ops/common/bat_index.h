@@ -14,6 +14,11 @@
 
 namespace miss_ext {
 
+// Shared memory the CUDA bat kernel stages M in, per block (cuda/bat_kernel.cu): at least one
+// r-value row of M in the accumulation type, so r * sizeof(acc) must fit (float32 r <= 12288,
+// float64 r <= 6144). bat.cpp picks the unmerge's float64 M only where it fits.
+constexpr int64_t kBatSharedMemoryBytes = 48 * 1024;
+
 struct BatSegment {
   int64_t row;      // o
   int64_t segment;  // s, the column block

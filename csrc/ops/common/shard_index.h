@@ -19,6 +19,11 @@ namespace miss_ext {
 template <typename A, typename B>
 using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
 
+// Terms summed plainly before a partial sum is carried up a level, in every long sum of the fold
+// and its kin (the CPU's cascade, cpu/row_helpers.h; CUDA fold_kernel's two levels): the rounding
+// error then grows with about this many terms per level, not with the number of terms.
+constexpr int64_t kFoldCascade = 16;
+
 // Number of terms summed into shard column j (0 when j >= in).
 MISS_HD int64_t fold_terms(int64_t in, int64_t r, int64_t j) {
   return j < in ? (in - 1 - j) / r + 1 : 0;

@@ -158,6 +158,13 @@ void block_products_baseline(const float* sa, int64_t r, int64_t r_cap, const fl
   block_products_f32_for<f32x4>(sa, r, r_cap, block, q, q_cap, n, p);
 }
 
+// This CPU's version, picked at the first use (once per process, for every instance of bank_add_rows).
+BlockProductsFn block_products_for_cpu() {
+  static const BlockProductsFn picked =
+      pick_for_cpu(&block_products_avx512, &block_products_avx2, &block_products_baseline);
+  return picked;
+}
+
 template <typename y_t, typename a_t>
 void bank_add_rows(y_t* y, const a_t* s, const a_t* bank, const int64_t* ranks, const int64_t* periods,
                    const int64_t* index, int64_t rows, int64_t out, int64_t R, int64_t slots, int64_t r_cap,
@@ -165,8 +172,8 @@ void bank_add_rows(y_t* y, const a_t* s, const a_t* bank, const int64_t* ranks, 
   using acc = acc_t<y_t, a_t>;
   const RowsBySlot g = rows_by_slot(index, rows, slots);
   const std::vector<Task> tasks = row_tasks(g, slots);
-  static const BlockProductsFn products_f32 =
-      pick_for_cpu(&block_products_avx512, &block_products_avx2, &block_products_baseline);
+  [[maybe_unused]] BlockProductsFn products_f32 = nullptr;
+  if constexpr (std::is_same_v<acc, float> && std::is_same_v<a_t, float>) products_f32 = block_products_for_cpu();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<acc> sa(kRowGroup * r_cap), p(kRowGroup * q_cap);
     for (int64_t k = first; k < last; ++k) {

@@ -62,6 +62,12 @@ void bat_tiles_baseline(const float* seg, float* dst, const float* m, const floa
   bat_tiles<f32x4>(seg, dst, m, prow, r);
 }
 
+// This CPU's version, picked at the first use (once per process, for every instance of bat_rows).
+BatTilesFn bat_tiles_for_cpu() {
+  static const BatTilesFn picked = pick_for_cpu(&bat_tiles_avx512, &bat_tiles_avx2, &bat_tiles_baseline);
+  return picked;
+}
+
 // The same for any r and type, `count` segments.
 template <typename acc>
 void bat_segments_generic(const acc* seg, acc* dst, const acc* m, const acc* prow, int64_t r, int64_t count) {
@@ -80,7 +86,7 @@ template <typename w_t, typename out_t, typename acc>
 void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows, int64_t cols, int64_t r) {
   const int64_t segments = cols / r;
   const bool tiled = std::is_same_v<acc, float> && r % kTile == 0;
-  static const BatTilesFn tiles_f32 = pick_for_cpu(&bat_tiles_avx512, &bat_tiles_avx2, &bat_tiles_baseline);
+  const BatTilesFn tiles_f32 = tiled ? bat_tiles_for_cpu() : nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc> seg(kSegs * r), dst(kSegs * r);

@@ -46,7 +46,8 @@ constexpr int kLanes = sizeof(vec) / sizeof(float);
 
 // The version for this CPU: avx512 on x86-64-v4, avx2 on x86-64-v3, else baseline, capped by
 // MISS_EXT_CPU_ISA (impl_choice.h; so a test can run every version the CPU can). Call once and keep
-// the pointer (a function-local static): the CPU does not change.
+// the pointer (a function-local static in one non-template function per loop): the CPU does not
+// change.
 template <typename Fn>
 Fn pick_for_cpu(Fn avx512, Fn avx2, Fn baseline) {
   const int cap = cpu_isa_choice();  // raises ValueError for an unknown value

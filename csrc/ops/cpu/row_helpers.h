@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../common/dropout_mask.h"
+#include "../common/shard_index.h"
 
 namespace miss_ext {
 
@@ -34,12 +35,11 @@ void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, uint8_t* 
 // made the fold 2.3x torch.sum's error at in = 4096, r = 64 (64 terms) and 4.8x at r = 16 (256
 // terms), and a float32 MissLinear's output 1.2x (r = 64) to 2.5x (r = 16) PEFT's error: PEFT's
 // precision is the promise, and the fold is a few percent of a layer.
-constexpr int64_t kCascade = 16;
-constexpr int64_t kPlainSum = kCascade;
+constexpr int64_t kCascade = kFoldCascade;  // common/shard_index.h
 
-// Levels above the first that a sum of `terms` terms takes (0 up to kPlainSum terms).
+// Levels above the first that a sum of `terms` terms takes (0 up to kCascade terms).
 inline int64_t cascade_levels(int64_t terms) {
-  if (terms <= kPlainSum) return 0;
+  if (terms <= kCascade) return 0;
   int64_t levels = 0;
   for (int64_t cap = kCascade; cap < terms; cap *= kCascade) ++levels;
   return levels;

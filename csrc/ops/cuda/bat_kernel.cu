@@ -71,9 +71,9 @@ void launch_bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const
   // About 256 outputs per thread group pass; whole segments only.
   const int64_t segs_per_block = std::max<int64_t>(1, (kThreads * 4) / r);
   const size_t smem = static_cast<size_t>(segs_per_block * r) * sizeof(acc);
-  TORCH_CHECK_VALUE(smem <= 48 * 1024, "miss: bat with r=", r, " needs ", smem,
+  TORCH_CHECK_VALUE(smem <= kBatSharedMemoryBytes, "miss: bat with r=", r, " needs ", smem,
                     " bytes of shared memory per block; at most 48 KiB are supported (r <= ",
-                    48 * 1024 / sizeof(acc), ")");
+                    kBatSharedMemoryBytes / sizeof(acc), ")");
   const int64_t groups = (total_segments + segs_per_block - 1) / segs_per_block;
   const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(groups, 65536));
   const w_t* wp = w.const_data_ptr<w_t>();

@@ -42,8 +42,6 @@ unsigned int grid_for(int64_t total) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
 }
 
-constexpr int kShardsPerPart = 16;  // fold_kernel's first level: row_helpers.h's kCascade
-
 template <typename in_t, typename out_t, int VEC, bool DROPOUT>
 __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
                             int64_t r, DropoutParams dropout) {
@@ -57,10 +55,10 @@ __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, i
     const RowGroup rg = split_row_group(flat, groups);
     const int64_t j0 = rg.group * VEC;
     const in_t* xr = x + rg.row * in;
-    // Two levels: each group of kShardsPerPart shards is summed into part, and the parts into
-    // sum, so the rounding error grows with about kShardsPerPart + in / r / kShardsPerPart terms
-    // instead of in / r (the CPU's cascade, row_helpers.h, for the same reason: a float32 fold of
-    // 64-256 shards in one running sum was 2.3-4.8x torch.sum's error).
+    // Two levels: each group of kFoldCascade shards is summed into part, and the parts into sum,
+    // so the rounding error grows with about kFoldCascade + in / r / kFoldCascade terms instead of
+    // in / r (the CPU's cascade, row_helpers.h, for the same reason: a float32 fold of 64-256
+    // shards in one running sum was 2.3-4.8x torch.sum's error).
     acc sum[VEC], part[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sum[k] = part[k] = acc(0);
@@ -79,7 +77,7 @@ __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, i
 #pragma unroll
         for (int k = 0; k < VEC; ++k) part[k] += static_cast<acc>(v.v[k]);
       }
-      if (++in_part == kShardsPerPart) {
+      if (++in_part == kFoldCascade) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           sum[k] += part[k];
