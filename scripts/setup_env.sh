@@ -14,6 +14,9 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "${MISS_EXT_TORCH:-torch==2.14.1}" -r requirements-dev.txt
+# Optional: runs the suite in parallel processes (scripts/test.sh). Not in requirements-dev.txt,
+# so a machine without it still installs and tests, in one process.
+python -m pip install -q pytest-xdist || echo "pytest-xdist not installable: scripts/test.sh runs the suite in one process"
 export MAX_JOBS="${MAX_JOBS:-2}"
 # The build prints one line per compiler step (scripts/build_progress.py); the full log is
 # build/build.log. Measured on this project's 2-core machines (2026-11-29/30, bench/RESULTS.md):
