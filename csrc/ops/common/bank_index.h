@@ -16,6 +16,7 @@
 
 #include "dropout_mask.h"
 #include "host_device.h"
+#include "shard_index.h"
 
 namespace miss_ext {
 
@@ -26,32 +27,23 @@ MISS_HD int64_t bank_offset(int64_t slot, int64_t j, int64_t c, int64_t r_cap, i
 // s_a[j] of one row (see above), accumulated in `acc`.
 template <typename acc, typename T>
 MISS_HD acc bank_fold_column(const T* s_row, int64_t R, int64_t r, int64_t j) {
-  acc sum = acc(0);
-  for (int64_t k = j; k < R; k += r) sum += static_cast<acc>(s_row[k]);
-  return sum;
+  return strided_sum<acc>(s_row, j, R, r);  // R / r terms: 256 for r = 1 in a bank of r_cap 256
 }
 
 // Long sums in two levels: terms go into a partial sum, which is added into the total every
 // kSumBlock terms. The rounding error then grows with about kSumBlock + n / kSumBlock terms
-// instead of n (n = 65536: 320 instead of 65536), for one more register; the CPU kernels' vector
-// sums use a full cascade (cpu/row_helpers.h) instead.
+// instead of n (n = 65536: 320 instead of 65536), for one more register: the CUDA kernels' sums
+// over a slot's rows and along a row; the CPU kernels' vector sums use a full cascade
+// (cpu/row_helpers.h) instead.
 constexpr int64_t kSumBlock = 64;
 
 // gq[c] of one row of the output gradient: the sum of its columns o with o mod q == c (out / q
-// terms: 4096 for mini_r = 1 at out = 4096, hence the two levels).
+// terms: 4096 for mini_r = 1 at out = 4096). In the fold's levels (strided_sum), as MissLinear's
+// mini backward folds the same gradient (until 2026-12-02 two levels of kSumBlock: 17-64 terms
+// were one running sum).
 template <typename acc, typename T>
 MISS_HD acc bank_fold_grad(const T* grad_row, int64_t out, int64_t q, int64_t c) {
-  acc total = acc(0), part = acc(0);
-  int64_t n = 0;
-  for (int64_t o = c; o < out; o += q) {
-    part += static_cast<acc>(grad_row[o]);
-    if (++n == kSumBlock) {
-      total += part;
-      part = acc(0);
-      n = 0;
-    }
-  }
-  return total + part;
+  return strided_sum<acc>(grad_row, c, out, q);
 }
 
 // The dropout key of the rows of slot a in miss::bank_fold: the call's key words (null: no dropout)

@@ -24,6 +24,31 @@ using acc_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, 
 // error then grows with about this many terms per level, not with the number of terms.
 constexpr int64_t kFoldCascade = 16;
 
+// p[first] + p[first + stride] + ... (indices < end) in `acc`, in three levels of kFoldCascade
+// terms (the total of every kFoldCascade parts carried up once more): the rounding error grows
+// with about 2 kFoldCascade + n / kFoldCascade^2 terms (n = 4096: 48 instead of 4096). Up to
+// kFoldCascade terms it is the plain running sum, bit for bit. For the bank's short strided sums
+// (bank_index.h), which the CPU fold's cascade (cpu/row_helpers.h) does not reach.
+template <typename acc, typename T>
+MISS_HD acc strided_sum(const T* p, int64_t first, int64_t end, int64_t stride) {
+  acc total = acc(0), mid = acc(0), part = acc(0);
+  int64_t in_part = 0, in_mid = 0;
+  for (int64_t k = first; k < end; k += stride) {
+    part += static_cast<acc>(p[k]);
+    if (++in_part == kFoldCascade) {
+      mid += part;
+      part = acc(0);
+      in_part = 0;
+      if (++in_mid == kFoldCascade) {
+        total += mid;
+        mid = acc(0);
+        in_mid = 0;
+      }
+    }
+  }
+  return total + (mid + part);
+}
+
 // Number of terms summed into shard column j (0 when j >= in).
 MISS_HD int64_t fold_terms(int64_t in, int64_t r, int64_t j) {
   return j < in ? (in - 1 - j) / r + 1 : 0;
