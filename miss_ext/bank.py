@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
                       refuse_layer_load, size_mismatches, tensor_json)
 from .ops import new_dropout_key
+from .weight_metadata import base_tensor_attribute, check_base_tensor_assignment
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
 
@@ -432,6 +433,20 @@ class MissBankLinear(nn.Module):
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
                               self._dropouts if self.training and self._any_dropout else None,
                               inplace=is_plain_linear(self.base_layer)).to(x.dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):  # as MissLinear's (weight_metadata.py)
+                return base_tensor_attribute(self._modules.get("base_layer"), "MissBankLinear", name)
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias"):
+            check_base_tensor_assignment(self._modules.get("base_layer"), "MissBankLinear", name, value)
+            return
+        super().__setattr__(name, value)
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
-from .model import is_ddp, refuse_ddp_wrapped, unwrap_model, writes_here
+from .model import is_ddp, refuse_ddp_wrapped, refuse_offloaded, unwrap_model, writes_here
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
-from .targets import TargetModules, describe, exact_paths_regex, find_targets, get_module, set_module
+from .targets import (TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
+                      set_module, warn_unmatched)
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
            "load_bank", "save_bank_adapter", "remove_bank_adapter", "mixed_batch"]
@@ -99,7 +100,19 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     every other parameter stops requiring grad. ValueError when nothing is selected, a selected
     module is not an nn.Linear or is sharded over several ranks (tensor parallelism, FSDP2: add
     the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
-    not reduce the new bank's gradients: apply the bank, then wrap)."""
+    not reduce the new bank's gradients: apply the bank, then wrap). Also ValueError when a
+    target matches the path of a parameter lying in no layer it selects (transformers 5's fused
+    MoE expert weights, e.g. `experts.down_proj`: name the layers more precisely, e.g.
+    "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the
+    meta device under an `_hf_hook`: its bank would hold no values; load the model without
+    offload). A list entry that matches no module while others do gives one UserWarning."""
+    return _apply_bank(model, target_modules, capacity, max_r, freeze_others, named_by_user=True)
+
+
+def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, max_r: int,
+                freeze_others: bool, named_by_user: bool) -> nn.Module:
+    """apply_bank. `named_by_user` False: load_bank's exact paths of the files' blocks (the files'
+    keys decide there, as in load_adapter), so no checks of how the names were chosen."""
     refuse_ddp_wrapped(model, "apply_bank")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
@@ -107,6 +120,8 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
+    if named_by_user:
+        refuse_bare_parameters(model, target_modules, "apply_bank: ")
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
     if not found:
         raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
@@ -117,6 +132,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     refused = [f"{name}: {why}" for name, m in found if (why := base_refusal(m, "default")) is not None]
     if refused:  # (a base sharded over several ranks; the nn.Linear check above is its first)
         raise ValueError("apply_bank: " + "\n".join(refused))
+    refuse_offloaded(model, found, "apply_bank")
     present = bank_layers(model)
     existing = bank_adapter_names(model) if present else []
     if existing:
@@ -126,6 +142,8 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
         raise ValueError(f"apply_bank: the model's bank layers have capacity={present[0][1].capacity}, "
                          f"max_r={present[0][1].max_r}; new ones must match (got capacity={capacity}, max_r={max_r})")
     check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
+    if named_by_user:
+        warn_unmatched(model, target_modules, "apply_bank: ", stacklevel=4)
     # All or nothing: should building a layer fail (out of memory, an interrupt), the layers
     # replaced so far go back and every parameter gets its requires_grad flag back.
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -311,8 +329,8 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     # parameter gets its requires_grad flag back.
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
-                   max(ranks) if max_r is None else max_r)
+        _apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
+                    max(ranks) if max_r is None else max_r, freeze_others=True, named_by_user=False)
         for name, path in adapters.items():
             _load_read(model, name, path, read[name])
     except BaseException:

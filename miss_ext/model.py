@@ -10,9 +10,10 @@ from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
                       check_dropout, merge_refusal, reshard_fsdp)
-from .targets import (ALL_LINEAR, TargetModules, check_selection_fields, describe, find_targets, matches,
-                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, record_sharing,
-                      second_paths, set_module, shared_weight_message)
+from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
+                      describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
+                      peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
+                      shared_weight_message, warn_unmatched)
 
 
 def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
@@ -264,6 +265,31 @@ def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> Non
                         f"matches {describe(wrong)}")
 
 
+def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], where: str) -> None:
+    """ValueError naming the layers of `found` that accelerate offloads (device_map with "cpu" /
+    "disk" offload, cpu_offload, disk_offload): weight or bias on the meta device while an
+    accelerate hook (`_hf_hook`) on the layer or an ancestor puts the values in only for each
+    forward. A new block would be made on the meta device (the base weight's), which the hook
+    does not know: it would hold no values, and the forward then adds garbage to the outputs,
+    silently. Without such a hook a meta layer is a model still to be materialised (to_empty +
+    load_state_dict), whose blocks materialise with it: allowed."""
+    offloaded = []
+    for name, module in found:
+        if not any(isinstance(t, torch.Tensor) and t.is_meta for t in (getattr(module, "weight", None),
+                                                                       getattr(module, "bias", None))):
+            continue
+        parts = name.split(".") if name else []
+        if any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts) + 1)):
+            offloaded.append(name or "the model")
+    if offloaded:
+        raise ValueError(f"{where}: {describe(offloaded, 8)}: the model's parameters here are on the meta device, "
+                         "put in only for each forward by accelerate's offload hook (`_hf_hook`: a device_map with "
+                         "\"cpu\" or \"disk\" offload), so a new adapter block would be created on the meta device and "
+                         "hold no values: offloaded layers cannot hold an adapter. Load the model without offload (a "
+                         "device_map to real devices only, e.g. device_map={'': 'cpu'} or 'cuda:0'), then add the "
+                         "adapter. Nothing was changed")
+
+
 def _is_config(value: object) -> bool:
     """A PEFT config object (MissConfig, BoneConfig) or an adapter_config.json dict."""
     return isinstance(value, Mapping) or (hasattr(value, "peft_type") and callable(getattr(value, "to_dict", None)))
@@ -334,7 +360,14 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     init_weights, or an r / mini_r that is not an int (or no r at all), raises TypeError; no
     match, a layer that already has an adapter, a bad r / mini_r / dropout value for any layer
     raises ValueError; and the model is left as it was. (mini_r
-    outside mode="mini" is ignored, as PEFT ignores it.)
+    outside mode="mini" is ignored, as PEFT ignores it.) Also ValueError, where PEFT goes on
+    silently: a target (list entry or regex) that matches the path of a parameter lying in no
+    layer it selects, such as transformers 5's fused MoE expert weights (`experts.down_proj` is
+    a 3-D parameter, not an nn.Linear; name the layers more precisely, e.g.
+    "shared_expert.down_proj"); and a target layer offloaded by accelerate (its weight on the meta
+    device, an `_hf_hook` on it or an ancestor: a new block there would hold no values; load the
+    model without offload). A list entry that matches no module while others do gives one
+    UserWarning naming it (PEFT ignores it silently).
 
     PEFT's other MissConfig fields, as keywords: exclude_modules (a regex for the whole path or a
     list of names/suffixes), layers_to_transform (an int or a list of layer indices, read from
@@ -399,7 +432,13 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                  "layers_to_transform": (list(layers_to_transform) if isinstance(layers_to_transform, tuple)
                                          else layers_to_transform),
                  "layers_pattern": layers_pattern, "modules_to_save": list(modules_to_save or [])}
-    if any(v not in (None, []) for v in selection.values()) and found:
+    filtered = any(v not in (None, []) for v in selection.values())
+    # Parameters the rule names outside any layer it names (fused MoE experts): before "matches no
+    # module", which would be the less helpful error when only they match. Those the other fields
+    # leave out (exclude_modules, layers_to_transform, ...) are no error: not asked for.
+    refuse_bare_parameters(model, target_modules, keep=(lambda path: peft_selects(
+        dict(selection, target_modules=check_target_modules(target_modules)), path)) if filtered else None)
+    if filtered and found:
         # PEFT's matching (check_target_module_exists) for the other fields; "all-linear" is
         # expanded to the linear layers' full paths first, as PEFT does.
         rule = sorted(n for n, _ in found) if target_modules == ALL_LINEAR else target_modules
@@ -417,7 +456,11 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                                               else matches(list(exclude_modules), path))
 
     if exclude_modules:
-        if not any(n and excluded(n) for n, _ in model.named_modules(remove_duplicate=False)):
+        # Excluding the bare parameters the targets name (fused MoE experts) is what keeps them
+        # from the error above: that is a match too.
+        named = [n for n, _ in model.named_modules(remove_duplicate=False)]
+        named += [p for params in bare_parameters_named(model, target_modules).values() for p in params]
+        if not any(n and excluded(n) for n in named):
             warnings.warn(f"exclude_modules={exclude_modules!r} matches no module of the model", stacklevel=2)
     if target_modules == ALL_LINEAR:
         # Linears whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
@@ -447,6 +490,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         why = base_refusal(linear, mode, parent_module(model, name))
         if why is not None:
             raise TypeError(f"{name}: {why}")
+    refuse_offloaded(model, found, "apply_miss")
     check_dropout(dropout)
     _check_init_weights(init_weights)
     save_paths = _plan_modules_to_save(model, modules_to_save, found)
@@ -463,6 +507,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
+    warn_unmatched(model, target_modules)
     warn_shared(shared_before_wrapping(model, found))
     with warnings.catch_warnings():
         # One warning per model (above) rather than one per layer for the r > in case.

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from .ops import new_dropout_key
 from .targets import shared_weight_message
+from .weight_metadata import base_tensor_attribute, check_base_tensor_assignment
 
 # Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
 # raises ValueError for such a layer when it builds it, so the saved files load only here.
@@ -79,10 +80,25 @@ def _plain_tensor(t: Optional[Tensor]) -> bool:
     return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
+# nn.Linear subclasses whose forward is F.linear(x, weight, bias) written out, as read in their
+# source, named by module and class so that transformers need not be imported. FalconLinear
+# (transformers' Falcon): `x @ weight.T (+ bias)`, kept so that its fused kernels can be skipped
+# (PEFT merges into it and runs bat on it; refusing both made PEFT's Falcon bat adapters
+# unloadable). Under autocast it adds the bias after the bf16 product, where F.linear rounds
+# once: the 1-ulp difference a plain nn.Linear's fused path has from PEFT there too. Other
+# subclasses (QAT, quantized, FSDP-wrapped) have their own arithmetic.
+EXACT_LINEAR_SUBCLASSES = frozenset({("transformers.models.falcon.modeling_falcon", "FalconLinear")})
+
+
+def _is_exact_linear_type(cls: type) -> bool:
+    return cls is nn.Linear or (issubclass(cls, nn.Linear) and (cls.__module__, cls.__qualname__) in EXACT_LINEAR_SUBCLASSES)
+
+
 def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     """True when calling `module(x)` is exactly F.linear(x, module.weight, module.bias): an
-    instance of nn.Linear itself (not a subclass: QAT, quantized, FSDP-wrapped and parametrized
-    linears are subclasses with their own forward), no per-instance forward, no hooks of its own
+    instance of nn.Linear itself or of a subclass known to compute just that
+    (EXACT_LINEAR_SUBCLASSES; others, such as QAT, quantized, FSDP-wrapped and parametrized
+    linears, have their own forward), no per-instance forward, no hooks of its own
     or (with global_hooks) global ones (forward, pre-forward, backward), no parametrization, and
     weight and bias that are plain tensors (not DTensors or quantized tensor subclasses) in a
     floating dtype.
@@ -91,7 +107,7 @@ def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     adapter runs the module and adds its term to the output (MissLinear.forward). Bat never runs
     the base module (as PEFT's bat), so global hooks (profilers, FlopCounterMode) do not concern
     it: it asks with global_hooks=False."""
-    return (type(module) is nn.Linear and "forward" not in vars(module)
+    return (_is_exact_linear_type(type(module)) and "forward" not in vars(module)
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks)
             and not (global_hooks and (
@@ -131,7 +147,8 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     cheap conditions are looked at (sizes; devices and dtypes outside TorchScript, dtypes only
     without autocast, which casts); when one fails, the op itself, without dropout, raises its
     own message."""
-    refused = x.dim() == 0 or x.shape[-1] != in_features
+    # Integer or bool x too: autocast casts floating inputs only, so the op refuses those under it.
+    refused = x.dim() == 0 or x.shape[-1] != in_features or not x.is_floating_point()
     if not torch.jit.is_scripting():
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         refused = refused or x.device != weight.device or x.device != block.device or (
@@ -511,6 +528,13 @@ class MissLinear(nn.Module):
         # term in the block's dtype, the sum rounded once to x's dtype. The base runs before the
         # key is drawn, so an input it refuses leaves the global RNG as it was.
         y = self.base_layer(x)
+        if not torch.jit.is_scripting() and not isinstance(y, Tensor):
+            # An nn.Linear subclass that returns more than its output (MoE routers such as
+            # PhimoeTopKRouter return (logits, weights, ...); "all-linear" matches them).
+            raise TypeError(f"{self._describe()}: its base layer {type(self.base_layer).__name__} returned a "
+                            f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
+                            "output, so this layer cannot take one (a router that returns several values, say): leave "
+                            "it out of target_modules (exclude_modules)")
         if p > 0.0:
             key = new_dropout_key(x.device)
         block = self.miss_block
@@ -527,12 +551,19 @@ class MissLinear(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name in ("weight", "bias"):
-                where = self.__dict__.get("_layer_path")
-                raise AttributeError(
-                    f"MissLinear{f' at {where!r}' if where else ''} has no {name!r}: code that reads .{name} of an "
-                    f"adapted layer instead of calling it would bypass the adapter; read .base_layer.{name} for the "
-                    "frozen base's tensor, or call the layer") from None
+                # The base tensor's dtype, device and shape, nothing to compute with (weight_metadata.py).
+                return base_tensor_attribute(self._modules.get("base_layer"), self._describe(), name)
             raise
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias"):  # weight_metadata.py: transformers' tie_weights() does this
+            check_base_tensor_assignment(self._modules.get("base_layer"), self._describe(), name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _describe(self) -> str:
+        where = self.__dict__.get("_layer_path")
+        return f"MissLinear{f' at {where!r}' if where else ''}"
 
     def _check_mergeable(self, unmerge: bool = False) -> None:
         # A shared (tied) weight: a merge would change the other holders too. An unmerge restores

@@ -314,8 +314,16 @@ class AcceleratedMissLinear(PeftMissLinear):
         where = f"{type(self).__name__}.forward"
         names = check_adapter_names(adapter_names, where)
         if x.dim() < 2 or len(names) != x.shape[0]:
-            raise ValueError(f"{where}: adapter_names has {len(names)} entries but the input has "
-                             f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
+            message = (f"{where}: adapter_names has {len(names)} entries but the input has "
+                       f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
+            if x.dim() == 2 and x.shape[0] > len(names) > 0:
+                # What a model that flattens its tokens passes (OPT's fc1/fc2, an MoE block's
+                # experts): the hint MissBankLinear gives for the same shapes (bank.row_index).
+                message += (". If the model flattens its tokens before this layer (OPT's fc1/fc2, an MoE block's "
+                            "experts take hidden_states.view(-1, hidden)), its rows are not sequences and cannot be "
+                            "routed by sequence: leave that layer out of the adapters' target_modules for mixed "
+                            "batches (PEFT's own adapter_names= has the same rule: rows are the first dimension)")
+            raise ValueError(message)
         if self.merged:
             raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
                              "unmerge_adapter() first")

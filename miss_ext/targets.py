@@ -1,6 +1,7 @@
 """Which modules of a model an adapter targets: PEFT's matching rules, and module lookup by path."""
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,6 +54,95 @@ def check_target_modules(target_modules: object) -> TargetModules:
         return sorted(target_modules) if isinstance(target_modules, (set, frozenset)) else list(target_modules)
     raise TypeError(f"target_modules must be a regex string or a non-empty list of module names, "
                     f"got {target_modules!r}")
+
+
+# transformers 5 stores an MoE layer's experts as fused 3-D parameters of one experts module
+# (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not as nn.Linear modules, under the names
+# the linears had. A list naming them ("down_proj") then matches only the shared expert's linear
+# and the routed experts stay unadapted without a word (PEFT says nothing either): refused instead.
+def bare_parameters_named(model: nn.Module, target_modules: TargetModules,
+                          keep: Optional[Callable[[str], bool]] = None) -> Dict[str, List[str]]:
+    """{entry (the whole regex for a string rule): [parameter paths]} of the parameters whose own
+    path the rule matches (PEFT's matching, as for module paths) and that lie inside no module
+    the rule matches, when they are fused MoE expert weights: at least 3-D, held by a module
+    whose class name says experts (transformers 5's MixtralExperts, Qwen2MoeExperts,
+    GptOssExperts, DeepseekV3Experts, ... all end in "Experts"). Other bare parameters are left
+    alone, as PEFT leaves them: a name that also matches such a parameter (GraniteSpeech's
+    projector.query beside its Q-Former's query linears, nn.MultiheadAttention's in_proj_weight
+    under ".*proj.*") still selects its linear layers, and nothing was meant for the parameter.
+    `keep(path)` (exclude_modules, layers_to_transform, ...) drops the parameters the other
+    selection fields leave out. Empty for "all-linear" (it selects by type, not by name)."""
+    target_modules = check_target_modules(target_modules)
+    if target_modules == ALL_LINEAR:
+        return {}
+    named = {name for name, _ in model.named_modules(remove_duplicate=False) if name and matches(target_modules, name)}
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    found: Dict[str, List[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        if param.dim() < 3 or not matches(target_modules, path):
+            continue
+        owner = model.get_submodule(path.rpartition(".")[0])
+        if "expert" not in type(owner).__name__.lower():
+            continue
+        parts = path.split(".")
+        if any(".".join(parts[:i]) in named for i in range(1, len(parts))):
+            continue  # a parameter of a matched module: that module is the target (or refused as such)
+        if keep is not None and not keep(path):
+            continue
+        for entry in entries:
+            if matches(entry if isinstance(target_modules, str) else [entry], path):
+                found.setdefault(entry, []).append(path)
+    return found
+
+
+def refuse_bare_parameters(model: nn.Module, target_modules: TargetModules, where: str = "",
+                           keep: Optional[Callable[[str], bool]] = None) -> None:
+    """ValueError when the rule names bare parameters (bare_parameters_named): each such entry,
+    up to four of its parameters, and a more precise name for the linear layers it also matches.
+    `where` prefixes the message ("apply_bank: ")."""
+    found = bare_parameters_named(model, target_modules, keep)
+    if not found:
+        return
+    target_modules = check_target_modules(target_modules)
+    linear = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
+    problems = []
+    for entry, params in found.items():
+        rule = entry if isinstance(target_modules, str) else [entry]
+        layers = [name for name in linear if matches(rule, name)]
+        # The entry's own layers, one path component more specific: "down_proj" on Qwen2-MoE
+        # matches the shared expert's linear, whose "shared_expert.down_proj" names it alone.
+        if layers:
+            advice = (f"name the linear layers more precisely, e.g. {'.'.join(layers[0].split('.')[-2:])!r} (it also "
+                      f"matches the linear layers {describe(layers, 4)})")
+        else:
+            advice = "it matches no linear layer: drop it, or name linear layers (e.g. 'shared_expert.down_proj')"
+        problems.append(f"{entry!r} matches the parameters {describe(params, 4)}, which lie inside no layer it "
+                        f"selects; {advice}")
+    raise ValueError(
+        f"{where}target_modules={target_modules!r} names bare parameters, not layers: " + "; ".join(problems)
+        + ". MiSS adapts linear layers (nn.Linear modules) only, and a parameter cannot hold an adapter: "
+        "transformers 5 stores MoE experts as fused 3-D parameters of one experts module (experts.gate_up_proj, "
+        "experts.down_proj), so they cannot be adapted, and adapting only the other matches would leave them "
+        "silently unadapted. Nothing was changed")
+
+
+def unmatched_entries(model: nn.Module, target_modules: TargetModules) -> List[str]:
+    """The entries of a list target_modules that match no module path of the model (second
+    paths of a module included: those have their own warning). [] for a string rule."""
+    target_modules = check_target_modules(target_modules)
+    if isinstance(target_modules, str):
+        return []
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    return [t for t in target_modules if not any(name == t or name.endswith("." + t) for name in names)]
+
+
+def warn_unmatched(model: nn.Module, target_modules: TargetModules, where: str = "", stacklevel: int = 3) -> None:
+    """One warning naming the list entries that match nothing, when others do (PEFT ignores them
+    silently; a list shared across architectures often has some, so not an error)."""
+    unused = unmatched_entries(model, target_modules)
+    if unused:
+        warnings.warn(f"{where}target_modules entries {unused!r} match no module of the model (PEFT ignores them "
+                      "too); only what the other entries select is adapted", stacklevel=stacklevel)
 
 
 def _output_head(model: nn.Module) -> Optional[nn.Module]:

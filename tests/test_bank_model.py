@@ -22,7 +22,7 @@ from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 import miss_ext  # noqa: E402
 from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissBankLinear  # noqa: E402
-from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tokens, write_bone_copy  # noqa: E402
+from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tiny_moe_lm, tokens, write_bone_copy  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -326,6 +326,34 @@ def test_a_model_on_the_meta_device_is_refused(folders):
     for save in (miss_ext.save_adapter, miss_ext.export_lora):
         with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.* are on the meta device"):
             save(plain, "/nonexistent/never_written")
+
+
+def test_apply_bank_refuses_what_no_bank_layer_could_hold(tmp_path):
+    """As apply_miss: a target naming fused MoE expert parameters (transformers 5's
+    experts.down_proj, no nn.Linear) and layers offloaded by accelerate (meta weights put in by
+    a hook at each forward: their bank was made on the meta device) are refused by name, nothing
+    changed; a list entry matching nothing while others match warns."""
+    from accelerate import dispatch_model
+
+    moe = tiny_moe_lm("qwen2_moe")
+    snap = snapshot(moe)
+    with pytest.raises(ValueError, match=r"apply_bank: target_modules=\['up_proj', 'down_proj'\] names bare "
+                                         r"parameters.*'down_proj' matches the parameters "
+                                         r"model\.layers\.0\.mlp\.experts\.down_proj"):
+        miss_ext.apply_bank(moe, ["up_proj", "down_proj"], capacity=2, max_r=4)
+    assert_unchanged(moe, snap)
+    with pytest.warns(UserWarning, match=r"apply_bank: target_modules entries \['w2'\] match no module"):
+        miss_ext.apply_bank(moe, ["shared_expert.down_proj", "w2"], capacity=2, max_r=4)
+    assert [p for p, _ in miss_ext.bank_model.bank_layers(moe)] == [
+        f"model.layers.{i}.mlp.shared_expert.down_proj" for i in range(2)]
+
+    model = dispatch_model(tiny_causal_lm("llama"), offload_dir=str(tmp_path), device_map={
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with pytest.raises(ValueError, match=r"apply_bank: model\.layers\.1\.self_attn\.q_proj: .*offloaded layers "
+                                         r"cannot hold an adapter"):
+        miss_ext.apply_bank(model, ["q_proj"], capacity=2, max_r=4)
+    assert not miss_ext.bank_model.bank_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
 def test_state_dict_round_trip_keeps_the_slots(folders):

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
-from conftest import rand
+from conftest import DEVICES, rand
 from miss_ext.modules import is_plain_linear
 from reference import F64, fold_ref, tile_block
 
@@ -267,10 +267,52 @@ def test_bat_needs_a_plain_linear():
         layer(rand(2, IN))
 
 
-def test_reading_weight_of_an_adapted_layer_is_a_clear_error():
-    layer = adapt(nn.Linear(IN, OUT))
-    with pytest.raises(AttributeError, match=r"MissLinear has no 'weight'.*bypass the adapter.*base_layer\.weight"):
-        layer.weight  # noqa: B018
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["MissLinear", "MissBankLinear"])
+def test_weight_of_an_adapted_layer_describes_the_base_and_refuses_arithmetic(kind, device):
+    """transformers' T5 reads wo.weight.dtype before calling wo: the metadata is given. Computing
+    with the weight instead of calling the layer would bypass the adapter: refused, naming it."""
+    from miss_ext.bank import MissBankLinear
+    base = nn.Linear(IN, OUT).to(torch.float64)
+    layer = (adapt(base) if kind == "MissLinear" else MissBankLinear(base, capacity=2, max_r=R)).to(device)
+    w, b = layer.weight, layer.bias
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.float64 and w.device == base.weight.device
+    assert w.device.type == device
+    assert w.shape == (OUT, IN) and w.size() == (OUT, IN) and w.dim() == 2 and w.numel() == OUT * IN
+    assert w.is_floating_point() and not w.requires_grad and b.shape == (OUT,)
+    x = rand(3, IN).double().to(device)
+    for use in (lambda: x @ w.T, lambda: nn.functional.linear(x, w), lambda: torch.cat([w, w]), lambda: w.data,
+                lambda: w + 1, lambda: w[0], lambda: w.float(), lambda: w.tolist(), lambda: b * 2):
+        with pytest.raises(RuntimeError, match=rf"{kind}.*\.(weight|bias) gives the base layer's.*bypass the adapter"
+                                               r".*base_layer\.(weight|bias)"):
+            use()
+    assert kind in repr(w) and "computing with it is refused" in repr(w)
+    # Below torch's Python layer (DLPack reads memory without asking the subclass): no crash (a
+    # storage-less tensor gave a null pointer there), the base's values, as PEFT's layers give.
+    exported = torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(w))
+    assert torch.equal(exported, layer.base_layer.weight.detach())
+    no_bias = adapt(nn.Linear(IN, OUT, bias=False)) if kind == "MissLinear" else \
+        MissBankLinear(nn.Linear(IN, OUT, bias=False), capacity=2, max_r=R)
+    assert no_bias.bias is None  # as nn.Linear reports it
+    with pytest.raises(AttributeError, match="no attribute 'weights'"):
+        layer.weights  # noqa: B018  (other names: the usual error)
+
+
+@pytest.mark.parametrize("kind", ["MissLinear", "MissBankLinear"])
+def test_assigning_weight_of_an_adapted_layer_is_refused_unless_it_is_the_base_tensor(kind):
+    """transformers' tie_weights() sets lm_head.weight = embed.weight: already the base's tensor
+    when the tie holds, so a no-op. Anything else is refused (it used to register a stray
+    parameter that the forward never reads)."""
+    from miss_ext.bank import MissBankLinear
+    base = nn.Linear(IN, OUT)
+    layer = adapt(base) if kind == "MissLinear" else MissBankLinear(base, capacity=2, max_r=R)
+    keys = set(layer.state_dict())
+    layer.weight = base.weight
+    layer.bias = base.bias
+    assert layer.base_layer.weight is base.weight and set(layer.state_dict()) == keys
+    with pytest.raises(AttributeError, match=r"setting \.weight on an adapted layer is refused.*base_layer\.weight"):
+        layer.weight = nn.Parameter(torch.zeros(OUT, IN))
+    assert layer.base_layer.weight is base.weight and set(layer.state_dict()) == keys
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
@@ -486,3 +528,101 @@ def test_a_parametrization_added_after_apply_miss_is_honoured(kind):
         torch.testing.assert_close(net(x).to(F64), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="its weight is parametrized"):
         net[0].merge()
+
+
+@pytest.mark.parametrize("wo_dtype", [F64, torch.float32], ids=["float64", "wo-in-float32"])
+def test_t5_with_an_adapter_on_wo_matches_peft(wo_dtype):
+    """transformers' T5 feed-forward casts its hidden states to wo.weight.dtype, then calls wo (so
+    that a wo kept in float32 by _keep_in_fp32_modules gets float32 input). With wo adapted that
+    read raised AttributeError at the first forward, "all-linear" included; PEFT works. Now the
+    metadata answers it: logits and block gradients equal PEFT's, also with wo in another dtype
+    than the rest of the model (the cast matters there)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    base = transformers.T5ForConditionalGeneration(config).double().eval()
+    for name, module in base.named_modules():
+        if name.endswith(".wo"):
+            module.to(wo_dtype)
+    targets = ["q", "v", "wo"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.MissConfig(r=4, target_modules=targets,
+                                                                      init_weights=False)).eval()
+    ours = miss_ext.apply_miss(copy.deepcopy(base), targets, r=4).eval()
+    their_blocks = {n.removeprefix("base_model.model.").removesuffix(".default"): p
+                    for n, p in theirs.named_parameters() if "miss_block" in n}
+    our_blocks = {n: p for n, p in ours.named_parameters() if "miss_block" in n}
+    assert set(our_blocks) == set(their_blocks) and any(".wo." in n for n in our_blocks)
+    with torch.no_grad():
+        for n, p in our_blocks.items():
+            p.copy_(their_blocks[n])
+    ids = torch.randint(0, 64, (2, 5))
+    labels = torch.randint(0, 64, (2, 4))
+    out_theirs, out_ours = theirs(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-6, atol=1e-6)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    for n, p in our_blocks.items():
+        torch.testing.assert_close(p.grad, their_blocks[n].grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_weight_metadata_reads_compile_with_fullgraph_and_a_bypass_still_fails():
+    """Under torch.compile the read gives a meta tensor (the subclass cannot be traced): T5's
+    pattern compiles with fullgraph=True, and computing with the weight fails while tracing."""
+
+    class CastsToWeightDtype(nn.Module):  # transformers' T5DenseActDense, reduced
+        def __init__(self):
+            super().__init__()
+            self.wo = adapt(nn.Linear(IN, OUT).double())
+
+        def forward(self, x):
+            return self.wo(x.to(self.wo.weight.dtype))
+
+    model = CastsToWeightDtype()
+    x = rand(3, IN)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)
+    with pytest.raises(Exception, match="device"):
+        torch.compile(lambda x: x @ model.wo.weight.T, fullgraph=True)(x.double())
+
+
+def test_a_base_that_returns_a_tuple_is_a_clear_error():
+    """nn.Linear subclasses that return several values (transformers' PhimoeTopKRouter, which
+    "all-linear" matches) failed with "'tuple' object has no attribute 'dtype'"."""
+
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.softmax(-1)
+
+    layer = adapt(Router(IN, OUT))
+    with pytest.raises(TypeError, match=r"base layer Router returned a tuple, not a tensor.*target_modules"):
+        layer(rand(3, IN))
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+def test_falcon_linear_merges_and_takes_bat_as_peft_does(mode, tmp_path):
+    """transformers' FalconLinear is an nn.Linear subclass whose forward is x @ W.T + b: F.linear
+    written out (modules.EXACT_LINEAR_SUBCLASSES). Refused as a subclass, merge_and_unload and bat
+    failed where PEFT does both, and PEFT's Falcon bat adapter files could not be loaded."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    base = transformers.FalconForCausalLM(config).double().eval()
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.MissConfig(
+        r=4, target_modules=targets, init_weights="bat" if mode == "bat" else False)).eval()
+    with torch.no_grad():
+        for p in (p for n, p in theirs.named_parameters() if "miss_block" in n):
+            p.uniform_(-0.05, 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = miss_ext.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert any(type(m.base_layer).__name__ == "FalconLinear" for _, m in miss_ext.miss_layers(ours))
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-9, atol=1e-9)
+        merged = miss_ext.merge_and_unload(ours)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-9, atol=1e-9)

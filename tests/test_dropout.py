@@ -153,6 +153,18 @@ def test_a_refused_forward_leaves_the_global_rng_alone(hooked, bad):
     assert not torch.equal(state, state_after_input)  # the check sees a draw (torch.randn's)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_forward_refused_under_autocast_leaves_the_global_rng_alone(dtype):
+    """Under autocast the dtype checks before the key are skipped (autocast casts floating inputs),
+    but an integer or bool x is refused by the op all the same: it used to draw the key first."""
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, dropout=0.1).train()
+    x = torch.zeros(3, 16, dtype=dtype)
+    state = torch.random.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((ValueError, RuntimeError, TypeError)):
+        layer(x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_a_key_on_another_device_is_refused():
     x = rand(4, 8)
     for bad in (key(1, 2, "meta"),):

@@ -18,8 +18,8 @@ import miss_ext  # noqa: E402
 from conftest import assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
-from tiny_models import (ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens,  # noqa: E402
-                         write_bone_copy)
+from tiny_models import (ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm,  # noqa: E402
+                         tiny_moe_lm, tokens, write_bone_copy)
 
 MODES = ["default", "mini", "bat"]
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -171,6 +171,149 @@ def test_apply_miss_errors_change_nothing(base, kwargs, error, match):
     with pytest.raises(error, match=match):
         miss_ext.apply_miss(model, **kwargs)
     assert_unchanged(model, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets that name what no layer holds: fused MoE expert parameters, entries matching nothing
+# ---------------------------------------------------------------------------------------------
+SHARED_EXPERT = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+
+
+@pytest.mark.parametrize("arch, targets, match", [
+    # Llama's MLP names on Qwen2-MoE: they match the shared expert's linears and the routed experts'
+    # fused 3-D parameter experts.down_proj, which was left unadapted without a word (PEFT too).
+    ("qwen2_moe", ["gate_proj", "up_proj", "down_proj"],
+     r"'down_proj' matches the parameters model\.layers\.0\.mlp\.experts\.down_proj, "
+     r"model\.layers\.1\.mlp\.experts\.down_proj, which lie inside no layer it selects; name the linear layers "
+     r"more precisely, e\.g\. 'shared_expert\.down_proj'"),
+    # A config object (PEFT keeps its list as a set) and layers_to_transform: layer 0's only.
+    ("qwen2_moe", "config", r"'down_proj' matches the parameters model\.layers\.0\.mlp\.experts\.down_proj, which"),
+    # Mixtral: only q_proj was adapted; an entry or a regex naming nothing but fused parameters is
+    # this error too, not "matches no module".
+    ("mixtral", ["q_proj", "gate_up_proj"],
+     r"'gate_up_proj' matches the parameters model\.layers\.0\.mlp\.experts\.gate_up_proj, "
+     r".*it matches no linear layer"),
+    ("mixtral", r".*experts\.down_proj", r"matches the parameters model\.layers\.0\.mlp\.experts\.down_proj"),
+])
+def test_targets_naming_fused_moe_expert_parameters_are_refused(arch, targets, match):
+    """transformers 5 stores MoE experts as fused 3-D parameters, not nn.Linear modules: a target
+    that names them is refused (ValueError naming the target and the parameters, the model as it
+    was) instead of adapting the other matches only."""
+    from peft import MissConfig
+
+    model = tiny_moe_lm(arch)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match) as err:
+        if targets == "config":
+            miss_ext.apply_miss(model, MissConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                  layers_to_transform=[0]))
+        else:
+            miss_ext.apply_miss(model, targets, r=R)
+    assert "MiSS adapts linear layers" in str(err.value) and "fused 3-D parameters" in str(err.value)
+    assert_unchanged(model, snap)
+
+
+def test_moe_shared_expert_named_precisely_and_peft_files_still_load(tmp_path):
+    """Named precisely (or with the fused parameters excluded), the shared expert's linears are
+    adapted without a word. A PEFT folder whose config lists "down_proj" (PEFT adapted the shared
+    expert only) still loads, the file's keys deciding, and so does a PEFT model accelerated."""
+    from peft import MissConfig, get_peft_model
+
+    base = tiny_moe_lm("qwen2_moe")
+    want = [f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert miss_paths(miss_ext.apply_miss(copy.deepcopy(base), SHARED_EXPERT, r=R)) == want
+        assert miss_paths(miss_ext.apply_miss(copy.deepcopy(base), ["gate_proj", "up_proj", "down_proj"], r=R,
+                                              exclude_modules=["experts.down_proj"])) == want
+    peft = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                          init_weights=False))
+    peft.save_pretrained(tmp_path)
+    ours = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    assert miss_paths(ours) == want
+    ids = tokens()
+    with torch.no_grad():  # float32 (tiny_moe_lm): float32 tolerances
+        torch.testing.assert_close(ours(ids).logits, peft(ids).logits)
+        accelerated = miss_ext.peft.accelerate(peft)
+        torch.testing.assert_close(accelerated(ids).logits, ours(ids).logits)
+
+
+def test_other_bare_parameters_that_a_target_names_are_left_alone_as_peft_does():
+    """Only fused expert weights are refused: a 3-D parameter named like a target on another
+    module (GraniteSpeech's projector.query beside its Q-Former's query linears) and
+    nn.MultiheadAttention's in_proj_weight under ".*proj.*" leave the targets' linears adapted, as
+    PEFT adapts them (both raised in the first version of the check)."""
+    from peft import MissConfig, get_peft_model
+
+    class Projector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(1, 3, 8))  # learned queries, not a layer
+            self.attn = nn.Module()
+            self.attn.query, self.attn.value = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.mha = nn.MultiheadAttention(8, 2)
+            self.out_proj2 = nn.Linear(8, 8)
+
+        def forward(self, x):
+            q = self.query.expand(x.shape[0], -1, -1)
+            return self.out_proj2(self.attn.query(q) + self.attn.value(x).mean(1, keepdim=True))
+
+    for targets, kwargs, want in ((["query", "value"], {}, ["attn.query", "attn.value"]),
+                                  (r".*proj.*", {"exclude_modules": ["out_proj"]}, ["out_proj2"])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = miss_ext.apply_miss(Projector(), targets, r=2, **kwargs)
+        assert miss_paths(ours) == want
+        peft = get_peft_model(Projector(), MissConfig(r=2, target_modules=targets, **kwargs))
+        assert sorted(n.removeprefix("base_model.model.").removesuffix(".miss_block.default")
+                      for n, _ in peft.named_parameters() if "miss_block" in n) == want
+
+
+def test_list_entries_matching_nothing_warn_once(base):
+    """A list entry that matches no module while others do (a list shared across architectures)
+    is named in one UserWarning (PEFT says nothing); no entry matching anything stays an error."""
+    from peft import MissConfig
+
+    for targets in (["q_proj", "c_attn", "w1"], MissConfig(r=R, target_modules=["q_proj", "c_attn", "w1"])):
+        with pytest.warns(UserWarning, match=r"target_modules entries \['c_attn', 'w1'\] match no module of the "
+                                             r"model") as record:
+            model = miss_ext.apply_miss(copy.deepcopy(base), targets, r=None if isinstance(targets, MissConfig) else R)
+        assert len([w for w in record if "target_modules entries" in str(w.message)]) == 1
+        assert miss_paths(model) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    with pytest.raises(ValueError, match=r"target_modules=\['c_attn', 'w1'\] matches no module of the model"):
+        miss_ext.apply_miss(copy.deepcopy(base), ["c_attn", "w1"], r=R)
+
+
+def test_layers_offloaded_by_accelerate_are_refused(tmp_path):
+    """With accelerate's disk/CPU offload the offloaded layers' weights are on the meta device and
+    put in by a hook at each forward: new blocks there were made on the meta device and the
+    fresh (zero-init) adapter changed the logits, silently. Refused by name, nothing changed;
+    the layers accelerate keeps on a real device take an adapter, and a meta model without
+    accelerate hooks (materialised later) still does too."""
+    from accelerate import dispatch_model
+
+    base = tiny_causal_lm("llama")
+    ids = tokens()
+    with torch.no_grad():
+        want = base(ids).logits
+    model = dispatch_model(copy.deepcopy(base), offload_dir=str(tmp_path), device_map={
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"apply_miss: model\.layers\.1\.self_attn\.q_proj, "
+                                         r"model\.layers\.1\.self_attn\.v_proj: the model's parameters here are on the "
+                                         r"meta device, .*offloaded layers cannot hold an adapter"):
+        miss_ext.apply_miss(model, ["q_proj", "v_proj"], r=R)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert all(p.requires_grad for p in model.parameters())
+    miss_ext.apply_miss(model, r"model\.layers\.0\.self_attn\.(q|v)_proj", r=R)  # on the CPU: fine
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, **TOL)
+    with torch.device("meta"):  # no accelerate hook: to be materialised later, blocks with it
+        meta = type(base)(base.config)
+    miss_ext.apply_miss(meta, ["q_proj", "v_proj"], r=R)
+    assert len(miss_ext.miss_layers(meta)) == 4
+    assert all(layer.miss_block.is_meta for _, layer in miss_ext.miss_layers(meta))
 
 
 def test_second_apply_miss_keeps_earlier_blocks_trainable(base):

@@ -95,3 +95,26 @@ def write_bone_copy(miss_dir, bone_dir, scale: float = 1.0) -> None:
     tensors = load_file(miss_dir / "adapter_model.safetensors")
     save_file({k.replace(".miss_block", ".bone_block"): v * scale for k, v in tensors.items()},
               bone_dir / "adapter_model.safetensors")
+
+
+def tiny_moe_lm(arch: str, dtype=torch.float32, seed: int = 0):
+    """A randomly initialised 2-layer MoE causal LM (4 experts, 2 per token; float32, as the
+    experts' grouped matmul takes no float64 on the CPU). In transformers 5
+    the routed experts are fused 3-D parameters (`mlp.experts.gate_up_proj`,
+    `mlp.experts.down_proj`), not nn.Linear modules; Qwen2-MoE also has a shared expert of
+    nn.Linear layers named gate_proj / up_proj / down_proj."""
+    import transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**sizes, intermediate_size=48, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=24, num_experts=4, decoder_sparse_step=1)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "mixtral":
+        config = transformers.MixtralConfig(**sizes, intermediate_size=48, num_local_experts=4)
+        cls = transformers.MixtralForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    return cls(config).to(dtype).eval()

@@ -1,0 +1,111 @@
+"""`.weight` and `.bias` of an adapted layer (MissLinear, MissBankLinear): the base tensor's
+dtype, device and shape, and nothing to compute with.
+
+Why: model code reads a linear's weight for two different reasons.
+- To describe it: transformers' T5 family (T5, flan-T5, mT5, UMT5, LongT5, Switch, ...) casts its
+  hidden states to `self.wo.weight.dtype` before it calls `self.wo`; about 200 such reads of
+  `<layer>.weight.dtype` / `.device` exist across transformers' models. Refusing every read (our
+  rule until 2026-12-02: AttributeError) made any adapter on those layers, `"all-linear"`
+  included, crash at the first forward, where PEFT works.
+- To compute with it instead of calling the layer (nn.MultiheadAttention's out_proj, MobileBERT's
+  `torch.cat([..., self.dense.weight])`): the adapter would be bypassed, silently. PEFT's layers
+  return the base weight there, and are bypassed.
+So reads of what describes a tensor are answered, from a tensor subclass that reports the base
+tensor's metadata, and anything else done with it (an op, `.data`, indexing, a conversion)
+raises RuntimeError naming the layer. The layer's own forward reads `.base_layer.weight`, never this.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+# What only describes a tensor: answered from the metadata.
+_DESCRIBING = (
+    Tensor.dtype.__get__, Tensor.device.__get__, Tensor.shape.__get__, Tensor.ndim.__get__,
+    Tensor.layout.__get__, Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.requires_grad.__get__,
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex,
+)
+
+
+class BaseTensorMetadata(Tensor):
+    """What `layer.weight` / `layer.bias` return for an adapted layer: isinstance of Tensor, with
+    the base tensor's dtype, device, shape (and size(), dim(), numel(), ...), and no data: any other
+    use raises RuntimeError naming the layer and how to get the real tensor (layer.base_layer.<name>)
+    or the adapted output (call the layer)."""
+
+    @staticmethod
+    def __new__(cls, base: Tensor, where: str, name: str) -> "BaseTensorMetadata":
+        if type(base) in (Tensor, torch.nn.Parameter):
+            # An alias of the base's storage (no copy): paths below torch's Python layer that read
+            # memory without asking the subclass (torch.utils.dlpack.to_dlpack) then see the
+            # base's values, as PEFT's layers give them, instead of a null pointer (a storage-less
+            # tensor there made the consumer's first op crash the process).
+            meta = Tensor._make_subclass(cls, base.detach(), False)
+        else:
+            # DTensor and other subclasses: no storage to alias. A DTensor's shape is the global
+            # one and its device the rank's, as the DTensor reports them.
+            meta = Tensor._make_wrapper_subclass(cls, base.shape, dtype=base.dtype, device=base.device,
+                                                 layout=base.layout, requires_grad=False)
+        meta._where, meta._name = where, name
+        return meta
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _DESCRIBING:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(_refusal(args, kwargs, getattr(func, "__name__", str(func))))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only past __torch_function__ (torch.compile's tracing, say): refused all the same.
+        raise RuntimeError(_refusal(args, kwargs, str(func)))
+
+    def __repr__(self) -> str:
+        return (f"BaseTensorMetadata(dtype={self.dtype}, device={self.device}, shape={tuple(self.shape)}; "
+                f"{self._where}: .{self._name}, the metadata of .base_layer.{self._name}; computing with it is refused)")
+
+
+def _refusal(args, kwargs, what: str) -> str:
+    found = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, BaseTensorMetadata)]
+    where, name = (found[0]._where, found[0]._name) if found else ("an adapted layer", "weight")
+    return (f"{where}: .{name} gives the base layer's {name} dtype, device and shape only (as code such as "
+            f"transformers' T5 reads them); {what} on it was refused, because computing with an adapted layer's "
+            f"{name} instead of calling the layer would bypass the adapter. Call the layer, or read "
+            f".base_layer.{name} for the frozen base's tensor")
+
+
+def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, name: str) -> Optional[Tensor]:
+    """layer.<name> (weight or bias) of an adapted layer with base `base_layer`: None where the base
+    has None (no bias, as nn.Linear reports it), else the base tensor's metadata. AttributeError
+    where the base has no such attribute."""
+    if base_layer is None or not hasattr(base_layer, name):
+        raise AttributeError(f"{where} has no {name!r} (its base layer has none)")
+    base = getattr(base_layer, name)
+    if base is None:
+        return None
+    if not isinstance(base, Tensor):
+        raise AttributeError(f"{where} has no {name!r}: its base layer's is a {type(base).__name__}, not a tensor; "
+                             f"read .base_layer.{name}")
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export cannot trace the tensor subclass's construction (a graph
+        # break, and an error under fullgraph=True). A meta tensor of the same shape and dtype
+        # answers the reads (T5's cast compiles with fullgraph=True), and an op mixing it with
+        # real tensors fails while tracing ("device meta"), so a bypass stays loud; its .device
+        # reads meta there.
+        return torch.empty(base.shape, dtype=base.dtype, device="meta")
+    return BaseTensorMetadata(base, where, name)
+
+
+def check_base_tensor_assignment(base_layer: Optional[torch.nn.Module], where: str, name: str, value) -> None:
+    """`layer.weight = value` on an adapted layer: allowed (as a no-op) only when value already is
+    the base layer's tensor, which is what transformers' tie_weights() does to a tied lm_head that
+    holds an adapter (the tie holds through the base layer). Anything else raises AttributeError:
+    registering it on the adapted layer would do nothing to its forward (which reads the base
+    layer's), and replacing the base tensor here would lose a merged adapter's weights."""
+    if base_layer is not None and value is getattr(base_layer, name, None):
+        return
+    raise AttributeError(f"{where}: setting .{name} on an adapted layer is refused (its forward reads "
+                         f".base_layer.{name}, and a merged adapter lives in that tensor); set .base_layer.{name} "
+                         "on an unmerged layer, or replace the whole layer")
