@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
                       refuse_layer_load, size_mismatches, tensor_json)
 from .ops import new_dropout_key
-from .weight_metadata import base_tensor_attribute, check_base_tensor_assignment
+from .weight_metadata import BaseTensorAttributes
 
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
 
@@ -170,13 +170,18 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
         message += (f" x holds {lead[0]} sequences for {names} names: if that is beam search or "
                     "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
     elif names and len(lead) == 1 and lead[0] > names:
-        # More rows than names in a 2-D x: what a model that flattens its tokens passes (an MoE
-        # block's experts and shared expert take hidden_states.view(-1, hidden)).
-        message += (f" x is {tuple(x.shape)}: if the model flattens its tokens before this layer (an MoE block's "
-                    "experts or shared expert take hidden_states.view(-1, hidden)), its rows are not sequences and "
-                    "cannot be routed by sequence: leave that layer out of the bank's target_modules (README: rows "
-                    "are matched by the first dimension)")
+        message += flattened_tokens_hint(x)
     raise ValueError(message)
+
+
+def flattened_tokens_hint(x: Tensor) -> str:
+    """Said when a 2-D x has more rows than there are names: what a model that flattens its tokens
+    passes (OPT's fc1/fc2; an MoE block's experts and shared expert take
+    hidden_states.view(-1, hidden)). Worded as a condition: only the caller knows which case it is."""
+    return (f" x is {tuple(x.shape)}: if the model flattens its tokens before this layer (OPT's fc1/fc2, an MoE "
+            "block's experts or shared expert take hidden_states.view(-1, hidden)), its rows are not sequences and "
+            "cannot be routed by sequence: leave that layer out of the target_modules of mixed-batch adapters "
+            "(README: rows are matched by the first dimension, as in PEFT's adapter_names=)")
 
 
 def _exporting() -> bool:
@@ -200,7 +205,7 @@ def check_bank_size(capacity: object, max_r: object) -> None:
             raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
 
 
-class MissBankLinear(nn.Module):
+class MissBankLinear(BaseTensorAttributes, nn.Module):
     """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
 
     Args:
@@ -433,20 +438,6 @@ class MissBankLinear(nn.Module):
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
                               self._dropouts if self.training and self._any_dropout else None,
                               inplace=is_plain_linear(self.base_layer)).to(x.dtype)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("weight", "bias"):  # as MissLinear's (weight_metadata.py)
-                return base_tensor_attribute(self._modules.get("base_layer"), "MissBankLinear", name)
-            raise
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in ("weight", "bias"):
-            check_base_tensor_assignment(self._modules.get("base_layer"), "MissBankLinear", name, value)
-            return
-        super().__setattr__(name, value)
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

@@ -436,8 +436,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # Parameters the rule names outside any layer it names (fused MoE experts): before "matches no
     # module", which would be the less helpful error when only they match. Those the other fields
     # leave out (exclude_modules, layers_to_transform, ...) are no error: not asked for.
-    refuse_bare_parameters(model, target_modules, keep=(lambda path: peft_selects(
-        dict(selection, target_modules=check_target_modules(target_modules)), path)) if filtered else None)
+    rule_fields = dict(selection, target_modules=check_target_modules(target_modules))
+    refuse_bare_parameters(model, target_modules,
+                           keep=(lambda path: peft_selects(rule_fields, path)) if filtered else None)
     if filtered and found:
         # PEFT's matching (check_target_module_exists) for the other fields; "all-linear" is
         # expanded to the linear layers' full paths first, as PEFT does.

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from .ops import new_dropout_key
 from .targets import shared_weight_message
-from .weight_metadata import base_tensor_attribute, check_base_tensor_assignment
+from .weight_metadata import BaseTensorAttributes
 
 # Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
 # raises ValueError for such a layer when it builds it, so the saved files load only here.
@@ -391,7 +391,7 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     return None
 
 
-class MissLinear(nn.Module):
+class MissLinear(BaseTensorAttributes, nn.Module):
     """MiSS adapter on a frozen `nn.Linear`: y = base(x) + fold(dropout(x)) @ tile(miss_block).
 
     The base module computes what it computes. For a plain nn.Linear (is_plain_linear: no
@@ -545,21 +545,6 @@ class MissLinear(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(torch.promote_types(y.dtype, term.dtype))
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("weight", "bias"):
-                # The base tensor's dtype, device and shape, nothing to compute with (weight_metadata.py).
-                return base_tensor_attribute(self._modules.get("base_layer"), self._describe(), name)
-            raise
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in ("weight", "bias"):  # weight_metadata.py: transformers' tie_weights() does this
-            check_base_tensor_assignment(self._modules.get("base_layer"), self._describe(), name, value)
-            return
-        super().__setattr__(name, value)
 
     def _describe(self) -> str:
         where = self.__dict__.get("_layer_path")

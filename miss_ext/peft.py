@@ -82,7 +82,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import undo_each  # noqa: E402
 from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
                       load_merge_record, tensor_json)
-from .bank import BASE, add_bank_terms, host_to_device, row_index  # noqa: E402
+from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import record_sharing, shared_weight_message  # noqa: E402
 
@@ -317,12 +317,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             message = (f"{where}: adapter_names has {len(names)} entries but the input has "
                        f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
-                # What a model that flattens its tokens passes (OPT's fc1/fc2, an MoE block's
-                # experts): the hint MissBankLinear gives for the same shapes (bank.row_index).
-                message += (". If the model flattens its tokens before this layer (OPT's fc1/fc2, an MoE block's "
-                            "experts take hidden_states.view(-1, hidden)), its rows are not sequences and cannot be "
-                            "routed by sequence: leave that layer out of the adapters' target_modules for mixed "
-                            "batches (PEFT's own adapter_names= has the same rule: rows are the first dimension)")
+                message += "." + flattened_tokens_hint(x)  # as MissBankLinear says it (bank.row_index)
             raise ValueError(message)
         if self.merged:
             raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "

@@ -133,7 +133,7 @@ def unmatched_entries(model: nn.Module, target_modules: TargetModules) -> List[s
     if isinstance(target_modules, str):
         return []
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    return [t for t in target_modules if not any(name == t or name.endswith("." + t) for name in names)]
+    return [t for t in target_modules if not any(matches([t], name) for name in names)]
 
 
 def warn_unmatched(model: nn.Module, target_modules: TargetModules, where: str = "", stacklevel: int = 3) -> None:

@@ -30,7 +30,7 @@ _DESCRIBING = (
 
 class BaseTensorMetadata(Tensor):
     """What `layer.weight` / `layer.bias` return for an adapted layer: isinstance of Tensor, with
-    the base tensor's dtype, device, shape (and size(), dim(), numel(), ...), and no data: any other
+    the base tensor's dtype, device, shape (and size(), dim(), numel(), ...); any other
     use raises RuntimeError naming the layer and how to get the real tensor (layer.base_layer.<name>)
     or the adapted output (call the layer)."""
 
@@ -109,3 +109,27 @@ def check_base_tensor_assignment(base_layer: Optional[torch.nn.Module], where: s
     raise AttributeError(f"{where}: setting .{name} on an adapted layer is refused (its forward reads "
                          f".base_layer.{name}, and a merged adapter lives in that tensor); set .base_layer.{name} "
                          "on an unmerged layer, or replace the whole layer")
+
+
+class BaseTensorAttributes:
+    """Mixin of the adapted layers that hold a `base_layer` (MissLinear, MissBankLinear; listed
+    before nn.Module in their bases): `.weight` / `.bias` read the base tensor's metadata
+    (base_tensor_attribute), and assigning them is checked (check_base_tensor_assignment).
+    `_describe()` names the layer in the messages."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                return base_tensor_attribute(self._modules.get("base_layer"), self._describe(), name)
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias"):  # transformers' tie_weights() does this
+            check_base_tensor_assignment(self._modules.get("base_layer"), self._describe(), name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _describe(self) -> str:
+        return type(self).__name__
