@@ -89,10 +89,11 @@ TORCH_LIBRARY(miss, m) {
   m.def("bat_weight(Tensor weight, Tensor block, ScalarType? dtype=None) -> Tensor");
 
   // The per-tile affine map behind bat: out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] +
-  // p[o/r][o%r][b], m and p (rows/r, r, r) in float32 or float64. Not differentiable (a building
-  // block: bat_weight, merge and unmerge are made of it).
-  m.def("bat_transform(Tensor w, Tensor m, Tensor p, ScalarType? dtype=None) -> Tensor");
-  m.def("bat_transform_(Tensor(a!) w, Tensor m, Tensor p) -> ()");
+  // p[o/r][o%r][b] (residual: + w[o, s*r + b], added after the sum, one rounding), m and p
+  // (rows/r, r, r) in float32 or float64. Not differentiable (a building block: bat_weight, merge
+  // and unmerge are made of it; W' = bat_transform(W, B, B, residual=True)).
+  m.def("bat_transform(Tensor w, Tensor m, Tensor p, ScalarType? dtype=None, bool residual=False) -> Tensor");
+  m.def("bat_transform_(Tensor(a!) w, Tensor m, Tensor p, bool residual=False) -> ()");
 
   // A bank of MiSS adapters, one adapter per row (mixed-adapter batches, issue 14): slot a of a
   // bank holds an adapter of rank ranks[a]; row t uses slot a = index[t], or none when index[t] < 0.

@@ -120,20 +120,23 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
 
 
-def bat_transform(w: Tensor, m: Tensor, p: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+def bat_transform(w: Tensor, m: Tensor, p: Tensor, dtype: Optional[torch.dtype] = None,
+                  residual: bool = False) -> Tensor:
     """The per-tile affine map behind bat, merge and unmerge:
-    out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b].
+    out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b], plus w[o, s*r + b] when
+    residual (added after the sum, one rounding: bat's W' = bat_transform(W, B, B, residual=True)
+    keeps the update's rounding error at the update's scale, as PEFT's W + delta).
 
     w (rows, cols), r dividing both; m, p (rows/r, r, r), both float32 or both float64 (the
     compute dtype). Returns (rows, cols) in `dtype` (default w's). Not differentiable.
     ValueError for mismatched shapes; TypeError for other m, p dtypes."""
-    return torch.ops.miss.bat_transform(w, m, p, dtype)
+    return torch.ops.miss.bat_transform(w, m, p, dtype, residual)
 
 
-def bat_transform_(w: Tensor, m: Tensor, p: Tensor) -> None:
+def bat_transform_(w: Tensor, m: Tensor, p: Tensor, residual: bool = False) -> None:
     """bat_transform in place into w (same arguments, no dtype); m and p must not share memory
     with w (ValueError)."""
-    torch.ops.miss.bat_transform_(w, m, p)
+    torch.ops.miss.bat_transform_(w, m, p, residual)
 
 
 def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> Tensor:

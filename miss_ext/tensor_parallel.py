@@ -214,8 +214,9 @@ def _bat_linear_rules(mesh, x, weight, bias, block, compute_dtype=None):
     return rules
 
 
-def _bat_transform_rules(mesh, w, m, p, dtype=None, inplace=False):
-    # out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b]
+def _bat_transform_rules(mesh, w, m, p, *static_args, inplace=False, **static_kwargs):
+    # out[o, s*r + b] = sum_k w[o, s*r + k] m[o/r][k][b] + p[o/r][o%r][b] (+ w[o, s*r + b] when
+    # residual): linear in (w, p) together either way, so the same rules hold for both.
     out_f, in_f = w.shape
     r = m.shape[1]
 

@@ -167,14 +167,16 @@ def bat_weight_ref(w, blk):
     return wp.reshape(out_f, in_f)
 
 
-def bat_transform_ref(w, m, p):
+def bat_transform_ref(w, m, p, residual=False):
     """The bat kernel's transform in float64 (csrc/ops/common/bat_index.h):
-    out[o, s r + c] = sum_k w[o, s r + k] m[o // r][k][c] + p[o // r][o % r][c]."""
+    out[o, s r + c] = sum_k w[o, s r + k] m[o // r][k][c] + p[o // r][o % r][c] (+ w[o, s r + c]
+    when residual)."""
     w, m, p = w.to(F64), m.to(F64), p.to(F64)
     rows, cols = w.shape
     r = m.shape[-1]
     seg = w.reshape(rows // r, r, cols // r, r)  # [i, a, s, k]
-    return (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
+    out = (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
+    return out + w if residual else out
 
 
 def peft_precision_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,

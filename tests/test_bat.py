@@ -556,6 +556,9 @@ def _transform_samples(device):
         ("half-w", *case(6, 12, 3, w_dtype=torch.float16)),
         ("bf16-w-fp64-mp", *case(16, 16, 16, w_dtype=torch.bfloat16, mp_dtype=F64)),
         ("tiled", *case(48, 80, 16)),
+        ("residual", *case(12, 8, 4, residual=True)),
+        ("half-w-residual", *case(6, 12, 3, w_dtype=torch.float16, residual=True)),
+        ("tiled-residual", *case(48, 80, 16, residual=True)),
     ]
 
 
@@ -607,23 +610,24 @@ def test_opcheck_merge__3d_block(device):
     (torch.float32, torch.float32, torch.bfloat16), (torch.float16, F64, F64), (torch.float32, torch.float32, F64),
 ], ids=str)
 @pytest.mark.parametrize("rows,cols,r", [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1)])
-def test_bat_transform(device, rows, cols, r, w_dtype, mp_dtype, out_dtype):
+@pytest.mark.parametrize("residual", [False, True])
+def test_bat_transform(device, rows, cols, r, w_dtype, mp_dtype, out_dtype, residual):
     w = rand(rows, cols, dtype=w_dtype, device=device)
     m = rand(rows // r, r, r, dtype=mp_dtype, device=device)
     p = rand(rows // r, r, r, dtype=mp_dtype, device=device)
     w0 = w.clone()
     poison_heap(rows * cols, out_dtype or w_dtype, device)
-    out = ops.bat_transform(w, m, p, out_dtype)
+    out = ops.bat_transform(w, m, p, out_dtype, residual)
     assert out.dtype == (out_dtype or w_dtype) and out.shape == w.shape
     assert torch.equal(w, w0)
-    exact = bat_transform_ref(w, m, p)
-    mag = bat_transform_ref(w.abs(), m.abs(), p.abs())
+    exact = bat_transform_ref(w, m, p, residual)
+    mag = bat_transform_ref(w.abs(), m.abs(), p.abs(), residual)
     check(out, exact, mag, mp_dtype, "bat_transform")
     # the in-place form writes the same values into w (when the dtypes agree)
     if out_dtype in (None, w_dtype):
         w2 = w.clone()
         ptr = w2.data_ptr()
-        assert ops.bat_transform_(w2, m, p) is None
+        assert ops.bat_transform_(w2, m, p, residual) is None
         assert w2.data_ptr() == ptr
         assert torch.equal(w2, out)
 
@@ -786,6 +790,51 @@ def test_float32_unmerge_is_at_least_as_accurate_as_peft(device, seed):
         return ((t.double() - exact).norm() / exact.norm()).item()
 
     assert err(ours) <= err(peft), f"unmerge error {err(ours):.3g}, PEFT's formula {err(peft):.3g}"
+
+
+def _peft_delta(w, blk):
+    """PEFT's bat delta (MissLayer.get_delta_weight): W_ij B_i + B_i in PEFT's layout, w's dtype."""
+    out_f, in_f = w.shape
+    r = blk.shape[-1]
+    tiles = w.reshape(out_f // r, r, in_f // r, r).permute(2, 0, 1, 3)  # (j, i, a, k)
+    return (tiles @ blk + blk).permute(1, 2, 0, 3).reshape(out_f, in_f)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("out_f,in_f,r", [(256, 256, 16), (256, 512, 64), (128, 384, 32)])
+def test_float32_bat_weight_merge_and_weight_grad_are_as_accurate_as_peft(device, seed, out_f, in_f, r, monkeypatch):
+    """PEFT builds W' = W + delta (delta = W_ij B_i + B_i summed on its own, then added). Ours
+    summed W_ij (I + B_i) + B_i, so each product carried W's magnitude: W' and merges were
+    3.7-7x PEFT's error in float32 (2026-12-02). Now the residual form (W added after the sum):
+    bat_weight, merge_ and the weight gradient G' (I + B)^T = G' + G' B^T. Both kernels (the
+    hand-written one and the batched GEMM) and r both tiled (16, 32, 64) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(device)  # nn.Linear's scale
+    blk = (torch.randn(out_f // r, r, r, generator=g) * 0.1).to(device)
+    gp = torch.randn(out_f, in_f, generator=g).to(device)  # a gradient w.r.t. W'
+    exact = bat_weight_ref(w, blk)
+
+    def err(t, ref):
+        return ((t.double() - ref).norm() / ref.norm()).item()
+
+    peft = err(w + _peft_delta(w, blk), exact)
+    for choice in ("kernel", "gemm"):
+        monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", choice)
+        for what, got in [("bat_weight", ops.bat_weight(w, blk, None)), ("merge", ops.merge(w, blk, False))]:
+            assert err(got, exact) <= 1.25 * peft, f"{what} ({choice}): {err(got, exact):.3g}, PEFT's {peft:.3g}"
+        merged = w.clone()
+        ops.merge_(merged, blk, False)
+        assert err(merged, exact) <= 1.25 * peft, f"merge_ ({choice}): {err(merged, exact):.3g}, PEFT's {peft:.3g}"
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM")
+    # The weight gradient: PEFT's autograd of W + delta gives G' + (G' B^T per tile).
+    wd = w.double().requires_grad_()
+    exact_gw, = torch.autograd.grad(bat_weight_ref(wd, blk.double()), wd, gp.double())
+    w32 = w.clone().requires_grad_()
+    peft_gw, = torch.autograd.grad(w32 + _peft_delta(w32, blk), w32, gp)
+    x = torch.eye(in_f, device=device)  # x = I: dL/dW' = G^T x = G^T, so pass G = gp^T
+    w33 = w.clone().requires_grad_()
+    ours_gw, = torch.autograd.grad(ops.bat_linear(x, w33, None, blk, None), w33, gp.t())
+    assert err(ours_gw, exact_gw) <= 1.25 * err(peft_gw, exact_gw), (err(ours_gw, exact_gw), err(peft_gw, exact_gw))
 
 
 @pytest.mark.parametrize("which", ["weight", "block", "both"])

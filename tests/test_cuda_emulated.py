@@ -356,28 +356,44 @@ def test_bat_kernel_matches_the_cpu(emu, w_dtype, mp_dtype, placement, monkeypat
         p = torch.randn(rows // r, r, r, dtype=F64).to(mp_dtype)
         mag = bat_transform_ref(w.abs(), m.abs(), p.abs())
         eps = {torch.float32: 1.2e-7, torch.float64: 2.3e-16}[torch.float64 if mp_dtype == F64 else torch.float32]
+        residual = rows % 2 == 0  # both forms across the shapes
+        mag = bat_transform_ref(w.abs(), m.abs(), p.abs(), residual)
         for out_dtype in sorted({w_dtype, mp_dtype}, key=str):
-            want = ops.bat_transform(w, m, p, out_dtype)  # the CPU kernel
+            want = ops.bat_transform(w, m, p, out_dtype, residual)  # the CPU kernel
             gw, gm, gp = guarded(w), guarded(m), guarded(p)
             go = guarded(torch.empty(rows, cols, dtype=out_dtype), fill=float("nan"))
-            emu.bat(gw.t, go.t, gm.t, gp.t)
+            emu.bat(gw.t, go.t, gm.t, gp.t, residual)
             assert_guards(gw, gm, gp, go)
             assert torch.equal(gw.t, w)
             out_eps = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(out_dtype, 0.0)
             bound = mag * eps * (2 * r + 4) + want.to(F64).abs() * 2 * out_eps + 1e-30
             err = (go.t.to(F64) - want.to(F64)).abs()
-            assert (err <= bound).all(), ((rows, cols, r), out_dtype, (err / bound).max().item())
+            assert (err <= bound).all(), ((rows, cols, r), out_dtype, residual, (err / bound).max().item())
         # in place: out is w
         gw, gm, gp = guarded(w), guarded(m), guarded(p)
-        emu.bat(gw.t, gw.t, gm.t, gp.t)
+        emu.bat(gw.t, gw.t, gm.t, gp.t, residual)
         assert_guards(gw, gm, gp)
-        assert torch.equal(gw.t, emu_out_same_dtype(emu, w, m, p)), (rows, cols, r)
+        assert torch.equal(gw.t, emu_out_same_dtype(emu, w, m, p, residual)), (rows, cols, r)
         assert "bat_kernel<" in kernels_ran(emu)[0]
 
 
-def emu_out_same_dtype(emu, w, m, p):
+def test_bat_kernel_residual_adds_w_after_the_sum(emu, placement):
+    """The residual form (W' = W + (W B + B), common/bat_index.h) adds w once the update is summed:
+    with w = 1 and M = P = 1e-8 the update 1e-8 * (r + 1) survives in float32, where adding w
+    first would round every term away."""
+    r = 8
+    w = torch.ones(16, 16)
+    m = torch.full((2, r, r), 1e-8)
+    p = torch.full((2, r, r), 1e-8)
     out = torch.full_like(w, float("nan"))
-    emu.bat(w.contiguous(), out, m, p)
+    emu.bat(w, out, m, p, True)
+    assert torch.equal(out, torch.full_like(w, 1 + 1e-8 * (r + 1))), out.unique()
+    assert torch.equal(out, ops.bat_transform(w, m, p, None, True))
+
+
+def emu_out_same_dtype(emu, w, m, p, residual=False):
+    out = torch.full_like(w, float("nan"))
+    emu.bat(w.contiguous(), out, m, p, residual)
     return out
 
 

@@ -516,24 +516,25 @@ def test_bat_weight_matches_reference(device, shape, seed, dtypes, out_dtype, w_
 @PROFILE
 @given(shape=bat_shapes(), seed=seeds, w_dtype=st.sampled_from([F64, torch.float32, torch.float16, torch.bfloat16]),
        mp_dtype=st.sampled_from([F64, torch.float32]), out_dtype=st.sampled_from([None, F64, torch.float32]),
-       w_layout=layouts, m_layout=layouts)
-def test_bat_transform_matches_reference(device, shape, seed, w_dtype, mp_dtype, out_dtype, w_layout, m_layout):
+       w_layout=layouts, m_layout=layouts, residual=st.booleans())
+def test_bat_transform_matches_reference(device, shape, seed, w_dtype, mp_dtype, out_dtype, w_layout, m_layout,
+                                         residual):
     """bat_transform and bat_transform_ (the per-tile affine map behind bat, merge and unmerge)."""
     _, cols, rows, r = shape
     torch.manual_seed(seed)
     w, _, _ = place(rnd((rows, cols), w_dtype, device), w_layout)
     m, _, _ = place(rnd((rows // r, r, r), mp_dtype, device, scale=0.5), m_layout)
     p = rnd((rows // r, r, r), mp_dtype, device)
-    got = ops.bat_transform(w, m, p, out_dtype)
+    got = ops.bat_transform(w, m, p, out_dtype, residual)
     store = out_dtype or w_dtype
     assert got.dtype == store and got.shape == w.shape
-    ref = bat_transform_ref(w, m, p)
-    mag = bat_transform_ref(abs_(w), abs_(m), abs_(p))
+    ref = bat_transform_ref(w, m, p, residual)
+    mag = bat_transform_ref(abs_(w), abs_(m), abs_(p), residual)
     assert_within(got, ref, bound(ref, mag, store, acc_dtype(w_dtype, mp_dtype)),
-                  f"bat_transform(w {tuple(w.shape)}, r={r}, dtype={out_dtype})")
+                  f"bat_transform(w {tuple(w.shape)}, r={r}, dtype={out_dtype}, residual={residual})")
     inplace = w.clone()
-    ops.bat_transform_(inplace, m, p)
-    assert torch.equal(inplace, ops.bat_transform(w, m, p, None))
+    ops.bat_transform_(inplace, m, p, residual)
+    assert torch.equal(inplace, ops.bat_transform(w, m, p, None, residual))
 
 
 @device_params()

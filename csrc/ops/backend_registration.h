@@ -27,13 +27,13 @@ void tile_add_on(at::Tensor& out, const at::Tensor& src, double alpha, double p,
 
 template <BatKernel kernel>
 at::Tensor bat_transform_on(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                            std::optional<at::ScalarType> dtype) {
-  return bat_transform_with(kernel, w, m, p, dtype);
+                            std::optional<at::ScalarType> dtype, bool residual) {
+  return bat_transform_with(kernel, w, m, p, dtype, residual);
 }
 
 template <BatKernel kernel>
-void bat_transform_inplace_on(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
-  bat_transform_inplace_with(kernel, w, m, p);
+void bat_transform_inplace_on(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool residual) {
+  bat_transform_inplace_with(kernel, w, m, p, residual);
 }
 
 template <BankAddKernel kernel>

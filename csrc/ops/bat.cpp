@@ -33,19 +33,19 @@ namespace miss_ext {
 namespace ops {
 
 at::Tensor bat_transform(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                         std::optional<at::ScalarType> dtype) {
+                         std::optional<at::ScalarType> dtype, bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("miss::bat_transform", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         std::optional<at::ScalarType>)>();
-  return op.call(w, m, p, dtype);
+                                         std::optional<at::ScalarType>, bool)>();
+  return op.call(w, m, p, dtype, residual);
 }
 
-void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("miss::bat_transform_", "")
-                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(w, m, p);
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  op.call(w, m, p, residual);
 }
 
 at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
@@ -97,7 +97,7 @@ at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& blo
 }
 
 at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                              std::optional<at::ScalarType> dtype) {
+                              std::optional<at::ScalarType> dtype, bool residual) {
   check_bat_transform_args(w, m, p);
   check_out_dtype("bat_transform dtype", dtype);
   const at::ScalarType out_dtype = dtype.value_or(w.scalar_type());
@@ -105,11 +105,12 @@ at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::T
   const bool native = out_dtype == w.scalar_type() || out_dtype == m.scalar_type();
   const at::Tensor w2 = w.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(native ? out_dtype : m.scalar_type()));
-  if (w.numel() > 0) pick_bat_kernel(kernel, w, /*in_place=*/false)(w2, out, m.contiguous(), p.contiguous());
+  if (w.numel() > 0) pick_bat_kernel(kernel, w, /*in_place=*/false)(w2, out, m.contiguous(), p.contiguous(), residual);
   return native ? out : out.to(out_dtype);
 }
 
-void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                                bool residual) {
   check_bat_transform_args(w, m, p);
   check_no_overlap("bat_transform_", w, "w", m, "m");
   check_no_overlap("bat_transform_", w, "w", p, "p");
@@ -117,19 +118,19 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
   if (w.numel() == 0) return;
   kernel = pick_bat_kernel(kernel, w, /*in_place=*/true);
   if (w.is_contiguous()) {
-    kernel(w, w, m.contiguous(), p.contiguous());
+    kernel(w, w, m.contiguous(), p.contiguous(), residual);
   } else {
     at::Tensor w2 = w.contiguous();
-    kernel(w2, w2, m.contiguous(), p.contiguous());
+    kernel(w2, w2, m.contiguous(), p.contiguous(), residual);
     w.copy_(w2);
   }
 }
 
-std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype) {
+BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype) {
   const int64_t r = static_size(block, 1);
   if (!reverse) {  // the forward path (every bat forward and backward): no float64 detour
     const at::Tensor b = block.to(dtype);
-    return {b.add(at::eye(r, b.options())), b};
+    return {b, b, /*residual=*/true};
   }
   const at::Tensor b64 = block.to(at::kDouble);
   const at::Tensor eye = at::eye(r, b64.options());
@@ -154,7 +155,7 @@ std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::
                       "The weight was left unchanged.");
   }
   const at::Tensor inv = at::linalg_solve(a, eye.expand_as(a));
-  return {inv.to(dtype), at::neg(at::bmm(b64, inv)).to(dtype)};
+  return {inv.to(dtype), at::neg(at::bmm(b64, inv)).to(dtype), /*residual=*/false};
 }
 
 at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
@@ -163,8 +164,8 @@ at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, 
   // Accumulated in float64 also where only the output is asked for in float64 (compute_dtype=
   // float64 of bat_linear beside float32 inputs): W' to float64 accuracy, not float32's.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : bat_compute_dtype(weight, block);
-  const auto mp = bat_affine(block, /*reverse=*/false, acc);
-  return ops::bat_transform(weight, mp[0], mp[1], dtype.value_or(block.scalar_type()));
+  const BatAffine mp = bat_affine(block, /*reverse=*/false, acc);
+  return ops::bat_transform(weight, mp.m, mp.p, dtype.value_or(block.scalar_type()), mp.residual);
 }
 
 void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse) {
@@ -175,15 +176,15 @@ void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse
   // float32 first a float32 unmerge was 1.6-2.7x PEFT's error (PEFT subtracts B first) where the
   // block is large against W (block 0.15-0.2, W at nn.Linear's scale 1/16; 2026-12-02). It costs
   // about 5x the float32 transform on the CPU (55 ms against 7-13 ms at 2048 x 2048, r = 64,
-  // 2 cores), and unmerges are rare. The merge keeps float32 (its error is the forward's W', about
-  // 2.6x PEFT's at 1e-7 relative), so a whole model's merge stays fast. Where float64 M does not
+  // 2 cores), and unmerges are rare. The merge keeps float32: in the residual form (bat_index.h)
+  // its error is PEFT's, so a whole model's merge stays fast. Where float64 M does not
   // fit the CUDA kernel's shared memory (common/bat_index.h) but float32 does, float32 M: an
   // unmerge of what merge accepted is never refused for its r.
   const bool fits_float64 =
       !weight.is_cuda() || static_size(block, 1) * static_cast<int64_t>(sizeof(double)) <= kBatSharedMemoryBytes;
-  const auto mp =
+  const BatAffine mp =
       bat_affine(block, reverse, reverse && fits_float64 ? at::kDouble : bat_compute_dtype(weight, block));
-  ops::bat_transform_(weight, mp[0], mp[1]);
+  ops::bat_transform_(weight, mp.m, mp.p, mp.residual);
 }
 
 at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -223,16 +224,17 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
 
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
   const at::ScalarType ct = bat_compute_dtype(weight, block);
-  const at::Tensor a = bat_affine(block, false, ct)[0];  // I + B_i, (out/r, r, r)
+  const at::Tensor b = block.to(ct);  // B_i, (out/r, r, r)
+  // G' + G' B^T: the residual form (common/bat_index.h), G' added after the product is summed.
   if (at::GradMode::is_enabled()) {
-    // Being recorded (create_graph=True): the same product with differentiable ATen ops, as
-    // bat_transform has no derivative. dW[i, a, j, b] = sum_c G'[i, a, j, c] (I + B_i)[b, c].
+    // Being recorded (create_graph=True): the same with differentiable ATen ops, as
+    // bat_transform has no derivative. dW[i, a, j, b] = G'[i, a, j, b] + sum_c G'[i, a, j, c] B_i[b, c].
     const int64_t r = static_size(block, 1);
     const at::Tensor g = grad_wprime.to(ct).reshape_symint({block.sym_size(0), r, weight.sym_size(1) / r, r});
-    return at::einsum("iajc,ibc->iajb", {g, a}).reshape_symint(weight.sym_sizes()).to(weight.scalar_type());
+    return at::einsum("iajc,ibc->iajb", {g, b}).add(g).reshape_symint(weight.sym_sizes()).to(weight.scalar_type());
   }
-  const at::Tensor m = a.transpose(1, 2).contiguous();  // (I + B_i)^T
-  return ops::bat_transform(grad_wprime, m, at::zeros_like(m), weight.scalar_type());
+  const at::Tensor m = b.transpose(1, 2).contiguous();  // B_i^T
+  return ops::bat_transform(grad_wprime, m, at::zeros_like(m), weight.scalar_type(), /*residual=*/true);
 }
 
 BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x, at::ScalarType x_dtype,

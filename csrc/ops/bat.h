@@ -13,8 +13,8 @@ namespace ops {
 
 // C++ API (dispatcher calls).
 at::Tensor bat_transform(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                         std::optional<at::ScalarType> dtype = std::nullopt);
-void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
+                         std::optional<at::ScalarType> dtype = std::nullopt, bool residual = false);
+void bat_transform_(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool residual = false);
 at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block,
                       std::optional<at::ScalarType> dtype = std::nullopt);
 at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -24,17 +24,23 @@ at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const std::
 
 // Backend wrappers of bat_transform / bat_transform_ around one backend's kernel.
 at::Tensor bat_transform_with(BatKernel kernel, const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                              std::optional<at::ScalarType> dtype);
-void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
+                              std::optional<at::ScalarType> dtype, bool residual);
+void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
+                                bool residual);
 
 // Float64 when the weight or the block is float64, else float32: the dtype of M, P and of the
 // kernels' accumulation.
 at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& block);
 
-// (M, P) of the bat transform: merge M = I + B, P = B; unmerge M = (I+B)^-1, P = -B (I+B)^-1 from
-// a batched float64 solve, after checking every I + B_i is well conditioned (ValueError naming
-// the block and its condition number otherwise). In `dtype`.
-std::array<at::Tensor, 2> bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype);
+// (M, P, residual) of the bat transform (common/bat_index.h): merge and forward M = P = B in the
+// residual form (W + (W B + B)); unmerge M = (I+B)^-1, P = -B (I+B)^-1 from a batched float64
+// solve, after checking every I + B_i is well conditioned (ValueError naming the block and its
+// condition number otherwise). M and P in `dtype`.
+struct BatAffine {
+  at::Tensor m, p;
+  bool residual;
+};
+BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype);
 
 // Largest accepted condition number of I + B_i for unmerge. The restored weight's relative
 // error grows like cond * eps(float32) ~ 1e4 * 6e-8 < 1e-3.
@@ -56,7 +62,7 @@ void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse
 
 // dL/dB from dL/dW' (G', weight-shaped): dB_i = sum_j (W_ij + I)^T G'_ij, in the block's dtype.
 at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block);
-// dL/dW from dL/dW': dW_ij = G'_ij (I + B_i)^T, in the weight's dtype.
+// dL/dW from dL/dW': dW_ij = G'_ij + G'_ij B_i^T (= G'_ij (I + B_i)^T), in the weight's dtype.
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block);
 
 struct BatLinearGrads {

@@ -17,20 +17,29 @@
 
 namespace miss_ext {
 
-void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
+                     bool residual) {
   const int64_t in = w.size(1), blocks = m.size(0), r = m.size(1);
   const at::Tensor w3 = w.to(m.scalar_type()).view({blocks, in, r});
+  const at::Tensor p4 = p.view({blocks, r, 1, r});
   at::Tensor out4 = out.view({blocks, r, in / r, r});
   if (out.scalar_type() == m.scalar_type() && !out.is_alias_of(w)) {
     at::Tensor out3 = out.view({blocks, in, r});
     at::bmm_out(out3, w3, m);  // straight into out
-    out4.add_(p.view({blocks, r, 1, r}));
+    out4.add_(p4);
+    if (residual) out3.add_(w3);  // w last (common/bat_index.h)
     return;
   }
-  // A new tensor, so `out` may be `w` (in-place merge): w is not read after this line.
-  const at::Tensor prod = at::bmm(w3, m);
-  // + P, and one rounding to out's dtype (add_out computes in the inputs' dtype and casts).
-  at::add_out(out4, prod.view({blocks, r, in / r, r}), p.view({blocks, r, 1, r}));
+  // A new tensor, so `out` may be `w` (in-place merge): w is read after this only element by
+  // element, each element before it is written (the residual add).
+  at::Tensor prod = at::bmm(w3, m);
+  if (!residual) {
+    // + P, and one rounding to out's dtype (add_out computes in the inputs' dtype and casts).
+    at::add_out(out4, prod.view({blocks, r, in / r, r}), p4);
+    return;
+  }
+  prod.view({blocks, r, in / r, r}).add_(p4);
+  at::add_out(out, prod.view(w.sizes()), w3.view(w.sizes()));  // + w, one rounding to out's dtype
 }
 
 }  // namespace miss_ext

@@ -21,8 +21,10 @@ namespace miss_ext {
 using FoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 // out (rows, cols) += alpha * dropout(src[row mod P, col mod Q]) for src (P, Q).
 using TileAddKernel = void (*)(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
-// out (out, in) = bat transform of w (common/bat_index.h) with m, p of shape (out/r, r, r).
-using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+// out (out, in) = bat transform of w (common/bat_index.h) with m, p of shape (out/r, r, r);
+// residual: plus w, added after the sum (one rounding).
+using BatKernel = void (*)(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
+                           bool residual);
 
 // bank_add: y (rows, out) += the bank term (torch_bindings.cpp) for s (rows, R), bank (N, r_cap,
 // q_cap), ranks and periods (N,), index (rows,), all contiguous; s and bank share one dtype,
@@ -52,10 +54,12 @@ using BankFoldGradKernel = void (*)(const at::Tensor& grad_s, at::Tensor& grad_x
 
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
-void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
+                    bool residual);
 // The bat transform as a batched GEMM through ATen (bat_gemm.cpp): any device; bat.cpp picks it
 // or the backend's kernel (impl_choice.h).
-void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
+                     bool residual);
 void bank_add_kernel_cpu(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                          const at::Tensor& periods, const at::Tensor& index, bool per_row_fold);
 void bank_grad_kernel_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
@@ -69,7 +73,8 @@ void bank_fold_grad_kernel_cpu(const at::Tensor& grad_s, at::Tensor& grad_x, con
 #ifdef MISS_EXT_WITH_CUDA
 void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cuda(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
-void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p);
+void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
+                     bool residual);
 void bank_add_kernel_cuda(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                           const at::Tensor& periods, const at::Tensor& index, bool per_row_fold);
 void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,

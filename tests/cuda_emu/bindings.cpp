@@ -70,9 +70,9 @@ void tile_add(at::Tensor& out, const at::Tensor& src, double alpha, double p, co
   });
 }
 
-void bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+void bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p, bool residual) {
   for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{w, "w"}, {out, "out"}, {m, "m"}, {p, "p"}}) check_cpu(t, n);
-  guarded([&] { miss_ext::bat_kernel_cuda(w, out, m, p); });
+  guarded([&] { miss_ext::bat_kernel_cuda(w, out, m, p, residual); });
 }
 
 void bank_add(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
@@ -130,7 +130,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fold", &fold, "fold_kernel_cuda, emulated", py::arg("x"), py::arg("s"), py::arg("p") = 0.0, py::arg("key") = py::none());
   m.def("tile_add", &tile_add, "tile_add_kernel_cuda, emulated", py::arg("out"), py::arg("src"), py::arg("alpha") = 1.0,
         py::arg("p") = 0.0, py::arg("key") = py::none());
-  m.def("bat", &bat, "bat_kernel_cuda, emulated");
+  m.def("bat", &bat, "bat_kernel_cuda, emulated", py::arg("w"), py::arg("out"), py::arg("m"), py::arg("p"),
+        py::arg("residual") = false);
   m.def("bank_add", &bank_add, "bank_add_kernel_cuda, emulated", py::arg("y"), py::arg("s"), py::arg("bank"),
         py::arg("ranks"), py::arg("periods"), py::arg("index"), py::arg("per_row_fold") = false);
   m.def("bank_grad", &bank_grad, "bank_grad_kernel_cuda, emulated", py::arg("grad"), py::arg("s"), py::arg("bank"),

@@ -3,9 +3,14 @@
 // W (out, in) is cut into r x r tiles W_ij; row o = i*r + a lies in row block i. A "segment" is the
 // r consecutive elements W[o, s*r .. s*r + r) of one row within one column block s. The bat
 // transform maps every segment independently:
-//   out[o, s*r + b] = sum_k w[o, s*r + k] * M[i][k][b] + P[i][a][b]
-// With M = I + B, P = B this is W' = W + W_ij B_i + B_i (forward and merge); with M = (I+B)^-1,
-// P = -B (I+B)^-1 it is unmerge; with M = (I+B)^T, P = 0 it maps dL/dW' to dL/dW.
+//   out[o, s*r + b] = sum_k w[o, s*r + k] * M[i][k][b] + P[i][a][b]   (+ w[o, s*r + b]: residual)
+// in that order: the r products summed first, then P added, then (residual form) w, as PEFT
+// computes W + (W_ij B_i + B_i), and one rounding to out's dtype. With M = P = B, residual, this
+// is W' (forward and merge): each partial sum has the magnitude of W_ij B_i, so its rounding
+// error scales with the update and not with B or W. (Starting the sum at P = B, with M = I + B,
+// gave float32 merges 3.7-7x PEFT's error: every product was added at B's and W's magnitude.)
+// With M = (I+B)^-1, P = -B (I+B)^-1 it is unmerge; with M = B^T, P = 0, residual, it maps dL/dW'
+// to dL/dW = G' + G' B^T.
 #pragma once
 
 #include <cstdint>

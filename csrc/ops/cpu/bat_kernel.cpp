@@ -1,5 +1,5 @@
 // CPU kernel of the bat transform (common/bat_index.h):
-//   out[o, s*r + b] = sum_k w[o, s*r + k] * m[o/r][k][b] + p[o/r][o%r][b]
+//   out[o, s*r + b] = sum_k w[o, s*r + k] * m[o/r][k][b] + p[o/r][o%r][b]   (+ w[o, s*r + b]: residual)
 //
 // Parallel over rows. Each row's segments are copied to a small buffer first, so `out` may be `w`
 // (in-place merge and unmerge touch the weight once). For float32 with r a multiple of 16, four
@@ -24,22 +24,38 @@ namespace {
 constexpr int kTile = 16;  // columns per register tile: a multiple of every vector width below
 constexpr int kSegs = 4;   // segments sharing each load of m
 
-// dst[q*r + b] = sum_k seg[q*r + k] * m[k*r + b] + prow[b] for q < kSegs, r % kTile == 0, with
-// the accumulators of kLanes<vec> columns in registers. (Plain loops here were vectorised along
-// the wrong axis, 13x slower: measured.)
+// dst[q*r + b] = sum_k seg[q*r + k] * m[k*r + b] + prow[b] (+ seg[q*r + b] when residual) for
+// q < kSegs, r % kTile == 0, with the accumulators of kLanes<vec> columns in registers. (Plain
+// loops here were vectorised along the wrong axis, 13x slower: measured.)
 template <typename vec>
 MISS_CPU_INLINE void bat_tiles(const float* __restrict seg, float* __restrict dst, const float* __restrict m,
-                               const float* __restrict prow, int64_t r) {
+                               const float* __restrict prow, int64_t r, bool residual) {
   for (int64_t b0 = 0; b0 < r; b0 += kLanes<vec>) {
-    vec p, mk;
-    std::memcpy(&p, prow + b0, sizeof p);
-    vec a0 = p, a1 = p, a2 = p, a3 = p;
+    vec mk{};
+    vec a0{}, a1{}, a2{}, a3{};  // the products first, then P, then w (common/bat_index.h)
     for (int64_t k = 0; k < r; ++k) {
       std::memcpy(&mk, m + k * r + b0, sizeof mk);  // unaligned vector load
       a0 += seg[k] * mk;
       a1 += seg[r + k] * mk;
       a2 += seg[2 * r + k] * mk;
       a3 += seg[3 * r + k] * mk;
+    }
+    vec p;
+    std::memcpy(&p, prow + b0, sizeof p);
+    a0 += p;
+    a1 += p;
+    a2 += p;
+    a3 += p;
+    if (residual) {
+      vec w0, w1, w2, w3;
+      std::memcpy(&w0, seg + b0, sizeof w0);
+      std::memcpy(&w1, seg + r + b0, sizeof w1);
+      std::memcpy(&w2, seg + 2 * r + b0, sizeof w2);
+      std::memcpy(&w3, seg + 3 * r + b0, sizeof w3);
+      a0 += w0;
+      a1 += w1;
+      a2 += w2;
+      a3 += w3;
     }
     std::memcpy(dst + b0, &a0, sizeof a0);
     std::memcpy(dst + r + b0, &a1, sizeof a1);
@@ -49,17 +65,17 @@ MISS_CPU_INLINE void bat_tiles(const float* __restrict seg, float* __restrict ds
 }
 
 // One version per ISA with its register width (cpu_clones.h says why not target_clones).
-using BatTilesFn = void (*)(const float*, float*, const float*, const float*, int64_t);
+using BatTilesFn = void (*)(const float*, float*, const float*, const float*, int64_t, bool);
 MISS_CPU_TARGET("arch=x86-64-v4")
-void bat_tiles_avx512(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
-  bat_tiles<f32x16>(seg, dst, m, prow, r);
+void bat_tiles_avx512(const float* seg, float* dst, const float* m, const float* prow, int64_t r, bool residual) {
+  bat_tiles<f32x16>(seg, dst, m, prow, r, residual);
 }
 MISS_CPU_TARGET("arch=x86-64-v3")
-void bat_tiles_avx2(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
-  bat_tiles<f32x8>(seg, dst, m, prow, r);
+void bat_tiles_avx2(const float* seg, float* dst, const float* m, const float* prow, int64_t r, bool residual) {
+  bat_tiles<f32x8>(seg, dst, m, prow, r, residual);
 }
-void bat_tiles_baseline(const float* seg, float* dst, const float* m, const float* prow, int64_t r) {
-  bat_tiles<f32x4>(seg, dst, m, prow, r);
+void bat_tiles_baseline(const float* seg, float* dst, const float* m, const float* prow, int64_t r, bool residual) {
+  bat_tiles<f32x4>(seg, dst, m, prow, r, residual);
 }
 
 // This CPU's version, picked at the first use (once per process, for every instance of bat_rows).
@@ -70,20 +86,26 @@ BatTilesFn bat_tiles_for_cpu() {
 
 // The same for any r and type, `count` segments.
 template <typename acc>
-void bat_segments_generic(const acc* seg, acc* dst, const acc* m, const acc* prow, int64_t r, int64_t count) {
+void bat_segments_generic(const acc* seg, acc* dst, const acc* m, const acc* prow, int64_t r, int64_t count,
+                          bool residual) {
   for (int64_t q = 0; q < count; ++q) {
     acc* d = dst + q * r;
-    for (int64_t b = 0; b < r; ++b) d[b] = prow[b];
+    for (int64_t b = 0; b < r; ++b) d[b] = acc(0);
     for (int64_t k = 0; k < r; ++k) {
       const acc wk = seg[q * r + k];
       const acc* mk = m + k * r;
       for (int64_t b = 0; b < r; ++b) d[b] += wk * mk[b];
     }
+    for (int64_t b = 0; b < r; ++b) d[b] += prow[b];  // then P, then w (common/bat_index.h)
+    if (residual) {
+      for (int64_t b = 0; b < r; ++b) d[b] += seg[q * r + b];
+    }
   }
 }
 
 template <typename w_t, typename out_t, typename acc>
-void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows, int64_t cols, int64_t r) {
+void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows, int64_t cols, int64_t r,
+              bool residual) {
   const int64_t segments = cols / r;
   const bool tiled = std::is_same_v<acc, float> && r % kTile == 0;
   const BatTilesFn tiles_f32 = tiled ? bat_tiles_for_cpu() : nullptr;
@@ -100,12 +122,12 @@ void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows
         for (int64_t e = 0; e < count * r; ++e) seg[e] = static_cast<acc>(wr[s0 * r + e]);
         if constexpr (std::is_same_v<acc, float>) {
           if (tiled && count == kSegs) {
-            tiles_f32(seg.data(), dst.data(), mi, prow, r);
+            tiles_f32(seg.data(), dst.data(), mi, prow, r, residual);
           } else {
-            bat_segments_generic(seg.data(), dst.data(), mi, prow, r, count);
+            bat_segments_generic(seg.data(), dst.data(), mi, prow, r, count, residual);
           }
         } else {
-          bat_segments_generic(seg.data(), dst.data(), mi, prow, r, count);
+          bat_segments_generic(seg.data(), dst.data(), mi, prow, r, count, residual);
         }
         for (int64_t e = 0; e < count * r; ++e) orow[s0 * r + e] = static_cast<out_t>(dst[e]);
       }
@@ -115,17 +137,18 @@ void bat_rows(const w_t* w, out_t* out, const acc* m, const acc* p, int64_t rows
 
 }  // namespace
 
-void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p, bool residual) {
   const int64_t r = m.size(-1);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "miss_bat_cpu", [&] {
     using acc = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "miss_bat_cpu_w", [&] {
       if (out.scalar_type() == w.scalar_type()) {
         bat_rows<scalar_t, scalar_t, acc>(w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                          m.const_data_ptr<acc>(), p.const_data_ptr<acc>(), w.size(0), w.size(1), r);
+                                          m.const_data_ptr<acc>(), p.const_data_ptr<acc>(), w.size(0), w.size(1), r,
+                                          residual);
       } else {
         bat_rows<scalar_t, acc, acc>(w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc>(), m.const_data_ptr<acc>(),
-                                     p.const_data_ptr<acc>(), w.size(0), w.size(1), r);
+                                     p.const_data_ptr<acc>(), w.size(0), w.size(1), r, residual);
       }
     });
   });

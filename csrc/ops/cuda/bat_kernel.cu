@@ -1,5 +1,5 @@
 // CUDA kernel of the bat transform (common/bat_index.h):
-//   out[o, s*r + b] = sum_k w[o, s*r + k] * m[o/r][k][b] + p[o/r][o%r][b]
+//   out[o, s*r + b] = sum_k w[o, s*r + k] * m[o/r][k][b] + p[o/r][o%r][b]   (+ w[o, s*r + b]: residual)
 //
 // A block stages a group of whole segments of w in shared memory (one pass of coalesced loads,
 // converted to the compute type), synchronises, and then each thread produces VEC consecutive
@@ -27,7 +27,7 @@ template <typename w_t, typename out_t, typename acc, int VEC>
 // w and out may alias (in place), so neither is __restrict__.
 __global__ void bat_kernel(const w_t* w, out_t* out, const acc* __restrict__ m,
                            const acc* __restrict__ p, int64_t rows, int64_t cols, int64_t r,
-                           int64_t segs_per_block) {
+                           int64_t segs_per_block, bool residual) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* stage = reinterpret_cast<acc*>(smem_raw);
   const int64_t segments_per_row = cols / r;
@@ -49,11 +49,18 @@ __global__ void bat_kernel(const w_t* w, out_t* out, const acc* __restrict__ m,
       const acc* seg = stage + local * r;
       acc sum[VEC];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) sum[v] = prow[v];
+      for (int v = 0; v < VEC; ++v) sum[v] = acc(0);
       for (int64_t k = 0; k < r; ++k) {
         const acc wk = seg[k];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) sum[v] += wk * mi[k * r + v];
+      }
+      // The products first, then P, then w (common/bat_index.h).
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum[v] += prow[v];
+      if (residual) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) sum[v] += seg[b0 + v];
       }
       out_t* dst = out + (first + local) * r + b0;
 #pragma unroll
@@ -64,7 +71,8 @@ __global__ void bat_kernel(const w_t* w, out_t* out, const acc* __restrict__ m,
 }
 
 template <typename w_t, typename out_t, typename acc>
-void launch_bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p, cudaStream_t stream) {
+void launch_bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p, bool residual,
+                cudaStream_t stream) {
   const int64_t rows = w.size(0), cols = w.size(1), r = m.size(-1);
   const int64_t total_segments = rows * (cols / r);
   if (total_segments == 0) return;
@@ -81,23 +89,25 @@ void launch_bat(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const
   const acc* mp = m.const_data_ptr<acc>();
   const acc* pp = p.const_data_ptr<acc>();
   if (r % 4 == 0) {
-    bat_kernel<w_t, out_t, acc, 4><<<grid, kThreads, smem, stream>>>(wp, op, mp, pp, rows, cols, r, segs_per_block);
+    bat_kernel<w_t, out_t, acc, 4>
+        <<<grid, kThreads, smem, stream>>>(wp, op, mp, pp, rows, cols, r, segs_per_block, residual);
   } else {
-    bat_kernel<w_t, out_t, acc, 1><<<grid, kThreads, smem, stream>>>(wp, op, mp, pp, rows, cols, r, segs_per_block);
+    bat_kernel<w_t, out_t, acc, 1>
+        <<<grid, kThreads, smem, stream>>>(wp, op, mp, pp, rows, cols, r, segs_per_block, residual);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p) {
+void bat_kernel_cuda(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p, bool residual) {
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "miss_bat_cuda", [&] {
     using acc = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "miss_bat_cuda_w", [&] {
-      if (out.scalar_type() == w.scalar_type()) launch_bat<scalar_t, scalar_t, acc>(w, out, m, p, stream);
-      else launch_bat<scalar_t, acc, acc>(w, out, m, p, stream);
+      if (out.scalar_type() == w.scalar_type()) launch_bat<scalar_t, scalar_t, acc>(w, out, m, p, residual, stream);
+      else launch_bat<scalar_t, acc, acc>(w, out, m, p, residual, stream);
     });
   });
 }

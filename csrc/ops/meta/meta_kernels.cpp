@@ -44,13 +44,13 @@ void merge_inplace_meta(at::Tensor& weight, const at::Tensor& block, bool revers
 }
 
 at::Tensor bat_transform_meta(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
-                              std::optional<at::ScalarType> dtype) {
+                              std::optional<at::ScalarType> dtype, bool /*residual*/) {
   check_bat_transform_args(w, m, p);
   check_out_dtype("bat_transform dtype", dtype);
   return at::empty_symint(w.sym_sizes(), w.options().dtype(dtype.value_or(w.scalar_type())));
 }
 
-void bat_transform_inplace_meta(at::Tensor& w, const at::Tensor& m, const at::Tensor& p) {
+void bat_transform_inplace_meta(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool /*residual*/) {
   check_bat_transform_args(w, m, p);
 }
 
