@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
@@ -272,11 +273,21 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         is_main_process = writes_here(sharded or ddp)
     if not is_main_process:
         return
-    _warn_unsaved_trainables(model, [layer.miss_block for _, layer in layers] + list(saved_extras.values()))
+    _warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
+                             + list(saved_extras.values()))
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
                             modules_to_save=list(save_paths) or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
+
+
+def block_sources(layer: MissLinear) -> List[Tensor]:
+    """The parameters a layer's saved block is made of: miss_block itself, or, where a
+    parametrization computes it (weight_norm, register_parametrization), the parametrization's
+    originals and its own parameters, which the saved (computed) block holds."""
+    if parametrize.is_parametrized(layer, "miss_block"):
+        return list(layer.parametrizations["miss_block"].parameters())
+    return [layer.miss_block]
 
 
 def _warn_unsaved_trainables(model: nn.Module, saved: List[Tensor]) -> None:

@@ -80,6 +80,29 @@ def test_save_adapter_names_trainable_parameters_it_does_not_save(base, tmp_path
         miss_ext.save_adapter(frozen, tmp_path / "saved")
 
 
+def test_save_adapter_counts_a_parametrized_block_as_saved(base, tmp_path):
+    """A miss_block computed by a parametrization (weight_norm) is saved as the computed block,
+    which loads back exactly; its originals are not "require grad but not saved" (the warning
+    said so, telling the user the trained adapter was lost: training-loop review, 2026-12-02)."""
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, init_weights=False)
+    for layer in model.modules():
+        if isinstance(layer, MissLinear):
+            torch.nn.utils.parametrizations.weight_norm(layer, "miss_block")
+    ids = tokens()
+    with torch.no_grad():
+        want = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        miss_ext.save_adapter(model, tmp_path / "adapter")
+    back = miss_ext.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=0, atol=0)
+    # A trainable parameter elsewhere is still named.
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"lm_head\.weight require grad but are not saved"):
+        miss_ext.save_adapter(model, tmp_path / "again")
+
+
 def test_torch_compile_wrappers_are_looked_through(base, tmp_path):
     """apply_miss, save_adapter, load_adapter and export_lora on a torch.compile wrapper act on
     the model inside it: its paths (no "_orig_mod." prefix, which PEFT could not find), its recorded
