@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from .modules import (MissLinear, adapter_dtype, block_shape, check_dropout, is_dtensor, is_plain_linear, json_tensor,
-                      refuse_layer_load, size_mismatches, tensor_json)
+from .modules import (MissLinear, adapter_dtype, block_shape, check_base_output, check_dropout, is_dtensor,
+                      is_plain_linear, json_tensor, refuse_layer_load, size_mismatches, tensor_json)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -218,7 +218,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         bank: Parameter (capacity, max_r, out_features) in PEFT's adapter dtype (float32 for
             fp16/bf16 bases). Slot a holds its adapter's block in [:r_a, :q_a] (q_a = out_features
             in the default mode, mini_r in the mini mode), zeros elsewhere.
-        ranks, periods: int64 buffers (capacity,), r_a and q_a of each slot (0 when empty).
+        ranks, periods: int64 tensors (capacity,), r_a and q_a of each slot (0 when empty), in the
+            state_dict but not buffers (see _SLOT_TENSORS).
         adapter_names: the slot names, None for an empty slot.
 
     forward(x, adapter_index=None): x (..., in_features); adapter_index int64 slot ids (from
@@ -241,15 +242,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         self.max_r = max_r
         self.bank = nn.Parameter(torch.zeros(capacity, max_r, self.out_features,
                                              dtype=adapter_dtype(weight.dtype), device=weight.device))
-        self.register_buffer("ranks", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
-        self.register_buffer("periods", torch.zeros(capacity, dtype=torch.int64, device=weight.device))
-        # Tensors of what forward needs about each slot (_sync_slots): its dropout rate, and the slot
-        # its rows use (-1 for an absent adapter: base output only). Not saved: the slot names,
-        # rates and absent flags travel in the extra state, and these are rebuilt from them.
-        self.register_buffer("_dropouts", torch.zeros(capacity, dtype=torch.float64, device=weight.device),
-                             persistent=False)
-        self.register_buffer("_route", torch.arange(capacity, dtype=torch.int64, device=weight.device),
-                             persistent=False)
+        self._init_slot_tensors(weight.device)
         self._any_dropout = False  # some adapter has a dropout rate > 0 (_sync_slots)
         self.adapter_names: List[Optional[str]] = [None] * capacity
         self.dropouts: List[float] = [0.0] * capacity
@@ -261,6 +254,24 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # The per-row slot ids of the current model call (miss_ext.mixed_batch sets and clears
         # them; never copied or pickled). While they are set the slots cannot change.
         self.rows: Optional[Tensor] = None
+
+    # The slot tensors: each slot's rank and period (saved in the state_dict), and what forward
+    # needs about it, rebuilt from the slot lists (_sync_slots): its dropout rate and the slot its
+    # rows use (-1 for an absent adapter: base output only). They describe the bank's structure and
+    # are not buffers: torch.optim.swa_utils.AveragedModel(use_buffers=True), the usual EMA setup,
+    # "averages" every buffer, int64 ones in float32 truncated back, which turned ranks [4, 3, 6, 7]
+    # into [4, 2, 5, 6] and routed rows of one adapter to another's block in the EMA copy, silently
+    # (training-loop review, 2026-12-02). As plain tensor attributes they are moved by .to() and
+    # module casts (_apply), saved and loaded with the state_dict (ranks, periods), and are graph
+    # inputs to torch.compile as buffers were (a slot change does not recompile).
+    _SLOT_TENSORS = ("ranks", "periods", "_dropouts", "_route")
+    _SAVED_SLOT_TENSORS = ("ranks", "periods")
+
+    def _init_slot_tensors(self, device) -> None:
+        self.ranks = torch.zeros(self.capacity, dtype=torch.int64, device=device)
+        self.periods = torch.zeros(self.capacity, dtype=torch.int64, device=device)
+        self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+        self._route = torch.arange(self.capacity, dtype=torch.int64, device=device)
 
     @property
     def capacity(self) -> int:
@@ -429,11 +440,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
         # bank_fold to refuse by name. Routed before row_index broadcasts one id per sequence over
         # its tokens: a (batch,) lookup instead of a (batch, seq) one on every layer of a prefill.
+        if self._route.device != self.bank.device:
+            self._slot_tensors_to(self.bank.device)
         last = self.capacity - 1
         routed = torch.where((adapter_index >= 0) & (adapter_index <= last),
                              self._route[adapter_index.clamp(0, last)], adapter_index)
         index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
+        check_base_output(self, y)
         # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
                               self._dropouts if self.training and self._any_dropout else None,
@@ -495,11 +509,33 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             if changed:
                 reason = (f"the state_dict's {' and '.join(changed)} describe other slots, without the slot "
                           "description (_extra_state) that names their adapters; load the layer's whole state_dict")
+        if reason is None:
+            for name in self._SAVED_SLOT_TENSORS:
+                saved, own = state_dict.get(prefix + name), getattr(self, name)
+                if isinstance(saved, Tensor) and saved.shape != own.shape:
+                    reason = f"size mismatch for {name}: {tuple(saved.shape)} (this bank's: {tuple(own.shape)})"
         if reason is not None:
             refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return
+        # ranks and periods first: set_extra_state (inside the call below) checks the slot
+        # description against them, as it did when they loaded there as buffers.
+        for name in self._SAVED_SLOT_TENSORS:
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            with torch.no_grad():
+                if local_metadata.get("assign_to_params_buffers", False):
+                    setattr(self, name, state_dict[key].to(torch.int64))
+                else:
+                    getattr(self, name).copy_(state_dict[key])
+        unexpected_before = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # torch's check lists every key of this layer it holds no parameter or buffer for.
+        ours = {prefix + name for name in self._SAVED_SLOT_TENSORS}
+        unexpected_keys[unexpected_before:] = [key for key in unexpected_keys[unexpected_before:] if key not in ours]
 
     # The slots' names, modes, dropout rates and absent flags travel in the state_dict (as
     # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter
@@ -511,28 +547,60 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         return json_tensor(state)
 
     def _apply(self, fn, recurse=True):
-        # Module casts (.float(), .half(), .to(torch.bfloat16)) convert every floating buffer, but
-        # bank_fold takes the rates in float64 (the exact values the user gave): rebuild them from
-        # self.dropouts after a cast, so training with dropout keeps working.
+        # The slot tensors go where the module's tensors go (.to(), .cuda(), to_empty(), ...), as
+        # buffers would. Module casts (.float(), .half(), .to(torch.bfloat16)) convert every
+        # floating tensor, but bank_fold takes the rates in float64 (the exact values the user
+        # gave): rebuilt from self.dropouts after a cast, so training with dropout keeps working.
         super()._apply(fn, recurse)
-        rates = self._buffers.get("_dropouts")
-        if rates is not None and rates.dtype != torch.float64:
-            self._buffers["_dropouts"] = torch.tensor(self.dropouts, dtype=torch.float64, device=rates.device)
+        with torch.no_grad():
+            for name in self._SLOT_TENSORS:
+                setattr(self, name, fn(getattr(self, name)))
+        rates = self._dropouts
+        if rates.dtype != torch.float64:
+            self._dropouts = torch.tensor(self.dropouts, dtype=torch.float64, device=rates.device)
         return self
 
+    def _slot_tensors_to(self, device: torch.device) -> None:
+        # Where the bank went without them: a wrapper that moves a module's parameters and buffers
+        # itself, not through _apply (FSDP2's fully_shard, to its mesh's device), or a model built
+        # on the meta device and loaded with load_state_dict(assign=True), which assigns ranks and
+        # periods but not the forward's tensors (not saved). Those are rebuilt from the slot lists.
+        for name in self._SAVED_SLOT_TENSORS:
+            tensor = getattr(self, name)
+            if not tensor.is_meta:  # never loaded: bank_add refuses the mismatch by name
+                setattr(self, name, tensor.to(device))
+        self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+        self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
+        self._sync_slots()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # ranks and periods after the bank and before the slot description, where they stood as
+        # buffers (the order of earlier files).
+        extra = destination.pop(prefix + "_extra_state", None)
+        for name in self._SAVED_SLOT_TENSORS:
+            destination[prefix + name] = getattr(self, name)
+        if extra is not None:
+            destination[prefix + "_extra_state"] = extra
+
     def __setstate__(self, state) -> None:
-        """A whole-module pickle from before the per-row fold (fold groups): rebuild the slot tensors."""
+        """A whole-module pickle of an earlier version: the slot tensors as buffers (before
+        2026-12-02) become attributes; one from before the per-row fold (fold groups, no _route)
+        gets the forward's slot tensors rebuilt."""
         super().__setstate__(state)
-        if "_route" not in self._buffers:
-            for name in ("_group_train", "_group_eval"):
-                self._buffers.pop(name, None)
-            for name in ("_groups", "_routed"):
-                self.__dict__.pop(name, None)
+        for name in ("_group_train", "_group_eval"):
+            self._buffers.pop(name, None)
+        for name in ("_groups", "_routed"):
+            self.__dict__.pop(name, None)
+        for name in self._SLOT_TENSORS:
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                self._non_persistent_buffers_set.discard(name)
+                setattr(self, name, tensor)
+        if "_route" not in self.__dict__:
             device = self.bank.device
-            self.register_buffer("_dropouts", torch.zeros(self.capacity, dtype=torch.float64, device=device),
-                                 persistent=False)
-            self.register_buffer("_route", torch.zeros(self.capacity, dtype=torch.int64, device=device),
-                                 persistent=False)
+            self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+            self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
             self._sync_slots()
 
     def set_extra_state(self, encoded: Tensor) -> None:

@@ -170,6 +170,17 @@ def tensor_json(encoded: Tensor):
     return json.loads(bytes(encoded.cpu().tolist()).decode())
 
 
+def check_base_output(layer: nn.Module, y: object) -> None:
+    """TypeError unless the base layer of `layer` (MissLinear, MissBankLinear) returned a tensor:
+    an nn.Linear subclass may return more than its output (MoE routers such as PhimoeTopKRouter
+    return (logits, weights, ...), and "all-linear" matches them)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{layer._describe()}: its base layer {type(layer.base_layer).__name__} returned a "
+                        f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
+                        "output, so this layer cannot take one (a router that returns several values, say): leave "
+                        "it out of target_modules (exclude_modules)")
+
+
 def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
     """The tensors of `module` and its submodules that `state_dict` holds with another shape, as
     "name (saved shape) (this layer's: shape)" relative to `prefix`. Skipped, as torch's own
@@ -528,13 +539,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # term in the block's dtype, the sum rounded once to x's dtype. The base runs before the
         # key is drawn, so an input it refuses leaves the global RNG as it was.
         y = self.base_layer(x)
-        if not torch.jit.is_scripting() and not isinstance(y, Tensor):
-            # An nn.Linear subclass that returns more than its output (MoE routers such as
-            # PhimoeTopKRouter return (logits, weights, ...); "all-linear" matches them).
-            raise TypeError(f"{self._describe()}: its base layer {type(self.base_layer).__name__} returned a "
-                            f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
-                            "output, so this layer cannot take one (a router that returns several values, say): leave "
-                            "it out of target_modules (exclude_modules)")
+        if not torch.jit.is_scripting():
+            check_base_output(self, y)
         if p > 0.0:
             key = new_dropout_key(x.device)
         block = self.miss_block

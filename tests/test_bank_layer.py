@@ -179,6 +179,73 @@ def test_module_casts_keep_the_dropout_rates_exact(cast):
     assert bank._dropouts.dtype == torch.float64 and bank._dropouts[bank.adapter_names.index("e")].item() == 0.3
 
 
+def test_slot_tensors_are_not_buffers_but_move_save_and_load():
+    """ranks, periods and the forward's slot tensors describe the bank's structure: not buffers
+    (AveragedModel(use_buffers=True) averaged int64 buffers in float32 and truncated them: see
+    test_bank_model.py's EMA test), yet moved by module conversions, saved and loaded (ranks,
+    periods) under the same keys and in the same order as before, strict loading reporting them."""
+    base, bank, singles = make("cpu")
+    assert not any(n in ("ranks", "periods", "_dropouts", "_route") for n, _ in bank.named_buffers())
+    assert list(bank.state_dict()) == ["bank", "ranks", "periods", "_extra_state", "base_layer.weight",
+                                       "base_layer.bias"]
+    state = bank.state_dict()
+    _, fresh, _ = make("cpu", seed=1, capacity=6)
+    for name in list(fresh.adapter_names):
+        if name is not None:
+            fresh.remove_adapter(name)
+    assert fresh.ranks.tolist() == [0] * 6
+    assert not fresh.load_state_dict(state).unexpected_keys
+    assert torch.equal(fresh.ranks, bank.ranks) and torch.equal(fresh.periods, bank.periods)
+    names = ["a", None, "b", "c", "d", "a"]
+    x = torch.randn(len(names), IN)
+    torch.testing.assert_close(fresh(x, fresh.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
+    partial = {k: v for k, v in state.items() if k != "periods"}
+    result = fresh.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["periods"] and not result.unexpected_keys
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"periods\""):
+        fresh.load_state_dict(partial)
+    # assign=True takes the saved tensors (a model built on the meta device, say)
+    meta = MissBankLinear(nn.Linear(IN, OUT, device="meta"), capacity=6, max_r=MAX_R)
+    meta.load_state_dict(state, assign=True)
+    assert meta.ranks.device.type == "cpu" and torch.equal(meta.ranks, bank.ranks)
+    torch.testing.assert_close(meta(x, meta.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
+    # module conversions move them with the bank and keep their dtypes
+    half = copy.deepcopy(bank).half()
+    assert half.ranks.dtype == torch.int64 and half._route.dtype == torch.int64 and half._dropouts.dtype == F64
+    empty = copy.deepcopy(bank).to_empty(device="meta")
+    assert all(getattr(empty, n).is_meta for n in ("ranks", "periods", "_dropouts", "_route"))
+
+
+def test_a_whole_module_pickle_with_slot_buffers_still_loads():
+    """A bank pickled by an earlier version held its slot tensors as buffers; unpickling makes them
+    attributes (and the routing still works)."""
+    import pickle
+    base, bank, singles = make("cpu")
+    old = copy.deepcopy(bank)
+    for name in ("ranks", "periods", "_dropouts", "_route"):
+        old.register_buffer(name, old.__dict__.pop(name), persistent=name in ("ranks", "periods"))
+    assert "ranks" in dict(old.named_buffers())
+    back = pickle.loads(pickle.dumps(old))
+    assert not dict(back.named_buffers()) and torch.equal(back.ranks, bank.ranks)
+    names = ["d", "c", None, "a"]
+    x = torch.randn(len(names), IN)
+    torch.testing.assert_close(back(x, back.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
+
+
+def test_a_base_that_returns_a_tuple_is_refused_by_name():
+    """A router-like nn.Linear subclass returning (logits, weights) cannot take a bank either (as
+    MissLinear refuses it): a TypeError naming the layer, not an error from deep inside the op."""
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.softmax(-1)
+
+    bank = MissBankLinear(Router(IN, OUT), capacity=2, max_r=MAX_R)
+    bank.add_adapter("a", 4)
+    with pytest.raises(TypeError, match=r"base layer Router returned a tuple, not a tensor"):
+        bank(torch.randn(3, IN), bank.index_of(["a", None, "a"]))
+
+
 def test_load_state_dict_with_another_base_shape_loads_nothing():
     """A checkpoint whose base weight has another shape but whose bank fits: nothing of the layer
     loads (not its bias, bank or slot names beside the refused weight)."""
