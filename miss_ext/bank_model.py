@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
-from .model import is_ddp, refuse_ddp_wrapped, refuse_offloaded, unwrap_model, writes_here
+from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_offloaded,
+                    unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
-from .targets import (TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
+from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
@@ -129,7 +130,13 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
              for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
-    refused = [f"{name}: {why}" for name, m in found if (why := base_refusal(m, "default")) is not None]
+    if target_modules == ALL_LINEAR:
+        found = drop_weight_read_linears(model, found, "apply_bank: ", stacklevel=5)
+        if not found:
+            raise ValueError("apply_bank: target_modules='all-linear' selects only linears whose parent reads the "
+                             "weight directly (nn.MultiheadAttention)")
+    refused = [f"{name}: {why}" for name, m in found
+               if (why := base_refusal(m, "default", parent_module(model, name))) is not None]
     if refused:  # (a base sharded over several ranks; the nn.Linear check above is its first)
         raise ValueError("apply_bank: " + "\n".join(refused))
     refuse_offloaded(model, found, "apply_bank")

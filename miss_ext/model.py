@@ -23,6 +23,20 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     return model.get_submodule(path.rpartition(".")[0])
 
 
+def drop_weight_read_linears(model: nn.Module, found: List[Tuple[str, nn.Module]], who: str,
+                             stacklevel: int) -> List[Tuple[str, nn.Module]]:
+    """`found` without the linears whose parent reads their weight directly instead of calling
+    them (nn.MultiheadAttention's out_proj), which could never run an adapter: what
+    target_modules="all-linear" skips, with a warning naming them (a name refuses them:
+    base_refusal)."""
+    unusable = [name for name, _ in found if isinstance(parent_module(model, name), WEIGHT_READING_PARENTS)]
+    if unusable:
+        found = [(name, m) for name, m in found if name not in unusable]
+        warnings.warn(f"{who}target_modules='all-linear' skips {describe(unusable)}: their parent reads the weight "
+                      "directly (nn.MultiheadAttention), so an adapter there would never run", stacklevel=stacklevel)
+    return found
+
+
 def compiled_inner(model: nn.Module) -> Optional[nn.Module]:
     """The module inside a torch.compile wrapper (OptimizedModule's `_orig_mod`), else None.
     torch._dynamo is only looked up, never imported: a compiled module means it is loaded."""
@@ -464,13 +478,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         if not any(n and excluded(n) for n in named):
             warnings.warn(f"exclude_modules={exclude_modules!r} matches no module of the model", stacklevel=2)
     if target_modules == ALL_LINEAR:
-        # Linears whose parent reads their weight directly (nn.MultiheadAttention's out_proj)
-        # could not run an adapter: skipped, as the shared ones below.
-        unusable = [name for name, _ in found if isinstance(parent_module(model, name), WEIGHT_READING_PARENTS)]
-        if unusable:
-            found = [(name, m) for name, m in found if name not in unusable]
-            warnings.warn(f"target_modules='all-linear' skips {describe(unusable)}: their parent reads the weight "
-                          "directly (nn.MultiheadAttention), so an adapter there would never run", stacklevel=2)
+        found = drop_weight_read_linears(model, found, "", stacklevel=3)  # as the shared ones below
         found, skipped = _drop_shared_linears(model, found)
         if skipped:
             where = "; ".join(f"{name} (shared with {describe(h)})" for name, h in skipped.items())

@@ -2,7 +2,7 @@
 import json
 import math
 import warnings
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.modules.module as _module_globals
@@ -65,7 +65,9 @@ def check_dropout(dropout: object) -> float:
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """PEFT's default (autocast_adapter_dtype=True): half-precision bases get a float32 block, and
     so do quantized (non-floating) weights."""
-    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+    # itemsize < 2: the float8 (and smaller) formats, which PEFT's cast_adapter_dtype upcasts too
+    # (peft.utils.constants.UPCAST_DTYPES): the miss ops do not compute in them.
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point or base_dtype.itemsize < 2:
         return torch.float32
     return base_dtype
 
@@ -94,12 +96,33 @@ def _is_exact_linear_type(cls: type) -> bool:
     return cls is nn.Linear or (issubclass(cls, nn.Linear) and (cls.__module__, cls.__qualname__) in EXACT_LINEAR_SUBCLASSES)
 
 
+def _torch_linear_forward() -> Optional[Callable]:
+    forward = nn.Linear.forward
+    if (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None)) == (
+            "torch.nn.modules.linear", "Linear.forward"):
+        return forward
+    return None  # already replaced when miss_ext was imported: no class inheriting it is exact
+
+
+_TORCH_LINEAR_FORWARD = _torch_linear_forward()
+
+
+def _forward_is_the_class_own(cls: type) -> bool:
+    """False when the class runs nn.Linear's forward and that was replaced at class level
+    (nn.Linear.forward = ... by a library, profiler or user code). PEFT calls the base and honours
+    such a patch; the fused path would silently skip it (a review found outputs 0.95 off,
+    2026-12-02). Like a global hook, it does not concern bat, which never calls the base (as
+    PEFT's bat). (Identity tests only: torch.compile traces them to constants.)"""
+    return cls.forward is _TORCH_LINEAR_FORWARD or cls.forward is not nn.Linear.forward
+
+
 def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     """True when calling `module(x)` is exactly F.linear(x, module.weight, module.bias): an
     instance of nn.Linear itself or of a subclass known to compute just that
     (EXACT_LINEAR_SUBCLASSES; others, such as QAT, quantized, FSDP-wrapped and parametrized
     linears, have their own forward), no per-instance forward, no hooks of its own
-    or (with global_hooks) global ones (forward, pre-forward, backward), no parametrization, and
+    or (with global_hooks) global ones (forward, pre-forward, backward) or a forward replaced at
+    class level, no parametrization, and
     weight and bias that are plain tensors (not DTensors or quantized tensor subclasses) in a
     floating dtype.
 
@@ -112,7 +135,8 @@ def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
                      or module._backward_pre_hooks)
             and not (global_hooks and (
                 _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
-                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks))
+                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks
+                or not _forward_is_the_class_own(type(module))))
             and not parametrize.is_parametrized(module)
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
 
@@ -331,6 +355,12 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     (the module holding `base`, when known) is checked for reading the weight directly."""
     if not isinstance(base, nn.Linear):
         return f"MissLinear adapts nn.Linear layers, got {type(base).__name__}"
+    if any(nn.parameter.is_lazy(t) for t in (getattr(base, "weight", None), getattr(base, "bias", None))
+           if t is not None):
+        # nn.LazyLinear before its first forward: in_features is 0 until then, and its parameters
+        # refuse every op (the freeze, the shared-weight checks) with torch's generic message.
+        return (f"its parameters are not materialised yet ({type(base).__name__} before its first forward: in_features "
+                "is unknown); run the model once on a dummy batch first")
     if isinstance(parent, WEIGHT_READING_PARENTS):
         return (f"its parent {type(parent).__name__} reads the layer's weight directly instead of calling it, so an "
                 "adapter there would never run")
@@ -391,6 +421,15 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
                 "weight into a plain nn.Linear first")
     if not weight.is_floating_point():
         return f"its weight has dtype {weight.dtype} (quantized): keep the adapter unmerged"
+    if not any(registry.get("weight") is weight for registry in (module._parameters, module._buffers)):
+        # torch.nn.utils.prune and the hook-based weight_norm / spectral_norm keep the values in
+        # other tensors (weight_orig, weight_g / weight_v) and recompute .weight before every
+        # forward: a write into it (a merge or an unmerge) would be lost at the next call, and the
+        # layer's merged flag would then be wrong (dW counted twice or dropped).
+        return ("its weight is not a registered parameter or buffer of the module but a tensor recomputed from "
+                "others before every forward (torch.nn.utils.prune, the hook-based torch.nn.utils.weight_norm / "
+                "spectral_norm), so a write into it would be lost; make it a parameter again first "
+                "(prune.remove(layer, 'weight'), torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
     if weight.is_meta:
         return ("its weight is on the meta device (the model is not materialised: init_empty_weights, "
                 "torch.device('meta')), so there is no value to merge into; load the weights first")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
@@ -626,3 +626,154 @@ def test_falcon_linear_merges_and_takes_bat_as_peft_does(mode, tmp_path):
         torch.testing.assert_close(ours(ids).logits, want, rtol=1e-9, atol=1e-9)
         merged = miss_ext.merge_and_unload(ours)
         torch.testing.assert_close(merged(ids).logits, want, rtol=1e-9, atol=1e-9)
+
+
+# ---- bases found by a review of unusual base modules (2026-12-02) ------------------------------
+def _recompute_weight_by_hook(layer, how):
+    """torch.nn.utils.prune and the hook-based weight_norm keep the values in other tensors and
+    recompute layer.weight before every forward."""
+    if how == "prune":
+        prune.l1_unstructured(layer, "weight", amount=0.0)  # a mask of ones: an identity
+    else:
+        torch.nn.utils.weight_norm(layer)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+def test_unmerge_into_a_weight_recomputed_by_a_hook_is_refused(how, mode):
+    """Merge, then prune (or the hook-based weight_norm) the base, then unmerge: the unmerge wrote
+    into .weight, which the hook overwrites before the next forward, and set merged=False, so every
+    later forward added dW twice (0.9 off with a prune that changes nothing; PEFT does the same).
+    Now refused, the layer left merged and its output unchanged."""
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, mode=mode, mini_r=4, init_weights=False).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(x)
+    layer.merge()
+    _recompute_weight_by_hook(layer.base_layer, how)
+    stored = {n: p.detach().clone() for n, p in layer.base_layer.named_parameters()}
+    with pytest.raises(ValueError, match="recomputed"):
+        layer.unmerge()
+    assert layer.merged
+    assert all(torch.equal(p, stored[n]) for n, p in layer.base_layer.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    fresh = miss_ext.MissLinear(nn.Linear(16, 8), r=4, mode=mode, mini_r=4, init_weights=False)
+    _recompute_weight_by_hook(fresh.base_layer, how)
+    with pytest.raises(ValueError):
+        fresh.merge()
+    assert not fresh.merged
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_accelerated_peft_unmerge_into_a_pruned_weight_is_refused():
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    import miss_ext.peft
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), MissConfig(r=4, target_modules=["0"], init_weights=False))
+    miss_ext.peft.accelerate(model.eval())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        before = model(x)
+    model.merge_adapter()
+    prune.l1_unstructured(model.base_model.model[0].base_layer, "weight", amount=0.0)
+    with pytest.raises(ValueError, match="recomputed"):
+        model.unmerge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lazy_linear_is_refused_before_anything_changes():
+    """An unmaterialised nn.LazyLinear under "all-linear" raised torch's "uninitialized parameter"
+    after an earlier layer had been adapted and frozen (the model changed by a failed call)."""
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.LazyLinear(8))
+    before = {n: p.requires_grad for n, p in m.named_parameters()}
+    with pytest.raises(TypeError, match="not materialised"):
+        miss_ext.apply_miss(m, "all-linear", r=4)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == before
+    assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.LazyLinear]
+    with pytest.raises(TypeError, match="not materialised"):
+        miss_ext.MissLinear(nn.LazyLinear(8), r=4)
+
+
+class _Float8Linear(nn.Linear):
+    """transformers' FP8Linear pattern: a float8 weight, its own forward."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.weight = nn.Parameter(self.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 4)])
+def test_a_float8_base_gets_a_float32_block_as_peft(mode, mini_r):
+    """A float8 base got a float8 miss_block, and its forward raised "fold dtype must be a floating
+    type"; PEFT upcasts float8 adapters to float32 (cast_adapter_dtype) and runs."""
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    torch.manual_seed(0)
+    ours = miss_ext.apply_miss(nn.Sequential(_Float8Linear(16, 8)), ["0"], r=4, mode=mode, mini_r=mini_r).eval()
+    torch.manual_seed(0)
+    theirs = get_peft_model(nn.Sequential(_Float8Linear(16, 8)), MissConfig(
+        r=4, mini_r=mini_r, init_weights=True if mode == "default" else mode, target_modules=["0"])).eval()
+    assert ours[0].miss_block.dtype == torch.float32
+    with torch.no_grad():
+        v = 0.1 * torch.randn(ours[0].miss_block.shape)
+        ours[0].miss_block.copy_(v)
+        theirs.base_model.model[0].miss_block["default"].copy_(v)
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(ours(x), theirs(x))
+    with pytest.raises(ValueError):
+        ours[0].merge()
+
+
+def test_a_class_level_patch_of_linear_forward_is_honoured():
+    """nn.Linear.forward replaced at class level (a library, profiler or user code): PEFT calls the
+    base and honours it; the fused path skipped it silently (0.95 off). Bat, which never calls the
+    base (as PEFT's), is unaffected."""
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, init_weights=False).eval()
+    x = torch.randn(3, 16)
+    original = nn.Linear.forward
+    nn.Linear.forward = lambda self, inp: 2.0 * F.linear(inp, self.weight, self.bias)
+    try:
+        assert not is_plain_linear(layer.base_layer) and is_plain_linear(layer.base_layer, global_hooks=False)
+        with torch.no_grad():
+            term = fold_ref(x.double(), 4) @ tile_block(layer.miss_block.double(), 8)
+            want = 2.0 * F.linear(x.double(), layer.base_layer.weight.double(), layer.base_layer.bias.double()) + term
+            torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        nn.Linear.forward = original
+    assert is_plain_linear(layer.base_layer)
+
+
+def test_bank_on_multihead_attention_out_proj_is_refused_or_skipped():
+    """apply_bank wrapped nn.MultiheadAttention.out_proj (by name and under "all-linear"), whose
+    weight MHA reads directly: every forward of the model then raised. Now as apply_miss: refused
+    by name, skipped with a warning by "all-linear"."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    m = Model()
+    with pytest.raises(ValueError, match="reads the layer's weight directly"):
+        miss_ext.apply_bank(m, ["attn.out_proj"], capacity=2, max_r=4)
+    assert type(m.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with pytest.warns(UserWarning, match=r"apply_bank: target_modules='all-linear' skips attn\.out_proj"):
+        miss_ext.apply_bank(m, "all-linear", capacity=2, max_r=4)
+    assert isinstance(m.fc, miss_ext.MissBankLinear)
+    assert type(m.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    miss_ext.add_bank_adapter(m, "a", r=4)
+    with miss_ext.mixed_batch(m, ["a", None]):
+        assert m(torch.randn(2, 3, 16)).shape == (2, 3, 16)
