@@ -354,7 +354,8 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     apply_miss and load_adapter can run them for every layer before changing anything. `parent`
     (the module holding `base`, when known) is checked for reading the weight directly."""
     if not isinstance(base, nn.Linear):
-        return f"MissLinear adapts nn.Linear layers, got {type(base).__name__}"
+        # The qualified name: torch.ao's quantized linears are also called "Linear".
+        return f"MissLinear adapts nn.Linear layers, got {type(base).__module__}.{type(base).__qualname__}"
     if any(nn.parameter.is_lazy(t) for t in (getattr(base, "weight", None), getattr(base, "bias", None))
            if t is not None):
         # nn.LazyLinear before its first forward: in_features is 0 until then, and its parameters
@@ -365,6 +366,9 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
         return (f"its parent {type(parent).__name__} reads the layer's weight directly instead of calling it, so an "
                 "adapter there would never run")
     weight = getattr(base, "weight", None)
+    if isinstance(weight, Tensor) and (weight.is_complex() or weight.dtype == torch.bool):
+        # (Integer weights are quantized ones: their module computes its own output.)
+        return f"its weight has dtype {weight.dtype}; MiSS computes in real floating dtypes"
     if is_dtensor(weight) and weight.device_mesh.size() > 1:
         # A one-rank mesh holds the whole weight: nothing to get wrong (and it is how FSDP2 runs
         # in one process).
@@ -420,7 +424,8 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
                 "subclass), so it cannot be updated in place; keep the adapter unmerged, or gather/dequantize the "
                 "weight into a plain nn.Linear first")
     if not weight.is_floating_point():
-        return f"its weight has dtype {weight.dtype} (quantized): keep the adapter unmerged"
+        kind = "not a real floating dtype" if weight.is_complex() or weight.dtype == torch.bool else "quantized"
+        return f"its weight has dtype {weight.dtype} ({kind}): keep the adapter unmerged"
     if not any(registry.get("weight") is weight for registry in (module._parameters, module._buffers)):
         # torch.nn.utils.prune and the hook-based weight_norm / spectral_norm keep the values in
         # other tensors (weight_orig, weight_g / weight_v) and recompute .weight before every

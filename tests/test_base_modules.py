@@ -9,6 +9,7 @@ Expected values: the base module itself, plus the float64 formula of the adapter
 """
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -777,3 +778,21 @@ def test_bank_on_multihead_attention_out_proj_is_refused_or_skipped():
     miss_ext.add_bank_adapter(m, "a", r=4)
     with miss_ext.mixed_batch(m, ["a", None]):
         assert m(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+
+
+def test_complex_and_bool_weights_are_refused_when_the_adapter_is_added():
+    """They used to be accepted and fail only at the first forward; a merge called them
+    "quantized". A dynamically quantized linear (also named "Linear") is named in full."""
+    for dtype in (torch.complex64, torch.bool):
+        base = nn.Linear(16, 8).to(dtype) if dtype != torch.bool else nn.Linear(16, 8)
+        if dtype == torch.bool:
+            base.weight = nn.Parameter(torch.ones(8, 16, dtype=torch.bool), requires_grad=False)
+        model = nn.Sequential(base)
+        with pytest.raises(TypeError, match=rf"0: its weight has dtype {dtype}; MiSS computes in real floating"):
+            miss_ext.apply_miss(model, ["0"], r=4)
+        assert type(model[0]) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice, in some versions
+        quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(16, 8)), {nn.Linear})
+    with pytest.raises(TypeError, match=r"got torch\.ao\.nn\.quantized\.dynamic\.modules\.linear\.Linear"):
+        miss_ext.MissLinear(quantized[0], r=4)
