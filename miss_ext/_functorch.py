@@ -144,14 +144,14 @@ def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: T
 
 
 def bat_weight_composite(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """W'_ij = W_ij (I + B_i) + B_i per r x r tile, computed in float32 (float64 if either is)."""
+    """W'_ij = W_ij + (W_ij B_i + B_i) per r x r tile, in that order as the kernels (the residual form
+    of csrc/ops/common/bat_index.h), computed in float32 (float64 if either is)."""
     out_features, in_features = weight.shape
     r = block.shape[1]
     cd = _acc_dtype(weight.dtype, block.dtype, dtype)  # as bat_weight_kernel: float64 output, float64 sums
     b = block.to(cd)
     tiles = weight.to(cd).reshape(out_features // r, r, in_features // r, r)  # [i, a, j, b]
-    eye = torch.eye(r, dtype=cd, device=weight.device)
-    merged = torch.einsum("iajb,ibc->iajc", tiles, b + eye) + b.unsqueeze(2)
+    merged = tiles + (torch.einsum("iajb,ibc->iajc", tiles, b) + b.unsqueeze(2))
     return merged.reshape(out_features, in_features).to(dtype or block.dtype)
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, record_shared_weights, refuse_ddp_wrapped, trainable_extras,
+                    parent_module, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors, trainable_extras,
                     shared_before_wrapping, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
                       refuse_meta, reshard_fsdp)
@@ -594,6 +594,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     gradients of parameters that start training after it was built).
     """
     wrapped, model = model, unwrap_model(model)
+    refuse_lazy_tensors(model, "load_adapter")
     config, blocks, extras = read_adapter(path)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")

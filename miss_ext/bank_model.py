@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
-from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_offloaded,
-                    unwrap_model, writes_here)
+from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
+                    refuse_offloaded, unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
@@ -118,6 +118,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     outer, model = model, unwrap_model(model)
+    refuse_lazy_tensors(model, "apply_bank")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
@@ -131,7 +132,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     if wrong:
         raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
     if target_modules == ALL_LINEAR:
-        found = drop_weight_read_linears(model, found, "apply_bank: ", stacklevel=5)
+        found = drop_weight_read_linears(model, found, "apply_bank: ", stacklevel=4)
         if not found:
             raise ValueError("apply_bank: target_modules='all-linear' selects only linears whose parent reads the "
                              "weight directly (nn.MultiheadAttention)")

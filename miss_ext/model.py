@@ -23,6 +23,18 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     return model.get_submodule(path.rpartition(".")[0])
 
 
+def refuse_lazy_tensors(model: nn.Module, who: str) -> None:
+    """TypeError naming the model's unmaterialised lazy parameters and buffers (nn.LazyLinear & co.
+    before their first forward), before anything changes: they refuse every op, the freeze of the
+    other parameters included, with torch's generic "uninitialized parameter" message, which used
+    to surface after earlier layers had been adapted."""
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise TypeError(f"{who}: {describe(lazy, 4)} are not materialised yet (lazy modules such as nn.LazyLinear "
+                        "before their first forward: their sizes are unknown); run the model once on a dummy batch "
+                        "first")
+
+
 def drop_weight_read_linears(model: nn.Module, found: List[Tuple[str, nn.Module]], who: str,
                              stacklevel: int) -> List[Tuple[str, nn.Module]]:
     """`found` without the linears whose parent reads their weight directly instead of calling
@@ -409,6 +421,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     outer, model = model, unwrap_model(model)
+    refuse_lazy_tensors(model, "apply_miss")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)

@@ -152,6 +152,10 @@ def check_merge(module: nn.Module, unmerge: bool = False, quantized: bool = Fals
 # Modules that read a child linear's .weight/.bias themselves instead of calling it: an adapter
 # on such a child would never run (PEFT's layer exposes the base weight there and is bypassed).
 WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
+# Modules with an inference fast path that reads a child linear's .weight/.bias instead of calling
+# it, taken only when every such tensor is a plain tensor (nn.TransformerEncoderLayer; its slow
+# path calls the children). An adapted layer's .weight metadata (a tensor subclass) turns it off.
+FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
 
 
 def is_dtensor(t: Optional[Tensor]) -> bool:

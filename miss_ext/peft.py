@@ -80,11 +80,12 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import undo_each  # noqa: E402
-from .modules import (check_before_dropout_key, check_merge, is_plain_linear, json_tensor,  # noqa: E402
-                      load_merge_record, tensor_json)
+from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_before_dropout_key, check_merge,  # noqa: E402
+                      is_plain_linear, json_tensor, load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
-from .targets import record_sharing, shared_weight_message  # noqa: E402
+from .targets import describe, record_sharing, shared_weight_message  # noqa: E402
+from .weight_metadata import base_tensor_attribute  # noqa: E402
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
 
@@ -200,6 +201,25 @@ class AcceleratedMissLinear(PeftMissLinear):
         (miss_ext.modules.is_plain_linear: no subclass, hooks, parametrization or tensor-subclass
         weight)."""
         return self.quantization_backend is None and is_plain_linear(self.base_layer)
+
+    # Where the parent module reads this layer's weight for a path of its own instead of calling
+    # the layer (nn.TransformerEncoderLayer's inference fast path, which would run the base
+    # weight and silently drop the adapter, as it does for PEFT's layers), `accelerate` sets this:
+    # .weight and .bias then give the base tensors' metadata (as miss_ext.MissLinear always does),
+    # a tensor subclass that turns that fast path off, so the parent calls the layer.
+    _base_tensors_as_metadata = False
+
+    @property
+    def weight(self) -> Tensor:
+        if self._base_tensors_as_metadata:
+            return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "weight")
+        return super().weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        if self._base_tensors_as_metadata:
+            return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "bias")
+        return super().bias
 
     def __getstate__(self):
         # The weak references of _refuse_recompute_without_names cannot be pickled, and a copy's
@@ -732,8 +752,19 @@ def accelerate(model: nn.Module) -> nn.Module:
     layers = _miss_layers(model, PeftMissLinear)
     if not layers and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
+    parents = {id(child): (f"{path}.{name}" if path else name, parent)
+               for path, parent in model.named_modules() for name, child in parent.named_children()}
+    never_run = [parents[id(layer)][0] for layer in layers
+                 if isinstance(parents.get(id(layer), (None, None))[1], WEIGHT_READING_PARENTS)]
+    if never_run:
+        warnings.warn(f"accelerate: the adapters on {describe(never_run)} never run: their parent "
+                      "nn.MultiheadAttention reads the layer's weight directly instead of calling it, so its output is "
+                      "the base model's, in PEFT as here (miss_ext.apply_miss and load_adapter refuse such layers)",
+                      stacklevel=2)
     for layer in layers:
         layer.__class__ = AcceleratedMissLinear
+        if isinstance(parents.get(id(layer), (None, None))[1], FAST_PATH_PARENTS):
+            layer._base_tensors_as_metadata = True
     tuners = _miss_layers(model, MissModel)
     for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
@@ -754,6 +785,7 @@ def restore(model: nn.Module) -> nn.Module:
     (a model without accelerated layers is returned unchanged)."""
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
+        layer.__dict__.pop("_base_tensors_as_metadata", None)
     for tuner in _miss_layers(model, AcceleratedMissModel):
         tuner.__class__ = MissModel
     return model

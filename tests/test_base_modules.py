@@ -687,13 +687,19 @@ def test_accelerated_peft_unmerge_into_a_pruned_weight_is_refused():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
-def test_a_lazy_linear_is_refused_before_anything_changes():
+@pytest.mark.parametrize("call", ["apply_miss", "apply_bank"])
+@pytest.mark.parametrize("targets", ["all-linear", ["2"], ["0"]])
+def test_a_lazy_linear_is_refused_before_anything_changes(call, targets):
     """An unmaterialised nn.LazyLinear under "all-linear" raised torch's "uninitialized parameter"
-    after an earlier layer had been adapted and frozen (the model changed by a failed call)."""
+    after an earlier layer had been adapted and frozen (the model changed by a failed call); named
+    as a target, or elsewhere in the model, it raised torch's message from inside the target scan."""
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.LazyLinear(8))
     before = {n: p.requires_grad for n, p in m.named_parameters()}
-    with pytest.raises(TypeError, match="not materialised"):
-        miss_ext.apply_miss(m, "all-linear", r=4)
+    with pytest.raises(TypeError, match=r"2\.weight, 2\.bias are not materialised yet"):
+        if call == "apply_miss":
+            miss_ext.apply_miss(m, targets, r=4)
+        else:
+            miss_ext.apply_bank(m, targets, capacity=2, max_r=4)
     assert {n: p.requires_grad for n, p in m.named_parameters()} == before
     assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.LazyLinear]
     with pytest.raises(TypeError, match="not materialised"):
@@ -771,8 +777,9 @@ def test_bank_on_multihead_attention_out_proj_is_refused_or_skipped():
     with pytest.raises(ValueError, match="reads the layer's weight directly"):
         miss_ext.apply_bank(m, ["attn.out_proj"], capacity=2, max_r=4)
     assert type(m.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    with pytest.warns(UserWarning, match=r"apply_bank: target_modules='all-linear' skips attn\.out_proj"):
+    with pytest.warns(UserWarning, match=r"apply_bank: target_modules='all-linear' skips attn\.out_proj") as seen:
         miss_ext.apply_bank(m, "all-linear", capacity=2, max_r=4)
+    assert [w.filename for w in seen] == [__file__]  # the warning points at the call
     assert isinstance(m.fc, miss_ext.MissBankLinear)
     assert type(m.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     miss_ext.add_bank_adapter(m, "a", r=4)

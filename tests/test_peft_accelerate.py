@@ -788,3 +788,49 @@ def test_an_interrupted_unmerge_merges_bat_adapters_back_in_their_order(base):
     assert all(m.merged_adapters == ["b2", "b1"] for m in layers)
     for m, weight in zip(layers, before):
         torch.testing.assert_close(m.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
+
+
+def test_transformer_encoder_layer_fast_path_does_not_drop_the_adapter():
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1/linear2.weight
+    itself instead of calling them: with PEFT's layers (which hand out the base weight) it ran the
+    base model and dropped the adapters, silently (2.2 off here; so did the accelerated model).
+    Accelerated layers there give the base weight's metadata (as miss_ext.MissLinear), which turns
+    that path off; restore() gives PEFT's behaviour back."""
+    from peft import get_peft_model
+    from torch import nn
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    model = get_peft_model(copy.deepcopy(layer), MissConfig(r=4, target_modules=["linear1", "linear2"],
+                                                             init_weights=False)).eval()
+    with torch.no_grad():
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            adapted = model(x)  # PEFT's slow path calls the adapted layers
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        assert (model(x) - adapted).abs().max() > 0.1  # PEFT's fast path: the base model
+        accelerate(model)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+        restore(model)
+        assert (model(x) - adapted).abs().max() > 0.1
+        assert isinstance(model.base_model.model.linear1.weight, nn.Parameter)
+
+
+def test_adapters_that_multihead_attention_never_runs_are_named():
+    """nn.MultiheadAttention reads out_proj.weight itself: a PEFT adapter on out_proj never runs
+    (in PEFT either). accelerate keeps PEFT's output but says so (apply_miss refuses the layer)."""
+    from peft import get_peft_model
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    model = get_peft_model(Attention(), MissConfig(r=4, target_modules=["out_proj"], init_weights=False))
+    with pytest.warns(UserWarning, match=r"the adapters on .*attn\.out_proj never run"):
+        accelerate(model)
