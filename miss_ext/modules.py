@@ -198,6 +198,17 @@ def tensor_json(encoded: Tensor):
     return json.loads(bytes(encoded.cpu().tolist()).decode())
 
 
+def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
+    """TypeError for torch.fx.symbolic_trace, which traces through the adapted layers (they are not
+    torch.nn modules, its default leaves) with proxies that their Python checks cannot read; the
+    errors it met were misleading (a base "returned a Proxy", "hooks" for bat). PEFT's layers
+    cannot be traced either."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(f"{layer._describe()}: torch.fx.symbolic_trace cannot trace through an adapted layer (its "
+                        "forward reads tensor metadata and branches on it); make it a leaf of your tracer "
+                        "(is_leaf_module), or use torch.export / torch.compile, which trace it")
+
+
 def check_base_output(layer: nn.Module, y: object) -> None:
     """TypeError unless the base layer of `layer` (MissLinear, MissBankLinear) returned a tensor:
     an nn.Linear subclass may return more than its output (MoE routers such as PhimoeTopKRouter
@@ -562,6 +573,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if self.merged:
             return self.base_layer(x)
         if not torch.jit.is_scripting():
+            refuse_fx_proxy(x, self)
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
             # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
             if self._tensor_parallel():

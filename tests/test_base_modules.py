@@ -803,3 +803,12 @@ def test_complex_and_bool_weights_are_refused_when_the_adapter_is_added():
         quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(16, 8)), {nn.Linear})
     with pytest.raises(TypeError, match=r"got torch\.ao\.nn\.quantized\.dynamic\.modules\.linear\.Linear"):
         miss_ext.MissLinear(quantized[0], r=4)
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+def test_fx_symbolic_trace_is_refused_by_name(mode):
+    """torch.fx.symbolic_trace traces through the adapted layers with proxies; the errors it met
+    blamed the base ("returned a Proxy") or hooks (bat). A clear TypeError instead."""
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8)), ["0"], r=4, mode=mode)
+    with pytest.raises(TypeError, match="torch.fx.symbolic_trace cannot trace through an adapted layer"):
+        torch.fx.symbolic_trace(model)
