@@ -320,7 +320,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         something (a checkpoint) keeps them alive: their memory cannot be another tensor's then."""
         seen = [ref for ref in self.__dict__.get("_inputs_with_names", ()) if ref() is not None]
         if adapter_names is not None:
-            seen.append(weakref.ref(x))
+            # Once per live input: the same tensor passed again (a direct layer loop, T5's
+            # encoder_hidden_states at every uncached decoding step) must not grow the list.
+            if not any(ref() is x for ref in seen):
+                seen.append(weakref.ref(x))
         elif seen and torch._C._current_graph_task_id() != -1 and any(_same_view(ref(), x) for ref in seen):
             raise ValueError(f"{type(self).__name__}: this layer is being recomputed inside backward() (activation "
                              "checkpointing) without the adapter_names= of its forward, so its rows would silently "

@@ -490,3 +490,35 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
     assert "b" in model.peft_config and [type(m) for m in model.modules()] == types
     assert not any(getattr(m, "merged", False) for m in model.modules())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_an_input_passed_again_with_names_is_recorded_once():
+    """The layer records the inputs it saw with adapter_names= (to refuse a checkpoint recompute
+    without them). The same live tensor passed again was appended every time: 7,000 calls left
+    7,000 entries and doubled the per-call time, and T5's uncached generate passes the same
+    encoder states at every step (memory review, 2026-12-02)."""
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x, **kwargs):
+            return self.fc(x)
+
+    model = get_peft_model(Model(), MissConfig(r=4, target_modules=["fc"], init_weights=False), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=2, target_modules=["fc"], init_weights=False))
+    miss_ext.peft.accelerate(model)
+    layer = model.base_model.model.fc
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        for _ in range(50):
+            layer(x, adapter_names=["a", "b"])
+        assert len(layer.__dict__["_inputs_with_names"]) == 1
+        y = torch.randn(2, 3, 16)
+        layer(y, adapter_names=["b", "a"])
+        assert len(layer.__dict__["_inputs_with_names"]) == 2
+        del x, y
+        layer(torch.randn(2, 3, 16))  # a call without names drops the dead entries
+        assert len(layer.__dict__["_inputs_with_names"]) == 0
