@@ -285,9 +285,10 @@ def test_heldout_sequences_are_not_trained_on():
     from miss_ext.demo._synthetic import make_batches
 
     heldout = make_batches(1, 16, 12, seed=2)[0]
-    train = make_batches(200, 16, 12, seed=1, exclude=heldout).view(-1, 12)
+    train = make_batches(200, 16, 12, seed=1, exclude=heldout).stacked().view(-1, 12)
     assert not (train.unsqueeze(1) == heldout.unsqueeze(0)).all(-1).any()
-    assert (make_batches(200, 16, 12, seed=1).view(-1, 12).unsqueeze(1) == heldout.unsqueeze(0)).all(-1).any()
+    assert (make_batches(200, 16, 12, seed=1).stacked().view(-1, 12).unsqueeze(1)
+            == heldout.unsqueeze(0)).all(-1).any()
 
 
 def test_bf16_base_keeps_float32_rotary_buffers_as_from_pretrained(tmp_path):

@@ -190,7 +190,7 @@ def test_pack_and_split_holds_out_the_last_tenth_at_least_one():
 
 def test_training_batches_cover_every_sequence_before_repeating():
     train = torch.arange(10).view(5, 2)
-    batches = demo.training_batches(train, steps=4, batch_size=3, seed=0)
+    batches = demo.training_batches(train, steps=4, batch_size=3, seed=0).stacked()
     assert batches.shape == (4, 3, 2)
     first_pass = batches.reshape(-1, 2)[:5, 0].tolist()
     assert sorted(first_pass) == [0, 2, 4, 6, 8]

@@ -35,6 +35,7 @@ from ._driver import DemoResult, Prepared, main, prepare_synthetic, prepare_user
     torch_threads
 from ._merge import BF16_NOISE_FACTOR, MERGE_RTOL_FP32, MergeCheck, check_merge, logits_of, merge_tolerance
 from ._report import MIB, format_heldout, format_table, plot_losses, print_where
+from ._batches import TokenBatches
 from ._synthetic import MAX_STRIDE, VOCAB, build_base_model, loss_floor, make_batches
 from ._training import (WARMUP_STEPS, HeldoutLoss, RunResult, apply_miss_ext, apply_peft, causal_lm_loss,
                         heldout_loss, save_base_model, saved_activation_bytes, timed_step, train, train_step,

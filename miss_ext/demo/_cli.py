@@ -262,7 +262,8 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
                              f"{name}'s {fan_out}")
 
 
-# The demo builds its batches up front: more steps would only fill memory.
+# A cap on the run's length: what picks each step's sequences is held up front (16 bytes per
+# sequence, demo/_batches.py), and a longer run belongs in a training script.
 MAX_STEPS = 1_000_000
 
 

@@ -15,6 +15,7 @@ import miss_ext
 from miss_ext._optional import require
 from miss_ext.model import record_shared_weights
 
+from ._batches import TokenBatches
 from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
 from ._merge import MergeCheck, check_merge
 from ._report import (format_heldout, format_table, plot_losses, print_where, synthetic_notes,
@@ -31,7 +32,7 @@ class Prepared:
     """What a run needs, from either source."""
     base: nn.Module  # frozen
     base_path: Path  # where the base's files are (saved by the demo for the random model)
-    batches: torch.Tensor  # (steps, batch, seq) training token ids, CPU
+    batches: TokenBatches  # steps batches of (batch, seq) training token ids, CPU, made when asked for
     heldout: torch.Tensor  # (n, seq) held-out token ids, CPU
     model_desc: str  # for the table ("Llama hidden 128, 4 layers")
     model_class: str  # transformers class to load the base with

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from ._batches import TokenBatches
 from ._cli import ModelDims
 
 # The task's alphabet: tokens are residues modulo VOCAB, so the vocabulary is exactly that size.
@@ -41,12 +42,13 @@ def build_base_model(dims: ModelDims, seq_len: int, seed: int, dtype: torch.dtyp
 
 
 def make_batches(count: int, batch_size: int, seq_len: int, seed: int,
-                 exclude: torch.Tensor = None) -> torch.Tensor:
-    """(count, batch, seq) token ids: x[t] = (start + stride * t) mod VOCAB per sequence, with a
-    random start and a random stride in 1..MAX_STRIDE. Built on the CPU from its own generator,
-    so every variant and device sees the same tokens. Sequences of `exclude` (token ids, (n, seq))
-    are drawn again: the task has only VOCAB * MAX_STRIDE sequences, so a held-out batch must be
-    kept out of the training batches explicitly."""
+                 exclude: torch.Tensor = None) -> TokenBatches:
+    """`count` batches of (batch, seq) token ids: x[t] = (start + stride * t) mod VOCAB per
+    sequence, with a random start and a random stride in 1..MAX_STRIDE. Drawn on the CPU from its
+    own generator, so every variant and device sees the same tokens; each batch's tokens are made
+    when it is asked for (TokenBatches). Sequences of `exclude` (token ids, (n, seq)) are drawn
+    again: the task has only VOCAB * MAX_STRIDE sequences, so a held-out batch must be kept out of
+    the training batches explicitly."""
     gen = torch.Generator().manual_seed(seed)
     start = torch.randint(0, VOCAB, (count, batch_size, 1), generator=gen)
     stride = torch.randint(1, MAX_STRIDE + 1, (count, batch_size, 1), generator=gen)
@@ -56,7 +58,8 @@ def make_batches(count: int, batch_size: int, seq_len: int, seed: int,
         while (hit := torch.isin(start * (MAX_STRIDE + 1) + stride, banned)).any():
             start[hit] = torch.randint(0, VOCAB, (int(hit.sum()),), generator=gen)
             stride[hit] = torch.randint(1, MAX_STRIDE + 1, (int(hit.sum()),), generator=gen)
-    return (start + stride * torch.arange(seq_len)) % VOCAB
+    steps = torch.arange(seq_len)
+    return TokenBatches(count, lambda i: (start[i] + stride[i] * steps) % VOCAB)
 
 
 def loss_floor(seq_len: int) -> float:

@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -109,7 +109,8 @@ def timed_step(result: RunResult, model: nn.Module, optimizer: torch.optim.Optim
         result.cuda_peak_bytes = max(result.cuda_peak_bytes or 0, peak)
 
 
-def train(models: Dict[str, nn.Module], batches: torch.Tensor, lr: float, device: torch.device) -> List[RunResult]:
+def train(models: Dict[str, nn.Module], batches: Sequence[torch.Tensor], lr: float,
+          device: torch.device) -> List[RunResult]:
     """One AdamW step per batch for every model, the models' steps interleaved (alternating which
     goes first), so that other work on the machine slows all variants alike."""
     from tqdm import tqdm

@@ -11,6 +11,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._batches import TokenBatches
+
 # Files one of which a Hugging Face tokenizer folder has (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
@@ -187,9 +189,10 @@ def check_fits(model: nn.Module, data: TextData, model_dir: Path, seq_len: int) 
                              f"(max_position_embeddings {positions})")
 
 
-def training_batches(train: torch.Tensor, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """(steps, batch, seq_len): the training sequences in a seeded random order, reshuffled at each
-    pass over them (an epoch), so every sequence is seen before any is seen again."""
+def training_batches(train: torch.Tensor, steps: int, batch_size: int, seed: int) -> TokenBatches:
+    """`steps` batches of (batch, seq_len) token ids: the training sequences in a seeded random
+    order, reshuffled at each pass over them (an epoch), so every sequence is seen before any is
+    seen again; each batch is gathered when it is asked for (TokenBatches)."""
     gen = torch.Generator().manual_seed(seed)
     needed = steps * batch_size
     order: List[torch.Tensor] = []
@@ -197,8 +200,8 @@ def training_batches(train: torch.Tensor, steps: int, batch_size: int, seed: int
     while have < needed:
         order.append(torch.randperm(train.shape[0], generator=gen))
         have += train.shape[0]
-    index = torch.cat(order)[:needed]
-    return train[index].view(steps, batch_size, train.shape[1])
+    index = torch.cat(order)[:needed].view(steps, batch_size)
+    return TokenBatches(steps, lambda i: train[index[i]])
 
 
 def describe_model(model: nn.Module, path: Path) -> Tuple[str, str]:
