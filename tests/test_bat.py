@@ -609,7 +609,10 @@ def test_opcheck_merge__3d_block(device):
     (torch.bfloat16, torch.float32, torch.float32), (torch.float32, F64, None), (F64, torch.float32, None),
     (torch.float32, torch.float32, torch.bfloat16), (torch.float16, F64, F64), (torch.float32, torch.float32, F64),
 ], ids=str)
-@pytest.mark.parametrize("rows,cols,r", [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1)])
+# (32, 208, 16) and (64, 832, 64): 13 segments a row, the CPU kernel's 8- and 4-segment tiles and
+# its plain loop in one row.
+@pytest.mark.parametrize("rows,cols,r", [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1), (32, 208, 16),
+                                         (64, 832, 64)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_bat_transform(device, rows, cols, r, w_dtype, mp_dtype, out_dtype, residual):
     w = rand(rows, cols, dtype=w_dtype, device=device)
