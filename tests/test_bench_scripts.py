@@ -126,3 +126,13 @@ def test_model_benchmarks_refuse_to_time_variants_that_differ(monkeypatch, scrip
     monkeypatch.setattr(script, "build_variants", off_by_a_little)
     with pytest.raises(SystemExit, match=f"default: {re.escape(variant)}'s logits are .* from PEFT's"):
         script.main(TINY_MODEL + argv + ["--modes", "default"])
+
+
+def test_bench_bat_weight_runs_and_refuses_a_bad_r(capsys):
+    import bench_bat_weight
+    bench_bat_weight.main(["-n", "64", "-r", "16", "--reps", "2", "--isa", "auto"])
+    out = capsys.readouterr().out
+    assert "auto: float32 min" in out and "bfloat16 min" in out, out
+    with pytest.raises(SystemExit):
+        bench_bat_weight.main(["-n", "64", "-r", "24"])
+    assert "-r 24 must divide -n 64" in capsys.readouterr().err
