@@ -4,9 +4,10 @@
     python bench/bench_bat_weight.py                      # 2048 x 2048, r = 64, fp32 and bf16 W
     PYTHONPATH=/path/to/other/checkout python bench/bench_bat_weight.py   # another build's kernel
 
-W and B stay in the cache (one op called in a loop, nothing between the calls), so the figure is
-the kernel's own arithmetic, which `bench_kernels.py` (a 256 MiB copy between cases, W read from
-memory) does not show. Per run: min and median over --reps calls after warm-up calls, for each CPU
+One op called in a loop with nothing between the calls, so W and B are read from the cache where
+they fit (a bf16 W at 2048 x 2048; an fp32 W and its output, 32 MiB, about fill a 32 MiB L3): the
+figure is mostly the kernel's own arithmetic, which `bench_kernels.py` (a 256 MiB copy between
+cases, W read from memory) does not show. Per run: min and median over --reps calls after warm-up calls, for each CPU
 version of the tiled loop (csrc/ops/cpu/cpu_clones.h) that this CPU has, each in a child process
 (MISS_EXT_CPU_ISA is read once per process). To compare two builds, alternate runs of this script
 against each (PYTHONPATH) and compare the mins: different processes cannot share one build.

@@ -742,6 +742,9 @@ class AcceleratedMissModel(MissModel):
             self.merge_adapter(bound.arguments.get("adapter_names"), bool(bound.arguments.get("safe_merge")))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already following adapters were merged")
+                # PEFT 0.21's check_adapters_to_merge says this when every adapter is merged (the
+                # case here: merge_adapter above merged them all).
+                warnings.filterwarnings("ignore", message="All adapters are already merged")
                 return super()._unload_and_optionally_merge(*args, **kwargs)
         return super()._unload_and_optionally_merge(*args, **kwargs)
 

@@ -834,3 +834,16 @@ def test_adapters_that_multihead_attention_never_runs_are_named():
     model = get_peft_model(Attention(), MissConfig(r=4, target_modules=["out_proj"], init_weights=False))
     with pytest.warns(UserWarning, match=r"the adapters on .*attn\.out_proj never run"):
         accelerate(model)
+
+
+def test_merge_and_unload_of_an_unmerged_model_says_nothing():
+    """merge_and_unload merges every adapter first, then PEFT's unload runs; PEFT 0.21 then warned
+    "All adapters are already merged, nothing to do." (twice), which plain PEFT does not say."""
+    from peft import get_peft_model
+    from torch import nn
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)),
+                           MissConfig(r=4, target_modules=["0", "1"], init_weights=False)).eval()
+    accelerate(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.merge_and_unload()

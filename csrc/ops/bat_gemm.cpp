@@ -25,18 +25,13 @@ void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, 
   at::Tensor out4 = out.view({blocks, r, in / r, r});
   if (out.scalar_type() == m.scalar_type() && !out.is_alias_of(w)) {
     at::Tensor out3 = out.view({blocks, in, r});
-    if (residual) {
-      // w + P first, then the product added in the GEMM's epilogue (beta = 1): one elementwise
-      // pass and one GEMM, as without the residual. The product is still summed on its own and
-      // added once; rounding w + P first costs 1.00-1.05x PEFT's error against the kernels' 1.0x
-      // (2048-wide and smaller float32 weights, 2026-12-02), where adding w in another pass
-      // would read and write W' once more.
-      at::add_out(out4, w3.view({blocks, r, in / r, r}), p4);
-      out3.baddbmm_(w3, m);
-    } else {
-      at::bmm_out(out3, w3, m);  // straight into out
-      out4.add_(p4);
-    }
+    at::bmm_out(out3, w3, m);  // straight into out
+    out4.add_(p4);
+    // w last (common/bat_index.h): issue 11's composition (bmm, + B, + W). Not w + P first with
+    // the product added in the GEMM's epilogue (one pass less): that rounds w + P at W's scale
+    // before the update is added, 1.4x PEFT's error for blocks small against W (randn * 0.002,
+    // where training starts from PEFT's zero init; 1.12-1.31x at 0.02; review, 2026-12-02).
+    if (residual) out3.add_(w3);
     return;
   }
   // A new tensor, so `out` may be `w` (in-place merge): w is read after this only element by
