@@ -556,10 +556,15 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         with torch.no_grad():
             for name in self._SLOT_TENSORS:
                 setattr(self, name, fn(getattr(self, name)))
-        rates = self._dropouts
-        if rates.dtype != torch.float64:
-            self._dropouts = torch.tensor(self.dropouts, dtype=torch.float64, device=rates.device)
+        if self._dropouts.dtype != torch.float64:
+            self._rebuild_forward_slot_tensors(self._dropouts.device)
         return self
+
+    def _rebuild_forward_slot_tensors(self, device: torch.device) -> None:
+        # The forward's slot tensors (rates, routing), new on `device`, from the slot lists.
+        self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
+        self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
+        self._sync_slots()
 
     def _slot_tensors_to(self, device: torch.device) -> None:
         # Where the bank went without them: a wrapper that moves a module's parameters and buffers
@@ -570,9 +575,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             tensor = getattr(self, name)
             if not tensor.is_meta:  # never loaded: bank_add refuses the mismatch by name
                 setattr(self, name, tensor.to(device))
-        self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
-        self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
-        self._sync_slots()
+        self._rebuild_forward_slot_tensors(device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -599,10 +602,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 self._non_persistent_buffers_set.discard(name)
                 setattr(self, name, tensor)
         if "_route" not in self.__dict__:
-            device = self.bank.device
-            self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
-            self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
-            self._sync_slots()
+            self._rebuild_forward_slot_tensors(self.bank.device)
 
     def set_extra_state(self, encoded: Tensor) -> None:
         """The slot names, modes, dropout rates and absent flags of get_extra_state (load_state_dict

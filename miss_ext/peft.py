@@ -79,7 +79,7 @@ from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
-from .model import undo_each  # noqa: E402
+from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_before_dropout_key, check_merge,  # noqa: E402
                       is_plain_linear, json_tensor, load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
@@ -755,26 +755,24 @@ def accelerate(model: nn.Module) -> nn.Module:
     tuner (if the model holds one) to AcceleratedMissModel, and records which layers' base
     weights are shared with other modules (their merge is refused); calling it again refreshes
     that record."""
-    layers = _miss_layers(model, PeftMissLinear)
-    if not layers and not _miss_layers(model, AcceleratedMissLinear):
+    named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
+    if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
-    parents = {id(child): (f"{path}.{name}" if path else name, parent)
-               for path, parent in model.named_modules() for name, child in parent.named_children()}
-    never_run = [parents[id(layer)][0] for layer in layers
-                 if isinstance(parents.get(id(layer), (None, None))[1], WEIGHT_READING_PARENTS)]
+    parents = {path: parent_module(model, path) for path, _ in named}
+    never_run = [path for path, parent in parents.items() if isinstance(parent, WEIGHT_READING_PARENTS)]
     if never_run:
         warnings.warn(f"accelerate: the adapters on {describe(never_run)} never run: their parent "
                       "nn.MultiheadAttention reads the layer's weight directly instead of calling it, so its output is "
                       "the base model's, in PEFT as here (miss_ext.apply_miss and load_adapter refuse such layers)",
                       stacklevel=2)
-    for layer in layers:
+    for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
-        if isinstance(parents.get(id(layer), (None, None))[1], FAST_PATH_PARENTS):
+        if isinstance(parents[path], FAST_PATH_PARENTS):
             layer._base_tensors_as_metadata = True
     tuners = _miss_layers(model, MissModel)
     for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
-    if layers and not tuners and not _miss_layers(model, AcceleratedMissModel):
+    if named and not tuners and not _miss_layers(model, AcceleratedMissModel):
         warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
                       "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
                       "them (PEFT 0.21 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
