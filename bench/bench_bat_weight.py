@@ -13,6 +13,7 @@ version of the tiled loop (csrc/ops/cpu/cpu_clones.h) that this CPU has, each in
 against each (PYTHONPATH) and compare the mins: different processes cannot share one build.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import positive_int  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for the timing children: the miss_ext this process would import first (PYTHONPATH,
+    an install, or the current directory under `python -m pytest`), else this checkout, as
+    bench_linear.py falls back to it. A child started from bench/ has neither the parent's sys.path
+    nor its current directory on its own path."""
+    spec = importlib.util.find_spec("miss_ext")
+    root = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else REPO
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
 def time_one(n: int, r: int, dtype: str, reps: int) -> dict:
@@ -61,7 +74,7 @@ def main(argv=None) -> None:
     print(f"miss.bat_weight, W {a.n} x {a.n} (fp32 / bf16), r = {a.r}, block fp32, warm cache, "
           f"{torch.get_num_threads()} threads, {a.reps} calls")
     for isa in a.isa:
-        env = dict(os.environ, MISS_EXT_CPU_ISA=isa)
+        env = dict(os.environ, MISS_EXT_CPU_ISA=isa, PYTHONPATH=child_pythonpath())
         out = subprocess.run([sys.executable, __file__, "-n", str(a.n), "-r", str(a.r), "--reps", str(a.reps),
                               "--child", "1"], env=env, capture_output=True, text=True)
         if out.returncode != 0:

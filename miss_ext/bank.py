@@ -404,7 +404,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         return host_to_device(torch.tensor(ids, dtype=torch.int64), self.bank.device if device is None else device)
 
     def _slot(self, name: str) -> int:
-        if name not in self.adapter_names:
+        # None marks an empty slot in adapter_names: it is never an adapter's name (index_of reads it
+        # as the base model), so it must not find a free slot here.
+        if not isinstance(name, str) or name not in self.adapter_names:
             known = [n for n in self.adapter_names if n is not None]
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
@@ -552,12 +554,17 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # buffers would. Module casts (.float(), .half(), .to(torch.bfloat16)) convert every
         # floating tensor, but bank_fold takes the rates in float64 (the exact values the user
         # gave): rebuilt from self.dropouts after a cast, so training with dropout keeps working.
+        # The forward's rates and routing are derived from the slot lists, so they are refilled
+        # from them after any conversion: to_empty() leaves uninitialised memory in them (ranks and
+        # periods are state, uninitialised like the bank until load_state_dict, as for any module).
         super()._apply(fn, recurse)
         with torch.no_grad():
             for name in self._SLOT_TENSORS:
                 setattr(self, name, fn(getattr(self, name)))
         if self._dropouts.dtype != torch.float64:
             self._rebuild_forward_slot_tensors(self._dropouts.device)
+        else:
+            self._sync_slots()
         return self
 
     def _rebuild_forward_slot_tensors(self, device: torch.device) -> None:

@@ -214,6 +214,25 @@ def test_slot_tensors_are_not_buffers_but_move_save_and_load():
     assert half.ranks.dtype == torch.int64 and half._route.dtype == torch.int64 and half._dropouts.dtype == F64
     empty = copy.deepcopy(bank).to_empty(device="meta")
     assert all(getattr(empty, n).is_meta for n in ("ranks", "periods", "_dropouts", "_route"))
+    # to_empty() leaves uninitialised memory: the forward's routing and rates, derived from the slot
+    # lists, are refilled from them (the bank, ranks and periods wait for load_state_dict).
+    bank.remove_adapter("b")
+    bank.dropouts[bank.adapter_names.index("c")] = 0.25
+    bank._sync_slots()
+    route, rates = bank._route.clone(), bank._dropouts.clone()
+    assert route.tolist() == [0, 1, 2, 3, 4, 5] and rates.tolist() == [0, 0, 0.25, 0, 0, 0]
+    for fill in (7, -3):
+        with torch.no_grad():
+            bank._route.fill_(fill)
+            bank._dropouts.fill_(0.5)
+        moved = copy.deepcopy(bank).to_empty(device="cpu")
+        assert torch.equal(moved._route, route) and torch.equal(moved._dropouts, rates)
+    bank._sync_slots()
+    moved.load_state_dict(bank.state_dict())
+    bank.eval(), moved.eval()
+    names = ["a", None, "c", "d"]
+    torch.testing.assert_close(moved(x[:4], moved.index_of(names)), bank(x[:4], bank.index_of(names)),
+                               rtol=0, atol=0)
 
 
 def test_a_whole_module_pickle_with_slot_buffers_still_loads():
@@ -361,6 +380,12 @@ def test_refusals_name_the_problem():
         bank.add_adapter("b", 4)
     with pytest.raises(ValueError, match="no adapter named 'a'"):
         bank.index_of(["b", "a"])
+    # None marks a free slot in adapter_names, never an adapter's name (index_of reads it as the
+    # base model): with a slot free it used to find that slot (remove, block, save_bank_adapter).
+    for call in (bank.remove_adapter, bank.block):
+        with pytest.raises(ValueError, match="no adapter named None"):
+            call(None)
+    assert bank.adapter_names.count(None) == 1 and bank.index_of([None]).tolist() == [-1]
     with pytest.raises(ValueError, match="leading sizes"):
         bank(torch.randn(3, IN), bank.index_of(["b", "c"]))
     # Flattened tokens (an MoE expert's input) under one name per sequence: said so, no beam hint.
