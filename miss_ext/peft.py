@@ -25,7 +25,10 @@ the spec's intent instead:
   merged weight alone, silently dropping or adding adapters (huggingface/peft#3756);
 - merges and unmerges are all or nothing: every layer's checks (with safe_merge, every merged
   weight) run before any layer changes, a failure after them undoes the call's merges, and
-  merge_and_unload merges every layer before it unloads any.
+  merge_and_unload merges every layer before it unloads any;
+- a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging), and a failed
+  add_adapter leaves no block behind (AcceleratedMissModel.inject_adapter; accelerate refuses a
+  model holding such a block).
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
 arguments) keep PEFT's forward; merging into them is refused, but for quantized backends, which
 keep PEFT's merge and unmerge code; an unmerge only needs a plain weight, so a layer hooked
@@ -59,6 +62,7 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
   merges nothing; here ValueError.
 """
 import contextlib
+import contextvars
 import inspect
 import threading
 import warnings
@@ -150,6 +154,14 @@ _NAMES_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # would both read the same merged adapter and subtract it twice. None while torch.compile
 # traces (a lock is not traceable; the compiled graph holds no merge).
 _MERGE_LOCK = threading.RLock()
+
+
+# The PEFT model call (forward or generate) running in this context, and its adapter_names (None
+# for a plain call): set by AcceleratedMissModel._enable_peft_forward_hooks, which PeftModel's
+# forward and generate enter. A layer about to change the model during a forward (PEFT's rule:
+# a disabled, merged layer unmerges) first has every other layer checked through it, so that a
+# refusal further on cannot leave the model half changed (see _check_before_unmerging).
+_MODEL_CALL = contextvars.ContextVar("miss_ext_peft_model_call", default=None)
 
 
 def _merging():
@@ -247,6 +259,10 @@ class AcceleratedMissLinear(PeftMissLinear):
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged and not self.disable_adapters:
             self._refuse_partial_merge()
+        if self.merged and self.disable_adapters:
+            call = _MODEL_CALL.get()
+            if call is not None:
+                call[0]._check_before_unmerging(call[1])
         if (args or kwargs) and self._fast_path():
             # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
@@ -310,6 +326,18 @@ class AcceleratedMissLinear(PeftMissLinear):
                              "active adapters' output (PEFT silently computes it anyway: huggingface/peft#3756); "
                              "merge every active adapter, or unmerge_adapter() first")
 
+    def _refuse_names_here(self, names: List[str], where: str) -> None:
+        """The refusals of a mixed-batch forward that depend on this layer's state, not on its input:
+        merged adapters (ValueError) and bat adapters named by a row (TypeError)."""
+        if self.merged:
+            raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
+                             "unmerge_adapter() first")
+        bats = [n for n in dict.fromkeys(names) if n in self.miss_block and _is_bat(self.miss_block[n])]
+        if bats:
+            raise TypeError(f"{where}: adapter_names uses bat adapter(s) {bats}: bat changes the base weight itself, "
+                            "so rows of different adapters cannot share one base GEMM; run them in their own batch "
+                            "(set_adapter)")
+
     def _refuse_recompute_without_names(self, x: Tensor, adapter_names: object) -> None:
         """Activation checkpointing recomputes a layer inside backward(), after the model call
         whose adapter_names reached the layers through hooks has returned: the recompute would
@@ -342,18 +370,11 @@ class AcceleratedMissLinear(PeftMissLinear):
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
                 message += "." + flattened_tokens_hint(x)  # as MissBankLinear says it (bank.row_index)
             raise ValueError(message)
-        if self.merged:
-            raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
-                             "unmerge_adapter() first")
+        self._refuse_names_here(names, where)
         if (args or kwargs) and self._fast_path():
             raise TypeError(f"{where}: the base layer is an nn.Linear, which takes the input only; got extra "
                             f"arguments {args!r} {kwargs!r}")
         used = list(dict.fromkeys(n for n in names if n in self.miss_block))  # others: base output here
-        bats = [n for n in used if _is_bat(self.miss_block[n])]
-        if bats:
-            raise TypeError(f"{where}: adapter_names uses bat adapter(s) {bats}: bat changes the base weight itself, "
-                            "so rows of different adapters cannot share one base GEMM; run them in their own batch "
-                            "(set_adapter)")
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
         if not used:
@@ -569,7 +590,11 @@ class AcceleratedMissModel(MissModel):
         refuse_per_row_arguments(kwargs, where)
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
-            yield
+            token = _MODEL_CALL.set((self, None))
+            try:
+                yield
+            finally:
+                _MODEL_CALL.reset(token)
             return
         names = check_adapter_names(adapter_names, where)
         # One pass over the model: the adapters its layers hold, layers left unaccelerated, and
@@ -643,7 +668,11 @@ class AcceleratedMissModel(MissModel):
                             partial(_adapter_names_hook, holder={"names": names}), with_kwargs=True))
             if callable(original):
                 inner.__dict__["generate"] = generate
-            yield
+            token = _MODEL_CALL.set((self, names))
+            try:
+                yield
+            finally:
+                _MODEL_CALL.reset(token)
         finally:
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
@@ -652,6 +681,51 @@ class AcceleratedMissModel(MissModel):
             for handle in handles:
                 handle.remove()
             _NAMES_ACTIVE.discard(self)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's inject_adapter (add_adapter, load_adapter), all or nothing for the MiSS layers.
+        PEFT 0.21 adds the adapter layer by layer and, when a later layer refuses it (a bat r or a
+        mini_r that does not divide it), PeftModel.add_adapter rolls back peft_config only: the
+        layers changed before keep a zero block under that name, of the default mode's shape, which
+        a later add_adapter of the same name on other modules activates. PEFT's forward then fails
+        on its shape; the accelerated layers, which read each adapter's mode from its block's shape,
+        would run and train it on modules the adapter's config does not target. Here those blocks
+        are removed, and the layers the call created replaced by their base layers again, before
+        the error propagates."""
+        before = {id(m): set(m.miss_block.keys()) for m in model.modules() if isinstance(m, PeftMissLinear)}
+        try:
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            for path, layer in list(model.named_modules()):
+                if not isinstance(layer, PeftMissLinear):
+                    continue
+                if id(layer) not in before:  # created by this call: the base layer goes back in its place
+                    setattr(parent_module(model, path), path.rsplit(".", 1)[-1], layer.get_base_layer())
+                elif adapter_name not in before[id(layer)]:
+                    for attr in layer.adapter_layer_names + layer.other_param_names:
+                        if adapter_name in getattr(layer, attr):
+                            del getattr(layer, attr)[adapter_name]
+            raise
+
+    def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
+        """Called by a disabled, merged layer of this model's running forward before it unmerges
+        (PEFT's forward rule): the refusals that depend only on the layers' state (a partial merge,
+        or merged or bat adapters under adapter_names=) are checked on every enabled layer first,
+        so that one of them cannot stop the call after that layer and earlier ones changed their
+        weights. Only then: a model with some layers disabled and others not (add_adapter on new
+        modules of a disabled model, or layer-level enable_adapters) and merged weights."""
+        where = "PEFT MiSS model forward/generate"
+        for path, layer in self.model.named_modules():
+            if type(layer) is not AcceleratedMissLinear or layer.disable_adapters:
+                continue
+            try:
+                if names is None:
+                    if layer.merged:
+                        layer._refuse_partial_merge()
+                else:
+                    layer._refuse_names_here(names, where)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{path}: {exc}; nothing was run or changed") from exc
 
     def _check_merge(self, adapter_names: Optional[List[str]], safe_merge: bool) -> None:
         """Every layer's merge checks (AcceleratedMissLinear._merge_plan) and, with safe_merge,
@@ -749,6 +823,30 @@ class AcceleratedMissModel(MissModel):
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
 
+def _refuse_blocks_of_another_mode(model: nn.Module) -> None:
+    """The accelerated layers read each adapter's mode from its block's shape (3-D: bat). A block
+    whose shape says another mode than its adapter's config (bat or not) is a leftover of a failed
+    add_adapter in PEFT 0.21 (see AcceleratedMissModel.inject_adapter), which the name's next
+    add_adapter activated: PEFT's forward fails on it, ours would run and train it. ValueError
+    naming the layers before anything changes. (A mini block that PEFT's merge tiled to (r, out)
+    keeps its adapter's output: not refused.)"""
+    stray = []
+    for tuner in (m for m in model.modules() if type(m) in (MissModel, AcceleratedMissModel)):
+        for path, layer in tuner.model.named_modules():
+            if not isinstance(layer, PeftMissLinear):
+                continue
+            for name, block in layer.miss_block.items():
+                config = tuner.peft_config.get(name)
+                if config is not None and (config.init_weights == "bat") != _is_bat(block):
+                    stray.append(f"{path} ({name!r}: block {tuple(block.shape)}, config init_weights="
+                                 f"{config.init_weights!r})")
+    if stray:
+        raise ValueError(f"accelerate: {describe(stray)} hold a block of another mode than its adapter's config, "
+                         "a leftover of a failed add_adapter (PEFT 0.21 keeps the blocks it added to earlier layers when a "
+                         "later one refuses the adapter), which PEFT's forward cannot run; delete_adapter(name) removes "
+                         "every layer's block of that adapter, then add it again. Nothing was changed")
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Makes every PEFT MiSS layer of the model run on the miss ops, in place; returns the model.
     Raises ValueError if the model has no PEFT MissLinear layer. Also swaps PEFT's MissModel
@@ -758,6 +856,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
     if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
+    _refuse_blocks_of_another_mode(model)
     parents = {path: parent_module(model, path) for path, _ in named}
     never_run = [path for path, parent in parents.items() if isinstance(parent, WEIGHT_READING_PARENTS)]
     if never_run:

@@ -470,6 +470,71 @@ def test_a_forward_that_merged_weights_cannot_give_is_refused(base):
     torch.testing.assert_close(merged(ids).logits, default_only, **TOL)
 
 
+def test_a_refused_forward_changes_no_layer_first(base):
+    """A forward unmerges a disabled, merged layer as it reaches it (PEFT's rule). With other layers
+    enabled (add_adapter on new modules of a disabled model: PEFT creates them enabled), a refusal
+    further on (a partial merge; merged or bat adapters under adapter_names=) used to come after
+    the earlier layers had unmerged: the model half changed. Every enabled layer is now checked
+    before the first such unmerge; the call raises and changes nothing, with or without names."""
+    plain = peft_model(base, "default", seed=1)
+    plain.base_model.disable_adapter_layers()  # the q/k/v... layers of "default": disabled
+    plain.add_adapter("a", MissConfig(r=R, target_modules=["lm_head"], init_weights=False))  # new layer: enabled
+    randomize_blocks(plain, seed=4)
+    fast = accelerate(copy.deepcopy(plain))
+    fast.base_model.merge_adapter(adapter_names=["default", "a"])
+    ids = tokens()
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    merged = {n: list(m.merged_adapters) for n, m in fast.named_modules() if isinstance(m, AcceleratedMissLinear)}
+    for call in (lambda: fast(ids), lambda: fast(ids, adapter_names=["a", "__base__"]),
+                 lambda: fast.generate(input_ids=ids, max_new_tokens=2, do_sample=False)):
+        with pytest.raises(ValueError, match="lm_head: .*nothing was run or changed"):
+            call()
+        assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+        assert merged == {n: list(m.merged_adapters) for n, m in fast.named_modules()
+                          if isinstance(m, AcceleratedMissLinear)}
+    # Without the refusal (every enabled layer's merge is its active adapters') the disabled layers
+    # unmerge as in PEFT, and the logits are PEFT's.
+    fast.base_model.set_adapter(["default", "a"])
+    plain.base_model.set_adapter(["default", "a"])
+    plain.base_model.merge_adapter(adapter_names=["default", "a"])
+    torch.testing.assert_close(fast(ids).logits, plain(ids).logits, **TOL)
+
+
+def test_a_failed_add_adapter_leaves_no_block_behind(base):
+    """PEFT 0.21 adds an adapter layer by layer and, when a later layer refuses it (a bat r that
+    does not divide it), rolls back peft_config only: earlier layers keep a zero block under that
+    name, of the default mode's shape, which the name's next add_adapter activates (PEFT's forward
+    then fails on its shape, the accelerated one would run and train it). After accelerate the
+    failed call changes nothing; a model that failed before is refused by accelerate by name, and
+    works after PEFT's delete_adapter."""
+    def build():
+        model = peft_model(base, "bat", seed=1)
+        with pytest.raises(ValueError, match="divisible"):  # q_proj is square, k_proj's out is not 4 * R * 2
+            model.add_adapter("b", MissConfig(r=base.config.hidden_size, init_weights="bat",
+                                              target_modules=["q_proj", "k_proj"]))
+        return model
+
+    fast = accelerate(peft_model(base, "bat", seed=1))
+    state, paths = {k: v.clone() for k, v in fast.state_dict().items()}, [n for n, _ in fast.named_modules()]
+    with pytest.raises(ValueError, match="divisible"):
+        fast.add_adapter("b", MissConfig(r=base.config.hidden_size, init_weights="bat",
+                                         target_modules=["q_proj", "k_proj", "lm_head"]))
+    assert [n for n, _ in fast.named_modules()] == paths and list(fast.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+    fast.add_adapter("b", MissConfig(r=R, init_weights="bat", target_modules=["gate_proj"]))
+    assert sorted(n for n, p in fast.named_parameters() if ".b" in n and "miss_block" in n) == sorted(
+        n for n, p in fast.named_parameters() if "gate_proj.miss_block.b" in n)
+
+    leftover = build()
+    leftover.add_adapter("b", MissConfig(r=R, init_weights="bat", target_modules=["gate_proj"]))
+    with pytest.raises(ValueError, match=r"k_proj \('b': block .*init_weights='bat'\).*delete_adapter"):
+        accelerate(leftover)
+    assert not is_accelerated(leftover)
+    leftover.delete_adapter("b")
+    leftover.add_adapter("b", MissConfig(r=R, init_weights="bat", target_modules=["gate_proj"]))
+    assert is_accelerated(accelerate(leftover))
+
+
 def test_a_name_given_twice_is_merged_once(base):
     _, fast = pair(base, "default")
     ids = tokens()
