@@ -591,7 +591,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
     inner model's); into a DDP-wrapped model only existing MissLinear layers, and extras the
     model already trains, can be loaded (ValueError otherwise: DDP would not reduce the
-    gradients of parameters that start training after it was built).
+    gradients of parameters that start training after it was built). FileNotFoundError for a
+    folder without adapter_config.json or adapter weights. Source: PEFT's
+    PeftModel.from_pretrained / set_peft_model_state_dict; docs/miss.md, "Files".
     """
     wrapped, model = model, unwrap_model(model)
     refuse_lazy_tensors(model, "load_adapter")

@@ -198,10 +198,12 @@ _DYNAMO_IS_EXPORTING_UNRELIABLE = torch.__version__ < (2, 12)  # torch's TorchVe
 
 
 def check_bank_size(capacity: object, max_r: object) -> None:
-    """ValueError naming capacity or max_r unless each is a positive int (apply_bank checks them
-    before it changes the model, too)."""
+    """TypeError naming capacity or max_r unless each is an int (not a bool), ValueError unless it
+    is positive, as MissLinear's r (apply_bank checks them before it changes the model, too)."""
     for name, value in (("capacity", capacity), ("max_r", max_r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"MissBankLinear {name} must be a positive int, got {value!r} ({type(value).__name__})")
+        if value < 1:
             raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
 
 
@@ -209,10 +211,13 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
 
     Args:
-        base_layer: the frozen layer (nn.Linear or any module with in_features/out_features that
-            computes its own output; it is called as a module). It is frozen.
-        capacity: number of adapter slots (N).
-        max_r: the largest r an adapter may have (r_cap), and the width of the per-row fold.
+        base_layer: the frozen layer (nn.Linear or any module with `weight`, in_features and
+            out_features that computes its own output; it is called as a module). It is frozen.
+        capacity: number of adapter slots (N), a positive int.
+        max_r: the largest r an adapter may have (r_cap), and the width of the per-row fold; a
+            positive int.
+    TypeError for a capacity or max_r that is not an int, ValueError for one < 1; TypeError for a
+    base without weight, in_features or out_features.
 
     Attributes:
         bank: Parameter (capacity, max_r, out_features) in PEFT's adapter dtype (float32 for
@@ -226,8 +231,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     `index_of(names)`; negative = base only) with x's leading sizes, or one per sequence
     (x.shape[0],) broadcast over the rest; None takes the ids `miss_ext.mixed_batch` set for the
     whole model (`rows`), and raises ValueError outside it. Returns (..., out_features) in x's
-    dtype (the base output's, but under autocast, as MissLinear and PEFT). Errors:
-    ValueError/TypeError naming the bad argument.
+    dtype (the base output's, but under autocast, as MissLinear and PEFT). Errors: TypeError for
+    an adapter_index that is not an int64 tensor; ValueError for an index shape that fits neither
+    form, or (CPU) an id past the bank or naming an empty slot (on CUDA these trip a device-side
+    assertion in miss.bank_fold). The base layer runs on x first, so a bad x (wrong last size or
+    dtype) raises the base's own error (torch's RuntimeError for nn.Linear).
+
+    Source: miss_ext/bank.py module docstring (issue 14); each row computes MissLinear's term
+    (docs/miss.md, "Default and mini"); the per-row names follow PEFT's adapter_names=.
     """
 
     def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
@@ -314,8 +325,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def add_adapter(self, name: str, r: int, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
                     block: Optional[Tensor] = None) -> int:
         """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
-        (r, mini_r) is copied in; None gives PEFT's zero init. Raises ValueError for a name in use,
-        a full bank, r > max_r or bad sizes, or inside miss_ext.mixed_batch; TypeError for bat."""
+        (r, mini_r), any float dtype, is copied in (cast to the bank's dtype); None gives PEFT's
+        zero init. Raises ValueError for a bad or taken name, a full bank, r < 1 or r > max_r, a
+        mini_r not dividing out_features, a block of another shape, dropout outside [0, 1), a
+        meta bank given a block, or inside miss_ext.mixed_batch; TypeError for bat or a non-int
+        r / mini_r."""
         self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if block is not None and self.bank.is_meta:
@@ -338,7 +352,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         return slot
 
     def add_from(self, name: str, layer: MissLinear) -> int:
-        """Copies a MissLinear's adapter (block, r, mode, mini_r, dropout) into a free slot."""
+        """Copies a MissLinear's adapter (block, r, mode, mini_r, dropout) into a free slot; returns
+        the slot id. TypeError for a layer that is not a miss_ext.MissLinear or a bat one;
+        ValueError for a merged layer, other in/out features, and as add_adapter."""
         if not isinstance(layer, MissLinear):
             raise TypeError(f"add_from takes a miss_ext.MissLinear, got {type(layer).__name__}")
         if layer.merged:
@@ -351,7 +367,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def add_absent(self, name: str) -> int:
         """Registers an adapter of the model that does not adapt this layer (its PEFT config does
         not target it), so that slot ids stay the same in every layer of a model; rows naming it
-        get the base output here. Returns the slot id."""
+        get the base output here. Returns the slot id. ValueError for a name that is empty,
+        "__base__" or taken, a full bank, or a call inside miss_ext.mixed_batch."""
         self._check_mutable(f"add adapter {name!r}")
         slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
@@ -390,16 +407,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         self._sync_slots()
 
     def block(self, name: str) -> Tensor:
-        """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r). (Of a
-        sharded bank, a DTensor, the slice is a new tensor: writes into it do not reach the bank.)"""
+        """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r), in the
+        bank's dtype. (Of a sharded bank, a DTensor, the slice is a new tensor: writes into it do
+        not reach the bank.) ValueError for an unknown name or an absent adapter (add_absent)."""
         slot = self._slot(name)
         if self.absent[slot]:
             raise ValueError(f"adapter {name!r} does not adapt this layer (add_absent): it has no block here")
         return self.bank[slot, :int(self.ranks[slot]), :int(self.periods[slot])]
 
     def index_of(self, names: Sequence[Optional[str]], device: Optional[torch.device] = None) -> Tensor:
-        """Slot ids (int64, on `device`, by default the bank's) for per-row adapter names; None or
-        "__base__" gives -1 (base only). ValueError names an unknown adapter."""
+        """Slot ids, int64 of shape (len(names),) on `device` (by default the bank's), for per-row
+        adapter names; None or "__base__" gives -1 (base only). ValueError names an unknown
+        adapter."""
         ids = [-1 if name is None or name == BASE else self._slot(name) for name in names]
         return host_to_device(torch.tensor(ids, dtype=torch.int64), self.bank.device if device is None else device)
 

@@ -89,24 +89,28 @@ def _model_to_change(model: nn.Module) -> nn.Module:
 
 
 def bank_adapter_names(model: nn.Module) -> List[str]:
-    """The adapters in the model's bank, in slot order."""
+    """The adapters in the model's bank (list of str), in slot order. ValueError for a model
+    without MissBankLinear layers or whose bank layers disagree on their slots."""
     return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
 
 
 def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, max_r: int,
                freeze_others: bool = True) -> nn.Module:
-    """Replaces every linear layer `target_modules` selects (PEFT's rule: a name suffix, a list of
-    them, a regex, or "all-linear") by a MissBankLinear with `capacity` slots of rank up to
-    `max_r`, in place; returns the model. The bank starts empty. With freeze_others (as PEFT),
-    every other parameter stops requiring grad. ValueError when nothing is selected, a selected
-    module is not an nn.Linear or is sharded over several ranks (tensor parallelism, FSDP2: add
-    the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
-    not reduce the new bank's gradients: apply the bank, then wrap). Also ValueError when a
-    target matches the path of a parameter lying in no layer it selects (transformers 5's fused
-    MoE expert weights, e.g. `experts.down_proj`: name the layers more precisely, e.g.
-    "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the
-    meta device under an `_hf_hook`: its bank would hold no values; load the model without
-    offload). A list entry that matches no module while others do gives one UserWarning."""
+    """Replaces every linear layer `target_modules` selects (PEFT's rule: a list of names, each
+    matching a path exactly or as its last dotted components; a string is a regex matched against
+    the whole path, so a bare "q_proj" matches only a top-level module of that name; or
+    "all-linear") by a MissBankLinear with `capacity` slots of rank up to `max_r` (positive ints:
+    TypeError for another type, ValueError for a value < 1), in place; returns the model. The bank
+    starts empty. With freeze_others (as PEFT), every other parameter stops requiring grad.
+    TypeError when a selected module is not an nn.Linear (as apply_miss). ValueError when nothing
+    is selected, a selected module is a bank layer already or is sharded over several ranks (tensor parallelism, FSDP2:
+    add the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
+    not reduce the new bank's gradients: apply the bank, then wrap). Also ValueError when a target
+    matches the path of a parameter lying in no layer it selects (transformers 5's fused MoE expert
+    weights, e.g. `experts.down_proj`: name the layers more precisely, e.g.
+    "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the meta
+    device under an `_hf_hook`: its bank would hold no values; load the model without offload). A
+    list entry that matches no module while others do gives one UserWarning."""
     return _apply_bank(model, target_modules, capacity, max_r, freeze_others, named_by_user=True)
 
 
@@ -127,10 +131,14 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
     if not found:
         raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
-    wrong = [f"{name} ({'already a bank layer' if isinstance(m, MissBankLinear) else type(m).__name__})"
-             for name, m in found if not isinstance(m, nn.Linear)]
+    # As apply_miss: a module of another type is a TypeError, one that already has adapters a
+    # ValueError.
+    banks = [name for name, m in found if isinstance(m, MissBankLinear)]
+    if banks:
+        raise ValueError(f"apply_bank: these selected modules are bank layers already: {', '.join(banks)}")
+    wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
-        raise ValueError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
+        raise TypeError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
     if target_modules == ALL_LINEAR:
         found = drop_weight_read_linears(model, found, "apply_bank: ", stacklevel=4)
         if not found:
@@ -178,7 +186,9 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
     absent in the others; returns its slot id. Every check runs before any layer changes:
     ValueError for a model without bank layers, a name already in the bank, a full bank, r,
     mini_r or dropout the layers cannot take (r above the bank's max_r, mini_r not dividing
-    out_features, ...), or target_modules selecting no bank layer; TypeError for mode="bat"."""
+    out_features, ...), or target_modules selecting no bank layer (or modules that are not bank
+    layers), or a call inside mixed_batch; TypeError for mode="bat" or a non-int r / mini_r.
+    target_modules follows apply_bank's rule."""
     model = _model_to_change(model)
     layers = _layers(model, "add_bank_adapter")
     paths = [p for p, _ in layers]
@@ -289,7 +299,10 @@ def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
     Bone folder) into the model's bank under `name`; returns its slot id. Its blocks go into the
     bank layers at the file's module paths (each keeps the file's r, mode, mini_r and dropout);
     the other bank layers hold it as absent. Every check runs first, and a problem raises
-    ValueError listing all of them (bat: TypeError) with the model unchanged."""
+    ValueError listing all of them (bat: TypeError) with the model unchanged; also ValueError for
+    a model without bank layers, a name that is taken or not a non-empty string, a full bank, a
+    file without blocks or a call inside mixed_batch; FileNotFoundError for a folder without
+    adapter_config.json or weights."""
     return _load_read(_model_to_change(model), name, path, read_adapter(path))
 
 
@@ -444,8 +457,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
     use it.
 
-    ValueError names an adapter not in the bank; a layer whose input has another number of
-    sequences raises ValueError when called."""
+    ValueError names an adapter not in the bank, or a model without bank layers; a layer whose
+    input has another number of sequences raises ValueError when called. TypeError for
+    adapter_names that is not a list or tuple of str / None (a bare string included);
+    ValueError for an expand that is not a positive int. Source: PEFT's adapter_names=
+    convention (LoRA's mixed-batch inference)."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
             not all(n is None or isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str or None), one per sequence, got "

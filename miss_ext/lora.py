@@ -96,10 +96,11 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     """Writes the model's default/mini MiSS adapters as an exactly equivalent PEFT LoRA adapter
     (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
     miss_ext.MissLinear layers, or is a PEFT model (PeftModel or MissModel, accelerated or not),
-    whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for bat
-    adapters, merged layers, layers of different r or dropout (one LoRA config holds one r
-    and one dropout), and adapters that also train modules_to_save or biases (PEFT's config,
-    or apply_miss's modules_to_save= / bias=), which blocks alone do not reproduce. A
+    whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for a model
+    without MiSS layers (or without adapter `adapter_name`), bat adapters, merged layers, layers
+    of different r or dropout (one LoRA config holds one r and one dropout), and adapters that
+    also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /
+    bias=), which blocks alone do not reproduce. A
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
     every rank must call export_lora, and rank 0 writes the whole adapter."""

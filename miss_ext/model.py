@@ -372,8 +372,12 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     """Replaces the matching `nn.Linear` layers with `MissLinear` in place and returns the model.
 
     target_modules follows PEFT: a list of names matching a module path exactly or as its last
-    dotted components ("q_proj", "self_attn.q_proj"), a regex string matching the whole path, or
-    "all-linear" (every nn.Linear except the output head). With freeze_others (the default, as
+    dotted components ("q_proj", "self_attn.q_proj"), a regex string matching the whole path (a
+    bare "q_proj" string matches only a module whose whole path is "q_proj"), or "all-linear"
+    (every nn.Linear except the output head, i.e. the module `model.get_output_embeddings()`
+    returns: a model without that method, such as a plain nn.Module, has all its linears
+    adapted, as in PEFT). r: int >= 1 (r > in_features allowed, with a UserWarning); mode
+    "default", "mini" or "bat"; dropout in [0, 1). With freeze_others (the default, as
     PEFT's get_peft_model), every parameter except the miss_block ones (new and earlier) stops
     requiring grad.
 
@@ -415,7 +419,10 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     holds one copy, where PEFT keeps one per adapter).
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
-    first, then wrap.
+    first, then wrap. Other settings given beside a config raise TypeError.
+
+    Source: PEFT's get_peft_model / MissConfig (peft/tuners/miss, tuners_utils'
+    check_target_module_exists and _maybe_include_all_linear_layers); docs/miss.md.
     """
     refuse_ddp_wrapped(model, "apply_miss")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
@@ -598,7 +605,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     of memory, say) unmerges the layers merged so far and is raised as is, the model still
     holding its MissLinear layers (weights equal to the originals up to the unmerge's rounding:
     one rounding for default/mini, more for bat, growing with the condition number of I + B_i;
-    a layer that cannot be unmerged is named in a warning and stays merged)."""
+    a layer that cannot be unmerged is named in a warning and stays merged).
+
+    Also ValueError, before anything changes, for a layer whose base cannot take a merge
+    (modules.merge_refusal: hooks, subclass forwards, parametrized, sharded or quantized weights,
+    FSDP2). A model without MissLinear layers: UserWarning, returned unchanged; a model that is
+    itself a MissLinear: its base layer is returned. Source: PEFT's merge_and_unload;
+    docs/miss.md, "Merging"."""
     layers = miss_layers(model)
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)

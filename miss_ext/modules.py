@@ -15,8 +15,8 @@ from .ops import new_dropout_key
 from .targets import shared_weight_message
 from .weight_metadata import BaseTensorAttributes
 
-# Said wherever an adapter with r > in_features is made or loaded (docs/miss-spec.md): PEFT 0.21
-# raises ValueError for such a layer when it builds it, so the saved files load only here.
+# Said wherever an adapter with r > in_features is made or loaded (docs/miss.md, last section):
+# PEFT 0.21 raises ValueError for such a layer when it builds it, so the saved files load only here.
 PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when it builds a layer, so PEFT cannot load "
                            "such an adapter's files (save_adapter); miss_ext.load_adapter can")
 
@@ -483,6 +483,22 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             in bat mode (as PEFT), with a warning.
         init_weights: True gives PEFT's zero init (the adapter starts as an exact identity);
             False gives PEFT's random init (kaiming-uniform), useful in tests.
+
+    miss_block: nn.Parameter of the mode's shape on the base weight's device, float32 for fp16,
+    bf16, float8 and quantized bases (PEFT's autocast_adapter_dtype), else the base's dtype.
+    `.weight` / `.bias` give the base tensors' dtype, device and shape only (metadata: computing
+    with them raises RuntimeError naming the layer); the real tensors are `.base_layer.weight` /
+    `.base_layer.bias`.
+
+    Raises (nothing is changed): TypeError for a base that cannot take an adapter (not an
+    nn.Linear, a LazyLinear before its first forward, a complex or bool weight, a DTensor weight
+    sharded over several ranks; bat: anything but a plain nn.Linear), a non-int r or mini_r, a
+    non-bool init_weights; ValueError for r < 1, an unknown mode, mini_r not a positive divisor
+    of out_features, bat with r not dividing in_features and out_features, out_features == 0
+    (default, bat), a dropout that is not a number in [0, 1). UserWarning for r > in_features
+    and for dropout in bat mode.
+
+    Source: PEFT's peft/tuners/miss/layer.py (MissLinear, MissConfig); docs/miss.md.
     """
 
     _shared_with: List[str]  # class-level, as TorchScript wants for a list that starts empty
@@ -567,9 +583,13 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         x (..., in_features) in the base weight's dtype (bat: any floating dtype, as PEFT, which
         computes in W''s dtype; miss.bat_linear takes it); returns (..., out_features) in x's dtype
         (PEFT's precision: the adapter term in the block's dtype, one final rounding). Dropout
-        only in training, with a fresh key per call. A merged layer returns base(x). ValueError /
-        TypeError name a bad shape or dtype (from the miss ops); RuntimeError for a bat layer
-        whose base has since gained hooks, a parametrization or a non-plain weight."""
+        only in training, with a fresh key per call. A merged layer returns base(x). On the fused
+        path (a plain nn.Linear base) and in bat mode, ValueError / TypeError name a bad shape or
+        dtype (from the miss ops); with any other base (hooks, subclass, parametrization) the base
+        runs first and raises its own error for a bad x (torch's RuntimeError for nn.Linear).
+        RuntimeError for a bat layer whose base has since gained hooks, a parametrization or a
+        non-plain weight; TypeError under torch.fx.symbolic_trace, or for a base that returns no
+        tensor."""
         if self.merged:
             return self.base_layer(x)
         if not torch.jit.is_scripting():
@@ -636,7 +656,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is sharded
         (tensor parallelism): between forwards its weight is a shard, and after a forward that
         left it unsharded it is FSDP's gathered copy, which the next reshard drops with the merge
-        (modules.fsdp_managed)."""
+        (modules.fsdp_managed). A layer already merged: UserWarning, nothing done. Source:
+        docs/miss.md, "Merging"; PEFT's MissLinear.merge (its NaN message)."""
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return
@@ -657,7 +678,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def unmerge(self) -> None:
         """W <- W - dW (bat: W <- (W - B)(I + B)^-1 per tile, after checking every I + B_i is well
         conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
-        rounding."""
+        rounding. Subtracts the dW of the block as it is now (a block changed while merged leaves
+        the weight off by the change). ValueError, too, where the weight cannot be written (a
+        parametrized, tensor-subclass, non-floating or meta weight, one that is not a parameter or
+        buffer of the base, FSDP2). Not merged: UserWarning,
+        nothing done."""
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")
             return

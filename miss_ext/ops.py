@@ -12,8 +12,11 @@ Conventions shared by every op below:
 - Dropout (adapter branch only): probability p in [0, 1] and an int64 key [seed, offset] of
   shape (2,) on the data's device, from `new_dropout_key(x.device)`; with p == 0 the key may be
   None. The mask is a pure function of (key, row, column), the same on CPU and CUDA.
-- Errors: ValueError for bad shapes, r, mini_r, p, keys and devices, TypeError for bad dtypes,
-  each naming the value; nothing is written on error.
+- Errors: ValueError for bad shapes, r, mini_r, p, keys and devices, TypeError for bad dtypes
+  (a non-int64 key included), each naming the value; nothing is written on error. RuntimeError
+  from an op without autograd (the in-place ones, bat_transform, the bat unmerge) given a tensor
+  that requires grad, and from an in-place op writing an inference tensor outside inference mode.
+- Sources: per op below (docs/miss.md sections; PEFT: peft/tuners/miss/layer.py).
 """
 from typing import Optional
 
@@ -22,7 +25,8 @@ from torch import Tensor
 
 def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
     """A fresh dropout key for the miss ops: int64 tensor [seed, offset] of shape (2,) on `device`
-    (default: the CPU), which must be the device of the data it masks (`new_dropout_key(x.device)`;
+    (default: torch's default device, the CPU unless torch.set_default_device changed it), which
+    must be the device of the data it masks (`new_dropout_key(x.device)`;
     the ops raise ValueError for a key on another device).
 
     Drawn with `torch.randint` from that device's default generator, so `torch.manual_seed`
@@ -39,10 +43,12 @@ def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
     """S[..., j] = sum of dropout(x)[..., i] over i mod r == j, shape (..., r): MiSS's input fold.
 
     x (..., in), any supported float dtype; r >= 1 (r > in and in % r != 0 are allowed: the
-    missing columns count as zeros). dtype: of S (default x's); the sums accumulate in float32
-    (float64 for float64). With p > 0, key = new_dropout_key(x.device). Differentiable (its
-    adjoint is tile_add). ValueError for r < 1, a scalar x, a bad p, or a key on another device
-    or of another size; TypeError for a non-float x or dtype, or a non-int64 key."""
+    missing columns count as zeros). dtype: of S (default x's); the sums accumulate in float32,
+    in float64 only for a float64 x (dtype=torch.float64 does not widen them). p in [0, 1]; with
+    p > 0, key = new_dropout_key(x.device). Differentiable to any order (its adjoint is
+    tile_add). ValueError for r < 1, a scalar x, a p outside [0, 1], a missing key for p > 0, or
+    a key on another device or of another size; TypeError for a non-float x or dtype, or a
+    non-int64 key. Source: docs/miss.md, "Default and mini" (PEFT's zero-padded reshape and sum)."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
@@ -54,9 +60,10 @@ def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key:
     matrices and src's P rows tile out's rows too (merge); sizes need not divide (the last tile
     is partial). Any supported float dtypes; one rounding to out's dtype. With p > 0, key =
     new_dropout_key(out.device); the mask is indexed by out's (row, column). Not differentiable
-    (see tile_add). ValueError for a src without out's leading sizes (unless both are
-    matrices), an empty src for a non-empty out, src sharing memory with out, or a bad p or
-    key; TypeError for non-float tensors or a non-int64 key."""
+    (see tile_add). Returns None. ValueError for a src without out's leading sizes (unless both
+    are matrices), a 0-dim out or src, an empty src for a non-empty out, src sharing memory with
+    out, or a bad p or key; TypeError for non-float tensors or a non-int64 key. Source:
+    docs/miss.md, "Default and mini" (dx's adapter part; mini's tiling; merge's dW)."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)
 
 
@@ -68,8 +75,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor, p: 
     or (r, mini_r). Returns y (..., out) in x's dtype: the base GEMM rounds in x's dtype, the
     adapter term is computed in the block's dtype, and the sum is rounded once (PEFT's
     precision). With p > 0, key = new_dropout_key(x.device). Differentiable in x, weight, bias
-    and block. ValueError for mismatched shapes, mini_r not dividing out, a bad p or key;
-    TypeError for mixed or non-float dtypes."""
+    and block, to any order. ValueError for mismatched shapes, a scalar x, a block that is not
+    2-D, mini_r not dividing out, out == 0 with a (r, out) block, a bad p or key; TypeError for
+    non-float tensors or x, weight and bias of different dtypes (the block may differ). Source:
+    docs/miss.md, "Default and mini" and "Precision"; PEFT's MissLinear.forward."""
     return torch.ops.miss.linear(x, weight, bias, block, p, key)
 
 
@@ -81,7 +90,9 @@ def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
     (W' - B)(I + B)^-1, whose (I + B_i)^-1 is computed in float64 and applied in float32 (float64
     for float64 data); the bat reverse is not differentiable (RuntimeError if a gradient is
     needed) and raises ValueError, naming the block, where I + B_i is not finite or is
-    ill-conditioned. ValueError for a block that does not fit weight."""
+    ill-conditioned (condition number > 1e4). weight (out, in); block (r, out), (r, mini_r) or
+    (out/r, r, r), any float dtypes. ValueError for a block that does not fit weight; TypeError
+    for non-float tensors. Source: docs/miss.md, "Merging"."""
     return torch.ops.miss.merge(weight, block, reverse)
 
 
@@ -90,7 +101,8 @@ def merge_(weight: Tensor, block: Tensor, reverse: bool = False) -> None:
 
     Bat unmerge first checks that every I + B_i is finite and well conditioned (ValueError naming
     the block, weight unchanged); this check reads values on the host. A block that overlaps
-    weight in memory is refused (ValueError, weight unchanged). Other errors as merge."""
+    weight in memory is refused (ValueError, weight unchanged). Returns None. Other errors as
+    merge; RuntimeError if weight or block requires grad (use merge, or torch.no_grad())."""
     torch.ops.miss.merge_(weight, block, reverse)
 
 
@@ -102,7 +114,9 @@ def bat_weight(weight: Tensor, block: Tensor, dtype: Optional[torch.dtype] = Non
     if either is float64, or dtype is). Differentiable in weight and block; several bat adapters
     compose as bat_weight(bat_weight(W, B1, t), B2, t) with t = torch.promote_types of the three
     dtypes (PEFT's W + delta dtype; the default, the block's dtype, would round a float32 base's
-    W' to a bf16 block's dtype). ValueError for a block that does not fit weight."""
+    W' to a bf16 block's dtype). ValueError for a block that is not 3-D or does not fit
+    weight; TypeError for non-float tensors or dtype. Source: docs/miss.md, "Bat"; PEFT's bat
+    get_delta_weight (W + delta)."""
     return torch.ops.miss.bat_weight(weight, block, dtype)
 
 
@@ -116,7 +130,9 @@ def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
     dtype of PEFT's W + delta, promote(weight.dtype, block.dtype) (x, weight and bias each
     rounded once to it) unless compute_dtype names another (opt-in lower precision; autocast
     uses it). Differentiable in x, weight, bias and block, each gradient in its input's dtype;
-    W' is never saved for the backward. ValueError / TypeError as linear."""
+    W' is never saved for the backward. ValueError for mismatched shapes or a block that is
+    not (out/r, r, r); TypeError for non-float tensors or compute_dtype. Source: docs/miss.md,
+    "Bat" and "Precision"; PEFT's bat forward."""
     return torch.ops.miss.bat_linear(x, weight, bias, block, compute_dtype)
 
 
@@ -128,14 +144,16 @@ def bat_transform(w: Tensor, m: Tensor, p: Tensor, dtype: Optional[torch.dtype] 
     keeps the update's rounding error at the update's scale, as PEFT's W + delta).
 
     w (rows, cols), r dividing both; m, p (rows/r, r, r), both float32 or both float64 (the
-    compute dtype). Returns (rows, cols) in `dtype` (default w's). Not differentiable.
-    ValueError for mismatched shapes; TypeError for other m, p dtypes."""
+    compute dtype). Returns (rows, cols) in `dtype` (default w's). Not differentiable
+    (RuntimeError for an input that requires grad; bat_weight is the differentiable form).
+    ValueError for mismatched shapes; TypeError for other m, p dtypes. Source: docs/miss.md,
+    "Bat" and "Merging"."""
     return torch.ops.miss.bat_transform(w, m, p, dtype, residual)
 
 
 def bat_transform_(w: Tensor, m: Tensor, p: Tensor, residual: bool = False) -> None:
-    """bat_transform in place into w (same arguments, no dtype); m and p must not share memory
-    with w (ValueError)."""
+    """bat_transform in place into w (same arguments, no dtype); returns None. m and p must not
+    share memory with w (ValueError); other errors as bat_transform."""
     torch.ops.miss.bat_transform_(w, m, p, residual)
 
 
@@ -155,8 +173,12 @@ def bank_fold(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dropouts: Opt
     row uses. Dropout: dropouts float64 (N,) (slot a's rate in [0, 1]) and key (new_dropout_key on
     x's device) together, or neither; row t's mask is that of fold(x, r_a, dropouts[a], key).
     Returns (..., max_r) in dtype (default x's), summed in float32 (float64 for float64 data).
-    Differentiable in x (once). ValueError/TypeError name a bad argument; on CUDA a bad value in
-    index, ranks or dropouts trips a device-side assertion."""
+    Differentiable in x (once: create_graph=True raises RuntimeError). ValueError for a bad shape,
+    max_r < 1, an index past the slots, a used rank outside [1, max_r], a used rate outside
+    [0, 1], or dropouts without key (or key without dropouts); TypeError for a non-float x or
+    dtype, or index/ranks not int64, dropouts not float64; each names the argument. On CUDA a
+    bad value in index, ranks or dropouts trips a device-side assertion instead. Source:
+    miss_ext/bank.py (issue 14); each row is fold's, docs/miss.md "Default and mini"."""
     return torch.ops.miss.bank_fold(x, index, ranks, max_r, dropouts, key, dtype)
 
 
@@ -170,15 +192,20 @@ def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor,
     bank_fold(x, index, ranks, R) (per_row_fold=True: any rank up to R); bank (N, r_cap, q_cap),
     float32 or y's dtype, slot a's block in [:ranks[a], :periods[a]] (periods[a] = out in the
     default mode, mini_r in the mini mode); ranks, periods int64 (N,); index int64 with y's
-    leading sizes. Differentiable in y, s and bank (once). ValueError/TypeError name a bad
-    argument (a rank not dividing R without per_row_fold: a fold at R cannot give it); on CUDA a
-    bad value in ranks, periods or index trips a device-side assertion."""
+    leading sizes. Returns (..., out) in y's dtype. Differentiable in y, s and bank (once:
+    create_graph=True raises RuntimeError). ValueError for a bad shape, an index past the slots,
+    a used rank outside [1, min(r_cap, R)] (or not dividing R without per_row_fold: a fold at R
+    cannot give it), a used period outside [1, q_cap] or not dividing out; TypeError for a
+    non-float y, a bank neither float32 nor y's dtype, an s not in the bank's dtype, or
+    non-int64 ranks, periods or index; each names the argument. On CUDA a bad value in ranks,
+    periods or index trips a device-side assertion instead. Source: miss_ext/bank.py (issue 14)."""
     return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, per_row_fold)
 
 
 def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
               per_row_fold: bool = False) -> None:
-    """bank_add in place into y (not differentiable); arguments and errors as bank_add."""
+    """bank_add in place into y (not differentiable); returns None; arguments and errors as
+    bank_add."""
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, per_row_fold)
 
 

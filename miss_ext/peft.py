@@ -223,12 +223,16 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     @property
     def weight(self) -> Tensor:
+        """PEFT's: the base layer's weight; under a parent that reads it for a fast path of its own
+        (nn.TransformerEncoderLayer), its metadata only (dtype, device, shape; computing with it
+        raises RuntimeError), so the parent calls the layer."""
         if self._base_tensors_as_metadata:
             return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "weight")
         return super().weight
 
     @property
     def bias(self) -> Optional[Tensor]:
+        """As `weight`, for the base layer's bias (None without one)."""
         if self._base_tensors_as_metadata:
             return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "bias")
         return super().bias
@@ -248,6 +252,20 @@ class AcceleratedMissLinear(PeftMissLinear):
         return [a for a in self.active_adapters if a in self.miss_block]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """PEFT's MissLinear.forward on the miss ops: x (..., in_features) -> (..., out_features)
+        in x's dtype; active bat adapters act on the weight first, in order, then the default/mini
+        terms are added (docs/miss.md, "Several adapters on one layer"). A base that is not a plain
+        nn.Linear (quantized, hooked, subclassed) runs PEFT's own forward, extra arguments too.
+
+        adapter_names= (a list of str, one per sequence, "__base__" for the base): each row with
+        its own adapter (miss.bank_fold + miss.bank_add); rows naming an adapter this layer lacks
+        get the base output. Errors: TypeError for alora_offsets=, extra arguments to a plain
+        nn.Linear base, adapter_names that is not a list of str, or a row naming a bat adapter;
+        ValueError for adapter_names of another length than x.shape[0], adapter_names while some
+        adapter is merged, a merged layer whose merged adapters are not exactly its active ones
+        (huggingface/peft#3756), or a recompute inside backward() (activation checkpointing) of
+        an input a call with adapter_names= saw; on a plain nn.Linear base the miss ops' ValueError /
+        TypeError for a bad x."""
         refuse_per_row_arguments(kwargs, f"{type(self).__name__}.forward")
         for name in _PER_ROW_ARGUMENTS:  # None means "not given", as at model level
             if name in kwargs and kwargs[name] is None:
@@ -451,6 +469,13 @@ class AcceleratedMissLinear(PeftMissLinear):
         return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        """PEFT's MissLinear.merge on the miss ops: merges `adapter_names` (default: the active
+        adapters; one named twice merges once) into the base weight, bat adapters first in the
+        active order. With safe_merge the merged weight is built in a copy and a non-finite value
+        raises ValueError, the weight untouched. ValueError, nothing written, for a base weight
+        shared with another module, a base that cannot take a merge (modules.merge_refusal), or a
+        bat adapter on top of merged default/mini adapters or of a merged bat adapter the forward
+        applies after it. Quantized bases keep PEFT's merge code. Source: docs/miss.md, "Merging"."""
         with _merging():  # planned and written as one step (another thread may merge too)
             self._merge_holding_lock(safe_merge, adapter_names)
 
@@ -487,6 +512,10 @@ class AcceleratedMissLinear(PeftMissLinear):
                     torch.ops.miss.merge(weight.new_zeros(weight.shape[0], block.shape[1]), block, True)
 
     def unmerge(self) -> None:
+        """PEFT's MissLinear.unmerge on the miss ops: every merged adapter, last merged first (bat:
+        W = (W' - B)(I + B)^-1). All or nothing: ValueError, nothing written, where a merged bat
+        block's I + B_i is singular, ill-conditioned or not finite, or the weight cannot be
+        written. Not merged: UserWarning, nothing done. Quantized bases keep PEFT's code."""
         # An unmerge only needs a plain weight to write (not a plain forward, as a merge does), so
         # a layer merged while plain and hooked since is unmerged here too: PEFT's code would
         # apply one adapter's mode to all and pop merged_adapters before it computes.
@@ -775,17 +804,26 @@ class AcceleratedMissModel(MissModel):
                                "between calls (nothing was changed)")
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=
+        runs on this model."""
         with _NAMES_LOCK:  # no names call starts until the adapter is gone
             self._refuse_during_names_call(f"delete_adapter({adapter_name!r})")
             super().delete_adapter(adapter_name)
 
     def merge_adapter(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = False) -> None:
+        """PEFT's merge_adapter, all or nothing: every layer's merge checks (and with safe_merge its
+        merged weight) run before any layer changes; ValueError naming the layer otherwise, or for
+        adapter_names naming no adapter of the model. A failure after the checks undoes this call's
+        merges. RuntimeError while a call with adapter_names= runs."""
         self._refuse_during_names_call("merge_adapter")
         self._check_merge(adapter_names, safe_merge)
         with self._undo_merges_on_error():
             super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        """PEFT's unmerge_adapter, all or nothing: every layer's unmerge checks run first
+        (ValueError naming the layer, nothing unmerged); a failure after them merges back the
+        layers unmerged so far. RuntimeError while a call with adapter_names= runs."""
         # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes,
         # and should a layer's unmerge fail after them (out of memory, an interrupt), the layers
         # unmerged so far are merged again before the error propagates.
@@ -849,10 +887,13 @@ def _refuse_blocks_of_another_mode(model: nn.Module) -> None:
 
 def accelerate(model: nn.Module) -> nn.Module:
     """Makes every PEFT MiSS layer of the model run on the miss ops, in place; returns the model.
-    Raises ValueError if the model has no PEFT MissLinear layer. Also swaps PEFT's MissModel
-    tuner (if the model holds one) to AcceleratedMissModel, and records which layers' base
-    weights are shared with other modules (their merge is refused); calling it again refreshes
-    that record."""
+    Raises ValueError if the model has no PEFT MissLinear layer (accelerated or not). Also swaps
+    PEFT's MissModel tuner (if the model holds one) to AcceleratedMissModel, and records which
+    layers' base weights are shared with other modules (their merge is refused); calling it
+    again refreshes that record. UserWarning for adapters that never run (on
+    nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers without their tuner
+    (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
+    (peft/tuners/miss); where they differ: the module docstring and docs/miss.md, last section."""
     named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
     if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")

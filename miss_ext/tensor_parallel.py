@@ -393,7 +393,11 @@ class MissColwiseParallel(ColwiseParallel):
     miss_block Shard(1) (default mode), Replicate (mini: every shard of out must start at a
     multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world
     (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
-    modules go to torch's style."""
+    modules go to torch's style. Keyword arguments: torch's ColwiseParallel's, plus check_keys
+    (compare each training call's dropout key across ranks, RuntimeError on every rank where they
+    differ: a debugging aid, two tiny collectives and a host sync per layer). Also ValueError for
+    a mesh that is not 1-D, a merged layer or one already tensor-parallel; TypeError for a base
+    that is not a plain nn.Linear; RuntimeError on torch older than MIN_TORCH (2.14)."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -441,7 +445,8 @@ class MissRowwiseParallel(RowwiseParallel):
     a Partial sum, reduced with the base output by the one all-reduce the layer does anyway; that
     needs every shard of in to start at a multiple of r and no dropout. Otherwise the fold's
     strategy all-gathers x (correct, costs tokens x in per layer and step; warned here).
-    Bat needs in % (r * world) == 0 and (out / r) % world == 0 (ValueError otherwise)."""
+    Bat needs in % (r * world) == 0 and (out / r) % world == 0 (ValueError otherwise).
+    Keyword arguments, check_keys and the other errors: as MissColwiseParallel."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)

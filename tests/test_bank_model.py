@@ -267,7 +267,8 @@ def test_apply_bank_refuses_a_bad_size_before_freezing_the_model(folders, name, 
     base, _ = folders
     model = copy.deepcopy(base).requires_grad_(True)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=f"MissBankLinear {name} must be a positive int, got {value!r}"):
+    error = ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError  # as MissLinear's r
+    with pytest.raises(error, match=f"MissBankLinear {name} must be a positive int, got {value!r}"):
         miss_ext.apply_bank(model, ["q_proj"], **{"capacity": 2, "max_r": 4, name: value})
     assert_unchanged(model, snap)
     assert all(p.requires_grad for p in model.parameters())
@@ -354,6 +355,15 @@ def test_apply_bank_refuses_what_no_bank_layer_could_hold(tmp_path):
                                          r"cannot hold an adapter"):
         miss_ext.apply_bank(model, ["q_proj"], capacity=2, max_r=4)
     assert not miss_ext.bank_model.bank_layers(model) and all(p.requires_grad for p in model.parameters())
+    # A module of another type is a TypeError, as in apply_miss; a bank layer already a ValueError.
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 3, 1), torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"apply_bank: these selected modules are not nn.Linear layers: 0 \(Conv1d\)"):
+        miss_ext.apply_bank(model, ["0", "1"], capacity=2, max_r=2)
+    with pytest.raises(TypeError, match="MiSS adapts torch.nn.Linear layers only"):
+        miss_ext.apply_miss(model, ["0"], r=2)
+    miss_ext.apply_bank(model, ["1"], capacity=2, max_r=2)
+    with pytest.raises(ValueError, match=r"apply_bank: these selected modules are bank layers already: 1"):
+        miss_ext.apply_bank(model, ["1"], capacity=2, max_r=2)
 
 
 def test_state_dict_round_trip_keeps_the_slots(folders):
