@@ -647,12 +647,14 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
+    # As apply_miss: the file's modules_to_save and biases train, with freeze_others or without
+    # (a base frozen by the user would otherwise keep the head it records frozen: saved, never
+    # trained); earlier modules_to_save this file does not list keep a frozen state.
+    earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+    earlier = extras_requires_grad(model, earlier_paths)
     if freeze_others:
-        # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
-        earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
-        earlier = extras_requires_grad(model, earlier_paths)
         freeze_all_but_blocks(model)
-        mark_extras_trainable(model)
-        keep_earlier_frozen(model, earlier_paths, earlier, bias)
+    mark_extras_trainable(model)
+    keep_earlier_frozen(model, earlier_paths, earlier, bias)
     record_shared_weights(model)
     return wrapped

@@ -524,6 +524,15 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     _check_init_weights(init_weights)
     save_paths = _plan_modules_to_save(model, modules_to_save, found)
     recorded = trainable_extras(model)
+    # The reverse of _plan_modules_to_save's check, across calls: an earlier call's modules_to_save
+    # is trained and saved whole, so it cannot take an adapter now (its weight would be frozen
+    # silently, and the saved config would name it twice, which neither load_adapter nor PEFT loads).
+    saved_whole = [name for name, _ in found for p in recorded["modules_to_save"]
+                   if name == p or name.startswith(p + ".")]
+    if saved_whole:
+        raise ValueError(f"{describe(saved_whole)}: an earlier apply_miss/load_adapter call recorded "
+                         f"{describe(recorded['modules_to_save'])} as modules_to_save (trained and saved whole); a "
+                         "module cannot be both adapted and saved whole")
     if bias != "none" and recorded["bias"] not in ("none", bias):
         raise ValueError(f"bias={bias!r}, but an earlier call on this model set bias={recorded['bias']!r}; one PEFT "
                          "adapter config has one bias value")

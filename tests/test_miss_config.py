@@ -341,6 +341,19 @@ def test_modules_to_save_refusals_on_shared_or_adapted_modules(bases):
         miss_ext.apply_miss(model, ["gate_proj"], r=R, bias="MiSS_only")
     assert_unchanged(model, snap)
 
+    # Across calls too: an earlier call's modules_to_save is trained and saved whole, so a later
+    # call cannot adapt it (or a layer inside it). It used to be adapted, its weight frozen without a
+    # word, and save_adapter wrote a config naming it twice, which neither loader took.
+    model = miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], r=R,
+                                modules_to_save=["lm_head", "model.layers.1.mlp"])
+    snap = snapshot(model)
+    for targets in (["lm_head"], ["gate_proj"], r".*\.1\.mlp\.up_proj"):
+        with pytest.raises(ValueError, match=r"an earlier apply_miss/load_adapter call recorded "
+                                             r"model\.layers\.1\.mlp, lm_head as modules_to_save"):
+            miss_ext.apply_miss(model, targets, r=R)
+        assert_unchanged(model, snap)
+    miss_ext.apply_miss(model, ["model.layers.0.mlp.gate_proj"], r=R)  # outside them: fine
+
 
 def test_unmatched_exclude_and_modules_to_save_warn(bases):
     with pytest.warns(UserWarning, match=r"exclude_modules=\['nothing'\] matches no module"):

@@ -486,6 +486,11 @@ def test_peft_modules_to_save_and_biases_load_too(base, tmp_path):
     model = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
     assert model.lm_head.weight.requires_grad
+    # Without freeze_others too, into a base the user froze: the head and biases the file trains
+    # train (they used to stay frozen, recorded for save_adapter but never trained).
+    frozen = miss_ext.load_adapter(copy.deepcopy(base).requires_grad_(False), tmp_path, freeze_others=False)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad} and "lm_head.weight" in trainable
     with pytest.raises(ValueError, match="also trains modules_to_save"):
         miss_ext.export_lora(reference, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
