@@ -68,6 +68,18 @@ def test_non_finite_blocks(saved):
     _expect_refused(saved, r"(?i)non-finite|nan")
 
 
+def test_saving_non_finite_blocks_warns(tmp_path):
+    """save_adapter writes a diverged run's blocks (worth keeping to look at) but says so, naming
+    them: load_adapter refuses that file."""
+    model = _model()
+    miss_ext.apply_miss(model, ["0", "2"], r=4, init_weights=False)
+    with torch.no_grad():
+        model[2].miss_block[1, 2] = float("inf")
+    with pytest.warns(UserWarning, match=r"save_adapter: 2\.miss_block hold non-finite values"):
+        miss_ext.save_adapter(model, tmp_path)
+    _expect_refused(tmp_path, r"(?i)non-finite|nan")
+
+
 def test_missing_config(saved):
     (saved / CONFIG).unlink()
     _expect_refused(saved, r"adapter_config\.json", Exception)
