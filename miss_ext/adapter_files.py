@@ -275,17 +275,22 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         return
     _warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
                              + list(saved_extras.values()))
-    # Written anyway (a diverged run may be worth keeping to look at), but said: load_adapter
-    # refuses such a file, and every output of such a layer is non-finite.
-    broken = [key[len(KEY_PREFIX):] for key, t in tensors.items()
-              if t.is_floating_point() and not bool(t.isfinite().all())]
-    if broken:
-        warnings.warn(f"save_adapter: {describe(broken)} hold non-finite values (NaN or inf): training diverged? "
-                      "load_adapter refuses such a file", stacklevel=2)
+    warn_non_finite(tensors, "save_adapter")
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
                             modules_to_save=list(save_paths) or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
+
+
+def warn_non_finite(tensors: Dict[str, Tensor], who: str) -> None:
+    """A file's tensors with NaN or inf are written anyway (a diverged run may be worth keeping to
+    look at), but said, naming them: load_adapter refuses such a file, and every output of such a
+    layer is non-finite."""
+    broken = [key[len(KEY_PREFIX):] for key, t in tensors.items()
+              if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        warnings.warn(f"{who}: {describe(broken)} hold non-finite values (NaN or inf): training diverged? "
+                      "load_adapter refuses such a file", stacklevel=3)
 
 
 def block_sources(layer: MissLinear) -> List[Tensor]:

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
-                            adapter_config, base_model_name, meta_problem, read_adapter, write_adapter, KEY_PREFIX)
+                            adapter_config, base_model_name, meta_problem, read_adapter, warn_non_finite, write_adapter,
+                            KEY_PREFIX)
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
 from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_offloaded, unwrap_model, writes_here)
@@ -396,6 +397,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
                             task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
+    warn_non_finite(tensors, "save_bank_adapter")
     write_adapter(path, tensors, config)
 
 

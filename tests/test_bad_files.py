@@ -78,6 +78,13 @@ def test_saving_non_finite_blocks_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"save_adapter: 2\.miss_block hold non-finite values"):
         miss_ext.save_adapter(model, tmp_path)
     _expect_refused(tmp_path, r"(?i)non-finite|nan")
+    bank = _model()
+    miss_ext.apply_bank(bank, ["0", "2"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(bank, "a", r=4)
+    with torch.no_grad():
+        bank[0].block("a")[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"save_bank_adapter: 0\.miss_block hold non-finite values"):
+        miss_ext.save_bank_adapter(bank, "a", tmp_path / "bank")
 
 
 def test_missing_config(saved):
