@@ -19,8 +19,8 @@ from torch.nn.utils import parametrize
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors, trainable_extras,
-                    shared_before_wrapping, unwrap_model, warn_shared, writes_here)
+                    parent_module, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors, saved_whole_problem,
+                    shared_before_wrapping, trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
                       refuse_meta, reshard_fsdp)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
@@ -290,7 +290,7 @@ def warn_non_finite(tensors: Dict[str, Tensor], who: str) -> None:
               if t.is_floating_point() and not bool(t.isfinite().all())]
     if broken:
         warnings.warn(f"{who}: {describe(broken)} hold non-finite values (NaN or inf): training diverged? "
-                      "load_adapter refuses such a file", stacklevel=3)
+                      "(load_adapter refuses non-finite blocks)", stacklevel=3)
 
 
 def block_sources(layer: MissLinear) -> List[Tensor]:
@@ -624,6 +624,11 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
     problems += block_problems + copy_problems + extra_problems
+    earlier_saved = [p for p in trainable_extras(model)["modules_to_save"] if p not in save_paths]
+    whole = saved_whole_problem([name for name, module, _ in plan if not isinstance(module, MissLinear)],
+                                earlier_saved)
+    if whole is not None:
+        problems.append(whole)
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
     bias = check_bias(config.get("bias", "none"))
@@ -659,14 +664,17 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
-    # As apply_miss: the file's modules_to_save and biases train, with freeze_others or without
-    # (a base frozen by the user would otherwise keep the head it records frozen: saved, never
-    # trained); earlier modules_to_save this file does not list keep a frozen state.
-    earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
-    earlier = extras_requires_grad(model, earlier_paths)
     if freeze_others:
+        # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
+        earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+        earlier = extras_requires_grad(model, earlier_paths)
         freeze_all_but_blocks(model)
-    mark_extras_trainable(model)
-    keep_earlier_frozen(model, earlier_paths, earlier, bias)
+        mark_extras_trainable(model)
+        keep_earlier_frozen(model, earlier_paths, earlier, bias)
+    else:
+        # What this file trains beside the blocks trains (a base frozen by the user would otherwise
+        # keep the head the file records frozen: saved, never trained); nothing else changes.
+        for param in extra_parameters(model, {"modules_to_save": save_paths, "bias": bias}).values():
+            param.requires_grad_(True)
     record_shared_weights(model)
     return wrapped

@@ -331,6 +331,18 @@ def check_bias(bias: object) -> str:
                      "'MiSS_only' (the biases of the adapted layers), as PEFT's MissConfig")
 
 
+def saved_whole_problem(new_layers: Sequence[str], recorded: Sequence[str]) -> Optional[str]:
+    """The reverse of _plan_modules_to_save's check, across calls: an earlier call's modules_to_save
+    is trained and saved whole, so none of the layers an apply_miss or load_adapter call would newly
+    adapt may be (or lie inside) one (its weight would be frozen silently, and the saved config would
+    name it twice, which neither load_adapter nor PEFT loads). The message, or None."""
+    inside = [name for name in new_layers if any(name == p or name.startswith(p + ".") for p in recorded)]
+    if not inside:
+        return None
+    return (f"{describe(inside)}: an earlier apply_miss/load_adapter call recorded {describe(recorded)} as "
+            "modules_to_save (trained and saved whole); a module cannot be both adapted and saved whole")
+
+
 def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]:
     """The module paths PEFT would wrap as modules_to_save, checked: none may be or hold an adapter
     layer, be nested in another, or share parameters with other modules (PEFT trains a separate
@@ -524,15 +536,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     _check_init_weights(init_weights)
     save_paths = _plan_modules_to_save(model, modules_to_save, found)
     recorded = trainable_extras(model)
-    # The reverse of _plan_modules_to_save's check, across calls: an earlier call's modules_to_save
-    # is trained and saved whole, so it cannot take an adapter now (its weight would be frozen
-    # silently, and the saved config would name it twice, which neither load_adapter nor PEFT loads).
-    saved_whole = [name for name, _ in found for p in recorded["modules_to_save"]
-                   if name == p or name.startswith(p + ".")]
-    if saved_whole:
-        raise ValueError(f"{describe(saved_whole)}: an earlier apply_miss/load_adapter call recorded "
-                         f"{describe(recorded['modules_to_save'])} as modules_to_save (trained and saved whole); a "
-                         "module cannot be both adapted and saved whole")
+    problem = saved_whole_problem([name for name, _ in found], recorded["modules_to_save"])
+    if problem is not None:
+        raise ValueError(problem)
     if bias != "none" and recorded["bias"] not in ("none", bias):
         raise ValueError(f"bias={bias!r}, but an earlier call on this model set bias={recorded['bias']!r}; one PEFT "
                          "adapter config has one bias value")

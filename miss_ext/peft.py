@@ -26,9 +26,10 @@ the spec's intent instead:
 - merges and unmerges are all or nothing: every layer's checks (with safe_merge, every merged
   weight) run before any layer changes, a failure after them undoes the call's merges, and
   merge_and_unload merges every layer before it unloads any;
-- a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging), and a failed
-  add_adapter leaves no block behind (AcceleratedMissModel.inject_adapter; accelerate refuses a
-  model holding such a block).
+- a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging; not under
+  PEFT's disable_adapter(), see there), and a failed add_adapter leaves no block behind, nor do
+  earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
+  a block whose shape says another mode than its config).
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
 arguments) keep PEFT's forward; merging into them is refused, but for quantized backends, which
 keep PEFT's merge and unmerge code; an unmerge only needs a plain weight, so a layer hooked
@@ -164,6 +165,22 @@ _MERGE_LOCK = threading.RLock()
 _MODEL_CALL = contextvars.ContextVar("miss_ext_peft_model_call", default=None)
 
 
+@contextmanager
+def _model_call(model: nn.Module, names: Optional[List[str]]):
+    # Dynamo cannot trace a ContextVar's set/reset ("ContextVar mutation not supported"), which
+    # broke torch.compile(fullgraph=True) and strict torch.export of the whole PeftModel: under
+    # them the call is not recorded, and the layers' per-layer refusals stay as before (a refusal
+    # from a compiled graph may come after a disabled merged layer has unmerged).
+    if torch.compiler.is_compiling():
+        yield
+        return
+    token = _MODEL_CALL.set((model, names))
+    try:
+        yield
+    finally:
+        _MODEL_CALL.reset(token)
+
+
 def _merging():
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _MERGE_LOCK
 
@@ -277,7 +294,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged and not self.disable_adapters:
             self._refuse_partial_merge()
-        if self.merged and self.disable_adapters:
+        if self.merged and self.disable_adapters and not torch.compiler.is_compiling():
             call = _MODEL_CALL.get()
             if call is not None:
                 call[0]._check_before_unmerging(call[1])
@@ -593,6 +610,14 @@ def _merge_back(layer: AcceleratedMissLinear, merged: List[str]) -> None:
         layer.merge(adapter_names=[name])
 
 
+def _drop_adapter_entries(layer: PeftMissLinear, adapter_name: str) -> None:
+    # As PEFT's BaseTunerLayer.delete_adapter, without its choice of a new active adapter: the
+    # name is not an adapter of the model (a failed or stale injection).
+    for attr in layer.adapter_layer_names + layer.other_param_names:
+        if adapter_name in getattr(layer, attr):
+            del getattr(layer, attr)[adapter_name]
+
+
 def _miss_layers(model: nn.Module, cls: type) -> list:
     return [m for m in model.modules() if type(m) is cls]
 
@@ -619,11 +644,8 @@ class AcceleratedMissModel(MissModel):
         refuse_per_row_arguments(kwargs, where)
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
-            token = _MODEL_CALL.set((self, None))
-            try:
+            with _model_call(self, None):
                 yield
-            finally:
-                _MODEL_CALL.reset(token)
             return
         names = check_adapter_names(adapter_names, where)
         # One pass over the model: the adapters its layers hold, layers left unaccelerated, and
@@ -697,11 +719,8 @@ class AcceleratedMissModel(MissModel):
                             partial(_adapter_names_hook, holder={"names": names}), with_kwargs=True))
             if callable(original):
                 inner.__dict__["generate"] = generate
-            token = _MODEL_CALL.set((self, names))
-            try:
+            with _model_call(self, names):
                 yield
-            finally:
-                _MODEL_CALL.reset(token)
         finally:
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
@@ -720,35 +739,50 @@ class AcceleratedMissModel(MissModel):
         on its shape; the accelerated layers, which read each adapter's mode from its block's shape,
         would run and train it on modules the adapter's config does not target. Here those blocks
         are removed, and the layers the call created replaced by their base layers again, before
-        the error propagates."""
-        before = {id(m): set(m.miss_block.keys()) for m in model.modules() if isinstance(m, PeftMissLinear)}
+        the error propagates.
+
+        PEFT injects new names only (add_adapter refuses a name it has), so a block that already
+        carries the name is such a leftover, of a failure before this model was accelerated:
+        one the new adapter does not replace (a module its config does not target) is removed
+        too, on success or failure."""
+        layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
+        stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
         try:
-            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+            result = super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
+            known = {id(m) for m in layers}
             for path, layer in list(model.named_modules()):
                 if not isinstance(layer, PeftMissLinear):
                     continue
-                if id(layer) not in before:  # created by this call: the base layer goes back in its place
+                if id(layer) not in known:  # created by this call: the base layer goes back in its place
                     setattr(parent_module(model, path), path.rsplit(".", 1)[-1], layer.get_base_layer())
-                elif adapter_name not in before[id(layer)]:
-                    for attr in layer.adapter_layer_names + layer.other_param_names:
-                        if adapter_name in getattr(layer, attr):
-                            del getattr(layer, attr)[adapter_name]
+                else:
+                    _drop_adapter_entries(layer, adapter_name)
             raise
+        for layer in layers:
+            if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
+                _drop_adapter_entries(layer, adapter_name)
+        return result
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
         """Called by a disabled, merged layer of this model's running forward before it unmerges
         (PEFT's forward rule): the refusals that depend only on the layers' state (a partial merge,
-        or merged or bat adapters under adapter_names=) are checked on every enabled layer first,
-        so that one of them cannot stop the call after that layer and earlier ones changed their
-        weights. Only then: a model with some layers disabled and others not (add_adapter on new
-        modules of a disabled model, or layer-level enable_adapters) and merged weights."""
+        or merged or bat adapters under adapter_names=, on the enabled layers; an unmerge that
+        would be refused, on the disabled merged ones) are checked on every layer first, so that
+        one of them cannot stop the call after that layer and earlier ones changed their weights.
+        Only reached from PeftModel's forward/generate with the tuner's hook entered, which PEFT
+        skips under model.disable_adapter(): there every layer is disabled, and a bat unmerge
+        refused by a later layer leaves the earlier ones unmerged (their output is the base's
+        either way)."""
         where = "PEFT MiSS model forward/generate"
         for path, layer in self.model.named_modules():
-            if type(layer) is not AcceleratedMissLinear or layer.disable_adapters:
+            if type(layer) is not AcceleratedMissLinear:
                 continue
             try:
-                if names is None:
+                if layer.disable_adapters:
+                    if layer.merged:
+                        layer._check_unmerge()
+                elif names is None:
                     if layer.merged:
                         layer._refuse_partial_merge()
                 else:

@@ -491,6 +491,27 @@ def test_peft_modules_to_save_and_biases_load_too(base, tmp_path):
     frozen = miss_ext.load_adapter(copy.deepcopy(base).requires_grad_(False), tmp_path, freeze_others=False)
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad} and "lm_head.weight" in trainable
+    # ... and only that: an earlier call's biases (bias="all") that the user froze stay frozen when
+    # a file that trains none is loaded without freeze_others.
+    plain = tmp_path / "plain"
+    miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, init_weights=False), plain)
+    earlier = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, bias="all")
+    for name, p in earlier.named_parameters():
+        if name.endswith("bias"):
+            p.requires_grad_(False)
+    before = {n for n, p in earlier.named_parameters() if p.requires_grad}
+    miss_ext.load_adapter(earlier, plain, freeze_others=False)
+    assert {n for n, p in earlier.named_parameters() if p.requires_grad} == before
+    # A file adapting a module inside an earlier call's modules_to_save is refused, nothing loaded.
+    inside = tmp_path / "inside"
+    miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), r".*(q_proj|layers\.1\.mlp\.up_proj)", r=R,
+                                              init_weights=False), inside)
+    holder = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, modules_to_save=["model.layers.1.mlp"])
+    snap = {k: v.clone() for k, v in holder.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: an earlier apply_miss/load_adapter call "
+                                         r"recorded model\.layers\.1\.mlp as modules_to_save"):
+        miss_ext.load_adapter(holder, inside)
+    assert list(holder.state_dict()) == list(snap) and type(holder.model.layers[1].mlp.up_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="also trains modules_to_save"):
         miss_ext.export_lora(reference, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
