@@ -157,8 +157,8 @@ _NAMES_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _MERGE_LOCK = threading.RLock()
 
 
-# The PEFT model call (forward or generate) running in this context, and its adapter_names (None
-# for a plain call): set by AcceleratedMissModel._enable_peft_forward_hooks, which PeftModel's
+# The PEFT model call (forward or generate) running in this context: [tuner, its adapter_names
+# (None for a plain call), checked]. Set by AcceleratedMissModel._enable_peft_forward_hooks, which PeftModel's
 # forward and generate enter. A layer about to change the model during a forward (PEFT's rule:
 # a disabled, merged layer unmerges) first has every other layer checked through it, so that a
 # refusal further on cannot leave the model half changed (see _check_before_unmerging).
@@ -174,7 +174,7 @@ def _model_call(model: nn.Module, names: Optional[List[str]]):
     if torch.compiler.is_compiling():
         yield
         return
-    token = _MODEL_CALL.set((model, names))
+    token = _MODEL_CALL.set([model, names, False])  # the last: checked already in this call
     try:
         yield
     finally:
@@ -296,8 +296,9 @@ class AcceleratedMissLinear(PeftMissLinear):
             self._refuse_partial_merge()
         if self.merged and self.disable_adapters and not torch.compiler.is_compiling():
             call = _MODEL_CALL.get()
-            if call is not None:
+            if call is not None and not call[2]:  # once per call: the next layers' unmerges were checked too
                 call[0]._check_before_unmerging(call[1])
+                call[2] = True
         if (args or kwargs) and self._fast_path():
             # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
