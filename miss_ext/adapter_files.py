@@ -624,7 +624,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist
     problems += block_problems + copy_problems + extra_problems
-    earlier_saved = [p for p in trainable_extras(model)["modules_to_save"] if p not in save_paths]
+    recorded = trainable_extras(model)
+    earlier_saved = [p for p in recorded["modules_to_save"] if p not in save_paths]
     whole = saved_whole_problem([name for name, module, _ in plan if not isinstance(module, MissLinear)],
                                 earlier_saved)
     if whole is not None:
@@ -658,7 +659,6 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         _copy_whole(module.miss_block, block)
     for param, value in extra_plan:
         _copy_whole(param, value)
-    recorded = trainable_extras(model)
     extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
                                                                 if p not in recorded["modules_to_save"]],
               "bias": bias if bias != "none" else recorded["bias"]}

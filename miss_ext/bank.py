@@ -572,18 +572,17 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # The slot tensors go where the module's tensors go (.to(), .cuda(), to_empty(), ...), as
         # buffers would. Module casts (.float(), .half(), .to(torch.bfloat16)) convert every
         # floating tensor, but bank_fold takes the rates in float64 (the exact values the user
-        # gave): rebuilt from self.dropouts after a cast, so training with dropout keeps working.
-        # The forward's rates and routing are derived from the slot lists, so they are refilled
-        # from them after any conversion: to_empty() leaves uninitialised memory in them (ranks and
-        # periods are state, uninitialised like the bank until load_state_dict, as for any module).
+        # gave): back to float64 after a cast. The forward's rates and routing are derived from the
+        # slot lists, so they are refilled from them after any conversion (so training with dropout
+        # keeps working, and to_empty() leaves no uninitialised memory in them; ranks and periods
+        # are state, uninitialised like the bank until load_state_dict, as for any module).
         super()._apply(fn, recurse)
         with torch.no_grad():
             for name in self._SLOT_TENSORS:
                 setattr(self, name, fn(getattr(self, name)))
-        if self._dropouts.dtype != torch.float64:
-            self._rebuild_forward_slot_tensors(self._dropouts.device)
-        else:
-            self._sync_slots()
+            if self._dropouts.dtype != torch.float64:
+                self._dropouts = self._dropouts.to(torch.float64)
+        self._sync_slots()
         return self
 
     def _rebuild_forward_slot_tensors(self, device: torch.device) -> None:

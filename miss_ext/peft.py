@@ -89,7 +89,7 @@ from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_before_dr
                       is_plain_linear, json_tensor, load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
-from .targets import describe, record_sharing, shared_weight_message  # noqa: E402
+from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
@@ -756,7 +756,7 @@ class AcceleratedMissModel(MissModel):
                 if not isinstance(layer, PeftMissLinear):
                     continue
                 if id(layer) not in known:  # created by this call: the base layer goes back in its place
-                    setattr(parent_module(model, path), path.rsplit(".", 1)[-1], layer.get_base_layer())
+                    set_module(model, path, layer.get_base_layer())
                 else:
                     _drop_adapter_entries(layer, adapter_name)
             raise
