@@ -122,6 +122,8 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     """
     if bank.dtype in (torch.float16, torch.bfloat16):
         bank = bank.float()
+    if dropouts is not None:
+        _refuse_bad_rows_before_the_draw(index, ranks)
     key = None if dropouts is None else new_dropout_key(x.device)
     s = torch.ops.miss.bank_fold(x, index, ranks, bank.shape[1], dropouts, key, bank.dtype)
     differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)
@@ -134,6 +136,32 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
         return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, True)
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, True)
     return y
+
+
+def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
+    """On the CPU, the row ids that miss.bank_fold would refuse (an id past the bank, or naming an
+    empty slot), refused before the dropout key is drawn: drawing it advances torch's CPU
+    generator, and a refused call must leave the user's random stream as it found it (the same
+    seed, then the same masks, whether or not a bad batch came in between). The op's own check
+    (csrc/ops/common/checks.cpp) comes after the draw, since the key is one of its inputs. On CUDA
+    a bad id trips a device-side assertion (reading the ids on the host would synchronise), under
+    torch.compile the tracer sees no values, and under torch.func transforms (vmap) the ids may be
+    batched, whose values vmap cannot read: all three skip this."""
+    if (index.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(index) or index.numel() == 0
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return
+    flat = index.reshape(-1)
+    slots = ranks.numel()
+    past = flat >= slots
+    if bool(past.any()):
+        t = int(past.nonzero()[0])
+        raise ValueError(f"miss: bank_fold index[{t}]={int(flat[t])} names no slot of a bank with {slots} slots "
+                         "(a negative index means no adapter)")
+    used = flat >= 0
+    empty = used & (ranks.to(flat.device)[flat.clamp(min=0)] == 0)
+    if bool(empty.any()):
+        t = int(empty.nonzero()[0])
+        raise ValueError(f"miss: bank_fold ranks[{int(flat[t])}]=0 (used by row {t}): the slot holds no adapter")
 
 
 def host_to_device(values: Tensor, device) -> Tensor:

@@ -402,6 +402,32 @@ def test_refusals_name_the_problem():
         bank(torch.randn(2, IN), torch.tensor([0, 1], dtype=torch.int32))
 
 
+def test_a_refused_training_call_with_dropout_leaves_the_random_stream_alone():
+    """A bad row id in training with dropout (an id past the bank, or a free slot's id) is refused
+    before the dropout key is drawn: the CPU generator is where it was, so the next call draws the
+    mask it would have drawn without the bad batch. Before, the key was drawn first and the op
+    refused the ids afterwards, moving the user's random stream on a refused call."""
+    base, bank, singles = make("cpu", capacity=6)
+    bank.add_adapter("e", 4, dropout=0.5)
+    bank.remove_adapter("a")                      # a free slot among used ones
+    free = bank.adapter_names.index(None)
+    bank.train()
+    x = torch.randn(3, IN)
+    good = bank.index_of(["e", "b", None])
+    # (rows, ids, message): one id per row, and per token of (3, 2) rows (flat row 1 is bad).
+    for rows, bad, match in (
+            (x, torch.tensor([0, bank.capacity, -1]), rf"index\[1\]={bank.capacity} names no slot"),
+            (x, torch.tensor([free, 1, -1]), rf"ranks\[{free}\]=0 \(used by row 0\)"),
+            (torch.randn(3, 2, IN), torch.tensor([[1, free], [1, 1], [-1, -1]]),
+             rf"ranks\[{free}\]=0 \(used by row 1\)")):
+        torch.manual_seed(7)
+        with pytest.raises(ValueError, match=match):
+            bank(rows, bad)
+        after_refusal = bank(x, good)
+        torch.manual_seed(7)
+        assert torch.equal(after_refusal, bank(x, good))
+
+
 def test_inductor_memory_planning_pools_are_not_mistaken_for_overlap():
     """Inductor's memory planning carves a bank model's buffers from one pool, so bank_add_'s y and
     the int64 row ids share a storage without overlapping: accepted (a storage-identity check
