@@ -497,7 +497,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                              self._route[adapter_index.clamp(0, last)], adapter_index)
         index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
-        check_base_output(self, y)
+        check_base_output(self, y, x)
         # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
                               self._dropouts if self.training and self._any_dropout else None,

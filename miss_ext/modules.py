@@ -209,15 +209,33 @@ def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
                         "(is_leaf_module), or use torch.export / torch.compile, which trace it")
 
 
-def check_base_output(layer: nn.Module, y: object) -> None:
-    """TypeError unless the base layer of `layer` (MissLinear, MissBankLinear) returned a tensor:
-    an nn.Linear subclass may return more than its output (MoE routers such as PhimoeTopKRouter
-    return (logits, weights, ...), and "all-linear" matches them)."""
+def check_base_output(layer: nn.Module, y: object, x: Tensor) -> None:
+    """For a base layer that computes its own output (not the fused op): TypeError unless the base
+    of `layer` (MissLinear, MissBankLinear, the accelerated PEFT layer) returned a tensor, ValueError unless x has
+    layer.in_features columns and y layer.out_features.
+
+    - A tensor: an nn.Linear subclass may return more than its output (MoE routers such as
+      PhimoeTopKRouter return (logits, weights, ...), and "all-linear" matches them).
+    - The widths: the adapter's fold reads x, and its term is tiled over y's columns, so both
+      would take any width, and a base that sees or returns a part of the layer gave a wrong sum
+      with no error. torch's own tensor-parallel styles aimed at an adapted layer's base_layer
+      (parallelize_module(layer, mesh, {"base_layer": ColwiseParallel()})) do that: the base
+      returns this rank's columns (column-wise) or takes this rank's columns of x (row-wise),
+      while the block is the whole layer's. miss_ext.tensor_parallel shards the adapter with it."""
+    where = layer._describe() if hasattr(layer, "_describe") else type(layer).__name__
     if not isinstance(y, Tensor):
-        raise TypeError(f"{layer._describe()}: its base layer {type(layer.base_layer).__name__} returned a "
+        raise TypeError(f"{where}: its base layer {type(layer.base_layer).__name__} returned a "
                         f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
                         "output, so this layer cannot take one (a router that returns several values, say): leave "
                         "it out of target_modules (exclude_modules)")
+    if x.dim() == 0 or x.shape[-1] != layer.in_features or y.dim() == 0 or y.shape[-1] != layer.out_features:
+        raise ValueError(
+            f"{where}: its base layer {type(layer.base_layer).__name__} took x of shape {tuple(x.shape)} "
+            f"and returned {tuple(y.shape)}, but the adapter spans the whole layer: in_features={layer.in_features}, "
+            f"out_features={layer.out_features}. A base that sees or returns a part of the layer (torch's "
+            "ColwiseParallel / RowwiseParallel applied to base_layer after the adapter) would get the whole "
+            "layer's adapter term on its part; shard the adapted layer itself with miss_ext.tensor_parallel's "
+            "MissColwiseParallel / MissRowwiseParallel (README, 'Multi-GPU')")
 
 
 def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
@@ -620,7 +638,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # key is drawn, so an input it refuses leaves the global RNG as it was.
         y = self.base_layer(x)
         if not torch.jit.is_scripting():
-            check_base_output(self, y)
+            check_base_output(self, y, x)
         if p > 0.0:
             key = new_dropout_key(x.device)
         block = self.miss_block

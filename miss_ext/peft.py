@@ -85,8 +85,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
-from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_before_dropout_key, check_merge,  # noqa: E402
-                      is_plain_linear, json_tensor, load_merge_record, tensor_json)
+from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output, check_before_dropout_key,  # noqa: E402
+                      check_merge, is_plain_linear, json_tensor, load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
@@ -304,6 +304,15 @@ class AcceleratedMissLinear(PeftMissLinear):
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
                             f"only; got extra arguments {args!r} {kwargs!r}")
         if args or kwargs or not self._fast_path():
+            if not self.disable_adapters and not self.merged and x.dim() and x.shape[-1] != self.in_features:
+                # PEFT's forward folds any width: a base fed a part of x (torch's RowwiseParallel
+                # on base_layer) got the whole layer's term folded from that part, silently. (A
+                # base returning a part of the output fails loudly in PEFT's sum.)
+                raise ValueError(f"{type(self).__name__}: x has {x.shape[-1]} columns (shape {tuple(x.shape)}), but "
+                                 f"the adapter spans the whole layer: in_features={self.in_features}, "
+                                 f"out_features={self.out_features}; a base sharded by torch's tensor-parallel styles "
+                                 "takes a part of x: shard the model with miss_ext.tensor_parallel's styles (README, "
+                                 "'Multi-GPU') instead")
             return super().forward(x, *args, **kwargs)
         previous_dtype = x.dtype
         if self.disable_adapters and self.merged:
@@ -340,6 +349,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             result = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
         else:
             result = self.base_layer(x)
+            check_base_output(self, result, x)
         for block, p in shards:
             folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
             term = folded @ block
@@ -415,6 +425,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         result = self.base_layer(x, *args, **kwargs)
         if not used:
             return result.to(previous_dtype)
+        check_base_output(self, result, x)
         # A bank of the named adapters' blocks, zero-padded to the largest r and width; stacked
         # (differentiably) on every call, as the blocks may be trained in place between calls.
         blocks = [self.miss_block[n] for n in used]

@@ -310,7 +310,11 @@ def _rowwise_gathered(layer: MissLinear, block: Tensor, x: Tensor, p: float, key
     """A row-wise layer whose fold cannot be split (dropout, or shards of in not starting at
     multiples of r): the base term stays a partial sum of the local shards, the adapter's fold runs
     on the all-gathered x (so its mask and its i mod r see global columns). Same precision as
-    MissLinear's unfused path: the term in the block's dtype, one rounding to x's dtype."""
+    MissLinear's unfused path: the term in the block's dtype, one rounding to x's dtype. A 1-D x
+    runs as one row (as the ops view it; the dropout mask is row 0's), since DTensor's propagation
+    of these ops lost its shape (a tile_add refusal forward, a stride error backward)."""
+    if x.dim() == 1:
+        return _rowwise_gathered(layer, block, x.unsqueeze(0), p, key).squeeze(0)
     base = layer.base_layer
     mesh = x.device_mesh
     y = torch.nn.functional.linear(x, base.weight, base.bias)  # Partial

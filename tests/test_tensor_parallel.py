@@ -144,7 +144,7 @@ def rank_main(rank, world_size, folder):
     # layer with fewer output columns than ranks, and MiSS added after torch's own style sharded
     # the base (the adapter would see a local x or output beside its whole block).
     import miss_ext
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from miss_ext.tensor_parallel import MissColwiseParallel, MissRowwiseParallel
 
     for name, (layer, style) in {"bat_out_r_odd": (miss_ext.MissLinear(torch.nn.Linear(8, 6), 2, mode="bat"),
@@ -162,7 +162,59 @@ def rank_main(rank, world_size, folder):
         errors["miss_after_tp"] = None
     except (TypeError, ValueError) as e:
         errors["miss_after_tp"] = str(e)
+    # torch's own styles aimed at an adapted layer's base_layer (helper review, 2026-12-03): the
+    # base returned this rank's output columns, or took this rank's columns of x, and the whole
+    # layer's adapter term was added to that part, silently (max error 10.3 and 5.5 in float64).
+    # Refused at the forward, by MissLinear, MissBankLinear and the accelerated PEFT layer alike.
+    from peft import MissConfig, get_peft_model
+
+    x8 = torch.randn(3, 8, dtype=torch.float64)
+    for style_name, style in (("colwise", ColwiseParallel), ("rowwise", RowwiseParallel)):
+        x_in = x8 if style_name == "colwise" else x8.chunk(world_size, -1)[rank]
+        miss = miss_ext.MissLinear(torch.nn.Linear(8, 12, dtype=torch.float64), 4, init_weights=False)
+        bank_layer = miss_ext.MissBankLinear(torch.nn.Linear(8, 12, dtype=torch.float64), capacity=2, max_r=4)
+        bank_layer.add_adapter("a", 4)
+        accelerated = miss_ext.peft.accelerate(get_peft_model(
+            torch.nn.Sequential(torch.nn.Linear(8, 12, dtype=torch.float64)), MissConfig(r=4, target_modules=["0"])))
+        peft_layer = accelerated.base_model.model[0]
+        for kind, layer, call in (("miss", miss, lambda m: m(x_in)),
+                                  ("bank", bank_layer, lambda m: m(x_in, torch.zeros(3, dtype=torch.int64))),
+                                  ("peft", peft_layer, lambda m: m(x_in))):
+            parallelize_module(layer, mesh, {"base_layer": style()})
+            try:
+                with torch.no_grad():
+                    call(layer)
+                errors[f"base_{style_name}_{kind}"] = None
+            except (ValueError, RuntimeError) as e:
+                errors[f"base_{style_name}_{kind}"] = f"{type(e).__name__}: {e}"
     out["errors"] = errors
+
+    # A 1-D x on the row-wise all-gather path (dropout, or in-shards not at multiples of r): it
+    # raised in tile_add (with a bias) or in the backward (without); helper review, 2026-12-03.
+    # Output and dx against the unsharded layer with the same dropout key.
+    from torch.distributed.tensor import Replicate
+
+    one_row = {}
+    x1 = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for bias in (True, False):
+        for r, p in ((3, 0.0), (2, 0.5)):
+            torch.manual_seed(0)
+            layer = miss_ext.MissLinear(torch.nn.Linear(8, 4, bias=bias, dtype=torch.float64), r, dropout=p,
+                                        init_weights=False).train()
+            torch.manual_seed(5)
+            x_ref = x1.clone().requires_grad_()
+            want = layer(x_ref)
+            want.sum().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the gather warning of these configurations
+                parallelize_module(layer, mesh, MissRowwiseParallel(input_layouts=Replicate()))
+            torch.manual_seed(5)
+            x_tp = x1.clone().requires_grad_()
+            got = layer(x_tp)
+            got.sum().backward()
+            one_row[(bias, r, p)] = (tuple(got.shape), (got - want).abs().max().item(),
+                                     (x_tp.grad - x_ref.grad).abs().max().item())
+    out["one_row"] = one_row
 
     # A bat layer on a bf16 base fed float32 x computes unsharded (as PEFT), so it must sharded too
     # (it raised a TypeError there). Column-wise: this rank's output columns.
@@ -177,8 +229,6 @@ def rank_main(rank, world_size, folder):
 
     # Found by a review (2026-12-01). Styles on adapter layers they cannot shard: named, not torch's
     # "only support nn.Linear and nn.Embedding".
-    from peft import MissConfig, get_peft_model
-
     bank = torch.nn.Sequential(torch.nn.Linear(8, 8))
     miss_ext.apply_bank(bank, ["0"], capacity=2, max_r=2)
     accelerated = miss_ext.peft.accelerate(get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
@@ -350,6 +400,28 @@ def test_refusals(ranks):
         assert errors["col_out_lt_world"] is not None and "out_features=1 over 2" in errors["col_out_lt_world"], errors
         assert errors["miss_after_tp"] is not None and "sharded over 2 ranks" in errors["miss_after_tp"], errors
         assert result["key_error"] is not None and "dropout key differs" in result["key_error"]
+
+
+@pytest.mark.parametrize("kind", ["miss", "bank", "peft"])
+@pytest.mark.parametrize("style", ["colwise", "rowwise"])
+def test_torch_styles_on_an_adapted_layers_base_are_refused_at_the_forward(ranks, style, kind):
+    """Ours name the widths; PEFT's own forward (which the accelerated layer runs for a base that
+    is not a plain nn.Linear) fails loudly in its sum for a column-wise base."""
+    for rank, result in enumerate(ranks):
+        error = result["errors"][f"base_{style}_{kind}"]
+        if kind == "peft" and style == "colwise":
+            assert error is not None and error.startswith("RuntimeError: The size of tensor a (6) must match"), \
+                (rank, error)
+        else:
+            assert error is not None and error.startswith("ValueError") and \
+                "the adapter spans the whole layer: in_features=8, out_features=12" in error, (rank, error)
+
+
+def test_rowwise_gathered_fold_takes_a_1d_input(ranks):
+    for rank, result in enumerate(ranks):
+        assert len(result["one_row"]) == 4
+        for config, (shape, gap_y, gap_dx) in result["one_row"].items():
+            assert shape == (4,) and gap_y < 1e-12 and gap_dx < 1e-12, (rank, config, shape, gap_y, gap_dx)
 
 
 def test_styles_refuse_adapter_layers_they_cannot_shard_by_name(ranks):
