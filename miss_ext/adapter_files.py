@@ -230,8 +230,9 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     the same as one process writes for the unsharded model. FSDP2 modules are resharded first
     (`reshard()`, local), so a model left unsharded by a forward without backward also saves
     its float32 master blocks, not the bf16 copies of a mixed-precision policy. By default only
-    rank 0 of the default process group writes (the ranks would otherwise write the same files
-    at once); `is_main_process=True` on every rank makes each write, e.g. to its own path, False
+    the first rank that holds the model writes (the ranks would otherwise write the same files
+    at once): rank 0 of its DDP process group, at coordinate 0 of its blocks' device mesh
+    (model.writes_here), rank 0 of the default group when neither applies; `is_main_process=True` on every rank makes each write, e.g. to its own path, False
     skips writing. The other ranks return when their part of the gather is done: synchronise
     (`dist.barrier()`) before another rank reads the files. A model without DTensor blocks or
     FSDP2 modules is saved as before, nothing collective, by every caller unless
@@ -245,7 +246,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     DistributedDataParallel / DataParallel / torch.compile wrapper is saved as the model inside it
     (paths without the wrapper's "module." / "_orig_mod."); under DistributedDataParallel only
     rank 0 writes by default, as for a sharded model (every rank holds the same blocks)."""
-    ddp, model = is_ddp(model), unwrap_model(model)
+    outer = model
+    ddp, model = is_ddp(model), unwrap_model(model, "save_adapter")
     layers = miss_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
@@ -270,7 +272,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     saved_extras = extra_parameters(model, extras)
     tensors.update({f"{KEY_PREFIX}{key}": full_block(p) for key, p in saved_extras.items()})
     if is_main_process is None:
-        is_main_process = writes_here(sharded or ddp)
+        is_main_process = writes_here(sharded or ddp, outer)
     if not is_main_process:
         return
     _warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
@@ -607,7 +609,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     folder without adapter_config.json or adapter weights. Source: PEFT's
     PeftModel.from_pretrained / set_peft_model_state_dict; docs/miss.md, "Files".
     """
-    wrapped, model = model, unwrap_model(model)
+    wrapped, model = model, unwrap_model(model, "load_adapter")
     refuse_lazy_tensors(model, "load_adapter")
     config, blocks, extras = read_adapter(path)
     if not blocks:

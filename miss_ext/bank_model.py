@@ -79,12 +79,12 @@ def _layers(model: nn.Module, where: str) -> List[Tuple[str, MissBankLinear]]:
     return layers
 
 
-def _model_to_change(model: nn.Module) -> nn.Module:
+def _model_to_change(model: nn.Module, where: str) -> nn.Module:
     """The model whose bank a function changes: inside a DistributedDataParallel / DataParallel
     wrapper (file paths are the inner model's), with FSDP2 modules resharded first (a forward
     may have left FSDP's gathered copies registered, and a write into them would be lost; a
     sharded bank then refuses slot changes)."""
-    model = unwrap_model(model)
+    model = unwrap_model(model, where)
     reshard_fsdp(model)
     return model
 
@@ -122,7 +122,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     refuse_ddp_wrapped(model, "apply_bank")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
-    outer, model = model, unwrap_model(model)
+    outer, model = model, unwrap_model(model, "apply_bank")
     refuse_lazy_tensors(model, "apply_bank")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
@@ -190,7 +190,7 @@ def add_bank_adapter(model: nn.Module, name: str, r: int, mode: str = "default",
     out_features, ...), or target_modules selecting no bank layer (or modules that are not bank
     layers), or a call inside mixed_batch; TypeError for mode="bat" or a non-int r / mini_r.
     target_modules follows apply_bank's rule."""
-    model = _model_to_change(model)
+    model = _model_to_change(model, "add_bank_adapter")
     layers = _layers(model, "add_bank_adapter")
     paths = [p for p, _ in layers]
     if target_modules is not None:
@@ -304,7 +304,7 @@ def load_bank_adapter(model: nn.Module, name: str, path: str) -> int:
     a model without bank layers, a name that is taken or not a non-empty string, a full bank, a
     file without blocks or a call inside mixed_batch; FileNotFoundError for a folder without
     adapter_config.json or weights."""
-    return _load_read(_model_to_change(model), name, path, read_adapter(path))
+    return _load_read(_model_to_change(model, "load_bank_adapter"), name, path, read_adapter(path))
 
 
 @_holding_bank_lock
@@ -374,10 +374,11 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     in the bank (the message lists the bank's adapters).
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
-    every rank must call this, and by default rank 0 of the default process group writes, as
+    every rank must call this, and by default the first rank that holds the model writes, as
     save_adapter (also for a model in its DDP wrapper); `is_main_process` overrides that choice
     as in save_adapter."""
-    ddp, model = is_ddp(model), unwrap_model(model)
+    outer = model
+    ddp, model = is_ddp(model), unwrap_model(model, "save_bank_adapter")
     layers = _layers(model, "save_bank_adapter")
     refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
     slot = layers[0][1]._slot(name)
@@ -391,7 +392,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         bank = bank.full_tensor() if is_dtensor(bank) else bank
         tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
     if is_main_process is None:
-        is_main_process = writes_here(sharded or ddp)  # the same blocks on every rank
+        is_main_process = writes_here(sharded or ddp, outer)  # the same blocks on every rank
     if not is_main_process:
         return
     config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
@@ -406,7 +407,7 @@ def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
     torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
     changing nothing, for a model without bank layers or a name not in the bank."""
-    model = _model_to_change(model)
+    model = _model_to_change(model, "remove_bank_adapter")
     layers = _layers(model, "remove_bank_adapter")
     slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
     _check_all_mutable(layers, f"remove adapter {name!r}")

@@ -104,7 +104,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
     every rank must call export_lora, and rank 0 writes the whole adapter."""
-    ddp, model = is_ddp(model), unwrap_model(model)
+    outer = model
+    ddp, model = is_ddp(model), unwrap_model(model, "export_lora")
     # The float32 master blocks, not the gathered bf16 copies a forward may have left.
     fsdp = reshard_fsdp(model)
     adapters = _adapters(model, adapter_name)
@@ -152,6 +153,6 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         "base_model_name_or_path": base_model_name(_peft_root(model) or model),
         "inference_mode": True,
     }
-    if not writes_here(ddp or sharded):  # every rank holds the same (gathered) blocks
+    if not writes_here(ddp or sharded, outer):  # every rank holds the same (gathered) blocks
         return
     write_adapter(path, tensors, config)

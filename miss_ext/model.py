@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
-                      check_dropout, merge_refusal, reshard_fsdp)
+                      check_dropout, is_dtensor, merge_refusal, reshard_fsdp)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -72,11 +72,34 @@ def _wrapper_chain(model: nn.Module) -> List[nn.Module]:
         chain.append(model)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module, where: str) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers: adapter
     files name module paths of the model itself, without a wrapper's "module." or "_orig_mod."
-    prefix."""
+    prefix. TypeError (refuse_fsdp1) for a model holding FSDP1 wrappers, naming `where`."""
+    refuse_fsdp1(model, where)
     return _wrapper_chain(model)[-1]
+
+
+def refuse_fsdp1(model: nn.Module, where: str) -> None:
+    """TypeError for a model with FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) wrappers
+    in it. FSDP1 holds each wrapped module's parameters as this rank's part of one flat tensor, and
+    inserts "_fsdp_wrapped_module." into every module path: save_adapter wrote each rank's flat
+    shard under those paths (an unloadable file, written by every rank to one path) and merges
+    met 1-D weights. Found by a review (2026-12-03). Training under FSDP1 is not affected (the
+    layers' forward and backward see the gathered parameters); the helpers that read or change
+    blocks by module path support FSDP2 (fully_shard), DDP and tensor parallelism instead."""
+    if not torch.distributed.is_available():
+        return
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError(f"{where}: the model is wrapped in FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), "
+                        "which holds each rank's part of its parameters as flat shards under '_fsdp_wrapped_module.' "
+                        "paths; miss_ext reads and writes whole blocks by module path, with FSDP2 "
+                        "(torch.distributed.fsdp.fully_shard), DDP or tensor parallelism. Shard the model with "
+                        "fully_shard (docs/multi_gpu.md)")
 
 
 def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
@@ -106,10 +129,33 @@ def is_ddp(model: nn.Module) -> bool:
     return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model))
 
 
-def writes_here(shared_by_ranks: bool) -> bool:
-    """Whether this process writes the files of a model that every rank holds alike (sharded,
-    gathered, or DDP-replicated): rank 0 of the default process group only; else every caller."""
-    return not shared_by_ranks or torch.distributed.get_rank() == 0
+def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
+    """Whether this process writes the files of `model` (as the caller passed it, wrappers and
+    all) when the ranks that hold it hold the same blocks (sharded and gathered, or replicated by
+    DDP): the first of those ranks only, i.e. rank 0 of its DistributedDataParallel's process
+    group and, if parameters are sharded (FSDP2, tensor parallelism: DTensors), the rank at
+    coordinate 0 of every dimension of their device mesh; rank 0 of the default group when the
+    model tells neither. Every caller when the blocks are not shared by ranks.
+
+    Not simply rank 0 of the default group: a model held by some ranks only (ranks 1 and 2 of 3,
+    a pipeline stage beside data parallelism) was then written by no one, silently (found by a
+    review, 2026-12-03)."""
+    if not shared_by_ranks:
+        return True
+    chain = _wrapper_chain(model)
+    told = False
+    for wrapper in chain:
+        if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            told = True
+            if torch.distributed.get_rank(wrapper.process_group) != 0:
+                return False
+    sharded = next((p for p in chain[-1].parameters() if is_dtensor(p)), None)
+    if sharded is not None:
+        told = True
+        coordinate = sharded.device_mesh.get_coordinate()
+        if coordinate is None or any(c != 0 for c in coordinate):
+            return False
+    return told or torch.distributed.get_rank() == 0
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
@@ -439,7 +485,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     refuse_ddp_wrapped(model, "apply_miss")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
-    outer, model = model, unwrap_model(model)
+    outer, model = model, unwrap_model(model, "apply_miss")
     refuse_lazy_tensors(model, "apply_miss")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
@@ -633,6 +679,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         return model
     # FSDP2 may hold a layer unsharded (its weight then FSDP's gathered copy, which a merge would
     # write into and FSDP drop): resharded, its weight is the DTensor that merge_refusal refuses.
+    refuse_fsdp1(model, "merge_and_unload")
     reshard_fsdp(model)
     # Re-checked here rather than trusted from setup: the user may have tied or untied since.
     shared = record_shared_weights(model)

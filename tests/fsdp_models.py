@@ -574,3 +574,48 @@ def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
             "load_sharded": load_into_sharded(rank, world_size, folder),
             "unsharded": unsharded_and_wrapped(rank, world_size, folder),
             "roots_above": roots_above_and_exports(rank, world_size, folder)}
+
+
+def writers_and_fsdp1(rank: int, world_size: int, folder: str):
+    """World 3 (found by a review, 2026-12-03).
+
+    - Who writes a model that some ranks hold: rank 0 alone holds model A in DDP over its own
+      group; ranks 1 and 2 hold model B, in DDP over [1, 2] and sharded by FSDP2 over a mesh of
+      [1, 2]. Each rank saves to a path of its own, so the paths written show which ranks wrote.
+      Before, only global rank 0 ever wrote, so B was written by no one, silently.
+    - FSDP1 (FullyShardedDataParallel): each function that reads or changes blocks by path is
+      refused by name (save_adapter wrote each rank's flat shard under FSDP1's paths)."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    groups = {0: dist.new_group([0]), 1: dist.new_group([1, 2])}
+
+    def model():
+        torch.manual_seed(0)
+        return miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).double(), ["0", "1"], r=2)
+
+    miss_ext.save_adapter(DistributedDataParallel(model(), process_group=groups[min(rank, 1)]),
+                          os.path.join(folder, f"ddp{rank}"))
+    if rank:
+        miss_ext.save_adapter(fully_shard(model(), mesh=DeviceMesh("cpu", torch.tensor([1, 2]))),
+                              os.path.join(folder, f"fully_shard{rank}"))
+    dist.barrier()
+    written = sorted(name for name in os.listdir(folder) if name.startswith(("ddp", "fully_shard")))
+
+    wrapped = FullyShardedDataParallel(model(), use_orig_params=True, device_id=torch.device("cpu"))
+    refusals = {}
+    for name, call in {
+            "save_adapter": lambda: miss_ext.save_adapter(wrapped, os.path.join(folder, f"fsdp1-{rank}")),
+            "export_lora": lambda: miss_ext.export_lora(wrapped, os.path.join(folder, f"lora1-{rank}")),
+            "merge_and_unload": lambda: miss_ext.merge_and_unload(wrapped),
+            "load_adapter": lambda: miss_ext.load_adapter(wrapped, os.path.join(folder, "ddp0")),
+            "apply_miss": lambda: miss_ext.apply_miss(wrapped, ["0"], r=2)}.items():
+        try:
+            call()
+            refusals[name] = None
+        except TypeError as e:
+            refusals[name] = str(e)
+    return dict(written=written, refusals=refusals, left=sorted(os.listdir(folder)))

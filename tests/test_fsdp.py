@@ -332,3 +332,14 @@ def test_unsharded_roots_and_roots_above_the_model(checkpoint_runs):
         assert u["above_load_gap"] == 0.0, u
         assert u["sharded_lora_wrote"] == (rank == 0), (rank, u["sharded_lora_wrote"])
         assert u["sharded_lora_gap"] == 0.0, u
+
+
+def test_the_first_rank_holding_a_model_writes_it_and_fsdp1_is_refused(tmp_path):
+    """World 3: see fsdp_models.writers_and_fsdp1."""
+    results = run_ranks(__import__("fsdp_models").writers_and_fsdp1, world_size=3, args=(str(tmp_path),), timeout=300)
+    for rank, result in enumerate(results):
+        # Rank 0 writes model A; rank 1 (not 2) writes model B, in DDP and under FSDP2.
+        assert result["written"] == ["ddp0", "ddp1", "fully_shard1"], (rank, result["written"])
+        for name, error in result["refusals"].items():
+            assert error is not None and error.startswith(f"{name}: the model is wrapped in FSDP1"), (rank, name, error)
+        assert not any(n.startswith(("fsdp1-", "lora1-")) for n in result["left"]), (rank, result["left"])
