@@ -612,6 +612,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             return self.base_layer(x)
         if not torch.jit.is_scripting():
             refuse_fx_proxy(x, self)
+            if self.training and self.dropout > 1.0 and self.mode != "bat":
+                # Before any key is drawn (the ops refuse it after the draw, which moved the global
+                # RNG on a refused call): the constructor checks dropout, a later assignment not.
+                raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got "
+                                 f"dropout={self.dropout}")
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
             # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
             if self._tensor_parallel():

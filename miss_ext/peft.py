@@ -262,8 +262,15 @@ class AcceleratedMissLinear(PeftMissLinear):
         return state
 
     def _dropout_p(self, adapter: str) -> float:
+        """The adapter's dropout rate in this forward; ValueError for a rate above 1 (nn.Dropout
+        checks p when built, not when set later), before any dropout key is drawn, as torch's
+        dropout refuses it before drawing (the ops would refuse it after the draw)."""
         dropout = self.miss_dropout[adapter]
-        return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        if p > 1.0:
+            raise ValueError(f"{type(self).__name__}: adapter {adapter!r} has dropout p={p}, not a probability in "
+                             "[0, 1]")
+        return p
 
     def _active_blocks(self) -> List[str]:
         return [a for a in self.active_adapters if a in self.miss_block]
@@ -695,6 +702,11 @@ class AcceleratedMissModel(MissModel):
                              "(its recomputation in backward() runs after this call, without the names); call "
                              "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
                              "backward() inside mixed_batch")
+        # Every layer's own refusals of these names (merged adapters, bat adapters named by a row)
+        # before any layer runs: found by the layer that holds the bat adapter, the call stopped
+        # after earlier layers had drawn their dropout keys, moving torch's generator on a refused
+        # call (helper review, 2026-12-03).
+        self._check_before_unmerging(names)
         # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
         # model's own generation_config is consulted by generate() below).
         holder = {"names": _repeat(names, _expand_size(kwargs))}
@@ -778,7 +790,8 @@ class AcceleratedMissModel(MissModel):
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
         """Called by a disabled, merged layer of this model's running forward before it unmerges
-        (PEFT's forward rule): the refusals that depend only on the layers' state (a partial merge,
+        (PEFT's forward rule), and by an adapter_names= call before any layer runs (a layer that
+        refused the names mid-call did so after earlier layers drew dropout keys): the refusals that depend only on the layers' state (a partial merge,
         or merged or bat adapters under adapter_names=, on the enabled layers; an unmerge that
         would be refused, on the disabled merged ones) are checked on every layer first, so that
         one of them cannot stop the call after that layer and earlier ones changed their weights.

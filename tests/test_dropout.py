@@ -165,6 +165,22 @@ def test_a_forward_refused_under_autocast_leaves_the_global_rng_alone(dtype):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("path", ["fused", "hooked"])
+def test_a_rate_above_one_set_on_a_live_layer_is_refused_before_the_draw(path):
+    """The constructor checks dropout; a later `layer.dropout = 1.5` was refused by the op, after
+    the key was drawn (helper review, 2026-12-03). Now refused before, naming the value."""
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, dropout=0.1).train()
+    if path == "hooked":
+        layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    layer.dropout = 1.5
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\], got dropout=1.5"):
+        layer(torch.ones(3, 16))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    layer.dropout = 1.0  # the ops' range: every column dropped
+    assert torch.equal(layer(torch.ones(3, 16)), layer.base_layer(torch.ones(3, 16)))
+
+
 def test_a_key_on_another_device_is_refused():
     x = rand(4, 8)
     for bad in (key(1, 2, "meta"),):

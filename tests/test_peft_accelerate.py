@@ -220,6 +220,30 @@ def test_a_refused_training_forward_leaves_the_global_rng_alone():
         assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_refusals_of_a_training_call_come_before_any_dropout_draw():
+    """Two refusals that came after earlier layers (or this one) had drawn dropout keys (helper
+    review, 2026-12-03): adapter_names= naming a bat adapter held by a later layer than the
+    dropout layers, and a dropout p above 1 set on PEFT's nn.Dropout after it was built."""
+    from peft import get_peft_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+    model = get_peft_model(net, MissConfig(r=4, target_modules=["0"], miss_dropout=0.3), adapter_name="a")
+    model.add_adapter("c", MissConfig(r=4, target_modules=["1"], init_weights="bat"))
+    model = accelerate(model)
+    model.train()
+    x = torch.randn(2, 16)
+    state = torch.random.get_rng_state()
+    with pytest.raises(TypeError, match=r"^1: .*adapter_names uses bat adapter\(s\) \['c'\]"):
+        model(x, adapter_names=["a", "c"])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    model.base_model.model[0].miss_dropout["a"].p = 1.5
+    with pytest.raises(ValueError, match=r"adapter 'a' has dropout p=1.5"):
+        model(x)
+    with pytest.raises(ValueError, match=r"adapter 'a' has dropout p=1.5"):
+        model(x, adapter_names=["a", "a"])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_disable_adapter_gives_the_base_model(base, mode):
     plain, fast = pair(base, mode)
