@@ -476,6 +476,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
+            if not torch.compiler.is_compiling():
+                self._check_recompute()
             if _exporting() or torch.jit.is_tracing():
                 # torch.compile takes the ids as a graph input; torch.export and torch.jit.trace
                 # (and the ONNX exporter built on it) make a module attribute a constant of the
@@ -502,6 +504,40 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
                               self._dropouts if self.training and self._any_dropout else None,
                               inplace=is_plain_linear(self.base_layer)).to(x.dtype)
+
+    def _check_recompute(self) -> None:
+        """ValueError for a forward that activation checkpointing runs again inside backward() in
+        another mixed batch than the forwards it may be recomputing: the recompute reads the
+        current batch's row ids (the layer holds no others), so a loss built in one mixed_batch and
+        backpropagated inside a later one (gradient accumulation over micro-batches with other
+        names) silently got the later batch's rows in its gradients (found by a review,
+        2026-12-03; max error 0.12 for gradients of 0.1 in float64).
+
+        How: every grad-enabled or training forward outside backward records its batch's number;
+        a forward inside backward (a recompute) refuses if a forward of another batch was
+        recorded since the last recompute, and then starts the record afresh. A forward whose graph was dropped
+        without a backward (an evaluation with grad enabled) stays recorded until the next
+        recompute, so a checkpointed backward in another batch after it is refused too, naming
+        the remedy (torch.no_grad() for such forwards)."""
+        number = self.__dict__.get("_mixed_batch", 0)
+        seen = self.__dict__.setdefault("_forward_batches", [])
+        if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
+            # Training forwards under no_grad too: reentrant checkpointing runs the first forward
+            # of its region under no_grad. (Evaluation under no_grad in eval mode is not recorded.)
+            if (torch.is_grad_enabled() or self.training) and number not in seen:
+                seen.append(number)
+                del seen[:-16]  # bounded: without checkpointing no recompute ever clears it
+            return
+        if not torch.is_grad_enabled():
+            return
+        others = [n for n in seen if n != number]
+        seen.clear()
+        if others:
+            raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
+                             "checkpointing) in another miss_ext.mixed_batch than a forward it may recompute, whose "
+                             "rows would silently take this batch's adapters. Call backward() inside the mixed_batch "
+                             "of its forward (for gradient accumulation: one backward per micro-batch, inside its "
+                             "context), and run forwards whose graph you drop under torch.no_grad()")
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

@@ -463,6 +463,46 @@ def test_gradient_checkpointing_with_backward_inside_the_context(folders):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointed_backward_in_another_mixed_batch_is_refused(folders, reentrant):
+    """Gradient accumulation over micro-batches with other names, one backward in the last
+    context: the recompute of the first micro-batch read the last batch's rows, and its gradients
+    were silently wrong (helper review, 2026-12-03). Refused now; one backward per micro-batch
+    inside its own context gives the gradients of the run without checkpointing."""
+    base, _ = folders
+    ids = [tokens(2, 5, seed=12), tokens(2, 5, seed=13)]
+    names = [["x", "y"], ["y", None]]
+
+    def build(checkpointing):
+        model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "down_proj"], capacity=2, max_r=4)
+        miss_ext.add_bank_adapter(model, "x", r=4)
+        miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4)
+        random_blocks_bank(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return model
+
+    model = build(True)
+    with miss_ext.mixed_batch(model, names[0]):
+        loss = model(ids[0]).logits.pow(2).mean()
+    with miss_ext.mixed_batch(model, names[1]):
+        loss = loss + model(ids[1]).logits.pow(2).mean()
+        with pytest.raises(Exception) as caught:
+            loss.backward()
+    assert "recomputed inside backward() (activation checkpointing) in another miss_ext.mixed_batch" in \
+        str(caught.value) + str(caught.value.__cause__), caught.value
+    grads = {}
+    for checkpointing in (False, True):
+        model = build(checkpointing)
+        for batch_ids, batch_names in zip(ids, names):
+            with miss_ext.mixed_batch(model, batch_names):
+                model(batch_ids).logits.pow(2).mean().backward()
+        grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_encoder_decoder_beam_search(tmp_path):
     """T5: the encoder runs on the unrepeated sequences, the decoder on num_beams copies."""
     transformers = pytest.importorskip("transformers")
