@@ -231,13 +231,14 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     (`reshard()`, local), so a model left unsharded by a forward without backward also saves
     its float32 master blocks, not the bf16 copies of a mixed-precision policy. By default only
     the first rank that holds the model writes (the ranks would otherwise write the same files
-    at once): rank 0 of its DDP process group, at coordinate 0 of its blocks' device mesh
-    (model.writes_here), rank 0 of the default group when neither applies; `is_main_process=True` on every rank makes each write, e.g. to its own path, False
-    skips writing. The other ranks return when their part of the gather is done: synchronise
+    at once): rank 0 of its DDP process group, at coordinate 0 of each device mesh of its
+    parameters (miss_ext.model.writes_here), rank 0 of the default group when neither applies;
+    `is_main_process=True` on every rank makes each write, e.g. to its own path, False skips
+    writing. The other ranks return when their part of the gather is done: synchronise
     (`dist.barrier()`) before another rank reads the files. A model without DTensor blocks or
     FSDP2 modules is saved as before, nothing collective, by every caller unless
-    `is_main_process=False` (a model passed in its DDP wrapper: rank 0 only, see below; the
-    unwrapped model under DDP: call it on one rank).
+    `is_main_process=False` (a model passed in its DDP wrapper: rank 0 of its group only, see
+    below; the unwrapped model under DDP: call it on one rank).
 
     ValueError, writing nothing, for a model without MissLinear layers or with layers of
     different r, mode, mini_r or dropout (one PEFT config holds one of each). UserWarning naming
@@ -245,7 +246,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     modules_to_save and the trained biases: PEFT's format has no place for them). A model in a
     DistributedDataParallel / DataParallel / torch.compile wrapper is saved as the model inside it
     (paths without the wrapper's "module." / "_orig_mod."); under DistributedDataParallel only
-    rank 0 writes by default, as for a sharded model (every rank holds the same blocks)."""
+    rank 0 of its process group writes by default, as for a sharded model (every rank holds the
+    same blocks)."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_adapter")
     layers = miss_layers(model)

@@ -30,9 +30,11 @@ torch.func.vmap's default randomness="error". This is also why the fold is per r
 rather than one miss.fold per fold width and rate, whose int width and float rate dynamo would
 bake into the graph (and did, before).
 """
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
@@ -162,6 +164,23 @@ def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
     if bool(empty.any()):
         t = int(empty.nonzero()[0])
         raise ValueError(f"miss: bank_fold ranks[{int(flat[t])}]=0 (used by row {t}): the slot holds no adapter")
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the caller runs inside torch.utils.checkpoint's reentrant CheckpointFunction.forward
+    (found on the Python stack; only asked for training-mode forwards under no_grad). True when
+    torch no longer has that function: recording one forward too many can only refuse a
+    backward, never let a wrong one through."""
+    forward = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def host_to_device(values: Tensor, device) -> Tensor:
@@ -507,37 +526,40 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def _check_recompute(self) -> None:
         """ValueError for a forward that activation checkpointing runs again inside backward() in
-        another mixed batch than the forwards it may be recomputing: the recompute reads the
-        current batch's row ids (the layer holds no others), so a loss built in one mixed_batch and
-        backpropagated inside a later one (gradient accumulation over micro-batches with other
-        names) silently got the later batch's rows in its gradients (found by a review,
-        2026-12-03; max error 0.12 for gradients of 0.1 in float64).
+        a mixed batch of other rows than the forwards it may be recomputing: the recompute reads
+        the current batch's row ids (the layer holds no others), so a loss built in one
+        mixed_batch and backpropagated inside a later one with other names (gradient
+        accumulation over micro-batches) silently got the later batch's rows in its gradients
+        (found by a review, 2026-12-03; max error 0.12 for gradients of 0.1 in float64).
 
-        How: every grad-enabled or training forward outside backward records its batch's number;
-        a forward inside backward (a recompute) refuses if a forward of another batch was
-        recorded since the last recompute, and then starts the record afresh. A forward whose graph was dropped
-        without a backward (an evaluation with grad enabled) stays recorded until the next
-        recompute, so a checkpointed backward in another batch after it is refused too, naming
-        the remedy (torch.no_grad() for such forwards)."""
-        number = self.__dict__.get("_mixed_batch", 0)
+        How: a batch is what it routes (mixed_batch's slot ids and expand: the same names entered
+        again are the same batch). Training-mode forwards outside backward record their batch:
+        with grad enabled, or under no_grad inside a reentrant checkpoint (which runs its
+        region's first forward so); not evaluation (eval mode, or no_grad / inference_mode
+        outside a checkpoint), which transformers never checkpoints. A forward inside backward
+        (a recompute) refuses if a forward of another batch was recorded since the last
+        recompute, then starts the record afresh. Refused too, as it cannot be told apart: a
+        checkpointed backward after a training-mode forward with grad enabled, in another batch,
+        whose graph was dropped (the message names model.eval() / torch.no_grad() for those)."""
+        batch = self.__dict__.get("_mixed_batch")
         seen = self.__dict__.setdefault("_forward_batches", [])
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
-            # Training forwards under no_grad too: reentrant checkpointing runs the first forward
-            # of its region under no_grad. (Evaluation under no_grad in eval mode is not recorded.)
-            if (torch.is_grad_enabled() or self.training) and number not in seen:
-                seen.append(number)
+            if self.training and batch not in seen and not torch.is_inference_mode_enabled() and (
+                    torch.is_grad_enabled() or _in_reentrant_checkpoint()):
+                seen.append(batch)
                 del seen[:-16]  # bounded: without checkpointing no recompute ever clears it
             return
         if not torch.is_grad_enabled():
             return
-        others = [n for n in seen if n != number]
+        others = [b for b in seen if b != batch]
         seen.clear()
         if others:
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
-                             "checkpointing) in another miss_ext.mixed_batch than a forward it may recompute, whose "
-                             "rows would silently take this batch's adapters. Call backward() inside the mixed_batch "
-                             "of its forward (for gradient accumulation: one backward per micro-batch, inside its "
-                             "context), and run forwards whose graph you drop under torch.no_grad()")
+                             "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
+                             "recompute, whose rows would silently take this batch's adapters. Call backward() inside "
+                             "a mixed_batch of its forward's names (for gradient accumulation: one backward per "
+                             "micro-batch, inside its context); run forwards whose graph you drop in eval mode "
+                             "(model.eval()) or under torch.no_grad()")
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

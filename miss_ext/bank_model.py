@@ -23,7 +23,6 @@ adapters cannot share one base GEMM: TypeError naming them), and files that trai
 beside the blocks (modules_to_save, biases): those would have to differ per row (ValueError).
 """
 import functools
-import itertools
 import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -438,9 +437,6 @@ def _holders_of(model: nn.Module, paths: List[str]) -> List[nn.Module]:
     return [module for name, module in model.named_modules() if name in wanted]
 
 
-_MIXED_BATCHES = itertools.count(1)
-
-
 @contextmanager
 def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand: int = 1) -> Iterator[None]:
     """Inside, every bank layer of the model runs sequence i of its input with adapter
@@ -503,12 +499,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
             if where not in per_device:
                 per_device[where] = host_to_device(unrepeated if where[1] else ids, where[0])
         # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
-        # Each mixed batch is numbered, so that a layer recomputed by activation checkpointing can
-        # tell whether its forward ran in another batch (MissBankLinear._check_recompute).
-        number = next(_MIXED_BATCHES)
+        # What the batch routes (its slot ids and expand), so that a layer recomputed by activation
+        # checkpointing can tell whether its forward ran in a batch of other rows
+        # (MissBankLinear._check_recompute); the same names entered again are the same batch.
+        routing = (tuple(unrepeated.tolist()), expand)
         for _, layer in layers:
             layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
-            layer.__dict__["_mixed_batch"] = number
+            layer.__dict__["_mixed_batch"] = routing
     handles = []
     try:
         # A state_dict load is refused before any module loads, whichever module it is called on:

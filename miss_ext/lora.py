@@ -101,9 +101,11 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     of different r or dropout (one LoRA config holds one r and one dropout), and adapters that
     also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /
     bias=), which blocks alone do not reproduce. A
-    DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 writes.
+    DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 of its
+    group writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
-    every rank must call export_lora, and rank 0 writes the whole adapter."""
+    every rank must call export_lora, and the first rank holding the model writes the whole
+    adapter (as save_adapter)."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "export_lora")
     # The float32 master blocks, not the gathered bf16 copies a forward may have left.

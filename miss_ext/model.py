@@ -134,8 +134,10 @@ def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
     all) when the ranks that hold it hold the same blocks (sharded and gathered, or replicated by
     DDP): the first of those ranks only, i.e. rank 0 of its DistributedDataParallel's process
     group and, if parameters are sharded (FSDP2, tensor parallelism: DTensors), the rank at
-    coordinate 0 of every dimension of their device mesh; rank 0 of the default group when the
-    model tells neither. Every caller when the blocks are not shared by ranks.
+    coordinate 0 of every dimension of each device mesh they are on; rank 0 of the default group
+    when the model tells neither. Every caller when the blocks are not shared by ranks. Data
+    parallelism the model does not show (torch's composable replicate(), gradients reduced by
+    hand) cannot be seen: there each of its replicas writes, unless is_main_process chooses.
 
     Not simply rank 0 of the default group: a model held by some ranks only (ranks 1 and 2 of 3,
     a pipeline stage beside data parallelism) was then written by no one, silently (found by a
@@ -149,10 +151,12 @@ def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
             told = True
             if torch.distributed.get_rank(wrapper.process_group) != 0:
                 return False
-    sharded = next((p for p in chain[-1].parameters() if is_dtensor(p)), None)
-    if sharded is not None:
+    # Every mesh the parameters are on: FSDP2 over a data-parallel mesh beside tensor parallelism
+    # over another leaves some parameters (embeddings, norms) on one mesh and the blocks on two.
+    meshes = {id(p.device_mesh): p.device_mesh for p in chain[-1].parameters() if is_dtensor(p)}
+    for mesh in meshes.values():
         told = True
-        coordinate = sharded.device_mesh.get_coordinate()
+        coordinate = mesh.get_coordinate()
         if coordinate is None or any(c != 0 for c in coordinate):
             return False
     return told or torch.distributed.get_rank() == 0

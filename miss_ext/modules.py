@@ -228,14 +228,18 @@ def check_base_output(layer: nn.Module, y: object, x: Tensor) -> None:
                         f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
                         "output, so this layer cannot take one (a router that returns several values, say): leave "
                         "it out of target_modules (exclude_modules)")
+    if torch.jit.is_tracing():
+        return  # the tracer would record the comparison as a constant (and warn); the sizes are static there
     if x.dim() == 0 or x.shape[-1] != layer.in_features or y.dim() == 0 or y.shape[-1] != layer.out_features:
+        remedy = ("shard the adapted layer itself with miss_ext.tensor_parallel's MissColwiseParallel / "
+                  "MissRowwiseParallel" if isinstance(layer, MissLinear) else
+                  "tensor parallelism takes miss_ext.MissLinear layers only (FSDP2 and DDP take this layer)")
         raise ValueError(
             f"{where}: its base layer {type(layer.base_layer).__name__} took x of shape {tuple(x.shape)} "
             f"and returned {tuple(y.shape)}, but the adapter spans the whole layer: in_features={layer.in_features}, "
             f"out_features={layer.out_features}. A base that sees or returns a part of the layer (torch's "
             "ColwiseParallel / RowwiseParallel applied to base_layer after the adapter) would get the whole "
-            "layer's adapter term on its part; shard the adapted layer itself with miss_ext.tensor_parallel's "
-            "MissColwiseParallel / MissRowwiseParallel (README, 'Multi-GPU')")
+            f"layer's adapter term on its part; {remedy} (README, 'Multi-GPU')")
 
 
 def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
@@ -616,7 +620,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 # Before any key is drawn (the ops refuse it after the draw, which moved the global
                 # RNG on a refused call): the constructor checks dropout, a later assignment not.
                 raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got "
-                                 f"dropout={self.dropout}")
+                                 f"p={self.dropout} (its dropout)")
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
             # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
             if self._tensor_parallel():

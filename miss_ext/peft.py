@@ -311,16 +311,25 @@ class AcceleratedMissLinear(PeftMissLinear):
             raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
                             f"only; got extra arguments {args!r} {kwargs!r}")
         if args or kwargs or not self._fast_path():
-            if not self.disable_adapters and not self.merged and x.dim() and x.shape[-1] != self.in_features:
+            adapted = not self.disable_adapters and not self.merged and bool(self._active_blocks())
+            if adapted and not torch.jit.is_tracing() and x.dim() and x.shape[-1] != self.in_features:
                 # PEFT's forward folds any width: a base fed a part of x (torch's RowwiseParallel
-                # on base_layer) got the whole layer's term folded from that part, silently. (A
-                # base returning a part of the output fails loudly in PEFT's sum.)
+                # on base_layer) got the whole layer's term folded from that part, silently.
                 raise ValueError(f"{type(self).__name__}: x has {x.shape[-1]} columns (shape {tuple(x.shape)}), but "
                                  f"the adapter spans the whole layer: in_features={self.in_features}, "
                                  f"out_features={self.out_features}; a base sharded by torch's tensor-parallel styles "
-                                 "takes a part of x: shard the model with miss_ext.tensor_parallel's styles (README, "
-                                 "'Multi-GPU') instead")
-            return super().forward(x, *args, **kwargs)
+                                 "takes a part of x, and tensor parallelism takes miss_ext.MissLinear layers only "
+                                 "(README, 'Multi-GPU')")
+            result = super().forward(x, *args, **kwargs)
+            if adapted and not torch.jit.is_tracing() and isinstance(result, Tensor) and result.dim() \
+                    and result.shape[-1] != self.out_features:
+                # A base returning a part of the output (ColwiseParallel) mostly fails in PEFT's
+                # sum, but a part of width 1 broadcasts there: refused after the fact.
+                raise ValueError(f"{type(self).__name__}: the output has {result.shape[-1]} columns, but the adapter "
+                                 f"spans the whole layer: out_features={self.out_features}; a base sharded by torch's "
+                                 "tensor-parallel styles returns a part of it, and tensor parallelism takes "
+                                 "miss_ext.MissLinear layers only (README, 'Multi-GPU')")
+            return result
         previous_dtype = x.dtype
         if self.disable_adapters and self.merged:
             with _merging():
@@ -791,8 +800,9 @@ class AcceleratedMissModel(MissModel):
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
         """Called by a disabled, merged layer of this model's running forward before it unmerges
         (PEFT's forward rule), and by an adapter_names= call before any layer runs (a layer that
-        refused the names mid-call did so after earlier layers drew dropout keys): the refusals that depend only on the layers' state (a partial merge,
-        or merged or bat adapters under adapter_names=, on the enabled layers; an unmerge that
+        refused the names mid-call did so after earlier layers drew dropout keys): the refusals
+        that depend only on the layers' state (a partial merge, or merged or bat adapters under
+        adapter_names=, on the enabled layers; an unmerge that
         would be refused, on the disabled merged ones) are checked on every layer first, so that
         one of them cannot stop the call after that layer and earlier ones changed their weights.
         Only reached from PeftModel's forward/generate with the tuner's hook entered, which PEFT

@@ -174,7 +174,7 @@ def test_a_rate_above_one_set_on_a_live_layer_is_refused_before_the_draw(path):
         layer.base_layer.register_forward_hook(lambda module, args, out: out)
     layer.dropout = 1.5
     state = torch.random.get_rng_state()
-    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\], got dropout=1.5"):
+    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\], got p=1.5 \(its dropout\)"):
         layer(torch.ones(3, 16))
     assert torch.equal(torch.random.get_rng_state(), state)
     layer.dropout = 1.0  # the ops' range: every column dropped
