@@ -444,17 +444,24 @@ def test_sixteen_adapters_and_per_adapter_dropout(folders, tmp_path):
             torch.testing.assert_close(trained[i], got[i], **TOL)
 
 
+def checkpointing_bank(base, checkpointing, reentrant=False):
+    """A training bank model with adapters "x" (default, r=4) and "y" (mini), random blocks, and
+    transformers' gradient checkpointing when asked."""
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "down_proj"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "x", r=4)
+    miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4)
+    random_blocks_bank(model)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model
+
+
 def test_gradient_checkpointing_with_backward_inside_the_context(folders):
     base, _ = folders
     grads = {}
     for checkpointing in (False, True):
-        model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "down_proj"], capacity=2, max_r=4)
-        miss_ext.add_bank_adapter(model, "x", r=4)
-        miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4)
-        random_blocks_bank(model)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = checkpointing_bank(base, checkpointing)
         ids = tokens(3, 5, seed=12)
         with miss_ext.mixed_batch(model, ["y", "x", None]):
             model(ids).logits.pow(2).mean().backward()
@@ -472,18 +479,7 @@ def test_checkpointed_backward_in_another_mixed_batch_is_refused(folders, reentr
     base, _ = folders
     ids = [tokens(2, 5, seed=12), tokens(2, 5, seed=13)]
     names = [["x", "y"], ["y", None]]
-
-    def build(checkpointing):
-        model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "down_proj"], capacity=2, max_r=4)
-        miss_ext.add_bank_adapter(model, "x", r=4)
-        miss_ext.add_bank_adapter(model, "y", r=2, mode="mini", mini_r=4)
-        random_blocks_bank(model)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        return model
-
-    model = build(True)
+    model = checkpointing_bank(base, True, reentrant)
     with miss_ext.mixed_batch(model, names[0]):
         loss = model(ids[0]).logits.pow(2).mean()
     with miss_ext.mixed_batch(model, names[1]):
@@ -498,7 +494,7 @@ def test_checkpointed_backward_in_another_mixed_batch_is_refused(folders, reentr
     # enabled in eval mode, in other batches.
     grads = {}
     for checkpointing in (False, True):
-        model = build(checkpointing)
+        model = checkpointing_bank(base, checkpointing, reentrant)
         for step, (batch_ids, batch_names) in enumerate(zip(ids, names)):
             with miss_ext.mixed_batch(model, batch_names):
                 loss = model(batch_ids).logits.pow(2).mean()
