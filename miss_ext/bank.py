@@ -160,7 +160,7 @@ def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
         raise ValueError(f"miss: bank_fold index[{t}]={int(flat[t])} names no slot of a bank with {slots} slots "
                          "(a negative index means no adapter)")
     used = flat >= 0
-    empty = used & (ranks.to(flat.device)[flat.clamp(min=0)] == 0)
+    empty = used & (ranks[flat.clamp(min=0)] == 0)  # ranks and ids both on the bank's device
     if bool(empty.any()):
         t = int(empty.nonzero()[0])
         raise ValueError(f"miss: bank_fold ranks[{int(flat[t])}]=0 (used by row {t}): the slot holds no adapter")

@@ -681,9 +681,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     if not layers:
         warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
         return model
+    refuse_fsdp1(model, "merge_and_unload")
     # FSDP2 may hold a layer unsharded (its weight then FSDP's gathered copy, which a merge would
     # write into and FSDP drop): resharded, its weight is the DTensor that merge_refusal refuses.
-    refuse_fsdp1(model, "merge_and_unload")
     reshard_fsdp(model)
     # Re-checked here rather than trusted from setup: the user may have tied or untied since.
     shared = record_shared_weights(model)

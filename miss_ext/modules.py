@@ -211,8 +211,8 @@ def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
 
 def check_base_output(layer: nn.Module, y: object, x: Tensor) -> None:
     """For a base layer that computes its own output (not the fused op): TypeError unless the base
-    of `layer` (MissLinear, MissBankLinear, the accelerated PEFT layer) returned a tensor, ValueError unless x has
-    layer.in_features columns and y layer.out_features.
+    of `layer` (MissLinear, MissBankLinear, the accelerated PEFT layer) returned a tensor,
+    ValueError unless x has layer.in_features columns and y layer.out_features (check_widths).
 
     - A tensor: an nn.Linear subclass may return more than its output (MoE routers such as
       PhimoeTopKRouter return (logits, weights, ...), and "all-linear" matches them).
@@ -228,15 +228,25 @@ def check_base_output(layer: nn.Module, y: object, x: Tensor) -> None:
                         f"{type(y).__name__}, not a tensor; a MiSS adapter adds its term to a linear layer's "
                         "output, so this layer cannot take one (a router that returns several values, say): leave "
                         "it out of target_modules (exclude_modules)")
+    check_widths(layer, x, y)
+
+
+def check_widths(layer: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> None:
+    """ValueError unless x has layer.in_features columns and y (when given) layer.out_features:
+    the adapter spans the whole layer (check_base_output says why). Skipped under torch.jit.trace,
+    which would record the comparison as a constant (and warn); the sizes are static there."""
     if torch.jit.is_tracing():
-        return  # the tracer would record the comparison as a constant (and warn); the sizes are static there
-    if x.dim() == 0 or x.shape[-1] != layer.in_features or y.dim() == 0 or y.shape[-1] != layer.out_features:
+        return
+    if x.dim() == 0 or x.shape[-1] != layer.in_features or (
+            y is not None and (y.dim() == 0 or y.shape[-1] != layer.out_features)):
+        where = layer._describe() if hasattr(layer, "_describe") else type(layer).__name__
         remedy = ("shard the adapted layer itself with miss_ext.tensor_parallel's MissColwiseParallel / "
                   "MissRowwiseParallel" if isinstance(layer, MissLinear) else
                   "tensor parallelism takes miss_ext.MissLinear layers only (FSDP2 and DDP take this layer)")
+        output = "" if y is None else f" and returned {tuple(y.shape)}"
         raise ValueError(
-            f"{where}: its base layer {type(layer.base_layer).__name__} took x of shape {tuple(x.shape)} "
-            f"and returned {tuple(y.shape)}, but the adapter spans the whole layer: in_features={layer.in_features}, "
+            f"{where}: its base layer {type(layer.base_layer).__name__} took x of shape {tuple(x.shape)}{output}, "
+            f"but the adapter spans the whole layer: in_features={layer.in_features}, "
             f"out_features={layer.out_features}. A base that sees or returns a part of the layer (torch's "
             "ColwiseParallel / RowwiseParallel applied to base_layer after the adapter) would get the whole "
             f"layer's adapter term on its part; {remedy} (README, 'Multi-GPU')")

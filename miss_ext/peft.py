@@ -85,8 +85,9 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
-from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output, check_before_dropout_key,  # noqa: E402
-                      check_merge, is_plain_linear, json_tensor, load_merge_record, tensor_json)
+from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output,  # noqa: E402
+                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
+                      load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
@@ -312,23 +313,15 @@ class AcceleratedMissLinear(PeftMissLinear):
                             f"only; got extra arguments {args!r} {kwargs!r}")
         if args or kwargs or not self._fast_path():
             adapted = not self.disable_adapters and not self.merged and bool(self._active_blocks())
-            if adapted and not torch.jit.is_tracing() and x.dim() and x.shape[-1] != self.in_features:
+            if adapted:
                 # PEFT's forward folds any width: a base fed a part of x (torch's RowwiseParallel
                 # on base_layer) got the whole layer's term folded from that part, silently.
-                raise ValueError(f"{type(self).__name__}: x has {x.shape[-1]} columns (shape {tuple(x.shape)}), but "
-                                 f"the adapter spans the whole layer: in_features={self.in_features}, "
-                                 f"out_features={self.out_features}; a base sharded by torch's tensor-parallel styles "
-                                 "takes a part of x, and tensor parallelism takes miss_ext.MissLinear layers only "
-                                 "(README, 'Multi-GPU')")
+                check_widths(self, x)
             result = super().forward(x, *args, **kwargs)
-            if adapted and not torch.jit.is_tracing() and isinstance(result, Tensor) and result.dim() \
-                    and result.shape[-1] != self.out_features:
+            if adapted and isinstance(result, Tensor):
                 # A base returning a part of the output (ColwiseParallel) mostly fails in PEFT's
                 # sum, but a part of width 1 broadcasts there: refused after the fact.
-                raise ValueError(f"{type(self).__name__}: the output has {result.shape[-1]} columns, but the adapter "
-                                 f"spans the whole layer: out_features={self.out_features}; a base sharded by torch's "
-                                 "tensor-parallel styles returns a part of it, and tensor parallelism takes "
-                                 "miss_ext.MissLinear layers only (README, 'Multi-GPU')")
+                check_widths(self, x, result)
             return result
         previous_dtype = x.dtype
         if self.disable_adapters and self.merged:

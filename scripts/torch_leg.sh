@@ -8,8 +8,8 @@
 #
 # The copy is build/legs/<spec>/ (scripts/copy_sources.py, refreshed on every call; its .venv and
 # build outputs are kept between calls; .ci/run removes each leg's .venv when the leg is done).
-# pip is pinned to the requested torch by a constraints file, so the test dependencies cannot move it, and that file replaces any machine-wide pip
-# constraint (this machine caps torch at 2.14.1). Build knobs (MISS_EXT_CUDA, MAX_JOBS,
+# pip is pinned to the requested torch by a constraints file, so the test dependencies cannot
+# move it, and that file replaces any machine-wide pip constraint (this machine caps torch at 2.14.1). Build knobs (MISS_EXT_CUDA, MAX_JOBS,
 # TORCH_CUDA_ARCH_LIST, ...) pass through to scripts/setup_env.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
