@@ -8,7 +8,8 @@ Conventions shared by every op below:
   mode, (r, mini_r) in the mini mode (mini_r divides out), (out/r, r, r) in the bat mode.
 - Dtypes: data tensors are float32, float64, float16 or bfloat16 (x, weight and bias alike);
   the block may differ (PEFT keeps it float32); arithmetic accumulates in float32 (float64 for
-  float64 data) and rounds once to the output dtype.
+  float64 data, and for a float64 output dtype asked of fold/bank_fold) and rounds once to the
+  output dtype.
 - Dropout (adapter branch only): probability p in [0, 1] and an int64 key [seed, offset] of
   shape (2,) on the data's device, from `new_dropout_key(x.device)`; with p == 0 the key may be
   None. The mask is a pure function of (key, row, column), the same on CPU and CUDA.
@@ -44,7 +45,8 @@ def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
 
     x (..., in), any supported float dtype; r >= 1 (r > in and in % r != 0 are allowed: the
     missing columns count as zeros). dtype: of S (default x's); the sums accumulate in float32,
-    in float64 only for a float64 x (dtype=torch.float64 does not widen them). p in [0, 1]; with
+    in float64 for a float64 x or dtype=torch.float64 (then x is widened first, one float64 copy
+    of it, as torch.sum(x, dtype=torch.float64) does), and are rounded once. p in [0, 1]; with
     p > 0, key = new_dropout_key(x.device). Differentiable to any order (its adjoint is
     tile_add). ValueError for r < 1, a scalar x, a p outside [0, 1], a missing key for p > 0, or
     a key on another device or of another size; TypeError for a non-float x or dtype, or a
@@ -172,7 +174,8 @@ def bank_fold(x: Tensor, index: Tensor, ranks: Tensor, max_r: int, dropouts: Opt
     index int64 with x's leading sizes; ranks int64 (N,), 1 <= ranks[a] <= max_r for every slot a
     row uses. Dropout: dropouts float64 (N,) (slot a's rate in [0, 1]) and key (new_dropout_key on
     x's device) together, or neither; row t's mask is that of fold(x, r_a, dropouts[a], key).
-    Returns (..., max_r) in dtype (default x's), summed in float32 (float64 for float64 data).
+    Returns (..., max_r) in dtype (default x's), summed in float32 (float64 for float64 data or
+    dtype=torch.float64, as fold).
     Differentiable in x (once: create_graph=True raises RuntimeError). ValueError for a bad shape,
     max_r < 1, an index past the slots, a used rank outside [1, max_r], a used rate outside
     [0, 1], or dropouts without key (or key without dropouts); TypeError for a non-float x or

@@ -66,10 +66,11 @@ at::Tensor bank_fold_with(BankFoldKernel kernel, const at::Tensor& x, const at::
   const int64_t rows = leading_rows(x);
   const bool dropout = dropouts.has_value() && dropouts->defined();
   check_dropout_extent(rows, in, dropout ? 1.0 : 0.0);
-  at::Tensor s = at::empty({rows, max_r}, x.options().dtype(fold_kernel_dtype(x.scalar_type(), out_dtype)));
+  const at::Tensor src = fold_source(x, out_dtype);
+  at::Tensor s = at::empty({rows, max_r}, x.options().dtype(fold_kernel_dtype(src.scalar_type(), out_dtype)));
   if (rows > 0) {
     const BankFoldArgs a = bank_fold_args(index, ranks, dropouts, key);
-    kernel(x.reshape({rows, in}).contiguous(), s, a.index, a.ranks, a.dropouts, a.key);
+    kernel(src.reshape({rows, in}).contiguous(), s, a.index, a.ranks, a.dropouts, a.key);
   }
   if (s.scalar_type() != out_dtype) s = s.to(out_dtype);
   std::vector<int64_t> shape = x.sizes().vec();

@@ -69,6 +69,10 @@ at::ScalarType fold_kernel_dtype(at::ScalarType in, at::ScalarType out) {
   return in == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor fold_source(const at::Tensor& x, at::ScalarType out) {
+  return out == at::kDouble && x.scalar_type() != at::kDouble ? x.to(at::kDouble) : x;
+}
+
 int64_t leading_rows(const at::Tensor& t) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
@@ -84,9 +88,10 @@ at::Tensor fold_with(FoldKernel kernel, const at::Tensor& x, int64_t r, double p
   const int64_t rows = leading_rows(x);
   check_dropout_extent(rows, in, p);
 
-  at::Tensor s = at::empty({rows, r}, x.options().dtype(fold_kernel_dtype(x.scalar_type(), out_dtype)));
+  const at::Tensor src = fold_source(x, out_dtype);
+  at::Tensor s = at::empty({rows, r}, x.options().dtype(fold_kernel_dtype(src.scalar_type(), out_dtype)));
   if (rows > 0) {
-    const at::Tensor x2 = x.reshape({rows, in}).contiguous();
+    const at::Tensor x2 = src.reshape({rows, in}).contiguous();
     const DropoutArgs dropout = make_dropout_args(p, key);
     kernel(x2, s, dropout.params);
   }

@@ -48,6 +48,12 @@ void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src,
 // afterwards, so the sum is rounded once and the cast only touches the small (rows, r) result.
 at::ScalarType fold_kernel_dtype(at::ScalarType in, at::ScalarType out);
 
+// What a fold kernel reads for a requested output dtype: x itself, or x widened to float64 when
+// float64 is asked of a narrower x, so that the sum runs in float64 (a float32 sum widened
+// afterwards would carry float32's rounding into a float64 result). Costs one float64 copy of x,
+// only for that request.
+at::Tensor fold_source(const at::Tensor& x, at::ScalarType out);
+
 // Product of all sizes but the last: the number of rows a kernel sees.
 int64_t leading_rows(const at::Tensor& t);
 
