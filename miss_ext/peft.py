@@ -222,6 +222,24 @@ def _is_bat(block: Tensor) -> bool:
     return block.dim() == 3
 
 
+def _peft_mode(layer: PeftMissLinear) -> str:
+    """The mode PEFT's own forward and merge apply to every adapter of the layer: its first
+    adapter's (MissLinear.miss_fn, the init_weights it was built with)."""
+    mode = getattr(layer, "miss_fn", None)
+    return mode if mode in ("bat", "mini") else "default"
+
+
+def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
+    """Whether PEFT's own forward and merge, which treat every adapter in the layer's first
+    adapter's mode (_peft_mode), compute adapter `name` as its own mode (its block's shape) says."""
+    block, mode = layer.miss_block[name], _peft_mode(layer)
+    if mode == "bat" or _is_bat(block):
+        return mode == "bat" and _is_bat(block)
+    if mode == "mini":  # PEFT tiles the block out // miss_mini_r[name] times along out
+        return layer.miss_mini_r.get(name) == block.shape[1] and layer.out_features % block.shape[1] == 0
+    return block.shape[1] == layer.out_features
+
+
 class AcceleratedMissLinear(PeftMissLinear):
     """PEFT's MissLinear with forward, merge and unmerge on `torch.ops.miss`. Never constructed:
     `accelerate` converts existing PEFT layers by swapping their class."""
@@ -317,6 +335,8 @@ class AcceleratedMissLinear(PeftMissLinear):
                 # PEFT's forward folds any width: a base fed a part of x (torch's RowwiseParallel
                 # on base_layer) got the whole layer's term folded from that part, silently.
                 check_widths(self, x)
+                if not all(_runs_in_peft_mode(self, name) for name in self._active_blocks()):
+                    return self._forward_in_own_modes(x, *args, **kwargs)
             result = super().forward(x, *args, **kwargs)
             if adapted and isinstance(result, Tensor):
                 # A base returning a part of the output (ColwiseParallel) mostly fails in PEFT's
@@ -359,13 +379,39 @@ class AcceleratedMissLinear(PeftMissLinear):
         else:
             result = self.base_layer(x)
             check_base_output(self, result, x)
+        return self._add_terms(result, x, shards).to(previous_dtype)
+
+    def _add_terms(self, result: Tensor, x: Tensor, shards: List) -> Tensor:
+        """result + each default/mini adapter's term, (block, dropout p) in `shards`, in the
+        block's dtype (PEFT's precision); out of place."""
         for block, p in shards:
             folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
             term = folded @ block
             if block.shape[1] != self.out_features:  # mini: tile (r, mini_r) along the output axis
                 term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])
             result = result + term
-        return result.to(previous_dtype)
+        return result
+
+    def _forward_in_own_modes(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """A base that is not a plain nn.Linear, whose active adapters are not all in the layer's
+        first adapter's mode, the only one PEFT's forward knows (it would crash, or silently run a
+        default block as a bat one). Default and mini adapters need only the base's output: the base
+        is called (extra arguments too) and each term added in its own mode. A bat adapter needs a
+        weight that is not this base's: ValueError, before anything runs or any dropout key is drawn."""
+        active = self._active_blocks()
+        bats = [name for name in active if _is_bat(self.miss_block[name])]
+        if bats:
+            raise ValueError(
+                f"{type(self).__name__}: bat adapter(s) {bats} cannot run with active adapters {active} on this layer: "
+                f"its base is not a plain nn.Linear ({type(self.base_layer).__module__}."
+                f"{type(self.base_layer).__qualname__}), so only PEFT's own forward can apply a bat adapter, and it runs "
+                f"every adapter in the layer's first adapter's mode ({_peft_mode(self)!r}), which would be wrong here; "
+                "run bat adapters alone on a layer whose first adapter is bat (set_adapter)")
+        shards = [(self.miss_block[name], self._dropout_p(name)) for name in active]
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        check_widths(self, x, result)
+        return self._add_terms(result, x, shards).to(previous_dtype)
 
     def _refuse_partial_merge(self) -> None:
         """A merged layer computes with its merged weight alone (PEFT's rule), so its output is the
@@ -479,6 +525,15 @@ class AcceleratedMissLinear(PeftMissLinear):
         # the next reshard drops. Quantized bases keep PEFT's merge code (it dequantizes and
         # requantizes), except under FSDP2.
         check_merge(self.base_layer, quantized=self.quantization_backend is not None)
+        if not self._fast_path():
+            # PEFT's merge code (kept for such bases) merges every adapter in the layer's first
+            # adapter's mode: an adapter of another mode would be merged wrongly, silently.
+            odd = [name for name in names if not _runs_in_peft_mode(self, name)]
+            if odd:
+                raise ValueError(f"cannot merge adapter(s) {odd} into a base that is not a plain nn.Linear "
+                                 f"({type(self.base_layer).__module__}.{type(self.base_layer).__qualname__}): such "
+                                 f"bases keep PEFT's merge code, which merges every adapter in the layer's first "
+                                 f"adapter's mode ({_peft_mode(self)!r}), and {odd} are of another mode")
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
         bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))

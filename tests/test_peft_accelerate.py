@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("peft")
@@ -350,6 +351,54 @@ def test_mixed_modes_on_one_layer_follow_the_spec(base, modes):
     torch.testing.assert_close(model(ids).logits, unmerged, **TOL)
     model.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+
+
+class _Doubled(torch.nn.Module):
+    """A parametrization: the base computes with 2 W, so it is not a plain nn.Linear."""
+
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("modes,active", [(["default", "mini"], None), (["bat", "default", "mini"], ["a1", "a2"]),
+                                          (["mini", "default"], ["a1"])], ids=["default+mini", "bat-first", "mini-first"])
+def test_mixed_modes_on_a_base_that_is_not_plain_follow_the_spec(base, modes, active):
+    """A non-plain base runs PEFT's own forward, which treats every adapter in the layer's first
+    adapter's mode (crashing for default+mini, silently wrong for a default block with r = out
+    under bat): default/mini adapters of another mode are added in their own modes instead."""
+    model, layer = mixed_layer(base, modes)
+    torch.nn.utils.parametrize.register_parametrization(layer.base_layer, "weight", _Doubled())
+    if active is not None:
+        model.base_model.set_adapter(active)
+    assert not layer._fast_path()
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), mixed_formula(layer, x), **TOL)  # the formula reads the doubled weight
+    # Still PEFT's own code where every active adapter is in the first adapter's mode.
+    model.base_model.set_adapter(["a0"])
+    torch.testing.assert_close(layer(x), mixed_formula(layer, x), **TOL)
+
+
+def test_bat_with_another_mode_on_a_base_that_is_not_plain_is_refused(base):
+    """PEFT's forward on such a base ran the default block as a bat one (silently, when r = out and
+    out divides in); a bat adapter needs the weight, which such a base does not take: ValueError,
+    before any dropout key is drawn; merges that PEFT's merge code would do in the wrong mode too."""
+    model, layer = mixed_layer(base, ["bat", "default"])
+    hook = layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    layer.miss_dropout["a1"] = torch.nn.Dropout(0.3)
+    model.train()  # dropout on: a refusal after the draw would move the RNG
+    x = torch.randn(2, layer.in_features, dtype=torch.float64)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"bat adapter\(s\) \['a0'\] cannot run with active adapters \['a0', 'a1'\]"):
+        layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    # PEFT's merge code (kept for quantized bases) would merge "a1" as a bat block: refused.
+    model.eval()
+    hook.remove()
+    layer.quantization_backend = type("FakeBackend", (), {"supports_merge": True, "backend_name": "fake"})()
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=r"cannot merge adapter\(s\) \['a1'\] into a base that is not a plain"):
+        layer.merge(adapter_names=["a1"])
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
 
 
 def test_merging_bat_over_merged_default_adapters_is_refused(base):
