@@ -30,6 +30,7 @@ torch.func.vmap's default randomness="error". This is also why the fold is per r
 rather than one miss.fold per fold width and rate, whose int width and float rate dynamo would
 bake into the graph (and did, before).
 """
+import itertools
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -59,6 +60,8 @@ def check_new_adapter(names: List[Optional[str]], name: object, where: str = "th
 
 
 _SLOT_FIELDS = ("adapter_names", "modes", "dropouts", "absent")
+# Generations of slot contents (MissBankLinear.slot_generation): unique across layers and copies.
+_GENERATIONS = itertools.count(1)
 
 
 def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List[int],
@@ -395,7 +398,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         self.adapter_names[slot] = name
         self.dropouts[slot] = float(dropout)
         self.modes[slot] = mode
-        self._sync_slots()
+        self._sync_slots([slot])
         return slot
 
     def add_from(self, name: str, layer: MissLinear) -> int:
@@ -420,7 +423,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         slot = check_new_adapter(self.adapter_names, name)
         self.adapter_names[slot] = name
         self.absent[slot] = True
-        self._sync_slots()
+        self._sync_slots([slot])
         return slot
 
     def remove_adapter(self, name: str) -> None:
@@ -437,7 +440,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         self.dropouts[slot] = 0.0
         self.modes[slot] = None
         self.absent[slot] = False
-        self._sync_slots()
+        self._sync_slots([slot])
 
     def _slot_state(self, slot: int) -> tuple:
         """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback)."""
@@ -451,7 +454,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             self.ranks[slot] = rank
             self.periods[slot] = period
         self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot] = name, dropout, mode, absent
-        self._sync_slots()
+        self._sync_slots([slot])
+
+    def slot_generation(self, slot: int) -> int:
+        """A number that changes whenever `slot` is filled, emptied or reloaded (unique in the
+        process): a slot id with its generation names one adapter's stay in the slot, so that a
+        checkpointed recompute can tell a re-used slot from the adapter its forward ran with
+        (_check_recompute). Writes into the bank's values do not change it."""
+        return self.__dict__.get("_generations", {}).get(slot, 0)
 
     def block(self, name: str) -> Tensor:
         """The adapter's block, a view into the bank: (r, out_features) or (r, mini_r), in the
@@ -477,9 +487,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
 
-    def _sync_slots(self) -> None:
+    def _sync_slots(self, changed: Optional[Sequence[int]] = None) -> None:
         """The _dropouts and _route buffers from the slot lists (in place: same tensors, so a
-        compiled graph reads the new values without a recompile)."""
+        compiled graph reads the new values without a recompile); `changed` (default: every slot)
+        get a new generation (slot_generation)."""
+        generations = self.__dict__.setdefault("_generations", {})
+        generation = next(_GENERATIONS)
+        for slot in range(self.capacity) if changed is None else changed:
+            generations[slot] = generation
         self._any_dropout = any(p > 0.0 for p in self.dropouts)
         with torch.no_grad():
             self._dropouts.copy_(torch.tensor(self.dropouts, dtype=torch.float64))
@@ -532,8 +547,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         accumulation over micro-batches) silently got the later batch's rows in its gradients
         (found by a review, 2026-12-03; max error 0.12 for gradients of 0.1 in float64).
 
-        How: a batch is what it routes (mixed_batch's slot ids and expand: the same names entered
-        again are the same batch). Training-mode forwards outside backward record their batch:
+        How: a batch is what it routes (mixed_batch's slot ids with their generations, and expand:
+        the same names entered again are the same batch; a slot re-used by another adapter since is
+        not, as its recompute would run the new adapter: found by a review, 2026-12-03). Training-mode forwards outside backward record their batch:
         with grad enabled, or under no_grad inside a reentrant checkpoint (which runs its
         region's first forward so); not evaluation (eval mode, or no_grad / inference_mode
         outside a checkpoint), which transformers never checkpoints. A forward inside backward
@@ -556,7 +572,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if others:
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
                              "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
-                             "recompute, whose rows would silently take this batch's adapters. Call backward() inside "
+                             "recompute, or after a slot it used was emptied or re-filled (remove/add/load of an "
+                             "adapter), whose rows would silently take this batch's adapters. Call backward() inside "
                              "a mixed_batch of its forward's names (for gradient accumulation: one backward per "
                              "micro-batch, inside its context); run forwards whose graph you drop in eval mode "
                              "(model.eval()) or under torch.no_grad()")
@@ -668,14 +685,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 setattr(self, name, fn(getattr(self, name)))
             if self._dropouts.dtype != torch.float64:
                 self._dropouts = self._dropouts.to(torch.float64)
-        self._sync_slots()
+        self._sync_slots(changed=())  # the same adapters, elsewhere
         return self
 
     def _rebuild_forward_slot_tensors(self, device: torch.device) -> None:
         # The forward's slot tensors (rates, routing), new on `device`, from the slot lists.
         self._dropouts = torch.zeros(self.capacity, dtype=torch.float64, device=device)
         self._route = torch.zeros(self.capacity, dtype=torch.int64, device=device)
-        self._sync_slots()
+        self._sync_slots(changed=())  # the same adapters
 
     def _slot_tensors_to(self, device: torch.device) -> None:
         # Where the bank went without them: a wrapper that moves a module's parameters and buffers

@@ -502,10 +502,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
         # What the batch routes (its slot ids and expand), so that a layer recomputed by activation
         # checkpointing can tell whether its forward ran in a batch of other rows
         # (MissBankLinear._check_recompute); the same names entered again are the same batch.
-        routing = (tuple(unrepeated.tolist()), expand)
+        # A slot's generation tells a re-used slot (an adapter removed, another added under any
+        # name) from the adapter the forward ran with.
+        slots = unrepeated.tolist()
         for _, layer in layers:
             layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
-            layer.__dict__["_mixed_batch"] = routing
+            layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots), expand)
     handles = []
     try:
         # A state_dict load is refused before any module loads, whichever module it is called on:

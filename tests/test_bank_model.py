@@ -516,6 +516,25 @@ def test_checkpointed_backward_in_another_mixed_batch_is_refused(folders, reentr
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointed_backward_after_its_slot_was_reused_is_refused(folders, reentrant):
+    """A loss built in mixed_batch(["x", "y"]), then "x" removed and another adapter added into its
+    slot (same name, other r), then backward() in mixed_batch(["x", "y"]): the slot ids match, so
+    the recompute ran the new adapter and gave its slot a gradient that belongs to no forward
+    (helper review, 2026-12-03). Refused now, as without checkpointing (where autograd sees the
+    bank changed in place)."""
+    base, _ = folders
+    ids = tokens(2, 5, seed=12)
+    model = checkpointing_bank(base, True, reentrant)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        loss = model(ids).logits.pow(2).mean()
+    miss_ext.remove_bank_adapter(model, "x")
+    miss_ext.add_bank_adapter(model, "x", r=3)
+    with miss_ext.mixed_batch(model, ["x", "y"]), pytest.raises(Exception) as caught:
+        loss.backward()
+    assert "after a slot it used was emptied or re-filled" in str(caught.value) + str(caught.value.__cause__)
+
+
 def test_encoder_decoder_beam_search(tmp_path):
     """T5: the encoder runs on the unrepeated sequences, the decoder on num_beams copies."""
     transformers = pytest.importorskip("transformers")
