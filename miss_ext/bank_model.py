@@ -92,7 +92,8 @@ def _model_to_change(model: nn.Module, where: str) -> nn.Module:
 def bank_adapter_names(model: nn.Module) -> List[str]:
     """The adapters in the model's bank (list of str), in slot order. ValueError for a model
     without MissBankLinear layers or whose bank layers disagree on their slots."""
-    return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
+    with _BANK_LOCK:  # not half way through another thread's slot change
+        return [n for n in _layers(model, "bank_adapter_names")[0][1].adapter_names if n is not None]
 
 
 def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, max_r: int,
@@ -379,23 +380,28 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     as in save_adapter."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_bank_adapter")
-    layers = _layers(model, "save_bank_adapter")
-    refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
-    slot = layers[0][1]._slot(name)
-    present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
-    _, first = present[0]
-    r, q, mode = int(first.ranks[slot]), int(first.periods[slot]), first.modes[slot]
-    sharded = bool(reshard_fsdp(model)) or any(is_dtensor(layer.bank) for _, layer in present)
-    tensors = {}
-    for p, layer in present:  # every rank gathers, in model order
-        bank = layer.bank.detach()
-        bank = bank.full_tensor() if is_dtensor(bank) else bank
-        tensors[f"{KEY_PREFIX}{p}.miss_block"] = bank[slot, :r, :int(layer.periods[slot])].cpu().contiguous()
+    # A snapshot under the bank lock: another thread's remove/add/load of this adapter half way
+    # through would otherwise give a folder of old and new (or zero) blocks, or a config of
+    # neither (found by a review, 2026-12-03). Copies, so that the file is written outside the lock.
+    with _BANK_LOCK:
+        layers = _layers(model, "save_bank_adapter")
+        refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
+        slot = layers[0][1]._slot(name)
+        present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
+        _, first = present[0]
+        r, q, mode, dropout = int(first.ranks[slot]), int(first.periods[slot]), first.modes[slot], first.dropouts[slot]
+        sharded = bool(reshard_fsdp(model)) or any(is_dtensor(layer.bank) for _, layer in present)
+        tensors = {}
+        for p, layer in present:  # every rank gathers, in model order
+            bank = layer.bank.detach()
+            bank = bank.full_tensor() if is_dtensor(bank) else bank
+            block = bank[slot, :r, :int(layer.periods[slot])]
+            tensors[f"{KEY_PREFIX}{p}.miss_block"] = block.to("cpu", copy=True).contiguous()
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)  # the same blocks on every rank
     if not is_main_process:
         return
-    config = adapter_config(r, mode, q if mode == "mini" else 1, first.dropouts[slot], [p for p, _ in present],
+    config = adapter_config(r, mode, q if mode == "mini" else 1, dropout, [p for p, _ in present],
                             task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     warn_non_finite(tensors, "save_bank_adapter")

@@ -697,6 +697,40 @@ def test_save_bank_adapter_writes_what_save_adapter_writes(folders, tmp_path):
     assert not (tmp_path / "skipped").exists()
 
 
+def test_save_bank_adapter_writes_a_snapshot_and_reads_under_the_bank_lock(folders, tmp_path, monkeypatch):
+    """The blocks were views into the live bank until the file was written, read without the bank
+    lock: another thread's remove_bank_adapter meanwhile gave a folder of X's config with zero
+    blocks, and reads half way through a slot change blamed the user (review, 2026-12-03). The
+    removal is made to happen between the snapshot and the write here; the reads wait for a slot
+    change holding the lock."""
+    base, _ = folders
+    model = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "v_proj"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "X", r=4)
+    random_blocks_bank(model)
+    blocks = {p: layer.block("X").clone() for p, layer in miss_ext.bank_model.bank_layers(model)}
+    write = miss_ext.bank_model.write_adapter
+
+    def remove_then_write(*args, **kwargs):
+        miss_ext.remove_bank_adapter(model, "X")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(miss_ext.bank_model, "write_adapter", remove_then_write)
+    miss_ext.save_bank_adapter(model, "X", str(tmp_path / "x"))
+    assert miss_ext.bank_adapter_names(model) == []
+    loaded = miss_ext.load_bank(copy.deepcopy(base), {"X": str(tmp_path / "x")})
+    for p, layer in miss_ext.bank_model.bank_layers(loaded):
+        torch.testing.assert_close(layer.block("X"), blocks[p], rtol=0, atol=0)
+    # A read while another thread holds the bank lock (a slot change) waits for it.
+    done = []
+    with miss_ext.bank_model._BANK_LOCK:
+        reader = threading.Thread(target=lambda: done.append(miss_ext.bank_adapter_names(loaded)))
+        reader.start()
+        reader.join(0.2)
+        assert not done
+    reader.join()
+    assert done == [["X"]]
+
+
 def test_a_second_mixed_batch_on_the_same_model_is_refused(folders):
     """The rows live on the layers: a second mixed_batch while one is active (another thread, an
     async server's other coroutine, or nested) would hand the first call's running forward its
