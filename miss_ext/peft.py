@@ -920,6 +920,14 @@ class AcceleratedMissModel(MissModel):
                                "the old adapters in some layers and the new state in others; change the adapters "
                                "between calls (nothing was changed)")
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # PeftModel.load_adapter under an existing name and set_peft_model_state_dict load the new
+        # blocks with load_state_dict, which reaches this module (the layers' parent) before any
+        # layer: refused here during a call with adapter_names=, as delete_adapter is (a re-load
+        # gave a running call's rows the old adapter in some layers and the new one in others).
+        self._refuse_during_names_call("load_state_dict (PeftModel.load_adapter, set_peft_model_state_dict)")
+        super()._load_from_state_dict(*args, **kwargs)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=
         runs on this model."""
