@@ -17,3 +17,18 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         package = module.split(".")[0]
         raise ImportError(f"{what} needs the '{package}' package, which is not installed: "
                           f"pip install 'miss_ext[{extra}]' (or pip install {package})") from exc
+
+
+def require_version(module: str, minimum: str, extra: str, what: str, why: str) -> ModuleType:
+    """`require`, and ImportError if the installed version is older than `minimum` (saying `why`),
+    before anything uses it. (packaging, for the version comparison, is a dependency of every
+    package this is used for.)"""
+    found = require(module, extra, what)
+    from packaging.version import Version
+
+    version = getattr(found, "__version__", "0")
+    if Version(version) < Version(minimum):
+        package = module.split(".")[0]
+        raise ImportError(f"{what} needs {package} >= {minimum}, found {package} {version} ({why}): "
+                          f"pip install '{package}>={minimum}'")
+    return found

@@ -76,9 +76,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._optional import require
+from ._optional import require_version
 
-require("peft", "peft", "miss_ext.peft")
+# Decision (2026-12-03): PEFT >= 0.20. Older releases lack what the accelerated layers read
+# (MissLinear.quantization_backend, 0.20), so accelerate() swapped the classes and every call then
+# crashed; releases before 0.17 have no peft.tuners.miss (Bone only). CI tests PEFT 0.21; 0.20.0
+# was checked by hand (the PEFT tests pass but the one expecting 0.21's refusal of r > in). Adapter
+# files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
+require_version("peft", "0.20", "peft", "miss_ext.peft",
+                "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402

@@ -100,6 +100,20 @@ def test_missing_optional_package_names_the_extra():
     assert require("json", "peft", "x").__name__ == "json"
 
 
+def test_a_peft_too_old_for_miss_ext_peft_is_refused_at_import():
+    """PEFT 0.17-0.19 imported, accelerate() swapped the classes, and every call then crashed on
+    a missing attribute; PEFT before 0.17 has no peft.tuners.miss (a bare ModuleNotFoundError).
+    Review, 2026-12-03: ImportError naming the version now, before anything changes."""
+    import subprocess
+    import sys
+
+    code = ("import peft; peft.__version__ = '0.19.1'\n"
+            "try:\n    import miss_ext.peft\nexcept ImportError as e:\n    print('refused:', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "refused: miss_ext.peft needs peft >= 0.20, found peft 0.19.1" in out.stdout, out.stdout + out.stderr
+    assert "pip install 'peft>=0.20'" in out.stdout
+
+
 @pytest.mark.parametrize("missing", ["transformers", "tqdm", "matplotlib", "peft"])
 def test_demo_without_an_optional_package_names_the_extra(missing, monkeypatch):
     """The demo checks its packages before any work; a missing one names miss_ext[demo]."""
