@@ -128,11 +128,18 @@ def base_model_name(model: nn.Module) -> Optional[str]:
 
 
 def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
-    """Writes a PEFT adapter directory: the safetensors file, then the config. The config is
-    serialised before anything is written, and each file is written under a temporary name in the
-    folder and renamed over the old one, so a bad config value or an interruption cannot leave an
-    earlier adapter's folder with new weights beside a truncated config. TypeError naming the
-    config fields that JSON cannot hold, writing nothing."""
+    """Writes a PEFT adapter directory (adapter_model.safetensors and adapter_config.json) so that
+    no failure or interruption leaves a folder whose config and weights come from different saves.
+
+    The config is serialised first (TypeError naming the fields JSON cannot hold, writing
+    nothing). Both files are then written under temporary names in the folder, so a full disk or
+    an error fails before anything old is touched: the earlier adapter stays whole and the
+    temporaries are removed. Only then is the old adapter_config.json removed, the weights
+    renamed into place (a stale adapter_model.bin of an earlier save removed) and the config
+    renamed into place last. An interruption within those renames leaves a folder without a
+    config, which every loader (load_adapter, PEFT's from_pretrained) refuses, rather than new
+    weights beside an old config or old weights beside a new one. A file (not a folder) at
+    `path` raises FileExistsError; links at the file names are replaced, not written through."""
     from safetensors.torch import save_file
 
     try:
@@ -147,17 +154,32 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         with open(target, "w") as f:
             f.write(text)
 
-    for name, write in ((WEIGHTS_NAME, lambda target: save_file(tensors, target, metadata={"format": "pt"})),
-                        (CONFIG_NAME, write_config)):
-        # A name of its own per call (two threads saving into one folder must not share it), created
-        # by the writer itself so that the file gets the usual permissions (mkstemp's are 0600).
-        temporary = os.path.join(path, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            write(temporary)
-            os.replace(temporary, os.path.join(path, name))
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+    # A name of its own per call (two threads saving into one folder must not share it), created by
+    # the writer itself so that the file gets the usual permissions (mkstemp's are 0600).
+    token = uuid.uuid4().hex
+    temporaries = {name: os.path.join(path, f".{name}.{token}.tmp") for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    try:
+        save_file(tensors, temporaries[WEIGHTS_NAME], metadata={"format": "pt"})
+        write_config(temporaries[CONFIG_NAME])
+        # Nothing old has changed so far. From here on the folder has no config until the last
+        # rename: an interruption leaves it refused by every loader, never a mixed pair.
+        _remove_if_there(os.path.join(path, CONFIG_NAME))
+        os.replace(temporaries[WEIGHTS_NAME], os.path.join(path, WEIGHTS_NAME))
+        # An earlier save's other-format weights (older PEFT wrote adapter_model.bin) belong to
+        # the adapter being replaced; a loader that prefers them must not find them beside this config.
+        _remove_if_there(os.path.join(path, LEGACY_WEIGHTS_NAME))
+        os.replace(temporaries[CONFIG_NAME], os.path.join(path, CONFIG_NAME))
+    finally:
+        for temporary in temporaries.values():
+            _remove_if_there(temporary)
+
+
+def _remove_if_there(path: str) -> None:
+    """os.remove, or nothing when there is no file there (another save of the folder removed it)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _json_serialisable(value: object) -> bool:
@@ -330,7 +352,10 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]
     `<layer>.base_layer.bias`)."""
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}")
+        weights = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if os.path.isfile(os.path.join(path, name))]
+        hint = (f" ({weights[0]} is there: a save into this folder that did not complete removes the config "
+                "until the new weights are in place; save again)") if weights else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}{hint}")
     with open(config_file) as f:
         config = json.load(f)
     peft_type = config.get("peft_type")

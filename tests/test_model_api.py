@@ -2,7 +2,9 @@
 files, both directions, and old Bone files) and `export_lora`, on tiny transformers models. Every
 error case checks that the model was left exactly as it was."""
 import copy
+import errno
 import json
+import os
 import warnings
 
 import pytest
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import miss_ext  # noqa: E402
 from conftest import assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
+from miss_ext.adapter_files import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
 from tiny_models import (ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm,  # noqa: E402
                          tiny_moe_lm, tokens, write_bone_copy)
@@ -764,6 +767,121 @@ def test_save_adapter_over_an_earlier_folder_is_whole_or_nothing(tmp_path):
         config = json.load(f)
     assert config["base_model_name_or_path"] == str(tmp_path / "base") and config["r"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _saved_folder(tmp_path, seed, dropout):
+    """A two-layer model's MiSS adapter saved into tmp_path; (model, {file name: bytes})."""
+    torch.manual_seed(0)
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), ["0", "2"], r=2,
+                                init_weights=False, dropout=dropout)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in miss_ext.miss_layers(model):
+            layer.miss_block.normal_()
+    miss_ext.save_adapter(model, str(tmp_path))
+    return model, {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("save", ["save_adapter", "export_lora", "save_bank_adapter"])
+def test_a_config_write_that_fails_leaves_the_earlier_adapter_whole(tmp_path, monkeypatch, save):
+    """Disk full on the (small) config write, after the weights went through: the weights used to
+    be renamed into place first, leaving new weights beside the old config, which loaded silently
+    with the old config's miss_dropout (or, after export_lora into a MiSS folder, made PEFT's
+    from_pretrained return the base model). Both files are now written to temporaries first: the
+    folder keeps the earlier adapter byte for byte, with no temporaries left."""
+    from miss_ext import adapter_files
+
+    _, old_files = _saved_folder(tmp_path, seed=1, dropout=0.1)
+    new, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), ["0", "2"], capacity=1,
+                               max_r=2)
+    miss_ext.add_bank_adapter(bank, "a", r=2)
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and CONFIG_NAME in os.path.basename(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_files, "open", failing_open, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        if save == "save_bank_adapter":
+            miss_ext.save_bank_adapter(bank, "a", str(tmp_path))
+        else:
+            getattr(miss_ext, save)(new, str(tmp_path))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == old_files
+    loaded = miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), str(tmp_path))
+    assert [layer.dropout for _, layer in miss_ext.miss_layers(loaded)] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("interrupted", ["weights", "config"])
+def test_an_interrupted_save_leaves_no_config_rather_than_a_mixed_pair(tmp_path, monkeypatch, interrupted):
+    """Ctrl-C while the files are being renamed into place: the old config is removed before the
+    new weights go in and the new config comes last, so the folder is either the earlier adapter
+    or refused by every loader (no adapter_config.json, the message says why), never the new
+    weights beside the old config; the temporaries are removed."""
+    from miss_ext import adapter_files
+
+    _, old_files = _saved_folder(tmp_path, seed=1, dropout=0.1)
+    new, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    target = WEIGHTS_NAME if interrupted == "weights" else CONFIG_NAME
+    real_replace = os.replace
+
+    def interrupted_replace(src, dst):
+        if os.path.basename(dst) == target:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(adapter_files.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.save_adapter(new, str(tmp_path))
+    monkeypatch.undo()
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert CONFIG_NAME not in files and not any(name.endswith(".tmp") for name in files), sorted(files)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json in .*a save into this folder that did "
+                                                r"not complete"):
+        miss_ext.load_adapter(model, str(tmp_path))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path))
+    miss_ext.save_adapter(new, str(tmp_path))  # saving again mends it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert [layer.dropout for _, layer in miss_ext.miss_layers(miss_ext.load_adapter(model, str(tmp_path)))] == [0.0,
+                                                                                                                 0.0]
+
+
+def test_saving_over_an_old_bin_adapter_removes_its_weights(tmp_path):
+    """A folder of an older PEFT's adapter (adapter_model.bin): the new save's config must not sit
+    beside the replaced adapter's .bin weights (a loader asked for .bin, or one that finds no
+    safetensors, would read them with the new config), so the .bin goes with the old config."""
+    model, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    torch.save({f"base_model.model.{i}.miss_block": torch.ones(2, 8) for i in (0, 2)}, tmp_path / "adapter_model.bin")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(miss_ext.adapter_files.adapter_config(2, "default", 1, 0.1,
+                                                                                         ["0", "2"])))
+    (tmp_path / "README.md").write_text("model card")  # not the adapter's: kept
+    miss_ext.save_adapter(model, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_save_adapter_into_a_file_or_over_links(tmp_path):
+    """A file at the folder's path: FileExistsError, the file untouched. Links at the file names
+    are replaced by the new files, not written through (the files they point at are kept)."""
+    model, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FileExistsError):
+        miss_ext.save_adapter(model, str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "not a folder"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (elsewhere / name).write_text("kept")
+        (folder / name).symlink_to(elsewhere / name)
+    miss_ext.save_adapter(model, str(folder))
+    assert [(elsewhere / name).read_text() for name in (CONFIG_NAME, WEIGHTS_NAME)] == ["kept", "kept"]
+    assert not any((folder / name).is_symlink() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), str(folder))
 
 
 def test_load_adapter_into_a_model_built_under_inference_mode(tmp_path):
