@@ -308,3 +308,39 @@ def test_bf16_base_keeps_float32_rotary_buffers_as_from_pretrained(tmp_path):
     ids = torch.arange(16).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("failure", ["adapter write fails", "interrupted while saving the base"])
+def test_a_rerun_whose_save_fails_leaves_no_loadable_mismatched_pair(tmp_path, capsys, monkeypatch, failure):
+    """A second run into the same --out writes its new random base first; when the adapter write
+    then failed (disk full) or the run was interrupted, the earlier run's adapter, whose config
+    names that base folder, was left beside the new base and loaded onto it without an error. Now
+    the earlier config is removed before the base is replaced: the folder holds no loadable
+    adapter, and the demo says so (its Ctrl-C message points at that line)."""
+    from miss_ext.demo import _driver
+
+    fast = TINY + ["--steps", "2", "--no-peft", "--out", str(tmp_path)]
+    assert demo.main(fast + ["--seed", "0"]) == 0
+    assert f"saved the adapter into {tmp_path.resolve()} and the random base model into" in capsys.readouterr().out
+    assert (tmp_path / "adapter_config.json").is_file()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if failure == "adapter write fails":
+        monkeypatch.setattr(miss_ext, "save_adapter", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            demo.main(fast + ["--seed", "1"])
+    else:
+        monkeypatch.setattr(_driver, "save_base_model", interrupt)
+        assert demo.main(fast + ["--seed", "1"]) == 130
+    printed = capsys.readouterr()
+    assert f"the save into {tmp_path.resolve()} did not complete: no adapter of this run was saved (any earlier " \
+           "run's adapter there was removed first" in printed.err
+    assert "saved the adapter" not in printed.out
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        miss_ext.load_adapter(torch.nn.Linear(2, 2), str(tmp_path))

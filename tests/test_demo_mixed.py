@@ -90,3 +90,22 @@ def test_bad_values_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         mixed.main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_rerun_removes_the_earlier_adapters_before_replacing_the_base(tmp_path, monkeypatch):
+    """Each adapter's config names OUT/base_model: the earlier run's configs are removed before a
+    new base replaces it, so a save that fails part way (here the base's) leaves no earlier adapter
+    that would load onto the new base without an error."""
+    for task in mixed.TASKS:
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "adapter_config.json").write_text("{}")
+        (tmp_path / task / "adapter_model.safetensors").write_bytes(b"earlier run's")
+
+    def disk_full(model, path):
+        assert not any((tmp_path / task / "adapter_config.json").exists() for task in mixed.TASKS)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mixed, "save_base_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        mixed.main(["--steps", "1", "--out", str(tmp_path)])
+    assert not any((tmp_path / task / "adapter_config.json").exists() for task in mixed.TASKS)

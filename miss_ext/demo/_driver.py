@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,8 +22,9 @@ from ._merge import MergeCheck, check_merge
 from ._report import (format_heldout, format_table, plot_losses, print_where, synthetic_notes,
                       synthetic_references)
 from ._synthetic import TASK_SEQUENCES, build_base_model, make_batches
-from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, heldout_loss, save_base_model,
-                        predictions_depend_on_input, saved_activation_bytes, train, trainable_parameters)
+from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, forget_adapter, heldout_loss,
+                        predictions_depend_on_input, save_base_model, saved_activation_bytes, train,
+                        trainable_parameters)
 from ._user import (DemoInputError, check_causal, check_fits, check_model_dir, describe_model, load_model,
                     load_text_data, load_tokenizer, training_batches)
 
@@ -184,12 +186,19 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     miss_model = models.pop("miss_ext")
     models.clear()  # frees the PEFT model before merging
     out.mkdir(parents=True, exist_ok=True)
-    if synthetic_base is not None:
-        # The base is random, so nobody can download it: saved so the adapter can be loaded later.
-        save_base_model(synthetic_base, prepared.base_path)
-        del synthetic_base
-    # task_type makes PEFT build a PeftModelForCausalLM; the base path lets it find the base.
-    miss_ext.save_adapter(miss_model, out, task_type="CAUSAL_LM", base_model_name_or_path=str(prepared.base_path))
+    try:
+        save_outputs(miss_model, out, prepared.base_path, synthetic_base)
+    except BaseException:
+        # Ctrl-C, a full disk: say what the folder holds (main's message points at the lines above).
+        earlier = ("any earlier run's adapter there was removed first, as the base model it names is replaced"
+                   if synthetic_base is not None else "an earlier run's adapter there, if any, is as it was, or "
+                   "none is left")
+        print(f"\nthe save into {out} did not complete: no adapter of this run was saved ({earlier}); "
+              "run again to save", file=sys.stderr, flush=True)
+        raise
+    print(f"\nsaved the adapter into {out}" + ("" if synthetic_base is None else
+                                                f" and the random base model into {prepared.base_path}"), flush=True)
+    del synthetic_base
     merge_tokens = prepared.heldout[:args.batch_size]
     merge, merged_model, unmerged_logits = check_merge(miss_model, merge_tokens.to(device), dtype)
     print(f"\nmerge check on a held-out batch: max |merged - unmerged logits| = {merge.max_abs_diff:.3e} "
@@ -204,6 +213,19 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     return DemoResult(runs=runs, merge=merge, heldout=merge_tokens, unmerged_logits=unmerged_logits.cpu(),
                       merged_model=merged_model, table=table, out=out, heldout_before=before,
                       heldout_after=after, base_path=prepared.base_path)
+
+
+def save_outputs(model: nn.Module, out: Path, base_path: Path, base: Optional[nn.Module]) -> None:
+    """The adapter into `out` and, for the random model (`base`), the base into `base_path`. The
+    adapter's config names the base folder, so no failure or interrupt may leave an earlier run's
+    adapter beside a new base (it would load onto it without an error): the earlier config is
+    removed before the base is replaced, and save_adapter writes the new config last."""
+    if base is not None:
+        # The base is random, so nobody can download it: saved so the adapter can be loaded later.
+        forget_adapter(out)
+        save_base_model(base, base_path)
+    # task_type makes PEFT build a PeftModelForCausalLM; the base path lets it find the base.
+    miss_ext.save_adapter(model, out, task_type="CAUSAL_LM", base_model_name_or_path=str(base_path))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import miss_ext
+from miss_ext.adapter_files import CONFIG_NAME
 
 from ._cli import target_modules
 
@@ -37,6 +38,17 @@ def apply_peft(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         # PEFT reads a property this transformers release deprecates; nothing the user can act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
+
+
+def forget_adapter(folder: Path) -> None:
+    """Removes the adapter_config.json of an earlier run in `folder`, if any, before a new base model
+    replaces the one its base_model_name_or_path names: a save that then fails or is interrupted
+    leaves no loadable adapter there (save_adapter writes the new config last), never the earlier
+    run's adapter beside the new base, which would load onto it without an error."""
+    try:
+        (Path(folder) / CONFIG_NAME).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def save_base_model(model: nn.Module, path: Path) -> None:

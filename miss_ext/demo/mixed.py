@@ -11,7 +11,9 @@
 3. Saves each adapter in PEFT's format (`miss_ext.save_bank_adapter`) and loads both into a
    fresh copy of the base model (`miss_ext.load_bank`), as a server would. With --out, the
    random base model is saved beside them (OUT/base_model, which each adapter's config names as
-   base_model_name_or_path), so the folders can be loaded again later.
+   base_model_name_or_path), so the folders can be loaded again later; an earlier run's adapter
+   configs there are removed before the base is replaced (a failed save leaves none loadable,
+   never an earlier adapter beside the new base).
 4. Generates for ONE mixed batch: the same prompts under "up", "down" and the base model
    ("__base__"), and prints some rows and, per adapter, the share of generated tokens that
    follow each task's rule.
@@ -38,7 +40,7 @@ from .._optional import require
 from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
-from ._training import save_base_model
+from ._training import forget_adapter, save_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("up", "down")
@@ -154,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         base_path = None
         if args.out:  # the base is random, so nobody can download it: kept with the adapters
             base_path = str((root / "base_model").resolve())  # the config must name it from anywhere
+            for task in TASKS:  # an earlier run's adapters must not be left beside the new base
+                forget_adapter(root / task)
             save_base_model(base, base_path)
         for task in TASKS:
             folders[task] = str(root / task)
