@@ -345,11 +345,21 @@ def _warn_unsaved_trainables(model: nn.Module, saved: List[Tensor]) -> None:
                       stacklevel=3)
 
 
-def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]:
+def read_adapter(path: str,
+                 model: Optional[nn.Module] = None) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]:
     """(config, {module path: block}, {parameter path: tensor}) of a PEFT MiSS or Bone adapter
     directory. The last holds what PEFT saves beside the blocks: `modules_to_save` copies (e.g. a
     classifier head, `<path>.weight`) and trained biases (`bias="all"`/`"MiSS_only"`,
-    `<layer>.base_layer.bias`)."""
+    `<layer>.base_layer.bias`).
+
+    Other adapters' blocks, which PEFT 0.14-0.19 wrote into each adapter's file of a model holding
+    several (`<module path>.miss_block.<adapter name>`, `.bone_block.<name>` in a Bone file), are
+    left out with a UserWarning counting them, as PEFT's from_pretrained ignores them: no parameter
+    of its model has such a name (PEFT 0.21 loads one named after the adapter it loads into,
+    e.g. "default", over the file's own block; the warning says so). Only keys of exactly that
+    form are left out: with `model` given, one that names a parameter of the model is kept (PEFT
+    would load it into that parameter); without it, one that the config's modules_to_save or bias
+    could have saved is kept."""
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         weights = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if os.path.isfile(os.path.join(path, name))]
@@ -370,17 +380,45 @@ def read_adapter(path: str) -> Tuple[dict, Dict[str, Tensor], Dict[str, Tensor]]
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path!r}")
     suffix = "." + BLOCK_NAMES[peft_type]
-    blocks, extras, unexpected = {}, {}, []
+    blocks, extras, unexpected, others = {}, {}, [], []
     for key, value in raw.items():
         if not key.startswith(KEY_PREFIX):
             unexpected.append(key)
         elif key.endswith(suffix):
             blocks[key[len(KEY_PREFIX):-len(suffix)]] = value
+        elif _other_adapters_block(key[len(KEY_PREFIX):], suffix, config, model):
+            others.append(key[len(KEY_PREFIX):])
         else:
             extras[key[len(KEY_PREFIX):]] = value
     if unexpected:
         raise ValueError(f"{path}: keys outside the base model ({KEY_PREFIX}...): " + ", ".join(unexpected))
+    if others:
+        names = sorted({key.rpartition(".")[2] for key in others})
+        # PEFT 0.21 maps a key ending in the name it loads under onto that adapter's parameter, so
+        # there a stale ".default" block replaces the file's own one (or fails on its shape).
+        peft_021 = (" (PEFT 0.21's from_pretrained loads a block named 'default' over the file's own one unless "
+                    "given another adapter_name; save the adapter again to drop them)") if "default" in names else ""
+        warnings.warn(f"{path}: ignored {len(others)} block(s) of other adapters ({', '.join(map(repr, names))}: "
+                      f"{describe(others)}): PEFT before 0.20 saved the blocks of every adapter of a model holding "
+                      "several into each adapter's file, under keys with the adapter's name left in; PEFT ignores "
+                      f"them when loading{peft_021}", stacklevel=3)
     return config, blocks, extras
+
+
+def _other_adapters_block(key: str, suffix: str, config: dict, model: Optional[nn.Module]) -> bool:
+    """Whether `key` (without KEY_PREFIX) is another adapter's block as PEFT 0.14-0.19 saved it,
+    `<module path><suffix>.<adapter name>`, and no real part of this adapter (see read_adapter)."""
+    head, _, name = key.rpartition(".")
+    if not name or not head.endswith(suffix) or len(head) == len(suffix):
+        return False
+    if model is not None:
+        return _find_parameter(model, key)[1] is None
+    if config.get("bias", "none") != "none" and "bias" in name:
+        return False  # PEFT's bias="all" saves every key holding "bias"
+    parts = head.split(".")
+    modules = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    entries = config.get("modules_to_save") or []
+    return not any(isinstance(e, str) and m.endswith(e) for e in entries for m in modules)
 
 
 def meta_problem(path: str, tensors) -> Optional[str]:
@@ -615,6 +653,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     PEFT saves with the blocks (`modules_to_save` copies, trained biases) are copied into the
     model's parameters of those names and stay trainable; its save_embedding_layers copies
     (embed_tokens / lm_head weights) are copied and stay frozen, as PEFT does not train them.
+    Other adapters' blocks in a folder PEFT 0.14-0.19 saved from a model holding several
+    (`<path>.miss_block.<adapter name>`) are ignored, as PEFT ignores them, with a UserWarning
+    counting them (read_adapter).
 
     The config is checked too: the modules it selects (target_modules, exclude_modules,
     layers_to_transform, layers_pattern, modules_to_save) must be exactly the file's blocks, as
@@ -638,7 +679,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     """
     wrapped, model = model, unwrap_model(model, "load_adapter")
     refuse_lazy_tensors(model, "load_adapter")
-    config, blocks, extras = read_adapter(path)
+    config, blocks, extras = read_adapter(path, model)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard

@@ -884,6 +884,101 @@ def test_save_adapter_into_a_file_or_over_links(tmp_path):
     miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), str(folder))
 
 
+def _two_adapter_peft_folders(tmp_path):
+    """PEFT 0.14-0.19's files of a model holding two adapters, "default" on 0 and 2 (r=4) and
+    "other" on 0 (r=2), built by hand from PEFT 0.21's: each file also holds the other adapter's
+    blocks under `<path>.miss_block.<its name>`. Returns (the PEFT model, {name: folder})."""
+    from peft import MissConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8))
+    model = get_peft_model(copy.deepcopy(base), MissConfig(target_modules=["0", "2"], r=4, init_weights=False))
+    model.add_adapter("other", MissConfig(target_modules=["0"], r=2, init_weights=False))
+    model.save_pretrained(str(tmp_path))  # PEFT 0.21: tmp_path (default), tmp_path / "other"
+    blocks = {(path, name): param.detach().clone() for key, param in model.named_parameters()
+              if ".miss_block." in key for path, name in [key.removeprefix("base_model.model.").split(".miss_block.")]}
+    folders = {"default": tmp_path, "other": tmp_path / "other"}
+    for name, folder in folders.items():
+        tensors = load_file(folder / WEIGHTS_NAME)
+        tensors.update({f"base_model.model.{path}.miss_block.{other}": block for (path, other), block in blocks.items()
+                        if other != name})
+        save_file(tensors, folder / WEIGHTS_NAME)
+    return base, model.eval(), folders
+
+
+def test_multi_adapter_folders_of_peft_before_0_20_load_as_peft_loads_them(tmp_path):
+    """PEFT 0.14-0.19 saved, for a model holding several adapters, the other adapters' blocks into
+    each adapter's file (`0.miss_block.other`); PEFT's from_pretrained ignores those keys.
+    load_adapter refused them ("no such parameter in the model") and load_bank misnamed them
+    (modules_to_save or bias); both now load the file's own blocks, with PEFT's logits, and warn
+    counting the other adapters' blocks. Bone files (`.bone_block.<name>`) the same."""
+    base, peft_model, folders = _two_adapter_peft_folders(tmp_path)
+    x = torch.randn(3, 12)
+    for name, folder in folders.items():
+        peft_model.set_adapter(name)
+        with torch.no_grad():
+            expected = peft_model(x)
+            # Under its own name: PEFT 0.21 loads a stale "<path>.miss_block.default" over the file's
+            # own block when loading under the name "default" (the warning says so).
+            loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(folder), adapter_name=name).eval()
+            torch.testing.assert_close(loaded(x), expected)
+        count = {"default": 1, "other": 2}[name]
+        pattern = rf"ignored {count} block\(s\) of other adapters .*PEFT before 0\.20" + \
+            ("" if name == "default" else r".*PEFT 0\.21's from_pretrained loads a block named 'default'")
+        with pytest.warns(UserWarning, match=pattern):
+            model = miss_ext.load_adapter(copy.deepcopy(base), str(folder)).eval()
+        with pytest.warns(UserWarning, match=pattern):
+            bank = miss_ext.load_bank(copy.deepcopy(base), {name: str(folder)}).eval()
+        with torch.no_grad(), miss_ext.mixed_batch(bank, [name] * 3):
+            torch.testing.assert_close(model(x), expected)
+            torch.testing.assert_close(bank(x), expected)
+        write_bone_copy(folder, tmp_path / f"bone_{name}")
+        with pytest.warns(UserWarning, match=rf"ignored {count} block\(s\) of other adapters .*\.bone_block\..*PEFT "
+                                             r"before 0\.20"):
+            bone = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / f"bone_{name}")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(bone(x), expected)
+
+
+def test_only_other_adapter_blocks_of_exactly_that_form_are_ignored(tmp_path):
+    """`<path>.miss_block.<name>` naming a parameter of the model (a module called miss_block) is a
+    part of the file PEFT loads, so it is loaded, not ignored; a deeper key
+    (`0.miss_block.other.x`) is no other adapter's block and is refused as before."""
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.miss_block = nn.Linear(2, 2)
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), Holder())
+    miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=2, init_weights=False),
+                          str(tmp_path))
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(dict(config, modules_to_save=["3"])))
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    save_file(dict(tensors, **{"base_model.model.3.miss_block.weight": torch.full((2, 2), 7.0)}),
+              tmp_path / WEIGHTS_NAME)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path))
+    assert torch.equal(model[3].miss_block.weight, torch.full((2, 2), 7.0))
+    # Without a model to look in (load_bank reads the files first), the config decides: a key its
+    # modules_to_save could have saved is kept (and then refused by the bank, as before).
+    _, _, extras = miss_ext.adapter_files.read_adapter(str(tmp_path))
+    assert "3.miss_block.weight" in extras
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(dict(config, modules_to_save=None)))
+    with pytest.warns(UserWarning, match=r"ignored 1 block\(s\) of other adapters \('weight'"):
+        assert "3.miss_block.weight" not in miss_ext.adapter_files.read_adapter(str(tmp_path))[2]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    save_file(dict(tensors, **{"base_model.model.0.miss_block.other.x": torch.ones(2, 8)}), tmp_path / WEIGHTS_NAME)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"0\.miss_block\.other\.x: no such parameter in the model"):
+        miss_ext.load_adapter(model, str(tmp_path))
+    assert_unchanged(model, snap)
+
+
 def test_load_adapter_into_a_model_built_under_inference_mode(tmp_path):
     """A model built under torch.inference_mode() (a common way to load one for serving), then an
     adapter with modules_to_save loaded outside it: torch refuses writing an inference tensor only
