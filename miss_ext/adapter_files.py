@@ -359,26 +359,33 @@ def read_adapter(path: str,
     e.g. "default", over the file's own block; the warning says so). Only keys of exactly that
     form are left out: with `model` given, one that names a parameter of the model is kept (PEFT
     would load it into that parameter); without it, one that the config's modules_to_save or bias
-    could have saved is kept."""
+    could have saved is kept.
+
+    FileNotFoundError for a folder without the config or the weights; ValueError naming the file
+    for a config that is not a JSON object or weights that are not a dict of tensors (truncated,
+    corrupted, empty), the reader's exception chained."""
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         weights = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if os.path.isfile(os.path.join(path, name))]
         hint = (f" ({weights[0]} is there: a save into this folder that did not complete removes the config "
                 "until the new weights are in place; save again)") if weights else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}{hint}")
-    with open(config_file) as f:
-        config = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or binary file
+        raise ValueError(f"{config_file}: not a JSON adapter config (truncated or corrupted?): {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: holds a JSON {type(config).__name__}, not an object of config fields")
     peft_type = config.get("peft_type")
     if peft_type not in BLOCK_NAMES:
         raise ValueError(f"{config_file}: peft_type={peft_type!r} is not a MiSS adapter (expected 'MISS' or 'BONE')")
     weights_file = os.path.join(path, WEIGHTS_NAME)
-    if os.path.isfile(weights_file):
-        from safetensors.torch import load_file
-        raw = load_file(weights_file)
-    elif os.path.isfile(os.path.join(path, LEGACY_WEIGHTS_NAME)):
-        raw = torch.load(os.path.join(path, LEGACY_WEIGHTS_NAME), map_location="cpu", weights_only=True)
-    else:
+    if not os.path.isfile(weights_file) and os.path.isfile(os.path.join(path, LEGACY_WEIGHTS_NAME)):
+        weights_file = os.path.join(path, LEGACY_WEIGHTS_NAME)
+    elif not os.path.isfile(weights_file):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path!r}")
+    raw = _read_weights(weights_file)
     suffix = "." + BLOCK_NAMES[peft_type]
     blocks, extras, unexpected, others = {}, {}, [], []
     for key, value in raw.items():
@@ -403,6 +410,31 @@ def read_adapter(path: str,
                       "several into each adapter's file, under keys with the adapter's name left in; PEFT ignores "
                       f"them when loading{peft_021}", stacklevel=3)
     return config, blocks, extras
+
+
+def _read_weights(weights_file: str) -> Dict[str, Tensor]:
+    """{key: tensor} of adapter_model.safetensors, or of adapter_model.bin (torch.load with
+    weights_only=True). ValueError naming the file for one that cannot be read as such (truncated,
+    corrupted, empty, or not a dict of tensors), the reader's exception chained; OSError (a file
+    that cannot be read at all) as it comes."""
+    try:
+        if weights_file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            raw = load_file(weights_file)
+        else:
+            raw = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 -- SafetensorError, UnpicklingError, RuntimeError, EOFError, ...
+        guess = " (truncated or corrupted?)" if weights_file.endswith(".safetensors") else ""
+        raise ValueError(f"{weights_file}: cannot be read as adapter weights{guess}: {type(exc).__name__}: "
+                         f"{exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{weights_file}: holds a {type(raw).__name__}, not a dict of tensors by key")
+    bad = [repr(key) for key, value in raw.items() if not isinstance(key, str) or not isinstance(value, Tensor)]
+    if bad:
+        raise ValueError(f"{weights_file}: not a dict of tensors by key: {describe(bad)} hold something else")
+    return dict(raw)
 
 
 def _other_adapters_block(key: str, suffix: str, config: dict, model: Optional[nn.Module]) -> bool:
@@ -674,7 +706,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     inner model's); into a DDP-wrapped model only existing MissLinear layers, and extras the
     model already trains, can be loaded (ValueError otherwise: DDP would not reduce the
     gradients of parameters that start training after it was built). FileNotFoundError for a
-    folder without adapter_config.json or adapter weights. Source: PEFT's
+    folder without adapter_config.json or adapter weights; ValueError naming the file for one
+    that cannot be read (a config that is not a JSON object, weights that are not a dict of
+    tensors: truncated, corrupted, empty). Source: PEFT's
     PeftModel.from_pretrained / set_peft_model_state_dict; docs/miss.md, "Files".
     """
     wrapped, model = model, unwrap_model(model, "load_adapter")

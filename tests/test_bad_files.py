@@ -1,6 +1,7 @@
 """Adapter files that are broken or lie (issue 13, "Bad files"): load_adapter raises a clear
 error naming the problem, and the model is left exactly as it was."""
 import json
+import re
 
 import pytest
 import torch
@@ -90,3 +91,59 @@ def test_saving_non_finite_blocks_warns(tmp_path):
 def test_missing_config(saved):
     (saved / CONFIG).unlink()
     _expect_refused(saved, r"adapter_config\.json", Exception)
+
+
+def _write_bin(folder, obj):
+    (folder / WEIGHTS).unlink()
+    torch.save(obj, folder / "adapter_model.bin")
+
+
+def _truncated_bin(folder):
+    _write_bin(folder, load_file(folder / WEIGHTS))
+    data = (folder / "adapter_model.bin").read_bytes()
+    (folder / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+
+
+BROKEN = {
+    "config holds a list": (lambda d: (d / CONFIG).write_text("[1, 2]"),
+                            CONFIG, r"holds a JSON list, not an object of config fields", None),
+    "config truncated": (lambda d: (d / CONFIG).write_text((d / CONFIG).read_text()[:40]),
+                         CONFIG, r"not a JSON adapter config \(truncated or corrupted\?\)", json.JSONDecodeError),
+    "config not text": (lambda d: (d / CONFIG).write_bytes(b"\xff\xfe\x00{"),
+                        CONFIG, r"not a JSON adapter config", UnicodeDecodeError),
+    "weights empty": (lambda d: (d / WEIGHTS).write_bytes(b""),
+                      WEIGHTS, r"cannot be read as adapter weights \(truncated or corrupted\?\): SafetensorError",
+                      Exception),
+    "bin holds a tensor": (lambda d: _write_bin(d, torch.zeros(3)),
+                           "adapter_model.bin", r"holds a Tensor, not a dict of tensors by key", None),
+    "bin holds a list": (lambda d: _write_bin(d, [torch.zeros(3)]),
+                         "adapter_model.bin", r"holds a list, not a dict of tensors by key", None),
+    "bin holds numbers": (lambda d: _write_bin(d, {"base_model.model.0.miss_block": 3}),
+                          "adapter_model.bin", r"not a dict of tensors by key: 'base_model\.model\.0\.miss_block' "
+                                               r"hold something else", None),
+    "bin truncated": (_truncated_bin, "adapter_model.bin", r"cannot be read as adapter weights: ", Exception),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_raise_value_error_naming_the_file_and_the_problem(saved, case):
+    """A config that is not a JSON object (a list: AttributeError 'list' has no 'get'; truncated:
+    a bare JSONDecodeError) and weights that cannot be read as a dict of tensors (an empty
+    safetensors file: SafetensorError 'header too small'; a .bin holding a tensor: AttributeError
+    'items') raised errors naming neither the file nor the problem. Now ValueError naming both,
+    the reader's exception chained, the model unchanged; load_bank the same."""
+    edit, name, problem, cause = BROKEN[case]
+    edit(saved)
+    pattern = re.escape(str(saved / name)) + ": " + problem
+    model = _model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=pattern) as info:
+        miss_ext.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+    if cause is None:
+        assert info.value.__cause__ is None
+    else:
+        assert isinstance(info.value.__cause__, cause)
+    with pytest.raises(ValueError, match=pattern):
+        miss_ext.load_bank(model, {"a": saved})
+    assert_unchanged(model, snap)
