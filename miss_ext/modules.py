@@ -82,18 +82,82 @@ def _plain_tensor(t: Optional[Tensor]) -> bool:
     return t is None or type(t) in _PLAIN_TENSOR_TYPES
 
 
+def type_name(obj: object) -> str:
+    """The qualified name of obj's class (of obj itself when it is a class), module.qualname, for
+    messages that name a module's or a tensor's type: torch.ao's quantized and dynamic-quantized
+    linears, QAT's, and many libraries' classes are all called just "Linear", so the short name
+    made "refused: Linear is not an nn.Linear" (found by a review of quantized bases, 2026-12-03).
+    Builtins keep their short name ("method", "tuple")."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    module = getattr(cls, "__module__", None)
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def tensor_problem(t: object, name: str = "weight") -> Optional[str]:
+    """Why a base module's `name` (weight or bias) is not a plain tensor, as "its weight is ...",
+    or None (also for None): not a tensor at all (torch.ao's quantized linears have a method
+    weight() that unpacks a packed weight), or a tensor subclass (torchao's and bitsandbytes'
+    quantized weights, DTensor shards). The dtype is the caller's to judge."""
+    if t is None or _plain_tensor(t):
+        return None
+    if not isinstance(t, Tensor):
+        hint = (" (torch.ao's quantized linears keep a packed weight and give it from the method weight())"
+                if callable(t) else "")
+        return f"its {name} is a {type_name(t)}, not a tensor{hint}"
+    return (f"its {name} is a {type_name(t)}, a tensor subclass (a quantized or sharded weight), not a plain "
+            "tensor")
+
+
+# Which nn.Linear subclasses count as plain (decided 2026-12-03, after transformers' EsmFoldLinear,
+# whose class changes only __init__, was refused for merge as "a subclass with its own forward"
+# while PEFT merges it): a subclass computes exactly F.linear(x, weight, bias) when calling it
+# runs nn.Linear's own code with the instance's own weight and bias. That holds when every
+# attribute through which a class takes part in `module(x)` resolves, along the class's whole MRO
+# (mixins after nn.Linear too), to the very object nn.Linear has: forward; nn.Module's call
+# machinery (__call__, _wrapped_call_impl, _call_impl, _compiled_call_impl); attribute lookup
+# (__getattribute__, __getattr__, which decide what `self.weight` is); `weight` / `bias` as class
+# attributes or properties (they would shadow the registered parameters); __torch_function__.
+# Whatever else a subclass defines (__init__, reset_parameters, extra_repr, loading hooks) only
+# decides the parameters' values, which the checks of the instance (plain floating tensors, no
+# parametrization, no hooks) read as they are. Every use of is_plain_linear needs exactly that
+# property, so the broader set is right for all of them: the fused miss.linear path and the
+# accelerated PEFT layer's fast path replace module(x) with F.linear on the same tensors; bat
+# and TP's sharded op compute from weight and bias without calling the module; a merge needs
+# module(x; W + dW) == module(x; W) + dW x; MissBankLinear adds in place to a fresh F.linear
+# output. FSDP2's fully_shard on the layer itself adds a mixin class but registers forward hooks,
+# which keep it non-plain.
+_LINEAR_CALL_ATTRIBUTES = ("forward", "__call__", "_wrapped_call_impl", "_call_impl", "_compiled_call_impl",
+                           "__getattribute__", "__getattr__", "weight", "bias", "__torch_function__")
+_MISSING = object()
+
 # nn.Linear subclasses whose forward is F.linear(x, weight, bias) written out, as read in their
-# source, named by module and class so that transformers need not be imported. FalconLinear
-# (transformers' Falcon): `x @ weight.T (+ bias)`, kept so that its fused kernels can be skipped
-# (PEFT merges into it and runs bat on it; refusing both made PEFT's Falcon bat adapters
-# unloadable). Under autocast it adds the bias after the bf16 product, where F.linear rounds
-# once: the 1-ulp difference a plain nn.Linear's fused path has from PEFT there too. Other
-# subclasses (QAT, quantized, FSDP-wrapped) have their own arithmetic.
+# source, named by module and class so that transformers need not be imported (they must not
+# override the other attributes above either). FalconLinear (transformers' Falcon): `x @ weight.T
+# (+ bias)`, kept so that its fused kernels can be skipped (PEFT merges into it and runs bat on
+# it; refusing both made PEFT's Falcon bat adapters unloadable). Under autocast it adds the bias
+# after the bf16 product, where F.linear rounds once: the 1-ulp difference a plain nn.Linear's
+# fused path has from PEFT there too. Other subclasses with a forward of their own (QAT,
+# quantized, FP8) have their own arithmetic.
 EXACT_LINEAR_SUBCLASSES = frozenset({("transformers.models.falcon.modeling_falcon", "FalconLinear")})
 
 
-def _is_exact_linear_type(cls: type) -> bool:
-    return cls is nn.Linear or (issubclass(cls, nn.Linear) and (cls.__module__, cls.__qualname__) in EXACT_LINEAR_SUBCLASSES)
+def linear_class_override(cls: type) -> Optional[str]:
+    """None when calling an instance of `cls` (nn.Linear or a subclass) runs nn.Linear's own
+    computation (the comment above _LINEAR_CALL_ATTRIBUTES), else the first attribute that
+    differs, as "forward" or "weight (a property)". Not an nn.Linear subclass: "its class"."""
+    if cls is nn.Linear:
+        return None
+    if not issubclass(cls, nn.Linear):
+        return "its class"
+    exact = (cls.__module__, cls.__qualname__) in EXACT_LINEAR_SUBCLASSES
+    for name in _LINEAR_CALL_ATTRIBUTES:
+        if name == "forward" and exact:
+            continue
+        own = getattr(cls, name, _MISSING)
+        if own is not getattr(nn.Linear, name, _MISSING):
+            return name if callable(own) else f"{name} (a {type_name(own)})"
+    return None
 
 
 def _torch_linear_forward() -> Optional[Callable]:
@@ -116,29 +180,66 @@ def _forward_is_the_class_own(cls: type) -> bool:
     return cls.forward is _TORCH_LINEAR_FORWARD or cls.forward is not nn.Linear.forward
 
 
+def _global_hooks() -> bool:
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     """True when calling `module(x)` is exactly F.linear(x, module.weight, module.bias): an
-    instance of nn.Linear itself or of a subclass known to compute just that
-    (EXACT_LINEAR_SUBCLASSES; others, such as QAT, quantized, FSDP-wrapped and parametrized
-    linears, have their own forward), no per-instance forward, no hooks of its own
-    or (with global_hooks) global ones (forward, pre-forward, backward) or a forward replaced at
-    class level, no parametrization, and
-    weight and bias that are plain tensors (not DTensors or quantized tensor subclasses) in a
-    floating dtype.
+    instance of nn.Linear or of a subclass that leaves nn.Linear's computation alone (only its
+    __init__, reset_parameters and the like differ, as transformers' EsmFoldLinear; or its forward
+    is known to be F.linear written out, EXACT_LINEAR_SUBCLASSES; linear_class_override says what
+    is checked and why), no per-instance forward, no hooks of its own or (with global_hooks)
+    global ones (forward, pre-forward, backward) or a forward replaced at class level, no
+    parametrization, and weight and bias that are plain tensors (not DTensors or quantized tensor
+    subclasses) in a floating dtype. Subclasses with a forward of their own (QAT, quantized,
+    FP8 linears) and parametrized linears are not plain.
 
     Only then may the fused miss.linear kernel replace the module's own forward; otherwise the
     adapter runs the module and adds its term to the output (MissLinear.forward). Bat never runs
     the base module (as PEFT's bat), so global hooks (profilers, FlopCounterMode) do not concern
-    it: it asks with global_hooks=False."""
-    return (_is_exact_linear_type(type(module)) and "forward" not in vars(module)
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks)
-            and not (global_hooks and (
-                _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
-                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks
-                or not _forward_is_the_class_own(type(module))))
+    it: it asks with global_hooks=False. not_plain_reason says in words why a module is not."""
+    cls = type(module)
+    return ((cls is nn.Linear or linear_class_override(cls) is None)
+            and "forward" not in vars(module)
+            and not _own_hooks(module)
+            and not (global_hooks and (_global_hooks() or not _forward_is_the_class_own(cls)))
             and not parametrize.is_parametrized(module)
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
+
+
+def not_plain_reason(module: nn.Module, global_hooks: bool = True) -> Optional[str]:
+    """Why is_plain_linear(module, global_hooks) is False, in words for an error message ("its class
+    a.B overrides forward", "its weight is a ..."), or None when it is True."""
+    if is_plain_linear(module, global_hooks):
+        return None
+    cls = type(module)
+    override = linear_class_override(cls)
+    if override == "its class":
+        return f"it is a {type_name(cls)}, not an nn.Linear"
+    if override is not None:
+        return f"its class {type_name(cls)} overrides nn.Linear's {override}"
+    if "forward" in vars(module):
+        return "it has a forward of its own (an instance attribute)"
+    if _own_hooks(module):
+        return "it has forward or backward hooks"
+    if global_hooks and _global_hooks():
+        return "global module forward or backward hooks are registered"
+    if global_hooks and not _forward_is_the_class_own(cls):
+        return "nn.Linear.forward was replaced at class level"
+    if parametrize.is_parametrized(module):
+        return "it is parametrized (torch.nn.utils.parametrize)"
+    for name in ("weight", "bias"):
+        why = tensor_problem(getattr(module, name), name)
+        if why is not None:
+            return why
+    return f"its weight has dtype {module.weight.dtype} (quantized or not real floating)"
 
 
 def check_merge(module: nn.Module, unmerge: bool = False, quantized: bool = False) -> None:
@@ -474,6 +575,10 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
         kind = "not a real floating dtype" if weight.is_complex() or weight.dtype == torch.bool else "quantized"
         return f"its weight has dtype {weight.dtype} ({kind}): keep the adapter unmerged"
     if not any(registry.get("weight") is weight for registry in (module._parameters, module._buffers)):
+        override = linear_class_override(type(module)) if isinstance(module, nn.Linear) else None
+        if override is not None and override.split()[0] in ("weight", "__getattr__", "__getattribute__"):
+            return (f"its class {type_name(module)} overrides nn.Linear's {override}, so its .weight is not the "
+                    "tensor the module registers and a write into it would be lost")
         # torch.nn.utils.prune and the hook-based weight_norm / spectral_norm keep the values in
         # other tensors (weight_orig, weight_g / weight_v) and recompute .weight before every
         # forward: a write into it (a merge or an unmerge) would be lost at the next call, and the
@@ -486,10 +591,10 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
         return ("its weight is on the meta device (the model is not materialised: init_empty_weights, "
                 "torch.device('meta')), so there is no value to merge into; load the weights first")
     if not unmerge and not is_plain_linear(module):
-        return ("it does not compute exactly F.linear(x, weight, bias) (a subclass with its own forward, such as QAT "
-                "or quantized linears, or forward/backward hooks), so the merged output would differ from the "
-                "unmerged one; keep the adapter unmerged, or remove the hooks / convert the module to a plain "
-                "nn.Linear first")
+        return (f"it does not compute exactly F.linear(x, weight, bias): {not_plain_reason(module)} (QAT and quantized "
+                "linears have a forward of their own; a subclass that changes only __init__ or reset_parameters is "
+                "plain), so the merged output would differ from the unmerged one; keep the adapter unmerged, or "
+                "remove the hooks / convert the module to a plain nn.Linear first")
     return None
 
 

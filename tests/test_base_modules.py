@@ -9,6 +9,7 @@ Expected values: the base module itself, plus the float64 formula of the adapter
 """
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
 from conftest import DEVICES, rand
-from miss_ext.modules import is_plain_linear
+from miss_ext.modules import is_plain_linear, linear_class_override
 from reference import F64, fold_ref, tile_block
 
 IN, OUT, R = 16, 8, 4
@@ -812,3 +813,219 @@ def test_fx_symbolic_trace_is_refused_by_name(mode):
     model = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8)), ["0"], r=4, mode=mode)
     with pytest.raises(TypeError, match="torch.fx.symbolic_trace cannot trace through an adapted layer"):
         torch.fx.symbolic_trace(model)
+
+
+# ---- nn.Linear subclasses that leave nn.Linear's computation alone (EsmFoldLinear) --------------
+class InitOnlyLinear(nn.Linear):
+    """transformers' EsmFoldLinear pattern: only the initialisation differs; forward, weight and
+    bias are nn.Linear's."""
+
+    def __init__(self, i, o, bias=True, scale=0.3):
+        self.scale = scale
+        super().__init__(i, o, bias=bias)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=getattr(self, "scale", 0.3))
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -0.1, 0.1)
+
+
+class _Mixin:
+    """A mixin after nn.Linear in the MRO, with nothing that takes part in the call."""
+
+    def describe(self):
+        return "mixin"
+
+
+class InitOnlyWithMixin(InitOnlyLinear, _Mixin):
+    pass
+
+
+class _InitsItsParameters(nn.Linear):
+    """nn.Linear's reset_parameters initialises self.weight: where that is not the registered
+    parameter (below), it would fill a temporary and leave the parameter uninitialised memory."""
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            for t in self._parameters.values():
+                t.uniform_(-0.3, 0.3)
+
+
+class DoubledWeightLinear(_InitsItsParameters):
+    """`weight` as a property: the module computes with 2 W, not its registered parameter."""
+
+    @property
+    def weight(self):
+        w = self._parameters.get("weight")
+        if w is None:
+            raise AttributeError("weight")  # while nn.Linear.__init__ registers it
+        return 2.0 * w
+
+
+class _WeightPropertyMixin:
+    @property
+    def weight(self):
+        w = self._parameters.get("weight")
+        if w is None:
+            raise AttributeError("weight")
+        return 2.0 * w
+
+
+class MixinWeightLinear(_InitsItsParameters, _WeightPropertyMixin):
+    """The property comes from a mixin after nn.Linear in the MRO (nn.Module has no `weight`)."""
+
+
+class GetattrLinear(_InitsItsParameters):
+    """__getattr__ decides what self.weight is (parameters are found through it)."""
+
+    def __getattr__(self, name):
+        value = super().__getattr__(name)
+        return 2.0 * value if name == "weight" else value
+
+
+class CallLinear(nn.Linear):
+    """__call__ of its own: calling the module is not nn.Module's call."""
+
+    def __call__(self, x):
+        return super().__call__(x) + 1.0
+
+
+class TorchFunctionLinear(nn.Linear):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [InitOnlyLinear, InitOnlyWithMixin])
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 4), ("bat", 1)])
+def test_a_subclass_that_changes_only_init_is_plain_and_merges(cls, mode, mini_r):
+    """transformers' EsmFoldLinear (only __init__ differs) was refused for merge as "a subclass
+    with its own forward", and miss_ext.peft.accelerate turned PEFT's working merge_and_unload into
+    that error. A subclass whose call runs nn.Linear's own code on its own weight and bias is
+    plain (modules.linear_class_override): fused path, merge, bat."""
+    torch.manual_seed(0)
+    base = cls(IN, OUT)
+    assert is_plain_linear(base) and linear_class_override(cls) is None
+    reference = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        reference.weight.copy_(base.weight)
+        reference.bias.copy_(base.bias)
+    ours = miss_ext.MissLinear(base, R, mode=mode, mini_r=mini_r, init_weights=False).eval()
+    plain = miss_ext.MissLinear(reference, R, mode=mode, mini_r=mini_r).eval()
+    with torch.no_grad():
+        ours.miss_block.uniform_(-0.2, 0.2)
+        plain.miss_block.copy_(ours.miss_block)
+    x = rand(5, IN)
+    with torch.no_grad(), OpNames() as log:
+        y = ours(x)
+    assert "miss::tile_add" not in log.names, log.names  # the fused path (bat: never the unfused one)
+    with torch.no_grad():
+        assert torch.equal(y, plain(x))
+        ours.merge()
+        assert ours.merged
+        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+        ours.unmerge()
+        torch.testing.assert_close(ours.base_layer.weight, reference.weight, rtol=1e-5, atol=1e-5)
+    model = miss_ext.apply_miss(nn.Sequential(cls(IN, OUT)), ["0"], r=R, mode=mode, mini_r=mini_r,
+                                init_weights=False).eval()
+    with torch.no_grad():
+        before = model(x)
+        merged = miss_ext.merge_and_unload(model)
+        assert type(merged[0]) is cls
+        torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_an_init_only_subclass_merges_in_an_accelerated_peft_model_as_in_peft():
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    import miss_ext.peft
+
+    def model():
+        torch.manual_seed(0)
+        return get_peft_model(nn.Sequential(InitOnlyLinear(IN, OUT)),
+                              MissConfig(r=R, target_modules=["0"], init_weights=False)).eval()
+
+    x = rand(3, IN)
+    theirs = model()
+    with torch.no_grad():
+        adapted = theirs(x)
+        want = theirs.merge_and_unload()(x)
+    ours = model()
+    miss_ext.peft.accelerate(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), adapted, rtol=1e-6, atol=1e-6)
+        merged = ours.merge_and_unload()
+        torch.testing.assert_close(merged(x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,attribute", [
+    (ScaledLinear, "forward"),
+    (DoubledWeightLinear, r"weight \(a builtins\.property\)|weight \(a property\)"),
+    (MixinWeightLinear, r"weight \(a builtins\.property\)|weight \(a property\)"),
+    (GetattrLinear, "__getattr__"),
+    (CallLinear, "__call__"),
+    (TorchFunctionLinear, "__torch_function__"),
+])
+def test_a_subclass_that_changes_the_call_is_not_plain(cls, attribute):
+    """Anything through which the class takes part in module(x) (forward, nn.Module's call
+    machinery, attribute lookup, weight / bias as class attributes, __torch_function__), anywhere in
+    its MRO, keeps it off the fused path and refuses merge and bat, naming what it overrides; the
+    layer computes the base module's own output plus the term."""
+    torch.manual_seed(0)
+    base = cls(IN, OUT)
+    assert not is_plain_linear(base) and not is_plain_linear(base, global_hooks=False)
+    assert re.fullmatch(attribute, linear_class_override(cls))
+    layer = adapt(base).eval()
+    reference = copy.deepcopy(base)
+    x = rand(4, IN)
+    with torch.no_grad(), OpNames() as log:
+        y = layer(x)
+    assert "miss::linear" not in log.names
+    expected = reference(x).detach().to(F64) + adapter_term(x, layer.miss_block, OUT)
+    torch.testing.assert_close(y.to(F64), expected, rtol=1e-5, atol=1e-5)
+    weight = base._parameters["weight"].clone()
+    # (weight / __getattr__: the merge would write into what the class returns, not the parameter)
+    with pytest.raises(ValueError, match=rf"cannot merge into \S*{cls.__name__}: .*its class \S*{cls.__name__} "
+                                         rf"overrides nn\.Linear's ({attribute})"):
+        layer.merge()
+    assert not layer.merged and torch.equal(base._parameters["weight"], weight)
+    with pytest.raises(TypeError, match=rf"needs a plain nn\.Linear base"):
+        miss_ext.MissLinear(cls(IN, OUT), R, mode="bat")
+
+
+def test_a_class_level_change_of_an_init_only_subclass_is_honoured():
+    """The class is read at every call: a forward assigned to the subclass (or nn.Linear.forward
+    replaced) after the adapter was added switches the fused path off, as for nn.Linear."""
+
+    class Later(InitOnlyLinear):
+        pass
+
+    torch.manual_seed(0)
+    layer = adapt(Later(IN, OUT)).eval()
+    assert is_plain_linear(layer.base_layer)
+    x = rand(3, IN)
+    with torch.no_grad():
+        w, b = layer.base_layer.weight, layer.base_layer.bias
+        term = adapter_term(x, layer.miss_block, OUT)
+        Later.forward = lambda self, inp: 2.0 * F.linear(inp, self.weight, self.bias)
+        assert not is_plain_linear(layer.base_layer) and not is_plain_linear(layer.base_layer, global_hooks=False)
+        torch.testing.assert_close(layer(x).to(F64), 2.0 * F.linear(x, w, b).to(F64) + term, rtol=1e-5, atol=1e-5)
+        del Later.forward
+        original = nn.Linear.forward
+        nn.Linear.forward = lambda self, inp: 3.0 * F.linear(inp, self.weight, self.bias)
+        try:
+            assert not is_plain_linear(layer.base_layer) and is_plain_linear(layer.base_layer, global_hooks=False)
+            torch.testing.assert_close(layer(x).to(F64), 3.0 * F.linear(x, w, b).to(F64) + term, rtol=1e-5, atol=1e-5)
+        finally:
+            nn.Linear.forward = original
+        assert is_plain_linear(layer.base_layer)
+
+
+def test_an_init_only_subclass_compiles_with_fullgraph():
+    """The class check is attribute identities along the MRO, which torch.compile traces."""
+    torch.manual_seed(0)
+    layer = adapt(InitOnlyLinear(IN, OUT)).eval()
+    x = rand(3, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
