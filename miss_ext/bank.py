@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .modules import (MissLinear, adapter_dtype, block_shape, check_base_output, check_dropout, is_dtensor,
-                      is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, size_mismatches, tensor_json)
+                      is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, size_mismatches, tensor_json,
+                      tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -267,7 +268,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         max_r: the largest r an adapter may have (r_cap), and the width of the per-row fold; a
             positive int.
     TypeError for a capacity or max_r that is not an int, ValueError for one < 1; TypeError for a
-    base without weight, in_features or out_features.
+    base without weight, in_features or out_features, or whose weight is not a tensor (torch.ao's
+    quantized linears, whose weight() is a method).
 
     Attributes:
         bank: Parameter (capacity, max_r, out_features) in PEFT's adapter dtype (float32 for
@@ -296,7 +298,13 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         check_bank_size(capacity, max_r)
         weight = getattr(base_layer, "weight", None)
         if weight is None or not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
-            raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer, got {type(base_layer).__name__}")
+            raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer (weight, in_features, out_features), "
+                            f"got {type_name(base_layer)}")
+        if not isinstance(weight, Tensor):
+            # Its dtype and device give the bank's. (A tensor subclass, such as a quantized weight,
+            # has both: the base computes its own output.)
+            raise TypeError(f"MissBankLinear needs a base layer whose weight is a tensor; {type_name(base_layer)}: "
+                            f"{tensor_problem(weight)}")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
-                      check_dropout, is_dtensor, merge_refusal, reshard_fsdp)
+                      check_dropout, is_dtensor, merge_refusal, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -335,7 +335,7 @@ def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> Non
     if already:
         raise ValueError(f"these modules already have a MiSS adapter (miss_ext.MissLinear holds one): "
                          f"{describe(already)}")
-    wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
+    wrong = [f"{name} ({type_name(m)})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise TypeError(f"MiSS adapts torch.nn.Linear layers only; target_modules={target_modules!r} also "
                         f"matches {describe(wrong)}")

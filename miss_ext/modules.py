@@ -247,7 +247,7 @@ def check_merge(module: nn.Module, unmerge: bool = False, quantized: bool = Fals
     `module`; shared by MissLinear and the accelerated PEFT layer."""
     why = merge_refusal(module, unmerge, quantized)
     if why is not None:
-        raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type(module).__name__}: {why}")
+        raise ValueError(f"cannot {'unmerge from' if unmerge else 'merge into'} {type_name(module)}: {why}")
 
 
 # Modules that read a child linear's .weight/.bias themselves instead of calling it: an adapter
@@ -502,8 +502,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     apply_miss and load_adapter can run them for every layer before changing anything. `parent`
     (the module holding `base`, when known) is checked for reading the weight directly."""
     if not isinstance(base, nn.Linear):
-        # The qualified name: torch.ao's quantized linears are also called "Linear".
-        return f"MissLinear adapts nn.Linear layers, got {type(base).__module__}.{type(base).__qualname__}"
+        return f"MissLinear adapts nn.Linear layers, got {type_name(base)}"
     if any(nn.parameter.is_lazy(t) for t in (getattr(base, "weight", None), getattr(base, "bias", None))
            if t is not None):
         # nn.LazyLinear before its first forward: in_features is 0 until then, and its parameters
@@ -529,8 +528,8 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     if mode == "bat" and not is_plain_linear(base, global_hooks=False):
         return (f"bat mode builds W' = W + W_ij B_i + B_i from the weight and computes x W'^T itself, so it needs a "
                 f"plain nn.Linear base (no subclass forward, hooks, parametrization or quantized/sharded weight); got "
-                f"{type(base).__name__}. Use the default or mini mode, which add their term to the base module's own "
-                "output")
+                f"{type_name(base)}, and {not_plain_reason(base, global_hooks=False)}. Use the default or mini mode, "
+                "which add their term to the base module's own output")
     return None
 
 
@@ -566,10 +565,10 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
         return ("its weight is parametrized (torch.nn.utils.parametrize), so the merged value would have to go "
                 "through the parametrization's inverse; remove it first with "
                 "parametrize.remove_parametrizations(layer.base_layer, 'weight') or keep the adapter unmerged")
-    weight = module.weight
-    if not _plain_tensor(weight):
-        return (f"its weight is a {type(weight).__name__}, not a plain tensor (a sharded, quantized or other tensor "
-                "subclass), so it cannot be updated in place; keep the adapter unmerged, or gather/dequantize the "
+    weight = getattr(module, "weight", None)
+    why = tensor_problem(weight) if weight is not None else "it has no weight tensor"
+    if why is not None:
+        return (f"{why}, so it cannot be updated in place; keep the adapter unmerged, or gather/dequantize the "
                 "weight into a plain nn.Linear first")
     if not weight.is_floating_point():
         kind = "not a real floating dtype" if weight.is_complex() or weight.dtype == torch.bool else "quantized"

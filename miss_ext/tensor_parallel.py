@@ -77,7 +77,7 @@ from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import distribute_module
 
-from .modules import MissLinear
+from .modules import MissLinear, not_plain_reason, type_name
 
 __all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward"]
 
@@ -356,7 +356,7 @@ def _refuse_other_adapter_layers(style: str, module: nn.Module) -> None:
     say what is supported."""
     from .bank import MissBankLinear
     if isinstance(module, MissBankLinear) or hasattr(module, "miss_block"):
-        raise TypeError(f"{style}: cannot shard a {type(module).__module__}.{type(module).__name__}; the styles shard "
+        raise TypeError(f"{style}: cannot shard a {type_name(module)}; the styles shard "
                         "miss_ext.MissLinear layers (a model adapted by miss_ext.apply_miss or load_adapter), "
                         "not PEFT's MiSS layers (accelerated or not) or MissBankLinear")
 
@@ -371,7 +371,8 @@ def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
                          "nn.Linear layers with torch's own styles)")
     if not is_plain_linear(module.base_layer):
         raise TypeError(f"{style}: the MissLinear's base layer must be a plain nn.Linear (no subclass forward, hooks, "
-                        f"parametrization or DTensor/quantized weight), got {type(module.base_layer).__name__}; "
+                        f"parametrization or DTensor/quantized weight), got {type_name(module.base_layer)}: "
+                        f"{not_plain_reason(module.base_layer)}; "
                         "a hooked or subclassed base would be bypassed by the sharded op")
     if "_tp_style" in module.__dict__:
         raise ValueError(f"{style}: this MissLinear is already tensor-parallel ({module._tp_style})")

@@ -236,7 +236,7 @@ def test_quantized_base_gets_a_float32_block_and_refuses_merge():
     layer = adapt(base)
     assert layer.miss_block.dtype == torch.float32 and layer.miss_block.shape == (R, OUT)
     weight = base.weight.clone()
-    with pytest.raises(ValueError, match=r"cannot merge into Int8Linear: its weight has dtype torch\.int8"):
+    with pytest.raises(ValueError, match=r"cannot merge into (\w+\.)*Int8Linear: its weight has dtype torch\.int8"):
         layer.merge()
     assert torch.equal(base.weight, weight) and not layer.merged
 
@@ -1029,3 +1029,67 @@ def test_an_init_only_subclass_compiles_with_fullgraph():
     x = rand(3, IN)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- refusals name quantized bases in full, with the reason -------------------------------------
+DQ_LINEAR = r"torch\.ao\.nn\.quantized\.dynamic\.modules\.linear\.Linear"
+
+
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass weight (the shape of torchao's / bitsandbytes' quantized weights)."""
+
+
+def _dynamic_quantized(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice, in some versions
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def test_quantized_linears_are_named_in_full_with_the_reason():
+    """torch.ao's quantized linears are also called "Linear": the refusals read "matches 0
+    (Linear)" (apply_miss), "got Linear" (bat on a tensor-subclass weight, without saying the weight
+    is why), "its weight is a method" (merge into a base that quantize_dynamic replaced), and
+    MissBankLinear raised AttributeError ('function' object has no attribute 'dtype') where it
+    documents TypeError. Each now names the class as module.qualname (modules.type_name) and the
+    reason (modules.tensor_problem); nothing is changed."""
+    torch.manual_seed(0)
+    quantized = _dynamic_quantized(nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)))
+    with pytest.raises(TypeError, match=rf"also matches 0 \({DQ_LINEAR}\), 2 \({DQ_LINEAR}\)"):
+        miss_ext.apply_miss(quantized, ["0", "2"], r=R)
+    with pytest.raises(TypeError, match=rf"MissBankLinear needs a base layer whose weight is a tensor; {DQ_LINEAR}: "
+                                        r"its weight is a method, not a tensor \(torch\.ao's quantized linears"):
+        miss_ext.MissBankLinear(quantized[0], capacity=2, max_r=R)
+    with pytest.raises(TypeError, match=r"MissBankLinear needs an nn\.Linear-like base layer .*, got "
+                                        r"torch\.nn\.modules\.conv\.Conv1d"):
+        miss_ext.MissBankLinear(nn.Conv1d(IN, OUT, 1), capacity=2, max_r=R)
+    assert [type(m).__module__ for m in quantized] == ["torch.ao.nn.quantized.dynamic.modules.linear"] + [
+        "torch.nn.modules.activation", "torch.ao.nn.quantized.dynamic.modules.linear"]
+
+    # A tensor-subclass weight on an nn.Linear: bat and merge say that the weight is the reason.
+    base = nn.Linear(IN, OUT)
+    base.weight = nn.Parameter(base.weight.detach().as_subclass(TaggedTensor), requires_grad=False)
+    with pytest.raises(TypeError, match=r"needs a plain nn\.Linear base .*got torch\.nn\.modules\.linear\.Linear, "
+                                        r"and its weight is a (\w+\.)*TaggedTensor, a tensor subclass"):
+        miss_ext.MissLinear(base, R, mode="bat")
+    layer = adapt(base)
+    with pytest.raises(ValueError, match=r"cannot merge into torch\.nn\.modules\.linear\.Linear: its weight is a "
+                                         r"(\w+\.)*TaggedTensor, a tensor subclass"):
+        layer.merge()
+    assert not layer.merged
+
+    # quantize_dynamic after apply_miss replaces the base: the layer runs it, and refuses a merge.
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(IN, OUT)), ["0"], r=R, init_weights=False)
+    model = _dynamic_quantized(model).eval()
+    x = rand(3, IN)
+    with torch.no_grad():
+        before = model(x)
+        want = model[0].base_layer(x).to(F64) + adapter_term(x, model[0].miss_block, OUT)
+    torch.testing.assert_close(before.to(F64), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"cannot merge into {DQ_LINEAR}: its weight is a method, not a tensor "
+                                         r"\(torch\.ao's quantized linears keep a packed weight"):
+        model[0].merge()
+    with pytest.raises(ValueError, match=rf"0: its weight is a method, not a tensor"):
+        miss_ext.merge_and_unload(model)
+    assert not model[0].merged
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

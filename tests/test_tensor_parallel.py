@@ -487,3 +487,26 @@ def test_the_version_gate_compares_major_minor(monkeypatch):
         else:
             tp.check_torch_version("S")
 
+
+
+def test_a_base_that_is_not_plain_is_refused_with_the_reason():
+    """The refusal named the base's short class name only ("got Linear"); it now names the class in
+    full and why the base is not plain (checked before any mesh is used)."""
+    import types
+
+    import miss_ext
+    import miss_ext.tensor_parallel as tp
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    mesh = types.SimpleNamespace(ndim=1)
+    with pytest.raises(TypeError, match=r"MissColwiseParallel: the MissLinear's base layer must be a plain nn\.Linear "
+                                        r".*got \S*Doubled: its class \S*Doubled overrides nn\.Linear's forward"):
+        tp._check_miss_layer("MissColwiseParallel", miss_ext.MissLinear(Doubled(8, 8), 2), mesh)
+    hooked = torch.nn.Linear(8, 8)
+    hooked.register_forward_hook(lambda m, a, out: out)
+    with pytest.raises(TypeError, match=r"got torch\.nn\.modules\.linear\.Linear: it has forward or backward hooks"):
+        tp._check_miss_layer("MissColwiseParallel", miss_ext.MissLinear(hooked, 2), mesh)
+    tp._check_miss_layer("MissColwiseParallel", miss_ext.MissLinear(torch.nn.Linear(8, 8), 2), mesh)
