@@ -544,17 +544,37 @@ def refuse_meta(what: str, named: Iterable[Tuple[str, Tensor]]) -> None:
                          "values to write; load the weights first")
 
 
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of the strided tensor t share memory. torch's own test for in-place
+    writes (torch._debug_has_internal_overlap: 1 = yes, 0 = no) first; where it answers 2, too hard
+    to tell (strides that interleave: shape (8, 3) with strides (2, 3) overlaps, (4, 3) with (3, 4)
+    does not), which torch's in-place ops let through and which made miss.merge_ write a wrong
+    weight silently, the elements' offsets are counted (a rare layout; numel int64s)."""
+    has_overlap = getattr(torch, "_debug_has_internal_overlap", None)
+    verdict = has_overlap(t) if has_overlap is not None else 2
+    if verdict != 2:
+        return verdict == 1
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        return True
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    offsets = offsets.flatten()
+    return offsets.unique().numel() != offsets.numel()
+
+
 def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = False) -> Optional[str]:
     """Why an adapter cannot be merged into `module` (unmerged from it, with `unmerge`), or None.
 
     The weight must be a plain floating tensor that the module reads as is (not parametrized,
     not a DTensor or other tensor subclass, not quantized), or a merge would write into a
-    temporary or a shard. A merge also needs the module to compute exactly F.linear(x, W, b)
-    (is_plain_linear): through a subclass's forward (fake quantisation, ...) or a hook, the merged
-    layer's output base(x; W + dW) would differ from the unmerged base(x; W) + dW x. An unmerge
-    only needs the weight condition (it restores the weight the base had). A `quantized` base
-    (PEFT's quantization backends, whose own merge code dequantizes and requantizes) is only
-    checked for FSDP2."""
+    temporary or a shard; and one the merge can write in place: dense and strided (not sparse),
+    its elements not overlapping in memory (not an expanded, stride-0 tensor). A merge also needs
+    the module to compute exactly F.linear(x, W, b) (is_plain_linear): through a subclass's
+    forward (fake quantisation, ...) or a hook, the merged layer's output base(x; W + dW) would
+    differ from the unmerged base(x; W) + dW x. An unmerge only needs the weight condition (it
+    restores the weight the base had). A `quantized` base (PEFT's quantization backends, whose
+    own merge code dequantizes and requantizes) is only checked for FSDP2."""
     if fsdp_managed(module):
         return ("FSDP2 (fully_shard on it or on a module holding it) manages its weight, which is then a shard or "
                 "FSDP's gathered copy that the next reshard drops: a merge would be lost or partial. Keep the adapter "
@@ -570,6 +590,11 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     if why is not None:
         return (f"{why}, so it cannot be updated in place; keep the adapter unmerged, or gather/dequantize the "
                 "weight into a plain nn.Linear first")
+    if weight.layout != torch.strided:
+        # A sparse weight reached the op, which has no kernel for it (torch's NotImplementedError).
+        return (f"its weight has layout {weight.layout}, not a dense strided tensor, so the merge cannot write into "
+                "it in place; keep the adapter unmerged, or make the weight dense first (layer.weight = "
+                "nn.Parameter(layer.weight.to_dense()))")
     if not weight.is_floating_point():
         kind = "not a real floating dtype" if weight.is_complex() or weight.dtype == torch.bool else "quantized"
         return f"its weight has dtype {weight.dtype} ({kind}): keep the adapter unmerged"
@@ -589,6 +614,15 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     if weight.is_meta:
         return ("its weight is on the meta device (the model is not materialised: init_empty_weights, "
                 "torch.device('meta')), so there is no value to merge into; load the weights first")
+    if _overlaps_itself(weight):
+        # An expanded (stride-0) weight holds one stored value for several entries: the in-place
+        # write reached the op and failed in torch ("more than one element of the written-to
+        # tensor refers to a single memory location"), or, for interleaving strides that torch's
+        # quick test cannot judge, wrote a wrong weight silently.
+        return ("its weight's elements overlap in memory (an expanded, stride-0 tensor, say: several entries are one "
+                f"stored value; strides {tuple(weight.stride())} for shape {tuple(weight.shape)}), so a merge cannot "
+                "give each entry its own value in place; keep the adapter unmerged, or give the layer a weight of its "
+                "own first (layer.weight = nn.Parameter(layer.weight.contiguous()))")
     if not unmerge and not is_plain_linear(module):
         return (f"it does not compute exactly F.linear(x, weight, bias): {not_plain_reason(module)} (QAT and quantized "
                 "linears have a forward of their own; a subclass that changes only __init__ or reset_parameters is "
@@ -794,6 +828,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         does not compute exactly F.linear(x, W, b) (an nn.Linear subclass with its own forward, a
         forward hook), whose merged output would differ from the unmerged one; a parametrized,
         tensor-subclass or non-floating weight, which a merge would write into a temporary; a
+        sparse weight, or one whose elements overlap in memory (expanded, stride 0), which it
+        cannot write in place; a
         layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is sharded
         (tensor parallelism): between forwards its weight is a shard, and after a forward that
         left it unsharded it is FSDP's gathered copy, which the next reshard drops with the merge
@@ -821,8 +857,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
         rounding. Subtracts the dW of the block as it is now (a block changed while merged leaves
         the weight off by the change). ValueError, too, where the weight cannot be written (a
-        parametrized, tensor-subclass, non-floating or meta weight, one that is not a parameter or
-        buffer of the base, FSDP2). Not merged: UserWarning,
+        parametrized, tensor-subclass, non-floating, sparse, self-overlapping or meta weight, one
+        that is not a parameter or buffer of the base, FSDP2). Not merged: UserWarning,
         nothing done."""
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")

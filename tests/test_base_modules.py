@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
 from conftest import DEVICES, rand
-from miss_ext.modules import is_plain_linear, linear_class_override
+from miss_ext.modules import is_plain_linear, linear_class_override, merge_refusal
 from reference import F64, fold_ref, tile_block
 
 IN, OUT, R = 16, 8, 4
@@ -1093,3 +1093,74 @@ def test_quantized_linears_are_named_in_full_with_the_reason():
     assert not model[0].merged
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+# ---- weights a merge cannot write in place ---------------------------------------------------------
+def _unusual_weight(kind):
+    """(weight, in_features, out_features)."""
+    torch.manual_seed(0)
+    if kind == "expanded":  # stride 0: every row is one stored row
+        return torch.randn(1, IN).expand(OUT, IN), IN, OUT
+    if kind == "expanded-columns":
+        return torch.randn(OUT, 1).expand(OUT, IN), IN, OUT
+    if kind == "interleaved-overlapping":  # element (0, 2) and (3, 0) are one; torch: "too hard to tell"
+        return torch.randn(64).as_strided((8, 3), (2, 3)), 3, 8
+    return torch.randn(OUT, IN).to_sparse_csr(), IN, OUT
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("kind,pattern", [
+    ("expanded", r"its weight's elements overlap in memory \(an expanded, stride-0 tensor.*strides \(0, 1\)"),
+    ("expanded-columns", r"its weight's elements overlap in memory \(an expanded, stride-0 tensor.*strides \(1, 0\)"),
+    ("interleaved-overlapping", r"its weight's elements overlap in memory .*strides \(2, 3\) for shape \(8, 3\)"),
+    ("sparse_csr", r"its weight has layout torch\.sparse_csr, not a dense strided tensor"),
+])
+def test_a_weight_the_merge_cannot_write_in_place_is_refused_up_front(kind, pattern):
+    """A plain nn.Linear whose weight is expanded (stride 0) or sparse: the merge reached the op and
+    failed there with torch's RuntimeError ("more than one element of the written-to tensor refers
+    to a single memory location") or NotImplementedError (no SparseCsrCPU kernel); with
+    interleaving strides that overlap, which torch's quick test cannot judge, it wrote a wrong
+    weight silently (0.37 off). Now the documented ValueError naming the layer, before anything
+    changes."""
+    weight, in_features, out_features = _unusual_weight(kind)
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    model[0].weight = nn.Parameter(weight, requires_grad=False)
+    miss_ext.apply_miss(model, ["0"], r=2, init_weights=False)
+    layer = model[0]
+    x = rand(3, in_features)
+    with torch.no_grad():
+        before = model(x)
+    stored = layer.base_layer.weight.to_dense().clone()
+    for merge in (layer.merge, lambda: layer.merge(safe_merge=True)):
+        with pytest.raises(ValueError, match=rf"cannot merge into torch\.nn\.modules\.linear\.Linear: {pattern}"):
+            merge()
+    with pytest.raises(ValueError, match=rf"nothing was merged.*\n0: {pattern}"):
+        miss_ext.merge_and_unload(model)
+    assert merge_refusal(layer.base_layer, unmerge=True) is not None
+    assert not layer.merged and isinstance(model[0], miss_ext.MissLinear)
+    assert torch.equal(layer.base_layer.weight.to_dense(), stored)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "interleaved"])
+def test_a_strided_weight_whose_elements_do_not_overlap_still_merges(kind):
+    """Non-contiguous weights that give each element its own memory merge as before: a transposed
+    one, and shape (4, 3) with strides (3, 4), which interleave without overlapping (torch's
+    overlap test answers "too hard to tell"; the offsets are counted)."""
+    torch.manual_seed(0)
+    if kind == "transposed":
+        base, weight = nn.Linear(IN, OUT), torch.randn(IN, OUT).t()
+    else:
+        base, weight = nn.Linear(3, 4), torch.randn(64).as_strided((4, 3), (3, 4))
+        assert torch._debug_has_internal_overlap(weight) == 2
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    layer = miss_ext.MissLinear(base, 2, init_weights=False).eval()
+    x = rand(5, base.in_features)
+    assert merge_refusal(base) is None
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
