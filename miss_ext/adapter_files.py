@@ -22,7 +22,7 @@ from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_g
                     parent_module, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors, saved_whole_problem,
                     shared_before_wrapping, trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
-                      refuse_meta, reshard_fsdp)
+                      refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
@@ -633,7 +633,9 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
             problems.append(problem)
             continue
         if not isinstance(linear, nn.Linear):
-            problems.append(f"{path}: is a {type(module).__name__}, not an nn.Linear")
+            # (The MissLinear's base when quantize_dynamic replaced it after the adapter was added.)
+            what = f"its base layer is a {type_name(linear)}" if linear is not module else f"is a {type_name(module)}"
+            problems.append(f"{path}: {what}, not an nn.Linear")
             continue
         if not isinstance(module, MissLinear):
             why = base_refusal(module, mode, parent_module(model, path))

@@ -36,7 +36,7 @@ from .adapter_files import (_check_config_fields, _config_settings, _find_parame
 from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
 from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_offloaded, unwrap_model, writes_here)
-from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp
+from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
 from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
 
@@ -138,7 +138,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     banks = [name for name, m in found if isinstance(m, MissBankLinear)]
     if banks:
         raise ValueError(f"apply_bank: these selected modules are bank layers already: {', '.join(banks)}")
-    wrong = [f"{name} ({type(m).__name__})" for name, m in found if not isinstance(m, nn.Linear)]
+    wrong = [f"{name} ({type_name(m)})" for name, m in found if not isinstance(m, nn.Linear)]
     if wrong:
         raise TypeError(f"apply_bank: these selected modules are not nn.Linear layers: {', '.join(wrong)}")
     if target_modules == ALL_LINEAR:

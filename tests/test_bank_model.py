@@ -357,7 +357,8 @@ def test_apply_bank_refuses_what_no_bank_layer_could_hold(tmp_path):
     assert not miss_ext.bank_model.bank_layers(model) and all(p.requires_grad for p in model.parameters())
     # A module of another type is a TypeError, as in apply_miss; a bank layer already a ValueError.
     model = torch.nn.Sequential(torch.nn.Conv1d(3, 3, 1), torch.nn.Linear(3, 3))
-    with pytest.raises(TypeError, match=r"apply_bank: these selected modules are not nn.Linear layers: 0 \(Conv1d\)"):
+    with pytest.raises(TypeError, match=r"apply_bank: these selected modules are not nn.Linear layers: "
+                                        r"0 \(torch\.nn\.modules\.conv\.Conv1d\)"):
         miss_ext.apply_bank(model, ["0", "1"], capacity=2, max_r=2)
     with pytest.raises(TypeError, match="MiSS adapts torch.nn.Linear layers only"):
         miss_ext.apply_miss(model, ["0"], r=2)

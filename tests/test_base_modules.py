@@ -1164,3 +1164,21 @@ def test_a_strided_weight_whose_elements_do_not_overlap_still_merges(kind):
         torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
         layer.unmerge()
         torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_bank_and_load_adapter_name_quantized_linears_in_full(tmp_path):
+    """apply_bank said "not nn.Linear layers: 0 (Linear)" and load_adapter "0: is a Linear, not an
+    nn.Linear" for torch.ao's dynamic-quantized linears (modules.type_name); load_adapter into a
+    model whose adapted layer's base quantize_dynamic replaced names the base, not "MissLinear"."""
+    quantized = _dynamic_quantized(nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)))
+    with pytest.raises(TypeError, match=rf"not nn\.Linear layers: 0 \({DQ_LINEAR}\)"):
+        miss_ext.apply_bank(quantized, ["0"], capacity=2, max_r=R)
+    source = miss_ext.apply_miss(nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)), ["0", "2"], r=R)
+    miss_ext.save_adapter(source, tmp_path)
+    with pytest.raises(ValueError, match=rf"0: is a {DQ_LINEAR}, not an nn\.Linear\n  2: is a {DQ_LINEAR}, not an"):
+        miss_ext.load_adapter(quantized, tmp_path)
+    assert [type(m).__name__ for m in quantized] == ["Linear", "ReLU", "Linear"]
+    adapted_then_quantized = _dynamic_quantized(miss_ext.apply_miss(
+        nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)), ["0", "2"], r=R))
+    with pytest.raises(ValueError, match=rf"0: its base layer is a {DQ_LINEAR}, not an nn\.Linear"):
+        miss_ext.load_adapter(adapted_then_quantized, tmp_path)
