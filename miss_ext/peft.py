@@ -92,7 +92,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output,  # noqa: E402
-                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
+                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor, type_name,
                       load_merge_record, tensor_json)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
@@ -409,8 +409,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         if bats:
             raise ValueError(
                 f"{type(self).__name__}: bat adapter(s) {bats} cannot run with active adapters {active} on this layer: "
-                f"its base is not a plain nn.Linear ({type(self.base_layer).__module__}."
-                f"{type(self.base_layer).__qualname__}), so only PEFT's own forward can apply a bat adapter, and it runs "
+                f"its base is not a plain nn.Linear ({type_name(self.base_layer)}), so only PEFT's own forward can apply a bat adapter, and it runs "
                 f"every adapter in the layer's first adapter's mode ({_peft_mode(self)!r}), which would be wrong here; "
                 "run bat adapters alone on a layer whose first adapter is bat (set_adapter)")
         shards = [(self.miss_block[name], self._dropout_p(name)) for name in active]
@@ -537,7 +536,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             odd = [name for name in names if not _runs_in_peft_mode(self, name)]
             if odd:
                 raise ValueError(f"cannot merge adapter(s) {odd} into a base that is not a plain nn.Linear "
-                                 f"({type(self.base_layer).__module__}.{type(self.base_layer).__qualname__}): such "
+                                 f"({type_name(self.base_layer)}): such "
                                  f"bases keep PEFT's merge code, which merges every adapter in the layer's first "
                                  f"adapter's mode ({_peft_mode(self)!r}), and {odd} are of another mode")
         position = {a: i for i, a in enumerate(self.active_adapters)}
