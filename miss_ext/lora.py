@@ -58,7 +58,15 @@ def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
     if root is None:
         return [_Adapter(name, layer.miss_block, layer.in_features, layer.out_features,
                          layer.dropout, layer.merged) for name, layer in miss_layers(model)]
-    from peft.tuners.miss import MissLinear as PeftMissLinear
+    try:
+        from peft.tuners.miss import MissLinear as PeftMissLinear
+    except ImportError as exc:  # PEFT before 0.17 has Bone only (its layers hold bone_block)
+        import peft
+
+        raise ImportError(f"export_lora of a PEFT model needs a PEFT with MiSS (0.17 or newer), found peft "
+                          f"{getattr(peft, '__version__', '?')}: pip install 'peft>=0.20', or save the adapter with "
+                          "save_pretrained and convert the folder: miss_ext.load_adapter(base, folder), then "
+                          "export_lora of that model") from exc
 
     found = []
     for name, layer in root.named_modules():

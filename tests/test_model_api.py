@@ -735,6 +735,18 @@ def test_lora_export_of_peft_models_is_exact(base, mode, tmp_path):
         miss_ext.export_lora(model, tmp_path / "other", adapter_name="other")
 
 
+def test_lora_export_of_a_peft_model_without_miss_names_the_peft_version(base, tmp_path, monkeypatch):
+    """PEFT before 0.17 has no peft.tuners.miss (Bone only): export_lora of a PeftModel raised a
+    bare ModuleNotFoundError there (review, 2026-12-03)."""
+    import sys
+
+    model = peft_model(base, "default").eval()
+    monkeypatch.setitem(sys.modules, "peft.tuners.miss", None)  # as on PEFT 0.15
+    with pytest.raises(ImportError, match=r"export_lora of a PEFT model needs a PEFT with MiSS \(0\.17 or newer\)"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
 def test_lora_export_of_bat_is_refused_with_the_reason(base, tmp_path):
     model = ours(base, "bat")
     with pytest.raises(ValueError, match="depends on the frozen weight and has rank up to"):
