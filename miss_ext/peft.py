@@ -790,6 +790,8 @@ class AcceleratedMissModel(MissModel):
                                    "one's names. Run one adapter_names= call at a time per model (a lock), or give "
                                    "each thread its own copy; nothing was changed")
             _NAMES_ACTIVE.add(self)
+            # The adapters the call may use: a load_state_dict of theirs is refused while it runs.
+            self.__dict__["_names_call_adapters"] = frozenset(self.peft_config)
         handles = []
         try:
             for module in self.model.modules():
@@ -925,13 +927,23 @@ class AcceleratedMissModel(MissModel):
                                "the old adapters in some layers and the new state in others; change the adapters "
                                "between calls (nothing was changed)")
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # PeftModel.load_adapter under an existing name and set_peft_model_state_dict load the new
         # blocks with load_state_dict, which reaches this module (the layers' parent) before any
         # layer: refused here during a call with adapter_names=, as delete_adapter is (a re-load
         # gave a running call's rows the old adapter in some layers and the new one in others).
-        self._refuse_during_names_call("load_state_dict (PeftModel.load_adapter, set_peft_model_state_dict)")
-        super()._load_from_state_dict(*args, **kwargs)
+        # Only for adapters the running call may use: load_adapter under a new name adds the
+        # adapter (add_adapter, allowed: no running row names it) and then loads its values here,
+        # which a refusal would leave at their initial values.
+        if self in _NAMES_ACTIVE:
+            running = self.__dict__.get("_names_call_adapters", frozenset())
+            loaded = {key[len(prefix):].split(f".{field}.", 1)[1].split(".", 1)[0]
+                      for key in state_dict if key.startswith(prefix)
+                      for field in ("miss_block", "modules_to_save") if f".{field}." in key[len(prefix):]}
+            if loaded & running:
+                self._refuse_during_names_call(f"load_state_dict of adapter(s) {sorted(loaded & running)} "
+                                               "(PeftModel.load_adapter, set_peft_model_state_dict)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=

@@ -498,6 +498,41 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_loading_a_new_adapter_during_an_adapter_names_call_is_allowed(models, tmp_path):
+    """load_adapter under a new name adds the adapter, then loads its values with load_state_dict:
+    refusing that load (as for a name the call may use) left the new adapter at its initial values
+    behind an error saying nothing changed (review, 2026-12-03). No running row names it, so it is
+    allowed, and the running call's rows are those of the adapters it started with."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+    model.save_pretrained(str(tmp_path), selected_adapters=["b"])
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+    loaded = []
+
+    def load_it(module, args):
+        if not loaded:
+            model.load_adapter(str(tmp_path / "b"), adapter_name="fresh")
+            loaded.append(True)
+
+    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(load_it)
+    try:
+        with torch.no_grad():
+            got = model(ids, adapter_names=NAMES).logits
+    finally:
+        handle.remove()
+    try:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        blocks = {k: v for k, v in model.state_dict().items() if "miss_block" in k}
+        fresh = {k: v for k, v in blocks.items() if k.endswith(".fresh")}
+        assert fresh and all(torch.equal(v, blocks[k[:-len("fresh")] + "b"]) for k, v in fresh.items())
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, adapter_names=["fresh"] * len(NAMES)).logits,
+                                       model(ids, adapter_names=["b"] * len(NAMES)).logits, rtol=0, atol=0)
+    finally:
+        model.delete_adapter("fresh")  # the fixture is shared
+
+
 def test_an_input_passed_again_with_names_is_recorded_once():
     """The layer records the inputs it saw with adapter_names= (to refuse a checkpoint recompute
     without them). The same live tensor passed again was appended every time: 7,000 calls left
