@@ -581,7 +581,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
                              "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
                              "recompute, or after a slot it used was emptied or re-filled (remove/add/load of an "
-                             "adapter), whose rows would silently take this batch's adapters. Call backward() inside "
+                             "adapter, a load_state_dict), whose rows would silently take this batch's adapters. Call "
+                             "backward() inside "
                              "a mixed_batch of its forward's names (for gradient accumulation: one backward per "
                              "micro-batch, inside its context); run forwards whose graph you drop in eval mode "
                              "(model.eval()) or under torch.no_grad()")
@@ -600,9 +601,15 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             "torch.compile (README, 'Many adapters in one batch')")
 
     def __getstate__(self):
-        # A copy or pickle taken inside mixed_batch must not keep that call's row ids.
+        # A copy or pickle taken inside mixed_batch must not keep that call's row ids. Nor the
+        # slot generations and recorded batches of _check_recompute: generations are counted per
+        # process, so a pickle loaded in another process could see a re-filled slot get the number
+        # its old adapter had (a review, 2026-12-03); a copy starts with every slot at generation 0
+        # and no recorded forward (its recomputes are its own).
         state = super().__getstate__()
         state["rows"] = None
+        for name in ("_generations", "_forward_batches", "_mixed_batch"):
+            state.pop(name, None)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

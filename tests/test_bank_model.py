@@ -536,6 +536,41 @@ def test_checkpointed_backward_after_its_slot_was_reused_is_refused(folders, ree
     assert "after a slot it used was emptied or re-filled" in str(caught.value) + str(caught.value.__cause__)
 
 
+@pytest.mark.parametrize("between", ["nothing", "to", "deepcopy", "pickle", "load_state_dict"])
+def test_slot_generations_across_moves_copies_and_loads(folders, between):
+    """What happens between a checkpointed forward and its backward (same names): moving the model
+    or copying it keeps the slots' generations (no false refusal); a load_state_dict re-fills every
+    slot (refused, as autograd refuses it without checkpointing). A copy or pickle starts with
+    generation 0 and no recorded forward: generations are counted per process, so a pickle loaded
+    elsewhere must not carry numbers a re-filled slot could get again (review, 2026-12-03)."""
+    base, _ = folders
+    ids = tokens(2, 5, seed=12)
+    model = checkpointing_bank(base, True)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    assert layer.slot_generation(0) != 0 and layer.slot_generation(0) != layer.slot_generation(1)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        loss = model(ids).logits.pow(2).mean()
+    before = [layer.slot_generation(s) for s in range(layer.capacity)]
+    if between == "to":
+        model.to(torch.float64)
+    elif between in ("deepcopy", "pickle"):
+        other = copy.deepcopy(layer) if between == "deepcopy" else pickle.loads(pickle.dumps(layer))
+        assert [other.slot_generation(s) for s in range(other.capacity)] == [0] * other.capacity
+        assert not other.__dict__.get("_forward_batches") and "_mixed_batch" not in other.__dict__
+    elif between == "load_state_dict":
+        model.load_state_dict(model.state_dict())
+    after = [layer.slot_generation(s) for s in range(layer.capacity)]
+    assert (after != before) == (between == "load_state_dict")
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        if between == "load_state_dict":
+            # Ours or autograd's (tensors saved outside the checkpointed layers were written too).
+            with pytest.raises(Exception, match="a load_state_dict|modified by an inplace operation"):
+                loss.backward()
+        else:
+            loss.backward()
+            assert layer.bank.grad is not None
+
+
 def test_encoder_decoder_beam_search(tmp_path):
     """T5: the encoder runs on the unrepeated sequences, the decoder on num_beams copies."""
     transformers = pytest.importorskip("transformers")
