@@ -31,7 +31,9 @@ the spec's intent instead:
   earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
   a block whose shape says another mode than its config).
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
-arguments) keep PEFT's forward; merging into them is refused, but for quantized backends, which
+arguments) keep PEFT's forward where every active adapter is in the layer's first adapter's mode
+(PEFT's forward applies that mode to all: otherwise default/mini terms are added here and a bat
+adapter beside them is refused); merging into them is refused, but for quantized backends, which
 keep PEFT's merge and unmerge code; an unmerge only needs a plain weight, so a layer hooked
 after its merge is unmerged here.
 
@@ -92,8 +94,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output,  # noqa: E402
-                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor, type_name,
-                      load_merge_record, tensor_json)
+                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
+                      load_merge_record, not_plain_reason, tensor_json, type_name)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
@@ -304,13 +306,17 @@ class AcceleratedMissLinear(PeftMissLinear):
         """PEFT's MissLinear.forward on the miss ops: x (..., in_features) -> (..., out_features)
         in x's dtype; active bat adapters act on the weight first, in order, then the default/mini
         terms are added (docs/miss.md, "Several adapters on one layer"). A base that is not a plain
-        nn.Linear (quantized, hooked, subclassed) runs PEFT's own forward, extra arguments too.
+        nn.Linear (quantized, hooked, subclassed) runs PEFT's own forward, extra arguments too,
+        where every active adapter is in the layer's first adapter's mode (the only one PEFT's
+        forward knows); otherwise default/mini terms are added to the base's output here, and a bat
+        adapter beside them raises ValueError (_forward_in_own_modes).
 
         adapter_names= (a list of str, one per sequence, "__base__" for the base): each row with
         its own adapter (miss.bank_fold + miss.bank_add); rows naming an adapter this layer lacks
         get the base output. Errors: TypeError for alora_offsets=, extra arguments to a plain
         nn.Linear base, adapter_names that is not a list of str, or a row naming a bat adapter;
-        ValueError for adapter_names of another length than x.shape[0], adapter_names while some
+        ValueError for a bat adapter beside adapters of another mode on a base that is not a plain
+        nn.Linear, adapter_names of another length than x.shape[0], adapter_names while some
         adapter is merged, a merged layer whose merged adapters are not exactly its active ones
         (huggingface/peft#3756), or a recompute inside backward() (activation checkpointing) of
         an input a call with adapter_names= saw; on a plain nn.Linear base the miss ops' ValueError /
@@ -357,6 +363,12 @@ class AcceleratedMissLinear(PeftMissLinear):
         active = [] if self.disable_adapters or self.merged else self._active_blocks()
         if not active:
             return self.base_layer(x).to(previous_dtype)
+        return self._forward_on_ops(x, active)
+
+    def _forward_on_ops(self, x: Tensor, active: List[str]) -> Tensor:
+        """The forward with `active` adapters on the miss ops, for a plain nn.Linear base (global
+        module hooks aside where a bat adapter is active: its path never calls the base)."""
+        previous_dtype = x.dtype
         weight, bias = self.base_layer.weight, self.base_layer.bias
         bats, shards = [], []
         for name in active:
@@ -402,14 +414,23 @@ class AcceleratedMissLinear(PeftMissLinear):
         """A base that is not a plain nn.Linear, whose active adapters are not all in the layer's
         first adapter's mode, the only one PEFT's forward knows (it would crash, or silently run a
         default block as a bat one). Default and mini adapters need only the base's output: the base
-        is called (extra arguments too) and each term added in its own mode. A bat adapter needs a
-        weight that is not this base's: ValueError, before anything runs or any dropout key is drawn."""
+        is called (extra arguments too) and each term added in its own mode. A bat adapter needs the
+        weight: on a base that is plain but for global module hooks (FlopCounterMode), the ops run it
+        (its path never calls the base); otherwise ValueError, before anything runs or any dropout
+        key is drawn."""
         active = self._active_blocks()
         bats = [name for name in active if _is_bat(self.miss_block[name])]
+        if bats and not (args or kwargs) and self.quantization_backend is None and is_plain_linear(
+                self.base_layer, global_hooks=False):
+            # A plain base under global module hooks (FlopCounterMode, profilers): the bat path
+            # computes from the weight and never calls the base, as PEFT's, so the ops can run it.
+            return self._forward_on_ops(x, active)
         if bats:
             raise ValueError(
                 f"{type(self).__name__}: bat adapter(s) {bats} cannot run with active adapters {active} on this layer: "
-                f"its base is not a plain nn.Linear ({type_name(self.base_layer)}), so only PEFT's own forward can apply a bat adapter, and it runs "
+                f"its base is not a plain nn.Linear ({type_name(self.base_layer)}: "
+                f"{not_plain_reason(self.base_layer, global_hooks=False) or 'extra forward arguments'}), so only PEFT's "
+                "own forward can apply a bat adapter, and it runs "
                 f"every adapter in the layer's first adapter's mode ({_peft_mode(self)!r}), which would be wrong here; "
                 "run bat adapters alone on a layer whose first adapter is bat (set_adapter)")
         shards = [(self.miss_block[name], self._dropout_p(name)) for name in active]

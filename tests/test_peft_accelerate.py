@@ -378,6 +378,25 @@ def test_mixed_modes_on_a_base_that_is_not_plain_follow_the_spec(base, modes, ac
     torch.testing.assert_close(layer(x), mixed_formula(layer, x), **TOL)
 
 
+def test_bat_with_another_mode_under_global_module_hooks_runs_on_the_ops(base):
+    """Global module hooks (FlopCounterMode, profilers) make every base non-plain for the fused
+    paths, but bat never calls the base: a plain base there runs mixed bat + default adapters on the
+    ops as without the hooks (it was refused, naming a plain nn.Linear as not plain; review,
+    2026-12-03)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, layer = mixed_layer(base, ["bat", "default"])
+    x = torch.randn(3, layer.in_features, dtype=torch.float64)
+    want = mixed_formula(layer, x)
+    with FlopCounterMode(display=False):
+        torch.testing.assert_close(layer(x), want, **TOL)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        torch.testing.assert_close(layer(x), want, **TOL)
+    finally:
+        handle.remove()
+
+
 def test_bat_with_another_mode_on_a_base_that_is_not_plain_is_refused(base):
     """PEFT's forward on such a base ran the default block as a bat one (silently, when r = out and
     out divides in); a bat adapter needs the weight, which such a base does not take: ValueError,
