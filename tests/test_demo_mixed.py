@@ -95,17 +95,26 @@ def test_bad_values_exit_2(capsys, argv, message):
 def test_a_rerun_removes_the_earlier_adapters_before_replacing_the_base(tmp_path, monkeypatch):
     """Each adapter's config names OUT/base_model: the earlier run's configs are removed before a
     new base replaces it, so a save that fails part way (here the base's) leaves no earlier adapter
-    that would load onto the new base without an error."""
-    for task in mixed.TASKS:
-        (tmp_path / task).mkdir()
-        (tmp_path / task / "adapter_config.json").write_text("{}")
-        (tmp_path / task / "adapter_model.safetensors").write_bytes(b"earlier run's")
+    that would load onto the new base without an error. Also the other demo's (python -m
+    miss_ext.demo into the same --out writes OUT/adapter_config.json naming OUT/base_model; review,
+    2026-12-03); an adapter naming another base is kept."""
+    import json
+
+    names_base = json.dumps({"base_model_name_or_path": str((tmp_path / "base_model").resolve())})
+    for folder in [*mixed.TASKS, "."]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "adapter_config.json").write_text(names_base)
+        (tmp_path / folder / "adapter_model.safetensors").write_bytes(b"earlier run's")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/model"}))
+    removed = [tmp_path / folder / "adapter_config.json" for folder in [*mixed.TASKS, "."]]
 
     def disk_full(model, path):
-        assert not any((tmp_path / task / "adapter_config.json").exists() for task in mixed.TASKS)
+        assert not any(config.exists() for config in removed)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mixed, "save_base_model", disk_full)
     with pytest.raises(OSError, match="No space left"):
         mixed.main(["--steps", "1", "--out", str(tmp_path)])
-    assert not any((tmp_path / task / "adapter_config.json").exists() for task in mixed.TASKS)
+    assert not any(config.exists() for config in removed)
+    assert (tmp_path / "other" / "adapter_config.json").exists()

@@ -22,7 +22,7 @@ from ._merge import MergeCheck, check_merge
 from ._report import (format_heldout, format_table, plot_losses, print_where, synthetic_notes,
                       synthetic_references)
 from ._synthetic import TASK_SEQUENCES, build_base_model, make_batches
-from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, forget_adapter, heldout_loss,
+from ._training import (HeldoutLoss, RunResult, apply_miss_ext, apply_peft, forget_adapters_of, heldout_loss,
                         predictions_depend_on_input, save_base_model, saved_activation_bytes, train,
                         trainable_parameters)
 from ._user import (DemoInputError, check_causal, check_fits, check_model_dir, describe_model, load_model,
@@ -222,7 +222,7 @@ def save_outputs(model: nn.Module, out: Path, base_path: Path, base: Optional[nn
     removed before the base is replaced, and save_adapter writes the new config last."""
     if base is not None:
         # The base is random, so nobody can download it: saved so the adapter can be loaded later.
-        forget_adapter(out)
+        forget_adapters_of(out, base_path)
         save_base_model(base, base_path)
     # task_type makes PEFT build a PeftModelForCausalLM; the base path lets it find the base.
     miss_ext.save_adapter(model, out, task_type="CAUSAL_LM", base_model_name_or_path=str(base_path))

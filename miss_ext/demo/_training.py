@@ -1,7 +1,9 @@
 """Training and measurement: the adapted variants, their interleaved steps, held-out loss, memory."""
 import argparse
 import contextlib
+import json
 import math
+import os
 import statistics
 import time
 import warnings
@@ -40,15 +42,24 @@ def apply_peft(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         return get_peft_model(model, config)
 
 
-def forget_adapter(folder: Path) -> None:
-    """Removes the adapter_config.json of an earlier run in `folder`, if any, before a new base model
-    replaces the one its base_model_name_or_path names: a save that then fails or is interrupted
-    leaves no loadable adapter there (save_adapter writes the new config last), never the earlier
-    run's adapter beside the new base, which would load onto it without an error."""
-    try:
-        (Path(folder) / CONFIG_NAME).unlink()
-    except FileNotFoundError:
-        pass
+def forget_adapters_of(root: Path, base_path) -> None:
+    """Removes every adapter_config.json in `root` or a folder directly in it whose
+    base_model_name_or_path names `base_path`, before a new base model replaces that folder: a save
+    that then fails or is interrupted leaves no loadable adapter of an earlier run beside the new
+    base (save_adapter writes the new config last), which would load onto it without an error.
+    Both demos' layouts are covered, whichever wrote into the same --out before: miss_ext.demo
+    writes OUT/adapter_config.json, miss_ext.demo.mixed OUT/up/ and OUT/down/, each naming
+    OUT/base_model. Configs that cannot be read are left (no loader accepts them either)."""
+    target = os.path.realpath(base_path)
+    root = Path(root)
+    for config in [root / CONFIG_NAME, *sorted(root.glob(f"*/{CONFIG_NAME}"))]:
+        try:
+            with open(config, encoding="utf-8") as f:
+                named = json.load(f).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(named, str) and os.path.realpath(named) == target:
+            config.unlink(missing_ok=True)
 
 
 def save_base_model(model: nn.Module, path: Path) -> None:

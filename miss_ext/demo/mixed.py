@@ -40,7 +40,7 @@ from .._optional import require
 from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
-from ._training import forget_adapter, save_base_model
+from ._training import forget_adapters_of, save_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("up", "down")
@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         base_path = None
         if args.out:  # the base is random, so nobody can download it: kept with the adapters
             base_path = str((root / "base_model").resolve())  # the config must name it from anywhere
-            for task in TASKS:  # an earlier run's adapters must not be left beside the new base
-                forget_adapter(root / task)
+            forget_adapters_of(root, base_path)  # no earlier run's adapter left beside the new base
             save_base_model(base, base_path)
         for task in TASKS:
             folders[task] = str(root / task)
