@@ -316,13 +316,18 @@ def _linear(x, weight, bias, block, p=0.0, key=None):
                             f"{name(dtype)} and leaves float64 as it is); give x and the layer the same dtype (PEFT "
                             "refuses this too)")
         b_c, block_c = _cast(bias, dtype), _cast(block, dtype)
+        mini = block.shape[1] != weight.shape[0]
         with torch.autocast(_all_values(x).device.type, enabled=False):
-            if not x.is_floating_point() or x_c.dtype == x.dtype:
+            if not mini and (not x.is_floating_point() or x_c.dtype == x.dtype):
                 return _linear(x_c, w_c, b_c, block_c, p, key).to(x.dtype)
             # As linear_autocast: the fold reads x as given (PEFT folds it in float32), never
-            # autocast's rounded copy; only S is rounded to the autocast dtype.
+            # autocast's rounded copy; only S is rounded to the autocast dtype. Mini: the block
+            # repeated along out before the cast, as PEFT, so that the copies of its gradient are
+            # summed in the block's own dtype (the autocast dtype overflowed in float16).
             _validate(ops.linear.default, x_c, w_c, b_c, block_c, p, key)
             _check_key_device(key, x)
+            if mini:
+                block_c = _cast(block.repeat(1, weight.shape[0] // block.shape[1]), dtype)
             return linear_composite(x_c, w_c, b_c, block_c, p, key, fold_input=x).to(x.dtype)
     _validate(ops.linear.default, x, weight, bias, block, p, key)
     _check_key_device(key, x)

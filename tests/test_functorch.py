@@ -277,6 +277,31 @@ def test_transforms_under_autocast_follow_the_autocast_kernels(mode, mini_r, dev
         torch.testing.assert_close(per_sample.float(), xe.grad.float(), **tol)
 
 
+def test_mini_block_gradient_under_float16_autocast_sums_its_copies_in_float32():
+    """A mini block's gradient sums out / mini_r copies; PEFT sums them in the float32 block's
+    dtype (it repeats the block before autocast's cast). For an x already in float16 the eager op
+    and this kernel summed them in float16: 3 x 40000 overflowed to inf (review, 2026-12-03). Eager
+    and torch.func give PEFT's finite float32 value."""
+    base = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    layer = miss_ext.MissLinear(base, 2, mode="mini", mini_r=1)
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float16)
+    g = torch.full((1, 3), 40000.0, dtype=torch.float16)
+    block = layer.miss_block.detach()
+
+    def loss(b):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = functional_call(layer, {"miss_block": b}, (x,))
+        return (y.float() * g.float()).sum()
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = layer(x)
+    (eager,) = torch.autograd.grad(y, layer.miss_block, g)
+    assert eager[0, 0].item() == 120000.0
+    torch.testing.assert_close(grad(loss)(block), eager, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,mini_r", MODES)
 def test_hessian_of_the_loss_in_the_block_matches_peft(mode, mini_r, device):

@@ -729,13 +729,17 @@ def test_bat_computes_in_the_dtype_of_peft_w_plus_delta(w_dtype, block_dtype, x_
         assert error <= 1.25 * peft_error + 1e-15, f"{path}: error {error:.3g}, PEFT's {peft_error:.3g}"
 
 
+@pytest.mark.parametrize("x_in_amp_dtype", [False, True], ids=["x_float32", "x_amp_dtype"])
 @pytest.mark.parametrize("hooked", [False, True], ids=["fused", "hooked_base"])
-@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
-def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_dtype, hooked):
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST + [pytest.param("cpu", torch.float16, id="cpu-fp16")])
+def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_dtype, hooked, x_in_amp_dtype):
     """PEFT repeats the float32 mini block along out and then autocasts the matmul, so the repeat's
     backward sums the copies of G in float32. Ours cast first and repeated (fused path with float32
     x) or tiled a (rows, mini_r) product (hooked base), summing them in the autocast dtype:
-    g = (1, eps/4, eps/4) gave dD = 1 instead of 1 + eps/2 (a tie, rounded to even)."""
+    g = (1, eps/4, eps/4) gave dD = 1 instead of 1 + eps/2 (a tie, rounded to even). For an x
+    already in the autocast dtype (a layer fed by an earlier autocast GEMM) the fused op returned
+    the sum in that dtype: float16 overflowed to inf where PEFT's sum is finite (review,
+    2026-12-03)."""
     base = nn.Linear(2, 3, bias=False).to(device)
     with torch.no_grad():
         base.weight.zero_()
@@ -745,15 +749,18 @@ def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_d
     if hooked:
         ours.base_layer.register_forward_hook(lambda module, args, out: None)
     eps = torch.finfo(amp_dtype).eps
-    x = torch.tensor([[1.0, 0.0]], device=device)
-    g = torch.tensor([[1.0, eps / 4, eps / 4]], device=device)
-    grads = []
-    for layer, block in ((peft_layer, peft_layer.miss_block["default"]), (ours, ours.miss_block)):
-        with torch.autocast(device, dtype=amp_dtype):
-            y = layer(x)
-        grads.append(torch.autograd.grad(y, block, g.to(y.dtype))[0])
-    assert grads[0][0, 0].item() == 1 + eps / 2  # PEFT: exact
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    x = torch.tensor([[1.0, 0.0]], device=device, dtype=amp_dtype if x_in_amp_dtype else torch.float32)
+    cases = [(torch.tensor([[1.0, eps / 4, eps / 4]]), 1 + eps / 2)]
+    if amp_dtype == torch.float16:  # three copies sum past float16's range, not float32's
+        cases.append((torch.tensor([[40000.0] * 3]), 120000.0))
+    for g, want in cases:
+        grads = []
+        for layer, block in ((peft_layer, peft_layer.miss_block["default"]), (ours, ours.miss_block)):
+            with torch.autocast(device, dtype=amp_dtype):
+                y = layer(x)
+            grads.append(torch.autograd.grad(y, block, g.to(device, y.dtype))[0])
+        assert grads[0][0, 0].item() == want  # PEFT: exact, in float32
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)

@@ -37,12 +37,18 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
                    " and leaves float64 as it is); give x and the layer the same dtype (PEFT refuses this too)");
   const std::optional<at::Tensor> b_c = at::autocast::cached_cast(dtype, bias, device_type);
   const at::Tensor block_c = at::autocast::cached_cast(dtype, block, device_type);
-  if (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type()) {
+  // Mini (a block narrower than out): PEFT repeats the float32 block along out before the autocast
+  // matmul, so the repeat's backward sums the out / mini_r copies of the block gradient in float32.
+  // The fused op on block_c returns that sum in the autocast dtype: rounded there, and past
+  // float16's range (inf) where PEFT's float32 sum is finite (review, 2026-12-03: a gradient of
+  // 204800 gave inf for a float16 x). Mini takes the composed path below for every x.
+  const bool mini = block.sym_size(1) != weight.sym_size(0);
+  if (!mini && (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type())) {
     // x already in the autocast dtype (the output of an earlier autocast GEMM) or float64: folding
     // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once.
     return ops::linear(x_c, w_c, b_c, block_c, p, key).to(x.scalar_type());
   }
-  // x in another dtype (float32 activations: an fp32 model's residual stream). PEFT folds the x it
+  // x in another dtype (float32 activations: an fp32 model's residual stream), or mini. PEFT folds the x it
   // is given, in float32 (a sum is on none of autocast's lists), and only S is rounded to the
   // autocast dtype for `S @ D`. The fused op would fold x_c, values already rounded to bf16: x =
   // [1001, -1000] gave S = 0 instead of 1, and a zero block gradient. So here: the fold of x
