@@ -316,7 +316,7 @@ def _linear(x, weight, bias, block, p=0.0, key=None):
                             f"{name(dtype)} and leaves float64 as it is); give x and the layer the same dtype (PEFT "
                             "refuses this too)")
         b_c, block_c = _cast(bias, dtype), _cast(block, dtype)
-        mini = block.shape[1] != weight.shape[0]
+        mini = block.dim() == 2 and weight.dim() == 2 and block.shape[1] != weight.shape[0]  # else: the op's checks
         with torch.autocast(_all_values(x).device.type, enabled=False):
             if not mini and (not x.is_floating_point() or x_c.dtype == x.dtype):
                 return _linear(x_c, w_c, b_c, block_c, p, key).to(x.dtype)

@@ -61,6 +61,8 @@ def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
     try:
         from peft.tuners.miss import MissLinear as PeftMissLinear
     except ImportError as exc:  # PEFT before 0.17 has Bone only (its layers hold bone_block)
+        if getattr(exc, "name", None) not in ("peft.tuners.miss", "peft.tuners"):
+            raise  # a failure inside PEFT's MiSS module, not its absence
         import peft
 
         raise ImportError(f"export_lora of a PEFT model needs a PEFT with MiSS (0.17 or newer), found peft "

@@ -631,6 +631,20 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     return None
 
 
+def autocast_mini_block(block: Tensor, x: Tensor, out_features: int) -> Tensor:
+    """The block an unfused adapter term `fold(x) @ block` multiplies: under autocast, a mini block
+    (r, mini_r) repeated along out first, PEFT's order, so that the repeat's backward sums G's
+    out / mini_r copies in the block's float32 (a (rows, mini_r) product tiled afterwards summed
+    them in the autocast dtype: 1.2x PEFT's error in dD under bf16, inf under float16 where PEFT's
+    sum is finite). Otherwise (no autocast: the same values either way; default blocks) the block
+    itself. Shared by MissLinear's unfused path, the accelerated PEFT layer's own terms and tensor
+    parallelism's gathered fold."""
+    if (block.dim() == 2 and block.shape[1] != out_features and x.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(x.device.type)):
+        return block.repeat(1, out_features // block.shape[1])
+    return block
+
+
 class MissLinear(BaseTensorAttributes, nn.Module):
     """MiSS adapter on a frozen `nn.Linear`: y = base(x) + fold(dropout(x)) @ tile(miss_block).
 
@@ -722,14 +736,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     @torch.jit.unused
     def _autocast_block(self, x: Tensor) -> Tensor:
-        """The block the unfused path multiplies: under autocast in the mini mode, PEFT's order,
-        the float32 block repeated along out before the autocast matmul, so that the repeat's
-        backward sums G's copies in float32 (a (rows, mini_r) product tiled afterwards summed them
-        in the autocast dtype: 1.2x PEFT's error in dD). Otherwise the block itself."""
-        if (self.mode == "mini" and x.device.type in ("cpu", "cuda")
-                and torch.is_autocast_enabled(x.device.type)):
-            return self.miss_block.repeat(1, self.out_features // self.mini_r)
-        return self.miss_block
+        """The block the unfused path multiplies (autocast_mini_block)."""
+        return autocast_mini_block(self.miss_block, x, self.out_features)
 
     @torch.jit.unused
     def _tensor_parallel(self) -> bool:
@@ -798,8 +806,15 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             check_base_output(self, y, x)
         if p > 0.0:
             key = new_dropout_key(x.device)
-        block = self.miss_block
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            # TorchScript cannot ask whether autocast is on for x's device (torch.is_autocast_enabled
+            # takes no device there, and is_autocast_cpu_enabled crashed a scripted function under
+            # autocast): mini repeats its block always, which without autocast gives the same values
+            # and gradients (review, 2026-12-03: a scripted layer's dD was inf under float16 autocast).
+            block = self.miss_block
+            if self.mode == "mini":
+                block = self.miss_block.repeat(1, self.out_features // self.mini_r)
+        else:
             block = self._autocast_block(x)
         # r from the block, as the fused op reads it (an edited `self.r` cannot desync the paths).
         term = torch.ops.miss.fold(x, self.miss_block.shape[0], p, key, self.miss_block.dtype) @ block

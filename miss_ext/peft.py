@@ -93,7 +93,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
-from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, check_base_output,  # noqa: E402
+from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, autocast_mini_block, check_base_output,  # noqa: E402
                       check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
                       load_merge_record, not_plain_reason, tensor_json, type_name)
 from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
@@ -224,6 +224,19 @@ def _same_view(a: Optional[Tensor], b: Tensor) -> bool:
     on a detached alias of it)."""
     return (a is not None and a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
             and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _adapter_of_key(key: str) -> Optional[str]:
+    """The adapter a state-dict key of the tuner belongs to (`...miss_block.<name>`,
+    `...modules_to_save.<name>.<tensor>`: PEFT's per-adapter tensors), or None for a key every
+    adapter's rows use (base weights, trained biases, modules_to_save's original_module)."""
+    for field in ("miss_block", "modules_to_save"):
+        head, found, tail = key.partition(f".{field}.")
+        if not found and key.startswith(f"{field}."):
+            found, tail = True, key[len(field) + 1:]
+        if found and tail:
+            return tail.split(".", 1)[0]
+    return None
 
 
 def _is_bat(block: Tensor) -> bool:
@@ -404,9 +417,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         block's dtype (PEFT's precision); out of place."""
         for block, p in shards:
             folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
-            term = folded @ block
-            if block.shape[1] != self.out_features:  # mini: tile (r, mini_r) along the output axis
-                term = term.repeat([1] * (term.dim() - 1) + [self.out_features // block.shape[1]])
+            term = folded @ autocast_mini_block(block, x, self.out_features)  # repeated first under autocast
+            if term.shape[-1] != self.out_features:  # mini: tile (rows, mini_r) along the output axis
+                term = term.repeat([1] * (term.dim() - 1) + [self.out_features // term.shape[-1]])
             result = result + term
         return result
 
@@ -420,16 +433,18 @@ class AcceleratedMissLinear(PeftMissLinear):
         key is drawn."""
         active = self._active_blocks()
         bats = [name for name in active if _is_bat(self.miss_block[name])]
-        if bats and not (args or kwargs) and self.quantization_backend is None and is_plain_linear(
-                self.base_layer, global_hooks=False):
+        if bats and self.quantization_backend is None and is_plain_linear(self.base_layer, global_hooks=False):
             # A plain base under global module hooks (FlopCounterMode, profilers): the bat path
             # computes from the weight and never calls the base, as PEFT's, so the ops can run it.
+            if args or kwargs:  # as without the hooks
+                raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the "
+                                f"input only; got extra arguments {args!r} {kwargs!r}")
             return self._forward_on_ops(x, active)
         if bats:
             raise ValueError(
                 f"{type(self).__name__}: bat adapter(s) {bats} cannot run with active adapters {active} on this layer: "
                 f"its base is not a plain nn.Linear ({type_name(self.base_layer)}: "
-                f"{not_plain_reason(self.base_layer, global_hooks=False) or 'extra forward arguments'}), so only PEFT's "
+                f"{not_plain_reason(self.base_layer, global_hooks=False) or 'a quantization backend'}), so only PEFT's "
                 "own forward can apply a bat adapter, and it runs "
                 f"every adapter in the layer's first adapter's mode ({_peft_mode(self)!r}), which would be wrong here; "
                 "run bat adapters alone on a layer whose first adapter is bat (set_adapter)")
@@ -854,6 +869,12 @@ class AcceleratedMissModel(MissModel):
         carries the name is such a leftover, of a failure before this model was accelerated:
         one the new adapter does not replace (a module its config does not target) is removed
         too, on success or failure."""
+        config = self.peft_config.get(adapter_name)
+        if getattr(config, "bias", "none") != "none":
+            # Its trained biases are the base layers' own, which every row of a running call with
+            # adapter_names= uses: refused here, before anything is added (load_adapter would add
+            # the adapter and only then be refused at its load_state_dict).
+            self._refuse_during_names_call(f"adding adapter {adapter_name!r} with bias={config.bias!r}")
         layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
         stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
         try:
@@ -956,14 +977,20 @@ class AcceleratedMissModel(MissModel):
         # Only for adapters the running call may use: load_adapter under a new name adds the
         # adapter (add_adapter, allowed: no running row names it) and then loads its values here,
         # which a refusal would leave at their initial values.
+        # Anything else (trainable biases of bias="all", base weights, modules_to_save's original
+        # module) is used by every running row, so it is refused too (review, 2026-12-03).
         if self in _NAMES_ACTIVE:
             running = self.__dict__.get("_names_call_adapters", frozenset())
-            loaded = {key[len(prefix):].split(f".{field}.", 1)[1].split(".", 1)[0]
-                      for key in state_dict if key.startswith(prefix)
-                      for field in ("miss_block", "modules_to_save") if f".{field}." in key[len(prefix):]}
-            if loaded & running:
-                self._refuse_during_names_call(f"load_state_dict of adapter(s) {sorted(loaded & running)} "
-                                               "(PeftModel.load_adapter, set_peft_model_state_dict)")
+            touched = set()
+            for key in state_dict:
+                if not key.startswith(prefix):
+                    continue
+                owner = _adapter_of_key(key[len(prefix):])
+                if owner is None or owner in running:
+                    touched.add(key[len(prefix):] if owner is None else owner)
+            if touched:
+                self._refuse_during_names_call(f"load_state_dict of {describe(sorted(touched))} (PeftModel.load_adapter, "
+                                               "set_peft_model_state_dict; only another adapter's blocks may load)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:

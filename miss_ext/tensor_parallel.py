@@ -77,7 +77,7 @@ from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import distribute_module
 
-from .modules import MissLinear, not_plain_reason, type_name
+from .modules import MissLinear, autocast_mini_block, not_plain_reason, type_name
 
 __all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward"]
 
@@ -319,7 +319,7 @@ def _rowwise_gathered(layer: MissLinear, block: Tensor, x: Tensor, p: float, key
     mesh = x.device_mesh
     y = torch.nn.functional.linear(x, base.weight, base.bias)  # Partial
     x_full = x.redistribute(mesh, [R] * mesh.ndim)  # all-gather; its backward slices the gradient back
-    term = ops.fold(x_full, layer.r, p, key, block.dtype) @ block
+    term = ops.fold(x_full, layer.r, p, key, block.dtype) @ autocast_mini_block(block, x, layer.out_features)
     if y.dtype != x.dtype:
         y = y.to(torch.promote_types(y.dtype, term.dtype))
     return ops.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)

@@ -456,7 +456,7 @@ def test_a_second_adapter_names_call_during_one_is_refused(models):
 
 
 @pytest.mark.parametrize("change", ["delete_adapter", "merge_adapter", "unmerge_adapter", "unload",
-                                    "merge_and_unload", "load_adapter"])
+                                    "merge_and_unload", "load_adapter", "load_a_base_weight", "add_a_bias_adapter"])
 def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change, tmp_path):
     """An adapter deleted, merged or unloaded while a call with adapter_names= runs (here from a
     hook standing for an admin thread) gave its rows the old adapters in the earlier layers and
@@ -470,7 +470,14 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
              "unmerge_adapter": model.unmerge_adapter, "unload": model.unload,
              "merge_and_unload": model.merge_and_unload,
              # new weights under an existing name (review, 2026-12-03: the rows mixed both versions)
-             "load_adapter": lambda: model.load_adapter(str(tmp_path / "b"), adapter_name="b")}
+             "load_adapter": lambda: model.load_adapter(str(tmp_path / "b"), adapter_name="b"),
+             # Tensors every row uses (review, 2026-12-03): a base weight loaded, or an adapter with
+             # trained biases (load_adapter of a bias="all" folder adds it, then loads its biases).
+             "load_a_base_weight": lambda: model.load_state_dict({base_key: torch.zeros_like(base)}, strict=False),
+             "add_a_bias_adapter": lambda: model.add_adapter("fresh", MissConfig(r=2, target_modules=["q_proj"],
+                                                                               bias="all"))}
+    base_key, base = next((k, v.clone()) for k, v in model.state_dict().items() if k.endswith("base_layer.weight"))
+    configs = list(model.peft_config)
     if change == "load_adapter":
         model.save_pretrained(str(tmp_path), selected_adapters=["b"])
     blocks = {k: v.clone() for k, v in model.state_dict().items() if "miss_block" in k}
@@ -492,7 +499,8 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
     finally:
         handle.remove()
     assert isinstance(errors[0], RuntimeError) and "a call with adapter_names= is running" in str(errors[0])
-    assert "b" in model.peft_config and [type(m) for m in model.modules()] == types
+    assert list(model.peft_config) == configs and [type(m) for m in model.modules()] == types
+    assert torch.equal(model.state_dict()[base_key], base)
     assert not any(getattr(m, "merged", False) for m in model.modules())
     assert all(torch.equal(v, blocks[k]) for k, v in model.state_dict().items() if "miss_block" in k)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

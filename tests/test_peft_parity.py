@@ -23,7 +23,7 @@ from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from miss_ext.peft import accelerate  # noqa: E402
 from conftest import autocast_sensitive_inputs, run_fwd_bwd  # noqa: E402
-from reference import autocast_linear_ref  # noqa: E402
+from reference import autocast_linear_ref, fold_ref  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -761,6 +761,67 @@ def test_mini_block_gradient_under_autocast_sums_copies_in_float32(device, amp_d
             grads.append(torch.autograd.grad(y, block, g.to(device, y.dtype))[0])
         assert grads[0][0, 0].item() == want  # PEFT: exact, in float32
         torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_mini_under_autocast_with_a_float64_base_and_a_bad_block():
+    """The composed mini path under autocast (review, 2026-12-03): a float64 x and weight (autocast
+    leaves them) beside a float32 block raised torch's addmm dtype error, where the fused op and
+    the torch.func kernel give the float64 base plus the term in the autocast dtype; a 1-D block
+    raised IndexError instead of the op's ValueError."""
+    from torch.func import vmap
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    weight = torch.randn(6, 6, dtype=torch.float64)
+    block = torch.randn(2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.miss.linear(x, weight, None, block, 0.0, None)
+        y_func = vmap(lambda xi: torch.ops.miss.linear(xi, weight, None, block, 0.0, None))(x.unsqueeze(1)).squeeze(1)
+    term = (fold_ref(x, 2).to(torch.bfloat16) @ block.repeat(1, 2).to(torch.bfloat16)).to(torch.float64)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, x @ weight.t() + term, rtol=1e-12, atol=1e-12)  # a float32 term is 1e-3 off
+    torch.testing.assert_close(y_func, y, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="miss_block must be 2-D"):
+        torch.ops.miss.linear(x.float(), weight.float(), None, torch.randn(4), 0.0, None)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mini_block_gradients_under_autocast_elsewhere_sum_copies_in_float32(amp_dtype):
+    """Siblings of the test above (review of float16 autocast on CPU, 2026-12-03), each summed the
+    mini block gradient's copies in the autocast dtype (inf under float16 where PEFT's float32 sum
+    is 120000): an accelerated PEFT layer with two active mini adapters (its own terms), and a
+    scripted MissLinear on a base that is not plain (TorchScript skipped the repeat)."""
+    import miss_ext.peft
+
+    class OwnForward(nn.Linear):  # a forward of its own (scriptable): the unfused path
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    base = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    x = torch.tensor([[1.0, 0.0]])
+    eps = torch.finfo(amp_dtype).eps
+    cases = [(torch.tensor([[1.0, eps / 4, eps / 4]]), 1 + eps / 2)]
+    if amp_dtype == torch.float16:
+        cases.append((torch.full((1, 3), 40000.0), 120000.0))
+    peft = get_peft_model(_Wrap(copy.deepcopy(base)), MissConfig(r=2, mini_r=1, target_modules=["lin"],
+                                                               init_weights="mini"))
+    peft.add_adapter("b", MissConfig(r=2, mini_r=1, target_modules=["lin"], init_weights="mini"))
+    peft.base_model.set_adapter(["default", "b"])
+    accelerated = miss_ext.peft.accelerate(copy.deepcopy(peft))
+    own = nn.Linear(2, 3, bias=False)
+    own.__class__ = OwnForward
+    own.load_state_dict(base.state_dict())
+    scripted = torch.jit.script(MissLinear(own, 2, mode="mini", mini_r=1))
+    for g, want in cases:
+        for model, blocks in ((peft, None), (accelerated, None), (scripted, [scripted.miss_block])):
+            if blocks is None:
+                layer = model.base_model.model.lin
+                blocks = [layer.miss_block["default"], layer.miss_block["b"]]
+            with torch.autocast("cpu", dtype=amp_dtype):
+                y = model(x)
+            for got in torch.autograd.grad(y, blocks, g.to(y.dtype)):
+                assert got[0, 0].item() == want, (type(model).__name__, got[0, 0].item(), want)
 
 
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)

@@ -216,6 +216,27 @@ def rank_main(rank, world_size, folder):
                                      (x_tp.grad - x_ref.grad).abs().max().item())
     out["one_row"] = one_row
 
+    # Mini under float16 autocast on the gathered fold (r not aligned with the shards of in): the
+    # block gradient's out / mini_r copies were summed in float16 there (inf where PEFT's float32
+    # sum is 120000; review, 2026-12-03). The unsharded layer's value on every rank.
+    mini_autocast = {}
+    for r in (2, 3):  # 2: the split fold; 3: the gathered one
+        base = torch.nn.Linear(6, 3, bias=False)
+        with torch.no_grad():
+            base.weight.zero_()
+        layer = miss_ext.MissLinear(base, r, mode="mini", mini_r=1, init_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gather warning of r=3
+            parallelize_module(layer, mesh, MissRowwiseParallel(input_layouts=Replicate()))
+        x = torch.zeros(1, 6)
+        x[0, 0] = 1.0
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x)
+        y.backward(torch.full((1, 3), 40000.0, dtype=y.dtype))
+        grad = layer.miss_block.grad
+        mini_autocast[r] = float(full(grad)[0, 0]) if hasattr(grad, "full_tensor") else float(grad[0, 0])
+    out["mini_autocast"] = mini_autocast
+
     # A bat layer on a bf16 base fed float32 x computes unsharded (as PEFT), so it must sharded too
     # (it raised a TypeError there). Column-wise: this rank's output columns.
     torch.manual_seed(7)
@@ -422,6 +443,11 @@ def test_rowwise_gathered_fold_takes_a_1d_input(ranks):
         assert len(result["one_row"]) == 4
         for config, (shape, gap_y, gap_dx) in result["one_row"].items():
             assert shape == (4,) and gap_y < 1e-12 and gap_dx < 1e-12, (rank, config, shape, gap_y, gap_dx)
+
+
+def test_mini_block_gradient_under_float16_autocast_is_summed_in_float32(ranks):
+    for rank, result in enumerate(ranks):
+        assert result["mini_autocast"] == {2: 120000.0, 3: 120000.0}, (rank, result["mini_autocast"])
 
 
 def test_styles_refuse_adapter_layers_they_cannot_shard_by_name(ranks):

@@ -42,7 +42,8 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   // The fused op on block_c returns that sum in the autocast dtype: rounded there, and past
   // float16's range (inf) where PEFT's float32 sum is finite (review, 2026-12-03: a gradient of
   // 204800 gave inf for a float16 x). Mini takes the composed path below for every x.
-  const bool mini = block.sym_size(1) != weight.sym_size(0);
+  // (A block or weight of another rank goes to the fused op, whose checks name it.)
+  const bool mini = block.dim() == 2 && weight.dim() == 2 && block.sym_size(1) != weight.sym_size(0);
   if (!mini && (!x.is_floating_point() || x_c.scalar_type() == x.scalar_type())) {
     // x already in the autocast dtype (the output of an earlier autocast GEMM) or float64: folding
     // x_c is folding x. The fused op, whose fold sums in float32 and rounds S once.
@@ -72,7 +73,10 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   if (y.scalar_type() == adapter) {
     y.addmm_(s, d);
   } else {
-    y = at::addmm(y.to(c10::promoteTypes(y.scalar_type(), adapter)), s, d);
+    // A float64 base (autocast leaves it) beside a term in the autocast dtype, or the reverse:
+    // the term in the adapter's dtype, added in the wider one (PEFT's `result + term`).
+    const at::Tensor term = at::mm(s, d);
+    y = y.to(c10::promoteTypes(y.scalar_type(), adapter)).add_(term);
   }
   return y.view_symint(with_last(x, out)).to(x.scalar_type());
 }
