@@ -989,8 +989,18 @@ class AcceleratedMissModel(MissModel):
                 if owner is None or owner in running:
                     touched.add(key[len(prefix):] if owner is None else owner)
             if touched:
+                # PeftModel.load_adapter added the adapter it loads (add_adapter) before this load:
+                # one added since the call started is removed again, so that the refusal leaves the
+                # model as it was (a review found it left at its initial values, 2026-12-03).
+                added = sorted({owner for key in state_dict if key.startswith(prefix)
+                                for owner in (_adapter_of_key(key[len(prefix):]),)
+                                if owner is not None and owner not in running and owner in self.peft_config})
+                for name in added:
+                    super().delete_adapter(name)
                 self._refuse_during_names_call(f"load_state_dict of {describe(sorted(touched))} (PeftModel.load_adapter, "
-                                               "set_peft_model_state_dict; only another adapter's blocks may load)")
+                                               "set_peft_model_state_dict; only another adapter's blocks may load"
+                                               + (f"; adapter(s) {added}, added for this load, were removed again"
+                                                  if added else "") + ")")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:

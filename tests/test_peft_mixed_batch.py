@@ -456,7 +456,8 @@ def test_a_second_adapter_names_call_during_one_is_refused(models):
 
 
 @pytest.mark.parametrize("change", ["delete_adapter", "merge_adapter", "unmerge_adapter", "unload",
-                                    "merge_and_unload", "load_adapter", "load_a_base_weight", "add_a_bias_adapter"])
+                                    "merge_and_unload", "load_adapter", "load_a_base_weight", "add_a_bias_adapter",
+                                    "load_a_new_adapter_with_embeddings"])
 def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change, tmp_path):
     """An adapter deleted, merged or unloaded while a call with adapter_names= runs (here from a
     hook standing for an admin thread) gave its rows the old adapters in the earlier layers and
@@ -475,11 +476,16 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
              # trained biases (load_adapter of a bias="all" folder adds it, then loads its biases).
              "load_a_base_weight": lambda: model.load_state_dict({base_key: torch.zeros_like(base)}, strict=False),
              "add_a_bias_adapter": lambda: model.add_adapter("fresh", MissConfig(r=2, target_modules=["q_proj"],
-                                                                               bias="all"))}
+                                                                               bias="all")),
+             # A file with the embedding layers (save_embedding_layers): load_adapter adds "fresh",
+             # then its load is refused; the added adapter must go too.
+             "load_a_new_adapter_with_embeddings": lambda: model.load_adapter(str(tmp_path / "b"),
+                                                                               adapter_name="fresh")}
     base_key, base = next((k, v.clone()) for k, v in model.state_dict().items() if k.endswith("base_layer.weight"))
     configs = list(model.peft_config)
-    if change == "load_adapter":
-        model.save_pretrained(str(tmp_path), selected_adapters=["b"])
+    if change in ("load_adapter", "load_a_new_adapter_with_embeddings"):
+        model.save_pretrained(str(tmp_path), selected_adapters=["b"],
+                              save_embedding_layers=change != "load_adapter")
     blocks = {k: v.clone() for k, v in model.state_dict().items() if "miss_block" in k}
     errors = []
 
@@ -500,6 +506,7 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
         handle.remove()
     assert isinstance(errors[0], RuntimeError) and "a call with adapter_names= is running" in str(errors[0])
     assert list(model.peft_config) == configs and [type(m) for m in model.modules()] == types
+    assert not any("fresh" in getattr(m, "miss_block", {}) for m in model.modules())
     assert torch.equal(model.state_dict()[base_key], base)
     assert not any(getattr(m, "merged", False) for m in model.modules())
     assert all(torch.equal(v, blocks[k]) for k, v in model.state_dict().items() if "miss_block" in k)
