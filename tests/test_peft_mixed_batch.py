@@ -455,6 +455,29 @@ def test_a_second_adapter_names_call_during_one_is_refused(models):
         torch.testing.assert_close(model(ids, adapter_names=NAMES).logits, expected, rtol=0, atol=0)
 
 
+def call_with_a_change_midway(model, ids, change):
+    """model(ids, adapter_names=NAMES) under no_grad, with change() run once as decoder layer 1
+    starts (an admin thread's change while the call runs): (logits, the RuntimeError change()
+    raised, or None)."""
+    outcome = []
+
+    def change_it(module, args):
+        if not outcome:
+            try:
+                change()
+                outcome.append(None)
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(change_it)
+    try:
+        with torch.no_grad():
+            logits = model(ids, adapter_names=NAMES).logits
+    finally:
+        handle.remove()
+    return logits, outcome[0]
+
+
 @pytest.mark.parametrize("change", ["delete_adapter", "merge_adapter", "unmerge_adapter", "unload",
                                     "merge_and_unload", "load_adapter", "load_a_base_weight", "add_a_bias_adapter",
                                     "load_a_new_adapter_with_embeddings"])
@@ -487,24 +510,9 @@ def test_adapter_changes_during_an_adapter_names_call_are_refused(models, change
         model.save_pretrained(str(tmp_path), selected_adapters=["b"],
                               save_embedding_layers=change != "load_adapter")
     blocks = {k: v.clone() for k, v in model.state_dict().items() if "miss_block" in k}
-    errors = []
-
-    def change_it(module, args):
-        if not errors:
-            try:
-                calls[change]()
-                errors.append(None)
-            except RuntimeError as exc:
-                errors.append(exc)
-
     types = [type(m) for m in model.modules()]
-    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(change_it)
-    try:
-        with torch.no_grad():
-            got = model(ids, adapter_names=NAMES).logits
-    finally:
-        handle.remove()
-    assert isinstance(errors[0], RuntimeError) and "a call with adapter_names= is running" in str(errors[0])
+    got, error = call_with_a_change_midway(model, ids, calls[change])
+    assert isinstance(error, RuntimeError) and "a call with adapter_names= is running" in str(error)
     assert list(model.peft_config) == configs and [type(m) for m in model.modules()] == types
     assert not any("fresh" in getattr(m, "miss_block", {}) for m in model.modules())
     assert torch.equal(model.state_dict()[base_key], base)
@@ -523,19 +531,9 @@ def test_loading_a_new_adapter_during_an_adapter_names_call_is_allowed(models, t
     model.save_pretrained(str(tmp_path), selected_adapters=["b"])
     with torch.no_grad():
         expected = model(ids, adapter_names=NAMES).logits
-    loaded = []
-
-    def load_it(module, args):
-        if not loaded:
-            model.load_adapter(str(tmp_path / "b"), adapter_name="fresh")
-            loaded.append(True)
-
-    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(load_it)
-    try:
-        with torch.no_grad():
-            got = model(ids, adapter_names=NAMES).logits
-    finally:
-        handle.remove()
+    got, error = call_with_a_change_midway(model, ids, lambda: model.load_adapter(str(tmp_path / "b"),
+                                                                              adapter_name="fresh"))
+    assert error is None
     try:
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         blocks = {k: v for k, v in model.state_dict().items() if "miss_block" in k}
