@@ -231,7 +231,7 @@ def _adapter_of_key(key: str) -> Optional[str]:
     `...modules_to_save.<name>.<tensor>`: PEFT's per-adapter tensors), or None for a key every
     adapter's rows use (base weights, trained biases, modules_to_save's original_module)."""
     for field in ("miss_block", "modules_to_save"):
-        head, found, tail = key.partition(f".{field}.")
+        _, found, tail = key.partition(f".{field}.")
         if not found and key.startswith(f"{field}."):
             found, tail = True, key[len(field) + 1:]
         if found and tail:
