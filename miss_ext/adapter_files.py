@@ -11,6 +11,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -163,23 +164,15 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         write_config(temporaries[CONFIG_NAME])
         # Nothing old has changed so far. From here on the folder has no config until the last
         # rename: an interruption leaves it refused by every loader, never a mixed pair.
-        _remove_if_there(os.path.join(path, CONFIG_NAME))
+        Path(path, CONFIG_NAME).unlink(missing_ok=True)  # another save of the folder may have removed it
         os.replace(temporaries[WEIGHTS_NAME], os.path.join(path, WEIGHTS_NAME))
         # An earlier save's other-format weights (older PEFT wrote adapter_model.bin) belong to
         # the adapter being replaced; a loader that prefers them must not find them beside this config.
-        _remove_if_there(os.path.join(path, LEGACY_WEIGHTS_NAME))
+        Path(path, LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
         os.replace(temporaries[CONFIG_NAME], os.path.join(path, CONFIG_NAME))
     finally:
         for temporary in temporaries.values():
-            _remove_if_there(temporary)
-
-
-def _remove_if_there(path: str) -> None:
-    """os.remove, or nothing when there is no file there (another save of the folder removed it)."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+            Path(temporary).unlink(missing_ok=True)
 
 
 def _json_serialisable(value: object) -> bool:

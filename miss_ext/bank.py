@@ -557,9 +557,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
         How: a batch is what it routes (mixed_batch's slot ids with their generations, and expand:
         the same names entered again are the same batch; a slot re-used by another adapter since is
-        not, as its recompute would run the new adapter: found by a review, 2026-12-03). Training-mode forwards outside backward record their batch:
-        with grad enabled, or under no_grad inside a reentrant checkpoint (which runs its
-        region's first forward so); not evaluation (eval mode, or no_grad / inference_mode
+        not, as its recompute would run the new adapter: found by a review, 2026-12-03).
+        Training-mode forwards outside backward record their batch: with grad enabled, or under
+        no_grad inside a reentrant checkpoint (which runs its region's first forward so); not evaluation (eval mode, or no_grad / inference_mode
         outside a checkpoint), which transformers never checkpoints. A forward inside backward
         (a recompute) refuses if a forward of another batch was recorded since the last
         recompute, then starts the record afresh. Refused too, as it cannot be told apart: a
@@ -582,8 +582,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                              "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
                              "recompute, or after a slot it used was emptied or re-filled (remove/add/load of an "
                              "adapter, a load_state_dict), whose rows would silently take this batch's adapters. Call "
-                             "backward() inside "
-                             "a mixed_batch of its forward's names (for gradient accumulation: one backward per "
+                             "backward() inside a mixed_batch of its forward's names (for gradient accumulation: one backward per "
                              "micro-batch, inside its context); run forwards whose graph you drop in eval mode "
                              "(model.eval()) or under torch.no_grad()")
 

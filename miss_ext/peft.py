@@ -239,6 +239,14 @@ def _adapter_of_key(key: str) -> Optional[str]:
     return None
 
 
+def _refuse_extra_arguments(where: str, args: tuple, kwargs: dict) -> None:
+    """TypeError for extra forward arguments to a plain nn.Linear base, which takes the input only
+    (PEFT's bat path would drop them silently)."""
+    if args or kwargs:
+        raise TypeError(f"{where}: the base layer is an nn.Linear, which takes the input only; got extra arguments "
+                        f"{args!r} {kwargs!r}")
+
+
 def _is_bat(block: Tensor) -> bool:
     return block.dim() == 3
 
@@ -350,10 +358,8 @@ class AcceleratedMissLinear(PeftMissLinear):
             if call is not None and not call[2]:  # once per call: the next layers' unmerges were checked too
                 call[0]._check_before_unmerging(call[1])
                 call[2] = True
-        if (args or kwargs) and self._fast_path():
-            # nn.Linear.forward takes the input only; PEFT's bat path would drop these silently.
-            raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the input "
-                            f"only; got extra arguments {args!r} {kwargs!r}")
+        if (args or kwargs) and self._fast_path():  # no second is_plain_linear on the common call
+            _refuse_extra_arguments(f"{type(self).__name__}.forward", args, kwargs)
         if args or kwargs or not self._fast_path():
             adapted = not self.disable_adapters and not self.merged and bool(self._active_blocks())
             if adapted:
@@ -436,9 +442,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         if bats and self.quantization_backend is None and is_plain_linear(self.base_layer, global_hooks=False):
             # A plain base under global module hooks (FlopCounterMode, profilers): the bat path
             # computes from the weight and never calls the base, as PEFT's, so the ops can run it.
-            if args or kwargs:  # as without the hooks
-                raise TypeError(f"{type(self).__name__}.forward: the base layer is an nn.Linear, which takes the "
-                                f"input only; got extra arguments {args!r} {kwargs!r}")
+            _refuse_extra_arguments(f"{type(self).__name__}.forward", args, kwargs)  # as without the hooks
             return self._forward_on_ops(x, active)
         if bats:
             raise ValueError(
@@ -514,8 +518,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             raise ValueError(message)
         self._refuse_names_here(names, where)
         if (args or kwargs) and self._fast_path():
-            raise TypeError(f"{where}: the base layer is an nn.Linear, which takes the input only; got extra "
-                            f"arguments {args!r} {kwargs!r}")
+            _refuse_extra_arguments(where, args, kwargs)
         used = list(dict.fromkeys(n for n in names if n in self.miss_block))  # others: base output here
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
@@ -981,19 +984,15 @@ class AcceleratedMissModel(MissModel):
         # module) is used by every running row, so it is refused too (review, 2026-12-03).
         if self in _NAMES_ACTIVE:
             running = self.__dict__.get("_names_call_adapters", frozenset())
-            touched = set()
-            for key in state_dict:
-                if not key.startswith(prefix):
-                    continue
-                owner = _adapter_of_key(key[len(prefix):])
-                if owner is None or owner in running:
-                    touched.add(key[len(prefix):] if owner is None else owner)
+            owners = {key[len(prefix):]: _adapter_of_key(key[len(prefix):]) for key in state_dict
+                      if key.startswith(prefix)}
+            touched = {key if owner is None else owner for key, owner in owners.items()
+                       if owner is None or owner in running}
             if touched:
                 # PeftModel.load_adapter added the adapter it loads (add_adapter) before this load:
                 # one added since the call started is removed again, so that the refusal leaves the
                 # model as it was (a review found it left at its initial values, 2026-12-03).
-                added = sorted({owner for key in state_dict if key.startswith(prefix)
-                                for owner in (_adapter_of_key(key[len(prefix):]),)
+                added = sorted({owner for owner in owners.values()
                                 if owner is not None and owner not in running and owner in self.peft_config})
                 for name in added:
                     super().delete_adapter(name)
