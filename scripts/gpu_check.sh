@@ -207,6 +207,8 @@ if [ "$BENCH" = 1 ]; then
   if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
   bench bench_bank 60 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
+  # Mixed-adapter training, half the adapters mini (mini_r = 1): the bank's block-gradient kernels.
+  bench bench_bank_train 45 "x single|^(single|mixed|split) |faster" bench/bench_bank_train.py --device cuda --dtype bf16 --reps 10
   # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
   bench bench_kernels 90 "^\\||^- " bench/bench_kernels.py --device cuda
   # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss (issue 11).

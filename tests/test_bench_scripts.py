@@ -136,3 +136,15 @@ def test_bench_bat_weight_runs_and_refuses_a_bad_r(capsys):
     with pytest.raises(SystemExit):
         bench_bat_weight.main(["-n", "64", "-r", "24"])
     assert "-r 24 must divide -n 64" in capsys.readouterr().err
+
+
+def test_bench_bank_train_checks_the_bank_gradients_against_split_rows(capsys):
+    """Mixed-adapter training (half the adapters mini, mini_r = 1): the run first checks that every
+    adapter's bank gradient equals the one its rows give through miss.linear alone, then times."""
+    import bench_bank_train
+    bench_bank_train.main(["--tokens", "37", "--features", "24", "--r", "4", "--adapters", "3", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "3 adapters (half mini, mini_r=1)" in out and "split (b) against mixed" in out, out
+    with pytest.raises(SystemExit):
+        bench_bank_train.main(["--features", "24", "--mini-r", "5"])
+    assert "--mini-r 5 does not divide --features 24" in capsys.readouterr().err

@@ -7,14 +7,16 @@
 // - bank_grad_s_kernel: one block per row; each warp reduces d[j] = sum_o grad[t, o]
 //   bank[a, j, o mod q] for its j's with a fixed shuffle tree (16-byte loads of grad where
 //   alignment and the row's period allow), then grad_s[t, k] = d[k mod r].
-// - bank_grad_bank_kernel: one thread per (slot, block column, 8 block rows); it walks the
+// - bank_grad_bank_kernel: one thread per (slot, output column, 8 block rows); it walks the
 //   slot's rows in row order (rows sorted by slot on the device: a stable sort and a
-//   searchsorted, no host synchronisation) and accumulates s_a[j] gq[c].
+//   searchsorted, no host synchronisation) and accumulates s_a[j] grad[t, v]; then
+//   bank_fold_wide_kernel folds a mini slot's (r, out) sums to its q columns.
 // No atomics anywhere, so results are deterministic. Invalid ranks, periods or index values
 // trip device-side assertions (the host would have to synchronise to read them).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
@@ -150,45 +152,75 @@ __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __re
   }
 }
 
-// grid (slots, column tiles, row tiles of kRowsPerThread).
+// grid (slots, output-column tiles, row tiles of kRowsPerThread), the column tiles grid-strided.
+// One thread per (slot a, output column v, kRowsPerThread block rows j): it walks a's rows and sums
+// s_a[j] grad[t, v]. A default slot (q = out) has its block gradient then; a mini slot's is that
+// sum folded along out to q columns, which bank_fold_wide_kernel does from `wide`. Folding each
+// row's gradient first (gq) would leave only q of the out threads with work, each walking out / q
+// columns of every row: 8 working threads per slot for mini_r = 1 and r = 64, whose dependent
+// chains of rows * out additions were estimated at 34 ms per launch for 4096 rows of width 4096 on
+// an H200 (a review of 2026-12-03; unmeasured, no GPU was lent).
 template <typename g_t, typename a_t>
 __global__ void bank_grad_bank_kernel(const g_t* __restrict__ grad, const a_t* __restrict__ s,
                                       const int64_t* __restrict__ ranks, const int64_t* __restrict__ periods,
                                       const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
                                       int64_t out, int64_t R, int64_t r_cap, int64_t q_cap, bool per_row_fold,
-                                      a_t* __restrict__ grad_bank) {
+                                      a_t* __restrict__ grad_bank, acc_t<g_t, a_t>* __restrict__ wide) {
   using acc = acc_t<g_t, a_t>;
   const int64_t a = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t j0 = static_cast<int64_t>(blockIdx.z) * kRowsPerThread;
   if (offsets[a] == offsets[a + 1]) return;  // no row uses this slot: its values need not be valid
   const int64_t r = ranks[a], q = periods[a];
   CUDA_KERNEL_ASSERT(r >= 1 && r <= r_cap && r <= R && (per_row_fold || R % r == 0) && q >= 1 && q <= q_cap && out % q == 0);
-  if (c >= q || j0 >= r) return;
-  // The slot's rows summed in two levels (bank_index.h, kSumBlock): a running sum over 65536 rows
-  // lost 37x the accuracy of the GEMM a MissLinear's block gradient takes.
-  acc sums[kRowsPerThread], parts[kRowsPerThread];
+  if (j0 >= r) return;
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < out;
+       v += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    // The slot's rows summed in two levels (bank_index.h, kSumBlock): a running sum over 65536
+    // rows lost 37x the accuracy of the GEMM a MissLinear's block gradient takes.
+    acc sums[kRowsPerThread], parts[kRowsPerThread];
 #pragma unroll
-  for (int u = 0; u < kRowsPerThread; ++u) sums[u] = parts[u] = acc(0);
-  int64_t n = 0;
-  for (int64_t i = offsets[a]; i < offsets[a + 1]; ++i) {
-    const int64_t t = order[i];
-    const acc gq = bank_fold_grad<acc>(grad + t * out, out, q, c);
+    for (int u = 0; u < kRowsPerThread; ++u) sums[u] = parts[u] = acc(0);
+    int64_t n = 0;
+    for (int64_t i = offsets[a]; i < offsets[a + 1]; ++i) {
+      const int64_t t = order[i];
+      const acc g = static_cast<acc>(grad[t * out + v]);
 #pragma unroll
-    for (int u = 0; u < kRowsPerThread; ++u)
-      if (j0 + u < r) parts[u] += bank_fold_column<acc>(s + t * R, R, r, j0 + u) * gq;
-    if (++n == kSumBlock) {
+      for (int u = 0; u < kRowsPerThread; ++u)
+        if (j0 + u < r) parts[u] += bank_fold_column<acc>(s + t * R, R, r, j0 + u) * g;
+      if (++n == kSumBlock) {
 #pragma unroll
-      for (int u = 0; u < kRowsPerThread; ++u) {
-        sums[u] += parts[u];
-        parts[u] = acc(0);
+        for (int u = 0; u < kRowsPerThread; ++u) {
+          sums[u] += parts[u];
+          parts[u] = acc(0);
+        }
+        n = 0;
       }
-      n = 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsPerThread; ++u) {
+      if (j0 + u >= r) continue;
+      if (q == out) grad_bank[bank_offset(a, j0 + u, v, r_cap, q_cap)] = static_cast<a_t>(sums[u] + parts[u]);
+      else wide[(a * r_cap + j0 + u) * out + v] = sums[u] + parts[u];
     }
   }
-#pragma unroll
-  for (int u = 0; u < kRowsPerThread; ++u)
-    if (j0 + u < r) grad_bank[bank_offset(a, j0 + u, c, r_cap, q_cap)] = static_cast<a_t>(sums[u] + parts[u]);
+}
+
+// grid-stride over the bank's (slot, j, c): a mini slot's block gradient, grad_bank[a, j, c] = the
+// sum of wide[a, j, v] over the columns v with v mod q = c, in the fold's levels (strided_sum).
+template <typename acc, typename a_t>
+__global__ void bank_fold_wide_kernel(const acc* __restrict__ wide, const int64_t* __restrict__ ranks,
+                                      const int64_t* __restrict__ periods, const int64_t* __restrict__ offsets,
+                                      int64_t slots, int64_t out, int64_t r_cap, int64_t q_cap,
+                                      a_t* __restrict__ grad_bank) {
+  const int64_t total = slots * r_cap * q_cap;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = e % q_cap, j = e / q_cap % r_cap, a = e / (q_cap * r_cap);
+    if (offsets[a] == offsets[a + 1]) continue;  // as in bank_grad_bank_kernel
+    const int64_t r = ranks[a], q = periods[a];
+    if (q == out || j >= r || c >= q) continue;  // a default slot's or padding
+    grad_bank[e] = static_cast<a_t>(strided_sum<acc>(wide + (a * r_cap + j) * out, c, out, q));
+  }
 }
 
 int blocks_for(int64_t rows) { return static_cast<int>(std::max<int64_t>(1, std::min(rows, kMaxBlocks))); }
@@ -229,11 +261,13 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
   const c10::cuda::CUDAGuard guard(grad.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
   const int64_t rows = grad.size(0), slots = bank.size(0), r_cap = bank.size(1), q_cap = bank.size(2);
-  // The block-gradient grid (slots, q_cap / kThreads, r_cap / kRowsPerThread), refused before any work.
-  const int64_t grid_y = (q_cap + kThreads - 1) / kThreads, grid_z = (r_cap + kRowsPerThread - 1) / kRowsPerThread;
-  TORCH_CHECK_VALUE(slots <= 2147483647 && grid_y <= 65535 && grid_z <= 65535, "miss: bank_add on CUDA: bank shape (",
-                    slots, ", ", r_cap, ", ", q_cap, ") is too large for one launch (q_cap up to ",
-                    int64_t{65535} * kThreads, ")");
+  // The block-gradient grid (slots, output-column tiles, r_cap / kRowsPerThread), refused before
+  // any work; the column tiles are grid-strided.
+  const int64_t grid_y = std::min<int64_t>((grad.size(1) + kThreads - 1) / kThreads, std::min<int64_t>(kMaxBlocks, 65535));
+  const int64_t grid_z = (r_cap + kRowsPerThread - 1) / kRowsPerThread;
+  TORCH_CHECK_VALUE(slots <= 2147483647 && grid_z <= 65535, "miss: bank_add on CUDA: bank shape (", slots, ", ",
+                    r_cap, ", ", q_cap, ") is too large for one launch (r_cap up to ", int64_t{65535} * kRowsPerThread,
+                    ")");
   // Rows by slot, on the device: a stable sort keeps row order within each slot (deterministic
   // sums), and offsets[a] is where slot a's rows start (negative indices sort first).
   const auto sorted = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -256,11 +290,22 @@ void bank_grad_kernel_cuda(const at::Tensor& grad, const at::Tensor& s, const at
     // No block gradient to write: an empty bank (every index negative) or blocks with no rows or
     // columns. A grid dimension of 0 is an invalid launch.
     if (slots == 0 || r_cap == 0 || q_cap == 0) return;
-    const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z));
+    // The mini slots' block gradients before their fold along out (bank_grad_bank_kernel), in the
+    // accumulation type: as large as the bank's gradient in fp32 when the bank holds a default
+    // slot (q_cap = out), out / q_cap times it otherwise. Which slots are mini only the device
+    // knows (periods), so it is allocated for every bank.
+    const at::Tensor wide = at::empty({slots, r_cap, grad.size(1)}, grad_bank.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(std::max<int64_t>(grid_y, 1)),
+                    static_cast<unsigned>(grid_z));
     bank_grad_bank_kernel<g_t, a_t><<<grid, kThreads, 0, stream>>>(
         grad.const_data_ptr<g_t>(), s.const_data_ptr<a_t>(), ranks.const_data_ptr<int64_t>(),
         periods.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
-        grad.size(1), s.size(1), r_cap, q_cap, per_row_fold, grad_bank.mutable_data_ptr<a_t>());
+        grad.size(1), s.size(1), r_cap, q_cap, per_row_fold, grad_bank.mutable_data_ptr<a_t>(),
+        wide.mutable_data_ptr<acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bank_fold_wide_kernel<acc, a_t><<<blocks_for((slots * r_cap * q_cap + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        wide.const_data_ptr<acc>(), ranks.const_data_ptr<int64_t>(), periods.const_data_ptr<int64_t>(),
+        offsets.const_data_ptr<int64_t>(), slots, grad.size(1), r_cap, q_cap, grad_bank.mutable_data_ptr<a_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
