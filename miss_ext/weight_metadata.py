@@ -76,9 +76,27 @@ def _refusal(args, kwargs, what: str) -> str:
             f".base_layer.{name} for the frozen base's tensor")
 
 
+class _RefusedMethod:
+    """`layer.weight` of an adapted layer whose base exposes weight() as a method (torch.ao's
+    quantized linears): not a tensor, as the base's is not; calling it raises RuntimeError, as
+    computing with BaseTensorMetadata does."""
+
+    def __init__(self, where: str, name: str, kind: str):
+        self._where, self._name, self._kind = where, name, kind
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self._where}: .{self._name}() of an adapted layer is refused: its base layer's "
+                           f"{self._name} is a {self._kind}, and computing with it instead of calling the layer would "
+                           f"bypass the adapter. Call the layer, or use .base_layer.{self._name}()")
+
+    def __repr__(self) -> str:
+        return f"<refused {self._kind} .{self._name} of {self._where}; call .base_layer.{self._name}()>"
+
+
 def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, name: str) -> Optional[Tensor]:
     """layer.<name> (weight or bias) of an adapted layer with base `base_layer`: None where the base
-    has None (no bias, as nn.Linear reports it), else the base tensor's metadata. AttributeError
+    has None (no bias, as nn.Linear reports it), else the base tensor's metadata; a method there
+    (torch.ao's quantized linears) gives a stand-in that refuses to be called. AttributeError
     where the base has no such attribute."""
     if base_layer is None or not hasattr(base_layer, name):
         raise AttributeError(f"{where} has no {name!r} (its base layer has none)")
@@ -86,6 +104,13 @@ def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, nam
     if base is None:
         return None
     if not isinstance(base, Tensor):
+        if callable(base):
+            # torch.ao's quantized linears expose weight() / bias() as methods. Model code asks
+            # `isinstance(self.wo.weight, torch.Tensor)` before it casts to the weight's dtype
+            # (transformers' T5 family), which works on the quantized base and must work here too
+            # (an AttributeError made such a T5 crash at its first forward, where PEFT runs).
+            # Calling it would hand out the base weight and bypass the adapter: refused.
+            return _RefusedMethod(where, name, type(base).__name__)
         raise AttributeError(f"{where} has no {name!r}: its base layer's is a {type(base).__name__}, not a tensor; "
                              f"read .base_layer.{name}")
     if torch.compiler.is_compiling():
