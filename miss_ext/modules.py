@@ -706,6 +706,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         base_layer.requires_grad_(False)
         self.in_features = in_features
         self.out_features = out_features
+        # The base weight's (out, in) the block was made for: in_features/out_features are public
+        # and others set them (transformers' resize_token_embeddings sets an lm_head's out_features).
+        self._made_for = (out_features, in_features)
         self.r = r
         self.mode = mode
         self.mini_r = shape[1] if mode == "mini" else out_features
@@ -784,6 +787,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         fused = self._script_fused
         if not torch.jit.is_scripting():
             fused = self._fused()
+            if fused:
+                self._check_base_shape()
         if self.mode == "bat":
             if not fused:
                 raise RuntimeError("bat mode needs a plain nn.Linear base, and the base layer now has hooks, a "
@@ -821,6 +826,18 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if y.dtype != x.dtype:
             y = y.to(torch.promote_types(y.dtype, term.dtype))
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
+
+    @torch.jit.unused
+    def _check_base_shape(self) -> None:
+        # A base weight resized after the adapter was added (transformers' resize_token_embeddings
+        # re-ties an adapted lm_head to the new embedding) no longer fits the block: the op would
+        # read the block's width as a mini_r and name a mode the layer does not have.
+        shape, made_for = tuple(self.base_layer.weight.shape), self.__dict__.get("_made_for")
+        if made_for is not None and shape != made_for:
+            raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was made for "
+                             f"{made_for} (out_features, in_features): the base was resized or replaced after the "
+                             "adapter was added (resize_token_embeddings?). Add the adapter after resizing, or "
+                             "restore the base's size")
 
     def _describe(self) -> str:
         where = self.__dict__.get("_layer_path")

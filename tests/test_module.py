@@ -277,6 +277,24 @@ def test_block_gradient_has_the_parameters_strides(device, mode, r, mini_r, out)
     assert m.miss_block.grad.stride() == m.miss_block.stride()
 
 
+@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+def test_a_base_resized_after_the_adapter_is_refused_by_name(mode):
+    """transformers' resize_token_embeddings re-ties an adapted lm_head's base weight to the resized
+    embedding and sets the layer's out_features: the op then read a default block's width as a
+    mini_r ("got mini_r=8 for out_features=12"). Now a ValueError names the base's new shape and
+    the one the adapter was made for; a base of the right size runs again."""
+    layer = MissLinear(nn.Linear(8, 8), r=4, mode=mode, mini_r=4)
+    x = torch.randn(3, 8)
+    old = layer.base_layer.weight
+    layer.base_layer.weight = nn.Parameter(torch.randn(12, 8), requires_grad=False)
+    layer.out_features = 12
+    with pytest.raises(ValueError, match=r"base layer's weight is now \(12, 8\), but the adapter was made for "
+                                         r"\(8, 8\).*resize_token_embeddings"):
+        layer(x)
+    layer.base_layer.weight = old
+    assert layer(x).shape == (3, 8)
+
+
 def test_merging_into_a_model_on_the_meta_device_is_refused_by_name():
     """A model built under torch.device("meta") has no weight values: merge_and_unload raised a
     bare "Tensor.item() cannot be called on meta tensors" with safe_merge (and "merged" nothing
