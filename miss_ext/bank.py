@@ -32,7 +32,7 @@ bake into the graph (and did, before).
 """
 import itertools
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
@@ -223,6 +223,38 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
     elif names and len(lead) == 1 and lead[0] > names:
         message += flattened_tokens_hint(x)
     raise ValueError(message)
+
+
+# transformers models whose layers see (sequence, batch, features) activations. Rows are matched to
+# sequences by x's first dimension, so a batch as long as its sequences passed every shape check
+# there and mixed rows up silently (a review of 2026-12-03: FSMT off by 0.37 where the adapter's
+# whole effect was 0.39).
+SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet")
+
+
+def sequence_first_reason(model: nn.Module, is_adapted: Callable[[nn.Module], bool]) -> Optional[str]:
+    """Why a mixed batch cannot route the rows of `model` (None when nothing says so): it is (or
+    holds) a transformers model of SEQUENCE_FIRST_MODEL_TYPES, or an adapted layer (is_adapted)
+    sits in a torch nn.TransformerEncoderLayer / DecoderLayer built with batch_first=False. A
+    sequence-first layout in other code cannot be seen."""
+    for module in model.modules():
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
+            return f"it holds a {type(module).__name__} (model_type {model_type!r})"
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
+                not module.self_attn.batch_first and any(is_adapted(m) for m in module.modules()):
+            return f"it holds a {type(module).__name__} built with batch_first=False"
+    return None
+
+
+def refuse_sequence_first(model: nn.Module, is_adapted: Callable[[nn.Module], bool], where: str) -> None:
+    """ValueError when sequence_first_reason finds a reason, before anything changes."""
+    why = sequence_first_reason(model, is_adapted)
+    if why is not None:
+        raise ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, and {why}, "
+                         "whose layers see (sequence, batch, features): rows cannot be matched to sequences (with as "
+                         "many sequences as tokens every shape check passes and rows get other adapters, silently). "
+                         "Give every row the same adapter in a call instead")
 
 
 def flattened_tokens_hint(x: Tensor) -> str:

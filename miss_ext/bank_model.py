@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, warn_non_finite, write_adapter,
                             KEY_PREFIX)
-from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device
+from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device, refuse_sequence_first
 from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_offloaded, unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
@@ -464,7 +464,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
 
     Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
     too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
-    use it.
+    use it: ValueError for the sequence-first ones it can recognise (transformers' FSMT and XLNet,
+    torch's transformer layers with batch_first=False) when the names differ.
 
     ValueError names an adapter not in the bank, or a model without bank layers; a layer whose
     input has another number of sequences raises ValueError when called. TypeError for
@@ -483,6 +484,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     # The names are resolved to slots and the ids set under the lock that slot changes take, so
     # no slot changes in between (a removed adapter's slot taken by another would get its rows).
+    if len(set(adapter_names)) > 1:  # one name for every row routes right in any layout
+        refuse_sequence_first(model, lambda m: isinstance(m, MissBankLinear), "mixed_batch")
     with _BANK_LOCK:
         layers = _layers(model, "mixed_batch")
         busy = [path for path, layer in layers if layer.rows is not None]

@@ -1,6 +1,9 @@
 """`MissLinear`: a frozen nn.Linear plus one trainable MiSS block, run on `torch.ops.miss`."""
+import functools
+import inspect
 import json
 import math
+import re
 import warnings
 from typing import Callable, Iterable, List, Optional, Tuple
 
@@ -257,6 +260,29 @@ WEIGHT_READING_PARENTS = (nn.MultiheadAttention,)
 # it, taken only when every such tensor is a plain tensor (nn.TransformerEncoderLayer; its slow
 # path calls the children). An adapted layer's .weight metadata (a tensor subclass) turns it off.
 FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
+
+
+def parent_reads_child_tensors(parent: nn.Module, child: str) -> bool:
+    """Whether the code of `parent`'s class (its own and its bases', torch.nn.Module's excepted)
+    mentions `self.<child>.weight` or `self.<child>.bias`: a parent that reads its child's tensors
+    itself, to describe them (T5's `self.wo.weight.dtype`) or to compute with them instead of
+    calling the child (MobileBERT's LM head, WavLM's and nn.MultiheadAttention's attention, Mamba's
+    dt_proj). False where no source is available (a class defined in C or at run time)."""
+    pattern = re.compile(rf"\bself\.{re.escape(child)}\.(weight|bias)\b")
+    return any(pattern.search(source) for source in _class_sources(type(parent)))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_sources(cls: type) -> Tuple[str, ...]:
+    sources = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        try:
+            sources.append(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source file (C, run-time definitions, a zipped module)
+            pass
+    return tuple(sources)
 
 
 def is_dtensor(t: Optional[Tensor]) -> bool:

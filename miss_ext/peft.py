@@ -95,8 +95,9 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, autocast_mini_block, check_base_output,  # noqa: E402
                       check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
-                      load_merge_record, not_plain_reason, tensor_json, type_name)
-from .bank import BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index  # noqa: E402
+                      load_merge_record, not_plain_reason, parent_reads_child_tensors, tensor_json, type_name)
+from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, refuse_sequence_first,  # noqa: E402
+                   row_index)
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -285,6 +286,7 @@ class AcceleratedMissLinear(PeftMissLinear):
     # .weight and .bias then give the base tensors' metadata (as miss_ext.MissLinear always does),
     # a tensor subclass that turns that fast path off, so the parent calls the layer.
     _base_tensors_as_metadata = False
+    _metadata_where = "AcceleratedMissLinear"  # with the layer's path where accelerate sets the flag
 
     @property
     def weight(self) -> Tensor:
@@ -292,14 +294,14 @@ class AcceleratedMissLinear(PeftMissLinear):
         (nn.TransformerEncoderLayer), its metadata only (dtype, device, shape; computing with it
         raises RuntimeError), so the parent calls the layer."""
         if self._base_tensors_as_metadata:
-            return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "weight")
+            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "weight")
         return super().weight
 
     @property
     def bias(self) -> Optional[Tensor]:
         """As `weight`, for the base layer's bias (None without one)."""
         if self._base_tensors_as_metadata:
-            return base_tensor_attribute(self.get_base_layer(), type(self).__name__, "bias")
+            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "bias")
         return super().bias
 
     def __getstate__(self):
@@ -788,6 +790,8 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
+        if len(set(names)) > 1:  # one name for every row routes right in any layout
+            refuse_sequence_first(self.model, lambda m: isinstance(m, PeftMissLinear), where)
         for path, wrapper in wrappers:
             lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
             if lacking:
@@ -1089,7 +1093,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     Raises ValueError if the model has no PEFT MissLinear layer (accelerated or not). Also swaps
     PEFT's MissModel tuner (if the model holds one) to AcceleratedMissModel, and records which
     layers' base weights are shared with other modules (their merge is refused); calling it
-    again refreshes that record. UserWarning for adapters that never run (on
+    again refreshes that record. A layer whose parent's code reads its .weight/.bias gives their
+    metadata only (computing with it raises RuntimeError: it would bypass the adapter, which PEFT
+    does silently). UserWarning for adapters that never run (on
     nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers without their tuner
     (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
     (peft/tuners/miss); where they differ: the module docstring and docs/miss.md, last section."""
@@ -1106,8 +1112,18 @@ def accelerate(model: nn.Module) -> nn.Module:
                       stacklevel=2)
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
-        if isinstance(parents[path], FAST_PATH_PARENTS):
+        parent = parents[path]
+        # A parent whose code reads this layer's weight or bias gets their metadata there (as
+        # MissLinear always gives): describing reads (T5's dtype cast) work, the fast path of
+        # nn.TransformerEncoderLayer turns off, and a parent computing with the tensor instead of
+        # calling the layer (MobileBERT's LM head, WavLM's attention) raises RuntimeError, where
+        # PEFT's layers hand out the base weight and the adapter silently does nothing (and
+        # merge_and_unload then changed the outputs). nn.MultiheadAttention keeps the warning above.
+        if isinstance(parent, FAST_PATH_PARENTS) or (
+                parent is not None and not isinstance(parent, WEIGHT_READING_PARENTS)
+                and parent_reads_child_tensors(parent, path.rpartition(".")[2])):
             layer._base_tensors_as_metadata = True
+            layer._metadata_where = f"{type(layer).__name__} at {path!r}"
     tuners = _miss_layers(model, MissModel)
     for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
@@ -1129,6 +1145,7 @@ def restore(model: nn.Module) -> nn.Module:
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
         layer.__dict__.pop("_base_tensors_as_metadata", None)
+        layer.__dict__.pop("_metadata_where", None)
     for tuner in _miss_layers(model, AcceleratedMissModel):
         tuner.__class__ = MissModel
     return model

@@ -1020,6 +1020,59 @@ def test_adapters_that_multihead_attention_never_runs_are_named():
         accelerate(model)
 
 
+class _HeadReadingDenseWeight(torch.nn.Module):
+    """MobileBERT's LM head in small: computes with its child's weight instead of calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = torch.nn.Linear(8, 12)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x @ torch.cat([self.proj(x).new_ones(8, 4), self.dense.weight.t()], dim=1)
+
+
+class _CastToDenseDtype(torch.nn.Module):
+    """T5's feed-forward in small: reads its child's weight to describe it, then calls the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.wo = torch.nn.Linear(8, 12)
+
+    def forward(self, x):
+        if isinstance(self.wo.weight, torch.Tensor) and x.dtype != self.wo.weight.dtype:
+            x = x.to(self.wo.weight.dtype)
+        return self.wo(x)
+
+
+def test_a_parent_computing_with_an_adapted_layers_weight_is_refused_by_name():
+    """A parent that computes with an adapted child's .weight instead of calling it (MobileBERT's LM
+    head, WavLM's attention; found on 2026-12-03) bypasses the adapter: PEFT's layer hands out the
+    base weight, the adapter silently does nothing, and merge_and_unload then changed the outputs
+    (3.02 on a tiny MobileBERT). accelerate now gives such a layer the weight's metadata (as
+    MissLinear), so the parent's computation raises RuntimeError naming the layer; a parent that
+    only describes the weight (T5's dtype cast) keeps working and matches PEFT; the other layers
+    keep PEFT's real weight; restore() gives PEFT's behaviour back."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    head = get_peft_model(_HeadReadingDenseWeight(), MissConfig(r=4, target_modules=["dense", "proj"], init_weights=False))
+    head(x)  # PEFT: runs, the adapter on dense silently does nothing
+    accelerate(head)
+    with pytest.raises(RuntimeError, match=r"AcceleratedMissLinear at 'base_model\.model\.dense': \.weight gives the "
+                                           r"base layer's weight dtype, device and shape only.*bypass the adapter"):
+        head(x)
+    assert isinstance(head.base_model.model.proj.weight, torch.nn.Parameter)  # its parent never reads it
+    restore(head)
+    head(x)
+
+    cast = get_peft_model(_CastToDenseDtype(), MissConfig(r=4, target_modules=["wo"], init_weights=False))
+    want = cast(x.double().float())
+    accelerate(cast)
+    assert type(cast.base_model.model.wo.weight).__name__ == "BaseTensorMetadata"
+    torch.testing.assert_close(cast(x), want, rtol=1e-6, atol=1e-6)
+
+
 def test_merge_and_unload_of_an_unmerged_model_says_nothing():
     """merge_and_unload merges every adapter first, then PEFT's unload runs; PEFT 0.21 then warned
     "All adapters are already merged, nothing to do." (twice), which plain PEFT does not say."""

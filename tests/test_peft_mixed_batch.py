@@ -576,3 +576,50 @@ def test_an_input_passed_again_with_names_is_recorded_once():
         del x, y
         layer(torch.randn(2, 3, 16))  # a call without names drops the dead entries
         assert len(layer.__dict__["_inputs_with_names"]) == 0
+
+
+def _tiny_fsmt():
+    import transformers
+    config = transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(0)
+    return transformers.FSMTForConditionalGeneration(config).double().eval()
+
+
+def test_sequence_first_models_refuse_rows_with_different_adapters(tmp_path):
+    """FSMT's layers see (sequence, batch, features): rows are matched by x's first dimension, so with
+    as many sequences as tokens both PEFT's adapter_names= and mixed_batch passed every shape check
+    and gave rows other adapters (row "a" off by 0.37 where the adapter's effect was 0.39; a review
+    of 2026-12-03). Now different names raise ValueError naming the model; one name for every row
+    (which routes right in any layout) still matches that adapter alone."""
+    base = _tiny_fsmt()
+    ids, dec = torch.randint(3, 64, (3, 3)), torch.randint(3, 64, (3, 3))
+    peft = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["fc1", "fc2"], init_weights=False),
+                          adapter_name="a")
+    with torch.no_grad():
+        want_a = peft(input_ids=ids, decoder_input_ids=dec).logits
+    fast = miss_ext.peft.accelerate(copy.deepcopy(peft))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"forward/generate: mixed batches.*FSMTForConditionalGeneration "
+                                                          r"\(model_type 'fsmt'\).*\(sequence, batch, features\)"):
+        fast(input_ids=ids, decoder_input_ids=dec, adapter_names=["a", "__base__", "__base__"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, decoder_input_ids=dec, adapter_names=["a"] * 3).logits, want_a)
+    peft.save_pretrained(tmp_path)
+    server = miss_ext.load_bank(copy.deepcopy(base), {"a": str(tmp_path / "a")})
+    with pytest.raises(ValueError, match=r"mixed_batch: .*model_type 'fsmt'"):
+        with miss_ext.mixed_batch(server, ["a", None, None]):
+            pass
+    with torch.no_grad(), miss_ext.mixed_batch(server, ["a"] * 3):
+        torch.testing.assert_close(server(input_ids=ids, decoder_input_ids=dec).logits, want_a)
+
+
+def test_torch_transformer_layers_built_sequence_first_refuse_mixed_rows():
+    """nn.TransformerEncoderLayer(batch_first=False) feeds its linears (sequence, batch, features)."""
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+    model = miss_ext.peft.accelerate(get_peft_model(layer, MissConfig(r=4, target_modules=["linear1"])))
+    with pytest.raises(ValueError, match="TransformerEncoderLayer built with batch_first=False"):
+        model(torch.randn(2, 2, 16), adapter_names=["default", "__base__"])
+    assert model(torch.randn(2, 2, 16), adapter_names=["default", "default"]).shape == (2, 2, 16)

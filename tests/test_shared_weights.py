@@ -356,16 +356,17 @@ def test_a_parent_reading_weight_fails_clearly_on_ours_and_bypasses_peft():
     assert isinstance(ours.proj, MissLinear)
     with pytest.raises(RuntimeError, match=r"proj'?: \.weight gives the base layer's.*bypass the adapter"):
         ours(x)  # ours: an error, never a silent bypass (the weight's metadata only: weight_metadata.py)
-    # PEFT's layer exposes the base weight, so such a parent silently bypasses the adapter; the
-    # accelerated layer is a PEFT layer and does the same as PEFT.
+    # PEFT's layer exposes the base weight, so such a parent silently bypasses the adapter. The
+    # accelerated layer did the same until 2026-12-03; now accelerate sees the parent's code name
+    # self.proj.weight and the layer gives its metadata, so the bypass raises as ours does.
     base = ReadsWeight()
     expected = base(x)
     plain = get_peft_model(copy.deepcopy(base), MissConfig(r=2, target_modules=["proj"], init_weights=False))
+    torch.testing.assert_close(plain(x), expected, **TOL)
+    assert not torch.allclose(plain.base_model.model.proj(x), expected, atol=1e-3)  # the adapter is not a no-op
     fast = miss_ext.peft.accelerate(copy.deepcopy(plain))
-    for model in (plain, fast):
-        torch.testing.assert_close(model(x), expected, **TOL)
-        layer = model.base_model.model.proj
-        assert not torch.allclose(layer(x), expected, atol=1e-3)  # the adapter itself is not a no-op
+    with pytest.raises(RuntimeError, match=r"at 'base_model\.model\.proj': \.weight gives the base layer's.*bypass"):
+        fast(x)
 
 
 def test_weights_that_only_share_memory_are_shared_too():
