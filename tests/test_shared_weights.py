@@ -415,3 +415,34 @@ def test_setup_warnings_turned_into_errors_leave_the_model_as_it_was(base, tmp_p
                 call(model)
         assert_unchanged(model, snap)
         assert not any(isinstance(m, MissLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_the_layers_own_merge_of_a_tied_head_is_refused_and_changes_nothing(base, safe_merge):
+    """MissLinear.merge itself, not only merge_and_unload (which re-checks the model), refuses a
+    shared base weight: the write would change model.embed_tokens too."""
+    model, _ = adapted_head(base)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=SHARED):
+        model.lm_head.merge(safe_merge=safe_merge)
+    assert_unchanged(model, snap)
+    assert not model.lm_head.merged
+
+
+def test_a_layer_tied_after_its_merge_can_still_be_unmerged(base):
+    """An unmerge restores the other holders too, so it is allowed on a shared weight (refusing it
+    would leave the user stuck with a merged layer): untie, merge, tie again, unmerge."""
+    model, _ = adapted_head(base)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    head = model.lm_head.base_layer
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    miss_ext.model.record_shared_weights(model)  # the docstring's "call it again after untying"
+    assert model.lm_head._shared_with == []
+    model.lm_head.merge()
+    assert not torch.equal(head.weight, embeddings)
+    model.model.embed_tokens.weight = head.weight  # tied again, to the merged weight
+    miss_ext.model.record_shared_weights(model)
+    assert model.lm_head._shared_with == ["model.embed_tokens.weight"]
+    model.lm_head.unmerge()
+    assert not model.lm_head.merged
+    torch.testing.assert_close(model.model.embed_tokens.weight, embeddings, **TOL)
