@@ -597,3 +597,40 @@ def test_under_autocast_the_adapter_term_stays_float32(device, rounded, mode):
     assert torch.equal(got[[1, 4]], plain[[1, 4]].float())
     gap = (bf16_product[rows].double() - want[rows].double()).abs().max().item()
     assert gap > 5 * tol, f"the inputs do not tell the policies apart: {gap:.3g} vs tolerance {tol:.3g}"
+
+
+def test_r_up_to_max_r_is_taken_and_one_more_is_refused():
+    """The boundary of max_r: an adapter of r = max_r + 1 would pass the check and leave a slot whose
+    rank bank_fold refuses at every later forward."""
+    base, bank, singles = make("cpu", capacity=6)
+    with pytest.raises(ValueError, match=rf"r={MAX_R + 1} > max_r={MAX_R}"):
+        bank.add_adapter("z", MAX_R + 1)
+    assert "z" not in bank.adapter_names
+    bank.add_adapter("z", MAX_R)
+    assert bank.block("z").shape == (MAX_R, OUT)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_precision_bank_folds_and_sums_in_float32(dtype):
+    """README, "Precision": a bank cast to half precision (a whole model cast to bf16) is used in
+    float32, the fold and the term summed in float32 and rounded once. The input is built so that
+    the fold rounded to `dtype` loses the answer: row 0 folds to S = (s + 6, -s, 0) with s = 16 / eps,
+    which `dtype` rounds to (s, -s, 0); with block rows 0 and 1 equal to m, the term is 6 m in
+    float32 and 0 after that rounding. The base is zero, so the output is the term alone."""
+    base = nn.Linear(6, 4)
+    with torch.no_grad():
+        base.weight.zero_()
+        base.bias.zero_()
+    bank = MissBankLinear(base, capacity=2, max_r=3)
+    m = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    bank.add_adapter("a", 3, block=torch.stack([m, m, torch.zeros(4)]))
+    bank = bank.to(dtype).eval()
+    assert bank.bank.dtype == dtype
+    s = 16.0 / torch.finfo(dtype).eps
+    x = torch.tensor([[s, -s, 0.0, 6.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]], dtype=dtype)
+    want = torch.stack([6.0 * m, torch.zeros(4)]).to(dtype)
+    for grad in (False, True):  # the in-place and the differentiable path
+        with torch.set_grad_enabled(grad):
+            got = bank(x.clone().requires_grad_(grad), bank.index_of(["a", None]))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
