@@ -693,3 +693,9 @@ def test_apply_miss_keeps_an_eval_model_in_eval_mode():
         assert torch.equal(model(x), model(x))  # no adapter dropout in eval mode
     model.train()
     assert model[0].training
+
+
+def test_r_one_above_in_warns_about_its_one_dead_row():
+    """The boundary: r = in_features + 1 leaves exactly one block row without a gradient."""
+    with pytest.warns(UserWarning, match=r"r=9 > in_features=8: miss_block rows 8\.\.8 never receive a gradient"):
+        MissLinear(nn.Linear(8, 6), 9)
