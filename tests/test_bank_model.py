@@ -949,3 +949,27 @@ def test_an_ema_copy_with_buffers_of_an_unchanged_bank_model_equals_it(decay):
         with miss_ext.mixed_batch(ema.module, names):
             got = ema.module(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["add", "load", "remove"])
+def test_slot_changes_wait_for_the_bank_lock(folders, tmp_path, change):
+    """add_bank_adapter, load_bank_adapter and remove_bank_adapter change every layer's slots under
+    the bank lock that mixed_batch and the other slot changes take: two changes from different
+    threads would otherwise interleave over the layers (one layer giving a slot to one adapter,
+    the next layer to the other). While another thread holds the lock, the change waits."""
+    model = bank_model(folders, capacity=6)
+    miss_ext.save_bank_adapter(model, "bone", str(tmp_path / "bone"))
+    call = {"add": lambda: miss_ext.add_bank_adapter(model, "new", r=2),
+            "load": lambda: miss_ext.load_bank_adapter(model, "new", str(tmp_path / "bone")),
+            "remove": lambda: miss_ext.remove_bank_adapter(model, "bone")}[change]
+    before = miss_ext.bank_adapter_names(model)
+    done = []
+    with miss_ext.bank_model._BANK_LOCK:
+        worker = threading.Thread(target=lambda: done.append(call()))
+        worker.start()
+        worker.join(0.3)
+        assert not done, f"{change} ran while another thread held the bank lock"
+        assert miss_ext.bank_adapter_names(model) == before  # (the lock is reentrant for this thread)
+    worker.join(30)
+    assert len(done) == 1
+    assert miss_ext.bank_adapter_names(model) != before
