@@ -147,3 +147,20 @@ def test_broken_files_raise_value_error_naming_the_file_and_the_problem(saved, c
     with pytest.raises(ValueError, match=pattern):
         miss_ext.load_bank(model, {"a": saved})
     assert_unchanged(model, snap)
+
+
+def test_non_finite_blocks_are_refused_by_the_bank_too(saved):
+    """load_bank_adapter and load_bank check a file's blocks as load_adapter does: a NaN block would
+    make every output of the rows that name the adapter non-finite."""
+    blocks = load_file(saved / WEIGHTS)
+    key = sorted(blocks)[0]
+    blocks[key][0, 0] = float("nan")
+    save_file(blocks, saved / WEIGHTS)
+    model = miss_ext.apply_bank(_model(), ["0", "2"], capacity=2, max_r=4)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"the block is not floating point or holds NaN/inf"):
+        miss_ext.load_bank_adapter(model, "x", str(saved))
+    assert_unchanged(model, snap)
+    assert miss_ext.bank_adapter_names(model) == []
+    with pytest.raises(ValueError, match=r"the block is not floating point or holds NaN/inf"):
+        miss_ext.load_bank(_model(), {"x": str(saved)})
