@@ -17,7 +17,7 @@ from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 
 import miss_ext  # noqa: E402
 from miss_ext.peft import AcceleratedMissLinear, accelerate, is_accelerated, restore  # noqa: E402
-from reference import bat_weight_ref, fold_ref, tile_block  # noqa: E402
+from reference import bat_weight_ref, fold_ref, philox_mask, tile_block  # noqa: E402
 from tiny_models import ARCHS, MINI_R, PEFT_INIT, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402,E501
 
 MODES = ["default", "mini", "bat"]
@@ -1084,3 +1084,39 @@ def test_merge_and_unload_of_an_unmerged_model_says_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.merge_and_unload()
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain_base", "hooked_base"])
+def test_dropout_of_terms_added_one_by_one_uses_each_adapters_mask(base, hooked):
+    """Where the default/mini terms are added one by one (several active adapters on a plain base, or
+    adapters of different modes on a base that is not plain), each adapter's dropout applies in
+    training with a key of its own, drawn in the active order: the output equals the float64
+    formula with the documented Philox masks of those keys (a dropped dropout passed the other
+    tests, which use dropout with one active adapter only)."""
+    p = 0.3
+    model = peft_model(base, "default", adapter_name="a0", dropout=p)
+    model.add_adapter("a1", MissConfig(r=R, mini_r=MINI_R, target_modules=TARGETS, init_weights=PEFT_INIT["mini"],
+                                       miss_dropout=p))
+    randomize_blocks(model, seed=11)
+    model.base_model.set_adapter(["a0", "a1"])
+    accelerate(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda *args: None)
+    assert layer._fast_path() is not hooked
+    model.train()
+    x = torch.randn(4, layer.in_features, dtype=torch.float64)
+    torch.manual_seed(5)
+    got = layer(x)
+    torch.manual_seed(5)
+    keys = [miss_ext.new_dropout_key() for _ in range(2)]
+    want = x @ layer.base_layer.weight.t()
+    if layer.base_layer.bias is not None:
+        want = want + layer.base_layer.bias
+    for name, key in zip(["a0", "a1"], keys):
+        mask = philox_mask(int(key[0]), int(key[1]), x.shape[0], layer.in_features, p)
+        block = layer.miss_block[name]
+        want = want + fold_ref(x, block.shape[0], mask, p) @ tile_block(block.to(torch.float64), layer.out_features)
+    torch.testing.assert_close(got, want, **TOL)
+    model.eval()
+    assert not torch.allclose(layer(x), got)
