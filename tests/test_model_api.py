@@ -1037,3 +1037,39 @@ def test_threads_saving_into_one_folder_do_not_collide(tmp_path):
     assert errors == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8)), str(tmp_path))
+
+
+def test_load_adapter_makes_new_layers_in_the_models_mode(base, tmp_path):
+    """New layers take the training flag of the module they replace: into an eval model (PEFT's
+    from_pretrained returns one) a file trained with dropout gives PEFT's deterministic logits, with
+    no dropout at inference; into a model in training mode the new layers train with the dropout."""
+    miss_ext.save_adapter(ours(base, "default", dropout=0.25), tmp_path)
+    model = miss_ext.load_adapter(copy.deepcopy(base).eval(), tmp_path)
+    assert not any(layer.training for _, layer in miss_ext.miss_layers(model))
+    ids = tokens()
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(model(ids).logits, peft(ids).logits, **TOL)
+    trained = miss_ext.load_adapter(copy.deepcopy(base).train(), tmp_path)
+    assert all(layer.training for _, layer in miss_ext.miss_layers(trained))
+
+
+def test_load_adapter_of_r_one_above_in_warns(tmp_path):
+    """The boundary of the r > in_features warning at load: r = in + 1 has one dead block row."""
+    model = nn.Sequential(nn.Linear(4, 6, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="dead weight"):
+        miss_ext.apply_miss(model, ["0"], r=5, init_weights=False)
+    miss_ext.save_adapter(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"adapter r=5 exceeds in_features of 0: those block rows are dead weight"):
+        miss_ext.load_adapter(nn.Sequential(nn.Linear(4, 6, dtype=torch.float64)), tmp_path)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_export_keeps_the_adapters_dropout(base, tmp_path, dropout):
+    """MiSS dropout on the adapter input is LoRA's lora_dropout (miss_ext/lora.py): the exported
+    config carries it, so training the LoRA further keeps the regularisation."""
+    miss_ext.export_lora(ours(base, "default", dropout=dropout), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == dropout
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    layer = lora.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert getattr(layer.lora_dropout["default"], "p", 0.0) == dropout
