@@ -568,3 +568,18 @@ def test_bank_fold_edge_cases_under_transforms():
     with pytest.raises(NotImplementedError, match="vmap over the ranks"):
         vmap(lambda r: ops.bank_fold(x.detach(), index, r, 10))(torch.stack([ranks, ranks]))
 
+
+
+def test_bank_fold_refuses_a_used_rate_outside_0_1_under_transforms():
+    """As the op: a dropout rate outside [0, 1] of a slot some row uses is refused, naming it, under
+    torch.func too (the composite's keep factors leave such a rate out: that slot's rows would
+    train without dropout, silently)."""
+    x, index, ranks = torch.randn(5, 10, dtype=F64), torch.tensor([0, 1, -1, 1, 0]), torch.tensor([3, 9, 0])
+    key = miss_ext.new_dropout_key()
+    for bad in (1.5, -0.25):
+        rates = torch.tensor([0.2, bad, 0.0], dtype=F64)
+        message = rf"bank_fold dropouts\[1\]={bad} \(used by row 1\)"
+        with pytest.raises(ValueError, match=message):
+            ops.bank_fold(x, index, ranks, 10, rates, key)
+        with pytest.raises(ValueError, match=message):
+            grad(lambda t: ops.bank_fold(t, index, ranks, 10, rates, key).sum())(x)
