@@ -453,3 +453,21 @@ def test_bank_add_traces_on_fake_cuda():
                 torch.empty(5, dtype=torch.int64, device="cuda"))
         ep = torch.export.export(Mixed(), args, strict=False)
     assert any(str(n.target) == "miss.bank_add.default" for n in ep.graph.nodes)
+
+
+def test_the_python_bank_add_wrappers_pass_per_row_fold_on():
+    """miss_ext.ops.bank_add / bank_add_ hand per_row_fold to the op: without it, a rank that does not
+    divide the fold width R is refused (a fold at R cannot give the fold at that rank, so the term
+    would be wrong); with it the same call is taken."""
+    from miss_ext import ops as wrappers
+
+    y, bank = torch.zeros(2, 6), torch.randn(1, 3, 6)
+    ranks, periods, index = torch.tensor([3]), torch.tensor([6]), torch.tensor([0, 0])
+    s = torch.randn(2, 4)  # R = 4: rank 3 does not divide it
+    for call in (wrappers.bank_add, wrappers.bank_add_):
+        with pytest.raises(ValueError, match=r"ranks\[0\]=3 .*does not divide"):
+            call(y.clone(), s, bank, ranks, periods, index)
+    out = wrappers.bank_add(y, s, bank, ranks, periods, index, per_row_fold=True)
+    inplace = y.clone()
+    wrappers.bank_add_(inplace, s, bank, ranks, periods, index, per_row_fold=True)
+    torch.testing.assert_close(out, inplace, rtol=0, atol=0)

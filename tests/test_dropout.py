@@ -417,3 +417,13 @@ def test_dropout_saves_no_input_sized_tensor():
     m.base_layer.weight.requires_grad_(True)
     _, saved = _saved_tensors(m, rand(T, in_f, requires_grad=True))
     assert T * in_f in [n for _, n, _ in saved]
+
+
+def test_new_dropout_keys_are_drawn_from_the_whole_62_bit_range():
+    """Each call draws a fresh [seed, offset] uniformly below 2^62 (ops.new_dropout_key): a narrow
+    range would repeat keys, and with them the masks, across training steps."""
+    keys = torch.stack([miss_ext.new_dropout_key() for _ in range(64)])
+    assert keys.dtype == torch.int64 and keys.shape == (64, 2)
+    assert len({tuple(k) for k in keys.tolist()}) == 64
+    assert int(keys.min()) >= 0 and int(keys.max()) < 2**62
+    assert int(keys.max()) >= 2**60  # fails by chance with probability 4^-128
