@@ -116,6 +116,14 @@ def rank_main(rank, world_size, folder):
                        if p.requires_grad and isinstance(p.grad, DTensor) and p.placements[0].is_replicate()}
         out[name] = dict(logits=logits, grads=grads, after=after, placements=placements, local_grads=local_grads,
                          gather_warnings=gather_warnings)
+        if dropout > 0:  # eval mode: no dropout, so the output does not depend on the random stream
+            with torch.no_grad():
+                model.eval()
+                evals = []
+                for seed in (1, 2):
+                    torch.manual_seed(seed)
+                    evals.append(model(tokens()).logits)
+            out[name]["eval_seed_gap"] = (evals[0] - evals[1]).abs().max().item()
         if name in ("default", "bat"):  # save_adapter gathers sharded blocks (every rank calls it, rank 0 writes)
             out[name]["saved"] = save_and_read(model, folder, name, rank)
             # load_adapter into a parallelized model: each rank takes its shard of the file's blocks.
@@ -372,6 +380,14 @@ def test_dropout_changes_the_output(reference):
     # the dropout configurations really drop (so their comparison checks the mask's indexing)
     assert not torch.allclose(reference["dropout"][0], reference["default"][0])
     assert not torch.allclose(reference["mini_dropout"][0], reference["mini"][0])
+
+
+def test_eval_mode_has_no_dropout(ranks):
+    """A sharded layer with dropout, in eval mode, gives the same output whatever the random stream
+    (tp_forward drops only in training, as MissLinear)."""
+    for result in ranks:
+        for name in ("dropout", "mini_dropout"):
+            assert result[name]["eval_seed_gap"] == 0.0, name
 
 
 def test_block_placements(ranks):
