@@ -71,7 +71,7 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, wraps
 from typing import Dict, List, Optional
 
 import torch
@@ -751,11 +751,37 @@ def record_accelerated_sharing(root: nn.Module) -> Dict[str, List[str]]:
     return record_sharing(root, [(layer, layer.get_base_layer()) for layer in _miss_layers(root, AcceleratedMissLinear)])
 
 
+def _with_adapter_names(tuner: "AcceleratedMissModel", method):
+    """`method` of the tuner's base model, taking PEFT's adapter_names= as PeftModel.forward does."""
+
+    @wraps(method)
+    def call(*args, **kwargs):
+        if "adapter_names" not in kwargs:
+            return method(*args, **kwargs)
+        with tuner._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs.pop("adapter_names")
+            return method(*args, **kwargs)
+
+    return call
+
+
 class AcceleratedMissModel(MissModel):
     """PEFT's MissModel (the tuner inside a PeftModel) that refuses what PEFT 0.21 would accept
     and ignore or get wrong: per-row arguments, merges into shared weights (checked for the
     whole model before any layer changes), and merges naming no adapter of the model. Never
     constructed: `accelerate` swaps the class."""
+
+    def __getattr__(self, name: str):
+        # PEFT's: attributes it lacks come from the base model (PeftModel's come from here). A
+        # method of the base model reached this way (CLIP's get_text_features, say) took
+        # adapter_names= and passed it into the base model's **kwargs, where it was ignored: every
+        # row ran the active adapter, silently (2.49 off for a "__base__" row; a review of
+        # 2026-12-03, PEFT's LoRA does the same). Such a method now runs a call with
+        # adapter_names= as forward does, the names reaching the layers for the call.
+        value = super().__getattr__(name)
+        if inspect.ismethod(value) and not name.startswith("_") and value.__self__ is self.__dict__["_modules"].get("model"):
+            return _with_adapter_names(self, value)
+        return value
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

@@ -623,3 +623,36 @@ def test_torch_transformer_layers_built_sequence_first_refuse_mixed_rows():
     with pytest.raises(ValueError, match="TransformerEncoderLayer built with batch_first=False"):
         model(torch.randn(2, 2, 16), adapter_names=["default", "__base__"])
     assert model(torch.randn(2, 2, 16), adapter_names=["default", "default"]).shape == (2, 2, 16)
+
+
+def test_base_model_methods_reached_through_the_peft_model_take_adapter_names():
+    """PeftModel hands attributes it lacks to the base model: CLIP's get_text_features took
+    adapter_names= into its **kwargs and ignored it, every row running the active adapter (a
+    "__base__" row 2.49 off the base; a review of 2026-12-03; PEFT's LoRA does the same). Such
+    methods now route the names to the layers as forward does."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                           image_size=16, patch_size=4), projection_dim=16)
+    base = transformers.CLIPModel(config).double().eval()
+    ids = torch.randint(3, 64, (3, 7))
+    peft = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["fc1", "fc2"], init_weights=False),
+                          adapter_name="a")
+
+    def features(model, **kwargs):
+        out = model.get_text_features(input_ids=ids, **kwargs)
+        return getattr(out, "pooler_output", out)  # a tensor in older transformers releases
+
+    with torch.no_grad():
+        want_a, want_base = features(peft), features(base)
+        assert (want_a - want_base).abs().max() > 0.05
+        fast = miss_ext.peft.accelerate(copy.deepcopy(peft))
+        got = features(fast, adapter_names=["a", "__base__", "a"])
+        torch.testing.assert_close(got[[0, 2]], want_a[[0, 2]])
+        torch.testing.assert_close(got[1], want_base[1])
+        torch.testing.assert_close(features(fast), want_a)
+        with pytest.raises(ValueError, match=r"adapter_names names adapter\(s\) no layer has: \['b'\]"):
+            features(fast, adapter_names=["b", "a", "a"])
