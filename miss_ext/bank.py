@@ -228,8 +228,9 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
 # transformers models whose layers see (sequence, batch, features) activations. Rows are matched to
 # sequences by x's first dimension, so a batch as long as its sequences passed every shape check
 # there and mixed rows up silently (a review of 2026-12-03: FSMT off by 0.37 where the adapter's
-# whole effect was 0.39).
-SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet")
+# whole effect was 0.39). Longformer's self-attention, and LED's encoder built on it, transpose to
+# (sequence, batch, features) before calling query/key/value.
+SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet", "longformer", "led")
 
 
 def sequence_first_reason(model: nn.Module, is_adapted: Callable[[nn.Module], bool]) -> Optional[str]:

@@ -464,8 +464,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
 
     Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
     too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
-    use it: ValueError for the sequence-first ones it can recognise (transformers' FSMT and XLNet,
-    torch's transformer layers with batch_first=False) when the names differ.
+    use it: ValueError for the sequence-first ones it can recognise (transformers' FSMT, XLNet,
+    Longformer and LED, torch's transformer layers with batch_first=False) when the names differ.
 
     ValueError names an adapter not in the bank, or a model without bank layers; a layer whose
     input has another number of sequences raises ValueError when called. TypeError for

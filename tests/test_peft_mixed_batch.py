@@ -656,3 +656,36 @@ def test_base_model_methods_reached_through_the_peft_model_take_adapter_names():
         torch.testing.assert_close(features(fast), want_a)
         with pytest.raises(ValueError, match=r"adapter_names names adapter\(s\) no layer has: \['b'\]"):
             features(fast, adapter_names=["b", "a", "a"])
+
+
+@pytest.mark.parametrize("arch", ["longformer", "led"])
+def test_longformer_attention_is_sequence_first_and_refuses_mixed_rows(arch):
+    """Longformer's self-attention (and LED's encoder, built on it) transposes to (sequence, batch,
+    features) before calling query/key/value: with as many sequences as (padded) tokens, rows got
+    other adapters silently (row "a" off by 0.096 where the adapter's whole effect was 0.099)."""
+    import transformers
+    torch.manual_seed(0)
+    if arch == "longformer":
+        config = transformers.LongformerConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, attention_window=4, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, pad_token_id=1)
+        base, targets = transformers.LongformerModel(config), ["query", "key", "value"]
+        kwargs = {}
+    else:
+        config = transformers.LEDConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, attention_window=4,
+            max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, dropout=0.0,
+            attention_dropout=0.0, pad_token_id=1)
+        base, targets = transformers.LEDModel(config), ["query", "key", "value"]
+        kwargs = {"decoder_input_ids": torch.randint(3, 64, (8, 3))}
+    base = base.double().eval()
+    peft = get_peft_model(base, MissConfig(r=4, target_modules=targets, init_weights=False), adapter_name="a")
+    fast = miss_ext.peft.accelerate(peft)
+    ids = torch.randint(3, 64, (8, 8))  # as many sequences as tokens: every shape check passes
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"mixed batches.*model_type '{arch}'"):
+        fast(input_ids=ids, adapter_names=["a"] + ["__base__"] * 7, **kwargs)
+    with torch.no_grad():
+        want = fast(input_ids=ids, **kwargs).last_hidden_state
+        torch.testing.assert_close(fast(input_ids=ids, adapter_names=["a"] * 8, **kwargs).last_hidden_state, want)
