@@ -71,7 +71,7 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from functools import partial, wraps
+from functools import partial, update_wrapper
 from typing import Dict, List, Optional
 
 import torch
@@ -751,18 +751,41 @@ def record_accelerated_sharing(root: nn.Module) -> Dict[str, List[str]]:
     return record_sharing(root, [(layer, layer.get_base_layer()) for layer in _miss_layers(root, AcceleratedMissLinear)])
 
 
-def _with_adapter_names(tuner: "AcceleratedMissModel", method):
-    """`method` of the tuner's base model, taking PEFT's adapter_names= as PeftModel.forward does."""
+class _WithAdapterNames:
+    """`method` of the tuner's base model, taking PEFT's adapter_names= as PeftModel.forward does.
+    Otherwise it stands for the bound method: equal to it (on every read), with its __self__ and
+    __func__, pickled as the attribute read again (a local function was none of these)."""
 
-    @wraps(method)
-    def call(*args, **kwargs):
+    def __init__(self, tuner: "AcceleratedMissModel", name: str, method):
+        self._tuner, self._name, self._method = tuner, name, method
+        update_wrapper(self, method)
+
+    def __call__(self, *args, **kwargs):
         if "adapter_names" not in kwargs:
-            return method(*args, **kwargs)
-        with tuner._enable_peft_forward_hooks(*args, **kwargs):
+            return self._method(*args, **kwargs)
+        with self._tuner._enable_peft_forward_hooks(*args, **kwargs):
             kwargs.pop("adapter_names")
-            return method(*args, **kwargs)
+            return self._method(*args, **kwargs)
 
-    return call
+    @property
+    def __self__(self):
+        return self._method.__self__
+
+    @property
+    def __func__(self):
+        return self._method.__func__
+
+    def __eq__(self, other) -> bool:
+        return self._method == (other._method if isinstance(other, _WithAdapterNames) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._method)
+
+    def __reduce__(self):
+        return getattr, (self._tuner, self._name)
+
+    def __repr__(self) -> str:
+        return f"<{self._method!r}, taking adapter_names=>"
 
 
 class AcceleratedMissModel(MissModel):
@@ -780,7 +803,7 @@ class AcceleratedMissModel(MissModel):
         # adapter_names= as forward does, the names reaching the layers for the call.
         value = super().__getattr__(name)
         if inspect.ismethod(value) and not name.startswith("_") and value.__self__ is self.__dict__["_modules"].get("model"):
-            return _with_adapter_names(self, value)
+            return _WithAdapterNames(self, name, value)
         return value
 
     @contextmanager

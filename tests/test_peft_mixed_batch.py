@@ -689,3 +689,18 @@ def test_longformer_attention_is_sequence_first_and_refuses_mixed_rows(arch):
     with torch.no_grad():
         want = fast(input_ids=ids, **kwargs).last_hidden_state
         torch.testing.assert_close(fast(input_ids=ids, adapter_names=["a"] * 8, **kwargs).last_hidden_state, want)
+
+
+def test_base_model_methods_reached_through_the_peft_model_stay_bound_methods_for_their_users():
+    """The adapter_names= wrapper of a base-model method reached through the PeftModel keeps what the
+    bound method gave: equal on every read, its __self__ / __func__, picklable (a local function
+    was none of these, where PEFT's bound method was)."""
+    import pickle
+    fast = miss_ext.peft.accelerate(get_peft_model(tiny_causal_lm("llama"), MissConfig(r=4, target_modules=["q_proj"])))
+    method = fast.get_output_embeddings
+    assert method == fast.get_output_embeddings and hash(method) == hash(fast.get_output_embeddings)
+    assert method.__self__ is fast.base_model.model
+    assert method.__func__ is type(fast.base_model.model).get_output_embeddings
+    assert method() is fast.base_model.model.lm_head
+    copy_of = pickle.loads(pickle.dumps(fast.get_output_embeddings))
+    assert isinstance(copy_of(), torch.nn.Linear)
