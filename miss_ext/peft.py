@@ -765,7 +765,9 @@ class _WithAdapterNames:
             return self._method(*args, **kwargs)
         with self._tuner._enable_peft_forward_hooks(*args, **kwargs):
             kwargs.pop("adapter_names")
-            return self._method(*args, **kwargs)
+            # Read again inside the call: the hooks patch the base model's generate (to repeat the
+            # names for its own generation_config), which the method read before would bypass.
+            return getattr(self._method.__self__, self._name)(*args, **kwargs)
 
     @property
     def __self__(self):

@@ -704,3 +704,18 @@ def test_base_model_methods_reached_through_the_peft_model_stay_bound_methods_fo
     assert method() is fast.base_model.model.lm_head
     copy_of = pickle.loads(pickle.dumps(fast.get_output_embeddings))
     assert isinstance(copy_of(), torch.nn.Linear)
+
+
+def test_a_base_model_generate_reached_through_the_tuner_repeats_names_for_the_models_generation_config():
+    """peft.base_model.generate(..., adapter_names=) runs the base model's generate through the
+    adapter_names= wrapper: the names are repeated for the model's own generation_config (num_beams
+    shipped with a checkpoint) as in PeftModel.generate (the wrapper called the generate it had read
+    before the call patched it: "adapter_names has 2 entries but the input has 4 sequences")."""
+    base = tiny_causal_lm("llama")
+    base.generation_config.num_beams = 2
+    no_eos(base)
+    fast = miss_ext.peft.accelerate(get_peft_model(base, MissConfig(r=4, target_modules=["q_proj"], init_weights=False),
+                                                   adapter_name="a"))
+    kwargs = dict(input_ids=tokens(batch=2, length=5), max_new_tokens=2, do_sample=False,
+                  adapter_names=["a", "__base__"])
+    torch.testing.assert_close(fast.base_model.generate(**kwargs), fast.generate(**kwargs), rtol=0, atol=0)
