@@ -270,6 +270,13 @@ def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
     return block.shape[1] == layer.out_features
 
 
+# What a refused computation with an accelerated layer's weight says to do: the computing code is
+# the model's (its parent's), which the user does not edit.
+_PARENT_HINT = ("The model's own code (this layer's parent) does so, so an adapter on this layer cannot run: leave "
+                "it out of target_modules (PEFT's layer hands out the base weight there and silently ignores the "
+                "adapter)")
+
+
 class AcceleratedMissLinear(PeftMissLinear):
     """PEFT's MissLinear with forward, merge and unmerge on `torch.ops.miss`. Never constructed:
     `accelerate` converts existing PEFT layers by swapping their class."""
@@ -294,14 +301,14 @@ class AcceleratedMissLinear(PeftMissLinear):
         (nn.TransformerEncoderLayer), its metadata only (dtype, device, shape; computing with it
         raises RuntimeError), so the parent calls the layer."""
         if self._base_tensors_as_metadata:
-            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "weight")
+            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "weight", True, _PARENT_HINT)
         return super().weight
 
     @property
     def bias(self) -> Optional[Tensor]:
         """As `weight`, for the base layer's bias (None without one)."""
         if self._base_tensors_as_metadata:
-            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "bias")
+            return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "bias", True, _PARENT_HINT)
         return super().bias
 
     def __getstate__(self):

@@ -28,6 +28,9 @@ _DESCRIBING = (
 )
 
 
+_DATA_GET = Tensor.data.__get__
+
+
 class BaseTensorMetadata(Tensor):
     """What `layer.weight` / `layer.bias` return for an adapted layer: isinstance of Tensor, with
     the base tensor's dtype, device, shape (and size(), dim(), numel(), ...); any other
@@ -35,7 +38,8 @@ class BaseTensorMetadata(Tensor):
     or the adapted output (call the layer)."""
 
     @staticmethod
-    def __new__(cls, base: Tensor, where: str, name: str) -> "BaseTensorMetadata":
+    def __new__(cls, base: Tensor, where: str, name: str, in_place_data: bool = False,
+                hint: str = "") -> "BaseTensorMetadata":
         if type(base) in (Tensor, torch.nn.Parameter):
             # An alias of the base's storage (no copy): paths below torch's Python layer that read
             # memory without asking the subclass (torch.utils.dlpack.to_dlpack) then see the
@@ -47,7 +51,11 @@ class BaseTensorMetadata(Tensor):
             # one and its device the rank's, as the DTensor reports them.
             meta = Tensor._make_wrapper_subclass(cls, base.shape, dtype=base.dtype, device=base.device,
                                                  layout=base.layout, requires_grad=False)
-        meta._where, meta._name = where, name
+        meta._where, meta._name, meta._hint = where, name, hint
+        # in_place_data: `.data` gives the base tensor's data (accelerated PEFT layers, whose parents
+        # may edit the weight in place and then call the layer: Gemma3n's AltUp clamps
+        # prediction_coefs.weight.data in training, as PEFT's layers let it).
+        meta._data_of = base if in_place_data else None
         return meta
 
     @classmethod
@@ -55,6 +63,8 @@ class BaseTensorMetadata(Tensor):
         if func in _DESCRIBING:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        if func == _DATA_GET and isinstance(args[0], BaseTensorMetadata) and args[0]._data_of is not None:
+            return args[0]._data_of.data
         raise RuntimeError(_refusal(args, kwargs, getattr(func, "__name__", str(func))))
 
     @classmethod
@@ -69,11 +79,11 @@ class BaseTensorMetadata(Tensor):
 
 def _refusal(args, kwargs, what: str) -> str:
     found = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, BaseTensorMetadata)]
-    where, name = (found[0]._where, found[0]._name) if found else ("an adapted layer", "weight")
+    where, name, hint = (found[0]._where, found[0]._name, found[0]._hint) if found else ("an adapted layer", "weight", "")
     return (f"{where}: .{name} gives the base layer's {name} dtype, device and shape only (as code such as "
             f"transformers' T5 reads them); {what} on it was refused, because computing with an adapted layer's "
-            f"{name} instead of calling the layer would bypass the adapter. Call the layer, or read "
-            f".base_layer.{name} for the frozen base's tensor")
+            f"{name} instead of calling the layer would bypass the adapter. "
+            + (hint or f"Call the layer, or read .base_layer.{name} for the frozen base's tensor"))
 
 
 class _RefusedMethod:
@@ -93,7 +103,8 @@ class _RefusedMethod:
         return f"<refused {self._kind} .{self._name} of {self._where}; call .base_layer.{self._name}()>"
 
 
-def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, name: str) -> Optional[Tensor]:
+def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, name: str, in_place_data: bool = False,
+                          hint: str = "") -> Optional[Tensor]:
     """layer.<name> (weight or bias) of an adapted layer with base `base_layer`: None where the base
     has None (no bias, as nn.Linear reports it), else the base tensor's metadata; a method there
     (torch.ao's quantized linears) gives a stand-in that refuses to be called. AttributeError
@@ -120,7 +131,7 @@ def base_tensor_attribute(base_layer: Optional[torch.nn.Module], where: str, nam
         # real tensors fails while tracing ("device meta"), so a bypass stays loud; its .device
         # reads meta there.
         return torch.empty(base.shape, dtype=base.dtype, device="meta")
-    return BaseTensorMetadata(base, where, name)
+    return BaseTensorMetadata(base, where, name, in_place_data, hint)
 
 
 def check_base_tensor_assignment(base_layer: Optional[torch.nn.Module], where: str, name: str, value) -> None:

@@ -1045,6 +1045,37 @@ class _CastToDenseDtype(torch.nn.Module):
         return self.wo(x)
 
 
+class _ClampsThenCalls(torch.nn.Module):
+    """Gemma3n's AltUp in small: edits its child's weight in place in training, then calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.coefs = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if self.training:
+            self.coefs.weight.data.clamp_(-0.1, 0.1)
+        return self.coefs(x)
+
+
+def test_a_parent_editing_the_weight_in_place_then_calling_the_layer_runs():
+    """Gemma3n's AltUp clamps prediction_coefs.weight.data in training and then calls the layer (the
+    adapter runs): its parent names the weight, so the layer gives metadata, whose .data refused
+    (a review of 2026-12-03). An accelerated layer's metadata gives the base tensor's .data, as
+    PEFT's layer does; the output and the clamped weight equal PEFT's."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    peft = get_peft_model(_ClampsThenCalls(), MissConfig(r=4, target_modules=["coefs"], init_weights=False)).train()
+    fast = accelerate(copy.deepcopy(peft)).train()
+    want, got = peft(x), fast(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(fast.base_model.model.coefs.base_layer.weight, peft.base_model.model.coefs.base_layer.weight)
+    assert fast.base_model.model.coefs.base_layer.weight.abs().max() <= 0.1
+    with pytest.raises(RuntimeError, match="leave it out of target_modules"):
+        fast.base_model.model.coefs.weight + 1  # computing with it is still refused
+
+
 def test_a_parent_computing_with_an_adapted_layers_weight_is_refused_by_name():
     """A parent that computes with an adapted child's .weight instead of calling it (MobileBERT's LM
     head, WavLM's attention; found on 2026-12-03) bypasses the adapter: PEFT's layer hands out the
