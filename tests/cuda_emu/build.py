@@ -29,12 +29,16 @@ SELFTEST = os.path.join(HERE, "selftest.cu")
 SANITIZE = ("alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero,vla-bound,bool,enum,builtin,"
             "pointer-overflow,return,unreachable")
 EMU_MAX_BLOCKS = 3
+EMU_BANK_WIDE_BYTES = 8192
 CFLAGS = ["-std=c++20", "-O1", "-g0", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
           f"-fsanitize={SANITIZE}", "-fsanitize-recover=all", "-fno-sanitize-recover=unreachable,return",
           "-DMISS_EXT_WITH_CUDA", "-DCUDA_EMU_SELFTEST", "-Wno-unknown-pragmas",
           # Grid cap of the grid-stride loops (65536 on a GPU): 3 makes the tests' small inputs run
           # the wrap, where a block serves several rows and reuses its shared memory.
-          f"-DMISS_EXT_CUDA_MAX_BLOCKS={EMU_MAX_BLOCKS}"]
+          f"-DMISS_EXT_CUDA_MAX_BLOCKS={EMU_MAX_BLOCKS}",
+          # The bank backward's workspace budget (64 MiB on a GPU): small, so that the tests' banks
+          # run their block gradient in groups of slots.
+          f"-DMISS_EXT_BANK_WIDE_BYTES={EMU_BANK_WIDE_BYTES}"]
 # -Bsymbolic: calls inside the module bind to its own definitions, never to the same-named
 # functions of miss_ext/_C (which holds the real, GPU-launching fold_kernel_cuda and friends).
 LDFLAGS = ["-Wl,-Bsymbolic"]
