@@ -498,8 +498,8 @@ def test_bank_block_gradient_of_mini_slots_with_a_short_period(emu, dtype):
     emulation's grid of 3 x 256 threads, so the column loop wraps): the block gradient is summed per
     output column and then folded to each slot's period (bank_fold_wide_kernel), in groups of
     slots. It matches the float64 sum over each slot's rows of s_a[j] gq[c]. Until 2026-12-03 a
-    thread per block column
-    folded every row's gradient itself: right, but only q of out threads had work."""
+    thread per block column folded every row's gradient itself: right, but only q of out threads
+    had work."""
     out, R, rows = 1000, 8, 23
     gen = torch.Generator().manual_seed(5)
     blocks = [torch.randn(8, out, generator=gen), torch.randn(4, 1, generator=gen), torch.randn(8, 2, generator=gen)]
