@@ -239,7 +239,8 @@ def sequence_first_reason(model: nn.Module, is_adapted: Callable[[nn.Module], bo
     sits in a torch nn.TransformerEncoderLayer / DecoderLayer built with batch_first=False. A
     sequence-first layout in other code cannot be seen."""
     for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
+        model_type = getattr(module.__dict__.get("config"), "model_type", None)
         if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
             return f"it holds a {type(module).__name__} (model_type {model_type!r})"
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
