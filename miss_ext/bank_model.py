@@ -482,10 +482,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     get_encoder = getattr(model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
-    # The names are resolved to slots and the ids set under the lock that slot changes take, so
-    # no slot changes in between (a removed adapter's slot taken by another would get its rows).
     if len(set(adapter_names)) > 1:  # one name for every row routes right in any layout
         refuse_sequence_first(model, lambda m: isinstance(m, MissBankLinear), "mixed_batch")
+    # The names are resolved to slots and the ids set under the lock that slot changes take, so
+    # no slot changes in between (a removed adapter's slot taken by another would get its rows).
     with _BANK_LOCK:
         layers = _layers(model, "mixed_batch")
         busy = [path for path, layer in layers if layer.rows is not None]

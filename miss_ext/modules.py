@@ -860,10 +860,10 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # read the block's width as a mini_r and name a mode the layer does not have.
         shape, made_for = tuple(self.base_layer.weight.shape), self.__dict__.get("_made_for")
         if made_for is not None and shape != made_for:
-            raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was made for "
-                             f"{made_for} (out_features, in_features): the base was resized or replaced after the "
-                             "adapter was added (resize_token_embeddings?). Add the adapter after resizing, or "
-                             "restore the base's size")
+            raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was "
+                             f"made for {made_for} (out_features, in_features): the base was resized or replaced "
+                             "after the adapter was added (resize_token_embeddings?). Add the adapter after "
+                             "resizing, or restore the base's size")
 
     def _describe(self) -> str:
         where = self.__dict__.get("_layer_path")

@@ -811,7 +811,8 @@ class AcceleratedMissModel(MissModel):
         # 2026-12-03, PEFT's LoRA does the same). Such a method now runs a call with
         # adapter_names= as forward does, the names reaching the layers for the call.
         value = super().__getattr__(name)
-        if inspect.ismethod(value) and not name.startswith("_") and value.__self__ is self.__dict__["_modules"].get("model"):
+        base_model = self.__dict__["_modules"].get("model")
+        if inspect.ismethod(value) and not name.startswith("_") and value.__self__ is base_model:
             return _WithAdapterNames(self, name, value)
         return value
 

@@ -79,7 +79,8 @@ class BaseTensorMetadata(Tensor):
 
 def _refusal(args, kwargs, what: str) -> str:
     found = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, BaseTensorMetadata)]
-    where, name, hint = (found[0]._where, found[0]._name, found[0]._hint) if found else ("an adapted layer", "weight", "")
+    where, name, hint = ((found[0]._where, found[0]._name, found[0]._hint) if found
+                         else ("an adapted layer", "weight", ""))
     return (f"{where}: .{name} gives the base layer's {name} dtype, device and shape only (as code such as "
             f"transformers' T5 reads them); {what} on it was refused, because computing with an adapted layer's "
             f"{name} instead of calling the layer would bypass the adapter. "
