@@ -233,30 +233,28 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
 SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet", "longformer", "led")
 
 
-def sequence_first_reason(model: nn.Module, is_adapted: Callable[[nn.Module], bool]) -> Optional[str]:
-    """Why a mixed batch cannot route the rows of `model` (None when nothing says so): it is (or
-    holds) a transformers model of SEQUENCE_FIRST_MODEL_TYPES, or an adapted layer (is_adapted)
-    sits in a torch nn.TransformerEncoderLayer / DecoderLayer built with batch_first=False. A
-    sequence-first layout in other code cannot be seen."""
-    for module in model.modules():
-        # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
-        model_type = getattr(module.__dict__.get("config"), "model_type", None)
-        if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
-            return f"it holds a {type(module).__name__} (model_type {model_type!r})"
-        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
-                not module.self_attn.batch_first and any(is_adapted(m) for m in module.modules()):
-            return f"it holds a {type(module).__name__} built with batch_first=False"
+def sequence_first_reason(module: nn.Module, is_adapted: Callable[[nn.Module], bool]) -> Optional[str]:
+    """Why a mixed batch cannot route rows through `module` (None when nothing says so): it is a
+    transformers model of SEQUENCE_FIRST_MODEL_TYPES, or a torch nn.TransformerEncoderLayer /
+    DecoderLayer built with batch_first=False that holds an adapted layer (is_adapted). A
+    sequence-first layout in other code cannot be seen. Asked of every module of a model, in the
+    caller's own pass over it."""
+    # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
+    model_type = getattr(module.__dict__.get("config"), "model_type", None)
+    if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
+        return f"it holds a {type(module).__name__} (model_type {model_type!r})"
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
+            not module.self_attn.batch_first and any(is_adapted(m) for m in module.modules()):
+        return f"it holds a {type(module).__name__} built with batch_first=False"
     return None
 
 
-def refuse_sequence_first(model: nn.Module, is_adapted: Callable[[nn.Module], bool], where: str) -> None:
-    """ValueError when sequence_first_reason finds a reason, before anything changes."""
-    why = sequence_first_reason(model, is_adapted)
-    if why is not None:
-        raise ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, and {why}, "
-                         "whose layers see (sequence, batch, features): rows cannot be matched to sequences (with as "
-                         "many sequences as tokens every shape check passes and rows get other adapters, silently). "
-                         "Give every row the same adapter in a call instead")
+def sequence_first_error(why: str, where: str) -> ValueError:
+    """The refusal of a mixed batch with different names per row for sequence_first_reason's `why`."""
+    return ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, and {why}, whose "
+                      "layers see (sequence, batch, features): rows cannot be matched to sequences (with as many "
+                      "sequences as tokens every shape check passes and rows get other adapters, silently). Give "
+                      "every row the same adapter in a call instead")
 
 
 def flattened_tokens_hint(x: Tensor) -> str:
@@ -593,8 +591,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         the same names entered again are the same batch; a slot re-used by another adapter since is
         not, as its recompute would run the new adapter: found by a review, 2026-12-03).
         Training-mode forwards outside backward record their batch: with grad enabled, or under
-        no_grad inside a reentrant checkpoint (which runs its region's first forward so); not evaluation (eval mode, or no_grad / inference_mode
-        outside a checkpoint), which transformers never checkpoints. A forward inside backward
+        no_grad inside a reentrant checkpoint (which runs its region's first forward so); not
+        evaluation (eval mode, or no_grad / inference_mode outside a checkpoint), which
+        transformers never checkpoints. A forward inside backward
         (a recompute) refuses if a forward of another batch was recorded since the last
         recompute, then starts the record afresh. Refused too, as it cannot be told apart: a
         checkpointed backward after a training-mode forward with grad enabled, in another batch,
@@ -616,9 +615,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                              "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
                              "recompute, or after a slot it used was emptied or re-filled (remove/add/load of an "
                              "adapter, a load_state_dict), whose rows would silently take this batch's adapters. Call "
-                             "backward() inside a mixed_batch of its forward's names (for gradient accumulation: one backward per "
-                             "micro-batch, inside its context); run forwards whose graph you drop in eval mode "
-                             "(model.eval()) or under torch.no_grad()")
+                             "backward() inside a mixed_batch of its forward's names (for gradient accumulation: one "
+                             "backward per micro-batch, inside its context); run forwards whose graph you drop in "
+                             "eval mode (model.eval()) or under torch.no_grad()")
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

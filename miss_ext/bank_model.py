@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, warn_non_finite, write_adapter,
                             KEY_PREFIX)
-from .bank import BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device, refuse_sequence_first
+from .bank import (BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device, sequence_first_error,
+                   sequence_first_reason)
 from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_offloaded, unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
@@ -483,7 +484,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
     if len(set(adapter_names)) > 1:  # one name for every row routes right in any layout
-        refuse_sequence_first(model, lambda m: isinstance(m, MissBankLinear), "mixed_batch")
+        for module in model.modules():
+            why = sequence_first_reason(module, lambda m: isinstance(m, MissBankLinear))
+            if why is not None:
+                raise sequence_first_error(why, "mixed_batch")
     # The names are resolved to slots and the ids set under the lock that slot changes take, so
     # no slot changes in between (a removed adapter's slot taken by another would get its rows).
     with _BANK_LOCK:

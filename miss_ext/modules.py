@@ -765,7 +765,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     @torch.jit.unused
     def _autocast_block(self, x: Tensor) -> Tensor:
-        """The block the unfused path multiplies (autocast_mini_block)."""
+        """The block the unfused path multiplies (autocast_mini_block). A method of its own so that
+        TorchScript, which compiles forward's other branch too, skips it (jit.unused)."""
         return autocast_mini_block(self.miss_block, x, self.out_features)
 
     @torch.jit.unused

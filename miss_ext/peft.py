@@ -96,8 +96,8 @@ from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, autocast_mini_block, check_base_output,  # noqa: E402
                       check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
                       load_merge_record, not_plain_reason, parent_reads_child_tensors, tensor_json, type_name)
-from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, refuse_sequence_first,  # noqa: E402
-                   row_index)
+from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
+                   sequence_first_error, sequence_first_reason)
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -829,10 +829,14 @@ class AcceleratedMissModel(MissModel):
                 yield
             return
         names = check_adapter_names(adapter_names, where)
-        # One pass over the model: the adapters its layers hold, layers left unaccelerated, and
-        # PEFT's modules_to_save wrappers.
-        known, not_accelerated, wrappers = set(), [], []
+        # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
+        # modules_to_save wrappers, and (for names that differ: one name for every row routes right
+        # in any layout) a sequence-first layout.
+        known, not_accelerated, wrappers, sequence_first = set(), [], [], None
+        differ = len(set(names)) > 1
         for path, module in self.model.named_modules():
+            if differ and sequence_first is None:
+                sequence_first = sequence_first_reason(module, lambda m: isinstance(m, PeftMissLinear))
             if isinstance(module, PeftMissLinear):
                 known |= set(module.miss_block.keys())
                 if type(module) is PeftMissLinear:
@@ -849,8 +853,8 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
-        if len(set(names)) > 1:  # one name for every row routes right in any layout
-            refuse_sequence_first(self.model, lambda m: isinstance(m, PeftMissLinear), where)
+        if sequence_first is not None:
+            raise sequence_first_error(sequence_first, where)
         for path, wrapper in wrappers:
             lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
             if lacking:
