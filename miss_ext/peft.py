@@ -683,6 +683,26 @@ class AcceleratedMissLinear(PeftMissLinear):
     # model no longer counts dW twice, which PEFT does. PEFT's adapter files are unchanged (its
     # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
     # loading.
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's convert_to_lora / save_as_lora ask this of every layer before converting any.
+        Their MiSS converter reads the layer's first adapter's mode (miss_fn) for every adapter,
+        so on a layer mixing modes (which runs here, not in PEFT) it would write factors of the
+        wrong shape or values without an error; and for bat it takes the delta from the base
+        weight as it is, which holds the merged adapters while any are merged. ValueError for
+        both; True otherwise (PEFT's answer). miss_ext.export_lora converts default/mini adapters
+        exactly, whatever the layer's other adapters."""
+        block = self.miss_block[adapter_name] if adapter_name in self.miss_block else None
+        if block is not None and not _runs_in_peft_mode(self, adapter_name):
+            raise ValueError(f"PEFT's LoRA conversion cannot convert adapter {adapter_name!r} "
+                             f"({'bat' if _is_bat(block) else 'default/mini'}, block {tuple(block.shape)}) on a layer "
+                             f"whose first adapter is {_peft_mode(self)!r}: it converts every adapter in the first "
+                             "one's mode and would write a wrong LoRA file; use miss_ext.export_lora(model, path, "
+                             f"adapter_name={adapter_name!r}) for default/mini adapters")
+        if block is not None and _is_bat(block) and self.merged_adapters:
+            raise ValueError(f"PEFT's LoRA conversion of bat adapter {adapter_name!r} reads the base weight, which "
+                             f"holds merged adapters {list(self.merged_adapters)}: unmerge first")
+        return True
+
     MERGED_KEY = "merged_adapters"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

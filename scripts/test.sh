@@ -25,6 +25,10 @@ done
 parallel=()
 if [ "$workers" -gt 1 ] && python -c "import xdist" 2>/dev/null; then
   parallel=(-n "$workers" --dist loadfile)
+  # Files in collection order (tests/conftest.py puts the slowest first); the option is xdist 3.6's.
+  if python -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 6))" 2>/dev/null; then
+    parallel+=(--no-loadscope-reorder)
+  fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))}"
   echo "tests: $workers pytest-xdist workers, OMP_NUM_THREADS=$OMP_NUM_THREADS (MISS_EXT_TEST_WORKERS=1: one process)"
 fi

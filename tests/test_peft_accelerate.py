@@ -306,6 +306,39 @@ def test_two_bat_adapters_compose_in_order_like_peft(base):
     torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
 
 
+def test_bat_merge_puts_inactive_bat_adapters_after_the_active_ones(base):
+    """merge_adapter(["b2", "b1"]) with only b1 active: b1 first (the forward's), then b2 where a
+    set_adapter(["b1", "b2"]) would apply it (README, "Mixed modes on one layer"; PEFT merges in
+    the given order)."""
+    model = peft_model(base, "bat", adapter_name="b1")
+    model.add_adapter("b2", MissConfig(r=R, target_modules=TARGETS, init_weights="bat"))
+    randomize_blocks(model, seed=4)
+    accelerate(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.base_layer.weight.detach().clone()
+    model.merge_adapter(adapter_names=["b2", "b1"])
+    expected = bat_weight_ref(bat_weight_ref(weight, layer.miss_block["b1"].detach()), layer.miss_block["b2"].detach())
+    assert layer.merged_adapters == ["b1", "b2"]
+    torch.testing.assert_close(layer.base_layer.weight, expected, **TOL)
+
+
+def test_bat_gives_a_trainable_base_weight_its_gradient(base):
+    """PEFT's bat forward builds W + W B + B from weight.data, so a trainable W gets no gradient;
+    here it gets its usual one through that expression (the spec's rule; README, "Bat with a
+    trainable base weight")."""
+    _, fast = pair(base, "bat")
+    layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(3, layer.in_features, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    w = weight.detach().clone().requires_grad_(True)
+    y = x @ bat_weight_ref(w, layer.miss_block["default"].detach()).t()
+    if layer.base_layer.bias is not None:
+        y = y + layer.base_layer.bias.detach()
+    y.square().sum().backward()
+    torch.testing.assert_close(weight.grad, w.grad, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers mixing modes. PEFT 0.21 applies the first adapter's mode to all of them (wrong), so
 # these compare one layer against the spec's formula in float64.
@@ -351,6 +384,30 @@ def test_mixed_modes_on_one_layer_follow_the_spec(base, modes):
     torch.testing.assert_close(model(ids).logits, unmerged, **TOL)
     model.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+
+
+def test_peft_lora_conversion_refuses_what_it_would_convert_wrongly(base):
+    """PEFT's convert_to_lora reads the layer's first adapter's mode for every adapter (a mini
+    adapter after a default one got (r, r) factors, a wrong file) and takes bat's delta from the
+    base weight even while adapters are merged into it."""
+    conversion = pytest.importorskip("peft.tuners.lora.conversion")
+    model, layer = mixed_layer(base, ["default", "mini"])
+    with pytest.raises(ValueError, match=r"'a1'.*first adapter is 'default'.*export_lora"):
+        conversion.convert_to_lora(model, rank=R, adapter_name="a1")
+    # The first adapter's mode still converts, as in PEFT (float32 factors): x A^T B^T is the term.
+    _, state = conversion.convert_to_lora(model, rank=R, adapter_name="a0")
+    key = next(k for k in state if "layers.0.self_attn.q_proj.lora_A" in k)
+    a, b = state[key], state[key.replace("lora_A", "lora_B")]
+    x = torch.randn(4, layer.in_features, dtype=torch.float64)
+    term = fold_ref(x, R) @ tile_block(layer.miss_block["a0"].detach(), layer.out_features)
+    torch.testing.assert_close(x @ a.t().double() @ b.t().double(), term, rtol=1e-5, atol=1e-6)
+
+    _, bat = pair(base, "bat")
+    bat.merge_adapter()
+    with pytest.raises(ValueError, match="bat adapter 'default' reads the base weight.*unmerge first"):
+        conversion.convert_to_lora(bat, rank=R)
+    bat.unmerge_adapter()
+    conversion.convert_to_lora(bat, rank=R)
 
 
 class _Doubled(torch.nn.Module):
