@@ -206,10 +206,14 @@ def host_to_device(values: Tensor, device) -> Tensor:
 def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
     """The per-row slot ids for x (..., in): `index` with x's leading sizes as is, or one id per
     sequence (1-D, x.shape[0] long) broadcast over the other leading sizes (a (batch, seq, in)
-    activation of a model run with one adapter name per sequence). ValueError otherwise."""
+    activation of a model run with one adapter name per sequence), or one id (0-D) for every row
+    (what mixed_batch gives a model whose layers regroup rows, when every row names the same
+    adapter: see sequence_first_reason). ValueError otherwise."""
     lead = tuple(x.shape[:-1])
     if tuple(index.shape) == lead:
         return index
+    if index.dim() == 0:
+        return index.expand(lead)
     if index.dim() == 1 and len(lead) >= 2 and index.shape[0] == lead[0]:
         return index.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
     message = (f"{where} (in_features={x.shape[-1]}): the adapter index has shape {tuple(index.shape)}; it needs "
@@ -219,7 +223,9 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
     if names and len(lead) >= 2 and lead[0] > names and lead[0] % names == 0:
         # A batch k times the names': what beam search / num_return_sequences make.
         message += (f" x holds {lead[0]} sequences for {names} names: if that is beam search or "
-                    "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k))")
+                    "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k)); if "
+                    "the model regroups each sequence's tokens into several rows (Swin's attention windows), that "
+                    "layer cannot be routed by sequence: leave it out of the target_modules of mixed-batch adapters")
     elif names and len(lead) == 1 and lead[0] > names:
         message += flattened_tokens_hint(x)
     raise ValueError(message)
@@ -229,32 +235,61 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
 # sequences by x's first dimension, so a batch as long as its sequences passed every shape check
 # there and mixed rows up silently (a review of 2026-12-03: FSMT off by 0.37 where the adapter's
 # whole effect was 0.39). Longformer's self-attention, and LED's encoder built on it, transpose to
-# (sequence, batch, features) before calling query/key/value.
-SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet", "longformer", "led")
+# (sequence, batch, features) before calling query/key/value. Found by the next review (tenth
+# session, 2026-12-03; rows off by 1-6 where the adapters' effects were 2-4): Bros (its bbox
+# embeddings see (sequence, sequence, batch, features), its relation-extractor heads (sequence,
+# batch, features)), Mask2Former's and OneFormer's decoders ((queries, batch, features)),
+# BridgeTower's vision tower ((patches, batch, features)).
+SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet", "longformer", "led", "bros", "mask2former", "oneformer", "bridgetower")
 
 
-def sequence_first_reason(module: nn.Module, is_adapted: Callable[[nn.Module], bool]) -> Optional[str]:
-    """Why a mixed batch cannot route rows through `module` (None when nothing says so): it is a
-    transformers model of SEQUENCE_FIRST_MODEL_TYPES, or a torch nn.TransformerEncoderLayer /
-    DecoderLayer built with batch_first=False that holds an adapted layer (is_adapted). A
-    sequence-first layout in other code cannot be seen. Asked of every module of a model, in the
+def _is_moe_experts(module: nn.Module, name: str) -> bool:
+    """An MoE block's experts (transformers' SwitchTransformersExperts, NllbMoeExperts, ...; or a
+    ModuleList/ModuleDict registered as `experts`, as remote-code MoE models build them)."""
+    return type(module).__name__.endswith("Experts") or \
+        (name == "experts" and isinstance(module, (nn.ModuleList, nn.ModuleDict)))
+
+
+def sequence_first_reason(module: nn.Module, is_adapted: Callable[[nn.Module], bool], name: str = "") -> Optional[str]:
+    """Why a mixed batch cannot route rows through `module` (None when nothing says so), `name`
+    being its attribute name in its parent. The module is
+    - a transformers model of SEQUENCE_FIRST_MODEL_TYPES;
+    - a module holding an nn.MultiheadAttention built with batch_first=False (torch's transformer
+      layers, CLIP-style residual blocks) and an adapted layer (is_adapted): its layers see
+      (sequence, batch, features);
+    - MoE experts (_is_moe_experts) holding an adapted layer: each expert sees the tokens routed
+      to it, which can number exactly the batch's sequences (a prompt of a few tokens; every
+      decode step) and come in the router's order (NllbMoe lists them by expert slot first), so
+      rows got other sequences' adapters silently (review of 2026-12-03: SwitchTransformers rows
+      1.4 off, NllbMoe generated other tokens).
+    Other code that regroups rows cannot be seen. Asked of every module of a model, in the
     caller's own pass over it."""
     # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
     model_type = getattr(module.__dict__.get("config"), "model_type", None)
     if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
-        return f"it holds a {type(module).__name__} (model_type {model_type!r})"
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
-            not module.self_attn.batch_first and any(is_adapted(m) for m in module.modules()):
-        return f"it holds a {type(module).__name__} built with batch_first=False"
+        return f"it holds a {type(module).__name__} (model_type {model_type!r}), whose layers see " \
+               "(sequence, batch, features) or similar"
+    attention = [child for child in module._modules.values()
+                 if isinstance(child, nn.MultiheadAttention) and not child.batch_first]
+    if attention and any(is_adapted(m) for m in module.modules()):
+        torch_layer = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+        how = "built with batch_first=False" if torch_layer else \
+            "with an nn.MultiheadAttention built with batch_first=False"
+        return (f"it holds a {type(module).__name__} {how}, whose layers see (sequence, batch, features) (leave its "
+                "layers out of the adapters' target_modules to mix adapters elsewhere)")
+    if _is_moe_experts(module, name) and any(is_adapted(m) for m in module.modules()):
+        return (f"it holds MoE experts ({type(module).__name__}) whose layers see the tokens routed to each expert, "
+                "in the router's order (leave the experts out of the adapters' target_modules to mix adapters "
+                "elsewhere)")
     return None
 
 
 def sequence_first_error(why: str, where: str) -> ValueError:
     """The refusal of a mixed batch with different names per row for sequence_first_reason's `why`."""
-    return ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, and {why}, whose "
-                      "layers see (sequence, batch, features): rows cannot be matched to sequences (with as many "
-                      "sequences as tokens every shape check passes and rows get other adapters, silently). Give "
-                      "every row the same adapter in a call instead")
+    return ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, one row per "
+                      f"sequence in order, and {why}: rows cannot be matched to sequences (where as many rows as "
+                      "sequences reach a layer every shape check passes and rows get other adapters, silently). "
+                      "Give every row the same adapter in a call instead")
 
 
 def flattened_tokens_hint(x: Tensor) -> str:
@@ -313,11 +348,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     forward(x, adapter_index=None): x (..., in_features); adapter_index int64 slot ids (from
     `index_of(names)`; negative = base only) with x's leading sizes, or one per sequence
-    (x.shape[0],) broadcast over the rest; None takes the ids `miss_ext.mixed_batch` set for the
-    whole model (`rows`), and raises ValueError outside it. Returns (..., out_features) in x's
-    dtype (the base output's, but under autocast, as MissLinear and PEFT). Errors: TypeError for
-    an adapter_index that is not an int64 tensor; ValueError for an index shape that fits neither
-    form, or (CPU) an id past the bank or naming an empty slot (on CUDA these trip a device-side
+    (x.shape[0],) broadcast over the rest, or one (0-D) for every row; None takes the ids
+    `miss_ext.mixed_batch` set for the whole model (`rows`), and raises ValueError outside it.
+    Returns (..., out_features) in x's dtype (the base output's, but under autocast, as MissLinear
+    and PEFT). Errors: TypeError for an adapter_index that is not an int64 tensor; ValueError for
+    an index shape that fits none of these forms, or (CPU) an id past the bank or naming an empty slot (on CUDA these trip a device-side
     assertion in miss.bank_fold). The base layer runs on x first, so a bad x (wrong last size or
     dtype) raises the base's own error (torch's RuntimeError for nn.Linear).
 

@@ -483,11 +483,16 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     get_encoder = getattr(model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
-    if len(set(adapter_names)) > 1:  # one name for every row routes right in any layout
-        for module in model.modules():
-            why = sequence_first_reason(module, lambda m: isinstance(m, MissBankLinear))
-            if why is not None:
-                raise sequence_first_error(why, "mixed_batch")
+    # Layers that see rows other than the sequences in order (sequence_first_reason) cannot route
+    # names that differ; one name for every row routes right in any layout, given to each layer
+    # as one id for all its rows (their count there is not the batch's).
+    regrouped = None
+    for path, module in model.named_modules():
+        regrouped = sequence_first_reason(module, lambda m: isinstance(m, MissBankLinear), path.rpartition(".")[2])
+        if regrouped is not None:
+            break
+    if regrouped is not None and len({BASE if n is None else n for n in adapter_names}) > 1:
+        raise sequence_first_error(regrouped, "mixed_batch")
     # The names are resolved to slots and the ids set under the lock that slot changes take, so
     # no slot changes in between (a removed adapter's slot taken by another would get its rows).
     with _BANK_LOCK:
@@ -506,6 +511,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
                              f"{[n for n in first.adapter_names if n is not None]})")
         unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
         ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
+        slots = unrepeated.tolist()
+        if regrouped is not None and len(adapter_names):
+            unrepeated = ids = unrepeated[0]  # one id (0-D) for every row of every layer
         per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
         for _, layer in layers:
             where = (layer.bank.device, id(layer) in in_encoder)
@@ -517,7 +525,6 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
         # (MissBankLinear._check_recompute); the same names entered again are the same batch.
         # A slot's generation tells a re-used slot (an adapter removed, another added under any
         # name) from the adapter the forward ran with.
-        slots = unrepeated.tolist()
         for _, layer in layers:
             layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
             layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots), expand)

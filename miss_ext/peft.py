@@ -196,7 +196,14 @@ def _merging():
 
 
 def _adapter_names_hook(module, args, kwargs, holder):
-    kwargs["adapter_names"] = holder["names"]
+    names = holder["names"]
+    if holder.get("regrouped") and names:
+        # One name for every row, in a model whose layers see rows other than its sequences
+        # (sequence_first_reason): one per row of this layer's input, however many it has.
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        if isinstance(x, Tensor) and x.dim() >= 2:
+            names = [names[0]] * x.shape[0]
+    kwargs["adapter_names"] = names
     return args, kwargs
 
 
@@ -850,13 +857,15 @@ class AcceleratedMissModel(MissModel):
             return
         names = check_adapter_names(adapter_names, where)
         # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
-        # modules_to_save wrappers, and (for names that differ: one name for every row routes right
-        # in any layout) a sequence-first layout.
+        # modules_to_save wrappers, and layers that see rows other than the sequences in order
+        # (sequence_first_reason): names that differ are refused there, and one name for every row,
+        # which routes right in any layout, is given to each layer once per row of its input.
         known, not_accelerated, wrappers, sequence_first = set(), [], [], None
         differ = len(set(names)) > 1
         for path, module in self.model.named_modules():
-            if differ and sequence_first is None:
-                sequence_first = sequence_first_reason(module, lambda m: isinstance(m, PeftMissLinear))
+            if sequence_first is None:
+                sequence_first = sequence_first_reason(module, lambda m: isinstance(m, PeftMissLinear),
+                                                       path.rpartition(".")[2])
             if isinstance(module, PeftMissLinear):
                 known |= set(module.miss_block.keys())
                 if type(module) is PeftMissLinear:
@@ -873,7 +882,7 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
-        if sequence_first is not None:
+        if sequence_first is not None and differ:
             raise sequence_first_error(sequence_first, where)
         for path, wrapper in wrappers:
             lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
@@ -897,7 +906,7 @@ class AcceleratedMissModel(MissModel):
         self._check_before_unmerging(names)
         # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
         # model's own generation_config is consulted by generate() below).
-        holder = {"names": _repeat(names, _expand_size(kwargs))}
+        holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None}
         # PeftModel.generate calls the base model's generate inside this context; only there is
         # the model's own generation_config (num_beams / num_return_sequences shipped with a
         # checkpoint) in force, so the names are repeated for it there, not for a forward call.
@@ -930,7 +939,8 @@ class AcceleratedMissModel(MissModel):
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
-                            partial(_adapter_names_hook, holder={"names": names}), with_kwargs=True))
+                            partial(_adapter_names_hook, holder={"names": names, "regrouped": holder["regrouped"]}),
+                            with_kwargs=True))
             if callable(original):
                 inner.__dict__["generate"] = generate
             with _model_call(self, names):

@@ -625,6 +625,143 @@ def test_torch_transformer_layers_built_sequence_first_refuse_mixed_rows():
     assert model(torch.randn(2, 2, 16), adapter_names=["default", "default"]).shape == (2, 2, 16)
 
 
+def _two_adapters(base, targets, seed=0):
+    """An accelerated PEFT model of `base` with random MiSS adapters "a" and "b" on `targets`."""
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=targets, init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=targets, init_weights=False))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return miss_ext.peft.accelerate(model).eval()
+
+
+def test_moe_experts_refuse_rows_with_different_adapters(tmp_path):
+    """SwitchTransformers' experts each see the tokens routed to them: where an expert got exactly
+    as many tokens as there are sequences, every shape check passed and rows took other sequences'
+    adapters (1.4 off where the adapters' effect was 2.6; NllbMoe, whose experts list their tokens
+    by expert slot first, generated other tokens at decode steps; a review of 2026-12-03). Names
+    that differ are refused, in PEFT's adapter_names= and mixed_batch; one name for every row still
+    gives that adapter alone."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=2,
+        expert_capacity=64, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, decoder_start_token_id=0,
+        pad_token_id=0)
+    base = transformers.SwitchTransformersModel(config).double().eval()
+    model = _two_adapters(base, ["wi", "wo"])
+    ids, dec = torch.randint(1, 64, (2, 2)), torch.randint(1, 64, (2, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"MoE experts \(SwitchTransformersExperts\) whose layers "
+                                                          r"see the tokens routed to each expert"):
+        model(input_ids=ids, decoder_input_ids=dec, adapter_names=["a", "b"])
+    with torch.no_grad():
+        model.base_model.set_adapter("b")
+        want = model(input_ids=ids, decoder_input_ids=dec).last_hidden_state
+        got = model(input_ids=ids, decoder_input_ids=dec, adapter_names=["b", "b"]).last_hidden_state
+        torch.testing.assert_close(got, want, **TOL)
+    model.save_pretrained(tmp_path)
+    server = miss_ext.load_bank(copy.deepcopy(base), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    with pytest.raises(ValueError, match=r"mixed_batch: .*MoE experts \(SwitchTransformersExperts\)"):
+        with miss_ext.mixed_batch(server, ["a", "b"]):
+            pass
+    with torch.no_grad(), miss_ext.mixed_batch(server, ["b", "b"]):
+        torch.testing.assert_close(server(input_ids=ids, decoder_input_ids=dec).last_hidden_state, want, **TOL)
+
+
+class _RemoteCodeMoE(torch.nn.Module):
+    """A top-1 MoE block as remote-code models build it: experts in an nn.ModuleList named
+    `experts`, each called on the tokens routed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = torch.nn.Linear(8, 2, dtype=F64)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8, dtype=F64) for _ in range(2))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for k, expert in enumerate(self.experts):
+            rows = (choice == k).nonzero().flatten()
+            out[rows] = expert(flat[rows])
+        return out.reshape(x.shape)
+
+
+class _SequenceFirstBlock(torch.nn.Module):
+    """A CLIP-style residual block: nn.MultiheadAttention built batch_first=False, an MLP on the
+    same (sequence, batch, features) activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, dtype=F64)
+        self.fc = torch.nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, x):  # x: (sequence, batch, features)
+        return self.fc(x + self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("block,why", [(_RemoteCodeMoE, r"MoE experts \(ModuleList\)"),
+                                       (_SequenceFirstBlock, r"_SequenceFirstBlock with an nn.MultiheadAttention "
+                                                             r"built with batch_first=False")],
+                         ids=["experts-modulelist", "multihead-attention-block"])
+def test_layouts_found_from_the_modules_refuse_rows_with_different_adapters(block, why):
+    torch.manual_seed(0)
+    model = _two_adapters(block(), ["experts.0", "experts.1"] if block is _RemoteCodeMoE else ["fc"])
+    x = torch.randn(3, 3, 8, dtype=F64)  # as many sequences as tokens: every shape check passes
+    with torch.no_grad(), pytest.raises(ValueError, match=why):
+        model(x, adapter_names=["a", "b", "__base__"])
+    with torch.no_grad():
+        model.base_model.set_adapter("a")
+        torch.testing.assert_close(model(x, adapter_names=["a"] * 3), model(x), **TOL)
+
+
+def _tiny_layout_model(model_type):
+    """A tiny transformers model of `model_type`, the inputs of a batch as long as its sequences
+    (queries, patches), and target_modules on the layers that see the regrouped rows."""
+    import transformers
+    torch.manual_seed(0)
+    if model_type == "bros":
+        config = transformers.BrosConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64, num_labels=3)
+        model = transformers.BrosSpadeELForTokenClassification(config)
+        ids = torch.randint(3, 64, (3, 3))
+        return model, dict(input_ids=ids, bbox=torch.rand(3, 3, 8, dtype=F64)), ["query", "value"]
+    if model_type == "mask2former":
+        backbone = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                           num_heads=[1, 1, 1, 1], window_size=2,
+                                           out_features=["stage1", "stage2", "stage3", "stage4"])
+        config = transformers.Mask2FormerConfig(
+            backbone_config=backbone, num_queries=3, hidden_dim=32, mask_feature_size=32, feature_size=32,
+            encoder_feedforward_dim=32, dim_feedforward=32, decoder_layers=2, encoder_layers=1, num_attention_heads=2,
+            num_labels=3, common_stride=4)
+        model = transformers.Mask2FormerModel(config)
+        return model, dict(pixel_values=torch.randn(3, 3, 32, 32, dtype=F64)), \
+            r".*transformer_module\.decoder\.layers\.\d+\.fc[12]"
+    raise AssertionError(model_type)
+
+
+@pytest.mark.parametrize("model_type", ["bros", "mask2former"])
+def test_models_whose_layers_regroup_rows_refuse_rows_with_different_adapters(model_type):
+    """Bros' relation-extractor heads see (sequence, batch, features), Mask2Former's decoder
+    (queries, batch, features): with as many sequences as tokens or queries, rows took other
+    sequences' adapters silently (Bros 5.8 off where the effect was 3.4, Mask2Former 2.9 where it
+    was 2.9; a review of 2026-12-03). Names that differ are refused; one name for every row runs
+    that adapter (or the base model) on every row."""
+    base, inputs, targets = _tiny_layout_model(model_type)
+    model = _two_adapters(base.double().eval(), targets)
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"mixed batches.*model_type '{model_type}'"):
+        model(**inputs, adapter_names=["a", "b", "__base__"])
+    with torch.no_grad():  # one name for every row: that adapter alone, whatever the layers see
+        model.base_model.set_adapter("b")
+        torch.testing.assert_close(model(**inputs, adapter_names=["b"] * 3)[0], model(**inputs)[0], **TOL)
+        with model.disable_adapter():
+            want = model(**inputs)[0]
+        torch.testing.assert_close(model(**inputs, adapter_names=["__base__"] * 3)[0], want, **TOL)
+
+
 def test_base_model_methods_reached_through_the_peft_model_take_adapter_names():
     """PeftModel hands attributes it lacks to the base model: CLIP's get_text_features took
     adapter_names= into its **kwargs and ignored it, every row running the active adapter (a
