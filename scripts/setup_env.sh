@@ -13,14 +13,14 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
-# --no-compile: pip would byte-compile every installed module (torch, transformers, ...: tens of
-# thousands); Python compiles the few hundred a run imports on first import instead. A fresh venv
-# with torch 2.11 and these dependencies, 2026-12-03, this project's 2-core machine: 126 s with
-# byte-compiling, 96 s without (bench/RESULTS.md, "CI legs"); CI installs three such venvs.
-python -m pip install -q --no-compile "${MISS_EXT_TORCH:-torch==2.14.1}" -r requirements-dev.txt
+# pip byte-compiles what it installs (about 30 of the 126 s a fresh venv with torch 2.11 takes
+# here). Kept: this project's machines set PYTHONDONTWRITEBYTECODE=1, so without pip's .pyc files
+# every process would compile each module it imports from source, every time (tried 2026-12-03
+# with --no-compile: the default leg's suite went from 7.5 to 14 minutes; bench/RESULTS.md).
+python -m pip install -q "${MISS_EXT_TORCH:-torch==2.14.1}" -r requirements-dev.txt
 # Optional: runs the suite in parallel processes (scripts/test.sh). Not in requirements-dev.txt,
 # so a machine without it still installs and tests, in one process.
-python -m pip install -q --no-compile pytest-xdist || echo "pytest-xdist not installable: scripts/test.sh runs the suite in one process"
+python -m pip install -q pytest-xdist || echo "pytest-xdist not installable: scripts/test.sh runs the suite in one process"
 export MAX_JOBS="${MAX_JOBS:-2}"
 # The build prints one line per compiler step (scripts/build_progress.py); the full log is
 # build/build.log. Measured on this project's 2-core machines (2026-11-29/30, bench/RESULTS.md):
