@@ -5,7 +5,7 @@ import json
 import math
 import re
 import warnings
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.modules.module as _module_globals
@@ -264,12 +264,39 @@ FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
 
 def parent_reads_child_tensors(parent: nn.Module, child: str) -> bool:
     """Whether the code of `parent`'s class (its own and its bases', torch.nn.Module's excepted)
-    mentions `self.<child>.weight` or `self.<child>.bias`: a parent that reads its child's tensors
-    itself, to describe them (T5's `self.wo.weight.dtype`) or to compute with them instead of
-    calling the child (MobileBERT's LM head, WavLM's and nn.MultiheadAttention's attention, Mamba's
-    dt_proj). False where no source is available (a class defined in C or at run time)."""
-    pattern = re.compile(rf"\bself\.{re.escape(child)}\.(weight|bias)\b")
-    return any(pattern.search(source) for source in _class_sources(type(parent)))
+    mentions `self.<child>.weight` or `self.<child>.bias`, or hands `self.<child>` on as a value (a
+    call argument, an element, or bound to a name: LayoutLMv3's encoder passes its rel_pos_bias
+    layers to a method that indexes their weight): a parent that reads its child's tensors itself,
+    to describe them (T5's `self.wo.weight.dtype`) or to compute with them instead of calling the
+    child (MobileBERT's LM head, WavLM's and nn.MultiheadAttention's attention, Mamba's dt_proj).
+    False where no source is available (a class defined in C or at run time)."""
+    return any(pattern.search(source) for source in _class_sources(type(parent)) for pattern in _child_patterns(child))
+
+
+@functools.lru_cache(maxsize=None)
+def _child_patterns(child: str) -> Tuple["re.Pattern[str]", ...]:
+    name = re.escape(child)
+    return (re.compile(rf"\bself\.{name}\.(weight|bias)\b"),
+            re.compile(rf"\bself\.{name}\s*[,)\]}}]"),                        # an argument or element
+            re.compile(rf"(?<![=!<>])=\s*self\.{name}[ \t]*(#.*)?$", re.MULTILINE))  # bound to a name
+
+
+def ancestor_reads_layer_tensors(ancestors: Sequence[nn.Module], path: str) -> bool:
+    """Whether the code of an ancestor above the parent (`ancestors`: the modules holding the
+    layer at `path`, outermost first, its parent excluded) names `<outer>.<name>.weight` or `.bias`,
+    <outer>.<name> being the layer's last two attribute names along `path` (list indices
+    dropped): code that reaches a grandchild's tensors (RwkvModel rescales
+    block.attention.output.weight and block.feed_forward.value.weight in place on entering eval,
+    which an adapter's term does not follow). Code elsewhere (utilities, other objects) is not seen."""
+    names = [part for part in path.split(".") if not part.isdigit()]
+    return len(names) >= 2 and any(_names_grandchild_tensors(type(a), names[-2], names[-1]) for a in ancestors)
+
+
+@functools.lru_cache(maxsize=None)
+def _names_grandchild_tensors(cls: type, outer: str, name: str) -> bool:
+    # Cached per class: a PeftModel's ancestors include PEFT's own classes, whose sources are long.
+    pattern = re.compile(rf"\b{re.escape(outer)}\.{re.escape(name)}\.(weight|bias)\b")
+    return any(pattern.search(source) for source in _class_sources(cls))
 
 
 @functools.lru_cache(maxsize=None)

@@ -93,9 +93,10 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import parent_module, undo_each  # noqa: E402
-from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, autocast_mini_block, check_base_output,  # noqa: E402
-                      check_before_dropout_key, check_merge, check_widths, is_plain_linear, json_tensor,
-                      load_merge_record, not_plain_reason, parent_reads_child_tensors, tensor_json, type_name)
+from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
+                      autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
+                      is_plain_linear, json_tensor, load_merge_record, not_plain_reason, parent_reads_child_tensors,
+                      tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
                    sequence_first_error, sequence_first_reason)
 from .ops import new_dropout_key  # noqa: E402
@@ -1186,8 +1187,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     Raises ValueError if the model has no PEFT MissLinear layer (accelerated or not). Also swaps
     PEFT's MissModel tuner (if the model holds one) to AcceleratedMissModel, and records which
     layers' base weights are shared with other modules (their merge is refused); calling it
-    again refreshes that record. A layer whose parent's code reads its .weight/.bias gives their
-    metadata only (computing with it raises RuntimeError: it would bypass the adapter, which PEFT
+    again refreshes that record. A layer whose parent's code reads its .weight/.bias (or hands the
+    layer on, or an ancestor's code names it: modules.parent_reads_child_tensors and
+    ancestor_reads_layer_tensors) gives their metadata only (computing with it raises RuntimeError: it would bypass the adapter, which PEFT
     does silently). UserWarning for adapters that never run (on
     nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers without their tuner
     (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
@@ -1206,15 +1208,18 @@ def accelerate(model: nn.Module) -> nn.Module:
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
         parent = parents[path]
-        # A parent whose code reads this layer's weight or bias gets their metadata there (as
-        # MissLinear always gives): describing reads (T5's dtype cast) work, the fast path of
-        # nn.TransformerEncoderLayer turns off, and a parent computing with the tensor instead of
-        # calling the layer (MobileBERT's LM head, WavLM's attention) raises RuntimeError, where
-        # PEFT's layers hand out the base weight and the adapter silently does nothing (and
+        # A layer whose tensors the code of its parent (or of an ancestor further up) reads gets
+        # their metadata there (as MissLinear always gives): describing reads (T5's dtype cast)
+        # work, the fast path of nn.TransformerEncoderLayer turns off, and code computing with the
+        # tensor instead of calling the layer (MobileBERT's LM head, WavLM's attention, LayoutLMv3's
+        # relative position lookup, RWKV's rescaling) raises RuntimeError, where PEFT's layers hand
+        # out the base weight and the adapter silently does nothing or is scaled wrongly (and
         # merge_and_unload then changed the outputs). nn.MultiheadAttention keeps the warning above.
+        parts = path.split(".")
         if isinstance(parent, FAST_PATH_PARENTS) or (
                 parent is not None and not isinstance(parent, WEIGHT_READING_PARENTS)
-                and parent_reads_child_tensors(parent, path.rpartition(".")[2])):
+                and (parent_reads_child_tensors(parent, parts[-1]) or ancestor_reads_layer_tensors(
+                    [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1)], path))):
             layer._base_tensors_as_metadata = True
             layer._metadata_where = f"{type(layer).__name__} at {path!r}"
     tuners = _miss_layers(model, MissModel)

@@ -1161,6 +1161,85 @@ def test_a_parent_computing_with_an_adapted_layers_weight_is_refused_by_name():
     torch.testing.assert_close(cast(x), want, rtol=1e-6, atol=1e-6)
 
 
+class _PassesLayerToALookup(torch.nn.Module):
+    """LayoutLMv3's encoder: hands its layer to a method that indexes the layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Linear(4, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def lookup(self, layer, buckets):
+        return layer.weight[:, buckets].t()
+
+    def forward(self, x):
+        return self.proj(x) + self.lookup(self.table, torch.tensor([0, 1, 2]))
+
+
+class _RescalesAGrandchildInPlace(torch.nn.Module):
+    """RwkvModel: rescales each block's attention.output.weight in place (no grad), then runs the
+    blocks, which call the layer; an adapter's term does not follow the rescaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"attention": torch.nn.ModuleDict(
+            {"output": torch.nn.Linear(8, 8)})}) for _ in range(2))
+
+    def forward(self, x):
+        with torch.no_grad():
+            for block in self.blocks:
+                block.attention.output.weight.div_(2)
+        for block in self.blocks:
+            x = block["attention"]["output"](x)
+        return x
+
+
+@pytest.mark.parametrize("model,targets,layer", [(_PassesLayerToALookup, ["table", "proj"], "table"),
+                                                 (_RescalesAGrandchildInPlace, ["output"], "blocks.0.attention.output")],
+                         ids=["layer-passed-on", "grandchild-rescaled"])
+def test_code_above_the_parent_computing_with_a_layers_weight_is_refused(model, targets, layer):
+    """Found on 2026-12-03 in transformers: LayoutLMv3's encoder passes its rel_pos_bias layers to a
+    method that indexes their weight (the adapter never ran: merge_and_unload then changed the
+    outputs by 0.12 with "all-linear"), and RwkvModel rescales its blocks' attention.output and
+    feed_forward.value weights in place on entering eval (the adapters' terms came out 2^k times
+    too large, 2.2 off). Neither parent names `self.<layer>.weight`; the parent that hands the
+    layer on, and an ancestor naming `<outer>.<layer>.weight`, now give it the weight's metadata."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    peft = get_peft_model(model(), MissConfig(r=4, target_modules=targets, init_weights=False))
+    accelerate(peft)
+    with pytest.raises(RuntimeError, match=rf"AcceleratedMissLinear at 'base_model\.model\.{re.escape(layer)}'.*"
+                                           "leave it out of target_modules"):
+        peft(torch.randn(3, 8))
+    if model is _PassesLayerToALookup:
+        assert isinstance(peft.base_model.model.proj.weight, torch.nn.Parameter)  # called only: its real weight
+
+
+@pytest.mark.parametrize("arch", ["layoutlmv3", "rwkv"])
+def test_transformers_models_computing_with_a_layers_weight_above_its_parent_are_refused(arch):
+    """The two models of the test above, as transformers builds them (tiny, float64)."""
+    import transformers
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    if arch == "layoutlmv3":
+        config = transformers.LayoutLMv3Config(
+            vocab_size=64, hidden_size=48, coordinate_size=8, shape_size=8, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64, visual_embed=False, rel_pos_bins=32, max_rel_pos=16,
+            rel_2d_pos_bins=16, max_rel_2d_pos=32)
+        base, targets, layer = transformers.LayoutLMv3Model(config), ["rel_pos_bias"], "encoder.rel_pos_bias"
+        x0 = torch.randint(0, 500, (2, 9, 2))
+        inputs = dict(input_ids=torch.randint(1, 64, (2, 9)), bbox=torch.cat([x0, x0 + 50], -1))
+    else:
+        config = transformers.RwkvConfig(vocab_size=64, hidden_size=32, attention_hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, context_length=64, rescale_every=1)
+        base, targets, layer = transformers.RwkvModel(config), ["output"], "blocks.0.attention.output"
+        inputs = dict(input_ids=torch.randint(1, 64, (2, 9)))
+    peft = get_peft_model(base.double().eval(), MissConfig(r=4, target_modules=targets, init_weights=False))
+    accelerate(peft)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=rf"at 'base_model\.model\.{re.escape(layer)}'"):
+        peft(**inputs)
+
+
 def test_merge_and_unload_of_an_unmerged_model_says_nothing():
     """merge_and_unload merges every adapter first, then PEFT's unload runs; PEFT 0.21 then warned
     "All adapters are already merged, nothing to do." (twice), which plain PEFT does not say."""
