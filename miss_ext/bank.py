@@ -32,7 +32,7 @@ bake into the graph (and did, before).
 """
 import itertools
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
@@ -208,7 +208,7 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
     sequence (1-D, x.shape[0] long) broadcast over the other leading sizes (a (batch, seq, in)
     activation of a model run with one adapter name per sequence), or one id (0-D) for every row
     (what mixed_batch gives a model whose layers regroup rows, when every row names the same
-    adapter: see sequence_first_reason). ValueError otherwise."""
+    adapter: see RowLayout). ValueError otherwise."""
     lead = tuple(x.shape[:-1])
     if tuple(index.shape) == lead:
         return index
@@ -250,42 +250,62 @@ def _is_moe_experts(module: nn.Module, name: str) -> bool:
         (name == "experts" and isinstance(module, (nn.ModuleList, nn.ModuleDict)))
 
 
-def sequence_first_reason(module: nn.Module, is_adapted: Callable[[nn.Module], bool], name: str = "") -> Optional[str]:
-    """Why a mixed batch cannot route rows through `module` (None when nothing says so), `name`
-    being its attribute name in its parent. The module is
+class RowLayout:
+    """Whether a model's layers may see rows other than its sequences in order, which a mixed
+    batch cannot route (rows are matched to sequences by x's first dimension). Fed every module of
+    the caller's own pass over the model (`see`), then `reason` says why (None when nothing says
+    so). What says so:
     - a transformers model of SEQUENCE_FIRST_MODEL_TYPES;
-    - a module holding an nn.MultiheadAttention built with batch_first=False (torch's transformer
-      layers, CLIP-style residual blocks) and an adapted layer (is_adapted): its layers see
-      (sequence, batch, features);
+    - an nn.MultiheadAttention built with batch_first=False whose holder (torch's transformer
+      layers, CLIP-style residual blocks) holds an adapted layer: its layers see (sequence, batch,
+      features);
     - MoE experts (_is_moe_experts) holding an adapted layer: each expert sees the tokens routed
       to it, which can number exactly the batch's sequences (a prompt of a few tokens; every
       decode step) and come in the router's order (NllbMoe lists them by expert slot first), so
       rows got other sequences' adapters silently (review of 2026-12-03: SwitchTransformers rows
       1.4 off, NllbMoe generated other tokens).
-    Other code that regroups rows cannot be seen. Asked of every module of a model, in the
-    caller's own pass over it."""
-    # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
-    model_type = getattr(module.__dict__.get("config"), "model_type", None)
-    if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
-        return f"it holds a {type(module).__name__} (model_type {model_type!r}), whose layers see " \
-               "(sequence, batch, features) or similar"
-    attention = [child for child in module._modules.values()
-                 if isinstance(child, nn.MultiheadAttention) and not child.batch_first]
-    if attention and any(is_adapted(m) for m in module.modules()):
-        torch_layer = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-        how = "built with batch_first=False" if torch_layer else \
-            "with an nn.MultiheadAttention built with batch_first=False"
-        return (f"it holds a {type(module).__name__} {how}, whose layers see (sequence, batch, features) (leave its "
-                "layers out of the adapters' target_modules to mix adapters elsewhere)")
-    if _is_moe_experts(module, name) and any(is_adapted(m) for m in module.modules()):
-        return (f"it holds MoE experts ({type(module).__name__}) whose layers see the tokens routed to each expert, "
-                "in the router's order (leave the experts out of the adapters' target_modules to mix adapters "
-                "elsewhere)")
-    return None
+    Other code that regroups rows cannot be seen. A few dict and type checks per module: the pass
+    runs on every adapter_names= call and mixed_batch entry."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._why: Optional[str] = None
+        self._holders: List[Tuple[str, str]] = []  # (path, why): adapted layers under path see other rows
+        self._adapted: List[str] = []
+
+    def see(self, path: str, module: nn.Module, adapted: bool) -> None:
+        """`module` at `path` in the model; `adapted`: whether it is an adapter layer."""
+        if self._why is not None:
+            return
+        # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
+        model_type = getattr(module.__dict__.get("config"), "model_type", None)
+        if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
+            self._why = (f"it holds a {type(module).__name__} (model_type {model_type!r}), whose layers see "
+                         "(sequence, batch, features) or similar")
+        elif isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+            holder = path.rpartition(".")[0]
+            self._holders.append((holder, f"it holds a {type(self._model.get_submodule(holder)).__name__} (at "
+                                          f"{holder!r}) with an nn.MultiheadAttention built with batch_first=False, "
+                                          "whose layers see (sequence, batch, features) (leave them out of the "
+                                          "adapters' target_modules to mix adapters elsewhere)"))
+        elif _is_moe_experts(module, path.rpartition(".")[2]):
+            self._holders.append((path, f"it holds MoE experts ({type(module).__name__} at {path!r}) whose layers see "
+                                        "the tokens routed to each expert, in the router's order (leave the experts "
+                                        "out of the adapters' target_modules to mix adapters elsewhere)"))
+        if adapted:
+            self._adapted.append(path)
+
+    @property
+    def reason(self) -> Optional[str]:
+        if self._why is None:
+            for holder, why in self._holders:
+                if any(holder == "" or path.startswith(holder + ".") for path in self._adapted):
+                    return why
+        return self._why
 
 
 def sequence_first_error(why: str, where: str) -> ValueError:
-    """The refusal of a mixed batch with different names per row for sequence_first_reason's `why`."""
+    """The refusal of a mixed batch with different names per row for RowLayout's `reason`."""
     return ValueError(f"{where}: mixed batches need layers that see (batch, ..., features) inputs, one row per "
                       f"sequence in order, and {why}: rows cannot be matched to sequences (where as many rows as "
                       "sequences reach a layer every shape check passes and rows get other adapters, silently). "
@@ -352,9 +372,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     `miss_ext.mixed_batch` set for the whole model (`rows`), and raises ValueError outside it.
     Returns (..., out_features) in x's dtype (the base output's, but under autocast, as MissLinear
     and PEFT). Errors: TypeError for an adapter_index that is not an int64 tensor; ValueError for
-    an index shape that fits none of these forms, or (CPU) an id past the bank or naming an empty slot (on CUDA these trip a device-side
-    assertion in miss.bank_fold). The base layer runs on x first, so a bad x (wrong last size or
-    dtype) raises the base's own error (torch's RuntimeError for nn.Linear).
+    an index shape that fits none of these forms, or (CPU) an id past the bank or naming an empty
+    slot (on CUDA these trip a device-side assertion in miss.bank_fold). The base layer runs on x
+    first, so a bad x (wrong last size or dtype) raises the base's own error (torch's RuntimeError
+    for nn.Linear).
 
     Source: miss_ext/bank.py module docstring (issue 14); each row computes MissLinear's term
     (docs/miss.md, "Default and mini"); the per-row names follow PEFT's adapter_names=.
@@ -604,8 +625,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if self._route.device != self.bank.device:
             self._slot_tensors_to(self.bank.device)
         last = self.capacity - 1
+        # torch.take: indexing with a 0-D tensor (one id for every row) would read it on the host.
         routed = torch.where((adapter_index >= 0) & (adapter_index <= last),
-                             self._route[adapter_index.clamp(0, last)], adapter_index)
+                             torch.take(self._route, adapter_index.clamp(0, last)), adapter_index)
         index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
         check_base_output(self, y, x)

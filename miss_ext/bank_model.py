@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, meta_problem, read_adapter, warn_non_finite, write_adapter,
                             KEY_PREFIX)
-from .bank import (BASE, MissBankLinear, check_bank_size, check_new_adapter, host_to_device, sequence_first_error,
-                   sequence_first_reason)
+from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
+                   sequence_first_error)
 from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_offloaded, unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
@@ -464,12 +464,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     thread while a mixed batch is active would also see its rows: that cannot be detected.
 
     Rows are matched by the input's first dimension: a layer sees sequence i as x[i] (PEFT's rule
-    too); a model that feeds its linears another layout (sequence-first, tokens regrouped) cannot
-    use it: ValueError for the sequence-first ones it can recognise (transformers' FSMT, XLNet,
-    Longformer and LED, torch's transformer layers with batch_first=False) when the names differ.
+    too); a model that feeds its linears another layout (sequence-first, tokens regrouped or
+    routed to MoE experts) cannot mix adapters: ValueError, when the names differ, for the layouts
+    bank.RowLayout recognises; one name for every row runs there whatever each layer sees (each
+    layer gets one id for all its rows, so a list of the wrong length is not caught there).
 
-    ValueError names an adapter not in the bank, or a model without bank layers; a layer whose
-    input has another number of sequences raises ValueError when called. TypeError for
+    ValueError names an adapter not in the bank, or a model without bank layers; elsewhere, a
+    layer whose input has another number of sequences raises ValueError when called. TypeError for
     adapter_names that is not a list or tuple of str / None (a bare string included);
     ValueError for an expand that is not a positive int. Source: PEFT's adapter_names=
     convention (LoRA's mixed-batch inference)."""
@@ -483,14 +484,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     get_encoder = getattr(model, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
     in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
-    # Layers that see rows other than the sequences in order (sequence_first_reason) cannot route
-    # names that differ; one name for every row routes right in any layout, given to each layer
-    # as one id for all its rows (their count there is not the batch's).
-    regrouped = None
+    # Layers that see rows other than the sequences in order (RowLayout) cannot route names that
+    # differ; one name for every row routes right in any layout, given to each layer as one id for
+    # all its rows (their count there is not the batch's).
+    layout = RowLayout(model)
     for path, module in model.named_modules():
-        regrouped = sequence_first_reason(module, lambda m: isinstance(m, MissBankLinear), path.rpartition(".")[2])
-        if regrouped is not None:
-            break
+        layout.see(path, module, isinstance(module, MissBankLinear))
+    regrouped = layout.reason
     if regrouped is not None and len({BASE if n is None else n for n in adapter_names}) > 1:
         raise sequence_first_error(regrouped, "mixed_batch")
     # The names are resolved to slots and the ids set under the lock that slot changes take, so

@@ -1,9 +1,12 @@
 """`MissLinear`: a frozen nn.Linear plus one trainable MiSS block, run on `torch.ops.miss`."""
 import functools
+import io
 import inspect
 import json
 import math
 import re
+import textwrap
+import tokenize
 import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -284,32 +287,55 @@ def _child_patterns(child: str) -> Tuple["re.Pattern[str]", ...]:
 def ancestor_reads_layer_tensors(ancestors: Sequence[nn.Module], path: str) -> bool:
     """Whether the code of an ancestor above the parent (`ancestors`: the modules holding the
     layer at `path`, outermost first, its parent excluded) names `<outer>.<name>.weight` or `.bias`,
-    <outer>.<name> being the layer's last two attribute names along `path` (list indices
-    dropped): code that reaches a grandchild's tensors (RwkvModel rescales
-    block.attention.output.weight and block.feed_forward.value.weight in place on entering eval,
-    which an adapter's term does not follow). Code elsewhere (utilities, other objects) is not seen."""
-    names = [part for part in path.split(".") if not part.isdigit()]
-    return len(names) >= 2 and any(_names_grandchild_tensors(type(a), names[-2], names[-1]) for a in ancestors)
+    <outer>.<name> being the layer's last two attribute names along `path` (any name for <outer>
+    where the parent is a list's element: `for block in self.blocks: block.output.weight`): code
+    that reaches a grandchild's tensors (RwkvModel rescales block.attention.output.weight and
+    block.feed_forward.value.weight in place on entering eval, which an adapter's term does not
+    follow). Code elsewhere (utilities, other objects) is not seen."""
+    parts = path.split(".")
+    if len(parts) < 2:
+        return False
+    outer = r"\w+" if parts[-2].isdigit() else re.escape(parts[-2])
+    return any(_names_grandchild_tensors(type(a), outer, parts[-1]) for a in ancestors)
 
 
 @functools.lru_cache(maxsize=None)
 def _names_grandchild_tensors(cls: type, outer: str, name: str) -> bool:
-    # Cached per class: a PeftModel's ancestors include PEFT's own classes, whose sources are long.
-    pattern = re.compile(rf"\b{re.escape(outer)}\.{re.escape(name)}\.(weight|bias)\b")
+    pattern = re.compile(rf"\b{outer}\.{re.escape(name)}\.(weight|bias)\b")
     return any(pattern.search(source) for source in _class_sources(cls))
+
+
+# Classes whose code is the frameworks' own, not a model's: their sources are long (reading
+# transformers' PreTrainedModel and GenerationMixin, PEFT's PeftModel and BaseTuner took 1.4-2.3 s
+# on the first accelerate of a process) and they do not compute with a model's layers' weights.
+_FRAMEWORK_MODULES = ("torch.", "peft.", "accelerate.", "transformers.modeling_utils", "transformers.generation.",
+                      "transformers.integrations.", "transformers.utils.")
 
 
 @functools.lru_cache(maxsize=None)
 def _class_sources(cls: type) -> Tuple[str, ...]:
+    """The code of `cls` and its bases (without comments and string literals: docstrings name
+    tensors in examples), but nn.Module's, object's and the frameworks' (_FRAMEWORK_MODULES)."""
     sources = []
     for klass in cls.__mro__:
-        if klass in (nn.Module, object):
+        if klass in (nn.Module, object) or klass.__module__.startswith(_FRAMEWORK_MODULES):
             continue
         try:
-            sources.append(inspect.getsource(klass))
+            sources.append(_code_only(inspect.getsource(klass)))
         except (OSError, TypeError):  # no source file (C, run-time definitions, a zipped module)
             pass
     return tuple(sources)
+
+
+def _code_only(source: str) -> str:
+    """`source` without its comments and string literals (f-strings' text too on Python 3.12+)."""
+    dropped = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
+                  if t.type not in dropped]
+        return tokenize.untokenize(tokens)
+    except (tokenize.TokenError, IndentationError, SyntaxError, ValueError):
+        return source
 
 
 def is_dtensor(t: Optional[Tensor]) -> bool:

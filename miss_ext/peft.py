@@ -98,7 +98,7 @@ from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_
                       is_plain_linear, json_tensor, load_merge_record, not_plain_reason, parent_reads_child_tensors,
                       tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
-                   sequence_first_error, sequence_first_reason)
+                   sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -196,14 +196,21 @@ def _merging():
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _MERGE_LOCK
 
 
+class _EveryRow(list):
+    """adapter_names for a layer of a model whose layers see rows other than its sequences
+    (bank.RowLayout), when every sequence names the same adapter: that one name, for every row of
+    the layer's input, however many it has."""
+
+
 def _adapter_names_hook(module, args, kwargs, holder):
     names = holder["names"]
     if holder.get("regrouped") and names:
-        # One name for every row, in a model whose layers see rows other than its sequences
-        # (sequence_first_reason): one per row of this layer's input, however many it has.
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-        if isinstance(x, Tensor) and x.dim() >= 2:
-            names = [names[0]] * x.shape[0]
+        if isinstance(module, AcceleratedMissLinear):
+            names = _EveryRow(names[:1])
+        else:  # PEFT's modules_to_save wrapper: a name per row of its input
+            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+            if isinstance(x, Tensor) and x.dim() >= 2:
+                names = [names[0]] * x.shape[0]
     kwargs["adapter_names"] = names
     return args, kwargs
 
@@ -280,9 +287,10 @@ def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
 
 # What a refused computation with an accelerated layer's weight says to do: the computing code is
 # the model's (its parent's), which the user does not edit.
-_PARENT_HINT = ("The model's own code (this layer's parent) does so, so an adapter on this layer cannot run: leave "
-                "it out of target_modules (PEFT's layer hands out the base weight there and silently ignores the "
-                "adapter)")
+_PARENT_HINT = ("The model's own code (its class source names this layer's weight or hands the layer on: "
+                "modules.parent_reads_child_tensors, ancestor_reads_layer_tensors) may do so, so an adapter on this "
+                "layer cannot run: leave it out of target_modules (PEFT's layer hands out the base weight there and "
+                "silently ignores or mis-scales the adapter)")
 
 
 class AcceleratedMissLinear(PeftMissLinear):
@@ -295,19 +303,20 @@ class AcceleratedMissLinear(PeftMissLinear):
         weight)."""
         return self.quantization_backend is None and is_plain_linear(self.base_layer)
 
-    # Where the parent module reads this layer's weight for a path of its own instead of calling
+    # Where the model's code reads this layer's weight for a path of its own instead of calling
     # the layer (nn.TransformerEncoderLayer's inference fast path, which would run the base
-    # weight and silently drop the adapter, as it does for PEFT's layers), `accelerate` sets this:
-    # .weight and .bias then give the base tensors' metadata (as miss_ext.MissLinear always does),
-    # a tensor subclass that turns that fast path off, so the parent calls the layer.
+    # weight and silently drop the adapter, as it does for PEFT's layers; a parent or ancestor
+    # whose source names the weight), `accelerate` sets this: .weight and .bias then give the base
+    # tensors' metadata (as miss_ext.MissLinear always does), a tensor subclass that turns that
+    # fast path off, so the parent calls the layer, and refuses computations.
     _base_tensors_as_metadata = False
     _metadata_where = "AcceleratedMissLinear"  # with the layer's path where accelerate sets the flag
 
     @property
     def weight(self) -> Tensor:
-        """PEFT's: the base layer's weight; under a parent that reads it for a fast path of its own
-        (nn.TransformerEncoderLayer), its metadata only (dtype, device, shape; computing with it
-        raises RuntimeError), so the parent calls the layer."""
+        """PEFT's: the base layer's weight; where the model's code reads it (a parent's fast path,
+        as nn.TransformerEncoderLayer's, or a class source naming it: see accelerate), its
+        metadata only (dtype, device, shape, .data; computing with it raises RuntimeError)."""
         if self._base_tensors_as_metadata:
             return base_tensor_attribute(self.get_base_layer(), self._metadata_where, "weight", True, _PARENT_HINT)
         return super().weight
@@ -526,8 +535,9 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _mixed_batch_forward(self, x: Tensor, adapter_names: object, *args, **kwargs) -> Tensor:
         """Each sequence i of x with adapter adapter_names[i] (see the module docstring)."""
         where = f"{type(self).__name__}.forward"
+        every_row = isinstance(adapter_names, _EveryRow)
         names = check_adapter_names(adapter_names, where)
-        if x.dim() < 2 or len(names) != x.shape[0]:
+        if not every_row and (x.dim() < 2 or len(names) != x.shape[0]):
             message = (f"{where}: adapter_names has {len(names)} entries but the input has "
                        f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
@@ -557,7 +567,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] +
                                            [slot_of.get(n, -1) for n in names], dtype=torch.int64), bank.device)
         ranks, periods = ints[:k], ints[k:2 * k]
-        index = row_index(ints[2 * k:], x, where)
+        index = row_index(ints[2 * k] if every_row else ints[2 * k:], x, where)
         # Dropout (training with some p > 0): each adapter its own rate, one key for the call.
         rates = [self._dropout_p(n) for n in used]
         dropouts = host_to_device(torch.tensor(rates, dtype=torch.float64), bank.device) if any(rates) else None
@@ -692,23 +702,28 @@ class AcceleratedMissLinear(PeftMissLinear):
     # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
     # loading.
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """PEFT's convert_to_lora / save_as_lora ask this of every layer before converting any.
-        Their MiSS converter reads the layer's first adapter's mode (miss_fn) for every adapter,
-        so on a layer mixing modes (which runs here, not in PEFT) it would write factors of the
-        wrong shape or values without an error; and for bat it takes the delta from the base
-        weight as it is, which holds the merged adapters while any are merged. ValueError for
-        both; True otherwise (PEFT's answer). miss_ext.export_lora converts default/mini adapters
-        exactly, whatever the layer's other adapters."""
+        """PEFT's convert_to_lora / save_as_lora ask this of every layer before converting any
+        (PeftModel.supports_lora_conversion too, for "default"). Their MiSS converter reads the
+        layer's first adapter's mode (miss_fn) for every adapter, so on a layer mixing modes
+        (which runs here, not in PEFT) it would write factors of the wrong shape or values without
+        an error; and for bat it takes the delta from the base weight as it is, which holds the
+        merged adapters while any are merged. False for both, with a UserWarning saying why
+        (convert_to_lora then raises TypeError); True otherwise (PEFT's answer).
+        miss_ext.export_lora converts default/mini adapters exactly, whatever the layer's others."""
         block = self.miss_block[adapter_name] if adapter_name in self.miss_block else None
+        why = None
         if block is not None and not _runs_in_peft_mode(self, adapter_name):
-            raise ValueError(f"PEFT's LoRA conversion cannot convert adapter {adapter_name!r} "
-                             f"({'bat' if _is_bat(block) else 'default/mini'}, block {tuple(block.shape)}) on a layer "
-                             f"whose first adapter is {_peft_mode(self)!r}: it converts every adapter in the first "
-                             "one's mode and would write a wrong LoRA file; use miss_ext.export_lora(model, path, "
-                             f"adapter_name={adapter_name!r}) for default/mini adapters")
-        if block is not None and _is_bat(block) and self.merged_adapters:
-            raise ValueError(f"PEFT's LoRA conversion of bat adapter {adapter_name!r} reads the base weight, which "
-                             f"holds merged adapters {list(self.merged_adapters)}: unmerge first")
+            mode = "bat" if _is_bat(block) else "default" if block.shape[1] == self.out_features else "mini"
+            why = (f"adapter {adapter_name!r} is in mode {mode!r} (block {tuple(block.shape)}) on a layer whose first "
+                   f"adapter's mode is {_peft_mode(self)!r}: PEFT's converter converts every adapter in the first "
+                   "one's mode and would write a wrong LoRA file; miss_ext.export_lora(model, path, "
+                   f"adapter_name={adapter_name!r}) converts default/mini adapters exactly")
+        elif block is not None and _is_bat(block) and self.merged_adapters:
+            why = (f"bat adapter {adapter_name!r}'s delta would be read from the base weight, which holds merged "
+                   f"adapters {list(self.merged_adapters)}: unmerge first")
+        if why is not None:
+            warnings.warn(f"PEFT's LoRA conversion is not supported here: {why}", stacklevel=2)
+            return False
         return True
 
     MERGED_KEY = "merged_adapters"
@@ -859,14 +874,12 @@ class AcceleratedMissModel(MissModel):
         names = check_adapter_names(adapter_names, where)
         # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
         # modules_to_save wrappers, and layers that see rows other than the sequences in order
-        # (sequence_first_reason): names that differ are refused there, and one name for every row,
-        # which routes right in any layout, is given to each layer once per row of its input.
-        known, not_accelerated, wrappers, sequence_first = set(), [], [], None
+        # (RowLayout): names that differ are refused there, and one name for every row, which
+        # routes right in any layout, is given to each layer for all the rows of its input.
+        known, not_accelerated, wrappers, layout = set(), [], [], RowLayout(self.model)
         differ = len(set(names)) > 1
         for path, module in self.model.named_modules():
-            if sequence_first is None:
-                sequence_first = sequence_first_reason(module, lambda m: isinstance(m, PeftMissLinear),
-                                                       path.rpartition(".")[2])
+            layout.see(path, module, isinstance(module, PeftMissLinear))
             if isinstance(module, PeftMissLinear):
                 known |= set(module.miss_block.keys())
                 if type(module) is PeftMissLinear:
@@ -883,6 +896,7 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
+        sequence_first = layout.reason
         if sequence_first is not None and differ:
             raise sequence_first_error(sequence_first, where)
         for path, wrapper in wrappers:
@@ -1189,10 +1203,10 @@ def accelerate(model: nn.Module) -> nn.Module:
     layers' base weights are shared with other modules (their merge is refused); calling it
     again refreshes that record. A layer whose parent's code reads its .weight/.bias (or hands the
     layer on, or an ancestor's code names it: modules.parent_reads_child_tensors and
-    ancestor_reads_layer_tensors) gives their metadata only (computing with it raises RuntimeError: it would bypass the adapter, which PEFT
-    does silently). UserWarning for adapters that never run (on
-    nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers without their tuner
-    (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
+    ancestor_reads_layer_tensors) gives their metadata only (computing with it raises
+    RuntimeError: it would bypass the adapter, which PEFT does silently). UserWarning for adapters
+    that never run (on nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers
+    without their tuner (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
     (peft/tuners/miss); where they differ: the module docstring and docs/miss.md, last section."""
     named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
     if not named and not _miss_layers(model, AcceleratedMissLinear):

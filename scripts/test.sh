@@ -26,7 +26,8 @@ parallel=()
 if [ "$workers" -gt 1 ] && python -c "import xdist" 2>/dev/null; then
   parallel=(-n "$workers" --dist loadfile)
   # Files in collection order (tests/conftest.py puts the slowest first); the option is xdist 3.6's.
-  if python -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 6))" 2>/dev/null; then
+  if python -c "import inspect, sys, xdist.plugin as p; sys.exit('no-loadscope-reorder' not in inspect.getsource(p))" \
+      2>/dev/null; then
     parallel+=(--no-loadscope-reorder)
   fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))}"

@@ -973,3 +973,54 @@ def test_slot_changes_wait_for_the_bank_lock(folders, tmp_path, change):
     worker.join(30)
     assert len(done) == 1
     assert miss_ext.bank_adapter_names(model) != before
+
+
+class _FlattensIntoAnExpert(torch.nn.Module):
+    """An MoE-like block: its `experts` see the batch's tokens flattened (not one row per sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    def forward(self, x):
+        return self.experts[0](x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def test_one_name_for_every_row_of_a_regrouping_model_runs_without_host_reads_and_compiles():
+    """In a model whose layers see rows other than its sequences (bank.RowLayout: here MoE
+    experts), mixed_batch with one name for every row gives each layer one id (0-D) for all its
+    rows: the layer's output is that adapter's on every row (as a full per-row index gives), no
+    op reads a tensor on the host (indexing with the 0-D id did, once per layer: a sync on CUDA,
+    and a graph break that failed fullgraph compilation), and torch.compile(fullgraph=True)
+    matches eager. Names that differ are refused there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _FlattensIntoAnExpert().eval()
+    miss_ext.apply_bank(model, ["experts.0"], capacity=2, max_r=2)
+    miss_ext.add_bank_adapter(model, "a", r=2, target_modules=["experts.0"])
+    layer = model.experts[0]
+    with torch.no_grad():
+        layer.block("a").normal_()
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        want = layer(x.reshape(12, 8), torch.full((12,), layer.index_of(["a"])[0].item())).reshape(3, 4, 8)
+        with pytest.raises(ValueError, match=r"MoE experts \(ModuleList at 'experts'\)"):
+            with miss_ext.mixed_batch(model, ["a", None, "a"]):
+                pass
+        with miss_ext.mixed_batch(model, ["a"] * 3):
+            with HostReads():
+                got = model(x)
+            compiled = torch.compile(model, fullgraph=True)(x)
+    assert HostReads.count == 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(compiled, want)

@@ -389,10 +389,12 @@ def test_mixed_modes_on_one_layer_follow_the_spec(base, modes):
 def test_peft_lora_conversion_refuses_what_it_would_convert_wrongly(base):
     """PEFT's convert_to_lora reads the layer's first adapter's mode for every adapter (a mini
     adapter after a default one got (r, r) factors, a wrong file) and takes bat's delta from the
-    base weight even while adapters are merged into it."""
+    base weight even while adapters are merged into it: the layers now answer that they do not
+    support it, saying why, so the converter refuses."""
     conversion = pytest.importorskip("peft.tuners.lora.conversion")
     model, layer = mixed_layer(base, ["default", "mini"])
-    with pytest.raises(ValueError, match=r"'a1'.*first adapter is 'default'.*export_lora"):
+    with pytest.warns(UserWarning, match=r"'a1' is in mode 'mini'.*first adapter's mode is 'default'.*export_lora"), \
+            pytest.raises(TypeError, match="do not support LoRA conversion"):
         conversion.convert_to_lora(model, rank=R, adapter_name="a1")
     # The first adapter's mode still converts, as in PEFT (float32 factors): x A^T B^T is the term.
     _, state = conversion.convert_to_lora(model, rank=R, adapter_name="a0")
@@ -404,7 +406,8 @@ def test_peft_lora_conversion_refuses_what_it_would_convert_wrongly(base):
 
     _, bat = pair(base, "bat")
     bat.merge_adapter()
-    with pytest.raises(ValueError, match="bat adapter 'default' reads the base weight.*unmerge first"):
+    with pytest.warns(UserWarning, match="bat adapter 'default'.s delta would be read from the base weight.*unmerge "
+                                         "first"), pytest.raises(TypeError, match="do not support LoRA conversion"):
         conversion.convert_to_lora(bat, rank=R)
     bat.unmerge_adapter()
     conversion.convert_to_lora(bat, rank=R)
@@ -1194,9 +1197,27 @@ class _RescalesAGrandchildInPlace(torch.nn.Module):
         return x
 
 
+class _RescalesAListElementsChild(torch.nn.Module):
+    """The loop's usual shape: `for block in self.blocks: block.output.weight...`, the layer a
+    direct child of the list's elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"output": torch.nn.Linear(8, 8)}) for _ in range(2))
+
+    def forward(self, x):
+        with torch.no_grad():
+            for block in self.blocks:
+                block.output.weight.mul_(0.5)
+        for block in self.blocks:
+            x = block["output"](x)
+        return x
+
+
 @pytest.mark.parametrize("model,targets,layer", [(_PassesLayerToALookup, ["table", "proj"], "table"),
-                                                 (_RescalesAGrandchildInPlace, ["output"], "blocks.0.attention.output")],
-                         ids=["layer-passed-on", "grandchild-rescaled"])
+                                                 (_RescalesAGrandchildInPlace, ["output"], "blocks.0.attention.output"),
+                                                 (_RescalesAListElementsChild, ["output"], "blocks.0.output")],
+                         ids=["layer-passed-on", "grandchild-rescaled", "list-elements-child-rescaled"])
 def test_code_above_the_parent_computing_with_a_layers_weight_is_refused(model, targets, layer):
     """Found on 2026-12-03 in transformers: LayoutLMv3's encoder passes its rel_pos_bias layers to a
     method that indexes their weight (the adapter never ran: merge_and_unload then changed the
@@ -1213,6 +1234,18 @@ def test_code_above_the_parent_computing_with_a_layers_weight_is_refused(model, 
         peft(torch.randn(3, 8))
     if model is _PassesLayerToALookup:
         assert isinstance(peft.base_model.model.proj.weight, torch.nn.Parameter)  # called only: its real weight
+
+
+def test_library_docstrings_and_generic_classes_do_not_count_as_code_reading_a_weight():
+    """PEFT's BaseTuner docstring shows `model.lm_head.weight.data = ...`: read as code, it made
+    every PEFT model's adapted lm_head hand out metadata (a review of 2026-12-03). Comments,
+    strings and the frameworks' own classes are not read: lm_head keeps its real weight."""
+    from peft import get_peft_model
+    model = get_peft_model(tiny_causal_lm("llama"), MissConfig(r=4, target_modules=["lm_head", "q_proj"],
+                                                               init_weights=False))
+    accelerate(model)
+    assert isinstance(model.get_output_embeddings().weight, torch.nn.Parameter)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.weight, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize("arch", ["layoutlmv3", "rwkv"])
