@@ -625,9 +625,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if self._route.device != self.bank.device:
             self._slot_tensors_to(self.bank.device)
         last = self.capacity - 1
-        # torch.take: indexing with a 0-D tensor (one id for every row) would read it on the host.
+        # Through a 1-D view: indexing with a 0-D tensor (one id for every row) reads it on the host
+        # (a sync on CUDA, a graph break), and torch 2.11's Inductor cannot lower torch.take of it.
+        flat = adapter_index.reshape(-1).clamp(0, last)
         routed = torch.where((adapter_index >= 0) & (adapter_index <= last),
-                             torch.take(self._route, adapter_index.clamp(0, last)), adapter_index)
+                             self._route[flat].reshape(adapter_index.shape), adapter_index)
         index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
         check_base_output(self, y, x)
