@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .modules import (MissLinear, adapter_dtype, block_shape, check_base_output, check_dropout, is_dtensor,
-                      is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, size_mismatches, tensor_json,
-                      tensor_problem, type_name)
+                      is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, refuse_nested, size_mismatches,
+                      tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -601,6 +601,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def forward(self, x: Tensor, adapter_index: Optional[Tensor] = None) -> Tensor:
         """Each row of x with its own adapter: see the class docstring, "forward"."""
         refuse_fx_proxy(x, self)
+        refuse_nested(x, "MissBankLinear")
         if adapter_index is None:
             adapter_index = self.rows
             if adapter_index is None:

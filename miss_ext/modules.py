@@ -389,6 +389,39 @@ def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
                         "(is_leaf_module), or use torch.export / torch.compile, which trace it")
 
 
+def jagged_forward(x: Tensor, forward: Callable[[Tensor], Tensor], where: str) -> Tensor:
+    """`forward` (a layer's forward: a function of each row's last dimension) of a nested tensor x
+    of torch's jagged layout (torch.nested, layout=torch.jagged: (B, j, ..., in_features), one
+    ragged dimension, not the last), run on x's packed values (rows, ..., in_features) and wrapped
+    again with x's offsets and lengths: (B, j, ..., out_features), with x's ragged dimension, so it
+    adds to other results computed from x (a residual). Why: PEFT's MiSS forward takes such inputs
+    (its reshape, sum and matmul are jagged ops) where in_features % r == 0, and nn.Linear does; the
+    miss ops take strided tensors only. TypeError for a nested tensor of the strided layout (PEFT
+    fails on it too, with torch's internal error), ValueError when the last dimension is ragged."""
+    if x.layout != torch.jagged:
+        raise TypeError(f"{where}: a nested tensor of layout {x.layout} is not supported; build it with "
+                        "layout=torch.jagged (torch.nested.nested_tensor(..., layout=torch.jagged)), or pad it "
+                        "(torch.nested.to_padded_tensor)")
+    ragged = x._ragged_idx
+    if ragged == x.dim() - 1:
+        raise ValueError(f"{where}: the nested tensor's last dimension (the features) is ragged, shape "
+                         f"{tuple(x.shape)}; a linear layer needs the same in_features for every row")
+    packed = x if ragged == 1 else x.transpose(1, ragged)  # the ragged dimension next to the batch
+    y = torch.nested.nested_tensor_from_jagged(
+        forward(packed.values()), packed.offsets(), lengths=packed.lengths(),
+        # The cached extents, if any: computing them later reads the offsets on the host.
+        min_seqlen=getattr(packed, "_maybe_min_seqlen", None), max_seqlen=getattr(packed, "_maybe_max_seqlen", None))
+    return y if ragged == 1 else y.transpose(1, ragged)
+
+
+def refuse_nested(x: Tensor, where: str) -> None:
+    """TypeError for a nested tensor (torch.nested) where rows are routed per sequence (a bank, a
+    mixed batch): the ids name padded sequences, and a jagged tensor's rows are not laid out so."""
+    if x.is_nested:
+        raise TypeError(f"{where}: a nested tensor (torch.nested) input cannot be routed per sequence; pad it "
+                        "(torch.nested.to_padded_tensor) and give one adapter per padded sequence")
+
+
 def check_base_output(layer: nn.Module, y: object, x: Tensor) -> None:
     """For a base layer that computes its own output (not the fused op): TypeError unless the base
     of `layer` (MissLinear, MissBankLinear, the accelerated PEFT layer) returned a tensor,
@@ -855,6 +888,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             return self.base_layer(x)
         if not torch.jit.is_scripting():
             refuse_fx_proxy(x, self)
+            if x.is_nested:
+                return jagged_forward(x, self.forward, self._describe())
             if self.training and self.dropout > 1.0 and self.mode != "bat":
                 # Before any key is drawn (the ops refuse it after the draw, which moved the global
                 # RNG on a refused call): the constructor checks dropout, a later assignment not.

@@ -67,6 +67,7 @@ Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated mod
 import contextlib
 import contextvars
 import inspect
+import itertools
 import threading
 import warnings
 import weakref
@@ -95,8 +96,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
-                      is_plain_linear, json_tensor, load_merge_record, not_plain_reason, parent_reads_child_tensors,
-                      tensor_json, type_name)
+                      is_plain_linear, jagged_forward, json_tensor, load_merge_record, not_plain_reason,
+                      parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
                    sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
@@ -123,7 +124,7 @@ def refuse_per_row_arguments(kwargs: Dict[str, object], where: str) -> None:
 def check_adapter_names(adapter_names: object, where: str) -> List[str]:
     """PEFT's adapter_names: a list or tuple of adapter names (str), one per sequence."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
-            not all(isinstance(n, str) for n in adapter_names):
+            not all(map(isinstance, adapter_names, itertools.repeat(str))):  # map: a row costs ~30 ns
         raise TypeError(f"{where}: adapter_names must be a list of adapter names (str, '{BASE}' for the base "
                         f"model), one per sequence; got {adapter_names!r}")
     return list(adapter_names)
@@ -373,6 +374,14 @@ class AcceleratedMissLinear(PeftMissLinear):
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
         adapter_names = kwargs.pop("adapter_names", None)
+        if isinstance(x, Tensor) and x.is_nested:
+            # Run on the packed rows (modules.jagged_forward); one name for every row routes them,
+            # per-sequence names do not reach a packed row's sequence.
+            if adapter_names is not None and not isinstance(adapter_names, _EveryRow) and not self.disable_adapters:
+                refuse_nested(x, f"{type(self).__name__}.forward with adapter_names=")
+            if adapter_names is not None:
+                kwargs["adapter_names"] = adapter_names
+            return jagged_forward(x, lambda rows: self.forward(rows, *args, **kwargs), f"{type(self).__name__}.forward")
         if not torch.compiler.is_compiling():
             self._refuse_recompute_without_names(x, adapter_names)
         if adapter_names is not None and not self.disable_adapters:
@@ -546,7 +555,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         self._refuse_names_here(names, where)
         if (args or kwargs) and self._fast_path():
             _refuse_extra_arguments(where, args, kwargs)
-        used = list(dict.fromkeys(n for n in names if n in self.miss_block))  # others: base output here
+        blocks_of = self.miss_block  # others: base output here (names deduplicated first: one lookup each)
+        used = [n for n in dict.fromkeys(names) if n in blocks_of]
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
         if not used:
@@ -565,7 +575,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         # ranks, periods and the per-row index in one host-to-device copy; the rates as float64.
         k = len(used)
         ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] +
-                                           [slot_of.get(n, -1) for n in names], dtype=torch.int64), bank.device)
+                                           list(map(slot_of.get, names, itertools.repeat(-1))), dtype=torch.int64), bank.device)
         ranks, periods = ints[:k], ints[k:2 * k]
         index = row_index(ints[2 * k] if every_row else ints[2 * k:], x, where)
         # Dropout (training with some p > 0): each adapter its own rate, one key for the call.
