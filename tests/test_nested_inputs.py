@@ -12,6 +12,7 @@ from torch import nn
 
 import miss_ext
 from miss_ext.bank import MissBankLinear
+from conftest import DEVICES
 from reference import F64, bat_weight_ref, linear_ref
 
 IN, OUT = 16, 12
@@ -19,17 +20,17 @@ CASES = [("default", 4, 1), ("default", 5, 1), ("default", 20, 1), ("mini", 4, 3
 CASE_IDS = ["default", "remainder", "r_above_in", "mini", "bat"]
 
 
-def jagged(rows, requires_grad=False, width=IN, extra=()):
+def jagged(rows, requires_grad=False, width=IN, extra=(), device="cpu"):
     """A (len(rows), j, *extra, width) float64 jagged tensor of random non-zero values."""
-    parts = [torch.randn(n, *extra, width, dtype=F64) for n in rows]
+    parts = [torch.randn(n, *extra, width, dtype=F64, device=device) for n in rows]
     return torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=requires_grad), parts
 
 
-def layer(mode, r, mini_r, out=OUT):
+def layer(mode, r, mini_r, out=OUT, device="cpu"):
     kwargs = {"mode": mode, "mini_r": mini_r} if mode == "mini" else {"mode": mode}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # r > in_features warns at construction
-        m = miss_ext.MissLinear(nn.Linear(IN, out, dtype=F64), r=r, **kwargs)
+        m = miss_ext.MissLinear(nn.Linear(IN, out, dtype=F64, device=device), r=r, **kwargs)
     with torch.no_grad():
         m.miss_block.normal_()
     return m
@@ -44,10 +45,11 @@ def reference(m, x):
     return linear_ref(x, w, b, block)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,r,mini_r", CASES, ids=CASE_IDS)
-def test_miss_linear_on_jagged_rows_matches_the_reference_values_and_gradients(mode, r, mini_r):
-    m = layer(mode, r, mini_r)
-    x, parts = jagged([3, 1, 6], requires_grad=True)
+def test_miss_linear_on_jagged_rows_matches_the_reference_values_and_gradients(mode, r, mini_r, device):
+    m = layer(mode, r, mini_r, device=device)
+    x, parts = jagged([3, 1, 6], requires_grad=True, device=device)
     y = m(x)
     assert y.is_nested and y.layout == torch.jagged and y.shape[0] == 3 and y.shape[-1] == OUT
     for got, part in zip(y.unbind(), parts):
@@ -115,9 +117,10 @@ def test_accelerated_peft_layer_takes_jagged_input_as_peft_does(mode):
     torch.testing.assert_close(x.grad.values(), rows.grad[0], rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_layer_on_jagged_input_matches_eager(dynamo_reset):
-    m = layer("default", 4, 1, out=IN)
-    x, _ = jagged([3, 5])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_layer_on_jagged_input_matches_eager(device, dynamo_reset):
+    m = layer("default", 4, 1, out=IN, device=device)
+    x, _ = jagged([3, 5], device=device)
 
     def step(t):
         return m(t) + t
