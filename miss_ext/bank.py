@@ -32,7 +32,7 @@ bake into the graph (and did, before).
 """
 import itertools
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
@@ -243,6 +243,12 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
 SEQUENCE_FIRST_MODEL_TYPES = ("fsmt", "xlnet", "longformer", "led", "bros", "mask2former", "oneformer", "bridgetower")
 
 
+# Config attributes of multimodal transformers models that put image (video, audio) features at
+# these tokens' places in the text sequences (RowLayout).
+_MODALITY_TOKEN_IDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
+                       "audio_token_id", "audio_token_index")
+
+
 def _is_moe_experts(module: nn.Module, name: str) -> bool:
     """An MoE block's experts (transformers' SwitchTransformersExperts, NllbMoeExperts, ...; or a
     ModuleList/ModuleDict registered as `experts`, as remote-code MoE models build them)."""
@@ -264,6 +270,14 @@ class RowLayout:
       decode step) and come in the router's order (NllbMoe lists them by expert slot first), so
       rows got other sequences' adapters silently (review of 2026-12-03: SwitchTransformers rows
       1.4 off, NllbMoe generated other tokens).
+    - the vision (audio, video) side of a multimodal model that merges image features into its
+      text sequences (a transformers config with a text_config and an image/video/audio token
+      id: Llava, LlavaNext, Idefics3, Qwen2-VL, Gemma3, PaliGemma, BLIP-2, ...): every child of it
+      but its language model (the child built from config.text_config) and its output embeddings
+      holds layers that see images, their tiles or patches, or query tokens, and a sequence may
+      hold several images or none: with as many images as sequences, images took other
+      sequences' adapters silently (review of 2026-12-03, eleventh session: Llava's row 0 0.28
+      off where its adapter's effect was 0.41, generate gave other tokens).
     Other code that regroups rows cannot be seen. A few dict and type checks per module: the pass
     runs on every adapter_names= call and mixed_batch entry."""
 
@@ -272,13 +286,15 @@ class RowLayout:
         self._why: Optional[str] = None
         self._holders: List[Tuple[str, str]] = []  # (path, why): adapted layers under path see other rows
         self._adapted: List[str] = []
+        self._multimodal: Dict[int, bool] = {}  # id(config) -> whether it merges other modalities
 
     def see(self, path: str, module: nn.Module, adapted: bool) -> None:
         """`module` at `path` in the model; `adapted`: whether it is an adapter layer."""
         if self._why is not None:
             return
         # __dict__, not getattr: nn.Module.__getattr__ raises for every module without one (slow).
-        model_type = getattr(module.__dict__.get("config"), "model_type", None)
+        config = module.__dict__.get("config")
+        model_type = getattr(config, "model_type", None)
         if isinstance(model_type, str) and model_type in SEQUENCE_FIRST_MODEL_TYPES:
             self._why = (f"it holds a {type(module).__name__} (model_type {model_type!r}), whose layers see "
                          "(sequence, batch, features) or similar")
@@ -292,8 +308,37 @@ class RowLayout:
             self._holders.append((path, f"it holds MoE experts ({type(module).__name__} at {path!r}) whose layers see "
                                         "the tokens routed to each expert, in the router's order (leave the experts "
                                         "out of the adapters' target_modules to mix adapters elsewhere)"))
+        elif config is not None and self._merges_modalities(config):
+            self._see_multimodal(path, module, config)
         if adapted:
             self._adapted.append(path)
+
+    def _merges_modalities(self, config: object) -> bool:
+        key = id(config)
+        if key not in self._multimodal:
+            self._multimodal[key] = getattr(config, "text_config", None) is not None and any(
+                getattr(config, name, None) is not None for name in _MODALITY_TOKEN_IDS)
+        return self._multimodal[key]
+
+    def _see_multimodal(self, path: str, module: nn.Module, config: object) -> None:
+        text_config = config.text_config
+        try:
+            output = module.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            output = None
+        for name, child in module.named_children():
+            child_config = child.__dict__.get("config")
+            # The language model, the output embeddings (they see the sequences' tokens), and the
+            # same model's inner module (LlavaForConditionalGeneration.model: seen in its turn).
+            if child_config is text_config or child_config is config or child is output:
+                continue
+            holder = f"{path}.{name}" if path else name
+            self._holders.append((holder, f"it holds a {type(child).__name__} (at {holder!r}) beside the language "
+                                          f"model of the multimodal {type(module).__name__}, whose layers see "
+                                          "images, their tiles or patches (or audio, video), not the sequences: a "
+                                          "sequence may hold several images or none (leave the vision tower and "
+                                          "projector out of the adapters' target_modules to mix adapters in the "
+                                          "language model)"))
 
     @property
     def reason(self) -> Optional[str]:

@@ -672,6 +672,61 @@ def test_moe_experts_refuse_rows_with_different_adapters(tmp_path):
         torch.testing.assert_close(server(input_ids=ids, decoder_input_ids=dec).last_hidden_state, want, **TOL)
 
 
+def _tiny_llava():
+    """A tiny random Llava (CLIP vision tower, projector, Llama language model; 4 tokens per
+    image) and its image token id."""
+    import transformers
+    image = 60
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=16, patch_size=8),
+        text_config=transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, pad_token_id=0),
+        image_token_index=image, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(config).double().eval(), image
+
+
+def test_multimodal_models_refuse_mixed_rows_on_their_vision_side(tmp_path):
+    """A vision-language model's vision tower and projector see images, not sequences: with three
+    images for three sequences (two in the first, none in the second) every shape check passed and
+    the first sequence's second image took the next sequence's adapter (Llava's row 0 0.28 off
+    where its adapter's effect was 0.41; generate gave other tokens; a review of 2026-12-03). Names
+    that differ are refused where an adapter adapts that side; adapters on the language model
+    alone mix, each row exactly its adapter alone, wherever the images are."""
+    base, image = _tiny_llava()
+    ids = torch.randint(3, image - 1, (3, 12), generator=torch.Generator().manual_seed(1))
+    ids[0, 1:9] = image  # two images
+    ids[2, 1:5] = image  # one; the second sequence none
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(3, 3, 16, 16, dtype=F64))
+    names = ["a", "b", "__base__"]
+    model = _two_adapters(base, "all-linear")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"CLIPVisionModel \(at 'model.vision_tower'\) beside the "
+                                                          r"language model of the multimodal LlavaModel"):
+        model(**inputs, adapter_names=names)
+    with torch.no_grad():
+        model.base_model.set_adapter("b")
+        want = model(**inputs).logits
+        torch.testing.assert_close(model(**inputs, adapter_names=["b"] * 3).logits, want, **TOL)
+    model.save_pretrained(tmp_path)
+    server = miss_ext.load_bank(copy.deepcopy(base), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    with pytest.raises(ValueError, match=r"mixed_batch: .*beside the language model"):
+        with miss_ext.mixed_batch(server, names):
+            pass
+    language_only = _two_adapters(base, r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    with torch.no_grad():
+        got = language_only(**inputs, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with language_only.disable_adapter():
+                    want = language_only(**inputs).logits
+            else:
+                language_only.base_model.set_adapter(name)
+                want = language_only(**inputs).logits
+            torch.testing.assert_close(got[row], want[row], **TOL)
+
+
 class _RemoteCodeMoE(torch.nn.Module):
     """A top-1 MoE block as remote-code models build it: experts in an nn.ModuleList named
     `experts`, each called on the tokens routed to it."""
