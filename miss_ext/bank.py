@@ -616,7 +616,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def index_of(self, names: Sequence[Optional[str]], device: Optional[torch.device] = None) -> Tensor:
         """Slot ids, int64 of shape (len(names),) on `device` (by default the bank's), for per-row
         adapter names; None or "__base__" gives -1 (base only). ValueError names an unknown
-        adapter."""
+        adapter; TypeError for a bare str (its characters would be read as names) or a non-sequence."""
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError(f"index_of: names must be a list of adapter names (str, None or '{BASE}' for the base "
+                            f"model), one per row; got {names!r}")
         ids = [-1 if name is None or name == BASE else self._slot(name) for name in names]
         return host_to_device(torch.tensor(ids, dtype=torch.int64), self.bank.device if device is None else device)
 

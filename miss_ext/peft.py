@@ -312,6 +312,12 @@ class AcceleratedMissLinear(PeftMissLinear):
     # fast path off, so the parent calls the layer, and refuses computations.
     _base_tensors_as_metadata = False
     _metadata_where = "AcceleratedMissLinear"  # with the layer's path where accelerate sets the flag
+    # True on a layer (its __dict__) while a model call with adapter_names= runs: read in forward,
+    # so that torch.compile guards on it. The names come through per-call forward pre-hooks, and
+    # Dynamo does not guard on hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a graph
+    # traced for a plain call was reused by a later call with names, every row then running the
+    # active adapter (names, then none, then names: a review of 2026-12-03, 0.51 off).
+    _names_call = False
 
     @property
     def weight(self) -> Tensor:
@@ -374,6 +380,9 @@ class AcceleratedMissLinear(PeftMissLinear):
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
         adapter_names = kwargs.pop("adapter_names", None)
+        if self._names_call and adapter_names is None:
+            raise RuntimeError(f"{type(self).__name__}.forward: a model call with adapter_names= is running but its "
+                               "names did not reach this layer (a compiled graph traced without them?)")
         if isinstance(x, Tensor) and x.is_nested:
             # Run on the packed rows (modules.jagged_forward); one name for every row routes them,
             # per-sequence names do not reach a packed row's sequence.
@@ -952,12 +961,15 @@ class AcceleratedMissModel(MissModel):
             _NAMES_ACTIVE.add(self)
             # The adapters the call may use: a load_state_dict of theirs is refused while it runs.
             self.__dict__["_names_call_adapters"] = frozenset(self.peft_config)
-        handles = []
+        handles, flagged = [], []
         try:
             for module in self.model.modules():
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(
                         partial(_adapter_names_hook, holder=holder), with_kwargs=True))
+                if isinstance(module, AcceleratedMissLinear):
+                    module.__dict__["_names_call"] = True  # guarded by torch.compile (see the class)
+                    flagged.append(module)
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
@@ -977,6 +989,8 @@ class AcceleratedMissModel(MissModel):
                 inner.__dict__["generate"] = saved
             for handle in handles:
                 handle.remove()
+            for module in flagged:
+                module.__dict__.pop("_names_call", None)
             _NAMES_ACTIVE.discard(self)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:

@@ -634,3 +634,12 @@ def test_a_half_precision_bank_folds_and_sums_in_float32(dtype):
             got = bank(x.clone().requires_grad_(grad), bank.index_of(["a", None]))
         assert got.dtype == dtype
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+
+
+def test_index_of_refuses_a_bare_string():
+    """index_of("ab") read the characters as names: rows of adapter "ab" silently routed to "a"
+    and "b" (a new-user review, 2026-12-03)."""
+    _, bank, _ = make("cpu")
+    with pytest.raises(TypeError, match=r"names must be a list of adapter names .* got 'ab'"):
+        bank.index_of("ab")
+    assert bank.index_of(("a", None, "__base__")).tolist() == [bank.index_of(["a"]).item(), -1, -1]

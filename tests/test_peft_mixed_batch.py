@@ -77,6 +77,22 @@ def test_forward_each_row_equals_its_adapter_alone(models):
         torch.testing.assert_close(model(ids, adapter_names=["a"] * len(NAMES)).logits, model(ids).logits, **TOL)
 
 
+def test_a_compiled_model_follows_each_calls_names(models, dynamo_reset):
+    """torch.compile of the model (no fullgraph: the per-call hooks break the graph at the PEFT
+    wrapper): names, then none, then other names. Dynamo does not guard on module hooks, so the
+    graph traced for the plain call ran the last call, every row with the active adapter (0.51
+    off on a tiny Llama; a review of 2026-12-03). The layers read a flag it guards on."""
+    model, singles = models
+    ids = tokens(len(NAMES), 7, seed=5)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        want = {name: singles[name](ids).logits for name in set(NAMES)}
+        for names in (["a"] * len(NAMES), None, list(reversed(NAMES)), None, NAMES):
+            got = compiled(ids, **({} if names is None else {"adapter_names": names})).logits
+            for i, name in enumerate(names or ["a"] * len(NAMES)):
+                torch.testing.assert_close(got[i], want[name][i], **TOL)
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_each_row_equals_its_adapter_alone(models, num_beams):
     model, singles = models
