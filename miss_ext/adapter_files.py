@@ -20,8 +20,9 @@ from torch.nn.utils import parametrize
 
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors, saved_whole_problem,
-                    shared_before_wrapping, trainable_extras, unwrap_model, warn_shared, writes_here)
+                    parent_module, peft_hint, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors,
+                    refuse_peft_model, saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model,
+                    warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
                       refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
@@ -267,7 +268,9 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     ddp, model = is_ddp(model), unwrap_model(model, "save_adapter")
     layers = miss_layers(model)
     if not layers:
-        raise ValueError("save_adapter: the model has no miss_ext.MissLinear layer")
+        raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model)}"
+                         + (" (it has MissBankLinear layers: save_bank_adapter saves one of their adapters)"
+                            if any(type(m).__name__ == "MissBankLinear" for m in model.modules()) else ""))
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
                 + list(extra_parameters(model).items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)
@@ -707,6 +710,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     PeftModel.from_pretrained / set_peft_model_state_dict; docs/miss.md, "Files".
     """
     wrapped, model = model, unwrap_model(model, "load_adapter")
+    refuse_peft_model(model, "load_adapter")
     refuse_lazy_tensors(model, "load_adapter")
     config, blocks, extras = read_adapter(path, model)
     if not blocks:

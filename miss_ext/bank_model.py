@@ -35,8 +35,8 @@ from .adapter_files import (_check_config_fields, _config_settings, _find_parame
                             KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
-from .model import (drop_weight_read_linears, is_ddp, parent_module, refuse_ddp_wrapped, refuse_lazy_tensors,
-                    refuse_offloaded, unwrap_model, writes_here)
+from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
+                    refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, unwrap_model, writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
 from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
@@ -68,9 +68,11 @@ def bank_layers(model: nn.Module) -> List[Tuple[str, MissBankLinear]]:
 
 
 def _layers(model: nn.Module, where: str) -> List[Tuple[str, MissBankLinear]]:
+    check_module(model, where)
     layers = bank_layers(model)
     if not layers:
-        raise ValueError(f"{where}: the model has no MissBankLinear layer (miss_ext.apply_bank or load_bank first)")
+        raise ValueError(f"{where}: the model has no MissBankLinear layer (miss_ext.apply_bank or load_bank first)"
+                         f"{peft_hint(model)}")
     names = layers[0][1].adapter_names
     for path, layer in layers[1:]:
         if layer.adapter_names != names:
@@ -125,6 +127,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     outer, model = model, unwrap_model(model, "apply_bank")
+    refuse_peft_model(model, "apply_bank")
     refuse_lazy_tensors(model, "apply_bank")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
@@ -333,6 +336,8 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     bad r, more adapters than capacity, or any adapter load_bank_adapter refuses (max_r too small, a file that
     does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
     not exist, and the model is then as it was."""
+    check_module(model, "load_bank")
+    refuse_peft_model(unwrap_model(model, "load_bank"), "load_bank")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:
@@ -474,6 +479,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     adapter_names that is not a list or tuple of str / None (a bare string included);
     ValueError for an expand that is not a positive int. Source: PEFT's adapter_names=
     convention (LoRA's mixed-batch inference)."""
+    check_module(model, "mixed_batch")
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or \
             not all(n is None or isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str or None), one per sequence, got "

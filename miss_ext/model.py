@@ -72,10 +72,53 @@ def _wrapper_chain(model: nn.Module) -> List[nn.Module]:
         chain.append(model)
 
 
+def check_module(model: object, where: str) -> None:
+    """TypeError naming `where` unless `model` is a torch.nn.Module (a str or None passed as the
+    model failed later with a bare AttributeError from inside miss_ext)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: the model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+
+
+def peft_layer_path(model: nn.Module) -> Optional[str]:
+    """The path of the first module of `model` whose class is PEFT's (a PeftModel, a tuner, PEFT's
+    adapter layers and modules_to_save wrappers), "" for the model itself; None when there is none."""
+    for path, module in model.named_modules():
+        if any(k.__module__.partition(".")[0] == "peft" for k in type(module).__mro__):  # subclasses too
+            return path
+    return None
+
+
+def peft_hint(model: nn.Module) -> str:
+    """Said beside "no miss_ext layer" when the model is a PEFT model: miss_ext's model functions
+    work on miss_ext's own layers; a PEFT model has PEFT's own functions."""
+    path = peft_layer_path(model)
+    if path is None:
+        return ""
+    return (f" (it is a PEFT model: {type(model.get_submodule(path)).__name__} at {path or 'the top'!r}; use PEFT's own "
+            "save_pretrained / merge_and_unload / load_adapter, adapter_names= for mixed batches, and "
+            "miss_ext.peft.accelerate(model) for the fast layers)")
+
+
+def refuse_peft_model(model: nn.Module, where: str) -> None:
+    """TypeError for a model holding PEFT's modules, given to a function that adds or loads
+    miss_ext's own layers: miss_ext layers inside a PeftModel were saved under PEFT's wrapper
+    paths (base_model.model....), a file neither PEFT nor load_adapter could load, and layers PEFT
+    had adapted were refused as "not an nn.Linear" (a new-user review, 2026-12-03)."""
+    path = peft_layer_path(model)
+    if path is not None:
+        raise TypeError(f"{where}: the model holds PEFT's modules ({type(model.get_submodule(path)).__name__} at "
+                        f"{path or 'the top'!r}); miss_ext's model functions add and load miss_ext's own layers on a "
+                        "model without PEFT's. For a PEFT model use PEFT's own API (add_adapter, load_adapter, "
+                        "save_pretrained, adapter_names= for mixed batches) with miss_ext.peft.accelerate(model) "
+                        "for the fast layers, or call this on the base model (peft_model.unload() gives it back)")
+
+
 def unwrap_model(model: nn.Module, where: str) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers: adapter
     files name module paths of the model itself, without a wrapper's "module." or "_orig_mod."
-    prefix. TypeError (refuse_fsdp1) for a model holding FSDP1 wrappers, naming `where`."""
+    prefix. TypeError for a model that is no nn.Module, and (refuse_fsdp1) for a model holding
+    FSDP1 wrappers, naming `where`."""
+    check_module(model, where)
     refuse_fsdp1(model, where)
     return _wrapper_chain(model)[-1]
 
@@ -105,6 +148,7 @@ def refuse_fsdp1(model: nn.Module, where: str) -> None:
 def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
     """ValueError for a DistributedDataParallel model about to get new parameters: DDP registers
     the parameters to reduce when it is built, so new blocks would train per rank, unreduced."""
+    check_module(model, where)
     if is_ddp(model):
         raise ValueError(f"{where}: the model is wrapped in DistributedDataParallel, which registered its parameters "
                          "when it was built: new MiSS blocks would not have their gradients averaged over the ranks. "
@@ -490,6 +534,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     outer, model = model, unwrap_model(model, "apply_miss")
+    refuse_peft_model(model, "apply_miss")
     refuse_lazy_tensors(model, "apply_miss")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
@@ -677,9 +722,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     FSDP2). A model without MissLinear layers: UserWarning, returned unchanged; a model that is
     itself a MissLinear: its base layer is returned. Source: PEFT's merge_and_unload;
     docs/miss.md, "Merging"."""
+    check_module(model, "merge_and_unload")
     layers = miss_layers(model)
     if not layers:
-        warnings.warn("merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do", stacklevel=2)
+        warnings.warn(f"merge_and_unload: the model has no miss_ext.MissLinear layer; nothing to do{peft_hint(model)}",
+                      stacklevel=2)
         return model
     refuse_fsdp1(model, "merge_and_unload")
     # FSDP2 may hold a layer unsharded (its weight then FSDP's gathered copy, which a merge would

@@ -93,7 +93,7 @@ from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
-from .model import parent_module, undo_each  # noqa: E402
+from .model import check_module, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
                       is_plain_linear, jagged_forward, json_tensor, load_merge_record, not_plain_reason,
@@ -1232,6 +1232,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     that never run (on nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers
     without their tuner (adapter_names= will not reach them). Source: PEFT's MissLinear / MissModel
     (peft/tuners/miss); where they differ: the module docstring and docs/miss.md, last section."""
+    check_module(model, "accelerate")
     named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
     if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
@@ -1277,7 +1278,21 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model
-    (a model without accelerated layers is returned unchanged)."""
+    (a model without accelerated layers is returned unchanged). TypeError for a model that is no
+    nn.Module; ValueError, changing nothing, where a layer holds an adapter PEFT's code would
+    compute in another mode than its own (adapters of several modes on one layer: PEFT's forward,
+    merge and unmerge take every adapter in the layer's first adapter's mode, so a restored
+    layer with such an adapter merged could no longer be unmerged, its base weight lost, and one
+    active would compute a wrong term silently; found by a new-user review, 2026-12-03)."""
+    check_module(model, "restore")
+    others = [(path, name) for path, layer in model.named_modules() if type(layer) is AcceleratedMissLinear
+              for name in layer.miss_block if not _runs_in_peft_mode(layer, name)]
+    if others:
+        raise ValueError(f"restore: {describe([f'{path}: {name}' for path, name in others], limit=3)} "
+                         f"{'is an adapter' if len(others) == 1 else 'are adapters'} in another mode than "
+                         "the layer's first one, which PEFT's own code computes in that first mode (wrong terms, "
+                         "and a merge it cannot unmerge); delete_adapter them (unmerge_adapter first if merged) or "
+                         "keep the model accelerated. Nothing was changed")
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
         layer.__dict__.pop("_base_tensors_as_metadata", None)
@@ -1288,5 +1303,7 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def is_accelerated(model: nn.Module) -> bool:
-    """True when every PEFT MiSS layer of the model is accelerated (and there is at least one)."""
+    """True when every PEFT MiSS layer of the model is accelerated (and there is at least one).
+    TypeError for a model that is no nn.Module."""
+    check_module(model, "is_accelerated")
     return bool(_miss_layers(model, AcceleratedMissLinear)) and not _miss_layers(model, PeftMissLinear)

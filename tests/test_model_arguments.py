@@ -1,0 +1,102 @@
+"""The model functions given the wrong kind of model (a new-user review, 2026-12-03): something
+that is no nn.Module raises TypeError naming the function (it was a bare AttributeError from
+inside miss_ext); a PEFT model given to the functions that add or load miss_ext's own layers
+raises TypeError and changes nothing (apply_miss put miss_ext layers inside the PeftModel, whose
+saved file neither PEFT nor load_adapter could load); the "no layer" errors of the others point a
+PEFT model to PEFT's own functions."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import miss_ext
+import miss_ext.peft
+from conftest import assert_unchanged, snapshot
+
+peft = pytest.importorskip("peft")
+
+CALLS = {
+    "apply_miss": lambda m, d: miss_ext.apply_miss(m, ["0"], r=2),
+    "merge_and_unload": lambda m, d: miss_ext.merge_and_unload(m),
+    "save_adapter": lambda m, d: miss_ext.save_adapter(m, str(d / "x")),
+    "load_adapter": lambda m, d: miss_ext.load_adapter(m, str(d / "x")),
+    "apply_bank": lambda m, d: miss_ext.apply_bank(m, ["0"], capacity=2, max_r=2),
+    "load_bank": lambda m, d: miss_ext.load_bank(m, {"a": str(d / "x")}),
+    "bank_adapter_names": lambda m, d: miss_ext.bank_adapter_names(m),
+    "mixed_batch": lambda m, d: miss_ext.mixed_batch(m, ["a"]).__enter__(),
+    "export_lora": lambda m, d: miss_ext.export_lora(m, str(d / "y")),
+    "accelerate": lambda m, d: miss_ext.peft.accelerate(m),
+    "is_accelerated": lambda m, d: miss_ext.peft.is_accelerated(m),
+    "restore": lambda m, d: miss_ext.peft.restore(m),
+}
+
+
+@pytest.mark.parametrize("function", sorted(CALLS))
+@pytest.mark.parametrize("model", ["model", None, [nn.Linear(2, 2)]], ids=["str", "None", "list"])
+def test_a_model_that_is_no_module_is_refused_by_name(function, model, tmp_path):
+    with pytest.raises(TypeError, match=rf"{function}: the model must be a torch.nn.Module, got "):
+        CALLS[function](model, tmp_path)
+
+
+def _peft_model():
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+                                peft.MissConfig(r=2, target_modules=["0"]))
+    miss_ext.peft.accelerate(model)
+    return model
+
+
+@pytest.mark.parametrize("function", ["apply_miss", "load_adapter", "apply_bank", "load_bank"])
+def test_functions_adding_miss_ext_layers_refuse_a_peft_model_and_change_nothing(function, tmp_path):
+    saved = miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0"], r=2)
+    miss_ext.save_adapter(saved, str(tmp_path / "x"))
+    model = _peft_model()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"{function}: the model holds PEFT's modules \(PeftModel at 'the top'\); "
+                                        "miss_ext's model functions add and load miss_ext's own layers"):
+        CALLS[function](model, tmp_path)
+    assert_unchanged(model, before)
+    # Also inside another module (a PEFT layer somewhere in the model).
+    outer = nn.Sequential(copy.deepcopy(model.base_model.model))
+    with pytest.raises(TypeError, match=r"AcceleratedMissLinear at '0.0'"):
+        CALLS[function](outer, tmp_path)
+
+
+def test_the_other_functions_point_a_peft_model_to_peft(tmp_path):
+    model = _peft_model()
+    hint = r"it is a PEFT model: PeftModel at 'the top'; use PEFT's own save_pretrained / merge_and_unload"
+    with pytest.raises(ValueError, match=hint):
+        miss_ext.save_adapter(model, str(tmp_path / "x"))
+    with pytest.raises(ValueError, match=hint):
+        miss_ext.bank_adapter_names(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert miss_ext.merge_and_unload(model) is model
+    assert any("it is a PEFT model" in str(w.message) for w in caught)
+    bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8)), ["0"], capacity=2, max_r=2)
+    with pytest.raises(ValueError, match="save_bank_adapter saves one of their adapters"):
+        miss_ext.save_adapter(bank, str(tmp_path / "z"))
+
+
+def test_restore_refuses_adapters_peft_would_compute_in_another_mode():
+    """A layer with a default and a bat adapter, both merged: restored, PEFT's unmerge raised after
+    emptying merged_adapters, the base weight lost (0.17 off); unmerged, PEFT would compute the
+    bat adapter as a default one. Refused, nothing changed; one mode per layer restores."""
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), peft.MissConfig(r=2, target_modules=["0"]),
+                                adapter_name="a")
+    model.add_adapter("b", peft.MissConfig(r=2, target_modules=["0"], init_weights="bat"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name:
+                p.normal_()
+    miss_ext.peft.accelerate(model)
+    model.base_model.merge_adapter(["a", "b"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"restore: base_model.model.0: b is an adapter in another mode than the layer's first one"):
+        miss_ext.peft.restore(model)
+    assert_unchanged(model, before)
+    assert miss_ext.peft.is_accelerated(model)
+    model.base_model.unmerge_adapter()
+    model.delete_adapter("b")
+    assert not miss_ext.peft.is_accelerated(miss_ext.peft.restore(model))
