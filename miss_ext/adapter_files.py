@@ -53,6 +53,26 @@ _BIAS = {"MISS": ("none", "all", "MiSS_only"), "BONE": ("none", "all", "Bone_onl
 _SELECTION_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 
 
+# PEFT's TaskType values (0.21), for a PEFT without them importable; PEFT's own list is used when
+# it is installed.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def check_task_type(task_type: object, where: str) -> None:
+    """ValueError unless task_type is None or one of PEFT's TaskType values: PEFT's loader refuses
+    any other ("Invalid task type"), so a file written with it would fail there, later."""
+    if task_type is None:
+        return
+    try:
+        from peft import TaskType
+
+        known = tuple(t.value for t in TaskType)
+    except ImportError:
+        known = _TASK_TYPES
+    if not isinstance(task_type, str) or task_type not in known:
+        raise ValueError(f"{where}: task_type must be None or one of PEFT's task types {list(known)}, got {task_type!r}")
+
+
 def mode_of_init_weights(init_weights: object) -> str:
     """PEFT's init_weights ("bat", "mini", True, False) -> "bat", "mini" or "default"."""
     return init_weights if init_weights in ("bat", "mini") else "default"
@@ -266,6 +286,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     same blocks)."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_adapter")
+    check_task_type(task_type, "save_adapter")
     layers = miss_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model)}"

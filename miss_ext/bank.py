@@ -628,6 +628,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # as the base model), so it must not find a free slot here.
         if not isinstance(name, str) or name not in self.adapter_names:
             known = [n for n in self.adapter_names if n is not None]
+            if name is not None and not isinstance(name, str):  # remove_bank_adapter(m, ["s"]): "no adapter ['s']"
+                raise ValueError(f"an adapter name is a str, got {type(name).__name__} {name!r} (the bank has {known})")
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
 

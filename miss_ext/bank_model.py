@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
-                            adapter_config, base_model_name, meta_problem, read_adapter, warn_non_finite, write_adapter,
-                            KEY_PREFIX)
+                            adapter_config, base_model_name, check_task_type, meta_problem, read_adapter,
+                            warn_non_finite, write_adapter, KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
@@ -386,6 +386,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     as in save_adapter."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_bank_adapter")
+    check_task_type(task_type, "save_bank_adapter")
     # A snapshot under the bank lock: another thread's remove/add/load of this adapter half way
     # through would otherwise give a folder of old and new (or zero) blocks, or a config of
     # neither (found by a review, 2026-12-03). Copies, so that the file is written outside the lock.

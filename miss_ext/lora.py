@@ -12,7 +12,7 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter_files import KEY_PREFIX, base_model_name, full_block, write_adapter
+from .adapter_files import KEY_PREFIX, base_model_name, check_task_type, full_block, write_adapter
 from .model import is_ddp, miss_layers, trainable_extras, unwrap_model, writes_here
 from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
@@ -118,6 +118,9 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     adapter (as save_adapter)."""
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "export_lora")
+    check_task_type(task_type, "export_lora")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"export_lora: adapter_name must be the name of one adapter (str), got {adapter_name!r}")
     # The float32 master blocks, not the gathered bf16 copies a forward may have left.
     fsdp = reshard_fsdp(model)
     adapters = _adapters(model, adapter_name)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
-                      check_dropout, is_dtensor, merge_refusal, reshard_fsdp, type_name)
+                      check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -749,9 +749,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         # elementwise pass per layer instead.
         with torch.no_grad():
             for name, layer in layers:
-                if not layer.merged and not torch.isfinite(
-                        torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)).all():
-                    raise ValueError(f"NaNs detected in the merged weights of {name}; nothing was merged")
+                merged = None if layer.merged else torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)
+                if merged is not None and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights of {name} ({non_finite_summary(merged)}); "
+                                     "nothing was merged")
+                del merged
     # Every layer is merged before any is unloaded. Should a merge still fail (out of memory, a bad
     # MISS_EXT_* value read only by the kernel), the layers merged so far are unmerged again, so
     # the model keeps its structure and its outputs (weights up to one rounding).

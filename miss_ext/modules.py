@@ -378,6 +378,16 @@ def tensor_json(encoded: Tensor):
     return json.loads(bytes(encoded.cpu().tolist()).decode())
 
 
+def non_finite_summary(t: Tensor) -> str:
+    """Where a tensor that holds non-finite values holds them, for a safe_merge refusal: how many,
+    and the first one with its index ("NaNs detected" alone named neither, for an inf too)."""
+    bad = (~torch.isfinite(t)).nonzero()
+    if bad.shape[0] == 0:
+        return "no non-finite value"
+    first = tuple(bad[0].tolist())
+    return f"{bad.shape[0]} non-finite value(s) of {t.numel()}, the first {t[first].item()} at {list(first)}"
+
+
 def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
     """TypeError for torch.fx.symbolic_trace, which traces through the adapted layers (they are not
     torch.nn modules, its default leaves) with proxies that their Python checks cannot read; the
@@ -991,8 +1001,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             if safe_merge:
                 merged = torch.ops.miss.merge(weight, self.miss_block)
                 if not torch.isfinite(merged).all():
-                    raise ValueError("NaNs detected in the merged weights. The MiSS adapter seems to be broken; "
-                                     "the base weight was left unchanged")
+                    raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The MiSS "
+                                     "adapter seems to be broken; the base weight was left unchanged")
                 weight.copy_(merged)
             else:
                 torch.ops.miss.merge_(weight, self.miss_block)

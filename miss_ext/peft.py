@@ -96,8 +96,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import check_module, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
-                      is_plain_linear, jagged_forward, json_tensor, load_merge_record, not_plain_reason,
-                      parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
+                      is_plain_linear, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
+                      not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
                    sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
@@ -647,8 +647,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         for name in names:
             merged = torch.ops.miss.merge(merged, self.miss_block[name], False)
             if not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
-                                 "the weight was left unchanged")
+                raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The adapter "
+                                 f"{name} seems to be broken; the weight was left unchanged")
         return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:

@@ -46,6 +46,13 @@ def test_an_untrained_bank_fails_the_check(capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_one_prompt_per_adapter_runs_to_the_check(capsys):
+    # --prompts 1 passed the flag check and then raised IndexError printing two sample rows
+    # (a new-user review, 2026-12-03); exit 1 is the check's answer for an untrained bank.
+    assert mixed.main(["--steps", "1", "--prompts", "1"]) == 1
+    assert "rows that differ from their adapter" in capsys.readouterr().out
+
+
 def test_base_rows_served_by_an_adapter_fail_the_check(capsys, monkeypatch):
     """A bank that serves the "__base__" rows of the generate batch with adapter "up": the base rows
     then differ from the base model alone (and follow "up"), which the exit code must catch; it

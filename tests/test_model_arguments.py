@@ -100,3 +100,46 @@ def test_restore_refuses_adapters_peft_would_compute_in_another_mode():
     model.base_model.unmerge_adapter()
     model.delete_adapter("b")
     assert not miss_ext.peft.is_accelerated(miss_ext.peft.restore(model))
+
+
+@pytest.mark.parametrize("function", ["save_adapter", "save_bank_adapter", "export_lora"])
+@pytest.mark.parametrize("task_type", ["FOO", "causal_lm", 3])
+def test_a_task_type_peft_would_refuse_at_load_is_refused_at_save(function, task_type, tmp_path):
+    """Written as given, PEFT's from_pretrained then refused the folder ("Invalid task type")."""
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8)), ["0"], r=2)
+    bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8)), ["0"], capacity=2, max_r=2)
+    miss_ext.add_bank_adapter(bank, "a", r=2)
+    call = {"save_adapter": lambda: miss_ext.save_adapter(model, str(tmp_path / "x"), task_type=task_type),
+            "save_bank_adapter": lambda: miss_ext.save_bank_adapter(bank, "a", str(tmp_path / "x"), task_type=task_type),
+            "export_lora": lambda: miss_ext.export_lora(model, str(tmp_path / "x"), task_type=task_type)}[function]
+    with pytest.raises(ValueError, match=rf"{function}: task_type must be None or one of PEFT's task types .* got"):
+        call()
+    assert not (tmp_path / "x").exists()
+    miss_ext.save_adapter(model, str(tmp_path / "ok"), task_type="CAUSAL_LM")
+    assert peft.PeftConfig.from_pretrained(str(tmp_path / "ok")).task_type == "CAUSAL_LM"
+
+
+def test_export_lora_names_a_bad_adapter_name(tmp_path):
+    with pytest.raises(TypeError, match=r"export_lora: adapter_name must be the name of one adapter \(str\), got \["):
+        miss_ext.export_lora(_peft_model(), str(tmp_path / "x"), adapter_name=["default"])
+
+
+def test_safe_merge_refusals_say_which_values_are_not_finite():
+    """"NaNs detected" named neither the value (an inf here) nor where it was."""
+    layer = miss_ext.MissLinear(nn.Linear(4, 4), r=2)
+    with torch.no_grad():
+        layer.miss_block[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\) of 16, the first inf at \[2, 1\]"):
+        layer.merge(safe_merge=True)
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    with torch.no_grad():
+        model[0].miss_block[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"merged weights of 0 \(2 non-finite value\(s\) of 16, the first nan at"):
+        miss_ext.merge_and_unload(model, safe_merge=True)
+
+
+def test_a_bank_adapter_name_that_is_no_str_is_named_as_such():
+    bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8)), ["0"], capacity=2, max_r=2)
+    miss_ext.add_bank_adapter(bank, "s", r=2)
+    with pytest.raises(ValueError, match=r"an adapter name is a str, got list \['s'\] \(the bank has \['s'\]\)"):
+        miss_ext.remove_bank_adapter(bank, ["s"])

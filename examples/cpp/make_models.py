@@ -86,7 +86,12 @@ def main(out_dir: str, aoti: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if len(args) not in (1, 2) or (len(args) == 2 and args[1] != "--no-aoti"):
-        sys.exit(__doc__)
-    main(args[0], aoti="--no-aoti" not in args)
+    import argparse
+
+    # argparse: a bare "--help" or "--no-aoti" was taken for the output folder (a new-user review).
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("out_dir", help="folder to write the files into (made if missing)")
+    ap.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (miss_model.pt2)")
+    args = ap.parse_args()
+    main(args.out_dir, aoti=not args.no_aoti)

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                                                    do_sample=False)[:, 1:] for name in rows])
     differing = int((out != expected).any(dim=1).sum())
     print(f"rows that differ from their adapter (or the base) generating alone: {differing} of {len(names)}")
-    for i in range(2):
+    for i in range(min(2, args.prompts)):  # a sample of the rows
         for k, name in enumerate(rows):
             seq = out[k * args.prompts + i].tolist()
             print(f"  prompt {prompt[i].tolist()} {name:>8}: {seq}")
