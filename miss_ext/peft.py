@@ -204,6 +204,10 @@ class _EveryRow(list):
 
 
 def _adapter_names_hook(module, args, kwargs, holder):
+    if id(module) not in holder["hooked"]:
+        # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
+        # it runs as a plain call would.
+        return args, kwargs
     names = holder["names"]
     if holder.get("regrouped") and names:
         if isinstance(module, AcceleratedMissLinear):
@@ -337,9 +341,11 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def __getstate__(self):
         # The weak references of _refuse_recompute_without_names cannot be pickled, and a copy's
-        # inputs are not this layer's: a copy or pickle starts without them.
+        # inputs are not this layer's: a copy or pickle starts without them. A copy taken during a
+        # call with adapter_names= is not in that call (_names_call).
         state = super().__getstate__()
         state.pop("_inputs_with_names", None)
+        state.pop("_names_call", None)
         return state
 
     def _dropout_p(self, adapter: str) -> float:
@@ -940,7 +946,8 @@ class AcceleratedMissModel(MissModel):
         self._check_before_unmerging(names)
         # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
         # model's own generation_config is consulted by generate() below).
-        holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None}
+        holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None,
+                  "hooked": set()}  # ids of the modules hooked for this call
         # PeftModel.generate calls the base model's generate inside this context; only there is
         # the model's own generation_config (num_beams / num_return_sequences shipped with a
         # checkpoint) in force, so the names are repeated for it there, not for a forward call.
@@ -967,6 +974,7 @@ class AcceleratedMissModel(MissModel):
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(
                         partial(_adapter_names_hook, holder=holder), with_kwargs=True))
+                    holder["hooked"].add(id(module))
                 if isinstance(module, AcceleratedMissLinear):
                     module.__dict__["_names_call"] = True  # guarded by torch.compile (see the class)
                     flagged.append(module)
@@ -976,7 +984,8 @@ class AcceleratedMissModel(MissModel):
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
-                            partial(_adapter_names_hook, holder={"names": names, "regrouped": holder["regrouped"]}),
+                            partial(_adapter_names_hook, holder={"names": names, "regrouped": holder["regrouped"],
+                                                                 "hooked": {id(module)}}),
                             with_kwargs=True))
             if callable(original):
                 inner.__dict__["generate"] = generate

@@ -494,6 +494,19 @@ def call_with_a_change_midway(model, ids, change):
     return logits, outcome[0]
 
 
+def test_a_copy_taken_during_a_names_call_is_not_in_that_call(models):
+    """The layers' _names_call flag (read so that torch.compile guards on it) is set for the
+    call's duration only: a copy or pickle taken meanwhile starts without it (else its every plain
+    call raised "names did not reach this layer")."""
+    model, singles = models
+    ids = tokens(len(NAMES), 5, seed=6)
+    copies = []
+    call_with_a_change_midway(model, ids, lambda: copies.append(copy.deepcopy(model)))
+    assert not any("_names_call" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(copies[0](ids).logits, singles["a"](ids).logits, **TOL)
+
+
 @pytest.mark.parametrize("change", ["delete_adapter", "merge_adapter", "unmerge_adapter", "unload",
                                     "merge_and_unload", "load_adapter", "load_a_base_weight", "add_a_bias_adapter",
                                     "load_a_new_adapter_with_embeddings"])
