@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .bank import MissBankLinear
 from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, peft_hint, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors,
@@ -291,7 +292,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     if not layers:
         raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model)}"
                          + (" (it has MissBankLinear layers: save_bank_adapter saves one of their adapters)"
-                            if any(type(m).__name__ == "MissBankLinear" for m in model.modules()) else ""))
+                            if any(isinstance(m, MissBankLinear) for m in model.modules()) else ""))
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
                 + list(extra_parameters(model).items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)

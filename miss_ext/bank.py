@@ -32,7 +32,7 @@ bake into the graph (and did, before).
 """
 import itertools
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
@@ -344,7 +344,9 @@ class RowLayout:
     def reason(self) -> Optional[str]:
         if self._why is None:
             for holder, why in self._holders:
-                if any(holder == "" or path.startswith(holder + ".") for path in self._adapted):
+                # The holder itself too: a multimodal model's projector may be the adapted linear
+                # (BLIP-2's language_projection, Fuyu's vision_embed_tokens).
+                if any(holder in ("", path) or path.startswith(holder + ".") for path in self._adapted):
                     return why
         return self._why
 
@@ -616,8 +618,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def index_of(self, names: Sequence[Optional[str]], device: Optional[torch.device] = None) -> Tensor:
         """Slot ids, int64 of shape (len(names),) on `device` (by default the bank's), for per-row
         adapter names; None or "__base__" gives -1 (base only). ValueError names an unknown
-        adapter; TypeError for a bare str (its characters would be read as names) or a non-sequence."""
-        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        adapter; TypeError for a bare str (its characters would be read as names), a non-iterable, or
+        a name that is no str."""
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
             raise TypeError(f"index_of: names must be a list of adapter names (str, None or '{BASE}' for the base "
                             f"model), one per row; got {names!r}")
         ids = [-1 if name is None or name == BASE else self._slot(name) for name in names]
@@ -629,7 +632,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if not isinstance(name, str) or name not in self.adapter_names:
             known = [n for n in self.adapter_names if n is not None]
             if name is not None and not isinstance(name, str):  # remove_bank_adapter(m, ["s"]): "no adapter ['s']"
-                raise ValueError(f"an adapter name is a str, got {type(name).__name__} {name!r} (the bank has {known})")
+                raise TypeError(f"an adapter name is a str, got {type(name).__name__} {name!r} (the bank has {known})")
             raise ValueError(f"no adapter named {name!r} in the bank (it has {known})")
         return self.adapter_names.index(name)
 

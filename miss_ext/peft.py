@@ -1288,20 +1288,23 @@ def accelerate(model: nn.Module) -> nn.Module:
 def restore(model: nn.Module) -> nn.Module:
     """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model
     (a model without accelerated layers is returned unchanged). TypeError for a model that is no
-    nn.Module; ValueError, changing nothing, where a layer holds an adapter PEFT's code would
-    compute in another mode than its own (adapters of several modes on one layer: PEFT's forward,
-    merge and unmerge take every adapter in the layer's first adapter's mode, so a restored
-    layer with such an adapter merged could no longer be unmerged, its base weight lost, and one
-    active would compute a wrong term silently; found by a new-user review, 2026-12-03)."""
+    nn.Module; ValueError, changing nothing, where a layer has an adapter merged or active that
+    PEFT's code would compute in another mode than its own (adapters of several modes on one
+    layer: PEFT's forward, merge and unmerge take every adapter in the layer's first adapter's
+    mode, so a restored layer with such an adapter merged could no longer be unmerged, its base
+    weight lost, and one active would compute a wrong term silently; found by a new-user review,
+    2026-12-03). Such an adapter inactive and unmerged is restored as PEFT itself holds it."""
     check_module(model, "restore")
     others = [(path, name) for path, layer in model.named_modules() if type(layer) is AcceleratedMissLinear
-              for name in layer.miss_block if not _runs_in_peft_mode(layer, name)]
+              for name in layer.miss_block
+              if (name in layer.merged_adapters or name in layer.active_adapters) and not _runs_in_peft_mode(layer, name)]
     if others:
         raise ValueError(f"restore: {describe([f'{path}: {name}' for path, name in others], limit=3)} "
-                         f"{'is an adapter' if len(others) == 1 else 'are adapters'} in another mode than "
-                         "the layer's first one, which PEFT's own code computes in that first mode (wrong terms, "
-                         "and a merge it cannot unmerge); delete_adapter them (unmerge_adapter first if merged) or "
-                         "keep the model accelerated. Nothing was changed")
+                         f"{'is an adapter' if len(others) == 1 else 'are adapters'} merged or active in another "
+                         "mode than the layer's first one, which PEFT's own code computes in that first mode (wrong "
+                         "terms, and a merge it cannot unmerge); unmerge_adapter() and set_adapter() to adapters of "
+                         "the first mode (or delete_adapter them), or keep the model accelerated. Nothing was "
+                         "changed")
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
         layer.__dict__.pop("_base_tensors_as_metadata", None)

@@ -642,4 +642,10 @@ def test_index_of_refuses_a_bare_string():
     _, bank, _ = make("cpu")
     with pytest.raises(TypeError, match=r"names must be a list of adapter names .* got 'ab'"):
         bank.index_of("ab")
-    assert bank.index_of(("a", None, "__base__")).tolist() == [bank.index_of(["a"]).item(), -1, -1]
+    a = bank.index_of(["a"]).item()
+    assert bank.index_of(("a", None, "__base__")).tolist() == [a, -1, -1]
+    # Any other iterable of names, as before: a generator, dict keys, a numpy array of str.
+    np = pytest.importorskip("numpy")
+    assert bank.index_of(n for n in ["a", "__base__"]).tolist() == [a, -1]
+    assert bank.index_of({"a": 0}.keys()).tolist() == [a]
+    assert bank.index_of(np.array(["a", "a"])).tolist() == [a, a]

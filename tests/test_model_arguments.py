@@ -93,13 +93,21 @@ def test_restore_refuses_adapters_peft_would_compute_in_another_mode():
     miss_ext.peft.accelerate(model)
     model.base_model.merge_adapter(["a", "b"])
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"restore: base_model.model.0: b is an adapter in another mode than the layer's first one"):
+    with pytest.raises(ValueError, match=r"restore: base_model.model.0: b is an adapter merged or active in another "
+                                         "mode than the layer's first one"):
         miss_ext.peft.restore(model)
     assert_unchanged(model, before)
     assert miss_ext.peft.is_accelerated(model)
     model.base_model.unmerge_adapter()
-    model.delete_adapter("b")
+    model.base_model.set_adapter(["a", "b"])
+    with pytest.raises(ValueError, match=r"restore: base_model.model.0: b is an adapter merged or active"):
+        miss_ext.peft.restore(model)
+    # Inactive and unmerged, it is restored as PEFT holds it; "a" runs there as accelerated.
+    model.base_model.set_adapter("a")
+    x = torch.randn(3, 8)
+    want = model(x)
     assert not miss_ext.peft.is_accelerated(miss_ext.peft.restore(model))
+    torch.testing.assert_close(model(x), want)
 
 
 @pytest.mark.parametrize("function", ["save_adapter", "save_bank_adapter", "export_lora"])
@@ -141,5 +149,5 @@ def test_safe_merge_refusals_say_which_values_are_not_finite():
 def test_a_bank_adapter_name_that_is_no_str_is_named_as_such():
     bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8)), ["0"], capacity=2, max_r=2)
     miss_ext.add_bank_adapter(bank, "s", r=2)
-    with pytest.raises(ValueError, match=r"an adapter name is a str, got list \['s'\] \(the bank has \['s'\]\)"):
+    with pytest.raises(TypeError, match=r"an adapter name is a str, got list \['s'\] \(the bank has \['s'\]\)"):
         miss_ext.remove_bank_adapter(bank, ["s"])

@@ -756,6 +756,29 @@ def test_multimodal_models_refuse_mixed_rows_on_their_vision_side(tmp_path):
             torch.testing.assert_close(got[row], want[row], **TOL)
 
 
+def test_a_multimodal_projector_that_is_itself_adapted_is_seen():
+    """The projector can be the adapted linear itself, a direct child of the multimodal model
+    (BLIP-2's language_projection, Fuyu's vision_embed_tokens): RowLayout matched only layers
+    below a vision-side module, and BLIP-2's rows went 0.30 off (effect 0.36; a review of
+    2026-12-03). Layers of the language model alone still mix."""
+    import types
+
+    from miss_ext.bank import RowLayout
+
+    text = types.SimpleNamespace(model_type="llama")
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(text_config=text, image_token_id=5)
+    model.language_projection = torch.nn.Linear(4, 4)
+    model.language_model = torch.nn.Module()
+    model.language_model.config = text
+    model.language_model.q_proj = torch.nn.Linear(4, 4)
+    for adapted, refused in (({"language_projection"}, True), ({"language_model.q_proj"}, False)):
+        layout = RowLayout(model)
+        for path, module in model.named_modules():
+            layout.see(path, module, path in adapted)
+        assert (layout.reason is not None and "at 'language_projection'" in layout.reason) is refused, adapted
+
+
 class _RemoteCodeMoE(torch.nn.Module):
     """A top-1 MoE block as remote-code models build it: experts in an nn.ModuleList named
     `experts`, each called on the tokens routed to it."""

@@ -13,7 +13,6 @@ Runs with the setup.py-built miss_ext; the C++ programs then link the CMake-buil
 separate process: one process must never register the `miss` namespace twice).
 """
 import os
-import sys
 import warnings
 from typing import Dict
 
