@@ -770,8 +770,11 @@ def test_save_adapter_over_an_earlier_folder_is_whole_or_nothing(tmp_path):
     miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=2), str(tmp_path))
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model = miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=4)
-    with pytest.raises(TypeError, match=r"adapter config fields \['task_type'\] cannot be written .*nothing was "
-                                        r"written"):
+    with pytest.raises(TypeError, match=r"adapter config fields \['base_model_name_or_path'\] cannot be written "
+                                        r".*nothing was written"):
+        miss_ext.save_adapter(model, str(tmp_path), base_model_name_or_path=object())
+    # (A task_type PEFT does not know is refused earlier, by name: check_task_type.)
+    with pytest.raises(ValueError, match=r"task_type must be None or one of PEFT's task types"):
         miss_ext.save_adapter(model, str(tmp_path), task_type=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     miss_ext.save_adapter(model, str(tmp_path), base_model_name_or_path=tmp_path / "base")
