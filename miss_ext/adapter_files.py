@@ -719,7 +719,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     warns (merging it will be refused).
 
     Every check runs first: a key, field, module or shape that does not fit raises ValueError
-    listing every difference, and the model is left as it was. With freeze_others (the
+    listing every difference, and the model is left as it was (TypeError for a model that is no
+    nn.Module or holds PEFT's modules: a PeftModel has PEFT's load_adapter). With freeze_others (the
     default, as PEFT), the remaining parameters stop requiring grad.
 
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the

@@ -107,7 +107,8 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     "all-linear") by a MissBankLinear with `capacity` slots of rank up to `max_r` (positive ints:
     TypeError for another type, ValueError for a value < 1), in place; returns the model. The bank
     starts empty. With freeze_others (as PEFT), every other parameter stops requiring grad.
-    TypeError when a selected module is not an nn.Linear (as apply_miss). ValueError when nothing
+    TypeError when a selected module is not an nn.Linear (as apply_miss), or for a model that is
+    no nn.Module or holds PEFT's modules (a PeftModel mixes adapters with adapter_names=). ValueError when nothing
     is selected, a selected module is a bank layer already or is sharded over several ranks (tensor parallelism, FSDP2:
     add the bank first, then shard), or the model is wrapped in DistributedDataParallel (which would
     not reduce the new bank's gradients: apply the bank, then wrap). Also ValueError when a target
@@ -332,11 +333,10 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     """apply_bank on every module any of the adapter folders `{name: path}` adapts (capacity:
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
     Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
-    mapping or a capacity / max_r that is not an int (as apply_bank), ValueError for none given, a model that already has bank layers, a config with a
+    mapping or a capacity / max_r that is not an int, or a model as apply_bank refuses, ValueError for none given, a model that already has bank layers, a config with a
     bad r, more adapters than capacity, or any adapter load_bank_adapter refuses (max_r too small, a file that
     does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
     not exist, and the model is then as it was."""
-    check_module(model, "load_bank")
     refuse_peft_model(unwrap_model(model, "load_bank"), "load_bank")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")

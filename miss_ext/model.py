@@ -525,7 +525,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     holds one copy, where PEFT keeps one per adapter).
 
     A model already wrapped in DistributedDataParallel is refused (ValueError): add the adapters
-    first, then wrap. Other settings given beside a config raise TypeError.
+    first, then wrap. Other settings given beside a config raise TypeError, and so does a model
+    that is no nn.Module or holds PEFT's modules (a PeftModel: use PEFT's API and
+    miss_ext.peft.accelerate there).
 
     Source: PEFT's get_peft_model / MissConfig (peft/tuners/miss, tuners_utils'
     check_target_module_exists and _maybe_include_all_linear_layers); docs/miss.md.
