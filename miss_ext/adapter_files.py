@@ -71,7 +71,8 @@ def check_task_type(task_type: object, where: str) -> None:
     except ImportError:
         known = _TASK_TYPES
     if not isinstance(task_type, str) or task_type not in known:
-        raise ValueError(f"{where}: task_type must be None or one of PEFT's task types {list(known)}, got {task_type!r}")
+        raise ValueError(f"{where}: task_type must be None or one of PEFT's task types {list(known)}, got "
+                         f"{task_type!r}")
 
 
 def mode_of_init_weights(init_weights: object) -> str:

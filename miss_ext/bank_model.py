@@ -333,7 +333,8 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     """apply_bank on every module any of the adapter folders `{name: path}` adapts (capacity:
     len(adapters) unless given; max_r: their largest r unless given), then load_bank_adapter each.
     Returns the model, changed in place. All or nothing: TypeError for adapters that is not a
-    mapping or a capacity / max_r that is not an int, or a model as apply_bank refuses, ValueError for none given, a model that already has bank layers, a config with a
+    mapping or a capacity / max_r that is not an int, or a model as apply_bank refuses, ValueError
+    for none given, a model that already has bank layers, a config with a
     bad r, more adapters than capacity, or any adapter load_bank_adapter refuses (max_r too small, a file that
     does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
     not exist, and the model is then as it was."""

@@ -94,8 +94,8 @@ def peft_hint(model: nn.Module) -> str:
     path = peft_layer_path(model)
     if path is None:
         return ""
-    return (f" (it is a PEFT model: {type(model.get_submodule(path)).__name__} at {path or 'the top'!r}; use PEFT's own "
-            "save_pretrained / merge_and_unload / load_adapter, adapter_names= for mixed batches, and "
+    return (f" (it is a PEFT model: {type(model.get_submodule(path)).__name__} at {path or 'the top'!r}; use "
+            "PEFT's own save_pretrained / merge_and_unload / load_adapter, adapter_names= for mixed batches, and "
             "miss_ext.peft.accelerate(model) for the fast layers)")
 
 
@@ -751,11 +751,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         # elementwise pass per layer instead.
         with torch.no_grad():
             for name, layer in layers:
-                merged = None if layer.merged else torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)
-                if merged is not None and not torch.isfinite(merged).all():
+                if layer.merged:
+                    continue
+                merged = torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)
+                if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights of {name} ({non_finite_summary(merged)}); "
                                      "nothing was merged")
-                del merged
+                del merged  # one layer's merged copy alive at a time
     # Every layer is merged before any is unloaded. Should a merge still fail (out of memory, a bad
     # MISS_EXT_* value read only by the kernel), the layers merged so far are unmerged again, so
     # the model keeps its structure and its outputs (weights up to one rounding).

@@ -589,8 +589,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         slot_of = {n: i for i, n in enumerate(used)}
         # ranks, periods and the per-row index in one host-to-device copy; the rates as float64.
         k = len(used)
-        ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] +
-                                           list(map(slot_of.get, names, itertools.repeat(-1))), dtype=torch.int64), bank.device)
+        rows = list(map(slot_of.get, names, itertools.repeat(-1)))
+        ints = host_to_device(torch.tensor([b.shape[0] for b in blocks] + [b.shape[1] for b in blocks] + rows,
+                                           dtype=torch.int64), bank.device)
         ranks, periods = ints[:k], ints[k:2 * k]
         index = row_index(ints[2 * k] if every_row else ints[2 * k:], x, where)
         # Dropout (training with some p > 0): each adapter its own rate, one key for the call.
@@ -1297,7 +1298,8 @@ def restore(model: nn.Module) -> nn.Module:
     check_module(model, "restore")
     others = [(path, name) for path, layer in model.named_modules() if type(layer) is AcceleratedMissLinear
               for name in layer.miss_block
-              if (name in layer.merged_adapters or name in layer.active_adapters) and not _runs_in_peft_mode(layer, name)]
+              if (name in layer.merged_adapters or name in layer.active_adapters)
+              and not _runs_in_peft_mode(layer, name)]
     if others:
         raise ValueError(f"restore: {describe([f'{path}: {name}' for path, name in others], limit=3)} "
                          f"{'is an adapter' if len(others) == 1 else 'are adapters'} merged or active in another "

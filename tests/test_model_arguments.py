@@ -118,7 +118,8 @@ def test_a_task_type_peft_would_refuse_at_load_is_refused_at_save(function, task
     bank = miss_ext.apply_bank(nn.Sequential(nn.Linear(8, 8)), ["0"], capacity=2, max_r=2)
     miss_ext.add_bank_adapter(bank, "a", r=2)
     call = {"save_adapter": lambda: miss_ext.save_adapter(model, str(tmp_path / "x"), task_type=task_type),
-            "save_bank_adapter": lambda: miss_ext.save_bank_adapter(bank, "a", str(tmp_path / "x"), task_type=task_type),
+            "save_bank_adapter": lambda: miss_ext.save_bank_adapter(bank, "a", str(tmp_path / "x"),
+                                                                    task_type=task_type),
             "export_lora": lambda: miss_ext.export_lora(model, str(tmp_path / "x"), task_type=task_type)}[function]
     with pytest.raises(ValueError, match=rf"{function}: task_type must be None or one of PEFT's task types .* got"):
         call()
