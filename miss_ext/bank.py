@@ -249,6 +249,24 @@ _MODALITY_TOKEN_IDS = ("image_token_id", "image_token_index", "video_token_id", 
                        "audio_token_id", "audio_token_index")
 
 
+# transformers classes (by name: transformers is optional) whose named children hold layers that see
+# rows other than the sequences in order, beyond the config rule above (found by a review of
+# 2026-12-03, rows 0.02-0.83 off where the adapters' effects were 0.02-0.66): Kosmos-2 / 2.5 place
+# images by a position mask (no image token id) and run the vision side on the images of the whole
+# batch; Phi-4-multimodal's embed_tokens_extend encodes audio clips and image crops across the
+# batch; CSM's depth decoder trains on the frames gathered from the whole batch (labels); Higgs-Audio
+# v2's decoder layers send text and audio tokens, gathered across the batch, to two MLPs.
+_REGROUPING_CHILDREN = {
+    "Kosmos2Model": ("vision_model", "image_to_text_projection"),
+    "Kosmos2ForConditionalGeneration": ("vision_model", "image_to_text_projection"),
+    "Kosmos2_5Model": ("vision_model", "image_to_text_projection"),
+    "Kosmos2_5ForConditionalGeneration": ("vision_model", "image_to_text_projection"),
+    "Phi4MultimodalModel": ("embed_tokens_extend",),
+    "CsmForConditionalGeneration": ("depth_decoder",),
+    "HiggsAudioV2DecoderLayer": ("mlp", "audio_mlp"),
+}
+
+
 def _is_moe_experts(module: nn.Module, name: str) -> bool:
     """An MoE block's experts (transformers' SwitchTransformersExperts, NllbMoeExperts, ...; or a
     ModuleList/ModuleDict registered as `experts`, as remote-code MoE models build them)."""
@@ -278,6 +296,8 @@ class RowLayout:
       hold several images or none: with as many images as sequences, images took other
       sequences' adapters silently (review of 2026-12-03, eleventh session: Llava's row 0 0.28
       off where its adapter's effect was 0.41, generate gave other tokens).
+    - the children _REGROUPING_CHILDREN names for Kosmos-2 / 2.5, Phi-4-multimodal, CSM and
+      Higgs-Audio v2 (their layouts, beside it).
     Other code that regroups rows cannot be seen. A few dict and type checks per module: the pass
     runs on every adapter_names= call and mixed_batch entry."""
 
@@ -310,6 +330,12 @@ class RowLayout:
                                         "out of the adapters' target_modules to mix adapters elsewhere)"))
         elif config is not None and self._merges_modalities(config):
             self._see_multimodal(path, module, config)
+        for name in _REGROUPING_CHILDREN.get(type(module).__name__, ()):
+            holder = f"{path}.{name}" if path else name
+            self._holders.append((holder, f"it holds {holder!r} of a {type(module).__name__}, whose layers see rows "
+                                          "gathered across the batch (images, audio clips, frames or tokens of "
+                                          "one kind), not the sequences in order (leave them out of the adapters' "
+                                          "target_modules to mix adapters elsewhere)"))
         if adapted:
             self._adapted.append(path)
 

@@ -779,6 +779,62 @@ def test_a_multimodal_projector_that_is_itself_adapted_is_seen():
         assert (layout.reason is not None and "at 'language_projection'" in layout.reason) is refused, adapted
 
 
+@pytest.mark.parametrize("cls", sorted(__import__("miss_ext.bank", fromlist=["x"])._REGROUPING_CHILDREN))
+def test_models_that_gather_rows_across_the_batch_are_seen(cls):
+    """Kosmos-2/2.5 (images by a position mask), Phi-4-multimodal (audio clips, image crops), CSM
+    (depth-decoder frames) and Higgs-Audio v2 (text/audio MLPs) run layers on rows gathered across
+    the batch: with as many as the sequences, rows got other adapters (0.02-0.83 off, a review of
+    2026-12-03). An adapted layer under those children refuses names that differ; a sibling not."""
+    import types
+
+    from miss_ext.bank import _REGROUPING_CHILDREN, RowLayout
+
+    model = type(cls, (torch.nn.Module,), {})()
+    model.config = types.SimpleNamespace(model_type="x")
+    for name in _REGROUPING_CHILDREN[cls] + ("other",):
+        child = torch.nn.Module()
+        child.proj = torch.nn.Linear(4, 4)
+        model.add_module(name, child)
+    for name in _REGROUPING_CHILDREN[cls] + ("other",):
+        layout = RowLayout(model)
+        for path, module in model.named_modules():
+            layout.see(path, module, path == f"{name}.proj")
+        assert (layout.reason is not None) is (name != "other"), name
+        assert name == "other" or f"it holds {name!r} of a {cls}" in layout.reason
+
+
+def test_kosmos2_refuses_mixed_rows_on_its_vision_side():
+    """End to end: Kosmos-2 with three images for three sequences, two in the first; the language
+    model's adapters alone still mix, each row exactly its adapter alone."""
+    import transformers
+    config = transformers.Kosmos2Config(
+        text_config=dict(vocab_size=64, embed_dim=16, layers=1, attention_heads=2, ffn_dim=32,
+                         max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), latent_query_num=4)
+    torch.manual_seed(0)
+    base = transformers.Kosmos2ForConditionalGeneration(config).eval()  # float32: its mask overflows in float64
+    ids = torch.randint(4, 64, (3, 14), generator=torch.Generator().manual_seed(1))
+    where = torch.zeros(3, 14, dtype=torch.long)
+    where[0, 1:9] = 1  # two images of 4 latent tokens
+    where[2, 1:5] = 1
+    inputs = dict(input_ids=ids, image_embeds_position_mask=where, pixel_values=torch.randn(3, 3, 16, 16))
+    names = ["a", "b", "__base__"]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"'vision_model' of a Kosmos2ForConditionalGeneration"):
+        _two_adapters(base, "all-linear")(**inputs, adapter_names=names)
+    model = _two_adapters(base, r".*text_model\..*(q_proj|v_proj|fc2)")
+    with torch.no_grad():
+        got = model(**inputs, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model(**inputs).logits
+            else:
+                model.base_model.set_adapter(name)
+                want = model(**inputs).logits
+            torch.testing.assert_close(got[row], want[row], rtol=1e-5, atol=1e-5)
+
+
 class _RemoteCodeMoE(torch.nn.Module):
     """A top-1 MoE block as remote-code models build it: experts in an nn.ModuleList named
     `experts`, each called on the tokens routed to it."""
