@@ -743,17 +743,23 @@ def test_multimodal_models_refuse_mixed_rows_on_their_vision_side(tmp_path):
     with pytest.raises(ValueError, match=r"mixed_batch: .*beside the language model"):
         with miss_ext.mixed_batch(server, names):
             pass
-    language_only = _two_adapters(base, r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    _assert_rows_follow_their_adapters(_two_adapters(base, r".*language_model.*\.(q_proj|v_proj|down_proj)"),
+                                       inputs, names, **TOL)
+
+
+def _assert_rows_follow_their_adapters(model, inputs, names, **tol):
+    """Each row of model(**inputs, adapter_names=names) equals that row with its adapter alone
+    active (set_adapter), or with adapters disabled for "__base__"."""
     with torch.no_grad():
-        got = language_only(**inputs, adapter_names=names).logits
+        got = model(**inputs, adapter_names=names).logits
         for row, name in enumerate(names):
             if name == "__base__":
-                with language_only.disable_adapter():
-                    want = language_only(**inputs).logits
+                with model.disable_adapter():
+                    want = model(**inputs).logits
             else:
-                language_only.base_model.set_adapter(name)
-                want = language_only(**inputs).logits
-            torch.testing.assert_close(got[row], want[row], **TOL)
+                model.base_model.set_adapter(name)
+                want = model(**inputs).logits
+            torch.testing.assert_close(got[row], want[row], **tol)
 
 
 def test_a_multimodal_projector_that_is_itself_adapted_is_seen():
@@ -822,17 +828,8 @@ def test_kosmos2_refuses_mixed_rows_on_its_vision_side():
     names = ["a", "b", "__base__"]
     with torch.no_grad(), pytest.raises(ValueError, match=r"'vision_model' of a Kosmos2ForConditionalGeneration"):
         _two_adapters(base, "all-linear")(**inputs, adapter_names=names)
-    model = _two_adapters(base, r".*text_model\..*(q_proj|v_proj|fc2)")
-    with torch.no_grad():
-        got = model(**inputs, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    want = model(**inputs).logits
-            else:
-                model.base_model.set_adapter(name)
-                want = model(**inputs).logits
-            torch.testing.assert_close(got[row], want[row], rtol=1e-5, atol=1e-5)
+    _assert_rows_follow_their_adapters(_two_adapters(base, r".*text_model\..*(q_proj|v_proj|fc2)"), inputs, names,
+                                       rtol=1e-5, atol=1e-5)
 
 
 class _RemoteCodeMoE(torch.nn.Module):
