@@ -117,6 +117,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the meta
     device under an `_hf_hook`: its bank would hold no values; load the model without offload). A
     list entry that matches no module while others do gives one UserWarning."""
+    refuse_peft_model(unwrap_model(model, "apply_bank"), "apply_bank")  # (load_bank checks its own model)
     return _apply_bank(model, target_modules, capacity, max_r, freeze_others, named_by_user=True)
 
 
@@ -128,7 +129,6 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     outer, model = model, unwrap_model(model, "apply_bank")
-    refuse_peft_model(model, "apply_bank")
     refuse_lazy_tensors(model, "apply_bank")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.

@@ -79,24 +79,24 @@ def check_module(model: object, where: str) -> None:
         raise TypeError(f"{where}: the model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
 
 
-def peft_layer_path(model: nn.Module) -> Optional[str]:
-    """The path of the first module of `model` whose class is PEFT's (a PeftModel, a tuner, PEFT's
-    adapter layers and modules_to_save wrappers), "" for the model itself; None when there is none."""
+def peft_module(model: nn.Module) -> Optional[str]:
+    """"<class> at '<path>'" for the first module of `model` whose class is PEFT's or derives from
+    one (a PeftModel, a tuner, PEFT's adapter layers and modules_to_save wrappers, the accelerated
+    ones); None when there is none."""
     for path, module in model.named_modules():
-        if any(k.__module__.partition(".")[0] == "peft" for k in type(module).__mro__):  # subclasses too
-            return path
+        if any(k.__module__.partition(".")[0] == "peft" for k in type(module).__mro__):
+            return f"{type(module).__name__} at {path or 'the top'!r}"
     return None
 
 
 def peft_hint(model: nn.Module) -> str:
     """Said beside "no miss_ext layer" when the model is a PEFT model: miss_ext's model functions
     work on miss_ext's own layers; a PEFT model has PEFT's own functions."""
-    path = peft_layer_path(model)
-    if path is None:
+    found = peft_module(model)
+    if found is None:
         return ""
-    return (f" (it is a PEFT model: {type(model.get_submodule(path)).__name__} at {path or 'the top'!r}; use "
-            "PEFT's own save_pretrained / merge_and_unload / load_adapter, adapter_names= for mixed batches, and "
-            "miss_ext.peft.accelerate(model) for the fast layers)")
+    return (f" (it is a PEFT model: {found}; use PEFT's own save_pretrained / merge_and_unload / load_adapter, "
+            "adapter_names= for mixed batches, and miss_ext.peft.accelerate(model) for the fast layers)")
 
 
 def refuse_peft_model(model: nn.Module, where: str) -> None:
@@ -104,10 +104,10 @@ def refuse_peft_model(model: nn.Module, where: str) -> None:
     miss_ext's own layers: miss_ext layers inside a PeftModel were saved under PEFT's wrapper
     paths (base_model.model....), a file neither PEFT nor load_adapter could load, and layers PEFT
     had adapted were refused as "not an nn.Linear" (a new-user review, 2026-12-03)."""
-    path = peft_layer_path(model)
-    if path is not None:
-        raise TypeError(f"{where}: the model holds PEFT's modules ({type(model.get_submodule(path)).__name__} at "
-                        f"{path or 'the top'!r}); miss_ext's model functions add and load miss_ext's own layers on a "
+    found = peft_module(model)
+    if found is not None:
+        raise TypeError(f"{where}: the model holds PEFT's modules ({found}); miss_ext's model functions add and "
+                        "load miss_ext's own layers on a "
                         "model without PEFT's. For a PEFT model use PEFT's own API (add_adapter, load_adapter, "
                         "save_pretrained, adapter_names= for mixed batches) with miss_ext.peft.accelerate(model) "
                         "for the fast layers, or call this on the base model (peft_model.unload() gives it back)")

@@ -524,11 +524,13 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _refuse_names_here(self, names: List[str], where: str) -> None:
         """The refusals of a mixed-batch forward that depend on this layer's state, not on its input:
-        merged adapters (ValueError) and bat adapters named by a row (TypeError)."""
+        merged adapters (ValueError) and bat adapters named by a row (TypeError). `names` may hold
+        each name once (the forward passes them so)."""
         if self.merged:
             raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
                              "unmerge_adapter() first")
-        bats = [n for n in dict.fromkeys(names) if n in self.miss_block and _is_bat(self.miss_block[n])]
+        blocks = self.miss_block
+        bats = [n for n in dict.fromkeys(names) if n in blocks and _is_bat(blocks[n])]
         if bats:
             raise TypeError(f"{where}: adapter_names uses bat adapter(s) {bats}: bat changes the base weight itself, "
                             "so rows of different adapters cannot share one base GEMM; run them in their own batch "
@@ -567,11 +569,12 @@ class AcceleratedMissLinear(PeftMissLinear):
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
                 message += "." + flattened_tokens_hint(x)  # as MissBankLinear says it (bank.row_index)
             raise ValueError(message)
-        self._refuse_names_here(names, where)
+        unique = list(dict.fromkeys(names))  # each name once: one lookup each below, not one per row
+        self._refuse_names_here(unique, where)
         if (args or kwargs) and self._fast_path():
             _refuse_extra_arguments(where, args, kwargs)
-        blocks_of = self.miss_block  # others: base output here (names deduplicated first: one lookup each)
-        used = [n for n in dict.fromkeys(names) if n in blocks_of]
+        blocks_of = self.miss_block
+        used = [n for n in unique if n in blocks_of]  # others: base output here
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
         if not used:
@@ -982,12 +985,12 @@ class AcceleratedMissModel(MissModel):
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
+                unrepeated = {"names": names, "regrouped": holder["regrouped"], "hooked": set()}
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
-                            partial(_adapter_names_hook, holder={"names": names, "regrouped": holder["regrouped"],
-                                                                 "hooked": {id(module)}}),
-                            with_kwargs=True))
+                            partial(_adapter_names_hook, holder=unrepeated), with_kwargs=True))
+                        unrepeated["hooked"].add(id(module))
             if callable(original):
                 inner.__dict__["generate"] = generate
             with _model_call(self, names):
