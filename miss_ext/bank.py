@@ -249,6 +249,36 @@ _MODALITY_TOKEN_IDS = ("image_token_id", "image_token_index", "video_token_id", 
                        "audio_token_id", "audio_token_index")
 
 
+# Arguments of a transformers model's forward / generate that carry no image, video or audio: a
+# PEFT call (adapter_names=) whose tensors all come by these names runs no vision (audio) tower or
+# projector of a multimodal model, so the config rule below does not refuse it
+# (RowLayout.reason_for). A list of what is text, not of what is not: an argument of a model or a
+# transformers version not listed here is refused (loud), never let through (silent).
+TEXT_ONLY_ARGUMENTS = frozenset({
+    "input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels", "cache_position",
+    "token_type_ids", "past_key_values", "cache", "logits_to_keep", "decoder_input_ids",
+    "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds", "encoder_outputs",
+    "head_mask", "decoder_head_mask", "cross_attn_head_mask",
+})
+
+
+def other_modality_arguments(args: Sequence[object], kwargs: Dict[str, object]) -> List[str]:
+    """The arguments of a forward / generate call that may carry images, video or audio: every
+    keyword holding a tensor (also inside a list, tuple or dict) whose name is not in
+    TEXT_ONLY_ARGUMENTS, and "positional argument i" for a positional tensor (its name is the
+    callee's)."""
+    def holds_tensor(value: object, depth: int = 0) -> bool:
+        if isinstance(value, Tensor):
+            return True
+        if depth < 4 and isinstance(value, (list, tuple)):
+            return any(holds_tensor(v, depth + 1) for v in value)
+        if depth < 4 and isinstance(value, dict):
+            return any(holds_tensor(v, depth + 1) for v in value.values())
+        return False
+    found = [f"positional argument {i}" for i, value in enumerate(args) if holds_tensor(value)]
+    return found + [name for name, value in kwargs.items() if name not in TEXT_ONLY_ARGUMENTS and holds_tensor(value)]
+
+
 # transformers classes (by name: transformers is optional) whose named children hold layers that see
 # rows other than the sequences in order, beyond the config rule above (found by a review of
 # 2026-12-03, rows 0.02-0.83 off where the adapters' effects were 0.02-0.66): Kosmos-2 / 2.5 place
@@ -295,7 +325,8 @@ class RowLayout:
       holds layers that see images, their tiles or patches, or query tokens, and a sequence may
       hold several images or none: with as many images as sequences, images took other
       sequences' adapters silently (review of 2026-12-03, eleventh session: Llava's row 0 0.28
-      off where its adapter's effect was 0.41, generate gave other tokens).
+      off where its adapter's effect was 0.41, generate gave other tokens). Only in a call that
+      brings images, video or audio: `reason_for(other_modalities=False)` leaves it out.
     - the children _REGROUPING_CHILDREN names for Kosmos-2 / 2.5, Phi-4-multimodal, CSM and
       Higgs-Audio v2 (their layouts, beside it).
     Other code that regroups rows cannot be seen. A few dict and type checks per module: the pass
@@ -304,7 +335,9 @@ class RowLayout:
     def __init__(self, model: nn.Module):
         self._model = model
         self._why: Optional[str] = None
-        self._holders: List[Tuple[str, str]] = []  # (path, why): adapted layers under path see other rows
+        # (path, why, modality): adapted layers under path see other rows; modality: only where the
+        # call brings images, video or audio (the vision side of a multimodal model)
+        self._holders: List[Tuple[str, str, bool]] = []
         self._adapted: List[str] = []
         self._multimodal: Dict[int, bool] = {}  # id(config) -> whether it merges other modalities
 
@@ -323,11 +356,11 @@ class RowLayout:
             self._holders.append((holder, f"it holds a {type(self._model.get_submodule(holder)).__name__} (at "
                                           f"{holder!r}) with an nn.MultiheadAttention built with batch_first=False, "
                                           "whose layers see (sequence, batch, features) (leave them out of the "
-                                          "adapters' target_modules to mix adapters elsewhere)"))
+                                          "adapters' target_modules to mix adapters elsewhere)", False))
         elif _is_moe_experts(module, path.rpartition(".")[2]):
             self._holders.append((path, f"it holds MoE experts ({type(module).__name__} at {path!r}) whose layers see "
                                         "the tokens routed to each expert, in the router's order (leave the experts "
-                                        "out of the adapters' target_modules to mix adapters elsewhere)"))
+                                        "out of the adapters' target_modules to mix adapters elsewhere)", False))
         elif config is not None and self._merges_modalities(config):
             self._see_multimodal(path, module, config)
         for name in _REGROUPING_CHILDREN.get(type(module).__name__, ()):
@@ -335,7 +368,7 @@ class RowLayout:
             self._holders.append((holder, f"it holds {holder!r} of a {type(module).__name__}, whose layers see rows "
                                           "gathered across the batch (images, audio clips, frames or tokens of "
                                           "one kind), not the sequences in order (leave them out of the adapters' "
-                                          "target_modules to mix adapters elsewhere)"))
+                                          "target_modules to mix adapters elsewhere)", False))
         if adapted:
             self._adapted.append(path)
 
@@ -364,12 +397,23 @@ class RowLayout:
                                           "images, their tiles or patches (or audio, video), not the sequences: a "
                                           "sequence may hold several images or none (leave the vision tower and "
                                           "projector out of the adapters' target_modules to mix adapters in the "
-                                          "language model)"))
+                                          "language model)", True))
 
     @property
     def reason(self) -> Optional[str]:
+        """Why the model's adapted layers may see rows other than its sequences in order, in any
+        call; None when nothing says so."""
+        return self.reason_for(other_modalities=True)
+
+    def reason_for(self, other_modalities: bool) -> Optional[str]:
+        """`reason`, for a call that brings images, video or audio (other_modalities) or not: the
+        vision (audio) side of a multimodal model runs only on those, so a text-only call (the
+        PEFT path knows its arguments: other_modality_arguments) leaves those layers out; the
+        other rules hold whatever the call brings."""
         if self._why is None:
-            for holder, why in self._holders:
+            for holder, why, modality in self._holders:
+                if modality and not other_modalities:
+                    continue
                 # The holder itself too: a multimodal model's projector may be the adapted linear
                 # (BLIP-2's language_projection, Fuyu's vision_embed_tokens).
                 if any(holder in ("", path) or path.startswith(holder + ".") for path in self._adapted):

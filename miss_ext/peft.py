@@ -98,8 +98,8 @@ from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_
                       autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
                       is_plain_linear, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
                       not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
-from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, row_index,  # noqa: E402
-                   sequence_first_error, RowLayout)
+from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
+                   row_index, sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -888,6 +888,17 @@ class AcceleratedMissModel(MissModel):
             return _WithAdapterNames(self, name, value)
         return value
 
+    def forward(self, *args, **kwargs):
+        """The base model's forward (PEFT's BaseTuner.forward), taking adapter_names= as
+        PeftModel.forward does. PEFT's passed the keyword on into the base model's **kwargs, where
+        transformers' models ignore it: `peft_model.base_model(ids, adapter_names=...)` ran every
+        row with the active adapter, silently (0.33 off on a tiny Llama; PEFT's LoRA does the
+        same). The base model itself, called directly, still ignores the keyword (README)."""
+        if "adapter_names" not in kwargs:
+            return self.model.forward(*args, **kwargs)
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            return self.model.forward(*args, **{k: v for k, v in kwargs.items() if k != "adapter_names"})
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         # PeftModel.forward/generate enter this with their keyword arguments before running (and
@@ -925,8 +936,16 @@ class AcceleratedMissModel(MissModel):
         if not_accelerated:
             raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
                             "are not (call miss_ext.peft.accelerate(model) again)")
-        sequence_first = layout.reason
+        # The vision (audio) side of a multimodal model runs only on the images (audio) a call
+        # brings: a call with text inputs only may mix adapters adapted there too.
+        modality_inputs = other_modality_arguments(args, kwargs)
+        sequence_first = layout.reason_for(other_modalities=bool(modality_inputs))
         if sequence_first is not None and differ:
+            if layout.reason_for(other_modalities=False) is None:
+                sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
+                                   "images, video or audio (a call whose tensors are all text inputs, passed by "
+                                   "keyword: input_ids=, attention_mask=, ... (miss_ext.bank.TEXT_ONLY_ARGUMENTS), "
+                                   "runs no vision side and may mix adapters)")
             raise sequence_first_error(sequence_first, where)
         for path, wrapper in wrappers:
             lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
