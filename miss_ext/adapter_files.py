@@ -163,7 +163,8 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
     renamed into place last. An interruption within those renames leaves a folder without a
     config, which every loader (load_adapter, PEFT's from_pretrained) refuses, rather than new
     weights beside an old config or old weights beside a new one. A file (not a folder) at
-    `path` raises FileExistsError; links at the file names are replaced, not written through."""
+    `path` raises FileExistsError, a folder at one of the file names IsADirectoryError (nothing
+    written); links at the file names are replaced, not written through."""
     from safetensors.torch import save_file
 
     try:
@@ -173,6 +174,14 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         raise TypeError(f"adapter config fields {bad} cannot be written to {CONFIG_NAME} ({exc}); nothing was "
                         "written") from None
     os.makedirs(path, exist_ok=True)
+    # A folder (not a link) under a name the save replaces or removes would fail the save halfway,
+    # after the old config was removed: refused before anything is written.
+    in_the_way = [name for name in (WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME)
+                  if os.path.isdir(os.path.join(path, name)) and not os.path.islink(os.path.join(path, name))]
+    if in_the_way:
+        raise IsADirectoryError(f"cannot write the adapter to {path!r}: {in_the_way} there "
+                                f"{'is a folder' if len(in_the_way) == 1 else 'are folders'}, where the save puts or "
+                                "removes a file; remove or rename it. Nothing was written")
 
     def write_config(target: str) -> None:
         with open(target, "w") as f:

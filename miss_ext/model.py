@@ -8,8 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_shape,
-                      check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp, type_name)
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_merge_problem,
+                      block_shape, check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -742,7 +742,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     # Bases a merge cannot go into (hooks, subclass forwards, parametrized, sharded or quantized
     # weights: modules.merge_refusal), all checked before any layer changes.
     refused = [f"{name or 'the model'}: {why}" for name, layer in layers
-               if not layer.merged and (why := merge_refusal(layer.base_layer)) is not None]
+               if not layer.merged and (why := merge_refusal(layer.base_layer) or block_merge_problem(
+                   layer.miss_block, layer.base_layer.weight)) is not None]
     if refused:
         raise ValueError("merge_and_unload: nothing was merged; these layers cannot be merged:\n" + "\n".join(refused))
     if safe_merge:

@@ -757,6 +757,23 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     return None
 
 
+def block_merge_problem(block: object, weight: object) -> Optional[str]:
+    """Why a miss_block cannot be merged into (unmerged from) `weight`, or None: a block that is no
+    floating tensor, on the meta device, or on another device than a weight that is a tensor. The
+    op refuses these too, but only when the merge reaches that layer (or adapter): checked first,
+    a merge of several layers or adapters changes nothing (an atomicity review, 2026-12-03: earlier
+    layers were merged, then unmerged up to a rounding)."""
+    if not isinstance(block, Tensor) or not block.is_floating_point():
+        what = f"dtype {block.dtype}" if isinstance(block, Tensor) else type_name(block)
+        return f"its miss_block is not a floating tensor ({what}); nothing to merge"
+    if block.is_meta:
+        return "its miss_block is on the meta device (not materialised); load the adapter's values first"
+    if isinstance(weight, Tensor) and not weight.is_meta and block.device != weight.device:
+        return (f"its miss_block is on {block.device} and its weight on {weight.device}; move the layer to one device "
+                "first")
+    return None
+
+
 def autocast_mini_block(block: Tensor, x: Tensor, out_features: int) -> Tensor:
     """The block an unfused adapter term `fold(x) @ block` multiplies: under autocast, a mini block
     (r, mini_r) repeated along out first, PEFT's order, so that the repeat's backward sums G's
@@ -978,6 +995,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if self._shared_with and not unmerge:
             raise ValueError(shared_weight_message(getattr(self, "_layer_path", "this layer"), self._shared_with))
         check_merge(self.base_layer, unmerge)
+        why = block_merge_problem(self.miss_block, self.base_layer.weight)
+        if why is not None:
+            raise ValueError(f"cannot {'unmerge' if unmerge else 'merge'} MissLinear: {why}")
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:

@@ -95,8 +95,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from .model import check_module, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
-                      autocast_mini_block, check_base_output, check_before_dropout_key, check_merge, check_widths,
-                      is_plain_linear, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
+                      autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
+                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
                       not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    row_index, sequence_first_error, RowLayout)
@@ -625,6 +625,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         # the next reshard drops. Quantized bases keep PEFT's merge code (it dequantizes and
         # requantizes), except under FSDP2.
         check_merge(self.base_layer, quantized=self.quantization_backend is not None)
+        for name in names:
+            why = block_merge_problem(self.miss_block[name], self.base_layer.weight)
+            if why is not None:
+                raise ValueError(f"cannot merge adapter {name!r}: {why}")
         if not self._fast_path():
             # PEFT's merge code (kept for such bases) merges every adapter in the layer's first
             # adapter's mode: an adapter of another mode would be merged wrongly, silently.

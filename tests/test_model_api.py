@@ -400,6 +400,29 @@ def test_safe_merge_and_unload_with_a_broken_block_changes_nothing(base):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("broken", ["meta", "int"])
+def test_a_block_the_merge_cannot_use_is_refused_before_any_layer_changes(base, broken):
+    """A later layer's block on the meta device or of an integer dtype (not materialised, or
+    assigned by hand) was found by the op when the merge reached it: the layers before it were
+    merged, then unmerged up to a rounding, and the error named no layer (an atomicity review,
+    2026-12-03). Refused first, naming the layer, the weights bit for bit as they were."""
+    model = ours(base, "default")
+    layer = model.model.layers[1].mlp.up_proj
+    shape = layer.miss_block.shape
+    layer.miss_block = nn.Parameter(torch.empty(shape, device="meta") if broken == "meta"
+                                    else torch.ones(shape, dtype=torch.int32), requires_grad=False)
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}
+    message = "meta device" if broken == "meta" else r"not a floating tensor \(dtype torch.int32\)"
+    with pytest.raises(ValueError, match=rf"model\.layers\.1\.mlp\.up_proj: its miss_block .*{message}"):
+        miss_ext.merge_and_unload(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if not v.is_meta)
+    assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
+    with pytest.raises(ValueError, match=rf"cannot merge MissLinear: its miss_block .*{message}"):
+        layer.merge()
+
+
 def test_merge_and_unload_undoes_its_merges_when_a_later_merge_fails(base, monkeypatch):
     """An error inside a merge after every check (here a bad MISS_EXT_BAT_TRANSFORM value, read
     only by the bat kernel; out of memory would do the same): the layers merged before it are
@@ -827,6 +850,25 @@ def test_a_config_write_that_fails_leaves_the_earlier_adapter_whole(tmp_path, mo
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == old_files
     loaded = miss_ext.load_adapter(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), str(tmp_path))
     assert [layer.dropout for _, layer in miss_ext.miss_layers(loaded)] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"])
+def test_a_folder_under_a_file_name_the_save_replaces_is_refused_before_writing(tmp_path, name):
+    """A folder named like one of the files a save replaces or removes (a stray adapter_model.bin
+    folder, say) failed the save halfway with a bare IsADirectoryError, after the old config was
+    removed and the new weights moved in: the earlier adapter was lost (an atomicity review,
+    2026-12-03). Refused before anything is written, naming the folder."""
+    folder = tmp_path / "adapter"
+    _, old_files = _saved_folder(folder, seed=1, dropout=0.1)
+    new, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    if name in old_files:
+        (folder / name).unlink()
+        del old_files[name]
+    (folder / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"\['{name}'\] there is a folder.*Nothing was written"):
+        miss_ext.save_adapter(new, str(folder))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == old_files
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*old_files, name])
 
 
 @pytest.mark.parametrize("interrupted", ["weights", "config"])

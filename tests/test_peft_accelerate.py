@@ -556,6 +556,26 @@ def test_unmerge_of_a_layer_is_all_or_nothing(base):
     assert torch.equal(layer(x), y)
 
 
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_a_block_the_merge_cannot_use_is_refused_before_any_layer_or_adapter_changes(base, safe_merge):
+    """Without safe_merge, a later layer's (or adapter's) block on the meta device was found by the
+    op when PEFT's loop reached it: the layers (adapters) before it stayed merged, or were
+    unmerged up to a rounding (an atomicity review, 2026-12-03). Checked with every layer's plan."""
+    _, fast = pair(base, "default")
+    fast.add_adapter("second", MissConfig(r=R, target_modules=TARGETS, init_weights=False))
+    fast = accelerate(fast)
+    layer = fast.base_model.model.model.layers[1].mlp.down_proj
+    layer.miss_block["second"] = torch.nn.Parameter(torch.empty_like(layer.miss_block["second"], device="meta"))
+    first = fast.base_model.model.model.layers[0].self_attn.q_proj
+    state = {k: v.clone() for k, v in fast.state_dict().items() if v.device.type != "meta"}
+    for call in (lambda: fast.base_model.merge_adapter(["default", "second"], safe_merge=safe_merge),
+                 lambda: layer.merge(safe_merge=safe_merge, adapter_names=["default", "second"])):
+        with pytest.raises(ValueError, match=r"cannot merge adapter 'second': its miss_block is on the meta device"):
+            call()
+        assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items() if k in state)
+        assert first.merged_adapters == [] and layer.merged_adapters == []
+
+
 def test_model_level_merge_and_unmerge_are_all_or_nothing(base):
     """merge_adapter / merge_and_unload with safe_merge and unmerge_adapter check every layer
     before writing any (PEFT's loop would leave the layers before the bad one changed)."""
