@@ -24,8 +24,8 @@ from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_g
                     parent_module, peft_hint, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_peft_model, saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model,
                     warn_shared, writes_here)
-from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, base_refusal, block_shape, check_dropout, is_dtensor,
-                      refuse_meta, reshard_fsdp, type_name)
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
+                      is_dtensor, refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
@@ -147,6 +147,8 @@ def _uniform_settings(layers) -> Tuple[int, str, int, float]:
 
 
 def base_model_name(model: nn.Module) -> Optional[str]:
+    """The base model's name or path that an adapter config records (PEFT's
+    base_model_name_or_path): a transformers model's `config._name_or_path`, or None."""
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
 
@@ -268,8 +270,11 @@ def adapter_config(r: int, mode: str, mini_r: int, dropout: float, paths: List[s
 def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                  base_model_name_or_path: Optional[str] = None, is_main_process: Optional[bool] = None) -> None:
     """Writes the model's MissLinear adapters in PEFT's format into the directory `path`, so
-    `peft.PeftModel.from_pretrained(base_model, path)` loads them. task_type (e.g. "CAUSAL_LM")
+    `peft.PeftModel.from_pretrained(base_model, path)` loads them. task_type (e.g. "CAUSAL_LM";
+    ValueError for a value that is not one of PEFT's TaskType names, which PEFT refuses at load)
     is written into the config; PEFT then builds the matching PeftModel subclass.
+    base_model_name_or_path is written into the config for PEFT (which loads that base when asked
+    to); default: the model's `config._name_or_path` (transformers models), else none.
 
     Sharded models (FSDP2 `fully_shard`: each miss_block is a DTensor holding one shard): every
     rank must call save_adapter, as the whole blocks are gathered collectively
@@ -563,6 +568,15 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
         if tuple(param.shape) != tuple(value.shape):
             problems.append(f"{path}: shape {tuple(value.shape)} in the file, the model's is {tuple(param.shape)}")
             continue
+        # As the blocks: a value copy_ would cast silently (complex to real drops the imaginary
+        # part, integers into a float parameter are no trained values) or that is not finite in
+        # the parameter's dtype (an atomicity review, 2026-12-03: NaN loaded silently).
+        if param.is_floating_point() and not value.is_floating_point():
+            problems.append(f"{path}: dtype {value.dtype} in the file, the model's parameter is {param.dtype}")
+            continue
+        if param.is_floating_point() and not bool(torch.isfinite(value.to(param.dtype)).all()):
+            problems.append(f"{path}: the file's value holds non-finite values (NaN or inf) in {param.dtype}")
+            continue
         # Writing a tied parameter (e.g. a modules_to_save lm_head tied to the input embeddings)
         # would silently change its other holders; PEFT trains a separate copy of such a module.
         # The same values (PEFT saves a tied lm_head's unchanged base weight) change nothing.
@@ -699,6 +713,15 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         if not bool(torch.isfinite(block).all()):
             # A NaN or inf block makes every output of the layer non-finite: a broken file.
             problems.append(f"{path}: the block holds non-finite values (NaN or inf)")
+            continue
+        # Finite in the file, but not in the dtype it is loaded into (float64 values beyond
+        # float32's range): they would load as inf, past the check above.
+        weight = module.miss_block if isinstance(module, MissLinear) else getattr(module, "weight", None)
+        target = weight.dtype if isinstance(module, MissLinear) else \
+            adapter_dtype(weight.dtype) if isinstance(weight, Tensor) else torch.float32
+        if not bool(torch.isfinite(block.to(target)).all()):
+            problems.append(f"{path}: the block holds values beyond the range of {target}, the dtype it loads into "
+                            "(they would become inf)")
             continue
         plan.append((path, module, block))
     missing = [name for name, _ in miss_layers(model) if name not in blocks]

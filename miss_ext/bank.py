@@ -39,9 +39,9 @@ import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFu
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from .modules import (MissLinear, adapter_dtype, block_shape, check_base_output, check_dropout, is_dtensor,
-                      is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, refuse_nested, size_mismatches,
-                      tensor_json, tensor_problem, type_name)
+from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
+                      is_dtensor, is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, refuse_nested,
+                      size_mismatches, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -511,11 +511,13 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise TypeError(f"MissBankLinear needs a base layer whose weight is a tensor; {type_name(base_layer)}: "
                             f"{tensor_problem(weight)}")
         self.base_layer = base_layer
-        base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.max_r = max_r
-        self.bank = nn.Parameter(torch.zeros(capacity, max_r, self.out_features,
-                                             dtype=adapter_dtype(weight.dtype), device=weight.device))
+        self.bank = nn.Parameter(allocate_block((capacity, max_r, self.out_features), adapter_dtype(weight.dtype),
+                                                weight.device, f"MissBankLinear(capacity={capacity}, max_r={max_r})"))
+        # Frozen once the allocation went through: a failed construction leaves the user's layer
+        # as it was (an atomicity review, 2026-12-03).
+        base_layer.requires_grad_(False)
         self._init_slot_tensors(weight.device)
         self._any_dropout = False  # some adapter has a dropout rate > 0 (_sync_slots)
         self.adapter_names: List[Optional[str]] = [None] * capacity
@@ -549,6 +551,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     @property
     def capacity(self) -> int:
+        """How many adapters the bank holds at most (its slots; the bank's first dimension)."""
         return self.bank.shape[0]
 
     # ---- the bank -------------------------------------------------------------------------------
@@ -572,9 +575,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def adapter_shape(self, name: str, r: int, mode: str = "default", mini_r: int = 1,
                       dropout: float = 0.0) -> Tuple[int, int]:
-        """The block shape an adapter with these settings has in this bank; TypeError for bat,
-        ValueError for r > max_r, bad sizes or a bad dropout. Changes nothing (the model-level
-        functions check every layer with it before any layer changes)."""
+        """The block shape an adapter with these settings has in this bank: (r, out_features) in
+        the default mode, (r, mini_r) in the mini mode. `name` only names the adapter in the
+        errors; r, mode, mini_r and dropout as add_adapter's. TypeError for bat, ValueError for
+        r > max_r, bad sizes or a bad dropout. Changes nothing (the model-level functions check
+        every layer with it before any layer changes)."""
         if mode == "bat":
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
@@ -588,19 +593,29 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def add_adapter(self, name: str, r: int, mode: str = "default", mini_r: int = 1, dropout: float = 0.0,
                     block: Optional[Tensor] = None) -> int:
         """Puts an adapter into a free slot and returns the slot id. `block` (r, out_features) or
-        (r, mini_r), any float dtype, is copied in (cast to the bank's dtype); None gives PEFT's
-        zero init. Raises ValueError for a bad or taken name, a full bank, r < 1 or r > max_r, a
-        mini_r not dividing out_features, a block of another shape, dropout outside [0, 1), a
-        meta bank given a block, or inside miss_ext.mixed_batch; TypeError for bat or a non-int
-        r / mini_r."""
+        (r, mini_r), any real floating dtype, is copied in (cast to the bank's dtype); None gives
+        PEFT's zero init. Raises ValueError for a bad or taken name, a full bank, r < 1 or r >
+        max_r, a mini_r not dividing out_features, a block of another shape, a block on the meta
+        device or holding values not finite in the bank's dtype (as load_bank refuses them),
+        dropout outside [0, 1), a meta bank given a block, or inside miss_ext.mixed_batch;
+        TypeError for bat, a non-int r / mini_r, or a block that is no tensor or of a dtype that is
+        not real floating (an integer block was cast, a complex one lost its imaginary part)."""
         self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if block is not None and self.bank.is_meta:
             raise ValueError(f"adapter {name!r}: the bank is on the meta device (the model is not materialised), so "
                              "the block's values would be kept nowhere; materialise the model first")
+        if block is not None and (not isinstance(block, Tensor) or not block.is_floating_point()):
+            what = f"a tensor of dtype {block.dtype}" if isinstance(block, Tensor) else type_name(block)
+            raise TypeError(f"adapter {name!r}: block must be a real floating tensor, got {what}")
+        if block is not None and block.is_meta:
+            raise ValueError(f"adapter {name!r}: the block is on the meta device: it has no values to copy in")
         if block is not None and tuple(block.shape) != tuple(shape):
             raise ValueError(f"adapter {name!r}: block shape {tuple(block.shape)} does not match r={r}, mode={mode!r} "
                              f"(expected {tuple(shape)})")
+        if block is not None and not bool(torch.isfinite(block.to(self.bank.dtype)).all()):
+            raise ValueError(f"adapter {name!r}: the block holds values that are not finite in the bank's "
+                             f"{self.bank.dtype} (NaN or inf, or beyond its range)")
         slot = check_new_adapter(self.adapter_names, name)
         with torch.no_grad():
             self.bank[slot].zero_()
@@ -897,6 +912,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     # each slot holds; without them a loaded bank would route every row to the base output. The
     # entry is a uint8 tensor of JSON, so the state_dict stays all tensors (safetensors, clone()).
     def get_extra_state(self) -> Tensor:
+        """The slots' names, modes, dropout rates and absent flags, which the state_dict carries
+        beside the bank, ranks and periods: a 1-D uint8 tensor of their JSON text (a tensor, not a
+        dict: the state_dict stays all tensors, for safetensors and clone()); set_extra_state
+        reads it back."""
         state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
                  "absent": self.absent}
         return json_tensor(state)

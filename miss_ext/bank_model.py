@@ -286,8 +286,10 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
         if tuple(block.shape) != expected:
             problems.append(f"{path}: block shape {tuple(block.shape)} in the file, the layer needs {expected} "
                             f"(mode={mode!r}, r={r}, out={layer.out_features})")
-        elif not block.is_floating_point() or not bool(torch.isfinite(block).all()):
-            problems.append(f"{path}: the block is not floating point or holds NaN/inf")
+        elif not block.is_floating_point() or not bool(torch.isfinite(block.to(layer.bank.dtype)).all()):
+            # In the bank's dtype: finite float64 values beyond float32's range would load as inf.
+            problems.append(f"{path}: the block is not floating point or holds NaN/inf (in the bank's "
+                            f"{layer.bank.dtype})")
     # A bank shares everything but the blocks between rows: per-adapter extras cannot differ per row.
     for key, value in extras.items():
         _, param = _find_parameter(model, key)

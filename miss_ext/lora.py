@@ -20,7 +20,11 @@ from .targets import describe, exact_paths_regex
 
 def lora_factors(block: Tensor, in_features: int, out_features: int):
     """(A (r, in), B (out, r)) in the block's dtype with B @ A == the delta weight of a default
-    (r, out) or mini (r, mini_r) block."""
+    (r, out) or mini (r, mini_r) block. ValueError for a block that is not 2-D (bat) or whose
+    width does not divide out_features (B would silently have another height)."""
+    if block.dim() != 2 or block.shape[1] < 1 or out_features % block.shape[1] != 0:
+        raise ValueError(f"lora_factors: a default (r, out_features={out_features}) or mini (r, mini_r dividing "
+                         f"out_features) block is needed, got shape {tuple(block.shape)}")
     block = block.detach()
     r = block.shape[0]
     cols = torch.arange(in_features, device=block.device)
@@ -106,7 +110,9 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     """Writes the model's default/mini MiSS adapters as an exactly equivalent PEFT LoRA adapter
     (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
     miss_ext.MissLinear layers, or is a PEFT model (PeftModel or MissModel, accelerated or not),
-    whose adapter `adapter_name` is exported. Raises ValueError, writing nothing, for a model
+    whose adapter `adapter_name` is exported. task_type (e.g. "CAUSAL_LM") is written into the
+    LoRA config, as save_adapter writes it (ValueError for a value that is not one of PEFT's
+    TaskType names). Raises ValueError, writing nothing, for a model
     without MiSS layers (or without adapter `adapter_name`), bat adapters, merged layers, layers
     of different r or dropout (one LoRA config holds one r and one dropout), and adapters that
     also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /

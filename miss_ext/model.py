@@ -207,7 +207,9 @@ def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
-    """(path, layer) of every `miss_ext.MissLinear` in the model, in model order."""
+    """(path, layer) of every `miss_ext.MissLinear` in the model, in model order. TypeError for a
+    model that is no nn.Module."""
+    check_module(model, "miss_layers")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MissLinear)]
 
 
@@ -232,9 +234,24 @@ _BIAS_ALIASES = {"miss_only": "MiSS_only", "bone_only": "MiSS_only"}
 
 
 def trainable_extras(model: nn.Module) -> dict:
-    """{"modules_to_save": [paths], "bias": ...} recorded on the model (PEFT's defaults if none)."""
+    """{"modules_to_save": [paths], "bias": ...} recorded on the model (PEFT's defaults if none).
+    ValueError for a recorded path that is no longer a module of the model (the user set
+    `model.head = None`, say): apply_miss and load_adapter read the record before they change
+    anything, and used to fail on it with a bare AttributeError after swapping layers in (an
+    atomicity review, 2026-12-03)."""
     recorded = getattr(model, EXTRAS_ATTR, None) or {}
-    return {"modules_to_save": list(recorded.get("modules_to_save", [])), "bias": recorded.get("bias", "none")}
+    paths = list(recorded.get("modules_to_save", []))
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            module = exc
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"modules_to_save {path!r}, recorded on the model by an earlier apply_miss / load_adapter "
+                             f"(trained and saved beside the blocks), is no longer a module of the model ({module}); "
+                             f"put a module back at {path!r}, or drop it from the record "
+                             f"(model.{EXTRAS_ATTR}['modules_to_save'])")
+    return {"modules_to_save": paths, "bias": recorded.get("bias", "none")}
 
 
 def extra_parameters(model: nn.Module, extras: Optional[dict] = None) -> Dict[str, nn.Parameter]:
@@ -650,11 +667,19 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
     warn_unmatched(model, target_modules)
     warn_shared(shared_before_wrapping(model, found))
-    with warnings.catch_warnings():
-        # One warning per model (above) rather than one per layer for the r > in case.
-        warnings.simplefilter("ignore")
-        layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
-                  for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
+    # Each MissLinear freezes its base; should a later one fail (its block cannot be allocated),
+    # the bases frozen so far get their requires_grad back: nothing changes on error.
+    requires_grad = [(p, p.requires_grad) for _, linear in found for p in linear.parameters()]
+    try:
+        with warnings.catch_warnings():
+            # One warning per model (above) rather than one per layer for the r > in case.
+            warnings.simplefilter("ignore")
+            layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
+                      for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
+    except BaseException:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        raise
     for name, layer in layers:
         set_module(model, name, layer)
     record_shared_weights(model)
@@ -721,7 +746,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     Also ValueError, before anything changes, for a layer whose base cannot take a merge
     (modules.merge_refusal: hooks, subclass forwards, parametrized, sharded or quantized weights,
-    FSDP2). A model without MissLinear layers: UserWarning, returned unchanged; a model that is
+    FSDP2) or whose block the merge cannot use (modules.block_merge_problem: not floating, on the
+    meta device or another device than the weight). TypeError for a model that is no nn.Module.
+    A model without MissLinear layers: UserWarning, returned unchanged; a model that is
     itself a MissLinear: its base layer is returned. Source: PEFT's merge_and_unload;
     docs/miss.md, "Merging"."""
     check_module(model, "merge_and_unload")

@@ -757,6 +757,18 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     return None
 
 
+def allocate_block(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> Tensor:
+    """torch.zeros(shape) for an adapter's block or bank; an allocation that fails (a huge r or
+    capacity) is raised with the same type (torch.OutOfMemoryError is a RuntimeError) naming
+    `what` and the size asked for, rather than the allocator's message alone."""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except RuntimeError as exc:
+        elements = math.prod(shape)
+        raise type(exc)(f"{what}: cannot allocate its {tuple(shape)} {dtype} block ({elements} elements, "
+                        f"{elements * dtype.itemsize / 2 ** 30:.3g} GiB) on {device}: {exc}") from exc
+
+
 def block_merge_problem(block: object, weight: object) -> Optional[str]:
     """Why a miss_block cannot be merged into (unmerged from) `weight`, or None: a block that is no
     floating tensor, on the meta device, or on another device than a weight that is a tensor. The
@@ -805,7 +817,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         mode: "default" (miss_block (r, out)), "mini" (miss_block (r, mini_r), tiled along out) or
             "bat" (miss_block (out/r, r, r): W' = W + W_ij B_i + B_i per r x r tile; r must divide
             in_features and out_features).
-        mini_r: the mini mode's block width; must divide out_features.
+        mini_r: the mini mode's block width; must divide out_features. Read only in the mini
+            mode (PEFT's MissConfig also ignores it elsewhere): not checked in the others.
         dropout: dropout probability of the adapter branch's input, in training only. Ignored
             in bat mode (as PEFT), with a warning.
         init_weights: True gives PEFT's zero init (the adapter starts as an exact identity);
@@ -817,13 +830,15 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     with them raises RuntimeError naming the layer); the real tensors are `.base_layer.weight` /
     `.base_layer.bias`.
 
-    Raises (nothing is changed): TypeError for a base that cannot take an adapter (not an
-    nn.Linear, a LazyLinear before its first forward, a complex or bool weight, a DTensor weight
-    sharded over several ranks; bat: anything but a plain nn.Linear), a non-int r or mini_r, a
-    non-bool init_weights; ValueError for r < 1, an unknown mode, mini_r not a positive divisor
-    of out_features, bat with r not dividing in_features and out_features, out_features == 0
-    (default, bat), a dropout that is not a number in [0, 1). UserWarning for r > in_features
-    and for dropout in bat mode.
+    Raises (nothing is changed: the base is frozen last): TypeError for a base that cannot take
+    an adapter (not an nn.Linear, a LazyLinear before its first forward, a complex or bool
+    weight, a DTensor weight sharded over several ranks; bat: anything but a plain nn.Linear), a
+    non-int r (or mini_r in the mini mode), a non-bool init_weights; ValueError for r < 1, an
+    unknown mode, mini_r not a positive divisor of out_features (mini mode), bat with r not
+    dividing in_features and out_features, out_features == 0 (default, bat), a dropout that is
+    not a number in [0, 1); the allocator's error (RuntimeError, torch.OutOfMemoryError), naming
+    the block's size, for a block that cannot be allocated. UserWarning for r > in_features and
+    for dropout in bat mode.
 
     Source: PEFT's peft/tuners/miss/layer.py (MissLinear, MissConfig); docs/miss.md.
     """
@@ -846,7 +861,6 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         shape = block_shape(mode, r, mini_r, in_features, out_features)
 
         self.base_layer = base_layer
-        base_layer.requires_grad_(False)
         self.in_features = in_features
         self.out_features = out_features
         # The base weight's (out, in) the block was made for: in_features/out_features are public
@@ -863,7 +877,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # What TorchScript's compiled forward uses (no Python introspection there): set when the
         # module is scripted (__prepare_scriptable__).
         self._script_fused = True
-        self.miss_block = nn.Parameter(torch.zeros(shape, dtype=adapter_dtype(weight.dtype), device=weight.device))
+        self.miss_block = nn.Parameter(allocate_block(shape, adapter_dtype(weight.dtype), weight.device,
+                                                      f"MissLinear(r={r}, mode={mode!r})"))
         if not init_weights:
             nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
         if mode == "bat" and dropout > 0.0:
@@ -875,6 +890,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 f"{PEFT_REFUSES_R_ABOVE_IN}",
                 stacklevel=2,
             )
+        # Last: the user's base layer is frozen only once nothing here can fail (an allocation, a
+        # warning turned into an error) (an atomicity review, 2026-12-03).
+        base_layer.requires_grad_(False)
 
     @torch.jit.unused
     def _fused(self) -> bool:
@@ -1005,7 +1023,12 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         non-finite values raise ValueError and leave the weight untouched.
 
         Refused with ValueError, the weight untouched (modules.merge_refusal): a weight shared
-        with another module (tied weights: the merge would change that module too); a base that
+        with another module (tied weights: the merge would change that module too), as recorded
+        by apply_miss, load_adapter and merge_and_unload(model) (record_shared_weights: a layer
+        cannot see its model, so a MissLinear built by hand on a tied weight merges into it and
+        changes the other holder too; merge such a model with miss_ext.merge_and_unload, which
+        checks); a block the merge cannot use (not floating, on the meta device or another device
+        than the weight); a base that
         does not compute exactly F.linear(x, W, b) (an nn.Linear subclass with its own forward, a
         forward hook), whose merged output would differ from the unmerged one; a parametrized,
         tensor-subclass or non-floating weight, which a merge would write into a temporary; a

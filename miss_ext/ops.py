@@ -12,11 +12,17 @@ Conventions shared by every op below:
   output dtype.
 - Dropout (adapter branch only): probability p in [0, 1] and an int64 key [seed, offset] of
   shape (2,) on the data's device, from `new_dropout_key(x.device)`; with p == 0 the key may be
-  None. The mask is a pure function of (key, row, column), the same on CPU and CUDA.
+  None, and a key given anyway is not read: only its device is checked (its size and dtype are
+  checked where p > 0). The mask is a pure function of (key, row, column), the same on CPU and
+  CUDA.
 - Errors: ValueError for bad shapes, r, mini_r, p, keys and devices, TypeError for bad dtypes
-  (a non-int64 key included), each naming the value; nothing is written on error. RuntimeError
-  from an op without autograd (the in-place ones, bat_transform, the bat unmerge) given a tensor
-  that requires grad, and from an in-place op writing an inference tensor outside inference mode.
+  (a non-int64 key included), each naming the value; nothing is written on error. An argument
+  of another Python type than the schema's (r=2.5, p="0.1") is refused by torch's dispatcher
+  before the op runs: RuntimeError ("Expected a value of type 'int' for argument 'r'").
+  RuntimeError from an op without autograd (the in-place ones tile_add_, merge_, bank_add_,
+  bat_transform_, and bat_transform, the bat unmerge) given a tensor that requires grad
+  ("miss::tile_add_ is an op without autograd support ..."), and from an
+  in-place op writing an inference tensor outside inference mode.
 - Sources: per op below (docs/miss.md sections; PEFT: peft/tuners/miss/layer.py).
 """
 from typing import Optional
@@ -49,8 +55,8 @@ def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
     of it, as torch.sum(x, dtype=torch.float64) does), and are rounded once. p in [0, 1]; with
     p > 0, key = new_dropout_key(x.device). Differentiable to any order (its adjoint is
     tile_add). ValueError for r < 1, a scalar x, a p outside [0, 1], a missing key for p > 0, or
-    a key on another device or of another size; TypeError for a non-float x or dtype, or a
-    non-int64 key. Source: docs/miss.md, "Default and mini" (PEFT's zero-padded reshape and sum)."""
+    a key on another device or (p > 0) of another size; TypeError for a non-float x or dtype, or
+    (p > 0) a non-int64 key; RuntimeError for a non-int r (the schema's). Source: docs/miss.md, "Default and mini" (PEFT's zero-padded reshape and sum)."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
@@ -62,7 +68,7 @@ def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key:
     matrices and src's P rows tile out's rows too (merge); sizes need not divide (the last tile
     is partial). Any supported float dtypes; one rounding to out's dtype. With p > 0, key =
     new_dropout_key(out.device); the mask is indexed by out's (row, column). Not differentiable
-    (see tile_add). Returns None. ValueError for a src without out's leading sizes (unless both
+    (see tile_add): RuntimeError for out or src requiring grad. Returns None. ValueError for a src without out's leading sizes (unless both
     are matrices), a 0-dim out or src, an empty src for a non-empty out, src sharing memory with
     out, or a bad p or key; TypeError for non-float tensors or a non-int64 key. Source:
     docs/miss.md, "Default and mini" (dx's adapter part; mini's tiling; merge's dW)."""
@@ -207,8 +213,8 @@ def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor,
 
 def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
               per_row_fold: bool = False) -> None:
-    """bank_add in place into y (not differentiable); returns None; arguments and errors as
-    bank_add."""
+    """bank_add in place into y (not differentiable: RuntimeError for a y, s or bank that requires
+    grad); returns None; arguments and other errors as bank_add."""
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, per_row_fold)
 
 

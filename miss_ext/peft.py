@@ -1280,6 +1280,12 @@ def accelerate(model: nn.Module) -> nn.Module:
                       "nn.MultiheadAttention reads the layer's weight directly instead of calling it, so its output is "
                       "the base model's, in PEFT as here (miss_ext.apply_miss and load_adapter refuse such layers)",
                       stacklevel=2)
+    # Warned before any class changes: turned into an error, it leaves the model as it was.
+    if named and not _miss_layers(model, MissModel) and not _miss_layers(model, AcceleratedMissModel):
+        warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
+                      "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
+                      "them (PEFT 0.21 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
+                      stacklevel=2)
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
         parent = parents[path]
@@ -1300,11 +1306,6 @@ def accelerate(model: nn.Module) -> nn.Module:
     tuners = _miss_layers(model, MissModel)
     for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
-    if named and not tuners and not _miss_layers(model, AcceleratedMissModel):
-        warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
-                      "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
-                      "them (PEFT 0.21 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
-                      stacklevel=2)
     # Paths as in the base model ("lm_head", "model.embed_tokens.weight") where there is a tuner.
     record_accelerated_sharing(model)
     for tuner in _miss_layers(model, AcceleratedMissModel):

@@ -369,13 +369,15 @@ def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
     if module.merged:
         raise ValueError(f"{style}: the MissLinear is merged; unmerge it (or parallelize the merged model's "
                          "nn.Linear layers with torch's own styles)")
+    # Before the plain-base check: a sharded layer's base holds DTensors, which that check refuses
+    # as "not plain", hiding this reason.
+    if "_tp_style" in module.__dict__:
+        raise ValueError(f"{style}: this MissLinear is already tensor-parallel ({module._tp_style})")
     if not is_plain_linear(module.base_layer):
         raise TypeError(f"{style}: the MissLinear's base layer must be a plain nn.Linear (no subclass forward, hooks, "
                         f"parametrization or DTensor/quantized weight), got {type_name(module.base_layer)}: "
                         f"{not_plain_reason(module.base_layer)}; "
                         "a hooked or subclassed base would be bypassed by the sharded op")
-    if "_tp_style" in module.__dict__:
-        raise ValueError(f"{style}: this MissLinear is already tensor-parallel ({module._tp_style})")
 
 
 # The oldest torch the styles were run on. On torch 2.11 (the GPU machines', 2026-11-29) the
@@ -398,7 +400,8 @@ class MissColwiseParallel(ColwiseParallel):
     miss_block Shard(1) (default mode), Replicate (mini: every shard of out must start at a
     multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world
     (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
-    modules go to torch's style. Keyword arguments: torch's ColwiseParallel's, plus check_keys
+    modules go to torch's style, except the adapter layers it cannot shard: a MissBankLinear and
+    PEFT's MiSS layers (accelerated or not) raise TypeError naming the class. Keyword arguments: torch's ColwiseParallel's, plus check_keys
     (compare each training call's dropout key across ranks, RuntimeError on every rank where they
     differ: a debugging aid, two tiny collectives and a host sync per layer). Also ValueError for
     a mesh that is not 1-D, a merged layer or one already tensor-parallel; TypeError for a base

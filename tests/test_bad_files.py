@@ -164,3 +164,39 @@ def test_non_finite_blocks_are_refused_by_the_bank_too(saved):
     assert miss_ext.bank_adapter_names(model) == []
     with pytest.raises(ValueError, match=r"the block is not floating point or holds NaN/inf"):
         miss_ext.load_bank(_model(), {"x": str(saved)})
+
+
+def test_blocks_finite_in_the_file_but_not_in_the_dtype_they_load_into(saved):
+    """float64 values beyond float32's range are finite in the file and loaded as inf into a
+    float32 model's blocks (load_adapter) or bank (load_bank_adapter), past the non-finite check
+    (an atomicity review, 2026-12-03)."""
+    blocks = load_file(saved / WEIGHTS)
+    key = sorted(blocks)[0]
+    blocks = {k: v.double() for k, v in blocks.items()}
+    blocks[key][0, 0] = 1e300
+    save_file(blocks, saved / WEIGHTS)
+    _expect_refused(saved, r"the block holds values beyond the range of torch\.float32, the dtype it loads into")
+    model = miss_ext.apply_bank(_model(), ["0", "2"], capacity=2, max_r=4)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"holds NaN/inf \(in the bank's torch\.float32\)"):
+        miss_ext.load_bank_adapter(model, "x", str(saved))
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("value", ["nan", "int", "complex"])
+def test_modules_to_save_values_that_would_load_silently_wrong(tmp_path, value):
+    """A modules_to_save (or trained bias) tensor holding NaN loaded silently, an integer one was
+    cast, a complex one lost its imaginary part (a torch warning only): refused as blocks are."""
+    model = _model()
+    miss_ext.apply_miss(model, ["0"], r=4, modules_to_save=["2"], init_weights=False)
+    miss_ext.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS)
+    key = next(k for k in tensors if k.endswith("2.weight"))
+    if value == "nan":
+        tensors[key][0, 0] = float("nan")
+        pattern = r"non-finite values \(NaN or inf\) in torch\.float32"
+    else:
+        tensors[key] = tensors[key].to(torch.int64 if value == "int" else torch.complex64)
+        pattern = rf"dtype torch\.{'int64' if value == 'int' else 'complex64'} in the file, the model's parameter is"
+    save_file(tensors, tmp_path / WEIGHTS)
+    _expect_refused(tmp_path, pattern)

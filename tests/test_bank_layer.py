@@ -649,3 +649,23 @@ def test_index_of_refuses_a_bare_string():
     assert bank.index_of(n for n in ["a", "__base__"]).tolist() == [a, -1]
     assert bank.index_of({"a": 0}.keys()).tolist() == [a]
     assert bank.index_of(np.array(["a", "a"])).tolist() == [a, a]
+
+
+@pytest.mark.parametrize("block, error, pattern", [
+    ([[0.0] * OUT] * 2, TypeError, r"block must be a real floating tensor, got list"),
+    (torch.ones(2, OUT, dtype=torch.int64), TypeError, r"got a tensor of dtype torch\.int64"),
+    (torch.ones(2, OUT, dtype=torch.complex64), TypeError, r"got a tensor of dtype torch\.complex64"),
+    (torch.empty(2, OUT, device="meta"), ValueError, r"the block is on the meta device"),
+    (torch.full((2, OUT), float("nan")), ValueError, r"not finite in the bank's torch\.float32"),
+    (torch.full((2, OUT), 1e300, dtype=torch.float64), ValueError, r"not finite in the bank's torch\.float32"),
+])
+def test_add_adapter_refuses_a_block_it_would_copy_in_wrong(block, error, pattern):
+    """add_adapter's block: a list gave a bare AttributeError, an integer or complex tensor was cast
+    silently (the imaginary part dropped), a NaN block (or float64 values beyond float32's range)
+    was taken though load_bank refuses it (an atomicity review, 2026-12-03). Refused, naming the
+    adapter; the bank unchanged."""
+    _, bank, _ = make("cpu")
+    before = (bank.bank.detach().clone(), list(bank.adapter_names))
+    with pytest.raises(error, match=rf"adapter 'new': .*{pattern}"):
+        bank.add_adapter("new", r=2, block=block)
+    assert torch.equal(bank.bank, before[0]) and bank.adapter_names == before[1]

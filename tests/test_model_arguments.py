@@ -5,6 +5,7 @@ raises TypeError and changes nothing (apply_miss put miss_ext layers inside the 
 saved file neither PEFT nor load_adapter could load); the "no layer" errors of the others point a
 PEFT model to PEFT's own functions."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -20,6 +21,7 @@ peft = pytest.importorskip("peft")
 CALLS = {
     "apply_miss": lambda m, d: miss_ext.apply_miss(m, ["0"], r=2),
     "merge_and_unload": lambda m, d: miss_ext.merge_and_unload(m),
+    "miss_layers": lambda m, d: miss_ext.miss_layers(m),
     "save_adapter": lambda m, d: miss_ext.save_adapter(m, str(d / "x")),
     "load_adapter": lambda m, d: miss_ext.load_adapter(m, str(d / "x")),
     "apply_bank": lambda m, d: miss_ext.apply_bank(m, ["0"], capacity=2, max_r=2),
@@ -152,3 +154,15 @@ def test_a_bank_adapter_name_that_is_no_str_is_named_as_such():
     miss_ext.add_bank_adapter(bank, "s", r=2)
     with pytest.raises(TypeError, match=r"an adapter name is a str, got list \['s'\] \(the bank has \['s'\]\)"):
         miss_ext.remove_bank_adapter(bank, ["s"])
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 5, 5), (3, 0)])
+def test_lora_factors_refuses_a_block_it_cannot_factor(shape):
+    """A (3, 7) block for out=20 gave B of shape (14, 3) silently; a bat block torch's repeat error
+    (a docstring review, 2026-12-03)."""
+    from miss_ext.lora import lora_factors
+
+    with pytest.raises(ValueError, match=rf"lora_factors: .* got shape {re.escape(str(shape))}"):
+        lora_factors(torch.ones(shape), 20, 20)
+    a, b = lora_factors(torch.ones(3, 5), 20, 20)
+    assert a.shape == (3, 20) and b.shape == (20, 3)

@@ -164,6 +164,14 @@ def rank_main(rank, world_size, folder):
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
+    # A second parallelize_module on a sharded layer: the documented ValueError (the plain-base
+    # check, run first, raised a TypeError about its DTensor weight; a docstring review, 2026-12-03).
+    twice = parallelize_module(miss_ext.MissLinear(torch.nn.Linear(8, 12), 2), mesh, MissColwiseParallel())
+    try:
+        parallelize_module(twice, mesh, MissColwiseParallel())
+        errors["twice"] = None
+    except (TypeError, ValueError) as e:
+        errors["twice"] = f"{type(e).__name__}: {e}"
     sharded = parallelize_module(torch.nn.Sequential(torch.nn.Linear(8, 12)), mesh, {"0": ColwiseParallel()})
     try:
         miss_ext.apply_miss(sharded, ["0"], r=4)
@@ -436,6 +444,8 @@ def test_refusals(ranks):
         assert errors["bat_out_r_odd"] is not None and "out_features/r = 3" in errors["bat_out_r_odd"], errors
         assert errors["col_out_lt_world"] is not None and "out_features=1 over 2" in errors["col_out_lt_world"], errors
         assert errors["miss_after_tp"] is not None and "sharded over 2 ranks" in errors["miss_after_tp"], errors
+        assert errors["twice"] is not None and errors["twice"].startswith("ValueError: MissColwiseParallel: this "
+                                                                          "MissLinear is already tensor-parallel"), errors
         assert result["key_error"] is not None and "dropout key differs" in result["key_error"]
 
 

@@ -1,0 +1,99 @@
+"""A call that raises leaves what the user owns as it was (the project's standard: "nothing the
+user owns changes on error"): module types, values, requires_grad flags. Found by an atomicity
+review (2026-12-03) that snapshotted models around every raising call of the public API; each
+test here failed on the code before its fix."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import miss_ext
+from conftest import assert_unchanged, snapshot
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("call", ["r_above_in", "bat_dropout"])
+def test_a_layer_whose_warning_is_an_error_leaves_its_base_trainable(call):
+    """MissLinear froze the user's base layer before its own warnings: under
+    warnings.simplefilter("error") (pytest -W error) the constructor raised with the base
+    already frozen."""
+    base = nn.Linear(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            if call == "r_above_in":
+                miss_ext.MissLinear(base, r=6)
+            else:
+                miss_ext.MissLinear(base, r=2, mode="bat", dropout=0.1)
+    assert base.weight.requires_grad and base.bias.requires_grad
+
+
+def test_a_block_that_cannot_be_allocated_is_named_and_changes_nothing(monkeypatch):
+    """A block the allocator refuses (a huge r or capacity) raised the allocator's message alone,
+    with the base layers of the layers built before it (apply_miss) or its own frozen. The error
+    now names the layer, its size asked for, and keeps its type (torch.OutOfMemoryError on a
+    GPU); every requires_grad flag is as it was."""
+    from miss_ext import modules
+
+    real_zeros = torch.zeros
+    calls = []
+
+    def failing_zeros(*args, **kwargs):  # the second block cannot be allocated
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_zeros(*args, **kwargs)
+
+    model = _net()
+    snap = snapshot(model)
+    monkeypatch.setattr(modules.torch, "zeros", failing_zeros)
+    with pytest.raises(RuntimeError, match=r"MissLinear\(r=2, mode='default'\): cannot allocate its \(2, 8\) "
+                                           r"torch.float32 block \(16 elements.*can't allocate memory"):
+        miss_ext.apply_miss(model, ["0", "2", "3"], r=2)
+    monkeypatch.undo()
+    assert_unchanged(model, snap)
+    base = nn.Linear(8, 8)
+    monkeypatch.setattr(modules.torch, "zeros", lambda *args, **kwargs: failing_zeros(*args, **kwargs))
+    calls.clear()
+    calls.append(None)  # the bank's allocation is the second call
+    with pytest.raises(RuntimeError, match=r"MissBankLinear\(capacity=4, max_r=2\): cannot allocate its \(4, 2, 8\)"):
+        miss_ext.MissBankLinear(base, 4, 2)
+    monkeypatch.undo()
+    assert base.weight.requires_grad and base.bias.requires_grad
+
+
+def test_a_stale_modules_to_save_record_is_refused_before_anything_changes(tmp_path):
+    """An earlier apply_miss recorded modules_to_save=["3"]; the user then set that module to
+    None. The next apply_miss (load_adapter) swapped its layers in, overwrote blocks, then failed
+    with a bare AttributeError. Refused first, naming the path."""
+    model = miss_ext.apply_miss(_net(), ["0"], r=2, modules_to_save=["3"], init_weights=False)
+    miss_ext.save_adapter(model, str(tmp_path))
+    model[3] = None
+    snap = snapshot(model)
+    for call in (lambda: miss_ext.apply_miss(model, ["2"], r=2),
+                 lambda: miss_ext.load_adapter(model, str(tmp_path)),
+                 lambda: miss_ext.save_adapter(model, str(tmp_path / "again"))):
+        with pytest.raises(ValueError, match=r"modules_to_save '3', recorded on the model by an earlier apply_miss / "
+                                             r"load_adapter .* is no longer a module of the model"):
+            call()
+        assert_unchanged(model, snap)
+
+
+def test_accelerate_warns_before_it_changes_any_class():
+    """accelerate of a PeftModel's inner model warns that adapter_names= cannot reach it; under
+    warnings.simplefilter("error") the warning came after every layer was swapped."""
+    from peft import MissConfig, get_peft_model
+
+    peft = get_peft_model(_net(), MissConfig(r=2, target_modules=["0", "2"]))
+    inner = peft.base_model.model
+    types = [type(m) for m in inner.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="not their PEFT tuner"):
+            miss_ext.peft.accelerate(inner)
+    assert [type(m) for m in inner.modules()] == types and not miss_ext.peft.is_accelerated(inner)
