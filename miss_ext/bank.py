@@ -259,6 +259,9 @@ TEXT_ONLY_ARGUMENTS = frozenset({
     "token_type_ids", "past_key_values", "cache", "logits_to_keep", "decoder_input_ids",
     "decoder_attention_mask", "decoder_position_ids", "decoder_inputs_embeds", "encoder_outputs",
     "head_mask", "decoder_head_mask", "cross_attn_head_mask",
+    # Where a sequence's image / video tokens are (0 for text): the Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+    # and GLM-4V processors return it for text-only prompts too; it carries no pixels.
+    "mm_token_type_ids",
 })
 
 

@@ -783,6 +783,20 @@ def test_text_only_calls_mix_adapters_on_multimodal_models_adapted_on_their_visi
             call()
 
 
+def test_which_call_arguments_may_bring_images():
+    """Keywords outside the text-only list holding a tensor (also nested in a list or dict) and
+    positional tensors may carry images; text inputs, mm_token_type_ids (returned by the
+    Qwen2-VL-family processors for text-only prompts) and non-tensors do not."""
+    from miss_ext.bank import other_modality_arguments
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    assert other_modality_arguments((), dict(input_ids=ids, attention_mask=ids, mm_token_type_ids=ids * 0,
+                                             pixel_values=None, max_new_tokens=4, adapter_names=["a", "b"])) == []
+    assert other_modality_arguments((ids,), dict(pixel_values=[torch.ones(3)], image_sizes=ids,
+                                                 mm_encoder_outputs={"image": (torch.ones(1),)})) == [
+        "positional argument 0", "pixel_values", "image_sizes", "mm_encoder_outputs"]
+
+
 def _assert_rows_follow_their_adapters(model, inputs, names, **tol):
     """Each row of model(**inputs, adapter_names=names) equals that row with its adapter alone
     active (set_adapter), or with adapters disabled for "__base__"."""
