@@ -583,3 +583,23 @@ def test_bank_fold_refuses_a_used_rate_outside_0_1_under_transforms():
             ops.bank_fold(x, index, ranks, 10, rates, key)
         with pytest.raises(ValueError, match=message):
             grad(lambda t: ops.bank_fold(t, index, ranks, 10, rates, key).sum())(x)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_is_grads_batched_runs_the_backward_under_vmap(mode, dropout):
+    """torch.autograd.grad(..., is_grads_batched=True) runs the backward under vmap, where
+    miss.linear's in-place tile_add_ had no batching rule: an internal error naming an op the user
+    never called (an autograd-ecosystem review, 2026-12-03). The functional op is used there; each
+    batched gradient equals its own backward."""
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=F64), r=2, mode=mode, mini_r=4, dropout=dropout,
+                                init_weights=False)
+    x = torch.randn(5, 10, dtype=F64, requires_grad=True)
+    y = layer(x)
+    grads = torch.randn(3, 5, 20, dtype=F64)
+    batched = torch.autograd.grad(y, [x, layer.miss_block], grads, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        one = torch.autograd.grad(y, [x, layer.miss_block], grads[i], retain_graph=True)
+        torch.testing.assert_close(batched[0][i], one[0], **TOL)
+        torch.testing.assert_close(batched[1][i], one[1], **TOL)

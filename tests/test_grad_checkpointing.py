@@ -15,6 +15,7 @@ activation_checkpointing_enable, with use_reentrant True and False, on a tiny fl
 miss_ext.apply_miss and on an accelerated PEFT MiSS model.
 """
 import copy
+import functools
 import warnings
 
 import pytest
@@ -182,3 +183,56 @@ def test_transformers_checkpointing_matches_plain_gradients(base, device, flavou
     fresh_loss, fresh, fresh_calls = model_run(model, ids, seed=21)
     assert fresh_calls == 2 and (fresh_loss - loss).abs() <= tol
     assert max_grad_diff(fresh, grads) > 1e-6
+
+
+SAC_CASES = {  # name: (mode, base dtype, MISS_EXT_GEMM, autocast): each path that adds the term in place
+    "default": ("default", torch.float64, None, False),     # y.addmm_(s, block)
+    "mini": ("mini", torch.float64, None, False),           # tile_add_(y, s @ block)
+    "bf16_default": ("default", torch.bfloat16, None, False),  # fp32 block: tile_add_
+    "bf16_split": ("default", torch.bfloat16, "split", False),  # addmm_split_
+    "autocast": ("default", torch.float32, None, True),     # the autocast kernel's addmm_
+}
+
+
+@pytest.mark.parametrize("saved", ["aten.linear.default", "aten.addmm_.default", "miss.tile_add_.default", "all"])
+@pytest.mark.parametrize("case", sorted(SAC_CASES))
+def test_selective_checkpointing_gives_the_plain_gradients(device, case, saved, monkeypatch):
+    """Selective activation checkpointing (torch.utils.checkpoint's context_fn) with a policy that
+    saves an ATen op inside miss.linear's forward: the forward added the adapter term into the
+    base GEMM's output in place, below autograd (no version bump), so the cached output got the
+    term twice in the recompute (saving aten.linear) or the recomputed one never (saving the
+    in-place op): gradients 10-28 off, silently (an autograd-ecosystem review, 2026-12-03). Under
+    a dispatch mode the composite now adds out of place (csrc/ops/common/in_place.h)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    mode, dtype, gemm, autocast = SAC_CASES[case]
+    if gemm is not None:
+        monkeypatch.setenv("MISS_EXT_GEMM", gemm)
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=dtype, device=device), r=R, mode=mode, mini_r=MINI_R,
+                                dropout=P, init_weights=False)
+    with torch.no_grad():
+        layer.miss_block.normal_()
+    x = torch.randn(5, 10, dtype=dtype, device=device, requires_grad=True)
+
+    def fn(x):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            return layer(x).float().sin()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if saved in ("all", str(op)) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)  # the same dropout key in both runs
+        x.grad = layer.miss_block.grad = None
+        y = checkpoint(fn, x, use_reentrant=False,
+                       context_fn=functools.partial(create_selective_checkpoint_contexts, policy)) \
+            if checkpointed else fn(x)
+        y.sum().backward()
+        grads.append((y.detach(), x.grad, layer.miss_block.grad))
+    # Bit for bit on the CPU (the same BLAS calls, in place or not); on CUDA cuBLAS may pick another
+    # kernel for an out-of-place GEMM: dtype tolerances there (the defect was 10-28 off).
+    exact = dict(rtol=0, atol=0) if device == "cpu" else {}
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, **exact)

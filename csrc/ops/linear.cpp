@@ -2,10 +2,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 
 #include "common/checks.h"
+#include "common/in_place.h"
 #include "common/sym_shape.h"
 #include "fold.h"
 #include "impl_choice.h"
@@ -63,14 +65,27 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   // The base GEMM runs and rounds in the base dtype; the sum is rounded once to x's dtype.
   at::Tensor y = at::linear(x2, weight, bias);
+  const bool in_place = may_update_in_place();  // else functional: common/in_place.h
   if (use_split(y, block, tiled)) {
-    addmm_split_(y, s, full_block(block, weight));  // in place, one rounding
+    if (in_place) {
+      addmm_split_(y, s, full_block(block, weight));  // in place, one rounding
+    } else {
+      y = addmm_split(y, s, full_block(block, weight));
+    }
   } else if (!tiled && y.scalar_type() == block.scalar_type()) {
-    y.addmm_(s, block);  // in place: no (rows, out) temporary
+    if (in_place) {
+      y.addmm_(s, block);  // in place: no (rows, out) temporary
+    } else {
+      y = at::addmm(y, s, block);
+    }
   } else {
     // (rows, mini_r) or, for a half base in the default mode, (rows, out) in the block dtype;
     // tile_add_ broadcasts it along out and adds with one rounding.
-    ops::tile_add_(y, at::mm(s, block));
+    if (in_place) {
+      ops::tile_add_(y, at::mm(s, block));
+    } else {
+      y = ops::tile_add(y, at::mm(s, block), 1.0, 0.0, std::nullopt);
+    }
   }
   return y.view_symint(with_last(x, weight.sym_size(0)));
 }
@@ -135,7 +150,7 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
       at::Tensor gx = at::mm(g, weight);  // base part, x's dtype
       // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
       // backward is being recorded (create_graph=True), which an in-place op could not be.
-      if (at::GradMode::is_enabled()) {
+      if (at::GradMode::is_enabled() || !may_update_in_place()) {
         gx = ops::tile_add(gx, adj, 1.0, p, key);
       } else {
         ops::tile_add_(gx, adj, 1.0, p, key);

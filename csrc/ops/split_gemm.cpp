@@ -7,6 +7,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
 
+#include <utility>
 #include <vector>
 
 #include "common/sym_shape.h"
@@ -69,10 +70,13 @@ bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_ru
   return picked == choice::kAuto ? auto_rule : picked == choice::kSplit;
 }
 
-void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+namespace {
+
+// The (i, j) part pairs with i + j < parts of a and b, as one GEMM's operands with k * pairs
+// inner columns: (rows, k * pairs) and (k * pairs, n).
+std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
   const std::vector<at::Tensor> ap = split_bf16(a, parts), bp = split_bf16(b, parts);
-  // The pairs (i, j) with i + j < parts, as one GEMM with k * pairs inner columns.
   std::vector<at::Tensor> left, right;
   for (int i = 0; i < parts; ++i) {
     for (int j = 0; i + j < parts; ++j) {
@@ -80,13 +84,24 @@ void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
       right.push_back(bp[j]);
     }
   }
-  const at::Tensor l = at::cat(left, 1);
-  const at::Tensor r = at::cat(right, 0);
+  return {at::cat(left, 1), at::cat(right, 0)};
+}
+
+}  // namespace
+
+void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  const auto [l, r] = split_operands(a, b);
   if (y.is_cuda()) {
     y.addmm_(l, r);  // bf16 operands, fp32 accumulation and epilogue, one rounding
   } else {
     y.copy_(at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)));
   }
+}
+
+at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  const auto [l, r] = split_operands(a, b);
+  if (y.is_cuda()) return at::addmm(y, l, r);
+  return at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)).to(y.scalar_type());
 }
 
 at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {

@@ -43,6 +43,8 @@ bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_ru
 // y (rows, n), bf16, += a (rows, k) @ b (k, n), a and b fp32: the sum is formed in fp32 and
 // rounded once to bf16 (the GEMM's epilogue). In place.
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+// The same sum as a new tensor (common/in_place.h: where an in-place update must not be made).
+at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 
 // bf16 a (m, k) @ bf16 b (k, n), accumulated and returned in fp32: exact products, so as
 // accurate as an fp32 GEMM of the same values.

@@ -14,6 +14,7 @@
 
 #include "../bat.h"
 #include "../common/checks.h"
+#include "../common/in_place.h"
 #include "../common/sym_shape.h"
 #include "../fold.h"
 #include "../linear.h"
@@ -70,13 +71,17 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t repeats = block.sym_size(1) == out ? 1 : static_size(weight, 0) / static_size(block, 1);
   const at::Tensor d = repeats == 1 ? block_c : block.repeat({1, repeats}).to(adapter);
   at::Tensor y = at::linear(x_c.reshape_symint({rows, in}), w_c, b_c);
+  // In place normally; functional where a dispatch mode or a torch.func transform sees each call
+  // (common/in_place.h: selective activation checkpointing refused the in-place update here).
+  const bool in_place = may_update_in_place();
   if (y.scalar_type() == adapter) {
-    y.addmm_(s, d);
+    y = in_place ? y.addmm_(s, d) : at::addmm(y, s, d);
   } else {
     // A float64 base (autocast leaves it) beside a term in the autocast dtype, or the reverse:
     // the term in the adapter's dtype, added in the wider one (PEFT's `result + term`).
     const at::Tensor term = at::mm(s, d);
-    y = y.to(c10::promoteTypes(y.scalar_type(), adapter)).add_(term);
+    y = y.to(c10::promoteTypes(y.scalar_type(), adapter));
+    y = in_place ? y.add_(term) : at::add(y, term);
   }
   return y.view_symint(with_last(x, out)).to(x.scalar_type());
 }
