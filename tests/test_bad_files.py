@@ -176,6 +176,12 @@ def test_blocks_finite_in_the_file_but_not_in_the_dtype_they_load_into(saved):
     blocks[key][0, 0] = 1e300
     save_file(blocks, saved / WEIGHTS)
     _expect_refused(saved, r"the block holds values beyond the range of torch\.float32, the dtype it loads into")
+    # Into a model that has its MissLinear layers already (their block's dtype decides).
+    model = miss_ext.apply_miss(_model(), ["0", "2"], r=4)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"beyond the range of torch\.float32"):
+        miss_ext.load_adapter(model, saved)
+    assert_unchanged(model, snap)
     model = miss_ext.apply_bank(_model(), ["0", "2"], capacity=2, max_r=4)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"holds NaN/inf \(in the bank's torch\.float32\)"):
@@ -183,7 +189,19 @@ def test_blocks_finite_in_the_file_but_not_in_the_dtype_they_load_into(saved):
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("value", ["nan", "int", "complex"])
+def test_a_half_model_loads_float32_blocks_beyond_float16s_range(saved):
+    """A float16 model's blocks are float32 (PEFT's autocast_adapter_dtype): a block value beyond
+    float16's range is finite where it loads, and loads."""
+    blocks = load_file(saved / WEIGHTS)
+    key = sorted(blocks)[0]
+    blocks[key][0, 0] = 1e5
+    save_file(blocks, saved / WEIGHTS)
+    model = miss_ext.load_adapter(_model().half(), saved)
+    layer = dict(miss_ext.miss_layers(model))[key.split(".")[2]]
+    assert layer.miss_block.dtype == torch.float32 and layer.miss_block[0, 0] == 1e5
+
+
+@pytest.mark.parametrize("value", ["nan", "int", "complex", "beyond_float32"])
 def test_modules_to_save_values_that_would_load_silently_wrong(tmp_path, value):
     """A modules_to_save (or trained bias) tensor holding NaN loaded silently, an integer one was
     cast, a complex one lost its imaginary part (a torch warning only): refused as blocks are."""
@@ -192,8 +210,9 @@ def test_modules_to_save_values_that_would_load_silently_wrong(tmp_path, value):
     miss_ext.save_adapter(model, tmp_path)
     tensors = load_file(tmp_path / WEIGHTS)
     key = next(k for k in tensors if k.endswith("2.weight"))
-    if value == "nan":
-        tensors[key][0, 0] = float("nan")
+    if value in ("nan", "beyond_float32"):
+        tensors[key] = tensors[key].double()
+        tensors[key][0, 0] = float("nan") if value == "nan" else 1e300  # 1e300 is finite in the file
         pattern = r"non-finite values \(NaN or inf\) in torch\.float32"
     else:
         tensors[key] = tensors[key].to(torch.int64 if value == "int" else torch.complex64)

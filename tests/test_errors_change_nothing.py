@@ -97,3 +97,29 @@ def test_accelerate_warns_before_it_changes_any_class():
         with pytest.raises(UserWarning, match="not their PEFT tuner"):
             miss_ext.peft.accelerate(inner)
     assert [type(m) for m in inner.modules()] == types and not miss_ext.peft.is_accelerated(inner)
+
+
+def test_an_allocation_error_keeps_its_type(monkeypatch):
+    """torch.OutOfMemoryError stays itself (a caller's `except torch.OutOfMemoryError` still
+    catches it), with the layer's size added to its message."""
+    from miss_ext import modules
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(modules.torch, "zeros", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"MissLinear\(r=2, mode='default'\): cannot allocate .*"
+                                                      r"Tried to allocate 2\.00 GiB"):
+        miss_ext.MissLinear(nn.Linear(8, 8), r=2)
+
+
+@pytest.mark.parametrize("values, summary", [
+    ([1.0, 2.0], "no non-finite value"),
+    ([1.0, float("inf")], "1 non-finite value(s) of 4, the first inf at [0, 1]"),
+    ([float("nan"), float("-inf")], "3 non-finite value(s) of 4, the first nan at [0, 0]"),
+])
+def test_non_finite_summary_counts_and_places_the_first(values, summary):
+    from miss_ext.modules import non_finite_summary
+
+    t = torch.tensor([values, [3.0, float("nan") if values[0] != values[0] else 4.0]])
+    assert non_finite_summary(t) == summary

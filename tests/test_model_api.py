@@ -423,6 +423,18 @@ def test_a_block_the_merge_cannot_use_is_refused_before_any_layer_changes(base, 
         layer.merge()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+def test_a_block_on_another_device_than_the_weight_is_refused_before_any_layer_changes(base):
+    model = ours(base, "default")
+    layer = model.model.layers[1].mlp.up_proj
+    layer.miss_block = nn.Parameter(layer.miss_block.detach().cuda())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: its miss_block is on cuda:0 and its "
+                                         r"weight on cpu"):
+        miss_ext.merge_and_unload(model)
+    assert all(torch.equal(v.cpu(), state[k].cpu()) for k, v in model.state_dict().items())
+
+
 def test_merge_and_unload_undoes_its_merges_when_a_later_merge_fails(base, monkeypatch):
     """An error inside a merge after every check (here a bad MISS_EXT_BAT_TRANSFORM value, read
     only by the bat kernel; out of memory would do the same): the layers merged before it are
@@ -869,6 +881,19 @@ def test_a_folder_under_a_file_name_the_save_replaces_is_refused_before_writing(
         miss_ext.save_adapter(new, str(folder))
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == old_files
     assert sorted(p.name for p in folder.iterdir()) == sorted([*old_files, name])
+
+
+def test_a_link_to_a_folder_under_a_file_name_is_replaced_not_refused(tmp_path):
+    """Links at the file names are replaced, not written through (write_adapter): a link to a
+    folder is no folder in the way."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (folder / WEIGHTS_NAME).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    new, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
+    miss_ext.save_adapter(new, str(folder))
+    assert (folder / WEIGHTS_NAME).is_file() and not (folder / WEIGHTS_NAME).is_symlink()
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 @pytest.mark.parametrize("interrupted", ["weights", "config"])

@@ -156,3 +156,31 @@ def test_per_sequence_adapter_names_with_a_jagged_input_are_refused():
         model.base_model.model[0](x, adapter_names=["default", "b"])
     with pytest.raises(TypeError, match="nested tensor"):
         model(x, adapter_names=["default", "b"])
+
+
+def test_one_name_for_every_row_and_disabled_adapters_take_a_jagged_input():
+    """Per-sequence names are refused with a jagged input, but one name for every row (what a
+    layer of a regrouping model gets inside a call with adapter_names=, peft._EveryRow) routes the
+    packed rows, and with adapters disabled the names route nothing (the base output). A
+    mutation audit (2026-12-03) found neither path tested."""
+    from peft import MissConfig, get_peft_model
+
+    import miss_ext.peft
+    from miss_ext.peft import _EveryRow
+
+    model = get_peft_model(nn.Sequential(nn.Linear(IN, OUT, dtype=F64)),
+                           MissConfig(target_modules=["0"], r=4, init_weights=False))
+    model.add_adapter("b", MissConfig(target_modules=["0"], r=4, init_weights=False))
+    model = miss_ext.peft.accelerate(model)
+    layer = model.base_model.model[0]
+    x, parts = jagged([2, 3])
+    rows = torch.cat(parts)
+    with torch.no_grad():
+        model.base_model.set_adapter("b")
+        want_b = layer(rows)
+        got = layer(x, adapter_names=_EveryRow(["b"]))
+        torch.testing.assert_close(got.values(), want_b, rtol=1e-12, atol=1e-12)
+        assert (want_b - layer.base_layer(rows)).abs().max() > 1e-3  # the adapter changes the rows
+        with model.disable_adapter():
+            torch.testing.assert_close(layer(x, adapter_names=["default", "b"]).values(), layer.base_layer(rows),
+                                       rtol=0, atol=0)

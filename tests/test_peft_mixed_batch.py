@@ -607,6 +607,37 @@ def test_an_input_passed_again_with_names_is_recorded_once():
         assert len(layer.__dict__["_inputs_with_names"]) == 0
 
 
+def test_encoder_decoder_beam_search_runs_the_encoder_on_the_unrepeated_names():
+    """T5 with PEFT's keyword: the encoder runs once on the sequences, the decoder on num_beams
+    copies of each (the hooks give the encoder the unrepeated names, on the encoder's own layers
+    only). Each row's tokens equal that adapter alone. No test covered it (a mutation audit,
+    2026-12-03: giving the encoder the repeated names, or hooking none of its layers, broke it)."""
+    import transformers
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(config).double().eval()
+    base.generation_config.eos_token_id = None
+    model = _two_adapters(base, ["q", "v", "o", "wi"])
+    names = ["b", "__base__", "a"]
+    ids = tokens(3, 6, seed=13)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2)
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model.generate(input_ids=ids[i:i + 1], **kwargs)
+            else:
+                model.base_model.set_adapter(name)
+                want = model.generate(input_ids=ids[i:i + 1], **kwargs)
+            assert torch.equal(got[i], want[0]), name
+        model.base_model.set_adapter("a")
+        other = model.generate(input_ids=ids[2:], **kwargs)[0]
+        model.base_model.set_adapter("b")
+        assert not torch.equal(other, model.generate(input_ids=ids[2:], **kwargs)[0])  # the adapters differ
+
+
 def _tiny_fsmt():
     import transformers
     config = transformers.FSMTConfig(
@@ -835,28 +866,84 @@ def test_a_multimodal_projector_that_is_itself_adapted_is_seen():
         assert (layout.reason is not None and "at 'language_projection'" in layout.reason) is refused, adapted
 
 
-@pytest.mark.parametrize("cls", sorted(__import__("miss_ext.bank", fromlist=["x"])._REGROUPING_CHILDREN))
-def test_models_that_gather_rows_across_the_batch_are_seen(cls):
+REGROUPING = {  # written out, not read from _REGROUPING_CHILDREN: a deleted entry must fail here
+    "Kosmos2Model": ("vision_model", "image_to_text_projection"),
+    "Kosmos2ForConditionalGeneration": ("vision_model", "image_to_text_projection"),
+    "Kosmos2_5Model": ("vision_model", "image_to_text_projection"),
+    "Kosmos2_5ForConditionalGeneration": ("vision_model", "image_to_text_projection"),
+    "Phi4MultimodalModel": ("embed_tokens_extend",),
+    "CsmForConditionalGeneration": ("depth_decoder",),
+    "HiggsAudioV2DecoderLayer": ("mlp", "audio_mlp"),
+}
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+@pytest.mark.parametrize("cls", sorted(REGROUPING))
+def test_models_that_gather_rows_across_the_batch_are_seen(cls, nested):
     """Kosmos-2/2.5 (images by a position mask), Phi-4-multimodal (audio clips, image crops), CSM
     (depth-decoder frames) and Higgs-Audio v2 (text/audio MLPs) run layers on rows gathered across
     the batch: with as many as the sequences, rows got other adapters (0.02-0.83 off, a review of
-    2026-12-03). An adapted layer under those children refuses names that differ; a sibling not."""
+    2026-12-03). An adapted layer under those children refuses names that differ, also in a call
+    with text inputs only (these gather text tokens or frames too), also where the class sits
+    below the top (Higgs-Audio's decoder layers at model.layers.N); a sibling not."""
     import types
 
-    from miss_ext.bank import _REGROUPING_CHILDREN, RowLayout
+    from miss_ext.bank import RowLayout
 
-    model = type(cls, (torch.nn.Module,), {})()
-    model.config = types.SimpleNamespace(model_type="x")
-    for name in _REGROUPING_CHILDREN[cls] + ("other",):
+    inner = type(cls, (torch.nn.Module,), {})()
+    inner.config = types.SimpleNamespace(model_type="x")
+    for name in REGROUPING[cls] + ("other",):
         child = torch.nn.Module()
         child.proj = torch.nn.Linear(4, 4)
-        model.add_module(name, child)
-    for name in _REGROUPING_CHILDREN[cls] + ("other",):
+        inner.add_module(name, child)
+    model, prefix = inner, ""
+    if nested:
+        model, prefix = torch.nn.Module(), "model.layers.0."
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList([inner])
+    for name in REGROUPING[cls] + ("other",):
         layout = RowLayout(model)
         for path, module in model.named_modules():
-            layout.see(path, module, path == f"{name}.proj")
+            layout.see(path, module, path == f"{prefix}{name}.proj")
         assert (layout.reason is not None) is (name != "other"), name
-        assert name == "other" or f"it holds {name!r} of a {cls}" in layout.reason
+        assert (layout.reason_for(other_modalities=False) is not None) is (name != "other"), name
+        assert name == "other" or f"it holds {prefix + name!r} of a {cls}" in layout.reason
+
+
+def test_row_layout_rules_for_text_only_calls_and_configs_without_text_config():
+    """The vision side of a multimodal model is left out for a call without images; a
+    sequence-first attention and MoE experts are not (they see the text too). A config with an
+    image token id but no text_config (Chameleon: images as tokens of the one vocabulary) is no
+    multimodal layout; the output embeddings of a multimodal model see the sequences."""
+    import types
+
+    from miss_ext.bank import RowLayout
+
+    def reason(model, adapted, other_modalities=True):
+        layout = RowLayout(model)
+        for path, module in model.named_modules():
+            layout.see(path, module, path in adapted)
+        return layout.reason_for(other_modalities=other_modalities)
+
+    attention = torch.nn.Module()
+    attention.block = torch.nn.Module()
+    attention.block.attn = torch.nn.MultiheadAttention(4, 1)  # batch_first=False
+    attention.block.fc = torch.nn.Linear(4, 4)
+    assert reason(attention, {"block.fc"}, other_modalities=False) is not None
+    chameleon = torch.nn.Module()
+    chameleon.config = types.SimpleNamespace(image_token_id=5, model_type="chameleon")
+    chameleon.vqmodel = torch.nn.Module()
+    chameleon.vqmodel.proj = torch.nn.Linear(4, 4)
+    assert reason(chameleon, {"vqmodel.proj"}) is None
+    text = types.SimpleNamespace(model_type="llama")
+    vlm = torch.nn.Module()
+    vlm.config = types.SimpleNamespace(text_config=text, image_token_id=5)
+    vlm.vision = torch.nn.Module()
+    vlm.vision.proj = torch.nn.Linear(4, 4)
+    vlm.lm_head = torch.nn.Linear(4, 8)
+    vlm.get_output_embeddings = lambda: vlm.lm_head
+    assert reason(vlm, {"lm_head"}) is None
+    assert reason(vlm, {"vision.proj"}) is not None and reason(vlm, {"vision.proj"}, other_modalities=False) is None
 
 
 def test_kosmos2_refuses_mixed_rows_on_its_vision_side():
