@@ -178,6 +178,7 @@ def test_one_name_for_every_row_and_disabled_adapters_take_a_jagged_input():
     with torch.no_grad():
         model.base_model.set_adapter("b")
         want_b = layer(rows)
+        model.base_model.set_adapter("default")  # the names, not the active adapter, pick "b"
         got = layer(x, adapter_names=_EveryRow(["b"]))
         torch.testing.assert_close(got.values(), want_b, rtol=1e-12, atol=1e-12)
         assert (want_b - layer.base_layer(rows)).abs().max() > 1e-3  # the adapter changes the rows
