@@ -30,8 +30,10 @@ torch.func.vmap's default randomness="error". This is also why the fold is per r
 rather than one miss.fold per fold width and rate, whose int width and float rate dynamo would
 bake into the graph (and did, before).
 """
+import dataclasses
 import itertools
 import sys
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,8 +42,8 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
-                      is_dtensor, is_plain_linear, json_tensor, refuse_fx_proxy, refuse_layer_load, refuse_nested,
-                      size_mismatches, tensor_json, tensor_problem, type_name)
+                      is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
+                      refuse_nested, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -265,21 +267,36 @@ TEXT_ONLY_ARGUMENTS = frozenset({
 })
 
 
+# Arguments of generate() that steer decoding and carry no inputs (objects a text-only call passes).
+_CONTROL_ARGUMENTS = frozenset({
+    "generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+    "streamer", "tokenizer", "assistant_tokenizer", "compile_config", "custom_generate", "adapter_names",
+})
+
+
 def other_modality_arguments(args: Sequence[object], kwargs: Dict[str, object]) -> List[str]:
     """The arguments of a forward / generate call that may carry images, video or audio: every
-    keyword holding a tensor (also inside a list, tuple or dict) whose name is not in
-    TEXT_ONLY_ARGUMENTS, and "positional argument i" for a positional tensor (its name is the
-    callee's)."""
-    def holds_tensor(value: object, depth: int = 0) -> bool:
-        if isinstance(value, Tensor):
+    positional argument holding data ("positional argument i": its name is the callee's) and
+    every keyword holding data whose name is neither in TEXT_ONLY_ARGUMENTS nor one of
+    generate's control objects. Data is anything but None, a bool, number, str, dtype or device,
+    or containers (sequences, mappings, dataclasses) of those only: a tensor, an array, or any
+    other object (a processor's BatchFeature is a mapping, searched), so that an image in a
+    container this cannot open counts as one (loud), never as text (silent)."""
+    def holds_data(value: object, depth: int = 0) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+            return False
+        if depth > 16:
             return True
-        if depth < 4 and isinstance(value, (list, tuple)):
-            return any(holds_tensor(v, depth + 1) for v in value)
-        if depth < 4 and isinstance(value, dict):
-            return any(holds_tensor(v, depth + 1) for v in value.values())
-        return False
-    found = [f"positional argument {i}" for i, value in enumerate(args) if holds_tensor(value)]
-    return found + [name for name, value in kwargs.items() if name not in TEXT_ONLY_ARGUMENTS and holds_tensor(value)]
+        if isinstance(value, Mapping):
+            return any(holds_data(v, depth + 1) for v in value.values())
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return any(holds_data(v, depth + 1) for v in value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return any(holds_data(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
+        return True
+    found = [f"positional argument {i}" for i, value in enumerate(args) if holds_data(value)]
+    return found + [name for name, value in kwargs.items()
+                    if name not in TEXT_ONLY_ARGUMENTS and name not in _CONTROL_ARGUMENTS and holds_data(value)]
 
 
 # transformers classes (by name: transformers is optional) whose named children hold layers that see
@@ -854,9 +871,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if self.rows is not None:
             reason = "cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots)"
         else:
-            mismatched = size_mismatches(self, state_dict, prefix)
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            mismatched = load_mismatches(self, state_dict, prefix, assign)
+            # The slot tensors are plain attributes (no parameters or buffers): checked here. Their
+            # values are read on the host, so a meta tensor cannot load even with assign=True.
+            for name in self._SAVED_SLOT_TENSORS:
+                saved = state_dict.get(prefix + name)
+                if saved is not None and (not isinstance(saved, Tensor) or saved.is_meta):
+                    what = "a meta tensor" if isinstance(saved, Tensor) else f"a {type(saved).__name__}"
+                    mismatched.append(f"{name}: the state_dict holds {what}, not the slots' values")
             if mismatched:
-                reason = f"size mismatch for {', '.join(mismatched)} (bank: slots, max_r, out_features)"
+                reason = "; ".join(f"{m} (bank: slots, max_r, out_features)" if m.startswith("size mismatch for bank ")
+                                   else m for m in mismatched)
         if reason is None and prefix + "_extra_state" in state_dict:
             # Checked against the ranks and periods loading with it, before anything loads: torch
             # sets the extra state after the tensors, too late to leave the layer as it was.
@@ -988,7 +1014,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """The slot names, modes, dropout rates and absent flags of get_extra_state (load_state_dict
         checks them before anything loads; here again for a direct call). ValueError, changing
         nothing, for a description that does not fit this bank's slots."""
-        state = tensor_json(encoded)
+        try:
+            state = tensor_json(encoded)
+        except ValueError as exc:  # json's JSONDecodeError included
+            raise ValueError(f"MissBankLinear.set_extra_state: not a slot description (get_extra_state's uint8 "
+                             f"tensor of JSON text): {exc}") from None
         problem = slot_state_problem(state, self.max_r, self.out_features, self.ranks.tolist(), self.periods.tolist())
         if problem is not None:
             raise ValueError(f"MissBankLinear.set_extra_state: {problem}")

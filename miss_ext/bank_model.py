@@ -422,11 +422,17 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
 def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
     torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
-    changing nothing, for a model without bank layers or a name not in the bank."""
+    changing nothing, for a model without bank layers, a name not in the bank, or a bank layer on
+    the meta device (its slot tensors cannot be read: materialise the model first)."""
     model = _model_to_change(model, "remove_bank_adapter")
     layers = _layers(model, "remove_bank_adapter")
     slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
     _check_all_mutable(layers, f"remove adapter {name!r}")
+    meta = [path for path, layer in layers if layer.bank.is_meta or layer.ranks.is_meta]
+    if meta:
+        raise ValueError(f"remove_bank_adapter: the bank layers {describe(meta, limit=3)} are on the meta device "
+                         "(not materialised), so their slots cannot be read; materialise the model first (nothing "
+                         "was changed)")
     saved = [(layer, layer._slot_state(slot)) for _, layer in layers]
     try:
         for _, layer in layers:

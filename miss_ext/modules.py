@@ -479,13 +479,19 @@ def check_widths(layer: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> Non
             f"layer's adapter term on its part; {remedy} (README, 'Multi-GPU')")
 
 
-def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[str]:
-    """The tensors of `module` and its submodules that `state_dict` holds with another shape, as
-    "name (saved shape) (this layer's: shape)" relative to `prefix`. Skipped, as torch's own
-    per-tensor check still applies to them: submodules with a load of their own (quantized base
-    layers, say), which decide themselves which shapes they take; modules with load_state_dict
-    pre-hooks (on themselves: their subtree), which torch runs after this check and which may
-    rewrite the saved tensors (a transposing hook); lazy parameters; torch's 0-dim-from-(1,) case."""
+def load_mismatches(module: nn.Module, state_dict: dict, prefix: str, assign: bool = False) -> List[str]:
+    """Why tensors of `module` and its submodules cannot load from `state_dict`, one description
+    each, names relative to `prefix`: a saved tensor of another shape ("size mismatch for NAME
+    (saved shape) (this layer's: shape)"), a saved value that is no tensor, and (unless `assign`,
+    load_state_dict(assign=True)) a saved meta tensor into a real one, which has no values to
+    copy. torch would skip such a tensor with an error message and load the others, after this
+    layer's own part (a merge record, a bank's slots) had loaded: refused for the whole layer
+    instead (an atomicity review, 2026-12-03: a meta base weight left a merged flag on an
+    unmerged weight). Skipped, as torch's own per-tensor check still applies to them: submodules
+    with a load of their own (quantized base layers, say), which decide themselves what they
+    take; modules with load_state_dict pre-hooks (on themselves: their subtree), which torch runs
+    after this check and which may rewrite the saved tensors (a transposing hook); lazy
+    parameters; torch's 0-dim-from-(1,) case."""
     found = []
 
     def visit(sub: nn.Module, sub_prefix: str) -> None:
@@ -493,11 +499,17 @@ def size_mismatches(module: nn.Module, state_dict: dict, prefix: str) -> List[st
             return
         persistent = [(n, b) for n, b in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
         for name, t in [*sub._parameters.items(), *persistent]:
-            saved = state_dict.get(sub_prefix + name)
-            if t is None or not isinstance(saved, Tensor) or nn.parameter.is_lazy(t):
+            key = sub_prefix + name
+            if t is None or key not in state_dict or nn.parameter.is_lazy(t):
                 continue
-            if saved.shape != t.shape and not (t.dim() == 0 and tuple(saved.shape) == (1,)):
-                found.append(f"{sub_prefix[len(prefix):]}{name} {tuple(saved.shape)} (this layer's: {tuple(t.shape)})")
+            saved, where = state_dict[key], f"{sub_prefix[len(prefix):]}{name}"
+            if not isinstance(saved, Tensor):
+                found.append(f"{where}: the state_dict holds a {type(saved).__name__}, not a tensor")
+            elif saved.shape != t.shape and not (t.dim() == 0 and tuple(saved.shape) == (1,)):
+                found.append(f"size mismatch for {where} {tuple(saved.shape)} (this layer's: {tuple(t.shape)})")
+            elif saved.is_meta and not t.is_meta and not assign:
+                found.append(f"{where}: the state_dict's tensor is on the meta device, with no values to copy "
+                             "(load_state_dict(assign=True) takes meta tensors)")
         for name, child in sub._modules.items():
             if child is not None and type(child)._load_from_state_dict is nn.Module._load_from_state_dict:
                 visit(child, f"{sub_prefix}{name}.")
@@ -522,7 +534,8 @@ def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: 
 
 
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
-                      strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load) -> None:
+                      strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load,
+                      assign: bool = False) -> None:
     """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
     AcceleratedMissLinear's "merged_adapters"). A merged layer's state_dict holds W + dW as
     base_layer.weight: without the record, a layer loading it would add dW a second time (PEFT's
@@ -533,9 +546,10 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. Refused (an error message, and nothing of the module loaded): a bad
-    record; a record that changes without base_layer.weight; a tensor of the module whose shape
-    differs from the module's (torch would skip it and load the others: the layer would hold one
-    checkpoint's base weight with its own block, or the new record on the old weight); a block
+    record; a record that changes without base_layer.weight; a tensor of the module that cannot
+    load (load_mismatches: another shape, no tensor, a meta tensor unless `assign`: torch would
+    skip it and load the others, so the layer would hold one checkpoint's base weight with its
+    own block, or the new record on the old weight); a block
     loaded alone into an adapter that stays merged (the merged forward skips the block, so it
     would change nothing). `load()` runs nn.Module's own load; the record's key is then not
     "unexpected". Returns the record after the load, or None if refused."""
@@ -554,9 +568,9 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
         refusal = (f"the record says {list(after)} but the module's is {list(current)}, and the state_dict has no "
                    "base_layer.weight to match it")
     if refusal is None:
-        mismatched = size_mismatches(module, state_dict, prefix)
+        mismatched = load_mismatches(module, state_dict, prefix, assign)
         if mismatched:
-            refusal = f"size mismatch for {', '.join(mismatched)}"
+            refusal = "; ".join(mismatched)
     if refusal is None:
         alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
         if alone and weight_key not in state_dict:
@@ -1120,7 +1134,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             self, state_dict, prefix, prefix + self.MERGED_KEY, ["miss_block"] if self.merged else [], decode,
             strict, missing_keys, unexpected_keys, error_msgs,
             lambda: super(MissLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                                  missing_keys, unexpected_keys, error_msgs))
+                                                                  missing_keys, unexpected_keys, error_msgs),
+            assign=local_metadata.get("assign_to_params_buffers", False))
         if after is not None:
             self.merged = bool(after)
 

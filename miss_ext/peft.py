@@ -784,7 +784,8 @@ class AcceleratedMissLinear(PeftMissLinear):
             self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, strict,
             missing_keys, unexpected_keys, error_msgs,
             lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+            assign=local_metadata.get("assign_to_params_buffers", False))
         if after is not None:
             self.merged_adapters = list(after)
 
@@ -893,15 +894,16 @@ class AcceleratedMissModel(MissModel):
         return value
 
     def forward(self, *args, **kwargs):
-        """The base model's forward (PEFT's BaseTuner.forward), taking adapter_names= as
-        PeftModel.forward does. PEFT's passed the keyword on into the base model's **kwargs, where
-        transformers' models ignore it: `peft_model.base_model(ids, adapter_names=...)` ran every
-        row with the active adapter, silently (0.33 off on a tiny Llama; PEFT's LoRA does the
-        same). The base model itself, called directly, still ignores the keyword (README)."""
+        """A call of the base model (PEFT's BaseTuner.forward: its hooks run), taking
+        adapter_names= as PeftModel.forward does. PEFT's passed the keyword on into the base
+        model's **kwargs, where transformers' models ignore it: `peft_model.base_model(ids,
+        adapter_names=...)` ran every row with the active adapter, silently (0.33 off on a tiny
+        Llama; PEFT's LoRA does the same). The base model itself, called directly, still ignores
+        the keyword (README)."""
         if "adapter_names" not in kwargs:
-            return self.model.forward(*args, **kwargs)
+            return self.model(*args, **kwargs)
         with self._enable_peft_forward_hooks(*args, **kwargs):
-            return self.model.forward(*args, **{k: v for k, v in kwargs.items() if k != "adapter_names"})
+            return self.model(*args, **{k: v for k, v in kwargs.items() if k != "adapter_names"})
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -1027,6 +1029,7 @@ class AcceleratedMissModel(MissModel):
                 handle.remove()
             for module in flagged:
                 module.__dict__.pop("_names_call", None)
+            self.__dict__.pop("_names_call_adapters", None)
             _NAMES_ACTIVE.discard(self)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -1173,6 +1176,18 @@ class AcceleratedMissModel(MissModel):
                                                + (f"; adapter(s) {added}, added for this load, were removed again"
                                                   if added else "") + ")")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """PEFT's set_adapter (the active adapter or adapters); ValueError, nothing changed, for a
+        name that is not an adapter of this model. PEFT's tuner took any name (PeftModel.set_adapter
+        checks, the tuner did not), and the layers then ran the base model alone, silently (an
+        atomicity review, 2026-12-03)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"set_adapter: {unknown} name no adapter of this model (it has {list(self.peft_config)}); "
+                             "nothing was changed")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=

@@ -21,7 +21,7 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 import miss_ext.peft  # noqa: E402
 from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
 from reference import F64, mixed_dropout_ref  # noqa: E402
-from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tokens  # noqa: E402
+from tiny_models import TARGETS, cross_device_tol, no_eos, tiny_causal_lm, tokens  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -815,17 +815,39 @@ def test_text_only_calls_mix_adapters_on_multimodal_models_adapted_on_their_visi
 
 
 def test_which_call_arguments_may_bring_images():
-    """Keywords outside the text-only list holding a tensor (also nested in a list or dict) and
-    positional tensors may carry images; text inputs, mm_token_type_ids (returned by the
-    Qwen2-VL-family processors for text-only prompts) and non-tensors do not."""
+    """Keywords outside the text-only list holding data (a tensor, an array, any object, also
+    nested in sequences, mappings such as a processor's BatchFeature, dataclasses, at any depth)
+    and positional data may carry images; text inputs, mm_token_type_ids (returned by the
+    Qwen2-VL-family processors for text-only prompts), numbers, strings and generate's control
+    objects do not (a review found a BatchFeature, a dataclass, an array and deep lists let
+    through as text, 2026-12-03)."""
     from miss_ext.bank import other_modality_arguments
 
+    import collections
+    import dataclasses
+
+    import numpy as np
+    import transformers
+
+    @dataclasses.dataclass
+    class Images:
+        pixels: object
+
     ids = torch.ones(2, 3, dtype=torch.long)
-    assert other_modality_arguments((), dict(input_ids=ids, attention_mask=ids, mm_token_type_ids=ids * 0,
-                                             pixel_values=None, max_new_tokens=4, adapter_names=["a", "b"])) == []
-    assert other_modality_arguments((ids,), dict(pixel_values=[torch.ones(3)], image_sizes=ids,
-                                                 mm_encoder_outputs={"image": (torch.ones(1),)})) == [
-        "positional argument 0", "pixel_values", "image_sizes", "mm_encoder_outputs"]
+    assert other_modality_arguments((), dict(
+        input_ids=ids, attention_mask=ids, mm_token_type_ids=ids * 0, pixel_values=None, max_new_tokens=4,
+        adapter_names=["a", "b"], eos_token_id=[1, 2], bad_words_ids=[[3]],
+        generation_config=transformers.GenerationConfig(), logits_processor=transformers.LogitsProcessorList(),
+        options=Images(pixels=None))) == []
+    deep = torch.ones(1)
+    for _ in range(8):
+        deep = [deep]
+    assert other_modality_arguments((ids,), dict(
+        pixel_values=[torch.ones(3)], image_sizes=ids, mm_encoder_outputs={"image": (torch.ones(1),)},
+        images=collections.UserDict(x=torch.ones(1)), features=transformers.BatchFeature({"x": torch.ones(1)}),
+        frames=Images(pixels=torch.ones(1)), audio=np.ones(3), nested=deep, clip=object())) == [
+        "positional argument 0", "pixel_values", "image_sizes", "mm_encoder_outputs", "images", "features", "frames",
+        "audio", "nested", "clip"]
 
 
 def _assert_rows_follow_their_adapters(model, inputs, names, **tol):
@@ -1110,6 +1132,29 @@ def test_the_tuner_called_directly_takes_adapter_names():
         torch.testing.assert_close(model.base_model(ids).logits, model(input_ids=ids).logits, **TOL)
         with pytest.raises(ValueError, match=r"adapter_names names adapter\(s\) no layer has: \['c'\]"):
             model.base_model(input_ids=ids, adapter_names=["c", "a", "a"])
+
+
+def test_the_tuner_calls_the_base_model_with_its_hooks():
+    """PEFT's task models (task_type="CAUSAL_LM": PeftModelForCausalLM) call the tuner, whose
+    forward calls the base model as a module: its forward hooks (a user's, FSDP2's root hooks)
+    run, with and without adapter_names= (a review of 2026-12-03 found the first version of the
+    tuner's forward calling .forward, skipping them)."""
+    base = tiny_causal_lm("llama")
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                                           task_type="CAUSAL_LM"), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=TARGETS, init_weights=False, task_type="CAUSAL_LM"))
+    miss_ext.peft.accelerate(model)
+    seen = []
+    inner = model.base_model.model
+    handles = [inner.register_forward_pre_hook(lambda m, a, k: seen.append("pre"), with_kwargs=True),
+               inner.register_forward_hook(lambda m, a, out: seen.append("post"))]
+    ids = tokens(2, 5)
+    with torch.no_grad():
+        model(input_ids=ids)
+        model(input_ids=ids, adapter_names=["a", "b"])
+    for handle in handles:
+        handle.remove()
+    assert seen == ["pre", "post", "pre", "post"]
 
 
 @pytest.mark.parametrize("arch", ["longformer", "led"])
