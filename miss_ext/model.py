@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_merge_problem,
-                      block_shape, check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp, type_name)
+                      block_shape, check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp,
+                      type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,

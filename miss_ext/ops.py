@@ -56,7 +56,8 @@ def fold(x: Tensor, r: int, p: float = 0.0, key: Optional[Tensor] = None,
     p > 0, key = new_dropout_key(x.device). Differentiable to any order (its adjoint is
     tile_add). ValueError for r < 1, a scalar x, a p outside [0, 1], a missing key for p > 0, or
     a key on another device or (p > 0) of another size; TypeError for a non-float x or dtype, or
-    (p > 0) a non-int64 key; RuntimeError for a non-int r (the schema's). Source: docs/miss.md, "Default and mini" (PEFT's zero-padded reshape and sum)."""
+    (p > 0) a non-int64 key; RuntimeError for a non-int r (the schema's). Source: docs/miss.md,
+    "Default and mini" (PEFT's zero-padded reshape and sum)."""
     return torch.ops.miss.fold(x, r, p, key, dtype)
 
 
@@ -68,10 +69,11 @@ def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key:
     matrices and src's P rows tile out's rows too (merge); sizes need not divide (the last tile
     is partial). Any supported float dtypes; one rounding to out's dtype. With p > 0, key =
     new_dropout_key(out.device); the mask is indexed by out's (row, column). Not differentiable
-    (see tile_add): RuntimeError for out or src requiring grad. Returns None. ValueError for a src without out's leading sizes (unless both
-    are matrices), a 0-dim out or src, an empty src for a non-empty out, src sharing memory with
-    out, or a bad p or key; TypeError for non-float tensors or a non-int64 key. Source:
-    docs/miss.md, "Default and mini" (dx's adapter part; mini's tiling; merge's dW)."""
+    (see tile_add): RuntimeError for out or src requiring grad. Returns None. ValueError for a
+    src without out's leading sizes (unless both are matrices), a 0-dim out or src, an empty src
+    for a non-empty out, src sharing memory with out, or a bad p or key; TypeError for non-float
+    tensors or a non-int64 key. Source: docs/miss.md, "Default and mini" (dx's adapter part;
+    mini's tiling; merge's dW)."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)
 
 

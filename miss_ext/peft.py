@@ -96,8 +96,9 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 from .model import check_module, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
-                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
-                      not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json, type_name)
+                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
+                      non_finite_summary, not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json,
+                      type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    row_index, sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
@@ -949,9 +950,9 @@ class AcceleratedMissModel(MissModel):
         if sequence_first is not None and differ:
             if layout.reason_for(other_modalities=False) is None:
                 sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
-                                   "images, video or audio (a call whose tensors are all text inputs, passed by "
-                                   "keyword: input_ids=, attention_mask=, ... (miss_ext.bank.TEXT_ONLY_ARGUMENTS), "
-                                   "runs no vision side and may mix adapters)")
+                                   "images, video or audio (a call whose every argument holding data is a text "
+                                   "input passed by keyword: input_ids=, attention_mask=, ... "
+                                   "(miss_ext.bank.TEXT_ONLY_ARGUMENTS), runs no vision side and may mix adapters)")
             raise sequence_first_error(sequence_first, where)
         for path, wrapper in wrappers:
             lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))

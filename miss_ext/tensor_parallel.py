@@ -401,11 +401,12 @@ class MissColwiseParallel(ColwiseParallel):
     multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world
     (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
     modules go to torch's style, except the adapter layers it cannot shard: a MissBankLinear and
-    PEFT's MiSS layers (accelerated or not) raise TypeError naming the class. Keyword arguments: torch's ColwiseParallel's, plus check_keys
-    (compare each training call's dropout key across ranks, RuntimeError on every rank where they
-    differ: a debugging aid, two tiny collectives and a host sync per layer). Also ValueError for
-    a mesh that is not 1-D, a merged layer or one already tensor-parallel; TypeError for a base
-    that is not a plain nn.Linear; RuntimeError on torch older than MIN_TORCH (2.14)."""
+    PEFT's MiSS layers (accelerated or not) raise TypeError naming the class. Keyword arguments:
+    torch's ColwiseParallel's, plus check_keys (compare each training call's dropout key across
+    ranks, RuntimeError on every rank where they differ: a debugging aid, two tiny collectives
+    and a host sync per layer). Also ValueError for a mesh that is not 1-D, a merged layer or one
+    already tensor-parallel; TypeError for a base that is not a plain nn.Linear; RuntimeError on
+    torch older than MIN_TORCH (2.14)."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
