@@ -710,18 +710,16 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         if not block.is_floating_point():
             problems.append(f"{path}: block dtype {block.dtype} is not floating point")
             continue
-        if not bool(torch.isfinite(block).all()):
-            # A NaN or inf block makes every output of the layer non-finite: a broken file.
-            problems.append(f"{path}: the block holds non-finite values (NaN or inf)")
-            continue
-        # Finite in the file, but not in the dtype it is loaded into (float64 values beyond
-        # float32's range): they would load as inf, past the check above.
+        # One pass, in the dtype the block loads into: a NaN or inf block makes every output of the
+        # layer non-finite (a broken file), and float64 values beyond float32's range, finite in
+        # the file, would load as inf. The file's own values are read again only to say which.
         weight = module.miss_block if isinstance(module, MissLinear) else getattr(module, "weight", None)
         target = weight.dtype if isinstance(module, MissLinear) else \
             adapter_dtype(weight.dtype) if isinstance(weight, Tensor) else torch.float32
         if not bool(torch.isfinite(block.to(target)).all()):
             problems.append(f"{path}: the block holds values beyond the range of {target}, the dtype it loads into "
-                            "(they would become inf)")
+                            "(they would become inf)" if bool(torch.isfinite(block).all())
+                            else f"{path}: the block holds non-finite values (NaN or inf)")
             continue
         plan.append((path, module, block))
     missing = [name for name, _ in miss_layers(model) if name not in blocks]
