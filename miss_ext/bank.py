@@ -225,12 +225,22 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
     if names and len(lead) >= 2 and lead[0] > names and lead[0] % names == 0:
         # A batch k times the names': what beam search / num_return_sequences make.
         message += (f" x holds {lead[0]} sequences for {names} names: if that is beam search or "
-                    "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k)); if "
-                    "the model regroups each sequence's tokens into several rows (Swin's attention windows), that "
-                    "layer cannot be routed by sequence: leave it out of the target_modules of mixed-batch adapters")
+                    "num_return_sequences > 1, repeat each sequence's name (miss_ext.mixed_batch(..., expand=k));"
+                    + repeated_batch_hint())
     elif names and len(lead) == 1 and lead[0] > names:
         message += flattened_tokens_hint(x)
     raise ValueError(message)
+
+
+def repeated_batch_hint() -> str:
+    """Said when a (batch, ..., in) x has k times as many sequences as there are names: the cases
+    where the model itself made the extra rows, so no list of names given to the model can route
+    them (the caller adds what the user can repeat, e.g. beam search's names)."""
+    return (" if the model repeats its batch inside (classifier-free guidance: Janus's image generation runs each "
+            "prompt twice), run those calls with one adapter (set_adapter, or the same name for every sequence on a "
+            "model-level bank), not per-sequence names; if the model regroups each sequence's tokens into several "
+            "rows (Swin's attention windows), that layer cannot be routed by sequence: leave it out of the "
+            "target_modules of mixed-batch adapters")
 
 
 # transformers models whose layers see (sequence, batch, features) activations. Rows are matched to

@@ -100,7 +100,7 @@ from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_
                       non_finite_summary, not_plain_reason, parent_reads_child_tensors, refuse_nested, tensor_json,
                       type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
-                   row_index, sequence_first_error, RowLayout)
+                   repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -569,6 +569,10 @@ class AcceleratedMissLinear(PeftMissLinear):
                        f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
                 message += "." + flattened_tokens_hint(x)  # as MissBankLinear says it (bank.row_index)
+            elif x.dim() > 2 and x.shape[0] > len(names) > 0 and x.shape[0] % len(names) == 0:
+                # PeftModel.generate already repeats the names for beam search: only the model's own
+                # repeats and regroupings are left to say.
+                message += ":" + repeated_batch_hint()
             raise ValueError(message)
         unique = list(dict.fromkeys(names))  # each name once: one lookup each below, not one per row
         self._refuse_names_here(unique, where)

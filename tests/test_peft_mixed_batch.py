@@ -253,6 +253,10 @@ def test_refusals_name_the_problem():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with pytest.raises(ValueError, match="adapter_names has 1 entries but the input has 2"):
         layer(torch.randn(2, 3, layer.in_features, dtype=torch.float64), adapter_names=["a"])
+    # a batch the model repeated inside (Janus's classifier-free guidance doubles it): told to use
+    # one adapter for such calls, not to give one name per sequence
+    with pytest.raises(ValueError, match=r"input has 4 sequences.*repeats its batch inside.*one adapter"):
+        layer(torch.randn(4, 3, layer.in_features, dtype=torch.float64), adapter_names=["a", "b"])
     # a layer fed flattened tokens (OPT's fc1/fc2): told why, as MissBankLinear tells it
     with pytest.raises(ValueError, match=r"input has 6 sequences.*flattens its tokens.*leave that layer out"):
         layer(torch.randn(6, layer.in_features, dtype=torch.float64), adapter_names=["a", "b"])
