@@ -29,6 +29,9 @@ from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_r
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
+# The public names (README); the other functions here are the package's internals, used across its modules.
+__all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"

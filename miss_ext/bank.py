@@ -47,6 +47,9 @@ from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, ch
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
+# The public names (README); the other functions here are the package's internals, used across its modules.
+__all__ = ["MissBankLinear", "TEXT_ONLY_ARGUMENTS"]
+
 BASE = "__base__"  # PEFT's adapter_names value for "the base model only"
 
 

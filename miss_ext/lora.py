@@ -17,6 +17,9 @@ from .model import is_ddp, miss_layers, trainable_extras, unwrap_model, writes_h
 from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
 
+# The public names (README); the other functions here are the package's internals, used across its modules.
+__all__ = ["export_lora"]
+
 
 def lora_factors(block: Tensor, in_features: int, out_features: int):
     """(A (r, in), B (out, r)) in the block's dtype with B @ A == the delta weight of a default

@@ -16,6 +16,9 @@ from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_se
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
                       shared_weight_message, warn_unmatched)
 
+# The public names (README); the other functions here are the package's internals, used across its modules.
+__all__ = ["apply_miss", "merge_and_unload", "miss_layers", "record_shared_weights"]
+
 
 def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     """The module holding the submodule at `path` (None for the model itself)."""

@@ -21,6 +21,9 @@ from .ops import new_dropout_key
 from .targets import shared_weight_message
 from .weight_metadata import BaseTensorAttributes
 
+# The public names (README); the other functions here are the package's internals, used across its modules.
+__all__ = ["MissLinear", "EXACT_LINEAR_SUBCLASSES", "is_plain_linear", "linear_class_override"]
+
 # Said wherever an adapter with r > in_features is made or loaded (docs/miss.md, last section):
 # PEFT 0.21 raises ValueError for such a layer when it builds it, so the saved files load only here.
 PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when it builds a layer, so PEFT cannot load "

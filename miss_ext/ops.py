@@ -30,6 +30,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# Every op's entry point (`_`-prefixed names are this file's helpers).
+__all__ = ["bank_add", "bank_add_", "bank_fold", "bat_linear", "bat_transform", "bat_transform_", "bat_weight", "fold",
+           "linear", "merge", "merge_", "new_dropout_key", "tile_add", "tile_add_"]
+
 def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
     """A fresh dropout key for the miss ops: int64 tensor [seed, offset] of shape (2,) on `device`
     (default: torch's default device, the CPU unless torch.set_default_device changed it), which

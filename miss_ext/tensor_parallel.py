@@ -79,7 +79,7 @@ from torch.distributed.tensor.parallel.style import distribute_module
 
 from .modules import MissLinear, autocast_mini_block, not_plain_reason, type_name
 
-__all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward"]
+__all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward", "MIN_TORCH"]
 
 ops = torch.ops.miss
 R, P = Replicate(), Partial()

@@ -97,3 +97,34 @@ def test_python_blocks_parser():
     assert python_blocks(text) == [(3, "x = 1\n"), (9, "y = 2\nz = 3\n")]
     with pytest.raises(AssertionError, match="never closed"):
         python_blocks("```python\nx = 1\n")
+
+
+PUBLIC_MODULES = ("ops", "modules", "model", "adapter_files", "bank", "bank_model", "lora", "peft", "tensor_parallel")
+
+
+def test_public_names_are_each_modules_all_and_documented():
+    """Each module's `__all__` names what users may import from it (its other functions are the
+    package's internals): every name exists, every public callable has a docstring, the package's
+    own `__all__` re-exports those same objects, and every `miss_ext.<module>.<name>` the README
+    or docs/ mention is in that module's `__all__` (a renamed or dropped public name fails here)."""
+    import importlib
+    modules = {name: importlib.import_module(f"miss_ext.{name}") for name in PUBLIC_MODULES}
+    public = {}
+    for name, module in modules.items():
+        assert module.__all__, name
+        for attr in module.__all__:
+            assert hasattr(module, attr), f"miss_ext.{name}.__all__ names {attr}, which it lacks"
+            obj = getattr(module, attr)
+            if callable(obj):
+                assert obj.__doc__ and obj.__doc__.strip(), f"miss_ext.{name}.{attr} has no docstring"
+            public[attr] = obj
+    for attr in miss_ext.__all__:
+        if attr != "build_info":  # the compiled library's build settings (miss_ext._library)
+            assert public.get(attr) is getattr(miss_ext, attr), attr
+    docs = [README] + sorted((README.parent / "docs").glob("*.md"))
+    mentioned = set()
+    for path in docs:
+        mentioned |= set(re.findall(r"miss_ext\.(" + "|".join(PUBLIC_MODULES) + r")\.([A-Za-z_]\w*)", path.read_text()))
+    assert mentioned
+    missing = sorted(f"miss_ext.{m}.{a}" for m, a in mentioned if a not in modules[m].__all__)
+    assert not missing, f"the docs mention names outside their module's __all__: {missing}"
