@@ -32,15 +32,14 @@ bake into the graph (and did, before).
 """
 import dataclasses
 import itertools
-import sys
 from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.utils.checkpoint  # _in_reentrant_checkpoint reads its CheckpointFunction
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from ._checkpointing import inside_checkpoint
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
                       refuse_nested, tensor_json, tensor_problem, type_name)
@@ -173,23 +172,6 @@ def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
     if bool(empty.any()):
         t = int(empty.nonzero()[0])
         raise ValueError(f"miss: bank_fold ranks[{int(flat[t])}]=0 (used by row {t}): the slot holds no adapter")
-
-
-def _in_reentrant_checkpoint() -> bool:
-    """Whether the caller runs inside torch.utils.checkpoint's reentrant CheckpointFunction.forward
-    (found on the Python stack; only asked for training-mode forwards under no_grad). True when
-    torch no longer has that function: recording one forward too many can only refuse a
-    backward, never let a wrong one through."""
-    forward = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
-    code = getattr(forward, "__code__", None)
-    if code is None:
-        return True
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def host_to_device(values: Tensor, device) -> Tensor:
@@ -821,25 +803,33 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         How: a batch is what it routes (mixed_batch's slot ids with their generations, and expand:
         the same names entered again are the same batch; a slot re-used by another adapter since is
         not, as its recompute would run the new adapter: found by a review, 2026-12-03).
-        Training-mode forwards outside backward record their batch: with grad enabled, or under
-        no_grad inside a reentrant checkpoint (which runs its region's first forward so); not
-        evaluation (eval mode, or no_grad / inference_mode outside a checkpoint), which
-        transformers never checkpoints. A forward inside backward
-        (a recompute) refuses if a forward of another batch was recorded since the last
-        recompute, then starts the record afresh. Refused too, as it cannot be told apart: a
-        checkpointed backward after a training-mode forward with grad enabled, in another batch,
-        whose graph was dropped (the message names model.eval() / torch.no_grad() for those)."""
+        Training-mode forwards outside backward record their batch: inside activation
+        checkpointing as miss_ext/_checkpointing.py sees it (any grad mode: a reentrant
+        checkpoint runs its region's first forward under no_grad), and, marked as not seen inside
+        one, any other with grad enabled (a checkpoint no frame or hook shows). Not evaluation
+        (eval mode, or no_grad / inference_mode outside a checkpoint), which transformers never
+        checkpoints. A forward inside backward (a recompute) refuses if a forward of another batch
+        was recorded since the last recompute, then starts the record afresh; a recompute the
+        module sees as a checkpoint's weighs only the forwards seen inside one, so a step trained
+        without checkpointing before it was switched on is not held against the next (a false
+        refusal, found by a review, 2026-12-03). Refused too, as it cannot be told apart: a
+        checkpointed backward after a checkpointed training-mode forward with grad enabled, in
+        another batch, whose graph was dropped (the message names model.eval() / torch.no_grad()
+        for those)."""
         batch = self.__dict__.get("_mixed_batch")
-        seen = self.__dict__.setdefault("_forward_batches", [])
+        seen = self.__dict__.setdefault("_forward_batches", [])  # (batch, seen inside a checkpoint)
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
-            if self.training and batch not in seen and not torch.is_inference_mode_enabled() and (
-                    torch.is_grad_enabled() or _in_reentrant_checkpoint()):
-                seen.append(batch)
+            if not self.training or torch.is_inference_mode_enabled():
+                return
+            checkpointed = inside_checkpoint()
+            if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
+                seen.append((batch, checkpointed))
                 del seen[:-16]  # bounded: without checkpointing no recompute ever clears it
             return
         if not torch.is_grad_enabled():
             return
-        others = [b for b in seen if b != batch]
+        seen_as_checkpoint = inside_checkpoint()
+        others = [b for b, checkpointed in seen if b != batch and (checkpointed or not seen_as_checkpoint)]
         seen.clear()
         if others:
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "

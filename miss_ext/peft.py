@@ -93,6 +93,7 @@ from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
+from ._checkpointing import entry as checkpoint_entry, inside_checkpoint  # noqa: E402
 from .model import check_module, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
@@ -209,6 +210,19 @@ def _adapter_names_hook(module, args, kwargs, holder):
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
         # it runs as a plain call would.
         return args, kwargs
+    if holder.get("entry") is not None and inside_checkpoint(since=holder["entry"]):
+        # The model-level check (_checkpointing) sees transformers' flag; torch's checkpoint, its
+        # wrappers and other libraries' show here (miss_ext/_checkpointing.py). Their recompute
+        # runs this layer without the names, after the call: every row with the active adapter,
+        # silently (_refuse_recompute_without_names caught a layer whose input the checkpoint
+        # saved; one fed a tensor made inside the checkpointed block, an MLP's down_proj, trained
+        # the wrong adapter: a review, 2026-12-03).
+        raise ValueError(f"{type(module).__name__}: adapter_names= cannot be combined with activation checkpointing "
+                         "in training: this layer runs inside a checkpoint (torch.utils.checkpoint, a wrapper built "
+                         "on it such as torch's checkpoint_wrapper, or another library's), whose recomputation in "
+                         "backward() runs after this call, without the names. Remove the checkpointing, checkpoint "
+                         "the whole model call (it is then recomputed with its names), or use miss_ext.load_bank / "
+                         "mixed_batch and call backward() inside mixed_batch")
     names = holder["names"]
     if holder.get("regrouped") and names:
         if isinstance(module, AcceleratedMissLinear):
@@ -982,6 +996,11 @@ class AcceleratedMissModel(MissModel):
         # model's own generation_config is consulted by generate() below).
         holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None,
                   "hooked": set()}  # ids of the modules hooked for this call
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Layers look for a checkpoint between themselves and the frame whose `with` entered
+            # this call. A graph torch.compile traced recomputes what it traced, names included
+            # (and has no frames to look at).
+            holder["entry"] = checkpoint_entry()
         # PeftModel.generate calls the base model's generate inside this context; only there is
         # the model's own generation_config (num_beams / num_return_sequences shipped with a
         # checkpoint) in force, so the names are repeated for it there, not for a forward call.
@@ -1026,6 +1045,7 @@ class AcceleratedMissModel(MissModel):
             with _model_call(self, names):
                 yield
         finally:
+            holder.pop("entry", None)  # a frame: not kept past the call
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
             else:

@@ -518,6 +518,69 @@ def test_checkpointed_backward_in_another_mixed_batch_is_refused(folders, reentr
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_step_without_checkpointing_is_not_held_against_the_next(folders, reentrant):
+    """A step trained without checkpointing in one mixed batch, then checkpointing switched on and
+    a step in another batch with backward() inside its context: nothing of the first step is
+    recomputed, so it is not refused (it was, once: a review, 2026-12-03), and its gradients are
+    the uncheckpointed run's."""
+    base, _ = folders
+    ids = [tokens(2, 5, seed=12), tokens(2, 5, seed=13)]
+    names = [["y", None], ["x", "y"]]
+    grads = {}
+    for checkpointing in (False, True):
+        model = checkpointing_bank(base, False)
+        with miss_ext.mixed_batch(model, names[0]):
+            model(ids[0]).logits.pow(2).mean().backward()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        with miss_ext.mixed_batch(model, names[1]):
+            model(ids[1]).logits.pow(2).mean().backward()
+        grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+class Recompute(torch.autograd.Function):
+    """Reentrant checkpointing outside torch (as DeepSpeed's): fn runs without grad in the forward,
+    again on the saved input in the backward."""
+
+    @staticmethod
+    def forward(ctx, fn, x):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.saved_tensors[0].detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.fn(x), grad)
+        return None, x.grad
+
+
+def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders):
+    """Another library's reentrant checkpoint around a bank layer: its no_grad forward is seen as
+    a checkpoint's (the Function's forward frame), so a backward in another batch is refused, and
+    one inside the forward's batch gives the uncheckpointed gradients."""
+    base, _ = folders
+    model = checkpointing_bank(base, False)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        loss = Recompute.apply(layer, x).pow(2).sum()
+    with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        Recompute.apply(layer, x).pow(2).sum().backward()
+        want = layer.bank.grad.clone()
+        layer.bank.grad = None
+        layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(layer.bank.grad, want, **TOL)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpointed_backward_after_its_slot_was_reused_is_refused(folders, reentrant):
     """A loss built in mixed_batch(["x", "y"]), then "x" removed and another adapter added into its
     slot (same name, other r), then backward() in mixed_batch(["x", "y"]): the slot ids match, so

@@ -391,20 +391,15 @@ def test_peft_corner_cases_are_refused():
         miss_ext.peft.accelerate(model.get_base_model())
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
-    """torch.utils.checkpoint (and the wrappers built on it) recompute the layer inside backward(),
-    after the names' hooks are gone: refused there rather than training the active adapter (the
-    reentrant form used to send every row's gradient to "a" silently)."""
-    from torch.utils.checkpoint import checkpoint
-
+def checkpointed_net(checkpoint_fn):
+    """A PEFT model with adapters "a" and "b" on a linear the model runs through checkpoint_fn."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(8, 8)
 
         def forward(self, x):
-            return checkpoint(self.lin, x, use_reentrant=reentrant)
+            return checkpoint_fn(self.lin, x)
 
     torch.manual_seed(0)
     model = get_peft_model(Net(), MissConfig(r=4, target_modules=["lin"], init_weights=False), adapter_name="a")
@@ -412,26 +407,130 @@ def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
     miss_ext.peft.accelerate(model).train()
     for name, p in model.named_parameters():
         p.requires_grad_("miss_block" in name)
+    return model
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
+    """torch.utils.checkpoint (and the wrappers built on it) recompute the layer inside backward(),
+    after the names' hooks are gone: refused at the forward rather than training the active
+    adapter (the reentrant form used to send every row's gradient to "a" silently)."""
+    from torch.utils.checkpoint import checkpoint
+    model = checkpointed_net(lambda f, x: checkpoint(f, x, use_reentrant=reentrant))
     x = torch.randn(2, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="recomputed inside backward"):
+    with pytest.raises(ValueError, match="cannot be combined with activation checkpointing.*torch.utils.checkpoint"):
         model(x, adapter_names=["b", "b"]).sum().backward()
-    assert all(p.grad is None or not p.grad.any() for name, p in model.named_parameters() if name.endswith(".a"))
-    # A forward without names between the mixed forward and its backward does not hide it (the
-    # refusal follows the recomputed input, not the last call).
-    loss = model(x, adapter_names=["b", "b"]).sum()
-    with torch.no_grad(), model.disable_adapter():
-        model(torch.randn(2, 8))
-    with pytest.raises(ValueError, match="recomputed inside backward"):
-        loss.backward()
-    # Other inputs train as before: a plain step, and a plain step with an inference call with
-    # names in between (nothing of that call is recomputed).
-    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # Other calls work as before: a plain step, and a plain step with an inference call with
+    # names in between (no_grad: nothing is recomputed).
     model(torch.randn(2, 8, requires_grad=True)).sum().backward()
     loss = model(torch.randn(2, 8, requires_grad=True)).sum()
     with torch.no_grad():
         model(torch.randn(2, 8), adapter_names=["b", "__base__"])
     loss.backward()
     assert model.base_model.model.lin.miss_block["a"].grad.any()
+    assert model.base_model.model.lin.miss_block["b"].grad is None
+
+
+class Recompute(torch.autograd.Function):
+    """Another activation checkpointing than torch's (as DeepSpeed's own): the forward runs fn
+    without grad, the backward runs it again on the saved input. No torch.utils.checkpoint frame
+    shows, so the layer's check at recompute time is what catches it."""
+
+    @staticmethod
+    def forward(ctx, fn, x):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.saved_tensors[0].detach().requires_grad_()
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.fn(x), grad)
+        return None, x.grad
+
+
+def test_other_libraries_checkpointing_is_refused():
+    """Reentrant checkpointing outside torch (a Function whose forward runs the module, as
+    DeepSpeed's): refused at the forward of a names call. The layer's own check at the recompute
+    stays behind it, for recomputes no frame shows: here a layer given names in its forward and
+    none in the recompute (what the names' hooks amount to), called directly."""
+    model = checkpointed_net(Recompute.apply)
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="cannot be combined with activation checkpointing"):
+        model(x, adapter_names=["b", "b"]).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    layer = model.base_model.model.lin
+
+    calls = []
+
+    def forward_with_names_only(v):
+        calls.append(v)
+        return layer(v, adapter_names=["b", "b"]) if len(calls) % 2 else layer(v)
+
+    with pytest.raises(ValueError, match="recomputed inside backward"):
+        Recompute.apply(forward_with_names_only, x).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for name, p in model.named_parameters() if name.endswith(".a"))
+    # A forward without names between the mixed forward and its backward does not hide it (the
+    # refusal follows the recomputed input, not the last call).
+    loss = Recompute.apply(forward_with_names_only, x).sum()
+    with torch.no_grad(), model.disable_adapter():
+        model(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="recomputed inside backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["REENTRANT", "NO_REENTRANT", "composable"])
+def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(impl):
+    """torch's checkpoint_wrapper (what FSDP's and accelerate's activation checkpointing apply)
+    around each MLP, with down_proj adapted: down_proj's input is made inside the block, so the
+    recompute check never saw it, and the recompute ran it with the active adapter ("b" got no
+    gradient, "a" 2e-2 off, silently; the non-reentrant form failed with torch's CheckpointError).
+    Refused at the forward now; inference through the wrapped model, and a checkpoint around the
+    whole model call (recomputed with its names), give what the unwrapped model gives. torch's
+    composable `checkpoint(module)` (hooks, no wrapper module, no frame in the call) too."""
+    from functools import partial
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                              apply_activation_checkpointing,
+                                                                              checkpoint_wrapper)
+    from torch.utils.checkpoint import checkpoint
+    base = no_eos(tiny_causal_lm("llama", dtype=torch.float64))
+    model = get_peft_model(base, MissConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["down_proj"], init_weights=False))
+    miss_ext.peft.accelerate(model).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("miss_block" in name)
+    wrapped = copy.deepcopy(model)
+    mlp = type(base.model.layers[0].mlp)
+    if impl == "composable":
+        from torch.distributed._composable import checkpoint as composable_checkpoint
+        for module in wrapped.modules():
+            if isinstance(module, mlp):
+                composable_checkpoint(module)
+    else:
+        apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, mlp), checkpoint_wrapper_fn=partial(
+            checkpoint_wrapper, checkpoint_impl=getattr(CheckpointImpl, impl)))
+    ids, names = tokens(3, 5), ["a", "b", "__base__"]
+    snap = snapshot(wrapped)
+    with pytest.raises(ValueError, match="cannot be combined with activation checkpointing"):
+        wrapped(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    assert_unchanged(wrapped, snap)
+    assert all(p.grad is None for p in wrapped.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids, adapter_names=names).logits,
+                                   model(input_ids=ids, adapter_names=names).logits, rtol=0, atol=0)
+    # The whole call under a (non-reentrant) checkpoint: its recompute is a names call again.
+    model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    checkpoint(lambda i: model(input_ids=i, labels=i, adapter_names=names).loss, ids, use_reentrant=False).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any(".b" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=n)
 
 
 def test_a_second_adapter_names_call_during_one_is_refused(models):
