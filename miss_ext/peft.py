@@ -1296,6 +1296,32 @@ def _refuse_blocks_of_another_mode(model: nn.Module) -> None:
                          "every layer's block of that adapter, then add it again. Nothing was changed")
 
 
+def _refuse_offloaded_blocks(model: nn.Module, named) -> None:
+    """ValueError naming the layers whose blocks are on the meta device under accelerate's offload
+    hook (`_hf_hook` on the layer, its base or an ancestor: a device_map with "disk" or "cpu"
+    offload, cpu_offload). get_peft_model on such a model makes the blocks on the base weight's
+    device, meta, and no hook ever fills them: PEFT's forward then adds uninitialised memory to the
+    outputs, different on every call (0.6 off on a tiny Llama, found by a review, 2026-12-03),
+    and ours would too. PeftModel.from_pretrained loads the blocks with their values: accepted.
+    A meta block without such a hook is a model still to be materialised: accepted, as
+    apply_miss (model.refuse_offloaded) does."""
+    offloaded = []
+    for path, layer in named:
+        blocks = [name for name, block in layer.miss_block.items() if block.is_meta]
+        if not blocks:
+            continue
+        parts = path.split(".") if path else []
+        holders = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)] + [layer.base_layer]
+        if any(hasattr(m, "_hf_hook") for m in holders):
+            offloaded.append(f"{path} ({', '.join(blocks)})")
+    if offloaded:
+        raise ValueError(f"accelerate: {describe(offloaded, 8)}: these adapter blocks are on the meta device in layers "
+                         "that accelerate offloads (`_hf_hook`: a device_map with \"disk\" or \"cpu\" offload), so they "
+                         "hold no values and the forward would add uninitialised memory to the outputs (PEFT's too). "
+                         "Add the adapter to a model loaded without offload, save it, then load it onto the offloaded "
+                         "model with PeftModel.from_pretrained (which loads the blocks' values). Nothing was changed")
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Makes every PEFT MiSS layer of the model run on the miss ops, in place; returns the model.
     Raises ValueError if the model has no PEFT MissLinear layer (accelerated or not). Also swaps
@@ -1313,6 +1339,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
     _refuse_blocks_of_another_mode(model)
+    _refuse_offloaded_blocks(model, named)
     parents = {path: parent_module(model, path) for path, _ in named}
     never_run = [path for path, parent in parents.items() if isinstance(parent, WEIGHT_READING_PARENTS)]
     if never_run:

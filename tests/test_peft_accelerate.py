@@ -57,6 +57,38 @@ def test_accelerate_without_miss_layers_raises(base):
         accelerate(copy.deepcopy(base))
 
 
+def test_adapters_added_to_offloaded_layers_are_refused(base, tmp_path):
+    """get_peft_model on a model accelerate offloads (a device_map with "disk") makes the blocks of
+    the offloaded layers on the meta device, where no hook fills them: PEFT's forward added
+    uninitialised memory (logits 0.6 off, different on every call) and so did the accelerated
+    model. accelerate() refuses by name, nothing changed; the same adapter loaded onto the
+    offloaded model with PeftModel.from_pretrained has its values, and accelerates."""
+    from accelerate import dispatch_model
+    from peft import get_peft_model
+
+    def offloaded():
+        return dispatch_model(copy.deepcopy(base), offload_dir=str(tmp_path / "offload"), device_map={
+            "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"})
+
+    config = MissConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = get_peft_model(offloaded(), config)
+    assert model.base_model.model.model.layers[1].self_attn.q_proj.miss_block["default"].is_meta
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj \(default\), .*layers\.1\.self_attn\.v_proj "
+                                         r"\(default\): these adapter blocks are on the meta device .*offloads"):
+        accelerate(model)
+    assert not is_accelerated(model) and not any(type(m) is AcceleratedMissLinear for m in model.modules())
+    source = get_peft_model(copy.deepcopy(base), config)
+    randomize_blocks(source)
+    source.save_pretrained(tmp_path / "adapter")
+    ids = tokens()
+    with torch.no_grad():
+        want = source(ids).logits
+    loaded = accelerate(PeftModel.from_pretrained(offloaded(), tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-10)
+
+
 class OpLog(TorchDispatchMode):
     """Records the ops that reach the backends (custom ops included)."""
 
