@@ -11,16 +11,18 @@ layers ask here at forward time, when the checkpoint is still visible:
   torch's checkpoint_wrapper / apply_activation_checkpointing, transformers', FSDP's and
   accelerate's activation checkpointing) and the reentrant form's CheckpointFunction.forward;
 - the forward of any other autograd.Function on the stack (a frame whose first argument is the
-  Function's context): how reentrant checkpointing outside torch (DeepSpeed, Megatron,
-  fairscale) runs the module; an ordinary Function computes on tensors and calls no module;
+  Function's context, or a `forward` whose qualified name leads to a Function subclass in its
+  module): how reentrant checkpointing outside torch (DeepSpeed, Megatron, fairscale) runs the
+  module; an ordinary Function computes on tensors and calls no module (one that runs a module
+  with grad and keeps its graph is taken for a checkpoint too: refused, not wrong). A Function
+  defined inside a function, with a new-style forward (no ctx), is not seen;
 - a non-reentrant checkpoint's saved-tensor hooks (defined in torch/utils/checkpoint.py), which
   torch's composable `checkpoint(module)` installs from hooks, leaving no frame.
 
 A checkpoint around a whole call is not inside it (`since` below): its recompute repeats the call.
 """
-import contextlib
-import inspect
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -38,32 +40,51 @@ def checkpoint_hooks():
     return pack if code is not None and code.co_filename == _CHECKPOINT_FILE else None
 
 
-# Per code object, by id: None for frames that never mean a checkpoint, True for
-# torch.utils.checkpoint's, False for a frame whose first argument is called ctx (autograd.Function's
-# convention), whose value decides. Reading co_varnames or comparing file names on every frame of
-# the stack, at every layer call, cost several times the walk itself. _HELD keeps each code object
-# alive, so that its id is never another's.
+# What a frame's code says, per code object (by id; an entry goes when its code object does, so
+# code made at run time, notebook cells or generated functions, is not held): _TORCH for
+# torch.utils.checkpoint's, _FUNCTION for the forward of an autograd.Function subclass found by
+# its qualified name in the frame's module, _CTX for a frame whose first argument is called ctx
+# (an old-style Function's forward by convention; its value decides), None for the rest. Reading
+# co_varnames or comparing file names on every frame of the stack, at every layer call, cost
+# several times the walk itself.
+_TORCH, _FUNCTION, _CTX = "torch", "function", "ctx"
 _KIND: dict = {}
-_HELD: list = []
+_REFS: dict = {}
 _UNSEEN = object()
 
 
-def _kind(code):
+def _forward_of_a_function(code, frame) -> bool:
+    parts = code.co_qualname.split(".")
+    if len(parts) < 2 or parts[-1] != "forward" or "<locals>" in parts:
+        return False
+    owner = frame.f_globals.get(parts[0])
+    for part in parts[1:-1]:
+        owner = getattr(owner, part, None)
+    return isinstance(owner, type) and issubclass(owner, torch.autograd.Function)
+
+
+def _kind(code, frame):
     if code.co_filename == _CHECKPOINT_FILE:
-        kind = True
+        kind = _TORCH
+    elif _forward_of_a_function(code, frame):
+        kind = _FUNCTION
     elif code.co_argcount and code.co_varnames[0] == "ctx":
-        kind = False
+        kind = _CTX
     else:
         kind = None
-    _HELD.append(code)
-    _KIND[id(code)] = kind
+    key = id(code)
+    _KIND[key] = kind
+    _REFS[key] = weakref.ref(code, lambda _, key=key: (_KIND.pop(key, None), _REFS.pop(key, None)))
     return kind
 
 
-def inside_checkpoint(since: Optional[tuple] = None) -> bool:
+def inside_checkpoint(since: Optional[tuple] = None, torch_only: bool = False) -> bool:
     """Whether the caller runs inside activation checkpointing (the module docstring says how it
     is seen). `since`, from `entry()` at the start of a call: only a checkpoint entered after it
-    counts (frames below its `with` frame, checkpoint hooks other than those then in force)."""
+    counts (frames below its `with` frame, checkpoint hooks other than those then in force).
+    `torch_only`: only torch.utils.checkpoint's frames and hooks count (a recompute inside
+    backward() that torch runs; another library's runs from a Function's backward, which says
+    nothing of whose recompute it is)."""
     stop, hooks = since if since is not None else (None, None)
     if checkpoint_hooks() not in (None, hooks):
         return True
@@ -72,20 +93,16 @@ def inside_checkpoint(since: Optional[tuple] = None) -> bool:
         code = frame.f_code
         kind = _KIND.get(id(code), _UNSEEN)
         if kind is _UNSEEN:
-            kind = _kind(code)
-        if kind or (kind is False and isinstance(frame.f_locals.get("ctx"), _FUNCTION_CONTEXT)):
+            kind = _kind(code, frame)
+        if kind is _TORCH or (not torch_only and (kind is _FUNCTION or (
+                kind is _CTX and isinstance(frame.f_locals.get("ctx"), _FUNCTION_CONTEXT)))):
             return True
         frame = frame.f_back
     return False
 
 
-def entry() -> tuple:
-    """What inside_checkpoint(since=...) needs of a call about to run, asked from the
-    @contextmanager that starts it: the frame running its `with` statement (the first frame above
-    that is neither a generator's, as that context manager and PeftModel's that enters it, nor
-    contextlib's) and the checkpoint hooks in force. Keep it for the call only (it holds a frame)."""
-    frame = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_flags & inspect.CO_GENERATOR
-                                 or frame.f_code.co_filename == contextlib.__file__):
-        frame = frame.f_back
+def entry(frame) -> tuple:
+    """What inside_checkpoint(since=...) needs of a call about to run: `frame`, one that stays on
+    the stack while the call runs (a forward pre-hook's caller, the model's Module.__call__), and
+    the checkpoint hooks in force. Keep it for the call only (it holds a frame)."""
     return frame, checkpoint_hooks()

@@ -809,10 +809,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         one, any other with grad enabled (a checkpoint no frame or hook shows). Not evaluation
         (eval mode, or no_grad / inference_mode outside a checkpoint), which transformers never
         checkpoints. A forward inside backward (a recompute) refuses if a forward of another batch
-        was recorded since the last recompute, then starts the record afresh; a recompute the
-        module sees as a checkpoint's weighs only the forwards seen inside one, so a step trained
-        without checkpointing before it was switched on is not held against the next (a false
-        refusal, found by a review, 2026-12-03). Refused too, as it cannot be told apart: a
+        was recorded since the last recompute, then starts the record afresh; a recompute that
+        torch.utils.checkpoint runs weighs only the forwards seen inside a checkpoint, so a step
+        trained without checkpointing before it was switched on is not held against the next (a
+        false refusal, found by a review, 2026-12-03); another library's recompute weighs them all. Refused too, as it cannot be told apart: a
         checkpointed backward after a checkpointed training-mode forward with grad enabled, in
         another batch, whose graph was dropped (the message names model.eval() / torch.no_grad()
         for those)."""
@@ -824,11 +824,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             checkpointed = inside_checkpoint()
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
                 seen.append((batch, checkpointed))
-                del seen[:-16]  # bounded: without checkpointing no recompute ever clears it
+                if len(seen) > 16:  # bounded: without checkpointing no recompute ever clears it
+                    # The oldest forward not seen inside a checkpoint goes first: dropping one seen
+                    # inside one could let its recompute in another batch through.
+                    unseen = [i for i, (_, c) in enumerate(seen) if not c]
+                    del seen[unseen[0] if unseen else 0]
             return
         if not torch.is_grad_enabled():
             return
-        seen_as_checkpoint = inside_checkpoint()
+        # Only torch's recompute is known for whose it is: another library's runs from its
+        # Function's backward, which could be any Function's (a Liger kernel's, say), so every
+        # recorded forward counts there.
+        seen_as_checkpoint = inside_checkpoint(torch_only=True)
         others = [b for b, checkpointed in seen if b != batch and (checkpointed or not seen_as_checkpoint)]
         seen.clear()
         if others:

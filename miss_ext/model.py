@@ -406,6 +406,20 @@ def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> Non
                         f"matches {describe(wrong)}")
 
 
+def offload_hook(module: nn.Module) -> bool:
+    """Whether accelerate's hook on `module` (`_hf_hook`) offloads its parameters (an
+    AlignDevicesHook with offload=True, also inside a SequentialHook): a device_map with "cpu" /
+    "disk", cpu_offload, disk_offload. A hook that only moves inputs between devices (offload=False:
+    what a multi-device device_map puts on every module) does not; a hook of an unknown kind is
+    taken to."""
+    def offloads(hook) -> bool:
+        if isinstance(getattr(hook, "hooks", None), (list, tuple)):
+            return any(offloads(h) for h in hook.hooks)
+        return bool(getattr(hook, "offload", True))
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and offloads(hook)
+
+
 def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], where: str) -> None:
     """ValueError naming the layers of `found` that accelerate offloads (device_map with "cpu" /
     "disk" offload, cpu_offload, disk_offload): weight or bias on the meta device while an
@@ -420,7 +434,7 @@ def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], w
                                                                        getattr(module, "bias", None))):
             continue
         parts = name.split(".") if name else []
-        if any(hasattr(model.get_submodule(".".join(parts[:i])), "_hf_hook") for i in range(len(parts) + 1)):
+        if any(offload_hook(model.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)):
             offloaded.append(name or "the model")
     if offloaded:
         raise ValueError(f"{where}: {describe(offloaded, 8)}: the model's parameters here are on the meta device, "

@@ -68,6 +68,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import sys
 import threading
 import warnings
 import weakref
@@ -94,7 +95,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint  # noqa: E402
-from .model import check_module, parent_module, undo_each  # noqa: E402
+from .model import check_module, offload_hook, parent_module, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
                       check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
@@ -205,6 +206,13 @@ class _EveryRow(list):
     the layer's input, however many it has."""
 
 
+def _model_forward_hook(module, args, holder):
+    # Not under torch.compile: a compiled graph recomputes what it traced, names included, and
+    # has no frames to look at.
+    grad = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    holder["entry"] = checkpoint_entry(sys._getframe(1)) if grad else None
+
+
 def _adapter_names_hook(module, args, kwargs, holder):
     if id(module) not in holder["hooked"]:
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
@@ -218,7 +226,7 @@ def _adapter_names_hook(module, args, kwargs, holder):
         # saved; one fed a tensor made inside the checkpointed block, an MLP's down_proj, trained
         # the wrong adapter: a review, 2026-12-03).
         raise ValueError(f"{type(module).__name__}: adapter_names= cannot be combined with activation checkpointing "
-                         "in training: this layer runs inside a checkpoint (torch.utils.checkpoint, a wrapper built "
+                         "with grad enabled: this layer runs inside a checkpoint (torch.utils.checkpoint, a wrapper built "
                          "on it such as torch's checkpoint_wrapper, or another library's), whose recomputation in "
                          "backward() runs after this call, without the names. Remove the checkpointing, checkpoint "
                          "the whole model call (it is then recomputed with its names), or use miss_ext.load_bank / "
@@ -996,11 +1004,6 @@ class AcceleratedMissModel(MissModel):
         # model's own generation_config is consulted by generate() below).
         holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None,
                   "hooked": set()}  # ids of the modules hooked for this call
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Layers look for a checkpoint between themselves and the frame whose `with` entered
-            # this call. A graph torch.compile traced recomputes what it traced, names included
-            # (and has no frames to look at).
-            holder["entry"] = checkpoint_entry()
         # PeftModel.generate calls the base model's generate inside this context; only there is
         # the model's own generation_config (num_beams / num_return_sequences shipped with a
         # checkpoint) in force, so the names are repeated for it there, not for a forward call.
@@ -1023,6 +1026,10 @@ class AcceleratedMissModel(MissModel):
             self.__dict__["_names_call_adapters"] = frozenset(self.peft_config)
         handles, flagged = [], []
         try:
+            # Each forward of the model records where it starts (the layers look for a checkpoint
+            # between that frame and themselves) when it runs with grad enabled; generate()'s
+            # forwards run under no_grad, where nothing is recomputed.
+            handles.append(self.model.register_forward_pre_hook(partial(_model_forward_hook, holder=holder)))
             for module in self.model.modules():
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(
@@ -1312,7 +1319,7 @@ def _refuse_offloaded_blocks(model: nn.Module, named) -> None:
             continue
         parts = path.split(".") if path else []
         holders = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)] + [layer.base_layer]
-        if any(hasattr(m, "_hf_hook") for m in holders):
+        if any(offload_hook(m) for m in holders):
             offloaded.append(f"{path} ({', '.join(blocks)})")
     if offloaded:
         raise ValueError(f"accelerate: {describe(offloaded, 8)}: these adapter blocks are on the meta device in layers "

@@ -559,7 +559,26 @@ class Recompute(torch.autograd.Function):
         return None, x.grad
 
 
-def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders):
+class NewStyleRecompute(torch.autograd.Function):
+    """Recompute with a new-style forward (no ctx argument; setup_context saves the input)."""
+
+    @staticmethod
+    def forward(fn, x):
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn = inputs[0]
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return Recompute.backward(ctx, grad)
+
+
+@pytest.mark.parametrize("function", [Recompute, NewStyleRecompute], ids=["ctx", "new_style"])
+def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders, function):
     """Another library's reentrant checkpoint around a bank layer: its no_grad forward is seen as
     a checkpoint's (the Function's forward frame), so a backward in another batch is refused, and
     one inside the forward's batch gives the uncheckpointed gradients."""
@@ -568,16 +587,35 @@ def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders
     layer = miss_ext.bank_model.bank_layers(model)[0][1]
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
     with miss_ext.mixed_batch(model, ["x", "y"]):
-        loss = Recompute.apply(layer, x).pow(2).sum()
+        loss = function.apply(layer, x).pow(2).sum()
     with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
         loss.backward()
     model.zero_grad(set_to_none=True)
     with miss_ext.mixed_batch(model, ["x", "y"]):
-        Recompute.apply(layer, x).pow(2).sum().backward()
+        function.apply(layer, x).pow(2).sum().backward()
         want = layer.bank.grad.clone()
         layer.bank.grad = None
         layer(x).pow(2).sum().backward()
     torch.testing.assert_close(layer.bank.grad, want, **TOL)
+
+
+def test_a_checkpointed_forward_stays_recorded_past_many_unchecked_ones(folders):
+    """The record of forwards is bounded; forwards not seen inside a checkpoint leave it first, so
+    17 unchecked training forwards in other batches do not push out a checkpointed one whose
+    backward then comes in another batch (they did, in a first version: a review, 2026-12-03)."""
+    base, _ = folders
+    ids = tokens(2, 5, seed=12)
+    model = checkpointing_bank(base, True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        loss = model(ids).logits.pow(2).mean()
+    model.gradient_checkpointing_disable()
+    for i in range(17):  # 17 other batches (the names' count tells them apart)
+        with miss_ext.mixed_batch(model, ["y"] * (i + 1)):
+            model(tokens(i + 1, 5, seed=i)).logits.sum()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(Exception) as caught:
+        loss.backward()
+    assert "recomputed inside backward" in str(caught.value) + str(caught.value.__cause__)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])

@@ -87,6 +87,15 @@ def test_adapters_added_to_offloaded_layers_are_refused(base, tmp_path):
     loaded = accelerate(PeftModel.from_pretrained(offloaded(), tmp_path / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-10)
+    # A hook that only aligns devices (offload=False, what a multi-device device_map adds) is no
+    # offload: meta blocks of low_cpu_mem_usage=True there are loaded later, and accelerate.
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    aligned = copy.deepcopy(base)
+    for layer in aligned.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True, offload=False))
+    model = get_peft_model(aligned, config, low_cpu_mem_usage=True)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.miss_block["default"].is_meta
+    accelerate(model)
 
 
 class OpLog(TorchDispatchMode):

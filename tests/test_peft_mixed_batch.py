@@ -522,6 +522,10 @@ def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(i
     with torch.no_grad():
         torch.testing.assert_close(wrapped(input_ids=ids, adapter_names=names).logits,
                                    model(input_ids=ids, adapter_names=names).logits, rtol=0, atol=0)
+    # generate() called with grad enabled runs its forwards under no_grad: nothing is recomputed,
+    # nothing refused (a first version refused it, found by a review, 2026-12-03).
+    torch.testing.assert_close(wrapped.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, do_sample=False),
+                               model.generate(input_ids=ids, adapter_names=names, max_new_tokens=3, do_sample=False))
     # The whole call under a (non-reentrant) checkpoint: its recompute is a names call again.
     model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
