@@ -1143,3 +1143,51 @@ def test_lora_export_keeps_the_adapters_dropout(base, tmp_path, dropout):
     lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     layer = lora.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
     assert getattr(layer.lora_dropout["default"], "p", 0.0) == dropout
+
+
+def test_lora_export_of_peft_models_keeps_dropout_and_refuses_merged_or_mixed_r(tmp_path):
+    """PEFT models through export_lora: the adapter's miss_dropout becomes lora_dropout; a merged
+    PEFT model is refused (the LoRA would add dW a second time); layers of two r (one LoRA config
+    has one) are refused, nothing written (a mutation audit found no test of these, 2026-12-03)."""
+    from peft import MissConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)), MissConfig(r=4, target_modules=["0"], miss_dropout=0.1))
+    miss_ext.export_lora(model, tmp_path / "dropout")
+    assert json.loads((tmp_path / "dropout" / CONFIG_NAME).read_text())["lora_dropout"] == 0.1
+    merged = get_peft_model(nn.Sequential(nn.Linear(16, 8)), MissConfig(r=4, target_modules=["0"]))
+    with torch.no_grad():
+        merged.base_model.model[0].miss_block["default"].normal_()
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged, so a LoRA on their weight would apply the adapter twice"):
+        miss_ext.export_lora(merged, tmp_path / "merged")
+    two_r = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8)), ["0"], r=4)
+    two_r = miss_ext.apply_miss(two_r, ["1"], r=2)
+    with pytest.raises(ValueError, match=r"one LoRA config has one r .*\[\(2, 0\.0\), \(4, 0\.0\)\]"):
+        miss_ext.export_lora(two_r, tmp_path / "two_r")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "two_r").exists()
+
+
+def test_apply_miss_takes_init_weights_and_mini_r_from_a_peft_config():
+    """apply_miss(model, MissConfig(...)): init_weights=False is PEFT's random init (not zeros),
+    and mini_r comes from the config (a mutation audit found both untested, 2026-12-03)."""
+    from peft import MissConfig
+    base = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model = miss_ext.apply_miss(copy.deepcopy(base), MissConfig(r=4, target_modules=["0"], init_weights=False))
+    assert model[0].miss_block.abs().sum() > 0
+    model = miss_ext.apply_miss(copy.deepcopy(base), MissConfig(r=4, target_modules=["0"], init_weights="mini",
+                                                                mini_r=4))
+    assert model[0].mode == "mini" and model[0].mini_r == 4 and tuple(model[0].miss_block.shape) == (4, 4)
+
+
+def test_load_adapter_into_a_merged_layer_is_refused(tmp_path):
+    """A merged MissLinear would ignore a block loaded into it (the weight already holds the old
+    one): refused, naming it, nothing changed (untested until a mutation audit, 2026-12-03)."""
+    torch.manual_seed(0)
+    model = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8)), ["0"], r=4, init_weights=False)
+    miss_ext.save_adapter(model, tmp_path)
+    target = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8)), ["0"], r=4, init_weights=False)
+    target[0].merge()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=r"0: the model's MissLinear is merged; unmerge it before loading"):
+        miss_ext.load_adapter(target, tmp_path)
+    assert_unchanged(target, snap)

@@ -230,3 +230,27 @@ def test_every_op_has_a_docstring_with_its_schema():
         wrapper = getattr(miss_ext.ops, name, None)
         if callable(wrapper):
             assert packet.__doc__.startswith(wrapper.__doc__), name
+
+
+def test_every_wrapper_passes_each_argument_to_its_op_in_schema_order(monkeypatch):
+    """Each miss_ext.ops wrapper hands every argument, defaults included, to torch.ops.miss.<op>
+    in the schema's order, under the schema's names: a wrapper that dropped one (fold's dtype,
+    merge's reverse, tile_add's p, ...) ran the op's default silently, and no numeric test called
+    it with the non-default value (a mutation audit, 2026-12-03)."""
+    import inspect
+
+    import miss_ext.ops as ops
+    for name in ops.__all__:
+        if name == "new_dropout_key":
+            continue
+        wrapper = getattr(ops, name)
+        params = list(inspect.signature(wrapper).parameters)
+        schema = getattr(torch.ops.miss, name).default._schema
+        assert [a.name for a in schema.arguments] == params, name
+        calls = []
+        monkeypatch.setattr(torch.ops.miss, name, lambda *args, **kwargs: calls.append((args, kwargs)))
+        given = [object() for _ in params]
+        wrapper(*given)
+        assert len(calls) == 1 and not calls[0][1], name
+        assert len(calls[0][0]) == len(given) and all(a is b for a, b in zip(calls[0][0], given)), name
+        monkeypatch.undo()
