@@ -1189,3 +1189,32 @@ def test_apply_bank_and_load_adapter_name_quantized_linears_in_full(tmp_path):
         nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)), ["0", "2"], r=R))
     with pytest.raises(ValueError, match=rf"0: its base layer is a {DQ_LINEAR}, not an nn\.Linear"):
         miss_ext.load_adapter(adapted_then_quantized, tmp_path)
+
+
+def test_a_base_with_its_own_forward_or_a_subclass_bias_runs_its_own_forward():
+    """A base nn.Linear whose instance has its own forward (patched in), or whose bias alone is a
+    tensor subclass (F.linear means something else to it), is not plain: the layer runs the
+    base's forward and adds the adapter term, so a zero block gives exactly base(x). Taking the
+    fused op there gave 1.97 / 1.0 off (untested until a mutation audit, 2026-12-03)."""
+    import types
+
+    class ShiftedBias(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            out = super().__torch_function__(func, types_, args, kwargs or {})
+            if func is torch.nn.functional.linear:
+                out = out.as_subclass(torch.Tensor) + 1.0
+            return out
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    patched = torch.nn.Linear(16, 8)
+    patched.forward = types.MethodType(lambda self, v: torch.nn.functional.linear(v, self.weight, self.bias) * 2,
+                                       patched)
+    shifted = torch.nn.Linear(16, 8)
+    shifted.bias = torch.nn.Parameter(shifted.bias.detach().as_subclass(ShiftedBias), requires_grad=False)
+    for base in (patched, shifted):
+        layer = miss_ext.MissLinear(base, 4)  # zero block
+        with torch.no_grad():
+            got, want = layer(x).as_subclass(torch.Tensor), base(x).as_subclass(torch.Tensor)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1320,3 +1320,23 @@ def test_a_base_model_generate_reached_through_the_tuner_repeats_names_for_the_m
     kwargs = dict(input_ids=tokens(batch=2, length=5), max_new_tokens=2, do_sample=False,
                   adapter_names=["a", "__base__"])
     torch.testing.assert_close(fast.base_model.generate(**kwargs), fast.generate(**kwargs), rtol=0, atol=0)
+
+
+def test_rows_of_adapters_of_different_dtypes_match_each_adapter_alone():
+    """The bank of a mixed batch is built in the promoted dtype of the named adapters' blocks: a
+    float32 adapter's rows beside a bf16 adapter's are computed in float32, as set_adapter gives
+    them (0.0038 off when the bank took the first block's dtype: a mutation audit, 2026-12-03)."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(64, 32)), MissConfig(r=8, target_modules=["0"],
+                                                                        init_weights=False))
+    model.add_adapter("b", MissConfig(r=8, target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    layer.miss_block["default"].data = layer.miss_block["default"].data.to(torch.bfloat16)
+    miss_ext.peft.accelerate(model).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "b"])
+        model.set_adapter("b")
+        only_b = model(x)
+    torch.testing.assert_close(mixed[1], only_b[1], rtol=1e-6, atol=1e-6)
