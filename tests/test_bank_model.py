@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
 import miss_ext  # noqa: E402
-from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
+from conftest import DEVICES, Recompute, assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissBankLinear  # noqa: E402
 from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tiny_moe_lm, tokens, write_bone_copy  # noqa: E402
 
@@ -538,25 +538,6 @@ def test_a_step_without_checkpointing_is_not_held_against_the_next(folders, reen
         grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b, **TOL)
-
-
-class Recompute(torch.autograd.Function):
-    """Reentrant checkpointing outside torch (as DeepSpeed's): fn runs without grad in the forward,
-    again on the saved input in the backward."""
-
-    @staticmethod
-    def forward(ctx, fn, x):
-        ctx.fn = fn
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x = ctx.saved_tensors[0].detach().requires_grad_()
-        with torch.enable_grad():
-            torch.autograd.backward(ctx.fn(x), grad)
-        return None, x.grad
 
 
 class NewStyleRecompute(torch.autograd.Function):

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from peft import MissConfig, get_peft_model  # noqa: E402
 
 import miss_ext.peft  # noqa: E402
-from conftest import DEVICES, assert_unchanged, snapshot  # noqa: E402
+from conftest import DEVICES, Recompute, assert_unchanged, snapshot  # noqa: E402
 from reference import F64, mixed_dropout_ref  # noqa: E402
 from tiny_models import TARGETS, cross_device_tol, no_eos, tiny_causal_lm, tokens  # noqa: E402
 
@@ -430,26 +430,6 @@ def test_torch_activation_checkpointing_in_training_is_refused(reentrant):
     loss.backward()
     assert model.base_model.model.lin.miss_block["a"].grad.any()
     assert model.base_model.model.lin.miss_block["b"].grad is None
-
-
-class Recompute(torch.autograd.Function):
-    """Another activation checkpointing than torch's (as DeepSpeed's own): the forward runs fn
-    without grad, the backward runs it again on the saved input. No torch.utils.checkpoint frame
-    shows, so the layer's check at recompute time is what catches it."""
-
-    @staticmethod
-    def forward(ctx, fn, x):
-        ctx.fn = fn
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x = ctx.saved_tensors[0].detach().requires_grad_()
-        with torch.enable_grad():
-            torch.autograd.backward(ctx.fn(x), grad)
-        return None, x.grad
 
 
 def test_other_libraries_checkpointing_is_refused():
