@@ -218,7 +218,8 @@ def _adapter_names_hook(module, args, kwargs, holder):
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
         # it runs as a plain call would.
         return args, kwargs
-    if holder.get("entry") is not None and inside_checkpoint(since=holder["entry"]):
+    if holder.get("entry") is not None and not torch.compiler.is_compiling() and \
+            inside_checkpoint(since=holder["entry"]):
         # The model-level check (_checkpointing) sees transformers' flag; torch's checkpoint, its
         # wrappers and other libraries' show here (miss_ext/_checkpointing.py). Their recompute
         # runs this layer without the names, after the call: every row with the active adapter,

@@ -1320,3 +1320,27 @@ def test_rows_of_adapters_of_different_dtypes_match_each_adapter_alone():
         model.set_adapter("b")
         only_b = model(x)
     torch.testing.assert_close(mixed[1], only_b[1], rtol=1e-6, atol=1e-6)
+
+
+def test_training_with_names_through_a_fullgraph_compiled_inner_model(dynamo_reset):
+    """The inner model compiled with fullgraph=True under a names call made in eager mode with
+    grad enabled: the layers' checkpoint check (which walks Python frames) stays out of the traced
+    graph, and the gradients are eager's (a first version of the check broke the trace: found in
+    a read-through, 2026-12-03)."""
+    base = no_eos(tiny_causal_lm("llama"))
+    model = get_peft_model(base, MissConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["down_proj"], init_weights=False))
+    miss_ext.peft.accelerate(model).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("miss_block" in name)
+    ids, names = tokens(3, 5), ["a", "b", "__base__"]
+    model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.base_model.model.model = torch.compile(model.base_model.model.model, backend="aot_eager", fullgraph=True)
+    model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    got = {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-12, msg=n)
