@@ -1218,3 +1218,28 @@ def test_a_base_with_its_own_forward_or_a_subclass_bias_runs_its_own_forward():
         with torch.no_grad():
             got, want = layer(x).as_subclass(torch.Tensor), base(x).as_subclass(torch.Tensor)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_hooked_base_adds_the_term_in_the_promoted_dtype():
+    """A base that is not a plain nn.Linear runs its own forward and the term is added beside it:
+    on a bf16 base (folded in the block's dtype), and on a base whose output is narrower than x
+    (bf16 out for float32 x: added in float32, not rounded to bf16). Untested until a mutation
+    audit, 2026-12-03 (one variant raised, the other was 8e-3 off)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    base.register_forward_hook(lambda module, args, out: None)
+    layer = miss_ext.MissLinear(base, 4, init_weights=False)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    want = base(x).double() + miss_ext.ops.fold(x.double(), 4) @ layer.miss_block.double()
+    torch.testing.assert_close(layer(x).double(), want, rtol=2e-2, atol=2e-2)
+
+    class NarrowOutput(torch.nn.Linear):
+        def forward(self, v):
+            return super().forward(v).to(torch.bfloat16)
+
+    layer = miss_ext.MissLinear(NarrowOutput(64, 32), 8, init_weights=False)
+    x = torch.randn(4, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, layer.base_layer(x).float() + miss_ext.ops.fold(x, 8) @ layer.miss_block,
+                               rtol=0, atol=0)

@@ -1381,3 +1381,22 @@ def test_dropout_of_terms_added_one_by_one_uses_each_adapters_mask(base, hooked)
     torch.testing.assert_close(got, want, **TOL)
     model.eval()
     assert not torch.allclose(layer(x), got)
+
+
+def test_restore_refuses_an_active_adapter_of_another_mode():
+    """restore() hands the layers back to PEFT, whose forward and merge know one mode per layer
+    (the first adapter's): an active adapter of another mode is refused by name, nothing
+    changed (a merged one is tested elsewhere; this case was untested: a mutation audit,
+    2026-12-03)."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 32)),
+                           MissConfig(r=8, target_modules=["0"], init_weights=False))
+    model.add_adapter("m", MissConfig(r=8, target_modules=["0"], init_weights="mini", mini_r=4))
+    accelerate(model).eval()
+    model.set_adapter("m")
+    with pytest.raises(ValueError, match=r"restore: base_model\.model\.0: m is an adapter merged or active in another "
+                                         r"mode"):
+        restore(model)
+    assert is_accelerated(model)
+
