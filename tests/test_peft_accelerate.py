@@ -1399,4 +1399,3 @@ def test_restore_refuses_an_active_adapter_of_another_mode():
                                          r"mode"):
         restore(model)
     assert is_accelerated(model)
-
