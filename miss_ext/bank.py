@@ -812,8 +812,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         was recorded since the last recompute, then starts the record afresh; a recompute that
         torch.utils.checkpoint runs weighs only the forwards seen inside a checkpoint, so a step
         trained without checkpointing before it was switched on is not held against the next (a
-        false refusal, found by a review, 2026-12-03); another library's recompute weighs them all. Refused too, as it cannot be told apart: a
-        checkpointed backward after a checkpointed training-mode forward with grad enabled, in
+        false refusal, found by a review, 2026-12-03); another library's recompute weighs them
+        all. Refused too, as it cannot be told apart: a checkpointed backward after a checkpointed training-mode forward with grad enabled, in
         another batch, whose graph was dropped (the message names model.eval() / torch.no_grad()
         for those)."""
         batch = self.__dict__.get("_mixed_batch")

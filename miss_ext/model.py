@@ -420,6 +420,13 @@ def offload_hook(module: nn.Module) -> bool:
     return hook is not None and offloads(hook)
 
 
+def under_offload_hook(model: nn.Module, path: str) -> bool:
+    """Whether the module at `path`, or one of its ancestors, carries an offloading accelerate hook
+    (offload_hook)."""
+    parts = path.split(".") if path else []
+    return any(offload_hook(model.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1))
+
+
 def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], where: str) -> None:
     """ValueError naming the layers of `found` that accelerate offloads (device_map with "cpu" /
     "disk" offload, cpu_offload, disk_offload): weight or bias on the meta device while an
@@ -433,8 +440,7 @@ def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], w
         if not any(isinstance(t, torch.Tensor) and t.is_meta for t in (getattr(module, "weight", None),
                                                                        getattr(module, "bias", None))):
             continue
-        parts = name.split(".") if name else []
-        if any(offload_hook(model.get_submodule(".".join(parts[:i]))) for i in range(len(parts) + 1)):
+        if under_offload_hook(model, name):
             offloaded.append(name or "the model")
     if offloaded:
         raise ValueError(f"{where}: {describe(offloaded, 8)}: the model's parameters here are on the meta device, "

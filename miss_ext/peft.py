@@ -95,7 +95,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint  # noqa: E402
-from .model import check_module, offload_hook, parent_module, undo_each  # noqa: E402
+from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
                       check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
@@ -1318,9 +1318,7 @@ def _refuse_offloaded_blocks(model: nn.Module, named) -> None:
         blocks = [name for name, block in layer.miss_block.items() if block.is_meta]
         if not blocks:
             continue
-        parts = path.split(".") if path else []
-        holders = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)] + [layer.base_layer]
-        if any(offload_hook(m) for m in holders):
+        if under_offload_hook(model, path) or offload_hook(layer.base_layer):
             offloaded.append(f"{path} ({', '.join(blocks)})")
     if offloaded:
         raise ValueError(f"accelerate: {describe(offloaded, 8)}: these adapter blocks are on the meta device in layers "

@@ -462,6 +462,18 @@ def test_other_libraries_checkpointing_is_refused():
         loss.backward()
 
 
+def trainable_a_b(base):
+    """An accelerated PEFT model in training mode with adapters "a" (q_proj, down_proj) and "b"
+    (down_proj), only the blocks trainable."""
+    model = get_peft_model(base, MissConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["down_proj"], init_weights=False))
+    miss_ext.peft.accelerate(model).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("miss_block" in name)
+    return model
+
+
 @pytest.mark.parametrize("impl", ["REENTRANT", "NO_REENTRANT", "composable"])
 def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(impl):
     """torch's checkpoint_wrapper (what FSDP's and accelerate's activation checkpointing apply)
@@ -477,12 +489,7 @@ def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(i
                                                                               checkpoint_wrapper)
     from torch.utils.checkpoint import checkpoint
     base = no_eos(tiny_causal_lm("llama", dtype=torch.float64))
-    model = get_peft_model(base, MissConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
-                           adapter_name="a")
-    model.add_adapter("b", MissConfig(r=4, target_modules=["down_proj"], init_weights=False))
-    miss_ext.peft.accelerate(model).train()
-    for name, p in model.named_parameters():
-        p.requires_grad_("miss_block" in name)
+    model = trainable_a_b(base)
     wrapped = copy.deepcopy(model)
     mlp = type(base.model.layers[0].mlp)
     if impl == "composable":
@@ -1328,12 +1335,7 @@ def test_training_with_names_through_a_fullgraph_compiled_inner_model(dynamo_res
     graph, and the gradients are eager's (a first version of the check broke the trace: found in
     a read-through, 2026-12-03)."""
     base = no_eos(tiny_causal_lm("llama"))
-    model = get_peft_model(base, MissConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
-                           adapter_name="a")
-    model.add_adapter("b", MissConfig(r=4, target_modules=["down_proj"], init_weights=False))
-    miss_ext.peft.accelerate(model).train()
-    for name, p in model.named_parameters():
-        p.requires_grad_("miss_block" in name)
+    model = trainable_a_b(base)
     ids, names = tokens(3, 5), ["a", "b", "__base__"]
     model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
