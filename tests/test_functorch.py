@@ -277,6 +277,25 @@ def test_transforms_under_autocast_follow_the_autocast_kernels(mode, mini_r, dev
         torch.testing.assert_close(per_sample.float(), xe.grad.float(), **tol)
 
 
+@pytest.mark.parametrize("weight_dtype,block_dtype", [(F64, F64), (F64, torch.float32), (torch.float32, F64)],
+                         ids=["both-float64", "weight-float64", "block-float64"])
+def test_bat_linear_under_autocast_leaves_a_float64_operand_alone_under_vmap(weight_dtype, block_dtype):
+    """bat_linear's autocast kernel does not cast a float64 weight or block down to autocast's
+    dtype (it computes W' and the GEMM in float64, then gives x's dtype). The transforms' kernel
+    must do the same: computing in bfloat16 there was 8.5e-3 off the eager op (a mutant of the
+    audit, 2026-12-03, that no test caught). Values equal eager's and the float64 reference."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64)
+    w, blk = torch.randn(32, 64, dtype=weight_dtype), (torch.randn(4, 8, 8) * 0.1).to(block_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = ops.bat_linear(x, w, None, blk, None)
+        batched = vmap(lambda xi: ops.bat_linear(xi, w, None, blk, None))(x)
+    assert eager.dtype == batched.dtype == torch.float32
+    torch.testing.assert_close(batched, eager, rtol=0, atol=0)
+    reference = x.double() @ bat_weight_ref(w.double(), blk.double()).t()
+    torch.testing.assert_close(batched.double(), reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+
+
 def test_mini_block_gradient_under_float16_autocast_sums_its_copies_in_float32():
     """A mini block's gradient sums out / mini_r copies; PEFT sums them in the float32 block's
     dtype (it repeats the block before autocast's cast). For an x already in float16 the eager op

@@ -541,6 +541,42 @@ def test_the_version_gate_compares_major_minor(monkeypatch):
 
 
 
+def _chunk_starts(start, size, n):
+    """torch.chunk-style shards of [start, start + size) into n: their (start, size) pairs."""
+    c = -(-size // n) if size else 0
+    return [(start + i * c, min(c, size - i * c)) for i in range(n) if i * c < size]
+
+
+def test_shards_aligned_on_a_2d_mesh_holds_for_every_way_of_sharding():
+    """On a mesh of more than one dim a tensor dim may be split over one mesh dim or over both in
+    turn; shards_aligned must be True only when every shard start is a multiple of the period (a
+    wrong True runs the fold's i mod r on local columns: a silent wrong result). Checked against the
+    shards torch.chunk gives on a real 2 x 2 DeviceMesh (a fake process group: one process). The
+    mutation audit (2026-12-03) found no test with a 2-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from miss_ext.tensor_parallel import shards_aligned
+
+    if dist.is_initialized():  # pragma: no cover - the other tests spawn their ranks
+        pytest.fail("a process group is already initialised in the test process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2))
+        assert (mesh.ndim, mesh.size()) == (2, 4)
+        assert not shards_aligned(24, 4, mesh)  # both dims: 4 shards of 6 start at 6 and 18
+        assert shards_aligned(32, 4, mesh) and shards_aligned(36, 3, mesh) and shards_aligned(7, 1, mesh)
+        for size in range(1, 65):
+            for period in range(1, 9):
+                if not shards_aligned(size, period, mesh):
+                    continue
+                nested = [sub for s, n in _chunk_starts(0, size, 2) for sub in _chunk_starts(s, n, 2)]
+                ways = [_chunk_starts(0, size, 2), nested, _chunk_starts(0, size, 4)]  # one mesh dim; both
+                assert all(s % period == 0 for way in ways for s, _ in way), (size, period)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_base_that_is_not_plain_is_refused_with_the_reason():
     """The refusal named the base's short class name only ("got Linear"); it now names the class in
     full and why the base is not plain (checked before any mesh is used)."""
