@@ -19,7 +19,9 @@ layers ask here at forward time, when the checkpoint is still visible:
 - a non-reentrant checkpoint's saved-tensor hooks (defined in torch/utils/checkpoint.py), which
   torch's composable `checkpoint(module)` installs from hooks, leaving no frame.
 
-A checkpoint around a whole call is not inside it (`since` below): its recompute repeats the call.
+A checkpoint around a whole call is not inside it (`entry` below): its recompute repeats the call.
+A caller to whom every checkpoint counts, around the call too, walks the frames above the call
+once per call instead of at every layer (`whole_stack_entry`).
 """
 import sys
 import weakref
@@ -80,16 +82,24 @@ def _kind(code, frame):
 
 def inside_checkpoint(since: Optional[tuple] = None, torch_only: bool = False) -> bool:
     """Whether the caller runs inside activation checkpointing (the module docstring says how it
-    is seen). `since`, from `entry()` at the start of a call: only a checkpoint entered after it
-    counts (frames below its `with` frame, checkpoint hooks other than those then in force).
-    `torch_only`: only torch.utils.checkpoint's frames and hooks count (a recompute inside
-    backward() that torch runs; another library's runs from a Function's backward, which says
-    nothing of whose recompute it is)."""
-    stop, hooks = since if since is not None else (None, None)
+    is seen). `since`, from `entry()` or `whole_stack_entry()` at the start of a call: the frames
+    below its `with` frame are walked, and the answer for the frames from it up is the one it
+    recorded (entry: none of them counts, a checkpoint around the whole call; whole_stack_entry:
+    theirs); checkpoint hooks other than those then in force count. Where that frame is not on the
+    caller's stack (another thread, say), every frame is walked. `torch_only`: only
+    torch.utils.checkpoint's frames and hooks count (a recompute inside backward() that torch
+    runs; another library's runs from a Function's backward, which says nothing of whose
+    recompute it is)."""
+    stop, hooks, above = since if since is not None else (None, None, False)
     if checkpoint_hooks() not in (None, hooks):
         return True
-    frame = sys._getframe(1)
-    while frame is not None and frame is not stop:
+    return _walk(sys._getframe(1), stop, above, torch_only)
+
+
+def _walk(frame, stop, above: bool, torch_only: bool) -> bool:
+    while frame is not None:
+        if frame is stop:
+            return above
         code = frame.f_code
         kind = _KIND.get(id(code), _UNSEEN)
         if kind is _UNSEEN:
@@ -102,7 +112,15 @@ def inside_checkpoint(since: Optional[tuple] = None, torch_only: bool = False) -
 
 
 def entry(frame) -> tuple:
-    """What inside_checkpoint(since=...) needs of a call about to run: `frame`, one that stays on
-    the stack while the call runs (a forward pre-hook's caller, the model's Module.__call__), and
-    the checkpoint hooks in force. Keep it for the call only (it holds a frame)."""
-    return frame, checkpoint_hooks()
+    """What inside_checkpoint(since=...) needs of a call about to run, for a caller to whom a
+    checkpoint around the whole call does not count: `frame`, one that stays on the stack while
+    the call runs (a forward pre-hook's caller, the model's Module.__call__), and the checkpoint
+    hooks in force. Keep it for the call only (it holds a frame)."""
+    return frame, checkpoint_hooks(), False
+
+
+def whole_stack_entry(frame) -> tuple:
+    """As entry(), for a caller to whom every checkpoint counts, around the call too (the bank's
+    record of which forwards a recompute may repeat): the frames from `frame` up are walked here,
+    once, and no hook is excepted. Keep it for the call only (it holds a frame)."""
+    return frame, None, _walk(frame, None, False, False)

@@ -821,7 +821,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
             if not self.training or torch.is_inference_mode_enabled():
                 return
-            checkpointed = inside_checkpoint()
+            checkpointed = inside_checkpoint(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
                 seen.append((batch, checkpointed))
                 if len(seen) > 16:  # bounded: without checkpointing no recompute ever clears it
@@ -868,7 +868,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # and no recorded forward (its recomputes are its own).
         state = super().__getstate__()
         state["rows"] = None
-        for name in ("_generations", "_forward_batches", "_mixed_batch"):
+        for name in ("_generations", "_forward_batches", "_mixed_batch", "_stack_entry"):
             state.pop(name, None)
         return state
 

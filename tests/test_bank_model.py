@@ -580,6 +580,50 @@ def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders
     torch.testing.assert_close(layer.bank.grad, want, **TOL)
 
 
+@pytest.mark.parametrize("enter", ["with", "exit_stack"])
+@pytest.mark.parametrize("where", ["none", "inside", "reentrant_around", "non_reentrant_around", "function_around"])
+def test_forwards_are_recorded_as_checkpointed_wherever_the_checkpoint_was_entered(folders, where, enter):
+    """mixed_batch walks the frames above its `with` statement once, and each layer only the frames
+    below it (the whole stack at every layer cost 3-6% of a tiny model's training step); a layer's
+    record of its training forward says "inside a checkpoint" as the whole walk did: for a
+    checkpoint entered inside the context, and one entered before it (a function that enters the
+    context run under torch's checkpoint or another library's). Entered through an ExitStack the
+    `with` frame is not on the stack, and the layers walk every frame."""
+    import contextlib
+    from torch.utils.checkpoint import checkpoint
+
+    base, _ = folders
+    model = checkpointing_bank(base, False)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    names = ["x", "y"]
+
+    def run_layer(x):
+        return checkpoint(layer, x, use_reentrant=True) if where == "inside" else layer(x)
+
+    def call(x):  # enters the context, runs the layer
+        with contextlib.ExitStack() as stack:
+            if enter == "with":
+                with miss_ext.mixed_batch(model, names):
+                    return run_layer(x)
+            stack.enter_context(miss_ext.mixed_batch(model, names))
+            return run_layer(x)
+
+    around = {"reentrant_around": lambda x: checkpoint(call, x, use_reentrant=True),
+              "non_reentrant_around": lambda x: checkpoint(call, x, use_reentrant=False),
+              "function_around": lambda x: Recompute.apply(call, x)}
+    y = around.get(where, call)(x)
+    assert [checkpointed for _, checkpointed in layer.__dict__["_forward_batches"]] == [where != "none"]
+    assert "_stack_entry" not in layer.__dict__  # the frame is not kept past the context
+    # The recomputes run in the forward's batch: of the layer inside the context, of `call` (which
+    # enters it again) outside; the gradient is the uncheckpointed one.
+    with contextlib.nullcontext() if where in around else miss_ext.mixed_batch(model, names):
+        y.pow(2).sum().backward()
+    with miss_ext.mixed_batch(model, names):
+        (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+    torch.testing.assert_close(x.grad, want, **TOL)
+
+
 def test_a_checkpointed_forward_stays_recorded_past_many_unchecked_ones(folders):
     """The record of forwards is bounded; forwards not seen inside a checkpoint leave it first, so
     17 unchecked training forwards in other batches do not push out a checkpointed one whose

@@ -148,3 +148,17 @@ def test_bench_bank_train_checks_the_bank_gradients_against_split_rows(capsys):
     with pytest.raises(SystemExit):
         bench_bank_train.main(["--features", "24", "--mini-r", "5"])
     assert "--mini-r 5 does not divide --features 24" in capsys.readouterr().err
+
+
+def test_bench_checkpoint_check_runs_and_restores_the_check(capsys):
+    import bench_checkpoint_check
+
+    import miss_ext.bank
+
+    shipped = miss_ext.bank.inside_checkpoint
+    results = bench_checkpoint_check.main(["--depth", "0,3", "--reps", "1", "--seq", "4"])
+    assert set(results) == {0, 3} and all(r["ratio"] > 0 for r in results.values())
+    assert miss_ext.bank.inside_checkpoint is shipped
+    with pytest.raises(SystemExit):
+        bench_checkpoint_check.parse_args(["--depth", "0,-1"])
+    assert "expected comma-separated depths >= 0, got '0,-1'" in capsys.readouterr().err

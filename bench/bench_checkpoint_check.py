@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Cost of the bank's activation-checkpointing check in a mixed-adapter training step: a small
+randomly initialised Llama (transformers) with bank layers on every linear of its decoder, one
+forward + backward inside miss_ext.mixed_batch, with the check as shipped against the check
+replaced by a stub that sees no checkpoint, called under `--depth` extra Python frames (a
+training loop's, Trainer's and accelerate's frames sit above the model call).
+
+    python bench/bench_checkpoint_check.py                 # CPU, fp32, depths 0 and 40
+    python bench/bench_checkpoint_check.py --depth 0,80 --reps 50
+
+Why: each bank layer's training forward asks miss_ext/_checkpointing.py whether it runs inside a
+checkpoint (MissBankLinear._check_recompute), which walks Python frames. mixed_batch walks the
+frames above its `with` statement once; each layer walks its own. Reported: the median of the
+per-rep ratio shipped / stub per depth (interleaved reps, bench/measure.py). A tiny model is the
+worst case: a real layer's compute dwarfs a few microseconds of frame walk.
+"""
+import argparse
+
+import torch
+
+import miss_ext
+import miss_ext.bank
+from measure import interleaved_medians, positive_int
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def depths_arg(text: str) -> list:
+    try:
+        depths = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths >= 0, got {text!r}") from None
+    if not depths or min(depths) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths >= 0, got {text!r}")
+    return depths
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=depths_arg, default=[0, 40], help="extra frames above the step (default 0,40)")
+    ap.add_argument("--reps", type=positive_int, default=30)
+    ap.add_argument("--layers", type=positive_int, default=2)
+    ap.add_argument("--hidden", type=positive_int, default=32)
+    ap.add_argument("--seq", type=positive_int, default=16)
+    return ap.parse_args(argv)
+
+
+def build(args):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=args.hidden, intermediate_size=args.hidden * 3 // 2,
+                                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max(64, args.seq))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    miss_ext.apply_bank(model, TARGETS, capacity=4, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", r=4)
+    miss_ext.add_bank_adapter(model, "b", r=2, mode="mini", mini_r=4)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with torch.no_grad():
+                p.normal_(0, 0.02)
+    return model.train()
+
+
+def nested(depth, fn):
+    return fn() if depth == 0 else nested(depth - 1, fn)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    model = build(args)
+    ids = torch.randint(1, 64, (4, args.seq), generator=torch.Generator().manual_seed(0))
+    shipped = miss_ext.bank.inside_checkpoint
+
+    def step():
+        with miss_ext.mixed_batch(model, ["a", "b", None, "a"]):
+            model(input_ids=ids, labels=ids).loss.backward()
+
+    def case(check, depth):
+        def run():
+            miss_ext.bank.inside_checkpoint = check
+            try:
+                nested(depth, step)
+            finally:
+                miss_ext.bank.inside_checkpoint = shipped
+        return run
+
+    results = {}
+    for depth in args.depth:
+        ms, ratio = interleaved_medians({"stub": case(lambda since=None, torch_only=False: False, depth),
+                                         "shipped": case(shipped, depth)}, args.reps, torch.device("cpu"), "stub")
+        results[depth] = {"stub_ms": ms["stub"], "shipped_ms": ms["shipped"], "ratio": ratio["shipped"]}
+        print(f"depth {depth:>3}: stub {ms['stub']:.3f} ms  shipped {ms['shipped']:.3f} ms  "
+              f"shipped / stub {ratio['shipped']:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
