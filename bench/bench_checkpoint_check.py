@@ -10,11 +10,14 @@ training loop's, Trainer's and accelerate's frames sit above the model call).
 
 Why: each bank layer's training forward asks miss_ext/_checkpointing.py whether it runs inside a
 checkpoint (MissBankLinear._check_recompute), which walks Python frames. mixed_batch walks the
-frames above its `with` statement once; each layer walks its own. Reported: the median of the
-per-rep ratio shipped / stub per depth (interleaved reps, bench/measure.py). A tiny model is the
-worst case: a real layer's compute dwarfs a few microseconds of frame walk.
+frames above its `with` statement once; each layer walks its own. Reported per depth: the median
+of the per-rep ratio shipped / stub (interleaved reps, bench/measure.py), and the median time of
+the check itself per layer call. A tiny model is the worst case: a real layer's compute dwarfs a
+few microseconds of frame walk.
 """
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -91,9 +94,21 @@ def main(argv=None) -> dict:
     for depth in args.depth:
         ms, ratio = interleaved_medians({"stub": case(lambda since=None, torch_only=False: False, depth),
                                          "shipped": case(shipped, depth)}, args.reps, torch.device("cpu"), "stub")
-        results[depth] = {"stub_ms": ms["stub"], "shipped_ms": ms["shipped"], "ratio": ratio["shipped"]}
+        calls = []
+
+        def timed(*a, **k):
+            start = time.perf_counter_ns()
+            result = shipped(*a, **k)
+            calls.append(time.perf_counter_ns() - start)
+            return result
+
+        for _ in range(args.reps):  # the check alone, per layer call (its frames: the caller's)
+            case(timed, depth)()
+        per_call = statistics.median(calls) / 1e3
+        results[depth] = {"stub_ms": ms["stub"], "shipped_ms": ms["shipped"], "ratio": ratio["shipped"],
+                          "check_us_per_layer_call": per_call}
         print(f"depth {depth:>3}: stub {ms['stub']:.3f} ms  shipped {ms['shipped']:.3f} ms  "
-              f"shipped / stub {ratio['shipped']:.4f}")
+              f"shipped / stub {ratio['shipped']:.4f}  check {per_call:.2f} us per layer call ({len(calls)} calls)")
     return results
 
 
