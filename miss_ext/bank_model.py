@@ -512,6 +512,15 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     regrouped = layout.reason
     if regrouped is not None and len({BASE if n is None else n for n in adapter_names}) > 1:
         raise sequence_first_error(regrouped, "mixed_batch")
+    # Where the `with` statement runs, for the layers' checkpoint check in training forwards
+    # (MissBankLinear._check_recompute): the frames from it up are walked once here, so each layer
+    # call walks only its own (bench/bench_checkpoint_check.py, 40 frames above the step: 10.5 us
+    # per layer call before, 5.5 after; 4.8-5.0% of a tiny Llama's training step before, 2.4%
+    # after). Only from a plain `with` (the caller of contextlib's __enter__); entered otherwise
+    # (an ExitStack), the layers walk every frame. Before the ids are set: nothing to undo.
+    caller = sys._getframe(1)
+    plain_with = caller.f_code is contextlib._GeneratorContextManager.__enter__.__code__ and caller.f_back is not None
+    stack_entry = whole_stack_entry(caller.f_back) if plain_with else None
     # The names are resolved to slots and the ids set under the lock that slot changes take, so
     # no slot changes in between (a removed adapter's slot taken by another would get its rows).
     with _BANK_LOCK:
@@ -547,17 +556,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
         for _, layer in layers:
             layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
             layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots), expand)
-    # Where the `with` statement runs, for the layers' checkpoint check in training forwards
-    # (MissBankLinear._check_recompute): the frames from it up are walked once here, so each layer
-    # call walks only its own (bench/bench_checkpoint_check.py, 40 frames above the step: 10.5 us
-    # per layer call before, 5.5 after; 4.8-5.0% of a tiny Llama's training step before, 2.4%
-    # after). Only from a plain `with` (the caller of contextlib's __enter__); entered otherwise
-    # (an ExitStack), the layers walk every frame.
-    caller = sys._getframe(1)
-    if caller.f_code is contextlib._GeneratorContextManager.__enter__.__code__ and caller.f_back is not None:
-        stack_entry = whole_stack_entry(caller.f_back)
-        for _, layer in layers:
-            layer.__dict__["_stack_entry"] = stack_entry
+            if stack_entry is not None:
+                layer.__dict__["_stack_entry"] = stack_entry
     handles = []
     try:
         # A state_dict load is refused before any module loads, whichever module it is called on:
