@@ -32,6 +32,9 @@ import torch.utils.checkpoint
 
 _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 _FUNCTION_CONTEXT = torch._C._FunctionBase  # the ctx an autograd.Function's forward receives
+# What stands for one non-reentrant torch checkpoint (its saved-tensor hooks' `frame`); None on a
+# torch without it (then those checkpoints are told apart by the callers' fallback).
+_CHECKPOINT_FRAME = getattr(torch.utils.checkpoint, "_CheckpointFrame", None) or type(None)
 
 
 def checkpoint_hooks():
@@ -124,3 +127,54 @@ def whole_stack_entry(frame) -> tuple:
     record of which forwards a recompute may repeat): the frames from `frame` up are walked here,
     once, and no hook is excepted. Keep it for the call only (it holds a frame)."""
     return frame, None, _walk(frame, None, False, False)
+
+
+def _context(frame):
+    """The frame's first argument if it is named ctx and is an autograd.Function context."""
+    code = frame.f_code
+    if code.co_argcount and code.co_varnames[0] == "ctx":
+        ctx = frame.f_locals.get("ctx")
+        if isinstance(ctx, _FUNCTION_CONTEXT):
+            return ctx
+    return None
+
+
+def enclosing_checkpoints() -> list:
+    """Objects that stand for the checkpoints the caller runs inside, each one that the recompute
+    of that checkpoint finds again (recomputing_checkpoint), so that a caller can leave a note on
+    it at forward time: the innermost non-reentrant torch checkpoint (the `frame` of its
+    saved-tensor hooks) and the context of every autograd.Function forward on the stack that
+    takes one (torch's reentrant CheckpointFunction; other libraries' ctx-style recomputes). Not
+    found: a non-reentrant checkpoint under another one, a Function with a new-style forward."""
+    found = []
+    pack = checkpoint_hooks()
+    if pack is not None:
+        for cell in pack.__closure__ or ():
+            if isinstance(cell.cell_contents, _CHECKPOINT_FRAME) and cell.cell_contents is not None:
+                found.append(cell.cell_contents)
+    frame = sys._getframe(1)
+    while frame is not None:
+        ctx = _context(frame)
+        if ctx is not None:
+            found.append(ctx)
+        frame = frame.f_back
+    return found
+
+
+def recomputing_checkpoint():
+    """Inside backward(): the object enclosing_checkpoints() gave for the checkpoint whose
+    recompute runs the caller (the innermost non-reentrant torch checkpoint's unpack hook, or the
+    innermost autograd.Function backward that takes a ctx), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE:
+            found = frame.f_locals.get("frame")
+            if isinstance(found, _CHECKPOINT_FRAME) and found is not None:
+                return found
+        elif code.co_name == "backward":
+            ctx = _context(frame)
+            if ctx is not None:
+                return ctx
+        frame = frame.f_back
+    return None

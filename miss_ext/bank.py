@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checkpointing import inside_checkpoint
+from ._checkpointing import enclosing_checkpoints, inside_checkpoint, recomputing_checkpoint
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
                       refuse_nested, tensor_json, tensor_problem, type_name)
@@ -67,6 +67,9 @@ def check_new_adapter(names: List[Optional[str]], name: object, where: str = "th
 _SLOT_FIELDS = ("adapter_names", "modes", "dropouts", "absent")
 # Generations of slot contents (MissBankLinear.slot_generation): unique across layers and copies.
 _GENERATIONS = itertools.count(1)
+# The attribute a bank layer's checkpointed forward leaves on the object that stands for its
+# checkpoint ({layer: batches it ran in}; MissBankLinear._check_recompute).
+_BATCH_NOTES = "_miss_ext_bank_batches"
 
 
 def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List[int],
@@ -794,34 +797,55 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def _check_recompute(self) -> None:
         """ValueError for a forward that activation checkpointing runs again inside backward() in
-        a mixed batch of other rows than the forwards it may be recomputing: the recompute reads
-        the current batch's row ids (the layer holds no others), so a loss built in one
-        mixed_batch and backpropagated inside a later one with other names (gradient
-        accumulation over micro-batches) silently got the later batch's rows in its gradients
-        (found by a review, 2026-12-03; max error 0.12 for gradients of 0.1 in float64).
+        a mixed batch of other rows than the forward it recomputes: the recompute reads the
+        current batch's row ids (the layer holds no others), so a loss built in one mixed_batch and
+        backpropagated inside a later one with other names (gradient accumulation over
+        micro-batches) silently got the later batch's rows in its gradients (found by a review,
+        2026-12-03; max error 0.12 for gradients of 0.1 in float64).
 
-        How: a batch is what it routes (mixed_batch's slot ids with their generations, and expand:
-        the same names entered again are the same batch; a slot re-used by another adapter since is
+        A batch is what it routes (mixed_batch's slot ids with their generations, and expand: the
+        same names entered again are the same batch; a slot re-used by another adapter since is
         not, as its recompute would run the new adapter: found by a review, 2026-12-03).
-        Training-mode forwards outside backward record their batch: inside activation
-        checkpointing as miss_ext/_checkpointing.py sees it (any grad mode: a reentrant
-        checkpoint runs its region's first forward under no_grad), and, marked as not seen inside
-        one, any other with grad enabled (a checkpoint no frame or hook shows). Not evaluation
-        (eval mode, or no_grad / inference_mode outside a checkpoint), which transformers never
-        checkpoints. A forward inside backward (a recompute) refuses if a forward of another batch
-        was recorded since the last recompute, then starts the record afresh; a recompute that
-        torch.utils.checkpoint runs weighs only the forwards seen inside a checkpoint, so a step
-        trained without checkpointing before it was switched on is not held against the next (a
-        false refusal, found by a review, 2026-12-03); another library's recompute weighs them
-        all. Refused too, as it cannot be told apart: a checkpointed backward after a checkpointed training-mode forward with grad enabled, in
-        another batch, whose graph was dropped (the message names model.eval() / torch.no_grad()
-        for those)."""
+
+        Exactly, where the checkpoint can be found again (miss_ext/_checkpointing.py,
+        enclosing_checkpoints): a forward inside a checkpoint, in training mode or with grad
+        enabled (torch's checkpoint_wrapper checkpoints in eval mode too), leaves its batch on the
+        object that stands for that checkpoint (torch's reentrant and non-reentrant forms, other
+        libraries' ctx-style Functions), and its recompute compares the batch it runs in with that
+        note. Each checkpointed forward is judged on its own, and the note goes when the
+        graph does. (A first version kept one record per layer and cleared it at every recompute:
+        two losses built in one batch, the first backpropagated there, the second inside another
+        batch, was let through, silently wrong, as was a second backward (retain_graph) in another
+        batch: a mutation audit, 2026-12-04.)
+
+        Otherwise (a Function with a new-style forward, a non-reentrant checkpoint under another),
+        the per-layer record: training-mode forwards outside backward record their batch, inside a
+        checkpoint as _checkpointing sees it (any grad mode: a reentrant checkpoint runs its
+        first forward under no_grad), and, marked as not seen inside one, any other with grad
+        enabled. Not evaluation (eval mode, or no_grad / inference_mode outside a checkpoint),
+        which transformers never checkpoints. Such a recompute refuses if a forward of another
+        batch was recorded since the last recompute (torch's weigh only the forwards seen inside a
+        checkpoint, so a step trained without checkpointing before it was switched on is not held
+        against the next); it cannot tell a dropped graph from a pending one (the message names
+        model.eval() / torch.no_grad() for those)."""
         batch = self.__dict__.get("_mixed_batch")
         seen = self.__dict__.setdefault("_forward_batches", [])  # (batch, seen inside a checkpoint)
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
-            if not self.training or torch.is_inference_mode_enabled():
+            if torch.is_inference_mode_enabled() or not (self.training or torch.is_grad_enabled()):
                 return
             checkpointed = inside_checkpoint(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
+            if checkpointed:
+                for checkpoint in enclosing_checkpoints():
+                    notes = getattr(checkpoint, _BATCH_NOTES, None)
+                    if notes is None:
+                        notes = {}
+                        try:
+                            setattr(checkpoint, _BATCH_NOTES, notes)
+                        except (AttributeError, TypeError):  # an object that takes no attribute: the record judges
+                            continue
+                    notes.setdefault(self, set()).add(batch)
+            if not self.training:  # an eval-mode forward with grad: the note only, never the record
+                return
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
                 seen.append((batch, checkpointed))
                 if len(seen) > 16:  # bounded: without checkpointing no recompute ever clears it
@@ -832,13 +856,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             return
         if not torch.is_grad_enabled():
             return
-        # Only torch's recompute is known for whose it is: another library's runs from its
-        # Function's backward, which could be any Function's (a Liger kernel's, say), so every
-        # recorded forward counts there.
-        seen_as_checkpoint = inside_checkpoint(torch_only=True)
-        others = [b for b, checkpointed in seen if b != batch and (checkpointed or not seen_as_checkpoint)]
+        checkpoint = recomputing_checkpoint()
+        noted = getattr(checkpoint, _BATCH_NOTES, {}).get(self) if checkpoint is not None else None
+        if noted is not None:
+            wrong = batch not in noted
+        else:
+            # Only torch's recompute is known for whose it is: another library's runs from its
+            # Function's backward, which could be any Function's (a Liger kernel's, say), so every
+            # recorded forward counts there.
+            seen_as_checkpoint = inside_checkpoint(torch_only=True)
+            wrong = any(b != batch and (checkpointed or not seen_as_checkpoint) for b, checkpointed in seen)
         seen.clear()
-        if others:
+        if wrong:
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
                              "checkpointing) in a miss_ext.mixed_batch of other names than a forward it may "
                              "recompute, or after a slot it used was emptied or re-filled (remove/add/load of an "

@@ -540,6 +540,102 @@ def test_a_step_without_checkpointing_is_not_held_against_the_next(folders, reen
         torch.testing.assert_close(a, b, **TOL)
 
 
+def _refused(fn):
+    """The recompute refusal's message if fn() raised it (through torch's checkpoint, which may
+    wrap it), else None."""
+    try:
+        fn()
+    except Exception as caught:  # noqa: BLE001 - torch may re-raise it as another type
+        message = str(caught) + str(caught.__cause__)
+        assert "recomputed inside backward() (activation checkpointing)" in message, message
+        return message
+    return None
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_each_checkpointed_forward_is_judged_by_its_own_batch(folders, reentrant):
+    """A layer's checkpointed forward leaves its batch on its checkpoint, and the recompute is
+    judged by that. Before (a mutation audit, 2026-12-04), one record per layer was cleared at
+    every recompute: two losses built in batch A, the first backpropagated there, the second
+    inside batch B, went through with B's rows (silently wrong gradients, 1e-3 off for gradients of
+    1.3e-3), as did a second backward (retain_graph) in B. Refused now; a checkpointed forward
+    whose graph was dropped is no longer held against a later batch (it was refused before)."""
+    base, _ = folders
+    ids = [tokens(2, 5, seed=12), tokens(2, 5, seed=13)]
+    A, B = ["x", "y"], ["y", None]
+
+    def grads(model):
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    reference = checkpointing_bank(base, False)
+    with miss_ext.mixed_batch(reference, A):
+        for batch_ids in ids:
+            reference(batch_ids).logits.pow(2).mean().backward()
+    want = grads(reference)
+
+    model = checkpointing_bank(base, True, reentrant)
+    with miss_ext.mixed_batch(model, A):
+        first, second = (model(batch_ids).logits.pow(2).mean() for batch_ids in ids)
+    with miss_ext.mixed_batch(model, A):
+        first.backward()
+
+    def second_in_b():
+        with miss_ext.mixed_batch(model, B):
+            second.backward()
+    assert _refused(second_in_b)
+    model.zero_grad(set_to_none=True)
+    with miss_ext.mixed_batch(model, A):  # each backward inside its forward's batch: the right gradients
+        first, second = (model(batch_ids).logits.pow(2).mean() for batch_ids in ids)
+        first.backward()
+        second.backward()
+    for got, expected in zip(grads(model), want):
+        torch.testing.assert_close(got, expected, **TOL)
+
+    model = checkpointing_bank(base, True, reentrant)  # a second backward of one graph
+    with miss_ext.mixed_batch(model, A):
+        loss = model(ids[0]).logits.pow(2).mean()
+        loss.backward(retain_graph=True)
+
+    def again_in_b():
+        with miss_ext.mixed_batch(model, B):
+            loss.backward()
+    assert _refused(again_in_b)
+
+    model = checkpointing_bank(base, True, reentrant)  # a dropped graph is not held against later batches
+    with miss_ext.mixed_batch(model, B):
+        model(ids[1]).logits.pow(2).mean()
+    with miss_ext.mixed_batch(model, A):
+        for batch_ids in ids:
+            model(batch_ids).logits.pow(2).mean().backward()
+    for got, expected in zip(grads(model), want):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders):
+    """torch's checkpoint (checkpoint_wrapper too) checkpoints in eval mode as well; a forward
+    there with grad enabled whose backward came inside another batch took that batch's rows,
+    silently. It leaves its batch on the checkpoint like a training-mode forward (but adds nothing
+    to the per-layer record: evaluation is not held against anything)."""
+    from torch.utils.checkpoint import checkpoint
+
+    base, _ = folders
+    model = checkpointing_bank(base, False).eval()
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        y = checkpoint(layer, x, use_reentrant=False)
+        (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+    assert layer.__dict__.get("_forward_batches", []) == []
+
+    def in_other_batch():
+        with miss_ext.mixed_batch(model, ["y", None]):
+            y.pow(2).sum().backward(retain_graph=True)
+    assert _refused(in_other_batch)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        (got,) = torch.autograd.grad(y.pow(2).sum(), x)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 class NewStyleRecompute(torch.autograd.Function):
     """Recompute with a new-style forward (no ctx argument; setup_context saves the input)."""
 
@@ -562,7 +658,9 @@ class NewStyleRecompute(torch.autograd.Function):
 def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders, function):
     """Another library's reentrant checkpoint around a bank layer: its no_grad forward is seen as
     a checkpoint's (the Function's forward frame), so a backward in another batch is refused, and
-    one inside the forward's batch gives the uncheckpointed gradients."""
+    one inside the forward's batch gives the uncheckpointed gradients. A ctx-style Function is
+    found again at its recompute (its ctx), so each forward is judged by its own batch; a
+    new-style one falls back to the per-layer record (cleared at each recompute)."""
     base, _ = folders
     model = checkpointing_bank(base, False)
     layer = miss_ext.bank_model.bank_layers(model)[0][1]
@@ -571,6 +669,12 @@ def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders
         loss = function.apply(layer, x).pow(2).sum()
     with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
         loss.backward()
+    if function is Recompute:  # a ctx-style forward is found again by its ctx: judged by its own batch
+        with miss_ext.mixed_batch(model, ["x", "y"]):
+            first, second = (function.apply(layer, x).pow(2).sum() for _ in range(2))
+            first.backward()
+        with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
+            second.backward()
     model.zero_grad(set_to_none=True)
     with miss_ext.mixed_batch(model, ["x", "y"]):
         function.apply(layer, x).pow(2).sum().backward()
