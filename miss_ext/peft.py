@@ -1029,8 +1029,13 @@ class AcceleratedMissModel(MissModel):
         try:
             # Each forward of the model records where it starts (the layers look for a checkpoint
             # between that frame and themselves) when it runs with grad enabled; generate()'s
-            # forwards run under no_grad, where nothing is recomputed.
-            handles.append(self.model.register_forward_pre_hook(partial(_model_forward_hook, holder=holder)))
+            # forwards run under no_grad, where nothing is recomputed. First of the model's
+            # pre-hooks: torch's composable checkpoint(model) installs its saved-tensor hooks from
+            # one, and its recompute of the model runs after this call, without the names (taken
+            # for a checkpoint around the whole call, it was let through: a mutation audit,
+            # 2026-12-04).
+            handles.append(self.model.register_forward_pre_hook(partial(_model_forward_hook, holder=holder),
+                                                                prepend=True))
             for module in self.model.modules():
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(

@@ -474,7 +474,7 @@ def trainable_a_b(base):
     return model
 
 
-@pytest.mark.parametrize("impl", ["REENTRANT", "NO_REENTRANT", "composable"])
+@pytest.mark.parametrize("impl", ["REENTRANT", "NO_REENTRANT", "composable", "composable_model"])
 def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(impl):
     """torch's checkpoint_wrapper (what FSDP's and accelerate's activation checkpointing apply)
     around each MLP, with down_proj adapted: down_proj's input is made inside the block, so the
@@ -482,7 +482,10 @@ def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(i
     gradient, "a" 2e-2 off, silently; the non-reentrant form failed with torch's CheckpointError).
     Refused at the forward now; inference through the wrapped model, and a checkpoint around the
     whole model call (recomputed with its names), give what the unwrapped model gives. torch's
-    composable `checkpoint(module)` (hooks, no wrapper module, no frame in the call) too."""
+    composable `checkpoint(module)` (hooks, no wrapper module, no frame in the call) too, also on
+    the whole inner model (its pre-hook ran before the one that marks where the model's forward
+    starts, so it passed for a checkpoint around the whole call: a mutation audit, 2026-12-04;
+    torch's determinism check happened to catch that one with a CheckpointError)."""
     from functools import partial
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
                                                                               apply_activation_checkpointing,
@@ -497,6 +500,9 @@ def test_checkpointed_blocks_refuse_names_in_training_whatever_layer_they_hold(i
         for module in wrapped.modules():
             if isinstance(module, mlp):
                 composable_checkpoint(module)
+    elif impl == "composable_model":
+        from torch.distributed._composable import checkpoint as composable_checkpoint
+        composable_checkpoint(wrapped.base_model.model)
     else:
         apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, mlp), checkpoint_wrapper_fn=partial(
             checkpoint_wrapper, checkpoint_impl=getattr(CheckpointImpl, impl)))
