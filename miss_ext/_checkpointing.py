@@ -37,12 +37,26 @@ _FUNCTION_CONTEXT = torch._C._FunctionBase  # the ctx an autograd.Function's for
 _CHECKPOINT_FRAME = getattr(torch.utils.checkpoint, "_CheckpointFrame", None) or type(None)
 
 
-def checkpoint_hooks():
-    """The innermost saved-tensor hooks' pack function if a non-reentrant checkpoint's, else None."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    pack = hooks[0] if hooks else None
-    code = getattr(pack, "__code__", None)
-    return pack if code is not None and code.co_filename == _CHECKPOINT_FILE else None
+def checkpoint_hooks() -> tuple:
+    """The pack functions of the non-reentrant checkpoints' saved-tensor hooks in force, innermost
+    first. The whole stack of hooks, not only its top: a user's hooks inside the checkpointed
+    block (torch.autograd.graph.save_on_cpu, activation offloading) hid the checkpoint's, and its
+    recompute went unseen (a review, 2026-12-04). torch shows only the top pair, so the pairs
+    are popped and pushed back (thread-local, in the same order; one call when none is in force)."""
+    autograd = torch._C._autograd
+    pairs = []
+    try:
+        while True:
+            top = autograd._top_saved_tensors_default_hooks(False)
+            if top is None:
+                break
+            pairs.append(top)
+            autograd._pop_saved_tensors_default_hooks()
+    finally:
+        for pack, unpack in reversed(pairs):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+    return tuple(pack for pack, _ in pairs
+                 if getattr(getattr(pack, "__code__", None), "co_filename", None) == _CHECKPOINT_FILE)
 
 
 # What a frame's code says, per code object (by id; an entry goes when its code object does, so
@@ -93,8 +107,8 @@ def inside_checkpoint(since: Optional[tuple] = None, torch_only: bool = False) -
     torch.utils.checkpoint's frames and hooks count (a recompute inside backward() that torch
     runs; another library's runs from a Function's backward, which says nothing of whose
     recompute it is)."""
-    stop, hooks, above = since if since is not None else (None, None, False)
-    if checkpoint_hooks() not in (None, hooks):
+    stop, hooks, above = since if since is not None else (None, (), False)
+    if any(pack not in hooks for pack in checkpoint_hooks()):
         return True
     return _walk(sys._getframe(1), stop, above, torch_only)
 
@@ -126,7 +140,7 @@ def whole_stack_entry(frame) -> tuple:
     """As entry(), for a caller to whom every checkpoint counts, around the call too (the bank's
     record of which forwards a recompute may repeat): the frames from `frame` up are walked here,
     once, and no hook is excepted. Keep it for the call only (it holds a frame)."""
-    return frame, None, _walk(frame, None, False, False)
+    return frame, (), _walk(frame, None, False, False)
 
 
 def _context(frame):
@@ -139,19 +153,23 @@ def _context(frame):
     return None
 
 
+def _checkpoint_frame(pack):
+    """The _CheckpointFrame a non-reentrant checkpoint's pack hook closes over, or None."""
+    for cell in getattr(pack, "__closure__", None) or ():
+        value = cell.cell_contents
+        if isinstance(value, _CHECKPOINT_FRAME) and value is not None:
+            return value
+    return None
+
+
 def enclosing_checkpoints() -> list:
     """Objects that stand for the checkpoints the caller runs inside, each one that the recompute
-    of that checkpoint finds again (recomputing_checkpoint), so that a caller can leave a note on
-    it at forward time: the innermost non-reentrant torch checkpoint (the `frame` of its
-    saved-tensor hooks) and the context of every autograd.Function forward on the stack that
-    takes one (torch's reentrant CheckpointFunction; other libraries' ctx-style recomputes). Not
-    found: a non-reentrant checkpoint under another one, a Function with a new-style forward."""
-    found = []
-    pack = checkpoint_hooks()
-    if pack is not None:
-        for cell in pack.__closure__ or ():
-            if isinstance(cell.cell_contents, _CHECKPOINT_FRAME) and cell.cell_contents is not None:
-                found.append(cell.cell_contents)
+    of that checkpoint finds again (recomputing_checkpoints), so that a caller can leave a note on
+    it: every non-reentrant torch checkpoint in force (the `frame` its saved-tensor hooks close
+    over) and the context of every autograd.Function frame on the stack that takes one (torch's
+    reentrant CheckpointFunction, other libraries' ctx-style recomputes). Not found: a Function
+    with a new-style forward (no ctx)."""
+    found = [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
     frame = sys._getframe(1)
     while frame is not None:
         ctx = _context(frame)
@@ -161,20 +179,25 @@ def enclosing_checkpoints() -> list:
     return found
 
 
-def recomputing_checkpoint():
-    """Inside backward(): the object enclosing_checkpoints() gave for the checkpoint whose
-    recompute runs the caller (the innermost non-reentrant torch checkpoint's unpack hook, or the
-    innermost autograd.Function backward that takes a ctx), or None."""
+def _is_torch_checkpoint(found) -> bool:
+    return isinstance(found, _CHECKPOINT_FRAME) or \
+        getattr(type(found), "_forward_cls", None) is getattr(torch.utils.checkpoint, "CheckpointFunction", ())
+
+
+def recomputing_checkpoints():
+    """Inside backward(): (object, is torch's) for each checkpoint recompute the caller runs
+    inside, innermost first: a non-reentrant torch checkpoint's unpack hook (its `frame`), and an
+    autograd.Function backward that takes a ctx (torch's reentrant CheckpointFunction, or another
+    library's). The objects are those enclosing_checkpoints() gave at the forward."""
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE:
             found = frame.f_locals.get("frame")
             if isinstance(found, _CHECKPOINT_FRAME) and found is not None:
-                return found
+                yield found, True
         elif code.co_name == "backward":
             ctx = _context(frame)
             if ctx is not None:
-                return ctx
+                yield ctx, _is_torch_checkpoint(ctx)
         frame = frame.f_back
-    return None

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checkpointing import enclosing_checkpoints, inside_checkpoint, recomputing_checkpoint
+from ._checkpointing import enclosing_checkpoints, inside_checkpoint, recomputing_checkpoints
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
                       refuse_nested, tensor_json, tensor_problem, type_name)
@@ -818,16 +818,15 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         batch, was let through, silently wrong, as was a second backward (retain_graph) in another
         batch: a mutation audit, 2026-12-04.)
 
-        Otherwise (a Function with a new-style forward, a non-reentrant checkpoint under another),
-        the per-layer record: training-mode forwards outside backward record their batch, inside a
-        checkpoint as _checkpointing sees it (any grad mode: a reentrant checkpoint runs its
-        first forward under no_grad), and, marked as not seen inside one, any other with grad
-        enabled. Not evaluation (eval mode, or no_grad / inference_mode outside a checkpoint),
-        which transformers never checkpoints. Such a recompute refuses if a forward of another
-        batch was recorded since the last recompute (torch's weigh only the forwards seen inside a
-        checkpoint, so a step trained without checkpointing before it was switched on is not held
-        against the next); it cannot tell a dropped graph from a pending one (the message names
-        model.eval() / torch.no_grad() for those)."""
+        A torch recompute of a forward that left no note (an eval-mode forward under a reentrant
+        checkpoint: grad disabled, not checked) is refused. A checkpoint entered inside a
+        recompute (nested ones) gets its note there, once the recompute was judged by a note.
+        Otherwise (another library's Function with a new-style forward), the per-layer record:
+        training-mode forwards outside backward record their batch (inside a checkpoint as
+        _checkpointing sees it, in any grad mode, or with grad enabled), and such a recompute
+        refuses if a forward of another batch was recorded since the last recompute; it cannot
+        tell a dropped graph from a pending one (the message names model.eval() / torch.no_grad()
+        for those)."""
         batch = self.__dict__.get("_mixed_batch")
         seen = self.__dict__.setdefault("_forward_batches", [])  # (batch, seen inside a checkpoint)
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
@@ -835,15 +834,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 return
             checkpointed = inside_checkpoint(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
             if checkpointed:
-                for checkpoint in enclosing_checkpoints():
-                    notes = getattr(checkpoint, _BATCH_NOTES, None)
-                    if notes is None:
-                        notes = {}
-                        try:
-                            setattr(checkpoint, _BATCH_NOTES, notes)
-                        except (AttributeError, TypeError):  # an object that takes no attribute: the record judges
-                            continue
-                    notes.setdefault(self, set()).add(batch)
+                self._note_batch(batch)
             if not self.training:  # an eval-mode forward with grad: the note only, never the record
                 return
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
@@ -854,18 +845,30 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                     unseen = [i for i, (_, c) in enumerate(seen) if not c]
                     del seen[unseen[0] if unseen else 0]
             return
-        if not torch.is_grad_enabled():
-            return
-        checkpoint = recomputing_checkpoint()
-        noted = getattr(checkpoint, _BATCH_NOTES, {}).get(self) if checkpoint is not None else None
+        # A recompute: judged by the note of the innermost checkpoint that has one for this layer
+        # (a checkpoint entered again inside an outer one's recompute got its note there, below).
+        noted, torch_recompute = None, False
+        for checkpoint, is_torch in recomputing_checkpoints():
+            noted = getattr(checkpoint, _BATCH_NOTES, {}).get(self)
+            if noted is not None:
+                break
+            torch_recompute = torch_recompute or is_torch
         if noted is not None:
             wrong = batch not in noted
+        elif torch_recompute:
+            # torch's checkpoint recomputes a forward that left no note: one that ran with grad
+            # disabled in eval mode (a reentrant checkpoint's forward), which was not checked
+            # (checking every eval forward under no_grad would cost generate() a frame walk per
+            # layer and token).
+            raise ValueError("MissBankLinear: torch.utils.checkpoint is recomputing this layer for a forward whose "
+                             "batch could not be checked: an eval-mode forward inside a reentrant checkpoint (it runs "
+                             "with grad disabled). Run it in training mode or with use_reentrant=False")
+        elif not torch.is_grad_enabled():
+            return
         else:
-            # Only torch's recompute is known for whose it is: another library's runs from its
-            # Function's backward, which could be any Function's (a Liger kernel's, say), so every
-            # recorded forward counts there.
-            seen_as_checkpoint = inside_checkpoint(torch_only=True)
-            wrong = any(b != batch and (checkpointed or not seen_as_checkpoint) for b, checkpointed in seen)
+            # Another library's recompute with no note (a new-style Function) could be any
+            # Function's backward (a Liger kernel's, say), so every recorded forward counts there.
+            wrong = any(b != batch for b, _ in seen)
         seen.clear()
         if wrong:
             raise ValueError("MissBankLinear: this layer is being recomputed inside backward() (activation "
@@ -875,6 +878,22 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                              "backward() inside a mixed_batch of its forward's names (for gradient accumulation: one "
                              "backward per micro-batch, inside its context); run forwards whose graph you drop in "
                              "eval mode (model.eval()) or under torch.no_grad()")
+        # Checkpoints entered inside this recompute (a nested one's forward, run again) get the note
+        # their own recompute looks for; only after a judgement by a note (never the record's).
+        if noted is not None:
+            self._note_batch(batch)
+
+    def _note_batch(self, batch) -> None:
+        """Leaves `batch` on the object of every checkpoint this forward runs inside."""
+        for checkpoint in enclosing_checkpoints():
+            notes = getattr(checkpoint, _BATCH_NOTES, None)
+            if notes is None:
+                notes = {}
+                try:
+                    setattr(checkpoint, _BATCH_NOTES, notes)
+                except (AttributeError, TypeError):  # an object that takes no attribute: the record judges
+                    continue
+            notes.setdefault(self, set()).add(batch)
 
     def __prepare_scriptable__(self):
         # torch.jit.script compiles forward from its Python source, and the bank's routing (the

@@ -611,6 +611,71 @@ def test_each_checkpointed_forward_is_judged_by_its_own_batch(folders, reentrant
         torch.testing.assert_close(got, expected, **TOL)
 
 
+@pytest.mark.parametrize("case", ["reentrant_in_reentrant", "non_reentrant_in_non_reentrant", "save_on_cpu_inside"])
+def test_nested_checkpoints_and_inner_saved_tensor_hooks_are_judged_by_their_batch(folders, case):
+    """A review (2026-12-04) of the per-checkpoint notes: a reentrant checkpoint inside another
+    re-runs its forward in the outer one's recompute (a new ctx, with grad disabled, which left
+    no note), and a user's saved-tensor hooks inside a non-reentrant checkpoint (save_on_cpu, as
+    activation offloading) hid the checkpoint's hooks: two losses built in one batch, the second
+    backpropagated in another, went through, 12 off for gradients of 15. Refused now (the
+    recompute notes the checkpoints it enters; every hook in force is read); the right batch
+    gives the uncheckpointed gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    base, _ = folders
+    model = checkpointing_bank(base, False)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    xs = [torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def run(x):
+        if case == "save_on_cpu_inside":
+            def offloaded(v):
+                with torch.autograd.graph.save_on_cpu():  # the layer's own saved tensors go to the CPU
+                    h = layer(v)
+                return h.sin()  # sin saves h through the checkpoint: recomputed, layer included
+            return checkpoint(offloaded, x, use_reentrant=False).pow(2).sum()
+        reentrant = case == "reentrant_in_reentrant"
+        return checkpoint(lambda v: checkpoint(layer, v, use_reentrant=reentrant), x,
+                          use_reentrant=reentrant).pow(2).sum()
+
+    def plain(x):
+        return (layer(x).sin() if case == "save_on_cpu_inside" else layer(x)).pow(2).sum()
+
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        want = [torch.autograd.grad(plain(x), x)[0] for x in xs]
+        first, second = (run(x) for x in xs)
+        first.backward()
+
+    def second_in_other_batch():
+        with miss_ext.mixed_batch(model, ["y", None]):
+            second.backward()
+    assert _refused(second_in_other_batch)
+    for x in xs:
+        x.grad = None
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        for x in xs:
+            run(x).backward()
+    for x, expected in zip(xs, want):
+        torch.testing.assert_close(x.grad, expected, **TOL)
+
+
+def test_an_eval_mode_forward_under_a_reentrant_checkpoint_is_refused_at_its_recompute(folders):
+    """A reentrant checkpoint runs its forward with grad disabled; in eval mode the layer cannot
+    tell that from generate()'s no_grad without a frame walk per layer and token, so it leaves no
+    note, and torch's recompute of it is refused naming why (it was silently wrong in another batch:
+    a review, 2026-12-04)."""
+    from torch.utils.checkpoint import checkpoint
+
+    base, _ = folders
+    model = checkpointing_bank(base, False).eval()
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        y = checkpoint(layer, x, use_reentrant=True)
+        with pytest.raises(ValueError, match="an eval-mode forward inside a reentrant checkpoint"):
+            y.pow(2).sum().backward()
+
+
 def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders):
     """torch's checkpoint (checkpoint_wrapper too) checkpoints in eval mode as well; a forward
     there with grad enabled whose backward came inside another batch took that batch's rows,
