@@ -3,10 +3,13 @@
 randomly initialised Llama (transformers) with bank layers on every linear of its decoder, one
 forward + backward inside miss_ext.mixed_batch, with the check as shipped against the check
 replaced by a stub that sees no checkpoint, called under `--depth` extra Python frames (a
-training loop's, Trainer's and accelerate's frames sit above the model call).
+training loop's, Trainer's and accelerate's frames sit above the model call). With
+`--checkpointing`, transformers' gradient checkpointing is on, and the stub also leaves and
+finds no per-checkpoint note (the notes' cost is then in the ratio).
 
     python bench/bench_checkpoint_check.py                 # CPU, fp32, depths 0 and 40
     python bench/bench_checkpoint_check.py --depth 0,80 --reps 50
+    python bench/bench_checkpoint_check.py --checkpointing non_reentrant   # transformers' checkpointing on
 
 Why: each bank layer's training forward asks miss_ext/_checkpointing.py whether it runs inside a
 checkpoint (MissBankLinear._check_recompute), which walks Python frames. mixed_batch walks the
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=positive_int, default=2)
     ap.add_argument("--hidden", type=positive_int, default=32)
     ap.add_argument("--seq", type=positive_int, default=16)
+    ap.add_argument("--checkpointing", choices=["off", "reentrant", "non_reentrant"], default="off",
+                    help="transformers' gradient checkpointing (default off)")
     return ap.parse_args(argv)
 
 
@@ -63,6 +68,9 @@ def build(args):
         if p.requires_grad:
             with torch.no_grad():
                 p.normal_(0, 0.02)
+    if args.checkpointing != "off":
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.checkpointing == "reentrant"})
     return model.train()
 
 
@@ -75,35 +83,40 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     model = build(args)
     ids = torch.randint(1, 64, (4, args.seq), generator=torch.Generator().manual_seed(0))
-    shipped = miss_ext.bank.inside_checkpoint
+    names = ("inside_checkpoint", "enclosing_checkpoints", "judge_recompute")
+    shipped = {name: getattr(miss_ext.bank, name) for name in names}
+    stubs = {"inside_checkpoint": lambda since=None, torch_only=False: False,
+             "enclosing_checkpoints": lambda: [], "judge_recompute": lambda note_of: (None, False, [])}
 
     def step():
         with miss_ext.mixed_batch(model, ["a", "b", None, "a"]):
             model(input_ids=ids, labels=ids).loss.backward()
 
-    def case(check, depth):
+    def case(checks, depth):
         def run():
-            miss_ext.bank.inside_checkpoint = check
+            for name, check in checks.items():
+                setattr(miss_ext.bank, name, check)
             try:
                 nested(depth, step)
             finally:
-                miss_ext.bank.inside_checkpoint = shipped
+                for name, check in shipped.items():
+                    setattr(miss_ext.bank, name, check)
         return run
 
     results = {}
     for depth in args.depth:
-        ms, ratio = interleaved_medians({"stub": case(lambda since=None, torch_only=False: False, depth),
-                                         "shipped": case(shipped, depth)}, args.reps, torch.device("cpu"), "stub")
+        ms, ratio = interleaved_medians({"stub": case(stubs, depth), "shipped": case(shipped, depth)}, args.reps,
+                                        torch.device("cpu"), "stub")
         calls = []
 
         def timed(*a, **k):
             start = time.perf_counter_ns()
-            result = shipped(*a, **k)
+            result = shipped["inside_checkpoint"](*a, **k)
             calls.append(time.perf_counter_ns() - start)
             return result
 
         for _ in range(args.reps):  # the check alone, per layer call (its frames: the caller's)
-            case(timed, depth)()
+            case(dict(shipped, inside_checkpoint=timed), depth)()
         per_call = statistics.median(calls) / 1e3
         results[depth] = {"stub_ms": ms["stub"], "shipped_ms": ms["shipped"], "ratio": ratio["shipped"],
                           "check_us_per_layer_call": per_call}

@@ -162,17 +162,27 @@ def _checkpoint_frame(pack):
     return None
 
 
+def _frame_context(frame):
+    """_context(frame), read only for frames whose code the cache marks as possibly taking a ctx
+    (reading co_varnames of every frame cost several times the walk itself)."""
+    code = frame.f_code
+    kind = _KIND.get(id(code), _UNSEEN)
+    if kind is _UNSEEN:
+        kind = _kind(code, frame)
+    return None if kind is None else _context(frame)
+
+
 def enclosing_checkpoints() -> list:
     """Objects that stand for the checkpoints the caller runs inside, each one that the recompute
-    of that checkpoint finds again (recomputing_checkpoints), so that a caller can leave a note on
-    it: every non-reentrant torch checkpoint in force (the `frame` its saved-tensor hooks close
-    over) and the context of every autograd.Function frame on the stack that takes one (torch's
+    of that checkpoint finds again (judge_recompute), so that a caller can leave a note on it:
+    every non-reentrant torch checkpoint in force (the `frame` its saved-tensor hooks close over)
+    and the context of every autograd.Function frame on the stack that takes one (torch's
     reentrant CheckpointFunction, other libraries' ctx-style recomputes). Not found: a Function
     with a new-style forward (no ctx)."""
     found = [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
     frame = sys._getframe(1)
     while frame is not None:
-        ctx = _context(frame)
+        ctx = _frame_context(frame)
         if ctx is not None:
             found.append(ctx)
         frame = frame.f_back
@@ -184,20 +194,33 @@ def _is_torch_checkpoint(found) -> bool:
         getattr(type(found), "_forward_cls", None) is getattr(torch.utils.checkpoint, "CheckpointFunction", ())
 
 
-def recomputing_checkpoints():
-    """Inside backward(): (object, is torch's) for each checkpoint recompute the caller runs
-    inside, innermost first: a non-reentrant torch checkpoint's unpack hook (its `frame`), and an
-    autograd.Function backward that takes a ctx (torch's reentrant CheckpointFunction, or another
-    library's). The objects are those enclosing_checkpoints() gave at the forward."""
+def judge_recompute(note_of) -> tuple:
+    """Inside backward(), for the caller's recompute: walks the checkpoint recomputes it runs
+    inside, innermost first (a non-reentrant torch checkpoint's unpack hook, its `frame`; an
+    autograd.Function backward that takes a ctx: torch's reentrant CheckpointFunction or another
+    library's), up to the first whose object `note_of(object)` gives a note for. Returns (that
+    note or None, whether a torch checkpoint without one was passed, the objects of the
+    checkpoints entered inside this recompute: Function forwards below it and every
+    non-reentrant checkpoint in force, for the caller to note once judged)."""
+    entered = [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
+    torch_passed = False
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
+        found = None
         if code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE:
             found = frame.f_locals.get("frame")
-            if isinstance(found, _CHECKPOINT_FRAME) and found is not None:
-                yield found, True
-        elif code.co_name == "backward":
-            ctx = _context(frame)
-            if ctx is not None:
-                yield ctx, _is_torch_checkpoint(ctx)
+            found = found if isinstance(found, _CHECKPOINT_FRAME) and found is not None else None
+        else:
+            ctx = _frame_context(frame)
+            if ctx is not None and code.co_name != "backward":
+                entered.append(ctx)
+            elif ctx is not None:
+                found = ctx
+        if found is not None:
+            note = note_of(found)
+            if note is not None:
+                return note, torch_passed, entered
+            torch_passed = torch_passed or _is_torch_checkpoint(found)
         frame = frame.f_back
+    return None, torch_passed, entered

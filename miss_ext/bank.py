@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checkpointing import enclosing_checkpoints, inside_checkpoint, recomputing_checkpoints
+from ._checkpointing import enclosing_checkpoints, inside_checkpoint, judge_recompute
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
                       refuse_nested, tensor_json, tensor_problem, type_name)
@@ -834,7 +834,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 return
             checkpointed = inside_checkpoint(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
             if checkpointed:
-                self._note_batch(batch)
+                self._note_batch(batch, enclosing_checkpoints())
             if not self.training:  # an eval-mode forward with grad: the note only, never the record
                 return
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
@@ -847,12 +847,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             return
         # A recompute: judged by the note of the innermost checkpoint that has one for this layer
         # (a checkpoint entered again inside an outer one's recompute got its note there, below).
-        noted, torch_recompute = None, False
-        for checkpoint, is_torch in recomputing_checkpoints():
-            noted = getattr(checkpoint, _BATCH_NOTES, {}).get(self)
-            if noted is not None:
-                break
-            torch_recompute = torch_recompute or is_torch
+        noted, torch_recompute, entered = judge_recompute(lambda found: getattr(found, _BATCH_NOTES, {}).get(self))
         if noted is not None:
             wrong = batch not in noted
         elif torch_recompute:
@@ -881,11 +876,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # Checkpoints entered inside this recompute (a nested one's forward, run again) get the note
         # their own recompute looks for; only after a judgement by a note (never the record's).
         if noted is not None:
-            self._note_batch(batch)
+            self._note_batch(batch, entered)
 
-    def _note_batch(self, batch) -> None:
-        """Leaves `batch` on the object of every checkpoint this forward runs inside."""
-        for checkpoint in enclosing_checkpoints():
+    def _note_batch(self, batch, checkpoints) -> None:
+        """Leaves `batch` on each checkpoint's object (_checkpointing.enclosing_checkpoints)."""
+        for checkpoint in checkpoints:
             notes = getattr(checkpoint, _BATCH_NOTES, None)
             if notes is None:
                 notes = {}

@@ -155,10 +155,13 @@ def test_bench_checkpoint_check_runs_and_restores_the_check(capsys):
 
     import miss_ext.bank
 
-    shipped = miss_ext.bank.inside_checkpoint
-    results = bench_checkpoint_check.main(["--depth", "0,3", "--reps", "1", "--seq", "4"])
-    assert set(results) == {0, 3} and all(r["ratio"] > 0 for r in results.values())
-    assert miss_ext.bank.inside_checkpoint is shipped
+    names = ("inside_checkpoint", "enclosing_checkpoints", "judge_recompute")
+    shipped = [getattr(miss_ext.bank, name) for name in names]
+    for checkpointing in ("off", "reentrant"):
+        results = bench_checkpoint_check.main(["--depth", "0,3", "--reps", "1", "--seq", "4",
+                                               "--checkpointing", checkpointing])
+        assert set(results) == {0, 3} and all(r["ratio"] > 0 for r in results.values())
+        assert [getattr(miss_ext.bank, name) for name in names] == shipped
     with pytest.raises(SystemExit):
         bench_checkpoint_check.parse_args(["--depth", "0,-1"])
     assert "expected comma-separated depths >= 0, got '0,-1'" in capsys.readouterr().err
