@@ -659,28 +659,15 @@ def test_nested_checkpoints_and_inner_saved_tensor_hooks_are_judged_by_their_bat
         torch.testing.assert_close(x.grad, expected, **TOL)
 
 
-def test_an_eval_mode_forward_under_a_reentrant_checkpoint_is_refused_at_its_recompute(folders):
-    """A reentrant checkpoint runs its forward with grad disabled; in eval mode the layer cannot
-    tell that from generate()'s no_grad without a frame walk per layer and token, so it leaves no
-    note, and torch's recompute of it is refused naming why (it was silently wrong in another batch:
-    a review, 2026-12-04)."""
-    from torch.utils.checkpoint import checkpoint
-
-    base, _ = folders
-    model = checkpointing_bank(base, False).eval()
-    layer = miss_ext.bank_model.bank_layers(model)[0][1]
-    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
-    with miss_ext.mixed_batch(model, ["x", "y"]):
-        y = checkpoint(layer, x, use_reentrant=True)
-        with pytest.raises(ValueError, match="an eval-mode forward inside a reentrant checkpoint"):
-            y.pow(2).sum().backward()
-
-
-def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders, reentrant):
     """torch's checkpoint (checkpoint_wrapper too) checkpoints in eval mode as well; a forward
     there with grad enabled whose backward came inside another batch took that batch's rows,
-    silently. It leaves its batch on the checkpoint like a training-mode forward (but adds nothing
-    to the per-layer record: evaluation is not held against anything)."""
+    silently. Non-reentrant: it leaves its batch on the checkpoint like a training-mode forward
+    (but adds nothing to the per-layer record: evaluation is not held against anything).
+    Reentrant: the forward runs with grad disabled, which the layer cannot tell from generate()'s
+    no_grad without a frame walk per layer and token, so it leaves no note and torch's recompute
+    of it is refused naming why (reviews, 2026-12-04)."""
     from torch.utils.checkpoint import checkpoint
 
     base, _ = folders
@@ -688,8 +675,12 @@ def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders
     layer = miss_ext.bank_model.bank_layers(model)[0][1]
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
     with miss_ext.mixed_batch(model, ["x", "y"]):
-        y = checkpoint(layer, x, use_reentrant=False)
+        y = checkpoint(layer, x, use_reentrant=reentrant)
         (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+        if reentrant:
+            with pytest.raises(ValueError, match="an eval-mode forward inside a reentrant checkpoint"):
+                y.pow(2).sum().backward()
+            return
     assert layer.__dict__.get("_forward_batches", []) == []
 
     def in_other_batch():
