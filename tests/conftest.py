@@ -203,3 +203,43 @@ class Recompute(torch.autograd.Function):
         with torch.enable_grad():
             torch.autograd.backward(ctx.fn(x), grad)
         return None, x.grad
+
+
+class NewStyleRecompute(torch.autograd.Function):
+    """Recompute with a new-style forward (no ctx argument; setup_context saves the input)."""
+
+    @staticmethod
+    def forward(fn, x):
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn = inputs[0]
+        ctx.save_for_backward(inputs[1])
+
+    backward = staticmethod(Recompute.backward)
+
+
+def checkpointed_net(checkpoint_fn, dtype=torch.float32):
+    """An accelerated PEFT model in training with adapters "a" (active) and "b" on a linear `lin`
+    that its forward runs through checkpoint_fn(lin, x); only the blocks trainable."""
+    from peft import MissConfig, get_peft_model
+
+    import miss_ext.peft
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8, dtype=dtype)
+
+        def forward(self, x):
+            return checkpoint_fn(self.lin, x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), MissConfig(r=4, target_modules=["lin"], init_weights=False), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["lin"], init_weights=False))
+    miss_ext.peft.accelerate(model).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("miss_block" in name)
+    return model

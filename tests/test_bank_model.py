@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
 import miss_ext  # noqa: E402
-from conftest import DEVICES, Recompute, assert_unchanged, snapshot  # noqa: E402
+from conftest import DEVICES, NewStyleRecompute, Recompute, assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissBankLinear  # noqa: E402
 from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tiny_moe_lm, tokens, write_bone_copy  # noqa: E402
 
@@ -690,24 +690,6 @@ def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders
     with miss_ext.mixed_batch(model, ["x", "y"]):
         (got,) = torch.autograd.grad(y.pow(2).sum(), x)
     torch.testing.assert_close(got, want, **TOL)
-
-
-class NewStyleRecompute(torch.autograd.Function):
-    """Recompute with a new-style forward (no ctx argument; setup_context saves the input)."""
-
-    @staticmethod
-    def forward(fn, x):
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.fn = inputs[0]
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        return Recompute.backward(ctx, grad)
 
 
 @pytest.mark.parametrize("function", [Recompute, NewStyleRecompute], ids=["ctx", "new_style"])

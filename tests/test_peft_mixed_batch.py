@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from peft import MissConfig, get_peft_model  # noqa: E402
 
 import miss_ext.peft  # noqa: E402
-from conftest import DEVICES, Recompute, assert_unchanged, snapshot  # noqa: E402
+from conftest import DEVICES, Recompute, assert_unchanged, checkpointed_net, snapshot  # noqa: E402
 from reference import F64, mixed_dropout_ref  # noqa: E402
 from tiny_models import TARGETS, cross_device_tol, no_eos, tiny_causal_lm, tokens  # noqa: E402
 
@@ -389,25 +389,6 @@ def test_peft_corner_cases_are_refused():
     model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["q_proj"], init_weights=False))
     with pytest.warns(UserWarning, match="not their PEFT tuner"):
         miss_ext.peft.accelerate(model.get_base_model())
-
-
-def checkpointed_net(checkpoint_fn):
-    """A PEFT model with adapters "a" and "b" on a linear the model runs through checkpoint_fn."""
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return checkpoint_fn(self.lin, x)
-
-    torch.manual_seed(0)
-    model = get_peft_model(Net(), MissConfig(r=4, target_modules=["lin"], init_weights=False), adapter_name="a")
-    model.add_adapter("b", MissConfig(r=4, target_modules=["lin"], init_weights=False))
-    miss_ext.peft.accelerate(model).train()
-    for name, p in model.named_parameters():
-        p.requires_grad_("miss_block" in name)
-    return model
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
