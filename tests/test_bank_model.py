@@ -723,7 +723,8 @@ def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders
 
 
 @pytest.mark.parametrize("enter", ["with", "exit_stack"])
-@pytest.mark.parametrize("where", ["none", "inside", "reentrant_around", "non_reentrant_around", "function_around"])
+@pytest.mark.parametrize("where", ["none", "inside", "reentrant_around", "non_reentrant_around", "function_around",
+                                   "composable_around"])
 def test_forwards_are_recorded_as_checkpointed_wherever_the_checkpoint_was_entered(folders, where, enter):
     """mixed_batch walks the frames above its `with` statement once, and each layer only the frames
     below it (bench/bench_checkpoint_check.py: the whole walk at every layer cost twice as much at
@@ -751,9 +752,15 @@ def test_forwards_are_recorded_as_checkpointed_wherever_the_checkpoint_was_enter
             stack.enter_context(miss_ext.mixed_batch(model, names))
             return run_layer(x)
 
+    class Around(torch.nn.Module):  # torch's composable checkpoint: hooks only, no frame above the with
+        def forward(self, x):
+            return call(x)
+
+    from torch.distributed._composable import checkpoint as composable_checkpoint
     around = {"reentrant_around": lambda x: checkpoint(call, x, use_reentrant=True),
               "non_reentrant_around": lambda x: checkpoint(call, x, use_reentrant=False),
-              "function_around": lambda x: Recompute.apply(call, x)}
+              "function_around": lambda x: Recompute.apply(call, x),
+              "composable_around": composable_checkpoint(Around())}
     y = around.get(where, call)(x)
     assert [checkpointed for _, checkpointed in layer.__dict__["_forward_batches"]] == [where != "none"]
     assert "_stack_entry" not in layer.__dict__  # the frame is not kept past the context
