@@ -16,8 +16,13 @@ layers ask here at forward time, when the checkpoint is still visible:
   module; an ordinary Function computes on tensors and calls no module (one that runs a module
   with grad and keeps its graph is taken for a checkpoint too: refused, not wrong). A Function
   defined inside a function, with a new-style forward (no ctx), is not seen;
-- a non-reentrant checkpoint's saved-tensor hooks (defined in torch/utils/checkpoint.py), which
-  torch's composable `checkpoint(module)` installs from hooks, leaving no frame.
+- a non-reentrant checkpoint's saved-tensor hooks (defined in torch/utils/checkpoint.py, any in
+  force, not only the innermost), which torch's composable `checkpoint(module)` installs from
+  hooks, leaving no frame.
+
+The bank also needs to know, at a recompute, which checkpointed forward it repeats: the forward
+leaves a note on the object that stands for its checkpoint (enclosing_checkpoints), which the
+recompute finds again (judge_recompute).
 
 A checkpoint around a whole call is not inside it (`entry` below): its recompute repeats the call.
 A caller to whom every checkpoint counts, around the call too, walks the frames above the call
@@ -42,7 +47,8 @@ def checkpoint_hooks() -> tuple:
     first. The whole stack of hooks, not only its top: a user's hooks inside the checkpointed
     block (torch.autograd.graph.save_on_cpu, activation offloading) hid the checkpoint's, and its
     recompute went unseen (a review, 2026-12-04). torch shows only the top pair, so the pairs
-    are popped and pushed back (thread-local, in the same order; one call when none is in force)."""
+    are popped and pushed back (thread-local, in the same order; one call when none is in force;
+    a push cannot fail here: torch refuses to disable saved-tensor hooks while any are in force)."""
     autograd = torch._C._autograd
     pairs = []
     try:
