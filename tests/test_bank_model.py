@@ -792,6 +792,20 @@ def test_a_checkpointed_forward_stays_recorded_past_many_unchecked_ones(folders)
     assert "recomputed inside backward" in str(caught.value) + str(caught.value.__cause__)
 
 
+def test_the_record_of_forwards_stays_bounded():
+    """Without checkpointing nothing recomputes, so nothing clears the per-layer record of
+    training forwards: it is bounded (16 batches), or a long run in ever-new batches would grow it
+    without end (a mutant without the bound survived the audit of 2026-12-04)."""
+    model = miss_ext.apply_bank(tiny_causal_lm("llama"), ["q_proj"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "x", r=4)
+    model.train()
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    for i in range(20):  # 20 batches the names' count tells apart
+        with miss_ext.mixed_batch(model, ["x"] * (i + 1)):
+            model(tokens(i + 1, 3, seed=i)).logits.sum()
+    assert len(layer.__dict__["_forward_batches"]) == 16
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpointed_backward_after_its_slot_was_reused_is_refused(folders, reentrant):
     """A loss built in mixed_batch(["x", "y"]), then "x" removed and another adapter added into its
