@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     ids = torch.randint(1, 64, (4, args.seq), generator=torch.Generator().manual_seed(0))
     names = ("inside_checkpoint", "enclosing_checkpoints", "judge_recompute")
     shipped = {name: getattr(miss_ext.bank, name) for name in names}
-    stubs = {"inside_checkpoint": lambda since=None, torch_only=False: False,
+    stubs = {"inside_checkpoint": lambda since=None: False,
              "enclosing_checkpoints": lambda: [], "judge_recompute": lambda note_of: (None, False, [])}
 
     def step():

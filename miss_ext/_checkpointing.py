@@ -37,9 +37,10 @@ import torch.utils.checkpoint
 
 _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 _FUNCTION_CONTEXT = torch._C._FunctionBase  # the ctx an autograd.Function's forward receives
-# What stands for one non-reentrant torch checkpoint (its saved-tensor hooks' `frame`); None on a
-# torch without it (then those checkpoints are told apart by the callers' fallback).
-_CHECKPOINT_FRAME = getattr(torch.utils.checkpoint, "_CheckpointFrame", None) or type(None)
+# What stands for one non-reentrant torch checkpoint (its saved-tensor hooks' `frame`); an empty
+# tuple on a torch without it, which isinstance() matches with nothing (then those checkpoints are
+# told apart by the callers' fallback).
+_CHECKPOINT_FRAME = getattr(torch.utils.checkpoint, "_CheckpointFrame", ())
 
 
 def checkpoint_hooks() -> tuple:
@@ -103,32 +104,38 @@ def _kind(code, frame):
     return kind
 
 
-def inside_checkpoint(since: Optional[tuple] = None, torch_only: bool = False) -> bool:
+def inside_checkpoint(since: Optional[tuple] = None) -> bool:
     """Whether the caller runs inside activation checkpointing (the module docstring says how it
     is seen). `since`, from `entry()` or `whole_stack_entry()` at the start of a call: the frames
     below its `with` frame are walked, and the answer for the frames from it up is the one it
     recorded (entry: none of them counts, a checkpoint around the whole call; whole_stack_entry:
     theirs); checkpoint hooks other than those then in force count. Where that frame is not on the
-    caller's stack (another thread, say), every frame is walked. `torch_only`: only
-    torch.utils.checkpoint's frames and hooks count (a recompute inside backward() that torch
-    runs; another library's runs from a Function's backward, which says nothing of whose
-    recompute it is)."""
+    caller's stack (another thread, say), every frame is walked."""
     stop, hooks, above = since if since is not None else (None, (), False)
     if any(pack not in hooks for pack in checkpoint_hooks()):
         return True
-    return _walk(sys._getframe(1), stop, above, torch_only)
+    return _walk(sys._getframe(1), stop, above)
 
 
-def _walk(frame, stop, above: bool, torch_only: bool) -> bool:
+def _code_kind(frame):
+    """The cached kind of the frame's code (_TORCH, _FUNCTION, _CTX or None)."""
+    code = frame.f_code
+    kind = _KIND.get(id(code), _UNSEEN)
+    return _kind(code, frame) if kind is _UNSEEN else kind
+
+
+def _context_value(frame):
+    """The frame's argument named ctx if it is an autograd.Function context, else None."""
+    ctx = frame.f_locals.get("ctx")
+    return ctx if isinstance(ctx, _FUNCTION_CONTEXT) else None
+
+
+def _walk(frame, stop, above: bool) -> bool:
     while frame is not None:
         if frame is stop:
             return above
-        code = frame.f_code
-        kind = _KIND.get(id(code), _UNSEEN)
-        if kind is _UNSEEN:
-            kind = _kind(code, frame)
-        if kind is _TORCH or (not torch_only and (kind is _FUNCTION or (
-                kind is _CTX and isinstance(frame.f_locals.get("ctx"), _FUNCTION_CONTEXT)))):
+        kind = _code_kind(frame)
+        if kind is _TORCH or kind is _FUNCTION or (kind is _CTX and _context_value(frame) is not None):
             return True
         frame = frame.f_back
     return False
@@ -146,36 +153,35 @@ def whole_stack_entry(frame) -> tuple:
     """As entry(), for a caller to whom every checkpoint counts, around the call too (the bank's
     record of which forwards a recompute may repeat): the frames from `frame` up are walked here,
     once, and no hook is excepted. Keep it for the call only (it holds a frame)."""
-    return frame, (), _walk(frame, None, False, False)
-
-
-def _context(frame):
-    """The frame's first argument if it is named ctx and is an autograd.Function context."""
-    code = frame.f_code
-    if code.co_argcount and code.co_varnames[0] == "ctx":
-        ctx = frame.f_locals.get("ctx")
-        if isinstance(ctx, _FUNCTION_CONTEXT):
-            return ctx
-    return None
+    return frame, (), _walk(frame, None, False)
 
 
 def _checkpoint_frame(pack):
     """The _CheckpointFrame a non-reentrant checkpoint's pack hook closes over, or None."""
     for cell in getattr(pack, "__closure__", None) or ():
         value = cell.cell_contents
-        if isinstance(value, _CHECKPOINT_FRAME) and value is not None:
+        if isinstance(value, _CHECKPOINT_FRAME):
             return value
     return None
 
 
+def _checkpoint_frames() -> list:
+    """The _CheckpointFrame of every non-reentrant checkpoint in force, innermost first."""
+    return [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
+
+
 def _frame_context(frame):
-    """_context(frame), read only for frames whose code the cache marks as possibly taking a ctx
-    (reading co_varnames of every frame cost several times the walk itself)."""
-    code = frame.f_code
-    kind = _KIND.get(id(code), _UNSEEN)
-    if kind is _UNSEEN:
-        kind = _kind(code, frame)
-    return None if kind is None else _context(frame)
+    """The frame's autograd.Function context if its code takes one as its first argument, named
+    ctx, else None. Read only for frames whose cached kind allows it (reading co_varnames of every
+    frame cost several times the walk itself)."""
+    kind = _code_kind(frame)
+    if kind is None:
+        return None
+    if kind is not _CTX:  # torch's or a Function's frame: a ctx only if it takes one
+        code = frame.f_code
+        if not (code.co_argcount and code.co_varnames[0] == "ctx"):
+            return None
+    return _context_value(frame)
 
 
 def enclosing_checkpoints() -> list:
@@ -185,7 +191,7 @@ def enclosing_checkpoints() -> list:
     and the context of every autograd.Function frame on the stack that takes one (torch's
     reentrant CheckpointFunction, other libraries' ctx-style recomputes). Not found: a Function
     with a new-style forward (no ctx)."""
-    found = [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
+    found = _checkpoint_frames()
     frame = sys._getframe(1)
     while frame is not None:
         ctx = _frame_context(frame)
@@ -208,7 +214,7 @@ def judge_recompute(note_of) -> tuple:
     note or None, whether a torch checkpoint without one was passed, the objects of the
     checkpoints entered inside this recompute: Function forwards below it and every
     non-reentrant checkpoint in force, for the caller to note once judged)."""
-    entered = [frame for frame in map(_checkpoint_frame, checkpoint_hooks()) if frame is not None]
+    entered = _checkpoint_frames()
     torch_passed = False
     frame = sys._getframe(1)
     while frame is not None:
@@ -216,7 +222,7 @@ def judge_recompute(note_of) -> tuple:
         found = None
         if code.co_name == "unpack_hook" and code.co_filename == _CHECKPOINT_FILE:
             found = frame.f_locals.get("frame")
-            found = found if isinstance(found, _CHECKPOINT_FRAME) and found is not None else None
+            found = found if isinstance(found, _CHECKPOINT_FRAME) else None
         else:
             ctx = _frame_context(frame)
             if ctx is not None and code.co_name != "backward":
