@@ -83,10 +83,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     model = build(args)
     ids = torch.randint(1, 64, (4, args.seq), generator=torch.Generator().manual_seed(0))
-    names = ("inside_checkpoint", "enclosing_checkpoints", "judge_recompute")
+    names = ("checkpoints_around", "judge_recompute")
     shipped = {name: getattr(miss_ext.bank, name) for name in names}
-    stubs = {"inside_checkpoint": lambda since=None: False,
-             "enclosing_checkpoints": lambda: [], "judge_recompute": lambda note_of: (None, False, [])}
+    stubs = {"checkpoints_around": lambda since=None: (False, []), "judge_recompute": lambda note_of: (None, False, [])}
 
     def step():
         with miss_ext.mixed_batch(model, ["a", "b", None, "a"]):
@@ -111,12 +110,12 @@ def main(argv=None) -> dict:
 
         def timed(*a, **k):
             start = time.perf_counter_ns()
-            result = shipped["inside_checkpoint"](*a, **k)
+            result = shipped["checkpoints_around"](*a, **k)
             calls.append(time.perf_counter_ns() - start)
             return result
 
         for _ in range(args.reps):  # the check alone, per layer call (its frames: the caller's)
-            case(dict(shipped, inside_checkpoint=timed), depth)()
+            case(dict(shipped, checkpoints_around=timed), depth)()
         per_call = statistics.median(calls) / 1e3
         results[depth] = {"stub_ms": ms["stub"], "shipped_ms": ms["shipped"], "ratio": ratio["shipped"],
                           "check_us_per_layer_call": per_call}

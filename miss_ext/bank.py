@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checkpointing import enclosing_checkpoints, inside_checkpoint, judge_recompute
+from ._checkpointing import checkpoints_around, judge_recompute
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
                       refuse_nested, tensor_json, tensor_problem, type_name)
@@ -808,7 +808,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         not, as its recompute would run the new adapter: found by a review, 2026-12-03).
 
         Exactly, where the checkpoint can be found again (miss_ext/_checkpointing.py,
-        enclosing_checkpoints): a forward inside a checkpoint, in training mode or with grad
+        checkpoints_around): a forward inside a checkpoint, in training mode or with grad
         enabled (torch's checkpoint_wrapper checkpoints in eval mode too), leaves its batch on the
         object that stands for that checkpoint (torch's reentrant and non-reentrant forms, other
         libraries' ctx-style Functions), and its recompute compares the batch it runs in with that
@@ -832,9 +832,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if torch._C._current_graph_task_id() == -1:  # a forward, not inside backward()
             if torch.is_inference_mode_enabled() or not (self.training or torch.is_grad_enabled()):
                 return
-            checkpointed = inside_checkpoint(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
+            checkpointed, checkpoints = checkpoints_around(since=self.__dict__.get("_stack_entry"))  # see mixed_batch
             if checkpointed:
-                self._note_batch(batch, enclosing_checkpoints())
+                self._note_batch(batch, checkpoints)
             if not self.training:  # an eval-mode forward with grad: the note only, never the record
                 return
             if (checkpointed or torch.is_grad_enabled()) and (batch, checkpointed) not in seen:
@@ -879,7 +879,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             self._note_batch(batch, entered)
 
     def _note_batch(self, batch, checkpoints) -> None:
-        """Leaves `batch` on each checkpoint's object (_checkpointing.enclosing_checkpoints)."""
+        """Leaves `batch` on each checkpoint's object (_checkpointing.checkpoints_around)."""
         for checkpoint in checkpoints:
             notes = getattr(checkpoint, _BATCH_NOTES, None)
             if notes is None:

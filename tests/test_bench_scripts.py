@@ -155,7 +155,7 @@ def test_bench_checkpoint_check_runs_and_restores_the_check(capsys):
 
     import miss_ext.bank
 
-    names = ("inside_checkpoint", "enclosing_checkpoints", "judge_recompute")
+    names = ("checkpoints_around", "judge_recompute")
     shipped = [getattr(miss_ext.bank, name) for name in names]
     for checkpointing in ("off", "reentrant"):
         results = bench_checkpoint_check.main(["--depth", "0,3", "--reps", "1", "--seq", "4",
