@@ -818,8 +818,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         batch, was let through, silently wrong, as was a second backward (retain_graph) in another
         batch: a mutation audit, 2026-12-04.)
 
-        A torch recompute of a forward that left no note (an eval-mode forward under a reentrant
-        checkpoint: grad disabled, not checked) is refused. A checkpoint entered inside a
+        A recompute of a forward that left no note is refused where it is torch's (an eval-mode
+        forward under a reentrant checkpoint: grad disabled, not checked) or in eval mode (the same
+        under another library's Function; eval forwards are never recorded). A checkpoint entered inside a
         recompute (nested ones) gets its note there, once the recompute was judged by a note.
         Otherwise (another library's Function with a new-style forward), the per-layer record:
         training-mode forwards outside backward record their batch (inside a checkpoint as
@@ -850,14 +851,19 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         noted, torch_recompute, entered = judge_recompute(lambda found: getattr(found, _BATCH_NOTES, {}).get(self))
         if noted is not None:
             wrong = batch not in noted
-        elif torch_recompute:
-            # torch's checkpoint recomputes a forward that left no note: one that ran with grad
-            # disabled in eval mode (a reentrant checkpoint's forward), which was not checked
-            # (checking every eval forward under no_grad would cost generate() a frame walk per
-            # layer and token).
-            raise ValueError("MissBankLinear: torch.utils.checkpoint is recomputing this layer for a forward whose "
-                             "batch could not be checked: an eval-mode forward inside a reentrant checkpoint (it runs "
-                             "with grad disabled). Run it in training mode or with use_reentrant=False")
+        elif torch_recompute or (not self.training and torch.is_grad_enabled()):
+            # A recompute of a forward that left no note: one that ran with grad disabled in eval
+            # mode (torch's reentrant checkpoint, or another library's Function, as DeepSpeed's),
+            # which was not checked (checking every eval forward under no_grad would cost
+            # generate() a frame walk per layer and token), or an eval forward in a Function with
+            # a new-style forward. Eval forwards are never recorded either, so the record cannot
+            # judge it: let through, another library's recompute in another batch was silently
+            # wrong (a new-user pass, 2026-12-04: 34.7 off for gradients of 33).
+            raise ValueError("MissBankLinear: activation checkpointing is recomputing this layer for a forward whose "
+                             "batch could not be checked: an eval-mode forward inside a reentrant checkpoint (torch's "
+                             "use_reentrant=True, or another library's autograd.Function such as DeepSpeed's: it runs "
+                             "with grad disabled) or inside a Function with a new-style forward. Run it in training "
+                             "mode (model.train()), or with torch's checkpoint and use_reentrant=False")
         elif not torch.is_grad_enabled():
             return
         else:

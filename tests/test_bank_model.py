@@ -659,28 +659,39 @@ def test_nested_checkpoints_and_inner_saved_tensor_hooks_are_judged_by_their_bat
         torch.testing.assert_close(x.grad, expected, **TOL)
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders, reentrant):
+@pytest.mark.parametrize("how", ["non_reentrant", "reentrant", "ctx_function", "new_style_function"])
+def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders, how):
     """torch's checkpoint (checkpoint_wrapper too) checkpoints in eval mode as well; a forward
     there with grad enabled whose backward came inside another batch took that batch's rows,
     silently. Non-reentrant: it leaves its batch on the checkpoint like a training-mode forward
     (but adds nothing to the per-layer record: evaluation is not held against anything).
-    Reentrant: the forward runs with grad disabled, which the layer cannot tell from generate()'s
-    no_grad without a frame walk per layer and token, so it leaves no note and torch's recompute
-    of it is refused naming why (reviews, 2026-12-04)."""
+    Reentrant, torch's or another library's Function (as DeepSpeed's): the forward runs with grad
+    disabled, which the layer cannot tell from generate()'s no_grad without a frame walk per layer
+    and token, so it leaves no note and its recompute is refused naming why, even in its own batch
+    (reviews, 2026-12-04; another library's in another batch was let through, 34.7 off for
+    gradients of 33, until a new-user pass found it)."""
     from torch.utils.checkpoint import checkpoint
 
     base, _ = folders
     model = checkpointing_bank(base, False).eval()
     layer = miss_ext.bank_model.bank_layers(model)[0][1]
     x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    checkpointed = {"non_reentrant": lambda: checkpoint(layer, x, use_reentrant=False),
+                    "reentrant": lambda: checkpoint(layer, x, use_reentrant=True),
+                    "ctx_function": lambda: Recompute.apply(layer, x),
+                    "new_style_function": lambda: NewStyleRecompute.apply(layer, x)}[how]
     with miss_ext.mixed_batch(model, ["x", "y"]):
-        y = checkpoint(layer, x, use_reentrant=reentrant)
+        y = checkpointed()
         (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
-        if reentrant:
+        if how != "non_reentrant":
             with pytest.raises(ValueError, match="an eval-mode forward inside a reentrant checkpoint"):
-                y.pow(2).sum().backward()
-            return
+                y.pow(2).sum().backward(retain_graph=True)
+            if how == "reentrant":
+                return
+    if how != "non_reentrant":  # and in another batch: refused too (it was let through, silently wrong)
+        with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="could not be checked"):
+            y.pow(2).sum().backward()
+        return
     assert layer.__dict__.get("_forward_batches", []) == []
 
     def in_other_batch():
