@@ -470,6 +470,27 @@ def _exporting() -> bool:
 _DYNAMO_IS_EXPORTING_UNRELIABLE = torch.__version__ < (2, 12)  # torch's TorchVersion compares with tuples
 
 
+def _check_recompute_in_eager(layer: "MissBankLinear") -> None:
+    layer._check_recompute()
+
+
+# Under torch.compile, a training forward (or one with grad) that reads mixed_batch's row ids
+# checks its recompute as in eager mode, outside the graph: a graph break per such layer call.
+# Why: inside a compiled graph no Python of the layer runs, so a checkpoint placed around a
+# compiled block (checkpoint_wrapper(compiled_layer), torch.utils.checkpoint(compiled_fn)) re-ran
+# the graph inside backward() with the current batch's ids, and a backward in another batch
+# trained the wrong adapters, silently (a new-user pass, 2026-12-04: input gradients 1.38 off
+# for gradients of 5.85). A check inside the graph would need the layer and its batch as graph
+# inputs, and a trace-time check is not guarded (a graph traced outside a checkpoint is reused
+# inside one). Inference (eval mode under no_grad) and ids passed as an argument
+# (layer(x, adapter_index): the recompute gets the same ids) compile as before, in one graph.
+_check_recompute_outside_the_graph = torch.compiler.disable(
+    _check_recompute_in_eager, reason="miss_ext: a MissBankLinear training forward under miss_ext.mixed_batch checks "
+    "outside the graph that activation checkpointing does not recompute it in another batch (README, 'Training "
+    "several adapters in one batch'): compile without fullgraph=True (a graph break per bank layer call), or pass the "
+    "row ids as an argument, layer(x, adapter_index), to compile it whole")
+
+
 def check_bank_size(capacity: object, max_r: object) -> None:
     """TypeError naming capacity or max_r unless each is an int (not a bool), ValueError unless it
     is positive, as MissLinear's r (apply_bank checks them before it changes the model, too)."""
@@ -765,6 +786,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
             if not torch.compiler.is_compiling():
                 self._check_recompute()
+            elif self.training or torch.is_grad_enabled():
+                _check_recompute_outside_the_graph(self)
             if _exporting() or torch.jit.is_tracing():
                 # torch.compile takes the ids as a graph input; torch.export and torch.jit.trace
                 # (and the ONNX exporter built on it) make a module attribute a constant of the

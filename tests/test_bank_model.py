@@ -703,6 +703,35 @@ def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_compiled_layer_inside_a_checkpoint_is_judged_as_in_eager(folders, reentrant):
+    """A checkpoint placed around a compiled block re-runs the compiled graph inside backward(),
+    where no Python of the layer ran: a backward in another batch trained the wrong adapters,
+    silently (a new-user pass, 2026-12-04: input gradients 1.38 off for 5.85). A compiled training
+    forward under mixed_batch now checks outside the graph, as in eager: refused in another batch,
+    exact in its own; with fullgraph=True Dynamo refuses the graph break, naming why."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch._dynamo.reset()
+    base, _ = folders
+    model = checkpointing_bank(base, False)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+        first, second = (checkpoint(compiled, x, use_reentrant=reentrant).pow(2).sum() for _ in range(2))
+        first.backward()  # (a reentrant checkpoint refuses autograd.grad)
+    torch.testing.assert_close(x.grad, want, **TOL)
+    with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
+        second.backward()
+    torch._dynamo.reset()  # else the graphs above serve the call below without a trace
+    with miss_ext.mixed_batch(model, ["x", "y"]), pytest.raises(torch._dynamo.exc.Unsupported,
+                                                                 match="miss_ext: a MissBankLinear training forward"):
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("function", [Recompute, NewStyleRecompute], ids=["ctx", "new_style"])
 def test_other_libraries_checkpointing_in_another_mixed_batch_is_refused(folders, function):
     """Another library's reentrant checkpoint around a bank layer: its no_grad forward is seen as
