@@ -213,13 +213,8 @@ def _model_forward_hook(module, args, holder):
     holder["entry"] = checkpoint_entry(sys._getframe(1)) if grad else None
 
 
-def _adapter_names_hook(module, args, kwargs, holder):
-    if id(module) not in holder["hooked"]:
-        # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
-        # it runs as a plain call would.
-        return args, kwargs
-    if holder.get("entry") is not None and not torch.compiler.is_compiling() and \
-            inside_checkpoint(since=holder["entry"]):
+def _refuse_inside_checkpoint(module, holder) -> None:
+    if inside_checkpoint(since=holder["entry"]):
         # The model-level check (_checkpointing) sees transformers' flag; torch's checkpoint, its
         # wrappers and other libraries' show here (miss_ext/_checkpointing.py). Their recompute
         # runs this layer without the names, after the call: every row with the active adapter,
@@ -232,6 +227,31 @@ def _adapter_names_hook(module, args, kwargs, holder):
                          "backward() runs after this call, without the names. Remove the checkpointing, checkpoint "
                          "the whole model call (it is then recomputed with its names), or use miss_ext.load_bank / "
                          "mixed_batch and call backward() inside mixed_batch")
+
+
+# A compiled layer in a model called eagerly with adapter_names= and grad (the model's hook set an
+# entry): the check runs outside the layer's graph, a graph break. Why: a checkpoint placed around
+# the compiled layer re-ran its graph in backward() after the call, without the names (the guard
+# on the names call fails and Dynamo traces a graph without them): under a reentrant checkpoint
+# every row took the active adapter, silently (a review, 2026-12-04: 25.3 off for gradients of
+# 16.5, the other adapter no gradient); a non-reentrant one happened to fail torch's metadata check.
+_refuse_inside_checkpoint_outside_the_graph = torch.compiler.disable(
+    _refuse_inside_checkpoint, reason="miss_ext: a layer of an accelerated PEFT model called with adapter_names= and "
+    "grad enabled checks outside the graph that it does not run inside activation checkpointing (README, 'Training "
+    "several adapters in one batch'): compile without fullgraph=True (a graph break per layer call), call it under "
+    "torch.no_grad() for inference, or train mixed batches with a bank (miss_ext.load_bank / mixed_batch)")
+
+
+def _adapter_names_hook(module, args, kwargs, holder):
+    if id(module) not in holder["hooked"]:
+        # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
+        # it runs as a plain call would.
+        return args, kwargs
+    if holder.get("entry") is not None:
+        if not torch.compiler.is_compiling():
+            _refuse_inside_checkpoint(module, holder)
+        else:
+            _refuse_inside_checkpoint_outside_the_graph(module, holder)
     names = holder["names"]
     if holder.get("regrouped") and names:
         if isinstance(module, AcceleratedMissLinear):
