@@ -41,8 +41,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ._checkpointing import checkpoints_around, judge_recompute
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
-                      is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_fx_proxy, refuse_layer_load,
-                      refuse_nested, tensor_json, tensor_problem, type_name)
+                      is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_layer_load, refuse_nested,
+                      refuse_non_tensor, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -777,7 +777,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, adapter_index: Optional[Tensor] = None) -> Tensor:
         """Each row of x with its own adapter: see the class docstring, "forward"."""
-        refuse_fx_proxy(x, self)
+        refuse_non_tensor(x, self)
         refuse_nested(x, "MissBankLinear")
         if adapter_index is None:
             adapter_index = self.rows

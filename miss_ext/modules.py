@@ -395,15 +395,19 @@ def non_finite_summary(t: Tensor) -> str:
     return f"{count} non-finite value(s) of {t.numel()}, the first {t[first].item()} at {list(first)}"
 
 
-def refuse_fx_proxy(x: object, layer: nn.Module) -> None:
-    """TypeError for torch.fx.symbolic_trace, which traces through the adapted layers (they are not
-    torch.nn modules, its default leaves) with proxies that their Python checks cannot read; the
-    errors it met were misleading (a base "returned a Proxy", "hooks" for bat). PEFT's layers
-    cannot be traced either."""
+def refuse_non_tensor(x: object, layer: nn.Module) -> None:
+    """TypeError for an input x that is no tensor: a list, None or a NumPy array (which met
+    `x.is_nested` first: "AttributeError: 'list' object has no attribute 'is_nested'", found by
+    a new-user pass, 2026-12-04), or the proxies of torch.fx.symbolic_trace, which traces through
+    the adapted layers (they are not torch.nn modules, its default leaves) with proxies that their
+    Python checks cannot read; the errors it met were misleading (a base "returned a Proxy",
+    "hooks" for bat). PEFT's layers cannot be traced either."""
     if isinstance(x, torch.fx.Proxy):
         raise TypeError(f"{layer._describe()}: torch.fx.symbolic_trace cannot trace through an adapted layer (its "
                         "forward reads tensor metadata and branches on it); make it a leaf of your tracer "
                         "(is_leaf_module), or use torch.export / torch.compile, which trace it")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer._describe()}: x must be a torch.Tensor, got {type(x).__name__}")
 
 
 def jagged_forward(x: Tensor, forward: Callable[[Tensor], Tensor], where: str) -> Tensor:
@@ -953,7 +957,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if self.merged:
             return self.base_layer(x)
         if not torch.jit.is_scripting():
-            refuse_fx_proxy(x, self)
+            refuse_non_tensor(x, self)
             if x.is_nested:
                 return jagged_forward(x, self.forward, self._describe())
             if self.training and self.dropout > 1.0 and self.mode != "bat":

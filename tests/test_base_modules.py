@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -813,6 +814,21 @@ def test_fx_symbolic_trace_is_refused_by_name(mode):
     model = miss_ext.apply_miss(nn.Sequential(nn.Linear(16, 8)), ["0"], r=4, mode=mode)
     with pytest.raises(TypeError, match="torch.fx.symbolic_trace cannot trace through an adapted layer"):
         torch.fx.symbolic_trace(model)
+
+
+@pytest.mark.parametrize("x", [[[0.0] * 16], None, np.zeros((2, 16), dtype=np.float32)], ids=["list", "None", "numpy"])
+@pytest.mark.parametrize("layer", ["miss", "bank"])
+def test_an_input_that_is_no_tensor_is_refused_by_name(x, layer):
+    """A list, None or a NumPy array as x met `x.is_nested` first: an AttributeError about the
+    list (a new-user pass, 2026-12-04). A TypeError naming x and its type instead."""
+    if layer == "miss":
+        module, args = miss_ext.MissLinear(nn.Linear(16, 8), r=4), ()
+    else:
+        module = miss_ext.MissBankLinear(nn.Linear(16, 8), capacity=2, max_r=4)
+        module.add_adapter("a", r=2)
+        args = (module.index_of(["a"]),)
+    with pytest.raises(TypeError, match=f"x must be a torch.Tensor, got {type(x).__name__}"):
+        module(x, *args)
 
 
 # ---- nn.Linear subclasses that leave nn.Linear's computation alone (EsmFoldLinear) --------------
