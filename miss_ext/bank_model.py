@@ -39,7 +39,8 @@ from .adapter_files import (_check_config_fields, _config_settings, _find_parame
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
-                    refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, unwrap_model, writes_here)
+                    refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook, unwrap_model,
+                    writes_here)
 from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
 from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
@@ -531,6 +532,20 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
                                "mixed batch (another thread or coroutine on this model, or an enclosing mixed_batch), "
                                "whose running forward would get these rows. Run one mixed batch at a time per "
                                "model (a lock), or give each thread its own copy; nothing was changed")
+        # Offloaded after the bank was loaded (apply_bank and load_bank refuse an offloaded model):
+        # the ids would go to the meta device the bank sits on between forwards (a crash in the
+        # forward, "Tensor on device cpu is not on the expected device meta": a new-user pass,
+        # 2026-12-04), and the slot tables the forward reads are the hook's copy, which later
+        # adapter changes would not reach.
+        offloaded = [path for path, layer in layers if layer.bank.is_meta and under_offload_hook(model, path)]
+        if offloaded:
+            raise ValueError(f"mixed_batch: the bank layers {describe(offloaded, limit=4)} are offloaded by "
+                             "accelerate (cpu_offload, disk_offload, or a device_map with \"cpu\" or \"disk\" "
+                             "offload): their bank is on the meta device, put in only for each forward by the hook "
+                             "(`_hf_hook`), so the row ids would hold no values and adapter changes would not reach "
+                             "the hook's copy. Serve the bank from a model loaded without offload (a device_map to "
+                             "real devices only), or remove the hooks first (accelerate.hooks.remove_hook_from_"
+                             "module(model, recurse=True)); nothing was changed")
         first = layers[0][1]
         unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
                          key=str)

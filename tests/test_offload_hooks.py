@@ -1,6 +1,6 @@
 """Which accelerate hooks count as offloading when an adapter is added (miss_ext.apply_miss,
-model.refuse_offloaded) or a PEFT model is accelerated (miss_ext.peft.accelerate,
-_refuse_offloaded_blocks).
+model.refuse_offloaded), a PEFT model is accelerated (miss_ext.peft.accelerate,
+_refuse_offloaded_blocks) or a bank model offloaded after loading enters a mixed batch.
 
 An offloading hook (`_hf_hook`: an AlignDevicesHook with offload=True, a device_map with "cpu" or
 "disk") keeps the layer's weights on the meta device and puts their values in for each forward
@@ -124,3 +124,22 @@ def test_peft_real_blocks_on_an_offloaded_base_layer_are_accepted(tmp_path):
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source(ids).logits, rtol=1e-9, atol=1e-10)
+
+
+def test_a_bank_offloaded_after_loading_is_refused_by_mixed_batch(tmp_path):
+    """load_bank refuses an offloaded model; one offloaded afterwards (a disk entry in a
+    device_map) crashed in the forward ("Tensor on device cpu is not on the expected device
+    meta": the row ids went to the bank's meta device; a new-user pass, 2026-12-04). mixed_batch
+    now refuses it by name before setting anything; the layers on real devices are not named."""
+    model = miss_ext.apply_bank(tiny_causal_lm("llama"), ["q_proj"], capacity=2, max_r=R)
+    miss_ext.add_bank_adapter(model, "a", r=R)
+    model = dispatch_model(model, offload_dir=str(tmp_path / "offload"), device_map={
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with pytest.raises(ValueError, match=r"^mixed_batch: the bank layers model\.layers\.1\.self_attn\.q_proj are "
+                                         r"offloaded by accelerate"):
+        with miss_ext.mixed_batch(model, ["a", None]):
+            pass
+    layers = miss_ext.bank_model.bank_layers(model)
+    assert all(layer.rows is None and "_mixed_batch" not in layer.__dict__ for _, layer in layers)
+    assert [path for path, layer in layers if layer.bank.is_meta] == ["model.layers.1.self_attn.q_proj"]
