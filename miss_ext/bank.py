@@ -636,14 +636,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         PEFT's zero init. Raises ValueError for a bad or taken name, a full bank, r < 1 or r >
         max_r, a mini_r not dividing out_features, a block of another shape, a block on the meta
         device or holding values not finite in the bank's dtype (as load_bank refuses them),
-        dropout outside [0, 1), a meta bank given a block, or inside miss_ext.mixed_batch;
+        dropout outside [0, 1), a bank on the meta device, or inside miss_ext.mixed_batch;
         TypeError for bat, a non-int r / mini_r, or a block that is no tensor or of a dtype that is
         not real floating (an integer block was cast, a complex one lost its imaginary part)."""
         self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
-        if block is not None and self.bank.is_meta:
+        if self.bank.is_meta or self.ranks.is_meta:
+            # Zero-init adapters were taken here: their rank and period went into meta tensors,
+            # kept nowhere, and after to_empty() the layer read uninitialised ranks (garbage
+            # routing, a wrong rank in a saved file: found with a new-user pass, 2026-12-04).
             raise ValueError(f"adapter {name!r}: the bank is on the meta device (the model is not materialised), so "
-                             "the block's values would be kept nowhere; materialise the model first")
+                             "the adapter's rank and block would be kept nowhere; materialise the model first "
+                             "(to_empty(), then load the base weights), or load a bank model's state_dict")
         if block is not None and (not isinstance(block, Tensor) or not block.is_floating_point()):
             what = f"a tensor of dtype {block.dtype}" if isinstance(block, Tensor) else type_name(block)
             raise TypeError(f"adapter {name!r}: block must be a real floating tensor, got {what}")
@@ -1040,13 +1044,32 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # keeps working, and to_empty() leaves no uninitialised memory in them; ranks and periods
         # are state, uninitialised like the bank until load_state_dict, as for any module).
         super()._apply(fn, recurse)
+        from_meta = self.ranks.is_meta
         with torch.no_grad():
             for name in self._SLOT_TENSORS:
                 setattr(self, name, fn(getattr(self, name)))
             if self._dropouts.dtype != torch.float64:
                 self._dropouts = self._dropouts.to(torch.float64)
+            if from_meta and not self.ranks.is_meta:
+                # Materialised from the meta device (to_empty): the ranks and periods never held
+                # values, and no adapter could be added there (add_adapter), so every slot is empty
+                # or absent: rank and period 0, not uninitialised memory. A state_dict loaded into
+                # the meta layer (slot names, no values) now shows rank 0 for its adapters, which
+                # the forward refuses by name, until the state_dict is loaded again.
+                self.ranks.zero_()
+                self.periods.zero_()
         self._sync_slots(changed=())  # the same adapters, elsewhere
         return self
+
+    def reset_parameters(self) -> None:
+        """PEFT's zero init for every slot's block (bank[...] = 0); the slots keep their adapters,
+        ranks and modes. Only the bank: the base layer is a child module with its own
+        reset_parameters. Why: a model built on the meta device and materialised with to_empty()
+        is initialised by calling reset_parameters() on every module that has one; without it the
+        bank kept uninitialised memory (a new-user pass, 2026-12-04). A sharded bank (FSDP2's
+        DTensor, as in its meta-device setup) zeroes its shard."""
+        with torch.no_grad():
+            self.bank.zero_()
 
     def _rebuild_forward_slot_tensors(self, device: torch.device) -> None:
         # The forward's slot tensors (rates, routing), new on `device`, from the slot lists.
@@ -1101,6 +1124,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         except ValueError as exc:  # json's JSONDecodeError included
             raise ValueError(f"MissBankLinear.set_extra_state: not a slot description (get_extra_state's uint8 "
                              f"tensor of JSON text): {exc}") from None
+        if self.ranks.is_meta:  # torch's bare "Cannot copy out of meta tensor" from tolist() before
+            raise ValueError("MissBankLinear.set_extra_state: the layer is on the meta device (not materialised), so "
+                             "the slots' ranks loaded nowhere; load the state_dict with assign=True, or materialise "
+                             "the model first (to_empty())")
         problem = slot_state_problem(state, self.max_r, self.out_features, self.ranks.tolist(), self.periods.tolist())
         if problem is not None:
             raise ValueError(f"MissBankLinear.set_extra_state: {problem}")

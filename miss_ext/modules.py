@@ -900,6 +900,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         self._script_fused = True
         self.miss_block = nn.Parameter(allocate_block(shape, adapter_dtype(weight.dtype), weight.device,
                                                       f"MissLinear(r={r}, mode={mode!r})"))
+        self.init_weights = init_weights  # what reset_parameters() does again
         if not init_weights:
             nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
         if mode == "bat" and dropout > 0.0:
@@ -1037,6 +1038,26 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         why = block_merge_problem(self.miss_block, self.base_layer.weight)
         if why is not None:
             raise ValueError(f"cannot {'unmerge' if unmerge else 'merge'} MissLinear: {why}")
+
+    @torch.jit.unused
+    def reset_parameters(self) -> None:
+        """Initialises miss_block again as the constructor did: zeros (init_weights=True, PEFT's
+        zero init: the layer computes its base exactly) or PEFT's random init (kaiming-uniform,
+        init_weights=False). Only the block: the base layer is a child module with its own
+        reset_parameters. Why: a model built on the meta device (torch.device("meta"), FSDP2's
+        usual setup) and materialised with to_empty() is initialised by calling reset_parameters()
+        on every module that has one; without it the blocks kept uninitialised memory (logits
+        0.33-0.49 off the base: a new-user pass, 2026-12-04; PEFT's layers have the same gap).
+        RuntimeError for a merged layer (its weight holds the block's update: unmerge first),
+        nothing changed."""
+        if self.merged:
+            raise RuntimeError(f"{self._describe()}: reset_parameters() on a merged layer would leave the block's "
+                               "update in the weight; unmerge() first")
+        with torch.no_grad():
+            if getattr(self, "init_weights", True):
+                self.miss_block.zero_()
+            else:
+                nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:

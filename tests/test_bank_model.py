@@ -11,6 +11,7 @@ import json
 import pickle
 import shutil
 import threading
+import warnings
 
 import pytest
 import torch
@@ -318,7 +319,22 @@ def test_a_model_on_the_meta_device_is_refused(folders):
     with pytest.raises(ValueError, match="the bank is on the meta device"):
         layer.add_adapter("b", 4, block=torch.ones(4, layer.out_features))
     assert all(layer.adapter_names == [None, None] for _, layer in miss_ext.bank_model.bank_layers(model))
-    miss_ext.add_bank_adapter(model, "zero", r=4, target_modules=["q_proj"])  # PEFT's zero init: no values given
+    # PEFT's zero init, no values given: its rank would be kept nowhere either (after to_empty()
+    # the layer read uninitialised ranks: a new-user pass, 2026-12-04).
+    with pytest.raises(ValueError, match="the bank is on the meta device"):
+        miss_ext.add_bank_adapter(model, "zero", r=4, target_modules=["q_proj"])
+    assert all(layer.adapter_names == [None, None] for _, layer in miss_ext.bank_model.bank_layers(model))
+    # A bank model's state_dict loaded into it without assign=True: the ranks load nowhere (torch's
+    # bare "Cannot copy out of meta tensor" before); with assign=True it takes the saved tensors.
+    real = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "v_proj", "up_proj", "down_proj"], capacity=2, max_r=8)
+    miss_ext.add_bank_adapter(real, "zero", r=4, target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: copying into a meta parameter is a no-op
+        with pytest.raises(ValueError, match="the layer is on the meta device .*assign=True"):
+            model.load_state_dict(real.state_dict())
+    model.load_state_dict(real.state_dict(), assign=True)
+    assert miss_ext.bank_adapter_names(model) == ["zero"]
+    model.to("meta")  # an adapter's bank sent to the meta device has nothing to save
     with pytest.raises(ValueError, match=r"save_bank_adapter: .*\.bank.* are on the meta device"):
         miss_ext.save_bank_adapter(model, "zero", "/nonexistent/never_written")
     with torch.device("meta"):

@@ -831,6 +831,55 @@ def test_an_input_that_is_no_tensor_is_refused_by_name(x, layer):
         module(x, *args)
 
 
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_a_model_materialised_from_the_meta_device_is_initialised_by_reset_parameters(init_weights):
+    """The meta-device setup (FSDP2's, large models): build on meta, adapt, to_empty(), then
+    reset_parameters() on every module that has one, then load the base weights. The blocks kept
+    uninitialised memory (no reset_parameters: logits 0.33-0.49 off the base, a new-user pass,
+    2026-12-04): now PEFT's zero init (the base exactly) or its random init, as constructed. A bank
+    built there has ranks 0 and zero blocks, takes adapters afterwards (not before: their ranks
+    would be kept nowhere), and a merged layer refuses reset_parameters, unchanged."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    for build in (lambda m: miss_ext.apply_miss(m, ["0", "2"], r=4, init_weights=init_weights),
+                  lambda m: miss_ext.apply_bank(m, ["0", "2"], capacity=2, max_r=4)):
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+        build(model)
+        if isinstance(model[0], miss_ext.MissBankLinear):
+            with pytest.raises(ValueError, match="the bank is on the meta device"):
+                miss_ext.add_bank_adapter(model, "a", r=4)
+        model.to_empty(device="cpu")
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                with torch.no_grad():
+                    module.reset_parameters()
+        state = {k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"): v
+                 for k, v in ref.state_dict().items()}
+        assert not model.load_state_dict(state, strict=False).unexpected_keys
+        if isinstance(model[0], miss_ext.MissBankLinear):
+            layer = model[0]
+            assert layer.ranks.tolist() == [0, 0] and layer.periods.tolist() == [0, 0] and not layer.bank.any()
+            miss_ext.add_bank_adapter(model, "a", r=4)
+            assert layer.ranks.tolist() == [4, 0]
+            with torch.no_grad(), miss_ext.mixed_batch(model, ["a", None, "a"]):
+                torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+        elif init_weights:
+            assert not model[0].miss_block.any()
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+        else:  # kaiming-uniform: within its bound, not the memory's leftovers
+            block = model[0].miss_block
+            assert block.any() and block.abs().max() <= 1 / math.sqrt(block.shape[1])
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, init_weights=False)
+    layer.merge()
+    before = layer.miss_block.detach().clone()
+    with pytest.raises(RuntimeError, match="reset_parameters\\(\\) on a merged layer"):
+        layer.reset_parameters()
+    assert torch.equal(layer.miss_block, before)
+
+
 # ---- nn.Linear subclasses that leave nn.Linear's computation alone (EsmFoldLinear) --------------
 class InitOnlyLinear(nn.Linear):
     """transformers' EsmFoldLinear pattern: only the initialisation differs; forward, weight and
