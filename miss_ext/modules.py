@@ -961,11 +961,17 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             refuse_non_tensor(x, self)
             if x.is_nested:
                 return jagged_forward(x, self.forward, self._describe())
-            if self.training and self.dropout > 1.0 and self.mode != "bat":
+            if self.training and self.mode != "bat":
                 # Before any key is drawn (the ops refuse it after the draw, which moved the global
-                # RNG on a refused call): the constructor checks dropout, a later assignment not.
-                raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got "
-                                 f"p={self.dropout} (its dropout)")
+                # RNG on a refused call): the constructor checks dropout, a later assignment not
+                # (`layer.dropout = "0.1"` met a bare "'>' not supported between str and float").
+                p = self.dropout
+                if isinstance(p, bool) or not isinstance(p, (int, float)):
+                    raise TypeError(f"{self._describe()}: dropout must be a float in [0, 1], got {type(p).__name__} "
+                                    f"{p!r} (its dropout attribute)")
+                if not 0.0 <= p <= 1.0:
+                    raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got "
+                                     f"p={p} (its dropout)")
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
             # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
             if self._tensor_parallel():

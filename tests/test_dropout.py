@@ -179,6 +179,15 @@ def test_a_rate_above_one_set_on_a_live_layer_is_refused_before_the_draw(path):
     assert torch.equal(torch.random.get_rng_state(), state)
     layer.dropout = 1.0  # the ops' range: every column dropped
     assert torch.equal(layer(torch.ones(3, 16)), layer.base_layer(torch.ones(3, 16)))
+    # A negative rate and one that is no number (a str met "'>' not supported": a new-user pass,
+    # 2026-12-04): refused before the draw too, naming the value.
+    state = torch.random.get_rng_state()
+    for bad, error, message in ((-0.1, ValueError, r"got p=-0.1 \(its dropout\)"),
+                                ("0.1", TypeError, r"dropout must be a float in \[0, 1\], got str '0.1'")):
+        layer.dropout = bad
+        with pytest.raises(error, match=message):
+            layer(torch.ones(3, 16))
+        assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_a_key_on_another_device_is_refused():
