@@ -788,18 +788,20 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             if adapter_index is None:
                 raise ValueError("MissBankLinear: no adapter_index given and no miss_ext.mixed_batch(model, "
                                  "adapter_names) is active; every row must name its adapter (or '__base__')")
-            if not torch.compiler.is_compiling():
-                self._check_recompute()
-            elif self.training or torch.is_grad_enabled():
-                _check_recompute_outside_the_graph(self)
             if _exporting() or torch.jit.is_tracing():
                 # torch.compile takes the ids as a graph input; torch.export and torch.jit.trace
                 # (and the ONNX exporter built on it) make a module attribute a constant of the
                 # program, which would route every later call's rows as this one's, silently.
+                # (Before the recompute check: a strict export of a training module met its graph
+                # break first, whose message does not say why the export cannot work.)
                 raise ValueError("MissBankLinear: torch.export or torch.jit.trace inside miss_ext.mixed_batch would "
                                  "record this call's row ids as constants of the program (every later call routed as "
                                  "this one); export or trace a module that passes the ids to the bank layers as an "
                                  "input (layer(x, adapter_index))")
+            if not torch.compiler.is_compiling():
+                self._check_recompute()
+            elif self.training or torch.is_grad_enabled():
+                _check_recompute_outside_the_graph(self)
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
