@@ -962,16 +962,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             if x.is_nested:
                 return jagged_forward(x, self.forward, self._describe())
             if self.training and self.mode != "bat":
-                # Before any key is drawn (the ops refuse it after the draw, which moved the global
-                # RNG on a refused call): the constructor checks dropout, a later assignment not
-                # (`layer.dropout = "0.1"` met a bare "'>' not supported between str and float").
-                p = self.dropout
-                if isinstance(p, bool) or not isinstance(p, (int, float)):
-                    raise TypeError(f"{self._describe()}: dropout must be a float in [0, 1], got {type(p).__name__} "
-                                    f"{p!r} (its dropout attribute)")
-                if not 0.0 <= p <= 1.0:
-                    raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got "
-                                     f"p={p} (its dropout)")
+                self._check_live_dropout()
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
             # MissColwiseParallel / MissRowwiseParallel gets a DTensor x and runs the miss op on DTensors.
             if self._tensor_parallel():
@@ -1044,6 +1035,19 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         why = block_merge_problem(self.miss_block, self.base_layer.weight)
         if why is not None:
             raise ValueError(f"cannot {'unmerge' if unmerge else 'merge'} MissLinear: {why}")
+
+    @torch.jit.unused
+    def _check_live_dropout(self) -> None:
+        """Before any key is drawn (the ops refuse a bad rate after the draw, which moved the
+        global RNG on a refused call): the constructor checks dropout, a later assignment not
+        (`layer.dropout = "0.1"` met a bare "'>' not supported between str and float": a new-user
+        pass, 2026-12-04). TypeError for a rate that is no number, ValueError outside [0, 1]."""
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"{self._describe()}: dropout must be a float in [0, 1], got {type(p).__name__} {p!r} "
+                            "(its dropout attribute)")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{self._describe()}: dropout probability p must be in [0, 1], got p={p} (its dropout)")
 
     @torch.jit.unused
     def reset_parameters(self) -> None:
