@@ -104,6 +104,21 @@ def _kind(code, frame):
     return kind
 
 
+@torch._dynamo.assume_constant_result
+def traced_inside_checkpoint() -> bool:
+    """Under torch.compile, called from traced code: whether the code Dynamo traces was called
+    inside activation checkpointing entered outside the compiled region (a checkpoint placed
+    around a compiled block), which re-runs the compiled graph in backward() with no Python of the
+    layers in it. Run for real once, at trace time (the checkpoint's frames and saved-tensor hooks
+    are real then; a checkpoint inside the compiled region is traced as a higher-order op and shows
+    none), its answer a constant of the graph: the layers check outside the graph (a graph break)
+    only where it is True, and graphs without a checkpoint around them stay whole (fullgraph=True
+    too). Not guarded: Dynamo serves one graph to every instance of a layer class, so a layer
+    compiled outside any checkpoint and another instance run inside a non-reentrant one share a
+    graph without the check (a reentrant checkpoint disables grad, which Dynamo guards on)."""
+    return inside_checkpoint()
+
+
 def _code_kind(frame):
     """The cached kind of the frame's code (_TORCH, _FUNCTION, _CTX or None)."""
     code = frame.f_code

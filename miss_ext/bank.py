@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from ._checkpointing import checkpoints_around, judge_recompute
+from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_layer_load, refuse_nested,
                       refuse_non_tensor, tensor_json, tensor_problem, type_name)
@@ -474,21 +474,24 @@ def _check_recompute_in_eager(layer: "MissBankLinear") -> None:
     layer._check_recompute()
 
 
-# Under torch.compile, a training forward (or one with grad) that reads mixed_batch's row ids
-# checks its recompute as in eager mode, outside the graph: a graph break per such layer call.
-# Why: inside a compiled graph no Python of the layer runs, so a checkpoint placed around a
-# compiled block (checkpoint_wrapper(compiled_layer), torch.utils.checkpoint(compiled_fn)) re-ran
-# the graph inside backward() with the current batch's ids, and a backward in another batch
-# trained the wrong adapters, silently (a new-user pass, 2026-12-04: input gradients 1.38 off
-# for gradients of 5.85). A check inside the graph would need the layer and its batch as graph
-# inputs, and a trace-time check is not guarded (a graph traced outside a checkpoint is reused
-# inside one). Inference (eval mode under no_grad) and ids passed as an argument
-# (layer(x, adapter_index): the recompute gets the same ids) compile as before, in one graph.
+# Under torch.compile, a training forward (or one with grad) that reads mixed_batch's row ids,
+# traced inside a checkpoint entered outside the compiled region, checks its recompute as in
+# eager mode, outside the graph: a graph break per such layer call. Why: inside a compiled graph
+# no Python of the layer runs, so a checkpoint placed around a compiled block
+# (checkpoint_wrapper(compiled_layer), torch.utils.checkpoint(compiled_fn)) re-ran the graph
+# inside backward() with the current batch's ids, and a backward in another batch trained the
+# wrong adapters, silently (a new-user pass, 2026-12-04: input gradients 1.38 off for gradients
+# of 5.85). Only there (_checkpointing.traced_inside_checkpoint): a break in every compiled
+# training forward cost whole-model graphs (a review, 2026-12-04: 9 of 68 ops compiled in a toy
+# model) and made a checkpoint inside the compiled region, which Dynamo traces with the ids as
+# graph inputs (exact), run eagerly. Inference and ids passed as an argument (layer(x,
+# adapter_index): the recompute gets the same ids) never break.
 _check_recompute_outside_the_graph = torch.compiler.disable(
-    _check_recompute_in_eager, reason="miss_ext: a MissBankLinear training forward under miss_ext.mixed_batch checks "
-    "outside the graph that activation checkpointing does not recompute it in another batch (README, 'Training "
-    "several adapters in one batch'): compile without fullgraph=True (a graph break per bank layer call), or pass the "
-    "row ids as an argument, layer(x, adapter_index), to compile it whole")
+    _check_recompute_in_eager, reason="miss_ext: a MissBankLinear training forward under miss_ext.mixed_batch, "
+    "compiled inside activation checkpointing entered outside the compiled region, checks outside the graph that the "
+    "checkpoint does not recompute it in another batch (README, 'Training several adapters in one batch'): compile "
+    "the checkpointed module (the checkpoint inside the compiled region), compile without fullgraph=True (a graph "
+    "break per bank layer call), or pass the row ids as an argument, layer(x, adapter_index)")
 
 
 def check_bank_size(capacity: object, max_r: object) -> None:
@@ -800,7 +803,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                                  "input (layer(x, adapter_index))")
             if not torch.compiler.is_compiling():
                 self._check_recompute()
-            elif self.training or torch.is_grad_enabled():
+            elif (self.training or torch.is_grad_enabled()) and traced_inside_checkpoint():
                 _check_recompute_outside_the_graph(self)
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
@@ -880,14 +883,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         noted, torch_recompute, entered = judge_recompute(lambda found: getattr(found, _BATCH_NOTES, {}).get(self))
         if noted is not None:
             wrong = batch not in noted
-        elif torch_recompute or (not self.training and torch.is_grad_enabled()):
+        elif torch_recompute or (not self.training and torch.is_grad_enabled() and not seen):
             # A recompute of a forward that left no note: one that ran with grad disabled in eval
             # mode (torch's reentrant checkpoint, or another library's Function, as DeepSpeed's),
             # which was not checked (checking every eval forward under no_grad would cost
             # generate() a frame walk per layer and token), or an eval forward in a Function with
-            # a new-style forward. Eval forwards are never recorded either, so the record cannot
-            # judge it: let through, another library's recompute in another batch was silently
-            # wrong (a new-user pass, 2026-12-04: 34.7 off for gradients of 33).
+            # a new-style forward. Eval forwards are never recorded either, so an empty record
+            # cannot judge it: let through, another library's recompute in another batch was
+            # silently wrong (a new-user pass, 2026-12-04: 34.7 off for gradients of 33). The mode
+            # read is the recompute's: a training forward recorded, then model.eval() before
+            # backward, is judged by its record (a review, 2026-12-04). Not caught: an eval forward
+            # under another library's Function, then model.train(), then backward in another batch
+            # (its forward left nothing to judge by, and generate()'s no_grad forwards must not).
             raise ValueError("MissBankLinear: activation checkpointing is recomputing this layer for a forward whose "
                              "batch could not be checked: an eval-mode forward inside a reentrant checkpoint (torch's "
                              "use_reentrant=True, or another library's autograd.Function such as DeepSpeed's: it runs "

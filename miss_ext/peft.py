@@ -94,7 +94,7 @@ from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
-from ._checkpointing import entry as checkpoint_entry, inside_checkpoint  # noqa: E402
+from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
 from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
@@ -211,6 +211,12 @@ def _model_forward_hook(module, args, holder):
     # has no frames to look at.
     grad = torch.is_grad_enabled() and not torch.compiler.is_compiling()
     holder["entry"] = checkpoint_entry(sys._getframe(1)) if grad else None
+    # What a compiled layer reads instead (a bool: Dynamo guards on it as a constant, where the
+    # entry would have it guard on a frame): an entry was taken, so the model was called eagerly
+    # with grad (a reentrant checkpoint inside disables grad for its forward). A model whose own
+    # call is compiled takes none: a checkpoint around that call recomputes it with its names
+    # (exact), which a check without the entry's frame would refuse.
+    holder["eager_entry"] = grad
 
 
 def _refuse_inside_checkpoint(module, holder) -> None:
@@ -229,17 +235,20 @@ def _refuse_inside_checkpoint(module, holder) -> None:
                          "mixed_batch and call backward() inside mixed_batch")
 
 
-# A compiled layer in a model called eagerly with adapter_names= and grad (the model's hook set an
-# entry): the check runs outside the layer's graph, a graph break. Why: a checkpoint placed around
-# the compiled layer re-ran its graph in backward() after the call, without the names (the guard
-# on the names call fails and Dynamo traces a graph without them): under a reentrant checkpoint
-# every row took the active adapter, silently (a review, 2026-12-04: 25.3 off for gradients of
-# 16.5, the other adapter no gradient); a non-reentrant one happened to fail torch's metadata check.
+# A layer compiled inside activation checkpointing entered outside the compiled region, in a call
+# with adapter_names= and grad (_checkpointing.traced_inside_checkpoint, at trace time): the check
+# runs outside the layer's graph, a graph break. Why: such a checkpoint re-ran the graph in
+# backward() after the call, without the names (the guard on the names call fails and Dynamo
+# traces a graph without them): under a reentrant checkpoint every row took the active adapter,
+# silently (a review, 2026-12-04: 25.3 off for gradients of 16.5, the other adapter no gradient);
+# a non-reentrant one happened to fail torch's metadata check. A checkpoint inside the compiled
+# region is traced with the names (exact) and breaks nothing.
 _refuse_inside_checkpoint_outside_the_graph = torch.compiler.disable(
     _refuse_inside_checkpoint, reason="miss_ext: a layer of an accelerated PEFT model called with adapter_names= and "
-    "grad enabled checks outside the graph that it does not run inside activation checkpointing (README, 'Training "
-    "several adapters in one batch'): compile without fullgraph=True (a graph break per layer call), call it under "
-    "torch.no_grad() for inference, or train mixed batches with a bank (miss_ext.load_bank / mixed_batch)")
+    "grad enabled, compiled inside activation checkpointing entered outside the compiled region, checks outside the "
+    "graph whether the checkpoint would recompute it without the names (README, 'Training several adapters in one "
+    "batch'): compile the checkpointed module instead, compile without fullgraph=True, or train mixed batches with a "
+    "bank (miss_ext.load_bank / mixed_batch)")
 
 
 def _adapter_names_hook(module, args, kwargs, holder):
@@ -247,11 +256,11 @@ def _adapter_names_hook(module, args, kwargs, holder):
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
         # it runs as a plain call would.
         return args, kwargs
-    if holder.get("entry") is not None:
-        if not torch.compiler.is_compiling():
-            _refuse_inside_checkpoint(module, holder)
-        else:
+    if torch.compiler.is_compiling():
+        if holder.get("eager_entry") and traced_inside_checkpoint():
             _refuse_inside_checkpoint_outside_the_graph(module, holder)
+    elif holder.get("entry") is not None:
+        _refuse_inside_checkpoint(module, holder)
     names = holder["names"]
     if holder.get("regrouped") and names:
         if isinstance(module, AcceleratedMissLinear):

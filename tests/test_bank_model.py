@@ -719,13 +719,36 @@ def test_an_eval_mode_forward_with_grad_under_a_checkpoint_is_judged_too(folders
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("function", [Recompute, NewStyleRecompute], ids=["ctx", "new_style"])
+def test_a_training_forward_recomputed_after_model_eval_is_judged_by_its_batch(folders, function):
+    """The eval-mode refusal of a recompute with no note reads the mode at the recompute: a
+    training forward under another library's checkpoint, then model.eval(), then backward in its
+    own batch was refused, naming an eval-mode forward (a review, 2026-12-04). Judged by the
+    forward's note or record instead: exact in its batch, refused in another."""
+    base, _ = folders
+    model = checkpointing_bank(base, False)
+    layer = miss_ext.bank_model.bank_layers(model)[0][1]
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        (want,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+        first, second = (function.apply(layer, x).pow(2).sum() for _ in range(2))
+    model.eval()
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        first.backward()
+    torch.testing.assert_close(x.grad, want, **TOL)
+    # (new style: the first recompute cleared the record, so the second meets the eval rule)
+    with miss_ext.mixed_batch(model, ["y", None]), \
+            pytest.raises(ValueError, match="recomputed inside backward|could not be checked"):
+        second.backward()
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_a_compiled_layer_inside_a_checkpoint_is_judged_as_in_eager(folders, reentrant):
     """A checkpoint placed around a compiled block re-runs the compiled graph inside backward(),
     where no Python of the layer ran: a backward in another batch trained the wrong adapters,
     silently (a new-user pass, 2026-12-04: input gradients 1.38 off for 5.85). A compiled training
-    forward under mixed_batch now checks outside the graph, as in eager: refused in another batch,
-    exact in its own; with fullgraph=True Dynamo refuses the graph break, naming why."""
+    forward traced inside such a checkpoint now checks outside the graph, as in eager: refused in
+    another batch, exact in its own."""
     from torch.utils.checkpoint import checkpoint
 
     torch._dynamo.reset()
@@ -741,10 +764,17 @@ def test_a_compiled_layer_inside_a_checkpoint_is_judged_as_in_eager(folders, ree
     torch.testing.assert_close(x.grad, want, **TOL)
     with miss_ext.mixed_batch(model, ["y", None]), pytest.raises(ValueError, match="recomputed inside backward"):
         second.backward()
-    torch._dynamo.reset()  # else the graphs above serve the call below without a trace
-    with miss_ext.mixed_batch(model, ["x", "y"]), pytest.raises(torch._dynamo.exc.Unsupported,
-                                                                 match="miss_ext: a MissBankLinear training forward"):
-        torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    # The check runs outside the graph only where the trace ran inside a checkpoint entered
+    # outside it: there fullgraph=True refuses the break, naming why; without a checkpoint the
+    # layer compiles whole, in training too (a break in every compiled training forward cost
+    # whole-model graphs: a review, 2026-12-04).
+    torch._dynamo.reset()  # else the graphs above serve the calls below without a trace
+    whole = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with miss_ext.mixed_batch(model, ["x", "y"]):
+        whole(x).pow(2).sum().backward()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="miss_ext: a MissBankLinear training forward"):
+            torch._dynamo.reset()
+            checkpoint(whole, x, use_reentrant=reentrant)
     torch._dynamo.reset()
 
 
