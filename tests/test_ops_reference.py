@@ -483,6 +483,31 @@ def test_linear_half_precision_follows_peft(device, name, in_f, out_f, r, mini_r
     close(y, peft_precision_linear_ref(x, w, b, blk), ulp, 1e-6, msg="PEFT rounding")
 
 
+# Shapes with few output tiles for a long K, where cuBLAS splits K: the bf16 tensor-core path's
+# y += S D (split_gemm.h; K = 6 r) must still round once. With torch's default
+# allow_bf16_reduced_precision_reduction cuBLAS stored the parts in bf16: 12 rows, out 6, r 16
+# were 1-2 units off PEFT's on an H200 (2026-12-04). Decoding (1 row, wide layers) is the real case.
+@pytest.mark.parametrize("rows,in_f,out_f,r", [(1, 1024, 1024, 64), (3, 64, 64, 128), (2, 4096, 256, 64),
+                                               (12, 8, 6, 16)], ids=str)
+@pytest.mark.parametrize("reduction", [(True, True), (False, True), (False, False)], ids=str)
+def test_linear_bf16_rounds_once_whatever_cublas_reduction(device, rows, in_f, out_f, r, reduction):
+    """PEFT's rounding at every torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    setting, and the setting the user chose is the one in force after the op, forward and backward."""
+    before = torch._C._get_cublas_allow_bf16_reduced_precision_reduction()
+    try:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduction
+        x = rand(rows, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
+        w = rand(out_f, in_f, dtype=torch.bfloat16, device=device) / math.sqrt(in_f)
+        blk = rand(r, out_f, dtype=torch.float32, device=device, requires_grad=True)
+        y = ops.linear(x, w, None, blk)
+        assert torch._C._get_cublas_allow_bf16_reduced_precision_reduction() == reduction
+        close(y, peft_precision_linear_ref(x.detach(), w, None, blk.detach()), 2.0 ** -7, 1e-6, msg="PEFT rounding")
+        y.backward(torch.ones_like(y))
+        assert torch._C._get_cublas_allow_bf16_reduced_precision_reduction() == reduction
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = before
+
+
 @pytest.mark.parametrize(
     "x_dtype,b_dtype",
     [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64),

@@ -7,6 +7,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
 
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -87,11 +88,56 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
   return {at::cat(left, 1), at::cat(right, 0)};
 }
 
+// While alive, cuBLAS may split a bf16 GEMM's K but must reduce the partial sums in fp32.
+// torch's default (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True) lets
+// cuBLAS store them in bf16, the output type: then y += S D is rounded several times. That is
+// PEFT's precision only for its base GEMM; its adapter term is an fp32 GEMM added with one
+// rounding, which addmm_split promises. Seen on an H200 (2026-12-04): 12 rows, out 6, K = 96
+// (r = 16 in 3 parts): 8 of 72 outputs 1-2 bf16 units off PEFT's (0.0117; 10% of a value where
+// the base and the adapter term cancel). cuBLAS picks split-K where there are few output tiles
+// for the SMs (small T x out: decoding) and K is long, so it is not confined to toy shapes.
+// The setting is process-wide (at::globalContext(); torch has no per-call option): the first of
+// concurrent holders (threads) sets it and the last restores the user's value, under a mutex.
+// Other threads' bf16 GEMMs meanwhile reduce in fp32 too (more accurate, never less). A user
+// who changes the setting from another thread while one of ours runs may see it restored.
+class Fp32SplitKReduction {
+ public:
+  Fp32SplitKReduction() {
+    const std::lock_guard<std::mutex> lock(mutex());
+    if (holders()++ == 0) {
+      auto& ctx = at::globalContext();
+      changed() = ctx.allowBF16ReductionCuBLAS() == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+      if (changed()) ctx.setAllowBF16ReductionCuBLAS(/*allow_reduced_precision=*/false, /*allow_splitk=*/true);
+    }
+  }
+  ~Fp32SplitKReduction() {
+    const std::lock_guard<std::mutex> lock(mutex());
+    if (--holders() == 0 && changed()) at::globalContext().setAllowBF16ReductionCuBLAS(true, true);
+  }
+  Fp32SplitKReduction(const Fp32SplitKReduction&) = delete;
+  Fp32SplitKReduction& operator=(const Fp32SplitKReduction&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static int& holders() {
+    static int n = 0;
+    return n;
+  }
+  static bool& changed() {
+    static bool c = false;
+    return c;
+  }
+};
+
 }  // namespace
 
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   const auto [l, r] = split_operands(a, b);
   if (y.is_cuda()) {
+    const Fp32SplitKReduction fp32_reduction;
     y.addmm_(l, r);  // bf16 operands, fp32 accumulation and epilogue, one rounding
   } else {
     y.copy_(at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)));
@@ -100,7 +146,10 @@ void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   const auto [l, r] = split_operands(a, b);
-  if (y.is_cuda()) return at::addmm(y, l, r);
+  if (y.is_cuda()) {
+    const Fp32SplitKReduction fp32_reduction;
+    return at::addmm(y, l, r);
+  }
   return at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)).to(y.scalar_type());
 }
 

@@ -18,9 +18,9 @@
 // accurate as fp32; "tf32" ("high" or "medium") 2, better than TF32's 2^-11.
 // Limits: an infinite value gives NaN where fp32 would give inf (inf - inf); a part below fp32's
 // normal range (the third part of values below about 7.7e-34) may be flushed to zero by the
-// tensor cores, an absolute error below 2^-126. y += a b is rounded once in the GEMM's epilogue
-// unless cuBLAS splits K and reduces in bf16 (torch.backends.cuda.matmul.
-// allow_bf16_reduced_precision_reduction), which a K of 6 r does not call for.
+// tensor cores, an absolute error below 2^-126. y += a b is rounded once in the GEMM's epilogue:
+// where cuBLAS splits K, addmm_split has it reduce the parts in fp32 whatever torch.backends.cuda.
+// matmul.allow_bf16_reduced_precision_reduction says (split_gemm.cpp, Fp32SplitKReduction).
 //
 // Every step is an ATen call (dispatcher, so torch.compile records it; the parts are cut by bit
 // masks, which Inductor keeps exact). On CUDA the bf16 GEMMs write fp32 directly
