@@ -84,7 +84,12 @@ def test_adapters_added_to_offloaded_layers_are_refused(base, tmp_path):
     ids = tokens()
     with torch.no_grad():
         want = source(ids).logits
-    loaded = accelerate(PeftModel.from_pretrained(offloaded(), tmp_path / "adapter"))
+    # PeftModel.from_pretrained dispatches a model whose device_map holds "cpu" or "disk" again,
+    # by device_map="auto": all on the CPU where no GPU is visible, onto the GPU where one is (then
+    # the CPU ids failed in the embedding, on an H200, 2026-12-04). max_memory keeps it on the CPU
+    # on both. (An explicit device_map keeping layers.1 on disk fails in PEFT's own forward: the
+    # offload index keeps the base model's names, KeyError for base_model.model.model.layers.1....)
+    loaded = accelerate(PeftModel.from_pretrained(offloaded(), tmp_path / "adapter", max_memory={"cpu": 2**34}))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-9, atol=1e-10)
     # A hook that only aligns devices (offload=False, what a multi-device device_map adds) is no
