@@ -1,6 +1,7 @@
 """The benchmark scripts (bench/) as tools, not as timings: their flags refuse bad values by name
 before any work, and their agreement checks refuse to time variants that compute different
 layers. Tiny sizes only; no figure is measured or asserted here (figures: bench/RESULTS.md)."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_bench_decode_runs_every_variant_and_counts_tokens(capsys):
             assert f"| {mode} | {variant} |" in out
         assert f"| {mode} | peft+accelerate |" in out and f"| {mode} | peft |" in out
     assert "| default | peft+accelerate | " in out and out.count(" 2/2 |") >= 6  # adapted variants: PEFT's tokens
+    assert re.search(r"# bat: largest logit error against a float64 copy of PEFT's model: peft \S+, peft\+accelerate", out)
 
 
 @pytest.mark.parametrize("script, variant, argv", [
@@ -126,6 +128,36 @@ def test_model_benchmarks_refuse_to_time_variants_that_differ(monkeypatch, scrip
     monkeypatch.setattr(script, "build_variants", off_by_a_little)
     with pytest.raises(SystemExit, match=f"default: {re.escape(variant)}'s logits are .* from PEFT's"):
         script.main(TINY_MODEL + argv + ["--modes", "default"])
+
+
+def test_profile_linear_tables_every_case(capsys, tmp_path):
+    import profile_linear
+    assert profile_linear.main(["-T", "64", "--in-features", "32", "--out-features", "48", "-r", "8", "--mini-r", "8",
+                                "--steps", "2", "--warmup", "1", "--top", "3", "--cases", "miss,miss_mini",
+                                "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    for case in ("frozen", "miss", "miss_mini"):
+        assert f"\n## {case}: " in out
+    assert out.count("| ops (self CPU time) | calls/step | us/step | share |") == 3
+    cases = json.loads((tmp_path / "p.json").read_text())["cases"]
+    calls = {case: {name: c for name, c, _ in rows["rows"]} for case, rows in cases.items()}
+    # the adapter's own ops, per step: the forward's fold (mini: and the backward's fold of G)
+    assert calls["miss"]["miss::fold"] == 1 and calls["miss_mini"]["miss::fold"] == 2
+    assert not any(name.startswith("miss::") for name in calls["frozen"])
+    with pytest.raises(SystemExit, match="unknown case"):
+        profile_linear.main(["--cases", "nope"])
+
+
+def test_bench_kernels_refuses_to_time_implementations_that_differ():
+    import bench_kernels
+    x = torch.randn(64, 8)
+    same = {"fold/fp32[auto]": lambda: x, "fold/fp32[rows]": lambda: x.clone(),
+            "tile_add_/bf16[auto]": lambda: x.bfloat16(), "tile_add_/bf16[flat]": lambda: x.bfloat16()}
+    bench_kernels.check_results(same)
+    with pytest.raises(SystemExit, match=r"fold/fp32\[warp\]: .* from fold/fp32\[auto\]'s result"):
+        bench_kernels.check_results({**same, "fold/fp32[warp]": lambda: x + 1e-3})
+    with pytest.raises(SystemExit, match=r"fold/fp32\[warp\]"):  # an unwritten (NaN) element
+        bench_kernels.check_results({**same, "fold/fp32[warp]": lambda: x.clone().index_fill_(0, torch.tensor([3]), float("nan"))})
 
 
 def test_bench_bat_weight_runs_and_refuses_a_bad_r(capsys):
