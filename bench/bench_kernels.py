@@ -18,6 +18,7 @@ Cases, each under every implementation that MISS_EXT_* can force (csrc/ops/impl_
     bat_weight/<dtype>[<impl>]     W' of a bat adapter (out = in = --in-features, block fp32), in the
                                    block's dtype (fp32) and in bf16; impl kernel | gemm
                                    (MISS_EXT_BAT_TRANSFORM)
+Before timing, every implementation of a case must give its "auto" result (check_results).
 Issue 11's targets: fold >= 0.80 of copy for bf16 and fp32 at r=64, >= 0.60 with dropout.
 """
 import argparse
@@ -47,7 +48,9 @@ def with_env(variable, value, fn):
 
 
 def build_cases(a, device):
-    cases, nbytes = {}, {}
+    """(cases, nbytes, results): the timed calls, the bytes each must move, and for every case but
+    copy a call giving its result as a new tensor (check_results)."""
+    cases, nbytes, results = {}, {}, {}
     copy_src = torch.empty(128 << 20, dtype=torch.float16, device=device).normal_()
     copy_dst = torch.empty_like(copy_src)
     cases["copy"] = lambda: copy_dst.copy_(copy_src)
@@ -62,8 +65,9 @@ def build_cases(a, device):
                 if device.type != "cuda" and kernel != "auto":
                     continue  # the choice is a CUDA one
                 name = f"fold/{dname}/p={p}[{kernel}]"
-                cases[name] = with_env("MISS_EXT_FOLD_KERNEL", kernel,
-                                       lambda x=x, p=p, key=key: ops.fold(x, a.r, p, key, torch.float32))
+                fold = lambda x=x, p=p, key=key: ops.fold(x, a.r, p, key, torch.float32)  # noqa: E731
+                cases[name] = with_env("MISS_EXT_FOLD_KERNEL", kernel, fold)
+                results[name] = with_result("MISS_EXT_FOLD_KERNEL", kernel, fold)
                 nbytes[name] = x.nbytes + a.T * a.r * 4
     dx = torch.randn(a.T, a.in_features, device=device, dtype=torch.bfloat16)
     ds = torch.randn(a.T, a.r, device=device)
@@ -72,6 +76,7 @@ def build_cases(a, device):
             continue
         name = f"tile_add_/bf16[{kernel}]"
         cases[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add_(dx, ds, 1.0, 0.0, None))
+        results[name] = with_result("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add(dx, ds, 1.0, 0.0, None))
         nbytes[name] = 2 * dx.nbytes + ds.nbytes
     n = a.in_features
     w = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -79,10 +84,40 @@ def build_cases(a, device):
     for out_name, out_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for impl in ("kernel", "gemm"):
             name = f"bat_weight/{out_name}[{impl}]"
-            cases[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl,
-                                   lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype))
+            bat_weight = lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype)  # noqa: E731
+            cases[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl, bat_weight)
+            results[name] = with_result("MISS_EXT_BAT_TRANSFORM", impl, bat_weight)
             nbytes[name] = w.nbytes + w.numel() * out_dtype.itemsize
-    return cases, nbytes
+    return cases, nbytes, results
+
+
+def with_result(variable, value, fn):
+    """fn's result, computed with os.environ[variable] = value (auto: unset)."""
+    def run():
+        with environment({variable: None if value == "auto" else value}):
+            return fn()
+    return run
+
+
+def check_results(results):
+    """Before timing: every implementation of a case (a case's name without the [implementation])
+    gives what its first one gives, up to float32 summation order and one rounding of the stored
+    dtype: a kernel that is fast because it is wrong must not be timed. SystemExit naming the case."""
+    reference = {}
+    for name, result in results.items():
+        family = name.split("[")[0]
+        raw = result()
+        out = raw.double()
+        if family not in reference:
+            reference[family] = (name, out)
+            continue
+        first, want = reference[family]
+        tol = 2 ** -7 if raw.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        scale = max(1.0, want.abs().max().item())
+        err = (out - want).abs().max().item()
+        if not err <= tol * scale:  # (a NaN fails too)
+            raise SystemExit(f"{name}: {err:.3e} from {first}'s result (allowed {tol * scale:.1e}): "
+                             "the implementations differ")
 
 
 def main(argv=None):
@@ -95,7 +130,8 @@ def main(argv=None):
     ap.add_argument("--json", type=json_path_arg, help="also write the figures here")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    cases, nbytes = build_cases(a, device)
+    cases, nbytes, results = build_cases(a, device)
+    check_results(results)
     ms, ratio = interleaved_medians(cases, a.reps, device, baseline="copy")
     copy_gbs = nbytes["copy"] / ms["copy"] / 1e6
     print("# miss_ext kernel bandwidth\n")

@@ -538,6 +538,21 @@ def test_cuda_fold_kernels_match_the_cpu(kernel, dtype, p, layout, monkeypatch):
     assert kernels.ran(expected), kernels.names()
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype,rows,expected", [
+    (torch.bfloat16, 8192, "fold_warp_kernel"), (torch.float16, 2048, "fold_warp_kernel"),
+    (torch.bfloat16, 2047, "fold_rows_kernel"), (torch.bfloat16, 16, "fold_rows_kernel"),
+    (torch.float32, 8192, "fold_rows_kernel")], ids=str)
+def test_cuda_fold_auto_picks_by_dtype_and_rows(dtype, rows, expected, monkeypatch):
+    """"auto" (shard_kernels.cu, launch_fold): the warp kernel for 2-byte x with at least 2048 rows
+    (measured faster on an H200 there), the rows kernel for fewer rows and for fp32 (r=64)."""
+    monkeypatch.delenv("MISS_EXT_FOLD_KERNEL", raising=False)
+    with CudaKernels() as kernels:
+        got, want, scale = _fold_on_both(rows, 4096, 64, dtype, 0.0, "contiguous")
+    assert fold_within(got.cpu(), want, scale, rtol=1e-5)
+    assert kernels.ran(expected), kernels.names()
+
+
 def _fold_on_both(rows, fin, r, dtype, p, layout):
     """(CUDA fold, CPU fold, sum of |terms| per output) of one random x, with the same key."""
     buf = torch.randn(2 * rows * fin + 1, dtype=torch.float64).to(dtype)
@@ -586,6 +601,27 @@ def test_cuda_tile_add_kernels_match_the_cpu(kernel, dtype, src_dtype, p, layout
     for (rows, cols, prow, q), (got, want) in zip(TILE_SHAPES, checks):
         assert torch.allclose(got.cpu(), want, rtol=tol, atol=4 * tol), (rows, cols, prow, q)
     assert kernels.ran({"flat": "tile_add_kernel", "grid2d": "tile_add_2d_kernel"}[kernel]), kernels.names()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,rows,src_rows,expected", [
+    (torch.bfloat16, 8192, 8192, "tile_add_2d_kernel"), (torch.float16, 2048, 2048, "tile_add_2d_kernel"),
+    (torch.bfloat16, 2047, 2047, "tile_add_kernel"), (torch.bfloat16, 8192, 64, "tile_add_kernel"),
+    (torch.float32, 8192, 8192, "tile_add_kernel")], ids=str)
+def test_cuda_tile_add_auto_picks_by_dtype_and_rows(dtype, rows, src_rows, expected, monkeypatch):
+    """"auto" (shard_kernels.cu, launch_tile_add): the 2-D kernel for a 2-byte out with one source
+    row per row and at least 2048 rows (measured faster on an H200 there), the flat one elsewhere."""
+    monkeypatch.delenv("MISS_EXT_TILE_ADD_KERNEL", raising=False)
+    out = torch.randn(rows, 512, dtype=torch.float64).to(dtype)
+    src = torch.randn(src_rows, 64)
+    want = out.clone()
+    ops.tile_add_(want, src, -0.5, 0.0, None)
+    with CudaKernels() as kernels:
+        got = out.cuda()
+        ops.tile_add_(got, src.cuda(), -0.5, 0.0, None)
+    tol = TILE_ADD_TOL[dtype]
+    assert torch.allclose(got.cpu(), want, rtol=tol, atol=4 * tol)
+    assert kernels.ran(expected), kernels.names()
 
 
 @needs_gpu
