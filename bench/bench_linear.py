@@ -765,12 +765,7 @@ def parse_args(argv=None):
     ap.add_argument("--progress", action="store_true", help="print per-rep progress to stderr")
     ap.add_argument("--_peak-case", dest="_peak_case", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if not 0.0 <= a.dropout < 1.0:
-        ap.error(f"--dropout must be in [0, 1), got {a.dropout}")
-    gpu = a.preset == "gpu"
-    a.device = a.device or ("cuda" if gpu else "cpu")
-    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
-    a.T = a.T or (8192 if gpu else 4096)
+    gpu = fill_layer_defaults(ap, a)
     cuda = a.device.startswith("cuda")
     a.reps = a.reps if a.reps is not None else (100 if cuda else 20)
     a.warmup = a.warmup if a.warmup is not None else (10 if cuda else 2)
@@ -781,6 +776,19 @@ def parse_args(argv=None):
     else:
         a.shape_list = [(a.in_features or 2048, a.out_features or 2048)]
     return a
+
+
+def fill_layer_defaults(ap, a):
+    """Checks --dropout and fills --device, --dtype and -T from --preset (gpu: cuda, bf16, 8192;
+    else cpu, fp32, 4096) where not given; returns whether the preset is gpu. Shared with
+    profile_linear.py."""
+    if not 0.0 <= a.dropout < 1.0:
+        ap.error(f"--dropout must be in [0, 1), got {a.dropout}")
+    gpu = a.preset == "gpu"
+    a.device = a.device or ("cuda" if gpu else "cpu")
+    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
+    a.T = a.T or (8192 if gpu else 4096)
+    return gpu
 
 
 def select_cases(spec):

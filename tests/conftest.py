@@ -12,7 +12,10 @@
 - Every test starts from its own reproducible torch seed (derived from the test id).
 - The TorchScript deprecation warnings of recent torch releases are silenced.
 - The slowest files run first (SLOW_FILES_FIRST), so that parallel workers finish together.
+- MISS_EXT_TEST_PART=cuda runs only the tests that touch CUDA, =rest the others (touches_cuda).
 """
+import inspect
+import os
 import zlib
 
 import pytest
@@ -29,6 +32,8 @@ DEVICES = [
 
 
 def pytest_configure(config):
+    # pytest-xdist's mark, known also where xdist is missing (scripts/gpu_check.sh: --dist loadgroup)
+    config.addinivalue_line("markers", "xdist_group(name): tests that one xdist worker runs in turn")
     for line in (
         r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning",
         r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning",
@@ -51,8 +56,32 @@ SLOW_FILES_FIRST = ("test_large_tensors.py", "test_soak.py", "test_fsdp.py", "te
                     "test_demo_mixed.py", "test_demo.py", "test_demo_user_model.py", "test_bat.py", "test_ddp.py")
 
 
+def touches_cuda(item) -> bool:
+    """Whether a test is one of those a GPU machine must run (MISS_EXT_TEST_PART=cuda): its id names
+    cuda (the `device` fixture's "cuda" parameter and the like), its file's name does, or its
+    function's source (decorators included) mentions it. The other tests never ask for CUDA; the
+    CPU machines' CI runs them all."""
+    if "cuda" in item.nodeid.lower():
+        return True
+    function = getattr(item, "function", None)
+    try:
+        return function is not None and "cuda" in inspect.getsource(function).lower()
+    except (OSError, TypeError):  # no source to read: counted as touching CUDA, never left out
+        return True
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Runs SLOW_FILES_FIRST's files first (each file's tests keep their order)."""
+    """Runs SLOW_FILES_FIRST's files first (each file's tests keep their order). With
+    MISS_EXT_TEST_PART=cuda only the tests that touch CUDA run, with =rest only the others
+    (scripts/gpu_check.sh: on a lent GPU, whose time is short, the CUDA tests first)."""
+    part = os.environ.get("MISS_EXT_TEST_PART", "")
+    if part not in ("", "cuda", "rest"):
+        raise pytest.UsageError(f"MISS_EXT_TEST_PART must be 'cuda', 'rest' or unset, got {part!r}")
+    if part:
+        chosen = [touches_cuda(item) == (part == "cuda") for item in items]
+        config.hook.pytest_deselected(items=[item for item, c in zip(items, chosen) if not c])
+        items[:] = [item for item, c in zip(items, chosen) if c]
+
     def rank(item):
         name = item.path.name
         return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)

@@ -22,6 +22,9 @@ from reference import F64, fold_ref, philox_mask, tile_add_ref
 
 ops = torch.ops.miss
 BIG = 2**31
+# Several GiB each: under `--dist loadgroup` (scripts/gpu_check.sh, a worker per core) one worker
+# runs them one after the other instead of many at once.
+pytestmark = pytest.mark.xdist_group("large_tensors")
 GIB = 2**30
 
 
