@@ -138,6 +138,14 @@ TORCH_LIBRARY(miss, m) {
   m.def("bank_add_backward(Tensor grad, Tensor s, Tensor bank, Tensor ranks, Tensor periods, Tensor index, "
         "bool per_row_fold=False) -> (Tensor, Tensor)");
 
+  // y + a @ b for the split-bf16 products of a bf16 layer's adapter (split_gemm.h): y (m, n), a (m, k)
+  // and b (k, n), all bfloat16 on one device; the sum is formed in float32, cuBLAS's split-K partial
+  // sums included whatever torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction says,
+  // and rounded once to bfloat16. Internal to miss::linear; an op so that a traced graph
+  // (torch.compile, export) calls it, and runs that GEMM under that reduction setting. Not differentiable.
+  m.def("split_addmm(Tensor y, Tensor a, Tensor b) -> Tensor");
+  m.def("split_addmm_(Tensor(a!) y, Tensor a, Tensor b) -> ()");
+
   // Backends and CUDA architectures compiled into this library.
   m.def("build_info() -> str", &build_info);
 }

@@ -234,6 +234,11 @@ _DOCS_WITHOUT_WRAPPER = {
     "bank_add_backward": "The adjoint of bank_add in s and bank: (grad_s, grad_bank), slot a's gradient from its "
                          "rows only, zero outside [:ranks[a], :periods[a]]. Used by bank_add's autograd; not "
                          "differentiable again.",
+    "split_addmm": "y + a @ b for the bfloat16 parts of miss.linear's split-bf16 products (y (m, n), a (m, k), b (k, n), "
+                   "all bfloat16): the sum formed in float32, cuBLAS's split-K partial sums included whatever "
+                   "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction says, rounded once. Internal to "
+                   "miss.linear (csrc/ops/split_gemm.h); not differentiable.",
+    "split_addmm_": "split_addmm in place into y; returns None. Internal to miss.linear; not differentiable.",
     "build_info": "How the op library was built, as one string of ';'-separated key=value items (backends, "
                   "cuda_version, cuda_archs, built_with_torch, cxx_runtime, sanitize); miss_ext.build_info() "
                   "returns it as a dict.",

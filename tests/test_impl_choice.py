@@ -269,6 +269,62 @@ def test_other_dtypes_never_take_the_split_path(monkeypatch):
         assert "aten::cat" not in fw, (xdt, bdt)
 
 
+def _graph_ops(gm):
+    """The ops a traced graph calls, the mutable ops inside auto_functionalized nodes included."""
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        names.append(str(node.target))
+        if "auto_functionalized" in str(node.target):
+            names.append(str(node.args[0]))
+    return names
+
+
+def test_split_add_is_one_op_in_traced_graphs(monkeypatch, dynamo_reset):
+    """The split path's y += S D is miss.split_addmm_ (miss.split_addmm where nothing may be updated
+    in place), never a plain aten.addmm: that op has cuBLAS reduce split-K parts in fp32 when the
+    graph runs (split_gemm.cpp, Fp32SplitKReduction). With aten.addmm in the graph (before
+    2026-12-04) the guard ran at trace time only, and a compiled step kept torch's bf16 reduction."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setenv("MISS_EXT_GEMM", "split")
+    x = torch.randn(12, 8).bfloat16().requires_grad_(True)
+    w = torch.randn(6, 8).bfloat16()
+    block = torch.randn(16, 6, requires_grad=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(_graph_ops(gm))
+        return gm
+
+    compiled = torch.compile(lambda *a: ops.linear(*a), backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    y = compiled(x, w, None, block, 0.0, None)
+    torch.testing.assert_close(y, ops.linear(x, w, None, block, 0.0, None), rtol=0, atol=0)
+    forward = graphs[0]
+    assert "miss.split_addmm_.default" in forward and not any("aten.addmm" in n for n in forward), forward
+    traced = _graph_ops(make_fx(lambda *a: ops.linear(*a))(x.detach(), w, None, block.detach(), 0.0, None))
+    assert "miss.split_addmm_.default" in traced and not any("aten.addmm" in n for n in traced), traced
+
+
+def test_split_addmm_ops_refuse_bad_arguments_by_name():
+    bf = dict(dtype=torch.bfloat16)
+    y, a, b = torch.zeros(2, 3, **bf), torch.zeros(2, 4, **bf), torch.zeros(4, 3, **bf)
+    torch.testing.assert_close(ops.split_addmm(y, a, b), y)
+    with pytest.raises(ValueError, match="y, a and b must be bfloat16 .* got Float, BFloat16 and BFloat16"):
+        ops.split_addmm(y.float(), a, b)
+    with pytest.raises(ValueError, match=r"y \[2, 3\] != a \[2, 4\] @ b \[5, 3\]"):
+        ops.split_addmm_(y, a, torch.zeros(5, 3, **bf))
+    with pytest.raises(ValueError, match="must be matrices, got 1-D"):
+        ops.split_addmm(y[0], a, b)
+    with pytest.raises(RuntimeError, match="op without autograd support .* differentiable miss::linear"):
+        ops.split_addmm(y, a.requires_grad_(True), b)
+    with pytest.raises(ValueError, match="split_addmm_ a (overlaps|is a view of) y"):
+        ops.split_addmm_(y[:, :2], y[:, :2], torch.zeros(2, 2, **bf))
+    assert torch.equal(y, torch.zeros(2, 3, **bf))
+
+
 @pytest.mark.parametrize("where", ["block", "x", "weight"])
 def test_split_products_are_non_finite_exactly_where_the_float32_ones_are(where, monkeypatch):
     """An inf in a split operand comes out as NaN, not inf: its bf16 head is inf and the other

@@ -115,6 +115,15 @@ def test_opcheck_merge(device, grad):
     run_opcheck(ops.merge.default, merge_samples(device, grad))
 
 
+def test_opcheck_split_addmm(device):
+    """The split path's internal GEMM (split_gemm.h), functional and in place, odd sizes and an empty m."""
+    bf = dict(dtype=torch.bfloat16, device=device)
+    samples = [(f"{m}x{k}x{n}", (rand(m, n, **bf), rand(m, k, **bf), rand(k, n, **bf)), {})
+               for m, k, n in ((5, 7, 3), (1, 96, 6), (0, 4, 2))]
+    run_opcheck(ops.split_addmm.default, samples)
+    run_opcheck(ops.split_addmm_.default, samples)
+
+
 def test_opcheck_tile_add(device):
     """The functional tile_add (differentiable in out and src)."""
     samples = tile_add_samples(device) + [

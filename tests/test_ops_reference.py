@@ -490,16 +490,20 @@ def test_linear_half_precision_follows_peft(device, name, in_f, out_f, r, mini_r
 @pytest.mark.parametrize("rows,in_f,out_f,r", [(1, 1024, 1024, 64), (3, 64, 64, 128), (2, 4096, 256, 64),
                                                (12, 8, 6, 16)], ids=str)
 @pytest.mark.parametrize("reduction", [(True, True), (False, True), (False, False)], ids=str)
-def test_linear_bf16_rounds_once_whatever_cublas_reduction(device, rows, in_f, out_f, r, reduction):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_linear_bf16_rounds_once_whatever_cublas_reduction(device, rows, in_f, out_f, r, reduction, compiled,
+                                                           dynamo_reset):
     """PEFT's rounding at every torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    setting, and the setting the user chose is the one in force after the op, forward and backward."""
+    setting, eager and in a compiled graph (which calls miss.split_addmm_ on CUDA), and the setting
+    the user chose is the one in force after the op, forward and backward."""
     before = torch._C._get_cublas_allow_bf16_reduced_precision_reduction()
+    linear = torch.compile(ops.linear, backend="aot_eager", fullgraph=True) if compiled else ops.linear
     try:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduction
         x = rand(rows, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
         w = rand(out_f, in_f, dtype=torch.bfloat16, device=device) / math.sqrt(in_f)
         blk = rand(r, out_f, dtype=torch.float32, device=device, requires_grad=True)
-        y = ops.linear(x, w, None, blk)
+        y = linear(x, w, None, blk)
         assert torch._C._get_cublas_allow_bf16_reduced_precision_reduction() == reduction
         close(y, peft_precision_linear_ref(x.detach(), w, None, blk.detach()), 2.0 ** -7, 1e-6, msg="PEFT rounding")
         y.backward(torch.ones_like(y))

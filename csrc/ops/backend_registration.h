@@ -11,6 +11,7 @@
 #include "fold.h"
 #include "linear.h"
 #include "merge.h"
+#include "split_gemm.h"
 
 namespace miss_ext {
 
@@ -84,6 +85,8 @@ void register_backend(torch::Library& m) {
   m.impl("bat_transform_", &bat_transform_inplace_on<bat_kernel>);
   m.impl("bat_weight", &bat_weight_kernel);
   m.impl("bat_linear", &bat_linear_kernel);
+  m.impl("split_addmm", &split_addmm_kernel);
+  m.impl("split_addmm_", &split_addmm_inplace_kernel);
 }
 
 }  // namespace miss_ext

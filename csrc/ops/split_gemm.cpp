@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/cat.h>
@@ -11,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/sym_shape.h"
 #include "impl_choice.h"
 
@@ -98,8 +100,12 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
 // for the SMs (small T x out: decoding) and K is long, so it is not confined to toy shapes.
 // The setting is process-wide (at::globalContext(); torch has no per-call option): the first of
 // concurrent holders (threads) sets it and the last restores the user's value, under a mutex.
-// Other threads' bf16 GEMMs meanwhile reduce in fp32 too (more accurate, never less). A user
-// who changes the setting from another thread while one of ours runs may see it restored.
+// So with several threads (nn.DataParallel's replicas, a serving pool) other threads' bf16 GEMMs
+// that run inside that window reduce in fp32 too: no less accurate, but not bit for bit what they
+// give outside it, which then depends on timing. A user who changes the setting from another
+// thread inside the window sees it restored at its end, and a holder entering after that change
+// runs under it. Held only around this one GEMM, and as part of miss::split_addmm(_), so that a
+// compiled graph holds it when it runs (an aten::addmm in the graph would run unguarded).
 class Fp32SplitKReduction {
  public:
   Fp32SplitKReduction() {
@@ -136,22 +142,67 @@ class Fp32SplitKReduction {
 
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   const auto [l, r] = split_operands(a, b);
-  if (y.is_cuda()) {
-    const Fp32SplitKReduction fp32_reduction;
-    y.addmm_(l, r);  // bf16 operands, fp32 accumulation and epilogue, one rounding
-  } else {
-    y.copy_(at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)));
-  }
+  ops::split_addmm_(y, l, r);
 }
 
 at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   const auto [l, r] = split_operands(a, b);
+  return ops::split_addmm(y, l, r);
+}
+
+void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(y.dim() == 2 && a.dim() == 2 && b.dim() == 2, "miss::", op, ": y, a and b must be matrices, got ",
+                    y.dim(), "-D, ", a.dim(), "-D and ", b.dim(), "-D");
+  TORCH_CHECK_VALUE(y.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
+                        b.scalar_type() == at::kBFloat16,
+                    "miss::", op, ": y, a and b must be bfloat16 (the split parts of a bf16 layer), got ",
+                    y.scalar_type(), ", ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.sym_size(0) == y.sym_size(0) && b.sym_size(1) == y.sym_size(1) && a.sym_size(1) == b.sym_size(0),
+                    "miss::", op, ": y ", y.sym_sizes(), " != a ", a.sym_sizes(), " @ b ", b.sym_sizes());
+  TORCH_CHECK(y.device() == a.device() && y.device() == b.device(), "miss::", op,
+              ": y, a and b must be on one device, got ", y.device(), ", ", a.device(), " and ", b.device());
+}
+
+at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  check_split_addmm_args("split_addmm", y, a, b);
   if (y.is_cuda()) {
     const Fp32SplitKReduction fp32_reduction;
-    return at::addmm(y, l, r);
+    return at::addmm(y, a, b);  // bf16 operands, fp32 accumulation and epilogue, one rounding
   }
-  return at::addmm(y.to(at::kFloat), l.to(at::kFloat), r.to(at::kFloat)).to(y.scalar_type());
+  // Elsewhere no bf16 GEMM writes fp32: the same arithmetic on the widened (exact) values.
+  return at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)).to(y.scalar_type());
 }
+
+void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  check_split_addmm_args("split_addmm_", y, a, b);
+  check_no_overlap("split_addmm_", y, "y", a, "a");
+  check_no_overlap("split_addmm_", y, "y", b, "b");
+  check_writable("split_addmm_", y, "y");
+  if (y.is_cuda()) {
+    const Fp32SplitKReduction fp32_reduction;
+    y.addmm_(a, b);
+  } else {
+    y.copy_(at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)));
+  }
+}
+
+namespace ops {
+
+at::Tensor split_addmm(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::split_addmm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(y, a, b);
+}
+
+void split_addmm_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::split_addmm_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(y, a, b);
+}
+
+}  // namespace ops
 
 at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();

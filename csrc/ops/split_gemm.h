@@ -41,7 +41,7 @@ int split_parts();
 bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_rule);
 
 // y (rows, n), bf16, += a (rows, k) @ b (k, n), a and b fp32: the sum is formed in fp32 and
-// rounded once to bf16 (the GEMM's epilogue). In place.
+// rounded once to bf16 (the GEMM's epilogue, by miss::split_addmm_). In place.
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 // The same sum as a new tensor (common/in_place.h: where an in-place update must not be made).
 at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
@@ -57,5 +57,17 @@ at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b);
 // stacked along n (an fp32 (m, parts * n) product, summed) when n is small, else along k (a
 // bf16 (m, parts * k) copy of a), whichever writes fewer bytes.
 at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b);
+
+// The kernels of miss::split_addmm and miss::split_addmm_ (torch_bindings.cpp), every backend:
+// y + a @ b of bf16 parts with one rounding.
+at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+// Their argument checks (ValueError / RuntimeError naming the bad value), shared with the meta kernels.
+void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+
+namespace ops {
+at::Tensor split_addmm(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+void split_addmm_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+}  // namespace ops
 
 }  // namespace miss_ext

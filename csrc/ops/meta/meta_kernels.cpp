@@ -2,10 +2,12 @@
 // trace the ops with dynamic shapes. They validate exactly as the real kernels do.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
 #include "../common/sym_shape.h"
+#include "../split_gemm.h"
 
 namespace miss_ext {
 namespace {
@@ -101,6 +103,15 @@ at::Tensor bank_fold_backward_meta(const at::Tensor& grad, const at::Tensor& ind
   return at::empty_symint(with_last(grad, in_features), grad.options().dtype(dtype.value_or(grad.scalar_type())));
 }
 
+at::Tensor split_addmm_meta(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  check_split_addmm_args("split_addmm", y, a, b);
+  return at::empty_like(y, at::MemoryFormat::Contiguous);
+}
+
+void split_addmm_inplace_meta(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  check_split_addmm_args("split_addmm_", y, a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
@@ -119,6 +130,8 @@ TORCH_LIBRARY_IMPL(miss, Meta, m) {
   m.impl("bat_transform_", &bat_transform_inplace_meta);
   m.impl("bat_weight", &bat_weight_meta);
   m.impl("bat_linear", &bat_linear_meta);
+  m.impl("split_addmm", &split_addmm_meta);
+  m.impl("split_addmm_", &split_addmm_inplace_meta);
 }
 
 }  // namespace miss_ext
