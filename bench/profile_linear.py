@@ -20,8 +20,8 @@ profiled region's accounting only by being cheap). Per case it prints:
   device time by much, the host (launches, Python, autograd) is the bottleneck, not the kernels.
 
 The profiler adds a little overhead to each launch, so use bench_linear.py for ratios; use this for
-the breakdown. Kernel names are shortened to what is before their first "(" or "<"
-(templates and argument lists dropped) and grouped by that.
+the breakdown. Kernel names are shortened (short_name: namespaces kept, "(anonymous namespace)::",
+template arguments and argument lists dropped) and grouped by that.
 """
 import argparse
 import datetime
@@ -42,8 +42,9 @@ DEFAULT_CASES = "frozen,miss,miss_mini,miss_drop,miss@autocast,peft_miss"
 
 
 def short_name(name):
-    """A kernel's name without its template arguments and parameter list, and without the
-    leading "void "."""
+    """A kernel's name without "(anonymous namespace)::" (every kernel of csrc/ops/cuda is in one),
+    its template arguments and parameter list, and the leading "void "."""
+    name = name.replace("(anonymous namespace)::", "")
     cut = min((i for i in (name.find("("), name.find("<")) if i > 0), default=len(name))
     name = name[:cut]
     return name[5:] if name.startswith("void ") else name

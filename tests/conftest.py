@@ -12,10 +12,8 @@
 - Every test starts from its own reproducible torch seed (derived from the test id).
 - The TorchScript deprecation warnings of recent torch releases are silenced.
 - The slowest files run first (SLOW_FILES_FIRST), so that parallel workers finish together.
-- MISS_EXT_TEST_PART=cuda runs only the tests that touch CUDA, =rest the others (touches_cuda).
+- `--miss-part cuda` runs only the tests that need a GPU, `--miss-part rest` the others (needs_gpu).
 """
-import inspect
-import os
 import zlib
 
 import pytest
@@ -56,29 +54,32 @@ SLOW_FILES_FIRST = ("test_large_tensors.py", "test_soak.py", "test_fsdp.py", "te
                     "test_demo_mixed.py", "test_demo.py", "test_demo_user_model.py", "test_bat.py", "test_ddp.py")
 
 
-def touches_cuda(item) -> bool:
-    """Whether a test is one of those a GPU machine must run (MISS_EXT_TEST_PART=cuda): its id names
-    cuda (the `device` fixture's "cuda" parameter and the like), its file's name does, or its
-    function's source (decorators included) mentions it. The other tests never ask for CUDA; the
-    CPU machines' CI runs them all."""
-    if "cuda" in item.nodeid.lower():
-        return True
-    function = getattr(item, "function", None)
-    try:
-        return function is not None and "cuda" in inspect.getsource(function).lower()
-    except (OSError, TypeError):  # no source to read: counted as touching CUDA, never left out
-        return True
+# The reasons of the skip marks that mean "needs a GPU" (the `device` fixture's, needs_gpu, CUDA, ...).
+GPU_SKIP_REASONS = ("no CUDA device visible", "CUDA not available", "needs a CUDA device")
+
+
+def needs_gpu(item) -> bool:
+    """Whether a test is skipped where no GPU is visible (a skipif mark whose reason is one of
+    GPU_SKIP_REASONS, the `device` fixture's "cuda" parameter included): the tests CI's CPU
+    machines never run, which a lent GPU must run first (--miss-part cuda, scripts/gpu_check.sh)."""
+    return any(any(r in str(mark.kwargs.get("reason", "")) for r in GPU_SKIP_REASONS)
+               for mark in item.iter_markers("skipif"))
+
+
+def pytest_addoption(parser):
+    # A command-line option, not an environment variable: pytest-xdist hands it to its workers, and
+    # the pytest runs some tests start in a child process do not inherit it.
+    parser.addoption("--miss-part", choices=("cuda", "rest"), default=None,
+                     help="cuda: only the tests that need a GPU (needs_gpu); rest: only the others")
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Runs SLOW_FILES_FIRST's files first (each file's tests keep their order). With
-    MISS_EXT_TEST_PART=cuda only the tests that touch CUDA run, with =rest only the others
-    (scripts/gpu_check.sh: on a lent GPU, whose time is short, the CUDA tests first)."""
-    part = os.environ.get("MISS_EXT_TEST_PART", "")
-    if part not in ("", "cuda", "rest"):
-        raise pytest.UsageError(f"MISS_EXT_TEST_PART must be 'cuda', 'rest' or unset, got {part!r}")
+    --miss-part cuda only the tests that need a GPU run, with --miss-part rest only the others
+    (scripts/gpu_check.sh: on a lent GPU, whose time is short, the GPU tests first)."""
+    part = config.getoption("--miss-part")
     if part:
-        chosen = [touches_cuda(item) == (part == "cuda") for item in items]
+        chosen = [needs_gpu(item) == (part == "cuda") for item in items]
         config.hook.pytest_deselected(items=[item for item, c in zip(items, chosen) if not c])
         items[:] = [item for item, c in zip(items, chosen) if c]
 

@@ -146,6 +146,16 @@ def test_profile_linear_tables_every_case(capsys, tmp_path):
     assert not any(name.startswith("miss::") for name in calls["frozen"])
     with pytest.raises(SystemExit, match="unknown case"):
         profile_linear.main(["--cases", "nope"])
+    # CUDA kernel names as the profiler gives them: each kernel keeps its own row
+    for name, short in [
+        ("void miss_ext::(anonymous namespace)::fold_warp_kernel<c10::BFloat16, float, 8, false>(c10::BFloat16 "
+         "const*, float*, long, long, long, miss_ext::DropoutParams)", "miss_ext::fold_warp_kernel"),
+        ("void miss_ext::(anonymous namespace)::tile_add_2d_kernel<c10::BFloat16, float, 8, false>(...)",
+         "miss_ext::tile_add_2d_kernel"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType"
+         "<2u>, unsigned int, 2, 128, 1>(...)", "at::native::CatArrayBatchedCopy"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT")]:
+        assert profile_linear.short_name(name) == short
 
 
 def test_bench_kernels_refuses_to_time_implementations_that_differ():
