@@ -40,10 +40,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def with_env(variable, value, fn):
-    """fn, run with os.environ[variable] = value (auto: unset)."""
+    """fn, run with os.environ[variable] = value (auto: unset); returns fn's result."""
     def run():
         with environment({variable: None if value == "auto" else value}):
-            fn()
+            return fn()
     return run
 
 
@@ -65,9 +65,8 @@ def build_cases(a, device):
                 if device.type != "cuda" and kernel != "auto":
                     continue  # the choice is a CUDA one
                 name = f"fold/{dname}/p={p}[{kernel}]"
-                fold = lambda x=x, p=p, key=key: ops.fold(x, a.r, p, key, torch.float32)  # noqa: E731
-                cases[name] = with_env("MISS_EXT_FOLD_KERNEL", kernel, fold)
-                results[name] = with_result("MISS_EXT_FOLD_KERNEL", kernel, fold)
+                cases[name] = results[name] = with_env("MISS_EXT_FOLD_KERNEL", kernel,
+                                                       lambda x=x, p=p, key=key: ops.fold(x, a.r, p, key, torch.float32))
                 nbytes[name] = x.nbytes + a.T * a.r * 4
     dx = torch.randn(a.T, a.in_features, device=device, dtype=torch.bfloat16)
     ds = torch.randn(a.T, a.r, device=device)
@@ -76,7 +75,7 @@ def build_cases(a, device):
             continue
         name = f"tile_add_/bf16[{kernel}]"
         cases[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add_(dx, ds, 1.0, 0.0, None))
-        results[name] = with_result("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add(dx, ds, 1.0, 0.0, None))
+        results[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add(dx, ds, 1.0, 0.0, None))
         nbytes[name] = 2 * dx.nbytes + ds.nbytes
     n = a.in_features
     w = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -84,19 +83,10 @@ def build_cases(a, device):
     for out_name, out_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for impl in ("kernel", "gemm"):
             name = f"bat_weight/{out_name}[{impl}]"
-            bat_weight = lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype)  # noqa: E731
-            cases[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl, bat_weight)
-            results[name] = with_result("MISS_EXT_BAT_TRANSFORM", impl, bat_weight)
+            cases[name] = results[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl,
+                                                   lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype))
             nbytes[name] = w.nbytes + w.numel() * out_dtype.itemsize
     return cases, nbytes, results
-
-
-def with_result(variable, value, fn):
-    """fn's result, computed with os.environ[variable] = value (auto: unset)."""
-    def run():
-        with environment({variable: None if value == "auto" else value}):
-            return fn()
-    return run
 
 
 def check_results(results):

@@ -96,7 +96,6 @@ fi
 
 tests_rc=0
 memcheck_rc=0
-parts_run=""
 # One part of the suite (--miss-part, tests/conftest.py: "cuda" the tests that need a GPU, which CI's
 # CPU machines skip; "rest" the others) within LIMIT seconds: pytest_PART.log, junit_PART.xml, its
 # lines in the summary; the part's verdict joins tests_rc (1 a failure, 3 stopped by its limit, 5
@@ -111,7 +110,6 @@ run_part() {
     "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TIMEOUT[@]}" --junitxml="$RES/junit_$part.xml" -rfE \
     --miss-part "$part" tests >"$RES/pytest_$part.log" 2>&1
   rc=$?
-  parts_run="$parts_run $part"
   { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && stopped=1
   # Crashed tests (xdist: "worker 'gwN' crashed while running 'tests/...'") and failures, by name.
   {
@@ -259,7 +257,9 @@ fi
 
 echo
 if [ "$TESTS" = 1 ]; then
-  for part in $parts_run; do echo "summary: tests ($part): $(tail -1 "$RES/pytest_$part.log")"; done
+  for log in "$RES"/pytest_*.log; do
+    [ -e "$log" ] && echo "summary: tests ($(basename "$log" .log | cut -d_ -f2)): $(tail -1 "$log")"
+  done
   echo "summary: tests rc=$tests_rc"
 fi
 [ "$tests_rc" != 0 ] && exit "$tests_rc"

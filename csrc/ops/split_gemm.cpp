@@ -94,8 +94,8 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
 // torch's default (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True) lets
 // cuBLAS store them in bf16, the output type: then y += S D is rounded several times. That is
 // PEFT's precision only for its base GEMM; its adapter term is an fp32 GEMM added with one
-// rounding, which addmm_split promises. Seen on an H200 (2026-12-04): 12 rows, out 6, K = 96
-// (r = 16 in 3 parts): 8 of 72 outputs 1-2 bf16 units off PEFT's (0.0117; 10% of a value where
+// rounding, which addmm_split promises. Most likely this, on an H200 (2026-12-04): 12 rows, out 6,
+// K = 96 (r = 16 in 3 parts): 8 of 72 outputs 1-2 bf16 units off PEFT's (0.0117; 10% of a value where
 // the base and the adapter term cancel). cuBLAS picks split-K where there are few output tiles
 // for the SMs (small T x out: decoding) and K is long, so it is not confined to toy shapes.
 // The setting is process-wide (at::globalContext(); torch has no per-call option): the first of
@@ -109,34 +109,44 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
 class Fp32SplitKReduction {
  public:
   Fp32SplitKReduction() {
-    const std::lock_guard<std::mutex> lock(mutex());
-    if (holders()++ == 0) {
+    State& st = state();
+    const std::lock_guard<std::mutex> lock(st.mutex);
+    if (st.holders++ == 0) {
       auto& ctx = at::globalContext();
-      changed() = ctx.allowBF16ReductionCuBLAS() == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
-      if (changed()) ctx.setAllowBF16ReductionCuBLAS(/*allow_reduced_precision=*/false, /*allow_splitk=*/true);
+      st.changed = ctx.allowBF16ReductionCuBLAS() == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+      if (st.changed) ctx.setAllowBF16ReductionCuBLAS(/*allow_reduced_precision=*/false, /*allow_splitk=*/true);
     }
   }
   ~Fp32SplitKReduction() {
-    const std::lock_guard<std::mutex> lock(mutex());
-    if (--holders() == 0 && changed()) at::globalContext().setAllowBF16ReductionCuBLAS(true, true);
+    State& st = state();
+    const std::lock_guard<std::mutex> lock(st.mutex);
+    if (--st.holders == 0 && st.changed) at::globalContext().setAllowBF16ReductionCuBLAS(true, true);
   }
   Fp32SplitKReduction(const Fp32SplitKReduction&) = delete;
   Fp32SplitKReduction& operator=(const Fp32SplitKReduction&) = delete;
 
  private:
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  static int& holders() {
-    static int n = 0;
-    return n;
-  }
-  static bool& changed() {
-    static bool c = false;
-    return c;
+  struct State {
+    std::mutex mutex;
+    int holders = 0;      // live guards, all threads
+    bool changed = false;  // whether the first of them changed the setting (and the last restores it)
+  };
+  static State& state() {
+    static State s;
+    return s;
   }
 };
+
+// y += a @ b with one rounding: the GEMM under the guard on CUDA; elsewhere no bf16 GEMM writes
+// fp32, so the same arithmetic on the widened (exact) values.
+void add_product_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  if (y.is_cuda()) {
+    const Fp32SplitKReduction fp32_reduction;
+    y.addmm_(a, b);  // bf16 operands, fp32 accumulation and epilogue
+  } else {
+    y.copy_(at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)));
+  }
+}
 
 }  // namespace
 
@@ -150,27 +160,11 @@ at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tenso
   return ops::split_addmm(y, l, r);
 }
 
-void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK_VALUE(y.dim() == 2 && a.dim() == 2 && b.dim() == 2, "miss::", op, ": y, a and b must be matrices, got ",
-                    y.dim(), "-D, ", a.dim(), "-D and ", b.dim(), "-D");
-  TORCH_CHECK_VALUE(y.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
-                        b.scalar_type() == at::kBFloat16,
-                    "miss::", op, ": y, a and b must be bfloat16 (the split parts of a bf16 layer), got ",
-                    y.scalar_type(), ", ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.sym_size(0) == y.sym_size(0) && b.sym_size(1) == y.sym_size(1) && a.sym_size(1) == b.sym_size(0),
-                    "miss::", op, ": y ", y.sym_sizes(), " != a ", a.sym_sizes(), " @ b ", b.sym_sizes());
-  TORCH_CHECK(y.device() == a.device() && y.device() == b.device(), "miss::", op,
-              ": y, a and b must be on one device, got ", y.device(), ", ", a.device(), " and ", b.device());
-}
-
 at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   check_split_addmm_args("split_addmm", y, a, b);
-  if (y.is_cuda()) {
-    const Fp32SplitKReduction fp32_reduction;
-    return at::addmm(y, a, b);  // bf16 operands, fp32 accumulation and epilogue, one rounding
-  }
-  // Elsewhere no bf16 GEMM writes fp32: the same arithmetic on the widened (exact) values.
-  return at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)).to(y.scalar_type());
+  at::Tensor out = y.clone(at::MemoryFormat::Contiguous);
+  add_product_(out, a, b);
+  return out;
 }
 
 void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
@@ -178,12 +172,7 @@ void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Te
   check_no_overlap("split_addmm_", y, "y", a, "a");
   check_no_overlap("split_addmm_", y, "y", b, "b");
   check_writable("split_addmm_", y, "y");
-  if (y.is_cuda()) {
-    const Fp32SplitKReduction fp32_reduction;
-    y.addmm_(a, b);
-  } else {
-    y.copy_(at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)));
-  }
+  add_product_(y, a, b);
 }
 
 namespace ops {

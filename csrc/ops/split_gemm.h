@@ -62,8 +62,6 @@ at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b);
 // y + a @ b of bf16 parts with one rounding.
 at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
-// Their argument checks (ValueError / RuntimeError naming the bad value), shared with the meta kernels.
-void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 
 namespace ops {
 at::Tensor split_addmm(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);

@@ -240,6 +240,19 @@ void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at
   check_same_device(w, "w", p, "p");
 }
 
+void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(y.dim() == 2 && a.dim() == 2 && b.dim() == 2, "miss::", op, ": y, a and b must be matrices, got ",
+                    y.dim(), "-D, ", a.dim(), "-D and ", b.dim(), "-D");
+  TORCH_CHECK_VALUE(y.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
+                        b.scalar_type() == at::kBFloat16,
+                    "miss::", op, ": y, a and b must be bfloat16 (the split parts of a bf16 layer), got ",
+                    y.scalar_type(), ", ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.sym_size(0) == y.sym_size(0) && b.sym_size(1) == y.sym_size(1) && a.sym_size(1) == b.sym_size(0),
+                    "miss::", op, ": y ", y.sym_sizes(), " != a ", a.sym_sizes(), " @ b ", b.sym_sizes());
+  check_same_device(y, "y", a, "a");
+  check_same_device(y, "y", b, "b");
+}
+
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype) {
   TORCH_CHECK_TYPE(!dtype.has_value() || is_supported_float(*dtype), "miss: ", what,
                    " must be a floating type, got ", *dtype);

@@ -55,6 +55,9 @@ void check_bat_linear_args(const at::Tensor& x, const at::Tensor& weight, const 
 // bat_transform: w (rows, cols), m and p (rows/r, r, r) of one dtype, float32 or float64.
 void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p);
 
+// split_addmm / split_addmm_ (`op` names which): y (m, n), a (m, k), b (k, n), all bfloat16, one device.
+void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+
 // bank_add: y (..., out) floating; s (..., R) with y's leading sizes, of bank's dtype; bank
 // (N, r_cap, q_cap) float32 or y's dtype; ranks, periods (N,) and index (y's leading sizes) int64;
 // all on one device. The values of ranks, periods and index are checked by the kernels

@@ -343,7 +343,7 @@ void launch_fold_columns(const in_t* xp, out_t* sp, int64_t rows, int64_t in, in
 // used when in % VEC != 0 or x is not 16-byte aligned). With many rows and r / VEC >= 32,
 // fold_kernel already has coalesced loads and enough threads, and needs no reduction.
 // fold_warp_kernel ("warp", r a power of two up to 32 * VEC) puts a warp on each row and reduces
-// with shuffles. Under "auto" it serves 2-byte inputs (bf16, fp16) with at least kFewThreads / 32
+// with shuffles. Under "auto" it serves 2-byte inputs (bf16, fp16) with at least kManyRows
 // rows (enough warps to cover the latency): on an H200 (2026-12-04, bench_kernels, T=8192,
 // in=4096, r=64, bf16 into fp32 S) it ran at 0.77 of copy bandwidth against rows' 0.49 and
 // columns' 0.36, and 0.37 against 0.25 with dropout; for fp32 input rows was faster (0.88 against
@@ -351,6 +351,9 @@ void launch_fold_columns(const in_t* xp, out_t* sp, int64_t rows, int64_t in, in
 // MISS_EXT_FOLD_KERNEL (impl_choice.h) forces any kernel whose preconditions hold; a forced
 // kernel whose preconditions do not hold falls back to this rule.
 constexpr int64_t kFewThreads = 65536;
+// Rows from which "auto" takes the warp fold and the 2-D tile_add_ for 2-byte data: a warp per
+// row then gives kFewThreads threads.
+constexpr int64_t kManyRows = kFewThreads / 32;
 
 template <typename in_t, typename out_t>
 void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout, cudaStream_t stream) {
@@ -365,7 +368,7 @@ void launch_fold(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropou
   int kind = choice::kColumns;
   const bool warp_fits = pow2 && r <= 32 * width;
   if (warp_fits && (picked == choice::kWarp ||
-                    (picked == choice::kAuto && sizeof(in_t) == 2 && rows >= kFewThreads / 32))) {
+                    (picked == choice::kAuto && sizeof(in_t) == 2 && rows >= kManyRows))) {
     kind = choice::kWarp;
   } else if (picked == choice::kRows && pow2 && r <= kThreads * width) {
     kind = choice::kRows;
@@ -428,7 +431,7 @@ void launch_tile_add(at::Tensor& out, const at::Tensor& src, double alpha, const
   // 64) dS, one source row per row) it ran at 0.80 of copy bandwidth against the flat kernel's 0.73.
   const int picked = tile_add_kernel_choice();
   const bool grid2d = picked == choice::kGrid2d ||
-                      (picked == choice::kAuto && sizeof(out_t) == 2 && period_rows == rows && rows >= kFewThreads / 32);
+                      (picked == choice::kAuto && sizeof(out_t) == 2 && period_rows == rows && rows >= kManyRows);
   if (vec) {
     if (use_dropout) launch_tile_add_as<out_t, src_t, kVec, true>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);
     else launch_tile_add_as<out_t, src_t, kVec, false>(grid2d, op, sp, rows, cols, period_rows, q, alpha, dropout, stream);

@@ -7,7 +7,6 @@
 
 #include "../common/checks.h"
 #include "../common/sym_shape.h"
-#include "../split_gemm.h"
 
 namespace miss_ext {
 namespace {
