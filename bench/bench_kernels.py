@@ -18,6 +18,11 @@ Cases, each under every implementation that MISS_EXT_* can force (csrc/ops/impl_
     bat_weight/<dtype>[<impl>]     W' of a bat adapter (out = in = --in-features, block fp32), in the
                                    block's dtype (fp32) and in bf16; impl kernel | gemm
                                    (MISS_EXT_BAT_TRANSFORM)
+    split_bf16/<operand>[<impl>]   the bf16 parts of an fp32 operand of the split-bf16 products
+                                   (csrc/ops/split_gemm.h): "S" (T, r) as the forward's six part
+                                   pairs, "W'" (in, in) as bat's three parts; impl kernel
+                                   (miss.split_bf16, one launch) | aten (the seven ATen launches per
+                                   operand and a cat that the split path used before 2026-12-04)
 Before timing, every implementation of a case must give its "auto" result (check_results).
 Issue 11's targets: fold >= 0.80 of copy for bf16 and fp32 at r=64, >= 0.60 with dropout.
 """
@@ -86,7 +91,29 @@ def build_cases(a, device):
             cases[name] = results[name] = with_env("MISS_EXT_BAT_TRANSFORM", impl,
                                                    lambda out_dtype=out_dtype: ops.bat_weight(w, block, out_dtype))
             nbytes[name] = w.nbytes + w.numel() * out_dtype.itemsize
+    t_s = torch.randn(a.T, a.r, device=device)
+    t_w = torch.randn(n, n, device=device)
+    for operand, t, order in (("S", t_s, [0, 0, 0, 1, 1, 2]), ("W'", t_w, [0, 1, 2])):
+        for impl in ("kernel", "aten"):
+            name = f"split_bf16/{operand}[{impl}]"
+            if impl == "kernel":
+                cases[name] = results[name] = lambda t=t, order=order: ops.split_bf16(t, 3, order, 1)
+            else:
+                cases[name] = results[name] = lambda t=t, order=order: aten_split_bf16(t, 3, order)
+            nbytes[name] = t.nbytes + len(order) * t.numel() * 2
     return cases, nbytes, results
+
+
+def aten_split_bf16(t, parts, order):
+    """miss.split_bf16(t, parts, order, 1) by ATen ops, as csrc/ops/split_gemm.cpp cut the parts
+    before 2026-12-04 (a mask, a cast and a subtraction per part, then a cat)."""
+    rest, cut = t, []
+    for _ in range(parts - 1):
+        head = (rest.view(torch.int32) & -65536).view(torch.float32)
+        cut.append(head.to(torch.bfloat16))
+        rest = rest - head
+    cut.append(rest.to(torch.bfloat16))
+    return torch.cat([cut[i] for i in order], 1)
 
 
 def check_results(results):

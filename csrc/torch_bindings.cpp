@@ -146,6 +146,14 @@ TORCH_LIBRARY(miss, m) {
   m.def("split_addmm(Tensor y, Tensor a, Tensor b) -> Tensor");
   m.def("split_addmm_(Tensor(a!) y, Tensor a, Tensor b) -> ()");
 
+  // The bfloat16 parts of float32 t (m, n) for those products (split_gemm.h): t = part_0 + ... +
+  // part_{parts-1}, each part but the last the exact head of what the earlier ones leave, the last
+  // rounded to nearest even (parts 1 to 3). Returns cat([part_{order[0]}, part_{order[1]}, ...], dim),
+  // bfloat16, contiguous; order names 1 to 8 parts (repeats allowed: the GEMM operands of the part
+  // pairs). Internal to miss::linear and miss::bat_linear: one kernel instead of several ATen ones
+  // per operand. Not differentiable.
+  m.def("split_bf16(Tensor t, int parts, int[] order, int dim) -> Tensor");
+
   // Backends and CUDA architectures compiled into this library.
   m.def("build_info() -> str", &build_info);
 }

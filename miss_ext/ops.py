@@ -239,6 +239,12 @@ _DOCS_WITHOUT_WRAPPER = {
                    "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction says, rounded once. Internal to "
                    "miss.linear (csrc/ops/split_gemm.h); not differentiable.",
     "split_addmm_": "split_addmm in place into y; returns None. Internal to miss.linear; not differentiable.",
+    "split_bf16": "The bfloat16 parts of float32 t (m, n) for miss.linear's and miss.bat_linear's split-bf16 "
+                  "products: t = part_0 + ... + part_{parts-1} (parts 1 to 3; each part but the last the exact head "
+                  "of what the earlier ones leave, the last rounded to nearest even). Returns cat([part_{order[0]}, "
+                  "part_{order[1]}, ...], dim), bfloat16 (order: 1 to 8 part indices, repeats allowed). ValueError "
+                  "for another dtype, shape, parts or order, IndexError for a dim outside [-2, 1]. Internal "
+                  "(csrc/ops/split_gemm.h); not differentiable.",
     "build_info": "How the op library was built, as one string of ';'-separated key=value items (backends, "
                   "cuda_version, cuda_archs, built_with_torch, cxx_runtime, sanitize); miss_ext.build_info() "
                   "returns it as a dict.",

@@ -145,9 +145,9 @@ if [ "$TESTS" = 1 ]; then
   # CPUs), then the sanitizers, then the rest with what time is left. On 2026-12-04 the whole
   # suite in one go (8 workers) was stopped at 293 s with about two thirds run.
   run_part cuda "$(left 200)"
-  # Kernels that never ran before a GPU session: the warp-per-row fold and 2-D tile_add (issue
-  # 11, no shared memory) and the adapter bank's five kernels (issue 14; bank_fold's two since
-  # 2026-11-30): memcheck their tests, and racecheck the bank kernels, which share memory between
+  # Kernels that never ran before a GPU session: split_bf16 (issue 11, 2026-12-04), the
+  # warp-per-row fold and 2-D tile_add (issue 11, no shared memory) and the adapter bank's five
+  # kernels (issue 14; bank_fold's two since 2026-11-30): memcheck their tests, and racecheck the bank kernels, which share memory between
   # threads.
   SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   # Some machines cannot run it at all ("Device not supported", then error 999 at the first
@@ -166,10 +166,11 @@ if [ "$TESTS" = 1 ]; then
   fi
   if [ "$sanitizer_ok" = 1 ]; then
     # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
-    # The newest kernels first (bank_fold's), so that a memcheck cut by its limit has checked them.
+    # The newest kernels first (split_bf16's, 2026-12-04; then bank_fold's), so that a memcheck cut
+    # by its limit has checked them.
     MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 75 150)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
-      -k "(fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
+      tests/test_split_bf16.py tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
+      -k "(split_bf16 and cuda) or (fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
       >"$RES/memcheck_new_kernels.log" 2>&1
     memcheck_rc=$?
     note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"

@@ -24,7 +24,7 @@ The ops draw the mask from a counter-based generator; a test needs the mask the 
   csrc/ops/common/dropout_mask.h: counter = (col // 4, row, offset_lo, offset_hi),
   key = (seed_lo, seed_hi), word col % 4, dropped iff word < round(p * 2^32).
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -177,6 +177,25 @@ def bat_transform_ref(w, m, p, residual=False):
     seg = w.reshape(rows // r, r, cols // r, r)  # [i, a, s, k]
     out = (torch.einsum("iask,ikc->iasc", seg, m) + p[:, :, None, :]).reshape(rows, cols)
     return out + w if residual else out
+
+
+def bf16_parts_ref(t: Tensor, parts: int) -> List[Tensor]:
+    """The bfloat16 parts of float32 t, from their definition (csrc/ops/split_gemm.h): each part but
+    the last is the head of what the earlier ones leave (its float32 bits with the low 16 cleared,
+    a value bf16 holds exactly); the last is that rest rounded to nearest even (torch's cast)."""
+    rest, out = t.float(), []
+    for _ in range(parts - 1):
+        head = (rest.view(torch.int32) & ~0xFFFF).view(torch.float32)
+        out.append(head.bfloat16())
+        rest = rest - head
+    out.append(rest.bfloat16())
+    return out
+
+
+def split_bf16_ref(t: Tensor, parts: int, order: Sequence[int], dim: int) -> Tensor:
+    """miss.split_bf16: cat([part_{order[0]}(t), part_{order[1]}(t), ...], dim)."""
+    p = bf16_parts_ref(t, parts)
+    return torch.cat([p[i] for i in order], dim)
 
 
 def peft_precision_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,

@@ -170,6 +170,20 @@ def test_bench_kernels_refuses_to_time_implementations_that_differ():
         bench_kernels.check_results({**same, "fold/fp32[warp]": lambda: x.clone().index_fill_(0, torch.tensor([3]), float("nan"))})
 
 
+def test_bench_kernels_runs_every_case(capsys):
+    """A tiny run: every case is checked against its first implementation and timed, the
+    split_bf16 kernel against the ATen composition it replaced (which must agree with it)."""
+    import bench_kernels
+    bench_kernels.main(["-T", "64", "--in-features", "64", "-r", "8", "--reps", "1"])
+    out = capsys.readouterr().out
+    for case in ("| copy |", "| fold/bf16/p=0.1[auto] |", "| tile_add_/bf16[auto] |", "| bat_weight/bf16[gemm] |",
+                 "| split_bf16/S[kernel] |", "| split_bf16/S[aten] |", "| split_bf16/W'[aten] |"):
+        assert case in out, out
+    t = torch.randn(5, 7)
+    assert torch.equal(bench_kernels.aten_split_bf16(t, 3, [0, 2, 1]).view(torch.int16),
+                       torch.ops.miss.split_bf16(t, 3, [0, 2, 1], 1).view(torch.int16))
+
+
 def test_bench_bat_weight_runs_and_refuses_a_bad_r(capsys):
     import bench_bat_weight
     bench_bat_weight.main(["-n", "64", "-r", "16", "--reps", "2", "--isa", "auto"])

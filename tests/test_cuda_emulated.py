@@ -30,6 +30,7 @@ from cuda_emu import build as emu_build
 from reference import (F64, TILE_ADD_TOL, bat_transform_ref, fold_error_scale, fold_errors_vs_torch_sum,
                        fold_within)
 from test_bank import make_bank, random_blocks
+from test_split_bf16 import ORDERS as SPLIT_ORDERS, assert_same_bits, random_values as split_random_values
 
 REASON = emu_build.unavailable()
 # Where a GPU is visible the real kernels run in the CUDA tests (tests/test_impl_choice.py,
@@ -864,6 +865,34 @@ def test_drawn_bank_fold_cases(emu, data):
         _bank_fold_case(emu, data.draw(st.integers(1, 12), label="rows"), max_r,
                         data.draw(WIDTHS.filter(lambda n: n >= 1), label="in"), ranks, x_dtype, s_dtype, rates,
                         data.draw(st.booleans(), label="misaligned"), seed=data.draw(st.integers(0, 99), label="seed"))
+
+# --------------------------------------------------------------------------------------------
+# split_bf16 (the parts of the split-bf16 products)
+
+# Vector (cols % 4 == 0) and scalar shapes; 300 x 12 wraps the grid-stride loop (3 blocks here).
+SPLIT_SHAPES = [(8, 16), (7, 5), (1, 1), (3, 4), (33, 64), (2, 130), (300, 12), (0, 8)]
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_split_bf16_kernel_matches_the_cpu(emu, dim, placement):
+    """split_bf16_kernel_cuda against the CPU op, bit for bit (NaN for NaN), every part count and
+    order of tests/test_split_bf16.py, t and out aligned or one element off (the scalar variant)."""
+    ran = set()
+    for rows, cols in SPLIT_SHAPES:
+        t = split_random_values(rows, cols, "cpu")
+        for parts, order in SPLIT_ORDERS:
+            want = ops.split_bf16(t, parts, order, dim)
+            for t_off, out_off in ((False, False), (True, False), (False, True)):
+                gt = guarded(t, t_off)
+                go = guarded(torch.empty(want.shape, dtype=torch.bfloat16), out_off, fill=float("nan"))
+                emu.split_bf16(gt.t, go.t, parts, order, dim)
+                assert_guards(gt, go)
+                assert torch.equal(gt.t.nan_to_num(), t.nan_to_num()), "split_bf16 wrote into t"
+                assert_same_bits(go.t, want, ((rows, cols), parts, order, t_off, out_off))
+                ran.update(kernels_ran(emu))
+    for vec in (1, 4):
+        assert any(f"split_bf16_kernel<3, {vec}>" in name for name in ran), sorted(ran)
+
 
 # --------------------------------------------------------------------------------------------
 # other schedules: threads of a block in reverse and in random order between barriers (a missing

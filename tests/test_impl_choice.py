@@ -114,10 +114,10 @@ def test_split_products_match_the_float64_reference(lead, fin, fout, r, mini_r, 
     monkeypatch.setenv("MISS_EXT_GEMM", "fp32")
     y32, dx32, dblock32, fw32, bw32 = run_linear(x, w, b, block, p, key, grad)
     rows = x.numel() // fin
-    if rows:  # the path taken: split builds its operands with cat, fp32 adds (rows, out) by tile_add_
-        assert "aten::cat" in fw and "miss::tile_add_" not in fw, sorted(fw)
-        assert "aten::cat" in bw, sorted(bw)
-        assert "miss::tile_add_" in fw32 and "aten::cat" not in fw32 | bw32
+    if rows:  # the path taken: split cuts its operands by miss.split_bf16, fp32 adds (rows, out) by tile_add_
+        assert "miss::split_bf16" in fw and "miss::tile_add_" not in fw, sorted(fw)
+        assert "miss::split_bf16" in bw, sorted(bw)
+        assert "miss::tile_add_" in fw32 and "miss::split_bf16" not in fw32 | bw32
 
     # float64 reference with the same dropout mask; the forward with PEFT's rounding (base GEMM
     # rounded to bf16, adapter term exact, one final rounding): one bf16 ulp at most.
@@ -203,7 +203,7 @@ def test_split_is_not_used_for_a_recorded_backward(monkeypatch):
         y = ops.linear(xr, w, b, br, 0.0, None)
         out = {}
         names = op_names(lambda: out.update(gx=torch.autograd.grad(y, xr, grad, create_graph=True)[0]))
-        assert "aten::cat" not in names, sorted(names)  # the fp32 path, whatever was asked
+        assert "miss::split_bf16" not in names, sorted(names)  # the fp32 path, whatever was asked
         (gb,) = torch.autograd.grad(out["gx"].float().square().sum(), br)
         results.append((out["gx"].detach(), gb))
     assert torch.equal(results[0][0], results[1][0])
@@ -236,11 +236,11 @@ def test_split_stays_exact_under_torch_compile(monkeypatch, matmul_precision, dy
         return make_boxed_func(gm.forward)
 
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
-        # The split path is what AOTAutograd traced (the bit masks in the forward and backward graphs) ...
+        # The split path is what AOTAutograd traced (miss.split_bf16 in the forward and backward graphs) ...
         torch.compile(step, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
             x, w, b, block.clone().requires_grad_(), grad)
         targets = [{str(n.target) for n in g.graph.nodes} for g in graphs]
-        assert len(targets) == 2 and all(any("bitwise_and" in t for t in ts) for ts in targets), targets
+        assert len(targets) == 2 and all("miss.split_bf16.default" in ts for ts in targets), targets
         # ... and Inductor keeps its arithmetic exact.
         torch._dynamo.reset()
         compiled = torch.compile(step, backend="inductor", fullgraph=False)
@@ -255,7 +255,7 @@ def test_auto_keeps_the_fp32_path_on_the_cpu(monkeypatch):
     monkeypatch.delenv("MISS_EXT_GEMM", raising=False)
     x, w, b, block, key, grad = make_linear_inputs((8,), 16, 24, 4, None, 0.0)
     fw = run_linear(x, w, b, block, 0.0, None, grad)[3]
-    assert "miss::tile_add_" in fw and "aten::cat" not in fw
+    assert "miss::tile_add_" in fw and "miss::split_bf16" not in fw
 
 
 def test_other_dtypes_never_take_the_split_path(monkeypatch):
@@ -266,7 +266,7 @@ def test_other_dtypes_never_take_the_split_path(monkeypatch):
         w = torch.randn(24, 16, dtype=xdt)
         block = torch.randn(4, 24, dtype=bdt)
         fw = op_names(lambda: ops.linear(x, w, None, block, 0.0, None))
-        assert "aten::cat" not in fw, (xdt, bdt)
+        assert "miss::split_bf16" not in fw, (xdt, bdt)
 
 
 def _graph_ops(gm):
@@ -343,7 +343,7 @@ def test_split_products_are_non_finite_exactly_where_the_float32_ones_are(where,
     split = run_linear(x, w, b, block, 0.0, None, grad)
     monkeypatch.setenv("MISS_EXT_GEMM", "fp32")
     fp32 = run_linear(x, w, b, block, 0.0, None, grad)
-    assert "aten::cat" in split[3] and "aten::cat" not in fp32[3]  # the paths asked for
+    assert "miss::split_bf16" in split[3] and "miss::split_bf16" not in fp32[3]  # the paths asked for
     for name, a, e in zip(["y", "dx", "dblock"], split[:3], fp32[:3]):
         assert not torch.isfinite(e).all() or name != "y", "the case makes y non-finite"
         assert torch.equal(torch.isfinite(a), torch.isfinite(e)), f"{where}: {name} non-finite elsewhere"
@@ -467,7 +467,7 @@ def test_bat_linear_split_matches_the_float64_reference(lead, bias, monkeypatch,
         fw = op_names(lambda: out.update(y=ops.bat_linear(xr, wr, b, br, None)))
         bw = op_names(lambda: out["y"].backward(grad))
         if x.numel():
-            assert ("aten::cat" in fw and "aten::cat" in bw) == (choice == "split"), (choice, sorted(fw), sorted(bw))
+            assert ("miss::split_bf16" in fw and "miss::split_bf16" in bw) == (choice == "split"), (choice, sorted(fw), sorted(bw))
         results[choice] = (out["y"], xr.grad, wr.grad, br.grad)
     # float64 reference: y = x W'^T + b, gradients by autograd
     x64, w64, b64 = x.to(F64).requires_grad_(), w.to(F64).requires_grad_(), block.to(F64).requires_grad_()
@@ -506,7 +506,7 @@ def test_cuda_auto_linear_matches_the_cpu(lead, fin, fout, r, mini_r, p, monkeyp
     cuda = [t.cuda() if t is not None else None for t in (x, w, b, block, key, grad)]
     yc, dxc, dblockc, fwc, _ = run_linear(*cuda[:4], p, cuda[4], cuda[5])
     if x.numel():
-        assert ("aten::cat" in fwc) == (mini_r is None), sorted(fwc)  # split for the default mode
+        assert ("miss::split_bf16" in fwc) == (mini_r is None), sorted(fwc)  # split for the default mode
     # y against PEFT's rounding on CUDA's own base GEMM (CPU and CUDA GEMMs may round the base part
     # one ulp apart); dx within one ulp of the base part g W (rounded to bf16 on its own, maybe one
     # ulp apart on the two devices) plus two ulps of dx (the sum's rounding).
@@ -701,7 +701,7 @@ def test_cuda_auto_bat_linear_matches_the_cpu(monkeypatch, matmul_precision):
         names = op_names(lambda: out.update(y=ops.bat_linear(xr, wr, b.to(device), br, None)))
         out["y"].backward(grad.to(device))
         if device == "cuda":
-            assert "aten::cat" in names and uses_bat_gemm(names), sorted(names)
+            assert "miss::split_bf16" in names and uses_bat_gemm(names), sorted(names)
         results.append([t.detach().cpu() for t in (out["y"], xr.grad, wr.grad, br.grad)])
     for name, got, want in zip(("y", "dx", "dW"), results[1][:3], results[0][:3]):
         assert_within_ulp(got, want, name)

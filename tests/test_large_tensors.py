@@ -18,7 +18,7 @@ import gc
 import pytest
 import torch
 
-from reference import F64, fold_ref, philox_mask, tile_add_ref
+from reference import F64, fold_ref, philox_mask, split_bf16_ref, tile_add_ref
 
 ops = torch.ops.miss
 BIG = 2**31
@@ -242,6 +242,25 @@ def test_cuda_tile_add_kernels_over_2_31_elements(kernel, monkeypatch):
         mask = philox_mask(seed, offset, b - a, cols, p, first_row=a)
         expected = tile_add_ref(old.cpu(), per_row[a:b].cpu(), -1.5, mask=mask, p=p)
         torch.testing.assert_close(out[a:b].cpu().to(F64), expected, rtol=8e-3, atol=8e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dim", [0, 1])
+def test_cuda_split_bf16_over_2_31_elements(dim):
+    """miss.split_bf16 (the part cutter of the split-bf16 products) on a float32 t of more than 2^31
+    elements into three blocks (6 * 2^31 bytes out): the rows around element 2^31 and at the end, in
+    every block, equal the definition on those rows alone, bit for bit."""
+    needs(24, "cuda")
+    cols, order = 64, [0, 1, 2]
+    rows = big_rows(cols)
+    t = torch.full((rows, cols), 0.1, device="cuda")  # 0.1: three non-zero parts
+    windows = row_windows(rows, cols)
+    random_rows(t, windows)
+    out = ops.split_bf16(t, 3, order, dim)
+    for a, b in windows:
+        want = split_bf16_ref(t[a:b].cpu(), 3, order, dim)
+        got = torch.cat([out[k * rows + a:k * rows + b] for k in range(3)]) if dim == 0 else out[a:b]
+        assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)), (dim, a, b)
 
 
 @needs_gpu

@@ -124,6 +124,19 @@ def test_opcheck_split_addmm(device):
     run_opcheck(ops.split_addmm_.default, samples)
 
 
+def test_opcheck_split_bf16(device):
+    """The split path's part cutter (split_gemm.h): both dims, every part count, repeated parts, odd and
+    empty sizes, a transposed (strided) input."""
+    t = rand(7, 5, device=device)
+    samples = [("dim0-3", (t, 3, [0, 1, 2], 0), {}),
+               ("dim1-pairs", (t, 3, [0, 0, 0, 1, 1, 2], 1), {}),
+               ("dim1-2parts", (rand(4, 8, device=device), 2, [1, 0, 0], -1), {}),
+               ("one-part", (t, 1, [0], 0), {}),
+               ("transposed", (rand(6, 3, device=device).t(), 3, [2, 1], 1), {}),
+               ("empty", (rand(0, 4, device=device), 3, [0, 1, 2], 0), {})]
+    run_opcheck(ops.split_bf16.default, samples)
+
+
 def test_opcheck_tile_add(device):
     """The functional tile_add (differentiable in out and src)."""
     samples = tile_add_samples(device) + [

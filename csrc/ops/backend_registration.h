@@ -65,10 +65,16 @@ at::Tensor bank_fold_backward_on(const at::Tensor& grad, const at::Tensor& index
   return bank_fold_backward_with(kernel, grad, index, ranks, std::move(in_features), dropouts, key, dtype);
 }
 
+template <SplitBf16Kernel kernel>
+at::Tensor split_bf16_on(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
+  return split_bf16_with(kernel, t, parts, order, dim);
+}
+
 // The kernels of one backend. A struct of function pointers would not be a template argument, so
 // they are listed one by one.
 template <FoldKernel fold_kernel, TileAddKernel tile_add_kernel, BatKernel bat_kernel, BankAddKernel bank_add_kernel,
-          BankGradKernel bank_grad_kernel, BankFoldKernel bank_fold_kernel, BankFoldGradKernel bank_fold_grad_kernel>
+          BankGradKernel bank_grad_kernel, BankFoldKernel bank_fold_kernel, BankFoldGradKernel bank_fold_grad_kernel,
+          SplitBf16Kernel split_bf16_kernel>
 void register_backend(torch::Library& m) {
   m.impl("bank_add", &bank_add_functional_kernel);
   m.impl("bank_add_", &bank_add_on<bank_add_kernel>);
@@ -87,6 +93,7 @@ void register_backend(torch::Library& m) {
   m.impl("bat_linear", &bat_linear_kernel);
   m.impl("split_addmm", &split_addmm_kernel);
   m.impl("split_addmm_", &split_addmm_inplace_kernel);
+  m.impl("split_bf16", &split_bf16_on<split_bf16_kernel>);
 }
 
 }  // namespace miss_ext

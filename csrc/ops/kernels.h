@@ -13,6 +13,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "common/bf16_parts.h"
 #include "common/dropout_mask.h"
 
 namespace miss_ext {
@@ -52,6 +53,12 @@ using BankFoldKernel = void (*)(const at::Tensor& x, at::Tensor& s, const at::Te
 using BankFoldGradKernel = void (*)(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
                                     const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
 
+// split_bf16: out (contiguous bf16, Bf16PartLayout of(rows, cols, order.count, dim)) receives the
+// bf16 parts (common/bf16_parts.h) of t (rows, cols) float32, block b holding part order.part[b]
+// of a `parts`-part split (1 <= parts <= kMaxBf16Parts).
+using SplitBf16Kernel = void (*)(const at::Tensor& t, at::Tensor& out, int64_t parts, const Bf16PartOrder& order,
+                                 int64_t dim);
+
 void fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
 void tile_add_kernel_cpu(at::Tensor& out, const at::Tensor& src, double alpha, const DropoutParams& dropout);
 void bat_kernel_cpu(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
@@ -69,6 +76,8 @@ void bank_fold_kernel_cpu(const at::Tensor& x, at::Tensor& s, const at::Tensor& 
                           const at::Tensor& dropouts, const int64_t* key);
 void bank_fold_grad_kernel_cpu(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
                                const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
+void split_bf16_kernel_cpu(const at::Tensor& t, at::Tensor& out, int64_t parts, const Bf16PartOrder& order,
+                           int64_t dim);
 
 #ifdef MISS_EXT_WITH_CUDA
 void fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const DropoutParams& dropout);
@@ -84,6 +93,8 @@ void bank_fold_kernel_cuda(const at::Tensor& x, at::Tensor& s, const at::Tensor&
                            const at::Tensor& dropouts, const int64_t* key);
 void bank_fold_grad_kernel_cuda(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tensor& index,
                                 const at::Tensor& ranks, const at::Tensor& dropouts, const int64_t* key);
+void split_bf16_kernel_cuda(const at::Tensor& t, at::Tensor& out, int64_t parts, const Bf16PartOrder& order,
+                            int64_t dim);
 #endif
 
 }  // namespace miss_ext

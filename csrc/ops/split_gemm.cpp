@@ -4,8 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
 #include <mutex>
@@ -19,33 +19,20 @@
 namespace miss_ext {
 namespace {
 
-// t with the low 16 bits of every fp32 value cleared: sign, exponent and the top 7 mantissa bits,
-// a value bf16 holds exactly. By bit masking, not by rounding through bf16: torch.compile
-// (Inductor) keeps bf16 intermediates in fp32 and would fold t - float(bf16(t)) to zero.
-at::Tensor bf16_head(const at::Tensor& t) {
-  return at::bitwise_and(t.view(at::kInt), static_cast<int64_t>(static_cast<int32_t>(0xFFFF0000u))).view(at::kFloat);
+// 0, 1, ..., parts - 1: every part once, in order.
+std::vector<int64_t> all_parts(int parts) {
+  std::vector<int64_t> order(parts);
+  for (int i = 0; i < parts; ++i) order[i] = i;
+  return order;
 }
 
-// The bf16 parts of fp32 t, largest first. Each but the last is the head of what is left, so each
-// subtraction is exact; the last is rounded. Three parts hold all 24 bits of t.
-//
-// Non-finite values: an inf's head is inf and its remainder inf - inf = NaN; and even with zero
-// remainders, the GEMM would multiply the inf by the other operand's zero low parts (inf * 0).
-// So a product with an inf in it comes out NaN where the float32 GEMM gives inf. The set of
-// non-finite outputs is the same (an inf or NaN term makes its whole output row or column non-finite
-// either way; tests/test_impl_choice.py checks it), so training that diverged still sees non-finite
-// values, only their kind differs. Keeping infs apart would take extra GEMMs or a host sync to find
-// them; this path exists to be fast for the finite values every step has.
-std::vector<at::Tensor> split_bf16(const at::Tensor& t, int parts) {
-  std::vector<at::Tensor> out;
-  at::Tensor rest = t;
-  for (int i = 0; i + 1 < parts; ++i) {
-    const at::Tensor head = bf16_head(rest);
-    out.push_back(head.to(at::kBFloat16));  // exact
-    rest = rest.sub(head);                   // exact
-  }
-  out.push_back(rest.to(at::kBFloat16));
-  return out;
+// cat([part_{order[0]}(t), part_{order[1]}(t), ...], dim) in bf16, by miss::split_bf16 (one
+// kernel). A transposed view (S^T, D^T, W'^T) is split in its storage's layout, along the other
+// dim, and the result transposed back: the kernel reads and writes contiguous rows, and cuBLAS
+// takes a transposed operand as it is.
+at::Tensor parts_cat(const at::Tensor& t, int parts, const std::vector<int64_t>& order, int64_t dim) {
+  if (!t.is_contiguous() && t.t().is_contiguous()) return ops::split_bf16(t.t(), parts, order, 1 - dim).t();
+  return ops::split_bf16(t, parts, order, dim);
 }
 
 }  // namespace
@@ -76,18 +63,17 @@ bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_ru
 namespace {
 
 // The (i, j) part pairs with i + j < parts of a and b, as one GEMM's operands with k * pairs
-// inner columns: (rows, k * pairs) and (k * pairs, n).
+// inner columns: (rows, k * pairs) and (k * pairs, n), one split_bf16 kernel each.
 std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
-  const std::vector<at::Tensor> ap = split_bf16(a, parts), bp = split_bf16(b, parts);
-  std::vector<at::Tensor> left, right;
+  std::vector<int64_t> left, right;
   for (int i = 0; i < parts; ++i) {
     for (int j = 0; i + j < parts; ++j) {
-      left.push_back(ap[i]);
-      right.push_back(bp[j]);
+      left.push_back(i);
+      right.push_back(j);
     }
   }
-  return {at::cat(left, 1), at::cat(right, 0)};
+  return {parts_cat(a, parts, left, 1), parts_cat(b, parts, right, 0)};
 }
 
 // While alive, cuBLAS may split a bf16 GEMM's K but must reduce the partial sums in fp32.
@@ -197,21 +183,47 @@ at::Tensor mm_split_left(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
   const c10::SymInt& m = a.sym_size(0);
   // (parts * m, k) @ (k, n), then the parts' rows summed.
-  const at::Tensor prod = mm_bf16_float(at::cat(split_bf16(a, parts), 0), b);
+  const at::Tensor prod = mm_bf16_float(parts_cat(a, parts, all_parts(parts), 0), b);
   return prod.view_symint({parts, m, b.sym_size(1)}).sum(0);
 }
 
 at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b) {
   const int parts = split_parts();
-  const std::vector<at::Tensor> bp = split_bf16(b, parts);
   const int64_t k = static_size(b, 0), n = static_size(b, 1);
   if (2 * k <= 4 * n) {
     // Along k: [a | a | a] (m, parts * k) @ [b_0; b_1; b_2]: the GEMM sums the parts itself.
-    return mm_bf16_float(at::cat(std::vector<at::Tensor>(parts, a), 1), at::cat(bp, 0));
+    return mm_bf16_float(at::cat(std::vector<at::Tensor>(parts, a), 1), parts_cat(b, parts, all_parts(parts), 0));
   }
   // Along n: (m, k) @ (k, parts * n), then the parts' columns summed.
-  const at::Tensor prod = mm_bf16_float(a, at::cat(bp, 1));
+  const at::Tensor prod = mm_bf16_float(a, parts_cat(b, parts, all_parts(parts), 1));
   return prod.view_symint({a.sym_size(0), parts, n}).sum(1);
 }
+
+at::Tensor split_bf16_with(SplitBf16Kernel kernel, const at::Tensor& t, int64_t parts, at::IntArrayRef order,
+                           int64_t dim) {
+  dim = check_split_bf16_args(t, parts, order, dim);
+  const int64_t blocks = static_cast<int64_t>(order.size());
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty(dim == 0 ? std::vector<int64_t>{blocks * src.size(0), src.size(1)}
+                                      : std::vector<int64_t>{src.size(0), blocks * src.size(1)},
+                             src.options().dtype(at::kBFloat16));
+  if (out.numel() == 0) return out;
+  Bf16PartOrder po{};
+  po.count = static_cast<int32_t>(blocks);
+  for (int64_t b = 0; b < blocks; ++b) po.part[b] = static_cast<int8_t>(order[b]);
+  kernel(src, out, parts, po, dim);
+  return out;
+}
+
+namespace ops {
+
+at::Tensor split_bf16(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("miss::split_bf16", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, at::IntArrayRef, int64_t)>();
+  return op.call(t, parts, order, dim);
+}
+
+}  // namespace ops
 
 }  // namespace miss_ext

@@ -22,13 +22,18 @@
 // where cuBLAS splits K, addmm_split has it reduce the parts in fp32 whatever torch.backends.cuda.
 // matmul.allow_bf16_reduced_precision_reduction says (split_gemm.cpp, Fp32SplitKReduction).
 //
-// Every step is an ATen call (dispatcher, so torch.compile records it; the parts are cut by bit
-// masks, which Inductor keeps exact). On CUDA the bf16 GEMMs write fp32 directly
-// (aten::mm.dtype); elsewhere the bf16 operands are widened to fp32 first: the same arithmetic
-// (bf16 values are exact in fp32), which lets the CPU tests check this path.
+// Every step is a dispatcher call, so torch.compile records it. The parts of an operand are cut by
+// one kernel, miss::split_bf16 (common/bf16_parts.h; CPU and CUDA), which writes them straight
+// into the layout the GEMM takes: seven ATen launches per operand before (mask, cast, subtract per
+// part, a cat), when a layer step's small launches were much of its cost on an H200 (issue 11).
+// The GEMMs are ATen calls. On CUDA the bf16 GEMMs write fp32 directly (aten::mm.dtype); elsewhere
+// the bf16 operands are widened to fp32 first: the same arithmetic (bf16 values are exact in
+// fp32), which lets the CPU tests check this path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include "kernels.h"
 
 namespace miss_ext {
 
@@ -63,7 +68,13 @@ at::Tensor mm_split_right(const at::Tensor& a, const at::Tensor& b);
 at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 void split_addmm_inplace_kernel(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 
+// The kernel of miss::split_bf16 for one backend: validates, allocates the bf16 output and calls
+// `kernel` (kernels.h) on t made contiguous.
+at::Tensor split_bf16_with(SplitBf16Kernel kernel, const at::Tensor& t, int64_t parts, at::IntArrayRef order,
+                           int64_t dim);
+
 namespace ops {
+at::Tensor split_bf16(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim);
 at::Tensor split_addmm(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 void split_addmm_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 }  // namespace ops

@@ -119,6 +119,24 @@ void bank_fold_grad(const at::Tensor& grad_s, at::Tensor& grad_x, const at::Tens
   });
 }
 
+void split_bf16(const at::Tensor& t, at::Tensor& out, int64_t parts, const std::vector<int64_t>& order, int64_t dim) {
+  check_cpu(t, "t");
+  check_cpu(out, "out");
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && out.scalar_type() == at::kBFloat16,
+              "cuda_emu: split_bf16 needs t (rows, cols) float32 and a bfloat16 out");
+  TORCH_CHECK(parts >= 1 && parts <= miss_ext::kMaxBf16Parts && !order.empty() &&
+                  order.size() <= static_cast<size_t>(miss_ext::kMaxBf16PartBlocks) && (dim == 0 || dim == 1),
+              "cuda_emu: split_bf16 needs 1 to 3 parts, 1 to 8 blocks and dim 0 or 1");
+  const int64_t blocks = static_cast<int64_t>(order.size());
+  TORCH_CHECK(out.sizes() == (dim == 0 ? at::IntArrayRef{blocks * t.size(0), t.size(1)}
+                                       : at::IntArrayRef{t.size(0), blocks * t.size(1)}),
+              "cuda_emu: split_bf16's out has the wrong shape");
+  miss_ext::Bf16PartOrder po{};
+  po.count = static_cast<int32_t>(blocks);
+  for (int64_t b = 0; b < blocks; ++b) po.part[b] = static_cast<int8_t>(order[b]);  // as split_bf16_with does
+  guarded([&] { miss_ext::split_bf16_kernel_cuda(t, out, parts, po, dim); });
+}
+
 }  // namespace
 
 #ifdef CUDA_EMU_SELFTEST
@@ -142,6 +160,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bank_fold_grad", &bank_fold_grad, "bank_fold_grad_kernel_cuda, emulated", py::arg("grad_s"),
         py::arg("grad_x"), py::arg("index"), py::arg("ranks"), py::arg("dropouts") = py::none(),
         py::arg("key") = py::none());
+  m.def("split_bf16", &split_bf16, "split_bf16_kernel_cuda, emulated", py::arg("t"), py::arg("out"), py::arg("parts"),
+        py::arg("order"), py::arg("dim"));
   m.def("set_schedule", [](const std::string& mode, uint64_t seed) {
     const int k = mode == "forward" ? 0 : mode == "reverse" ? 1 : mode == "random" ? 2 : -1;
     TORCH_CHECK(k >= 0, "cuda_emu: schedule must be forward, reverse or random");

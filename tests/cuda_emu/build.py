@@ -1,6 +1,6 @@
 """Builds the CPU emulation of the CUDA kernels (tests/cuda_emu/README.md).
 
-`load()` copies csrc/ops/cuda/{shard_kernels,bat_kernel,bank_kernel,bank_fold_kernel}.cu into a
+`load()` copies csrc/ops/cuda/{shard_kernels,bat_kernel,bank_kernel,bank_fold_kernel,split_bf16_kernel}.cu into a
 build directory, rewrites only what g++ cannot parse (kernel<<<...>>>(...) launches and `extern __shared__`
 arrays), and compiles them as C++20 host code with the stub CUDA headers of include/ first on the
 include path, the emulator runtime, csrc/ops/impl_choice.cpp and csrc/ops/common/checks.cpp (no
@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CSRC_OPS = os.path.join(REPO, "csrc", "ops")
-KERNELS = ["shard_kernels.cu", "bat_kernel.cu", "bank_kernel.cu", "bank_fold_kernel.cu"]
+KERNELS = ["shard_kernels.cu", "bat_kernel.cu", "bank_kernel.cu", "bank_fold_kernel.cu", "split_bf16_kernel.cu"]
 HOST_SOURCES = [os.path.join(CSRC_OPS, "impl_choice.cpp"), os.path.join(CSRC_OPS, "common", "checks.cpp")]
 EMU_SOURCES = [os.path.join(HERE, "runtime.cpp"), os.path.join(HERE, "bindings.cpp")]
 SELFTEST = os.path.join(HERE, "selftest.cu")

@@ -1,4 +1,4 @@
-// Autograd of miss::split_addmm and miss::split_addmm_ (split_gemm.h): none. They are called below
+// Autograd of miss::split_addmm, miss::split_addmm_ and miss::split_bf16 (split_gemm.h): none. They are called below
 // miss::linear's autograd, on tensors that do not require grad; called directly with one that
 // does, they refuse (the differentiable miss::linear computes the same).
 #include <torch/library.h>
@@ -19,11 +19,18 @@ void split_addmm_inplace_autograd(at::Tensor& y, const at::Tensor& a, const at::
   run_not_differentiable("split_addmm_", "linear", {y, a, b}, y, [&] { ops::split_addmm_(y, a, b); });
 }
 
+at::Tensor split_bf16_autograd(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
+  at::Tensor out;
+  run_not_differentiable("split_bf16", "linear", {t}, at::Tensor(), [&] { out = ops::split_bf16(t, parts, order, dim); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Autograd, m) {
   m.impl("split_addmm", &split_addmm_autograd);
   m.impl("split_addmm_", &split_addmm_inplace_autograd);
+  m.impl("split_bf16", &split_bf16_autograd);
 }
 
 }  // namespace miss_ext

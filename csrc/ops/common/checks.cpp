@@ -2,12 +2,15 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/WrapDimMinimal.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
+
+#include "bf16_parts.h"
 
 namespace miss_ext {
 namespace {
@@ -251,6 +254,21 @@ void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tenso
                     "miss::", op, ": y ", y.sym_sizes(), " != a ", a.sym_sizes(), " @ b ", b.sym_sizes());
   check_same_device(y, "y", a, "a");
   check_same_device(y, "y", b, "b");
+}
+
+int64_t check_split_bf16_args(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == 2, "miss::split_bf16: t must be a matrix, got a ", t.dim(), "-D tensor");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, "miss::split_bf16: t must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(parts >= 1 && parts <= kMaxBf16Parts, "miss::split_bf16: parts must be 1, 2 or ", kMaxBf16Parts,
+                    ", got parts=", parts);
+  TORCH_CHECK_VALUE(!order.empty() && order.size() <= static_cast<size_t>(kMaxBf16PartBlocks),
+                    "miss::split_bf16: order must name 1 to ", kMaxBf16PartBlocks, " parts, got ", order.size(), ": ",
+                    order);
+  for (const int64_t part : order) {
+    TORCH_CHECK_VALUE(part >= 0 && part < parts, "miss::split_bf16: order names part ", part, " of a ", parts,
+                      "-part split (parts are 0 to ", parts - 1, "), got order=", order);
+  }
+  return c10::maybe_wrap_dim(dim, 2);
 }
 
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype) {

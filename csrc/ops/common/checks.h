@@ -57,6 +57,9 @@ void check_bat_transform_args(const at::Tensor& w, const at::Tensor& m, const at
 
 // split_addmm / split_addmm_ (`op` names which): y (m, n), a (m, k), b (k, n), all bfloat16, one device.
 void check_split_addmm_args(const char* op, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+// split_bf16: t a float32 matrix, 1 <= parts <= 3, order 1 to 8 part indices below parts; returns
+// dim wrapped to 0 or 1 (IndexError for another).
+int64_t check_split_bf16_args(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim);
 
 // bank_add: y (..., out) floating; s (..., R) with y's leading sizes, of bank's dtype; bank
 // (N, r_cap, q_cap) float32 or y's dtype; ranks, periods (N,) and index (y's leading sizes) int64;

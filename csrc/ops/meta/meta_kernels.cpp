@@ -111,6 +111,14 @@ void split_addmm_inplace_meta(at::Tensor& y, const at::Tensor& a, const at::Tens
   check_split_addmm_args("split_addmm_", y, a, b);
 }
 
+at::Tensor split_bf16_meta(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
+  dim = check_split_bf16_args(t, parts, order, dim);
+  const int64_t blocks = static_cast<int64_t>(order.size());
+  return at::empty_symint(dim == 0 ? std::vector<c10::SymInt>{t.sym_size(0) * blocks, t.sym_size(1)}
+                                   : std::vector<c10::SymInt>{t.sym_size(0), t.sym_size(1) * blocks},
+                          t.options().dtype(at::kBFloat16));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(miss, Meta, m) {
@@ -131,6 +139,7 @@ TORCH_LIBRARY_IMPL(miss, Meta, m) {
   m.impl("bat_linear", &bat_linear_meta);
   m.impl("split_addmm", &split_addmm_meta);
   m.impl("split_addmm_", &split_addmm_inplace_meta);
+  m.impl("split_bf16", &split_bf16_meta);
 }
 
 }  // namespace miss_ext
