@@ -17,7 +17,7 @@ install(TARGETS miss_ext EXPORT miss_extTargets
 set(MISS_PUBLIC_HEADERS
   miss_ext.h
   ops/fold.h ops/linear.h ops/merge.h ops/bat.h ops/bank.h ops/bank_fold.h ops/kernels.h
-  ops/common/dropout_mask.h ops/common/host_device.h)
+  ops/common/bf16_parts.h ops/common/dropout_mask.h ops/common/host_device.h)
 foreach(_header IN LISTS MISS_PUBLIC_HEADERS)
   get_filename_component(_dir "${_header}" DIRECTORY)
   install(FILES "csrc/${_header}" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/miss_ext/${_dir}")
