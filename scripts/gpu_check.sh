@@ -167,9 +167,10 @@ if [ "$TESTS" = 1 ]; then
   if [ "$sanitizer_ok" = 1 ]; then
     # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
     # The newest kernels first (split_bf16's, 2026-12-04; then bank_fold's), so that a memcheck cut
-    # by its limit has checked them.
+    # by its limit has checked them: --miss-given-order keeps the files in this order (by default
+    # tests/conftest.py runs test_impl_choice.py first, as on 2026-12-04).
     MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 75 150)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_split_bf16.py tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
+      --miss-given-order tests/test_split_bf16.py tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
       -k "(split_bf16 and cuda) or (fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
       >"$RES/memcheck_new_kernels.log" 2>&1
     memcheck_rc=$?

@@ -71,10 +71,14 @@ def pytest_addoption(parser):
     # the pytest runs some tests start in a child process do not inherit it.
     parser.addoption("--miss-part", choices=("cuda", "rest"), default=None,
                      help="cuda: only the tests that need a GPU (needs_gpu); rest: only the others")
+    parser.addoption("--miss-given-order", action="store_true",
+                     help="run the files in the order given, not SLOW_FILES_FIRST's (scripts/gpu_check.sh's "
+                          "memcheck: the newest kernels' tests first, in case its time limit stops it)")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Runs SLOW_FILES_FIRST's files first (each file's tests keep their order). With
+    """Runs SLOW_FILES_FIRST's files first (each file's tests keep their order; not with
+    --miss-given-order). With
     --miss-part cuda only the tests that need a GPU run, with --miss-part rest only the others
     (scripts/gpu_check.sh: on a lent GPU, whose time is short, the GPU tests first)."""
     part = config.getoption("--miss-part")
@@ -87,7 +91,8 @@ def pytest_collection_modifyitems(session, config, items):
         name = item.path.name
         return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
 
-    items.sort(key=rank)
+    if not config.getoption("--miss-given-order"):
+        items.sort(key=rank)
 
 
 @pytest.fixture(params=DEVICES)

@@ -73,7 +73,7 @@ def test_split_bf16_of_strided_and_misaligned_views(layout, device):
                              (layout, parts, order, dim))
 
 
-def test_three_parts_hold_every_float32_exactly(device):
+def test_split_bf16_three_parts_hold_every_float32_exactly(device):
     """Three parts sum to t exactly (in float64) for every finite float32 whose last part stays a
     normal bf16 (|t| >= 2^-110 here); two parts leave less than 2^-16 relative."""
     t = random_values(64, 64, device).cpu()

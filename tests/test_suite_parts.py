@@ -30,6 +30,19 @@ def test_parts_split_the_suite_by_gpu_skip_marks():
     assert cuda_n + rest_n == all_n and cuda_n >= 10
 
 
+def test_given_order_keeps_the_command_line_order_of_files():
+    """By default SLOW_FILES_FIRST reorders the files (test_cuda_emulated.py before the others here);
+    --miss-given-order keeps the order given (gpu_check.sh's memcheck: the newest kernels first)."""
+    def first_file(*args):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args,
+                              "test_bench_scripts.py", "test_cuda_emulated.py"], cwd=TESTS, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return Path(next(line for line in out.stdout.splitlines() if "::" in line).split("::")[0]).name
+    assert first_file() == "test_cuda_emulated.py"
+    assert first_file("--miss-given-order") == "test_bench_scripts.py"
+
+
 def test_an_unknown_part_is_refused():
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                           "--miss-part", "gpu", FILES[0]], cwd=TESTS, capture_output=True, text=True, timeout=300)

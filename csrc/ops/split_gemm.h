@@ -25,7 +25,10 @@
 // Every step is a dispatcher call, so torch.compile records it. The parts of an operand are cut by
 // one kernel, miss::split_bf16 (common/bf16_parts.h; CPU and CUDA), which writes them straight
 // into the layout the GEMM takes: seven ATen launches per operand before (mask, cast, subtract per
-// part, a cat), when a layer step's small launches were much of its cost on an H200 (issue 11).
+// part, a cat). Why (issue 11): on an H200 a default-mode layer step cost about 0.3 ms more than a
+// frozen layer's whatever its out features (bench/RESULTS.md, 2026-12-04: 0.38 ms at 4096 -> 4096,
+// 0.51 ms at 4096 -> 11008), which points at fixed costs such as dozens of small launches (to be
+// confirmed by bench/profile_linear.py on a GPU).
 // The GEMMs are ATen calls. On CUDA the bf16 GEMMs write fp32 directly (aten::mm.dtype); elsewhere
 // the bf16 operands are widened to fp32 first: the same arithmetic (bf16 values are exact in
 // fp32), which lets the CPU tests check this path.

@@ -1,7 +1,8 @@
 // The bfloat16 parts of a float32 value (split_gemm.h): v = part_0 + part_1 + ... + part_{n-1}.
 // Each part but the last is the head of what the earlier ones leave (its low 16 bits cleared: a
 // value bf16 holds exactly), so each subtraction is exact in float32; the last part is rounded to
-// nearest even. Shared by the CPU and CUDA kernels of miss::split_bf16, so both give the same bits.
+// nearest even. Shared by the CPU and CUDA kernels of miss::split_bf16, so both give the same bits
+// (but for NaN payloads: c10::BFloat16 writes 0x7FC0 on the host, __float2bfloat16 0x7FFF).
 //
 // Non-finite values: an inf's head is inf and what it leaves inf - inf = NaN (split_gemm.h says what
 // that does to a product). A NaN's head is a NaN or, when its payload lies in the low 16 bits only,
