@@ -1,8 +1,9 @@
-// What the CUDA kernel files of fold, tile_add and the bank share (shard_kernels.cu,
-// bank_kernel.cu, bank_fold_kernel.cu): the block size, the grid cap of their grid-stride loops,
-// 16-byte vector access and the dropout factors of a vector.
+// What the CUDA kernel files of fold, tile_add, the bank and split_bf16 share (shard_kernels.cu,
+// bank_kernel.cu, bank_fold_kernel.cu, split_bf16_kernel.cu): the block size, the grid cap and
+// size of their grid-stride loops, 16-byte vector access and the dropout factors of a vector.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../common/dropout_mask.h"
@@ -18,6 +19,17 @@ constexpr int kThreads = 256;  // threads per block
 #define MISS_EXT_CUDA_MAX_BLOCKS 65536
 #endif
 constexpr int64_t kMaxBlocks = MISS_EXT_CUDA_MAX_BLOCKS;
+
+// Blocks of kThreads for a grid-stride loop over `total` items: enough to fill the device, capped so
+// very large tensors reuse threads instead of launching millions of blocks.
+inline unsigned int grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
+}
+
+// A grid-stride loop's first item for this thread, and its stride (int64: no overflow past 2^31).
+__device__ __forceinline__ int64_t grid_first() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
 
 // VEC elements loaded or stored as one access (16 bytes for VEC = 16 / sizeof(T)).
 template <typename T, int N>

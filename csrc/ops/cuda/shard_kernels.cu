@@ -35,13 +35,6 @@
 namespace miss_ext {
 namespace {
 
-// Blocks for a grid-stride loop over `total` items: enough to fill the device, capped so very
-// large tensors reuse threads instead of launching millions of blocks.
-unsigned int grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
-}
-
 template <typename in_t, typename out_t, int VEC, bool DROPOUT>
 __global__ void fold_kernel(const in_t* __restrict__ x, out_t* __restrict__ s, int64_t rows, int64_t in,
                             int64_t r, DropoutParams dropout) {

@@ -10,8 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-
 #include "../common/shard_index.h"
 #include "../kernels.h"
 #include "kernel_helpers.cuh"
@@ -24,8 +22,7 @@ __global__ void split_bf16_kernel(const float* __restrict__ t, c10::BFloat16* __
                                   int64_t cols, Bf16PartOrder order, Bf16PartLayout layout) {
   const int64_t groups = vec_groups(cols, VEC);
   const int64_t total = rows * groups;
-  for (int64_t flat = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; flat < total;
-       flat += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t flat = grid_first(); flat < total; flat += grid_stride()) {
     const RowGroup rg = split_row_group(flat, groups);
     const int64_t col = rg.group * VEC;
     const Vec<float, VEC> v = *reinterpret_cast<const Vec<float, VEC>*>(t + rg.row * cols + col);
@@ -59,9 +56,7 @@ void launch_split(const at::Tensor& t, at::Tensor& out, const Bf16PartOrder& ord
   // Vectors: every row of t starts on 16 bytes and holds whole vectors; then every output row and
   // block starts on a multiple of 4 bf16 (8 bytes) of an allocation's start.
   const bool vec = rows_vectorizable(src, cols) && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
-  const int64_t items = rows * (vec ? cols / 4 : cols);
-  const unsigned int grid =
-      static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>((items + kThreads - 1) / kThreads, 1), kMaxBlocks));
+  const unsigned int grid = grid_for(rows * (vec ? cols / 4 : cols));
   if (vec) {
     split_bf16_kernel<PARTS, 4><<<grid, kThreads, 0, stream>>>(src, dst, rows, cols, order, layout);
   } else {
