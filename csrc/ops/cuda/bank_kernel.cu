@@ -235,8 +235,13 @@ __global__ void bank_fold_wide_kernel(const acc* __restrict__ wide, const int64_
 
 int blocks_for(int64_t rows) { return static_cast<int>(std::max<int64_t>(1, std::min(rows, kMaxBlocks))); }
 
+// The per-row sums for up to r_cap block rows, rounded up to whole groups of four: ptxas may merge
+// the j loop's last loads of them (three scalar loads after the unrolled groups of four, in the
+// PTX) into one wider shared load that reads up to three elements past r. compute-sanitizer
+// memcheck on an H200 reported such a 12-byte __shared__ read past an 8-byte allocation (r_cap 2,
+// bank_add, 2026-12-04); padded, it stays inside the allocation, and the extra values are unused.
 size_t shared_bytes(int64_t r_cap, size_t acc_size) {
-  const size_t bytes = static_cast<size_t>(r_cap) * acc_size;
+  const size_t bytes = static_cast<size_t>((r_cap + 3) / 4 * 4) * acc_size;
   TORCH_CHECK_VALUE(bytes <= 48 * 1024, "miss: bank_add on CUDA supports r_cap up to ", 48 * 1024 / acc_size,
                     " for this dtype, got a bank with r_cap=", r_cap);
   return bytes;
