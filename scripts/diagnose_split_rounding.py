@@ -10,7 +10,9 @@ of the reference off / max difference in units of the reference's ulp":
   base     F.linear(x, w) against the float64 product rounded once to bf16;
   parts    the split operands' product (float64 of the bf16 parts) against S @ D in float64;
   addmm    miss.split_addmm_(base, left, right) against round(base + left @ right) (float64);
-  linear   miss.linear (the default "auto" path) against PEFT's rounding on this device's base;
+  linear   miss.linear (the default "auto" path) against PEFT's rounding on this device's base,
+           with the part count the op used (3 exact; 2 where torch's fp32 matmul precision is TF32:
+           errors of about 2^-14 of the terms would fit the 2026-12-04 failures);
   fp32     the same with MISS_EXT_GEMM=fp32.
 """
 import os
@@ -47,7 +49,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     settings = [(True, True), (False, True)] if device == "cuda" else [None]
-    print(f"device {device}, torch {torch.__version__}, matmul precision {torch.get_float32_matmul_precision()}")
+    print(f"device {device}, torch {torch.__version__}, matmul precision {torch.get_float32_matmul_precision()}, "
+          f"cuda fp32_precision {getattr(torch.backends.cuda.matmul, 'fp32_precision', '?')}")
     for rows, fin, fout, r in SHAPES:
         x = (torch.rand(rows, fin, dtype=F64) + 0.25).mul(torch.randint(0, 2, (rows, fin)) * 2 - 1).bfloat16().to(device)
         w = (torch.randn(fout, fin, dtype=F64) / fin ** 0.5).bfloat16().to(device)
@@ -68,17 +71,26 @@ def main():
             y2 = base.clone()
             torch.ops.miss.split_addmm_(y2, left, right)
             y2_ref = (base.to(F64) + term_parts).bfloat16()
-            y = torch.ops.miss.linear(x, w, None, blk, 0.0, None)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+                y = torch.ops.miss.linear(x, w, None, blk, 0.0, None)
+            # the part count the op used: miss::split_bf16's second argument (3: fp32-exact, 2: the TF32 setting)
+            op_parts = sorted({str(e.concrete_inputs[1]) for e in prof.events()
+                               if e.name == "miss::split_bf16" and getattr(e, "concrete_inputs", None)})
             peft = (base.to(F64) + term64).bfloat16()
+            chosen = os.environ.get("MISS_EXT_GEMM")
             os.environ["MISS_EXT_GEMM"] = "fp32"
             try:
                 y32 = torch.ops.miss.linear(x, w, None, blk, 0.0, None)
             finally:
-                del os.environ["MISS_EXT_GEMM"]
+                if chosen is None:
+                    del os.environ["MISS_EXT_GEMM"]
+                else:
+                    os.environ["MISS_EXT_GEMM"] = chosen
             rel_parts = float(((term_parts - term64).abs().max() / term64.abs().max()))
             print(f"rows={rows} in={fin} out={fout} r={r} reduction={setting}: parts equal definition {same_parts}; "
                   f"base {ulps_off(base, base_ref)}; parts rel err {rel_parts:.2e}; "
-                  f"addmm {ulps_off(y2, y2_ref)}; linear {ulps_off(y, peft)}; fp32 {ulps_off(y32, peft)}")
+                  f"addmm {ulps_off(y2, y2_ref)}; linear {ulps_off(y, peft)} (parts used {op_parts}); "
+                  f"fp32 {ulps_off(y32, peft)}")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
 

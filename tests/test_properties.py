@@ -534,7 +534,11 @@ def test_bat_transform_matches_reference(device, shape, seed, w_dtype, mp_dtype,
                   f"bat_transform(w {tuple(w.shape)}, r={r}, dtype={out_dtype}, residual={residual})")
     inplace = w.clone()
     ops.bat_transform_(inplace, m, p, residual)
-    assert torch.equal(inplace, ops.bat_transform(w, m, p, None, residual))
+    if device == "cpu":  # one kernel both ways: bit for bit
+        assert torch.equal(inplace, ops.bat_transform(w, m, p, None, residual))
+    else:  # CUDA's "auto": a batched GEMM out of place, the kernel in place (impl_choice.h; H200, 2026-12-04)
+        assert_within(inplace, ref, bound(ref, mag, w_dtype, acc_dtype(w_dtype, mp_dtype)),
+                      f"bat_transform_(w {tuple(w.shape)}, r={r}, residual={residual})")
 
 
 @device_params()
