@@ -23,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import miss_ext  # noqa: E402,F401
-from reference import split_bf16_ref  # noqa: E402
+from reference import fold_ref, split_bf16_ref  # noqa: E402
 
 F64 = torch.float64
 SHAPES = [(1, 1024, 1024, 64), (5, 96, 80, 16), (12, 8, 6, 16), (3, 64, 64, 128), (2, 4096, 256, 64)]
@@ -35,14 +35,6 @@ def ulps_off(got, want):
     ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(2.0 ** -126))) - 7)
     units = (got - want).abs() / ulp
     return int((units > 1).sum()), float(units.max()) if units.numel() else 0.0
-
-
-def fold64(x, r):
-    rows, fin = x.shape
-    s = torch.zeros(rows, r, dtype=F64, device=x.device)
-    for j in range(r):
-        s[:, j] = x[:, j::r].to(F64).sum(1)
-    return s
 
 
 def main():
@@ -66,7 +58,7 @@ def main():
             right = torch.ops.miss.split_bf16(blk, parts, [0, 1, 2, 0, 1, 0], 0)
             same_parts = torch.equal(left.cpu().view(torch.int16),
                                      split_bf16_ref(s.cpu(), parts, [0, 0, 0, 1, 1, 2], 1).view(torch.int16))
-            term64 = fold64(x, r) @ blk.to(F64)
+            term64 = fold_ref(x, r) @ blk.to(F64)
             term_parts = left.to(F64) @ right.to(F64)
             y2 = base.clone()
             torch.ops.miss.split_addmm_(y2, left, right)

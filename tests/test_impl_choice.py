@@ -328,7 +328,7 @@ def test_split_addmm_ops_refuse_bad_arguments_by_name():
 @pytest.mark.parametrize("where", ["block", "x", "weight"])
 def test_split_products_are_non_finite_exactly_where_the_float32_ones_are(where, monkeypatch):
     """An inf in a split operand comes out as NaN, not inf: its bf16 head is inf and the other
-    part's zero remainders multiply it (inf * 0). A documented difference (split_gemm.cpp); what
+    part's zero remainders multiply it (inf * 0). A documented difference (common/bf16_parts.h); what
     this pins is that the split path makes non-finite exactly the outputs and gradients the
     float32 path (PEFT's arithmetic) makes non-finite, no more and no fewer."""
     x, w, b, block, key, grad = make_linear_inputs((6,), 16, 24, 4, None, 0.0)

@@ -9,6 +9,7 @@
 #include <ATen/ops/mm.h>
 
 #include <mutex>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -22,7 +23,7 @@ namespace {
 // 0, 1, ..., parts - 1: every part once, in order.
 std::vector<int64_t> all_parts(int parts) {
   std::vector<int64_t> order(parts);
-  for (int i = 0; i < parts; ++i) order[i] = i;
+  std::iota(order.begin(), order.end(), 0);
   return order;
 }
 

@@ -4,9 +4,15 @@
 // nearest even. Shared by the CPU and CUDA kernels of miss::split_bf16, so both give the same bits
 // (but for NaN payloads: c10::BFloat16 writes 0x7FC0 on the host, __float2bfloat16 0x7FFF).
 //
-// Non-finite values: an inf's head is inf and what it leaves inf - inf = NaN (split_gemm.h says what
-// that does to a product). A NaN's head is a NaN or, when its payload lies in the low 16 bits only,
-// an inf; the next part is then NaN either way.
+// Non-finite values: an inf's head is inf and what it leaves inf - inf = NaN; and even with zero
+// remainders, the GEMM would multiply the inf by the other operand's zero low parts (inf * 0). So a
+// split product with an inf in it comes out NaN where the float32 GEMM gives inf. The set of
+// non-finite outputs is the same (an inf or NaN term makes its whole output row or column
+// non-finite either way; tests/test_impl_choice.py checks it), so training that diverged still sees
+// non-finite values, only their kind differs. Keeping infs apart would take extra GEMMs or a host
+// sync to find them; the split path exists to be fast for the finite values every step has. A
+// NaN's head is a NaN or, when its payload lies in the low 16 bits only, an inf; the next part is
+// then NaN either way.
 #pragma once
 
 #include <c10/util/BFloat16.h>
