@@ -11,7 +11,7 @@ import torch
 import miss_ext
 from hypothesis import given, settings, strategies as st
 
-from conftest import poison_heap, rand
+from conftest import CUDA_AVAILABLE, poison_heap, rand
 from reference import (
     F64,
     delta_weight_ref,
@@ -484,9 +484,10 @@ def test_linear_half_precision_follows_peft(device, name, in_f, out_f, r, mini_r
 
 
 # Shapes with few output tiles for a long K, where cuBLAS splits K: the bf16 tensor-core path's
-# y += S D (split_gemm.h; K = 6 r) must still round once. With torch's default
-# allow_bf16_reduced_precision_reduction cuBLAS stored the parts in bf16: 12 rows, out 6, r 16
-# were 1-2 units off PEFT's on an H200 (2026-12-04). Decoding (1 row, wide layers) is the real case.
+# y += S D (split_gemm.h; K = 6 r) must still round once. An H200's cuBLAS (2026-12-04) rounded the
+# product to bf16 before adding y here at every reduction setting (every failure reproduced exactly
+# by round(base + round(term))): these shapes now take an fp32 product added apart (split_gemm.cpp,
+# kFp32ProductBytes). Decoding (1 row, wide layers) is the real case.
 @pytest.mark.parametrize("rows,in_f,out_f,r", [(1, 1024, 1024, 64), (3, 64, 64, 128), (2, 4096, 256, 64),
                                                (12, 8, 6, 16)], ids=str)
 # (False, False) is refused by torch where cuBLASLt is not the backend (the H200 run of 2026-12-04:
@@ -505,13 +506,37 @@ def test_linear_bf16_rounds_once_whatever_cublas_reduction(device, rows, in_f, o
         x = rand(rows, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
         w = rand(out_f, in_f, dtype=torch.bfloat16, device=device) / math.sqrt(in_f)
         blk = rand(r, out_f, dtype=torch.float32, device=device, requires_grad=True)
-        y = linear(x, w, None, blk)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = linear(x, w, None, blk)
+        if device == "cuda":  # the fp32 product added apart, not in the GEMM's epilogue (split_gemm.cpp)
+            names = {e.name for e in prof.events()}
+            assert "aten::add_" in names and "aten::addmm_" not in names, sorted(names)
         assert torch._C._get_cublas_allow_bf16_reduced_precision_reduction() == reduction
         close(y, peft_precision_linear_ref(x.detach(), w, None, blk.detach()), 2.0 ** -7, 1e-6, msg="PEFT rounding")
         y.backward(torch.ones_like(y))
         assert torch._C._get_cublas_allow_bf16_reduced_precision_reduction() == reduction
     finally:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = before
+
+
+# Above 16 MiB of fp32 output the split path's y += S D is added in the GEMM's epilogue, in place
+# (split_gemm.cpp, kFp32ProductBytes); below it the product is written in fp32 and added apart,
+# because an H200's cuBLAS rounded the product to bf16 before adding y in small shapes (every
+# failure of test_linear_bf16_rounds_once_whatever_cublas_reduction on 2026-12-04 is reproduced
+# exactly by round(base + round(term)) from the tests' seeds). These shapes (32 and 48 MiB of fp32
+# output: 2048 rows of 4096, 1024 of 11008) check the epilogue of the large GEMMs that training
+# runs, forward only (the backward's products have fp32 outputs).
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+@pytest.mark.parametrize("rows,in_f,out_f,r", [(2048, 1024, 4096, 64), (1024, 4096, 11008, 64)], ids=str)
+def test_linear_bf16_rounds_once_in_large_gemms(rows, in_f, out_f, r):
+    x = rand(rows, in_f, dtype=torch.bfloat16, device="cuda")
+    w = rand(out_f, in_f, dtype=torch.bfloat16, device="cuda") / math.sqrt(in_f)
+    blk = rand(r, out_f, dtype=torch.float32, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = ops.linear(x, w, None, blk)
+    names = {e.name for e in prof.events()}
+    assert "miss::split_bf16" in names and "aten::addmm_" in names, sorted(names)  # the in-place GEMM
+    close(y, peft_precision_linear_ref(x, w, None, blk), 2.0 ** -7, 1e-6, msg="PEFT rounding")
 
 
 @pytest.mark.parametrize(

@@ -81,10 +81,10 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
 // torch's default (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True) lets
 // cuBLAS store them in bf16, the output type: then y += S D is rounded several times. That is
 // PEFT's precision only for its base GEMM; its adapter term is an fp32 GEMM added with one
-// rounding, which addmm_split promises. Most likely this, on an H200 (2026-12-04): 12 rows, out 6,
-// K = 96 (r = 16 in 3 parts): 8 of 72 outputs 1-2 bf16 units off PEFT's (0.0117; 10% of a value where
-// the base and the adapter term cancel). cuBLAS picks split-K where there are few output tiles
-// for the SMs (small T x out: decoding) and K is long, so it is not confined to toy shapes.
+// rounding, which addmm_split promises. It was written for an H200's small shapes (12 rows, out 6:
+// 8 of 72 outputs 1-2 bf16 units off PEFT's), and the next run showed it did not make them round
+// once: those shapes now take the fp32 product (kFp32ProductBytes below). It stays around the
+// in-place GEMM of large shapes, where cuBLAS may still split a long K.
 // The setting is process-wide (at::globalContext(); torch has no per-call option): the first of
 // concurrent holders (threads) sets it and the last restores the user's value, under a mutex.
 // So with several threads (nn.DataParallel's replicas, a serving pool) other threads' bf16 GEMMs
@@ -124,14 +124,35 @@ class Fp32SplitKReduction {
   }
 };
 
-// y += a @ b with one rounding: the GEMM under the guard on CUDA; elsewhere no bf16 GEMM writes
-// fp32, so the same arithmetic on the widened (exact) values.
+// Up to this size the product a @ b is written in fp32 and added to y by a separate add, which
+// rounds once by construction; above it the GEMM adds into y in place. Why: cuBLAS does not
+// promise how a bf16 GEMM with beta = 1 rounds, and on an H200 (torch 2.11, cuBLAS of CUDA 13,
+// 2026-12-04) y.addmm_ rounded the product to bf16 before adding y, at every
+// allow_bf16_reduced_precision_reduction setting: round(y + round(a @ b)), not PEFT's
+// round(y + a @ b). Every failing case of that run (1 to 37 rows, out 6 to 4096) is reproduced
+// exactly by that model from the tests' seeds (tests/GPU.md). Those are the shapes with few
+// output tiles for the SMs, where cuBLAS splits K and may keep the partial sums in bf16 (an
+// inference from the kernel choice, not read from cuBLAS). 16 MiB of fp32 (4 Mi outputs, e.g.
+// 1024 rows of 4096) covers them with room; it is also the memory allowance of issue 11
+// (frozen + 16 MiB), so the temporary never costs more than that. Large training steps (8192 x
+// 4096: 128 MiB) keep the in-place GEMM, which writes y once instead of an fp32 temporary and a
+// second pass; whether its epilogue rounds once there is checked on a GPU by
+// tests/test_ops_reference.py::test_linear_bf16_rounds_once_in_large_gemms and
+// scripts/diagnose_split_rounding.py (unmeasured when this was written).
+constexpr int64_t kFp32ProductBytes = int64_t{16} << 20;
+
+// y += a @ b with one rounding. CUDA: an fp32 product and an ATen add (fp32 arithmetic, one cast
+// to y's dtype: PEFT's `result + term` exactly) up to kFp32ProductBytes, else the GEMM in place
+// under the guard. Elsewhere no bf16 GEMM writes fp32, so the same arithmetic on the widened
+// (exact) values.
 void add_product_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
-  if (y.is_cuda()) {
+  if (!y.is_cuda()) {
+    y.copy_(at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)));
+  } else if (y.numel() * static_cast<int64_t>(sizeof(float)) <= kFp32ProductBytes) {
+    y.add_(at::mm(a, b, at::kFloat));  // fp32 output: split-K partial sums stay fp32 too
+  } else {
     const Fp32SplitKReduction fp32_reduction;
     y.addmm_(a, b);  // bf16 operands, fp32 accumulation and epilogue
-  } else {
-    y.copy_(at::addmm(y.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat)));
   }
 }
 

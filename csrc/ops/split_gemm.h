@@ -18,9 +18,11 @@
 // accurate as fp32; "tf32" ("high" or "medium") 2, better than TF32's 2^-11.
 // Limits: an infinite value gives NaN where fp32 would give inf (inf - inf); a part below fp32's
 // normal range (the third part of values below about 7.7e-34) may be flushed to zero by the
-// tensor cores, an absolute error below 2^-126. y += a b is rounded once in the GEMM's epilogue:
-// where cuBLAS splits K, addmm_split has it reduce the parts in fp32 whatever torch.backends.cuda.
-// matmul.allow_bf16_reduced_precision_reduction says (split_gemm.cpp, Fp32SplitKReduction).
+// tensor cores, an absolute error below 2^-126. y += a b is rounded once: up to 16 MiB of fp32
+// output the product is written in fp32 and added by a separate add (an H200's cuBLAS rounded
+// the product to bf16 before adding y in those shapes), above that in the GEMM's epilogue, with
+// split-K partial sums reduced in fp32 whatever torch.backends.cuda.matmul.
+// allow_bf16_reduced_precision_reduction says (split_gemm.cpp, add_product_, Fp32SplitKReduction).
 //
 // Every step is a dispatcher call, so torch.compile records it. The parts of an operand are cut by
 // one kernel, miss::split_bf16 (common/bf16_parts.h; CPU and CUDA), which writes them straight
