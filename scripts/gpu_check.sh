@@ -3,7 +3,7 @@
 # machine's torch (2.11 there), runs the error probe, then the test suite in two parts (the tests
 # that need a GPU, then compute-sanitizer on the newest kernels, then with --tests-only every other
 # test, the CMake library's included) and, unless --tests-only, the GPU benchmarks.
-# Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log,
+# Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log, split_rounding.txt,
 # pytest_{cuda,rest}.log, junit_{cuda,rest}.xml, summary.txt, memcheck_new_kernels.log,
 # racecheck_bank.log, bench*.md/json) goes to a
 # work folder whose tarball ${OUT:-gpu_out}/results.tgz is rewritten after every step, beside
@@ -91,6 +91,10 @@ if [ "$TESTS" = 1 ]; then
   timeout -k 10 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_errors.py tests/test_cxx_runtime.py \
     -k "fresh_process or foreign or private" >"$RES/probe.log" 2>&1
   note "error probe: rc=$?; $(tail -1 "$RES/probe.log")"
+  # How cuBLAS rounds the split path's in-place y += a @ b by shape (seconds; tests/GPU.md, 2026-12-04):
+  # whether the 16 MiB limit of split_gemm.cpp's fp32 product holds.
+  timeout -k 10 90 "$PY" scripts/diagnose_split_rounding.py >"$RES/split_rounding.txt" 2>&1
+  note "split rounding diagnosis: rc=$? (split_rounding.txt)"
   pack
 fi
 
