@@ -115,6 +115,68 @@ def build_cases(T: int, in_f: int, out_f: int, r: int, device: torch.device) -> 
     return {"frozen": frozen, "frozen_gemms": frozen_gemms, "miss": run_miss, "fused_bound": fused_bound}
 
 
+def build_piece_cases(T: int, in_f: int, out_f: int, r: int, device: torch.device) -> dict:
+    """Alternatives for two steps of the default mode's layer step, each against the frozen
+    layer's step (same run): which a later change should take, measured before it is written.
+
+    dx_add        dx = G W, then dx += tile(dS) by miss.tile_add_ (the backward today)
+    dx_prefill    dx = tile(dS) written first (a repeat), then dx += G W by the GEMM's beta = 1
+                  epilogue (saves tile_add_'s read and write of dx; the GEMM reads dx instead;
+                  needs in % r == 0)
+    y_inplace     y += S D of the split parts by the GEMM in place (split_gemm.cpp above 16 MiB of
+                  fp32 output)
+    y_fp32        the same as an fp32 product added apart (split_gemm.cpp below 16 MiB): what
+                  rounding once by construction would cost at training sizes
+    The y cases start from a copy of the base output (the copy is timed in both)."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    base = nn.Linear(in_f, out_f, device=device, dtype=dt).requires_grad_(False)
+    x = torch.randn(T, in_f, device=device, dtype=dt, requires_grad=True)
+    g = torch.randn(T, out_f, device=device, dtype=dt)
+    w = base.weight
+    ds = torch.randn(T, r, device=device)                            # dS (T, r) fp32
+    s = ops.fold(x.detach(), r, 0.0, None, torch.float32)
+    left = ops.split_bf16(s, PARTS, [0, 0, 0, 1, 1, 2], 1)           # split_gemm.cpp's pairs
+    right = ops.split_bf16(torch.randn(r, out_f, device=device), PARTS, [0, 1, 2, 0, 1, 0], 0)
+    y0 = base(x.detach())
+    y = torch.empty_like(y0)
+
+    def frozen():
+        base(x).backward(g)
+        x.grad = None
+
+    def dx_add():
+        dx = g @ w
+        ops.tile_add_(dx, ds, 1.0, 0.0, None)
+        return dx
+
+    def dx_prefill():
+        dx = ds.to(dt).repeat(1, in_f // r)
+        return dx.addmm_(g, w)
+
+    def y_inplace():
+        y.copy_(y0)
+        return y.addmm_(left, right)
+
+    def y_fp32():
+        y.copy_(y0)
+        return y.add_(mm_f32(left, right))
+
+    cases = {"frozen": frozen, "dx_add": dx_add, "y_inplace": y_inplace, "y_fp32": y_fp32}
+    if in_f % r == 0:
+        cases["dx_prefill"] = dx_prefill
+    # The alternatives compute the same values up to their roundings (a bf16 unit of the terms):
+    # checked before they are timed.
+    pairs = [("y_inplace", "y_fp32")] + ([("dx_add", "dx_prefill")] if in_f % r == 0 else [])
+    for one, other in pairs:
+        a, b = cases[one]().clone().double(), cases[other]().clone().double()
+        scale = max(a.abs().max().item(), 1e-30)
+        if not (a - b).abs().max().item() <= 2.0 ** -6 * scale:
+            raise SystemExit(f"bench_fusion: {one} and {other} differ by {(a - b).abs().max().item():.3g} "
+                             f"(largest value {scale:.3g}): not timed")
+    return cases
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,6 +202,17 @@ def main(argv=None):
         results[shape] = {"median_ms": ms, "median_ratio_vs_frozen": ratio}
         print(f"| {shape} | {ms['frozen']:.3f} | {ratio['frozen_gemms']:.3f}x | {ratio['miss']:.3f}x | "
               f"{ratio['fused_bound']:.3f}x | {ratio['miss'] - ratio['fused_bound']:.3f} of frozen |")
+    print("\nPieces of the layer step, each against the frozen layer's step in the same run "
+          "(build_piece_cases):\n")
+    print("| shape | dx_add | dx_prefill | y_inplace | y_fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for in_f, out_f in a.shapes:
+        shape = f"{in_f}x{out_f}"
+        ms, ratio = interleaved_medians(build_piece_cases(a.T, in_f, out_f, a.r, device), a.reps, device,
+                                        baseline="frozen")
+        results[shape]["pieces"] = {"median_ms": ms, "median_ratio_vs_frozen": ratio}
+        prefill = f"{ratio['dx_prefill']:.3f}x" if "dx_prefill" in ratio else "-"
+        print(f"| {shape} | {ratio['dx_add']:.3f}x | {prefill} | {ratio['y_inplace']:.3f}x | {ratio['y_fp32']:.3f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=2)

@@ -249,21 +249,23 @@ bench() {
   pack
 }
 if [ "$BENCH" = 1 ]; then
-  # In the order the open issues need them: issue 11's layer and model targets, issue 14's
-  # figures, then issue 11's kernel bandwidths and fusion bound.
+  # In the order the open issues need them: issue 11's layer and model targets and the measured
+  # choices between its alternatives (bench_fusion), issue 14's figures, then issue 11's kernel
+  # bandwidths.
   HAVE_HF=0; "$PY" -c "import transformers, peft" 2>/dev/null && HAVE_HF=1
   bench bench 180 "^\\||^##|^- " bench/bench_linear.py --preset gpu
   # Where issue 11's missing time goes: the kernels of one step, case by case (4096 x 4096).
   bench profile_linear 60 "^## |^- per step" bench/profile_linear.py --preset gpu
   if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
+  # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss, and the
+  # alternatives for dx's tile and y's split add, each against the frozen step (issue 11; seconds).
+  bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
   bench bench_bank 60 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
   # Mixed-adapter training, half the adapters mini (mini_r = 1): the bank's block-gradient kernels.
   bench bench_bank_train 45 "x single|^(single|mixed|split) |faster" bench/bench_bank_train.py --device cuda --dtype bf16 --reps 10
   # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
   bench bench_kernels 90 "^\\||^- " bench/bench_kernels.py --device cuda
-  # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss (issue 11).
-  bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
   if [ "$HAVE_HF" = 1 ]; then
     bench bench_bank_model 90 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
       --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_decode  # noqa: E402
+import bench_fusion  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_model  # noqa: E402
 
@@ -221,3 +222,16 @@ def test_bench_checkpoint_check_runs_and_restores_the_check(capsys):
     with pytest.raises(SystemExit):
         bench_checkpoint_check.parse_args(["--depth", "0,-1"])
     assert "expected comma-separated depths >= 0, got '0,-1'" in capsys.readouterr().err
+
+
+def test_bench_fusion_tables_the_bound_and_every_piece(capsys):
+    """bench_fusion's two tables, on the CPU with small sizes; the pieces table has a figure for
+    every alternative, and dx_prefill only where in % r == 0."""
+    bench_fusion.main(["--device", "cpu", "-T", "64", "--shapes", "64x48,40x32", "-r", "16", "--reps", "2"])
+    out = capsys.readouterr().out
+    assert "| 64x48 |" in out and "fusion could save" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 64x48 |") or line.startswith("| 40x32 |")]
+    assert len(rows) == 4, out
+    pieces = rows[2:]
+    assert pieces[0].count("x |") == 4, pieces[0]           # every alternative timed
+    assert "| - |" in pieces[1] and pieces[1].count("x |") == 3, pieces[1]  # 40 % 16 != 0
