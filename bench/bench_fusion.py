@@ -123,8 +123,8 @@ def build_piece_cases(T: int, in_f: int, out_f: int, r: int, device: torch.devic
     dx_prefill    dx = tile(dS) written first (a repeat), then dx += G W by the GEMM's beta = 1
                   epilogue (saves tile_add_'s read and write of dx; the GEMM reads dx instead;
                   needs in % r == 0)
-    y_inplace     y += S D of the split parts by the GEMM in place (split_gemm.cpp above 16 MiB of
-                  fp32 output)
+    y_inplace     y += S D of the split parts by miss.split_addmm_ (the GEMM in place under its
+                  fp32-reduction guard above 16 MiB of fp32 output, as at the default sizes)
     y_fp32        the same as an fp32 product added apart (split_gemm.cpp below 16 MiB): what
                   rounding once by construction would cost at training sizes
     The y cases start from a copy of the base output (the copy is timed in both)."""
@@ -156,7 +156,8 @@ def build_piece_cases(T: int, in_f: int, out_f: int, r: int, device: torch.devic
 
     def y_inplace():
         y.copy_(y0)
-        return y.addmm_(left, right)
+        ops.split_addmm_(y, left, right)  # above 16 MiB of fp32 output: the guarded in-place GEMM
+        return y
 
     def y_fp32():
         y.copy_(y0)

@@ -132,6 +132,24 @@ def rand(*shape, dtype=torch.float32, device="cpu", low=0.25, high=1.5, requires
     return (mag * sign).to(dtype=dtype, device=device).requires_grad_(requires_grad)
 
 
+BF16_ULP = 2.0 ** -7  # one unit in the last place of bf16, relative (at most; 7 stored bits)
+
+
+def assert_within_ulp(got, want, what="", ulps=1, rounded_part=None):
+    """|got - want| <= one bf16 ulp of want, elementwise (a rounding flipped by a tiny difference),
+    plus fp32-sized noise for elements near zero (2^-20 of the largest: where the terms of a sum
+    cancel, an fp32 accumulation's order moves the small result by more than its ulp). `rounded_part`:
+    a term of the result that was rounded to bf16 on its own first (the base GEMM's part of dx), whose
+    rounding may differ by one ulp of that part (not of the result: they differ where the sum
+    cancels)."""
+    got, want = got.to(torch.float64), want.to(torch.float64)
+    noise = 2.0 ** -20 * want.abs().max().item() if want.numel() else 0.0
+    excess = (got - want).abs() - ulps * BF16_ULP * want.abs() - noise
+    if rounded_part is not None:
+        excess = excess - BF16_ULP * rounded_part.to(torch.float64).abs()
+    assert excess.numel() == 0 or excess.max().item() <= 1e-30, f"{what}: {excess.max().item():.3g} beyond one ulp"
+
+
 def autocast_sensitive_inputs(weight, block, rows: int, rounded: str, amp_dtype) -> torch.Tensor:
     """An input x (rows, in) for a default/mini layer with this base weight (out, in) and block
     (r, out or mini_r), both float32 and overwritten here, on which the result under

@@ -21,13 +21,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import miss_ext
-from conftest import CUDA_AVAILABLE
+from conftest import BF16_ULP, CUDA_AVAILABLE, assert_within_ulp
 from reference import (TILE_ADD_TOL, bat_weight_ref, fold_error_scale, fold_ref, fold_within, linear_ref,
                        peft_precision_linear_ref, recover_mask)
 
 ops = torch.ops.miss
 F64 = torch.float64
-BF16_ULP = 2.0 ** -7  # one unit in the last place of bf16, relative (at most; 7 stored bits)
 
 
 @pytest.fixture
@@ -53,20 +52,6 @@ def rel_err(a, b):
     diff = (a - b).abs().max().item()
     scale = b.abs().max().item()
     return diff / scale if scale else diff
-
-
-def assert_within_ulp(got, want, what="", ulps=1, rounded_part=None):
-    """|got - want| <= one bf16 ulp of want, elementwise (a rounding flipped by a tiny difference),
-    plus fp32-sized noise for elements near zero (2^-20 of the largest). `rounded_part`: a term of
-    the result that was rounded to bf16 on its own first (the base GEMM's part of dx), whose
-    rounding may differ by one ulp of that part (not of the result: they differ where the sum
-    cancels)."""
-    got, want = got.to(F64), want.to(F64)
-    noise = 2.0 ** -20 * want.abs().max().item() if want.numel() else 0.0
-    excess = (got - want).abs() - ulps * BF16_ULP * want.abs() - noise
-    if rounded_part is not None:
-        excess = excess - BF16_ULP * rounded_part.to(F64).abs()
-    assert excess.numel() == 0 or excess.max().item() <= 1e-30, f"{what}: {excess.max().item():.3g} beyond one ulp"
 
 
 def run_linear(x, w, b, block, p, key, grad):

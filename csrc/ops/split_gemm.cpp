@@ -82,9 +82,10 @@ std::pair<at::Tensor, at::Tensor> split_operands(const at::Tensor& a, const at::
 // cuBLAS store them in bf16, the output type: then y += S D is rounded several times. That is
 // PEFT's precision only for its base GEMM; its adapter term is an fp32 GEMM added with one
 // rounding, which addmm_split promises. It was written for an H200's small shapes (12 rows, out 6:
-// 8 of 72 outputs 1-2 bf16 units off PEFT's), and the next run showed it did not make them round
-// once: those shapes now take the fp32 product (kFp32ProductBytes below). It stays around the
-// in-place GEMM of large shapes, where cuBLAS may still split a long K.
+// 8 of 72 outputs 1-2 bf16 units off PEFT's, which fits split-K with bf16 partial sums), and the
+// next run showed that shape rounding once under it, but other small shapes rounding the product
+// to bf16 before adding y: those now take the fp32 product (kFp32ProductBytes below). It stays
+// around the in-place GEMM of large shapes, where cuBLAS may still split a long K.
 // The setting is process-wide (at::globalContext(); torch has no per-call option): the first of
 // concurrent holders (threads) sets it and the last restores the user's value, under a mutex.
 // So with several threads (nn.DataParallel's replicas, a serving pool) other threads' bf16 GEMMs
@@ -126,19 +127,22 @@ class Fp32SplitKReduction {
 
 // Up to this size the product a @ b is written in fp32 and added to y by a separate add, which
 // rounds once by construction; above it the GEMM adds into y in place. Why: cuBLAS does not
-// promise how a bf16 GEMM with beta = 1 rounds, and on an H200 (torch 2.11, cuBLAS of CUDA 13,
-// 2026-12-04) y.addmm_ rounded the product to bf16 before adding y, at every
-// allow_bf16_reduced_precision_reduction setting: round(y + round(a @ b)), not PEFT's
-// round(y + a @ b). Every failing case of that run (1 to 37 rows, out 6 to 4096) is reproduced
-// exactly by that model from the tests' seeds (tests/GPU.md). Those are the shapes with few
-// output tiles for the SMs, where cuBLAS splits K and may keep the partial sums in bf16 (an
-// inference from the kernel choice, not read from cuBLAS). 16 MiB of fp32 (4 Mi outputs, e.g.
-// 1024 rows of 4096) covers them with room; it is also the memory allowance of issue 11
-// (frozen + 16 MiB), so the temporary never costs more than that. Large training steps (8192 x
-// 4096: 128 MiB) keep the in-place GEMM, which writes y once instead of an fp32 temporary and a
-// second pass; whether its epilogue rounds once there is checked on a GPU by
-// tests/test_ops_reference.py::test_linear_bf16_rounds_once_in_large_gemms and
-// scripts/diagnose_split_rounding.py (unmeasured when this was written).
+// promise how a bf16 GEMM with beta = 1 rounds. On an H200 (torch 2.11, cuBLAS of CUDA 13,
+// 2026-12-04), under Fp32SplitKReduction (torch then sets CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
+// REDUCTION), y.addmm_ rounded the product to bf16 before adding y in most small shapes:
+// round(y + round(a @ b)), not PEFT's round(y + a @ b). From the tests' seeds, that model fits all
+// 11 rounding failures of test_linear_bf16_rounds_once_whatever_cublas_reduction (mismatch count,
+// largest difference and its index) and test_cuda_auto_linear's excess for three of its four
+// failures (the fourth's base GEMM cannot be reproduced on the CPU); split-K with bf16 partial sums
+// fits 3-5 of the 11 (tests/GPU.md). It is shape-dependent: 12 rows of out 6 rounded once in the
+// same run, and without the guard (the run before) that shape fitted split-K with bf16 partial
+// sums while the others passed. 16 MiB of fp32 (4 Mi outputs, e.g. 1024 rows of 4096) covers the
+// failing shapes (1 to 37 rows) with room; it is also issue 11's memory allowance (frozen + 16 MiB):
+// the temporary alone stays within it (with S and the split operands beside it, just below the
+// limit, a step's peak can pass it slightly). Large training steps (8192 x 4096: 128 MiB) keep the
+// in-place GEMM, which writes y once instead of an fp32 temporary and a second pass; whether its
+// epilogue rounds once there is unmeasured, checked on a GPU by tests/test_ops_reference.py::
+// test_linear_bf16_rounds_once_in_large_gemms and scripts/diagnose_split_rounding.py.
 constexpr int64_t kFp32ProductBytes = int64_t{16} << 20;
 
 // y += a @ b with one rounding. CUDA: an fp32 product and an ATen add (fp32 arithmetic, one cast

@@ -20,9 +20,10 @@
 // normal range (the third part of values below about 7.7e-34) may be flushed to zero by the
 // tensor cores, an absolute error below 2^-126. y += a b is rounded once: up to 16 MiB of fp32
 // output the product is written in fp32 and added by a separate add (an H200's cuBLAS rounded
-// the product to bf16 before adding y in those shapes), above that in the GEMM's epilogue, with
+// the product to bf16 before adding y in such shapes), above that in the GEMM's epilogue, with
 // split-K partial sums reduced in fp32 whatever torch.backends.cuda.matmul.
-// allow_bf16_reduced_precision_reduction says (split_gemm.cpp, add_product_, Fp32SplitKReduction).
+// allow_bf16_reduced_precision_reduction says (split_gemm.cpp, add_product_, Fp32SplitKReduction);
+// that the large GEMMs' epilogue rounds once is yet to be measured on a GPU.
 //
 // Every step is a dispatcher call, so torch.compile records it. The parts of an operand are cut by
 // one kernel, miss::split_bf16 (common/bf16_parts.h; CPU and CUDA), which writes them straight
@@ -51,7 +52,8 @@ int split_parts();
 bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_rule);
 
 // y (rows, n), bf16, += a (rows, k) @ b (k, n), a and b fp32: the sum is formed in fp32 and
-// rounded once to bf16 (the GEMM's epilogue, by miss::split_addmm_). In place.
+// rounded once to bf16 (by miss::split_addmm_: an fp32 product added apart, or the GEMM's
+// epilogue for large y; split_gemm.cpp, add_product_). In place.
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 // The same sum as a new tensor (common/in_place.h: where an in-place update must not be made).
 at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
