@@ -256,10 +256,11 @@ if [ "$BENCH" = 1 ]; then
   bench bench 180 "^\\||^##|^- " bench/bench_linear.py --preset gpu
   # Where issue 11's missing time goes: the kernels of one step, case by case (4096 x 4096).
   bench profile_linear 60 "^## |^- per step" bench/profile_linear.py --preset gpu
-  if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
   # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss, and the
-  # alternatives for dx's tile and y's split add, each against the frozen step (issue 11; seconds).
+  # alternatives for dx's tile and y's split add, each against the frozen step (issue 11; about 30 s,
+  # before bench_model: its figures decide the next change).
   bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
+  if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
   bench bench_bank 60 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
   # Mixed-adapter training, half the adapters mini (mini_r = 1): the bank's block-gradient kernels.
