@@ -13,8 +13,9 @@ written plus src read for tile_add_, W read and W' written for bat_weight.
 Cases, each under every implementation that MISS_EXT_* can force (csrc/ops/impl_choice.h):
     fold/<dtype>/p=<p>[<kernel>]   miss.fold of x (T, in) at r into fp32 S (the linear's fold),
                                    kernel auto | columns | rows | warp (MISS_EXT_FOLD_KERNEL)
-    tile_add_/bf16[<kernel>]       dx (T, in) += tile(dS (T, r) fp32), the linear's backward step,
-                                   kernel auto | flat | grid2d (MISS_EXT_TILE_ADD_KERNEL)
+    tile_add_/bf16/p=<p>[<kernel>] dx (T, in) += tile(dS (T, r) fp32), the linear's backward step
+                                   (p = 0.1: the dropout mask regenerated), kernel auto | flat |
+                                   grid2d (MISS_EXT_TILE_ADD_KERNEL)
     bat_weight/<dtype>[<impl>]     W' of a bat adapter (out = in = --in-features, block fp32), in the
                                    block's dtype (fp32) and in bf16; impl kernel | gemm
                                    (MISS_EXT_BAT_TRANSFORM)
@@ -75,13 +76,17 @@ def build_cases(a, device):
                 nbytes[name] = x.nbytes + a.T * a.r * 4
     dx = torch.randn(a.T, a.in_features, device=device, dtype=torch.bfloat16)
     ds = torch.randn(a.T, a.r, device=device)
-    for kernel in ("auto", "flat", "grid2d"):
-        if device.type != "cuda" and kernel != "auto":
-            continue
-        name = f"tile_add_/bf16[{kernel}]"
-        cases[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add_(dx, ds, 1.0, 0.0, None))
-        results[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel, lambda: ops.tile_add(dx, ds, 1.0, 0.0, None))
-        nbytes[name] = 2 * dx.nbytes + ds.nbytes
+    for p in (0.0, 0.1):
+        key = miss_ext.new_dropout_key(device) if p else None
+        for kernel in ("auto", "flat", "grid2d"):
+            if device.type != "cuda" and kernel != "auto":
+                continue
+            name = f"tile_add_/bf16/p={p}[{kernel}]"
+            cases[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel,
+                                   lambda p=p, key=key: ops.tile_add_(dx, ds, 1.0, p, key))
+            results[name] = with_env("MISS_EXT_TILE_ADD_KERNEL", kernel,
+                                     lambda p=p, key=key: ops.tile_add(dx, ds, 1.0, p, key))
+            nbytes[name] = 2 * dx.nbytes + ds.nbytes
     n = a.in_features
     w = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     block = torch.randn(n // a.r, a.r, a.r, device=device) * 0.01

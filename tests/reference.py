@@ -20,9 +20,12 @@ The ops draw the mask from a counter-based generator; a test needs the mask the 
   so multiplying by (1 - p) gives the 0/1 mask. This relies only on the documented contract
   that the mask is a pure function of (key, row, column), the same for every op.
 - `philox_mask` recomputes it from scratch with a pure-Python Philox4x32-10 (checked against the
-  Random123 known-answer vectors in test_dropout.py) and the counter layout documented in
-  csrc/ops/common/dropout_mask.h: counter = (col // 4, row, offset_lo, offset_hi),
-  key = (seed_lo, seed_hi), word col % 4, dropped iff word < round(p * 2^32).
+  Random123 known-answer vectors in test_dropout.py) and the layout documented in
+  csrc/ops/common/dropout_mask.h: counter = (col // 8, row, offset_lo, offset_hi),
+  key = (seed_lo, seed_hi); the high half h of column c is 16-bit half c % 2 of word (c % 8) // 2;
+  dropped iff h * 2^16 + low < round(p * 2^32), the low 16 bits drawn (only where h ties the
+  threshold's high half) from word c % 4 of Philox(counter=(c // 4, row, offset_lo, offset_hi),
+  key=seed ^ LOW_BITS_KEY).
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -294,17 +297,38 @@ def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> Tuple[int, int,
     return c0, c1, c2, c3
 
 
+LOW_BITS_KEY = 0xA54FF53A3C6EF372  # dropout_mask.h's kLowBitsKey
+
+
+def philox_low_bits(seed: int, offset: int, row: int, col: int) -> int:
+    """The low 16 bits of element (row, col)'s 32-bit uniform (drawn only for ties)."""
+    s = (seed ^ LOW_BITS_KEY) & ((1 << 64) - 1)
+    words = philox4x32_10((col // 4, row, offset & _M32, offset >> 32), (s & _M32, s >> 32))
+    return words[col % 4] & 0xFFFF
+
+
+def philox_keep(seed: int, offset: int, row: int, col: int, high: int, threshold: int) -> bool:
+    """Whether element (row, col), whose high half is `high`, is kept: u = high * 2^16 + low bits
+    >= threshold, the low bits drawn only where they can matter."""
+    if high != threshold >> 16:
+        return high > threshold >> 16
+    return (high << 16) + philox_low_bits(seed, offset, row, col) >= threshold
+
+
 def philox_mask(seed: int, offset: int, rows: int, cols: int, p: float, first_row: int = 0) -> Tensor:
-    """The documented keep mask: element (t, c) is dropped iff word (c % 4) of
-    Philox(counter=(c // 4, t, offset_lo, offset_hi), key=(seed_lo, seed_hi)) < round(p * 2^32).
+    """The documented keep mask (see top): element (t, c) is dropped iff its 32-bit uniform
+    u = h * 2^16 + low < round(p * 2^32), h = half c % 2 of word (c % 8) // 2 of
+    Philox(counter=(c // 8, t, offset_lo, offset_hi), key=(seed_lo, seed_hi)).
     Rows first_row .. first_row + rows - 1 of it."""
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     threshold = round(p * 2.0**32)
     mask = torch.empty(rows, cols, dtype=F64)
     for t in range(rows):
-        for g in range((cols + 3) // 4):
+        for g in range((cols + 7) // 8):
             words = philox4x32_10((g, first_row + t, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
-            for lane in range(min(4, cols - 4 * g)):
-                mask[t, 4 * g + lane] = 0.0 if words[lane] < threshold else 1.0
+            for k in range(min(8, cols - 8 * g)):
+                high = (words[k // 2] >> (16 * (k % 2))) & 0xFFFF
+                keep = philox_keep(seed, offset, first_row + t, 8 * g + k, high, threshold)
+                mask[t, 8 * g + k] = 1.0 if keep else 0.0
     return mask

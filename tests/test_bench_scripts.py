@@ -177,7 +177,8 @@ def test_bench_kernels_runs_every_case(capsys):
     import bench_kernels
     bench_kernels.main(["-T", "64", "--in-features", "64", "-r", "8", "--reps", "1"])
     out = capsys.readouterr().out
-    for case in ("| copy |", "| fold/bf16/p=0.1[auto] |", "| tile_add_/bf16[auto] |", "| bat_weight/bf16[gemm] |",
+    for case in ("| copy |", "| fold/bf16/p=0.1[auto] |", "| tile_add_/bf16/p=0.0[auto] |", "| tile_add_/bf16/p=0.1[auto] |",
+                 "| bat_weight/bf16[gemm] |",
                  "| split_bf16/S[kernel] |", "| split_bf16/S[aten] |", "| split_bf16/W'[aten] |"):
         assert case in out, out
     t = torch.randn(5, 7)

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import miss_ext
 from cuda_emu import build as emu_build
 from reference import (F64, TILE_ADD_TOL, bat_transform_ref, fold_error_scale, fold_errors_vs_torch_sum,
-                       fold_within)
+                       fold_within, philox4x32_10, philox_low_bits, philox_mask)
 from test_bank import make_bank, random_blocks
 from test_split_bf16 import ORDERS as SPLIT_ORDERS, assert_same_bits, random_values as split_random_values
 
@@ -259,6 +259,45 @@ def test_fold_drops_everything_at_p_1(emu, monkeypatch):
         monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
         for dtype in (torch.float32, torch.bfloat16):
             _fold_case(emu, 6, 64, 8, dtype, torch.float32, 1.0, False)
+
+
+def _tie_rates(seed, offset, row, col):
+    """Two rates whose threshold's high half ties element (row, col)'s (dropout_mask.h): the
+    element kept at the first and dropped at the second, by its low bits."""
+    word = philox4x32_10((col // 8, row, offset, 0), (seed, 0))
+    high = (word[(col % 8) // 2] >> (16 * (col % 2))) & 0xFFFF
+    low = philox_low_bits(seed, offset, row, col)
+    assert 0 < low < 0xFFFF, "pick another element"
+    return [((high << 16) + low + delta) / 2.0**32 for delta in (0, 1)]
+
+
+def test_fold_and_tile_add_kernels_settle_ties_as_the_cpu(emu, monkeypatch):
+    """A tie of an element's high 16 bits with the threshold's (2^-16 of the elements, so the
+    random keys above almost never meet one) draws 16 more bits inside keep_factors: every fold and
+    tile_add kernel, every vector width (bf16 8, float32 4, float64 2) and the scalar path, against
+    the CPU kernels (the mask's other implementation) and the documented mask."""
+    seed, offset, rows, cols = 97, 5, 3, 64
+    key = torch.tensor([seed, offset], dtype=torch.int64)
+    for row, col in ((1, 13), (2, 42)):
+        for p, kept in zip(_tie_rates(seed, offset, row, col), (1.0, 0.0)):
+            mask = philox_mask(seed, offset, rows, cols, p)
+            assert mask[row, col] == kept
+            for dtype in (torch.bfloat16, torch.float32, torch.float64):
+                x = torch.ones(rows, cols, dtype=dtype)
+                for kernel in ("columns", "rows", "warp"):
+                    monkeypatch.setenv("MISS_EXT_FOLD_KERNEL", kernel)
+                    for misaligned in (False, True):
+                        gx = guarded(x, misaligned)
+                        gs = guarded(torch.empty(rows, cols, dtype=dtype), fill=float("nan"))
+                        emu.fold(gx.t, gs.t, p, key)  # r = cols: each column alone
+                        assert torch.equal((gs.t.to(F64) * (1 - p)).round(), mask), (dtype, kernel, misaligned)
+                        assert torch.equal(gs.t, ops.fold(x, cols, p, key)), (dtype, kernel, misaligned)
+                for kernel in ("flat", "grid2d"):
+                    monkeypatch.setenv("MISS_EXT_TILE_ADD_KERNEL", kernel)
+                    for misaligned in (False, True):
+                        go = guarded(torch.zeros(rows, cols, dtype=dtype), misaligned)
+                        emu.tile_add(go.t, torch.ones(rows, 1, dtype=dtype), 1.0, p, key)
+                        assert torch.equal((go.t.to(F64) * (1 - p)).round(), mask), (dtype, kernel, misaligned)
 
 
 @pytest.mark.parametrize("r", [16, 48])

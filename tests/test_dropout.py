@@ -1,9 +1,11 @@
 """Dropout of the adapter branch: a Philox4x32-10 mask recomputed from a key, never stored.
 
-Contract (csrc/torch_bindings.cpp, csrc/ops/common/dropout_mask.h): key = CPU int64 [seed, offset];
-element (row, col) of the flattened (rows, in) input is dropped iff word col % 4 of
-Philox4x32-10(counter=(col // 4, row, offset_lo, offset_hi), key=(seed_lo, seed_hi)) is below
-round(p * 2^32); kept elements are scaled by 1 / (1 - p). p == 0 ignores the key.
+Contract (csrc/torch_bindings.cpp, csrc/ops/common/dropout_mask.h): key = int64 [seed, offset] on
+the data's device; element (row, col) of the flattened (rows, in) input is dropped iff its 32-bit
+uniform u is below round(p * 2^32), where u's high 16 bits are half col % 2 of word (col % 8) // 2 of
+Philox4x32-10(counter=(col // 8, row, offset_lo, offset_hi), key=(seed_lo, seed_hi)) and its low
+16 bits, needed only where the high half ties the threshold's, come from a second stream
+(reference.philox_mask); kept elements are scaled by 1 / (1 - p). p == 0 ignores the key.
 
 The statistical tests use fixed keys, so they are deterministic; their tolerances (6 standard
 deviations) are there so that any correct generator passes, whatever the key.
@@ -16,7 +18,8 @@ from torch import nn
 
 import miss_ext
 from conftest import rand
-from reference import F64, fold_ref, linear_ref, philox4x32_10, philox_mask, recover_mask, tile_block
+from reference import (F64, fold_ref, linear_ref, philox4x32_10, philox_low_bits, philox_mask, recover_mask,
+                       tile_block)
 
 ops = torch.ops.miss
 
@@ -70,7 +73,7 @@ def _linear_mask(rows, cols, p, k, device="cpu"):
 @pytest.mark.parametrize("seed,offset", KEYS)
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.37])
 def test_every_op_draws_the_documented_philox_mask(device, seed, offset, p):
-    rows, cols = 6, 23  # a partial group of four at the end of each row
+    rows, cols = 6, 23  # a partial group of eight at the end of each row
     expected = philox_mask(seed, offset, rows, cols, p)
     k = key(seed, offset, device)
     k0 = k.clone()
@@ -78,6 +81,46 @@ def test_every_op_draws_the_documented_philox_mask(device, seed, offset, p):
     assert torch.equal(_fold_mask(rows, cols, p, k, device), expected), "fold mask"
     assert torch.equal(_linear_mask(rows, cols, p, k, device), expected), "linear mask"
     assert torch.equal(k, k0), "the op modified its key"
+
+
+def _tie_rate(seed, offset, row, col, low_delta):
+    """p whose threshold's high half ties element (row, col)'s high half, its low half set from the
+    element's own low bits plus low_delta: 0 keeps it (u == threshold), 1 drops it (u == threshold
+    - 1). Returns (p, kept)."""
+    word = philox4x32_10((col // 8, row, offset & 0xFFFFFFFF, offset >> 32), (seed & 0xFFFFFFFF, seed >> 32))
+    high = (word[(col % 8) // 2] >> (16 * (col % 2))) & 0xFFFF
+    low = philox_low_bits(seed, offset, row, col)
+    threshold = (high << 16) + low + low_delta
+    assert threshold >> 16 == high, "no tie possible for this element: pick another"
+    return threshold / 2.0**32, low_delta == 0
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("low_delta", [0, 1], ids=["kept", "dropped"])
+def test_a_tie_of_the_high_half_is_settled_by_the_low_bits(device, dtype, low_delta):
+    """The rare elements (2^-16) whose high 16 bits equal the threshold's draw 16 more bits: made
+    to happen here by a rate chosen from the element's own bits, at a column inside an aligned
+    vector (every vector width: float64 2, float32 4, bf16 8) and at a scalar one. The element's
+    decision and the whole mask follow the documented generator (reference.philox_mask)."""
+    seed, offset, rows, cols = 97, 5, 3, 40
+    for row, col in ((1, 13), (2, 39)):
+        p, kept = _tie_rate(seed, offset, row, col, low_delta)
+        k = key(seed, offset, device)
+        expected = philox_mask(seed, offset, rows, cols, p)
+        assert expected[row, col] == (1.0 if kept else 0.0)
+        assert torch.equal(_fold_mask(rows, cols, p, k, device, dtype), expected), (row, col)
+        assert torch.equal(recover_mask(rows, cols, p, k, device).cpu(), expected), (row, col)
+
+
+def test_a_tie_at_a_threshold_with_zero_low_bits_keeps_without_more_bits(device):
+    """A threshold whose low 16 bits are 0: a tie of the high half means u >= threshold, kept."""
+    seed, offset, row, col = 11, 0, 0, 5
+    word = philox4x32_10((0, row, 0, 0), (seed, 0))
+    high = (word[2] >> 16) & 0xFFFF
+    p = (high << 16) / 2.0**32
+    expected = philox_mask(seed, offset, 2, 16, p)
+    assert expected[row, col] == 1.0
+    assert torch.equal(recover_mask(2, 16, p, key(seed, offset, device), device).cpu(), expected)
 
 
 def test_mask_is_a_function_of_key_row_and_column_only(device):
@@ -218,9 +261,9 @@ def test_mask_statistics(p):
     q = 1 - p
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     _within(m.mean().item(), q, math.sqrt(p * q / n), "kept fraction")
-    # every lane of a Philox call and both row parities keep 1 - p
-    for lane in range(4):
-        sub = m[:, lane::4]
+    # every 16-bit half of a Philox call's words and both row parities keep 1 - p
+    for lane in range(8):
+        sub = m[:, lane::8]
         _within(sub.mean().item(), q, math.sqrt(p * q / sub.numel()), f"lane {lane}")
     for par in range(2):
         sub = m[par::2]

@@ -17,16 +17,25 @@
 // CPU and CUDA produce the same mask for the same key.
 //
 // Generator: Philox4x32-10 (Salmon et al., SC'11; the generator ATen uses on CUDA). One call
-// maps a 128-bit counter and a 64-bit key to four independent 32-bit words. We use one call per
-// group of four consecutive columns of a row:
+// maps a 128-bit counter and a 64-bit key to four independent 32-bit words: 128 random bits, which
+// decide eight consecutive columns of a row, 16 bits each:
 //   key     = the 64-bit seed
-//   counter = (column / 4, row low 32 bits, offset low 32 bits, offset high 32 bits)
-// and word (column % 4) decides the element. Rows are limited to 2^32 and columns to 2^34;
-// the ops check both (check_dropout_extent in checks.h).
-//
-// Keep decision: an element is dropped when its word is below `threshold` = round(p * 2^32)
-// (a 64-bit integer so that p = 1 drops everything). Integer comparison is exact, so the CPU and
-// the GPU agree bit for bit.
+//   counter = (column / 8, row low 32 bits, offset low 32 bits, offset high 32 bits)
+// and column c takes half (c % 2) (0: the low 16 bits) of word (c % 8) / 2: its "high half" h.
+// Keep decision: an element is dropped when u < threshold = round(p * 2^32) (a 64-bit integer so
+// that p = 1 drops everything), u being a 32-bit uniform whose high 16 bits are h. Only where h
+// equals the threshold's high 16 bits (probability 2^-16 per element) do u's low 16 bits matter;
+// only there are they drawn, from a second stream (below): so every element is dropped with
+// probability threshold / 2^32 exactly, as with one 32-bit word per element, at half the Philox
+// calls. Why: the dropout fold and its backward are bound by Philox's integer arithmetic on a GPU
+// (issue 11: an H200's bf16 dropout fold at 0.37 of copy bandwidth against 0.77 without dropout;
+// by an estimate of about 26 integer instructions per element with four elements per call), and one call per eight
+// columns covers a whole 16-byte bf16 vector. Changed 2026-12-04 (eighteenth session; until then
+// one 32-bit word per element, four columns per call): the same key now draws another mask.
+// Low bits (the rare ties): word c % 4 of Philox(counter = (c / 4, row, offset low, offset high),
+// key = seed ^ kLowBitsKey), its low 16 bits: another key, so a stream of its own.
+// Rows are limited to 2^32 and columns to 2^34; the ops check both (check_dropout_extent in
+// checks.h). Integer comparisons only, so the CPU and the GPU agree bit for bit.
 #pragma once
 
 #include <cmath>
@@ -100,29 +109,62 @@ MISS_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   return Words4{{c0, c1, c2, c3}};
 }
 
-// The four words that decide columns [4*group, 4*group + 4) of `row`.
+// Columns decided by one Philox call.
+constexpr int kDropoutGroup = 8;
+
+// The four words that decide columns [8*group, 8*group + 8) of `row`.
 MISS_HD Words4 dropout_words(const DropoutKey& key, int64_t row, int64_t group) {
   return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(row),
                        static_cast<uint32_t>(key.offset), static_cast<uint32_t>(key.offset >> 32),
                        static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));
 }
 
-// Whether an element with this word is kept.
-MISS_HD bool dropout_keep(const DropoutKey& key, uint32_t word) {
-  return static_cast<uint64_t>(word) >= key.threshold;
+// The seed of the low-bits stream is the seed XOR this (two words of the SHA-256 initial hash
+// values; any fixed constant other than 0 would do).
+constexpr uint64_t kLowBitsKey = 0xA54FF53A3C6EF372ull;
+
+// The low 16 bits of element (row, col)'s 32-bit uniform, drawn only for a tie of its high half.
+MISS_HD uint32_t dropout_low_bits(const DropoutKey& key, int64_t row, int64_t col) {
+  const uint64_t seed = key.seed ^ kLowBitsKey;
+  const Words4 w = philox4x32_10(static_cast<uint32_t>(col >> 2), static_cast<uint32_t>(row),
+                                 static_cast<uint32_t>(key.offset), static_cast<uint32_t>(key.offset >> 32),
+                                 static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const int lane = static_cast<int>(col & 3);
+  return (lane == 0 ? w.w[0] : lane == 1 ? w.w[1] : lane == 2 ? w.w[2] : w.w[3]) & 0xFFFFu;
 }
 
-// Word `lane` (0..3) of a group. A select chain rather than words.w[lane]: on the GPU a
-// run-time index into the array would put the four words in local memory.
-MISS_HD uint32_t dropout_word(const Words4& words, int64_t lane) {
-  return lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
+// Whether element (row, col), whose high half is h (0 .. 2^16 - 1), is kept: u >= threshold with
+// u = h * 2^16 + low bits. The threshold's high half is 0 .. 2^16 (2^16 for p = 1: all dropped).
+// In two steps, so that a loop can vectorise the first (the CPU's): dropout_keep_or_tie gives 1
+// kept, 0 dropped, or 2, a tie of the high halves (probability 2^-16), which dropout_keep_tie
+// settles by the low bits.
+MISS_HD uint8_t dropout_keep_or_tie(const DropoutKey& key, uint32_t h) {
+  const uint32_t high = static_cast<uint32_t>(key.threshold >> 16);
+  return h > high ? 1 : h == high ? 2 : 0;
+}
+MISS_HD uint8_t dropout_keep_tie(const DropoutKey& key, int64_t row, int64_t col) {
+  const uint32_t low = static_cast<uint32_t>(key.threshold & 0xFFFFu);
+  return low == 0 || dropout_low_bits(key, row, col) >= low;
+}
+MISS_HD bool dropout_keep_half(const DropoutKey& key, int64_t row, int64_t col, uint32_t h) {
+  const uint8_t k = dropout_keep_or_tie(key, h);
+  return k == 2 ? dropout_keep_tie(key, row, col) != 0 : k == 1;
+}
+
+// Half `k` (0..7) of a group's words: word k / 2, its low (k even) or high (k odd) 16 bits. A
+// select chain rather than words.w[k / 2]: on the GPU a run-time index into the array would put
+// the four words in local memory. With k a compile-time constant it folds to one word.
+MISS_HD uint32_t dropout_half(const Words4& words, int64_t k) {
+  const int64_t lane = k >> 1;
+  const uint32_t word = lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
+  return (k & 1) ? word >> 16 : word & 0xFFFFu;
 }
 
 // Whether element (row, col) is kept: the scalar path, for columns not visited in aligned
-// groups of four.
+// groups of eight.
 MISS_HD bool dropout_keep_at(const DropoutKey& key, int64_t row, int64_t col) {
-  const Words4 words = dropout_words(key, row, col >> 2);
-  return dropout_keep(key, dropout_word(words, col & 3));
+  const Words4 words = dropout_words(key, row, col >> 3);
+  return dropout_keep_half(key, row, col, dropout_half(words, col & 7));
 }
 
 }  // namespace miss_ext

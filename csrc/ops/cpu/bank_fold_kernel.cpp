@@ -23,7 +23,7 @@ void bank_fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t R
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
     std::vector<acc> sums(R), upper;
     std::vector<acc> factors(key != nullptr ? in : 0);
-    std::vector<uint8_t> keep(key != nullptr ? in + 4 : 0);
+    std::vector<uint8_t> keep(key != nullptr ? in + kDropoutGroup : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(sums.begin(), sums.end(), acc(0));
       const int64_t a = index[t];
@@ -48,7 +48,7 @@ void bank_unfold_rows(const g_t* grad_s, x_t* grad_x, int64_t rows, int64_t in, 
   using acc = acc_t<g_t, x_t>;
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
     std::vector<acc> factors(key != nullptr ? in : 0);
-    std::vector<uint8_t> keep(key != nullptr ? in + 4 : 0);
+    std::vector<uint8_t> keep(key != nullptr ? in + kDropoutGroup : 0);
     for (int64_t t = begin; t < end; ++t) {
       x_t* xr = grad_x + t * in;
       const int64_t a = index[t];

@@ -13,15 +13,15 @@ namespace miss_ext {
 // Rows per parallel task: about 64 K elements of work each.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
 
-// keep[c] = 1 if column c of `row` is kept, else 0, for c < 4 * groups. Multi-versioned
+// keep[c] = 1 if column c of `row` is kept, else 0, for c < kDropoutGroup * groups. Multi-versioned
 // (cpu_clones.h) in shard_kernels.cpp: the Philox rounds vectorise across column groups, which
 // is most of the cost of dropout on the CPU.
 void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint8_t* __restrict keep);
 
-// factors[c] = scale if column c of `row` is kept, else 0. `keep` is scratch of >= cols + 3 bytes.
+// factors[c] = scale if column c of `row` is kept, else 0. `keep` is scratch of >= cols + kDropoutGroup - 1 bytes.
 template <typename acc>
 void dropout_factors(const DropoutKey& key, int64_t row, int64_t cols, uint8_t* keep, acc* factors) {
-  dropout_keep_groups(key, row, (cols + 3) / 4, keep);
+  dropout_keep_groups(key, row, (cols + kDropoutGroup - 1) / kDropoutGroup, keep);
   const acc scale = static_cast<acc>(key.scale);
   for (int64_t c = 0; c < cols; ++c) factors[c] = keep[c] ? scale : acc(0);
 }

@@ -3,7 +3,7 @@
 // Both are parallel over rows. Within a row the loops run shard by shard: the inner loop walks
 // r (or Q) contiguous elements with a fixed accumulator or source offset, which the compiler
 // vectorises. The dropout mask of a row is generated into a per-thread buffer of `in` factors
-// first (one Philox call per four columns), so the fold loop itself stays a plain multiply-add.
+// first (one Philox call per eight columns), so the fold loop itself stays a plain multiply-add.
 // No temporary of the size of x is ever made.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,12 +23,14 @@ namespace miss_ext {
 // Declared in row_helpers.h (bank_fold_kernel.cpp uses it too).
 MISS_CPU_CLONES
 void dropout_keep_groups(const DropoutKey key, int64_t row, int64_t groups, uint8_t* __restrict keep) {
+  // Branch-free over the groups (the loop that vectorises), then the rare ties (2^-16 of the
+  // columns) settled one by one.
   for (int64_t g = 0; g < groups; ++g) {
     const Words4 words = dropout_words(key, row, g);
-    keep[4 * g + 0] = dropout_keep(key, words.w[0]);
-    keep[4 * g + 1] = dropout_keep(key, words.w[1]);
-    keep[4 * g + 2] = dropout_keep(key, words.w[2]);
-    keep[4 * g + 3] = dropout_keep(key, words.w[3]);
+    for (int k = 0; k < kDropoutGroup; ++k) keep[kDropoutGroup * g + k] = dropout_keep_or_tie(key, dropout_half(words, k));
+  }
+  for (int64_t c = 0; c < kDropoutGroup * groups; ++c) {
+    if (keep[c] == 2) keep[c] = dropout_keep_tie(key, row, c);
   }
 }
 
@@ -41,7 +43,7 @@ void fold_rows(const in_t* x, out_t* s, int64_t rows, int64_t in, int64_t r, con
   at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
     std::vector<acc> sums(r), upper(fold_row_scratch(in, r));
     std::vector<acc> factors(dropout ? in : 0);
-    std::vector<uint8_t> keep(dropout ? in + 4 : 0);
+    std::vector<uint8_t> keep(dropout ? in + kDropoutGroup : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(sums.begin(), sums.end(), acc(0));
       if (dropout) dropout_factors(key, t, in, keep.data(), factors.data());
@@ -61,7 +63,7 @@ void tile_add_rows(out_t* out, const src_t* src, int64_t rows, int64_t cols, int
   const bool dropout = key.threshold != 0;
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     std::vector<acc> factors(dropout ? cols : 0);
-    std::vector<uint8_t> keep(dropout ? cols + 4 : 0);
+    std::vector<uint8_t> keep(dropout ? cols + kDropoutGroup : 0);
     for (int64_t t = begin; t < end; ++t) {
       out_t* o = out + t * cols;
       const src_t* sr = src + tile_row(t, period_rows) * q;

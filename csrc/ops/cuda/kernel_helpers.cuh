@@ -47,26 +47,34 @@ inline bool rows_vectorizable(const T* p, int64_t cols) {
 }
 
 // Per-element keep factors (scale if kept, else 0) for VEC consecutive columns starting at col
-// (col % VEC == 0). One Philox call per group of four columns (one per pair for VEC == 2); word
-// indices are compile-time constants or selects, never a run-time array index (which would use
-// local memory). The same words as dropout_keep_at's, so every kernel draws the same mask.
+// (col % VEC == 0). One Philox call per group of eight columns (common/dropout_mask.h): a whole
+// group for VEC a multiple of 8 (a bf16 or fp16 vector), half of one for VEC 4 (fp32), a quarter
+// for VEC 2 (fp64). Word indices are compile-time constants or selects, never a run-time array
+// index (which would use local memory). A tie of the high half (2^-16 of the elements) draws its
+// low bits inside dropout_keep_half. The same decisions as dropout_keep_at's, so every kernel
+// draws the same mask.
 template <typename acc, int VEC>
 __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, int64_t row, int64_t col,
                                              acc (&f)[VEC]) {
-  static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "keep_factors: VEC must be 1, 2 or a multiple of 4");
-  if constexpr (VEC % 4 == 0) {
+  static_assert(VEC == 1 || VEC == 2 || VEC == 4 || VEC % kDropoutGroup == 0,
+                "keep_factors: VEC must be 1, 2, 4 or a multiple of 8");
+  if constexpr (VEC % kDropoutGroup == 0) {
 #pragma unroll
-    for (int q = 0; q < VEC; q += 4) {
-      const Words4 words = dropout_words(key, row, (col + q) >> 2);
+    for (int q = 0; q < VEC; q += kDropoutGroup) {
+      const Words4 words = dropout_words(key, row, (col + q) >> 3);
 #pragma unroll
-      for (int l = 0; l < 4; ++l) f[q + l] = dropout_keep(key, words.w[l]) ? scale : acc(0);
+      for (int k = 0; k < kDropoutGroup; ++k) {
+        f[q + k] = dropout_keep_half(key, row, col + q + k, dropout_half(words, k)) ? scale : acc(0);
+      }
     }
-  } else if constexpr (VEC == 2) {
-    // col is even: the pair is lanes (0, 1) or (2, 3) of one group.
-    const Words4 words = dropout_words(key, row, col >> 2);
-    const bool upper = (col & 2) != 0;
-    f[0] = dropout_keep(key, upper ? words.w[2] : words.w[0]) ? scale : acc(0);
-    f[1] = dropout_keep(key, upper ? words.w[3] : words.w[1]) ? scale : acc(0);
+  } else if constexpr (VEC == 4 || VEC == 2) {
+    // col % VEC == 0: words (col % 8) / 2 onwards of one group, both halves of each.
+    const Words4 words = dropout_words(key, row, col >> 3);
+    const int64_t first = col & 7;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      f[k] = dropout_keep_half(key, row, col + k, dropout_half(words, first + k)) ? scale : acc(0);
+    }
   } else {
     f[0] = dropout_keep_at(key, row, col) ? scale : acc(0);
   }
