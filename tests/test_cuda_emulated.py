@@ -264,7 +264,8 @@ def test_fold_drops_everything_at_p_1(emu, monkeypatch):
 def _tie_rates(seed, offset, row, col):
     """Two rates whose threshold's high half ties element (row, col)'s (dropout_mask.h): the
     element kept at the first and dropped at the second, by its low bits."""
-    word = philox4x32_10((col // 8, row, offset, 0), (seed, 0))
+    m32 = 0xFFFFFFFF
+    word = philox4x32_10((col // 8, row, offset & m32, offset >> 32), (seed & m32, seed >> 32))
     high = (word[(col % 8) // 2] >> (16 * (col % 2))) & 0xFFFF
     low = philox_low_bits(seed, offset, row, col)
     assert 0 < low < 0xFFFF, "pick another element"
@@ -276,9 +277,9 @@ def test_fold_and_tile_add_kernels_settle_ties_as_the_cpu(emu, monkeypatch):
     random keys above almost never meet one) draws 16 more bits inside keep_factors: every fold and
     tile_add kernel, every vector width (bf16 8, float32 4, float64 2) and the scalar path, against
     the CPU kernels (the mask's other implementation) and the documented mask."""
-    seed, offset, rows, cols = 97, 5, 3, 64
-    key = torch.tensor([seed, offset], dtype=torch.int64)
-    for row, col in ((1, 13), (2, 42)):
+    rows, cols = 3, 64
+    for seed, offset, row, col in ((97, 5, 1, 13), (97, 5, 2, 42), (2**62 + 987654321, 2**40 + 3, 1, 21)):
+        key = torch.tensor([seed, offset], dtype=torch.int64)
         for p, kept in zip(_tie_rates(seed, offset, row, col), (1.0, 0.0)):
             mask = philox_mask(seed, offset, rows, cols, p)
             assert mask[row, col] == kept

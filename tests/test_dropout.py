@@ -99,11 +99,13 @@ def _tie_rate(seed, offset, row, col, low_delta):
 @pytest.mark.parametrize("low_delta", [0, 1], ids=["kept", "dropped"])
 def test_a_tie_of_the_high_half_is_settled_by_the_low_bits(device, dtype, low_delta):
     """The rare elements (2^-16) whose high 16 bits equal the threshold's draw 16 more bits: made
-    to happen here by a rate chosen from the element's own bits, at a column inside an aligned
-    vector (every vector width: float64 2, float32 4, bf16 8) and at a scalar one. The element's
-    decision and the whole mask follow the documented generator (reference.philox_mask)."""
-    seed, offset, rows, cols = 97, 5, 3, 40
-    for row, col in ((1, 13), (2, 39)):
+    to happen here by a rate chosen from the element's own bits, at columns inside aligned vectors
+    on a GPU (widths float64 2, float32 4, bf16 8; the CPU draws whole rows; the scalar path is
+    the emulator's misaligned case, test_cuda_emulated.py), with a small key and with one whose
+    seed and offset have high words (both streams read all four words). The element's decision
+    and the whole mask follow the documented generator (reference.philox_mask)."""
+    rows, cols = 3, 40
+    for seed, offset, row, col in ((97, 5, 1, 13), (97, 5, 2, 39), (2**62 + 987654321, 2**40 + 3, 1, 21)):
         p, kept = _tie_rate(seed, offset, row, col, low_delta)
         k = key(seed, offset, device)
         expected = philox_mask(seed, offset, rows, cols, p)

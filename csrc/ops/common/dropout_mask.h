@@ -27,7 +27,10 @@
 // equals the threshold's high 16 bits (probability 2^-16 per element) do u's low 16 bits matter;
 // only there are they drawn, from a second stream (below): so every element is dropped with
 // probability threshold / 2^32 exactly, as with one 32-bit word per element, at half the Philox
-// calls. Why: the dropout fold and its backward are bound by Philox's integer arithmetic on a GPU
+// calls where a vector holds eight elements (bf16 and fp16 on the GPU; the CPU draws whole rows),
+// and the same number as before for the GPU's fp32 (4) and fp64 (2) vectors, which take half or
+// a quarter of a call. Why: the dropout fold and its backward are bound by Philox's integer
+// arithmetic on a GPU
 // (issue 11: an H200's bf16 dropout fold at 0.37 of copy bandwidth against 0.77 without dropout;
 // by an estimate of about 26 integer instructions per element with four elements per call), and one call per eight
 // columns covers a whole 16-byte bf16 vector. Changed 2026-12-04 (eighteenth session; until then
@@ -49,7 +52,7 @@ namespace miss_ext {
 // memory of the data's device; it is null when threshold == 0 (no dropout: nothing to read).
 struct DropoutParams {
   const int64_t* key;
-  uint64_t threshold;  // drop iff word < threshold; 0 means "no dropout"
+  uint64_t threshold;  // drop iff u < threshold (the header above); 0 means "no dropout"
   double scale;        // 1 / (1 - p), or 0 when p == 1
 };
 
@@ -64,7 +67,7 @@ MISS_HD double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
 struct DropoutKey {
   uint64_t seed;
   uint64_t offset;
-  uint64_t threshold;  // drop iff word < threshold; 0 means "no dropout"
+  uint64_t threshold;  // drop iff u < threshold (the header above); 0 means "no dropout"
   double scale;        // 1 / (1 - p), or 0 when p == 1 (everything dropped, as nn.Dropout);
                        // kernels convert it once to their accumulation type
 };

@@ -16,7 +16,7 @@
 // different chunks, so an aligned and a misaligned x may differ in the last bits (as with fold's
 // kernels).
 // Dropout multiplies by the factor (scale or 0), as the CPU kernels and fold's kernels do, and
-// draws one Philox call per four columns (keep_factors). Invalid index, ranks or dropouts values
+// draws the mask by keep_factors (one Philox call per eight columns, common/dropout_mask.h). Invalid index, ranks or dropouts values
 // trip device-side assertions (reading them on the host would synchronise).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -46,12 +46,40 @@ inline bool rows_vectorizable(const T* p, int64_t cols) {
   return cols % static_cast<int64_t>(16 / sizeof(T)) == 0 && aligned16(p);
 }
 
+// Bit k of kept / ties: element first + k of the group is kept / ties the threshold's high half,
+// for VEC elements of one group's words starting at half `first` (a compile-time constant after
+// unrolling wherever the caller's is).
+template <int VEC>
+__device__ __forceinline__ void keep_bits(const DropoutKey& key, const Words4& words, int first, uint32_t& kept,
+                                         uint32_t& ties) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const uint8_t d = dropout_keep_or_tie(key, dropout_half(words, first + k));
+    kept |= static_cast<uint32_t>(d == 1) << k;
+    ties |= static_cast<uint32_t>(d == 2) << k;
+  }
+}
+
+// Settles the ties of VEC elements at columns col .. col + VEC - 1 into kept. Rare (2^-16 of the
+// elements), so one loop that is not unrolled: the second Philox call is compiled once, not once
+// per element. In a warp-fold-like test kernel (8-wide vectors, nvcc 13.0, sm_90, ptxas -v,
+// 2026-12-04): 40 registers with the old one-word-per-element mask, 128 with the tie's Philox
+// inlined per element, 45 in this form.
+__device__ __forceinline__ void settle_ties(const DropoutKey& key, int64_t row, int64_t col, uint32_t ties,
+                                           uint32_t& kept) {
+#pragma unroll 1
+  while (ties != 0) {
+    const int k = __ffs(static_cast<int>(ties)) - 1;
+    ties &= ties - 1;
+    if (dropout_keep_tie(key, row, col + k)) kept |= 1u << k;
+  }
+}
+
 // Per-element keep factors (scale if kept, else 0) for VEC consecutive columns starting at col
 // (col % VEC == 0). One Philox call per group of eight columns (common/dropout_mask.h): a whole
 // group for VEC a multiple of 8 (a bf16 or fp16 vector), half of one for VEC 4 (fp32), a quarter
 // for VEC 2 (fp64). Word indices are compile-time constants or selects, never a run-time array
-// index (which would use local memory). A tie of the high half (2^-16 of the elements) draws its
-// low bits inside dropout_keep_half. The same decisions as dropout_keep_at's, so every kernel
+// index (which would use local memory). The same decisions as dropout_keep_at's, so every kernel
 // draws the same mask.
 template <typename acc, int VEC>
 __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, int64_t row, int64_t col,
@@ -62,19 +90,29 @@ __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, i
 #pragma unroll
     for (int q = 0; q < VEC; q += kDropoutGroup) {
       const Words4 words = dropout_words(key, row, (col + q) >> 3);
+      uint32_t kept = 0, ties = 0;
+      keep_bits<kDropoutGroup>(key, words, 0, kept, ties);
+      if (__builtin_expect(ties != 0, 0)) settle_ties(key, row, col + q, ties, kept);
 #pragma unroll
-      for (int k = 0; k < kDropoutGroup; ++k) {
-        f[q + k] = dropout_keep_half(key, row, col + q + k, dropout_half(words, k)) ? scale : acc(0);
-      }
+      for (int k = 0; k < kDropoutGroup; ++k) f[q + k] = (kept >> k) & 1u ? scale : acc(0);
     }
   } else if constexpr (VEC == 4 || VEC == 2) {
-    // col % VEC == 0: words (col % 8) / 2 onwards of one group, both halves of each.
-    const Words4 words = dropout_words(key, row, col >> 3);
-    const int64_t first = col & 7;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      f[k] = dropout_keep_half(key, row, col + k, dropout_half(words, first + k)) ? scale : acc(0);
+    // col % VEC == 0: the words of one group from word (col % 8) / 2 on, both halves of each;
+    // selected into a constant-index group first, so the halves' indices are constants.
+    const Words4 all = dropout_words(key, row, col >> 3);
+    const int64_t lane = (col & 7) >> 1;
+    Words4 words{};
+    if constexpr (VEC == 4) {  // lane 0 or 2
+      words.w[0] = lane == 0 ? all.w[0] : all.w[2];
+      words.w[1] = lane == 0 ? all.w[1] : all.w[3];
+    } else {
+      words.w[0] = lane == 0 ? all.w[0] : lane == 1 ? all.w[1] : lane == 2 ? all.w[2] : all.w[3];
     }
+    uint32_t kept = 0, ties = 0;
+    keep_bits<VEC>(key, words, 0, kept, ties);
+    if (__builtin_expect(ties != 0, 0)) settle_ties(key, row, col, ties, kept);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) f[k] = (kept >> k) & 1u ? scale : acc(0);
   } else {
     f[0] = dropout_keep_at(key, row, col) ? scale : acc(0);
   }

@@ -143,6 +143,8 @@ T ldg(const T* p) { return *p; }
 #define __shfl_down_sync(...) ::cuda_emu::shfl_down_at(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_xor_sync(...) ::cuda_emu::shfl_xor_at(__FILE__, __LINE__, __VA_ARGS__)
 #define __ldg(p) ::cuda_emu::ldg(p)
+// 1 + the index of the lowest set bit, 0 for 0 (CUDA's integer intrinsic).
+inline int __ffs(int x) { return __builtin_ffs(x); }
 #define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define __threadfence_block() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
