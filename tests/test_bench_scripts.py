@@ -236,3 +236,13 @@ def test_bench_fusion_tables_the_bound_and_every_piece(capsys):
     pieces = rows[2:]
     assert pieces[0].count("x |") == 4, pieces[0]           # every alternative timed
     assert "| - |" in pieces[1] and pieces[1].count("x |") == 3, pieces[1]  # 40 % 16 != 0
+
+
+def test_compare_builds_times_each_checkout_and_refuses_a_bare_directory(capsys, tmp_path):
+    import compare_builds
+    with pytest.raises(SystemExit):
+        compare_builds.main([str(tmp_path)])
+    assert "holds no miss_ext package" in capsys.readouterr().err
+    compare_builds.main([str(BENCH.parent), "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert out.count(" ms |") == 3, out
