@@ -307,6 +307,29 @@ def philox_low_bits(seed: int, offset: int, row: int, col: int) -> int:
     return words[col % 4] & 0xFFFF
 
 
+def _half(words: Sequence[int], k: int) -> int:
+    """16-bit half k (0..7) of a call's four words: word k // 2, low half for even k."""
+    return (words[k // 2] >> (16 * (k % 2))) & 0xFFFF
+
+
+def philox_high_half(seed: int, offset: int, row: int, col: int) -> int:
+    """The high 16 bits of element (row, col)'s 32-bit uniform (the main stream)."""
+    seed &= (1 << 64) - 1
+    offset &= (1 << 64) - 1
+    words = philox4x32_10((col // 8, row, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
+    return _half(words, col % 8)
+
+
+def tie_rates(seed: int, offset: int, row: int, col: int) -> Tuple[float, float]:
+    """Two rates p whose threshold round(p * 2^32) ties element (row, col)'s high half, with low
+    halves chosen from the element's own low bits: the element is kept at the first (u == the
+    threshold) and dropped at the second (u == the threshold - 1). For the tests of the rare
+    tie path (2^-16 of the elements), which random keys almost never meet."""
+    high, low = philox_high_half(seed, offset, row, col), philox_low_bits(seed, offset, row, col)
+    assert 0 < low < 0xFFFF, "the element's low bits leave no tie on both sides: pick another"
+    return tuple(((high << 16) + low + delta) / 2.0**32 for delta in (0, 1))
+
+
 def philox_keep(seed: int, offset: int, row: int, col: int, high: int, threshold: int) -> bool:
     """Whether element (row, col), whose high half is `high`, is kept: u = high * 2^16 + low bits
     >= threshold, the low bits drawn only where they can matter."""
@@ -328,7 +351,6 @@ def philox_mask(seed: int, offset: int, rows: int, cols: int, p: float, first_ro
         for g in range((cols + 7) // 8):
             words = philox4x32_10((g, first_row + t, offset & _M32, offset >> 32), (seed & _M32, seed >> 32))
             for k in range(min(8, cols - 8 * g)):
-                high = (words[k // 2] >> (16 * (k % 2))) & 0xFFFF
-                keep = philox_keep(seed, offset, first_row + t, 8 * g + k, high, threshold)
+                keep = philox_keep(seed, offset, first_row + t, 8 * g + k, _half(words, k), threshold)
                 mask[t, 8 * g + k] = 1.0 if keep else 0.0
     return mask

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import miss_ext
 from cuda_emu import build as emu_build
 from reference import (F64, TILE_ADD_TOL, bat_transform_ref, fold_error_scale, fold_errors_vs_torch_sum,
-                       fold_within, philox4x32_10, philox_low_bits, philox_mask)
+                       fold_within, philox_mask, tie_rates)
 from test_bank import make_bank, random_blocks
 from test_split_bf16 import ORDERS as SPLIT_ORDERS, assert_same_bits, random_values as split_random_values
 
@@ -261,17 +261,6 @@ def test_fold_drops_everything_at_p_1(emu, monkeypatch):
             _fold_case(emu, 6, 64, 8, dtype, torch.float32, 1.0, False)
 
 
-def _tie_rates(seed, offset, row, col):
-    """Two rates whose threshold's high half ties element (row, col)'s (dropout_mask.h): the
-    element kept at the first and dropped at the second, by its low bits."""
-    m32 = 0xFFFFFFFF
-    word = philox4x32_10((col // 8, row, offset & m32, offset >> 32), (seed & m32, seed >> 32))
-    high = (word[(col % 8) // 2] >> (16 * (col % 2))) & 0xFFFF
-    low = philox_low_bits(seed, offset, row, col)
-    assert 0 < low < 0xFFFF, "pick another element"
-    return [((high << 16) + low + delta) / 2.0**32 for delta in (0, 1)]
-
-
 def test_fold_and_tile_add_kernels_settle_ties_as_the_cpu(emu, monkeypatch):
     """A tie of an element's high 16 bits with the threshold's (2^-16 of the elements, so the
     random keys above almost never meet one) draws 16 more bits inside keep_factors: every fold and
@@ -280,7 +269,7 @@ def test_fold_and_tile_add_kernels_settle_ties_as_the_cpu(emu, monkeypatch):
     rows, cols = 3, 64
     for seed, offset, row, col in ((97, 5, 1, 13), (97, 5, 2, 42), (2**62 + 987654321, 2**40 + 3, 1, 21)):
         key = torch.tensor([seed, offset], dtype=torch.int64)
-        for p, kept in zip(_tie_rates(seed, offset, row, col), (1.0, 0.0)):
+        for p, kept in zip(tie_rates(seed, offset, row, col), (1.0, 0.0)):
             mask = philox_mask(seed, offset, rows, cols, p)
             assert mask[row, col] == kept
             for dtype in (torch.bfloat16, torch.float32, torch.float64):

@@ -18,8 +18,8 @@ from torch import nn
 
 import miss_ext
 from conftest import rand
-from reference import (F64, fold_ref, linear_ref, philox4x32_10, philox_low_bits, philox_mask, recover_mask,
-                       tile_block)
+from reference import (F64, fold_ref, linear_ref, philox4x32_10, philox_high_half, philox_mask, recover_mask,
+                       tie_rates, tile_block)
 
 ops = torch.ops.miss
 
@@ -83,18 +83,6 @@ def test_every_op_draws_the_documented_philox_mask(device, seed, offset, p):
     assert torch.equal(k, k0), "the op modified its key"
 
 
-def _tie_rate(seed, offset, row, col, low_delta):
-    """p whose threshold's high half ties element (row, col)'s high half, its low half set from the
-    element's own low bits plus low_delta: 0 keeps it (u == threshold), 1 drops it (u == threshold
-    - 1). Returns (p, kept)."""
-    word = philox4x32_10((col // 8, row, offset & 0xFFFFFFFF, offset >> 32), (seed & 0xFFFFFFFF, seed >> 32))
-    high = (word[(col % 8) // 2] >> (16 * (col % 2))) & 0xFFFF
-    low = philox_low_bits(seed, offset, row, col)
-    threshold = (high << 16) + low + low_delta
-    assert threshold >> 16 == high, "no tie possible for this element: pick another"
-    return threshold / 2.0**32, low_delta == 0
-
-
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("low_delta", [0, 1], ids=["kept", "dropped"])
 def test_a_tie_of_the_high_half_is_settled_by_the_low_bits(device, dtype, low_delta):
@@ -106,7 +94,7 @@ def test_a_tie_of_the_high_half_is_settled_by_the_low_bits(device, dtype, low_de
     and the whole mask follow the documented generator (reference.philox_mask)."""
     rows, cols = 3, 40
     for seed, offset, row, col in ((97, 5, 1, 13), (97, 5, 2, 39), (2**62 + 987654321, 2**40 + 3, 1, 21)):
-        p, kept = _tie_rate(seed, offset, row, col, low_delta)
+        p, kept = tie_rates(seed, offset, row, col)[low_delta], low_delta == 0
         k = key(seed, offset, device)
         expected = philox_mask(seed, offset, rows, cols, p)
         assert expected[row, col] == (1.0 if kept else 0.0)
@@ -117,9 +105,7 @@ def test_a_tie_of_the_high_half_is_settled_by_the_low_bits(device, dtype, low_de
 def test_a_tie_at_a_threshold_with_zero_low_bits_keeps_without_more_bits(device):
     """A threshold whose low 16 bits are 0: a tie of the high half means u >= threshold, kept."""
     seed, offset, row, col = 11, 0, 0, 5
-    word = philox4x32_10((0, row, 0, 0), (seed, 0))
-    high = (word[2] >> 16) & 0xFFFF
-    p = (high << 16) / 2.0**32
+    p = (philox_high_half(seed, offset, row, col) << 16) / 2.0**32
     expected = philox_mask(seed, offset, 2, 16, p)
     assert expected[row, col] == 1.0
     assert torch.equal(recover_mask(2, 16, p, key(seed, offset, device), device).cpu(), expected)

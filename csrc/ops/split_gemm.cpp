@@ -127,21 +127,14 @@ class Fp32SplitKReduction {
 
 // Up to this size the product a @ b is written in fp32 and added to y by a separate add, which
 // rounds once by construction; above it the GEMM adds into y in place. Why: cuBLAS does not
-// promise how a bf16 GEMM with beta = 1 rounds. On an H200 (torch 2.11, cuBLAS of CUDA 13,
-// 2026-12-04), under Fp32SplitKReduction (torch then sets CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
-// REDUCTION), y.addmm_ rounded the product to bf16 before adding y in most small shapes:
-// round(y + round(a @ b)), not PEFT's round(y + a @ b). From the tests' seeds, that model fits all
-// 11 rounding failures of test_linear_bf16_rounds_once_whatever_cublas_reduction (mismatch count,
-// largest difference and its index) and test_cuda_auto_linear's excess for three of its four
-// failures (the fourth's base GEMM cannot be reproduced on the CPU); split-K with bf16 partial sums
-// fits 3-5 of the 11 (tests/GPU.md). It is shape-dependent: 12 rows of out 6 rounded once in the
-// same run, and without the guard (the run before) that shape fitted split-K with bf16 partial
-// sums while the others passed. 16 MiB of fp32 (4 Mi outputs, e.g. 1024 rows of 4096) covers the
-// failing shapes (1 to 37 rows) with room; it is also issue 11's memory allowance (frozen + 16 MiB):
-// the temporary alone stays within it (with S and the split operands beside it, just below the
-// limit, a step's peak can pass it slightly). Large training steps (8192 x 4096: 128 MiB) keep the
-// in-place GEMM, which writes y once instead of an fp32 temporary and a second pass; whether its
-// epilogue rounds once there is unmeasured, checked on a GPU by tests/test_ops_reference.py::
+// promise how a bf16 GEMM with beta = 1 rounds, and on an H200 (torch 2.11, CUDA 13, 2026-12-04),
+// under Fp32SplitKReduction, y.addmm_ rounded the product to bf16 before adding y in most small
+// shapes (1 to 37 rows): round(y + round(a @ b)), not PEFT's round(y + a @ b). The evidence, from
+// the failing tests' seeds, and its shape dependence are in tests/GPU.md. 16 MiB of fp32 (4 Mi
+// outputs, e.g. 1024 rows of 4096) covers those shapes with room and is issue 11's memory
+// allowance (frozen + 16 MiB) for the temporary. Large training steps (8192 x 4096: 128 MiB) keep
+// the in-place GEMM, which writes y once instead of an fp32 temporary and a second pass; whether
+// its epilogue rounds once there is unmeasured, checked on a GPU by tests/test_ops_reference.py::
 // test_linear_bf16_rounds_once_in_large_gemms and scripts/diagnose_split_rounding.py.
 constexpr int64_t kFp32ProductBytes = int64_t{16} << 20;
 

@@ -122,6 +122,13 @@ MISS_HD Words4 dropout_words(const DropoutKey& key, int64_t row, int64_t group) 
                        static_cast<uint32_t>(key.seed), static_cast<uint32_t>(key.seed >> 32));
 }
 
+// Word `lane` (0..3) of a call. A select chain rather than words.w[lane]: on the GPU a run-time
+// index into the array would put the four words in local memory. With a compile-time lane it
+// folds to one word.
+MISS_HD uint32_t dropout_word(const Words4& words, int64_t lane) {
+  return lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
+}
+
 // The seed of the low-bits stream is the seed XOR this (two words of the SHA-256 initial hash
 // values; any fixed constant other than 0 would do).
 constexpr uint64_t kLowBitsKey = 0xA54FF53A3C6EF372ull;
@@ -132,8 +139,7 @@ MISS_HD uint32_t dropout_low_bits(const DropoutKey& key, int64_t row, int64_t co
   const Words4 w = philox4x32_10(static_cast<uint32_t>(col >> 2), static_cast<uint32_t>(row),
                                  static_cast<uint32_t>(key.offset), static_cast<uint32_t>(key.offset >> 32),
                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const int lane = static_cast<int>(col & 3);
-  return (lane == 0 ? w.w[0] : lane == 1 ? w.w[1] : lane == 2 ? w.w[2] : w.w[3]) & 0xFFFFu;
+  return dropout_word(w, col & 3) & 0xFFFFu;
 }
 
 // Whether element (row, col), whose high half is h (0 .. 2^16 - 1), is kept: u >= threshold with
@@ -154,12 +160,9 @@ MISS_HD bool dropout_keep_half(const DropoutKey& key, int64_t row, int64_t col, 
   return k == 2 ? dropout_keep_tie(key, row, col) != 0 : k == 1;
 }
 
-// Half `k` (0..7) of a group's words: word k / 2, its low (k even) or high (k odd) 16 bits. A
-// select chain rather than words.w[k / 2]: on the GPU a run-time index into the array would put
-// the four words in local memory. With k a compile-time constant it folds to one word.
+// Half `k` (0..7) of a group's words: word k / 2, its low (k even) or high (k odd) 16 bits.
 MISS_HD uint32_t dropout_half(const Words4& words, int64_t k) {
-  const int64_t lane = k >> 1;
-  const uint32_t word = lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
+  const uint32_t word = dropout_word(words, k >> 1);
   return (k & 1) ? word >> 16 : word & 0xFFFFu;
 }
 

@@ -46,15 +46,14 @@ inline bool rows_vectorizable(const T* p, int64_t cols) {
   return cols % static_cast<int64_t>(16 / sizeof(T)) == 0 && aligned16(p);
 }
 
-// Bit k of kept / ties: element first + k of the group is kept / ties the threshold's high half,
-// for VEC elements of one group's words starting at half `first` (a compile-time constant after
-// unrolling wherever the caller's is).
+// Bit k of kept / ties: the element of half k of `words` (k < VEC) is kept / ties the threshold's
+// high half.
 template <int VEC>
-__device__ __forceinline__ void keep_bits(const DropoutKey& key, const Words4& words, int first, uint32_t& kept,
+__device__ __forceinline__ void keep_bits(const DropoutKey& key, const Words4& words, uint32_t& kept,
                                          uint32_t& ties) {
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const uint8_t d = dropout_keep_or_tie(key, dropout_half(words, first + k));
+    const uint8_t d = dropout_keep_or_tie(key, dropout_half(words, k));
     kept |= static_cast<uint32_t>(d == 1) << k;
     ties |= static_cast<uint32_t>(d == 2) << k;
   }
@@ -91,7 +90,7 @@ __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, i
     for (int q = 0; q < VEC; q += kDropoutGroup) {
       const Words4 words = dropout_words(key, row, (col + q) >> 3);
       uint32_t kept = 0, ties = 0;
-      keep_bits<kDropoutGroup>(key, words, 0, kept, ties);
+      keep_bits<kDropoutGroup>(key, words, kept, ties);
       if (__builtin_expect(ties != 0, 0)) settle_ties(key, row, col + q, ties, kept);
 #pragma unroll
       for (int k = 0; k < kDropoutGroup; ++k) f[q + k] = (kept >> k) & 1u ? scale : acc(0);
@@ -102,14 +101,10 @@ __device__ __forceinline__ void keep_factors(const DropoutKey& key, acc scale, i
     const Words4 all = dropout_words(key, row, col >> 3);
     const int64_t lane = (col & 7) >> 1;
     Words4 words{};
-    if constexpr (VEC == 4) {  // lane 0 or 2
-      words.w[0] = lane == 0 ? all.w[0] : all.w[2];
-      words.w[1] = lane == 0 ? all.w[1] : all.w[3];
-    } else {
-      words.w[0] = lane == 0 ? all.w[0] : lane == 1 ? all.w[1] : lane == 2 ? all.w[2] : all.w[3];
-    }
+#pragma unroll
+    for (int w = 0; w < VEC / 2; ++w) words.w[w] = dropout_word(all, lane + w);
     uint32_t kept = 0, ties = 0;
-    keep_bits<VEC>(key, words, 0, kept, ties);
+    keep_bits<VEC>(key, words, kept, ties);
     if (__builtin_expect(ties != 0, 0)) settle_ties(key, row, col, ties, kept);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) f[k] = (kept >> k) & 1u ? scale : acc(0);
