@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (README, "GPU check"): builds the extension against that
 # machine's torch (2.11 there), runs the error probe, then the test suite in two parts (the tests
-# that need a GPU, then compute-sanitizer on the newest kernels, then with --tests-only every other
-# test, the CMake library's included) and, unless --tests-only, the GPU benchmarks.
+# that need a GPU, then compute-sanitizer on the newest kernels and, with --tests-only, beside it
+# every other test, the CMake library's included) and, unless --tests-only, the GPU benchmarks.
 # Everything it writes (gpu.txt, build.log, info.txt, cxx_runtime.txt, probe.log, split_rounding.txt,
 # pytest_{cuda,rest}.log, junit_{cuda,rest}.xml, summary.txt, memcheck_new_kernels.log,
 # racecheck_bank.log, bench*.md/json) goes to a
@@ -15,7 +15,8 @@
 #   run(command="CALL_LIMIT_S=<budget_left_s - 60> bash scripts/gpu_check.sh --bench-only", carry=[".whl"])
 #
 # A session has 15 minutes of device time, start included: the second call gets what the first
-# left (about 200-250 s), so send it at once (a warm machine goes back after 30 s idle, and a new
+# left (235 s on 2026-12-04, when the sanitizers still ran before the rest part; they now run beside
+# it, which should leave about 150 s more), so send it at once (a warm machine goes back after 30 s idle, and a new
 # one needs minutes) with CALL_LIMIT_S set from `status`'s budget_left_s, so that every step's
 # limit fits the call. The benchmarks run in order of what the open issues need (issue 11's
 # targets first); those the deadline leaves no time for are reported as skipped.
@@ -34,7 +35,13 @@ RES="$(mktemp -d /tmp/gpu_check.XXXXXX)"   # the files; $OUT gets results.tgz an
 : >"$RES/summary.txt"
 # summary.txt is written line by line, $OUT's copy at once: a call killed at 600 s still has it.
 note() { echo "$*" | tee -a "$RES/summary.txt"; cp "$RES/summary.txt" "$OUT/summary.txt"; }
-pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+# Its own temporary name per process: the sanitizers pack from the background beside the rest part.
+# (tar's 1: a log that grew while it read, the other process's; the tarball is still whole.)
+pack() {
+  local tmp="$OUT/results.tgz.$BASHPID.part" rc=0
+  tar czf "$tmp" -C "$RES" . 2>/dev/null || rc=$?
+  if [ "$rc" -le 1 ]; then mv -f "$tmp" "$OUT/results.tgz"; else rm -f "$tmp"; fi
+}
 # The device tool kills a call at 600 s and then returns only what $OUT holds: every long step
 # below gets the time left before DEADLINE, so the summary and tarball are always written.
 DEADLINE=$((SECONDS + ${CALL_LIMIT_S:-570}))
@@ -160,73 +167,93 @@ if [ "$TESTS" = 1 ]; then
     TIMEOUT=(--timeout=300)   # one hung test fails alone, well inside the call's 600 s
   fi
   # The tests that need a GPU first (what only this machine can check; CI runs the others on
-  # CPUs), then the sanitizers, then the rest with what time is left. On 2026-12-04 the whole
-  # suite in one go (8 workers) was stopped at 293 s with about two thirds run.
+  # CPUs), then the sanitizers and the rest. On 2026-12-04 the whole suite in one go (8 workers)
+  # was stopped at 293 s with about two thirds run.
   run_part cuda "$(left 200)"
   probe_verdict
-  # Kernels that never ran before a GPU session: split_bf16 (issue 11, 2026-12-04), the
-  # warp-per-row fold and 2-D tile_add (issue 11, no shared memory) and the adapter bank's five
-  # kernels (issue 14; bank_fold's two since 2026-11-30): memcheck their tests, and racecheck the bank kernels, which share memory between
-  # threads.
-  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
-  # Some machines cannot run it at all ("Device not supported", then error 999 at the first
-  # allocation, seen on gVisor hosts): tried first on a one-element CUDA tensor, so such a machine
-  # reports "not run" rather than a memcheck failure.
-  # The probe gets up to 90 s, never more than the call has left; one stopped by that limit is
-  # reported as stopped (incomplete), not as a machine that cannot run the sanitizer.
-  sanitizer_ok=0
-  probe_rc=none
-  probe_limit=$(left 75); [ "$probe_limit" -gt 90 ] && probe_limit=90
-  if [ -x "$SANITIZER" ]; then
-    timeout -k 10 "$probe_limit" "$SANITIZER" --tool memcheck --error-exitcode 99 \
-      "$PY" -c "import torch; assert torch.ones(1, device='cuda').sum().item() == 1" >"$RES/sanitizer_probe.log" 2>&1
-    probe_rc=$?
-    [ "$probe_rc" = 0 ] && grep -q "ERROR SUMMARY: 0 errors" "$RES/sanitizer_probe.log" && sanitizer_ok=1
-  fi
-  if [ "$sanitizer_ok" = 1 ]; then
-    # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
-    # The newest kernels first (split_bf16's, 2026-12-04; then bank_fold's), so that a memcheck cut
-    # by its limit has checked them: --miss-given-order keeps the files in this order (by default
-    # tests/conftest.py runs test_impl_choice.py first, as on 2026-12-04).
-    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 75 150)" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-      --miss-given-order tests/test_split_bf16.py tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
-      -k "(split_bf16 and cuda) or (fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
-      >"$RES/memcheck_new_kernels.log" 2>&1
-    memcheck_rc=$?
-    note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
-    pack
-    MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 15 60)" "$SANITIZER" --tool racecheck --kernel-name kns=bank_ --error-exitcode 99 \
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bank_fold.py \
-      -k "cuda and (matches or backward or gradients or rows_equal)" \
-      >"$RES/racecheck_bank.log" 2>&1
-    racecheck_rc=$?
-    note "racecheck bank kernels: rc=$racecheck_rc ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$RES/racecheck_bank.log" | tail -2 | tr '\n' ' '))"
-    # One verdict for both: a finding (99) or a failed test under a sanitizer is a failure (4) even
-    # where the other was stopped by its time limit; only stopped, it is incomplete (3).
-    if [ "$memcheck_rc" = 99 ] || [ "$racecheck_rc" = 99 ]; then memcheck_rc=4
-    elif [ "$memcheck_rc" != 0 ] && [ "$memcheck_rc" != 124 ] && [ "$memcheck_rc" != 137 ]; then memcheck_rc=4
-    elif [ "$racecheck_rc" != 0 ] && [ "$racecheck_rc" != 124 ] && [ "$racecheck_rc" != 137 ]; then memcheck_rc=4
-    elif [ "$memcheck_rc" != 0 ] || [ "$racecheck_rc" != 0 ]; then
-      note "a sanitizer was stopped by its time limit: incomplete, not failed"; memcheck_rc=3
+  # The sanitizers' runs and verdict (memcheck_rc: 0 clean or not run, 3 stopped by a time limit,
+  # 4 a finding or a failed test), also into $RES/sanitizers.rc: with --tests-only they run in the
+  # background beside the rest part (see below), in a subshell whose variables the caller cannot see.
+  # MEMCHECK_CAP: memcheck's own limit.
+  sanitizers() {
+    # Kernels that never ran before a GPU session: split_bf16 (issue 11, 2026-12-04), the
+    # warp-per-row fold and 2-D tile_add (issue 11, no shared memory) and the adapter bank's five
+    # kernels (issue 14; bank_fold's two since 2026-11-30): memcheck their tests, and racecheck the bank kernels, which share memory between
+    # threads.
+    SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+    # Some machines cannot run it at all ("Device not supported", then error 999 at the first
+    # allocation, seen on gVisor hosts): tried first on a one-element CUDA tensor, so such a machine
+    # reports "not run" rather than a memcheck failure.
+    # The probe gets up to 90 s, never more than the call has left; one stopped by that limit is
+    # reported as stopped (incomplete), not as a machine that cannot run the sanitizer.
+    sanitizer_ok=0
+    probe_rc=none
+    probe_limit=$(left 75); [ "$probe_limit" -gt 90 ] && probe_limit=90
+    if [ -x "$SANITIZER" ]; then
+      timeout -k 10 "$probe_limit" "$SANITIZER" --tool memcheck --error-exitcode 99 \
+        "$PY" -c "import torch; assert torch.ones(1, device='cuda').sum().item() == 1" >"$RES/sanitizer_probe.log" 2>&1
+      probe_rc=$?
+      [ "$probe_rc" = 0 ] && grep -q "ERROR SUMMARY: 0 errors" "$RES/sanitizer_probe.log" && sanitizer_ok=1
     fi
-  elif [ "$probe_rc" = 124 ] || [ "$probe_rc" = 137 ]; then
-    note "memcheck new kernels: NOT RUN, the sanitizer probe was stopped by its ${probe_limit} s limit (incomplete: this machine may still run it)"
-    memcheck_rc=3
-  elif [ -x "$SANITIZER" ]; then
-    note "memcheck new kernels: NOT RUN, compute-sanitizer does not work on this machine (probe rc=$probe_rc) ($(tail -2 "$RES/sanitizer_probe.log" | tr '\n' ' '))"
-  else
-    note "memcheck new kernels: NOT RUN, compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
-  fi
-  pack
+    if [ "$sanitizer_ok" = 1 ]; then
+      # (MISS_EXT_TEST_NO_PROFILER: CUPTI, behind the tests' kernel-name checks, does not run under it)
+      # The newest kernels first (split_bf16's, 2026-12-04; then bank_fold's), so that a memcheck cut
+      # by its limit has checked them: --miss-given-order keeps the files in this order (by default
+      # tests/conftest.py runs test_impl_choice.py first, as on 2026-12-04).
+      MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 75 "$MEMCHECK_CAP")" "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+        --miss-given-order tests/test_split_bf16.py tests/test_bank_fold.py tests/test_bank.py tests/test_impl_choice.py \
+        -k "(split_bf16 and cuda) or (fold_kernels and warp) or (tile_add_kernels and grid2d) or (bank and cuda)" \
+        >"$RES/memcheck_new_kernels.log" 2>&1
+      memcheck_rc=$?
+      note "memcheck new kernels: rc=$memcheck_rc ($(grep -E "ERROR SUMMARY|passed|failed" "$RES/memcheck_new_kernels.log" | tail -2 | tr '\n' ' '))"
+      pack
+      MISS_EXT_TEST_NO_PROFILER=1 timeout -k 10 "$(capped 15 60)" "$SANITIZER" --tool racecheck --kernel-name kns=bank_ --error-exitcode 99 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bank_fold.py \
+        -k "cuda and (matches or backward or gradients or rows_equal)" \
+        >"$RES/racecheck_bank.log" 2>&1
+      racecheck_rc=$?
+      note "racecheck bank kernels: rc=$racecheck_rc ($(grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$RES/racecheck_bank.log" | tail -2 | tr '\n' ' '))"
+      # One verdict for both: a finding (99) or a failed test under a sanitizer is a failure (4) even
+      # where the other was stopped by its time limit; only stopped, it is incomplete (3).
+      if [ "$memcheck_rc" = 99 ] || [ "$racecheck_rc" = 99 ]; then memcheck_rc=4
+      elif [ "$memcheck_rc" != 0 ] && [ "$memcheck_rc" != 124 ] && [ "$memcheck_rc" != 137 ]; then memcheck_rc=4
+      elif [ "$racecheck_rc" != 0 ] && [ "$racecheck_rc" != 124 ] && [ "$racecheck_rc" != 137 ]; then memcheck_rc=4
+      elif [ "$memcheck_rc" != 0 ] || [ "$racecheck_rc" != 0 ]; then
+        note "a sanitizer was stopped by its time limit: incomplete, not failed"; memcheck_rc=3
+      fi
+    elif [ "$probe_rc" = 124 ] || [ "$probe_rc" = 137 ]; then
+      note "memcheck new kernels: NOT RUN, the sanitizer probe was stopped by its ${probe_limit} s limit (incomplete: this machine may still run it)"
+      memcheck_rc=3
+    elif [ -x "$SANITIZER" ]; then
+      note "memcheck new kernels: NOT RUN, compute-sanitizer does not work on this machine (probe rc=$probe_rc) ($(tail -2 "$RES/sanitizer_probe.log" | tr '\n' ' '))"
+    else
+      note "memcheck new kernels: NOT RUN, compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
+    fi
+    echo "$memcheck_rc" >"$RES/sanitizers.rc"
+  }
   # The rest with --tests-only (the benchmarks' call comes after); with the benchmarks in this call
-  # they get the time. Under a minute left is too little for a worker per core to start.
+  # they get the time, and the sanitizers run alone. With --tests-only the sanitizers (one process,
+  # mostly waiting on the GPU) run in the background beside the rest part (CPU tests, a worker per
+  # core but one): on 2026-12-04 17:27Z they took about 170 s of the call one after the other,
+  # which the benchmarks' call lacked. The rest part's tests need no GPU (a few use one where it is
+  # there, the demo's) and memcheck checks its own process only, so neither changes what the other
+  # checks; memcheck gets more time there, as long as the rest part takes anyway. Under a minute
+  # left is too little for the rest part's workers to start.
   if [ "$BENCH" = 1 ]; then
+    MEMCHECK_CAP=150 sanitizers
     note "tests (rest): not run (the benchmarks take this call's time; --tests-only runs them)"
   elif [ "$(left 10)" -lt 60 ]; then
+    MEMCHECK_CAP=150 sanitizers
     note "tests (rest): not run, $(left 10) s left (CI runs them on the CPU)"
   else
+    MEMCHECK_CAP=240 sanitizers &
+    SAN_PID=$!
+    [ ${#XDIST[@]} -gt 0 ] && [ "$(nproc)" -gt 2 ] && XDIST[1]=$(( $(nproc) - 1 ))
     run_part rest "$(left 10)" 0
+    wait "$SAN_PID"
+    memcheck_rc=$(cat "$RES/sanitizers.rc" 2>/dev/null || echo 3)
   fi
+  pack
 fi
 
 bench_rc=0
@@ -249,24 +276,26 @@ bench() {
   pack
 }
 if [ "$BENCH" = 1 ]; then
-  # In the order the open issues need them: issue 11's layer and model targets and the measured
-  # choices between its alternatives (bench_fusion), issue 14's figures, then issue 11's kernel
-  # bandwidths.
+  # In the order the open issues need them: issue 11's layer and model targets, the measured choices
+  # between its alternatives (bench_fusion) and where its time goes (profile_linear), its kernel
+  # bandwidth targets, then issue 14's figures. On 2026-12-04 17:27Z the call had 235 s: bench_linear
+  # (110 s at 100 reps, 78 s of them timed reps) and profile_linear ran, bench_model was stopped
+  # after two of its three modes, the rest were skipped. 50 reps: the 100-rep medians' p25-p75
+  # spread was within 0.01x, so half the reps still tell the targets apart.
   HAVE_HF=0; "$PY" -c "import transformers, peft" 2>/dev/null && HAVE_HF=1
-  bench bench 180 "^\\||^##|^- " bench/bench_linear.py --preset gpu
+  bench bench 150 "^\\||^##|^- " bench/bench_linear.py --preset gpu --reps 50
+  if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
+  # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss, and the
+  # alternatives for dx's tile and y's split add, each against the frozen step (issue 11; about 30 s).
+  bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
   # Where issue 11's missing time goes: the kernels of one step, case by case (4096 x 4096).
   bench profile_linear 60 "^## |^- per step" bench/profile_linear.py --preset gpu
-  # What a fused base-GEMM epilogue could still save: its GEMM-shaped bound beside miss, and the
-  # alternatives for dx's tile and y's split add, each against the frozen step (issue 11; about 30 s,
-  # before bench_model: its figures decide the next change).
-  bench bench_fusion 60 "^\\||^- " bench/bench_fusion.py --device cuda
-  if [ "$HAVE_HF" = 1 ]; then bench bench_model 120 "^\\|" bench/bench_model.py --preset gpu; fi
+  # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
+  bench bench_kernels 90 "^\\||^- " bench/bench_kernels.py --device cuda
   # Mixed-adapter batches (issue 14): one layer, bf16 base and fp32 blocks as PEFT keeps them.
   bench bench_bank 60 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank.py --device cuda --dtype bf16 --reps 30
   # Mixed-adapter training, half the adapters mini (mini_r = 1): the bank's block-gradient kernels.
   bench bench_bank_train 45 "x single|^(single|mixed|split) |faster" bench/bench_bank_train.py --device cuda --dtype bf16 --reps 10
-  # Kernel bandwidth against a device copy, every forced implementation beside "auto" (issue 11).
-  bench bench_kernels 90 "^\\||^- " bench/bench_kernels.py --device cuda
   if [ "$HAVE_HF" = 1 ]; then
     bench bench_bank_model 90 "x single|^(single|mixed|split|gathered|masked) |faster" bench/bench_bank_model.py \
       --device cuda --dtype bf16 --seqs 64 --seq-len 256 --reps 10
