@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .bank import MissBankLinear
-from .model import (EXTRAS_ATTR, check_bias, extra_parameters, extras_requires_grad,
+from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, peft_hint, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors,
                     refuse_peft_model, saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model,
@@ -312,7 +312,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                          + (" (it has MissBankLinear layers: save_bank_adapter saves one of their adapters)"
                             if any(isinstance(m, MissBankLinear) for m in model.modules()) else ""))
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
-                + list(extra_parameters(model).items()))
+                + list(extra_parameters(model).items()) + list(extra_buffers(model).items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)
     # The float32 master blocks, not the gathered bf16 copies a forward may have left (reshard_fsdp).
     fsdp = reshard_fsdp(model)
@@ -329,8 +329,14 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         if sorted(again) != sorted(save_paths):
             raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
                              f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
+        containers = container_problems(model, save_paths)
+        if containers:
+            raise ValueError("save_adapter: PEFT could not load this adapter, nothing was written: "
+                             + "; ".join(containers))
     saved_extras = extra_parameters(model, extras)
     tensors.update({f"{KEY_PREFIX}{key}": full_block(p) for key, p in saved_extras.items()})
+    # Their persistent buffers too (a BatchNorm's statistics), as PEFT saves them (extra_buffers).
+    tensors.update({f"{KEY_PREFIX}{key}": full_block(b) for key, b in extra_buffers(model, extras).items()})
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)
     if not is_main_process:
@@ -511,15 +517,22 @@ def inference_problem(path: str, tensors) -> Optional[str]:
             "inference mode; load under torch.inference_mode(), or build the model outside it")
 
 
-def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optional[nn.Parameter]]:
-    """(its path in the model, the parameter) a saved `<path>` names, or (None, None);
-    `<layer>.base_layer.<name>` also resolves to `<layer>.<name>` of a plain layer about to be
-    wrapped (it becomes the wrapper's base_layer)."""
+def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optional[Tensor]]:
+    """(its path in the model, the parameter or persistent buffer) a saved `<path>` names, or
+    (None, None); `<layer>.base_layer.<name>` also resolves to `<layer>.<name>` of a plain layer
+    about to be wrapped (it becomes the wrapper's base_layer). Buffers: PEFT saves those of a
+    modules_to_save module (model.extra_buffers) and loads every key the model's state_dict has;
+    a non-persistent buffer is in no state_dict, so a file cannot name it."""
     for candidate in (path, path.replace(".base_layer.", ".")):
         try:
             return candidate, model.get_parameter(candidate)
         except AttributeError:
-            continue
+            pass
+        owner_path, _, name = candidate.rpartition(".")
+        owner = get_module(model, owner_path) if owner_path else model
+        buffer = getattr(owner, "_buffers", {}).get(name) if owner is not None else None
+        if buffer is not None and name not in owner._non_persistent_buffers_set:
+            return candidate, buffer
     return None, None
 
 
@@ -562,7 +575,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
     for path, value in extras.items():
         resolved, param = _find_parameter(model, path)
         if param is None:
-            problems.append(f"{path}: no such parameter in the model")
+            problems.append(f"{path}: no such parameter (or persistent buffer) in the model")
             continue
         problem = meta_problem(path, [param]) or inference_problem(path, [param])
         if problem is not None:
@@ -574,8 +587,12 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
         # As the blocks: a value copy_ would cast silently (complex to real drops the imaginary
         # part, integers into a float parameter are no trained values) or that is not finite in
         # the parameter's dtype (an atomicity review, 2026-12-03: NaN loaded silently).
-        if param.is_floating_point() and not value.is_floating_point():
-            problems.append(f"{path}: dtype {value.dtype} in the file, the model's parameter is {param.dtype}")
+        if (param.is_floating_point() and not value.is_floating_point()) or (
+                not param.is_floating_point() and value.dtype != param.dtype):
+            # (an integer or bool buffer, a BatchNorm's num_batches_tracked: only its own dtype
+            # copies without a cast that truncates or wraps)
+            problems.append(f"{path}: dtype {value.dtype} in the file, the model's "
+                            f"{'parameter' if isinstance(param, nn.Parameter) else 'buffer'} is {param.dtype}")
             continue
         if param.is_floating_point() and not bool(torch.isfinite(value.to(param.dtype)).all()):
             problems.append(f"{path}: the file's value holds non-finite values (NaN or inf) in {param.dtype}")
@@ -780,6 +797,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     # writes it again.
     save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
     extras, copy_problems = _peft_wrapper_copies(extras, save_paths)
+    copy_problems = container_problems(model, save_paths) + copy_problems
     extra_problems, extra_plan = _plan_extras(model, extras)
     if wrapped is not model and any(not isinstance(module, MissLinear) for _, module, _ in plan):
         refuse_ddp_wrapped(wrapped, "load_adapter")  # it could only fill layers that exist

@@ -502,6 +502,9 @@ def check_bank_size(capacity: object, max_r: object) -> None:
             raise TypeError(f"MissBankLinear {name} must be a positive int, got {value!r} ({type(value).__name__})")
         if value < 1:
             raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
+        if value > 2 ** 63 - 1:  # torch.zeros: an overflow TypeError naming neither (a review, 2026-12-04)
+            raise ValueError(f"MissBankLinear {name}={value} is above the largest size a tensor dimension holds "
+                             "(2**63 - 1)")
 
 
 class MissBankLinear(BaseTensorAttributes, nn.Module):

@@ -278,6 +278,40 @@ def extra_parameters(model: nn.Module, extras: Optional[dict] = None) -> Dict[st
     return out
 
 
+def extra_buffers(model: nn.Module, extras: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """{PEFT file key without "base_model.model.": buffer} of the persistent buffers of each
+    modules_to_save module (a BatchNorm's running_mean, running_var and num_batches_tracked).
+    PEFT saves such a module's whole state_dict (get_peft_model_state_dict: every key of its
+    trained copy), so they are part of the adapter: its from_pretrained fails on a file without
+    them (KeyError), and a load that kept the base model's statistics would give other outputs in
+    eval mode (found by a review, 2026-12-04). Non-persistent buffers are in no state_dict and
+    not saved; trained biases have no buffers."""
+    extras = trainable_extras(model) if extras is None else extras
+    out: Dict[str, torch.Tensor] = {}
+    for path in extras["modules_to_save"]:
+        module = model.get_submodule(path)
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        for name in module.state_dict(keep_vars=True):
+            if name in buffers:
+                out[f"{path}.{name}"] = buffers[name]
+    return out
+
+
+# What PEFT's ModulesToSaveWrapper refuses to wrap (peft/utils/other.py, check_module, 0.21): a
+# container is no layer with a forward of its own to copy and train.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def container_problems(model: nn.Module, paths: Sequence[str]) -> List[str]:
+    """Problems for the modules_to_save `paths` that are containers (nn.ModuleList, ModuleDict,
+    ParameterList, ParameterDict), which PEFT refuses (TypeError in get_peft_model and
+    from_pretrained): accepted here, they made an adapter folder PEFT cannot load."""
+    found = [(path, model.get_submodule(path)) for path in paths]
+    return [f"{path}: a {type(module).__name__}, to which PEFT cannot apply modules_to_save (a container, no layer "
+            f"of its own); name the modules inside it (e.g. {path + '.0'!r}) instead"
+            for path, module in found if isinstance(module, _CONTAINERS)]
+
+
 def mark_extras_trainable(model: nn.Module) -> None:
     """The recorded modules_to_save parameters and biases require grad (PEFT's
     _mark_only_adapters_as_trainable and ModulesToSaveWrapper do the same)."""
@@ -487,9 +521,11 @@ def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]
         warnings.warn(f"modules_to_save entries {unused!r} match no module of the model (PEFT ignores them too)",
                       stacklevel=3)
     targets = {name for name, _ in found}
-    problems = []
+    problems = container_problems(model, paths)
     params = parameter_paths(model) if paths else None
     for path in paths:
+        if any(problem.startswith(f"{path}: ") for problem in problems):
+            continue
         module = model.get_submodule(path)
         inner = [f"{path}.{n}" if n else path for n, m in module.named_modules() if isinstance(m, MissLinear)]
         if inner or path in targets:

@@ -32,6 +32,9 @@ PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when i
 MODES = ("default", "mini", "bat")
 
 
+_INT64_MAX = 2 ** 63 - 1
+
+
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -45,6 +48,8 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     _check_int("r", r)
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r}")
+    if r > _INT64_MAX:  # torch.zeros met it with an overflow TypeError naming no r (a review, 2026-12-04)
+        raise ValueError(f"r={r} is above the largest size a tensor dimension holds (2**63 - 1)")
     if mode in ("default", "bat") and out_features == 0 and not empty_output:
         # (r, 0) and (0, r, r) blocks hold nothing, and the ops refuse a 0 period; an empty layer
         # has nothing to adapt. (Mini mode's (r, mini_r) block keeps working on an empty output.)
@@ -355,17 +360,30 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     """Raises what torch.ops.miss.linear(x, weight, bias, block, ...) raises for a bad x
     (ValueError / TypeError), before the caller draws its dropout key, so that a refused call
     leaves the global RNG as it was (PEFT's base layer raises before its dropout draws). Only
-    cheap conditions are looked at (sizes; devices and dtypes outside TorchScript, dtypes only
-    without autocast, which casts); when one fails, the op itself, without dropout, raises its
-    own message."""
+    cheap conditions are looked at (sizes; devices and dtypes outside TorchScript, under autocast
+    the dtypes after its casts); when one fails, the op itself, without dropout, raises its own
+    message."""
     # Integer or bool x too: autocast casts floating inputs only, so the op refuses those under it.
     refused = x.dim() == 0 or x.shape[-1] != in_features or not x.is_floating_point()
     if not torch.jit.is_scripting():
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        cast = _after_autocast(torch.get_autocast_dtype(x.device.type)) if autocast else _as_is
         refused = refused or x.device != weight.device or x.device != block.device or (
-            not autocast and (x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)))
+            cast(x) != cast(weight) or (bias is not None and cast(bias) != cast(weight)))
     if refused:
         torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
+
+
+def _as_is(t: Tensor) -> torch.dtype:
+    return t.dtype
+
+
+def _after_autocast(dtype: torch.dtype) -> Callable[[Tensor], torch.dtype]:
+    """A tensor's dtype once autocast(dtype) has cast it (its cached_cast): float32, float16 and
+    bfloat16 become `dtype`; float64 and non-floating tensors stay as they are, so a float64 x
+    beside a float32 weight is refused under autocast too (csrc/ops/autocast/linear_autocast.cpp)
+    and must be before the dropout key is drawn (a review, 2026-12-04: the RNG moved)."""
+    return lambda t: dtype if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
 
 
 def json_tensor(value) -> Tensor:

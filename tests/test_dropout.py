@@ -196,6 +196,28 @@ def test_a_forward_refused_under_autocast_leaves_the_global_rng_alone(dtype):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("x_dtype, base_dtype, bias_dtype", [
+    (torch.float64, torch.float32, None), (torch.float32, torch.float64, None),
+    (torch.float32, torch.float32, torch.float64)], ids=["x-f64", "weight-f64", "bias-f64"])
+def test_a_float64_mismatch_under_autocast_leaves_the_global_rng_alone(x_dtype, base_dtype, bias_dtype):
+    """Autocast casts float32/16/bf16 and leaves float64 as it is, so float64 beside another
+    floating dtype cannot meet under it either, and the op refuses: the dtype checks before the
+    key used to be skipped under autocast altogether, so the key was drawn first (a review,
+    2026-12-04). A pair autocast does make equal (float32 x, bf16 weight) still runs."""
+    base = nn.Linear(16, 8).to(base_dtype)
+    if bias_dtype is not None:
+        base.bias = nn.Parameter(base.bias.detach().to(bias_dtype))
+    layer = miss_ext.MissLinear(base, r=4, dropout=0.1).train()
+    state = torch.random.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((TypeError, RuntimeError),
+                                                                     match="Double|Float|float64|dtype"):
+        layer(torch.zeros(3, 16, dtype=x_dtype))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = miss_ext.MissLinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, dropout=0.1).train()(torch.ones(3, 16))
+    assert y.dtype == torch.float32 and not torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("path", ["fused", "hooked"])
 def test_a_rate_above_one_set_on_a_live_layer_is_refused_before_the_draw(path):
     """The constructor checks dropout; a later `layer.dropout = 1.5` was refused by the op, after

@@ -67,6 +67,20 @@ def test_a_block_that_cannot_be_allocated_is_named_and_changes_nothing(monkeypat
     assert base.weight.requires_grad and base.bias.requires_grad
 
 
+@pytest.mark.parametrize("r", [2**63, 2**64])
+def test_an_r_beyond_int64_is_refused_naming_it(r):
+    """torch.zeros met r = 2**64 with an overflow TypeError that named neither r nor the layer
+    (a review, 2026-12-04); 2**62 already got allocate_block's message."""
+    base = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=rf"r={r} is above the largest size a tensor dimension holds"):
+        miss_ext.MissLinear(base, r=r)
+    with pytest.raises(ValueError, match=rf"max_r={r} is above"):
+        miss_ext.MissBankLinear(base, 2, r)
+    with pytest.raises(ValueError, match=rf"capacity={r} is above"):
+        miss_ext.MissBankLinear(base, r, 2)
+    assert base.weight.requires_grad and base.bias.requires_grad
+
+
 def test_a_stale_modules_to_save_record_is_refused_before_anything_changes(tmp_path):
     """An earlier apply_miss recorded modules_to_save=["3"]; the user then set that module to
     None. The next apply_miss (load_adapter) swapped its layers in, overwrote blocks, then failed

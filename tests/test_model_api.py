@@ -569,6 +569,104 @@ def peft_trainable(model) -> set:
     return names
 
 
+class _NormNet(nn.Module):
+    """Two linears around a BatchNorm1d (persistent buffers: running_mean, running_var and the
+    integer num_batches_tracked) that holds one non-persistent buffer too; a ModuleList of experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(8, 12), nn.BatchNorm1d(12), nn.Linear(12, 4)
+        self.bn.register_buffer("scratch", torch.zeros(3), persistent=False)
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        h = self.b(self.bn(self.a(x)))
+        return sum(e(h) for e in self.experts)
+
+
+def _norm_net():
+    torch.manual_seed(0)
+    return _NormNet().double().eval()
+
+
+def test_modules_to_save_buffers_travel_with_the_adapter(tmp_path):
+    """PEFT saves a modules_to_save module's whole state_dict, so a BatchNorm's running statistics
+    are part of the adapter: save_adapter wrote only its parameters, so load_adapter of our own
+    folder silently kept the base statistics (other eval outputs), PeftModel.from_pretrained failed
+    on it (KeyError), and load_adapter refused PEFT's folder ("no such parameter"). Found by a
+    review, 2026-12-04."""
+    from peft import MissConfig, get_peft_model
+
+    x = torch.randn(16, 8, dtype=torch.float64)
+    model = miss_ext.apply_miss(_norm_net(), ["a", "b"], r=4, init_weights=False, modules_to_save=["bn"])
+    model.train()
+    model(x)  # a training forward moves the statistics away from the base model's
+    model.eval()
+    miss_ext.save_adapter(model, tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    stats = [f"base_model.model.bn.{k}" for k in ("running_mean", "running_var", "num_batches_tracked")]
+    assert set(stats) <= set(saved) and not any("scratch" in k for k in saved)
+    assert saved[stats[2]].dtype == torch.int64 and int(saved[stats[2]]) == 1
+    with torch.no_grad():
+        want = model(x)
+        loaded = miss_ext.load_adapter(_norm_net(), tmp_path / "ours").eval()
+        torch.testing.assert_close(loaded(x), want, **TOL)
+        assert torch.equal(loaded.bn.running_var, model.bn.running_var)
+        torch.testing.assert_close(PeftModel.from_pretrained(_norm_net(), tmp_path / "ours").eval()(x), want, **TOL)
+    # PEFT's own folder, into load_adapter.
+    reference = get_peft_model(_norm_net(), MissConfig(r=4, target_modules=["a", "b"], init_weights=False,
+                                                       modules_to_save=["bn"]))
+    reference.train()
+    reference(x)
+    reference.eval()
+    reference.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(miss_ext.load_adapter(_norm_net(), tmp_path / "peft").eval()(x), reference(x), **TOL)
+    # A file naming a non-persistent buffer, or an integer buffer with a float value: refused,
+    # nothing loaded (a cast would truncate the count).
+    for key, value, message in [("base_model.model.bn.scratch", torch.ones(3, dtype=torch.float64),
+                                 r"bn\.scratch: no such parameter \(or persistent buffer\)"),
+                                (stats[2], torch.tensor(2.5, dtype=torch.float64),
+                                 r"bn\.num_batches_tracked: dtype torch\.float64 in the file, the model's buffer is "
+                                 r"torch\.int64")]:
+        save_file({**saved, key: value}, str(tmp_path / "ours" / "adapter_model.safetensors"))
+        target = _norm_net()
+        snap = snapshot(target)
+        with pytest.raises(ValueError, match=message):
+            miss_ext.load_adapter(target, tmp_path / "ours")
+        assert_unchanged(target, snap)
+
+
+def test_modules_to_save_containers_are_refused_as_peft_refuses_them(tmp_path):
+    """PEFT cannot apply modules_to_save to a ModuleList / ModuleDict / ParameterList /
+    ParameterDict (TypeError in get_peft_model and from_pretrained); apply_miss accepted one and
+    save_adapter wrote a folder PEFT could not load (a review, 2026-12-04). Refused now, naming
+    the container, with the model unchanged; a file whose config names one is refused too."""
+    from peft import MissConfig, get_peft_model
+
+    with pytest.raises(TypeError, match="ModuleList"):
+        get_peft_model(_norm_net(), MissConfig(r=2, target_modules=["a"], modules_to_save=["experts"]))
+    model = _norm_net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"experts: a ModuleList, to which PEFT cannot apply modules_to_save .*"
+                                         r"'experts\.0'"):
+        miss_ext.apply_miss(model, ["a"], r=2, modules_to_save=["experts"])
+    assert_unchanged(model, snap)
+    # Its members are modules PEFT wraps: accepted, and the folder loads into PEFT.
+    inside = miss_ext.apply_miss(_norm_net(), ["a"], r=2, init_weights=False, modules_to_save=["experts.0"])
+    miss_ext.save_adapter(inside, tmp_path)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(_norm_net(), tmp_path)(x), inside(x), **TOL)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(dict(config, modules_to_save=["experts"])))
+    target = _norm_net()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match="experts: a ModuleList"):
+        miss_ext.load_adapter(target, tmp_path)
+    assert_unchanged(target, snap)
+
+
 @pytest.mark.parametrize("saved", [
     dict(save_embedding_layers=True),
     dict(save_embedding_layers=True, modules_to_save=["norm"]),
@@ -1056,7 +1154,7 @@ def test_only_other_adapter_blocks_of_exactly_that_form_are_ignored(tmp_path):
     save_file(dict(tensors, **{"base_model.model.0.miss_block.other.x": torch.ones(2, 8)}), tmp_path / WEIGHTS_NAME)
     model = copy.deepcopy(base)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"0\.miss_block\.other\.x: no such parameter in the model"):
+    with pytest.raises(ValueError, match=r"0\.miss_block\.other\.x: no such parameter \(or persistent buffer\) in the model"):
         miss_ext.load_adapter(model, str(tmp_path))
     assert_unchanged(model, snap)
 
