@@ -362,16 +362,26 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     leaves the global RNG as it was (PEFT's base layer raises before its dropout draws). Only
     cheap conditions are looked at (sizes; devices and dtypes outside TorchScript, under autocast
     the dtypes after its casts); when one fails, the op itself, without dropout, raises its own
-    message."""
+    message. In TorchScript, which cannot read autocast's state (torch.is_autocast_cpu_enabled()
+    crashed a scripted function under autocast, torch 2.14), only the dtype mismatches that no
+    autocast setting makes equal are looked at: float64 beside another dtype."""
     # Integer or bool x too: autocast casts floating inputs only, so the op refuses those under it.
     refused = x.dim() == 0 or x.shape[-1] != in_features or not x.is_floating_point()
+    float64 = x.dtype == torch.float64  # autocast leaves float64 as it is: it meets only float64
+    refused = refused or (weight.dtype == torch.float64) != float64 or (
+        bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         cast = _after_autocast(torch.get_autocast_dtype(x.device.type)) if autocast else _as_is
         refused = refused or x.device != weight.device or x.device != block.device or (
             cast(x) != cast(weight) or (bias is not None and cast(bias) != cast(weight)))
     if refused:
-        torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
+        y = torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
+        # Not reached: the op raises for each condition above. Its result is used all the same:
+        # TorchScript drops a call whose result nobody reads (it takes custom ops for pure), and
+        # a scripted layer then drew the key before the op refused (a review, 2026-12-04).
+        raise RuntimeError(f"miss_ext: miss::linear accepted an input refused before the dropout draw "
+                           f"(output {y.shape}); please report this")
 
 
 def _as_is(t: Tensor) -> torch.dtype:

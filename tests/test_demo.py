@@ -247,6 +247,34 @@ def test_help_lists_the_flags(capsys):
         assert re.search(rf"\s{re.escape(flag)}\b", text), flag
 
 
+def test_an_out_folder_holding_a_model_is_refused(tmp_path, capsys):
+    """An --out that holds another model (its config.json): the adapter's adapter_config.json
+    beside it would make from_pretrained load the adapter's base there instead, and the model no
+    longer loaded (a new-user pass, 2026-12-04). Refused with exit 2, nothing written."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        demo.main(TINY + ["--steps", "1", "--no-peft", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"--out {tmp_path} holds a model (config.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_the_closing_lines_load_the_adapter_as_trained(tmp_path, capsys):
+    """The printed loading lines: in the trained dtype (a bf16 run's base came back in float32), and
+    with load_adapter only where PEFT cannot load the adapter (--no-peft allows r above a layer's
+    in_features; the lines used to show PeftModel.from_pretrained, which raises there). Both
+    new-user passes, 2026-12-04. The printed code is run, as a user would paste it."""
+    out = tmp_path / "wide"
+    assert demo.main(TINY + ["--steps", "2", "--no-peft", "--r", "100", "--dtype", "bf16", "--out", str(out)]) in (0, 1)
+    printed = capsys.readouterr().out
+    lines = printed[printed.index("load the adapter (PEFT cannot"):].splitlines()[1:]
+    code = "\n".join(line.removeprefix("    ") for line in lines if line.startswith("    "))
+    assert "PeftModel" not in code and "dtype=torch.bfloat16" in code, printed
+    scope = {}
+    exec(code, scope)
+    assert scope["model"].dtype == torch.bfloat16 and miss_ext.miss_layers(scope["model"])
+
+
 def test_refused_runs_write_nothing(tmp_path, capsys):
     """Inputs the model refuses, and a diverged training run, exit 2 before anything is written
     (the random base used to be saved first, beside an older adapter of the folder)."""

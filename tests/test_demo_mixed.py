@@ -89,6 +89,8 @@ def test_module_entry_point_and_bad_flags():
     (["--out", ""], "--out: is empty; give a folder"),
     (["--batch-size", "5"], "--batch-size must be even (half the sequences per task), got 5"),
     (["--seq-len", "1"], "--seq-len must be at least 2 (a token and its successor), got 1"),
+    # Generating past the trained positions failed the accuracy check after training, unexplained.
+    (["--seq-len", "8", "--new-tokens", "8"], "--new-tokens 8 would generate past the trained length (--seq-len 8"),
     (["--threads", "-1"], "--threads must be 0 (torch's choice) or positive, got -1"),
     # PEFT refuses to load r > in_features (the tiny model's hidden size is 64)
     (["--r", "100"], "--r 100 is larger than the smallest projection input (64); PEFT cannot load"),
@@ -125,3 +127,14 @@ def test_a_rerun_removes_the_earlier_adapters_before_replacing_the_base(tmp_path
         mixed.main(["--steps", "1", "--out", str(tmp_path)])
     assert not any(config.exists() for config in removed)
     assert (tmp_path / "other" / "adapter_config.json").exists()
+
+
+def test_an_interrupt_is_a_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C during training printed a KeyboardInterrupt traceback (a new-user pass, 2026-12-04);
+    the main demo's line and exit code now, and nothing written."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mixed, "train", interrupted)
+    assert mixed.main(["--steps", "1"]) == 130
+    assert "interrupted: nothing was saved" in capsys.readouterr().out

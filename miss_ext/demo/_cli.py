@@ -297,6 +297,13 @@ def _validate_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if user_mode(args) and out.resolve() == Path(args.model).resolve():
         parser.error(f"--out {out} is the --model folder: the adapter's adapter_config.json there would make "
                      "from_pretrained load the adapter into the base next time; give another folder")
+    # Any other model folder: beside its config.json the adapter's config makes transformers'
+    # from_pretrained load the adapter's base instead, and that model no longer loads (a new-user
+    # pass, 2026-12-04: an --out holding a copy of a model). The demo's own output keeps its base
+    # in a subfolder, so a rerun into it is not refused.
+    if (out / "config.json").is_file():
+        parser.error(f"--out {out} holds a model (config.json): the adapter's adapter_config.json beside it would "
+                     "make from_pretrained load the adapter's base instead of that model; give another folder")
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

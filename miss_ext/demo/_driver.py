@@ -55,6 +55,9 @@ class DemoResult:
     heldout_before: Optional[HeldoutLoss] = None  # the base model's held-out loss
     heldout_after: Dict[str, HeldoutLoss] = field(default_factory=dict)  # each trained variant's
     base_path: Optional[Path] = None
+    # Whether PEFT's from_pretrained can load the adapter: not with r above a layer's in_features
+    # (--no-peft allows it; load_adapter loads it), so the closing lines then show load_adapter only.
+    peft_loadable: bool = True
 
 
 @contextlib.contextmanager
@@ -184,6 +187,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     print(format_heldout(before, after, prepared.heldout.shape[0]))
 
     miss_model = models.pop("miss_ext")
+    peft_loadable = all(layer.r <= layer.in_features for _, layer in miss_ext.miss_layers(miss_model))
     models.clear()  # frees the PEFT model before merging
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -212,7 +216,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     plot_losses(runs, out / "loss_curve.png", title, references)
     return DemoResult(runs=runs, merge=merge, heldout=merge_tokens, unmerged_logits=unmerged_logits.cpu(),
                       merged_model=merged_model, table=table, out=out, heldout_before=before,
-                      heldout_after=after, base_path=prepared.base_path)
+                      heldout_after=after, base_path=prepared.base_path, peft_loadable=peft_loadable)
 
 
 def save_outputs(model: nn.Module, out: Path, base_path: Path, base: Optional[nn.Module]) -> None:
@@ -245,5 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ninterrupted: nothing was saved, or only what the lines above say", flush=True)
         return 130
     model_class = "AutoModelForCausalLM" if user_mode(args) else "LlamaForCausalLM"
-    print_where(result.out, result.base_path, model_class)
+    dtype = DTYPES[args.dtype]
+    print_where(result.out, result.base_path, model_class,
+                dtype=None if dtype == torch.float32 else str(dtype).removeprefix("torch."),
+                peft_loadable=result.peft_loadable)
     return 0 if result.merge.passed else 1

@@ -89,6 +89,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                  "an adapter (it requires r <= in_features)")
     if args.seq_len < 2:
         ap.error(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
+    # The prompt (one token) and the generated ones must lie within the trained positions: past
+    # them the adapters have learned nothing, and the run failed its accuracy check after training
+    # with a message that did not say why (a new-user pass, 2026-12-04).
+    if args.new_tokens > args.seq_len - 1:
+        ap.error(f"--new-tokens {args.new_tokens} would generate past the trained length (--seq-len {args.seq_len}: "
+                 f"a one-token prompt and at most {args.seq_len - 1} new tokens); give a smaller --new-tokens or a "
+                 "longer --seq-len")
     if not 0.0 < args.min_accuracy <= 1.0:  # 0 would pass rows that follow nothing
         ap.error(f"--min-accuracy must be in (0, 1], got {args.min_accuracy}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -131,8 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     # Its one optional package, checked before any work (ImportError naming the extra), as the demo's.
     require("transformers", "demo", "python -m miss_ext.demo.mixed")
-    with torch_threads(args.threads):
-        return run(args)
+    try:
+        with torch_threads(args.threads):
+            return run(args)
+    except KeyboardInterrupt:  # as the main demo: a line, not a traceback, and the shell's 130
+        print("\ninterrupted: nothing was saved, or only what the lines above say", flush=True)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:
