@@ -337,6 +337,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     tensors.update({f"{KEY_PREFIX}{key}": full_block(p) for key, p in saved_extras.items()})
     # Their persistent buffers too (a BatchNorm's statistics), as PEFT saves them (extra_buffers).
     tensors.update({f"{KEY_PREFIX}{key}": full_block(b) for key, b in extra_buffers(model, extras).items()})
+    tensors = _unaliased(tensors)
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)
     if not is_main_process:
@@ -348,6 +349,21 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                             modules_to_save=list(save_paths) or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     write_adapter(path, tensors, config)
+
+
+def _unaliased(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """`tensors` with a copy of each one whose memory an earlier one already holds: safetensors
+    refuses tensors that share memory, and a modules_to_save module may hold one buffer under two
+    names (both are saved, as PEFT's save_pretrained does; a review, 2026-12-04)."""
+    seen, out = set(), {}
+    for key, t in tensors.items():
+        where = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        if where is not None and where in seen:
+            t = t.clone()
+        elif where is not None:
+            seen.add(where)
+        out[key] = t
+    return out
 
 
 def warn_non_finite(tensors: Dict[str, Tensor], who: str) -> None:
@@ -571,7 +587,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
     (`embed_tokens.weight`, `lm_head.weight`, after a resize_token_embeddings) and a target's
     `<layer>.base_layer.weight` are loaded but stay frozen, as PEFT does not train them."""
     problems, plan = [], []
-    params = parameter_paths(model) if extras else {}
+    params = parameter_paths(model, with_buffers=True) if extras else {}
     for path, value in extras.items():
         resolved, param = _find_parameter(model, path)
         if param is None:
@@ -598,15 +614,17 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
             problems.append(f"{path}: the file's value holds non-finite values (NaN or inf) in {param.dtype}")
             continue
         # Writing a tied parameter (e.g. a modules_to_save lm_head tied to the input embeddings)
-        # would silently change its other holders; PEFT trains a separate copy of such a module.
+        # or a shared buffer would silently change its other holders; PEFT trains (and loads
+        # into) a separate copy of such a module.
         # The same values (PEFT saves a tied lm_head's unchanged base weight) change nothing.
         shared = other_holders(params, [param], [resolved.rpartition(".")[0]])
         if shared and torch.equal(value.to(param.device, param.dtype), param.detach()):
             continue
         if shared:
-            problems.append(f"{path}: this parameter is shared with {describe(shared)}, so loading the file's "
-                            "(different) value would change those modules too; untie it first (give the module its "
-                            "own torch.nn.Parameter)")
+            what = "parameter" if isinstance(param, nn.Parameter) else "buffer"
+            problems.append(f"{path}: this {what} is shared with {describe(shared)}, so loading the file's "
+                            f"(different) value would change those modules too; untie it first (give the module its "
+                            f"own {'torch.nn.Parameter' if what == 'parameter' else 'buffer tensor'})")
             continue
         plan.append((param, value))
     return problems, plan
@@ -816,6 +834,16 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         refuse_ddp_wrapped(wrapped, "load_adapter (the file trains modules_to_save or biases the model has frozen)")
     mode, r, mini_r, dropout = _config_settings(config)
     # The warnings come before anything changes: turned into errors, they leave the model as it was.
+    # A modules_to_save module's values the file lacks keep the model's own (PEFT's from_pretrained
+    # raises KeyError there): said, as a file saved by miss_ext before 2026-12-04 lacks the
+    # buffers (a BatchNorm's running statistics), which then stay the base model's.
+    selected = {"modules_to_save": save_paths, "bias": "none"}
+    absent = [key for key in list(extra_parameters(model, selected)) + list(extra_buffers(model, selected))
+              if key not in extras]
+    if absent:
+        warnings.warn(f"{path}: the file has no value for {describe(absent)} of its modules_to_save, which keep "
+                      "the model's own values (PEFT's from_pretrained refuses such a file; miss_ext's save_adapter "
+                      "before 2026-12-04 did not save a modules_to_save module's buffers)", stacklevel=2)
     dead = [name for name, module, _ in plan if r > module.in_features]
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight. "

@@ -306,10 +306,16 @@ def container_problems(model: nn.Module, paths: Sequence[str]) -> List[str]:
     """Problems for the modules_to_save `paths` that are containers (nn.ModuleList, ModuleDict,
     ParameterList, ParameterDict), which PEFT refuses (TypeError in get_peft_model and
     from_pretrained): accepted here, they made an adapter folder PEFT cannot load."""
-    found = [(path, model.get_submodule(path)) for path in paths]
-    return [f"{path}: a {type(module).__name__}, to which PEFT cannot apply modules_to_save (a container, no layer "
-            f"of its own); name the modules inside it (e.g. {path + '.0'!r}) instead"
-            for path, module in found if isinstance(module, _CONTAINERS)]
+    problems = []
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, _CONTAINERS):
+            first = next(iter(module.named_children()), None)
+            inside = (f"name the modules inside it instead (e.g. {path + '.' + first[0]!r})" if first is not None
+                      else "name the module that holds it instead")
+            problems.append(f"{path}: a {type(module).__name__}, to which PEFT cannot apply modules_to_save (a "
+                            f"container, no layer of its own); {inside}")
+    return problems
 
 
 def mark_extras_trainable(model: nn.Module) -> None:
@@ -522,7 +528,7 @@ def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]
                       stacklevel=3)
     targets = {name for name, _ in found}
     problems = container_problems(model, paths)
-    params = parameter_paths(model) if paths else None
+    params = parameter_paths(model, with_buffers=True) if paths else None
     for path in paths:
         if any(problem.startswith(f"{path}: ") for problem in problems):
             continue
@@ -536,10 +542,13 @@ def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]
         if nested:
             problems.append(f"{path}: nested inside {describe(nested)}, which is saved whole already")
             continue
-        holders = other_holders(params, list(module.parameters()), [path])
+        # Buffers too: a module held at two paths (a BatchNorm(affine=False) has no parameters)
+        # would move the other holder's running statistics as it trains (a review, 2026-12-04).
+        holders = other_holders(params, list(module.parameters()) + list(module.buffers()), [path])
         if holders:
-            problems.append(f"{path}: its parameters are shared with {describe(holders)} (e.g. tied embeddings); "
-                            "PEFT trains a separate copy, training it here would change those too. Untie it first")
+            problems.append(f"{path}: its parameters or buffers are shared with {describe(holders)} (e.g. tied "
+                            "embeddings); PEFT trains a separate copy, training it here would change those too. "
+                            "Untie it first")
     if problems:
         raise ValueError(f"modules_to_save={list(modules_to_save)!r}:\n  " + "\n  ".join(problems))
     return paths

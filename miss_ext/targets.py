@@ -292,11 +292,14 @@ class ParameterPaths:
     one parameter looks at the parameters of its storage only: comparing every pair took seconds
     on models with hundreds of adapted layers)."""
 
-    def __init__(self, model: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: Optional[nn.Module] = None, with_buffers: bool = False) -> None:
         self.by_id: Dict[int, List[str]] = {}
         self.by_storage: Dict[object, List[Tuple[str, torch.Tensor, int, int]]] = {}
         if model is not None:
-            for name, param in model.named_parameters(remove_duplicate=False):
+            named = list(model.named_parameters(remove_duplicate=False))
+            if with_buffers:  # modules_to_save copy their buffers too (model.extra_buffers)
+                named += list(model.named_buffers(remove_duplicate=False))
+            for name, param in named:
                 self.by_id.setdefault(id(param), []).append(name)
                 where = _memory_range(param)
                 if where is not None:
@@ -329,9 +332,10 @@ def _memory_range(t: torch.Tensor) -> Optional[Tuple[object, int, int]]:
     return (t.device, storage.data_ptr()), start, start + extent * t.element_size()
 
 
-def parameter_paths(model: nn.Module) -> ParameterPaths:
-    """The model's parameters and the paths they are held under (see other_holders)."""
-    return ParameterPaths(model)
+def parameter_paths(model: nn.Module, with_buffers: bool = False) -> ParameterPaths:
+    """The model's parameters (and, with_buffers, its buffers) and the paths they are held under
+    (see other_holders)."""
+    return ParameterPaths(model, with_buffers)
 
 
 def module_paths(model: nn.Module) -> Dict[int, List[str]]:

@@ -243,10 +243,11 @@ if [ "$TESTS" = 1 ]; then
     MEMCHECK_CAP=150 sanitizers
     note "tests (rest): not run (the benchmarks take this call's time; --tests-only runs them)"
   elif [ "$(left 10)" -lt 60 ]; then
+    short=$(left 10)
     MEMCHECK_CAP=150 sanitizers
-    note "tests (rest): not run, $(left 10) s left (CI runs them on the CPU)"
+    note "tests (rest): not run, $short s left after the cuda part (CI runs them on the CPU)"
   else
-    MEMCHECK_CAP=240 sanitizers &
+    MEMCHECK_CAP=200 sanitizers &   # with the probe and racecheck about the rest part's 230-250 s
     SAN_PID=$!
     [ ${#XDIST[@]} -gt 0 ] && [ "$(nproc)" -gt 2 ] && XDIST[1]=$(( $(nproc) - 1 ))
     run_part rest "$(left 10)" 0

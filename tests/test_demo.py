@@ -259,20 +259,35 @@ def test_an_out_folder_holding_a_model_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
+def _printed_code(printed: str, start: str) -> str:
+    """The indented code lines after the line starting with `start`, as a user would paste them."""
+    lines = printed[printed.index(start):].splitlines()[1:]
+    return "\n".join(line.removeprefix("    ") for line in lines if line.startswith("    "))
+
+
+@needs_peft
 def test_the_closing_lines_load_the_adapter_as_trained(tmp_path, capsys):
-    """The printed loading lines: in the trained dtype (a bf16 run's base came back in float32), and
-    with load_adapter only where PEFT cannot load the adapter (--no-peft allows r above a layer's
-    in_features; the lines used to show PeftModel.from_pretrained, which raises there). Both
-    new-user passes, 2026-12-04. The printed code is run, as a user would paste it."""
+    """The printed loading lines: with the trained dtype, always (transformers 5 takes the
+    checkpoint's dtype by default, so a float32 run on a bf16 --model came back in bf16), and with
+    load_adapter only where PEFT cannot load the adapter (--no-peft allows r above a layer's
+    in_features; the lines used to show PeftModel.from_pretrained, which raises there). A new-user
+    pass and a review, 2026-12-04. The printed code is run, as a user would paste it."""
     out = tmp_path / "wide"
     assert demo.main(TINY + ["--steps", "2", "--no-peft", "--r", "100", "--dtype", "bf16", "--out", str(out)]) in (0, 1)
     printed = capsys.readouterr().out
-    lines = printed[printed.index("load the adapter (PEFT cannot"):].splitlines()[1:]
-    code = "\n".join(line.removeprefix("    ") for line in lines if line.startswith("    "))
+    code = _printed_code(printed, "load the adapter (PEFT cannot")
     assert "PeftModel" not in code and "dtype=torch.bfloat16" in code, printed
     scope = {}
     exec(code, scope)
     assert scope["model"].dtype == torch.bfloat16 and miss_ext.miss_layers(scope["model"])
+    out = tmp_path / "peft"
+    assert demo.main(TINY + ["--steps", "2", "--out", str(out)]) in (0, 1)
+    printed = capsys.readouterr().out
+    code = _printed_code(printed, "load the adapter with PEFT")
+    assert "PeftModel.from_pretrained" in code and "dtype=torch.float32" in code, printed
+    scope = {}
+    exec(code, scope)
+    assert scope["model"].dtype == torch.float32 and any("miss_block" in n for n, _ in scope["model"].named_parameters())
 
 
 def test_refused_runs_write_nothing(tmp_path, capsys):

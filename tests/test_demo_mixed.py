@@ -131,7 +131,7 @@ def test_a_rerun_removes_the_earlier_adapters_before_replacing_the_base(tmp_path
 
 def test_an_interrupt_is_a_line_and_exit_130(capsys, monkeypatch):
     """Ctrl-C during training printed a KeyboardInterrupt traceback (a new-user pass, 2026-12-04);
-    the main demo's line and exit code now, and nothing written."""
+    the main demo's line and exit code now."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

@@ -637,6 +637,79 @@ def test_modules_to_save_buffers_travel_with_the_adapter(tmp_path):
         assert_unchanged(target, snap)
 
 
+class _SharedStats(nn.Module):
+    """A linear, then a module `s1` whose one buffer is registered under two names (s, t), and a
+    module `s2` that holds the same buffer as s1 when `tied`."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()  # float64 from the start: .double() would untie the buffers
+        self.a = nn.Linear(4, 4, dtype=torch.float64)
+        self.s1, self.s2 = nn.Module(), nn.Module()
+        self.s1.register_buffer("s", torch.ones(4, dtype=torch.float64))
+        self.s1.register_buffer("t", self.s1.s)
+        self.s2.register_buffer("s", self.s1.s if tied else torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.a(x) * self.s1.s + self.s2.s
+
+
+def _shared_stats(tied: bool = False):
+    torch.manual_seed(0)
+    return _SharedStats(tied)
+
+
+def test_modules_to_save_buffers_held_twice(tmp_path):
+    """A review (2026-12-04) of the buffers' save: one buffer under two names of a modules_to_save
+    module made safetensors refuse the save (shared memory), where PEFT writes both keys; and a
+    buffer shared with a module outside modules_to_save was accepted by apply_miss and written by
+    load_adapter through both holders, where PEFT trains and loads a separate copy. Both names
+    are saved now (and PEFT loads them), the shared one refused with the model unchanged."""
+    from peft import MissConfig, get_peft_model
+
+    model = miss_ext.apply_miss(_shared_stats(), ["a"], r=2, init_weights=False, modules_to_save=["s1"])
+    with torch.no_grad():
+        model.s1.s.fill_(3.0)
+    miss_ext.save_adapter(model, tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {"base_model.model.s1.s", "base_model.model.s1.t"} <= set(saved)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(_shared_stats(), tmp_path / "ours")(x), model(x), **TOL)
+        torch.testing.assert_close(miss_ext.load_adapter(_shared_stats(), tmp_path / "ours")(x), model(x), **TOL)
+    # s1's buffer also held by s2: PEFT's copy would leave s2 alone; here training or loading in place
+    # would not.
+    tied = _shared_stats(tied=True)
+    snap = snapshot(tied)
+    with pytest.raises(ValueError, match=r"s1: its parameters or buffers are shared with s2\.s"):
+        miss_ext.apply_miss(tied, ["a"], r=2, modules_to_save=["s1"])
+    assert_unchanged(tied, snap)
+    reference = get_peft_model(_shared_stats(tied=True), MissConfig(r=2, target_modules=["a"], init_weights=False,
+                                                                    modules_to_save=["s1"]))
+    with torch.no_grad():
+        reference.base_model.model.s1.modules_to_save.default.s.fill_(3.0)
+    reference.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"s1\.s: this buffer is shared with s2\.s"):
+        miss_ext.load_adapter(tied, tmp_path / "peft")
+    assert_unchanged(tied, snap)
+
+
+def test_a_file_without_a_modules_to_save_buffer_warns(tmp_path):
+    """A file that lacks some of a modules_to_save module's tensors (miss_ext's own, saved before
+    2026-12-04, lacks its buffers) loads, keeping the model's values there, and says so naming
+    them: PEFT's from_pretrained refuses such a file (KeyError)."""
+    model = miss_ext.apply_miss(_norm_net(), ["a", "b"], r=4, init_weights=False, modules_to_save=["bn"])
+    miss_ext.save_adapter(model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "running" not in k}, str(weights))
+    with pytest.warns(UserWarning, match=r"no value for bn\.running_mean, bn\.running_var of its modules_to_save"):
+        loaded = miss_ext.load_adapter(_norm_net(), tmp_path)
+    assert torch.equal(loaded.bn.running_var, torch.ones(12, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole file: nothing to say
+        miss_ext.save_adapter(model, tmp_path / "whole")
+        miss_ext.load_adapter(_norm_net(), tmp_path / "whole")
+
+
 def test_modules_to_save_containers_are_refused_as_peft_refuses_them(tmp_path):
     """PEFT cannot apply modules_to_save to a ModuleList / ModuleDict / ParameterList /
     ParameterDict (TypeError in get_peft_model and from_pretrained); apply_miss accepted one and
@@ -665,6 +738,12 @@ def test_modules_to_save_containers_are_refused_as_peft_refuses_them(tmp_path):
     with pytest.raises(ValueError, match="experts: a ModuleList"):
         miss_ext.load_adapter(target, tmp_path)
     assert_unchanged(target, snap)
+    # A model that recorded one anyway (by hand, or an older miss_ext): save_adapter writes nothing.
+    inside._miss_ext_trainable = {"modules_to_save": ["experts"], "bias": "none"}
+    with pytest.raises(ValueError, match="save_adapter: PEFT could not load this adapter, nothing was written: "
+                                         "experts: a ModuleList"):
+        miss_ext.save_adapter(inside, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
 
 
 @pytest.mark.parametrize("saved", [
@@ -1138,9 +1217,12 @@ def test_only_other_adapter_blocks_of_exactly_that_form_are_ignored(tmp_path):
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     save_file(dict(tensors, **{"base_model.model.3.miss_block.weight": torch.full((2, 2), 7.0)}),
               tmp_path / WEIGHTS_NAME)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path))
+    # The one thing said: the hand-made file lacks the module's bias (kept), not "ignored".
+    assert [str(w.message).split(": ", 1)[1].split(",")[0] for w in caught] == [
+        "the file has no value for 3.miss_block.bias of its modules_to_save"]
     assert torch.equal(model[3].miss_block.weight, torch.full((2, 2), 7.0))
     # Without a model to look in (load_bank reads the files first), the config decides: a key its
     # modules_to_save could have saved is kept (and then refused by the bank, as before).

@@ -249,8 +249,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ninterrupted: nothing was saved, or only what the lines above say", flush=True)
         return 130
     model_class = "AutoModelForCausalLM" if user_mode(args) else "LlamaForCausalLM"
-    dtype = DTYPES[args.dtype]
-    print_where(result.out, result.base_path, model_class,
-                dtype=None if dtype == torch.float32 else str(dtype).removeprefix("torch."),
+    print_where(result.out, result.base_path, model_class, dtype=str(DTYPES[args.dtype]).removeprefix("torch."),
                 peft_loadable=result.peft_loadable)
     return 0 if result.merge.passed else 1

@@ -108,9 +108,10 @@ def format_heldout(before: HeldoutLoss, after: Dict[str, HeldoutLoss], sequences
 def print_where(out: Path, base_path: Path, model_class: str = "AutoModelForCausalLM", dtype: Optional[str] = None,
                 peft_loadable: bool = True) -> None:
     """Where the outputs are and how to load the adapter onto the base it was trained on: in the
-    trained dtype (`dtype`, a torch dtype's name; None: from_pretrained's own), and with PEFT only
-    where PEFT can load it (peft_loadable False: an r above some layer's in_features, which PEFT
-    refuses and --no-peft allowed)."""
+    trained dtype (`dtype`, a torch dtype's name, always given: transformers 5's from_pretrained
+    takes the checkpoint's dtype by default, so a float32 run on a bf16 --model came back in
+    bf16; None: from_pretrained's own), and with PEFT only where PEFT can load it (peft_loadable
+    False: an r above some layer's in_features, which PEFT refuses and --no-peft allowed)."""
     print(f"\nadapter (PEFT format): {out / 'adapter_model.safetensors'} and {out / 'adapter_config.json'}")
     print(f"frozen base model:     {base_path}")
     print(f"loss curve:            {out / 'loss_curve.png'}")
