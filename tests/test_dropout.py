@@ -224,6 +224,21 @@ def test_a_float64_mismatch_under_autocast_leaves_the_global_rng_alone(x_dtype, 
     assert y.dtype == torch.float32 and not torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_the_pre_draw_check_compiles_under_autocast():
+    """The pre-draw check reads autocast's state and dtype (torch.is_autocast_enabled,
+    torch.get_autocast_dtype) since 2026-12-04: a compiled training forward under autocast still
+    makes one graph (fullgraph=True) and draws the key eager draws."""
+    layer = miss_ext.MissLinear(nn.Linear(16, 8), r=4, dropout=0.1).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        want = layer(x)
+        torch.manual_seed(1)
+        got = compiled(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("path", ["fused", "hooked"])
 def test_a_rate_above_one_set_on_a_live_layer_is_refused_before_the_draw(path):
     """The constructor checks dropout; a later `layer.dropout = 1.5` was refused by the op, after
