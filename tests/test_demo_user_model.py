@@ -158,7 +158,8 @@ def test_jsonl_with_peft_comparison_and_a_regex_target(model_dir, jsonl_file, tm
     assert diff and float(diff.group(1)) < 1e-4, printed
     assert sorted(adapted(out)) == sorted(f"{layer}.{name}" for layer in range(2)
                                           for name in ("q_proj", "v_proj", "down_proj"))
-    assert f"AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r})" in printed
+    # In the trained dtype, always: transformers 5 loads the checkpoint's dtype by default.
+    assert f"AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r}, dtype=torch.float32)" in printed
 
 
 def test_comma_list_of_targets(model_dir, text_file, tmp_path):
