@@ -21,13 +21,13 @@ from torch.nn.utils import parametrize
 from .bank import MissBankLinear
 from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, peft_hint, record_shared_weights, refuse_ddp_wrapped, refuse_lazy_tensors,
-                    refuse_peft_model, saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model,
-                    warn_shared, writes_here)
+                    parent_module, peft_hint, persistent_buffers, record_shared_weights, refuse_ddp_wrapped,
+                    refuse_lazy_tensors, refuse_peft_model, saved_whole_problem, shared_before_wrapping,
+                    trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
                       is_dtensor, refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
-                      modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
+                      memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -311,17 +311,19 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model)}"
                          + (" (it has MissBankLinear layers: save_bank_adapter saves one of their adapters)"
                             if any(isinstance(m, MissBankLinear) for m in model.modules()) else ""))
+    # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):
+    # modules_to_save under their own parameter names, with their persistent buffers (a
+    # BatchNorm's statistics, extra_buffers), and the biases of bias="all"/"MiSS_only".
+    extras = trainable_extras(model)
+    saved_extras, saved_buffers = extra_parameters(model, extras), extra_buffers(model, extras)
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
-                + list(extra_parameters(model).items()) + list(extra_buffers(model).items()))
+                + list(saved_extras.items()) + list(saved_buffers.items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)
     # The float32 master blocks, not the gathered bf16 copies a forward may have left (reshard_fsdp).
     fsdp = reshard_fsdp(model)
     # Every rank gathers, in model order (the same collectives in the same order on each rank).
     sharded = bool(fsdp) or any(is_dtensor(layer.miss_block) for _, layer in layers)
     tensors = {f"{KEY_PREFIX}{name}.miss_block": full_block(layer.miss_block) for name, layer in layers}
-    # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):
-    # modules_to_save under their own parameter names, and the biases of bias="all"/"MiSS_only".
-    extras = trainable_extras(model)
     save_paths = extras["modules_to_save"]
     if save_paths:
         # PEFT finds them again by its suffix rule on the base model; it must find exactly these.
@@ -333,10 +335,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         if containers:
             raise ValueError("save_adapter: PEFT could not load this adapter, nothing was written: "
                              + "; ".join(containers))
-    saved_extras = extra_parameters(model, extras)
-    tensors.update({f"{KEY_PREFIX}{key}": full_block(p) for key, p in saved_extras.items()})
-    # Their persistent buffers too (a BatchNorm's statistics), as PEFT saves them (extra_buffers).
-    tensors.update({f"{KEY_PREFIX}{key}": full_block(b) for key, b in extra_buffers(model, extras).items()})
+    tensors.update({f"{KEY_PREFIX}{key}": full_block(t) for key, t in {**saved_extras, **saved_buffers}.items()})
     tensors = _unaliased(tensors)
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)
@@ -357,11 +356,11 @@ def _unaliased(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     names (both are saved, as PEFT's save_pretrained does; a review, 2026-12-04)."""
     seen, out = set(), {}
     for key, t in tensors.items():
-        where = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
-        if where is not None and where in seen:
+        where = memory_range(t)
+        if where is not None and where[0] in seen:
             t = t.clone()
         elif where is not None:
-            seen.add(where)
+            seen.add(where[0])
         out[key] = t
     return out
 
@@ -546,8 +545,8 @@ def _find_parameter(model: nn.Module, path: str) -> Tuple[Optional[str], Optiona
             pass
         owner_path, _, name = candidate.rpartition(".")
         owner = get_module(model, owner_path) if owner_path else model
-        buffer = getattr(owner, "_buffers", {}).get(name) if owner is not None else None
-        if buffer is not None and name not in owner._non_persistent_buffers_set:
+        buffer = persistent_buffers(owner).get(name) if owner is not None else None
+        if buffer is not None:
             return candidate, buffer
     return None, None
 
@@ -593,6 +592,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
         if param is None:
             problems.append(f"{path}: no such parameter (or persistent buffer) in the model")
             continue
+        what = "parameter" if isinstance(param, nn.Parameter) else "buffer"
         problem = meta_problem(path, [param]) or inference_problem(path, [param])
         if problem is not None:
             problems.append(problem)
@@ -607,8 +607,7 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
                 not param.is_floating_point() and value.dtype != param.dtype):
             # (an integer or bool buffer, a BatchNorm's num_batches_tracked: only its own dtype
             # copies without a cast that truncates or wraps)
-            problems.append(f"{path}: dtype {value.dtype} in the file, the model's "
-                            f"{'parameter' if isinstance(param, nn.Parameter) else 'buffer'} is {param.dtype}")
+            problems.append(f"{path}: dtype {value.dtype} in the file, the model's {what} is {param.dtype}")
             continue
         if param.is_floating_point() and not bool(torch.isfinite(value.to(param.dtype)).all()):
             problems.append(f"{path}: the file's value holds non-finite values (NaN or inf) in {param.dtype}")
@@ -621,7 +620,6 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
         if shared and torch.equal(value.to(param.device, param.dtype), param.detach()):
             continue
         if shared:
-            what = "parameter" if isinstance(param, nn.Parameter) else "buffer"
             problems.append(f"{path}: this {what} is shared with {describe(shared)}, so loading the file's "
                             f"(different) value would change those modules too; untie it first (give the module its "
                             f"own {'torch.nn.Parameter' if what == 'parameter' else 'buffer tensor'})")

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
-from .modules import (MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output, check_dropout,
+from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
+                      check_dropout,
                       is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_layer_load, refuse_nested,
                       refuse_non_tensor, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
@@ -502,7 +503,7 @@ def check_bank_size(capacity: object, max_r: object) -> None:
             raise TypeError(f"MissBankLinear {name} must be a positive int, got {value!r} ({type(value).__name__})")
         if value < 1:
             raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
-        if value > 2 ** 63 - 1:  # torch.zeros: an overflow TypeError naming neither (a review, 2026-12-04)
+        if value > MAX_TENSOR_SIZE:
             raise ValueError(f"MissBankLinear {name}={value} is above the largest size a tensor dimension holds "
                              "(2**63 - 1)")
 

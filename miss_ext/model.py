@@ -287,14 +287,15 @@ def extra_buffers(model: nn.Module, extras: Optional[dict] = None) -> Dict[str, 
     eval mode (found by a review, 2026-12-04). Non-persistent buffers are in no state_dict and
     not saved; trained biases have no buffers."""
     extras = trainable_extras(model) if extras is None else extras
-    out: Dict[str, torch.Tensor] = {}
-    for path in extras["modules_to_save"]:
-        module = model.get_submodule(path)
-        buffers = dict(module.named_buffers(remove_duplicate=False))
-        for name in module.state_dict(keep_vars=True):
-            if name in buffers:
-                out[f"{path}.{name}"] = buffers[name]
-    return out
+    return {f"{path}.{name}": buffer for path in extras["modules_to_save"]
+            for name, buffer in persistent_buffers(model.get_submodule(path)).items()}
+
+
+def persistent_buffers(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """{name in module.state_dict(): buffer} of the buffers a state_dict holds (every name of a
+    buffer held twice; none of the non-persistent ones)."""
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    return {name: buffers[name] for name in module.state_dict(keep_vars=True) if name in buffers}
 
 
 # What PEFT's ModulesToSaveWrapper refuses to wrap (peft/utils/other.py, check_module, 0.21): a

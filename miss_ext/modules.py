@@ -32,7 +32,9 @@ PEFT_REFUSES_R_ABOVE_IN = ("PEFT (0.21 and later) refuses r > in_features when i
 MODES = ("default", "mini", "bat")
 
 
-_INT64_MAX = 2 ** 63 - 1
+# The largest size of a tensor dimension (int64): torch.zeros meets a larger one with an overflow
+# TypeError naming nothing (a review, 2026-12-04).
+MAX_TENSOR_SIZE = 2 ** 63 - 1
 
 
 def _check_int(name: str, value: object) -> int:
@@ -48,7 +50,7 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     _check_int("r", r)
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r}")
-    if r > _INT64_MAX:  # torch.zeros met it with an overflow TypeError naming no r (a review, 2026-12-04)
+    if r > MAX_TENSOR_SIZE:
         raise ValueError(f"r={r} is above the largest size a tensor dimension holds (2**63 - 1)")
     if mode in ("default", "bat") and out_features == 0 and not empty_output:
         # (r, 0) and (0, r, r) blocks hold nothing, and the ops refuse a 0 period; an empty layer
@@ -372,9 +374,10 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-        cast = _after_autocast(torch.get_autocast_dtype(x.device.type)) if autocast else _as_is
+        to = torch.get_autocast_dtype(x.device.type) if autocast else None
         refused = refused or x.device != weight.device or x.device != block.device or (
-            cast(x) != cast(weight) or (bias is not None and cast(bias) != cast(weight)))
+            _after_autocast(x, to) != _after_autocast(weight, to)
+            or (bias is not None and _after_autocast(bias, to) != _after_autocast(weight, to)))
     if refused:
         y = torch.ops.miss.linear(x, weight, bias, block, 0.0, None)
         # Not reached: the op raises for each condition above. Its result is used all the same:
@@ -384,16 +387,13 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                            f"(output {y.shape}); please report this")
 
 
-def _as_is(t: Tensor) -> torch.dtype:
-    return t.dtype
-
-
-def _after_autocast(dtype: torch.dtype) -> Callable[[Tensor], torch.dtype]:
-    """A tensor's dtype once autocast(dtype) has cast it (its cached_cast): float32, float16 and
-    bfloat16 become `dtype`; float64 and non-floating tensors stay as they are, so a float64 x
-    beside a float32 weight is refused under autocast too (csrc/ops/autocast/linear_autocast.cpp)
-    and must be before the dropout key is drawn (a review, 2026-12-04: the RNG moved)."""
-    return lambda t: dtype if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
+def _after_autocast(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """t's dtype once autocast(dtype) has cast it (its cached_cast; None: no autocast): float32,
+    float16 and bfloat16 become `dtype`; float64 and non-floating tensors stay as they are, so a
+    float64 x beside a float32 weight is refused under autocast too (csrc/ops/autocast/
+    linear_autocast.cpp) and must be before the dropout key is drawn (a review, 2026-12-04: the
+    RNG moved)."""
+    return dtype if dtype is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
 
 
 def json_tensor(value) -> Tensor:

@@ -301,14 +301,14 @@ class ParameterPaths:
                 named += list(model.named_buffers(remove_duplicate=False))
             for name, param in named:
                 self.by_id.setdefault(id(param), []).append(name)
-                where = _memory_range(param)
+                where = memory_range(param)
                 if where is not None:
                     self.by_storage.setdefault(where[0], []).append((name, param, where[1], where[2]))
 
     def overlapping(self, t: torch.Tensor) -> List[str]:
         """Paths of the other parameters that can address a byte of `t` (same storage,
         overlapping byte ranges), in the model's order."""
-        where = _memory_range(t)
+        where = memory_range(t)
         if where is None:
             return []
         _, start, end = where
@@ -316,7 +316,7 @@ class ParameterPaths:
                 if other is not t and start < hi and lo < end]
 
 
-def _memory_range(t: torch.Tensor) -> Optional[Tuple[object, int, int]]:
+def memory_range(t: torch.Tensor) -> Optional[Tuple[object, int, int]]:
     """(storage identity, first byte, end byte) of the memory `t` can address, or None for
     tensors without real memory (meta, fake, tensor subclasses)."""
     if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type == "meta" or t.numel() == 0:
