@@ -113,6 +113,18 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
     return None
 
 
+def _same_memory(a: object, b: Tensor) -> bool:
+    """Whether a is a tensor viewing b's memory (b's own state_dict entry, say): compared by
+    storage; a sharded (DTensor) bank by its local shard. Empty and meta tensors share nothing."""
+    a, b = getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)
+    if not isinstance(a, Tensor) or a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta or is_fake(a):
+        return False
+    try:
+        return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: not this bank's
+        return False
+
+
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
                    dropouts: Optional[Tensor], inplace: bool) -> Tensor:
     """y plus, for every row t with index[t] >= 0, the MiSS term of the adapter in slot index[t].
@@ -146,7 +158,12 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     # (Dynamo reports an interpreter while it traces, so torch.compile takes the functional op;
     # functionalization would turn the in-place one into it there anyway.)
     transformed = torch._C._functorch.peek_interpreter_stack() is not None
-    if differentiable or not inplace or transformed:
+    # A program recorded by torch.export or torch.jit.trace keeps the op it saw: recorded under
+    # no_grad, the in-place one (which has no autograd) refused every later call made with grad
+    # enabled, where the bank's parameter requires grad (a review, 2026-12-05). Export
+    # functionalizes the in-place op anyway; a traced program allocates one (rows, out) output.
+    recorded = _exporting() or torch.jit.is_tracing()
+    if differentiable or not inplace or transformed or recorded:
         return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, True)
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, True)
     return y
@@ -961,6 +978,50 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             state.pop(name, None)
         return state
 
+    def _slot_change_problem(self, state_dict, prefix: str) -> Optional[str]:
+        """Why loading `state_dict` would pair slot names, modes, ranks or periods with blocks they
+        were not saved with, or None. The slot description (_extra_state), ranks and periods say
+        which adapter each slot's block belongs to, so they may change only together with blocks
+        from elsewhere: a row naming an adapter would otherwise silently get another's block.
+        Refused: a filtered dict (strict=False) that changes ranks or periods without the description,
+        or any of them without `bank`; and one whose
+        `bank` is this layer's own bank tensor (a state_dict shares its tensors with the module, as
+        any torch state_dict does, so a snapshot taken before remove_adapter / add_adapter holds the
+        new blocks beside the old description). Loading only `bank`, new values for the same slots,
+        stays allowed, as does loading a state_dict that changes no slot."""
+        if self.ranks.is_meta or self.bank.is_meta:  # nothing materialised: no block to pair wrongly
+            return None
+        described = prefix + "_extra_state" in state_dict
+        changed = []
+        if described:
+            saved = tensor_json(state_dict[prefix + "_extra_state"])  # parsed and checked by the caller
+            own = tensor_json(self.get_extra_state())
+            if saved != own:
+                changed.append(f"slot description (adapters {saved['adapter_names']}, modes {saved['modes']}, "
+                               f"dropouts {saved['dropouts']}, absent {saved['absent']}; this bank's: adapters "
+                               f"{own['adapter_names']}, modes {own['modes']}, dropouts {own['dropouts']}, absent "
+                               f"{own['absent']})")
+        for name in self._SAVED_SLOT_TENSORS:
+            if prefix + name in state_dict:
+                loaded, own = state_dict[prefix + name].tolist(), getattr(self, name).tolist()
+                if loaded != own:
+                    changed.append(f"{name} {loaded} (this bank's: {own})")
+        if not changed:
+            return None
+        what = " and ".join(changed)
+        if not described:
+            return (f"the state_dict's {what} describe other slots, without the slot description (_extra_state) "
+                    "that names their adapters; load the layer's whole state_dict")
+        if prefix + "bank" not in state_dict:
+            return (f"the state_dict would change the {what} without the blocks (bank) they were saved with; load "
+                    "the layer's whole state_dict")
+        if _same_memory(state_dict[prefix + "bank"], self.bank):
+            return (f"the state_dict's bank is this layer's own bank (a state_dict shares its tensors with the module, "
+                    f"so a snapshot taken before adapters were added or removed holds today's blocks), and it would "
+                    f"change the {what}, pairing those blocks with other adapters; keep a copy to restore later "
+                    "(copy.deepcopy(model.state_dict()), or save it to a file)")
+        return None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A bank of another shape loads nothing of this layer (not the slot names, not the base
@@ -993,20 +1054,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             problem = slot_state_problem(saved, self.max_r, self.out_features, ranks.tolist(), periods.tolist())
             if problem is not None:
                 reason = f"the saved slot description (_extra_state) does not fit: {problem}"
-        elif reason is None:
-            # Without the description (a filtered dict, strict=False), the slots keep this bank's
-            # names and modes: refused if the loaded ranks or periods say the slots hold other
-            # adapters (rows naming an adapter would silently get another's block). Loading only
-            # `bank`, new values for the same slots, stays allowed.
-            changed = []
-            for name in ("ranks", "periods"):
-                if prefix + name in state_dict:
-                    loaded, own = state_dict[prefix + name].tolist(), getattr(self, name).tolist()
-                    if loaded != own:
-                        changed.append(f"{name} {loaded} (this bank's: {own})")
-            if changed:
-                reason = (f"the state_dict's {' and '.join(changed)} describe other slots, without the slot "
-                          "description (_extra_state) that names their adapters; load the layer's whole state_dict")
+        if reason is None:
+            reason = self._slot_change_problem(state_dict, prefix)
         if reason is None:
             for name in self._SAVED_SLOT_TENSORS:
                 saved, own = state_dict.get(prefix + name), getattr(self, name)

@@ -115,7 +115,7 @@ def refuse_bare_parameters(model: nn.Module, target_modules: TargetModules, wher
             advice = (f"name the linear layers more precisely, e.g. {'.'.join(layers[0].split('.')[-2:])!r} (it also "
                       f"matches the linear layers {describe(layers, 4)})")
         else:
-            advice = "it matches no linear layer: drop it, or name linear layers (e.g. 'shared_expert.down_proj')"
+            advice = "it matches no linear layer of this model: drop it"
         problems.append(f"{entry!r} matches the parameters {describe(params, 4)}, which lie inside no layer it "
                         f"selects; {advice}")
     raise ValueError(

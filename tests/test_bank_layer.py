@@ -349,6 +349,61 @@ def test_slots_that_change_without_their_description_load_nothing():
     torch.testing.assert_close(same(x, same.index_of(rows)), bank(x, bank.index_of(rows)), rtol=0, atol=0)
 
 
+def test_a_slot_description_without_its_blocks_loads_nothing():
+    """A filtered state_dict (strict=False) with another bank's slot description (and ranks and
+    periods) but no `bank` used to load: the names moved onto this bank's blocks, so rows naming
+    "a" silently got "c"'s block (a review, 2026-12-05). Refused, nothing changed; a description
+    equal to the bank's own still loads."""
+    _, bank, singles = make("cpu")
+    _, other, _ = make("cpu", seed=1)
+    for name in ("a", "c"):  # other's slots: a and c (both default mode) swapped
+        other.remove_adapter(name)
+    other.add_from("c", singles["c"])
+    other.add_from("a", singles["a"])
+    assert other.adapter_names[:3] == ["c", "b", "a"]
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    lists = (list(bank.adapter_names), list(bank.modes), list(bank.dropouts), list(bank.absent))
+    for keep in (["_extra_state"], ["_extra_state", "ranks", "periods"]):
+        state = {k: v.clone() for k, v in other.state_dict().items() if k in keep}
+        with pytest.raises(RuntimeError, match=r"the state_dict would change the slot description \(adapters "
+                                               r"\['c', 'b', 'a'.*without the blocks \(bank\) they were saved with"):
+            bank.load_state_dict(state, strict=False)
+        assert all(torch.equal(v, before[k]) for k, v in bank.state_dict().items()), keep
+        assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists, keep
+    own = {k: v.clone() for k, v in bank.state_dict().items() if k in ("_extra_state", "ranks", "periods")}
+    bank.load_state_dict(own, strict=False)  # changes no slot: loads
+    assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists
+
+
+def test_a_snapshot_sharing_the_bank_cannot_pair_old_names_with_new_blocks():
+    """state_dict() shares its tensors with the module (as torch's always does), and the slot
+    description is a fresh copy. A snapshot taken, then remove_adapter("a") + add_adapter("e") into
+    a's slot, then load_state_dict(snapshot): the description named "a" over e's block, silently
+    (a review, 2026-12-05). Refused, nothing changed; a deep copy of the snapshot restores the bank,
+    and loading the bank's own current state_dict stays a no-op."""
+    base, bank, singles = make("cpu")
+    x = torch.randn(4, IN)
+    rows = ["a", "b", None, "a"]
+    snapshot = bank.state_dict()
+    kept = copy.deepcopy(snapshot)
+    bank.remove_adapter("a")
+    bank.add_adapter("e", r=8, block=torch.randn(8, OUT))
+    assert bank.adapter_names.index("e") == 0
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    lists = (list(bank.adapter_names), list(bank.modes), list(bank.dropouts), list(bank.absent))
+    with pytest.raises(RuntimeError, match=r"the state_dict's bank is this layer's own bank .* change the slot "
+                                           r"description \(adapters \['a'.*copy\.deepcopy\(model\.state_dict\(\)\)"):
+        bank.load_state_dict(snapshot)
+    assert all(torch.equal(v, before[k]) for k, v in bank.state_dict().items())
+    assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists
+    bank.load_state_dict(bank.state_dict())  # its own current state: no change, loads
+    bank.load_state_dict(kept)
+    bank.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bank(x, bank.index_of(rows)), expected_rows(base, singles, x, rows),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_bank_changes_between_calls():
     base, bank, singles = make("cpu", capacity=5)
     bank.eval()

@@ -107,6 +107,28 @@ def test_export_of_a_bank_takes_the_row_ids_as_an_input_never_as_a_constant(stri
     assert miss_ext  # the package registers the ops
 
 
+@pytest.mark.parametrize("record", ["export", "trace"])
+def test_a_bank_program_recorded_under_no_grad_runs_with_grad_enabled(record):
+    """A bank exported or traced under torch.no_grad() (the usual way for inference) recorded the
+    in-place miss.bank_add_, which has no autograd: every later call with grad enabled (where the
+    bank's parameter requires grad) raised (a review, 2026-12-05), where an nn.Linear's program
+    runs. The recorded program now holds the functional op: it runs in either mode, with the
+    eager layer's values and bank gradient."""
+    net = _bank_net()
+    x, ids = torch.randn(3, 10), net.q.index_of(["a", None, "a"])
+    with torch.no_grad():
+        program = torch.export.export(net, (x, ids)).module() if record == "export" else torch.jit.trace(net, (x, ids))
+        torch.testing.assert_close(program(x, ids), net(x, ids), rtol=0, atol=0)
+    y = program(x, ids)
+    expected = net(x, ids)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    bank = dict(program.named_parameters())["q.bank"]
+    (g,) = torch.autograd.grad(y.square().sum(), bank)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), net.q.bank)
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(g, g_expected, rtol=0, atol=0)
+
+
 def test_scripting_a_bank_is_refused_by_name_and_tracing_it_works():
     """torch.jit.script of a bank (or a model holding one) failed with a TorchScript frontend error
     about a line of bank.py; now a NotImplementedError names the ways that work, and
