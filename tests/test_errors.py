@@ -5,6 +5,7 @@ Errors map to Python types as documented in csrc/ops/common/checks.h: bad values
 bad dtypes -> TypeError. A tensor on another device is played by the meta device when there is
 no GPU (it must raise, not crash or silently compute).
 """
+import contextlib
 import os
 import re
 import signal
@@ -465,6 +466,35 @@ def _in_place_calls(device):
                                                                                             index),
                       [r(3, 2), r(1, 2, 8), i64(2), i64(8), i64(0, 0, -1)]),
     }
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("op", list(_in_place_calls("cpu")))
+def test_in_place_ops_bump_the_version_counter_in_every_mode(op, mode, device):
+    """Each in-place op bumps the version counter of the tensor it writes, as aten's do, so
+    autograd refuses a backward that would read a saved tensor they changed. Inside
+    torch.inference_mode() (which skips the Autograd kernels) they did not, and a saved weight
+    merged into there gave silently wrong gradients (a review, 2026-12-05)."""
+    _, written, call, others = _in_place_calls(device)[op]
+    context = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    before = written._version
+    with context():
+        call(written, *others)
+    assert written._version > before
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_merge_between_forward_and_backward_is_detected_in_every_mode(mode, device):
+    """MissLinear.merge() (miss.merge_ into the base weight, which the forward saved for dx) after
+    a forward and before its backward: autograd raises, as for aten's in-place ops. Under
+    torch.inference_mode() the backward used to run with the merged weight (dx 0.73 off)."""
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    layer = miss_ext.MissLinear(nn.Linear(8, 6).to(device), r=2, init_weights=False)
+    y = layer(rand(4, 8, device=device, requires_grad=True))
+    with context():
+        layer.merge()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("inputs_inference", [False, True], ids=["other-inputs-normal", "other-inputs-inference"])

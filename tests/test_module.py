@@ -138,6 +138,33 @@ def test_base_is_frozen_and_reachable(device):
     torch.testing.assert_close(base.bias.grad, g.sum(0))
 
 
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_a_base_built_under_inference_mode_trains_the_adapter(mode, device):
+    """A base whose weight is an inference tensor (built under torch.inference_mode()) trains its
+    adapter from an x that needs no grad, as PEFT's does: the op saved the weight, which only dx
+    needs, and autograd refused ("Inference tensors cannot be saved for backward"; a review,
+    2026-12-05). With x requiring grad, dx needs the weight and torch's own refusal stands."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        frozen = nn.Linear(12, 8, dtype=torch.float64, device=device)
+    plain = nn.Linear(12, 8, dtype=torch.float64, device=device)
+    plain.load_state_dict({k: v.clone() for k, v in frozen.state_dict().items()})
+    x = torch.randn(5, 12, dtype=torch.float64, device=device)
+    grads = []
+    for base in (frozen, plain):
+        layer = MissLinear(base, r=4, mode=mode, mini_r=4, init_weights=False)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            layer.miss_block.normal_()
+        layer(x).square().sum().backward()
+        grads.append(layer.miss_block.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    layer = MissLinear(frozen, r=4, mode=mode, mini_r=4)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        layer(x.clone().requires_grad_(True))
+
+
 def test_r_greater_than_in_warns_once_at_construction():
     with pytest.warns(UserWarning, match="dead weight.*PEFT cannot load such an adapter's files"):
         m = MissLinear(nn.Linear(8, 6), 16)

@@ -42,8 +42,8 @@ bool use_split(const at::Tensor& data, const at::Tensor& block, bool tiled) {
 }
 
 // The block as (r, out): mini's (r, mini_r) repeated along out (small).
-at::Tensor full_block(const at::Tensor& block, const at::Tensor& weight) {
-  const int64_t repeats = static_size(weight, 0) / static_size(block, 1);
+at::Tensor full_block(const at::Tensor& block, int64_t out) {
+  const int64_t repeats = out / static_size(block, 1);
   return repeats == 1 ? block : block.repeat({1, repeats});
 }
 
@@ -68,9 +68,9 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const bool in_place = may_update_in_place();  // else functional: common/in_place.h
   if (use_split(y, block, tiled)) {
     if (in_place) {
-      addmm_split_(y, s, full_block(block, weight));  // in place, one rounding
+      addmm_split_(y, s, full_block(block, static_size(weight, 0)));  // in place, one rounding
     } else {
-      y = addmm_split(y, s, full_block(block, weight));
+      y = addmm_split(y, s, full_block(block, static_size(weight, 0)));
     }
   } else if (!tiled && y.scalar_type() == block.scalar_type()) {
     if (in_place) {
@@ -97,12 +97,12 @@ LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, cons
 }
 
 LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& block, const at::Tensor& s, double p,
+                            const c10::SymInt& in, const at::Tensor& block, const at::Tensor& s, double p,
                             const std::optional<at::Tensor>& key, LinearNeeds needs) {
   LinearGrads grads;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const c10::SymInt& out = weight.sym_size(0);
-  const c10::SymInt& in = weight.sym_size(1);
+  TORCH_CHECK(weight.defined() || !needs[0], "miss: internal error: the weight was not saved for the input gradient");
+  const c10::SymInt out = grad_y.sym_size(-1);
   const int64_t mini_r = static_size(block, 1);
   const bool tiled = block.sym_size(1) != out;
   at::Tensor g = grad_y.reshape_symint({s.sym_size(0), out});
@@ -122,7 +122,7 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
         const at::Tensor gd = mm_split_left(s.t(), g);  // S^T G, (r, out)
         grads.block = tiled ? ops::fold(gd, mini_r, 0.0, std::nullopt, block.scalar_type()) : gd;
       }
-      if (needs[0]) adj = mm_split_right(g, full_block(block, weight).t());
+      if (needs[0]) adj = mm_split_right(g, full_block(block, static_size(g, 1)).t());
     } else {
       // G folded along out with period mini_r (mini), or G itself (default), in the block dtype.
       // A half-precision block in the mini mode (under autocast, or a model cast whole) keeps the

@@ -41,11 +41,12 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
 LinearForward linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& block, double p, const std::optional<at::Tensor>& key);
 
-// x is needed only for the weight gradient and may be undefined otherwise. Differentiable: with
-// grad mode on (create_graph=True) every step is recorded (miss::fold, miss::tile_add, GEMMs), so
-// second derivatives exist; S then carries its history to x (linear_autograd.cpp).
+// x is needed only for the weight gradient and may be undefined otherwise; the weight only for
+// the input gradient (`in`: its in_features). Differentiable: with grad mode on
+// (create_graph=True) every step is recorded (miss::fold, miss::tile_add, GEMMs), so second
+// derivatives exist; S then carries its history to x (linear_autograd.cpp).
 LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& block, const at::Tensor& s, double p,
+                            const c10::SymInt& in, const at::Tensor& block, const at::Tensor& s, double p,
                             const std::optional<at::Tensor>& key, LinearNeeds needs);
 
 // The backend kernel registered at CPU and CUDA: the forward without keeping S.

@@ -98,7 +98,7 @@ at::Tensor bank_add_autograd(const at::Tensor& y, const at::Tensor& s, const at:
 
 void bank_add_inplace_autograd(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                                const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
-  run_not_differentiable("bank_add_", "bank_add", {y, s, bank}, y,
+  run_not_differentiable("bank_add_", "bank_add", {y, s, bank},
                          [&] { ops::bank_add_(y, s, bank, ranks, periods, index, per_row_fold); });
 }
 

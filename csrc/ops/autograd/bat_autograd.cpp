@@ -75,13 +75,13 @@ at::Tensor bat_linear_autograd(const at::Tensor& x, const at::Tensor& weight, co
 at::Tensor bat_transform_autograd(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
                                   std::optional<at::ScalarType> dtype, bool residual) {
   at::Tensor out;
-  run_not_differentiable("bat_transform", "bat_weight", {w, m, p}, at::Tensor(),
+  run_not_differentiable("bat_transform", "bat_weight", {w, m, p},
                          [&] { out = ops::bat_transform(w, m, p, dtype, residual); });
   return out;
 }
 
 void bat_transform_inplace_autograd(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool residual) {
-  run_not_differentiable("bat_transform_", "bat_weight", {w, m, p}, w, [&] { ops::bat_transform_(w, m, p, residual); });
+  run_not_differentiable("bat_transform_", "bat_weight", {w, m, p}, [&] { ops::bat_transform_(w, m, p, residual); });
 }
 
 }  // namespace

@@ -93,11 +93,11 @@ at::Tensor tile_add_functional_autograd(const at::Tensor& out, const at::Tensor&
 
 void tile_add_autograd(at::Tensor& out, const at::Tensor& src, double alpha, double p,
                        const std::optional<at::Tensor>& key) {
-  run_not_differentiable("tile_add_", "tile_add", {out, src}, out, [&] { ops::tile_add_(out, src, alpha, p, key); });
+  run_not_differentiable("tile_add_", "tile_add", {out, src}, [&] { ops::tile_add_(out, src, alpha, p, key); });
 }
 
 void merge_inplace_autograd(at::Tensor& weight, const at::Tensor& block, bool reverse) {
-  run_not_differentiable("merge_", "merge", {weight, block}, weight, [&] { ops::merge_(weight, block, reverse); });
+  run_not_differentiable("merge_", "merge", {weight, block}, [&] { ops::merge_(weight, block, reverse); });
 }
 
 }  // namespace

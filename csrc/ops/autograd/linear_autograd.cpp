@@ -1,7 +1,9 @@
 // Autograd for miss::linear, in C++ so TorchScript and libtorch users get gradients too.
 //
-// Saved for backward: the weight and block (parameters, no copies), the folded S (rows x r) and
-// the dropout key (two integers). x is saved only when the weight itself requires grad. No
+// Saved for backward: the block (a parameter, no copy), the folded S (rows x r) and the dropout
+// key (two integers). The weight is saved only when x requires grad (for dx), x only when the
+// weight does (for dW): a frozen base built under torch.inference_mode() holds inference tensors,
+// which autograd cannot save, and PEFT trains an adapter on it from an x that needs no grad. No
 // rows x in tensor is kept for the adapter branch: the backward regenerates the dropout mask
 // from the key. The backward is itself differentiable (double backward, Hessian-vector products).
 #include <torch/autograd.h>
@@ -36,7 +38,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       y = linear_with_fold(x, weight, bias, block, s);
     }
     const at::Tensor dropout_key = p > 0.0 && key.has_value() ? *key : at::Tensor();
-    ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(), weight, block, s, dropout_key});
+    ctx->saved_data["in"] = weight.sym_size(1);
+    ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(), x.requires_grad() ? weight : at::Tensor(),
+                            block, s, dropout_key});
     return y;
   }
 
@@ -48,7 +52,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const LinearNeeds needs{needs_list[0], needs_list[1], needs_list[2], needs_list[3]};
     const double p = ctx->saved_data["p"].toDouble();
     const std::optional<at::Tensor> key = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], p, key, needs);
+    const LinearGrads g = linear_backward(grad_outputs[0], saved[0], saved[1], ctx->saved_data["in"].toSymInt(),
+                                              saved[2], saved[3], p, key, needs);
     return {g.x, g.weight, g.bias, g.block, at::Tensor(), at::Tensor()};
   }
 };

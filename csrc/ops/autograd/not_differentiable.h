@@ -1,7 +1,8 @@
 // Autograd kernels of ops that have no derivative (the in-place ops and bat_transform, an
 // internal building block): with grad mode on they refuse tensors that require grad, rather
-// than silently dropping a gradient; in-place ones then bump the version counter of the tensor
-// they modify, so autograd detects a saved tensor changed by them.
+// than silently dropping a gradient. The in-place ones' version bump (so autograd detects a saved
+// tensor changed by them) is their ADInplaceOrView kernel's (inplace_version.cpp), which the call
+// below reaches, as it is reached under torch.inference_mode() without this kernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,16 +22,13 @@ inline void check_not_differentiated(const char* op, const char* functional, std
   }
 }
 
-// Runs `call` below autograd, after the check; bumps the version of `modified` if defined.
+// Runs `call` below autograd (through ADInplaceOrView), after the check.
 template <typename Call>
 void run_not_differentiable(const char* op, const char* functional, std::initializer_list<at::Tensor> tensors,
-                            const at::Tensor& modified, Call call) {
+                            Call call) {
   check_not_differentiated(op, functional, tensors);
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    call();
-  }
-  if (modified.defined()) torch::autograd::impl::bump_version(modified);
+  at::AutoDispatchBelowAutograd guard;
+  call();
 }
 
 }  // namespace miss_ext

@@ -11,17 +11,17 @@ namespace {
 
 at::Tensor split_addmm_autograd(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out;
-  run_not_differentiable("split_addmm", "linear", {y, a, b}, at::Tensor(), [&] { out = ops::split_addmm(y, a, b); });
+  run_not_differentiable("split_addmm", "linear", {y, a, b}, [&] { out = ops::split_addmm(y, a, b); });
   return out;
 }
 
 void split_addmm_inplace_autograd(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
-  run_not_differentiable("split_addmm_", "linear", {y, a, b}, y, [&] { ops::split_addmm_(y, a, b); });
+  run_not_differentiable("split_addmm_", "linear", {y, a, b}, [&] { ops::split_addmm_(y, a, b); });
 }
 
 at::Tensor split_bf16_autograd(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
   at::Tensor out;
-  run_not_differentiable("split_bf16", "linear", {t}, at::Tensor(), [&] { out = ops::split_bf16(t, parts, order, dim); });
+  run_not_differentiable("split_bf16", "linear", {t}, [&] { out = ops::split_bf16(t, parts, order, dim); });
   return out;
 }
 
