@@ -32,12 +32,14 @@ bake into the graph (and did, before).
 """
 import dataclasses
 import itertools
+import weakref
 from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
@@ -113,16 +115,20 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
     return None
 
 
-def _same_memory(a: object, b: Tensor) -> bool:
-    """Whether a is a tensor viewing b's memory (b's own state_dict entry, say): compared by
-    storage; a sharded (DTensor) bank by its local shard. Empty and meta tensors share nothing."""
-    a, b = getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)
-    if not isinstance(a, Tensor) or a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta or is_fake(a):
-        return False
-    try:
-        return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: not this bank's
-        return False
+@dataclasses.dataclass
+class _Snapshot:
+    """What a bank layer held when state_dict() wrote a slot description: the layer, the
+    description, and the state_dict's slot tensors with their versions."""
+    layer: "weakref.ref"
+    description: dict
+    description_version: int
+    tensors: Dict[str, Tuple[Tensor, int]]
+
+
+# A state_dict's slot description (its _extra_state tensor) -> _Snapshot, while the state_dict
+# lives (MissBankLinear._stale_snapshot_problem). Keyed by tensor identity: a dict keyed by
+# tensors would compare them elementwise.
+_SNAPSHOTS = WeakTensorKeyDictionary()
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
@@ -978,17 +984,43 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             state.pop(name, None)
         return state
 
+    @staticmethod
+    def _stale_snapshot_problem(state_dict, prefix: str) -> Optional[str]:
+        """Why `state_dict` is a stale snapshot, or None. state_dict() shares its tensors with the
+        layer (as any torch state_dict does: bank, ranks, periods), while the slot description is
+        written fresh. A snapshot kept while adapters are added or removed (slot generations
+        change) then holds the new blocks and ranks beside the old description: loading it, into
+        this layer or any other, would pair old names with other adapters' blocks. Detected while
+        the snapshot's own tensors are in the dict, its description unwritten since (a
+        torch.distributed.checkpoint load writes the checkpoint's description into it, with the
+        matching blocks), the layer's description no longer the snapshot's, and one of the
+        snapshot's slot tensors written since (not so after a cast or move that reallocated them
+        first: they kept the state of then). A snapshot written to a file after such changes
+        cannot be told from a consistent one (README)."""
+        extra = state_dict.get(prefix + "_extra_state")
+        snapshot = _SNAPSHOTS.get(extra) if isinstance(extra, Tensor) else None
+        if snapshot is None or extra._version != snapshot.description_version:
+            return None
+        layer = snapshot.layer()
+        if layer is None or tensor_json(layer.get_extra_state()) == snapshot.description:
+            return None  # the same adapters in the same slots (trained in place, or reloaded, perhaps)
+        written = [name for name, (tensor, version) in snapshot.tensors.items()
+                   if state_dict.get(prefix + name) is tensor and tensor._version != version]
+        if not written:
+            return None
+        return (f"the state_dict is a snapshot taken before adapters were added to or removed from its layer: it "
+                f"shares that layer's {' and '.join(written)} (a state_dict holds the module's own tensors), now "
+                f"written with other adapters, beside the slot description taken then (adapters "
+                f"{tensor_json(extra)['adapter_names']}); "
+                "keep a copy to restore later (copy.deepcopy(model.state_dict()), or save it to a file at once)")
+
     def _slot_change_problem(self, state_dict, prefix: str) -> Optional[str]:
         """Why loading `state_dict` would pair slot names, modes, ranks or periods with blocks they
         were not saved with, or None. The slot description (_extra_state), ranks and periods say
-        which adapter each slot's block belongs to, so they may change only together with blocks
-        from elsewhere: a row naming an adapter would otherwise silently get another's block.
-        Refused: a filtered dict (strict=False) that changes ranks or periods without the description,
-        or any of them without `bank`; and one whose
-        `bank` is this layer's own bank tensor (a state_dict shares its tensors with the module, as
-        any torch state_dict does, so a snapshot taken before remove_adapter / add_adapter holds the
-        new blocks beside the old description). Loading only `bank`, new values for the same slots,
-        stays allowed, as does loading a state_dict that changes no slot."""
+        which adapter each slot's block belongs to: a filtered dict (strict=False) that changes
+        ranks or periods without the description, or any of them without `bank`, is refused (a row
+        naming an adapter would silently get another's block). Loading only `bank`, new values for
+        the same slots, stays allowed, as does loading a state_dict that changes no slot."""
         if self.ranks.is_meta or self.bank.is_meta:  # nothing materialised: no block to pair wrongly
             return None
         described = prefix + "_extra_state" in state_dict
@@ -1015,11 +1047,6 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if prefix + "bank" not in state_dict:
             return (f"the state_dict would change the {what} without the blocks (bank) they were saved with; load "
                     "the layer's whole state_dict")
-        if _same_memory(state_dict[prefix + "bank"], self.bank):
-            return (f"the state_dict's bank is this layer's own bank (a state_dict shares its tensors with the module, "
-                    f"so a snapshot taken before adapters were added or removed holds today's blocks), and it would "
-                    f"change the {what}, pairing those blocks with other adapters; keep a copy to restore later "
-                    "(copy.deepcopy(model.state_dict()), or save it to a file)")
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1043,6 +1070,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             if mismatched:
                 reason = "; ".join(f"{m} (bank: slots, max_r, out_features)" if m.startswith("size mismatch for bank ")
                                    else m for m in mismatched)
+        if reason is None:
+            reason = self._stale_snapshot_problem(state_dict, prefix)
         if reason is None and prefix + "_extra_state" in state_dict:
             # Checked against the ranks and periods loading with it, before anything loads: torch
             # sets the extra state after the tensors, too late to leave the layer as it was.
@@ -1159,6 +1188,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             destination[prefix + name] = getattr(self, name)
         if extra is not None:
             destination[prefix + "_extra_state"] = extra
+            if isinstance(extra, Tensor) and not is_fake(extra) and not torch.compiler.is_compiling():
+                saved = {name: destination[prefix + name] for name in ("bank",) + self._SAVED_SLOT_TENSORS}
+                _SNAPSHOTS[extra] = _Snapshot(weakref.ref(self), tensor_json(extra), extra._version,
+                                              {name: (t, t._version) for name, t in saved.items()})
 
     def __setstate__(self, state) -> None:
         """A whole-module pickle of an earlier version: the slot tensors as buffers (before

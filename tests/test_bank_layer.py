@@ -375,33 +375,69 @@ def test_a_slot_description_without_its_blocks_loads_nothing():
     assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists
 
 
-def test_a_snapshot_sharing_the_bank_cannot_pair_old_names_with_new_blocks():
+@pytest.mark.parametrize("then", ["load", "cast", "other_bank"])
+def test_a_stale_snapshot_cannot_pair_old_names_with_new_blocks(then):
     """state_dict() shares its tensors with the module (as torch's always does), and the slot
     description is a fresh copy. A snapshot taken, then remove_adapter("a") + add_adapter("e") into
-    a's slot, then load_state_dict(snapshot): the description named "a" over e's block, silently
-    (a review, 2026-12-05). Refused, nothing changed; a deep copy of the snapshot restores the bank,
-    and loading the bank's own current state_dict stays a no-op."""
+    a's slot, then load_state_dict(snapshot) (after a cast that reallocates the bank, or into
+    another bank): the description named "a" over e's block, silently (reviews, 2026-12-05).
+    Refused, nothing changed; a deep copy of the snapshot restores the bank, and loading the bank's
+    own current state_dict, or a snapshot taken before training steps only, stays allowed."""
     base, bank, singles = make("cpu")
     x = torch.randn(4, IN)
     rows = ["a", "b", None, "a"]
     snapshot = bank.state_dict()
     kept = copy.deepcopy(snapshot)
+    with torch.no_grad():
+        bank.bank.mul_(1.0)  # a training step's in-place write: the same adapters
+    bank.load_state_dict(snapshot)
     bank.remove_adapter("a")
     bank.add_adapter("e", r=8, block=torch.randn(8, OUT))
     assert bank.adapter_names.index("e") == 0
-    before = {k: v.clone() for k, v in bank.state_dict().items()}
-    lists = (list(bank.adapter_names), list(bank.modes), list(bank.dropouts), list(bank.absent))
-    with pytest.raises(RuntimeError, match=r"the state_dict's bank is this layer's own bank .* change the slot "
-                                           r"description \(adapters \['a'.*copy\.deepcopy\(model\.state_dict\(\)\)"):
-        bank.load_state_dict(snapshot)
-    assert all(torch.equal(v, before[k]) for k, v in bank.state_dict().items())
-    assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists
-    bank.load_state_dict(bank.state_dict())  # its own current state: no change, loads
-    bank.load_state_dict(kept)
-    bank.eval()
+    target = bank
+    if then == "cast":
+        bank.double()
+    elif then == "other_bank":
+        target = make("cpu", seed=3)[1]
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    lists = (list(target.adapter_names), list(target.modes), list(target.dropouts), list(target.absent))
+    with pytest.raises(RuntimeError, match=r"the state_dict is a snapshot taken before adapters were added to or "
+                                           r"removed from its layer: it shares that layer's bank and ranks.*"
+                                           r"\['a', 'b', 'c', 'd', None, None\].*copy\.deepcopy"):
+        target.load_state_dict(snapshot)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert (target.adapter_names, target.modes, target.dropouts, target.absent) == lists
+    target.load_state_dict(target.state_dict())  # its own current state: no change, loads
+    target.load_state_dict(kept)
+    target.float().eval()
     with torch.no_grad():
-        torch.testing.assert_close(bank(x, bank.index_of(rows)), expected_rows(base, singles, x, rows),
+        torch.testing.assert_close(target(x, target.index_of(rows)), expected_rows(base, singles, x, rows),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_state_dict_written_in_place_by_a_checkpoint_loader_loads():
+    """torch.distributed.checkpoint resumes by writing the checkpoint's tensors into the model's
+    own state_dict (bank, ranks, periods, the slot description's bytes), then load_state_dict. The
+    first version of the stale-snapshot refusal (the bank being the layer's own) refused that and
+    left the layer half written (a review, 2026-12-05). Here: another bank's same-length description
+    with its adapters in another order; it loads, and routes as that bank."""
+    _, source, _ = make("cpu", seed=4)
+    for name in ("a", "c"):  # source's slots: a and c swapped (both default mode)
+        source.remove_adapter(name)
+    source.add_adapter("c", r=8, block=torch.randn(8, OUT))
+    source.add_adapter("a", r=3, block=torch.randn(3, OUT))
+    _, bank, _ = make("cpu")
+    state = bank.state_dict()
+    saved = source.state_dict()
+    assert state["_extra_state"].shape == saved["_extra_state"].shape
+    with torch.no_grad():
+        for key, tensor in state.items():
+            tensor.copy_(saved[key])
+    bank.load_state_dict(state)
+    assert bank.adapter_names == source.adapter_names
+    x, rows = torch.randn(5, IN), ["a", "c", None, "b", "d"]
+    with torch.no_grad():
+        torch.testing.assert_close(bank(x, bank.index_of(rows)), source(x, source.index_of(rows)), rtol=0, atol=0)
 
 
 def test_bank_changes_between_calls():

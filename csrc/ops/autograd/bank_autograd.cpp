@@ -15,6 +15,7 @@ namespace {
 
 class BankAddFunction : public torch::autograd::Function<BankAddFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& y, const at::Tensor& s,
                             const at::Tensor& bank, const at::Tensor& ranks, const at::Tensor& periods,
                             const at::Tensor& index, bool per_row_fold) {
@@ -52,6 +53,7 @@ void check_once_differentiable(const char* op, std::initializer_list<at::Tensor>
 
 class BankFoldFunction : public torch::autograd::Function<BankFoldFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& index,
                             const at::Tensor& ranks, int64_t max_r, const std::optional<at::Tensor>& dropouts,
                             const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {

@@ -13,6 +13,7 @@ namespace {
 
 class BatWeightFunction : public torch::autograd::Function<BatWeightFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& block,
                             std::optional<at::ScalarType> dtype) {
     ctx->saved_data["needs"] = std::vector<bool>{weight.requires_grad(), block.requires_grad()};
@@ -33,6 +34,7 @@ class BatWeightFunction : public torch::autograd::Function<BatWeightFunction> {
 
 class BatLinearFunction : public torch::autograd::Function<BatLinearFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& block,
                             std::optional<at::ScalarType> compute_dtype) {

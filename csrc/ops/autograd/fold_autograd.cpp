@@ -20,6 +20,7 @@ std::optional<at::Tensor> saved_key(torch::autograd::AutogradContext* ctx) {
 
 class FoldFunction : public torch::autograd::Function<FoldFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t r, double p,
                             const std::optional<at::Tensor>& key, std::optional<at::ScalarType> dtype) {
     ctx->saved_data["p"] = p;
@@ -51,6 +52,7 @@ class FoldFunction : public torch::autograd::Function<FoldFunction> {
 // differentiable again.
 class TileAddFunction : public torch::autograd::Function<TileAddFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& out, const at::Tensor& src,
                             double alpha, double p, const std::optional<at::Tensor>& key) {
     ctx->saved_data["alpha"] = alpha;

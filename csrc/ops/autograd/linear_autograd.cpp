@@ -16,6 +16,11 @@ namespace {
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
+  // Compiled autograd (torch._dynamo.compiled_autograd) traces the backward instead of running it
+  // eagerly behind a graph break (fullgraph=True failed): it reads only saved tensors and
+  // saved_data and makes dispatcher calls, which is what the flag promises. So do the other
+  // Functions of this folder (tests/test_compiled_autograd.py).
+  static constexpr bool is_traceable = true;
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& block, double p,
                             const std::optional<at::Tensor>& key) {

@@ -11,6 +11,7 @@ namespace {
 
 class MergeFunction : public torch::autograd::Function<MergeFunction> {
  public:
+  static constexpr bool is_traceable = true;  // compiled autograd: see linear_autograd.cpp
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& block,
                             bool reverse) {
     ctx->saved_data["reverse"] = reverse;
