@@ -115,20 +115,38 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
     return None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Snapshot:
-    """What a bank layer held when state_dict() wrote a slot description: the layer, the
-    description, and the state_dict's slot tensors with their versions."""
-    layer: "weakref.ref"
+    """A bank layer's state_dict as state_dict() wrote it: the slot description and its tensor's
+    version, the ranks and periods then, weak references to the state_dict's slot tensors (bank,
+    ranks, periods: the layer's own, as in any torch state_dict), and whether a slot change has
+    since written the bank (MissBankLinear._mark_stale_snapshots)."""
     description: dict
     description_version: int
-    tensors: Dict[str, Tuple[Tensor, int]]
+    ranks: List[int]
+    periods: List[int]
+    tensors: Dict[str, "weakref.ref"]
+    bank_rewritten: bool = False
 
 
 # A state_dict's slot description (its _extra_state tensor) -> _Snapshot, while the state_dict
-# lives (MissBankLinear._stale_snapshot_problem). Keyed by tensor identity: a dict keyed by
-# tensors would compare them elementwise.
+# lives. Keyed by tensor identity (a dict keyed by tensors would compare them elementwise); the
+# tensors themselves are held weakly, so a snapshot keeps no bank alive.
 _SNAPSHOTS = WeakTensorKeyDictionary()
+
+
+def _same_storage(a: Optional[Tensor], b: Tensor) -> bool:
+    """Whether a views b's memory (a sharded bank, DTensor, by its local shard). Empty, meta and
+    fake tensors share nothing."""
+    if a is None:
+        return False
+    a, b = getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)
+    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta or is_fake(a) or is_fake(b):
+        return False
+    try:
+        return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return False
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
@@ -802,6 +820,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         generation = next(_GENERATIONS)
         for slot in range(self.capacity) if changed is None else changed:
             generations[slot] = generation
+        if changed is None or changed:
+            self._mark_stale_snapshots()
         self._any_dropout = any(p > 0.0 for p in self.dropouts)
         with torch.no_grad():
             self._dropouts.copy_(torch.tensor(self.dropouts, dtype=torch.float64))
@@ -980,39 +1000,53 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # and no recorded forward (its recomputes are its own).
         state = super().__getstate__()
         state["rows"] = None
-        for name in ("_generations", "_forward_batches", "_mixed_batch", "_stack_entry"):
+        for name in ("_generations", "_forward_batches", "_mixed_batch", "_stack_entry", "_snapshots"):
             state.pop(name, None)
         return state
 
+    def _slot_description(self) -> dict:
+        return {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
+                "absent": self.absent}
+
+    def _mark_stale_snapshots(self) -> None:
+        """After the slots changed (an adapter added or removed, a slot description loaded): a
+        state_dict this layer wrote whose bank is still the layer's own (as state_dict() gives it)
+        now holds the new blocks beside its old description. Loading it, into this layer or
+        another, would pair its adapter names with other adapters' blocks: it is marked, and
+        _stale_snapshot_problem refuses it. One whose bank a cast or move reallocated first keeps
+        the blocks of then; its ranks and periods are checked when it is loaded."""
+        description = self._slot_description()
+        for snapshot in list(self.__dict__.get("_snapshots", ())):
+            if not snapshot.bank_rewritten and snapshot.description != description and \
+                    _same_storage(snapshot.tensors["bank"](), self.bank):
+                snapshot.bank_rewritten = True
+
     @staticmethod
     def _stale_snapshot_problem(state_dict, prefix: str) -> Optional[str]:
-        """Why `state_dict` is a stale snapshot, or None. state_dict() shares its tensors with the
-        layer (as any torch state_dict does: bank, ranks, periods), while the slot description is
-        written fresh. A snapshot kept while adapters are added or removed (slot generations
-        change) then holds the new blocks and ranks beside the old description: loading it, into
-        this layer or any other, would pair old names with other adapters' blocks. Detected while
-        the snapshot's own tensors are in the dict, its description unwritten since (a
-        torch.distributed.checkpoint load writes the checkpoint's description into it, with the
-        matching blocks), the layer's description no longer the snapshot's, and one of the
-        snapshot's slot tensors written since (not so after a cast or move that reallocated them
-        first: they kept the state of then). A snapshot written to a file after such changes
-        cannot be told from a consistent one (README)."""
+        """Why `state_dict` is a stale snapshot of a bank layer, or None: one whose slot tensors
+        (the layer's own, as state_dict() gives them) were written with other adapters after its
+        slot description was taken: its bank by a slot change (_mark_stale_snapshots), or its
+        ranks or periods to other values. Not once its description was written since
+        (torch.distributed.checkpoint's resume writes a checkpoint's description, blocks, ranks and
+        periods into the model's own state_dict, consistently). A snapshot copied or written to a
+        file after its slots changed cannot be told from a consistent one (README)."""
         extra = state_dict.get(prefix + "_extra_state")
         snapshot = _SNAPSHOTS.get(extra) if isinstance(extra, Tensor) else None
         if snapshot is None or extra._version != snapshot.description_version:
             return None
-        layer = snapshot.layer()
-        if layer is None or tensor_json(layer.get_extra_state()) == snapshot.description:
-            return None  # the same adapters in the same slots (trained in place, or reloaded, perhaps)
-        written = [name for name, (tensor, version) in snapshot.tensors.items()
-                   if state_dict.get(prefix + name) is tensor and tensor._version != version]
+        written = ["bank"] if snapshot.bank_rewritten else []
+        for name, then in (("ranks", snapshot.ranks), ("periods", snapshot.periods)):
+            own = snapshot.tensors[name]()
+            if own is not None and state_dict.get(prefix + name) is own and own.tolist() != then:
+                written.append(name)
         if not written:
             return None
-        return (f"the state_dict is a snapshot taken before adapters were added to or removed from its layer: it "
-                f"shares that layer's {' and '.join(written)} (a state_dict holds the module's own tensors), now "
-                f"written with other adapters, beside the slot description taken then (adapters "
-                f"{tensor_json(extra)['adapter_names']}); "
-                "keep a copy to restore later (copy.deepcopy(model.state_dict()), or save it to a file at once)")
+        return ("the state_dict is a snapshot taken before adapters were added to or removed from its layer: its "
+                f"{' and '.join(written)} (the layer's own tensors: a state_dict shares the module's) "
+                f"{'was' if len(written) == 1 else 'were'} since written "
+                f"with other adapters, beside the slot description taken then (adapters "
+                f"{snapshot.description['adapter_names']}); keep a copy to restore later "
+                "(copy.deepcopy(model.state_dict()), or save it to a file at once)")
 
     def _slot_change_problem(self, state_dict, prefix: str) -> Optional[str]:
         """Why loading `state_dict` would pair slot names, modes, ranks or periods with blocks they
@@ -1122,9 +1156,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         beside the bank, ranks and periods: a 1-D uint8 tensor of their JSON text (a tensor, not a
         dict: the state_dict stays all tensors, for safetensors and clone()); set_extra_state
         reads it back."""
-        state = {"adapter_names": self.adapter_names, "modes": self.modes, "dropouts": self.dropouts,
-                 "absent": self.absent}
-        return json_tensor(state)
+        return json_tensor(self._slot_description())
 
     def _apply(self, fn, recurse=True):
         # The slot tensors go where the module's tensors go (.to(), .cuda(), to_empty(), ...), as
@@ -1188,10 +1220,20 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             destination[prefix + name] = getattr(self, name)
         if extra is not None:
             destination[prefix + "_extra_state"] = extra
-            if isinstance(extra, Tensor) and not is_fake(extra) and not torch.compiler.is_compiling():
-                saved = {name: destination[prefix + name] for name in ("bank",) + self._SAVED_SLOT_TENSORS}
-                _SNAPSHOTS[extra] = _Snapshot(weakref.ref(self), tensor_json(extra), extra._version,
-                                              {name: (t, t._version) for name, t in saved.items()})
+            self._register_snapshot(destination, prefix)
+
+    def _register_snapshot(self, destination, prefix: str) -> None:
+        # For _mark_stale_snapshots. Not for inference tensors (no version counter), fake ones
+        # (tracing), or a state_dict without the slot tensors.
+        saved = {name: destination.get(prefix + name) for name in ("_extra_state", "bank") + self._SAVED_SLOT_TENSORS}
+        if (torch.compiler.is_compiling() or self.ranks.is_meta or
+                not all(isinstance(t, Tensor) and not is_fake(t) and not t.is_inference() for t in saved.values())):
+            return
+        extra = saved["_extra_state"]
+        snapshot = _Snapshot(tensor_json(extra), extra._version, self.ranks.tolist(), self.periods.tolist(),
+                             {name: weakref.ref(t) for name, t in saved.items() if name != "_extra_state"})
+        _SNAPSHOTS[extra] = snapshot
+        self.__dict__.setdefault("_snapshots", weakref.WeakSet()).add(snapshot)
 
     def __setstate__(self, state) -> None:
         """A whole-module pickle of an earlier version: the slot tensors as buffers (before

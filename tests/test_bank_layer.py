@@ -9,6 +9,8 @@ float64 reference), a bank that changes between calls, torch.compile without rec
 adapters change, and errors.
 """
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -375,7 +377,7 @@ def test_a_slot_description_without_its_blocks_loads_nothing():
     assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists
 
 
-@pytest.mark.parametrize("then", ["load", "cast", "other_bank"])
+@pytest.mark.parametrize("then", ["load", "cast", "other_bank", "layer_dropped", "slots_restored"])
 def test_a_stale_snapshot_cannot_pair_old_names_with_new_blocks(then):
     """state_dict() shares its tensors with the module (as torch's always does), and the slot
     description is a fresh copy. A snapshot taken, then remove_adapter("a") + add_adapter("e") into
@@ -399,10 +401,16 @@ def test_a_stale_snapshot_cannot_pair_old_names_with_new_blocks(then):
         bank.double()
     elif then == "other_bank":
         target = make("cpu", seed=3)[1]
+    elif then == "layer_dropped":  # the layer the snapshot came from is gone
+        target = copy.deepcopy(bank)
+        del bank
+    elif then == "slots_restored":  # the layer's slots back to the snapshot's, in new tensors
+        bank.load_state_dict(copy.deepcopy(kept), assign=True)
+        assert bank.adapter_names[0] == "a"
     before = {k: v.clone() for k, v in target.state_dict().items()}
     lists = (list(target.adapter_names), list(target.modes), list(target.dropouts), list(target.absent))
     with pytest.raises(RuntimeError, match=r"the state_dict is a snapshot taken before adapters were added to or "
-                                           r"removed from its layer: it shares that layer's bank and ranks.*"
+                                           r"removed from its layer: its bank .*"
                                            r"\['a', 'b', 'c', 'd', None, None\].*copy\.deepcopy"):
         target.load_state_dict(snapshot)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
@@ -413,6 +421,48 @@ def test_a_stale_snapshot_cannot_pair_old_names_with_new_blocks(then):
     with torch.no_grad():
         torch.testing.assert_close(target(x, target.index_of(rows)), expected_rows(base, singles, x, rows),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_snapshot_reallocated_before_the_slots_changed_loads():
+    """A snapshot whose bank a cast reallocated before adapters were swapped (same rank: its
+    shared ranks kept their values) still holds the state of then, and loads (a review's false
+    refusal, 2026-12-05). The snapshot holds its tensors weakly: dropping the state_dict frees
+    them."""
+    base, bank, singles = make("cpu", dtype=torch.float64)
+    snapshot = bank.state_dict()
+    bank.float()
+    bank.remove_adapter("a")
+    bank.add_adapter("e", r=8, block=torch.randn(8, OUT))
+    bank.double()
+    bank.load_state_dict(snapshot)
+    assert bank.adapter_names[0] == "a"
+    x, rows = torch.randn(3, IN, dtype=torch.float64), ["a", "b", "d"]
+    with torch.no_grad():
+        torch.testing.assert_close(bank.eval()(x, bank.index_of(rows)),
+                                   expected_rows(base, {k: v.double() for k, v in singles.items()}, x, rows))
+    freed = weakref.ref(snapshot["bank"])
+    del snapshot
+    gc.collect()
+    assert freed() is None
+
+
+@pytest.mark.parametrize("where", ["inside", "built_inside"])
+def test_state_dict_under_inference_mode(where):
+    """state_dict() inside torch.inference_mode(), or of a bank built there (inference tensors have
+    no version counter), works and round-trips (the first stale-snapshot check read versions and
+    raised there)."""
+    if where == "built_inside":
+        with torch.inference_mode():
+            _, bank, _ = make("cpu")
+        state = bank.state_dict()
+    else:
+        _, bank, _ = make("cpu")
+        with torch.inference_mode():
+            state = bank.state_dict()
+    _, fresh, _ = make("cpu", seed=5)
+    fresh.load_state_dict({k: v.clone() for k, v in state.items()})
+    assert fresh.adapter_names == bank.adapter_names
+    assert torch.equal(fresh.bank, bank.bank)
 
 
 def test_a_state_dict_written_in_place_by_a_checkpoint_loader_loads():
