@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
@@ -118,35 +118,45 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
 @dataclasses.dataclass(eq=False)
 class _Snapshot:
     """A bank layer's state_dict as state_dict() wrote it: the slot description and its tensor's
-    version, the ranks and periods then, weak references to the state_dict's slot tensors (bank,
-    ranks, periods: the layer's own, as in any torch state_dict), and whether a slot change has
-    since written the bank (MissBankLinear._mark_stale_snapshots)."""
+    version (None for an inference tensor, which cannot be written outside inference mode), the
+    ranks and periods then, where the state_dict's bank, ranks and periods lie in memory (the
+    layer's own, as in any torch state_dict; by address, so that no tensor is held or weakly
+    referenced), and whether a slot change has since rewritten a slot the description names
+    (MissBankLinear._mark_stale_snapshots)."""
     description: dict
-    description_version: int
+    description_version: Optional[int]
     ranks: List[int]
     periods: List[int]
-    tensors: Dict[str, "weakref.ref"]
+    memory: Dict[str, Tuple[str, int]]
     bank_rewritten: bool = False
 
 
-# A state_dict's slot description (its _extra_state tensor) -> _Snapshot, while the state_dict
-# lives. Keyed by tensor identity (a dict keyed by tensors would compare them elementwise); the
-# tensors themselves are held weakly, so a snapshot keeps no bank alive.
-_SNAPSHOTS = WeakTensorKeyDictionary()
+# A state_dict's slot description (the storage of its _extra_state tensor, which detach() and
+# views share) -> _Snapshot, while any tensor on it lives. Keyed by identity.
+_SNAPSHOTS = WeakIdKeyDictionary()
 
 
-def _same_storage(a: Optional[Tensor], b: Tensor) -> bool:
-    """Whether a views b's memory (a sharded bank, DTensor, by its local shard). Empty, meta and
-    fake tensors share nothing."""
-    if a is None:
-        return False
-    a, b = getattr(a, "_local_tensor", a), getattr(b, "_local_tensor", b)
-    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta or is_fake(a) or is_fake(b):
-        return False
+def _description_storage(t: object) -> object:
+    """The storage a slot description tensor views (one Python object per storage while it
+    lives), or None."""
+    if not isinstance(t, Tensor) or is_fake(t) or t.is_meta:
+        return None
     try:
-        return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
-        return False
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _memory(t: object) -> Optional[Tuple[str, int]]:
+    """(device, address) of the memory a tensor views (a sharded bank, DTensor, by its local
+    shard), or None for a non-tensor, an empty, meta or fake tensor, or one without storage."""
+    t = getattr(t, "_local_tensor", t)
+    if not isinstance(t, Tensor) or t.numel() == 0 or t.is_meta or is_fake(t):
+        return None
+    try:
+        return str(t.device), t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
@@ -1010,16 +1020,22 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def _mark_stale_snapshots(self) -> None:
         """After the slots changed (an adapter added or removed, a slot description loaded): a
-        state_dict this layer wrote whose bank is still the layer's own (as state_dict() gives it)
-        now holds the new blocks beside its old description. Loading it, into this layer or
-        another, would pair its adapter names with other adapters' blocks: it is marked, and
+        state_dict this layer wrote whose bank is still the layer's own (as state_dict() gives it,
+        or a detach() of it) now holds other blocks in a slot its description names an adapter
+        for. Loading it, into this layer or another, would pair that name with another adapter's
+        block: it is marked, for good (also if the slot later gets its adapter back), and
         _stale_snapshot_problem refuses it. One whose bank a cast or move reallocated first keeps
-        the blocks of then; its ranks and periods are checked when it is loaded."""
-        description = self._slot_description()
+        the blocks of then; slots its description leaves empty or absent do not matter (loading
+        it empties them); its ranks and periods are checked when it is loaded."""
+        bank = _memory(self.bank)
+        now = list(zip(self.adapter_names, self.modes, self.absent))
         for snapshot in list(self.__dict__.get("_snapshots", ())):
-            if not snapshot.bank_rewritten and snapshot.description != description and \
-                    _same_storage(snapshot.tensors["bank"](), self.bank):
-                snapshot.bank_rewritten = True
+            if snapshot.bank_rewritten or bank is None or snapshot.memory.get("bank") != bank:
+                continue
+            then = snapshot.description
+            snapshot.bank_rewritten = any(
+                name is not None and not absent and (name, mode, absent) != now[slot]
+                for slot, (name, mode, absent) in enumerate(zip(then["adapter_names"], then["modes"], then["absent"])))
 
     @staticmethod
     def _stale_snapshot_problem(state_dict, prefix: str) -> Optional[str]:
@@ -1031,13 +1047,16 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         periods into the model's own state_dict, consistently). A snapshot copied or written to a
         file after its slots changed cannot be told from a consistent one (README)."""
         extra = state_dict.get(prefix + "_extra_state")
-        snapshot = _SNAPSHOTS.get(extra) if isinstance(extra, Tensor) else None
-        if snapshot is None or extra._version != snapshot.description_version:
+        storage = _description_storage(extra)
+        snapshot = None if storage is None else _SNAPSHOTS.get(storage)
+        if snapshot is None or (snapshot.description_version is not None and
+                                extra._version != snapshot.description_version):
             return None
         written = ["bank"] if snapshot.bank_rewritten else []
         for name, then in (("ranks", snapshot.ranks), ("periods", snapshot.periods)):
-            own = snapshot.tensors[name]()
-            if own is not None and state_dict.get(prefix + name) is own and own.tolist() != then:
+            tensor = state_dict.get(prefix + name)
+            place = _memory(tensor)
+            if place is not None and place == snapshot.memory.get(name) and tensor.tolist() != then:
                 written.append(name)
         if not written:
             return None
@@ -1052,7 +1071,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """Why loading `state_dict` would pair slot names, modes, ranks or periods with blocks they
         were not saved with, or None. The slot description (_extra_state), ranks and periods say
         which adapter each slot's block belongs to: a filtered dict (strict=False) that changes
-        ranks or periods without the description, or any of them without `bank`, is refused (a row
+        ranks or periods without the description, or any of them without the others and `bank`,
+        is refused (a row
         naming an adapter would silently get another's block). Loading only `bank`, new values for
         the same slots, stays allowed, as does loading a state_dict that changes no slot."""
         if self.ranks.is_meta or self.bank.is_meta:  # nothing materialised: no block to pair wrongly
@@ -1078,9 +1098,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if not described:
             return (f"the state_dict's {what} describe other slots, without the slot description (_extra_state) "
                     "that names their adapters; load the layer's whole state_dict")
-        if prefix + "bank" not in state_dict:
-            return (f"the state_dict would change the {what} without the blocks (bank) they were saved with; load "
-                    "the layer's whole state_dict")
+        missing = [name for name in ("bank",) + self._SAVED_SLOT_TENSORS if prefix + name not in state_dict]
+        if missing:
+            return (f"the state_dict would change the {what} without the {' and '.join(missing)} it was saved with "
+                    "(a filtered dict); load the layer's whole state_dict")
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1223,16 +1244,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             self._register_snapshot(destination, prefix)
 
     def _register_snapshot(self, destination, prefix: str) -> None:
-        # For _mark_stale_snapshots. Not for inference tensors (no version counter), fake ones
-        # (tracing), or a state_dict without the slot tensors.
-        saved = {name: destination.get(prefix + name) for name in ("_extra_state", "bank") + self._SAVED_SLOT_TENSORS}
-        if (torch.compiler.is_compiling() or self.ranks.is_meta or
-                not all(isinstance(t, Tensor) and not is_fake(t) and not t.is_inference() for t in saved.values())):
+        # For _mark_stale_snapshots: not for fake tensors (tracing), a meta layer, or a state_dict
+        # without the slot tensors.
+        extra = destination.get(prefix + "_extra_state")
+        memory = {name: _memory(destination.get(prefix + name)) for name in ("bank",) + self._SAVED_SLOT_TENSORS}
+        if (torch.compiler.is_compiling() or self.ranks.is_meta or not isinstance(extra, Tensor) or is_fake(extra)
+                or any(place is None for place in memory.values())):
             return
-        extra = saved["_extra_state"]
-        snapshot = _Snapshot(tensor_json(extra), extra._version, self.ranks.tolist(), self.periods.tolist(),
-                             {name: weakref.ref(t) for name, t in saved.items() if name != "_extra_state"})
-        _SNAPSHOTS[extra] = snapshot
+        snapshot = _Snapshot(tensor_json(extra), None if extra.is_inference() else extra._version,
+                             self.ranks.tolist(), self.periods.tolist(), memory)
+        storage = _description_storage(extra)
+        if storage is not None:
+            _SNAPSHOTS[storage] = snapshot
         self.__dict__.setdefault("_snapshots", weakref.WeakSet()).add(snapshot)
 
     def __setstate__(self, state) -> None:

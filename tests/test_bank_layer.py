@@ -352,8 +352,8 @@ def test_slots_that_change_without_their_description_load_nothing():
 
 
 def test_a_slot_description_without_its_blocks_loads_nothing():
-    """A filtered state_dict (strict=False) with another bank's slot description (and ranks and
-    periods) but no `bank` used to load: the names moved onto this bank's blocks, so rows naming
+    """A filtered state_dict (strict=False) with another bank's slot description but not its bank,
+    ranks and periods all used to load: the names moved onto this bank's blocks (or ranks), so rows naming
     "a" silently got "c"'s block (a review, 2026-12-05). Refused, nothing changed; a description
     equal to the bank's own still loads."""
     _, bank, singles = make("cpu")
@@ -365,10 +365,10 @@ def test_a_slot_description_without_its_blocks_loads_nothing():
     assert other.adapter_names[:3] == ["c", "b", "a"]
     before = {k: v.clone() for k, v in bank.state_dict().items()}
     lists = (list(bank.adapter_names), list(bank.modes), list(bank.dropouts), list(bank.absent))
-    for keep in (["_extra_state"], ["_extra_state", "ranks", "periods"]):
+    for keep in (["_extra_state"], ["_extra_state", "ranks", "periods"], ["_extra_state", "bank"]):
         state = {k: v.clone() for k, v in other.state_dict().items() if k in keep}
         with pytest.raises(RuntimeError, match=r"the state_dict would change the slot description \(adapters "
-                                               r"\['c', 'b', 'a'.*without the blocks \(bank\) they were saved with"):
+                                               r"\['c', 'b', 'a'.*without the (bank|ranks)[a-z ]* it was saved with"):
             bank.load_state_dict(state, strict=False)
         assert all(torch.equal(v, before[k]) for k, v in bank.state_dict().items()), keep
         assert (bank.adapter_names, bank.modes, bank.dropouts, bank.absent) == lists, keep
@@ -463,6 +463,57 @@ def test_state_dict_under_inference_mode(where):
     fresh.load_state_dict({k: v.clone() for k, v in state.items()})
     assert fresh.adapter_names == bank.adapter_names
     assert torch.equal(fresh.bank, bank.bank)
+
+
+@pytest.mark.parametrize("how", ["detached", "inference_mode"])
+def test_a_stale_snapshot_taken_otherwise_is_refused(how):
+    """A snapshot whose tensors are detach()ed views of the layer's (a common "state_dict to CPU"
+    helper on the CPU), or one taken under torch.inference_mode(), loaded after a slot swap:
+    refused like a plain one (a review, 2026-12-05: both loaded, row "a" 6.6 and 9.2 off)."""
+    _, bank, _ = make("cpu")
+    if how == "detached":
+        snapshot = {k: v.detach() for k, v in bank.state_dict().items()}
+    else:
+        with torch.inference_mode():
+            snapshot = bank.state_dict()
+    bank.remove_adapter("a")
+    bank.add_adapter("e", r=8, block=torch.randn(8, OUT))
+    _, other, _ = make("cpu", seed=3)
+    with pytest.raises(RuntimeError, match=r"the state_dict is a snapshot taken before adapters were added"):
+        other.load_state_dict(snapshot)
+
+
+def test_rolling_back_an_absent_adapter_or_a_temporary_one_loads():
+    """add_absent, or an adapter added and removed again in a free slot, writes no block of a slot
+    the snapshot names: loading the snapshot back is consistent and loads (a review's false
+    refusal, 2026-12-05)."""
+    base, bank, singles = make("cpu")
+    snapshot = bank.state_dict()
+    bank.add_absent("q")
+    bank.load_state_dict(snapshot)
+    assert "q" not in bank.adapter_names
+    bank.add_adapter("tmp", r=2, block=torch.randn(2, OUT))
+    bank.remove_adapter("tmp")
+    bank.load_state_dict(snapshot)
+    x, rows = torch.randn(4, IN), ["a", "b", "c", "d"]
+    with torch.no_grad():
+        torch.testing.assert_close(bank.eval()(x, bank.index_of(rows)), expected_rows(base, singles, x, rows),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_with_parameters_kept_leaves_them_swappable():
+    """state_dict(keep_vars=True) alive while the module is cast with parameter swapping on (torch's
+    default for tensor-subclass parameters): the first stale-snapshot registry held a weak
+    reference to the Parameter, and torch refuses to swap such a tensor (a review, 2026-12-05)."""
+    _, bank, _ = make("cpu")
+    kept = bank.state_dict(keep_vars=True)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    try:
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        bank.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    assert bank.bank.dtype == torch.float64
 
 
 def test_a_state_dict_written_in_place_by_a_checkpoint_loader_loads():
