@@ -121,14 +121,14 @@ class _Snapshot:
     version (None for an inference tensor, which cannot be written outside inference mode), the
     ranks and periods then, where the state_dict's bank, ranks and periods lie in memory (the
     layer's own, as in any torch state_dict; by address, so that no tensor is held or weakly
-    referenced), and whether a slot change has since rewritten a slot the description names
-    (MissBankLinear._mark_stale_snapshots)."""
+    referenced), and the bank memory in which slot changes have since rewritten a slot the
+    description names (MissBankLinear._mark_stale_snapshots)."""
     description: dict
     description_version: Optional[int]
     ranks: List[int]
     periods: List[int]
     memory: Dict[str, Tuple[str, int]]
-    bank_rewritten: bool = False
+    rewritten: set = dataclasses.field(default_factory=set)
 
 
 # A state_dict's slot description (the storage of its _extra_state tensor, which detach() and
@@ -1019,29 +1019,32 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 "absent": self.absent}
 
     def _mark_stale_snapshots(self) -> None:
-        """After the slots changed (an adapter added or removed, a slot description loaded): a
-        state_dict this layer wrote whose bank is still the layer's own (as state_dict() gives it,
-        or a detach() of it) now holds other blocks in a slot its description names an adapter
-        for. Loading it, into this layer or another, would pair that name with another adapter's
-        block: it is marked, for good (also if the slot later gets its adapter back), and
-        _stale_snapshot_problem refuses it. One whose bank a cast or move reallocated first keeps
-        the blocks of then; slots its description leaves empty or absent do not matter (loading
-        it empties them); its ranks and periods are checked when it is loaded."""
+        """After the slots changed (an adapter added or removed, a slot description loaded): for
+        every state_dict this layer wrote whose description names an adapter in a slot that now
+        holds another (or none), the bank memory the change wrote is recorded. A state_dict whose
+        bank lies there (the layer's own, as state_dict() gives it, detach()ed, or the Parameter
+        itself with keep_vars=True) now holds another adapter's block under that name: loading it,
+        into this layer or another, is refused (_stale_snapshot_problem), also if the slot later
+        gets its adapter back. One whose bank a cast or move reallocated first, or that holds a
+        copy, keeps the blocks of then; slots its description leaves empty or absent do not matter
+        (loading it empties them); its ranks and periods are checked when it is loaded."""
         bank = _memory(self.bank)
+        if bank is None:
+            return
         now = list(zip(self.adapter_names, self.modes, self.absent))
         for snapshot in list(self.__dict__.get("_snapshots", ())):
-            if snapshot.bank_rewritten or bank is None or snapshot.memory.get("bank") != bank:
-                continue
             then = snapshot.description
-            snapshot.bank_rewritten = any(
-                name is not None and not absent and (name, mode, absent) != now[slot]
-                for slot, (name, mode, absent) in enumerate(zip(then["adapter_names"], then["modes"], then["absent"])))
+            if any(name is not None and not absent and (name, mode, absent) != now[slot]
+                   for slot, (name, mode, absent) in enumerate(zip(then["adapter_names"], then["modes"],
+                                                                   then["absent"]))):
+                snapshot.rewritten.add(bank)
 
     @staticmethod
     def _stale_snapshot_problem(state_dict, prefix: str) -> Optional[str]:
         """Why `state_dict` is a stale snapshot of a bank layer, or None: one whose slot tensors
         (the layer's own, as state_dict() gives them) were written with other adapters after its
-        slot description was taken: its bank by a slot change (_mark_stale_snapshots), or its
+        slot description was taken: its bank by a slot change (_mark_stale_snapshots: its bank lies
+        in memory a change rewrote), or its
         ranks or periods to other values. Not once its description was written since
         (torch.distributed.checkpoint's resume writes a checkpoint's description, blocks, ranks and
         periods into the model's own state_dict, consistently). A snapshot copied or written to a
@@ -1052,7 +1055,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if snapshot is None or (snapshot.description_version is not None and
                                 extra._version != snapshot.description_version):
             return None
-        written = ["bank"] if snapshot.bank_rewritten else []
+        written = ["bank"] if _memory(state_dict.get(prefix + "bank")) in snapshot.rewritten else []
         for name, then in (("ranks", snapshot.ranks), ("periods", snapshot.periods)):
             tensor = state_dict.get(prefix + name)
             place = _memory(tensor)

@@ -483,6 +483,28 @@ def test_a_stale_snapshot_taken_otherwise_is_refused(how):
         other.load_state_dict(snapshot)
 
 
+def test_a_kept_parameter_snapshot_is_judged_by_where_its_bank_lies():
+    """A keep_vars=True snapshot holds the bank Parameter itself: after a cast it lies in the new
+    memory, which the later swap rewrites: refused. A snapshot whose bank entry is a copy (cast
+    in the dict) keeps the blocks of then: loads (a review, 2026-12-05: the first was loaded,
+    row "a" 9.2 off, and the second refused)."""
+    base, bank, singles = make("cpu", dtype=torch.float64)
+    kept = bank.state_dict(keep_vars=True)
+    copied = {k: v.float() if v.is_floating_point() else v for k, v in bank.state_dict().items()}
+    bank.float()
+    bank.double()
+    bank.remove_adapter("a")
+    bank.add_adapter("e", r=8, block=torch.randn(8, OUT, dtype=torch.float64))
+    _, other, _ = make("cpu", seed=3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"the state_dict is a snapshot taken before adapters were added"):
+        other.load_state_dict(kept)
+    other.load_state_dict(copied)
+    x, rows = torch.randn(3, IN, dtype=torch.float64), ["a", "b", "d"]
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x, other.index_of(rows)),
+                                   expected_rows(base, {k: v.double() for k, v in singles.items()}, x, rows))
+
+
 def test_rolling_back_an_absent_adapter_or_a_temporary_one_loads():
     """add_absent, or an adapter added and removed again in a free slot, writes no block of a slot
     the snapshot names: loading the snapshot back is consistent and loads (a review's false
