@@ -119,10 +119,10 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
 class _Snapshot:
     """A bank layer's state_dict as state_dict() wrote it: the slot description and its tensor's
     version (None for an inference tensor, which cannot be written outside inference mode), the
-    ranks and periods then, where the state_dict's bank, ranks and periods lie in memory (the
-    layer's own, as in any torch state_dict; by address, so that no tensor is held or weakly
-    referenced), and the bank memory in which slot changes have since rewritten a slot the
-    description names (MissBankLinear._mark_stale_snapshots)."""
+    ranks and periods then, where the state_dict's ranks and periods lie in memory (the layer's
+    own, as in any torch state_dict; by address, so that no tensor is held or weakly referenced),
+    and the bank memory in which slot changes have since rewritten a slot the description names
+    (MissBankLinear._mark_stale_snapshots)."""
     description: dict
     description_version: Optional[int]
     ranks: List[int]
@@ -136,10 +136,12 @@ class _Snapshot:
 _SNAPSHOTS = WeakIdKeyDictionary()
 
 
-def _description_storage(t: object) -> object:
-    """The storage a slot description tensor views (one Python object per storage while it
-    lives), or None."""
-    if not isinstance(t, Tensor) or is_fake(t) or t.is_meta:
+def _storage(t: object) -> Optional[torch.UntypedStorage]:
+    """The storage a tensor views (a sharded one, DTensor, by its local shard; one Python object
+    per storage while any tensor on it lives), or None for a non-tensor, an empty, meta or fake
+    tensor, or one without storage."""
+    t = getattr(t, "_local_tensor", t)
+    if not isinstance(t, Tensor) or t.numel() == 0 or t.is_meta or is_fake(t):
         return None
     try:
         return t.untyped_storage()
@@ -148,15 +150,9 @@ def _description_storage(t: object) -> object:
 
 
 def _memory(t: object) -> Optional[Tuple[str, int]]:
-    """(device, address) of the memory a tensor views (a sharded bank, DTensor, by its local
-    shard), or None for a non-tensor, an empty, meta or fake tensor, or one without storage."""
-    t = getattr(t, "_local_tensor", t)
-    if not isinstance(t, Tensor) or t.numel() == 0 or t.is_meta or is_fake(t):
-        return None
-    try:
-        return str(t.device), t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
+    """(device, address) of the memory a tensor views (_storage), or None."""
+    storage = _storage(t)
+    return None if storage is None else (str(storage.device), storage.data_ptr())
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
@@ -1044,13 +1040,13 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """Why `state_dict` is a stale snapshot of a bank layer, or None: one whose slot tensors
         (the layer's own, as state_dict() gives them) were written with other adapters after its
         slot description was taken: its bank by a slot change (_mark_stale_snapshots: its bank lies
-        in memory a change rewrote), or its
-        ranks or periods to other values. Not once its description was written since
+        in memory a change rewrote), or its ranks or periods to other values. Not once its
+        description was written since
         (torch.distributed.checkpoint's resume writes a checkpoint's description, blocks, ranks and
         periods into the model's own state_dict, consistently). A snapshot copied or written to a
         file after its slots changed cannot be told from a consistent one (README)."""
         extra = state_dict.get(prefix + "_extra_state")
-        storage = _description_storage(extra)
+        storage = _storage(extra)
         snapshot = None if storage is None else _SNAPSHOTS.get(storage)
         if snapshot is None or (snapshot.description_version is not None and
                                 extra._version != snapshot.description_version):
@@ -1075,16 +1071,16 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         were not saved with, or None. The slot description (_extra_state), ranks and periods say
         which adapter each slot's block belongs to: a filtered dict (strict=False) that changes
         ranks or periods without the description, or any of them without the others and `bank`,
-        is refused (a row
-        naming an adapter would silently get another's block). Loading only `bank`, new values for
-        the same slots, stays allowed, as does loading a state_dict that changes no slot."""
+        is refused (a row naming an adapter would silently get another's block). Loading only
+        `bank`, new values for the same slots, stays allowed, as does loading a state_dict that
+        changes no slot."""
         if self.ranks.is_meta or self.bank.is_meta:  # nothing materialised: no block to pair wrongly
             return None
         described = prefix + "_extra_state" in state_dict
         changed = []
         if described:
             saved = tensor_json(state_dict[prefix + "_extra_state"])  # parsed and checked by the caller
-            own = tensor_json(self.get_extra_state())
+            own = self._slot_description()
             if saved != own:
                 changed.append(f"slot description (adapters {saved['adapter_names']}, modes {saved['modes']}, "
                                f"dropouts {saved['dropouts']}, absent {saved['absent']}; this bank's: adapters "
@@ -1250,15 +1246,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # For _mark_stale_snapshots: not for fake tensors (tracing), a meta layer, or a state_dict
         # without the slot tensors.
         extra = destination.get(prefix + "_extra_state")
-        memory = {name: _memory(destination.get(prefix + name)) for name in ("bank",) + self._SAVED_SLOT_TENSORS}
-        if (torch.compiler.is_compiling() or self.ranks.is_meta or not isinstance(extra, Tensor) or is_fake(extra)
-                or any(place is None for place in memory.values())):
+        storage = _storage(extra)
+        memory = {name: _memory(destination.get(prefix + name)) for name in self._SAVED_SLOT_TENSORS}
+        if (torch.compiler.is_compiling() or self.ranks.is_meta or storage is None
+                or _memory(destination.get(prefix + "bank")) is None or None in memory.values()):
             return
         snapshot = _Snapshot(tensor_json(extra), None if extra.is_inference() else extra._version,
                              self.ranks.tolist(), self.periods.tolist(), memory)
-        storage = _description_storage(extra)
-        if storage is not None:
-            _SNAPSHOTS[storage] = snapshot
+        _SNAPSHOTS[storage] = snapshot
         self.__dict__.setdefault("_snapshots", weakref.WeakSet()).add(snapshot)
 
     def __setstate__(self, state) -> None:

@@ -67,10 +67,11 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor y = at::linear(x2, weight, bias);
   const bool in_place = may_update_in_place();  // else functional: common/in_place.h
   if (use_split(y, block, tiled)) {
+    const at::Tensor d = full_block(block, static_size(weight, 0));
     if (in_place) {
-      addmm_split_(y, s, full_block(block, static_size(weight, 0)));  // in place, one rounding
+      addmm_split_(y, s, d);  // in place, one rounding
     } else {
-      y = addmm_split(y, s, full_block(block, static_size(weight, 0)));
+      y = addmm_split(y, s, d);
     }
   } else if (!tiled && y.scalar_type() == block.scalar_type()) {
     if (in_place) {
