@@ -689,6 +689,36 @@ def test_merge_forward_and_grads(device, in_f, out_f, r, mini_r, name, reverse):
         assert torch.equal(gb[in_f:], torch.zeros_like(gb[in_f:]))
 
 
+@pytest.mark.parametrize("mini_r", [None, 3])
+def test_merge_saves_no_tensor_for_default_and_mini(device, mini_r):
+    """The default/mini merge's gradients need only the block's shape and dtype, like weight + delta
+    in plain torch: the weight and the block may change in place between the merge and backward
+    (no version error) and the gradients stay those of the merge as it ran. Bat reads W and B in
+    backward, so there the version check still refuses the change."""
+    in_f, out_f, r = 10, 12, 4
+    w = rand(out_f, in_f, device=device, requires_grad=True)
+    blk = block_for(in_f, out_f, r, mini_r or out_f, torch.float32, device).requires_grad_(True)
+    g = rand(out_f, in_f, device=device)
+    b64 = f64_leaf(blk)
+    (want,) = torch.autograd.grad(merge_ref(f64_leaf(w), b64, False), (b64,), g.to(F64))
+    merged = ops.merge(w, blk)
+    with torch.no_grad():
+        w.mul_(3), blk.add_(5)
+    gw, gb = torch.autograd.grad(merged, (w, blk), g)
+    assert torch.equal(gw, g)
+    close(gb, want, 1e-5, 1e-5, msg="block grad after in-place changes")
+    (gb_only,) = torch.autograd.grad(ops.merge(w, blk), (blk,), g)  # the weight's gradient is not asked for
+    close(gb_only, want, 1e-5, 1e-5, msg="block grad alone")
+
+    wb = rand(8, 8, device=device, requires_grad=True)
+    bat = rand(2, 4, 4, device=device, requires_grad=True)
+    merged = ops.merge(wb, bat)
+    with torch.no_grad():
+        bat.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        merged.backward(torch.ones_like(merged))
+
+
 @pytest.mark.parametrize("in_f,out_f,r,mini_r", SHAPES)
 @pytest.mark.parametrize("name", list(MERGE_DTYPES))
 def test_merge_inplace(device, in_f, out_f, r, mini_r, name):

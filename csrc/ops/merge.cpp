@@ -4,7 +4,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
-#include "common/sym_shape.h"
 #include "bat.h"
 #include "fold.h"
 
@@ -45,18 +44,11 @@ at::Tensor merge_kernel(const at::Tensor& weight, const at::Tensor& block, bool 
   return merged;
 }
 
-at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block,
+at::Tensor merge_block_grad(const at::Tensor& grad_weight, int64_t r, int64_t mini_r, at::ScalarType block_dtype,
                             bool reverse) {
-  if (block.dim() == 3) return bat_block_grad(grad_weight, weight, block);
-  const int64_t r = static_size(block, 0);
-  const int64_t mini_r = static_size(block, 1);
-  const at::Tensor by_in = ops::fold(grad_weight, r, 0.0, std::nullopt, block.scalar_type());  // (out, r)
-  at::Tensor grad = ops::fold(by_in.t(), mini_r, 0.0, std::nullopt, block.scalar_type());       // (r, mini_r)
+  const at::Tensor by_in = ops::fold(grad_weight, r, 0.0, std::nullopt, block_dtype);  // (out, r)
+  at::Tensor grad = ops::fold(by_in.t(), mini_r, 0.0, std::nullopt, block_dtype);       // (r, mini_r)
   return reverse ? grad.neg() : grad;
-}
-
-at::Tensor merge_weight_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block) {
-  return block.dim() == 3 ? bat_weight_grad(grad_weight, weight, block) : grad_weight;
 }
 
 }  // namespace miss_ext

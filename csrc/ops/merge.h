@@ -18,11 +18,11 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool reverse = false);
 at::Tensor merge_kernel(const at::Tensor& weight, const at::Tensor& block, bool reverse);
 void merge_inplace_kernel(at::Tensor& weight, const at::Tensor& block, bool reverse);
 
-// Gradients of the functional merge w.r.t. the block and the weight, from the merged weight's
-// gradient. Default/mini: the gradient folded along in (period r) and out (period mini_r),
-// negated for reverse; the weight's is the identity. Bat (forward only): bat.h.
-at::Tensor merge_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block,
+// Gradient of the default/mini merge w.r.t. its (r, mini_r) block of dtype block_dtype, from the
+// merged weight's gradient: folded along in (period r) and out (period mini_r), negated for
+// reverse. It needs only the block's shape and dtype, so the autograd saves no tensor for it (the
+// weight's gradient is the identity). Bat's gradients need W and B: bat.h.
+at::Tensor merge_block_grad(const at::Tensor& grad_weight, int64_t r, int64_t mini_r, at::ScalarType block_dtype,
                             bool reverse);
-at::Tensor merge_weight_grad(const at::Tensor& grad_weight, const at::Tensor& weight, const at::Tensor& block);
 
 }  // namespace miss_ext
