@@ -44,8 +44,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
                       check_dropout,
-                      is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_layer_load, refuse_nested,
-                      refuse_non_tensor, tensor_json, tensor_problem, type_name)
+                      is_dtensor, is_plain_linear, json_tensor, load_mismatches, refuse_forward_tangents,
+                      refuse_layer_load, refuse_nested, refuse_non_tensor, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -176,6 +176,7 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     is used in float32: each row's fold and term are summed in float32 and rounded once (PEFT
     computes a bf16 block's branch in bf16; README, "Precision").
     """
+    refuse_forward_tangents("miss::bank_fold / miss::bank_add", x, bank, y)  # before the draw and the in-place choice
     if bank.dtype in (torch.float16, torch.bfloat16):
         bank = bank.float()
     if dropouts is not None:

@@ -357,6 +357,26 @@ def is_dtensor(t: Optional[Tensor]) -> bool:
     return isinstance(t, DTensor)
 
 
+def refuse_forward_tangents(where: str, *tensors: Optional[Tensor]) -> None:
+    """NotImplementedError when one of `tensors` is a forward-mode dual tensor
+    (torch.autograd.forward_ad.make_dual, also a parameter made dual through functional_call) outside
+    torch.func transforms. The miss ops' autograd is C++, which has no forward mode: their
+    differentiable ops raise torch's "jvp is not implemented for the c++ API of custom Function",
+    and an in-place one would drop the tangent (csrc/ops/autograd/not_differentiable.h). Called
+    before a dropout key is drawn, so the refusal leaves the RNG as it was, and before the bank's
+    choice of its in-place op, with one message for every path. Under torch.func.jvp / jacfwd
+    (an interpreter on functorch's stack) the composites in _functorch.py compute the tangents, so
+    nothing is refused there. Costs one int comparison outside a forward-AD dual level."""
+    if torch.autograd.forward_ad._current_level < 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return
+    for t in tensors:
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{where}: forward-mode AD through dual tensors (torch.autograd.forward_ad) is not implemented for the "
+                "miss ops, whose autograd is C++; use torch.func.jvp / jacfwd, which run the ops as composites "
+                "(README, 'torch.func and higher derivatives')")
+
+
 def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                              in_features: int) -> None:
     """Raises what torch.ops.miss.linear(x, weight, bias, block, ...) raises for a bad x
@@ -373,6 +393,7 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     refused = refused or (weight.dtype == torch.float64) != float64 or (
         bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
+        refuse_forward_tangents("miss::linear", x, weight, bias, block)
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         to = torch.get_autocast_dtype(x.device.type) if autocast else None
         refused = refused or x.device != weight.device or x.device != block.device or (
@@ -989,6 +1010,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             refuse_non_tensor(x, self)
             if x.is_nested:
                 return jagged_forward(x, self.forward, self._describe())
+            refuse_forward_tangents(self._describe(), x, self.miss_block)
             if self.training and self.mode != "bat":
                 self._check_live_dropout()
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by

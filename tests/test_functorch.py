@@ -622,3 +622,95 @@ def test_is_grads_batched_runs_the_backward_under_vmap(mode, dropout):
         one = torch.autograd.grad(y, [x, layer.miss_block], grads[i], retain_graph=True)
         torch.testing.assert_close(batched[0][i], one[0], **TOL)
         torch.testing.assert_close(batched[1][i], one[1], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward-mode AD through dual tensors (torch.autograd.forward_ad), outside torch.func
+# ---------------------------------------------------------------------------------------------
+def _non_differentiable_calls():
+    """op -> call(t) where t (4, 8) float64 is the input given a tangent (the others made here)."""
+    i64 = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    src, w, m, p = rand(4, 2, dtype=F64), rand(8, 8, dtype=F64), rand(4, 2, 2, dtype=F64), rand(4, 2, 2, dtype=F64)
+    s, bank, ranks, periods, index = rand(3, 2, dtype=F64), rand(1, 2, 8, dtype=F64), i64(2), i64(8), i64(0, 0, -1)
+    return {
+        "tile_add_": lambda t: ops.tile_add_(t, src),
+        "merge_": lambda t: ops.merge_(w.clone(), t[:2]),
+        "bat_transform": lambda t: ops.bat_transform(t.reshape(8, 4), m, p),
+        "bank_add_": lambda t: ops.bank_add_(t[:3], s, bank, ranks, periods, index),
+        "split_bf16": lambda t: ops.split_bf16(t.float(), 2, [0, 1], 0),
+    }
+
+
+@pytest.mark.parametrize("op", list(_non_differentiable_calls()))
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_ops_without_autograd_refuse_a_forward_tangent(op, grad_mode):
+    """An in-place or non-differentiable op given a dual tensor used to run below autograd and drop
+    the tangent silently (tile_add_ kept 1 where 2 was due, bat_transform returned none; a review,
+    2026-12-05), also with grad mode off, which forward AD ignores. Now it refuses, naming forward
+    mode; torch.func.jvp raises the same (its inputs carry level-0 tangents)."""
+    import torch.autograd.forward_ad as fwAD
+    call = _non_differentiable_calls()[op]
+    with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+        t = fwAD.make_dual(rand(4, 8, dtype=F64), torch.ones(4, 8, dtype=F64))
+        with pytest.raises(RuntimeError, match=rf"miss::{op} is an op without autograd support and got a tensor "
+                                               r"with a forward-mode tangent"):
+            call(t)
+    with pytest.raises(RuntimeError, match="forward-mode tangent"):
+        jvp(lambda t: call(t.clone()), (rand(4, 8, dtype=F64),), (torch.ones(4, 8, dtype=F64),))
+    with fwAD.dual_level():  # a dual level alone, with plain tensors, changes nothing
+        call(rand(4, 8, dtype=F64))
+
+
+def _dual_layers():
+    """name -> (module, call(module, x)), each with dropout in training mode."""
+    from miss_ext import MissBankLinear, MissLinear
+    torch.manual_seed(0)
+    layer = MissLinear(nn.Linear(10, 12).double(), r=4, dropout=0.3)
+    with torch.no_grad():
+        layer.miss_block.normal_()
+    bank = MissBankLinear(nn.Linear(10, 12).double(), capacity=2, max_r=4)
+    bank.add_adapter("a", 4, dropout=0.3, block=torch.randn(4, 12, dtype=F64))
+    return {"MissLinear": (layer, lambda m, x: m(x), "miss_block"),
+            "MissBankLinear": (bank, lambda m, x: m(x, torch.tensor([0, 0, -1])), "bank")}
+
+
+@pytest.mark.parametrize("name", ["MissLinear", "MissBankLinear"])
+@pytest.mark.parametrize("dual", ["x", "parameter"])
+def test_layers_refuse_dual_tensors_before_the_dropout_draw(name, dual):
+    """A dual x, or the adapter made dual through functional_call: the bank used to take its
+    in-place op (the tangent was dropped silently), and MissLinear drew its dropout key before the
+    C++ autograd refused. Now one NotImplementedError naming torch.func.jvp, before the draw: the
+    RNG is as it was. torch.func.jvp through the same layer gives the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    module, call, param = _dual_layers()[name]
+    module.train()
+    x = torch.randn(3, 10, dtype=F64)
+    state = torch.get_rng_state()
+    with fwAD.dual_level():
+        if dual == "x":
+            args = (fwAD.make_dual(x, torch.ones_like(x)),)
+            run = lambda: call(module, *args)  # noqa: E731
+        else:
+            p = getattr(module, param).detach()
+            params = {param: fwAD.make_dual(p, torch.ones_like(p))}
+            run = lambda: call(_Functional(module, params), x)  # noqa: E731
+        with pytest.raises(NotImplementedError, match=r"forward-mode AD through dual tensors .* torch.func.jvp"):
+            run()
+    assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
+    module.eval()
+    p = getattr(module, param).detach()
+    _, tangent = jvp(lambda q: call(_Functional(module, {param: q}), x), (p,), (torch.ones_like(p),))
+    eps = 1e-6
+    with torch.no_grad():
+        ahead = call(_Functional(module, {param: p + eps}), x)
+        back = call(_Functional(module, {param: p - eps}), x)
+    torch.testing.assert_close(tangent, (ahead - back) / (2 * eps), rtol=1e-6, atol=1e-6)
+
+
+class _Functional:
+    """module called through functional_call with `params`."""
+    def __init__(self, module, params):
+        self.module, self.params = module, params
+
+    def __call__(self, *args):
+        return functional_call(self.module, self.params, args)

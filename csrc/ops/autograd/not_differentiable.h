@@ -12,8 +12,18 @@
 
 namespace miss_ext {
 
-// `functional`: the differentiable op that computes the same, named in the message.
+// `functional`: the differentiable op that computes the same, named in the message. A tensor
+// with a forward-mode tangent (a torch.autograd.forward_ad dual tensor, a torch.func.jvp input)
+// is refused whatever the grad mode, which forward AD ignores: the kernel below autograd would
+// return a result without a tangent, or an in-place one with a stale tangent (a review,
+// 2026-12-05: tile_add_ gave tangent 1 where 2 was due, bat_transform none at all).
 inline void check_not_differentiated(const char* op, const char* functional, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), "miss::", op,
+                " is an op without autograd support and got a tensor with a forward-mode tangent (a "
+                "torch.autograd.forward_ad dual tensor or a torch.func.jvp input); forward-mode AD runs through "
+                "the differentiable miss::", functional, " under torch.func.jvp / jacfwd");
+  }
   if (!at::GradMode::is_enabled()) return;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(!t.requires_grad(), "miss::", op,
