@@ -73,7 +73,7 @@ TORCH_LIBRARY(miss, m) {
 
   // weight + dW (reverse: - dW), dW[o, i] = block[i mod r, o mod mini_r]. A 3-D (bat) block merges
   // W <- W(I + B) + B per tile; reverse restores W exactly by a float64 solve and first checks that
-  // every I + B_i is well conditioned (ValueError naming the block otherwise, weight untouched).
+  // every I + B_i is well conditioned and not near 0 (ValueError naming the block otherwise, weight untouched).
   m.def("merge(Tensor weight, Tensor block, bool reverse=False) -> Tensor");
   m.def("merge_(Tensor(a!) weight, Tensor block, bool reverse=False) -> ()");
 

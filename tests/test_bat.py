@@ -969,6 +969,23 @@ def test_unmerge_condition_threshold(device):
     _expect_refused_unmerge(lambda: ops.merge_(merged, bad, True), merged, 1, number=r"10\d{3}\.\d+")
 
 
+def test_unmerge_refuses_a_block_near_minus_identity(device):
+    """B_i = (t - 1) I: I + B_i = t I has condition number 1, and the check on it alone let the
+    unmerge through while (I + B_i)^-1 magnified the rounding of W' ~ B_i by 1/t (t = 2^-20: off by
+    0.06 on a weight of scale 0.35, as PEFT; a review, 2026-12-05). ||B|| ||(I + B)^-1|| is bounded
+    too: t = 1e-3 (factor 999) restores W to that factor times eps, t = 2^-16 is refused."""
+    w = rand(8, 8, device=device)
+    near = lambda t: ((t - 1.0) * torch.eye(4, device=device)).expand(2, 4, 4).clone()  # noqa: E731
+    merged = ops.merge(w, near(1e-3))
+    torch.testing.assert_close(ops.merge(merged, near(1e-3), True), w, rtol=0, atol=1e3 * eps(torch.float32) * 4)
+    merged = ops.merge(w, near(2.0 ** -16))
+    before = merged.clone()
+    with pytest.raises(ValueError, match=r"miss_block\[0\] is too close to -I \(\|\|B\|\| \* \|\|\(I \+ B\)\^-1\|\| = "
+                                         r"65535\.\d+ > 10000\).*The weight was left unchanged"):
+        ops.merge_(merged, near(2.0 ** -16), True)
+    assert torch.equal(merged, before)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
 def test_unmerge_non_finite_block_raises_value_error(device, bad):
     """A non-finite block cannot be unmerged: ValueError naming the block (the documented contract,

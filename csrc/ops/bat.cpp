@@ -9,8 +9,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/eye.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/linalg_cond.h>
+#include <ATen/ops/linalg_matrix_norm.h>
 #include <ATen/ops/linalg_solve.h>
+#include <ATen/ops/linalg_svdvals.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/logical_not.h>
 #include <ATen/ops/mm.h>
@@ -143,16 +144,35 @@ BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype
     TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: miss_block[", index,
                       "] holds non-finite values. The weight was left unchanged.");
   }
-  const at::Tensor cond = at::linalg_cond(a);
-  const at::Tensor bad = at::logical_not(cond.le(kBatMaxCondition));  // also catches inf and nan
-  if (bad.any().item<bool>()) {
-    const int64_t index = bad.nonzero()[0][0].item<int64_t>();
-    const double value = cond[index].item<double>();
+  // The restored W_ij = (W'_ij - B_i)(I + B_i)^-1 carries W'_ij's rounding times ||(I + B_i)^-1||,
+  // and W' = W (I + B) + B: its error is about eps * (cond(I + B_i) |W_ij| + ||B_i|| ||(I + B_i)^-1||).
+  // Both factors are bounded. The condition number alone passed B_i = (t - 1) I (I + B_i = t I,
+  // cond 1), whose unmerge amplifies the rounding of W' ~ B_i by 1/t (t = 2^-20: off by 0.08 on a
+  // weight of scale 0.35; a review, 2026-12-05).
+  const at::Tensor sv = at::linalg_svdvals(a);  // (n, r), descending
+  const at::Tensor smallest = sv.select(1, r - 1);
+  const at::Tensor cond = sv.select(1, 0).div(smallest);
+  const at::Tensor shift = at::linalg_matrix_norm(b64, 2, {-2, -1}).div(smallest);  // ||B_i|| ||(I + B_i)^-1||
+  // The first block whose factor exceeds the bound (or is inf / nan), or -1.
+  const auto first_bad = [](const at::Tensor& factor) -> int64_t {
+    const at::Tensor bad = at::logical_not(factor.le(kBatMaxCondition));
+    return bad.any().item<bool>() ? bad.nonzero()[0][0].item<int64_t>() : -1;
+  };
+  const auto shown = [](const at::Tensor& factor, int64_t index) {
+    const double value = factor[index].item<double>();
+    return std::isfinite(value) ? std::to_string(value) : std::string("inf: singular");
+  };
+  if (const int64_t index = first_bad(cond); index >= 0) {
     TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: I + miss_block[", index,
-                      "] is singular or ill-conditioned (condition number ",
-                      std::isfinite(value) ? std::to_string(value) : std::string("inf: singular"), " > ",
+                      "] is singular or ill-conditioned (condition number ", shown(cond, index), " > ",
                       kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would not restore the weight. "
                       "The weight was left unchanged.");
+  }
+  if (const int64_t index = first_bad(shift); index >= 0) {
+    TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: miss_block[", index,
+                      "] is too close to -I (||B|| * ||(I + B)^-1|| = ", shown(shift, index), " > ",
+                      kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would magnify the merged weight's rounding "
+                      "by that much. The weight was left unchanged.");
   }
   const at::Tensor inv = at::linalg_solve(a, eye.expand_as(a));
   return {inv.to(dtype), at::neg(at::bmm(b64, inv)).to(dtype), /*residual=*/false};
