@@ -851,6 +851,33 @@ def test_float32_bat_weight_merge_and_weight_grad_are_as_accurate_as_peft(device
     assert err(ours_gw, exact_gw) <= 1.25 * err(peft_gw, exact_gw), (err(ours_gw, exact_gw), err(peft_gw, exact_gw))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("out_f,in_f,r", [(64, 2048, 8), (32, 4096, 16), (48, 1200, 12), (64, 512, 64)])
+def test_float32_bat_block_grad_is_as_accurate_as_peft(device, seed, out_f, in_f, r):
+    """dB_i = sum_j (W_ij^T G'_ij + G'_ij), a contraction of length in into an r x r output. One
+    CPU GEMM summed it term after term: 5-10x PEFT's error at r = 8, in = 2048 (a review,
+    2026-12-05; PEFT's autograd sums r-long tile products with torch.sum). Now chunks of at most 64
+    terms on the CPU; in = 1200 with r = 12 takes a chunk of 60 (a divisor of in, not a power of
+    two). CUDA keeps one GEMM (tests/GPU.md)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(device)
+    blk = (torch.randn(out_f // r, r, r, generator=g) * 0.3).to(device)
+    gp = torch.randn(out_f, in_f, generator=g).to(device)
+    b64 = blk.double().requires_grad_()
+    exact, = torch.autograd.grad(bat_weight_ref(w.double(), b64), b64, gp.double())
+    b32 = blk.clone().requires_grad_()
+    peft, = torch.autograd.grad(w + _peft_delta(w, b32), b32, gp)
+    x = torch.eye(in_f, device=device)  # x = I: dL/dW' = G^T x = G^T, so pass G = gp^T
+    ours = blk.clone().requires_grad_()
+    got, = torch.autograd.grad(ops.bat_linear(x, w, None, ours, None), ours, gp.t())
+
+    def err(t):
+        return ((t.double() - exact).norm() / exact.norm()).item()
+
+    bound = 1.3 if device == "cpu" else 12.0  # CUDA: one GEMM, measured on the next GPU run
+    assert err(got) <= bound * err(peft), f"dB error {err(got):.3g}, PEFT's {err(peft):.3g}"
+
+
 @pytest.mark.parametrize("which", ["weight", "block", "both"])
 def test_bat_unmerge_in_grad_mode_is_refused(device, which):
     """merge(W, B3, reverse=True) is documented as not differentiable (merge_autograd.cpp refuses

@@ -14,11 +14,13 @@
 #include <ATen/ops/linalg_svdvals.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/logical_not.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/neg.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -230,6 +232,23 @@ at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, cons
   return y.to(x.scalar_type()).view_symint(with_last(x, weight.sym_size(0)));
 }
 
+namespace {
+
+// The contraction chunk of bat_block_grad: in (one GEMM) or a divisor of it. CUDA keeps the one
+// GEMM (its precision against PEFT is on the GPU waiting list, tests/GPU.md). On the CPU the
+// largest divisor of in up to max(64, r), at least r (in % r == 0), so the temporary is at most the
+// weight's size.
+int64_t bat_grad_chunk(int64_t in, int64_t r, bool cpu) {
+  const int64_t longest = std::max<int64_t>(64, r);
+  if (!cpu || in <= longest) return in;
+  for (int64_t c = longest; c >= r; --c) {
+    if (in % c == 0) return c;
+  }
+  return in;
+}
+
+}  // namespace
+
 at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
   const int64_t r = static_size(block, 1);
   const int64_t blocks = static_size(block, 0);
@@ -238,8 +257,20 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
   const at::Tensor gp = grad_wprime.to(bd);
   // sum_j G'_ij (the "+ I" part), folded over column blocks in one pass ...
   const at::Tensor gsum = ops::fold(grad_wprime, r, 0.0, std::nullopt, bd).view({blocks, r, r});
-  // ... plus sum_j W_ij^T G'_ij as one batched GEMM over the (row, column-block) pairs of a block.
-  return at::baddbmm(gsum, weight.to(bd).reshape({blocks, in, r}).transpose(1, 2), gp.reshape({blocks, in, r}));
+  // ... plus sum_j W_ij^T G'_ij as one batched GEMM over the (row, column-block) pairs of a block:
+  // a contraction of length in.
+  const at::Tensor wt = weight.to(bd).reshape({blocks, in, r});
+  const at::Tensor gt = gp.reshape({blocks, in, r});
+  const int64_t chunk = bat_grad_chunk(in, r, weight.is_cpu());
+  if (chunk == in) return at::baddbmm(gsum, wt.transpose(1, 2), gt);
+  // The CPU's GEMM sums a long contraction into a small (r x r) output one term after another:
+  // with r = 8 and in = 2048 the float32 dB was 5-10x PEFT's error, whose autograd sums r-long
+  // tile products with torch.sum's cascade (a review, 2026-12-05). Chunks of at most 64 terms,
+  // their (r x r) partial products summed by at::sum, give PEFT's error at the bmm's speed (a
+  // (blocks, in/chunk, r, r) temporary, out * in * r / chunk elements).
+  const at::Tensor parts = at::matmul(wt.reshape({blocks, in / chunk, chunk, r}).transpose(2, 3),
+                                      gt.reshape({blocks, in / chunk, chunk, r}));
+  return gsum.add(parts.sum(1));
 }
 
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
