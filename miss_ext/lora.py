@@ -119,7 +119,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     without MiSS layers (or without adapter `adapter_name`), bat adapters, merged layers, layers
     of different r or dropout (one LoRA config holds one r and one dropout), and adapters that
     also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /
-    bias=), which blocks alone do not reproduce. A
+    bias=), which blocks alone do not reproduce, and non-finite blocks (NaN or inf), which B @ A
+    cannot reproduce. A
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 of its
     group writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
@@ -155,10 +156,21 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     r, dropout = settings.pop()
     tensors: Dict[str, Tensor] = {}
     sharded = bool(fsdp) or any(is_dtensor(a.block) for a in adapters)
+    broken = []
     for adapter in adapters:  # every rank gathers, in model order
-        a, b = lora_factors(full_block(adapter.block), adapter.in_features, adapter.out_features)
+        block = full_block(adapter.block)
+        if not bool(block.isfinite().all()):
+            broken.append(adapter.path)
+        a, b = lora_factors(block, adapter.in_features, adapter.out_features)
         tensors[f"{KEY_PREFIX}{adapter.path}.lora_A.weight"] = a  # on the CPU: full_block's copy
         tensors[f"{KEY_PREFIX}{adapter.path}.lora_B.weight"] = b
+    if broken:  # every rank holds the same gathered blocks, so every rank raises
+        # B @ A cannot equal a non-finite delta: each sum multiplies the block's inf by A's zeros
+        # too, and inf * 0 = NaN spreads along B's row (a review, 2026-12-05: 2 non-finite entries
+        # in MiSS's delta, 8 in the LoRA's). save_adapter writes such blocks with a warning, since
+        # its file holds them as they are.
+        raise ValueError(f"export_lora: {describe(broken)} hold non-finite values (NaN or inf), which a LoRA "
+                         "cannot reproduce (B @ A multiplies them by A's zeros: inf * 0 is NaN); nothing was written")
     config = {
         "peft_type": "LORA",
         "r": r,

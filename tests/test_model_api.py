@@ -974,6 +974,19 @@ def test_lora_export_of_a_merged_layer_is_refused(base, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_lora_export_of_a_non_finite_block_is_refused(base, tmp_path, bad):
+    """B @ A multiplies each block entry by A's zeros too: an inf became NaN along a whole row of
+    the exported delta (2 non-finite entries in MiSS's, 8 in the LoRA's; a review, 2026-12-05), so
+    export_lora, which promises the same delta, refuses and writes nothing."""
+    model = ours(base, "default")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.miss_block[1, 2] = bad
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj hold non-finite values .*nothing was written"):
+        miss_ext.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
 def test_save_adapter_over_an_earlier_folder_is_whole_or_nothing(tmp_path):
     """A config value JSON cannot hold raises TypeError naming the field before anything is written
     (the earlier adapter in the folder stays loadable); it used to replace the weights, then leave
