@@ -42,7 +42,7 @@ Two parts:
 
    | style | base weight | bias | miss_block default | mini | bat |
    |---|---|---|---|---|---|
-   | colwise | Shard(0) | Shard(0) | Shard(1) (out >= world) | Replicate (out/world % mini_r == 0) | Shard(0) (out % (r*world) == 0) |
+   | colwise | Shard(0) | Shard(0) | Shard(1) (out >= world) | Replicate (out/world % mini_r == 0; mini_r == out: as default) | Shard(0) (out % (r*world) == 0) |
    | rowwise | Shard(1) | Replicate | Replicate | Replicate | Replicate (in % (r*world) == 0, (out/r) % world == 0) |
 
    The block is a DTensor Parameter, so optimizers update the shards in place and
@@ -326,6 +326,13 @@ def _rowwise_gathered(layer: MissLinear, block: Tensor, x: Tensor, p: float, key
 
 
 # ---- the parallel styles ---------------------------------------------------------------------
+def _colwise_mode(module: MissLinear) -> str:
+    """The mode that decides a column-wise layer's block placement: a mini block with mini_r ==
+    out_features is (r, out), a default block (the op reads it so: _linear_rules), and is sharded as
+    one along out, with no alignment condition (a review, 2026-12-05: it was refused as mini)."""
+    return "default" if module.mode == "mini" and module.mini_r == module.out_features else module.mode
+
+
 def _replicated_gradient(block: Tensor) -> Tensor:
     """The block as the layer's ops use it. A replicated block's gradient comes out of the backward
     as a Partial DTensor (each rank holds its part of the sum); it is reduced to Replicate, so every
@@ -418,7 +425,7 @@ class MissColwiseParallel(ColwiseParallel):
         base = module.base_layer
         _distribute_param(base, "weight", mesh, Shard(0), self.src_data_rank)
         _distribute_param(base, "bias", mesh, Shard(0), self.src_data_rank)
-        placement = {"default": Shard(1), "mini": R, "bat": Shard(0)}[module.mode]
+        placement = {"default": Shard(1), "mini": R, "bat": Shard(0)}[_colwise_mode(module)]
         _distribute_param(module, "miss_block", mesh, placement, self.src_data_rank)
         # A replicated (mini) block's gradient is reduced in tp_forward (_replicated_gradient).
 
@@ -433,7 +440,7 @@ class MissColwiseParallel(ColwiseParallel):
             # DTensor cannot view a 3-D input's flattened rows back with an empty shard of out.
             raise ValueError(f"{type(self).__name__}: out_features={out_f} over {n} ranks leaves a rank without an "
                              "output column; shard a layer with out_features >= world")
-        if module.mode == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
+        if _colwise_mode(module) == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
             raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
                              f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "
                              "otherwise each shard would need its own phase of the tiled block")

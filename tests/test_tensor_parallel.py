@@ -98,6 +98,28 @@ def save_and_read(model, folder, name, rank):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
+def _mini_full(mesh=None):
+    """A column-wise mini layer with mini_r == out_features (its block is (r, out), a default one):
+    (output, x grad, block grad) of one weighted-sum backward, sharded over `mesh` or in one
+    process. It was refused as a mini layer whose shards of out do not start at multiples of
+    mini_r (a review, 2026-12-05)."""
+    import miss_ext
+
+    torch.manual_seed(3)
+    layer = miss_ext.MissLinear(torch.nn.Linear(12, 16, dtype=torch.float64), 4, mode="mini", mini_r=16,
+                                init_weights=False)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 16, dtype=torch.float64)
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import parallelize_module
+        from miss_ext.tensor_parallel import MissColwiseParallel
+
+        parallelize_module(layer, mesh, MissColwiseParallel(use_local_output=False))
+    y = full(layer(x))
+    (y * weights).sum().backward()
+    return y.detach(), x.grad, full(layer.miss_block.grad)
+
+
 def rank_main(rank, world_size, folder):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -137,8 +159,10 @@ def rank_main(rank, world_size, folder):
             with torch.no_grad():
                 out[name]["reloaded_gap"] = (again.eval()(tokens()).logits - model.eval()(tokens()).logits).abs().max().item()
 
-    # Refusals, at parallelize time. mini_r=16: k_proj's out 16 splits into shards of 8, which cannot
-    # hold the (r, 16) tile; bat with r=16: o_proj's in 32 = 2 x 16 splits fine, down_proj's out 32 does
+    out["mini_full"] = _mini_full(mesh)
+    # Refusals, at parallelize time. mini_r=16: gate/up_proj's out 48 splits into shards of 24, which
+    # do not start at multiples of 16 (k/v_proj's out 16 = mini_r is a default block, sharded as one:
+    # _mini_full); bat with r=16: o_proj's in 32 = 2 x 16 splits fine, down_proj's out 32 does
     # too, but k_proj's out 16 cannot be split into whole 16 x 16 tiles over 2 ranks.
     errors = {}
     for name, (mode, r, mini_r) in {"mini_r16": ("mini", 4, 16), "bat_r16": ("bat", 16, 1)}.items():
@@ -366,6 +390,13 @@ def test_matches_single_process(ranks, reference, name):
             assert ref_grads[key].abs().max() > 0, key  # every block gets a gradient
             _close(got["grads"][key], ref_grads[key])
             _close(got["after"][key], ref_after[key])
+
+
+def test_colwise_mini_with_mini_r_equal_to_out_is_sharded_as_default(ranks):
+    want = _mini_full()
+    for result in ranks:
+        for got, ref in zip(result["mini_full"], want):
+            _close(got, ref)
 
 
 @pytest.mark.parametrize("name", ["default", "bat"])
