@@ -8,7 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, base_refusal, block_merge_problem,
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, _fsdp_modules, base_refusal,
+                      block_merge_problem,
                       block_shape, check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp,
                       type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
@@ -99,8 +100,16 @@ def peft_hint(model: nn.Module) -> str:
     found = peft_module(model)
     if found is None:
         return ""
+    fsdp = ""
+    if _fsdp_modules(model.modules()):
+        # PEFT's save_pretrained reads the sharded parameters' storage under FSDP2 and fails
+        # ("invalid python storage"); with the full state dict gathered first it writes the
+        # adapter (a review, 2026-12-05).
+        fsdp = ("; under FSDP2, gather the state dict first: model.save_pretrained(path, state_dict="
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), "
+                "is_main_process=rank == 0), every rank calling it (torch.distributed.checkpoint.state_dict)")
     return (f" (it is a PEFT model: {found}; use PEFT's own save_pretrained / merge_and_unload / load_adapter, "
-            "adapter_names= for mixed batches, and miss_ext.peft.accelerate(model) for the fast layers)")
+            f"adapter_names= for mixed batches, and miss_ext.peft.accelerate(model) for the fast layers{fsdp})")
 
 
 def refuse_peft_model(model: nn.Module, where: str) -> None:

@@ -566,6 +566,39 @@ def roots_above_and_exports(rank: int, world_size: int, folder: str):
     return out
 
 
+def peft_sharded_save(rank: int, world_size: int, folder: str):
+    """A PEFT MiSS model sharded by FSDP2: save_adapter refuses it, naming PEFT's save_pretrained
+    and, under FSDP2, the gathered state dict it needs (save_pretrained alone fails there on PEFT's
+    side, "invalid python storage"; a review, 2026-12-05); the recipe of the message writes the
+    adapter. Returns the message, the written blocks and the blocks before sharding."""
+    import miss_ext.peft
+    from peft import MissConfig, get_peft_model
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)).double(),
+                           MissConfig(r=3, target_modules=["0", "2"], init_weights=False))
+    miss_ext.peft.accelerate(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    mesh = init_device_mesh("cpu", (world_size,))
+    for path in ("base_model.model.0", "base_model.model.2"):
+        fully_shard(model.get_submodule(path), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(4, 10, dtype=torch.float64)).sum().backward()
+    try:
+        miss_ext.save_adapter(model, os.path.join(folder, "peft-miss"))
+        message = None
+    except (TypeError, ValueError) as e:
+        message = f"{type(e).__name__}: {e}"
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model.save_pretrained(os.path.join(folder, "peft-sharded"), state_dict=state, is_main_process=rank == 0)
+    torch.distributed.barrier()
+    return {"message": message, "written": _read_tensors(os.path.join(folder, "peft-sharded")), "before": before}
+
+
 def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
     """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward,
     load_into_sharded, unsharded_and_wrapped and roots_above_and_exports."""
@@ -573,7 +606,8 @@ def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
             "eval_save": save_after_eval_forward(rank, world_size, folder),
             "load_sharded": load_into_sharded(rank, world_size, folder),
             "unsharded": unsharded_and_wrapped(rank, world_size, folder),
-            "roots_above": roots_above_and_exports(rank, world_size, folder)}
+            "roots_above": roots_above_and_exports(rank, world_size, folder),
+            "peft_save": peft_sharded_save(rank, world_size, folder)}
 
 
 def writers_and_fsdp1(rank: int, world_size: int, folder: str):

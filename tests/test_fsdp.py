@@ -287,6 +287,20 @@ def test_load_adapter_into_a_sharded_model(checkpoint_runs):
             assert torch.equal(after[name], source[name]), f"rank {rank} {name}"
 
 
+def test_a_sharded_peft_model_is_saved_by_the_recipe_save_adapter_names(checkpoint_runs):
+    """save_adapter refuses a PEFT model; under FSDP2 its message gives the gathered-state-dict
+    call PEFT's save_pretrained needs there, and that call writes the model's blocks."""
+    for rank, run in enumerate(checkpoint_runs):
+        got = run["peft_save"]
+        assert got["message"] is not None and "it is a PEFT model" in got["message"], got["message"]
+        assert "state_dict=get_model_state_dict(model, options=StateDictOptions(full_state_dict=True" in got["message"]
+        written = {k.replace("base_model.model.", ""): v for k, v in got["written"].items()}
+        before = {k.replace("base_model.model.", "").replace(".default", ""): v for k, v in got["before"].items()}
+        assert written.keys() == before.keys() and len(written) == 2, (written.keys(), before.keys())
+        for name, value in before.items():
+            assert not torch.equal(value, torch.zeros_like(value)) and torch.equal(written[name], value), name
+
+
 def test_unsharded_models_and_wrappers(checkpoint_runs):
     """fsdp_models.unsharded_and_wrapped: loads reach the sharded parameters even when a forward
     left the root unsharded, a layer's merge() and merge_and_unload refuse layers under FSDP2 (even
