@@ -51,8 +51,10 @@ do merged adapters (ValueError, as PEFT's LoRA). Each call stacks the named adap
 a layer into a small bank (their r x out values: no weight- or activation-sized copy). The
 names reach the layers through hooks that last for the call, so a second adapter_names= call of
 the same model while one runs (another thread or coroutine, or nested) raises RuntimeError
-rather than giving the first call its names; a plain call in another thread meanwhile would
-get them too, which cannot be detected (one adapter_names= call at a time per model).
+rather than giving the first call its names; a plain call of the PeftModel in another thread
+meanwhile runs its active adapter (the hooks see a plain model call in their context), but one of
+the layers or the base model directly would get the names, which cannot be detected there (one
+adapter_names= call at a time per model).
 
 Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
 - `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
@@ -251,10 +253,22 @@ _refuse_inside_checkpoint_outside_the_graph = torch.compiler.disable(
     "bank (miss_ext.load_bank / mixed_batch)")
 
 
+def _plain_model_call_here() -> bool:
+    """Whether this context (thread, coroutine) runs a PeftModel call without adapter_names=: a
+    call of the model in another thread while an adapter_names= call runs, which the call's
+    per-call hooks also reach. Its layers run as in any plain call (a review, 2026-12-05: they got
+    the other thread's names, silently). Not known under torch.compile (_model_call records
+    nothing there), nor for a layer or the base model called directly, bypassing PeftModel."""
+    if torch.compiler.is_compiling():
+        return False
+    call = _MODEL_CALL.get()
+    return call is not None and call[1] is None
+
+
 def _adapter_names_hook(module, args, kwargs, holder):
-    if id(module) not in holder["hooked"]:
-        # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call;
-        # it runs as a plain call would.
+    if id(module) not in holder["hooked"] or _plain_model_call_here():
+        # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call,
+        # nor is a plain call of the model in another thread: either runs as a plain call would.
         return args, kwargs
     if torch.compiler.is_compiling():
         if holder.get("eager_entry") and traced_inside_checkpoint():
@@ -439,7 +453,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
         adapter_names = kwargs.pop("adapter_names", None)
-        if self._names_call and adapter_names is None:
+        if self._names_call and adapter_names is None and not _plain_model_call_here():
             raise RuntimeError(f"{type(self).__name__}.forward: a model call with adapter_names= is running but its "
                                "names did not reach this layer (a compiled graph traced without them?)")
         if isinstance(x, Tensor) and x.is_nested:

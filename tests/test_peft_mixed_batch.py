@@ -578,6 +578,48 @@ def test_a_second_adapter_names_call_during_one_is_refused(models):
         torch.testing.assert_close(model(ids, adapter_names=NAMES).logits, expected, rtol=0, atol=0)
 
 
+def test_a_plain_call_in_another_thread_during_an_adapter_names_call_runs_the_active_adapter(models):
+    """The names call's hooks reach every caller of the shared layers: a plain call of the model in
+    another thread meanwhile got the running call's names, silently (or an error about names it
+    never passed when its batch had another size; a review, 2026-12-05). The hooks now see that
+    the thread runs a plain model call: it gets the active adapter, the names call its own rows."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+        plain = model(ids).logits
+        plain_3 = model(ids[:3]).logits
+    assert not torch.allclose(plain, expected)
+    entered, release, results = threading.Event(), threading.Event(), []
+    caller = threading.get_ident()
+
+    def pause_in_names_call(module, args):
+        if threading.get_ident() != caller:
+            entered.set()
+            release.wait(30)
+
+    handle = model.base_model.model.model.layers[0].register_forward_pre_hook(pause_in_names_call)
+
+    def names_call():
+        with torch.no_grad():
+            results.append(model(ids, adapter_names=NAMES).logits)
+
+    thread = threading.Thread(target=names_call)
+    try:
+        thread.start()
+        assert entered.wait(30)
+        with torch.no_grad():
+            got, got_3 = model(ids).logits, model(ids[:3]).logits
+    finally:
+        release.set()
+        thread.join(30)
+        handle.remove()
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(got_3, plain_3, rtol=0, atol=0)
+    assert len(results) == 1
+    torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
+
+
 def call_with_a_change_midway(model, ids, change):
     """model(ids, adapter_names=NAMES) under no_grad, with change() run once as decoder layer 1
     starts (an admin thread's change while the call runs): (logits, the RuntimeError change()
