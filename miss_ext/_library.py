@@ -5,11 +5,17 @@ from typing import Dict, List
 import torch
 
 # A second registration of the `miss` namespace (the CMake-built libmiss_ext.so loaded with
-# torch.ops.load_library, then this package) aborts the whole process inside torch: refuse first.
-if "miss_ext._C" not in sys.modules and "miss::fold" in torch._C._dispatch_get_all_op_names():
-    raise ImportError("the miss ops are already registered in this process (by torch.ops.load_library of the CMake-built "
-                      "libmiss_ext.so?): importing miss_ext would register them a second time, which aborts the "
-                      "process. Use one of the two per process")
+# torch.ops.load_library, or another copy of this package, then this one) aborts the whole process
+# inside torch: refuse first. This package's own _C (a reload of this module) is the one case that
+# registers nothing new. Keyed by this package's name: a vendored copy under another name saw
+# "miss_ext._C" loaded and registered again (a review, 2026-12-05: SIGABRT). The same files
+# imported under a second name (a path alias) are refused too: their classes would be a second
+# set, whose layers the first set's functions do not see.
+if f"{__package__}._C" not in sys.modules and "miss::fold" in torch._C._dispatch_get_all_op_names():
+    raise ImportError(f"the miss ops are already registered in this process (by another copy of miss_ext, or the same "
+                      f"one imported under another name than {__package__!r}, or torch.ops.load_library of the "
+                      "CMake-built libmiss_ext.so): importing this package would register them a second time, which "
+                      "aborts the process. Use one per process")
 
 try:
     from . import _C  # noqa: F401  (registers the `miss` ops as a side effect)

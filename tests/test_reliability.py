@@ -94,3 +94,33 @@ def test_an_explicit_key_gives_the_same_mask_in_any_thread():
     for t in threads:
         t.join(timeout=60)
     assert len(got) == 6 and all(torch.equal(g, want) for g in got)
+
+
+def test_a_second_copy_of_the_package_is_refused_not_an_abort(tmp_path):
+    """A vendored copy of miss_ext under another name, imported after miss_ext (or miss_ext under a
+    second name): its _C would register the `miss` namespace again, which aborts the process inside
+    torch (a review, 2026-12-05: SIGABRT, since the guard looked for "miss_ext._C" by that literal
+    name). Now an ImportError naming the cause, and the first copy keeps working."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(os.path.dirname(miss_ext.__file__), tmp_path / "miss_ext_vendored",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, torch, miss_ext\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "try:\n"
+            "    import miss_ext_vendored\n"
+            "    print('imported')\n"
+            "except ImportError as e:\n"
+            "    print('refused:', e)\n"
+            "x = torch.randn(3, 8)\n"
+            "print('works:', miss_ext.ops.fold(x, 4).shape == (3, 4))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert "refused: the miss ops are already registered in this process (by another copy of miss_ext" in run.stdout, \
+        run.stdout
+    assert "works: True" in run.stdout, run.stdout
