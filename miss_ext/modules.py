@@ -177,11 +177,20 @@ def linear_class_override(cls: type) -> Optional[str]:
 
 
 def _torch_linear_forward() -> Optional[Callable]:
-    forward = nn.Linear.forward
-    if (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None)) == (
-            "torch.nn.modules.linear", "Linear.forward"):
+    """torch's own nn.Linear.forward, or None while it cannot be found. Recognised by its code
+    (torch/nn/modules/linear.py), not by __module__ / __qualname__, which a functools.wraps wrapper
+    copies: miss_ext imported under such a patch (a profiler, mock.patch) took the wrapper for
+    torch's forward, and every nn.Linear stayed non-plain after the patch was removed (a review,
+    2026-12-05). Below a wraps wrapper (its __wrapped__) torch's forward is found all the same."""
+    try:
+        forward = inspect.unwrap(nn.Linear.forward)
+    except ValueError:  # a __wrapped__ cycle
+        return None
+    code = getattr(forward, "__code__", None)
+    filename = getattr(code, "co_filename", "").replace("\\", "/")
+    if filename.endswith("torch/nn/modules/linear.py") and getattr(forward, "__qualname__", None) == "Linear.forward":
         return forward
-    return None  # already replaced when miss_ext was imported: no class inheriting it is exact
+    return None  # replaced by a function that hides torch's: found again once it is restored
 
 
 _TORCH_LINEAR_FORWARD = _torch_linear_forward()
@@ -193,6 +202,9 @@ def _forward_is_the_class_own(cls: type) -> bool:
     such a patch; the fused path would silently skip it (a review found outputs 0.95 off,
     2026-12-02). Like a global hook, it does not concern bat, which never calls the base (as
     PEFT's bat). (Identity tests only: torch.compile traces them to constants.)"""
+    global _TORCH_LINEAR_FORWARD
+    if _TORCH_LINEAR_FORWARD is None and not torch.compiler.is_compiling():
+        _TORCH_LINEAR_FORWARD = _torch_linear_forward()  # miss_ext was imported under a patch
     return cls.forward is _TORCH_LINEAR_FORWARD or cls.forward is not nn.Linear.forward
 
 

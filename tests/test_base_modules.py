@@ -782,6 +782,31 @@ def test_a_class_level_patch_of_linear_forward_is_honoured():
     assert is_plain_linear(layer.base_layer)
 
 
+@pytest.mark.parametrize("patch", ["functools.wraps", "lambda"])
+def test_importing_under_a_patched_linear_forward_finds_torch_forward_once_restored(patch):
+    """miss_ext imported while nn.Linear.forward is a functools.wraps wrapper (a profiler, a tracer)
+    took the wrapper for torch's forward (wraps copies __module__ / __qualname__): once the patch
+    was removed every nn.Linear stayed non-plain for the process (merge refused, the fused path
+    off; a review, 2026-12-05). Also with a plain function patched in at import. In a fresh
+    process, since this one imported miss_ext already."""
+    import subprocess
+    import sys
+
+    wrapper = ("import functools\n@functools.wraps(original)\ndef patched(self, x):\n    return original(self, x)\n"
+               if patch == "functools.wraps" else "patched = lambda self, x: original(self, x)\n")
+    code = ("import torch\nfrom torch import nn\noriginal = nn.Linear.forward\n" + wrapper +
+            "nn.Linear.forward = patched\n"
+            "import miss_ext\nfrom miss_ext.modules import is_plain_linear\n"
+            "during = is_plain_linear(nn.Linear(8, 6))\n"
+            "nn.Linear.forward = original\n"
+            "layer = miss_ext.MissLinear(nn.Linear(8, 6), r=2)\n"
+            "layer.merge()\n"
+            "print('during', during, 'after', is_plain_linear(nn.Linear(8, 6)), 'merged', layer.merged)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "during False after True merged True" in run.stdout, (run.stdout, run.stderr[-2000:])
+
+
 def test_bank_on_multihead_attention_out_proj_is_refused_or_skipped():
     """apply_bank wrapped nn.MultiheadAttention.out_proj (by name and under "all-linear"), whose
     weight MHA reads directly: every forward of the model then raised. Now as apply_miss: refused
