@@ -101,8 +101,8 @@ from .model import check_module, offload_hook, parent_module, under_offload_hook
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
                       check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
-                      non_finite_summary, not_plain_reason, parent_reads_child_tensors, refuse_forward_tangents,
-                      refuse_nested, tensor_json, type_name)
+                      non_finite_summary, not_plain_reason, parent_reads_child_tensors, refuse_batched_key_draw,
+                      refuse_forward_tangents, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from .ops import new_dropout_key  # noqa: E402
@@ -540,6 +540,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         block's dtype (PEFT's precision); out of place."""
         for block, p in shards:
             refuse_forward_tangents(f"{type(self).__name__}.forward", x, block)  # before the draw
+            if p > 0.0:
+                refuse_batched_key_draw(f"{type(self).__name__}.forward")
             folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
             term = folded @ autocast_mini_block(block, x, self.out_features)  # repeated first under autocast
             if term.shape[-1] != self.out_features:  # mini: tile (rows, mini_r) along the output axis

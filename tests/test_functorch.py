@@ -714,3 +714,39 @@ class _Functional:
 
     def __call__(self, *args):
         return functional_call(self.module, self.params, args)
+
+
+@pytest.mark.parametrize("layer", ["fused", "hooked base", "bank", "peft two adapters"])
+def test_vmap_with_different_randomness_is_refused_before_the_key_draw(layer):
+    """vmap(..., randomness="different") would draw one dropout key per sample, which the ops
+    refuse; the key used to be drawn first, so the refusal moved torch's generator (a review,
+    2026-12-05). Now the layers refuse before drawing; randomness="same" still works."""
+    from miss_ext import MissBankLinear, MissLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 10, dtype=F64)
+    if layer == "bank":
+        module = MissBankLinear(nn.Linear(10, 12).double(), capacity=2, max_r=4)
+        module.add_adapter("a", 4, dropout=0.3, block=torch.randn(4, 12, dtype=F64))
+        call = lambda t: module(t, torch.tensor([0, -1]))  # noqa: E731
+    elif layer == "peft two adapters":
+        import miss_ext.peft
+        from peft import MissConfig, get_peft_model
+
+        module = get_peft_model(nn.Sequential(nn.Linear(10, 12)).double(),
+                                MissConfig(r=4, miss_dropout=0.3, target_modules=["0"], init_weights=False))
+        module.add_adapter("b", MissConfig(r=2, miss_dropout=0.3, target_modules=["0"], init_weights=False))
+        module.base_model.set_adapter(["default", "b"])
+        miss_ext.peft.accelerate(module)
+        call = module
+    else:
+        module = MissLinear(nn.Linear(10, 12).double(), r=4, dropout=0.3, init_weights=False)
+        if layer == "hooked base":
+            module.base_layer.register_forward_hook(lambda m, args, out: out)
+        call = module
+    module.train()
+    state = torch.get_rng_state()
+    with pytest.raises(NotImplementedError, match=r"vmap over the dropout key is not supported"):
+        vmap(call, randomness="different")(x)
+    assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
+    assert vmap(call, randomness="same")(x).shape[:2] == (3, 2)
