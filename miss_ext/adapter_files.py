@@ -25,7 +25,7 @@ from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, 
                     refuse_lazy_tensors, refuse_peft_model, saved_whole_problem, shared_before_wrapping,
                     trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
-                      is_dtensor, refuse_meta, reshard_fsdp, type_name)
+                      check_flag, is_dtensor, refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
@@ -799,6 +799,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     tensors: truncated, corrupted, empty). Source: PEFT's
     PeftModel.from_pretrained / set_peft_model_state_dict; docs/miss.md, "Files".
     """
+    check_flag(freeze_others, "freeze_others", "load_adapter")
     wrapped, model = model, unwrap_model(model, "load_adapter")
     refuse_peft_model(model, "load_adapter")
     refuse_lazy_tensors(model, "load_adapter")

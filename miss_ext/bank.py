@@ -863,6 +863,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if not isinstance(adapter_index, Tensor) or adapter_index.dtype != torch.int64:
             got = type(adapter_index).__name__ + (f" {adapter_index.dtype}" if isinstance(adapter_index, Tensor) else "")
             raise TypeError(f"adapter_index must be an int64 tensor of slot ids (MissBankLinear.index_of), got {got}")
+        if adapter_index.device != self.bank.device:
+            # The routing lookup below would fail inside torch with a message naming no argument
+            # (a review, 2026-12-05); the ops name both devices, as here.
+            raise ValueError(f"MissBankLinear: adapter_index is on {adapter_index.device}, the bank on "
+                             f"{self.bank.device}; move the ids to the bank's device (index_of gives them there)")
         # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
         # bank_fold to refuse by name. Routed before row_index broadcasts one id per sequence over
         # its tokens: a (batch,) lookup instead of a (batch, seq) one on every layer of a prefill.

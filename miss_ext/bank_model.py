@@ -41,7 +41,8 @@ from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_a
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
                     refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook, unwrap_model,
                     writes_here)
-from .modules import MissLinear, base_refusal, check_dropout, is_dtensor, refuse_meta, reshard_fsdp, type_name
+from .modules import (MissLinear, base_refusal, check_dropout, check_flag, is_dtensor, refuse_meta, reshard_fsdp,
+                      type_name)
 from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
                       set_module, warn_unmatched)
 
@@ -121,6 +122,7 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the meta
     device under an `_hf_hook`: its bank would hold no values; load the model without offload). A
     list entry that matches no module while others do gives one UserWarning."""
+    check_flag(freeze_others, "freeze_others", "apply_bank")
     refuse_peft_model(unwrap_model(model, "apply_bank"), "apply_bank")  # (load_bank checks its own model)
     return _apply_bank(model, target_modules, capacity, max_r, freeze_others, named_by_user=True)
 

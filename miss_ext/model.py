@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, _fsdp_modules, base_refusal,
-                      block_merge_problem,
-                      block_shape, check_dropout, is_dtensor, merge_refusal, non_finite_summary, reshard_fsdp,
-                      type_name)
+                      block_merge_problem, block_shape, check_dropout, check_flag, is_dtensor, merge_refusal,
+                      non_finite_summary, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
                       describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
                       peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -628,6 +627,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     Source: PEFT's get_peft_model / MissConfig (peft/tuners/miss, tuners_utils'
     check_target_module_exists and _maybe_include_all_linear_layers); docs/miss.md.
     """
+    check_flag(freeze_others, "freeze_others", "apply_miss")
     refuse_ddp_wrapped(model, "apply_miss")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
@@ -830,6 +830,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     A model without MissLinear layers: UserWarning, returned unchanged; a model that is
     itself a MissLinear: its base layer is returned. Source: PEFT's merge_and_unload;
     docs/miss.md, "Merging"."""
+    check_flag(safe_merge, "safe_merge", "merge_and_unload")
     check_module(model, "merge_and_unload")
     layers = miss_layers(model)
     if not layers:

@@ -369,6 +369,16 @@ def is_dtensor(t: Optional[Tensor]) -> bool:
     return isinstance(t, DTensor)
 
 
+def check_flag(value, name: str, where: str) -> None:
+    """TypeError unless `value` is a bool (numpy's too): a flag given as a string or None did the
+    opposite of what it said ("False" is truthy; a review, 2026-12-05: apply_miss(...,
+    freeze_others="False") froze everything, merge_and_unload(model, safe_merge="no") ran a safe
+    merge)."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
+        raise TypeError(f"{where}: {name} must be True or False, got {name}={value!r}")
+
+
 def refuse_forward_tangents(where: str, *tensors: Optional[Tensor]) -> None:
     """NotImplementedError when one of `tensors` is a forward-mode dual tensor
     (torch.autograd.forward_ad.make_dual, also a parameter made dual through functional_call) outside
@@ -1179,6 +1189,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         left it unsharded it is FSDP's gathered copy, which the next reshard drops with the merge
         (modules.fsdp_managed). A layer already merged: UserWarning, nothing done. Source:
         docs/miss.md, "Merging"; PEFT's MissLinear.merge (its NaN message)."""
+        check_flag(safe_merge, "safe_merge", f"{self._describe()}.merge")
         if self.merged:
             warnings.warn("MissLinear is already merged; nothing to do")
             return

@@ -253,6 +253,17 @@ def test_a_whole_module_pickle_with_slot_buffers_still_loads():
     torch.testing.assert_close(back(x, back.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
 
 
+def test_ids_on_another_device_than_the_bank_are_refused_by_name():
+    """adapter_index on another device than the bank: the routing lookup failed inside torch with a
+    message naming no argument (a review, 2026-12-05); a ValueError names both devices, as the ops'
+    device checks do."""
+    bank = MissBankLinear(nn.Linear(IN, OUT), capacity=2, max_r=MAX_R)
+    bank.add_adapter("a", 4)
+    bank.to("meta")
+    with pytest.raises(ValueError, match=r"adapter_index is on cpu, the bank on meta"):
+        bank(torch.randn(3, IN, device="meta"), torch.tensor([0, -1, 0]))
+
+
 def test_a_base_that_returns_a_tuple_is_refused_by_name():
     """A router-like nn.Linear subclass returning (logits, weights) cannot take a bank either (as
     MissLinear refuses it): a TypeError naming the layer, not an error from deep inside the op."""

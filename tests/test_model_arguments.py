@@ -166,3 +166,26 @@ def test_lora_factors_refuses_a_block_it_cannot_factor(shape):
         lora_factors(torch.ones(shape), 20, 20)
     a, b = lora_factors(torch.ones(3, 5), 20, 20)
     assert a.shape == (3, 20) and b.shape == (20, 3)
+
+
+@pytest.mark.parametrize("call", ["apply_miss", "merge_and_unload", "load_adapter", "apply_bank", "MissLinear.merge"])
+@pytest.mark.parametrize("value", ["False", None, 1])
+def test_flags_that_are_not_bools_are_refused_and_change_nothing(call, value, tmp_path):
+    """freeze_others / safe_merge given as a string, None or an int did what their truth value says:
+    apply_miss(..., freeze_others="False") froze everything, merge_and_unload(model, safe_merge="no")
+    ran a safe merge (a review, 2026-12-05). Now TypeError naming the flag, nothing changed."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    if call in ("merge_and_unload", "load_adapter", "MissLinear.merge"):
+        miss_ext.apply_miss(model, ["0"], r=2, init_weights=False)
+        miss_ext.save_adapter(model, tmp_path / "adapter")
+    before = snapshot(model)
+    runs = {"apply_miss": (lambda: miss_ext.apply_miss(model, ["1"], r=2, freeze_others=value), "freeze_others"),
+            "merge_and_unload": (lambda: miss_ext.merge_and_unload(model, safe_merge=value), "safe_merge"),
+            "load_adapter": (lambda: miss_ext.load_adapter(model, tmp_path / "adapter", freeze_others=value),
+                             "freeze_others"),
+            "apply_bank": (lambda: miss_ext.apply_bank(model, ["1"], 2, 2, freeze_others=value), "freeze_others"),
+            "MissLinear.merge": (lambda: model[0].merge(value), "safe_merge")}
+    run, flag = runs[call]
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False, got {flag}={re.escape(repr(value))}"):
+        run()
+    assert_unchanged(model, before)

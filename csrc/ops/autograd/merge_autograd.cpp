@@ -20,7 +20,7 @@ class MergeFunction : public torch::autograd::Function<MergeFunction> {
     ctx->saved_data["bat"] = block.dim() == 3;
     if (block.dim() == 3) {
       ctx->save_for_backward({weight, block});  // bat's gradients read W and B
-    } else {
+    } else if (block.dim() == 2) {  // any other rank: the op below raises its ValueError
       // Default/mini: the gradients need only the block's shape and dtype. Saving no tensor keeps
       // W out of memory until backward and lets the user change W or the block in place after
       // the merge, as with weight + delta in plain torch.
