@@ -828,8 +828,9 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     FSDP2) or whose block the merge cannot use (modules.block_merge_problem: not floating, on the
     meta device or another device than the weight). TypeError for a model that is no nn.Module.
     A model without MissLinear layers: UserWarning, returned unchanged; a model that is
-    itself a MissLinear: its base layer is returned. Source: PEFT's merge_and_unload;
-    docs/miss.md, "Merging"."""
+    itself a MissLinear: its base layer is returned. The adapter's modules_to_save / bias record
+    goes with it (a later apply_miss starts from PEFT's defaults); requires_grad flags stay as they
+    are. Source: PEFT's merge_and_unload; docs/miss.md, "Merging"."""
     check_flag(safe_merge, "safe_merge", "merge_and_unload")
     check_module(model, "merge_and_unload")
     layers = miss_layers(model)
@@ -882,4 +883,10 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         if not name:  # the model is the MissLinear itself
             return layer.base_layer
         set_module(model, name, layer.base_layer)
+    # The adapter is gone, and with it its modules_to_save / bias record: the next apply_miss or
+    # load_adapter on this model starts from PEFT's defaults (as after PEFT's merge_and_unload).
+    # Kept, it made the next adapter train and save the old one's lm_head and biases (a review,
+    # 2026-12-05). The modules keep their requires_grad, as PEFT's merge_and_unload leaves them.
+    for module in model.modules():
+        module.__dict__.pop(EXTRAS_ATTR, None)
     return model

@@ -589,6 +589,24 @@ def _norm_net():
     return _NormNet().double().eval()
 
 
+def test_merge_and_unload_forgets_the_adapters_modules_to_save_and_bias(base, tmp_path):
+    """merge_and_unload kept the record of the adapter's modules_to_save and bias: the next
+    apply_miss on the merged model trained the old adapter's lm_head and biases and save_adapter
+    wrote them into the new adapter's files (a review, 2026-12-05). Now the next adapter starts
+    from PEFT's defaults, as after PEFT's merge_and_unload."""
+    import json
+
+    model = miss_ext.merge_and_unload(ours(base, "default", modules_to_save=["lm_head"], bias="all"))
+    miss_ext.apply_miss(model, ["v_proj"], r=R)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("miss_block" in n for n in trainable), trainable
+    miss_ext.save_adapter(model, tmp_path / "next")
+    config = json.loads((tmp_path / "next" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["bias"] == "none", config
+    miss_ext.merge_and_unload(model)
+    miss_ext.apply_miss(model, ["q_proj"], r=R, bias="MiSS_only")  # refused as "an earlier call set bias='all'"
+
+
 def test_modules_to_save_buffers_travel_with_the_adapter(tmp_path):
     """PEFT saves a modules_to_save module's whole state_dict, so a BatchNorm's running statistics
     are part of the adapter: save_adapter wrote only its parameters, so load_adapter of our own
