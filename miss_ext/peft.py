@@ -164,7 +164,8 @@ def _repeat(names: List[str], times: int) -> List[str]:
 # The tuner models running a call with adapter_names= now: its names reach the layers through
 # hooks on the model's modules, which any other call of the model running meanwhile would also
 # get. A WeakSet, not a flag on the model: a copy taken during a call is not in a call.
-_NAMES_LOCK = threading.Lock()
+# Re-entrant: merge_and_unload holds it across its merge_adapter, which takes it too.
+_NAMES_LOCK = threading.RLock()
 _NAMES_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 # Merges and unmerges of accelerated layers, one at a time across threads: a forward under
@@ -1285,10 +1286,14 @@ class AcceleratedMissModel(MissModel):
         merged weight) run before any layer changes; ValueError naming the layer otherwise, or for
         adapter_names naming no adapter of the model. A failure after the checks undoes this call's
         merges. RuntimeError while a call with adapter_names= runs."""
-        self._refuse_during_names_call("merge_adapter")
-        self._check_merge(adapter_names, safe_merge)
-        with self._undo_merges_on_error():
-            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        # Held from the check to the last write: a names call starting in between (another
+        # thread) passed its merge check and then met merged layers part way (a review,
+        # 2026-12-05). Names calls hold the lock only to check and claim, so they wait, not deadlock.
+        with _NAMES_LOCK:
+            self._refuse_during_names_call("merge_adapter")
+            self._check_merge(adapter_names, safe_merge)
+            with self._undo_merges_on_error():
+                super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """PEFT's unmerge_adapter, all or nothing: every layer's unmerge checks run first
@@ -1297,23 +1302,28 @@ class AcceleratedMissModel(MissModel):
         # All or nothing, as merge_adapter: every layer's unmerge checks before any layer changes,
         # and should a layer's unmerge fail after them (out of memory, an interrupt), the layers
         # unmerged so far are merged again before the error propagates.
-        self._refuse_during_names_call("unmerge_adapter")
-        layers = []
-        for path, layer in self.model.named_modules():
-            if type(layer) is AcceleratedMissLinear and layer.merged:
-                try:
-                    layer._check_unmerge()
-                except ValueError as exc:
-                    raise ValueError(f"{path}: {exc} No layer was unmerged.") from exc
-                layers.append((path, layer, list(layer.merged_adapters)))
-        try:
-            super().unmerge_adapter()
-        except BaseException:
-            undo_each([(path, partial(_merge_back, layer, before)) for path, layer, before in layers],
-                      "unmerge_adapter")
-            raise
+        with _NAMES_LOCK:  # from the check to the last write (merge_adapter)
+            self._refuse_during_names_call("unmerge_adapter")
+            layers = []
+            for path, layer in self.model.named_modules():
+                if type(layer) is AcceleratedMissLinear and layer.merged:
+                    try:
+                        layer._check_unmerge()
+                    except ValueError as exc:
+                        raise ValueError(f"{path}: {exc} No layer was unmerged.") from exc
+                    layers.append((path, layer, list(layer.merged_adapters)))
+            try:
+                super().unmerge_adapter()
+            except BaseException:
+                undo_each([(path, partial(_merge_back, layer, before)) for path, layer, before in layers],
+                          "unmerge_adapter")
+                raise
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
+        with _NAMES_LOCK:  # from the check to the last write (merge_adapter)
+            return self._unload_and_optionally_merge_holding_lock(*args, **kwargs)
+
+    def _unload_and_optionally_merge_holding_lock(self, *args, **kwargs):
         bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
         bound.apply_defaults()
         self._refuse_during_names_call("merge_and_unload" if bound.arguments.get("merge") else "unload")

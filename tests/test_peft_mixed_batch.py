@@ -620,6 +620,51 @@ def test_a_plain_call_in_another_thread_during_an_adapter_names_call_runs_the_ac
     torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
 
 
+def test_merge_adapter_and_an_adapter_names_call_in_two_threads_do_not_interleave():
+    """merge_adapter checked for a running adapter_names= call without the lock that call claims
+    itself under: a names call starting between that check and the merge passed its own checks,
+    then met merged layers part way (a review, 2026-12-05). Now the merge holds the lock from its
+    check to its last write: the names call starts after it and is refused up front (adapters
+    merged) at its first adapted layer."""
+    model, _ = build()
+    ids = tokens(len(NAMES), 7)
+    tuner = model.base_model
+    events, checked = [], threading.Event()
+    check_merge = type(tuner)._check_merge
+
+    def slow_check(self, *args, **kwargs):
+        check_merge(self, *args, **kwargs)
+        checked.set()
+        threading.Event().wait(1.0)  # the window a names call used to start in
+
+    def layer_hook(module, args):
+        events.append("names call ran a layer")
+
+    handle = model.base_model.model.model.layers[0].register_forward_pre_hook(layer_hook)
+    outcome = {}
+
+    def names_call():
+        checked.wait(30)
+        try:
+            with torch.no_grad():
+                model(ids, adapter_names=NAMES)
+        except ValueError as e:
+            outcome["names"] = str(e)
+
+    thread = threading.Thread(target=names_call)
+    type(tuner)._check_merge = slow_check
+    try:
+        thread.start()
+        model.merge_adapter(["a"])
+        events.append("merged")
+    finally:
+        type(tuner)._check_merge = check_merge
+        thread.join(30)
+        handle.remove()
+    assert events[0] == "merged", events  # the names call waited for the merge to end
+    assert "merged" in outcome.get("names", ""), outcome  # and was then refused (no row ran)
+
+
 def call_with_a_change_midway(model, ids, change):
     """model(ids, adapter_names=NAMES) under no_grad, with change() run once as decoder layer 1
     starts (an admin thread's change while the call runs): (logits, the RuntimeError change()
