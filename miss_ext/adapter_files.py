@@ -308,7 +308,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     check_task_type(task_type, "save_adapter")
     layers = miss_layers(model)
     if not layers:
-        raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model)}"
+        raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model, saving=True)}"
                          + (" (it has MissBankLinear layers: save_bank_adapter saves one of their adapters)"
                             if any(isinstance(m, MissBankLinear) for m in model.modules()) else ""))
     # What PEFT trains and saves beside the blocks (apply_miss / load_adapter recorded it):

@@ -93,20 +93,23 @@ def peft_module(model: nn.Module) -> Optional[str]:
     return None
 
 
-def peft_hint(model: nn.Module) -> str:
+def peft_hint(model: nn.Module, saving: bool = False) -> str:
     """Said beside "no miss_ext layer" when the model is a PEFT model: miss_ext's model functions
-    work on miss_ext's own layers; a PEFT model has PEFT's own functions."""
+    work on miss_ext's own layers; a PEFT model has PEFT's own functions. `saving`: said by a save,
+    which names the call PEFT's save_pretrained needs under FSDP2."""
     found = peft_module(model)
     if found is None:
         return ""
     fsdp = ""
-    if _fsdp_modules(model.modules()):
+    if saving and _fsdp_modules(model.modules()):
         # PEFT's save_pretrained reads the sharded parameters' storage under FSDP2 and fails
         # ("invalid python storage"); with the full state dict gathered first it writes the
         # adapter (a review, 2026-12-05).
+        # ignore_frozen_params: only the adapter's parameters are gathered, not the frozen base.
         fsdp = ("; under FSDP2, gather the state dict first: model.save_pretrained(path, state_dict="
-                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)), "
-                "is_main_process=rank == 0), every rank calling it (torch.distributed.checkpoint.state_dict)")
+                "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                "ignore_frozen_params=True)), is_main_process=torch.distributed.get_rank() == 0), every rank "
+                "calling it (torch.distributed.checkpoint.state_dict)")
     return (f" (it is a PEFT model: {found}; use PEFT's own save_pretrained / merge_and_unload / load_adapter, "
             f"adapter_names= for mixed batches, and miss_ext.peft.accelerate(model) for the fast layers{fsdp})")
 

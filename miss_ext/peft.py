@@ -52,9 +52,9 @@ a layer into a small bank (their r x out values: no weight- or activation-sized 
 names reach the layers through hooks that last for the call, so a second adapter_names= call of
 the same model while one runs (another thread or coroutine, or nested) raises RuntimeError
 rather than giving the first call its names; a plain call of the PeftModel in another thread
-meanwhile runs its active adapter (the hooks see a plain model call in their context), but one of
-the layers or the base model directly would get the names, which cannot be detected there (one
-adapter_names= call at a time per model).
+meanwhile runs its active adapter (the hooks see a plain model call in their context; not under
+torch.compile, which records no calls), but one of the layers or the base model directly would
+get the names, which cannot be detected there (one adapter_names= call at a time per model).
 
 Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
 - `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
@@ -210,6 +210,10 @@ class _EveryRow(list):
 
 
 def _model_forward_hook(module, args, holder):
+    if _plain_model_call_here():
+        # Another thread's plain call: its entry would replace the names call's, whose layers
+        # then missed a checkpoint around them (a review, 2026-12-05: trained, gradients 30 off).
+        return
     # Not under torch.compile: a compiled graph recomputes what it traced, names included, and
     # has no frames to look at.
     grad = torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -1060,6 +1064,8 @@ class AcceleratedMissModel(MissModel):
         original = getattr(inner, "generate", None)
 
         def generate(*gen_args, **gen_kwargs):
+            if _plain_model_call_here():  # another thread's plain generate: the names are not its
+                return original(*gen_args, **gen_kwargs)
             holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
             return original(*gen_args, **gen_kwargs)
 

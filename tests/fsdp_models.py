@@ -593,7 +593,8 @@ def peft_sharded_save(rank: int, world_size: int, folder: str):
         message = None
     except (TypeError, ValueError) as e:
         message = f"{type(e).__name__}: {e}"
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
     model.save_pretrained(os.path.join(folder, "peft-sharded"), state_dict=state, is_main_process=rank == 0)
     torch.distributed.barrier()
     return {"message": message, "written": _read_tensors(os.path.join(folder, "peft-sharded")), "before": before}

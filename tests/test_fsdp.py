@@ -293,7 +293,8 @@ def test_a_sharded_peft_model_is_saved_by_the_recipe_save_adapter_names(checkpoi
     for rank, run in enumerate(checkpoint_runs):
         got = run["peft_save"]
         assert got["message"] is not None and "it is a PEFT model" in got["message"], got["message"]
-        assert "state_dict=get_model_state_dict(model, options=StateDictOptions(full_state_dict=True" in got["message"]
+        assert ("state_dict=get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                "ignore_frozen_params=True)), is_main_process=torch.distributed.get_rank() == 0)") in got["message"]
         written = {k.replace("base_model.model.", ""): v for k, v in got["written"].items()}
         before = {k.replace("base_model.model.", "").replace(".default", ""): v for k, v in got["before"].items()}
         assert written.keys() == before.keys() and len(written) == 2, (written.keys(), before.keys())

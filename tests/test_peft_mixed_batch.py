@@ -590,34 +590,101 @@ def test_a_plain_call_in_another_thread_during_an_adapter_names_call_runs_the_ac
         plain = model(ids).logits
         plain_3 = model(ids[:3]).logits
     assert not torch.allclose(plain, expected)
-    entered, release, results = threading.Event(), threading.Event(), []
+
+    def names_call():
+        with torch.no_grad():
+            return model(ids, adapter_names=NAMES).logits
+
+    def plain_calls():
+        with torch.no_grad():
+            return model(ids).logits, model(ids[:3]).logits
+
+    outcome, (got, got_3) = _with_a_plain_call_midway(model, names_call, plain_calls)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(got_3, plain_3, rtol=0, atol=0)
+    torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
+
+
+def _with_a_plain_call_midway(model, names_call, plain_call):
+    """names_call() in another thread, paused as decoder layer 0 starts while plain_call() runs
+    here: (the names call's outcome, the plain call's result)."""
+    entered, release, outcome = threading.Event(), threading.Event(), []
     caller = threading.get_ident()
 
-    def pause_in_names_call(module, args):
+    def pause(module, args):
         if threading.get_ident() != caller:
             entered.set()
             release.wait(30)
 
-    handle = model.base_model.model.model.layers[0].register_forward_pre_hook(pause_in_names_call)
+    handle = model.base_model.model.model.layers[0].register_forward_pre_hook(pause)
 
-    def names_call():
-        with torch.no_grad():
-            results.append(model(ids, adapter_names=NAMES).logits)
+    def run():
+        try:
+            outcome.append(names_call())
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcome.append(e)
 
-    thread = threading.Thread(target=names_call)
+    thread = threading.Thread(target=run)
     try:
         thread.start()
         assert entered.wait(30)
-        with torch.no_grad():
-            got, got_3 = model(ids).logits, model(ids[:3]).logits
+        handle.remove()
+        result = plain_call()
     finally:
         release.set()
         thread.join(30)
         handle.remove()
-    torch.testing.assert_close(got, plain, rtol=0, atol=0)
-    torch.testing.assert_close(got_3, plain_3, rtol=0, atol=0)
-    assert len(results) == 1
-    torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
+    return outcome[0], result
+
+
+def test_a_plain_call_in_another_thread_keeps_the_names_calls_checkpoint_refusal():
+    """The names call's model-level hook records where the call starts, which its layers use to
+    find a checkpoint around them; another thread's plain call (no_grad) replaced that record, and
+    the names call trained through a reentrant checkpoint that recomputes without its names
+    (gradients up to 30 off; a review, 2026-12-05). It is refused as when alone."""
+    import torch.utils.checkpoint as cp
+
+    model, _ = build()
+    model.train()
+    ids = tokens(len(NAMES), 7)
+    layer = model.base_model.model.model.layers[1]
+    forward = layer.forward
+    layer.forward = lambda *a, **k: cp.checkpoint(lambda *aa: forward(*aa, **k), *a, use_reentrant=True)
+    model.enable_input_require_grads()
+
+    def names_call():
+        model(ids, adapter_names=NAMES).logits.sum().backward()
+
+    def plain_call():
+        with torch.no_grad():
+            return model(ids[:2]).logits
+
+    outcome, _ = _with_a_plain_call_midway(model, names_call, plain_call)
+    assert isinstance(outcome, ValueError) and "cannot be combined with activation checkpointing" in str(outcome), \
+        outcome
+
+
+def test_a_plain_beam_search_in_another_thread_leaves_the_names_call_alone(models):
+    """generate() during a names call rewrote the call's names for its own beams: the names call
+    then failed with '12 entries but the input has 6 sequences' (a review, 2026-12-05)."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+        beams = model.generate(input_ids=ids[:2], max_new_tokens=2, num_beams=2, do_sample=False)
+
+    def names_call():
+        with torch.no_grad():
+            return model(ids, adapter_names=NAMES).logits
+
+    def plain_call():
+        with torch.no_grad():
+            return model.generate(input_ids=ids[:2], max_new_tokens=2, num_beams=2, do_sample=False)
+
+    outcome, got = _with_a_plain_call_midway(model, names_call, plain_call)
+    assert torch.equal(got, beams)
+    assert isinstance(outcome, torch.Tensor), outcome
+    torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
 
 
 def test_merge_adapter_and_an_adapter_names_call_in_two_threads_do_not_interleave():
