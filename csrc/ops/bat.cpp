@@ -234,17 +234,14 @@ at::Tensor bat_linear_kernel(const at::Tensor& x, const at::Tensor& weight, cons
 
 namespace {
 
-// The contraction chunk of bat_block_grad: in (one GEMM) or a divisor of it. CUDA keeps the one
-// GEMM (its precision against PEFT is on the GPU waiting list, tests/GPU.md). On the CPU the
-// largest divisor of in up to max(64, r), at least r (in % r == 0), so the temporary is at most the
-// weight's size.
+// The contraction chunk of bat_block_grad on the CPU: max(32, r) terms, so the temporary of
+// partial products is at most the weight's size. Measured at r = 8 (2026-12-05, 1 thread, worst
+// of 4 seeds, error against PEFT's / time against one GEMM at 4096 x 4096): chunks of 16 give
+// 1.21x / 2.7x, 32 1.34x / 1.3x, 64 1.55x / 1.0x, one GEMM 10x / 1x. CUDA keeps one GEMM (its
+// precision against PEFT is on the GPU waiting list, tests/GPU.md). 0: one GEMM.
 int64_t bat_grad_chunk(int64_t in, int64_t r, bool cpu) {
-  const int64_t longest = std::max<int64_t>(64, r);
-  if (!cpu || in <= longest) return in;
-  for (int64_t c = longest; c >= r; --c) {
-    if (in % c == 0) return c;
-  }
-  return in;
+  const int64_t chunk = std::max<int64_t>(32, r);
+  return cpu && in > chunk ? chunk : 0;
 }
 
 }  // namespace
@@ -262,15 +259,19 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
   const at::Tensor wt = weight.to(bd).reshape({blocks, in, r});
   const at::Tensor gt = gp.reshape({blocks, in, r});
   const int64_t chunk = bat_grad_chunk(in, r, weight.is_cpu());
-  if (chunk == in) return at::baddbmm(gsum, wt.transpose(1, 2), gt);
+  if (chunk == 0) return at::baddbmm(gsum, wt.transpose(1, 2), gt);
   // The CPU's GEMM sums a long contraction into a small (r x r) output one term after another:
   // with r = 8 and in = 2048 the float32 dB was 5-10x PEFT's error, whose autograd sums r-long
-  // tile products with torch.sum's cascade (a review, 2026-12-05). Chunks of at most 64 terms,
-  // their (r x r) partial products summed by at::sum, give PEFT's error at the bmm's speed (a
-  // (blocks, in/chunk, r, r) temporary, out * in * r / chunk elements).
-  const at::Tensor parts = at::matmul(wt.reshape({blocks, in / chunk, chunk, r}).transpose(2, 3),
-                                      gt.reshape({blocks, in / chunk, chunk, r}));
-  return gsum.add(parts.sum(1));
+  // tile products with torch.sum's cascade (a review, 2026-12-05). Chunks of max(32, r) terms,
+  // their (r x r) partial products summed by at::sum, give PEFT's error (a (blocks, in/chunk, r,
+  // r) temporary, out * in * r / chunk elements); the last in % chunk terms are one more GEMM.
+  // Fixed chunks, not a divisor of in: a divisor as small as r made some widths 4-7x slower.
+  const int64_t count = in / chunk, whole = count * chunk;
+  const at::Tensor parts = at::matmul(wt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}).transpose(2, 3),
+                                      gt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}));
+  const at::Tensor summed = gsum.add(parts.sum(1));
+  if (whole == in) return summed;
+  return at::baddbmm(summed, wt.narrow(1, whole, in - whole).transpose(1, 2), gt.narrow(1, whole, in - whole));
 }
 
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
