@@ -209,8 +209,19 @@ class _EveryRow(list):
     the layer's input, however many it has."""
 
 
+class _CallHolder(dict):
+    """What an adapter_names= call's hooks share: its names, the modules it hooked, where it
+    started. A deep copy of the model taken during the call (an EMA or debug copy in a hook) copies
+    the hooks but shares this, so the call's end ("done") reaches the copy's hooks too, which then
+    do nothing (a copied holder kept each later forward's frame, and with it its autograd graph;
+    a review, 2026-12-05)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _model_forward_hook(module, args, holder):
-    if _plain_model_call_here():
+    if holder.get("done") or _plain_model_call_here():
         # Another thread's plain call: its entry would replace the names call's, whose layers
         # then missed a checkpoint around them (a review, 2026-12-05: trained, gradients 30 off).
         return
@@ -271,7 +282,7 @@ def _plain_model_call_here() -> bool:
 
 
 def _adapter_names_hook(module, args, kwargs, holder):
-    if id(module) not in holder["hooked"] or _plain_model_call_here():
+    if holder.get("done") or id(module) not in holder["hooked"] or _plain_model_call_here():
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call,
         # nor is a plain call of the model in another thread: either runs as a plain call would.
         return args, kwargs
@@ -1054,8 +1065,8 @@ class AcceleratedMissModel(MissModel):
         self._check_before_unmerging(names)
         # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
         # model's own generation_config is consulted by generate() below).
-        holder = {"names": _repeat(names, _expand_size(kwargs)), "regrouped": sequence_first is not None,
-                  "hooked": set()}  # ids of the modules hooked for this call
+        holder = _CallHolder(names=_repeat(names, _expand_size(kwargs)), regrouped=sequence_first is not None,
+                             hooked=set())  # hooked: ids of the modules hooked for this call
         # PeftModel.generate calls the base model's generate inside this context; only there is
         # the model's own generation_config (num_beams / num_return_sequences shipped with a
         # checkpoint) in force, so the names are repeated for it there, not for a forward call.
@@ -1064,7 +1075,7 @@ class AcceleratedMissModel(MissModel):
         original = getattr(inner, "generate", None)
 
         def generate(*gen_args, **gen_kwargs):
-            if _plain_model_call_here():  # another thread's plain generate: the names are not its
+            if holder.get("done") or _plain_model_call_here():  # a copy's, or another thread's plain call
                 return original(*gen_args, **gen_kwargs)
             holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
             return original(*gen_args, **gen_kwargs)
@@ -1100,7 +1111,7 @@ class AcceleratedMissModel(MissModel):
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
-                unrepeated = {"names": names, "regrouped": holder["regrouped"], "hooked": set()}
+                unrepeated = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
@@ -1112,6 +1123,10 @@ class AcceleratedMissModel(MissModel):
                 yield
         finally:
             holder.pop("entry", None)  # a frame: not kept past the call
+            # A deep copy of the model taken during the call (an EMA or debug copy in a hook) holds
+            # copies of these hooks, which handle.remove() below does not reach: once done they do
+            # nothing (the model hook stored each later forward's frame here, keeping its graph).
+            holder["done"] = True
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
             else:

@@ -687,6 +687,30 @@ def test_a_plain_beam_search_in_another_thread_leaves_the_names_call_alone(model
     torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
 
 
+def test_a_copy_taken_during_an_adapter_names_call_keeps_no_frames_of_its_own_calls():
+    """A deep copy of the model taken inside a names call (an EMA or debug copy in a hook) copied
+    the call's hooks with their holder: its model hook then stored each later forward's frame in
+    that holder, keeping the copy's outputs and their autograd graph alive (a review,
+    2026-12-05). The copies share the holder now, and the call's end turns them off."""
+    import gc
+    import weakref
+
+    model, _ = build()
+    ids = tokens(len(NAMES), 7)
+    copies = []
+    handle = model.base_model.model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: copies.append(copy.deepcopy(model)) if not copies else None)
+    with torch.no_grad():
+        model(ids, adapter_names=NAMES)
+    handle.remove()
+    duplicate = copies[0].train()
+    out = duplicate.base_model.model(input_ids=ids, labels=ids)  # not through PeftModel's forward
+    logits, loss = weakref.ref(out.logits), weakref.ref(out.loss)
+    del out
+    gc.collect()
+    assert logits() is None and loss() is None
+
+
 def test_merge_adapter_and_an_adapter_names_call_in_two_threads_do_not_interleave():
     """merge_adapter checked for a running adapter_names= call without the lock that call claims
     itself under: a names call starting between that check and the merge passed its own checks,
