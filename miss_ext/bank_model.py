@@ -570,11 +570,20 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
         # (MissBankLinear._check_recompute); the same names entered again are the same batch.
         # A slot's generation tells a re-used slot (an adapter removed, another added under any
         # name) from the adapter the forward ran with.
-        for _, layer in layers:
-            layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
-            layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots), expand)
-            if stack_entry is not None:
-                layer.__dict__["_stack_entry"] = stack_entry
+        try:
+            for _, layer in layers:
+                layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
+                layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots),
+                                                  expand)
+                if stack_entry is not None:
+                    layer.__dict__["_stack_entry"] = stack_entry
+        except BaseException:
+            # An interrupt (Ctrl-C) part way left some layers with ids: the model then counted as
+            # in a mixed batch for good (a review, 2026-12-05).
+            for _, layer in layers:
+                layer.rows = None
+                layer.__dict__.pop("_stack_entry", None)
+            raise
     handles = []
     try:
         # A state_dict load is refused before any module loads, whichever module it is called on:

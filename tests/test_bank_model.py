@@ -1146,6 +1146,32 @@ def test_save_bank_adapter_writes_a_snapshot_and_reads_under_the_bank_lock(folde
     assert done == [["X"]]
 
 
+def test_an_interrupt_while_mixed_batch_sets_the_ids_leaves_no_layer_in_the_batch(folders, monkeypatch):
+    """A KeyboardInterrupt part way through setting the layers' ids (before the `try` that clears
+    them) left some layers with ids: every later mixed_batch was refused as a second one, slot
+    changes and state_dict loads too (a review, 2026-12-05). Now the ids set so far are cleared."""
+    model = bank_model(folders, capacity=6).eval()
+    ids, names = tokens(3, 5), ["odd_rank", "bone", None]
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        expected = model(ids).logits
+    calls = []
+    generation = MissBankLinear.slot_generation
+
+    def interrupted(self, slot):
+        calls.append(slot)
+        if len(calls) == 4:  # part way through the layers
+            raise KeyboardInterrupt
+        return generation(self, slot)
+
+    monkeypatch.setattr(MissBankLinear, "slot_generation", interrupted)
+    with pytest.raises(KeyboardInterrupt), miss_ext.mixed_batch(model, names):
+        pass
+    monkeypatch.undo()
+    assert all(layer.rows is None for _, layer in miss_ext.bank_model._layers(model, "test"))
+    with torch.no_grad(), miss_ext.mixed_batch(model, names):
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+
+
 def test_a_second_mixed_batch_on_the_same_model_is_refused(folders):
     """The rows live on the layers: a second mixed_batch while one is active (another thread, an
     async server's other coroutine, or nested) would hand the first call's running forward its
