@@ -8,6 +8,7 @@ import re
 import textwrap
 import tokenize
 import warnings
+import weakref
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -321,10 +322,18 @@ def ancestor_reads_layer_tensors(ancestors: Sequence[nn.Module], path: str) -> b
     return any(_names_grandchild_tensors(type(a), outer, parts[-1]) for a in ancestors)
 
 
-@functools.lru_cache(maxsize=None)
+# Caches keyed by class, weakly: a class defined again and again (a notebook cell re-run) is
+# freed with its last instance (an lru_cache kept every one alive; a review, 2026-12-05).
+_GRANDCHILD_TENSORS: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()
+_CLASS_SOURCES: "weakref.WeakKeyDictionary[type, Tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
 def _names_grandchild_tensors(cls: type, outer: str, name: str) -> bool:
-    pattern = re.compile(rf"\b{outer}\.{re.escape(name)}\.(weight|bias)\b")
-    return any(pattern.search(source) for source in _class_sources(cls))
+    known = _GRANDCHILD_TENSORS.setdefault(cls, {})
+    if (outer, name) not in known:
+        pattern = re.compile(rf"\b{outer}\.{re.escape(name)}\.(weight|bias)\b")
+        known[(outer, name)] = any(pattern.search(source) for source in _class_sources(cls))
+    return known[(outer, name)]
 
 
 # Classes whose code is the frameworks' own, not a model's: their sources are long (reading
@@ -334,10 +343,16 @@ _FRAMEWORK_MODULES = ("torch.", "peft.", "accelerate.", "transformers.modeling_u
                       "transformers.integrations.", "transformers.utils.")
 
 
-@functools.lru_cache(maxsize=None)
 def _class_sources(cls: type) -> Tuple[str, ...]:
     """The code of `cls` and its bases (without comments and string literals: docstrings name
     tensors in examples), but nn.Module's, object's and the frameworks' (_FRAMEWORK_MODULES)."""
+    if cls in _CLASS_SOURCES:
+        return _CLASS_SOURCES[cls]
+    _CLASS_SOURCES[cls] = _read_class_sources(cls)
+    return _CLASS_SOURCES[cls]
+
+
+def _read_class_sources(cls: type) -> Tuple[str, ...]:
     sources = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object) or klass.__module__.startswith(_FRAMEWORK_MODULES):
