@@ -387,7 +387,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     of the layers that hold it, with its r, mode, mini_r and dropout. task_type and
     base_model_name_or_path go into the config as save_adapter writes them (the latter defaults to
     the model's `config._name_or_path`). ValueError for a model without bank layers or a name not
-    in the bank (the message lists the bank's adapters).
+    in the bank (the message lists the bank's adapters); TypeError for a name that is no str.
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
     every rank must call this, and by default the first rank that holds the model writes, as
@@ -429,7 +429,8 @@ def remove_bank_adapter(model: nn.Module, name: str) -> None:
     """Empties the adapter's slot in every bank layer (the slot can take another adapter; under
     torch.compile this does not recompile, see miss_ext/bank.py "Recompilation"). ValueError,
     changing nothing, for a model without bank layers, a name not in the bank, or a bank layer on
-    the meta device (its slot tensors cannot be read: materialise the model first)."""
+    the meta device (its slot tensors cannot be read: materialise the model first); TypeError for
+    a name that is no str."""
     model = _model_to_change(model, "remove_bank_adapter")
     layers = _layers(model, "remove_bank_adapter")
     slot = layers[0][1]._slot(name)  # ValueError naming the known adapters
