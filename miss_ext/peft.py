@@ -190,13 +190,25 @@ def _model_call(model: nn.Module, names: Optional[List[str]]):
     # them the call is not recorded, and the layers' per-layer refusals stay as before (a refusal
     # from a compiled graph may come after a disabled merged layer has unmerged).
     if torch.compiler.is_compiling():
-        yield
+        yield None
         return
-    token = _MODEL_CALL.set([model, names, False])  # the last: checked already in this call
+    record = [model, names, False]  # the last: checked already in this call
+    token = _MODEL_CALL.set(record)
     try:
-        yield
+        yield record
     finally:
         _MODEL_CALL.reset(token)
+
+
+def _plain_call(model: nn.Module):
+    """A call of the tuner (its forward, or a base-model method through it) without adapter_names=:
+    recorded as a plain model call where this context runs no model call yet (another thread's,
+    whose forwards a running names call's hooks must leave alone). Inside a call it is that call's
+    own step (PeftModel.forward calls the tuner, PeftModel.generate the base model's generate),
+    and nothing changes."""
+    if torch.compiler.is_compiling() or _MODEL_CALL.get() is not None:
+        return contextlib.nullcontext()
+    return _model_call(model, None)
 
 
 def _merging():
@@ -211,19 +223,43 @@ class _EveryRow(list):
 
 class _CallHolder(dict):
     """What an adapter_names= call's hooks share: its names, the modules it hooked, where it
-    started. A deep copy of the model taken during the call (an EMA or debug copy in a hook) copies
-    the hooks but shares this, so the call's end ("done") reaches the copy's hooks too, which then
-    do nothing (a copied holder kept each later forward's frame, and with it its autograd graph;
-    a review, 2026-12-05)."""
+    started, and its record in _MODEL_CALL ("record"). A copy of the model taken during the call (an
+    EMA or debug copy in a hook: deepcopy or pickle) copies the hooks with an inert holder, "done"
+    from the start: the copy is no part of the call (a copied holder kept each later forward's
+    frame, and a shared one let the copy's forwards replace the call's checkpoint record: the
+    call then trained through a checkpoint it must refuse; reviews, 2026-12-05)."""
 
     def __deepcopy__(self, memo):
-        return self
+        return _inert_holder()
+
+    def __reduce__(self):
+        return _inert_holder, ()
+
+
+def _inert_holder() -> "_CallHolder":
+    return _CallHolder(done=True, hooked=set(), names=[], regrouped=False)
+
+
+def _outside_the_call(holder: "_CallHolder") -> bool:
+    """Whether a hook of an adapter_names= call runs outside that call: after it ended, in a copy
+    of the model (an inert holder), or in another context (thread, coroutine) or a plain call
+    nested in it (the current _MODEL_CALL record is not the call's). Such a forward is no part of
+    the call and must neither get its names nor touch its checkpoint record: another thread's
+    plain call got the names, silently (a review, 2026-12-05), as did one of the base model or
+    its generate called directly. Under torch.compile the call is not recorded (_model_call), so
+    only "done" counts there."""
+    if holder.get("done"):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    record = holder.get("record")
+    return record is not None and _MODEL_CALL.get() is not record
 
 
 def _model_forward_hook(module, args, holder):
-    if holder.get("done") or _plain_model_call_here():
-        # Another thread's plain call: its entry would replace the names call's, whose layers
-        # then missed a checkpoint around them (a review, 2026-12-05: trained, gradients 30 off).
+    if _outside_the_call(holder):
+        # Another thread's or a copy's forward: its entry would replace the names call's, whose
+        # layers then missed a checkpoint around them (a review, 2026-12-05: gradients 30 off).
         return
     # Not under torch.compile: a compiled graph recomputes what it traced, names included, and
     # has no frames to look at.
@@ -282,9 +318,9 @@ def _plain_model_call_here() -> bool:
 
 
 def _adapter_names_hook(module, args, kwargs, holder):
-    if holder.get("done") or id(module) not in holder["hooked"] or _plain_model_call_here():
+    if id(module) not in holder["hooked"] or _outside_the_call(holder):
         # A copy of a hooked module (deepcopy or pickle taken during the call) is not in the call,
-        # nor is a plain call of the model in another thread: either runs as a plain call would.
+        # nor is a call of the model in another thread: either runs as a plain call would.
         return args, kwargs
     if torch.compiler.is_compiling():
         if holder.get("eager_entry") and traced_inside_checkpoint():
@@ -471,7 +507,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         adapter_names = kwargs.pop("adapter_names", None)
         if self._names_call and adapter_names is None and not _plain_model_call_here():
             raise RuntimeError(f"{type(self).__name__}.forward: a model call with adapter_names= is running but its "
-                               "names did not reach this layer (a compiled graph traced without them?)")
+                               "names did not reach this layer (a compiled graph traced without them, or the base "
+                               "model or its layers called directly from another thread while that call runs: call "
+                               "the PeftModel, or one call at a time)")
         if isinstance(x, Tensor) and x.is_nested:
             # Run on the packed rows (modules.jagged_forward); one name for every row routes them,
             # per-sequence names do not reach a packed row's sequence.
@@ -936,7 +974,8 @@ class _WithAdapterNames:
 
     def __call__(self, *args, **kwargs):
         if "adapter_names" not in kwargs:
-            return self._method(*args, **kwargs)
+            with _plain_call(self._tuner):
+                return self._method(*args, **kwargs)
         with self._tuner._enable_peft_forward_hooks(*args, **kwargs):
             kwargs.pop("adapter_names")
             # Read again inside the call: the hooks patch the base model's generate (to repeat the
@@ -991,7 +1030,8 @@ class AcceleratedMissModel(MissModel):
         Llama; PEFT's LoRA does the same). The base model itself, called directly, still ignores
         the keyword (README)."""
         if "adapter_names" not in kwargs:
-            return self.model(*args, **kwargs)
+            with _plain_call(self):
+                return self.model(*args, **kwargs)
         with self._enable_peft_forward_hooks(*args, **kwargs):
             return self.model(*args, **{k: v for k, v in kwargs.items() if k != "adapter_names"})
 
@@ -1075,8 +1115,9 @@ class AcceleratedMissModel(MissModel):
         original = getattr(inner, "generate", None)
 
         def generate(*gen_args, **gen_kwargs):
-            if holder.get("done") or _plain_model_call_here():  # a copy's, or another thread's plain call
-                return original(*gen_args, **gen_kwargs)
+            if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
+                with _model_call(self, None):  # plain: the names call's hooks leave it alone
+                    return original(*gen_args, **gen_kwargs)
             holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
             return original(*gen_args, **gen_kwargs)
 
@@ -1089,7 +1130,7 @@ class AcceleratedMissModel(MissModel):
             _NAMES_ACTIVE.add(self)
             # The adapters the call may use: a load_state_dict of theirs is refused while it runs.
             self.__dict__["_names_call_adapters"] = frozenset(self.peft_config)
-        handles, flagged = [], []
+        handles, flagged, encoder_holder = [], [], None
         try:
             # Each forward of the model records where it starts (the layers look for a checkpoint
             # between that frame and themselves) when it runs with grad enabled; generate()'s
@@ -1111,7 +1152,7 @@ class AcceleratedMissModel(MissModel):
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
-                unrepeated = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
+                unrepeated = encoder_holder = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
@@ -1119,14 +1160,18 @@ class AcceleratedMissModel(MissModel):
                         unrepeated["hooked"].add(id(module))
             if callable(original):
                 inner.__dict__["generate"] = generate
-            with _model_call(self, names):
+            with _model_call(self, names) as record:
+                holder["record"] = record
+                if encoder_holder is not None:
+                    encoder_holder["record"] = record
                 yield
         finally:
             holder.pop("entry", None)  # a frame: not kept past the call
-            # A deep copy of the model taken during the call (an EMA or debug copy in a hook) holds
-            # copies of these hooks, which handle.remove() below does not reach: once done they do
-            # nothing (the model hook stored each later forward's frame here, keeping its graph).
+            # A reference kept to these hooks (a shallow copy of the model taken during the call)
+            # does nothing once the call ended (_outside_the_call).
             holder["done"] = True
+            if encoder_holder is not None:
+                encoder_holder["done"] = True
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
             else:

@@ -664,6 +664,59 @@ def test_a_plain_call_in_another_thread_keeps_the_names_calls_checkpoint_refusal
         outcome
 
 
+@pytest.mark.parametrize("path", ["tuner forward", "tuner generate"])
+def test_a_plain_call_of_the_tuner_in_another_thread_runs_the_active_adapter(models, path):
+    """model.base_model(...) and model.base_model.generate(...) (miss_ext's tuner) without names in
+    another thread during a names call: the tuner forward got the call's rows (0.46 off) and a
+    beam search rewrote its names (a review, 2026-12-05). They are recorded as plain calls now."""
+    model, _ = models
+    ids = tokens(len(NAMES), 7)
+
+    def plain():
+        with torch.no_grad():
+            if path == "tuner forward":
+                return model.base_model(input_ids=ids).logits
+            return model.base_model.generate(input_ids=ids[:2], max_new_tokens=2, num_beams=2, do_sample=False)
+
+    def names_call():
+        with torch.no_grad():
+            return model(ids, adapter_names=NAMES).logits
+
+    want, expected = plain(), names_call()
+    outcome, got = _with_a_plain_call_midway(model, names_call, plain)
+    assert torch.equal(got, want)
+    assert isinstance(outcome, torch.Tensor), outcome
+    torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
+
+
+def test_a_copy_run_inside_a_names_call_keeps_its_checkpoint_refusal():
+    """A deep copy of the model taken and run (no_grad) inside a training names call, an EMA or
+    debug copy in a hook: the copy's hooks shared the call's record and replaced its checkpoint
+    entry, and the call trained through a reentrant checkpoint it must refuse (gradients 0.56 off;
+    a review, 2026-12-05). A copy's hooks are inert now."""
+    import torch.utils.checkpoint as cp
+
+    model, _ = build()
+    model.train()
+    ids = tokens(len(NAMES), 7)
+    layer = model.base_model.model.model.layers[1]
+    forward = layer.forward
+    layer.forward = lambda *a, **k: cp.checkpoint(lambda *aa: forward(*aa, **k), *a, use_reentrant=True)
+    model.enable_input_require_grads()
+    copies = []
+
+    def copy_and_run(module, args):
+        if not copies:
+            copies.append(copy.deepcopy(model))
+            with torch.no_grad():
+                copies[0].base_model.model(ids[:1])
+
+    model.base_model.model.model.layers[0].register_forward_pre_hook(copy_and_run)
+    with pytest.raises(ValueError, match="cannot be combined with activation checkpointing"):
+        model(ids, adapter_names=NAMES).logits.sum().backward()
+    assert copies
+
+
 def test_a_plain_beam_search_in_another_thread_leaves_the_names_call_alone(models):
     """generate() during a names call rewrote the call's names for its own beams: the names call
     then failed with '12 entries but the input has 6 sequences' (a review, 2026-12-05)."""
