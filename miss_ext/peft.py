@@ -1048,80 +1048,84 @@ class AcceleratedMissModel(MissModel):
                 yield
             return
         names = check_adapter_names(adapter_names, where)
-        # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
-        # modules_to_save wrappers, and layers that see rows other than the sequences in order
-        # (RowLayout): names that differ are refused there, and one name for every row, which
-        # routes right in any layout, is given to each layer for all the rows of its input.
-        known, not_accelerated, wrappers, layout = set(), [], [], RowLayout(self.model)
-        differ = len(set(names)) > 1
-        for path, module in self.model.named_modules():
-            layout.see(path, module, isinstance(module, PeftMissLinear))
-            if isinstance(module, PeftMissLinear):
-                known |= set(module.miss_block.keys())
-                if type(module) is PeftMissLinear:
-                    not_accelerated.append(path)
-            elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
-                wrappers.append((path, module))
-        if BASE in known:
-            raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
-                             "model; rename that adapter")
-        unknown = sorted({n for n in names if n != BASE} - known)
-        if unknown:
-            raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
-                             f"{sorted(known)})")
-        if not_accelerated:
-            raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
-                            "are not (call miss_ext.peft.accelerate(model) again)")
-        # The vision (audio) side of a multimodal model runs only on the images (audio) a call
-        # brings: a call with text inputs only may mix adapters adapted there too.
-        modality_inputs = other_modality_arguments(args, kwargs)
-        sequence_first = layout.reason_for(other_modalities=bool(modality_inputs))
-        if sequence_first is not None and differ:
-            if layout.reason_for(other_modalities=False) is None:
-                sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
-                                   "images, video or audio (a call whose every argument holding data is a text "
-                                   "input passed by keyword: input_ids=, attention_mask=, ... "
-                                   "(miss_ext.bank.TEXT_ONLY_ARGUMENTS), runs no vision side and may mix adapters)")
-            raise sequence_first_error(sequence_first, where)
-        for path, wrapper in wrappers:
-            lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
-            if lacking:
-                # PEFT's wrapper would fail with a bare KeyError for them.
-                raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
-                                 f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
-                                 "PEFT cannot mix those in one batch")
-        if torch.is_grad_enabled() and _checkpointing(self.model):
-            # The names reach the layers through hooks that live for this call only, but gradient
-            # checkpointing runs the layers again inside backward(), after the call has returned:
-            # those rows would silently use the active adapter there.
-            raise ValueError(f"{where}: adapter_names= cannot be combined with gradient checkpointing in training "
-                             "(its recomputation in backward() runs after this call, without the names); call "
-                             "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
-                             "backward() inside mixed_batch")
-        # Every layer's own refusals of these names (merged adapters, bat adapters named by a row)
-        # before any layer runs: found by the layer that holds the bat adapter, the call stopped
-        # after earlier layers had drawn their dropout keys, moving torch's generator on a refused
-        # call (helper review, 2026-12-03).
-        self._check_before_unmerging(names)
-        # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
-        # model's own generation_config is consulted by generate() below).
-        holder = _CallHolder(names=_repeat(names, _expand_size(kwargs)), regrouped=sequence_first is not None,
-                             hooked=set())  # hooked: ids of the modules hooked for this call
-        # PeftModel.generate calls the base model's generate inside this context; only there is
-        # the model's own generation_config (num_beams / num_return_sequences shipped with a
-        # checkpoint) in force, so the names are repeated for it there, not for a forward call.
-        inner = self.model
-        saved = inner.__dict__.get("generate", _NOTHING)
-        original = getattr(inner, "generate", None)
+        # Checked and claimed as one step, under the lock that merges, unmerges, unloads and
+        # deletes hold from their own check to their last write: a change from another thread
+        # between this call's checks and its claim gave its rows adapters it had not checked (a
+        # deleted one's rows got the base output; a review, 2026-12-05).
+        with _NAMES_LOCK:
+            # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
+            # modules_to_save wrappers, and layers that see rows other than the sequences in order
+            # (RowLayout): names that differ are refused there, and one name for every row, which
+            # routes right in any layout, is given to each layer for all the rows of its input.
+            known, not_accelerated, wrappers, layout = set(), [], [], RowLayout(self.model)
+            differ = len(set(names)) > 1
+            for path, module in self.model.named_modules():
+                layout.see(path, module, isinstance(module, PeftMissLinear))
+                if isinstance(module, PeftMissLinear):
+                    known |= set(module.miss_block.keys())
+                    if type(module) is PeftMissLinear:
+                        not_accelerated.append(path)
+                elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+                    wrappers.append((path, module))
+            if BASE in known:
+                raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
+                                 "model; rename that adapter")
+            unknown = sorted({n for n in names if n != BASE} - known)
+            if unknown:
+                raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
+                                 f"{sorted(known)})")
+            if not_accelerated:
+                raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
+                                "are not (call miss_ext.peft.accelerate(model) again)")
+            # The vision (audio) side of a multimodal model runs only on the images (audio) a call
+            # brings: a call with text inputs only may mix adapters adapted there too.
+            modality_inputs = other_modality_arguments(args, kwargs)
+            sequence_first = layout.reason_for(other_modalities=bool(modality_inputs))
+            if sequence_first is not None and differ:
+                if layout.reason_for(other_modalities=False) is None:
+                    sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
+                                       "images, video or audio (a call whose every argument holding data is a text "
+                                       "input passed by keyword: input_ids=, attention_mask=, ... "
+                                       "(miss_ext.bank.TEXT_ONLY_ARGUMENTS), runs no vision side and may mix adapters)")
+                raise sequence_first_error(sequence_first, where)
+            for path, wrapper in wrappers:
+                lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
+                if lacking:
+                    # PEFT's wrapper would fail with a bare KeyError for them.
+                    raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
+                                     f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
+                                     "PEFT cannot mix those in one batch")
+            if torch.is_grad_enabled() and _checkpointing(self.model):
+                # The names reach the layers through hooks that live for this call only, but gradient
+                # checkpointing runs the layers again inside backward(), after the call has returned:
+                # those rows would silently use the active adapter there.
+                raise ValueError(f"{where}: adapter_names= cannot be combined with gradient checkpointing in training "
+                                 "(its recomputation in backward() runs after this call, without the names); call "
+                                 "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
+                                 "backward() inside mixed_batch")
+            # Every layer's own refusals of these names (merged adapters, bat adapters named by a row)
+            # before any layer runs: found by the layer that holds the bat adapter, the call stopped
+            # after earlier layers had drawn their dropout keys, moving torch's generator on a refused
+            # call (helper review, 2026-12-03).
+            self._check_before_unmerging(names)
+            # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
+            # model's own generation_config is consulted by generate() below).
+            holder = _CallHolder(names=_repeat(names, _expand_size(kwargs)), regrouped=sequence_first is not None,
+                                 hooked=set())  # hooked: ids of the modules hooked for this call
+            # PeftModel.generate calls the base model's generate inside this context; only there is
+            # the model's own generation_config (num_beams / num_return_sequences shipped with a
+            # checkpoint) in force, so the names are repeated for it there, not for a forward call.
+            inner = self.model
+            saved = inner.__dict__.get("generate", _NOTHING)
+            original = getattr(inner, "generate", None)
 
-        def generate(*gen_args, **gen_kwargs):
-            if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
-                with _model_call(self, None):  # plain: the names call's hooks leave it alone
-                    return original(*gen_args, **gen_kwargs)
-            holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
-            return original(*gen_args, **gen_kwargs)
+            def generate(*gen_args, **gen_kwargs):
+                if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
+                    with _model_call(self, None):  # plain: the names call's hooks leave it alone
+                        return original(*gen_args, **gen_kwargs)
+                holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
+                return original(*gen_args, **gen_kwargs)
 
-        with _NAMES_LOCK:  # checked and claimed as one step: two threads may call at once
             if self in _NAMES_ACTIVE:
                 raise RuntimeError(f"{where}: another call with adapter_names= is running on this model (another "
                                    "thread or coroutine, or nested), and its per-call hooks would give that call this "

@@ -689,6 +689,45 @@ def test_a_plain_call_of_the_tuner_in_another_thread_runs_the_active_adapter(mod
     torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
 
 
+def test_a_delete_adapter_between_a_names_calls_checks_and_its_start_waits():
+    """A names call checked the model (its adapters, merged layers) before claiming the lock that
+    delete_adapter and the merges take: a delete in another thread in between went through, and
+    the call's rows naming the deleted adapter got the base output (0.43 off; a review,
+    2026-12-05). Checks and claim are one step now: the delete waits, then is refused while the
+    call runs (or runs after it); the call's rows are exact."""
+    model, _ = build()
+    tuner = model.base_model
+    ids = tokens(len(NAMES), 7)
+    with torch.no_grad():
+        expected = model(ids, adapter_names=NAMES).logits
+    checked, outcome = threading.Event(), {}
+    check = type(tuner)._check_before_unmerging
+
+    def slow_check(self, names):
+        check(self, names)
+        if names is not None and threading.current_thread().name == "names call":
+            checked.set()
+            threading.Event().wait(1.0)  # the window a change used to slip into
+
+    def names_call():
+        with torch.no_grad():
+            outcome["logits"] = model(ids, adapter_names=NAMES).logits
+
+    type(tuner)._check_before_unmerging = slow_check
+    thread = threading.Thread(target=names_call, name="names call")
+    try:
+        thread.start()
+        assert checked.wait(30)
+        try:
+            model.delete_adapter("c")
+        except RuntimeError as e:
+            assert "a call with adapter_names= is running" in str(e)
+    finally:
+        type(tuner)._check_before_unmerging = check
+        thread.join(30)
+    torch.testing.assert_close(outcome["logits"], expected, rtol=0, atol=0)
+
+
 def test_a_copy_run_inside_a_names_call_keeps_its_checkpoint_refusal():
     """A deep copy of the model taken and run (no_grad) inside a training names call, an EMA or
     debug copy in a hook: the copy's hooks shared the call's record and replaced its checkpoint
