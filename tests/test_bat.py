@@ -1702,3 +1702,16 @@ def test_meta_kernels_reject_what_cpu_rejects(call, exc):
         call("cpu")
     with pytest.raises(exc):
         call("meta")
+
+
+def test_bat_linear_backward_with_no_output_rows(device):
+    """out_features = 0 (no r x r row block): the backward's per-chunk loop ran no chunk and
+    torch.cat got an empty list ("expected a non-empty list of Tensors"; a review, 2026-12-05).
+    The gradients are empty tensors of the inputs' shapes; x's is zero."""
+    x = rand(3, 8, device=device).requires_grad_(True)
+    w = rand(0, 8, device=device).requires_grad_(True)
+    blk = rand(0, 4, 4, device=device).requires_grad_(True)
+    y = ops.bat_linear(x, w, None, blk, None)
+    assert y.shape == (3, 0)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, blk))
+    assert gw.shape == w.shape and gb.shape == blk.shape and torch.equal(gx, torch.zeros_like(x))

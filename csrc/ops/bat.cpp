@@ -266,12 +266,18 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
   // their (r x r) partial products summed by at::sum, give PEFT's error (a (blocks, in/chunk, r,
   // r) temporary, out * in * r / chunk elements); the last in % chunk terms are one more GEMM.
   // Fixed chunks, not a divisor of in: a divisor as small as r made some widths 4-7x slower.
+  // A half-precision block: the partial products and their sum in float32, rounded once (rounded
+  // per chunk they were 1.2-1.7x one GEMM's error, which accumulates in float32; a review).
+  const bool half = bd == at::kHalf || bd == at::kBFloat16;
+  const at::Tensor wa = half ? wt.to(at::kFloat) : wt, ga = half ? gt.to(at::kFloat) : gt;
   const int64_t count = in / chunk, whole = count * chunk;
-  const at::Tensor parts = at::matmul(wt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}).transpose(2, 3),
-                                      gt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}));
-  const at::Tensor summed = gsum.add(parts.sum(1));
-  if (whole == in) return summed;
-  return at::baddbmm(summed, wt.narrow(1, whole, in - whole).transpose(1, 2), gt.narrow(1, whole, in - whole));
+  const at::Tensor parts = at::matmul(wa.narrow(1, 0, whole).reshape({blocks, count, chunk, r}).transpose(2, 3),
+                                      ga.narrow(1, 0, whole).reshape({blocks, count, chunk, r}));
+  at::Tensor summed = (half ? gsum.to(at::kFloat) : gsum).add(parts.sum(1));
+  if (whole < in) {
+    summed = at::baddbmm(summed, wa.narrow(1, whole, in - whole).transpose(1, 2), ga.narrow(1, whole, in - whole));
+  }
+  return summed.to(bd);
 }
 
 at::Tensor bat_weight_grad(const at::Tensor& grad_wprime, const at::Tensor& weight, const at::Tensor& block) {
@@ -323,8 +329,15 @@ BatLinearGrads bat_linear_backward(const at::Tensor& grad_y, const at::Tensor& x
       if (needs[3]) block_parts.push_back(bat_block_grad(gp, w_part, b_part));
       if (needs[1]) weight_parts.push_back(bat_weight_grad(gp, w_part, b_part));
     }
-    if (needs[3]) grads.block = block_parts.size() == 1 ? block_parts[0] : at::cat(block_parts);
-    if (needs[1]) grads.weight = weight_parts.size() == 1 ? weight_parts[0] : at::cat(weight_parts);
+    // No row block (out_features = 0): the loop ran no chunk, and the gradients are empty.
+    if (needs[3]) {
+      grads.block = block_parts.empty() ? at::zeros_like(block)
+                                        : block_parts.size() == 1 ? block_parts[0] : at::cat(block_parts);
+    }
+    if (needs[1]) {
+      grads.weight = weight_parts.empty() ? at::zeros_like(weight)
+                                          : weight_parts.size() == 1 ? weight_parts[0] : at::cat(weight_parts);
+    }
   }
   return grads;
 }
