@@ -869,6 +869,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
+    else:  # a stale record (trainable_extras ignored it) goes
+        model.__dict__.pop(EXTRAS_ATTR, None)
     if freeze_others:
         # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
         earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]

@@ -255,6 +255,12 @@ def trainable_extras(model: nn.Module) -> dict:
     anything, and used to fail on it with a bare AttributeError after swapping layers in (an
     atomicity review, 2026-12-03)."""
     recorded = getattr(model, EXTRAS_ATTR, None) or {}
+    if recorded and not any(isinstance(m, MissLinear) for m in model.modules()):
+        # Every layer of the adapter that set it was unloaded (merge_and_unload of a submodule
+        # holding them all, which drops only the records inside it): stale, as merge_and_unload
+        # of the model would have dropped it (a review, 2026-12-05: the next adapter trained the
+        # old one's lm_head again).
+        recorded = {}
     paths = list(recorded.get("modules_to_save", []))
     for path in paths:
         try:
@@ -770,6 +776,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
               "bias": bias if bias != "none" else recorded["bias"]}
     if extras != {"modules_to_save": [], "bias": "none"}:
         setattr(model, EXTRAS_ATTR, extras)
+    else:  # a stale record (trainable_extras ignored it) goes
+        model.__dict__.pop(EXTRAS_ATTR, None)
     # An earlier call's modules_to_save that this call does not name keep a frozen state (one
     # frozen by an earlier inference_mode call stays frozen); those it names follow this call.
     earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]

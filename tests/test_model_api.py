@@ -605,6 +605,12 @@ def test_merge_and_unload_forgets_the_adapters_modules_to_save_and_bias(base, tm
     assert config["modules_to_save"] is None and config["bias"] == "none", config
     miss_ext.merge_and_unload(model)
     miss_ext.apply_miss(model, ["q_proj"], r=R, bias="MiSS_only")  # refused as "an earlier call set bias='all'"
+    # merge_and_unload of the submodule holding every layer: the record on the root is stale too
+    again = ours(base, "default", modules_to_save=["lm_head"])
+    miss_ext.merge_and_unload(again.model)
+    miss_ext.apply_miss(again, ["v_proj"], r=R)
+    trainable = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert trainable and all("miss_block" in n for n in trainable), trainable
 
 
 def test_modules_to_save_buffers_travel_with_the_adapter(tmp_path):
