@@ -546,34 +546,18 @@ def test_a_second_adapter_names_call_during_one_is_refused(models):
     other = list(reversed(NAMES))
     with torch.no_grad():
         expected = model(ids, adapter_names=NAMES).logits
-    entered, release, results = threading.Event(), threading.Event(), []
-    caller = threading.get_ident()
-
-    def pause_in_first_call(module, args):
-        if threading.get_ident() != caller:
-            entered.set()
-            release.wait(30)
-
-    layer = model.base_model.model.model.layers[0]
-    handle = layer.register_forward_pre_hook(pause_in_first_call)
 
     def first():
         with torch.no_grad():
-            results.append(model(ids, adapter_names=NAMES).logits)
+            return model(ids, adapter_names=NAMES).logits
 
-    thread = threading.Thread(target=first)
-    try:
-        thread.start()
-        assert entered.wait(30)
+    def second():
         with pytest.raises(RuntimeError, match=r"another call with adapter_names= is running on this model .*"
                                                r"nothing was changed"):
             model(ids, adapter_names=other)
-    finally:
-        release.set()
-        thread.join(30)
-        handle.remove()
-    assert len(results) == 1
-    torch.testing.assert_close(results[0], expected, rtol=0, atol=0)
+
+    outcome, _ = _with_a_plain_call_midway(model, first, second)
+    torch.testing.assert_close(outcome, expected, rtol=0, atol=0)
     with torch.no_grad():  # free again
         torch.testing.assert_close(model(ids, adapter_names=NAMES).logits, expected, rtol=0, atol=0)
 
@@ -637,20 +621,26 @@ def _with_a_plain_call_midway(model, names_call, plain_call):
     return outcome[0], result
 
 
+def _training_model_with_a_reentrant_checkpoint():
+    """(a fresh model in training mode whose decoder layer 1 runs under a reentrant
+    torch.utils.checkpoint, a batch of token ids for NAMES): a names call on it must be refused."""
+    import torch.utils.checkpoint as cp
+
+    model, _ = build()
+    model.train()
+    layer = model.base_model.model.model.layers[1]
+    forward = layer.forward
+    layer.forward = lambda *a, **k: cp.checkpoint(lambda *aa: forward(*aa, **k), *a, use_reentrant=True)
+    model.enable_input_require_grads()
+    return model, tokens(len(NAMES), 7)
+
+
 def test_a_plain_call_in_another_thread_keeps_the_names_calls_checkpoint_refusal():
     """The names call's model-level hook records where the call starts, which its layers use to
     find a checkpoint around them; another thread's plain call (no_grad) replaced that record, and
     the names call trained through a reentrant checkpoint that recomputes without its names
     (gradients up to 30 off; a review, 2026-12-05). It is refused as when alone."""
-    import torch.utils.checkpoint as cp
-
-    model, _ = build()
-    model.train()
-    ids = tokens(len(NAMES), 7)
-    layer = model.base_model.model.model.layers[1]
-    forward = layer.forward
-    layer.forward = lambda *a, **k: cp.checkpoint(lambda *aa: forward(*aa, **k), *a, use_reentrant=True)
-    model.enable_input_require_grads()
+    model, ids = _training_model_with_a_reentrant_checkpoint()
 
     def names_call():
         model(ids, adapter_names=NAMES).logits.sum().backward()
@@ -733,15 +723,7 @@ def test_a_copy_run_inside_a_names_call_keeps_its_checkpoint_refusal():
     debug copy in a hook: the copy's hooks shared the call's record and replaced its checkpoint
     entry, and the call trained through a reentrant checkpoint it must refuse (gradients 0.56 off;
     a review, 2026-12-05). A copy's hooks are inert now."""
-    import torch.utils.checkpoint as cp
-
-    model, _ = build()
-    model.train()
-    ids = tokens(len(NAMES), 7)
-    layer = model.base_model.model.model.layers[1]
-    forward = layer.forward
-    layer.forward = lambda *a, **k: cp.checkpoint(lambda *aa: forward(*aa, **k), *a, use_reentrant=True)
-    model.enable_input_require_grads()
+    model, ids = _training_model_with_a_reentrant_checkpoint()
     copies = []
 
     def copy_and_run(module, args):
