@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
                       check_dropout, is_dtensor, is_plain_linear, json_tensor, load_mismatches,
-                      refuse_batched_key_draw, refuse_forward_tangents, refuse_layer_load, refuse_nested,
+                      refuse_forward_tangents, refuse_layer_load, refuse_nested,
                       refuse_non_tensor, tensor_json, tensor_problem, type_name)
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
@@ -181,7 +181,6 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
         bank = bank.float()
     if dropouts is not None:
         _refuse_bad_rows_before_the_draw(index, ranks)
-        refuse_batched_key_draw("miss::bank_fold")
     key = None if dropouts is None else new_dropout_key(x.device)
     s = torch.ops.miss.bank_fold(x, index, ranks, bank.shape[1], dropouts, key, bank.dtype)
     differentiable = torch.is_grad_enabled() and (bank.requires_grad or x.requires_grad or y.requires_grad)

@@ -256,10 +256,10 @@ def trainable_extras(model: nn.Module) -> dict:
     atomicity review, 2026-12-03)."""
     recorded = getattr(model, EXTRAS_ATTR, None) or {}
     if recorded and not any(isinstance(m, MissLinear) for m in model.modules()):
-        # Every layer of the adapter that set it was unloaded (merge_and_unload of a submodule
-        # holding them all, which drops only the records inside it): stale, as merge_and_unload
-        # of the model would have dropped it (a review, 2026-12-05: the next adapter trained the
-        # old one's lm_head again).
+        # Every layer of the adapter that set it was unloaded (merge_and_unload): the record is
+        # stale, and the next adapter starts from PEFT's defaults, as after PEFT's merge_and_unload
+        # (kept, it made the next adapter train and save the old one's lm_head and biases; a
+        # review, 2026-12-05). apply_miss and load_adapter drop it.
         recorded = {}
     paths = list(recorded.get("modules_to_save", []))
     for path in paths:
@@ -840,8 +840,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     meta device or another device than the weight). TypeError for a model that is no nn.Module.
     A model without MissLinear layers: UserWarning, returned unchanged; a model that is
     itself a MissLinear: its base layer is returned. The adapter's modules_to_save / bias record
-    goes with it (a later apply_miss starts from PEFT's defaults); requires_grad flags stay as they
-    are. Source: PEFT's merge_and_unload; docs/miss.md, "Merging"."""
+    goes with its last layer (trainable_extras: a later apply_miss starts from PEFT's defaults);
+    requires_grad flags stay as they are. Source: PEFT's merge_and_unload; docs/miss.md, "Merging"."""
     check_flag(safe_merge, "safe_merge", "merge_and_unload")
     check_module(model, "merge_and_unload")
     layers = miss_layers(model)
@@ -894,10 +894,4 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         if not name:  # the model is the MissLinear itself
             return layer.base_layer
         set_module(model, name, layer.base_layer)
-    # The adapter is gone, and with it its modules_to_save / bias record: the next apply_miss or
-    # load_adapter on this model starts from PEFT's defaults (as after PEFT's merge_and_unload).
-    # Kept, it made the next adapter train and save the old one's lm_head and biases (a review,
-    # 2026-12-05). The modules keep their requires_grad, as PEFT's merge_and_unload leaves them.
-    for module in model.modules():
-        module.__dict__.pop(EXTRAS_ATTR, None)
     return model

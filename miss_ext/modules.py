@@ -414,29 +414,6 @@ def refuse_forward_tangents(where: str, *tensors: Optional[Tensor]) -> None:
                 "(README, 'torch.func and higher derivatives')")
 
 
-def refuse_batched_key_draw(where: str) -> None:
-    """NotImplementedError when a dropout key drawn now would be batched: inside torch.func.vmap
-    with randomness="different" (at any level of the transform stack), where torch.randint draws
-    one key per sample, which the miss ops refuse (_functorch._plain). Called before the draw, so
-    the refusal leaves torch's generator as it was (a review, 2026-12-05: it moved). vmap's
-    default randomness="error" raises in torch.randint itself, before drawing; "same" draws one
-    key, which works. Reads functorch's interpreter stack (private API: skipped where absent)."""
-    functorch = torch._C._functorch
-    # Dynamo reports an interpreter of its own while it traces; vmap inside a compiled region is
-    # traced by Dynamo itself, which refuses the batched key in the op.
-    if torch.compiler.is_compiling() or functorch.peek_interpreter_stack() is None:
-        return
-    try:
-        from torch._functorch.pyfunctorch import coerce_cinterpreter
-        levels = [coerce_cinterpreter(level) for level in functorch.get_interpreter_stack()]
-    except (ImportError, AttributeError, RuntimeError):
-        return
-    if any(getattr(level, "randomness", lambda: None)() == "different" for level in levels):
-        raise NotImplementedError(f"{where}: vmap over the dropout key is not supported (randomness='different' would "
-                                  "draw one key per sample): use vmap(..., randomness='same'), which draws one key "
-                                  "for the whole batch (each sample's mask is then indexed by its own rows)")
-
-
 def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
                              in_features: int) -> None:
     """Raises what torch.ops.miss.linear(x, weight, bias, block, ...) raises for a bad x
@@ -454,7 +431,6 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
         refuse_forward_tangents("miss::linear", x, weight, bias, block)
-        refuse_batched_key_draw("miss::linear")
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         to = torch.get_autocast_dtype(x.device.type) if autocast else None
         refused = refused or x.device != weight.device or x.device != block.device or (
@@ -1104,8 +1080,6 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if not torch.jit.is_scripting():
             check_base_output(self, y, x)
         if p > 0.0:
-            if not torch.jit.is_scripting():
-                refuse_batched_key_draw(self._describe())
             key = new_dropout_key(x.device)
         if torch.jit.is_scripting():
             # TorchScript cannot ask whether autocast is on for x's device (torch.is_autocast_enabled

@@ -34,6 +34,29 @@ from torch import Tensor
 __all__ = ["bank_add", "bank_add_", "bank_fold", "bat_linear", "bat_transform", "bat_transform_", "bat_weight", "fold",
            "linear", "merge", "merge_", "new_dropout_key", "tile_add", "tile_add_"]
 
+def _refuse_batched_key_draw() -> None:
+    """NotImplementedError when a dropout key drawn now would be batched: inside torch.func.vmap
+    with randomness="different" (at any level of the transform stack), where torch.randint draws
+    one key per sample, which the miss ops refuse (_functorch._plain). Checked by new_dropout_key
+    before it draws, so the refusal leaves torch's generator as it was (a review, 2026-12-05:
+    it moved). vmap's default randomness="error" raises in torch.randint itself, before drawing;
+    "same" draws one key, which works. Reads functorch's interpreter stack (private API: skipped where absent)."""
+    functorch = torch._C._functorch
+    # Dynamo reports an interpreter of its own while it traces; vmap inside a compiled region is
+    # traced by Dynamo itself, which refuses the batched key in the op.
+    if torch.compiler.is_compiling() or functorch.peek_interpreter_stack() is None:
+        return
+    try:
+        from torch._functorch.pyfunctorch import coerce_cinterpreter
+        levels = [coerce_cinterpreter(level) for level in functorch.get_interpreter_stack()]
+    except (ImportError, AttributeError, RuntimeError):
+        return
+    if any(getattr(level, "randomness", lambda: None)() == "different" for level in levels):
+        raise NotImplementedError("miss: vmap over the dropout key is not supported (randomness='different' would "
+                                  "draw one key per sample): use vmap(..., randomness='same'), which draws one key "
+                                  "for the whole batch (each sample's mask is then indexed by its own rows)")
+
+
 def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
     """A fresh dropout key for the miss ops: int64 tensor [seed, offset] of shape (2,) on `device`
     (default: torch's default device, the CPU unless torch.set_default_device changed it), which
@@ -41,10 +64,13 @@ def new_dropout_key(device: Optional[torch.device] = None) -> Tensor:
     the ops raise ValueError for a key on another device).
 
     Drawn with `torch.randint` from that device's default generator, so `torch.manual_seed`
-    reproduces it. The kernels read it where it lives, so the host never waits for the GPU, and
+    reproduces it. NotImplementedError, before drawing, inside torch.func.vmap with
+    randomness="different" (one key per sample, which the ops refuse). The kernels read it where it lives, so the host never waits for the GPU, and
     inside a captured CUDA graph every replay draws a new key and hence a new mask (torch's
     generator is graph-safe). The same key values give the same mask on the CPU and on CUDA
     (csrc/ops/common/dropout_mask.h). C++: `miss_ext::ops::new_dropout_key(device)`."""
+    if not torch.jit.is_scripting():
+        _refuse_batched_key_draw()
     # 2**62 as a literal: TorchScript cannot read module globals, and its ** gives a float.
     return torch.randint(0, 4611686018427387904, [2], dtype=torch.int64, device=device)
 

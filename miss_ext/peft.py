@@ -51,10 +51,10 @@ do merged adapters (ValueError, as PEFT's LoRA). Each call stacks the named adap
 a layer into a small bank (their r x out values: no weight- or activation-sized copy). The
 names reach the layers through hooks that last for the call, so a second adapter_names= call of
 the same model while one runs (another thread or coroutine, or nested) raises RuntimeError
-rather than giving the first call its names; a plain call of the PeftModel in another thread
-meanwhile runs its active adapter (the hooks see a plain model call in their context; not under
-torch.compile, which records no calls), but one of the layers or the base model directly would
-get the names, which cannot be detected there (one adapter_names= call at a time per model).
+rather than giving the first call its names; a plain call of the PeftModel (or of its tuner) in
+another thread meanwhile runs its active adapter, as the hooks act only inside their own call (not
+under torch.compile, which records no calls), and the base model or its layers called directly
+from another thread raise RuntimeError (one adapter_names= call at a time per model).
 
 Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
 - `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
@@ -101,7 +101,7 @@ from .model import check_module, offload_hook, parent_module, under_offload_hook
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
                       check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
-                      non_finite_summary, not_plain_reason, parent_reads_child_tensors, refuse_batched_key_draw,
+                      non_finite_summary, not_plain_reason, parent_reads_child_tensors,
                       refuse_forward_tangents, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
@@ -592,10 +592,9 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _add_terms(self, result: Tensor, x: Tensor, shards: List) -> Tensor:
         """result + each default/mini adapter's term, (block, dropout p) in `shards`, in the
         block's dtype (PEFT's precision); out of place."""
+        # Before the first draw: a refusal leaves the RNG as it was.
+        refuse_forward_tangents(f"{type(self).__name__}.forward", x, *(block for block, _ in shards))
         for block, p in shards:
-            refuse_forward_tangents(f"{type(self).__name__}.forward", x, block)  # before the draw
-            if p > 0.0:
-                refuse_batched_key_draw(f"{type(self).__name__}.forward")
             folded = torch.ops.miss.fold(x, block.shape[0], p, new_dropout_key(x.device) if p > 0.0 else None, block.dtype)
             term = folded @ autocast_mini_block(block, x, self.out_features)  # repeated first under autocast
             if term.shape[-1] != self.out_features:  # mini: tile (rows, mini_r) along the output axis
@@ -1035,6 +1034,67 @@ class AcceleratedMissModel(MissModel):
         with self._enable_peft_forward_hooks(*args, **kwargs):
             return self.model(*args, **{k: v for k, v in kwargs.items() if k != "adapter_names"})
 
+    def _check_names_call(self, names: List[str], where: str, args, kwargs) -> Optional[str]:
+        """Everything a call with adapter_names= `names` checks before it starts (ValueError /
+        TypeError, nothing changed); returns the layout's reason that the layers see rows other
+        than the sequences in order (bank.RowLayout), or None."""
+        # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
+        # modules_to_save wrappers, and layers that see rows other than the sequences in order
+        # (RowLayout): names that differ are refused there, and one name for every row, which
+        # routes right in any layout, is given to each layer for all the rows of its input.
+        known, not_accelerated, wrappers, layout = set(), [], [], RowLayout(self.model)
+        differ = len(set(names)) > 1
+        for path, module in self.model.named_modules():
+            layout.see(path, module, isinstance(module, PeftMissLinear))
+            if isinstance(module, PeftMissLinear):
+                known |= set(module.miss_block.keys())
+                if type(module) is PeftMissLinear:
+                    not_accelerated.append(path)
+            elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+                wrappers.append((path, module))
+        if BASE in known:
+            raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
+                             "model; rename that adapter")
+        unknown = sorted({n for n in names if n != BASE} - known)
+        if unknown:
+            raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
+                             f"{sorted(known)})")
+        if not_accelerated:
+            raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
+                            "are not (call miss_ext.peft.accelerate(model) again)")
+        # The vision (audio) side of a multimodal model runs only on the images (audio) a call
+        # brings: a call with text inputs only may mix adapters adapted there too.
+        modality_inputs = other_modality_arguments(args, kwargs)
+        sequence_first = layout.reason_for(other_modalities=bool(modality_inputs))
+        if sequence_first is not None and differ:
+            if layout.reason_for(other_modalities=False) is None:
+                sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
+                                   "images, video or audio (a call whose every argument holding data is a text "
+                                   "input passed by keyword: input_ids=, attention_mask=, ... "
+                                   "(miss_ext.bank.TEXT_ONLY_ARGUMENTS), runs no vision side and may mix adapters)")
+            raise sequence_first_error(sequence_first, where)
+        for path, wrapper in wrappers:
+            lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
+            if lacking:
+                # PEFT's wrapper would fail with a bare KeyError for them.
+                raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
+                                 f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
+                                 "PEFT cannot mix those in one batch")
+        if torch.is_grad_enabled() and _checkpointing(self.model):
+            # The names reach the layers through hooks that live for this call only, but gradient
+            # checkpointing runs the layers again inside backward(), after the call has returned:
+            # those rows would silently use the active adapter there.
+            raise ValueError(f"{where}: adapter_names= cannot be combined with gradient checkpointing in training "
+                             "(its recomputation in backward() runs after this call, without the names); call "
+                             "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
+                             "backward() inside mixed_batch")
+        # Every layer's own refusals of these names (merged adapters, bat adapters named by a row)
+        # before any layer runs: found by the layer that holds the bat adapter, the call stopped
+        # after earlier layers had drawn their dropout keys, moving torch's generator on a refused
+        # call (helper review, 2026-12-03).
+        self._check_before_unmerging(names)
+        return sequence_first
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         # PeftModel.forward/generate enter this with their keyword arguments before running (and
@@ -1053,79 +1113,7 @@ class AcceleratedMissModel(MissModel):
         # between this call's checks and its claim gave its rows adapters it had not checked (a
         # deleted one's rows got the base output; a review, 2026-12-05).
         with _NAMES_LOCK:
-            # One pass over the model: the adapters its layers hold, layers left unaccelerated, PEFT's
-            # modules_to_save wrappers, and layers that see rows other than the sequences in order
-            # (RowLayout): names that differ are refused there, and one name for every row, which
-            # routes right in any layout, is given to each layer for all the rows of its input.
-            known, not_accelerated, wrappers, layout = set(), [], [], RowLayout(self.model)
-            differ = len(set(names)) > 1
-            for path, module in self.model.named_modules():
-                layout.see(path, module, isinstance(module, PeftMissLinear))
-                if isinstance(module, PeftMissLinear):
-                    known |= set(module.miss_block.keys())
-                    if type(module) is PeftMissLinear:
-                        not_accelerated.append(path)
-                elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
-                    wrappers.append((path, module))
-            if BASE in known:
-                raise ValueError(f"{where}: the model has an adapter named {BASE!r}, which adapter_names uses for the base "
-                                 "model; rename that adapter")
-            unknown = sorted({n for n in names if n != BASE} - known)
-            if unknown:
-                raise ValueError(f"{where}: adapter_names names adapter(s) no layer has: {unknown} (the model has "
-                                 f"{sorted(known)})")
-            if not_accelerated:
-                raise TypeError(f"{where}: adapter_names needs every MiSS layer accelerated; {not_accelerated[:3]} ... "
-                                "are not (call miss_ext.peft.accelerate(model) again)")
-            # The vision (audio) side of a multimodal model runs only on the images (audio) a call
-            # brings: a call with text inputs only may mix adapters adapted there too.
-            modality_inputs = other_modality_arguments(args, kwargs)
-            sequence_first = layout.reason_for(other_modalities=bool(modality_inputs))
-            if sequence_first is not None and differ:
-                if layout.reason_for(other_modalities=False) is None:
-                    sequence_first += (f"; this call brings {describe(modality_inputs, limit=3)}, which may carry "
-                                       "images, video or audio (a call whose every argument holding data is a text "
-                                       "input passed by keyword: input_ids=, attention_mask=, ... "
-                                       "(miss_ext.bank.TEXT_ONLY_ARGUMENTS), runs no vision side and may mix adapters)")
-                raise sequence_first_error(sequence_first, where)
-            for path, wrapper in wrappers:
-                lacking = sorted({n for n in names if n != BASE} - set(wrapper.modules_to_save.keys()))
-                if lacking:
-                    # PEFT's wrapper would fail with a bare KeyError for them.
-                    raise ValueError(f"{where}: adapter_names uses {lacking}, which have no copy of the "
-                                     f"modules_to_save module {path} (trained by {sorted(wrapper.modules_to_save)}); "
-                                     "PEFT cannot mix those in one batch")
-            if torch.is_grad_enabled() and _checkpointing(self.model):
-                # The names reach the layers through hooks that live for this call only, but gradient
-                # checkpointing runs the layers again inside backward(), after the call has returned:
-                # those rows would silently use the active adapter there.
-                raise ValueError(f"{where}: adapter_names= cannot be combined with gradient checkpointing in training "
-                                 "(its recomputation in backward() runs after this call, without the names); call "
-                                 "gradient_checkpointing_disable(), or use miss_ext.load_bank / mixed_batch and call "
-                                 "backward() inside mixed_batch")
-            # Every layer's own refusals of these names (merged adapters, bat adapters named by a row)
-            # before any layer runs: found by the layer that holds the bat adapter, the call stopped
-            # after earlier layers had drawn their dropout keys, moving torch's generator on a refused
-            # call (helper review, 2026-12-03).
-            self._check_before_unmerging(names)
-            # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
-            # model's own generation_config is consulted by generate() below).
-            holder = _CallHolder(names=_repeat(names, _expand_size(kwargs)), regrouped=sequence_first is not None,
-                                 hooked=set())  # hooked: ids of the modules hooked for this call
-            # PeftModel.generate calls the base model's generate inside this context; only there is
-            # the model's own generation_config (num_beams / num_return_sequences shipped with a
-            # checkpoint) in force, so the names are repeated for it there, not for a forward call.
-            inner = self.model
-            saved = inner.__dict__.get("generate", _NOTHING)
-            original = getattr(inner, "generate", None)
-
-            def generate(*gen_args, **gen_kwargs):
-                if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
-                    with _model_call(self, None):  # plain: the names call's hooks leave it alone
-                        return original(*gen_args, **gen_kwargs)
-                holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
-                return original(*gen_args, **gen_kwargs)
-
+            sequence_first = self._check_names_call(names, where, args, kwargs)
             if self in _NAMES_ACTIVE:
                 raise RuntimeError(f"{where}: another call with adapter_names= is running on this model (another "
                                    "thread or coroutine, or nested), and its per-call hooks would give that call this "
@@ -1134,7 +1122,25 @@ class AcceleratedMissModel(MissModel):
             _NAMES_ACTIVE.add(self)
             # The adapters the call may use: a load_state_dict of theirs is refused while it runs.
             self.__dict__["_names_call_adapters"] = frozenset(self.peft_config)
-        handles, flagged, encoder_holder = [], [], None
+        # Each sequence's name, repeated as generate() repeats the sequences (kwargs here; the
+        # model's own generation_config is consulted by generate() below).
+        holder = _CallHolder(names=_repeat(names, _expand_size(kwargs)), regrouped=sequence_first is not None,
+                             hooked=set())  # hooked: ids of the modules hooked for this call
+        # PeftModel.generate calls the base model's generate inside this context; only there is
+        # the model's own generation_config (num_beams / num_return_sequences shipped with a
+        # checkpoint) in force, so the names are repeated for it there, not for a forward call.
+        inner = self.model
+        saved = inner.__dict__.get("generate", _NOTHING)
+        original = getattr(inner, "generate", None)
+
+        def generate(*gen_args, **gen_kwargs):
+            if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
+                with _plain_call(self):
+                    return original(*gen_args, **gen_kwargs)
+            holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
+            return original(*gen_args, **gen_kwargs)
+
+        handles, flagged, holders = [], [], [holder]  # holders: the call's and its encoder's
         try:
             # Each forward of the model records where it starts (the layers look for a checkpoint
             # between that frame and themselves) when it runs with grad enabled; generate()'s
@@ -1156,7 +1162,8 @@ class AcceleratedMissModel(MissModel):
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if encoder is not None and encoder is not self.model:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
-                unrepeated = encoder_holder = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
+                unrepeated = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
+                holders.append(unrepeated)
                 for module in encoder.modules():
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
@@ -1165,17 +1172,15 @@ class AcceleratedMissModel(MissModel):
             if callable(original):
                 inner.__dict__["generate"] = generate
             with _model_call(self, names) as record:
-                holder["record"] = record
-                if encoder_holder is not None:
-                    encoder_holder["record"] = record
+                for one in holders:
+                    one["record"] = record
                 yield
         finally:
             holder.pop("entry", None)  # a frame: not kept past the call
             # A reference kept to these hooks (a shallow copy of the model taken during the call)
             # does nothing once the call ended (_outside_the_call).
-            holder["done"] = True
-            if encoder_holder is not None:
-                encoder_holder["done"] = True
+            for one in holders:
+                one["done"] = True
             if saved is _NOTHING:
                 inner.__dict__.pop("generate", None)
             else:

@@ -14,6 +14,7 @@
 #include <ATen/ops/linalg_svdvals.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/logical_not.h>
+#include <ATen/ops/logical_or.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/neg.h>
@@ -155,22 +156,22 @@ BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype
   const at::Tensor smallest = sv.select(1, r - 1);
   const at::Tensor cond = sv.select(1, 0).div(smallest);
   const at::Tensor shift = at::linalg_matrix_norm(b64, 2, {-2, -1}).div(smallest);  // ||B_i|| ||(I + B_i)^-1||
-  // The first block whose factor exceeds the bound (or is inf / nan), or -1.
-  const auto first_bad = [](const at::Tensor& factor) -> int64_t {
-    const at::Tensor bad = at::logical_not(factor.le(kBatMaxCondition));
-    return bad.any().item<bool>() ? bad.nonzero()[0][0].item<int64_t>() : -1;
-  };
-  const auto shown = [](const at::Tensor& factor, int64_t index) {
-    const double value = factor[index].item<double>();
-    return std::isfinite(value) ? std::to_string(value) : std::string("inf: singular");
-  };
-  if (const int64_t index = first_bad(cond); index >= 0) {
-    TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: I + miss_block[", index,
-                      "] is singular or ill-conditioned (condition number ", shown(cond, index), " > ",
-                      kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would not restore the weight. "
-                      "The weight was left unchanged.");
-  }
-  if (const int64_t index = first_bad(shift); index >= 0) {
+  // Refused where a factor exceeds the bound or is inf / nan: one host read when both hold.
+  const at::Tensor cond_bad = at::logical_not(cond.le(kBatMaxCondition));
+  const at::Tensor shift_bad = at::logical_not(shift.le(kBatMaxCondition));
+  if (at::logical_or(cond_bad, shift_bad).any().item<bool>()) {
+    const auto shown = [](const at::Tensor& factor, int64_t index) {
+      const double value = factor[index].item<double>();
+      return std::isfinite(value) ? std::to_string(value) : std::string("inf: singular");
+    };
+    if (cond_bad.any().item<bool>()) {
+      const int64_t index = cond_bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: I + miss_block[", index,
+                        "] is singular or ill-conditioned (condition number ", shown(cond, index), " > ",
+                        kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would not restore the weight. "
+                        "The weight was left unchanged.");
+    }
+    const int64_t index = shift_bad.nonzero()[0][0].item<int64_t>();
     TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: miss_block[", index,
                       "] is too close to -I (||B|| * ||(I + B)^-1|| = ", shown(shift, index), " > ",
                       kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would magnify the merged weight's rounding "
@@ -251,14 +252,17 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
   const int64_t blocks = static_size(block, 0);
   const int64_t in = static_size(weight, 1);
   const at::ScalarType bd = block.scalar_type();
-  const at::Tensor gp = grad_wprime.to(bd);
+  const int64_t chunk = bat_grad_chunk(in, r, weight.is_cpu());
+  // The dtype the gradient is summed in: the block's, but float32 for a half-precision block
+  // summed in chunks (rounded per chunk, the partial products were 1.2-1.7x one GEMM's error,
+  // which accumulates in float32; a review), rounded once at the end.
+  const at::ScalarType acc = chunk != 0 && (bd == at::kHalf || bd == at::kBFloat16) ? at::kFloat : bd;
   // sum_j G'_ij (the "+ I" part), folded over column blocks in one pass ...
-  const at::Tensor gsum = ops::fold(grad_wprime, r, 0.0, std::nullopt, bd).view({blocks, r, r});
+  const at::Tensor gsum = ops::fold(grad_wprime, r, 0.0, std::nullopt, acc).view({blocks, r, r});
   // ... plus sum_j W_ij^T G'_ij as one batched GEMM over the (row, column-block) pairs of a block:
   // a contraction of length in.
-  const at::Tensor wt = weight.to(bd).reshape({blocks, in, r});
-  const at::Tensor gt = gp.reshape({blocks, in, r});
-  const int64_t chunk = bat_grad_chunk(in, r, weight.is_cpu());
+  const at::Tensor wt = weight.to(acc).reshape({blocks, in, r});
+  const at::Tensor gt = grad_wprime.to(acc).reshape({blocks, in, r});
   if (chunk == 0) return at::baddbmm(gsum, wt.transpose(1, 2), gt);
   // The CPU's GEMM sums a long contraction into a small (r x r) output one term after another:
   // with r = 8 and in = 2048 the float32 dB was 5-10x PEFT's error, whose autograd sums r-long
@@ -266,16 +270,12 @@ at::Tensor bat_block_grad(const at::Tensor& grad_wprime, const at::Tensor& weigh
   // their (r x r) partial products summed by at::sum, give PEFT's error (a (blocks, in/chunk, r,
   // r) temporary, out * in * r / chunk elements); the last in % chunk terms are one more GEMM.
   // Fixed chunks, not a divisor of in: a divisor as small as r made some widths 4-7x slower.
-  // A half-precision block: the partial products and their sum in float32, rounded once (rounded
-  // per chunk they were 1.2-1.7x one GEMM's error, which accumulates in float32; a review).
-  const bool half = bd == at::kHalf || bd == at::kBFloat16;
-  const at::Tensor wa = half ? wt.to(at::kFloat) : wt, ga = half ? gt.to(at::kFloat) : gt;
   const int64_t count = in / chunk, whole = count * chunk;
-  const at::Tensor parts = at::matmul(wa.narrow(1, 0, whole).reshape({blocks, count, chunk, r}).transpose(2, 3),
-                                      ga.narrow(1, 0, whole).reshape({blocks, count, chunk, r}));
-  at::Tensor summed = (half ? gsum.to(at::kFloat) : gsum).add(parts.sum(1));
+  const at::Tensor parts = at::matmul(wt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}).transpose(2, 3),
+                                      gt.narrow(1, 0, whole).reshape({blocks, count, chunk, r}));
+  at::Tensor summed = gsum.add(parts.sum(1));
   if (whole < in) {
-    summed = at::baddbmm(summed, wa.narrow(1, whole, in - whole).transpose(1, 2), ga.narrow(1, whole, in - whole));
+    summed = at::baddbmm(summed, wt.narrow(1, whole, in - whole).transpose(1, 2), gt.narrow(1, whole, in - whole));
   }
   return summed.to(bd);
 }
