@@ -200,9 +200,13 @@ def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: T
     return y
 
 
-def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
+def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor, where: str = "miss: bank_fold",
+                                     name: str = "") -> None:
     """On the CPU, the row ids that miss.bank_fold would refuse (an id past the bank, or naming an
-    empty slot), refused before the dropout key is drawn: drawing it advances torch's CPU
+    empty slot). Named by their place in `index` when `name` is given (MissBankLinear's
+    adapter_index: the op sees it broadcast over each sequence's tokens, and named row 21 of a
+    (5, 7) batch for entry 3 of the caller's ids; a review, 2026-12-05), else by their row.
+    Refused before the dropout key is drawn: drawing it advances torch's CPU
     generator, and a refused call must leave the user's random stream as it found it (the same
     seed, then the same masks, whether or not a bad batch came in between). The op's own check
     (csrc/ops/common/checks.cpp) comes after the draw, since the key is one of its inputs. On CUDA
@@ -215,15 +219,22 @@ def _refuse_bad_rows_before_the_draw(index: Tensor, ranks: Tensor) -> None:
     flat = index.reshape(-1)
     slots = ranks.numel()
     past = flat >= slots
+    def entry(t: int) -> str:  # index[t] as the caller indexes it: adapter_index[3, 0], or a 0-D index's name
+        if not name:
+            return f"index[{t}]"
+        return f"{name}[{', '.join(str(int(i)) for i in torch.unravel_index(torch.tensor(t), index.shape))}]" \
+            if index.dim() else name
+
     if bool(past.any()):
         t = int(past.nonzero()[0])
-        raise ValueError(f"miss: bank_fold index[{t}]={int(flat[t])} names no slot of a bank with {slots} slots "
+        raise ValueError(f"{where} {entry(t)}={int(flat[t])} names no slot of a bank with {slots} slots "
                          "(a negative index means no adapter)")
     used = flat >= 0
     empty = used & (ranks[flat.clamp(min=0)] == 0)  # ranks and ids both on the bank's device
     if bool(empty.any()):
         t = int(empty.nonzero()[0])
-        raise ValueError(f"miss: bank_fold ranks[{int(flat[t])}]=0 (used by row {t}): the slot holds no adapter")
+        user = entry(t) if name else f"row {t}"
+        raise ValueError(f"{where} ranks[{int(flat[t])}]=0 (used by {user}): the slot holds no adapter")
 
 
 def host_to_device(values: Tensor, device) -> Tensor:
@@ -881,10 +892,20 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         index = row_index(routed, x, "MissBankLinear")
         y = self.base_layer(x)
         check_base_output(self, y, x)
-        # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
-        return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
-                              self._dropouts if self.training and self._any_dropout else None,
-                              inplace=is_plain_linear(self.base_layer)).to(x.dtype)
+        try:
+            # x's dtype, as MissLinear and PEFT (under autocast the base output is bf16 for fp32 x).
+            return add_bank_terms(y, x, self.bank, self.ranks, self.periods, index,
+                                  self._dropouts if self.training and self._any_dropout else None,
+                                  inplace=is_plain_linear(self.base_layer)).to(x.dtype)
+        except ValueError as refused:
+            # The ops name a bad id by its row of x: row 21 of a (5, 7) batch for entry 3 of one id
+            # per sequence (a review, 2026-12-05). On the CPU, named again by its place in
+            # adapter_index; only on this path, so a call that passes reads no ids on the host.
+            try:
+                _refuse_bad_rows_before_the_draw(routed, self.ranks, "MissBankLinear:", "adapter_index")
+            except ValueError as named:
+                raise named from refused
+            raise
 
     def _check_recompute(self) -> None:
         """ValueError for a forward that activation checkpointing runs again inside backward() in

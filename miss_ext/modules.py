@@ -628,7 +628,7 @@ def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: 
 
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
                       strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load,
-                      assign: bool = False) -> None:
+                      assign: bool = False, unrecorded: Optional[str] = None) -> None:
     """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
     AcceleratedMissLinear's "merged_adapters"). A merged layer's state_dict holds W + dW as
     base_layer.weight: without the record, a layer loading it would add dW a second time (PEFT's
@@ -638,7 +638,9 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     `current` is the module's merged adapters (a list of names; MissLinear: ["miss_block"] or
     []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
-    one), else unchanged. Refused (an error message, and nothing of the module loaded): a bad
+    one), else unchanged. `unrecorded` (the accelerated PEFT layer): a base weight without a
+    record may also be a merged one, so a merged layer refuses it, with this advice. Refused (an
+    error message, and nothing of the module loaded): a bad
     record; a record that changes without base_layer.weight; a tensor of the module that cannot
     load (load_mismatches: another shape, no tensor, a meta tensor unless `assign`: torch would
     skip it and load the others, so the layer would hold one checkpoint's base weight with its
@@ -656,6 +658,9 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             refusal = f"{key!r}: {e}"
     elif weight_key in state_dict:
         after = []
+        if unrecorded is not None and current:
+            refusal = (f"the state_dict has base_layer.weight but no {key.rpartition('.')[2]!r} record, and this layer "
+                       f"is merged ({list(current)}): {unrecorded}")
     if refusal is None and list(after) != list(current) and weight_key not in state_dict:
         # The record changes: only together with the weight it describes.
         refusal = (f"the record says {list(after)} but the module's is {list(current)}, and the state_dict has no "

@@ -3,7 +3,9 @@
 `accelerate` swaps the class of every `peft.tuners.miss.MissLinear` to `AcceleratedMissLinear`, a
 subclass whose forward, merge and unmerge call the miss ops. Nothing else changes: the same
 module objects, parameter objects, state-dict keys (plus "merged_adapters" while a layer is
-merged: AcceleratedMissLinear.MERGED_KEY), adapter dictionaries and PEFT flags, so
+merged: AcceleratedMissLinear.MERGED_KEY), adapter dictionaries and PEFT flags (the class names
+show: PEFT's get_layer_status / get_model_status report AcceleratedMissLinear /
+AcceleratedMissModel where plain PEFT says MissLinear / MissModel), so
 optimizers, checkpoints, `save_pretrained`, `set_adapter`, `disable_adapter()`,
 `merge_and_unload()` and `generate()` keep working, and `restore` swaps the class back.
 
@@ -24,8 +26,10 @@ the spec's intent instead:
   merge_adapter of a subset, or of an inactive adapter) raises ValueError: PEFT computes the
   merged weight alone, silently dropping or adding adapters (huggingface/peft#3756);
 - merges and unmerges are all or nothing: every layer's checks (with safe_merge, every merged
-  weight) run before any layer changes, a failure after them undoes the call's merges, and
-  merge_and_unload merges every layer before it unloads any;
+  weight) run before any layer changes, a failure after them undoes the call's merges,
+  merge_and_unload merges every layer before it unloads any, and set_adapter on a merged model
+  unmerges every layer (unmerge_adapter) before it switches any (PEFT unmerges and switches
+  layer by layer);
 - a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging; not under
   PEFT's disable_adapter(), see there), and a failed add_adapter leaves no block behind, nor do
   earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
@@ -912,9 +916,20 @@ class AcceleratedMissLinear(PeftMissLinear):
             missing_keys, unexpected_keys, error_msgs,
             lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            assign=local_metadata.get("assign_to_params_buffers", False))
+            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED)
         if after is not None:
             self.merged_adapters = list(after)
+
+    # A state_dict of this layer written without the record (by plain PEFT, before accelerate or
+    # after restore) may hold W + dW (saved merged) or W (saved unmerged): nothing in it tells which.
+    # Into an unmerged layer it loads as unmerged (PEFT's rule); into a merged one either reading
+    # could be wrong (dW counted twice, or dropped), so it is refused (a review, 2026-12-05: a plain
+    # PEFT model's merged checkpoint loaded into the same model merged and accelerated was read as
+    # unmerged, logits 0.05 off, silently).
+    UNRECORDED = ("a checkpoint written by plain PEFT (or before accelerate) does not say whether its weight "
+                  "is W + dW or W, so loading it here would count dW twice or drop it. Saved unmerged: unmerge_adapter() "
+                  "first. Saved merged with these adapters: miss_ext.peft.restore(model), load_state_dict, then "
+                  "miss_ext.peft.accelerate(model)")
 
 
 def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
@@ -1266,6 +1281,10 @@ class AcceleratedMissModel(MissModel):
         nothing. ValueError naming the layer otherwise. The safe_merge check computes each merged
         weight twice (here, then in the layer's merge) rather than holding a copy of every
         adapted weight."""
+        if isinstance(adapter_names, str):
+            # PEFT's check_adapters_to_merge says this, after the first layer; here before any check
+            # reads the str as a list of one-letter names (a review, 2026-12-05).
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         if adapter_names is not None:
             unknown = [a for a in adapter_names if a not in self.peft_config]
             if unknown:
@@ -1341,13 +1360,24 @@ class AcceleratedMissModel(MissModel):
         """PEFT's set_adapter (the active adapter or adapters); ValueError, nothing changed, for a
         name that is not an adapter of this model. PEFT's tuner took any name (PeftModel.set_adapter
         checks, the tuner did not), and the layers then ran the base model alone, silently (an
-        atomicity review, 2026-12-03)."""
+        atomicity review, 2026-12-03). A merged model is unmerged first, all or nothing
+        (unmerge_adapter: ValueError naming the layer, nothing changed), with PEFT's warning."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"set_adapter: {unknown} name no adapter of this model (it has {list(self.peft_config)}); "
                              "nothing was changed")
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        with _NAMES_LOCK:  # from the unmerge to the switch (merge_adapter)
+            if any(type(layer) is AcceleratedMissLinear and layer.merged for layer in self.model.modules()):
+                # PEFT's set_adapter unmerges and switches layer by layer: an unmerge refused part
+                # way (an ill-conditioned bat block) left the earlier layers switched and unmerged,
+                # the later ones merged, the tuner on the old adapter, and the next forward mixing
+                # them (a review, 2026-12-05). unmerge_adapter is all or nothing, so unmerge first
+                # (PEFT's warning, once).
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                              stacklevel=2)
+                self.unmerge_adapter()
+            super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=

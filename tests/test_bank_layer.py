@@ -640,12 +640,12 @@ def test_a_refused_training_call_with_dropout_leaves_the_random_stream_alone():
     bank.train()
     x = torch.randn(3, IN)
     good = bank.index_of(["e", "b", None])
-    # (rows, ids, message): one id per row, and per token of (3, 2) rows (flat row 1 is bad).
+    # (rows, ids, message): one id per row, and per token of (3, 2) rows (entry [0, 1] is bad).
     for rows, bad, match in (
             (x, torch.tensor([0, bank.capacity, -1]), rf"index\[1\]={bank.capacity} names no slot"),
-            (x, torch.tensor([free, 1, -1]), rf"ranks\[{free}\]=0 \(used by row 0\)"),
+            (x, torch.tensor([free, 1, -1]), rf"ranks\[{free}\]=0 \(used by adapter_index\[0\]\)"),
             (torch.randn(3, 2, IN), torch.tensor([[1, free], [1, 1], [-1, -1]]),
-             rf"ranks\[{free}\]=0 \(used by row 1\)")):
+             rf"ranks\[{free}\]=0 \(used by adapter_index\[0, 1\]\)")):
         torch.manual_seed(7)
         with pytest.raises(ValueError, match=match):
             bank(rows, bad)
@@ -895,3 +895,25 @@ def test_add_adapter_refuses_a_block_it_would_copy_in_wrong(block, error, patter
     with pytest.raises(error, match=rf"adapter 'new': .*{pattern}"):
         bank.add_adapter("new", r=2, block=block)
     assert torch.equal(bank.bank, before[0]) and bank.adapter_names == before[1]
+
+
+def test_a_bad_id_is_named_by_its_place_in_adapter_index():
+    """One id per sequence of a (batch, seq, in) x: a bad id is named by its entry of the caller's
+    adapter_index, not by the token row the ops see after it is broadcast over the sequence (the
+    op named row 21 for entry 3 of a (5, 7) batch; a review, 2026-12-05). Also one id per token,
+    and one id for every row."""
+    bank = MissBankLinear(torch.nn.Linear(10, 20), capacity=4, max_r=4)
+    bank.add_adapter("a", r=2)
+    x = torch.randn(5, 7, 10)
+    with pytest.raises(ValueError, match=r"ranks\[3\]=0 \(used by adapter_index\[3\]\): the slot holds no adapter"):
+        bank(x, torch.tensor([0, 0, 0, 3, 0]))
+    with pytest.raises(ValueError, match=r"adapter_index\[3\]=9 names no slot of a bank with 4 slots"):
+        bank(x, torch.tensor([0, 0, 0, 9, 0]))
+    ids = torch.zeros(5, 7, dtype=torch.int64)
+    ids[4, 6] = 2
+    with pytest.raises(ValueError, match=r"ranks\[2\]=0 \(used by adapter_index\[4, 6\]\)"):
+        bank(x, ids)
+    with pytest.raises(ValueError, match=r"ranks\[2\]=0 \(used by adapter_index\)"):
+        bank(x, torch.tensor(2))
+    assert torch.equal(bank(x, torch.tensor(-1)), bank.base_layer(x))
+    assert bank(x, torch.tensor([0, -1, 0, 0, -1])).shape == (5, 7, 20)

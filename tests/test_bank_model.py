@@ -1048,7 +1048,7 @@ def test_more_refusals(folders, tmp_path):
     with pytest.raises(ValueError, match="32 -> 32"):
         layer.add_from("x", miss_ext.MissLinear(torch.nn.Linear(8, 32, dtype=torch.float64), 2))
     # a layer with no adapter still checks the ids it is given (CPU)
-    with pytest.raises(ValueError, match=r"ranks\[1\]=0 \(used by row 1\).*the slot holds no adapter"):
+    with pytest.raises(ValueError, match=r"ranks\[1\]=0 \(used by adapter_index\[1\]\).*the slot holds no adapter"):
         layer(torch.randn(2, 32, dtype=torch.float64), torch.tensor([-1, 1]))
 
 
