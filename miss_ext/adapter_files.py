@@ -22,7 +22,8 @@ from .bank import MissBankLinear
 from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, peft_hint, persistent_buffers, record_shared_weights, refuse_ddp_wrapped,
-                    refuse_lazy_tensors, refuse_peft_model, saved_whole_problem, shared_before_wrapping,
+                    refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model, saved_whole_problem,
+                    shared_before_wrapping,
                     trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
                       check_flag, is_dtensor, refuse_meta, reshard_fsdp, type_name)
@@ -149,11 +150,32 @@ def _uniform_settings(layers) -> Tuple[int, str, int, float]:
     return next(iter(groups))
 
 
+def check_save_arguments(where: str, base_model_name_or_path: object, is_main_process: object) -> None:
+    """save_adapter's and save_bank_adapter's options (a review, 2026-12-05): is_main_process None
+    or a bool (0 or "" silently wrote nothing, "no" wrote), base_model_name_or_path None, a str or
+    an os.PathLike (an int or NaN went into the config, NaN as JSON that strict parsers refuse)."""
+    if is_main_process is not None:
+        check_flag(is_main_process, "is_main_process", where)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{where}: base_model_name_or_path must be None, a str or an os.PathLike, got "
+                        f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
+
+
 def base_model_name(model: nn.Module) -> Optional[str]:
     """The base model's name or path that an adapter config records (PEFT's
     base_model_name_or_path): a transformers model's `config._name_or_path`, or None."""
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
+
+
+def folder_path(path: object) -> str:
+    """`path` as a str, for a str or os.PathLike of one; TypeError naming it otherwise (bytes made
+    the save create the folder and only then fail joining it with str names; None failed inside
+    os with a message naming no argument: a review, 2026-12-05)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"path must be a folder path (str or os.PathLike of str), got {type(path).__name__} {path!r}")
+    return text
 
 
 def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
@@ -172,6 +194,7 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
     written); links at the file names are replaced, not written through."""
     from safetensors.torch import save_file
 
+    path = folder_path(path)
     try:
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as exc:
@@ -306,6 +329,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_adapter")
     check_task_type(task_type, "save_adapter")
+    check_save_arguments("save_adapter", base_model_name_or_path, is_main_process)
     layers = miss_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: the model has no miss_ext.MissLinear layer{peft_hint(model, saving=True)}"
@@ -316,6 +340,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     # BatchNorm's statistics, extra_buffers), and the biases of bias="all"/"MiSS_only".
     extras = trainable_extras(model)
     saved_extras, saved_buffers = extra_parameters(model, extras), extra_buffers(model, extras)
+    refuse_aliased_layers(model, layers, "save_adapter")
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
                 + list(saved_extras.items()) + list(saved_buffers.items()))
     r, mode, mini_r, dropout = _uniform_settings(layers)
@@ -420,7 +445,9 @@ def read_adapter(path: str,
 
     FileNotFoundError for a folder without the config or the weights; ValueError naming the file
     for a config that is not a JSON object or weights that are not a dict of tensors (truncated,
-    corrupted, empty), the reader's exception chained."""
+    corrupted, empty), the reader's exception chained; TypeError for a path that is no str or
+    os.PathLike."""
+    path = folder_path(path)
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         weights = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if os.path.isfile(os.path.join(path, name))]

@@ -899,8 +899,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                                   inplace=is_plain_linear(self.base_layer)).to(x.dtype)
         except ValueError as refused:
             # The ops name a bad id by its row of x: row 21 of a (5, 7) batch for entry 3 of one id
-            # per sequence (a review, 2026-12-05). On the CPU, named again by its place in
-            # adapter_index; only on this path, so a call that passes reads no ids on the host.
+            # per sequence (a review, 2026-12-05). In eager mode on the CPU, named again by its
+            # place in adapter_index; only on this path, so a call that passes reads no ids on the
+            # host. (Under torch.compile and torch.func transforms the ops' message stays.)
             try:
                 _refuse_bad_rows_before_the_draw(routed, self.ranks, "MissBankLinear:", "adapter_index")
             except ValueError as named:

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from ._checkpointing import whole_stack_entry
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
-                            adapter_config, base_model_name, check_task_type, meta_problem, read_adapter,
-                            warn_non_finite, write_adapter, KEY_PREFIX)
+                            adapter_config, base_model_name, check_save_arguments, check_task_type, meta_problem,
+                            read_adapter, warn_non_finite, write_adapter, KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
@@ -43,8 +43,8 @@ from .model import (check_module, drop_weight_read_linears, is_ddp, parent_modul
                     writes_here)
 from .modules import (MissLinear, base_refusal, check_dropout, check_flag, is_dtensor, refuse_meta, reshard_fsdp,
                       type_name)
-from .targets import (ALL_LINEAR, TargetModules, describe, exact_paths_regex, find_targets, get_module, refuse_bare_parameters,
-                      set_module, warn_unmatched)
+from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
+                      get_module, refuse_bare_parameters, set_module, warn_unmatched)
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
            "load_bank", "save_bank_adapter", "remove_bank_adapter", "mixed_batch"]
@@ -139,6 +139,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
+    target_modules = canonical_targets(target_modules)
     if named_by_user:
         refuse_bare_parameters(model, target_modules, "apply_bank: ")
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
@@ -396,6 +397,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     outer = model
     ddp, model = is_ddp(model), unwrap_model(model, "save_bank_adapter")
     check_task_type(task_type, "save_bank_adapter")
+    check_save_arguments("save_bank_adapter", base_model_name_or_path, is_main_process)
     # A snapshot under the bank lock: another thread's remove/add/load of this adapter half way
     # through would otherwise give a folder of old and new (or zero) blocks, or a config of
     # neither (found by a review, 2026-12-03). Copies, so that the file is written outside the lock.

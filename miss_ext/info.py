@@ -29,5 +29,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+    """The command line: no arguments but --help (an unknown one exits 2, as argparse does; it was
+    ignored: a review, 2026-12-05)."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m miss_ext.info", description=__doc__.splitlines()[0]).parse_args(argv)
     print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, check_task_type, full_block, write_adapter
-from .model import is_ddp, miss_layers, trainable_extras, unwrap_model, writes_here
+from .model import is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
 from .modules import is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
 
@@ -113,7 +113,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     """Writes the model's default/mini MiSS adapters as an exactly equivalent PEFT LoRA adapter
     (rank r, lora_alpha = r so the scaling is 1) into the directory `path`. The model holds
     miss_ext.MissLinear layers, or is a PEFT model (PeftModel or MissModel, accelerated or not),
-    whose adapter `adapter_name` is exported. task_type (e.g. "CAUSAL_LM") is written into the
+    whose adapter `adapter_name` is exported (a model of MissLinear layers has one adapter:
+    another adapter_name than "default" is a ValueError there). task_type (e.g. "CAUSAL_LM") is written into the
     LoRA config, as save_adapter writes it (ValueError for a value that is not one of PEFT's
     TaskType names). Raises ValueError, writing nothing, for a model
     without MiSS layers (or without adapter `adapter_name`), bat adapters, merged layers, layers
@@ -131,6 +132,12 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     check_task_type(task_type, "export_lora")
     if not isinstance(adapter_name, str):
         raise TypeError(f"export_lora: adapter_name must be the name of one adapter (str), got {adapter_name!r}")
+    if _peft_root(model) is None and adapter_name != "default":
+        # A model of miss_ext.MissLinear layers holds one unnamed adapter: the name was ignored and
+        # the blocks exported anyway (a review, 2026-12-05).
+        raise ValueError(f"export_lora: adapter_name={adapter_name!r} names an adapter of a PEFT model; this model's "
+                         "miss_ext.MissLinear layers hold one adapter, exported without a name (leave adapter_name "
+                         "out)")
     # The float32 master blocks, not the gathered bf16 copies a forward may have left.
     fsdp = reshard_fsdp(model)
     adapters = _adapters(model, adapter_name)
@@ -138,6 +145,9 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         raise ValueError(f"export_lora: the model has no MiSS layer (miss_ext.MissLinear, or a PEFT MissLinear "
                          f"with adapter {adapter_name!r})")
     _check_extras(model, adapter_name)
+    root = _peft_root(model)
+    scope = model if root is None else root
+    refuse_aliased_layers(scope, [(n, m) for n, m in scope.named_modules() if hasattr(m, "miss_block")], "export_lora")
     refuse_meta("export_lora", [(a.path, a.block) for a in adapters])
     bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:

@@ -11,9 +11,9 @@ from torch import nn
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, _fsdp_modules, base_refusal,
                       block_merge_problem, block_shape, check_dropout, check_flag, is_dtensor, merge_refusal,
                       non_finite_summary, reshard_fsdp, type_name)
-from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, check_selection_fields, check_target_modules,
-                      describe, find_targets, matches, modules_to_save_paths, other_holders, parameter_paths,
-                      peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
+from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
+                      check_target_modules, describe, find_targets, matches, module_paths, modules_to_save_paths,
+                      other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
                       shared_weight_message, warn_unmatched)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
@@ -228,6 +228,23 @@ def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MissLinear)]
 
 
+def refuse_aliased_layers(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], what: str) -> None:
+    """ValueError for adapter layers that the model holds under several paths (a MissLinear
+    assigned to a second attribute after apply_miss: `model.l2 = model.l1`), which an adapter file
+    cannot describe: it names each block by one module path, and loading it adapts that path
+    alone, so the loaded model would not compute what this one does (a review, 2026-12-05: 0.49
+    off after a save/load round trip, silently). A base nn.Linear aliased before apply_miss is not
+    this case: only the path that was adapted is (warn_shared, README)."""
+    paths = module_paths(model)
+    aliased = [f"{name!r} (also at {describe(other for other in paths[id(layer)] if other != name)})"
+               for name, layer in layers if len(paths.get(id(layer), ())) > 1]
+    if aliased:
+        raise ValueError(f"{what}: adapter layers held under several module paths: {describe(aliased)}. An adapter "
+                         "file names each block by one path, and a load adapts that path alone, so the loaded model "
+                         "would not compute what this one does; nothing was written. Hold each adapted layer under "
+                         "one path to save it")
+
+
 def freeze_all_but_blocks(model: nn.Module) -> None:
     """Every parameter stops requiring grad except the miss_block of each MissLinear (PEFT's
     get_peft_model freezes the same way); blocks from earlier calls stay trainable, and so do the
@@ -378,7 +395,7 @@ def shared_before_wrapping(model: nn.Module, linears: Sequence[Tuple[str, nn.Mod
     """{path: other holders} for the base layers about to be wrapped whose weight or bias other
     modules share, found before any change, so that its warning (warn_shared) can come first:
     turned into an error, it then leaves the model as it was."""
-    params = parameter_paths(model)
+    params = parameter_paths(model, with_buffers=True)  # record_sharing
     shared = {}
     for name, module in linears:
         holders = other_holders(params, (getattr(module, "weight", None), getattr(module, "bias", None)), [name])
@@ -400,7 +417,7 @@ def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:
 def _drop_shared_linears(model: nn.Module, found):
     """"all-linear" must not pick layers that could never be merged: drops the nn.Linear layers
     whose weight or bias is also held elsewhere. Returns (kept, {path: other holders})."""
-    params = parameter_paths(model)
+    params = parameter_paths(model, with_buffers=True)  # record_sharing
     kept, skipped = [], {}
     for name, module in found:
         # Only plain linears: Conv1D and existing MissLinear layers go on to their own errors.
@@ -673,6 +690,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         raise ValueError("target_modules=None: PEFT would pick its default modules for the model type; not "
                          "implemented here, name the modules")
     bias = check_bias(bias)
+    target_modules = canonical_targets(target_modules)
     check_selection_fields(target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)
     found = find_targets(model, target_modules, skip_inside=(MissLinear,))
     selection = {"exclude_modules": (sorted(exclude_modules) if isinstance(exclude_modules, (set, frozenset))
@@ -890,8 +908,12 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     except BaseException:
         undo_each([(name, layer.unmerge) for name, layer in reversed(merged_now)], "merge_and_unload")
         raise
+    paths = module_paths(model)
     for name, layer in layers:
         if not name:  # the model is the MissLinear itself
             return layer.base_layer
-        set_module(model, name, layer.base_layer)
+        # Every path the layer is held under: one assigned to a second attribute after apply_miss
+        # (model.l2 = model.l1) stayed a merged MissLinear there (miss_layers lists it once).
+        for path in paths[id(layer)]:
+            set_module(model, path, layer.base_layer)
     return model

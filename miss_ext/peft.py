@@ -926,10 +926,10 @@ class AcceleratedMissLinear(PeftMissLinear):
     # could be wrong (dW counted twice, or dropped), so it is refused (a review, 2026-12-05: a plain
     # PEFT model's merged checkpoint loaded into the same model merged and accelerated was read as
     # unmerged, logits 0.05 off, silently).
-    UNRECORDED = ("a checkpoint written by plain PEFT (or before accelerate) does not say whether its weight "
-                  "is W + dW or W, so loading it here would count dW twice or drop it. Saved unmerged: unmerge_adapter() "
-                  "first. Saved merged with these adapters: miss_ext.peft.restore(model), load_state_dict, then "
-                  "miss_ext.peft.accelerate(model)")
+    UNRECORDED = ("a state_dict without the record (this model's own while unmerged, or any written by plain PEFT or "
+                  "before accelerate, merged or not) does not say whether its weight is W + dW or W, so loading it "
+                  "here would count dW twice or drop it. Saved unmerged: unmerge_adapter() first. Saved merged with "
+                  "these adapters: miss_ext.peft.restore(model), load_state_dict, then miss_ext.peft.accelerate(model)")
 
 
 def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
@@ -1368,16 +1368,34 @@ class AcceleratedMissModel(MissModel):
             raise ValueError(f"set_adapter: {unknown} name no adapter of this model (it has {list(self.peft_config)}); "
                              "nothing was changed")
         with _NAMES_LOCK:  # from the unmerge to the switch (merge_adapter)
-            if any(type(layer) is AcceleratedMissLinear and layer.merged for layer in self.model.modules()):
-                # PEFT's set_adapter unmerges and switches layer by layer: an unmerge refused part
-                # way (an ill-conditioned bat block) left the earlier layers switched and unmerged,
-                # the later ones merged, the tuner on the old adapter, and the next forward mixing
-                # them (a review, 2026-12-05). unmerge_adapter is all or nothing, so unmerge first
-                # (PEFT's warning, once).
+            merged = [(path, layer, list(layer.merged_adapters)) for path, layer in self.model.named_modules()
+                      if type(layer) is AcceleratedMissLinear and layer.merged]
+            if not merged:
+                super().set_adapter(adapter_name, inference_mode=inference_mode)
+                return
+            # PEFT's set_adapter unmerges and switches layer by layer: an unmerge refused part way
+            # (an ill-conditioned bat block) left the earlier layers switched and unmerged, the
+            # later ones merged, the tuner on the old adapter, and the next forward mixing them (a
+            # review, 2026-12-05). So every layer is unmerged first, all or nothing, after the
+            # checks PEFT's switch makes (modules_to_save / trainable tokens: one adapter at a
+            # time, at least one), and merged back should the switch still fail.
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    module.check_set_adapter(adapter_name)
+            for _ in merged:  # PEFT warns once per merged layer
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
                               stacklevel=2)
+            with warnings.catch_warnings():
+                # unmerge_adapter's unmerge() of the layers that were not merged (PEFT's loop only
+                # unmerges merged ones here).
+                warnings.filterwarnings("ignore", message="Already unmerged. Nothing to do.")
                 self.unmerge_adapter()
-            super().set_adapter(adapter_name, inference_mode=inference_mode)
+            try:
+                super().set_adapter(adapter_name, inference_mode=inference_mode)
+            except BaseException:
+                undo_each([(path, partial(_merge_back, layer, before)) for path, layer, before in merged],
+                          "set_adapter")
+                raise
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=
@@ -1394,6 +1412,7 @@ class AcceleratedMissModel(MissModel):
         # Held from the check to the last write: a names call starting in between (another
         # thread) passed its merge check and then met merged layers part way (a review,
         # 2026-12-05). Names calls hold the lock only to check and claim, so they wait, not deadlock.
+        adapter_names = _listed(adapter_names)
         with _NAMES_LOCK:
             self._refuse_during_names_call("merge_adapter")
             self._check_merge(adapter_names, safe_merge)
@@ -1431,6 +1450,9 @@ class AcceleratedMissModel(MissModel):
     def _unload_and_optionally_merge_holding_lock(self, *args, **kwargs):
         bound = inspect.signature(MissModel._unload_and_optionally_merge).bind(self, *args, **kwargs)
         bound.apply_defaults()
+        if "adapter_names" in bound.arguments:  # read once (a generator), for the merge and PEFT's loop alike
+            bound.arguments["adapter_names"] = _listed(bound.arguments["adapter_names"])
+            args, kwargs = bound.args[1:], bound.kwargs
         self._refuse_during_names_call("merge_and_unload" if bound.arguments.get("merge") else "unload")
         if bound.arguments.get("merge"):
             # Every layer is merged (all or nothing, see merge_adapter) before any is unloaded;
@@ -1442,8 +1464,33 @@ class AcceleratedMissModel(MissModel):
                 # PEFT 0.21's check_adapters_to_merge says this when every adapter is merged (the
                 # case here: merge_adapter above merged them all).
                 warnings.filterwarnings("ignore", message="All adapters are already merged")
-                return super()._unload_and_optionally_merge(*args, **kwargs)
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+                return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
+        return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
+
+
+def _listed(adapter_names):
+    """adapter_names as a list when it is an iterable other than a str (a str is PEFT's TypeError,
+    _check_merge): a generator was read up by the all-or-nothing check, and PEFT's merge loop then
+    merged nothing, silently (a review, 2026-12-05; PEFT's own loop merges the first layer only)."""
+    if adapter_names is None or isinstance(adapter_names, (str, list)):
+        return adapter_names
+    try:
+        return list(adapter_names)
+    except TypeError:
+        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.") from None
+
+
+def _unload_aliases(model: nn.Module) -> nn.Module:
+    """After PEFT's unload: the MiSS layers still in the model go back to their base layers. PEFT
+    replaces each layer at the first path named_modules() gives, so a layer also held under a
+    second path (assigned there after get_peft_model: model.l2 = model.l1) stayed there, merged or
+    not, a tuner layer in the "unloaded" model (a review, 2026-12-05). Its merge, when asked for,
+    is already in its base layer (the same object)."""
+    if isinstance(model, nn.Module):
+        for path, module in list(model.named_modules(remove_duplicate=False)):
+            if path and isinstance(module, PeftMissLinear):
+                set_module(model, path, module.get_base_layer())
+    return model
 
 
 def _refuse_blocks_of_another_mode(model: nn.Module) -> None:

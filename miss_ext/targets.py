@@ -36,8 +36,19 @@ def second_paths(model: nn.Module, target_modules: TargetModules) -> List[Tuple[
     return out
 
 
+def canonical_targets(target_modules: object) -> object:
+    """"all-linear" in any case as ALL_LINEAR (PEFT compares it case-insensitively,
+    _maybe_include_all_linear_layers; "ALL-LINEAR" was read as a regex here, matching no module: a
+    review, 2026-12-05); any other value as it is."""
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    return target_modules
+
+
 def check_target_modules(target_modules: object) -> TargetModules:
-    """Validates the type: a regex string or a non-empty list/tuple/set of strings."""
+    """Validates the type: a regex string or a non-empty list/tuple/set of strings ("all-linear"
+    in any case is returned as ALL_LINEAR)."""
+    target_modules = canonical_targets(target_modules)
     if isinstance(target_modules, str):
         if target_modules != ALL_LINEAR:
             try:
@@ -377,7 +388,9 @@ def record_sharing(root: nn.Module, layers: Iterable[Tuple[nn.Module, nn.Module]
     holders of the base's weight and bias, [] when not shared; a layer's merge reads it, as it
     cannot see its model) and `layer._layer_path` (for messages). Returns {layer path: holders}
     for the shared ones."""
-    params, modules = parameter_paths(root), module_paths(root)
+    # Buffers too: a buffer registered on the base weight's memory (a tied decoder held as a
+    # buffer) also sees a merge (a review, 2026-12-05: merged outputs 0.86 off, no warning).
+    params, modules = parameter_paths(root, with_buffers=True), module_paths(root)
     shared: Dict[str, List[str]] = {}
     for layer, base in layers:
         own = modules[id(layer)]

@@ -77,7 +77,7 @@ from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import distribute_module
 
-from .modules import MissLinear, autocast_mini_block, not_plain_reason, type_name
+from .modules import MissLinear, autocast_mini_block, check_flag, not_plain_reason, type_name
 
 __all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward", "MIN_TORCH"]
 
@@ -416,6 +416,7 @@ class MissColwiseParallel(ColwiseParallel):
     torch older than MIN_TORCH (2.14)."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
+        check_flag(check_keys, "check_keys", "MissColwiseParallel")
         super().__init__(**kwargs)
         self.check_keys = check_keys
 
@@ -465,6 +466,7 @@ class MissRowwiseParallel(RowwiseParallel):
     Keyword arguments, check_keys and the other errors: as MissColwiseParallel."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
+        check_flag(check_keys, "check_keys", "MissRowwiseParallel")
         super().__init__(**kwargs)
         self.check_keys = check_keys
 

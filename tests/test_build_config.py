@@ -137,3 +137,15 @@ def test_mixed_demo_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"miss_ext\.demo\.mixed needs the 'transformers' package.*miss_ext\[demo\]"):
         mixed.main([])
+
+
+def test_the_info_command_refuses_unknown_arguments():
+    """`python -m miss_ext.info` prints its report; an argument it does not know exits 2 (it was
+    ignored, exit 0: a review, 2026-12-05)."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "miss_ext.info"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "miss::fold" in ok.stdout, ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "miss_ext.info", "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

@@ -203,6 +203,9 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--mode", "lora"], "invalid choice: 'lora'"),
     (["--device", "tpu"], "--device tpu"),
     (["--threads", "-1"], "must be 0 or a positive integer, got -1"),
+    # No traceback after minutes of allocation (a review, 2026-12-05)
+    (["--threads", "100000"], "must be at most the machine's"),
+    (["--seq-len", "100000000"], "--seq-len must be at most 4096 on the synthetic task"),
     # the user-model flags (tests/test_demo_user_model.py)
     (["--model", "x"], "--model needs --data"),
     (["--data", "x.txt"], "--data needs --model"),

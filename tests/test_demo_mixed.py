@@ -92,6 +92,8 @@ def test_module_entry_point_and_bad_flags():
     # Generating past the trained positions failed the accuracy check after training, unexplained.
     (["--seq-len", "8", "--new-tokens", "8"], "--new-tokens 8 would generate past the trained length (--seq-len 8"),
     (["--threads", "-1"], "--threads must be 0 (torch's choice) or positive, got -1"),
+    (["--threads", "100000"], "--threads must be at most the machine's"),
+    (["--seq-len", "100000000", "--new-tokens", "3"], "--seq-len must be at most 4096, got 100000000"),
     # PEFT refuses to load r > in_features (the tiny model's hidden size is 64)
     (["--r", "100"], "--r 100 is larger than the smallest projection input (64); PEFT cannot load"),
 ])

@@ -5,6 +5,7 @@ import copy
 import errno
 import json
 import os
+import types
 import warnings
 
 import pytest
@@ -1019,9 +1020,14 @@ def test_save_adapter_over_an_earlier_folder_is_whole_or_nothing(tmp_path):
     miss_ext.save_adapter(miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=2), str(tmp_path))
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model = miss_ext.apply_miss(copy.deepcopy(base), ["0", "2"], r=4)
+    # (An argument of another type is refused by name first: check_save_arguments.)
+    with pytest.raises(TypeError, match=r"base_model_name_or_path must be None, a str or an os.PathLike"):
+        miss_ext.save_adapter(model, str(tmp_path), base_model_name_or_path=object())
+    model.config = types.SimpleNamespace(_name_or_path=object())  # the default, a model config's name
     with pytest.raises(TypeError, match=r"adapter config fields \['base_model_name_or_path'\] cannot be written "
                                         r".*nothing was written"):
-        miss_ext.save_adapter(model, str(tmp_path), base_model_name_or_path=object())
+        miss_ext.save_adapter(model, str(tmp_path))
+    del model.config
     # (A task_type PEFT does not know is refused earlier, by name: check_task_type.)
     with pytest.raises(ValueError, match=r"task_type must be None or one of PEFT's task types"):
         miss_ext.save_adapter(model, str(tmp_path), task_type=tmp_path)

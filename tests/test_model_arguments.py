@@ -189,3 +189,56 @@ def test_flags_that_are_not_bools_are_refused_and_change_nothing(call, value, tm
     with pytest.raises(TypeError, match=rf"{flag} must be True or False, got {flag}={re.escape(repr(value))}"):
         run()
     assert_unchanged(model, before)
+
+
+def test_all_linear_is_read_in_any_case_as_peft_reads_it():
+    """PEFT compares "all-linear" case-insensitively; "ALL-LINEAR" was read as a regex here and
+    matched no module (ValueError), also inside a config dict and in apply_bank (a review,
+    2026-12-05). Every spelling now selects what "all-linear" selects."""
+    from tiny_models import tiny_causal_lm
+
+    base = tiny_causal_lm("llama")
+
+    def adapted(**kwargs):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            miss_ext.apply_miss(model, **kwargs)
+        return sorted(name for name, _ in miss_ext.miss_layers(model))
+
+    expected = adapted(target_modules="all-linear", r=4)
+    assert expected and "lm_head" not in expected
+    for spelling in ("ALL-LINEAR", "All-Linear"):
+        assert adapted(target_modules=spelling, r=4) == expected
+        assert adapted(target_modules={"peft_type": "MISS", "r": 4, "target_modules": spelling}) == expected
+        bank = miss_ext.apply_bank(copy.deepcopy(base), spelling, capacity=2, max_r=4)
+        assert sorted(name for name, _ in miss_ext.bank_model.bank_layers(bank)) == expected
+
+
+def test_save_options_and_adapter_names_are_checked(tmp_path):
+    """save_adapter's is_main_process took any truthy value (0 or "" silently wrote nothing),
+    base_model_name_or_path any value (an int, a NaN that strict JSON refuses), a bytes path
+    created the folder before failing, and export_lora ignored an adapter_name on a model without
+    PEFT (a review, 2026-12-05): each is refused now, nothing written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    miss_ext.apply_miss(model, ["0"], r=2, init_weights=False)
+    target = tmp_path / "out"
+    for kwargs, error, message in (
+            (dict(is_main_process=0), TypeError, "is_main_process must be True or False, got is_main_process=0"),
+            (dict(is_main_process="yes"), TypeError, "is_main_process must be True or False"),
+            (dict(base_model_name_or_path=5), TypeError, "base_model_name_or_path must be None, a str or an os.PathLike"),
+            (dict(base_model_name_or_path=float("nan")), TypeError, "got float nan")):
+        with pytest.raises(error, match=re.escape(message)):
+            miss_ext.save_adapter(model, str(target), **kwargs)
+        assert not target.exists()
+    with pytest.raises(TypeError, match=r"path must be a folder path \(str or os.PathLike of str\), got bytes"):
+        miss_ext.save_adapter(model, bytes(target))
+    assert not target.exists()
+    with pytest.raises(TypeError, match="path must be a folder path"):
+        miss_ext.load_adapter(copy.deepcopy(model), None)
+    with pytest.raises(ValueError, match="adapter_name='other' names an adapter of a PEFT model"):
+        miss_ext.export_lora(model, str(target), adapter_name="other")
+    assert not target.exists()
+    miss_ext.save_adapter(model, target, base_model_name_or_path=tmp_path, is_main_process=True)
+    assert (target / "adapter_config.json").exists()

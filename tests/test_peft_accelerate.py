@@ -240,8 +240,9 @@ def test_a_state_dict_without_the_record_is_refused_by_a_merged_layer(base):
     model merged and accelerated: it was read as an unmerged one, the layers' record cleared and
     dW added a second time, silently (a review, 2026-12-05: logits 0.05 off, where PEFT, keeping
     its flags, is right). Nothing says whether such a weight is merged, so a merged layer refuses
-    it, nothing of it loaded, naming both ways out; the merged one (restore, load, accelerate)
-    gives the source's logits. An unmerged layer loads it as PEFT does."""
+    it, nothing of that layer loaded (torch loads the other modules' tensors, as for any refused
+    tensor), naming both ways out; the merged one (restore, load, accelerate) gives the source's
+    logits. An unmerged layer loads it as PEFT does."""
     plain, _ = pair(base, "default")
     ids = tokens()
     expected = plain(ids).logits
@@ -250,6 +251,11 @@ def test_a_state_dict_without_the_record_is_refused_by_a_merged_layer(base):
     assert not any(k.endswith("merged_adapters") for k in checkpoint)
     fast = accelerate(copy.deepcopy(plain))
     before = {n: p.clone() for n, p in fast.named_parameters()}
+    # Other values than the model's, so that a load of the refused layers would show.
+    other = {k: v + 1 if ".base_layer." in k or "miss_block" in k else v for k, v in checkpoint.items()}
+    with pytest.raises(RuntimeError, match="no 'merged_adapters' record, and this layer is merged"):
+        fast.load_state_dict(other)
+    assert all(torch.equal(p, before[n]) for n, p in fast.named_parameters() if ".base_layer." in n or "miss_block" in n)
     with pytest.raises(RuntimeError, match=r"no 'merged_adapters' record, and this layer is merged \(\['default'\]\)"
                                            r".*unmerge_adapter\(\) first.*miss_ext\.peft\.restore\(model\), load_state_dict, "
                                            r"then miss_ext\.peft\.accelerate"):
@@ -1489,3 +1495,59 @@ def test_set_adapter_on_a_merged_model_is_all_or_nothing(base):
     assert all(m.active_adapters == ["two"] and not m.merged for m in fast.modules()
                if isinstance(m, AcceleratedMissLinear))
     torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+
+
+def test_merge_with_a_generator_of_adapter_names_merges_every_layer(base):
+    """adapter_names as a generator: the all-or-nothing check read it up, and PEFT's merge loop then
+    merged no layer, silently; merge_and_unload returned the base model without the adapter (a
+    review, 2026-12-05; PEFT's own loop merges the first layer only). It is read once now."""
+    _, fast = pair(base, "default")
+    ids = tokens()
+    expected = fast(ids).logits
+    fast.merge_adapter(adapter_names=(name for name in ["default"]))
+    layers = [m for m in fast.modules() if isinstance(m, AcceleratedMissLinear)]
+    assert layers and all(m.merged_adapters == ["default"] for m in layers)
+    torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+    _, fast = pair(base, "default")
+    unloaded = fast.merge_and_unload(adapter_names=(name for name in ["default"]))
+    torch.testing.assert_close(unloaded(ids).logits, expected, **TOL)
+    _, fast = pair(base, "default")
+    with pytest.raises(TypeError, match="adapter_names should be a list of strings, got 3"):
+        fast.merge_adapter(adapter_names=3)
+
+
+def test_a_set_adapter_peft_refuses_leaves_a_merged_model_merged(base):
+    """set_adapter refused by PEFT's own checks (two adapters with modules_to_save copies set at
+    once; an empty list) on a merged model: set_adapter now unmerges every layer before switching,
+    and its first version did so before PEFT's checks ran, so the refused call unmerged the model
+    (a review of this fix, 2026-12-05). PEFT's checks run first now: nothing changes, as in PEFT.
+    Partly merged, the switch warns as PEFT does (once per merged layer, nothing more)."""
+    from peft import get_peft_model
+
+    def config(targets):
+        return MissConfig(r=R, target_modules=targets, init_weights=False, modules_to_save=["lm_head"])
+
+    model = get_peft_model(copy.deepcopy(base), config(["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", config(["q_proj", "v_proj"]))
+    randomize_blocks(model)
+    accelerate(model).merge_adapter()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for names, message in ((["a", "b"], "Only one adapter can be set at a time"),
+                           ([], "Please specify at least one adapter")):
+        with pytest.raises(ValueError, match=message):
+            model.base_model.set_adapter(names)
+        assert all(m.merged_adapters == ["a"] for m in model.modules() if isinstance(m, AcceleratedMissLinear))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    plain = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["q_proj"], init_weights=False),
+                           adapter_name="a")
+    plain.add_adapter("b", MissConfig(r=R, target_modules=["v_proj"], init_weights=False))
+    fast = accelerate(copy.deepcopy(plain))
+    caught = []
+    for model in (plain, fast):
+        model.merge_adapter(["a"])
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.set_adapter("b")
+        caught.append(sorted(str(w.message) for w in seen if "nmerg" in str(w.message)))
+    assert caught[0] == caught[1] and len(caught[0]) == 2, caught

@@ -446,3 +446,87 @@ def test_a_layer_tied_after_its_merge_can_still_be_unmerged(base):
     model.lm_head.unmerge()
     assert not model.lm_head.merged
     torch.testing.assert_close(model.model.embed_tokens.weight, embeddings, **TOL)
+
+
+class _TiedDecoderBuffer(nn.Module):
+    """A decoder tied to `fc` through a buffer on fc.weight's memory (not a Parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8, dtype=torch.float64)
+        self.register_buffer("dec_w", self.fc.weight.data, persistent=False)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc(x)), self.dec_w.t())
+
+
+def test_a_buffer_on_the_base_weights_memory_is_a_holder_too():
+    """A buffer registered on the base weight's memory sees a merge as a tied parameter does: it
+    was not looked at, so apply_miss said nothing and every merge (merge_and_unload, the layer's,
+    the accelerated PEFT model's) wrote W + dW into the decoder too (a review, 2026-12-05: merged
+    outputs 0.86 off, silently). Now it warns at setup and every merge is refused, nothing changed."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    model = _TiedDecoderBuffer()
+    with pytest.warns(UserWarning, match=r"fc \(shared with dec_w\)"):
+        miss_ext.apply_miss(model, ["fc"], r=3, init_weights=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (lambda: miss_ext.merge_and_unload(model), lambda: model.fc.merge()):
+        with pytest.raises(ValueError, match=r"shared with dec_w"):
+            merge()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model.dec_w, model.fc.base_layer.weight) and isinstance(model.fc, MissLinear)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = miss_ext.peft.accelerate(get_peft_model(_TiedDecoderBuffer(), MissConfig(
+            r=3, target_modules=["fc"], init_weights=False)))
+    weight = peft.base_model.model.fc.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=r"shared with dec_w"):
+        peft.merge_adapter()
+    assert torch.equal(peft.base_model.model.fc.base_layer.weight, weight)
+
+
+class _TwoSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = (nn.Linear(8, 8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64),
+                                       nn.Linear(8, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def test_an_adapter_layer_held_under_a_second_path_after_apply_miss(tmp_path):
+    """One MissLinear assigned to a second attribute after apply_miss (model.l2 = model.l1) adapts
+    both call sites. An adapter file names each block by one path and a load adapts that path
+    alone: save_adapter wrote the first path only, and the reloaded model was 0.49 off, silently;
+    merge_and_unload put the base back at the first path only, leaving a merged MissLinear at the
+    second (a review, 2026-12-05). save_adapter and export_lora now refuse, writing nothing;
+    merge_and_unload unloads every path; so does the accelerated PEFT model's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    model = _TwoSites()
+    miss_ext.apply_miss(model, ["l1", "head"], r=3, init_weights=False)
+    model.l2 = model.l1
+    with torch.no_grad():
+        expected = model(x)
+    for save in (miss_ext.save_adapter, miss_ext.export_lora):
+        with pytest.raises(ValueError, match=r"held under several module paths: 'l1' \(also at l2\).*nothing was written"):
+            save(model, str(tmp_path / save.__name__))
+        assert not (tmp_path / save.__name__).exists()
+    merged = miss_ext.merge_and_unload(model)
+    assert type(merged.l1) is nn.Linear and merged.l2 is merged.l1
+    assert not any(isinstance(m, MissLinear) for _, m in merged.named_modules(remove_duplicate=False))
+    torch.testing.assert_close(merged(x), expected, **TOL)
+
+    torch.manual_seed(0)
+    peft = miss_ext.peft.accelerate(get_peft_model(_TwoSites(), MissConfig(r=3, target_modules=["l1"],
+                                                                              init_weights=False)))
+    inner = peft.base_model.model
+    inner.l2 = inner.l1
+    with torch.no_grad():
+        expected = peft(x)
+    unloaded = peft.merge_and_unload()
+    assert type(unloaded.l1) is nn.Linear and unloaded.l2 is unloaded.l1
+    torch.testing.assert_close(unloaded(x), expected, **TOL)

@@ -629,3 +629,14 @@ def test_a_base_that_is_not_plain_is_refused_with_the_reason():
     with pytest.raises(TypeError, match=r"got torch\.nn\.modules\.linear\.Linear: it has forward or backward hooks"):
         tp._check_miss_layer("MissColwiseParallel", miss_ext.MissLinear(hooked, 2), mesh)
     tp._check_miss_layer("MissColwiseParallel", miss_ext.MissLinear(torch.nn.Linear(8, 8), 2), mesh)
+
+
+@pytest.mark.skipif(OLD_TORCH, reason="the styles refuse torch < 2.14 (MIN_TORCH)")
+def test_check_keys_is_a_flag():
+    """check_keys="no" turned the cross-rank check on (a truthy string; a review, 2026-12-05)."""
+    from miss_ext.tensor_parallel import MissColwiseParallel, MissRowwiseParallel
+
+    for style in (MissColwiseParallel, MissRowwiseParallel):
+        with pytest.raises(TypeError, match=f"{style.__name__}: check_keys must be True or False, got check_keys='no'"):
+            style(check_keys="no")
+        assert style(check_keys=True).check_keys is True and style().check_keys is False

@@ -1,6 +1,7 @@
 """The demo's command line: flags, their checks, the model dimensions and the device."""
 import argparse
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,23 @@ def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+# Upper bounds for the flags no model size bounds (a review, 2026-12-05: --threads 100000 ended in a
+# MemoryError traceback, --seq-len 10**8 on the random model allocated for minutes before failing).
+MAX_SYNTHETIC_SEQ_LEN = 4096  # the counting task's sequences; --model's are bounded by its positions
+
+
+def max_threads() -> int:
+    """The machine's cores (threads beyond them only wait for each other)."""
+    return os.cpu_count() or 1
+
+
+def _thread_count(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(f"must be at most the machine's {max_threads()} cores, got {text}")
     return value
 
 
@@ -184,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the base model's init, the data and torch")
     train.add_argument("--device", default="auto",
                        help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
-    train.add_argument("--threads", type=_nonnegative_int, default=1,
+    train.add_argument("--threads", type=_thread_count, default=1,
                        help="torch CPU threads; 0 = torch's choice (one per core). One by default: on a "
                             "machine shared with other busy processes, several OpenMP threads spend most of "
                             "these small steps waiting for each other (steps measured up to 100x slower), "
@@ -239,6 +257,8 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
                      "rotary embedding needs an even head dimension")
     if args.seq_len < 3:
         parser.error(f"--seq-len must be at least 3 (two tokens to infer the step, one to predict), got {args.seq_len}")
+    if args.seq_len > MAX_SYNTHETIC_SEQ_LEN:
+        parser.error(f"--seq-len must be at most {MAX_SYNTHETIC_SEQ_LEN} on the synthetic task, got {args.seq_len}")
     # Only the projections the adapter targets (apply_miss raises later if there is none).
     targets = target_modules(args)
     shapes = {name: shape for name, shape in dims.projection_shapes().items()

@@ -37,7 +37,7 @@ import torch
 import miss_ext
 
 from .._optional import require
-from ._cli import SIZES, ModelDims, folder_path, out_folder_problem
+from ._cli import MAX_SYNTHETIC_SEQ_LEN, SIZES, ModelDims, folder_path, max_threads, out_folder_problem
 from ._driver import torch_threads
 from ._synthetic import VOCAB, build_base_model
 from ._training import forget_adapters_of, save_base_model
@@ -81,6 +81,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads < 0:
         ap.error(f"--threads must be 0 (torch's choice) or positive, got {args.threads}")
+    if args.threads > max_threads():
+        ap.error(f"--threads must be at most the machine's {max_threads()} cores, got {args.threads}")
     if args.batch_size % 2:
         ap.error(f"--batch-size must be even (half the sequences per task), got {args.batch_size}")
     hidden = SIZES[args.size]["hidden"]
@@ -89,6 +91,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                  "an adapter (it requires r <= in_features)")
     if args.seq_len < 2:
         ap.error(f"--seq-len must be at least 2 (a token and its successor), got {args.seq_len}")
+    if args.seq_len > MAX_SYNTHETIC_SEQ_LEN:
+        ap.error(f"--seq-len must be at most {MAX_SYNTHETIC_SEQ_LEN}, got {args.seq_len}")
     # The prompt (one token) and the generated ones must lie within the trained positions: past
     # them the adapters have learned nothing, and the run failed its accuracy check after training
     # with a message that did not say why (a new-user pass, 2026-12-04).
