@@ -519,3 +519,28 @@ def test_in_place_ops_refuse_inference_tensors_before_writing(op, inputs_inferen
     with torch.inference_mode():
         call(target, *others)
     assert torch.equal(target, expected) and not torch.equal(target, before)
+
+
+def test_every_op_refuses_a_strided_nested_tensor_by_name():
+    """A strided nested tensor (torch.nested.nested_tensor's default layout) reached the ops'
+    Autograd kernels, which read its sizes: c10's "Internal error: NestedTensorImpl doesn't
+    support sizes. Please file an issue." (a review, 2026-12-05). Every op with a tensor argument
+    now has a refusing kernel for the nested keys (csrc/ops/nested_refusal.cpp, whose list this
+    checks against the registered ops), also under inference_mode."""
+    keys = ("AutogradNestedTensor", "NestedTensorCPU", "NestedTensorCUDA")
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("miss::") and n != "miss::build_info")
+    assert len(ops) >= 18
+    missing = [(op, k) for op in ops for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(op, k)]
+    assert not missing, missing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the strided layout's "prototype stage" warning
+        nested = torch.nested.nested_tensor([torch.randn(2, 10), torch.randn(3, 10)])
+    message = r"miss: {} takes dense \(strided-layout\) tensors, got a nested tensor; pad it"
+    with pytest.raises(TypeError, match=message.format("fold")):
+        torch.ops.miss.fold(nested, 2)
+    with pytest.raises(TypeError, match=message.format("linear")):
+        torch.ops.miss.linear(nested, torch.randn(4, 10), None, torch.randn(2, 4), 0.0, None)
+    with torch.inference_mode(), pytest.raises(TypeError, match=message.format("fold")):
+        torch.ops.miss.fold(nested, 2)
