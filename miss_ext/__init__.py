@@ -15,7 +15,7 @@ the dispatcher (CPU always; CUDA when built with it). See README.md.
 - tensor parallelism: `miss_ext.tensor_parallel` (MissColwiseParallel / MissRowwiseParallel;
   importing it registers the ops' DTensor sharding strategies).
 """
-import importlib
+import importlib as _importlib
 
 from ._library import build_info
 from . import _aoti_guard, _functorch
@@ -45,9 +45,9 @@ _aoti_guard.install()  # torch < 2.12: refuse AOTInductor packages with miss ops
 def __getattr__(name: str):
     # `miss_ext.peft` needs PEFT installed; load it only when asked for.
     if name == "peft":
-        return importlib.import_module(".peft", __name__)
+        return _importlib.import_module(".peft", __name__)
     # `miss_ext.tensor_parallel` imports torch.distributed.tensor (half a second) and registers
     # the miss ops' DTensor sharding strategies: loaded when first used.
     if name == "tensor_parallel":
-        return importlib.import_module(".tensor_parallel", __name__)
+        return _importlib.import_module(".tensor_parallel", __name__)
     raise AttributeError(f"module 'miss_ext' has no attribute {name!r}")

@@ -11,7 +11,7 @@
 
 Two parts:
 
-1. DTensor sharding strategies for every `torch.ops.miss` op (`register_strategies()`, run when
+1. DTensor sharding strategies for the `torch.ops.miss` ops a MissLinear runs (`register_strategies()`, run when
    this module is imported: `import miss_ext.tensor_parallel`, or `miss_ext.tensor_parallel`). DTensor calls them to decide, from the
    placements and global shapes of the arguments, which placements the op can run on locally and
    what the output's placement is; it redistributes the inputs when none fits (for example it
@@ -258,7 +258,9 @@ _REGISTERED = False
 
 
 def register_strategies() -> None:
-    """Registers the DTensor sharding strategies of every miss op (idempotent)."""
+    """Registers the DTensor sharding strategies of the miss ops a sharded MissLinear runs: fold,
+    tile_add(_), linear, merge(_), bat_weight, bat_linear, bat_transform(_) (idempotent). The
+    bank's ops have none (the styles refuse bank layers)."""
     global _REGISTERED
     if _REGISTERED:
         return
