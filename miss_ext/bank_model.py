@@ -38,9 +38,9 @@ from .adapter_files import (_check_config_fields, _config_settings, _find_parame
                             read_adapter, warn_non_finite, write_adapter, KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
-from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_ddp_wrapped,
-                    refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook, unwrap_model,
-                    writes_here)
+from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
+                    refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook,
+                    unwrap_model, writes_here)
 from .modules import (MissLinear, base_refusal, check_dropout, check_flag, is_dtensor, refuse_meta, reshard_fsdp,
                       type_name)
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
@@ -403,6 +403,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     # neither (found by a review, 2026-12-03). Copies, so that the file is written outside the lock.
     with _BANK_LOCK:
         layers = _layers(model, "save_bank_adapter")
+        refuse_aliased_layers(model, layers, "save_bank_adapter")
         refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
         slot = layers[0][1]._slot(name)
         present = [(p, layer) for p, layer in layers if not layer.absent[slot]]

@@ -34,7 +34,9 @@ def main(argv=None) -> None:
     ignored: a review, 2026-12-05)."""
     import argparse
 
-    argparse.ArgumentParser(prog="python -m miss_ext.info", description=__doc__.splitlines()[0]).parse_args(argv)
+    # (Not __doc__: python -OO strips it.)
+    argparse.ArgumentParser(prog="python -m miss_ext.info", description="torch, the build and the registered miss "
+                            "ops with their dispatch keys").parse_args(argv)
     print(report())
 
 

@@ -27,6 +27,20 @@ def parent_module(model: nn.Module, path: str) -> Optional[nn.Module]:
     return model.get_submodule(path.rpartition(".")[0])
 
 
+def same_slot_paths(model: nn.Module, path: str, paths: Optional[Sequence[str]] = None) -> List[str]:
+    """The paths (of `paths`, default: every path of the module at `path`) that reach it through
+    the same parent object and attribute as `path` (a shared parent, `self.alias = self.enc`):
+    replacing the module at `path` replaces it at those too, unlike a second registration of the
+    module itself (`self.b = self.a`), which keeps the old object."""
+    if not path:
+        return [path]
+    if paths is None:
+        paths = module_paths(model).get(id(model.get_submodule(path)), [path])
+    parent, attribute = parent_module(model, path), path.rpartition(".")[2]
+    return [p for p in paths if p == path or (p and p.rpartition(".")[2] == attribute
+                                              and parent_module(model, p) is parent)]
+
+
 def refuse_lazy_tensors(model: nn.Module, who: str) -> None:
     """TypeError naming the model's unmaterialised lazy parameters and buffers (nn.LazyLinear & co.
     before their first forward), before anything changes: they refuse every op, the freeze of the
@@ -236,8 +250,14 @@ def refuse_aliased_layers(model: nn.Module, layers: Sequence[Tuple[str, nn.Modul
     off after a save/load round trip, silently). A base nn.Linear aliased before apply_miss is not
     this case: only the path that was adapted is (warn_shared, README)."""
     paths = module_paths(model)
-    aliased = [f"{name!r} (also at {describe(other for other in paths[id(layer)] if other != name)})"
-               for name, layer in layers if len(paths.get(id(layer), ())) > 1]
+    aliased = []
+    for name, layer in layers:
+        held = paths.get(id(layer), [name])
+        # Paths through a shared parent (self.alias = self.enc) are the same slot: a load replaces
+        # the layer there for both (a review, 2026-12-05: refused at first, wrongly).
+        others = [p for p in held if p not in same_slot_paths(model, name, held)]
+        if others:
+            aliased.append(f"{name!r} (also at {describe(others)})")
     if aliased:
         raise ValueError(f"{what}: adapter layers held under several module paths: {describe(aliased)}. An adapter "
                          "file names each block by one path, and a load adapts that path alone, so the loaded model "
@@ -395,10 +415,12 @@ def shared_before_wrapping(model: nn.Module, linears: Sequence[Tuple[str, nn.Mod
     """{path: other holders} for the base layers about to be wrapped whose weight or bias other
     modules share, found before any change, so that its warning (warn_shared) can come first:
     turned into an error, it then leaves the model as it was."""
-    params = parameter_paths(model, with_buffers=True)  # record_sharing
+    params, held = parameter_paths(model, with_buffers=True), module_paths(model)  # record_sharing
     shared = {}
     for name, module in linears:
-        holders = other_holders(params, (getattr(module, "weight", None), getattr(module, "bias", None)), [name])
+        # The paths through a shared parent get the adapter too (same_slot_paths): not other holders.
+        holders = other_holders(params, (getattr(module, "weight", None), getattr(module, "bias", None)),
+                                same_slot_paths(model, name, held.get(id(module), [name])))
         if holders:
             shared[name] = holders
     return shared
@@ -417,11 +439,13 @@ def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:
 def _drop_shared_linears(model: nn.Module, found):
     """"all-linear" must not pick layers that could never be merged: drops the nn.Linear layers
     whose weight or bias is also held elsewhere. Returns (kept, {path: other holders})."""
-    params = parameter_paths(model, with_buffers=True)  # record_sharing
+    params, held = parameter_paths(model, with_buffers=True), module_paths(model)  # record_sharing
     kept, skipped = [], {}
     for name, module in found:
         # Only plain linears: Conv1D and existing MissLinear layers go on to their own errors.
-        holders = other_holders(params, (module.weight, module.bias), [name]) if isinstance(module, nn.Linear) else []
+        holders = (other_holders(params, (module.weight, module.bias),
+                                 same_slot_paths(model, name, held.get(id(module), [name])))
+                   if isinstance(module, nn.Linear) else [])
         if holders:
             skipped[name] = holders
         else:

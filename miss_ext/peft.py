@@ -1362,6 +1362,14 @@ class AcceleratedMissModel(MissModel):
         checks, the tuner did not), and the layers then ran the base model alone, silently (an
         atomicity review, 2026-12-03). A merged model is unmerged first, all or nothing
         (unmerge_adapter: ValueError naming the layer, nothing changed), with PEFT's warning."""
+        if not isinstance(adapter_name, (str, list)):
+            # Read once: a generator was used up here and PEFT then set the spent generator as
+            # every layer's active adapter, which ran the base model (a review, 2026-12-05).
+            try:
+                adapter_name = list(adapter_name)
+            except TypeError:
+                raise TypeError(f"set_adapter: adapter_name must be an adapter name or a list of them, got "
+                                f"{adapter_name!r}") from None
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
@@ -1390,12 +1398,24 @@ class AcceleratedMissModel(MissModel):
                 # unmerges merged ones here).
                 warnings.filterwarnings("ignore", message="Already unmerged. Nothing to do.")
                 self.unmerge_adapter()
+            active, trainable = self.active_adapter, {p: p.requires_grad for p in self.model.parameters()}
             try:
                 super().set_adapter(adapter_name, inference_mode=inference_mode)
             except BaseException:
-                undo_each([(path, partial(_merge_back, layer, before)) for path, layer, before in merged],
+                # Back to the old adapter (layers and modules_to_save wrappers, which PEFT's loop may
+                # have switched part way, with their requires_grad), then merged again: merged
+                # layers with another active adapter would refuse every forward (a review, 2026-12-05).
+                undo_each([("set_adapter", partial(self._switch_back, active, trainable))]
+                          + [(path, partial(_merge_back, layer, before)) for path, layer, before in merged],
                           "set_adapter")
                 raise
+
+    def _switch_back(self, active, trainable: Dict[nn.Parameter, bool]) -> None:
+        """After a set_adapter that failed part way: PEFT's switch to `active` again, and every
+        parameter's requires_grad as it was (PEFT's switch sets the adapters')."""
+        super().set_adapter(active)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=

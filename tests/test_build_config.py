@@ -149,3 +149,5 @@ def test_the_info_command_refuses_unknown_arguments():
     assert ok.returncode == 0 and "miss::fold" in ok.stdout, ok.stdout
     bad = subprocess.run([sys.executable, "-m", "miss_ext.info", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    stripped = subprocess.run([sys.executable, "-OO", "-m", "miss_ext.info"], capture_output=True, text=True)
+    assert stripped.returncode == 0 and "miss::fold" in stripped.stdout, stripped.stderr  # no docstrings there

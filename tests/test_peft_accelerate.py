@@ -1551,3 +1551,70 @@ def test_a_set_adapter_peft_refuses_leaves_a_merged_model_merged(base):
             model.set_adapter("b")
         caught.append(sorted(str(w.message) for w in seen if "nmerg" in str(w.message)))
     assert caught[0] == caught[1] and len(caught[0]) == 2, caught
+
+
+def test_set_adapter_with_a_generator_of_names_switches_the_layers(base):
+    """set_adapter(<generator>): the name check used the generator up and PEFT then set the spent
+    generator as every layer's active adapter, which ran the base model (a review, 2026-12-05)."""
+    from peft import get_peft_model
+
+    def config():
+        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False)
+
+    plain = get_peft_model(copy.deepcopy(base), config(), adapter_name="a")
+    plain.add_adapter("b", config())
+    randomize_blocks(plain)
+    ids = tokens()
+    plain.base_model.set_adapter(["b"])
+    expected = plain(ids).logits
+    plain.base_model.set_adapter(["a"])
+    fast = accelerate(copy.deepcopy(plain))
+    for merged in (False, True):
+        if merged:
+            fast.base_model.set_adapter(["a"])
+            fast.merge_adapter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Unmerging the model first"
+            fast.base_model.set_adapter(name for name in ["b"])
+        assert all(m.active_adapters == ["b"] for m in fast.modules() if isinstance(m, AcceleratedMissLinear))
+        torch.testing.assert_close(fast(ids).logits, expected, **TOL)
+    with pytest.raises(TypeError, match="adapter_name must be an adapter name or a list of them, got 3"):
+        fast.base_model.set_adapter(3)
+
+
+def test_set_adapter_failing_after_the_unmerge_goes_back_whole(base, monkeypatch):
+    """A failure inside PEFT's switch after set_adapter unmerged the model (an interrupt at the
+    third layer): the layers were merged back but those already switched kept the new adapter, so
+    the next forward refused (merged 'a', active 'b'; a review, 2026-12-05). Now the switch is
+    undone too, with every requires_grad, and the model computes what it did."""
+    from peft import get_peft_model
+
+    def config():
+        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False)
+
+    model = get_peft_model(copy.deepcopy(base), config(), adapter_name="a")
+    model.add_adapter("b", config())
+    randomize_blocks(model)
+    accelerate(model).merge_adapter()
+    ids = tokens()
+    expected = model(ids).logits
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = []
+    switch = AcceleratedMissLinear.set_adapter
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("at the third layer")
+        return switch(self, *args, **kwargs)
+
+    monkeypatch.setattr(AcceleratedMissLinear, "set_adapter", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            model.base_model.set_adapter("b")
+    monkeypatch.undo()
+    layers = [m for m in model.modules() if isinstance(m, AcceleratedMissLinear)]
+    assert all(m.active_adapters == ["a"] and m.merged_adapters == ["a"] for m in layers)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)

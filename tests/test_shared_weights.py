@@ -530,3 +530,73 @@ def test_an_adapter_layer_held_under_a_second_path_after_apply_miss(tmp_path):
     unloaded = peft.merge_and_unload()
     assert type(unloaded.l1) is nn.Linear and unloaded.l2 is unloaded.l1
     torch.testing.assert_close(unloaded(x), expected, **TOL)
+
+
+class _SharedParent(nn.Module):
+    """One encoder reached under two names (`self.alias = self.enc`): its child is one slot."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64))
+        self.alias = self.enc
+        self.head = nn.Linear(8, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.alias(torch.tanh(self.enc(x)))))
+
+
+def test_a_layer_under_a_shared_parent_saves_and_is_not_shared(tmp_path):
+    """An adapter on a child of a shared parent is reached by both paths (the child is replaced in
+    the one parent): it is no alias. The aliased-layer refusal took it for one (save_adapter and
+    export_lora refused; a review, 2026-12-05), and apply_miss warned that merges would be refused
+    while they work. Now it saves, loads back exactly, merges, and says nothing."""
+    torch.manual_seed(0)
+    base = _SharedParent()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        miss_ext.apply_miss(model, ["enc.0"], r=2, init_weights=False)
+    assert model.alias[0] is model.enc[0] and model.enc[0]._shared_with == []
+    with torch.no_grad():
+        expected = model(x)
+    miss_ext.save_adapter(model, str(tmp_path / "miss"))
+    miss_ext.export_lora(model, str(tmp_path / "lora"))
+    torch.testing.assert_close(miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "miss"))(x), expected, **TOL)
+    torch.testing.assert_close(miss_ext.merge_and_unload(model)(x), expected, **TOL)
+    with warnings.catch_warnings():  # all-linear keeps it
+        warnings.simplefilter("error")
+        adapted = miss_ext.apply_miss(copy.deepcopy(base), "all-linear", r=2)
+    assert isinstance(adapted.enc[0], MissLinear)
+
+
+def test_all_linear_skips_a_linear_whose_weight_a_buffer_shares():
+    """A buffer on a linear's weight memory is another holder (test_a_buffer_on_the_base_weights_
+    memory_is_a_holder_too): "all-linear" skips that linear, naming the buffer, as it skips tied
+    parameters."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.other = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.register_buffer("dec_w", self.fc.weight.data, persistent=False)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.other(self.fc(x))), self.dec_w.t())
+
+    with pytest.warns(UserWarning, match=r"fc \(shared with dec_w\)"):
+        model = miss_ext.apply_miss(Tied(), "all-linear", r=2)
+    assert [name for name, _ in miss_ext.miss_layers(model)] == ["other"]
+
+
+def test_save_bank_adapter_refuses_a_bank_layer_held_under_a_second_path(tmp_path):
+    """As save_adapter (test_an_adapter_layer_held_under_a_second_path_after_apply_miss): a bank
+    layer assigned to a second attribute after apply_bank was saved under its first path only, and
+    the reloaded model was 0.38 off, silently (a review, 2026-12-05)."""
+    model = _TwoSites()
+    miss_ext.apply_bank(model, ["l1", "head"], capacity=2, max_r=2)
+    model.l2 = model.l1
+    miss_ext.add_bank_adapter(model, "t", r=2)
+    with pytest.raises(ValueError, match=r"save_bank_adapter: adapter layers held under several module paths: 'l1' "
+                                         r"\(also at l2\)"):
+        miss_ext.save_bank_adapter(model, "t", str(tmp_path / "t"))
+    assert not (tmp_path / "t").exists()
