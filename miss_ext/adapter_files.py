@@ -26,7 +26,7 @@ from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, 
                     shared_before_wrapping,
                     trainable_extras, unwrap_model, warn_shared, writes_here)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
-                      check_flag, is_dtensor, refuse_meta, reshard_fsdp, type_name)
+                      check_flag, is_conv1d, is_dtensor, linear_sizes, refuse_meta, reshard_fsdp, type_name)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
@@ -319,7 +319,9 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     below; the unwrapped model under DDP: call it on one rank).
 
     ValueError, writing nothing, for a model without MissLinear layers or with layers of
-    different r, mode, mini_r or dropout (one PEFT config holds one of each). UserWarning naming
+    different r, mode, mini_r or dropout (one PEFT config holds one of each). UserWarning for
+    layers on transformers' Conv1D (PEFT's MiSS refuses them, so only load_adapter reads such a
+    folder). UserWarning naming
     the parameters that require grad but are not saved (anything beyond the blocks,
     modules_to_save and the trained biases: PEFT's format has no place for them). A model in a
     DistributedDataParallel / DataParallel / torch.compile wrapper is saved as the model inside it
@@ -369,6 +371,11 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     _warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
                              + list(saved_extras.values()))
     warn_non_finite(tensors, "save_adapter")
+    conv1d = [name for name, layer in layers if is_conv1d(layer.base_layer)]
+    if conv1d:
+        warnings.warn(f"save_adapter: {describe(conv1d)} adapt transformers' Conv1D layers, which PEFT's MiSS refuses "
+                      "(TypeError), so PeftModel.from_pretrained cannot load this adapter; miss_ext.load_adapter "
+                      "can", stacklevel=2)
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
                             modules_to_save=list(save_paths) or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
@@ -737,7 +744,7 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         if problem is not None:
             problems.append(problem)
             continue
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
             # (The MissLinear's base when quantize_dynamic replaced it after the adapter was added.)
             what = f"its base layer is a {type_name(linear)}" if linear is not module else f"is a {type_name(module)}"
             problems.append(f"{path}: {what}, not an nn.Linear")
@@ -748,7 +755,7 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
                 problems.append(f"{path}: {why}")
                 continue
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
-        out_features, in_features = linear.out_features, linear.in_features
+        in_features, out_features = linear_sizes(linear)
         try:
             expected = block_shape(mode, r, mini_r, in_features, out_features)
         except (ValueError, TypeError) as exc:
@@ -870,7 +877,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         warnings.warn(f"{path}: the file has no value for {describe(absent)} of its modules_to_save, which keep "
                       "the model's own values (PEFT's from_pretrained refuses such a file; miss_ext's save_adapter "
                       "before 2026-12-04 did not save a modules_to_save module's buffers)", stacklevel=2)
-    dead = [name for name, module, _ in plan if r > module.in_features]
+    dead = [name for name, module, _ in plan if r > linear_sizes(module)[0]]
     if dead:
         warnings.warn(f"adapter r={r} exceeds in_features of {', '.join(dead)}: those block rows are dead weight. "
                       f"{PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, check_task_type, full_block, write_adapter
 from .model import is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
-from .modules import is_dtensor, refuse_meta, reshard_fsdp
+from .modules import MissLinear, is_conv1d, is_dtensor, refuse_meta, reshard_fsdp
 from .targets import describe, exact_paths_regex
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
@@ -121,7 +121,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     of different r or dropout (one LoRA config holds one r and one dropout), and adapters that
     also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /
     bias=), which blocks alone do not reproduce, and non-finite blocks (NaN or inf), which B @ A
-    cannot reproduce. A
+    cannot reproduce, and layers on transformers' Conv1D (PEFT's LoRA needs fan_in_fan_out for
+    them). A
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 of its
     group writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
@@ -149,6 +150,12 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     scope = model if root is None else root
     refuse_aliased_layers(scope, [(n, m) for n, m in scope.named_modules() if hasattr(m, "miss_block")], "export_lora")
     refuse_meta("export_lora", [(a.path, a.block) for a in adapters])
+    conv1d = [name for name, m in scope.named_modules() if isinstance(m, MissLinear) and is_conv1d(m.base_layer)]
+    if conv1d:
+        # PEFT's LoRA takes Conv1D only with fan_in_fan_out=True for every target (a mixed model
+        # cannot say both); not written rather than half right.
+        raise ValueError(f"export_lora: {describe(conv1d)} adapt transformers' Conv1D layers, whose LoRA export is not "
+                         "supported (PEFT's LoRA needs fan_in_fan_out=True for them); nothing was written")
     bat = [a.path for a in adapters if a.block.dim() == 3]
     if bat:
         raise ValueError(

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, _fsdp_modules, base_refusal,
-                      block_merge_problem, block_shape, check_dropout, check_flag, is_dtensor, merge_refusal,
-                      non_finite_summary, reshard_fsdp, type_name)
+                      block_merge_problem, block_shape, check_dropout, check_flag, is_conv1d, is_dtensor, linear_sizes,
+                      merge_refusal, non_finite_summary, reshard_fsdp, type_name, weight_out_in)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
                       check_target_modules, describe, find_targets, matches, module_paths, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -442,10 +442,10 @@ def _drop_shared_linears(model: nn.Module, found):
     params, held = parameter_paths(model, with_buffers=True), module_paths(model)  # record_sharing
     kept, skipped = [], {}
     for name, module in found:
-        # Only plain linears: Conv1D and existing MissLinear layers go on to their own errors.
+        # Linears and Conv1Ds: existing MissLinear layers go on to their own errors.
         holders = (other_holders(params, (module.weight, module.bias),
                                  same_slot_paths(model, name, held.get(id(module), [name])))
-                   if isinstance(module, nn.Linear) else [])
+                   if isinstance(module, nn.Linear) or is_conv1d(module) else [])
         if holders:
             skipped[name] = holders
         else:
@@ -499,10 +499,10 @@ def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> Non
     if already:
         raise ValueError(f"these modules already have a MiSS adapter (miss_ext.MissLinear holds one): "
                          f"{describe(already)}")
-    wrong = [f"{name} ({type_name(m)})" for name, m in found if not isinstance(m, nn.Linear)]
+    wrong = [f"{name} ({type_name(m)})" for name, m in found if not isinstance(m, nn.Linear) and not is_conv1d(m)]
     if wrong:
-        raise TypeError(f"MiSS adapts torch.nn.Linear layers only; target_modules={target_modules!r} also "
-                        f"matches {describe(wrong)}")
+        raise TypeError(f"MiSS adapts torch.nn.Linear layers only (and transformers' Conv1D); "
+                        f"target_modules={target_modules!r} also matches {describe(wrong)}")
 
 
 def offload_hook(module: nn.Module) -> bool:
@@ -769,7 +769,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     for name, linear in found:
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
         try:
-            block_shape(mode, r, mini_r, linear.in_features, linear.out_features)
+            block_shape(mode, r, mini_r, *linear_sizes(linear))
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
         why = base_refusal(linear, mode, parent_module(model, name))
@@ -788,7 +788,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                          "adapter config has one bias value")
 
     # The warnings come before anything changes: turned into errors, they leave the model as it was.
-    dead = [name for name, linear in found if r > linear.in_features]
+    dead = [name for name, linear in found if r > linear_sizes(linear)[0]]
     if dead:
         warnings.warn(f"MiSS r={r} exceeds in_features of {describe(dead)}: block rows beyond in_features never "
                       f"receive a gradient and are dead weight. {PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
@@ -915,7 +915,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             for name, layer in layers:
                 if layer.merged:
                     continue
-                merged = torch.ops.miss.merge(layer.base_layer.weight, layer.miss_block, False)
+                merged = torch.ops.miss.merge(weight_out_in(layer.base_layer), layer.miss_block, False)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights of {name} ({non_finite_summary(merged)}); "
                                      "nothing was merged")

@@ -243,6 +243,40 @@ def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
 
 
+def is_conv1d(module: object) -> bool:
+    """Whether `module` is transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc; OpenAI GPT, ...),
+    the class itself, not a subclass: a linear layer whose weight is stored transposed, (in, out),
+    computing x @ W + b (torch.addmm). MiSS adapts it as the linear it is (the spec counts PEFT's
+    refusal of it among the PEFT limitations not to copy). Found by name, so that transformers is
+    not imported."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+
+
+def is_plain_conv1d(module: nn.Module) -> bool:
+    """is_plain_linear's test for a Conv1D: calling it is exactly x @ W + b (no per-instance
+    forward, hooks of its own or global ones, parametrization, plain floating tensors), so that a
+    merge into W leaves its output what the unmerged layer computed."""
+    return (is_conv1d(module) and "forward" not in vars(module) and not _own_hooks(module) and not _global_hooks()
+            and not parametrize.is_parametrized(module)
+            and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
+
+
+def linear_sizes(base: nn.Module) -> Tuple[int, int]:
+    """(in_features, out_features) of an adapted base: nn.Linear's attributes (its weight may be
+    packed or sharded), or a Conv1D's weight shape (in, out)."""
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    return base.in_features, base.out_features
+
+
+def weight_out_in(base: nn.Module) -> Tensor:
+    """The base weight as the (out, in) matrix the miss ops merge into: nn.Linear's weight, or a
+    view of a Conv1D's transposed one (in place merges write through it)."""
+    return base.weight.t() if is_conv1d(base) else base.weight
+
+
 def not_plain_reason(module: nn.Module, global_hooks: bool = True) -> Optional[str]:
     """Why is_plain_linear(module, global_hooks) is False, in words for an error message ("its class
     a.B overrides forward", "its weight is a ..."), or None when it is True."""
@@ -739,8 +773,12 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     """Why `base` cannot take a MissLinear of `mode`, or None: the constructor's checks, so that
     apply_miss and load_adapter can run them for every layer before changing anything. `parent`
     (the module holding `base`, when known) is checked for reading the weight directly."""
-    if not isinstance(base, nn.Linear):
-        return f"MissLinear adapts nn.Linear layers, got {type_name(base)}"
+    conv1d = is_conv1d(base)
+    if not isinstance(base, nn.Linear) and not conv1d:
+        return f"MissLinear adapts nn.Linear layers (and transformers' Conv1D), got {type_name(base)}"
+    if conv1d and mode == "bat":
+        return ("bat mode builds W' = W + W_ij B_i + B_i from an nn.Linear's (out, in) weight and computes x W'^T "
+                "itself; transformers' Conv1D (weight stored (in, out)) takes the default and mini modes")
     if any(nn.parameter.is_lazy(t) for t in (getattr(base, "weight", None), getattr(base, "bias", None))
            if t is not None):
         # nn.LazyLinear before its first forward: in_features is 0 until then, and its parameters
@@ -861,6 +899,12 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
                 f"stored value; strides {tuple(weight.stride())} for shape {tuple(weight.shape)}), so a merge cannot "
                 "give each entry its own value in place; keep the adapter unmerged, or give the layer a weight of its "
                 "own first (layer.weight = nn.Parameter(layer.weight.contiguous()))")
+    if not unmerge and is_conv1d(module):
+        if not is_plain_conv1d(module):
+            return ("it does not compute exactly x @ weight + bias (a Conv1D with hooks, a forward of its own or a "
+                    "parametrization), so the merged output would differ from the unmerged one; keep the adapter "
+                    "unmerged, or remove the hooks first")
+        return None
     if not unmerge and not is_plain_linear(module):
         return (f"it does not compute exactly F.linear(x, weight, bias): {not_plain_reason(module)} (QAT and quantized "
                 "linears have a forward of their own; a subclass that changes only __init__ or reset_parameters is "
@@ -913,7 +957,8 @@ def autocast_mini_block(block: Tensor, x: Tensor, out_features: int) -> Tensor:
 
 
 class MissLinear(BaseTensorAttributes, nn.Module):
-    """MiSS adapter on a frozen `nn.Linear`: y = base(x) + fold(dropout(x)) @ tile(miss_block).
+    """MiSS adapter on a frozen `nn.Linear` (or transformers' Conv1D, default and mini modes):
+    y = base(x) + fold(dropout(x)) @ tile(miss_block).
 
     The base module computes what it computes. For a plain nn.Linear (is_plain_linear: no
     subclass, hooks, parametrization or tensor-subclass weight) the fused `miss.linear` op
@@ -968,8 +1013,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             raise TypeError(f"init_weights must be True (zero init) or False (random init), got {init_weights!r}; "
                             "PEFT's init_weights='mini'/'bat' are mode='mini'/'bat' here")
         weight = base_layer.weight
-        # The module's own sizes: a quantized or sharded weight's shape may be packed or local.
-        out_features, in_features = base_layer.out_features, base_layer.in_features
+        # The module's own sizes: a quantized or sharded weight's shape may be packed or local
+        # (a Conv1D's, from its (in, out) weight).
+        in_features, out_features = linear_sizes(base_layer)
         shape = block_shape(mode, r, mini_r, in_features, out_features)
 
         self.base_layer = base_layer
@@ -1188,7 +1234,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             warnings.warn("MissLinear is already merged; nothing to do")
             return
         self._check_mergeable()
-        weight = self.base_layer.weight
+        weight = weight_out_in(self.base_layer)  # a Conv1D's weight transposed: a view, written through
         with torch.no_grad():
             if safe_merge:
                 merged = torch.ops.miss.merge(weight, self.miss_block)
@@ -1214,12 +1260,13 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             return
         self._check_mergeable(unmerge=True)
         with torch.no_grad():
-            torch.ops.miss.merge_(self.base_layer.weight, self.miss_block, True)
+            torch.ops.miss.merge_(weight_out_in(self.base_layer), self.miss_block, True)
         self.merged = False
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
-        """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile).
+        """dW (out, in) = merged weight - weight, in the block's dtype (bat: W B + B per tile); a
+        Conv1D base's weight, stored (in, out), changes by its transpose.
 
         Differentiable with respect to the block. Bat computes W_ij B_i + B_i directly, as PEFT's
         get_delta_weight does, rather than W' - W: W' = W (I + B) + B carries a rounding error of

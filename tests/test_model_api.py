@@ -170,13 +170,15 @@ def test_apply_miss_rejects_non_linear_targets_and_changes_nothing(base):
     assert_unchanged(model, snap)
 
 
-def test_apply_miss_rejects_gpt2_conv1d(tmp_path):
+def test_bat_on_gpt2_conv1d_is_refused_and_changes_nothing():
+    """Conv1D takes the default and mini modes (tests/test_conv1d.py); bat builds W' from an
+    nn.Linear's (out, in) weight and computes x W'^T itself, so it is refused by name."""
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
     snap = snapshot(gpt2)
-    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn \(transformers\.pytorch_utils\.Conv1D\)"):
-        miss_ext.apply_miss(gpt2, ["c_attn"], r=2)
+    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn: bat mode .*Conv1D"):
+        miss_ext.apply_miss(gpt2, ["c_attn"], r=2, mode="bat")
     assert_unchanged(gpt2, snap)
 
 
@@ -350,14 +352,16 @@ def test_second_apply_miss_keeps_earlier_blocks_trainable(base):
     assert trainable == {f"{p}.miss_block" for p in miss_paths(model)} and len(trainable) == 4
 
 
-def test_all_linear_on_gpt2_names_conv1d_like_peft():
+def test_all_linear_on_gpt2_adapts_every_conv1d_as_peft_selects_them():
+    """PEFT's "all-linear" selects nn.Linear and Conv1D layers but the output head; its MiSS then
+    refuses the Conv1Ds, which are adapted here (tests/test_conv1d.py)."""
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
-    snap = snapshot(gpt2)
-    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn \(transformers\.pytorch_utils\.Conv1D\)"):
-        miss_ext.apply_miss(gpt2, "all-linear", r=2)
-    assert_unchanged(gpt2, snap)
+    miss_ext.apply_miss(gpt2, "all-linear", r=2)
+    assert [name for name, _ in miss_ext.miss_layers(gpt2)] == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj"]
 
 
 def test_merge_and_unload_of_a_bare_layer_returns_the_linear():

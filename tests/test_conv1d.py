@@ -1,0 +1,185 @@
+"""MiSS on transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc): a linear layer whose weight is
+stored transposed, (in, out), computing x @ W + b. PEFT's MiSS refuses it (TypeError); the spec
+counts that among the PEFT limitations not to copy. The default and mini modes adapt it as the
+linear it is: y = x @ W + b + fold(x) @ tile(D) (the base module runs, the term is added), and a
+merge writes dW into W's transpose. Checked against float64 formulas written from the spec."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+import miss_ext  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def conv1d(in_features, out_features, seed=0):
+    torch.manual_seed(seed)
+    layer = Conv1D(out_features, in_features).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+def fold_ref(x, r):
+    """S[..., j] = sum of x[..., i] over i mod r = j (zero padding to a multiple of r)."""
+    pad = (-x.shape[-1]) % r
+    return F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, r).sum(-2)
+
+
+def term_ref(x, block, out_features):
+    """fold(x) @ tile(block): a mini block (r, mini_r) repeated along out."""
+    return fold_ref(x, block.shape[0]) @ block.repeat(1, out_features // block.shape[1])
+
+
+SIZES = [(10, 20, 3, "default", 1), (7, 5, 3, "default", 1), (6, 6, 4, "default", 1), (4, 6, 8, "default", 1),
+         (10, 20, 2, "mini", 4), (12, 6, 4, "mini", 1)]
+
+
+@pytest.mark.parametrize("in_features, out_features, r, mode, mini_r", SIZES)
+def test_forward_and_gradients_follow_the_formula(in_features, out_features, r, mode, mini_r):
+    base = conv1d(in_features, out_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # r > in
+        layer = MissLinear(base, r, mode=mode, mini_r=mini_r, init_weights=False)
+    assert (layer.in_features, layer.out_features) == (in_features, out_features)
+    x = torch.randn(3, 5, in_features, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    W, b, D = base.weight.detach(), base.bias.detach(), layer.miss_block.detach().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = x_ref @ W + b + term_ref(x_ref, D, out_features)
+    torch.testing.assert_close(y, expected, **TOL)
+    g = torch.randn_like(y)
+    y.backward(g)
+    expected.backward(g)
+    torch.testing.assert_close(layer.miss_block.grad, D.grad, **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+    assert base.weight.grad is None and not base.weight.requires_grad
+
+
+@pytest.mark.parametrize("in_features, out_features, r, mode, mini_r", SIZES)
+def test_merge_writes_the_transposed_weight_and_unmerge_restores_it(in_features, out_features, r, mode, mini_r):
+    """The merged layer computes the unmerged output (a merge that forgot the transpose would fail
+    here; the 6 -> 6 layer has the right shape either way), delta_weight is the (out, in) dW, and
+    unmerge gives the weight back."""
+    base = conv1d(in_features, out_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = MissLinear(base, r, mode=mode, mini_r=mini_r, init_weights=False)
+    x = torch.randn(4, in_features, dtype=torch.float64)
+    weight = base.weight.detach().clone()
+    with torch.no_grad():
+        expected = layer(x)
+        delta = layer.delta_weight()
+        assert delta.shape == (out_features, in_features)
+        torch.testing.assert_close(delta.t(), term_ref(torch.eye(in_features, dtype=torch.float64), layer.miss_block,
+                                                       out_features), **TOL)
+        for safe in (False, True):
+            layer.merge(safe_merge=safe)
+            assert layer.merged
+            torch.testing.assert_close(base.weight, weight + delta.t(), **TOL)
+            torch.testing.assert_close(layer(x), expected, **TOL)
+            torch.testing.assert_close(base(x), expected, **TOL)
+            layer.unmerge()
+            torch.testing.assert_close(base.weight, weight, **TOL)
+            torch.testing.assert_close(layer(x), expected, **TOL)
+
+
+def test_a_merged_state_dict_travels_and_non_finite_blocks_do_not_merge():
+    layer = MissLinear(conv1d(8, 6), 2, init_weights=False)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.merge()
+        fresh = MissLinear(conv1d(8, 6, seed=1), 2)
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh.merged
+        torch.testing.assert_close(fresh(x), expected, **TOL)
+        fresh.unmerge()
+        torch.testing.assert_close(fresh(x), expected, **TOL)
+        broken = MissLinear(conv1d(8, 6), 2, init_weights=False)
+        broken.miss_block[0, 0] = float("nan")
+        weight = broken.base_layer.weight.clone()
+        with pytest.raises(ValueError, match="NaNs detected"):
+            broken.merge(safe_merge=True)
+        assert torch.equal(broken.base_layer.weight, weight) and not broken.merged
+
+
+def test_bat_a_subclass_and_a_hooked_conv1d():
+    """Bat needs an nn.Linear's (out, in) weight: TypeError naming Conv1D. A subclass of Conv1D is
+    not taken for it (its forward may differ). A Conv1D with a forward hook runs the hook (the
+    base runs as a module) and refuses merges, whose output would then differ."""
+    with pytest.raises(TypeError, match="bat mode .*Conv1D"):
+        MissLinear(conv1d(8, 8), 2, mode="bat")
+
+    class Custom(Conv1D):
+        pass
+
+    with pytest.raises(TypeError, match="MissLinear adapts nn.Linear layers"):
+        MissLinear(Custom(6, 8), 2)
+    base = conv1d(8, 6)
+    base.register_forward_hook(lambda module, args, out: out * 2)
+    layer = MissLinear(base, 2, init_weights=False)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = 2 * (x @ base.weight + base.bias) + term_ref(x, layer.miss_block, 6)
+        torch.testing.assert_close(layer(x), expected, **TOL)
+        with pytest.raises(ValueError, match="does not compute exactly x @ weight \\+ bias"):
+            layer.merge()
+        assert not layer.merged
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_gpt2_all_linear_trains_saves_loads_and_merges(tmp_path):
+    """A whole GPT-2 with every Conv1D adapted ("all-linear", as PEFT selects; its head stays
+    plain): the logits follow the formula at every layer, a training step moves only the blocks,
+    save_adapter warns that PEFT cannot load the folder and load_adapter gives the same logits,
+    merge_and_unload gives back plain Conv1Ds computing the same logits, and export_lora refuses."""
+    base = gpt2()
+    model = miss_ext.apply_miss(copy.deepcopy(base), "all-linear", r=3, init_weights=False)
+    layers = miss_ext.miss_layers(model)
+    assert len(layers) == 8 and all(isinstance(layer.base_layer, Conv1D) for _, layer in layers)
+    ids = torch.randint(0, 32, (2, 7))
+    reference = copy.deepcopy(base)
+    for name, layer in layers:
+        block = layer.miss_block.detach().clone()
+        out_features = layer.out_features
+        reference.get_submodule(name).register_forward_hook(
+            lambda module, args, out, block=block, out_features=out_features: out + term_ref(args[0], block,
+                                                                                              out_features))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(expected, reference(ids).logits, **TOL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {f"{name}.miss_block" for name, _ in layers}
+    with torch.no_grad():
+        trained = model(ids).logits
+    with pytest.warns(UserWarning, match="Conv1D layers, which PEFT's MiSS refuses"):
+        miss_ext.save_adapter(model, str(tmp_path / "adapter"))
+    loaded = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained, **TOL)
+    with pytest.raises(ValueError, match="Conv1D layers, whose LoRA export is not supported"):
+        miss_ext.export_lora(model, str(tmp_path / "lora"))
+    assert not (tmp_path / "lora").exists()
+    merged = miss_ext.merge_and_unload(model)
+    assert all(type(merged.get_submodule(name)) is Conv1D for name, _ in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained, **TOL)
