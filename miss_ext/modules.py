@@ -4,6 +4,7 @@ import io
 import inspect
 import json
 import math
+import os
 import re
 import textwrap
 import tokenize
@@ -255,12 +256,24 @@ def is_conv1d(module: object) -> bool:
 
 
 def is_plain_conv1d(module: nn.Module) -> bool:
-    """is_plain_linear's test for a Conv1D: calling it is exactly x @ W + b (no per-instance
-    forward, hooks of its own or global ones, parametrization, plain floating tensors), so that a
-    merge into W leaves its output what the unmerged layer computed."""
-    return (is_conv1d(module) and "forward" not in vars(module) and not _own_hooks(module) and not _global_hooks()
-            and not parametrize.is_parametrized(module)
+    """is_plain_linear's test for a Conv1D: calling it is exactly x @ W + b (transformers' own
+    Conv1D.forward, no per-instance forward, hooks of its own or global ones, parametrization,
+    plain floating tensors), so that a merge into W leaves its output what the unmerged layer
+    computed."""
+    return (is_conv1d(module) and _conv1d_forward_is_transformers(type(module)) and "forward" not in vars(module)
+            and not _own_hooks(module) and not _global_hooks() and not parametrize.is_parametrized(module)
             and _plain_tensor(module.weight) and _plain_tensor(module.bias) and module.weight.is_floating_point())
+
+
+def _conv1d_forward_is_transformers(cls: type) -> bool:
+    """Whether Conv1D.forward is still the one transformers defines (its code lives in
+    transformers/pytorch_utils.py): one replaced at class level (a library's or a profiler's patch,
+    a functools.wraps wrapper) computes something else, and a merge accepted there counted the term
+    twice (a review, 2026-12-05: merged outputs 1.7 off), as _forward_is_the_class_own guards
+    nn.Linear's."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    return (code is not None and code.co_name == "forward"
+            and os.path.normpath(code.co_filename).endswith(os.path.join("transformers", "pytorch_utils.py")))
 
 
 def linear_sizes(base: nn.Module) -> Tuple[int, int]:

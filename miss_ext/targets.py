@@ -181,14 +181,21 @@ def find_targets(model: nn.Module, target_modules: TargetModules,
         if skip_inside and isinstance(module, skip_inside):
             skip_prefixes.append(name + ".")
         if target_modules == ALL_LINEAR:
-            # As PEFT: transformers' Conv1D counts as linear here (and is then refused by name).
-            selected = (isinstance(module, (nn.Linear,) + skip_inside) or type(module).__name__ == "Conv1D") \
+            # As PEFT (isinstance(module, (nn.Linear, Conv1D))): transformers' Conv1D and its
+            # subclasses count as linear here (a subclass is then refused by name, as PEFT's MiSS
+            # refuses every Conv1D; the class itself is adapted: modules.is_conv1d).
+            selected = (isinstance(module, (nn.Linear,) + skip_inside) or _is_transformers_conv1d(module)) \
                 and module is not head
         else:
             selected = matches(target_modules, name)
         if selected:
             found.append((name, module))
     return found
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """isinstance(module, transformers.pytorch_utils.Conv1D), without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils" for c in type(module).__mro__)
 
 
 def _layer_index(path: str, layers_pattern: object) -> Optional[int]:

@@ -183,3 +183,44 @@ def test_gpt2_all_linear_trains_saves_loads_and_merges(tmp_path):
     assert all(type(merged.get_submodule(name)) is Conv1D for name, _ in layers)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained, **TOL)
+
+
+def test_a_conv1d_forward_replaced_at_class_level_is_not_merged(monkeypatch):
+    """Conv1D.forward patched at class level (a library's or profiler's wrapper) computes something
+    else than x @ W + b: the layer runs it (the base runs as a module), and a merge, which would
+    count the term twice, is refused (accepted at first: merged outputs 1.7 off; a review,
+    2026-12-05), as for a patched nn.Linear.forward."""
+    import functools
+
+    original = Conv1D.forward
+
+    @functools.wraps(original)
+    def doubled(self, x):
+        return 2.0 * original(self, x)
+
+    layer = MissLinear(conv1d(6, 6), 2, init_weights=False)
+    monkeypatch.setattr(Conv1D, "forward", doubled)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        base = layer.base_layer
+        torch.testing.assert_close(layer(x), 2 * (x @ base.weight + base.bias) + term_ref(x, layer.miss_block, 6),
+                                   **TOL)
+        with pytest.raises(ValueError, match="does not compute exactly x @ weight \\+ bias"):
+            layer.merge()
+        assert not layer.merged
+    monkeypatch.undo()
+    layer.merge()
+    assert layer.merged
+
+
+def test_all_linear_selects_conv1d_subclasses_as_peft_and_refuses_them():
+    """PEFT's all-linear takes isinstance(module, Conv1D), subclasses too, and its MiSS refuses
+    them; here the class itself is adapted and a subclass (whose forward may differ) refused by
+    name, not left out silently (a review, 2026-12-05)."""
+    class MyConv1D(Conv1D):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), MyConv1D(6, 6), torch.nn.Linear(6, 6))
+    with pytest.raises(TypeError, match=r"1 \(.*MyConv1D\)"):
+        miss_ext.apply_miss(model, "all-linear", r=2)
+    assert not miss_ext.miss_layers(model)
