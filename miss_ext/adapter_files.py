@@ -267,13 +267,16 @@ def full_block(block: Tensor) -> Tensor:
 
 def adapter_config(r: int, mode: str, mini_r: int, dropout: float, paths: List[str], bias: str = "none",
                    modules_to_save: Optional[List[str]] = None, task_type: Optional[str] = None,
-                   base_model_name_or_path: Optional[str] = None) -> dict:
-    """PEFT's adapter_config.json for a MiSS adapter on exactly the modules at `paths`."""
+                   base_model_name_or_path: Optional[str] = None, random_init: bool = False) -> dict:
+    """PEFT's adapter_config.json for a MiSS adapter on exactly the modules at `paths`.
+    `random_init`: the default-mode adapter was made with init_weights=False, which the config
+    then says (PEFT writes it; a config reused with get_peft_model or apply_miss makes a random
+    adapter again; a spec audit, 2026-12-05: True was written)."""
     return {
         "peft_type": "MISS",
         "r": r,
         "mini_r": mini_r,
-        "init_weights": _INIT_OF_MODE[mode],
+        "init_weights": False if random_init and mode == "default" else _INIT_OF_MODE[mode],
         "miss_dropout": dropout,
         "target_modules": exact_paths_regex(paths),
         "exclude_modules": None,
@@ -378,7 +381,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                       "can", stacklevel=2)
     config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
                             modules_to_save=list(save_paths) or None, task_type=task_type,
-                            base_model_name_or_path=base_model_name_or_path or base_model_name(model))
+                            base_model_name_or_path=base_model_name_or_path or base_model_name(model),
+                            random_init=all(layer.__dict__.get("init_weights") is False for _, layer in layers))
     write_adapter(path, tensors, config)
 
 
@@ -889,6 +893,10 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # reported once below
                 module = MissLinear(module, r, mode, mini_r, dropout)
+            # The file's init_weights=False (a default-mode adapter made random) travels on, as
+            # PEFT's layers keep their config: save_adapter writes it again, reset_parameters()
+            # draws a random block. (The block itself is the file's, copied below.)
+            module.init_weights = config.get("init_weights", True) is not False
             module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
             set_module(model, name, module)
         else:

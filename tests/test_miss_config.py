@@ -364,3 +364,29 @@ def test_unmatched_exclude_and_modules_to_save_warn(bases):
         model = miss_ext.apply_miss(copy.deepcopy(bases["llama"]), ["q_proj"], r=R,
                                     modules_to_save=["lm_head", "score"])
     assert "lm_head.weight" in ours_trainable(model)
+
+
+def test_saved_init_weights_is_what_peft_writes(tmp_path):
+    """A default-mode adapter made with init_weights=False: PEFT's config says false, ours said
+    true (a spec audit, 2026-12-05); a config reused with get_peft_model / apply_miss then made a
+    zero adapter instead of a random one. Now both write what the adapter was made with, and a
+    load_adapter + save_adapter round trip keeps it; mini and bat write their mode."""
+    from torch import nn
+
+    def written(folder):
+        with open(folder / "adapter_config.json") as f:
+            return json.load(f)["init_weights"]
+
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    for init in (False, True):
+        get_peft_model(copy.deepcopy(base), MissConfig(r=2, target_modules=["0"], init_weights=init)).save_pretrained(
+            str(tmp_path / f"peft{init}"))
+        ours = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, init_weights=init)
+        miss_ext.save_adapter(ours, str(tmp_path / f"ours{init}"))
+        assert written(tmp_path / f"ours{init}") is written(tmp_path / f"peft{init}") is init
+        loaded = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / f"peft{init}"))
+        miss_ext.save_adapter(loaded, str(tmp_path / f"again{init}"))
+        assert written(tmp_path / f"again{init}") is init
+    mini = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, mode="mini", mini_r=2, init_weights=False)
+    miss_ext.save_adapter(mini, str(tmp_path / "mini"))
+    assert written(tmp_path / "mini") == "mini"
