@@ -893,16 +893,16 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # reported once below
                 module = MissLinear(module, r, mode, mini_r, dropout)
-            # The file's init_weights=False (a default-mode adapter made random) travels on, as
-            # PEFT's layers keep their config: save_adapter writes it again, reset_parameters()
-            # draws a random block. (The block itself is the file's, copied below.)
-            module.init_weights = config.get("init_weights", True) is not False
             module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
             set_module(model, name, module)
         else:
             # The file's dropout is part of the adapter it describes, as for a new layer: a layer
             # that kept its own would train the loaded adapter with another dropout, silently.
             module.dropout = dropout
+        # So is its init_weights=False (a default-mode adapter made random), as PEFT's layers keep
+        # their config: save_adapter writes it again, reset_parameters() draws a random block. (The
+        # block itself is the file's, copied below.)
+        module.init_weights = config.get("init_weights", True) is not False
         _copy_whole(module.miss_block, block)
     for param, value in extra_plan:
         _copy_whole(param, value)

@@ -387,6 +387,11 @@ def test_saved_init_weights_is_what_peft_writes(tmp_path):
         loaded = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / f"peft{init}"))
         miss_ext.save_adapter(loaded, str(tmp_path / f"again{init}"))
         assert written(tmp_path / f"again{init}") is init
+        # into existing layers made the other way: the file's value, as its dropout
+        into = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, init_weights=not init)
+        miss_ext.load_adapter(into, str(tmp_path / f"peft{init}"))
+        miss_ext.save_adapter(into, str(tmp_path / f"into{init}"))
+        assert written(tmp_path / f"into{init}") is init and into[0].init_weights is init
     mini = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, mode="mini", mini_r=2, init_weights=False)
     miss_ext.save_adapter(mini, str(tmp_path / "mini"))
     assert written(tmp_path / "mini") == "mini"
