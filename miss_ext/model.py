@@ -437,20 +437,12 @@ def warn_shared(shared: Dict[str, List[str]], stacklevel: int = 3) -> None:
 
 
 def _drop_shared_linears(model: nn.Module, found):
-    """"all-linear" must not pick layers that could never be merged: drops the nn.Linear layers
-    whose weight or bias is also held elsewhere. Returns (kept, {path: other holders})."""
-    params, held = parameter_paths(model, with_buffers=True), module_paths(model)  # record_sharing
-    kept, skipped = [], {}
-    for name, module in found:
-        # Linears and Conv1Ds: existing MissLinear layers go on to their own errors.
-        holders = (other_holders(params, (module.weight, module.bias),
-                                 same_slot_paths(model, name, held.get(id(module), [name])))
-                   if isinstance(module, nn.Linear) or is_conv1d(module) else [])
-        if holders:
-            skipped[name] = holders
-        else:
-            kept.append((name, module))
-    return kept, skipped
+    """"all-linear" must not pick layers that could never be merged: drops the nn.Linear (and
+    Conv1D) layers whose weight or bias is also held elsewhere. Returns (kept, {path: other
+    holders})."""
+    # Linears and Conv1Ds: existing MissLinear layers go on to their own errors.
+    skipped = shared_before_wrapping(model, [(n, m) for n, m in found if isinstance(m, nn.Linear) or is_conv1d(m)])
+    return [(name, module) for name, module in found if name not in skipped], skipped
 
 
 def _check_init_weights(init_weights: object) -> None:

@@ -20,7 +20,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.utils import parametrize
 
 from .ops import new_dropout_key
-from .targets import shared_weight_message
+from .targets import is_conv1d_class, shared_weight_message
 from .weight_metadata import BaseTensorAttributes
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
@@ -250,9 +250,8 @@ def is_conv1d(module: object) -> bool:
     computing x @ W + b (torch.addmm). MiSS adapts it as the linear it is (the spec counts PEFT's
     refusal of it among the PEFT limitations not to copy). Found by name, so that transformers is
     not imported."""
-    cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
-            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+    return (is_conv1d_class(type(module)) and isinstance(getattr(module, "weight", None), Tensor)
+            and module.weight.dim() == 2)
 
 
 def is_plain_conv1d(module: nn.Module) -> bool:

@@ -1362,14 +1362,10 @@ class AcceleratedMissModel(MissModel):
         checks, the tuner did not), and the layers then ran the base model alone, silently (an
         atomicity review, 2026-12-03). A merged model is unmerged first, all or nothing
         (unmerge_adapter: ValueError naming the layer, nothing changed), with PEFT's warning."""
-        if not isinstance(adapter_name, (str, list)):
-            # Read once: a generator was used up here and PEFT then set the spent generator as
-            # every layer's active adapter, which ran the base model (a review, 2026-12-05).
-            try:
-                adapter_name = list(adapter_name)
-            except TypeError:
-                raise TypeError(f"set_adapter: adapter_name must be an adapter name or a list of them, got "
-                                f"{adapter_name!r}") from None
+        # Read once: a generator was used up here and PEFT then set the spent generator as every
+        # layer's active adapter, which ran the base model (a review, 2026-12-05).
+        adapter_name = _listed(adapter_name, f"set_adapter: adapter_name must be an adapter name or a list of them, "
+                                             f"got {adapter_name!r}")
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
@@ -1488,16 +1484,17 @@ class AcceleratedMissModel(MissModel):
         return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
 
 
-def _listed(adapter_names):
-    """adapter_names as a list when it is an iterable other than a str (a str is PEFT's TypeError,
-    _check_merge): a generator was read up by the all-or-nothing check, and PEFT's merge loop then
-    merged nothing, silently (a review, 2026-12-05; PEFT's own loop merges the first layer only)."""
-    if adapter_names is None or isinstance(adapter_names, (str, list)):
-        return adapter_names
+def _listed(names, error: Optional[str] = None):
+    """`names` as a list when it is an iterable other than a str (None, a str and a list as they
+    are; TypeError `error` for a non-iterable): a generator was read up by the all-or-nothing
+    check, and PEFT's merge loop then merged nothing, silently (a review, 2026-12-05; PEFT's own
+    loop merges the first layer only). A str adapter_names is PEFT's TypeError (_check_merge)."""
+    if names is None or isinstance(names, (str, list)):
+        return names
     try:
-        return list(adapter_names)
+        return list(names)
     except TypeError:
-        raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.") from None
+        raise TypeError(error or f"adapter_names should be a list of strings, got {names!r}.") from None
 
 
 def _unload_aliases(model: nn.Module) -> nn.Module:

@@ -193,9 +193,15 @@ def find_targets(model: nn.Module, target_modules: TargetModules,
     return found
 
 
+def is_conv1d_class(cls: type) -> bool:
+    """Whether `cls` is transformers.pytorch_utils.Conv1D itself, found by name so that
+    transformers is not imported."""
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     """isinstance(module, transformers.pytorch_utils.Conv1D), without importing transformers."""
-    return any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils" for c in type(module).__mro__)
+    return any(is_conv1d_class(c) for c in type(module).__mro__)
 
 
 def _layer_index(path: str, layers_pattern: object) -> Optional[int]:
