@@ -184,7 +184,22 @@ def write_build_config(path, with_cuda, torch, private_cxxrt=False, sanitize=Fal
         f.write(text)
 
 
+# Commands that package the sources (`python -m build --sdist`, which runs them in an isolated
+# environment without torch): they need neither torch nor a compiler. MANIFEST.in lists the files.
+SOURCE_COMMANDS = {"sdist", "egg_info"}
+BUILD_COMMANDS = {"build", "build_ext", "build_py", "install", "develop", "bdist_wheel", "bdist_egg",
+                  "editable_wheel", "dist_info"}
+
+
+def packages_sources_only(argv) -> bool:
+    """True when setup.py was asked to package the sources and to build nothing."""
+    args = set(argv[1:])
+    return bool(args & SOURCE_COMMANDS) and not args & BUILD_COMMANDS
+
+
 def extensions():
+    if packages_sources_only(sys.argv):
+        return [], {}
     try:
         import torch
     except ImportError:
