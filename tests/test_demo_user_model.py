@@ -22,6 +22,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from miss_ext import demo  # noqa: E402
+from test_demo import _printed_code  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 VOCAB_SIZE = 320
@@ -312,3 +313,51 @@ def test_jsonl_lines_split_on_newlines_only(tmp_path):
     texts = ["a\\u2028b", "c\\u0085d", "plain"]
     path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
     assert read_documents(path) == texts
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (transformers Conv1D projections, tied lm_head) with the BPE tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    save_tokenizer(folder, stdlib_text("argparse.py"))
+    vocab = len(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=48, n_layer=2, n_head=4,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
+    return folder
+
+
+def test_a_conv1d_model_trains_and_says_peft_cannot_load_it(gpt2_dir, text_file, tmp_path, capsys):
+    """GPT-2's Conv1D projections: miss_ext adapts them, PEFT's MiSS refuses them. With the PEFT
+    comparison the refusal names --no-peft (it blamed --target-modules / --r / --mini-r); with
+    --no-peft the closing lines load the adapter with load_adapter (they showed PeftModel, which
+    raises "Target module Conv1D ... is not supported"). A review, 2026-12-05. The printed code is
+    run, as a user would paste it, and gives the trained model's logits."""
+    fast = [arg for arg in FAST if arg != str(STEPS)]
+    fast[fast.index("--steps") + 1:fast.index("--steps") + 1] = ["5"]
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--model", str(gpt2_dir), "--data", str(text_file), "--out", str(tmp_path / "peft")] + fast)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "transformers Conv1D layers" in err and "--no-peft" in err, err
+    assert not (tmp_path / "peft").exists()
+
+    out = tmp_path / "out"
+    args = demo.parse_args(["--model", str(gpt2_dir), "--data", str(text_file), "--no-peft", "--out", str(out)] + fast)
+    result = demo.run_demo(args)
+    assert result.merge.passed and result.peft_refusal and "Conv1D" in result.peft_refusal
+    from miss_ext.demo._report import print_where
+
+    capsys.readouterr()
+    print_where(out, gpt2_dir, "AutoModelForCausalLM", "float32", peft_refusal=result.peft_refusal)
+    printed = capsys.readouterr().out
+    code = _printed_code(printed, "load the adapter (PEFT cannot: it adapts transformers Conv1D layers")
+    assert "PeftModel" not in code and "miss_ext.load_adapter" in code, printed
+    scope = {}
+    exec(code, scope)
+    logits = demo.logits_of(scope["model"], result.heldout)
+    scale = result.unmerged_logits.abs().max().item()
+    torch.testing.assert_close(logits, result.unmerged_logits, rtol=0, atol=1e-5 * scale)
+

@@ -15,6 +15,7 @@ from torch import nn
 import miss_ext
 from miss_ext._optional import require
 from miss_ext.model import record_shared_weights
+from miss_ext.modules import is_conv1d
 
 from ._batches import TokenBatches
 from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
@@ -55,9 +56,20 @@ class DemoResult:
     heldout_before: Optional[HeldoutLoss] = None  # the base model's held-out loss
     heldout_after: Dict[str, HeldoutLoss] = field(default_factory=dict)  # each trained variant's
     base_path: Optional[Path] = None
-    # Whether PEFT's from_pretrained can load the adapter: not with r above a layer's in_features
-    # (--no-peft allows it; load_adapter loads it), so the closing lines then show load_adapter only.
-    peft_loadable: bool = True
+    # Why PEFT's from_pretrained cannot load the adapter (None: it can): r above a layer's
+    # in_features, or transformers Conv1D layers (both need --no-peft; load_adapter loads them), so
+    # the closing lines then show load_adapter only.
+    peft_refusal: Optional[str] = None
+
+
+def peft_cannot_load(model: nn.Module) -> Optional[str]:
+    """Why PEFT's from_pretrained would refuse the adapter of `model` (None: it loads it)."""
+    layers = [layer for _, layer in miss_ext.miss_layers(model)]
+    if any(is_conv1d(layer.base_layer) for layer in layers):
+        return "it adapts transformers Conv1D layers, which PEFT's MiSS refuses"
+    if any(layer.r > layer.in_features for layer in layers):
+        return "its r is above some adapted layer's in_features"
+    return None
 
 
 @contextlib.contextmanager
@@ -153,6 +165,12 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
         except (ValueError, TypeError) as exc:
             # apply_miss checks --target-modules, --r, --mini-r against the model's layers.
             what = f"--model {prepared.base_path}" if user_mode(args) else "the random model"
+            conv1d = name == "peft" and any(is_conv1d(layer.base_layer) for _, layer in miss_ext.miss_layers(models["miss_ext"]))
+            if conv1d:
+                # miss_ext adapted the same layers: the flags are fine, PEFT's MiSS is what refuses.
+                raise DemoInputError(f"{what}: --target-modules selects transformers Conv1D layers (GPT-2's), which "
+                                     "PEFT's MiSS refuses (miss_ext adapts them): run with --no-peft to train "
+                                     f"miss_ext alone, or leave the Conv1D layers out of --target-modules ({name}: {exc})") from exc
             raise DemoInputError(f"{what}: cannot adapt it with --target-modules / --r / --mini-r as given "
                                  f"({name}: {exc})") from exc
     shared = sorted(record_shared_weights(models["miss_ext"]))
@@ -187,7 +205,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     print(format_heldout(before, after, prepared.heldout.shape[0]))
 
     miss_model = models.pop("miss_ext")
-    peft_loadable = all(layer.r <= layer.in_features for _, layer in miss_ext.miss_layers(miss_model))
+    peft_refusal = peft_cannot_load(miss_model)
     models.clear()  # frees the PEFT model before merging
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -216,7 +234,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
     plot_losses(runs, out / "loss_curve.png", title, references)
     return DemoResult(runs=runs, merge=merge, heldout=merge_tokens, unmerged_logits=unmerged_logits.cpu(),
                       merged_model=merged_model, table=table, out=out, heldout_before=before,
-                      heldout_after=after, base_path=prepared.base_path, peft_loadable=peft_loadable)
+                      heldout_after=after, base_path=prepared.base_path, peft_refusal=peft_refusal)
 
 
 def save_outputs(model: nn.Module, out: Path, base_path: Path, base: Optional[nn.Module]) -> None:
@@ -250,5 +268,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     model_class = "AutoModelForCausalLM" if user_mode(args) else "LlamaForCausalLM"
     print_where(result.out, result.base_path, model_class, dtype=str(DTYPES[args.dtype]).removeprefix("torch."),
-                peft_loadable=result.peft_loadable)
+                peft_refusal=result.peft_refusal)
     return 0 if result.merge.passed else 1

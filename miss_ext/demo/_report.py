@@ -2,7 +2,7 @@
 import argparse
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -105,18 +105,18 @@ def format_heldout(before: HeldoutLoss, after: Dict[str, HeldoutLoss], sequences
     return "\n".join(lines)
 
 
-def print_where(out: Path, base_path: Path, model_class: str, dtype: str, peft_loadable: bool = True) -> None:
+def print_where(out: Path, base_path: Path, model_class: str, dtype: str, peft_refusal: Optional[str] = None) -> None:
     """Where the outputs are and how to load the adapter onto the base it was trained on: in the
     trained dtype (`dtype`, a torch dtype's name, always written: transformers 5's from_pretrained
     takes the checkpoint's dtype by default, so a float32 run on a bf16 --model came back in bf16),
-    and with PEFT only where PEFT can load it (peft_loadable False: an r above some layer's
-    in_features, which PEFT refuses and --no-peft allowed)."""
+    and with PEFT only where PEFT can load it (peft_refusal: why it cannot, such as an r above some
+    layer's in_features or Conv1D layers, which PEFT refuses and --no-peft allowed)."""
     print(f"\nadapter (PEFT format): {out / 'adapter_model.safetensors'} and {out / 'adapter_config.json'}")
     print(f"frozen base model:     {base_path}")
     print(f"loss curve:            {out / 'loss_curve.png'}")
     load = f"{model_class}.from_pretrained({str(base_path)!r}, dtype=torch.{dtype})"
-    if not peft_loadable:
-        print("load the adapter (PEFT cannot: its r is above some adapted layer's in_features):")
+    if peft_refusal:
+        print(f"load the adapter (PEFT cannot: {peft_refusal}):")
         print("    import miss_ext, torch")
         print(f"    from transformers import {model_class}")
         print(f"    base = {load}")
