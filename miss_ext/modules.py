@@ -249,9 +249,12 @@ def is_conv1d(module: object) -> bool:
     the class itself, not a subclass: a linear layer whose weight is stored transposed, (in, out),
     computing x @ W + b (torch.addmm). MiSS adapts it as the linear it is (the spec counts PEFT's
     refusal of it among the PEFT limitations not to copy). Found by name, so that transformers is
-    not imported."""
-    return (is_conv1d_class(type(module)) and isinstance(getattr(module, "weight", None), Tensor)
-            and module.weight.dim() == 2)
+    not imported. A parametrized Conv1D (torch.nn.utils.parametrize swaps its class for a
+    ParametrizedConv1D subclass) is one still: its weight stays (in, out). Read by its class alone,
+    a Conv1D parametrized after its merge was unmerged with its weight untransposed (a review,
+    2026-12-05: a square layer's weight silently 0.67 off)."""
+    cls = parametrize.type_before_parametrizations(module) if isinstance(module, nn.Module) else type(module)
+    return is_conv1d_class(cls) and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
 
 
 def is_plain_conv1d(module: nn.Module) -> bool:
@@ -787,6 +790,10 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     (the module holding `base`, when known) is checked for reading the weight directly."""
     conv1d = is_conv1d(base)
     if not isinstance(base, nn.Linear) and not conv1d:
+        weight = getattr(base, "weight", None)
+        if is_conv1d_class(parametrize.type_before_parametrizations(base)):
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            return f"a transformers Conv1D's weight must be a 2-D (in_features, out_features) tensor, got {shape}"
         return f"MissLinear adapts nn.Linear layers (and transformers' Conv1D), got {type_name(base)}"
     if conv1d and mode == "bat":
         return ("bat mode builds W' = W + W_ij B_i + B_i from an nn.Linear's (out, in) weight and computes x W'^T "

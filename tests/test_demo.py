@@ -390,3 +390,15 @@ def test_a_rerun_whose_save_fails_leaves_no_loadable_mismatched_pair(tmp_path, c
     assert not (tmp_path / "adapter_config.json").exists()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         miss_ext.load_adapter(torch.nn.Linear(2, 2), str(tmp_path))
+
+
+def test_demo_limits_are_inclusive():
+    """Catches the change (--threads refused at the machine's core count) and the changes (--seq-len 4096
+    refused, 4097 taken): the limits are "at most"."""
+    from miss_ext.demo import _cli
+
+    cores = _cli.max_threads()
+    assert _cli.parse_args(["--threads", str(cores)]).threads == cores
+    assert _cli.parse_args(["--seq-len", str(_cli.MAX_SYNTHETIC_SEQ_LEN)]).seq_len == _cli.MAX_SYNTHETIC_SEQ_LEN
+    with pytest.raises(SystemExit):
+        _cli.parse_args(["--seq-len", str(_cli.MAX_SYNTHETIC_SEQ_LEN + 1)])

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -395,3 +396,24 @@ def test_saved_init_weights_is_what_peft_writes(tmp_path):
     mini = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, mode="mini", mini_r=2, init_weights=False)
     miss_ext.save_adapter(mini, str(tmp_path / "mini"))
     assert written(tmp_path / "mini") == "mini"
+
+
+def test_a_loaded_mini_adapter_resets_to_zero_as_a_zero_init_mini_layer(tmp_path):
+    """Catches the change (load_adapter setting init_weights = (config's init_weights is True)): a mini
+    file says init_weights="mini" (PEFT's zero-initialised mini block), so the loaded layer's
+    reset_parameters() zeroes the block, as the layer apply_miss made; only false means random."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Tanh(), nn.Linear(8, 4, dtype=torch.float64))
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["0"], r=2, mode="mini", mini_r=2)
+    with torch.no_grad():
+        model[0].miss_block.normal_()
+    miss_ext.save_adapter(model, str(tmp_path / "mini"))
+    with open(tmp_path / "mini" / "adapter_config.json") as f:
+        assert json.load(f)["init_weights"] == "mini"
+    loaded = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "mini"))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), **TOL)
+    loaded[0].reset_parameters()
+    model[0].reset_parameters()
+    assert torch.count_nonzero(loaded[0].miss_block) == 0 and torch.count_nonzero(model[0].miss_block) == 0

@@ -242,3 +242,18 @@ def test_save_options_and_adapter_names_are_checked(tmp_path):
     assert not target.exists()
     miss_ext.save_adapter(model, target, base_model_name_or_path=tmp_path, is_main_process=True)
     assert (target / "adapter_config.json").exists()
+
+
+def test_save_bank_adapter_checks_its_save_options(tmp_path):
+    """Catches the change (save_bank_adapter without check_save_arguments): is_main_process=0 silently
+    wrote nothing, an int base_model_name_or_path went into the config; both are TypeError, as in
+    save_adapter, nothing written."""
+    model = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64))
+    miss_ext.apply_bank(model, ["0"], capacity=1, max_r=2)
+    miss_ext.add_bank_adapter(model, "a", r=2)
+    target = tmp_path / "out"
+    for kwargs, message in ((dict(is_main_process=0), "is_main_process must be True or False"),
+                            (dict(base_model_name_or_path=5), "base_model_name_or_path must be None, a str")):
+        with pytest.raises(TypeError, match=message):
+            miss_ext.save_bank_adapter(model, "a", str(target), **kwargs)
+        assert not target.exists()

@@ -1582,23 +1582,22 @@ def test_set_adapter_with_a_generator_of_names_switches_the_layers(base):
         fast.base_model.set_adapter(3)
 
 
-def test_set_adapter_failing_after_the_unmerge_goes_back_whole(base, monkeypatch):
-    """A failure inside PEFT's switch after set_adapter unmerged the model (an interrupt at the
-    third layer): the layers were merged back but those already switched kept the new adapter, so
-    the next forward refused (merged 'a', active 'b'; a review, 2026-12-05). Now the switch is
-    undone too, with every requires_grad, and the model computes what it did."""
+def _adapters_abc(base, names=("a", "b", "c"), modules_to_save=None):
+    """A PEFT MiSS model with adapters `names` on q_proj and v_proj, random blocks, the first active."""
     from peft import get_peft_model
 
     def config():
-        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False)
+        return MissConfig(r=R, target_modules=["q_proj", "v_proj"], init_weights=False, modules_to_save=modules_to_save)
 
-    model = get_peft_model(copy.deepcopy(base), config(), adapter_name="a")
-    model.add_adapter("b", config())
+    model = get_peft_model(copy.deepcopy(base), config(), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config())
     randomize_blocks(model)
-    accelerate(model).merge_adapter()
-    ids = tokens()
-    expected = model(ids).logits
-    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    return model
+
+
+def _interrupt_third_switch(monkeypatch):
+    """AcceleratedMissLinear.set_adapter raises KeyboardInterrupt at its third call."""
     calls = []
     switch = AcceleratedMissLinear.set_adapter
 
@@ -1609,12 +1608,72 @@ def test_set_adapter_failing_after_the_unmerge_goes_back_whole(base, monkeypatch
         return switch(self, *args, **kwargs)
 
     monkeypatch.setattr(AcceleratedMissLinear, "set_adapter", interrupted)
+
+
+def _switch_interrupted(model, monkeypatch, adapter):
+    _interrupt_third_switch(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(KeyboardInterrupt):
-            model.base_model.set_adapter("b")
+            model.base_model.set_adapter(adapter)
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_set_adapter_failing_after_the_unmerge_goes_back_whole(base, monkeypatch, frozen):
+    """A failure inside PEFT's switch after set_adapter unmerged the model (an interrupt at the
+    third layer): the layers were merged back but those already switched kept the new adapter, so
+    the next forward refused (merged 'a', active 'b'; a review, 2026-12-05). Now the switch is
+    undone too, with every requires_grad (a model frozen for inference stays frozen: PEFT's switch
+    back to 'a' makes a's blocks trainable; a mutation audit, 2026-12-05), and the model computes
+    what it did."""
+    model = _adapters_abc(base, names=("a", "b"))
+    accelerate(model).merge_adapter()
+    if frozen:
+        model.requires_grad_(False)
+    ids = tokens()
+    expected = model(ids).logits
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    _switch_interrupted(model, monkeypatch, "b")
     layers = [m for m in model.modules() if isinstance(m, AcceleratedMissLinear)]
     assert all(m.active_adapters == ["a"] and m.merged_adapters == ["a"] for m in layers)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_failed_switch_from_two_active_adapters_goes_back_to_both(base, monkeypatch):
+    """A model with ['a', 'b'] active and merged whose set_adapter('c') fails part way is back on
+    both, merged, computing what it did (with one of them active the merged layers would refuse
+    every forward; a mutation audit, 2026-12-05)."""
+    model = _adapters_abc(base)
+    model.base_model.set_adapter(["a", "b"])
+    accelerate(model)
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.merge_adapter()
+    _switch_interrupted(model, monkeypatch, "c")
+    assert model.base_model.active_adapters == ["a", "b"]
+    layers = [m for m in model.modules() if isinstance(m, AcceleratedMissLinear)]
+    assert all(m.active_adapters == ["a", "b"] and m.merged_adapters == ["a", "b"] for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_set_adapter_peft_refuses_on_a_merged_model_warns_and_unmerges_nothing(base):
+    """PEFT's set_adapter runs the modules_to_save checks first, so a refused call neither warns
+    "Unmerging the model first" nor unmerges; the accelerated model says and does what PEFT does
+    (a mutation audit, 2026-12-05: without its own check first it warned, unmerged and merged back)."""
+    seen = []
+    for fast in (False, True):
+        model = _adapters_abc(base, names=("a", "b"), modules_to_save=["lm_head"])
+        if fast:
+            accelerate(model)
+        model.merge_adapter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+                model.base_model.set_adapter(["a", "b"])
+        seen.append([str(w.message) for w in caught if "nmerg" in str(w.message)])
+        assert all(m.merged_adapters == ["a"] for m in model.modules() if isinstance(m, PeftMissLinear))
+    assert seen == [[], []]

@@ -14,6 +14,7 @@ from torch import nn
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import MissConfig, get_peft_model  # noqa: E402
+from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 
 import miss_ext  # noqa: E402
 import miss_ext.peft  # noqa: E402
@@ -600,3 +601,108 @@ def test_save_bank_adapter_refuses_a_bank_layer_held_under_a_second_path(tmp_pat
                                          r"\(also at l2\)"):
         miss_ext.save_bank_adapter(model, "t", str(tmp_path / "t"))
     assert not (tmp_path / "t").exists()
+
+
+# Gaps a mutation audit found (2026-12-05): each test names the change to the code it catches.
+
+class _TwoParents(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64))
+        self.b = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64))
+        self.head = nn.Linear(8, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_same_attribute_name_under_two_different_parents_is_an_alias(tmp_path):
+    """Catches the change (same_slot_paths without `parent_module(model, p) is parent`): a.0 and b.0 end in
+    the same attribute name but are slots of two different parents, so one MissLinear held under
+    both is an alias (a load would adapt a.0 alone): save_adapter refuses. And a plain linear held
+    under both before apply_miss(["a.0"]) is shared with b.0: the setup warns."""
+    torch.manual_seed(0)
+    model = _TwoParents()
+    miss_ext.apply_miss(model, ["a.0"], r=2, init_weights=False)
+    model.b[0] = model.a[0]
+    with pytest.raises(ValueError, match=r"held under several module paths: 'a\.0' \(also at b\.0\)"):
+        miss_ext.save_adapter(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+    torch.manual_seed(0)
+    model = _TwoParents()
+    model.b[0] = model.a[0]
+    with pytest.warns(UserWarning, match=r"a\.0 \(shared with b\.0"):
+        miss_ext.apply_miss(model, ["a.0"], r=2, init_weights=False)
+
+
+
+def test_all_linear_in_capitals_skips_shared_linears_as_all_linear_does():
+    """Catches the change (apply_miss without canonical_targets: find_targets reads "ALL-LINEAR" as
+    all-linear, but apply_miss's own `== ALL_LINEAR` steps, the skip of shared linears, did not
+    run): every spelling selects the same layers."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Linear(8, 8, dtype=torch.float64) for _ in range(3))
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    chosen = []
+    for spelling in ("all-linear", "ALL-LINEAR"):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="skips layers whose parameters are shared"):
+            model = miss_ext.apply_miss(Tied(), spelling, r=2)
+        chosen.append([name for name, _ in miss_ext.miss_layers(model)])
+    assert chosen == [["c"], ["c"]]
+
+
+
+class _TwoSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.head = (nn.Linear(8, 8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64),
+                                       nn.Linear(8, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def test_export_lora_refuses_an_aliased_layer_of_a_peft_model(tmp_path):
+    """Catches the change (export_lora's aliased-layer check looking at miss_ext.MissLinear only): a PEFT
+    MissLinear held under a second path (inner.l2 = inner.l1) cannot be described by a LoRA file
+    either (it names l1 alone), for the plain and the accelerated PEFT model."""
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(_TwoSites(), MissConfig(r=2, target_modules=["l1"], init_weights=False))
+        if fast:
+            miss_ext.peft.accelerate(model)
+        inner = model.base_model.model
+        inner.l2 = inner.l1
+        target = tmp_path / f"lora{fast}"
+        with pytest.raises(ValueError, match=r"held under several module paths: 'l1' \(also at l2\)"):
+            miss_ext.export_lora(model, str(target))
+        assert not target.exists()
+
+
+
+def test_unload_replaces_every_path_of_an_aliased_peft_layer():
+    """Catches the change (unload without _unload_aliases; merge_and_unload is tested, unload was not): the
+    layer held under a second path goes back to its base there too, and the unloaded model is the
+    base model (the adapter dropped)."""
+    torch.manual_seed(0)
+    base = _TwoSites()
+    model = miss_ext.peft.accelerate(get_peft_model(copy.deepcopy(base), MissConfig(r=2, target_modules=["l1"],
+                                                                      init_weights=False)))
+    inner = model.base_model.model
+    inner.l2 = inner.l1
+    unloaded = model.unload()
+    assert type(unloaded.l1) is nn.Linear and unloaded.l2 is unloaded.l1
+    assert not any(isinstance(m, PeftMissLinear) for _, m in unloaded.named_modules(remove_duplicate=False))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        w, b = base.l1.weight, base.l1.bias
+        expected = base.head(torch.tanh(F.linear(torch.tanh(F.linear(x, w, b)), w, b)))
+        torch.testing.assert_close(unloaded(x), expected, **TOL)
