@@ -93,6 +93,15 @@ def decide_cuda(torch):
     return torch.version.cuda is not None and home is not None, home
 
 
+def cpu_only_reason(torch, cuda_home) -> str:
+    """Why decide_cuda chose a CPU-only build, for the build's first line."""
+    if os.environ.get("MISS_EXT_CUDA", "").strip() == "0":
+        return "MISS_EXT_CUDA=0"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return "no CUDA toolkit found: set CUDA_HOME to its root for the CUDA kernels"
+
+
 def env_switch(name: str, default: str) -> bool:
     """The 0/1 build knob `name` (`default` when unset); RuntimeError naming any other value."""
     flag = os.environ.get(name, default).strip()
@@ -239,7 +248,7 @@ def extensions():
     cxx = ["-O3", "-fopenmp"] + debug_info_flags() + defines + sanitize_cxx
     print(f"miss_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
           + (f" (toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})"
-             if with_cuda else ""))
+             if with_cuda else f" ({cpu_only_reason(torch, cuda_home)})"))
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
         ext = cpp_extension.CUDAExtension(

@@ -28,8 +28,10 @@ except ImportError as exc:  # pragma: no cover - only without a build
         f"miss_ext's compiled op library (miss_ext._C) is missing from {_here} or does not match this torch "
         f"{torch.__version__} ({exc}). "
         + ("That folder is the source tree (setup.py sits beside it), which Python imports first when the current "
-           "directory is the repository root, hiding a `pip install .` copy: run from another directory, or build "
-           "in place with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+           "directory is the repository root, hiding a `pip install .` copy: run from another directory (the tests of "
+           "an installed copy: `pytest tests` or `PYTHONSAFEPATH=1 python -m pytest tests`; `python -m` puts the "
+           "current directory first), or build in place with `pip install --no-build-isolation -e .` (or "
+           "`python setup.py build_ext --inplace`)"
            if _source else
            "Reinstall it against this torch: `pip install --no-build-isolation .` from the repository root")
     ) from exc

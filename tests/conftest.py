@@ -13,8 +13,12 @@
 - The TorchScript deprecation warnings of recent torch releases are silenced.
 - The slowest files run first (SLOW_FILES_FIRST), so that parallel workers finish together.
 - `--miss-part cuda` runs only the tests that need a GPU, `--miss-part rest` the others (needs_gpu).
+- `PACKAGE_PARENT`: the folder holding the miss_ext the tests import, for child processes (the
+  checkout after an in-place build; site-packages when an installed copy, say from an sdist, is
+  tested, where the checkout's own miss_ext/ has no compiled library).
 """
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ import torch
 import miss_ext  # noqa: F401  (registers torch.ops.miss)
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+PACKAGE_PARENT = Path(miss_ext.__file__).resolve().parents[1]
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

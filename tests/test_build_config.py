@@ -70,6 +70,16 @@ def test_auto_never_builds_cuda_for_cpu_torch(setup_module):
     assert setup_module.decide_cuda(CpuTorch)[0] is False
 
 
+def test_a_cpu_only_build_says_why(setup_module, monkeypatch):
+    """The build's first line gives the reason for a CPU-only build (a CPU-only torch on a machine
+    with a CUDA toolkit said only "building CPU-only kernels"; a new user's pass, 2026-12-05)."""
+    monkeypatch.delenv("MISS_EXT_CUDA", raising=False)
+    assert setup_module.cpu_only_reason(CpuTorch, "/usr/local/cuda") == "torch 2.13.0+cpu is a CPU-only build"
+    assert "no CUDA toolkit found" in setup_module.cpu_only_reason(CudaTorch, None)
+    monkeypatch.setenv("MISS_EXT_CUDA", "0")
+    assert setup_module.cpu_only_reason(CudaTorch, "/usr/local/cuda") == "MISS_EXT_CUDA=0"
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
 def test_toolkit_found_behind_an_nvcc_wrapper(setup_module, monkeypatch):
     """nvcc on PATH may be a wrapper script (it is on the CI machine): the real root is found."""

@@ -20,8 +20,8 @@ pytest.importorskip("tqdm")
 
 import miss_ext  # noqa: E402
 from miss_ext import demo  # noqa: E402
+from conftest import PACKAGE_PARENT  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # One CPU thread (also the demo's default), said explicitly: on a machine shared with other busy
 # processes, two OpenMP threads spend most of a tiny step waiting for each other.
 TINY = ["--size", "tiny", "--device", "cpu", "--batch-size", "8", "--seq-len", "32", "--threads", "1"]
@@ -182,14 +182,15 @@ def test_training_that_collapsed_exits_2_and_saves_nothing(tmp_path, capsys):
 
 
 def test_module_entry_point_runs_and_exits_zero(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # The miss_ext under test (an installed copy's, not the checkout's unbuilt one), run elsewhere.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "miss_ext.demo", *TINY, "--steps", "3", "--no-peft",
-                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "miss_ext" in table_rows(proc.stdout) and "PASS" in proc.stdout, proc.stdout
-    assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert_png(tmp_path / "loss_curve.png")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert_png(tmp_path / "out" / "loss_curve.png")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -22,6 +22,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from miss_ext import demo  # noqa: E402
+from conftest import PACKAGE_PARENT  # noqa: E402
 from test_demo import _printed_code  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -261,15 +262,15 @@ def test_bad_inputs_exit_2_naming_the_path(model_dir, text_file, tmp_path, capsy
 
 
 def test_module_entry_point_with_a_model_folder(model_dir, text_file, tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    # The miss_ext under test (an installed copy's, not the checkout's unbuilt one), run elsewhere.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "miss_ext.demo", "--model", str(model_dir), "--data", str(text_file),
-                           "--out", str(tmp_path), "--no-peft"] + FAST + ["--steps", "3"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "out"), "--no-peft"] + FAST + ["--steps", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "before training (base model)" in proc.stdout and "PASS" in proc.stdout, proc.stdout
-    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "loss_curve.png").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (tmp_path / "out" / "loss_curve.png").is_file()
 
 
 def test_an_adapter_folder_or_out_in_the_model_folder_is_refused(model_dir, text_file, tmp_path, capsys):
