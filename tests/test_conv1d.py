@@ -231,6 +231,21 @@ def test_all_linear_selects_conv1d_subclasses_as_peft_and_refuses_them():
 # Gaps a mutation audit of the Conv1D support found (2026-12-05): each test names the change to the
 # code it catches.
 
+def assert_doubled_and_not_merged(layer):
+    """The layer computes 2 (x W + b) + the term (its base's output doubled by a patch or a hook)
+    and refuses to merge (merged, it would double the term too), changing nothing."""
+    base = layer.base_layer
+    x = torch.randn(3, base.weight.shape[0], dtype=torch.float64)
+    weight = base.weight.detach().clone()
+    with torch.no_grad():
+        expected = 2.0 * (x @ weight + base.bias) + term_ref(x, layer.miss_block, base.weight.shape[1])
+        torch.testing.assert_close(layer(x), expected, **TOL)
+        with pytest.raises(ValueError, match=r"does not compute exactly x @ weight \+ bias"):
+            layer.merge()
+        assert not layer.merged and torch.equal(base.weight, weight)
+        torch.testing.assert_close(layer(x), expected, **TOL)
+
+
 def test_a_conv1d_with_an_instance_forward_refuses_merge():
     """Catches the change (is_plain_conv1d without `"forward" not in vars(module)`): a per-instance forward
     computes something else than x @ W + b, so the merged output would differ."""
@@ -238,35 +253,18 @@ def test_a_conv1d_with_an_instance_forward_refuses_merge():
     layer = MissLinear(base, 2, init_weights=False)
     own = base.forward
     base.forward = lambda x: 2.0 * own(x)
-    x = torch.randn(3, 6, dtype=torch.float64)
-    weight = base.weight.detach().clone()
-    with torch.no_grad():
-        expected = 2.0 * (x @ weight + base.bias) + term_ref(x, layer.miss_block, 4)
-        torch.testing.assert_close(layer(x), expected, **TOL)
-        with pytest.raises(ValueError, match=r"does not compute exactly x @ weight \+ bias"):
-            layer.merge()
-    assert not layer.merged and torch.equal(base.weight, weight)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, **TOL)
+    assert_doubled_and_not_merged(layer)
 
 
 def test_a_global_forward_hook_refuses_a_conv1d_merge():
     """Catches the change (is_plain_conv1d without `not _global_hooks()`): a global hook that doubles every
     Conv1D's output gives 2 (xW + b) + t unmerged but 2 (x (W + dW) + b) = 2 (xW + b) + 2 t
     merged, so the merge is refused, the weight untouched."""
-    base = conv1d(6, 4)
-    layer = MissLinear(base, 2, init_weights=False)
-    x = torch.randn(3, 6, dtype=torch.float64)
-    weight = base.weight.detach().clone()
+    layer = MissLinear(conv1d(6, 4), 2, init_weights=False)
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda module, args, out: 2.0 * out if type(module) is Conv1D else None)
     try:
-        with torch.no_grad():
-            expected = 2.0 * (x @ weight + base.bias) + term_ref(x, layer.miss_block, 4)
-            torch.testing.assert_close(layer(x), expected, **TOL)
-            with pytest.raises(ValueError, match=r"does not compute exactly x @ weight \+ bias"):
-                layer.merge()
-        assert not layer.merged and torch.equal(base.weight, weight)
+        assert_doubled_and_not_merged(layer)
     finally:
         handle.remove()
     layer.merge()  # without the hook it merges
@@ -284,14 +282,7 @@ def test_a_conv1d_forward_patched_by_a_function_named_forward_is_not_merged(monk
 
     layer = MissLinear(conv1d(6, 4), 2, init_weights=False)
     monkeypatch.setattr(Conv1D, "forward", forward)
-    x = torch.randn(3, 6, dtype=torch.float64)
-    base = layer.base_layer
-    weight = base.weight.detach().clone()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), 2.0 * (x @ weight + base.bias) + term_ref(x, layer.miss_block, 4), **TOL)
-        with pytest.raises(ValueError, match=r"does not compute exactly x @ weight \+ bias"):
-            layer.merge()
-    assert not layer.merged and torch.equal(base.weight, weight)
+    assert_doubled_and_not_merged(layer)
 
 
 def test_a_conv1d_that_gained_a_hook_after_its_merge_can_still_be_unmerged():

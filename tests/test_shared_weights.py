@@ -659,17 +659,6 @@ def test_all_linear_in_capitals_skips_shared_linears_as_all_linear_does():
     assert chosen == [["c"], ["c"]]
 
 
-
-class _TwoSites(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.head = (nn.Linear(8, 8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64),
-                                       nn.Linear(8, 3, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
-
-
 def test_export_lora_refuses_an_aliased_layer_of_a_peft_model(tmp_path):
     """Catches the change (export_lora's aliased-layer check looking at miss_ext.MissLinear only): a PEFT
     MissLinear held under a second path (inner.l2 = inner.l1) cannot be described by a LoRA file
