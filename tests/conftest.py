@@ -17,6 +17,7 @@
   checkout after an in-place build; site-packages when an installed copy, say from an sdist, is
   tested, where the checkout's own miss_ext/ has no compiled library).
 """
+import os
 import zlib
 from pathlib import Path
 
@@ -27,6 +28,11 @@ import miss_ext  # noqa: F401  (registers torch.ops.miss)
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 PACKAGE_PARENT = Path(miss_ext.__file__).resolve().parents[1]
+if PACKAGE_PARENT != Path(__file__).resolve().parents[1]:
+    # An installed copy is under test (a wheel, an sdist's install): child processes that tests
+    # start in the checkout (python -c, -m, with the checkout as cwd) would import its unbuilt
+    # miss_ext/ first. PYTHONSAFEPATH keeps the current directory off their sys.path.
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
