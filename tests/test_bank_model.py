@@ -23,6 +23,11 @@ from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 import miss_ext  # noqa: E402
 from conftest import DEVICES, NewStyleRecompute, Recompute, assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissBankLinear  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+from reference import F64  # noqa: E402
+from tiny_models import TOL64, nonzero, rewrite_adapter_weights, saved_small_adapter, small_net  # noqa: E402
+import re  # noqa: E402
+from torch import nn  # noqa: E402
 from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tiny_moe_lm, tokens, write_bone_copy  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -1429,3 +1434,212 @@ def test_one_name_for_every_row_of_a_regrouping_model_runs_without_host_reads_an
     assert HostReads.count == 0
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(compiled, want)
+
+
+# Paths no other test reached (a coverage audit of miss_ext/*.py, 2026-12-05): each test was checked
+# to fail with the code it covers broken.
+
+# ---- bank.py: MissBankLinear's refusals -----------------------------------------------------------
+def _bank(capacity=3, max_r=4, in_features=10, out_features=20):
+    return MissBankLinear(nn.Linear(in_features, out_features).to(F64), capacity, max_r)
+
+
+def _bank_state(bank):
+    return (list(bank.adapter_names), bank.bank.detach().clone(), bank.ranks.clone(), bank.periods.clone(),
+            list(bank.absent))
+
+
+def _assert_bank_unchanged(bank, state):
+    names, values, ranks, periods, absent = state
+    assert bank.adapter_names == names and bank.absent == absent
+    assert torch.equal(bank.bank.detach(), values) and torch.equal(bank.ranks, ranks)
+    assert torch.equal(bank.periods, periods)
+
+
+@pytest.mark.parametrize("shape", [(1, 20), (3, 1), (4, 20), (3, 20, 1)])
+def test_bank_add_adapter_refuses_a_block_of_another_shape(shape):
+    """bank.py, add_adapter: a block whose shape is not the adapter's (r, out) is refused. Without
+    the check, a (1, out) or (r, 1) block broadcast silently into the slot's (r, out) (every row
+    of the block the same), and a larger one failed only inside the copy, after the checks."""
+    bank = _bank()
+    state = _bank_state(bank)
+    with pytest.raises(ValueError, match=rf"block shape {re.escape(str(shape))} does not match r=3, mode='default' "
+                                         r"\(expected \(3, 20\)\)"):
+        bank.add_adapter("a", 3, block=nonzero(*shape))
+    _assert_bank_unchanged(bank, state)
+
+
+@pytest.mark.parametrize("name", ["__base__", "", 7, None])
+def test_bank_refuses_adapter_names_rows_cannot_name(name):
+    """bank.py, check_new_adapter: "__base__" is what a row gives for the base model (index_of
+    maps it to -1), so an adapter of that name could never be used; "" and non-strings are
+    refused too, with the bank unchanged (add_adapter and add_absent alike)."""
+    bank = _bank()
+    state = _bank_state(bank)
+    for add in (lambda: bank.add_adapter(name, 2), lambda: bank.add_absent(name)):
+        with pytest.raises(ValueError, match="an adapter name must be a non-empty string other than '__base__'"):
+            add()
+        _assert_bank_unchanged(bank, state)
+
+
+def test_bank_block_of_an_absent_adapter_is_refused():
+    """bank.py, block(): an adapter registered as absent (add_absent) has no block in this layer;
+    asking for it raised nothing and returned an empty (0, 0) view before the check existed."""
+    bank = _bank()
+    bank.add_adapter("a", 2, block=nonzero(2, 20))
+    bank.add_absent("b")
+    torch.testing.assert_close(bank.block("a"), bank.bank[0, :2, :20], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"adapter 'b' does not adapt this layer \(add_absent\)"):
+        bank.block("b")
+
+
+def test_bank_add_from_refuses_a_merged_layer_and_other_modules():
+    """bank.py, add_from: a merged MissLinear (its base weight already holds the block's update)
+    and a module that is not a MissLinear are refused, the bank unchanged; an unmerged layer's
+    adapter is copied with its settings (mode, r, mini_r as the period, the block's values)."""
+    bank = _bank()
+    state = _bank_state(bank)
+    layer = MissLinear(nn.Linear(10, 20).to(F64), 2, mode="mini", mini_r=4, init_weights=False)
+    layer.merge()
+    with pytest.raises(ValueError, match="adapter 'a': the MissLinear is merged; unmerge it first"):
+        bank.add_from("a", layer)
+    with pytest.raises(TypeError, match="add_from takes a miss_ext.MissLinear, got Linear"):
+        bank.add_from("a", nn.Linear(10, 20))
+    _assert_bank_unchanged(bank, state)
+    layer.unmerge()
+    slot = bank.add_from("a", layer)
+    assert bank.modes[slot] == "mini" and int(bank.ranks[slot]) == 2 and int(bank.periods[slot]) == 4
+    torch.testing.assert_close(bank.block("a"), layer.miss_block.detach(), rtol=0, atol=0)
+
+
+# ---- bank_model.py ------------------------------------------------------------------------------
+def test_load_bank_adapter_refuses_a_block_that_does_not_fit_its_config(tmp_path):
+    """bank_model.py, _file_problems: a file whose block shape is not the one its config's r gives
+    (here (1, out) for r = 2, which a copy into the slot would broadcast) is refused with the
+    other problems listed and nothing loaded; the bank keeps its adapters."""
+    saved_small_adapter(tmp_path / "a", r=2)
+    rewrite_adapter_weights(tmp_path / "a", lambda t: t.update({"base_model.model.lin2.miss_block": nonzero(1, 8)}))
+    model = small_net()
+    miss_ext.apply_bank(model, ["lin1", "lin2"], capacity=3, max_r=4)
+    miss_ext.add_bank_adapter(model, "first", 2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"lin2: block shape \(1, 8\) in the file, the layer needs \(2, 8\)"):
+        miss_ext.load_bank_adapter(model, "second", str(tmp_path / "a"))
+    assert_unchanged(model, snap)
+    assert miss_ext.bank_adapter_names(model) == ["first"]
+
+
+def test_mixed_batch_refuses_bank_layers_whose_slots_disagree():
+    """bank_model.py, _layers: mixed_batch resolves each row's adapter to a slot id from the first
+    bank layer and gives every layer that id. Layers that hold the same adapters in other slots
+    (changed layer by layer, not through the bank_model functions) would serve other adapters'
+    blocks in the later layers, silently (with the check removed: output 26 off for adapter 'a');
+    refused, naming both layers."""
+    model = small_net()
+    miss_ext.apply_bank(model, ["lin1", "lin2"], capacity=2, max_r=4)
+    model.lin1.add_adapter("a", 2, block=nonzero(2, 20))
+    model.lin1.add_adapter("b", 2, block=nonzero(2, 20))
+    model.lin2.add_adapter("b", 2, block=nonzero(2, 8))
+    model.lin2.add_adapter("a", 2, block=nonzero(2, 8))
+    with pytest.raises(ValueError, match=r"mixed_batch: the bank layers disagree on their slots \(lin1: \['a', 'b'\], "
+                                         r"lin2: \['b', 'a'\]\)"):
+        with miss_ext.mixed_batch(model, ["a", "b"]):
+            pass
+    assert model.lin1.rows is None and model.lin2.rows is None
+
+
+def test_apply_bank_refuses_new_bank_layers_beside_a_bank_with_adapters():
+    """bank_model.py, _apply_bank: bank layers added to a model whose bank already holds adapters
+    would not have them (the slots of the layers would disagree: mixed_batch then refuses the
+    model, or, layer by layer, routes rows to other adapters); refused, the model unchanged."""
+    model = small_net()
+    miss_ext.apply_bank(model, ["lin1"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", 2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"apply_bank: the model's bank already holds \['a'\]; new bank layers "
+                                         "would not have them"):
+        miss_ext.apply_bank(model, ["lin2"], capacity=2, max_r=4)
+    assert_unchanged(model, snap)
+
+
+# ---- _functorch.py: bank_add's checks under torch.func ----------------------------------------------
+def test_bank_add_under_torch_func_refuses_ranks_and_periods_a_fold_cannot_serve():
+    """_functorch.py, _check_bank_values: under torch.func the bank_add composite computes in
+    Python; a rank that does not divide the fold width R (without per_row_fold) or a period that
+    does not divide out_features is refused with the C++ op's message. Computed anyway, the
+    fold at R would be read as the fold at r (wrong sums, no error). Valid values match the
+    float64 formula y + sum_k s[t, k] bank[a, k mod r_a, o mod q_a]."""
+    rows, R, out = 3, 4, 6
+    y, s = nonzero(rows, out), nonzero(rows, R)
+    bank = nonzero(2, 4, 6)
+    index = torch.tensor([0, 1, 0])
+    periods = torch.tensor([6, 3])
+    for ranks, periods_, message in (
+            (torch.tensor([3, 2]), periods, r"bank_add ranks\[0\]=3 \(used by row 0\) does not divide s.shape\[-1\]=4"),
+            (torch.tensor([2, 4]), torch.tensor([6, 4]),
+             # (the C++ op also says "(used by row 1)"; the torch.func composite does not)
+             r"bank_add periods\[1\]=4 (\(used by row 1\) )?must be in \[1, q_cap=6\] and divide out_features=6")):
+        for run in (lambda b: miss_ext.bank_add(y, s, b, ranks, periods_, index),  # the C++ op
+                    lambda b: torch.func.grad(lambda b: miss_ext.bank_add(y, s, b, ranks, periods_, index).sum())(b),
+                    lambda b: torch.func.vmap(lambda yy: miss_ext.bank_add(yy, s, b, ranks, periods_, index))(
+                        y.unsqueeze(0))):
+            with pytest.raises(ValueError, match=message):
+                run(bank)
+    ranks = torch.tensor([2, 4])
+    want = y.clone()
+    for t in range(rows):
+        a = int(index[t])
+        r_a, q_a = int(ranks[a]), int(periods[a])
+        for o in range(out):
+            want[t, o] += sum(s[t, k] * bank[a, k % r_a, o % q_a] for k in range(R))
+    got = torch.func.vmap(lambda yy: miss_ext.bank_add(yy, s, bank, ranks, periods, index))(y.unsqueeze(0))[0]
+    torch.testing.assert_close(got, want, **TOL64)
+    torch.testing.assert_close(miss_ext.bank_add(y, s, bank, ranks, periods, index), want, **TOL64)
+
+
+# ---- bank.py: a bank's state_dict with a broken slot description -------------------------------------
+def test_bank_load_state_dict_refuses_a_slot_description_that_is_not_json():
+    """bank.py, _load_from_state_dict: a corrupted "_extra_state" (the slot names and modes, JSON
+    text in a uint8 tensor) is refused as the load's error (RuntimeError from load_state_dict, the
+    layer's key named), before anything of the layer loads."""
+    bank = _bank()
+    bank.add_adapter("a", 2, block=nonzero(2, 20))
+    state = bank.state_dict()
+    other = _bank()
+    other.add_adapter("b", 3, block=nonzero(3, 20))
+    before = _bank_state(other)
+    broken = dict(state)
+    broken["_extra_state"] = torch.tensor([0xff, 0xfe, 0x7b], dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"(?s)_extra_state.*not JSON text in a uint8 tensor"):
+        other.load_state_dict(broken)
+    _assert_bank_unchanged(other, before)
+    other.load_state_dict(state)  # the intact one loads
+    assert other.adapter_names[0] == "a"
+    torch.testing.assert_close(other.block("a"), bank.block("a"), rtol=0, atol=0)
+
+
+# ---- bank_model.py: load_bank / mixed_batch arguments ------------------------------------------------
+def test_load_bank_and_mixed_batch_refuse_empty_or_bad_arguments(tmp_path):
+    """bank_model.py: load_bank with no adapters, or with a config whose r is not a positive int,
+    and mixed_batch with expand < 1 are refused, nothing changed."""
+    saved_small_adapter(tmp_path / "a", r=2)
+    config_file = tmp_path / "a" / "adapter_config.json"
+    model = small_net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="load_bank: no adapters given"):
+        miss_ext.load_bank(model, {})
+    config = json.loads(config_file.read_text())
+    for bad in (0, "2", True):
+        config["r"] = bad
+        config_file.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=rf"load_bank: adapter configs with r={re.escape(repr(bad))}; r must be a "
+                                             "positive int"):
+            miss_ext.load_bank(model, {"a": str(tmp_path / "a")})
+        assert_unchanged(model, snap)
+    miss_ext.apply_bank(model, ["lin1"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", 2)
+    for expand in (0, -1, True, 1.0):
+        with pytest.raises(ValueError, match=rf"expand must be a positive int, got {re.escape(repr(expand))}"):
+            with miss_ext.mixed_batch(model, ["a"], expand=expand):
+                pass
+        assert model.lin1.rows is None

@@ -22,6 +22,10 @@ from conftest import assert_unchanged, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from miss_ext.adapter_files import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
+from reference import F64, bat_weight_ref  # noqa: E402
+from tiny_models import (TOL64, nonzero, randomize_adapters, rewrite_adapter_weights,  # noqa: E402
+                         saved_small_adapter, small_net)
+import re  # noqa: E402
 from tiny_models import (ARCHS, MINI_R, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm,  # noqa: E402
                          tiny_moe_lm, tokens, write_bone_copy)
 
@@ -1418,3 +1422,225 @@ def test_load_adapter_into_a_merged_layer_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"0: the model's MissLinear is merged; unmerge it before loading"):
         miss_ext.load_adapter(target, tmp_path)
     assert_unchanged(target, snap)
+
+
+# Paths no other test reached (a coverage audit of miss_ext/*.py, 2026-12-05): each test was checked
+# to fail with the code it covers broken.
+
+# ---- model.py: merge_and_unload over a layer merged already --------------------------------------
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_and_unload_leaves_a_layer_merged_already_merged_once(safe_merge):
+    """model.py, merge_and_unload: a layer the user merged before is skipped by the safe_merge check
+    and by the merge loop (both `if layer.merged` branches were never taken). Its weight holds
+    W + dW once, the others get theirs, the unloaded model computes the adapted output, and no
+    "already merged" warning comes from merging it again."""
+    model = small_net()
+    miss_ext.apply_miss(model, ["lin1", "lin2", "lin3"], r=3, init_weights=False)
+    randomize_adapters(model)
+    x = nonzero(4, 10)
+    with torch.no_grad():
+        want = model(x)
+    refs = {name: model.get_submodule(name).base_layer.weight.detach().to(F64)
+            + delta_weight_ref(model.get_submodule(name).miss_block, *model.get_submodule(name).base_layer.weight.shape)
+            for name in ("lin1", "lin2", "lin3")}
+    model.lin2.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = miss_ext.merge_and_unload(model, safe_merge=safe_merge)
+    assert out is model and all(type(getattr(model, n)) is nn.Linear for n in ("lin1", "lin2", "lin3"))
+    for name, ref in refs.items():
+        torch.testing.assert_close(getattr(model, name).weight.detach(), ref, **TOL64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, **TOL64)
+
+
+# ---- modules.py / model.py: constructor and apply_miss ---------------------------------------------
+@pytest.mark.parametrize("init_weights", ["mini", "bat", 0, None])
+def test_miss_linear_refuses_a_non_bool_init_weights(init_weights):
+    """modules.py, MissLinear.__init__: PEFT's init_weights="mini"/"bat" select a mode there; here
+    they are a bool. A truthy string would have given a zero-init default-mode layer where the
+    user asked for mini or bat. Refused, the base left trainable (it is frozen only on success)."""
+    base = nn.Linear(10, 20).to(F64)
+    with pytest.raises(TypeError, match=rf"init_weights must be True \(zero init\) or False \(random init\), got "
+                                        rf"{re.escape(repr(init_weights))}"):
+        MissLinear(base, 2, init_weights=init_weights)
+    assert base.weight.requires_grad and base.bias.requires_grad
+
+
+def test_apply_miss_bat_with_dropout_warns_and_ignores_it():
+    """model.py, apply_miss: bat mode with dropout > 0 warns that dropout is ignored (as PEFT), and
+    in training the output is the dropout-free bat output y = x W'^T + b, W'_ij = W_ij (I + B_i) + B_i."""
+    model = small_net()
+    with pytest.warns(UserWarning, match=r"MiSS dropout=0.5 is ignored in bat mode \(as in PEFT\)"):
+        miss_ext.apply_miss(model, ["lin1", "lin2"], r=2, mode="bat", dropout=0.5, init_weights=False)
+    randomize_adapters(model, scale=0.1)
+    model.train()
+    x = nonzero(6, 10)
+    h = torch.tanh(x @ bat_weight_ref(model.lin1.base_layer.weight, model.lin1.miss_block).t()
+                   + model.lin1.base_layer.bias.detach())
+    h = torch.tanh(h @ bat_weight_ref(model.lin2.base_layer.weight, model.lin2.miss_block).t()
+                   + model.lin2.base_layer.bias.detach())
+    want = h @ model.lin3.weight.detach().t() + model.lin3.bias.detach()
+    for _ in range(2):  # no mask: the same output each call
+        torch.testing.assert_close(model(x).detach(), want, **TOL64)
+
+
+# ---- adapter_files.py: load_adapter ---------------------------------------------------------------
+def test_load_adapter_of_an_all_linear_config_selects_every_linear(tmp_path):
+    """adapter_files.py, _selection_problems' "all-linear" branch: a config whose target_modules is
+    PEFT's shorthand (PEFT expands it to the model's linears, output head excluded) loads onto
+    every linear, and the loaded model computes what the saved one does."""
+    source = saved_small_adapter(tmp_path / "a", r=3, targets=("lin1", "lin2", "lin3"))
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = "all-linear"
+    config_file.write_text(json.dumps(config))
+    model = small_net()
+    model.load_state_dict({k.replace("base_layer.", ""): v for k, v in source.state_dict().items()
+                           if "miss_block" not in k})
+    miss_ext.load_adapter(model, str(tmp_path / "a"))
+    assert all(isinstance(getattr(model, n), MissLinear) for n in ("lin1", "lin2", "lin3"))
+    x = nonzero(4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), **TOL64)
+    # A file missing the block of a linear the shorthand selects is refused (PEFT would give that
+    # layer a fresh adapter), nothing loaded.
+    rewrite_adapter_weights(tmp_path / "a", lambda t: t.pop("base_model.model.lin3.miss_block"))
+    fresh = small_net()
+    snap = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"lin3: the config \(target_modules='all-linear'\) selects this module, so "
+                                         "PEFT would give it a new adapter, but the file has no block for it"):
+        miss_ext.load_adapter(fresh, str(tmp_path / "a"))
+    assert_unchanged(fresh, snap)
+
+
+def test_load_adapter_refuses_keys_outside_the_base_model(tmp_path):
+    """adapter_files.py, read_adapter: a key without PEFT's "base_model.model." prefix (a file
+    saved from another wrapper, or a state_dict written by hand) is neither a block nor a tensor
+    the loader places: refused by name rather than skipped, nothing loaded."""
+    saved_small_adapter(tmp_path / "a")
+    rewrite_adapter_weights(tmp_path / "a", lambda t: t.update({"lin2.miss_block": nonzero(2, 8)}))
+    model = small_net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"keys outside the base model \(base_model\.model\.\.\.\.\): "
+                                         r"lin2\.miss_block"):
+        miss_ext.load_adapter(model, str(tmp_path / "a"))
+    assert_unchanged(model, snap)
+
+
+def test_load_adapter_refuses_a_folder_without_blocks_or_weights(tmp_path):
+    """adapter_files.py: a weights file holding no block (only a modules_to_save tensor, say) and a
+    folder without a weights file are refused, the model unchanged."""
+    saved_small_adapter(tmp_path / "a")
+    rewrite_adapter_weights(tmp_path / "a", lambda t: [t.pop(k) for k in list(t)] and t.update(
+        {"base_model.model.lin3.weight": nonzero(6, 8)}))
+    model = small_net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="the adapter file has no blocks"):
+        miss_ext.load_adapter(model, str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model\.safetensors \(or adapter_model\.bin\)"):
+        miss_ext.load_adapter(model, str(tmp_path / "a"))
+    assert_unchanged(model, snap)
+
+
+def test_load_adapter_reports_a_layer_its_config_mode_cannot_fit(tmp_path):
+    """adapter_files.py, _plan: a config whose mode cannot go on a layer (bat with r = 4 on
+    Linear(10, 20): r must divide in_features) is reported for that layer among the problems,
+    nothing loaded (the other layer fits)."""
+    saved_small_adapter(tmp_path / "a", r=4, targets=("lin1", "lin2"))
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["init_weights"] = "bat"
+    config_file.write_text(json.dumps(config))
+    rewrite_adapter_weights(tmp_path / "a", lambda t: t.update({"base_model.model.lin2.miss_block": nonzero(2, 4, 4)}))
+    model = small_net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"(?s)lin1: bat mode needs in_features and out_features divisible by r; got "
+                                         r"in_features=10, out_features=20, r=4") as info:
+        miss_ext.load_adapter(model, str(tmp_path / "a"))
+    assert "lin2" not in str(info.value)
+    assert_unchanged(model, snap)
+
+
+# ---- targets.py: layers_to_transform on a path without a layer index -------------------------------
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x))
+
+
+class Deep(nn.Module):
+    """body.layers.{0,1}.proj (indexed) and head.proj (no layer index), float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Module()
+        self.body.layers = nn.ModuleList([_Block(), _Block()])
+        self.head = _Block()
+
+    def forward(self, x):
+        for block in self.body.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def test_layers_to_transform_leaves_out_a_target_without_a_layer_index():
+    """targets.py, peft_selects: with layers_to_transform, a target whose path has no layer index
+    (head.proj) is not adapted, as PEFT's check_target_module_exists decides; apply_miss adapts
+    the same modules as PEFT and computes the same output."""
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+
+    base = Deep().to(F64)
+    peft = get_peft_model(copy.deepcopy(base), MissConfig(r=2, target_modules=["proj"], layers_to_transform=[0],
+                                                          init_weights=False))
+    peft_paths = sorted(n[len("base_model.model."):] for n, m in peft.named_modules() if hasattr(m, "miss_block")
+                        and n.endswith("proj"))
+    ours = miss_ext.apply_miss(copy.deepcopy(base), ["proj"], r=2, layers_to_transform=[0], init_weights=False)
+    assert sorted(n for n, _ in miss_ext.miss_layers(ours)) == peft_paths == ["body.layers.0.proj"]
+    with torch.no_grad():
+        ours.body.layers[0].proj.miss_block.copy_(peft.base_model.model.body.layers[0].proj.miss_block["default"])
+    x = nonzero(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft(x), **TOL64)
+
+
+# ---- targets.py / model.py: argument checks of apply_miss -------------------------------------------
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(target_modules=5), TypeError, r"target_modules must be a regex string or a non-empty list of module names, "
+                                        r"got 5"),
+    (dict(target_modules=["lin1"], exclude_modules=5), TypeError,
+     r"exclude_modules must be a regex string or a list of module names, got 5"),
+    (dict(target_modules=["lin1"], exclude_modules=["lin2", 3]), TypeError,
+     r"exclude_modules must be a regex string or a list of module names"),
+    (dict(target_modules=["lin1"], layers_to_transform=[0], layers_pattern=7), TypeError,
+     r"layers_pattern must be a string or a list of strings, got 7"),
+    (dict(target_modules=["lin1"], layers_to_transform=[0], layers_pattern=["layers", 1]), TypeError,
+     r"layers_pattern must be a string or a list of strings"),
+])
+def test_apply_miss_refuses_selection_fields_of_the_wrong_type(kwargs, error, message):
+    """targets.py, canonical_targets / check_selection_fields: a selection field of a type PEFT's
+    MissConfig does not take is refused by name, the model unchanged (an int target_modules or a
+    list holding a non-string would otherwise select modules by accident or by nothing)."""
+    model = small_net()
+    snap = snapshot(model)
+    with pytest.raises(error, match=message):
+        miss_ext.apply_miss(model, r=2, **kwargs)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("alias", ["miss_only", "Bone_only", "MISS_ONLY"])
+def test_apply_miss_takes_peft_bias_aliases_as_miss_only(alias):
+    """model.py, check_bias: "miss_only" / "Bone_only" (any case: older PEFT spellings) mean
+    "MiSS_only": the adapted layers' biases train, the other parameters stay frozen, as with
+    bias="MiSS_only"."""
+    want, got = small_net(), small_net()
+    miss_ext.apply_miss(want, ["lin1", "lin2"], r=2, bias="MiSS_only")
+    miss_ext.apply_miss(got, ["lin1", "lin2"], r=2, bias=alias)
+    trainable = {n for n, p in got.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in want.named_parameters() if p.requires_grad}
+    assert trainable == {"lin1.miss_block", "lin2.miss_block", "lin1.base_layer.bias", "lin2.base_layer.bias"}

@@ -15,6 +15,9 @@ from torch._dynamo.utils import counters
 
 import miss_ext
 from miss_ext import MissLinear
+from reference import F64, fold_ref, tile_block
+from tiny_models import TOL64, nonzero, randomize_adapters
+import torch.nn.functional as F
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -726,3 +729,35 @@ def test_r_one_above_in_warns_about_its_one_dead_row():
     """The boundary: r = in_features + 1 leaves exactly one block row without a gradient."""
     with pytest.warns(UserWarning, match=r"r=9 > in_features=8: miss_block rows 8\.\.8 never receive a gradient"):
         MissLinear(nn.Linear(8, 6), 9)
+
+
+# Paths no other test reached (a coverage audit of miss_ext/*.py, 2026-12-05): each test was checked
+# to fail with the code it covers broken.
+
+# ---- modules.py: TorchScript's unfused mini path ------------------------------------------------
+class DoubledLinear(nn.Linear):
+    """A subclass with its own forward (2 (x W^T + b)): not plain, so the layer runs it and adds
+    its term (the unfused path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * F.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
+@pytest.mark.parametrize("r,mini_r", [(3, 4), (4, 2)])
+def test_scripted_mini_layer_on_a_non_plain_base_tiles_its_block_along_out(r, mini_r):
+    """modules.py, MissLinear.forward's `torch.jit.is_scripting()` branch: a scripted mini layer
+    whose base is not a plain nn.Linear repeats its (r, mini_r) block along out itself (Python
+    never runs that branch, so line coverage cannot see it; the one test scripting such a layer
+    had mini_r = 1 and a zero weight). Checked against D_full[j, o] = M[j, o mod mini_r] in
+    float64, in = 10 (in % r != 0 for r = 3, 4), out = 12."""
+    base = DoubledLinear(10, 12).to(F64)
+    layer = MissLinear(base, r, mode="mini", mini_r=mini_r, init_weights=False).eval()
+    randomize_adapters(layer)
+    scripted = torch.jit.script(layer)
+    x = nonzero(2, 3, 10)
+    want = 2.0 * (x @ base.weight.detach().t() + base.bias.detach()) + fold_ref(x, r) @ tile_block(
+        layer.miss_block.detach().to(F64), 12)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), want, **TOL64)
+        torch.testing.assert_close(layer(x), want, **TOL64)  # the eager unfused path agrees

@@ -19,6 +19,12 @@ import miss_ext  # noqa: E402
 from miss_ext.peft import AcceleratedMissLinear, accelerate, is_accelerated, restore  # noqa: E402
 from reference import bat_weight_ref, fold_ref, philox_mask, tile_block  # noqa: E402
 from tiny_models import ARCHS, MINI_R, PEFT_INIT, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402,E501
+from tiny_models import TOL64, nonzero, randomize_adapters, small_net  # noqa: E402
+from conftest import assert_unchanged, snapshot  # noqa: E402
+from reference import delta_weight_ref  # noqa: E402
+import json  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+from torch import nn  # noqa: E402
 
 MODES = ["default", "mini", "bat"]
 TOL = dict(rtol=1e-9, atol=1e-10)  # float64 models
@@ -1677,3 +1683,115 @@ def test_a_set_adapter_peft_refuses_on_a_merged_model_warns_and_unmerges_nothing
         seen.append([str(w.message) for w in caught if "nmerg" in str(w.message)])
         assert all(m.merged_adapters == ["a"] for m in model.modules() if isinstance(m, PeftMissLinear))
     assert seen == [[], []]
+
+
+# Paths no other test reached (a coverage audit of miss_ext/*.py, 2026-12-05): each test was checked
+# to fail with the code it covers broken.
+
+# ---- miss_ext.peft: AcceleratedMissLinear.merge(safe_merge=True) ---------------------------------
+def _peft_pair(r=2, init_weights=False, targets=("lin1", "lin2"), **kwargs):
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    import miss_ext.peft
+
+    plain = get_peft_model(small_net(), MissConfig(r=r, target_modules=list(targets), init_weights=init_weights, **kwargs))
+    randomize_adapters(plain)
+    plain.eval()
+    return plain, miss_ext.peft.accelerate(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+def test_accelerated_safe_merge_records_the_merge_and_keeps_the_output(mode):
+    """peft.py: the fast path's safe merge (_merge_holding_lock, `safe_merge` branch) writes the
+    checked copy and records the merged adapters. Never run with success before (only its NaN
+    refusal was): without the record the merged layer would add its term a second time."""
+    init = {"default": False, "mini": "mini", "bat": "bat"}[mode]
+    plain, fast = _peft_pair(r=2, init_weights=init, mini_r=4)
+    x = nonzero(5, 10)
+    with torch.no_grad():
+        want = plain(x)  # PEFT's own unmerged forward
+    layer = fast.base_model.model.lin1
+    weight = layer.base_layer.weight.detach().clone()
+    block = layer.miss_block["default"].detach().clone()
+    layer.merge(safe_merge=True)
+    assert layer.merged and layer.merged_adapters == ["default"]
+    merged_ref = bat_weight_ref(weight, block) if mode == "bat" else weight + delta_weight_ref(block, 20, 10)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), merged_ref, **TOL64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, **TOL64)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight.detach(), weight, rtol=1e-10, atol=1e-10)
+
+
+# ---- lora.py: export_lora of a PEFT tuner (MissModel), not of its PeftModel ----------------------
+@pytest.mark.parametrize("mode", ["default", "mini"])
+def test_export_lora_of_a_miss_tuner_is_the_same_adapter(mode, tmp_path):
+    """lora.py, _peft_root's `isinstance(model, BaseTuner)` branch: export_lora(peft_model.base_model)
+    (the MissModel tuner, accelerated or not) exports its layers as PEFT's LoRA; loaded by PEFT
+    onto the base model, the LoRA computes what the MiSS model computes."""
+    from peft import PeftModel
+
+    plain, fast = _peft_pair(r=2, init_weights={"default": False, "mini": "mini"}[mode], mini_r=2,
+                             targets=("lin1", "lin2", "lin3"))
+    x = nonzero(5, 10)
+    with torch.no_grad():
+        want = plain(x)
+    for i, tuner in enumerate((plain.base_model, fast.base_model)):
+        miss_ext.export_lora(tuner, str(tmp_path / f"lora{i}"))
+        config = json.loads((tmp_path / f"lora{i}" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 2
+        base = small_net()
+        for name in ("lin1", "lin2", "lin3"):  # the PEFT layers' base layers, unadapted
+            setattr(base, name, copy.deepcopy(getattr(plain.base_model.model, name).base_layer))
+        lora = PeftModel.from_pretrained(base, str(tmp_path / f"lora{i}")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(lora(x), want, **TOL64)
+
+
+# ---- peft.py: adapter_names= and add_adapter on an accelerated model --------------------------------
+def test_adapter_names_refuses_a_model_with_a_layer_left_unaccelerated():
+    """peft.py, _check_names_call: PEFT's own MissLinear ignores adapter_names= (every row gets the
+    active adapter, silently), so a model with such a layer left among accelerated ones is
+    refused by name before anything runs; fully accelerated, rows get their own adapters."""
+    from peft import MissConfig
+    from peft.tuners.miss import MissLinear as PeftMissLinear
+
+    plain, fast = _peft_pair(r=2, targets=("lin1", "lin2"))
+    fast.add_adapter("b", MissConfig(r=2, target_modules=["lin1", "lin2"], init_weights=False))
+    randomize_adapters(fast)
+    x = nonzero(2, 10)
+    with torch.no_grad():
+        fast.set_adapter("b")
+        want_b = fast(x[1:])
+        fast.set_adapter("default")
+        want_default = fast(x[:1])
+        got = fast(x, adapter_names=["default", "b"])
+    torch.testing.assert_close(got, torch.cat([want_default, want_b]), **TOL64)
+    fast.base_model.model.lin2.__class__ = PeftMissLinear
+    snap = snapshot(fast)
+    with torch.no_grad(), pytest.raises(TypeError,
+                                        match=r"adapter_names needs every MiSS layer accelerated; \['lin2'\]"):
+        fast(x, adapter_names=["default", "b"])
+    assert_unchanged(fast, snap)
+
+
+def test_failed_add_adapter_puts_back_the_layers_it_created():
+    """peft.py, AcceleratedMissModel.inject_adapter: PEFT adds an adapter layer by layer; when a
+    later layer refuses it (bat r = 4 does not divide lin3's out_features 6), the layers this call
+    created (lin2, adapted for the first time) are replaced by their base layers again, so the
+    model's modules, parameters and output are as before."""
+    from peft import MissConfig
+
+    plain, fast = _peft_pair(r=2, targets=("lin1",))
+    x = nonzero(3, 10)
+    with torch.no_grad():
+        want = fast(x)
+    snap = snapshot(fast)
+    lin2 = fast.base_model.model.lin2
+    with pytest.raises(ValueError, match=r"fully divisible into \[r, r\] blocks"):
+        fast.add_adapter("b", MissConfig(r=4, init_weights="bat", target_modules=["lin2", "lin3"]))
+    assert fast.base_model.model.lin2 is lin2 and type(lin2) is nn.Linear
+    assert_unchanged(fast, snap)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, **TOL64)

@@ -24,6 +24,10 @@ from dist_util import run_ranks  # noqa: E402
 OLD_TORCH = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 14)
 
 from tiny_models import MINI_R, R, TARGETS, tiny_causal_lm, tokens  # noqa: E402
+from reference import F64, linear_ref  # noqa: E402
+from tiny_models import TOL64, nonzero, randomize_adapters  # noqa: E402
+from miss_ext import MissLinear  # noqa: E402
+from torch import nn  # noqa: E402
 
 # name: (mode, r, mini_r, dropout). "gathered": r=3 does not divide o_proj's row-wise shards of in
 # (32/2 = 16), so its fold runs on the all-gathered x; down_proj's (48/2 = 24) are multiples of 3, so
@@ -640,3 +644,89 @@ def test_check_keys_is_a_flag():
         with pytest.raises(TypeError, match=f"{style.__name__}: check_keys must be True or False, got check_keys='no'"):
             style(check_keys="no")
         assert style(check_keys=True).check_keys is True and style().check_keys is False
+
+
+# Paths no other test reached (a coverage audit of miss_ext/*.py, 2026-12-05): each test was checked
+# to fail with the code it covers broken.
+
+# ---- tensor_parallel.py: a sharded layer under torch.inference_mode ----------------------------------
+# (mode, r, mini_r, style): column-wise default and mini (the local out shard starts at a multiple of
+# mini_r), row-wise default and mini (the shards of in start at multiples of r: the fold splits).
+TP_INFERENCE_CASES = [("default", 4, 1, "col"), ("mini", 2, 3, "col"), ("default", 4, 1, "row"), ("mini", 4, 4, "row")]
+
+
+def _tp_inference_rank(rank, world_size):
+    """On each rank: MissLinear(Linear(16, 24)) layers sharded by MissColwiseParallel /
+    MissRowwiseParallel, run under torch.inference_mode() and under torch.no_grad(); returns each
+    case's (inference output, no_grad output, float64 reference), the column-wise ones as this
+    rank's columns."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from miss_ext.tensor_parallel import MissColwiseParallel, MissRowwiseParallel
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    results = []
+    for i, (mode, r, mini_r, style) in enumerate(TP_INFERENCE_CASES):
+        torch.manual_seed(100 + i)  # the same layer and x on every rank
+        layer = MissLinear(nn.Linear(16, 24).to(F64), r, mode=mode, mini_r=mini_r, init_weights=False)
+        randomize_adapters(layer)
+        x = nonzero(2, 3, 16)
+        want = linear_ref(x, layer.base_layer.weight, layer.base_layer.bias, layer.miss_block)
+        layer = parallelize_module(layer, mesh, (MissColwiseParallel if style == "col" else MissRowwiseParallel)())
+        x_in = x if style == "col" else x.chunk(world_size, -1)[rank]  # row-wise: each rank's columns of x
+        if style == "col":
+            want = want.chunk(world_size, -1)[rank]
+        # .clone(): a row-wise output may be torch's AsyncCollectiveTensor, whose all-reduce only
+        # finishes at its next op; returned as is, the parent could read it unreduced.
+        with torch.inference_mode():
+            inference = layer(x_in).clone()
+        with torch.no_grad():
+            no_grad = layer(x_in).clone()
+        results.append((inference, no_grad, want))
+    # A plan may put the MiSS styles on plain nn.Linear layers too (an lm_head beside adapted
+    # layers): they act as torch's ColwiseParallel / RowwiseParallel there.
+    plain = []
+    for i, style in enumerate(("col", "row")):
+        torch.manual_seed(200 + i)
+        linear = nn.Linear(16, 24).to(F64)
+        x = nonzero(3, 16)
+        want = x @ linear.weight.detach().t() + linear.bias.detach()
+        linear = parallelize_module(linear, mesh, (MissColwiseParallel if style == "col" else MissRowwiseParallel)())
+        with torch.no_grad():
+            y = linear(x if style == "col" else x.chunk(world_size, -1)[rank]).clone()
+        plain.append((y, want.chunk(world_size, -1)[rank] if style == "col" else want))
+    # A merged layer is refused (its weight holds W + dW, the styles shard W and the block).
+    layer = MissLinear(nn.Linear(16, 24).to(F64), 4, init_weights=False)
+    layer.merge()
+    try:
+        parallelize_module(layer, mesh, MissColwiseParallel())
+        refusal = None
+    except ValueError as exc:
+        refusal = str(exc)
+    return results, plain, refusal, type(layer.base_layer.weight).__name__
+
+
+@pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 14),
+                    reason="the styles refuse torch < 2.14 (miss_ext.tensor_parallel.MIN_TORCH)")
+def test_tensor_parallel_layers_under_inference_mode_match_the_formula():
+    """tensor_parallel.py, _linear_rules: under torch.inference_mode() autograd is off, so DTensor
+    meets miss::linear itself (with grad or no_grad, the op's C++ autograd runs its parts, whose
+    rules the TP tests cover) and shards it by _linear_rules, which no test reached: column-wise
+    (x replicated, weight/bias Shard(0), block Shard(1) or, mini, Replicate) and row-wise (x and
+    weight Shard(last), bias Partial, block Replicate, output Partial). 2 gloo ranks, float64,
+    against y = x W^T + b + fold_r(x) @ D_full and against the no_grad result. In the same ranks
+    (a spawn costs seconds): the styles on a plain nn.Linear fall back to torch's (never run), and
+    a merged MissLinear is refused, left unsharded."""
+    pytest.importorskip("torch.distributed")
+    from dist_util import run_ranks
+
+    for rank_results, plain, refusal, merged_weight_type in run_ranks(_tp_inference_rank, world_size=2, timeout=300):
+        for (mode, r, mini_r, style), (inference, no_grad, want) in zip(TP_INFERENCE_CASES, rank_results):
+            torch.testing.assert_close(inference, want, **TOL64, msg=lambda m: f"{mode} r={r} {style}: {m}")
+            torch.testing.assert_close(no_grad, want, **TOL64)
+        for got, want in plain:
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, **TOL64)
+        assert refusal is not None and "MissColwiseParallel: the MissLinear is merged; unmerge it" in refusal
+        assert merged_weight_type == "Parameter"  # not sharded

@@ -118,3 +118,58 @@ def tiny_moe_lm(arch: str, dtype=torch.float32, seed: int = 0):
         raise ValueError(arch)
     torch.manual_seed(seed)
     return cls(config).to(dtype).eval()
+
+
+# A small float64 MLP for tests of the model API on plain modules (a coverage audit, 2026-12-05).
+TOL64 = dict(rtol=1e-12, atol=1e-12)
+
+
+def nonzero(*shape, dtype=torch.float64):
+    """Random values of magnitude in [0.25, 1.5), random signs: never zero."""
+    mag = torch.empty(shape, dtype=torch.float64).uniform_(0.25, 1.5)
+    return (mag * (torch.randint(0, 2, shape) * 2 - 1)).to(dtype)
+
+
+def randomize_adapters(model, scale=0.3):
+    """Every miss_block and bank of `model` set to nonzero values times `scale`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "miss_block" in name or name.endswith(".bank"):
+                p.copy_(nonzero(*p.shape, dtype=p.dtype) * scale)
+
+
+class SmallNet(torch.nn.Module):
+    """Linear(10, 20) -> tanh -> Linear(20, 8) -> tanh -> Linear(8, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2, self.lin3 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 8), torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.lin3(torch.tanh(self.lin2(torch.tanh(self.lin1(x)))))
+
+
+def small_net():
+    return SmallNet().to(torch.float64)
+
+
+def saved_small_adapter(path, r=2, targets=("lin1", "lin2"), **kwargs):
+    """An adapter folder written by miss_ext.save_adapter from a model with random blocks; returns
+    that model (its adapted layers hold the file's blocks)."""
+    import miss_ext
+
+    model = small_net()
+    miss_ext.apply_miss(model, list(targets), r=r, init_weights=False, **kwargs)
+    randomize_adapters(model)
+    miss_ext.save_adapter(model, str(path))
+    return model
+
+
+def rewrite_adapter_weights(path, change):
+    """Applies change(tensors) to the adapter file in folder `path` (a dict of its tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    change(tensors)
+    save_file(tensors, str(file))
