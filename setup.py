@@ -196,14 +196,16 @@ def write_build_config(path, with_cuda, torch, private_cxxrt=False, sanitize=Fal
 # Commands that package the sources (`python -m build --sdist`, which runs them in an isolated
 # environment without torch): they need neither torch nor a compiler. MANIFEST.in lists the files.
 SOURCE_COMMANDS = {"sdist", "egg_info"}
-BUILD_COMMANDS = {"build", "build_ext", "build_py", "install", "develop", "bdist_wheel", "bdist_egg",
-                  "editable_wheel", "dist_info"}
+# Any other command that could build or install (bdist, bdist_dumb, build_ext, install_lib, ...): a
+# word of the command line starting so counts (an option's value too, which only errs on the side
+# of building).
+BUILD_PREFIXES = ("build", "bdist", "install", "develop", "editable", "dist_info")
 
 
 def packages_sources_only(argv) -> bool:
     """True when setup.py was asked to package the sources and to build nothing."""
     args = set(argv[1:])
-    return bool(args & SOURCE_COMMANDS) and not args & BUILD_COMMANDS
+    return bool(args & SOURCE_COMMANDS) and not any(a.startswith(BUILD_PREFIXES) for a in args)
 
 
 def extensions():

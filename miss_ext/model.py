@@ -14,7 +14,7 @@ from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinea
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
                       check_target_modules, describe, find_targets, matches, module_paths, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
-                      shared_weight_message, warn_unmatched)
+                      shared_weight_message, stored_weight_and_bias, warn_unmatched)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
 __all__ = ["apply_miss", "merge_and_unload", "miss_layers", "record_shared_weights"]
@@ -419,7 +419,7 @@ def shared_before_wrapping(model: nn.Module, linears: Sequence[Tuple[str, nn.Mod
     shared = {}
     for name, module in linears:
         # The paths through a shared parent get the adapter too (same_slot_paths): not other holders.
-        holders = other_holders(params, (getattr(module, "weight", None), getattr(module, "bias", None)),
+        holders = other_holders(params, stored_weight_and_bias(module),
                                 same_slot_paths(model, name, held.get(id(module), [name])))
         if holders:
             shared[name] = holders

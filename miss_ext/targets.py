@@ -5,6 +5,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 TargetModules = Union[str, Sequence[str]]
 
@@ -396,6 +397,23 @@ def other_holders(paths: "ParameterPaths", params: Iterable[Optional[nn.Paramete
     return found
 
 
+def stored_weight_and_bias(module: nn.Module) -> List[Optional[torch.Tensor]]:
+    """The tensors that hold `module`'s weight and bias: the attributes themselves, or for a
+    parametrized one (torch.nn.utils.parametrize) its stored originals. Reading a parametrized
+    weight computes a new tensor each time, which shares memory with nothing: a weight tied to
+    another module's through the original was not seen as shared (a review, 2026-12-05: after
+    remove_parametrizations the layer's merge moved the other module's weight, silently)."""
+    found: List[Optional[torch.Tensor]] = []
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(module, name):
+            plist = module.parametrizations[name]
+            found.extend(t for n, t in plist.named_parameters(recurse=False) if n.startswith("original"))
+            found.extend(t for n, t in plist.named_buffers(recurse=False) if n.startswith("original"))
+        else:
+            found.append(getattr(module, name, None))
+    return found
+
+
 def record_sharing(root: nn.Module, layers: Iterable[Tuple[nn.Module, nn.Module]]) -> Dict[str, List[str]]:
     """For each (adapter layer, its base module) under `root`: sets `layer._shared_with` (the other
     holders of the base's weight and bias, [] when not shared; a layer's merge reads it, as it
@@ -408,7 +426,7 @@ def record_sharing(root: nn.Module, layers: Iterable[Tuple[nn.Module, nn.Module]
     for layer, base in layers:
         own = modules[id(layer)]
         layer._layer_path = own[0] or "the model"
-        layer._shared_with = other_holders(params, (getattr(base, "weight", None), getattr(base, "bias", None)), own)
+        layer._shared_with = other_holders(params, stored_weight_and_bias(base), own)
         if layer._shared_with:
             shared[own[0]] = layer._shared_with
     return shared

@@ -17,11 +17,23 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_SHIPPED = {".ci/run", ".gitignore"}
 
 
+# Files that running the build, the tests or the benchmarks leaves in a checkout: never shipped.
+LEFT_BY_RUNS = ["csrc/setup_build_config.h", "miss_ext/_C.cpython-311-x86_64-linux-gnu.so",
+                "miss_ext/__pycache__/modules.cpython-311.pyc", "tests/.hypothesis/examples/x", "bench/out/x.json",
+                "examples/cpp/build/CMakeCache.txt"]
+
+
 def tracked_files() -> set:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
     try:
-        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        top = git("rev-parse", "--show-toplevel").strip()
+        out = git("ls-files")
     except (OSError, subprocess.CalledProcessError) as e:  # an unpacked sdist, or no git
         pytest.skip(f"the file list comes from git, and this checkout has none ({e})")
+    if Path(top).resolve() != ROOT:  # an unpacked sdist inside another git work tree
+        pytest.skip(f"the file list comes from git, and {ROOT} is not a git checkout's root")
     return set(out.split()) - NOT_SHIPPED
 
 
@@ -34,6 +46,9 @@ def build_sdist(tmp_path: Path, prelude: str = "") -> set:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
+    for name in LEFT_BY_RUNS:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("left by a run\n")
     code = (f"{prelude}\nimport sys, os\nos.chdir({str(src)!r})\n"
             f"sys.argv = ['setup.py', 'sdist', '--dist-dir', {str(tmp_path)!r}]\n"
             "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__name__': '__main__', '__file__': 'setup.py'})")
@@ -51,12 +66,28 @@ def test_sdist_holds_every_source_file(tmp_path):
     shipped = build_sdist(tmp_path)
     missing = sorted(tracked_files() - shipped)
     assert not missing, f"not in the sdist: {missing}"
-    # Nothing a build writes (the generated config header, compiled objects, caches).
-    generated = sorted(n for n in shipped if n.endswith((".so", ".pyc", ".o")) or n == "csrc/setup_build_config.h")
-    assert not generated, generated
+    # Nothing a build, a test or a benchmark run leaves in the checkout (planted in the copy).
+    left = sorted(set(LEFT_BY_RUNS) & shipped)
+    assert not left, left
 
 
 def test_sdist_needs_no_torch(tmp_path):
     # `python -m build --sdist` packages in an isolated environment without torch.
     shipped = build_sdist(tmp_path, prelude="import sys; sys.modules['torch'] = None  # import torch raises")
     assert "csrc/ops/common/checks.h" in shipped and "setup.py" in shipped
+
+
+def test_only_packaging_commands_skip_the_build():
+    """setup.py needs torch (and builds the library) for every command but packaging the sources:
+    `sdist bdist_dumb` made a binary distribution without the library (a review, 2026-12-05)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("miss_setup_packaging", ROOT / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)
+    only = setup_module.packages_sources_only
+    assert only(["setup.py", "sdist"]) and only(["setup.py", "egg_info"])
+    assert only(["setup.py", "sdist", "--formats", "gztar", "--dist-dir", "/tmp/x"])
+    for argv in (["bdist_dumb"], ["sdist", "bdist"], ["egg_info", "bdist_rpm"], ["sdist", "build_ext"],
+                 ["install_lib"], ["develop"], ["editable_wheel"], ["dist_info"], ["bdist_wheel"], []):
+        assert not only(["setup.py", *argv]), argv

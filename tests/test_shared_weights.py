@@ -695,3 +695,42 @@ def test_unload_replaces_every_path_of_an_aliased_peft_layer():
         w, b = base.l1.weight, base.l1.bias
         expected = base.head(torch.tanh(F.linear(torch.tanh(F.linear(x, w, b)), w, b)))
         torch.testing.assert_close(unloaded(x), expected, **TOL)
+
+
+class _Scale(nn.Module):
+    def forward(self, t):
+        return 1.5 * t
+
+    def right_inverse(self, t):
+        return t / 1.5
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_weight_tied_through_its_parametrization_is_shared(kind):
+    """Two layers whose weights are one tensor, both parametrized (torch.nn.utils.parametrize keeps
+    that tensor as each one's `parametrizations.weight.original`): reading .weight computes a new
+    tensor, which shared memory with nothing, so the tie went unseen; after remove_parametrizations
+    (what the merge refusal asks for) the layer's merge wrote dW into the other layer's weight too,
+    silently (a review, 2026-12-05). The setup warns now, and the merge is refused, changing nothing."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        make = lambda: Conv1D(8, 8).double()  # noqa: E731
+    else:
+        make = lambda: nn.Linear(8, 8, dtype=torch.float64)  # noqa: E731
+    model = nn.Module()
+    model.a, model.b = make(), make()
+    model.b.weight = model.a.weight
+    for module in (model.a, model.b):
+        parametrize.register_parametrization(module, "weight", _Scale())
+    with pytest.warns(UserWarning, match=r"a \(shared with b\.parametrizations\.weight\.original"):
+        miss_ext.apply_miss(model, ["a"], r=2, init_weights=False)
+    assert model.a._shared_with == ["b.parametrizations.weight.original"]
+    parametrize.remove_parametrizations(model.a.base_layer, "weight")
+    parametrize.remove_parametrizations(model.b, "weight")
+    before = model.b.weight.detach().clone()
+    with pytest.raises(ValueError, match="shared with b"):
+        model.a.merge()
+    assert not model.a.merged and torch.equal(model.b.weight, before)

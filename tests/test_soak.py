@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PACKAGE_PARENT  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
 def run_soak(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    # The miss_ext under test (an installed copy's, not the checkout's unbuilt one).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(HERE / "soak.py"), *args], env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
