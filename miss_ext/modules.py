@@ -253,8 +253,13 @@ def is_conv1d(module: object) -> bool:
     ParametrizedConv1D subclass) is one still: its weight stays (in, out). Read by its class alone,
     a Conv1D parametrized after its merge was unmerged with its weight untransposed (a review,
     2026-12-05: a square layer's weight silently 0.67 off)."""
+    return _conv1d_class(module) and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
+
+
+def _conv1d_class(module: object) -> bool:
+    """Whether `module`'s class, before any parametrization, is transformers' Conv1D."""
     cls = parametrize.type_before_parametrizations(module) if isinstance(module, nn.Module) else type(module)
-    return is_conv1d_class(cls) and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
+    return is_conv1d_class(cls)
 
 
 def is_plain_conv1d(module: nn.Module) -> bool:
@@ -791,7 +796,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     conv1d = is_conv1d(base)
     if not isinstance(base, nn.Linear) and not conv1d:
         weight = getattr(base, "weight", None)
-        if is_conv1d_class(parametrize.type_before_parametrizations(base)):
+        if _conv1d_class(base):
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             return f"a transformers Conv1D's weight must be a 2-D (in_features, out_features) tensor, got {shape}"
         return f"MissLinear adapts nn.Linear layers (and transformers' Conv1D), got {type_name(base)}"

@@ -62,12 +62,16 @@ class DemoResult:
     peft_refusal: Optional[str] = None
 
 
+def adapts_conv1d(model: nn.Module) -> bool:
+    """Whether an adapter layer of `model` is on a transformers Conv1D (which PEFT's MiSS refuses)."""
+    return any(is_conv1d(layer.base_layer) for _, layer in miss_ext.miss_layers(model))
+
+
 def peft_cannot_load(model: nn.Module) -> Optional[str]:
     """Why PEFT's from_pretrained would refuse the adapter of `model` (None: it loads it)."""
-    layers = [layer for _, layer in miss_ext.miss_layers(model)]
-    if any(is_conv1d(layer.base_layer) for layer in layers):
+    if adapts_conv1d(model):
         return "it adapts transformers Conv1D layers, which PEFT's MiSS refuses"
-    if any(layer.r > layer.in_features for layer in layers):
+    if any(layer.r > layer.in_features for _, layer in miss_ext.miss_layers(model)):
         return "its r is above some adapted layer's in_features"
     return None
 
@@ -165,8 +169,7 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
         except (ValueError, TypeError) as exc:
             # apply_miss checks --target-modules, --r, --mini-r against the model's layers.
             what = f"--model {prepared.base_path}" if user_mode(args) else "the random model"
-            conv1d = name == "peft" and any(is_conv1d(layer.base_layer) for _, layer in miss_ext.miss_layers(models["miss_ext"]))
-            if conv1d:
+            if name == "peft" and adapts_conv1d(models["miss_ext"]):
                 # miss_ext adapted the same layers: the flags are fine, PEFT's MiSS is what refuses.
                 raise DemoInputError(f"{what}: --target-modules selects transformers Conv1D layers (GPT-2's), which "
                                      "PEFT's MiSS refuses (miss_ext adapts them): run with --no-peft to train "
