@@ -203,7 +203,7 @@ def _check_bank_values(ranks: Tensor, periods: Tensor, index: Tensor, bank: Tens
                              f"divide s.shape[-1]={R}: a fold at {R} cannot give the fold at {r}; fold each row at "
                              "its own rank with miss.bank_fold and pass per_row_fold=True")
         if not (1 <= q <= q_cap and out % q == 0):
-            raise ValueError(f"miss: bank_add periods[{a}]={q} must be in [1, q_cap={q_cap}] and divide "
+            raise ValueError(f"miss: bank_add periods[{a}]={q} (used by row {t}) must be in [1, q_cap={q_cap}] and divide "
                              f"out_features={out}")
 
 

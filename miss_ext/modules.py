@@ -257,9 +257,23 @@ def is_conv1d(module: object) -> bool:
 
 
 def _conv1d_class(module: object) -> bool:
-    """Whether `module`'s class, before any parametrization, is transformers' Conv1D."""
-    cls = parametrize.type_before_parametrizations(module) if isinstance(module, nn.Module) else type(module)
-    return is_conv1d_class(cls)
+    """Whether `module`'s own class, under the classes torch puts over it, is transformers' Conv1D."""
+    return is_conv1d_class(_class_under_torch_wrappers(type(module)))
+
+
+def _class_under_torch_wrappers(cls: type) -> type:
+    """`cls` without the subclasses torch makes on the fly around a module's class, which keep its
+    computation: parametrize's `Parametrized<cls>` and FSDP2's `FSDP<cls>` (`fully_shard`, with its
+    `FSDPModule` mixin), in either order. A Conv1D sharded by fully_shard before apply_miss was
+    refused as an unknown `FSDPConv1D` where an nn.Linear was adapted (a review, 2026-12-05), and
+    parametrize's own `type_before_parametrizations` answers `FSDPModule` for a parametrized
+    module sharded after."""
+    for candidate in cls.__mro__:
+        module = candidate.__module__
+        fsdp2 = module.startswith("torch.distributed.fsdp") and candidate.__name__.startswith("FSDP")
+        if module != "torch.nn.utils.parametrize" and not fsdp2:
+            return candidate
+    return cls
 
 
 def is_plain_conv1d(module: nn.Module) -> bool:

@@ -382,6 +382,48 @@ def test_fsdp2_sharded_base_before_apply_miss(gloo_world):
     assert math.isfinite(y.sum().item())
 
 
+@pytest.mark.parametrize("parametrized", [False, True])
+def test_fsdp2_sharded_conv1d_before_apply_miss_is_adapted_as_a_conv1d(gloo_world, parametrized, tmp_path):
+    """fully_shard swaps a module's class for an `FSDP<cls>` subclass. A transformers Conv1D
+    sharded before apply_miss was refused as an unknown FSDPConv1D (where an nn.Linear is
+    adapted: the test above); a parametrized one sharded after had its class read as FSDPModule.
+    Now it is a Conv1D: adapted, its weight read (in, out), merge refused as under FSDP2, PEFT's
+    Conv1D warning on save."""
+    pytest.importorskip("transformers")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.pytorch_utils import Conv1D
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("proj", Conv1D(OUT, IN).double())
+    if parametrized:
+        parametrize.register_parametrization(net.proj, "weight", Scale())
+    plain = copy.deepcopy(net)
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(net.proj, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    miss_ext.apply_miss(net, ["proj"], r=R, init_weights=False)
+    assert (net.proj.in_features, net.proj.out_features) == (IN, OUT)
+    W = plain.proj.weight.detach()  # (in, out), the parametrization applied
+    D = net.proj.miss_block.detach().double().requires_grad_()
+    x = torch.randn(6, IN, dtype=torch.float64)
+    y = net(x)
+    expected = x @ W + plain.proj.bias.detach() + fold_ref(x, R) @ D
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(net.proj.miss_block.grad, D.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="FSDP2|parametriz"):
+        net.proj.merge()
+    with pytest.warns(UserWarning, match="Conv1D"):
+        miss_ext.save_adapter(net, tmp_path / "adapter")
+
+
 def test_fsdp2_refuses_accelerated_peft_merges(gloo_world):
     """An accelerated PEFT model under FSDP2 (root only): an eval forward leaves the root
     unsharded, so each base is a plain nn.Linear holding FSDP's gathered copy and takes the fast

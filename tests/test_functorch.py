@@ -472,6 +472,15 @@ def test_bank_add_errors_under_transforms_are_the_ops_errors():
     wrong[int(index[index >= 0][0])] = 9
     with pytest.raises(ValueError, match=r"must be in \[1, min\(r_cap=8, s.shape\[-1\]=8\)\]"):
         grad(lambda bk: ops.bank_add(y, s, bk, wrong, periods, index).sum())(bank)
+    slot = int(index[index >= 0][0])
+    odd = periods.clone()
+    odd[slot] = 5
+    row = int((index == slot).nonzero()[0])
+    message = rf"bank_add periods\[{slot}\]=5 \(used by row {row}\) must be in \[1, q_cap="
+    for call in (lambda: ops.bank_add(y, s, bank, ranks, odd, index),
+                 lambda: grad(lambda bk: ops.bank_add(y, s, bk, ranks, odd, index).sum())(bank)):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_bank_layer_per_sample_gradients():
