@@ -46,6 +46,7 @@ from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block
                       check_dropout, is_dtensor, is_plain_linear, json_tensor, load_mismatches,
                       refuse_forward_tangents, refuse_layer_load, refuse_nested,
                       refuse_non_tensor, tensor_json, tensor_problem, type_name)
+from .merge_record import memory_of as _memory, storage_of as _storage
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
 
@@ -134,25 +135,6 @@ class _Snapshot:
 # A state_dict's slot description (the storage of its _extra_state tensor, which detach() and
 # views share) -> _Snapshot, while any tensor on it lives. Keyed by identity.
 _SNAPSHOTS = WeakIdKeyDictionary()
-
-
-def _storage(t: object) -> Optional[torch.UntypedStorage]:
-    """The storage a tensor views (a sharded one, DTensor, by its local shard; one Python object
-    per storage while any tensor on it lives), or None for a non-tensor, an empty, meta or fake
-    tensor, or one without storage."""
-    t = getattr(t, "_local_tensor", t)
-    if not isinstance(t, Tensor) or t.numel() == 0 or t.is_meta or is_fake(t):
-        return None
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def _memory(t: object) -> Optional[Tuple[str, int]]:
-    """(device, address) of the memory a tensor views (_storage), or None."""
-    storage = _storage(t)
-    return None if storage is None else (str(storage.device), storage.data_ptr())
 
 
 def add_bank_terms(y: Tensor, x: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,

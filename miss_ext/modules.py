@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.nn.utils import parametrize
 
+from . import merge_record
 from .ops import new_dropout_key
 from .targets import is_conv1d_class, shared_weight_message
 from .weight_metadata import BaseTensorAttributes
@@ -696,7 +697,7 @@ def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: 
 
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
                       strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load,
-                      assign: bool = False, unrecorded: Optional[str] = None) -> None:
+                      assign: bool = False, unrecorded: Optional[str] = None, check=list) -> None:
     """The load side of a layer's merge record in its state_dict (MissLinear's "merged",
     AcceleratedMissLinear's "merged_adapters"). A merged layer's state_dict holds W + dW as
     base_layer.weight: without the record, a layer loading it would add dW a second time (PEFT's
@@ -704,7 +705,10 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     skip the adapters of an unmerged weight.
 
     `current` is the module's merged adapters (a list of names; MissLinear: ["miss_block"] or
-    []); `decode(value)` turns the saved record into that form or raises ValueError. After the load
+    []); `decode(value)` turns the saved record into that form or raises ValueError, and
+    `check(names)` raises ValueError for names this module cannot take. A state_dict whose
+    base_layer.weight is still a layer's weight memory is read with the record that memory holds
+    now (merge_record: the state_dict may have outlived a merge or unmerge). After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. `unrecorded` (the accelerated PEFT layer): a base weight without a
     record may also be a merged one, so a merged layer refuses it, with this advice. Refused (an
@@ -719,12 +723,20 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
-    if key in state_dict:
+    followed = merge_record.loaded_record(state_dict, key, weight_key, decode)
+    if key in state_dict:  # checked even where the weight's memory says more (below)
         try:
-            after = decode(state_dict[key])
+            after = check(decode(state_dict[key]))
         except ValueError as e:
             refusal = f"{key!r}: {e}"
-    elif weight_key in state_dict:
+    if refusal is None and followed is not None and followed[0] == "refuse":
+        refusal = f"{key!r}: {followed[1]}"
+    elif refusal is None and followed is not None:
+        try:
+            after = check(followed[1])
+        except ValueError as e:
+            refusal = f"{key!r} (the record its base_layer.weight holds now, {followed[1]}): {e}"
+    elif key not in state_dict and weight_key in state_dict:
         after = []
         if unrecorded is not None and current:
             refusal = (f"the state_dict has base_layer.weight but no {key.rpartition('.')[2]!r} record, and this layer "
@@ -1282,7 +1294,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 weight.copy_(merged)
             else:
                 torch.ops.miss.merge_(weight, self.miss_block)
-        self.merged = True
+        self._set_merged(True)
 
     @torch.jit.unused
     def unmerge(self) -> None:
@@ -1299,7 +1311,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         self._check_mergeable(unmerge=True)
         with torch.no_grad():
             torch.ops.miss.merge_(weight_out_in(self.base_layer), self.miss_block, True)
-        self.merged = False
+        self._set_merged(False)
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
@@ -1327,7 +1339,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         return torch.ops.miss.merge(zeros, block)
 
     # The merged flag travels in the state_dict, as a bool tensor under "merged", present only
-    # while the layer is merged (load_merge_record says why). Absent from an unmerged layer's
+    # while the layer is merged when state_dict() runs, and rewritten by later merges and
+    # unmerges (merge_record; load_merge_record says why). Absent from an unmerged layer's
     # state_dict, so unmerged state_dicts and older checkpoints load as before; a module without
     # this key (PEFT's, a plain model) refuses it under strict loading, where it would count dW
     # twice. TorchScript-compiled copies do not run these methods.
@@ -1335,8 +1348,17 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            destination[prefix + self.MERGED_KEY] = torch.tensor(True)
+        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), self._record(), destination,
+                              prefix + self.MERGED_KEY, lambda record: torch.tensor(True))
+
+    def _record(self) -> List[str]:
+        return ["miss_block"] if self.merged else []
+
+    def _set_merged(self, merged: bool) -> None:
+        """Sets the merged flag, and the flag in the state_dicts this layer wrote (merge_record)."""
+        self.merged = merged
+        merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(),
+                             lambda flag, record: flag.fill_(bool(record)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -1353,7 +1375,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                                                                   missing_keys, unexpected_keys, error_msgs),
             assign=local_metadata.get("assign_to_params_buffers", False))
         if after is not None:
-            self.merged = bool(after)
+            self._set_merged(bool(after))
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"

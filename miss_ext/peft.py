@@ -74,6 +74,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import json
 import sys
 import threading
 import warnings
@@ -104,11 +105,12 @@ from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced
 from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
-                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
+                      check_merge, check_widths, is_plain_linear, jagged_forward, load_merge_record,
                       non_finite_summary, not_plain_reason, parent_reads_child_tensors,
                       refuse_forward_tangents, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
+from . import merge_record  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
 from .weight_metadata import base_tensor_attribute  # noqa: E402
@@ -805,7 +807,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         bat adapter on top of merged default/mini adapters or of a merged bat adapter the forward
         applies after it. Quantized bases keep PEFT's merge code. Source: docs/miss.md, "Merging"."""
         with _merging():  # planned and written as one step (another thread may merge too)
-            self._merge_holding_lock(safe_merge, adapter_names)
+            try:
+                self._merge_holding_lock(safe_merge, adapter_names)
+            finally:  # a failure half way leaves the adapters merged before it
+                _record_changed(self)
 
     def _merge_holding_lock(self, safe_merge: bool, adapter_names: Optional[List[str]]) -> None:
         names = self._merge_plan(adapter_names)
@@ -848,7 +853,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         # a layer merged while plain and hooked since is unmerged here too: PEFT's code would
         # apply one adapter's mode to all and pop merged_adapters before it computes.
         if self.quantization_backend is not None:
-            return super().unmerge()
+            try:
+                return super().unmerge()
+            finally:
+                _record_changed(self)
         with _merging():
             if not self.merged:
                 warnings.warn("Already unmerged. Nothing to do.")
@@ -860,7 +868,8 @@ class AcceleratedMissLinear(PeftMissLinear):
 
 
     # The names of the merged adapters, in merge order, travel in the state_dict (a uint8 tensor
-    # of JSON under "merged_adapters", present only while some adapter is merged), as MissLinear's
+    # of JSON under "merged_adapters", space-padded, present only while some adapter is merged
+    # when state_dict() runs, and rewritten by later merges: merge_record), as MissLinear's
     # flag does (modules.load_merge_record): a merged layer's state_dict loaded into an unmerged
     # model no longer counts dW twice, which PEFT does. PEFT's adapter files are unchanged (its
     # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
@@ -894,8 +903,12 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged_adapters:
-            destination[prefix + self.MERGED_KEY] = json_tensor(list(self.merged_adapters))
+        # Padded with spaces to fit any list of this layer's adapters (and a few more), so that
+        # the tensor can follow later merges and unmerges in place (merge_record).
+        room = len(json.dumps(list(self.miss_block))) + 64
+        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), list(self.merged_adapters), destination,
+                              prefix + self.MERGED_KEY, lambda record: _write_record(torch.zeros(room, dtype=torch.uint8),
+                                                                                      record))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -904,21 +917,28 @@ class AcceleratedMissLinear(PeftMissLinear):
                 names = tensor_json(encoded)
             except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
                 names = None
+            if names == _STALE_RECORD:
+                raise ValueError("the state_dict was taken before adapters were added to this layer, and its record "
+                                 "could not follow the merges since; take a new state_dict")
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
                 raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
+            return names
+
+        def check(names):
             unknown = [n for n in names if n not in self.miss_block]
             if unknown:
                 raise ValueError(f"names adapters {unknown} that this layer does not have ({list(self.miss_block)})")
-            return names
+            return list(names)
 
         after = load_merge_record(
             self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, strict,
             missing_keys, unexpected_keys, error_msgs,
             lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED)
+            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED, check=check)
         if after is not None:
             self.merged_adapters = list(after)
+            _record_changed(self)
 
     # A state_dict of this layer written without the record (by plain PEFT, before accelerate or
     # after restore) may hold W + dW (saved merged) or W (saved unmerged): nothing in it tells which.
@@ -940,11 +960,33 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
     if layer.quantization_backend is not None:
         raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
     with torch.no_grad(), _merging():
-        while len(layer.merged_adapters) > keep:
-            name = layer.merged_adapters[-1]
-            if name in layer.miss_block:
-                torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
-            layer.merged_adapters.pop()
+        try:
+            while len(layer.merged_adapters) > keep:
+                name = layer.merged_adapters[-1]
+                if name in layer.miss_block:
+                    torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
+                layer.merged_adapters.pop()
+        finally:
+            _record_changed(layer)
+
+
+# What a record tensor holds once the merged names no longer fit it (adapters were added since).
+_STALE_RECORD = "stale"
+
+
+def _write_record(tensor: Tensor, record: List[str]) -> Tensor:
+    """`tensor` (uint8) rewritten in place with the JSON of `record`, padded with spaces (JSON
+    allows them), or with _STALE_RECORD where it does not fit."""
+    text = json.dumps(list(record)).encode()
+    if len(text) > tensor.numel():
+        text = json.dumps(_STALE_RECORD).encode()
+    tensor.copy_(torch.frombuffer(bytearray(text.ljust(tensor.numel())), dtype=torch.uint8))
+    return tensor
+
+
+def _record_changed(layer: AcceleratedMissLinear) -> None:
+    """After the layer's merged adapters changed: the records its state_dicts hold follow."""
+    merge_record.changed(layer, getattr(layer.base_layer, "weight", None), list(layer.merged_adapters), _write_record)
 
 
 def _merge_back(layer: AcceleratedMissLinear, merged: List[str]) -> None:
@@ -1639,6 +1681,7 @@ def restore(model: nn.Module) -> nn.Module:
                          "changed")
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
+        merge_record.forget(layer)  # PEFT's merges do not tell it
         layer.__dict__.pop("_base_tensors_as_metadata", None)
         layer.__dict__.pop("_metadata_where", None)
     for tuner in _miss_layers(model, AcceleratedMissModel):

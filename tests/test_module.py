@@ -1,6 +1,7 @@
 """MissLinear module behaviour: zero init, frozen base, merge / unmerge, safe_merge, warnings,
 TorchScript (script, save, load, backward) and torch.compile (fullgraph, dynamic shapes)."""
 import contextlib
+import copy
 import io
 import math
 import warnings
@@ -374,6 +375,73 @@ def test_merged_flag_travels_in_the_state_dict(mode):
     assert str(source.load_state_dict(unmerged_state)) == "<All keys matched successfully>"
     assert not source.merged
     torch.testing.assert_close(source(x), y, rtol=1e-5, atol=1e-5)  # dW dropped: off by |dW x|
+
+
+@pytest.mark.parametrize("mode", ["default", "mini", "bat"])
+def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_holds(mode, tmp_path):
+    """A state_dict shares the layer's weight memory, which merge and unmerge rewrite in place.
+    Its flag was written once: a state_dict taken merged and loaded after an unmerge dropped dW,
+    one taken unmerged and loaded after a merge added it twice (a review replaying
+    huggingface/trl#2873, 2026-12-05: outputs 1.15 off, silently). Now the flag follows the
+    weight: loaded (into a fresh layer), saved or copied whole later, each gives the source's
+    output. A copy of the weight alone beside the live flag, after a change, is refused."""
+    in_f, out_f, r, mini_r = (12, 8, 4, 2) if mode != "bat" else (12, 8, 4, 8)
+    x = torch.randn(5, in_f, dtype=F64)
+
+    def fresh():
+        m = make(in_f, out_f, r, mode, mini_r, dtype=F64, seed=1)
+        with torch.no_grad():
+            m.miss_block.mul_(0.1)  # bat: I + B well conditioned
+        return m
+
+    source = fresh()
+    y = source(x).detach()
+    assert (y - source.base_layer(x)).abs().max() > 1e-2  # the adapter term shows
+
+    def loads_as_source(state):
+        target = fresh()
+        with torch.no_grad():
+            target.base_layer.weight.normal_()  # replaced by the load either way
+        assert str(target.load_state_dict(state)) == "<All keys matched successfully>"
+        torch.testing.assert_close(target(x), y, **TOL64)
+        return target
+
+    # Taken merged, loaded after an unmerge (and saved after it): the flag says False now.
+    source.merge()
+    merged_then = source.state_dict()
+    whole_copy = copy.deepcopy(merged_then)  # a snapshot: merged weight and flag True, together
+    source.unmerge()
+    assert not bool(merged_then["merged"]) and bool(whole_copy["merged"])
+    assert not loads_as_source(merged_then).merged
+    torch.save(merged_then, tmp_path / "after_unmerge.pt")
+    assert not loads_as_source(torch.load(tmp_path / "after_unmerge.pt")).merged
+    assert loads_as_source(whole_copy).merged
+    # Taken unmerged (no flag: the key set of an unmerged layer), loaded after a merge.
+    unmerged_then = source.state_dict()
+    assert "merged" not in unmerged_then
+    source.merge()
+    assert loads_as_source(unmerged_then).merged
+    # The weight copied alone (a cast of the floating entries), then a change: cannot be told.
+    taken = source.state_dict()
+    partial = {k: v.clone() if v.is_floating_point() else v for k, v in taken.items()}
+    source.unmerge()
+    target = fresh()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match="is a copy .* but its merge record is the layer's own"):
+        target.load_state_dict(partial)
+    assert not target.merged and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    # Written into in place by someone else (torch.distributed.checkpoint fills a model's own
+    # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict.
+    source.merge()
+    own = source.state_dict()
+    checkpoint = fresh().state_dict()
+    with torch.no_grad():
+        for k, v in checkpoint.items():
+            own[k].copy_(v)
+        own["merged"].fill_(False)
+    assert str(source.load_state_dict(own)) == "<All keys matched successfully>"
+    assert not source.merged
+    torch.testing.assert_close(source(x), y, **TOL64)
 
 
 def test_state_dict_loads_that_would_ignore_a_block_are_refused():
