@@ -1596,8 +1596,12 @@ def _refuse_offloaded_blocks(model: nn.Module, named) -> None:
         raise ValueError(f"accelerate: {describe(offloaded, 8)}: these adapter blocks are on the meta device in layers "
                          "that accelerate offloads (`_hf_hook`: a device_map with \"disk\" or \"cpu\" offload), so they "
                          "hold no values and the forward would add uninitialised memory to the outputs (PEFT's too). "
-                         "Add the adapter to a model loaded without offload, save it, then load it onto the offloaded "
-                         "model with PeftModel.from_pretrained (which loads the blocks' values). Nothing was changed")
+                         "Save the adapter from a model without offload, then load it with PeftModel.from_pretrained onto "
+                         "a model dispatched by a device_map (accelerate's dispatch_model, or transformers' "
+                         "from_pretrained(device_map=...)), which loads the blocks' values. Under accelerate's "
+                         "whole-model cpu_offload / disk_offload the blocks stay on the meta device whether the adapter "
+                         "is loaded before or after the offload (PEFT's forward is wrong there too): use a device_map. "
+                         "Nothing was changed")
 
 
 def accelerate(model: nn.Module) -> nn.Module:

@@ -107,6 +107,17 @@ def test_adapters_added_to_offloaded_layers_are_refused(base, tmp_path):
     model = get_peft_model(aligned, config, low_cpu_mem_usage=True)
     assert model.base_model.model.model.layers[0].self_attn.q_proj.miss_block["default"].is_meta
     accelerate(model)
+    # accelerate's whole-model cpu_offload: the blocks stay meta even when PeftModel.from_pretrained
+    # loads them, so the message points to a device_map (it advised from_pretrained, which was
+    # what had been done: a review, 2026-12-05).
+    from accelerate import cpu_offload
+
+    whole = copy.deepcopy(base)
+    cpu_offload(whole, execution_device=torch.device("cpu"))
+    loaded = PeftModel.from_pretrained(whole, tmp_path / "adapter")
+    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.miss_block["default"].is_meta
+    with pytest.raises(ValueError, match=r"whole-model cpu_offload / disk_offload .* use a device_map"):
+        accelerate(loaded)
 
 
 class OpLog(TorchDispatchMode):
