@@ -729,13 +729,13 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             after = check(decode(state_dict[key]))
         except ValueError as e:
             refusal = f"{key!r}: {e}"
-    if refusal is None and followed is not None and followed[0] == "refuse":
-        refusal = f"{key!r}: {followed[1]}"
-    elif refusal is None and followed is not None:
+    if refusal is None and followed.refusal is not None:
+        refusal = f"{key!r}: {followed.refusal}"
+    elif refusal is None and followed.record is not None:
         try:
-            after = check(followed[1])
+            after = check(followed.record)
         except ValueError as e:
-            refusal = f"{key!r} (the record its base_layer.weight holds now, {followed[1]}): {e}"
+            refusal = f"{key!r} (the record its base_layer.weight holds now, {followed.record}): {e}"
     elif key not in state_dict and weight_key in state_dict:
         after = []
         if unrecorded is not None and current:
@@ -1348,7 +1348,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), self._record(), destination,
+        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), self._record, destination,
                               prefix + self.MERGED_KEY, lambda record: torch.tensor(True))
 
     def _record(self) -> List[str]:

@@ -130,8 +130,9 @@ def merge(weight: Tensor, block: Tensor, reverse: bool = False) -> Tensor:
     (W' - B)(I + B)^-1, whose (I + B_i)^-1 is computed in float64 and applied in float32 (float64
     for float64 data); the bat reverse is not differentiable (RuntimeError if a gradient is
     needed) and raises ValueError, naming the block, where I + B_i is not finite or is
-    ill-conditioned (condition number > 1e4) or too close to -I (||B_i|| ||(I + B_i)^-1|| > 1e4,
-    2-norms). weight (out, in); block (r, out), (r, mini_r) or
+    ill-conditioned (condition number > 1e4; for a float16 weight 128, bfloat16 16, whose
+    rounding of W' the inverse multiplies) or too close to -I (||B_i|| ||(I + B_i)^-1|| over the
+    same bound, 2-norms). weight (out, in); block (r, out), (r, mini_r) or
     (out/r, r, r), any float dtypes. ValueError for a block that does not fit weight; TypeError
     for non-float tensors. Source: docs/miss.md, "Merging"."""
     return torch.ops.miss.merge(weight, block, reverse)

@@ -868,8 +868,8 @@ class AcceleratedMissLinear(PeftMissLinear):
 
 
     # The names of the merged adapters, in merge order, travel in the state_dict (a uint8 tensor
-    # of JSON under "merged_adapters", space-padded, present only while some adapter is merged
-    # when state_dict() runs, and rewritten by later merges: merge_record), as MissLinear's
+    # of JSON under "merged_adapters", present only while some adapter is merged when
+    # state_dict() runs, and rewritten by later merges: merge_record), as MissLinear's
     # flag does (modules.load_merge_record): a merged layer's state_dict loaded into an unmerged
     # model no longer counts dW twice, which PEFT does. PEFT's adapter files are unchanged (its
     # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
@@ -903,12 +903,9 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Padded with spaces to fit any list of this layer's adapters (and a few more), so that
-        # the tensor can follow later merges and unmerges in place (merge_record).
-        room = len(json.dumps(list(self.miss_block))) + 64
-        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), list(self.merged_adapters), destination,
-                              prefix + self.MERGED_KEY, lambda record: _write_record(torch.zeros(room, dtype=torch.uint8),
-                                                                                      record))
+        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), lambda: list(self.merged_adapters),
+                              destination, prefix + self.MERGED_KEY,
+                              lambda record: _write_record(torch.empty(0, dtype=torch.uint8), record))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -917,9 +914,6 @@ class AcceleratedMissLinear(PeftMissLinear):
                 names = tensor_json(encoded)
             except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
                 names = None
-            if names == _STALE_RECORD:
-                raise ValueError("the state_dict was taken before adapters were added to this layer, and its record "
-                                 "could not follow the merges since; take a new state_dict")
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
                 raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
             return names
@@ -970,17 +964,13 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
             _record_changed(layer)
 
 
-# What a record tensor holds once the merged names no longer fit it (adapters were added since).
-_STALE_RECORD = "stale"
-
-
 def _write_record(tensor: Tensor, record: List[str]) -> Tensor:
-    """`tensor` (uint8) rewritten in place with the JSON of `record`, padded with spaces (JSON
-    allows them), or with _STALE_RECORD where it does not fit."""
+    """`tensor` (uint8, its own resizable storage) rewritten in place with the JSON of `record`
+    (json_tensor's encoding), resized to its length: the same tensor object, so that a state_dict
+    holding it follows (merge_record), and the size a checkpoint of that record has."""
     text = json.dumps(list(record)).encode()
-    if len(text) > tensor.numel():
-        text = json.dumps(_STALE_RECORD).encode()
-    tensor.copy_(torch.frombuffer(bytearray(text.ljust(tensor.numel())), dtype=torch.uint8))
+    tensor.resize_(len(text))
+    tensor.copy_(torch.tensor(list(text), dtype=torch.uint8))
     return tensor
 
 

@@ -9,7 +9,7 @@ tile W_ij of W (row block i, column block j)
 
 y = x W'^T + b with PEFT's precision (W' and the GEMM in the block's dtype, x and b cast to it, the
 output cast back to x's dtype; `compute_dtype` overrides the GEMM dtype). Unmerge inverts per tile,
-W_ij = (W'_ij - B_i)(I + B_i)^-1, after checking cond(I + B_i) <= 1e4.
+W_ij = (W'_ij - B_i)(I + B_i)^-1, after checking cond(I + B_i) <= 1e4 (half-precision weights: 2^-4 / u).
 
 Tolerances are elementwise: |got - exact| <= eps(stored dtype) |exact| + c eps(compute dtype) mag,
 where `mag` is the same formula evaluated on absolute values (for gradients: the gradient of the
@@ -998,6 +998,24 @@ def test_unmerge_condition_threshold(device):
     _expect_refused_unmerge(lambda: ops.merge_(merged, bad, True), merged, 1, number=r"10\d{3}\.\d+")
 
 
+@pytest.mark.parametrize("dtype, accepted, refused, limit", [(torch.bfloat16, 2.0, 6.0, 16), (torch.float16, 8.0, 16.0, 128)])
+def test_unmerge_condition_threshold_of_a_half_precision_weight(device, dtype, accepted, refused, limit):
+    """A half-precision W' is rounded to its dtype before (I + B_i)^-1 multiplies it: the bound is
+    2^-4 / u (bfloat16 16, float16 128), not float32's 1e4, under which a bfloat16 weight came back
+    8 times its largest value at cond 5000 (a review, 2026-12-05; PEFT writes that too). Accepted
+    below it, restored to about cond * u of its scale; refused above, naming the dtype."""
+    w = rand(8, 8, device=device).to(dtype)
+    ok = _ill_conditioned_block(2, 4, 1, accepted, device)
+    cond = torch.linalg.cond(torch.eye(4, device=device, dtype=F64) + ok[1].double()).item()
+    assert cond < limit
+    back = ops.merge(ops.merge(w, ok), ok, True)
+    u = torch.finfo(dtype).eps / 2
+    torch.testing.assert_close(back.double(), w.double(), rtol=0, atol=4 * cond * u * (w.abs().max().item() + 1))
+    merged = ops.merge(w, _ill_conditioned_block(2, 4, 1, refused, device))
+    _expect_refused_unmerge(lambda: ops.merge_(merged, _ill_conditioned_block(2, 4, 1, refused, device), True), merged, 1,
+                            number=rf"\d+\.\d+ > {limit} for a {'BFloat16' if dtype == torch.bfloat16 else 'Half'} weight")
+
+
 def test_unmerge_refuses_a_block_near_minus_identity(device):
     """B_i = (t - 1) I: I + B_i = t I has condition number 1, and the check on it alone let the
     unmerge through while (I + B_i)^-1 magnified the rounding of W' ~ B_i by 1/t (t = 2^-20: off by
@@ -1010,7 +1028,7 @@ def test_unmerge_refuses_a_block_near_minus_identity(device):
     merged = ops.merge(w, near(2.0 ** -16))
     before = merged.clone()
     with pytest.raises(ValueError, match=r"miss_block\[0\] is too close to -I \(\|\|B\|\| \* \|\|\(I \+ B\)\^-1\|\| = "
-                                         r"65535\.\d+ > 10000\).*The weight was left unchanged"):
+                                         r"65535\.\d+ > 10000 for a Float weight\).*The weight was left unchanged"):
         ops.merge_(merged, near(2.0 ** -16), True)
     assert torch.equal(merged, before)
 

@@ -431,10 +431,12 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
         target.load_state_dict(partial)
     assert not target.merged and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     # Written into in place by someone else (torch.distributed.checkpoint fills a model's own
-    # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict.
+    # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict,
+    # with its flag, and without one (the state_dict taken unmerged: the weight's memory, written
+    # by the fill after the layer's merge, no longer says what the layer wrote there).
+    checkpoint = fresh().state_dict()
     source.merge()
     own = source.state_dict()
-    checkpoint = fresh().state_dict()
     with torch.no_grad():
         for k, v in checkpoint.items():
             own[k].copy_(v)
@@ -442,6 +444,62 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
     assert str(source.load_state_dict(own)) == "<All keys matched successfully>"
     assert not source.merged
     torch.testing.assert_close(source(x), y, **TOL64)
+    own = source.state_dict()
+    source.merge()
+    with torch.no_grad():
+        for k, v in checkpoint.items():
+            own[k].copy_(v)
+    source.load_state_dict(own)
+    assert not source.merged
+    torch.testing.assert_close(source(x), y, **TOL64)
+    # The layer moved to other memory (a cast) after state_dict(), then unmerged there: the kept
+    # state_dict's weight is the old memory, still W + dW, and its flag stays True.
+    source.merge()
+    kept = source.state_dict()
+    source.to(torch.float32)
+    source.unmerge()
+    assert bool(kept["merged"])
+    assert loads_as_source(copy.deepcopy(kept)).merged and loads_as_source(kept).merged
+
+
+def test_a_kept_state_dict_after_merge_and_unload_and_a_reload_of_the_base():
+    """The weight memory of an unloaded layer written by an ordinary load afterwards no longer
+    holds what the layer's merge wrote there: a state_dict taken before (unmerged, W and the block)
+    loads as unmerged (a review, 2026-12-05: read as merged, 12.6 off)."""
+    def net(seed):
+        torch.manual_seed(seed)
+        n = nn.Sequential(nn.Linear(12, 8).double())
+        base_state = {k: v.clone() for k, v in n.state_dict().items()}
+        miss_ext.apply_miss(n, ["0"], r=4, init_weights=False)
+        return n, base_state
+
+    x = torch.randn(5, 12, dtype=F64)
+    model, base_state = net(0)
+    y = model(x).detach()
+    kept = model.state_dict()
+    plain = miss_ext.merge_and_unload(model)
+    del model
+    plain.load_state_dict(base_state)
+    target, _ = net(1)
+    target.load_state_dict(kept)
+    assert not target[0].merged
+    torch.testing.assert_close(target(x), y, **TOL64)
+
+
+def test_state_dict_of_a_layer_on_a_wrapper_subclass_weight():
+    """A base weight of a wrapper tensor subclass (no real storage, as torchao-style quantized
+    weights): state_dict() and load_state_dict() raised "invalid python storage" once the merge
+    record followed weight memory (a review, 2026-12-05)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8).double()
+    weight = base.weight.detach()
+    base.weight = nn.Parameter(TwoTensor(weight.clone(), weight.clone()), requires_grad=False)
+    layer = MissLinear(base, 4, init_weights=False)
+    state = layer.state_dict()
+    assert sorted(state) == ["base_layer.bias", "base_layer.weight", "miss_block"]
+    assert str(layer.load_state_dict(dict(state))) == "<All keys matched successfully>"
 
 
 def test_state_dict_loads_that_would_ignore_a_block_are_refused():

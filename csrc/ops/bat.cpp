@@ -130,7 +130,18 @@ void bat_transform_inplace_with(BatKernel kernel, at::Tensor& w, const at::Tenso
   }
 }
 
-BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype) {
+double bat_max_condition(at::ScalarType weight_dtype) {
+  double unit_roundoff = 0x1p-24;  // float32, and what a weight of another dtype is checked as
+  switch (weight_dtype) {
+    case at::kDouble: unit_roundoff = 0x1p-53; break;
+    case at::kHalf: unit_roundoff = 0x1p-11; break;
+    case at::kBFloat16: unit_roundoff = 0x1p-8; break;
+    default: break;
+  }
+  return std::min(kBatMaxCondition, 0x1p-4 / unit_roundoff);
+}
+
+BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype, at::ScalarType weight_dtype) {
   const int64_t r = static_size(block, 1);
   if (!reverse) {  // the forward path (every bat forward and backward): no float64 detour
     const at::Tensor b = block.to(dtype);
@@ -157,8 +168,9 @@ BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype
   const at::Tensor cond = sv.select(1, 0).div(smallest);
   const at::Tensor shift = at::linalg_matrix_norm(b64, 2, {-2, -1}).div(smallest);  // ||B_i|| ||(I + B_i)^-1||
   // Refused where a factor exceeds the bound or is inf / nan: one host read when both hold.
-  const at::Tensor cond_bad = at::logical_not(cond.le(kBatMaxCondition));
-  const at::Tensor shift_bad = at::logical_not(shift.le(kBatMaxCondition));
+  const double limit = bat_max_condition(weight_dtype);
+  const at::Tensor cond_bad = at::logical_not(cond.le(limit));
+  const at::Tensor shift_bad = at::logical_not(shift.le(limit));
   if (at::logical_or(cond_bad, shift_bad).any().item<bool>()) {
     const auto shown = [](const at::Tensor& factor, int64_t index) {
       const double value = factor[index].item<double>();
@@ -167,15 +179,15 @@ BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype
     if (cond_bad.any().item<bool>()) {
       const int64_t index = cond_bad.nonzero()[0][0].item<int64_t>();
       TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: I + miss_block[", index,
-                        "] is singular or ill-conditioned (condition number ", shown(cond, index), " > ",
-                        kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would not restore the weight. "
+                        "] is singular or ill-conditioned (condition number ", shown(cond, index), " > ", limit,
+                        " for a ", weight_dtype, " weight), so W = (W' - B)(I + B)^-1 would not restore the weight. "
                         "The weight was left unchanged.");
     }
     const int64_t index = shift_bad.nonzero()[0][0].item<int64_t>();
     TORCH_CHECK_VALUE(false, "miss: cannot unmerge the bat adapter: miss_block[", index,
-                      "] is too close to -I (||B|| * ||(I + B)^-1|| = ", shown(shift, index), " > ",
-                      kBatMaxCondition, "), so W = (W' - B)(I + B)^-1 would magnify the merged weight's rounding "
-                      "by that much. The weight was left unchanged.");
+                      "] is too close to -I (||B|| * ||(I + B)^-1|| = ", shown(shift, index), " > ", limit,
+                      " for a ", weight_dtype, " weight), so W = (W' - B)(I + B)^-1 would magnify the merged "
+                      "weight's rounding by that much. The weight was left unchanged.");
   }
   const at::Tensor inv = at::linalg_solve(a, eye.expand_as(a));
   return {inv.to(dtype), at::neg(at::bmm(b64, inv)).to(dtype), /*residual=*/false};
@@ -187,7 +199,7 @@ at::Tensor bat_weight_kernel(const at::Tensor& weight, const at::Tensor& block, 
   // Accumulated in float64 also where only the output is asked for in float64 (compute_dtype=
   // float64 of bat_linear beside float32 inputs): W' to float64 accuracy, not float32's.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : bat_compute_dtype(weight, block);
-  const BatAffine mp = bat_affine(block, /*reverse=*/false, acc);
+  const BatAffine mp = bat_affine(block, /*reverse=*/false, acc, weight.scalar_type());
   return ops::bat_transform(weight, mp.m, mp.p, dtype.value_or(block.scalar_type()), mp.residual);
 }
 
@@ -206,7 +218,8 @@ void bat_merge_inplace(at::Tensor& weight, const at::Tensor& block, bool reverse
   const bool fits_float64 =
       !weight.is_cuda() || static_size(block, 1) * static_cast<int64_t>(sizeof(double)) <= kBatSharedMemoryBytes;
   const BatAffine mp =
-      bat_affine(block, reverse, reverse && fits_float64 ? at::kDouble : bat_compute_dtype(weight, block));
+      bat_affine(block, reverse, reverse && fits_float64 ? at::kDouble : bat_compute_dtype(weight, block),
+                 weight.scalar_type());
   ops::bat_transform_(weight, mp.m, mp.p, mp.residual);
 }
 

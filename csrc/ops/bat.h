@@ -34,18 +34,24 @@ at::ScalarType bat_compute_dtype(const at::Tensor& weight, const at::Tensor& blo
 
 // (M, P, residual) of the bat transform (common/bat_index.h): merge and forward M = P = B in the
 // residual form (W + (W B + B)); unmerge M = (I+B)^-1, P = -B (I+B)^-1 from a batched float64
-// solve, after checking every I + B_i is well conditioned (ValueError naming the block and its
-// condition number otherwise). M and P in `dtype`.
+// solve, after checking every I + B_i is well conditioned for a weight of `weight_dtype`
+// (bat_max_condition; ValueError naming the block and its condition number otherwise). M and P in
+// `dtype`.
 struct BatAffine {
   at::Tensor m, p;
   bool residual;
 };
-BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype);
+BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype, at::ScalarType weight_dtype);
 
 // Largest accepted condition number of I + B_i, and of ||B_i|| ||(I + B_i)^-1||, for unmerge. The
-// restored weight's error is about eps * (cond |W| + ||B|| ||(I + B)^-1||), each factor at most
-// 1e4: with eps(float32) = 6e-8, under 6e-4 (|W| + 1).
+// restored weight's error is about u * (cond |W| + ||B|| ||(I + B)^-1||), u the unit roundoff of
+// the weight's dtype (W' was rounded to it before the inverse multiplies it). Each factor at most
+// 1e4 (float32: under 6e-4 (|W| + 1)), and at most 2^-4 / u, so that a half-precision weight is
+// restored to within about 1/16 of its scale: 16 for bfloat16 (u = 2^-8), 128 for float16. Above
+// that it came back as garbage: 8 times its largest value at cond 5000 in bfloat16 (a review,
+// 2026-12-05; PEFT never refuses).
 constexpr double kBatMaxCondition = 1e4;
+double bat_max_condition(at::ScalarType weight_dtype);
 
 // The dtype bat_linear builds W' and runs its GEMM in: compute_dtype where given, else PEFT's,
 // the dtype of W + delta with the delta in the block's dtype, promote(weight, block) (the block's
