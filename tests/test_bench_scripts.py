@@ -247,3 +247,16 @@ def test_compare_builds_times_each_checkout_and_refuses_a_bare_directory(capsys,
     compare_builds.main([str(PACKAGE_PARENT), "--rounds", "1"])  # the folder of the miss_ext under test
     out = capsys.readouterr().out
     assert out.count(" ms |") == 3, out
+
+
+def test_bench_state_dict_runs_and_refuses_bad_flags_by_name(capsys):
+    import bench_state_dict
+
+    bench_state_dict.main(["--layers", "3", "--reps", "2", "--kept", "2"])
+    out = capsys.readouterr().out
+    assert "| unmerged |" in out and "| merged |" in out and "with 2 merged state_dicts kept" in out
+    for argv, message in ((["--layers", "0"], "--layers must be at least 1, got 0"),
+                          (["--kept", "-1"], "--kept must be at least 0, got -1")):
+        with pytest.raises(SystemExit) as exc:
+            bench_state_dict.parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
