@@ -706,9 +706,9 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
 
     `current` is the module's merged adapters (a list of names; MissLinear: ["miss_block"] or
     []); `decode(value)` turns the saved record into that form or raises ValueError, and
-    `check(names)` raises ValueError for names this module cannot take. A state_dict whose
-    base_layer.weight is still a layer's weight memory is read with the record that memory holds
-    now (merge_record: the state_dict may have outlived a merge or unmerge). After the load
+    `check(names)` raises ValueError for names this module cannot take. A record that a merge or
+    unmerge rewrote since state_dict() (merge_record) beside a weight that is no longer the one
+    handed out with it is refused. After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. `unrecorded` (the accelerated PEFT layer): a base weight without a
     record may also be a merged one, so a merged layer refuses it, with this advice. Refused (an
@@ -723,20 +723,15 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
-    followed = merge_record.loaded_record(state_dict, key, weight_key, decode)
-    if key in state_dict:  # checked even where the weight's memory says more (below)
+    if key in state_dict:
         try:
             after = check(decode(state_dict[key]))
         except ValueError as e:
             refusal = f"{key!r}: {e}"
-    if refusal is None and followed.refusal is not None:
-        refusal = f"{key!r}: {followed.refusal}"
-    elif refusal is None and followed.record is not None:
-        try:
-            after = check(followed.record)
-        except ValueError as e:
-            refusal = f"{key!r} (the record its base_layer.weight holds now, {followed.record}): {e}"
-    elif key not in state_dict and weight_key in state_dict:
+        if refusal is None:
+            unknown = merge_record.refusal(state_dict, key, weight_key, decode)
+            refusal = None if unknown is None else f"{key!r}: {unknown}"
+    elif weight_key in state_dict:
         after = []
         if unrecorded is not None and current:
             refusal = (f"the state_dict has base_layer.weight but no {key.rpartition('.')[2]!r} record, and this layer "
@@ -1348,8 +1343,14 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), self._record, destination,
-                              prefix + self.MERGED_KEY, lambda record: torch.tensor(True))
+        if self.merged:
+            destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda names: torch.tensor(True), [])
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """nn.Module's, and then the flag follows the base weight beside it (merge_record)."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight", self._record())
+        return out
 
     def _record(self) -> List[str]:
         return ["miss_block"] if self.merged else []

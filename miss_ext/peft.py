@@ -903,9 +903,16 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        merge_record.hand_out(self, getattr(self.base_layer, "weight", None), lambda: list(self.merged_adapters),
-                              destination, prefix + self.MERGED_KEY,
-                              lambda record: _write_record(torch.empty(0, dtype=torch.uint8), record))
+        if self.merged_adapters:
+            destination[prefix + self.MERGED_KEY] = merge_record.new_record(
+                lambda names: _write_record(torch.empty(0, dtype=torch.uint8), names), list(self.merged_adapters))
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """nn.Module's, and then the record follows the base weight beside it (merge_record)."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight",
+                            list(self.merged_adapters))
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -966,11 +973,14 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
 
 def _write_record(tensor: Tensor, record: List[str]) -> Tensor:
     """`tensor` (uint8, its own resizable storage) rewritten in place with the JSON of `record`
-    (json_tensor's encoding), resized to its length: the same tensor object, so that a state_dict
-    holding it follows (merge_record), and the size a checkpoint of that record has."""
+    (json_tensor's encoding): the same tensor object, so that a state_dict holding it follows
+    (merge_record). Made at the JSON's length (the size torch.distributed.checkpoint compares with
+    earlier checkpoints); a shorter record later is padded with spaces (JSON allows them), so the
+    size stays; only a longer one resizes it."""
     text = json.dumps(list(record)).encode()
-    tensor.resize_(len(text))
-    tensor.copy_(torch.tensor(list(text), dtype=torch.uint8))
+    if len(text) > tensor.numel():
+        tensor.resize_(len(text))
+    tensor.copy_(torch.tensor(list(text.ljust(tensor.numel())), dtype=torch.uint8))
     return tensor
 
 

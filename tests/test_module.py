@@ -380,11 +380,12 @@ def test_merged_flag_travels_in_the_state_dict(mode):
 @pytest.mark.parametrize("mode", ["default", "mini", "bat"])
 def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_holds(mode, tmp_path):
     """A state_dict shares the layer's weight memory, which merge and unmerge rewrite in place.
-    Its flag was written once: a state_dict taken merged and loaded after an unmerge dropped dW,
-    one taken unmerged and loaded after a merge added it twice (a review replaying
-    huggingface/trl#2873, 2026-12-05: outputs 1.15 off, silently). Now the flag follows the
-    weight: loaded (into a fresh layer), saved or copied whole later, each gives the source's
-    output. A copy of the weight alone beside the live flag, after a change, is refused."""
+    Its flag was written once: a state_dict taken merged and loaded (or saved) after an unmerge
+    dropped dW (a review replaying huggingface/trl#2873, 2026-12-05: outputs 1.15 off, silently).
+    Now the flag follows the weight beside it while that is the tensor state_dict() put there:
+    loaded, saved or copied whole later, each gives the source's output. A copy of the weight
+    alone beside the rewritten flag is refused. (A state_dict taken unmerged has no flag: PEFT's
+    key set, and PEFT's reading of W + dW as unmerged once a merge follows.)"""
     in_f, out_f, r, mini_r = (12, 8, 4, 2) if mode != "bat" else (12, 8, 4, 8)
     x = torch.randn(5, in_f, dtype=F64)
 
@@ -416,24 +417,19 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
     torch.save(merged_then, tmp_path / "after_unmerge.pt")
     assert not loads_as_source(torch.load(tmp_path / "after_unmerge.pt")).merged
     assert loads_as_source(whole_copy).merged
-    # Taken unmerged (no flag: the key set of an unmerged layer), loaded after a merge.
-    unmerged_then = source.state_dict()
-    assert "merged" not in unmerged_then
-    source.merge()
-    assert loads_as_source(unmerged_then).merged
+    assert "merged" not in source.state_dict()
     # The weight copied alone (a cast of the floating entries), then a change: cannot be told.
+    source.merge()
     taken = source.state_dict()
     partial = {k: v.clone() if v.is_floating_point() else v for k, v in taken.items()}
     source.unmerge()
     target = fresh()
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(RuntimeError, match="is a copy .* but its merge record is the layer's own"):
+    with pytest.raises(RuntimeError, match="no longer the tensor state_dict.. put beside this record"):
         target.load_state_dict(partial)
     assert not target.merged and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     # Written into in place by someone else (torch.distributed.checkpoint fills a model's own
-    # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict,
-    # with its flag, and without one (the state_dict taken unmerged: the weight's memory, written
-    # by the fill after the layer's merge, no longer says what the layer wrote there).
+    # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict.
     checkpoint = fresh().state_dict()
     source.merge()
     own = source.state_dict()
@@ -444,22 +440,39 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
     assert str(source.load_state_dict(own)) == "<All keys matched successfully>"
     assert not source.merged
     torch.testing.assert_close(source(x), y, **TOL64)
-    own = source.state_dict()
+    # Moved to other memory (a cast) after state_dict(), then unmerged there: the kept
+    # state_dict's weight is the old memory, still W + dW, and its flag stays True. With
+    # keep_vars=True the state_dict holds the parameter itself, which moved: its flag follows.
     source.merge()
-    with torch.no_grad():
-        for k, v in checkpoint.items():
-            own[k].copy_(v)
-    source.load_state_dict(own)
-    assert not source.merged
-    torch.testing.assert_close(source(x), y, **TOL64)
-    # The layer moved to other memory (a cast) after state_dict(), then unmerged there: the kept
-    # state_dict's weight is the old memory, still W + dW, and its flag stays True.
-    source.merge()
-    kept = source.state_dict()
+    kept, kept_vars = source.state_dict(), source.state_dict(keep_vars=True)
     source.to(torch.float32)
     source.unmerge()
-    assert bool(kept["merged"])
+    assert bool(kept["merged"]) and not bool(kept_vars["merged"])
     assert loads_as_source(copy.deepcopy(kept)).merged and loads_as_source(kept).merged
+    # share_memory_() moves the storage's address, not the storage: still followed.
+    source = fresh()
+    source.merge()
+    kept = source.state_dict()
+    source.share_memory()
+    source.unmerge()
+    assert not bool(kept["merged"]) and not loads_as_source(copy.deepcopy(kept)).merged
+
+
+def test_state_dicts_of_layers_on_slices_of_one_weight_follow_their_own_slice():
+    """Two layers whose base weights are views of one storage (a fused weight sliced): each
+    unmerge rewrites the flag beside its own slice only."""
+    torch.manual_seed(0)
+    fused = torch.randn(16, 12, dtype=F64)
+    layers = []
+    for rows in (slice(0, 8), slice(8, 16)):
+        base = nn.Linear(12, 8, dtype=F64)
+        base.weight = nn.Parameter(fused[rows], requires_grad=False)
+        layers.append(MissLinear(base, 4, init_weights=False))
+    for layer in layers:
+        layer.merge()
+    kept = [layer.state_dict() for layer in layers]
+    layers[0].unmerge()
+    assert not bool(kept[0]["merged"]) and bool(kept[1]["merged"])
 
 
 def test_a_kept_state_dict_after_merge_and_unload_and_a_reload_of_the_base():

@@ -46,8 +46,8 @@ BatAffine bat_affine(const at::Tensor& block, bool reverse, at::ScalarType dtype
 // Largest accepted condition number of I + B_i, and of ||B_i|| ||(I + B_i)^-1||, for unmerge. The
 // restored weight's error is about u * (cond |W| + ||B|| ||(I + B)^-1||), u the unit roundoff of
 // the weight's dtype (W' was rounded to it before the inverse multiplies it). Each factor at most
-// 1e4 (float32: under 6e-4 (|W| + 1)), and at most 2^-4 / u, so that a half-precision weight is
-// restored to within about 1/16 of its scale: 16 for bfloat16 (u = 2^-8), 128 for float16. Above
+// 1e4 (float32: under 6e-4 (|W| + 1)), and at most 2^-4 / u, so that a half-precision weight's
+// error stays under about 2^-4 (|W| + 1): 16 for bfloat16 (u = 2^-8), 128 for float16. Above
 // that it came back as garbage: 8 times its largest value at cond 5000 in bfloat16 (a review,
 // 2026-12-05; PEFT never refuses).
 constexpr double kBatMaxCondition = 1e4;
