@@ -695,6 +695,12 @@ def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: 
         missing_keys.extend(prefix + name for name, t in module._parameters.items() if t is not None)
 
 
+def _mark_flag_stale(flag: Tensor) -> None:
+    """MissLinear's merged flag made invalid (no element), so that neither value is read
+    (merge_record)."""
+    flag.resize_(0)
+
+
 def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
                       strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list, load,
                       assign: bool = False, unrecorded: Optional[str] = None, check=list) -> None:
@@ -706,9 +712,10 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
 
     `current` is the module's merged adapters (a list of names; MissLinear: ["miss_block"] or
     []); `decode(value)` turns the saved record into that form or raises ValueError, and
-    `check(names)` raises ValueError for names this module cannot take. A record that a merge or
-    unmerge rewrote since state_dict() (merge_record) beside a weight that is no longer the one
-    handed out with it is refused. After the load
+    `check(names)` raises ValueError for names this module cannot take. A state_dict that
+    outlived a merge or unmerge of its layer (merge_record) loads with what its weight holds now
+    where that weight is the one state_dict() handed out, and its stale record is refused
+    otherwise (`decode` raises). After the load
     the record is the saved one, else [] when the state_dict carries the base weight (an unmerged
     one), else unchanged. `unrecorded` (the accelerated PEFT layer): a base weight without a
     record may also be a merged one, so a merged layer refuses it, with this advice. Refused (an
@@ -723,14 +730,17 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
-    if key in state_dict:
+    known = merge_record.loaded_names(state_dict, key, weight_key, decode)
+    if known is not None:  # the layer's own state_dict, loaded after a merge or unmerge
+        try:
+            after = check(known)
+        except ValueError as e:
+            refusal = f"{key!r} (what the weight beside it holds now, {known}): {e}"
+    elif key in state_dict:
         try:
             after = check(decode(state_dict[key]))
         except ValueError as e:
             refusal = f"{key!r}: {e}"
-        if refusal is None:
-            unknown = merge_record.refusal(state_dict, key, weight_key, decode)
-            refusal = None if unknown is None else f"{key!r}: {unknown}"
     elif weight_key in state_dict:
         after = []
         if unrecorded is not None and current:
@@ -756,6 +766,8 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     load()
     if key in unexpected_keys:
         unexpected_keys.remove(key)
+    if assign:  # the state_dict's weight becomes the layer's: its record is this layer's to mark stale
+        merge_record.follow(module, state_dict, key, weight_key, list(after))
     return after
 
 
@@ -1347,7 +1359,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda names: torch.tensor(True), [])
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """nn.Module's, and then the flag follows the base weight beside it (merge_record)."""
+        """nn.Module's; a later merge or unmerge then marks its flag stale (merge_record)."""
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight", self._record())
         return out
@@ -1356,14 +1368,16 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         return ["miss_block"] if self.merged else []
 
     def _set_merged(self, merged: bool) -> None:
-        """Sets the merged flag, and the flag in the state_dicts this layer wrote (merge_record)."""
+        """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the
+        weight beside them holds are marked stale (merge_record)."""
         self.merged = merged
-        merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(),
-                             lambda flag, record: flag.fill_(bool(record)))
+        merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(), _mark_flag_stale)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         def decode(flag):
+            if isinstance(flag, Tensor) and flag.dtype == torch.bool and flag.numel() == 0:
+                raise ValueError(merge_record.STALE)  # emptied by _set_merged (merge_record)
             if not (isinstance(flag, Tensor) and flag.dtype == torch.bool and flag.numel() == 1):
                 shape = f" {flag.dtype} of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else ""
                 raise ValueError(f"must be a one-element bool tensor (the merged flag), got {type(flag).__name__}{shape}")

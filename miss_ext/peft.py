@@ -869,7 +869,7 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     # The names of the merged adapters, in merge order, travel in the state_dict (a uint8 tensor
     # of JSON under "merged_adapters", present only while some adapter is merged when
-    # state_dict() runs, and rewritten by later merges: merge_record), as MissLinear's
+    # state_dict() runs, marked stale by later merges: merge_record), as MissLinear's
     # flag does (modules.load_merge_record): a merged layer's state_dict loaded into an unmerged
     # model no longer counts dW twice, which PEFT does. PEFT's adapter files are unchanged (its
     # save filters keys by "miss_"); a PEFT model without this class refuses the key under strict
@@ -908,7 +908,7 @@ class AcceleratedMissLinear(PeftMissLinear):
                 lambda names: _write_record(torch.empty(0, dtype=torch.uint8), names), list(self.merged_adapters))
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """nn.Module's, and then the record follows the base weight beside it (merge_record)."""
+        """nn.Module's; a later merge or unmerge then marks its record stale (merge_record)."""
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight",
                             list(self.merged_adapters))
@@ -921,6 +921,8 @@ class AcceleratedMissLinear(PeftMissLinear):
                 names = tensor_json(encoded)
             except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
                 names = None
+            if names == _STALE_RECORD:
+                raise ValueError(merge_record.STALE)  # written by _mark_record_stale (merge_record)
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
                 raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
             return names
@@ -972,21 +974,28 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
 
 
 def _write_record(tensor: Tensor, record: List[str]) -> Tensor:
-    """`tensor` (uint8, its own resizable storage) rewritten in place with the JSON of `record`
-    (json_tensor's encoding): the same tensor object, so that a state_dict holding it follows
-    (merge_record). Made at the JSON's length (the size torch.distributed.checkpoint compares with
-    earlier checkpoints); a shorter record later is padded with spaces (JSON allows them), so the
-    size stays; only a longer one resizes it."""
+    """`tensor` (uint8) holding the JSON of `record`, json_tensor's encoding and length (the size
+    torch.distributed.checkpoint compares with earlier checkpoints), in its own storage."""
     text = json.dumps(list(record)).encode()
-    if len(text) > tensor.numel():
-        tensor.resize_(len(text))
-    tensor.copy_(torch.tensor(list(text.ljust(tensor.numel())), dtype=torch.uint8))
+    tensor.resize_(len(text))
+    tensor.copy_(torch.tensor(list(text), dtype=torch.uint8))
     return tensor
 
 
+# What a stale record holds (merge_record): JSON for a number, no list of names, padded with spaces
+# to the record's length, so the record keeps its size and storage.
+_STALE_RECORD = 0
+
+
+def _mark_record_stale(tensor: Tensor) -> None:
+    tensor.copy_(torch.tensor(list(json.dumps(_STALE_RECORD).encode().ljust(tensor.numel())), dtype=torch.uint8))
+
+
 def _record_changed(layer: AcceleratedMissLinear) -> None:
-    """After the layer's merged adapters changed: the records its state_dicts hold follow."""
-    merge_record.changed(layer, getattr(layer.base_layer, "weight", None), list(layer.merged_adapters), _write_record)
+    """After the layer's merged adapters changed: records of its state_dicts that no longer say
+    what the weight beside them holds are marked stale (merge_record)."""
+    merge_record.changed(layer, getattr(layer.base_layer, "weight", None), list(layer.merged_adapters),
+                         _mark_record_stale)
 
 
 def _merge_back(layer: AcceleratedMissLinear, merged: List[str]) -> None:
@@ -1685,7 +1694,7 @@ def restore(model: nn.Module) -> nn.Module:
                          "changed")
     for layer in _miss_layers(model, AcceleratedMissLinear):
         layer.__class__ = PeftMissLinear
-        merge_record.forget(layer)  # PEFT's merges do not tell it
+        merge_record.forget(layer, _mark_record_stale)  # PEFT's merges do not tell it
         layer.__dict__.pop("_base_tensors_as_metadata", None)
         layer.__dict__.pop("_metadata_where", None)
     for tuner in _miss_layers(model, AcceleratedMissModel):

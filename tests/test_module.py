@@ -378,14 +378,14 @@ def test_merged_flag_travels_in_the_state_dict(mode):
 
 
 @pytest.mark.parametrize("mode", ["default", "mini", "bat"])
-def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_holds(mode, tmp_path):
-    """A state_dict shares the layer's weight memory, which merge and unmerge rewrite in place.
-    Its flag was written once: a state_dict taken merged and loaded (or saved) after an unmerge
-    dropped dW (a review replaying huggingface/trl#2873, 2026-12-05: outputs 1.15 off, silently).
-    Now the flag follows the weight beside it while that is the tensor state_dict() put there:
-    loaded, saved or copied whole later, each gives the source's output. A copy of the weight
-    alone beside the rewritten flag is refused. (A state_dict taken unmerged has no flag: PEFT's
-    key set, and PEFT's reading of W + dW as unmerged once a merge follows.)"""
+def test_a_state_dict_kept_across_a_merge_or_unmerge_loads_right_or_is_refused(mode, tmp_path):
+    """A state_dict shares the layer's weight memory, which merge and unmerge rewrite in place,
+    while its flag said what state_dict() saw: taken merged and loaded after an unmerge, dW was
+    dropped (a review replaying huggingface/trl#2873, 2026-12-05: outputs 1.15 off, silently).
+    Loaded as it is, it now gives the layer's weight as it is; saved or copied after the change,
+    its flag is stale and refused, never read either way (a flag that followed the weight was
+    wrong in copies taken before the change: a second review). Copies taken whole before the
+    change keep what they said. (A state_dict taken unmerged has no flag: PEFT's key set.)"""
     in_f, out_f, r, mini_r = (12, 8, 4, 2) if mode != "bat" else (12, 8, 4, 8)
     x = torch.randn(5, in_f, dtype=F64)
 
@@ -407,31 +407,32 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
         torch.testing.assert_close(target(x), y, **TOL64)
         return target
 
-    # Taken merged, loaded after an unmerge (and saved after it): the flag says False now.
+    def refused(state):
+        target = fresh()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(RuntimeError, match="'merged': this record is stale: its layer merged or unmerged"):
+            target.load_state_dict(state)
+        assert not target.merged and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
     source.merge()
     merged_then = source.state_dict()
-    whole_copy = copy.deepcopy(merged_then)  # a snapshot: merged weight and flag True, together
+    whole_copy = copy.deepcopy(merged_then)  # merged weight and flag True, together
+    partial = {k: v.clone() if v.is_floating_point() else v for k, v in merged_then.items()}  # the flag shared
     source.unmerge()
-    assert not bool(merged_then["merged"]) and bool(whole_copy["merged"])
-    assert not loads_as_source(merged_then).merged
-    torch.save(merged_then, tmp_path / "after_unmerge.pt")
-    assert not loads_as_source(torch.load(tmp_path / "after_unmerge.pt")).merged
+    assert merged_then["merged"].numel() == 0 and bool(whole_copy["merged"])
+    assert not loads_as_source(merged_then).merged  # loaded as it is: the weight as it is
     assert loads_as_source(whole_copy).merged
-    assert "merged" not in source.state_dict()
-    # The weight copied alone (a cast of the floating entries), then a change: cannot be told.
+    torch.save(merged_then, tmp_path / "after_unmerge.pt")
+    for stale in (torch.load(tmp_path / "after_unmerge.pt"), copy.deepcopy(merged_then), partial):
+        refused(stale)
+    # A merge back (A, B, A) leaves it stale: a copy made while unmerged holds W.
     source.merge()
-    taken = source.state_dict()
-    partial = {k: v.clone() if v.is_floating_point() else v for k, v in taken.items()}
-    source.unmerge()
-    target = fresh()
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(RuntimeError, match="no longer the tensor state_dict.. put beside this record"):
-        target.load_state_dict(partial)
-    assert not target.merged and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    refused(partial)
+    assert loads_as_source(merged_then).merged
+    assert "merged" in source.state_dict() and "merged" not in fresh().state_dict()
     # Written into in place by someone else (torch.distributed.checkpoint fills a model's own
     # state_dict): read as written. Here an unmerged checkpoint into a merged layer's state_dict.
     checkpoint = fresh().state_dict()
-    source.merge()
     own = source.state_dict()
     with torch.no_grad():
         for k, v in checkpoint.items():
@@ -442,12 +443,13 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
     torch.testing.assert_close(source(x), y, **TOL64)
     # Moved to other memory (a cast) after state_dict(), then unmerged there: the kept
     # state_dict's weight is the old memory, still W + dW, and its flag stays True. With
-    # keep_vars=True the state_dict holds the parameter itself, which moved: its flag follows.
+    # keep_vars=True the state_dict holds the parameter itself, which moved: stale, and loaded as it
+    # is, the parameter as it is.
     source.merge()
     kept, kept_vars = source.state_dict(), source.state_dict(keep_vars=True)
     source.to(torch.float32)
     source.unmerge()
-    assert bool(kept["merged"]) and not bool(kept_vars["merged"])
+    assert bool(kept["merged"]) and kept_vars["merged"].numel() == 0
     assert loads_as_source(copy.deepcopy(kept)).merged and loads_as_source(kept).merged
     # share_memory_() moves the storage's address, not the storage: still followed.
     source = fresh()
@@ -455,12 +457,30 @@ def test_a_state_dict_kept_across_a_merge_or_unmerge_describes_the_weight_it_hol
     kept = source.state_dict()
     source.share_memory()
     source.unmerge()
-    assert not bool(kept["merged"]) and not loads_as_source(copy.deepcopy(kept)).merged
+    refused(copy.deepcopy(kept))
+    assert not loads_as_source(kept).merged
+
+
+def test_a_state_dict_loaded_with_assign_is_followed_by_the_layer_it_became():
+    """load_state_dict(assign=True) makes the state_dict's weight the layer's: a later unmerge of
+    the layer marks its flag stale, so loading that state_dict elsewhere is refused rather than
+    read as merged beside W (a review, 2026-12-05: 7.87 off)."""
+    torch.manual_seed(0)
+    source = make(12, 8, 4, dtype=F64, seed=1)
+    source.merge()
+    checkpoint = copy.deepcopy(source.state_dict())
+    target = make(12, 8, 4, dtype=F64, seed=2)
+    target.merge()
+    target.load_state_dict(checkpoint, assign=True)
+    target.unmerge()
+    assert checkpoint["merged"].numel() == 0
+    with pytest.raises(RuntimeError, match="this record is stale"):
+        make(12, 8, 4, dtype=F64, seed=3).load_state_dict(copy.deepcopy(checkpoint))
 
 
 def test_state_dicts_of_layers_on_slices_of_one_weight_follow_their_own_slice():
     """Two layers whose base weights are views of one storage (a fused weight sliced): each
-    unmerge rewrites the flag beside its own slice only."""
+    unmerge marks stale the flag beside its own slice only."""
     torch.manual_seed(0)
     fused = torch.randn(16, 12, dtype=F64)
     layers = []
@@ -472,7 +492,7 @@ def test_state_dicts_of_layers_on_slices_of_one_weight_follow_their_own_slice():
         layer.merge()
     kept = [layer.state_dict() for layer in layers]
     layers[0].unmerge()
-    assert not bool(kept[0]["merged"]) and bool(kept[1]["merged"])
+    assert kept[0]["merged"].numel() == 0 and bool(kept[1]["merged"])
 
 
 def test_a_kept_state_dict_after_merge_and_unload_and_a_reload_of_the_base():

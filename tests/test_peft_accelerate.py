@@ -252,40 +252,41 @@ def test_merged_adapters_travel_in_the_state_dict(base, mode, tmp_path):
     torch.testing.assert_close(again(ids).logits, expected, **TOL)
 
 
-def test_a_state_dict_kept_across_disable_adapter_describes_the_weight_it_holds(base):
+def test_a_state_dict_kept_across_disable_adapter_loads_right_or_is_refused(base, tmp_path):
     """A state_dict shares the model's weight memory; PEFT's disable_adapter() unmerges it in
-    place. The record ("merged_adapters") was written once: taken merged and loaded after such an
-    unmerge, the adapters were dropped (a review replaying huggingface/trl#2873, 2026-12-05:
-    logits off, where plain PEFT, without a record, is right). The record now follows the weight
-    beside it, keeping json_tensor's length for its names (resized in place), so that checkpoints
-    of torch.distributed.checkpoint, which compares sizes, keep loading. (A state_dict taken
-    unmerged has no record to follow: PEFT's key set.)"""
+    place. Its record ("merged_adapters") said what state_dict() saw: taken merged and loaded
+    after such an unmerge, the adapters were dropped (a review replaying huggingface/trl#2873,
+    2026-12-05: logits off, where plain PEFT, without a record, is right). Loaded as it is, it now
+    gives the model as it is; saved after the change, its record is stale and refused. The record
+    keeps json_tensor's encoding and length (torch.distributed.checkpoint compares sizes), and
+    restore() marks stale the records it stops following."""
+    from miss_ext.modules import json_tensor
+
     plain, fast = pair(base, "default")
     randomize_adapters(fast)
     ids = tokens()
     expected = fast(ids).logits.detach()
-    fresh = accelerate(copy.deepcopy(plain))
     fast.merge_adapter()
     merged_then = fast.state_dict()
+    layer_keys = [k for k in merged_then if k.endswith("merged_adapters")]
+    assert torch.equal(merged_then[layer_keys[0]], json_tensor(["default"]))
     with fast.disable_adapter():  # unmerges, as PEFT's does
         fast(ids)
     assert not any(m.merged_adapters for m in fast.modules() if isinstance(m, AcceleratedMissLinear))
+    fresh = accelerate(copy.deepcopy(plain))
     assert str(fresh.load_state_dict(merged_then)) == "<All keys matched successfully>"
     torch.testing.assert_close(fresh(ids).logits, expected, **TOL)
+    assert merged_then[layer_keys[0]].numel() == len(json_tensor(["default"]))  # the size kept
+    torch.save(merged_then, tmp_path / "after.pt")
+    with pytest.raises(RuntimeError, match="merged_adapters': this record is stale"):
+        accelerate(copy.deepcopy(plain)).load_state_dict(torch.load(tmp_path / "after.pt"))
     assert not any(k.endswith("merged_adapters") for k in fast.state_dict())
     fast.merge_adapter()
-
-    from miss_ext.modules import json_tensor, tensor_json
-
     taken = fast.state_dict()
-    layer_keys = [k for k in taken if k.endswith("merged_adapters")]
-    assert torch.equal(taken[layer_keys[0]], json_tensor(["default"]))  # the size of earlier checkpoints
-    fast.unmerge_adapter()
-    long_name = "a_long_adapter_name_" * 4
-    fast.add_adapter(long_name, MissConfig(r=R, target_modules=TARGETS))
-    fast.base_model.merge_adapter(["default", long_name])
-    assert all(tensor_json(taken[k]) == ["default", long_name] for k in layer_keys)
-    assert torch.equal(taken[layer_keys[0]], json_tensor(["default", long_name]))
+    restore(fast)
+    assert all(taken[k].numel() == len(json_tensor(["default"])) for k in layer_keys)
+    with pytest.raises(RuntimeError, match="this record is stale"):
+        accelerate(copy.deepcopy(plain)).load_state_dict(copy.deepcopy(taken))
 
 
 def test_a_state_dict_without_the_record_is_refused_by_a_merged_layer(base):
