@@ -15,21 +15,24 @@ became wrong in copies that took the weights before the change and the record by
 GPU model's {k: v.cpu()}, a cast of the floating entries), once saved (a second review). So:
 
 - The layer marks the record stale (an invalid value: an empty flag, a JSON number) when it writes
-  the memory that the state_dict's base_layer.weight entry views, while that entry is still the
-  tensor state_dict() put there (the parameter itself with keep_vars=True), found by identity of
-  the entry and of its storage object (share_memory_() moves the address, not the storage; a
-  model.to() before the change leaves the old memory, and the record, as they were). A stale
+  the memory that the state_dict's base_layer.weight entry viewed, found by the identity of its
+  storage object (which every tensor viewing that memory keeps alive: detach()ed aliases of the
+  entry too; share_memory_() moves the address, not the storage) and its elements, or of the
+  entry (with keep_vars=True the parameter itself, wherever model.to() moves it; a model.to()
+  before the change otherwise leaves the old memory, and its record, as they were). A stale
   record, saved or copied, is refused when loaded, naming what happened: never read either way.
-- Loaded as it is, such a state_dict is still right: its weight entry is the layer's memory, and the
-  layer knows what it last wrote there, so the load takes that (the original case).
+- Loaded with a weight that still views that memory (as state_dict() gave it, or aliases of its
+  tensors), such a state_dict is still right: the layer knows what it last wrote there, so the load
+  takes that (the original case).
 - Copies made before the change that copied the record too (copy.deepcopy, torch.save, clone() of
   every entry) keep what they said, which their weights agree with.
 - miss_ext.peft.restore marks every record it stops following stale (PEFT's merges do not tell).
 
 Not covered: a state_dict taken while unmerged has no record (PEFT's key set), so one loaded or
 copied after a later merge reads W + dW as unmerged, as PEFT's does; a detach()ed alias of a
-MissLinear flag keeps its value when the flag is emptied; weights without storage (meta, fake,
-wrapper subclasses). State is kept outside the modules (weak references), so deepcopy and pickling
+MissLinear flag keeps its value when the flag is emptied; another process's view of the memory
+(a state_dict sent through torch.multiprocessing); weights without storage (meta, fake, wrapper
+subclasses). State is kept outside the modules (weak references), so deepcopy and pickling
 of models are unaffected.
 """
 import threading
@@ -71,26 +74,37 @@ def memory_of(t: object) -> Optional[Tuple[str, int]]:
     return None if storage is None else (str(storage.device), storage.data_ptr())
 
 
-def _same_elements(a: Tensor, b: Tensor) -> bool:
-    """Whether two plain tensors view the same elements of one storage (object identity)."""
-    return (a.untyped_storage() is b.untyped_storage() and a.storage_offset() == b.storage_offset()
-            and a.shape == b.shape and a.stride() == b.stride())
+def _elements(t: Tensor) -> tuple:
+    return t.storage_offset(), tuple(t.shape), tuple(t.stride())
 
 
 class _Handed:
-    """A record tensor in a state_dict, with the weight entry beside it (weakly), and the names
-    merged in that entry's memory as its layer last wrote it (`now`; None once not known)."""
-    __slots__ = ("record", "weight", "now", "stale")
+    """A record tensor in a state_dict (weakly), the memory its weight entry viewed (the storage
+    object, weakly, and which elements: every tensor viewing it, a detach()ed alias of the entry
+    too, keeps the storage object alive and the same), the entry itself (weakly: with
+    keep_vars=True a parameter, which model.to() moves to other memory), and the names merged in
+    that memory as its layer last wrote it (`now`; None once not known)."""
+    __slots__ = ("record", "weight", "storage", "elements", "now", "stale")
 
     def __init__(self, record: Tensor, weight: Tensor, names: List[str]):
         self.record, self.weight = weakref.ref(record), weakref.ref(weight)
+        view = _plain_view(weight)
+        self.storage, self.elements = weakref.ref(view.untyped_storage()), _elements(view)
         self.now: Optional[List[str]] = list(names)
         self.stale = False
+
+    def views(self, t: Tensor) -> bool:
+        """Whether plain tensor `t` views the memory this record describes (and if the entry moved
+        there, follows it)."""
+        entry = _plain_view(self.weight())
+        if entry is not None and entry.untyped_storage() is not self.storage():
+            self.storage, self.elements = weakref.ref(entry.untyped_storage()), _elements(entry)
+        return t.untyped_storage() is self.storage() and _elements(t) == self.elements
 
 
 _LOCK = threading.Lock()
 _FOLLOWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> [_Handed]
-_HANDED = WeakIdKeyDictionary()  # record tensor in a state_dict -> _Handed
+_HANDED = WeakIdKeyDictionary()  # record tensor in a state_dict -> [_Handed], one per layer following it
 
 
 def new_record(make: Callable[[List[str]], Tensor], names: List[str]) -> Tensor:
@@ -109,11 +123,15 @@ def follow(layer: object, state_dict: dict, key: str, weight_key: str, names: Li
     if not isinstance(record, Tensor) or torch.compiler.is_compiling() or _plain_view(weight) is None:
         return
     with _LOCK:
-        if record in _HANDED:
-            return  # already followed (a state_dict() into a destination that held it)
-        handed = _HANDED[record] = _Handed(record, weight, names)
-        alive = [h for h in _FOLLOWED.get(layer, []) if h.record() is not None and h.weight() is not None]
-        _FOLLOWED[layer] = alive + [handed]
+        followers = _HANDED.get(record)
+        if followers is None:
+            followers = _HANDED[record] = []
+        mine = _FOLLOWED.get(layer, [])
+        if any(h in mine for h in followers):
+            return  # already followed by this layer (a state_dict() into a destination that held it)
+        handed = _Handed(record, weight, names)
+        followers.append(handed)  # another layer's too: a copy sharing the record, loaded with assign=True
+        _FOLLOWED[layer] = [h for h in mine if h.record() is not None] + [handed]
 
 
 def changed(layer: object, weight: object, names: List[str], mark_stale: Callable[[Tensor], None]) -> None:
@@ -129,12 +147,10 @@ def changed(layer: object, weight: object, names: List[str], mark_stale: Callabl
             return
         alive = []
         for handed in handed_out:
-            record, beside = handed.record(), _plain_view(handed.weight())
-            if record is None or beside is None:
-                # The state_dict, or its weight entry, is gone: copies made from it took the
-                # weight before this change and agree with the record they hold.
-                continue
-            if handed.now != list(names) and _same_elements(beside, written):
+            record = handed.record()
+            if record is None:
+                continue  # no state_dict holds it any more
+            if handed.now != list(names) and handed.views(written):
                 handed.now = list(names)
                 if not handed.stale:
                     with torch.no_grad():
@@ -151,7 +167,7 @@ def forget(layer: object, mark_stale: Callable[[Tensor], None]) -> None:
     with _LOCK:
         for handed in _FOLLOWED.pop(layer, []):
             record = handed.record()
-            if record is not None and handed.weight() is not None:
+            if record is not None:
                 handed.now = None
                 if not handed.stale:
                     with torch.no_grad():
@@ -162,18 +178,18 @@ def forget(layer: object, mark_stale: Callable[[Tensor], None]) -> None:
 def loaded_names(state_dict: dict, key: str, weight_key: str, decode: Callable[[Tensor], List[str]]
                  ) -> Optional[List[str]]:
     """For a layer loading `state_dict`: where its record is one marked stale (`decode` refuses
-    it) and its base_layer.weight is still the tensor handed out beside it, the names merged in
-    that memory as the layer last wrote it (the state_dict as state_dict() gave it, loaded after a
-    merge or unmerge); else None: the record is read (a stale one refused; one written since by
-    someone else, torch.distributed.checkpoint filling the state_dict, as written)."""
-    record = state_dict.get(key)
+    it) and its base_layer.weight still views the memory the record described (the state_dict as
+    state_dict() gave it, or an alias of its tensors, loaded after a merge or unmerge), the names
+    merged there as the layer last wrote it; else None: the record is read (a stale one refused;
+    one written since by someone else, torch.distributed.checkpoint filling the state_dict, as
+    written)."""
+    record, weight = state_dict.get(key), _plain_view(state_dict.get(weight_key))
     with _LOCK:
-        handed = _HANDED.get(record) if isinstance(record, Tensor) else None
-        weight = state_dict.get(weight_key)
-        if (handed is None or not handed.stale or handed.now is None or weight is None
-                or weight is not handed.weight()):
+        followers = _HANDED.get(record, []) if isinstance(record, Tensor) else []
+        known = [h.now for h in followers if h.stale and h.now is not None and weight is not None and h.views(weight)]
+        if not known:
             return None
-        now = list(handed.now)
+        now = list(known[-1])
     try:
         decode(record)
     except ValueError:

@@ -478,6 +478,35 @@ def test_a_state_dict_loaded_with_assign_is_followed_by_the_layer_it_became():
         make(12, 8, 4, dtype=F64, seed=3).load_state_dict(copy.deepcopy(checkpoint))
 
 
+def test_aliases_of_a_kept_state_dicts_weights_and_a_copy_loaded_with_assign():
+    """The memory beside a record is found by its storage object, which aliases of the weight
+    (detach(), .data) share: such a copy, the state_dict itself dropped, loads right after an
+    unmerge (its record is marked stale, the weight is the layer's memory: what the layer wrote).
+    A cast copy sharing the record and loaded with assign=True into another layer is followed by
+    that layer too: its unmerge marks the record stale (it was followed once only: the copy then
+    said merged beside W; a review, 2026-12-05)."""
+    x = torch.randn(5, 12, dtype=F64)
+    source = make(12, 8, 4, dtype=F64, seed=1)
+    y = source(x).detach()
+    source.merge()
+    aliases = {k: v.detach() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    source.unmerge()
+    target = make(12, 8, 4, dtype=F64, seed=2)
+    target.load_state_dict(aliases)
+    assert not target.merged
+    torch.testing.assert_close(target(x), y, **TOL64)
+    source.merge()
+    cast = {k: v.clone() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    with torch.device("meta"):
+        adopted = MissLinear(nn.Linear(12, 8, dtype=F64), 4)
+    adopted.load_state_dict(cast, assign=True)
+    assert adopted.merged
+    adopted.unmerge()
+    assert cast["merged"].numel() == 0
+    with pytest.raises(RuntimeError, match="this record is stale"):
+        make(12, 8, 4, dtype=F64, seed=3).load_state_dict(copy.deepcopy(cast))
+
+
 def test_state_dicts_of_layers_on_slices_of_one_weight_follow_their_own_slice():
     """Two layers whose base weights are views of one storage (a fused weight sliced): each
     unmerge marks stale the flag beside its own slice only."""
