@@ -35,6 +35,7 @@ MissLinear flag keeps its value when the flag is emptied; another process's view
 subclasses). State is kept outside the modules (weak references), so deepcopy and pickling
 of models are unaffected.
 """
+import itertools
 import threading
 import weakref
 from typing import Callable, List, Optional, Tuple
@@ -84,7 +85,7 @@ class _Handed:
     too, keeps the storage object alive and the same), the entry itself (weakly: with
     keep_vars=True a parameter, which model.to() moves to other memory), and the names merged in
     that memory as its layer last wrote it (`now`; None once not known)."""
-    __slots__ = ("record", "weight", "storage", "elements", "now", "stale")
+    __slots__ = ("record", "weight", "storage", "elements", "now", "stale", "written")
 
     def __init__(self, record: Tensor, weight: Tensor, names: List[str]):
         self.record, self.weight = weakref.ref(record), weakref.ref(weight)
@@ -92,6 +93,7 @@ class _Handed:
         self.storage, self.elements = weakref.ref(view.untyped_storage()), _elements(view)
         self.now: Optional[List[str]] = list(names)
         self.stale = False
+        self.written = next(_WRITES)  # when `now` was last set: of several followers, the latest wins
 
     def views(self, t: Tensor) -> bool:
         """Whether plain tensor `t` views the memory this record describes (and if the entry moved
@@ -103,6 +105,7 @@ class _Handed:
 
 
 _LOCK = threading.Lock()
+_WRITES = itertools.count()
 _FOLLOWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> [_Handed]
 _HANDED = WeakIdKeyDictionary()  # record tensor in a state_dict -> [_Handed], one per layer following it
 
@@ -127,8 +130,8 @@ def follow(layer: object, state_dict: dict, key: str, weight_key: str, names: Li
         if followers is None:
             followers = _HANDED[record] = []
         mine = _FOLLOWED.get(layer, [])
-        if any(h in mine for h in followers):
-            return  # already followed by this layer (a state_dict() into a destination that held it)
+        if any(h in mine and h.views(_plain_view(weight)) for h in followers):
+            return  # already followed by this layer for this memory (a state_dict() into a destination that held it)
         handed = _Handed(record, weight, names)
         followers.append(handed)  # another layer's too: a copy sharing the record, loaded with assign=True
         _FOLLOWED[layer] = [h for h in mine if h.record() is not None] + [handed]
@@ -150,6 +153,8 @@ def changed(layer: object, weight: object, names: List[str], mark_stale: Callabl
             record = handed.record()
             if record is None:
                 continue  # no state_dict holds it any more
+            if handed.views(written):
+                handed.written = next(_WRITES)
             if handed.now != list(names) and handed.views(written):
                 handed.now = list(names)
                 if not handed.stale:
@@ -186,10 +191,10 @@ def loaded_names(state_dict: dict, key: str, weight_key: str, decode: Callable[[
     record, weight = state_dict.get(key), _plain_view(state_dict.get(weight_key))
     with _LOCK:
         followers = _HANDED.get(record, []) if isinstance(record, Tensor) else []
-        known = [h.now for h in followers if h.stale and h.now is not None and weight is not None and h.views(weight)]
-        if not known:
+        known = [h for h in followers if h.now is not None and weight is not None and h.views(weight)]
+        if not known or not any(h.stale for h in followers):
             return None
-        now = list(known[-1])
+        now = list(max(known, key=lambda h: h.written).now)
     try:
         decode(record)
     except ValueError:

@@ -505,6 +505,15 @@ def test_aliases_of_a_kept_state_dicts_weights_and_a_copy_loaded_with_assign():
     assert cast["merged"].numel() == 0
     with pytest.raises(RuntimeError, match="this record is stale"):
         make(12, 8, 4, dtype=F64, seed=3).load_state_dict(copy.deepcopy(cast))
+    # The same into the layer that made it: its new memory is followed too (a review: the layer
+    # followed the record already, for its old memory, and did not again).
+    source = make(12, 8, 4, dtype=F64, seed=1)
+    source.merge()
+    cast = {k: v.clone() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    source.load_state_dict(cast, assign=True)
+    source.unmerge()
+    assert cast["merged"].numel() == 0
+    torch.testing.assert_close(source(x), y, **TOL64)
 
 
 def test_state_dicts_of_layers_on_slices_of_one_weight_follow_their_own_slice():
