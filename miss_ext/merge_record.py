@@ -110,11 +110,11 @@ _FOLLOWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer ->
 _HANDED = WeakIdKeyDictionary()  # record tensor in a state_dict -> [_Handed], one per layer following it
 
 
-def new_record(make: Callable[[List[str]], Tensor], names: List[str]) -> Tensor:
-    """For a layer's _save_to_state_dict: the record tensor `make(names)`, made outside inference
-    mode (an inference tensor could not be marked stale outside it)."""
+def new_record(make: Callable[[], Tensor]) -> Tensor:
+    """For a layer's _save_to_state_dict: the record tensor `make()`, made outside inference mode
+    (an inference tensor could not be marked stale outside it)."""
     with torch.inference_mode(False):
-        return make(names)
+        return make()
 
 
 def follow(layer: object, state_dict: dict, key: str, weight_key: str, names: List[str]) -> None:
@@ -129,8 +129,8 @@ def follow(layer: object, state_dict: dict, key: str, weight_key: str, names: Li
         followers = _HANDED.get(record)
         if followers is None:
             followers = _HANDED[record] = []
-        mine = _FOLLOWED.get(layer, [])
-        if any(h in mine and h.views(_plain_view(weight)) for h in followers):
+        mine, view = _FOLLOWED.get(layer, []), _plain_view(weight)
+        if any(h in mine and h.views(view) for h in followers):
             return  # already followed by this layer for this memory (a state_dict() into a destination that held it)
         handed = _Handed(record, weight, names)
         followers.append(handed)  # another layer's too: a copy sharing the record, loaded with assign=True
@@ -143,7 +143,7 @@ def changed(layer: object, weight: object, names: List[str], mark_stale: Callabl
     what it holds; they are marked stale (`mark_stale(record)`), and what it holds is kept."""
     if torch.compiler.is_compiling():
         return
-    written = _plain_view(weight)
+    written, names = _plain_view(weight), list(names)
     with _LOCK:
         handed_out = _FOLLOWED.get(layer)
         if not handed_out or written is None:
@@ -155,14 +155,19 @@ def changed(layer: object, weight: object, names: List[str], mark_stale: Callabl
                 continue  # no state_dict holds it any more
             if handed.views(written):
                 handed.written = next(_WRITES)
-            if handed.now != list(names) and handed.views(written):
-                handed.now = list(names)
-                if not handed.stale:
-                    with torch.no_grad():
-                        mark_stale(record)
-                    handed.stale = True
+                if handed.now != names:
+                    handed.now = names
+                    _mark_stale(handed, record, mark_stale)
             alive.append(handed)
         _FOLLOWED[layer] = alive
+
+
+def _mark_stale(handed: _Handed, record: Tensor, mark_stale: Callable[[Tensor], None]) -> None:
+    """`mark_stale(record)`, once per record (under _LOCK)."""
+    if not handed.stale:
+        with torch.no_grad():
+            mark_stale(record)
+        handed.stale = True
 
 
 def forget(layer: object, mark_stale: Callable[[Tensor], None]) -> None:
@@ -174,10 +179,7 @@ def forget(layer: object, mark_stale: Callable[[Tensor], None]) -> None:
             record = handed.record()
             if record is not None:
                 handed.now = None
-                if not handed.stale:
-                    with torch.no_grad():
-                        mark_stale(record)
-                    handed.stale = True
+                _mark_stale(handed, record, mark_stale)
 
 
 def loaded_names(state_dict: dict, key: str, weight_key: str, decode: Callable[[Tensor], List[str]]

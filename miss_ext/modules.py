@@ -1346,8 +1346,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         return torch.ops.miss.merge(zeros, block)
 
     # The merged flag travels in the state_dict, as a bool tensor under "merged", present only
-    # while the layer is merged when state_dict() runs, and rewritten by later merges and
-    # unmerges (merge_record; load_merge_record says why). Absent from an unmerged layer's
+    # while the layer is merged when state_dict() runs, and marked stale by a later merge or
+    # unmerge of the weight beside it (merge_record; load_merge_record says why). Absent from an unmerged layer's
     # state_dict, so unmerged state_dicts and older checkpoints load as before; a module without
     # this key (PEFT's, a plain model) refuses it under strict loading, where it would count dW
     # twice. TorchScript-compiled copies do not run these methods.
@@ -1356,7 +1356,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
-            destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda names: torch.tensor(True), [])
+            destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda: torch.tensor(True))
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         """nn.Module's; a later merge or unmerge then marks its flag stale (merge_record)."""

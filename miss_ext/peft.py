@@ -105,7 +105,7 @@ from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced
 from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
 from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                       autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
-                      check_merge, check_widths, is_plain_linear, jagged_forward, load_merge_record,
+                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
                       non_finite_summary, not_plain_reason, parent_reads_child_tensors,
                       refuse_forward_tangents, refuse_nested, tensor_json, type_name)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
@@ -904,8 +904,7 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged_adapters:
-            destination[prefix + self.MERGED_KEY] = merge_record.new_record(
-                lambda names: _write_record(torch.empty(0, dtype=torch.uint8), names), list(self.merged_adapters))
+            destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda: json_tensor(list(self.merged_adapters)))
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         """nn.Module's; a later merge or unmerge then marks its record stale (merge_record)."""
@@ -971,15 +970,6 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
                 layer.merged_adapters.pop()
         finally:
             _record_changed(layer)
-
-
-def _write_record(tensor: Tensor, record: List[str]) -> Tensor:
-    """`tensor` (uint8) holding the JSON of `record`, json_tensor's encoding and length (the size
-    torch.distributed.checkpoint compares with earlier checkpoints), in its own storage."""
-    text = json.dumps(list(record)).encode()
-    tensor.resize_(len(text))
-    tensor.copy_(torch.tensor(list(text), dtype=torch.uint8))
-    return tensor
 
 
 # What a stale record holds (merge_record): JSON for a number, no list of names, padded with spaces
