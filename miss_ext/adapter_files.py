@@ -25,8 +25,10 @@ from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, 
                     refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model, saved_whole_problem,
                     shared_before_wrapping,
                     trainable_extras, unwrap_model, warn_shared, writes_here)
-from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, base_refusal, block_shape, check_dropout,
-                      check_flag, is_conv1d, is_dtensor, linear_sizes, refuse_meta, reshard_fsdp, type_name)
+from ._distributed import is_dtensor, reshard_fsdp
+from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
+                      refuse_meta)
 from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
                       memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 

@@ -42,10 +42,11 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
+from ._distributed import is_dtensor
+from .base_layers import is_plain_linear, tensor_problem, type_name
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
-                      check_dropout, is_dtensor, is_plain_linear, json_tensor, load_mismatches,
-                      refuse_forward_tangents, refuse_layer_load, refuse_nested,
-                      refuse_non_tensor, tensor_json, tensor_problem, type_name)
+                      check_dropout, json_tensor, load_mismatches, refuse_forward_tangents, refuse_layer_load,
+                      refuse_nested, refuse_non_tensor, tensor_json)
 from .merge_record import memory_of as _memory, storage_of as _storage
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes

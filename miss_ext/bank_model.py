@@ -41,8 +41,9 @@ from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_a
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
                     refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook,
                     unwrap_model, writes_here)
-from .modules import (MissLinear, base_refusal, check_dropout, check_flag, is_dtensor, refuse_meta, reshard_fsdp,
-                      type_name)
+from ._distributed import is_dtensor, reshard_fsdp
+from .base_layers import base_refusal, type_name
+from .modules import MissLinear, check_dropout, check_flag, refuse_meta
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
                       get_module, refuse_bare_parameters, set_module, warn_unmatched)
 

@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from .adapter_files import KEY_PREFIX, base_model_name, check_task_type, full_block, write_adapter
 from .model import is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
-from .modules import MissLinear, is_conv1d, is_dtensor, refuse_meta, reshard_fsdp
+from ._distributed import is_dtensor, reshard_fsdp
+from .base_layers import is_conv1d
+from .modules import MissLinear, refuse_meta
 from .targets import describe, exact_paths_regex
 
 # The public names (README); the other functions here are the package's internals, used across its modules.

@@ -8,9 +8,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import (PEFT_REFUSES_R_ABOVE_IN, WEIGHT_READING_PARENTS, MissLinear, _fsdp_modules, base_refusal,
-                      block_merge_problem, block_shape, check_dropout, check_flag, is_conv1d, is_dtensor, linear_sizes,
-                      merge_refusal, non_finite_summary, reshard_fsdp, type_name, weight_out_in)
+from ._distributed import fsdp_modules, is_dtensor, reshard_fsdp
+from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linear_sizes, merge_refusal, type_name,
+                          weight_out_in)
+from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, block_merge_problem, block_shape, check_dropout,
+                      check_flag, non_finite_summary)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
                       check_target_modules, describe, find_targets, matches, module_paths, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
@@ -115,7 +117,7 @@ def peft_hint(model: nn.Module, saving: bool = False) -> str:
     if found is None:
         return ""
     fsdp = ""
-    if saving and _fsdp_modules(model.modules()):
+    if saving and fsdp_modules(model.modules()):
         # PEFT's save_pretrained reads the sharded parameters' storage under FSDP2 and fails
         # ("invalid python storage"); with the full state dict gathered first it writes the
         # adapter (a review, 2026-12-05).
@@ -869,7 +871,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     a layer that cannot be unmerged is named in a warning and stays merged).
 
     Also ValueError, before anything changes, for a layer whose base cannot take a merge
-    (modules.merge_refusal: hooks, subclass forwards, parametrized, sharded or quantized weights,
+    (base_layers.merge_refusal: hooks, subclass forwards, parametrized, sharded or quantized weights,
     FSDP2) or whose block the merge cannot use (modules.block_merge_problem: not floating, on the
     meta device or another device than the weight). TypeError for a model that is no nn.Module.
     A model without MissLinear layers: UserWarning, returned unchanged; a model that is
@@ -893,7 +895,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     if blocked:
         raise ValueError("\n".join(shared_weight_message(name, shared[name]) for name in blocked))
     # Bases a merge cannot go into (hooks, subclass forwards, parametrized, sharded or quantized
-    # weights: modules.merge_refusal), all checked before any layer changes.
+    # weights: base_layers.merge_refusal), all checked before any layer changes.
     refused = [f"{name or 'the model'}: {why}" for name, layer in layers
                if not layer.merged and (why := merge_refusal(layer.base_layer) or block_merge_problem(
                    layer.miss_block, layer.base_layer.weight)) is not None]

@@ -103,11 +103,11 @@ from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
 from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
-from .modules import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
-                      autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,
-                      check_merge, check_widths, is_plain_linear, jagged_forward, json_tensor, load_merge_record,
-                      non_finite_summary, not_plain_reason, parent_reads_child_tensors,
-                      refuse_forward_tangents, refuse_nested, tensor_json, type_name)
+from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
+                          check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
+from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
+                      check_widths, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
+                      refuse_forward_tangents, refuse_nested, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from . import merge_record  # noqa: E402
@@ -418,7 +418,7 @@ def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
 # What a refused computation with an accelerated layer's weight says to do: the computing code is
 # the model's (its parent's), which the user does not edit.
 _PARENT_HINT = ("The model's own code (its class source names this layer's weight or hands the layer on: "
-                "modules.parent_reads_child_tensors, ancestor_reads_layer_tensors) may do so, so an adapter on this "
+                "base_layers.parent_reads_child_tensors, ancestor_reads_layer_tensors) may do so, so an adapter on this "
                 "layer cannot run: leave it out of target_modules (PEFT's layer hands out the base weight there and "
                 "silently ignores or mis-scales the adapter)")
 
@@ -750,7 +750,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             return names
         # A shared base weight (tied embeddings): merging would change the other holders too.
         _refuse_shared_merge(self, names)
-        # The base must take a merge, as for MissLinear (modules.merge_refusal): PEFT's merge code
+        # The base must take a merge, as for MissLinear (base_layers.merge_refusal): PEFT's merge code
         # writes base_layer.weight in place, which for a parametrized or sharded weight is a
         # temporary, and through hooks or a subclass forward the merged layer would not compute the
         # unmerged output. Also on the fast path: under FSDP2, after a forward that left the
@@ -803,7 +803,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         adapters; one named twice merges once) into the base weight, bat adapters first in the
         active order. With safe_merge the merged weight is built in a copy and a non-finite value
         raises ValueError, the weight untouched. ValueError, nothing written, for a base weight
-        shared with another module, a base that cannot take a merge (modules.merge_refusal), or a
+        shared with another module, a base that cannot take a merge (base_layers.merge_refusal), or a
         bat adapter on top of merged default/mini adapters or of a merged bat adapter the forward
         applies after it. Quantized bases keep PEFT's merge code. Source: docs/miss.md, "Merging"."""
         with _merging():  # planned and written as one step (another thread may merge too)
@@ -1609,7 +1609,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     PEFT's MissModel tuner (if the model holds one) to AcceleratedMissModel, and records which
     layers' base weights are shared with other modules (their merge is refused); calling it
     again refreshes that record. A layer whose parent's code reads its .weight/.bias (or hands the
-    layer on, or an ancestor's code names it: modules.parent_reads_child_tensors and
+    layer on, or an ancestor's code names it: base_layers.parent_reads_child_tensors and
     ancestor_reads_layer_tensors) gives their metadata only (computing with it raises
     RuntimeError: it would bypass the adapter, which PEFT does silently). UserWarning for adapters
     that never run (on nn.MultiheadAttention.out_proj) and for a model holding PEFT MiSS layers

@@ -184,7 +184,7 @@ def find_targets(model: nn.Module, target_modules: TargetModules,
         if target_modules == ALL_LINEAR:
             # As PEFT (isinstance(module, (nn.Linear, Conv1D))): transformers' Conv1D and its
             # subclasses count as linear here (a subclass is then refused by name, as PEFT's MiSS
-            # refuses every Conv1D; the class itself is adapted: modules.is_conv1d).
+            # refuses every Conv1D; the class itself is adapted: base_layers.is_conv1d).
             selected = (isinstance(module, (nn.Linear,) + skip_inside) or _is_transformers_conv1d(module)) \
                 and module is not head
         else:

@@ -77,7 +77,8 @@ from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import distribute_module
 
-from .modules import MissLinear, autocast_mini_block, check_flag, not_plain_reason, type_name
+from .base_layers import not_plain_reason, type_name
+from .modules import MissLinear, autocast_mini_block, check_flag
 
 __all__ = ["MissColwiseParallel", "MissRowwiseParallel", "register_strategies", "tp_forward", "MIN_TORCH"]
 
@@ -371,7 +372,7 @@ def _refuse_other_adapter_layers(style: str, module: nn.Module) -> None:
 
 
 def _check_miss_layer(style: str, module: MissLinear, mesh: DeviceMesh) -> None:
-    from .modules import is_plain_linear
+    from .base_layers import is_plain_linear
     if mesh.ndim != 1:
         raise ValueError(f"{style}: MissLinear layers are sharded over a 1-D tensor-parallel mesh; pass the TP "
                          f"sub-mesh (mesh['tp']), got a {mesh.ndim}-D mesh")

@@ -22,7 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import miss_ext
 from conftest import DEVICES, rand
-from miss_ext.modules import is_plain_linear, linear_class_override, merge_refusal
+from miss_ext.base_layers import merge_refusal
+from miss_ext.modules import is_plain_linear, linear_class_override
 from reference import F64, fold_ref, tile_block
 
 IN, OUT, R = 16, 8, 4
@@ -670,7 +671,7 @@ def test_a_base_that_returns_a_tuple_is_a_clear_error():
 @pytest.mark.parametrize("mode", ["default", "bat"])
 def test_falcon_linear_merges_and_takes_bat_as_peft_does(mode, tmp_path):
     """transformers' FalconLinear is an nn.Linear subclass whose forward is x @ W.T + b: F.linear
-    written out (modules.EXACT_LINEAR_SUBCLASSES). Refused as a subclass, merge_and_unload and bat
+    written out (base_layers.EXACT_LINEAR_SUBCLASSES). Refused as a subclass, merge_and_unload and bat
     failed where PEFT does both, and PEFT's Falcon bat adapter files could not be loaded."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -1056,7 +1057,7 @@ def test_a_subclass_that_changes_only_init_is_plain_and_merges(cls, mode, mini_r
     """transformers' EsmFoldLinear (only __init__ differs) was refused for merge as "a subclass
     with its own forward", and miss_ext.peft.accelerate turned PEFT's working merge_and_unload into
     that error. A subclass whose call runs nn.Linear's own code on its own weight and bias is
-    plain (modules.linear_class_override): fused path, merge, bat."""
+    plain (base_layers.linear_class_override): fused path, merge, bat."""
     torch.manual_seed(0)
     base = cls(IN, OUT)
     assert is_plain_linear(base) and linear_class_override(cls) is None
@@ -1210,8 +1211,8 @@ def test_quantized_linears_are_named_in_full_with_the_reason():
     (Linear)" (apply_miss), "got Linear" (bat on a tensor-subclass weight, without saying the weight
     is why), "its weight is a method" (merge into a base that quantize_dynamic replaced), and
     MissBankLinear raised AttributeError ('function' object has no attribute 'dtype') where it
-    documents TypeError. Each now names the class as module.qualname (modules.type_name) and the
-    reason (modules.tensor_problem); nothing is changed."""
+    documents TypeError. Each now names the class as module.qualname (base_layers.type_name) and the
+    reason (base_layers.tensor_problem); nothing is changed."""
     torch.manual_seed(0)
     quantized = _dynamic_quantized(nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)))
     with pytest.raises(TypeError, match=rf"also matches 0 \({DQ_LINEAR}\), 2 \({DQ_LINEAR}\)"):
@@ -1328,7 +1329,7 @@ def test_a_strided_weight_whose_elements_do_not_overlap_still_merges(kind):
 
 def test_apply_bank_and_load_adapter_name_quantized_linears_in_full(tmp_path):
     """apply_bank said "not nn.Linear layers: 0 (Linear)" and load_adapter "0: is a Linear, not an
-    nn.Linear" for torch.ao's dynamic-quantized linears (modules.type_name); load_adapter into a
+    nn.Linear" for torch.ao's dynamic-quantized linears (base_layers.type_name); load_adapter into a
     model whose adapted layer's base quantize_dynamic replaced names the base, not "MissLinear"."""
     quantized = _dynamic_quantized(nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT)))
     with pytest.raises(TypeError, match=rf"not nn\.Linear layers: 0 \({DQ_LINEAR}\)"):

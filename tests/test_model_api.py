@@ -892,7 +892,7 @@ def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(ba
     message = str(info.value)
     for expected in ("model.layers.7.self_attn.q_proj: no such module",
                      "model.layers.0.self_attn.k_proj: block shape (4, 99) in the file, the model needs (4, 16)",
-                     f"model.norm: is a {miss_ext.modules.type_name(base.model.norm)}, not an nn.Linear",
+                     f"model.norm: is a {miss_ext.base_layers.type_name(base.model.norm)}, not an nn.Linear",
                      "lm_head: the model has a MissLinear here, the file has no block",
                      "model.norm.weight: shape (31,) in the file, the model's is (32,)",
                      "model.nothing.weight: no such parameter"):

@@ -15,7 +15,7 @@ from torch import nn
 import miss_ext
 from miss_ext._optional import require
 from miss_ext.model import record_shared_weights
-from miss_ext.modules import is_conv1d
+from miss_ext.base_layers import is_conv1d
 
 from ._batches import TokenBatches
 from ._cli import DTYPES, build_parser, model_dims, resolve_device, user_mode, validate
