@@ -141,13 +141,22 @@ def _layer_settings(layer: MissLinear) -> Tuple[int, str, int, float]:
 
 def _uniform_settings(layers) -> Tuple[int, str, int, float]:
     """One MissConfig describes every layer of a PEFT adapter, so the layers must agree."""
+    return one_config_settings([(name, _layer_settings(layer)) for name, layer in layers])
+
+
+def one_config_settings(named_settings, where: str = "") -> Tuple[int, str, int, float]:
+    """The (r, mode, mini_r, dropout) that every (path, settings) pair shares, for the one
+    MissConfig of a saved adapter; ValueError listing each group of paths when they differ
+    (save_adapter's MissLinear layers, save_bank_adapter's slots: a file written with the first
+    layer's settings would cut the other layers' blocks to its r, or record its dropout for all).
+    `where` begins the message."""
     groups: Dict[Tuple, List[str]] = {}
-    for name, layer in layers:
-        groups.setdefault(_layer_settings(layer), []).append(name)
+    for name, settings in named_settings:
+        groups.setdefault(tuple(settings), []).append(name)
     if len(groups) > 1:
         text = "; ".join(f"r={s[0]}, mode={s[1]!r}, mini_r={s[2]}, dropout={s[3]}: {', '.join(n)}"
                          for s, n in groups.items())
-        raise ValueError(f"a PEFT MiSS adapter has one r, mode, mini_r and dropout for all layers; this model "
+        raise ValueError(f"{where}a PEFT MiSS adapter has one r, mode, mini_r and dropout for all layers; this model "
                          f"mixes {text}")
     return next(iter(groups))
 

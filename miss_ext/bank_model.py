@@ -35,17 +35,17 @@ from torch import Tensor, nn
 from ._checkpointing import whole_stack_entry
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, check_save_arguments, check_task_type, meta_problem,
-                            read_adapter, warn_non_finite, write_adapter, KEY_PREFIX)
+                            one_config_settings, read_adapter, warn_non_finite, write_adapter, KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
-                    refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, under_offload_hook,
-                    unwrap_model, writes_here)
+                    refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, second_paths_hint,
+                    under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
 from .modules import MissLinear, check_dropout, check_flag, refuse_meta
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
-                      get_module, refuse_bare_parameters, set_module, warn_unmatched)
+                      get_module, refuse_bare_parameters, second_paths, set_module, warn_unmatched)
 
 __all__ = ["apply_bank", "bank_layers", "bank_adapter_names", "add_bank_adapter", "load_bank_adapter",
            "load_bank", "save_bank_adapter", "remove_bank_adapter", "mixed_batch"]
@@ -122,7 +122,9 @@ def apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, m
     weights, e.g. `experts.down_proj`: name the layers more precisely, e.g.
     "shared_expert.down_proj"), or a selected layer is offloaded by accelerate (weight on the meta
     device under an `_hf_hook`: its bank would hold no values; load the model without offload). A
-    list entry that matches no module while others do gives one UserWarning."""
+    list entry that matches no module while others do gives one UserWarning, and so does a name of
+    a module's second path (one module registered twice, `self.b = self.a`: only the path torch
+    lists, a, gets the bank layer, b keeps calling the plain layer; as apply_miss)."""
     check_flag(freeze_others, "freeze_others", "apply_bank")
     refuse_peft_model(unwrap_model(model, "apply_bank"), "apply_bank")  # (load_bank checks its own model)
     return _apply_bank(model, target_modules, capacity, max_r, freeze_others, named_by_user=True)
@@ -144,8 +146,10 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     if named_by_user:
         refuse_bare_parameters(model, target_modules, "apply_bank: ")
     found = find_targets(model, target_modules, skip_inside=(MissBankLinear, MissLinear))
+    seconds = second_paths(model, target_modules) if named_by_user else []
     if not found:
-        raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model")
+        raise ValueError(f"apply_bank: target_modules={target_modules!r} selects no module of the model"
+                         + second_paths_hint(seconds))
     # As apply_miss: a module of another type is a TypeError, one that already has adapters a
     # ValueError.
     banks = [name for name, m in found if isinstance(m, MissBankLinear)]
@@ -175,6 +179,8 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
     if named_by_user:
         warn_unmatched(model, target_modules, "apply_bank: ", stacklevel=4)
+        warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, prefix="apply_bank: ",
+                          stacklevel=4)
     # All or nothing: should building a layer fail (out of memory, an interrupt), the layers
     # replaced so far go back and every parameter gets its requires_grad flag back.
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -388,8 +394,10 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
     `peft.PeftModel.from_pretrained`, `miss_ext.load_adapter` and load_bank_adapter): the blocks
     of the layers that hold it, with its r, mode, mini_r and dropout. task_type and
     base_model_name_or_path go into the config as save_adapter writes them (the latter defaults to
-    the model's `config._name_or_path`). ValueError for a model without bank layers or a name not
-    in the bank (the message lists the bank's adapters); TypeError for a name that is no str.
+    the model's `config._name_or_path`). ValueError for a model without bank layers, a name not
+    in the bank (the message lists the bank's adapters), or an adapter whose r, mode, mini_r or
+    dropout differs between layers (added layer by layer: one PEFT config describes them all, as
+    for save_adapter), nothing written; TypeError for a name that is no str.
 
     A sharded bank (FSDP2: the bank parameter is a DTensor) is gathered first, a collective:
     every rank must call this, and by default the first rank that holds the model writes, as
@@ -408,8 +416,14 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
         slot = layers[0][1]._slot(name)
         present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
-        _, first = present[0]
-        r, q, mode, dropout = int(first.ranks[slot]), int(first.periods[slot]), first.modes[slot], first.dropouts[slot]
+        # One MissConfig for every layer: a name added layer by layer (MissBankLinear.add_from,
+        # add_adapter) may hold another r, mode, mini_r or dropout in each, and a file written with
+        # the first layer's cut the others' blocks to its r (a fuzz review, 2026-12-05: reloaded
+        # 1.22 off the bank) or recorded its dropout for all. Refused as save_adapter refuses.
+        r, mode, q, dropout = one_config_settings(
+            [(p, (int(layer.ranks[slot]), layer.modes[slot],
+                  int(layer.periods[slot]) if layer.modes[slot] == "mini" else 1, layer.dropouts[slot]))
+             for p, layer in present], f"save_bank_adapter: adapter {name!r}: ")
         sharded = bool(reshard_fsdp(model)) or any(is_dtensor(layer.bank) for _, layer in present)
         tensors = {}
         for p, layer in present:  # every rank gathers, in model order
@@ -421,7 +435,7 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         is_main_process = writes_here(sharded or ddp, outer)  # the same blocks on every rank
     if not is_main_process:
         return
-    config = adapter_config(r, mode, q if mode == "mini" else 1, dropout, [p for p, _ in present],
+    config = adapter_config(r, mode, q, dropout, [p for p, _ in present],
                             task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model))
     warn_non_finite(tensors, "save_bank_adapter")

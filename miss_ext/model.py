@@ -456,17 +456,25 @@ def _check_init_weights(init_weights: object) -> None:
         raise TypeError(f"init_weights must be True (zeros) or False (random), got init_weights={init_weights!r}{hint}")
 
 
-def _where(seconds: List[Tuple[str, str]]) -> str:
-    return "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
+def second_paths_hint(seconds: List[Tuple[str, str]]) -> str:
+    """The end of a "matches no module" error when the names matched only second paths of modules
+    (targets.second_paths), else ""."""
+    if not seconds:
+        return ""
+    where = "; ".join(f"{path} is the module first registered as {first}" for path, first in seconds)
+    return (f" under the path torch lists it by: {where} (one module object under two paths); name that first path "
+            "to adapt it")
 
 
-def _warn_second_paths(model: nn.Module, target_modules, seconds: List[Tuple[str, str]], adapted: set,
-                       excluded: Callable[[str], bool]) -> None:
+def warn_second_paths(model: nn.Module, target_modules, seconds: List[Tuple[str, str]], adapted: set,
+                      excluded: Callable[[str], bool] = lambda path: False, prefix: str = "",
+                      stacklevel: int = 3) -> None:
     """Says what becomes of each named second path of a module (targets.second_paths), unless
     exclude_modules leaves it out: its first path is not adapted, or the module was registered
     twice (`self.b = self.a`), so only the first path gets the adapter and the second keeps the
     plain layer. Silent where a shared parent holds it (`self.alias = self.enc`): the child is
-    replaced inside that parent, so both paths reach the adapter."""
+    replaced inside that parent, so both paths reach the adapter. Shared by apply_miss and
+    apply_bank (a review, 2026-12-05: apply_bank left the second path plain without a word)."""
     notes = []
     for path, first in seconds:
         if excluded(path):
@@ -478,17 +486,16 @@ def _warn_second_paths(model: nn.Module, target_modules, seconds: List[Tuple[str
             notes.append(f"{path} is the module first registered as {first}: only {first} is adapted, {path} keeps "
                          "calling the plain layer")
     if notes:
-        warnings.warn(f"target_modules={target_modules!r} names second paths of modules (one module object under two "
-                      f"paths, listed once by torch): {'; '.join(notes)}", stacklevel=3)
+        warnings.warn(f"{prefix}target_modules={target_modules!r} names second paths of modules (one module object "
+                      f"under two paths, listed once by torch): {'; '.join(notes)}", stacklevel=stacklevel)
 
 
 def _check_targets(found, target_modules, seconds: List[Tuple[str, str]]) -> None:
     """found must be non-empty and hold no adapter layer. `seconds` (targets.second_paths): named
     paths of modules torch lists under another path, named in the error when nothing else matched."""
     if not found:
-        raise ValueError(f"target_modules={target_modules!r} matches no module of the model" + (
-            f" under the path torch lists it by: {_where(seconds)} (one module object under two paths); name "
-            "that first path to adapt it" if seconds else ""))
+        raise ValueError(f"target_modules={target_modules!r} matches no module of the model"
+                         + second_paths_hint(seconds))
     already = [name for name, m in found if isinstance(m, MissLinear)]
     if already:
         raise ValueError(f"these modules already have a MiSS adapter (miss_ext.MissLinear holds one): "
@@ -788,7 +795,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
                       f"receive a gradient and are dead weight. {PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
-    _warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
+    warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
     warn_unmatched(model, target_modules)
     warn_shared(shared_before_wrapping(model, found))
     # Each MissLinear freezes its base; should a later one fail (its block cannot be allocated),

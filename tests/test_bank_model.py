@@ -1117,6 +1117,47 @@ def test_save_bank_adapter_writes_what_save_adapter_writes(folders, tmp_path):
     assert not (tmp_path / "skipped").exists()
 
 
+@pytest.mark.parametrize("differs", ["r", "dropout", "mode", "mini_r"])
+def test_save_bank_adapter_refuses_an_adapter_whose_settings_differ_between_layers(differs, tmp_path):
+    """One PEFT config describes every layer of an adapter. A name added layer by layer
+    (MissBankLinear.add_from / add_adapter) may hold another r, dropout, mode or mini_r in each:
+    save_bank_adapter wrote the first layer's settings and cut the other layers' blocks to its r
+    (a fuzz review, 2026-12-05: the folder reloaded 1.22 off the bank, no warning) or recorded its
+    dropout for all. Refused, naming the layers of each setting, nothing written, as save_adapter
+    refuses the same MissLinear model; the same settings in every layer still save."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    first, second = {"r": ({"r": 2}, {"r": 4}), "dropout": ({"r": 2}, {"r": 2, "dropout": 0.3}),
+                     "mode": ({"r": 2}, {"r": 2, "mode": "mini", "mini_r": 4}),
+                     "mini_r": ({"r": 2, "mode": "mini", "mini_r": 2}, {"r": 2, "mode": "mini", "mini_r": 4})}[differs]
+    single = copy.deepcopy(base)
+    miss_ext.apply_miss(single, ["0"], init_weights=False, **first)
+    miss_ext.apply_miss(single, ["2"], init_weights=False, **second)
+    bank = miss_ext.apply_bank(copy.deepcopy(base), ["0", "2"], capacity=2, max_r=4)
+    for path in ("0", "2"):
+        bank.get_submodule(path).add_from("a", single.get_submodule(path))
+    with pytest.raises(ValueError, match=r"save_bank_adapter: adapter 'a': a PEFT MiSS adapter has one r, mode, "
+                                         r"mini_r and dropout for all layers; this model mixes .*: 0; .*: 2$"):
+        miss_ext.save_bank_adapter(bank, "a", str(tmp_path / "mixed"))
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(ValueError, match="one r, mode, mini_r and dropout for all layers"):
+        miss_ext.save_adapter(single, str(tmp_path / "single"))
+    # The same settings in both layers: saved, and the folder reloads to the bank's output.
+    same = copy.deepcopy(base)
+    miss_ext.apply_miss(same, ["0", "2"], init_weights=False, **second)
+    bank.get_submodule("0").add_from("b", same.get_submodule("0"))
+    bank.get_submodule("2").add_from("b", same.get_submodule("2"))
+    miss_ext.save_bank_adapter(bank, "b", str(tmp_path / "b"))
+    reloaded = miss_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "b")).eval()
+    bank.eval(), same.eval()  # no dropout: the outputs compare exactly
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad(), miss_ext.mixed_batch(bank, ["b"] * 3):
+        want = bank(x)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), want, **TOL)
+        torch.testing.assert_close(same(x), want, **TOL)
+
+
 def test_save_bank_adapter_writes_a_snapshot_and_reads_under_the_bank_lock(folders, tmp_path, monkeypatch):
     """The blocks were views into the live bank until the file was written, read without the bank
     lock: another thread's remove_bank_adapter meanwhile gave a folder of X's config with zero

@@ -234,6 +234,43 @@ def test_naming_the_second_path_of_a_linear_says_which_path_torch_lists():
             assert holder.alias.q is holder.enc.q and type(holder.enc.q) is miss_ext.MissLinear
 
 
+def test_apply_bank_says_what_becomes_of_a_second_path():
+    """apply_bank, as apply_miss above: a module registered twice (`self.b = self.a`) gets its bank
+    layer under the path torch lists (a); b keeps calling the plain layer. apply_bank said nothing
+    (a review, 2026-12-05: rows through b silently got no adapter), and a name of b alone met a bare
+    "selects no module". Now one UserWarning, before anything changes, and the error names the path."""
+    model = nn.Module()
+    model.a = nn.Linear(4, 4)
+    model.b = model.a
+    model.e = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"apply_bank: target_modules=\['b'\] selects no module of the model under "
+                                         r"the path torch lists it by: b is the module first registered as a"):
+        miss_ext.apply_bank(model, ["b"], capacity=2, max_r=2)
+    snap = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match=r"apply_bank: target_modules=\['a', 'b', 'e'\] names second paths of "
+                                              r"modules .*b is the module first registered as a: only a is adapted, b "
+                                              r"keeps calling the plain layer"):
+            miss_ext.apply_bank(model, ["a", "b", "e"], capacity=2, max_r=2)
+    assert_unchanged(model, snap)
+    assert type(model.a) is nn.Linear and type(model.e) is nn.Linear
+    with pytest.warns(UserWarning, match=r"b is the module first registered as a, which is not adapted \(name a\)"):
+        miss_ext.apply_bank(copy.deepcopy(model), ["b", "e"], capacity=2, max_r=2)
+    with pytest.warns(UserWarning, match=r"apply_bank: .*only a is adapted"):
+        miss_ext.apply_bank(model, ["a", "b"], capacity=2, max_r=2)
+    assert type(model.a) is miss_ext.MissBankLinear and type(model.b) is nn.Linear
+    # A shared parent: the child is replaced inside it, both paths reach the bank layer, no warning.
+    holder = nn.Module()
+    holder.enc = nn.Module()
+    holder.enc.q = nn.Linear(4, 4)
+    holder.alias = holder.enc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        miss_ext.apply_bank(holder, ["enc.q", "alias.q"], capacity=2, max_r=2)
+    assert type(holder.alias.q) is miss_ext.MissBankLinear
+
+
 def test_all_linear_on_the_tied_llama_needs_no_skip(base):
     """The tied head is not an all-linear target anyway (it is the output head)."""
     with warnings.catch_warnings():
