@@ -382,7 +382,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         is_main_process = writes_here(sharded or ddp, outer)
     if not is_main_process:
         return
-    _warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
+    warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
                              + list(saved_extras.values()))
     warn_non_finite(tensors, "save_adapter")
     conv1d = [name for name, layer in layers if is_conv1d(layer.base_layer)]
@@ -432,21 +432,24 @@ def block_sources(layer: MissLinear) -> List[Tensor]:
     return [layer.miss_block]
 
 
-def _warn_unsaved_trainables(model: nn.Module, saved: List[Tensor]) -> None:
+def warn_unsaved_trainables(model: nn.Module, saved: List[Tensor], who: str = "save_adapter") -> None:
     """Warns naming the parameters that require grad but are not in the file: PEFT's format holds
-    the blocks, modules_to_save and the trained biases only, so anything else a user trains
-    (apply_miss(freeze_others=False), a requires_grad_ set by hand) would be lost without a word,
-    and the reloaded model would differ from the trained one. A warning rather than an error:
-    such parameters may be trainable without having been trained (a freshly built model under
-    freeze_others=False)."""
+    the blocks, modules_to_save and the trained biases only (export_lora's LoRA file the blocks
+    only), so anything else a user trains (apply_miss(freeze_others=False), a requires_grad_ set by
+    hand) would be lost without a word, and the reloaded model would differ from the trained one.
+    A warning rather than an error: such parameters may be trainable without having been trained
+    (a freshly built model under freeze_others=False)."""
     saved_ids = {id(p) for p in saved}
     unsaved = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in saved_ids]
-    if unsaved:
-        warnings.warn(f"save_adapter: {describe(unsaved)} require grad but are not saved: a MiSS adapter file "
-                      "holds the miss_blocks, the modules_to_save and the trained biases only. Name their modules "
-                      "in apply_miss(modules_to_save=...) to save them with the adapter, save them yourself "
-                      "(model.state_dict()), or freeze them (requires_grad_(False)) if they are not trained",
-                      stacklevel=3)
+    if not unsaved:
+        return
+    if who == "export_lora":
+        holds = "a LoRA file exported from MiSS holds the blocks (as lora_A / lora_B) only. Save them yourself"
+    else:
+        holds = ("a MiSS adapter file holds the miss_blocks, the modules_to_save and the trained biases only. Name "
+                 "their modules in apply_miss(modules_to_save=...) to save them with the adapter, save them yourself")
+    warnings.warn(f"{who}: {describe(unsaved)} require grad but are not saved: {holds} (model.state_dict()), or "
+                  "freeze them (requires_grad_(False)) if they are not trained", stacklevel=3)
 
 
 def read_adapter(path: str,

@@ -12,7 +12,8 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter_files import KEY_PREFIX, base_model_name, check_task_type, full_block, write_adapter
+from .adapter_files import (KEY_PREFIX, base_model_name, block_sources, check_task_type, full_block,
+                            warn_unsaved_trainables, write_adapter)
 from .model import is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import is_conv1d
@@ -124,7 +125,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     also train modules_to_save or biases (PEFT's config, or apply_miss's modules_to_save= /
     bias=), which blocks alone do not reproduce, and non-finite blocks (NaN or inf), which B @ A
     cannot reproduce, and layers on transformers' Conv1D (PEFT's LoRA needs fan_in_fan_out for
-    them). A
+    them). A UserWarning names the parameters of a miss_ext model that require grad outside the
+    blocks (apply_miss(freeze_others=False)), which the file does not hold, as save_adapter's. A
     DistributedDataParallel / DataParallel wrapper is looked through; under DDP rank 0 of its
     group writes.
     Sharded blocks (FSDP2 `fully_shard`, tensor parallelism) are gathered as by save_adapter:
@@ -190,6 +192,12 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         # its file holds them as they are.
         raise ValueError(f"export_lora: {describe(broken)} hold non-finite values (NaN or inf), which a LoRA "
                          "cannot reproduce (B @ A multiplies them by A's zeros: inf * 0 is NaN); nothing was written")
+    if root is None:
+        # As save_adapter: a parameter trained beside the blocks (apply_miss(freeze_others=False))
+        # is not in the file, and was dropped without a word (a review, 2026-12-05: the reloaded
+        # LoRA model 0.24 off). (A PEFT model's other adapters stay trainable: PEFT's business.)
+        warn_unsaved_trainables(model, [p for _, layer in miss_layers(model) for p in block_sources(layer)],
+                                "export_lora")
     config = {
         "peft_type": "LORA",
         "r": r,

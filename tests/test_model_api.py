@@ -14,7 +14,7 @@ from torch import nn
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
-from peft import PeftModel  # noqa: E402
+from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import miss_ext  # noqa: E402
@@ -86,6 +86,24 @@ def test_save_adapter_names_trainable_parameters_it_does_not_save(base, tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # blocks and modules_to_save are saved: nothing to say
         miss_ext.save_adapter(frozen, tmp_path / "saved")
+
+
+def test_export_lora_names_trainable_parameters_it_does_not_save(base, tmp_path):
+    """export_lora, as save_adapter above: its LoRA file holds the blocks only, so a parameter
+    trained beside them (freeze_others=False) is named in a warning; it was dropped without a word
+    (a review, 2026-12-05: the reloaded LoRA model 0.24 off). A frozen model exports silently, and
+    a PEFT model is not judged (its other adapters stay trainable there)."""
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, init_weights=False, freeze_others=False)
+    with pytest.warns(UserWarning, match=r"export_lora: model\.embed_tokens\.weight, .* require grad but are not "
+                                         r"saved: a LoRA file exported from MiSS holds the blocks"):
+        miss_ext.export_lora(model, tmp_path / "loose")
+    frozen = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R, init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        miss_ext.export_lora(frozen, tmp_path / "frozen")
+        peft_model = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["q_proj"], init_weights=False))
+        peft_model.add_adapter("other", MissConfig(r=R, target_modules=["q_proj"], init_weights=False))
+        miss_ext.export_lora(peft_model, tmp_path / "peft")
 
 
 def test_save_adapter_counts_a_parametrized_block_as_saved(base, tmp_path):
