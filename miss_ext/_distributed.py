@@ -17,7 +17,6 @@ def is_dtensor(t: Optional[Tensor]) -> bool:
     return isinstance(t, DTensor)
 
 
-
 def reshard_fsdp(model: nn.Module) -> list:
     """Reshards every FSDP2 (`fully_shard`) module that manages a parameter of `model` (those
     inside it, and those above it: fully_shard applied to a module that holds `model`), locally,

@@ -153,6 +153,8 @@ def one_config_settings(named_settings, where: str = "") -> Tuple[int, str, int,
     groups: Dict[Tuple, List[str]] = {}
     for name, settings in named_settings:
         groups.setdefault(tuple(settings), []).append(name)
+    if not groups:  # the callers refuse an adapter without layers first; never a bare StopIteration
+        raise ValueError(f"{where}no layer holds this adapter, so it has no settings to save")
     if len(groups) > 1:
         text = "; ".join(f"r={s[0]}, mode={s[1]!r}, mini_r={s[2]}, dropout={s[3]}: {', '.join(n)}"
                          for s, n in groups.items())

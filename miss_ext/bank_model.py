@@ -416,6 +416,9 @@ def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optiona
         refuse_meta("save_bank_adapter", [(f"{p}.bank", layer.bank) for p, layer in layers])
         slot = layers[0][1]._slot(name)
         present = [(p, layer) for p, layer in layers if not layer.absent[slot]]
+        if not present:  # (MissBankLinear.add_absent on every layer)
+            raise ValueError(f"save_bank_adapter: adapter {name!r} adapts no bank layer of the model (absent in every "
+                             "one), so there is no block to save; nothing was written")
         # One MissConfig for every layer: a name added layer by layer (MissBankLinear.add_from,
         # add_adapter) may hold another r, mode, mini_r or dropout in each, and a file written with
         # the first layer's cut the others' blocks to its r (a fuzz review, 2026-12-05: reloaded

@@ -424,7 +424,6 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     return None
 
 
-
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether two elements of the strided tensor t share memory. torch's own test for in-place
     writes (torch._debug_has_internal_overlap: 1 = yes, 0 = no) first; where it answers 2, too hard

@@ -1142,6 +1142,14 @@ def test_save_bank_adapter_refuses_an_adapter_whose_settings_differ_between_laye
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(ValueError, match="one r, mode, mini_r and dropout for all layers"):
         miss_ext.save_adapter(single, str(tmp_path / "single"))
+    # An adapter absent from every layer (add_absent): a ValueError, not a bare StopIteration,
+    # which a caller's map() or generator swallowed, writing nothing without a word (a review).
+    for path in ("0", "2"):
+        bank.get_submodule(path).add_absent("z")
+    with pytest.raises(ValueError, match=r"save_bank_adapter: adapter 'z' adapts no bank layer of the model"):
+        list(map(lambda n: miss_ext.save_bank_adapter(bank, n, str(tmp_path / "z")), ["z"]))
+    assert not (tmp_path / "z").exists()
+    bank.get_submodule("0").remove_adapter("z"), bank.get_submodule("2").remove_adapter("z")
     # The same settings in both layers: saved, and the folder reloads to the bank's output.
     same = copy.deepcopy(base)
     miss_ext.apply_miss(same, ["0", "2"], init_weights=False, **second)

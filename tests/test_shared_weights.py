@@ -257,9 +257,17 @@ def test_apply_bank_says_what_becomes_of_a_second_path():
     assert type(model.a) is nn.Linear and type(model.e) is nn.Linear
     with pytest.warns(UserWarning, match=r"b is the module first registered as a, which is not adapted \(name a\)"):
         miss_ext.apply_bank(copy.deepcopy(model), ["b", "e"], capacity=2, max_r=2)
-    with pytest.warns(UserWarning, match=r"apply_bank: .*only a is adapted"):
+    with pytest.warns(UserWarning, match=r"apply_bank: .*only a is adapted") as seen:
         miss_ext.apply_bank(model, ["a", "b"], capacity=2, max_r=2)
+    assert [w.filename for w in seen] == [__file__]  # the caller's line
     assert type(model.a) is miss_ext.MissBankLinear and type(model.b) is nn.Linear
+    # b alone, now that a is a bank layer: b is that layer's base, adapted already (the hint
+    # pointed at "a.base_layer", a path apply_bank refuses in turn: a review, 2026-12-05).
+    for apply, kwargs in ((miss_ext.apply_bank, dict(capacity=2, max_r=2)), (miss_ext.apply_miss, dict(r=2))):
+        with pytest.raises(ValueError, match=r"selects no module of the model: b is the base layer of the adapter "
+                                             r"layer at a, adapted already \(one module object under two paths\)$"
+                           if apply is miss_ext.apply_bank else r"matches no module of the model: b is the base layer"):
+            apply(model, ["b"], **kwargs)
     # A shared parent: the child is replaced inside it, both paths reach the bank layer, no warning.
     holder = nn.Module()
     holder.enc = nn.Module()
