@@ -2,12 +2,10 @@
 import json
 import math
 import warnings
-import weakref
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from . import merge_record
 from .base_layers import (EXACT_LINEAR_SUBCLASSES, base_refusal, check_merge, is_plain_linear,
@@ -456,12 +454,6 @@ def autocast_mini_block(block: Tensor, x: Tensor, out_features: int) -> Tensor:
     return block
 
 
-# The block each merged MissLinear's weight holds (a weak reference and its version counter), for
-# block_changed_since_merge. Outside the layer, so that a deepcopy or pickle of a merged layer
-# (whose copy has its own block, version 0) starts unknown rather than changed.
-_MERGED_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 class MissLinear(BaseTensorAttributes, nn.Module):
     """MiSS adapter on a frozen `nn.Linear` (or transformers' Conv1D, default and mini modes):
     y = base(x) + fold(dropout(x)) @ tile(miss_block).
@@ -757,7 +749,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         """W <- W - dW (bat: W <- (W - B)(I + B)^-1 per tile, after checking every I + B_i is well
         conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
         rounding. Subtracts the dW of the block as it is now (a block changed while merged leaves
-        the weight off by the change: a UserWarning where block_changed_since_merge sees it). ValueError, too, where the weight cannot be written (a
+        the weight off by the change). ValueError, too, where the weight cannot be written (a
         parametrized, tensor-subclass, non-floating, sparse, self-overlapping or meta weight, one
         that is not a parameter or buffer of the base, FSDP2). Not merged: UserWarning,
         nothing done."""
@@ -765,11 +757,6 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             warnings.warn("MissLinear is not merged; nothing to do")
             return
         self._check_mergeable(unmerge=True)
-        if self.block_changed_since_merge():
-            warnings.warn(f"{self._describe()}: its miss_block changed after the merge (block_changed_since_merge), so "
-                          "this unmerge subtracts the dW of the block as it is now, not the dW the weight holds: the "
-                          "base weight is left off by the change (as in PEFT). Unmerge before training or loading "
-                          "blocks; restore the base weight from a copy", stacklevel=2)
         with torch.no_grad():
             torch.ops.miss.merge_(weight_out_in(self.base_layer), self.miss_block, True)
         self._set_merged(False)
@@ -823,32 +810,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def _set_merged(self, merged: bool) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the
-        weight beside them holds are marked stale (merge_record). Notes the block the merged
-        weight holds (block_changed_since_merge)."""
+        weight beside them holds are marked stale (merge_record)."""
         self.merged = merged
         merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(), _mark_flag_stale)
-        _MERGED_BLOCKS.pop(self, None)
-        if merged and not parametrize.is_parametrized(self, "miss_block") and not torch.compiler.is_compiling():
-            block = self.miss_block
-            if isinstance(block, Tensor):
-                _MERGED_BLOCKS[self] = (weakref.ref(block), block._version)
-
-    @torch.jit.unused
-    def block_changed_since_merge(self) -> bool:
-        """Whether the miss_block was written, or replaced, after the merge (then the merged weight
-        holds the dW of the block as it was, and the block now says something else): an in-place
-        write (an optimizer step with weight decay or momentum on a zero gradient, a
-        load_state_dict of the block alone, `with torch.no_grad(): block.add_(...)`) or a new
-        Parameter. False where not merged, or unknown: a write through `.data` (which torch does
-        not count), a parametrized block, a layer merged in another object (a deepcopy or a pickle
-        of a merged layer starts unknown). unmerge() and save_adapter warn where it is True (a
-        review, 2026-12-05: save_adapter wrote the moved block beside a model computing with the
-        old one, reloaded 0.40 off, without a word)."""
-        noted = _MERGED_BLOCKS.get(self) if self.merged else None
-        if noted is None:
-            return False
-        block, version = noted
-        return block() is not self.miss_block or self.miss_block._version != version
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
