@@ -192,12 +192,6 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         # its file holds them as they are.
         raise ValueError(f"export_lora: {describe(broken)} hold non-finite values (NaN or inf), which a LoRA "
                          "cannot reproduce (B @ A multiplies them by A's zeros: inf * 0 is NaN); nothing was written")
-    if root is None:
-        # As save_adapter: a parameter trained beside the blocks (apply_miss(freeze_others=False))
-        # is not in the file, and was dropped without a word (a review, 2026-12-05: the reloaded
-        # LoRA model 0.24 off). (A PEFT model's other adapters stay trainable: PEFT's business.)
-        warn_unsaved_trainables(model, [p for _, layer in miss_layers(model) for p in block_sources(layer)],
-                                "export_lora")
     config = {
         "peft_type": "LORA",
         "r": r,
@@ -218,4 +212,11 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
     }
     if not writes_here(ddp or sharded, outer):  # every rank holds the same (gathered) blocks
         return
+    if root is None:
+        # As save_adapter (on the writing rank): a parameter trained beside the blocks
+        # (apply_miss(freeze_others=False)) is not in the file, and was dropped without a word (a
+        # review, 2026-12-05: the reloaded LoRA model 0.24 off). (A PEFT model's other adapters
+        # stay trainable there: PEFT's business.)
+        warn_unsaved_trainables(model, [p for _, layer in miss_layers(model) for p in block_sources(layer)],
+                                "export_lora")
     write_adapter(path, tensors, config)
