@@ -387,6 +387,14 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     warn_unsaved_trainables(model, [p for _, layer in layers for p in block_sources(layer)]
                              + list(saved_extras.values()))
     warn_non_finite(tensors, "save_adapter")
+    moved = [name for name, layer in layers if layer.block_changed_since_merge()]
+    if moved:
+        # A warning, not a refusal: the current blocks may be what the user means to keep; there
+        # is no copy of the blocks the merged weights hold (README, "unmerge()").
+        warnings.warn(f"save_adapter: the miss_blocks of {describe(moved)} changed after their merge "
+                      "(MissLinear.block_changed_since_merge): the file holds the blocks as they are now, while those "
+                      "layers' weights hold the dW of the blocks at merge time, so the saved adapter is not the one "
+                      "the model computes with", stacklevel=2)
     conv1d = [name for name, layer in layers if is_conv1d(layer.base_layer)]
     if conv1d:
         warnings.warn(f"save_adapter: {describe(conv1d)} adapt transformers' Conv1D layers, which PEFT's MiSS refuses "

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import merge_record
+from . import merge_record, merged_block
 from .base_layers import (EXACT_LINEAR_SUBCLASSES, base_refusal, check_merge, is_plain_linear,
                           linear_class_override, linear_sizes, type_name, weight_out_in)
 from .ops import new_dropout_key
@@ -749,7 +749,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         """W <- W - dW (bat: W <- (W - B)(I + B)^-1 per tile, after checking every I + B_i is well
         conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
         rounding. Subtracts the dW of the block as it is now (a block changed while merged leaves
-        the weight off by the change). ValueError, too, where the weight cannot be written (a
+        the weight off by the change: a UserWarning where block_changed_since_merge sees it). ValueError, too, where the weight cannot be written (a
         parametrized, tensor-subclass, non-floating, sparse, self-overlapping or meta weight, one
         that is not a parameter or buffer of the base, FSDP2). Not merged: UserWarning,
         nothing done."""
@@ -757,6 +757,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             warnings.warn("MissLinear is not merged; nothing to do")
             return
         self._check_mergeable(unmerge=True)
+        if self.block_changed_since_merge():
+            warnings.warn(f"{self._describe()}: its miss_block changed after the merge (block_changed_since_merge), so "
+                          "this unmerge subtracts the dW of the block as it is now, not the dW the weight holds: the "
+                          "base weight is left off by the change (as in PEFT). Unmerge before training or loading "
+                          "blocks, or restore the base weight from a copy", stacklevel=2)
         with torch.no_grad():
             torch.ops.miss.merge_(weight_out_in(self.base_layer), self.miss_block, True)
         self._set_merged(False)
@@ -808,11 +813,31 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def _record(self) -> List[str]:
         return ["miss_block"] if self.merged else []
 
-    def _set_merged(self, merged: bool) -> None:
+    def _set_merged(self, merged: bool, note_block: bool = True) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the
-        weight beside them holds are marked stale (merge_record)."""
+        weight beside them holds are marked stale (merge_record). With note_block, notes the block
+        a merged weight holds (merged_block; block_changed_since_merge)."""
         self.merged = merged
         merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(), _mark_flag_stale)
+        if not merged:
+            merged_block.forget(self)
+        elif note_block:
+            merged_block.note(self, self.miss_block)
+
+    @torch.jit.unused
+    def block_changed_since_merge(self) -> bool:
+        """Whether the miss_block's values changed after the merge (an optimizer step on a zero
+        gradient with weight decay or momentum, fused or not, a write by hand, through .data too,
+        a new Parameter): then the
+        merged weight holds the dW of the block as it was, unmerge() subtracts the dW of the block
+        as it is (leaving the weight off by the change) and save_adapter writes the moved block.
+        Compared by a fingerprint of the values noted at the merge (miss_ext/merged_block.py; one
+        host synchronisation). False where not merged, or unknown: after a cast or a device move of
+        the block, a parametrized block, a copy (deepcopy, pickle) of a merged layer, a layer merged
+        by loading a state_dict without its weight. unmerge() and save_adapter warn where it is True
+        (a review, 2026-12-05: save_adapter wrote the moved block beside weights holding the old
+        one, reloaded 0.40 off, without a word)."""
+        return self.merged and merged_block.changed(self, self.miss_block)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -831,7 +856,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                                                                   missing_keys, unexpected_keys, error_msgs),
             assign=local_metadata.get("assign_to_params_buffers", False))
         if after is not None:
-            self._set_merged(bool(after))
+            # The block noted for a merged weight is the loaded one only where the weight was loaded
+            # with it (a load of other keys keeps the note, so a block moved before it still shows).
+            self._set_merged(bool(after), note_block=prefix + "base_layer.weight" in state_dict)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"
