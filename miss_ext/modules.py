@@ -14,6 +14,9 @@ from .ops import new_dropout_key
 from .targets import shared_weight_message
 from .weight_metadata import BaseTensorAttributes
 
+# _set_merged's "keep what was noted of the block" (merged_block).
+_KEEP_NOTE = object()
+
 # The public names (README; the last three live in base_layers); the other functions here are the package's
 # internals, used across its modules.
 __all__ = ["MissLinear", "EXACT_LINEAR_SUBCLASSES", "is_plain_linear", "linear_class_override"]
@@ -733,6 +736,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             return
         self._check_mergeable()
         weight = weight_out_in(self.base_layer)  # a Conv1D's weight transposed: a view, written through
+        noted = merged_block.fingerprint(self.miss_block)  # before the weight changes (its allocation may fail)
         with torch.no_grad():
             if safe_merge:
                 merged = torch.ops.miss.merge(weight, self.miss_block)
@@ -742,7 +746,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 weight.copy_(merged)
             else:
                 torch.ops.miss.merge_(weight, self.miss_block)
-        self._set_merged(True)
+        self._set_merged(True, noted)
 
     @torch.jit.unused
     def unmerge(self) -> None:
@@ -813,16 +817,17 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def _record(self) -> List[str]:
         return ["miss_block"] if self.merged else []
 
-    def _set_merged(self, merged: bool, note_block: bool = True) -> None:
+    def _set_merged(self, merged: bool, block_noted: object = None) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the
-        weight beside them holds are marked stale (merge_record). With note_block, notes the block
-        a merged weight holds (merged_block; block_changed_since_merge)."""
+        weight beside them holds are marked stale (merge_record). A merged layer notes
+        `block_noted` (merged_block.fingerprint of the block its weight holds; None: unknown;
+        _KEEP_NOTE: what it noted before) for block_changed_since_merge."""
         self.merged = merged
         merge_record.changed(self, getattr(self.base_layer, "weight", None), self._record(), _mark_flag_stale)
         if not merged:
             merged_block.forget(self)
-        elif note_block:
-            merged_block.note(self, self.miss_block)
+        elif block_noted is not _KEEP_NOTE:
+            merged_block.note(self, block_noted)
 
     @torch.jit.unused
     def block_changed_since_merge(self) -> bool:
@@ -833,8 +838,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         as it is (leaving the weight off by the change) and save_adapter writes the moved block.
         Compared by a fingerprint of the values noted at the merge (miss_ext/merged_block.py; one
         host synchronisation). False where not merged, or unknown: after a cast or a device move of
-        the block, a parametrized block, a copy (deepcopy, pickle) of a merged layer, a layer merged
-        by loading a state_dict without its weight. unmerge() and save_adapter warn where it is True
+        the block, in a copy (deepcopy, pickle) of a merged layer, after a load of the weight or the
+        block without the other, for a block that cannot be read (fake, a tensor subclass). A cast
+        to a lower precision and back counts (it rounded the block). Changes below float64
+        reordering of the sums pass unseen (merged_block.py says how small); a block non-finite at
+        the merge hides later changes. unmerge() and save_adapter warn where it is True
         (a review, 2026-12-05: save_adapter wrote the moved block beside weights holding the old
         one, reloaded 0.40 off, without a word)."""
         return self.merged and merged_block.changed(self, self.miss_block)
@@ -856,9 +864,13 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                                                                   missing_keys, unexpected_keys, error_msgs),
             assign=local_metadata.get("assign_to_params_buffers", False))
         if after is not None:
-            # The block noted for a merged weight is the loaded one only where the weight was loaded
-            # with it (a load of other keys keeps the note, so a block moved before it still shows).
-            self._set_merged(bool(after), note_block=prefix + "base_layer.weight" in state_dict)
+            # The block a merged weight holds: the loaded one where the weight was loaded with it;
+            # unknown where the weight came without it; a load of neither keeps the note (so a
+            # block moved before it still shows; a review, 2026-12-05).
+            weight_in, block_in = prefix + "base_layer.weight" in state_dict, prefix + "miss_block" in state_dict
+            noted = (merged_block.fingerprint(self.miss_block) if weight_in and block_in
+                     else None if weight_in or block_in else _KEEP_NOTE)
+            self._set_merged(bool(after), noted)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"
