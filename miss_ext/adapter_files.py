@@ -145,16 +145,15 @@ def _uniform_settings(layers) -> Tuple[int, str, int, float]:
 
 
 def one_config_settings(named_settings, where: str = "") -> Tuple[int, str, int, float]:
-    """The (r, mode, mini_r, dropout) that every (path, settings) pair shares, for the one
-    MissConfig of a saved adapter; ValueError listing each group of paths when they differ
+    """The (r, mode, mini_r, dropout) that every (path, settings) pair (at least one: the callers
+    refuse an adapter without layers first) shares, for the one MissConfig of a saved adapter;
+    ValueError listing each group of paths when they differ
     (save_adapter's MissLinear layers, save_bank_adapter's slots: a file written with the first
     layer's settings would cut the other layers' blocks to its r, or record its dropout for all).
     `where` begins the message."""
     groups: Dict[Tuple, List[str]] = {}
     for name, settings in named_settings:
         groups.setdefault(tuple(settings), []).append(name)
-    if not groups:  # the callers refuse an adapter without layers first; never a bare StopIteration
-        raise ValueError(f"{where}no layer holds this adapter, so it has no settings to save")
     if len(groups) > 1:
         text = "; ".join(f"r={s[0]}, mode={s[1]!r}, mini_r={s[2]}, dropout={s[3]}: {', '.join(n)}"
                          for s, n in groups.items())

@@ -123,13 +123,14 @@ def follow(layer: object, state_dict: dict, key: str, weight_key: str, names: Li
     (if any; it says `names`) is marked stale by changed() once the layer writes the memory
     `state_dict[weight_key]` views."""
     record, weight = state_dict.get(key), state_dict.get(weight_key)
-    if not isinstance(record, Tensor) or torch.compiler.is_compiling() or _plain_view(weight) is None:
+    view = _plain_view(weight)
+    if not isinstance(record, Tensor) or torch.compiler.is_compiling() or view is None:
         return
     with _LOCK:
         followers = _HANDED.get(record)
         if followers is None:
             followers = _HANDED[record] = []
-        mine, view = _FOLLOWED.get(layer, []), _plain_view(weight)
+        mine = _FOLLOWED.get(layer, [])
         if any(h in mine and h.views(view) for h in followers):
             return  # already followed by this layer for this memory (a state_dict() into a destination that held it)
         handed = _Handed(record, weight, names)

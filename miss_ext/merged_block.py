@@ -43,8 +43,10 @@ def fingerprint(block: Optional[Tensor]) -> Optional[tuple]:
     """What note() keeps of `block`: (device, dtype, shape, [sum x, sum x^2, sum of the
     even-indexed x, sum |x|] in float64), or None where the block cannot be judged (unknown). Taken
     by MissLinear before a merge writes the weight, so that a failure here changes nothing."""
-    if not _usable(block):
-        return None
+    return _fingerprint(block) if _usable(block) else None
+
+
+def _fingerprint(block: Tensor) -> tuple:
     with torch.no_grad():
         x = block.detach().reshape(-1)
         sums = torch.stack([x.sum(dtype=torch.float64), (x * x).sum(dtype=torch.float64),
@@ -74,8 +76,9 @@ def changed(layer: nn.Module, block: Optional[Tensor]) -> bool:
         return False
     if tuple(block.shape) != shape:
         return True
-    now = fingerprint(block)[3]
-    scale = torch.stack([then[3] + now[3], then[1] + now[1], then[3] + now[3], then[3] + now[3]])
+    now = _fingerprint(block)[3]
+    magnitude = then[3] + now[3]
+    scale = torch.stack([magnitude, then[1] + now[1], magnitude, magnitude])
     both_finite = now.isfinite() & then.isfinite()
     same = torch.where(both_finite, (now - then).abs() <= _REORDER_TOLERANCE * scale,
                        (now == then) | (now.isnan() & then.isnan()))

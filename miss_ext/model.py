@@ -461,14 +461,16 @@ def second_paths_hint(seconds: List[Tuple[str, str]]) -> str:
     (targets.second_paths), else ""."""
     if not seconds:
         return ""
-    def where(path: str, first: str) -> str:
-        if first.endswith(".base_layer"):  # inside an adapter layer (a review, 2026-12-05: "name a.base_layer")
-            return f"{path} is the base layer of the adapter layer at {first[:-len('.base_layer')]}, adapted already"
-        return f"{path} is the module first registered as {first}"
-    if all(first.endswith(".base_layer") for _, first in seconds):
-        return f": {'; '.join(where(p, f) for p, f in seconds)} (one module object under two paths)"
-    return (f" under the path torch lists it by: {'; '.join(where(p, f) for p, f in seconds)} (one module object under "
-            "two paths); name that first path to adapt it")
+    # A first path inside an adapter layer is its base, adapted already: naming it would be refused
+    # in turn (a review, 2026-12-05).
+    inside = [first.endswith(".base_layer") for _, first in seconds]
+    where = "; ".join(f"{path} is the base layer of the adapter layer at {first[:-len('.base_layer')]}, adapted already"
+                      if base else f"{path} is the module first registered as {first}"
+                      for (path, first), base in zip(seconds, inside))
+    if all(inside):
+        return f": {where} (one module object under two paths)"
+    return (f" under the path torch lists it by: {where} (one module object under two paths); name that first path "
+            "to adapt it")
 
 
 def warn_second_paths(model: nn.Module, target_modules, seconds: List[Tuple[str, str]], adapted: set,

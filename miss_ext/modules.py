@@ -753,10 +753,10 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         """W <- W - dW (bat: W <- (W - B)(I + B)^-1 per tile, after checking every I + B_i is well
         conditioned; ValueError and an untouched weight otherwise): restores the base weight up to
         rounding. Subtracts the dW of the block as it is now (a block changed while merged leaves
-        the weight off by the change: a UserWarning where block_changed_since_merge sees it). ValueError, too, where the weight cannot be written (a
-        parametrized, tensor-subclass, non-floating, sparse, self-overlapping or meta weight, one
-        that is not a parameter or buffer of the base, FSDP2). Not merged: UserWarning,
-        nothing done."""
+        the weight off by the change: a UserWarning where block_changed_since_merge sees it).
+        ValueError, too, where the weight cannot be written (a parametrized, tensor-subclass,
+        non-floating, sparse, self-overlapping or meta weight, one that is not a parameter or
+        buffer of the base, FSDP2). Not merged: UserWarning, nothing done."""
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")
             return
@@ -868,8 +868,12 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             # unknown where the weight came without it; a load of neither keeps the note (so a
             # block moved before it still shows; a review, 2026-12-05).
             weight_in, block_in = prefix + "base_layer.weight" in state_dict, prefix + "miss_block" in state_dict
-            noted = (merged_block.fingerprint(self.miss_block) if weight_in and block_in
-                     else None if weight_in or block_in else _KEEP_NOTE)
+            if not (weight_in or block_in):
+                noted = _KEEP_NOTE
+            elif after and weight_in and block_in:
+                noted = merged_block.fingerprint(self.miss_block)
+            else:
+                noted = None  # unknown, or not merged (no fingerprint taken)
             self._set_merged(bool(after), noted)
 
     def extra_repr(self) -> str:
