@@ -19,9 +19,13 @@ set(MISS_PYTHON_OK FALSE)
 if(NOT MISS_EXT_PYTHON)
   set(MISS_PYTHON_PROBLEM "no Python interpreter found")
 else()
+  # Run in the build folder: `python -c` puts its working directory first on sys.path, and from
+  # the source root (the README's `cmake -S .`) it imported the unbuilt miss_ext/ there instead of
+  # the installed one, turning the checks off (a new-user pass, 2026-12-05).
   execute_process(
     COMMAND ${CMAKE_COMMAND} -E env ${MISS_PYTHON_ENV} "${MISS_EXT_PYTHON}" -c
             "import torch, miss_ext; print(torch.__version__.split('+')[0])"
+    WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     OUTPUT_VARIABLE _miss_py_torch OUTPUT_STRIP_TRAILING_WHITESPACE
     ERROR_VARIABLE _miss_py_err RESULT_VARIABLE _miss_py_rc)
   if(NOT _miss_py_rc EQUAL 0)

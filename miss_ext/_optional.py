@@ -1,6 +1,7 @@
 """Imports of optional dependencies with a message that names the pip extra to install."""
 import importlib
 from types import ModuleType
+from typing import Sequence
 
 # The extras of setup.py and what each brings (keep in sync with setup.py's extras_require).
 EXTRAS = {"peft": "PEFT interop (miss_ext.peft, export_lora of PEFT models)",
@@ -17,6 +18,22 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         package = module.split(".")[0]
         raise ImportError(f"{what} needs the '{package}' package, which is not installed: "
                           f"pip install 'miss_ext[{extra}]' (or pip install {package})") from exc
+
+
+def require_all(modules: Sequence[str], extra: str, what: str) -> None:
+    """`require` for each of `modules`, naming every missing package in one ImportError (one at a
+    time, a user following the "(or pip install <package>)" hint met three failed runs before the
+    demo started: a new-user pass, 2026-12-05)."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(module.split(".")[0])
+    if missing:
+        quoted = ", ".join(f"'{p}'" for p in missing)
+        raise ImportError(f"{what} needs the {quoted} package{'s' if len(missing) > 1 else ''}, not installed: "
+                          f"pip install 'miss_ext[{extra}]' (or pip install {' '.join(missing)})")
 
 
 def require_version(module: str, minimum: str, extra: str, what: str, why: str) -> ModuleType:

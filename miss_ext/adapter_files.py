@@ -213,6 +213,10 @@ def write_adapter(path: str, tensors: Dict[str, Tensor], config: dict) -> None:
         bad = sorted(key for key, value in config.items() if not _json_serialisable(value))
         raise TypeError(f"adapter config fields {bad} cannot be written to {CONFIG_NAME} ({exc}); nothing was "
                         "written") from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        # makedirs' bare "[Errno 17] File exists" did not say that a folder was wanted (a new-user pass, 2026-12-05).
+        raise FileExistsError(f"cannot write the adapter to {path!r}: that is a file, and an adapter is a folder "
+                              f"({CONFIG_NAME} and {WEIGHTS_NAME}); name a folder. Nothing was written")
     os.makedirs(path, exist_ok=True)
     # A folder (not a link) under a name the save replaces or removes would fail the save halfway,
     # after the old config was removed: refused before anything is written.

@@ -636,7 +636,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     (every nn.Linear except the output head, i.e. the module `model.get_output_embeddings()`
     returns: a model without that method, such as a plain nn.Module, has all its linears
     adapted, as in PEFT). r: int >= 1 (r > in_features allowed, with a UserWarning); mode
-    "default", "mini" or "bat"; dropout in [0, 1). With freeze_others (the default, as
+    "default", "mini" or "bat"; mini_r (mode "mini" only): the block's width, (r, mini_r), tiled
+    along out_features, which it must divide; default 1, PEFT's MissConfig default, so a mini
+    adapter without it has r trainable values per layer; dropout in [0, 1). With freeze_others (the default, as
     PEFT's get_peft_model), every parameter except the miss_block ones (new and earlier) stops
     requiring grad.
 

@@ -593,13 +593,18 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         RuntimeError for a bat layer whose base has since gained hooks, a parametrization or a
         non-plain weight; TypeError under torch.fx.symbolic_trace, or for a base that returns no
         tensor."""
+        base = self.base_layer
         if self.merged:
-            return self.base_layer(x)
+            return base(x)
+        # The base layer and the block are looked up once: each lookup goes through
+        # nn.Module.__getattr__ (0.4-0.7 us), and a decode step's time is the calls' host cost
+        # (bench/bench_call_overhead.py).
+        block = self.miss_block
         if not torch.jit.is_scripting():
             refuse_non_tensor(x, self)
             if x.is_nested:
                 return jagged_forward(x, self.forward, self._describe())
-            refuse_forward_tangents(self._describe(), x, self.miss_block)
+            refuse_forward_tangents(self._describe(), x, block)
             if self.training and self.mode != "bat":
                 self._check_live_dropout()
             # Tensor parallelism (miss_ext.tensor_parallel, issue 12): a layer sharded by
@@ -608,27 +613,27 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 return self._tp_forward(x)
         fused = self._script_fused
         if not torch.jit.is_scripting():
-            fused = self._fused()
+            fused = is_plain_linear(base, global_hooks=self.mode != "bat")  # as _fused()
             if fused:
-                self._check_base_shape()
+                self._check_base_shape(base.weight)
         if self.mode == "bat":
             if not fused:
                 raise RuntimeError("bat mode needs a plain nn.Linear base, and the base layer now has hooks, a "
                                    "parametrization or a non-plain weight (see MissLinear)")
-            return torch.ops.miss.bat_linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, None)
+            return torch.ops.miss.bat_linear(x, base.weight, base.bias, block, None)
         p = self.dropout if self.training else 0.0
         key: Optional[Tensor] = None
         if fused:
+            weight, bias = base.weight, base.bias
             if p > 0.0:
-                check_before_dropout_key(x, self.base_layer.weight, self.base_layer.bias, self.miss_block,
-                                         self.in_features)
+                check_before_dropout_key(x, weight, bias, block, self.in_features)
                 key = new_dropout_key(x.device)
-            return torch.ops.miss.linear(x, self.base_layer.weight, self.base_layer.bias, self.miss_block, p, key)
+            return torch.ops.miss.linear(x, weight, bias, block, p, key)
         # The base module computes its own output (its forward, hooks, parametrizations,
         # quantized or sharded weights); the adapter term is added to it. PEFT's precision: the
         # term in the block's dtype, the sum rounded once to x's dtype. The base runs before the
         # key is drawn, so an input it refuses leaves the global RNG as it was.
-        y = self.base_layer(x)
+        y = base(x)
         if not torch.jit.is_scripting():
             check_base_output(self, y, x)
         if p > 0.0:
@@ -650,12 +655,13 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
 
     @torch.jit.unused
-    def _check_base_shape(self) -> None:
+    def _check_base_shape(self, weight: Tensor) -> None:
         # A base weight resized after the adapter was added (transformers' resize_token_embeddings
         # re-ties an adapted lm_head to the new embedding) no longer fits the block: the op would
         # read the block's width as a mini_r and name a mode the layer does not have.
-        shape, made_for = tuple(self.base_layer.weight.shape), self.__dict__.get("_made_for")
-        if made_for is not None and shape != made_for:
+        made_for = self.__dict__.get("_made_for")
+        if made_for is not None and weight.shape != made_for:  # a torch.Size is a tuple
+            shape = tuple(weight.shape)
             raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was "
                              f"made for {made_for} (out_features, in_features): the base was resized or replaced "
                              "after the adapter was added (resize_token_embeddings?). Add the adapter after "

@@ -353,10 +353,62 @@ def _checkpointing(model: nn.Module) -> bool:
 
 def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
     """The adapters a merge of this layer would write (check_adapters_to_merge without warnings),
-    each once: a name given twice is merged once (PEFT would add it twice, while the forward
-    applies it once)."""
-    names = layer.active_adapters if adapter_names is None else adapter_names
+    each once: a name given twice is merged once (PEFT would add it twice). Merging the active
+    adapters (adapter_names None) refuses a repeated one (_refuse_repeated_active)."""
+    if adapter_names is None:
+        names = layer.active_adapters
+        _refuse_repeated_active(layer, [a for a in names if a in layer.miss_block])
+    else:
+        names = adapter_names
     return [a for a in dict.fromkeys(names) if a in layer.miss_block and a not in layer.merged_adapters]
+
+
+def _refuse_repeated_active(layer: PeftMissLinear, active: List[str]) -> None:
+    """ValueError for an adapter active twice (`base_model.set_adapter(["a", "a"])`, which PEFT takes):
+    PEFT's forward applies it twice and its merge adds it twice, while a merge here writes each
+    adapter once, so the merged layer silently differed from the unmerged one (0.37 of the logits,
+    and every later forward refused as a partial merge: a PEFT API review, 2026-12-05). A repeated
+    name is refused, in the forward and in a merge of the active adapters, rather than applied
+    twice: it is almost surely a slip (set_adapter(active + [new]) with new active already)."""
+    if len(set(active)) != len(active):
+        repeated = [a for a in dict.fromkeys(active) if active.count(a) > 1]
+        raise ValueError(f"{type(layer).__name__}: adapter(s) {repeated} are active more than once (active adapters "
+                         f"{list(layer.active_adapters)}): PEFT would apply and merge each of them that many times; "
+                         "miss_ext refuses a repeated active adapter: set_adapter with each name once")
+
+
+def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -> None:
+    """PEFT's MissLinear.merge(safe_merge=True) of `names` (0.21's loop: each adapter's delta on a
+    copy of the base weight as merged so far, rounded to its dtype, then checked), run on a copy
+    without writing anything, for layers that keep PEFT's merge code: ValueError naming the layer
+    and the adapter where a merged value would not be finite, before any layer of the model is
+    merged."""
+    if not names:
+        return
+    # PEFT's delta functions replace a half-precision CPU block's .data (mini: by its tiled (r, out)
+    # copy): the check puts every block's own tensor back, so it changes nothing.
+    blocks = {name: layer.miss_block[name].data for name in names}
+    try:
+        with torch.no_grad():
+            weight = layer.get_base_weight().clone()
+            dtype = weight.dtype
+            for name in names:
+                if layer.miss_fn == "bat":
+                    weight += layer.get_delta_weight(name, weight)  # in place, in the weight's dtype, as PEFT
+                else:
+                    weight = layer.get_delta_weight_miss(name, weight)
+                # Checked also after the cast to the weight's dtype that PEFT's merge then stores: a value
+                # finite in float32 that overflows a float16 weight (a review, 2026-12-05) would be merged
+                # as inf where PEFT's own check looks before that cast.
+                for value in (weight, weight.to(dtype)):
+                    if not torch.isfinite(value).all():
+                        raise ValueError(f"{path}: NaNs detected in the merged weights ({non_finite_summary(value)}"
+                                         f"{'' if value.dtype == weight.dtype else f' in {dtype}'}). The adapter "
+                                         f"{name} seems to be broken; no layer was merged")
+                weight = weight.to(dtype)
+    finally:
+        for name, data in blocks.items():
+            layer.miss_block[name].data = data
 
 
 def _refuse_shared_merge(layer: PeftMissLinear, names: List[str]) -> None:
@@ -485,7 +537,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         return p
 
     def _active_blocks(self) -> List[str]:
-        return [a for a in self.active_adapters if a in self.miss_block]
+        active = [a for a in self.active_adapters if a in self.miss_block]
+        _refuse_repeated_active(self, active)
+        return active
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """PEFT's MissLinear.forward on the miss ops: x (..., in_features) -> (..., out_features)
@@ -650,6 +704,18 @@ class AcceleratedMissLinear(PeftMissLinear):
                              f"{active} are active, so the merged weight alone (PEFT's forward) would not be the "
                              "active adapters' output (PEFT silently computes it anyway: huggingface/peft#3756); "
                              "merge every active adapter, or unmerge_adapter() first")
+        # Bat updates do not commute: the merged weight is the active adapters' only where their
+        # bats were merged in the active order. A merged checkpoint loaded into a model whose active
+        # order differs, set_adapter on the layers, or a PEFT merge in another order then accelerate
+        # gave the other order's output, silently (0.69 of the logits apart: a PEFT API review,
+        # 2026-12-05; PEFT computes it so too).
+        bats_active = [a for a in active if _is_bat(self.miss_block[a])]
+        bats_merged = [a for a in self.merged_adapters if _is_bat(self.miss_block[a])]
+        if bats_active != bats_merged:
+            raise ValueError(f"{type(self).__name__}: bat adapters {bats_merged} are merged in that order while the "
+                             f"active order is {bats_active}; bat updates do not commute, so the merged weight is not "
+                             "the active adapters' output (PEFT silently computes it anyway); unmerge_adapter() and "
+                             "merge again, or set_adapter in the merged order")
 
     def _refuse_names_here(self, names: List[str], where: str) -> None:
         """The refusals of a mixed-batch forward that depend on this layer's state, not on its input:
@@ -746,8 +812,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         default/mini adapter, or before an already merged bat that the forward applies after it)
         is refused rather than giving a merged layer that differs from the unmerged one."""
         names = _to_merge(self, adapter_names)
-        if not names:
-            return names
+        if not names or self.__dict__.get("_never_runs"):
+            return []  # a layer that never runs is not merged (_merge_holding_lock)
         # A shared base weight (tied embeddings): merging would change the other holders too.
         _refuse_shared_merge(self, names)
         # The base must take a merge, as for MissLinear (base_layers.merge_refusal): PEFT's merge code
@@ -813,6 +879,18 @@ class AcceleratedMissLinear(PeftMissLinear):
                 _record_changed(self)
 
     def _merge_holding_lock(self, safe_merge: bool, adapter_names: Optional[List[str]]) -> None:
+        if self.__dict__.get("_never_runs"):
+            # Its parent (nn.MultiheadAttention) reads the weight instead of calling the layer, so
+            # the unmerged adapter never runs (accelerate warned): a merge would make it act, and the
+            # merged model differ from the unmerged one (0.44 of the outputs, and disable_adapter()
+            # could not undo it: a model-zoo review, 2026-12-05). PEFT merges it.
+            names = _to_merge(self, adapter_names)
+            if names:
+                warnings.warn(f"merge: skipped adapter(s) {names} on {self.__dict__.get('_never_runs')!r}: its parent "
+                              "nn.MultiheadAttention reads the layer's weight instead of calling it, so the adapter "
+                              "never runs unmerged, and merging it would change the model's output (PEFT merges "
+                              "it); leave the layer out of target_modules", stacklevel=3)
+            return
         names = self._merge_plan(adapter_names)
         if not self._fast_path():
             return super().merge(safe_merge=safe_merge, adapter_names=names)
@@ -1333,13 +1411,25 @@ class AcceleratedMissModel(MissModel):
                                  f"(it has {list(self.peft_config)}); nothing was merged")
         record_accelerated_sharing(self.model)  # re-checked: the user may have untied since accelerate()
         for path, layer in self.model.named_modules():
+            if type(layer) is PeftMissLinear:
+                # A plain PEFT layer beside accelerated ones (add_adapter on new modules without a
+                # second accelerate, README): PEFT's merge, checked on a copy with safe_merge. Its NaN
+                # left the layers merged before it (a PEFT API review, 2026-12-05).
+                if safe_merge:
+                    names = [a for a in (layer.active_adapters if adapter_names is None else adapter_names)
+                             if a in layer.miss_block and a not in layer.merged_adapters]
+                    _peft_safe_merge_check(path, layer, names)
+                continue
             if type(layer) is not AcceleratedMissLinear:
                 continue
             try:
                 names = layer._merge_plan(adapter_names)
-                if safe_merge and names and layer._fast_path():
-                    with torch.no_grad():
-                        layer._merged_weight(names)
+                if safe_merge and names:
+                    if layer._fast_path():
+                        with torch.no_grad():
+                            layer._merged_weight(names)
+                    else:
+                        _peft_safe_merge_check(path, layer, names)  # quantized bases keep PEFT's merge code
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}; no layer was merged") from exc
 
@@ -1521,6 +1611,8 @@ class AcceleratedMissModel(MissModel):
                 # PEFT 0.21's check_adapters_to_merge says this when every adapter is merged (the
                 # case here: merge_adapter above merged them all).
                 warnings.filterwarnings("ignore", message="All adapters are already merged")
+                # merge_adapter above named the layers whose adapters never run; PEFT's loop would again.
+                warnings.filterwarnings("ignore", message="merge: skipped adapter")
                 return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
         return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
 
@@ -1626,7 +1718,8 @@ def accelerate(model: nn.Module) -> nn.Module:
     if never_run:
         warnings.warn(f"accelerate: the adapters on {describe(never_run)} never run: their parent "
                       "nn.MultiheadAttention reads the layer's weight directly instead of calling it, so its output is "
-                      "the base model's, in PEFT as here (miss_ext.apply_miss and load_adapter refuse such layers)",
+                      "the base model's, in PEFT as here (miss_ext.apply_miss and load_adapter refuse such layers); "
+                      "merges skip them here, where PEFT's merge makes them act",
                       stacklevel=2)
     # Warned before any class changes: turned into an error, it leaves the model as it was.
     if named and not _miss_layers(model, MissModel) and not _miss_layers(model, AcceleratedMissModel):
@@ -1636,6 +1729,8 @@ def accelerate(model: nn.Module) -> nn.Module:
                       stacklevel=2)
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
+        if path in never_run:
+            layer._never_runs = path  # its merges are skipped (AcceleratedMissLinear._merge_holding_lock)
         parent = parents[path]
         # A layer whose tensors the code of its parent (or of an ancestor further up) reads gets
         # their metadata there (as MissLinear always gives): describing reads (T5's dtype cast)

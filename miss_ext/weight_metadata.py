@@ -65,7 +65,7 @@ class BaseTensorMetadata(Tensor):
                 return func(*args, **(kwargs or {}))
         if func == _DATA_GET and isinstance(args[0], BaseTensorMetadata) and args[0]._data_of is not None:
             return args[0]._data_of.data
-        raise RuntimeError(_refusal(args, kwargs, getattr(func, "__name__", str(func))))
+        raise RuntimeError(_refusal(args, kwargs, _what(func)))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -77,6 +77,16 @@ class BaseTensorMetadata(Tensor):
                 f"{self._where}: .{self._name}, the metadata of .base_layer.{self._name}; computing with it is refused)")
 
 
+def _what(func) -> str:
+    """The refused operation as the user wrote it: `.data` for a property's getter (whose __name__
+    is "__get__": a Gemma3n user met "__get__ on it was refused", a model-zoo review, 2026-12-05),
+    else the function's name."""
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__" and hasattr(getattr(func, "__self__", None), "__name__"):
+        return f".{func.__self__.__name__}"
+    return name
+
+
 def _refusal(args, kwargs, what: str) -> str:
     found = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, BaseTensorMetadata)]
     where, name, hint = ((found[0]._where, found[0]._name, found[0]._hint) if found
@@ -84,7 +94,10 @@ def _refusal(args, kwargs, what: str) -> str:
     return (f"{where}: .{name} gives the base layer's {name} dtype, device and shape only (as code such as "
             f"transformers' T5 reads them); {what} on it was refused, because computing with an adapted layer's "
             f"{name} instead of calling the layer would bypass the adapter. "
-            + (hint or f"Call the layer, or read .base_layer.{name} for the frozen base's tensor"))
+            + (hint or f"Where the model's own forward does this (Mamba's dt_proj, Gemma3n's AltUp coefficients), an "
+                       f"adapter on this layer cannot run: leave it out of target_modules (with 'all-linear', name it "
+                       f"in exclude_modules). Elsewhere call the layer, or read .base_layer.{name} for the frozen "
+                       f"base's tensor"))
 
 
 class _RefusedMethod:

@@ -303,6 +303,8 @@ if [ "$BENCH" = 1 ]; then
     # Serving: greedy decoding per token against PEFT, the base model and merged weights (last: no
     # issue asks for it; a first GPU figure for the README's serving numbers).
     bench bench_decode 90 "^\\|" bench/bench_decode.py --preset gpu --modes default,bat --reps 5 --new-tokens 32
+    # A call's fixed cost on a few rows (host checks, dispatch, launches), which decides a decode step.
+    bench bench_call_overhead 45 "us/call|[0-9]x$" bench/bench_call_overhead.py --device cuda --dtype bf16 --reps 15
   else
     note "bench_model, bench_bank_model: skipped (transformers/peft not installed on this machine)"
   fi

@@ -576,6 +576,40 @@ def test_a_parametrization_added_after_apply_miss_is_honoured(kind):
         net[0].merge()
 
 
+class _ClassLevelParametrizations(nn.Linear):
+    parametrizations = nn.ModuleDict({"weight": nn.ModuleList([nn.Identity()])})
+
+
+def _linears_with_and_without_parametrizations():
+    plain = nn.Linear(IN, OUT)
+    parametrized = nn.Linear(IN, OUT)
+    parametrize.register_parametrization(parametrized, "weight", Doubling())
+    removed = nn.Linear(IN, OUT)
+    parametrize.register_parametrization(removed, "weight", Doubling())
+    parametrize.remove_parametrizations(removed, "weight")
+    attribute = nn.Linear(IN, OUT)
+    attribute.parametrizations = "not a ModuleDict"  # a plain attribute of that name
+    empty = nn.Linear(IN, OUT)
+    empty.parametrizations = nn.ModuleDict()  # a submodule of that name, holding nothing
+    shadowed = nn.Linear(IN, OUT)
+    shadowed.__dict__["weight"] = torch.ones(OUT, IN, dtype=torch.int64)  # what module.weight and F.linear see
+    return {"plain": plain, "parametrized": parametrized, "removed": removed, "attribute": attribute,
+            "empty": empty, "class-level": _ClassLevelParametrizations(IN, OUT), "shadowed": shadowed}
+
+
+@pytest.mark.parametrize("kind", list(_linears_with_and_without_parametrizations()))
+def test_the_quick_parametrization_check_agrees_with_torch(kind):
+    """is_plain_linear asks whether a module is parametrized without parametrize.is_parametrized's
+    getattr where no `parametrizations` exists anywhere (base_layers._parametrized: 0.9 us of every
+    forward's checks). It must answer as torch does wherever the name exists in any form, and the
+    fused path must be taken exactly when torch's answer and the rest say so; the weight it checks
+    is the one module.weight gives (an instance attribute shadowing the parameter: a review)."""
+    from miss_ext.base_layers import _parametrized
+    module = _linears_with_and_without_parametrizations()[kind]
+    assert _parametrized(module) == parametrize.is_parametrized(module)
+    assert is_plain_linear(module) == (kind in ("plain", "removed", "attribute", "empty"))
+
+
 @pytest.mark.parametrize("wo_dtype", [F64, torch.float32], ids=["float64", "wo-in-float32"])
 def test_t5_with_an_adapter_on_wo_matches_peft(wo_dtype):
     """transformers' T5 feed-forward casts its hidden states to wo.weight.dtype, then calls wo (so
@@ -622,6 +656,20 @@ class _CastsToWeightDtype(nn.Module):
 
     def forward(self, x):
         return self.wo(x.to(self.wo.weight.dtype))
+
+
+@pytest.mark.parametrize("use, named", [(lambda w: w.data, ".data"), (lambda w: w.clamp(-1, 1), "clamp"),
+                                         (lambda w: w.float(), "float")], ids=["data", "clamp", "float"])
+def test_a_refused_use_of_the_weight_metadata_is_named_as_written(use, named):
+    """The refusal names what the code did: `.weight.data` read "__get__ on it was refused" (a
+    model-zoo review, 2026-12-05: Gemma3n's AltUp clamps prediction_coefs.weight.data in training),
+    and says what to do when the model's own forward does it: leave the layer out of target_modules."""
+    layer = adapt(nn.Linear(IN, OUT))
+    with pytest.raises(RuntimeError) as info:
+        use(layer.weight)
+    message = str(info.value)
+    assert f"; {named} on it was refused" in message and "__get__" not in message
+    assert "leave it out of target_modules" in message and "exclude_modules" in message
 
 
 def test_weight_metadata_reads_compile_with_fullgraph_and_a_bypass_still_fails():

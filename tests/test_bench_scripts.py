@@ -187,6 +187,25 @@ def test_bench_kernels_runs_every_case(capsys):
                        torch.ops.miss.split_bf16(t, 3, [0, 2, 1], 1).view(torch.int16))
 
 
+def test_bench_call_overhead_times_every_case_and_refuses_a_layer_that_differs(capsys, monkeypatch):
+    import bench_call_overhead
+    bench_call_overhead.main(["--reps", "1", "--calls", "2", "--modes", "default", "bat"])
+    out = capsys.readouterr().out
+    for case in ("frozen nn.Linear", "miss_ext default", "PEFT default accelerated", "miss_ext bat", "PEFT bat"):
+        assert re.search(rf"^{case} +[0-9.]+ +[0-9.]+x$", out, re.MULTILINE), case
+    build = bench_call_overhead.build
+
+    def one_off(*args):
+        layers = build(*args)
+        with torch.no_grad():
+            layers["miss_ext default"][1][0, 0] += 1e-2
+        return layers
+
+    monkeypatch.setattr(bench_call_overhead, "build", one_off)
+    with pytest.raises(SystemExit, match="miss_ext default: output .* off PEFT's"):
+        bench_call_overhead.main(["--reps", "1", "--calls", "2", "--modes", "default"])
+
+
 def test_bench_bat_weight_runs_and_refuses_a_bad_r(capsys):
     import bench_bat_weight
     bench_bat_weight.main(["-n", "64", "-r", "16", "--reps", "2", "--isa", "auto"])

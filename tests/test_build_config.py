@@ -138,6 +138,22 @@ def test_demo_without_an_optional_package_names_the_extra(missing, monkeypatch):
         require_demo_packages(args)
 
 
+def test_the_demo_names_every_missing_package_at_once_without_usage_text(monkeypatch, capsys):
+    """One at a time, a user following the "(or pip install <package>)" hint met a failed run per
+    package, each with the whole usage text before it (a new-user pass, 2026-12-05): one line now,
+    every missing package, exit 2."""
+    import sys
+
+    from miss_ext.demo._driver import main
+
+    for missing in ("tqdm", "matplotlib"):
+        monkeypatch.setitem(sys.modules, missing, None)
+    assert main(["--no-peft"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'tqdm', 'matplotlib' packages, not installed" in err and "pip install tqdm matplotlib" in err
+    assert "usage:" not in err and "miss_ext[demo]" in err
+
+
 def test_mixed_demo_without_transformers_names_the_extra(monkeypatch):
     """The second demo checks its package too (it raised a bare ModuleNotFoundError)."""
     import sys

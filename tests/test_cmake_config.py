@@ -54,6 +54,67 @@ def test_an_unknown_cmake_cuda_architecture_is_refused_by_name(tmp_path):
     assert "'sm_90' is not understood" in done.stderr
 
 
+def test_a_second_configure_keeps_the_default_architectures(tmp_path):
+    """CMake caches its compiler's default (75 for nvcc 13) in CMAKE_CUDA_ARCHITECTURES when CUDA is
+    first enabled; the next configure of the same folder read it as the user's choice and built
+    sm_75 code only (a new-user pass, 2026-12-05). A configure-only project doing what
+    enable_language(CUDA) does to the cache: the default stays 8.0;9.0 on every configure, and an
+    explicit choice still wins."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(p LANGUAGES NONE)\n"
+        f'include("{ROOT}/cmake/MissCudaArchs.cmake")\n'
+        "if(NOT DEFINED CACHE{CMAKE_CUDA_ARCHITECTURES} AND DEFINED ENV{CUDAARCHS})\n"  # what enable_language
+        "  set(CMAKE_CUDA_ARCHITECTURES $ENV{CUDAARCHS} CACHE STRING \"\")\n"           # (CUDA) does
+        "elseif(NOT DEFINED CACHE{CMAKE_CUDA_ARCHITECTURES})\n"
+        "  set(CMAKE_CUDA_ARCHITECTURES 75 CACHE STRING \"\")\n"
+        "endif()\n"
+        "miss_record_cmake_cuda_default()\n"
+        'message("ARCHS=[${TORCH_CUDA_ARCH_LIST}]")\n')
+
+    def configure(*args, build="build", cudaarchs=None):
+        env = _env_without_arch_list()
+        env.pop("CUDAARCHS", None)
+        if cudaarchs:
+            env["CUDAARCHS"] = cudaarchs  # CMake's own variable, which seeds the cache entry: a choice
+        done = subprocess.run([CMAKE, "-S", str(project), "-B", str(tmp_path / build), *args], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return re.search(r"ARCHS=\[([^\]]*)\]", done.stderr).group(1)
+
+    assert configure() == "8.0;9.0"
+    assert configure() == "8.0;9.0"
+    assert configure("-DCMAKE_CUDA_ARCHITECTURES=90") == "9.0"
+    assert configure(build="other", cudaarchs="86") == "8.6"
+    assert configure(build="other", cudaarchs="86") == "8.6"
+
+
+def test_the_python_probe_does_not_import_the_source_tree_it_is_configured_from(tmp_path):
+    """The README configures from the source root (`cmake -S .`), where `python -c` imported the
+    unbuilt miss_ext/ folder instead of the installed package, and the ctest checks went off with a
+    status line only (a new-user pass, 2026-12-05). A configure-only project whose source root holds
+    a miss_ext/ that cannot be imported, configured from that root: the probe finds the real one."""
+    import sys
+    import torch
+    import miss_ext
+    project = tmp_path / "project"
+    (project / "miss_ext").mkdir(parents=True)
+    (project / "miss_ext" / "__init__.py").write_text("raise ImportError('the unbuilt source tree')\n")
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(p LANGUAGES NONE)\n"
+        f'set(Torch_VERSION "{torch.__version__.split("+")[0]}")\n'
+        f'include("{ROOT}/cmake/MissPythonProbe.cmake")\n'
+        'message("OK=[${MISS_PYTHON_OK}] PROBLEM=[${MISS_PYTHON_PROBLEM}]")\n')
+    env = _env_without_arch_list()
+    # The package under test, where this process imports it from (the checkout or site-packages).
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(miss_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([CMAKE, "-S", ".", "-B", str(tmp_path / "build"), f"-DMISS_EXT_PYTHON={sys.executable}"],
+                          cwd=project, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "OK=[TRUE]" in done.stderr, done.stderr
+
+
 def _configure_consumer(tmp_path, torch_version, caller_arch_list=None):
     """Configures a project that find_package()s a miss_ext package built against torch 2.14.1
     while the torch found is `torch_version`; returns (completed process, printed variables)."""

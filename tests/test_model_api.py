@@ -1196,7 +1196,7 @@ def test_save_adapter_into_a_file_or_over_links(tmp_path):
     are replaced by the new files, not written through (the files they point at are kept)."""
     model, _ = _saved_folder(tmp_path / "new", seed=2, dropout=0.0)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"'.*file': that is a file, and an adapter is a folder"):
         miss_ext.save_adapter(model, str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "not a folder"
     elsewhere = tmp_path / "elsewhere"

@@ -641,6 +641,62 @@ def test_safe_merge_with_a_broken_adapter_changes_nothing(base):
     assert torch.equal(layer.base_layer.weight, weight) and layer.merged_adapters == []
 
 
+def test_safe_merge_checks_plain_peft_layers_beside_accelerated_ones_first(base):
+    """add_adapter on new target modules after accelerate makes plain PEFT layers (README: call
+    accelerate again). A NaN in one of them made merge_adapter(safe_merge=True) raise after the
+    layers before it were merged (a PEFT API review, 2026-12-05: one stayed merged, its weight 0.13
+    off). Their check (PEFT's own computation, on a copy) now runs with the others' first."""
+    from peft import get_peft_model
+    fast = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["q_proj"], init_weights=False))
+    accelerate(fast)
+    fast.add_adapter("new", MissConfig(r=R, target_modules=["q_proj", "up_proj"], init_weights=False))
+    randomize_blocks(fast, seed=2)
+    fast.base_model.set_adapter(["new"])
+    up = fast.base_model.model.model.layers[1].mlp.up_proj
+    assert type(up) is PeftMissLinear and type(fast.base_model.model.model.layers[0].mlp.up_proj) is PeftMissLinear
+    with torch.no_grad():
+        up.miss_block["new"][0, 0] = float("nan")
+    before = {n: t.clone() for n, t in fast.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj: NaNs detected.*no layer was merged"):
+        fast.merge_adapter(safe_merge=True)
+    for name, value in fast.state_dict().items():  # the NaN block too
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert all(not m.merged_adapters for m in fast.modules() if isinstance(m, PeftMissLinear))
+
+
+def test_safe_merge_check_sees_a_half_precision_weight_overflow_and_changes_no_block():
+    """The up-front check of a plain PEFT bat layer added the delta out of place, in float32, where
+    PEFT's merge adds it into the float16 weight: a block finite in float32 that overflows float16
+    passed the check, then PEFT's merge raised half way, leaving a layer merged (a review,
+    2026-12-05). And PEFT's delta functions replace a half-precision CPU block's .data: the check
+    must put it back."""
+    from peft import get_peft_model
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.up = nn.Linear(16, 16, dtype=torch.float16), nn.Linear(16, 16, dtype=torch.float16)
+
+        def forward(self, x):
+            return self.up(self.q(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Two(), MissConfig(r=4, target_modules=["q"], init_weights="bat"))
+    accelerate(model)
+    model.add_adapter("new", MissConfig(r=4, target_modules=["q", "up"], init_weights="bat"))
+    model.base_model.set_adapter(["new"])
+    up = model.base_model.model.up
+    assert type(up) is PeftMissLinear
+    with torch.no_grad():
+        up.miss_block["new"][0, 0] = 1e5  # finite in float32; the merged float16 weight is not
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    storage = up.miss_block["new"].data_ptr()
+    with pytest.raises(ValueError, match=r"^up: NaNs detected.*no layer was merged"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert up.miss_block["new"].data_ptr() == storage
+
+
 def test_ill_conditioned_bat_unmerge_is_refused(base):
     _, fast = pair(base, "bat")
     layer = fast.base_model.model.model.layers[0].self_attn.o_proj
@@ -882,6 +938,57 @@ def test_a_name_given_twice_is_merged_once(base):
     fast.merge_adapter(["default", "default"])
     assert all(m.merged_adapters == ["default"] for m in fast.modules() if isinstance(m, PeftMissLinear))
     torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_adapter_active_twice_is_refused_in_the_forward_and_the_merge(base, mode):
+    """base_model.set_adapter(["default", "default"]) (PEFT takes it, applies the adapter twice and
+    merges it twice): the accelerated forward applied it twice as well, but its merge wrote it once,
+    so the merged model was 0.3-0.5 of the logits off the unmerged one (a PEFT API review,
+    2026-12-05). Refused by name in both, nothing merged."""
+    _, fast = pair(base, mode)
+    fast.base_model.set_adapter(["default", "default"])
+    ids = tokens()
+    with pytest.raises(ValueError, match=r"\['default'\] are active more than once"):
+        fast(ids)
+    before = snapshot(fast)
+    with pytest.raises(ValueError, match=r"are active more than once.*no layer was merged"):
+        fast.merge_adapter()
+    assert_unchanged(fast, before)
+    assert all(not m.merged_adapters for m in fast.modules() if isinstance(m, PeftMissLinear))
+    fast.base_model.set_adapter(["default"])
+    unmerged = fast(ids).logits
+    fast.merge_adapter()
+    torch.testing.assert_close(fast(ids).logits, unmerged, **TOL)
+
+
+def test_bat_adapters_merged_in_another_order_than_the_active_one_are_refused(base, tmp_path):
+    """Bat updates do not commute. A checkpoint of a model merged with the bat order (b, a), loaded
+    into one whose active order is (a, b), gave the (b, a) output silently (0.69 of the logits off
+    its own order's; PEFT does so too: a PEFT API review, 2026-12-05). The forward now refuses the
+    merged layer; unmerging gives the active order's output."""
+    def two_bats():
+        model = peft_model(base, "bat", adapter_name="a")
+        model.add_adapter("b", MissConfig(r=R, target_modules=TARGETS, init_weights="bat"))
+        randomize_blocks(model, seed=3)
+        return accelerate(model)
+
+    source, target = two_bats(), two_bats()
+    source.base_model.set_adapter(["b", "a"])
+    source.merge_adapter()
+    layer = source.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.merged_adapters == ["b", "a"]
+    target.base_model.set_adapter(["a", "b"])
+    ids = tokens()
+    wanted = target(ids).logits
+    target.load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match=r"bat adapters \['b', 'a'\] are merged in that order while the active order "
+                                         r"is \['a', 'b'\]"):
+        target(ids)
+    target.unmerge_adapter()
+    torch.testing.assert_close(target(ids).logits, wanted, **TOL)
+    target.merge_adapter()
+    torch.testing.assert_close(target(ids).logits, wanted, **TOL)
 
 
 def test_unmerge_after_a_hook_came_uses_the_checked_path(base):
@@ -1239,6 +1346,51 @@ def test_adapters_that_multihead_attention_never_runs_are_named():
     model = get_peft_model(Attention(), MissConfig(r=4, target_modules=["out_proj"], init_weights=False))
     with pytest.warns(UserWarning, match=r"the adapters on .*attn\.out_proj never run"):
         accelerate(model)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merges_skip_adapters_that_multihead_attention_never_runs(mode):
+    """The unmerged adapter on out_proj never runs, but PEFT's merge writes it into the weight that
+    nn.MultiheadAttention reads: the merged model differed from the unmerged one (0.44 off), and a
+    merged model under disable_adapter() was not the base model (0.18 off: out_proj's forward, which
+    unmerges, never runs; a model-zoo review, 2026-12-05). Merges now skip that layer, with a warning,
+    so merged, unmerged and merge_and_unload() models give the same output."""
+    from peft import get_peft_model
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+            self.fc = nn.Linear(16, 8, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    base = Attention().eval()
+    model = get_peft_model(copy.deepcopy(base), MissConfig(r=4, mini_r=4, target_modules=["out_proj", "fc"],
+                                                           init_weights=PEFT_INIT[mode]))
+    randomize_adapters(model)
+    with pytest.warns(UserWarning, match="never run"):
+        accelerate(model)
+    model.eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged, plain = model(x), base(x)
+        with pytest.warns(UserWarning, match=r"merge: skipped adapter\(s\) \['default'\] on 'base_model.model."
+                                             r"attn.out_proj'"):
+            model.merge_adapter()
+        torch.testing.assert_close(model(x), unmerged, **TOL)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), plain, **TOL)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), unmerged, **TOL)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = model.merge_and_unload()
+        assert sum("merge: skipped" in str(w.message) for w in caught) == 1  # once, not again from PEFT's loop
+        torch.testing.assert_close(merged(x), unmerged, **TOL)
 
 
 class _HeadReadingDenseWeight(torch.nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import miss_ext
-from miss_ext._optional import require
+from miss_ext._optional import require_all
 from miss_ext.model import record_shared_weights
 from miss_ext.base_layers import is_conv1d
 
@@ -137,10 +137,10 @@ def prepare_user(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 
 def require_demo_packages(args: argparse.Namespace) -> None:
-    """The demo's optional packages, checked before any work: a missing one raises ImportError
-    naming the extra that installs it (pip install 'miss_ext[demo]')."""
-    for module in ["transformers", "tqdm", "matplotlib"] + ([] if args.no_peft else ["peft"]):
-        require(module, "demo", "python -m miss_ext.demo")
+    """The demo's optional packages, checked before any work: ImportError naming every missing one
+    and the extra that installs them (pip install 'miss_ext[demo]')."""
+    require_all(["transformers", "tqdm", "matplotlib"] + ([] if args.no_peft else ["peft"]), "demo",
+                "python -m miss_ext.demo")
 
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
@@ -259,9 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     validate(args, parser)
     try:
         require_demo_packages(args)
-    except ImportError as exc:  # a one-line message and exit 2, as for a flag the demo cannot run with
+    except ImportError as exc:  # exit 2, as for a flag the demo cannot run with; no usage text (no flag is wrong)
         hint = "; --no-peft runs the demo without the PEFT comparison" if "'peft'" in str(exc) else ""
-        parser.error(f"{exc}{hint}")
+        print(f"{parser.prog}: error: {exc}{hint}", file=sys.stderr)
+        return 2
     try:
         result = run_demo(args)
     except DemoInputError as exc:
