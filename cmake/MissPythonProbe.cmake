@@ -21,13 +21,19 @@ if(NOT MISS_EXT_PYTHON)
 else()
   # Run in the build folder: `python -c` puts its working directory first on sys.path, and from
   # the source root (the README's `cmake -S .`) it imported the unbuilt miss_ext/ there instead of
-  # the installed one, turning the checks off (a new-user pass, 2026-12-05).
+  # the installed one, turning the checks off (a new-user pass, 2026-12-05). The environment is
+  # set here, not through `cmake -E env`, which reads an interpreter path holding '=' (a venv under
+  # a folder named torch==2.15.0) as a variable to set.
+  set(_miss_saved_pythonpath "$ENV{PYTHONPATH}")
+  if(_miss_inplace)
+    set(ENV{PYTHONPATH} "${PROJECT_SOURCE_DIR}")
+  endif()
   execute_process(
-    COMMAND ${CMAKE_COMMAND} -E env ${MISS_PYTHON_ENV} "${MISS_EXT_PYTHON}" -c
-            "import torch, miss_ext; print(torch.__version__.split('+')[0])"
+    COMMAND "${MISS_EXT_PYTHON}" -c "import torch, miss_ext; print(torch.__version__.split('+')[0])"
     WORKING_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}"
     OUTPUT_VARIABLE _miss_py_torch OUTPUT_STRIP_TRAILING_WHITESPACE
     ERROR_VARIABLE _miss_py_err RESULT_VARIABLE _miss_py_rc)
+  set(ENV{PYTHONPATH} "${_miss_saved_pythonpath}")
   if(NOT _miss_py_rc EQUAL 0)
     string(REGEX REPLACE ".*\n([^\n]+)\n?$" "\\1" _miss_py_err "${_miss_py_err}")  # the last line
     set(MISS_PYTHON_PROBLEM "${MISS_EXT_PYTHON} cannot import torch and miss_ext: ${_miss_py_err}")

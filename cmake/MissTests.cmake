@@ -24,10 +24,10 @@ if(Torch_VERSION VERSION_LESS 2.12)
   message(STATUS "miss_ext: torch ${Torch_VERSION} < 2.12: the AOTInductor tests are left out (pytorch/pytorch#169157)")
 endif()
 add_test(NAME python_models
-  COMMAND ${CMAKE_COMMAND} -E env ${MISS_PYTHON_ENV}
-          "${MISS_EXT_PYTHON}" "${PROJECT_SOURCE_DIR}/examples/cpp/make_models.py" "${_models}" ${_aoti_args})
-# AOTInductor compiles the package with the host C++ compiler: about a minute on two cores.
-set_tests_properties(python_models PROPERTIES FIXTURES_SETUP models TIMEOUT 900)
+  COMMAND "${MISS_EXT_PYTHON}" "${PROJECT_SOURCE_DIR}/examples/cpp/make_models.py" "${_models}" ${_aoti_args})
+# AOTInductor compiles the package with the host C++ compiler: about a minute on two cores. The
+# environment as a test property (`cmake -E env` read an interpreter path holding '=' as a variable).
+set_tests_properties(python_models PROPERTIES FIXTURES_SETUP models TIMEOUT 900 ENVIRONMENT "${MISS_PYTHON_ENV}")
 
 add_test(NAME serve_torchscript COMMAND serve_torchscript "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
 set_tests_properties(serve_torchscript PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)

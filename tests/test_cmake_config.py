@@ -109,7 +109,13 @@ def test_the_python_probe_does_not_import_the_source_tree_it_is_configured_from(
     env = _env_without_arch_list()
     # The package under test, where this process imports it from (the checkout or site-packages).
     env["PYTHONPATH"] = os.pathsep.join([str(Path(miss_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([CMAKE, "-S", ".", "-B", str(tmp_path / "build"), f"-DMISS_EXT_PYTHON={sys.executable}"],
+    # An interpreter whose path holds '=', as CI's legs have (build/legs/torch==2.15.0/.venv): `cmake -E
+    # env` took it for a variable to set ("unknown option '-c'", the first CI run of this test).
+    wrapper = tmp_path / "torch==0" / "python"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    done = subprocess.run([CMAKE, "-S", ".", "-B", str(tmp_path / "build"), f"-DMISS_EXT_PYTHON={wrapper}"],
                           cwd=project, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "OK=[TRUE]" in done.stderr, done.stderr
