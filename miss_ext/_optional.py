@@ -12,18 +12,14 @@ EXTRAS = {"peft": "PEFT interop (miss_ext.peft, export_lora of PEFT models)",
 def require(module: str, extra: str, what: str) -> ModuleType:
     """`importlib.import_module(module)`, or ImportError saying that `what` needs it and which
     extra installs it (`pip install 'miss_ext[extra]'`)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        package = module.split(".")[0]
-        raise ImportError(f"{what} needs the '{package}' package, which is not installed: "
-                          f"pip install 'miss_ext[{extra}]' (or pip install {package})") from exc
+    require_all([module], extra, what)
+    return importlib.import_module(module)
 
 
 def require_all(modules: Sequence[str], extra: str, what: str) -> None:
-    """`require` for each of `modules`, naming every missing package in one ImportError (one at a
-    time, a user following the "(or pip install <package>)" hint met three failed runs before the
-    demo started: a new-user pass, 2026-12-05)."""
+    """Imports each of `modules`; ImportError naming every missing package at once and the extra
+    that installs them (one at a time, a user following the "(or pip install <package>)" hint met
+    three failed runs before the demo started: a new-user pass, 2026-12-05)."""
     missing = []
     for module in modules:
         try:

@@ -555,8 +555,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         base_layer.requires_grad_(False)
 
     @torch.jit.unused
-    def _fused(self) -> bool:
-        return is_plain_linear(self.base_layer, global_hooks=self.mode != "bat")
+    def _fused(self, base: nn.Module) -> bool:
+        return is_plain_linear(base, global_hooks=self.mode != "bat")
 
     @torch.jit.unused
     def _autocast_block(self, x: Tensor) -> Tensor:
@@ -577,7 +577,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module before compiling it: record the path the
         # compiled forward takes (it cannot inspect hooks or classes itself).
-        self._script_fused = self._fused()
+        self._script_fused = self._fused(self.base_layer)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -613,7 +613,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 return self._tp_forward(x)
         fused = self._script_fused
         if not torch.jit.is_scripting():
-            fused = is_plain_linear(base, global_hooks=self.mode != "bat")  # as _fused()
+            fused = self._fused(base)
             if fused:
                 self._check_base_shape(base.weight)
         if self.mode == "bat":

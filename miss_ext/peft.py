@@ -351,15 +351,11 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 
-def _to_merge(layer: PeftMissLinear, adapter_names: Optional[List[str]]) -> List[str]:
+def _to_merge(layer: "AcceleratedMissLinear", adapter_names: Optional[List[str]]) -> List[str]:
     """The adapters a merge of this layer would write (check_adapters_to_merge without warnings),
     each once: a name given twice is merged once (PEFT would add it twice). Merging the active
     adapters (adapter_names None) refuses a repeated one (_refuse_repeated_active)."""
-    if adapter_names is None:
-        names = layer.active_adapters
-        _refuse_repeated_active(layer, [a for a in names if a in layer.miss_block])
-    else:
-        names = adapter_names
+    names = layer._active_blocks() if adapter_names is None else adapter_names
     return [a for a in dict.fromkeys(names) if a in layer.miss_block and a not in layer.merged_adapters]
 
 
@@ -397,15 +393,13 @@ def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -
                     weight += layer.get_delta_weight(name, weight)  # in place, in the weight's dtype, as PEFT
                 else:
                     weight = layer.get_delta_weight_miss(name, weight)
-                # Checked also after the cast to the weight's dtype that PEFT's merge then stores: a value
-                # finite in float32 that overflows a float16 weight (a review, 2026-12-05) would be merged
-                # as inf where PEFT's own check looks before that cast.
-                for value in (weight, weight.to(dtype)):
-                    if not torch.isfinite(value).all():
-                        raise ValueError(f"{path}: NaNs detected in the merged weights ({non_finite_summary(value)}"
-                                         f"{'' if value.dtype == weight.dtype else f' in {dtype}'}). The adapter "
-                                         f"{name} seems to be broken; no layer was merged")
+                # Checked after the cast to the weight's dtype that PEFT's merge then stores (a non-finite
+                # value stays one there): a value finite in float32 that overflows a float16 weight (a
+                # review, 2026-12-05) would be merged as inf where PEFT's own check looks before that cast.
                 weight = weight.to(dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"{path}: NaNs detected in the merged weights ({non_finite_summary(weight)}, "
+                                     f"in {dtype}). The adapter {name} seems to be broken; no layer was merged")
     finally:
         for name, data in blocks.items():
             layer.miss_block[name].data = data

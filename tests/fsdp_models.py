@@ -125,7 +125,7 @@ class _PathProbe:
         self.handles = [layer.register_forward_pre_hook(self._hook) for _, layer in miss_ext.miss_layers(model)]
 
     def _hook(self, layer, args):
-        self.seen.add((layer._fused(), type(layer.base_layer.weight).__name__, type(layer.miss_block).__name__,
+        self.seen.add((layer._fused(layer.base_layer), type(layer.base_layer.weight).__name__, type(layer.miss_block).__name__,
                        layer.miss_block.dtype))
 
     def remove(self):
