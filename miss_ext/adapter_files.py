@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .bank import MissBankLinear
-from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
+from .model import (check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, peft_hint, persistent_buffers, record_shared_weights, refuse_ddp_wrapped,
-                    refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model, saved_whole_problem,
-                    shared_before_wrapping,
-                    trainable_extras, unwrap_model, warn_shared, writes_here)
+                    parent_module, peft_hint, persistent_buffers, record_extras, record_shared_weights,
+                    refuse_ddp_wrapped, refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model,
+                    saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model, warn_shared,
+                    writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
@@ -933,13 +933,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
         _copy_whole(module.miss_block, block)
     for param, value in extra_plan:
         _copy_whole(param, value)
-    extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
-                                                                if p not in recorded["modules_to_save"]],
-              "bias": bias if bias != "none" else recorded["bias"]}
-    if extras != {"modules_to_save": [], "bias": "none"}:
-        setattr(model, EXTRAS_ATTR, extras)
-    else:  # a stale record (trainable_extras ignored it) goes
-        model.__dict__.pop(EXTRAS_ATTR, None)
+    record_extras(model, recorded, save_paths, bias)
     if freeze_others:
         # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
         earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]

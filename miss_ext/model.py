@@ -314,6 +314,20 @@ def trainable_extras(model: nn.Module) -> dict:
     return {"modules_to_save": paths, "bias": recorded.get("bias", "none")}
 
 
+def record_extras(model: nn.Module, recorded: dict, save_paths: List[str], bias: str) -> None:
+    """Records on the model what apply_miss / load_adapter now train beside the blocks: the earlier
+    record `recorded` (trainable_extras) plus the modules_to_save paths `save_paths` and the bias
+    setting `bias` of this call ("none" keeps the recorded one). PEFT's defaults leave no record,
+    so a stale one (which trainable_extras ignored) goes."""
+    extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
+                                                                if p not in recorded["modules_to_save"]],
+              "bias": bias if bias != "none" else recorded["bias"]}
+    if extras != {"modules_to_save": [], "bias": "none"}:
+        setattr(model, EXTRAS_ATTR, extras)
+    else:
+        model.__dict__.pop(EXTRAS_ATTR, None)
+
+
 def extra_parameters(model: nn.Module, extras: Optional[dict] = None) -> Dict[str, nn.Parameter]:
     """{PEFT file key without "base_model.model.": parameter} of what PEFT trains and saves beside
     the blocks: every parameter of each modules_to_save module, and the biases `bias` names
@@ -823,13 +837,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     for name, layer in layers:
         set_module(model, name, layer)
     record_shared_weights(model)
-    extras = {"modules_to_save": recorded["modules_to_save"] + [p for p in save_paths
-                                                                if p not in recorded["modules_to_save"]],
-              "bias": bias if bias != "none" else recorded["bias"]}
-    if extras != {"modules_to_save": [], "bias": "none"}:
-        setattr(model, EXTRAS_ATTR, extras)
-    else:  # a stale record (trainable_extras ignored it) goes
-        model.__dict__.pop(EXTRAS_ATTR, None)
+    record_extras(model, recorded, save_paths, bias)
     # An earlier call's modules_to_save that this call does not name keep a frozen state (one
     # frozen by an earlier inference_mode call stays frozen); those it names follow this call.
     earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
