@@ -12,7 +12,7 @@
 - Every test starts from its own reproducible torch seed (derived from the test id).
 - The TorchScript deprecation warnings of recent torch releases are silenced.
 - The slowest files run first (SLOW_FILES_FIRST), so that parallel workers finish together.
-- `--miss-part cuda` runs only the tests that need a GPU, `--miss-part rest` the others (needs_gpu).
+- `--miss-part cuda` runs only the tests that need a GPU, `--miss-part rest` the others (is_gpu_test).
 - `PACKAGE_PARENT`: the folder holding the miss_ext the tests import, for child processes (the
   checkout after an in-place build; site-packages when an installed copy, say from an sdist, is
   tested, where the checkout's own miss_ext/ has no compiled library).
@@ -34,10 +34,10 @@ if PACKAGE_PARENT != Path(__file__).resolve().parents[1]:
     # miss_ext/ first. PYTHONSAFEPATH keeps the current directory off their sys.path.
     os.environ.setdefault("PYTHONSAFEPATH", "1")
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
-]
+# The mark of every test (or parameter) that needs a GPU, and the device parameter of the tests that
+# run on both devices.
+needs_gpu = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_gpu)]
 
 
 def pytest_configure(config):
@@ -65,11 +65,11 @@ SLOW_FILES_FIRST = ("test_large_tensors.py", "test_soak.py", "test_fsdp.py", "te
                     "test_demo_mixed.py", "test_demo.py", "test_demo_user_model.py", "test_bat.py", "test_ddp.py")
 
 
-# The reasons of the skip marks that mean "needs a GPU" (the `device` fixture's, needs_gpu, CUDA, ...).
+# The reasons of the skip marks that mean "needs a GPU" (needs_gpu's, the `device` fixture's, ...).
 GPU_SKIP_REASONS = ("no CUDA device visible", "CUDA not available", "needs a CUDA device")
 
 
-def needs_gpu(item) -> bool:
+def is_gpu_test(item) -> bool:
     """Whether a test is skipped where no GPU is visible (a skipif mark whose reason is one of
     GPU_SKIP_REASONS, the `device` fixture's "cuda" parameter included): the tests CI's CPU
     machines never run, which a lent GPU must run first (--miss-part cuda, scripts/gpu_check.sh)."""
@@ -81,7 +81,7 @@ def pytest_addoption(parser):
     # A command-line option, not an environment variable: pytest-xdist hands it to its workers, and
     # the pytest runs some tests start in a child process do not inherit it.
     parser.addoption("--miss-part", choices=("cuda", "rest"), default=None,
-                     help="cuda: only the tests that need a GPU (needs_gpu); rest: only the others")
+                     help="cuda: only the tests that need a GPU (is_gpu_test); rest: only the others")
     parser.addoption("--miss-given-order", action="store_true",
                      help="run the files in the order given, not SLOW_FILES_FIRST's (scripts/gpu_check.sh's "
                           "memcheck: the newest kernels' tests first, in case its time limit stops it)")
@@ -94,7 +94,7 @@ def pytest_collection_modifyitems(session, config, items):
     (scripts/gpu_check.sh: on a lent GPU, whose time is short, the GPU tests first)."""
     part = config.getoption("--miss-part")
     if part:
-        chosen = [needs_gpu(item) == (part == "cuda") for item in items]
+        chosen = [is_gpu_test(item) == (part == "cuda") for item in items]
         config.hook.pytest_deselected(items=[item for item, c in zip(items, chosen) if not c])
         items[:] = [item for item, c in zip(items, chosen) if c]
 

@@ -36,13 +36,11 @@ from torch._dynamo.utils import counters
 
 import miss_ext
 from miss_ext import MissLinear
-from conftest import CUDA_AVAILABLE, poison_heap, rand, run_fwd_bwd, run_opcheck
+from conftest import DEVICES, needs_gpu, poison_heap, rand, run_fwd_bwd, run_opcheck
 from reference import bat_transform_ref, bat_weight_ref
 
 ops = torch.ops.miss
 F64 = torch.float64
-CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA)]
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -1506,8 +1504,8 @@ def test_two_active_adapters_match_peft(device):
 
 AUTOCAST = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
-    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=CUDA),
-    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=CUDA),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=needs_gpu),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=needs_gpu),
 ]
 
 
@@ -1661,38 +1659,8 @@ def test_compile_function_calling_bat_ops(device, dynamo_reset):
 
 
 # =============================================================================================
-# tensors on two devices; Meta kernels agree with the real ones
+# Meta kernels agree with the real ones (tensors on two devices: tests/test_errors.py)
 # =============================================================================================
-OTHER_DEVICES = [pytest.param("meta", id="meta"), pytest.param("cuda", id="cuda", marks=CUDA)]
-
-
-@pytest.mark.parametrize("other", OTHER_DEVICES)
-@pytest.mark.parametrize("what", ["bat_linear-block", "bat_linear-weight", "bat_linear-bias", "bat_linear-x",
-                                  "bat_weight-block", "merge-block", "merge_-block", "merge_-reverse-block",
-                                  "bat_transform-m", "bat_transform-p", "bat_transform_-m"])
-def test_mixed_devices_raise(other, what):
-    t = dict(x=rand(4, 8), w=rand(12, 8), b=rand(12), blk=rand(3, 4, 4) * 0.1, m=rand(3, 4, 4), p=rand(3, 4, 4))
-    before = {k: v.clone() for k, v in t.items()}
-    o = lambda name: t[name].to(other)  # noqa: E731
-    calls = {
-        "bat_linear-block": lambda: ops.bat_linear(t["x"], t["w"], t["b"], o("blk")),
-        "bat_linear-weight": lambda: ops.bat_linear(t["x"], o("w"), t["b"], t["blk"]),
-        "bat_linear-bias": lambda: ops.bat_linear(t["x"], t["w"], o("b"), t["blk"]),
-        "bat_linear-x": lambda: ops.bat_linear(o("x"), t["w"], t["b"], t["blk"]),
-        "bat_weight-block": lambda: ops.bat_weight(t["w"], o("blk")),
-        "merge-block": lambda: ops.merge(t["w"], o("blk")),
-        "merge_-block": lambda: ops.merge_(t["w"], o("blk")),
-        "merge_-reverse-block": lambda: ops.merge_(t["w"], o("blk"), True),
-        "bat_transform-m": lambda: ops.bat_transform(t["w"], o("m"), t["p"]),
-        "bat_transform-p": lambda: ops.bat_transform(t["w"], t["m"], o("p")),
-        "bat_transform_-m": lambda: ops.bat_transform_(t["w"], o("m"), t["p"]),
-    }
-    with pytest.raises(ValueError, match=rf"must be on the same device, got .*{other}"):
-        calls[what]()
-    for name, v in t.items():
-        assert torch.equal(v, before[name]), f"{name} modified"
-
-
 META_ERRORS = [  # (id, call(device) -> result, exception type): CPU and Meta must both raise
     ("bat_linear-r3", lambda d: ops.bat_linear(rand(4, 8, device=d), rand(12, 8, device=d), None,
                                                rand(4, 3, 3, device=d)), ValueError),

@@ -18,7 +18,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import miss_ext
-from conftest import CUDA_AVAILABLE
+from conftest import needs_gpu
 
 ops = torch.ops.miss
 
@@ -171,7 +171,6 @@ def test_compile_traces_dropout_on_fake_cuda(mode, mini_r, dynamo_reset):
 # ---------------------------------------------------------------------------------------------
 # a real GPU
 # ---------------------------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
 
 
 @needs_gpu

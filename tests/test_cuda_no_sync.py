@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import miss_ext
-from conftest import CUDA_AVAILABLE
+from conftest import needs_gpu
 
-pytestmark = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+pytestmark = needs_gpu
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import miss_ext
-from conftest import CUDA_AVAILABLE, rand
+from conftest import needs_gpu, rand
 
 ops = torch.ops.miss
 IN, OUT, R = 10, 20, 3
@@ -225,18 +225,25 @@ def test_op_errors(builder, exc, pattern, device):
 # ---- tensors on two devices -------------------------------------------------------------------
 OTHER_DEVICES = [
     pytest.param("meta", id="meta"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+    pytest.param("cuda", id="cuda", marks=needs_gpu),
 ]
+
+
+def _bat_inputs():
+    """Tensors of bat's shapes (bat needs r | in and r | out): in 8, out 12, three 4 x 4 blocks."""
+    return dict(x=rand(4, 8), w=rand(12, 8), b=rand(12), blk=rand(3, 4, 4) * 0.1, m=rand(3, 4, 4), p=rand(3, 4, 4))
 
 
 @pytest.mark.parametrize("other", OTHER_DEVICES)
 @pytest.mark.parametrize(
     "what",
     ["linear-block", "linear-weight", "linear-bias", "linear-x", "merge-block", "merge_-block", "tile-src",
-     "tile-out"],
+     "tile-out", "bat_linear-block", "bat_linear-weight", "bat_linear-bias", "bat_linear-x", "bat_weight-block",
+     "merge-bat-block", "merge_-bat-block", "merge_-bat-reverse-block", "bat_transform-m", "bat_transform-p",
+     "bat_transform_-m"],
 )
 def test_mixed_devices_raise(other, what):
-    t = _inputs()
+    t = _bat_inputs() if "bat" in what else _inputs()
     before = {k: v.clone() for k, v in _tensors(t).items()}
     o = lambda name: t[name].to(other)  # noqa: E731
     calls = {
@@ -248,6 +255,17 @@ def test_mixed_devices_raise(other, what):
         "merge_-block": lambda: ops.merge_(t["w"], o("blk")),
         "tile-src": lambda: ops.tile_add_(t["out"], o("src")),
         "tile-out": lambda: ops.tile_add_(o("out"), t["src"]),
+        "bat_linear-block": lambda: ops.bat_linear(t["x"], t["w"], t["b"], o("blk")),
+        "bat_linear-weight": lambda: ops.bat_linear(t["x"], o("w"), t["b"], t["blk"]),
+        "bat_linear-bias": lambda: ops.bat_linear(t["x"], t["w"], o("b"), t["blk"]),
+        "bat_linear-x": lambda: ops.bat_linear(o("x"), t["w"], t["b"], t["blk"]),
+        "bat_weight-block": lambda: ops.bat_weight(t["w"], o("blk")),
+        "merge-bat-block": lambda: ops.merge(t["w"], o("blk")),
+        "merge_-bat-block": lambda: ops.merge_(t["w"], o("blk")),
+        "merge_-bat-reverse-block": lambda: ops.merge_(t["w"], o("blk"), True),
+        "bat_transform-m": lambda: ops.bat_transform(t["w"], o("m"), t["p"]),
+        "bat_transform-p": lambda: ops.bat_transform(t["w"], t["m"], o("p")),
+        "bat_transform_-m": lambda: ops.bat_transform_(t["w"], o("m"), t["p"]),
     }
     with pytest.raises(ValueError, match=rf"must be on the same device, got .*{other}"):
         calls[what]()
@@ -259,9 +277,9 @@ KEY_DEVICE_PAIRS = [
     pytest.param("cpu", "meta", id="cpu-data-meta-key"),
     pytest.param("meta", "cpu", id="meta-data-cpu-key"),
     pytest.param("cpu", "cuda", id="cpu-data-cuda-key",
-                 marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+                 marks=needs_gpu),
     pytest.param("cuda", "cpu", id="cuda-data-cpu-key",
-                 marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")),
+                 marks=needs_gpu),
 ]
 
 

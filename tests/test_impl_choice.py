@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import miss_ext
-from conftest import BF16_ULP, CUDA_AVAILABLE, assert_within_ulp
+from conftest import BF16_ULP, CUDA_AVAILABLE, assert_within_ulp, needs_gpu
 from reference import (TILE_ADD_TOL, bat_weight_ref, fold_error_scale, fold_ref, fold_within, linear_ref,
                        peft_precision_linear_ref, recover_mask)
 
@@ -470,7 +470,6 @@ def test_bat_linear_split_matches_the_float64_reference(lead, bias, monkeypatch,
 # ----------------------------------------------------------------------------------------------
 # a GPU: "auto" takes the split and GEMM paths there, and agrees with the CPU
 # ----------------------------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
 
 
 # Decode-like shapes (few rows, a long inner dimension r * pairs in the split GEMM) where cuBLAS may

@@ -18,6 +18,7 @@ import gc
 import pytest
 import torch
 
+from conftest import needs_gpu
 from reference import F64, fold_ref, philox_mask, split_bf16_ref, tile_add_ref
 
 ops = torch.ops.miss
@@ -187,7 +188,6 @@ def test_bat_over_2_31_elements():
 # CUDA: every kernel choice (MISS_EXT_FOLD_KERNEL, MISS_EXT_TILE_ADD_KERNEL, MISS_EXT_GEMM), where a
 # GPU is visible; device memory, so the host's 24 GiB do not matter.
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
 
 @pytest.fixture(autouse=True)

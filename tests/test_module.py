@@ -16,12 +16,11 @@ from torch._dynamo.utils import counters
 
 import miss_ext
 from miss_ext import MissLinear
+from conftest import DEVICES
 from reference import F64, fold_ref, tile_block
 from tiny_models import TOL64, nonzero, randomize_adapters
 import torch.nn.functional as F
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 

@@ -11,7 +11,7 @@ import torch
 import miss_ext
 from hypothesis import given, settings, strategies as st
 
-from conftest import CUDA_AVAILABLE, assert_within_ulp, poison_heap, rand
+from conftest import CUDA_AVAILABLE, assert_within_ulp, needs_gpu, poison_heap, rand
 from reference import (
     F64,
     delta_weight_ref,
@@ -527,7 +527,7 @@ def test_linear_bf16_rounds_once_whatever_cublas_reduction(device, rows, in_f, o
 # round(base + round(term)) from the tests' seeds). These shapes (32 and 48 MiB of fp32
 # output: 2048 rows of 4096, 1024 of 11008) check the epilogue of the large GEMMs that training
 # runs, forward only (the backward's products have fp32 outputs).
-@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+@needs_gpu
 @pytest.mark.parametrize("rows,in_f,out_f,r", [(2048, 1024, 4096, 64), (1024, 4096, 11008, 64)], ids=str)
 def test_linear_bf16_rounds_once_in_large_gemms(rows, in_f, out_f, r):
     x = rand(rows, in_f, dtype=torch.bfloat16, device="cuda")

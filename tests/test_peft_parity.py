@@ -22,11 +22,9 @@ from peft.tuners.miss.layer import MissLinear as PeftMissLinear  # noqa: E402
 
 from miss_ext import MissLinear  # noqa: E402
 from miss_ext.peft import accelerate  # noqa: E402
-from conftest import autocast_sensitive_inputs, run_fwd_bwd  # noqa: E402
+from conftest import DEVICES, autocast_sensitive_inputs, needs_gpu, run_fwd_bwd  # noqa: E402
 from reference import autocast_linear_ref, fold_ref  # noqa: E402
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
@@ -467,8 +465,8 @@ def test_r_greater_than_in_merge_unmerge_formula(case, dtype, device):
 
 AUTOCAST = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
-    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=CUDA),
-    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=CUDA),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=needs_gpu),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=needs_gpu),
 ]
 
 
