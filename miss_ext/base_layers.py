@@ -157,6 +157,17 @@ def _own_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """Whether `module` carries a forward of its own (an instance attribute: a lambda, a wrapper, a
+    bound method). `module.forward` is read first so that torch.compile guards the lookup: it
+    does not guard a `vars(module)` test alone, so a forward set after compiling was ignored,
+    silently (the fused op kept replacing the base's call: outputs 3.25 off; a compile review,
+    2026-12-06). The decision stays on `vars`: Dynamo answers `forward.__func__` and
+    `forward.__self__` with other objects than eager's."""
+    module.forward  # noqa: B018 (read for torch.compile's guard)
+    return "forward" in vars(module)
+
+
 def _parametrized(module: nn.Module) -> bool:
     """parametrize.is_parametrized(module), answered without its getattr where the module has no
     `parametrizations` anywhere: that getattr raises and catches nn.Module's AttributeError, 0.9 us
@@ -196,7 +207,7 @@ def is_plain_linear(module: nn.Module, global_hooks: bool = True) -> bool:
     it: it asks with global_hooks=False. not_plain_reason says in words why a module is not."""
     cls = type(module)
     return ((cls is nn.Linear or linear_class_override(cls) is None)
-            and "forward" not in vars(module)
+            and not _own_forward(module)
             and not _own_hooks(module)
             and not (global_hooks and (_global_hooks() or not _forward_is_the_class_own(cls)))
             and not _parametrized(module)
@@ -245,7 +256,7 @@ def is_plain_conv1d(module: nn.Module) -> bool:
     Conv1D.forward, no per-instance forward, hooks of its own or global ones, parametrization,
     plain floating tensors), so that a merge into W leaves its output what the unmerged layer
     computed."""
-    return (is_conv1d(module) and _conv1d_forward_is_transformers(type(module)) and "forward" not in vars(module)
+    return (is_conv1d(module) and _conv1d_forward_is_transformers(type(module)) and not _own_forward(module)
             and not _own_hooks(module) and not _global_hooks() and not _parametrized(module)
             and _plain_weight_and_bias(module))
 
@@ -286,7 +297,7 @@ def not_plain_reason(module: nn.Module, global_hooks: bool = True) -> Optional[s
         return f"it is a {type_name(cls)}, not an nn.Linear"
     if override is not None:
         return f"its class {type_name(cls)} overrides nn.Linear's {override}"
-    if "forward" in vars(module):
+    if _own_forward(module):
         return "it has a forward of its own (an instance attribute)"
     if _own_hooks(module):
         return "it has forward or backward hooks"
@@ -456,7 +467,12 @@ def _overlaps_itself(t: Tensor) -> bool:
     writes (torch._debug_has_internal_overlap: 1 = yes, 0 = no) first; where it answers 2, too hard
     to tell (strides that interleave: shape (8, 3) with strides (2, 3) overlaps, (4, 3) with (3, 4)
     does not), which torch's in-place ops let through and which made miss.merge_ write a wrong
-    weight silently, the elements' offsets are counted (a rare layout; numel int64s)."""
+    weight silently, the elements' offsets are counted (a rare layout; numel int64s). A
+    contiguous tensor (every weight but a view's) is answered first, without torch's test, which
+    torch.compile cannot trace (a compiled forward of a merged PEFT model under disable_adapter()
+    unmerges: fullgraph=True failed there; a compile review, 2026-12-06)."""
+    if t.is_contiguous():
+        return False
     has_overlap = getattr(torch, "_debug_has_internal_overlap", None)
     verdict = has_overlap(t) if has_overlap is not None else 2
     if verdict != 2:

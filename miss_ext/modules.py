@@ -359,6 +359,24 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
     loaded alone into an adapter that stays merged (the merged forward skips the block, so it
     would change nothing). `load()` runs nn.Module's own load; the record's key is then not
     "unexpected". Returns the record after the load, or None if refused."""
+    refusal, after = merge_record_refusal(module, state_dict, prefix, key, current, decode, assign, unrecorded, check)
+    if refusal is not None:
+        refuse_layer_load(module, state_dict, prefix, strict, missing_keys, error_msgs, refusal)
+        return None
+    load()
+    if key in unexpected_keys:
+        unexpected_keys.remove(key)
+    if assign:  # the state_dict's weight becomes the layer's: its record is this layer's to mark stale
+        merge_record.follow(module, state_dict, key, prefix + "base_layer.weight", list(after))
+    return after
+
+
+def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: str, current: list, decode,
+                         assign: bool = False, unrecorded: Optional[str] = None,
+                         check=list) -> Tuple[Optional[str], list]:
+    """(why the module refuses to load from `state_dict`, or None; its merge record after the
+    load): load_merge_record's checks (its arguments), with nothing changed. Also run up front by
+    a model that checks all its layers before any loads (AcceleratedMissModel)."""
     weight_key = prefix + "base_layer.weight"
     refusal = None
     after = current
@@ -392,15 +410,7 @@ def load_merge_record(module: nn.Module, state_dict: dict, prefix: str, key: str
             refusal = (f"cannot load the block of merged adapter(s) {alone} alone (the merged weight holds the current "
                        "block's dW, which the loaded block would not replace); unmerge first, or load the merged "
                        "base_layer.weight with it")
-    if refusal is not None:
-        refuse_layer_load(module, state_dict, prefix, strict, missing_keys, error_msgs, refusal)
-        return None
-    load()
-    if key in unexpected_keys:
-        unexpected_keys.remove(key)
-    if assign:  # the state_dict's weight becomes the layer's: its record is this layer's to mark stale
-        merge_record.follow(module, state_dict, key, weight_key, list(after))
-    return after
+    return refusal, after
 
 
 def refuse_meta(what: str, named: Iterable[Tuple[str, Tensor]]) -> None:

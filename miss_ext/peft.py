@@ -30,6 +30,11 @@ the spec's intent instead:
   merge_and_unload merges every layer before it unloads any, and set_adapter on a merged model
   unmerges every layer (unmerge_adapter) before it switches any (PEFT unmerges and switches
   layer by layer);
+- loads through the PeftModel or its tuner (PeftModel.load_adapter) are all or nothing: every
+  layer's load checks run before anything loads (AcceleratedMissModel._load_from_state_dict);
+- a bat adapter under another PEFT layer wrapping its layer (a LoRA injected on the same module)
+  is not merged (that layer's merge goes into the weight first), and PEFT's unload of a model
+  holding miss_ext's own layers is refused before anything changes (TypeError naming the layer);
 - a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging; not under
   PEFT's disable_adapter(), see there), and a failed add_adapter leaves no block behind, nor do
   earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
@@ -98,7 +103,7 @@ require_version("peft", "0.20", "peft", "miss_ext.peft",
                 "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
-from peft.tuners.tuners_utils import check_adapters_to_merge  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
@@ -106,14 +111,14 @@ from .model import check_module, offload_hook, parent_module, under_offload_hook
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
-                      check_widths, jagged_forward, json_tensor, load_merge_record, non_finite_summary,
-                      refuse_forward_tangents, refuse_nested, tensor_json)
+                      check_widths, jagged_forward, json_tensor, load_merge_record, merge_record_refusal,
+                      non_finite_summary, refuse_forward_tangents, refuse_nested, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from . import merge_record  # noqa: E402
 from .ops import new_dropout_key  # noqa: E402
 from .targets import describe, record_sharing, set_module, shared_weight_message  # noqa: E402
-from .weight_metadata import base_tensor_attribute  # noqa: E402
+from .weight_metadata import BaseTensorAttributes, base_tensor_attribute  # noqa: E402
 
 __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "restore", "is_accelerated"]
 
@@ -986,31 +991,40 @@ class AcceleratedMissLinear(PeftMissLinear):
                             list(self.merged_adapters))
         return out
 
+    @staticmethod
+    def _decode_record(encoded) -> list:
+        """The adapter names of a saved MERGED_KEY record; ValueError for anything else."""
+        try:
+            names = tensor_json(encoded)
+        except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
+            names = None
+        if names == _STALE_RECORD:
+            raise ValueError(merge_record.STALE)  # written by _mark_record_stale (merge_record)
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+            raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
+        return names
+
+    def _check_record_names(self, names) -> list:
+        unknown = [n for n in names if n not in self.miss_block]
+        if unknown:
+            raise ValueError(f"names adapters {unknown} that this layer does not have ({list(self.miss_block)})")
+        return list(names)
+
+    def _load_refusal(self, state_dict, prefix: str, assign: bool) -> Optional[str]:
+        """Why this layer would refuse to load from `state_dict` (modules.merge_record_refusal), or
+        None; nothing changed."""
+        return merge_record_refusal(self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters),
+                                    self._decode_record, assign, self.UNRECORDED, self._check_record_names)[0]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        def decode(encoded):
-            try:
-                names = tensor_json(encoded)
-            except ValueError:  # tensor_json's own, UnicodeDecodeError and JSONDecodeError
-                names = None
-            if names == _STALE_RECORD:
-                raise ValueError(merge_record.STALE)  # written by _mark_record_stale (merge_record)
-            if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
-                raise ValueError("must be a 1-D uint8 tensor of a JSON list of distinct adapter names")
-            return names
-
-        def check(names):
-            unknown = [n for n in names if n not in self.miss_block]
-            if unknown:
-                raise ValueError(f"names adapters {unknown} that this layer does not have ({list(self.miss_block)})")
-            return list(names)
-
         after = load_merge_record(
-            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), decode, strict,
+            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), self._decode_record, strict,
             missing_keys, unexpected_keys, error_msgs,
             lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED, check=check)
+            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED,
+            check=self._check_record_names)
         if after is not None:
             self.merged_adapters = list(after)
             _record_changed(self)
@@ -1405,7 +1419,11 @@ class AcceleratedMissModel(MissModel):
                 raise ValueError(f"adapter_names={adapter_names!r}: {unknown} name no adapter of this model "
                                  f"(it has {list(self.peft_config)}); nothing was merged")
         record_accelerated_sharing(self.model)  # re-checked: the user may have untied since accelerate()
+        tuners = []  # paths of the PEFT layers seen so far (named_modules lists a parent before its children)
         for path, layer in self.model.named_modules():
+            wrapper = next((t for t in tuners if path.startswith(t + ".")), None)
+            if isinstance(layer, BaseTunerLayer):
+                tuners.append(path)
             if type(layer) is PeftMissLinear:
                 # A plain PEFT layer beside accelerated ones (add_adapter on new modules without a
                 # second accelerate, README): PEFT's merge, checked on a copy with safe_merge. Its NaN
@@ -1419,6 +1437,16 @@ class AcceleratedMissModel(MissModel):
                 continue
             try:
                 names = layer._merge_plan(adapter_names)
+                bats = [name for name in names if _is_bat(layer.miss_block[name])]
+                if bats and wrapper is not None:
+                    # Another PEFT layer holds this one as its base (peft.inject_adapter_in_model of a
+                    # LoRA on the same module): PEFT's loop merges it first, into the weight this bat
+                    # transform then multiplies, so the merged model would compute bat(W + dW)
+                    # where the forward computes bat(W) + dW (a PEFT interop review, 2026-12-06).
+                    outer = type_name(self.model.get_submodule(wrapper))
+                    raise ValueError(f"bat adapter(s) {bats} cannot be merged under {outer} at {wrapper!r}, which "
+                                     "wraps this layer: its merge goes into the same weight first, and the bat "
+                                     "transform does not commute with it")
                 if safe_merge and names:
                     if layer._fast_path():
                         with torch.no_grad():
@@ -1480,6 +1508,23 @@ class AcceleratedMissModel(MissModel):
                                                "set_peft_model_state_dict; only another adapter's blocks may load"
                                                + (f"; adapter(s) {added}, added for this load, were removed again"
                                                   if added else "") + ")")
+        # All or nothing: a layer refusing its part (a merged adapter's block loaded alone, a bad
+        # merge record, another shape) was skipped while torch loaded every other module, so
+        # PeftModel.load_adapter left the model a mix of two checkpoints (a PEFT API review,
+        # 2026-12-06). Every accelerated layer's checks run first, on the same dict; torch reaches
+        # this module before any of its layers (load_state_dict of the layers' model or of one
+        # layer keeps torch's rule: the others load, the refusal is raised at the end).
+        assign = bool(args) and bool(args[0].get("assign_to_params_buffers", False))
+        refusals = []
+        for path, layer in self.model.named_modules():
+            layer_prefix = f"{prefix}model.{path}." if path else f"{prefix}model."
+            if type(layer) is AcceleratedMissLinear and any(key.startswith(layer_prefix) for key in state_dict):
+                why = layer._load_refusal(state_dict, layer_prefix, assign)
+                if why is not None:
+                    refusals.append(f"{layer_prefix.rstrip('.')}: {why}")
+        if refusals:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded:\n\t"
+                               + "\n\t".join(refusals))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
@@ -1596,6 +1641,13 @@ class AcceleratedMissModel(MissModel):
             bound.arguments["adapter_names"] = _listed(bound.arguments["adapter_names"])
             args, kwargs = bound.args[1:], bound.kwargs
         self._refuse_during_names_call("merge_and_unload" if bound.arguments.get("merge") else "unload")
+        # miss_ext's own layers in the model (apply_miss / apply_bank before get_peft_model), which
+        # PEFT's loop would take for its own: TypeError naming the first, before anything changes
+        # (PEFT's loop reaches it after unloading the layers before it).
+        tuners = [path for path, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)]
+        for path, module in self.model.named_modules():
+            if isinstance(module, BaseTensorAttributes) and not any(path.startswith(t + ".") for t in tuners):
+                module.unload_and_optionally_merge_module()
         if bound.arguments.get("merge"):
             # Every layer is merged (all or nothing, see merge_adapter) before any is unloaded;
             # PEFT's loop would merge and unload layer by layer. Its own merge calls then find

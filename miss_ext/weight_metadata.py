@@ -164,8 +164,27 @@ def check_base_tensor_assignment(base_layer: Optional[torch.nn.Module], where: s
 class BaseTensorAttributes:
     """Mixin of the adapted layers that hold a `base_layer` (MissLinear, MissBankLinear; listed
     before nn.Module in their bases): `.weight` / `.bias` read the base tensor's metadata
-    (base_tensor_attribute), and assigning them is checked (check_base_tensor_assignment).
-    `_describe()` names the layer in the messages."""
+    (base_tensor_attribute), and assigning them is checked (check_base_tensor_assignment); PEFT's
+    unload refuses them by name (unload_and_optionally_merge_module). `_describe()` names the
+    layer in the messages."""
+
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False,
+                                           adapter_names: Optional[list] = None):
+        """Raises TypeError: PEFT cannot unload this layer. PEFT's merge_and_unload() and unload()
+        take every module holding a `base_layer` for one of their own layers, and call this method
+        of a layer that has it instead of their own steps. On a PeftModel built over a model that
+        already holds miss_ext layers (miss_ext.apply_miss or apply_bank, then get_peft_model)
+        they used to call this layer's merge with PEFT's arguments, or a get_base_layer() it lacks,
+        and fail part way with a TypeError / AttributeError naming "MissLinear", PEFT's own class
+        name (a PEFT interop review, 2026-12-06).
+        Decision: refuse rather than merge or drop this adapter inside PEFT's call. It is not one of
+        PEFT's adapters, and miss_ext.merge_and_unload merges it with its own checks. The
+        accelerated PEFT model (miss_ext.peft) checks this before it changes anything; plain PEFT
+        reaches it in its loop, after the PEFT layers before this one."""
+        raise TypeError(f"{self._describe()} is a miss_ext layer (miss_ext.apply_miss / apply_bank), not a PEFT "
+                        "layer: PEFT's merge_and_unload() / unload() cannot remove it. Remove miss_ext's layers "
+                        "first, with miss_ext's API on the model PEFT wraps: miss_ext.merge_and_unload(peft_model."
+                        "get_base_model()) merges the MissLinear layers into their weights")
 
     def __getattr__(self, name: str):
         try:

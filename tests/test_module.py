@@ -958,6 +958,27 @@ def test_compile_inductor_dropout_consistent(device, dynamo_reset):
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("mode,mini_r", [("default", 1), ("mini", 4)])
+def test_a_base_forward_replaced_after_compiling_is_called(mode, mini_r, dynamo_reset):
+    """A forward set on the base layer after compiling makes the base not plain (MissLinear calls
+    it and adds its term). The check read `vars(base)`, which torch.compile does not guard: the
+    compiled layer kept the fused op and ignored the new forward, silently (3.25 off). Now read
+    after reading base.forward, which it guards; deleting the forward gives the fused path back."""
+    m = make(10, 20, 2, mode, mini_r)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    x = torch.randn(5, 10)
+    compiled(x)
+    weight, bias = m.base_layer.weight, m.base_layer.bias
+    m.base_layer.forward = lambda t: F.linear(t, weight, bias) * 3
+    want = m(x)
+    twin = make(10, 20, 2, mode, mini_r)  # same values, its base plain
+    torch.testing.assert_close(want, F.linear(x, weight, bias) * 3 + twin(x) - twin.base_layer(x))
+    torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    del m.base_layer.forward
+    assert miss_ext.base_layers.is_plain_linear(m.base_layer)
+    torch.testing.assert_close(compiled(x), twin(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_function_calling_ops_directly(device, dynamo_reset):
     def fn(x, w, blk):
