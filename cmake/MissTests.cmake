@@ -4,6 +4,9 @@
 #                     (a separate process)
 #   serve_torchscript, serve_aoti
 #                     the in-tree C++ examples against them
+#   serve_missing_file
+#                     an example given a file that does not exist prints the error and exits (an
+#                     abort through std::terminate before; a C++ review, 2026-12-06)
 #   install           fixture: cmake --install into <build>/test-install
 #   consumer_build    fixture: examples/cpp configured and built on its own with
 #                     find_package(miss_ext) against that install (headers, package config)
@@ -31,6 +34,11 @@ set_tests_properties(python_models PROPERTIES FIXTURES_SETUP models TIMEOUT 900 
 
 add_test(NAME serve_torchscript COMMAND serve_torchscript "${_models}/miss_model.pt" "${_models}/miss_expected.pt")
 set_tests_properties(serve_torchscript PROPERTIES FIXTURES_REQUIRED models TIMEOUT 300)
+
+# The message line is run_main's ("<program>: <error>"): an abort prints "terminate called" instead.
+add_test(NAME serve_missing_file COMMAND serve_torchscript "${_models}/no_such_model.pt" "${_models}/no_such.pt")
+set_tests_properties(serve_missing_file PROPERTIES TIMEOUT 120
+  PASS_REGULAR_EXPRESSION "serve_torchscript: [^\n]*no_such_model[.]pt")
 
 if(MISS_EXT_TEST_AOTI)
   add_test(NAME serve_aoti COMMAND serve_aoti "${_models}/miss_model.pt2" "${_models}/miss_expected.pt")

@@ -33,8 +33,9 @@ the spec's intent instead:
 - loads through the PeftModel or its tuner (PeftModel.load_adapter) are all or nothing: every
   layer's load checks run before anything loads (AcceleratedMissModel._load_from_state_dict);
 - a bat adapter under another PEFT layer wrapping its layer (a LoRA injected on the same module)
-  is not merged (that layer's merge goes into the weight first), and PEFT's unload of a model
-  holding miss_ext's own layers is refused before anything changes (TypeError naming the layer);
+  that is merged already or in the same call (first: its merge goes into the weight bat then
+  transforms) is not merged, and PEFT's unload of a model holding miss_ext's own layers is
+  refused before anything changes (TypeError naming the layer);
 - a refused forward changes no layer (AcceleratedMissModel._check_before_unmerging; not under
   PEFT's disable_adapter(), see there), and a failed add_adapter leaves no block behind, nor do
   earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
@@ -163,6 +164,32 @@ def _expand_size(kwargs: Dict[str, object], default_config: object = None) -> in
     if isinstance(beams, int) and beams > 1:
         return beams
     return returned if isinstance(returned, int) and returned > 1 else 1
+
+
+def _generate_arguments(method, args: tuple, kwargs: Dict[str, object]) -> Dict[str, object]:
+    """generate()'s arguments by name: `kwargs` plus those given by position (transformers'
+    generate(inputs, generation_config, ...): a GenerationConfig passed second by position was
+    not seen, so its num_beams / num_return_sequences did not repeat the names; a serving
+    review, 2026-12-06). `kwargs` alone where `method`'s signature cannot bind `args`."""
+    if not args:
+        return kwargs
+    try:
+        bound = inspect.signature(method).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return kwargs
+    named = {name: value for name, value in bound.arguments.items()
+             if bound.signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                              inspect.Parameter.VAR_KEYWORD)}
+    return {**named, **kwargs}
+
+
+def _prompt_count(arguments: Dict[str, object]) -> Optional[int]:
+    """How many prompts generate() got (the rows of inputs / input_ids / inputs_embeds), or None."""
+    for name in ("inputs", "input_ids", "inputs_embeds"):
+        value = arguments.get(name)
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
 
 
 _NOTHING = object()
@@ -1041,6 +1068,32 @@ class AcceleratedMissLinear(PeftMissLinear):
                   "these adapters: miss_ext.peft.restore(model), load_state_dict, then miss_ext.peft.accelerate(model)")
 
 
+def _wrapper_merged_first(model: nn.Module, path: str, layer: nn.Module,
+                          adapter_names: Optional[List[str]]) -> Optional[str]:
+    """The path of a PEFT layer wrapping `layer` (its base_layer chain reaches it: a LoRA injected
+    on the same module by peft.inject_adapter_in_model) that is merged already, or that a merge of
+    `adapter_names` (None: each layer's active adapters) merges in the same call, or None. PEFT's
+    loop merges it first (parents before children), into the weight a bat transform then
+    multiplies: bat(W + dW) where the forward computes bat(W) + dW (a PEFT interop review,
+    2026-12-06; plain PEFT 0.6 off there). Merged after the bat adapter (another call), it is
+    exact: bat(W) + dW."""
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        outer_path = ".".join(parts[:end])
+        outer = model.get_submodule(outer_path)
+        if not isinstance(outer, BaseTunerLayer):
+            continue
+        inner = outer
+        while inner is not layer and isinstance(getattr(inner, "base_layer", None), nn.Module):
+            inner = inner.base_layer
+        if inner is not layer:
+            continue  # an ancestor that adapts something else (a ParamWrapper of the parent module)
+        names = outer.active_adapters if adapter_names is None else adapter_names
+        if getattr(outer, "merged", False) or set(names) & outer._get_available_adapters():
+            return outer_path
+    return None
+
+
 def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
     """Unmerges the layer's merged adapters, the last merged first, until `keep` are left (the
     fast path's arithmetic; unmerge() is this down to 0, after its checks)."""
@@ -1280,7 +1333,16 @@ class AcceleratedMissModel(MissModel):
             if _outside_the_call(holder):  # another thread's call, or after the call (a copy's)
                 with _plain_call(self):
                     return original(*gen_args, **gen_kwargs)
-            holder["names"] = _repeat(names, _expand_size(gen_kwargs, getattr(inner, "generation_config", None)))
+            arguments = _generate_arguments(original, gen_args, gen_kwargs)
+            times = _expand_size(arguments, getattr(inner, "generation_config", None))
+            prompts = _prompt_count(arguments)
+            if prompts is not None and prompts != len(names):
+                # Before any forward: a layer would count the repeated names against the repeated
+                # rows, naming neither what was given nor why (a serving review, 2026-12-06).
+                raise ValueError(f"{where}: adapter_names has {len(names)} entries but generate() got {prompts} "
+                                 f"prompt(s): give one name per prompt; generate() repeats each prompt's name for its "
+                                 f"{times} beams / returned sequences itself")
+            holder["names"] = _repeat(names, times)
             return original(*gen_args, **gen_kwargs)
 
         handles, flagged, holders = [], [], [holder]  # holders: the call's and its encoder's
@@ -1419,11 +1481,7 @@ class AcceleratedMissModel(MissModel):
                 raise ValueError(f"adapter_names={adapter_names!r}: {unknown} name no adapter of this model "
                                  f"(it has {list(self.peft_config)}); nothing was merged")
         record_accelerated_sharing(self.model)  # re-checked: the user may have untied since accelerate()
-        tuners = []  # paths of the PEFT layers seen so far (named_modules lists a parent before its children)
         for path, layer in self.model.named_modules():
-            wrapper = next((t for t in tuners if path.startswith(t + ".")), None)
-            if isinstance(layer, BaseTunerLayer):
-                tuners.append(path)
             if type(layer) is PeftMissLinear:
                 # A plain PEFT layer beside accelerated ones (add_adapter on new modules without a
                 # second accelerate, README): PEFT's merge, checked on a copy with safe_merge. Its NaN
@@ -1438,15 +1496,12 @@ class AcceleratedMissModel(MissModel):
             try:
                 names = layer._merge_plan(adapter_names)
                 bats = [name for name in names if _is_bat(layer.miss_block[name])]
-                if bats and wrapper is not None:
-                    # Another PEFT layer holds this one as its base (peft.inject_adapter_in_model of a
-                    # LoRA on the same module): PEFT's loop merges it first, into the weight this bat
-                    # transform then multiplies, so the merged model would compute bat(W + dW)
-                    # where the forward computes bat(W) + dW (a PEFT interop review, 2026-12-06).
+                wrapper = _wrapper_merged_first(self.model, path, layer, adapter_names) if bats else None
+                if wrapper is not None:
                     outer = type_name(self.model.get_submodule(wrapper))
                     raise ValueError(f"bat adapter(s) {bats} cannot be merged under {outer} at {wrapper!r}, which "
-                                     "wraps this layer: its merge goes into the same weight first, and the bat "
-                                     "transform does not commute with it")
+                                     "wraps this layer and is merged first (or already): its merge goes into the "
+                                     "same weight, and the bat transform does not commute with it")
                 if safe_merge and names:
                     if layer._fast_path():
                         with torch.no_grad():
@@ -1514,14 +1569,30 @@ class AcceleratedMissModel(MissModel):
         # 2026-12-06). Every accelerated layer's checks run first, on the same dict; torch reaches
         # this module before any of its layers (load_state_dict of the layers' model or of one
         # layer keeps torch's rule: the others load, the refusal is raised at the end).
+        # A layer under a module with load_state_dict pre-hooks, which may rewrite its keys before
+        # it loads (transformers' Mamba and ESM; a review, 2026-12-06: a transposing hook's load
+        # was refused), keeps torch's rule, and so does everything under this module's own hooks
+        # (they run in nn.Module's load, after this check).
         assign = bool(args) and bool(args[0].get("assign_to_params_buffers", False))
-        refusals = []
-        for path, layer in self.model.named_modules():
+        layers, hooked = {}, []  # {key prefix: layer}, key prefixes of hooked modules
+        for path, module in ([] if self._load_state_dict_pre_hooks else self.model.named_modules()):
             layer_prefix = f"{prefix}model.{path}." if path else f"{prefix}model."
-            if type(layer) is AcceleratedMissLinear and any(key.startswith(layer_prefix) for key in state_dict):
-                why = layer._load_refusal(state_dict, layer_prefix, assign)
-                if why is not None:
-                    refusals.append(f"{layer_prefix.rstrip('.')}: {why}")
+            if module._load_state_dict_pre_hooks:
+                hooked.append(layer_prefix)
+            if type(module) is AcceleratedMissLinear and not any(map(layer_prefix.startswith, hooked)):
+                layers[layer_prefix] = module
+        touched = {}  # the layers the dict has keys of: each key's prefixes looked up, longest first
+        for key in (state_dict if layers else ()):
+            end = key.rfind(".")
+            while end > 0 and key[:end + 1] not in layers:
+                end = key.rfind(".", 0, end)
+            if end > 0:
+                touched[key[:end + 1]] = layers[key[:end + 1]]
+        refusals = []
+        for layer_prefix, layer in touched.items():
+            why = layer._load_refusal(state_dict, layer_prefix, assign)
+            if why is not None:
+                refusals.append(f"{layer_prefix.rstrip('.')}: {why}")
         if refusals:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded:\n\t"
                                + "\n\t".join(refusals))

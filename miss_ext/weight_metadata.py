@@ -181,10 +181,15 @@ class BaseTensorAttributes:
         PEFT's adapters, and miss_ext.merge_and_unload merges it with its own checks. The
         accelerated PEFT model (miss_ext.peft) checks this before it changes anything; plain PEFT
         reaches it in its loop, after the PEFT layers before this one."""
+        if "miss_block" in self._parameters:  # MissLinear
+            way_out = ("miss_ext.merge_and_unload(peft_model.get_base_model()) merges the MissLinear layers into "
+                       "their weights")
+        else:  # MissBankLinear: several adapters, none to merge, and no miss_ext function unloads a bank
+            way_out = ("a bank layer has no merge: save its adapters if needed (miss_ext.save_bank_adapter), then "
+                       "put each bank layer's base_layer back in its place")
         raise TypeError(f"{self._describe()} is a miss_ext layer (miss_ext.apply_miss / apply_bank), not a PEFT "
                         "layer: PEFT's merge_and_unload() / unload() cannot remove it. Remove miss_ext's layers "
-                        "first, with miss_ext's API on the model PEFT wraps: miss_ext.merge_and_unload(peft_model."
-                        "get_base_model()) merges the MissLinear layers into their weights")
+                        f"first, on the model PEFT wraps: {way_out}")
 
     def __getattr__(self, name: str):
         try:

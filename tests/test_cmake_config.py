@@ -1,7 +1,8 @@
-"""The CMake helpers a consumer meets through find_package(miss_ext), run without building
-anything: cmake/MissCudaArchs.cmake in script mode (cmake -P), and the package config
-(cmake/miss_extConfig.cmake.in) configured against a stand-in torch package and a stand-in
-library target, in a configure-only project (LANGUAGES NONE).
+"""The CMake helpers a consumer meets through find_package(miss_ext), and the library's own
+configure, run without building anything: cmake/MissCudaArchs.cmake in script mode (cmake -P),
+the package config (cmake/miss_extConfig.cmake.in) configured against a stand-in torch package
+and a stand-in library target, in a configure-only project (LANGUAGES NONE), and the library's
+configure of its ctest checks.
 
 The library's own build and install are tested by tests/test_cmake_library.py and ctest
 (scripts/cmake_test.sh)."""
@@ -170,3 +171,32 @@ def test_find_package_refuses_another_torch_naming_both_versions(tmp_path):
     assert done.returncode != 0
     message = " ".join(done.stderr.split())
     assert "miss_ext was built against torch 2.14.1 but find_package(Torch) found torch 2.15.0" in message
+
+
+def test_a_reconfigure_with_a_working_python_turns_the_ctest_checks_on(tmp_path):
+    """The library's own configure (no build): a first configure whose Python probe fails turns the
+    ctest checks off with a warning. option() cached that OFF, and a re-configure with a working
+    -DMISS_EXT_PYTHON, as the warning advises, kept them off without a word: ctest found no tests
+    (a C++ review, 2026-12-06). The default is decided at every configure; -DMISS_EXT_BUILD_TESTS=OFF
+    given by the user is kept, with a status line."""
+    import sys
+    import torch
+    import miss_ext
+    env = _env_without_arch_list()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(miss_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    build = tmp_path / "build"
+    tests = build / "CTestTestfile.cmake"
+
+    def configure(*options):
+        done = subprocess.run([CMAKE, "-S", str(ROOT), "-B", str(build), *options], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    done = configure(f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DMISS_EXT_WITH_CUDA=OFF",
+                     "-DMISS_EXT_PYTHON=/bin/false")
+    assert "ctest checks off (ctest will find no tests)" in done.stderr and not tests.exists()
+    configure(f"-DMISS_EXT_PYTHON={sys.executable}")
+    assert "serve_torchscript" in tests.read_text()
+    done = configure("-DMISS_EXT_BUILD_TESTS=OFF")
+    assert "miss_ext: ctest checks off (MISS_EXT_BUILD_TESTS=OFF)" in done.stdout

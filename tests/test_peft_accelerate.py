@@ -669,6 +669,13 @@ def test_a_bat_adapter_under_another_peft_layer_is_not_merged(base):
                                                      r"peft\.tuners\.lora\.layer\.Linear at '.*q_proj'"):
                     merge()
                 assert_unchanged(model, snap)
+            # The LoRA left unmerged (another adapter named), or merged in a later call: exact.
+            model.merge_adapter(adapter_names=["default"])
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, want, **TOL)
+            model.merge_adapter(adapter_names=["lora"])
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, want, **TOL)
         else:
             model.merge_adapter()
             with torch.no_grad():
@@ -706,6 +713,33 @@ def test_peft_unload_refuses_miss_ext_layers_of_the_model_it_wraps(base):
     assert not any(isinstance(m, (MissLinear, PeftMissLinear)) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens()).logits, want, **TOL)
+    # A bank layer: no merge to advise.
+    inner = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=2, max_r=R)
+    model = accelerate(get_peft_model(inner, MissConfig(r=R, target_modules=["v_proj"], init_weights=False)))
+    with pytest.raises(TypeError, match=r"MissBankLinear is a miss_ext layer .* a bank layer has no merge"):
+        model.merge_and_unload()
+
+
+def test_a_load_whose_keys_an_ancestors_hook_rewrites_is_checked_as_it_loads(base):
+    """The up-front load checks read the dict before the load_state_dict pre-hooks of the modules
+    between the tuner and a layer run (transformers' Mamba and ESM register key-rewriting ones):
+    a hook transposing a stored weight into its layer's shape was refused as a size mismatch (a
+    review, 2026-12-06). Such layers keep torch's per-module checks."""
+    source = accelerate(peft_model(base, "default", seed=5)).eval()
+    model = accelerate(peft_model(base, "default")).eval()
+    key = "base_model.model.model.layers.0.self_attn.v_proj.base_layer.weight"
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state[key] = state[key].t().contiguous()  # stored (in, out), as a converted checkpoint might
+
+    def transpose_back(state_dict, prefix, *args):
+        name = prefix + "self_attn.v_proj.base_layer.weight"
+        if name in state_dict:
+            state_dict[name] = state_dict[name].t()
+
+    model.base_model.model.model.layers[0]._register_load_state_dict_pre_hook(transpose_back)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()).logits, source(tokens()).logits, **TOL)
 
 
 def test_safe_merge_with_a_broken_adapter_changes_nothing(base):

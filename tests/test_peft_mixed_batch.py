@@ -369,6 +369,27 @@ def test_generate_follows_the_models_own_num_beams(models):
         assert torch.equal(got[i], want[0]), name
 
 
+def test_a_generation_config_given_by_position_repeats_the_names(models):
+    """generate(input_ids, generation_config, ...), transformers' own signature: the names were
+    repeated for a generation_config given by keyword only, so a positional one with num_beams=2
+    failed with a row-count error (a serving review, 2026-12-06). And a name per returned
+    sequence (6 names for 3 prompts) is refused before any forward, saying names are per prompt
+    (the layers' message counted the repeated names against the repeated rows)."""
+    from transformers import GenerationConfig
+
+    model, singles = models
+    ids = tokens(3, 5, seed=9)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        got = model.generate(ids, config, adapter_names=NAMES[:3])
+        assert torch.equal(got, model.generate(input_ids=ids, generation_config=config, adapter_names=NAMES[:3]))
+        for i, name in enumerate(NAMES[:3]):
+            assert torch.equal(got[2 * i:2 * i + 2], singles[name].generate(ids[i:i + 1], config)), name
+        with pytest.raises(ValueError, match=r"adapter_names has 6 entries but generate\(\) got 3 prompt\(s\): give "
+                                             r"one name per prompt; generate\(\) repeats each prompt's name for its 2 "):
+            model.generate(ids, config, adapter_names=[n for n in NAMES[:3] for _ in range(2)])
+
+
 def test_peft_corner_cases_are_refused():
     base = no_eos(tiny_causal_lm("llama"))
     ids = tokens(2, 4)

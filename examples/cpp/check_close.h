@@ -1,9 +1,12 @@
-// Comparison helper of the C++ examples: prints one line per check and counts failures.
+// Helpers of the C++ examples: a comparison that prints one line per check and counts failures,
+// and the exit status.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 #include <cstdio>
+#include <exception>
 #include <string>
 
 namespace miss_example {
@@ -29,6 +32,21 @@ inline void check_close(const std::string& what, const at::Tensor& got, const at
 inline int report() {
   std::printf("%s\n", failures() == 0 ? "OK" : "FAILED");
   return failures() == 0 ? 0 : 1;
+}
+
+// Runs an example's body and returns its exit status. An error it throws (a missing or wrong model
+// file, an op refusing its input: c10::Error, a std::exception) is printed and gives status 1, as a
+// server catches it (README, "Deploy without Python"), rather than std::terminate's abort.
+template <typename Body>
+int run_main(const char* program, Body&& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what());
+  }
+  return 1;
 }
 
 }  // namespace miss_example

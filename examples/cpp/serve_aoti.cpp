@@ -19,16 +19,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s <miss_model.pt2> <miss_expected.pt>\n", argv[0]);
     return 2;
   }
-  c10::InferenceMode guard;
-  torch::inductor::AOTIModelPackageLoader loader(argv[1]);
-  torch::jit::Module expected = torch::jit::load(argv[2]);
-  // Inductor's fused CPU kernels round differently from eager: a looser tolerance than for
-  // TorchScript, as in tests/test_aoti.py.
-  for (const char* suffix : {"", "2"}) {
-    const at::Tensor x = expected.attr(std::string("x") + suffix).toTensor();
-    const std::vector<at::Tensor> out = loader.run({x});
-    miss_example::check_close("AOTI y, batch " + std::to_string(x.size(0)), out.at(0),
-                              expected.attr(std::string("y") + suffix).toTensor(), 1e-5, 1e-5);
-  }
-  return miss_example::report();
+  return miss_example::run_main(argv[0], [&] {
+    c10::InferenceMode guard;
+    torch::inductor::AOTIModelPackageLoader loader(argv[1]);
+    torch::jit::Module expected = torch::jit::load(argv[2]);
+    // Inductor's fused CPU kernels round differently from eager: a looser tolerance than for
+    // TorchScript, as in tests/test_aoti.py.
+    for (const char* suffix : {"", "2"}) {
+      const at::Tensor x = expected.attr(std::string("x") + suffix).toTensor();
+      const std::vector<at::Tensor> out = loader.run({x});
+      miss_example::check_close("AOTI y, batch " + std::to_string(x.size(0)), out.at(0),
+                                expected.attr(std::string("y") + suffix).toTensor(), 1e-5, 1e-5);
+    }
+    return miss_example::report();
+  });
 }
