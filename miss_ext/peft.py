@@ -1496,12 +1496,21 @@ class AcceleratedMissModel(MissModel):
             try:
                 names = layer._merge_plan(adapter_names)
                 bats = [name for name in names if _is_bat(layer.miss_block[name])]
-                wrapper = _wrapper_merged_first(self.model, path, layer, adapter_names) if bats else None
+                # Active bat adapters this call leaves unmerged: their forward transforms the weight
+                # a wrapper's merge writes into (a review, 2026-12-06: a LoRA merged alone over one).
+                live = [name for name in layer.active_adapters if name in layer.miss_block and name not in names
+                        and name not in layer.merged_adapters and _is_bat(layer.miss_block[name])]
+                wrapper = _wrapper_merged_first(self.model, path, layer, adapter_names) if bats or live else None
                 if wrapper is not None:
                     outer = type_name(self.model.get_submodule(wrapper))
-                    raise ValueError(f"bat adapter(s) {bats} cannot be merged under {outer} at {wrapper!r}, which "
-                                     "wraps this layer and is merged first (or already): its merge goes into the "
-                                     "same weight, and the bat transform does not commute with it")
+                    if bats:
+                        raise ValueError(f"bat adapter(s) {bats} cannot be merged under {outer} at {wrapper!r}, which "
+                                         "wraps this layer and is merged first (or already): its merge goes into the "
+                                         "same weight, and the bat transform does not commute with it")
+                    raise ValueError(f"{outer} at {wrapper!r} wraps this layer, whose active bat adapter(s) {live} are "
+                                     "not merged: its merge goes into the weight their transform reads, so the "
+                                     "merged model would compute bat(W + dW) where the forward computes bat(W) + "
+                                     f"dW; merge {live} first (merge_adapter(adapter_names={live!r}))")
                 if safe_merge and names:
                     if layer._fast_path():
                         with torch.no_grad():

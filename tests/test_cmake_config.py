@@ -200,3 +200,26 @@ def test_a_reconfigure_with_a_working_python_turns_the_ctest_checks_on(tmp_path)
     assert "serve_torchscript" in tests.read_text()
     done = configure("-DMISS_EXT_BUILD_TESTS=OFF")
     assert "miss_ext: ctest checks off (MISS_EXT_BUILD_TESTS=OFF)" in done.stdout
+
+
+def test_a_project_that_adds_this_one_may_turn_the_ctest_checks_off(tmp_path):
+    """A superproject's set(MISS_EXT_BUILD_TESTS OFF) before add_subdirectory() is the user's choice
+    (option() honoured it; a check of the cache alone did not: a review, 2026-12-06)."""
+    import sys
+    import torch
+    import miss_ext
+    env = _env_without_arch_list()
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(miss_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    project = tmp_path / "super"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(super LANGUAGES CXX)\n"
+        "set(MISS_EXT_BUILD_TESTS OFF)\n"
+        f'add_subdirectory("{ROOT}" miss_ext)\n')
+    done = subprocess.run([CMAKE, "-S", str(project), "-B", str(tmp_path / "build"),
+                           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DMISS_EXT_WITH_CUDA=OFF",
+                           f"-DMISS_EXT_PYTHON={sys.executable}"],  # a working probe: the checks could run
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "miss_ext: ctest checks off (MISS_EXT_BUILD_TESTS=OFF)" in done.stdout
+    assert not (tmp_path / "build" / "miss_ext" / "CTestTestfile.cmake").exists()

@@ -669,6 +669,11 @@ def test_a_bat_adapter_under_another_peft_layer_is_not_merged(base):
                                                      r"peft\.tuners\.lora\.layer\.Linear at '.*q_proj'"):
                     merge()
                 assert_unchanged(model, snap)
+            # Nor the LoRA alone over the live bat adapter (the forward would read W + dW).
+            with pytest.raises(ValueError, match=r"wraps this layer, whose active bat adapter\(s\) \['default'\] are "
+                                                 r"not merged"):
+                model.merge_adapter(adapter_names=["lora"])
+            assert_unchanged(model, snap)
             # The LoRA left unmerged (another adapter named), or merged in a later call: exact.
             model.merge_adapter(adapter_names=["default"])
             with torch.no_grad():
