@@ -24,9 +24,12 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
     _here = os.path.dirname(os.path.abspath(__file__))
     _source = os.path.isfile(os.path.join(os.path.dirname(_here), "setup.py"))
+    # Without a built file Python's own text says "partially initialized module ... (most likely due
+    # to a circular import)", which sent a new user looking for a circular import (2026-12-06).
+    _built = any(name.startswith("_C.") and name.endswith((".so", ".pyd")) for name in os.listdir(_here))
     raise ImportError(
         f"miss_ext's compiled op library (miss_ext._C) is missing from {_here} or does not match this torch "
-        f"{torch.__version__} ({exc}). "
+        f"{torch.__version__} ({exc if _built else 'no built _C file in that folder'}). "
         + ("That folder is the source tree (setup.py sits beside it), which Python imports first when the current "
            "directory is the repository root, hiding a `pip install .` copy: run from another directory (the tests of "
            "an installed copy: `pytest tests` or `PYTHONSAFEPATH=1 python -m pytest tests`; `python -m` puts the "

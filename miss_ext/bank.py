@@ -864,6 +864,18 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
         # bank_fold to refuse by name. Routed before row_index broadcasts one id per sequence over
         # its tokens: a (batch,) lookup instead of a (batch, seq) one on every layer of a prefill.
+        if self.ranks.is_meta and not self.bank.is_meta:
+            # Never materialised: torch.func.functional_call on a meta copy (torch's ensembling
+            # recipe) substitutes parameters and buffers only, and a load with assign=True of a
+            # state_dict without them leaves them. torch then failed with "Cannot copy out of meta
+            # tensor" (a lifecycle review, 2026-12-06). Raised before anything moves.
+            raise ValueError(f"MissBankLinear: its ranks and periods are on the meta device and its bank on "
+                             f"{self.bank.device}: they were never materialised or loaded. They are plain "
+                             "attributes, not parameters or buffers (EMA averaging must not touch them), so "
+                             "torch.func.functional_call does not substitute them: call a module on the data's "
+                             "device (a copy without .to('meta')); a meta-built bank takes them from a state_dict "
+                             "holding them (load_state_dict(..., assign=True)) or from to_empty() + "
+                             "reset_parameters()")
         if self._route.device != self.bank.device:
             self._slot_tensors_to(self.bank.device)
         last = self.capacity - 1
@@ -1145,9 +1157,16 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             except ValueError as exc:
                 saved = f"not JSON text in a uint8 tensor ({exc})"
             ranks, periods = (state_dict.get(prefix + name, getattr(self, name)) for name in ("ranks", "periods"))
-            problem = slot_state_problem(saved, self.max_r, self.out_features, ranks.tolist(), periods.tolist())
-            if problem is not None:
-                reason = f"the saved slot description (_extra_state) does not fit: {problem}"
+            if ranks.is_meta or periods.is_meta:
+                # A meta-built bank holds no ranks to check the description against (torch's "Cannot
+                # copy out of meta tensor" before: a review, 2026-12-06).
+                reason = ("the slot description (_extra_state) loads with the ranks and periods it was saved with, "
+                          "which the state_dict lacks and this bank, on the meta device, does not hold; load the "
+                          "layer's whole state_dict")
+            else:
+                problem = slot_state_problem(saved, self.max_r, self.out_features, ranks.tolist(), periods.tolist())
+                if problem is not None:
+                    reason = f"the saved slot description (_extra_state) does not fit: {problem}"
         if reason is None:
             reason = self._slot_change_problem(state_dict, prefix)
         if reason is None:

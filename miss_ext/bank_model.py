@@ -69,7 +69,8 @@ def _holding_bank_lock(function):
 
 
 def bank_layers(model: nn.Module) -> List[Tuple[str, MissBankLinear]]:
-    """(path, layer) of every MissBankLinear of the model, in model order."""
+    """(path, layer) of every MissBankLinear of the model (an nn.Module), in named_modules()
+    order; [] when it has none (the model-level helpers raise ValueError there instead)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MissBankLinear)]
 
 

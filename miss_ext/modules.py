@@ -670,7 +670,18 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # re-ties an adapted lm_head to the new embedding) no longer fits the block: the op would
         # read the block's width as a mini_r and name a mode the layer does not have.
         made_for = self.__dict__.get("_made_for")
-        if made_for is not None and weight.shape != made_for:  # a torch.Size is a tuple
+        if made_for is None:
+            return
+        if torch.jit.is_tracing():
+            # torch.jit.trace hands out sizes as traced tensors, so the comparison warned "the trace
+            # might be incorrect" on every trace (a new-user pass, 2026-12-06). It raises or does
+            # nothing: no traced value depends on it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                changed = bool(weight.shape != made_for)
+        else:
+            changed = weight.shape != made_for  # a torch.Size is a tuple
+        if changed:
             shape = tuple(weight.shape)
             raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was "
                              f"made for {made_for} (out_features, in_features): the base was resized or replaced "

@@ -201,7 +201,12 @@ def bat_transform_(w: Tensor, m: Tensor, p: Tensor, residual: bool = False) -> N
 
 def tile_add(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key: Optional[Tensor] = None) -> Tensor:
     """The functional tile_add_: returns out + alpha * dropout(tile(src)) as a new tensor in out's
-    dtype, differentiable in out and src to any order. Shapes, dropout and errors as tile_add_."""
+    dtype and shape, differentiable in out and src to any order. out (..., C) and src (..., Q)
+    with out's leading sizes, or both matrices (src's rows tile out's too); any supported float
+    dtypes; with p > 0, key = new_dropout_key(out.device). ValueError for a src without out's
+    leading sizes (unless both are matrices), a 0-dim out or src, an empty src for a non-empty
+    out, or a bad p or key; TypeError for non-float tensors or a non-int64 key (each as
+    tile_add_, which has the details). Source: docs/miss.md, "Default and mini"."""
     return torch.ops.miss.tile_add(out, src, alpha, p, key)
 
 
@@ -247,8 +252,14 @@ def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor,
 
 def bank_add_(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor, index: Tensor,
               per_row_fold: bool = False) -> None:
-    """bank_add in place into y (not differentiable: RuntimeError for a y, s or bank that requires
-    grad); returns None; arguments and other errors as bank_add."""
+    """bank_add in place into y: y[t] += the adapter term of slot index[t] (rows with a negative
+    index unchanged); returns None. Arguments as bank_add: y (..., out) floating; s (..., R) in
+    the bank's dtype; bank (N, r_cap, q_cap); ranks, periods int64 (N,); index int64 with y's
+    leading sizes. Not differentiable: RuntimeError for a y, s or bank that requires grad.
+    ValueError for an input sharing y's memory, RuntimeError for an expanded y (torch's "more than
+    one element of the written-to tensor"), and bank_add's
+    ValueError/TypeError for bad shapes, dtypes and values, each naming the argument; y is
+    unchanged after any error raised on the host."""
     torch.ops.miss.bank_add_(y, s, bank, ranks, periods, index, per_row_fold)
 
 

@@ -81,6 +81,7 @@ import contextvars
 import inspect
 import itertools
 import json
+import math
 import sys
 import threading
 import warnings
@@ -505,6 +506,44 @@ class AcceleratedMissLinear(PeftMissLinear):
     """PEFT's MissLinear with forward, merge and unmerge on `torch.ops.miss`. Never constructed:
     `accelerate` converts existing PEFT layers by swapping their class."""
 
+    def update_layer(self, adapter_name: str, r: int, config, *args, **kwargs) -> None:
+        """PEFT's (add_adapter on an accelerated layer), recording the adapter's init_weights for
+        reset_parameters."""
+        super().update_layer(adapter_name, r, config, *args, **kwargs)
+        self.__dict__.setdefault("_miss_init_weights", {})[adapter_name] = config.init_weights
+
+    def reset_parameters(self) -> None:
+        """Initialises every adapter's block again as PEFT's update_layer did: zeros (a truthy
+        init_weights: True, "bat", "mini"; the layer then computes its base exactly) or PEFT's
+        kaiming-uniform (a falsy one: False). Only the blocks: the base layer is a child module
+        with its own reset_parameters. Why: a model built on the meta device (FSDP2's usual setup)
+        and materialised with to_empty() is initialised by calling reset_parameters() on every
+        module that has one; without it the blocks kept uninitialised memory (NaN logits: a
+        lifecycle review, 2026-12-06; PEFT's own layers keep that gap, miss_ext.MissLinear has had
+        this since 2026-12-04). An adapter's init_weights comes from its config, recorded by
+        accelerate() (from the tuner's peft_config) and by update_layer (add_adapter on an
+        accelerated layer), kept across restore(). Where none was recorded (adapters added before
+        accelerate() to a model without its PEFT tuner: inject_adapter_in_model), a bat block
+        (3-D) is zeros, PEFT's only bat init, and another block takes the layer's first adapter's
+        init_weights (PEFT's miss_fn, the one PEFT's own forward reads). Under the merge lock;
+        RuntimeError for a merged layer (its weight holds the blocks' update: unmerge first),
+        nothing changed."""
+        with _merging():
+            if self.merged:
+                raise RuntimeError(f"AcceleratedMissLinear: reset_parameters() with {self.merged_adapters} merged "
+                                   "would leave their update in the weight; unmerge_adapter() first")
+            recorded = self.__dict__.get("_miss_init_weights", {})
+            with torch.no_grad():
+                for name, block in self.miss_block.items():
+                    if name in recorded:
+                        random = not recorded[name]
+                    else:
+                        random = not _is_bat(block) and not getattr(self, "miss_fn", True)
+                    if random:
+                        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+                    else:
+                        block.zero_()
+
     def _fast_path(self) -> bool:
         """The miss ops replace `base_layer(x)` only when that is exactly F.linear(x, W, b)
         (miss_ext.modules.is_plain_linear: no subclass, hooks, parametrization or tensor-subclass
@@ -786,7 +825,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         every_row = isinstance(adapter_names, _EveryRow)
         names = check_adapter_names(adapter_names, where)
         if not every_row and (x.dim() < 2 or len(names) != x.shape[0]):
-            message = (f"{where}: adapter_names has {len(names)} entries but the input has "
+            message = (f"{where}: adapter_names has {_entries(len(names))} but the input has "
                        f"{x.shape[0] if x.dim() else 0} sequences (shape {tuple(x.shape)}); give one per sequence")
             if x.dim() == 2 and x.shape[0] > len(names) > 0:
                 message += "." + flattened_tokens_hint(x)  # as MissBankLinear says it (bank.row_index)
@@ -1339,7 +1378,7 @@ class AcceleratedMissModel(MissModel):
             if prompts is not None and prompts != len(names):
                 # Before any forward: a layer would count the repeated names against the repeated
                 # rows, naming neither what was given nor why (a serving review, 2026-12-06).
-                raise ValueError(f"{where}: adapter_names has {len(names)} entries but generate() got {prompts} "
+                raise ValueError(f"{where}: adapter_names has {_entries(len(names))} but generate() got {prompts} "
                                  f"prompt(s): give one name per prompt; generate() repeats each prompt's name for its "
                                  f"{times} beams / returned sequences itself")
             holder["names"] = _repeat(names, times)
@@ -1744,6 +1783,10 @@ class AcceleratedMissModel(MissModel):
         return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
 
 
+def _entries(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
 def _listed(names, error: Optional[str] = None):
     """`names` as a list when it is an iterable other than a str (None, a str and a list as they
     are; TypeError `error` for a non-iterable): a generator was read up by the all-or-nothing
@@ -1876,6 +1919,12 @@ def accelerate(model: nn.Module) -> nn.Module:
     tuners = _miss_layers(model, MissModel)
     for tuner in tuners:
         tuner.__class__ = AcceleratedMissModel
+    for tuner in _miss_layers(model, AcceleratedMissModel):  # each adapter's init, for reset_parameters
+        for layer in _miss_layers(tuner.model, AcceleratedMissLinear):
+            recorded = layer.__dict__.setdefault("_miss_init_weights", {})
+            for name in layer.miss_block:
+                if name in tuner.peft_config:
+                    recorded[name] = tuner.peft_config[name].init_weights
     # Paths as in the base model ("lm_head", "model.embed_tokens.weight") where there is a tuner.
     record_accelerated_sharing(model)
     for tuner in _miss_layers(model, AcceleratedMissModel):

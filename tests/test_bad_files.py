@@ -76,7 +76,7 @@ def test_saving_non_finite_blocks_warns(tmp_path):
     miss_ext.apply_miss(model, ["0", "2"], r=4, init_weights=False)
     with torch.no_grad():
         model[2].miss_block[1, 2] = float("inf")
-    with pytest.warns(UserWarning, match=r"save_adapter: 2\.miss_block hold non-finite values"):
+    with pytest.warns(UserWarning, match=r"save_adapter: 2\.miss_block holds non-finite values"):
         miss_ext.save_adapter(model, tmp_path)
     _expect_refused(tmp_path, r"(?i)non-finite|nan")
     bank = _model()
@@ -84,7 +84,7 @@ def test_saving_non_finite_blocks_warns(tmp_path):
     miss_ext.add_bank_adapter(bank, "a", r=4)
     with torch.no_grad():
         bank[0].block("a")[0, 0] = float("nan")
-    with pytest.warns(UserWarning, match=r"save_bank_adapter: 0\.miss_block hold non-finite values"):
+    with pytest.warns(UserWarning, match=r"save_bank_adapter: 0\.miss_block holds non-finite values"):
         miss_ext.save_bank_adapter(bank, "a", tmp_path / "bank")
 
 

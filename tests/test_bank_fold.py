@@ -275,6 +275,16 @@ def test_bank_fold_bad_input_raises(device):
             ops.bank_fold_backward(grad[:, :4], torch.zeros(4, dtype=torch.int64), ranks, IN, rates, key)
         with pytest.raises(ValueError, match=r"bank_fold_backward ranks\[6\]=0"):
             ops.bank_fold_backward(grad, torch.tensor([6, 0, 1, 2]), ranks, IN, rates, key)
+    # in_features 0 launches no kernel; the rows' ids, ranks and rates are checked on the host, on
+    # every device (a fuzz of the ops, 2026-12-06: accepted before, where bank_fold refused them).
+    assert ops.bank_fold_backward(grad, index, ranks, 0, rates, key).shape == (4, 0)
+    with pytest.raises(ValueError, match=r"bank_fold_backward index\[1\]=7 names no slot"):
+        ops.bank_fold_backward(grad, torch.tensor([0, 7, -1, 1], **on), ranks, 0, rates, key)
+    with pytest.raises(ValueError, match=r"bank_fold_backward ranks\[6\]=0"):
+        ops.bank_fold_backward(grad, torch.tensor([6, 0, 1, 2], **on), ranks, 0, rates, key)
+    with pytest.raises(ValueError, match=r"bank_fold_backward dropouts\[1\]=2"):
+        ops.bank_fold_backward(grad, torch.tensor([1, 1, -1, 0], **on), ranks, 0,
+                               torch.tensor([0.0, 2.0] + [0.0] * 5, dtype=F64, **on), key)
     with FakeTensorMode():  # the meta kernels check as the CPU ones do
         with pytest.raises(ValueError, match="in_features must be >= 0"):
             ops.bank_fold_backward(torch.empty(4, MAX_R, **on), torch.empty(4, dtype=torch.int64, **on),

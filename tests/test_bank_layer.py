@@ -211,6 +211,15 @@ def test_slot_tensors_are_not_buffers_but_move_save_and_load():
     meta.load_state_dict(state, assign=True)
     assert meta.ranks.device.type == "cpu" and torch.equal(meta.ranks, bank.ranks)
     torch.testing.assert_close(meta(x, meta.index_of(names)), bank(x, bank.index_of(names)), rtol=0, atol=0)
+    # ... but not a slot description without its ranks and periods, which a meta-built bank cannot
+    # check it against (torch's bare "Cannot copy out of meta tensor" before; a review, 2026-12-06).
+    meta = MissBankLinear(nn.Linear(IN, OUT, device="meta"), capacity=6, max_r=MAX_R)
+    without = {k: v for k, v in state.items() if k not in ("ranks", "periods")}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"the slot description \(_extra_state\) loads with the ranks and "
+                                               r"periods it was saved with, which the state_dict lacks"):
+            meta.load_state_dict(without, assign=True, strict=strict)
+        assert meta.bank.is_meta and meta.ranks.is_meta and meta.base_layer.weight.is_meta
     # module conversions move them with the bank and keep their dtypes
     half = copy.deepcopy(bank).half()
     assert half.ranks.dtype == torch.int64 and half._route.dtype == torch.int64 and half._dropouts.dtype == F64

@@ -505,6 +505,40 @@ def test_bank_layer_per_sample_gradients():
         torch.testing.assert_close(got[i], layer.bank.grad, **TOL)
 
 
+def test_bank_ensemble_on_a_meta_copy_is_refused_by_name():
+    """torch's ensembling recipe (stack_module_state, functional_call on a copy moved to the meta
+    device, vmap): the bank's ranks and periods are plain attributes (not buffers: EMA averaging
+    must not touch them), which functional_call does not substitute; torch then failed with "Cannot
+    copy out of meta tensor" (a lifecycle review, 2026-12-06). A ValueError naming them, with and
+    without vmap, before the copy's tensors move; the same recipe on a copy left on the CPU equals each bank's own call."""
+    import copy
+
+    from torch.func import stack_module_state
+
+    from miss_ext import MissBankLinear
+
+    torch.manual_seed(0)
+    banks = []
+    for _ in range(3):
+        layer = MissBankLinear(nn.Linear(12, 8), capacity=4, max_r=4).eval()
+        layer.add_adapter("a", r=4, block=torch.randn(4, 8))
+        banks.append(layer)
+    params, buffers = stack_module_state(banks)
+    x, idx = torch.randn(4, 12), banks[0].index_of(["a", None, "a", "a"])
+    on_meta = copy.deepcopy(banks[0]).to("meta")
+    with pytest.raises(ValueError, match="its ranks and periods are on the meta device and its bank on cpu"):
+        vmap(lambda p, b, xx: functional_call(on_meta, (p, b), (xx, idx)), in_dims=(0, 0, None))(params, buffers, x)
+    with pytest.raises(ValueError, match="functional_call does not substitute them"):
+        functional_call(on_meta, {k: v[0] for k, v in params.items()}, (x, idx))
+    # Refused before anything moved: the copy's forward tensors stay where they were.
+    assert all(getattr(on_meta, name).is_meta for name in on_meta._SLOT_TENSORS)
+    on_cpu = copy.deepcopy(banks[0])
+    got = vmap(lambda p, b, xx: functional_call(on_cpu, (p, b), (xx, idx)), in_dims=(0, 0, None))(params, buffers, x)
+    with torch.no_grad():
+        for i, layer in enumerate(banks):
+            torch.testing.assert_close(got[i], layer(x, idx))
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen bank", "stacked banks"])
 def test_bank_layer_under_vmap_without_autograd(mode):
     """Inference under vmap: without autograd recording, MissBankLinear adds its terms in place

@@ -91,3 +91,24 @@ def test_only_packaging_commands_skip_the_build():
     for argv in (["bdist_dumb"], ["sdist", "bdist"], ["egg_info", "bdist_rpm"], ["sdist", "build_ext"],
                  ["install_lib"], ["develop"], ["editable_wheel"], ["dist_info"], ["bdist_wheel"], []):
         assert not only(["setup.py", *argv]), argv
+
+
+def test_importing_an_unbuilt_source_tree_says_so(tmp_path):
+    """`import miss_ext` from a checkout's root without a build: the error says the compiled
+    library is missing and what to run. It used to quote Python's "partially initialized module
+    ... (most likely due to a circular import)", which sent a new user looking for a circular
+    import (a new-user pass, 2026-12-06)."""
+    shutil.copytree(ROOT / "miss_ext", tmp_path / "miss_ext",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__", "*.so"))
+    (tmp_path / "setup.py").write_text("# the source tree's marker\n")
+    # Without the editable install's finder (this suite's own setup), which would hand out the
+    # checkout's _C for the copy's `from . import _C`: a machine with only the source tree.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import miss_ext")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: miss_ext's compiled op library (miss_ext._C) is missing from"), last
+    assert "no built _C file in that folder" in last and "circular import" not in last, last
+    assert "pip install --no-build-isolation -e ." in last, last

@@ -2,6 +2,7 @@
 place, against the same models run by PEFT's own code (and against a float64 formula where PEFT
 itself is wrong: layers mixing modes)."""
 import copy
+import math
 import re
 import warnings
 
@@ -2121,3 +2122,96 @@ def test_failed_add_adapter_puts_back_the_layers_it_created():
     assert_unchanged(fast, snap)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), want, **TOL64)
+
+
+def test_reset_parameters_initialises_each_adapter_as_its_config_after_the_meta_device():
+    """The meta-device setup with PEFT: get_peft_model on meta, accelerate, to_empty(), then
+    reset_parameters() on every module that has one, then load the base weights. PEFT's layers
+    have no reset_parameters: the blocks kept uninitialised memory (NaN logits, a lifecycle
+    review, 2026-12-06). Accelerated layers initialise each adapter as its config says: zeros
+    (init_weights True, "bat") or PEFT's kaiming-uniform (False), also for an adapter added after
+    accelerate (update_layer records it), whatever the layer's first adapter's init; a merged
+    layer refuses, unchanged."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    config = dict(r=4, target_modules=["0", "2"])
+    with torch.device("meta"):
+        model = get_peft_model(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)), MissConfig(**config))
+        model.add_adapter("bat", MissConfig(**config, init_weights="bat"))
+    accelerate(model)
+    with torch.device("meta"):
+        model.add_adapter("random", MissConfig(**config, init_weights=False))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    state = {f"base_model.model.{k}".replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"): v
+             for k, v in ref.state_dict().items()}
+    assert not model.load_state_dict(state, strict=False).unexpected_keys
+    layers = [model.base_model.model[0], model.base_model.model[2]]
+    for layer in layers:
+        assert type(layer) is AcceleratedMissLinear
+        assert not layer.miss_block["default"].any() and not layer.miss_block["bat"].any()
+        block = layer.miss_block["random"]
+        assert block.isfinite().all() and block.any() and block.abs().max() <= 1 / math.sqrt(block.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    model.set_adapter("random")
+    model.merge_adapter()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"reset_parameters\(\) with \['random'\] merged"):
+        layers[0].reset_parameters()
+    assert_unchanged(model, before)
+
+
+def test_reset_parameters_follows_each_adapters_own_init_not_the_first_ones():
+    """Which init each adapter gets: with a PEFT tuner, its config's (recorded by accelerate), also
+    where the layer's first adapter says otherwise; without one (inject_adapter_in_model), a bat
+    block is zeros (PEFT's only bat init; it got the first adapter's random init in a review of
+    2026-12-06) and an adapter added after accelerate keeps its record across restore() and
+    accelerate() again."""
+    from peft import get_peft_model, inject_adapter_in_model
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+
+    def reset(layer, names):
+        with torch.no_grad():
+            for name in names:
+                layer.miss_block[name].fill_(float("nan"))
+        layer.reset_parameters()
+        return {name: bool(layer.miss_block[name].any()) for name in names}  # True: random
+
+    config = dict(r=4, target_modules=["0", "2"])
+    # With the tuner: the first adapter random, the second zeros, a bat one zeros.
+    model = get_peft_model(net(), MissConfig(**config, init_weights=False))
+    model.add_adapter("zero", MissConfig(**config))
+    model.add_adapter("bat", MissConfig(**config, init_weights="bat"))
+    accelerate(model)
+    layer = model.base_model.model[0]
+    assert reset(layer, ["default", "zero", "bat"]) == {"default": True, "zero": False, "bat": False}
+    # Without a tuner: nothing recorded for the adapters added before accelerate.
+    bare = inject_adapter_in_model(MissConfig(**config, init_weights=False), net(), adapter_name="a")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # PEFT's, for a second adapter
+        inject_adapter_in_model(MissConfig(**config, init_weights="bat"), bare, adapter_name="b")
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        accelerate(bare)
+    assert reset(bare[0], ["a", "b"]) == {"a": True, "b": False}
+    # Added after accelerate, recorded by update_layer, kept across restore() and accelerate().
+    bare2 = inject_adapter_in_model(MissConfig(**config), net(), adapter_name="a")
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        accelerate(bare2)
+    bare2[0].update_layer("c", 4, MissConfig(**config, init_weights=False))
+    assert reset(bare2[0], ["a", "c"]) == {"a": False, "c": True}
+    restore(bare2)
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        accelerate(bare2)
+    assert reset(bare2[0], ["a", "c"]) == {"a": False, "c": True}

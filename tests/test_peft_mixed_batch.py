@@ -251,7 +251,7 @@ def test_refusals_name_the_problem():
         model(ids, adapter_names=["a", 3])
     # beam search without the keyword at model level (names not repeated) is caught per layer
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    with pytest.raises(ValueError, match="adapter_names has 1 entries but the input has 2"):
+    with pytest.raises(ValueError, match="adapter_names has 1 entry but the input has 2"):
         layer(torch.randn(2, 3, layer.in_features, dtype=torch.float64), adapter_names=["a"])
     # a batch the model repeated inside (Janus's classifier-free guidance doubles it): told to use
     # one adapter for such calls, not to give one name per sequence

@@ -79,8 +79,13 @@ void bank_add_with(BankAddKernel kernel, at::Tensor& y, const at::Tensor& s, con
   }
   check_writable("bank_add_", y, "y");
   // An empty bank still goes to the kernel, which checks the ids: a row naming a slot of an empty
-  // bank is an error, not a row that silently keeps y.
-  if (y.numel() == 0) return;
+  // bank is an error, not a row that silently keeps y. Rows of no columns (out_features 0) launch
+  // no kernel: their ids, ranks and periods are checked here (a fuzz of the ops, 2026-12-06:
+  // accepted before).
+  if (y.numel() == 0) {
+    check_bank_values_on_host(s, bank, ranks, periods, index, y.size(-1), per_row_fold);
+    return;
+  }
   const BankArgs a = bank_args(s, bank, ranks, periods, index);
   const int64_t rows = a.index.numel();
   if (y.is_contiguous()) {
@@ -100,7 +105,10 @@ std::tuple<at::Tensor, at::Tensor> bank_add_backward_with(BankGradKernel kernel,
   check_bank_args(grad, s, bank, ranks, periods, index);
   at::Tensor grad_s = at::zeros(s.sizes(), s.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_bank = at::zeros(bank.sizes(), bank.options().memory_format(at::MemoryFormat::Contiguous));
-  if (grad.numel() == 0 || s.size(-1) == 0) return {grad_s, grad_bank};
+  if (grad.numel() == 0 || s.size(-1) == 0) {
+    check_bank_values_on_host(s, bank, ranks, periods, index, grad.size(-1), per_row_fold);  // as bank_add_with
+    return {grad_s, grad_bank};
+  }
   const BankArgs a = bank_args(s, bank, ranks, periods, index);
   const int64_t rows = a.index.numel();
   const at::Tensor g = grad.reshape({rows, grad.size(-1)}).contiguous();

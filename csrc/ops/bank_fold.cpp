@@ -92,7 +92,11 @@ at::Tensor bank_fold_backward_with(BankFoldGradKernel kernel, const at::Tensor& 
   std::vector<int64_t> shape = grad.sizes().vec();
   shape.back() = in;
   at::Tensor grad_x = at::empty({rows, in}, grad.options().dtype(out_dtype));
-  if (rows > 0 && in > 0) {
+  if (rows > 0 && in == 0) {
+    // No kernel runs for rows of no columns: their ids and ranks are checked here, as the kernel
+    // would (a fuzz of the ops, 2026-12-06: accepted before; bank_fold refused them).
+    check_bank_fold_values_on_host("bank_fold_backward", "grad.shape[-1]", ranks, dropouts, index, grad.size(-1));
+  } else if (rows > 0) {
     at::Tensor g = grad.reshape({rows, grad.size(-1)});
     // The kernels read grad_x's dtype or float32: anything else is converted once (small: rows x R).
     if (g.scalar_type() != out_dtype && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);

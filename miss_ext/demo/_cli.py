@@ -268,7 +268,8 @@ def _validate_random_model(args: argparse.Namespace, parser: argparse.ArgumentPa
     smallest_in = min(i for i, _ in shapes.values())
     if args.r > smallest_in and not args.no_peft:  # as with --model, where PEFT itself refuses it
         parser.error(f"--r {args.r} is larger than the smallest projection input ({smallest_in}); "
-                     "PEFT rejects that and the extra block rows would never train")
+                     "PEFT rejects that; pass --no-peft to train it with miss_ext alone (the block rows past the "
+                     "input stay at their init, a warning says so)")
     if args.mode == "bat":
         for name, (fan_in, fan_out) in shapes.items():
             for what, size in (("in", fan_in), ("out", fan_out)):

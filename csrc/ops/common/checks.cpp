@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -352,9 +353,13 @@ void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slo
     TORCH_CHECK_VALUE(per_row_fold || R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=", ranks[a], " (used by row ",
                       t, ") does not divide s.shape[-1]=", R, ": a fold at ", R, " cannot give the fold at ", ranks[a],
                       "; fold each row at its own rank with miss.bank_fold and pass per_row_fold=True");
-    TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
-                      "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
-                      "] and divide out_features=", out);
+    // out_features 0 (a layer of no outputs, checked on the host: no kernel runs) has the period 0
+    // of its slots (period = out in the default mode): any period up to q_cap reads no column.
+    TORCH_CHECK_VALUE(out == 0 ? periods[a] >= 0 && periods[a] <= q_cap
+                               : periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0,
+                      "miss: bank_add periods[", a, "]=", periods[a], " (used by row ", t, ") must be in [",
+                      out == 0 ? 0 : 1, ", q_cap=", q_cap, "]", out == 0 ? "" : " and divide out_features=",
+                      out == 0 ? std::string() : std::to_string(out));
   });
 }
 
@@ -420,6 +425,32 @@ void check_bank_fold_values(const char* op, const char* width_name, const int64_
                         " (used by row ", t, ") must be a dropout probability in [0, 1]");
     }
   });
+}
+
+namespace {
+
+// t's values in host memory, contiguous and 1-D (t itself when it is so already).
+at::Tensor on_host(const at::Tensor& t) { return t.reshape({t.numel()}).cpu().contiguous(); }
+
+}  // namespace
+
+void check_bank_values_on_host(const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                               const at::Tensor& periods, const at::Tensor& index, int64_t out, bool per_row_fold) {
+  if (index.numel() == 0) return;
+  const at::Tensor r = on_host(ranks), p = on_host(periods), i = on_host(index);
+  check_bank_values(r.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>(), bank.size(0), i.const_data_ptr<int64_t>(),
+                    i.numel(), s.size(-1), out, bank.size(1), bank.size(2), per_row_fold);
+}
+
+void check_bank_fold_values_on_host(const char* op, const char* width_name, const at::Tensor& ranks,
+                                    const std::optional<at::Tensor>& dropouts, const at::Tensor& index,
+                                    int64_t max_r) {
+  if (index.numel() == 0) return;
+  const at::Tensor r = on_host(ranks), i = on_host(index);
+  const bool dropout = dropouts.has_value() && dropouts->defined();
+  const at::Tensor d = dropout ? on_host(*dropouts) : at::Tensor();
+  check_bank_fold_values(op, width_name, r.const_data_ptr<int64_t>(), r.numel(),
+                         dropout ? d.const_data_ptr<double>() : nullptr, i.const_data_ptr<int64_t>(), i.numel(), max_r);
 }
 
 }  // namespace miss_ext

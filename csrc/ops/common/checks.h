@@ -90,6 +90,15 @@ void check_bank_fold_backward_args(const at::Tensor& grad, const at::Tensor& ind
 void check_bank_fold_values(const char* op, const char* width_name, const int64_t* ranks, int64_t slots,
                             const double* dropouts, const int64_t* index, int64_t rows, int64_t max_r);
 
+// The same checks on device tensors, read through host copies: for the calls that launch no kernel
+// (an empty output, whose rows still name slots), so that no kernel checks them. The copy is a
+// synchronisation on CUDA, paid only for those degenerate shapes.
+void check_bank_values_on_host(const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
+                               const at::Tensor& periods, const at::Tensor& index, int64_t out, bool per_row_fold);
+void check_bank_fold_values_on_host(const char* op, const char* width_name, const at::Tensor& ranks,
+                                    const std::optional<at::Tensor>& dropouts, const at::Tensor& index,
+                                    int64_t max_r);
+
 // An optional dtype argument (`what`, e.g. "fold dtype") must be a floating type.
 void check_out_dtype(const char* what, std::optional<at::ScalarType> dtype);
 
