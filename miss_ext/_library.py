@@ -26,7 +26,11 @@ except ImportError as exc:  # pragma: no cover - only without a build
     _source = os.path.isfile(os.path.join(os.path.dirname(_here), "setup.py"))
     # Without a built file Python's own text says "partially initialized module ... (most likely due
     # to a circular import)", which sent a new user looking for a circular import (2026-12-06).
-    _built = any(name.startswith("_C.") and name.endswith((".so", ".pyd")) for name in os.listdir(_here))
+    import importlib.machinery
+
+    # A build for this interpreter (a stale one for another Python reads as none).
+    _built = any(os.path.isfile(os.path.join(_here, "_C" + suffix))
+                 for suffix in importlib.machinery.EXTENSION_SUFFIXES)
     raise ImportError(
         f"miss_ext's compiled op library (miss_ext._C) is missing from {_here} or does not match this torch "
         f"{torch.__version__} ({exc if _built else 'no built _C file in that folder'}). "

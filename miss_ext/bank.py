@@ -864,14 +864,15 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # Rows of absent adapters to -1 (base output). Ids past the bank stay as they are, for
         # bank_fold to refuse by name. Routed before row_index broadcasts one id per sequence over
         # its tokens: a (batch,) lookup instead of a (batch, seq) one on every layer of a prefill.
-        if self.ranks.is_meta and not self.bank.is_meta:
+        if (self.ranks.is_meta or self.periods.is_meta) and not self.bank.is_meta:
             # Never materialised: torch.func.functional_call on a meta copy (torch's ensembling
             # recipe) substitutes parameters and buffers only, and a load with assign=True of a
             # state_dict without them leaves them. torch then failed with "Cannot copy out of meta
             # tensor" (a lifecycle review, 2026-12-06). Raised before anything moves.
-            raise ValueError(f"MissBankLinear: its ranks and periods are on the meta device and its bank on "
-                             f"{self.bank.device}: they were never materialised or loaded. They are plain "
-                             "attributes, not parameters or buffers (EMA averaging must not touch them), so "
+            meta = " and ".join(name for name in self._SAVED_SLOT_TENSORS if getattr(self, name).is_meta)
+            raise ValueError(f"MissBankLinear: its {meta} {'are' if ' and ' in meta else 'is'} on the meta device "
+                             f"and its bank on {self.bank.device}: never materialised or loaded. The slot tensors "
+                             "are plain attributes, not parameters or buffers (EMA averaging must not touch them), so "
                              "torch.func.functional_call does not substitute them: call a module on the data's "
                              "device (a copy without .to('meta')); a meta-built bank takes them from a state_dict "
                              "holding them (load_state_dict(..., assign=True)) or from to_empty() + "
@@ -1126,16 +1127,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                     "(a filtered dict); load the layer's whole state_dict")
         return None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A bank of another shape loads nothing of this layer (not the slot names, not the base
-        # layer), so a failed load cannot leave slots that claim adapters whose blocks were not
-        # loaded, or one checkpoint's base weight beside another's blocks.
+    def _load_refusal(self, state_dict, prefix: str, assign: bool) -> Optional[str]:
+        """Why this layer refuses its part of `state_dict` (keys under `prefix`; assign: load_state_dict's
+        assign=True), or None: its load checks, without loading anything. Also run for every bank
+        layer of a model before any of them loads (bank_model's load check)."""
         reason = None
         if self.rows is not None:
             reason = "cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots)"
         else:
-            assign = local_metadata.get("assign_to_params_buffers", False)
             mismatched = load_mismatches(self, state_dict, prefix, assign)
             # The slot tensors are plain attributes (no parameters or buffers): checked here. Their
             # values are read on the host, so a meta tensor cannot load even with assign=True.
@@ -1174,6 +1173,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 saved, own = state_dict.get(prefix + name), getattr(self, name)
                 if isinstance(saved, Tensor) and saved.shape != own.shape:
                     reason = f"size mismatch for {name}: {tuple(saved.shape)} (this bank's: {tuple(own.shape)})"
+        return reason
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bank of another shape loads nothing of this layer (not the slot names, not the base
+        # layer), so a failed load cannot leave slots that claim adapters whose blocks were not
+        # loaded, or one checkpoint's base weight beside another's blocks.
+        reason = self._load_refusal(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
         if reason is not None:
             refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return

@@ -192,6 +192,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
             layer = MissBankLinear(module, capacity, max_r)
             layer.train(module.training)  # an eval model stays in eval mode (no adapter dropout)
             set_module(model, name, layer)
+        _register_load_check(model)
     except BaseException:
         for name, module in found:
             set_module(model, name, module)
@@ -480,6 +481,56 @@ def _refuse_load_inside_mixed_batch(model: nn.Module, *args, **kwargs) -> None:
         return
     raise RuntimeError("cannot load a state_dict inside miss_ext.mixed_batch (its rows name the bank's slots); "
                        "nothing was loaded")
+
+
+def _check_bank_loads_first(model: nn.Module, state_dict, prefix: str, local_metadata, *args) -> None:
+    """All or nothing: a bank layer refusing its part of a state_dict (a stale snapshot, another
+    shape, a slot description that does not fit) was skipped while torch loaded every other
+    module, so the model's bank layers then disagreed on their slots and every bank helper refused
+    the model (a random-walk fuzz, 2026-12-06). A load_state_dict pre-hook on the model apply_bank
+    or load_bank adapted, which torch runs before any module under it loads: every bank layer
+    whose keys the dict holds is checked first, RuntimeError naming each refusal, nothing loaded.
+    A load_state_dict of a module inside the model (one layer, a block of layers) keeps torch's
+    rule. Layers under a module with load_state_dict pre-hooks of other code (which may rewrite
+    keys before they load, as transformers' Mamba and ESM do), or all of them when the model has
+    such hooks itself, keep it too."""
+    if any(_hook_function(hook) not in _OWN_LOAD_HOOKS for hook in model._load_state_dict_pre_hooks.values()):
+        return
+    assign = bool(local_metadata.get("assign_to_params_buffers", False))
+    layers, hooked = {}, []  # {key prefix: layer}, key prefixes under hooked modules
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        module_prefix = f"{prefix}{path}."
+        if any(_hook_function(hook) not in _OWN_LOAD_HOOKS for hook in module._load_state_dict_pre_hooks.values()):
+            hooked.append(module_prefix)
+        if isinstance(module, MissBankLinear) and not any(map(module_prefix.startswith, hooked)):
+            layers[module_prefix] = module
+    touched = {}  # the layers the dict has keys of: each key's prefixes looked up, longest first
+    for key in (state_dict if layers else ()):
+        end = key.rfind(".")
+        while end > 0 and key[:end + 1] not in layers:
+            end = key.rfind(".", 0, end)
+        if end > 0:
+            touched[key[:end + 1]] = layers[key[:end + 1]]
+    refusals = [f"{layer_prefix.rstrip('.')}: {why}" for layer_prefix, layer in touched.items()
+                if (why := layer._load_refusal(state_dict, layer_prefix, assign)) is not None]
+    if refusals:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}, nothing loaded:\n\t"
+                           + "\n\t".join(refusals))
+
+
+def _hook_function(hook):
+    return getattr(hook, "hook", hook)  # torch wraps a hook that takes the module (_WrappedHook)
+
+
+_OWN_LOAD_HOOKS = (_check_bank_loads_first, _refuse_load_inside_mixed_batch)
+
+
+def _register_load_check(model: nn.Module) -> None:
+    """_check_bank_loads_first on `model`, once."""
+    if not any(_hook_function(hook) is _check_bank_loads_first for hook in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_check_bank_loads_first)
 
 
 def _holders_of(model: nn.Module, paths: List[str]) -> List[nn.Module]:

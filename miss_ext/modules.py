@@ -586,8 +586,14 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module before compiling it: record the path the
-        # compiled forward takes (it cannot inspect hooks or classes itself).
-        self._script_fused = self._fused(self.base_layer)
+        # compiled forward takes (it cannot inspect hooks or classes itself). The compiled forward
+        # cannot check the base's size either: a base resized after the adapter was added is
+        # refused here (scripted, a mini layer returned 12 columns for out_features 8, silently:
+        # a review, 2026-12-06).
+        fused = self._fused(self.base_layer)
+        if fused:
+            self._check_base_shape(self.base_layer.weight)
+        self._script_fused = fused
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -678,11 +684,10 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             # nothing: no traced value depends on it.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                changed = bool(weight.shape != made_for)
+                shape = tuple(int(size) for size in weight.shape)
         else:
-            changed = weight.shape != made_for  # a torch.Size is a tuple
-        if changed:
             shape = tuple(weight.shape)
+        if shape != tuple(made_for):
             raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was "
                              f"made for {made_for} (out_features, in_features): the base was resized or replaced "
                              "after the adapter was added (resize_token_embeddings?). Add the adapter after "

@@ -243,10 +243,12 @@ def bank_add(y: Tensor, s: Tensor, bank: Tensor, ranks: Tensor, periods: Tensor,
     leading sizes. Returns (..., out) in y's dtype. Differentiable in y, s and bank (once:
     create_graph=True raises RuntimeError). ValueError for a bad shape, an index past the slots,
     a used rank outside [1, min(r_cap, R)] (or not dividing R without per_row_fold: a fold at R
-    cannot give it), a used period outside [1, q_cap] or not dividing out; TypeError for a
-    non-float y, a bank neither float32 nor y's dtype, an s not in the bank's dtype, or
-    non-int64 ranks, periods or index; each names the argument. On CUDA a bad value in ranks,
-    periods or index trips a device-side assertion instead. Source: miss_ext/bank.py (issue 14)."""
+    cannot give it), a used period outside [1, q_cap] or not dividing out (out == 0: a negative
+    one; no column is read); TypeError for a non-float y, a bank neither float32 nor y's dtype,
+    an s not in the bank's dtype, or non-int64 ranks, periods or index; each names the argument.
+    On CUDA a bad value in ranks, periods or index trips a device-side assertion instead, except
+    for rows with no columns (out == 0), which no kernel runs: checked on the host there (a copy,
+    so a synchronisation). Source: miss_ext/bank.py (issue 14)."""
     return torch.ops.miss.bank_add(y, s, bank, ranks, periods, index, per_row_fold)
 
 

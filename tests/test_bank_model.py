@@ -1029,9 +1029,12 @@ def test_state_of_a_call_does_not_leak(folders):
         assert all(torch.equal(v, other[k]) for k, v in copy_.state_dict().items())
     small = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                        "down_proj"], capacity=6, max_r=4)
-    with pytest.raises(RuntimeError, match="size mismatch for bank.*Nothing of this layer was loaded"):
+    before = snapshot(small)
+    with pytest.raises(RuntimeError, match=r"nothing loaded:\n\tmodel\.layers\.0\.self_attn\.q_proj: size mismatch "
+                                           r"for bank \(6, 8, 32\)"):
         small.load_state_dict(model.state_dict())
     assert all(n is None for _, layer in miss_ext.bank_model.bank_layers(small) for n in layer.adapter_names)
+    assert_unchanged(small, before)  # every bank layer checked before any module loads
 
 
 def test_more_refusals(folders, tmp_path):
@@ -1692,3 +1695,43 @@ def test_load_bank_and_mixed_batch_refuse_empty_or_bad_arguments(tmp_path):
             with miss_ext.mixed_batch(model, ["a"], expand=expand):
                 pass
         assert model.lin1.rows is None
+
+
+class _ThreeLayers(nn.Module):  # module level: pickled below
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(7, 12), nn.Linear(12, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_bank_model_loads_all_or_nothing():
+    """A bank layer refusing its part of a state_dict (here a kept snapshot, stale since an
+    adapter only one layer holds was removed) was skipped while torch loaded the others, which
+    took the old slot description: the layers then disagreed and every bank helper refused the
+    model (a random-walk fuzz, 2026-12-06). apply_bank's load check runs every bank layer's checks
+    before any module loads: RuntimeError naming the layer, the model unchanged and usable; also
+    for copies (the hook travels with deepcopy and pickle). A module with a load_state_dict
+    pre-hook of its own keeps torch's per-module rule (its hook may rewrite the keys)."""
+    torch.manual_seed(0)
+    model = miss_ext.apply_bank(_ThreeLayers().double(), ["a", "b", "c"], capacity=4, max_r=4)
+    miss_ext.add_bank_adapter(model, "p0", r=2, target_modules=["c"])  # absent in a and b
+    miss_ext.add_bank_adapter(model, "p1", r=3)
+    kept = model.state_dict()  # not a copy: the layers' own tensors
+    miss_ext.remove_bank_adapter(model, "p0")
+    x = torch.randn(3, 7, dtype=torch.float64)
+    for target in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        before = snapshot(target)
+        with pytest.raises(RuntimeError, match=r"nothing loaded:\n\tc: the state_dict is a snapshot taken before "
+                                               r"adapters were added to or removed from its layer"):
+            target.load_state_dict(kept)
+        assert_unchanged(target, before)
+        assert miss_ext.bank_adapter_names(target) == ["p1"]
+        with miss_ext.mixed_batch(target, ["p1", None, "p1"]):
+            target(x)
+    # Its own pre-hook on the model: torch's rule (the other layers load, c refuses at the end).
+    model.register_load_state_dict_pre_hook(lambda *args: None)
+    with pytest.raises(RuntimeError, match="Nothing of this layer was loaded"):
+        model.load_state_dict(kept)
+    assert model.a.adapter_names == ["p0", "p1", None, None] and model.c.adapter_names == [None, "p1", None, None]

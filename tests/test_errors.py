@@ -378,7 +378,11 @@ def test_out_features_0_is_refused_by_name_where_the_block_would_be_empty():
     # A bank layer handles an empty output in every mode it takes.
     bank = miss_ext.MissBankLinear(nn.Linear(4, 0), capacity=2, max_r=2)
     bank.add_adapter("a", r=2)
+    # A mini slot's period is its mini_r, past the bank's q_cap of 0: nothing reads a column (a
+    # review, 2026-12-06: the host check of such rows refused it).
+    bank.add_adapter("m", r=2, mode="mini", mini_r=1)
     assert bank(rand(3, 4), bank.index_of(["a", None, "a"])).shape == (3, 0)
+    assert bank(rand(3, 4), bank.index_of(["m", "a", None])).shape == (3, 0)
     mini = miss_ext.MissLinear(nn.Linear(4, 0), 2, mode="mini", mini_r=1)
     x = rand(3, 4, requires_grad=True)
     y = mini(x)

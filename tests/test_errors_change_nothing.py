@@ -177,14 +177,15 @@ def test_a_layer_whose_tensor_cannot_load_loads_nothing(layer, kind):
         state, key = source.state_dict(), "2.bank"
         flag = lambda: model[2].adapter_names  # noqa: E731
     before, snap = flag(), snapshot(model)
-    # The accelerated PEFT model checks every layer before anything loads (nothing of the model
-    # loads; AcceleratedMissModel._load_from_state_dict); the others follow torch's per-module rule.
-    refused = r"nothing loaded:\n\tbase_model\.model\.2: base_layer\.weight" if layer == "peft" else \
-        r"Nothing of this layer was loaded"
+    # The accelerated PEFT model and a bank model check every layer before anything loads (nothing
+    # of the model loads: AcceleratedMissModel._load_from_state_dict, bank_model's
+    # _check_bank_loads_first); apply_miss models follow torch's per-module rule.
+    refused = {"peft": r"nothing loaded:\n\tbase_model\.model\.2: base_layer\.weight",
+               "bank": r"nothing loaded:\n\t2: bank: the state_dict"}.get(layer, r"Nothing of this layer was loaded")
     with pytest.raises(RuntimeError, match=refused):
         model.load_state_dict(_meta_or_garbage(state, key, kind))
     assert flag() == before
-    if layer == "peft":
+    if layer in ("peft", "bank"):
         assert_unchanged(model, snap)
     types, values, flags = snap
     now = model.state_dict()

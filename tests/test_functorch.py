@@ -532,6 +532,11 @@ def test_bank_ensemble_on_a_meta_copy_is_refused_by_name():
         functional_call(on_meta, {k: v[0] for k, v in params.items()}, (x, idx))
     # Refused before anything moved: the copy's forward tensors stay where they were.
     assert all(getattr(on_meta, name).is_meta for name in on_meta._SLOT_TENSORS)
+    only_periods = copy.deepcopy(banks[0])  # a load with assign=True that dropped them, say
+    only_periods.periods = only_periods.periods.to("meta")
+    with pytest.raises(ValueError, match="its periods is on the meta device and its bank on cpu"):
+        only_periods(x, idx)
+    assert only_periods._route.device.type == "cpu"
     on_cpu = copy.deepcopy(banks[0])
     got = vmap(lambda p, b, xx: functional_call(on_cpu, (p, b), (xx, idx)), in_dims=(0, 0, None))(params, buffers, x)
     with torch.no_grad():

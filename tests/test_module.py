@@ -321,6 +321,18 @@ def test_a_base_resized_after_the_adapter_is_refused_by_name(mode):
     with pytest.raises(ValueError, match=r"base layer's weight is now \(12, 8\), but the adapter was made for "
                                          r"\(8, 8\).*resize_token_embeddings"):
         layer(x)
+    # The same under torch.jit.trace (sizes as ints, not traced tensors), and when scripting: the
+    # compiled forward cannot check, and a scripted mini layer returned 12 columns for
+    # out_features 8, silently (a review, 2026-12-06).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"base layer's weight is now \(12, 8\), but the adapter was made for "
+                                             r"\(8, 8\)"):
+            torch.jit.trace(layer, (x,))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], caught
+    with pytest.raises(ValueError, match=r"base layer's weight is now \(12, 8\), but the adapter was made for "
+                                         r"\(8, 8\)"):
+        torch.jit.script(layer)
     layer.base_layer.weight = old
     assert layer(x).shape == (3, 8)
 

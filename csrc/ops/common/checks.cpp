@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -353,13 +352,17 @@ void check_bank_values(const int64_t* ranks, const int64_t* periods, int64_t slo
     TORCH_CHECK_VALUE(per_row_fold || R % ranks[a] == 0, "miss: bank_add ranks[", a, "]=", ranks[a], " (used by row ",
                       t, ") does not divide s.shape[-1]=", R, ": a fold at ", R, " cannot give the fold at ", ranks[a],
                       "; fold each row at its own rank with miss.bank_fold and pass per_row_fold=True");
-    // out_features 0 (a layer of no outputs, checked on the host: no kernel runs) has the period 0
-    // of its slots (period = out in the default mode): any period up to q_cap reads no column.
-    TORCH_CHECK_VALUE(out == 0 ? periods[a] >= 0 && periods[a] <= q_cap
-                               : periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0,
-                      "miss: bank_add periods[", a, "]=", periods[a], " (used by row ", t, ") must be in [",
-                      out == 0 ? 0 : 1, ", q_cap=", q_cap, "]", out == 0 ? "" : " and divide out_features=",
-                      out == 0 ? std::string() : std::to_string(out));
+    // out_features 0 (a layer of no outputs, checked on the host: no kernel runs) reads no column:
+    // its slots' periods are 0 (default mode: period = out) or mini_r (a mini slot, q_cap 0), any
+    // period >= 0 (a review, 2026-12-06: the first version refused a mini slot there).
+    if (out == 0) {
+      TORCH_CHECK_VALUE(periods[a] >= 0, "miss: bank_add periods[", a, "]=", periods[a], " (used by row ", t,
+                        ") must be >= 0");
+      return;
+    }
+    TORCH_CHECK_VALUE(periods[a] >= 1 && periods[a] <= q_cap && out % periods[a] == 0, "miss: bank_add periods[", a,
+                      "]=", periods[a], " (used by row ", t, ") must be in [1, q_cap=", q_cap,
+                      "] and divide out_features=", out);
   });
 }
 
