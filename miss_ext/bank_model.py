@@ -43,7 +43,7 @@ from .model import (check_module, drop_weight_read_linears, is_ddp, parent_modul
                     under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
-from .modules import MissLinear, check_dropout, check_flag, refuse_meta
+from .modules import MissLinear, check_dropout, check_flag, load_refusals, refuse_meta
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
                       get_module, refuse_bare_parameters, second_paths, set_module, warn_unmatched)
 
@@ -496,7 +496,6 @@ def _check_bank_loads_first(model: nn.Module, state_dict, prefix: str, local_met
     such hooks itself, keep it too."""
     if any(_hook_function(hook) not in _OWN_LOAD_HOOKS for hook in model._load_state_dict_pre_hooks.values()):
         return
-    assign = bool(local_metadata.get("assign_to_params_buffers", False))
     layers, hooked = {}, []  # {key prefix: layer}, key prefixes under hooked modules
     for path, module in model.named_modules():
         if not path:
@@ -506,15 +505,7 @@ def _check_bank_loads_first(model: nn.Module, state_dict, prefix: str, local_met
             hooked.append(module_prefix)
         if isinstance(module, MissBankLinear) and not any(map(module_prefix.startswith, hooked)):
             layers[module_prefix] = module
-    touched = {}  # the layers the dict has keys of: each key's prefixes looked up, longest first
-    for key in (state_dict if layers else ()):
-        end = key.rfind(".")
-        while end > 0 and key[:end + 1] not in layers:
-            end = key.rfind(".", 0, end)
-        if end > 0:
-            touched[key[:end + 1]] = layers[key[:end + 1]]
-    refusals = [f"{layer_prefix.rstrip('.')}: {why}" for layer_prefix, layer in touched.items()
-                if (why := layer._load_refusal(state_dict, layer_prefix, assign)) is not None]
+    refusals = load_refusals(layers, state_dict, bool(local_metadata.get("assign_to_params_buffers", False)))
     if refusals:
         raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}, nothing loaded:\n\t"
                            + "\n\t".join(refusals))

@@ -2,7 +2,7 @@
 import json
 import math
 import warnings
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -310,6 +310,21 @@ def load_mismatches(module: nn.Module, state_dict: dict, prefix: str, assign: bo
 
     visit(module, prefix)
     return found
+
+
+def load_refusals(layers: Dict[str, nn.Module], state_dict: dict, assign: bool) -> List[str]:
+    """For a model-level load check (all or nothing, run before any module loads): "path: why" for
+    each of `layers` ({key prefix: a layer with _load_refusal(state_dict, prefix, assign)}) whose
+    keys the dict holds and that refuses its part; [] when all would load."""
+    touched = {}  # the layers the dict has keys of: each key's prefixes looked up, longest first
+    for key in (state_dict if layers else ()):
+        end = key.rfind(".")
+        while end > 0 and key[:end + 1] not in layers:
+            end = key.rfind(".", 0, end)
+        if end > 0:
+            touched[key[:end + 1]] = layers[key[:end + 1]]
+    return [f"{prefix.rstrip('.')}: {why}" for prefix, layer in touched.items()
+            if (why := layer._load_refusal(state_dict, prefix, assign)) is not None]
 
 
 def refuse_layer_load(module: nn.Module, state_dict: dict, prefix: str, strict: bool, missing_keys: list,

@@ -113,7 +113,7 @@ from .model import check_module, offload_hook, parent_module, under_offload_hook
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
-                      check_widths, jagged_forward, json_tensor, load_merge_record, merge_record_refusal,
+                      check_widths, jagged_forward, json_tensor, load_merge_record, load_refusals, merge_record_refusal,
                       non_finite_summary, refuse_forward_tangents, refuse_nested, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
@@ -1629,18 +1629,7 @@ class AcceleratedMissModel(MissModel):
                 hooked.append(layer_prefix)
             if type(module) is AcceleratedMissLinear and not any(map(layer_prefix.startswith, hooked)):
                 layers[layer_prefix] = module
-        touched = {}  # the layers the dict has keys of: each key's prefixes looked up, longest first
-        for key in (state_dict if layers else ()):
-            end = key.rfind(".")
-            while end > 0 and key[:end + 1] not in layers:
-                end = key.rfind(".", 0, end)
-            if end > 0:
-                touched[key[:end + 1]] = layers[key[:end + 1]]
-        refusals = []
-        for layer_prefix, layer in touched.items():
-            why = layer._load_refusal(state_dict, layer_prefix, assign)
-            if why is not None:
-                refusals.append(f"{layer_prefix.rstrip('.')}: {why}")
+        refusals = load_refusals(layers, state_dict, assign)
         if refusals:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded:\n\t"
                                + "\n\t".join(refusals))
