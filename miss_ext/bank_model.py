@@ -43,7 +43,7 @@ from .model import (check_module, drop_weight_read_linears, is_ddp, parent_modul
                     under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
-from .modules import MissLinear, check_dropout, check_flag, load_refusals, refuse_meta
+from .modules import MissLinear, check_dropout, check_flag, load_refusals, refuse_meta, rewrites_load_keys
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
                       get_module, refuse_bare_parameters, second_paths, set_module, warn_unmatched)
 
@@ -376,6 +376,7 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     # All or nothing: if any adapter does not fit, the replaced layers go back and every
     # parameter gets its requires_grad flag back.
     flags = {p: p.requires_grad for p in model.parameters()}
+    checked = {id(module) for module in model.modules() if _has_load_check(module)}
     try:
         _apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
                     max(ranks) if max_r is None else max_r, freeze_others=True, named_by_user=False)
@@ -386,6 +387,9 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
             set_module(model, path, layer.base_layer)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+        # Its load check too: left there, it counted as another code's hook for the accelerated
+        # PEFT tuner's check of a later PEFT model (a review, 2026-12-06).
+        _remove_load_checks(model, checked)
         raise
     return model
 
@@ -489,39 +493,52 @@ def _check_bank_loads_first(model: nn.Module, state_dict, prefix: str, local_met
     module, so the model's bank layers then disagreed on their slots and every bank helper refused
     the model (a random-walk fuzz, 2026-12-06). A load_state_dict pre-hook on the model apply_bank
     or load_bank adapted, which torch runs before any module under it loads: every bank layer
-    whose keys the dict holds is checked first, RuntimeError naming each refusal, nothing loaded.
-    A load_state_dict of a module inside the model (one layer, a block of layers) keeps torch's
-    rule. Layers under a module with load_state_dict pre-hooks of other code (which may rewrite
-    keys before they load, as transformers' Mamba and ESM do), or all of them when the model has
-    such hooks itself, keep it too."""
-    if any(_hook_function(hook) not in _OWN_LOAD_HOOKS for hook in model._load_state_dict_pre_hooks.values()):
+    whose keys the dict holds (under each of its paths) is checked first, RuntimeError naming each
+    refusal, nothing of the model loaded (modules outside it, loaded through an outer module, keep
+    torch's rule: those before it in the load order have loaded). A load_state_dict of a module
+    inside the model (one layer, a block of layers) keeps torch's rule too, and so do layers under
+    a module whose load hooks may rewrite keys (modules.rewrites_load_keys), or all of them when
+    the model has such hooks itself."""
+    if rewrites_load_keys(model):
         return
     layers, hooked = {}, []  # {key prefix: layer}, key prefixes under hooked modules
-    for path, module in model.named_modules():
+    for path, module in model.named_modules(remove_duplicate=False):  # a layer under two paths: both
         if not path:
             continue
         module_prefix = f"{prefix}{path}."
-        if any(_hook_function(hook) not in _OWN_LOAD_HOOKS for hook in module._load_state_dict_pre_hooks.values()):
+        if rewrites_load_keys(module):
             hooked.append(module_prefix)
         if isinstance(module, MissBankLinear) and not any(map(module_prefix.startswith, hooked)):
             layers[module_prefix] = module
     refusals = load_refusals(layers, state_dict, bool(local_metadata.get("assign_to_params_buffers", False)))
     if refusals:
-        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}, nothing loaded:\n\t"
-                           + "\n\t".join(refusals))
+        where = f" at {prefix.rstrip('.')!r}" if prefix else ""
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}{where}, nothing of it loaded:"
+                           "\n\t" + "\n\t".join(refusals))
 
 
-def _hook_function(hook):
-    return getattr(hook, "hook", hook)  # torch wraps a hook that takes the module (_WrappedHook)
+_check_bank_loads_first._miss_ext_load_hook = True
+_refuse_load_inside_mixed_batch._miss_ext_load_hook = True
 
 
-_OWN_LOAD_HOOKS = (_check_bank_loads_first, _refuse_load_inside_mixed_batch)
+def _has_load_check(module: nn.Module) -> bool:
+    return any(getattr(hook, "hook", hook) is _check_bank_loads_first
+               for hook in module._load_state_dict_pre_hooks.values())
 
 
 def _register_load_check(model: nn.Module) -> None:
     """_check_bank_loads_first on `model`, once."""
-    if not any(_hook_function(hook) is _check_bank_loads_first for hook in model._load_state_dict_pre_hooks.values()):
+    if not _has_load_check(model):
         model.register_load_state_dict_pre_hook(_check_bank_loads_first)
+
+
+def _remove_load_checks(model: nn.Module, keep) -> None:
+    """Removes the load checks of the modules of `model` other than those in `keep` (ids)."""
+    for module in model.modules():
+        if id(module) not in keep:
+            for key, hook in list(module._load_state_dict_pre_hooks.items()):
+                if getattr(hook, "hook", hook) is _check_bank_loads_first:
+                    del module._load_state_dict_pre_hooks[key]
 
 
 def _holders_of(model: nn.Module, paths: List[str]) -> List[nn.Module]:

@@ -312,6 +312,24 @@ def load_mismatches(module: nn.Module, state_dict: dict, prefix: str, assign: bo
     return found
 
 
+def rewrites_load_keys(module: nn.Module) -> bool:
+    """Whether `module` has load_state_dict pre-hooks that may rewrite the keys under it before they
+    load (other code's: transformers' Mamba, Mamba2 and ESM, torch's checkpoint_wrapper), so that a
+    model-level load check cannot read those keys in advance. Not miss_ext's own hooks (marked
+    `_miss_ext_load_hook`), nor FSDP2's `to_sharded_hook` (registered on each module holding
+    sharded parameters at its first forward: it reshards them, the keys untouched; a review,
+    2026-12-06, found the bank check off after a forward)."""
+    for hook in module._load_state_dict_pre_hooks.values():
+        function = getattr(hook, "hook", hook)  # torch wraps a hook that takes the module (_WrappedHook)
+        if getattr(function, "_miss_ext_load_hook", False):
+            continue
+        if (getattr(function, "__name__", None) == "to_sharded_hook"
+                and getattr(function, "__module__", "").startswith("torch.distributed.fsdp.")):
+            continue
+        return True
+    return False
+
+
 def load_refusals(layers: Dict[str, nn.Module], state_dict: dict, assign: bool) -> List[str]:
     """For a model-level load check (all or nothing, run before any module loads): "path: why" for
     each of `layers` ({key prefix: a layer with _load_refusal(state_dict, prefix, assign)}) whose

@@ -114,7 +114,7 @@ from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_re
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
                       check_widths, jagged_forward, json_tensor, load_merge_record, load_refusals, merge_record_refusal,
-                      non_finite_summary, refuse_forward_tangents, refuse_nested, tensor_json)
+                      non_finite_summary, refuse_forward_tangents, refuse_nested, rewrites_load_keys, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from . import merge_record  # noqa: E402
@@ -1623,9 +1623,9 @@ class AcceleratedMissModel(MissModel):
         # (they run in nn.Module's load, after this check).
         assign = bool(args) and bool(args[0].get("assign_to_params_buffers", False))
         layers, hooked = {}, []  # {key prefix: layer}, key prefixes of hooked modules
-        for path, module in ([] if self._load_state_dict_pre_hooks else self.model.named_modules()):
+        for path, module in ([] if rewrites_load_keys(self) else self.model.named_modules()):
             layer_prefix = f"{prefix}model.{path}." if path else f"{prefix}model."
-            if module._load_state_dict_pre_hooks:
+            if rewrites_load_keys(module):
                 hooked.append(layer_prefix)
             if type(module) is AcceleratedMissLinear and not any(map(layer_prefix.startswith, hooked)):
                 layers[layer_prefix] = module
