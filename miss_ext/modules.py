@@ -283,13 +283,13 @@ def load_mismatches(module: nn.Module, state_dict: dict, prefix: str, assign: bo
     instead (an atomicity review, 2026-12-03: a meta base weight left a merged flag on an
     unmerged weight). Skipped, as torch's own per-tensor check still applies to them: submodules
     with a load of their own (quantized base layers, say), which decide themselves what they
-    take; modules with load_state_dict pre-hooks (on themselves: their subtree), which torch runs
-    after this check and which may rewrite the saved tensors (a transposing hook); lazy
+    take; modules with load_state_dict pre-hooks that may rewrite keys or tensors
+    (rewrites_load_keys; on themselves: their subtree), which torch runs after this check; lazy
     parameters; torch's 0-dim-from-(1,) case."""
     found = []
 
     def visit(sub: nn.Module, sub_prefix: str) -> None:
-        if sub._load_state_dict_pre_hooks:
+        if rewrites_load_keys(sub):  # not FSDP2's resharding hook (a review, 2026-12-06)
             return
         persistent = [(n, b) for n, b in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
         for name, t in [*sub._parameters.items(), *persistent]:

@@ -1744,9 +1744,18 @@ def test_a_bank_model_loads_all_or_nothing():
 
     to_sharded_hook.__module__ = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
     sharded = copy.deepcopy(model)
-    sharded.c._register_load_state_dict_pre_hook(to_sharded_hook)
+    for layer in (sharded.a, sharded.c, sharded.c.base_layer):
+        layer._register_load_state_dict_pre_hook(to_sharded_hook)
     with pytest.raises(RuntimeError, match="nothing of it loaded"):
         sharded.load_state_dict(kept)
+    # ... its tensor checks too: a meta bank among changed values loads nothing.
+    bad = {k: v + 1 if k == "a.bank" else v.clone() for k, v in sharded.state_dict().items()}
+    bad["c.bank"] = torch.empty(bad["c.bank"].shape, dtype=bad["c.bank"].dtype, device="meta")
+    before = snapshot(sharded)
+    with pytest.raises(RuntimeError, match=r"nothing of it loaded:\n\tc: bank: the state_dict's tensor is on the "
+                                           r"meta device"):
+        sharded.load_state_dict(bad)
+    assert_unchanged(sharded, before)
     # Its own pre-hook on the model: torch's rule (the other layers load, c refuses at the end).
     model.register_load_state_dict_pre_hook(lambda *args: None)
     with pytest.raises(RuntimeError, match="Nothing of this layer was loaded"):
