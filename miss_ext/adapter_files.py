@@ -432,7 +432,8 @@ def warn_non_finite(tensors: Dict[str, Tensor], who: str) -> None:
     broken = [key[len(KEY_PREFIX):] for key, t in tensors.items()
               if t.is_floating_point() and not bool(t.isfinite().all())]
     if broken:
-        warnings.warn(f"{who}: {describe(broken)} {'holds' if len(broken) == 1 else 'hold'} non-finite values (NaN or inf): training diverged? "
+        verb = "holds" if len(broken) == 1 else "hold"
+        warnings.warn(f"{who}: {describe(broken)} {verb} non-finite values (NaN or inf): training diverged? "
                       "(load_adapter refuses non-finite blocks)", stacklevel=3)
 
 

@@ -43,7 +43,8 @@ from .model import (check_module, drop_weight_read_linears, is_ddp, parent_modul
                     under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
-from .modules import MissLinear, check_dropout, check_flag, load_refusals, refuse_meta, rewrites_load_keys
+from .modules import (MissLinear, check_dropout, check_flag, layers_to_check, load_refusals, refuse_meta,
+                      rewrites_load_keys)
 from .targets import (ALL_LINEAR, TargetModules, canonical_targets, describe, exact_paths_regex, find_targets,
                       get_module, refuse_bare_parameters, second_paths, set_module, warn_unmatched)
 
@@ -501,15 +502,7 @@ def _check_bank_loads_first(model: nn.Module, state_dict, prefix: str, local_met
     the model has such hooks itself."""
     if rewrites_load_keys(model):
         return
-    layers, hooked = {}, []  # {key prefix: layer}, key prefixes under hooked modules
-    for path, module in model.named_modules(remove_duplicate=False):  # a layer under two paths: both
-        if not path:
-            continue
-        module_prefix = f"{prefix}{path}."
-        if rewrites_load_keys(module):
-            hooked.append(module_prefix)
-        if isinstance(module, MissBankLinear) and not any(map(module_prefix.startswith, hooked)):
-            layers[module_prefix] = module
+    layers = layers_to_check(model, prefix, lambda module: isinstance(module, MissBankLinear))
     refusals = load_refusals(layers, state_dict, bool(local_metadata.get("assign_to_params_buffers", False)))
     if refusals:
         where = f" at {prefix.rstrip('.')!r}" if prefix else ""

@@ -190,7 +190,8 @@ def export_lora(model: nn.Module, path: str, task_type: Optional[str] = None, ad
         # too, and inf * 0 = NaN spreads along B's row (a review, 2026-12-05: 2 non-finite entries
         # in MiSS's delta, 8 in the LoRA's). save_adapter writes such blocks with a warning, since
         # its file holds them as they are.
-        raise ValueError(f"export_lora: {describe(broken)} {'holds' if len(broken) == 1 else 'hold'} non-finite values (NaN or inf), which a LoRA "
+        verb = "holds" if len(broken) == 1 else "hold"
+        raise ValueError(f"export_lora: {describe(broken)} {verb} non-finite values (NaN or inf), which a LoRA "
                          "cannot reproduce (B @ A multiplies them by A's zeros: inf * 0 is NaN); nothing was written")
     config = {
         "peft_type": "LORA",

@@ -330,6 +330,20 @@ def rewrites_load_keys(module: nn.Module) -> bool:
     return False
 
 
+def layers_to_check(root: nn.Module, key_prefix: str, wanted: Callable[[nn.Module], bool]) -> Dict[str, nn.Module]:
+    """For a model-level load check: {key prefix: module} of the modules under `root` (root's keys
+    start with `key_prefix`) that `wanted` selects, under each of their paths, except those under
+    a module whose load hooks may rewrite keys (rewrites_load_keys), which keep torch's rule."""
+    layers, hooked = {}, []  # key prefixes of hooked modules
+    for path, module in root.named_modules(remove_duplicate=False):  # a layer under two paths: both
+        module_prefix = f"{key_prefix}{path}." if path else key_prefix
+        if rewrites_load_keys(module):
+            hooked.append(module_prefix)
+        if wanted(module) and not any(map(module_prefix.startswith, hooked)):
+            layers[module_prefix] = module
+    return layers
+
+
 def load_refusals(layers: Dict[str, nn.Module], state_dict: dict, assign: bool) -> List[str]:
     """For a model-level load check (all or nothing, run before any module loads): "path: why" for
     each of `layers` ({key prefix: a layer with _load_refusal(state_dict, prefix, assign)}) whose

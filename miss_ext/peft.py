@@ -113,8 +113,9 @@ from .model import check_module, offload_hook, parent_module, under_offload_hook
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
-                      check_widths, jagged_forward, json_tensor, load_merge_record, load_refusals, merge_record_refusal,
-                      non_finite_summary, refuse_forward_tangents, refuse_nested, rewrites_load_keys, tensor_json)
+                      check_widths, jagged_forward, json_tensor, layers_to_check, load_merge_record, load_refusals,
+                      merge_record_refusal, non_finite_summary, refuse_forward_tangents, refuse_nested,
+                      rewrites_load_keys, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from . import merge_record  # noqa: E402
@@ -1622,13 +1623,8 @@ class AcceleratedMissModel(MissModel):
         # was refused), keeps torch's rule, and so does everything under this module's own hooks
         # (they run in nn.Module's load, after this check).
         assign = bool(args) and bool(args[0].get("assign_to_params_buffers", False))
-        layers, hooked = {}, []  # {key prefix: layer}, key prefixes of hooked modules
-        for path, module in ([] if rewrites_load_keys(self) else self.model.named_modules()):
-            layer_prefix = f"{prefix}model.{path}." if path else f"{prefix}model."
-            if rewrites_load_keys(module):
-                hooked.append(layer_prefix)
-            if type(module) is AcceleratedMissLinear and not any(map(layer_prefix.startswith, hooked)):
-                layers[layer_prefix] = module
+        layers = {} if rewrites_load_keys(self) else layers_to_check(
+            self.model, f"{prefix}model.", lambda module: type(module) is AcceleratedMissLinear)
         refusals = load_refusals(layers, state_dict, assign)
         if refusals:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded:\n\t"

@@ -181,7 +181,8 @@ def test_a_layer_whose_tensor_cannot_load_loads_nothing(layer, kind):
     # of the model loads: AcceleratedMissModel._load_from_state_dict, bank_model's
     # _check_bank_loads_first); apply_miss models follow torch's per-module rule.
     refused = {"peft": r"nothing loaded:\n\tbase_model\.model\.2: base_layer\.weight",
-               "bank": r"nothing of it loaded:\n\t2: bank: the state_dict"}.get(layer, r"Nothing of this layer was loaded")
+               "bank": r"nothing of it loaded:\n\t2: bank: the state_dict"}.get(
+                   layer, r"Nothing of this layer was loaded")
     with pytest.raises(RuntimeError, match=refused):
         model.load_state_dict(_meta_or_garbage(state, key, kind))
     assert flag() == before

@@ -510,7 +510,8 @@ def test_bank_ensemble_on_a_meta_copy_is_refused_by_name():
     device, vmap): the bank's ranks and periods are plain attributes (not buffers: EMA averaging
     must not touch them), which functional_call does not substitute; torch then failed with "Cannot
     copy out of meta tensor" (a lifecycle review, 2026-12-06). A ValueError naming them, with and
-    without vmap, before the copy's tensors move; the same recipe on a copy left on the CPU equals each bank's own call."""
+    without vmap, before the copy's tensors move; the same recipe on a copy left on the CPU equals
+    each bank's own call."""
     import copy
 
     from torch.func import stack_module_state

@@ -1033,7 +1033,8 @@ def test_lora_export_of_a_non_finite_block_is_refused(base, tmp_path, bad):
     model = ours(base, "default")
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.miss_block[1, 2] = bad
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj holds non-finite values .*nothing was written"):
+    with pytest.raises(ValueError,
+                       match=r"model\.layers\.0\.mlp\.up_proj holds non-finite values .*nothing was written"):
         miss_ext.export_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
 
