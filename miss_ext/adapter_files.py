@@ -6,6 +6,7 @@ init_weights, miss_dropout, target_modules, ...) and `adapter_model.safetensors`
 `"peft_type": "BONE"` and `.bone_block`; the math is the same. (Older PEFT releases wrote
 `adapter_model.bin` instead of safetensors; it is read too, with `torch.load(weights_only=True)`.)
 """
+import functools
 import json
 import os
 import uuid
@@ -19,12 +20,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .bank import MissBankLinear
-from .model import (check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
+from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, peft_hint, persistent_buffers, record_extras, record_shared_weights,
                     refuse_ddp_wrapped, refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model,
-                    saved_whole_problem, shared_before_wrapping, trainable_extras, unwrap_model, warn_shared,
-                    writes_here)
+                    saved_whole_problem, shared_before_wrapping, trainable_extras, undo_each, unwrap_model,
+                    warn_shared, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
@@ -829,6 +830,44 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
     return problems, plan
 
 
+def _new_layer(base: nn.Module, r: int, mode: str, mini_r: int, dropout: float) -> MissLinear:
+    """load_adapter's new MissLinear on `base`, in base's training mode (loaded into an eval model:
+    no adapter dropout, as PEFT's from_pretrained evals). Its block is overwritten by the file's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_adapter warns once for all layers
+        return MissLinear(base, r, mode, mini_r, dropout).train(base.training)
+
+
+def _saved_copy(param: Tensor) -> Tensor:
+    """A copy of param's values for an undo: in host memory (a load near the device's capacity
+    should not fail for its backups), except a DTensor's, which stays a DTensor on its mesh."""
+    with torch.no_grad():
+        return param.detach().clone() if is_dtensor(param) else param.detach().to("cpu", copy=True)
+
+
+def _restore_values(param: Tensor, saved: Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(saved)
+
+
+def _restore_layer(layer: MissLinear, dropout: float, init_weights: bool, block: Tensor) -> None:
+    layer.dropout, layer.init_weights = dropout, init_weights
+    _restore_values(layer.miss_block, block)
+
+
+def _restore_flags(flags) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def _restore_record(model: nn.Module, record: Optional[dict]) -> None:
+    """Puts back the modules_to_save / bias record (model.record_extras) as it was, or none."""
+    if record is None:
+        model.__dict__.pop(EXTRAS_ATTR, None)
+    else:
+        setattr(model, EXTRAS_ATTR, record)
+
+
 def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.Module:
     """Loads a PEFT MiSS (or old Bone) adapter directory into the model, in place, and returns it.
 
@@ -853,7 +892,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
 
     Every check runs first: a key, field, module or shape that does not fit raises ValueError
     listing every difference, and the model is left as it was (TypeError for a model that is no
-    nn.Module or holds PEFT's modules: a PeftModel has PEFT's load_adapter). With freeze_others (the
+    nn.Module or holds PEFT's modules: a PeftModel has PEFT's load_adapter). An error while it
+    writes (torch.OutOfMemoryError for a new block, an interrupt) is raised after every change is
+    undone; the undo keeps a host copy of the values it overwrites. With freeze_others (the
     default, as PEFT), the remaining parameters stop requiring grad.
 
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
@@ -915,37 +956,57 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
                       f"{PEFT_REFUSES_R_ABOVE_IN}", stacklevel=2)
     warn_shared(shared_before_wrapping(model, [(name, module) for name, module, _ in plan
                                                if not isinstance(module, MissLinear)]))
-    for name, module, block in plan:
-        if not isinstance(module, MissLinear):
-            training = module.training
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # reported once below
-                module = MissLinear(module, r, mode, mini_r, dropout)
-            module.train(training)  # loaded into an eval model: no adapter dropout (PEFT's from_pretrained evals)
-            set_module(model, name, module)
+    # All or nothing, as apply_miss: the new layers are made first (their blocks are this call's
+    # allocations), then every write keeps its undo, so that a failure part way (out of memory,
+    # an interrupt) leaves the model as it was (a docstring audit, 2026-12-06: the layers before
+    # the failing one kept the file's blocks, their bases frozen).
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        made = {name: _new_layer(module, r, mode, mini_r, dropout) for name, module, _ in plan
+                if not isinstance(module, MissLinear)}
+    except BaseException:
+        _restore_flags(flags)
+        raise
+    record_before = getattr(model, EXTRAS_ATTR, None)
+    undos = []
+    try:
+        for name, module, block in plan:
+            if name in made:
+                set_module(model, name, made[name])
+                undos.append((name, functools.partial(set_module, model, name, module)))
+                module = made[name]
+            else:
+                undos.append((name, functools.partial(_restore_layer, module, module.dropout, module.init_weights,
+                                                      _saved_copy(module.miss_block))))
+                # The file's dropout is part of the adapter it describes, as for a new layer: a
+                # layer that kept its own would train the loaded adapter with another dropout,
+                # silently.
+                module.dropout = dropout
+            # So is its init_weights=False (a default-mode adapter made random), as PEFT's layers
+            # keep their config: save_adapter writes it again, reset_parameters() draws a random
+            # block. (The block itself is the file's, copied below.)
+            module.init_weights = config.get("init_weights", True) is not False
+            _copy_whole(module.miss_block, block)
+        for param, value in extra_plan:
+            undos.append(("", functools.partial(_restore_values, param, _saved_copy(param))))
+            _copy_whole(param, value)
+        record_extras(model, recorded, save_paths, bias)
+        if freeze_others:
+            # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
+            earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+            earlier = extras_requires_grad(model, earlier_paths)
+            freeze_all_but_blocks(model)
+            mark_extras_trainable(model)
+            keep_earlier_frozen(model, earlier_paths, earlier, bias)
         else:
-            # The file's dropout is part of the adapter it describes, as for a new layer: a layer
-            # that kept its own would train the loaded adapter with another dropout, silently.
-            module.dropout = dropout
-        # So is its init_weights=False (a default-mode adapter made random), as PEFT's layers keep
-        # their config: save_adapter writes it again, reset_parameters() draws a random block. (The
-        # block itself is the file's, copied below.)
-        module.init_weights = config.get("init_weights", True) is not False
-        _copy_whole(module.miss_block, block)
-    for param, value in extra_plan:
-        _copy_whole(param, value)
-    record_extras(model, recorded, save_paths, bias)
-    if freeze_others:
-        # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
-        earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
-        earlier = extras_requires_grad(model, earlier_paths)
-        freeze_all_but_blocks(model)
-        mark_extras_trainable(model)
-        keep_earlier_frozen(model, earlier_paths, earlier, bias)
-    else:
-        # What this file trains beside the blocks trains (a base frozen by the user would otherwise
-        # keep the head the file records frozen: saved, never trained); nothing else changes.
-        for param in extra_parameters(model, {"modules_to_save": save_paths, "bias": bias}).values():
-            param.requires_grad_(True)
+            # What this file trains beside the blocks trains (a base frozen by the user would
+            # otherwise keep the head the file records frozen: saved, never trained); nothing else
+            # changes.
+            for param in extra_parameters(model, {"modules_to_save": save_paths, "bias": bias}).values():
+                param.requires_grad_(True)
+    except BaseException:
+        undo_each(list(reversed(undos)) + [("", functools.partial(_restore_record, model, record_before)),
+                                           ("", functools.partial(_restore_flags, flags))], "load_adapter")
+        raise
     record_shared_weights(model)
     return wrapped

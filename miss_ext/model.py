@@ -676,7 +676,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
 
     PEFT's other MissConfig fields, as keywords: exclude_modules (a regex for the whole path or a
     list of names/suffixes), layers_to_transform (an int or a list of layer indices, read from
-    the path after `layers_pattern`, or after any component when it is None), modules_to_save
+    the path after `layers_pattern`, or when it is None after any component but the path's first,
+    as PEFT: `model.layers.1.q_proj` is layer 1, `layers.1.q_proj` no layer), modules_to_save
     (modules trained and saved whole: PEFT's suffix rule, "score" matches every path ending in
     "score") and bias ("none", "all": every bias of the model, "MiSS_only": the adapted layers'
     biases, trained and saved). The adapted modules are exactly those get_peft_model adapts.

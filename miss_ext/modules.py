@@ -519,11 +519,12 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     y = base(x) + fold(dropout(x)) @ tile(miss_block).
 
     The base module computes what it computes. For a plain nn.Linear (is_plain_linear: no
-    subclass, hooks, parametrization or tensor-subclass weight) the fused `miss.linear` op
-    computes base and adapter together; for anything else (QAT or quantized linears, hooks,
-    parametrizations, FSDP-sharded weights, ...) the layer calls `base_layer(x)` itself and adds
-    the adapter term with `miss.fold` and `miss.tile_add` (PEFT's precision either way). The
-    choice is made at every call, so hooks added later are honoured.
+    subclass with a computation of its own, no hooks, parametrization or tensor-subclass
+    weight) the fused `miss.linear` op computes base and adapter together; for anything else
+    (QAT or quantized linears, hooks, parametrizations, FSDP-sharded weights, ...) the layer
+    calls `base_layer(x)` itself and adds the adapter term with `miss.fold` and `miss.tile_add`
+    (PEFT's precision either way). The choice is made at every call, so hooks added later are
+    honoured.
 
     Args:
         base_layer: the layer to adapt (nn.Linear or a subclass); it is frozen and stays
@@ -547,11 +548,12 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     Raises (nothing is changed: the base is frozen last): TypeError for a base that cannot take
     an adapter (not an nn.Linear, a LazyLinear before its first forward, a complex or bool
-    weight, a DTensor weight sharded over several ranks; bat: anything but a plain nn.Linear), a
-    non-int r (or mini_r in the mini mode), a non-bool init_weights; ValueError for r < 1, an
-    unknown mode, mini_r not a positive divisor of out_features (mini mode), bat with r not
-    dividing in_features and out_features, out_features == 0 (default, bat), a dropout that is
-    not a number in [0, 1); the allocator's error (RuntimeError, torch.OutOfMemoryError), naming
+    weight, a DTensor weight sharded over several ranks; bat: anything but a plain nn.Linear as
+    is_plain_linear defines it), a non-int r (or mini_r in the mini mode), a non-bool
+    init_weights; ValueError for r < 1, an unknown mode, mini_r not a positive divisor of
+    out_features (mini mode), bat with r not dividing in_features and out_features,
+    out_features == 0 (default, bat), a dropout that is not a number in [0, 1); the allocator's
+    error (RuntimeError, torch.OutOfMemoryError), naming
     the block's size, for a block that cannot be allocated. UserWarning for r > in_features and
     for dropout in bat mode.
 

@@ -547,8 +547,8 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _fast_path(self) -> bool:
         """The miss ops replace `base_layer(x)` only when that is exactly F.linear(x, W, b)
-        (miss_ext.modules.is_plain_linear: no subclass, hooks, parametrization or tensor-subclass
-        weight)."""
+        (miss_ext.modules.is_plain_linear: no subclass with a computation of its own, no hooks,
+        parametrization or tensor-subclass weight)."""
         return self.quantization_backend is None and is_plain_linear(self.base_layer)
 
     # Where the model's code reads this layer's weight for a path of its own instead of calling

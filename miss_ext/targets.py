@@ -207,7 +207,8 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
 
 def _layer_index(path: str, layers_pattern: object) -> Optional[int]:
     """The layer index PEFT reads from a module path for layers_to_transform: the first number
-    after a `<pattern>.` component (any component when layers_pattern is empty)."""
+    after a `<pattern>.` component; when layers_pattern is empty, after any component but the
+    path's first (PEFT's regex: `layers.1.q_proj` has no index, `model.layers.1.q_proj` has 1)."""
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
     else:

@@ -98,6 +98,57 @@ def test_a_stale_modules_to_save_record_is_refused_before_anything_changes(tmp_p
         assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("into, failing", [("plain", "block"), ("plain", "copy"), ("adapted", "copy"),
+                                           ("plain", "head"), ("adapted", "head"), ("plain", "freeze"),
+                                           ("adapted", "freeze")])
+def test_load_adapter_failing_part_way_changes_nothing(tmp_path, monkeypatch, into, failing):
+    """load_adapter checked everything first, then wrote layer after layer with no way back: a
+    failure part way (the second layer's block not allocated, a copy or the freeze interrupted)
+    left the first layers with the file's blocks, dropout and frozen bases (a docstring audit,
+    2026-12-06; apply_miss and the bank loaders already undid theirs). Every write now has its
+    undo: module types, values, flags, each layer's dropout and init_weights, and the record of
+    what trains beside the blocks are as before, and a second load then succeeds."""
+    from miss_ext import adapter_files, modules
+    from miss_ext.model import EXTRAS_ATTR
+
+    source = miss_ext.apply_miss(_net(), ["0", "2"], r=2, dropout=0.1, init_weights=False, modules_to_save=["3"])
+    with torch.no_grad():
+        source[3].weight.add_(1.0)  # the file's head differs from the model's
+    miss_ext.save_adapter(source, str(tmp_path))
+    model = _net() if into == "plain" else miss_ext.apply_miss(_net(), ["0", "2"], r=2)
+    settings = lambda: [(m.dropout, m.init_weights) for _, m in miss_ext.miss_layers(model)]  # noqa: E731
+    before, record = (snapshot(model), settings()), getattr(model, EXTRAS_ATTR, None)
+    calls = []
+
+    def fail_on(n, error):
+        def counted(real):
+            def call(*args, **kwargs):
+                calls.append(None)
+                if len(calls) == n:
+                    raise error
+                return real(*args, **kwargs)
+            return call
+        return counted
+
+    if failing == "block":  # the second new layer's block cannot be allocated
+        monkeypatch.setattr(modules.torch, "zeros", fail_on(2, torch.OutOfMemoryError("simulated"))(torch.zeros))
+    elif failing in ("copy", "head"):  # the second block's copy, or the head's (after both blocks)
+        n = 2 if failing == "copy" else 3
+        monkeypatch.setattr(adapter_files, "_copy_whole",
+                            fail_on(n, torch.OutOfMemoryError("simulated"))(adapter_files._copy_whole))
+    else:  # interrupted in the freeze, after every value was written
+        monkeypatch.setattr(adapter_files, "keep_earlier_frozen",
+                            fail_on(1, KeyboardInterrupt())(adapter_files.keep_earlier_frozen))
+    with pytest.raises(KeyboardInterrupt if failing == "freeze" else torch.OutOfMemoryError):
+        miss_ext.load_adapter(model, str(tmp_path))
+    monkeypatch.undo()
+    assert_unchanged(model, before[0])
+    assert settings() == before[1] and getattr(model, EXTRAS_ATTR, None) == record
+    miss_ext.load_adapter(model, str(tmp_path))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model.eval()(x), source.eval()(x), rtol=0, atol=0)
+
+
 def test_accelerate_warns_before_it_changes_any_class():
     """accelerate of a PeftModel's inner model warns that adapter_names= cannot reach it; under
     warnings.simplefilter("error") the warning came after every layer was swapped."""
