@@ -93,6 +93,17 @@ def decide_cuda(torch):
     return torch.version.cuda is not None and home is not None, home
 
 
+def cuda_arch_list(torch, given):
+    """The TORCH_CUDA_ARCH_LIST to set for the CUDA build, or None to leave it as it is: the
+    user's (`given`, when set and not blank) stays; with a GPU visible, torch's cpp_extension
+    picks that GPU's architecture itself (None); else DEFAULT_ARCHS, as torch's default without
+    a GPU is every architecture it knows, several times the build time for machines these
+    kernels are not meant for."""
+    if (given and given.strip()) or torch.cuda.is_available():
+        return None
+    return DEFAULT_ARCHS
+
+
 def cpu_only_reason(torch, cuda_home) -> str:
     """Why decide_cuda chose a CPU-only build, for the build's first line."""
     if os.environ.get("MISS_EXT_CUDA", "").strip() == "0":
@@ -226,8 +237,9 @@ def extensions():
     if with_cuda:
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        archs = cuda_arch_list(torch, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if archs is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     from torch.utils import cpp_extension
 
     if with_cuda:

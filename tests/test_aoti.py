@@ -84,11 +84,22 @@ def test_aoti_guard_version_bound():
     assert not _aoti_guard.affected("2.12.1") and not _aoti_guard.affected("2.15.0+cu132")
 
 
-def test_merged_models_pass_the_guard():
+def test_merged_models_pass_the_guard_and_round_trip(tmp_path):
+    """A merged model holds no miss op, so the guard lets it through on every torch, and its
+    package gives the unmerged model's output (README: "merged models too"; only the guard was
+    checked before: an audit, 2026-12-06)."""
     model = ThreeModes().eval()
+    xs = [torch.randn(batch, 3, IN_FEATURES) for batch in (3, 17)]  # neither is the traced batch size
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
     for m in model.modules():
         if isinstance(m, miss_ext.MissLinear):
             m.merge()
-    ep = torch.export.export(model, (torch.randn(5, 3, IN_FEATURES),), strict=False)
+    ep = torch.export.export(model, (torch.randn(5, 3, IN_FEATURES),),
+                             dynamic_shapes={"x": {0: Dim("batch", min=2, max=64)}}, strict=False)
     assert _aoti_guard.miss_ops_in(ep) == []
     _aoti_guard.check(ep)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "merged.pt2")))
+    for x, want in zip(xs, expected):
+        torch.testing.assert_close(runner(x), want, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,28 @@ class CudaTorch:
         cuda = "13.0"
 
 
+@pytest.mark.parametrize("given, gpu, expected", [
+    (None, False, "8.0;9.0"), ("", False, "8.0;9.0"), ("  ", False, "8.0;9.0"),  # no GPU: A100, H100/H200
+    ("9.0", False, None), ("8.6 9.0+PTX", True, None),                         # the user's list stays
+    (None, True, None),                                                          # torch takes the visible GPU's
+])
+def test_the_cuda_architectures_default_to_a100_and_h100_without_a_gpu(setup_module, given, gpu, expected):
+    """setup.py's TORCH_CUDA_ARCH_LIST decision (issue 2; README's build-knob table): nothing
+    checked it, so a changed default built for other GPUs unnoticed (an audit, 2026-12-06). The
+    build itself records what it compiled for: .ci/run compares build_info()'s cuda_archs with
+    this default."""
+    class Cuda:
+        @staticmethod
+        def is_available():
+            return gpu
+
+    class Torch(CudaTorch):
+        cuda = Cuda
+
+    assert setup_module.DEFAULT_ARCHS == "8.0;9.0"
+    assert setup_module.cuda_arch_list(Torch, given) == expected
+
+
 def test_forced_cuda_with_cpu_torch_fails_loudly(setup_module, monkeypatch):
     monkeypatch.setenv("MISS_EXT_CUDA", "1")
     with pytest.raises(RuntimeError, match="CPU-only build"):
@@ -163,6 +185,31 @@ def test_mixed_demo_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"miss_ext\.demo\.mixed needs the 'transformers' package.*miss_ext\[demo\]"):
         mixed.main([])
+
+
+def test_the_info_report_says_the_versions_backends_and_each_op():
+    """What `python -m miss_ext.info` promises (issue 2): torch's version, the backends and CUDA
+    architectures of the build, and one row per registered op whose name never runs into its
+    first key column (issue 13's fix). Only "miss::fold" was looked for before: an audit,
+    2026-12-06, removed the version and architecture lines and brought the overflow back, and
+    every test passed."""
+    import torch
+
+    from miss_ext import info
+    from miss_ext._library import build_info, registered_ops
+
+    text = info.report()
+    lines = text.splitlines()
+    built = build_info()
+    assert lines[0].split()[:2] == ["torch", torch.__version__]
+    assert f"backends         {', '.join(built['backends'])}" in lines
+    if "CUDA" in built["backends"]:
+        assert any(line.startswith("CUDA ") and line.endswith(f"for sm {', '.join(built['cuda_archs'])}")
+                   for line in lines) or not built["cuda_archs"], text
+    rows = {line.split()[0]: line for line in lines if line.startswith("miss::")}
+    assert set(rows) == set(registered_ops()) and len(rows) > 10
+    for name, line in rows.items():
+        assert re.fullmatch(re.escape(name) + r" {2,}((yes|-) +)*(yes|-) *", line), line
 
 
 def test_the_info_command_refuses_unknown_arguments():

@@ -155,7 +155,7 @@ def test_torch_compile_wrappers_are_looked_through(base, tmp_path):
 
 
 def test_r_above_in_features_warns_that_peft_cannot_load_the_files(tmp_path):
-    """r > in_features is supported here (docs/miss-spec.md), but PEFT 0.21 refuses such a layer
+    """r > in_features is supported here (docs/miss.md), but PEFT 0.21 refuses such a layer
     when it builds it: the warnings of apply_miss and load_adapter say so (a review saved such an
     adapter with "all-linear" and found PEFT could not load it, with nothing said)."""
     model = nn.Sequential(nn.Linear(4, 8))

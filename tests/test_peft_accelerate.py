@@ -47,16 +47,23 @@ def block_grads(model):
 
 
 def test_accelerate_swaps_every_layer_and_restore_undoes_it(base):
+    """The layers and PEFT's tuner (the PeftModel's base_model) change class and back (the tuner's
+    class was not checked: an audit, 2026-12-06, left it accelerated after restore unnoticed)."""
+    from peft.tuners.miss import MissModel
+    from miss_ext.peft import AcceleratedMissModel
+
     plain = peft_model(base, "default")
     params = {n: p for n, p in plain.named_parameters()}
     keys = list(plain.state_dict())
+    assert type(plain.base_model) is MissModel
     assert accelerate(plain) is plain and is_accelerated(plain)
+    assert type(plain.base_model) is AcceleratedMissModel
     layers = [m for m in plain.modules() if isinstance(m, PeftMissLinear)]
     assert len(layers) == 2 * len(TARGETS) and all(type(m) is AcceleratedMissLinear for m in layers)
     # Same parameter objects and state-dict keys: optimizers and checkpoints survive.
     assert all(p is params[n] for n, p in plain.named_parameters()) and list(plain.state_dict()) == keys
     assert restore(plain) is plain and not is_accelerated(plain)
-    assert all(type(m) is PeftMissLinear for m in layers)
+    assert all(type(m) is PeftMissLinear for m in layers) and type(plain.base_model) is MissModel
 
 
 def test_accelerate_without_miss_layers_raises(base):

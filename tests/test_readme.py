@@ -128,3 +128,26 @@ def test_public_names_are_each_modules_all_and_documented():
     assert mentioned
     missing = sorted(f"miss_ext.{m}.{a}" for m, a in mentioned if a not in modules[m].__all__)
     assert not missing, f"the docs mention names outside their module's __all__: {missing}"
+
+
+def test_the_repository_names_only_documents_it_holds():
+    """The project's documents are its own (issue 13): no file points outside the checkout (the
+    developers' shared folder), and every `docs/<name>.md` a file names exists (a test docstring
+    named the shared folder's spec file as if it were in docs/: an audit, 2026-12-06)."""
+    root = README.parent
+    outside = ".." + "/shared"  # spelled apart, so that this file does not match itself
+    suffixes = {".py", ".md", ".txt", ".cpp", ".h", ".cu", ".cuh", ".sh", ".cmake", ".in", ".toml", ".cfg"}
+    folders = ["docs", "miss_ext", "csrc", "tests", "bench", "scripts", "examples", "cmake", ".ci"]
+    files = [p for p in (README, root / "setup.py", root / "CMakeLists.txt", root / "MANIFEST.in") if p.is_file()]
+    files += [p for folder in folders for p in sorted((root / folder).rglob("*"))
+              if p.is_file() and (p.suffix in suffixes or p.parent.name == ".ci")]
+    docs = {p.name for p in (root / "docs").glob("*.md")}
+    assert {"miss.md", "multi_gpu.md"} <= docs
+    problems = []
+    for path in files:
+        text = path.read_text(errors="replace")
+        if outside in text:
+            problems.append(f"{path.relative_to(root)} names {outside}")
+        problems += [f"{path.relative_to(root)} names docs/{name}, which does not exist"
+                     for name in sorted(set(re.findall(r"docs/([\w.-]+\.md)", text)) - docs)]
+    assert len(files) > 100 and not problems, problems
