@@ -94,14 +94,14 @@ def decide_cuda(torch):
 
 
 def cuda_arch_list(torch, given):
-    """The TORCH_CUDA_ARCH_LIST to set for the CUDA build, or None to leave it as it is: the
-    user's (`given`, when set and not blank) stays; with a GPU visible, torch's cpp_extension
-    picks that GPU's architecture itself (None); else DEFAULT_ARCHS, as torch's default without
-    a GPU is every architecture it knows, several times the build time for machines these
-    kernels are not meant for."""
-    if (given and given.strip()) or torch.cuda.is_available():
-        return None
-    return DEFAULT_ARCHS
+    """The TORCH_CUDA_ARCH_LIST the CUDA build runs with, or None for none at all: the user's
+    (`given`, when set and not blank) stays; with a GPU visible and none given, none (torch's
+    cpp_extension then picks that GPU's architecture; a blank value would fail its build); else
+    DEFAULT_ARCHS, as torch's default without a GPU is every architecture it knows, several
+    times the build time for machines these kernels are not meant for."""
+    if given and given.strip():
+        return given
+    return None if torch.cuda.is_available() else DEFAULT_ARCHS
 
 
 def cpu_only_reason(torch, cuda_home) -> str:
@@ -238,7 +238,9 @@ def extensions():
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
         archs = cuda_arch_list(torch, os.environ.get("TORCH_CUDA_ARCH_LIST"))
-        if archs is not None:
+        if archs is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     from torch.utils import cpp_extension
 

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .bank import MissBankLinear
-from .model import (EXTRAS_ATTR, check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
+from .model import (check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
                     freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
                     parent_module, peft_hint, persistent_buffers, record_extras, record_shared_weights,
                     refuse_ddp_wrapped, refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model,
-                    saved_whole_problem, shared_before_wrapping, trainable_extras, undo_each, unwrap_model,
-                    warn_shared, writes_here)
+                    saved_whole_problem, settings_undos, shared_before_wrapping, trainable_extras, undo_each,
+                    unwrap_model, warn_shared, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
@@ -840,7 +840,8 @@ def _new_layer(base: nn.Module, r: int, mode: str, mini_r: int, dropout: float) 
 
 def _saved_copy(param: Tensor) -> Tensor:
     """A copy of param's values for an undo: in host memory (a load near the device's capacity
-    should not fail for its backups), except a DTensor's, which stays a DTensor on its mesh."""
+    should not fail for its backups), except a DTensor's, which stays a DTensor on its mesh (this
+    rank's shard, in device memory)."""
     with torch.no_grad():
         return param.detach().clone() if is_dtensor(param) else param.detach().to("cpu", copy=True)
 
@@ -853,19 +854,6 @@ def _restore_values(param: Tensor, saved: Tensor) -> None:
 def _restore_layer(layer: MissLinear, dropout: float, init_weights: bool, block: Tensor) -> None:
     layer.dropout, layer.init_weights = dropout, init_weights
     _restore_values(layer.miss_block, block)
-
-
-def _restore_flags(flags) -> None:
-    for param, flag in flags:
-        param.requires_grad_(flag)
-
-
-def _restore_record(model: nn.Module, record: Optional[dict]) -> None:
-    """Puts back the modules_to_save / bias record (model.record_extras) as it was, or none."""
-    if record is None:
-        model.__dict__.pop(EXTRAS_ATTR, None)
-    else:
-        setattr(model, EXTRAS_ATTR, record)
 
 
 def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.Module:
@@ -894,7 +882,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     listing every difference, and the model is left as it was (TypeError for a model that is no
     nn.Module or holds PEFT's modules: a PeftModel has PEFT's load_adapter). An error while it
     writes (torch.OutOfMemoryError for a new block, an interrupt) is raised after every change is
-    undone; the undo keeps a host copy of the values it overwrites. With freeze_others (the
+    undone; the undo keeps a copy of the values it overwrites (in host memory; a DTensor's on its
+    mesh). With freeze_others (the
     default, as PEFT), the remaining parameters stop requiring grad.
 
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
@@ -960,20 +949,16 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     # allocations), then every write keeps its undo, so that a failure part way (out of memory,
     # an interrupt) leaves the model as it was (a docstring audit, 2026-12-06: the layers before
     # the failing one kept the file's blocks, their bases frozen).
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    # Each undo is listed before its write: an interrupt between the write and the next line is
+    # undone too (a fault-injection sweep, 2026-12-06). They run in reverse order.
+    undos = settings_undos(model)
     try:
         made = {name: _new_layer(module, r, mode, mini_r, dropout) for name, module, _ in plan
                 if not isinstance(module, MissLinear)}
-    except BaseException:
-        _restore_flags(flags)
-        raise
-    record_before = getattr(model, EXTRAS_ATTR, None)
-    undos = []
-    try:
         for name, module, block in plan:
             if name in made:
-                set_module(model, name, made[name])
                 undos.append((name, functools.partial(set_module, model, name, module)))
+                set_module(model, name, made[name])
                 module = made[name]
             else:
                 undos.append((name, functools.partial(_restore_layer, module, module.dropout, module.init_weights,
@@ -1004,9 +989,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             # changes.
             for param in extra_parameters(model, {"modules_to_save": save_paths, "bias": bias}).values():
                 param.requires_grad_(True)
+        record_shared_weights(model)
     except BaseException:
-        undo_each(list(reversed(undos)) + [("", functools.partial(_restore_record, model, record_before)),
-                                           ("", functools.partial(_restore_flags, flags))], "load_adapter")
+        undo_each(list(reversed(undos)), "load_adapter")
         raise
-    record_shared_weights(model)
     return wrapped

@@ -30,6 +30,7 @@ torch.func.vmap's default randomness="error". This is also why the fold is per r
 rather than one miss.fold per fold width and rate, whose int width and float rate dynamo would
 bake into the graph (and did, before).
 """
+import contextlib
 import dataclasses
 import itertools
 import weakref
@@ -709,16 +710,17 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise ValueError(f"adapter {name!r}: the block holds values that are not finite in the bank's "
                              f"{self.bank.dtype} (NaN or inf, or beyond its range)")
         slot = check_new_adapter(self.adapter_names, name)
-        with torch.no_grad():
-            self.bank[slot].zero_()
-            if block is not None:
-                self.bank[slot, :shape[0], :shape[1]].copy_(block)
-            self.ranks[slot] = r
-            self.periods[slot] = shape[1]
-        self.adapter_names[slot] = name
-        self.dropouts[slot] = float(dropout)
-        self.modes[slot] = mode
-        self._sync_slots([slot])
+        with self._slot_kept_on_error(slot):
+            with torch.no_grad():
+                self.bank[slot].zero_()
+                if block is not None:
+                    self.bank[slot, :shape[0], :shape[1]].copy_(block)
+                self.ranks[slot] = r
+                self.periods[slot] = shape[1]
+            self.adapter_names[slot] = name
+            self.dropouts[slot] = float(dropout)
+            self.modes[slot] = mode
+            self._sync_slots([slot])
         return slot
 
     def add_from(self, name: str, layer: MissLinear) -> int:
@@ -741,9 +743,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         "__base__" or taken, a full bank, or a call inside miss_ext.mixed_batch."""
         self._check_mutable(f"add adapter {name!r}")
         slot = check_new_adapter(self.adapter_names, name)
-        self.adapter_names[slot] = name
-        self.absent[slot] = True
-        self._sync_slots([slot])
+        with self._slot_kept_on_error(slot):
+            self.adapter_names[slot] = name
+            self.absent[slot] = True
+            self._sync_slots([slot])
         return slot
 
     def remove_adapter(self, name: str) -> None:
@@ -752,15 +755,39 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         inside miss_ext.mixed_batch."""
         self._check_mutable(f"remove adapter {name!r}")
         slot = self._slot(name)
-        with torch.no_grad():
-            self.bank[slot].zero_()
-            self.ranks[slot] = 0
-            self.periods[slot] = 0
-        self.adapter_names[slot] = None
-        self.dropouts[slot] = 0.0
-        self.modes[slot] = None
-        self.absent[slot] = False
-        self._sync_slots([slot])
+        with self._slot_kept_on_error(slot):
+            with torch.no_grad():
+                self.bank[slot].zero_()
+                self.ranks[slot] = 0
+                self.periods[slot] = 0
+            self.adapter_names[slot] = None
+            self.dropouts[slot] = 0.0
+            self.modes[slot] = None
+            self.absent[slot] = False
+            self._sync_slots([slot])
+
+    @contextlib.contextmanager
+    def _slot_kept_on_error(self, slot: int):
+        """Around the writes of one slot (add_adapter, add_absent, remove_adapter): a failure part
+        way (an allocation in _sync_slots, an interrupt) puts the slot back as it was. Without
+        it an interrupted remove left the block zeroed under the adapter's name, and its rows got
+        the base output silently; an interrupted add left the name in one layer of a model, whose
+        other layers then disagreed (a fault-injection sweep, 2026-12-06). Costs a copy of the
+        slot's block. (A bank on the meta device, which holds no values, gets its slot lists back.)"""
+        if self.bank.is_meta or self.ranks.is_meta or self.periods.is_meta:
+            lists = (self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot])
+            try:
+                yield
+            except BaseException:
+                self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot] = lists
+                raise
+            return
+        state = self._slot_state(slot)
+        try:
+            yield
+        except BaseException:
+            self._restore_slot(slot, state)
+            raise
 
     def _slot_state(self, slot: int) -> tuple:
         """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback)."""

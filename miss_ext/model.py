@@ -1,4 +1,5 @@
 """Model-level MiSS without PEFT: put `MissLinear` layers into a model, merge them back out."""
+import functools
 import re
 import sys
 import warnings
@@ -186,17 +187,50 @@ def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
                          "Add the adapters first, then wrap the model in DDP (docs/multi_gpu.md)")
 
 
+def settings_undos(model: nn.Module) -> List[Tuple[str, Callable[[], None]]]:
+    """The undos (for undo_each, which runs them last when given in reverse) of what apply_miss and
+    load_adapter change besides modules and values: every parameter's requires_grad flag, the
+    record of what trains beside the blocks (record_extras) and each MissLinear's record of the
+    holders of its base weight (record_shared_weights), as they are now."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    record = getattr(model, EXTRAS_ATTR, None)
+    shared = [(layer, list(layer._shared_with)) for _, layer in miss_layers(model)]
+
+    def restore_flags():
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    def restore_record():
+        if record is None:
+            model.__dict__.pop(EXTRAS_ATTR, None)
+        else:
+            setattr(model, EXTRAS_ATTR, record)
+
+    def restore_shared():
+        for layer, holders in shared:
+            layer._shared_with = holders
+
+    return [("", restore_flags), ("", restore_record), ("", restore_shared)]
+
+
 def undo_each(undos: Sequence[Tuple[str, Callable[[], None]]], where: str) -> None:
     """The rollback of a call that failed part way: runs every (name, undo) in order, going on
-    after one fails (the caller then raises its own error), and warns naming those that failed."""
-    failed = []
+    after one fails (the caller then raises its own error), and warns naming those that failed.
+    A second interrupt (KeyboardInterrupt) during the rollback does not stop it either: the
+    remaining undos run, then it is raised (a review, 2026-12-06: a second Ctrl-C left the
+    blocks of a half-loaded adapter in place)."""
+    failed, interrupt = [], None
     for name, undo in undos:
         try:
             undo()
-        except Exception as exc:
-            failed.append(f"{name or 'the model'} ({exc})")
+        except BaseException as exc:
+            failed.append(f"{name or 'the model'} ({exc!r})")
+            if not isinstance(exc, Exception) and interrupt is None:
+                interrupt = exc
     if failed:
         warnings.warn(f"{where}: could not undo its changes to " + "; ".join(failed), stacklevel=3)
+    if interrupt is not None:
+        raise interrupt
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -822,40 +856,42 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
     warn_unmatched(model, target_modules)
     warn_shared(shared_before_wrapping(model, found))
-    # Each MissLinear freezes its base; should a later one fail (its block cannot be allocated),
-    # the bases frozen so far get their requires_grad back: nothing changes on error.
-    requires_grad = [(p, p.requires_grad) for _, linear in found for p in linear.parameters()]
+    # All or nothing: each MissLinear freezes its base, and should a later one fail (its block
+    # cannot be allocated) or the call be interrupted while it swaps the layers in, every change
+    # is undone (settings_undos; each undo listed before its write: a fault-injection sweep,
+    # 2026-12-06, left half the layers swapped and other bases frozen after a Ctrl-C).
+    undos = settings_undos(model)
     try:
         with warnings.catch_warnings():
             # One warning per model (above) rather than one per layer for the r > in case.
             warnings.simplefilter("ignore")
             layers = [(name, MissLinear(linear, r, mode, mini_r, dropout, init_weights).train(linear.training))
                       for name, linear in found]  # an eval model stays in eval mode (no adapter dropout)
+        for (name, layer), (_, linear) in zip(layers, found):
+            undos.append((name, functools.partial(set_module, model, name, linear)))
+            set_module(model, name, layer)
+        record_shared_weights(model)
+        record_extras(model, recorded, save_paths, bias)
+        # An earlier call's modules_to_save that this call does not name keep a frozen state (one
+        # frozen by an earlier inference_mode call stays frozen); those it names follow this call.
+        earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
+        earlier = extras_requires_grad(model, earlier_paths)
+        if freeze_others:
+            freeze_all_but_blocks(model)
+        mark_extras_trainable(model)
+        keep_earlier_frozen(model, earlier_paths, earlier, bias)
+        if inference_mode:
+            # PEFT's get_peft_model freezes the parameters named after the adapter: the new
+            # blocks and the modules_to_save copies (`...modules_to_save.default...`), not the
+            # biases that bias="all" / "MiSS_only" trains. Only what this call names:
+            # modules_to_save of earlier calls that it does not name keep their state (PEFT's
+            # add_adapter with inference_mode freezes only the new adapter's parameters).
+            saved = extra_parameters(model, {"modules_to_save": save_paths, "bias": "none"})
+            for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
+                p.requires_grad_(False)
     except BaseException:
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
+        undo_each(list(reversed(undos)), "apply_miss")
         raise
-    for name, layer in layers:
-        set_module(model, name, layer)
-    record_shared_weights(model)
-    record_extras(model, recorded, save_paths, bias)
-    # An earlier call's modules_to_save that this call does not name keep a frozen state (one
-    # frozen by an earlier inference_mode call stays frozen); those it names follow this call.
-    earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
-    earlier = extras_requires_grad(model, earlier_paths)
-    if freeze_others:
-        freeze_all_but_blocks(model)
-    mark_extras_trainable(model)
-    keep_earlier_frozen(model, earlier_paths, earlier, bias)
-    if inference_mode:
-        # PEFT's get_peft_model freezes the parameters named after the adapter: the new blocks
-        # and the modules_to_save copies (`...modules_to_save.default...`), not the biases that
-        # bias="all" / "MiSS_only" trains. Only what this call names: modules_to_save of earlier
-        # calls that it does not name keep their state (PEFT's add_adapter with inference_mode
-        # freezes only the new adapter's parameters).
-        saved = extra_parameters(model, {"modules_to_save": save_paths, "bias": "none"})
-        for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
-            p.requires_grad_(False)
     return outer
 
 
@@ -942,14 +978,16 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     # Every layer is merged before any is unloaded. Should a merge still fail (out of memory, a bad
     # MISS_EXT_* value read only by the kernel), the layers merged so far are unmerged again, so
     # the model keeps its structure and its outputs (weights up to one rounding).
-    merged_now = []
+    # (Which layers to unmerge is read from their flags, not from the calls that returned: a merge
+    # interrupted after its write keeps its layer merged, MissLinear._flag_follows_weight.)
+    merged_before = {id(layer) for _, layer in layers if layer.merged}
     try:
         for name, layer in layers:
             if not layer.merged:
                 layer.merge()
-                merged_now.append((name, layer))
     except BaseException:
-        undo_each([(name, layer.unmerge) for name, layer in reversed(merged_now)], "merge_and_unload")
+        undo_each([(name, layer.unmerge) for name, layer in reversed(layers)
+                   if layer.merged and id(layer) not in merged_before], "merge_and_unload")
         raise
     paths = module_paths(model)
     for name, layer in layers:

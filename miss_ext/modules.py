@@ -1,4 +1,5 @@
 """`MissLinear`: a frozen nn.Linear plus one trainable MiSS block, run on `torch.ops.miss`."""
+import contextlib
 import json
 import math
 import warnings
@@ -818,16 +819,17 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         self._check_mergeable()
         weight = weight_out_in(self.base_layer)  # a Conv1D's weight transposed: a view, written through
         noted = merged_block.fingerprint(self.miss_block)  # before the weight changes (its allocation may fail)
-        with torch.no_grad():
-            if safe_merge:
-                merged = torch.ops.miss.merge(weight, self.miss_block)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The MiSS "
-                                     "adapter seems to be broken; the base weight was left unchanged")
-                weight.copy_(merged)
-            else:
-                torch.ops.miss.merge_(weight, self.miss_block)
-        self._set_merged(True, noted)
+        with self._flag_follows_weight(weight, True, noted):
+            with torch.no_grad():
+                if safe_merge:
+                    merged = torch.ops.miss.merge(weight, self.miss_block)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The "
+                                         "MiSS adapter seems to be broken; the base weight was left unchanged")
+                    weight.copy_(merged)
+                else:
+                    torch.ops.miss.merge_(weight, self.miss_block)
+            self._set_merged(True, noted)
 
     @torch.jit.unused
     def unmerge(self) -> None:
@@ -847,9 +849,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                           "this unmerge subtracts the dW of the block as it is now, not the dW the weight holds: the "
                           "base weight is left off by the change (as in PEFT). Unmerge before training or loading "
                           "blocks, or restore the base weight from a copy", stacklevel=2)
-        with torch.no_grad():
-            torch.ops.miss.merge_(weight_out_in(self.base_layer), self.miss_block, True)
-        self._set_merged(False)
+        weight = weight_out_in(self.base_layer)
+        with self._flag_follows_weight(weight, False):
+            with torch.no_grad():
+                torch.ops.miss.merge_(weight, self.miss_block, True)
+            self._set_merged(False)
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
@@ -897,6 +901,26 @@ class MissLinear(BaseTensorAttributes, nn.Module):
 
     def _record(self) -> List[str]:
         return ["miss_block"] if self.merged else []
+
+    @contextlib.contextmanager
+    def _flag_follows_weight(self, weight: Tensor, merged: bool, block_noted: object = None):
+        """Around a merge (merged True) or unmerge that writes `weight` in place: should it raise
+        after the write, before the flag is set (an interrupt lands as the kernel returns: Ctrl-C
+        during a large merge), the flag is set as it raises, so that it says what the weight
+        holds. Left as it was, a forward added dW twice, or none, silently, and a second merge
+        added it again (a fault-injection sweep, 2026-12-06). The write is not undone: an unmerge
+        restores the weight only up to rounding. Seen through the weight's version counter (an
+        inference tensor has none: nothing to follow)."""
+        try:
+            version = weight._version
+        except RuntimeError:
+            version = None
+        try:
+            yield
+        except BaseException:
+            if version is not None and weight._version != version and self.merged != merged:
+                self._set_merged(merged, block_noted)
+            raise
 
     def _set_merged(self, merged: bool, block_noted: object = None) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the

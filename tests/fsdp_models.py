@@ -329,8 +329,11 @@ def save_after_eval_forward(rank: int, world_size: int, folder: str):
 
 def load_into_sharded(rank: int, world_size: int, folder: str):
     """load_adapter into an FSDP2-sharded model: the adapter saved from one sharded model (block
-    seed 1) is loaded into another (block seed 2); returns (gathered blocks of the source, of the
-    target before loading, of the target after)."""
+    seed 1) is loaded into another (block seed 2), first with the second block's copy failing
+    (the undo puts each rank's shard back); returns (gathered blocks of the source, of the target
+    before loading, after the failed load, after the load)."""
+    from miss_ext import adapter_files
+
     source = make_model("default", R, 0.0, "fp64", block_seed=1)
     shard(source, world_size, "fp64")
     path = os.path.join(folder, "load-sharded")
@@ -339,8 +342,24 @@ def load_into_sharded(rank: int, world_size: int, folder: str):
     target = make_model("default", R, 0.0, "fp64", block_seed=2)
     shard(target, world_size, "fp64")
     before = blocks(target)
+    real, calls = adapter_files._copy_whole, []
+
+    def second_copy_fails(param, value):
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("simulated")
+        real(param, value)
+
+    adapter_files._copy_whole = second_copy_fails
+    try:
+        miss_ext.load_adapter(target, path)
+    except RuntimeError:
+        pass
+    finally:
+        adapter_files._copy_whole = real
+    failed = blocks(target)
     miss_ext.load_adapter(target, path)
-    return blocks(source), before, blocks(target)
+    return blocks(source), before, failed, blocks(target)
 
 
 def unsharded_and_wrapped(rank: int, world_size: int, folder: str):

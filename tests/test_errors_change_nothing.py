@@ -111,11 +111,16 @@ def test_load_adapter_failing_part_way_changes_nothing(tmp_path, monkeypatch, in
     from miss_ext import adapter_files, modules
     from miss_ext.model import EXTRAS_ATTR
 
-    source = miss_ext.apply_miss(_net(), ["0", "2"], r=2, dropout=0.1, init_weights=False, modules_to_save=["3"])
-    with torch.no_grad():
-        source[3].weight.add_(1.0)  # the file's head differs from the model's
+    def net():  # a head with buffers too: their values are written and undone as the parameters
+        return nn.Sequential(*_net(), nn.BatchNorm1d(4))
+
+    source = miss_ext.apply_miss(net(), ["0", "2"], r=2, dropout=0.1, init_weights=False,
+                                 modules_to_save=["3", "4"])
+    with torch.no_grad():  # the file's head differs from the model's
+        source[3].weight.add_(1.0)
+        source[4].running_mean.add_(0.5)
     miss_ext.save_adapter(source, str(tmp_path))
-    model = _net() if into == "plain" else miss_ext.apply_miss(_net(), ["0", "2"], r=2)
+    model = net() if into == "plain" else miss_ext.apply_miss(net(), ["0", "2"], r=2)
     settings = lambda: [(m.dropout, m.init_weights) for _, m in miss_ext.miss_layers(model)]  # noqa: E731
     before, record = (snapshot(model), settings()), getattr(model, EXTRAS_ATTR, None)
     calls = []
@@ -147,6 +152,135 @@ def test_load_adapter_failing_part_way_changes_nothing(tmp_path, monkeypatch, in
     miss_ext.load_adapter(model, str(tmp_path))
     x = torch.randn(3, 8)
     torch.testing.assert_close(model.eval()(x), source.eval()(x), rtol=0, atol=0)
+
+
+def _interrupt_once(monkeypatch, owner, name, after=False):
+    """Makes owner.<name> raise KeyboardInterrupt on its first call (after its work when `after`:
+    an interrupt landing as it returns), then behave; returns the list its calls go into."""
+    real, calls = getattr(owner, name), []
+
+    def call(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1 and not after:
+            raise KeyboardInterrupt
+        out = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(owner, name, call)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["default", "bat"])
+def test_an_interrupted_merge_or_unmerge_leaves_a_flag_that_says_what_the_weight_holds(monkeypatch, mode):
+    """Ctrl-C during a large merge lands as the kernel returns, before the merged flag was set:
+    the weight held W + dW while the layer said unmerged, so every forward added dW twice and a
+    second merge added it again (unmerge: the adapter silently dropped). The flag now follows the
+    weight (a fault-injection sweep, 2026-12-06); merge_and_unload then unmerges that layer too."""
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(8, 8), r=2, mode=mode, init_weights=False)
+    with torch.no_grad():
+        layer.miss_block.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 8)
+    want = layer(x).detach()
+    calls = _interrupt_once(monkeypatch, miss_ext.MissLinear, "_set_merged")
+    with pytest.raises(KeyboardInterrupt):
+        layer.merge()
+    assert len(calls) == 2 and layer.merged  # the flag was set as it raised
+    torch.testing.assert_close(layer(x), want)
+    monkeypatch.undo()
+    _interrupt_once(monkeypatch, miss_ext.MissLinear, "_set_merged")
+    with pytest.raises(KeyboardInterrupt):
+        layer.unmerge()
+    monkeypatch.undo()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), want)
+
+    model = _net()
+    miss_ext.apply_miss(model, ["0", "2"], r=2, mode=mode, init_weights=False)
+    weights = [model[i].base_layer.weight.detach().clone() for i in (0, 2)]
+    _interrupt_once(monkeypatch, miss_ext.MissLinear, "_set_merged")
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.merge_and_unload(model)
+    monkeypatch.undo()
+    assert not model[0].merged and not model[2].merged
+    for i, w in zip((0, 2), weights):
+        torch.testing.assert_close(model[i].base_layer.weight, w)
+
+
+@pytest.mark.parametrize("call, where", [("apply_miss", "set_module"), ("apply_miss", "record_extras"),
+                                         ("load_adapter", "set_module"), ("load_adapter", "record_shared_weights")])
+def test_an_interrupt_while_a_model_is_adapted_undoes_it(tmp_path, monkeypatch, call, where):
+    """apply_miss swapped its layers in and froze the model with no way back, and load_adapter
+    added an undo only after its write and recorded the shared weights outside its guard: a
+    Ctrl-C there left half the layers swapped, other bases frozen or the file's blocks loaded
+    while the call raised (a fault-injection sweep, 2026-12-06). Now every change is undone."""
+    from miss_ext import adapter_files, model as model_module
+
+    source = miss_ext.apply_miss(_net(), ["0", "2", "3"], r=2, init_weights=False)
+    miss_ext.save_adapter(source, str(tmp_path))
+    model = _net()
+    if call == "load_adapter" and where == "record_shared_weights":
+        miss_ext.apply_miss(model, ["0", "2", "3"], r=2)  # the blocks are overwritten, then undone
+    settings = [(m.dropout, m.init_weights) for _, m in miss_ext.miss_layers(model)]
+    before = snapshot(model)
+    owner = model_module if call == "apply_miss" else adapter_files
+    _interrupt_once(monkeypatch, owner, where, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "apply_miss":
+            miss_ext.apply_miss(model, ["0", "2", "3"], r=2, modules_to_save=["1"])
+        else:
+            miss_ext.load_adapter(model, str(tmp_path))
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert [(m.dropout, m.init_weights) for _, m in miss_ext.miss_layers(model)] == settings
+    assert not hasattr(model, model_module.EXTRAS_ATTR)
+
+
+def test_an_interrupted_bank_slot_change_puts_the_slot_back(monkeypatch):
+    """MissBankLinear.remove_adapter zeroed the block before it freed the name: interrupted there,
+    rows naming the adapter got the base output silently. add_adapter interrupted after it named
+    the slot left that name in one layer of a bank model, whose layers then disagreed and every
+    helper refused (a fault-injection sweep, 2026-12-06). The slot is put back on any failure."""
+    from miss_ext.bank import MissBankLinear
+
+    torch.manual_seed(0)
+    model = miss_ext.apply_bank(_net(), ["0", "2"], capacity=3, max_r=2)
+    slot = miss_ext.add_bank_adapter(model, "a", r=2)
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].block("a").uniform_(-0.5, 0.5)
+    x = torch.randn(4, 8)
+    with miss_ext.mixed_batch(model, ["a"] * 4):
+        want = model(x)
+    before = snapshot(model)
+    layer = model[0]
+    _interrupt_once(monkeypatch, MissBankLinear, "_sync_slots")
+    with pytest.raises(KeyboardInterrupt):
+        layer.remove_adapter("a")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert layer.adapter_names[slot] == "a" and int(layer.ranks[slot]) == 2
+    with miss_ext.mixed_batch(model, ["a"] * 4):
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+    real, calls = MissBankLinear._sync_slots, []
+
+    def second_layer_fails(self, *args, **kwargs):  # the second layer's add is interrupted
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MissBankLinear, "_sync_slots", second_layer_fails)
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.add_bank_adapter(model, "b", r=1)
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert model[0].adapter_names == model[2].adapter_names == ["a", None, None]
+    miss_ext.add_bank_adapter(model, "b", r=1)  # the layers agree: the retry succeeds
+    assert model[0].adapter_names == model[2].adapter_names == ["a", "b", None]
 
 
 def test_accelerate_warns_before_it_changes_any_class():

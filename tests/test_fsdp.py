@@ -278,12 +278,14 @@ def test_dcp_adapter_only_checkpoint_resumes_to_the_same_step(checkpoint_runs, m
 
 
 def test_load_adapter_into_a_sharded_model(checkpoint_runs):
-    """Each rank keeps its shard of the loaded file: the gathered blocks equal the source's."""
+    """Each rank keeps its shard of the loaded file: the gathered blocks equal the source's. A
+    load that failed part way first left every shard as it was (the undo's DTensor copies)."""
     for rank, run in enumerate(checkpoint_runs):
-        source, before, after = run["load_sharded"]
-        assert before.keys() == source.keys() == after.keys() and len(source) == N_BLOCKS
+        source, before, failed, after = run["load_sharded"]
+        assert before.keys() == source.keys() == failed.keys() == after.keys() and len(source) == N_BLOCKS
         for name in source:
             assert not torch.equal(before[name], source[name]), f"rank {rank} {name}: nothing to load"
+            assert torch.equal(failed[name], before[name]), f"rank {rank} {name}: the failed load changed it"
             assert torch.equal(after[name], source[name]), f"rank {rank} {name}"
 
 

@@ -138,7 +138,8 @@ def test_the_repository_names_only_documents_it_holds():
     outside = ".." + "/shared"  # spelled apart, so that this file does not match itself
     suffixes = {".py", ".md", ".txt", ".cpp", ".h", ".cu", ".cuh", ".sh", ".cmake", ".in", ".toml", ".cfg"}
     folders = ["docs", "miss_ext", "csrc", "tests", "bench", "scripts", "examples", "cmake", ".ci"]
-    files = [p for p in (README, root / "setup.py", root / "CMakeLists.txt", root / "MANIFEST.in") if p.is_file()]
+    files = [p for p in (README, root / "setup.py", root / "CMakeLists.txt", root / "MANIFEST.in",
+                         root / "requirements-dev.txt") if p.is_file()]
     files += [p for folder in folders for p in sorted((root / folder).rglob("*"))
               if p.is_file() and (p.suffix in suffixes or p.parent.name == ".ci")]
     docs = {p.name for p in (root / "docs").glob("*.md")}
