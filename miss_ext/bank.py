@@ -1211,25 +1211,52 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         if reason is not None:
             refuse_layer_load(self, state_dict, prefix, strict, missing_keys, error_msgs, reason)
             return
-        # ranks and periods first: set_extra_state (inside the call below) checks the slot
-        # description against them, as it did when they loaded there as buffers.
-        for name in self._SAVED_SLOT_TENSORS:
-            key = prefix + name
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            with torch.no_grad():
-                if local_metadata.get("assign_to_params_buffers", False):
-                    setattr(self, name, state_dict[key].to(torch.int64))
-                else:
-                    getattr(self, name).copy_(state_dict[key])
-        unexpected_before = len(unexpected_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        # The slot description as it is, put back should the bank's values not load: torch catches
+        # a failed copy (out of memory, a device error), notes it in error_msgs and loads the rest,
+        # so the layer took the file's slot names over its old blocks, and rows then ran other
+        # adapters' blocks silently after load_state_dict raised (a fault-injection sweep,
+        # 2026-12-06).
+        saved, errors_before = self._slots_as_they_are(), len(error_msgs)
+        try:
+            # ranks and periods first: set_extra_state (inside the call below) checks the slot
+            # description against them, as it did when they loaded there as buffers.
+            for name in self._SAVED_SLOT_TENSORS:
+                key = prefix + name
+                if key not in state_dict:
+                    if strict:
+                        missing_keys.append(key)
+                    continue
+                with torch.no_grad():
+                    if local_metadata.get("assign_to_params_buffers", False):
+                        setattr(self, name, state_dict[key].to(torch.int64))
+                    else:
+                        getattr(self, name).copy_(state_dict[key])
+            unexpected_before = len(unexpected_keys)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        except BaseException:
+            self._restore_slots(saved)
+            raise
+        if len(error_msgs) > errors_before:  # the bank (the layer's one tensor of its own) did not load
+            self._restore_slots(saved)
         # torch's check lists every key of this layer it holds no parameter or buffer for.
         ours = {prefix + name for name in self._SAVED_SLOT_TENSORS}
         unexpected_keys[unexpected_before:] = [key for key in unexpected_keys[unexpected_before:] if key not in ours]
+
+    def _slots_as_they_are(self) -> tuple:
+        """The ranks and periods (the tensors and their values) and the slot lists, for
+        _restore_slots."""
+        return ([(name, getattr(self, name), getattr(self, name).clone()) for name in self._SAVED_SLOT_TENSORS],
+                (list(self.adapter_names), list(self.modes), list(self.dropouts), list(self.absent)))
+
+    def _restore_slots(self, saved: tuple) -> None:
+        tensors, lists = saved
+        with torch.no_grad():
+            for name, tensor, values in tensors:
+                setattr(self, name, tensor)
+                tensor.copy_(values)
+        self.adapter_names, self.modes, self.dropouts, self.absent = lists
+        self._sync_slots()
 
     # The slots' names, modes, dropout rates and absent flags travel in the state_dict (as
     # PyTorch's "extra state"), so that load_state_dict into a fresh bank restores which adapter

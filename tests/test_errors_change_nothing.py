@@ -283,6 +283,46 @@ def test_an_interrupted_bank_slot_change_puts_the_slot_back(monkeypatch):
     assert model[0].adapter_names == model[2].adapter_names == ["a", "b", None]
 
 
+def test_a_bank_whose_values_fail_to_load_keeps_its_slot_names():
+    """torch's load_state_dict catches a copy that fails (out of memory, a device error), notes it
+    and loads the rest: a bank layer took the file's slot names and ranks over its own blocks,
+    so after the load raised, rows naming an adapter ran another adapter's block, silently (a
+    fault-injection sweep, 2026-12-06). The slot description now stays with the blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def bank_model(names, seed):
+        model = miss_ext.apply_bank(_net(), ["0", "2"], capacity=2, max_r=2)
+        for name, r in zip(names, (2, 1)):
+            miss_ext.add_bank_adapter(model, name, r=r)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for i in (0, 2):
+                model[i].bank.uniform_(-0.5, 0.5)
+        return model
+
+    source, target = bank_model(["c", "b"], 1), bank_model(["a", "b"], 2)
+    x = torch.randn(4, 8)
+    with miss_ext.mixed_batch(target, ["a", "b", "a", None]):
+        want = target(x)
+    shape = target[0].bank.shape
+
+    class BankCopyFails(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default and args[0].shape == shape:
+                raise RuntimeError("simulated: the bank's copy failed")
+            return func(*args, **(kwargs or {}))
+
+    state = source.state_dict()
+    with BankCopyFails(), pytest.raises(RuntimeError, match="the bank's copy failed"):
+        target.load_state_dict(state)
+    for i in (0, 2):
+        assert target[i].adapter_names == ["a", "b"] and target[i].ranks.tolist() == [2, 1]
+    with miss_ext.mixed_batch(target, ["a", "b", "a", None]):
+        torch.testing.assert_close(target(x), want, rtol=0, atol=0)
+    target.load_state_dict(state)  # without the failure: the file's adapters
+    assert target[0].adapter_names == ["c", "b"]
+
+
 def test_accelerate_warns_before_it_changes_any_class():
     """accelerate of a PeftModel's inner model warns that adapter_names= cannot reach it; under
     warnings.simplefilter("error") the warning came after every layer was swapped."""
