@@ -919,6 +919,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             yield
         except BaseException:
             if version is not None and weight._version != version and self.merged != merged:
+                self.merged = merged  # first what the forward reads, should _set_merged's records fail too
                 self._set_merged(merged, block_noted)
             raise
 
