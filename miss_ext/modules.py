@@ -461,6 +461,26 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
     return refusal, after
 
 
+@contextlib.contextmanager
+def record_follows_write(weight: Tensor, recorded: Callable[[], bool], record: Callable[[], None]):
+    """Around an in-place write of `weight` (a merge or unmerge) followed by the record of what it
+    holds: should the block raise after the write and before the record (an interrupt lands as
+    the kernel returns: Ctrl-C during a large merge), `record()` runs as it raises, unless
+    `recorded()` says it ran, so that the record says what the weight holds. The write is not
+    undone: an unmerge restores a weight only up to rounding. The write is seen through the
+    weight's version counter (an inference tensor has none: nothing is followed)."""
+    try:
+        version = weight._version
+    except RuntimeError:
+        version = None
+    try:
+        yield
+    except BaseException:
+        if version is not None and weight._version != version and not recorded():
+            record()
+        raise
+
+
 def refuse_meta(what: str, named: Iterable[Tuple[str, Tensor]]) -> None:
     """ValueError naming the tensors on the meta device (a model built under torch.device("meta")
     or init_empty_weights and not materialised): they hold no values to save or export. Without
@@ -902,26 +922,16 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     def _record(self) -> List[str]:
         return ["miss_block"] if self.merged else []
 
-    @contextlib.contextmanager
     def _flag_follows_weight(self, weight: Tensor, merged: bool, block_noted: object = None):
-        """Around a merge (merged True) or unmerge that writes `weight` in place: should it raise
-        after the write, before the flag is set (an interrupt lands as the kernel returns: Ctrl-C
-        during a large merge), the flag is set as it raises, so that it says what the weight
-        holds. Left as it was, a forward added dW twice, or none, silently, and a second merge
-        added it again (a fault-injection sweep, 2026-12-06). The write is not undone: an unmerge
-        restores the weight only up to rounding. Seen through the weight's version counter (an
-        inference tensor has none: nothing to follow)."""
-        try:
-            version = weight._version
-        except RuntimeError:
-            version = None
-        try:
-            yield
-        except BaseException:
-            if version is not None and weight._version != version and self.merged != merged:
-                self.merged = merged  # first what the forward reads, should _set_merged's records fail too
-                self._set_merged(merged, block_noted)
-            raise
+        """Around a merge (merged True) or unmerge that writes `weight` in place, then sets the
+        flag (record_follows_write): left as it was after an interrupt between the two, a forward
+        added dW twice, or none, silently, and a second merge added it again (a fault-injection
+        sweep, 2026-12-06). The flag is set first, should _set_merged's records fail too."""
+        def record():
+            self.merged = merged
+            self._set_merged(merged, block_noted)
+
+        return record_follows_write(weight, lambda: self.merged == merged, record)
 
     def _set_merged(self, merged: bool, block_noted: object = None) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the

@@ -114,8 +114,8 @@ from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_re
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
                       check_widths, jagged_forward, json_tensor, layers_to_check, load_merge_record, load_refusals,
-                      merge_record_refusal, non_finite_summary, refuse_forward_tangents, refuse_nested,
-                      rewrites_load_keys, tensor_json)
+                      merge_record_refusal, non_finite_summary, record_follows_write, refuse_forward_tangents,
+                      refuse_nested, rewrites_load_keys, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
                    repeated_batch_hint, row_index, sequence_first_error, RowLayout)
 from . import merge_record  # noqa: E402
@@ -965,14 +965,23 @@ class AcceleratedMissLinear(PeftMissLinear):
         if not names:
             return
         weight = self.base_layer.weight
+        # The record follows each write, also when an interrupt lands between the two
+        # (record_follows_write; a fault-injection sweep, 2026-12-06).
         with torch.no_grad():
             if safe_merge:
-                weight.copy_(self._merged_weight(names))
-                self.merged_adapters.extend(names)
+                merged = self._merged_weight(names)
+                count = len(self.merged_adapters)
+                with record_follows_write(weight, lambda: len(self.merged_adapters) > count,
+                                          lambda: self.merged_adapters.extend(names)):
+                    weight.copy_(merged)
+                    self.merged_adapters.extend(names)
             else:
                 for name in names:  # recorded one by one: a failure half way leaves the record true
-                    torch.ops.miss.merge_(weight, self.miss_block[name], False)
-                    self.merged_adapters.append(name)
+                    count = len(self.merged_adapters)
+                    with record_follows_write(weight, lambda count=count: len(self.merged_adapters) > count,
+                                              lambda name=name: self.merged_adapters.append(name)):
+                        torch.ops.miss.merge_(weight, self.miss_block[name], False)
+                        self.merged_adapters.append(name)
 
     def _check_unmerge(self) -> None:
         """Every check unmerge() makes, before it writes: ValueError if a merged bat block's
@@ -1144,10 +1153,13 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
     with torch.no_grad(), _merging():
         try:
             while len(layer.merged_adapters) > keep:
-                name = layer.merged_adapters[-1]
-                if name in layer.miss_block:
-                    torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
-                layer.merged_adapters.pop()
+                name, count = layer.merged_adapters[-1], len(layer.merged_adapters)
+                with record_follows_write(layer.base_layer.weight,
+                                          lambda count=count: len(layer.merged_adapters) < count,
+                                          layer.merged_adapters.pop):
+                    if name in layer.miss_block:
+                        torch.ops.miss.merge_(layer.base_layer.weight, layer.miss_block[name], True)
+                    layer.merged_adapters.pop()
         finally:
             _record_changed(layer)
 

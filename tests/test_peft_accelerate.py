@@ -1164,10 +1164,11 @@ def test_a_layer_with_nothing_to_merge_does_not_block_the_others(base):
     assert model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
 
 
-def fail_merge_(monkeypatch, fails):
+def fail_merge_(monkeypatch, fails, after=False):
     """Makes miss_ext.peft's miss.merge_ raise torch.OutOfMemoryError (simulated) on the call for
     which fails(calls) is true, `calls` holding the `reverse` flags of the calls so far (this one
-    included); returns that list."""
+    included); returns that list. `after`: the call writes first, then KeyboardInterrupt (an
+    interrupt that lands as the kernel returns)."""
     import types
 
     import miss_ext.peft as accelerated
@@ -1176,6 +1177,9 @@ def fail_merge_(monkeypatch, fails):
 
     def merge_(weight, block, reverse):
         calls.append(reverse)
+        if fails(calls) and after:
+            real(weight, block, reverse)
+            raise KeyboardInterrupt
         if fails(calls):
             raise torch.OutOfMemoryError("simulated")
         return real(weight, block, reverse)
@@ -1184,6 +1188,31 @@ def fail_merge_(monkeypatch, fails):
     monkeypatch.setattr(accelerated, "torch", types.SimpleNamespace(ops=ops, no_grad=torch.no_grad,
                                                                     compiler=torch.compiler))
     return calls
+
+
+def test_an_interrupt_as_a_merge_kernel_returns_leaves_the_record_true(base, monkeypatch):
+    """An accelerated layer's merge wrote the weight, then recorded the adapter: an interrupt
+    between the two (Ctrl-C during a large merge lands as the kernel returns) left the weight
+    holding an adapter its record lacked, so the forward added it twice, silently; the same for
+    unmerge (the adapter dropped). The record now follows the write (a fault-injection sweep,
+    2026-12-06)."""
+    model, layer = mixed_layer(base, ["default", "mini"])
+    x = torch.randn(2, 3, layer.in_features, dtype=layer.base_layer.weight.dtype)
+    want, weight = layer(x).detach(), layer.base_layer.weight.detach().clone()
+    fail_merge_(monkeypatch, lambda calls: len(calls) == 2, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        layer.merge()
+    monkeypatch.undo()
+    assert layer.merged_adapters == ["a0", "a1"]
+    torch.testing.assert_close(layer(x), want, **TOL)
+    fail_merge_(monkeypatch, lambda calls: len(calls) == 1, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        layer.unmerge()
+    monkeypatch.undo()
+    assert layer.merged_adapters == ["a0"]  # a1 came out of the weight (the forward refuses half a merge)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+    torch.testing.assert_close(layer(x), want, **TOL)
 
 
 def test_a_merge_failing_half_way_through_a_layer_keeps_its_record_true(base, monkeypatch):
