@@ -104,6 +104,15 @@ def cuda_arch_list(torch, given):
     return None if torch.cuda.is_available() else DEFAULT_ARCHS
 
 
+def set_cuda_arch_list(torch, environ) -> None:
+    """Puts cuda_arch_list's answer into `environ` (os.environ: torch's cpp_extension reads it)."""
+    archs = cuda_arch_list(torch, environ.get("TORCH_CUDA_ARCH_LIST"))
+    if archs is None:
+        environ.pop("TORCH_CUDA_ARCH_LIST", None)
+    else:
+        environ["TORCH_CUDA_ARCH_LIST"] = archs
+
+
 def cpu_only_reason(torch, cuda_home) -> str:
     """Why decide_cuda chose a CPU-only build, for the build's first line."""
     if os.environ.get("MISS_EXT_CUDA", "").strip() == "0":
@@ -237,11 +246,7 @@ def extensions():
     if with_cuda:
         # cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
-        archs = cuda_arch_list(torch, os.environ.get("TORCH_CUDA_ARCH_LIST"))
-        if archs is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        set_cuda_arch_list(torch, os.environ)
     from torch.utils import cpp_extension
 
     if with_cuda:

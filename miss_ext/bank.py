@@ -1217,6 +1217,11 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # adapters' blocks silently after load_state_dict raised (a fault-injection sweep,
         # 2026-12-06).
         saved, errors_before = self._slots_as_they_are(), len(error_msgs)
+        bank = self.bank
+        try:
+            version = bank._version
+        except RuntimeError:  # an inference tensor keeps no version: seen by identity only
+            version = None
         try:
             # ranks and periods first: set_extra_state (inside the call below) checks the slot
             # description against them, as it did when they loaded there as buffers.
@@ -1235,7 +1240,14 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         except BaseException:
-            self._restore_slots(saved)
+            # An interrupt after torch copied the bank (it sets the description last): the
+            # description loads too, so that it says what the bank now holds; before the copy,
+            # the old one is put back (a review, 2026-12-06).
+            if self.bank is not bank or (version is not None and bank._version != version):
+                if prefix + "_extra_state" in state_dict:
+                    self.set_extra_state(state_dict[prefix + "_extra_state"])
+            else:
+                self._restore_slots(saved)
             raise
         if len(error_msgs) > errors_before:  # the bank (the layer's one tensor of its own) did not load
             self._restore_slots(saved)

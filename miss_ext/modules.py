@@ -926,12 +926,14 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         """Around a merge (merged True) or unmerge that writes `weight` in place, then sets the
         flag (record_follows_write): left as it was after an interrupt between the two, a forward
         added dW twice, or none, silently, and a second merge added it again (a fault-injection
-        sweep, 2026-12-06). The flag is set first, should _set_merged's records fail too."""
+        sweep, 2026-12-06). The flag is set first, should _set_merged's records fail too; they
+        are set again even where the flag was (_set_merged repeats harmlessly), as an interrupt
+        inside _set_merged left the records of earlier state_dicts unmarked (a review)."""
         def record():
             self.merged = merged
             self._set_merged(merged, block_noted)
 
-        return record_follows_write(weight, lambda: self.merged == merged, record)
+        return record_follows_write(weight, lambda: False, record)
 
     def _set_merged(self, merged: bool, block_noted: object = None) -> None:
         """Sets the merged flag; the flags in state_dicts of this layer that no longer say what the

@@ -53,6 +53,9 @@ def test_the_cuda_architectures_default_to_a100_and_h100_without_a_gpu(setup_mod
 
     assert setup_module.DEFAULT_ARCHS == "8.0;9.0"
     assert setup_module.cuda_arch_list(Torch, given) == expected
+    environ = {"OTHER": "kept"} | ({} if given is None else {"TORCH_CUDA_ARCH_LIST": given})
+    setup_module.set_cuda_arch_list(Torch, environ)  # what the build's environment then holds
+    assert environ == {"OTHER": "kept"} | ({} if expected is None else {"TORCH_CUDA_ARCH_LIST": expected})
 
 
 def test_forced_cuda_with_cpu_torch_fails_loudly(setup_module, monkeypatch):

@@ -273,6 +273,13 @@ def test_an_interrupted_bank_slot_change_puts_the_slot_back(monkeypatch):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
+    _interrupt_once(monkeypatch, MissBankLinear, "_sync_slots")
+    with pytest.raises(KeyboardInterrupt):
+        layer.add_absent("z")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert layer.adapter_names == ["a", None, None] and layer.absent == [False, False, False]
+
     monkeypatch.setattr(MissBankLinear, "_sync_slots", second_layer_fails)
     with pytest.raises(KeyboardInterrupt):
         miss_ext.add_bank_adapter(model, "b", r=1)
@@ -283,6 +290,18 @@ def test_an_interrupted_bank_slot_change_puts_the_slot_back(monkeypatch):
     assert model[0].adapter_names == model[2].adapter_names == ["a", "b", None]
 
 
+def _bank_model(names, seed):
+    """_net with bank layers at 0 and 2 holding adapters `names` (r 2 and 1), random blocks."""
+    model = miss_ext.apply_bank(_net(), ["0", "2"], capacity=2, max_r=2)
+    for name, r in zip(names, (2, 1)):
+        miss_ext.add_bank_adapter(model, name, r=r)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].bank.uniform_(-0.5, 0.5)
+    return model
+
+
 def test_a_bank_whose_values_fail_to_load_keeps_its_slot_names():
     """torch's load_state_dict catches a copy that fails (out of memory, a device error), notes it
     and loads the rest: a bank layer took the file's slot names and ranks over its own blocks,
@@ -290,17 +309,7 @@ def test_a_bank_whose_values_fail_to_load_keeps_its_slot_names():
     fault-injection sweep, 2026-12-06). The slot description now stays with the blocks."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    def bank_model(names, seed):
-        model = miss_ext.apply_bank(_net(), ["0", "2"], capacity=2, max_r=2)
-        for name, r in zip(names, (2, 1)):
-            miss_ext.add_bank_adapter(model, name, r=r)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for i in (0, 2):
-                model[i].bank.uniform_(-0.5, 0.5)
-        return model
-
-    source, target = bank_model(["c", "b"], 1), bank_model(["a", "b"], 2)
+    source, target = _bank_model(["c", "b"], 1), _bank_model(["a", "b"], 2)
     x = torch.randn(4, 8)
     with miss_ext.mixed_batch(target, ["a", "b", "a", None]):
         want = target(x)
@@ -321,6 +330,93 @@ def test_a_bank_whose_values_fail_to_load_keeps_its_slot_names():
         torch.testing.assert_close(target(x), want, rtol=0, atol=0)
     target.load_state_dict(state)  # without the failure: the file's adapters
     assert target[0].adapter_names == ["c", "b"]
+
+
+def test_a_bank_load_interrupted_keeps_the_description_with_the_values(monkeypatch):
+    """An interrupt during a bank layer's load: before torch copied the bank, the old slot
+    description is put back; after it (torch sets the description last), the file's description
+    loads too, so that it names what the bank holds (putting the old one back over the file's
+    values was silently wrong: a review, 2026-12-06)."""
+    from miss_ext.bank import MissBankLinear
+
+    x, rows = torch.randn(4, 8), ["b", "b", None, "b"]
+
+    def first_layer(model):  # the interrupted load stops at layer 0: layer 2 keeps its own slots
+        return model[0](x, model[0].index_of(rows))
+
+    source = _bank_model(["c", "b"], 1)
+    from_file, state = first_layer(source), source.state_dict()
+    for when in ("before the bank's copy", "after it"):
+        target = _bank_model(["a", "b"], 2)
+        own = first_layer(target)
+        if when == "after it":
+            _interrupt_once(monkeypatch, MissBankLinear, "set_extra_state")
+        else:
+            real = nn.Module._load_from_state_dict
+
+            def interrupted(module, *args, **kwargs):
+                if isinstance(module, MissBankLinear):
+                    raise KeyboardInterrupt
+                return real(module, *args, **kwargs)
+
+            monkeypatch.setattr(nn.Module, "_load_from_state_dict", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            target.load_state_dict(state)
+        monkeypatch.undo()
+        assert target[0].adapter_names == (["a", "b"] if when == "before the bank's copy" else ["c", "b"]), when
+        torch.testing.assert_close(first_layer(target), own if when == "before the bank's copy" else from_file,
+                                   rtol=0, atol=0)
+
+
+def test_a_rollback_goes_on_through_a_second_interrupt():
+    """undo_each ran the undos after the first failure, but a second Ctrl-C during the rollback
+    stopped it, leaving the rest undone; now every undo runs, then the interrupt is raised."""
+    from miss_ext.model import undo_each
+
+    done = []
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning, match=r"could not undo its changes to first \(KeyboardInterrupt\(\)\)"):
+        with pytest.raises(KeyboardInterrupt):
+            undo_each([("first", interrupted), ("second", lambda: done.append(True))], "a call")
+    assert done == [True]
+
+
+def test_the_settings_undos_put_back_the_shared_weight_records():
+    """settings_undos (apply_miss, load_adapter) keeps each MissLinear's record of the other
+    holders of its base weight, which a merge reads to refuse writing a tied weight."""
+    from miss_ext.model import settings_undos
+
+    model = miss_ext.apply_miss(_net(), ["0", "2"], r=2)
+    model[0]._shared_with = ["tied.weight"]
+    undos = settings_undos(model)
+    model[0]._shared_with = []
+    for _, undo in reversed(undos):
+        undo()
+    assert model[0]._shared_with == ["tied.weight"] and model[2]._shared_with == []
+
+
+def test_an_unmerge_interrupted_in_its_records_still_marks_old_state_dicts(monkeypatch):
+    """An interrupt inside _set_merged, after the flag and before the records of earlier
+    state_dicts were marked: such a state_dict, taken while merged, then loaded as merged over the
+    unmerged weight (dW dropped, silently: a review, 2026-12-06). The records are set again."""
+    from miss_ext import merge_record
+
+    torch.manual_seed(0)
+    layer = miss_ext.MissLinear(nn.Linear(8, 8), r=2, init_weights=False)
+    x = torch.randn(3, 8)
+    want = layer(x).detach()
+    layer.merge()
+    state = layer.state_dict()
+    _interrupt_once(monkeypatch, merge_record, "changed")
+    with pytest.raises(KeyboardInterrupt):
+        layer.unmerge()
+    monkeypatch.undo()
+    assert not layer.merged
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), want)
 
 
 def test_accelerate_warns_before_it_changes_any_class():
