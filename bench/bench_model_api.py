@@ -4,7 +4,7 @@
     python bench/bench_model_api.py                       # 560 layers (80 decoder layers x 7 projections)
     python bench/bench_model_api.py --layers 112 --reps 3
 
-apply_miss, merge_and_unload and save_adapter look at every parameter of the model (targets,
+apply_miss, merge_and_unload, save_adapter and load_adapter look at every parameter of the model (targets,
 tied weights, the adapter files), so their cost grows with the model's size; a check that compares
 every pair of parameters grows with its square. This times each on an nn.Sequential of small
 nn.Linear layers (8x8: the GEMMs cost nothing, the host work is what is timed), the median of
@@ -41,6 +41,17 @@ def one_run(layers: int) -> dict:
         start = time.perf_counter()
         miss_ext.save_adapter(net, folder)
         times["save_adapter"] = time.perf_counter() - start
+        fresh = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
+        fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in net.state_dict().items()
+                               if "miss_block" not in k and "merged" not in k})
+        start = time.perf_counter()
+        miss_ext.load_adapter(fresh, folder)  # new layers
+        times["load_adapter"] = time.perf_counter() - start
+        start = time.perf_counter()
+        miss_ext.load_adapter(fresh, folder)  # into the layers it made: the blocks are overwritten
+        times["load_adapter again"] = time.perf_counter() - start
+        with torch.no_grad():
+            assert torch.equal(fresh(x), y), "loaded model differs"
     start = time.perf_counter()
     merged = miss_ext.merge_and_unload(net)
     times["merge_and_unload"] = time.perf_counter() - start
@@ -58,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = [one_run(a.layers) for _ in range(a.reps)]
     medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    print(f"{a.layers} adapted layers, median of {a.reps} runs (torch {torch.__version__}):")
+    print(f"{a.layers} adapted layers, median of {a.reps} runs (torch {torch.__version__}, {miss_ext.__file__}):")
     for name, seconds in medians.items():
         print(f"  {name:18s} {seconds:.3f} s")
     if a.json:

@@ -279,3 +279,17 @@ def test_bench_state_dict_runs_and_refuses_bad_flags_by_name(capsys):
         with pytest.raises(SystemExit) as exc:
             bench_state_dict.parse_args(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_model_api_times_each_helper_and_checks_the_results(monkeypatch, capsys, tmp_path):
+    """bench_model_api's helpers run and its checks hold (the loaded and the merged model give the
+    adapted model's output) on a few layers."""
+    import bench_model_api
+
+    monkeypatch.setattr(sys, "argv", ["bench_model_api.py", "--layers", "3", "--reps", "1",
+                                      "--json", str(tmp_path / "api.json")])
+    bench_model_api.main()
+    out = capsys.readouterr().out
+    helpers = ["apply_miss", "save_adapter", "load_adapter", "load_adapter again", "merge_and_unload"]
+    assert all(re.search(rf"^  {re.escape(name)} +\d+\.\d+ s$", out, re.M) for name in helpers), out
+    assert set(json.loads((tmp_path / "api.json").read_text())["median_s"]) == set(helpers)
