@@ -40,7 +40,7 @@ from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_a
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
                     refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, second_paths_hint,
-                    under_offload_hook, unwrap_model, warn_second_paths, writes_here)
+                    undo_each, under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
 from .modules import (MissLinear, check_dropout, check_flag, layers_to_check, load_refusals, refuse_meta,
@@ -245,19 +245,21 @@ def _add(layers, name: str, blocks: Dict[str, Optional[Tensor]], r: int, mode: s
     Called holding _BANK_LOCK, after every layer's check."""
     check_new_adapter(layers[0][1].adapter_names, name, "the model's bank")
     _check_all_mutable(layers, f"add adapter {name!r}")
-    slot, added = None, []
+    slot = None
     try:
         for path, layer in layers:
             if path in blocks:
                 got = layer.add_adapter(name, r, mode, mini_r, dropout, blocks[path])
             else:
                 got = layer.add_absent(name)
-            added.append(layer)
             assert slot is None or got == slot, "bank layers out of step"  # _layers checked they agree
             slot = got
     except BaseException:  # out of memory, an interrupt: the layers that took it give it back
-        for layer in added:
-            layer.remove_adapter(name)
+        # Found by the name (new to every layer, checked above), not by the calls that returned:
+        # an interrupt as a layer's add returns left that layer holding it (a fault-injection
+        # sweep, 2026-12-06).
+        undo_each([(path, functools.partial(layer.remove_adapter, name)) for path, layer in layers
+                   if name in layer.adapter_names], f"add adapter {name!r}")
         raise
     return slot
 

@@ -978,23 +978,29 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     # Every layer is merged before any is unloaded. Should a merge still fail (out of memory, a bad
     # MISS_EXT_* value read only by the kernel), the layers merged so far are unmerged again, so
     # the model keeps its structure and its outputs (weights up to one rounding).
-    # (Which layers to unmerge is read from their flags, not from the calls that returned: a merge
-    # interrupted after its write keeps its layer merged, MissLinear._flag_follows_weight.)
+    # Which layers to unmerge is read from their flags, not from the calls that returned: a merge
+    # interrupted after its write keeps its layer merged (MissLinear._flag_follows_weight). An
+    # interrupt while the layers are unloaded puts them back too (each listed before its write),
+    # not half plain layers (a fault-injection sweep, 2026-12-06).
     merged_before = {id(layer) for _, layer in layers if layer.merged}
+    put_back = []
     try:
         for name, layer in layers:
             if not layer.merged:
                 layer.merge()
+        paths = module_paths(model)
+        for name, layer in layers:
+            if not name:  # the model is the MissLinear itself
+                return layer.base_layer
+            # Every path the layer is held under: one assigned to a second attribute after
+            # apply_miss (model.l2 = model.l1) stayed a merged MissLinear there (miss_layers lists
+            # it once).
+            for path in paths[id(layer)]:
+                put_back.append((path, functools.partial(set_module, model, path, layer)))
+                set_module(model, path, layer.base_layer)
     except BaseException:
-        undo_each([(name, layer.unmerge) for name, layer in reversed(layers)
-                   if layer.merged and id(layer) not in merged_before], "merge_and_unload")
+        undo_each(list(reversed(put_back)) + [(name, layer.unmerge) for name, layer in reversed(layers)
+                                              if layer.merged and id(layer) not in merged_before],
+                  "merge_and_unload")
         raise
-    paths = module_paths(model)
-    for name, layer in layers:
-        if not name:  # the model is the MissLinear itself
-            return layer.base_layer
-        # Every path the layer is held under: one assigned to a second attribute after apply_miss
-        # (model.l2 = model.l1) stayed a merged MissLinear there (miss_layers lists it once).
-        for path in paths[id(layer)]:
-            set_module(model, path, layer.base_layer)
     return model

@@ -419,6 +419,37 @@ def test_an_unmerge_interrupted_in_its_records_still_marks_old_state_dicts(monke
     torch.testing.assert_close(layer(x), want)
 
 
+def test_interrupts_as_a_layer_call_returns_are_undone_too(monkeypatch):
+    """Two more windows between a write and its undo's record (a fault-injection sweep,
+    2026-12-06): add_bank_adapter rolled back only the layers whose add had returned, so an
+    interrupt as one returned left that layer holding the adapter (the layers then disagreed);
+    merge_and_unload interrupted while it unloaded left some layers plain and others merged."""
+    from miss_ext import model as model_module
+    from miss_ext.bank import MissBankLinear
+
+    model = miss_ext.apply_bank(_net(), ["0", "2"], capacity=2, max_r=2)
+    miss_ext.add_bank_adapter(model, "a", r=2)
+    _interrupt_once(monkeypatch, MissBankLinear, "add_adapter", after=True)
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.add_bank_adapter(model, "b", r=1)
+    monkeypatch.undo()
+    assert model[0].adapter_names == model[2].adapter_names == ["a", None]
+
+    model = miss_ext.apply_miss(_net(), ["0", "2", "3"], r=2, init_weights=False)
+    x = torch.randn(3, 8)
+    want, before = model(x).detach(), snapshot(model)
+    _interrupt_once(monkeypatch, model_module, "set_module", after=True)
+    with pytest.raises(KeyboardInterrupt):
+        miss_ext.merge_and_unload(model)
+    monkeypatch.undo()
+    types, state, flags = before
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name])  # the base weights up to the unmerge's rounding
+    torch.testing.assert_close(model(x), want)
+
+
 def test_accelerate_warns_before_it_changes_any_class():
     """accelerate of a PeftModel's inner model warns that adapter_names= cannot reach it; under
     warnings.simplefilter("error") the warning came after every layer was swapped."""
