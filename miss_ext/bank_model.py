@@ -601,77 +601,74 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     caller = sys._getframe(1)
     plain_with = caller.f_code is contextlib._GeneratorContextManager.__enter__.__code__ and caller.f_back is not None
     stack_entry = whole_stack_entry(caller.f_back) if plain_with else None
-    # The names are resolved to slots and the ids set under the lock that slot changes take, so
-    # no slot changes in between (a removed adapter's slot taken by another would get its rows).
-    with _BANK_LOCK:
-        layers = _layers(model, "mixed_batch")
-        busy = [path for path, layer in layers if layer.rows is not None]
-        if busy:
-            raise RuntimeError(f"mixed_batch: the model's bank layers ({describe(busy, limit=2)}) are already in a "
-                               "mixed batch (another thread or coroutine on this model, or an enclosing mixed_batch), "
-                               "whose running forward would get these rows. Run one mixed batch at a time per "
-                               "model (a lock), or give each thread its own copy; nothing was changed")
-        # Offloaded after the bank was loaded (apply_bank and load_bank refuse an offloaded model):
-        # the ids would go to the meta device the bank sits on between forwards (a crash in the
-        # forward, "Tensor on device cpu is not on the expected device meta": a new-user pass,
-        # 2026-12-04), and the slot tables the forward reads are the hook's copy, which later
-        # adapter changes would not reach.
-        offloaded = [path for path, layer in layers if layer.bank.is_meta and under_offload_hook(model, path)]
-        if offloaded:
-            raise ValueError(f"mixed_batch: the bank layers {describe(offloaded, limit=4)} are offloaded by "
-                             "accelerate (cpu_offload, disk_offload, or a device_map with \"cpu\" or \"disk\" "
-                             "offload): their bank is on the meta device, put in only for each forward by the hook "
-                             "(`_hf_hook`), so the row ids would hold no values and adapter changes would not reach "
-                             "the hook's copy. Serve the bank from a model loaded without offload (a device_map to "
-                             "real devices only), or remove the hooks first (accelerate.hooks.remove_hook_from_"
-                             "module(model, recurse=True)); nothing was changed")
-        first = layers[0][1]
-        unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
-                         key=str)
-        if unknown:
-            raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
-                             f"{[n for n in first.adapter_names if n is not None]})")
-        unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
-        ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
-        slots = unrepeated.tolist()
-        if regrouped is not None and len(adapter_names):
-            unrepeated = ids = unrepeated[0]  # one id (0-D) for every row of every layer
-        per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
-        for _, layer in layers:
-            where = (layer.bank.device, id(layer) in in_encoder)
-            if where not in per_device:
-                per_device[where] = host_to_device(unrepeated if where[1] else ids, where[0])
-        # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
-        # What the batch routes (its slot ids and expand), so that a layer recomputed by activation
-        # checkpointing can tell whether its forward ran in a batch of other rows
-        # (MissBankLinear._check_recompute); the same names entered again are the same batch.
-        # A slot's generation tells a re-used slot (an adapter removed, another added under any
-        # name) from the adapter the forward ran with.
-        try:
+    # Everything this call sets is undone by the `finally` below, which covers it from the first
+    # change on: an interrupt (Ctrl-C) part way left some layers with ids, and one between the
+    # ids and the hooks left every layer so, the model then in a mixed batch for good (reviews,
+    # 2026-12-05 and a fault-injection sweep, 2026-12-06). Only the layers this call gave ids
+    # (`ours`): a refusal because another mixed batch is running leaves that one's alone.
+    ours, handles = [], []
+    try:
+        # The names are resolved to slots and the ids set under the lock that slot changes take, so
+        # no slot changes in between (a removed adapter's slot taken by another would get its rows).
+        with _BANK_LOCK:
+            layers = _layers(model, "mixed_batch")
+            busy = [path for path, layer in layers if layer.rows is not None]
+            if busy:
+                raise RuntimeError(f"mixed_batch: the model's bank layers ({describe(busy, limit=2)}) are already "
+                                   "in a mixed batch (another thread or coroutine on this model, or an enclosing "
+                                   "mixed_batch), whose running forward would get these rows. Run one mixed batch at "
+                                   "a time per model (a lock), or give each thread its own copy; nothing was changed")
+            # Offloaded after the bank was loaded (apply_bank and load_bank refuse an offloaded model):
+            # the ids would go to the meta device the bank sits on between forwards (a crash in the
+            # forward, "Tensor on device cpu is not on the expected device meta": a new-user pass,
+            # 2026-12-04), and the slot tables the forward reads are the hook's copy, which later
+            # adapter changes would not reach.
+            offloaded = [path for path, layer in layers if layer.bank.is_meta and under_offload_hook(model, path)]
+            if offloaded:
+                raise ValueError(f"mixed_batch: the bank layers {describe(offloaded, limit=4)} are offloaded by "
+                                 "accelerate (cpu_offload, disk_offload, or a device_map with \"cpu\" or \"disk\" "
+                                 "offload): their bank is on the meta device, put in only for each forward by the "
+                                 "hook (`_hf_hook`), so the row ids would hold no values and adapter changes would "
+                                 "not reach the hook's copy. Serve the bank from a model loaded without offload (a "
+                                 "device_map to real devices only), or remove the hooks first (accelerate.hooks."
+                                 "remove_hook_from_module(model, recurse=True)); nothing was changed")
+            first = layers[0][1]
+            unknown = sorted({n for n in adapter_names if n is not None and n != BASE and n not in first.adapter_names},
+                             key=str)
+            if unknown:
+                raise ValueError(f"adapter_names names adapters not in the model's bank: {unknown} (it has "
+                                 f"{[n for n in first.adapter_names if n is not None]})")
+            unrepeated = first.index_of(adapter_names, device="cpu")  # moved once per device below
+            ids = unrepeated.repeat_interleave(expand) if expand > 1 else unrepeated
+            slots = unrepeated.tolist()
+            if regrouped is not None and len(adapter_names):
+                unrepeated = ids = unrepeated[0]  # one id (0-D) for every row of every layer
+            per_device: Dict[Tuple[torch.device, bool], Tensor] = {}
             for _, layer in layers:
+                where = (layer.bank.device, id(layer) in in_encoder)
+                if where not in per_device:
+                    per_device[where] = host_to_device(unrepeated if where[1] else ids, where[0])
+            # While the ids are set, the layers refuse to change their slots (MissBankLinear.add_adapter...).
+            # What the batch routes (its slot ids and expand), so that a layer recomputed by activation
+            # checkpointing can tell whether its forward ran in a batch of other rows
+            # (MissBankLinear._check_recompute); the same names entered again are the same batch.
+            # A slot's generation tells a re-used slot (an adapter removed, another added under any
+            # name) from the adapter the forward ran with.
+            for _, layer in layers:
+                ours.append(layer)  # before its ids: an interrupt between the two is undone too
                 layer.rows = per_device[(layer.bank.device, id(layer) in in_encoder)]
-                layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots),
-                                                  expand)
+                layer.__dict__["_mixed_batch"] = (tuple(slots), tuple(layer.slot_generation(s) for s in slots), expand)
                 if stack_entry is not None:
                     layer.__dict__["_stack_entry"] = stack_entry
-        except BaseException:
-            # An interrupt (Ctrl-C) part way left some layers with ids: the model then counted as
-            # in a mixed batch for good (a review, 2026-12-05).
-            for _, layer in layers:
-                layer.rows = None
-                layer.__dict__.pop("_stack_entry", None)
-            raise
-    handles = []
-    try:
-        # A state_dict load is refused before any module loads, whichever module it is called on:
-        # the model, any module holding a bank layer, or a bank layer (a bank layer alone could only
-        # refuse its own part, after torch loaded the modules before it).
+        # A state_dict load is refused before any module loads, whichever module it is called on: the
+        # model, any module holding a bank layer, or a bank layer (a bank layer alone could only refuse
+        # its own part, after torch loaded the modules before it).
         for module in _holders_of(model, [path for path, _ in layers]):
             handles.append(module.register_load_state_dict_pre_hook(_refuse_load_inside_mixed_batch))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for _, layer in layers:
+        for layer in ours:
             layer.rows = None
             layer.__dict__.pop("_stack_entry", None)  # it holds a frame

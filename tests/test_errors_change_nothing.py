@@ -450,6 +450,45 @@ def test_interrupts_as_a_layer_call_returns_are_undone_too(monkeypatch):
     torch.testing.assert_close(model(x), want)
 
 
+def test_a_mixed_batch_interrupted_while_it_enters_leaves_no_ids(monkeypatch):
+    """mixed_batch set the layers' ids, then began the `try` whose `finally` clears them: an
+    interrupt between the two left every layer with ids, and the model refused every later
+    mixed_batch ("already in a mixed batch") for good (a fault-injection sweep, 2026-12-06). A
+    refusal because another mixed batch runs still leaves that batch's ids alone."""
+    from miss_ext import bank_model
+
+    import inspect
+    import sys
+
+    model = _bank_model(["a", "b"], 0)
+    x = torch.randn(2, 8)
+    code, fired = bank_model.mixed_batch.__wrapped__.__code__, []
+    source, first = inspect.getsourcelines(bank_model.mixed_batch.__wrapped__)
+    ids_set = first + max(i for i, line in enumerate(source) if '"_stack_entry"] = stack_entry' in line)
+
+    def in_mixed_batch(frame, event, arg):  # Ctrl-C at the first line after the loop that sets the ids
+        if event == "line" and not fired and frame.f_lineno > ids_set:
+            fired.append(frame.f_lineno)
+            raise KeyboardInterrupt
+        return in_mixed_batch
+
+    sys.settrace(lambda frame, event, arg: in_mixed_batch if frame.f_code is code else None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with miss_ext.mixed_batch(model, ["a", "b"]):
+                pass
+    finally:
+        sys.settrace(None)
+    assert fired and model[0].rows is None and model[2].rows is None, fired
+    with miss_ext.mixed_batch(model, ["a", "b"]):
+        rows = model[0].rows
+        with pytest.raises(RuntimeError, match="already in a mixed batch"):
+            with miss_ext.mixed_batch(model, ["b", "a"]):
+                pass
+        assert model[0].rows is rows
+        model(x)
+
+
 def test_accelerate_warns_before_it_changes_any_class():
     """accelerate of a PeftModel's inner model warns that adapter_names= cannot reach it; under
     warnings.simplefilter("error") the warning came after every layer was swapped."""
