@@ -480,6 +480,13 @@ def remove_bank_adapter(model: nn.Module, name: str) -> None:
         raise
 
 
+def _leave_mixed_batch(layer: MissBankLinear) -> None:
+    """What mixed_batch sets on a layer for its batch, cleared (its `_mixed_batch` note stays: the
+    checkpoint check compares a recompute with it)."""
+    layer.rows = None
+    layer.__dict__.pop("_stack_entry", None)  # it holds a frame
+
+
 def _refuse_load_inside_mixed_batch(model: nn.Module, *args, **kwargs) -> None:
     # A deepcopy or pickle of the model taken inside mixed_batch carries this hook but not the
     # rows (MissBankLinear.__getstate__): it must load as a model outside the context, so the hook
@@ -667,8 +674,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
             handles.append(module.register_load_state_dict_pre_hook(_refuse_load_inside_mixed_batch))
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for layer in ours:
-            layer.rows = None
-            layer.__dict__.pop("_stack_entry", None)  # it holds a frame
+        # The ids first (a hook left behind is harmless: it looks at the ids), each layer's even
+        # through an interrupt (undo_each goes on, then raises it): an interrupt during the exit
+        # left the model in a mixed batch for good (a review, 2026-12-06).
+        undo_each([("", functools.partial(_leave_mixed_batch, layer)) for layer in ours]
+                  + [("", handle.remove) for handle in handles], "mixed_batch")

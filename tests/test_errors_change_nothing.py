@@ -452,9 +452,10 @@ def test_interrupts_as_a_layer_call_returns_are_undone_too(monkeypatch):
 
 def test_a_mixed_batch_interrupted_while_it_enters_leaves_no_ids(monkeypatch):
     """mixed_batch set the layers' ids, then began the `try` whose `finally` clears them: an
-    interrupt between the two left every layer with ids, and the model refused every later
-    mixed_batch ("already in a mixed batch") for good (a fault-injection sweep, 2026-12-06). A
-    refusal because another mixed batch runs still leaves that batch's ids alone."""
+    interrupt between the two, or during the `finally`, left every layer with ids, and the model
+    refused every later mixed_batch ("already in a mixed batch") for good (a fault-injection
+    sweep and a review, 2026-12-06). A refusal because another mixed batch runs still leaves that
+    batch's ids alone."""
     from miss_ext import bank_model
 
     import inspect
@@ -480,6 +481,15 @@ def test_a_mixed_batch_interrupted_while_it_enters_leaves_no_ids(monkeypatch):
     finally:
         sys.settrace(None)
     assert fired and model[0].rows is None and model[2].rows is None, fired
+    # An interrupt during the exit (here in the first hook's removal) clears every layer's ids too.
+    from torch.utils.hooks import RemovableHandle
+
+    _interrupt_once(monkeypatch, RemovableHandle, "remove")
+    with pytest.warns(UserWarning, match=r"mixed_batch: could not undo"), pytest.raises(KeyboardInterrupt):
+        with miss_ext.mixed_batch(model, ["a", "b"]):
+            pass
+    monkeypatch.undo()
+    assert model[0].rows is None and model[2].rows is None
     with miss_ext.mixed_batch(model, ["a", "b"]):
         rows = model[0].rows
         with pytest.raises(RuntimeError, match="already in a mixed batch"):
