@@ -47,7 +47,7 @@ from ._distributed import is_dtensor
 from .base_layers import is_plain_linear, tensor_problem, type_name
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
                       check_dropout, json_tensor, load_mismatches, refuse_forward_tangents, refuse_layer_load,
-                      refuse_nested, refuse_non_tensor, tensor_json)
+                      refuse_nested, refuse_non_tensor, tensor_json, written_since)
 from .merge_record import memory_of as _memory, storage_of as _storage
 from .ops import new_dropout_key
 from .weight_metadata import BaseTensorAttributes
@@ -773,15 +773,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         it an interrupted remove left the block zeroed under the adapter's name, and its rows got
         the base output silently; an interrupted add left the name in one layer of a model, whose
         other layers then disagreed (a fault-injection sweep, 2026-12-06). Costs a copy of the
-        slot's block. (A bank on the meta device, which holds no values, gets its slot lists back.)"""
-        if self.bank.is_meta or self.ranks.is_meta or self.periods.is_meta:
-            lists = (self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot])
-            try:
-                yield
-            except BaseException:
-                self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot] = lists
-                raise
-            return
+        slot's block."""
         state = self._slot_state(slot)
         try:
             yield
@@ -790,8 +782,10 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise
 
     def _slot_state(self, slot: int) -> tuple:
-        """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback)."""
-        return (self.bank[slot].detach().clone(), int(self.ranks[slot]), int(self.periods[slot]),
+        """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback and
+        _slot_kept_on_error): copies of the block, rank and period (tensors: no host read, and a
+        bank on the meta device has none to read) and the slot lists' entries."""
+        return (self.bank[slot].detach().clone(), self.ranks[slot].clone(), self.periods[slot].clone(),
                 self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot])
 
     def _restore_slot(self, slot: int, state: tuple) -> None:
@@ -1216,12 +1210,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         # so the layer took the file's slot names over its old blocks, and rows then ran other
         # adapters' blocks silently after load_state_dict raised (a fault-injection sweep,
         # 2026-12-06).
-        saved, errors_before = self._slots_as_they_are(), len(error_msgs)
-        bank = self.bank
-        try:
-            version = bank._version
-        except RuntimeError:  # an inference tensor keeps no version: seen by identity only
-            version = None
+        saved, errors_before, bank = self._slots_as_they_are(), len(error_msgs), self.bank
+        bank_written = written_since(bank)  # (an inference tensor's: by identity only)
         try:
             # ranks and periods first: set_extra_state (inside the call below) checks the slot
             # description against them, as it did when they loaded there as buffers.
@@ -1243,7 +1233,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             # An interrupt after torch copied the bank (it sets the description last): the
             # description loads too, so that it says what the bank now holds; before the copy,
             # the old one is put back (a review, 2026-12-06).
-            if self.bank is not bank or (version is not None and bank._version != version):
+            if self.bank is not bank or bank_written():
                 if prefix + "_extra_state" in state_dict:
                     self.set_extra_state(state_dict[prefix + "_extra_state"])
             else:

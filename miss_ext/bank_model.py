@@ -40,7 +40,7 @@ from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_a
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
                     refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, second_paths_hint,
-                    undo_each, under_offload_hook, unwrap_model, warn_second_paths, writes_here)
+                    requires_grad_restorer, undo_each, under_offload_hook, unwrap_model, warn_second_paths, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
 from .modules import (MissLinear, check_dropout, check_flag, layers_to_check, load_refusals, refuse_meta,
@@ -185,7 +185,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
                           stacklevel=4)
     # All or nothing: should building a layer fail (out of memory, an interrupt), the layers
     # replaced so far go back and every parameter gets its requires_grad flag back.
-    flags = {p: p.requires_grad for p in model.parameters()}
+    restore_flags = requires_grad_restorer(model)
     try:
         if freeze_others:
             model.requires_grad_(False)
@@ -197,8 +197,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     except BaseException:
         for name, module in found:
             set_module(model, name, module)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        restore_flags()
         raise
     return outer
 
@@ -378,7 +377,7 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
         raise ValueError(f"load_bank: adapter configs with r={bad[0]!r}; r must be a positive int")
     # All or nothing: if any adapter does not fit, the replaced layers go back and every
     # parameter gets its requires_grad flag back.
-    flags = {p: p.requires_grad for p in model.parameters()}
+    restore_flags = requires_grad_restorer(model)
     checked = {id(module) for module in model.modules() if _has_load_check(module)}
     try:
         _apply_bank(model, exact_paths_regex(paths), len(adapters) if capacity is None else capacity,
@@ -388,8 +387,7 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     except BaseException:
         for path, layer in bank_layers(model):  # all of them are this call's (checked above)
             set_module(model, path, layer.base_layer)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        restore_flags()
         # Its load check too: left there, it counted as another code's hook for the accelerated
         # PEFT tuner's check of a later PEFT model (a review, 2026-12-06).
         _remove_load_checks(model, checked)
@@ -523,9 +521,12 @@ _check_bank_loads_first._miss_ext_load_hook = True
 _refuse_load_inside_mixed_batch._miss_ext_load_hook = True
 
 
+def _is_load_check(hook) -> bool:
+    return getattr(hook, "hook", hook) is _check_bank_loads_first  # torch wraps hooks taking the module
+
+
 def _has_load_check(module: nn.Module) -> bool:
-    return any(getattr(hook, "hook", hook) is _check_bank_loads_first
-               for hook in module._load_state_dict_pre_hooks.values())
+    return any(map(_is_load_check, module._load_state_dict_pre_hooks.values()))
 
 
 def _register_load_check(model: nn.Module) -> None:
@@ -539,7 +540,7 @@ def _remove_load_checks(model: nn.Module, keep) -> None:
     for module in model.modules():
         if id(module) not in keep:
             for key, hook in list(module._load_state_dict_pre_hooks.items()):
-                if getattr(hook, "hook", hook) is _check_bank_loads_first:
+                if _is_load_check(hook):
                     del module._load_state_dict_pre_hooks[key]
 
 

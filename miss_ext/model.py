@@ -187,18 +187,26 @@ def refuse_ddp_wrapped(model: nn.Module, where: str) -> None:
                          "Add the adapters first, then wrap the model in DDP (docs/multi_gpu.md)")
 
 
+def requires_grad_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function giving every parameter of `module` the requires_grad flag it has now back (the
+    rollbacks of apply_miss, load_adapter, apply_bank, load_bank and the tuner's set_adapter)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+
+    def restore():
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
+
 def settings_undos(model: nn.Module) -> List[Tuple[str, Callable[[], None]]]:
     """The undos (for undo_each, which runs them last when given in reverse) of what apply_miss and
     load_adapter change besides modules and values: every parameter's requires_grad flag, the
     record of what trains beside the blocks (record_extras) and each MissLinear's record of the
     holders of its base weight (record_shared_weights), as they are now."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    restore_flags = requires_grad_restorer(model)
     record = getattr(model, EXTRAS_ATTR, None)
     shared = [(layer, list(layer._shared_with)) for _, layer in miss_layers(model)]
-
-    def restore_flags():
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
     def restore_record():
         if record is None:

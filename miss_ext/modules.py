@@ -461,6 +461,17 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
     return refusal, after
 
 
+def written_since(t: Tensor) -> Callable[[], bool]:
+    """A function saying whether `t` was written in place since this call, read from its version
+    counter (bumped by in-place ops, ours in their ADInplaceOrView kernel, after the op returns).
+    An inference tensor has no counter: never, for it."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return lambda: False
+    return lambda: t._version != version
+
+
 @contextlib.contextmanager
 def record_follows_write(weight: Tensor, recorded: Callable[[], bool], record: Callable[[], None]):
     """Around an in-place write of `weight` (a merge or unmerge) followed by the record of what it
@@ -468,15 +479,12 @@ def record_follows_write(weight: Tensor, recorded: Callable[[], bool], record: C
     the kernel returns: Ctrl-C during a large merge), `record()` runs as it raises, unless
     `recorded()` says it ran, so that the record says what the weight holds. The write is not
     undone: an unmerge restores a weight only up to rounding. The write is seen through the
-    weight's version counter (an inference tensor has none: nothing is followed)."""
-    try:
-        version = weight._version
-    except RuntimeError:
-        version = None
+    weight's version counter (written_since)."""
+    written = written_since(weight)
     try:
         yield
     except BaseException:
-        if version is not None and weight._version != version and not recorded():
+        if written() and not recorded():
             record()
         raise
 

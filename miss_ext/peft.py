@@ -88,7 +88,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from functools import partial, update_wrapper
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
-from .model import check_module, offload_hook, parent_module, under_offload_hook, undo_each  # noqa: E402
+from .model import (check_module, offload_hook, parent_module, requires_grad_restorer, under_offload_hook,  # noqa: E402
+                    undo_each)
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
@@ -1681,24 +1682,24 @@ class AcceleratedMissModel(MissModel):
                 # unmerges merged ones here).
                 warnings.filterwarnings("ignore", message="Already unmerged. Nothing to do.")
                 self.unmerge_adapter()
-            active, trainable = self.active_adapter, {p: p.requires_grad for p in self.model.parameters()}
+            active, restore_flags = self.active_adapter, requires_grad_restorer(self.model)
             try:
                 super().set_adapter(adapter_name, inference_mode=inference_mode)
             except BaseException:
                 # Back to the old adapter (layers and modules_to_save wrappers, which PEFT's loop may
                 # have switched part way, with their requires_grad), then merged again: merged
                 # layers with another active adapter would refuse every forward (a review, 2026-12-05).
-                undo_each([("set_adapter", partial(self._switch_back, active, trainable))]
+                undo_each([("set_adapter", partial(self._switch_back, active, restore_flags))]
                           + [(path, partial(_merge_back, layer, before)) for path, layer, before in merged],
                           "set_adapter")
                 raise
 
-    def _switch_back(self, active, trainable: Dict[nn.Parameter, bool]) -> None:
+    def _switch_back(self, active, restore_flags: Callable[[], None]) -> None:
         """After a set_adapter that failed part way: PEFT's switch to `active` again, and every
-        parameter's requires_grad as it was (PEFT's switch sets the adapters')."""
+        parameter's requires_grad as it was (PEFT's switch sets the adapters';
+        model.requires_grad_restorer)."""
         super().set_adapter(active)
-        for param, flag in trainable.items():
-            param.requires_grad_(flag)
+        restore_flags()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=
