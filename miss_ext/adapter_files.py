@@ -55,8 +55,6 @@ _CONFIG_FIELDS = {
     "revision", "inference_mode", "auto_mapping", "peft_version",
 }
 _INIT_WEIGHTS = {"MISS": (True, False, "bat", "mini"), "BONE": (True, False, "bat")}
-# bias: which biases PEFT trained (and saved beside the blocks, loaded here as extras).
-_BIAS = {"MISS": ("none", "all", "MiSS_only"), "BONE": ("none", "all", "Bone_only")}
 # The fields that decide which modules PEFT gives an adapter when it loads the file.
 _SELECTION_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 
@@ -523,6 +521,16 @@ def read_adapter(path: str,
             extras[key[len(KEY_PREFIX):]] = value
     if unexpected:
         raise ValueError(f"{path}: keys outside the base model ({KEY_PREFIX}...): " + ", ".join(unexpected))
+    # The other type's blocks: a config whose peft_type was edited by hand without renaming the
+    # keys (PEFT 0.21 has no BONE type). PEFT itself then loads no block at all, with a
+    # missing-keys warning only; here they would read as "no blocks" or as unknown parameters.
+    for other_type, other_name in BLOCK_NAMES.items():
+        mismatched = [key for key in extras if key.endswith("." + other_name)]
+        if other_type != peft_type and mismatched:
+            raise ValueError(f"{path}: its config says peft_type={peft_type!r}, whose blocks are named '{suffix[1:]}', "
+                             f"but the file holds {len(mismatched)} '{other_name}' block(s) ({describe(mismatched)}), "
+                             f"as a {other_type} adapter does: a config edited by hand? PEFT's "
+                             "scripts/convert-bone-to-miss.py converts a Bone adapter's config and keys together")
     if others:
         names = sorted({key.rpartition(".")[2] for key in others})
         # PEFT 0.21 maps a key ending in the name it loads under onto that adapter's parameter, so
@@ -705,9 +713,10 @@ def _check_config_fields(config: dict) -> List[str]:
     # `is` for the bools: 1 == True in Python, but 1 is not one of PEFT's documented values.
     if not any(init_weights is v or (isinstance(v, str) and init_weights == v) for v in allowed):
         problems.append(f"init_weights={init_weights!r}: expected one of {', '.join(map(repr, allowed))}")
-    bias = config.get("bias", "none")
-    if bias not in _BIAS[peft_type]:
-        problems.append(f"bias={bias!r}: expected one of {', '.join(map(repr, _BIAS[peft_type]))}")
+    try:
+        check_bias(config.get("bias", "none"))  # PEFT's rule, also for Bone files ("Bone_only", "bone_only")
+    except ValueError as exc:
+        problems.append(str(exc))
     if config.get("target_modules") is None:
         problems.append("target_modules=None: PEFT would pick its default modules for the model type; "
                         "not implemented here")

@@ -324,9 +324,14 @@ def freeze_all_but_blocks(model: nn.Module) -> None:
 # that later freezes keep it trainable and save_adapter writes it: {"modules_to_save": [module
 # paths], "bias": "none" | "all" | "MiSS_only"}.
 EXTRAS_ATTR = "_miss_ext_trainable"
-# PEFT's bias values (MissConfig: "MiSS_only"; BoneConfig: "Bone_only"; the same semantic).
+# PEFT's bias values (MissConfig documents "MiSS_only"; BoneConfig "Bone_only"; the same semantic).
+# PEFT (0.18 and later, BaseTuner._mark_only_adapters_as_trainable) takes any value ending in
+# "_only" as "the adapted layers' biases", and older releases took only lowercase spellings
+# ("miss_only" in 0.17's MissModel, "bone_only" in BoneModel), so real adapter folders carry those,
+# also after PEFT's scripts/convert-bone-to-miss.py (it copies the config as it is): every such
+# value is normalised to "MiSS_only" (case-insensitively: "MISS_ONLY" was taken before, and no
+# value PEFT ever wrote differs from one it took by case alone).
 BIAS_VALUES = ("none", "all", "MiSS_only")
-_BIAS_ALIASES = {"miss_only": "MiSS_only", "bone_only": "MiSS_only"}
 
 
 def trainable_extras(model: nn.Module) -> dict:
@@ -620,13 +625,15 @@ def _is_config(value: object) -> bool:
 
 
 def check_bias(bias: object) -> str:
-    """PEFT's bias value, normalised ("miss_only"/"Bone_only" -> "MiSS_only"); ValueError otherwise."""
+    """PEFT's bias value, normalised (any value ending in "_only", such as "miss_only", "Bone_only"
+    or "lora_only", -> "MiSS_only", PEFT's rule); ValueError otherwise."""
     if isinstance(bias, str) and bias in BIAS_VALUES:
         return bias
-    if isinstance(bias, str) and bias.lower() in _BIAS_ALIASES:
-        return _BIAS_ALIASES[bias.lower()]
+    if isinstance(bias, str) and bias.lower().endswith("_only"):
+        return "MiSS_only"
     raise ValueError(f"bias={bias!r}: expected 'none', 'all' (every bias of the model is trained and saved) or "
-                     "'MiSS_only' (the biases of the adapted layers), as PEFT's MissConfig")
+                     "'MiSS_only' (the biases of the adapted layers; as in PEFT, any value ending in '_only' "
+                     "means the same)")
 
 
 def saved_whole_problem(new_layers: Sequence[str], recorded: Sequence[str]) -> Optional[str]:

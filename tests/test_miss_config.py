@@ -73,6 +73,9 @@ CONFIGS = {
     "modules_to_save-suffix": dict(target_modules=["q_proj"], modules_to_save=["norm"]),
     "bias-all": dict(target_modules=TARGETS, bias="all"),
     "bias-miss-only": dict(target_modules=["q_proj", "o_proj"], bias="MiSS_only"),
+    # PEFT takes any value ending in "_only" as MiSS_only; older releases wrote these spellings.
+    "bias-miss-only-lowercase": dict(target_modules=["q_proj", "o_proj"], bias="miss_only"),
+    "bias-lora-only": dict(target_modules=["q_proj", "o_proj"], bias="lora_only"),
 }
 
 
@@ -240,6 +243,38 @@ def train_one_step(model, lr=0.5):
     return model.eval()
 
 
+@pytest.mark.parametrize("spelling", ["miss_only", "bone_only", "lora_only"])
+@pytest.mark.parametrize("peft_type", ["MISS", "BONE"])
+def test_folders_with_other_spellings_of_miss_only_load_as_peft_loads_them(bases, tmp_path, spelling, peft_type):
+    """model.py, check_bias: PEFT 0.17 wrote bias="miss_only" (its MissModel took no other spelling
+    of MiSS_only), BoneModel "bone_only", and PEFT's scripts/convert-bone-to-miss.py keeps the value;
+    PEFT 0.21 loads any value ending in "_only" as the adapted layers' biases. So does load_adapter,
+    and save_adapter writes it back as "MiSS_only"."""
+    from tiny_models import write_bone_copy
+
+    base, ids = bases["qwen2"], tokens()  # biases on q/k/v
+    reference = train_one_step(get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=["q_proj", "v_proj"],
+                                                                              bias="MiSS_only")))
+    reference.save_pretrained(tmp_path / "peft")
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"bias": spelling}))
+    folder = tmp_path / "peft"
+    if peft_type == "BONE":
+        write_bone_copy(tmp_path / "peft", tmp_path / "bone")
+        folder = tmp_path / "bone"
+    else:  # PEFT 0.21 has no Bone type: only the MiSS folder can be checked against it
+        again = PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
+        assert peft_trainable(again) == peft_trainable(reference)
+    mine = miss_ext.load_adapter(copy.deepcopy(base), folder)
+    torch.testing.assert_close(mine(ids).logits, reference(ids).logits, **TOL)
+    assert ours_trainable(mine) == peft_trainable(reference)
+    assert any(name.endswith("q_proj.base_layer.bias") for name in ours_trainable(mine))
+    miss_ext.save_adapter(mine, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "MiSS_only"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, **TOL)
+
+
 @pytest.mark.parametrize("arch, kwargs", [
     ("qwen2", dict(target_modules=TARGETS, modules_to_save=["lm_head"], bias="all", init_weights=False,
                    exclude_modules=["k_proj"])),
@@ -296,7 +331,7 @@ def tied_llama():
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (dict(target_modules=["q_proj"], r=R, bias="lora_only"), ValueError, r"bias='lora_only'"),
+    (dict(target_modules=["q_proj"], r=R, bias="MiSS"), ValueError, r"bias='MiSS'"),
     (dict(target_modules=["q_proj"], r=R, bias=True), ValueError, r"bias=True"),
     (dict(target_modules="all-linear", r=R, layers_to_transform=[0]), ValueError, r"layers_to_transform=\[0\]"),
     (dict(target_modules=r".*q_proj", r=R, layers_pattern="layers"), ValueError, r"layers_pattern='layers'"),

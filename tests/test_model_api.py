@@ -893,6 +893,26 @@ def test_old_bone_adapter_files_load(base, mode, tmp_path):
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
 
 
+@pytest.mark.parametrize("edited_to", ["MISS", "BONE"])
+def test_a_config_whose_peft_type_was_edited_without_its_keys_is_refused_by_name(base, tmp_path, edited_to):
+    """adapter_files.read_adapter: a Bone folder whose config was switched to peft_type MISS by hand
+    (PEFT 0.21 has no BONE type) keeps its `.bone_block` keys, and the reverse: PEFT loads no block
+    then (a missing-keys warning); here ValueError naming both names and PEFT's converter, not "no
+    blocks"."""
+    reference = peft_model(base, "default")
+    reference.save_pretrained(tmp_path / "miss")
+    write_bone_copy(tmp_path / "miss", tmp_path / "bone")
+    folder = tmp_path / ("bone" if edited_to == "MISS" else "miss")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"peft_type": edited_to}))
+    have = "bone_block" if edited_to == "MISS" else "miss_block"
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["q_proj"], r=R)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"peft_type='{edited_to}'.* holds \d+ '{have}' block.*convert-bone-to-miss"):
+        miss_ext.load_adapter(model, folder)
+    assert_unchanged(model, snap)
+
+
 def test_adapter_that_does_not_fit_lists_every_difference_and_changes_nothing(base, tmp_path):
     reference = peft_model(base, "default").eval()
     reference.save_pretrained(tmp_path)
