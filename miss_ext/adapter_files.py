@@ -30,7 +30,7 @@ from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
                       refuse_meta)
-from .targets import (ALL_LINEAR, check_selection_fields, describe, exact_paths_regex, find_targets, get_module,
+from .targets import (ALL_LINEAR, check_selection_fields, default_targets, describe, exact_paths_regex, find_targets, get_module,
                       memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
@@ -111,8 +111,8 @@ def config_dict(config: object) -> dict:
 def apply_miss_settings(config: object) -> dict:
     """apply_miss's keyword arguments for a PEFT MissConfig / BoneConfig or adapter_config.json
     dict (PEFT's defaults for missing fields), plus its inference_mode and task_type. A field
-    PEFT 0.21's config does not have, an unknown init_weights or bias value, or target_modules
-    None raises ValueError naming it."""
+    PEFT 0.21's config does not have, or an unknown init_weights or bias value, raises ValueError
+    naming it. target_modules None stays None (apply_miss then takes PEFT's default for the model)."""
     config = config_dict(config)
     if config["peft_type"] not in BLOCK_NAMES:
         raise ValueError(f"peft_type={config['peft_type']!r} is not a MiSS config (expected 'MISS' or 'BONE')")
@@ -703,9 +703,17 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
     return problems, plan
 
 
+def with_default_targets(config: dict, model: nn.Module) -> dict:
+    """The config, with PEFT's default target modules for the model's type where its
+    target_modules is None, as PEFT's from_pretrained resolves them (targets.default_targets)."""
+    if config.get("target_modules") is not None:
+        return config
+    return dict(config, target_modules=default_targets(model))
+
+
 def _check_config_fields(config: dict) -> List[str]:
     """Problems with config fields that would make PEFT load something other than what this
-    loader loads: unknown non-empty fields, unknown init_weights / bias values, no target_modules."""
+    loader loads: unknown non-empty fields, unknown init_weights / bias values."""
     peft_type = config["peft_type"]
     problems = [f"{key}={value!r}: not a field of PEFT 0.21's {peft_type} config; refusing rather than ignoring it"
                 for key, value in config.items() if key not in _CONFIG_FIELDS and value not in (None, "", [], {})]
@@ -717,9 +725,6 @@ def _check_config_fields(config: dict) -> List[str]:
         check_bias(config.get("bias", "none"))  # PEFT's rule, also for Bone files ("Bone_only", "bone_only")
     except ValueError as exc:
         problems.append(str(exc))
-    if config.get("target_modules") is None:
-        problems.append("target_modules=None: PEFT would pick its default modules for the model type; "
-                        "not implemented here")
     selection = _selection_field_problem(config)
     if selection is not None:
         problems.append(selection)
@@ -911,6 +916,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     config, blocks, extras = read_adapter(path, model)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
+    config = with_default_targets(config, model)
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from ._checkpointing import whole_stack_entry
 from .adapter_files import (_check_config_fields, _config_settings, _find_parameter, _selection_problems,
                             adapter_config, base_model_name, check_save_arguments, check_task_type, meta_problem,
-                            one_config_settings, read_adapter, warn_non_finite, write_adapter, KEY_PREFIX)
+                            one_config_settings, read_adapter, warn_non_finite, with_default_targets, write_adapter,
+                            KEY_PREFIX)
 from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_adapter, host_to_device,
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
@@ -340,6 +341,7 @@ def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[st
     config, blocks, extras = read
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
+    config = with_default_targets(config, model)
     problems = _file_problems(model, layers, name, config, blocks, extras)
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model's bank; nothing was loaded:\n  " +

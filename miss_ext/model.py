@@ -15,7 +15,7 @@ from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linea
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, block_merge_problem, block_shape, check_dropout,
                       check_flag, non_finite_summary)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
-                      check_target_modules, describe, find_targets, matches, module_paths, modules_to_save_paths,
+                      check_target_modules, default_targets, describe, find_targets, matches, module_paths, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
                       shared_weight_message, stored_weight_and_bias, warn_unmatched)
 
@@ -698,7 +698,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     bare "q_proj" string matches only a module whose whole path is "q_proj"), or "all-linear"
     (every nn.Linear except the output head, i.e. the module `model.get_output_embeddings()`
     returns: a model without that method, such as a plain nn.Module, has all its linears
-    adapted, as in PEFT). r: int >= 1 (r > in_features allowed, with a UserWarning); mode
+    adapted, as in PEFT), or None: PEFT's default targets for `model.config.model_type`
+    (get_peft_model's table, read from the installed peft; ValueError for a type it lacks or a
+    model without a transformers config, ImportError without peft). r: int >= 1 (r > in_features allowed, with a UserWarning); mode
     "default", "mini" or "bat"; mini_r (mode "mini" only): the block's width, (r, mini_r), tiled
     along out_features, which it must divide; default 1, PEFT's MissConfig default, so a mini
     adapter without it has r trainable values per layer; dropout in [0, 1). With freeze_others (the default, as
@@ -785,8 +787,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
         raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
                         "target_modules)")
     if target_modules is None:
-        raise ValueError("target_modules=None: PEFT would pick its default modules for the model type; not "
-                         "implemented here, name the modules")
+        target_modules = default_targets(model)  # what get_peft_model does
     bias = check_bias(bias)
     target_modules = canonical_targets(target_modules)
     check_selection_fields(target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)

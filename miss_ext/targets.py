@@ -46,6 +46,28 @@ def canonical_targets(target_modules: object) -> object:
     return target_modules
 
 
+def default_targets(model: nn.Module) -> TargetModules:
+    """PEFT's default target modules for the model's transformers type, what get_peft_model takes
+    for target_modules=None (BaseTuner._prepare_adapter_config with
+    TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING, keyed by `model.config.model_type`; a
+    model without a config is PEFT's "custom" type). PEFT's own table is read, so the defaults
+    follow the installed PEFT: ImportError naming the extra without it, ValueError for a model
+    type the table lacks (PEFT: "Please specify `target_modules`")."""
+    from ._optional import require
+
+    constants = require("peft.utils.constants", "peft", "target_modules=None (PEFT's default target modules "
+                        "per model type)")
+    config = getattr(model, "config", None)
+    model_type = (config.get("model_type") if isinstance(config, Mapping)
+                  else getattr(config, "model_type", None)) if config is not None else "custom"
+    table = getattr(constants, "TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING", {})
+    targets = table.get(model_type) if isinstance(model_type, str) else None
+    if targets is None:
+        raise ValueError(f"target_modules=None: PEFT has no default target modules for model_type={model_type!r}; "
+                         "name the modules (PEFT raises 'Please specify `target_modules` in `peft_config`')")
+    return targets if isinstance(targets, str) else list(targets)
+
+
 def check_target_modules(target_modules: object) -> TargetModules:
     """Validates the type: a regex string or a non-empty list/tuple/set of strings ("all-linear"
     in any case is returned as ALL_LINEAR)."""

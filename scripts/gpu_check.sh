@@ -69,7 +69,14 @@ fi
 "$PY" -c "import expecttest" 2>/dev/null || echo "WARNING: expecttest missing: opcheck tests will fail (run scripts/gpu_wheels.sh here and carry .whl)"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
-{ "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; c++ --version | head -1; } | tee -a "$RES/gpu.txt"
+# transformers and peft too: the rest part's PEFT/transformers tests run with that machine's (CI: its own).
+{ "$PY" -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+  "$PY" -c "
+import importlib.metadata as m
+for p in ('transformers', 'peft', 'safetensors', 'pytest', 'pytest-xdist', 'expecttest'):
+    try: print(p, m.version(p))
+    except m.PackageNotFoundError: print(p, 'not installed')"
+  c++ --version | head -1; } | tee -a "$RES/gpu.txt"
 # Build for the visible GPU only (sm_90 on an H200), all cores. A second call on the same machine
 # (--bench-only) skips it when the sources are the ones built: the device tool copies the tree
 # again, and new modification times alone would make ninja rebuild everything (about a minute).

@@ -874,7 +874,10 @@ def test_float32_bat_block_grad_is_as_accurate_as_peft(device, seed, out_f, in_f
         return ((t.double() - exact).norm() / exact.norm()).item()
 
     bound = 1.5 if device == "cpu" else 12.0  # CUDA: one GEMM, measured on the next GPU run
-    print(f"bat dB error against PEFT's ({device}, {out_f}x{in_f}, r={r}): {err(got) / err(peft):.2f}x")
+    ratio = f"bat dB error against PEFT's ({device}, {out_f}x{in_f}, r={r}): {err(got) / err(peft):.2f}x"
+    if device == "cuda":  # the figure tests/GPU.md asks for: a warning reaches the -q log's summary
+        warnings.warn(ratio)
+    print(ratio)
     assert err(got) <= bound * err(peft), f"dB error {err(got):.3g}, PEFT's {err(peft):.3g}"
 
 

@@ -7,10 +7,11 @@ longer run ahead and launch the next kernels while the GPU computes. torch's syn
 inference step below runs under it: the miss ops' forward and backward, the modules, a mixed
 adapter batch (its row ids reach the device through pinned memory, miss_ext.bank.host_to_device)
 and PEFT's `adapter_names=` on an accelerated model. Model building, the checks and anything
-that must synchronise (safe_merge's finiteness check, a bat unmerge's conditioning check) stay
-outside.
+that must synchronise (safe_merge's finiteness check, a bat unmerge's conditioning check, unmerge's
+one-bool check that the block did not change since the merge) stay outside or are stubbed.
 """
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -46,10 +47,15 @@ def test_a_training_step_of_miss_linear_does_not_synchronise(mode, mini_r, dropo
     assert torch.isfinite(layer.miss_block.grad).all() and torch.isfinite(x.grad).all()
     with no_sync(), torch.no_grad():
         layer.merge()  # not safe_merge: that one checks finiteness on the host
-    # A bat unmerge checks each I + B_i's conditioning on the host (it raises rather than write an
-    # ill-conditioned inverse): a synchronisation by design, like safe_merge.
-    with no_sync() if mode != "bat" else contextlib.nullcontext(), torch.no_grad():
+    # unmerge() reads one bool on the host by design: whether the block changed since the merge
+    # (MissLinear.block_changed_since_merge, miss_ext/merged_block.py, a warning then). Stubbed
+    # here (the block did not change), so what is checked is that the unmerge's own write does not
+    # synchronise. A bat unmerge also checks each I + B_i's conditioning on the host (it raises
+    # rather than write an ill-conditioned inverse): a synchronisation by design, like safe_merge.
+    with no_sync() if mode != "bat" else contextlib.nullcontext(), torch.no_grad(), \
+            mock.patch.object(miss_ext.merged_block, "changed", lambda layer, block: False):
         layer.unmerge()
+    assert not layer.merged
 
 
 class Block(nn.Module):

@@ -126,8 +126,9 @@ def edited_adapter(base, tmp_path, **fields):
     (dict(alpha_pattern={"q_proj": 8}), r"alpha_pattern=\{'q_proj': 8\}: not a field"),
     (dict(use_dora=True), r"use_dora=True: not a field"),
     (dict(init_weights="gaussian"), r"init_weights='gaussian': expected one of"),
-    (dict(bias="lora_only"), r"bias='lora_only': expected one of"),
-    (dict(target_modules=None), r"target_modules=None: PEFT would pick its default modules"),
+    (dict(bias="MiSS"), r"bias='MiSS': expected 'none', 'all'"),
+    # PEFT's default targets for Llama (q_proj, v_proj): the file's other blocks would be ignored
+    (dict(target_modules=None), r"model\.layers\.0\.self_attn\.k_proj: the file has a block here, but the config"),
     (dict(layers_to_transform=[0]), r"model\.layers\.1\.self_attn\.q_proj: the file has a block here, but the "
                                     r"config \(.*layers_to_transform=\[0\]\) does not select"),
     (dict(layers_to_transform=0, layers_pattern="layers"), r"layers_to_transform=0, layers_pattern='layers'"),

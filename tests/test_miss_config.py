@@ -76,6 +76,9 @@ CONFIGS = {
     # PEFT takes any value ending in "_only" as MiSS_only; older releases wrote these spellings.
     "bias-miss-only-lowercase": dict(target_modules=["q_proj", "o_proj"], bias="miss_only"),
     "bias-lora-only": dict(target_modules=["q_proj", "o_proj"], bias="lora_only"),
+    # target_modules None: PEFT's default for the model type (its TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING)
+    "default-targets": dict(),
+    "default-targets-excluded": dict(exclude_modules=["v_proj"], layers_to_transform=[1]),
 }
 
 
@@ -345,7 +348,6 @@ def tied_llama():
     (dict(target_modules=["gate_proj"], r=R, modules_to_save=["self_attn", "layers.0"]), ValueError,
      r"model\.layers\.0\.self_attn: nested inside model\.layers\.0"),
     (dict(target_modules=["q_proj"]), TypeError, "needs r"),
-    (dict(target_modules=None, r=R), ValueError, "target_modules=None"),
     (dict(target_modules=MissConfig(r=R, target_modules=["q_proj"]), r=R), TypeError, "also given: r"),
     (dict(target_modules=MissConfig(r=R, target_modules=["q_proj"]), bias="all"), TypeError, "also given: bias"),
     (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": ["q_proj"], "rank_pattern": {"q": 2}}),
@@ -353,7 +355,6 @@ def tied_llama():
     (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": ["q_proj"], "init_weights": "lora"}),
      ValueError, "init_weights='lora'"),
     (dict(target_modules={"peft_type": "LORA", "r": R, "target_modules": ["q_proj"]}), ValueError, "'LORA'"),
-    (dict(target_modules={"peft_type": "MISS", "r": R, "target_modules": None}), ValueError, "target_modules=None"),
 ])
 def test_refusals_change_nothing(bases, call, error, match):
     model = copy.deepcopy(bases["llama"])
@@ -362,6 +363,38 @@ def test_refusals_change_nothing(bases, call, error, match):
         miss_ext.apply_miss(model, **call)
     assert_unchanged(model, snap)
     assert not hasattr(model, "_miss_ext_trainable")
+
+
+def test_a_file_without_target_modules_loads_peft_s_default_targets(bases, tmp_path):
+    """adapter_files.with_default_targets: `target_modules: null` in a folder's config means what
+    PEFT's from_pretrained makes of it, the model type's default targets (q_proj, v_proj here)."""
+    base, ids = bases["llama"], tokens()
+    reference = train_one_step(get_peft_model(copy.deepcopy(base), MissConfig(r=R)))
+    reference.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"target_modules": None}))
+    peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    mine = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    assert ours_adapted(mine) == peft_adapted(peft_loaded) == peft_adapted(reference)
+    torch.testing.assert_close(mine(ids).logits, reference(ids).logits, **TOL)
+    torch.testing.assert_close(mine(ids).logits, peft_loaded(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("how", ["keywords", "config", "dict"])
+def test_target_modules_none_without_a_peft_default_is_refused_as_peft_refuses(how):
+    """targets.default_targets: a model without a transformers config is PEFT's "custom" type,
+    which its table lacks; get_peft_model raises ValueError there, and so does apply_miss."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="Please specify"):
+        get_peft_model(copy.deepcopy(model), MissConfig(r=2))
+    snap = snapshot(model)
+    call = {"keywords": lambda: miss_ext.apply_miss(model, r=2),
+            "config": lambda: miss_ext.apply_miss(model, MissConfig(r=2)),
+            "dict": lambda: miss_ext.apply_miss(model, {"peft_type": "MISS", "r": 2, "target_modules": None})}[how]
+    with pytest.raises(ValueError, match=r"target_modules=None: PEFT has no default target modules for "
+                                         r"model_type='custom'"):
+        call()
+    assert_unchanged(model, snap)
 
 
 def test_modules_to_save_refusals_on_shared_or_adapted_modules(bases):
