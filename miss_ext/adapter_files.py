@@ -703,12 +703,16 @@ def _plan_extras(model: nn.Module, extras: Dict[str, Tensor]) -> Tuple[List[str]
     return problems, plan
 
 
-def with_default_targets(config: dict, model: nn.Module) -> dict:
+def with_default_targets(config: dict, model: nn.Module, path: str) -> dict:
     """The config, with PEFT's default target modules for the model's type where its
-    target_modules is None, as PEFT's from_pretrained resolves them (targets.default_targets)."""
+    target_modules is None, as PEFT's from_pretrained resolves them (targets.default_targets);
+    its ValueError names the folder."""
     if config.get("target_modules") is not None:
         return config
-    return dict(config, target_modules=default_targets(model))
+    try:
+        return dict(config, target_modules=default_targets(model))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (or write them into its {CONFIG_NAME})") from None
 
 
 def _check_config_fields(config: dict) -> List[str]:
@@ -916,7 +920,7 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     config, blocks, extras = read_adapter(path, model)
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
-    config = with_default_targets(config, model)
+    config = with_default_targets(config, model, path)
     reshard_fsdp(model)  # write into the sharded parameters, not copies FSDP would drop at its next reshard
     problems = _check_config_fields(config) + _selection_problems(model, config, blocks)
     block_problems, plan = _plan(model, config, blocks)

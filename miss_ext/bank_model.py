@@ -341,7 +341,7 @@ def _load_read(model: nn.Module, name: str, path: str, read: Tuple[dict, Dict[st
     config, blocks, extras = read
     if not blocks:
         raise ValueError(f"{path}: the adapter file has no blocks")
-    config = with_default_targets(config, model)
+    config = with_default_targets(config, model, path)
     problems = _file_problems(model, layers, name, config, blocks, extras)
     if problems:
         raise ValueError(f"adapter {path!r} does not fit the model's bank; nothing was loaded:\n  " +
@@ -360,7 +360,12 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     bad r, more adapters than capacity, or any adapter load_bank_adapter refuses (max_r too small, a file that
     does not fit; TypeError for a bat adapter), FileNotFoundError for a folder or file that does
     not exist, and the model is then as it was."""
-    refuse_peft_model(unwrap_model(model, "load_bank"), "load_bank")
+    # The files name the inner model's paths: load into the model inside a torch.compile wrapper
+    # (a review, 2026-12-06: the wrapper's "_orig_mod." paths met the files' and nothing loaded);
+    # a DDP wrapper is refused as apply_bank refuses it. The caller gets its own object back.
+    refuse_ddp_wrapped(model, "load_bank")
+    outer, model = model, unwrap_model(model, "load_bank")
+    refuse_peft_model(model, "load_bank")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:
@@ -394,7 +399,7 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
         # PEFT tuner's check of a later PEFT model (a review, 2026-12-06).
         _remove_load_checks(model, checked)
         raise
-    return model
+    return outer
 
 
 def save_bank_adapter(model: nn.Module, name: str, path: str, task_type: Optional[str] = None,

@@ -15,7 +15,7 @@ from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linea
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, block_merge_problem, block_shape, check_dropout,
                       check_flag, non_finite_summary)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
-                      check_target_modules, default_targets, describe, find_targets, matches, module_paths, modules_to_save_paths,
+                      check_target_modules, default_targets, describe, is_default, find_targets, matches, module_paths, modules_to_save_paths,
                       other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
                       shared_weight_message, stored_weight_and_bias, warn_unmatched)
 
@@ -329,8 +329,8 @@ EXTRAS_ATTR = "_miss_ext_trainable"
 # "_only" as "the adapted layers' biases", and older releases took only lowercase spellings
 # ("miss_only" in 0.17's MissModel, "bone_only" in BoneModel), so real adapter folders carry those,
 # also after PEFT's scripts/convert-bone-to-miss.py (it copies the config as it is): every such
-# value is normalised to "MiSS_only" (case-insensitively: "MISS_ONLY" was taken before, and no
-# value PEFT ever wrote differs from one it took by case alone).
+# value is normalised to "MiSS_only". PEFT's test is case-sensitive ("MISS_ONLY" raises there), and
+# so is this one.
 BIAS_VALUES = ("none", "all", "MiSS_only")
 
 
@@ -629,7 +629,7 @@ def check_bias(bias: object) -> str:
     or "lora_only", -> "MiSS_only", PEFT's rule); ValueError otherwise."""
     if isinstance(bias, str) and bias in BIAS_VALUES:
         return bias
-    if isinstance(bias, str) and bias.lower().endswith("_only"):
+    if isinstance(bias, str) and bias.endswith("_only"):
         return "MiSS_only"
     raise ValueError(f"bias={bias!r}: expected 'none', 'all' (every bias of the model is trained and saved) or "
                      "'MiSS_only' (the biases of the adapted layers; as in PEFT, any value ending in '_only' "
@@ -870,7 +870,8 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     if mode == "bat" and dropout > 0.0:
         warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
     warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, excluded)
-    warn_unmatched(model, target_modules)
+    if not is_default(target_modules):  # PEFT's own default lists name modules of several variants
+        warn_unmatched(model, target_modules)
     warn_shared(shared_before_wrapping(model, found))
     # All or nothing: each MissLinear freezes its base, and should a later one fail (its block
     # cannot be allocated) or the call be interrupted while it swaps the layers in, every change

@@ -46,26 +46,59 @@ def canonical_targets(target_modules: object) -> object:
     return target_modules
 
 
+class DefaultTargets(list):
+    """PEFT's default target list for a model type, shown as where it came from in messages."""
+
+    model_type = ""
+
+    def __repr__(self) -> str:
+        return f"None (PEFT's default for model_type {self.model_type!r}: {list(self)!r})"
+
+
+class DefaultTargetsRegex(str):
+    """PEFT's default target regex for a model type, shown as where it came from in messages."""
+
+    model_type = ""
+
+    def __repr__(self) -> str:
+        return f"None (PEFT's default for model_type {self.model_type!r}: {str(self)!r})"
+
+
+def is_default(target_modules: object) -> bool:
+    """Whether target_modules came from default_targets."""
+    return isinstance(target_modules, (DefaultTargets, DefaultTargetsRegex))
+
+
 def default_targets(model: nn.Module) -> TargetModules:
-    """PEFT's default target modules for the model's transformers type, what get_peft_model takes
-    for target_modules=None (BaseTuner._prepare_adapter_config with
-    TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING, keyed by `model.config.model_type`; a
-    model without a config is PEFT's "custom" type). PEFT's own table is read, so the defaults
-    follow the installed PEFT: ImportError naming the extra without it, ValueError for a model
-    type the table lacks (PEFT: "Please specify `target_modules`")."""
+    """PEFT's default target modules for the model's transformers type, what get_peft_model and
+    from_pretrained take for target_modules=None (BaseTuner._prepare_adapter_config with
+    TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING), the type read as PEFT reads it
+    (BaseTuner.get_model_config: `model.config.to_dict()["model_type"]`, the config class's type;
+    a model without a config is PEFT's "custom" type). PEFT's own table and lookup are used, so the
+    defaults follow the installed PEFT: ImportError naming the extra without it, ValueError for a
+    model type the table lacks (PEFT: "Please specify `target_modules`") or a config PEFT cannot
+    read a type from (PEFT: TypeError or KeyError). A list comes back as a DefaultTargets, a regex
+    as a DefaultTargetsRegex: their repr says where they came from."""
     from ._optional import require
 
-    constants = require("peft.utils.constants", "peft", "target_modules=None (PEFT's default target modules "
-                        "per model type)")
-    config = getattr(model, "config", None)
-    model_type = (config.get("model_type") if isinstance(config, Mapping)
-                  else getattr(config, "model_type", None)) if config is not None else "custom"
+    require("peft", "peft", "target_modules=None (PEFT's default target modules per model type)")
+    from peft.tuners.tuners_utils import BaseTuner
+    from peft.utils import constants
+
+    try:
+        model_type = BaseTuner.get_model_config(model)["model_type"]
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"target_modules=None: PEFT reads the default target modules by model.config's model_type, "
+                         f"which this model's config ({type(getattr(model, 'config', None)).__name__}) does not give "
+                         f"({type(exc).__name__}: {exc}); name the modules") from None
     table = getattr(constants, "TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING", {})
     targets = table.get(model_type) if isinstance(model_type, str) else None
     if targets is None:
         raise ValueError(f"target_modules=None: PEFT has no default target modules for model_type={model_type!r}; "
                          "name the modules (PEFT raises 'Please specify `target_modules` in `peft_config`')")
-    return targets if isinstance(targets, str) else list(targets)
+    found = DefaultTargetsRegex(targets) if isinstance(targets, str) else DefaultTargets(targets)
+    found.model_type = model_type
+    return found
 
 
 def check_target_modules(target_modules: object) -> TargetModules:
@@ -489,6 +522,13 @@ def check_selection_fields(target_modules, exclude_modules, layers_to_transform,
         ints = list(layers_to_transform) if isinstance(layers_to_transform, (list, tuple)) else [layers_to_transform]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ints):
             raise TypeError(f"layers_to_transform must be an int or a list of ints, got {layers_to_transform!r}")
+        if is_default(target_modules) and isinstance(target_modules, str):
+            # PEFT's MissConfig checks before the default is filled in, and its matching then ignores
+            # the layer filter for a regex: every layer would be adapted, silently.
+            raise ValueError(f"layers_to_transform={layers_to_transform!r} with target_modules={target_modules!r}, "
+                             "a regex: PEFT would ignore the layer filter and adapt every layer it matches; "
+                             "refusing rather than ignoring it. Name the modules, or put the layer numbers into "
+                             "the regex")
         if isinstance(target_modules, str):
             raise ValueError(f"layers_to_transform={layers_to_transform!r} cannot be used with a string "
                              f"target_modules={target_modules!r} (a regex or 'all-linear'), as in PEFT's MissConfig; "
@@ -498,8 +538,10 @@ def check_selection_fields(target_modules, exclude_modules, layers_to_transform,
                                                     and all(isinstance(p, str) for p in layers_pattern))):
             raise TypeError(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
         if isinstance(target_modules, str):
+            peft_does = ("PEFT would ignore it with a default regex" if is_default(target_modules)
+                         else "as in PEFT's MissConfig")
             raise ValueError(f"layers_pattern={layers_pattern!r} cannot be used with a string "
-                             f"target_modules={target_modules!r}, as in PEFT's MissConfig")
+                             f"target_modules={target_modules!r} ({peft_does})")
         if layers_to_transform is None and layers_pattern:
             raise ValueError(f"layers_pattern={layers_pattern!r} only takes effect with layers_to_transform, which "
                              "is None; refusing rather than ignoring it")

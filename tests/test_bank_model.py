@@ -1761,3 +1761,45 @@ def test_a_bank_model_loads_all_or_nothing():
     with pytest.raises(RuntimeError, match="Nothing of this layer was loaded"):
         model.load_state_dict(kept)
     assert model.a.adapter_names == ["p0", "p1", None, None] and model.c.adapter_names == [None, "p1", None, None]
+
+
+def test_load_bank_into_a_compiled_model_loads_into_the_inner_model(folders):
+    """load_bank looks through a torch.compile wrapper, as apply_bank and load_bank_adapter do
+    (the files name the inner model's paths; a review, 2026-12-06: every folder was refused
+    against the wrapper's "_orig_mod." paths), and returns the wrapper."""
+    base, adapters = folders
+    compiled = torch.compile(copy.deepcopy(base))
+    got = miss_ext.load_bank(compiled, {n: str(f) for n, (f, _) in adapters.items()})
+    assert got is compiled
+    assert miss_ext.bank_adapter_names(compiled._orig_mod) == list(adapters)
+    plain = bank_model(folders)
+    ids = tokens()
+    for name in adapters:
+        with miss_ext.mixed_batch(compiled._orig_mod, [name] * ids.shape[0]), \
+                miss_ext.mixed_batch(plain, [name] * ids.shape[0]):
+            torch.testing.assert_close(compiled._orig_mod(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_a_folder_without_target_modules_takes_peft_s_default_in_a_bank(tmp_path):
+    """adapter_files.with_default_targets in load_bank / load_bank_adapter: `target_modules: null`
+    means the model type's default targets (q_proj, v_proj for Llama), as PEFT's from_pretrained;
+    a model type PEFT's table lacks is refused naming the folder."""
+    base = no_eos(tiny_causal_lm("llama"))
+    reference = get_peft_model(copy.deepcopy(base), MissConfig(r=2, init_weights=False)).eval()
+    reference.save_pretrained(tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"target_modules": None}))
+    ids = tokens()
+    bank = miss_ext.load_bank(copy.deepcopy(base), {"a": str(tmp_path / "a")}).eval()
+    later = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj", "v_proj"], capacity=1, max_r=2).eval()
+    miss_ext.load_bank_adapter(later, "a", str(tmp_path / "a"))
+    for model in (bank, later):
+        with miss_ext.mixed_batch(model, ["a"] * ids.shape[0]):
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-6)
+    unknown = copy.deepcopy(base)
+    unknown.config = {"model_type": "no-such-type"}  # PEFT reads a dict config as it is
+    snap = snapshot(unknown)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'a'))}: target_modules=None: PEFT has no "
+                                         r"default target modules for model_type='no-such-type'"):
+        miss_ext.load_bank(unknown, {"a": str(tmp_path / "a")})
+    assert_unchanged(unknown, snap)

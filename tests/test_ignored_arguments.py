@@ -127,6 +127,7 @@ def edited_adapter(base, tmp_path, **fields):
     (dict(use_dora=True), r"use_dora=True: not a field"),
     (dict(init_weights="gaussian"), r"init_weights='gaussian': expected one of"),
     (dict(bias="MiSS"), r"bias='MiSS': expected 'none', 'all'"),
+    (dict(bias="MISS_ONLY"), r"bias='MISS_ONLY': expected 'none', 'all'"),  # PEFT's test is case-sensitive
     # PEFT's default targets for Llama (q_proj, v_proj): the file's other blocks would be ignored
     (dict(target_modules=None), r"model\.layers\.0\.self_attn\.k_proj: the file has a block here, but the config"),
     (dict(layers_to_transform=[0]), r"model\.layers\.1\.self_attn\.q_proj: the file has a block here, but the "

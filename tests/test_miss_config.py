@@ -485,3 +485,68 @@ def test_a_loaded_mini_adapter_resets_to_zero_as_a_zero_init_mini_layer(tmp_path
     loaded[0].reset_parameters()
     model[0].reset_parameters()
     assert torch.count_nonzero(loaded[0].miss_block) == 0 and torch.count_nonzero(model[0].miss_block) == 0
+
+
+class _Gemma4Like(nn.Module):
+    r"""Module names of Gemma 4's text stack, whose PEFT default is the regex
+    r".*language_model\..*\.(q_proj|v_proj)" (the only regex default in PEFT 0.21's table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"model_type": "gemma4"}
+        self.language_model = nn.Module()
+        self.language_model.layers = nn.ModuleList([nn.Module(), nn.Module()])
+        for layer in self.language_model.layers:
+            layer.self_attn = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "k_proj": nn.Linear(8, 8),
+                                             "v_proj": nn.Linear(8, 8)})
+        self.vision = nn.ModuleDict({"q_proj": nn.Linear(8, 8)})
+
+
+def test_a_regex_default_adapts_what_peft_adapts_and_a_layer_filter_beside_it_is_refused():
+    """targets.default_targets: a regex default is used as PEFT uses it; layers_to_transform beside
+    it is refused (PEFT's MissConfig checks before the default is filled in, then ignores the filter
+    for a regex and adapts every layer), naming where the regex came from."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING as table
+    if not isinstance(table.get("gemma4"), str):
+        pytest.skip("this PEFT's table has no regex default for gemma4")
+    model = _Gemma4Like()
+    reference = get_peft_model(copy.deepcopy(model), MissConfig(r=2))
+    expected = peft_adapted(reference)
+    assert expected == ["language_model.layers.0.self_attn.q_proj", "language_model.layers.0.self_attn.v_proj",
+                        "language_model.layers.1.self_attn.q_proj", "language_model.layers.1.self_attn.v_proj"]
+    assert ours_adapted(miss_ext.apply_miss(copy.deepcopy(model), r=2)) == expected
+    ignored = get_peft_model(copy.deepcopy(model), MissConfig(r=2, layers_to_transform=[0]))
+    assert peft_adapted(ignored) == expected  # PEFT ignores the filter: why it is refused here
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] with target_modules=None \(PEFT's default for "
+                                         r"model_type 'gemma4': .*\), a regex: PEFT would ignore the layer filter"):
+        miss_ext.apply_miss(model, r=2, layers_to_transform=[0])
+    assert_unchanged(model, snap)
+
+
+def test_default_targets_read_the_model_type_as_peft_does(recwarn):
+    """targets.default_targets takes the type from PEFT's BaseTuner.get_model_config (the config
+    class's model_type through to_dict()): a generic PretrainedConfig naming "llama" has no type
+    there, and PEFT refuses it; a config PEFT cannot read a type from is a ValueError here (PEFT:
+    TypeError). PEFT's default list names modules of several variants (blip-2's q, v, q_proj,
+    v_proj): the ones a model lacks give no unmatched-entry warning."""
+    import types
+
+    class Net(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.q_proj, self.v_proj, self.o_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.config = config
+
+    generic = Net(transformers.PretrainedConfig(model_type="llama"))
+    with pytest.raises(ValueError, match="Please specify"):
+        get_peft_model(copy.deepcopy(generic), MissConfig(r=2))
+    with pytest.raises(ValueError, match=r"no default target modules for model_type=''"):
+        miss_ext.apply_miss(generic, r=2)
+    with pytest.raises(ValueError, match=r"model\.config's model_type, which this model's config \(SimpleNamespace\)"):
+        miss_ext.apply_miss(Net(types.SimpleNamespace(model_type="llama")), r=2)
+    blip = Net({"model_type": "blip-2"})
+    reference = get_peft_model(copy.deepcopy(blip), MissConfig(r=2))
+    recwarn.clear()
+    assert ours_adapted(miss_ext.apply_miss(blip, r=2)) == peft_adapted(reference) == ["q_proj", "v_proj"]
+    assert not [w for w in recwarn if "match no module" in str(w.message)]

@@ -1672,11 +1672,11 @@ def test_apply_miss_refuses_selection_fields_of_the_wrong_type(kwargs, error, me
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("alias", ["miss_only", "Bone_only", "MISS_ONLY"])
+@pytest.mark.parametrize("alias", ["miss_only", "Bone_only", "bone_only", "lora_only"])
 def test_apply_miss_takes_peft_bias_aliases_as_miss_only(alias):
-    """model.py, check_bias: "miss_only" / "Bone_only" (any case: older PEFT spellings) mean
-    "MiSS_only": the adapted layers' biases train, the other parameters stay frozen, as with
-    bias="MiSS_only"."""
+    """model.py, check_bias: any value ending in "_only" (PEFT's rule; "miss_only" and "bone_only"
+    are older PEFT's spellings) means "MiSS_only": the adapted layers' biases train, the other
+    parameters stay frozen, as with bias="MiSS_only"."""
     want, got = small_net(), small_net()
     miss_ext.apply_miss(want, ["lin1", "lin2"], r=2, bias="MiSS_only")
     miss_ext.apply_miss(got, ["lin1", "lin2"], r=2, bias=alias)
