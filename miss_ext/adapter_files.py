@@ -907,7 +907,8 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     A DistributedDataParallel / DataParallel wrapper is looked through (the file's paths are the
     inner model's); into a DDP-wrapped model only existing MissLinear layers, and extras the
     model already trains, can be loaded (ValueError otherwise: DDP would not reduce the
-    gradients of parameters that start training after it was built). FileNotFoundError for a
+    gradients of parameters that start training after it was built), and freeze_others may not
+    freeze a parameter it trains (ValueError, the model as it was: DDP would expect its gradient). FileNotFoundError for a
     folder without adapter_config.json or adapter weights; ValueError naming the file for one
     that cannot be read (a config that is not a JSON object, weights that are not a dict of
     tensors: truncated, corrupted, empty). Source: PEFT's
@@ -999,9 +1000,19 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             # As apply_miss: earlier modules_to_save this file does not list keep a frozen state.
             earlier_paths = [p for p in recorded["modules_to_save"] if p not in save_paths]
             earlier = extras_requires_grad(model, earlier_paths)
+            trained = {name for name, param in model.named_parameters() if param.requires_grad}
             freeze_all_but_blocks(model)
             mark_extras_trainable(model)
             keep_earlier_frozen(model, earlier_paths, earlier, bias)
+            frozen = sorted(name for name, param in model.named_parameters()
+                            if name in trained and not param.requires_grad)
+            if frozen and is_ddp(wrapped):
+                # DDP expects a gradient for each parameter it registered as trainable: the next
+                # training step would fail in its reducer (a wrapper sweep, 2026-12-06). Undone below.
+                raise ValueError(f"load_adapter: the model is wrapped in DistributedDataParallel, which registered "
+                                 f"{describe(frozen)} as trainable, and freeze_others=True would freeze them (its "
+                                 "next training step would fail); nothing was loaded. Pass freeze_others=False, or "
+                                 "load before wrapping the model")
         else:
             # What this file trains beside the blocks trains (a base frozen by the user would
             # otherwise keep the head the file records frozen: saved, never trained); nothing else

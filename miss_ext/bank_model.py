@@ -41,7 +41,8 @@ from .bank import (BASE, MissBankLinear, RowLayout, check_bank_size, check_new_a
                    sequence_first_error)
 from .model import (check_module, drop_weight_read_linears, is_ddp, parent_module, peft_hint, refuse_aliased_layers,
                     refuse_ddp_wrapped, refuse_lazy_tensors, refuse_offloaded, refuse_peft_model, second_paths_hint,
-                    requires_grad_restorer, undo_each, under_offload_hook, unwrap_model, warn_second_paths, writes_here)
+                    requires_grad_restorer, undo_each, under_offload_hook, unwrap_model, warn_second_paths, wrapped_model,
+                    writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import base_refusal, type_name
 from .modules import (MissLinear, check_dropout, check_flag, layers_to_check, load_refusals, refuse_meta,
@@ -363,9 +364,9 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     # The files name the inner model's paths: load into the model inside a torch.compile wrapper
     # (a review, 2026-12-06: the wrapper's "_orig_mod." paths met the files' and nothing loaded);
     # a DDP wrapper is refused as apply_bank refuses it. The caller gets its own object back.
+    refuse_peft_model(unwrap_model(model, "load_bank"), "load_bank")  # TypeError first, as apply_bank
     refuse_ddp_wrapped(model, "load_bank")
     outer, model = model, unwrap_model(model, "load_bank")
-    refuse_peft_model(model, "load_bank")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:
@@ -595,9 +596,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]], expand
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"expand must be a positive int, got {expand!r}")
     # An encoder runs once on the unrepeated sequences (generate repeats them for the decoder).
-    get_encoder = getattr(model, "get_encoder", None)
+    # Asked of the model inside DDP / DataParallel wrappers, which do not forward attribute reads
+    # (torch.compile's does): a wrapped encoder-decoder got the repeated ids (a review, 2026-12-06).
+    inner = wrapped_model(model)
+    get_encoder = getattr(inner, "get_encoder", None)
     encoder = get_encoder() if callable(get_encoder) and expand > 1 else None
-    in_encoder = set() if encoder is None or encoder is model else {id(m) for m in encoder.modules()}
+    in_encoder = set() if encoder is None or encoder is inner else {id(m) for m in encoder.modules()}
     # Layers that see rows other than the sequences in order (RowLayout) cannot route names that
     # differ; one name for every row routes right in any layout, given to each layer as one id for
     # all its rows (their count there is not the batch's).

@@ -155,6 +155,12 @@ def unwrap_model(model: nn.Module, where: str) -> nn.Module:
     return _wrapper_chain(model)[-1]
 
 
+def wrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers (unwrap_model without its
+    checks), for attributes a wrapper does not forward (DDP's and DataParallel's do not)."""
+    return _wrapper_chain(model)[-1]
+
+
 def refuse_fsdp1(model: nn.Module, where: str) -> None:
     """TypeError for a model with FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) wrappers
     in it. FSDP1 holds each wrapped module's parameters as this rank's part of one flat tensor, and
@@ -280,8 +286,10 @@ def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
 
 
 def miss_layers(model: nn.Module) -> List[Tuple[str, MissLinear]]:
-    """(path, layer) of every `miss_ext.MissLinear` in the model, in model order. TypeError for a
-    model that is no nn.Module."""
+    """(path, layer) of every `miss_ext.MissLinear` in the model, in model order, each path as
+    `model.named_modules()` names it: a wrapper's prefix included (torch.compile's "_orig_mod.",
+    DDP's "module."), so that `model.get_submodule(path)` finds the layer. TypeError for a model
+    that is no nn.Module."""
     check_module(model, "miss_layers")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MissLinear)]
 
@@ -754,11 +762,12 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     check_target_module_exists and _maybe_include_all_linear_layers); docs/miss.md.
     """
     check_flag(freeze_others, "freeze_others", "apply_miss")
-    refuse_ddp_wrapped(model, "apply_miss")
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
+    # A PeftModel's TypeError first, as apply_bank and load_adapter (a wrapper sweep, 2026-12-06).
+    refuse_peft_model(unwrap_model(model, "apply_miss"), "apply_miss")
+    refuse_ddp_wrapped(model, "apply_miss")
     outer, model = model, unwrap_model(model, "apply_miss")
-    refuse_peft_model(model, "apply_miss")
     refuse_lazy_tensors(model, "apply_miss")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
@@ -979,6 +988,14 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
                    layer.miss_block, layer.base_layer.weight)) is not None]
     if refused:
         raise ValueError("merge_and_unload: nothing was merged; these layers cannot be merged:\n" + "\n".join(refused))
+    if is_ddp(model):
+        # DDP registered the miss_blocks when it was built: unloaded, they never get a gradient, and
+        # the next training step through the wrapper fails with a reducer error naming none of this
+        # (a wrapper sweep, 2026-12-06). Inference through it, and model.module, are unaffected.
+        warnings.warn("merge_and_unload: the model is wrapped in DistributedDataParallel, which registered the "
+                      "miss_block parameters this removes: a training step through this wrapper will fail in DDP's "
+                      "reducer. Use it for inference, or wrap model.module in a new DistributedDataParallel to "
+                      "train on", stacklevel=2)
     if safe_merge:
         # All or nothing: check every layer's merged weight before writing any. Keeping them all
         # for the write would hold a second copy of every adapted weight; recomputing costs one

@@ -40,6 +40,18 @@ needs_gpu = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visibl
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_gpu)]
 
 
+@pytest.fixture
+def gloo_world(tmp_path):
+    """A one-rank gloo process group in this process (FSDP2 on a CPU mesh, DDP wrappers)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():  # pragma: no cover - CI's torch has it
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def pytest_configure(config):
     # pytest-xdist's mark, known also where xdist is missing (scripts/gpu_check.sh: --dist loadgroup)
     config.addinivalue_line("markers", "xdist_group(name): tests that one xdist worker runs in turn")

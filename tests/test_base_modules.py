@@ -342,17 +342,6 @@ def test_load_adapter_into_a_qat_model_behaves_the_same(tmp_path):
 
 
 # ---- FSDP2: a DTensor-sharded base -----------------------------------------------------------
-@pytest.fixture
-def gloo_world(tmp_path):
-    import torch.distributed as dist
-
-    if not dist.is_available():  # pragma: no cover - CI's torch has it
-        pytest.skip("torch.distributed is not available in this build")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_fsdp2_sharded_base_before_apply_miss(gloo_world):
     """The issue's case: fully_shard(net.proj); fully_shard(net) before apply_miss raised
     'aten.linear.default got mixed torch.Tensor and DTensor'. The base module (FSDP's own
