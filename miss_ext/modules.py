@@ -512,6 +512,25 @@ def allocate_block(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
                         f"{elements * dtype.itemsize / 2 ** 30:.3g} GiB) on {device}: {exc}") from exc
 
 
+def peft_random_init_(block: Tensor, weight: Tensor) -> None:
+    """PEFT's random init (init_weights=False) of `block`, in place, draw for draw: PEFT's
+    update_layer makes the block with torch.zeros (torch's default dtype and device) and draws
+    kaiming-uniform there, then casts it to the base weight's dtype and device
+    (_move_adapter_to_device_of_base_layer, floating weights only) and a half-precision block to
+    float32 (autocast_adapter_dtype). Drawn in the block's own dtype and device instead, the values
+    differed under another default dtype (0.56 for float64, whose draws also consume the generator
+    differently) or with a half-precision base (PEFT's values are rounded through it), and a CUDA
+    layer drew from the CUDA generator where PEFT draws from the CPU's (a probe, 2026-12-06). A
+    default device of "meta" draws on the block's device (PEFT would leave its block on meta)."""
+    default = torch.empty(0).device  # torch.set_default_device / a `with torch.device(...)` block
+    with torch.no_grad():
+        draw = torch.zeros(block.shape, device=block.device if default.type == "meta" else default)
+        nn.init.kaiming_uniform_(draw, a=math.sqrt(5))
+        if weight.dtype.is_floating_point:
+            draw = draw.to(weight.dtype)
+        block.copy_(draw)
+
+
 def block_merge_problem(block: object, weight: object) -> Optional[str]:
     """Why a miss_block cannot be merged into (unmerged from) `weight`, or None: a block that is no
     floating tensor, on the meta device, or on another device than a weight that is a tensor. The
@@ -628,7 +647,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                                                       f"MissLinear(r={r}, mode={mode!r})"))
         self.init_weights = init_weights  # what reset_parameters() does again
         if not init_weights:
-            nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
+            peft_random_init_(self.miss_block, weight)
         if mode == "bat" and dropout > 0.0:
             warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
         if r > in_features:
@@ -816,7 +835,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             if getattr(self, "init_weights", True):
                 self.miss_block.zero_()
             else:
-                nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
+                peft_random_init_(self.miss_block, self.base_layer.weight)
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:

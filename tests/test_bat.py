@@ -608,9 +608,11 @@ def test_opcheck_merge__3d_block(device):
     (torch.float32, torch.float32, torch.bfloat16), (torch.float16, F64, F64), (torch.float32, torch.float32, F64),
 ], ids=str)
 # (32, 208, 16) and (64, 832, 64): 13 segments a row, the CPU kernel's 8- and 4-segment tiles and
-# its plain loop in one row.
+# its plain loop in one row. (16, 64, 8), (48, 240, 24), (40, 320, 40): r a multiple of 8 but not
+# of 16 with at least 4 segments a row, where a 16-lane (AVX-512) tile must not be taken (a
+# mutation test, 2026-12-06: one taken there overran r and was caught only by a heap abort).
 @pytest.mark.parametrize("rows,cols,r", [(12, 8, 4), (6, 12, 3), (16, 16, 16), (48, 80, 16), (5, 7, 1), (32, 208, 16),
-                                         (64, 832, 64)])
+                                         (64, 832, 64), (16, 64, 8), (48, 240, 24), (40, 320, 40)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_bat_transform(device, rows, cols, r, w_dtype, mp_dtype, out_dtype, residual, monkeypatch):
     w = rand(rows, cols, dtype=w_dtype, device=device)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import miss_ext
-from conftest import rand
+from conftest import needs_gpu, rand
 from reference import (F64, fold_ref, linear_ref, philox4x32_10, philox_high_half, philox_mask, recover_mask,
                        tie_rates, tile_block)
 
@@ -510,3 +510,16 @@ def test_new_dropout_keys_are_drawn_from_the_whole_62_bit_range():
     assert len({tuple(k) for k in keys.tolist()}) == 64
     assert int(keys.min()) >= 0 and int(keys.max()) < 2**62
     assert int(keys.max()) >= 2**60  # fails by chance with probability 4^-128
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=needs_gpu)])
+def test_tile_add_dropout_with_a_periodic_src_draws_the_mask_of_out_rows(device):
+    """tile_add_ with a matrix src of fewer rows than out (its rows tile out's rows too): the mask
+    of out's element (t, c) is the documented one of row t, not of the src row it repeats (a
+    mutation test, 2026-12-06: drawing the src row's mask passed every other test)."""
+    key = torch.tensor([12345, 678], dtype=torch.int64, device=device)
+    out = torch.zeros(6, 8, device=device)
+    miss_ext.tile_add_(out, torch.ones(3, 4, device=device), 1.0, 0.5, key)
+    expected = philox_mask(12345, 678, 6, 8, 0.5)
+    assert 0 < expected.sum() < expected.numel() and not torch.equal(expected[:3], expected[3:])
+    torch.testing.assert_close(out.cpu().to(F64), 2.0 * expected, rtol=0, atol=0)

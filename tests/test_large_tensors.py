@@ -184,6 +184,51 @@ def test_bat_over_2_31_elements():
         torch.testing.assert_close(y[:, a:bb], expected)     # the GEMM may block differently
 
 
+def check_bank_ops(device: str) -> None:
+    """bank_fold, its backward and bank_add on bf16 tensors of more than 2^31 elements: the rows
+    around element 2^31 and at the end equal the ops on those rows alone (a mutation test,
+    2026-12-06: a 32-bit row offset in the CPU bank_fold passed every other test). Three slots and
+    rows cycling through them and no adapter, so that each row's slot, rank and period take part
+    (no dropout: its mask is keyed by the row's number, which a window alone does not keep)."""
+    cols, max_r = 64, 16
+    rows = big_rows(cols)
+    windows = row_windows(rows, cols)
+    index = (torch.arange(rows, device=device) % 4 - 1).to(torch.int64)  # -1 (no adapter), 0, 1, 2
+    ranks = torch.tensor([16, 8, 4], dtype=torch.int64, device=device)
+    periods = torch.tensor([64, 16, 8], dtype=torch.int64, device=device)
+    bank = torch.randn(3, max_r, cols, device=device)
+    x = torch.full((rows, cols), 0.5, dtype=torch.bfloat16, device=device)
+    random_rows(x, windows)
+    assert x.numel() > BIG
+    s = ops.bank_fold(x, index, ranks, max_r, None, None, torch.float32)
+    for a, b in windows:
+        assert torch.equal(s[a:b], ops.bank_fold(x[a:b], index[a:b], ranks, max_r, None, None, torch.float32)), (a, b)
+    del x
+    gc.collect()
+    grad = torch.zeros(rows, max_r, device=device)
+    random_rows(grad, windows)
+    gx = ops.bank_fold_backward(grad, index, ranks, cols, None, None, torch.bfloat16)
+    assert gx.numel() > BIG
+    for a, b in windows:
+        assert torch.equal(gx[a:b], ops.bank_fold_backward(grad[a:b], index[a:b], ranks, cols, None, None,
+                                                           torch.bfloat16)), (a, b)
+    del gx, grad
+    gc.collect()
+    y = torch.full((rows, cols), 1.0, dtype=torch.bfloat16, device=device)
+    random_rows(y, windows)
+    before = {w: y[w[0]:w[1]].clone() for w in windows}
+    ops.bank_add_(y, s, bank, ranks, periods, index, True)
+    for (a, b), old in before.items():
+        expected = old.clone()
+        ops.bank_add_(expected, s[a:b], bank, ranks, periods, index[a:b], True)
+        assert torch.equal(y[a:b], expected), (a, b)
+
+
+def test_bank_ops_over_2_31_elements():
+    needs(10)
+    check_bank_ops("cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: every kernel choice (MISS_EXT_FOLD_KERNEL, MISS_EXT_TILE_ADD_KERNEL, MISS_EXT_GEMM), where a
 # GPU is visible; device memory, so the host's 24 GiB do not matter.
@@ -198,6 +243,12 @@ def release_device_memory():
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@needs_gpu
+def test_cuda_bank_ops_over_2_31_elements():
+    needs(10, "cuda")
+    check_bank_ops("cuda")
 
 
 @needs_gpu

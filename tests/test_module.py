@@ -664,7 +664,11 @@ def test_a_block_changed_while_merged_is_said_by_unmerge_and_save_adapter(mode, 
 
     def build():
         model = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 2)).double()
-        return miss_ext.apply_miss(model, ["0"], r=2, mode=mode, mini_r=4, init_weights=False)
+        miss_ext.apply_miss(model, ["0"], r=2, mode=mode, mini_r=4)
+        with torch.no_grad():  # float64 values, which the cast to float32 below rounds (PEFT's random
+            # init draws in float32, torch's default dtype, so its values would survive that cast)
+            model[0].miss_block.copy_(0.1 * torch.randn_like(model[0].miss_block))
+        return model
 
     model = build()
     model[0].merge()

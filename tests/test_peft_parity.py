@@ -903,3 +903,33 @@ def test_double_backward_matches_peft_or_refuses(case, device):
     gb, gx = penalty_grads(ours, ours.miss_block)
     assert_near(gx, gx_ref, what="second-order x grad")
     assert_near(gb, gb_ref, what="second-order miss_block grad")
+
+
+@pytest.mark.parametrize("default_dtype, base_dtype", [
+    (torch.float32, torch.float32), (torch.float64, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16), (torch.float64, torch.float64)],
+    ids=["fp32", "default-fp64", "default-bf16", "default-fp16", "bf16-base", "fp64"])
+def test_random_init_is_peft_s_draw_for_draw(default_dtype, base_dtype):
+    """modules.peft_random_init_: init_weights=False gives PEFT's block for the same seed, and
+    leaves torch's generator where PEFT leaves it: drawn in torch's default dtype, then rounded
+    through the base weight's dtype (a probe, 2026-12-06: 0.56 off under a float64 default dtype,
+    9e-4 with a bf16 base). reset_parameters() draws the same again."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        base = nn.Linear(16, 8, dtype=base_dtype)
+        torch.manual_seed(0)
+        ours = MissLinear(base, r=4, init_weights=False)
+        after_ours = torch.rand(3)
+        torch.manual_seed(0)
+        theirs = PeftMissLinear(base, "default", MissConfig(r=4, init_weights=False), r=4).miss_block["default"]
+        after_theirs = torch.rand(3)
+        first = ours.miss_block.detach().clone()
+        torch.manual_seed(0)
+        ours.reset_parameters()
+    finally:
+        torch.set_default_dtype(previous)
+    assert first.abs().sum() > 0
+    torch.testing.assert_close(first, theirs.to(first.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(after_ours, after_theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours.miss_block.detach(), first, rtol=0, atol=0)

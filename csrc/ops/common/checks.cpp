@@ -29,9 +29,16 @@ void check_floating(const at::Tensor& t, const char* name) {
 
 void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                        const char* b_name) {
+  // A meta tensor beside a real one is an adapter that was never given values (made under
+  // torch.device("meta"), or by PEFT's low_cpu_mem_usage=True and never loaded): say so.
   TORCH_CHECK_VALUE(a.device() == b.device(), "miss: ", a_name, " and ", b_name,
                     " must be on the same device, got ", a_name, " on ", a.device(), " and ",
-                    b_name, " on ", b.device());
+                    b_name, " on ", b.device(),
+                    a.is_meta() != b.is_meta()
+                        ? " (a meta tensor holds no values: made under torch.device(\"meta\") or with PEFT's "
+                          "low_cpu_mem_usage=True and never loaded? load its values, e.g. load_state_dict(..., "
+                          "assign=True), or materialise the model with to_empty() first)"
+                        : "");
 }
 
 void check_p(double p) {
