@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .bank import MissBankLinear
-from .model import (check_bias, container_problems, extra_buffers, extra_parameters, extras_requires_grad,
-                    freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable, miss_layers,
-                    parent_module, peft_hint, persistent_buffers, record_extras, record_shared_weights,
+from .model import (check_bias, container_problems, ddp_needs_every_gradient, extra_buffers, extra_parameters,
+                    extras_requires_grad, freeze_all_but_blocks, is_ddp, keep_earlier_frozen, mark_extras_trainable,
+                    miss_layers, parent_module, peft_hint, persistent_buffers, record_extras, record_shared_weights,
                     refuse_ddp_wrapped, refuse_aliased_layers, refuse_lazy_tensors, refuse_peft_model,
                     saved_whole_problem, settings_undos, shared_before_wrapping, trainable_extras, undo_each,
                     unwrap_model, warn_shared, writes_here)
@@ -1006,13 +1006,14 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
             keep_earlier_frozen(model, earlier_paths, earlier, bias)
             frozen = sorted(name for name, param in model.named_parameters()
                             if name in trained and not param.requires_grad)
-            if frozen and is_ddp(wrapped):
+            if frozen and ddp_needs_every_gradient(wrapped):
                 # DDP expects a gradient for each parameter it registered as trainable: the next
                 # training step would fail in its reducer (a wrapper sweep, 2026-12-06). Undone below.
                 raise ValueError(f"load_adapter: the model is wrapped in DistributedDataParallel, which registered "
                                  f"{describe(frozen)} as trainable, and freeze_others=True would freeze them (its "
-                                 "next training step would fail); nothing was loaded. Pass freeze_others=False, or "
-                                 "load before wrapping the model")
+                                 "next training step would fail: it was built with find_unused_parameters=False or "
+                                 "static_graph=True); nothing was loaded. Pass freeze_others=False, or load before "
+                                 "wrapping the model")
         else:
             # What this file trains beside the blocks trains (a base frozen by the user would
             # otherwise keep the head the file records frozen: saved, never trained); nothing else

@@ -252,6 +252,16 @@ def is_ddp(model: nn.Module) -> bool:
     return any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model))
 
 
+def ddp_needs_every_gradient(model: nn.Module) -> bool:
+    """Whether a DistributedDataParallel wrapper around the model expects a gradient for every
+    parameter it registered as trainable (find_unused_parameters=False, its default, or
+    static_graph=True): a registered parameter that stops getting one (frozen, or gone in a merge)
+    makes its next training step fail in its reducer."""
+    return any(isinstance(m, nn.parallel.DistributedDataParallel) and
+               (not getattr(m, "find_unused_parameters", False) or getattr(m, "static_graph", False))
+               for m in _wrapper_chain(model))
+
+
 def writes_here(shared_by_ranks: bool, model: nn.Module) -> bool:
     """Whether this process writes the files of `model` (as the caller passed it, wrappers and
     all) when the ranks that hold it hold the same blocks (sharded and gathered, or replicated by
@@ -988,13 +998,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
                    layer.miss_block, layer.base_layer.weight)) is not None]
     if refused:
         raise ValueError("merge_and_unload: nothing was merged; these layers cannot be merged:\n" + "\n".join(refused))
-    if is_ddp(model):
+    if ddp_needs_every_gradient(model):
         # DDP registered the miss_blocks when it was built: unloaded, they never get a gradient, and
         # the next training step through the wrapper fails with a reducer error naming none of this
         # (a wrapper sweep, 2026-12-06). Inference through it, and model.module, are unaffected.
         warnings.warn("merge_and_unload: the model is wrapped in DistributedDataParallel, which registered the "
                       "miss_block parameters this removes: a training step through this wrapper will fail in DDP's "
-                      "reducer. Use it for inference, or wrap model.module in a new DistributedDataParallel to "
+                      "reducer (it was built with find_unused_parameters=False or static_graph=True). Use it for inference, or wrap model.module in a new DistributedDataParallel to "
                       "train on", stacklevel=2)
     if safe_merge:
         # All or nothing: check every layer's merged weight before writing any. Keeping them all

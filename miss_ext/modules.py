@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import merge_record, merged_block
+from ._distributed import is_dtensor
 from .base_layers import (EXACT_LINEAR_SUBCLASSES, base_refusal, check_merge, is_plain_linear,
                           linear_class_override, linear_sizes, type_name, weight_out_in)
 from .ops import new_dropout_key
@@ -512,22 +513,41 @@ def allocate_block(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.dev
                         f"{elements * dtype.itemsize / 2 ** 30:.3g} GiB) on {device}: {exc}") from exc
 
 
-def peft_random_init_(block: Tensor, weight: Tensor) -> None:
-    """PEFT's random init (init_weights=False) of `block`, in place, draw for draw: PEFT's
-    update_layer makes the block with torch.zeros (torch's default dtype and device) and draws
-    kaiming-uniform there, then casts it to the base weight's dtype and device
-    (_move_adapter_to_device_of_base_layer, floating weights only) and a half-precision block to
-    float32 (autocast_adapter_dtype). Drawn in the block's own dtype and device instead, the values
+def peft_random_init_(block: Tensor, base_layer: nn.Module) -> None:
+    """PEFT's random init (init_weights=False, the default mode's (r, out) block) of `block`, in
+    place, draw for draw: PEFT's update_layer makes the block with torch.zeros (torch's default
+    dtype and device) and draws kaiming-uniform there, then casts it to the base layer's dtype
+    (_get_base_layer_device_and_dtype: the weight's, or a `compute_dtype` such as bitsandbytes'
+    4-bit layers have; a floating one only) and device, and a half-precision block to float32
+    (autocast_adapter_dtype). Drawn in the block's own dtype and device instead, the values
     differed under another default dtype (0.56 for float64, whose draws also consume the generator
     differently) or with a half-precision base (PEFT's values are rounded through it), and a CUDA
-    layer drew from the CUDA generator where PEFT draws from the CPU's (a probe, 2026-12-06). A
-    default device of "meta" draws on the block's device (PEFT would leave its block on meta)."""
+    layer drew from the CUDA generator where PEFT draws from the CPU's (a probe, 2026-12-06).
+    Departures, each where PEFT has no values to give: a block on the meta device gets no draw (and
+    takes nothing from the generator); under a default device of "meta" a real block is drawn on
+    its own device (PEFT would leave it on meta, holding nothing); a DTensor block (FSDP2, tensor
+    parallelism) gets its shard of the same full draw (every rank draws it; no communication), or,
+    on a torch whose distribute_tensor cannot skip communication, a draw of its own."""
+    if block.is_meta:
+        return
     default = torch.empty(0).device  # torch.set_default_device / a `with torch.device(...)` block
+    weight = getattr(base_layer, "weight", None)
+    dtype = getattr(base_layer, "compute_dtype", None) if hasattr(base_layer, "compute_dtype") else (
+        weight.dtype if isinstance(weight, Tensor) else None)
     with torch.no_grad():
         draw = torch.zeros(block.shape, device=block.device if default.type == "meta" else default)
         nn.init.kaiming_uniform_(draw, a=math.sqrt(5))
-        if weight.dtype.is_floating_point:
-            draw = draw.to(weight.dtype)
+        if isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex):
+            draw = draw.to(dtype)
+        if is_dtensor(block):
+            from torch.distributed.tensor import distribute_tensor
+
+            try:
+                draw = distribute_tensor(draw.to(block.device), block.device_mesh, block.placements,
+                                         src_data_rank=None)
+            except TypeError:  # an older distribute_tensor: it would communicate
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+                return
         block.copy_(draw)
 
 
@@ -586,7 +606,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         dropout: dropout probability of the adapter branch's input, in training only. Ignored
             in bat mode (as PEFT), with a warning.
         init_weights: True gives PEFT's zero init (the adapter starts as an exact identity);
-            False gives PEFT's random init (kaiming-uniform), useful in tests.
+            False gives PEFT's random init (kaiming-uniform, draw for draw as PEFT's default mode; PEFT
+            draws none in its mini and bat modes, so there it is this package's), useful in tests.
 
     miss_block: nn.Parameter of the mode's shape on the base weight's device, float32 for fp16,
     bf16, float8 and quantized bases (PEFT's autocast_adapter_dtype), else the base's dtype.
@@ -647,7 +668,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                                                       f"MissLinear(r={r}, mode={mode!r})"))
         self.init_weights = init_weights  # what reset_parameters() does again
         if not init_weights:
-            peft_random_init_(self.miss_block, weight)
+            peft_random_init_(self.miss_block, base_layer)
         if mode == "bat" and dropout > 0.0:
             warnings.warn(f"MiSS dropout={dropout} is ignored in bat mode (as in PEFT)", stacklevel=2)
         if r > in_features:
@@ -835,7 +856,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             if getattr(self, "init_weights", True):
                 self.miss_block.zero_()
             else:
-                peft_random_init_(self.miss_block, self.base_layer.weight)
+                peft_random_init_(self.miss_block, self.base_layer)
 
     @torch.jit.unused
     def merge(self, safe_merge: bool = False) -> None:

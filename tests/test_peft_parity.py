@@ -933,3 +933,36 @@ def test_random_init_is_peft_s_draw_for_draw(default_dtype, base_dtype):
     torch.testing.assert_close(first, theirs.to(first.dtype), rtol=0, atol=0)
     torch.testing.assert_close(after_ours, after_theirs, rtol=0, atol=0)
     torch.testing.assert_close(ours.miss_block.detach(), first, rtol=0, atol=0)
+
+
+def test_random_init_rounds_through_a_base_compute_dtype_as_peft():
+    """modules.peft_random_init_ follows PEFT's _get_base_layer_device_and_dtype: a base with a
+    `compute_dtype` (bitsandbytes' 4-bit layers: an integer weight) rounds the draw through it."""
+
+    class PackedLinear(nn.Linear):  # stands in for a 4-bit layer: integer weight, bf16 compute
+        def __init__(self, i, o):
+            super().__init__(i, o)
+            self.weight = nn.Parameter(torch.randint(-5, 5, (o, i), dtype=torch.int8), requires_grad=False)
+            self.compute_dtype = torch.bfloat16
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+    base = nn.Sequential(PackedLinear(16, 8))
+    torch.manual_seed(0)
+    theirs = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["0"], init_weights=False))
+    torch.manual_seed(0)
+    ours = MissLinear(copy.deepcopy(base[0]), r=4, init_weights=False)
+    expected = theirs.base_model.model[0].miss_block["default"].detach()
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(ours.miss_block.detach(), expected.to(ours.miss_block.dtype), rtol=0, atol=0)
+
+
+def test_a_block_on_the_meta_device_takes_nothing_from_the_generator():
+    """modules.peft_random_init_: a meta block has no values to draw (a meta base, accelerate's
+    init_empty_weights): the generator is left as it was."""
+    torch.manual_seed(0)
+    MissLinear(nn.Linear(16, 8, device="meta"), r=4, init_weights=False)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)

@@ -3,6 +3,7 @@ calls the module) and DistributedDataParallel on a one-rank gloo group, in this 
 of every function under every wrapper (2026-12-06) found the cases below; multi-rank DDP and
 FSDP2 runs are in tests/test_ddp.py and tests/test_fsdp.py."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,48 @@ def test_load_adapter_refuses_to_freeze_what_ddp_trains(tmp_path, gloo_world):
         wrapped(input_ids=ids, labels=ids).loss.backward()
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.miss_block,
                                source.model.layers[0].self_attn.q_proj.miss_block, rtol=0, atol=0)
+
+
+def test_ddp_with_find_unused_parameters_loads_and_merges_without_complaint(tmp_path, gloo_world):
+    """model.ddp_needs_every_gradient: a DDP built with find_unused_parameters=True trains on when
+    a registered parameter stops getting a gradient, so load_adapter's freeze is not refused there
+    and merge_and_unload does not warn (a review, 2026-12-06)."""
+    source = miss_ext.apply_miss(tiny_causal_lm("llama"), ["q_proj"], r=R, init_weights=False)
+    miss_ext.save_adapter(source, tmp_path / "a")
+    model = miss_ext.apply_miss(tiny_causal_lm("llama"), ["q_proj"], r=R, freeze_others=False)
+    wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    miss_ext.load_adapter(wrapped, tmp_path / "a")
+    ids = tokens()
+    for _ in range(2):
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        miss_ext.merge_and_unload(wrapped)
+    with torch.no_grad():
+        wrapped(input_ids=ids)
+
+
+def test_reset_parameters_of_a_sharded_random_block_draws_its_shard_of_the_same_values(gloo_world):
+    """modules.peft_random_init_ on a DTensor block (FSDP2's usual init: build on meta,
+    fully_shard, to_empty, reset_parameters): the shard of the draw a plain layer makes for the
+    same seed (the copy of a plain draw into a DTensor raised, a review, 2026-12-06)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+        miss_ext.apply_miss(model, ["0"], r=4, init_weights=False)
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model[0].reset_parameters()
+    plain = miss_ext.MissLinear(nn.Linear(16, 8), r=4, init_weights=False)
+    torch.manual_seed(0)
+    plain.reset_parameters()
+    assert type(model[0].miss_block).__name__ == "DTensor"
+    torch.testing.assert_close(model[0].miss_block.full_tensor(), plain.miss_block.detach(), rtol=0, atol=0)
 
 
 def test_merge_and_unload_through_ddp_warns_that_the_wrapper_cannot_train(gloo_world):
