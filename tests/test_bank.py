@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from conftest import DEVICES, poison
+from conftest import DEVICES, poison, rand
 from reference import F64, fold_ref, tile_block
 
 ops = torch.ops.miss
@@ -500,3 +500,19 @@ def test_the_python_bank_add_wrappers_pass_per_row_fold_on():
     inplace = y.clone()
     wrappers.bank_add_(inplace, s, bank, ranks, periods, index, per_row_fold=True)
     torch.testing.assert_close(out, inplace, rtol=0, atol=0)
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M09 (checks.cpp check_bank_values: rank <= min(r_cap, R) weakened to rank <= r_cap). With
+# per_row_fold the divisibility check is off, so only this bound stops a rank above s's width
+# (the kernel would read s past its row).
+def test_bank_add_per_row_fold_refuses_a_rank_above_the_fold_width():
+    y, s, bank = rand(2, 4), rand(2, 2), rand(1, 4, 4)
+    ranks, periods, index = torch.tensor([4]), torch.tensor([4]), torch.tensor([0, 0])
+    msg = r"ranks\[0\]=4 \(used by row 0\) must be in \[1, min\(r_cap=4, s.shape\[-1\]=2\)\]"
+    for call in (lambda: ops.bank_add(y, s, bank, ranks, periods, index, True),
+                 lambda: ops.bank_add_(y.clone(), s, bank, ranks, periods, index, True),
+                 lambda: ops.bank_add_backward(y, s, bank, ranks, periods, index, True)):
+        with pytest.raises(ValueError, match=msg):
+            call()

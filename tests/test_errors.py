@@ -568,3 +568,48 @@ def test_every_op_refuses_a_strided_nested_tensor_by_name():
         torch.ops.miss.linear(nested, torch.randn(4, 10), None, torch.randn(2, 4), 0.0, None)
     with torch.inference_mode(), pytest.raises(TypeError, match=message.format("fold")):
         torch.ops.miss.fold(nested, 2)
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M02 (checks.cpp check_base_args: bias->dim() == 1 dropped). With as many rows as out_features
+# an (out, 1) bias broadcasts along the rows instead of the columns: no error, wrong y.
+@pytest.mark.parametrize("op", ["linear", "bat_linear"])
+def test_a_2d_bias_is_refused_even_where_it_would_broadcast(op):
+    x, w, b = rand(20, 10), rand(20, 10), rand(20)
+    block = rand(3, 20) if op == "linear" else rand(10, 2, 2)
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(20,\), got shape \[20, 1\]"):
+        getattr(ops, op)(x, w, b.view(20, 1), block)
+
+# M06 (checks.cpp check_bat_transform_args: w.shape[1] % r dropped).
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bat_transform_refuses_columns_that_do_not_tile(in_place):
+    w, m, p = rand(20, 9), rand(10, 2, 2), rand(10, 2, 2)
+    before = w.clone()
+    with pytest.raises(ValueError, match=r"w shape \[20, 9\] does not tile into 2 x 2 blocks"):
+        (ops.bat_transform_ if in_place else ops.bat_transform)(w, m, p)
+    assert torch.equal(w, before)
+
+# M37 (inplace_version.cpp: split_addmm_ dropped from the ADInplaceOrView list). tests/test_errors.py's
+# _in_place_calls lists merge_, tile_add_, bat_transform_ and bank_add_ but not split_addmm_.
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_split_addmm_bumps_the_version_counter(mode):
+    import contextlib
+    bf = dict(dtype=torch.bfloat16)
+    y, a, b = rand(4, 6, **bf), rand(4, 3, **bf), rand(3, 6, **bf)
+    context = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    before = y._version
+    with context():
+        ops.split_addmm_(y, a, b)
+    assert y._version > before
+
+
+def test_split_addmm_between_forward_and_backward_is_detected():
+    bf = dict(dtype=torch.bfloat16)
+    y = rand(4, 6, **bf)
+    x = rand(4, 6, **bf, requires_grad=True)
+    z = (x * y).sum()  # saves y
+    with torch.no_grad():
+        ops.split_addmm_(y, rand(4, 3, **bf), rand(3, 6, **bf))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()

@@ -799,3 +799,15 @@ def test_vmap_with_different_randomness_is_refused_before_the_key_draw(layer):
         vmap(call, randomness="different")(x)
     assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
     assert vmap(call, randomness="same")(x).shape[:2] == (3, 2)
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M26 (fold.cpp tile_add_src_grad: alpha ignored). opcheck's alpha sample has no grad.
+@pytest.mark.parametrize("shapes", [((2, 3, 20), (2, 3, 4)), ((7, 10), (3, 4))], ids=["per-row", "matrices"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_tile_add_with_alpha(shapes, p):
+    out = rand(*shapes[0], dtype=F64, requires_grad=True)
+    src = rand(*shapes[1], dtype=F64, requires_grad=True)
+    key = torch.tensor([5, 7]) if p else None
+    assert torch.autograd.gradcheck(lambda o, s: ops.tile_add(o, s, -0.5, p, key), (out, src))

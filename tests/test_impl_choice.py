@@ -690,3 +690,30 @@ def test_cuda_auto_bat_linear_matches_the_cpu(monkeypatch, matmul_precision):
     for name, got, want in zip(("y", "dx", "dW"), results[1][:3], results[0][:3]):
         assert_within_ulp(got, want, name)
     assert rel_err(results[1][3], results[0][3]) <= 1e-5
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M39 (impl_choice.cpp read_choice: exact match loosened to a prefix match). The existing cases
+# ("fast", "gpu", "avx3") share no prefix with an option, so a parser that accepts "splitt" passed.
+@pytest.mark.parametrize("variable,value,call", [
+    ("MISS_EXT_GEMM", value,
+     lambda: ops.linear(torch.randn(4, 8).bfloat16(), torch.randn(6, 8).bfloat16(), None, torch.randn(2, 6), 0.0, None))
+    for value in ("splitt", "split ", "Split", "fp32x", "autox")
+] + [("MISS_EXT_BAT_TRANSFORM", value, lambda: ops.bat_weight(torch.randn(8, 8), torch.zeros(4, 2, 2), None))
+     for value in ("gemm2", "kernels", "Kernel")])
+def test_a_choice_with_a_typo_is_refused(variable, value, call, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=rf"{variable} must be one of .*got '{value}'"):
+        call()
+
+# M49 (bat.cpp pick_bat_kernel: auto picks the batched GEMM on the CPU for a new W'). Only the
+# explicit choices were checked; "auto" on the CPU must keep the kernel (no W-sized product).
+def test_auto_bat_transform_keeps_the_kernel_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM", raising=False)
+    w, block = torch.randn(12, 20), torch.randn(3, 4, 4) * 0.1
+    x = torch.randn(5, 20)
+    for call in (lambda: ops.bat_weight(w, block, None), lambda: ops.bat_linear(x, w, None, block),
+                 lambda: ops.merge(w, block), lambda: ops.merge_(w.clone(), block)):
+        names = op_names(call)
+        assert not uses_bat_gemm(names), sorted(names)

@@ -276,3 +276,33 @@ def test_every_wrapper_passes_each_argument_to_its_op_in_schema_order(monkeypatc
         assert len(calls) == 1 and not calls[0][1], name
         assert len(calls[0][0]) == len(given) and all(a is b for a, b in zip(calls[0][0], given)), name
         monkeypatch.undo()
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M28 (meta_kernels.cpp split_addmm_meta: empty_like(y) keeps a transposed y's strides; the real
+# kernel returns y.clone(Contiguous)). opcheck's samples only had contiguous y.
+def test_opcheck_split_addmm_of_a_transposed_y():
+    bf = dict(dtype=torch.bfloat16)
+    run_opcheck(ops.split_addmm.default, [("transposed-y", (rand(6, 5, **bf).t(), rand(5, 7, **bf), rand(7, 6, **bf)), {})])
+
+# M29 (meta_kernels.cpp bat_weight_meta: default dtype taken from the weight instead of the block).
+# opcheck's half-weight sample passes dtype= explicitly, so the default was never compared.
+def test_opcheck_bat_weight_default_dtype_is_the_blocks():
+    w, blk = rand(8, 8, dtype=torch.float16), rand(2, 4, 4) * 0.2
+    assert ops.bat_weight(w, blk).dtype == torch.float32
+    run_opcheck(ops.bat_weight.default, [("half-weight-default-dtype", (w, blk), {})])
+
+# M62 / M63 (meta_kernels.cpp merge_meta, tile_add_functional_meta: empty_like keeps a transposed
+# input's strides; the real kernels return a contiguous clone). No opcheck sample had a strided
+# weight / out.
+def test_opcheck_functional_ops_on_transposed_inputs():
+    run_opcheck(ops.merge.default, [("transposed-weight", (rand(10, 20).t(), rand(2, 20)), {}),
+                                     ("transposed-weight-bat", (rand(10, 20).t(), rand(10, 2, 2) * 0.1), {})])
+    run_opcheck(ops.tile_add.default, [("transposed-out", (rand(10, 7).t(), rand(7, 3)), {})])
+
+# M64 (meta_kernels.cpp bank_add_meta: empty_like(y) keeps a transposed y's strides).
+def test_opcheck_bank_add_of_a_transposed_y():
+    y, s, bank = rand(6, 3).t(), rand(3, 4), rand(2, 4, 6)
+    ranks, periods, index = torch.tensor([4, 2]), torch.tensor([6, 3]), torch.tensor([0, 1, -1])
+    run_opcheck(ops.bank_add.default, [("transposed-y", (y, s, bank, ranks, periods, index), {})])

@@ -794,3 +794,14 @@ def test_linear_every_subset_of_inputs_requiring_grad(device, mask):
     want = torch.autograd.grad(linear_ref(*refs, mask=m, p=0.3), [r for r, n in zip(refs, needs) if n], g)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
+
+
+# ---- from a mutation test of the host-side C++ (2026-12-06): each kills a mutant that passed the suite ----
+
+# M58 (checks.cpp check_tile_add_args: the out.shape[-1] == 0 exception dropped). A src with no
+# columns is valid beside an out with no columns; only ever checked with empty rows.
+@pytest.mark.parametrize("shapes", [((4, 0), (4, 0)), ((2, 3, 0), (2, 3, 0)), ((5, 0), (2, 0))])
+def test_tile_add_of_no_columns_is_a_no_op(shapes):
+    out, src = rand(*shapes[0]), rand(*shapes[1])
+    assert ops.tile_add(out, src).shape == out.shape
+    ops.tile_add_(out, src)
