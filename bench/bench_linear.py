@@ -26,7 +26,11 @@ so dx is computed as inside a network; every module is in train mode):
                      miss@fp32, miss_drop@fp32 (adapter GEMMs in fp32 instead of the split-bf16
                      tensor-core path that "auto" takes on CUDA for a bf16 layer), miss_mini@split
                      (mini on the split path), miss_bat@kernel (W' by the hand-written kernel instead
-                     of the batched GEMM); included by default with --device cuda only
+                     of the batched GEMM), miss@before, miss_drop@before, miss_mini@before (the
+                     adapter term written first and the base GEMM adding onto it, beta = 1, instead of
+                     a pass over y and dx after it: MISS_EXT_ADAPTER_TERM), miss@high (under
+                     torch.set_float32_matmul_precision("high"): the split path's fp32 operands in two
+                     bf16 parts instead of three); included by default with --device cuda only
     lora*            PEFT's LoRA with the same trainable-parameter count: default r*out params ->
                      rank round(r*out/(in+out)); mini r*mini_r params -> rank max(1, round(r*mini_r/(in+out)));
                      lora_drop uses lora_dropout p.  lora_alpha = rank (scaling 1).
@@ -90,6 +94,7 @@ are skipped with a note; a case whose setup or first run raises (e.g. a CPU-only
 asked for --device cuda) is skipped with a note instead of ending the run.
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import fnmatch
@@ -142,6 +147,7 @@ CASES = [
     # The same layer forced onto the other implementation of a step (csrc/ops/impl_choice.h), to
     # compare both in one run: by default only with --device cuda, where "auto" differs from them.
     "miss@fp32", "miss_drop@fp32", "miss_mini@split", "miss_bat@kernel",
+    "miss@before", "miss_drop@before", "miss_mini@before", "miss@high",
     # The forward under torch.autocast(bf16) (issue 11: "under autocast, default <= 1.15x"); by
     # default only with --device cuda, like the variants above. With --preset gpu the layer is
     # already bf16, so autocast changes only the adapter: S @ D runs in bf16 as PEFT's does under
@@ -151,7 +157,12 @@ CASES = [
 ]
 # case suffix -> environment set around its forward and backward (read by the ops at each call)
 VARIANT_ENV = {"fp32": {"MISS_EXT_GEMM": "fp32"}, "split": {"MISS_EXT_GEMM": "split"},
-               "kernel": {"MISS_EXT_BAT_TRANSFORM": "kernel"}, "autocast": {}}
+               "kernel": {"MISS_EXT_BAT_TRANSFORM": "kernel"}, "before": {"MISS_EXT_ADAPTER_TERM": "before"},
+               "autocast": {}, "high": {}}
+# case suffix -> torch.set_float32_matmul_precision around its forward and backward: "high" (TF32
+# allowed) cuts the split path's fp32 operands into two bf16 parts instead of three (split_gemm.h),
+# three part products for S D instead of six: what PEFT-level fp32 accuracy costs at "highest".
+VARIANT_PRECISION = {"high": "high"}
 # (family, config) per case; config in {"default", "drop", "mini", "bat"}
 CASE_KIND = {
     "frozen": ("frozen", None),
@@ -290,6 +301,7 @@ def build_case(name, proto, a, fin, fout):
         mod = AutocastForward(mod)
     mod.train()
     mod._bench_env = VARIANT_ENV[name.split("@")[1]] if "@" in name else {}
+    mod._bench_precision = VARIANT_PRECISION.get(name.split("@")[1]) if "@" in name else None
     params = list(mod.parameters())
     trainable = sum(q.numel() for q in params if q.requires_grad)
     return {"module": mod, "params": params, "trainable": trainable, "what": what}
@@ -304,9 +316,21 @@ def clear_grads(case, x):
         q.grad = None
 
 
+@contextlib.contextmanager
 def case_env(mod):
-    """The case's environment (VARIANT_ENV) around a forward and its backward."""
-    return environment(getattr(mod, "_bench_env", {}))
+    """The case's environment (VARIANT_ENV) and fp32 matmul precision (VARIANT_PRECISION) around a
+    forward and its backward."""
+    precision = getattr(mod, "_bench_precision", None)
+    with environment(getattr(mod, "_bench_env", {})):
+        if precision is None:
+            yield
+            return
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
 
 
 # The PEFT case each miss_ext case computes the same layer as (same config and block values).
@@ -716,6 +740,16 @@ def gpu_target_lines(res):
         if n in res:
             ratio = res[n]["ratio_median"]
             lines.append(f"- gpu {n}: {ratio:.3f}x vs target <= {limit:.2f}x: " + ("met" if ratio <= limit else "MISSED"))
+    # The adapter term written before the base GEMM (MISS_EXT_ADAPTER_TERM=before), against the
+    # same case's target: what "auto" would give if it took that order (linear.cpp).
+    for n, variant, how in (("miss", "before", "MISS_EXT_ADAPTER_TERM=before"),
+                            ("miss_drop", "before", "MISS_EXT_ADAPTER_TERM=before"),
+                            ("miss_mini", "before", "MISS_EXT_ADAPTER_TERM=before"),
+                            ("miss", "high", 'two bf16 parts: float32 matmul precision "high"')):
+        if f"{n}@{variant}" in res and n in GPU_TARGETS:
+            ratio, limit = res[f"{n}@{variant}"]["ratio_median"], GPU_TARGETS[n]
+            lines.append(f"- gpu {n}@{variant}: {ratio:.3f}x vs {n}'s target <= {limit:.2f}x: "
+                         + ("met" if ratio <= limit else "MISSED") + f" ({how})")
     if "miss_bat" in res and "peft_miss_bat" in res:
         vs = statistics.median(t / u for t, u in zip(res["miss_bat"]["ratios"], res["peft_miss_bat"]["ratios"]))
         lines.append(f"- gpu miss_bat: {vs:.3f}x PEFT's time vs target <= {GPU_BAT_VS_PEFT:.2f}x: "

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_linear as bl  # noqa: E402
 from measure import device_arg, json_path_arg, nonnegative_int, positive_int  # noqa: E402
 
-DEFAULT_CASES = "frozen,miss,miss_mini,miss_drop,miss@autocast,peft_miss"
+DEFAULT_CASES = "frozen,miss,miss_mini,miss_drop,miss@autocast,miss@before,miss_mini@before,peft_miss"
 
 
 def short_name(name):

@@ -35,6 +35,8 @@ int fold_kernel_choice() { return read_choice("MISS_EXT_FOLD_KERNEL", {"columns"
 
 int tile_add_kernel_choice() { return read_choice("MISS_EXT_TILE_ADD_KERNEL", {"flat", "grid2d"}); }
 
+int adapter_term_choice() { return read_choice("MISS_EXT_ADAPTER_TERM", {"after", "before"}); }
+
 int cpu_isa_choice() { return read_choice("MISS_EXT_CPU_ISA", {"baseline", "avx2", "avx512"}); }
 
 }  // namespace miss_ext

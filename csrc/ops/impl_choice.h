@@ -8,6 +8,9 @@
 //   MISS_EXT_BAT_TRANSFORM = auto | kernel | gemm         the bat transform (bat.cpp)
 //   MISS_EXT_FOLD_KERNEL   = auto | columns | rows | warp the CUDA fold kernel (cuda/shard_kernels.cu)
 //   MISS_EXT_TILE_ADD_KERNEL = auto | flat | grid2d       the CUDA tile_add kernel (cuda/shard_kernels.cu)
+//   MISS_EXT_ADAPTER_TERM = auto | after | before  whether miss::linear adds the adapter term to the
+//                            base GEMM's output (after, in place) or writes it first and lets the
+//                            base GEMM add its product onto it (before: beta = 1; linear.cpp)
 //   MISS_EXT_CPU_ISA       = auto | baseline | avx2 | avx512  the widest instruction set the hand-tiled
 //                            CPU loops may use (cpu/cpu_clones.h); a wider one than the CPU has is
 //                            not used. Unlike the others, read once per process (at the first
@@ -18,7 +21,8 @@
 // caches to compare choices under torch.compile. They are tuning and testing knobs, read with
 // std::getenv (not safe against another thread writing os.environ at the same moment). An unknown
 // value raises ValueError naming it when the variable is read, which is only where the choice
-// exists: MISS_EXT_GEMM for bf16 data with a float32 block, MISS_EXT_BAT_TRANSFORM wherever a bat
+// exists: MISS_EXT_GEMM for bf16 data with a float32 block, MISS_EXT_ADAPTER_TERM wherever
+// miss::linear runs (forward, and a backward that computes dx), MISS_EXT_BAT_TRANSFORM wherever a bat
 // transform runs, MISS_EXT_FOLD_KERNEL and MISS_EXT_TILE_ADD_KERNEL where a CUDA kernel launches
 // (a CPU run never reads them, so a typo there shows on the first CUDA fold or tile_add).
 #pragma once
@@ -30,6 +34,7 @@ int gemm_choice();  // 1 fp32, 2 split
 int bat_transform_choice();  // 1 kernel, 2 gemm
 int fold_kernel_choice();  // 1 columns, 2 rows, 3 warp
 int tile_add_kernel_choice();  // 1 flat, 2 grid2d
+int adapter_term_choice();  // 1 after, 2 before
 int cpu_isa_choice();  // 1 baseline, 2 avx2, 3 avx512
 
 namespace choice {
@@ -38,6 +43,7 @@ constexpr int kFp32 = 1, kSplit = 2;                     // gemm_choice
 constexpr int kKernel = 1, kGemm = 2;                    // bat_transform_choice
 constexpr int kColumns = 1, kRows = 2, kWarp = 3;        // fold_kernel_choice
 constexpr int kFlat = 1, kGrid2d = 2;                    // tile_add_kernel_choice
+constexpr int kAfter = 1, kBefore = 2;                   // adapter_term_choice
 constexpr int kBaseline = 1, kAvx2 = 2, kAvx512 = 3;     // cpu_isa_choice
 }  // namespace choice
 

@@ -2,6 +2,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -47,6 +48,38 @@ at::Tensor full_block(const at::Tensor& block, int64_t out) {
   return repeats == 1 ? block : block.repeat({1, repeats});
 }
 
+// MISS_EXT_ADAPTER_TERM (impl_choice.h): where the adapter term meets the base GEMM's output.
+// "after" (what "auto" takes): the base GEMM writes y (dx), rounded in the base dtype as PEFT's
+// base layer, and the term is added in place with one more rounding, PEFT's order
+// (round(round(x W^T + b) + S D)). That pass reads and writes the whole (rows, out) output once
+// more. "before": the term (with the bias) is written first, rounded to the output dtype, and the
+// base GEMM adds its product onto it (beta = 1, cuBLAS's epilogue: round(x W^T + round(S D + b)));
+// the extra pass is a write only, and the GEMM's read of it may hide behind its arithmetic.
+// Both orders round twice, each term once; they differ by about one unit of the output dtype.
+// Which is faster is for a GPU to say (issue 11: bench/bench_linear.py's "@before" cases): until
+// it is measured "auto" keeps PEFT's order. Where "before" cannot write the term in one pass it
+// keeps "after": a mini layer with a bias on the fp32 path (the bias is not periodic along out;
+// the split path multiplies by the full block and adds the bias in its GEMM), and dx with
+// dropout (the mask is drawn by tile_add_) or with in % r != 0 (the tile is not a repeat).
+bool adapter_term_before() { return adapter_term_choice() == choice::kBefore; }
+
+// The forward's adapter term for "before": bias + S D in y's dtype, (rows, out); undefined where
+// "before" does not apply (see above). s (rows, r) in the block dtype.
+at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& block, bool tiled, bool split) {
+  const at::ScalarType dtype = weight.scalar_type();
+  const int64_t out = static_size(weight, 0);
+  if (split) return addmm_split_rounded(bias, s, full_block(block, out));
+  if (!tiled && dtype == block.scalar_type()) return bias.has_value() ? at::addmm(*bias, s, block) : at::mm(s, block);
+  if (tiled && bias.has_value()) return at::Tensor();
+  // The product in the block dtype, rounded once to y's dtype (with the bias, added in the block
+  // dtype first), then repeated along out for mini.
+  at::Tensor term = at::mm(s, block);
+  if (bias.has_value()) term = at::add(term, *bias);
+  term = term.to(dtype);
+  return tiled ? term.repeat({1, out / static_size(block, 1)}) : term;
+}
+
 }  // namespace
 
 at::Tensor linear_fold(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -63,9 +96,17 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool tiled = block.sym_size(1) != weight.sym_size(0);  // mini: block (r, mini_r) with mini_r < out
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
+  const bool in_place = may_update_in_place();  // else functional: common/in_place.h
+  if (adapter_term_before()) {
+    at::Tensor term = adapter_term(s, weight, bias, block, tiled, use_split(x2, block, tiled));
+    if (term.defined()) {
+      // The base GEMM adds x W^T onto the term (a fresh tensor: in place unless something watches).
+      at::Tensor y = in_place ? term.addmm_(x2, weight.t()) : at::addmm(term, x2, weight.t());
+      return y.view_symint(with_last(x, weight.sym_size(0)));
+    }
+  }
   // The base GEMM runs and rounds in the base dtype; the sum is rounded once to x's dtype.
   at::Tensor y = at::linear(x2, weight, bias);
-  const bool in_place = may_update_in_place();  // else functional: common/in_place.h
   if (use_split(y, block, tiled)) {
     const at::Tensor d = full_block(block, static_size(weight, 0));
     if (in_place) {
@@ -147,7 +188,15 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
       }
       if (needs[0]) adj = at::mm(gf, block_p.t().contiguous());
     }
-    if (needs[0]) {
+    const int64_t r = static_size(block, 0);
+    if (needs[0] && p == 0.0 && adapter_term_before() && static_size(weight, 1) % r == 0) {
+      // "before" (adapter_term_before above): the tile of dS written first, rounded to x's dtype,
+      // then the base GEMM adds G W onto it.
+      at::Tensor pre = adj.to(weight.scalar_type()).repeat_symint({1, in / r});
+      at::Tensor gx = (at::GradMode::is_enabled() || !may_update_in_place()) ? at::addmm(pre, g, weight)
+                                                                             : pre.addmm_(g, weight);
+      grads.x = gx.view_symint(with_last(grad_y, in));
+    } else if (needs[0]) {
       at::Tensor gx = at::mm(g, weight);  // base part, x's dtype
       // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
       // backward is being recorded (create_graph=True), which an in-place op could not be.

@@ -165,6 +165,13 @@ at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tenso
   return ops::split_addmm(y, l, r);
 }
 
+at::Tensor addmm_split_rounded(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b) {
+  const auto [l, r] = split_operands(a, b);
+  if (l.is_cuda()) return bias.has_value() ? at::addmm(*bias, l, r) : at::mm(l, r);
+  const at::Tensor lf = l.to(at::kFloat), rf = r.to(at::kFloat);
+  return (bias.has_value() ? at::addmm(bias->to(at::kFloat), lf, rf) : at::mm(lf, rf)).to(at::kBFloat16);
+}
+
 at::Tensor split_addmm_kernel(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   check_split_addmm_args("split_addmm", y, a, b);
   at::Tensor out = y.clone(at::MemoryFormat::Contiguous);

@@ -39,6 +39,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "kernels.h"
 
 namespace miss_ext {
@@ -57,6 +59,14 @@ bool use_split_gemm(const at::Tensor& data, at::ScalarType compute, bool auto_ru
 void addmm_split_(at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
 // The same sum as a new tensor (common/in_place.h: where an in-place update must not be made).
 at::Tensor addmm_split(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b);
+
+// bias + a (rows, k) @ b (k, n), a and b fp32 (bias bf16 or absent), as a new bf16 (rows, n)
+// tensor rounded once: the adapter term that MISS_EXT_ADAPTER_TERM=before writes ahead of the base
+// GEMM (linear.cpp). On CUDA one bf16 GEMM of the parts with a bf16 output (fp32 accumulation; as
+// for any bf16 GEMM, cuBLAS may keep split-K partial sums in bf16 under torch's default
+// allow_bf16_reduced_precision_reduction, which is not overridden here: an ATen call, so a
+// compiled graph could not hold a guard around it). Elsewhere the widened parts, then one cast.
+at::Tensor addmm_split_rounded(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b);
 
 // bf16 a (m, k) @ bf16 b (k, n), accumulated and returned in fp32: exact products, so as
 // accurate as an fp32 GEMM of the same values.
