@@ -28,7 +28,8 @@ so dx is computed as inside a network; every module is in train mode):
                      (mini on the split path), miss_bat@kernel (W' by the hand-written kernel instead
                      of the batched GEMM), miss@before, miss_drop@before, miss_mini@before (the
                      adapter term written first and the base GEMM adding onto it, beta = 1, instead of
-                     a pass over y and dx after it: MISS_EXT_ADAPTER_TERM), miss@high (under
+                     a pass over y and dx after it: MISS_EXT_ADAPTER_TERM; with dropout only y's,
+                     dx's mask is drawn by tile_add_ after the GEMM), miss@high (under
                      torch.set_float32_matmul_precision("high"): the split path's fp32 operands in two
                      bf16 parts instead of three); included by default with --device cuda only
     lora*            PEFT's LoRA with the same trainable-parameter count: default r*out params ->

@@ -5,8 +5,7 @@ the base GEMM's output (issue 11).
   PEFT's order of roundings.
 - "before": the term (with the bias) is written first, rounded to the output dtype, and the base
   GEMM adds its product onto it (beta = 1): one pass over (rows, out) fewer, a write instead of a
-  read and a write. Kept "after" where the term is not one pass: a mini layer with a bias on the
-  fp32 path (mini's usual one), and dx with dropout or with in % r != 0.
+  read and a write. dx keeps "after" with dropout, with in % r != 0 and in a recorded backward.
 
 Both orders round each term once and the sum once. These tests check "before" against float64
 references on the CPU (its arithmetic is the GPU's but for cuBLAS itself), that it is the path
@@ -27,6 +26,14 @@ F64 = torch.float64
 
 def dx_eligible(fin, r, p):
     return p == 0.0 and fin % r == 0
+
+
+def assert_before_path(fw, bw, fin, r, p, what=""):
+    """The forward wrote the term and let the base GEMM add onto it in place (no aten::linear, no
+    add after it); the backward's dx did the same (no tile_add_) exactly where it may."""
+    assert "aten::addmm_" in fw and "aten::linear" not in fw, (what, sorted(fw))
+    assert not {"miss::tile_add_", "miss::split_addmm_"} & fw, (what, sorted(fw))
+    assert ("miss::tile_add_" in bw) != dx_eligible(fin, r, p), (what, sorted(bw))
 
 
 def references(x, w, b, block, p, key, grad):
@@ -53,20 +60,20 @@ def test_before_matches_the_float64_reference(lead, fin, fout, r, mini_r, p, gem
     b = b if bias else None
     monkeypatch.setenv("MISS_EXT_GEMM", gemm)
     monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", "after")
-    y_a, dx_a, dblock_a, _, _ = run_linear(x, w, b, block, p, key, grad)
+    y_a, dx_a, dblock_a, fw_a, bw_a = run_linear(x, w, b, block, p, key, grad)
     monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", "before")
     y, dx, dblock, fw, bw = run_linear(x, w, b, block, p, key, grad)
     rows = x.numel() // fin
-    forward_before = not (mini_r is not None and bias and gemm == "fp32")  # split: the full block, bias in the GEMM
     if rows:
-        # The path taken: the base GEMM accumulating in place onto the term, no in-place add after it.
-        assert ("aten::addmm_" in fw) == forward_before, sorted(fw)
-        assert not forward_before or not {"miss::tile_add_", "miss::split_addmm_"} & fw, sorted(fw)
-        assert ("miss::tile_add_" in bw) != dx_eligible(fin, r, p), sorted(bw)
+        assert_before_path(fw, bw, fin, r, p)
+        assert "aten::linear" in fw_a and "miss::tile_add_" in bw_a, (sorted(fw_a), sorted(bw_a))  # "after"
     y_ref, term, dx_ref, base_dx = references(x, w, b, block, p, key, grad)
     rows_y = y.reshape(rows, fout)
-    # "before" rounds the term (with the bias) on its own, "after" the base product (with the bias).
-    rounded = term if forward_before else y_ref - term + (0 if b is None else b.to(F64))
+    # "before" rounds the term (with the bias) on its own; mini on the fp32 path with a bias rounds
+    # its product first, then the sum with the bias.
+    rounded = term.abs()
+    if mini_r is not None and b is not None and gemm == "fp32":
+        rounded = rounded + (term - b.to(F64)).abs()
     assert_within_ulp(rows_y, y_ref, "y before vs float64", rounded_part=rounded)
     assert_within_ulp(y_a.reshape(rows, fout), y_ref, "y after vs float64", rounded_part=y_ref - term + (
         0 if b is None else b.to(F64)))
@@ -82,18 +89,20 @@ def test_before_matches_the_float64_reference(lead, fin, fout, r, mini_r, p, gem
 def test_before_in_other_dtypes(dtype, monkeypatch):
     """A float32 layer (the fp32 path's term is one addmm) and a float16 layer with a float32 block
     (PEFT's precision: the term rounded from float32), default and mini, against float64."""
-    for mini_r in (None, 6):
+    for mini_r, bias in ((None, True), (None, False), (6, True), (6, False)):
         x = torch.randn(13, 48).to(dtype)
         w = (torch.randn(36, 48) / 7).to(dtype)
-        b = torch.randn(36).to(dtype) if mini_r is None else None
+        b = torch.randn(36).to(dtype) if bias else None
         block = torch.randn(8, mini_r or 36)
         if dtype == torch.float32:
             block = block.to(dtype)
         grad = torch.randn(13, 36).to(dtype)
         monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", "before")
         y, dx, dblock, fw, bw = run_linear(x, w, b, block, 0.0, None, grad)
-        assert "aten::addmm_" in fw and "miss::tile_add_" not in fw | bw, sorted(fw | bw)
+        assert_before_path(fw, bw, 48, 8, 0.0, (dtype, mini_r, bias))
         y_ref, term, dx_ref, base_dx = references(x, w, b, block, 0.0, None, grad)
+        if mini_r is not None and b is not None:  # the product rounded, then its sum with the bias
+            term = term.abs() + (term - b.to(F64)).abs()
         # One unit of float16 (2^-10) of the result and of the term rounded on its own; float32's
         # unit with room for its summation orders (2^-20).
         unit = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -20
@@ -127,6 +136,25 @@ def test_before_passes_gradcheck_and_gradgradcheck(mini_r, bias, monkeypatch):
     fn = lambda *a: ops.linear(*a, 0.0, None)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_a_recorded_backward_keeps_dx_after(monkeypatch):
+    """create_graph=True: dx is formed after the GEMM (the functional tile_add), as "after" does,
+    bit for bit, so the double backward's d/dD is the fp32 path's, not through a rounded tile."""
+    x, w, b, block, key, grad = make_linear_inputs((17,), 64, 40, 8, None, 0.0)
+    results = {}
+    for order in ("after", "before"):
+        monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", order)
+        xr, br = x.clone().requires_grad_(), block.clone().requires_grad_()
+        y = ops.linear(xr, w, b, br, 0.0, None)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            (dx,) = torch.autograd.grad(y, xr, grad, create_graph=True)
+        names = {e.name for e in prof.events()}
+        assert "miss::tile_add" in names and "aten::repeat" not in names, (order, sorted(names))
+        (ddblock,) = torch.autograd.grad(dx.float().square().sum(), br)
+        results[order] = (dx.detach(), ddblock)
+    for a, c in zip(results["after"], results["before"]):
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_before_passes_opcheck(device, monkeypatch):
@@ -227,7 +255,12 @@ def test_cuda_before_matches_the_float64_reference(lead, fin, fout, r, mini_r, p
     y, dx, dblock, fw, bw = run_linear(*cuda[:4], p, cuda[4], cuda[5])
     y_ref, term, dx_ref, base_dx = references(x, w, b, block, p, key, grad)
     rows = x.numel() // fin
-    base = y_ref - term + (0 if b is None else b.to(F64))
-    assert_within_ulp(y.cpu().reshape(rows, fout), y_ref, "y cuda before vs float64", rounded_part=term.abs() + base.abs())
+    if rows:
+        assert_before_path(fw, bw, fin, r, p, "cuda")
+    base = y_ref - term + (0 if b is None else b.to(F64))  # x W^T + b
+    rounded = term.abs() + base.abs()
+    if mini_r is not None and b is not None:  # the product rounded, then its sum with the bias
+        rounded = rounded + (term - b.to(F64)).abs()
+    assert_within_ulp(y.cpu().reshape(rows, fout), y_ref, "y cuda before vs float64", rounded_part=rounded)
     assert_within_ulp(dx.cpu().reshape(rows, fin), dx_ref, "dx cuda before vs float64",
                       rounded_part=(dx_ref - base_dx).abs() + base_dx.abs())

@@ -53,31 +53,47 @@ at::Tensor full_block(const at::Tensor& block, int64_t out) {
 // base layer, and the term is added in place with one more rounding, PEFT's order
 // (round(round(x W^T + b) + S D)). That pass reads and writes the whole (rows, out) output once
 // more. "before": the term (with the bias) is written first, rounded to the output dtype, and the
-// base GEMM adds its product onto it (beta = 1, cuBLAS's epilogue: round(x W^T + round(S D + b)));
-// the extra pass is a write only, and the GEMM's read of it may hide behind its arithmetic.
-// Both orders round twice, each term once; they differ by about one unit of the output dtype.
-// Which is faster is for a GPU to say (issue 11: bench/bench_linear.py's "@before" cases): until
-// it is measured "auto" keeps PEFT's order. Where "before" cannot write the term in one pass it
-// keeps "after": a mini layer with a bias on the fp32 path (the bias is not periodic along out;
-// the split path multiplies by the full block and adds the bias in its GEMM), and dx with
-// dropout (the mask is drawn by tile_add_) or with in % r != 0 (the tile is not a repeat).
+// base GEMM adds its product onto it (beta = 1: round(x W^T + round(S D + b)) where the GEMM's
+// epilogue adds in fp32, as the CPU's does; an H200's cuBLAS rounded the product to bf16 before
+// adding C in some small shapes (split_gemm.cpp), a third rounding, and the bf16 GEMM that writes
+// the split path's term may keep split-K partial sums in bf16). The extra pass is a write only,
+// and the GEMM's read of it may hide behind its arithmetic. The orders differ by about one unit
+// of the output dtype per rounding. Against float64 (bench/RESULTS.md, thirty-first session),
+// "before" is as accurate as PEFT's order where the term is small against the base output, and
+// about sqrt(2) less accurate (rms) where it is as large or larger: it rounds a term of the
+// output's size on its own. Which is faster is for a GPU to say (issue 11: bench/bench_linear.py's
+// "@before" cases): until it is measured "auto" keeps PEFT's order. "before" keeps "after" for dx
+// with dropout (the mask is drawn by tile_add_), with in % r != 0 (the tile is not a repeat), and
+// in a recorded backward (create_graph: the double backward would pass d/dD through the rounded
+// tile, about 1e4x less accurate than the fp32 path's for a bf16 layer, a review found).
 bool adapter_term_before() { return adapter_term_choice() == choice::kBefore; }
 
-// The forward's adapter term for "before": bias + S D in y's dtype, (rows, out); undefined where
-// "before" does not apply (see above). s (rows, r) in the block dtype.
+// The forward's adapter term for "before": bias + S D in y's dtype, (rows, out), written in one
+// pass. s (rows, r) in the block dtype.
 at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& block, bool tiled, bool split) {
   const at::ScalarType dtype = weight.scalar_type();
   const int64_t out = static_size(weight, 0);
   if (split) return addmm_split_rounded(bias, s, full_block(block, out));
   if (!tiled && dtype == block.scalar_type()) return bias.has_value() ? at::addmm(*bias, s, block) : at::mm(s, block);
-  if (tiled && bias.has_value()) return at::Tensor();
-  // The product in the block dtype, rounded once to y's dtype (with the bias, added in the block
-  // dtype first), then repeated along out for mini.
-  at::Tensor term = at::mm(s, block);
-  if (bias.has_value()) term = at::add(term, *bias);
-  term = term.to(dtype);
-  return tiled ? term.repeat({1, out / static_size(block, 1)}) : term;
+  at::Tensor term = at::mm(s, block);  // (rows, out) or mini's (rows, mini_r), the block dtype
+  if (!tiled) {
+    // A half base with a wider block (PEFT's precision on the fp32 path): the bias added in the
+    // block dtype, then one rounding to y's dtype.
+    return (bias.has_value() ? at::add(term, *bias) : term).to(dtype);
+  }
+  // Mini: the (rows, mini_r) product rounded to y's dtype, then written out along out in one pass:
+  // a repeat, or with a bias one broadcast add of (out / mini_r, mini_r) copies of the product and
+  // the bias viewed so (the term then rounded twice: the product, then its sum with the bias).
+  const int64_t mini_r = static_size(block, 1);
+  // (Cast only where the dtypes differ: a same-dtype to() returns its input, which a dispatch
+  // mode's schema check refuses from an op below autograd.)
+  if (term.scalar_type() != dtype) term = term.to(dtype);
+  if (!bias.has_value()) return term.repeat({1, out / mini_r});
+  const c10::SymInt rows = s.sym_size(0);
+  const c10::SymInt copies(out / mini_r), width(mini_r);
+  return at::add(bias->reshape({out / mini_r, mini_r}), term.unsqueeze(1).expand_symint({rows, copies, width}))
+      .view_symint({rows, c10::SymInt(out)});
 }
 
 }  // namespace
@@ -98,12 +114,10 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   const bool in_place = may_update_in_place();  // else functional: common/in_place.h
   if (adapter_term_before()) {
+    // The base GEMM adds x W^T onto the term (a fresh tensor: in place unless something watches).
     at::Tensor term = adapter_term(s, weight, bias, block, tiled, use_split(x2, block, tiled));
-    if (term.defined()) {
-      // The base GEMM adds x W^T onto the term (a fresh tensor: in place unless something watches).
-      at::Tensor y = in_place ? term.addmm_(x2, weight.t()) : at::addmm(term, x2, weight.t());
-      return y.view_symint(with_last(x, weight.sym_size(0)));
-    }
+    at::Tensor y = in_place ? term.addmm_(x2, weight.t()) : at::addmm(term, x2, weight.t());
+    return y.view_symint(with_last(x, weight.sym_size(0)));
   }
   // The base GEMM runs and rounds in the base dtype; the sum is rounded once to x's dtype.
   at::Tensor y = at::linear(x2, weight, bias);
@@ -189,12 +203,13 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
       if (needs[0]) adj = at::mm(gf, block_p.t().contiguous());
     }
     const int64_t r = static_size(block, 0);
-    if (needs[0] && p == 0.0 && adapter_term_before() && static_size(weight, 1) % r == 0) {
+    if (needs[0] && p == 0.0 && !at::GradMode::is_enabled() && adapter_term_before() &&
+        static_size(weight, 1) % r == 0) {
       // "before" (adapter_term_before above): the tile of dS written first, rounded to x's dtype,
       // then the base GEMM adds G W onto it.
-      at::Tensor pre = adj.to(weight.scalar_type()).repeat_symint({1, in / r});
-      at::Tensor gx = (at::GradMode::is_enabled() || !may_update_in_place()) ? at::addmm(pre, g, weight)
-                                                                             : pre.addmm_(g, weight);
+      const at::Tensor adj_x = adj.scalar_type() == weight.scalar_type() ? adj : adj.to(weight.scalar_type());
+      at::Tensor pre = adj_x.repeat_symint({1, in / r});
+      at::Tensor gx = may_update_in_place() ? pre.addmm_(g, weight) : at::addmm(pre, g, weight);
       grads.x = gx.view_symint(with_last(grad_y, in));
     } else if (needs[0]) {
       at::Tensor gx = at::mm(g, weight);  // base part, x's dtype
