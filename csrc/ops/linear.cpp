@@ -84,7 +84,9 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
   }
   // Mini: the (rows, mini_r) product rounded to y's dtype, then written out along out in one pass:
   // a repeat, or with a bias one broadcast add of (out / mini_r, mini_r) copies of the product and
-  // the bias viewed so (the term then rounded twice: the product, then its sum with the bias).
+  // the bias viewed so (the term then rounded twice: the product, then its sum with the bias;
+  // Inductor fuses the cast into the add and skips the first rounding, so a compiled half-precision
+  // layer may differ from eager there by one unit, the more accurate one: a review, 2026-12-06).
   const int64_t mini_r = static_size(block, 1);
   // (Cast only where the dtypes differ: a same-dtype to() returns its input, which a dispatch
   // mode's schema check refuses from an op below autograd.)
