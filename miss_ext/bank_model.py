@@ -364,9 +364,9 @@ def load_bank(model: nn.Module, adapters: Mapping[str, str], capacity: Optional[
     # The files name the inner model's paths: load into the model inside a torch.compile wrapper
     # (a review, 2026-12-06: the wrapper's "_orig_mod." paths met the files' and nothing loaded);
     # a DDP wrapper is refused as apply_bank refuses it. The caller gets its own object back.
-    refuse_peft_model(unwrap_model(model, "load_bank"), "load_bank")  # TypeError first, as apply_bank
-    refuse_ddp_wrapped(model, "load_bank")
     outer, model = model, unwrap_model(model, "load_bank")
+    refuse_peft_model(model, "load_bank")  # TypeError first, as apply_bank
+    refuse_ddp_wrapped(outer, "load_bank")
     if not isinstance(adapters, Mapping):
         raise TypeError(f"load_bank: adapters must be a mapping {{name: adapter folder}}, got {type(adapters).__name__}")
     if not adapters:

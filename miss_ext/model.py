@@ -152,7 +152,7 @@ def unwrap_model(model: nn.Module, where: str) -> nn.Module:
     FSDP1 wrappers, naming `where`."""
     check_module(model, where)
     refuse_fsdp1(model, where)
-    return _wrapper_chain(model)[-1]
+    return wrapped_model(model)
 
 
 def wrapped_model(model: nn.Module) -> nn.Module:
@@ -775,9 +775,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # Inside a torch.compile wrapper: the module paths and the recorded settings are the inner
     # model's (save_adapter looks through the wrapper too); the caller gets its own object back.
     # A PeftModel's TypeError first, as apply_bank and load_adapter (a wrapper sweep, 2026-12-06).
-    refuse_peft_model(unwrap_model(model, "apply_miss"), "apply_miss")
-    refuse_ddp_wrapped(model, "apply_miss")
     outer, model = model, unwrap_model(model, "apply_miss")
+    refuse_peft_model(model, "apply_miss")
+    refuse_ddp_wrapped(outer, "apply_miss")
     refuse_lazy_tensors(model, "apply_miss")
     # A forward may have left FSDP2's gathered copies registered, which look like plain weights;
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.

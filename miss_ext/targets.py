@@ -46,22 +46,21 @@ def canonical_targets(target_modules: object) -> object:
     return target_modules
 
 
-class DefaultTargets(list):
-    """PEFT's default target list for a model type, shown as where it came from in messages."""
+class _PeftDefault:
+    """A value default_targets took from PEFT's table, shown as where it came from in messages."""
 
     model_type = ""
 
     def __repr__(self) -> str:
-        return f"None (PEFT's default for model_type {self.model_type!r}: {list(self)!r})"
+        return f"None (PEFT's default for model_type {self.model_type!r}: {super().__repr__()})"
 
 
-class DefaultTargetsRegex(str):
-    """PEFT's default target regex for a model type, shown as where it came from in messages."""
+class DefaultTargets(_PeftDefault, list):
+    """PEFT's default target list for a model type."""
 
-    model_type = ""
 
-    def __repr__(self) -> str:
-        return f"None (PEFT's default for model_type {self.model_type!r}: {str(self)!r})"
+class DefaultTargetsRegex(_PeftDefault, str):
+    """PEFT's default target regex for a model type."""
 
 
 def is_default(target_modules: object) -> bool:

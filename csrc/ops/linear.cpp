@@ -68,6 +68,10 @@ at::Tensor full_block(const at::Tensor& block, int64_t out) {
 // tile, about 1e4x less accurate than the fp32 path's for a bf16 layer, a review found).
 bool adapter_term_before() { return adapter_term_choice() == choice::kBefore; }
 
+// t in `dtype`. Only a real cast is made: a same-dtype to() returns its input, which a dispatch
+// mode's schema check (opcheck) refuses from an op below autograd.
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // The forward's adapter term for "before": bias + S D in y's dtype, (rows, out), written in one
 // pass. s (rows, r) in the block dtype.
 at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -75,12 +79,12 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
   const at::ScalarType dtype = weight.scalar_type();
   const int64_t out = static_size(weight, 0);
   if (split) return addmm_split_rounded(bias, s, full_block(block, out));
-  if (!tiled && dtype == block.scalar_type()) return bias.has_value() ? at::addmm(*bias, s, block) : at::mm(s, block);
-  at::Tensor term = at::mm(s, block);  // (rows, out) or mini's (rows, mini_r), the block dtype
   if (!tiled) {
-    // A half base with a wider block (PEFT's precision on the fp32 path): the bias added in the
-    // block dtype, then one rounding to y's dtype.
-    return (bias.has_value() ? at::add(term, *bias) : term).to(dtype);
+    // bias + S D in the block dtype (wider than y's for a half base: PEFT's precision on the fp32
+    // path), then one rounding to y's dtype.
+    const at::Tensor term =
+        bias.has_value() ? at::addmm(in_dtype(*bias, block.scalar_type()), s, block) : at::mm(s, block);
+    return in_dtype(term, dtype);
   }
   // Mini: the (rows, mini_r) product rounded to y's dtype, then written out along out in one pass:
   // a repeat, or with a bias one broadcast add of (out / mini_r, mini_r) copies of the product and
@@ -88,9 +92,7 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
   // Inductor fuses the cast into the add and skips the first rounding, so a compiled half-precision
   // layer may differ from eager there by one unit, the more accurate one: a review, 2026-12-06).
   const int64_t mini_r = static_size(block, 1);
-  // (Cast only where the dtypes differ: a same-dtype to() returns its input, which a dispatch
-  // mode's schema check refuses from an op below autograd.)
-  if (term.scalar_type() != dtype) term = term.to(dtype);
+  const at::Tensor term = in_dtype(at::mm(s, block), dtype);
   if (!bias.has_value()) return term.repeat({1, out / mini_r});
   const c10::SymInt rows = s.sym_size(0);
   const c10::SymInt copies(out / mini_r), width(mini_r);
@@ -204,23 +206,23 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
       }
       if (needs[0]) adj = at::mm(gf, block_p.t().contiguous());
     }
-    const int64_t r = static_size(block, 0);
-    if (needs[0] && p == 0.0 && !at::GradMode::is_enabled() && adapter_term_before() &&
-        static_size(weight, 1) % r == 0) {
-      // "before" (adapter_term_before above): the tile of dS written first, rounded to x's dtype,
-      // then the base GEMM adds G W onto it.
-      const at::Tensor adj_x = adj.scalar_type() == weight.scalar_type() ? adj : adj.to(weight.scalar_type());
-      at::Tensor pre = adj_x.repeat_symint({1, in / r});
-      at::Tensor gx = may_update_in_place() ? pre.addmm_(g, weight) : at::addmm(pre, g, weight);
-      grads.x = gx.view_symint(with_last(grad_y, in));
-    } else if (needs[0]) {
-      at::Tensor gx = at::mm(g, weight);  // base part, x's dtype
-      // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
-      // backward is being recorded (create_graph=True), which an in-place op could not be.
-      if (at::GradMode::is_enabled() || !may_update_in_place()) {
-        gx = ops::tile_add(gx, adj, 1.0, p, key);
+    if (needs[0]) {
+      const int64_t r = static_size(block, 0);
+      at::Tensor gx;
+      if (p == 0.0 && !at::GradMode::is_enabled() && adapter_term_before() && static_size(weight, 1) % r == 0) {
+        // "before" (adapter_term_before above): the tile of dS written first, rounded to x's
+        // dtype, then the base GEMM adds G W onto it.
+        at::Tensor pre = in_dtype(adj, weight.scalar_type()).repeat_symint({1, in / r});
+        gx = may_update_in_place() ? pre.addmm_(g, weight) : at::addmm(pre, g, weight);
       } else {
-        ops::tile_add_(gx, adj, 1.0, p, key);
+        gx = at::mm(g, weight);  // base part, x's dtype
+        // + the period-r broadcast of G D^T, masked. In place normally; the functional op when the
+        // backward is being recorded (create_graph=True), which an in-place op could not be.
+        if (at::GradMode::is_enabled() || !may_update_in_place()) {
+          gx = ops::tile_add(gx, adj, 1.0, p, key);
+        } else {
+          ops::tile_add_(gx, adj, 1.0, p, key);
+        }
       }
       grads.x = gx.view_symint(with_last(grad_y, in));
     }
