@@ -85,17 +85,15 @@ def test_before_matches_the_float64_reference(lead, fin, fout, r, mini_r, p, gem
     torch.testing.assert_close(dblock, dblock_a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_before_in_other_dtypes(dtype, monkeypatch):
-    """A float32 layer (the fp32 path's term is one addmm) and a float16 layer with a float32 block
-    (PEFT's precision: the term rounded from float32), default and mini, against float64."""
+    """A float32 and a float64 layer with a block of their dtype (the term is one addmm), default
+    and mini, against float64."""
     for mini_r, bias in ((None, True), (None, False), (6, True), (6, False)):
         x = torch.randn(13, 48).to(dtype)
         w = (torch.randn(36, 48) / 7).to(dtype)
         b = torch.randn(36).to(dtype) if bias else None
-        block = torch.randn(8, mini_r or 36)
-        if dtype == torch.float32:
-            block = block.to(dtype)
+        block = torch.randn(8, mini_r or 36).to(dtype)
         grad = torch.randn(13, 36).to(dtype)
         monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", "before")
         y, dx, dblock, fw, bw = run_linear(x, w, b, block, 0.0, None, grad)
@@ -103,12 +101,68 @@ def test_before_in_other_dtypes(dtype, monkeypatch):
         y_ref, term, dx_ref, base_dx = references(x, w, b, block, 0.0, None, grad)
         if mini_r is not None and b is not None:  # the product rounded, then its sum with the bias
             term = term.abs() + (term - b.to(F64)).abs()
-        # One unit of float16 (2^-10) of the result and of the term rounded on its own; float32's
-        # unit with room for its summation orders (2^-20).
-        unit = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -20
+        # float32's unit with room for its summation orders (2^-20), float64's likewise (2^-48).
+        unit = 2.0 ** -20 if dtype == torch.float32 else 2.0 ** -48
         for got, want, part in ((y, y_ref, term), (dx, dx_ref, dx_ref - base_dx)):
-            excess = (got.to(F64) - want).abs() - unit * (want.abs() + part.abs()) - 1e-6 * want.abs().max()
+            excess = (got.to(F64) - want).abs() - unit * (want.abs() + part.abs()) - unit * want.abs().max()
             assert excess.max().item() <= 0, (dtype, mini_r, excess.max().item())
+
+
+UNIT = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.mark.parametrize("dtype,block_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                               (torch.float64, torch.float32), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("mini_r", [None, 4])
+def test_before_with_a_block_narrower_than_the_layer_adds_the_bias_in_the_layer_dtype(dtype, block_dtype, mini_r,
+                                                                                      monkeypatch):
+    """The op takes a block of any floating dtype (autocast casts one). S D is then rounded in the
+    block's dtype, as "after" and PEFT do, and the bias is added in the layer's: a review found
+    "before" rounding the bias through the block's dtype (a float32 bias of 1000 + 1/3 off by 4.9
+    through bf16; 7e4 made inf through float16). Against float64 of the same rounded product."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 16) / 8).to(dtype)
+    w = (torch.randn(8, 16) / 8).to(dtype)
+    block = (torch.randn(4, mini_r or 8) / 8).to(block_dtype)
+    for b in ((torch.randn(8) * 1000 + 1 / 3).to(dtype), torch.full((8,), 7e4, dtype=dtype)):
+        results = {}
+        for order in ("after", "before"):
+            monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", order)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                results[order] = ops.linear(x, w, b, block, 0.0, None)
+            names = {e.name for e in prof.events()}
+            assert ("aten::addmm_" in names) == (order == "before"), (order, sorted(names))
+        # The product the op rounds in the block dtype (its fold and mm), then everything in float64.
+        product = torch.mm(ops.fold(x, 4, 0.0, None, block_dtype), block).to(F64)
+        product = product.repeat(1, 8 // product.shape[1])
+        base = x.to(F64) @ w.to(F64).T + b.to(F64)
+        want = base + product
+        unit = UNIT[dtype]
+        for order, y in results.items():
+            assert torch.isfinite(y).all(), order
+            # Each order rounds twice in the layer dtype (its two sums; the base GEMM's product a
+            # third time in "after", the bias's sum with the product in "before").
+            bound = unit * (want.abs() + base.abs() + (product + b.to(F64)).abs()) + unit * want.abs().max()
+            excess = (y.to(F64) - want).abs() - bound
+            assert excess.max().item() <= 0, (order, excess.max().item())
+
+
+def test_a_float16_output_keeps_after(monkeypatch):
+    """A float16 layer keeps PEFT's order under "before" (forward and dx): a term rounded to float16
+    on its own can overflow where the sum is finite (a review: a term of 17500 over a base of
+    -15000 gave inf, PEFT 10000). Bit for bit "after"'s results, and that example finite."""
+    x, w, b, block, key, grad = make_linear_inputs((21,), 64, 40, 8, None, 0.0)
+    x, w, b, grad = x.half(), w.half(), b.half(), grad.half()
+    results = {}
+    for order in ("after", "before"):
+        monkeypatch.setenv("MISS_EXT_ADAPTER_TERM", order)
+        results[order] = run_linear(x, w, b, block.float(), 0.0, None, grad)
+        assert "aten::addmm_" not in results[order][3] and "miss::tile_add_" in results[order][4], order
+        y = ops.linear(torch.ones(1, 4).half(), torch.full((2, 4), -15000.0).half(), torch.zeros(2).half(),
+                       torch.full((2, 2), 17500.0), 0.0, None)
+        assert torch.equal(y, torch.full((1, 2), 10000.0).half()), (order, y)
+    for a, c in zip(results["after"][:3], results["before"][:3]):
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_auto_keeps_the_base_gemm_first(monkeypatch):

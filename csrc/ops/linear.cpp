@@ -6,6 +6,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/ScalarType.h>
 
 #include "common/checks.h"
 #include "common/in_place.h"
@@ -66,7 +67,13 @@ at::Tensor full_block(const at::Tensor& block, int64_t out) {
 // with dropout (the mask is drawn by tile_add_), with in % r != 0 (the tile is not a repeat), and
 // in a recorded backward (create_graph: the double backward would pass d/dD through the rounded
 // tile, about 1e4x less accurate than the fp32 path's for a bf16 layer, a review found).
-bool adapter_term_before() { return adapter_term_choice() == choice::kBefore; }
+// A float16 output keeps "after" too: a term rounded to float16 on its own can overflow to inf
+// where the sum with the base product is finite (PEFT's term is float32 then; a review found
+// inf against PEFT's 10000 for a term of 17500 and a base of -7500). bf16, float32 and float64
+// hold a term as large as float32 does.
+bool adapter_term_before(at::ScalarType out_dtype) {
+  return adapter_term_choice() == choice::kBefore && out_dtype != at::kHalf;
+}
 
 // t in `dtype`. Only a real cast is made: a same-dtype to() returns its input, which a dispatch
 // mode's schema check (opcheck) refuses from an op below autograd.
@@ -80,8 +87,16 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
   const int64_t out = static_size(weight, 0);
   if (split) return addmm_split_rounded(bias, s, full_block(block, out));
   if (!tiled) {
-    // bias + S D in the block dtype (wider than y's for a half base: PEFT's precision on the fp32
-    // path), then one rounding to y's dtype.
+    // bias + S D in the block dtype where it is at least as wide as y's (fp32 for a half base:
+    // PEFT's precision on the fp32 path), then one rounding to y's dtype. A narrower block (the
+    // op takes any; autocast casts one) rounds S D in its dtype, as "after" and PEFT do, and the
+    // bias is added in y's dtype: it must not be rounded to the block's (a review found a float32
+    // bias of 1000 rounded through bf16, and one of 7e4 made inf through float16).
+    if (c10::promoteTypes(block.scalar_type(), dtype) != block.scalar_type()) {
+      const at::Tensor product = at::mm(s, block);
+      // (bf16 and float16 promote to float32: the sum is then rounded once to y's dtype.)
+      return in_dtype(bias.has_value() ? at::add(*bias, product) : product, dtype);
+    }
     const at::Tensor term =
         bias.has_value() ? at::addmm(in_dtype(*bias, block.scalar_type()), s, block) : at::mm(s, block);
     return in_dtype(term, dtype);
@@ -117,7 +132,7 @@ at::Tensor linear_with_fold(const at::Tensor& x, const at::Tensor& weight, const
   const bool tiled = block.sym_size(1) != weight.sym_size(0);  // mini: block (r, mini_r) with mini_r < out
   const at::Tensor x2 = x.reshape_symint({sym_leading_rows(x), weight.sym_size(1)});
   const bool in_place = may_update_in_place();  // else functional: common/in_place.h
-  if (adapter_term_before()) {
+  if (adapter_term_before(weight.scalar_type())) {
     // The base GEMM adds x W^T onto the term (a fresh tensor: in place unless something watches).
     at::Tensor term = adapter_term(s, weight, bias, block, tiled, use_split(x2, block, tiled));
     at::Tensor y = in_place ? term.addmm_(x2, weight.t()) : at::addmm(term, x2, weight.t());
@@ -209,7 +224,9 @@ LinearGrads linear_backward(const at::Tensor& grad_y, const at::Tensor& x, const
     if (needs[0]) {
       const int64_t r = static_size(block, 0);
       at::Tensor gx;
-      if (p == 0.0 && !at::GradMode::is_enabled() && adapter_term_before() && static_size(weight, 1) % r == 0) {
+      // The choice read first, so that a bad value raises whatever the other conditions.
+      if (adapter_term_before(weight.scalar_type()) && p == 0.0 && !at::GradMode::is_enabled() &&
+          static_size(weight, 1) % r == 0) {
         // "before" (adapter_term_before above): the tile of dS written first, rounded to x's
         // dtype, then the base GEMM adds G W onto it.
         at::Tensor pre = in_dtype(adj, weight.scalar_type()).repeat_symint({1, in / r});
