@@ -127,3 +127,20 @@ def test_a_bank_loads_the_files_dropout(tmp_path):
     bank = nn.Sequential(nn.Linear(8, 8))
     miss_ext.load_bank(bank, {"a": folder})
     assert bank[0].dropouts[0] == pytest.approx(0.1)
+
+
+def test_a_bank_load_drops_an_old_files_other_adapter_named_like_a_bias(tmp_path):
+    """PEFT before 0.20 saved every adapter's block (`<path>.miss_block.<name>`); with bias="none"
+    one whose name holds "bias" is another adapter's block too: dropped with the warning."""
+    from safetensors.torch import load_file, save_file
+
+    m = nn.Sequential(nn.Linear(8, 8))
+    miss_ext.apply_miss(m, ["0"], r=2)
+    folder, _ = saved(tmp_path, m)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.0.miss_block.mybias"] = torch.ones(2, 8)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    bank = nn.Sequential(nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"ignored 1 block\(s\) of other adapters \('mybias'"):
+        miss_ext.load_bank(bank, {"a": folder})
+    assert bank[0].adapter_names[0] == "a"

@@ -132,3 +132,13 @@ def test_apply_bank_with_freeze_others_false_leaves_the_rest_trainable():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     miss_ext.apply_bank(model, ["0"], capacity=2, max_r=2, freeze_others=False)
     assert model[1].weight.requires_grad
+
+
+def test_a_bank_state_with_a_mini_period_not_dividing_out_features_is_refused():
+    layer = miss_ext.MissBankLinear(nn.Linear(8, 8), 2, 2)
+    layer.add_adapter("m", 2, mode="mini", mini_r=2)
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    sd["periods"][0] = 3
+    fresh = miss_ext.MissBankLinear(nn.Linear(8, 8), 2, 2)
+    with pytest.raises(RuntimeError, match="period 3 does not fit a bank"):
+        fresh.load_state_dict(sd)
