@@ -142,3 +142,26 @@ def test_a_bank_state_with_a_mini_period_not_dividing_out_features_is_refused():
     fresh = miss_ext.MissBankLinear(nn.Linear(8, 8), 2, 2)
     with pytest.raises(RuntimeError, match="period 3 does not fit a bank"):
         fresh.load_state_dict(sd)
+
+
+def test_a_record_that_restore_stopped_following_is_refused_at_load():
+    """miss_ext.peft.restore marks the records of state_dicts taken while merged stale: PEFT's own
+    merges, which may rewrite that memory in place, do not tell (merge_record.forget). Loading one
+    later is refused rather than read as the merge state it said."""
+    from peft import MissConfig, get_peft_model
+
+    import miss_ext.peft as accelerated
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), MissConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].miss_block["default"].normal_()
+    accelerated.accelerate(model)
+    model.merge_adapter()
+    sd = model.state_dict()
+    accelerated.restore(model)
+    accelerated.accelerate(model)
+    weight = model.base_model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="stale"):
+        model.load_state_dict(sd)
+    assert torch.equal(model.base_model.model[0].base_layer.weight, weight)
