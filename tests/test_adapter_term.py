@@ -149,8 +149,9 @@ def test_before_with_a_block_narrower_than_the_layer_adds_the_bias_in_the_layer_
 
 def test_a_float16_output_keeps_after(monkeypatch):
     """A float16 layer keeps PEFT's order under "before" (forward and dx): a term rounded to float16
-    on its own can overflow where the sum is finite (a review: a term of 17500 over a base of
-    -15000 gave inf, PEFT 10000). Bit for bit "after"'s results, and that example finite."""
+    on its own can overflow where the sum is finite (a review: x of ones, weight entries -15000,
+    block entries 17500: a term of 70000 over a base of -60000 gave inf, PEFT 10000). Bit for bit
+    "after"'s results, and that example finite."""
     x, w, b, block, key, grad = make_linear_inputs((21,), 64, 40, 8, None, 0.0)
     x, w, b, grad = x.half(), w.half(), b.half(), grad.half()
     results = {}

@@ -148,9 +148,10 @@ def test_a_record_that_restore_stopped_following_is_refused_at_load():
     """miss_ext.peft.restore marks the records of state_dicts taken while merged stale: PEFT's own
     merges, which may rewrite that memory in place, do not tell (merge_record.forget). Loading one
     later is refused rather than read as the merge state it said."""
-    from peft import MissConfig, get_peft_model
-
+    peft = pytest.importorskip("peft")
     import miss_ext.peft as accelerated
+
+    MissConfig, get_peft_model = peft.MissConfig, peft.get_peft_model
 
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), MissConfig(r=2, target_modules=["0"]))

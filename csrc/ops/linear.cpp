@@ -69,7 +69,7 @@ at::Tensor full_block(const at::Tensor& block, int64_t out) {
 // tile, about 1e4x less accurate than the fp32 path's for a bf16 layer, a review found).
 // A float16 output keeps "after" too: a term rounded to float16 on its own can overflow to inf
 // where the sum with the base product is finite (PEFT's term is float32 then; a review found
-// inf against PEFT's 10000 for a term of 17500 and a base of -7500). bf16, float32 and float64
+// inf against PEFT's 10000 for a term of 70000 and a base of -60000). bf16, float32 and float64
 // hold a term as large as float32 does.
 bool adapter_term_before(at::ScalarType out_dtype) {
   return adapter_term_choice() == choice::kBefore && out_dtype != at::kHalf;
@@ -94,7 +94,7 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
     // bias of 1000 rounded through bf16, and one of 7e4 made inf through float16).
     if (c10::promoteTypes(block.scalar_type(), dtype) != block.scalar_type()) {
       const at::Tensor product = at::mm(s, block);
-      // (bf16 and float16 promote to float32: the sum is then rounded once to y's dtype.)
+      // (bf16 and float16 promote to float32: the sum is taken there, then cast to y's dtype.)
       return in_dtype(bias.has_value() ? at::add(*bias, product) : product, dtype);
     }
     const at::Tensor term =
