@@ -87,19 +87,17 @@ at::Tensor adapter_term(const at::Tensor& s, const at::Tensor& weight, const std
   const int64_t out = static_size(weight, 0);
   if (split) return addmm_split_rounded(bias, s, full_block(block, out));
   if (!tiled) {
+    if (!bias.has_value()) return in_dtype(at::mm(s, block), dtype);
     // bias + S D in the block dtype where it is at least as wide as y's (fp32 for a half base:
     // PEFT's precision on the fp32 path), then one rounding to y's dtype. A narrower block (the
     // op takes any; autocast casts one) rounds S D in its dtype, as "after" and PEFT do, and the
     // bias is added in y's dtype: it must not be rounded to the block's (a review found a float32
-    // bias of 1000 rounded through bf16, and one of 7e4 made inf through float16).
-    if (c10::promoteTypes(block.scalar_type(), dtype) != block.scalar_type()) {
-      const at::Tensor product = at::mm(s, block);
-      // (bf16 and float16 promote to float32: the sum is taken there, then cast to y's dtype.)
-      return in_dtype(bias.has_value() ? at::add(*bias, product) : product, dtype);
-    }
-    const at::Tensor term =
-        bias.has_value() ? at::addmm(in_dtype(*bias, block.scalar_type()), s, block) : at::mm(s, block);
-    return in_dtype(term, dtype);
+    // bias of 1000 rounded through bf16, and one of 7e4 made inf through float16). bf16 and
+    // float16 promote to float32: the sum is taken there, then cast to y's dtype.
+    const bool narrower = c10::promoteTypes(block.scalar_type(), dtype) != block.scalar_type();
+    return in_dtype(narrower ? at::add(*bias, at::mm(s, block))
+                             : at::addmm(in_dtype(*bias, block.scalar_type()), s, block),
+                    dtype);
   }
   // Mini: the (rows, mini_r) product rounded to y's dtype, then written out along out in one pass:
   // a repeat, or with a bias one broadcast add of (out / mini_r, mini_r) copies of the product and
