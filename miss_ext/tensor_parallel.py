@@ -42,7 +42,7 @@ Two parts:
 
    | style | base weight | bias | miss_block default | mini | bat |
    |---|---|---|---|---|---|
-   | colwise | Shard(0) | Shard(0) | Shard(1) (out >= world) | Replicate (out/world % mini_r == 0; mini_r == out: as default) | Shard(0) (out % (r*world) == 0) |
+   | colwise | Shard(0) | Shard(0) | Shard(1) (out >= world, out >= 2) | Replicate (out/world % mini_r == 0; mini_r == out: as default) | Shard(0) (out % (r*world) == 0) |
    | rowwise | Shard(1) | Replicate | Replicate | Replicate | Replicate (in % (r*world) == 0, (out/r) % world == 0) |
 
    The block is a DTensor Parameter, so optimizers update the shards in place and
@@ -408,8 +408,8 @@ def check_torch_version(style: str) -> None:
 class MissColwiseParallel(ColwiseParallel):
     """torch's ColwiseParallel, also for `miss_ext.MissLinear`: base weight and bias Shard(0),
     miss_block Shard(1) (default mode), Replicate (mini: every shard of out must start at a
-    multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world
-    (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
+    multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world,
+    and default and mini out >= 2 (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
     modules go to torch's style, except the adapter layers it cannot shard: a MissBankLinear and
     PEFT's MiSS layers (accelerated or not) raise TypeError naming the class. Keyword arguments:
     torch's ColwiseParallel's, plus check_keys (compare each training call's dropout key across
@@ -444,6 +444,13 @@ class MissColwiseParallel(ColwiseParallel):
             # DTensor cannot view a 3-D input's flattened rows back with an empty shard of out.
             raise ValueError(f"{type(self).__name__}: out_features={out_f} over {n} ranks leaves a rank without an "
                              "output column; shard a layer with out_features >= world")
+        if out_f == 1 and _colwise_mode(module) != "bat":
+            # Reached on a 1-rank mesh only. The adapter term is added to y in place (addmm_), and
+            # DTensor has no in-place addmm_ strategy that keeps a size-1 dimension sharded: the
+            # forward would fail with DTensor's error. Refused here, as out_features=1 is on 2+ ranks.
+            raise ValueError(f"{type(self).__name__}: out_features=1 cannot be sharded column-wise in "
+                             f"{module.mode} mode (DTensor cannot update a sharded size-1 output in place); use "
+                             "MissRowwiseParallel for this layer, or leave it unsharded")
         if _colwise_mode(module) == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
             raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
                              f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "
