@@ -409,14 +409,14 @@ class MissColwiseParallel(ColwiseParallel):
     """torch's ColwiseParallel, also for `miss_ext.MissLinear`: base weight and bias Shard(0),
     miss_block Shard(1) (default mode), Replicate (mini: every shard of out must start at a
     multiple of mini_r) or Shard(0) (bat: out % (r * world) == 0); every mode needs out >= world,
-    and default and mini out >= 2 (ValueError otherwise). x is replicated, so dropout works (same seed on every rank). Other
-    modules go to torch's style, except the adapter layers it cannot shard: a MissBankLinear and
-    PEFT's MiSS layers (accelerated or not) raise TypeError naming the class. Keyword arguments:
-    torch's ColwiseParallel's, plus check_keys (compare each training call's dropout key across
-    ranks, RuntimeError on every rank where they differ: a debugging aid, two tiny collectives
-    and a host sync per layer). Also ValueError for a mesh that is not 1-D, a merged layer or one
-    already tensor-parallel; TypeError for a base that is not a plain nn.Linear; RuntimeError on
-    torch older than MIN_TORCH (2.14)."""
+    and default and mini out >= 2 (ValueError otherwise). x is replicated, so dropout works (same
+    seed on every rank). Other modules go to torch's style, except the adapter layers it cannot
+    shard: a MissBankLinear and PEFT's MiSS layers (accelerated or not) raise TypeError naming the
+    class. Keyword arguments: torch's ColwiseParallel's, plus check_keys (compare each training
+    call's dropout key across ranks, RuntimeError on every rank where they differ: a debugging aid,
+    two tiny collectives and a host sync per layer). Also ValueError for a mesh that is not 1-D, a
+    merged layer or one already tensor-parallel; TypeError for a base that is not a plain
+    nn.Linear; RuntimeError on torch older than MIN_TORCH (2.14)."""
 
     def __init__(self, *, check_keys: bool = False, **kwargs) -> None:
         check_flag(check_keys, "check_keys", "MissColwiseParallel")
@@ -445,12 +445,16 @@ class MissColwiseParallel(ColwiseParallel):
             raise ValueError(f"{type(self).__name__}: out_features={out_f} over {n} ranks leaves a rank without an "
                              "output column; shard a layer with out_features >= world")
         if out_f == 1 and _colwise_mode(module) != "bat":
-            # Reached on a 1-rank mesh only. The adapter term is added to y in place (addmm_), and
-            # DTensor has no in-place addmm_ strategy that keeps a size-1 dimension sharded: the
-            # forward would fail with DTensor's error. Refused here, as out_features=1 is on 2+ ranks.
+            # Reached on a 1-rank mesh only (out < world is refused above). DTensor cannot run this
+            # layer's sharded size-1 output dimension: float32/float64 fail in the forward's in-place
+            # addmm_ (no strategy keeps the size-1 dim sharded), half-precision bases in the
+            # backward's views (forward-only inference worked). Refused whole, as on 2+ ranks; bat
+            # (Shard(0) tiles, out-of-place) runs, checked forward and backward.
             raise ValueError(f"{type(self).__name__}: out_features=1 cannot be sharded column-wise in "
-                             f"{module.mode} mode (DTensor cannot update a sharded size-1 output in place); use "
-                             "MissRowwiseParallel for this layer, or leave it unsharded")
+                             f"{module.mode} mode (on a 1-rank mesh DTensor cannot run a MiSS layer whose sharded "
+                             "output dimension has size 1: the forward's in-place update, or for half-precision "
+                             "bases the backward's views, fail); use MissRowwiseParallel for this layer, or "
+                             "leave it unsharded")
         if _colwise_mode(module) == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
             raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
                              f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "

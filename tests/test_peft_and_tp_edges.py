@@ -238,9 +238,11 @@ def test_a_default_adapter_converts_to_lora_while_merged():
     miss_ext.peft.accelerate(model)
     _, want = conversion.convert_to_lora(model, rank=2)
     model.merge_adapter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _, got = conversion.convert_to_lora(model, rank=2)
+    # UserWarnings only: a library's deprecation (DeprecationWarning/FutureWarning) is not ours.
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -307,7 +309,7 @@ def test_is_accelerated_is_false_while_a_layer_added_since_runs_peft_code():
 def tp_and_writers(rank: int, world_size: int, folder: str):
     """Per rank: a column-wise layer with one output column per rank (out_features == world) against
     the unsharded layer; the refusal of a column-wise bat layer whose out is not split in whole
-    r x r tiles; a row-wise layer's bias placement; and which ranks write a tensor-parallel model's
+    r x r tiles; a row-wise layer's bias placement; out_features=1 on a 1-rank mesh; and which ranks write a tensor-parallel model's
     adapter and an HSDP (fully_shard over a 1 x world mesh) model's, each rank to a path of its own."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -334,18 +336,26 @@ def tp_and_writers(rank: int, world_size: int, folder: str):
         out["bat_tiles"] = str(e)
     row = parallelize_module(miss_ext.MissLinear(nn.Linear(8, 4), 2), mesh, MissRowwiseParallel())
     out["row_bias"] = tuple(row.base_layer.bias.placements)
-    # out_features=1 on a 1-rank mesh (the "tp" dim of a world x 1 mesh): refused column-wise (DTensor
-    # cannot update the sharded size-1 output in place), exact row-wise.
+    # out_features=1 on a 1-rank mesh (the "tp" dim of a world x 1 mesh): default and mini refused
+    # column-wise (DTensor cannot run the sharded size-1 output), bat column-wise and default
+    # row-wise exact, forward and x's gradient.
     single = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp", "tp"))["tp"]
-    try:
-        parallelize_module(miss_ext.MissLinear(nn.Linear(6, 1), 2), single, MissColwiseParallel())
-        out["col_out_1"] = None
-    except ValueError as e:
-        out["col_out_1"] = str(e)
-    layer = miss_ext.MissLinear(nn.Linear(6, 1, dtype=torch.float64), 2, init_weights=False)
-    want = layer(x).detach()
-    parallelize_module(layer, single, MissRowwiseParallel())
-    out["row_out_1"] = (layer(x) - want).abs().max().item()
+    for name, kwargs in {"col_out_1": {}, "col_out_1_mini": {"mode": "mini", "mini_r": 1}}.items():
+        try:
+            parallelize_module(miss_ext.MissLinear(nn.Linear(6, 1), 2, **kwargs), single, MissColwiseParallel())
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    for name, (r, mode, style) in {"row_out_1": (2, "default", MissRowwiseParallel),
+                                   "col_bat_out_1": (1, "bat", MissColwiseParallel)}.items():
+        layer = miss_ext.MissLinear(nn.Linear(6, 1, dtype=torch.float64), r, mode, init_weights=False)
+        xg = x.clone().requires_grad_(True)
+        want = layer(xg)
+        want_grad, = torch.autograd.grad(want.sum(), xg)
+        parallelize_module(layer, single, style(use_local_output=True))
+        got = layer(xg)
+        got_grad, = torch.autograd.grad(got.sum(), xg)
+        out[name] = max((got - want).abs().max().item(), (got_grad - want_grad).abs().max().item())
 
     tp = miss_ext.apply_miss(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], r=2, init_weights=False)
     parallelize_module(tp, mesh, {"0": MissColwiseParallel(), "1": MissRowwiseParallel()})
@@ -386,12 +396,14 @@ def test_colwise_bat_refuses_an_out_not_split_in_whole_tiles_over_the_ranks(tp_r
 
 
 def test_a_single_output_column_is_refused_column_wise_and_exact_row_wise(tp_ranks):
-    """On a 1-rank mesh, MissColwiseParallel refuses out_features=1 at parallelize time with a
-    ValueError naming it (its forward would fail inside DTensor), as it does on 2+ ranks;
-    MissRowwiseParallel takes it and matches the unsharded layer."""
+    """On a 1-rank mesh, MissColwiseParallel refuses out_features=1 in default and mini mode at
+    parallelize time with a ValueError naming it (the layer would fail inside DTensor), as it does
+    on 2+ ranks; a bat layer column-wise and a default one row-wise match the unsharded layer."""
     for result in tp_ranks:
-        assert result["col_out_1"] is not None and "out_features=1" in result["col_out_1"], result["col_out_1"]
-        assert result["row_out_1"] < 1e-12
+        for name, mode in (("col_out_1", "default"), ("col_out_1_mini", "mini")):
+            assert result[name] is not None and f"out_features=1 cannot be sharded column-wise in {mode} mode" \
+                in result[name], result[name]
+        assert result["row_out_1"] < 1e-12 and result["col_bat_out_1"] < 1e-12
 
 
 def test_rowwise_bias_is_replicated(tp_ranks):
