@@ -439,12 +439,12 @@ class MissColwiseParallel(ColwiseParallel):
             return super()._apply(module, device_mesh)
         check_torch_version(type(self).__name__)
         _check_miss_layer(type(self).__name__, module, device_mesh)
-        n, out_f = device_mesh.size(), module.out_features
+        n, out_f, mode = device_mesh.size(), module.out_features, _colwise_mode(module)
         if out_f < n:
             # DTensor cannot view a 3-D input's flattened rows back with an empty shard of out.
             raise ValueError(f"{type(self).__name__}: out_features={out_f} over {n} ranks leaves a rank without an "
                              "output column; shard a layer with out_features >= world")
-        if out_f == 1 and _colwise_mode(module) != "bat":
+        if out_f == 1 and mode != "bat":
             # Reached on a 1-rank mesh only (out < world is refused above). DTensor cannot run this
             # layer's sharded size-1 output dimension: float32/float64 fail in the forward's in-place
             # addmm_ (no strategy keeps the size-1 dim sharded), half-precision bases in the
@@ -455,7 +455,7 @@ class MissColwiseParallel(ColwiseParallel):
                              "output dimension has size 1: the forward's in-place update, or for half-precision "
                              "bases the backward's views, fail); use MissRowwiseParallel for this layer, or "
                              "leave it unsharded")
-        if _colwise_mode(module) == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
+        if mode == "mini" and not shards_aligned(out_f, module.mini_r, device_mesh):
             raise ValueError(f"{type(self).__name__}: mini mode shards out_features={out_f} over {n} ranks, so every "
                              f"shard must start at a multiple of mini_r={module.mini_r} (out/world % mini_r == 0); "
                              "otherwise each shard would need its own phase of the tiled block")

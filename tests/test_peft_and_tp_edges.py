@@ -25,17 +25,13 @@ def _two_adapter_lm():
     (q_proj), in eval mode."""
     peft = _peft()
     import miss_ext.peft
-    from tiny_models import no_eos, tiny_causal_lm
+    from tiny_models import no_eos, randomize_blocks, tiny_causal_lm
 
     base = no_eos(tiny_causal_lm("llama"))
     model = peft.get_peft_model(base, peft.MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
                                 adapter_name="a")
     model.add_adapter("b", peft.MissConfig(r=4, target_modules=["q_proj"], init_weights=False))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "miss_block" in key:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    randomize_blocks(model, scale=0.3, seed=0)
     miss_ext.peft.accelerate(model)
     return model.eval()
 
