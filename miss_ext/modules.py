@@ -830,7 +830,10 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         """Before any key is drawn (the ops refuse a bad rate after the draw, which moved the
         global RNG on a refused call): the constructor checks dropout, a later assignment not
         (`layer.dropout = "0.1"` met a bare "'>' not supported between str and float": a new-user
-        pass, 2026-12-04). TypeError for a rate that is no number, ValueError outside [0, 1]."""
+        pass, 2026-12-04). TypeError for a rate that is no number, ValueError outside [0, 1].
+        Deliberately [0, 1] here against the constructor's [0, 1): a rate of 1 set on a live layer
+        is nn.Dropout's range and what the ops take (the whole adapter term is dropped, as in
+        PEFT), while building a layer at p=1 is refused as an adapter that could never learn."""
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"{self._describe()}: dropout must be a float in [0, 1], got {type(p).__name__} {p!r} "

@@ -643,12 +643,18 @@ def test_a_refused_training_call_with_dropout_leaves_the_random_stream_alone():
     mask it would have drawn without the bad batch. Before, the key was drawn first and the op
     refused the ids afterwards, moving the user's random stream on a refused call."""
     base, bank, singles = make("cpu", capacity=6)
-    bank.add_adapter("e", 4, dropout=0.5)
+    # A non-zero block: with a zero one the masks cannot show in the output (and this test could
+    # not fail; a mutation round found it, 2026-12-06).
+    bank.add_adapter("e", 4, dropout=0.5, block=torch.randn(bank.adapter_shape("e", 4)))
     bank.remove_adapter("a")                      # a free slot among used ones
     free = bank.adapter_names.index(None)
     bank.train()
     x = torch.randn(3, IN)
     good = bank.index_of(["e", "b", None])
+    torch.manual_seed(1)
+    seed1 = bank(x, good)
+    torch.manual_seed(2)
+    assert not torch.equal(seed1, bank(x, good)), "the masks must show in the output"
     # (rows, ids, message): one id per row, and per token of (3, 2) rows (entry [0, 1] is bad).
     for rows, bad, match in (
             (x, torch.tensor([0, bank.capacity, -1]), rf"index\[1\]={bank.capacity} names no slot"),
