@@ -209,21 +209,35 @@ def autocast_sensitive_inputs(weight, block, rows: int, rounded: str, amp_dtype)
     return x.to(weight.device)
 
 
+_SETTINGS = (bool, int, float, str, type(None))
+
+
+def module_settings(model):
+    """Each module's public plain-valued attributes (a MissLinear's dropout, r, mode, merged;
+    training): settings that live outside the state_dict, which a failed call must leave alone
+    too (a mutation round found a refused load that kept the file's dropout, 2026-12-07)."""
+    return {n: {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _SETTINGS)}
+            for n, m in model.named_modules()}
+
+
 def snapshot(model):
-    """Everything a failed call must leave alone: module types, values, requires_grad flags."""
+    """Everything a failed call must leave alone: module types, values, requires_grad flags and
+    the modules' plain settings."""
     return ([(n, type(m)) for n, m in model.named_modules()],
             {n: t.clone() for n, t in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            module_settings(model))
 
 
 def assert_unchanged(model, snap):
     """`model` is as `snapshot` saw it."""
-    types, state, flags = snap
+    types, state, flags, settings = snap
     assert [(n, type(m)) for n, m in model.named_modules()] == types
     now = model.state_dict()
     assert now.keys() == state.keys()
     assert all(torch.equal(now[n], state[n]) for n in state)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert module_settings(model) == settings
 
 
 def run_fwd_bwd(layer, block, x, grad_out=None):

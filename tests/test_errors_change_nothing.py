@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import miss_ext
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, module_settings, snapshot
 
 
 def _net():
@@ -442,8 +442,9 @@ def test_interrupts_as_a_layer_call_returns_are_undone_too(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         miss_ext.merge_and_unload(model)
     monkeypatch.undo()
-    types, state, flags = before
+    types, state, flags, settings = before
     assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert module_settings(model) == settings
     assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name])  # the base weights up to the unmerge's rounding
@@ -589,11 +590,15 @@ def test_a_layer_whose_tensor_cannot_load_loads_nothing(layer, kind):
     assert flag() == before
     if layer in ("peft", "bank"):
         assert_unchanged(model, snap)
-    types, values, flags = snap
+    types, values, flags, settings = snap
     now = model.state_dict()
     for name in values:  # the other layers loaded (torch's load is per module); this one did not
         if ".2." in f".{name}" or name.startswith("2."):
             assert torch.equal(now[name], values[name]), name
+    now_settings = module_settings(model)
+    for name in settings:
+        if name == "2" or name.startswith("2.") or ".2." in f".{name}.":
+            assert now_settings[name] == settings[name], name
 
 
 def test_set_extra_state_names_a_description_that_is_no_json():

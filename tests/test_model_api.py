@@ -18,7 +18,7 @@ from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import miss_ext  # noqa: E402
-from conftest import assert_unchanged, snapshot  # noqa: E402
+from conftest import assert_unchanged, module_settings, snapshot  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from miss_ext.adapter_files import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from reference import delta_weight_ref  # noqa: E402
@@ -468,7 +468,7 @@ def test_merge_and_unload_undoes_its_merges_when_a_later_merge_fails(base, monke
     unmerged again and none is unloaded."""
     model = ours(base, "default", targets=["q_proj"])
     miss_ext.apply_miss(model, ["o_proj"], r=R, mode="bat")
-    types, state, flags = snapshot(model)
+    types, state, flags, settings = snapshot(model)
     ids = tokens()
     expected = model(ids).logits
     monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", "bogus")
@@ -476,6 +476,7 @@ def test_merge_and_unload_undoes_its_merges_when_a_later_merge_fails(base, monke
         miss_ext.merge_and_unload(model)
     monkeypatch.delenv("MISS_EXT_BAT_TRANSFORM")
     assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert module_settings(model) == settings
     assert not any(layer.merged for _, layer in miss_ext.miss_layers(model))
     for name, value in model.state_dict().items():  # W + dW - dW: equal up to one rounding
         torch.testing.assert_close(value, state[name], **TOL)

@@ -19,6 +19,7 @@ from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 import miss_ext  # noqa: E402
 import miss_ext.peft  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
+from conftest import module_settings  # noqa: E402
 from tiny_models import R, TARGETS, randomize_blocks, tokens  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -43,16 +44,18 @@ def base():
 
 def snapshot(model):
     """Module types, every parameter value (tied ones under each name), requires_grad flags,
-    and which parameters are the same object."""
+    which parameters are the same object, and the modules' plain settings (conftest's)."""
     params = list(model.named_parameters(remove_duplicate=False))
     return ([(n, type(m)) for n, m in model.named_modules()],
             {n: p.detach().clone() for n, p in params},
             {n: p.requires_grad for n, p in params},
-            [(n, id(p)) for n, p in params])
+            [(n, id(p)) for n, p in params],
+            module_settings(model))
 
 
 def assert_unchanged(model, snap):
-    types, values, flags, ids = snap
+    types, values, flags, ids, settings = snap
+    assert module_settings(model) == settings
     params = list(model.named_parameters(remove_duplicate=False))
     assert [(n, type(m)) for n, m in model.named_modules()] == types
     assert [(n, id(p)) for n, p in params] == ids
