@@ -316,3 +316,15 @@ def test_a_dropped_state_dict_does_not_break_later_merges():
     layer.unmerge()
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x).double(), _unmerged_reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_witness_says_unknown_after_a_cast():
+    """A merged float64 layer cast to float32 (model.float()) holds a block whose values moved by
+    the cast's rounding: documented as unknown (False), not "changed" (merged_block.py). Comparing
+    the float32 block's fingerprint with the float64 one noted at the merge would call every cast
+    a change."""
+    layer = _merged_layer(dtype=torch.float64)
+    assert layer.block_changed_since_merge() is False
+    layer.float()
+    assert layer.miss_block.dtype == torch.float32
+    assert layer.block_changed_since_merge() is False
