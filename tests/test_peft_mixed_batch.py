@@ -21,7 +21,8 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 import miss_ext.peft  # noqa: E402
 from conftest import DEVICES, Recompute, assert_unchanged, checkpointed_net, snapshot  # noqa: E402
 from reference import F64, mixed_dropout_ref  # noqa: E402
-from tiny_models import TARGETS, cross_device_tol, no_eos, tiny_causal_lm, tokens  # noqa: E402
+from tiny_models import (TARGETS, cross_device_tol, mixed_peft_models, no_eos, peft_models_saving_modules,  # noqa: E402
+                         tiny_causal_lm, tiny_fsmt, tokens)
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -35,29 +36,7 @@ NAMES = ["a", "__base__", "b", "c", "a", "b"]
 def build(dtype=torch.float64, dropout=0.0):
     """(accelerated PEFT model with adapters CONFIGS, {name: single-adapter PEFT model}); dropout:
     miss_dropout of "a" (the others 0), or {name: miss_dropout}."""
-    base = no_eos(tiny_causal_lm("llama", dtype=dtype))
-    model = None
-    for name, config in CONFIGS.items():
-        p = dropout.get(name, 0.0) if isinstance(dropout, dict) else dropout if name == "a" else 0.0
-        config = MissConfig(**config, miss_dropout=p)
-        if model is None:
-            model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "miss_block" in key:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
-    singles = {}
-    for name, config in CONFIGS.items():
-        single = get_peft_model(copy.deepcopy(base), MissConfig(**config), adapter_name=name)
-        state = {k: v for k, v in model.state_dict().items() if k.endswith(f"miss_block.{name}")}
-        assert state and not single.load_state_dict(state, strict=False).unexpected_keys
-        singles[name] = single.eval()
-    singles["__base__"] = base
-    miss_ext.peft.accelerate(model)
-    return model.eval(), singles
+    return mixed_peft_models(CONFIGS, dtype, dropout if isinstance(dropout, dict) else {"a": dropout})
 
 
 @pytest.fixture(scope="module")
@@ -308,23 +287,7 @@ def test_modules_to_save_follow_each_row():
     """PEFT's modules_to_save wrapper takes adapter_names too (its own mixed-batch forward): each
     row uses its adapter's copy of lm_head as well as its blocks."""
     base = no_eos(tiny_causal_lm("llama"))
-    configs = {name: MissConfig(r=4, target_modules=["q_proj"], init_weights=False, modules_to_save=["lm_head"])
-               for name in ("a", "b")}
-    model = get_peft_model(copy.deepcopy(base), configs["a"], adapter_name="a")
-    model.add_adapter("b", configs["b"])
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "miss_block" in key or "modules_to_save" in key:
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-    singles = {}
-    for name in ("a", "b"):
-        single = get_peft_model(copy.deepcopy(base), configs[name], adapter_name=name)
-        state = {k: v for k, v in model.state_dict().items() if k.endswith(f".{name}.weight") or
-                 k.endswith(f"miss_block.{name}")}
-        assert not single.load_state_dict(state, strict=False).unexpected_keys
-        singles[name] = single.eval()
-    miss_ext.peft.accelerate(model).eval()
+    model, singles = peft_models_saving_modules(base, ["q_proj"], ["lm_head"])
     ids = tokens(3, 5)
     names = ["b", "a", "__base__"]
     with torch.no_grad():
@@ -1018,24 +981,13 @@ def test_encoder_decoder_beam_search_runs_the_encoder_on_the_unrepeated_names():
         assert not torch.equal(other, model.generate(input_ids=ids[2:], **kwargs)[0])  # the adapters differ
 
 
-def _tiny_fsmt():
-    import transformers
-    config = transformers.FSMTConfig(
-        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
-        max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    torch.manual_seed(0)
-    return transformers.FSMTForConditionalGeneration(config).double().eval()
-
-
 def test_sequence_first_models_refuse_rows_with_different_adapters(tmp_path):
     """FSMT's layers see (sequence, batch, features): rows are matched by x's first dimension, so with
     as many sequences as tokens both PEFT's adapter_names= and mixed_batch passed every shape check
     and gave rows other adapters (row "a" off by 0.37 where the adapter's effect was 0.39; a review
     of 2026-12-03). Now different names raise ValueError naming the model; one name for every row
     (which routes right in any layout) still matches that adapter alone."""
-    base = _tiny_fsmt()
+    base = tiny_fsmt()
     ids, dec = torch.randint(3, 64, (3, 3)), torch.randint(3, 64, (3, 3))
     peft = get_peft_model(copy.deepcopy(base), MissConfig(r=4, target_modules=["fc1", "fc2"], init_weights=False),
                           adapter_name="a")
