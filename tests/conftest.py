@@ -213,10 +213,15 @@ _SETTINGS = (bool, int, float, str, type(None))
 
 
 def module_settings(model):
-    """Each module's public plain-valued attributes (a MissLinear's dropout, r, mode, merged;
-    training): settings that live outside the state_dict, which a failed call must leave alone
-    too (a mutation round found a refused load that kept the file's dropout, 2026-12-07)."""
-    return {n: {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _SETTINGS)}
+    """Each module's public attributes holding plain values, or lists/tuples of them (a
+    MissLinear's dropout, r, mode, merged; training; PEFT's merged_adapters): settings that live
+    outside the state_dict, which a failed call must leave alone too (a mutation round found a
+    refused load that kept the file's dropout, 2026-12-07). Dicts and objects are not compared."""
+    def plain(v):
+        return isinstance(v, _SETTINGS) or (isinstance(v, (list, tuple)) and all(isinstance(e, _SETTINGS) for e in v))
+
+    return {n: {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(m).items()
+                if not k.startswith("_") and plain(v)}
             for n, m in model.named_modules()}
 
 

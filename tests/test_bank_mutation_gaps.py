@@ -276,5 +276,8 @@ def test_model_level_adds_check_every_layer_before_changing_any(tmp_path, monkey
     with pytest.raises(ValueError, match=r"nothing was loaded:\n  lin2: the block is not floating point or holds"):
         miss_ext.load_bank_adapter(model, "big", str(tmp_path / "big"))
     assert calls == []
+    miss_ext.add_bank_adapter(model, "ok", r=2)  # the positive control: an accepted add reaches each layer
+    assert calls == ["add_adapter", "add_adapter"]
+    miss_ext.remove_bank_adapter(model, "ok")
     monkeypatch.undo()
     assert miss_ext.bank_adapter_names(model) == []

@@ -45,7 +45,7 @@ def test_beam_search_returning_fewer_sequences_than_beams_repeats_names_by_num_b
 
 def test_disabled_layers_ignore_adapter_names_in_tuner_and_layer_calls(models):
     """Disabled adapter layers give the base output whatever adapter_names says (PEFT's rule, as
-    its LoRA layers: a disabled layer never reads the names). PeftModel.forward under
+    its LoRA layers: a disabled layer only checks the names, then runs the base). PeftModel.forward under
     disable_adapter() never hands the names to the layers, so only the paths that do reach a
     disabled layer pin it: the tuner (peft_model.base_model) called with adapter_names= and a
     layer called directly, both inside disable_adapter()."""
@@ -62,8 +62,9 @@ def test_disabled_layers_ignore_adapter_names_in_tuner_and_layer_calls(models):
             got_layer = layer(x, adapter_names=names)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(got_layer, base_x, rtol=1e-12, atol=1e-12)
-        # enabled again: the names apply (so the check above is not vacuous)
+        # enabled again: the names apply (so the checks above are not vacuous)
         assert not torch.allclose(model.base_model(ids, adapter_names=names).logits[0], want[0])
+        assert not torch.allclose(layer(x, adapter_names=names)[:2], base_x[:2])
 
 
 def test_a_sequence_first_models_modules_to_save_follow_one_name_for_every_row():

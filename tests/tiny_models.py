@@ -131,7 +131,9 @@ def peft_models_saving_modules(base, target_modules: list, modules_to_save: list
         single = get_peft_model(copy.deepcopy(base), configs[name], adapter_name=name)
         state = {k: v for k, v in model.state_dict().items()
                  if k.endswith(f"miss_block.{name}") or f".modules_to_save.{name}." in k}
-        assert not single.load_state_dict(state, strict=False).unexpected_keys
+        result = single.load_state_dict(state, strict=False)
+        assert state and not result.unexpected_keys
+        assert not [k for k in result.missing_keys if k.endswith(f"miss_block.{name}") or f".modules_to_save.{name}." in k]
         singles[name] = single.eval()
     miss_ext.peft.accelerate(model)
     return model.eval(), singles
