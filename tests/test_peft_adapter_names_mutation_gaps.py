@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
-from tiny_models import mixed_peft_models, peft_models_saving_modules, tiny_fsmt, tokens  # noqa: E402
+from tiny_models import mixed_peft_models, no_eos, tiny_causal_lm, tiny_fsmt, tokens  # noqa: E402
 
 CONFIGS = {
     "a": dict(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
@@ -23,7 +23,7 @@ CONFIGS = {
 def models():
     """(accelerated PEFT model with adapters CONFIGS, eval, float64; {name: single-adapter PEFT
     model with the same block, or the base model for "__base__"})."""
-    return mixed_peft_models(CONFIGS, scale=0.3)
+    return mixed_peft_models(no_eos(tiny_causal_lm("llama")), CONFIGS, scale=0.3)
 
 
 def test_beam_search_returning_fewer_sequences_than_beams_repeats_names_by_num_beams(models):
@@ -74,7 +74,8 @@ def test_a_sequence_first_models_modules_to_save_follow_one_name_for_every_row()
     fails. Every row named "b" (not the active adapter) equals a PEFT model holding "b" alone,
     its fc2 copy included."""
     base = tiny_fsmt()
-    model, singles = peft_models_saving_modules(base, ["fc1"], ["fc2"], seed=4, scale=0.3)
+    configs = {n: dict(r=4, target_modules=["fc1"], modules_to_save=["fc2"], init_weights=False) for n in ("a", "b")}
+    model, singles = mixed_peft_models(base, configs, seed=4, scale=0.3)
     ids, dec = torch.randint(3, 64, (3, 4)), torch.randint(3, 64, (3, 4))
     with torch.no_grad():
         want = singles["b"](input_ids=ids, decoder_input_ids=dec).logits

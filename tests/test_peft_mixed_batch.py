@@ -21,8 +21,8 @@ from peft import MissConfig, get_peft_model  # noqa: E402
 import miss_ext.peft  # noqa: E402
 from conftest import DEVICES, Recompute, assert_unchanged, checkpointed_net, snapshot  # noqa: E402
 from reference import F64, mixed_dropout_ref  # noqa: E402
-from tiny_models import (TARGETS, cross_device_tol, mixed_peft_models, no_eos, peft_models_saving_modules,  # noqa: E402
-                         tiny_causal_lm, tiny_fsmt, tokens)
+from tiny_models import (TARGETS, cross_device_tol, mixed_peft_models, no_eos, tiny_causal_lm, tiny_fsmt,  # noqa: E402
+                         tokens)
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONFIGS = {
@@ -36,7 +36,8 @@ NAMES = ["a", "__base__", "b", "c", "a", "b"]
 def build(dtype=torch.float64, dropout=0.0):
     """(accelerated PEFT model with adapters CONFIGS, {name: single-adapter PEFT model}); dropout:
     miss_dropout of "a" (the others 0), or {name: miss_dropout}."""
-    return mixed_peft_models(CONFIGS, dtype, dropout if isinstance(dropout, dict) else {"a": dropout})
+    return mixed_peft_models(no_eos(tiny_causal_lm("llama", dtype=dtype)), CONFIGS,
+                             dropout if isinstance(dropout, dict) else {"a": dropout})
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +288,9 @@ def test_modules_to_save_follow_each_row():
     """PEFT's modules_to_save wrapper takes adapter_names too (its own mixed-batch forward): each
     row uses its adapter's copy of lm_head as well as its blocks."""
     base = no_eos(tiny_causal_lm("llama"))
-    model, singles = peft_models_saving_modules(base, ["q_proj"], ["lm_head"])
+    configs = {name: dict(r=4, target_modules=["q_proj"], init_weights=False, modules_to_save=["lm_head"])
+               for name in ("a", "b")}
+    model, singles = mixed_peft_models(base, configs, seed=1)
     ids = tokens(3, 5)
     names = ["b", "a", "__base__"]
     with torch.no_grad():

@@ -72,17 +72,16 @@ def peft_model(base, mode: str, adapter_name: str = "default", dropout: float = 
     return model
 
 
-def mixed_peft_models(configs: dict, dtype=torch.float64, dropouts: Optional[dict] = None, scale: float = 0.1):
-    """(PEFT model holding every adapter of `configs` {name: MissConfig keywords} with random
-    float64-drawn blocks, accelerated by miss_ext.peft, eval; {name: a single-adapter PEFT model
-    with the same block, eval; "__base__": the base model}): the references of PEFT's
-    adapter_names= tests. `dropouts` {name: miss_dropout} for the mixed model (the singles have
-    none)."""
+def mixed_peft_models(base, configs: dict, dropouts: Optional[dict] = None, seed: int = 0, scale: float = 0.1):
+    """(PEFT model on a deep copy of `base` holding every adapter of `configs` {name: MissConfig
+    keywords}, its blocks set by randomize_blocks(seed, scale) and the copies of modules the
+    configs save whole moved by random values, accelerated by miss_ext.peft, eval; {name: a
+    single-adapter PEFT model holding the same values, eval; "__base__": `base`}): the references
+    of PEFT's adapter_names= tests. `dropouts` {name: miss_dropout} for the mixed model only."""
     from peft import MissConfig, get_peft_model
 
     import miss_ext.peft
 
-    base = no_eos(tiny_causal_lm("llama", dtype=dtype))
     model = None
     for name, config in configs.items():
         config = MissConfig(**config, miss_dropout=(dropouts or {}).get(name, 0.0))
@@ -90,50 +89,20 @@ def mixed_peft_models(configs: dict, dtype=torch.float64, dropouts: Optional[dic
             model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
         else:
             model.add_adapter(name, config)
-    gen = torch.Generator().manual_seed(0)
+    randomize_blocks(model, scale=scale, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for key, p in model.named_parameters():
-            if "miss_block" in key:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
-    singles = {}
+            if ".modules_to_save." in key:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+    singles = {"__base__": base}
     for name, config in configs.items():
+        def own(key):
+            return key.endswith(f"miss_block.{name}") or f".modules_to_save.{name}." in key
+
         single = get_peft_model(copy.deepcopy(base), MissConfig(**config), adapter_name=name)
-        state = {k: v for k, v in model.state_dict().items() if k.endswith(f"miss_block.{name}")}
-        assert state and not single.load_state_dict(state, strict=False).unexpected_keys
-        singles[name] = single.eval()
-    singles["__base__"] = base
-    miss_ext.peft.accelerate(model)
-    return model.eval(), singles
-
-
-def peft_models_saving_modules(base, target_modules: list, modules_to_save: list, names=("a", "b"), seed: int = 1,
-                               scale: float = 0.1):
-    """(PEFT model on a deep copy of `base` holding adapters `names` (default mode, r=4) that each
-    also save `modules_to_save` whole, its blocks and saved copies moved by random values,
-    accelerated by miss_ext.peft, eval; {name: a single-adapter PEFT model with the same values,
-    eval}): the references of adapter_names= tests through PEFT's modules_to_save wrapper."""
-    from peft import MissConfig, get_peft_model
-
-    import miss_ext.peft
-
-    configs = {name: MissConfig(r=4, target_modules=target_modules, init_weights=False,
-                                modules_to_save=modules_to_save) for name in names}
-    model = get_peft_model(copy.deepcopy(base), configs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, configs[name])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "miss_block" in key or "modules_to_save" in key:
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
-    singles = {}
-    for name in names:
-        single = get_peft_model(copy.deepcopy(base), configs[name], adapter_name=name)
-        state = {k: v for k, v in model.state_dict().items()
-                 if k.endswith(f"miss_block.{name}") or f".modules_to_save.{name}." in k}
-        result = single.load_state_dict(state, strict=False)
-        assert state and not result.unexpected_keys
-        assert not [k for k in result.missing_keys if k.endswith(f"miss_block.{name}") or f".modules_to_save.{name}." in k]
+        result = single.load_state_dict({k: v for k, v in model.state_dict().items() if own(k)}, strict=False)
+        assert not result.unexpected_keys and not [k for k in result.missing_keys if own(k)]
         singles[name] = single.eval()
     miss_ext.peft.accelerate(model)
     return model.eval(), singles
