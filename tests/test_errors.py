@@ -545,6 +545,30 @@ def test_in_place_ops_refuse_inference_tensors_before_writing(op, inputs_inferen
     assert torch.equal(target, expected) and not torch.equal(target, before)
 
 
+@pytest.mark.parametrize("op", list(_in_place_calls("cpu")) + ["split_addmm_"])
+def test_in_place_meta_kernels_refuse_inference_tensors_as_the_real_kernels_do(op):
+    """A meta (or fake, or compile-traced) call of an in-place op on an inference tensor outside
+    inference mode raises the CPU kernel's error, so a trace refuses what the run would. The Meta
+    kernels used to skip that check (a mutation round, 2026-12-07): the trace accepted the call and
+    the run failed. Inside inference mode both accept it."""
+    if op == "split_addmm_":
+        bf = dict(dtype=torch.bfloat16)
+        name, written, call, others = ("y", rand(4, 6, **bf), lambda y, a, b: torch.ops.miss.split_addmm_(y, a, b),
+                                       [rand(4, 5, **bf), rand(5, 6, **bf)])
+    else:
+        name, written, call, others = _in_place_calls("cpu")[op]
+    message = rf"miss: {op.split('-')[0]} {name} is an inference tensor .*nothing was changed"
+    with torch.inference_mode():
+        target = written.clone()
+        meta_target = written.to("meta")
+    meta_others = [t.to("meta") for t in others]
+    with pytest.raises(RuntimeError, match=message):
+        call(target, *others)
+    with pytest.raises(RuntimeError, match=message):
+        call(meta_target, *meta_others)
+    with torch.inference_mode():
+        call(meta_target, *meta_others)
+
 def test_every_op_refuses_a_strided_nested_tensor_by_name():
     """A strided nested tensor (torch.nested.nested_tensor's default layout) reached the ops'
     Autograd kernels, which read its sizes: c10's "Internal error: NestedTensorImpl doesn't

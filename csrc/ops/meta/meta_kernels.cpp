@@ -1,5 +1,8 @@
 // Meta kernels: shapes and dtypes only, from symbolic sizes, so torch.compile and torch.export
-// trace the ops with dynamic shapes. They validate exactly as the real kernels do.
+// trace the ops with dynamic shapes. They validate as the real kernels do (an in-place op's
+// inference-tensor refusal included, so a fake or meta trace refuses what the run would), but for
+// memory overlap: that check reads strides and offsets as concrete numbers, which a trace with
+// symbolic shapes does not have, and traced in-place ops are functionalized before they run.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -21,6 +24,7 @@ at::Tensor fold_meta(const at::Tensor& x, int64_t r, double p, const std::option
 void tile_add_meta(at::Tensor& out, const at::Tensor& src, double alpha, double p,
                    const std::optional<at::Tensor>& key) {
   check_tile_add_args(out, src, p, key);
+  check_writable("tile_add_", out, "out");
 }
 
 at::Tensor tile_add_functional_meta(const at::Tensor& out, const at::Tensor& src, double alpha, double p,
@@ -42,6 +46,7 @@ at::Tensor merge_meta(const at::Tensor& weight, const at::Tensor& block, bool re
 
 void merge_inplace_meta(at::Tensor& weight, const at::Tensor& block, bool reverse) {
   check_merge_args(weight, block);
+  check_writable("merge_", weight, "weight");
 }
 
 at::Tensor bat_transform_meta(const at::Tensor& w, const at::Tensor& m, const at::Tensor& p,
@@ -53,6 +58,7 @@ at::Tensor bat_transform_meta(const at::Tensor& w, const at::Tensor& m, const at
 
 void bat_transform_inplace_meta(at::Tensor& w, const at::Tensor& m, const at::Tensor& p, bool /*residual*/) {
   check_bat_transform_args(w, m, p);
+  check_writable("bat_transform_", w, "w");
 }
 
 at::Tensor bat_weight_meta(const at::Tensor& weight, const at::Tensor& block, std::optional<at::ScalarType> dtype) {
@@ -76,6 +82,7 @@ at::Tensor bank_add_meta(const at::Tensor& y, const at::Tensor& s, const at::Ten
 void bank_add_inplace_meta(at::Tensor& y, const at::Tensor& s, const at::Tensor& bank, const at::Tensor& ranks,
                            const at::Tensor& periods, const at::Tensor& index, bool per_row_fold) {
   check_bank_args(y, s, bank, ranks, periods, index);
+  check_writable("bank_add_", y, "y");
 }
 
 std::tuple<at::Tensor, at::Tensor> bank_add_backward_meta(const at::Tensor& grad, const at::Tensor& s,
@@ -109,6 +116,7 @@ at::Tensor split_addmm_meta(const at::Tensor& y, const at::Tensor& a, const at::
 
 void split_addmm_inplace_meta(at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
   check_split_addmm_args("split_addmm_", y, a, b);
+  check_writable("split_addmm_", y, "y");
 }
 
 at::Tensor split_bf16_meta(const at::Tensor& t, int64_t parts, at::IntArrayRef order, int64_t dim) {
