@@ -489,6 +489,8 @@ def _in_place_calls(device):
         "bank_add_": ("y", r(3, 8), lambda y, s, bank, ranks, periods, index: ops.bank_add_(y, s, bank, ranks, periods,
                                                                                             index),
                       [r(3, 2), r(1, 2, 8), i64(2), i64(8), i64(0, 0, -1)]),
+        "split_addmm_": ("y", r(4, 6).bfloat16(), lambda y, a, b: ops.split_addmm_(y, a, b),
+                         [r(4, 5).bfloat16(), r(5, 6).bfloat16()]),
     }
 
 
@@ -545,18 +547,13 @@ def test_in_place_ops_refuse_inference_tensors_before_writing(op, inputs_inferen
     assert torch.equal(target, expected) and not torch.equal(target, before)
 
 
-@pytest.mark.parametrize("op", list(_in_place_calls("cpu")) + ["split_addmm_"])
+@pytest.mark.parametrize("op", list(_in_place_calls("cpu")))
 def test_in_place_meta_kernels_refuse_inference_tensors_as_the_real_kernels_do(op):
     """A meta (or fake, or compile-traced) call of an in-place op on an inference tensor outside
     inference mode raises the CPU kernel's error, so a trace refuses what the run would. The Meta
     kernels used to skip that check (a mutation round, 2026-12-07): the trace accepted the call and
     the run failed. Inside inference mode both accept it."""
-    if op == "split_addmm_":
-        bf = dict(dtype=torch.bfloat16)
-        name, written, call, others = ("y", rand(4, 6, **bf), lambda y, a, b: torch.ops.miss.split_addmm_(y, a, b),
-                                       [rand(4, 5, **bf), rand(5, 6, **bf)])
-    else:
-        name, written, call, others = _in_place_calls("cpu")[op]
+    name, written, call, others = _in_place_calls("cpu")[op]
     message = rf"miss: {op.split('-')[0]} {name} is an inference tensor .*nothing was changed"
     with torch.inference_mode():
         target = written.clone()
@@ -568,6 +565,7 @@ def test_in_place_meta_kernels_refuse_inference_tensors_as_the_real_kernels_do(o
         call(meta_target, *meta_others)
     with torch.inference_mode():
         call(meta_target, *meta_others)
+
 
 def test_every_op_refuses_a_strided_nested_tensor_by_name():
     """A strided nested tensor (torch.nested.nested_tensor's default layout) reached the ops'
@@ -614,20 +612,9 @@ def test_bat_transform_refuses_columns_that_do_not_tile(in_place):
         (ops.bat_transform_ if in_place else ops.bat_transform)(w, m, p)
     assert torch.equal(w, before)
 
-# M37 (inplace_version.cpp: split_addmm_ dropped from the ADInplaceOrView list). tests/test_errors.py's
-# _in_place_calls lists merge_, tile_add_, bat_transform_ and bank_add_ but not split_addmm_.
-@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
-def test_split_addmm_bumps_the_version_counter(mode):
-    import contextlib
-    bf = dict(dtype=torch.bfloat16)
-    y, a, b = rand(4, 6, **bf), rand(4, 3, **bf), rand(3, 6, **bf)
-    context = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
-    before = y._version
-    with context():
-        ops.split_addmm_(y, a, b)
-    assert y._version > before
 
-
+# M37 (inplace_version.cpp: split_addmm_ dropped from the ADInplaceOrView list) is killed by
+# test_in_place_ops_bump_the_version_counter_in_every_mode[split_addmm_] and by this test.
 def test_split_addmm_between_forward_and_backward_is_detected():
     bf = dict(dtype=torch.bfloat16)
     y = rand(4, 6, **bf)

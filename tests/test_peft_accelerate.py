@@ -259,11 +259,12 @@ def test_merged_adapters_travel_in_the_state_dict(base, mode, tmp_path):
     assert not any(m.merged_adapters for m in again.modules() if isinstance(m, AcceleratedMissLinear))
     torch.testing.assert_close(again(ids).logits, expected, **TOL)
 
+
 def test_an_unmerged_snapshot_loaded_non_strictly_into_a_merged_model_is_refused_whole():
     """An unmerged state_dict copy loaded with strict=False into the merged model (the sequence
     fuzz, 2026-12-07): plain PEFT loads it, its layers still say merged, and the next unmerge
-    subtracts dW from the unmerged weight (in the fuzz's case, logits 0.013 off). The accelerated model
-    refuses it and changes nothing, so the unmerge gives the first logits back."""
+    subtracts dW from the unmerged weight (in the fuzz's case, logits 0.013 off). The accelerated
+    model refuses it and changes nothing, so the unmerge gives the first logits back."""
     model = accelerate(peft_model(tiny_causal_lm("llama"), "default").eval())
     ids = tokens(2, 5)
     with torch.no_grad():
@@ -277,7 +278,6 @@ def test_an_unmerged_snapshot_loaded_non_strictly_into_a_merged_model_is_refused
     model.unmerge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, **TOL)
-
 
 
 def test_a_state_dict_kept_across_disable_adapter_loads_right_or_is_refused(base, tmp_path):
