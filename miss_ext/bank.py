@@ -551,6 +551,19 @@ def check_bank_size(capacity: object, max_r: object) -> None:
                              "(2**63 - 1)")
 
 
+# The slot description's length in a state_dict: at least this many bytes per slot, padded with
+# spaces. torch.distributed.checkpoint loads into a state_dict of the same tensor sizes, and the
+# JSON's own length changes with every name and rate: a checkpoint loaded into a bank whose slots
+# held other names, other rates or none (a model built again to resume) failed inside dcp with
+# "Size mismatch" for _extra_state (a review, 2026-12-07). Padded, it loads into any bank of the
+# same capacity and max_r while the description fits: names of up to about 150 bytes each (JSON
+# escapes count; the rest of a slot's entry takes at most about 45). A longer description keeps
+# its own length, and loads with dcp only into a bank whose description has that length, as every
+# description did before. The cost: 256 bytes a slot, beside the bank's capacity * max_r *
+# out_features elements.
+SLOT_DESCRIPTION_BYTES = 256
+
+
 class MissBankLinear(BaseTensorAttributes, nn.Module):
     """A frozen linear layer with a bank of MiSS adapters, one adapter per row of a batch.
 
@@ -1268,8 +1281,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """The slots' names, modes, dropout rates and absent flags, which the state_dict carries
         beside the bank, ranks and periods: a 1-D uint8 tensor of their JSON text (a tensor, not a
         dict: the state_dict stays all tensors, for safetensors and clone()); set_extra_state
-        reads it back."""
-        return json_tensor(self._slot_description())
+        reads it back. Padded with spaces to SLOT_DESCRIPTION_BYTES per slot: see there."""
+        return json_tensor(self._slot_description(), min_bytes=SLOT_DESCRIPTION_BYTES * self.capacity)
 
     def _apply(self, fn, recurse=True):
         # The slot tensors go where the module's tensors go (.to(), .cuda(), to_empty(), ...), as

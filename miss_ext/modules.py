@@ -157,10 +157,12 @@ def _after_autocast(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     return dtype if dtype is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
 
 
-def json_tensor(value) -> Tensor:
+def json_tensor(value, min_bytes: int = 0) -> Tensor:
     """`value` as a uint8 tensor of its JSON text: state that must travel in a state_dict, which
-    stays all tensors (safetensors, clone())."""
-    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    stays all tensors (safetensors, clone()). Padded with trailing spaces (JSON whitespace, which
+    tensor_json and any JSON reader skip) to at least `min_bytes` bytes."""
+    text = json.dumps(value).encode()
+    return torch.frombuffer(bytearray(text.ljust(min_bytes)), dtype=torch.uint8)
 
 
 def tensor_json(encoded: Tensor):

@@ -1811,13 +1811,27 @@ def _unload_aliases(model: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_blocks_of_another_mode(model: nn.Module) -> None:
-    """The accelerated layers read each adapter's mode from its block's shape (3-D: bat). A block
-    whose shape says another mode than its adapter's config (bat or not) is a leftover of a failed
-    add_adapter in PEFT 0.21 (see AcceleratedMissModel.inject_adapter), which the name's next
-    add_adapter activated: PEFT's forward fails on it, ours would run and train it. ValueError
-    naming the layers before anything changes. (A mini block that PEFT's merge tiled to (r, out)
-    keeps its adapter's output: not refused.)"""
+def _config_block_shapes(config, layer: PeftMissLinear) -> tuple:
+    """The block shapes adapter `config` has on `layer`: PEFT's update_layer's ((r, out); mini
+    (r, mini_r); bat (out // r, r, r)), and for mini also (r, out), what PEFT's merge tiles a mini
+    block to (it keeps the adapter's output)."""
+    r, out = config.r, layer.out_features
+    if config.init_weights == "bat":
+        return ((out // r, r, r),)
+    if config.init_weights == "mini":
+        return ((r, config.mini_r), (r, out))
+    return ((r, out),)
+
+
+def _refuse_blocks_unlike_their_config(model: nn.Module) -> None:
+    """The accelerated layers read each adapter's mode from its block's shape (3-D: bat; fewer
+    columns than out_features: mini). A block whose shape is not the one its adapter's config
+    gives (another mode, another r, another mini_r) is a leftover of a failed add_adapter in PEFT
+    0.21 (see AcceleratedMissModel.inject_adapter), which the name's next add_adapter activated:
+    PEFT's forward fails on it, ours would run and train it (a mini-shaped leftover under a
+    default config ran as mini, a review found, 2026-12-07). ValueError naming the layers before
+    anything changes. (A mini block that PEFT's merge tiled to (r, out) keeps its adapter's
+    output: not refused.)"""
     stray = []
     for tuner in (m for m in model.modules() if type(m) in (MissModel, AcceleratedMissModel)):
         for path, layer in tuner.model.named_modules():
@@ -1825,14 +1839,16 @@ def _refuse_blocks_of_another_mode(model: nn.Module) -> None:
                 continue
             for name, block in layer.miss_block.items():
                 config = tuner.peft_config.get(name)
-                if config is not None and (config.init_weights == "bat") != _is_bat(block):
-                    stray.append(f"{path} ({name!r}: block {tuple(block.shape)}, config init_weights="
-                                 f"{config.init_weights!r})")
+                if config is not None and tuple(block.shape) not in _config_block_shapes(config, layer):
+                    stray.append(f"{path} ({name!r}: block {tuple(block.shape)}, config r={config.r}, "
+                                 + (f"mini_r={config.mini_r}, " if config.init_weights == "mini" else "")
+                                 + f"init_weights={config.init_weights!r})")
     if stray:
-        raise ValueError(f"accelerate: {describe(stray)} hold a block of another mode than its adapter's config, "
-                         "a leftover of a failed add_adapter (PEFT 0.21 keeps the blocks it added to earlier layers when a "
-                         "later one refuses the adapter), which PEFT's forward cannot run; delete_adapter(name) removes "
-                         "every layer's block of that adapter, then add it again. Nothing was changed")
+        raise ValueError(f"accelerate: {describe(stray)} hold a block whose shape is not the one its adapter's config "
+                         "gives (another mode or rank), a leftover of a failed add_adapter (PEFT 0.21 keeps the blocks it "
+                         "added to earlier layers when a later one refuses the adapter), which PEFT's forward cannot run; "
+                         "delete_adapter(name) removes every layer's block of that adapter, then add it again. Nothing "
+                         "was changed")
 
 
 def _refuse_offloaded_blocks(model: nn.Module, named) -> None:
@@ -1879,7 +1895,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     named = [(path, m) for path, m in model.named_modules() if type(m) is PeftMissLinear]
     if not named and not _miss_layers(model, AcceleratedMissLinear):
         raise ValueError("accelerate: the model has no peft.tuners.miss.MissLinear layer")
-    _refuse_blocks_of_another_mode(model)
+    _refuse_blocks_unlike_their_config(model)
     _refuse_offloaded_blocks(model, named)
     parents = {path: parent_module(model, path) for path, _ in named}
     never_run = [path for path, parent in parents.items() if isinstance(parent, WEIGHT_READING_PARENTS)]

@@ -407,6 +407,46 @@ def test_state_dict_round_trip_keeps_the_slots(folders):
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, **TOL)
 
 
+def test_a_distributed_checkpoint_loads_into_a_bank_built_again_with_other_or_no_slots(folders, tmp_path):
+    """torch.distributed.checkpoint loads into a state_dict of the same tensor sizes. The slot
+    description is padded to a length set by the capacity (bank.SLOT_DESCRIPTION_BYTES), so a bank
+    built again to resume loads the checkpoint whatever its slots held: none, other names, other
+    dropout rates (before, dcp.load failed inside dcp with "Size mismatch" for _extra_state: a
+    review, 2026-12-07). One process, no process group: the sizes are what this checks (multi-rank
+    dcp: test_fsdp.py)."""
+    import torch.distributed.checkpoint as dcp
+    from miss_ext.modules import tensor_json
+
+    base, _ = folders
+    model = bank_model(folders, capacity=6)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dcp without a process group: it assumes one process
+        dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "checkpoint"))
+    ids = tokens(len(NAMES), 5)
+    rates = [layer.dropouts for layer in model.modules() if isinstance(layer, MissBankLinear)]
+    for names, dropout in (([], 0.0), (["x", "an_adapter_with_a_much_longer_name"], 0.25)):
+        fresh = miss_ext.apply_bank(copy.deepcopy(base), targets, capacity=6, max_r=8).eval()
+        for name in names:
+            miss_ext.add_bank_adapter(fresh, name, r=2, dropout=dropout)
+        state = fresh.state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=str(tmp_path / "checkpoint"))
+        fresh.load_state_dict(state)
+        assert miss_ext.bank_adapter_names(fresh) == miss_ext.bank_adapter_names(model)
+        assert [layer.dropouts for layer in fresh.modules() if isinstance(layer, MissBankLinear)] == rates
+        with torch.no_grad(), miss_ext.mixed_batch(model, NAMES), miss_ext.mixed_batch(fresh, NAMES):
+            torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # A description longer than the budget keeps its own length (and reads back whole).
+    from miss_ext.bank import SLOT_DESCRIPTION_BYTES
+    long = miss_ext.apply_bank(copy.deepcopy(base), ["q_proj"], capacity=1, max_r=2)
+    miss_ext.add_bank_adapter(long, "n" * 300, r=2)
+    extra = long.model.layers[0].self_attn.q_proj.state_dict()["_extra_state"]
+    assert extra.numel() > SLOT_DESCRIPTION_BYTES
+    assert tensor_json(extra)["adapter_names"] == ["n" * 300]
+
+
 def test_mini_adapter_whose_mini_r_equals_a_layers_out_saves_as_mini(folders, tmp_path):
     """k_proj has out = 16: a mini adapter with mini_r = 16 has a block as wide as a default one
     there; the saved config must still say mini (the mode is kept per slot, not guessed)."""

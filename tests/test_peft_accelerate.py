@@ -1057,6 +1057,49 @@ def test_a_failed_add_adapter_leaves_no_block_behind(base):
     assert is_accelerated(accelerate(leftover))
 
 
+class _ThreeLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 96), nn.Linear(96, 8), nn.Linear(8, 64)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("first, second, shape", [
+    # A mini leftover under a default config: PEFT's forward (the layer's first adapter's mode,
+    # default) fails on it; the accelerated layer read mini from its shape and trained it.
+    (MissConfig(r=4, mini_r=48, init_weights="mini", target_modules=["a", "c"]),
+     MissConfig(r=4, target_modules=["b"]), (4, 48)),
+    # ... under a mini config of another mini_r: PEFT's forward fails the same way.
+    (MissConfig(r=4, mini_r=48, init_weights="mini", target_modules=["a", "c"]),
+     MissConfig(r=4, mini_r=32, init_weights="mini", target_modules=["c"]), (4, 48)),
+    # Another r (c refuses r=16 > in_features=8): PEFT runs and trains it with its own r, saves
+    # it, and PeftModel.from_pretrained drops it without a word (the config does not target a).
+    (MissConfig(r=16, target_modules=["a", "c"]), MissConfig(r=4, target_modules=["b"]), (16, 96)),
+])
+def test_accelerate_refuses_a_leftover_block_whose_shape_its_config_does_not_give(first, second, shape):
+    """A failed add_adapter's leftover (PEFT 0.21 keeps the blocks it added to the layers before
+    the one that refused) of another mode, mini_r or r than the config the name's next add_adapter
+    gave: refused by name, nothing changed (a review, 2026-12-07: only bat against non-bat was)."""
+    torch.manual_seed(0)
+    from peft import get_peft_model
+    model = get_peft_model(_ThreeLinears(), MissConfig(r=4, target_modules=["a", "b"]))
+    with pytest.raises(ValueError):
+        model.add_adapter("z", first)
+    model.add_adapter("z", second)
+    assert tuple(model.base_model.model.a.miss_block["z"].shape) == shape  # the leftover
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"a \('z': block {re.escape(str(shape))}, config r={second.r}, .*"
+                                         r"delete_adapter\(name\)"):
+        accelerate(model)
+    assert not is_accelerated(model)
+    assert_unchanged(model, before)
+    model.delete_adapter("z")
+    model.add_adapter("z", second)
+    assert is_accelerated(accelerate(model))
+
+
 @pytest.mark.parametrize("mode", ["default", "bat"])
 def test_the_whole_peft_model_compiles_with_fullgraph(base, mode):
     """torch.compile(fullgraph=True) of the accelerated PeftModel itself (not a layer): training,
