@@ -556,11 +556,11 @@ def check_bank_size(capacity: object, max_r: object) -> None:
 # JSON's own length changes with every name and rate: a checkpoint loaded into a bank whose slots
 # held other names, other rates or none (a model built again to resume) failed inside dcp with
 # "Size mismatch" for _extra_state (a review, 2026-12-07). Padded, it loads into any bank of the
-# same capacity and max_r while the description fits: names of up to about 150 bytes each (JSON
-# escapes count; the rest of a slot's entry takes at most about 45). A longer description keeps
-# its own length, and loads with dcp only into a bank whose description has that length, as every
-# description did before. The cost: 256 bytes a slot, beside the bank's capacity * max_r *
-# out_features elements.
+# same capacity and max_r while the description fits: names of up to about 150 characters each
+# in ASCII (JSON escapes every other character to 6 or 12 bytes; the rest of a slot's entry takes
+# at most about 45). A longer description keeps its own length, as every description did before:
+# docs/multi_gpu.md shows how dcp loads it (the entries sized from the checkpoint's metadata). The
+# cost: 256 bytes a slot, beside the bank's capacity * max_r * out_features elements.
 SLOT_DESCRIPTION_BYTES = 256
 
 

@@ -1811,44 +1811,56 @@ def _unload_aliases(model: nn.Module) -> nn.Module:
     return model
 
 
-def _config_block_shapes(config, layer: PeftMissLinear) -> tuple:
-    """The block shapes adapter `config` has on `layer`: PEFT's update_layer's ((r, out); mini
-    (r, mini_r); bat (out // r, r, r)), and for mini also (r, out), what PEFT's merge tiles a mini
-    block to (it keeps the adapter's output)."""
+def _config_block_shapes(config, layer: PeftMissLinear, name: str) -> tuple:
+    """The block shapes adapter `name`'s `config` gives it on `layer`: PEFT's update_layer's
+    ((r, out); mini (r, mini_r); bat (out // r, r, r)), and for mini also (r, out) where the layer
+    recorded the config's mini_r: PEFT's merge of a half-precision block on the CPU writes the
+    block back tiled to (r, out) (it keeps the adapter's output). A default leftover of that shape
+    recorded its own config's mini_r (1 unless set)."""
     r, out = config.r, layer.out_features
     if config.init_weights == "bat":
         return ((out // r, r, r),)
     if config.init_weights == "mini":
-        return ((r, config.mini_r), (r, out))
+        tiled = ((r, out),) if layer.miss_mini_r.get(name) == config.mini_r else ()
+        return ((r, config.mini_r),) + tiled
     return ((r, out),)
+
+
+def _innermost_tuners(model: nn.Module) -> dict:
+    """{PEFT MiSS layer: the innermost MissModel / AcceleratedMissModel above it}. A tuner nested
+    inside another (a submodule made a PeftModel before the whole) has its own peft_config, whose
+    adapter names (PEFT's "default") may be the outer one's too."""
+    owner = {}
+    for tuner in (m for m in model.modules() if type(m) in (MissModel, AcceleratedMissModel)):  # outer first
+        for path, layer in tuner.model.named_modules():
+            if isinstance(layer, PeftMissLinear):
+                owner[layer] = (tuner, path)
+    return owner
 
 
 def _refuse_blocks_unlike_their_config(model: nn.Module) -> None:
     """The accelerated layers read each adapter's mode from its block's shape (3-D: bat; fewer
-    columns than out_features: mini). A block whose shape is not the one its adapter's config
-    gives (another mode, another r, another mini_r) is a leftover of a failed add_adapter in PEFT
-    0.21 (see AcceleratedMissModel.inject_adapter), which the name's next add_adapter activated:
-    PEFT's forward fails on it, ours would run and train it (a mini-shaped leftover under a
-    default config ran as mini, a review found, 2026-12-07). ValueError naming the layers before
-    anything changes. (A mini block that PEFT's merge tiled to (r, out) keeps its adapter's
-    output: not refused.)"""
+    columns than out_features: mini) and its r from the block. A block whose shape is not one its
+    adapter's config gives (another mode, r or mini_r) is a leftover of a failed add_adapter in
+    PEFT 0.21 (see AcceleratedMissModel.inject_adapter), which the name's next add_adapter
+    activated. PEFT's forward fails on another mode; another r it runs and trains, and its
+    from_pretrained then drops the block without a word; ours would run and train either (a
+    mini-shaped leftover under a default config ran as mini, a review found, 2026-12-07).
+    ValueError naming the layers before anything changes."""
     stray = []
-    for tuner in (m for m in model.modules() if type(m) in (MissModel, AcceleratedMissModel)):
-        for path, layer in tuner.model.named_modules():
-            if not isinstance(layer, PeftMissLinear):
-                continue
-            for name, block in layer.miss_block.items():
-                config = tuner.peft_config.get(name)
-                if config is not None and tuple(block.shape) not in _config_block_shapes(config, layer):
-                    stray.append(f"{path} ({name!r}: block {tuple(block.shape)}, config r={config.r}, "
-                                 + (f"mini_r={config.mini_r}, " if config.init_weights == "mini" else "")
-                                 + f"init_weights={config.init_weights!r})")
+    for layer, (tuner, path) in _innermost_tuners(model).items():
+        for name, block in layer.miss_block.items():
+            config = tuner.peft_config.get(name)
+            if config is not None and tuple(block.shape) not in _config_block_shapes(config, layer, name):
+                stray.append(f"{path} ({name!r}: block {tuple(block.shape)}, config r={config.r}, "
+                             + (f"mini_r={config.mini_r}, " if config.init_weights == "mini" else "")
+                             + f"init_weights={config.init_weights!r})")
     if stray:
-        raise ValueError(f"accelerate: {describe(stray)} hold a block whose shape is not the one its adapter's config "
-                         "gives (another mode or rank), a leftover of a failed add_adapter (PEFT 0.21 keeps the blocks it "
-                         "added to earlier layers when a later one refuses the adapter), which PEFT's forward cannot run; "
-                         "delete_adapter(name) removes every layer's block of that adapter, then add it again. Nothing "
-                         "was changed")
+        raise ValueError(f"accelerate: {describe(stray)} hold a block whose shape is not one its adapter's config "
+                         "gives (another mode, r or mini_r): a leftover of a failed add_adapter (PEFT 0.21 keeps the "
+                         "blocks it added to earlier layers when a later one refuses the adapter), which PEFT's forward "
+                         "cannot run or its from_pretrained drops; delete_adapter(name) removes every layer's block of "
+                         "that adapter, then add it again. Nothing was changed")
 
 
 def _refuse_offloaded_blocks(model: nn.Module, named) -> None:

@@ -447,6 +447,54 @@ def test_a_distributed_checkpoint_loads_into_a_bank_built_again_with_other_or_no
     assert tensor_json(extra)["adapter_names"] == ["n" * 300]
 
 
+def test_a_distributed_checkpoint_with_unpadded_slot_descriptions_loads_after_docs_resizing(folders, tmp_path):
+    """A checkpoint written before the slot descriptions were padded (2026-12-07), or one whose
+    names overflow the padding, has descriptions of other lengths: dcp.load refuses it loudly
+    ("Size mismatch"), and docs/multi_gpu.md's lines (the entries given the checkpoint's sizes
+    first, read from its metadata) load it. Saved nested as the docs save it ({"model": ...})."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from miss_ext.modules import json_tensor, tensor_json
+
+    base, _ = folders
+    model = bank_model(folders, capacity=6)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    options = StateDictOptions(ignore_frozen_params=True)
+    path = str(tmp_path / "checkpoint")
+
+    def optimizer(m):
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+
+    model_sd, optim_sd = get_state_dict(model, optimizer(model), options=options)
+    unpadded = {k: json_tensor(tensor_json(v)) if k.endswith("_extra_state") else v for k, v in model_sd.items()}
+    assert any(v.numel() != model_sd[k].numel() for k, v in unpadded.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dcp without a process group: it assumes one process
+        dcp.save({"model": unpadded, "optim": optim_sd}, checkpoint_id=path)
+    fresh = miss_ext.apply_bank(copy.deepcopy(base), targets, capacity=6, max_r=8).eval()
+    opt = optimizer(fresh)
+    model_sd, optim_sd = get_state_dict(fresh, opt, options=options)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings(), pytest.raises(CheckpointException, match="Size mismatch"):
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
+    # docs/multi_gpu.md's lines:
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for key in model_sd:
+        if key.endswith("_extra_state"):
+            model_sd[key] = torch.empty(saved[f"model.{key}"].size, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    assert miss_ext.bank_adapter_names(fresh) == miss_ext.bank_adapter_names(model)
+    ids = tokens(len(NAMES), 5)
+    with torch.no_grad(), miss_ext.mixed_batch(model, NAMES), miss_ext.mixed_batch(fresh, NAMES):
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_mini_adapter_whose_mini_r_equals_a_layers_out_saves_as_mini(folders, tmp_path):
     """k_proj has out = 16: a mini adapter with mini_r = 16 has a block as wide as a default one
     there; the saved config must still say mini (the mode is kept per slot, not guessed)."""

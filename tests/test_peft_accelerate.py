@@ -1077,6 +1077,11 @@ class _ThreeLinears(nn.Module):
     # Another r (c refuses r=16 > in_features=8): PEFT runs and trains it with its own r, saves
     # it, and PeftModel.from_pretrained drops it without a word (the config does not target a).
     (MissConfig(r=16, target_modules=["a", "c"]), MissConfig(r=4, target_modules=["b"]), (16, 96)),
+    # A default leftover under a mini config, (r, out) as a mini block PEFT's merge tiled, but
+    # with the failed config's mini_r recorded (1): PEFT's forward tiles it 96 times and fails (the
+    # review of the first version of this check, which let it through).
+    (MissConfig(r=12, target_modules=["a", "c"]), MissConfig(r=12, mini_r=4, init_weights="mini", target_modules=["b"]),
+     (12, 96)),
 ])
 def test_accelerate_refuses_a_leftover_block_whose_shape_its_config_does_not_give(first, second, shape):
     """A failed add_adapter's leftover (PEFT 0.21 keeps the blocks it added to the layers before
@@ -1098,6 +1103,43 @@ def test_accelerate_refuses_a_leftover_block_whose_shape_its_config_does_not_giv
     model.delete_adapter("z")
     model.add_adapter("z", second)
     assert is_accelerated(accelerate(model))
+
+
+def test_accelerate_accepts_a_mini_block_peft_merge_tiled_and_nested_tuners_sharing_a_name():
+    """Blocks unlike their config's update_layer shape that are no leftovers: PEFT's merge of a
+    half-precision mini block on the CPU writes the block back tiled to (r, out) (the layer keeps
+    the config's mini_r); a tuner nested in another, both with PEFT's adapter name "default", is
+    checked against its own config (the review of the first version refused it against the
+    outer's r)."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)).to(torch.bfloat16)
+    tiled = get_peft_model(net, MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["0", "1"]),
+                           autocast_adapter_dtype=False)
+    randomize_blocks(tiled)
+    tiled.merge_adapter()
+    assert tuple(tiled.base_model.model[0].miss_block["default"].shape) == (4, 32)  # PEFT's write-back
+    assert is_accelerated(accelerate(tiled))
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+            self.dec = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+
+    outer = EncoderDecoder()
+    outer.enc = get_peft_model(outer.enc, MissConfig(r=2, target_modules=["0", "1"])).base_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "modify a model with PEFT for a second time"
+        outer = get_peft_model(outer, MissConfig(r=8, target_modules=["dec.0", "dec.1"]))
+    randomize_blocks(outer)
+    x = torch.randn(3, 16)
+    expected = outer(x)
+    assert is_accelerated(accelerate(outer))
+    torch.testing.assert_close(outer(x), expected)
 
 
 @pytest.mark.parametrize("mode", ["default", "bat"])
