@@ -138,6 +138,26 @@ def _layer_settings(layer: MissLinear) -> Tuple[int, str, int, float]:
     return layer.r, layer.mode, (layer.mini_r if layer.mode == "mini" else 1), layer.dropout
 
 
+def _refuse_blocks_unlike_their_settings(layers) -> None:
+    """ValueError naming the layers whose miss_block has another shape than their r, mode and
+    mini_r give: a block assigned after construction (layer.miss_block = nn.Parameter(...)). The
+    layer computes with the block's own r (the ops read it from the shape), the file would record
+    the settings', and load_adapter and PEFT refuse it (a review, 2026-12-07)."""
+    bad = []
+    for name, layer in layers:
+        expected = block_shape(layer.mode, layer.r, layer.mini_r if layer.mode == "mini" else 1,
+                               layer.in_features, layer.out_features)
+        if tuple(layer.miss_block.shape) != tuple(expected):
+            bad.append(f"{name or 'the model'} (miss_block {tuple(layer.miss_block.shape)}, its r={layer.r}, "
+                       f"mode={layer.mode!r}" + (f", mini_r={layer.mini_r}" if layer.mode == "mini" else "")
+                       + f" give {tuple(expected)})")
+    if bad:
+        raise ValueError(f"save_adapter: nothing was written: {describe(bad)} hold a miss_block of another shape than "
+                         "their settings and sizes give (a block assigned after the layer was made, or in_features / "
+                         "out_features changed since?), which a file could not describe; build the layer with the "
+                         "block's r, mode and mini_r (MissLinear(base, r=...)) and copy the block in")
+
+
 def _uniform_settings(layers) -> Tuple[int, str, int, float]:
     """One MissConfig describes every layer of a PEFT adapter, so the layers must agree."""
     return one_config_settings([(name, _layer_settings(layer)) for name, layer in layers])
@@ -363,6 +383,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     refuse_aliased_layers(model, layers, "save_adapter")
     refuse_meta("save_adapter", [(f"{name}.miss_block", layer.miss_block) for name, layer in layers]
                 + list(saved_extras.items()) + list(saved_buffers.items()))
+    _refuse_blocks_unlike_their_settings(layers)
     r, mode, mini_r, dropout = _uniform_settings(layers)
     # The float32 master blocks, not the gathered bf16 copies a forward may have left (reshard_fsdp).
     fsdp = reshard_fsdp(model)

@@ -687,6 +687,12 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "
                             "or merge it")
         shape = block_shape(mode, r, mini_r, self.in_features, self.out_features, empty_output=True)
+        if mode == "mini" and mini_r > self.out_features:
+            # Only out_features = 0 gets here (every mini_r divides 0): a slot holds its block in
+            # (max_r, out_features) of the bank, where (r, mini_r) does not fit (a raw size error
+            # with a block, a (r, 0) block and a file load_adapter refuses without; a review, 2026-12-07).
+            raise ValueError(f"adapter {name!r}: mini_r={mini_r} is above out_features={self.out_features} of this "
+                             "bank layer, whose slots hold a block in out_features columns")
         if r > self.max_r:
             raise ValueError(f"adapter {name!r} has r={r} > max_r={self.max_r} of this bank")
         check_dropout(dropout)

@@ -101,7 +101,7 @@ def tile_add_(out: Tensor, src: Tensor, alpha: float = 1.0, p: float = 0.0, key:
     new_dropout_key(out.device); the mask is indexed by out's (row, column). Not differentiable
     (see tile_add): RuntimeError for out or src requiring grad. Returns None. ValueError for a
     src without out's leading sizes (unless both are matrices), a 0-dim out or src, an empty src
-    for a non-empty out, src sharing memory with out, or a bad p or key; TypeError for non-float
+    for a non-empty out, src or key sharing memory with out, or a bad p or key; TypeError for non-float
     tensors or a non-int64 key. Source: docs/miss.md, "Default and mini" (dx's adapter part;
     mini's tiling; merge's dW)."""
     torch.ops.miss.tile_add_(out, src, alpha, p, key)

@@ -10,6 +10,7 @@ adapters change, and errors.
 """
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 from miss_ext import MissLinear
 from miss_ext.bank import MissBankLinear
 
-from conftest import DEVICES, autocast_sensitive_inputs
+from conftest import DEVICES, assert_unchanged, autocast_sensitive_inputs, snapshot
 from reference import F64, autocast_linear_ref, mixed_dropout_ref
 
 IN, OUT, MAX_R = 24, 36, 8
@@ -599,6 +600,25 @@ def test_bank_changes_between_calls():
     torch.testing.assert_close(first, expected_rows(base, singles, x, ["a", "b", "c", "d"]))
     torch.testing.assert_close(second, expected_rows(base, singles, x, ["a", "e", "c", "d"]))
     torch.testing.assert_close(third, expected_rows(base, singles, x, ["b", "e", None, "d"]))
+
+
+def test_a_bank_without_output_columns_refuses_mini_adapters_by_mini_r():
+    """out_features = 0: every mini_r divides it, but a slot holds its block in out_features
+    columns, where (r, mini_r) does not fit: a raw size error with a block, a (r, 0) block saved
+    as mini_r=3 (a file load_adapter refuses) without one (a review, 2026-12-07). Refused by name,
+    nothing changed; a default adapter (an (r, 0) block) still goes in."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        bank = MissBankLinear(nn.Linear(8, 0), capacity=2, max_r=4)
+    for block in (torch.randn(2, 3), None):
+        before = snapshot(bank)
+        with pytest.raises(ValueError, match=r"adapter 'a': mini_r=3 is above out_features=0"):
+            bank.add_adapter("a", r=2, mode="mini", mini_r=3, block=block)
+        assert_unchanged(bank, before)
+    with pytest.raises(ValueError, match="mini_r=3 is above out_features=0"):
+        bank.adapter_shape("a", r=2, mode="mini", mini_r=3)
+    bank.add_adapter("d", r=2)
+    assert bank.block("d").shape == (2, 0)
 
 
 def test_refusals_name_the_problem():

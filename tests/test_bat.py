@@ -811,6 +811,21 @@ def _peft_delta(w, blk):
     return (tiles @ blk + blk).permute(1, 2, 0, 3).reshape(out_f, in_f)
 
 
+@pytest.mark.parametrize("choice", ["kernel", "gemm"])
+def test_in_place_merge_of_a_one_row_weight_with_an_odd_row_stride(device, choice, monkeypatch):
+    """A (1, in) weight whose size-1 dimension has a stride other than in (the transpose of an
+    (in, 1) tensor: strides (1, 1)) is contiguous to torch. The GEMM transform's last add took it
+    viewed back with stride in, which add_out refused as a partial overlap with the weight itself
+    (a review, 2026-12-07; the kernel choice worked)."""
+    monkeypatch.setenv("MISS_EXT_BAT_TRANSFORM", choice)
+    w = torch.randn(3, 1, dtype=torch.float64, device=device).t()
+    assert w.stride() == (1, 1) and w.is_contiguous()
+    blk = 0.1 * torch.randn(1, 1, 1, dtype=torch.float64, device=device)
+    expected = bat_weight_ref(w, blk)
+    ops.merge_(w, blk, False)
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("out_f,in_f,r", [(256, 256, 16), (256, 512, 64), (128, 384, 32)])
 @pytest.mark.parametrize("scale", [0.1, 0.002])  # blocks large and small against W

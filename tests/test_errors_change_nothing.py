@@ -630,3 +630,36 @@ def test_remove_bank_adapter_names_a_meta_layer():
     with pytest.raises(ValueError, match=r"remove_bank_adapter: the bank layers 2 are on the meta device"):
         miss_ext.remove_bank_adapter(model, "x")
     assert [list(model[i].adapter_names) for i in (0, 3)] == names
+
+
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_a_merge_into_an_inference_tensor_outside_inference_mode_is_refused_before_any_write(safe_merge):
+    """A model built (or loaded) under torch.inference_mode() holds inference tensors, which torch
+    lets nothing write in place outside it, but a copy_ (safe_merge's) only refused after writing:
+    the layer held W + dW marked unmerged, and every forward added the adapter term twice (1.2 off;
+    a review, 2026-12-07). Refused up front now by MissLinear.merge, the accelerated PEFT layer's
+    merge and merge_and_unload, nothing changed; under inference mode the merge works."""
+    pytest.importorskip("peft")
+    from peft import MissConfig, get_peft_model
+    import miss_ext.peft
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = miss_ext.MissLinear(nn.Linear(8, 8), r=2, init_weights=False)
+        model = miss_ext.apply_miss(_net(), ["0"], r=2)
+        peft = get_peft_model(nn.Sequential(nn.Linear(8, 8)), MissConfig(r=2, target_modules=["0"], init_weights=False))
+        miss_ext.peft.accelerate(peft)
+    calls = [(layer, lambda: layer.merge(safe_merge=safe_merge)),
+             (model, lambda: miss_ext.merge_and_unload(model, safe_merge=safe_merge)),
+             (peft, lambda: peft.merge_adapter(safe_merge=safe_merge))]
+    for owner, call in calls:
+        before = snapshot(owner)
+        with pytest.raises(ValueError, match="inference tensor"):
+            call()
+        assert_unchanged(owner, before)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        expected = layer(x)
+        layer.merge(safe_merge=safe_merge)
+        assert layer.merged
+        torch.testing.assert_close(layer(x), expected)

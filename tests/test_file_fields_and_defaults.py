@@ -4,6 +4,7 @@ through). PEFT's semantics where it has one: its config defaults, safetensors be
 empty layers_to_transform meaning no filter, the layer index looked for past the first name."""
 import collections
 import json
+import re
 import warnings
 
 import pytest
@@ -145,3 +146,17 @@ def test_a_bank_load_drops_an_old_files_other_adapter_named_like_a_bias(tmp_path
     with pytest.warns(UserWarning, match=r"ignored 1 block\(s\) of other adapters \('mybias'"):
         miss_ext.load_bank(bank, {"a": folder})
     assert bank[0].adapter_names[0] == "a"
+
+
+@pytest.mark.parametrize("block_shape", [(4, 6), (2, 3)])
+def test_save_adapter_refuses_a_block_unlike_its_layers_settings(tmp_path, block_shape):
+    """A block assigned after the layer was made ((4, 6) in an r=2 layer; a mini-shaped (2, 3) in
+    a default one): the layer computes with the block's shape, the file recorded the settings, and
+    load_adapter then refused it (a review, 2026-12-07). Refused by name, nothing written."""
+    model = nn.Sequential(nn.Linear(8, 6))
+    miss_ext.apply_miss(model, ["0"], r=2)
+    model[0].miss_block = nn.Parameter(torch.randn(block_shape))
+    with pytest.raises(ValueError, match=rf"nothing was written: 0 \(miss_block {re.escape(str(block_shape))}, its r=2, "
+                                         r"mode='default' give \(2, 6\)\)"):
+        miss_ext.save_adapter(model, str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()

@@ -20,7 +20,8 @@ namespace miss_ext {
 void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, const at::Tensor& p,
                      bool residual) {
   const int64_t in = w.size(1), blocks = m.size(0), r = m.size(1);
-  const at::Tensor w3 = w.to(m.scalar_type()).view({blocks, in, r});
+  const at::Tensor w_m = w.to(m.scalar_type());  // w itself where the dtypes agree
+  const at::Tensor w3 = w_m.view({blocks, in, r});
   const at::Tensor p4 = p.view({blocks, r, 1, r});
   at::Tensor out4 = out.view({blocks, r, in / r, r});
   if (out.scalar_type() == m.scalar_type() && !out.is_alias_of(w)) {
@@ -43,7 +44,10 @@ void bat_kernel_gemm(const at::Tensor& w, at::Tensor& out, const at::Tensor& m, 
     return;
   }
   prod.view({blocks, r, in / r, r}).add_(p4);
-  at::add_out(out, prod.view(w.sizes()), w3.view(w.sizes()));  // + w, one rounding to out's dtype
+  // + w, one rounding to out's dtype. w_m, not w3 viewed back: a (1, in) weight may have a stride
+  // other than in on its size-1 dimension (torch calls it contiguous), and the view back has in
+  // there, which add_out took for a partial overlap with out = w (a review, 2026-12-07).
+  at::add_out(out, prod.view(w.sizes()), w_m);
 }
 
 }  // namespace miss_ext

@@ -105,6 +105,10 @@ void tile_add_with(TileAddKernel kernel, at::Tensor& out, const at::Tensor& src,
                    const std::optional<at::Tensor>& key) {
   check_tile_add_args(out, src, p, key);
   check_no_overlap("tile_add_", out, "out", src, "src");
+  // The CUDA kernels read the dropout key from device memory in every block while other blocks
+  // write out: a key inside out's memory changed the mask part way (the CPU kernel reads it once;
+  // found in the CUDA emulation by a review, 2026-12-07).
+  if (key.has_value()) check_no_overlap("tile_add_", out, "out", *key, "key");
   check_writable("tile_add_", out, "out");
   const int64_t rows = leading_rows(out);
   const int64_t cols = out.size(-1);
