@@ -110,11 +110,11 @@ def slot_state_problem(state: object, max_r: int, out_features: int, ranks: List
         if not isinstance(name, str) or not name or name == BASE:
             return f"{where}: an adapter name must be a non-empty string other than {BASE!r}"
         period_ok = periods[slot] == out_features if mode == "default" else \
-            mode == "mini" and periods[slot] >= 1 and out_features % periods[slot] == 0
+            mode == "mini" and 1 <= periods[slot] <= out_features and out_features % periods[slot] == 0
         if not 1 <= ranks[slot] <= max_r or not period_ok:
             return (f"{where}: mode={mode!r} with rank {ranks[slot]} and period {periods[slot]} does not fit a bank "
                     f"of max_r={max_r}, out_features={out_features} (default: period = out_features; mini: a "
-                    "divisor of it)")
+                    "divisor of it, at most it)")
     return None
 
 

@@ -521,13 +521,16 @@ def merge_refusal(module: nn.Module, unmerge: bool = False, quantized: bool = Fa
     if not weight.is_floating_point():
         kind = "not a real floating dtype" if weight.is_complex() or weight.dtype == torch.bool else "quantized"
         return f"its weight has dtype {weight.dtype} ({kind}): keep the adapter unmerged"
-    if weight.is_inference() and not torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and weight.is_inference() and not torch.is_inference_mode_enabled():
         # torch refuses an in-place write to an inference tensor outside inference mode, but a
         # copy_ (safe_merge's) only after it wrote: the layer then held W + dW, marked unmerged,
-        # and every forward added the term twice (a review, 2026-12-07).
-        return ("its weight is an inference tensor (made under torch.inference_mode()), which torch lets nothing "
-                "write in place outside inference mode; merge under torch.inference_mode(), or build or load the "
-                "model outside it")
+        # and every forward added the term twice (a review, 2026-12-07). Not while compiling:
+        # Dynamo cannot trace is_inference() (PEFT's forward unmerges under disable_adapter(),
+        # inside a compiled forward); the unmerge there is the in-place op, whose own check
+        # refuses an inference tensor before it writes.
+        return (f"its weight is an inference tensor (made under torch.inference_mode()), which torch lets nothing "
+                f"write in place outside inference mode; {'unmerge' if unmerge else 'merge'} under "
+                "torch.inference_mode(), or build or load the model outside it")
     if not any(registry.get("weight") is weight for registry in (module._parameters, module._buffers)):
         override = linear_class_override(type(module)) if isinstance(module, nn.Linear) else None
         if override is not None and override.split()[0] in ("weight", "__getattr__", "__getattribute__"):

@@ -882,7 +882,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         than the weight); a base that
         does not compute exactly F.linear(x, W, b) (an nn.Linear subclass with its own forward, a
         forward hook), whose merged output would differ from the unmerged one; a parametrized,
-        tensor-subclass or non-floating weight, which a merge would write into a temporary; a
+        tensor-subclass or non-floating weight, which a merge would write into a temporary; an
+        inference tensor (made under torch.inference_mode()) outside inference mode; a
         sparse weight, or one whose elements overlap in memory (expanded, stride 0), which it
         cannot write in place; a
         layer under FSDP2 (fully_shard on it or on a module holding it) or whose weight is sharded
@@ -917,7 +918,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         the weight off by the change: a UserWarning where block_changed_since_merge sees it).
         ValueError, too, where the weight cannot be written (a parametrized, tensor-subclass,
         non-floating, sparse, self-overlapping or meta weight, one that is not a parameter or
-        buffer of the base, FSDP2). Not merged: UserWarning, nothing done."""
+        buffer of the base, FSDP2, an inference tensor outside inference mode). Not merged:
+        UserWarning, nothing done."""
         if not self.merged:
             warnings.warn("MissLinear is not merged; nothing to do")
             return

@@ -619,6 +619,22 @@ def test_a_bank_without_output_columns_refuses_mini_adapters_by_mini_r():
         bank.adapter_shape("a", r=2, mode="mini", mini_r=3)
     bank.add_adapter("d", r=2)
     assert bank.block("d").shape == (2, 0)
+    # Nor through a state_dict describing such a slot (one an earlier version wrote): refused.
+    from miss_ext.modules import json_tensor, tensor_json
+    state = bank.state_dict()
+    description = tensor_json(state["_extra_state"])
+    slot = description["adapter_names"].index("d")
+    description["modes"][slot] = "mini"
+    state["periods"] = state["periods"].clone()
+    state["periods"][slot] = 1
+    state["_extra_state"] = json_tensor(description)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = MissBankLinear(nn.Linear(8, 0), capacity=2, max_r=4)
+    before = snapshot(fresh)
+    with pytest.raises(RuntimeError, match="mode='mini' with rank 2 and period 1 does not fit"):
+        fresh.load_state_dict(state)
+    assert_unchanged(fresh, before)
 
 
 def test_refusals_name_the_problem():
