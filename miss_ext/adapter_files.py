@@ -145,8 +145,8 @@ def _refuse_blocks_unlike_their_settings(layers) -> None:
     the settings', and load_adapter and PEFT refuse it (a review, 2026-12-07)."""
     bad = []
     for name, layer in layers:
-        expected = block_shape(layer.mode, layer.r, layer.mini_r if layer.mode == "mini" else 1,
-                               layer.in_features, layer.out_features)
+        r, mode, mini_r, _ = _layer_settings(layer)
+        expected = block_shape(mode, r, mini_r, layer.in_features, layer.out_features)
         if tuple(layer.miss_block.shape) != tuple(expected):
             bad.append(f"{name or 'the model'} (miss_block {tuple(layer.miss_block.shape)}, its r={layer.r}, "
                        f"mode={layer.mode!r}" + (f", mini_r={layer.mini_r}" if layer.mode == "mini" else "")

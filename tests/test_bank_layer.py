@@ -607,9 +607,12 @@ def test_a_bank_without_output_columns_refuses_mini_adapters_by_mini_r():
     columns, where (r, mini_r) does not fit: a raw size error with a block, a (r, 0) block saved
     as mini_r=3 (a file load_adapter refuses) without one (a review, 2026-12-07). Refused by name,
     nothing changed; a default adapter (an (r, 0) block) still goes in."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
-        bank = MissBankLinear(nn.Linear(8, 0), capacity=2, max_r=4)
+    def empty_output_bank():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+            return MissBankLinear(nn.Linear(8, 0), capacity=2, max_r=4)
+
+    bank = empty_output_bank()
     for block in (torch.randn(2, 3), None):
         before = snapshot(bank)
         with pytest.raises(ValueError, match=r"adapter 'a': mini_r=3 is above out_features=0"):
@@ -628,9 +631,7 @@ def test_a_bank_without_output_columns_refuses_mini_adapters_by_mini_r():
     state["periods"] = state["periods"].clone()
     state["periods"][slot] = 1
     state["_extra_state"] = json_tensor(description)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = MissBankLinear(nn.Linear(8, 0), capacity=2, max_r=4)
+    fresh = empty_output_bank()
     before = snapshot(fresh)
     with pytest.raises(RuntimeError, match="mode='mini' with rank 2 and period 1 does not fit"):
         fresh.load_state_dict(state)

@@ -25,7 +25,7 @@ from conftest import DEVICES, NewStyleRecompute, Recompute, assert_unchanged, sn
 from miss_ext import MissBankLinear  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from reference import F64  # noqa: E402
-from tiny_models import TOL64, nonzero, rewrite_adapter_weights, saved_small_adapter, small_net  # noqa: E402
+from tiny_models import TARGETS, TOL64, nonzero, rewrite_adapter_weights, saved_small_adapter, small_net  # noqa: E402,E501
 import re  # noqa: E402
 from torch import nn  # noqa: E402
 from tiny_models import cross_device_tol, no_eos, tiny_causal_lm, tiny_moe_lm, tokens, write_bone_copy  # noqa: E402
@@ -419,14 +419,13 @@ def test_a_distributed_checkpoint_loads_into_a_bank_built_again_with_other_or_no
 
     base, _ = folders
     model = bank_model(folders, capacity=6)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dcp without a process group: it assumes one process
         dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "checkpoint"))
     ids = tokens(len(NAMES), 5)
     rates = [layer.dropouts for layer in model.modules() if isinstance(layer, MissBankLinear)]
     for names, dropout in (([], 0.0), (["x", "an_adapter_with_a_much_longer_name"], 0.25)):
-        fresh = miss_ext.apply_bank(copy.deepcopy(base), targets, capacity=6, max_r=8).eval()
+        fresh = miss_ext.apply_bank(copy.deepcopy(base), TARGETS, capacity=6, max_r=8).eval()
         for name in names:
             miss_ext.add_bank_adapter(fresh, name, r=2, dropout=dropout)
         state = fresh.state_dict()
@@ -459,7 +458,6 @@ def test_a_distributed_checkpoint_with_unpadded_slot_descriptions_loads_after_do
 
     base, _ = folders
     model = bank_model(folders, capacity=6)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     options = StateDictOptions(ignore_frozen_params=True)
     path = str(tmp_path / "checkpoint")
 
@@ -472,7 +470,7 @@ def test_a_distributed_checkpoint_with_unpadded_slot_descriptions_loads_after_do
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dcp without a process group: it assumes one process
         dcp.save({"model": unpadded, "optim": optim_sd}, checkpoint_id=path)
-    fresh = miss_ext.apply_bank(copy.deepcopy(base), targets, capacity=6, max_r=8).eval()
+    fresh = miss_ext.apply_bank(copy.deepcopy(base), TARGETS, capacity=6, max_r=8).eval()
     opt = optimizer(fresh)
     model_sd, optim_sd = get_state_dict(fresh, opt, options=options)
     state = {"model": model_sd, "optim": optim_sd}
