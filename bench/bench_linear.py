@@ -154,7 +154,11 @@ CASES = [
     # already bf16, so autocast changes only the adapter: S @ D runs in bf16 as PEFT's does under
     # autocast, instead of PEFT's fp32 precision. The frozen bf16 layer it is compared with is the
     # same with or without autocast. (An fp32 model under autocast would add weight casts to both.)
-    "miss@autocast", "peft_miss@autocast",
+    # The bat pair: autocast makes bat_linear round W' (built from the fp32 block) to bf16 and run
+    # its GEMM in bf16 (the opt-in compute_dtype), where PEFT's autocast F.linear casts its fp32 W'
+    # to bf16: the README's bf16 bat speed, unmeasured until a GPU runs these (a README
+    # fact-check, 2026-12-07).
+    "miss@autocast", "peft_miss@autocast", "miss_bat@autocast", "peft_miss_bat@autocast",
 ]
 # case suffix -> environment set around its forward and backward (read by the ops at each call)
 VARIANT_ENV = {"fp32": {"MISS_EXT_GEMM": "fp32"}, "split": {"MISS_EXT_GEMM": "split"},

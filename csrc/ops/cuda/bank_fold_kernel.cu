@@ -115,7 +115,7 @@ __global__ void bank_fold_kernel(const in_t* __restrict__ x, out_t* __restrict__
                                  const int64_t* __restrict__ ranks, const double* __restrict__ dropouts,
                                  const int64_t* __restrict__ key, int64_t rows, int64_t in, int64_t R, int64_t slots) {
   using acc = acc_t<in_t, out_t>;
-  extern __shared__ unsigned char shared[];
+  extern __shared__ __align__(16) unsigned char shared[];  // read as double or float
   acc* partial = reinterpret_cast<acc*>(shared);
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
     out_t* sr = s + t * R;

@@ -79,7 +79,7 @@ __global__ void bank_add_kernel(y_t* __restrict__ y, const a_t* __restrict__ s, 
                                 const int64_t* __restrict__ index, int64_t rows, int64_t out, int64_t R, int64_t slots,
                                 int64_t r_cap, int64_t q_cap, bool per_row_fold) {
   using acc = acc_t<y_t, a_t>;
-  extern __shared__ unsigned char shared[];
+  extern __shared__ __align__(16) unsigned char shared[];  // read as double or float
   acc* sa = reinterpret_cast<acc*>(shared);
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
     const int64_t a = index[t];
@@ -129,7 +129,7 @@ __global__ void bank_grad_s_kernel(const g_t* __restrict__ grad, const a_t* __re
                                    int64_t slots, int64_t r_cap, int64_t q_cap, bool per_row_fold,
                                    a_t* __restrict__ grad_s) {
   using acc = acc_t<g_t, a_t>;
-  extern __shared__ unsigned char shared[];
+  extern __shared__ __align__(16) unsigned char shared[];  // read as double or float
   acc* d = reinterpret_cast<acc*>(shared);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {

@@ -251,8 +251,9 @@ __global__ void tile_add_kernel(out_t* __restrict__ out, const src_t* __restrict
 // offset in a source row (c0 mod q) is computed once per column vector and the source row moves
 // by additions, so no division runs per element. tile_add_kernel above does three 64-bit
 // divisions per 16 bytes (row and group of the flat index, source row, c0 mod q), which fits
-// issue 11's measurement of it at 0.59 of copy bandwidth. Taken only when asked for
-// (MISS_EXT_TILE_ADD_KERNEL=grid2d, impl_choice.h) until a GPU has timed it.
+// issue 11's measurement of it at 0.59 of copy bandwidth. Taken when asked for
+// (MISS_EXT_TILE_ADD_KERNEL=grid2d, impl_choice.h) and by "auto" where a GPU timed it faster
+// (launch_tile_add below).
 template <typename out_t, typename src_t, int VEC, bool DROPOUT>
 __global__ void tile_add_2d_kernel(out_t* __restrict__ out, const src_t* __restrict__ src, int64_t rows,
                                    int64_t cols, int64_t period_rows, int64_t q, double alpha_d,
