@@ -307,6 +307,68 @@ def dcp_resume(rank: int, world_size: int, modes, folder: str):
     return out
 
 
+BANK_ADAPTERS = (("a", R, "default", 0.1), ("b", 2, "mini", 0.0))  # name, r, mode, dropout
+
+
+def _bank_model(adapters):
+    model = tiny_causal_lm("llama", dtype=torch.float64)
+    miss_ext.apply_bank(model, TARGETS, capacity=3, max_r=R)
+    for name, r, mode, p in adapters:
+        miss_ext.add_bank_adapter(model, name, r, mode=mode, mini_r=MINI_R, dropout=p)
+    return model.train()
+
+
+def _bank_step(model, opt, batch, rank, seed):
+    torch.manual_seed(seed + rank)  # this step's dropout keys, the same in the run and the resumed one
+    with miss_ext.mixed_batch(model, [name for name, *_ in BANK_ADAPTERS]):
+        x = local_batch(batch, rank)
+        model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def bank_dcp_resume(rank: int, world_size: int, folder: str):
+    """A sharded bank model (apply_bank; adapters "a" default with dropout and "b" mini with r
+    not max_r) trains a step, saves its adapter-only state and the optimizer's with
+    torch.distributed.checkpoint, trains one more step -> "A". A sharded bank model built
+    again with no adapters (its bank zeros) loads the checkpoint, names and rates included
+    (each layer's slot description), and trains the same step -> "B" (a fact-check did this by
+    hand, 2026-12-07; docs/multi_gpu.md). Returns {"names", "saved", "loaded", "A", "B"}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    path = os.path.join(folder, "dcp-bank")
+    model = _bank_model(BANK_ADAPTERS)
+    gen = torch.Generator().manual_seed(BLOCK_SEED)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    model = shard(model, world_size, "fp64")
+    opt = optimizer(model)
+    _bank_step(model, opt, global_batch(world_size, 0), rank, BASE_SEED)
+    msd, osd = get_state_dict(model, opt, options=options)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    trainable = lambda m: {n: _full(p) for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    out = {"saved": trainable(model)}
+    _bank_step(model, opt, global_batch(world_size, 1), rank, BASE_SEED + 10)
+    out["A"] = trainable(model)
+
+    fresh = shard(_bank_model(()), world_size, "fp64")
+    fresh_opt = optimizer(fresh)
+    msd, osd = get_state_dict(fresh, fresh_opt, options=options)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    out["names"] = miss_ext.bank_adapter_names(fresh)
+    out["loaded"] = trainable(fresh)
+    _bank_step(fresh, fresh_opt, global_batch(world_size, 1), rank, BASE_SEED + 10)
+    out["B"] = trainable(fresh)
+    return out
+
+
 def save_after_eval_forward(rank: int, world_size: int, folder: str):
     """fully_shard on the root only, bf16 MixedPrecisionPolicy, one forward under no_grad: FSDP2
     does not reshard the root after forward, so the blocks are left as plain bf16 gathered copies.
@@ -620,9 +682,10 @@ def peft_sharded_save(rank: int, world_size: int, folder: str):
 
 
 def checkpoint_launch(rank: int, world_size: int, modes, folder: str):
-    """The second launch of tests/test_fsdp.py: dcp_resume, save_after_eval_forward,
+    """The second launch of tests/test_fsdp.py: dcp_resume, bank_dcp_resume, save_after_eval_forward,
     load_into_sharded, unsharded_and_wrapped and roots_above_and_exports."""
     return {"dcp": dcp_resume(rank, world_size, modes, folder),
+            "bank_dcp": bank_dcp_resume(rank, world_size, folder),
             "eval_save": save_after_eval_forward(rank, world_size, folder),
             "load_sharded": load_into_sharded(rank, world_size, folder),
             "unsharded": unsharded_and_wrapped(rank, world_size, folder),

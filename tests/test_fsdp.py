@@ -36,7 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import miss_ext  # noqa: E402
 from dist_util import run_ranks  # noqa: E402
-from fsdp_models import (CONFIGS, DCP_MODES, LR, STEPS, make_model, reference_train)  # noqa: E402
+from fsdp_models import (BANK_ADAPTERS, CONFIGS, DCP_MODES, LR, STEPS, make_model, reference_train)  # noqa: E402
 
 WORLD = 2
 N_BLOCKS = 14  # 7 targets x 2 layers
@@ -275,6 +275,20 @@ def test_dcp_adapter_only_checkpoint_resumes_to_the_same_step(checkpoint_runs, m
         assert max_diff(run["A"], run["saved"]) > LR / 2  # the resumed step moved the blocks
         assert_close_dicts(run["B"], run["A"], rtol=0, atol=0)
         assert max_diff(run["C"], run["A"]) > LR / 10
+
+
+def test_dcp_checkpoint_of_a_sharded_bank_resumes_into_an_empty_bank(checkpoint_runs):
+    """fsdp_models.bank_dcp_resume: the empty bank took the adapters' names from the checkpoint,
+    loaded the saved blocks, and the resumed step equals the uninterrupted one bitwise (A == B,
+    dropout and a mini adapter included). Controls: the bank really changed at the load (an
+    empty bank is zeros) and the step moved it."""
+    for rank in range(WORLD):
+        run = checkpoint_runs[rank]["bank_dcp"]
+        assert run["names"] == [name for name, *_ in BANK_ADAPTERS], run["names"]
+        assert run["saved"] and all(v.abs().max() > 0.01 for v in run["saved"].values())
+        assert_close_dicts(run["loaded"], run["saved"], rtol=0, atol=0)
+        assert max_diff(run["A"], run["saved"]) > LR / 2
+        assert_close_dicts(run["B"], run["A"], rtol=0, atol=0)
 
 
 def test_load_adapter_into_a_sharded_model(checkpoint_runs):
