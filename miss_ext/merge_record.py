@@ -35,6 +35,7 @@ MissLinear flag keeps its value when the flag is emptied; another process's view
 subclasses). State is kept outside the modules (weak references), so deepcopy and pickling
 of models are unaffected.
 """
+import contextlib
 import itertools
 import threading
 import weakref
@@ -60,6 +61,23 @@ def _plain_view(t: object) -> Optional[Tensor]:
     except (RuntimeError, NotImplementedError):
         return None
     return t
+
+
+# A layer's merges and unmerges (MissLinear's and the accelerated PEFT layer's), and each of its
+# state_dict() calls from the record's writing to follow(), one at a time across threads. A merge
+# from another thread between a state_dict's record and its follow() left a record that nothing
+# marked stale beside a weight that no longer held what it said: loaded, it dropped dW silently
+# (a concurrency hunt, 2026-12-07: 126 of 10,446 MissLinear state_dicts); two threads merging one
+# MissLinear both passed its "merged?" check and added dW twice (40 of 100 pairs). Re-entrant:
+# a merge of the accelerated layer calls state_dict-free helpers that take it again, and
+# merge_and_unload holds it across layers. Forwards do not take it (merging(), README "Threads").
+MERGE_LOCK = threading.RLock()
+
+
+def merging():
+    """MERGE_LOCK, or no lock while torch.compile traces (a lock is not traceable; a compiled
+    graph holds no merge)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else MERGE_LOCK
 
 
 def storage_of(t: object) -> Optional[torch.UntypedStorage]:

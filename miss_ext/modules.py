@@ -894,23 +894,26 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         (_distributed.fsdp_managed). A layer already merged: UserWarning, nothing done. Source:
         docs/miss.md, "Merging"; PEFT's MissLinear.merge (its NaN message)."""
         check_flag(safe_merge, "safe_merge", f"{self._describe()}.merge")
-        if self.merged:
-            warnings.warn("MissLinear is already merged; nothing to do")
-            return
-        self._check_mergeable()
-        weight = weight_out_in(self.base_layer)  # a Conv1D's weight transposed: a view, written through
-        noted = merged_block.fingerprint(self.miss_block)  # before the weight changes (its allocation may fail)
-        with self._flag_follows_weight(weight, True, noted):
-            with torch.no_grad():
-                if safe_merge:
-                    merged = torch.ops.miss.merge(weight, self.miss_block)
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The "
-                                         "MiSS adapter seems to be broken; the base weight was left unchanged")
-                    weight.copy_(merged)
-                else:
-                    torch.ops.miss.merge_(weight, self.miss_block)
-            self._set_merged(True, noted)
+        # One at a time across threads, with unmerges and state_dict records (merge_record.MERGE_LOCK):
+        # two threads merging at once both passed the check below and added dW twice.
+        with merge_record.merging():
+            if self.merged:
+                warnings.warn("MissLinear is already merged; nothing to do")
+                return
+            self._check_mergeable()
+            weight = weight_out_in(self.base_layer)  # a Conv1D's weight transposed: a view, written through
+            noted = merged_block.fingerprint(self.miss_block)  # before the weight changes (its allocation may fail)
+            with self._flag_follows_weight(weight, True, noted):
+                with torch.no_grad():
+                    if safe_merge:
+                        merged = torch.ops.miss.merge(weight, self.miss_block)
+                        if not torch.isfinite(merged).all():
+                            raise ValueError(f"NaNs detected in the merged weights ({non_finite_summary(merged)}). The "
+                                             "MiSS adapter seems to be broken; the base weight was left unchanged")
+                        weight.copy_(merged)
+                    else:
+                        torch.ops.miss.merge_(weight, self.miss_block)
+                self._set_merged(True, noted)
 
     @torch.jit.unused
     def unmerge(self) -> None:
@@ -922,20 +925,21 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         non-floating, sparse, self-overlapping or meta weight, one that is not a parameter or
         buffer of the base, FSDP2, an inference tensor outside inference mode). Not merged:
         UserWarning, nothing done."""
-        if not self.merged:
-            warnings.warn("MissLinear is not merged; nothing to do")
-            return
-        self._check_mergeable(unmerge=True)
-        if self.block_changed_since_merge():
-            warnings.warn(f"{self._describe()}: its miss_block changed after the merge (block_changed_since_merge), so "
-                          "this unmerge subtracts the dW of the block as it is now, not the dW the weight holds: the "
-                          "base weight is left off by the change (as in PEFT). Unmerge before training or loading "
-                          "blocks, or restore the base weight from a copy", stacklevel=2)
-        weight = weight_out_in(self.base_layer)
-        with self._flag_follows_weight(weight, False):
-            with torch.no_grad():
-                torch.ops.miss.merge_(weight, self.miss_block, True)
-            self._set_merged(False)
+        with merge_record.merging():  # as merge()
+            if not self.merged:
+                warnings.warn("MissLinear is not merged; nothing to do")
+                return
+            self._check_mergeable(unmerge=True)
+            if self.block_changed_since_merge():
+                warnings.warn(f"{self._describe()}: its miss_block changed after the merge (block_changed_since_merge), so "
+                              "this unmerge subtracts the dW of the block as it is now, not the dW the weight holds: the "
+                              "base weight is left off by the change (as in PEFT). Unmerge before training or loading "
+                              "blocks, or restore the base weight from a copy", stacklevel=2)
+            weight = weight_out_in(self.base_layer)
+            with self._flag_follows_weight(weight, False):
+                with torch.no_grad():
+                    torch.ops.miss.merge_(weight, self.miss_block, True)
+                self._set_merged(False)
 
     @torch.jit.unused
     def delta_weight(self) -> Tensor:
@@ -976,9 +980,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
             destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda: torch.tensor(True))
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """nn.Module's; a later merge or unmerge then marks its flag stale (merge_record)."""
-        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight", self._record())
+        """nn.Module's; a later merge or unmerge then marks its flag stale (merge_record). Under the
+        merge lock: a merge from another thread between the flag and follow() went unseen."""
+        with merge_record.merging():
+            out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+            merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight", self._record())
         return out
 
     def _record(self) -> List[str]:

@@ -209,12 +209,6 @@ def _repeat(names: List[str], times: int) -> List[str]:
 _NAMES_LOCK = threading.RLock()
 _NAMES_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
-# Merges and unmerges of accelerated layers, one at a time across threads: a forward under
-# disable_adapter() unmerges a merged layer (PEFT's rule), and two threads doing that at once
-# would both read the same merged adapter and subtract it twice. None while torch.compile
-# traces (a lock is not traceable; the compiled graph holds no merge).
-_MERGE_LOCK = threading.RLock()
-
 
 # The PEFT model call (forward or generate) running in this context: [tuner, its adapter_names
 # (None for a plain call), checked]. Set by AcceleratedMissModel._enable_peft_forward_hooks, which PeftModel's
@@ -252,8 +246,12 @@ def _plain_call(model: nn.Module):
     return _model_call(model, None)
 
 
-def _merging():
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else _MERGE_LOCK
+# Merges and unmerges of accelerated layers, one at a time across threads: a forward under
+# disable_adapter() unmerges a merged layer (PEFT's rule), and two threads doing that at once
+# would both read the same merged adapter and subtract it twice. No lock while torch.compile
+# traces. The one lock of MissLinear's merges and of both layers' state_dict records too
+# (merge_record.MERGE_LOCK).
+_merging = merge_record.merging
 
 
 class _EveryRow(list):
@@ -288,13 +286,16 @@ def _outside_the_call(holder: "_CallHolder") -> bool:
     the call and must neither get its names nor touch its checkpoint record: another thread's
     plain call got the names, silently (a review, 2026-12-05), as did one of the base model or
     its generate called directly. Under torch.compile the call is not recorded (_model_call), so
-    only "done" counts there."""
+    only "done" counts there. Eagerly, a hook that runs before the call has its record (the hooks
+    are registered first) runs in no part of it: the call's own forwards start after that, and
+    another thread's forward in that window got the names (a concurrency hunt, 2026-12-07: 196 of
+    6,414 plain calls, up to 8.0 off; direct base-model calls ran with them instead of raising)."""
     if holder.get("done"):
         return True
     if torch.compiler.is_compiling():
         return False
     record = holder.get("record")
-    return record is not None and _MODEL_CALL.get() is not record
+    return record is None or _MODEL_CALL.get() is not record
 
 
 def _model_forward_hook(module, args, holder):
@@ -1062,10 +1063,12 @@ class AcceleratedMissLinear(PeftMissLinear):
             destination[prefix + self.MERGED_KEY] = merge_record.new_record(lambda: json_tensor(list(self.merged_adapters)))
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """nn.Module's; a later merge or unmerge then marks its record stale (merge_record)."""
-        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight",
-                            list(self.merged_adapters))
+        """nn.Module's; a later merge or unmerge then marks its record stale (merge_record). Under
+        the merge lock: a merge from another thread between the record and follow() went unseen."""
+        with _merging():
+            out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+            merge_record.follow(self, out, prefix + self.MERGED_KEY, prefix + "base_layer.weight",
+                                list(self.merged_adapters))
         return out
 
     @staticmethod
@@ -1363,6 +1366,11 @@ class AcceleratedMissModel(MissModel):
         # deleted one's rows got the base output; a review, 2026-12-05).
         with _NAMES_LOCK:
             sequence_first = self._check_names_call(names, where, args, kwargs)
+            # The modules to hook, listed under the lock that add_adapter holds while it adds some
+            # (a walk of the model outside it raised "dictionary changed size during iteration").
+            modules = list(self.model.modules())
+            encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+            encoder_modules = list(encoder.modules()) if encoder is not None and encoder is not self.model else []
             if self in _NAMES_ACTIVE:
                 raise RuntimeError(f"{where}: another call with adapter_names= is running on this model (another "
                                    "thread or coroutine, or nested), and its per-call hooks would give that call this "
@@ -1409,7 +1417,7 @@ class AcceleratedMissModel(MissModel):
             # 2026-12-04).
             handles.append(self.model.register_forward_pre_hook(partial(_model_forward_hook, holder=holder),
                                                                 prepend=True))
-            for module in self.model.modules():
+            for module in modules:
                 if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(
                         partial(_adapter_names_hook, holder=holder), with_kwargs=True))
@@ -1417,12 +1425,11 @@ class AcceleratedMissModel(MissModel):
                 if isinstance(module, AcceleratedMissLinear):
                     module.__dict__["_names_call"] = True  # guarded by torch.compile (see the class)
                     flagged.append(module)
-            encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
-            if encoder is not None and encoder is not self.model:
+            if encoder_modules:
                 # An encoder runs once on the unrepeated inputs (PEFT's LoRA does the same).
                 unrepeated = _CallHolder(names=names, regrouped=holder["regrouped"], hooked=set())
                 holders.append(unrepeated)
-                for module in encoder.modules():
+                for module in encoder_modules:
                     if isinstance(module, (AcceleratedMissLinear, AuxiliaryTrainingWrapper)):
                         handles.append(module.register_forward_pre_hook(
                             partial(_adapter_names_hook, holder=unrepeated), with_kwargs=True))
@@ -1465,30 +1472,34 @@ class AcceleratedMissModel(MissModel):
         carries the name is such a leftover, of a failure before this model was accelerated:
         one the new adapter does not replace (a module its config does not target) is removed
         too, on success or failure."""
-        config = self.peft_config.get(adapter_name)
-        if getattr(config, "bias", "none") != "none":
-            # Its trained biases are the base layers' own, which every row of a running call with
-            # adapter_names= uses: refused here, before anything is added (load_adapter would add
-            # the adapter and only then be refused at its load_state_dict).
-            self._refuse_during_names_call(f"adding adapter {adapter_name!r} with bias={config.bias!r}")
-        layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
-        stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
-        try:
-            result = super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except BaseException:
-            known = {id(m) for m in layers}
-            for path, layer in list(model.named_modules()):
-                if not isinstance(layer, PeftMissLinear):
-                    continue
-                if id(layer) not in known:  # created by this call: the base layer goes back in its place
-                    set_module(model, path, layer.get_base_layer())
-                else:
+        # Under the names lock: a names call starting in another thread walks the model's modules,
+        # which this adds to ("dictionary changed size during iteration": a concurrency hunt,
+        # 2026-12-07); the call then starts before or after the new adapter, never half way.
+        with _NAMES_LOCK:
+            config = self.peft_config.get(adapter_name)
+            if getattr(config, "bias", "none") != "none":
+                # Its trained biases are the base layers' own, which every row of a running call with
+                # adapter_names= uses: refused here, before anything is added (load_adapter would add
+                # the adapter and only then be refused at its load_state_dict).
+                self._refuse_during_names_call(f"adding adapter {adapter_name!r} with bias={config.bias!r}")
+            layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
+            stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
+            try:
+                result = super().inject_adapter(model, adapter_name, *args, **kwargs)
+            except BaseException:
+                known = {id(m) for m in layers}
+                for path, layer in list(model.named_modules()):
+                    if not isinstance(layer, PeftMissLinear):
+                        continue
+                    if id(layer) not in known:  # created by this call: the base layer goes back in its place
+                        set_module(model, path, layer.get_base_layer())
+                    else:
+                        _drop_adapter_entries(layer, adapter_name)
+                raise
+            for layer in layers:
+                if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
                     _drop_adapter_entries(layer, adapter_name)
-            raise
-        for layer in layers:
-            if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
-                _drop_adapter_entries(layer, adapter_name)
-        return result
+            return result
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
         """Called by a disabled, merged layer of this model's running forward before it unmerges
