@@ -68,15 +68,17 @@ def _plain_view(t: object) -> Optional[Tensor]:
 # from another thread between a state_dict's record and its follow() left a record that nothing
 # marked stale beside a weight that no longer held what it said: loaded, it dropped dW silently
 # (a concurrency hunt, 2026-12-07: 126 of 10,446 MissLinear state_dicts); two threads merging one
-# MissLinear both passed its "merged?" check and added dW twice (40 of 100 pairs). Re-entrant:
-# a merge of the accelerated layer calls state_dict-free helpers that take it again, and
-# merge_and_unload holds it across layers. Forwards do not take it (merging(), README "Threads").
+# MissLinear both passed its "merged?" check and added dW twice (40 of 100 pairs). Loads
+# (_load_from_state_dict) take it too. Re-entrant: the accelerated layer's forward unmerges under
+# it through unmerge(), which takes it again. Forwards do not take it, nor do merges compiled with
+# torch.compile: a lock is not traced, so a compiled merge replays its writes unlocked (README
+# "The ops", threads).
 MERGE_LOCK = threading.RLock()
 
 
 def merging():
-    """MERGE_LOCK, or no lock while torch.compile traces (a lock is not traceable; a compiled
-    graph holds no merge)."""
+    """MERGE_LOCK, or no lock while torch.compile traces (a lock is not traceable: a compiled
+    merge runs unlocked)."""
     return contextlib.nullcontext() if torch.compiler.is_compiling() else MERGE_LOCK
 
 

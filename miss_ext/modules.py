@@ -1043,24 +1043,27 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 raise ValueError(f"must be a one-element bool tensor (the merged flag), got {type(flag).__name__}{shape}")
             return ["miss_block"] if bool(flag.item()) else []
 
-        after = load_merge_record(
-            self, state_dict, prefix, prefix + self.MERGED_KEY, ["miss_block"] if self.merged else [], decode,
-            strict, missing_keys, unexpected_keys, error_msgs,
-            lambda: super(MissLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                                  missing_keys, unexpected_keys, error_msgs),
-            assign=local_metadata.get("assign_to_params_buffers", False))
-        if after is not None:
-            # The block a merged weight holds: the loaded one where the weight was loaded with it;
-            # unknown where the weight came without it; a load of neither keeps the note (so a
-            # block moved before it still shows; a review, 2026-12-05).
-            weight_in, block_in = prefix + "base_layer.weight" in state_dict, prefix + "miss_block" in state_dict
-            if not (weight_in or block_in):
-                noted = _KEEP_NOTE
-            elif after and weight_in and block_in:
-                noted = merged_block.fingerprint(self.miss_block)
-            else:
-                noted = None  # unknown, or not merged (no fingerprint taken)
-            self._set_merged(bool(after), noted)
+        # Under the merge lock, as merge(): a load between another thread's state_dict record and
+        # its follow() went unseen, as an unmerge did (a review, 2026-12-07).
+        with merge_record.merging():
+            after = load_merge_record(
+                self, state_dict, prefix, prefix + self.MERGED_KEY, ["miss_block"] if self.merged else [], decode,
+                strict, missing_keys, unexpected_keys, error_msgs,
+                lambda: super(MissLinear, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                      missing_keys, unexpected_keys, error_msgs),
+                assign=local_metadata.get("assign_to_params_buffers", False))
+            if after is not None:
+                # The block a merged weight holds: the loaded one where the weight was loaded with it;
+                # unknown where the weight came without it; a load of neither keeps the note (so a
+                # block moved before it still shows; a review, 2026-12-05).
+                weight_in, block_in = prefix + "base_layer.weight" in state_dict, prefix + "miss_block" in state_dict
+                if not (weight_in or block_in):
+                    noted = _KEEP_NOTE
+                elif after and weight_in and block_in:
+                    noted = merged_block.fingerprint(self.miss_block)
+                else:
+                    noted = None  # unknown, or not merged (no fingerprint taken)
+                self._set_merged(bool(after), noted)
 
     def extra_repr(self) -> str:
         text = f"r={self.r}, mode={self.mode!r}"

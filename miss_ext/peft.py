@@ -1009,10 +1009,11 @@ class AcceleratedMissLinear(PeftMissLinear):
         # a layer merged while plain and hooked since is unmerged here too: PEFT's code would
         # apply one adapter's mode to all and pop merged_adapters before it computes.
         if self.quantization_backend is not None:
-            try:
-                return super().unmerge()
-            finally:
-                _record_changed(self)
+            with _merging():
+                try:
+                    return super().unmerge()
+                finally:
+                    _record_changed(self)
         with _merging():
             if not self.merged:
                 warnings.warn("Already unmerged. Nothing to do.")
@@ -1098,16 +1099,17 @@ class AcceleratedMissLinear(PeftMissLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        after = load_merge_record(
-            self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), self._decode_record, strict,
-            missing_keys, unexpected_keys, error_msgs,
-            lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
-            assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED,
-            check=self._check_record_names)
-        if after is not None:
-            self.merged_adapters = list(after)
-            _record_changed(self)
+        with _merging():  # as MissLinear's load
+            after = load_merge_record(
+                self, state_dict, prefix, prefix + self.MERGED_KEY, list(self.merged_adapters), self._decode_record,
+                strict, missing_keys, unexpected_keys, error_msgs,
+                lambda: super(AcceleratedMissLinear, self)._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs),
+                assign=local_metadata.get("assign_to_params_buffers", False), unrecorded=self.UNRECORDED,
+                check=self._check_record_names)
+            if after is not None:
+                self.merged_adapters = list(after)
+                _record_changed(self)
 
     # A state_dict of this layer written without the record (by plain PEFT, before accelerate or
     # after restore) may hold W + dW (saved merged) or W (saved unmerged): nothing in it tells which.

@@ -115,13 +115,14 @@ def peft_model(adapters=("default", "b")):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["miss_linear", "accelerated_peft"])
-def test_a_state_dict_taken_while_another_thread_unmerges_loads_right(monkeypatch, kind):
+@pytest.mark.parametrize("kind,change", [("miss_linear", "unmerge"), ("miss_linear", "load"),
+                                         ("accelerated_peft", "unmerge")])
+def test_a_state_dict_taken_while_another_thread_unmerges_loads_right(monkeypatch, kind, change):
     """state_dict() wrote the merge record (MissLinear's "merged", the accelerated layer's
-    "merged_adapters"), then another thread's unmerge ran before the record was followed
-    (merge_record.follow): nothing marked it stale, and the state_dict, loaded, read the
-    unmerged weight as merged (dW dropped, silently). Now the unmerge waits for the state_dict,
-    then marks its record: the load takes what the weight holds."""
+    "merged_adapters"), then another thread's unmerge (or load of an unmerged checkpoint) ran
+    before the record was followed (merge_record.follow): nothing marked it stale, and the
+    state_dict, loaded, read the unmerged weight as merged (dW dropped, silently). Now the
+    change waits for the state_dict, then marks its record: the load takes what the weight holds."""
     x = torch.randn(3, 16, dtype=F64)
     if kind == "miss_linear":
         model = miss_layer()
@@ -132,6 +133,9 @@ def test_a_state_dict_taken_while_another_thread_unmerges_loads_right(monkeypatc
     with torch.no_grad():
         want = model(x)
     fresh = copy.deepcopy(model)
+    if change == "load":
+        unmerged = {k: v.clone() for k, v in model.state_dict().items()}
+        unmerge = lambda: model.load_state_dict(unmerged)  # noqa: E731
     merge()
     hold = HeldAtFirstCall(monkeypatch, merge_record, "follow")
     out = {}
