@@ -234,11 +234,15 @@ def extensions():
     try:
         import torch
     except ImportError:
-        # pip's default build isolation hides the installed torch; without torch at all the user
-        # must install it first (the library is compiled against that exact torch).
-        raise RuntimeError(f"miss_ext builds against an installed torch, and none was found by {sys.executable}: "
-                           f"install a supported torch first (pip install 'torch>={TORCH_MIN},<{TORCH_END}'), then "
-                           "pip install --no-build-isolation .") from None
+        # pip's default build isolation hides the installed torch (the usual case: a plain `pip
+        # install .` said "none was found" to a user whose torch was installed, a new-user pass,
+        # 2026-12-07); without torch at all the user must install it first (the library is
+        # compiled against that exact torch).
+        raise RuntimeError(f"miss_ext builds against an installed torch, and {sys.executable} cannot import torch. "
+                           "If torch is installed, pip's build isolation hid it (a plain `pip install .` builds in a "
+                           "fresh environment): build with `pip install --no-build-isolation .` (extras: "
+                           "`pip install --no-build-isolation '.[peft]'`). Otherwise install a supported torch first "
+                           f"(pip install 'torch>={TORCH_MIN},<{TORCH_END}'), then pip install --no-build-isolation .") from None
 
     check_torch_version(torch.__version__)
 

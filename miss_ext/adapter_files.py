@@ -804,8 +804,8 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
     problems, plan = [], []
     try:
         check_dropout(dropout)
-    except ValueError:
-        problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
+    except (ValueError, TypeError):  # TypeError: no number at all (a str in a hand-edited config)
+        problems.append(f"miss_dropout={dropout!r} in the config: supported values are numbers in [0, 1)")
     for path, block in blocks.items():
         module = get_module(model, path)
         if module is None:

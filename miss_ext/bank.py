@@ -33,6 +33,7 @@ bake into the graph (and did, before).
 import contextlib
 import dataclasses
 import itertools
+import numbers
 import weakref
 from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -237,12 +238,14 @@ def host_to_device(values: Tensor, device) -> Tensor:
     return values.to(device)
 
 
-def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
+def row_index(index: Tensor, x: Tensor, where: str, names_from: Optional[str] = None) -> Tensor:
     """The per-row slot ids for x (..., in): `index` with x's leading sizes as is, or one id per
     sequence (1-D, x.shape[0] long) broadcast over the other leading sizes (a (batch, seq, in)
     activation of a model run with one adapter name per sequence), or one id (0-D) for every row
     (what mixed_batch gives a model whose layers regroup rows, when every row names the same
-    adapter: see RowLayout). ValueError otherwise."""
+    adapter: see RowLayout). ValueError otherwise; `names_from` (e.g. "miss_ext.mixed_batch")
+    says where a 1-D index's names came from, for the error to speak of names, not of an index
+    the user never made."""
     lead = tuple(x.shape[:-1])
     if tuple(index.shape) == lead:
         return index
@@ -250,10 +253,17 @@ def row_index(index: Tensor, x: Tensor, where: str) -> Tensor:
         return index.expand(lead)
     if index.dim() == 1 and len(lead) >= 2 and index.shape[0] == lead[0]:
         return index.reshape((lead[0],) + (1,) * (len(lead) - 1)).expand(lead)
-    message = (f"{where} (in_features={x.shape[-1]}): the adapter index has shape {tuple(index.shape)}; it needs "
-               f"x's leading sizes {lead}, or one entry per sequence when x is (batch, ..., in_features).")
-    # Hints from the shapes alone, so worded as conditions: which case it is, only the caller knows.
     names = index.shape[0] if index.dim() == 1 else 0
+    if names_from is not None and names and len(lead) >= 2:
+        # "the adapter index has shape (2,)" spoke of an internal tensor to a user who had given
+        # 2 names for 3 prompts (a new-user pass, 2026-12-07).
+        message = (f"{where} (in_features={x.shape[-1]}): {names_from} was given {names} adapter "
+                   f"name{'s' if names != 1 else ''} for an input of {lead[0]} sequences (x has shape "
+                   f"{tuple(x.shape)}, sequences along its first dimension); give one name per sequence.")
+    else:
+        message = (f"{where} (in_features={x.shape[-1]}): the adapter index has shape {tuple(index.shape)}; it "
+                   f"needs x's leading sizes {lead}, or one entry per sequence when x is (batch, ..., in_features).")
+    # Hints from the shapes alone, so worded as conditions: which case it is, only the caller knows.
     if names and len(lead) >= 2 and lead[0] > names and lead[0] % names == 0:
         # A batch k times the names': what beam search / num_return_sequences make.
         message += (f" x holds {lead[0]} sequences for {names} names: if that is beam search or "
@@ -538,17 +548,19 @@ _check_recompute_outside_the_graph = torch.compiler.disable(
     "break per bank layer call), or pass the row ids as an argument, layer(x, adapter_index)")
 
 
-def check_bank_size(capacity: object, max_r: object) -> None:
-    """TypeError naming capacity or max_r unless each is an int (not a bool), ValueError unless it
-    is positive, as MissLinear's r (apply_bank checks them before it changes the model, too)."""
+def check_bank_size(capacity: object, max_r: object) -> Tuple[int, int]:
+    """(capacity, max_r) as Python ints. TypeError naming capacity or max_r unless each is an int
+    or a NumPy integer (not a bool), ValueError unless it is positive, as MissLinear's r
+    (apply_bank checks them before it changes the model, too)."""
     for name, value in (("capacity", capacity), ("max_r", max_r)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"MissBankLinear {name} must be a positive int, got {value!r} ({type(value).__name__})")
         if value < 1:
             raise ValueError(f"MissBankLinear {name} must be a positive int, got {value!r}")
         if value > MAX_TENSOR_SIZE:
             raise ValueError(f"MissBankLinear {name}={value} is above the largest size a tensor dimension holds "
                              "(2**63 - 1)")
+    return int(capacity), int(max_r)
 
 
 # The slot description's length in a state_dict: at least this many bytes per slot, padded with
@@ -602,7 +614,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
         super().__init__()
-        check_bank_size(capacity, max_r)
+        capacity, max_r = check_bank_size(capacity, max_r)
         weight = getattr(base_layer, "weight", None)
         if weight is None or not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
             raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer (weight, in_features, out_features), "
@@ -679,8 +691,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                       dropout: float = 0.0) -> Tuple[int, int]:
         """The block shape an adapter with these settings has in this bank: (r, out_features) in
         the default mode, (r, mini_r) in the mini mode. `name` only names the adapter in the
-        errors; r, mode, mini_r and dropout as add_adapter's. TypeError for bat, ValueError for
-        r > max_r, bad sizes or a bad dropout. Changes nothing (the model-level functions check
+        errors; r, mode, mini_r and dropout as add_adapter's. TypeError for bat or a dropout that
+        is no number, ValueError for r > max_r, bad sizes or a dropout outside [0, 1). Changes nothing (the model-level functions check
         every layer with it before any layer changes)."""
         if mode == "bat":
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
@@ -706,8 +718,9 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         max_r, a mini_r not dividing out_features, a block of another shape, a block on the meta
         device or holding values not finite in the bank's dtype (as load_bank refuses them),
         dropout outside [0, 1), a bank on the meta device, or inside miss_ext.mixed_batch;
-        TypeError for bat, a non-int r / mini_r, or a block that is no tensor or of a dtype that is
-        not real floating (an integer block was cast, a complex one lost its imaginary part)."""
+        TypeError for bat, a non-int r / mini_r, a dropout that is no number, or a block that is
+        no tensor or of a dtype that is not real floating (an integer block was cast, a complex one
+        lost its imaginary part)."""
         self._check_mutable(f"add adapter {name!r}")
         shape = self.adapter_shape(name, r, mode, mini_r, dropout)
         if self.bank.is_meta or self.ranks.is_meta:
@@ -874,6 +887,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """Each row of x with its own adapter: see the class docstring, "forward"."""
         refuse_non_tensor(x, self)
         refuse_nested(x, "MissBankLinear")
+        names_from = None if adapter_index is not None else "miss_ext.mixed_batch"  # the ids come from names
         if adapter_index is None:
             adapter_index = self.rows
             if adapter_index is None:
@@ -925,7 +939,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         flat = adapter_index.reshape(-1).clamp(0, last)
         routed = torch.where((adapter_index >= 0) & (adapter_index <= last),
                              self._route[flat].reshape(adapter_index.shape), adapter_index)
-        index = row_index(routed, x, "MissBankLinear")
+        index = row_index(routed, x, "MissBankLinear", names_from)
         y = self.base_layer(x)
         check_base_output(self, y, x)
         try:

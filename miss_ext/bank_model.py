@@ -180,7 +180,7 @@ def _apply_bank(model: nn.Module, target_modules: TargetModules, capacity: int, 
     if present and (present[0][1].capacity, present[0][1].max_r) != (capacity, max_r):
         raise ValueError(f"apply_bank: the model's bank layers have capacity={present[0][1].capacity}, "
                          f"max_r={present[0][1].max_r}; new ones must match (got capacity={capacity}, max_r={max_r})")
-    check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
+    capacity, max_r = check_bank_size(capacity, max_r)  # before the model changes (the freeze below)
     if named_by_user:
         warn_unmatched(model, target_modules, "apply_bank: ", stacklevel=4)
         warn_second_paths(model, target_modules, seconds, {name for name, _ in found}, prefix="apply_bank: ",
@@ -285,8 +285,8 @@ def _file_problems(model: nn.Module, layers, name: str, config: dict, blocks: Di
                         "own model (miss_ext.load_adapter) or merge it")
     try:
         dropout = check_dropout(dropout)
-    except ValueError:
-        problems.append(f"miss_dropout={dropout!r} in the config: supported values are in [0, 1)")
+    except (ValueError, TypeError):  # TypeError: no number at all (a str in a hand-edited config)
+        problems.append(f"miss_dropout={dropout!r} in the config: supported values are numbers in [0, 1)")
         dropout = 0.0  # reported; the per-layer checks below go on
     for path, block in blocks.items():
         layer = get_module(model, path)

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import math
+import numbers
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -37,8 +38,19 @@ MAX_TENSOR_SIZE = 2 ** 63 - 1
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` as a Python int: an int or a NumPy integer (numbers.Integral, as nn.Linear and PEFT
+    take them; np.int64 was refused, a new-user pass, 2026-12-07); TypeError for anything else,
+    a bool included (True is no rank)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def plain_int(value: object) -> object:
+    """A NumPy integer as a Python int (what the saved configs and the ops hold); anything else
+    unchanged, for the checks that follow to refuse by name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
     return value
 
 
@@ -46,7 +58,7 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     """Shape of miss_block for a mode (PEFT's shapes); raises ValueError on bad sizes.
     `empty_output`: out_features = 0 is allowed in every mode (the bank's ops handle it; the
     default and bat ops of a MissLinear do not)."""
-    _check_int("r", r)
+    r = _check_int("r", r)
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r}")
     if r > MAX_TENSOR_SIZE:
@@ -58,7 +70,7 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     if mode == "default":
         return (r, out_features)
     if mode == "mini":
-        _check_int("mini_r", mini_r)
+        mini_r = _check_int("mini_r", mini_r)
         if mini_r <= 0 or out_features % mini_r != 0:
             raise ValueError(f"mini_r={mini_r} must be a positive divisor of out_features={out_features}")
         return (r, mini_r)
@@ -70,9 +82,21 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
     raise ValueError(f"unknown MiSS mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
+def is_rate(value: object) -> bool:
+    """A real number that is no bool: Python's int and float, NumPy's floats and ints."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        type(value).__name__ not in ("bool_", "bool")
+
+
 def check_dropout(dropout: object) -> float:
-    """The adapter dropout probability as a float; ValueError unless it is a number in [0, 1)."""
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    """The adapter dropout probability as a float. TypeError for no real number (a str, None, a
+    bool, a tensor), ValueError outside [0, 1). (A NumPy float was refused as "must be a float in
+    [0, 1)" though it was one, and the wrong types got that ValueError too: a new-user pass,
+    2026-12-07.)"""
+    if not is_rate(dropout):
+        raise TypeError(f"dropout must be a float (a Python or NumPy real number), got dropout={dropout!r} "
+                        f"({type(dropout).__name__})")
+    if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got dropout={dropout!r}")
     return float(dropout)
 
@@ -627,10 +651,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
     Raises (nothing is changed: the base is frozen last): TypeError for a base that cannot take
     an adapter (not an nn.Linear, a LazyLinear before its first forward, a complex or bool
     weight, a DTensor weight sharded over several ranks; bat: anything but a plain nn.Linear as
-    is_plain_linear defines it), a non-int r (or mini_r in the mini mode), a non-bool
-    init_weights; ValueError for r < 1, an unknown mode, mini_r not a positive divisor of
+    is_plain_linear defines it), a non-int r (or mini_r in the mini mode; NumPy integers are
+    ints here, as in PEFT), a non-bool init_weights, a dropout that is no real number (a str,
+    None, a bool, a tensor); ValueError for r < 1, an unknown mode, mini_r not a positive divisor of
     out_features (mini mode), bat with r not dividing in_features and out_features,
-    out_features == 0 (default, bat), a dropout that is not a number in [0, 1); the allocator's
+    out_features == 0 (default, bat), a dropout outside [0, 1); the allocator's
     error (RuntimeError, torch.OutOfMemoryError), naming
     the block's size, for a block that cannot be allocated. UserWarning for r > in_features and
     for dropout in bat mode.
@@ -646,7 +671,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         why = base_refusal(base_layer, mode)
         if why is not None:
             raise TypeError(why)
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
         if not isinstance(init_weights, bool):
             raise TypeError(f"init_weights must be True (zero init) or False (random init), got {init_weights!r}; "
                             "PEFT's init_weights='mini'/'bat' are mode='mini'/'bat' here")
@@ -655,6 +680,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # (a Conv1D's, from its (in, out) weight).
         in_features, out_features = linear_sizes(base_layer)
         shape = block_shape(mode, r, mini_r, in_features, out_features)
+        r = plain_int(r)  # an int now (block_shape checked it), also when given as a NumPy integer
 
         self.base_layer = base_layer
         self.in_features = in_features
@@ -844,7 +870,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         is nn.Dropout's range and what the ops take (the whole adapter term is dropped, as in
         PEFT), while building a layer at p=1 is refused as an adapter that could never learn."""
         p = self.dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
+        if not is_rate(p):
             raise TypeError(f"{self._describe()}: dropout must be a float in [0, 1], got {type(p).__name__} {p!r} "
                             "(its dropout attribute)")
         if not 0.0 <= p <= 1.0:

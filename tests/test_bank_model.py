@@ -1889,3 +1889,25 @@ def test_a_folder_without_target_modules_takes_peft_s_default_in_a_bank(tmp_path
                                          r"default target modules for model_type='no-such-type'"):
         miss_ext.load_bank(unknown, {"a": str(tmp_path / "a")})
     assert_unchanged(unknown, snap)
+
+
+def test_a_name_list_of_the_wrong_length_is_named_as_such():
+    """mixed_batch with 2 names for 3 prompts said "the adapter index has shape (2,); it needs x's
+    leading sizes (3, 8)", an index the user never made (a new-user pass, 2026-12-07); it now
+    speaks of names and sequences. The model is left as it was, and a right list then runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    miss_ext.apply_bank(model, ["0"], capacity=2, max_r=4)
+    miss_ext.add_bank_adapter(model, "a", r=4)
+    x = torch.randn(3, 8, 16)
+    with pytest.raises(ValueError, match=r"MissBankLinear \(in_features=16\): miss_ext\.mixed_batch was given 2 "
+                                         r"adapter names for an input of 3 sequences \(x has shape \(3, 8, 16\), "
+                                         r"sequences along its first dimension\); give one name per sequence\."):
+        with miss_ext.mixed_batch(model, ["a", None]):
+            model(x)
+    with miss_ext.mixed_batch(model, ["a", None, "a"]):
+        y = model(x)
+    torch.testing.assert_close(y[1], model[2](model[1](model[0].base_layer(x[1]))))
+    # A layer called with its own index keeps the index wording (the user made that index).
+    with pytest.raises(ValueError, match=r"the adapter index has shape \(2,\)"):
+        model[0](x, model[0].index_of(["a", None]))

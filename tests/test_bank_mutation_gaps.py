@@ -226,16 +226,17 @@ def test_a_dropout_rate_outside_zero_one_is_refused_by_every_way_in(dropout):
     nothing. Taken, a rate of 1 or more drops every input of the adapter's rows (or scales by a
     negative factor), and the layer's own state_dict, whose slot description carries the rate, no
     longer loads."""
+    error = TypeError if isinstance(dropout, bool) else ValueError  # a bool: a TypeError since 2026-12-07
     base, bank, blocks = layer_with({"a": (4, "default", 1, 0.0)}, capacity=3)
     before = {k: v.clone() for k, v in bank.state_dict().items()}
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(error, match="dropout"):
         bank.add_adapter("b", 2, dropout=dropout, block=nonzero(2, OUT))
     assert bank.adapter_names == ["a", None, None] and bank.dropouts == [0.0, 0.0, 0.0]
     for key, value in bank.state_dict().items():
         assert torch.equal(value, before[key]), key
     model = nn.Sequential(nn.Linear(IN, OUT), nn.Tanh(), nn.Linear(OUT, 4)).to(F64)
     miss_ext.apply_bank(model, ["0", "2"], capacity=2, max_r=4)
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(error, match="dropout"):
         miss_ext.add_bank_adapter(model, "b", r=2, dropout=dropout)
     assert miss_ext.bank_adapter_names(model) == []
     assert model[0].dropouts == [0.0, 0.0] and model[2].dropouts == [0.0, 0.0]

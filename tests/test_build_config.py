@@ -127,6 +127,52 @@ def test_torch_outside_the_range_is_refused_by_name(setup_module, version):
         setup_module.check_torch_version(version)
 
 
+@pytest.mark.parametrize("built, running, other", [
+    ("2.14.1+cu130", "2.14.1+cu130", False), ("2.14.1+cu130", "2.14.1+cpu", True),
+    ("2.14.1+cu130", "2.15.0+cu130", True), ("2.14.1+cu130", "2.14.1", True),
+    ("2.14.1", "2.14.1+cu130", False),    # the CMake library records CMake's Torch_VERSION, no local part
+    ("2.14.1", "2.14.2", True), ("", "2.14.1", False),
+])
+def test_a_build_for_another_torch_is_told_apart(built, running, other):
+    from miss_ext._library import built_for_other_torch
+
+    assert built_for_other_torch(built, running) is other
+
+
+def test_importing_a_library_built_for_another_torch_is_refused_by_name():
+    """A wheel built with torch 2.15 installed beside torch 2.14 (pip's requirement is a range)
+    imported without a word (a new-user pass, 2026-12-07). Now an ImportError names both."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from miss_ext._library import build_info
+
+    code = ("import torch; torch.__version__ = '2.14.99+other'\n"
+            "try:\n    import miss_ext\nexcept ImportError as e:\n    print('refused:', e)\nelse:\n    print('imported')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    built = build_info()["built_with_torch"]
+    assert built in (str(torch.__version__), str(torch.__version__).split("+")[0])
+    assert (f"refused: miss_ext's compiled op library was built against torch {built}, but this process runs torch "
+            "2.14.99+other") in out.stdout, out.stdout + out.stderr
+    ok = subprocess.run([sys.executable, "-c", "import miss_ext; print('imported')"], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.stdout.strip() == "imported", ok.stderr
+
+
+def test_a_build_that_cannot_import_torch_names_build_isolation(setup_module, monkeypatch):
+    """A plain `pip install .` builds in an isolated environment without torch; the error said
+    "none was found" to a user whose torch was installed (a new-user pass, 2026-12-07)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setattr(sys, "argv", ["setup.py", "bdist_wheel"])
+    with pytest.raises(RuntimeError, match=r"cannot import torch\. If torch is installed, pip's build isolation hid "
+                                           r"it .*pip install --no-build-isolation \."):
+        setup_module.extensions()
+
+
 def test_missing_optional_package_names_the_extra():
     from miss_ext._optional import require
 

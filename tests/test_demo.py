@@ -224,7 +224,7 @@ def test_module_entry_point_runs_and_exits_zero(tmp_path):
     (["--batch-size", "5000", "--no-peft"], "--batch-size 5000: the random model's task has only 448"),
     (["--batch-size", "113", "--no-peft"], "give at most 112"),
     (["--out", __file__], "is a file; give a folder"),
-    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
+    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (making a folder in /proc failed:"),
     (["--out", ""], "--out: is empty; give a folder"),  # Path("") would be the current folder
 ])
 def test_bad_flags_exit_with_a_message_naming_the_value(capsys, argv, message):

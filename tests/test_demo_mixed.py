@@ -85,7 +85,7 @@ def test_module_entry_point_and_bad_flags():
     (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
     (["--out", __file__], "is a file; give a folder"),
     # A folder that cannot be created is refused before training (root passes os.access there).
-    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (/proc:"),
+    (["--out", "/proc/miss_demo_out"], "--out /proc/miss_demo_out: cannot create or write it (making a folder in /proc failed:"),
     (["--out", ""], "--out: is empty; give a folder"),
     (["--batch-size", "5"], "--batch-size must be even (half the sequences per task), got 5"),
     (["--seq-len", "1"], "--seq-len must be at least 2 (a token and its successor), got 1"),

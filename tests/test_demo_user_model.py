@@ -164,12 +164,19 @@ def test_jsonl_with_peft_comparison_and_a_regex_target(model_dir, jsonl_file, tm
     assert f"AutoModelForCausalLM.from_pretrained({str(model_dir.resolve())!r}, dtype=torch.float32)" in printed
 
 
-def test_comma_list_of_targets(model_dir, text_file, tmp_path):
+def test_comma_list_of_targets(model_dir, text_file, tmp_path, capsys):
+    """Also: a random-model run's base_model left in --out is named as not this adapter's base
+    (it sat there without a word, a new-user pass 2026-12-07), and kept."""
+    (tmp_path / "base_model").mkdir()
+    (tmp_path / "base_model" / "config.json").write_text("{}")
     args = demo.parse_args(["--model", str(model_dir), "--data", str(text_file), "--no-peft", "--out", str(tmp_path),
                             "--target-modules", "k_proj, o_proj"] + FAST + ["--steps", "2"])
     assert args.target_modules == ["k_proj", "o_proj"]
     demo.run_demo(args)
     assert sorted(adapted(tmp_path)) == ["0.k_proj", "0.o_proj", "1.k_proj", "1.o_proj"]
+    printed = capsys.readouterr().out
+    assert f"note: {tmp_path / 'base_model'} is not this adapter's base model" in printed, printed
+    assert (tmp_path / "base_model" / "config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -344,7 +344,11 @@ MODULE_CASES = [
     ("dropout-neg", dict(r=2, dropout=-0.1), ValueError, r"dropout=-0\.1"),
     ("dropout-1.5", dict(r=2, dropout=1.5), ValueError, r"dropout=1\.5"),
     ("dropout-nan", dict(r=2, dropout=float("nan")), ValueError, r"dropout=nan"),
-    ("dropout-True", dict(r=2, dropout=True), ValueError, r"dropout=True"),
+    ("dropout-True", dict(r=2, dropout=True), TypeError, r"dropout must be a float .*got dropout=True \(bool\)"),
+    # A wrong type is a TypeError naming the type (it was "must be a float in [0, 1)", a ValueError).
+    ("dropout-str", dict(r=2, dropout="0.1"), TypeError, r"got dropout='0\.1' \(str\)"),
+    ("dropout-None", dict(r=2, dropout=None), TypeError, r"got dropout=None \(NoneType\)"),
+    ("dropout-tensor", dict(r=2, dropout=torch.tensor(0.1)), TypeError, r"got dropout=tensor\(0\.1000\) \(Tensor\)"),
     # bat: r must divide in_features=10 and out_features=20
     ("bat-r3", dict(r=3, mode="bat"), ValueError, r"divisible by r; got in_features=10, out_features=20, r=3"),
     ("bat-r4", dict(r=4, mode="bat"), ValueError, r"in_features=10, out_features=20, r=4"),

@@ -257,3 +257,41 @@ def test_save_bank_adapter_checks_its_save_options(tmp_path):
         with pytest.raises(TypeError, match=message):
             miss_ext.save_bank_adapter(model, "a", str(target), **kwargs)
         assert not target.exists()
+
+
+def test_numpy_numbers_are_taken_as_settings_as_peft_takes_them(tmp_path):
+    """r / mini_r as NumPy integers and dropout as a NumPy float, as PEFT's MissConfig and
+    get_peft_model take them: r=np.int64(8) raised "r must be an int" and dropout=np.float32(0.1)
+    "dropout must be a float in [0, 1)" (a new-user pass, 2026-12-07). They are kept as Python
+    numbers, which the saved configs and the slot descriptions hold as JSON."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).double()
+    layer = miss_ext.MissLinear(copy.deepcopy(base), np.int64(4), mode="mini", mini_r=np.int32(3),
+                                dropout=np.float32(0.25))
+    assert (type(layer.r), type(layer.mini_r), type(layer.dropout)) == (int, int, float)
+    assert (layer.r, layer.mini_r, layer.dropout) == (4, 3, float(np.float32(0.25)))
+    assert layer.miss_block.shape == (4, 3)
+    with torch.no_grad():
+        layer.miss_block.normal_()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    layer.dropout = np.float32(0.5)  # a later assignment too (the forward checks the rate it reads)
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.miss_block.grad is not None
+
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    config = peft.MissConfig(r=np.int64(4), target_modules=["0"], miss_dropout=np.float32(0.125))
+    miss_ext.apply_miss(model, config)
+    assert type(model[0].r) is int and model[0].dropout == 0.125
+    miss_ext.save_adapter(model, str(tmp_path / "a"))
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["miss_dropout"] == 0.125
+
+    bank_model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    miss_ext.apply_bank(bank_model, ["0"], capacity=2, max_r=np.int64(8))
+    miss_ext.add_bank_adapter(bank_model, "b", r=np.int64(4), mode="mini", mini_r=np.int16(6), dropout=np.float32(0.5))
+    assert bank_model[0].dropouts[0] == 0.5 and int(bank_model[0].ranks[0]) == 4
+    bank_model.load_state_dict(bank_model.state_dict())  # the slot description (JSON) holds them

@@ -294,16 +294,17 @@ def test_a_saved_adapter_targets_exactly_its_paths_for_peft_and_load_adapter(tmp
 
 
 def test_dropout_false_is_refused_like_dropout_true():
-    """A bool dropout is refused (ValueError), False as well as True: False is an int equal to 0
-    and would otherwise pass the range check as "no dropout" (tests covered only True, which the
-    range check refuses anyway). Nothing changes: the base stays trainable."""
+    """A bool dropout is refused (TypeError since 2026-12-07, ValueError before), False as well as
+    True: False is an int equal to 0 and would otherwise pass the range check as "no dropout"
+    (tests covered only True, which the range check refuses anyway). Nothing changes: the base
+    stays trainable."""
     base = nn.Linear(10, 20)
-    with pytest.raises(ValueError, match="dropout=False"):
+    with pytest.raises(TypeError, match="dropout=False"):
         miss_ext.MissLinear(base, 2, dropout=False)
     assert all(p.requires_grad for p in base.parameters())
     model = small_net()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="dropout=False"):
+    with pytest.raises(TypeError, match="dropout=False"):
         miss_ext.apply_miss(model, ["lin1"], r=2, dropout=False)
     assert_unchanged(model, snap)
 

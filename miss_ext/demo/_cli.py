@@ -305,7 +305,9 @@ def out_folder_problem(out: Path) -> Optional[str]:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".miss_demo_probe_", dir=ancestor))
     except OSError as exc:
-        return f"--out {out}: cannot create or write it ({ancestor}: {exc.strerror or exc})"
+        # The OS's text is about the probe folder, not `ancestor` ("/proc: No such file or
+        # directory" read as if /proc were missing: a new-user pass, 2026-12-07).
+        return f"--out {out}: cannot create or write it (making a folder in {ancestor} failed: {exc.strerror or exc})"
     return None
 
 

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import copy
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,13 @@ def _run_demo(args: argparse.Namespace) -> DemoResult:
         raise
     print(f"\nsaved the adapter into {out}" + ("" if synthetic_base is None else
                                                 f" and the random base model into {prepared.base_path}"), flush=True)
+    stale = out / "base_model"
+    if synthetic_base is None and stale.exists() and os.path.realpath(stale) != os.path.realpath(prepared.base_path):
+        # An earlier random-model run into the same --out left its base there. Not removed (it is
+        # no output of this run, and may be the user's), but said: it sits beside an adapter that
+        # is not for it (a new-user pass, 2026-12-07).
+        print(f"note: {stale} is not this adapter's base model (this adapter's config names {prepared.base_path}); "
+              "it was left there by an earlier run and is kept as it was", flush=True)
     del synthetic_base
     merge_tokens = prepared.heldout[:args.batch_size]
     merge, merged_model, unmerged_logits = check_merge(miss_model, merge_tokens.to(device), dtype)
