@@ -316,8 +316,8 @@ if __name__ == "__main__":
         # safetensors: the adapter files of save_adapter / load_adapter (the model API).
         install_requires=[f"torch>={TORCH_MIN},<{TORCH_END}", "safetensors"],
         extras_require={
-            "peft": ["peft>=0.20"],
-            "demo": ["peft>=0.20", "transformers", "matplotlib", "tqdm"],
-            "test": ["pytest", "hypothesis", "expecttest", "peft>=0.20", "accelerate", "transformers", "matplotlib", "tqdm"],
+            "peft": ["peft>=0.20,<0.22"],
+            "demo": ["peft>=0.20,<0.22", "transformers", "matplotlib", "tqdm"],
+            "test": ["pytest", "hypothesis", "expecttest", "peft>=0.20,<0.22", "accelerate", "transformers", "matplotlib", "tqdm"],
         },
     )

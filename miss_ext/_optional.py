@@ -1,7 +1,7 @@
 """Imports of optional dependencies with a message that names the pip extra to install."""
 import importlib
 from types import ModuleType
-from typing import Sequence
+from typing import Optional, Sequence
 
 # The extras of setup.py and what each brings (keep in sync with setup.py's extras_require).
 EXTRAS = {"peft": "PEFT interop (miss_ext.peft, export_lora of PEFT models)",
@@ -32,16 +32,21 @@ def require_all(modules: Sequence[str], extra: str, what: str) -> None:
                           f"pip install 'miss_ext[{extra}]' (or pip install {' '.join(missing)})")
 
 
-def require_version(module: str, minimum: str, extra: str, what: str, why: str) -> ModuleType:
-    """`require`, and ImportError if the installed version is older than `minimum` (saying `why`),
-    before anything uses it. (packaging, for the version comparison, is a dependency of every
-    package this is used for.)"""
+def require_version(module: str, minimum: str, extra: str, what: str, why: str,
+                    below: Optional[str] = None, why_below: str = "") -> ModuleType:
+    """`require`, and ImportError if the installed version is older than `minimum` (saying `why`)
+    or, with `below`, not older than `below` (saying `why_below`), before anything uses it.
+    (packaging, for the version comparison, is a dependency of every package this is used for.)"""
     found = require(module, extra, what)
     from packaging.version import Version
 
     version = getattr(found, "__version__", "0")
+    package = module.split(".")[0]
+    wanted = f"{package}>={minimum}" + (f",<{below}" if below else "")
     if Version(version) < Version(minimum):
-        package = module.split(".")[0]
         raise ImportError(f"{what} needs {package} >= {minimum}, found {package} {version} ({why}): "
-                          f"pip install '{package}>={minimum}'")
+                          f"pip install '{wanted}'")
+    if below is not None and Version(version) >= Version(below):
+        raise ImportError(f"{what} needs {package} older than {below}, found {package} {version} ({why_below}): "
+                          f"pip install '{wanted}'")
     return found

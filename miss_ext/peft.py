@@ -101,8 +101,16 @@ from ._optional import require_version
 # crashed; releases before 0.17 have no peft.tuners.miss (Bone only). CI tests PEFT 0.21; 0.20.0
 # was checked by hand (the PEFT tests pass but the one expecting 0.21's refusal of r > in). Adapter
 # files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
+#
+# Decision (2026-12-07): and PEFT < 0.22. PEFT 0.22.0 appeared in this project's package index
+# during a CI run (2026-12-07), and 21 tests of the accelerated layers and of PEFT parity failed
+# against it (its layers' merge, set_adapter and reset_parameters behave otherwise, and its
+# backends' and modules_to_save's internals moved). Until those are read and adapted, an
+# accelerated model on it could compute something else than PEFT's, silently: refused by name.
 require_version("peft", "0.20", "peft", "miss_ext.peft",
-                "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself")
+                "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself",
+                below="0.22", why_below="miss_ext.peft is built on PEFT 0.20-0.21's MiSS layer internals, which "
+                "0.22 changed; it is not yet adapted to them")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
