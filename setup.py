@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
 # The torch releases this extension is built and tested against: 2.11 (the GPU machines) to 2.15.
 TORCH_MIN, TORCH_END = "2.11", "2.16"
+# The PEFT releases miss_ext.peft is built on (it refuses others at import; requirements-dev.txt too).
+PEFT_REQUIREMENT = "peft>=0.20,<0.22"
 
 
 def check_torch_version(version: str) -> None:
@@ -316,8 +318,8 @@ if __name__ == "__main__":
         # safetensors: the adapter files of save_adapter / load_adapter (the model API).
         install_requires=[f"torch>={TORCH_MIN},<{TORCH_END}", "safetensors"],
         extras_require={
-            "peft": ["peft>=0.20,<0.22"],
-            "demo": ["peft>=0.20,<0.22", "transformers", "matplotlib", "tqdm"],
-            "test": ["pytest", "hypothesis", "expecttest", "peft>=0.20,<0.22", "accelerate", "transformers", "matplotlib", "tqdm"],
+            "peft": [PEFT_REQUIREMENT],
+            "demo": [PEFT_REQUIREMENT, "transformers", "matplotlib", "tqdm"],
+            "test": ["pytest", "hypothesis", "expecttest", PEFT_REQUIREMENT, "accelerate", "transformers", "matplotlib", "tqdm"],
         },
     )

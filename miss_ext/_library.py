@@ -43,37 +43,6 @@ except ImportError as exc:  # pragma: no cover - only without a build
            "Reinstall it against this torch: `pip install --no-build-isolation .` from the repository root")
     ) from exc
 
-
-
-def built_for_other_torch(built: str, running: str) -> bool:
-    """True when the library's build torch (`built`, "" when unrecorded) is not the running torch
-    (`running`, torch.__version__). Compared whole, the local part too ("2.14.1+cu130"): a CUDA
-    and a CPU build of one release are different libraries. A build that recorded no local part
-    (the CMake library records CMake's Torch_VERSION, "2.14.1") is compared without one."""
-    if not built:
-        return False
-    return built != (running if "+" in built else running.split("+")[0])
-
-
-def _check_built_torch() -> None:
-    """ImportError when the op library was compiled against another torch than the one running.
-    A custom op library is compiled against one torch's C++ API and op registry: pip accepts a
-    wheel built with torch 2.15 in an environment holding 2.14 (its requirement is a range), and
-    the import then went through without a word (a new-user pass, 2026-12-07), where a mismatch
-    can crash or compute wrong results. The CMake package refuses the same case by name."""
-    built = dict(item.partition("=")[::2] for item in torch.ops.miss.build_info().split(";")).get(
-        "built_with_torch", "")
-    running = str(torch.__version__)
-    if built_for_other_torch(built, running):
-        raise ImportError(f"miss_ext's compiled op library was built against torch {built}, but this process runs "
-                          f"torch {running}: a custom op library works only with the torch it was compiled against "
-                          "(its C++ API and op registry), and a mismatch can crash or compute wrong results. Rebuild "
-                          "miss_ext against this torch (`pip install --no-build-isolation .` from its sources, or "
-                          f"`pip install --no-build-isolation -e .` in a clone), or install torch {built}")
-
-
-_check_built_torch()
-
 # Dispatch keys a `miss` op may have kernels for, in the order `python -m miss_ext.info` shows.
 DISPATCH_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
@@ -101,3 +70,32 @@ def registered_ops() -> Dict[str, List[str]]:
         name: [k for k in DISPATCH_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
         for name in names
     }
+
+
+def built_for_other_torch(built: str, running: str) -> bool:
+    """True when the library's build torch (`built`, "" when unrecorded) is not the running torch
+    (`running`, torch.__version__). Compared whole, the local part too ("2.14.1+cu130"): a CUDA
+    and a CPU build of one release are different libraries. A build that recorded no local part
+    (the CMake library records CMake's Torch_VERSION, "2.14.1") is compared without one."""
+    if not built:
+        return False
+    return built != (running if "+" in built else running.split("+")[0])
+
+
+def _check_built_torch() -> None:
+    """ImportError when the op library was compiled against another torch than the one running.
+    A custom op library is compiled against one torch's C++ API and op registry: pip accepts a
+    wheel built with torch 2.15 in an environment holding 2.14 (its requirement is a range), and
+    the import then went through without a word (a new-user pass, 2026-12-07), where a mismatch
+    can crash or compute wrong results. The CMake package refuses the same case by name."""
+    built = str(build_info().get("built_with_torch", ""))
+    running = str(torch.__version__)
+    if built_for_other_torch(built, running):
+        raise ImportError(f"miss_ext's compiled op library was built against torch {built}, but this process runs "
+                          f"torch {running}: a custom op library works only with the torch it was compiled against "
+                          "(its C++ API and op registry), and a mismatch can crash or compute wrong results. Rebuild "
+                          "miss_ext against this torch (`pip install --no-build-isolation .` from its sources, or "
+                          f"`pip install --no-build-isolation -e .` in a clone), or install torch {built}")
+
+
+_check_built_torch()

@@ -692,8 +692,8 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         """The block shape an adapter with these settings has in this bank: (r, out_features) in
         the default mode, (r, mini_r) in the mini mode. `name` only names the adapter in the
         errors; r, mode, mini_r and dropout as add_adapter's. TypeError for bat or a dropout that
-        is no number, ValueError for r > max_r, bad sizes or a dropout outside [0, 1). Changes nothing (the model-level functions check
-        every layer with it before any layer changes)."""
+        is no number, ValueError for r > max_r, bad sizes or a dropout outside [0, 1). Changes
+        nothing (the model-level functions check every layer with it before any layer changes)."""
         if mode == "bat":
             raise TypeError(f"adapter {name!r} is a bat adapter: bat changes the base weight itself, so rows of "
                             "different bat adapters cannot share one base GEMM; serve it with its own MissLinear "

@@ -46,14 +46,6 @@ def _check_int(name: str, value: object) -> int:
     return int(value)
 
 
-def plain_int(value: object) -> object:
-    """A NumPy integer as a Python int (what the saved configs and the ops hold); anything else
-    unchanged, for the checks that follow to refuse by name."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
-
-
 def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: int, empty_output: bool = False):
     """Shape of miss_block for a mode (PEFT's shapes); raises ValueError on bad sizes.
     `empty_output`: out_features = 0 is allowed in every mode (the bank's ops handle it; the
@@ -83,9 +75,9 @@ def block_shape(mode: str, r: int, mini_r: int, in_features: int, out_features: 
 
 
 def is_rate(value: object) -> bool:
-    """A real number that is no bool: Python's int and float, NumPy's floats and ints."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        type(value).__name__ not in ("bool_", "bool")
+    """A real number that is no bool: Python's int and float, NumPy's floats and ints (NumPy's
+    bool is no numbers.Real)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_dropout(dropout: object) -> float:
@@ -679,8 +671,8 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local
         # (a Conv1D's, from its (in, out) weight).
         in_features, out_features = linear_sizes(base_layer)
+        r = _check_int("r", r)  # a Python int also when given as a NumPy integer (block_shape's first check)
         shape = block_shape(mode, r, mini_r, in_features, out_features)
-        r = plain_int(r)  # an int now (block_shape checked it), also when given as a NumPy integer
 
         self.base_layer = base_layer
         self.in_features = in_features
