@@ -31,7 +31,8 @@ from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
                       refuse_meta)
 from .targets import (ALL_LINEAR, check_selection_fields, default_targets, describe, exact_paths_regex, find_targets, get_module,
-                      memory_range, modules_to_save_paths, other_holders, parameter_paths, peft_selects, set_module)
+                      matches_by_suffix, memory_range, modules_to_save_paths, other_holders, parameter_paths,
+                      peft_selects, set_module)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -131,6 +132,7 @@ def apply_miss_settings(config: object) -> dict:
         "bias": config.get("bias", "none"),
         "inference_mode": bool(config.get("inference_mode", False)),
         "task_type": config.get("task_type"),
+        "peft_version": config.get("peft_version"),  # its modules_to_save rule (targets.matches_by_suffix)
     }
 
 
@@ -392,11 +394,14 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     tensors = {f"{KEY_PREFIX}{name}.miss_block": full_block(layer.miss_block) for name, layer in layers}
     save_paths = extras["modules_to_save"]
     if save_paths:
-        # PEFT finds them again by its suffix rule on the base model; it must find exactly these.
-        again, _ = modules_to_save_paths(model, save_paths, skip_inside=(MissLinear,))
-        if sorted(again) != sorted(save_paths):
-            raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
-                             f"{describe(sorted(set(again) - set(save_paths)))} (it matches by suffix)")
+        # PEFT finds them again on the base model, by its rule (targets.matches_by_suffix: the file
+        # names no PEFT release, so any may read it); under both rules it must find exactly these.
+        for by_suffix in (False, True):
+            again, _ = modules_to_save_paths(model, save_paths, skip_inside=(MissLinear,), by_suffix=by_suffix)
+            if sorted(again) != sorted(save_paths):
+                raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
+                                 f"{describe(sorted(set(again) - set(save_paths)))} (it matches "
+                                 f"{'by plain suffix before 0.22' if by_suffix else 'trailing path components'})")
         containers = container_problems(model, save_paths)
         if containers:
             raise ValueError("save_adapter: PEFT could not load this adapter, nothing was written: "
@@ -602,8 +607,9 @@ def _other_adapters_block(key: str, suffix: str, config: dict, model: Optional[n
         return False  # PEFT's bias="all" saves every key holding "bias"
     parts = head.split(".")
     modules = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    entries = config.get("modules_to_save") or []
-    return not any(isinstance(e, str) and m.endswith(e) for e in entries for m in modules)
+    entries = [e for e in config.get("modules_to_save") or [] if isinstance(e, str)]
+    by_suffix = matches_by_suffix(config.get("peft_version"))
+    return not any(m.endswith(e) if by_suffix else m == e or m.endswith("." + e) for e in entries for m in modules)
 
 
 def meta_problem(path: str, tensors) -> Optional[str]:
@@ -949,7 +955,9 @@ def load_adapter(model: nn.Module, path: str, freeze_others: bool = True) -> nn.
     # What the file trains beside the blocks (PEFT's rule: the modules_to_save modules, the biases
     # `bias` names), recorded below so that later freezes keep it trainable and save_adapter
     # writes it again.
-    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,))
+    # (by the rule of the PEFT release that wrote the file: targets.matches_by_suffix)
+    save_paths, _ = modules_to_save_paths(model, list(config.get("modules_to_save") or []), skip_inside=(MissLinear,),
+                                          by_suffix=matches_by_suffix(config.get("peft_version")))
     extras, copy_problems = _peft_wrapper_copies(extras, save_paths)
     copy_problems = container_problems(model, save_paths) + copy_problems
     extra_problems, extra_plan = _plan_extras(model, extras)

@@ -15,8 +15,9 @@ from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linea
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, block_merge_problem, block_shape, check_dropout,
                       check_flag, non_finite_summary)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
-                      check_target_modules, default_targets, describe, is_default, find_targets, matches, module_paths, modules_to_save_paths,
-                      other_holders, parameter_paths, peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
+                      check_target_modules, default_targets, describe, is_default, find_targets, matches,
+                      matches_by_suffix, module_paths, modules_to_save_paths, other_holders, parameter_paths,
+                      peft_selects, record_sharing, refuse_bare_parameters, second_paths, set_module,
                       shared_weight_message, stored_weight_and_bias, warn_unmatched)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
@@ -666,11 +667,13 @@ def saved_whole_problem(new_layers: Sequence[str], recorded: Sequence[str]) -> O
             "modules_to_save (trained and saved whole); a module cannot be both adapted and saved whole")
 
 
-def _plan_modules_to_save(model: nn.Module, modules_to_save, found) -> List[str]:
-    """The module paths PEFT would wrap as modules_to_save, checked: none may be or hold an adapter
-    layer, be nested in another, or share parameters with other modules (PEFT trains a separate
-    copy; training it in place would change the other holder too)."""
-    paths, unused = modules_to_save_paths(model, list(modules_to_save or []), skip_inside=(MissLinear,))
+def _plan_modules_to_save(model: nn.Module, modules_to_save, found, by_suffix: bool) -> List[str]:
+    """The module paths PEFT would wrap as modules_to_save (by_suffix: targets.matches_by_suffix),
+    checked: none may be or hold an adapter layer, be nested in another, or share parameters with
+    other modules (PEFT trains a separate copy; training it in place would change the other holder
+    too)."""
+    paths, unused = modules_to_save_paths(model, list(modules_to_save or []), skip_inside=(MissLinear,),
+                                          by_suffix=by_suffix)
     if unused:
         warnings.warn(f"modules_to_save entries {unused!r} match no module of the model (PEFT ignores them too)",
                       stacklevel=3)
@@ -783,6 +786,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
     inference_mode = False
+    peft_version = None  # keywords: the installed peft's modules_to_save rule (targets.matches_by_suffix)
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
                                          ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
@@ -801,7 +805,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
          layers_pattern, modules_to_save, bias, inference_mode) = (settings[k] for k in (
             "target_modules", "r", "mode", "mini_r", "dropout", "init_weights", "exclude_modules",
             "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "inference_mode"))
-        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"])
+        peft_version = settings["peft_version"]  # the config's own, if it has one
+        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"],
+                                           matches_by_suffix(peft_version))
     elif r is None:
         raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
                         "target_modules)")
@@ -872,7 +878,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     refuse_offloaded(model, found, "apply_miss")
     check_dropout(dropout)
     _check_init_weights(init_weights)
-    save_paths = _plan_modules_to_save(model, modules_to_save, found)
+    save_paths = _plan_modules_to_save(model, modules_to_save, found, matches_by_suffix(peft_version))
     recorded = trainable_extras(model)
     problem = saved_whole_problem([name for name, _ in found], recorded["modules_to_save"])
     if problem is not None:
@@ -931,13 +937,16 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     return outer
 
 
-# The heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py, 0.21:
-# PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering).
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-               "QUESTION_ANS": ("qa_outputs",)}
+# The heads PEFT's task-specific PeftModel classes add to modules_to_save (peft_model.py:
+# PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering). PEFT 0.22
+# added "pre_classifier" (DistilBERT's randomly initialised head layer), which 0.21's suffix rule
+# already picked through "classifier": listed for both, as it changes nothing under the old rule.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"),
+               "TOKEN_CLS": ("classifier", "score", "pre_classifier"), "QUESTION_ANS": ("qa_outputs",)}
 
 
-def _with_task_heads(model: nn.Module, modules_to_save: Optional[Sequence[str]], task_type: object) -> Optional[list]:
+def _with_task_heads(model: nn.Module, modules_to_save: Optional[Sequence[str]], task_type: object,
+                     by_suffix: bool) -> Optional[list]:
     """modules_to_save plus the task's heads that the model has: get_peft_model with a
     SEQ_CLS / TOKEN_CLS / QUESTION_ANS config trains (and saves) its randomly initialised
     classifier head, so apply_miss(model, config) must too. PEFT adds the names blindly and says
@@ -946,7 +955,7 @@ def _with_task_heads(model: nn.Module, modules_to_save: Optional[Sequence[str]],
     heads = _TASK_HEADS.get(task_type, ())
     if not heads:
         return modules_to_save
-    _, absent = modules_to_save_paths(model, list(heads), skip_inside=(MissLinear,))
+    _, absent = modules_to_save_paths(model, list(heads), skip_inside=(MissLinear,), by_suffix=by_suffix)
     # PEFT writes the names it added into a saved config's modules_to_save: dropped there too.
     given = [e for e in modules_to_save or [] if e not in absent]
     return given + [h for h in heads if h not in given and h not in absent]

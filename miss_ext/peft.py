@@ -12,8 +12,9 @@ optimizers, checkpoints, `save_pretrained`, `set_adapter`, `disable_adapter()`,
 Where PEFT's own behaviour is a bug (docs/miss.md, last section) the accelerated layer follows
 the spec's intent instead:
 - each adapter keeps its own mode, read from its block's shape (3-D: bat; (r, out): default;
-  (r, mini_r): mini). PEFT 0.21 uses the mode of the layer's first adapter for all of them, so a
-  layer mixing bat and default/mini adapters computes garbage or crashes there;
+  (r, mini_r): mini). PEFT before 0.22 uses the mode of the layer's first adapter for all of them,
+  so a layer mixing bat and default/mini adapters computes garbage or crashes there (0.22 keeps
+  each adapter's mode too: _peft_mode);
 - active bat adapters are applied to the weight first, in order, then the default/mini terms are
   added; merge does the same (bat adapters first, in the active order whatever order it is
   given; an adapter named twice merges once), so merged and unmerged outputs agree; a merge that
@@ -41,15 +42,16 @@ the spec's intent instead:
   earlier failures under the name it adds (AcceleratedMissModel.inject_adapter; accelerate refuses
   a block whose shape says another mode than its config).
 Layers whose base is not a plain `nn.Linear` (quantized backends, forward hooks, extra forward
-arguments) keep PEFT's forward where every active adapter is in the layer's first adapter's mode
-(PEFT's forward applies that mode to all: otherwise default/mini terms are added here and a bat
-adapter beside them is refused); merging into them is refused, but for quantized backends, which
+arguments) keep PEFT's forward where PEFT computes every active adapter in its own mode (always
+from PEFT 0.22; before, where all are in the layer's first adapter's mode, which that forward
+applies to all: otherwise default/mini terms are added here and a bat adapter beside them is
+refused); merging into them is refused, but for quantized backends, which
 keep PEFT's merge and unmerge code; an unmerge only needs a plain weight, so a layer hooked
 after its merge is unmerged here.
 
 Mixed-adapter batches: PEFT's `adapter_names=` (one adapter name per sequence, "__base__" for the
 base model) works in `model(...)`, `model.generate(...)` (num_beams / num_return_sequences repeat
-the names as generate repeats the sequences) and direct layer calls. PEFT 0.21 accepts the
+the names as generate repeats the sequences) and direct layer calls. PEFT (0.21, 0.22) accepts the
 keyword for MiSS and silently applies the active adapter to every row; here each row gets its
 own adapter, with its own mode (default and mini may mix on one layer, which PEFT cannot do
 even for one adapter at a time) and dropout, through miss.bank_fold + miss.bank_add (see
@@ -66,7 +68,7 @@ another thread meanwhile runs its active adapter, as the hooks act only inside t
 under torch.compile, which records no calls), and the base model or its layers called directly
 from another thread raise RuntimeError (one adapter_names= call at a time per model).
 
-Where PEFT 0.21 accepts an argument and silently ignores it, the accelerated model refuses it:
+Where PEFT (0.21, 0.22) accepts an argument and silently ignores it, the accelerated model refuses it:
 - `alora_offsets=` (a LoRA feature): PEFT's `PeftModel.forward`/`generate` strip it for MiSS;
   here it raises TypeError before anything runs (model.forward, model.generate and direct layer
   calls alike). The tuner (`MissModel`) is swapped to `AcceleratedMissModel` for this;
@@ -98,19 +100,22 @@ from ._optional import require_version
 
 # Decision (2026-12-03): PEFT >= 0.20. Older releases lack what the accelerated layers read
 # (MissLinear.quantization_backend, 0.20), so accelerate() swapped the classes and every call then
-# crashed; releases before 0.17 have no peft.tuners.miss (Bone only). CI tests PEFT 0.21; 0.20.0
-# was checked by hand (the PEFT tests pass but the one expecting 0.21's refusal of r > in). Adapter
-# files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
+# crashed; releases before 0.17 have no peft.tuners.miss (Bone only). CI tests PEFT 0.21 and 0.22;
+# 0.20.0 was checked by hand (the PEFT tests pass but the one expecting 0.21's refusal of r > in).
+# Adapter files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
 #
-# Decision (2026-12-07): and PEFT < 0.22. PEFT 0.22.0 appeared in this project's package index
-# during a CI run (2026-12-07), and 21 tests of the accelerated layers and of PEFT parity failed
-# against it (its layers' merge, set_adapter and reset_parameters behave otherwise, and its
-# backends' and modules_to_save's internals moved). Until those are read and adapted, an
-# accelerated model on it could compute something else than PEFT's, silently: refused by name.
+# Decision (2026-12-07): and PEFT < 0.23. This module reads and overrides PEFT's MiSS layer and
+# tuner internals, which a new release may change in ways that make an accelerated model compute
+# something else than PEFT's without an error: PEFT 0.22.0 (out 2026-12-07) did (each adapter
+# keeps its own mode, miss_fn a dict; modules_to_save matches whole path parts; targeted names
+# recorded before injection), and 23 tests caught it. Adapted the same day (each point is read
+# per installed release: _peft_mode, targets.matches_by_suffix); a release this module has not
+# been checked against is refused by name, so the next one is read before it is used.
 require_version("peft", "0.20", "peft", "miss_ext.peft",
                 "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself",
-                below="0.22", why_below="miss_ext.peft is built on PEFT 0.20-0.21's MiSS layer internals, which "
-                "0.22 changed; it is not yet adapted to them")
+                below="0.23", why_below="miss_ext.peft overrides PEFT's MiSS layer internals and is checked against "
+                "PEFT 0.20-0.22; a newer release may change them so that an accelerated model computes something "
+                "else, silently")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
@@ -136,8 +141,8 @@ __all__ = ["AcceleratedMissLinear", "AcceleratedMissModel", "accelerate", "resto
 
 # PEFT's per-row forward arguments (PeftModel.special_peft_forward_args) that MiSS refuses, and why.
 _PER_ROW_ARGUMENTS = {
-    "alora_offsets": "activated LoRA (aLoRA) offsets are a LoRA feature; MiSS has no use for them and PEFT 0.21 "
-                     "silently ignores them",
+    "alora_offsets": "activated LoRA (aLoRA) offsets are a LoRA feature; MiSS has no use for them and PEFT "
+                     "(0.21, 0.22) silently ignores them",
 }
 
 
@@ -418,11 +423,11 @@ def _refuse_repeated_active(layer: PeftMissLinear, active: List[str]) -> None:
 
 
 def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -> None:
-    """PEFT's MissLinear.merge(safe_merge=True) of `names` (0.21's loop: each adapter's delta on a
-    copy of the base weight as merged so far, rounded to its dtype, then checked), run on a copy
-    without writing anything, for layers that keep PEFT's merge code: ValueError naming the layer
-    and the adapter where a merged value would not be finite, before any layer of the model is
-    merged."""
+    """PEFT's MissLinear.merge(safe_merge=True) of `names` (0.21-0.22's loop: each adapter's delta,
+    in PEFT's mode for it (_peft_mode), on a copy of the base weight as merged so far, rounded to
+    its dtype, then checked), run on a copy without writing anything, for layers that keep PEFT's
+    merge code: ValueError naming the layer and the adapter where a merged value would not be
+    finite, before any layer of the model is merged."""
     if not names:
         return
     # PEFT's delta functions replace a half-precision CPU block's .data (mini: by its tiled (r, out)
@@ -433,7 +438,7 @@ def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -
             weight = layer.get_base_weight().clone()
             dtype = weight.dtype
             for name in names:
-                if layer.miss_fn == "bat":
+                if _peft_mode(layer, name) == "bat":
                     weight += layer.get_delta_weight(name, weight)  # in place, in the weight's dtype, as PEFT
                 else:
                     weight = layer.get_delta_weight_miss(name, weight)
@@ -487,17 +492,33 @@ def _is_bat(block: Tensor) -> bool:
     return block.dim() == 3
 
 
-def _peft_mode(layer: PeftMissLinear) -> str:
-    """The mode PEFT's own forward and merge apply to every adapter of the layer: its first
-    adapter's (MissLinear.miss_fn, the init_weights it was built with)."""
+def _modes_per_adapter(layer: PeftMissLinear) -> bool:
+    """Whether the layer's PEFT keeps a mode per adapter (0.22: MissLinear.miss_fn is a dict by
+    adapter name), rather than one for the whole layer (0.20-0.21: the first adapter's)."""
+    return isinstance(getattr(layer, "miss_fn", None), dict)
+
+
+def _mode_rule(layer: PeftMissLinear) -> str:
+    """Which mode the layer's PEFT applies to an adapter, in words (for messages)."""
+    return ("PEFT takes each adapter's own init_weights" if _modes_per_adapter(layer) else
+            "PEFT before 0.22 takes the layer's first adapter's mode for every adapter")
+
+
+def _peft_mode(layer: PeftMissLinear, name: str) -> str:
+    """The mode PEFT's own forward and merge apply to adapter `name`: from PEFT 0.22 its own
+    (MissLinear.miss_fn[name], the init_weights it was added with); before, every adapter of the
+    layer takes the layer's first adapter's (MissLinear.miss_fn, one value)."""
     mode = getattr(layer, "miss_fn", None)
+    if isinstance(mode, dict):
+        mode = mode.get(name)
     return mode if mode in ("bat", "mini") else "default"
 
 
 def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
-    """Whether PEFT's own forward and merge, which treat every adapter in the layer's first
-    adapter's mode (_peft_mode), compute adapter `name` as its own mode (its block's shape) says."""
-    block, mode = layer.miss_block[name], _peft_mode(layer)
+    """Whether PEFT's own forward and merge compute adapter `name` in the mode its block's shape
+    says, in the mode they take for it (_peft_mode: its own from PEFT 0.22, the layer's first
+    adapter's before)."""
+    block, mode = layer.miss_block[name], _peft_mode(layer, name)
     if mode == "bat" or _is_bat(block):
         return mode == "bat" and _is_bat(block)
     if mode == "mini":  # PEFT tiles the block out // miss_mini_r[name] times along out
@@ -535,8 +556,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         accelerate() (from the tuner's peft_config) and by update_layer (add_adapter on an
         accelerated layer), kept across restore(). Where none was recorded (adapters added before
         accelerate() to a model without its PEFT tuner: inject_adapter_in_model), a bat block
-        (3-D) is zeros, PEFT's only bat init, and another block takes the layer's first adapter's
-        init_weights (PEFT's miss_fn, the one PEFT's own forward reads). Under the merge lock;
+        (3-D) is zeros, PEFT's only bat init, and another block takes PEFT's miss_fn: from PEFT
+        0.22 the adapter's own init_weights, before the layer's first adapter's. Under the merge lock;
         RuntimeError for a merged layer (its weight holds the blocks' update: unmerge first),
         nothing changed."""
         with _merging():
@@ -549,7 +570,9 @@ class AcceleratedMissLinear(PeftMissLinear):
                     if name in recorded:
                         random = not recorded[name]
                     else:
-                        random = not _is_bat(block) and not getattr(self, "miss_fn", True)
+                        init = getattr(self, "miss_fn", True)
+                        init = init.get(name, True) if isinstance(init, dict) else init
+                        random = not _is_bat(block) and not init
                     if random:
                         nn.init.kaiming_uniform_(block, a=math.sqrt(5))
                     else:
@@ -622,9 +645,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         in x's dtype; active bat adapters act on the weight first, in order, then the default/mini
         terms are added (docs/miss.md, "Several adapters on one layer"). A base that is not a plain
         nn.Linear (quantized, hooked, subclassed) runs PEFT's own forward, extra arguments too,
-        where every active adapter is in the layer's first adapter's mode (the only one PEFT's
-        forward knows); otherwise default/mini terms are added to the base's output here, and a bat
-        adapter beside them raises ValueError (_forward_in_own_modes).
+        where PEFT computes every active adapter in its own mode (_runs_in_peft_mode: always from
+        PEFT 0.22; before, only the layer's first adapter's mode); otherwise default/mini terms are
+        added to the base's output here, and a bat adapter beside them raises ValueError
+        (_forward_in_own_modes).
 
         adapter_names= (a list of str, one per sequence, "__base__" for the base): each row with
         its own adapter (miss.bank_fold + miss.bank_add); rows naming an adapter this layer lacks
@@ -740,8 +764,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         return result
 
     def _forward_in_own_modes(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """A base that is not a plain nn.Linear, whose active adapters are not all in the layer's
-        first adapter's mode, the only one PEFT's forward knows (it would crash, or silently run a
+        """A base that is not a plain nn.Linear, with active adapters that PEFT's forward would
+        compute in another mode than their blocks' (_runs_in_peft_mode: before PEFT 0.22 it takes
+        every adapter in the layer's first adapter's mode, so it would crash, or silently run a
         default block as a bat one). Default and mini adapters need only the base's output: the base
         is called (extra arguments too) and each term added in its own mode. A bat adapter needs the
         weight: on a base that is plain but for global module hooks (FlopCounterMode), the ops run it
@@ -755,13 +780,14 @@ class AcceleratedMissLinear(PeftMissLinear):
             _refuse_extra_arguments(f"{type(self).__name__}.forward", args, kwargs)  # as without the hooks
             return self._forward_on_ops(x, active)
         if bats:
+            odd = {name: _peft_mode(self, name) for name in active if not _runs_in_peft_mode(self, name)}
             raise ValueError(
                 f"{type(self).__name__}: bat adapter(s) {bats} cannot run with active adapters {active} on this layer: "
                 f"its base is not a plain nn.Linear ({type_name(self.base_layer)}: "
                 f"{not_plain_reason(self.base_layer, global_hooks=False) or 'a quantization backend'}), so only PEFT's "
-                "own forward can apply a bat adapter, and it runs "
-                f"every adapter in the layer's first adapter's mode ({_peft_mode(self)!r}), which would be wrong here; "
-                "run bat adapters alone on a layer whose first adapter is bat (set_adapter)")
+                f"own forward can apply a bat adapter, and it would compute {list(odd)} in mode(s) "
+                f"{list(odd.values())}, not their blocks' ({_mode_rule(self)}), which would be wrong here; run bat "
+                "adapters only with adapters PEFT computes in their own modes (set_adapter)")
         shards = [(self.miss_block[name], self._dropout_p(name)) for name in active]
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
@@ -906,14 +932,15 @@ class AcceleratedMissLinear(PeftMissLinear):
             if why is not None:
                 raise ValueError(f"cannot merge adapter {name!r}: {why}")
         if not self._fast_path():
-            # PEFT's merge code (kept for such bases) merges every adapter in the layer's first
-            # adapter's mode: an adapter of another mode would be merged wrongly, silently.
+            # PEFT's merge code (kept for such bases) merges in _peft_mode (before PEFT 0.22 every
+            # adapter in the layer's first adapter's mode): an adapter of another mode would be
+            # merged wrongly, silently.
             odd = [name for name in names if not _runs_in_peft_mode(self, name)]
             if odd:
                 raise ValueError(f"cannot merge adapter(s) {odd} into a base that is not a plain nn.Linear "
-                                 f"({type_name(self.base_layer)}): such "
-                                 f"bases keep PEFT's merge code, which merges every adapter in the layer's first "
-                                 f"adapter's mode ({_peft_mode(self)!r}), and {odd} are of another mode")
+                                 f"({type_name(self.base_layer)}): such bases keep PEFT's merge code, which would "
+                                 f"merge them in mode(s) {[_peft_mode(self, name) for name in odd]}, not their "
+                                 f"blocks' ({_mode_rule(self)})")
         position = {a: i for i, a in enumerate(self.active_adapters)}
         # sorted() is stable: bats that are not active keep the caller's order, after the active ones.
         bats = sorted((a for a in names if _is_bat(self.miss_block[a])), key=lambda a: position.get(a, len(position)))
@@ -1041,21 +1068,22 @@ class AcceleratedMissLinear(PeftMissLinear):
     # loading.
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """PEFT's convert_to_lora / save_as_lora ask this of every layer before converting any
-        (PeftModel.supports_lora_conversion too, for "default"). Their MiSS converter reads the
-        layer's first adapter's mode (miss_fn) for every adapter, so on a layer mixing modes
-        (which runs here, not in PEFT) it would write factors of the wrong shape or values without
-        an error; and for bat it takes the delta from the base weight as it is, which holds the
-        merged adapters while any are merged. False for both, with a UserWarning saying why
+        (PeftModel.supports_lora_conversion too, for "default"). Before PEFT 0.22 their MiSS
+        converter reads the layer's first adapter's mode (miss_fn) for every adapter, so on a layer
+        mixing modes (which runs here, not in that PEFT) it would write factors of the wrong shape
+        or values without an error (0.22 reads each adapter's own mode: _runs_in_peft_mode); and for
+        bat it takes the delta from the base weight as it is, which holds the merged adapters while
+        any are merged (0.22 refuses that itself, with a ValueError). False for both, with a UserWarning saying why
         (convert_to_lora then raises TypeError); True otherwise (PEFT's answer).
         miss_ext.export_lora converts default/mini adapters exactly, whatever the layer's others."""
         block = self.miss_block[adapter_name] if adapter_name in self.miss_block else None
         why = None
         if block is not None and not _runs_in_peft_mode(self, adapter_name):
             mode = "bat" if _is_bat(block) else "default" if block.shape[1] == self.out_features else "mini"
-            why = (f"adapter {adapter_name!r} is in mode {mode!r} (block {tuple(block.shape)}) on a layer whose first "
-                   f"adapter's mode is {_peft_mode(self)!r}: PEFT's converter converts every adapter in the first "
-                   "one's mode and would write a wrong LoRA file; miss_ext.export_lora(model, path, "
-                   f"adapter_name={adapter_name!r}) converts default/mini adapters exactly")
+            why = (f"adapter {adapter_name!r} is in mode {mode!r} (block {tuple(block.shape)}), and PEFT's converter "
+                   f"would convert it in mode {_peft_mode(self, adapter_name)!r} ({_mode_rule(self)}) and write a "
+                   f"wrong LoRA file; miss_ext.export_lora(model, path, adapter_name={adapter_name!r}) converts "
+                   "default/mini adapters exactly")
         elif block is not None and _is_bat(block) and self.merged_adapters:
             why = (f"bat adapter {adapter_name!r}'s delta would be read from the base weight, which holds merged "
                    f"adapters {list(self.merged_adapters)}: unmerge first")
@@ -1265,7 +1293,7 @@ class _WithAdapterNames:
 
 
 class AcceleratedMissModel(MissModel):
-    """PEFT's MissModel (the tuner inside a PeftModel) that refuses what PEFT 0.21 would accept
+    """PEFT's MissModel (the tuner inside a PeftModel) that refuses what PEFT 0.21-0.22 would accept
     and ignore or get wrong: per-row arguments, merges into shared weights (checked for the
     whole model before any layer changes), and merges naming no adapter of the model. Never
     constructed: `accelerate` swaps the class."""
@@ -1469,8 +1497,9 @@ class AcceleratedMissModel(MissModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """PEFT's inject_adapter (add_adapter, load_adapter), all or nothing for the MiSS layers.
-        PEFT 0.21 adds the adapter layer by layer and, when a later layer refuses it (a bat r or a
-        mini_r that does not divide it), PeftModel.add_adapter rolls back peft_config only: the
+        PEFT 0.21-0.22 adds the adapter layer by layer and, when a later layer refuses it (a bat r or
+        a mini_r that does not divide it), PeftModel.add_adapter rolls back peft_config only (0.22
+        has also recorded the call's targeted_module_names by then, put back here too): the
         layers changed before keep a zero block under that name, of the default mode's shape, which
         a later add_adapter of the same name on other modules activates. PEFT's forward then fails
         on its shape; the accelerated layers, which read each adapter's mode from its block's shape,
@@ -1494,9 +1523,14 @@ class AcceleratedMissModel(MissModel):
                 self._refuse_during_names_call(f"adding adapter {adapter_name!r} with bias={config.bias!r}")
             layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
             stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
+            # PEFT 0.22 records the targeted names before it creates any layer: put back too.
+            targeted = {attr: list(getattr(self, attr)) for attr in ("targeted_module_names", "targeted_parameter_names")
+                        if isinstance(getattr(self, attr, None), list)}
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
             except BaseException:
+                for attr, names in targeted.items():
+                    getattr(self, attr)[:] = names
                 known = {id(m) for m in layers}
                 for path, layer in list(model.named_modules()):
                     if not isinstance(layer, PeftMissLinear):
@@ -1863,7 +1897,7 @@ def _refuse_blocks_unlike_their_config(model: nn.Module) -> None:
     """The accelerated layers read each adapter's mode from its block's shape (3-D: bat; fewer
     columns than out_features: mini) and its r from the block. A block whose shape is not one its
     adapter's config gives (another mode, r or mini_r) is a leftover of a failed add_adapter in
-    PEFT 0.21 (see AcceleratedMissModel.inject_adapter), which the name's next add_adapter
+    PEFT 0.21-0.22 (see AcceleratedMissModel.inject_adapter), which the name's next add_adapter
     activated. PEFT's forward fails on another mode; another r it runs and trains, and its
     from_pretrained then drops the block without a word; ours would run and train either (a
     mini-shaped leftover under a default config ran as mini, a review found, 2026-12-07).
@@ -1878,7 +1912,7 @@ def _refuse_blocks_unlike_their_config(model: nn.Module) -> None:
                              + f"init_weights={config.init_weights!r})")
     if stray:
         raise ValueError(f"accelerate: {describe(stray)} hold a block whose shape is not one its adapter's config "
-                         "gives (another mode, r or mini_r): a leftover of a failed add_adapter (PEFT 0.21 keeps the "
+                         "gives (another mode, r or mini_r): a leftover of a failed add_adapter (PEFT 0.21-0.22 keeps the "
                          "blocks it added to earlier layers when a later one refuses the adapter), which PEFT's forward "
                          "cannot run or its from_pretrained drops; delete_adapter(name) removes every layer's block of "
                          "that adapter, then add it again. Nothing was changed")
@@ -1942,7 +1976,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     if named and not _miss_layers(model, MissModel) and not _miss_layers(model, AcceleratedMissModel):
         warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
                       "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
-                      "them (PEFT 0.21 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
+                      "them (PEFT 0.21-0.22 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
                       stacklevel=2)
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
@@ -1983,11 +2017,12 @@ def restore(model: nn.Module) -> nn.Module:
     """Undoes `accelerate`: the layers and the tuner run PEFT's own code again. Returns the model
     (a model without accelerated layers is returned unchanged). TypeError for a model that is no
     nn.Module; ValueError, changing nothing, where a layer has an adapter merged or active that
-    PEFT's code would compute in another mode than its own (adapters of several modes on one
-    layer: PEFT's forward, merge and unmerge take every adapter in the layer's first adapter's
-    mode, so a restored layer with such an adapter merged could no longer be unmerged, its base
-    weight lost, and one active would compute a wrong term silently; found by a new-user review,
-    2026-12-03). Such an adapter inactive and unmerged is restored as PEFT itself holds it."""
+    PEFT's code would compute in another mode than its own (_runs_in_peft_mode: adapters of
+    several modes on one layer under PEFT before 0.22, whose forward, merge and unmerge take every
+    adapter in the layer's first adapter's mode, so a restored layer with such an adapter merged
+    could no longer be unmerged, its base weight lost, and one active would compute a wrong term
+    silently; found by a new-user review, 2026-12-03. PEFT 0.22 keeps each adapter's mode, and
+    restores them all). Such an adapter inactive and unmerged is restored as PEFT itself holds it."""
     check_module(model, "restore")
     others = [(path, name) for path, layer in model.named_modules() if type(layer) is AcceleratedMissLinear
               for name in layer.miss_block

@@ -306,12 +306,47 @@ def peft_selects(config: Mapping, path: str) -> bool:
     return index == indexes if isinstance(indexes, int) else index in indexes
 
 
-def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]],
-                          skip_inside: Tuple[type, ...] = ()) -> Tuple[List[str], List[str]]:
-    """PEFT 0.21's `_set_trainable` rule for `modules_to_save`: every module whose path ends with
-    one of the entries (a plain string suffix, so "norm" also picks "input_layernorm"). Modules
-    nested inside an instance of `skip_inside` (an adapter layer's base_layer) are not looked at.
-    Returns (the matched paths in model order, the entries that matched nothing)."""
+# Decision (2026-12-07): PEFT 0.22 matches a modules_to_save entry as a whole trailing part of a
+# module path (peft.utils.other._is_valid_match: "norm" is `model.norm`, not `input_layernorm`),
+# where 0.17-0.21 matched a plain string suffix (`key.endswith(entry)`). The same config then trains
+# other modules under the two releases, so the rule is that of the PEFT release the config is
+# for: a config's or file's own `peft_version` (PEFT writes it into every config it makes, and so
+# into every adapter_config.json), else the installed peft's (keywords, or a dict without one:
+# what the user's get_peft_model would train), else 0.22's. A file written by PEFT 0.21 with
+# modules_to_save=["norm"] holds trained input_layernorm weights, which a 0.22-rule load would not
+# expect (PEFT 0.22's own from_pretrained leaves them out); read by its writer's rule, it loads as
+# trained. miss_ext's own files name the full paths, which both rules read alike (save_adapter checks).
+SUFFIX_RULE_BEFORE = (0, 22)
+
+
+def installed_peft_version() -> Optional[str]:
+    """The installed peft's version string (from its package metadata, without importing it), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return None
+
+
+def matches_by_suffix(peft_version: Optional[str]) -> bool:
+    """Whether PEFT release `peft_version` (e.g. "0.21.2", "0.22.0.dev0", "0.21.0@<commit>"; None:
+    the installed one, none installed: the newest rule) matches modules_to_save entries as plain
+    string suffixes: releases before 0.22. A string that is not a version reads as the newest."""
+    if peft_version is None:
+        peft_version = installed_peft_version()
+    found = re.match(r"\s*(\d+)\.(\d+)", peft_version) if isinstance(peft_version, str) else None
+    return found is not None and (int(found[1]), int(found[2])) < SUFFIX_RULE_BEFORE
+
+
+def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]], skip_inside: Tuple[type, ...] = (),
+                          *, by_suffix: bool) -> Tuple[List[str], List[str]]:
+    """PEFT's `_set_trainable` rule for `modules_to_save`: every module whose path is one of the
+    entries or ends with "." + entry (PEFT 0.22), or with `by_suffix` (PEFT 0.17-0.21, see
+    matches_by_suffix) ends with the entry as a plain string ("norm" also picks
+    "input_layernorm"). Modules nested inside an instance of `skip_inside` (an adapter layer's
+    base_layer) are not looked at. Returns (the matched paths in model order, the entries that
+    matched nothing)."""
     if not entries:
         return [], []
     found: List[str] = []
@@ -322,7 +357,7 @@ def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]],
             continue
         if skip_inside and isinstance(module, skip_inside):
             skip_prefixes.append(name + ".")
-        hits = [e for e in entries if name.endswith(e)]
+        hits = [e for e in entries if (name.endswith(e) if by_suffix else name == e or name.endswith("." + e))]
         if hits:
             used.update(hits)
             if name not in found:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from packaging.version import Version  # noqa: E402
 from peft import MissConfig, PeftModel, get_peft_model  # noqa: E402
 
 import miss_ext  # noqa: E402
@@ -292,8 +293,11 @@ def test_round_trips_with_peft(bases, tmp_path, arch, kwargs):
     miss_ext.save_adapter(ours, tmp_path / "ours", task_type="CAUSAL_LM")
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["bias"] == kwargs.get("bias", "none")
+    # PEFT's modules_to_save rule: a plain string suffix before 0.22, whole trailing path parts since.
+    old_rule = Version(peft.__version__) < Version("0.22")
     assert (written["modules_to_save"] or []) == sorted(
-        n for n, _ in ours.named_modules() if any(n.endswith(m) for m in kwargs.get("modules_to_save", [])))
+        n for n, _ in ours.named_modules()
+        if any(n.endswith(m) if old_rule else n == m or n.endswith("." + m) for m in kwargs.get("modules_to_save", [])))
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     assert peft_adapted(loaded) == ours_adapted(ours)
     torch.testing.assert_close(loaded(ids).logits, ours(ids).logits, **TOL)

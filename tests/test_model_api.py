@@ -829,6 +829,65 @@ def test_load_adapter_trains_what_peft_trains(base, saved, tmp_path):
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
 
 
+def test_the_modules_to_save_rule_reads_peft_version_strings_as_peft_writes_them(monkeypatch):
+    """PEFT writes its __version__, with "@<commit>" for a development install; a field that is
+    not a version reads as the newest rule, and without one the installed peft decides."""
+    from miss_ext import targets
+
+    assert targets.matches_by_suffix("0.21.2") and targets.matches_by_suffix("0.17.0")
+    assert targets.matches_by_suffix("0.21.1.dev0@1a2b3c") and targets.matches_by_suffix(" 0.9.0")
+    assert not targets.matches_by_suffix("0.22.0") and not targets.matches_by_suffix("0.22.0.dev0@1a2b3c")
+    assert not targets.matches_by_suffix("1.0.0") and not targets.matches_by_suffix("0.100.1")
+    assert not targets.matches_by_suffix("unknown") and not targets.matches_by_suffix(21)
+    monkeypatch.setattr(targets, "installed_peft_version", lambda: "0.21.2")
+    assert targets.matches_by_suffix(None)
+    monkeypatch.setattr(targets, "installed_peft_version", lambda: None)  # no peft: the newest rule
+    assert not targets.matches_by_suffix(None)
+
+
+@pytest.mark.parametrize("writer", ["0.21.2", "0.22.0", None], ids=["peft-0.21", "peft-0.22", "no-version"])
+def test_modules_to_save_entries_match_by_the_rule_of_the_peft_that_wrote_the_config(writer, tmp_path):
+    """PEFT 0.22 matches a modules_to_save entry as whole trailing path parts ("norm" is model.norm),
+    0.17-0.21 as a plain string suffix ("norm" is also every input_layernorm). A config is read by
+    the rule of the release that wrote it (its peft_version), else by the installed peft's: a file a
+    PEFT 0.21 run trained with modules_to_save=["norm"] loads with every norm trainable, as it was
+    trained, and apply_miss of that config trains what its get_peft_model trained."""
+    import peft
+    from packaging.version import Version
+
+    base = tiny_causal_lm("llama")
+    # What a PEFT 0.21 run with ["norm"] saves: a copy of every norm (named here so that any
+    # installed PEFT saves them all), each moved away from the base model's values.
+    reference = get_peft_model(copy.deepcopy(base), MissConfig(
+        r=R, target_modules=TARGETS, init_weights=False,
+        modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config = dict(config, modules_to_save=["norm"], peft_version=writer)
+    if writer is None:
+        del config["peft_version"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    old_rule = Version(writer or peft.__version__) < Version("0.22")
+    want = {"model.norm.weight"} | ({f"model.layers.{i}.{kind}.weight" for i in range(2)
+                                      for kind in ("input_layernorm", "post_attention_layernorm")} if old_rule else set())
+
+    def trained_norms(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad and "norm" in n}
+
+    loaded = miss_ext.load_adapter(copy.deepcopy(base), tmp_path)
+    assert trained_norms(loaded) == want
+    ids = tokens()
+    with torch.no_grad():  # every copy in the file is loaded either way (a frozen one into the model's own norm)
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, **TOL)
+    # (PEFT saves inference_mode true, under which apply_miss, as get_peft_model, trains nothing.)
+    assert trained_norms(miss_ext.apply_miss(copy.deepcopy(base), dict(config, inference_mode=False))) == want
+
+
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
 def test_peft_files_with_its_wrapper_copies_load(task_type, tmp_path):
     """With bias="all" PEFT also saves a modules_to_save head's bias under its wrapper's names

@@ -17,6 +17,7 @@ import miss_ext.peft
 from conftest import assert_unchanged, snapshot
 
 peft = pytest.importorskip("peft")
+from packaging.version import Version  # noqa: E402
 
 CALLS = {
     "apply_miss": lambda m, d: miss_ext.apply_miss(m, ["0"], r=2),
@@ -93,6 +94,20 @@ def test_restore_refuses_adapters_peft_would_compute_in_another_mode():
             if "miss_block" in name:
                 p.normal_()
     miss_ext.peft.accelerate(model)
+    if Version(peft.__version__) >= Version("0.22"):
+        # PEFT 0.22 keeps each adapter's mode: restored merged, its unmerge and forward are right.
+        x = torch.randn(3, 8)
+        weight = model.base_model.model[0].base_layer.weight.detach().clone()
+        model.base_model.set_adapter(["a", "b"])
+        with torch.no_grad():
+            want = model(x)
+            model.base_model.merge_adapter(["a", "b"])
+            assert not miss_ext.peft.is_accelerated(miss_ext.peft.restore(model))
+            torch.testing.assert_close(model(x), want)
+            model.base_model.unmerge_adapter()
+            torch.testing.assert_close(model.base_model.model[0].base_layer.weight, weight)
+            torch.testing.assert_close(model(x), want)
+        return
     model.base_model.merge_adapter(["a", "b"])
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"restore: base_model.model.0: b is an adapter merged or active in another "

@@ -11,8 +11,9 @@ import torch
 import torch.nn.utils.parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
+from packaging.version import Version  # noqa: E402
 from peft import MissConfig, PeftModel  # noqa: E402
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 
@@ -28,6 +29,9 @@ from miss_ext import MissLinear  # noqa: E402
 from torch import nn  # noqa: E402
 
 MODES = ["default", "mini", "bat"]
+# PEFT 0.22 keeps each adapter's mode (MissLinear.miss_fn by adapter); 0.20-0.21 take the layer's
+# first adapter's mode for every adapter, which miss_ext.peft works around.
+MODES_PER_ADAPTER = Version(peft.__version__) >= Version("0.22")
 TOL = dict(rtol=1e-9, atol=1e-10)  # float64 models
 
 
@@ -525,8 +529,8 @@ def test_bat_gives_a_trainable_base_weight_its_gradient(base):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers mixing modes. PEFT 0.21 applies the first adapter's mode to all of them (wrong), so
-# these compare one layer against the spec's formula in float64.
+# Layers mixing modes. PEFT 0.21 applies the first adapter's mode to all of them (wrong; 0.22 keeps
+# each adapter's own), so these compare one layer against the spec's formula in float64.
 # ---------------------------------------------------------------------------------------------
 def mixed_layer(base, modes):
     """An accelerated PEFT layer (layer 0's q_proj) with one active adapter per mode in `modes`."""
@@ -572,22 +576,31 @@ def test_mixed_modes_on_one_layer_follow_the_spec(base, modes):
 
 
 def test_peft_lora_conversion_refuses_what_it_would_convert_wrongly(base):
-    """PEFT's convert_to_lora reads the layer's first adapter's mode for every adapter (a mini
+    """PEFT 0.21's convert_to_lora reads the layer's first adapter's mode for every adapter (a mini
     adapter after a default one got (r, r) factors, a wrong file) and takes bat's delta from the
     base weight even while adapters are merged into it: the layers now answer that they do not
-    support it, saying why, so the converter refuses."""
+    support it, saying why, so the converter refuses. PEFT 0.22 converts each adapter in its own
+    mode: both convert there, exactly."""
     conversion = pytest.importorskip("peft.tuners.lora.conversion")
     model, layer = mixed_layer(base, ["default", "mini"])
-    with pytest.warns(UserWarning, match=r"'a1' is in mode 'mini'.*first adapter's mode is 'default'.*export_lora"), \
-            pytest.raises(TypeError, match="do not support LoRA conversion"):
-        conversion.convert_to_lora(model, rank=R, adapter_name="a1")
-    # The first adapter's mode still converts, as in PEFT (float32 factors): x A^T B^T is the term.
-    _, state = conversion.convert_to_lora(model, rank=R, adapter_name="a0")
-    key = next(k for k in state if "layers.0.self_attn.q_proj.lora_A" in k)
-    a, b = state[key], state[key.replace("lora_A", "lora_B")]
     x = torch.randn(4, layer.in_features, dtype=torch.float64)
-    term = fold_ref(x, R) @ tile_block(layer.miss_block["a0"].detach(), layer.out_features)
-    torch.testing.assert_close(x @ a.t().double() @ b.t().double(), term, rtol=1e-5, atol=1e-6)
+
+    def converts_exactly(name):  # float32 factors: x A^T B^T is the adapter's term
+        _, state = conversion.convert_to_lora(model, rank=R, adapter_name=name)
+        key = next(k for k in state if "layers.0.self_attn.q_proj.lora_A" in k)
+        a, b = state[key], state[key.replace("lora_A", "lora_B")]
+        term = fold_ref(x, R) @ tile_block(layer.miss_block[name].detach(), layer.out_features)
+        torch.testing.assert_close(x @ a.t().double() @ b.t().double(), term, rtol=1e-5, atol=1e-6)
+
+    if MODES_PER_ADAPTER:
+        converts_exactly("a1")
+    else:
+        with pytest.warns(UserWarning, match=r"'a1' is in mode 'mini'.*convert it in mode 'default' \(PEFT before "
+                                             r"0.22 takes the layer's first adapter's mode.*export_lora"), \
+                pytest.raises(TypeError, match="do not support LoRA conversion"):
+            conversion.convert_to_lora(model, rank=R, adapter_name="a1")
+    # The first adapter's mode converts, as in PEFT.
+    converts_exactly("a0")
 
     _, bat = pair(base, "bat")
     bat.merge_adapter()
@@ -608,9 +621,11 @@ class _Doubled(torch.nn.Module):
 @pytest.mark.parametrize("modes,active", [(["default", "mini"], None), (["bat", "default", "mini"], ["a1", "a2"]),
                                           (["mini", "default"], ["a1"])], ids=["default+mini", "bat-first", "mini-first"])
 def test_mixed_modes_on_a_base_that_is_not_plain_follow_the_spec(base, modes, active):
-    """A non-plain base runs PEFT's own forward, which treats every adapter in the layer's first
-    adapter's mode (crashing for default+mini, silently wrong for a default block with r = out
-    under bat): default/mini adapters of another mode are added in their own modes instead."""
+    """A non-plain base runs PEFT's own forward, which before 0.22 treats every adapter in the
+    layer's first adapter's mode (crashing for default+mini, silently wrong for a default block with
+    r = out under bat): default/mini adapters of another mode are added in their own modes instead.
+    PEFT 0.22 computes each in its own mode, bat ones on its weight (get_base_weight, which reads
+    the parametrization), so its forward runs."""
     model, layer = mixed_layer(base, modes)
     torch.nn.utils.parametrize.register_parametrization(layer.base_layer, "weight", _Doubled())
     if active is not None:
@@ -642,24 +657,51 @@ def test_bat_with_another_mode_under_global_module_hooks_runs_on_the_ops(base):
         handle.remove()
 
 
+class _FakeBackend:
+    """A quantization backend that stores the weight as it is (PEFT's interface: the layer keeps
+    PEFT's merge code for a base with one)."""
+    supports_merge, backend_name = True, "fake"
+
+    def get_base_weight(self, base):
+        return base.weight.data
+
+    def set_base_weight(self, base, weight):
+        base.weight.data = weight
+
+    def maybe_clone_base_result(self, result):
+        return result
+
+
 def test_bat_with_another_mode_on_a_base_that_is_not_plain_is_refused(base):
-    """PEFT's forward on such a base ran the default block as a bat one (silently, when r = out and
-    out divides in); a bat adapter needs the weight, which such a base does not take: ValueError,
-    before any dropout key is drawn; merges that PEFT's merge code would do in the wrong mode too."""
+    """PEFT 0.21's forward on such a base ran the default block as a bat one (silently, when r = out
+    and out divides in); a bat adapter needs the weight, which such a base does not take: ValueError,
+    before any dropout key is drawn; merges that PEFT's merge code would do in the wrong mode too.
+    PEFT 0.22 computes and merges each adapter in its own mode: its code runs both, as the spec says."""
     model, layer = mixed_layer(base, ["bat", "default"])
     hook = layer.base_layer.register_forward_hook(lambda module, args, out: out)
     layer.miss_dropout["a1"] = torch.nn.Dropout(0.3)
     model.train()  # dropout on: a refusal after the draw would move the RNG
     x = torch.randn(2, layer.in_features, dtype=torch.float64)
     state = torch.get_rng_state()
-    with pytest.raises(ValueError, match=r"bat adapter\(s\) \['a0'\] cannot run with active adapters \['a0', 'a1'\]"):
-        layer(x)
-    assert torch.equal(torch.get_rng_state(), state)
-    # PEFT's merge code (kept for quantized bases) would merge "a1" as a bat block: refused.
+    if MODES_PER_ADAPTER:
+        model.eval()
+        torch.testing.assert_close(layer(x), mixed_formula(layer, x), **TOL)
+    else:
+        with pytest.raises(ValueError, match=r"bat adapter\(s\) \['a0'\] cannot run with active adapters "
+                                             r"\['a0', 'a1'\]"):
+            layer(x)
+        assert torch.equal(torch.get_rng_state(), state)
+    # PEFT's merge code (kept for quantized bases) would merge "a1" as a bat block before 0.22: refused.
     model.eval()
     hook.remove()
-    layer.quantization_backend = type("FakeBackend", (), {"supports_merge": True, "backend_name": "fake"})()
+    layer.quantization_backend = _FakeBackend()
     weight = layer.base_layer.weight.clone()
+    if MODES_PER_ADAPTER:
+        want = weight + delta_weight_ref(layer.miss_block["a1"].detach(), *weight.shape)
+        layer.merge(adapter_names=["a1"])
+        torch.testing.assert_close(layer.base_layer.weight, want, **TOL)
+        assert layer.merged_adapters == ["a1"]
+        return
     with pytest.raises(ValueError, match=r"cannot merge adapter\(s\) \['a1'\] into a base that is not a plain"):
         layer.merge(adapter_names=["a1"])
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
@@ -1889,6 +1931,14 @@ def test_dropout_of_terms_added_one_by_one_uses_each_adapters_mask(base, hooked)
     x = torch.randn(4, layer.in_features, dtype=torch.float64)
     torch.manual_seed(5)
     got = layer(x)
+    if hooked and MODES_PER_ADAPTER:
+        # PEFT 0.22 computes each adapter in its own mode, so on such a base its own forward runs,
+        # with its own dropout (nn.Dropout's masks from torch's generator).
+        torch.manual_seed(5)
+        torch.testing.assert_close(got, PeftMissLinear.forward(layer, x), **TOL)
+        model.eval()
+        assert not torch.allclose(layer(x), got)
+        return
     torch.manual_seed(5)
     keys = [miss_ext.new_dropout_key() for _ in range(2)]
     want = x @ layer.base_layer.weight.t()
@@ -1904,10 +1954,10 @@ def test_dropout_of_terms_added_one_by_one_uses_each_adapters_mask(base, hooked)
 
 
 def test_restore_refuses_an_active_adapter_of_another_mode():
-    """restore() hands the layers back to PEFT, whose forward and merge know one mode per layer
-    (the first adapter's): an active adapter of another mode is refused by name, nothing
+    """restore() hands the layers back to PEFT, whose forward and merge before 0.22 know one mode
+    per layer (the first adapter's): an active adapter of another mode is refused by name, nothing
     changed (a merged one is tested elsewhere; this case was untested: a mutation audit,
-    2026-12-03)."""
+    2026-12-03). PEFT 0.22 computes it in its own mode: restored, same output."""
     from peft import get_peft_model
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 32)),
@@ -1915,6 +1965,14 @@ def test_restore_refuses_an_active_adapter_of_another_mode():
     model.add_adapter("m", MissConfig(r=8, target_modules=["0"], init_weights="mini", mini_r=4))
     accelerate(model).eval()
     model.set_adapter("m")
+    if MODES_PER_ADAPTER:
+        with torch.no_grad():
+            model.base_model.model[0].miss_block["m"].normal_()
+            x = torch.randn(3, 64)
+            want = model(x)
+            assert not is_accelerated(restore(model))
+            torch.testing.assert_close(model(x), want)
+        return
     with pytest.raises(ValueError, match=r"restore: base_model\.model\.0: m is an adapter merged or active in another "
                                          r"mode"):
         restore(model)
@@ -2024,7 +2082,8 @@ def test_a_set_adapter_peft_refuses_leaves_a_merged_model_merged(base):
             warnings.simplefilter("always")
             model.set_adapter("b")
         caught.append(sorted(str(w.message) for w in seen if "nmerg" in str(w.message)))
-    assert caught[0] == caught[1] and len(caught[0]) == 2, caught
+    # The same warnings as PEFT's (0.21: two; 0.22 also warns for each layer found unmerged).
+    assert caught[0] == caught[1] and len(caught[0]) == (3 if MODES_PER_ADAPTER else 2), caught
 
 
 def test_set_adapter_with_a_generator_of_names_switches_the_layers(base):
