@@ -132,7 +132,6 @@ def apply_miss_settings(config: object) -> dict:
         "bias": config.get("bias", "none"),
         "inference_mode": bool(config.get("inference_mode", False)),
         "task_type": config.get("task_type"),
-        "peft_version": config.get("peft_version"),  # its modules_to_save rule (targets.matches_by_suffix)
     }
 
 

@@ -750,8 +750,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     list of names/suffixes), layers_to_transform (an int or a list of layer indices, read from
     the path after `layers_pattern`, or when it is None after any component but the path's first,
     as PEFT: `model.layers.1.q_proj` is layer 1, `layers.1.q_proj` no layer), modules_to_save
-    (modules trained and saved whole: PEFT's suffix rule, "score" matches every path ending in
-    "score") and bias ("none", "all": every bias of the model, "MiSS_only": the adapted layers'
+    (modules trained and saved whole, as the installed PEFT matches them: from 0.22 a path that is
+    an entry or ends with "." + entry, before a path ending with the entry as a string, so "norm"
+    also matched every "input_layernorm"; targets.matches_by_suffix) and bias ("none", "all": every bias of the model, "MiSS_only": the adapted layers'
     biases, trained and saved). The adapted modules are exactly those get_peft_model adapts.
 
     Instead of target_modules and the keywords, `apply_miss(model, config)` takes a
@@ -759,9 +760,10 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     False / "mini" / "bat" become init_weights=True / init_weights=False / mode="mini" /
     mode="bat"; miss_dropout is dropout. Only freeze_others may be given with a config. As
     get_peft_model, a config's task_type SEQ_CLS / TOKEN_CLS adds the model's "classifier" /
-    "score" head, and QUESTION_ANS its "qa_outputs", to modules_to_save (trained and saved whole),
-    and inference_mode=True (what PEFT writes into a saved adapter_config.json) leaves the new
-    blocks and those modules frozen: set it False to train. A call decides only for what it adds
+    "score" / "pre_classifier" head, and QUESTION_ANS its "qa_outputs", to modules_to_save
+    (trained and saved whole), and inference_mode=True (what PEFT writes into a saved
+    adapter_config.json) leaves the new blocks and those modules frozen and in eval mode (no
+    dropout until the next model.train(), as PEFT 0.22): set it False to train. A call decides only for what it adds
     or names: blocks of earlier calls, and modules_to_save of earlier calls that it does not
     name, keep their state (trainable or frozen); a module it names again follows it (one model
     holds one copy, where PEFT keeps one per adapter).
@@ -786,7 +788,6 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
     inference_mode = False
-    peft_version = None  # keywords: the installed peft's modules_to_save rule (targets.matches_by_suffix)
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
                                          ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
@@ -805,9 +806,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
          layers_pattern, modules_to_save, bias, inference_mode) = (settings[k] for k in (
             "target_modules", "r", "mode", "mini_r", "dropout", "init_weights", "exclude_modules",
             "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "inference_mode"))
-        peft_version = settings["peft_version"]  # the config's own, if it has one
-        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"],
-                                           matches_by_suffix(peft_version))
+        # As get_peft_model: the installed peft's modules_to_save rule, whichever release wrote
+        # the config (targets.matches_by_suffix).
+        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"], matches_by_suffix(None))
     elif r is None:
         raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
                         "target_modules)")
@@ -878,7 +879,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     refuse_offloaded(model, found, "apply_miss")
     check_dropout(dropout)
     _check_init_weights(init_weights)
-    save_paths = _plan_modules_to_save(model, modules_to_save, found, matches_by_suffix(peft_version))
+    save_paths = _plan_modules_to_save(model, modules_to_save, found, matches_by_suffix(None))
     recorded = trainable_extras(model)
     problem = saved_whole_problem([name for name, _ in found], recorded["modules_to_save"])
     if problem is not None:
@@ -931,6 +932,12 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
             saved = extra_parameters(model, {"modules_to_save": save_paths, "bias": "none"})
             for p in [layer.miss_block for _, layer in layers] + list(saved.values()):
                 p.requires_grad_(False)
+            # PEFT 0.22 also puts them in eval mode (set_training: no adapter dropout, no dropout in
+            # a saved head), whatever the model's mode, until the next model.train(); 0.21 left
+            # them in the model's mode. 0.22's for every release: a frozen adapter is for inference.
+            for path, module in layers + [(p, model.get_submodule(p)) for p in save_paths]:
+                undos.append((path, functools.partial(module.train, module.training)))
+                module.train(False)
     except BaseException:
         undo_each(list(reversed(undos)), "apply_miss")
         raise

@@ -119,7 +119,7 @@ require_version("peft", "0.20", "peft", "miss_ext.peft",
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
-from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
 from .model import (check_module, offload_hook, parent_module, requires_grad_restorer, under_offload_hook,  # noqa: E402
@@ -1041,8 +1041,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         block's I + B_i is singular, ill-conditioned or not finite, or the weight cannot be
         written. Not merged: UserWarning, nothing done. Quantized bases keep PEFT's code."""
         # An unmerge only needs a plain weight to write (not a plain forward, as a merge does), so
-        # a layer merged while plain and hooked since is unmerged here too: PEFT's code would
-        # apply one adapter's mode to all and pop merged_adapters before it computes.
+        # a layer merged while plain and hooked since is unmerged here too: PEFT's code (before
+        # 0.22) would apply one adapter's mode to all and pop merged_adapters before it computes.
         if self.quantization_backend is not None:
             with _merging():
                 try:
@@ -1821,10 +1821,20 @@ class AcceleratedMissModel(MissModel):
             if isinstance(module, BaseTensorAttributes) and not any(path.startswith(t + ".") for t in tuners):
                 module.unload_and_optionally_merge_module()
         if bound.arguments.get("merge"):
+            names = bound.arguments.get("adapter_names")
+            if names:
+                # PEFT 0.22's own check, before anything is merged: two named adapters with copies
+                # of one modules_to_save module cannot both be kept (ValueError). Its loop makes
+                # it after our merge below, which left every layer merged then (a PEFT 0.22
+                # review, 2026-12-07). Made for 0.21 too, whose unload keeps the active adapter's
+                # copy whatever adapters are named.
+                for module in self.model.modules():
+                    if isinstance(module, ModulesToSaveWrapper):
+                        module.check_set_adapter(names)
             # Every layer is merged (all or nothing, see merge_adapter) before any is unloaded;
             # PEFT's loop would merge and unload layer by layer. Its own merge calls then find
             # the adapters merged already.
-            self.merge_adapter(bound.arguments.get("adapter_names"), bool(bound.arguments.get("safe_merge")))
+            self.merge_adapter(names, bool(bound.arguments.get("safe_merge")))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already following adapters were merged")
                 # PEFT 0.21's check_adapters_to_merge says this when every adapter is merged (the

@@ -309,13 +309,14 @@ def peft_selects(config: Mapping, path: str) -> bool:
 # Decision (2026-12-07): PEFT 0.22 matches a modules_to_save entry as a whole trailing part of a
 # module path (peft.utils.other._is_valid_match: "norm" is `model.norm`, not `input_layernorm`),
 # where 0.17-0.21 matched a plain string suffix (`key.endswith(entry)`). The same config then trains
-# other modules under the two releases, so the rule is that of the PEFT release the config is
-# for: a config's or file's own `peft_version` (PEFT writes it into every config it makes, and so
-# into every adapter_config.json), else the installed peft's (keywords, or a dict without one:
-# what the user's get_peft_model would train), else 0.22's. A file written by PEFT 0.21 with
-# modules_to_save=["norm"] holds trained input_layernorm weights, which a 0.22-rule load would not
-# expect (PEFT 0.22's own from_pretrained leaves them out); read by its writer's rule, it loads as
-# trained. miss_ext's own files name the full paths, which both rules read alike (save_adapter checks).
+# other modules under the two releases. apply_miss makes a new adapter, as get_peft_model, which
+# always reads by the installed release's rule (a config's peft_version is ignored there): the
+# installed peft's rule, else 0.22's. load_adapter reads a file by the rule of the release that
+# wrote it (its `peft_version`, which PEFT writes into every adapter_config.json), else the
+# installed one's: a file written by PEFT 0.21 with modules_to_save=["norm"] holds trained
+# input_layernorm copies, and loads with them trainable, as they were trained (PEFT 0.22's
+# from_pretrained loads those values into the model's own modules, frozen: the same outputs).
+# miss_ext's own files name the full paths, which both rules read alike (save_adapter checks).
 SUFFIX_RULE_BEFORE = (0, 22)
 
 

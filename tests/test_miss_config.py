@@ -158,6 +158,41 @@ def test_task_type_and_inference_mode_train_what_get_peft_model_does(task_type, 
         assert not [w for w in recwarn if "modules_to_save" in str(w.message)]
 
 
+def test_an_inference_mode_config_leaves_its_layers_and_saved_modules_in_eval_mode():
+    """PEFT 0.22's get_peft_model puts a frozen (inference_mode) adapter's dropout and its
+    modules_to_save copies in eval mode, whatever the model's mode, until the next model.train();
+    apply_miss left them in the model's mode, so a train-mode model ran the adapter with dropout
+    (outputs 1.06 off PEFT's; a PEFT 0.22 review, 2026-12-07). Now as 0.22, for every release."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+            self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.head(self.b(torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    base = Net().double().train()
+    config = MissConfig(r=4, target_modules=["a", "b"], inference_mode=True, init_weights=False, miss_dropout=0.5,
+                        modules_to_save=["head"])
+    ours = miss_ext.apply_miss(copy.deepcopy(base), config)
+    assert ours.training and not ours.a.training and not ours.b.training and not ours.head.training
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(ours).eval()(x)
+        torch.testing.assert_close(ours(x), want)  # no dropout anywhere
+        if Version(peft.__version__) >= Version("0.22"):
+            reference = get_peft_model(copy.deepcopy(base), config)
+            for name, layer in miss_ext.miss_layers(ours):
+                layer.miss_block.copy_(reference.base_model.model.get_submodule(name).miss_block["default"])
+            torch.testing.assert_close(ours(x), reference(x))
+            torch.testing.assert_close(ours(x), copy.deepcopy(ours).eval()(x))
+        ours.train()  # the next model.train() turns dropout on again, as PEFT's
+        assert not torch.allclose(ours(x), ours.eval()(x))
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
 def test_a_later_inference_mode_call_freezes_only_what_it_adds():
     """A second apply_miss with inference_mode=True freezes its own blocks and what it names; the
     head and blocks an earlier training call made trainable and it does not name stay trainable

@@ -848,10 +848,11 @@ def test_the_modules_to_save_rule_reads_peft_version_strings_as_peft_writes_them
 @pytest.mark.parametrize("writer", ["0.21.2", "0.22.0", None], ids=["peft-0.21", "peft-0.22", "no-version"])
 def test_modules_to_save_entries_match_by_the_rule_of_the_peft_that_wrote_the_config(writer, tmp_path):
     """PEFT 0.22 matches a modules_to_save entry as whole trailing path parts ("norm" is model.norm),
-    0.17-0.21 as a plain string suffix ("norm" is also every input_layernorm). A config is read by
+    0.17-0.21 as a plain string suffix ("norm" is also every input_layernorm). A file is read by
     the rule of the release that wrote it (its peft_version), else by the installed peft's: a file a
     PEFT 0.21 run trained with modules_to_save=["norm"] loads with every norm trainable, as it was
-    trained, and apply_miss of that config trains what its get_peft_model trained."""
+    trained. apply_miss of that config makes a new adapter, as get_peft_model, and trains what the
+    installed release's get_peft_model trains, whoever wrote the config."""
     import peft
     from packaging.version import Version
 
@@ -872,9 +873,10 @@ def test_modules_to_save_entries_match_by_the_rule_of_the_peft_that_wrote_the_co
     if writer is None:
         del config["peft_version"]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    old_rule = Version(writer or peft.__version__) < Version("0.22")
-    want = {"model.norm.weight"} | ({f"model.layers.{i}.{kind}.weight" for i in range(2)
-                                      for kind in ("input_layernorm", "post_attention_layernorm")} if old_rule else set())
+    installed_old = Version(peft.__version__) < Version("0.22")
+    layer_norms = {f"model.layers.{i}.{kind}.weight" for i in range(2)
+                   for kind in ("input_layernorm", "post_attention_layernorm")}
+    want = {"model.norm.weight"} | (layer_norms if Version(writer or peft.__version__) < Version("0.22") else set())
 
     def trained_norms(model):
         return {n for n, p in model.named_parameters() if p.requires_grad and "norm" in n}
@@ -885,7 +887,13 @@ def test_modules_to_save_entries_match_by_the_rule_of_the_peft_that_wrote_the_co
     with torch.no_grad():  # every copy in the file is loaded either way (a frozen one into the model's own norm)
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, **TOL)
     # (PEFT saves inference_mode true, under which apply_miss, as get_peft_model, trains nothing.)
-    assert trained_norms(miss_ext.apply_miss(copy.deepcopy(base), dict(config, inference_mode=False))) == want
+    config["inference_mode"] = False
+    fresh = {"model.norm.weight"} | (layer_norms if installed_old else set())
+    assert trained_norms(miss_ext.apply_miss(copy.deepcopy(base), config)) == fresh
+    peft_config = MissConfig(**{k: v for k, v in config.items() if k in MissConfig.__dataclass_fields__})
+    assert {n.replace(".modules_to_save.default", "").removeprefix("base_model.model.")
+            for n, p in get_peft_model(copy.deepcopy(base), peft_config).named_parameters()
+            if p.requires_grad and "norm" in n} == fresh
 
 
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", None])

@@ -213,20 +213,23 @@ def test_a_failed_merge_and_unload_leaves_a_layer_merged_before_it_merged():
     torch.testing.assert_close(model(x), y, rtol=1e-12, atol=1e-12)
 
 
-def test_modules_to_save_matching_a_target_by_string_suffix_is_refused():
-    """modules_to_save of a config written by PEFT before 0.22 uses its plain string-suffix rule
-    ("in1" picks "lin1"), while the target filter only drops whole-component matches, so a layer
-    can be selected both as a target and as a module saved whole. That is refused (ValueError
-    naming it, nothing changed): a module cannot be both adapted and saved whole (its adapter
-    file would name it twice). PEFT 0.22's rule picks no "lin1" for "in1": nothing to refuse."""
-    config = {"peft_type": "MISS", "r": 2, "target_modules": ["lin1", "lin2"], "modules_to_save": ["in1"]}
+def test_modules_to_save_matching_a_target_by_string_suffix_is_refused(monkeypatch):
+    """modules_to_save under PEFT before 0.22 uses its plain string-suffix rule ("in1" picks
+    "lin1"), while the target filter only drops whole-component matches, so a layer can be
+    selected both as a target and as a module saved whole. That is refused (ValueError naming
+    it, nothing changed): a module cannot be both adapted and saved whole (its adapter file would
+    name it twice). PEFT 0.22's rule picks no "lin1" for "in1": nothing to refuse."""
+    from miss_ext import targets
+
     model = small_net()
     snap = snapshot(model)
+    monkeypatch.setattr(targets, "installed_peft_version", lambda: "0.21.2")
     with pytest.raises(ValueError, match="lin1.*both adapted and saved whole"):
-        miss_ext.apply_miss(model, dict(config, peft_version="0.21.2"))
+        miss_ext.apply_miss(model, ["lin1", "lin2"], r=2, modules_to_save=["in1"])
     assert_unchanged(model, snap)
+    monkeypatch.setattr(targets, "installed_peft_version", lambda: "0.22.0")
     with pytest.warns(UserWarning, match=r"modules_to_save entries \['in1'\] match no module"):
-        miss_ext.apply_miss(model, dict(config, peft_version="0.22.0"))
+        miss_ext.apply_miss(model, ["lin1", "lin2"], r=2, modules_to_save=["in1"])
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"lin1.miss_block", "lin2.miss_block"}
 
 

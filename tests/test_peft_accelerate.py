@@ -1979,6 +1979,38 @@ def test_restore_refuses_an_active_adapter_of_another_mode():
     assert is_accelerated(model)
 
 
+def test_merge_and_unload_of_two_adapters_with_one_saved_module_changes_nothing():
+    """Two named adapters that both hold a copy of one modules_to_save module cannot both be kept:
+    PEFT 0.22 raises ValueError before merging anything. The accelerated model merged every layer
+    first, then PEFT's check raised, leaving the model merged and its next forward refused (a PEFT
+    0.22 review, 2026-12-07). Checked first now, for 0.21 too (whose unload kept the active
+    adapter's copy, whatever the names)."""
+    from peft import get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.b(torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    config = dict(r=4, target_modules=["a", "b"], init_weights=False, modules_to_save=["head"])
+    model = get_peft_model(Net().double(), MissConfig(**config), adapter_name="x")
+    model.add_adapter("y", MissConfig(**config))
+    accelerate(model).eval()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        model.merge_and_unload(adapter_names=["x", "y"])
+    assert_unchanged(model, snap)
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, AcceleratedMissLinear))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(model.merge_and_unload(adapter_names=["x"])(x), want, **TOL)
+
+
 def test_merge_with_a_str_of_adapter_names_is_peft_s_type_error(base):
     """adapter_names="default" (a str, not a list): PEFT raises TypeError; the accelerated model's
     all-or-nothing check read the str as seven one-letter names and raised ValueError listing
