@@ -32,7 +32,7 @@ from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_
                       refuse_meta)
 from .targets import (ALL_LINEAR, check_selection_fields, default_targets, describe, exact_paths_regex, find_targets, get_module,
                       matches_by_suffix, memory_range, modules_to_save_paths, other_holders, parameter_paths,
-                      peft_selects, set_module)
+                      peft_selects, set_module, without_wrapper_names)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -390,22 +390,33 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
     fsdp = reshard_fsdp(model)
     # Every rank gathers, in model order (the same collectives in the same order on each rank).
     sharded = bool(fsdp) or any(is_dtensor(layer.miss_block) for _, layer in layers)
-    tensors = {f"{KEY_PREFIX}{name}.miss_block": full_block(layer.miss_block) for name, layer in layers}
+    # torch's activation-checkpointing wrapper (checkpoint_wrapper, apply_activation_checkpointing)
+    # puts "_checkpoint_wrapped_module" into the paths of the modules inside it, not into their
+    # state_dict keys, and PEFT 0.22's files leave it out (remove_torch_wrapper_names). Written with
+    # it, the file named paths the unwrapped model lacks, and PEFT's from_pretrained there skipped
+    # those layers without an error (outputs 0.67 off: a PEFT 0.22 review, 2026-12-07).
+    written = without_wrapper_names
+    if len({written(name) for name, _ in layers}) != len(layers):
+        raise ValueError(f"save_adapter: {describe([name for name, _ in layers])} name the same paths without torch's "
+                         "wrapper names; nothing was written")
+    tensors = {f"{KEY_PREFIX}{written(name)}.miss_block": full_block(layer.miss_block) for name, layer in layers}
     save_paths = extras["modules_to_save"]
     if save_paths:
-        # PEFT finds them again on the base model, by its rule (targets.matches_by_suffix: the file
-        # names no PEFT release, so any may read it); under both rules it must find exactly these.
+        # PEFT finds them again on the base model (unwrapped), by its rule (targets.matches_by_suffix:
+        # the file names no PEFT release, so any may read it); under both rules it must find exactly these.
+        written_paths = sorted(written(p) for p in save_paths)
         for by_suffix in (False, True):
-            again, _ = modules_to_save_paths(model, save_paths, skip_inside=(MissLinear,), by_suffix=by_suffix)
-            if sorted(again) != sorted(save_paths):
-                raise ValueError(f"save_adapter: modules_to_save={save_paths!r} would make PEFT also save "
-                                 f"{describe(sorted(set(again) - set(save_paths)))} (it matches "
+            again, _ = modules_to_save_paths(model, written_paths, skip_inside=(MissLinear,), by_suffix=by_suffix,
+                                             unwrapped=True)
+            if sorted(again) != written_paths:
+                raise ValueError(f"save_adapter: modules_to_save={written_paths!r} would make PEFT also save "
+                                 f"{describe(sorted(set(again) - set(written_paths)))} (it matches "
                                  f"{'by plain suffix before 0.22' if by_suffix else 'trailing path components'})")
         containers = container_problems(model, save_paths)
         if containers:
             raise ValueError("save_adapter: PEFT could not load this adapter, nothing was written: "
                              + "; ".join(containers))
-    tensors.update({f"{KEY_PREFIX}{key}": full_block(t) for key, t in {**saved_extras, **saved_buffers}.items()})
+    tensors.update({f"{KEY_PREFIX}{written(key)}": full_block(t) for key, t in {**saved_extras, **saved_buffers}.items()})
     tensors = _unaliased(tensors)
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)
@@ -427,8 +438,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         warnings.warn(f"save_adapter: {describe(conv1d)} adapt transformers' Conv1D layers, which PEFT's MiSS refuses "
                       "(TypeError), so PeftModel.from_pretrained cannot load this adapter; miss_ext.load_adapter "
                       "can", stacklevel=2)
-    config = adapter_config(r, mode, mini_r, dropout, [name for name, _ in layers], bias=extras["bias"],
-                            modules_to_save=list(save_paths) or None, task_type=task_type,
+    config = adapter_config(r, mode, mini_r, dropout, [written(name) for name, _ in layers], bias=extras["bias"],
+                            modules_to_save=[written(p) for p in save_paths] or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model),
                             random_init=all(layer.__dict__.get("init_weights") is False for _, layer in layers))
     write_adapter(path, tensors, config)

@@ -341,13 +341,14 @@ def matches_by_suffix(peft_version: Optional[str]) -> bool:
 
 
 def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]], skip_inside: Tuple[type, ...] = (),
-                          *, by_suffix: bool) -> Tuple[List[str], List[str]]:
+                          *, by_suffix: bool, unwrapped: bool = False) -> Tuple[List[str], List[str]]:
     """PEFT's `_set_trainable` rule for `modules_to_save`: every module whose path is one of the
     entries or ends with "." + entry (PEFT 0.22), or with `by_suffix` (PEFT 0.17-0.21, see
     matches_by_suffix) ends with the entry as a plain string ("norm" also picks
     "input_layernorm"). Modules nested inside an instance of `skip_inside` (an adapter layer's
-    base_layer) are not looked at. Returns (the matched paths in model order, the entries that
-    matched nothing)."""
+    base_layer) are not looked at. `unwrapped`: the paths as the model without torch's wrappers
+    names them (without_wrapper_names: where PEFT loads a saved file). Returns (the matched paths
+    in model order, the entries that matched nothing)."""
     if not entries:
         return [], []
     found: List[str] = []
@@ -358,12 +359,26 @@ def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]], sk
             continue
         if skip_inside and isinstance(module, skip_inside):
             skip_prefixes.append(name + ".")
+        if unwrapped:
+            name = without_wrapper_names(name)
         hits = [e for e in entries if (name.endswith(e) if by_suffix else name == e or name.endswith("." + e))]
         if hits:
             used.update(hits)
             if name not in found:
                 found.append(name)
     return found, [e for e in entries if e not in used]
+
+
+# The names torch's wrappers insert into module paths (named_modules) but not into state_dict
+# keys: activation checkpointing's checkpoint_wrapper, and FSDP1 (PEFT 0.22's
+# utils.integrations._TORCH_WRAPPER_NAMES).
+TORCH_WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def without_wrapper_names(path: str) -> str:
+    """A module or parameter path without the components torch's wrappers insert
+    (TORCH_WRAPPER_NAMES): the path in the unwrapped model, as state_dict keys name it."""
+    return ".".join(part for part in path.split(".") if part not in TORCH_WRAPPER_NAMES)
 
 
 def exact_paths_regex(paths: Sequence[str]) -> str:

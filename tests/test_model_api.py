@@ -829,6 +829,49 @@ def test_load_adapter_trains_what_peft_trains(base, saved, tmp_path):
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOL)
 
 
+def test_a_model_with_activation_checkpointing_wrappers_saves_the_unwrapped_paths(tmp_path):
+    """torch's checkpoint_wrapper puts "_checkpoint_wrapped_module" into the paths of the modules
+    inside it, not into their state_dict keys. save_adapter wrote it into the file's paths, so
+    PEFT's from_pretrained into the unwrapped model skipped those layers without an error (0.67
+    off: a PEFT 0.22 review, 2026-12-07). The file names the unwrapped paths, as PEFT 0.22's own."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.blk(x)))
+
+    torch.manual_seed(0)
+    base = Net().double()
+    model = miss_ext.apply_miss(copy.deepcopy(base), ["blk.0", "out"], r=2, init_weights=False,
+                                modules_to_save=["blk.1"])
+    model.blk = checkpoint_wrapper(model.blk)
+    assert "blk._checkpoint_wrapped_module.0" in dict(model.named_modules())
+    with torch.no_grad():
+        model.blk._checkpoint_wrapped_module[1].weight.add_(0.5)
+    miss_ext.save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / WEIGHTS_NAME))
+    assert keys == {"base_model.model.blk.0.miss_block", "base_model.model.out.miss_block",
+                    "base_model.model.blk.1.weight", "base_model.model.blk.1.bias"}
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["modules_to_save"] == ["blk.1"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(x), want, **TOL)
+        torch.testing.assert_close(miss_ext.load_adapter(copy.deepcopy(base), tmp_path)(x), want, **TOL)
+    # Into a model still wrapped: refused (documented: load before wrapping), nothing changed.
+    wrapped = copy.deepcopy(base)
+    wrapped.blk = checkpoint_wrapper(wrapped.blk)
+    snap = snapshot(wrapped)
+    with pytest.raises(ValueError, match="does not fit the model; nothing was loaded"):
+        miss_ext.load_adapter(wrapped, tmp_path)
+    assert_unchanged(wrapped, snap)
+
+
 def test_the_modules_to_save_rule_reads_peft_version_strings_as_peft_writes_them(monkeypatch):
     """PEFT writes its __version__, with "@<commit>" for a development install; a field that is
     not a version reads as the newest rule, and without one the installed peft decides."""
