@@ -26,7 +26,7 @@ DEFAULT_ARCHS = "8.0;9.0"
 # The torch releases this extension is built and tested against: 2.11 (the GPU machines) to 2.15.
 TORCH_MIN, TORCH_END = "2.11", "2.16"
 # The PEFT releases miss_ext.peft is built on (it refuses others at import; requirements-dev.txt too).
-PEFT_REQUIREMENT = "peft>=0.20,<0.23"
+PEFT_REQUIREMENT = "peft>=0.21,<0.23"
 
 
 def check_torch_version(version: str) -> None:

@@ -98,11 +98,13 @@ from torch import Tensor, nn
 
 from ._optional import require_version
 
-# Decision (2026-12-03): PEFT >= 0.20. Older releases lack what the accelerated layers read
-# (MissLinear.quantization_backend, 0.20), so accelerate() swapped the classes and every call then
-# crashed; releases before 0.17 have no peft.tuners.miss (Bone only). CI tests PEFT 0.21 and 0.22;
-# 0.20.0 was checked by hand (the PEFT tests pass but the one expecting 0.21's refusal of r > in).
-# Adapter files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
+# Decision (2026-12-03, raised 2026-12-07): PEFT >= 0.21. Releases before 0.20 lack what the
+# accelerated layers read (MissLinear.quantization_backend), so accelerate() swapped the classes
+# and every call then crashed; releases before 0.17 have no peft.tuners.miss (Bone only). 0.20.0,
+# checked by hand on 2026-12-03, failed 14 of the PEFT tests on 2026-12-07 (bias="*_only" and
+# modules_to_save files, r > in, leftover blocks of a failed add_adapter: it saves, loads and
+# injects otherwise): not a release CI tests, so refused. CI tests PEFT 0.21 and 0.22. Adapter
+# files of any PEFT release, Bone included, load without PEFT (miss_ext.load_adapter).
 #
 # Decision (2026-12-07): and PEFT < 0.23. This module reads and overrides PEFT's MiSS layer and
 # tuner internals, which a new release may change in ways that make an accelerated model compute
@@ -111,10 +113,11 @@ from ._optional import require_version
 # recorded before injection), and 23 tests caught it. Adapted the same day (each point is read
 # per installed release: _peft_mode, targets.matches_by_suffix); a release this module has not
 # been checked against is refused by name, so the next one is read before it is used.
-require_version("peft", "0.20", "peft", "miss_ext.peft",
-                "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself",
+require_version("peft", "0.21", "peft", "miss_ext.peft",
+                "older releases lack the MissLinear attributes the accelerated layers read, or MiSS itself, or "
+                "save, load and inject otherwise than the accelerated layers are checked against",
                 below="0.23", why_below="miss_ext.peft overrides PEFT's MiSS layer internals and is checked against "
-                "PEFT 0.20-0.22; a newer release may change them so that an accelerated model computes something "
+                "PEFT 0.21-0.22; a newer release may change them so that an accelerated model computes something "
                 "else, silently")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
@@ -494,7 +497,7 @@ def _is_bat(block: Tensor) -> bool:
 
 def _modes_per_adapter(layer: PeftMissLinear) -> bool:
     """Whether the layer's PEFT keeps a mode per adapter (0.22: MissLinear.miss_fn is a dict by
-    adapter name), rather than one for the whole layer (0.20-0.21: the first adapter's)."""
+    adapter name), rather than one for the whole layer (0.21: the first adapter's)."""
     return isinstance(getattr(layer, "miss_fn", None), dict)
 
 

@@ -191,8 +191,8 @@ def test_a_peft_too_old_for_miss_ext_peft_is_refused_at_import():
     code = ("import peft; peft.__version__ = '0.19.1'\n"
             "try:\n    import miss_ext.peft\nexcept ImportError as e:\n    print('refused:', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "refused: miss_ext.peft needs peft >= 0.20, found peft 0.19.1" in out.stdout, out.stdout + out.stderr
-    assert "pip install 'peft>=0.20,<0.23'" in out.stdout
+    assert "refused: miss_ext.peft needs peft >= 0.21, found peft 0.19.1" in out.stdout, out.stdout + out.stderr
+    assert "pip install 'peft>=0.21,<0.23'" in out.stdout
 
 
 def test_a_peft_newer_than_miss_ext_peft_knows_is_refused_at_import():
@@ -206,7 +206,7 @@ def test_a_peft_newer_than_miss_ext_peft_knows_is_refused_at_import():
             "try:\n    import miss_ext.peft\nexcept ImportError as e:\n    print('refused:', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "refused: miss_ext.peft needs peft older than 0.23, found peft 0.23.0" in out.stdout, out.stdout + out.stderr
-    assert "pip install 'peft>=0.20,<0.23'" in out.stdout
+    assert "pip install 'peft>=0.21,<0.23'" in out.stdout
 
 
 @pytest.mark.parametrize("missing", ["transformers", "tqdm", "matplotlib", "peft"])
