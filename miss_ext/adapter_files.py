@@ -31,8 +31,8 @@ from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
                       refuse_meta)
 from .targets import (ALL_LINEAR, check_selection_fields, default_targets, describe, exact_paths_regex, find_targets, get_module,
-                      matches_by_suffix, memory_range, modules_to_save_paths, other_holders, parameter_paths,
-                      peft_selects, set_module, without_wrapper_names)
+                      matches_by_suffix, matches_entry, memory_range, modules_to_save_paths, other_holders,
+                      parameter_paths, peft_selects, set_module, without_wrapper_names)
 
 # The public names (README); the other functions here are the package's internals, used across its modules.
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -401,14 +401,14 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                          "wrapper names; nothing was written")
     tensors = {f"{KEY_PREFIX}{written(name)}.miss_block": full_block(layer.miss_block) for name, layer in layers}
     save_paths = extras["modules_to_save"]
+    written_paths = [written(p) for p in save_paths]
     if save_paths:
         # PEFT finds them again on the base model (unwrapped), by its rule (targets.matches_by_suffix:
         # the file names no PEFT release, so any may read it); under both rules it must find exactly these.
-        written_paths = sorted(written(p) for p in save_paths)
         for by_suffix in (False, True):
             again, _ = modules_to_save_paths(model, written_paths, skip_inside=(MissLinear,), by_suffix=by_suffix,
                                              unwrapped=True)
-            if sorted(again) != written_paths:
+            if sorted(again) != sorted(written_paths):
                 raise ValueError(f"save_adapter: modules_to_save={written_paths!r} would make PEFT also save "
                                  f"{describe(sorted(set(again) - set(written_paths)))} (it matches "
                                  f"{'by plain suffix before 0.22' if by_suffix else 'trailing path components'})")
@@ -416,7 +416,8 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
         if containers:
             raise ValueError("save_adapter: PEFT could not load this adapter, nothing was written: "
                              + "; ".join(containers))
-    tensors.update({f"{KEY_PREFIX}{written(key)}": full_block(t) for key, t in {**saved_extras, **saved_buffers}.items()})
+    tensors.update({f"{KEY_PREFIX}{written(key)}": full_block(t)
+                    for key, t in {**saved_extras, **saved_buffers}.items()})
     tensors = _unaliased(tensors)
     if is_main_process is None:
         is_main_process = writes_here(sharded or ddp, outer)
@@ -439,7 +440,7 @@ def save_adapter(model: nn.Module, path: str, task_type: Optional[str] = None,
                       "(TypeError), so PeftModel.from_pretrained cannot load this adapter; miss_ext.load_adapter "
                       "can", stacklevel=2)
     config = adapter_config(r, mode, mini_r, dropout, [written(name) for name, _ in layers], bias=extras["bias"],
-                            modules_to_save=[written(p) for p in save_paths] or None, task_type=task_type,
+                            modules_to_save=written_paths or None, task_type=task_type,
                             base_model_name_or_path=base_model_name_or_path or base_model_name(model),
                             random_init=all(layer.__dict__.get("init_weights") is False for _, layer in layers))
     write_adapter(path, tensors, config)
@@ -619,7 +620,7 @@ def _other_adapters_block(key: str, suffix: str, config: dict, model: Optional[n
     modules = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     entries = [e for e in config.get("modules_to_save") or [] if isinstance(e, str)]
     by_suffix = matches_by_suffix(config.get("peft_version"))
-    return not any(m.endswith(e) if by_suffix else m == e or m.endswith("." + e) for e in entries for m in modules)
+    return not any(matches_entry(m, e, by_suffix) for e in entries for m in modules)
 
 
 def meta_problem(path: str, tensors) -> Optional[str]:

@@ -76,8 +76,8 @@ def _adapters(model: nn.Module, adapter_name: str) -> List[_Adapter]:
         import peft
 
         raise ImportError(f"export_lora of a PEFT model needs a PEFT with MiSS (0.17 or newer), found peft "
-                          f"{getattr(peft, '__version__', '?')}: pip install 'peft>=0.21,<0.23', or save the adapter with "
-                          "save_pretrained and convert the folder: miss_ext.load_adapter(base, folder), then "
+                          f"{getattr(peft, '__version__', '?')}: pip install 'peft>=0.21,<0.23', or save the adapter "
+                          "with save_pretrained and convert the folder: miss_ext.load_adapter(base, folder), then "
                           "export_lora of that model") from exc
 
     found = []

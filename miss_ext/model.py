@@ -752,8 +752,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     as PEFT: `model.layers.1.q_proj` is layer 1, `layers.1.q_proj` no layer), modules_to_save
     (modules trained and saved whole, as the installed PEFT matches them: from 0.22 a path that is
     an entry or ends with "." + entry, before a path ending with the entry as a string, so "norm"
-    also matched every "input_layernorm"; targets.matches_by_suffix) and bias ("none", "all": every bias of the model, "MiSS_only": the adapted layers'
-    biases, trained and saved). The adapted modules are exactly those get_peft_model adapts.
+    also matched every "input_layernorm"; targets.matches_by_suffix) and bias ("none", "all":
+    every bias of the model, "MiSS_only": the adapted layers' biases, trained and saved). The
+    adapted modules are exactly those get_peft_model adapts.
 
     Instead of target_modules and the keywords, `apply_miss(model, config)` takes a
     `peft.MissConfig` / `BoneConfig` or the dict of an adapter_config.json: init_weights True /
@@ -788,6 +789,9 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     # resharded (local, invisible to the model's results), a sharded base is seen and refused.
     reshard_fsdp(model)
     inference_mode = False
+    # As get_peft_model: modules_to_save by the installed peft's rule, whichever release wrote a
+    # config (targets.matches_by_suffix).
+    by_suffix = matches_by_suffix(None)
     if _is_config(target_modules):
         given = [k for k, v, default in (("r", r, None), ("mode", mode, "default"), ("mini_r", mini_r, 1),
                                          ("dropout", dropout, 0.0), ("init_weights", init_weights, True),
@@ -806,9 +810,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
          layers_pattern, modules_to_save, bias, inference_mode) = (settings[k] for k in (
             "target_modules", "r", "mode", "mini_r", "dropout", "init_weights", "exclude_modules",
             "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "inference_mode"))
-        # As get_peft_model: the installed peft's modules_to_save rule, whichever release wrote
-        # the config (targets.matches_by_suffix).
-        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"], matches_by_suffix(None))
+        modules_to_save = _with_task_heads(model, modules_to_save, settings["task_type"], by_suffix)
     elif r is None:
         raise TypeError("apply_miss() needs r (or a PEFT MissConfig / adapter_config.json dict instead of "
                         "target_modules)")
@@ -879,7 +881,7 @@ def apply_miss(model: nn.Module, target_modules: Union[TargetModules, Mapping, o
     refuse_offloaded(model, found, "apply_miss")
     check_dropout(dropout)
     _check_init_weights(init_weights)
-    save_paths = _plan_modules_to_save(model, modules_to_save, found, matches_by_suffix(None))
+    save_paths = _plan_modules_to_save(model, modules_to_save, found, by_suffix)
     recorded = trainable_extras(model)
     problem = saved_whole_problem([name for name, _ in found], recorded["modules_to_save"])
     if problem is not None:

@@ -495,25 +495,23 @@ def _is_bat(block: Tensor) -> bool:
     return block.dim() == 3
 
 
-def _modes_per_adapter(layer: PeftMissLinear) -> bool:
-    """Whether the layer's PEFT keeps a mode per adapter (0.22: MissLinear.miss_fn is a dict by
-    adapter name), rather than one for the whole layer (0.21: the first adapter's)."""
-    return isinstance(getattr(layer, "miss_fn", None), dict)
+def _peft_init(layer: PeftMissLinear, name: str, default: object = None) -> object:
+    """PEFT's MissLinear.miss_fn for adapter `name`, the init_weights PEFT's own forward and merge
+    read for it: from PEFT 0.22 the adapter's own (a dict by adapter name), before the layer's
+    first adapter's (one value for the layer); `default` where there is none."""
+    init = getattr(layer, "miss_fn", default)
+    return init.get(name, default) if isinstance(init, dict) else init
 
 
 def _mode_rule(layer: PeftMissLinear) -> str:
     """Which mode the layer's PEFT applies to an adapter, in words (for messages)."""
-    return ("PEFT takes each adapter's own init_weights" if _modes_per_adapter(layer) else
+    return ("PEFT takes each adapter's own init_weights" if isinstance(getattr(layer, "miss_fn", None), dict) else
             "PEFT before 0.22 takes the layer's first adapter's mode for every adapter")
 
 
 def _peft_mode(layer: PeftMissLinear, name: str) -> str:
-    """The mode PEFT's own forward and merge apply to adapter `name`: from PEFT 0.22 its own
-    (MissLinear.miss_fn[name], the init_weights it was added with); before, every adapter of the
-    layer takes the layer's first adapter's (MissLinear.miss_fn, one value)."""
-    mode = getattr(layer, "miss_fn", None)
-    if isinstance(mode, dict):
-        mode = mode.get(name)
+    """The mode PEFT's own forward and merge apply to adapter `name` (_peft_init)."""
+    mode = _peft_init(layer, name)
     return mode if mode in ("bat", "mini") else "default"
 
 
@@ -573,9 +571,7 @@ class AcceleratedMissLinear(PeftMissLinear):
                     if name in recorded:
                         random = not recorded[name]
                     else:
-                        init = getattr(self, "miss_fn", True)
-                        init = init.get(name, True) if isinstance(init, dict) else init
-                        random = not _is_bat(block) and not init
+                        random = not _is_bat(block) and not _peft_init(self, name, True)
                     if random:
                         nn.init.kaiming_uniform_(block, a=math.sqrt(5))
                     else:
@@ -1076,8 +1072,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         mixing modes (which runs here, not in that PEFT) it would write factors of the wrong shape
         or values without an error (0.22 reads each adapter's own mode: _runs_in_peft_mode); and for
         bat it takes the delta from the base weight as it is, which holds the merged adapters while
-        any are merged (0.22 refuses that itself, with a ValueError). False for both, with a UserWarning saying why
-        (convert_to_lora then raises TypeError); True otherwise (PEFT's answer).
+        any are merged (0.22 refuses that itself, with a ValueError). False for both, with a
+        UserWarning saying why (convert_to_lora then raises TypeError); True otherwise (PEFT's answer).
         miss_ext.export_lora converts default/mini adapters exactly, whatever the layer's others."""
         block = self.miss_block[adapter_name] if adapter_name in self.miss_block else None
         why = None
@@ -1527,7 +1523,8 @@ class AcceleratedMissModel(MissModel):
             layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
             stale = {id(m): m.miss_block[adapter_name] for m in layers if adapter_name in m.miss_block}
             # PEFT 0.22 records the targeted names before it creates any layer: put back too.
-            targeted = {attr: list(getattr(self, attr)) for attr in ("targeted_module_names", "targeted_parameter_names")
+            targeted = {attr: list(getattr(self, attr))
+                        for attr in ("targeted_module_names", "targeted_parameter_names")
                         if isinstance(getattr(self, attr, None), list)}
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -1925,10 +1922,10 @@ def _refuse_blocks_unlike_their_config(model: nn.Module) -> None:
                              + f"init_weights={config.init_weights!r})")
     if stray:
         raise ValueError(f"accelerate: {describe(stray)} hold a block whose shape is not one its adapter's config "
-                         "gives (another mode, r or mini_r): a leftover of a failed add_adapter (PEFT 0.21-0.22 keeps the "
-                         "blocks it added to earlier layers when a later one refuses the adapter), which PEFT's forward "
-                         "cannot run or its from_pretrained drops; delete_adapter(name) removes every layer's block of "
-                         "that adapter, then add it again. Nothing was changed")
+                         "gives (another mode, r or mini_r): a leftover of a failed add_adapter (PEFT 0.21-0.22 keeps "
+                         "the blocks it added to earlier layers when a later one refuses the adapter), which PEFT's "
+                         "forward cannot run or its from_pretrained drops; delete_adapter(name) removes every layer's "
+                         "block of that adapter, then add it again. Nothing was changed")
 
 
 def _refuse_offloaded_blocks(model: nn.Module, named) -> None:

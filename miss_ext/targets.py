@@ -340,12 +340,17 @@ def matches_by_suffix(peft_version: Optional[str]) -> bool:
     return found is not None and (int(found[1]), int(found[2])) < SUFFIX_RULE_BEFORE
 
 
+def matches_entry(path: str, entry: str, by_suffix: bool) -> bool:
+    """PEFT's modules_to_save match of one module path and one entry: the path is the entry or
+    ends with "." + entry (PEFT 0.22), or with `by_suffix` (before 0.22) ends with it as a string."""
+    return path.endswith(entry) if by_suffix else path == entry or path.endswith("." + entry)
+
+
 def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]], skip_inside: Tuple[type, ...] = (),
                           *, by_suffix: bool, unwrapped: bool = False) -> Tuple[List[str], List[str]]:
-    """PEFT's `_set_trainable` rule for `modules_to_save`: every module whose path is one of the
-    entries or ends with "." + entry (PEFT 0.22), or with `by_suffix` (PEFT 0.17-0.21, see
-    matches_by_suffix) ends with the entry as a plain string ("norm" also picks
-    "input_layernorm"). Modules nested inside an instance of `skip_inside` (an adapter layer's
+    """PEFT's `_set_trainable` rule for `modules_to_save`: every module whose path matches one of
+    the entries (matches_entry; `by_suffix`: PEFT 0.17-0.21, see matches_by_suffix, where "norm"
+    also picks "input_layernorm"). Modules nested inside an instance of `skip_inside` (an adapter layer's
     base_layer) are not looked at. `unwrapped`: the paths as the model without torch's wrappers
     names them (without_wrapper_names: where PEFT loads a saved file). Returns (the matched paths
     in model order, the entries that matched nothing)."""
@@ -361,7 +366,7 @@ def modules_to_save_paths(model: nn.Module, entries: Optional[Sequence[str]], sk
             skip_prefixes.append(name + ".")
         if unwrapped:
             name = without_wrapper_names(name)
-        hits = [e for e in entries if (name.endswith(e) if by_suffix else name == e or name.endswith("." + e))]
+        hits = [e for e in entries if matches_entry(name, e, by_suffix)]
         if hits:
             used.update(hits)
             if name not in found:
