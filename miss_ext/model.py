@@ -206,6 +206,19 @@ def requires_grad_restorer(module: nn.Module) -> Callable[[], None]:
     return restore
 
 
+def training_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function giving `module` and every submodule the training mode it has now back (the
+    tuner's set_adapter rollback: PEFT 0.22's set_adapter(inference_mode=True) puts the new
+    adapters' dropout in eval mode, and switching back does not undo that)."""
+    modes = [(m, m.training) for m in module.modules()]
+
+    def restore():
+        for m, training in modes:
+            m.training = training
+
+    return restore
+
+
 def settings_undos(model: nn.Module) -> List[Tuple[str, Callable[[], None]]]:
     """The undos (for undo_each, which runs them last when given in reverse) of what apply_miss and
     load_adapter change besides modules and values: every parameter's requires_grad flag, the

@@ -125,8 +125,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
-from .model import (check_module, offload_hook, parent_module, requires_grad_restorer, under_offload_hook,  # noqa: E402
-                    undo_each)
+from .model import (check_module, offload_hook, parent_module, requires_grad_restorer,  # noqa: E402
+                    training_restorer, under_offload_hook, undo_each)
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
@@ -1737,24 +1737,27 @@ class AcceleratedMissModel(MissModel):
                 # unmerges merged ones here).
                 warnings.filterwarnings("ignore", message="Already unmerged. Nothing to do.")
                 self.unmerge_adapter()
-            active, restore_flags = self.active_adapter, requires_grad_restorer(self.model)
+            active, restore_flags, restore_modes = (self.active_adapter, requires_grad_restorer(self.model),
+                                                    training_restorer(self.model))
             try:
                 super().set_adapter(adapter_name, inference_mode=inference_mode)
             except BaseException:
                 # Back to the old adapter (layers and modules_to_save wrappers, which PEFT's loop may
                 # have switched part way, with their requires_grad), then merged again: merged
                 # layers with another active adapter would refuse every forward (a review, 2026-12-05).
-                undo_each([("set_adapter", partial(self._switch_back, active, restore_flags))]
+                undo_each([("set_adapter", partial(self._switch_back, active, restore_flags, restore_modes))]
                           + [(path, partial(_merge_back, layer, before)) for path, layer, before in merged],
                           "set_adapter")
                 raise
 
-    def _switch_back(self, active, restore_flags: Callable[[], None]) -> None:
+    def _switch_back(self, active, restore_flags: Callable[[], None], restore_modes: Callable[[], None]) -> None:
         """After a set_adapter that failed part way: PEFT's switch to `active` again, and every
-        parameter's requires_grad as it was (PEFT's switch sets the adapters';
-        model.requires_grad_restorer)."""
+        parameter's requires_grad and every module's training mode as they were (PEFT's switch
+        sets the adapters' flags, and PEFT 0.22's with inference_mode=True their dropout's mode;
+        model.requires_grad_restorer, model.training_restorer)."""
         super().set_adapter(active)
         restore_flags()
+        restore_modes()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's delete_adapter; RuntimeError, nothing changed, while a call with adapter_names=

@@ -2175,12 +2175,12 @@ def _interrupt_third_switch(monkeypatch):
     monkeypatch.setattr(AcceleratedMissLinear, "set_adapter", interrupted)
 
 
-def _switch_interrupted(model, monkeypatch, adapter):
+def _switch_interrupted(model, monkeypatch, adapter, **kwargs):
     _interrupt_third_switch(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(KeyboardInterrupt):
-            model.base_model.set_adapter(adapter)
+            model.base_model.set_adapter(adapter, **kwargs)
     monkeypatch.undo()
 
 
@@ -2204,6 +2204,20 @@ def test_set_adapter_failing_after_the_unmerge_goes_back_whole(base, monkeypatch
     assert all(m.active_adapters == ["a"] and m.merged_adapters == ["a"] for m in layers)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_failed_switch_in_inference_mode_leaves_every_training_mode_as_it_was(base, monkeypatch):
+    """set_adapter('b', inference_mode=True) failing part way on a merged model in train mode:
+    PEFT 0.22's switch had put b's dropout in eval mode in the layers it reached, and the switch
+    back to 'a' left them so (the thirty-ninth session's note). Every module's training mode is
+    now as before the call, on every PEFT release."""
+    model = _adapters_abc(base, names=("a", "b"))
+    accelerate(model).merge_adapter()
+    model.train()
+    modes = {n: m.training for n, m in model.named_modules()}
+    assert all(modes.values())
+    _switch_interrupted(model, monkeypatch, "b", inference_mode=True)
+    assert {n: m.training for n, m in model.named_modules()} == modes
 
 
 def test_a_failed_switch_from_two_active_adapters_goes_back_to_both(base, monkeypatch):
