@@ -425,6 +425,25 @@ def _refuse_repeated_active(layer: PeftMissLinear, active: List[str]) -> None:
                          "miss_ext refuses a repeated active adapter: set_adapter with each name once")
 
 
+@contextmanager
+def _blocks_kept(layer: PeftMissLinear):
+    """Puts every block's own tensor back into its parameter after PEFT's delta functions
+    (get_delta_weight, get_delta_weight_miss), which replace a half-precision CPU block's .data by
+    a copy: mini by its tiled (r, out) copy (spec, "PEFT's known bugs"), the others by equal
+    values in new memory (a parameter FSDP or a tied module shares would part from them). PEFT's
+    merge, unmerge and forward for the bases that keep its code, its get_additive_delta (0.22)
+    and the safe-merge check reach them. Only the blocks PEFT's cast rewrites (CPU, float16 or
+    bfloat16; its condition): elsewhere nothing is assigned, as in PEFT, so a compiled forward of a
+    base that keeps PEFT's code traces as before."""
+    blocks = [(block, block.data) for block in layer.miss_block.values()
+              if block.device.type == "cpu" and block.dtype in (torch.float16, torch.bfloat16)]
+    try:
+        yield
+    finally:
+        for block, data in blocks:
+            block.data = data
+
+
 def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -> None:
     """PEFT's MissLinear.merge(safe_merge=True) of `names` (0.21-0.22's loop: each adapter's delta,
     in PEFT's mode for it (_peft_mode), on a copy of the base weight as merged so far, rounded to
@@ -433,10 +452,8 @@ def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -
     finite, before any layer of the model is merged."""
     if not names:
         return
-    # PEFT's delta functions replace a half-precision CPU block's .data (mini: by its tiled (r, out)
-    # copy): the check puts every block's own tensor back, so it changes nothing.
-    blocks = {name: layer.miss_block[name].data for name in names}
-    try:
+    # A plain PEFT layer too (not only accelerated ones, whose delta functions keep the blocks).
+    with _blocks_kept(layer):
         with torch.no_grad():
             weight = layer.get_base_weight().clone()
             dtype = weight.dtype
@@ -452,9 +469,6 @@ def _peft_safe_merge_check(path: str, layer: PeftMissLinear, names: List[str]) -
                 if not torch.isfinite(weight).all():
                     raise ValueError(f"{path}: NaNs detected in the merged weights ({non_finite_summary(weight)}, "
                                      f"in {dtype}). The adapter {name} seems to be broken; no layer was merged")
-    finally:
-        for name, data in blocks.items():
-            layer.miss_block[name].data = data
 
 
 def _refuse_shared_merge(layer: PeftMissLinear, names: List[str]) -> None:
@@ -576,6 +590,20 @@ class AcceleratedMissLinear(PeftMissLinear):
                         nn.init.kaiming_uniform_(block, a=math.sqrt(5))
                     else:
                         block.zero_()
+
+    def get_delta_weight(self, adapter, orig_weight, reverse: bool = False) -> Tensor:
+        """PEFT's (bat: the weight's additive update), leaving the block as it is (_blocks_kept)."""
+        with _blocks_kept(self):
+            return super().get_delta_weight(adapter, orig_weight, reverse)
+
+    def get_delta_weight_miss(self, adapter, orig_weight, reverse: bool = False) -> Tensor:
+        """PEFT's (default/mini: the whole merged weight), leaving the block as it is
+        (_blocks_kept): PEFT's own rewrites a half-precision CPU mini block to its tiled (r, out)
+        copy, a bug the spec lists, which PEFT 0.22's get_additive_delta (a query, for LoRA
+        conversion) reaches too: the layer then ran the default mode, save_pretrained wrote a file
+        PEFT refuses, and the next optimizer step crashed (an odd-input hunt, 2026-12-07)."""
+        with _blocks_kept(self):
+            return super().get_delta_weight_miss(adapter, orig_weight, reverse)
 
     def _fast_path(self) -> bool:
         """The miss ops replace `base_layer(x)` only when that is exactly F.linear(x, W, b)

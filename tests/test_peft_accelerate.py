@@ -707,6 +707,45 @@ def test_bat_with_another_mode_on_a_base_that_is_not_plain_is_refused(base):
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["mini", "default", "bat"])
+def test_peft_delta_functions_leave_a_half_precision_cpu_block_as_it_is(base, mode, dtype):
+    """PEFT's get_delta_weight_miss replaces a half-precision CPU block's .data, a mini block by
+    its tiled (r, out) copy (spec, "PEFT's known bugs"). PEFT 0.22's get_additive_delta, a query
+    for LoRA conversion, reached it on an accelerated layer: the mini layer then ran the default
+    mode, and save_pretrained wrote a file PEFT refuses (an odd-input hunt, 2026-12-07). The
+    accelerated layers' delta functions now leave the block in its own memory, in the additive
+    delta and in the merge and unmerge code a quantized base keeps; the values are PEFT's."""
+    model, layer = mixed_layer(base, [mode])
+    model.to(dtype)
+    block = layer.miss_block["a0"]
+    ptr, shape, values = block.data_ptr(), block.shape, block.detach().clone()
+
+    def block_kept():
+        assert block.data_ptr() == ptr and block.shape == shape and torch.equal(block.detach(), values)
+        assert layer.miss_block["a0"] is block
+
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        if mode == "bat":
+            got = weight + layer.get_delta_weight("a0", weight.clone())
+            torch.testing.assert_close(got.double(), bat_weight_ref(weight, values), rtol=2e-2, atol=2e-2)
+        else:  # PEFT's whole merged weight, rounded once
+            got = layer.get_delta_weight_miss("a0", weight.clone())
+            want = weight.float() + delta_weight_ref(values, *weight.shape).float()
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=0, atol=0)
+        block_kept()
+    if hasattr(layer, "get_additive_delta"):  # PEFT 0.22
+        layer.get_additive_delta("a0")
+        block_kept()
+    # The merge and unmerge code a quantized base keeps (PEFT's) go through the same functions.
+    layer.quantization_backend = _FakeBackend()
+    layer.merge(adapter_names=["a0"])
+    block_kept()
+    layer.unmerge()
+    block_kept()
+
+
 def test_merging_bat_over_merged_default_adapters_is_refused(base):
     model, layer = mixed_layer(base, ["default", "bat"])
     layer.merge(adapter_names=["a0"])
