@@ -549,6 +549,11 @@ _PARENT_HINT = ("The model's own code (its class source names this layer's weigh
                 "silently ignores or mis-scales the adapter)")
 
 
+# PEFT 0.22's LoRA conversion reads a layer's delta through get_additive_delta, which refuses
+# (ValueError) while any adapter of the layer is merged; 0.21's read bat's from the weight as it is.
+_PEFT_REFUSES_MERGED_DELTA = hasattr(PeftMissLinear, "get_additive_delta")
+
+
 class AcceleratedMissLinear(PeftMissLinear):
     """PEFT's MissLinear with forward, merge and unmerge on `torch.ops.miss`. Never constructed:
     `accelerate` converts existing PEFT layers by swapping their class."""
@@ -834,14 +839,32 @@ class AcceleratedMissLinear(PeftMissLinear):
                              f"{active} are active, so the merged weight alone (PEFT's forward) would not be the "
                              "active adapters' output (PEFT silently computes it anyway: huggingface/peft#3756); "
                              "merge every active adapter, or unmerge_adapter() first")
-        # Bat updates do not commute: the merged weight is the active adapters' only where their
-        # bats were merged in the active order. A merged checkpoint loaded into a model whose active
-        # order differs, set_adapter on the layers, or a PEFT merge in another order then accelerate
-        # gave the other order's output, silently (0.69 of the logits apart: a PEFT API review,
-        # 2026-12-05; PEFT computes it so too).
-        bats_active = [a for a in active if _is_bat(self.miss_block[a])]
-        bats_merged = [a for a in self.merged_adapters if _is_bat(self.miss_block[a])]
-        if bats_active != bats_merged:
+        self._refuse_merge_order()
+
+    def _refuse_merge_order(self) -> None:
+        """ValueError where the merged weight was written in an order the forward does not compute:
+        the forward applies every bat adapter to the weight first, in the active order (bat
+        updates do not commute with each other, nor with the default/mini updates), then adds the
+        default/mini terms. Checked before a merged layer's forward and before merge_and_unload
+        keeps its weight."""
+        # A merged checkpoint loaded into a model whose active order differs, set_adapter on the
+        # layers, or a PEFT merge in another order then accelerate gave the other order's output,
+        # silently (0.69 of the logits apart: a PEFT API review, 2026-12-05; PEFT computes it so
+        # too). PEFT 0.22 merges a layer's adapters in the active order whatever their modes, so
+        # its merge_adapter() of active [default, bat] writes bat(W + dW) where the forward
+        # computes bat(W) + dW (0.31 apart; a PEFT 0.22 user trial, 2026-12-07).
+        merged = [a for a in self.merged_adapters if a in self.miss_block]
+        bats_merged = [a for a in merged if _is_bat(self.miss_block[a])]
+        first_shard = next((i for i, a in enumerate(merged) if not _is_bat(self.miss_block[a])), len(merged))
+        late = [a for a in merged[first_shard:] if _is_bat(self.miss_block[a])]
+        if late:
+            raise ValueError(f"{type(self).__name__}: adapters {merged} are merged in that order: bat adapter(s) "
+                             f"{late} after the default/mini adapter {merged[first_shard]!r}, so the weight holds "
+                             "bat(W + dW) where the forward computes bat(W) + dW (PEFT's merge loop writes its "
+                             "active order; PEFT silently computes it anyway); unmerge_adapter() and merge again "
+                             "with miss_ext, which merges bat adapters first")
+        bats_active = [a for a in dict.fromkeys(self.active_adapters) if a in bats_merged]
+        if bats_active != [a for a in bats_merged if a in bats_active]:
             raise ValueError(f"{type(self).__name__}: bat adapters {bats_merged} are merged in that order while the "
                              f"active order is {bats_active}; bat updates do not commute, so the merged weight is not "
                              "the active adapters' output (PEFT silently computes it anyway); unmerge_adapter() and "
@@ -1100,8 +1123,9 @@ class AcceleratedMissLinear(PeftMissLinear):
         mixing modes (which runs here, not in that PEFT) it would write factors of the wrong shape
         or values without an error (0.22 reads each adapter's own mode: _runs_in_peft_mode); and for
         bat it takes the delta from the base weight as it is, which holds the merged adapters while
-        any are merged (0.22 refuses that itself, with a ValueError). False for both, with a
-        UserWarning saying why (convert_to_lora then raises TypeError); True otherwise (PEFT's answer).
+        any are merged (0.22 refuses that itself, with its ValueError, which is left to it). False
+        for both, with a UserWarning saying why (convert_to_lora then raises TypeError); True
+        otherwise (PEFT's answer).
         miss_ext.export_lora converts default/mini adapters exactly, whatever the layer's others."""
         block = self.miss_block[adapter_name] if adapter_name in self.miss_block else None
         why = None
@@ -1111,7 +1135,8 @@ class AcceleratedMissLinear(PeftMissLinear):
                    f"would convert it in mode {_peft_mode(self, adapter_name)!r} ({_mode_rule(self)}) and write a "
                    f"wrong LoRA file; miss_ext.export_lora(model, path, adapter_name={adapter_name!r}) converts "
                    "default/mini adapters exactly")
-        elif block is not None and _is_bat(block) and self.merged_adapters:
+        elif block is not None and _is_bat(block) and self.merged_adapters and not _PEFT_REFUSES_MERGED_DELTA:
+            # PEFT 0.22's get_additive_delta raises its own ValueError while any adapter is merged.
             why = (f"bat adapter {adapter_name!r}'s delta would be read from the base weight, which holds merged "
                    f"adapters {list(self.merged_adapters)}: unmerge first")
         if why is not None:
@@ -1630,6 +1655,8 @@ class AcceleratedMissModel(MissModel):
             if type(layer) is not AcceleratedMissLinear:
                 continue
             try:
+                if layer.merged:  # merged in an order the forward does not compute: kept by merge_and_unload
+                    layer._refuse_merge_order()
                 names = layer._merge_plan(adapter_names)
                 bats = [name for name in names if _is_bat(layer.miss_block[name])]
                 # Active bat adapters this call leaves unmerged: their forward transforms the weight
@@ -2087,7 +2114,12 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def is_accelerated(model: nn.Module) -> bool:
-    """True when every PEFT MiSS layer of the model is accelerated (and there is at least one).
-    TypeError for a model that is no nn.Module."""
+    """True when every PEFT MiSS layer of the model is accelerated (and there is at least one), and
+    so is every PEFT MiSS tuner in it (a PeftModel's base_model). TypeError for a model that is no
+    nn.Module."""
+    # The tuner too: after accelerate(peft_model.get_base_model()) (which warns) the layers were
+    # accelerated but PeftModel's adapter_names= never reached them, every row silently running
+    # the active adapter, and this said True (a PEFT 0.22 user trial, 2026-12-07).
     check_module(model, "is_accelerated")
-    return bool(_miss_layers(model, AcceleratedMissLinear)) and not _miss_layers(model, PeftMissLinear)
+    return (bool(_miss_layers(model, AcceleratedMissLinear)) and not _miss_layers(model, PeftMissLinear)
+            and not _miss_layers(model, MissModel))

@@ -23,7 +23,7 @@ from reference import bat_weight_ref, fold_ref, philox_mask, tile_block  # noqa:
 from tiny_models import ARCHS, MINI_R, PEFT_INIT, R, TARGETS, peft_model, randomize_blocks, tiny_causal_lm, tokens  # noqa: E402,E501
 from tiny_models import TOL64, nonzero, randomize_adapters, small_net  # noqa: E402
 from conftest import assert_unchanged, snapshot  # noqa: E402
-from reference import delta_weight_ref  # noqa: E402
+from reference import delta_weight_ref, merge_ref  # noqa: E402
 import json  # noqa: E402
 from miss_ext import MissLinear  # noqa: E402
 from torch import nn  # noqa: E402
@@ -44,6 +44,19 @@ def pair(base, mode, **kwargs):
     """(PEFT model, accelerated deep copy of it): same values, independent modules."""
     plain = peft_model(base, mode, **kwargs).eval()  # PEFT's new dropout modules start in training mode
     return plain, accelerate(copy.deepcopy(plain))
+
+
+def test_is_accelerated_asks_for_the_tuner_too(base):
+    """After accelerate(peft_model.get_base_model()) (which warns) every layer is accelerated but
+    PEFT's tuner is not, so PeftModel's adapter_names= never reaches the layers and every row runs
+    the active adapter: is_accelerated(peft_model), the README's "call accelerate again" check,
+    said True (a PEFT 0.22 user trial, 2026-12-07). False now until the PeftModel is accelerated."""
+    plain = peft_model(base, "default")
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        accelerate(plain.get_base_model())
+    assert is_accelerated(plain.get_base_model()) and not is_accelerated(plain)
+    accelerate(plain)
+    assert is_accelerated(plain) and is_accelerated(plain.base_model)
 
 
 def block_grads(model):
@@ -604,9 +617,13 @@ def test_peft_lora_conversion_refuses_what_it_would_convert_wrongly(base):
 
     _, bat = pair(base, "bat")
     bat.merge_adapter()
-    with pytest.warns(UserWarning, match="bat adapter 'default'.s delta would be read from the base weight.*unmerge "
-                                         "first"), pytest.raises(TypeError, match="do not support LoRA conversion"):
-        conversion.convert_to_lora(bat, rank=R)
+    if MODES_PER_ADAPTER:  # PEFT 0.22's own refusal, as for its own layers (a user trial, 2026-12-07)
+        with pytest.raises(ValueError, match="Cannot get the additive delta for adapter 'default'.*merged"):
+            conversion.convert_to_lora(bat, rank=R)
+    else:
+        with pytest.warns(UserWarning, match="bat adapter 'default'.s delta would be read from the base weight.*"
+                                             "unmerge first"), pytest.raises(TypeError, match="do not support LoRA"):
+            conversion.convert_to_lora(bat, rank=R)
     bat.unmerge_adapter()
     conversion.convert_to_lora(bat, rank=R)
 
@@ -1305,10 +1322,58 @@ def test_bat_adapters_merged_in_another_order_than_the_active_one_are_refused(ba
     with pytest.raises(ValueError, match=r"bat adapters \['b', 'a'\] are merged in that order while the active order "
                                          r"is \['a', 'b'\]"):
         target(ids)
+    before = snapshot(target)  # merge_and_unload would keep that weight (refused since 2026-12-07)
+    with pytest.raises(ValueError, match=r"bat adapters \['b', 'a'\] are merged in that order.*no layer was merged"):
+        target.merge_and_unload()
+    assert_unchanged(target, before)
     target.unmerge_adapter()
     torch.testing.assert_close(target(ids).logits, wanted, **TOL)
     target.merge_adapter()
     torch.testing.assert_close(target(ids).logits, wanted, **TOL)
+
+
+def test_a_bat_adapter_merged_after_a_default_one_is_refused(base):
+    """PEFT 0.22 merges a layer's adapters in the active order whatever their modes: with active
+    [default "a", bat "b"] its merge_adapter() writes bat_b(W + dA), where the forward computes
+    bat_b(W) + dA. accelerate took that layer, and its forward and merge_and_unload gave PEFT's
+    merged output silently (0.31 off the unmerged one: a PEFT 0.22 user trial, 2026-12-07; only
+    bat-after-bat orders were refused). The forward, merge_adapter and merge_and_unload now refuse
+    it, changing nothing; unmerge_adapter gives the weight back, and miss_ext's merge (bats first)
+    computes the unmerged output."""
+    model = peft_model(base, "default", adapter_name="a")
+    model.add_adapter("b", MissConfig(r=R, target_modules=TARGETS, init_weights="bat"))
+    randomize_blocks(model, seed=5)
+    model.base_model.set_adapter(["a", "b"])
+    ids = tokens()
+    with torch.no_grad():
+        wanted = accelerate(copy.deepcopy(model))(ids).logits
+    layers = [m for m in model.modules() if isinstance(m, PeftMissLinear)]
+    weights = [layer.base_layer.weight.detach().clone() for layer in layers]
+    if MODES_PER_ADAPTER:
+        model.merge_adapter()  # PEFT's loop: "a", then "b" on top of it
+    else:  # PEFT 0.21 computes every adapter in the layer's first mode: the same weights, written here
+        with torch.no_grad():
+            for layer, weight in zip(layers, weights):
+                shard = merge_ref(weight, layer.miss_block["a"].detach())
+                layer.base_layer.weight.copy_(bat_weight_ref(shard, layer.miss_block["b"].detach()))
+                layer.merged_adapters.extend(["a", "b"])
+    assert all(layer.merged_adapters == ["a", "b"] for layer in layers)
+    accelerate(model)
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] are merged in that order: bat adapter\(s\) "
+                                         r"\['b'\] after the default/mini adapter 'a'"), torch.no_grad():
+        model(ids)
+    before = snapshot(model)
+    for call in (model.merge_and_unload, model.merge_adapter):
+        with pytest.raises(ValueError, match=r"bat adapter\(s\) \['b'\] after .*no layer was merged"):
+            call()
+        assert_unchanged(model, before)
+    model.unmerge_adapter()
+    for layer, weight in zip(layers, weights):
+        torch.testing.assert_close(layer.base_layer.weight, weight, **TOL)
+    model.merge_adapter()
+    assert all(layer.merged_adapters == ["b", "a"] for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, wanted, **TOL)
 
 
 def test_unmerge_after_a_hook_came_uses_the_checked_path(base):
