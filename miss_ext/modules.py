@@ -478,6 +478,17 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
         mismatched = load_mismatches(module, state_dict, prefix, assign)
         if mismatched:
             refusal = "; ".join(mismatched)
+    if refusal is None and known is None and after and weight_key in state_dict:
+        # A merged weight loaded without the blocks it was merged from (a state_dict filtered of
+        # its blocks, strict=False): the forward matched the source's, but an unmerge then took
+        # this layer's own blocks out of the source's W + dW, silently (0.40 off the base weight;
+        # a checkpoint-interop hunt, 2026-12-07; plain PEFT too).
+        without = [name for name in after
+                   if not any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
+        if without:
+            refusal = (f"the state_dict has a merged base_layer.weight (holding the dW of {list(after)}) but not the "
+                       f"block(s) of {without}: an unmerge would take this layer's own blocks out of it; load the "
+                       "blocks with the merged weight, or save unmerged")
     if refusal is None:
         alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
         if alone and weight_key not in state_dict:

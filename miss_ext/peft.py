@@ -121,6 +121,7 @@ require_version("peft", "0.21", "peft", "miss_ext.peft",
                 "else, silently")
 from peft.tuners.miss import MissLinear as PeftMissLinear  # noqa: E402
 from peft.tuners.miss import MissModel  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E402
 
@@ -1579,6 +1580,8 @@ class AcceleratedMissModel(MissModel):
             targeted = {attr: list(getattr(self, attr))
                         for attr in ("targeted_module_names", "targeted_parameter_names")
                         if isinstance(getattr(self, attr, None), list)}
+            restore_flags, restore_modes = requires_grad_restorer(model), training_restorer(model)
+            self.__dict__.pop("_added_for_load", None)
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
             except BaseException:
@@ -1596,6 +1599,9 @@ class AcceleratedMissModel(MissModel):
             for layer in layers:
                 if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
                     _drop_adapter_entries(layer, adapter_name)
+            frame = _load_adapter_frame(adapter_name)
+            if frame is not None:  # taken back should this load be refused (_load_from_state_dict)
+                self.__dict__["_added_for_load"] = (adapter_name, id(frame), targeted, restore_flags, restore_modes)
             return result
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
@@ -1749,8 +1755,25 @@ class AcceleratedMissModel(MissModel):
         layers = {} if rewrites_load_keys(self) else layers_to_check(
             self.model, f"{prefix}model.", lambda module: type(module) is AcceleratedMissLinear)
         refusals = load_refusals(layers, state_dict, assign)
+        added = self.__dict__.pop("_added_for_load", None)
         if refusals:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded:\n\t"
+            note = ""
+            frame = _load_adapter_frame(added[0]) if added is not None else None
+            if frame is not None and id(frame) == added[1]:
+                # PeftModel.load_adapter under a new name adds the adapter (add_adapter, its initial
+                # values) before it loads: a refused load left it in the model and in peft_config (a
+                # checkpoint-interop hunt, 2026-12-07; PEFT's own failures after add_adapter, a
+                # missing file or strict_adapter_check, still do, as in PEFT: README).
+                name, _, targeted, restore_flags, restore_modes = added
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.delete_adapter(name)
+                for attr, names in targeted.items():
+                    getattr(self, attr)[:] = names
+                restore_flags()
+                restore_modes()
+                note = f"; adapter {name!r}, added by this load_adapter, was removed again"
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded{note}:\n\t"
                                + "\n\t".join(refusals))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -1902,6 +1925,18 @@ class AcceleratedMissModel(MissModel):
                 warnings.filterwarnings("ignore", message="merge: skipped adapter")
                 return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
         return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
+
+
+def _load_adapter_frame(adapter_name: str):
+    """The frame of a PeftModel.load_adapter(…, adapter_name) call running in this thread (its code
+    object, not its name), or None."""
+    code = PeftModel.load_adapter.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code and frame.f_locals.get("adapter_name") == adapter_name:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _entries(n: int) -> str:

@@ -49,16 +49,29 @@ def test_a_state_dict_whose_weight_was_unmerged_since_loads_unmerged():
     torch.testing.assert_close(c(x), a(x))
 
 
-def test_a_merged_load_without_the_block_leaves_the_witness_unknown():
-    """block_changed_since_merge() is False ("unknown") when the merge's block was not loaded."""
+@pytest.mark.parametrize("merged", [False, True], ids=["into_unmerged", "into_merged"])
+def test_a_merged_weight_loaded_without_its_block_is_refused(merged):
+    """A merged state_dict filtered of its block (strict=False): the layer took the other model's
+    W + dW beside its own block, so its forward matched the other's but an unmerge took its own
+    block out of that weight, silently (0.40 off the base weight in a PEFT model; a
+    checkpoint-interop hunt, 2026-12-07). Refused now, nothing changed; with the block it loads."""
     a = merged_layer()
     sd = {k: v.clone() for k, v in a.state_dict().items() if k != "miss_block"}
     b = miss_ext.MissLinear(nn.Linear(8, 8), 2)
-    b.merge()
-    b.load_state_dict(sd, strict=False)
     with torch.no_grad():
-        b.miss_block.add_(1.0)
-    assert b.block_changed_since_merge() is False
+        b.miss_block.normal_()
+    if merged:
+        b.merge()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"merged base_layer.weight \(holding the dW of \['miss_block'\]\) but not "
+                                           r"the block\(s\) of \['miss_block'\]"):
+        b.load_state_dict(sd, strict=False)
+    assert b.merged == merged
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in before.items())
+    b.load_state_dict(a.state_dict())
+    b.unmerge()
+    a.unmerge()
+    torch.testing.assert_close(b.base_layer.weight, a.base_layer.weight)
 
 
 def test_the_witness_sees_two_entries_swapped():

@@ -384,6 +384,46 @@ def test_a_refused_load_adapter_loads_nothing(base, tmp_path):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "is_trainable"])
+def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, trainable):
+    """PeftModel.load_adapter under a new name adds the adapter (add_adapter, at its initial
+    values) before it loads: a load the accelerated layers refused (here a file whose last block
+    has another shape) left it in the layers, in peft_config and in the modules_to_save wrappers (a
+    checkpoint-interop hunt, 2026-12-07; plain PEFT leaves it too). It is removed again now, with
+    every requires_grad flag and training mode as before; the good file then loads."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    def model(seed):
+        out = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=TARGETS, init_weights=False,
+                                                             modules_to_save=["lm_head"]))
+        randomize_blocks(out, seed=seed)
+        return out
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    source = model(3)
+    source.save_pretrained(good)
+    source.save_pretrained(bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    last = sorted(k for k in tensors if "miss_block" in k)[-1]
+    tensors[last] = tensors[last][:1].clone()
+    save_file(tensors, bad / "adapter_model.safetensors")
+    target = accelerate(model(4)).train()
+    snap, configs = snapshot(target), list(target.peft_config)
+    modes = {n: m.training for n, m in target.named_modules()}
+    with pytest.raises(RuntimeError, match=r"nothing loaded; adapter 'x', added by this load_adapter, was removed "
+                                           r"again:\n\tbase_model\.model\.model\.layers\.1\.self_attn\.v_proj: "):
+        target.load_adapter(str(bad), adapter_name="x", is_trainable=trainable)
+    assert_unchanged(target, snap)
+    assert list(target.peft_config) == configs and {n: m.training for n, m in target.named_modules()} == modes
+    target.load_adapter(str(good), adapter_name="x", is_trainable=trainable)
+    target.base_model.set_adapter("x")
+    source.base_model.set_adapter("default")
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(ids).logits, source.eval()(ids).logits, **TOL)
+
+
 def test_merged_adapters_record_refuses_bad_loads(base):
     """Unknown names, a malformed record and a block alone into a merged adapter are refused, with
     nothing of the layer loaded."""
@@ -1374,6 +1414,36 @@ def test_a_bat_adapter_merged_after_a_default_one_is_refused(base):
     assert all(layer.merged_adapters == ["b", "a"] for layer in layers)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, wanted, **TOL)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["into_unmerged", "into_merged"])
+def test_a_merged_state_dict_without_its_blocks_is_refused(base, merged):
+    """A merged accelerated model's state_dict filtered of its blocks, loaded with strict=False into
+    a model with other blocks: its layers took the source's W + dW beside their own blocks, so
+    unmerge_adapter() then left the base weight 0.40 off, silently (a checkpoint-interop hunt,
+    2026-12-07; plain PEFT too). Refused now, naming the layer, nothing changed; with the blocks
+    it loads and unmerges to the base weight."""
+    def model(seed):
+        out = peft_model(base, "default", adapter_name="a", seed=seed)
+        out.add_adapter("b", MissConfig(r=R, target_modules=TARGETS, init_weights="bat"))
+        randomize_blocks(out, seed=seed)
+        out.base_model.set_adapter(["a", "b"])
+        return accelerate(out)
+
+    source, target = model(1), model(2)
+    source.merge_adapter()
+    state = {k: v.clone() for k, v in source.state_dict().items() if "miss_block" not in k}
+    if merged:
+        target.merge_adapter()
+    before = snapshot(target)
+    with pytest.raises(RuntimeError, match=r"q_proj: the state_dict has a merged base_layer.weight \(holding the dW "
+                                           r"of \['b', 'a'\]\) but not the block\(s\) of \['b', 'a'\]"):
+        target.load_state_dict(state, strict=False)
+    assert_unchanged(target, before)
+    target.load_state_dict(source.state_dict())
+    target.unmerge_adapter()
+    layer = target.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight, **TOL)
 
 
 def test_unmerge_after_a_hook_came_uses_the_checked_path(base):
