@@ -1580,8 +1580,11 @@ class AcceleratedMissModel(MissModel):
             targeted = {attr: list(getattr(self, attr))
                         for attr in ("targeted_module_names", "targeted_parameter_names")
                         if isinstance(getattr(self, attr, None), list)}
-            restore_flags, restore_modes = requires_grad_restorer(model), training_restorer(model)
-            self.__dict__.pop("_added_for_load", None)
+            _ADDED_FOR_LOAD.pop(self, None)
+            loading = _load_adapter_frame(adapter_name) is not None
+            if loading:  # what a refused load takes back (_undo_added_for_load)
+                wrappers = {id(m) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+                restore_flags, restore_modes = requires_grad_restorer(model), training_restorer(model)
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
             except BaseException:
@@ -1599,10 +1602,38 @@ class AcceleratedMissModel(MissModel):
             for layer in layers:
                 if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
                     _drop_adapter_entries(layer, adapter_name)
-            frame = _load_adapter_frame(adapter_name)
-            if frame is not None:  # taken back should this load be refused (_load_from_state_dict)
-                self.__dict__["_added_for_load"] = (adapter_name, id(frame), targeted, restore_flags, restore_modes)
+            if loading:
+                _ADDED_FOR_LOAD[self] = (adapter_name, self.peft_config.get(adapter_name), wrappers, targeted,
+                                         restore_flags, restore_modes)
             return result
+
+    def _undo_added_for_load(self, added) -> str:
+        """After a load this module refused: the adapter PeftModel.load_adapter added for it (its
+        add_adapter, before the load) removed again, with the modules_to_save wrappers it created,
+        the targeted names, every requires_grad flag and training mode as before; what to add to
+        the error ("" where the running load did not add the adapter)."""
+        # PeftModel.load_adapter under a new name adds the adapter (at its initial values) before
+        # it loads: a refused load left it in the layers, in peft_config and in the modules_to_save
+        # wrappers (a checkpoint-interop hunt, 2026-12-07; plain PEFT too). That this call added
+        # it: its local peft_config (assigned in PEFT 0.21-0.22 only where it adds the adapter) is
+        # the config the injection recorded, and the model's. PEFT's own failures after the
+        # add_adapter (a missing weights file, strict_adapter_check) still leave it (README).
+        name, config, wrappers, targeted, restore_flags, restore_modes = added
+        frame = _load_adapter_frame(name)
+        if frame is None or config is None or frame.f_locals.get("peft_config") is not config \
+                or self.peft_config.get(name) is not config:
+            return ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.delete_adapter(name)
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and id(module) not in wrappers:
+                set_module(self.model, path, module.original_module)
+        for attr, names in targeted.items():
+            getattr(self, attr)[:] = names
+        restore_flags()
+        restore_modes()
+        return f"; adapter {name!r}, added by this load_adapter, was removed again"
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
         """Called by a disabled, merged layer of this model's running forward before it unmerges
@@ -1755,24 +1786,9 @@ class AcceleratedMissModel(MissModel):
         layers = {} if rewrites_load_keys(self) else layers_to_check(
             self.model, f"{prefix}model.", lambda module: type(module) is AcceleratedMissLinear)
         refusals = load_refusals(layers, state_dict, assign)
-        added = self.__dict__.pop("_added_for_load", None)
+        added = _ADDED_FOR_LOAD.pop(self, None)
         if refusals:
-            note = ""
-            frame = _load_adapter_frame(added[0]) if added is not None else None
-            if frame is not None and id(frame) == added[1]:
-                # PeftModel.load_adapter under a new name adds the adapter (add_adapter, its initial
-                # values) before it loads: a refused load left it in the model and in peft_config (a
-                # checkpoint-interop hunt, 2026-12-07; PEFT's own failures after add_adapter, a
-                # missing file or strict_adapter_check, still do, as in PEFT: README).
-                name, _, targeted, restore_flags, restore_modes = added
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.delete_adapter(name)
-                for attr, names in targeted.items():
-                    getattr(self, attr)[:] = names
-                restore_flags()
-                restore_modes()
-                note = f"; adapter {name!r}, added by this load_adapter, was removed again"
+            note = self._undo_added_for_load(added) if added is not None else ""
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}, nothing loaded{note}:\n\t"
                                + "\n\t".join(refusals))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -1925,6 +1941,11 @@ class AcceleratedMissModel(MissModel):
                 warnings.filterwarnings("ignore", message="merge: skipped adapter")
                 return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
         return _unload_aliases(super()._unload_and_optionally_merge(*args, **kwargs))
+
+
+# tuner -> what its last injection under PeftModel.load_adapter changed (AcceleratedMissModel.
+# inject_adapter, _undo_added_for_load); outside the module, which deepcopy and pickle copy.
+_ADDED_FOR_LOAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _load_adapter_frame(adapter_name: str):

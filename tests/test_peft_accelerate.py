@@ -384,8 +384,9 @@ def test_a_refused_load_adapter_loads_nothing(base, tmp_path):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("wrapped", [True, False], ids=["head_wrapped", "head_plain"])
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "is_trainable"])
-def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, trainable):
+def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, trainable, wrapped):
     """PeftModel.load_adapter under a new name adds the adapter (add_adapter, at its initial
     values) before it loads: a load the accelerated layers refused (here a file whose last block
     has another shape) left it in the layers, in peft_config and in the modules_to_save wrappers (a
@@ -394,9 +395,9 @@ def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, tr
     from peft import get_peft_model
     from safetensors.torch import load_file, save_file
 
-    def model(seed):
+    def model(seed, saved=("lm_head",)):
         out = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=TARGETS, init_weights=False,
-                                                             modules_to_save=["lm_head"]))
+                                                             modules_to_save=list(saved)))
         randomize_blocks(out, seed=seed)
         return out
 
@@ -408,7 +409,9 @@ def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, tr
     last = sorted(k for k in tensors if "miss_block" in k)[-1]
     tensors[last] = tensors[last][:1].clone()
     save_file(tensors, bad / "adapter_model.safetensors")
-    target = accelerate(model(4)).train()
+    # Without a modules_to_save of its own the head is wrapped by the load (ModulesToSaveWrapper):
+    # unwrapped again.
+    target = accelerate(model(4, ("lm_head",) if wrapped else ())).train()
     snap, configs = snapshot(target), list(target.peft_config)
     modes = {n: m.training for n, m in target.named_modules()}
     with pytest.raises(RuntimeError, match=r"nothing loaded; adapter 'x', added by this load_adapter, was removed "
