@@ -486,9 +486,14 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
         without = [name for name in after
                    if not any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
         if without:
+            # Decision: also for a merged checkpoint loaded in pieces (shard by shard, strict=False),
+            # whose blocks came in an earlier piece: nothing tells those blocks from a model's own
+            # (a PEFT model's loaded from another folder). Such a load was refused before in one
+            # of the two orders (the block alone into the merged layer); now in both, saying how.
             refusal = (f"the state_dict has a merged base_layer.weight (holding the dW of {list(after)}) but not the "
                        f"block(s) of {without}: an unmerge would take this layer's own blocks out of it; load the "
-                       "blocks with the merged weight, or save unmerged")
+                       "blocks in the same call as the merged weight (a sharded checkpoint: all its shards in one "
+                       "dict), or save unmerged")
     if refusal is None:
         alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
         if alone and weight_key not in state_dict:

@@ -1582,9 +1582,7 @@ class AcceleratedMissModel(MissModel):
                         if isinstance(getattr(self, attr, None), list)}
             _ADDED_FOR_LOAD.pop(self, None)
             loading = _load_adapter_frame(adapter_name) is not None
-            if loading:  # what a refused load takes back (_undo_added_for_load)
-                wrappers = {id(m) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)}
-                restore_flags, restore_modes = requires_grad_restorer(model), training_restorer(model)
+            wrappers = {id(m) for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)} if loading else ()
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
             except BaseException:
@@ -1602,27 +1600,31 @@ class AcceleratedMissModel(MissModel):
             for layer in layers:
                 if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
                     _drop_adapter_entries(layer, adapter_name)
-            if loading:
-                _ADDED_FOR_LOAD[self] = (adapter_name, self.peft_config.get(adapter_name), wrappers, targeted,
-                                         restore_flags, restore_modes)
+            if loading:  # what a refused load takes back (_undo_added_for_load)
+                _ADDED_FOR_LOAD[self] = (adapter_name, self.peft_config.get(adapter_name), {id(m) for m in layers},
+                                         wrappers, targeted)
             return result
 
     def _undo_added_for_load(self, added) -> str:
         """After a load this module refused: the adapter PeftModel.load_adapter added for it (its
-        add_adapter, before the load) removed again, with the modules_to_save wrappers it created,
-        the targeted names, every requires_grad flag and training mode as before; what to add to
-        the error ("" where the running load did not add the adapter)."""
+        add_adapter, before the load) removed again, with the layers and modules_to_save wrappers
+        it created (their base modules back in their places) and the targeted names as before;
+        what to add to the error ("" where the running load did not add the adapter). PEFT
+        0.21-0.22's injection keeps the other parameters' requires_grad and modules' modes."""
         # PeftModel.load_adapter under a new name adds the adapter (at its initial values) before
         # it loads: a refused load left it in the layers, in peft_config and in the modules_to_save
         # wrappers (a checkpoint-interop hunt, 2026-12-07; plain PEFT too). That this call added
         # it: its local peft_config (assigned in PEFT 0.21-0.22 only where it adds the adapter) is
         # the config the injection recorded, and the model's. PEFT's own failures after the
         # add_adapter (a missing weights file, strict_adapter_check) still leave it (README).
-        name, config, wrappers, targeted, restore_flags, restore_modes = added
+        name, config, layers, wrappers, targeted = added
         frame = _load_adapter_frame(name)
         if frame is None or config is None or frame.f_locals.get("peft_config") is not config \
                 or self.peft_config.get(name) is not config:
             return ""
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, PeftMissLinear) and id(module) not in layers:  # a module only the new config targets
+                set_module(self.model, path, module.get_base_layer())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.delete_adapter(name)
@@ -1631,8 +1633,6 @@ class AcceleratedMissModel(MissModel):
                 set_module(self.model, path, module.original_module)
         for attr, names in targeted.items():
             getattr(self, attr)[:] = names
-        restore_flags()
-        restore_modes()
         return f"; adapter {name!r}, added by this load_adapter, was removed again"
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:

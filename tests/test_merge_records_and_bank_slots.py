@@ -74,6 +74,31 @@ def test_a_merged_weight_loaded_without_its_block_is_refused(merged):
     torch.testing.assert_close(b.base_layer.weight, a.base_layer.weight)
 
 
+@pytest.mark.parametrize("order", ["blocks_first", "weight_first"])
+def test_a_merged_checkpoint_loaded_in_pieces_is_refused_in_either_order(order):
+    """A merged checkpoint loaded shard by shard (strict=False, transformers'
+    load_sharded_checkpoint): the piece with the merged weight and record lacks the block, which
+    came (or comes) in another piece, and nothing tells that block from the layer's own. Decision
+    (2026-12-07): refused in both orders, saying to load it in one call; the block alone into the
+    then merged layer was refused before too. In one dict it loads."""
+    a = merged_layer()
+    state = a.state_dict()
+    blocks = {k: v for k, v in state.items() if k == "miss_block"}
+    rest = {k: v for k, v in state.items() if k != "miss_block"}
+    b = miss_ext.MissLinear(nn.Linear(8, 8), 2)
+    if order == "blocks_first":
+        b.load_state_dict(blocks, strict=False)
+        with pytest.raises(RuntimeError, match="in the same call as the merged weight"):
+            b.load_state_dict(rest, strict=False)
+    else:
+        with pytest.raises(RuntimeError, match="in the same call as the merged weight"):
+            b.load_state_dict(rest, strict=False)
+    assert not b.merged
+    b.load_state_dict({**blocks, **rest})
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(b(x), a(x))
+
+
 def test_the_witness_sees_two_entries_swapped():
     layer = miss_ext.MissLinear(nn.Linear(8, 8), 2)
     with torch.no_grad():

@@ -384,19 +384,21 @@ def test_a_refused_load_adapter_loads_nothing(base, tmp_path):
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("wrapped", [True, False], ids=["head_wrapped", "head_plain"])
+@pytest.mark.parametrize("case", ["head_wrapped", "head_plain", "new_targets"])
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "is_trainable"])
-def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, trainable, wrapped):
+def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, trainable, case):
     """PeftModel.load_adapter under a new name adds the adapter (add_adapter, at its initial
     values) before it loads: a load the accelerated layers refused (here a file whose last block
-    has another shape) left it in the layers, in peft_config and in the modules_to_save wrappers (a
-    checkpoint-interop hunt, 2026-12-07; plain PEFT leaves it too). It is removed again now, with
-    every requires_grad flag and training mode as before; the good file then loads."""
+    has another shape) left it in the layers, in peft_config, in the modules_to_save wrappers,
+    and in new layers on modules only its config targets (a checkpoint-interop hunt and its
+    review, 2026-12-07; plain PEFT leaves them too). All removed again now (the head's wrapper and
+    the new layers give their modules back), the targeted names as before; the good file then
+    loads."""
     from peft import get_peft_model
     from safetensors.torch import load_file, save_file
 
-    def model(seed, saved=("lm_head",)):
-        out = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=TARGETS, init_weights=False,
+    def model(seed, saved=("lm_head",), targets=TARGETS):
+        out = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=list(targets), init_weights=False,
                                                              modules_to_save=list(saved)))
         randomize_blocks(out, seed=seed)
         return out
@@ -406,25 +408,55 @@ def test_a_refused_load_adapter_under_a_new_name_adds_nothing(base, tmp_path, tr
     source.save_pretrained(good)
     source.save_pretrained(bad)
     tensors = load_file(bad / "adapter_model.safetensors")
-    last = sorted(k for k in tensors if "miss_block" in k)[-1]
+    last = sorted(k for k in tensors if "miss_block" in k and "q_proj" in k)[-1]
     tensors[last] = tensors[last][:1].clone()
     save_file(tensors, bad / "adapter_model.safetensors")
-    # Without a modules_to_save of its own the head is wrapped by the load (ModulesToSaveWrapper):
-    # unwrapped again.
-    target = accelerate(model(4, ("lm_head",) if wrapped else ())).train()
+    # head_plain: without a modules_to_save of its own the head is wrapped by the load
+    # (ModulesToSaveWrapper); new_targets: the model's adapter is on q_proj only, so the load
+    # creates (plain PEFT) layers on the other modules.
+    target = accelerate(model(4, () if case == "head_plain" else ("lm_head",),
+                              ["q_proj"] if case == "new_targets" else TARGETS)).train()
     snap, configs = snapshot(target), list(target.peft_config)
     modes = {n: m.training for n, m in target.named_modules()}
+    targeted = list(target.base_model.targeted_module_names)
     with pytest.raises(RuntimeError, match=r"nothing loaded; adapter 'x', added by this load_adapter, was removed "
-                                           r"again:\n\tbase_model\.model\.model\.layers\.1\.self_attn\.v_proj: "):
+                                           r"again:\n\tbase_model\.model\.model\.layers\.1\.self_attn\.q_proj: "):
         target.load_adapter(str(bad), adapter_name="x", is_trainable=trainable)
     assert_unchanged(target, snap)
     assert list(target.peft_config) == configs and {n: m.training for n, m in target.named_modules()} == modes
+    assert target.base_model.targeted_module_names == targeted and is_accelerated(target)
     target.load_adapter(str(good), adapter_name="x", is_trainable=trainable)
+    if case == "new_targets":
+        accelerate(target)
     target.base_model.set_adapter("x")
     source.base_model.set_adapter("default")
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(target.eval()(ids).logits, source.eval()(ids).logits, **TOL)
+
+
+def test_a_refused_load_adapter_keeps_an_adapter_it_did_not_add(base, tmp_path):
+    """The undo above takes back only what the running load_adapter added (its own config object
+    is the adapter's): an adapter of that name added before, here by an earlier load_adapter that
+    failed after its add_adapter (a missing weights file, PEFT's error), stays when a second
+    load_adapter under the name is refused (a review, 2026-12-07: with the call's frame alone as
+    the proof it was deleted)."""
+    from peft import get_peft_model
+
+    source = get_peft_model(copy.deepcopy(base), MissConfig(r=R, target_modules=TARGETS, init_weights=False))
+    source.save_pretrained(tmp_path / "config_only")
+    (tmp_path / "config_only" / "adapter_model.safetensors").unlink()
+    target = accelerate(peft_model(base, "default"))
+    with pytest.raises((ValueError, OSError, FileNotFoundError)):
+        target.load_adapter(str(tmp_path / "config_only"), adapter_name="x")
+    assert "x" in target.peft_config  # PEFT's leftover of its own failure (README)
+    target.base_model.model.model.layers[0].self_attn.q_proj.merge(adapter_names=["x"])
+    snap = snapshot(target)
+    source.save_pretrained(tmp_path / "other")
+    with pytest.raises(RuntimeError, match=r"nothing loaded:\n\t.*cannot load the block of merged adapter"):
+        target.load_adapter(str(tmp_path / "other"), adapter_name="x")
+    assert_unchanged(target, snap)
+    assert "x" in target.peft_config
 
 
 def test_merged_adapters_record_refuses_bad_loads(base):
@@ -2387,7 +2419,7 @@ def test_a_failed_switch_in_inference_mode_leaves_every_training_mode_as_it_was(
     """set_adapter('b', inference_mode=True) failing part way on a merged model in train mode:
     PEFT 0.22's switch had put b's dropout in eval mode in the layers it reached, and the switch
     back to 'a' left them so (the thirty-ninth session's note). Every module's training mode is
-    now as before the call, on every PEFT release."""
+    now as before the call (PEFT 0.21's switch changes no mode: there the test holds either way)."""
     model = _adapters_abc(base, names=("a", "b"))
     accelerate(model).merge_adapter()
     model.train()
