@@ -478,13 +478,15 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
         mismatched = load_mismatches(module, state_dict, prefix, assign)
         if mismatched:
             refusal = "; ".join(mismatched)
+    def has_block(name: str) -> bool:  # MissLinear's "miss_block", or a PEFT layer's "miss_block.<name>"
+        return any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))
+
     if refusal is None and known is None and after and weight_key in state_dict:
         # A merged weight loaded without the blocks it was merged from (a state_dict filtered of
         # its blocks, strict=False): the forward matched the source's, but an unmerge then took
         # this layer's own blocks out of the source's W + dW, silently (0.40 off the base weight;
         # a checkpoint-interop hunt, 2026-12-07; plain PEFT too).
-        without = [name for name in after
-                   if not any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
+        without = [name for name in after if not has_block(name)]
         if without:
             # Decision: also for a merged checkpoint loaded in pieces (shard by shard, strict=False),
             # whose blocks came in an earlier piece: nothing tells those blocks from a model's own
@@ -495,7 +497,7 @@ def merge_record_refusal(module: nn.Module, state_dict: dict, prefix: str, key: 
                        "blocks in the same call as the merged weight (a sharded checkpoint: all its shards in one "
                        "dict), or save unmerged")
     if refusal is None:
-        alone = [name for name in after if any(k in state_dict for k in (prefix + name, prefix + "miss_block." + name))]
+        alone = [name for name in after if has_block(name)]
         if alone and weight_key not in state_dict:
             refusal = (f"cannot load the block of merged adapter(s) {alone} alone (the merged weight holds the current "
                        "block's dW, which the loaded block would not replace); unmerge first, or load the merged "

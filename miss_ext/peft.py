@@ -856,8 +856,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         # computes bat(W) + dW (0.31 apart; a PEFT 0.22 user trial, 2026-12-07).
         merged = [a for a in self.merged_adapters if a in self.miss_block]
         bats_merged = [a for a in merged if _is_bat(self.miss_block[a])]
-        first_shard = next((i for i, a in enumerate(merged) if not _is_bat(self.miss_block[a])), len(merged))
-        late = [a for a in merged[first_shard:] if _is_bat(self.miss_block[a])]
+        first_shard = next((i for i, a in enumerate(merged) if a not in bats_merged), len(merged))
+        late = [a for a in merged[first_shard:] if a in bats_merged]
         if late:
             raise ValueError(f"{type(self).__name__}: adapters {merged} are merged in that order: bat adapter(s) "
                              f"{late} after the default/mini adapter {merged[first_shard]!r}, so the weight holds "
@@ -1586,16 +1586,7 @@ class AcceleratedMissModel(MissModel):
             try:
                 result = super().inject_adapter(model, adapter_name, *args, **kwargs)
             except BaseException:
-                for attr, names in targeted.items():
-                    getattr(self, attr)[:] = names
-                known = {id(m) for m in layers}
-                for path, layer in list(model.named_modules()):
-                    if not isinstance(layer, PeftMissLinear):
-                        continue
-                    if id(layer) not in known:  # created by this call: the base layer goes back in its place
-                        set_module(model, path, layer.get_base_layer())
-                    else:
-                        _drop_adapter_entries(layer, adapter_name)
+                self._take_back_injection(model, adapter_name, {id(m) for m in layers}, targeted)
                 raise
             for layer in layers:
                 if id(layer) in stale and layer.miss_block.get(adapter_name) is stale[id(layer)]:
@@ -1604,6 +1595,20 @@ class AcceleratedMissModel(MissModel):
                 _ADDED_FOR_LOAD[self] = (adapter_name, self.peft_config.get(adapter_name), {id(m) for m in layers},
                                          wrappers, targeted)
             return result
+
+    def _take_back_injection(self, model: nn.Module, adapter_name: str, known: set, targeted: dict) -> None:
+        """The layers and targeted names as before an injection of `adapter_name`: a layer it
+        created (not in `known`, ids) gives its base layer back, the others drop the adapter's
+        entries."""
+        for attr, names in targeted.items():
+            getattr(self, attr)[:] = names
+        for path, layer in list(model.named_modules()):
+            if not isinstance(layer, PeftMissLinear):
+                continue
+            if id(layer) not in known:  # created by the injection: the base layer goes back in its place
+                set_module(model, path, layer.get_base_layer())
+            else:
+                _drop_adapter_entries(layer, adapter_name)
 
     def _undo_added_for_load(self, added) -> str:
         """After a load this module refused: the adapter PeftModel.load_adapter added for it (its
@@ -1622,17 +1627,13 @@ class AcceleratedMissModel(MissModel):
         if frame is None or config is None or frame.f_locals.get("peft_config") is not config \
                 or self.peft_config.get(name) is not config:
             return ""
-        for path, module in list(self.model.named_modules()):
-            if isinstance(module, PeftMissLinear) and id(module) not in layers:  # a module only the new config targets
-                set_module(self.model, path, module.get_base_layer())
-        with warnings.catch_warnings():
+        self._take_back_injection(self.model, name, layers, targeted)
+        with warnings.catch_warnings():  # its config and modules_to_save copies (the layers hold it no more)
             warnings.simplefilter("ignore")
             self.delete_adapter(name)
         for path, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and id(module) not in wrappers:
                 set_module(self.model, path, module.original_module)
-        for attr, names in targeted.items():
-            getattr(self, attr)[:] = names
         return f"; adapter {name!r}, added by this load_adapter, was removed again"
 
     def _check_before_unmerging(self, names: Optional[List[str]]) -> None:
