@@ -27,7 +27,7 @@ from .model import (check_bias, container_problems, ddp_needs_every_gradient, ex
                     saved_whole_problem, settings_undos, shared_before_wrapping, trainable_extras, undo_each,
                     unwrap_model, warn_shared, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
-from .base_layers import base_refusal, is_conv1d, linear_sizes, type_name
+from .base_layers import base_refusal, is_conv1d, linear_sizes, read_to_describe, type_name
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, adapter_dtype, block_shape, check_dropout, check_flag,
                       refuse_meta)
 from .targets import (ALL_LINEAR, check_selection_fields, default_targets, describe, exact_paths_regex, find_targets, get_module,
@@ -872,7 +872,7 @@ def _plan(model: nn.Module, config: dict, blocks: Dict[str, Tensor]) -> Tuple[Li
         # One pass, in the dtype the block loads into: a NaN or inf block makes every output of the
         # layer non-finite (a broken file), and float64 values beyond float32's range, finite in
         # the file, would load as inf. The file's own values are read again only to say which.
-        weight = module.miss_block if isinstance(module, MissLinear) else getattr(module, "weight", None)
+        weight = module.miss_block if isinstance(module, MissLinear) else read_to_describe(module, "weight")
         target = weight.dtype if isinstance(module, MissLinear) else \
             adapter_dtype(weight.dtype) if isinstance(weight, Tensor) else torch.float32
         if not bool(torch.isfinite(block.to(target)).all()):

@@ -45,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checkpointing import checkpoints_around, judge_recompute, traced_inside_checkpoint
 from ._distributed import is_dtensor
-from .base_layers import is_plain_linear, tensor_problem, type_name
+from .base_layers import is_plain_linear, read_to_describe, tensor_problem, type_name
 from .modules import (MAX_TENSOR_SIZE, MissLinear, adapter_dtype, allocate_block, block_shape, check_base_output,
                       check_dropout, json_tensor, load_mismatches, refuse_forward_tangents, refuse_layer_load,
                       refuse_nested, refuse_non_tensor, tensor_json, written_since)
@@ -615,7 +615,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
     def __init__(self, base_layer: nn.Module, capacity: int, max_r: int) -> None:
         super().__init__()
         capacity, max_r = check_bank_size(capacity, max_r)
-        weight = getattr(base_layer, "weight", None)
+        weight = read_to_describe(base_layer, "weight")
         if weight is None or not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
             raise TypeError(f"MissBankLinear needs an nn.Linear-like base layer (weight, in_features, out_features), "
                             f"got {type_name(base_layer)}")
@@ -782,14 +782,20 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         return slot
 
     def remove_adapter(self, name: str) -> None:
-        """Empties the slot of adapter `name` (zeros, rank 0) for another adapter to take; rows
-        must not name it afterwards. ValueError naming the bank's adapters for an unknown name, or
-        inside miss_ext.mixed_batch."""
+        """Empties the slot of adapter `name` (zeros, rank 0, and a zero gradient in `bank.grad`)
+        for another adapter to take; rows must not name it afterwards. ValueError naming the bank's
+        adapters for an unknown name, or inside miss_ext.mixed_batch."""
         self._check_mutable(f"remove adapter {name!r}")
         slot = self._slot(name)
         with self._slot_kept_on_error(slot):
             with torch.no_grad():
                 self.bank[slot].zero_()
+                # The removed adapter's accumulated gradient is no one's: kept, the next adapter
+                # in the slot inherited it, and a step moved an adapter that no batch had named (a
+                # review, 2026-12-07; unused slots get zero gradients). Optimizer state stays
+                # (README: make a fresh optimizer after changing the bank).
+                if self.bank.grad is not None:
+                    self.bank.grad[slot].zero_()
                 self.ranks[slot] = 0
                 self.periods[slot] = 0
             self.adapter_names[slot] = None
@@ -815,15 +821,19 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
 
     def _slot_state(self, slot: int) -> tuple:
         """Everything remove_adapter clears in `slot` (for remove_bank_adapter's rollback and
-        _slot_kept_on_error): copies of the block, rank and period (tensors: no host read, and a
+        _slot_kept_on_error): copies of the block, its gradient, rank and period (tensors: no host read, and a
         bank on the meta device has none to read) and the slot lists' entries."""
-        return (self.bank[slot].detach().clone(), self.ranks[slot].clone(), self.periods[slot].clone(),
+        grad = self.bank.grad
+        return (self.bank[slot].detach().clone(), None if grad is None else grad[slot].clone(),
+                self.ranks[slot].clone(), self.periods[slot].clone(),
                 self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot])
 
     def _restore_slot(self, slot: int, state: tuple) -> None:
-        block, rank, period, name, dropout, mode, absent = state
+        block, grad, rank, period, name, dropout, mode, absent = state
         with torch.no_grad():
             self.bank[slot].copy_(block)
+            if grad is not None and self.bank.grad is not None:
+                self.bank.grad[slot].copy_(grad)
             self.ranks[slot] = rank
             self.periods[slot] = period
         self.adapter_names[slot], self.dropouts[slot], self.modes[slot], self.absent[slot] = name, dropout, mode, absent

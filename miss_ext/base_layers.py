@@ -4,6 +4,7 @@ linear_class_override), whether it is transformers' Conv1D, its sizes, whether a
 reads its tensors instead of calling it, and why an adapter on it (base_refusal) or a merge into
 it (merge_refusal) is refused. Shared by MissLinear, the accelerated PEFT layers, banks, tensor
 parallelism and the model helpers. The public names (README) are re-exported by miss_ext.modules."""
+import contextlib
 import functools
 import inspect
 import io
@@ -178,6 +179,36 @@ def _parametrized(module: nn.Module) -> bool:
             and not hasattr(type(module), "parametrizations"):
         return False
     return parametrize.is_parametrized(module)
+
+
+@contextlib.contextmanager
+def parametrizations_in_eval(module: nn.Module):
+    """Within it, every parametrization under `module` (torch.nn.utils.parametrize) is in eval
+    mode; each one's own mode is restored at exit, also on error. Adding an adapter reads a base
+    weight to describe it (dtype, device, shape) four to seven times, and each read of a
+    spectral_norm weight in training mode ran one power-iteration step on the user's `_u`/`_v`
+    buffers: a zero (identity) adapter then changed the layer's output (3e-4 in float64; a
+    review, 2026-12-07). PEFT's get_peft_model reads it nine times; we keep the user's state
+    instead. In eval mode torch's parametrizations compute the same weight without updating it."""
+    held = [(m, m.training) for plist in module.modules()
+            if isinstance(plist, parametrize.ParametrizationList) for m in plist.modules()]
+    for m, _ in held:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in held:
+            m.training = training
+
+
+def read_to_describe(module: nn.Module, name: str = "weight") -> object:
+    """getattr(module, name, None), read to learn the tensor's dtype, device or shape: a
+    parametrized one is computed with its parametrizations in eval mode, which leaves their state
+    alone (parametrizations_in_eval)."""
+    if not _parametrized(module):
+        return getattr(module, name, None)
+    with parametrizations_in_eval(module):
+        return getattr(module, name, None)
 
 
 def _tensor_attribute(module: nn.Module, name: str) -> Optional[Tensor]:
@@ -432,7 +463,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     if conv1d and mode == "bat":
         return ("bat mode builds W' = W + W_ij B_i + B_i from an nn.Linear's (out, in) weight and computes x W'^T "
                 "itself; transformers' Conv1D (weight stored (in, out)) takes the default and mini modes")
-    if any(nn.parameter.is_lazy(t) for t in (getattr(base, "weight", None), getattr(base, "bias", None))
+    if any(nn.parameter.is_lazy(t) for t in (read_to_describe(base, "weight"), read_to_describe(base, "bias"))
            if t is not None):
         # nn.LazyLinear before its first forward: in_features is 0 until then, and its parameters
         # refuse every op (the freeze, the shared-weight checks) with torch's generic message.
@@ -441,7 +472,7 @@ def base_refusal(base: nn.Module, mode: str, parent: Optional[nn.Module] = None)
     if isinstance(parent, WEIGHT_READING_PARENTS):
         return (f"its parent {type(parent).__name__} reads the layer's weight directly instead of calling it, so an "
                 "adapter there would never run")
-    weight = getattr(base, "weight", None)
+    weight = read_to_describe(base, "weight")
     if isinstance(weight, Tensor) and (weight.is_complex() or weight.dtype == torch.bool):
         # (Integer weights are quantized ones: their module computes its own output.)
         return f"its weight has dtype {weight.dtype}; MiSS computes in real floating dtypes"

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ._distributed import fsdp_modules, is_dtensor, reshard_fsdp
-from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linear_sizes, merge_refusal, type_name,
-                          weight_out_in)
+from .base_layers import (WEIGHT_READING_PARENTS, base_refusal, is_conv1d, linear_sizes, merge_refusal,
+                          read_to_describe, type_name, weight_out_in)
 from .modules import (PEFT_REFUSES_R_ABOVE_IN, MissLinear, block_merge_problem, block_shape, check_dropout,
                       check_flag, non_finite_summary)
 from .targets import (ALL_LINEAR, TargetModules, bare_parameters_named, canonical_targets, check_selection_fields,
@@ -637,8 +637,8 @@ def refuse_offloaded(model: nn.Module, found: Sequence[Tuple[str, nn.Module]], w
     load_state_dict), whose blocks materialise with it: allowed."""
     offloaded = []
     for name, module in found:
-        if not any(isinstance(t, torch.Tensor) and t.is_meta for t in (getattr(module, "weight", None),
-                                                                       getattr(module, "bias", None))):
+        if not any(isinstance(t, torch.Tensor) and t.is_meta for t in (read_to_describe(module, "weight"),
+                                                                       read_to_describe(module, "bias"))):
             continue
         if under_offload_hook(model, name):
             offloaded.append(name or "the model")

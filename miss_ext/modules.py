@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import merge_record, merged_block
 from ._distributed import is_dtensor
 from .base_layers import (EXACT_LINEAR_SUBCLASSES, base_refusal, check_merge, is_plain_linear,
-                          linear_class_override, linear_sizes, type_name, weight_out_in)
+                          linear_class_override, linear_sizes, read_to_describe, type_name, weight_out_in)
 from .ops import new_dropout_key
 from .targets import shared_weight_message
 from .weight_metadata import BaseTensorAttributes
@@ -150,6 +150,7 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
         refuse_forward_tangents("miss::linear", x, weight, bias, block)
+        refused = refused or _saves_an_inference_tensor(x, weight, bias, block)
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         to = torch.get_autocast_dtype(x.device.type) if autocast else None
         refused = refused or x.device != weight.device or x.device != block.device or (
@@ -162,6 +163,23 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         # a scripted layer then drew the key before the op refused (a review, 2026-12-04).
         raise RuntimeError(f"miss_ext: miss::linear accepted an input refused before the dropout draw "
                            f"(output {y.shape}); please report this")
+
+
+def _saves_an_inference_tensor(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> bool:
+    """True when miss::linear's autograd would save an inference tensor for backward, which torch
+    refuses ("Inference tensors cannot be saved for backward") after the dropout key was drawn: a
+    base built under torch.inference_mode() trained from an x that requires grad (a review,
+    2026-12-07: the refused call moved the global RNG; PEFT's base layer raises before its draw).
+    It mirrors what linear_autograd.cpp saves: x when the weight needs a gradient, the weight when
+    x does, and the block. Dynamo cannot trace is_inference(), and a traced graph holds no
+    inference tensor outside inference mode, so it is not asked there."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or weight.requires_grad or block.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return False
+    return ((weight.requires_grad and x.is_inference()) or (x.requires_grad and weight.is_inference())
+            or block.is_inference())
 
 
 def _after_autocast(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -574,7 +592,7 @@ def peft_random_init_(block: Tensor, base_layer: nn.Module) -> None:
     if block.is_meta:
         return
     default = torch.empty(0).device  # torch.set_default_device / a `with torch.device(...)` block
-    weight = getattr(base_layer, "weight", None)
+    weight = read_to_describe(base_layer, "weight")
     dtype = getattr(base_layer, "compute_dtype", None) if hasattr(base_layer, "compute_dtype") else (
         weight.dtype if isinstance(weight, Tensor) else None)
     with torch.no_grad():
@@ -685,7 +703,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         if not isinstance(init_weights, bool):
             raise TypeError(f"init_weights must be True (zero init) or False (random init), got {init_weights!r}; "
                             "PEFT's init_weights='mini'/'bat' are mode='mini'/'bat' here")
-        weight = base_layer.weight
+        weight = read_to_describe(base_layer, "weight")  # its dtype and device
         # The module's own sizes: a quantized or sharded weight's shape may be packed or local
         # (a Conv1D's, from its (in, out) weight).
         in_features, out_features = linear_sizes(base_layer)
@@ -815,6 +833,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         y = base(x)
         if not torch.jit.is_scripting():
             check_base_output(self, y, x)
+            # A dual tensor inside the base (a weight made dual through functional_call) gives y a
+            # tangent, which tile_add's C++ autograd cannot carry: refused here, before the key is
+            # drawn, as on the fused path (a review, 2026-12-07: torch's "jvp is not implemented"
+            # came after the draw).
+            refuse_forward_tangents(self._describe(), y)
         if p > 0.0:
             key = new_dropout_key(x.device)
         if torch.jit.is_scripting():

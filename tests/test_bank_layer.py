@@ -969,3 +969,33 @@ def test_a_bad_id_is_named_by_its_place_in_adapter_index():
         bank(x, torch.tensor(2))
     assert torch.equal(bank(x, torch.tensor(-1)), bank.base_layer(x))
     assert bank(x, torch.tensor([0, -1, 0, 0, -1])).shape == (5, 7, 20)
+
+
+@pytest.mark.parametrize("how", ["layer", "model"])
+def test_a_freed_slot_passes_no_gradient_to_its_next_adapter(how):
+    """remove_adapter zeroed a slot's block but kept its part of bank.grad: the next adapter put
+    in the slot inherited the removed one's gradient, through a gradient accumulation across the
+    change or at the next step, which moved an adapter no batch had named (a review, 2026-12-07).
+    The slot's gradient is zeroed with its block now; the other slots' gradients stay."""
+    import miss_ext
+    torch.manual_seed(0)
+    layer = MissBankLinear(nn.Linear(10, 12).double(), capacity=2, max_r=4)
+    layer.add_adapter("x", 4, block=torch.randn(4, 12, dtype=torch.float64))
+    layer.add_adapter("keep", 4, block=torch.randn(4, 12, dtype=torch.float64))
+    x = torch.randn(3, 10, dtype=torch.float64)
+    layer(x, torch.tensor([0, 1, 0])).square().sum().backward()
+    kept = layer.bank.grad[1].clone()
+    assert layer.bank.grad[0].abs().sum() > 0 and kept.abs().sum() > 0
+    if how == "layer":
+        layer.remove_adapter("x")
+        layer.add_adapter("y", 4)
+    else:
+        model = nn.Sequential()
+        model.add_module("lin", layer)
+        miss_ext.remove_bank_adapter(model, "x")
+        miss_ext.add_bank_adapter(model, "y", 4)
+    assert layer.index_of(["y"]).tolist() == [0]
+    assert torch.equal(layer.bank.grad[0], torch.zeros_like(layer.bank.grad[0]))
+    assert torch.equal(layer.bank.grad[1], kept)
+    torch.optim.SGD([layer.bank], lr=0.1).step()
+    assert torch.equal(layer.block("y"), torch.zeros(4, 12, dtype=torch.float64)), "a step moved an unnamed adapter"

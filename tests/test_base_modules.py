@@ -1437,3 +1437,72 @@ def test_a_hooked_base_adds_the_term_in_the_promoted_dtype():
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, layer.base_layer(x).float() + miss_ext.ops.fold(x, 8) @ layer.miss_block,
                                rtol=0, atol=0)
+
+
+def _spectral_net():
+    from torch.nn.utils.parametrizations import spectral_norm
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("lin", spectral_norm(nn.Linear(16, 24, dtype=F64)))
+    net.add_module("out", nn.Linear(24, 8, dtype=F64))
+    return net
+
+
+def _spectral_state(net):
+    plist = net.lin.parametrizations.weight
+    return [t.clone() for t in plist[0].buffers()], [m.training for m in plist.modules()]
+
+
+@pytest.mark.parametrize("entry", ["MissLinear", "MissLinear random init", "apply_miss", "load_adapter", "apply_bank"])
+def test_adding_an_adapter_leaves_a_spectral_norm_base_as_it_was(entry, tmp_path):
+    """Adding an adapter reads the base weight to describe it, and each read of a spectral_norm
+    weight in training mode ran a power-iteration step on the user's _u/_v buffers (four to seven
+    steps): a zero adapter then changed the layer's output by 3e-4 in float64 (a review,
+    2026-12-07). Now those reads leave the buffers, and every parametrization's mode, as they
+    were, and a zero adapter is the identity."""
+    x = torch.randn(5, 16, dtype=F64)
+    plain = _spectral_net()
+    buffers, modes = _spectral_state(plain)
+    expected = plain.eval()(x)
+    net = _spectral_net()
+    if entry.startswith("MissLinear"):
+        net.lin = miss_ext.MissLinear(net.lin, 4, init_weights=entry == "MissLinear")
+        if entry != "MissLinear":
+            with torch.no_grad():
+                net.lin.miss_block.zero_()
+        adapted = net.lin.base_layer
+    elif entry == "apply_miss":
+        miss_ext.apply_miss(net, ["lin"], r=4)
+        adapted = net.lin.base_layer
+    elif entry == "load_adapter":
+        miss_ext.save_adapter(miss_ext.apply_miss(_spectral_net(), ["lin"], r=4), str(tmp_path))
+        miss_ext.load_adapter(net, str(tmp_path))
+        adapted = net.lin.base_layer
+    else:
+        miss_ext.apply_bank(net, ["lin"], capacity=2, max_r=4)
+        miss_ext.add_bank_adapter(net, "a", 4)
+        adapted = net.lin.base_layer
+    after_buffers, after_modes = _spectral_state(nn.ModuleDict({"lin": adapted}))
+    assert after_modes == modes == [True] * len(modes)
+    for before, after in zip(buffers, after_buffers):
+        assert torch.equal(before, after), "adding the adapter ran the base's power iteration"
+    with torch.no_grad():
+        if entry == "apply_bank":
+            with miss_ext.mixed_batch(net, ["a"] * 5):
+                got = net.eval()(x)
+        else:
+            got = net.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+
+
+def test_parametrizations_in_eval_restores_each_mode_on_error():
+    from miss_ext.base_layers import parametrizations_in_eval
+    net = _spectral_net()
+    net.lin.parametrizations.weight[0].eval()  # one mode of each kind
+    modes = [m.training for m in net.lin.parametrizations.weight.modules()]
+    assert modes == [True, False]
+    with pytest.raises(ZeroDivisionError):
+        with parametrizations_in_eval(net):
+            assert not any(m.training for m in net.lin.parametrizations.weight.modules())
+            1 / 0
+    assert [m.training for m in net.lin.parametrizations.weight.modules()] == modes

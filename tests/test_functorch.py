@@ -756,6 +756,26 @@ def test_layers_refuse_dual_tensors_before_the_dropout_draw(name, dual):
     torch.testing.assert_close(tangent, (ahead - back) / (2 * eps), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("param", ["base_layer.weight", "base_layer.bias"])
+def test_a_hooked_base_with_a_dual_parameter_is_refused_before_the_dropout_draw(param):
+    """A base that is not a plain nn.Linear (here a forward hook) runs itself, and a base weight or
+    bias made dual through functional_call gave its output a tangent that the adapter's C++ op
+    refused with torch's "jvp is not implemented", after the dropout key was drawn (a review,
+    2026-12-07). Now the README's NotImplementedError, before the draw."""
+    import torch.autograd.forward_ad as fwAD
+    from miss_ext import MissLinear
+    torch.manual_seed(0)
+    layer = MissLinear(nn.Linear(10, 12).double(), r=4, dropout=0.3, init_weights=False).train()
+    layer.base_layer.register_forward_hook(lambda module, args, out: out)
+    x = torch.randn(3, 10, dtype=F64)
+    p = dict(layer.named_parameters())[param].detach()
+    state = torch.get_rng_state()
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match=r"MissLinear: forward-mode AD through dual tensors"):
+            _Functional(layer, {param: fwAD.make_dual(p, torch.ones_like(p))})(x)
+    assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
+
+
 class _Functional:
     """module called through functional_call with `params`."""
     def __init__(self, module, params):

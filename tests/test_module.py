@@ -166,6 +166,15 @@ def test_a_base_built_under_inference_mode_trains_the_adapter(mode, device):
     layer = MissLinear(frozen, r=4, mode=mode, mini_r=4)
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         layer(x.clone().requires_grad_(True))
+    # With dropout in training the refusal comes before the key is drawn, as PEFT's base layer
+    # raises before its dropout draws (a review, 2026-12-07: the refused call moved the RNG).
+    layer = MissLinear(frozen, r=4, mode=mode, mini_r=4, dropout=0.1).train()
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        layer(x.clone().requires_grad_(True))
+    assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
+    layer(x).sum().backward()  # x needing no grad still trains
+    assert layer.miss_block.grad is not None
 
 
 def test_r_greater_than_in_warns_once_at_construction():
