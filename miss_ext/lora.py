@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .adapter_files import (KEY_PREFIX, base_model_name, block_sources, check_task_type, full_block,
                             warn_unsaved_trainables, write_adapter)
-from .model import is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
+from .model import holds_transformers_adapters, is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import is_conv1d
 from .modules import MissLinear, refuse_meta
@@ -50,7 +50,10 @@ class _Adapter(NamedTuple):
 
 
 def _peft_root(model: nn.Module):
-    """The base model inside a PeftModel / MissModel (LoRA keys are relative to it), else None."""
+    """The base model inside a PeftModel / MissModel (LoRA keys are relative to it), the model
+    itself when transformers' PeftAdapterMixin put PEFT's adapters into it (model.add_adapter /
+    load_adapter: it holds their peft_config, and its keys are the LoRA keys; before, its export
+    was refused saying it held no PEFT MissLinear: a review, 2026-12-07), else None."""
     try:
         from peft import PeftModel
         from peft.tuners.tuners_utils import BaseTuner
@@ -60,6 +63,8 @@ def _peft_root(model: nn.Module):
         return model.base_model.model
     if isinstance(model, BaseTuner):
         return model.model
+    if holds_transformers_adapters(model):
+        return model
     return None
 
 

@@ -146,6 +146,14 @@ def refuse_peft_model(model: nn.Module, where: str) -> None:
                         "for the fast layers, or call this on the base model (peft_model.unload() gives it back)")
 
 
+def holds_transformers_adapters(model: nn.Module) -> bool:
+    """True for a transformers model whose PEFT adapters transformers' PeftAdapterMixin added
+    (model.add_adapter / model.load_adapter): no PeftModel around it, its adapters' configs in its
+    own `peft_config`."""
+    return getattr(model, "_hf_peft_config_loaded", False) is True and isinstance(getattr(model, "peft_config", None),
+                                                                                  dict)
+
+
 def unwrap_model(model: nn.Module, where: str) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers: adapter
     files name module paths of the model itself, without a wrapper's "module." or "_orig_mod."

@@ -126,8 +126,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
-from .model import (check_module, offload_hook, parent_module, requires_grad_restorer,  # noqa: E402
-                    training_restorer, under_offload_hook, undo_each)
+from .model import (check_module, holds_transformers_adapters, offload_hook, parent_module,  # noqa: E402
+                    requires_grad_restorer, training_restorer, under_offload_hook, undo_each)
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
 from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
@@ -671,7 +671,20 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _active_blocks(self) -> List[str]:
         active = [a for a in self.active_adapters if a in self.miss_block]
         _refuse_repeated_active(self, active)
+        _refuse_blocks_unlike_their_record(self, active)
         return active
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's; ValueError, nothing changed, for an adapter merged into this layer's base weight:
+        its block is what unmerging subtracts. PeftModel.delete_adapter refuses that for the model,
+        but transformers' model.delete_adapter (peft.functional.delete_adapter) did not, and a
+        later unmerge then left the deleted adapter's delta in the weight silently (a review,
+        2026-12-07)."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{type(self).__name__}: cannot delete adapter {adapter_name!r} while it is merged into "
+                             "the base weight (its block is what unmerging subtracts): unmerge it first "
+                             "(unmerge_adapter())")
+        super().delete_adapter(adapter_name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """PEFT's MissLinear.forward on the miss ops: x (..., in_features) -> (..., out_features)
@@ -1079,6 +1092,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         if self.quantization_backend is not None:
             return
         check_merge(self.base_layer, unmerge=True)  # a plain weight to write (hooks may have come since the merge)
+        _refuse_merged_without_block(self, self.merged_adapters)
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in self.merged_adapters:
@@ -1238,6 +1252,18 @@ def _wrapper_merged_first(model: nn.Module, path: str, layer: nn.Module,
     return None
 
 
+def _refuse_merged_without_block(layer: AcceleratedMissLinear, names: List[str]) -> None:
+    """ValueError, before anything is written, when one of the merged adapters `names` has no
+    block any more (deleted while merged): PEFT's unmerge skips such a name and drops it from
+    merged_adapters, so the weight kept its delta and the layer reported itself unmerged (a
+    review, 2026-12-07). Nothing can restore that weight but the original."""
+    gone = [name for name in names if name not in layer.miss_block]
+    if gone:
+        raise ValueError(f"{type(layer).__name__}: adapters {gone} are merged into the base weight but their blocks "
+                         "were deleted since, so the weight cannot be restored: reload the base weight (or the model) "
+                         "and add the adapters again")
+
+
 def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
     """Unmerges the layer's merged adapters, the last merged first, until `keep` are left (the
     fast path's arithmetic; unmerge() is this down to 0, after its checks)."""
@@ -1245,6 +1271,7 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
         return
     if layer.quantization_backend is not None:
         raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
+    _refuse_merged_without_block(layer, layer.merged_adapters[keep:])
     with torch.no_grad(), _merging():
         try:
             while len(layer.merged_adapters) > keep:
@@ -1991,30 +2018,101 @@ def _unload_aliases(model: nn.Module) -> nn.Module:
     return model
 
 
+def _block_shapes(init_weights, r: int, mini_r: int, out: int) -> tuple:
+    """The block shape PEFT's update_layer gives an adapter: (r, out); mini (r, mini_r); bat
+    (out // r, r, r)."""
+    if init_weights == "bat":
+        return (out // r, r, r)
+    if init_weights == "mini":
+        return (r, mini_r)
+    return (r, out)
+
+
 def _config_block_shapes(config, layer: PeftMissLinear, name: str) -> tuple:
-    """The block shapes adapter `name`'s `config` gives it on `layer`: PEFT's update_layer's
-    ((r, out); mini (r, mini_r); bat (out // r, r, r)), and for mini also (r, out) where the layer
-    recorded the config's mini_r: PEFT's merge of a half-precision block on the CPU writes the
-    block back tiled to (r, out) (it keeps the adapter's output). A default leftover of that shape
-    recorded its own config's mini_r (1 unless set)."""
-    r, out = config.r, layer.out_features
-    if config.init_weights == "bat":
-        return ((out // r, r, r),)
-    if config.init_weights == "mini":
-        tiled = ((r, out),) if layer.miss_mini_r.get(name) == config.mini_r else ()
-        return ((r, config.mini_r),) + tiled
-    return ((r, out),)
+    """The block shapes adapter `name`'s `config` gives it on `layer` (_block_shapes), and for mini
+    also (r, out) where the layer recorded the config's mini_r: PEFT's merge of a half-precision
+    block on the CPU writes the block back tiled to (r, out) (it keeps the adapter's output;
+    accelerate puts the (r, mini_r) block back: _untile_mini_blocks). A default leftover of that
+    shape recorded its own config's mini_r (1 unless set)."""
+    shape = _block_shapes(config.init_weights, config.r, config.mini_r, layer.out_features)
+    if config.init_weights == "mini" and layer.miss_mini_r.get(name) == config.mini_r:
+        return (shape, (config.r, layer.out_features))
+    return (shape,)
+
+
+def _refuse_blocks_unlike_their_record(layer: PeftMissLinear, active: List[str]) -> None:
+    """ValueError when an active adapter's block does not have the shape PEFT recorded for it on
+    this layer (from PEFT 0.22, which keeps each adapter's init_weights in miss_fn, with miss_r
+    and miss_mini_r): a leftover of an add_adapter that PEFT refused part way. Its update_layer
+    records the adapter and makes an (r, out) block before it checks a bat or mini shape, and
+    transformers' model.add_adapter (PEFT's inject_adapter_in_model) keeps what was added. PEFT's
+    forward then fails; ours read the mode from the block and ran and trained the leftover as
+    a default adapter (a review, 2026-12-07). A dict lookup per active adapter."""
+    modes = layer.__dict__.get("miss_fn")
+    if not isinstance(modes, dict):
+        return
+    for name in active:
+        init, r = modes.get(name), layer.miss_r.get(name)
+        if init is None or r is None:
+            continue
+        shape = tuple(layer.miss_block[name].shape)
+        if shape != _block_shapes(init, r, layer.miss_mini_r.get(name, 1), layer.out_features):
+            raise ValueError(f"{type(layer).__name__}: adapter {name!r} holds a block of shape {shape}, which is not "
+                             f"the one PEFT recorded for it (init_weights={init!r}, r={r}): a leftover of an "
+                             "add_adapter that PEFT refused part way. delete_adapter(name) removes every layer's "
+                             "block of that adapter; then add it again")
+
+
+def _untile_mini_blocks(model: nn.Module) -> None:
+    """Puts back the (r, mini_r) block of each mini adapter whose block PEFT's merge rewrote to its
+    tiled (r, out) copy (a half-precision block merged on the CPU by PEFT before accelerate; the
+    spec's "PEFT's known bugs"). The accelerated layers read an adapter's mode from its block's
+    shape, so such a block ran and trained as a default adapter after the unmerge, losing the
+    mini structure at the first step, and save_pretrained wrote a file neither PEFT nor
+    load_adapter loads (a review, 2026-12-07). The tiled copy repeats the block exactly, so its
+    first mini_r columns are the block; a gradient is summed over the copies, the mini block's
+    own. The Parameter stays the same object (an optimizer holding it keeps it). ValueError,
+    before anything changes, for such a block that no longer repeats exactly."""
+    tiled = []
+    for layer, (holder, path) in _innermost_tuners(model).items():
+        for name, block in layer.miss_block.items():
+            config = holder.peft_config.get(name)
+            out = layer.out_features
+            if config is None or config.init_weights != "mini" or config.mini_r == out \
+                    or tuple(block.shape) != (config.r, out) or layer.miss_mini_r.get(name) != config.mini_r:
+                continue
+            if not block.is_meta and not torch.equal(block, block[:, :config.mini_r].repeat(1, out // config.mini_r)):
+                raise ValueError(f"accelerate: {path} ({name!r}) holds a ({config.r}, {out}) block for a mini adapter "
+                                 f"of mini_r={config.mini_r} that is not the tiled copy PEFT's merge writes (its "
+                                 "periods differ), so it is neither adapter; delete_adapter(name) and load it again. "
+                                 "Nothing was changed")
+            tiled.append((block, config.r, config.mini_r, out))
+    with torch.no_grad():
+        for block, r, mini_r, out in tiled:
+            grad = block.grad
+            block.data = block.data[:, :mini_r].clone()
+            if grad is not None:
+                block.grad = grad.reshape(r, out // mini_r, mini_r).sum(1)
 
 
 def _innermost_tuners(model: nn.Module) -> dict:
-    """{PEFT MiSS layer: the innermost MissModel / AcceleratedMissModel above it}. A tuner nested
-    inside another (a submodule made a PeftModel before the whole) has its own peft_config, whose
-    adapter names (PEFT's "default") may be the outer one's too."""
+    """{PEFT MiSS layer: (the innermost holder of its adapters' configs above it, its path there)}:
+    a MissModel / AcceleratedMissModel, or a transformers model given PEFT adapters by its
+    add_adapter / load_adapter (PeftAdapterMixin: no tuner, the configs in its own peft_config;
+    a review, 2026-12-07). A tuner nested inside another (a submodule made a PeftModel before the
+    whole) has its own peft_config, whose adapter names (PEFT's "default") may be the outer one's
+    too."""
     owner = {}
-    for tuner in (m for m in model.modules() if type(m) in (MissModel, AcceleratedMissModel)):  # outer first
-        for path, layer in tuner.model.named_modules():
+    for holder in model.modules():  # outer first
+        if type(holder) in (MissModel, AcceleratedMissModel):
+            inner = holder.model
+        elif holds_transformers_adapters(holder):
+            inner = holder
+        else:
+            continue
+        for path, layer in inner.named_modules():
             if isinstance(layer, PeftMissLinear):
-                owner[layer] = (tuner, path)
+                owner[layer] = (holder, path)
     return owner
 
 
@@ -2099,10 +2197,14 @@ def accelerate(model: nn.Module) -> nn.Module:
                       stacklevel=2)
     # Warned before any class changes: turned into an error, it leaves the model as it was.
     if named and not _miss_layers(model, MissModel) and not _miss_layers(model, AcceleratedMissModel):
-        warnings.warn("accelerate: this model holds PEFT MiSS layers but not their PEFT tuner (it is the inner model of "
-                      "a PeftModel?). The layers run on the miss ops, but PeftModel's adapter_names= will not reach "
-                      "them (PEFT 0.21-0.22 ignores it for MiSS): accelerate the PeftModel itself for mixed batches",
+        where = ("its adapters were added by transformers' add_adapter / load_adapter" if holds_transformers_adapters(model)
+                 else "it is the inner model of a PeftModel?")
+        warnings.warn(f"accelerate: this model holds PEFT MiSS layers but not their PEFT tuner ({where}). The layers "
+                      "run on the miss ops, but adapter_names= will not reach them (PEFT 0.21-0.22 ignores it for "
+                      "MiSS): for mixed batches, accelerate a PeftModel (peft.PeftModel.from_pretrained / "
+                      "get_peft_model) or use a bank (miss_ext.load_bank)",
                       stacklevel=2)
+    _untile_mini_blocks(model)  # after the warnings (an error, nothing changed): it raises first, or changes blocks
     for path, layer in named:
         layer.__class__ = AcceleratedMissLinear
         if path in never_run:

@@ -1278,21 +1278,54 @@ def test_accelerate_refuses_a_leftover_block_whose_shape_its_config_does_not_giv
     assert is_accelerated(accelerate(model))
 
 
-def test_accelerate_accepts_a_mini_block_peft_merge_tiled_and_nested_tuners_sharing_a_name():
+def test_accelerate_accepts_a_mini_block_peft_merge_tiled_and_nested_tuners_sharing_a_name(tmp_path):
     """Blocks unlike their config's update_layer shape that are no leftovers: PEFT's merge of a
     half-precision mini block on the CPU writes the block back tiled to (r, out) (the layer keeps
     the config's mini_r); a tuner nested in another, both with PEFT's adapter name "default", is
     checked against its own config (the review of the first version refused it against the
-    outer's r)."""
+    outer's r). accelerate puts the tiled block's (r, mini_r) block back, the same Parameter:
+    kept tiled, it ran and trained as a default adapter after the unmerge (its first step broke
+    the mini structure) and save_pretrained wrote a file neither PEFT nor load_adapter loads (a
+    review, 2026-12-07)."""
     from peft import get_peft_model
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)).to(torch.bfloat16)
-    tiled = get_peft_model(net, MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["0", "1"]),
-                           autocast_adapter_dtype=False)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)).to(torch.bfloat16)
+    config = MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["0", "1"])
+    tiled = get_peft_model(net(), config, autocast_adapter_dtype=False)
     randomize_blocks(tiled)
+    mini = {n: p.detach().clone() for n, p in tiled.named_parameters() if "miss_block" in n}
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        unmerged = tiled(x)
     tiled.merge_adapter()
-    assert tuple(tiled.base_model.model[0].miss_block["default"].shape) == (4, 32)  # PEFT's write-back
+    block = tiled.base_model.model[0].miss_block["default"]
+    assert tuple(block.shape) == (4, 32)  # PEFT's write-back
     assert is_accelerated(accelerate(tiled))
+    assert tiled.base_model.model[0].miss_block["default"] is block
+    for n, p in tiled.named_parameters():
+        if "miss_block" in n:
+            assert torch.equal(p, mini[n]), n
+    tiled.unmerge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), unmerged, rtol=0.02, atol=0.02)
+    tiled.train()
+    tiled(x).float().square().sum().backward()
+    torch.optim.SGD([p for p in tiled.parameters() if p.requires_grad], lr=0.1).step()
+    assert tuple(block.shape) == (4, 8)
+    tiled.save_pretrained(str(tmp_path))
+    reloaded = PeftModel.from_pretrained(net(), str(tmp_path), autocast_adapter_dtype=False)
+    torch.testing.assert_close(reloaded.base_model.model[0].miss_block["default"], block.detach())
+    # A (r, out) block of a mini adapter that is not an exact tiling is neither adapter: refused.
+    odd = get_peft_model(net(), config, autocast_adapter_dtype=False)
+    randomize_blocks(odd)
+    odd.merge_adapter()
+    with torch.no_grad():
+        odd.base_model.model[0].miss_block["default"][0, 9] += 1
+    with pytest.raises(ValueError, match=r"not the tiled copy PEFT's merge writes .* Nothing was changed"):
+        accelerate(odd)
+    assert not is_accelerated(odd) and tuple(odd.base_model.model[0].miss_block["default"].shape) == (4, 32)
 
     class EncoderDecoder(nn.Module):
         def __init__(self):
