@@ -1284,9 +1284,23 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
             raise
         if len(error_msgs) > errors_before:  # the bank (the layer's one tensor of its own) did not load
             self._restore_slots(saved)
+        else:
+            self._zero_grads_of_changed_slots(saved[1][0])
         # torch's check lists every key of this layer it holds no parameter or buffer for.
         ours = {prefix + name for name in self._SAVED_SLOT_TENSORS}
         unexpected_keys[unexpected_before:] = [key for key in unexpected_keys[unexpected_before:] if key not in ours]
+
+    def _zero_grads_of_changed_slots(self, names_before: List[Optional[str]]) -> None:
+        """After a load: the slots that now hold another adapter (or none) get a zero gradient, as
+        remove_adapter gives a freed slot. Their accumulated gradient belonged to the adapter
+        before, and the next step moved the new one by it (a review, 2026-12-07: a slot emptied by
+        load_state_dict then taken by add_bank_adapter). A slot loaded with the same adapter keeps
+        its gradient, as load_state_dict leaves any parameter's."""
+        grad = self.bank.grad
+        changed = [slot for slot, (before, now) in enumerate(zip(names_before, self.adapter_names)) if before != now]
+        if grad is not None and changed:
+            with torch.no_grad():
+                grad[changed] = 0
 
     def _slots_as_they_are(self) -> tuple:
         """The ranks and periods (the tensors and their values) and the slot lists, for

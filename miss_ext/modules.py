@@ -150,9 +150,9 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         bias is not None and (bias.dtype == torch.float64) != float64)
     if not torch.jit.is_scripting():
         refuse_forward_tangents("miss::linear", x, weight, bias, block)
-        refused = refused or _saves_an_inference_tensor(x, weight, bias, block)
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         to = torch.get_autocast_dtype(x.device.type) if autocast else None
+        refused = refused or _saves_an_inference_tensor(x, weight, bias, block, to)
         refused = refused or x.device != weight.device or x.device != block.device or (
             _after_autocast(x, to) != _after_autocast(weight, to)
             or (bias is not None and _after_autocast(bias, to) != _after_autocast(weight, to)))
@@ -165,7 +165,8 @@ def check_before_dropout_key(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                            f"(output {y.shape}); please report this")
 
 
-def _saves_an_inference_tensor(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> bool:
+def _saves_an_inference_tensor(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor,
+                               to: Optional[torch.dtype] = None) -> bool:
     """True when miss::linear's autograd would save an inference tensor for backward, which torch
     refuses ("Inference tensors cannot be saved for backward") after the dropout key was drawn: a
     base built under torch.inference_mode() trained from an x that requires grad (a review,
@@ -178,8 +179,9 @@ def _saves_an_inference_tensor(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     if not (x.requires_grad or weight.requires_grad or block.requires_grad
             or (bias is not None and bias.requires_grad)):
         return False
-    return ((weight.requires_grad and x.is_inference()) or (x.requires_grad and weight.is_inference())
-            or block.is_inference())
+    def kept(t: Tensor) -> bool:  # autocast hands the op a fresh (normal) copy of a tensor it casts
+        return t.is_inference() and _after_autocast(t, to) == t.dtype
+    return (weight.requires_grad and kept(x)) or (x.requires_grad and kept(weight)) or kept(block)
 
 
 def _after_autocast(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:

@@ -584,7 +584,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         with _merging():
             if self.merged:
                 raise RuntimeError(f"AcceleratedMissLinear: reset_parameters() with {self.merged_adapters} merged "
-                                   "would leave their update in the weight; unmerge_adapter() first")
+                                   "would leave their update in the weight; unmerge_adapter() first" + _LAYER_BY_LAYER)
             recorded = self.__dict__.get("_miss_init_weights", {})
             with torch.no_grad():
                 for name, block in self.miss_block.items():
@@ -679,11 +679,20 @@ class AcceleratedMissLinear(PeftMissLinear):
         its block is what unmerging subtracts. PeftModel.delete_adapter refuses that for the model,
         but transformers' model.delete_adapter (peft.functional.delete_adapter) did not, and a
         later unmerge then left the deleted adapter's delta in the weight silently (a review,
-        2026-12-07)."""
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"{type(self).__name__}: cannot delete adapter {adapter_name!r} while it is merged into "
-                             "the base weight (its block is what unmerging subtracts): unmerge it first "
-                             "(unmerge_adapter())")
+        2026-12-07). Inside that function's loop over a model's layers, every layer of the model is
+        checked at its first layer, so that a merge in a later layer refuses before any block is
+        gone (layers are merged one by one there: transformers has no model-level merge)."""
+        model, names = _functional_delete_call(adapter_name)
+        layers = [("", self)] if model is None else [
+            (path, m) for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        merged = {name: [path or "this layer" for path, m in layers
+                         if name in (getattr(m, "merged_adapters", None) or ())] for name in names}
+        merged = {name: paths for name, paths in merged.items() if paths}
+        if merged:
+            raise ValueError(f"{type(self).__name__}: cannot delete " + "; ".join(
+                f"adapter {name!r} while it is merged into the base weight of {describe(paths)}"
+                for name, paths in merged.items()) + " (a block is what unmerging subtracts): unmerge first (unmerge() "
+                "on those layers, or unmerge_adapter()). Nothing was deleted")
         super().delete_adapter(adapter_name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -847,12 +856,14 @@ class AcceleratedMissLinear(PeftMissLinear):
         unmerged adapters or applies the merged inactive one (huggingface/peft#3756, documented
         there, to change in PEFT 1.0): ValueError here instead. merge_and_unload(adapter_names=...)
         runs no forward, so merging a subset into an unloaded model stays possible."""
+        # A merged adapter whose block is gone: neither advice below can work (a review, 2026-12-07).
+        _refuse_merged_without_block(self, self.merged_adapters)
         active = self._active_blocks()
         if sorted(active) != sorted(self.merged_adapters):
             raise ValueError(f"{type(self).__name__}: adapters {list(self.merged_adapters)} are merged while "
                              f"{active} are active, so the merged weight alone (PEFT's forward) would not be the "
                              "active adapters' output (PEFT silently computes it anyway: huggingface/peft#3756); "
-                             "merge every active adapter, or unmerge_adapter() first")
+                             "merge every active adapter, or unmerge_adapter() first" + _LAYER_BY_LAYER)
         self._refuse_merge_order()
 
     def _refuse_merge_order(self) -> None:
@@ -876,13 +887,13 @@ class AcceleratedMissLinear(PeftMissLinear):
                              f"{late} after the default/mini adapter {merged[first_shard]!r}, so the weight holds "
                              "bat(W + dW) where the forward computes bat(W) + dW (PEFT's merge loop writes its "
                              "active order; PEFT silently computes it anyway); unmerge_adapter() and merge again "
-                             "with miss_ext, which merges bat adapters first")
+                             "with miss_ext, which merges bat adapters first" + _LAYER_BY_LAYER)
         bats_active = [a for a in dict.fromkeys(self.active_adapters) if a in bats_merged]
         if bats_active != [a for a in bats_merged if a in bats_active]:
             raise ValueError(f"{type(self).__name__}: bat adapters {bats_merged} are merged in that order while the "
                              f"active order is {bats_active}; bat updates do not commute, so the merged weight is not "
                              "the active adapters' output (PEFT silently computes it anyway); unmerge_adapter() and "
-                             "merge again, or set_adapter in the merged order")
+                             "merge again, or set_adapter in the merged order" + _LAYER_BY_LAYER)
 
     def _refuse_names_here(self, names: List[str], where: str) -> None:
         """The refusals of a mixed-batch forward that depend on this layer's state, not on its input:
@@ -890,7 +901,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         each name once (the forward passes them so)."""
         if self.merged:
             raise ValueError(f"{where}: cannot pass adapter_names while adapters {self.merged_adapters} are merged; "
-                             "unmerge_adapter() first")
+                             "unmerge_adapter() first" + _LAYER_BY_LAYER)
         blocks = self.miss_block
         bats = [n for n in dict.fromkeys(names) if n in blocks and _is_bat(blocks[n])]
         if bats:
@@ -943,6 +954,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         used = [n for n in unique if n in blocks_of]  # others: base output here
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
+        result = _with_unnamed_trainable_blocks(self, result, used)
         if not used:
             return result.to(previous_dtype)
         check_base_output(self, result, x)
@@ -1252,6 +1264,34 @@ def _wrapper_merged_first(model: nn.Module, path: str, layer: nn.Module,
     return None
 
 
+def _with_unnamed_trainable_blocks(layer: AcceleratedMissLinear, result: Tensor, used: List[str]) -> Tensor:
+    """`result` plus an exact zero that depends on every block of the layer that requires grad but
+    no row of this batch names, when it is computed for a gradient in a torch.distributed job of
+    several ranks; else `result` itself. Each rank's batch names its own adapters, and DDP and
+    FSDP2 reduce the gradients of the parameters that have one: FSDP2 paired one rank's gradient
+    of adapter a with the other's of b (same shape), silently (a review, 2026-12-07: both off by
+    the size of the gradient), or its ranks met in collectives of other sizes and aborted; DDP
+    without find_unused_parameters stepped once with unreduced gradients, and a rank whose rows
+    were all "__base__" had no graph to run backward on. So every rank gives every trainable
+    block a gradient (zero where it names none), as a bank's slots get: an optimizer with momentum
+    or weight decay then moves the adapters a step does not name. A single process keeps None
+    for them (the optimizer skips them). The zero is an empty slice's sum: exact whatever the
+    block holds (NaN included)."""
+    if not torch.is_grad_enabled() or not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() < 2 or not isinstance(result, Tensor):
+        return result
+    unnamed = [block for name, block in layer.miss_block.items() if name not in used and block.requires_grad]
+    for block in unnamed:
+        result = result + block.reshape(-1)[:0].sum().to(result.dtype)
+    return result
+
+
+# The advice "unmerge_adapter()" (a PeftModel's) on a model without one: transformers' own adapter
+# API has no model-level merge or unmerge (a review, 2026-12-07).
+_LAYER_BY_LAYER = (" (a transformers model given its adapters by its add_adapter / load_adapter: unmerge() on each "
+                   "MiSS layer)")
+
+
 def _refuse_merged_without_block(layer: AcceleratedMissLinear, names: List[str]) -> None:
     """ValueError, before anything is written, when one of the merged adapters `names` has no
     block any more (deleted while merged): PEFT's unmerge skips such a name and drops it from
@@ -1271,7 +1311,6 @@ def _unmerge_down_to(layer: AcceleratedMissLinear, keep: int) -> None:
         return
     if layer.quantization_backend is not None:
         raise ValueError("a quantized base's merge cannot be undone adapter by adapter")
-    _refuse_merged_without_block(layer, layer.merged_adapters[keep:])
     with torch.no_grad(), _merging():
         try:
             while len(layer.merged_adapters) > keep:
@@ -1976,6 +2015,30 @@ class AcceleratedMissModel(MissModel):
 _ADDED_FOR_LOAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _functional_delete_call(adapter_name: str) -> tuple:
+    """(model, names) of a peft.tuners.tuners_utils.delete_adapter(model, …) call running in this
+    thread (peft.functional.delete_adapter, which deletes layer by layer), found by its code
+    object, with every name of the transformers model.delete_adapter([...]) call around it (it
+    deletes name by name); (None, [adapter_name]) outside one (or without it: PEFT 0.21)."""
+    from peft.tuners import tuners_utils
+    codes = {getattr(getattr(tuners_utils, "delete_adapter", None), "__code__", None)}
+    mixin = sys.modules.get("transformers.integrations.peft")
+    outer = getattr(getattr(getattr(mixin, "PeftAdapterMixin", None), "delete_adapter", None), "__code__", None)
+    model, names = None, [adapter_name]
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes and model is None:
+            found = frame.f_locals.get("model")
+            model = found if isinstance(found, nn.Module) else None
+        elif outer is not None and frame.f_code is outer and model is not None:
+            listed = frame.f_locals.get("adapter_names")
+            if isinstance(listed, list) and adapter_name in listed:
+                names = list(dict.fromkeys(listed))
+            break
+        frame = frame.f_back
+    return model, names
+
+
 def _load_adapter_frame(adapter_name: str):
     """The frame of a PeftModel.load_adapter(…, adapter_name) call running in this thread (its code
     object, not its name), or None."""
@@ -2074,19 +2137,32 @@ def _untile_mini_blocks(model: nn.Module) -> None:
     own. The Parameter stays the same object (an optimizer holding it keeps it). ValueError,
     before anything changes, for such a block that no longer repeats exactly."""
     tiled = []
-    for layer, (holder, path) in _innermost_tuners(model).items():
+    owners = _innermost_tuners(model)
+    for at, layer in model.named_modules():
+        if not isinstance(layer, PeftMissLinear):
+            continue
+        holder, path = owners.get(layer, (None, at))
         for name, block in layer.miss_block.items():
-            config = holder.peft_config.get(name)
+            config = None if holder is None else holder.peft_config.get(name)
+            if config is not None:
+                init, r, mini_r = config.init_weights, config.r, config.mini_r
+                if layer.miss_mini_r.get(name) != mini_r:
+                    continue
+            else:  # no tuner above the layer (the inner model of a PeftModel): PEFT 0.22's own records
+                modes = layer.__dict__.get("miss_fn")  # (0.21's one mode per layer says nothing per adapter)
+                init = modes.get(name) if isinstance(modes, dict) else None
+                r, mini_r = layer.miss_r.get(name), layer.miss_mini_r.get(name)
             out = layer.out_features
-            if config is None or config.init_weights != "mini" or config.mini_r == out \
-                    or tuple(block.shape) != (config.r, out) or layer.miss_mini_r.get(name) != config.mini_r:
+            if init != "mini" or r is None or mini_r is None or mini_r == out or tuple(block.shape) != (r, out):
                 continue
-            if not block.is_meta and not torch.equal(block, block[:, :config.mini_r].repeat(1, out // config.mini_r)):
-                raise ValueError(f"accelerate: {path} ({name!r}) holds a ({config.r}, {out}) block for a mini adapter "
-                                 f"of mini_r={config.mini_r} that is not the tiled copy PEFT's merge writes (its "
-                                 "periods differ), so it is neither adapter; delete_adapter(name) and load it again. "
-                                 "Nothing was changed")
-            tiled.append((block, config.r, config.mini_r, out))
+            if out % mini_r != 0 or (not block.is_meta
+                                     and not torch.equal(block, block[:, :mini_r].repeat(1, out // mini_r))):
+                raise ValueError(f"accelerate: {path} ({name!r}) holds a ({r}, {out}) block for a mini adapter of "
+                                 f"mini_r={mini_r} that is not the tiled copy PEFT's merge writes: a leftover of an "
+                                 "add_adapter that PEFT refused part way (its update_layer makes an (r, out) block "
+                                 "before it checks mini_r), or a block changed since. delete_adapter(name) removes "
+                                 "every layer's block of that adapter; then add or load it again. Nothing was changed")
+            tiled.append((block, r, mini_r, out))
     with torch.no_grad():
         for block, r, mini_r, out in tiled:
             grad = block.grad

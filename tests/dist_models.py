@@ -137,3 +137,58 @@ def reference_train(name: str, world_size: int, seeds, chunked: bool = True, dro
             opt.step()
             opt.zero_grad(set_to_none=True)
         return {"blocks": blocks(model), "grads": first_grads, "losses": torch.stack(losses)}
+
+
+# Accelerated PEFT models trained with adapter_names= under DDP / FSDP2 (tests/test_ddp.py): each
+# rank's rows name other adapters. rank r runs rows [2r, 2r + 2) of NAMED_BATCH with NAMES[case][r].
+NAMED_CASES = {
+    "split": (["a", "a"], ["b", "__base__"]),       # no adapter named on both ranks
+    "one-missing": (["a", "b"], ["a", "a"]),        # b on rank 0 only
+    "all-base": (["a", "b"], ["__base__", "__base__"]),  # rank 1 runs no adapter at all
+}
+
+
+def named_peft_model():
+    """Tiny float64 Llama, PEFT adapters "a" and "b" (random blocks, both trainable), accelerated."""
+    from peft import MissConfig, get_peft_model
+    import miss_ext.peft
+    model = get_peft_model(tiny_causal_lm("llama", dtype=torch.float64),
+                           MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False), adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    for name, p in model.named_parameters():
+        if "miss_block" in name:
+            p.requires_grad_(True)
+    return miss_ext.peft.accelerate(model).train()
+
+
+def named_batch():
+    return torch.randint(1, 64, (4, 7), generator=torch.Generator().manual_seed(1))
+
+
+def named_loss(model, ids, names):
+    return (model(input_ids=ids, adapter_names=names).logits ** 2).mean()
+
+
+def named_train(rank: int, world_size: int, wrapper: str, case: str):
+    """One forward/backward of the rank's rows under `wrapper` ("ddp": DistributedDataParallel
+    without find_unused_parameters; "fsdp2": fully_shard on each decoder layer and the root);
+    returns the blocks' gradients (whole tensors; None for a block without one)."""
+    model = named_peft_model()
+    if wrapper == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    ids = named_batch()[2 * rank:2 * rank + 2]
+    named_loss(wrapped, ids, NAMED_CASES[case][rank]).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if "miss_block" in name:
+            g = p.grad
+            grads[name.replace("_fsdp_wrapped_module.", "")] = (
+                None if g is None else g.full_tensor() if hasattr(g, "full_tensor") else g.detach().clone())
+    return grads

@@ -999,3 +999,46 @@ def test_a_freed_slot_passes_no_gradient_to_its_next_adapter(how):
     assert torch.equal(layer.bank.grad[1], kept)
     torch.optim.SGD([layer.bank], lr=0.1).step()
     assert torch.equal(layer.block("y"), torch.zeros(4, 12, dtype=torch.float64)), "a step moved an unnamed adapter"
+
+
+def test_a_slot_load_state_dict_gives_to_another_adapter_starts_with_no_gradient():
+    """load_state_dict of a bank whose slots hold other adapters (or none) kept the old
+    adapters' accumulated gradients in those slots, and the next adapter there was moved by them
+    (a review, 2026-12-07). Slots that change hands get zero gradients; a slot reloaded with its
+    own adapter keeps its gradient, as load_state_dict leaves any parameter's."""
+    torch.manual_seed(0)
+
+    def bank(names):
+        layer = MissBankLinear(nn.Linear(10, 12).double(), capacity=3, max_r=4)
+        for name in names:
+            layer.add_adapter(name, 4, block=torch.randn(4, 12, dtype=torch.float64))
+        return layer
+    layer = bank(["x", "keep", "y"])
+    layer(torch.randn(4, 10, dtype=torch.float64), torch.tensor([0, 1, 2, 1])).square().sum().backward()
+    kept = layer.bank.grad[1].clone()
+    assert layer.bank.grad.abs().sum(dim=(1, 2)).min() > 0
+    source = bank(["other", "keep"])  # slot 0 another adapter, slot 2 empty
+    layer.load_state_dict(source.state_dict())
+    assert layer.adapter_names == ["other", "keep", None]
+    zero = torch.zeros_like(kept)
+    assert torch.equal(layer.bank.grad[0], zero) and torch.equal(layer.bank.grad[2], zero)
+    assert torch.equal(layer.bank.grad[1], kept)
+
+
+def test_an_interrupted_remove_puts_the_slot_gradient_back(monkeypatch):
+    """remove_adapter zeroes the slot's gradient with its block; an interrupt part way (here in
+    _sync_slots) puts both back with the name (_slot_kept_on_error)."""
+    torch.manual_seed(0)
+    layer = MissBankLinear(nn.Linear(10, 12).double(), capacity=2, max_r=4)
+    layer.add_adapter("x", 4, block=torch.randn(4, 12, dtype=torch.float64))
+    layer(torch.randn(3, 10, dtype=torch.float64), torch.tensor([0, 0, 0])).square().sum().backward()
+    grad, block = layer.bank.grad[0].clone(), layer.block("x").detach().clone()
+
+    def interrupted(slots):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(layer, "_sync_slots", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer.remove_adapter("x")
+    monkeypatch.undo()
+    assert layer.adapter_names[0] == "x" and torch.equal(layer.block("x"), block)
+    assert torch.equal(layer.bank.grad[0], grad) and grad.abs().sum() > 0

@@ -1506,3 +1506,28 @@ def test_parametrizations_in_eval_restores_each_mode_on_error():
             assert not any(m.training for m in net.lin.parametrizations.weight.modules())
             1 / 0
     assert [m.training for m in net.lin.parametrizations.weight.modules()] == modes
+
+
+def test_adding_an_adapter_evaluates_no_parametrization_of_the_base_in_training_mode():
+    """Every read that describes the base's weight or bias while an adapter is added runs with
+    the parametrizations in eval mode (read_to_describe), the bias's too."""
+    calls = []
+
+    class Counted(nn.Module):
+        def forward(self, t):
+            if self.training:
+                calls.append(t.dim())
+            return t
+
+    def base():
+        lin = nn.Linear(8, 12)
+        parametrize.register_parametrization(lin, "weight", Counted())
+        parametrize.register_parametrization(lin, "bias", Counted())
+        calls.clear()  # registering evaluates each once
+        return lin
+
+    for make in (lambda: miss_ext.MissLinear(base(), 4, init_weights=False),
+                 lambda: miss_ext.apply_miss(nn.ModuleDict({"lin": base()}), ["lin"], r=4),
+                 lambda: miss_ext.MissBankLinear(base(), capacity=2, max_r=4)):
+        make()
+        assert calls == []

@@ -105,3 +105,35 @@ def test_dropout_reference_is_not_the_global_batch_run(references, ddp_runs):
     name = DROPOUT_CONFIGS[0]
     glued = reference_train(name, WORLD, SEEDS, chunked=False)
     assert max_diff(ddp_runs[0][name]["blocks"], glued["blocks"]) > 100 * BLOCK_TOL["atol"]
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("case", ["split", "one-missing", "all-base"])
+def test_training_with_adapter_names_when_the_ranks_name_other_adapters(wrapper, case):
+    """An accelerated PEFT model trained with adapter_names=, each rank's rows naming its own
+    adapters: every block's gradient equals one process's on the whole batch (the mean over the
+    ranks' means). FSDP2 paired one rank's gradient of a with the other's of b (both off by the
+    gradient's size, silently), or aborted in mismatched collectives; DDP without
+    find_unused_parameters stepped with unreduced gradients; a rank of "__base__" rows had no
+    graph to backpropagate (a review, 2026-12-07). Every trainable block now gets a gradient on
+    every rank of a distributed job (zero where none of its rows name it)."""
+    from dist_models import NAMED_CASES, named_batch, named_loss, named_peft_model, named_train
+    reference = named_peft_model()
+    named_loss(reference, named_batch(), list(NAMED_CASES[case][0]) + list(NAMED_CASES[case][1])).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if "miss_block" in n}
+    for rank, grads in enumerate(run_ranks(named_train, world_size=WORLD, args=(wrapper, case), timeout=300)):
+        assert grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            assert grad is not None, f"rank {rank}: {name} has no gradient"
+            torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-15,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
+def test_a_single_process_leaves_unnamed_adapters_without_gradient():
+    """Outside a distributed job the adapters no row names keep grad None, so an optimizer skips
+    them (momentum and weight decay do not move them)."""
+    from dist_models import named_batch, named_loss, named_peft_model
+    model = named_peft_model()
+    named_loss(model, named_batch(), ["a", "a", "__base__", "a"]).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "miss_block" in n}
+    assert all((g is None) == n.endswith(".b") for n, g in grads.items())

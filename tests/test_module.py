@@ -175,6 +175,17 @@ def test_a_base_built_under_inference_mode_trains_the_adapter(mode, device):
     assert torch.equal(torch.get_rng_state(), state), "a refused call moved the RNG"
     layer(x).sum().backward()  # x needing no grad still trains
     assert layer.miss_block.grad is not None
+    # Under autocast the op gets autocast's fresh copy of a weight it casts, which torch saves
+    # without complaint: it trains (a review of that check, 2026-12-07: it raised "please report
+    # this" there).
+    if device == "cpu":
+        with torch.inference_mode():
+            frozen32 = nn.Linear(12, 8, device=device)
+        layer = MissLinear(frozen32, r=4, mode=mode, mini_r=4, dropout=0.1).train()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = layer(torch.randn(5, 12, device=device, requires_grad=True))
+        y.float().sum().backward()
+        assert layer.miss_block.grad is not None and layer.miss_block.grad.abs().sum() > 0
 
 
 def test_r_greater_than_in_warns_once_at_construction():

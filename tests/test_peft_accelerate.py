@@ -1323,7 +1323,7 @@ def test_accelerate_accepts_a_mini_block_peft_merge_tiled_and_nested_tuners_shar
     odd.merge_adapter()
     with torch.no_grad():
         odd.base_model.model[0].miss_block["default"][0, 9] += 1
-    with pytest.raises(ValueError, match=r"not the tiled copy PEFT's merge writes .* Nothing was changed"):
+    with pytest.raises(ValueError, match=r"not the tiled copy PEFT's merge writes: a leftover .* Nothing was changed"):
         accelerate(odd)
     assert not is_accelerated(odd) and tuple(odd.base_model.model[0].miss_block["default"].shape) == (4, 32)
 
@@ -1346,6 +1346,34 @@ def test_accelerate_accepts_a_mini_block_peft_merge_tiled_and_nested_tuners_shar
     expected = outer(x)
     assert is_accelerated(accelerate(outer))
     torch.testing.assert_close(outer(x), expected)
+
+
+@pytest.mark.skipif(Version(peft.__version__) < Version("0.22"),
+                    reason="PEFT before 0.22 keeps one mode per layer: without the tuner's config, nothing tells a "
+                           "tiled mini block from a default one")
+def test_accelerate_puts_back_a_tiled_mini_block_on_the_inner_model_of_a_peft_model():
+    """The inner model of a PeftModel (accelerated with a warning) has no tuner above its layers:
+    the tiled block was kept, and the forward then refused it as a leftover of a failed add (a
+    review, 2026-12-07). PEFT 0.22's own per-adapter records (miss_fn, miss_r, miss_mini_r) tell
+    it is a mini adapter."""
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)).to(torch.bfloat16)
+    model = get_peft_model(net, MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["0", "1"]),
+                           autocast_adapter_dtype=False)
+    randomize_blocks(model)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+    model.merge_adapter()
+    inner = model.base_model.model
+    with pytest.warns(UserWarning, match="not their PEFT tuner"):
+        accelerate(inner)
+    assert [tuple(layer.miss_block["default"].shape) for layer in inner] == [(4, 8), (4, 8)]
+    for layer in inner:
+        layer.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(inner(x), expected, rtol=0.02, atol=0.02)
 
 
 @pytest.mark.parametrize("mode", ["default", "bat"])

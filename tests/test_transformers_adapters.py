@@ -71,6 +71,50 @@ def test_deleting_a_merged_adapter_is_refused():
     assert all("default" not in layer.miss_block for layer in q_layers(model))
 
 
+def _two_adapters():
+    model = adapted()
+    model.add_adapter(MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False), adapter_name="b")
+    return model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, list(model.peft_config)
+
+
+def _assert_state(model, state):
+    tensors, configs = state
+    assert list(model.peft_config) == configs
+    now = model.state_dict()
+    assert now.keys() == tensors.keys() and all(torch.equal(now[k], v) for k, v in tensors.items())
+
+
+def test_a_refused_delete_deletes_nothing_of_any_layer_or_name():
+    """transformers deletes name by name and, for each, layer by layer: the refusal at the first
+    merged layer came after earlier names and earlier layers had lost their blocks (a review,
+    2026-12-07: delete_adapter(["default", "b"]) with b merged deleted default; b merged in the last layer
+    only lost b everywhere else). The whole call is checked at its first layer now."""
+    model = _two_adapters()
+    model.set_adapter("b")
+    layers = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+    for layer in layers:
+        layer.merge()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"cannot delete adapter 'b' while it is merged .* Nothing was deleted"):
+        model.delete_adapter(["default", "b"])
+    _assert_state(model, state)
+    for layer in layers:
+        layer.unmerge()
+    layers[-1].merge()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"adapter 'b' while it is merged into the base weight of "
+                                         r"model\.layers\.1\.self_attn\.v_proj \("):
+        model.delete_adapter("b")
+    _assert_state(model, state)
+    layers[-1].unmerge()
+    model.delete_adapter(["default", "b"])
+    assert not any(layer.miss_block for layer in layers)
+
+
 def test_unmerging_an_adapter_whose_block_was_deleted_is_refused():
     """A merged adapter deleted by PEFT's own layers (transformers' delete_adapter before
     accelerate): nothing can restore the weight, and PEFT's unmerge dropped the name silently.
