@@ -1034,7 +1034,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     # weights: base_layers.merge_refusal), all checked before any layer changes.
     refused = [f"{name or 'the model'}: {why}" for name, layer in layers
                if not layer.merged and (why := merge_refusal(layer.base_layer) or block_merge_problem(
-                   layer.miss_block, layer.base_layer.weight)) is not None]
+                   layer.miss_block, layer.base_layer.weight) or layer.shape_problem()) is not None]
     if refused:
         raise ValueError("merge_and_unload: nothing was merged; these layers cannot be merged:\n" + "\n".join(refused))
     if ddp_needs_every_gradient(model):

@@ -812,6 +812,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
                 return self._tp_forward(x)
         fused = self._script_fused
         if not torch.jit.is_scripting():
+            self._check_block_shape(block)
             fused = self._fused(base)
             if fused:
                 self._check_base_shape(base.weight)
@@ -859,6 +860,40 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         return torch.ops.miss.tile_add(y, term, 1.0, 0.0, None).to(x.dtype)
 
     @torch.jit.unused
+    def shape_problem(self) -> Optional[str]:
+        """Why the base weight or the block no longer fit this layer (the ValueError its forward and
+        merge raise: _check_base_shape, _check_block_shape), or None; for merge_and_unload's checks
+        of every layer before any changes."""
+        try:
+            self._check_base_shape(weight_out_in(self.base_layer))
+            self._check_block_shape(self.miss_block)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    @torch.jit.unused
+    def _check_block_shape(self, block: Tensor) -> None:
+        """ValueError when miss_block is no block of the layer's mode: a block swapped in afterwards
+        (layer.miss_block = nn.Parameter(...)) or a mode edited. The ops read the mode from the
+        block's shape, so a default layer given a narrower block ran and merged as mini, and a
+        mode set to "bat" was merged as default (a review, 2026-12-07); save_adapter refused the
+        same layer. A mini block's width divides out_features (mini_r is read from the block, as
+        its r is); a default block is out_features wide; a bat block is 3-D."""
+        out = self._made_for[0] if "_made_for" in self.__dict__ else self.out_features
+        mode = self.mode
+        if mode == "bat":
+            fits = block.dim() == 3
+        elif mode == "mini":
+            fits = block.dim() == 2 and 0 < block.shape[1] <= out and out % block.shape[1] == 0
+        else:
+            fits = block.dim() == 2 and block.shape[1] == out
+        if not fits:
+            raise ValueError(f"{self._describe()}: its miss_block has shape {tuple(block.shape)}, which is no "
+                             f"{mode!r} block for out_features={out} (default (r, out), mini (r, mini_r) with mini_r "
+                             "dividing out, bat (out // r, r, r)): the block or the mode was changed after the adapter "
+                             "was added; give it a block of its mode")
+
+    @torch.jit.unused
     def _check_base_shape(self, weight: Tensor) -> None:
         # A base weight resized after the adapter was added (transformers' resize_token_embeddings
         # re-ties an adapted lm_head to the new embedding) no longer fits the block: the op would
@@ -894,6 +929,11 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         why = block_merge_problem(self.miss_block, self.base_layer.weight)
         if why is not None:
             raise ValueError(f"cannot {'unmerge' if unmerge else 'merge'} MissLinear: {why}")
+        # As the forward: a base resized or replaced since the adapter was added (the op would read
+        # the block as another mode's and tile it over the new rows: a review, 2026-12-07), or a
+        # block that is not the layer's mode.
+        self._check_base_shape(weight_out_in(self.base_layer))
+        self._check_block_shape(self.miss_block)
 
     @torch.jit.unused
     def _check_live_dropout(self) -> None:

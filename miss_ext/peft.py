@@ -660,8 +660,15 @@ class AcceleratedMissLinear(PeftMissLinear):
     def _dropout_p(self, adapter: str) -> float:
         """The adapter's dropout rate in this forward; ValueError for a rate above 1 (nn.Dropout
         checks p when built, not when set later), before any dropout key is drawn, as torch's
-        dropout refuses it before drawing (the ops would refuse it after the draw)."""
+        dropout refuses it before drawing (the ops would refuse it after the draw). TypeError for a
+        miss_dropout module other than PEFT's nn.Dropout / nn.Identity: the ops draw nn.Dropout's
+        mask themselves, so any other module (a subclass, AlphaDropout, a Sequential) was ignored,
+        silently (a review, 2026-12-07)."""
         dropout = self.miss_dropout[adapter]
+        if type(dropout) is not nn.Dropout and type(dropout) is not nn.Identity:
+            raise TypeError(f"{type(self).__name__}: adapter {adapter!r} has miss_dropout {type(dropout).__name__}; "
+                            "the accelerated layers apply nn.Dropout(p) (or nn.Identity, no dropout), the modules "
+                            "PEFT makes: set one of those, or run PEFT's own code (miss_ext.peft.restore(model))")
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         if p > 1.0:
             raise ValueError(f"{type(self).__name__}: adapter {adapter!r} has dropout p={p}, not a probability in "
@@ -776,6 +783,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         previous_dtype = x.dtype
         base, blocks = self.base_layer, self.miss_block  # each lookup is nn.Module.__getattr__'s (0.4 us)
         weight, bias = base.weight, base.bias
+        _refuse_resized_base(self, weight)
         bats, shards = [], []
         for name in active:
             block = blocks[name]
@@ -1003,6 +1011,8 @@ class AcceleratedMissLinear(PeftMissLinear):
         # the next reshard drops. Quantized bases keep PEFT's merge code (it dequantizes and
         # requantizes), except under FSDP2.
         check_merge(self.base_layer, quantized=self.quantization_backend is not None)
+        if self.quantization_backend is None:  # (a quantized weight's shape is its packed one)
+            _refuse_resized_base(self, self.base_layer.weight)
         for name in names:
             why = block_merge_problem(self.miss_block[name], self.base_layer.weight)
             if why is not None:
@@ -1105,6 +1115,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             return
         check_merge(self.base_layer, unmerge=True)  # a plain weight to write (hooks may have come since the merge)
         _refuse_merged_without_block(self, self.merged_adapters)
+        _refuse_resized_base(self, self.base_layer.weight)
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in self.merged_adapters:
@@ -1290,6 +1301,17 @@ def _with_unnamed_trainable_blocks(layer: AcceleratedMissLinear, result: Tensor,
 # API has no model-level merge or unmerge (a review, 2026-12-07).
 _LAYER_BY_LAYER = (" (a transformers model given its adapters by its add_adapter / load_adapter: unmerge() on each "
                    "MiSS layer)")
+
+
+def _refuse_resized_base(layer: PeftMissLinear, weight: Tensor) -> None:
+    """ValueError when the base weight is no longer (out_features, in_features) of the layer (a base
+    swapped or resized after the adapter was added): the ops would read the block as another
+    mode's and tile its term over the new rows (a review, 2026-12-07: a base widened from 20 to 40
+    outputs got columns 20..39 the adapter term of 0..19, merges too; PEFT's forward fails)."""
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"{type(layer).__name__}: its base layer's weight is now {tuple(weight.shape)}, but the "
+                         f"adapters were made for ({layer.out_features}, {layer.in_features}) (out_features, "
+                         "in_features): the base was resized or replaced after they were added; restore its size")
 
 
 def _refuse_merged_without_block(layer: AcceleratedMissLinear, names: List[str]) -> None:
@@ -2122,8 +2144,9 @@ def _refuse_blocks_unlike_their_record(layer: PeftMissLinear, active: List[str])
         if shape != _block_shapes(init, r, layer.miss_mini_r.get(name, 1), layer.out_features):
             raise ValueError(f"{type(layer).__name__}: adapter {name!r} holds a block of shape {shape}, which is not "
                              f"the one PEFT recorded for it (init_weights={init!r}, r={r}): a leftover of an "
-                             "add_adapter that PEFT refused part way. delete_adapter(name) removes every layer's "
-                             "block of that adapter; then add it again")
+                             "add_adapter that PEFT refused part way (delete_adapter(name) removes every layer's "
+                             "block of that adapter; then add it again), or a block or miss_r changed since it was "
+                             "added (put back a block of the recorded shape)")
 
 
 def _untile_mini_blocks(model: nn.Module) -> None:

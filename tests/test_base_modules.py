@@ -1531,3 +1531,37 @@ def test_adding_an_adapter_evaluates_no_parametrization_of_the_base_in_training_
                  lambda: miss_ext.MissBankLinear(base(), capacity=2, max_r=4)):
         make()
         assert calls == []
+
+
+def test_a_resized_base_or_a_block_of_another_mode_is_refused_by_merges_too():
+    """The forward refused a base resized after the adapter was added, but merge() and
+    merge_and_unload merged it: the op read the (r, out) block as a mini block and tiled the
+    adapter over the new rows; a default layer given a narrower block ran and merged as mini, and
+    a mode edited to "bat" merged as default (a review, 2026-12-07). Each is refused now, forward
+    and merge alike, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20, dtype=F64))
+    miss_ext.apply_miss(model, ["0"], r=2, init_weights=False)
+    model[0].base_layer = nn.Linear(10, 40, dtype=F64)
+    weight = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"(?s)nothing was merged.*weight is now \(40, 10\), but the adapter was made for "
+                                         r"\(20, 10\)"):
+        miss_ext.merge_and_unload(model)
+    with pytest.raises(ValueError, match=r"weight is now \(40, 10\)"):
+        model[0].merge()
+    assert not model[0].merged and torch.equal(model[0].base_layer.weight, weight)
+
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=F64), r=2, init_weights=False)
+    layer.miss_block = nn.Parameter(torch.randn(2, 5, dtype=F64))
+    x = torch.randn(3, 10, dtype=F64)
+    for call in (lambda: layer(x), layer.merge):
+        with pytest.raises(ValueError, match=r"miss_block has shape \(2, 5\), which is no 'default' block for "
+                                             r"out_features=20"):
+            call()
+    layer = miss_ext.MissLinear(nn.Linear(10, 20, dtype=F64), r=2, init_weights=False)
+    layer.mode = "bat"
+    with pytest.raises(ValueError, match=r"no 'bat' block"):
+        layer.merge()
+    assert not layer.merged
+    layer.mode = "mini"  # a (2, 20) block is a mini block of mini_r = 20 = out: computed as before
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + fold_ref(x, 2) @ layer.miss_block)

@@ -2731,3 +2731,47 @@ def test_reset_parameters_follows_each_adapters_own_init_not_the_first_ones():
     with pytest.warns(UserWarning, match="not their PEFT tuner"):
         accelerate(bare2)
     assert reset(bare2[0], ["a", "c"]) == {"a": False, "c": True}
+
+
+def _one_layer_peft(out=20):
+    from peft import get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(10, out, dtype=torch.float64)),
+                           MissConfig(r=2, target_modules=["0"], init_weights=False))
+    randomize_blocks(model)
+    return accelerate(model)
+
+
+def test_an_accelerated_layer_refuses_a_base_resized_after_its_adapters():
+    """A base swapped for a wider one after the adapters were added: the fast path read the block
+    as a mini block and tiled its term over the new columns (20..39 got 0..19's), and
+    merge_adapter wrote that (a review, 2026-12-07; PEFT's forward fails). Refused now."""
+    model = _one_layer_peft()
+    layer = model.base_model.model[0]
+    layer.base_layer = nn.Linear(10, 40, dtype=torch.float64)
+    weight = layer.base_layer.weight.detach().clone()
+    for call in (lambda: model(torch.randn(3, 10, dtype=torch.float64)), model.merge_adapter):
+        with pytest.raises(ValueError, match=r"base layer's weight is now \(40, 10\), but the adapters were made for "
+                                             r"\(20, 10\)"):
+            call()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
+
+
+@pytest.mark.parametrize("module", ["subclass", "sequential", "alpha"])
+def test_an_accelerated_layer_refuses_a_dropout_module_it_cannot_apply(module):
+    """The ops draw nn.Dropout's mask themselves: any other miss_dropout module (a subclass with
+    its own forward, a Sequential, AlphaDropout) was ignored, silently, in training and in eval
+    (a review, 2026-12-07). Refused now, naming it; nn.Dropout and nn.Identity run as before."""
+    class Doubling(nn.Dropout):
+        def forward(self, x):
+            return 2 * x
+    made = {"subclass": lambda: Doubling(0.0), "sequential": lambda: nn.Sequential(nn.Dropout(0.5)),
+            "alpha": lambda: nn.AlphaDropout(0.5)}[module]()
+    model = _one_layer_peft()
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 10, dtype=torch.float64)
+    layer.miss_dropout["default"] = made
+    with pytest.raises(TypeError, match=rf"adapter 'default' has miss_dropout {type(made).__name__}"):
+        model(x)
+    layer.miss_dropout["default"] = nn.Identity()
+    model(x)
