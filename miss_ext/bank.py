@@ -1298,7 +1298,15 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         its gradient, as load_state_dict leaves any parameter's."""
         grad = self.bank.grad
         changed = [slot for slot, (before, now) in enumerate(zip(names_before, self.adapter_names)) if before != now]
-        if grad is not None and changed:
+        if grad is None or not changed:
+            return
+        start = 0
+        if is_dtensor(grad):  # FSDP2's sharded gradient: this rank's rows (DTensor has no public offset query)
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+            shape, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
+            grad, start = grad.to_local(), offset[0]
+            changed = [slot - start for slot in changed if start <= slot < start + shape[0]]
+        if changed:
             with torch.no_grad():
                 grad[changed] = 0
 

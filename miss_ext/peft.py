@@ -691,7 +691,7 @@ class AcceleratedMissLinear(PeftMissLinear):
         gone (layers are merged one by one there: transformers has no model-level merge)."""
         model, names = _functional_delete_call(adapter_name)
         layers = [("", self)] if model is None else [
-            (path, m) for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+            (path, m) for path, m in model.named_modules() if isinstance(m, PeftMissLinear)]
         merged = {name: [path or "this layer" for path, m in layers
                          if name in (getattr(m, "merged_adapters", None) or ())] for name in names}
         merged = {name: paths for name, paths in merged.items() if paths}
@@ -699,7 +699,7 @@ class AcceleratedMissLinear(PeftMissLinear):
             raise ValueError(f"{type(self).__name__}: cannot delete " + "; ".join(
                 f"adapter {name!r} while it is merged into the base weight of {describe(paths)}"
                 for name, paths in merged.items()) + " (a block is what unmerging subtracts): unmerge first (unmerge() "
-                "on those layers, or unmerge_adapter()). Nothing was deleted")
+                "on those layers, or unmerge_adapter()). No MiSS layer's adapter was deleted")
         super().delete_adapter(adapter_name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -1288,13 +1288,42 @@ def _with_unnamed_trainable_blocks(layer: AcceleratedMissLinear, result: Tensor,
     or weight decay then moves the adapters a step does not name. A single process keeps None
     for them (the optimizer skips them). The zero is an empty slice's sum: exact whatever the
     block holds (NaN included)."""
-    if not torch.is_grad_enabled() or not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_world_size() < 2 or not isinstance(result, Tensor):
+    if not _distributed_grad():
         return result
-    unnamed = [block for name, block in layer.miss_block.items() if name not in used and block.requires_grad]
-    for block in unnamed:
-        result = result + block.reshape(-1)[:0].sum().to(result.dtype)
-    return result
+    return _plus_exact_zero(result, [block for name, block in layer.miss_block.items()
+                                     if name not in used and block.requires_grad])
+
+
+def _distributed_grad() -> bool:
+    """Whether this forward computes for a gradient in a torch.distributed job of several ranks."""
+    return torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _plus_exact_zero(result: object, tensors: List[Tensor]) -> object:
+    """result + a zero that depends on every tensor of `tensors` (each gets a zero gradient): one add
+    of -0.0, the sum of empty slices negated, which leaves every value of result as it is (NaN,
+    inf and -0.0 too: x + 0.0 would turn -0.0 into +0.0) whatever the tensors hold. result as it
+    is when it is no tensor or `tensors` is empty."""
+    if not tensors or not isinstance(result, Tensor):
+        return result
+    zero = torch.stack([t.reshape(-1)[:0].sum().to(result.dtype) for t in tensors]).sum().neg()
+    return result + zero
+
+
+def _unnamed_copies_hook(module, args, kwargs, output, holder):
+    """Forward hook of PeftModel's modules_to_save wrappers during a call with adapter_names= in a
+    distributed training job: the trainable copies no row names get a zero gradient, as the
+    layers' blocks do (_with_unnamed_trainable_blocks): FSDP2 paired one rank's gradient of
+    adapter a's copy with the other's of b's (a review, 2026-12-07), and DDP failed."""
+    if id(module) not in holder["hooked"] or _outside_the_call(holder) or not _distributed_grad():
+        return None
+    copies = getattr(module, "modules_to_save", None)
+    if not isinstance(copies, nn.ModuleDict):
+        return None
+    named = set(holder["names"] or ())
+    return _plus_exact_zero(output, [p for name, copy in copies.items() if name not in named
+                                     for p in copy.parameters() if p.requires_grad])
 
 
 # The advice "unmerge_adapter()" (a PeftModel's) on a model without one: transformers' own adapter
@@ -1601,6 +1630,9 @@ class AcceleratedMissModel(MissModel):
                     handles.append(module.register_forward_pre_hook(
                         partial(_adapter_names_hook, holder=holder), with_kwargs=True))
                     holder["hooked"].add(id(module))
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    handles.append(module.register_forward_hook(partial(_unnamed_copies_hook, holder=holder),
+                                                                with_kwargs=True))
                 if isinstance(module, AcceleratedMissLinear):
                     module.__dict__["_names_call"] = True  # guarded by torch.compile (see the class)
                     flagged.append(module)
@@ -1613,6 +1645,9 @@ class AcceleratedMissModel(MissModel):
                         handles.append(module.register_forward_pre_hook(
                             partial(_adapter_names_hook, holder=unrepeated), with_kwargs=True))
                         unrepeated["hooked"].add(id(module))
+                    if isinstance(module, AuxiliaryTrainingWrapper):
+                        handles.append(module.register_forward_hook(
+                            partial(_unnamed_copies_hook, holder=unrepeated), with_kwargs=True))
             if callable(original):
                 inner.__dict__["generate"] = generate
             with _model_call(self, names) as record:
@@ -2041,7 +2076,7 @@ def _functional_delete_call(adapter_name: str) -> tuple:
     """(model, names) of a peft.tuners.tuners_utils.delete_adapter(model, …) call running in this
     thread (peft.functional.delete_adapter, which deletes layer by layer), found by its code
     object, with every name of the transformers model.delete_adapter([...]) call around it (it
-    deletes name by name); (None, [adapter_name]) outside one (or without it: PEFT 0.21)."""
+    deletes name by name); (None, [adapter_name]) outside one."""
     from peft.tuners import tuners_utils
     codes = {getattr(getattr(tuners_utils, "delete_adapter", None), "__code__", None)}
     mixin = sys.modules.get("transformers.integrations.peft")

@@ -148,15 +148,18 @@ NAMED_CASES = {
 }
 
 
-def named_peft_model():
-    """Tiny float64 Llama, PEFT adapters "a" and "b" (random blocks, both trainable), accelerated."""
+def named_peft_model(heads: bool = False):
+    """Tiny float64 Llama, PEFT adapters "a" and "b" (random blocks, both trainable; with `heads`,
+    each with its own trainable copy of lm_head, modules_to_save), accelerated."""
     from peft import MissConfig, get_peft_model
     import miss_ext.peft
+    extra = dict(modules_to_save=["lm_head"]) if heads else {}
     model = get_peft_model(tiny_causal_lm("llama", dtype=torch.float64),
-                           MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False), adapter_name="a")
-    model.add_adapter("b", MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+                           MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False, **extra),
+                           adapter_name="a")
+    model.add_adapter("b", MissConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False, **extra))
     for name, p in model.named_parameters():
-        if "miss_block" in name:
+        if "miss_block" in name or "modules_to_save" in name:
             p.requires_grad_(True)
     return miss_ext.peft.accelerate(model).train()
 
@@ -169,11 +172,11 @@ def named_loss(model, ids, names):
     return (model(input_ids=ids, adapter_names=names).logits ** 2).mean()
 
 
-def named_train(rank: int, world_size: int, wrapper: str, case: str):
+def named_train(rank: int, world_size: int, wrapper: str, case: str, heads: bool = False):
     """One forward/backward of the rank's rows under `wrapper` ("ddp": DistributedDataParallel
     without find_unused_parameters; "fsdp2": fully_shard on each decoder layer and the root);
     returns the blocks' gradients (whole tensors; None for a block without one)."""
-    model = named_peft_model()
+    model = named_peft_model(heads)
     if wrapper == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
@@ -187,7 +190,7 @@ def named_train(rank: int, world_size: int, wrapper: str, case: str):
     named_loss(wrapped, ids, NAMED_CASES[case][rank]).backward()
     grads = {}
     for name, p in model.named_parameters():
-        if "miss_block" in name:
+        if "miss_block" in name or "modules_to_save" in name:
             g = p.grad
             grads[name.replace("_fsdp_wrapped_module.", "")] = (
                 None if g is None else g.full_tensor() if hasattr(g, "full_tensor") else g.detach().clone())

@@ -736,3 +736,22 @@ def writers_and_fsdp1(rank: int, world_size: int, folder: str):
         except TypeError as e:
             refusals[name] = str(e)
     return dict(written=written, refusals=refusals, left=sorted(os.listdir(folder)))
+
+
+def bank_load_with_sharded_grads(rank: int, world_size: int):
+    """A sharded bank that holds gradients (DTensors) loads the state of a bank whose first two
+    slots hold each other's adapters (torch.distributed.checkpoint's set_model_state_dict): the
+    slots that changed hands get zero gradients. It crashed in the zeroing ("mixed torch.Tensor
+    and DTensor") after layer 0 had loaded, leaving the layers disagreeing (a review, 2026-12-07).
+    Returns each bank layer's slot names and the per-slot sums of |grad| of every bank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    model = shard(_bank_model(BANK_ADAPTERS), world_size, "fp64")
+    with miss_ext.mixed_batch(model, [name for name, *_ in BANK_ADAPTERS]):
+        x = local_batch(global_batch(world_size, 0), rank)
+        model(input_ids=x, labels=x).loss.backward()
+    other = shard(_bank_model([BANK_ADAPTERS[1], BANK_ADAPTERS[0]]), world_size, "fp64")
+    state = get_model_state_dict(other, options=StateDictOptions(ignore_frozen_params=True))
+    set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    banks = [m for m in model.modules() if isinstance(m, miss_ext.MissBankLinear)]
+    return {"names": [list(m.adapter_names) for m in banks],
+            "grad_sums": [m.bank.grad.full_tensor().abs().sum(dim=(1, 2)).tolist() for m in banks]}

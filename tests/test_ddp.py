@@ -108,20 +108,23 @@ def test_dropout_reference_is_not_the_global_batch_run(references, ddp_runs):
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("case", ["split", "one-missing", "all-base"])
-def test_training_with_adapter_names_when_the_ranks_name_other_adapters(wrapper, case):
+@pytest.mark.parametrize("case, heads", [("split", False), ("one-missing", False), ("all-base", False),
+                                         ("split", True)])
+def test_training_with_adapter_names_when_the_ranks_name_other_adapters(wrapper, case, heads):
     """An accelerated PEFT model trained with adapter_names=, each rank's rows naming its own
     adapters: every block's gradient equals one process's on the whole batch (the mean over the
     ranks' means). FSDP2 paired one rank's gradient of a with the other's of b (both off by the
     gradient's size, silently), or aborted in mismatched collectives; DDP without
     find_unused_parameters stepped with unreduced gradients; a rank of "__base__" rows had no
     graph to backpropagate (a review, 2026-12-07). Every trainable block now gets a gradient on
-    every rank of a distributed job (zero where none of its rows name it)."""
+    every rank of a distributed job (zero where none of its rows name it), and so does every
+    trainable modules_to_save copy (`heads`: each adapter's own lm_head)."""
     from dist_models import NAMED_CASES, named_batch, named_loss, named_peft_model, named_train
-    reference = named_peft_model()
+    reference = named_peft_model(heads)
     named_loss(reference, named_batch(), list(NAMED_CASES[case][0]) + list(NAMED_CASES[case][1])).backward()
-    expected = {n: p.grad for n, p in reference.named_parameters() if "miss_block" in n}
-    for rank, grads in enumerate(run_ranks(named_train, world_size=WORLD, args=(wrapper, case), timeout=300)):
+    expected = {n: p.grad for n, p in reference.named_parameters() if "miss_block" in n or "modules_to_save" in n}
+    assert len(expected) == (10 if heads else 8)
+    for rank, grads in enumerate(run_ranks(named_train, world_size=WORLD, args=(wrapper, case, heads), timeout=300)):
         assert grads.keys() == expected.keys()
         for name, grad in grads.items():
             assert grad is not None, f"rank {rank}: {name} has no gradient"

@@ -374,3 +374,14 @@ def test_the_first_rank_holding_a_model_writes_it_and_fsdp1_is_refused(tmp_path)
         for name, error in result["refusals"].items():
             assert error is not None and error.startswith(f"{name}: the model is wrapped in FSDP1"), (rank, name, error)
         assert not any(n.startswith(("fsdp1-", "lora1-")) for n in result["left"]), (rank, result["left"])
+
+
+def test_a_sharded_bank_holding_gradients_loads_slots_that_changed_hands():
+    """set_model_state_dict of a bank whose slots hold other adapters, onto an FSDP2 bank whose
+    gradients are sharded DTensors: it loads, every layer the same, and the slots that changed
+    hands have zero gradients (fsdp_models.bank_load_with_sharded_grads)."""
+    from fsdp_models import bank_load_with_sharded_grads
+    for result in run_ranks(bank_load_with_sharded_grads, world_size=WORLD, timeout=300):
+        assert result["names"] and all(names == ["b", "a", None] for names in result["names"])
+        for sums in result["grad_sums"]:
+            assert sums == [0.0, 0.0, 0.0]

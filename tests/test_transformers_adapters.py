@@ -99,7 +99,7 @@ def test_a_refused_delete_deletes_nothing_of_any_layer_or_name():
     for layer in layers:
         layer.merge()
     state = _state(model)
-    with pytest.raises(ValueError, match=r"cannot delete adapter 'b' while it is merged .* Nothing was deleted"):
+    with pytest.raises(ValueError, match=r"cannot delete adapter 'b' while it is merged .* No MiSS layer's adapter was deleted"):
         model.delete_adapter(["default", "b"])
     _assert_state(model, state)
     for layer in layers:
