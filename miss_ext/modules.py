@@ -184,6 +184,17 @@ def _saves_an_inference_tensor(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return (weight.requires_grad and kept(x)) or (x.requires_grad and kept(weight)) or kept(block)
 
 
+def _checked_shape(t: Tensor) -> tuple:
+    """t's shape as ints, for a check that raises or does nothing (no traced value depends on it):
+    torch.jit.trace hands out sizes as traced tensors, and comparing them warned "the trace might
+    be incorrect" on every trace (a new-user pass, 2026-12-06)."""
+    if not torch.jit.is_tracing():
+        return tuple(t.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(size) for size in t.shape)
+
+
 def _after_autocast(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     """t's dtype once autocast(dtype) has cast it (its cached_cast; None: no autocast): float32,
     float16 and bfloat16 become `dtype`; float64 and non-floating tensors stay as they are, so a
@@ -881,12 +892,13 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         its r is); a default block is out_features wide; a bat block is 3-D."""
         out = self._made_for[0] if "_made_for" in self.__dict__ else self.out_features
         mode = self.mode
+        shape = _checked_shape(block)
         if mode == "bat":
-            fits = block.dim() == 3
-        elif mode == "mini":
-            fits = block.dim() == 2 and 0 < block.shape[1] <= out and out % block.shape[1] == 0
+            fits = len(shape) == 3
+        elif mode == "mini":  # (an empty output, out = 0, takes any mini_r)
+            fits = len(shape) == 2 and shape[1] > 0 and out % shape[1] == 0
         else:
-            fits = block.dim() == 2 and block.shape[1] == out
+            fits = len(shape) == 2 and shape[1] == out
         if not fits:
             raise ValueError(f"{self._describe()}: its miss_block has shape {tuple(block.shape)}, which is no "
                              f"{mode!r} block for out_features={out} (default (r, out), mini (r, mini_r) with mini_r "
@@ -901,15 +913,7 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         made_for = self.__dict__.get("_made_for")
         if made_for is None:
             return
-        if torch.jit.is_tracing():
-            # torch.jit.trace hands out sizes as traced tensors, so the comparison warned "the trace
-            # might be incorrect" on every trace (a new-user pass, 2026-12-06). It raises or does
-            # nothing: no traced value depends on it.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                shape = tuple(int(size) for size in weight.shape)
-        else:
-            shape = tuple(weight.shape)
+        shape = _checked_shape(weight)
         if shape != tuple(made_for):
             raise ValueError(f"{self._describe()}: its base layer's weight is now {shape}, but the adapter was "
                              f"made for {made_for} (out_features, in_features): the base was resized or replaced "

@@ -126,6 +126,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge  # 
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E402
 
 from ._checkpointing import entry as checkpoint_entry, inside_checkpoint, traced_inside_checkpoint  # noqa: E402
+from ._distributed import is_dtensor  # noqa: E402
 from .model import (check_module, holds_transformers_adapters, offload_hook, parent_module,  # noqa: E402
                     requires_grad_restorer, training_restorer, under_offload_hook, undo_each)
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
@@ -663,9 +664,10 @@ class AcceleratedMissLinear(PeftMissLinear):
         dropout refuses it before drawing (the ops would refuse it after the draw). TypeError for a
         miss_dropout module other than PEFT's nn.Dropout / nn.Identity: the ops draw nn.Dropout's
         mask themselves, so any other module (a subclass, AlphaDropout, a Sequential) was ignored,
-        silently (a review, 2026-12-07)."""
+        silently (a review, 2026-12-07). A subclass that keeps nn.Dropout's forward is nn.Dropout."""
         dropout = self.miss_dropout[adapter]
-        if type(dropout) is not nn.Dropout and type(dropout) is not nn.Identity:
+        if not (isinstance(dropout, nn.Dropout) and type(dropout).forward is nn.Dropout.forward) \
+                and type(dropout) is not nn.Identity:
             raise TypeError(f"{type(self).__name__}: adapter {adapter!r} has miss_dropout {type(dropout).__name__}; "
                             "the accelerated layers apply nn.Dropout(p) (or nn.Identity, no dropout), the modules "
                             "PEFT makes: set one of those, or run PEFT's own code (miss_ext.peft.restore(model))")
@@ -1305,6 +1307,9 @@ def _plus_exact_zero(result: object, tensors: List[Tensor]) -> object:
     of -0.0, the sum of empty slices negated, which leaves every value of result as it is (NaN,
     inf and -0.0 too: x + 0.0 would turn -0.0 into +0.0) whatever the tensors hold. result as it
     is when it is no tensor or `tensors` is empty."""
+    # A parameter FSDP2 keeps sharded here (a unit of its own that this call does not run) is
+    # left out: adding a DTensor to a plain output fails (a review, 2026-12-07).
+    tensors = [t for t in tensors if not is_dtensor(t)]
     if not tensors or not isinstance(result, Tensor):
         return result
     zero = torch.stack([t.reshape(-1)[:0].sum().to(result.dtype) for t in tensors]).sum().neg()
@@ -1631,8 +1636,10 @@ class AcceleratedMissModel(MissModel):
                         partial(_adapter_names_hook, holder=holder), with_kwargs=True))
                     holder["hooked"].add(id(module))
                 if isinstance(module, AuxiliaryTrainingWrapper):
+                    # Before FSDP2's post-forward hook (a wrapper sharded as its own unit): its
+                    # copies are still unsharded then.
                     handles.append(module.register_forward_hook(partial(_unnamed_copies_hook, holder=holder),
-                                                                with_kwargs=True))
+                                                                with_kwargs=True, prepend=True))
                 if isinstance(module, AcceleratedMissLinear):
                     module.__dict__["_names_call"] = True  # guarded by torch.compile (see the class)
                     flagged.append(module)
@@ -1647,7 +1654,7 @@ class AcceleratedMissModel(MissModel):
                         unrepeated["hooked"].add(id(module))
                     if isinstance(module, AuxiliaryTrainingWrapper):
                         handles.append(module.register_forward_hook(
-                            partial(_unnamed_copies_hook, holder=unrepeated), with_kwargs=True))
+                            partial(_unnamed_copies_hook, holder=unrepeated), with_kwargs=True, prepend=True))
             if callable(original):
                 inner.__dict__["generate"] = generate
             with _model_call(self, names) as record:

@@ -175,7 +175,8 @@ def named_loss(model, ids, names):
 def named_train(rank: int, world_size: int, wrapper: str, case: str, heads: bool = False):
     """One forward/backward of the rank's rows under `wrapper` ("ddp": DistributedDataParallel
     without find_unused_parameters; "fsdp2": fully_shard on each decoder layer and the root);
-    returns the blocks' gradients (whole tensors; None for a block without one)."""
+    "fsdp2-head": also lm_head's modules_to_save wrapper as a unit); returns the blocks' and copies'
+    gradients (whole tensors; None for one without)."""
     model = named_peft_model(heads)
     if wrapper == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
@@ -183,6 +184,8 @@ def named_train(rank: int, world_size: int, wrapper: str, case: str, heads: bool
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (world_size,))
+        if wrapper == "fsdp2-head":  # the modules_to_save wrapper of lm_head a unit of its own
+            fully_shard(model.base_model.model.lm_head, mesh=mesh)
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh)
         wrapped = fully_shard(model, mesh=mesh)

@@ -107,9 +107,10 @@ def test_dropout_reference_is_not_the_global_batch_run(references, ddp_runs):
     assert max_diff(ddp_runs[0][name]["blocks"], glued["blocks"]) > 100 * BLOCK_TOL["atol"]
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("case, heads", [("split", False), ("one-missing", False), ("all-base", False),
-                                         ("split", True)])
+@pytest.mark.parametrize("wrapper, case, heads", [
+    (wrapper, case, heads) for wrapper in ("ddp", "fsdp2")
+    for case, heads in (("split", False), ("one-missing", False), ("all-base", False), ("split", True))
+] + [("fsdp2-head", "split", True)])
 def test_training_with_adapter_names_when_the_ranks_name_other_adapters(wrapper, case, heads):
     """An accelerated PEFT model trained with adapter_names=, each rank's rows naming its own
     adapters: every block's gradient equals one process's on the whole batch (the mean over the

@@ -2775,3 +2775,14 @@ def test_an_accelerated_layer_refuses_a_dropout_module_it_cannot_apply(module):
         model(x)
     layer.miss_dropout["default"] = nn.Identity()
     model(x)
+
+
+def test_an_nn_dropout_subclass_that_keeps_its_forward_runs_as_nn_dropout():
+    class Renamed(nn.Dropout):
+        pass
+    model = _one_layer_peft()
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 10, dtype=torch.float64)
+    expected = model.eval()(x)
+    layer.miss_dropout["default"] = Renamed(0.1)
+    torch.testing.assert_close(model.eval()(x), expected, rtol=0, atol=0)
