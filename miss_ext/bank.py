@@ -794,8 +794,7 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
                 # in the slot inherited it, and a step moved an adapter that no batch had named (a
                 # review, 2026-12-07; unused slots get zero gradients). Optimizer state stays
                 # (README: make a fresh optimizer after changing the bank).
-                if self.bank.grad is not None:
-                    self.bank.grad[slot].zero_()
+                self._zero_slot_grads([slot])
                 self.ranks[slot] = 0
                 self.periods[slot] = 0
             self.adapter_names[slot] = None
@@ -1296,8 +1295,13 @@ class MissBankLinear(BaseTensorAttributes, nn.Module):
         before, and the next step moved the new one by it (a review, 2026-12-07: a slot emptied by
         load_state_dict then taken by add_bank_adapter). A slot loaded with the same adapter keeps
         its gradient, as load_state_dict leaves any parameter's."""
-        grad = self.bank.grad
-        changed = [slot for slot, (before, now) in enumerate(zip(names_before, self.adapter_names)) if before != now]
+        self._zero_slot_grads([slot for slot, (before, now) in enumerate(zip(names_before, self.adapter_names))
+                               if before != now])
+
+    def _zero_slot_grads(self, slots: List[int]) -> None:
+        """Zeroes `slots`' rows of bank.grad (where there is one); of an FSDP2-sharded gradient,
+        this rank's rows among them."""
+        grad, changed = self.bank.grad, list(slots)
         if grad is None or not changed:
             return
         start = 0

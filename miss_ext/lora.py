@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .adapter_files import (KEY_PREFIX, base_model_name, block_sources, check_task_type, full_block,
                             warn_unsaved_trainables, write_adapter)
-from .model import holds_transformers_adapters, is_ddp, miss_layers, refuse_aliased_layers, trainable_extras, unwrap_model, writes_here
+from .model import (holds_transformers_adapters, is_ddp, miss_layers, refuse_aliased_layers, trainable_extras,
+                    unwrap_model, writes_here)
 from ._distributed import is_dtensor, reshard_fsdp
 from .base_layers import is_conv1d
 from .modules import MissLinear, refuse_meta

@@ -936,8 +936,9 @@ class MissLinear(BaseTensorAttributes, nn.Module):
         # As the forward: a base resized or replaced since the adapter was added (the op would read
         # the block as another mode's and tile it over the new rows: a review, 2026-12-07), or a
         # block that is not the layer's mode.
-        self._check_base_shape(weight_out_in(self.base_layer))
-        self._check_block_shape(self.miss_block)
+        why = self.shape_problem()
+        if why is not None:
+            raise ValueError(why)
 
     @torch.jit.unused
     def _check_live_dropout(self) -> None:

@@ -131,8 +131,9 @@ from .model import (check_module, holds_transformers_adapters, offload_hook, par
                     requires_grad_restorer, training_restorer, under_offload_hook, undo_each)
 from .base_layers import (FAST_PATH_PARENTS, WEIGHT_READING_PARENTS, ancestor_reads_layer_tensors,  # noqa: E402
                           check_merge, is_plain_linear, not_plain_reason, parent_reads_child_tensors, type_name)
-from .modules import (autocast_mini_block, block_merge_problem, check_base_output, check_before_dropout_key,  # noqa: E402
-                      check_widths, jagged_forward, json_tensor, layers_to_check, load_merge_record, load_refusals,
+from .modules import (autocast_mini_block, block_merge_problem, block_shape, check_base_output,  # noqa: E402
+                      check_before_dropout_key, check_widths, jagged_forward, json_tensor, layers_to_check,
+                      load_merge_record, load_refusals,
                       merge_record_refusal, non_finite_summary, record_follows_write, refuse_forward_tangents,
                       refuse_nested, rewrites_load_keys, tensor_json)
 from .bank import (BASE, add_bank_terms, flattened_tokens_hint, host_to_device, other_modality_arguments,  # noqa: E402
@@ -527,8 +528,12 @@ def _mode_rule(layer: PeftMissLinear) -> str:
 
 def _peft_mode(layer: PeftMissLinear, name: str) -> str:
     """The mode PEFT's own forward and merge apply to adapter `name` (_peft_init)."""
-    mode = _peft_init(layer, name)
-    return mode if mode in ("bat", "mini") else "default"
+    return _init_mode(_peft_init(layer, name))
+
+
+def _init_mode(init_weights: object) -> str:
+    """The mode of PEFT's init_weights value ("bat", "mini"; True / False: the default mode)."""
+    return init_weights if init_weights in ("bat", "mini") else "default"
 
 
 def _runs_in_peft_mode(layer: PeftMissLinear, name: str) -> bool:
@@ -2145,14 +2150,15 @@ def _unload_aliases(model: nn.Module) -> nn.Module:
     return model
 
 
-def _block_shapes(init_weights, r: int, mini_r: int, out: int) -> tuple:
-    """The block shape PEFT's update_layer gives an adapter: (r, out); mini (r, mini_r); bat
-    (out // r, r, r)."""
-    if init_weights == "bat":
-        return (out // r, r, r)
-    if init_weights == "mini":
-        return (r, mini_r)
-    return (r, out)
+def _block_shapes(init_weights, r: int, mini_r: int, layer: PeftMissLinear) -> Optional[tuple]:
+    """The block shape PEFT's update_layer gives an adapter of these settings on `layer`
+    (modules.block_shape), or None where it refuses them (a bat r or a mini_r that does not divide
+    the layer's sizes: no block of PEFT's is of such an adapter)."""
+    try:
+        return block_shape(_init_mode(init_weights), r, mini_r, layer.in_features, layer.out_features,
+                           empty_output=True)
+    except ValueError:
+        return None
 
 
 def _config_block_shapes(config, layer: PeftMissLinear, name: str) -> tuple:
@@ -2161,7 +2167,7 @@ def _config_block_shapes(config, layer: PeftMissLinear, name: str) -> tuple:
     block on the CPU writes the block back tiled to (r, out) (it keeps the adapter's output;
     accelerate puts the (r, mini_r) block back: _untile_mini_blocks). A default leftover of that
     shape recorded its own config's mini_r (1 unless set)."""
-    shape = _block_shapes(config.init_weights, config.r, config.mini_r, layer.out_features)
+    shape = _block_shapes(config.init_weights, config.r, config.mini_r, layer)
     if config.init_weights == "mini" and layer.miss_mini_r.get(name) == config.mini_r:
         return (shape, (config.r, layer.out_features))
     return (shape,)
@@ -2183,7 +2189,7 @@ def _refuse_blocks_unlike_their_record(layer: PeftMissLinear, active: List[str])
         if init is None or r is None:
             continue
         shape = tuple(layer.miss_block[name].shape)
-        if shape != _block_shapes(init, r, layer.miss_mini_r.get(name, 1), layer.out_features):
+        if shape != _block_shapes(init, r, layer.miss_mini_r.get(name, 1), layer):
             raise ValueError(f"{type(layer).__name__}: adapter {name!r} holds a block of shape {shape}, which is not "
                              f"the one PEFT recorded for it (init_weights={init!r}, r={r}): a leftover of an "
                              "add_adapter that PEFT refused part way (delete_adapter(name) removes every layer's "
@@ -2338,8 +2344,8 @@ def accelerate(model: nn.Module) -> nn.Module:
                       stacklevel=2)
     # Warned before any class changes: turned into an error, it leaves the model as it was.
     if named and not _miss_layers(model, MissModel) and not _miss_layers(model, AcceleratedMissModel):
-        where = ("its adapters were added by transformers' add_adapter / load_adapter" if holds_transformers_adapters(model)
-                 else "it is the inner model of a PeftModel?")
+        where = ("its adapters were added by transformers' add_adapter / load_adapter"
+                 if holds_transformers_adapters(model) else "it is the inner model of a PeftModel?")
         warnings.warn(f"accelerate: this model holds PEFT MiSS layers but not their PEFT tuner ({where}). The layers "
                       "run on the miss ops, but adapter_names= will not reach them (PEFT 0.21-0.22 ignores it for "
                       "MiSS): for mixed batches, accelerate a PeftModel (peft.PeftModel.from_pretrained / "
